@@ -1,0 +1,118 @@
+"""build_app(settings): the one place the gateway's objects are created and wired.
+
+Each concern is created once and stored under a typed `web.AppKey`; resources that open
+and close (the upstream `ClientSession`, the logbook's writer, the tracker) each get one
+`cleanup_ctx` generator, which aiohttp unwinds in reverse order at shutdown, after the
+in-flight requests had their grace period: so the last log line is written after the
+last request ended.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from proxy.health import Health
+from proxy.keys import Defaults, KeyRing
+from proxy.logbook import Logbook
+from proxy.metrics import Metrics
+from proxy.quota import Quota
+from proxy.settings import Settings
+from proxy.tracker import MemoryTracker
+
+SETTINGS = web.AppKey("settings", Settings)
+KEY_RING = web.AppKey("key_ring", KeyRing)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+QUOTA = web.AppKey("quota", Quota)
+METRICS = web.AppKey("metrics", Metrics)
+HEALTH = web.AppKey("health", Health)
+LOGBOOK = web.AppKey("logbook", Logbook)
+
+# The SDKs' own headers pass through as sent; aiohttp must not add its defaults
+# (an Accept-Encoding the client never sent would hand it a body it cannot read).
+_NO_DEFAULT_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def load_keys(settings: Settings, environ: os._Environ[str] | dict[str, str]) -> KeyRing:
+    """keys.json with this gateway's quota defaults. Raises KeysFileError."""
+    defaults = Defaults(
+        quota_enabled=settings.quota_enabled,
+        requests=settings.quota_limit,
+        tokens=settings.quota_tokens,
+        window_seconds=settings.quota_window_seconds,
+    )
+    return KeyRing.load(settings.keys_file_path, environ, defaults)
+
+
+def build_app(settings: Settings, key_ring: KeyRing | None = None) -> web.Application:
+    """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file."""
+    from proxy.relay import relay  # relay reads the app keys above
+
+    if key_ring is None:
+        key_ring = load_keys(settings, os.environ)
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 65536})
+    metrics = Metrics()
+    app[SETTINGS] = settings
+    app[KEY_RING] = key_ring
+    app[METRICS] = metrics
+    app[HEALTH] = Health(key_ring.key_counts())
+    app[QUOTA] = Quota(MemoryTracker(), key_ring)
+    app[LOGBOOK] = Logbook(
+        settings.log_file_path if settings.log_to_file else None,
+        settings.log_bodies,
+        on_write_error=metrics.log_write_failed,
+    )
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_logbook)
+    app.cleanup_ctx.append(_quota)
+    app.on_shutdown.append(_not_ready)
+    app.router.add_get("/health", app[HEALTH].handle_health)
+    app.router.add_get("/ready", app[HEALTH].handle_ready)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/usage", app[QUOTA].handle_usage)
+    app.router.add_route("*", "/{tail:.*}", relay)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=0,  # concurrency is the clients' business (and the quota's), not the pool's
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass as received; Content-Encoding stays true
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no provider cookies
+        skip_auto_headers=_NO_DEFAULT_HEADERS,
+        # No total: it would cut long streams. Headers are bounded by REQUEST_TIMEOUT in
+        # relay.forward, gaps between chunks by STREAM_IDLE_TIMEOUT in relay.stream_back.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout),
+    )
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _logbook(app: web.Application) -> AsyncIterator[None]:
+    app[LOGBOOK].open()
+    yield
+    await app[LOGBOOK].close()
+
+
+async def _quota(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[QUOTA].close()
+
+
+async def _not_ready(app: web.Application) -> None:
+    app[HEALTH].shutting_down = True
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render(request.headers.get("accept", ""))
+    return web.Response(body=body, headers={"content-type": content_type})

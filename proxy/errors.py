@@ -1,0 +1,87 @@
+"""Errors the gateway makes itself, in the OpenAI and the Anthropic dialect.
+
+Steps raise `GatewayError`; `relay` renders it once, in the dialect of the endpoint, so
+each SDK raises its usual exception (`AuthenticationError`, `RateLimitError`, ...).
+Provider errors are not ours: they pass through unchanged, status, headers and body.
+
+The failure map, by the step that raises (status, OpenAI code):
+
+    authenticate   401 invalid_api_key        no key, or a key not in keys.json
+    read_body      413 request_too_large      over MAX_BODY_BYTES (Content-Length or counted)
+                   400 invalid_body           the client sent a broken body
+    route          400 invalid_path           `..`, encoded slashes, an absolute URL
+                   404 unknown_route          not a /v1 path nor a seed path
+    validate       400 invalid_json           a JSON body that does not parse
+                   400 missing_field          chat/messages without model or messages
+                   403 model_not_allowed      model outside the key's allowed_models
+    admit          429 rate_limit_exceeded    over the key's quota (Retry-After set)
+                   503 quota_unavailable      Redis lost and QUOTA_ON_REDIS_ERROR=deny
+    forward        502 upstream_unreachable   refused, reset or DNS failure before headers
+                   504 upstream_timeout       no response headers within REQUEST_TIMEOUT
+    relay          500 internal_error         a bug: logged once, answered in the dialect
+
+After the response headers went out, a failure can only end the stream; `relay` records
+why (upstream broke, idle timeout, or the client left: 499) but sends no error body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+_OPENAI_TYPES = {429: "rate_limit_error"}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+class GatewayError(Exception):
+    """A refusal or failure the gateway answers itself."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Anthropic's endpoints are /v1/messages and below (and the seed path /messages)."""
+    return path.startswith(("/v1/messages", "/messages"))
+
+
+def body(error: GatewayError, path: str) -> bytes:
+    """The JSON error body in the endpoint's dialect."""
+    if is_anthropic_path(path):
+        kind = _ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
+    kind = _OPENAI_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return orjson.dumps(
+        {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+    )
+
+
+def render(error: GatewayError, path: str, request_id: str) -> web.Response:
+    """The error as a response, with its headers and the request id."""
+    response = web.Response(
+        status=error.status, body=body(error, path), content_type="application/json"
+    )
+    response.headers.update(error.headers)
+    response.headers["x-request-id"] = request_id
+    return response

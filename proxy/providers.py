@@ -1,0 +1,117 @@
+"""The provider table: where a key's requests go and how its real key is sent.
+
+Providers differ by data only: a base URL, the header that carries the real key, and
+headers added when the client sent none. `keys.json` may override a built-in's
+`base_url` or `auth`, or declare a custom provider. This module also owns the headers
+of both directions: what is dropped (hop-by-hop, `Host`, anything that can carry a
+virtual key) and the upstream URL, which no part of a request can point elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+AUTH_STYLES = ("bearer", "x-api-key", "api-key", "x-goog-api-key", "none")
+
+# Headers that can carry a virtual key, in the order they are read (SPEC: Routing).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+# Hop-by-hop headers are for one connection only (RFC 9110 §7.6.1); Proxy-* too.
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+# Never forwarded upstream: the client's credentials, and headers the client library
+# sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
+_NOT_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {"host", "content-length"}
+
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """Where requests go and how the real key is sent."""
+
+    name: str
+    base_url: URL
+    auth: str
+    # Added upstream only when the client sent none (e.g. anthropic-version).
+    default_headers: Mapping[str, str] = field(default_factory=dict)
+
+    def credential_headers(self, api_key: str) -> dict[str, str]:
+        """The header that carries the real key, in this provider's style."""
+        if self.auth == "bearer":
+            return {"Authorization": f"Bearer {api_key}"}
+        if self.auth == "none":
+            return {}
+        return {self.auth: api_key}
+
+
+BUILTINS: dict[str, Provider] = {
+    "openai": Provider("openai", URL("https://api.openai.com/v1"), "bearer"),
+    "anthropic": Provider(
+        "anthropic",
+        URL("https://api.anthropic.com/v1"),
+        "x-api-key",
+        {"anthropic-version": "2023-06-01"},
+    ),
+    "gemini": Provider(
+        "gemini", URL("https://generativelanguage.googleapis.com/v1beta/openai"), "bearer"
+    ),
+    # Azure has no shared endpoint: each resource sets its base_url in keys.json.
+    "azure": Provider("azure", URL(""), "api-key"),
+}
+
+
+def upstream_url(provider: Provider, tail: str, query_string: str) -> URL:
+    """`<base_url>/<tail>?<query>`; `tail` was already checked by `relay` not to climb out."""
+    base = str(provider.base_url).rstrip("/")
+    url = f"{base}/{tail}"
+    if query_string:
+        url = f"{url}?{query_string}"
+    return URL(url, encoded=True)
+
+
+def upstream_headers(
+    provider: Provider, api_key: str, incoming: CIMultiDictProxy[str], request_id: str
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop, Host and credentials; plus the real key."""
+    headers = _without(incoming, _NOT_UPSTREAM)
+    for name, value in provider.default_headers.items():
+        if name not in headers:
+            headers[name] = value
+    headers.update(provider.credential_headers(api_key))
+    headers["x-request-id"] = request_id
+    return headers
+
+
+def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The provider's headers minus hop-by-hop ones; Content-Length stays (same bytes)."""
+    return _without(incoming, HOP_BY_HOP)
+
+
+def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
+    # Headers listed in Connection are hop-by-hop for this connection (RFC 9110 §7.6.1).
+    named = {
+        token.strip().lower()
+        for value in incoming.getall("connection", ())
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value)
+        for name, value in incoming.items()
+        if name.lower() not in dropped and name.lower() not in named
+    )

@@ -1,0 +1,73 @@
+"""The record: what one request leaves behind, whatever its fate.
+
+`relay` begins exactly one `Record` per request and settles it once, in `finally`: the
+tracker takes its tokens, `metrics` and `health` observe it, `logbook` writes it. A record
+only ever holds a key's *name* (masked by default), never the virtual or the real key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+# Status recorded when the client left before the response was complete (as nginx and Caddy).
+CLIENT_CLOSED = 499
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one response; `estimated` when the provider reported none."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+        }
+
+
+@dataclass(slots=True)
+class Record:
+    """One request's facts, filled in step by step by `relay`."""
+
+    request_id: str
+    method: str
+    path: str
+    timestamp: float = field(default_factory=time.time)  # wall clock, for the log line
+    started: float = field(default_factory=time.perf_counter)  # monotonic, for durations
+    key: str | None = None  # the key's name, never the key itself
+    key_id: str | None = None  # the tracker's id for the key (a digest, not the key)
+    provider: str | None = None
+    model: str | None = None
+    is_stream: bool = False
+    status: int = 0
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    # True when the provider itself failed (unreachable, timeout, broke mid-body): feeds health.
+    upstream_failed: bool = False
+    # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
+    request_body: bytes | None = None
+    response_text: str | None = None
+
+    @classmethod
+    def begin(cls, request_id: str | None, method: str, path: str) -> Record:
+        return cls(request_id=request_id or uuid.uuid4().hex, method=method, path=path)
+
+    def mark_first_byte(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000.0
+
+    def finish(self) -> None:
+        self.duration_ms = (time.perf_counter() - self.started) * 1000.0

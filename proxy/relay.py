@@ -1,0 +1,234 @@
+"""The request path, in order: authenticate → validate → admit → forward → stream back → record.
+
+One relay serves every proxied path; providers differ by data (`providers.py`). The bytes
+the client sent are the bytes that go upstream, and the provider's bytes go back as they
+arrive, chunk by chunk. Each step's module owns its details; this one owns their order
+and the guarantee that every request ends in exactly one settled `Record`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy import app as wiring
+from proxy import errors, quota
+from proxy.errors import GatewayError
+from proxy.keys import VirtualKey
+from proxy.providers import downstream_headers, upstream_headers, upstream_url
+from proxy.record import CLIENT_CLOSED, Record
+from proxy.routing import route
+from proxy.tracker import Admission
+from proxy.usage import UsageTap
+
+log = logging.getLogger("llm_gateway")
+
+# Endpoints whose body must name a model and a non-empty list of messages (SPEC: Validation).
+_NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
+_JSON_TYPES = ("application/json", "+json")
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """The few fields read from a JSON body; the body itself is forwarded untouched."""
+
+    model: str | None = None
+    is_stream: bool = False
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    """Authenticate, validate, admit, forward, stream back, record."""
+    app = request.app
+    settings = app[wiring.SETTINGS]
+    record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
+    key: VirtualKey | None = None
+    app[wiring.METRICS].request_started()
+    try:
+        key = app[wiring.KEY_RING].authenticate(request.headers)  # 401
+        record.key, record.key_id, record.provider = key.name, key.id, key.provider.name
+        tail, query = route(request.raw_path)  # 400, 404
+        body = await read_body(request, settings.max_body_bytes)  # 400, 413
+        peek = validate(tail, request, body, key)  # 400, 403
+        record.model, record.is_stream = peek.model, peek.is_stream
+        if settings.log_bodies:
+            record.request_body = body
+        admission = await app[wiring.QUOTA].admit(key)  # 429, 503
+        async with forward(app, key, request, tail, query, body, record) as reply:  # 502, 504
+            return await stream_back(request, reply, body, record, admission)
+    except GatewayError as error:
+        record.status, record.error = error.status, error.message
+        if error.status == 429:
+            app[wiring.METRICS].quota_rejected(record.key or "none")
+        return errors.render(error, request.path, record.request_id)
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client disconnects (handler_cancellation).
+        record.status, record.error = CLIENT_CLOSED, "client closed the connection"
+        raise
+    except Exception:
+        # A bug, not an input: one log line with the traceback, a 500 in the dialect.
+        log.exception("internal error on %s %s", request.method, request.path)
+        error = GatewayError(500, "internal_error", "The gateway failed on this request.")
+        record.status, record.error = 500, "internal error"
+        return errors.render(error, request.path, record.request_id)
+    finally:
+        settle(app, record, key)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    if not request.body_exists:
+        return b""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
+        raise _too_large(limit) from None
+    except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
+        raise GatewayError(400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}.") from None
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, "request_too_large", f"The request body is larger than the gateway's limit of {limit} bytes."
+    )
+
+
+def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey) -> Peek:
+    """Peek at `model` and `stream`. Raises 400 (bad JSON, missing field), 403 (model)."""
+    content_type = request.content_type
+    declared_json = content_type.endswith(_JSON_TYPES)
+    if not body or not (declared_json or body.lstrip()[:1] == b"{"):
+        if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+            raise GatewayError(400, "missing_field", "The request body must be a JSON object with 'model' and 'messages'.", "model")
+        return Peek()
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        if declared_json or tail in _NEEDS_MODEL_AND_MESSAGES:
+            raise GatewayError(400, "invalid_json", f"The request body is not valid JSON: {error}.") from None
+        return Peek()  # not declared JSON: an opaque body the provider will judge
+    if not isinstance(document, dict):
+        if tail in _NEEDS_MODEL_AND_MESSAGES:
+            raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
+        return Peek()
+    model = document.get("model")
+    if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+        if not isinstance(model, str) or not model.strip():
+            raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
+        messages = document.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError(400, "missing_field", "'messages' must be a non-empty array.", "messages")
+    if not isinstance(model, str):
+        model = None
+    if model is not None and not key.allows(model):
+        raise GatewayError(403, "model_not_allowed", f"This key may not use the model '{model[:200]}'.", "model")
+    return Peek(model=model, is_stream=document.get("stream") is True)
+
+
+@asynccontextmanager
+async def forward(
+    app: web.Application,
+    key: VirtualKey,
+    request: web.Request,
+    tail: str,
+    query: str,
+    body: bytes,
+    record: Record,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """Send the request upstream; yield once its headers arrive. Raises 502, 504.
+
+    Client errors are translated here and nowhere else, top to bottom:
+    no headers within REQUEST_TIMEOUT → 504; refused, reset, DNS, TLS, a bad status
+    line → 502. No retries: these are POSTs that cost money.
+    """
+    settings = app[wiring.SETTINGS]
+    url = upstream_url(key.provider, tail, query)
+    headers = upstream_headers(key.provider, key.api_key, request.headers, record.request_id)
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            reply = await app[wiring.SESSION].request(
+                request.method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+    except TimeoutError:
+        record.upstream_failed = True
+        raise GatewayError(504, "upstream_timeout", f"The provider sent no response within {settings.request_timeout:g} seconds.") from None
+    except aiohttp.ClientError as error:
+        record.upstream_failed = True
+        raise GatewayError(502, "upstream_unreachable", f"The provider could not be reached ({error.__class__.__name__}).") from None
+    try:
+        yield reply
+    finally:
+        # Closing (not releasing) drops a connection whose body was not read to the end,
+        # which is how a client that left cancels the upstream request at once.
+        reply.close()
+
+
+async def stream_back(
+    request: web.Request,
+    reply: aiohttp.ClientResponse,
+    body: bytes,
+    record: Record,
+    admission: Admission | None,
+) -> web.StreamResponse:
+    """Send the provider's status and headers, then each chunk as it arrives."""
+    app = request.app
+    settings = app[wiring.SETTINGS]
+    headers = downstream_headers(reply.headers)
+    if admission is not None:
+        quota.stamp(headers, admission)
+    headers["x-request-id"] = record.request_id
+    response = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
+    record.status = reply.status
+    tap = UsageTap(reply.headers.get("content-type"), reply.headers.get("content-encoding"), settings.log_bodies)
+    await response.prepare(request)
+    # After prepare() the status is sent: a failure can only end the stream, and the record says why.
+    loop = asyncio.get_running_loop()
+    idle = settings.stream_idle_timeout
+    read = reply.content.readany
+    try:
+        async with asyncio.timeout_at(loop.time() + idle) as deadline:
+            chunk = await read()
+            record.mark_first_byte()
+            while chunk:
+                await response.write(chunk)
+                tap.feed(chunk)
+                deadline.reschedule(loop.time() + idle)
+                chunk = await read()
+        await response.write_eof()
+    except TimeoutError:
+        _cut(request, record, f"the provider sent nothing for {idle:g} seconds", upstream=True)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        _cut(request, record, f"the provider broke the stream ({error.__class__.__name__})", upstream=True)
+    except ConnectionResetError:
+        record.status, record.error = CLIENT_CLOSED, "client closed the connection"
+    if reply.status < 400 and record.status != CLIENT_CLOSED:
+        record.usage = tap.usage(body)
+    record.response_text = tap.text
+    return response
+
+
+def _cut(request: web.Request, record: Record, why: str, upstream: bool) -> None:
+    """End a stream whose headers were sent: close the connection, so the client sees it cut."""
+    record.error, record.upstream_failed = why, upstream
+    if request.transport is not None:
+        request.transport.close()
+
+
+def settle(app: web.Application, record: Record, key: VirtualKey | None) -> None:
+    """The one ending of every request: tokens to the tracker, metrics, health, the log."""
+    record.finish()
+    app[wiring.METRICS].request_ended()
+    if key is not None and record.usage is not None:
+        app[wiring.QUOTA].charge_later(key, record.usage.total_tokens)
+    app[wiring.METRICS].observe(record)
+    app[wiring.HEALTH].observe(record)
+    app[wiring.LOGBOOK].write(record)

@@ -1,0 +1,54 @@
+"""Which provider path a request names, and the refusal of paths that could climb out.
+
+`/v1/<tail>` and the seed paths without `/v1` (`/chat/completions`, `/completions`,
+`/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider.
+The tail is taken from the raw request target and forwarded still encoded, so the
+provider sees the same bytes; anything that could move the request off the provider's
+base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
+empty segment) is refused with 400 before it goes anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from proxy.errors import GatewayError
+
+SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models"))
+
+# Encoded '/', '\' and NUL: a provider may decode them into path separators.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+
+
+def route(raw_target: str) -> tuple[str, str]:
+    """(tail, raw query) of the request target. Raises 400 (unsafe path), 404 (not proxied)."""
+    path, _, query = raw_target.partition("?")
+    if not path.startswith("/") or path.startswith("//"):
+        raise _unsafe("an absolute URL")
+    if path.startswith("/v1/"):
+        tail = path[4:]
+    elif path.partition("/")[2].partition("/")[0] in SEED_ROOTS:
+        tail = path[1:]
+    else:
+        raise GatewayError(
+            404,
+            "unknown_route",
+            "Not a proxied path: use /v1/<provider path> (e.g. /v1/chat/completions).",
+        )
+    if "\\" in tail or _ENCODED_SEPARATOR.search(tail):
+        raise _unsafe("an encoded slash or backslash")
+    segments = tail.split("/")
+    if segments[-1] == "":
+        segments.pop()  # a trailing slash is the provider's business
+    if not segments:
+        raise GatewayError(404, "unknown_route", "Name a provider path after /v1/.")
+    for segment in segments:
+        # '//' also catches an absolute URL smuggled into the path (http://...).
+        if unquote(segment) in ("", ".", ".."):
+            raise _unsafe("an empty, '.' or '..' segment")
+    return tail, query
+
+
+def _unsafe(what: str) -> GatewayError:
+    return GatewayError(400, "invalid_path", f"The path contains {what}; it was not forwarded.")

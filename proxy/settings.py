@@ -1,0 +1,255 @@
+"""Settings: one frozen dataclass, read once from flags and the environment.
+
+`SETTINGS` is the single table of every setting (name, default, parser, help); the flags,
+`--help` and the README's table all come from it. A flag beats the environment variable,
+which beats the default. A bad value raises `SettingError` naming the variable; the entry
+point turns it into one line on stderr and exit code 2. Only this module reads the
+environment (and `keys.py`, for `api_key_env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class SettingError(ValueError):
+    """A setting with a value the gateway cannot use."""
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text.strip())
+    if value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text.strip())
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0-65535)")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    value = float(text.strip())
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a non-negative number of seconds")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _redis_url(text: str) -> str | None:
+    url = text.strip()
+    if not url:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return url
+
+
+def _redis_error_policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("allow", "deny"):
+        raise ValueError("must be allow or deny")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One row of the settings table."""
+
+    variable: str
+    default: str | None  # as text, parsed like a value from the environment; None: unset
+    parse: Callable[[str], Any]
+    help: str
+    expects: str  # what the error message says a value must be
+
+    @property
+    def field(self) -> str:
+        return self.variable.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.variable.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SERVER_HOST", "0.0.0.0", _text, "address to listen on", "a host name or address"),
+    Setting("SERVER_PORT", "8080", _port, "port to listen on", "a port number (0-65535)"),
+    Setting("KEYS_FILE_PATH", "keys.json", _text, "the virtual key file", "a file path"),
+    Setting("QUOTA_ENABLED", "true", _boolean, "enforce quotas at all", "true or false"),
+    Setting(
+        "QUOTA_LIMIT", "100", _positive_int,
+        "default requests per window per virtual key", "a positive integer",
+    ),
+    Setting(
+        "QUOTA_TOKENS", None, _positive_int,
+        "default tokens per window per virtual key (unset: no token limit)", "a positive integer",
+    ),
+    Setting(
+        "QUOTA_WINDOW_SECONDS", "3600", _positive_seconds,
+        "default length of the sliding window, in seconds", "a positive number of seconds",
+    ),
+    Setting(
+        "REQUEST_TIMEOUT", "600", _positive_seconds,
+        "seconds for the provider to connect and send its response headers",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "STREAM_IDLE_TIMEOUT", "300", _positive_seconds,
+        "seconds allowed between two chunks of a response body", "a positive number of seconds",
+    ),
+    Setting(
+        "MAX_BODY_BYTES", "10485760", _positive_int,
+        "larger request bodies get 413", "a positive integer",
+    ),
+    Setting(
+        "LOG_TO_FILE", "false", _boolean,
+        "write the interaction log to LOG_FILE_PATH (false: to stdout)", "true or false",
+    ),
+    Setting(
+        "LOG_FILE_PATH", "interactions.jsonl", _text,
+        "the interaction log file, when LOG_TO_FILE is true", "a file path",
+    ),
+    Setting(
+        "LOG_BODIES", "false", _boolean,
+        "also log request and response bodies (streams as the assembled text)", "true or false",
+    ),
+    Setting(
+        "SHUTDOWN_GRACE_SECONDS", "30", _non_negative_seconds,
+        "how long in-flight requests and streams may finish after SIGTERM",
+        "a non-negative number of seconds",
+    ),
+    Setting(
+        "REDIS_URL", None, _redis_url,
+        "share quota and usage state through this Redis (unset: in-process only)",
+        "a redis:// URL",
+    ),
+    Setting(
+        "QUOTA_ON_REDIS_ERROR", "allow", _redis_error_policy,
+        "when Redis is lost while serving: allow requests through, or deny them with 503",
+        "allow or deny",
+    ),
+    Setting(
+        "WORKERS", "1", _non_negative_int,
+        "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
+        "a non-negative integer",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the gateway, parsed and checked."""
+
+    server_host: str = "0.0.0.0"
+    server_port: int = 8080
+    keys_file_path: str = "keys.json"
+    quota_enabled: bool = True
+    quota_limit: int = 100
+    quota_tokens: int | None = None
+    quota_window_seconds: float = 3600.0
+    request_timeout: float = 600.0
+    stream_idle_timeout: float = 300.0
+    max_body_bytes: int = 10485760
+    log_to_file: bool = False
+    log_file_path: str = "interactions.jsonl"
+    log_bodies: bool = False
+    shutdown_grace_seconds: float = 30.0
+    redis_url: str | None = None
+    quota_on_redis_error: str = "allow"
+    workers: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
+        """Flags beat the environment, which beats the defaults. Raises SettingError."""
+        flags = vars(parser().parse_args(list(argv)))
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = flags.get(setting.field)
+            source = setting.flag
+            if raw is None:
+                raw, source = environ.get(setting.variable), setting.variable
+            if raw is None:
+                raw = setting.default
+            if raw is None:
+                values[setting.field] = None
+                continue
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError:
+                raise SettingError(
+                    f"{source} must be {setting.expects}, got {raw!r}"
+                ) from None
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations that cannot work."""
+        if self.workers != 1 and self.quota_enabled and self.redis_url is None:
+            raise SettingError(
+                "WORKERS other than 1 needs REDIS_URL while QUOTA_ENABLED is true: "
+                "per-process counters would multiply every quota by the worker count"
+            )
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: one flag per setting, each naming its variable and default."""
+    cli = argparse.ArgumentParser(
+        prog="gateway.py",
+        description="llm-gateway: a transparent reverse proxy for LLM APIs with virtual keys, "
+        "quotas and an interaction log.",
+        epilog="Every flag can also be set through the environment variable it names. "
+        "A flag beats the variable, which beats the default.",
+    )
+    for setting in SETTINGS:
+        default = "unset" if setting.default is None else setting.default
+        cli.add_argument(
+            setting.flag,
+            dest=setting.field,
+            metavar=setting.variable,
+            default=None,
+            help=f"{setting.help} [env {setting.variable}, default {default}]",
+        )
+    return cli

@@ -1,0 +1,58 @@
+"""Routing: /v1 and seed paths map to the provider path; nothing climbs out."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import GatewayError
+from proxy.routing import route
+
+
+@pytest.mark.parametrize(
+    ("target", "tail", "query"),
+    [
+        ("/v1/chat/completions", "chat/completions", ""),
+        ("/v1/models/gpt-4o?x=1&y=a%20b", "models/gpt-4o", "x=1&y=a%20b"),
+        ("/chat/completions", "chat/completions", ""),
+        ("/completions", "completions", ""),
+        ("/embeddings", "embeddings", ""),
+        ("/messages", "messages", ""),
+        ("/models", "models", ""),
+        ("/v1/messages/count_tokens", "messages/count_tokens", ""),
+        ("/v1/files/file-abc/content", "files/file-abc/content", ""),
+        ("/v1/models/", "models/", ""),
+    ],
+)
+def test_proxied_paths_keep_their_tail_and_raw_query(target: str, tail: str, query: str) -> None:
+    assert route(target) == (tail, query)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/../admin",
+        "/v1/chat/../../x",
+        "/v1/%2e%2e/x",
+        "/v1/%2E%2E/x",
+        "/v1/a%2Fb",
+        "/v1/a%5cb",
+        "/v1/a\\b",
+        "/v1/./models",
+        "/v1//evil.example/x",
+        "/v1/http://evil.example/x",
+        "http://evil.example/v1/models",
+        "//evil.example/v1/models",
+        "/v1/a%00b",
+    ],
+)
+def test_paths_that_could_leave_the_base_url_get_400(target: str) -> None:
+    with pytest.raises(GatewayError) as refused:
+        route(target)
+    assert refused.value.status == 400 and refused.value.code == "invalid_path"
+
+
+@pytest.mark.parametrize("target", ["/", "/admin", "/v1", "/v1/", "/v2/chat/completions", "/chatx"])
+def test_paths_that_are_not_proxied_get_404(target: str) -> None:
+    with pytest.raises(GatewayError) as refused:
+        route(target)
+    assert refused.value.status == 404
