@@ -1,0 +1,189 @@
+"""The interaction log: one JSON line per finished request, written off the request path.
+
+Owns turning a `Record` into a line (python-json-logger's orjson formatter), the queue, and
+the one writer that appends lines to a file or to stdout. It does not decide what a record
+holds (`relay`) nor when the log opens and closes (the app's cleanup context).
+
+Why a thread fed by a `SimpleQueue`, and not an asyncio task or `logging.QueueHandler`:
+a write to a file or a pipe can block, and on the event loop it would stall every request,
+so the writer gets its own thread. `SimpleQueue.put` is one C call that never blocks and
+needs no event loop, so `write` costs the request path a small dict and a put (about a
+microsecond); decoding bodies, formatting and encoding all happen on the writer thread.
+`QueueHandler.prepare` would format on the caller's thread, that is, on the request path.
+
+Invariants:
+- Each line goes out as one `os.write` of the whole line to a descriptor opened with
+  O_APPEND, so worker processes sharing one file never interleave lines (issue 7, point 3).
+  Only a short write (disk full, a signal) is finished by further writes.
+- `close` writes every line queued before it, then closes the file. It is bounded: after
+  `timeout_seconds` it reports how many lines were left on stderr and returns.
+
+A write that fails at run time (disk full, file removed under a read-only mount, a closed
+pipe) drops that line, calls `on_write_error` (the app counts it in a metric), reports the
+first failure on stderr as one line without a traceback, and keeps going: serving requests
+comes before logging them, and the metric shows every line lost after the first report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from queue import SimpleQueue
+from typing import Any
+
+import orjson
+from pythonjsonlogger.orjson import OrjsonFormatter
+
+from proxy.record import Record
+
+STDOUT_FILENO = 1
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 UTC with milliseconds: 2026-11-23T17:27:32.123Z."""
+    millis = int(timestamp * 1000)
+    seconds, millis = divmod(millis, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class Logbook:
+    """Appends one JSON line per record to `path`, or to stdout when `path` is None."""
+
+    def __init__(
+        self, path: str | None, log_bodies: bool, on_write_error: Callable[[], None]
+    ) -> None:
+        self._path = path
+        self._log_bodies = log_bodies
+        # Called on the writer thread, once per lost line: it must be thread-safe.
+        self._on_write_error = on_write_error
+        # None is queued by `close` after the last line: the writer stops when it takes it.
+        self._queue: SimpleQueue[dict[str, Any] | None] = SimpleQueue()
+        # An empty field list: the line holds exactly the fields we give, no `message`.
+        self._formatter = OrjsonFormatter(fmt=[])
+        self._fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._is_closed = False
+        self._has_complained = False
+
+    @property
+    def _target(self) -> str:
+        return self._path if self._path is not None else "stdout"
+
+    def open(self) -> None:
+        """Open the file for appending and start the writer; OSError if it cannot be opened."""
+        if self._path is None:
+            self._fd = STDOUT_FILENO
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            self._fd = os.open(self._path, flags, 0o644)
+        self._thread = threading.Thread(target=self._drain, name="logbook", daemon=True)
+        self._thread.start()
+
+    def write(self, record: Record) -> None:
+        """Hand the record's line to the writer; never blocks, never raises."""
+        if self._is_closed:
+            self._lose(f"line for request {record.request_id} came after close")
+            return
+        # A snapshot of plain values: the writer must not see later changes to the record.
+        fields: dict[str, Any] = {
+            "timestamp": record.timestamp,
+            "request_id": record.request_id,
+            "key": record.key,
+            "provider": record.provider,
+            "method": record.method,
+            "path": record.path,
+            "model": record.model,
+            "stream": record.is_stream,
+            "status": record.status,
+            "duration_ms": record.duration_ms,
+            "ttft_ms": record.ttft_ms,
+            "usage": record.usage,
+        }
+        if record.error is not None:
+            fields["error"] = record.error
+        if self._log_bodies:
+            fields["request"] = record.request_body
+            fields["response"] = record.response_text
+        self._queue.put(fields)
+
+    async def close(self, timeout_seconds: float = 10.0) -> None:
+        """Write every queued line, then close the file; give up after timeout_seconds."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join, timeout_seconds)
+        if thread.is_alive():
+            # The writer is stuck in a write (a full pipe, a hung disk): leave it the fd.
+            print(
+                f"logbook: {self._queue.qsize()} lines not written to {self._target} "
+                f"after {timeout_seconds:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if self._fd is not None and self._fd != STDOUT_FILENO:
+            os.close(self._fd)
+        self._fd = None
+
+    def _drain(self) -> None:
+        """The writer thread: format and append lines until `close` queues None."""
+        while (fields := self._queue.get()) is not None:
+            try:
+                line = self._line(fields)
+            except (TypeError, ValueError) as error:
+                self._lose(f"cannot format line: {error}")
+                continue
+            try:
+                self._append(line)
+            except OSError as error:
+                self._lose(f"cannot write to {self._target}: {error.strerror or error}")
+
+    def _line(self, fields: dict[str, Any]) -> bytes:
+        """The JSON line for one snapshot, newline included."""
+        fields["timestamp"] = rfc3339(fields["timestamp"])
+        for name in ("duration_ms", "ttft_ms"):
+            if fields[name] is not None:
+                fields[name] = round(fields[name], 1)
+        if fields["usage"] is not None:
+            fields["usage"] = fields["usage"].as_dict()
+        if self._log_bodies:
+            fields["request"] = _decoded(fields["request"])
+        entry = logging.makeLogRecord({"msg": fields})
+        return self._formatter.format(entry).encode() + b"\n"
+
+    def _append(self, line: bytes) -> None:
+        """One append write of the whole line (more only after a short write)."""
+        assert self._fd is not None
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _lose(self, reason: str) -> None:
+        """Count a lost line; say so on stderr the first time only."""
+        self._on_write_error()
+        if not self._has_complained:
+            self._has_complained = True
+            print(
+                f"logbook: {reason}; requests keep flowing, further lost lines are only counted",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _decoded(body: bytes | None) -> Any:
+    """A request body for the log: its JSON value if it parses, else its text."""
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")

@@ -1,0 +1,258 @@
+"""Prometheus collectors for the gateway, and the JSON summary of the same numbers.
+
+Owns the `llm_gateway_*` series, fed by finished records and a few events (in-flight
+requests, quota rejections, lost log lines, Redis error decisions), and their rendering:
+Prometheus text (or OpenMetrics when asked), or the seed's JSON summary. It does not
+decide what a failure is (`health.is_upstream_failure` does) nor when to observe (`relay`).
+
+Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
+key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
+folded into `other` after 100 distinct values per process.
+
+Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
+
+Multiprocess mode (WORKERS > 1, issue 7): with `multiprocess_dir`, every worker writes its
+values to mmap files in that directory and `render` sums all workers with
+`MultiProcessCollector`. prometheus-client picks its value class once per process from
+`PROMETHEUS_MULTIPROC_DIR` when it is first imported; `Metrics` switches the process over
+itself (`use_multiprocess_values`, the way the library's own tests do), so no variable has to
+be set before any import. That switch is process-wide: one multiprocess `Metrics` per worker.
+The parent must hand every run a fresh, empty directory (old files would be summed in) and
+call `forget_worker` when a worker exits, so its in-flight gauge leaves the sum.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+
+from proxy.health import is_upstream_failure
+from proxy.record import Record
+
+NONE = "none"  # the label for a provider or model the request never got to
+OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
+MODEL_LABEL_CHARS = 64
+MODEL_LABEL_VALUES = 100
+
+# LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def use_multiprocess_values(directory: str) -> None:
+    """Make this process keep its metric values in mmap files under directory."""
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if values.ValueClass._multiprocess:
+        if current != directory:
+            raise ValueError(
+                f"prometheus-client already writes multiprocess metrics to {current}, "
+                f"not {directory}"
+            )
+        return
+    os.makedirs(directory, exist_ok=True)
+    # The mmap files' directory is read from the environment when each file is opened.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+def forget_worker(multiprocess_dir: str, pid: int) -> None:
+    """Drop an exited worker's live gauges (requests in flight) from the sum."""
+    multiprocess.mark_process_dead(pid, multiprocess_dir)
+
+
+class Metrics:
+    """The gateway's counters, histograms and gauges, and their two renderings."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self._registry = CollectorRegistry()
+        owner: CollectorRegistry | None = self._registry
+        if multiprocess_dir is not None:
+            use_multiprocess_values(multiprocess_dir)
+            multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
+            owner = None  # values live in the files; the collector reads every worker's
+        self._models: set[str] = set()
+
+        self._requests = Counter(
+            "llm_gateway_requests",
+            "Finished requests.",
+            ["provider", "model", "status"],
+            registry=owner,
+        )
+        self._duration = Histogram(
+            "llm_gateway_request_duration_seconds",
+            "Time from request to last byte.",
+            ["provider"],
+            buckets=DURATION_BUCKETS,
+            registry=owner,
+        )
+        self._ttfb = Histogram(
+            "llm_gateway_time_to_first_byte_seconds",
+            "Time from request to the provider's first body byte.",
+            ["provider"],
+            buckets=TTFB_BUCKETS,
+            registry=owner,
+        )
+        self._prompt_tokens = Counter(
+            "llm_gateway_prompt_tokens",
+            "Prompt tokens, reported or estimated.",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._completion_tokens = Counter(
+            "llm_gateway_completion_tokens",
+            "Completion tokens, reported or estimated.",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._quota_rejections = Counter(
+            "llm_gateway_quota_rejections",
+            "Requests refused over quota, by key name.",
+            ["key"],
+            registry=owner,
+        )
+        self._upstream_errors = Counter(
+            "llm_gateway_upstream_errors",
+            "Provider failures, by kind.",
+            ["provider", "kind"],
+            registry=owner,
+        )
+        self._in_flight = Gauge(
+            "llm_gateway_requests_in_flight",
+            "Requests being served now.",
+            registry=owner,
+            multiprocess_mode="livesum",
+        )
+        self._log_write_errors = Counter(
+            "llm_gateway_log_write_errors",
+            "Interaction log lines that could not be written.",
+            registry=owner,
+        )
+        self._redis_errors = Counter(
+            "llm_gateway_redis_errors",
+            "Requests decided without Redis, by decision.",
+            ["decision"],
+            registry=owner,
+        )
+        self._last_request = Gauge(
+            "llm_gateway_last_request_timestamp_seconds",
+            "Unix time the last request ended.",
+            registry=owner,
+            multiprocess_mode="max",
+        )
+
+    def observe(self, record: Record) -> None:
+        """Count one finished request: status, timings, tokens, upstream failure."""
+        provider = record.provider or NONE
+        model = self._model_label(record.model)
+        self._requests.labels(provider, model, str(record.status)).inc()
+        if record.duration_ms is not None:
+            self._duration.labels(provider).observe(record.duration_ms / 1000.0)
+        if record.ttft_ms is not None:
+            self._ttfb.labels(provider).observe(record.ttft_ms / 1000.0)
+        if record.usage is not None:
+            self._prompt_tokens.labels(provider, model).inc(record.usage.prompt_tokens)
+            self._completion_tokens.labels(provider, model).inc(record.usage.completion_tokens)
+        if is_upstream_failure(record):
+            self._upstream_errors.labels(provider, _failure_kind(record)).inc()
+        self._last_request.set(time.time())
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_ended(self) -> None:
+        self._in_flight.dec()
+
+    def quota_rejected(self, key: str) -> None:
+        """Count a 429 from the tracker; `key` is the key's name."""
+        self._quota_rejections.labels(key).inc()
+
+    def log_write_failed(self) -> None:
+        """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""
+        self._log_write_errors.inc()
+
+    def redis_error_decision(self, decision: str) -> None:
+        """Count a request let through ("allow") or refused ("deny") while Redis was lost."""
+        self._redis_errors.labels(decision).inc()
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """Body and Content-Type: the JSON summary if `accept` asks for JSON, else Prometheus."""
+        if "application/json" in accept:
+            return orjson.dumps(summary(self._registry.collect())), "application/json"
+        encode, content_type = choose_encoder(accept)
+        return encode(self._registry), content_type
+
+    def _model_label(self, model: str | None) -> str:
+        """The model as a bounded label value (clients can send any string)."""
+        if not model:
+            return NONE
+        label = model[:MODEL_LABEL_CHARS]
+        if label in self._models:
+            return label
+        if len(self._models) >= MODEL_LABEL_VALUES:
+            return OTHER
+        self._models.add(label)
+        return label
+
+
+def _failure_kind(record: Record) -> str:
+    """How the provider failed: unreachable (502), timeout (504), broken mid-body, or status."""
+    if not record.upstream_failed:
+        return "status"  # it answered, with a 5xx
+    if record.status == 502:
+        return "unreachable"
+    if record.status == 504:
+        return "timeout"
+    return "broken"  # headers were sent, the body was cut short
+
+
+def summary(families: Iterable[Metric]) -> dict[str, object]:
+    """The seed's JSON summary, computed from collected families (one process or all)."""
+    total = 0.0
+    by_provider: dict[str, float] = {}
+    duration_sum = duration_count = prompt = completion = rate_limited = 0.0
+    last_request: float | None = None
+    for family in families:
+        for sample in family.samples:
+            name, value = sample.name, sample.value
+            if name == "llm_gateway_requests_total":
+                total += value
+                provider = sample.labels["provider"]
+                by_provider[provider] = by_provider.get(provider, 0) + value
+            elif name == "llm_gateway_request_duration_seconds_sum":
+                duration_sum += value
+            elif name == "llm_gateway_request_duration_seconds_count":
+                duration_count += value
+            elif name == "llm_gateway_prompt_tokens_total":
+                prompt += value
+            elif name == "llm_gateway_completion_tokens_total":
+                completion += value
+            elif name == "llm_gateway_quota_rejections_total":
+                rate_limited += value
+            elif name == "llm_gateway_last_request_timestamp_seconds" and value > 0:
+                last_request = max(value, last_request or 0.0)
+    average_ms = duration_sum / duration_count * 1000.0 if duration_count else 0.0
+    return {
+        "total_requests": int(total),
+        "requests_by_provider": {name: int(n) for name, n in sorted(by_provider.items())},
+        "average_response_ms": round(average_ms, 1),
+        "tokens": {
+            "prompt": int(prompt),
+            "completion": int(completion),
+            "total": int(prompt + completion),
+        },
+        "rate_limited": int(rate_limited),
+        "last_updated": (
+            None
+            if last_request is None
+            else datetime.fromtimestamp(last_request, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        ),
+    }

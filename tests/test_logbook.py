@@ -1,0 +1,255 @@
+"""The interaction log: one valid JSON line per record, off the request path, never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.logbook import Logbook, rfc3339
+from proxy.record import Record, Usage
+
+RFC3339_MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def finished_record(n: int = 0, **changes: object) -> Record:
+    """A record as relay leaves it after a successful call."""
+    record = Record.begin(f"req-{n}", "POST", "/v1/chat/completions")
+    record.key, record.provider, record.model = "user1", "openai", "gpt-4o-mini"
+    record.status, record.usage = 200, Usage(12, 34)
+    record.ttft_ms, record.duration_ms = 123.456, 789.04
+    record.request_body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user"}]}'
+    record.response_text = '{"choices": []}'
+    for name, value in changes.items():
+        setattr(record, name, value)
+    return record
+
+
+class Calls:
+    """Counts calls to the on_write_error callback, from any thread."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+async def until(condition: Callable[[], bool], timeout_seconds: float = 5.0) -> None:
+    """Wait for the writer thread to make condition true."""
+    deadline = time.monotonic() + timeout_seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def test_500_records_are_500_valid_json_lines_after_close(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    for n in range(500):
+        logbook.write(finished_record(n))
+    await logbook.close()
+
+    lines = lines_of(path)
+    assert len(lines) == 500
+    assert [line["request_id"] for line in lines] == [f"req-{n}" for n in range(500)]
+
+
+async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    logbook.write(finished_record(is_stream=True))
+    await logbook.close()
+
+    [line] = lines_of(path)
+    assert list(line) == [
+        "timestamp", "request_id", "key", "provider", "method", "path", "model",
+        "stream", "status", "duration_ms", "ttft_ms", "usage",
+    ]  # fmt: skip
+    assert RFC3339_MILLIS.match(line["timestamp"])
+    assert line["request_id"] == "req-0"
+    assert (line["key"], line["provider"], line["model"]) == ("user1", "openai", "gpt-4o-mini")
+    assert (line["method"], line["path"]) == ("POST", "/v1/chat/completions")
+    assert line["stream"] is True
+    assert line["status"] == 200
+    assert (line["duration_ms"], line["ttft_ms"]) == (789.0, 123.5)
+    assert line["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 34,
+        "total_tokens": 46,
+        "estimated": False,
+    }
+
+
+async def test_a_refused_request_has_its_error_and_null_usage_and_timings(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    logbook.write(finished_record(status=429, error="quota exceeded", usage=None, ttft_ms=None))
+    logbook.write(finished_record(1))
+    await logbook.close()
+
+    refused, served = lines_of(path)
+    assert (refused["status"], refused["error"]) == (429, "quota exceeded")
+    assert refused["usage"] is None and refused["ttft_ms"] is None
+    assert "error" not in served
+
+
+def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
+    assert rfc3339(1795454852.1239) == "2026-11-23T17:27:32.123Z"
+    assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
+
+
+async def test_without_log_bodies_no_body_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    logbook.write(finished_record())
+    await logbook.close()
+
+    [line] = lines_of(path)
+    assert "request" not in line and "response" not in line
+    assert b"messages" not in path.read_bytes()
+
+
+async def test_log_bodies_adds_the_request_as_json_and_the_response_as_text(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=True, on_write_error=Calls())
+    logbook.open()
+    logbook.write(finished_record())
+    logbook.write(finished_record(1, request_body=b"plain \xff text", response_text="data: x\n\n"))
+    logbook.write(finished_record(2, request_body=b"", response_text=None))
+    await logbook.close()
+
+    as_json, as_text, empty = lines_of(path)
+    assert as_json["request"] == {"model": "gpt-4o-mini", "messages": [{"role": "user"}]}
+    assert as_json["response"] == '{"choices": []}'
+    assert as_text["request"] == "plain \ufffd text"
+    assert as_text["response"] == "data: x\n\n"
+    assert (empty["request"], empty["response"]) == (None, None)
+
+
+async def test_stdout_mode_writes_one_line_per_record(capfd: pytest.CaptureFixture[str]) -> None:
+    logbook = Logbook(None, log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    for n in range(20):
+        logbook.write(finished_record(n))
+    await logbook.close()
+
+    out, err = capfd.readouterr()
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert [line["request_id"] for line in lines] == [f"req-{n}" for n in range(20)]
+    assert err == ""
+    os.fstat(1)  # stdout is still open: close() leaves it to the process
+
+
+def test_a_file_that_cannot_be_opened_raises_oserror(tmp_path: Path) -> None:
+    logbook = Logbook(str(tmp_path / "missing" / "log.jsonl"), False, on_write_error=Calls())
+    with pytest.raises(OSError):
+        logbook.open()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_a_failed_write_calls_back_and_says_so_once_on_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    calls = Calls()
+    logbook = Logbook("/dev/full", log_bodies=False, on_write_error=calls)
+    logbook.open()
+    logbook.write(finished_record())
+    await until(lambda: calls.count > 0)
+    assert calls.count == 1
+    _, err = capfd.readouterr()
+    assert err.count("\n") == 1
+    assert "logbook: cannot write to /dev/full" in err and "Traceback" not in err
+
+    for n in range(3):
+        logbook.write(finished_record(n))
+    await logbook.close()
+    assert calls.count == 4  # every lost line is counted...
+    assert capfd.readouterr().err == ""  # ...but said only once
+
+
+async def test_a_write_after_close_is_counted_not_raised(tmp_path: Path) -> None:
+    calls = Calls()
+    logbook = Logbook(str(tmp_path / "log.jsonl"), log_bodies=False, on_write_error=calls)
+    logbook.open()
+    await logbook.close()
+    logbook.write(finished_record())
+    assert calls.count == 1
+
+
+async def test_two_logbooks_appending_to_one_file_never_interleave_lines(tmp_path: Path) -> None:
+    # Two instances stand for two worker processes: both append to one file at the same time.
+    path = tmp_path / "shared.jsonl"
+    books = [Logbook(str(path), log_bodies=True, on_write_error=Calls()) for _ in range(2)]
+    for book in books:
+        book.open()
+    big = "x" * 100_000  # far above PIPE_BUF and a page: interleaving would show
+    for n in range(300):
+        for which, book in enumerate(books):
+            book.write(finished_record(n, request_id=f"{which}-{n}", response_text=big))
+    await asyncio.gather(*(book.close() for book in books))
+
+    lines = lines_of(path)
+    assert len(lines) == 600
+    assert all(line["response"] == big for line in lines)
+    assert {line["request_id"] for line in lines} == {
+        f"{w}-{n}" for w in (0, 1) for n in range(300)
+    }
+
+
+async def test_handing_off_a_record_takes_microseconds(tmp_path: Path) -> None:
+    logbook = Logbook(str(tmp_path / "log.jsonl"), log_bodies=True, on_write_error=Calls())
+    logbook.open()
+    record = finished_record()
+    started = time.perf_counter()
+    for _ in range(5000):
+        logbook.write(record)
+    per_write_us = (time.perf_counter() - started) / 5000 * 1e6
+    await logbook.close()
+    assert per_write_us < 50  # about 1 µs here; the bound leaves room for a slow CI machine
+
+
+async def test_close_is_bounded_when_the_writer_is_stuck(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    reader, writer = os.pipe()
+    try:
+        # Nobody reads the pipe: the writer blocks once the pipe's buffer is full.
+        logbook = Logbook(f"/dev/fd/{writer}", log_bodies=True, on_write_error=Calls())
+        logbook.open()
+        for n in range(10):
+            logbook.write(finished_record(n, response_text="y" * 100_000))
+        started = time.monotonic()
+        await logbook.close(timeout_seconds=0.3)
+        assert time.monotonic() - started < 2
+        assert "lines not written" in capfd.readouterr().err
+    finally:
+        # Read everything, so the writer's thread ends with the test.
+        os.set_blocking(reader, False)
+        newlines, deadline = 0, time.monotonic() + 5
+        while newlines < 10 and time.monotonic() < deadline:
+            try:
+                newlines += os.read(reader, 1 << 20).count(b"\n")
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        os.close(reader)
+        os.close(writer)
