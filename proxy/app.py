@@ -21,7 +21,7 @@ from proxy.logbook import Logbook
 from proxy.metrics import Metrics
 from proxy.quota import Quota
 from proxy.settings import Settings
-from proxy.tracker import MemoryTracker
+from proxy.tracker import MemoryTracker, Tracker
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY_RING = web.AppKey("key_ring", KeyRing)
@@ -47,19 +47,39 @@ def load_keys(settings: Settings, environ: os._Environ[str] | dict[str, str]) ->
     return KeyRing.load(settings.keys_file_path, environ, defaults)
 
 
-def build_app(settings: Settings, key_ring: KeyRing | None = None) -> web.Application:
-    """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file."""
+def build_app(
+    settings: Settings, key_ring: KeyRing | None = None, metrics_dir: str | None = None
+) -> web.Application:
+    """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
+
+    `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
+    """
     from proxy.relay import relay  # relay reads the app keys above
 
     if key_ring is None:
         key_ring = load_keys(settings, os.environ)
     app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 65536})
-    metrics = Metrics()
+    metrics = Metrics(metrics_dir)
+    health = Health(key_ring.key_counts(), tracker_backend="redis" if settings.redis_url else "memory")
     app[SETTINGS] = settings
     app[KEY_RING] = key_ring
     app[METRICS] = metrics
-    app[HEALTH] = Health(key_ring.key_counts())
-    app[QUOTA] = Quota(MemoryTracker(), key_ring)
+    app[HEALTH] = health
+
+    def tracker_lost(decision: str, error: str) -> None:
+        metrics.redis_error_decision(decision)
+        health.tracker_degraded = error
+
+    def tracker_back() -> None:
+        health.tracker_degraded = None
+
+    app[QUOTA] = Quota(
+        new_tracker(settings),
+        key_ring,
+        deny_when_lost=settings.quota_on_redis_error == "deny",
+        on_tracker_lost=tracker_lost,
+        on_tracker_back=tracker_back,
+    )
     app[LOGBOOK] = Logbook(
         settings.log_file_path if settings.log_to_file else None,
         settings.log_bodies,
@@ -75,6 +95,15 @@ def build_app(settings: Settings, key_ring: KeyRing | None = None) -> web.Applic
     app.router.add_get("/usage", app[QUOTA].handle_usage)
     app.router.add_route("*", "/{tail:.*}", relay)
     return app
+
+
+def new_tracker(settings: Settings) -> Tracker:
+    """Redis when REDIS_URL is set (shared by every process), else in this process's memory."""
+    if settings.redis_url is None:
+        return MemoryTracker()
+    from proxy.redis_tracker import RedisTracker
+
+    return RedisTracker(settings.redis_url)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

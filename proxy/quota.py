@@ -5,13 +5,18 @@
 `x-should-retry: false` when the wait is longer than the SDKs will sleep, so a client
 fails fast instead of retrying into a closed window. Every proxied response carries the
 gateway's own `x-ratelimit-*` headers in place of the provider's.
+
+When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
+the request through uncounted, `deny` answers 503. Each decision is reported to
+`on_tracker_lost` (a metric and /health's degraded state); the first success after that
+reports `on_tracker_back`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -21,7 +26,7 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.errors import GatewayError
 from proxy.keys import KeyRing, VirtualKey
-from proxy.tracker import Admission, Tracker
+from proxy.tracker import Admission, Tracker, TrackerUnavailable
 
 # The OpenAI and Anthropic SDKs honour a Retry-After of at most 60 s; past that they use
 # their own short backoff, which would only knock on a window that is still closed.
@@ -31,25 +36,63 @@ SDK_MAX_RETRY_WAIT_SECONDS = 60.0
 class Quota:
     """Admission and token charges for every key, over one tracker."""
 
-    def __init__(self, tracker: Tracker, key_ring: KeyRing) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        key_ring: KeyRing,
+        deny_when_lost: bool = False,
+        on_tracker_lost: Callable[[str, str], None] = lambda decision, error: None,
+        on_tracker_back: Callable[[], None] = lambda: None,
+    ) -> None:
         self.tracker = tracker
         self._key_ring = key_ring
+        self._deny_when_lost = deny_when_lost
+        self._on_lost = on_tracker_lost
+        self._on_back = on_tracker_back
+        self._is_lost = False
         self._pending: set[asyncio.Task[None]] = set()
 
     async def admit(self, key: VirtualKey) -> Admission | None:
-        """Check and count one request. Raises 429 when over the key's quota."""
+        """Check and count one request. Raises 429 (over quota), 503 (tracker lost, deny)."""
         if key.limits is None:
             return None
-        admission = await self.tracker.admit(key.id, key.limits)
+        try:
+            admission = await self.tracker.admit(key.id, key.limits)
+        except TrackerUnavailable as error:
+            decision = "deny" if self._deny_when_lost else "allow"
+            self._lost(decision, str(error))
+            if self._deny_when_lost:
+                raise GatewayError(
+                    503, "quota_unavailable", "The gateway cannot check quotas right now; retry shortly."
+                ) from None
+            return None
+        self._back()
         if not admission.admitted:
             raise refusal(admission)
         return admission
+
+    def _lost(self, decision: str, error: str) -> None:
+        self._is_lost = True
+        self._on_lost(decision, error)
+
+    def _back(self) -> None:
+        if self._is_lost:
+            self._is_lost = False
+            self._on_back()
 
     def charge_later(self, key: VirtualKey, tokens: int) -> None:
         """Charge a finished response's tokens without holding up its ending."""
         if key.limits is None or tokens <= 0:
             return
-        self._spawn(self.tracker.charge(key.id, key.limits, tokens))
+        self._spawn(self._charge(key, tokens))
+
+    async def _charge(self, key: VirtualKey, tokens: int) -> None:
+        assert key.limits is not None
+        try:
+            await self.tracker.charge(key.id, key.limits, tokens)
+        except TrackerUnavailable as error:
+            # The tokens are lost to the window; the log line and metrics still have them.
+            self._lost("uncharged", str(error))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -74,7 +117,11 @@ class Quota:
             "quota_enabled": key.limits is not None,
         }
         if key.limits is not None:
-            document.update(await self.tracker.report(key.id, key.limits))
+            try:
+                document.update(await self.tracker.report(key.id, key.limits))
+            except TrackerUnavailable:
+                error = GatewayError(503, "quota_unavailable", "Usage cannot be read right now; retry shortly.")
+                return errors.render(error, request.path, request.headers.get("x-request-id", ""))
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 

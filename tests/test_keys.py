@@ -16,23 +16,44 @@ from proxy.keys import Defaults, KeyRing, KeysFileError, masked
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
 
 
-def load(tmp_path: Path, document: Any, environ: dict[str, str] | None = None, defaults: Defaults = DEFAULTS) -> KeyRing:
+def load(
+    tmp_path: Path,
+    document: Any,
+    environ: dict[str, str] | None = None,
+    defaults: Defaults = DEFAULTS,
+) -> KeyRing:
     path = tmp_path / "keys.json"
     path.write_text(document if isinstance(document, str) else json.dumps(document))
     return KeyRing.load(str(path), environ or {}, defaults)
 
 
 def test_the_seed_format_loads_unchanged(tmp_path: Path) -> None:
-    ring = load(tmp_path, {"virtual_keys": {"vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}}})
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}
+            }
+        },
+    )
     key = ring.authenticate(CIMultiDict({"Authorization": "Bearer vk_user1_openai"}))
-    assert key.provider.name == "openai" and str(key.provider.base_url) == "https://api.openai.com/v1"
+    assert (
+        key.provider.name == "openai" and str(key.provider.base_url) == "https://api.openai.com/v1"
+    )
     assert key.api_key == "sk-real-openai-key"
     assert key.name == "vk_use…enai"
     assert key.limits is not None and key.limits.requests == 100 and key.limits.tokens is None
 
 
 def test_no_secret_is_in_a_keys_repr(tmp_path: Path) -> None:
-    ring = load(tmp_path, {"virtual_keys": {"vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}}})
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}
+            }
+        },
+    )
     text = repr(list(ring))
     assert "vk_user1_openai" not in text and "sk-real-openai-key" not in text
 
@@ -45,20 +66,36 @@ def test_masking_never_shows_a_whole_key() -> None:
 
 @pytest.mark.parametrize("header", ["Authorization", "x-api-key", "api-key", "x-goog-api-key"])
 def test_a_key_is_read_from_each_credential_header(tmp_path: Path, header: str) -> None:
-    ring = load(tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}})
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
     value = "Bearer vk_a_1234567890" if header == "Authorization" else "vk_a_1234567890"
     assert ring.authenticate(CIMultiDict({header: value})).api_key == "sk-x"
 
 
 def test_the_first_present_credential_header_wins(tmp_path: Path) -> None:
-    ring = load(tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}})
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
     with pytest.raises(GatewayError):
-        ring.authenticate(CIMultiDict({"Authorization": "Bearer vk_wrong_000000", "x-api-key": "vk_a_1234567890"}))
+        ring.authenticate(
+            CIMultiDict({"Authorization": "Bearer vk_wrong_000000", "x-api-key": "vk_a_1234567890"})
+        )
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}, {"x-api-key": "vk_nope_1234567"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer "},
+        {"x-api-key": "vk_nope_1234567"},
+    ],
+)
 def test_missing_or_unknown_keys_get_401(tmp_path: Path, headers: dict[str, str]) -> None:
-    ring = load(tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}})
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
     with pytest.raises(GatewayError) as refused:
         ring.authenticate(CIMultiDict(headers))
     assert refused.value.status == 401 and "vk_nope" not in refused.value.message
@@ -76,7 +113,9 @@ def test_overrides_custom_providers_env_keys_quotas_and_patterns(tmp_path: Path)
             "virtual_keys": {
                 "vk_one_12345678": {"provider": "openai", "api_key": "sk-1"},
                 "vk_two_12345678": {
-                    "provider": "anthropic", "api_key_env": "ANTHROPIC_API_KEY", "name": "user2",
+                    "provider": "anthropic",
+                    "api_key_env": "ANTHROPIC_API_KEY",
+                    "name": "user2",
                     "quota": {"requests": 1000, "tokens": 200000, "window_seconds": 60},
                     "allowed_models": ["claude-3-5-haiku-*", "claude-sonnet-4-*"],
                 },
@@ -91,18 +130,40 @@ def test_overrides_custom_providers_env_keys_quotas_and_patterns(tmp_path: Path)
     assert str(by_name["vk_one…5678"].provider.base_url) == "http://127.0.0.1:9/v1"
     two = by_name["user2"]
     assert two.api_key == "sk-ant-from-env" and two.provider.auth == "x-api-key"
-    assert two.limits is not None and (two.limits.requests, two.limits.tokens, two.limits.window_seconds) == (1000, 200000, 60.0)
+    assert two.limits is not None and (
+        two.limits.requests,
+        two.limits.tokens,
+        two.limits.window_seconds,
+    ) == (1000, 200000, 60.0)
     assert two.allows("claude-3-5-haiku-20241022") and two.allows("claude-sonnet-4-5")
     assert not two.allows("claude-opus-4-1") and not two.allows("xclaude-3-5-haiku-1")
     assert by_name["vllm"].provider.auth == "none"
     assert by_name["az"].provider.credential_headers("az-1") == {"api-key": "az-1"}
     assert by_name["gem"].provider.base_url.host == "generativelanguage.googleapis.com"
-    assert ring.key_counts() == {"openai": 1, "anthropic": 1, "local-vllm": 1, "azure": 1, "gemini": 1}
+    assert ring.key_counts() == {
+        "openai": 1,
+        "anthropic": 1,
+        "local-vllm": 1,
+        "azure": 1,
+        "gemini": 1,
+    }
 
 
 def test_quotas_off_means_no_limits(tmp_path: Path) -> None:
     off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
-    ring = load(tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x", "quota": {"requests": 5}}}}, defaults=off)
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_a_1234567890": {
+                    "provider": "openai",
+                    "api_key": "sk-x",
+                    "quota": {"requests": 5},
+                }
+            }
+        },
+        defaults=off,
+    )
     assert next(iter(ring)).limits is None
 
 
@@ -112,19 +173,109 @@ def test_quotas_off_means_no_limits(tmp_path: Path) -> None:
         ("{not json", {}, "not valid JSON"),
         ("[]", {}, "must be a JSON object"),
         ({"virtual_keys": []}, {}, "'virtual_keys' must be an object"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "nope", "api_key": "x", "name": "alice"}}}, {}, "key 'alice': provider 'nope' is unknown"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice"}}}, {}, "key 'alice': set exactly one of api_key and api_key_env"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice", "api_key": "x", "api_key_env": "Y"}}}, {}, "key 'alice': set exactly one"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice", "api_key_env": "MISSING_KEY"}}}, {}, "key 'alice': api_key_env MISSING_KEY is not set"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice", "api_key": "x", "quota": {"requests": -1}}}}, {}, "key 'alice': quota.requests"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice", "api_key": "x", "allowed_models": "gpt-*"}}}, {}, "key 'alice': allowed_models"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "azure", "name": "alice", "api_key": "x"}}}, {}, "key 'alice': provider 'azure' needs a base_url"),
-        ({"providers": {"x": {"base_url": "ftp://h"}}, "virtual_keys": {}}, {}, "provider 'x': base_url must be an http(s) URL"),
-        ({"providers": {"x": {"base_url": "http://h", "auth": "cookie"}}, "virtual_keys": {}}, {}, "provider 'x': auth must be one of"),
-        ({"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x", "name": "same"}, "vk_b_123456789": {"provider": "openai", "api_key": "y", "name": "same"}}}, {}, "key 'same': name is used"),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "nope", "api_key": "x", "name": "alice"}
+                }
+            },
+            {},
+            "key 'alice': provider 'nope' is unknown",
+        ),
+        (
+            {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice"}}},
+            {},
+            "key 'alice': set exactly one of api_key and api_key_env",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "api_key_env": "Y",
+                    }
+                }
+            },
+            {},
+            "key 'alice': set exactly one",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key_env": "MISSING_KEY",
+                    }
+                }
+            },
+            {},
+            "key 'alice': api_key_env MISSING_KEY is not set",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "quota": {"requests": -1},
+                    }
+                }
+            },
+            {},
+            "key 'alice': quota.requests",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "allowed_models": "gpt-*",
+                    }
+                }
+            },
+            {},
+            "key 'alice': allowed_models",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "azure", "name": "alice", "api_key": "x"}
+                }
+            },
+            {},
+            "key 'alice': provider 'azure' needs a base_url",
+        ),
+        (
+            {"providers": {"x": {"base_url": "ftp://h"}}, "virtual_keys": {}},
+            {},
+            "provider 'x': base_url must be an http(s) URL",
+        ),
+        (
+            {"providers": {"x": {"base_url": "http://h", "auth": "cookie"}}, "virtual_keys": {}},
+            {},
+            "provider 'x': auth must be one of",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "openai", "api_key": "x", "name": "same"},
+                    "vk_b_123456789": {"provider": "openai", "api_key": "y", "name": "same"},
+                }
+            },
+            {},
+            "key 'same': name is used",
+        ),
     ],
 )
-def test_a_bad_keys_file_is_refused_naming_file_key_and_field(tmp_path: Path, document: Any, environ: dict[str, str], says: str) -> None:
+def test_a_bad_keys_file_is_refused_naming_file_key_and_field(
+    tmp_path: Path, document: Any, environ: dict[str, str], says: str
+) -> None:
     with pytest.raises(KeysFileError) as refused:
         load(tmp_path, document, environ)
     message = str(refused.value)

@@ -85,4 +85,6 @@ def test_the_readme_settings_table_matches_the_code() -> None:
         assert setting.variable in rows, f"README lacks {setting.variable}"
         shown = rows[setting.variable].strip("` ")
         expected = "unset" if setting.default is None else setting.default
-        assert shown == expected, f"README shows {shown!r} for {setting.variable}, code has {expected!r}"
+        assert shown == expected, (
+            f"README shows {shown!r} for {setting.variable}, code has {expected!r}"
+        )

@@ -1,0 +1,437 @@
+"""The usage tap, fed bytes directly: every provider shape, estimates, encodings, cut points."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import zlib
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.record import Usage
+from proxy.usage import MAX_HELD_BYTES, UsageTap
+
+JSON = "application/json"
+SSE = "text/event-stream"
+CHAT_REQUEST = orjson.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello to the world!"}]}
+)
+
+
+def sse(*events: object, done: bool = False) -> bytes:
+    """An SSE body with one `data:` line per event, as the providers send it."""
+    lines = [b"data: " + orjson.dumps(event) + b"\n\n" for event in events]
+    if done:
+        lines.append(b"data: [DONE]\n\n")
+    return b"".join(lines)
+
+
+def tap_of(
+    body: bytes,
+    content_type: str | None = SSE,
+    encoding: str | None = None,
+    chunks: list[int] | None = None,
+) -> UsageTap:
+    """A tap fed `body`, cut at the `chunks` positions (one chunk when None)."""
+    tap = UsageTap(content_type, encoding, keep_text=True)
+    cuts = [0, *(chunks or []), len(body)]
+    for start, end in itertools.pairwise(cuts):
+        tap.feed(body[start:end])
+    return tap
+
+
+def chat_chunk(content: str | None = None, usage: dict | None = None) -> dict:
+    choices = (
+        []
+        if content is None
+        else [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    )
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": choices, "usage": usage}
+
+
+OPENAI_STREAM = sse(
+    chat_chunk("Hello"),
+    chat_chunk(", world"),
+    chat_chunk("!"),
+    chat_chunk(usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}),
+    done=True,
+)
+ANTHROPIC_STREAM = (
+    b"event: message_start\n"
+    + sse(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "usage": {
+                    "input_tokens": 25,
+                    "cache_creation_input_tokens": 5,
+                    "cache_read_input_tokens": 10,
+                    "output_tokens": 1,
+                },
+            },
+        }
+    )
+    + b"event: content_block_start\n"
+    + sse(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+    + b": a comment line\n"
+    + sse(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "Bonjour"},
+        }
+    )
+    + sse(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": " le monde"},
+        }
+    )
+    + sse({"type": "message_delta", "delta": {"stop_reason": None}, "usage": {"output_tokens": 7}})
+    + sse(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 15},
+        }
+    )
+    + sse({"type": "message_stop"})
+)
+
+
+def test_openai_json_usage_is_the_providers():
+    body = orjson.dumps(
+        {
+            "choices": [{"message": {"role": "assistant", "content": "Hi there"}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+        }
+    )
+    tap = tap_of(body, JSON)
+    assert tap.usage(CHAT_REQUEST) == Usage(9, 2, estimated=False)
+    assert tap.text == body.decode()
+
+
+def test_json_with_a_charset_parameter_is_still_json():
+    body = orjson.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    assert tap_of(body, "application/json; charset=utf-8").usage(b"") == Usage(1, 1)
+
+
+def test_embeddings_usage_has_prompt_tokens_only():
+    body = orjson.dumps(
+        {"data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    )
+    assert tap_of(body, JSON).usage(b'{"input": "hello"}') == Usage(8, 0)
+
+
+def test_responses_api_json_usage_reads_input_and_output_tokens():
+    body = orjson.dumps(
+        {
+            "object": "response",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi"}]}],
+            "usage": {
+                "input_tokens": 20,
+                "input_tokens_details": {"cached_tokens": 4},
+                "output_tokens": 6,
+            },
+        }
+    )
+    assert tap_of(body, JSON).usage(b"") == Usage(20, 6)
+
+
+def test_anthropic_json_usage_counts_cache_tokens_as_prompt():
+    body = orjson.dumps(
+        {
+            "type": "message",
+            "content": [{"type": "text", "text": "Hi"}],
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 1000,
+                "output_tokens": 3,
+            },
+        }
+    )
+    assert tap_of(body, "application/json").usage(b"") == Usage(1110, 3)
+
+
+def test_json_without_usage_is_estimated_from_request_and_response_text():
+    body = orjson.dumps({"choices": [{"message": {"content": "x" * 9}}], "usage": None})
+    # 23 characters of prompt → 6 tokens; 9 of completion → 3 (4 characters a token, ceiling).
+    assert tap_of(body, JSON).usage(CHAT_REQUEST) == Usage(6, 3, estimated=True)
+
+
+def test_anthropic_json_without_usage_is_estimated_from_content_blocks():
+    body = orjson.dumps({"type": "message", "content": [{"type": "text", "text": "abcdefgh"}]})
+    request = orjson.dumps(
+        {
+            "system": "Be brief.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hey"}]}],
+        }
+    )
+    assert tap_of(body, JSON).usage(request) == Usage(3, 2, estimated=True)
+
+
+def test_estimate_reads_prompt_and_responses_input():
+    body = orjson.dumps({"choices": [{"text": "abcd"}]})
+    assert tap_of(body, JSON).usage(b'{"prompt": "12345678"}') == Usage(2, 1, estimated=True)
+    request = orjson.dumps(
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcde"}]}]}
+    )
+    assert tap_of(body, JSON).usage(request) == Usage(2, 1, estimated=True)
+
+
+def test_openai_stream_usage_chunk_is_the_providers():
+    tap = tap_of(OPENAI_STREAM)
+    assert tap.usage(CHAT_REQUEST) == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_openai_stream_without_usage_chunk_is_estimated():
+    body = sse(chat_chunk("Hello"), chat_chunk(", world!"), done=True)
+    tap = tap_of(body)
+    assert tap.usage(CHAT_REQUEST) == Usage(6, 4, estimated=True)
+    assert tap.text == "Hello, world!"
+
+
+def test_completions_stream_text_is_read_from_choices_text():
+    body = sse(
+        {"object": "text_completion", "choices": [{"text": "abc"}]}, {"choices": [{"text": "de"}]}
+    )
+    tap = tap_of(body)
+    assert tap.text == "abcde"
+    assert tap.usage(b'{"prompt": "1234"}') == Usage(1, 2, estimated=True)
+
+
+def test_anthropic_stream_takes_the_last_cumulative_message_delta():
+    tap = tap_of(ANTHROPIC_STREAM)
+    # Prompt: 25 input + 5 cache writes + 10 cache reads.
+    # Completion: the last delta, 15, not 1 + 7 + 15.
+    assert tap.usage(b"") == Usage(40, 15)
+    assert tap.text == "Bonjour le monde"
+
+
+def test_anthropic_message_delta_may_restate_input_tokens():
+    body = sse(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}},
+        {"type": "message_delta", "usage": {"input_tokens": 50, "output_tokens": 9}},
+    )
+    assert tap_of(body).usage(b"") == Usage(50, 9)
+
+
+def test_responses_api_stream_reads_deltas_and_completed_usage():
+    body = (
+        b"event: response.created\n"
+        + sse({"type": "response.created", "response": {"usage": None}})
+        + sse({"type": "response.output_text.delta", "delta": "Hi"})
+        + sse({"type": "response.output_text.delta", "delta": " you"})
+        + sse(
+            {
+                "type": "response.completed",
+                "response": {"usage": {"input_tokens": 11, "output_tokens": 2}},
+            }
+        )
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"") == Usage(11, 2)
+    assert tap.text == "Hi you"
+
+
+def test_crlf_line_ends_and_a_missing_final_blank_line_still_count():
+    body = (
+        OPENAI_STREAM.replace(b"\n", b"\r\n")
+        .removesuffix(b"data: [DONE]\r\n\r\n")
+        .removesuffix(b"\r\n")
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"") == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_data_lines_without_blank_lines_between_are_each_read():
+    body = (
+        b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
+        b'data:{"choices": [{"delta": {"content": "k"}}]}\n'
+    )
+    assert tap_of(body).text == "ok"
+
+
+def test_gzip_body_is_decompressed_for_the_tap_only():
+    tap = tap_of(gzip.compress(OPENAI_STREAM), encoding="gzip", chunks=[5, 17, 40])
+    assert tap.usage(b"") == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_deflate_body_is_read_zlib_wrapped_or_raw():
+    body = orjson.dumps({"usage": {"prompt_tokens": 4, "completion_tokens": 2}})
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_body = raw.compress(body) + raw.flush()
+    for encoded in (zlib.compress(body), raw_body):
+        assert tap_of(encoded, JSON, "deflate", chunks=[1]).usage(b"") == Usage(4, 2)
+
+
+def test_brotli_or_unknown_encoding_gives_up():
+    tap = tap_of(OPENAI_STREAM, encoding="br")
+    assert tap.usage(CHAT_REQUEST) is None
+    assert tap.text is None
+    assert tap_of(OPENAI_STREAM, encoding="gzip, br").usage(b"") is None
+
+
+def test_corrupt_gzip_gives_up_without_raising():
+    tap = tap_of(b"\x1f\x8b\x08\x00garbage" * 10, encoding="gzip")
+    assert tap.usage(CHAT_REQUEST) is None
+
+
+def test_binary_and_non_json_bodies_are_ignored():
+    for content_type in ("application/octet-stream", "audio/mpeg", "text/plain", None):
+        tap = tap_of(b"\x00\xff\x10 not json " * 100, content_type)
+        assert tap.usage(CHAT_REQUEST) is None
+        assert tap.text is None
+
+
+def test_json_body_that_does_not_parse_has_no_usage_but_keeps_its_text():
+    tap = tap_of(b'{"usage": {"prompt_tokens": 3', JSON)
+    assert tap.usage(CHAT_REQUEST) is None
+    assert tap.text == '{"usage": {"prompt_tokens": 3'
+
+
+def test_json_body_past_the_bound_is_given_up():
+    tap = UsageTap(JSON, None, keep_text=True)
+    piece = b" " * (1024 * 1024)
+    for _ in range(MAX_HELD_BYTES // len(piece) + 1):
+        tap.feed(piece)
+    assert tap.usage(b"") is None
+    assert tap.text is None
+
+
+def test_malformed_events_never_raise_and_are_skipped():
+    body = (
+        b"data: {not json\n\n"
+        b"data: [1, 2, 3]\n\n"
+        b"data: null\n\n"
+        b"data: \xff\xfe\n\n"
+        b'data: {"choices": "nope", "usage": [1]}\n\n'
+        b'data: {"choices": [null, {"delta": null}, {"delta": {"content": 5}}]}\n\n'
+        b'data: {"type": "message_start", "message": "x"}\n\n'
+        b'data: {"type": "message_delta", "usage": {"output_tokens": "9", "input_tokens": 1.5}}\n\n'
+        b'data: {"type": "content_block_delta", "delta": ["x"]}\n\n'
+        b'data: {"usage": {"prompt_tokens": true, "completion_tokens": null}}\n\n'
+        b'data: {"type": "response.completed", "response": {"usage": {"output_tokens": -3}}}\n\n'
+        b'data: {"type": 7}\n\n'
+        b'data: {"type": ["unhashable"]}\n\n'
+        b'data: {"type": {"x": 1}, "usage": {"prompt_tokens": 99999999999999999999999}}\n\n'
+        b"event: ping\nid: 3\nretry: 10\n\n"
+        b"data\n\n"
+        b'data: {"choices": [{"delta":\ndata:  {"content": "split events are not read"}}]}\n\n'
+        + sse(chat_chunk("fine"))
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"not json either") == Usage(0, 1, estimated=True)
+    assert tap.text == "fine"
+
+
+def test_a_request_body_nested_deeply_does_not_break_the_estimate():
+    request = b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert tap_of(sse(chat_chunk("abcd"))).usage(request) == Usage(0, 1, estimated=True)
+
+
+def test_usage_can_be_asked_twice():
+    tap = tap_of(OPENAI_STREAM)
+    assert tap.usage(b"") == tap.usage(b"") == Usage(12, 3)
+
+
+def test_text_is_none_without_keep_text():
+    tap = UsageTap(SSE, None, keep_text=False)
+    tap.feed(OPENAI_STREAM)
+    assert tap.text is None
+    assert tap.usage(b"") == Usage(12, 3)
+
+
+def test_every_single_cut_of_a_stream_gives_the_same_usage_and_text():
+    for stream in (OPENAI_STREAM, ANTHROPIC_STREAM.replace(b"\n", b"\r\n")):
+        whole = tap_of(stream)
+        expected = (whole.usage(CHAT_REQUEST), whole.text)
+        for cut in range(len(stream) + 1):
+            tap = tap_of(stream, chunks=[cut])
+            assert (tap.usage(CHAT_REQUEST), tap.text) == expected, f"cut at byte {cut}"
+
+
+def test_a_stream_fed_byte_by_byte_gives_the_same_usage_and_text():
+    tap = UsageTap(SSE, None, keep_text=True)
+    for index in range(len(ANTHROPIC_STREAM)):
+        tap.feed(ANTHROPIC_STREAM[index : index + 1])
+    assert (tap.usage(b""), tap.text) == (Usage(40, 15), "Bonjour le monde")
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+EVENT_KEYS = [
+    "type",
+    "usage",
+    "choices",
+    "delta",
+    "message",
+    "response",
+    "content",
+    "text",
+    "input_tokens",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(
+        st.dictionaries(
+            st.sampled_from(EVENT_KEYS),
+            JSON_VALUES | st.sampled_from(["message_delta", "message_start"]),
+        )
+    ),
+    noise=st.binary(max_size=64),
+    encoding=st.sampled_from([None, "gzip", "deflate"]),
+)
+def test_random_events_and_bytes_never_raise(
+    events: list[dict], noise: bytes, encoding: str | None
+) -> None:
+    for content_type in (SSE, JSON):
+        body = sse(*events)
+        encoded = (
+            body
+            if encoding is None
+            else gzip.compress(body)
+            if encoding == "gzip"
+            else zlib.compress(body)
+        )
+        tap = UsageTap(content_type, encoding, keep_text=True)
+        tap.feed(encoded + noise)
+        tap.feed(noise)
+        usage = tap.usage(noise)
+        assert usage is None or usage.total_tokens >= 0
+        assert tap.text is None or isinstance(tap.text, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_three_pieces_of_a_stream_give_the_same_usage_and_text(data: st.DataObject) -> None:
+    stream = data.draw(
+        st.sampled_from([OPENAI_STREAM, ANTHROPIC_STREAM, gzip.compress(ANTHROPIC_STREAM)])
+    )
+    encoding = "gzip" if stream[:2] == b"\x1f\x8b" else None
+    first = data.draw(st.integers(0, len(stream)))
+    second = data.draw(st.integers(first, len(stream)))
+    whole = tap_of(stream, encoding=encoding)
+    tap = tap_of(stream, encoding=encoding, chunks=[first, second])
+    assert (tap.usage(CHAT_REQUEST), tap.text) == (whole.usage(CHAT_REQUEST), whole.text)
