@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCKER ?= docker
 
-.PHONY: run test unit e2e demo bench docker-build docker-run docker-stop docker-check lint clean
+.PHONY: run test unit e2e demo bench system-packages docker-build docker-run docker-stop docker-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,17 +16,50 @@ keys.json:
 	cp keys.example.json keys.json
 	@echo "created keys.json from keys.example.json: put your real provider keys in it"
 
-# run: start the gateway on 0.0.0.0:8080 (settings from the environment or flags)
+# run: start the gateway on 0.0.0.0:8080 (settings from the environment, or ARGS="--server-port 9000")
 run: $(STAMP) keys.json
 	$(PY) gateway.py $(ARGS)
 
-# test: install everything, then run every test (unit, integration, SDK, e2e scripts)
-test: $(STAMP)
+# test: install everything (venv, redis-server, podman for the image check), then run every test
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q
 
-# unit: the pytest suite alone
+# unit: the pytest suite without installing system packages (Redis and Docker tests skip without them)
 unit: $(STAMP)
 	$(PY) -m pytest -q
+
+# system-packages: Debian packages the tests need, installed only when missing
+system-packages:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+# e2e: the shell scripts in e2e/ against a real gateway in front of the fake provider
+e2e: $(STAMP)
+	PYTHON=$(PY) bash e2e/run_all.sh
+
+# demo: a fake provider and a gateway, a tour of calls, the log, the metrics and a 429; no key needed
+demo: $(STAMP)
+	PYTHON=$(PY) bash e2e/demo.sh
+
+# bench: the gateway against a direct call, one run (QUICK=1: under a minute)
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# docker-build: build the image (DOCKER=podman where there is no Docker engine)
+docker-build:
+	$(DOCKER) build -t llm-gateway .
+
+# docker-run: the gateway in a container on :8080, keys.json mounted read-only (DOCKER_ARGS="-e QUOTA_LIMIT=10" adds settings)
+docker-run: keys.json
+	$(DOCKER) run -d --name llm-gateway -p 8080:8080 -v $(CURDIR)/keys.json:/app/keys.json:ro $(DOCKER_ARGS) llm-gateway
+
+# docker-stop: SIGTERM, time to drain (SHUTDOWN_GRACE_SECONDS + margin), then remove
+docker-stop:
+	$(DOCKER) stop -t 35 llm-gateway && $(DOCKER) rm llm-gateway
+
+# docker-check: verify the Dockerfile without a Docker engine (podman + buildah, see e2e/docker_check.sh)
+docker-check: $(STAMP)
+	PYTHON=$(PY) bash e2e/docker_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

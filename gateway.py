@@ -26,6 +26,7 @@ def main(argv: Sequence[str]) -> int:
         settings = Settings.from_env(os.environ, argv)
         key_ring = load_keys(settings, os.environ)
         check_log_file(settings)
+        check_redis(settings)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:
         print(f"llm-gateway: {error}", file=sys.stderr)
@@ -44,6 +45,19 @@ def check_log_file(settings: Settings) -> None:
             f"LOG_FILE_PATH {settings.log_file_path} cannot be opened for appending: "
             f"{error.strerror}"
         ) from None
+
+
+def check_redis(settings: Settings) -> None:
+    """A Redis that cannot be reached stops the start, not the first request (issue 7)."""
+    if settings.redis_url is None:
+        return
+    from proxy.redis_tracker import check, masked
+    from proxy.tracker import TrackerUnavailable
+
+    try:
+        check(settings.redis_url)
+    except TrackerUnavailable as error:
+        raise SettingError(f"REDIS_URL {masked(settings.redis_url)}: {error}") from None
 
 
 if __name__ == "__main__":

@@ -9,19 +9,25 @@ last request ended.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.health import Health
 from proxy.keys import Defaults, KeyRing
 from proxy.logbook import Logbook
 from proxy.metrics import Metrics
 from proxy.quota import Quota
+from proxy.record import own_request_id
 from proxy.settings import Settings
 from proxy.tracker import MemoryTracker, Tracker
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY_RING = web.AppKey("key_ring", KeyRing)
@@ -34,6 +40,25 @@ LOGBOOK = web.AppKey("logbook", Logbook)
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
 _NO_DEFAULT_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class ClientFaults(logging.Filter):
+    """Drop aiohttp's tracebacks for what clients did: unparsable HTTP, leaving mid-request.
+
+    aiohttp already answered those (400, or nothing to a client that left); a traceback per
+    bad request would let any client flood the gateway's log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        return not isinstance(fault, HttpProcessingError | ConnectionError)
+
+
+def quiet_client_faults() -> None:
+    """Install `ClientFaults` on aiohttp's server logger, once."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, ClientFaults) for existing in server_log.filters):
+        server_log.addFilter(ClientFaults())
 
 
 def load_keys(settings: Settings, environ: os._Environ[str] | dict[str, str]) -> KeyRing:
@@ -58,7 +83,12 @@ def build_app(
 
     if key_ring is None:
         key_ring = load_keys(settings, os.environ)
-    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 65536})
+    quiet_client_faults()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        # Request bodies stay as sent (a gzip upload goes up gzip); relay inflates only to peek.
+        handler_args={"auto_decompress": False, "max_field_size": 65536},
+    )
     metrics = Metrics(metrics_dir)
     health = Health(key_ring.key_counts(), tracker_backend="redis" if settings.redis_url else "memory")
     app[SETTINGS] = settings
@@ -89,10 +119,10 @@ def build_app(
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
     app.on_shutdown.append(_not_ready)
-    app.router.add_get("/health", app[HEALTH].handle_health)
-    app.router.add_get("/ready", app[HEALTH].handle_ready)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/usage", app[QUOTA].handle_usage)
+    app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
+    app.router.add_get("/ready", with_request_id(app[HEALTH].handle_ready))
+    app.router.add_get("/metrics", with_request_id(_metrics))
+    app.router.add_get("/usage", with_request_id(app[QUOTA].handle_usage))
     app.router.add_route("*", "/{tail:.*}", relay)
     return app
 
@@ -104,6 +134,18 @@ def new_tracker(settings: Settings) -> Tracker:
     from proxy.redis_tracker import RedisTracker
 
     return RedisTracker(settings.redis_url)
+
+
+def with_request_id(handler: Handler) -> Handler:
+    """The gateway's own endpoints answer with an x-request-id too (relay sets its own)."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers["x-request-id"] = own_request_id(request.headers.get("x-request-id"))
+        return response
+
+    return answer
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -110,7 +110,7 @@ class Quota:
         try:
             key = self._key_ring.authenticate(request.headers)
         except GatewayError as error:
-            return errors.render(error, request.path, request.headers.get("x-request-id", ""))
+            return errors.render(error, request.path, "")
         document: dict[str, Any] = {
             "key": key.name,
             "provider": key.provider.name,
@@ -121,7 +121,7 @@ class Quota:
                 document.update(await self.tracker.report(key.id, key.limits))
             except TrackerUnavailable:
                 error = GatewayError(503, "quota_unavailable", "Usage cannot be read right now; retry shortly.")
-                return errors.render(error, request.path, request.headers.get("x-request-id", ""))
+                return errors.render(error, request.path, "")
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 

@@ -7,12 +7,24 @@ only ever holds a key's *name* (masked by default), never the virtual or the rea
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499
+
+# A client's own x-request-id is kept when it is printable ASCII of sane length; anything
+# else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def own_request_id(presented: str | None) -> str:
+    """The client's x-request-id when it is sane, else a fresh one."""
+    if presented is None or not _REQUEST_ID.fullmatch(presented):
+        return uuid.uuid4().hex
+    return presented
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +75,10 @@ class Record:
 
     @classmethod
     def begin(cls, request_id: str | None, method: str, path: str) -> Record:
-        return cls(request_id=request_id or uuid.uuid4().hex, method=method, path=path)
+        request_id = own_request_id(request_id)
+        if not path.isascii():  # a path may carry undecodable bytes as surrogates
+            path = path.encode("utf-8", "replace").decode("utf-8")
+        return cls(request_id=request_id, method=method[:32], path=path[:2048])
 
     def mark_first_byte(self) -> None:
         if self.ttft_ms is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy import app as wiring
 from proxy import errors, quota
@@ -55,7 +57,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         record.key, record.key_id, record.provider = key.name, key.id, key.provider.name
         tail, query = route(request.raw_path)  # 400, 404
         body = await read_body(request, settings.max_body_bytes)  # 400, 413
-        peek = validate(tail, request, body, key)  # 400, 403
+        peek = validate(tail, request, body, key, settings.max_body_bytes)  # 400, 403, 415
         record.model, record.is_stream = peek.model, peek.is_stream
         if settings.log_bodies:
             record.request_body = body
@@ -92,8 +94,31 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
         raise _too_large(limit) from None
-    except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
+    except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
         raise GatewayError(400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}.") from None
+
+
+def readable(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body as the provider will read it, for the peek only: what goes upstream stays as sent.
+
+    Raises 400 (not what its Content-Encoding says), 413 (inflates past the limit), 415.
+    """
+    encoding = encoding.strip().lower()
+    if not body or encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise GatewayError(415, "unsupported_encoding", f"Content-Encoding '{encoding[:40]}' is not supported; send gzip, deflate or none.")
+    # wbits 47 reads gzip or zlib; a raw deflate stream needs -15.
+    inflater = zlib.decompressobj(47 if encoding != "deflate" or body[:1] == b"\x78" else -15)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise GatewayError(400, "invalid_body", f"The request body is not valid {encoding}.") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise _too_large(limit)
+    if not inflater.eof:
+        raise GatewayError(400, "invalid_body", f"The request body is truncated {encoding}.")
+    return inflated
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -102,10 +127,11 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey) -> Peek:
-    """Peek at `model` and `stream`. Raises 400 (bad JSON, missing field), 403 (model)."""
+def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limit: int) -> Peek:
+    """Peek at `model` and `stream`. Raises 400 (bad JSON, missing field), 403 (model), 413, 415."""
     content_type = request.content_type
     declared_json = content_type.endswith(_JSON_TYPES)
+    body = readable(body, request.headers.get("content-encoding", ""), limit)
     if not body or not (declared_json or body.lstrip()[:1] == b"{"):
         if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
             raise GatewayError(400, "missing_field", "The request body must be a JSON object with 'model' and 'messages'.", "model")

@@ -23,6 +23,9 @@ _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 
 def route(raw_target: str) -> tuple[str, str]:
     """(tail, raw query) of the request target. Raises 400 (unsafe path), 404 (not proxied)."""
+    if "#" in raw_target:
+        # Clients never send fragments; forwarding without it would skip validation by path.
+        raise _unsafe("a fragment ('#')")
     path, _, query = raw_target.partition("?")
     if not path.startswith("/") or path.startswith("//"):
         raise _unsafe("an absolute URL")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The gateway with nothing but curl: a chat completion, a streamed one, an Anthropic message,
+# this key's usage, and the gateway's health.
+#
+#   GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai examples/curl.sh
+#   (GATEWAY_ANTHROPIC_KEY=vk_user2_anthropic also sends the Anthropic message)
+set -euo pipefail
+url=${GATEWAY_URL:-http://localhost:8080}
+key=${GATEWAY_KEY:?set GATEWAY_KEY to a virtual key from keys.json}
+model=${GATEWAY_MODEL:-gpt-4o-mini}
+
+echo "== chat completion"
+curl -sS --fail-with-body "$url/v1/chat/completions" \
+    -H "Authorization: Bearer $key" \
+    -H "Content-Type: application/json" \
+    -d "{\"model\": \"$model\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hello.\"}]}"
+echo
+
+echo "== streamed chat completion"
+curl -sS --fail-with-body -N "$url/v1/chat/completions" \
+    -H "Authorization: Bearer $key" \
+    -H "Content-Type: application/json" \
+    -d "{\"model\": \"$model\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello.\"}]}"
+
+if [[ -n "${GATEWAY_ANTHROPIC_KEY:-}" ]]; then
+    echo "== Anthropic message"
+    curl -sS --fail-with-body "$url/v1/messages" \
+        -H "x-api-key: $GATEWAY_ANTHROPIC_KEY" \
+        -H "anthropic-version: 2023-06-01" \
+        -H "Content-Type: application/json" \
+        -d "{\"model\": \"${GATEWAY_ANTHROPIC_MODEL:-claude-haiku-4-5}\", \"max_tokens\": 100, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello.\"}]}"
+    echo
+fi
+
+echo "== usage of this key"
+curl -sS --fail-with-body "$url/usage" -H "Authorization: Bearer $key"
+echo
+
+echo "== health"
+curl -sS --fail-with-body "$url/health"
+echo

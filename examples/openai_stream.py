@@ -1,0 +1,24 @@
+"""A streamed chat completion through the gateway: tokens print as the provider sends them.
+
+    GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/openai_stream.py
+"""
+
+import os
+
+from openai import OpenAI
+
+client = OpenAI(
+    base_url=os.environ.get("GATEWAY_URL", "http://localhost:8080") + "/v1",
+    api_key=os.environ["GATEWAY_KEY"],
+)
+stream = client.chat.completions.create(
+    model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),
+    messages=[{"role": "user", "content": "Count from one to five."}],
+    stream=True,
+    stream_options={"include_usage": True},  # the last chunk carries the token counts
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        print(chunk.choices[0].delta.content, end="", flush=True)
+    if chunk.usage:
+        print(f"\ntokens: {chunk.usage.prompt_tokens} in, {chunk.usage.completion_tokens} out")

@@ -1,0 +1,448 @@
+"""The Redis tracker against a real redis-server: the memory tracker's semantics, exact across
+processes, and what the gateway does when Redis is lost and comes back (issue 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.redis_tracker import RedisTracker, check, masked, window_keys
+from proxy.tracker import Limits, MemoryTracker, TrackerUnavailable
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
+from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.test_process import (  # noqa: F401 (fixtures)
+    CHAT,
+    Processes,
+    fake_url,
+    process_keys,
+    processes,
+    refused,
+    start_gateway,
+)
+from tests.test_tracker import Clock
+
+KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def tracker(redis_url: str, clock: Clock) -> AsyncIterator[RedisTracker]:
+    """A Redis tracker on a fresh server, its time stepped by `clock` instead of Redis TIME."""
+    tracker = RedisTracker(redis_url, clock)
+    yield tracker
+    await tracker.close()
+
+
+@pytest.fixture
+async def real_time_tracker(redis_url: str) -> AsyncIterator[RedisTracker]:
+    tracker = RedisTracker(redis_url)
+    yield tracker
+    await tracker.close()
+
+
+@pytest.fixture
+def inspect(redis_url: str) -> redis.Redis:
+    """A plain client, to look at what the tracker left in Redis."""
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+# --- the memory tracker's semantics --------------------------------------------------------
+
+
+async def test_the_request_limit_is_respected(tracker: RedisTracker) -> None:
+    limits = Limits(requests=3, tokens=None, window_seconds=60)
+    answers = [await tracker.admit(KEY, limits) for _ in range(5)]
+    assert [answer.admitted for answer in answers] == [True, True, True, False, False]
+    assert [answer.remaining_requests for answer in answers] == [2, 1, 0, 0, 0]
+    assert answers[0].remaining_tokens is None and answers[0].reset_tokens_seconds is None
+
+
+async def test_a_refused_request_is_not_counted(tracker: RedisTracker, clock: Clock) -> None:
+    limits = Limits(requests=2, tokens=None, window_seconds=10)
+    await tracker.admit(KEY, limits)  # t = 0
+    clock.advance(5)
+    await tracker.admit(KEY, limits)  # t = 5
+    clock.advance(1)
+    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(20)])
+    clock.advance(4)  # t = 10: the first admission left; the refusals at t = 6 never counted
+    assert (await tracker.admit(KEY, limits)).admitted
+    assert not (await tracker.admit(KEY, limits)).admitted
+    assert (await tracker.report(KEY, limits))["totals"]["requests"] == 3
+
+
+async def test_a_burst_at_the_end_of_one_window_and_the_start_of_the_next_cannot_exceed_the_limit(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=10, tokens=None, window_seconds=60)
+    clock.advance(59)
+    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+    clock.advance(2)  # a fixed-window counter would have reset here
+    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+    clock.advance(57.5)
+    assert not (await tracker.admit(KEY, limits)).admitted
+    clock.advance(0.5)  # exactly 60 s after the burst: it has left
+    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+
+
+async def test_retry_after_is_the_wait_until_the_oldest_admission_leaves(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=2, tokens=None, window_seconds=10)
+    first = await tracker.admit(KEY, limits)
+    assert first.retry_after_seconds == 0.0 and first.reset_requests_seconds == 10.0
+    clock.advance(3)
+    second = await tracker.admit(KEY, limits)
+    assert second.remaining_requests == 0 and second.reset_requests_seconds == 7.0
+    clock.advance(1)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted
+    assert refused.retry_after_seconds == refused.reset_requests_seconds == 6.0
+    clock.advance(5.999)
+    assert not (await tracker.admit(KEY, limits)).admitted
+    clock.advance(0.001)
+    assert (await tracker.admit(KEY, limits)).admitted
+
+
+async def test_the_token_limit_admits_while_under_and_lets_the_last_request_overshoot(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=100, tokens=100, window_seconds=60)
+    assert (await tracker.admit(KEY, limits)).remaining_tokens == 100
+    await tracker.charge(KEY, limits, 80)  # t = 0
+    clock.advance(10)
+    second = await tracker.admit(KEY, limits)
+    assert second.admitted and second.remaining_tokens == 20 and second.reset_tokens_seconds == 50.0
+    await tracker.charge(KEY, limits, 50)  # 130 used: over by the last request's own tokens
+    clock.advance(5)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted
+    assert refused.remaining_tokens == 0 and refused.remaining_requests == 98
+    assert refused.reset_requests_seconds == 0.0
+    assert refused.retry_after_seconds == refused.reset_tokens_seconds == 45.0
+    clock.advance(45)
+    assert (await tracker.admit(KEY, limits)).admitted
+
+
+async def test_report_gives_the_window_limits_remaining_and_totals(tracker: RedisTracker, clock: Clock) -> None:
+    limits = Limits(requests=5, tokens=1000, window_seconds=100)
+    await tracker.admit(KEY, limits)
+    await tracker.charge(KEY, limits, 300)
+    clock.advance(40)
+    await tracker.admit(KEY, limits)
+    await tracker.charge(KEY, limits, 200)
+    clock.advance(10)
+    assert await tracker.report(KEY, limits) == {
+        "window_seconds": 100,
+        "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
+        "tokens": {"used": 500, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
+        "totals": {"requests": 2, "tokens": 500},
+    }
+    clock.advance(50)
+    report = await tracker.report(KEY, limits)
+    assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
+    assert report["tokens"] == {"used": 200, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
+    assert report["totals"] == {"requests": 2, "tokens": 500}
+
+
+async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
+    tracker: RedisTracker, inspect: redis.Redis
+) -> None:
+    limits = Limits(requests=5, tokens=None, window_seconds=100)
+    assert await tracker.report("unseen", limits) == await MemoryTracker().report("unseen", limits)
+    assert inspect.dbsize() == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    token_limit=st.none() | st.integers(1, 40),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 6),  # half-seconds to advance; the window is 10 s
+            st.sampled_from(["admit", "admit", "admit", "charge", "charge", "report"]),
+            st.integers(0, 20),  # tokens to charge
+            st.sampled_from([0, 0, 0, 1]),  # which of the two limits: a key's limit changes now and then
+        ),
+        max_size=80,
+    ),
+)
+def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
+    redis_url: str, requests: tuple[int, int], token_limit: int | None, steps: list[tuple[int, str, int, int]]
+) -> None:
+    """Admissions (every field), reports (the whole dict): equal, step by step, also when the limit changes."""
+    limit_pair = [Limits(requests=count, tokens=token_limit, window_seconds=10) for count in requests]
+    key = uuid.uuid4().hex  # the server is shared by every example
+
+    async def run() -> None:
+        clock = Clock(0.0)
+        memory, shared = MemoryTracker(clock), RedisTracker(redis_url, clock)
+        try:
+            for half_seconds, action, tokens, which in steps:
+                clock.advance(half_seconds / 2)
+                limits = limit_pair[which]
+                if action == "admit":
+                    assert await shared.admit(key, limits) == await memory.admit(key, limits)
+                elif action == "charge":
+                    await shared.charge(key, limits, tokens)
+                    await memory.charge(key, limits, tokens)
+                else:
+                    assert await shared.report(key, limits) == await memory.report(key, limits)
+            assert await shared.report(key, limit_pair[0]) == await memory.report(key, limit_pair[0])
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+
+
+# --- atomic, shared, bounded ---------------------------------------------------------------
+
+
+async def test_200_concurrent_admits_against_a_limit_of_50_admit_exactly_50(
+    real_time_tracker: RedisTracker,
+) -> None:
+    limits = Limits(requests=50, tokens=None, window_seconds=3600)
+    answers = await asyncio.gather(*(real_time_tracker.admit(KEY, limits) for _ in range(200)))
+    assert sum(answer.admitted for answer in answers) == 50
+    assert (await real_time_tracker.report(KEY, limits))["requests"]["used"] == 50
+
+
+async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_url: str) -> None:
+    limits = Limits(requests=50, tokens=None, window_seconds=3600)
+    trackers = [RedisTracker(redis_url) for _ in range(4)]
+    try:
+        answers = await asyncio.gather(*(trackers[index % 4].admit(KEY, limits) for index in range(400)))
+        assert sum(answer.admitted for answer in answers) == 50
+        for tracker in trackers:
+            assert (await tracker.report(KEY, limits))["totals"]["requests"] == 50
+    finally:
+        await asyncio.gather(*(tracker.close() for tracker in trackers))
+
+
+async def test_redis_time_is_the_clock_when_none_is_injected(real_time_tracker: RedisTracker) -> None:
+    limits = Limits(requests=1, tokens=None, window_seconds=0.3)
+    assert (await real_time_tracker.admit(KEY, limits)).admitted
+    refused = await real_time_tracker.admit(KEY, limits)
+    assert not refused.admitted and 0 < refused.retry_after_seconds <= 0.3
+    await asyncio.sleep(refused.retry_after_seconds + 0.01)
+    assert (await real_time_tracker.admit(KEY, limits)).admitted
+
+
+async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the_totals(
+    real_time_tracker: RedisTracker, inspect: redis.Redis
+) -> None:
+    limits = Limits(requests=5, tokens=100, window_seconds=0.3)
+    await real_time_tracker.admit(KEY, limits)
+    await real_time_tracker.charge(KEY, limits, 42)
+    admissions, charges, charged, totals = window_keys(KEY)
+    assert sorted(inspect.keys("*")) == sorted(window_keys(KEY))
+    assert all(name.startswith("llm-gateway:{" + KEY + "}:") for name in window_keys(KEY))
+    for name in (admissions, charges, charged):
+        assert 0 < inspect.pttl(name) <= 300
+    assert inspect.pttl(totals) == -1  # totals since the key was first seen
+    assert int(inspect.get(charged)) == 42
+    await asyncio.sleep(0.4)
+    assert inspect.keys("*") == [totals]
+    assert (await real_time_tracker.report(KEY, limits))["totals"] == {"requests": 1, "tokens": 42}
+
+
+async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
+    tracker: RedisTracker, inspect: redis.Redis
+) -> None:
+    limits = Limits(requests=10, tokens=100, window_seconds=60)
+    await tracker.charge(KEY, limits, 70)
+    await tracker.charge(KEY, limits, 40)
+    inspect.delete(window_keys(KEY)[2])  # as maxmemory eviction could
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted and refused.remaining_tokens == 0
+    assert (await tracker.report(KEY, limits))["tokens"]["used"] == 110
+
+
+# --- Redis lost and back, at the tracker ---------------------------------------------------
+
+
+async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_returns(
+    redis_server: RedisServer,
+) -> None:
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=2, tokens=None, window_seconds=3600)
+    try:
+        assert (await tracker.admit(KEY, limits)).admitted
+        redis_server.kill()
+        # The first call may find its pooled connection closed before it sees the refusal.
+        calls = (lambda: tracker.admit(KEY, limits), lambda: tracker.charge(KEY, limits, 5), lambda: tracker.report(KEY, limits))
+        for index, call in enumerate(calls):
+            started = time.monotonic()
+            with pytest.raises(TrackerUnavailable) as lost:
+                await call()
+            assert time.monotonic() - started < 1.5
+            assert str(lost.value) in ("Redis: Connection refused", "Redis: Connection closed by server.")[: 1 + (index == 0)]
+        redis_server.start()  # empty, and without the scripts: NOSCRIPT, then loaded again
+        assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [True, True, False]
+    finally:
+        await tracker.close()
+
+
+def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
+    check(redis_server.url)  # reachable: loads the scripts
+    redis_server.kill()
+    with pytest.raises(TrackerUnavailable, match=r"^cannot connect \(Connection refused\)$"):
+        check(redis_server.url)
+
+
+def test_a_password_in_the_url_is_masked() -> None:
+    assert masked("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert masked("redis://app:s3cret@cache:6379") == "redis://app:***@cache:6379"
+    assert masked("redis://cache:6379") == "redis://cache:6379"
+
+
+# --- the gateway as processes sharing one Redis --------------------------------------------
+
+
+def connector() -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(limit=0)  # every request at once, not 100 at a time
+
+
+async def chat(session: aiohttp.ClientSession, url: str, key: str = OPENAI_VK) -> int:
+    async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=auth(key)) as response:
+        await response.read()
+        return response.status
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, path: str, key: str | None = None) -> Any:
+    async with session.get(f"{url}{path}", headers=auth(key) if key else {}) as response:
+        return await response.json()
+
+
+async def redis_decisions(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return {
+        match[1]: float(match[2])
+        for match in re.finditer(r'^llm_gateway_redis_errors_total\{decision="(\w+)"\} (\S+)$', text, re.M)
+    }
+
+
+async def test_two_gateway_processes_sharing_redis_admit_exactly_the_limit(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    gateways = [
+        start_gateway(processes, process_keys, tmp_path / f"log{index}.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100")[1]
+        for index in range(2)
+    ]
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(*(chat(session, gateways[index % 2]) for index in range(400)))
+        assert statuses.count(200) == 100 and statuses.count(429) == 300
+        for url in gateways:
+            usage = await get_json(session, url, "/usage", OPENAI_VK)
+            assert usage["requests"]["used"] == 100 and usage["totals"]["requests"] == 100
+
+
+def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path) -> None:
+    from tests.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}"
+    result = refused({"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": url})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"llm-gateway: REDIS_URL {url}: cannot connect (Connection refused)"
+
+
+class Load:
+    """Requests on a second key, all the time, through a Redis loss and return."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.statuses: list[int] = []
+        self._session, self._url = session, url
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            async with self._session.post(
+                f"{self._url}/v1/messages",
+                json={"model": "claude-3-5-haiku-latest", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                headers=auth(ANTHROPIC_VK),
+            ) as response:
+                await response.read()
+                self.statuses.append(response.status)
+
+    def start(self, concurrency: int = 8) -> None:
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(concurrency)]
+
+    async def stop(self) -> list[int]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.statuses
+
+
+async def lose_and_restore_redis(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path, policy: str,
+    while_lost: Callable[[aiohttp.ClientSession, str, list[int]], Any],
+) -> list[int]:
+    """Burst of 30 against a limit of 20 with Redis up, lost, and back; the load runs throughout."""
+    _, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl",
+        REDIS_URL=redis_server.url, QUOTA_LIMIT="20", QUOTA_ON_REDIS_ERROR=policy,
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        load = Load(session, url)
+        load.start()
+        try:
+            up = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            assert sorted(up) == [200] * 20 + [429] * 10
+            redis_server.kill()
+            lost = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            health = await get_json(session, url, "/health")
+            assert health["status"] == "degraded"
+            assert health["tracker"]["backend"] == "redis" and health["tracker"]["healthy"] is False
+            assert health["tracker"]["last_error"].startswith("Redis: ")
+            await while_lost(session, url, lost)
+            redis_server.start()  # empty: the window starts again, enforced from the first request
+            back = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            assert sorted(back) == [200] * 20 + [429] * 10
+            assert (await get_json(session, url, "/health"))["tracker"]["healthy"] is True
+            assert (await get_json(session, url, "/usage", OPENAI_VK))["requests"]["used"] == 20
+        finally:
+            statuses = await load.stop()
+    return statuses
+
+
+async def test_with_allow_requests_flow_while_redis_is_lost_and_quotas_hold_again_after(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async def while_lost(session: aiohttp.ClientSession, url: str, lost: list[int]) -> None:
+        assert lost == [200] * 30  # let through, uncounted
+        decisions = await redis_decisions(session, url)
+        assert decisions.get("allow", 0) >= 30 and decisions.get("deny", 0) == 0
+
+    load = await lose_and_restore_redis(processes, process_keys, redis_server, tmp_path, "allow", while_lost)
+    assert load and set(load) <= {200, 429}
+
+
+async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async def while_lost(session: aiohttp.ClientSession, url: str, lost: list[int]) -> None:
+        assert lost == [503] * 30
+        async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)) as response:
+            assert response.status == 503
+            assert_openai_error(await response.json(), "quota_unavailable")
+        decisions = await redis_decisions(session, url)
+        assert decisions.get("deny", 0) >= 31 and decisions.get("allow", 0) == 0
+
+    load = await lose_and_restore_redis(processes, process_keys, redis_server, tmp_path, "deny", while_lost)
+    assert load and set(load) <= {200, 429, 503} and 503 in load
