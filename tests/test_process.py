@@ -45,9 +45,12 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[str]] = []
 
-    def start(self, command: list[str], env: dict[str, str] | None = None, ready: str = "") -> subprocess.Popen[str]:
+    def start(
+        self, command: list[str], env: dict[str, str] | None = None, ready: str = "", cwd: Path = ROOT
+    ) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+            command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+            start_new_session=True,  # its own process group: stop() also reaches its children
         )
         self.started.append(process)
         if ready:
@@ -64,8 +67,10 @@ class Processes:
 
     def stop(self) -> None:
         for process in self.started:
-            if process.poll() is None:
-                process.kill()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the group is gone already
             process.wait(timeout=10)
 
 
