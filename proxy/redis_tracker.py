@@ -22,7 +22,9 @@ e.g. after Redis restarted).
 
 Failure: socket timeouts are short and nothing is retried (a retried script may already
 have counted), so a lost Redis fails within about a second; every Redis error becomes
-`TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR. The pool checks each
+`TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR (an admit that timed out
+may still run once Redis wakes: it then counts a request that was let through or refused,
+which errs toward the limit, never past it). The pool checks each
 connection before use and reconnects, so the tracker recovers by itself when Redis is back.
 Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes is allowed).
 """
@@ -33,12 +35,12 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.tracker import Admission, Limits, TrackerUnavailable
@@ -55,6 +57,8 @@ HEALTH_CHECK_SECONDS = 30
 # Lua numbers are doubles: clamp a charge where sums stay exact.
 MAX_CHARGE = 2**53
 REASON_CHARS = 200
+_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 _CONNECT_ERROR = re.compile(r"Error (-?\d+) connecting to \S+?\.? (.*?)\.?$")
 
 # KEYS: admissions, charges, charged, totals. ARGV[1]: now in µs (-1: Redis TIME),
@@ -75,7 +79,7 @@ end
 -- Counted admissions in the window; only the newest `requests` are kept, as the memory
 -- ring keeps them when a key's limit is lowered.
 local function window_requests()
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -requests - 1)
   return redis.call('ZCARD', KEYS[1])
 end
@@ -174,7 +178,9 @@ local totals = redis.call('HMGET', KEYS[4], 'requests', 'tokens')
 return {size, oldest_leaves(KEYS[1]), used, reset, tonumber(totals[1]) or 0, tonumber(totals[2]) or 0}
 """
 
-SCRIPTS = {name: _PRELUDE + body for name, body in (("admit", _ADMIT), ("charge", _CHARGE), ("report", _REPORT))}
+SCRIPTS = {
+    name: _PRELUDE + body for name, body in (("admit", _ADMIT), ("charge", _CHARGE), ("report", _REPORT))
+}
 
 
 class RedisTracker:
@@ -255,7 +261,7 @@ class RedisTracker:
         """Close the pool; the state stays in Redis."""
         await self._client.aclose()
 
-    async def _run(self, script: Any, key_id: str, limits: Limits, *extra: int) -> Sequence[int]:
+    async def _run(self, script: AsyncScript, key_id: str, limits: Limits, *extra: int) -> Sequence[int]:
         now_us = -1 if self._clock is None else round(self._clock() * 1e6)
         token_limit = -1 if limits.tokens is None else limits.tokens
         args = [now_us, round(limits.window_seconds * 1e6), limits.requests, token_limit, *extra]
@@ -290,12 +296,8 @@ def reason(error: Exception) -> str:
 
 
 def masked(url: str) -> str:
-    """The URL with its password replaced by ***, fit for an error line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    """The URL with its password (user info or ?password=) replaced by ***, fit for an error line."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_USERINFO.sub(r"\1***@", url))
 
 
 def check(url: str) -> None:
@@ -304,13 +306,14 @@ def check(url: str) -> None:
         url, socket_timeout=2 * TIMEOUT_SECONDS, socket_connect_timeout=2 * TIMEOUT_SECONDS, protocol=2
     )
     try:
-        client.ping()
-    except (RedisError, OSError) as error:
-        raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
-    try:
-        for source in SCRIPTS.values():
-            client.script_load(source)
-    except (RedisError, OSError) as error:
-        raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
+        try:
+            client.ping()
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
+        try:
+            for source in SCRIPTS.values():
+                client.script_load(source)
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
     finally:
         client.close()

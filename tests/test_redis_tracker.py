@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from proxy.redis_tracker import RedisTracker, check, masked, window_keys
 from proxy.tracker import Limits, MemoryTracker, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
-from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.redis_server import RedisServer, free_port, redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.test_process import (  # noqa: F401 (fixtures)
     CHAT,
     Processes,
@@ -56,9 +57,11 @@ async def real_time_tracker(redis_url: str) -> AsyncIterator[RedisTracker]:
 
 
 @pytest.fixture
-def inspect(redis_url: str) -> redis.Redis:
+def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
     """A plain client, to look at what the tracker left in Redis."""
-    return redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
 
 
 # --- the memory tracker's semantics --------------------------------------------------------
@@ -138,7 +141,36 @@ async def test_the_token_limit_admits_while_under_and_lets_the_last_request_over
     assert (await tracker.admit(KEY, limits)).admitted
 
 
-async def test_report_gives_the_window_limits_remaining_and_totals(tracker: RedisTracker, clock: Clock) -> None:
+async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=10, tokens=100, window_seconds=60)
+    await tracker.charge(KEY, limits, 30)  # t = 0
+    clock.advance(10)
+    await tracker.charge(KEY, limits, 100)  # t = 10: without the 30, exactly the limit: still full
+    clock.advance(5)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
+
+
+async def test_a_changed_limit_keeps_the_newest_admissions(tracker: RedisTracker, clock: Clock) -> None:
+    five = Limits(requests=5, tokens=None, window_seconds=10)
+    for _ in range(4):
+        await tracker.admit(KEY, five)
+        clock.advance(1)  # admissions at t = 0, 1, 2, 3
+    two = Limits(requests=2, tokens=None, window_seconds=10)
+    refused = await tracker.admit(KEY, two)  # t = 4
+    assert not refused.admitted and refused.remaining_requests == 0
+    assert refused.retry_after_seconds == 8.0  # the newest two are t = 2 and 3; t = 2 leaves at 12
+    twenty = Limits(requests=20, tokens=None, window_seconds=10)
+    assert sum([(await tracker.admit(KEY, twenty)).admitted for _ in range(20)]) == 18
+    clock.advance(8)  # t = 12: shrunk to two again, the newest two are from t = 4
+    assert (await tracker.admit(KEY, two)).retry_after_seconds == 2.0
+
+
+async def test_report_gives_the_window_limits_remaining_and_totals(
+    tracker: RedisTracker, clock: Clock
+) -> None:
     limits = Limits(requests=5, tokens=1000, window_seconds=100)
     await tracker.admit(KEY, limits)
     await tracker.charge(KEY, limits, 300)
@@ -160,11 +192,11 @@ async def test_report_gives_the_window_limits_remaining_and_totals(tracker: Redi
 
 
 async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
-    tracker: RedisTracker, inspect: redis.Redis
+    tracker: RedisTracker, raw_redis: redis.Redis
 ) -> None:
     limits = Limits(requests=5, tokens=None, window_seconds=100)
     assert await tracker.report("unseen", limits) == await MemoryTracker().report("unseen", limits)
-    assert inspect.dbsize() == 0
+    assert raw_redis.dbsize() == 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -243,30 +275,30 @@ async def test_redis_time_is_the_clock_when_none_is_injected(real_time_tracker: 
 
 
 async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the_totals(
-    real_time_tracker: RedisTracker, inspect: redis.Redis
+    real_time_tracker: RedisTracker, raw_redis: redis.Redis
 ) -> None:
     limits = Limits(requests=5, tokens=100, window_seconds=0.3)
     await real_time_tracker.admit(KEY, limits)
     await real_time_tracker.charge(KEY, limits, 42)
     admissions, charges, charged, totals = window_keys(KEY)
-    assert sorted(inspect.keys("*")) == sorted(window_keys(KEY))
+    assert sorted(raw_redis.keys("*")) == sorted(window_keys(KEY))
     assert all(name.startswith("llm-gateway:{" + KEY + "}:") for name in window_keys(KEY))
     for name in (admissions, charges, charged):
-        assert 0 < inspect.pttl(name) <= 300
-    assert inspect.pttl(totals) == -1  # totals since the key was first seen
-    assert int(inspect.get(charged)) == 42
+        assert 0 < raw_redis.pttl(name) <= 300
+    assert raw_redis.pttl(totals) == -1  # totals since the key was first seen
+    assert int(raw_redis.get(charged)) == 42
     await asyncio.sleep(0.4)
-    assert inspect.keys("*") == [totals]
+    assert raw_redis.keys("*") == [totals]
     assert (await real_time_tracker.report(KEY, limits))["totals"] == {"requests": 1, "tokens": 42}
 
 
 async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
-    tracker: RedisTracker, inspect: redis.Redis
+    tracker: RedisTracker, raw_redis: redis.Redis
 ) -> None:
     limits = Limits(requests=10, tokens=100, window_seconds=60)
     await tracker.charge(KEY, limits, 70)
     await tracker.charge(KEY, limits, 40)
-    inspect.delete(window_keys(KEY)[2])  # as maxmemory eviction could
+    raw_redis.delete(window_keys(KEY)[2])  # as maxmemory eviction could
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted and refused.remaining_tokens == 0
     assert (await tracker.report(KEY, limits))["tokens"]["used"] == 110
@@ -284,15 +316,43 @@ async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_return
         assert (await tracker.admit(KEY, limits)).admitted
         redis_server.kill()
         # The first call may find its pooled connection closed before it sees the refusal.
-        calls = (lambda: tracker.admit(KEY, limits), lambda: tracker.charge(KEY, limits, 5), lambda: tracker.report(KEY, limits))
+        calls = (
+            lambda: tracker.admit(KEY, limits),
+            lambda: tracker.charge(KEY, limits, 5),
+            lambda: tracker.report(KEY, limits),
+        )
         for index, call in enumerate(calls):
             started = time.monotonic()
             with pytest.raises(TrackerUnavailable) as lost:
                 await call()
             assert time.monotonic() - started < 1.5
-            assert str(lost.value) in ("Redis: Connection refused", "Redis: Connection closed by server.")[: 1 + (index == 0)]
+            assert (
+                str(lost.value)
+                in ("Redis: Connection refused", "Redis: Connection closed by server.")[: 1 + (index == 0)]
+            )
         redis_server.start()  # empty, and without the scripts: NOSCRIPT, then loaded again
         assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [True, True, False]
+    finally:
+        await tracker.close()
+
+
+async def test_a_hung_redis_fails_within_the_socket_timeout_and_is_used_again_after(
+    redis_server: RedisServer,
+) -> None:
+    assert redis_server.process is not None
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=100, tokens=None, window_seconds=3600)
+    try:
+        assert (await tracker.admit(KEY, limits)).admitted
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TrackerUnavailable, match="Redis: Timeout"):
+                await tracker.admit(KEY, limits)
+            assert time.monotonic() - started < 2.0
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert (await tracker.admit(KEY, limits)).admitted
     finally:
         await tracker.close()
 
@@ -308,6 +368,7 @@ def test_a_password_in_the_url_is_masked() -> None:
     assert masked("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
     assert masked("redis://app:s3cret@cache:6379") == "redis://app:***@cache:6379"
     assert masked("redis://cache:6379") == "redis://cache:6379"
+    assert masked("unix:///run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock?db=1&password=***"
 
 
 # --- the gateway as processes sharing one Redis --------------------------------------------
@@ -341,7 +402,9 @@ async def test_two_gateway_processes_sharing_redis_admit_exactly_the_limit(
     processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
 ) -> None:
     gateways = [
-        start_gateway(processes, process_keys, tmp_path / f"log{index}.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100")[1]
+        start_gateway(
+            processes, process_keys, tmp_path / f"log{index}.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100"
+        )[1]
         for index in range(2)
     ]
     async with aiohttp.ClientSession(connector=connector()) as session:
@@ -352,13 +415,25 @@ async def test_two_gateway_processes_sharing_redis_admit_exactly_the_limit(
             assert usage["requests"]["used"] == 100 and usage["totals"]["requests"] == 100
 
 
-def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path) -> None:
-    from tests.redis_server import free_port
+async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    _, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100", WORKERS="2"
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(*(chat(session, url) for _ in range(400)))
+        assert statuses.count(200) == 100 and statuses.count(429) == 300
+        assert (await get_json(session, url, "/usage", OPENAI_VK))["totals"]["requests"] == 100
 
-    url = f"redis://127.0.0.1:{free_port()}"
-    result = refused({"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": url})
+
+@pytest.mark.parametrize("password", ["", ":hunter2-secret@"])
+def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path, password: str) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = refused({"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": f"redis://{password}{address}"})
     assert result.returncode == 2
-    assert result.stderr.strip() == f"llm-gateway: REDIS_URL {url}: cannot connect (Connection refused)"
+    shown = f"redis://{':***@' if password else ''}{address}"
+    assert result.stderr.strip() == f"llm-gateway: REDIS_URL {shown}: cannot connect (Connection refused)"
 
 
 class Load:
@@ -374,7 +449,11 @@ class Load:
         while not self._stop.is_set():
             async with self._session.post(
                 f"{self._url}/v1/messages",
-                json={"model": "claude-3-5-haiku-latest", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                json={
+                    "model": "claude-3-5-haiku-latest",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
                 headers=auth(ANTHROPIC_VK),
             ) as response:
                 await response.read()
@@ -390,13 +469,21 @@ class Load:
 
 
 async def lose_and_restore_redis(
-    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path, policy: str,
+    processes: Processes,
+    process_keys: Path,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    policy: str,
     while_lost: Callable[[aiohttp.ClientSession, str, list[int]], Any],
 ) -> list[int]:
     """Burst of 30 against a limit of 20 with Redis up, lost, and back; the load runs throughout."""
     _, url = start_gateway(
-        processes, process_keys, tmp_path / "log.jsonl",
-        REDIS_URL=redis_server.url, QUOTA_LIMIT="20", QUOTA_ON_REDIS_ERROR=policy,
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        REDIS_URL=redis_server.url,
+        QUOTA_LIMIT="20",
+        QUOTA_ON_REDIS_ERROR=policy,
     )
     async with aiohttp.ClientSession(connector=connector()) as session:
         load = Load(session, url)

@@ -1,0 +1,117 @@
+"""The latency Redis adds to admission: RedisTracker.admit against MemoryTracker.admit, at concurrency 1.
+
+Run from the repository root: `.venv/bin/python bench/redis_admit.py [--url redis://…]`.
+Without --url it starts its own `redis-server` (no persistence, loopback, a free port) and
+stops it at the end; on a machine with two cores or more, Redis runs on core 1 and this
+script on core 0, as a gateway and a local Redis would share a host. Each admit is timed
+through `await`, one at a time, on the same event loop the gateway uses (uvloop when
+installed). The memory and Redis runs alternate; each run's figure is the median per
+admit, and the reported figure is the median over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.redis_tracker import RedisTracker  # noqa: E402
+from proxy.server import new_event_loop  # noqa: E402
+from proxy.tracker import Limits, MemoryTracker, Tracker  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+TARGET_MS = 0.3
+BENCH_CORE, REDIS_CORE = 0, 1
+
+
+async def time_admits(tracker: Tracker, limits: Limits, calls: int) -> list[float]:
+    """Microseconds of each of `calls` admits, one at a time, on a fresh key (after a warm-up)."""
+    key_id = uuid.uuid4().hex[:24]
+    for _ in range(100):  # connections open, scripts loaded, code paths warm
+        await tracker.admit("warm-up", limits)
+    timings = []
+    for _ in range(calls):
+        started = time.perf_counter_ns()
+        answer = await tracker.admit(key_id, limits)
+        timings.append((time.perf_counter_ns() - started) / 1000)
+        assert answer.admitted
+    return timings
+
+
+def run(make: Callable[[], Tracker], limits: Limits, calls: int) -> list[float]:
+    async def measure() -> list[float]:
+        tracker = make()
+        try:
+            return await time_admits(tracker, limits, calls)
+        finally:
+            await tracker.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(measure())
+
+
+def compare(url: str, limits: Limits, calls: int, runs: int) -> tuple[float, float, float]:
+    """(memory µs, Redis µs, Redis p99 µs): medians over alternating runs."""
+    memory, shared, tails = [], [], []
+    for _ in range(runs):
+        memory.append(statistics.median(run(MemoryTracker, limits, calls)))
+        timings = run(lambda: RedisTracker(url), limits, calls)
+        shared.append(statistics.median(timings))
+        tails.append(statistics.quantiles(timings, n=100)[98])
+    return statistics.median(memory), statistics.median(shared), statistics.median(tails)
+
+
+def pin(pid: int, core: int) -> None:
+    if (os.cpu_count() or 1) > core:
+        os.sched_setaffinity(pid, {core})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="an existing Redis (default: start a redis-server)")
+    parser.add_argument("--calls", type=int, default=5000, help="admits per run")
+    parser.add_argument("--runs", type=int, default=7, help="runs per backend")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as directory:
+        server = None if args.url else RedisServer(Path(directory))
+        try:
+            if server is not None:
+                server.start()
+                assert server.process is not None
+                pin(server.process.pid, REDIS_CORE)
+                pin(0, BENCH_CORE)
+            url = args.url or server.url  # type: ignore[union-attr]
+            cases = {
+                "requests only": Limits(requests=10**9, tokens=None, window_seconds=3600),
+                "requests + tokens": Limits(requests=10**9, tokens=10**12, window_seconds=3600),
+            }
+            added = []
+            for label, limits in cases.items():
+                memory_us, redis_us, p99_us = compare(url, limits, args.calls, args.runs)
+                added.append((redis_us - memory_us) / 1000)
+                print(
+                    f"{label + ':':19} memory {memory_us:6.1f} us, redis {redis_us:6.1f} us "
+                    f"(p99 {p99_us:.1f} us), median of {args.runs} runs x {args.calls} admits"
+                )
+        finally:
+            if server is not None:
+                server.kill()
+    worst = max(added)
+    verdict = "ok" if worst <= TARGET_MS else "OVER"
+    print(f"redis admit: +{worst:.3f} ms over memory (target <= {TARGET_MS} ms) {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
