@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -192,7 +192,7 @@ class Settings:
     log_file_path: str = "interactions.jsonl"
     log_bodies: bool = False
     shutdown_grace_seconds: float = 30.0
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
     quota_on_redis_error: str = "allow"
     workers: int = 1
 

@@ -71,7 +71,7 @@ class Processes:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # the group is gone already
-            process.wait(timeout=10)
+            process.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 @pytest.fixture
