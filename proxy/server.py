@@ -4,7 +4,8 @@ With several workers, each is a forked copy with its own event loop and its own 
 the same port (SO_REUSEPORT: the kernel spreads connections). The parent only supervises:
 it forwards SIGTERM/SIGINT once to every worker, waits while they drain, and exits with
 the first failure's code. Workers run in their own process group, so a Ctrl-C in a
-terminal reaches them once, through the parent, and not twice. Their metrics meet in one
+terminal reaches them once, through the parent, and not twice; a worker whose parent
+died drains and exits by itself. Their metrics meet in one
 directory (prometheus-client's multiprocess mode), so `/metrics` on any worker reports
 the sum; quotas meet in Redis (settings refuse several workers without it).
 """
@@ -127,6 +128,7 @@ def supervise(settings: Settings, key_ring: KeyRing) -> int:
 
 def _work(settings: Settings, key_ring: KeyRing, metrics_dir: str) -> None:
     os.setpgrp()  # signals come through the parent, once
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -134,6 +136,13 @@ def _work(settings: Settings, key_ring: KeyRing, metrics_dir: str) -> None:
     except CannotListen as error:
         print(f"llm-gateway: {error}", flush=True, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose parent died (even by SIGKILL) drains and exits instead of lingering."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _empty(directory: str) -> None:
