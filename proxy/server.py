@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import sys
 import time
 from types import FrameType

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -62,3 +63,22 @@ async def test_two_workers_share_the_port_sum_their_metrics_and_drain_together(
 def test_several_workers_without_redis_are_refused_at_start(process_keys: Path) -> None:  # noqa: F811
     result = refused({"KEYS_FILE_PATH": str(process_keys), "WORKERS": "2"})
     assert result.returncode == 2 and "REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_workers_whose_parent_is_killed_exit_by_themselves(
+    processes: Processes, process_keys: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    process, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl", WORKERS="2", QUOTA_ENABLED="false")
+    assert process.stdout is not None
+    lines = [process.stdout.readline()]  # the other worker's line; the first was read by start_gateway
+    pids = [int(line.rsplit("worker ", 1)[1].rstrip(")\n")) for line in lines]
+    process.kill()  # SIGKILL: the parent cannot forward anything
+    for _ in range(100):
+        try:
+            for pid in pids:
+                os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"workers {pids} outlived their parent")
