@@ -71,7 +71,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         return errors.render(error, request.path, record.request_id)
     except asyncio.CancelledError:
         # aiohttp cancels the handler when the client disconnects (handler_cancellation).
-        record.status, record.error = CLIENT_CLOSED, "client closed the connection"
+        _client_left(record)
         raise
     except Exception:
         # A bug, not an input: one log line with the traceback, a 500 in the dialect.
@@ -217,34 +217,50 @@ async def stream_back(
     tap = UsageTap(reply.headers.get("content-type"), reply.headers.get("content-encoding"), settings.log_bodies)
     await response.prepare(request)
     # After prepare() the status is sent: a failure can only end the stream, and the record says why.
-    loop = asyncio.get_running_loop()
-    idle = settings.stream_idle_timeout
-    read = reply.content.readany
     try:
-        async with asyncio.timeout_at(loop.time() + idle) as deadline:
-            chunk = await read()
-            record.mark_first_byte()
-            while chunk:
-                await response.write(chunk)
-                tap.feed(chunk)
-                deadline.reschedule(loop.time() + idle)
-                chunk = await read()
-        await response.write_eof()
+        await relay_body(reply, response, tap, record, settings.stream_idle_timeout)
     except TimeoutError:
-        _cut(request, record, f"the provider sent nothing for {idle:g} seconds", upstream=True)
+        _cut(request, record, f"the provider sent nothing for {settings.stream_idle_timeout:g} seconds")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-        _cut(request, record, f"the provider broke the stream ({error.__class__.__name__})", upstream=True)
-    except ConnectionResetError:
-        record.status, record.error = CLIENT_CLOSED, "client closed the connection"
-    if reply.status < 400 and record.status != CLIENT_CLOSED:
-        record.usage = tap.usage(body)
-    record.response_text = tap.text
+        _cut(request, record, f"the provider broke the stream ({error.__class__.__name__})")
+    finally:
+        # Also for a client that left: what it received was produced, and is charged.
+        if reply.status < 400:
+            record.usage = tap.usage(body)
+        record.response_text = tap.text
     return response
 
 
-def _cut(request: web.Request, record: Record, why: str, upstream: bool) -> None:
-    """End a stream whose headers were sent: close the connection, so the client sees it cut."""
-    record.error, record.upstream_failed = why, upstream
+async def relay_body(
+    reply: aiohttp.ClientResponse, response: web.StreamResponse, tap: UsageTap, record: Record, idle: float
+) -> None:
+    """Each chunk to the client first, then to the usage tap. Raises TimeoutError past `idle`."""
+    loop = asyncio.get_running_loop()
+    read = reply.content.readany
+    async with asyncio.timeout_at(loop.time() + idle) as deadline:
+        chunk = await read()
+        record.mark_first_byte()
+        while chunk:
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:  # the client left: not the provider's failure
+                return _client_left(record)
+            tap.feed(chunk)
+            deadline.reschedule(loop.time() + idle)
+            chunk = await read()
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        _client_left(record)
+
+
+def _client_left(record: Record) -> None:
+    record.status, record.error = CLIENT_CLOSED, "client closed the connection"
+
+
+def _cut(request: web.Request, record: Record, why: str) -> None:
+    """End a stream the provider failed: close the connection, so the client sees it cut."""
+    record.error, record.upstream_failed = why, True
     if request.transport is not None:
         request.transport.close()
 
