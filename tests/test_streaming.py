@@ -78,6 +78,9 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_sec
     assert fake.disconnects[0] - left < 1.0
     (line,) = await records(1)
     assert line["status"] == 499 and line["stream"] is True
+    assert line["usage"]["completion_tokens"] > 0  # what it received was produced: charged
+    health = await (await gateway.get("/health")).json()
+    assert health["providers"]["openai"]["last_error"] is None  # leaving is not the provider's fault
 
 
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
