@@ -1,6 +1,6 @@
 """A streamed chat completion through the gateway: tokens print as the provider sends them.
 
-    GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/openai_stream.py
+GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/openai_stream.py
 """
 
 import os

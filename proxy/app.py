@@ -90,7 +90,9 @@ def build_app(
         handler_args={"auto_decompress": False, "max_field_size": 65536},
     )
     metrics = Metrics(metrics_dir)
-    health = Health(key_ring.key_counts(), tracker_backend="redis" if settings.redis_url else "memory")
+    health = Health(
+        key_ring.key_counts(), tracker_backend="redis" if settings.redis_url else "memory"
+    )
     app[SETTINGS] = settings
     app[KEY_RING] = key_ring
     app[METRICS] = metrics

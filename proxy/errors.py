@@ -72,11 +72,22 @@ def is_anthropic_path(path: str) -> bool:
 def body(error: GatewayError, path: str) -> bytes:
     """The JSON error body in the endpoint's dialect."""
     if is_anthropic_path(path):
-        kind = _ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        kind = _ANTHROPIC_TYPES.get(
+            error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+        )
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
-    kind = _OPENAI_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    kind = _OPENAI_TYPES.get(
+        error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+    )
     return orjson.dumps(
-        {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+        {
+            "error": {
+                "message": error.message,
+                "type": kind,
+                "param": error.param,
+                "code": error.code,
+            }
+        }
     )
 
 

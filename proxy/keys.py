@@ -201,9 +201,7 @@ def _key(
             f"{where}: provider {entry.get('provider')!r} is unknown (known: {known})"
         )
     if not provider.base_url.host:
-        raise KeysFileError(
-            f"{where}: provider '{provider.name}' needs a base_url in 'providers'"
-        )
+        raise KeysFileError(f"{where}: provider '{provider.name}' needs a base_url in 'providers'")
     return VirtualKey(
         secret=secret,
         name=name,

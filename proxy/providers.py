@@ -40,7 +40,6 @@ HOP_BY_HOP = frozenset(
 _NOT_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {"host", "content-length"}
 
 
-
 @dataclass(frozen=True, slots=True)
 class Provider:
     """Where requests go and how the real key is sent."""

@@ -63,7 +63,9 @@ class Quota:
             self._lost(decision, str(error))
             if self._deny_when_lost:
                 raise GatewayError(
-                    503, "quota_unavailable", "The gateway cannot check quotas right now; retry shortly."
+                    503,
+                    "quota_unavailable",
+                    "The gateway cannot check quotas right now; retry shortly.",
                 ) from None
             return None
         self._back()
@@ -120,7 +122,9 @@ class Quota:
             try:
                 document.update(await self.tracker.report(key.id, key.limits))
             except TrackerUnavailable:
-                error = GatewayError(503, "quota_unavailable", "Usage cannot be read right now; retry shortly.")
+                error = GatewayError(
+                    503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
+                )
                 return errors.render(error, request.path, "")
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 

@@ -179,7 +179,8 @@ return {size, oldest_leaves(KEYS[1]), used, reset, tonumber(totals[1]) or 0, ton
 """
 
 SCRIPTS = {
-    name: _PRELUDE + body for name, body in (("admit", _ADMIT), ("charge", _CHARGE), ("report", _REPORT))
+    name: _PRELUDE + body
+    for name, body in (("admit", _ADMIT), ("charge", _CHARGE), ("report", _REPORT))
 }
 
 
@@ -261,7 +262,9 @@ class RedisTracker:
         """Close the pool; the state stays in Redis."""
         await self._client.aclose()
 
-    async def _run(self, script: AsyncScript, key_id: str, limits: Limits, *extra: int) -> Sequence[int]:
+    async def _run(
+        self, script: AsyncScript, key_id: str, limits: Limits, *extra: int
+    ) -> Sequence[int]:
         now_us = -1 if self._clock is None else round(self._clock() * 1e6)
         token_limit = -1 if limits.tokens is None else limits.tokens
         args = [now_us, round(limits.window_seconds * 1e6), limits.requests, token_limit, *extra]
@@ -303,7 +306,10 @@ def masked(url: str) -> str:
 def check(url: str) -> None:
     """Connect, PING and load the scripts, as at start. Raises TrackerUnavailable saying what failed."""
     client = redis.Redis.from_url(
-        url, socket_timeout=2 * TIMEOUT_SECONDS, socket_connect_timeout=2 * TIMEOUT_SECONDS, protocol=2
+        url,
+        socket_timeout=2 * TIMEOUT_SECONDS,
+        socket_connect_timeout=2 * TIMEOUT_SECONDS,
+        protocol=2,
     )
     try:
         try:

@@ -95,7 +95,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
         raise _too_large(limit) from None
     except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
-        raise GatewayError(400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}.") from None
+        raise GatewayError(
+            400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}."
+        ) from None
 
 
 def readable(body: bytes, encoding: str, limit: int) -> bytes:
@@ -107,13 +109,19 @@ def readable(body: bytes, encoding: str, limit: int) -> bytes:
     if not body or encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise GatewayError(415, "unsupported_encoding", f"Content-Encoding '{encoding[:40]}' is not supported; send gzip, deflate or none.")
+        raise GatewayError(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding '{encoding[:40]}' is not supported; send gzip, deflate or none.",
+        )
     # wbits 47 reads gzip or zlib; a raw deflate stream needs -15.
     inflater = zlib.decompressobj(47 if encoding != "deflate" or body[:1] == b"\x78" else -15)
     try:
         inflated = inflater.decompress(body, limit + 1)
     except zlib.error:
-        raise GatewayError(400, "invalid_body", f"The request body is not valid {encoding}.") from None
+        raise GatewayError(
+            400, "invalid_body", f"The request body is not valid {encoding}."
+        ) from None
     if len(inflated) > limit or inflater.unconsumed_tail:
         raise _too_large(limit)
     if not inflater.eof:
@@ -123,7 +131,9 @@ def readable(body: bytes, encoding: str, limit: int) -> bytes:
 
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
-        413, "request_too_large", f"The request body is larger than the gateway's limit of {limit} bytes."
+        413,
+        "request_too_large",
+        f"The request body is larger than the gateway's limit of {limit} bytes.",
     )
 
 
@@ -134,13 +144,20 @@ def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limi
     body = readable(body, request.headers.get("content-encoding", ""), limit)
     if not body or not (declared_json or body.lstrip()[:1] == b"{"):
         if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
-            raise GatewayError(400, "missing_field", "The request body must be a JSON object with 'model' and 'messages'.", "model")
+            raise GatewayError(
+                400,
+                "missing_field",
+                "The request body must be a JSON object with 'model' and 'messages'.",
+                "model",
+            )
         return Peek()
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         if declared_json or tail in _NEEDS_MODEL_AND_MESSAGES:
-            raise GatewayError(400, "invalid_json", f"The request body is not valid JSON: {error}.") from None
+            raise GatewayError(
+                400, "invalid_json", f"The request body is not valid JSON: {error}."
+            ) from None
         return Peek()  # not declared JSON: an opaque body the provider will judge
     if not isinstance(document, dict):
         if tail in _NEEDS_MODEL_AND_MESSAGES:
@@ -152,11 +169,15 @@ def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limi
             raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
         messages = document.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise GatewayError(400, "missing_field", "'messages' must be a non-empty array.", "messages")
+            raise GatewayError(
+                400, "missing_field", "'messages' must be a non-empty array.", "messages"
+            )
     if not isinstance(model, str):
         model = None
     if model is not None and not key.allows(model):
-        raise GatewayError(403, "model_not_allowed", f"This key may not use the model '{model[:200]}'.", "model")
+        raise GatewayError(
+            403, "model_not_allowed", f"This key may not use the model '{model[:200]}'.", "model"
+        )
     return Peek(model=model, is_stream=document.get("stream") is True)
 
 
@@ -186,10 +207,18 @@ async def forward(
             )
     except TimeoutError:
         record.upstream_failed = True
-        raise GatewayError(504, "upstream_timeout", f"The provider sent no response within {settings.request_timeout:g} seconds.") from None
+        raise GatewayError(
+            504,
+            "upstream_timeout",
+            f"The provider sent no response within {settings.request_timeout:g} seconds.",
+        ) from None
     except aiohttp.ClientError as error:
         record.upstream_failed = True
-        raise GatewayError(502, "upstream_unreachable", f"The provider could not be reached ({error.__class__.__name__}).") from None
+        raise GatewayError(
+            502,
+            "upstream_unreachable",
+            f"The provider could not be reached ({error.__class__.__name__}).",
+        ) from None
     try:
         yield reply
     finally:
@@ -214,13 +243,21 @@ async def stream_back(
     headers["x-request-id"] = record.request_id
     response = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     record.status = reply.status
-    tap = UsageTap(reply.headers.get("content-type"), reply.headers.get("content-encoding"), settings.log_bodies)
+    tap = UsageTap(
+        reply.headers.get("content-type"),
+        reply.headers.get("content-encoding"),
+        settings.log_bodies,
+    )
     await response.prepare(request)
     # After prepare() the status is sent: a failure can only end the stream, and the record says why.
     try:
         await relay_body(reply, response, tap, record, settings.stream_idle_timeout)
     except TimeoutError:
-        _cut(request, record, f"the provider sent nothing for {settings.stream_idle_timeout:g} seconds")
+        _cut(
+            request,
+            record,
+            f"the provider sent nothing for {settings.stream_idle_timeout:g} seconds",
+        )
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         _cut(request, record, f"the provider broke the stream ({error.__class__.__name__})")
     finally:
@@ -232,7 +269,11 @@ async def stream_back(
 
 
 async def relay_body(
-    reply: aiohttp.ClientResponse, response: web.StreamResponse, tap: UsageTap, record: Record, idle: float
+    reply: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    tap: UsageTap,
+    record: Record,
+    idle: float,
 ) -> None:
     """Each chunk to the client first, then to the usage tap. Raises TimeoutError past `idle`."""
     loop = asyncio.get_running_loop()

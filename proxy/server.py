@@ -18,9 +18,9 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
-import sys
 import time
 from types import FrameType
 

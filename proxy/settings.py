@@ -115,59 +115,93 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KEYS_FILE_PATH", "keys.json", _text, "the virtual key file", "a file path"),
     Setting("QUOTA_ENABLED", "true", _boolean, "enforce quotas at all", "true or false"),
     Setting(
-        "QUOTA_LIMIT", "100", _positive_int,
-        "default requests per window per virtual key", "a positive integer",
+        "QUOTA_LIMIT",
+        "100",
+        _positive_int,
+        "default requests per window per virtual key",
+        "a positive integer",
     ),
     Setting(
-        "QUOTA_TOKENS", None, _positive_int,
-        "default tokens per window per virtual key (unset: no token limit)", "a positive integer",
+        "QUOTA_TOKENS",
+        None,
+        _positive_int,
+        "default tokens per window per virtual key (unset: no token limit)",
+        "a positive integer",
     ),
     Setting(
-        "QUOTA_WINDOW_SECONDS", "3600", _positive_seconds,
-        "default length of the sliding window, in seconds", "a positive number of seconds",
+        "QUOTA_WINDOW_SECONDS",
+        "3600",
+        _positive_seconds,
+        "default length of the sliding window, in seconds",
+        "a positive number of seconds",
     ),
     Setting(
-        "REQUEST_TIMEOUT", "600", _positive_seconds,
+        "REQUEST_TIMEOUT",
+        "600",
+        _positive_seconds,
         "seconds for the provider to connect and send its response headers",
         "a positive number of seconds",
     ),
     Setting(
-        "STREAM_IDLE_TIMEOUT", "300", _positive_seconds,
-        "seconds allowed between two chunks of a response body", "a positive number of seconds",
+        "STREAM_IDLE_TIMEOUT",
+        "300",
+        _positive_seconds,
+        "seconds allowed between two chunks of a response body",
+        "a positive number of seconds",
     ),
     Setting(
-        "MAX_BODY_BYTES", "10485760", _positive_int,
-        "larger request bodies get 413", "a positive integer",
+        "MAX_BODY_BYTES",
+        "10485760",
+        _positive_int,
+        "larger request bodies get 413",
+        "a positive integer",
     ),
     Setting(
-        "LOG_TO_FILE", "false", _boolean,
-        "write the interaction log to LOG_FILE_PATH (false: to stdout)", "true or false",
+        "LOG_TO_FILE",
+        "false",
+        _boolean,
+        "write the interaction log to LOG_FILE_PATH (false: to stdout)",
+        "true or false",
     ),
     Setting(
-        "LOG_FILE_PATH", "interactions.jsonl", _text,
-        "the interaction log file, when LOG_TO_FILE is true", "a file path",
+        "LOG_FILE_PATH",
+        "interactions.jsonl",
+        _text,
+        "the interaction log file, when LOG_TO_FILE is true",
+        "a file path",
     ),
     Setting(
-        "LOG_BODIES", "false", _boolean,
-        "also log request and response bodies (streams as the assembled text)", "true or false",
+        "LOG_BODIES",
+        "false",
+        _boolean,
+        "also log request and response bodies (streams as the assembled text)",
+        "true or false",
     ),
     Setting(
-        "SHUTDOWN_GRACE_SECONDS", "30", _non_negative_seconds,
+        "SHUTDOWN_GRACE_SECONDS",
+        "30",
+        _non_negative_seconds,
         "how long in-flight requests and streams may finish after SIGTERM",
         "a non-negative number of seconds",
     ),
     Setting(
-        "REDIS_URL", None, _redis_url,
+        "REDIS_URL",
+        None,
+        _redis_url,
         "share quota and usage state through this Redis (unset: in-process only)",
         "a redis:// URL",
     ),
     Setting(
-        "QUOTA_ON_REDIS_ERROR", "allow", _redis_error_policy,
+        "QUOTA_ON_REDIS_ERROR",
+        "allow",
+        _redis_error_policy,
         "when Redis is lost while serving: allow requests through, or deny them with 503",
         "allow or deny",
     ),
     Setting(
-        "WORKERS", "1", _non_negative_int,
+        "WORKERS",
+        "1",
+        _non_negative_int,
         "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
         "a non-negative integer",
     ),
@@ -214,9 +248,7 @@ class Settings:
             try:
                 values[setting.field] = setting.parse(raw)
             except ValueError:
-                raise SettingError(
-                    f"{source} must be {setting.expects}, got {raw!r}"
-                ) from None
+                raise SettingError(f"{source} must be {setting.expects}, got {raw!r}") from None
         settings = cls(**values)
         settings.check()
         return settings

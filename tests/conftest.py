@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import build_app
 from proxy.settings import Settings
 from tests.fake_provider import FAKE_STATE, FakeState, build_fake_provider
+from tests.processes import Processes
+
+# The real redis-server fixtures (redis_server, redis_url) live beside it.
+pytest_plugins = ["tests.redis_server"]
 
 # Every secret of the test keys file: no output of the gateway may ever contain one.
 OPENAI_VK = "vk_test_openai_4f7a9c2e1b"
@@ -30,8 +35,19 @@ CUSTOM_REAL = "custom-real-key-3333333333"
 AZURE_REAL = "azure-real-key-4444444444"
 ENV_REAL = "sk-real-from-env-6666666666"
 SECRETS = (
-    OPENAI_VK, ANTHROPIC_VK, LIMITED_VK, RESTRICTED_VK, CUSTOM_VK, AZURE_VK,
-    OPENAI_REAL, ANTHROPIC_REAL, LIMITED_REAL, RESTRICTED_REAL, CUSTOM_REAL, AZURE_REAL, ENV_REAL,
+    OPENAI_VK,
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    RESTRICTED_VK,
+    CUSTOM_VK,
+    AZURE_VK,
+    OPENAI_REAL,
+    ANTHROPIC_REAL,
+    LIMITED_REAL,
+    RESTRICTED_REAL,
+    CUSTOM_REAL,
+    AZURE_REAL,
+    ENV_REAL,
 )
 
 
@@ -46,7 +62,11 @@ def keys_document(base: str) -> dict[str, Any]:
         },
         "virtual_keys": {
             OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL},
-            ANTHROPIC_VK: {"provider": "anthropic", "api_key": ANTHROPIC_REAL, "name": "team-anthropic"},
+            ANTHROPIC_VK: {
+                "provider": "anthropic",
+                "api_key": ANTHROPIC_REAL,
+                "name": "team-anthropic",
+            },
             LIMITED_VK: {
                 "provider": "openai",
                 "api_key": LIMITED_REAL,
@@ -160,3 +180,33 @@ def assert_anthropic_error(body: dict[str, Any], kind: str) -> None:
     assert set(body["error"]) == {"type", "message"}, body
     assert body["error"]["type"] == kind, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# --- real processes (tests/processes.py) ---
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    running = Processes()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def fake_url(processes: Processes) -> str:
+    """The fake provider as a process of its own."""
+    process = processes.start(
+        [sys.executable, "-m", "tests.fake_provider", "--host", "127.0.0.1", "--port", "0"]
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    return line.strip().rsplit(" ", 1)[1]
+
+
+@pytest.fixture
+def process_keys(tmp_path: Path, fake_url: str) -> Path:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys_document(fake_url)))
+    return path

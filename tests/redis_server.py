@@ -67,7 +67,9 @@ class RedisServer:
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.directory / 'redis.log').read_text()}")
+                raise RuntimeError(
+                    f"redis-server exited: {(self.directory / 'redis.log').read_text()}"
+                )
             if self.answers():
                 return
             time.sleep(0.02)
@@ -98,7 +100,9 @@ def has_redis_server() -> bool:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A fresh, empty redis-server for one test; killed at its end, also on failure."""
     if not has_redis_server():
-        pytest.skip("redis-server is not installed (make test installs it: apt-get install -y redis-server)")
+        pytest.skip(
+            "redis-server is not installed (make test installs it: apt-get install -y redis-server)"
+        )
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     try:

@@ -89,7 +89,12 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 GOOD_CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}
 GOOD_MESSAGE = {"model": "claude-3-5-haiku-latest", "max_tokens": 9, "messages": MESSAGES}
 JSON_TYPES = ("application/json", "application/json; charset=utf-8", "application/vnd.api+json")
-OTHER_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None)
+OTHER_TYPES = (
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    None,
+)
 
 
 def is_anthropic(path: str) -> bool:
@@ -135,7 +140,9 @@ def judge(case: Bad, answer: Answer) -> list[str]:
     if not answer.headers.get("x-request-id"):
         problems.append("no x-request-id")
     if not answer.headers.get("content-type", "").startswith("application/json"):
-        problems.append(f"content-type {answer.headers.get('content-type')!r}: {answer.body[:120]!r}")
+        problems.append(
+            f"content-type {answer.headers.get('content-type')!r}: {answer.body[:120]!r}"
+        )
         return problems
     try:
         body = json.loads(answer.body)
@@ -147,10 +154,16 @@ def judge(case: Bad, answer: Answer) -> list[str]:
             if case.field and answer.status == 400:
                 assert f"'{case.field}'" in body["error"]["message"], body
         else:
-            code = body.get("error", {}).get("code") if isinstance(body.get("error"), dict) else None
-            assert code in case.codes or not case.codes, f"code {code!r}, expected one of {sorted(case.codes)}"
+            code = (
+                body.get("error", {}).get("code") if isinstance(body.get("error"), dict) else None
+            )
+            assert code in case.codes or not case.codes, (
+                f"code {code!r}, expected one of {sorted(case.codes)}"
+            )
             assert_openai_error(body, code)
-            assert CODE_STATUS.get(code) == answer.status, f"code {code} with status {answer.status}"
+            assert CODE_STATUS.get(code) == answer.status, (
+                f"code {code} with status {answer.status}"
+            )
             if case.field and code == "missing_field":
                 assert body["error"]["param"] == case.field, body
     except AssertionError as error:
@@ -170,7 +183,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client that adds no Content-Type of its own and uses one connection per request,
     so one case's broken connection cannot be blamed on the next."""
     connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("Content-Type",)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, skip_auto_headers=("Content-Type",)
+    ) as session:
         yield session
 
 
@@ -199,14 +214,20 @@ def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterable[None]:
     assert not errors, "\n".join(errors)
 
 
-async def send(http: aiohttp.ClientSession, gateway: TestClient, case: Bad, data: object = None) -> Answer:
+async def send(
+    http: aiohttp.ClientSession, gateway: TestClient, case: Bad, data: object = None
+) -> Answer:
     url = gateway.make_url(case.path)
     body = case.body if data is None else data
-    async with http.request(case.method, url, headers=CIMultiDict(case.headers), data=body or None) as response:
+    async with http.request(
+        case.method, url, headers=CIMultiDict(case.headers), data=body or None
+    ) as response:
         return Answer(response.status, CIMultiDict(response.headers), await response.read())
 
 
-async def refuse_all(http: aiohttp.ClientSession, gateway: TestClient, fake: FakeState, cases: Sequence[Bad]) -> None:
+async def refuse_all(
+    http: aiohttp.ClientSession, gateway: TestClient, fake: FakeState, cases: Sequence[Bad]
+) -> None:
     """Send every case; each must be refused well, none may reach the provider."""
     problems: list[str] = []
     for case in cases:
@@ -219,7 +240,9 @@ async def refuse_all(http: aiohttp.ClientSession, gateway: TestClient, fake: Fak
         problems += [f"{case.label}: {problem}" for problem in judge(case, answer)]
         if len(fake.requests) != before:
             problems.append(f"{case.label}: reached the provider")
-    assert not problems, f"{len(problems)} of {len(cases)} cases went wrong:\n" + "\n".join(problems)
+    assert not problems, f"{len(problems)} of {len(cases)} cases went wrong:\n" + "\n".join(
+        problems
+    )
 
 
 async def exchange(gateway: TestClient, data: bytes, *, half_close: bool = False) -> Answer | None:
@@ -238,7 +261,8 @@ async def exchange(gateway: TestClient, data: bytes, *, half_close: bool = False
                 return None
             status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
             headers = CIMultiDict(
-                (name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines)
+                (name.strip(), value.strip())
+                for name, _, value in (line.partition(":") for line in lines)
             )
             if "content-length" in headers:
                 body = await reader.readexactly(int(headers["content-length"]))
@@ -262,13 +286,19 @@ def http_bytes(
     length: bool = True,
 ) -> bytes:
     """An HTTP/1.1 request as bytes, with Host and (unless told otherwise) Content-Length."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test", *(f"{name}: {value}" for name, value in headers)]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: gateway.test",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
     if length:
         lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
 
 
-async def refuse_all_raw(gateway: TestClient, fake: FakeState, cases: Sequence[tuple[Bad, bytes]]) -> None:
+async def refuse_all_raw(
+    gateway: TestClient, fake: FakeState, cases: Sequence[tuple[Bad, bytes]]
+) -> None:
     problems: list[str] = []
     for case, data in cases:
         before = len(fake.requests)
@@ -279,13 +309,21 @@ async def refuse_all_raw(gateway: TestClient, fake: FakeState, cases: Sequence[t
         problems += [f"{case.label}: {problem}" for problem in judge(case, answer)]
         if len(fake.requests) != before:
             problems.append(f"{case.label}: reached the provider")
-    assert not problems, f"{len(problems)} of {len(cases)} cases went wrong:\n" + "\n".join(problems)
+    assert not problems, f"{len(problems)} of {len(cases)} cases went wrong:\n" + "\n".join(
+        problems
+    )
 
 
 async def assert_still_serves(gateway: TestClient, fake: FakeState) -> None:
     """After all that, a normal request gets the provider's answer, byte for byte."""
-    headers = {**auth(OPENAI_VK), "x-request-id": "req_after_bad_input", "Content-Type": "application/json"}
-    async with gateway.post("/v1/chat/completions", data=dumps(GOOD_CHAT), headers=headers) as response:
+    headers = {
+        **auth(OPENAI_VK),
+        "x-request-id": "req_after_bad_input",
+        "Content-Type": "application/json",
+    }
+    async with gateway.post(
+        "/v1/chat/completions", data=dumps(GOOD_CHAT), headers=headers
+    ) as response:
         assert response.status == 200
         assert await response.read() == fake.sent["req_after_bad_input"]
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {OPENAI_REAL}"
@@ -298,7 +336,10 @@ KEYLESS = (
     ("unknown bearer", (("Authorization", "Bearer vk_unknown"),)),
     ("empty bearer", (("Authorization", "Bearer "),)),
     ("bare scheme", (("Authorization", "Bearer"),)),
-    ("basic scheme", (("Authorization", "Basic " + base64.b64encode(f"u:{OPENAI_VK}".encode()).decode()),)),
+    (
+        "basic scheme",
+        (("Authorization", "Basic " + base64.b64encode(f"u:{OPENAI_VK}".encode()).decode()),),
+    ),
     ("token scheme", (("Authorization", f"Token {OPENAI_VK}"),)),
     ("scheme glued to key", (("Authorization", f"Bearer{OPENAI_VK}"),)),
     ("key minus a char", (("Authorization", f"Bearer {OPENAI_VK[:-1]}"),)),
@@ -308,7 +349,10 @@ KEYLESS = (
     ("real key presented", (("Authorization", f"Bearer {OPENAI_REAL}"),)),
     ("blank x-api-key", (("x-api-key", "   "),)),
     ("unknown goog key", (("x-goog-api-key", "vk_unknown"),)),
-    ("unknown bearer before a valid x-api-key", (("Authorization", "Bearer vk_unknown"), ("x-api-key", OPENAI_VK))),
+    (
+        "unknown bearer before a valid x-api-key",
+        (("Authorization", "Bearer vk_unknown"), ("x-api-key", OPENAI_VK)),
+    ),
     (
         "two authorizations, first unknown",
         (("Authorization", "Bearer vk_unknown"), ("Authorization", f"Bearer {OPENAI_VK}")),
@@ -325,7 +369,9 @@ def keyless_cases(rng: random.Random) -> list[Bad]:
     bodies = (b"", b"{bad", dumps(GOOD_CHAT), dumps(GOOD_MESSAGE), b"\xff\xfe\x00")
     cases = []
     for label, headers in KEYLESS:
-        for path in rng.sample(OPENAI_PATHS, 2) + rng.sample(ANTHROPIC_PATHS, 1) + ["/unknown/route"]:
+        for path in (
+            rng.sample(OPENAI_PATHS, 2) + rng.sample(ANTHROPIC_PATHS, 1) + ["/unknown/route"]
+        ):
             method = rng.choice(("POST", "GET", *ODD_METHODS))
             cases.append(
                 Bad(
@@ -349,7 +395,16 @@ def odd_method_cases(rng: random.Random) -> list[Bad]:
                 *auth(OPENAI_VK if not is_anthropic(path) else ANTHROPIC_VK).items(),
                 ("Content-Type", "application/json"),
             )
-            cases.append(Bad(f"{method} {path}", method, path, headers, b'{"model": ', frozenset({"invalid_json"})))
+            cases.append(
+                Bad(
+                    f"{method} {path}",
+                    method,
+                    path,
+                    headers,
+                    b'{"model": ',
+                    frozenset({"invalid_json"}),
+                )
+            )
     return cases
 
 
@@ -390,7 +445,18 @@ def not_json_bodies(rng: random.Random) -> list[tuple[str, bytes]]:
     ]
 
 
-NOT_OBJECTS = [b"[]", b"[1]", dumps([GOOD_CHAT]), b'"str"', b"1", b"-0.5", b"null", b"true", b"false", b'""']
+NOT_OBJECTS = [
+    b"[]",
+    b"[1]",
+    dumps([GOOD_CHAT]),
+    b'"str"',
+    b"1",
+    b"-0.5",
+    b"null",
+    b"true",
+    b"false",
+    b'""',
+]
 WRONG_MODELS = [None, 1, 1.5, True, [], ["gpt-4o-mini"], {}, {"id": "gpt-4o-mini"}, "", " ", "\n\t"]
 WRONG_MESSAGES = [None, "hi", 1, {}, {"role": "user", "content": "hi"}, [], True, ""]
 WRONG_STREAMS = ["yes", 1, None, [], {}, "true"]
@@ -411,11 +477,17 @@ def bad_body_cases(rng: random.Random) -> list[Bad]:
     """Malformed JSON, JSON that is no object, and wrong model/messages/stream types, on the
     paths that need model and messages, each under a random Content-Type."""
 
-    def case(label: str, path: str, body: bytes, codes: frozenset[str], field: str | None = None) -> Bad:
+    def case(
+        label: str, path: str, body: bytes, codes: frozenset[str], field: str | None = None
+    ) -> Bad:
         key = ANTHROPIC_VK if is_anthropic(path) else OPENAI_VK
         content_type = rng.choice(JSON_TYPES + OTHER_TYPES)
-        headers = tuple(auth(key).items()) + ((("Content-Type", content_type),) if content_type else ())
-        return Bad(f"{label} POST {path} as {content_type}", "POST", path, headers, body, codes, field)
+        headers = tuple(auth(key).items()) + (
+            (("Content-Type", content_type),) if content_type else ()
+        )
+        return Bad(
+            f"{label} POST {path} as {content_type}", "POST", path, headers, body, codes, field
+        )
 
     def paths() -> list[str]:
         return [rng.choice(OPENAI_CHAT), rng.choice(ANTHROPIC_CHAT)]
@@ -428,10 +500,16 @@ def bad_body_cases(rng: random.Random) -> list[Bad]:
     missing_field = frozenset({"missing_field"})
     for model in [MISSING, *WRONG_MODELS]:
         label = "no model" if model is MISSING else f"model={model!r}"
-        cases += [case(label, path, chat_body(path, model=model), missing_field, "model") for path in paths()]
+        cases += [
+            case(label, path, chat_body(path, model=model), missing_field, "model")
+            for path in paths()
+        ]
     for messages in [MISSING, *WRONG_MESSAGES]:
         label = "no messages" if messages is MISSING else f"messages={messages!r}"
-        cases += [case(label, path, chat_body(path, messages=messages), missing_field, "messages") for path in paths()]
+        cases += [
+            case(label, path, chat_body(path, messages=messages), missing_field, "messages")
+            for path in paths()
+        ]
     for stream in WRONG_STREAMS:
         # The gateway leaves stream's type to the provider; it must still refuse the rest.
         for path in paths():
@@ -479,7 +557,14 @@ def restricted_model_cases(rng: random.Random) -> list[Bad]:
         body = chat_body(path, model=model, stream=stream)
         headers = (("x-api-key", RESTRICTED_VK), ("Content-Type", "application/json"))
         cases.append(
-            Bad(f"restricted model {model[:40]!r}", "POST", path, headers, body, frozenset({"model_not_allowed"}))
+            Bad(
+                f"restricted model {model[:40]!r}",
+                "POST",
+                path,
+                headers,
+                body,
+                frozenset({"model_not_allowed"}),
+            )
         )
     return cases
 
@@ -493,7 +578,10 @@ ODD_HEADERS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("unicode request id", (("x-request-id", "ünïcødé-✓"),)),
     ("empty request id", (("x-request-id", ""),)),
     ("another host", (("Host", "evil.example"),)),
-    ("forwarded host", (("X-Forwarded-Host", "evil.example"), ("Forwarded", "host=evil.example;proto=https"))),
+    (
+        "forwarded host",
+        (("X-Forwarded-Host", "evil.example"), ("Forwarded", "host=evil.example;proto=https")),
+    ),
     ("connection names the key headers", (("Connection", "keep-alive, authorization, x-api-key"),)),
     ("expect continue", (("Expect", "100-continue"),)),
     ("accept html", (("Accept", "text/html"),)),
@@ -601,7 +689,10 @@ def unsafe_path_cases(rng: random.Random) -> list[tuple[Bad, bytes]]:
         for method in ("POST", rng.choice(("GET", "DELETE", "PUT", "OPTIONS"))):
             query = rng.choice(("", "?a=1", "?next=../../admin", "?url=http://evil.example/"))
             body = dumps(GOOD_MESSAGE if anthropic else GOOD_CHAT)
-            headers = (*auth(ANTHROPIC_VK if anthropic else OPENAI_VK).items(), ("Content-Type", "application/json"))
+            headers = (
+                *auth(ANTHROPIC_VK if anthropic else OPENAI_VK).items(),
+                ("Content-Type", "application/json"),
+            )
             case = Bad(
                 f"{method} {target}{query}",
                 method,
@@ -626,7 +717,13 @@ def truncated_requests() -> list[tuple[str, str, bytes]]:
             (
                 "half the declared length",
                 path,
-                http_bytes("POST", path, [*head, ("Content-Length", str(len(body) * 2))], body, length=False),
+                http_bytes(
+                    "POST",
+                    path,
+                    [*head, ("Content-Length", str(len(body) * 2))],
+                    body,
+                    length=False,
+                ),
             ),
             (
                 "nothing of the declared length",
@@ -636,13 +733,22 @@ def truncated_requests() -> list[tuple[str, str, bytes]]:
             (
                 "expect continue, then nothing",
                 path,
-                http_bytes("POST", path, [*head, ("Expect", "100-continue"), ("Content-Length", "50")], length=False),
+                http_bytes(
+                    "POST",
+                    path,
+                    [*head, ("Expect", "100-continue"), ("Content-Length", "50")],
+                    length=False,
+                ),
             ),
             (
                 "chunk cut in half",
                 path,
                 http_bytes(
-                    "POST", path, [*head, ("Transfer-Encoding", "chunked")], b"40\r\n" + body[:20], length=False
+                    "POST",
+                    path,
+                    [*head, ("Transfer-Encoding", "chunked")],
+                    b"40\r\n" + body[:20],
+                    length=False,
                 ),
             ),
             (
@@ -659,7 +765,9 @@ def truncated_requests() -> list[tuple[str, str, bytes]]:
             (
                 "chunk size only",
                 path,
-                http_bytes("POST", path, [*head, ("Transfer-Encoding", "chunked")], b"10", length=False),
+                http_bytes(
+                    "POST", path, [*head, ("Transfer-Encoding", "chunked")], b"10", length=False
+                ),
             ),
         ]
     return cases
@@ -670,68 +778,109 @@ def malformed_http() -> list[tuple[str, bytes]]:
     key = f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway.test\r\n" + key
     return [
-        ("unknown method", b"BREW /v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n"),
+        (
+            "unknown method",
+            b"BREW /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+            + key
+            + b"Content-Length: 0\r\n\r\n",
+        ),
         (
             "lower-case method",
-            b"post /v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+            b"post /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+            + key
+            + b"Content-Length: 0\r\n\r\n",
         ),
-        ("RTSP method", b"DESCRIBE /v1/messages HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n"),
+        (
+            "RTSP method",
+            b"DESCRIBE /v1/messages HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+        ),
         ("request line too long", b"POST /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: g\r\n\r\n"),
         ("header too long", head + b"x-big: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n"),
         (
             "too many headers",
-            head + b"".join(b"x-h%d: v\r\n" % index for index in range(200)) + b"Content-Length: 0\r\n\r\n",
+            head
+            + b"".join(b"x-h%d: v\r\n" % index for index in range(200))
+            + b"Content-Length: 0\r\n\r\n",
         ),
         ("header without colon", head + b"no colon here\r\nContent-Length: 0\r\n\r\n"),
         ("space before colon", head + b"x-api-key : vk\r\nContent-Length: 0\r\n\r\n"),
         ("obsolete line folding", head + b"x-a: 1\r\n  folded\r\nContent-Length: 0\r\n\r\n"),
         ("NUL in a header value", head + b"x-a: a\x00b\r\nContent-Length: 0\r\n\r\n"),
-        ("control char in a request id", head + b"x-request-id: a\x01b\r\nContent-Length: 0\r\n\r\n"),
+        (
+            "control char in a request id",
+            head + b"x-request-id: a\x01b\r\nContent-Length: 0\r\n\r\n",
+        ),
         ("bad char in a header name", head + b"x-a(b): 1\r\nContent-Length: 0\r\n\r\n"),
         (
             "two content-types",
-            head + b"Content-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
+            head
+            + b"Content-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
         ),
         ("two hosts", head + b"Host: evil.example\r\nContent-Length: 4\r\n\r\n{bad"),
         ("two content-lengths", head + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\n{bad"),
         ("negative content-length", head + b"Content-Length: -1\r\n\r\n"),
         ("non-numeric content-length", head + b"Content-Length: abc\r\n\r\n"),
         ("plus-signed content-length", head + b"Content-Length: +4\r\n\r\n{bad"),
-        ("overflowing content-length", head + b"Content-Length: 99999999999999999999999999\r\n\r\n"),
+        (
+            "overflowing content-length",
+            head + b"Content-Length: 99999999999999999999999999\r\n\r\n",
+        ),
         (
             "content-length and chunked",
             head + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{bad\r\n0\r\n\r\n",
         ),
-        ("identity transfer-encoding", head + b"Transfer-Encoding: identity\r\nContent-Length: 4\r\n\r\n{bad"),
+        (
+            "identity transfer-encoding",
+            head + b"Transfer-Encoding: identity\r\nContent-Length: 4\r\n\r\n{bad",
+        ),
         ("bad chunk size", head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
-        ("huge chunk size", head + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
+        (
+            "huge chunk size",
+            head + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        ),
         ("chunk without its CRLF", head + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n"),
-        ("bad chunk extension", head + b"Transfer-Encoding: chunked\r\n\r\n4;a=b;;\r\n{bad\r\n0\r\n\r\n"),
+        (
+            "bad chunk extension",
+            head + b"Transfer-Encoding: chunked\r\n\r\n4;a=b;;\r\n{bad\r\n0\r\n\r\n",
+        ),
         (
             "HTTP/2.0 in a request line",
-            b"POST /v1/chat/completions HTTP/2.0\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/2.0\r\nHost: g\r\n"
+            + key
+            + b"Content-Length: 0\r\n\r\n",
         ),
         ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
         ("TLS on the plain port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40),
         ("no Host", b"POST /v1/chat/completions HTTP/1.1\r\n" + key + b"Content-Length: 0\r\n\r\n"),
         (
             "space in the target",
-            b"POST /v1/chat completions HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+            b"POST /v1/chat completions HTTP/1.1\r\nHost: g\r\n"
+            + key
+            + b"Content-Length: 0\r\n\r\n",
         ),
-        ("raw 0xff in the target", b"POST /v1/\xff HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n"),
-        ("control char in the target", b"POST /v1/\x01 HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n"),
+        (
+            "raw 0xff in the target",
+            b"POST /v1/\xff HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+        ),
+        (
+            "control char in the target",
+            b"POST /v1/\x01 HTTP/1.1\r\nHost: g\r\n" + key + b"Content-Length: 0\r\n\r\n",
+        ),
         ("asterisk target", b"OPTIONS * HTTP/1.1\r\nHost: g\r\n" + key + b"\r\n"),
         (
             "deflate claim on a plain body",
-            head + b"Content-Encoding: deflate\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
+            head
+            + b"Content-Encoding: deflate\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
         ),
         (
             "br claim without Brotli",
-            head + b"Content-Encoding: br\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
+            head
+            + b"Content-Encoding: br\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
         ),
         (
             "zstd claim without zstd",
-            head + b"Content-Encoding: zstd\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
+            head
+            + b"Content-Encoding: zstd\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{bad",
         ),
     ]
 
@@ -748,7 +897,11 @@ def encoding_claim_cases(rng: random.Random) -> list[Bad]:
                 ("truncated gzip", broken_gzip),
             ):
                 key = ANTHROPIC_VK if is_anthropic(path) else OPENAI_VK
-                headers = (*auth(key).items(), ("Content-Type", "application/json"), ("Content-Encoding", encoding))
+                headers = (
+                    *auth(key).items(),
+                    ("Content-Type", "application/json"),
+                    ("Content-Encoding", encoding),
+                )
                 cases.append(
                     Bad(
                         f"{encoding} claim, {label}, {path}",
@@ -766,7 +919,13 @@ def oversized_cases(rng: random.Random) -> list[Bad]:
     """Bodies past MAX_BODY_BYTES=1024, declared by Content-Length, on every kind of path."""
     cases = []
     for size in (SMALL_LIMIT + 1, 2 * SMALL_LIMIT, 64 * 1024, 3 * 1024 * 1024):
-        for path in ("/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/files", "/messages/count_tokens"):
+        for path in (
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/embeddings",
+            "/v1/files",
+            "/messages/count_tokens",
+        ):
             key = ANTHROPIC_VK if is_anthropic(path) else OPENAI_VK
             filler = rng.choice((b"a", b"{", b"\xff"))
             body = (chat_body(path)[:-1] + b', "pad": "')[: size // 2] + filler * size
@@ -809,7 +968,9 @@ def test_at_least_two_hundred_bad_requests_are_generated() -> None:
     assert generated_count() >= 200
 
 
-async def test_missing_or_unknown_keys_get_401_in_the_dialect(http, gateway: TestClient, fake: FakeState) -> None:
+async def test_missing_or_unknown_keys_get_401_in_the_dialect(
+    http, gateway: TestClient, fake: FakeState
+) -> None:
     await refuse_all(http, gateway, fake, keyless_cases(random.Random(f"{SEED}-keys")))
     await assert_still_serves(gateway, fake)
 
@@ -819,21 +980,29 @@ async def test_odd_methods_are_judged_like_post(http, gateway: TestClient, fake:
     await assert_still_serves(gateway, fake)
 
 
-async def test_head_with_an_unknown_key_gets_401_headers_only(http, gateway: TestClient, fake: FakeState) -> None:
+async def test_head_with_an_unknown_key_gets_401_headers_only(
+    http, gateway: TestClient, fake: FakeState
+) -> None:
     for path in ("/v1/chat/completions", "/v1/messages", "/models"):
-        async with http.head(gateway.make_url(path), headers={"x-api-key": "vk_unknown"}) as response:
+        async with http.head(
+            gateway.make_url(path), headers={"x-api-key": "vk_unknown"}
+        ) as response:
             assert response.status == 401
             assert response.headers["content-type"].startswith("application/json")
             assert response.headers["x-request-id"]
     assert fake.requests == []
 
 
-async def test_bad_bodies_get_400_naming_the_problem(http, gateway: TestClient, fake: FakeState) -> None:
+async def test_bad_bodies_get_400_naming_the_problem(
+    http, gateway: TestClient, fake: FakeState
+) -> None:
     await refuse_all(http, gateway, fake, bad_body_cases(random.Random(f"{SEED}-bodies")))
     await assert_still_serves(gateway, fake)
 
 
-async def test_models_outside_allowed_models_get_403(http, gateway: TestClient, fake: FakeState) -> None:
+async def test_models_outside_allowed_models_get_403(
+    http, gateway: TestClient, fake: FakeState
+) -> None:
     await refuse_all(http, gateway, fake, restricted_model_cases(random.Random(f"{SEED}-models")))
     await assert_still_serves(gateway, fake)
 
@@ -845,7 +1014,9 @@ async def test_odd_duplicate_and_huge_headers_do_not_change_the_refusal(
     await assert_still_serves(gateway, fake)
 
 
-async def test_unsafe_and_unknown_paths_are_refused_before_forwarding(gateway: TestClient, fake: FakeState) -> None:
+async def test_unsafe_and_unknown_paths_are_refused_before_forwarding(
+    gateway: TestClient, fake: FakeState
+) -> None:
     await refuse_all_raw(gateway, fake, unsafe_path_cases(random.Random(f"{SEED}-paths")))
     await assert_still_serves(gateway, fake)
 
@@ -854,18 +1025,32 @@ async def test_a_fragment_does_not_skip_validation(gateway: TestClient, fake: Fa
     headers = list(auth(OPENAI_VK).items())
     cases = [
         (
-            Bad("bad JSON to chat#x", "POST", "/v1/chat/completions#x", codes=BAD_BODY | {"invalid_path"}),
+            Bad(
+                "bad JSON to chat#x",
+                "POST",
+                "/v1/chat/completions#x",
+                codes=BAD_BODY | {"invalid_path"},
+            ),
             http_bytes("POST", "/v1/chat/completions#x", headers, b"{bad"),
         ),
         (
-            Bad("no model to messages#x", "POST", "/v1/messages#x", codes=BAD_BODY | {"invalid_path"}),
-            http_bytes("POST", "/v1/messages#x", [("x-api-key", ANTHROPIC_VK)], b'{"messages": []}'),
+            Bad(
+                "no model to messages#x",
+                "POST",
+                "/v1/messages#x",
+                codes=BAD_BODY | {"invalid_path"},
+            ),
+            http_bytes(
+                "POST", "/v1/messages#x", [("x-api-key", ANTHROPIC_VK)], b'{"messages": []}'
+            ),
         ),
     ]
     await refuse_all_raw(gateway, fake, cases)
 
 
-async def test_malformed_http_gets_a_4xx_without_a_traceback(gateway: TestClient, fake: FakeState) -> None:
+async def test_malformed_http_gets_a_4xx_without_a_traceback(
+    gateway: TestClient, fake: FakeState
+) -> None:
     problems = []
     for label, data in malformed_http():
         answer = await exchange(gateway, data)
@@ -887,7 +1072,9 @@ async def test_malformed_http_gets_a_4xx_without_a_traceback(gateway: TestClient
     "present with Transfer-Encoding', 'Can not decode content-encoding: br', …), without "
     "x-request-id, before the gateway's relay runs: not the dialect SPEC's Errors section asks for",
 )
-async def test_malformed_http_is_refused_in_the_dialect(gateway: TestClient, fake: FakeState) -> None:
+async def test_malformed_http_is_refused_in_the_dialect(
+    gateway: TestClient, fake: FakeState
+) -> None:
     cases = [
         (Bad(label, "POST", "/v1/chat/completions", codes=frozenset(CODE_STATUS)), data)
         for label, data in malformed_http()
@@ -895,7 +1082,9 @@ async def test_malformed_http_is_refused_in_the_dialect(gateway: TestClient, fak
     await refuse_all_raw(gateway, fake, cases)
 
 
-async def test_malformed_http_logs_no_traceback(gateway: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+async def test_malformed_http_logs_no_traceback(
+    gateway: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
     for _, data in malformed_http():
         await exchange(gateway, data)
     for _, _, data in truncated_requests():
@@ -904,14 +1093,18 @@ async def test_malformed_http_logs_no_traceback(gateway: TestClient, caplog: pyt
     assert not logged_errors(caplog, parser_refusals=True)
 
 
-async def test_truncated_uploads_end_quietly_and_go_nowhere(gateway: TestClient, fake: FakeState) -> None:
+async def test_truncated_uploads_end_quietly_and_go_nowhere(
+    gateway: TestClient, fake: FakeState
+) -> None:
     problems = []
     for label, path, data in truncated_requests():
         answer = await exchange(gateway, data, half_close=True)
         if answer is not None:  # answering 400 is as fair as closing: the request never ended
             problems += [
                 f"{label} {path}: {problem}"
-                for problem in judge(Bad(label, "POST", path, codes=frozenset({"invalid_body"})), answer)
+                for problem in judge(
+                    Bad(label, "POST", path, codes=frozenset({"invalid_body"})), answer
+                )
             ]
     for _, _, data in truncated_requests():  # and clients that vanish altogether
         _, writer = await asyncio.open_connection(gateway.host, gateway.port)
@@ -924,12 +1117,16 @@ async def test_truncated_uploads_end_quietly_and_go_nowhere(gateway: TestClient,
     await assert_still_serves(gateway, fake)
 
 
-async def test_false_content_encoding_claims_get_400(http, gateway: TestClient, fake: FakeState) -> None:
+async def test_false_content_encoding_claims_get_400(
+    http, gateway: TestClient, fake: FakeState
+) -> None:
     await refuse_all(http, gateway, fake, encoding_claim_cases(random.Random(f"{SEED}-encodings")))
     await assert_still_serves(gateway, fake)
 
 
-async def test_a_gzip_request_body_reaches_the_provider_as_sent(gateway: TestClient, fake: FakeState) -> None:
+async def test_a_gzip_request_body_reaches_the_provider_as_sent(
+    gateway: TestClient, fake: FakeState
+) -> None:
     body = gzip.compress(dumps(GOOD_CHAT))
     headers = {
         **auth(OPENAI_VK),
@@ -944,7 +1141,9 @@ async def test_a_gzip_request_body_reaches_the_provider_as_sent(gateway: TestCli
     assert fake.requests[-1].body == dumps(GOOD_CHAT)
 
 
-async def test_bodies_over_the_limit_get_413_from_content_length(http, make_gateway, fake: FakeState) -> None:
+async def test_bodies_over_the_limit_get_413_from_content_length(
+    http, make_gateway, fake: FakeState
+) -> None:
     gateway = await make_gateway(MAX_BODY_BYTES=str(SMALL_LIMIT))
     await refuse_all(http, gateway, fake, oversized_cases(random.Random(f"{SEED}-oversized")))
     await assert_still_serves(gateway, fake)
@@ -997,16 +1196,26 @@ async def test_a_chunked_upload_is_refused_before_it_ends(make_gateway, fake: Fa
     """The 413 comes while the client is still sending: the gateway stopped reading at the limit."""
     gateway = await make_gateway(MAX_BODY_BYTES=str(SMALL_LIMIT))
     for path in ("/v1/chat/completions", "/v1/messages"):
-        headers = [*auth(OPENAI_VK).items(), ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]
+        headers = [
+            *auth(OPENAI_VK).items(),
+            ("Content-Type", "application/json"),
+            ("Transfer-Encoding", "chunked"),
+        ]
         start = http_bytes(
-            "POST", path, headers, b"%x\r\n%s\r\n" % (2 * SMALL_LIMIT, b"a" * 2 * SMALL_LIMIT), length=False
+            "POST",
+            path,
+            headers,
+            b"%x\r\n%s\r\n" % (2 * SMALL_LIMIT, b"a" * 2 * SMALL_LIMIT),
+            length=False,
         )
         answer = await exchange(gateway, start)  # no last chunk: the upload never ends
         assert answer is not None
         assert not judge(Bad(path, "POST", path, codes=frozenset({"request_too_large"})), answer)
 
 
-async def test_a_body_of_exactly_the_limit_is_judged_not_refused(http, make_gateway, fake: FakeState) -> None:
+async def test_a_body_of_exactly_the_limit_is_judged_not_refused(
+    http, make_gateway, fake: FakeState
+) -> None:
     gateway = await make_gateway(MAX_BODY_BYTES=str(SMALL_LIMIT))
     body = (b'{"model": [' + b" " * SMALL_LIMIT)[:SMALL_LIMIT]
     case = Bad(
@@ -1032,7 +1241,10 @@ async def test_a_body_of_exactly_the_limit_is_judged_not_refused(http, make_gate
 
 async def test_a_non_utf8_request_id_keeps_its_log_line(gateway: TestClient, records) -> None:
     data = http_bytes(
-        "POST", "/v1/chat/completions", [*auth(OPENAI_VK).items(), ("x-request-id", "id-\udcff\udcfe")], b"{bad"
+        "POST",
+        "/v1/chat/completions",
+        [*auth(OPENAI_VK).items(), ("x-request-id", "id-\udcff\udcfe")],
+        b"{bad",
     )
     answer = await exchange(gateway, data)
     assert answer is not None and answer.status == 400

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(os.environ.get("SKIP_DOCKER") == "1", reason="SKIP_DOCKER=1")
 
 
-def test_image_builds_runs_its_cmd_as_non_root_passes_its_healthcheck_and_drains_on_sigterm() -> None:
+def test_image_builds_runs_its_cmd_as_non_root_passes_its_healthcheck_and_drains_on_sigterm() -> (
+    None
+):
     result = subprocess.run(
         ["bash", str(ROOT / "e2e" / "docker_check.sh")],
         cwd=ROOT,

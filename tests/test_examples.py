@@ -22,7 +22,9 @@ START_SECONDS = 15
 
 
 def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
 
 
 def wait_for_line(process: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
@@ -61,7 +63,9 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        fake = start([sys.executable, "-m", "tests.fake_provider", "--port", "0"], tmp / "fake.log", env)
+        fake = start(
+            [sys.executable, "-m", "tests.fake_provider", "--port", "0"], tmp / "fake.log", env
+        )
         processes.append(fake)
         fake_url = wait_for_line(fake, tmp / "fake.log", "fake provider on ").split(" on ", 1)[1]
         keys = tmp / "keys.json"
@@ -74,13 +78,21 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     },
                     "virtual_keys": {
                         OPENAI_VK: {"provider": "openai", "api_key": "sk-examples-real-0000"},
-                        ANTHROPIC_VK: {"provider": "anthropic", "api_key": "sk-ant-examples-real-1111"},
+                        ANTHROPIC_VK: {
+                            "provider": "anthropic",
+                            "api_key": "sk-ant-examples-real-1111",
+                        },
                     },
                 }
             )
         )
         port = free_port()
-        gateway_env = {**env, "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(port), "KEYS_FILE_PATH": str(keys)}
+        gateway_env = {
+            **env,
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "KEYS_FILE_PATH": str(keys),
+        }
         gateway = start([sys.executable, "gateway.py"], tmp / "gateway.log", gateway_env)
         processes.append(gateway)
         wait_for_line(gateway, tmp / "gateway.log", "llm-gateway listening on ")
@@ -112,15 +124,22 @@ def test_openai_stream_example_prints_the_streamed_reply_and_its_usage(gateway_u
     assert " 3 out" in out
 
 
-def test_anthropic_messages_example_prints_the_plain_and_the_streamed_reply(gateway_url: str) -> None:
-    out = run_example([sys.executable, str(EXAMPLES / "anthropic_messages.py")], gateway_url, ANTHROPIC_VK)
+def test_anthropic_messages_example_prints_the_plain_and_the_streamed_reply(
+    gateway_url: str,
+) -> None:
+    out = run_example(
+        [sys.executable, str(EXAMPLES / "anthropic_messages.py")], gateway_url, ANTHROPIC_VK
+    )
     assert out.count("tok0 tok1 tok2") == 2, out
     assert " 3 out" in out
 
 
 def test_curl_example_runs_every_call(gateway_url: str) -> None:
     out = run_example(
-        ["bash", str(EXAMPLES / "curl.sh")], gateway_url, OPENAI_VK, GATEWAY_ANTHROPIC_KEY=ANTHROPIC_VK
+        ["bash", str(EXAMPLES / "curl.sh")],
+        gateway_url,
+        OPENAI_VK,
+        GATEWAY_ANTHROPIC_KEY=ANTHROPIC_VK,
     )
     assert '"object":"chat.completion"' in out
     assert "data: [DONE]" in out

@@ -191,12 +191,16 @@ async def test_ready_is_200_while_serving_and_503_once_shutting_down(
 # --- through a running gateway ---
 
 
-async def test_a_provider_turns_unhealthy_after_three_failures_and_back_after_a_success(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_a_provider_turns_unhealthy_after_three_failures_and_back_after_a_success(
+    gateway,
+) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import OPENAI_VK, auth
 
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
     for _ in range(3):
-        await gateway.post("/v1/chat/completions", json=chat, headers={**auth(OPENAI_VK), "x-fake-status": "503"})
+        await gateway.post(
+            "/v1/chat/completions", json=chat, headers={**auth(OPENAI_VK), "x-fake-status": "503"}
+        )
     report = await (await gateway.get("/health")).json()
     assert report["providers"]["openai"]["healthy"] is False
     assert report["providers"]["openai"]["keys"] == 2  # the openai and the limited key

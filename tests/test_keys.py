@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from multidict import CIMultiDict
 
 from proxy.errors import GatewayError

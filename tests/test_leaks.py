@@ -22,10 +22,14 @@ from tests.conftest import (
     RESTRICTED_VK,
     SECRETS,
 )
-from tests.test_process import Processes, processes, process_keys, fake_url, start_gateway  # noqa: F401
+from tests.processes import Processes, start_gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 async def collect(session: aiohttp.ClientSession, method: str, url: str, **kwargs: object) -> str:
@@ -40,39 +44,115 @@ async def collect(session: aiohttp.ClientSession, method: str, url: str, **kwarg
 
 
 async def test_no_secret_appears_in_anything_the_gateway_writes(
-    processes: Processes, process_keys: Path, tmp_path: Path  # noqa: F811
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(
-        processes, process_keys, log, LOG_BODIES="true", MAX_BODY_BYTES="4096", REQUEST_TIMEOUT="0.5", STREAM_IDLE_TIMEOUT="0.5"
+        processes,
+        process_keys,
+        log,
+        LOG_BODIES="true",
+        MAX_BODY_BYTES="4096",
+        REQUEST_TIMEOUT="0.5",
+        STREAM_IDLE_TIMEOUT="0.5",
     )
     seen: list[str] = []
     async with aiohttp.ClientSession() as session:
         for key in (OPENAI_VK, AZURE_VK, CUSTOM_VK, LIMITED_VK):
-            for extra in ({}, {"x-fake-status": "401"}, {"x-fake-status": "500"}, {"x-fake-hang": "headers"}, {"x-fake-drop": "midstream"}):
+            for extra in (
+                {},
+                {"x-fake-status": "401"},
+                {"x-fake-status": "500"},
+                {"x-fake-hang": "headers"},
+                {"x-fake-drop": "midstream"},
+            ):
                 headers = {"Authorization": f"Bearer {key}", **extra}
-                seen.append(await collect(session, "POST", f"{url}/v1/chat/completions", json=CHAT, headers=headers))
-                seen.append(await collect(session, "POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers))
-            seen.append(await collect(session, "GET", f"{url}/usage", headers={"Authorization": f"Bearer {key}"}))
-            seen.append(await collect(session, "POST", f"{url}/v1/anything/echo?q=1", data=b"x", headers={"Authorization": f"Bearer {key}"}))
+                seen.append(
+                    await collect(
+                        session, "POST", f"{url}/v1/chat/completions", json=CHAT, headers=headers
+                    )
+                )
+                seen.append(
+                    await collect(
+                        session,
+                        "POST",
+                        f"{url}/v1/chat/completions",
+                        json={**CHAT, "stream": True},
+                        headers=headers,
+                    )
+                )
+            seen.append(
+                await collect(
+                    session, "GET", f"{url}/usage", headers={"Authorization": f"Bearer {key}"}
+                )
+            )
+            seen.append(
+                await collect(
+                    session,
+                    "POST",
+                    f"{url}/v1/anything/echo?q=1",
+                    data=b"x",
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            )
         for key in (ANTHROPIC_VK, RESTRICTED_VK):
             for model in ("claude-3-5-haiku-latest", "claude-opus-4-1"):
-                seen.append(await collect(session, "POST", f"{url}/v1/messages", json={**MESSAGES, "model": model}, headers={"x-api-key": key}))
+                seen.append(
+                    await collect(
+                        session,
+                        "POST",
+                        f"{url}/v1/messages",
+                        json={**MESSAGES, "model": model},
+                        headers={"x-api-key": key},
+                    )
+                )
         for bad in (OPENAI_VK + "x", OPENAI_VK[:-1], "Bearer " + OPENAI_VK):
-            seen.append(await collect(session, "POST", f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {bad}"}))
-        seen.append(await collect(session, "POST", f"{url}/v1/chat/completions", data=b"{" + b"x" * 5000, headers={"x-api-key": OPENAI_VK}))
-        seen.append(await collect(session, "POST", f"{url}/v1/chat/completions", data=b"{bad", headers={"x-api-key": OPENAI_VK, "Content-Type": "application/json"}))
+            seen.append(
+                await collect(
+                    session,
+                    "POST",
+                    f"{url}/v1/chat/completions",
+                    json=CHAT,
+                    headers={"Authorization": f"Bearer {bad}"},
+                )
+            )
+        seen.append(
+            await collect(
+                session,
+                "POST",
+                f"{url}/v1/chat/completions",
+                data=b"{" + b"x" * 5000,
+                headers={"x-api-key": OPENAI_VK},
+            )
+        )
+        seen.append(
+            await collect(
+                session,
+                "POST",
+                f"{url}/v1/chat/completions",
+                data=b"{bad",
+                headers={"x-api-key": OPENAI_VK, "Content-Type": "application/json"},
+            )
+        )
         for path in ("/health", "/ready", "/metrics"):
             seen.append(await collect(session, "GET", f"{url}{path}"))
-        seen.append(await collect(session, "GET", f"{url}/metrics", headers={"Accept": "application/json"}))
+        seen.append(
+            await collect(session, "GET", f"{url}/metrics", headers={"Accept": "application/json"})
+        )
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=OPENAI_VK, max_retries=0)
     completion = await client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
     seen.append(completion.http_response.text)
     try:
-        await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=LIMITED_VK, max_retries=0).models.list()
+        await openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key=LIMITED_VK, max_retries=0
+        ).models.list()
     except openai.APIStatusError as error:
         seen.append(error.response.text)
-    message = await anthropic.AsyncAnthropic(base_url=url, api_key=ANTHROPIC_VK, max_retries=0).messages.with_raw_response.create(**MESSAGES)  # type: ignore[call-overload]
+    message = await anthropic.AsyncAnthropic(
+        base_url=url, api_key=ANTHROPIC_VK, max_retries=0
+    ).messages.with_raw_response.create(**MESSAGES)  # type: ignore[call-overload]
     seen.append(message.http_response.text)
     process.send_signal(signal.SIGTERM)
     out, err = await asyncio.to_thread(process.communicate, None, 15)

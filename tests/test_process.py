@@ -4,98 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from proxy.settings import SETTINGS
-from tests.conftest import OPENAI_VK, auth, keys_document
+from tests.conftest import OPENAI_VK, auth
+from tests.processes import Processes, refused, start_gateway
 
-ROOT = Path(__file__).parent.parent
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def gateway_command(*flags: str) -> list[str]:
-    return [sys.executable, str(ROOT / "gateway.py"), *flags]
-
-
-def refused(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        gateway_command(*flags), env={**os.environ, **env}, capture_output=True, text=True, timeout=30, cwd=ROOT
-    )
-
-
-class Processes:
-    """Processes a test started; all are killed at its end, also on failure."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[str]] = []
-
-    def start(
-        self, command: list[str], env: dict[str, str] | None = None, ready: str = "", cwd: Path = ROOT
-    ) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-            start_new_session=True,  # its own process group: stop() also reaches its children
-        )
-        self.started.append(process)
-        if ready:
-            deadline = time.monotonic() + 20
-            assert process.stdout is not None
-            while time.monotonic() < deadline:
-                line = process.stdout.readline()
-                if ready in line:
-                    return process
-                if not line and process.poll() is not None:
-                    break
-            raise AssertionError(f"{command} did not start: {process.stderr.read() if process.stderr else ''}")
-        return process
-
-    def stop(self) -> None:
-        for process in self.started:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # the group is gone already
-            process.communicate(timeout=10)  # reaps it and closes its pipes
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    running = Processes()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def fake_url(processes: Processes) -> str:
-    process = processes.start([sys.executable, "-m", "tests.fake_provider", "--host", "127.0.0.1", "--port", "0"])
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    return line.strip().rsplit(" ", 1)[1]
-
-
-@pytest.fixture
-def process_keys(tmp_path: Path, fake_url: str) -> Path:
-    path = tmp_path / "keys.json"
-    path.write_text(json.dumps(keys_document(fake_url)))
-    return path
 
 
 def test_help_lists_every_setting_as_a_flag() -> None:
@@ -114,15 +35,37 @@ def _write(path: Path, text: str) -> Path:
     ("keys", "env", "says"),
     [
         ("{ nope", {}, "not valid JSON"),
-        ('{"virtual_keys": {"vk_abc_123456789": {"provider": "nowhere", "api_key": "x", "name": "bob"}}}', {}, "key 'bob': provider 'nowhere'"),
-        ('{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob"}}}', {}, "key 'bob': set exactly one of api_key and api_key_env"),
-        ('{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key": "a", "api_key_env": "B"}}}', {}, "key 'bob': set exactly one"),
-        ('{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key_env": "UNSET_KEY_VAR_X"}}}', {}, "key 'bob': api_key_env UNSET_KEY_VAR_X is not set"),
-        ('{"virtual_keys": {}}', {"QUOTA_LIMIT": "ten"}, "QUOTA_LIMIT must be a positive integer, got 'ten'"),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "nowhere", "api_key": "x", "name": "bob"}}}',
+            {},
+            "key 'bob': provider 'nowhere'",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob"}}}',
+            {},
+            "key 'bob': set exactly one of api_key and api_key_env",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key": "a", "api_key_env": "B"}}}',
+            {},
+            "key 'bob': set exactly one",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key_env": "UNSET_KEY_VAR_X"}}}',
+            {},
+            "key 'bob': api_key_env UNSET_KEY_VAR_X is not set",
+        ),
+        (
+            '{"virtual_keys": {}}',
+            {"QUOTA_LIMIT": "ten"},
+            "QUOTA_LIMIT must be a positive integer, got 'ten'",
+        ),
         ('{"virtual_keys": {}}', {"QUOTA_WINDOW_SECONDS": "-3"}, "QUOTA_WINDOW_SECONDS"),
     ],
 )
-def test_a_bad_start_is_one_line_naming_the_culprit_and_exit_2(tmp_path: Path, keys: str, env: dict[str, str], says: str) -> None:
+def test_a_bad_start_is_one_line_naming_the_culprit_and_exit_2(
+    tmp_path: Path, keys: str, env: dict[str, str], says: str
+) -> None:
     path = _write(tmp_path / "keys.json", keys)
     result = refused({"KEYS_FILE_PATH": str(path), **env})
     assert result.returncode == 2
@@ -142,9 +85,21 @@ def test_an_unreadable_keys_file_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "cannot be read" in result.stderr
 
 
-def test_a_log_file_that_cannot_be_opened_stops_the_start(process_keys: Path, tmp_path: Path) -> None:
-    result = refused({"KEYS_FILE_PATH": str(process_keys), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(tmp_path / "no" / "such" / "dir.jsonl")})
-    assert result.returncode == 2 and "LOG_FILE_PATH" in result.stderr and "Traceback" not in result.stderr
+def test_a_log_file_that_cannot_be_opened_stops_the_start(
+    process_keys: Path, tmp_path: Path
+) -> None:
+    result = refused(
+        {
+            "KEYS_FILE_PATH": str(process_keys),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(tmp_path / "no" / "such" / "dir.jsonl"),
+        }
+    )
+    assert (
+        result.returncode == 2
+        and "LOG_FILE_PATH" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> None:
@@ -152,22 +107,19 @@ def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> Non
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = refused({"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(port)})
+        result = refused(
+            {
+                "KEYS_FILE_PATH": str(process_keys),
+                "SERVER_HOST": "127.0.0.1",
+                "SERVER_PORT": str(port),
+            }
+        )
     assert result.returncode == 2
-    assert str(port) in result.stderr and "SERVER_PORT" in result.stderr and "Traceback" not in result.stderr
-
-
-def start_gateway(processes: Processes, keys: Path, log: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    process = processes.start(
-        gateway_command(),
-        env={
-            "KEYS_FILE_PATH": str(keys), "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(port),
-            "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log), **env,
-        },
-        ready="listening on",
+    assert (
+        str(port) in result.stderr
+        and "SERVER_PORT" in result.stderr
+        and "Traceback" not in result.stderr
     )
-    return process, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -195,7 +147,9 @@ async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
     assert line["status"] == 200 and line["stream"] is True
 
 
-async def test_the_grace_period_ends_streams_that_outlast_it(processes: Processes, process_keys: Path, tmp_path: Path) -> None:
+async def test_the_grace_period_ends_streams_that_outlast_it(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="0.5")
     async with aiohttp.ClientSession() as session:
@@ -223,7 +177,9 @@ async def test_after_sigterm_every_finished_request_has_its_log_line(
         async def one(index: int) -> int:
             async with semaphore:
                 async with session.post(
-                    f"{url}/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": f"bulk-{index}"}
+                    f"{url}/v1/chat/completions",
+                    json=CHAT,
+                    headers={**auth(OPENAI_VK), "x-request-id": f"bulk-{index}"},
                 ) as response:
                     await response.read()
                     return response.status
@@ -237,10 +193,18 @@ async def test_after_sigterm_every_finished_request_has_its_log_line(
     assert {line["request_id"] for line in lines} == {f"bulk-{index}" for index in range(500)}
 
 
-async def test_the_log_goes_to_stdout_by_default(processes: Processes, process_keys: Path, tmp_path: Path) -> None:
-    process, url = start_gateway(processes, process_keys, tmp_path / "unused.jsonl", LOG_TO_FILE="false")
+async def test_the_log_goes_to_stdout_by_default(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "unused.jsonl", LOG_TO_FILE="false"
+    )
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "to-stdout"}) as response:
+        async with session.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={**auth(OPENAI_VK), "x-request-id": "to-stdout"},
+        ) as response:
             assert response.status == 200
     process.send_signal(signal.SIGTERM)
     out, _ = await asyncio.to_thread(process.communicate, None, 15)

@@ -27,28 +27,51 @@ from tests.conftest import (
 )
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
-MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 QUOTA_VK = "vk_test_quota_0a1b2c3d4e"
 
 
 @pytest.fixture
 def quota_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path, fake_base: str, log_path: Path
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
 ) -> Callable[..., Awaitable[TestClient]]:
     """A gateway with one extra key under the given quota."""
 
     async def make(quota: dict[str, Any], provider: str = "openai", **env: str) -> TestClient:
         document = keys_document(fake_base)
-        document["virtual_keys"][QUOTA_VK] = {"provider": provider, "api_key": "sk-quota-real-1234567", "name": "quota", "quota": quota}
+        document["virtual_keys"][QUOTA_VK] = {
+            "provider": provider,
+            "api_key": "sk-quota-real-1234567",
+            "name": "quota",
+            "quota": quota,
+        }
         path = tmp_path / "quota-keys.json"
         path.write_text(json.dumps(document))
-        settings = Settings.from_env({"KEYS_FILE_PATH": str(path), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path), **env})
-        return await aiohttp_client(build_app(settings), server_kwargs={"handler_cancellation": True})
+        settings = Settings.from_env(
+            {
+                "KEYS_FILE_PATH": str(path),
+                "LOG_TO_FILE": "true",
+                "LOG_FILE_PATH": str(log_path),
+                **env,
+            }
+        )
+        return await aiohttp_client(
+            build_app(settings), server_kwargs={"handler_cancellation": True}
+        )
 
     return make
 
 
-async def test_two_hundred_concurrent_requests_against_fifty_admit_exactly_fifty(quota_gateway: Any, fake: Any) -> None:
+async def test_two_hundred_concurrent_requests_against_fifty_admit_exactly_fifty(
+    quota_gateway: Any, fake: Any
+) -> None:
     gateway = await quota_gateway({"requests": 50})
 
     async def one() -> int:
@@ -66,15 +89,23 @@ async def test_two_hundred_concurrent_requests_against_fifty_admit_exactly_fifty
 async def test_a_refused_request_is_not_counted(quota_gateway: Any) -> None:
     gateway = await quota_gateway({"requests": 2, "window_seconds": 1})
     for _ in range(2):
-        assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))).status == 200
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
+        ).status == 200
     for _ in range(5):
-        assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))).status == 429
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
+        ).status == 429
     await asyncio.sleep(1.05)
     # Had the refusals counted, the window would still be full.
-    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))).status == 200
+    assert (
+        await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
+    ).status == 200
 
 
-async def test_a_429_carries_retry_after_retry_after_ms_and_the_rate_limit_headers(quota_gateway: Any) -> None:
+async def test_a_429_carries_retry_after_retry_after_ms_and_the_rate_limit_headers(
+    quota_gateway: Any,
+) -> None:
     gateway = await quota_gateway({"requests": 1, "window_seconds": 30})
     await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
     refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
@@ -87,7 +118,9 @@ async def test_a_429_carries_retry_after_retry_after_ms_and_the_rate_limit_heade
     assert refused.headers["x-request-id"]
 
 
-async def test_a_wait_longer_than_the_sdks_sleep_says_do_not_retry_in_anthropic_dialect(quota_gateway: Any) -> None:
+async def test_a_wait_longer_than_the_sdks_sleep_says_do_not_retry_in_anthropic_dialect(
+    quota_gateway: Any,
+) -> None:
     gateway = await quota_gateway({"requests": 1, "window_seconds": 3600}, provider="anthropic")
     await gateway.post("/v1/messages", json=MESSAGES, headers={"x-api-key": QUOTA_VK})
     refused = await gateway.post("/v1/messages", json=MESSAGES, headers={"x-api-key": QUOTA_VK})
@@ -99,7 +132,9 @@ async def test_a_wait_longer_than_the_sdks_sleep_says_do_not_retry_in_anthropic_
 
 async def test_the_openai_sdks_own_retry_succeeds_once_the_window_moves(quota_gateway: Any) -> None:
     gateway = await quota_gateway({"requests": 1, "window_seconds": 1.5})
-    client = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=QUOTA_VK, max_retries=2)
+    client = openai.AsyncOpenAI(
+        base_url=str(gateway.make_url("/v1")), api_key=QUOTA_VK, max_retries=2
+    )
     await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     started = time.monotonic()
     second = await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
@@ -107,30 +142,45 @@ async def test_the_openai_sdks_own_retry_succeeds_once_the_window_moves(quota_ga
     assert time.monotonic() - started >= 1.0  # it waited for the window, as Retry-After said
 
 
-async def test_the_openai_sdk_raises_rate_limit_error_when_told_not_to_retry(gateway: TestClient) -> None:
-    client = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=LIMITED_VK, max_retries=3)
+async def test_the_openai_sdk_raises_rate_limit_error_when_told_not_to_retry(
+    gateway: TestClient,
+) -> None:
+    client = openai.AsyncOpenAI(
+        base_url=str(gateway.make_url("/v1")), api_key=LIMITED_VK, max_retries=3
+    )
     for _ in range(3):
         await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-    assert time.monotonic() - started < 1.0  # x-should-retry: false, no sleeping into a closed window
+    assert (
+        time.monotonic() - started < 1.0
+    )  # x-should-retry: false, no sleeping into a closed window
 
 
 async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refuses(
     quota_gateway: Any, records: Any
 ) -> None:
     gateway = await quota_gateway({"requests": 100, "tokens": 10})
-    first = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(QUOTA_VK), "x-fake-chunks": "8"})
+    first = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(QUOTA_VK), "x-fake-chunks": "8"}
+    )
     assert first.status == 200
     assert first.headers["x-ratelimit-limit-tokens"] == "10"
     assert first.headers["x-ratelimit-remaining-tokens"] == "10"  # nothing charged before it ran
     await first.read()
     (line,) = await records(1)
-    assert line["usage"] == {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9, "estimated": False}
+    assert line["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 8,
+        "total_tokens": 9,
+        "estimated": False,
+    }
     await asyncio.sleep(0.05)
     # 9 of 10 used: still under, so admitted, and it overshoots by its own tokens.
-    second = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(QUOTA_VK), "x-fake-chunks": "8"})
+    second = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(QUOTA_VK), "x-fake-chunks": "8"}
+    )
     assert second.status == 200 and second.headers["x-ratelimit-remaining-tokens"] == "1"
     await second.read()
     await asyncio.sleep(0.05)
@@ -139,9 +189,15 @@ async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refus
     assert "tokens" in (await third.json())["error"]["message"]
 
 
-async def test_anthropic_stream_usage_is_charged_from_the_last_cumulative_delta(quota_gateway: Any, records: Any) -> None:
+async def test_anthropic_stream_usage_is_charged_from_the_last_cumulative_delta(
+    quota_gateway: Any, records: Any
+) -> None:
     gateway = await quota_gateway({"requests": 100, "tokens": 1000}, provider="anthropic")
-    response = await gateway.post("/v1/messages", json={**MESSAGES, "stream": True}, headers={"x-api-key": QUOTA_VK, "x-fake-chunks": "5"})
+    response = await gateway.post(
+        "/v1/messages",
+        json={**MESSAGES, "stream": True},
+        headers={"x-api-key": QUOTA_VK, "x-fake-chunks": "5"},
+    )
     await response.read()
     (line,) = await records(1)
     assert line["usage"]["completion_tokens"] == 5 and line["usage"]["estimated"] is False
@@ -150,9 +206,13 @@ async def test_anthropic_stream_usage_is_charged_from_the_last_cumulative_delta(
     assert usage["tokens"]["used"] == line["usage"]["total_tokens"]
 
 
-async def test_a_stream_without_provider_usage_is_charged_an_estimate(gateway: TestClient, records: Any) -> None:
+async def test_a_stream_without_provider_usage_is_charged_an_estimate(
+    gateway: TestClient, records: Any
+) -> None:
     response = await gateway.post(
-        "/v1/chat/completions", json={**CHAT, "stream": True}, headers={**auth(OPENAI_VK), "x-fake-chunks": "10"}
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "10"},
     )
     await response.read()
     (line,) = await records(1)
@@ -165,7 +225,12 @@ async def test_usage_shows_only_the_presenting_keys_own_counts(gateway: TestClie
     await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
     mine = await (await gateway.get("/usage", headers=auth(LIMITED_VK))).json()
     assert mine["key"] == "limited"
-    assert mine["requests"] == {"used": 2, "limit": 3, "remaining": 1, "reset_seconds": mine["requests"]["reset_seconds"]}
+    assert mine["requests"] == {
+        "used": 2,
+        "limit": 3,
+        "remaining": 1,
+        "reset_seconds": mine["requests"]["reset_seconds"],
+    }
     assert 3500 < mine["requests"]["reset_seconds"] <= 3600
     assert mine["totals"]["requests"] == 2
     other = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
@@ -174,7 +239,9 @@ async def test_usage_shows_only_the_presenting_keys_own_counts(gateway: TestClie
     assert refused.status == 401
 
 
-async def test_quotas_off_admit_everything_and_send_no_rate_limit_headers(make_gateway: Any) -> None:
+async def test_quotas_off_admit_everything_and_send_no_rate_limit_headers(
+    make_gateway: Any,
+) -> None:
     gateway = await make_gateway(QUOTA_ENABLED="false")
     for _ in range(5):
         response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.test_process import Processes, fake_url, free_port, processes  # noqa: F401
+from tests.processes import Processes, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -28,9 +28,15 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, re.DOTALL)
 
 
-def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(
+    tmp_path: Path, processes: Processes
+) -> None:  # noqa: F811
     copy = tmp_path / "checkout"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "keys.json", "*.jsonl", "__pycache__"))
+    shutil.copytree(
+        ROOT,
+        copy,
+        ignore=shutil.ignore_patterns(".venv", ".git", "keys.json", "*.jsonl", "__pycache__"),
+    )
     (copy / ".venv").symlink_to(ROOT / ".venv")  # the installed environment, as make left it
     port = free_port()
     process = processes.start(
@@ -39,7 +45,9 @@ def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(tmp_path: Path, p
         ready="listening on",
         cwd=copy,
     )
-    assert json.loads((copy / "keys.json").read_text()) == json.loads((ROOT / "keys.example.json").read_text())
+    assert json.loads((copy / "keys.json").read_text()) == json.loads(
+        (ROOT / "keys.example.json").read_text()
+    )
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
         assert json.loads(response.read())["status"] == "healthy"
     os.killpg(process.pid, signal.SIGTERM)  # make and the gateway it started
@@ -49,40 +57,76 @@ def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(tmp_path: Path, p
 def start_gateway_for_readme(processes: Processes, tmp_path: Path, fake: str) -> str:  # noqa: F811
     """The gateway with keys.example.json's keys, its providers pointed at the fake."""
     keys = json.loads((ROOT / "keys.example.json").read_text())
-    keys["providers"] = {"openai": {"base_url": f"{fake}/v1"}, "anthropic": {"base_url": f"{fake}/v1"}}
+    keys["providers"] = {
+        "openai": {"base_url": f"{fake}/v1"},
+        "anthropic": {"base_url": f"{fake}/v1"},
+    }
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
     port = free_port()
     processes.start(
-        [sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1", "--server-port", str(port)],
+        [
+            sys.executable,
+            str(ROOT / "gateway.py"),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+        ],
         env={"KEYS_FILE_PATH": str(path)},
         ready="listening on",
     )
     return f"http://127.0.0.1:{port}"
 
 
-def test_the_quick_try_snippets_work_as_shown(tmp_path: Path, processes: Processes, fake_url: str) -> None:  # noqa: F811
+def test_the_quick_try_snippets_work_as_shown(
+    tmp_path: Path, processes: Processes, fake_url: str
+) -> None:  # noqa: F811
     url = start_gateway_for_readme(processes, tmp_path, fake_url)
     curl = next(block for block in blocks("sh") if block.startswith("curl "))
     result = subprocess.run(
-        ["bash", "-c", curl.replace("http://localhost:8080", url)], capture_output=True, text=True, timeout=30
+        ["bash", "-c", curl.replace("http://localhost:8080", url)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    assert result.returncode == 0 and json.loads(result.stdout)["object"] == "chat.completion", result
+    assert result.returncode == 0 and json.loads(result.stdout)["object"] == "chat.completion", (
+        result
+    )
     for snippet in blocks("python")[:2]:
         result = subprocess.run(
             [sys.executable, "-c", snippet.replace("http://localhost:8080", url)],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
         )
         assert result.returncode == 0, result.stderr
         assert "tok0" in result.stdout
 
 
-def test_the_example_command_line_works_as_shown(tmp_path: Path, processes: Processes, fake_url: str) -> None:  # noqa: F811
+def test_the_example_command_line_works_as_shown(
+    tmp_path: Path, processes: Processes, fake_url: str
+) -> None:  # noqa: F811
     url = start_gateway_for_readme(processes, tmp_path, fake_url)
-    line = re.search(r"`(GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=\S+ python examples/openai_chat.py)`", README)
+    line = re.search(
+        r"`(GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=\S+ python examples/openai_chat.py)`",
+        README,
+    )
     assert line, "the README no longer shows how to run an example"
-    command = line.group(1).replace("http://localhost:8080", url).replace("python ", f"{sys.executable} ", 1)
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=ROOT, env=os.environ)
+    command = (
+        line.group(1)
+        .replace("http://localhost:8080", url)
+        .replace("python ", f"{sys.executable} ", 1)
+    )
+    result = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=os.environ,
+    )
     assert result.returncode == 0 and "tok0" in result.stdout, result.stderr
 
 

@@ -21,18 +21,11 @@ from hypothesis import strategies as st
 from proxy.redis_tracker import RedisTracker, check, masked, window_keys
 from proxy.tracker import Limits, MemoryTracker, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
-from tests.redis_server import RedisServer, free_port, redis_server, redis_url  # noqa: F401 (fixtures)
-from tests.test_process import (  # noqa: F401 (fixtures)
-    CHAT,
-    Processes,
-    fake_url,
-    process_keys,
-    processes,
-    refused,
-    start_gateway,
-)
+from tests.processes import Processes, refused, start_gateway
+from tests.redis_server import RedisServer, free_port
 from tests.test_tracker import Clock
 
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
 
 
@@ -153,7 +146,9 @@ async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
     assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
 
 
-async def test_a_changed_limit_keeps_the_newest_admissions(tracker: RedisTracker, clock: Clock) -> None:
+async def test_a_changed_limit_keeps_the_newest_admissions(
+    tracker: RedisTracker, clock: Clock
+) -> None:
     five = Limits(requests=5, tokens=None, window_seconds=10)
     for _ in range(4):
         await tracker.admit(KEY, five)
@@ -199,7 +194,9 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
     assert raw_redis.dbsize() == 0
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     requests=st.tuples(st.integers(1, 8), st.integers(1, 8)),
     token_limit=st.none() | st.integers(1, 40),
@@ -208,16 +205,23 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
             st.integers(0, 6),  # half-seconds to advance; the window is 10 s
             st.sampled_from(["admit", "admit", "admit", "charge", "charge", "report"]),
             st.integers(0, 20),  # tokens to charge
-            st.sampled_from([0, 0, 0, 1]),  # which of the two limits: a key's limit changes now and then
+            st.sampled_from(
+                [0, 0, 0, 1]
+            ),  # which of the two limits: a key's limit changes now and then
         ),
         max_size=80,
     ),
 )
 def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
-    redis_url: str, requests: tuple[int, int], token_limit: int | None, steps: list[tuple[int, str, int, int]]
+    redis_url: str,
+    requests: tuple[int, int],
+    token_limit: int | None,
+    steps: list[tuple[int, str, int, int]],
 ) -> None:
     """Admissions (every field), reports (the whole dict): equal, step by step, also when the limit changes."""
-    limit_pair = [Limits(requests=count, tokens=token_limit, window_seconds=10) for count in requests]
+    limit_pair = [
+        Limits(requests=count, tokens=token_limit, window_seconds=10) for count in requests
+    ]
     key = uuid.uuid4().hex  # the server is shared by every example
 
     async def run() -> None:
@@ -234,7 +238,9 @@ def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
                     await memory.charge(key, limits, tokens)
                 else:
                     assert await shared.report(key, limits) == await memory.report(key, limits)
-            assert await shared.report(key, limit_pair[0]) == await memory.report(key, limit_pair[0])
+            assert await shared.report(key, limit_pair[0]) == await memory.report(
+                key, limit_pair[0]
+            )
         finally:
             await shared.close()
 
@@ -257,7 +263,9 @@ async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_
     limits = Limits(requests=50, tokens=None, window_seconds=3600)
     trackers = [RedisTracker(redis_url) for _ in range(4)]
     try:
-        answers = await asyncio.gather(*(trackers[index % 4].admit(KEY, limits) for index in range(400)))
+        answers = await asyncio.gather(
+            *(trackers[index % 4].admit(KEY, limits) for index in range(400))
+        )
         assert sum(answer.admitted for answer in answers) == 50
         for tracker in trackers:
             assert (await tracker.report(KEY, limits))["totals"]["requests"] == 50
@@ -265,7 +273,9 @@ async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_
         await asyncio.gather(*(tracker.close() for tracker in trackers))
 
 
-async def test_redis_time_is_the_clock_when_none_is_injected(real_time_tracker: RedisTracker) -> None:
+async def test_redis_time_is_the_clock_when_none_is_injected(
+    real_time_tracker: RedisTracker,
+) -> None:
     limits = Limits(requests=1, tokens=None, window_seconds=0.3)
     assert (await real_time_tracker.admit(KEY, limits)).admitted
     refused = await real_time_tracker.admit(KEY, limits)
@@ -328,10 +338,16 @@ async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_return
             assert time.monotonic() - started < 1.5
             assert (
                 str(lost.value)
-                in ("Redis: Connection refused", "Redis: Connection closed by server.")[: 1 + (index == 0)]
+                in ("Redis: Connection refused", "Redis: Connection closed by server.")[
+                    : 1 + (index == 0)
+                ]
             )
         redis_server.start()  # empty, and without the scripts: NOSCRIPT, then loaded again
-        assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [True, True, False]
+        assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
     finally:
         await tracker.close()
 
@@ -368,7 +384,10 @@ def test_a_password_in_the_url_is_masked() -> None:
     assert masked("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
     assert masked("redis://app:s3cret@cache:6379") == "redis://app:***@cache:6379"
     assert masked("redis://cache:6379") == "redis://cache:6379"
-    assert masked("unix:///run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock?db=1&password=***"
+    assert (
+        masked("unix:///run/redis.sock?db=1&password=s3cret")
+        == "unix:///run/redis.sock?db=1&password=***"
+    )
 
 
 # --- the gateway as processes sharing one Redis --------------------------------------------
@@ -384,7 +403,9 @@ async def chat(session: aiohttp.ClientSession, url: str, key: str = OPENAI_VK) -
         return response.status
 
 
-async def get_json(session: aiohttp.ClientSession, url: str, path: str, key: str | None = None) -> Any:
+async def get_json(
+    session: aiohttp.ClientSession, url: str, path: str, key: str | None = None
+) -> Any:
     async with session.get(f"{url}{path}", headers=auth(key) if key else {}) as response:
         return await response.json()
 
@@ -394,7 +415,9 @@ async def redis_decisions(session: aiohttp.ClientSession, url: str) -> dict[str,
         text = await response.text()
     return {
         match[1]: float(match[2])
-        for match in re.finditer(r'^llm_gateway_redis_errors_total\{decision="(\w+)"\} (\S+)$', text, re.M)
+        for match in re.finditer(
+            r'^llm_gateway_redis_errors_total\{decision="(\w+)"\} (\S+)$', text, re.M
+        )
     }
 
 
@@ -403,12 +426,18 @@ async def test_two_gateway_processes_sharing_redis_admit_exactly_the_limit(
 ) -> None:
     gateways = [
         start_gateway(
-            processes, process_keys, tmp_path / f"log{index}.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100"
+            processes,
+            process_keys,
+            tmp_path / f"log{index}.jsonl",
+            REDIS_URL=redis_url,
+            QUOTA_LIMIT="100",
         )[1]
         for index in range(2)
     ]
     async with aiohttp.ClientSession(connector=connector()) as session:
-        statuses = await asyncio.gather(*(chat(session, gateways[index % 2]) for index in range(400)))
+        statuses = await asyncio.gather(
+            *(chat(session, gateways[index % 2]) for index in range(400))
+        )
         assert statuses.count(200) == 100 and statuses.count(429) == 300
         for url in gateways:
             usage = await get_json(session, url, "/usage", OPENAI_VK)
@@ -419,7 +448,12 @@ async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
     processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
 ) -> None:
     _, url = start_gateway(
-        processes, process_keys, tmp_path / "log.jsonl", REDIS_URL=redis_url, QUOTA_LIMIT="100", WORKERS="2"
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        REDIS_URL=redis_url,
+        QUOTA_LIMIT="100",
+        WORKERS="2",
     )
     async with aiohttp.ClientSession(connector=connector()) as session:
         statuses = await asyncio.gather(*(chat(session, url) for _ in range(400)))
@@ -430,10 +464,15 @@ async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
 @pytest.mark.parametrize("password", ["", ":hunter2-secret@"])
 def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path, password: str) -> None:
     address = f"127.0.0.1:{free_port()}"
-    result = refused({"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": f"redis://{password}{address}"})
+    result = refused(
+        {"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": f"redis://{password}{address}"}
+    )
     assert result.returncode == 2
     shown = f"redis://{':***@' if password else ''}{address}"
-    assert result.stderr.strip() == f"llm-gateway: REDIS_URL {shown}: cannot connect (Connection refused)"
+    assert (
+        result.stderr.strip()
+        == f"llm-gateway: REDIS_URL {shown}: cannot connect (Connection refused)"
+    )
 
 
 class Load:
@@ -516,7 +555,9 @@ async def test_with_allow_requests_flow_while_redis_is_lost_and_quotas_hold_agai
         decisions = await redis_decisions(session, url)
         assert decisions.get("allow", 0) >= 30 and decisions.get("deny", 0) == 0
 
-    load = await lose_and_restore_redis(processes, process_keys, redis_server, tmp_path, "allow", while_lost)
+    load = await lose_and_restore_redis(
+        processes, process_keys, redis_server, tmp_path, "allow", while_lost
+    )
     assert load and set(load) <= {200, 429}
 
 
@@ -525,11 +566,15 @@ async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
 ) -> None:
     async def while_lost(session: aiohttp.ClientSession, url: str, lost: list[int]) -> None:
         assert lost == [503] * 30
-        async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)) as response:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
             assert response.status == 503
             assert_openai_error(await response.json(), "quota_unavailable")
         decisions = await redis_decisions(session, url)
         assert decisions.get("deny", 0) >= 31 and decisions.get("allow", 0) == 0
 
-    load = await lose_and_restore_redis(processes, process_keys, redis_server, tmp_path, "deny", while_lost)
+    load = await lose_and_restore_redis(
+        processes, process_keys, redis_server, tmp_path, "deny", while_lost
+    )
     assert load and set(load) <= {200, 429, 503} and 503 in load

@@ -30,21 +30,35 @@ from tests.conftest import (
 from tests.fake_provider import FakeState
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
-MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 32,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
-async def test_the_request_body_reaches_the_provider_byte_for_byte(gateway: TestClient, fake: FakeState) -> None:
+async def test_the_request_body_reaches_the_provider_byte_for_byte(
+    gateway: TestClient, fake: FakeState
+) -> None:
     # Odd spacing, key order and unicode escapes: a re-encoding would change these bytes.
     body = b'{ "messages":[{"role":"user","content":"h\\u00e9llo  \xc3\xa9"}],\n "model" : "gpt-4o-mini", "zeta": 1.50}'
     response = await gateway.post(
-        "/v1/chat/completions", data=body, headers={**auth(OPENAI_VK), "Content-Type": "application/json"}
+        "/v1/chat/completions",
+        data=body,
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
     )
     assert response.status == 200
     assert fake.requests[-1].body == body
 
 
-async def test_the_response_body_reaches_the_client_byte_for_byte(gateway: TestClient, fake: FakeState) -> None:
-    response = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "req-bytes-1"})
+async def test_the_response_body_reaches_the_client_byte_for_byte(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": "req-bytes-1"},
+    )
     assert await response.read() == fake.sent["req-bytes-1"]
 
 
@@ -67,10 +81,16 @@ async def test_the_virtual_key_is_swapped_for_the_real_key_in_each_providers_hea
         assert virtual not in json.dumps(list(seen.items()))
 
 
-async def test_anthropic_version_is_added_only_when_the_client_sent_none(gateway: TestClient, fake: FakeState) -> None:
+async def test_anthropic_version_is_added_only_when_the_client_sent_none(
+    gateway: TestClient, fake: FakeState
+) -> None:
     await gateway.post("/v1/messages", json=MESSAGES, headers=auth(ANTHROPIC_VK))
     assert fake.requests[-1].headers.getall("anthropic-version") == ["2023-06-01"]
-    await gateway.post("/v1/messages", json=MESSAGES, headers={**auth(ANTHROPIC_VK), "anthropic-version": "2024-01-01"})
+    await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={**auth(ANTHROPIC_VK), "anthropic-version": "2024-01-01"},
+    )
     assert fake.requests[-1].headers.getall("anthropic-version") == ["2024-01-01"]
 
 
@@ -90,21 +110,40 @@ async def test_end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not(
         "Proxy-Authorization": "Basic c2VjcmV0",
         "TE": "trailers",
     }
-    response = await gateway.post("/v1/chat/completions?api-version=2024-10-21&x=a%20b", json=CHAT, headers={**auth(OPENAI_VK), **sent})
+    response = await gateway.post(
+        "/v1/chat/completions?api-version=2024-10-21&x=a%20b",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), **sent},
+    )
     seen = fake.requests[-1]
-    for name in ("anthropic-beta", "traceparent", "Idempotency-Key", "OpenAI-Organization", "X-Custom-Thing"):
+    for name in (
+        "anthropic-beta",
+        "traceparent",
+        "Idempotency-Key",
+        "OpenAI-Organization",
+        "X-Custom-Thing",
+    ):
         assert seen.headers.get(name) == sent[name], name
     for name in ("X-Drop-Me", "Keep-Alive", "Proxy-Authorization", "TE"):
         assert name not in seen.headers, name
-    assert seen.headers["host"].endswith(f":{fake_port}") and f":{gateway.port}" not in seen.headers["host"]
+    assert (
+        seen.headers["host"].endswith(f":{fake_port}")
+        and f":{gateway.port}" not in seen.headers["host"]
+    )
     assert seen.query_string == "api-version=2024-10-21&x=a b"  # as the fake decodes it
     # The provider's own headers come back: processing time, cookies, its request id is replaced.
     assert response.headers["openai-processing-ms"] == "12"
     assert "set-cookie" in response.headers
 
 
-async def test_every_response_carries_the_clients_request_id_or_a_fresh_one(gateway: TestClient) -> None:
-    mine = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "client-chosen-7"})
+async def test_every_response_carries_the_clients_request_id_or_a_fresh_one(
+    gateway: TestClient,
+) -> None:
+    mine = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": "client-chosen-7"},
+    )
     assert mine.headers["x-request-id"] == "client-chosen-7"
     fresh = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
     refused = await gateway.post("/v1/chat/completions", json=CHAT)
@@ -119,11 +158,18 @@ async def test_the_gateways_rate_limit_headers_replace_the_providers(gateway: Te
     assert "x-ratelimit-reset-requests" in response.headers
 
 
-async def test_a_gzip_response_reaches_the_client_still_gzip(gateway: TestClient, fake: FakeState) -> None:
+async def test_a_gzip_response_reaches_the_client_still_gzip(
+    gateway: TestClient, fake: FakeState
+) -> None:
     response = await gateway.post(
         "/v1/chat/completions",
         json=CHAT,
-        headers={**auth(OPENAI_VK), "x-fake-gzip": "1", "x-request-id": "gz-1", "Accept-Encoding": "gzip"},
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-gzip": "1",
+            "x-request-id": "gz-1",
+            "Accept-Encoding": "gzip",
+        },
         auto_decompress=False,
     )
     raw = await response.read()
@@ -132,21 +178,41 @@ async def test_a_gzip_response_reaches_the_client_still_gzip(gateway: TestClient
     assert json.loads(gzip.decompress(raw))["object"] == "chat.completion"
 
 
-async def test_the_gateway_adds_no_accept_encoding_the_client_did_not_send(gateway: TestClient, fake: FakeState) -> None:
-    await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK), skip_auto_headers=["Accept-Encoding"])
+async def test_the_gateway_adds_no_accept_encoding_the_client_did_not_send(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers=auth(OPENAI_VK),
+        skip_auto_headers=["Accept-Encoding"],
+    )
     assert "accept-encoding" not in fake.requests[-1].headers
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/embeddings", "/models", "/v1/models"])
-async def test_seed_paths_route_like_their_v1_twins(gateway: TestClient, fake: FakeState, path: str) -> None:
-    body = {"model": "gpt-4o-mini", "prompt": "x", "input": "x", "messages": [{"role": "user", "content": "x"}]}
+@pytest.mark.parametrize(
+    "path", ["/chat/completions", "/completions", "/embeddings", "/models", "/v1/models"]
+)
+async def test_seed_paths_route_like_their_v1_twins(
+    gateway: TestClient, fake: FakeState, path: str
+) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "prompt": "x",
+        "input": "x",
+        "messages": [{"role": "user", "content": "x"}],
+    }
     method = "GET" if path.endswith("models") else "POST"
-    response = await gateway.request(method, path, json=None if method == "GET" else body, headers=auth(OPENAI_VK))
+    response = await gateway.request(
+        method, path, json=None if method == "GET" else body, headers=auth(OPENAI_VK)
+    )
     assert response.status == 200, await response.text()
     assert fake.requests[-1].path == "/v1" + path.removeprefix("/v1")
 
 
-async def test_the_seed_messages_path_routes_to_anthropic(gateway: TestClient, fake: FakeState) -> None:
+async def test_the_seed_messages_path_routes_to_anthropic(
+    gateway: TestClient, fake: FakeState
+) -> None:
     response = await gateway.post("/messages", json=MESSAGES, headers={"x-api-key": ANTHROPIC_VK})
     assert response.status == 200
     assert fake.requests[-1].path == "/v1/messages"
@@ -156,7 +222,9 @@ async def test_any_other_provider_path_passes_through(gateway: TestClient, fake:
     response = await gateway.delete("/v1/files/file-abc123?purpose=x", headers=auth(OPENAI_VK))
     assert response.status == 200
     assert (fake.requests[-1].method, fake.requests[-1].path, fake.requests[-1].query_string) == (
-        "DELETE", "/v1/files/file-abc123", "purpose=x",
+        "DELETE",
+        "/v1/files/file-abc123",
+        "purpose=x",
     )
 
 
@@ -170,8 +238,12 @@ async def test_no_key_gets_401_in_openai_dialect(gateway: TestClient, fake: Fake
     assert fake.requests == []
 
 
-async def test_unknown_key_gets_401_in_anthropic_dialect_without_echoing_it(gateway: TestClient, fake: FakeState) -> None:
-    response = await gateway.post("/v1/messages", json=MESSAGES, headers={"x-api-key": "vk_not_a_real_key_123"})
+async def test_unknown_key_gets_401_in_anthropic_dialect_without_echoing_it(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/messages", json=MESSAGES, headers={"x-api-key": "vk_not_a_real_key_123"}
+    )
     assert response.status == 401
     body = await response.json()
     assert_anthropic_error(body, "authentication_error")
@@ -180,7 +252,9 @@ async def test_unknown_key_gets_401_in_anthropic_dialect_without_echoing_it(gate
     assert fake.requests == []
 
 
-async def test_an_oversized_body_gets_413_from_content_length(make_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState) -> None:
+async def test_an_oversized_body_gets_413_from_content_length(
+    make_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
     gateway = await make_gateway(MAX_BODY_BYTES="1000")
     big = {**CHAT, "pad": "x" * 2000}
     response = await gateway.post("/v1/chat/completions", json=big, headers=auth(OPENAI_VK))
@@ -202,7 +276,9 @@ async def test_an_oversized_chunked_upload_gets_413_without_reading_it_all(
             yield b"x" * 1000
 
     response = await gateway.post(
-        "/v1/messages", data=endless(), headers={"x-api-key": ANTHROPIC_VK, "Content-Type": "application/json"}
+        "/v1/messages",
+        data=endless(),
+        headers={"x-api-key": ANTHROPIC_VK, "Content-Type": "application/json"},
     )
     assert response.status == 413
     assert_anthropic_error(await response.json(), "request_too_large")
@@ -212,7 +288,9 @@ async def test_an_oversized_chunked_upload_gets_413_without_reading_it_all(
 
 async def test_malformed_json_gets_400(gateway: TestClient) -> None:
     response = await gateway.post(
-        "/v1/chat/completions", data=b'{"model": "gpt', headers={**auth(OPENAI_VK), "Content-Type": "application/json"}
+        "/v1/chat/completions",
+        data=b'{"model": "gpt',
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
     )
     assert response.status == 400
     assert_openai_error(await response.json(), "invalid_json")
@@ -242,17 +320,25 @@ async def test_chat_without_model_or_messages_gets_400_naming_the_field(
     assert fake.requests == []
 
 
-async def test_a_model_outside_allowed_models_gets_403(gateway: TestClient, fake: FakeState) -> None:
-    response = await gateway.post("/v1/messages", json={**MESSAGES, "model": "claude-opus-4-1"}, headers=auth(RESTRICTED_VK))
+async def test_a_model_outside_allowed_models_gets_403(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "model": "claude-opus-4-1"}, headers=auth(RESTRICTED_VK)
+    )
     assert response.status == 403
     assert_anthropic_error(await response.json(), "permission_error")
-    allowed = await gateway.post("/v1/messages", json={**MESSAGES, "model": "claude-sonnet-4-5"}, headers=auth(RESTRICTED_VK))
+    allowed = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "model": "claude-sonnet-4-5"}, headers=auth(RESTRICTED_VK)
+    )
     assert allowed.status == 200
     assert len(fake.requests) == 1
 
 
 @pytest.mark.parametrize("path", ["/v1/a%2Fb", "/v1//evil.example/x", "/v1/models/a%5Cb"])
-async def test_a_path_that_would_climb_out_gets_400(gateway: TestClient, fake: FakeState, path: str) -> None:
+async def test_a_path_that_would_climb_out_gets_400(
+    gateway: TestClient, fake: FakeState, path: str
+) -> None:
     response = await gateway.get(path, headers=auth(OPENAI_VK))
     assert response.status == 400
     assert_openai_error(await response.json(), "invalid_path")
@@ -260,9 +346,18 @@ async def test_a_path_that_would_climb_out_gets_400(gateway: TestClient, fake: F
 
 
 @pytest.mark.parametrize(
-    "target", ["/v1/../../etc/passwd", "/v1/%2e%2e/secrets", "/v1/models/%2E%2E/%2e%2e/x", "/v1/./models", "http://evil.example/v1/models"]
+    "target",
+    [
+        "/v1/../../etc/passwd",
+        "/v1/%2e%2e/secrets",
+        "/v1/models/%2E%2E/%2e%2e/x",
+        "/v1/./models",
+        "http://evil.example/v1/models",
+    ],
 )
-async def test_a_path_that_climbs_out_over_a_raw_socket_gets_400(gateway: TestClient, fake: FakeState, target: str) -> None:
+async def test_a_path_that_climbs_out_over_a_raw_socket_gets_400(
+    gateway: TestClient, fake: FakeState, target: str
+) -> None:
     # Client libraries normalise paths before sending; a raw request target is not.
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(
@@ -278,9 +373,13 @@ async def test_a_path_that_climbs_out_over_a_raw_socket_gets_400(gateway: TestCl
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
-async def test_provider_errors_pass_through_unchanged(gateway: TestClient, fake: FakeState, status: int) -> None:
+async def test_provider_errors_pass_through_unchanged(
+    gateway: TestClient, fake: FakeState, status: int
+) -> None:
     response = await gateway.post(
-        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-status": str(status), "x-request-id": f"err-{status}"}
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-fake-status": str(status), "x-request-id": f"err-{status}"},
     )
     assert response.status == status
     assert await response.read() == fake.sent[f"err-{status}"]
@@ -288,17 +387,23 @@ async def test_provider_errors_pass_through_unchanged(gateway: TestClient, fake:
         assert response.headers["retry-after"] == "7"
 
 
-async def test_an_unreachable_provider_gets_502(aiohttp_client: Any, tmp_path: Any, settings: Any) -> None:
+async def test_an_unreachable_provider_gets_502(
+    aiohttp_client: Any, tmp_path: Any, settings: Any
+) -> None:
     from proxy.app import build_app
 
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     keys = tmp_path / "dead.json"
-    keys.write_text(json.dumps({
-        "providers": {"openai": {"base_url": f"http://127.0.0.1:{port}/v1"}},
-        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
-    }))
+    keys.write_text(
+        json.dumps(
+            {
+                "providers": {"openai": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+                "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+            }
+        )
+    )
     client = await aiohttp_client(build_app(settings(KEYS_FILE_PATH=str(keys))))
     response = await client.post("/v1/messages", json=MESSAGES, headers=auth(OPENAI_VK))
     assert response.status == 502
@@ -309,7 +414,9 @@ async def test_an_unreachable_provider_gets_502(aiohttp_client: Any, tmp_path: A
 
 
 async def test_a_provider_that_drops_before_headers_gets_502(gateway: TestClient) -> None:
-    response = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-drop": "headers"})
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-drop": "headers"}
+    )
     assert response.status == 502
     assert_openai_error(await response.json(), "upstream_unreachable")
 
@@ -319,7 +426,9 @@ async def test_no_response_headers_within_request_timeout_gets_504(
 ) -> None:
     gateway = await make_gateway(REQUEST_TIMEOUT="0.3")
     started = asyncio.get_running_loop().time()
-    response = await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-hang": "headers"})
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-hang": "headers"}
+    )
     assert response.status == 504
     assert asyncio.get_running_loop().time() - started < 2
     assert_openai_error(await response.json(), "upstream_timeout")
@@ -327,9 +436,13 @@ async def test_no_response_headers_within_request_timeout_gets_504(
     assert line["status"] == 504 and "error" in line
 
 
-async def test_quota_refusals_are_429_with_retry_after(gateway: TestClient, fake: FakeState) -> None:
+async def test_quota_refusals_are_429_with_retry_after(
+    gateway: TestClient, fake: FakeState
+) -> None:
     for _ in range(3):
-        assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))).status == 200
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+        ).status == 200
     refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
     assert refused.status == 429
     assert_openai_error(await refused.json(), "rate_limit_exceeded")
@@ -338,10 +451,14 @@ async def test_quota_refusals_are_429_with_retry_after(gateway: TestClient, fake
     assert len(fake.requests) == 3
 
 
-async def test_refused_and_failed_requests_are_logged_too(gateway: TestClient, records: Any) -> None:
+async def test_refused_and_failed_requests_are_logged_too(
+    gateway: TestClient, records: Any
+) -> None:
     await gateway.post("/v1/chat/completions", json=CHAT)
     await gateway.post("/v1/chat/completions", json={"model": "x"}, headers=auth(OPENAI_VK))
-    await gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-status": "500"})
+    await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-status": "500"}
+    )
     lines = await records(3)
     assert [line["status"] for line in lines] == [401, 400, 500]
     assert lines[0]["key"] is None and lines[1]["key"] == "vk_tes…2e1b"

@@ -53,13 +53,17 @@ def tagged(rid: str) -> dict[str, dict[str, str]]:
     return {"extra_headers": {"x-request-id": rid}}
 
 
-def assert_openai_key_swapped(seen: Seen, real: str = OPENAI_REAL, virtual: str = OPENAI_VK) -> None:
+def assert_openai_key_swapped(
+    seen: Seen, real: str = OPENAI_REAL, virtual: str = OPENAI_VK
+) -> None:
     """The real key went up as a Bearer token; the virtual key went nowhere."""
     assert seen.headers["Authorization"] == f"Bearer {real}"
     assert not any(virtual in value for value in seen.headers.values()), seen.headers
 
 
-def assert_anthropic_key_swapped(seen: Seen, real: str = ANTHROPIC_REAL, virtual: str = ANTHROPIC_VK) -> None:
+def assert_anthropic_key_swapped(
+    seen: Seen, real: str = ANTHROPIC_REAL, virtual: str = ANTHROPIC_VK
+) -> None:
     """The real key went up in x-api-key; no Authorization; the virtual key went nowhere."""
     assert seen.headers.getall("x-api-key") == [real]
     assert "Authorization" not in seen.headers
@@ -82,7 +86,9 @@ async def openai_sdk(gateway: TestClient) -> AsyncIterator[Callable[..., AsyncOp
     clients: list[AsyncOpenAI] = []
 
     def make(key: str = OPENAI_VK, root: str = "/v1", max_retries: int = 0) -> AsyncOpenAI:
-        client = AsyncOpenAI(base_url=str(gateway.make_url(root)), api_key=key, max_retries=max_retries)
+        client = AsyncOpenAI(
+            base_url=str(gateway.make_url(root)), api_key=key, max_retries=max_retries
+        )
         clients.append(client)
         return client
 
@@ -109,7 +115,9 @@ async def anthropic_sdk(gateway: TestClient) -> AsyncIterator[Callable[..., Asyn
 # --- OpenAI: chat completions ----------------------------------------------------------
 
 
-async def test_async_chat_completion_gets_the_providers_exact_bytes(openai_sdk, fake: FakeState) -> None:
+async def test_async_chat_completion_gets_the_providers_exact_bytes(
+    openai_sdk, fake: FakeState
+) -> None:
     rid = request_id("chat")
     raw = await openai_sdk().chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES, **tagged(rid)
@@ -125,11 +133,15 @@ async def test_async_chat_completion_gets_the_providers_exact_bytes(openai_sdk, 
     assert_openai_key_swapped(seen)
 
 
-async def test_sync_chat_completion_works_from_a_thread(gateway: TestClient, fake: FakeState) -> None:
+async def test_sync_chat_completion_works_from_a_thread(
+    gateway: TestClient, fake: FakeState
+) -> None:
     rid = request_id("sync")
 
     def call() -> tuple[bytes, str | None]:
-        with openai.OpenAI(base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0) as client:
+        with openai.OpenAI(
+            base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0
+        ) as client:
             raw = client.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=MESSAGES, **tagged(rid)
             )
@@ -145,9 +157,15 @@ async def test_sync_streaming_works_from_a_thread(gateway: TestClient, fake: Fak
     rid = request_id("sync_stream")
 
     def call() -> str:
-        with openai.OpenAI(base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0) as client:
-            stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True, **tagged(rid))
-            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        with openai.OpenAI(
+            base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0
+        ) as client:
+            stream = client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True, **tagged(rid)
+            )
+            return "".join(
+                chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+            )
 
     assert await asyncio.to_thread(call) == TEXT
     assert fake.sent[rid].endswith(b"data: [DONE]\n\n")
@@ -164,7 +182,9 @@ async def test_streaming_chat_completion_yields_each_chunk(openai_sdk, fake: Fak
     assert_openai_key_swapped(fake.requests[-1])
 
 
-async def test_streaming_chat_completion_bytes_are_the_providers(openai_sdk, fake: FakeState) -> None:
+async def test_streaming_chat_completion_bytes_are_the_providers(
+    openai_sdk, fake: FakeState
+) -> None:
     rid = request_id("stream_raw")
     async with openai_sdk().chat.completions.with_streaming_response.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True, **tagged(rid)
@@ -174,7 +194,9 @@ async def test_streaming_chat_completion_bytes_are_the_providers(openai_sdk, fak
     assert received == fake.sent[rid]
 
 
-async def test_stream_options_include_usage_delivers_the_usage_chunk(openai_sdk, fake: FakeState) -> None:
+async def test_stream_options_include_usage_delivers_the_usage_chunk(
+    openai_sdk, fake: FakeState
+) -> None:
     rid = request_id("usage")
     stream = await openai_sdk().chat.completions.create(
         model="gpt-4o-mini",
@@ -206,7 +228,11 @@ async def test_tool_calls_arrive_parsed(openai_sdk, fake: FakeState) -> None:
 
 async def test_streamed_tool_call_arguments_reassemble(openai_sdk, fake: FakeState) -> None:
     stream = await openai_sdk().chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, tools=TOOLS, stream=True, **tagged(request_id("tool_stream"))
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        tools=TOOLS,
+        stream=True,
+        **tagged(request_id("tool_stream")),
     )
     arguments, names = "", []
     async for chunk in stream:
@@ -221,7 +247,9 @@ async def test_streamed_tool_call_arguments_reassemble(openai_sdk, fake: FakeSta
 
 async def test_responses_api_gets_the_providers_exact_bytes(openai_sdk, fake: FakeState) -> None:
     rid = request_id("responses")
-    raw = await openai_sdk().responses.with_raw_response.create(model="gpt-4o-mini", input="say hello", **tagged(rid))
+    raw = await openai_sdk().responses.with_raw_response.create(
+        model="gpt-4o-mini", input="say hello", **tagged(rid)
+    )
     assert raw.content == fake.sent[rid]
     assert raw.parse().output_text == TEXT
     seen = fake.requests[-1]
@@ -231,10 +259,15 @@ async def test_responses_api_gets_the_providers_exact_bytes(openai_sdk, fake: Fa
 
 async def test_responses_api_stream_yields_every_event(openai_sdk, fake: FakeState) -> None:
     rid = request_id("responses_stream")
-    stream = await openai_sdk().responses.create(model="gpt-4o-mini", input="say hello", stream=True, **tagged(rid))
+    stream = await openai_sdk().responses.create(
+        model="gpt-4o-mini", input="say hello", stream=True, **tagged(rid)
+    )
     events = [event async for event in stream]
     assert [event.type for event in events][:2] == ["response.created", "response.in_progress"]
-    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == TEXT
+    assert (
+        "".join(event.delta for event in events if event.type == "response.output_text.delta")
+        == TEXT
+    )
     assert events[-1].type == "response.completed"
     assert [event.sequence_number for event in events] == [
         payload["sequence_number"] for payload in sse_data(fake.sent[rid])
@@ -287,7 +320,9 @@ async def test_models_retrieve_keeps_the_model_in_the_path(openai_sdk, fake: Fak
     assert fake.requests[-1].path == "/v1/models/gpt-4o-mini"
 
 
-async def test_legacy_completions_get_the_providers_exact_bytes(openai_sdk, fake: FakeState) -> None:
+async def test_legacy_completions_get_the_providers_exact_bytes(
+    openai_sdk, fake: FakeState
+) -> None:
     rid = request_id("completions")
     raw = await openai_sdk().completions.with_raw_response.create(
         model="gpt-3.5-turbo-instruct", prompt="say hello", **tagged(rid)
@@ -300,7 +335,10 @@ async def test_legacy_completions_get_the_providers_exact_bytes(openai_sdk, fake
 
 async def test_legacy_completions_stream(openai_sdk, fake: FakeState) -> None:
     stream = await openai_sdk().completions.create(
-        model="gpt-3.5-turbo-instruct", prompt="say hello", stream=True, stream_options={"include_usage": True}
+        model="gpt-3.5-turbo-instruct",
+        prompt="say hello",
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == TEXT
@@ -310,7 +348,9 @@ async def test_legacy_completions_stream(openai_sdk, fake: FakeState) -> None:
 # --- Anthropic ---------------------------------------------------------------------------
 
 
-async def test_anthropic_message_gets_the_providers_exact_bytes(anthropic_sdk, fake: FakeState) -> None:
+async def test_anthropic_message_gets_the_providers_exact_bytes(
+    anthropic_sdk, fake: FakeState
+) -> None:
     rid = request_id("message")
     raw = await anthropic_sdk().messages.with_raw_response.create(
         model=CLAUDE, max_tokens=64, messages=MESSAGES, **tagged(rid)
@@ -324,13 +364,19 @@ async def test_anthropic_message_gets_the_providers_exact_bytes(anthropic_sdk, f
     seen = fake.requests[-1]
     assert (seen.method, seen.path) == ("POST", "/v1/messages")
     # The SDK's own anthropic-version passes through; the provider default is only a fallback.
-    assert seen.headers.getall("anthropic-version") == [raw.http_request.headers["anthropic-version"]]
+    assert seen.headers.getall("anthropic-version") == [
+        raw.http_request.headers["anthropic-version"]
+    ]
     assert_anthropic_key_swapped(seen)
 
 
-async def test_anthropic_messages_stream_helper_assembles_the_message(anthropic_sdk, fake: FakeState) -> None:
+async def test_anthropic_messages_stream_helper_assembles_the_message(
+    anthropic_sdk, fake: FakeState
+) -> None:
     rid = request_id("message_stream")
-    async with anthropic_sdk().messages.stream(model=CLAUDE, max_tokens=64, messages=MESSAGES, **tagged(rid)) as stream:
+    async with anthropic_sdk().messages.stream(
+        model=CLAUDE, max_tokens=64, messages=MESSAGES, **tagged(rid)
+    ) as stream:
         texts = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
     assert texts == ["tok0 ", "tok1 ", "tok2 "]
@@ -349,9 +395,13 @@ async def test_anthropic_stream_bytes_are_the_providers(anthropic_sdk, fake: Fak
     assert received == fake.sent[rid]
 
 
-async def test_anthropic_count_tokens_gets_the_providers_exact_bytes(anthropic_sdk, fake: FakeState) -> None:
+async def test_anthropic_count_tokens_gets_the_providers_exact_bytes(
+    anthropic_sdk, fake: FakeState
+) -> None:
     rid = request_id("count")
-    raw = await anthropic_sdk().messages.with_raw_response.count_tokens(model=CLAUDE, messages=MESSAGES, **tagged(rid))
+    raw = await anthropic_sdk().messages.with_raw_response.count_tokens(
+        model=CLAUDE, messages=MESSAGES, **tagged(rid)
+    )
     assert await raw.read() == fake.sent[rid]
     assert (await raw.parse()).input_tokens == 3
     seen = fake.requests[-1]
@@ -372,31 +422,57 @@ async def test_restricted_key_may_use_an_allowed_model(anthropic_sdk, fake: Fake
 async def test_openai_sdk_on_the_root_uses_the_seed_paths(openai_sdk, fake: FakeState) -> None:
     client = openai_sdk(root="")
     rid = request_id("seed_sdk")
-    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, **tagged(rid))
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, **tagged(rid)
+    )
     assert raw.content == fake.sent[rid]
     assert fake.requests[-1].path == "/v1/chat/completions"
     await client.embeddings.create(model="text-embedding-3-small", input="one")
     await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
     assert [model.id async for model in await client.models.list()]
-    assert [seen.path for seen in fake.requests[-3:]] == ["/v1/embeddings", "/v1/completions", "/v1/models"]
+    assert [seen.path for seen in fake.requests[-3:]] == [
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/models",
+    ]
 
 
 RAW_CALLS = [
     # the seed paths without /v1
     ("POST", "/chat/completions", OPENAI_VK, {"model": "gpt-4o-mini", "messages": MESSAGES}),
-    ("POST", "/chat/completions", OPENAI_VK, {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}),
+    (
+        "POST",
+        "/chat/completions",
+        OPENAI_VK,
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+    ),
     ("POST", "/completions", OPENAI_VK, {"model": "gpt-3.5-turbo-instruct", "prompt": "hi"}),
-    ("POST", "/completions", OPENAI_VK, {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True}),
+    (
+        "POST",
+        "/completions",
+        OPENAI_VK,
+        {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True},
+    ),
     ("POST", "/embeddings", OPENAI_VK, {"model": "text-embedding-3-small", "input": "hi"}),
     ("GET", "/models", OPENAI_VK, None),
     ("POST", "/messages", ANTHROPIC_VK, {"model": CLAUDE, "max_tokens": 9, "messages": MESSAGES}),
-    ("POST", "/messages", ANTHROPIC_VK, {"model": CLAUDE, "max_tokens": 9, "messages": MESSAGES, "stream": True}),
+    (
+        "POST",
+        "/messages",
+        ANTHROPIC_VK,
+        {"model": CLAUDE, "max_tokens": 9, "messages": MESSAGES, "stream": True},
+    ),
     # the streams the SDK tests parse, read here as raw bytes
     (
         "POST",
         "/v1/chat/completions",
         OPENAI_VK,
-        {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     ),
     (
         "POST",
@@ -405,7 +481,12 @@ RAW_CALLS = [
         {"model": "gpt-4o-mini", "messages": MESSAGES, "tools": TOOLS, "stream": True},
     ),
     ("POST", "/v1/responses", OPENAI_VK, {"model": "gpt-4o-mini", "input": "hi", "stream": True}),
-    ("POST", "/v1/messages", ANTHROPIC_VK, {"model": CLAUDE, "max_tokens": 9, "messages": MESSAGES, "stream": True}),
+    (
+        "POST",
+        "/v1/messages",
+        ANTHROPIC_VK,
+        {"model": CLAUDE, "max_tokens": 9, "messages": MESSAGES, "stream": True},
+    ),
 ]
 
 
@@ -438,21 +519,29 @@ async def test_raw_request_gets_the_providers_exact_bytes(
 
 async def test_unknown_key_raises_openai_authentication_error(openai_sdk, fake: FakeState) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
-        await openai_sdk("vk_not_a_key").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        await openai_sdk("vk_not_a_key").chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        )
     assert caught.value.status_code == 401
     assert_openai_error(caught.value.response.json(), "invalid_api_key")
     assert fake.requests == []
 
 
-async def test_unknown_key_raises_anthropic_authentication_error(anthropic_sdk, fake: FakeState) -> None:
+async def test_unknown_key_raises_anthropic_authentication_error(
+    anthropic_sdk, fake: FakeState
+) -> None:
     with pytest.raises(anthropic.AuthenticationError) as caught:
-        await anthropic_sdk("vk_not_a_key").messages.create(model=CLAUDE, max_tokens=9, messages=MESSAGES)
+        await anthropic_sdk("vk_not_a_key").messages.create(
+            model=CLAUDE, max_tokens=9, messages=MESSAGES
+        )
     assert caught.value.status_code == 401
     assert_anthropic_error(caught.value.response.json(), "authentication_error")
     assert fake.requests == []
 
 
-async def test_unknown_key_on_count_tokens_is_anthropic_shaped(anthropic_sdk, fake: FakeState) -> None:
+async def test_unknown_key_on_count_tokens_is_anthropic_shaped(
+    anthropic_sdk, fake: FakeState
+) -> None:
     with pytest.raises(anthropic.AuthenticationError):
         await anthropic_sdk("vk_not_a_key").messages.count_tokens(model=CLAUDE, messages=MESSAGES)
 
@@ -475,7 +564,9 @@ async def test_openai_missing_field_raises_bad_request_naming_it(
     assert fake.requests == []
 
 
-async def test_openai_body_without_model_key_raises_bad_request(openai_sdk, fake: FakeState) -> None:
+async def test_openai_body_without_model_key_raises_bad_request(
+    openai_sdk, fake: FakeState
+) -> None:
     # The typed SDK insists on model; a raw post through the same client omits it.
     with pytest.raises(openai.BadRequestError) as caught:
         await openai_sdk().post("/chat/completions", body={"messages": MESSAGES}, cast_to=object)
@@ -499,9 +590,13 @@ async def test_anthropic_missing_field_raises_bad_request_naming_it(
     assert fake.requests == []
 
 
-async def test_restricted_model_raises_anthropic_permission_denied(anthropic_sdk, fake: FakeState) -> None:
+async def test_restricted_model_raises_anthropic_permission_denied(
+    anthropic_sdk, fake: FakeState
+) -> None:
     with pytest.raises(anthropic.PermissionDeniedError) as caught:
-        await anthropic_sdk(RESTRICTED_VK).messages.create(model="claude-opus-4-1", max_tokens=9, messages=MESSAGES)
+        await anthropic_sdk(RESTRICTED_VK).messages.create(
+            model="claude-opus-4-1", max_tokens=9, messages=MESSAGES
+        )
     assert caught.value.status_code == 403
     assert_anthropic_error(caught.value.response.json(), "permission_error")
     assert "claude-opus-4-1" in caught.value.message
@@ -547,7 +642,11 @@ async def test_sdk_retry_reaches_the_provider_again(openai_sdk, fake: FakeState)
 
 # --- provider errors pass through unchanged -------------------------------------------------
 
-OPENAI_STATUS_ERRORS = [(400, openai.BadRequestError), (429, openai.RateLimitError), (500, openai.InternalServerError)]
+OPENAI_STATUS_ERRORS = [
+    (400, openai.BadRequestError),
+    (429, openai.RateLimitError),
+    (500, openai.InternalServerError),
+]
 ANTHROPIC_STATUS_ERRORS = [
     (400, anthropic.BadRequestError),
     (429, anthropic.RateLimitError),
@@ -562,7 +661,9 @@ async def test_openai_provider_error_passes_through(
     rid = request_id(f"provider_{status}")
     with pytest.raises(exception) as caught:
         await openai_sdk().chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-request-id": rid, "x-fake-status": str(status)}
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_headers={"x-request-id": rid, "x-fake-status": str(status)},
         )
     response = caught.value.response
     assert response.status_code == status
@@ -598,7 +699,12 @@ async def test_provider_error_bytes_and_headers_are_unchanged(
     gateway: TestClient, fake: FakeState, status: int
 ) -> None:
     rid = request_id(f"provider_raw_{status}")
-    headers = {**auth(OPENAI_VK), "x-request-id": rid, "x-fake-status": str(status), "Content-Type": "application/json"}
+    headers = {
+        **auth(OPENAI_VK),
+        "x-request-id": rid,
+        "x-fake-status": str(status),
+        "Content-Type": "application/json",
+    }
     payload = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES})
     async with gateway.post("/v1/chat/completions", data=payload, headers=headers) as response:
         assert response.status == status

@@ -13,7 +13,11 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.fake_provider import FakeState
 
-STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "count"}]}
+STREAM = {
+    "model": "gpt-4o-mini",
+    "stream": True,
+    "messages": [{"role": "user", "content": "count"}],
+}
 
 
 async def arrivals(response: aiohttp.ClientResponse) -> list[tuple[float, bytes]]:
@@ -31,7 +35,12 @@ async def test_twenty_chunks_fifty_ms_apart_arrive_as_twenty_arrivals_over_a_sec
     response = await gateway.post(
         "/v1/chat/completions",
         json=STREAM,
-        headers={**auth(OPENAI_VK), "x-fake-chunks": "20", "x-fake-delay-ms": "50", "x-request-id": "flow-1"},
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-chunks": "20",
+            "x-fake-delay-ms": "50",
+            "x-request-id": "flow-1",
+        },
     )
     pieces = await arrivals(response)
     assert b"".join(chunk for _, chunk in pieces) == fake.sent["flow-1"]
@@ -41,10 +50,24 @@ async def test_twenty_chunks_fifty_ms_apart_arrive_as_twenty_arrivals_over_a_sec
     assert last - first > 0.8, f"arrivals spread over {last - first:.3f}s only"
 
 
-async def test_an_anthropic_stream_flows_event_by_event(gateway: TestClient, fake: FakeState) -> None:
-    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+async def test_an_anthropic_stream_flows_event_by_event(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     response = await gateway.post(
-        "/v1/messages", json=body, headers={"x-api-key": ANTHROPIC_VK, "x-fake-chunks": "10", "x-fake-delay-ms": "40", "x-request-id": "anth-1"}
+        "/v1/messages",
+        json=body,
+        headers={
+            "x-api-key": ANTHROPIC_VK,
+            "x-fake-chunks": "10",
+            "x-fake-delay-ms": "40",
+            "x-request-id": "anth-1",
+        },
     )
     pieces = await arrivals(response)
     assert b"".join(chunk for _, chunk in pieces) == fake.sent["anth-1"]
@@ -54,7 +77,12 @@ async def test_an_anthropic_stream_flows_event_by_event(gateway: TestClient, fak
 async def test_a_plain_chunked_body_streams_too(gateway: TestClient, fake: FakeState) -> None:
     response = await gateway.get(
         "/v1/files/file-1/content",
-        headers={**auth(OPENAI_VK), "x-fake-raw-chunks": "8", "x-fake-delay-ms": "50", "x-request-id": "raw-1"},
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-raw-chunks": "8",
+            "x-fake-delay-ms": "50",
+            "x-request-id": "raw-1",
+        },
     )
     pieces = await arrivals(response)
     assert b"".join(chunk for _, chunk in pieces) == fake.sent["raw-1"]
@@ -65,7 +93,9 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_sec
     gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:
     response = await gateway.post(
-        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "x-fake-chunks": "200", "x-fake-delay-ms": "50"}
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "200", "x-fake-delay-ms": "50"},
     )
     received = b""
     while b"tok2" not in received:
@@ -82,14 +112,18 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_sec
     assert line["status"] == 499 and line["stream"] is True
     assert line["usage"]["completion_tokens"] > 0  # what it received was produced: charged
     health = await (await gateway.get("/health")).json()
-    assert health["providers"]["openai"]["last_error"] is None  # leaving is not the provider's fault
+    assert (
+        health["providers"]["openai"]["last_error"] is None
+    )  # leaving is not the provider's fault
 
 
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
     response = await gateway.post(
-        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "x-fake-chunks": "4", "x-fake-hang": "midstream"}
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "4", "x-fake-hang": "midstream"},
     )
     await response.content.readany()
     left = time.monotonic()
@@ -106,7 +140,9 @@ async def test_an_upstream_that_drops_mid_stream_ends_the_clients_stream_promptl
 ) -> None:
     started = time.monotonic()
     response = await gateway.post(
-        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "x-fake-chunks": "10", "x-fake-drop": "midstream"}
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "10", "x-fake-drop": "midstream"},
     )
     failed = False
     try:
@@ -126,7 +162,9 @@ async def test_stream_idle_timeout_bounds_the_gap_between_two_chunks(
     gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.3")
     started = time.monotonic()
     response = await gateway.post(
-        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-hang": "midstream"}
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-hang": "midstream"},
     )
     failed = False
     try:
@@ -143,10 +181,14 @@ async def test_stream_idle_timeout_bounds_the_gap_between_two_chunks(
     assert fake.disconnects, "the silent upstream request was not closed"
 
 
-async def test_a_slow_stream_within_the_idle_timeout_is_not_cut(make_gateway: Callable[..., Awaitable[TestClient]]) -> None:
+async def test_a_slow_stream_within_the_idle_timeout_is_not_cut(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
     gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
     response = await gateway.post(
-        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "x-fake-chunks": "5", "x-fake-delay-ms": "200"}
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "5", "x-fake-delay-ms": "200"},
     )
     body = await response.read()  # 1 s in all, but no gap over 0.5 s
     assert body.endswith(b"data: [DONE]\n\n")
