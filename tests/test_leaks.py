@@ -152,7 +152,7 @@ async def test_no_secret_appears_in_anything_the_gateway_writes(
         seen.append(error.response.text)
     message = await anthropic.AsyncAnthropic(
         base_url=url, api_key=ANTHROPIC_VK, max_retries=0
-    ).messages.with_raw_response.create(**MESSAGES)  # type: ignore[call-overload]
+    ).messages.with_raw_response.create(**{**MESSAGES, "model": "claude-haiku-4-5"})  # type: ignore[call-overload]
     seen.append(message.http_response.text)
     process.send_signal(signal.SIGTERM)
     out, err = await asyncio.to_thread(process.communicate, None, 15)
