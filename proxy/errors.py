@@ -21,6 +21,8 @@ The failure map, by the step that raises (status, OpenAI code):
                    503 quota_unavailable      Redis lost and QUOTA_ON_REDIS_ERROR=deny
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
+    stream_back    502 upstream_broken        a small whole body cut short, before we sent anything
+                   504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
     relay          500 internal_error         a bug: logged once, answered in the dialect
 
 After the response headers went out, a failure can only end the stream; `relay` records

@@ -12,9 +12,10 @@ microsecond); decoding bodies, formatting and encoding all happen on the writer 
 `QueueHandler.prepare` would format on the caller's thread, that is, on the request path.
 
 Invariants:
-- Each line goes out as one `os.write` of the whole line to a descriptor opened with
-  O_APPEND, so worker processes sharing one file never interleave lines (issue 7, point 3).
-  Only a short write (disk full, a signal) is finished by further writes.
+- Lines go out as one `os.write` of whole lines (one, or a batch that queued up meanwhile)
+  to a descriptor opened with O_APPEND, so worker processes sharing one file never
+  interleave lines (issue 7, point 3). Only a short write (disk full, a signal) is
+  finished by further writes.
 - `close` writes every line queued before it, then closes the file. It is bounded: after
   `timeout_seconds` it reports how many lines were left on stderr and returns.
 
@@ -42,6 +43,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 from proxy.record import Record
 
 STDOUT_FILENO = 1
+BATCH_LINES = 256  # at most this many lines in one write
 
 
 def rfc3339(timestamp: float) -> str:
@@ -135,17 +137,32 @@ class Logbook:
         self._fd = None
 
     def _drain(self) -> None:
-        """The writer thread: format and append lines until `close` queues None."""
-        while (fields := self._queue.get()) is not None:
-            try:
-                line = self._line(fields)
-            except (TypeError, ValueError) as error:
-                self._lose(f"cannot format line: {error}")
+        """The writer thread: format and append lines until `close` queues None.
+
+        Lines that queued up while the last write ran go out together in one write: whole
+        lines, so O_APPEND still keeps them whole, and one wake-up per batch, not per line.
+        """
+        is_open = True
+        while is_open:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_LINES and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            lines = []
+            for fields in batch:
+                if fields is None:
+                    is_open = False
+                    break
+                try:
+                    lines.append(self._line(fields))
+                except (TypeError, ValueError) as error:
+                    self._lose(f"cannot format line: {error}")
+            if not lines:
                 continue
             try:
-                self._append(line)
+                self._append(b"".join(lines))
             except OSError as error:
-                self._lose(f"cannot write to {self._target}: {error.strerror or error}")
+                for _ in lines:
+                    self._lose(f"cannot write to {self._target}: {error.strerror or error}")
 
     def _line(self, fields: dict[str, Any]) -> bytes:
         """The JSON line for one snapshot, newline included."""

@@ -26,7 +26,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
@@ -78,6 +80,9 @@ class Metrics:
             multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
             owner = None  # values live in the files; the collector reads every worker's
         self._models: set[str] = set()
+        # The labelled children of one (provider, model, status), looked up once: `labels()`
+        # validates and locks on every call, and observe runs for every request.
+        self._series: dict[tuple[str, str, int], _Series] = {}
 
         self._requests = Counter(
             "llm_gateway_requests",
@@ -151,14 +156,23 @@ class Metrics:
         """Count one finished request: status, timings, tokens, upstream failure."""
         provider = record.provider or NONE
         model = self._model_label(record.model)
-        self._requests.labels(provider, model, str(record.status)).inc()
+        series = self._series.get((provider, model, record.status))
+        if series is None:
+            series = self._series[(provider, model, record.status)] = _Series(
+                self._requests.labels(provider, model, str(record.status)),
+                self._duration.labels(provider),
+                self._ttfb.labels(provider),
+                self._prompt_tokens.labels(provider, model),
+                self._completion_tokens.labels(provider, model),
+            )
+        series.requests.inc()
         if record.duration_ms is not None:
-            self._duration.labels(provider).observe(record.duration_ms / 1000.0)
+            series.duration.observe(record.duration_ms / 1000.0)
         if record.ttft_ms is not None:
-            self._ttfb.labels(provider).observe(record.ttft_ms / 1000.0)
+            series.ttfb.observe(record.ttft_ms / 1000.0)
         if record.usage is not None:
-            self._prompt_tokens.labels(provider, model).inc(record.usage.prompt_tokens)
-            self._completion_tokens.labels(provider, model).inc(record.usage.completion_tokens)
+            series.prompt_tokens.inc(record.usage.prompt_tokens)
+            series.completion_tokens.inc(record.usage.completion_tokens)
         if is_upstream_failure(record):
             self._upstream_errors.labels(provider, _failure_kind(record)).inc()
         self._last_request.set(time.time())
@@ -199,6 +213,17 @@ class Metrics:
             return OTHER
         self._models.add(label)
         return label
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The children one request's labels select."""
+
+    requests: Any
+    duration: Any
+    ttfb: Any
+    prompt_tokens: Any
+    completion_tokens: Any
 
 
 def _failure_kind(record: Record) -> str:

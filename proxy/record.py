@@ -7,9 +7,9 @@ only ever holds a key's *name* (masked by default), never the virtual or the rea
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
@@ -23,7 +23,7 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 def own_request_id(presented: str | None) -> str:
     """The client's x-request-id when it is sane, else a fresh one."""
     if presented is None or not _REQUEST_ID.fullmatch(presented):
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()  # as random as uuid4().hex, a quarter of the cost
     return presented
 
 

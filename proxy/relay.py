@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDict
 
 from proxy import app as wiring
 from proxy import errors, quota
@@ -35,6 +36,9 @@ log = logging.getLogger("llm_gateway")
 # Endpoints whose body must name a model and a non-empty list of messages (SPEC: Validation).
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
+# Bodies of known length up to this size are read whole and sent in one write; a stream
+# (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
+WHOLE_BODY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,17 +245,20 @@ async def stream_back(
     if admission is not None:
         quota.stamp(headers, admission)
     headers["x-request-id"] = record.request_id
-    response = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
     record.status = reply.status
     tap = UsageTap(
         reply.headers.get("content-type"),
         reply.headers.get("content-encoding"),
         settings.log_bodies,
     )
-    await response.prepare(request)
-    # After prepare() the status is sent: a failure can only end the stream, and the record says why.
     try:
+        if is_small_whole_body(reply):
+            return await send_whole(reply, headers, tap, record, settings.stream_idle_timeout)
+        response = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
+        await response.prepare(request)
+        # After prepare() the status is sent: a failure can only end the stream, and the record says why.
         await relay_body(reply, response, tap, record, settings.stream_idle_timeout)
+        return response
     except TimeoutError:
         _cut(
             request,
@@ -265,7 +272,45 @@ async def stream_back(
         if reply.status < 400:
             record.usage = tap.usage(body)
         record.response_text = tap.text
-    return response
+    return web.Response(status=reply.status)  # not sent: the connection is closed
+
+
+def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
+    """A body of known, small length that is not an event stream: one write, not a chunk loop."""
+    length = reply.content_length
+    return (
+        length is not None
+        and length <= WHOLE_BODY_BYTES
+        and not reply.headers.get("content-type", "").startswith("text/event-stream")
+    )
+
+
+async def send_whole(
+    reply: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    tap: UsageTap,
+    record: Record,
+    idle: float,
+) -> web.Response:
+    """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
+    try:
+        async with asyncio.timeout(idle):
+            data = await reply.read()
+    except TimeoutError:
+        record.upstream_failed = True
+        raise GatewayError(
+            504, "upstream_timeout", f"The provider sent no body for {idle:g} seconds."
+        ) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        record.upstream_failed = True
+        raise GatewayError(
+            502,
+            "upstream_broken",
+            f"The provider broke off its answer ({error.__class__.__name__}).",
+        ) from None
+    record.mark_first_byte()
+    tap.feed(data)
+    return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
 
 async def relay_body(

@@ -462,3 +462,28 @@ async def test_refused_and_failed_requests_are_logged_too(
     lines = await records(3)
     assert [line["status"] for line in lines] == [401, 400, 500]
     assert lines[0]["key"] is None and lines[1]["key"] == "vk_tes…2e1b"
+
+
+async def test_a_json_body_cut_short_before_anything_was_sent_gets_502(
+    gateway: TestClient, records: Any
+) -> None:
+    response = await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={"x-api-key": ANTHROPIC_VK, "x-fake-drop": "midstream"},
+    )
+    assert response.status == 502
+    assert_anthropic_error(await response.json(), "api_error")
+    (line,) = await records(1)
+    assert line["status"] == 502 and "broke off" in line["error"]
+
+
+async def test_a_small_json_answer_keeps_its_content_length(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "len-1"}
+    )
+    body = await response.read()
+    assert int(response.headers["content-length"]) == len(body) == len(fake.sent["len-1"])
+    assert "transfer-encoding" not in response.headers
