@@ -45,6 +45,7 @@ MODEL_LABEL_VALUES = 100
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -102,6 +103,13 @@ class Metrics:
             "Time from request to the provider's first body byte.",
             ["provider"],
             buckets=TTFB_BUCKETS,
+            registry=owner,
+        )
+        self._overhead = Histogram(
+            "llm_gateway_overhead_seconds",
+            "The gateway's own time per request: its duration minus the time awaiting the provider.",
+            ["provider"],
+            buckets=OVERHEAD_BUCKETS,
             registry=owner,
         )
         self._prompt_tokens = Counter(
@@ -162,6 +170,7 @@ class Metrics:
                 self._requests.labels(provider, model, str(record.status)),
                 self._duration.labels(provider),
                 self._ttfb.labels(provider),
+                self._overhead.labels(provider),
                 self._prompt_tokens.labels(provider, model),
                 self._completion_tokens.labels(provider, model),
             )
@@ -170,6 +179,9 @@ class Metrics:
             series.duration.observe(record.duration_ms / 1000.0)
         if record.ttft_ms is not None:
             series.ttfb.observe(record.ttft_ms / 1000.0)
+        overhead_ms = record.overhead_ms
+        if overhead_ms is not None:
+            series.overhead.observe(overhead_ms / 1000.0)
         if record.usage is not None:
             series.prompt_tokens.inc(record.usage.prompt_tokens)
             series.completion_tokens.inc(record.usage.completion_tokens)
@@ -222,6 +234,7 @@ class _Series:
     requests: Any
     duration: Any
     ttfb: Any
+    overhead: Any
     prompt_tokens: Any
     completion_tokens: Any
 

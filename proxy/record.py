@@ -65,6 +65,8 @@ class Record:
     status: int = 0
     ttft_ms: float | None = None
     duration_ms: float | None = None
+    # Time spent awaiting the provider (connect, headers, body reads); None: never asked.
+    upstream_ms: float | None = None
     usage: Usage | None = None
     error: str | None = None
     # True when the provider itself failed (unreachable, timeout, broke mid-body): feeds health.
@@ -84,5 +86,17 @@ class Record:
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000.0
 
+    def waited_upstream(self, since: float) -> None:
+        """Add the time since `since` (perf_counter) to the wait on the provider."""
+        waited = (time.perf_counter() - since) * 1000.0
+        self.upstream_ms = waited if self.upstream_ms is None else self.upstream_ms + waited
+
     def finish(self) -> None:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
+
+    @property
+    def overhead_ms(self) -> float | None:
+        """The gateway's own share of the duration: the time not spent awaiting the provider."""
+        if self.duration_ms is None or self.upstream_ms is None:
+            return None
+        return max(0.0, self.duration_ms - self.upstream_ms)

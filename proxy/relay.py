@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -204,6 +205,7 @@ async def forward(
     settings = app[wiring.SETTINGS]
     url = upstream_url(key.provider, tail, query)
     headers = upstream_headers(key.provider, key.api_key, request.headers, record.request_id)
+    asked = time.perf_counter()
     try:
         async with asyncio.timeout(settings.request_timeout):
             reply = await app[wiring.SESSION].request(
@@ -223,6 +225,8 @@ async def forward(
             "upstream_unreachable",
             f"The provider could not be reached ({error.__class__.__name__}).",
         ) from None
+    finally:
+        record.waited_upstream(asked)
     try:
         yield reply
     finally:
@@ -293,6 +297,7 @@ async def send_whole(
     idle: float,
 ) -> web.Response:
     """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
+    asked = time.perf_counter()
     try:
         async with asyncio.timeout(idle):
             data = await reply.read()
@@ -308,6 +313,8 @@ async def send_whole(
             "upstream_broken",
             f"The provider broke off its answer ({error.__class__.__name__}).",
         ) from None
+    finally:
+        record.waited_upstream(asked)
     record.mark_first_byte()
     tap.feed(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
@@ -322,9 +329,11 @@ async def relay_body(
 ) -> None:
     """Each chunk to the client first, then to the usage tap. Raises TimeoutError past `idle`."""
     loop = asyncio.get_running_loop()
-    read = reply.content.readany
+    read, clock = reply.content.readany, time.perf_counter
+    asked = clock()
     async with asyncio.timeout_at(loop.time() + idle) as deadline:
         chunk = await read()
+        record.waited_upstream(asked)
         record.mark_first_byte()
         while chunk:
             try:
@@ -333,7 +342,9 @@ async def relay_body(
                 return _client_left(record)
             tap.feed(chunk)
             deadline.reschedule(loop.time() + idle)
+            asked = clock()
             chunk = await read()
+            record.waited_upstream(asked)
     try:
         await response.write_eof()
     except ConnectionResetError:

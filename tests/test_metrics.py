@@ -303,3 +303,26 @@ def test_one_process_cannot_write_two_multiprocess_directories(
     Metrics(multiprocess_dir=str(tmp_path / "a"))
     with pytest.raises(ValueError, match="already writes"):
         Metrics(multiprocess_dir=str(tmp_path / "b"))
+
+
+async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_provider(
+    gateway,
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=body,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "5", "x-fake-delay-ms": "100"},
+    )
+    await response.read()  # about 0.5 s, nearly all of it the provider's
+    text = await (await gateway.get("/metrics")).text()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("llm_gateway_overhead_seconds", "llm_gateway_request_duration_seconds"))
+    }
+    assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
+    assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] > 0.4
+    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
