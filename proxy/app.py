@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -61,7 +61,7 @@ def quiet_client_faults() -> None:
         server_log.addFilter(ClientFaults())
 
 
-def load_keys(settings: Settings, environ: os._Environ[str] | dict[str, str]) -> KeyRing:
+def load_keys(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
     """keys.json with this gateway's quota defaults. Raises KeysFileError."""
     defaults = Defaults(
         quota_enabled=settings.quota_enabled,
