@@ -115,7 +115,7 @@ class KeyRing:
         except OSError as error:
             raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None
         try:
-            document = orjson.loads(raw)
+            document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # editors may add a BOM
         except orjson.JSONDecodeError as error:
             raise KeysFileError(f"{path}: not valid JSON ({error})") from None
         return cls(_parse(path, document, environ, defaults))

@@ -37,7 +37,9 @@ HOP_BY_HOP = frozenset(
 
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
-_NOT_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {"host", "content-length"}
+# Expect is answered by the gateway itself (aiohttp sends the 100 Continue); upstream
+# gets the whole body at once.
+_NOT_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {"host", "content-length", "expect"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -47,8 +48,9 @@ def serve(settings: Settings, app: web.Application, reuse_port: bool = False) ->
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             access_log=None,  # the interaction log is the access log
             reuse_port=reuse_port or None,
-            print=lambda *_: print(
-                f"llm-gateway listening on http://{settings.server_host}:{settings.server_port}"
+            print=lambda banner: print(
+                "llm-gateway listening on "
+                + listening_on(banner, settings)
                 + (f" (worker {os.getpid()})" if reuse_port else ""),
                 flush=True,
             ),
@@ -65,6 +67,12 @@ def serve(settings: Settings, app: web.Application, reuse_port: bool = False) ->
                 f"cannot listen on {settings.server_host}:{settings.server_port}: {error.strerror}"
             ) from None
         raise
+
+
+def listening_on(banner: str, settings: Settings) -> str:
+    """The addresses aiohttp's banner names (the real port, also for SERVER_PORT=0)."""
+    addresses = re.findall(r"https?://\S+", banner)
+    return ", ".join(addresses) or f"http://{settings.server_host}:{settings.server_port}"
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -232,7 +232,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
-        """Flags beat the environment, which beats the defaults. Raises SettingError."""
+        """Flags beat the environment, which beats the defaults; empty counts as unset.
+
+        Raises SettingError.
+        """
         flags = vars(parser().parse_args(list(argv)))
         values: dict[str, Any] = {}
         for setting in SETTINGS:
@@ -240,8 +243,8 @@ class Settings:
             source = setting.flag
             if raw is None:
                 raw, source = environ.get(setting.variable), setting.variable
-            if raw is None:
-                raw = setting.default
+            if raw is None or not raw.strip():
+                raw = setting.default  # an empty variable is an unset one (as compose passes them)
             if raw is None:
                 values[setting.field] = None
                 continue

@@ -285,3 +285,14 @@ def test_a_bad_keys_file_is_refused_naming_file_key_and_field(
 def test_a_missing_keys_file_says_how_to_create_one(tmp_path: Path) -> None:
     with pytest.raises(KeysFileError, match="keys.example.json"):
         KeyRing.load(str(tmp_path / "absent.json"), {}, DEFAULTS)
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(
+            {"virtual_keys": {"vk_bom_123456789": {"provider": "openai", "api_key": "sk-x"}}}
+        ).encode()
+    )
+    assert len(KeyRing.load(str(path), {}, DEFAULTS)) == 1

@@ -487,3 +487,13 @@ async def test_a_small_json_answer_keeps_its_content_length(
     body = await response.read()
     assert int(response.headers["content-length"]) == len(body) == len(fake.sent["len-1"])
     assert "transfer-encoding" not in response.headers
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK)}, expect100=True
+    )
+    assert response.status == 200
+    assert "expect" not in fake.requests[-1].headers

@@ -88,3 +88,10 @@ def test_the_readme_settings_table_matches_the_code() -> None:
         assert shown == expected, (
             f"README shows {shown!r} for {setting.variable}, code has {expected!r}"
         )
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    settings = Settings.from_env({"QUOTA_TOKENS": "", "REDIS_URL": " ", "QUOTA_LIMIT": ""})
+    assert (
+        settings.quota_tokens is None and settings.redis_url is None and settings.quota_limit == 100
+    )
