@@ -301,22 +301,12 @@ class MemoryTracker:
         """Admit and count one request, or refuse it without counting."""
         # No await in here: check and count are one step for the event loop.
         now = self._clock()
-        window = self._windows.get(key_id)
-        if window is None:
-            window = self._open(key_id, limits, now)
-        else:
-            self._windows.move_to_end(key_id)
-        return window.admit(now, limits)
+        return self._touch(key_id, limits, now).admit(now, limits)
 
     async def charge(self, key_id: str, limits: Limits, tokens: int) -> None:
         """Add a finished response's tokens to the key's window and totals."""
         now = self._clock()
-        window = self._windows.get(key_id)
-        if window is None:
-            window = self._open(key_id, limits, now)
-        else:
-            self._windows.move_to_end(key_id)
-        window.charge(now, limits, tokens)
+        self._touch(key_id, limits, now).charge(now, limits, tokens)
 
     async def report(self, key_id: str, limits: Limits) -> dict[str, Any]:
         """The key's window and totals, as `GET /usage` answers them; creates nothing."""
@@ -329,6 +319,14 @@ class MemoryTracker:
         """Forget every window; memory holds nothing that must be saved."""
         self._windows.clear()
         self._retired.clear()
+
+    def _touch(self, key_id: str, limits: Limits, now: float) -> SlidingWindow:
+        """The key's window, opened if new, marked as the most recently active."""
+        window = self._windows.get(key_id)
+        if window is None:
+            return self._open(key_id, limits, now)
+        self._windows.move_to_end(key_id)
+        return window
 
     def _open(self, key_id: str, limits: Limits, now: float) -> SlidingWindow:
         self._evict(now)
