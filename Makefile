@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: run test unit e2e demo bench system-packages docker-build docker-run docker-stop docker-check clean
+.PHONY: run test unit e2e demo bench bench-redis system-packages docker-build docker-run docker-stop docker-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# bench-redis: Redis admission against memory, and WORKERS=2 against WORKERS=1 (issue 7)
+bench-redis: $(STAMP) system-packages
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) bench/redis_admit.py
+	$(PY) bench/workers.py $(if $(QUICK),--quick)
 
 # docker-build: build the image (DOCKER=podman where there is no Docker engine)
 docker-build:
