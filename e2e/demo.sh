@@ -12,10 +12,10 @@ keep=0
 source e2e/stack.sh
 
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "$2"; }
-show() { # show WHAT CURL-ARGS…: print the command, run it, print status and body
+show() { # show WHAT CURL-ARGS…: print the command (quoted, ready to paste), run it, print status and body
     local what=$1
     shift
-    step "$what" "curl $*"
+    step "$what" "curl $(printf '%q ' "$@")"
     curl -sS -w '\n[HTTP %{http_code}]\n' "$@"
 }
 
