@@ -15,7 +15,7 @@ step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "$2"; }
 show() { # show WHAT CURL-ARGS…: print the command (quoted, ready to paste), run it, print status and body
     local what=$1
     shift
-    step "$what" "curl $(printf '%q ' "$@")"
+    step "$what" "$("$PYTHON" -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' curl "$@")"
     curl -sS -w '\n[HTTP %{http_code}]\n' "$@"
 }
 
