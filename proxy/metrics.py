@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,9 +80,9 @@ class Metrics:
             multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
             owner = None  # values live in the files; the collector reads every worker's
         self._models: set[str] = set()
-        # The labelled children of one (provider, model, status), looked up once: `labels()`
-        # validates and locks on every call, and observe runs for every request.
-        self._series: dict[tuple[str, str, int], _Series] = {}
+        # Labelled children, looked up once: `labels()` validates and locks on every call,
+        # and observe runs for every request. Bounded as the label values are.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
         self._requests = Counter(
             "llm_gateway_requests",
@@ -164,27 +163,18 @@ class Metrics:
         """Count one finished request: status, timings, tokens, upstream failure."""
         provider = record.provider or NONE
         model = self._model_label(record.model)
-        series = self._series.get((provider, model, record.status))
-        if series is None:
-            series = self._series[(provider, model, record.status)] = _Series(
-                self._requests.labels(provider, model, str(record.status)),
-                self._duration.labels(provider),
-                self._ttfb.labels(provider),
-                self._overhead.labels(provider),
-                self._prompt_tokens.labels(provider, model),
-                self._completion_tokens.labels(provider, model),
-            )
-        series.requests.inc()
+        child = self._child
+        child(self._requests, provider, model, str(record.status)).inc()
         if record.duration_ms is not None:
-            series.duration.observe(record.duration_ms / 1000.0)
+            child(self._duration, provider).observe(record.duration_ms / 1000.0)
         if record.ttft_ms is not None:
-            series.ttfb.observe(record.ttft_ms / 1000.0)
+            child(self._ttfb, provider).observe(record.ttft_ms / 1000.0)
         overhead_ms = record.overhead_ms
         if overhead_ms is not None:
-            series.overhead.observe(overhead_ms / 1000.0)
+            child(self._overhead, provider).observe(overhead_ms / 1000.0)
         if record.usage is not None:
-            series.prompt_tokens.inc(record.usage.prompt_tokens)
-            series.completion_tokens.inc(record.usage.completion_tokens)
+            child(self._prompt_tokens, provider, model).inc(record.usage.prompt_tokens)
+            child(self._completion_tokens, provider, model).inc(record.usage.completion_tokens)
         if is_upstream_failure(record):
             self._upstream_errors.labels(provider, _failure_kind(record)).inc()
         self._last_request.set(time.time())
@@ -214,6 +204,14 @@ class Metrics:
         encode, content_type = choose_encoder(accept)
         return encode(self._registry), content_type
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def _model_label(self, model: str | None) -> str:
         """The model as a bounded label value (clients can send any string)."""
         if not model:
@@ -225,18 +223,6 @@ class Metrics:
             return OTHER
         self._models.add(label)
         return label
-
-
-@dataclass(frozen=True, slots=True)
-class _Series:
-    """The children one request's labels select."""
-
-    requests: Any
-    duration: Any
-    ttfb: Any
-    overhead: Any
-    prompt_tokens: Any
-    completion_tokens: Any
 
 
 def _failure_kind(record: Record) -> str:
