@@ -93,11 +93,12 @@ def body(error: GatewayError, path: str) -> bytes:
     )
 
 
-def render(error: GatewayError, path: str, request_id: str) -> web.Response:
-    """The error as a response, with its headers and the request id."""
+def render(error: GatewayError, path: str, request_id: str | None = None) -> web.Response:
+    """The error as a response, with its headers and the request id (when the caller has one)."""
     response = web.Response(
         status=error.status, body=body(error, path), content_type="application/json"
     )
     response.headers.update(error.headers)
-    response.headers["x-request-id"] = request_id
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
     return response

@@ -112,7 +112,7 @@ class Quota:
         try:
             key = self._key_ring.authenticate(request.headers)
         except GatewayError as error:
-            return errors.render(error, request.path, "")
+            return errors.render(error, request.path)
         document: dict[str, Any] = {
             "key": key.name,
             "provider": key.provider.name,
@@ -125,7 +125,7 @@ class Quota:
                 error = GatewayError(
                     503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
                 )
-                return errors.render(error, request.path, "")
+                return errors.render(error, request.path)
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 
