@@ -194,7 +194,8 @@ class Metrics:
         self._log_write_errors.inc()
 
     def redis_error_decision(self, decision: str) -> None:
-        """Count a request let through ("allow") or refused ("deny") while Redis was lost."""
+        """Count a decision made without Redis: a request let through ("allow"), refused
+        ("deny"), or a finished response whose tokens could not be charged ("uncharged")."""
         self._redis_errors.labels(decision).inc()
 
     def render(self, accept: str) -> tuple[bytes, str]:

@@ -58,7 +58,6 @@ class Record:
     timestamp: float = field(default_factory=time.time)  # wall clock, for the log line
     started: float = field(default_factory=time.perf_counter)  # monotonic, for durations
     key: str | None = None  # the key's name, never the key itself
-    key_id: str | None = None  # the tracker's id for the key (a digest, not the key)
     provider: str | None = None
     model: str | None = None
     is_stream: bool = False

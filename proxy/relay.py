@@ -45,7 +45,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     app[wiring.METRICS].request_started()
     try:
         key = app[wiring.KEY_RING].authenticate(request.headers)  # 401
-        record.key, record.key_id, record.provider = key.name, key.id, key.provider.name
+        record.key, record.provider = key.name, key.provider.name
         tail, query = route(request.raw_path)  # 400, 404
         body = await read_body(request, settings.max_body_bytes)  # 400, 413
         peek = validate(tail, request, body, key, settings.max_body_bytes)  # 400, 403, 415
