@@ -3,7 +3,7 @@
 Everything is resolved at load: providers joined with their overrides, real keys read
 (`api_key_env` from the environment), quotas merged with the defaults, model patterns
 compiled. A bad file raises `KeysFileError` naming the file, the key's name and the
-field. `VirtualKey` keeps the virtual and the real key out of its `repr`; logs, metrics
+field; an unknown field at any level is refused (`proxy.fields`). `VirtualKey` keeps the virtual and the real key out of its `repr`; logs, metrics
 and errors only ever see `name` (the key masked, unless keys.json names it).
 """
 
@@ -20,12 +20,9 @@ import orjson
 from yarl import URL
 
 from proxy.errors import GatewayError
+from proxy.fields import KeysFileError, check_fields
 from proxy.providers import AUTH_STYLES, BUILTINS, Provider
 from proxy.tracker import Limits
-
-
-class KeysFileError(ValueError):
-    """keys.json cannot be used; the message names the file, the key and the field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +137,14 @@ def _parse(
 ) -> dict[str, VirtualKey]:
     if not isinstance(document, dict):
         raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
+    check_fields(path, document, "top-level")
     providers = _providers(path, document.get("providers", {}))
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
         raise KeysFileError(f"{path}: 'virtual_keys' must be an object of key → settings")
+    if not entries:
+        # A gateway without keys refuses every request: surely not what was meant.
+        raise KeysFileError(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
     keys: dict[str, VirtualKey] = {}
     names: set[str] = set()
     for secret, entry in entries.items():
@@ -163,13 +164,12 @@ def _providers(path: str, section: Any) -> dict[str, Provider]:
         where = f"{path}: provider '{name}'"
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object with base_url and auth")
+        check_fields(where, entry, "provider")
         builtin = BUILTINS.get(name)
         base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
         if not isinstance(base_url, str) or not base_url:
             raise KeysFileError(f"{where}: base_url must be an http(s) URL")
-        url = URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise KeysFileError(f"{where}: base_url must be an http(s) URL, got {base_url!r}")
+        url = _base_url(where, base_url)
         auth = entry.get("auth", builtin.auth if builtin else "bearer")
         if auth not in AUTH_STYLES:
             raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
@@ -192,6 +192,7 @@ def _key(
     if not isinstance(name, str) or not name.strip():
         raise KeysFileError(f"{path}: key '{masked(secret)}': name must be a non-empty string")
     where = f"{path}: key '{name}'"
+    check_fields(where, entry, "key")
     if not secret.strip() or secret != secret.strip():
         raise KeysFileError(f"{where}: the virtual key must be non-empty, without spaces")
     provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
@@ -213,6 +214,26 @@ def _key(
     )
 
 
+def _base_url(where: str, text: str) -> URL:
+    """The provider's base URL; refused with credentials or a query, never echoing them."""
+    try:
+        url = URL(text)
+    except ValueError:
+        raise KeysFileError(f"{where}: base_url must be an http(s) URL") from None
+    if url.user is not None or url.password is not None:
+        # Upstream auth is the real key's job; a userinfo part would leak in every error.
+        raise KeysFileError(
+            f"{where}: base_url must not carry credentials (user:password@); "
+            "put the real key in api_key or api_key_env"
+        )
+    if url.scheme not in ("http", "https") or not url.host:
+        raise KeysFileError(f"{where}: base_url must be an http(s) URL, got {str(url)!r}")
+    if url.query_string or url.fragment:
+        # The client's path and query are appended to base_url; a query here would break it.
+        raise KeysFileError(f"{where}: base_url must have no query or fragment (after ? or #)")
+    return url
+
+
 def _real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     has_key, has_env = "api_key" in entry, "api_key_env" in entry
     if has_key == has_env:
@@ -221,26 +242,31 @@ def _real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) 
         value = entry["api_key"]
         if not isinstance(value, str) or not value.strip():
             raise KeysFileError(f"{where}: api_key must be a non-empty string")
-        return value.strip()
+        return _header_safe(where, "api_key", value.strip())
     variable = entry["api_key_env"]
     if not isinstance(variable, str) or not variable:
         raise KeysFileError(f"{where}: api_key_env must name an environment variable")
     value = environ.get(variable, "").strip()
     if not value:
         raise KeysFileError(f"{where}: api_key_env {variable} is not set")
+    return _header_safe(where, f"api_key_env {variable}", value)
+
+
+def _header_safe(where: str, source: str, value: str) -> str:
+    # The real key goes into a header: a control character (CR, LF) would fail every request.
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
     return value
 
 
 def _limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
-    if not defaults.quota_enabled:
-        return None
     if quota is None:
         quota = {}
     if not isinstance(quota, dict):
         raise KeysFileError(f"{where}: quota must be an object (requests, tokens, window_seconds)")
-    for field_name in quota:
-        if field_name not in ("requests", "tokens", "window_seconds"):
-            raise KeysFileError(f"{where}: quota.{field_name} is not a quota field")
+    check_fields(where, quota, "quota", "quota.")
+    if not defaults.quota_enabled:
+        return None
     requests = quota.get("requests", defaults.requests)
     tokens = quota.get("tokens", defaults.tokens)
     window = quota.get("window_seconds", defaults.window_seconds)

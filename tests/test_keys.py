@@ -10,6 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.errors import GatewayError
+from proxy.fields import check_fields
 from proxy.keys import Defaults, KeyRing, KeysFileError, masked
 
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
@@ -296,3 +297,142 @@ def test_a_keys_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
         ).encode()
     )
     assert len(KeyRing.load(str(path), {}, DEFAULTS)) == 1
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        (
+            {"provider": {"openai": {"base_url": "http://127.0.0.1:9/v1"}}, "virtual_keys": {}},
+            "'provider' is not a top-level field (did you mean 'providers'?)",
+        ),
+        (
+            {
+                "providers": {"openai": {"baseurl": "http://127.0.0.1:9/v1"}},
+                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+            },
+            "provider 'openai': 'baseurl' is not a provider field (did you mean 'base_url'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "qouta": {"requests": 5},
+                    }
+                }
+            },
+            "key 'alice': 'qouta' is not a key field (did you mean 'quota'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "quota": {"reqests": 5},
+                    }
+                }
+            },
+            "key 'alice': 'quota.reqests' is not a quota field (did you mean 'quota.requests'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "colour": "blue",
+                    }
+                }
+            },
+            "key 'alice': 'colour' is not a key field; known: ",
+        ),
+    ],
+)
+def test_an_unknown_field_at_any_level_is_refused_with_a_suggestion(
+    tmp_path: Path, document: Any, says: str
+) -> None:
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert message.startswith(str(tmp_path / "keys.json")) and says in message, message
+    assert "\n" not in message
+
+
+def test_a_typo_in_quota_is_refused_even_with_quotas_off(tmp_path: Path) -> None:
+    off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
+    document = {
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": "x", "quota": {"token": 5}}
+        }
+    }
+    with pytest.raises(KeysFileError, match="did you mean 'quota.tokens'"):
+        load(tmp_path, document, defaults=off)
+
+
+def test_every_field_of_this_rounds_format_passes_the_check() -> None:
+    levels = {
+        "top-level": ["providers", "virtual_keys"],
+        "provider": ["base_url", "auth", "api"],
+        "key": [
+            "provider", "api_key", "api_key_env", "api_keys", "model", "name", "quota",
+            "allowed_models", "fallbacks", "routes", "budget", "stream_usage",
+        ],
+        "quota": ["requests", "tokens", "window_seconds"],
+        "budget": ["usd", "window_seconds"],
+        "target": ["provider", "api_key", "api_key_env", "api_keys", "model"],
+        "pool entry": ["api_key", "api_key_env", "weight"],
+        "route": [
+            "models", "provider", "api_key", "api_key_env", "api_keys", "model", "fallbacks",
+        ],
+    }  # fmt: skip
+    for level, names in levels.items():
+        check_fields("keys.json: somewhere", dict.fromkeys(names), level)
+        with pytest.raises(KeysFileError, match=f"'nope' is not a {level} field"):
+            check_fields("keys.json: somewhere", {"nope": 1}, level)
+
+
+def test_an_empty_virtual_keys_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeysFileError, match="'virtual_keys' is empty"):
+        load(tmp_path, {"virtual_keys": {}})
+
+
+@pytest.mark.parametrize(
+    ("base_url", "says"),
+    [
+        ("http://admin:hunter2@127.0.0.1:9/v1", "must not carry credentials"),
+        ("https://user@api.example.com/v1", "must not carry credentials"),
+        ("http://127.0.0.1:9/v1?api-version=1", "no query"),
+        ("http://127.0.0.1:9/v1#x", "no query or fragment"),
+    ],
+)
+def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
+    tmp_path: Path, base_url: str, says: str
+) -> None:
+    document = {
+        "providers": {"openai": {"base_url": base_url}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert says in message and "hunter2" not in message and "admin" not in message
+    assert "user@" not in message
+
+
+@pytest.mark.parametrize("real", ["sk-abc\r\nX-Evil: 1", "sk-abc\ndef", "sk-\x00x"])
+def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: str) -> None:
+    document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
+    with pytest.raises(KeysFileError, match="api_key contains a control character") as refused:
+        load(tmp_path, document)
+    assert "sk-abc" not in str(refused.value)
+    with pytest.raises(KeysFileError, match="api_key_env REAL contains a control character"):
+        env_document = {
+            "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "REAL"}}
+        }
+        load(tmp_path, env_document, environ={"REAL": real})
