@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: run test unit e2e demo bench bench-redis system-packages docker-build docker-run docker-stop docker-check clean
+.PHONY: run test unit e2e demo bench bench-redis system-packages docker-build docker-run docker-stop docker-check clean \
+	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +21,15 @@ keys.json:
 run: $(STAMP) keys.json
 	$(PY) gateway.py $(ARGS)
 
-# test: install everything (venv, redis-server, podman for the image check), then run every test
+# test: install everything (venv, redis-server, podman for the image check), then run every test.
+# The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q
 
-# unit: the pytest suite without installing system packages (Redis and Docker tests skip without them)
+# unit: the pytest suite without installing system packages: the Docker image check is skipped
+# (SKIP_DOCKER=1), and the Redis tests skip when there is no redis-server
 unit: $(STAMP)
-	$(PY) -m pytest -q
+	SKIP_DOCKER=1 $(PY) -m pytest -q
 
 # system-packages: Debian packages the tests need, installed only when missing
 system-packages:
@@ -37,8 +40,25 @@ e2e: $(STAMP)
 	PYTHON=$(PY) bash e2e/run_all.sh
 
 # demo: a fake provider and a gateway, a tour of calls, the log, the metrics and a 429; no key needed
+# (KEEP=1: leave both running afterwards, to try the printed commands)
 demo: $(STAMP)
-	PYTHON=$(PY) bash e2e/demo.sh
+	PYTHON=$(PY) KEEP=$(KEEP) bash e2e/demo.sh
+
+# example-*: run one of examples/ with the project's venv against a running gateway (`make run`):
+# GATEWAY_URL (default http://localhost:8080), GATEWAY_KEY (default keys.example.json's key)
+GATEWAY_URL ?= http://localhost:8080
+example-openai-chat: $(STAMP)
+	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) $(PY) examples/openai_chat.py
+
+example-openai-stream: $(STAMP)
+	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) $(PY) examples/openai_stream.py
+
+example-anthropic: $(STAMP)
+	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user2_anthropic) $(PY) examples/anthropic_messages.py
+
+example-curl:
+	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) \
+		GATEWAY_ANTHROPIC_KEY=$(or $(GATEWAY_ANTHROPIC_KEY),vk_user2_anthropic) bash examples/curl.sh
 
 # bench: the gateway against a direct call, one run (QUICK=1: under a minute)
 bench: $(STAMP)
@@ -63,7 +83,7 @@ docker-run: keys.json
 docker-stop:
 	$(DOCKER) stop -t 35 llm-gateway && $(DOCKER) rm llm-gateway
 
-# docker-check: verify the Dockerfile without a Docker engine (podman + buildah, see e2e/docker_check.sh)
+# docker-check: verify the Dockerfile without a Docker engine (podman + buildah as root, see e2e/docker_check.sh)
 docker-check: $(STAMP)
 	PYTHON=$(PY) bash e2e/docker_check.sh
 

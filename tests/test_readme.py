@@ -39,8 +39,11 @@ def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(
     )
     (copy / ".venv").symlink_to(ROOT / ".venv")  # the installed environment, as make left it
     port = free_port()
+    # The README's way to change the port, with a free one.
+    shown = re.search(r'^make run ARGS="(--server-port) 9000"', README, re.MULTILINE)
+    assert shown, "the README no longer says how to change the port"
     process = processes.start(
-        ["make", "-s", "run", f"ARGS=--server-host 127.0.0.1 --server-port {port}"],
+        ["make", "-s", "run", f"ARGS=--server-host 127.0.0.1 {shown.group(1)} {port}"],
         env={"PYTHON": sys.executable},
         ready="listening on",
         cwd=copy,
@@ -110,14 +113,14 @@ def test_the_example_command_line_works_as_shown(
 ) -> None:  # noqa: F811
     url = start_gateway_for_readme(processes, tmp_path, fake_url)
     line = re.search(
-        r"`(GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=\S+ python examples/openai_chat.py)`",
+        r"`(GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=\S+ \.venv/bin/python examples/openai_chat.py)`",
         README,
     )
     assert line, "the README no longer shows how to run an example"
     command = (
         line.group(1)
         .replace("http://localhost:8080", url)
-        .replace("python ", f"{sys.executable} ", 1)
+        .replace(".venv/bin/python ", f"{sys.executable} ", 1)
     )
     result = subprocess.run(
         ["bash", "-c", command],
@@ -136,3 +139,68 @@ def test_the_readme_names_only_files_and_targets_that_exist() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for target in set(re.findall(r"make (\w[\w-]*)", README)):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), f"make {target} is not a target"
+
+
+def test_the_make_example_targets_run_the_examples_with_the_venv(
+    tmp_path: Path, processes: Processes, fake_url: str
+) -> None:  # noqa: F811
+    url = start_gateway_for_readme(processes, tmp_path, fake_url)
+    targets = re.findall(r"`make (example-[\w-]+)`", README)
+    assert sorted(targets) == [
+        "example-anthropic",
+        "example-curl",
+        "example-openai-chat",
+        "example-openai-stream",
+    ]
+    for target in targets:
+        # -o: the venv counts as installed (this suite runs in it); PY: this suite's Python.
+        result = subprocess.run(
+            ["make", "-s", "-o", ".venv/.installed", target, f"GATEWAY_URL={url}",
+             f"PY={sys.executable}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        )
+        assert result.returncode == 0, (target, result.stdout + result.stderr)
+        assert "tok0" in result.stdout or '"object":"chat.completion"' in result.stdout, target
+
+
+def test_the_quota_snippet_shows_the_429_the_sdk_would_retry_silently(
+    tmp_path: Path, processes: Processes, fake_url: str
+) -> None:  # noqa: F811
+    keys = json.loads((ROOT / "keys.example.json").read_text())
+    keys["providers"] = {"openai": {"base_url": f"{fake_url}/v1"}}
+    keys["virtual_keys"]["vk_user1_openai"]["quota"] = {"requests": 1, "window_seconds": 30}
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    port = free_port()
+    processes.start(
+        [sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1",
+         "--server-port", str(port)],
+        env={"KEYS_FILE_PATH": str(path)},
+        ready="listening on",
+    )
+    url = f"http://127.0.0.1:{port}"
+    snippet = next(block for block in blocks("python") if "max_retries=0" in block)
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", snippet.replace("http://localhost:8080", url)],
+            capture_output=True,
+            text=True,
+            timeout=20,  # a silent retry would wait the whole 30 s window
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    assert runs[0].stdout == ""  # the one request of the window: a 200, nothing printed
+    assert re.fullmatch(r"429 retry after \d+ s\n", runs[1].stdout), runs[1].stdout
+
+
+def test_make_unit_skips_the_docker_check_as_its_comment_says() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    comment, recipe = re.search(r"^# unit: (.*?)\nunit:.*?\n\t(.*?)\n", makefile, re.M | re.S).groups()
+    assert "Docker" in comment and "SKIP_DOCKER=1" in recipe
+    assert 'os.environ.get("SKIP_DOCKER") == "1"' in (ROOT / "tests" / "test_docker.py").read_text()
