@@ -19,7 +19,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.health import Health
+from proxy import errors
+from proxy.credentials import presents_token
+from proxy.errors import GatewayError
 from proxy.keys import Defaults, KeyRing
+from proxy.lockout import Lockout
 from proxy.logbook import Logbook
 from proxy.metrics import Metrics
 from proxy.quota import Quota
@@ -36,6 +40,7 @@ QUOTA = web.AppKey("quota", Quota)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 LOGBOOK = web.AppKey("logbook", Logbook)
+LOCKOUT = web.AppKey("lockout", Lockout)
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -97,6 +102,9 @@ def build_app(
     app[KEY_RING] = key_ring
     app[METRICS] = metrics
     app[HEALTH] = health
+    app[LOCKOUT] = lockout = Lockout(
+        settings.auth_failure_limit, settings.auth_failure_window_seconds, metrics.auth_failed
+    )
 
     def tracker_lost(decision: str, error: str) -> None:
         metrics.redis_error_decision(decision)
@@ -123,8 +131,10 @@ def build_app(
     app.on_shutdown.append(_not_ready)
     app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
     app.router.add_get("/ready", with_request_id(app[HEALTH].handle_ready))
-    app.router.add_get("/metrics", with_request_id(_metrics))
-    app.router.add_get("/usage", with_request_id(app[QUOTA].handle_usage))
+    # With a token, guessing it counts as failed authentications; without, /metrics is open.
+    metrics_handler = lockout.guarded(_metrics) if settings.metrics_token else _metrics
+    app.router.add_get("/metrics", with_request_id(metrics_handler))
+    app.router.add_get("/usage", with_request_id(lockout.guarded(app[QUOTA].handle_usage)))
     app.router.add_route("*", "/{tail:.*}", relay)
     return app
 
@@ -187,5 +197,12 @@ async def _not_ready(app: web.Application) -> None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    token = request.app[SETTINGS].metrics_token
+    if token is not None and not presents_token(request.headers, token):
+        # The series name keys and models: with METRICS_TOKEN set, only its holder reads them.
+        error = GatewayError(
+            401, "invalid_metrics_token", "/metrics needs 'Authorization: Bearer <METRICS_TOKEN>'."
+        )
+        return errors.render(error, request.path)
     body, content_type = request.app[METRICS].render(request.headers.get("accept", ""))
     return web.Response(body=body, headers={"content-type": content_type})

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from yarl import URL
 
+from proxy.credentials import presented
 from proxy.errors import GatewayError
 from proxy.fields import KeysFileError, check_fields
 from proxy.providers import AUTH_STYLES, BUILTINS, Provider
@@ -42,12 +43,14 @@ class VirtualKey:
 
 
 def masked(secret: str) -> str:
-    """First 6 characters, `…`, last 4; short keys show less, never the whole key."""
-    if len(secret) >= 12:
-        return f"{secret[:6]}…{secret[-4:]}"
-    if len(secret) >= 6:
-        return f"{secret[:2]}…"
-    return "…"
+    """At most 4 characters of the key, `…`, and 6 hex digits of its hash: `vk_u…3f9a1c`.
+
+    The hash tells keys apart in logs and metrics; neither part is enough to guess the key
+    (issue 10: the old form showed 10 of 12 characters). Short keys show fewer characters.
+    """
+    digest = hashlib.sha256(secret.encode()).hexdigest()[:6]
+    shown = secret[:4] if len(secret) >= 12 else secret[:2] if len(secret) >= 8 else ""
+    return f"{shown}…{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,20 +119,6 @@ class KeyRing:
         except orjson.JSONDecodeError as error:
             raise KeysFileError(f"{path}: not valid JSON ({error})") from None
         return cls(_parse(path, document, environ, defaults))
-
-
-def presented(headers: Mapping[str, str]) -> str | None:
-    """The first credential present: Authorization Bearer, x-api-key, api-key, x-goog-api-key."""
-    authorization = headers.get("authorization")
-    if authorization:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    for name in ("x-api-key", "api-key", "x-goog-api-key"):
-        value = headers.get(name)
-        if value and value.strip():
-            return value.strip()
-    return None
 
 
 def _parse(

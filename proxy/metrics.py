@@ -39,6 +39,7 @@ from proxy.record import Record
 
 NONE = "none"  # the label for a provider or model the request never got to
 OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
+AUTH_OUTCOMES = ("refused", "throttled")
 MODEL_LABEL_CHARS = 64
 MODEL_LABEL_VALUES = 100
 
@@ -152,6 +153,15 @@ class Metrics:
             ["decision"],
             registry=owner,
         )
+        self._auth_failures = Counter(
+            "llm_gateway_auth_failures",
+            "Failed authentications: refused (401, no or unknown key or token) or throttled "
+            "(429, the client address failed too often).",
+            ["outcome"],
+            registry=owner,
+        )
+        for outcome in AUTH_OUTCOMES:
+            self._auth_failures.labels(outcome)  # present at zero from the start
         self._last_request = Gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",
@@ -188,6 +198,10 @@ class Metrics:
     def quota_rejected(self, key: str) -> None:
         """Count a 429 from the tracker; `key` is the key's name."""
         self._quota_rejections.labels(key).inc()
+
+    def auth_failed(self, outcome: str) -> None:
+        """Count a failed authentication: "refused" (401) or "throttled" (429)."""
+        self._auth_failures.labels(outcome).inc()
 
     def log_write_failed(self) -> None:
         """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""

@@ -44,7 +44,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     key: VirtualKey | None = None
     app[wiring.METRICS].request_started()
     try:
-        key = app[wiring.KEY_RING].authenticate(request.headers)  # 401
+        key = app[wiring.LOCKOUT].authenticate(app[wiring.KEY_RING], request.headers, request.remote)  # 401, 429
         record.key, record.provider = key.name, key.provider.name
         tail, query = route(request.raw_path)  # 400, 404
         body = await read_body(request, settings.max_body_bytes)  # 400, 413

@@ -199,6 +199,27 @@ SETTINGS: tuple[Setting, ...] = (
         "allow or deny",
     ),
     Setting(
+        "METRICS_TOKEN",
+        None,
+        _optional_text,
+        "when set, /metrics needs 'Authorization: Bearer <token>' (unset: open)",
+        "a token",
+    ),
+    Setting(
+        "AUTH_FAILURE_LIMIT",
+        "20",
+        _positive_int,
+        "failed authentications one client address may make per window before it gets 429",
+        "a positive integer",
+    ),
+    Setting(
+        "AUTH_FAILURE_WINDOW_SECONDS",
+        "60",
+        _positive_seconds,
+        "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
+        "a positive number of seconds",
+    ),
+    Setting(
         "WORKERS",
         "1",
         _non_negative_int,
@@ -228,6 +249,9 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     quota_on_redis_error: str = "allow"
+    metrics_token: str | None = field(default=None, repr=False)  # a secret
+    auth_failure_limit: int = 20
+    auth_failure_window_seconds: float = 60.0
     workers: int = 1
 
     @classmethod

@@ -41,7 +41,7 @@ def test_the_seed_format_loads_unchanged(tmp_path: Path) -> None:
         key.provider.name == "openai" and str(key.provider.base_url) == "https://api.openai.com/v1"
     )
     assert key.api_key == "sk-real-openai-key"
-    assert key.name == "vk_use…enai"
+    assert key.name == masked("vk_user1_openai") == "vk_u…05c4fa"
     assert key.limits is not None and key.limits.requests == 100 and key.limits.tokens is None
 
 
@@ -58,10 +58,14 @@ def test_no_secret_is_in_a_keys_repr(tmp_path: Path) -> None:
     assert "vk_user1_openai" not in text and "sk-real-openai-key" not in text
 
 
-def test_masking_never_shows_a_whole_key() -> None:
-    assert masked("vk_user2_anthropic") == "vk_use…opic"
+def test_masking_shows_at_most_four_characters_and_a_short_hash() -> None:
+    assert masked("vk_user2_anthropic") == "vk_u…e2722b"
     for secret in ("a", "ab", "abc1234", "abcdefghijk", "abcdefghijkl", "abcdefghijklmnop"):
-        assert secret not in masked(secret)
+        shown, _, digest = masked(secret).partition("…")
+        assert len(shown) <= 4 and secret.startswith(shown) and len(digest) == 6
+        assert len(shown) <= len(secret) // 3  # never most of a short key
+    # The hash tells apart keys that share their first characters.
+    assert masked("vk_alice_0000000") != masked("vk_alice_0000001")
 
 
 @pytest.mark.parametrize("header", ["Authorization", "x-api-key", "api-key", "x-goog-api-key"])
@@ -127,7 +131,7 @@ def test_overrides_custom_providers_env_keys_quotas_and_patterns(tmp_path: Path)
         environ={"ANTHROPIC_API_KEY": "sk-ant-from-env"},
     )
     by_name = {key.name: key for key in ring}
-    assert str(by_name["vk_one…5678"].provider.base_url) == "http://127.0.0.1:9/v1"
+    assert str(by_name[masked("vk_one_12345678")].provider.base_url) == "http://127.0.0.1:9/v1"
     two = by_name["user2"]
     assert two.api_key == "sk-ant-from-env" and two.provider.auth == "x-api-key"
     assert two.limits is not None and (

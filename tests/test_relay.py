@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.keys import masked
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,
@@ -461,7 +462,7 @@ async def test_refused_and_failed_requests_are_logged_too(
     )
     lines = await records(3)
     assert [line["status"] for line in lines] == [401, 400, 500]
-    assert lines[0]["key"] is None and lines[1]["key"] == "vk_tes…2e1b"
+    assert lines[0]["key"] is None and lines[1]["key"] == masked(OPENAI_VK)
 
 
 async def test_a_json_body_cut_short_before_anything_was_sent_gets_502(

@@ -1,0 +1,34 @@
+"""Credentials in request headers: which one a request presents, and bearer-token checks.
+
+The virtual key is read from the first present of `Authorization: Bearer`, `x-api-key`,
+`api-key`, `x-goog-api-key` (SPEC: Routing); `keys.KeyRing` looks it up. The gateway's
+own tokens (`METRICS_TOKEN`) are compared here in constant time, so the time of a wrong
+answer says nothing about how much of the token was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+
+def presented(headers: Mapping[str, str]) -> str | None:
+    """The first credential present: Authorization Bearer, x-api-key, api-key, x-goog-api-key."""
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        value = headers.get(name)
+        if value and value.strip():
+            return value.strip()
+    return None
+
+
+def presents_token(headers: Mapping[str, str], token: str) -> bool:
+    """The request carries `Authorization: Bearer <token>` (constant-time comparison)."""
+    scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
