@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from proxy.app import load_keys
 from proxy.keys import KeysFileError
+from proxy.pricing import Prices
 from proxy.server import CannotListen, run
 from proxy.settings import SettingError, Settings
 
@@ -26,6 +27,7 @@ def main(argv: Sequence[str]) -> int:
         settings = Settings.from_env(os.environ, argv)
         key_ring = load_keys(settings, os.environ)
         check_log_file(settings)
+        Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start (a SettingError)
         check_redis(settings)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:

@@ -26,6 +26,7 @@ from proxy.keys import Defaults, KeyRing
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
 from proxy.metrics import Metrics
+from proxy.pricing import Prices
 from proxy.quota import Quota
 from proxy.record import own_request_id
 from proxy.settings import Settings
@@ -41,6 +42,7 @@ METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 LOGBOOK = web.AppKey("logbook", Logbook)
 LOCKOUT = web.AppKey("lockout", Lockout)
+PRICES = web.AppKey("prices", Prices)
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -105,6 +107,7 @@ def build_app(
     app[LOCKOUT] = lockout = Lockout(
         settings.auth_failure_limit, settings.auth_failure_window_seconds, metrics.auth_failed
     )
+    app[PRICES] = Prices.load(settings.prices_file)  # checked at start by gateway.py
 
     def tracker_lost(decision: str, error: str) -> None:
         metrics.redis_error_decision(decision)

@@ -105,6 +105,7 @@ class Logbook:
             "duration_ms": record.duration_ms,
             "ttft_ms": record.ttft_ms,
             "usage": record.usage,
+            "cost_usd": record.cost_usd,
         }
         if record.error is not None:
             fields["error"] = record.error

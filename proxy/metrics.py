@@ -124,6 +124,18 @@ class Metrics:
             ["provider", "model"],
             registry=owner,
         )
+        self._cost = Counter(
+            "llm_gateway_cost_usd",
+            "What requests cost in USD, as priced by the gateway (estimated usage included).",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._unpriced = Counter(
+            "llm_gateway_unpriced_requests",
+            "Requests with usage but no price for their model (cost_usd null).",
+            ["provider", "model"],
+            registry=owner,
+        )
         self._quota_rejections = Counter(
             "llm_gateway_quota_rejections",
             "Requests refused over quota, by key name.",
@@ -185,6 +197,10 @@ class Metrics:
         if record.usage is not None:
             child(self._prompt_tokens, provider, model).inc(record.usage.prompt_tokens)
             child(self._completion_tokens, provider, model).inc(record.usage.completion_tokens)
+            if record.cost_usd is None:
+                child(self._unpriced, provider, model).inc()
+            else:
+                child(self._cost, provider, model).inc(record.cost_usd)
         if is_upstream_failure(record):
             self._upstream_errors.labels(provider, _failure_kind(record)).inc()
         self._last_request.set(time.time())

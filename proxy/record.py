@@ -29,11 +29,21 @@ def own_request_id(presented: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of one response; `estimated` when the provider reported none."""
+    """Token counts of one response; `estimated` when the provider reported none.
+
+    `prompt_tokens` and `completion_tokens` are totals: every other count is a part of one
+    of them (cache reads and writes and input audio of the prompt; reasoning and output
+    audio of the completion), kept apart because each kind has its own price.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -44,6 +54,11 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "input_audio_tokens": self.input_audio_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "output_audio_tokens": self.output_audio_tokens,
             "estimated": self.estimated,
         }
 
@@ -67,6 +82,8 @@ class Record:
     # Time spent awaiting the provider (connect, headers, body reads); None: never asked.
     upstream_ms: float | None = None
     usage: Usage | None = None
+    # What the usage cost in USD (pricing.py); None when unpriced or without usage.
+    cost_usd: float | None = None
     error: str | None = None
     # True when the provider itself failed (unreachable, timeout, broke mid-body): feeds health.
     upstream_failed: bool = False

@@ -254,6 +254,7 @@ def settle(app: web.Application, record: Record, key: VirtualKey | None) -> None
     """The one ending of every request: tokens to the tracker, metrics, health, the log."""
     record.finish()
     app[wiring.METRICS].request_ended()
+    record.cost_usd = app[wiring.PRICES].cost(record.provider, record.model, record.usage)
     if key is not None and record.usage is not None:
         app[wiring.QUOTA].charge_later(key, record.usage.total_tokens)
     app[wiring.METRICS].observe(record)

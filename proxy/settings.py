@@ -113,6 +113,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SERVER_HOST", "0.0.0.0", _text, "address to listen on", "a host name or address"),
     Setting("SERVER_PORT", "8080", _port, "port to listen on", "a port number (0-65535)"),
     Setting("KEYS_FILE_PATH", "keys.json", _text, "the virtual key file", "a file path"),
+    Setting(
+        "PRICES_FILE",
+        None,
+        _text,
+        "price overrides (USD per million tokens) for self-hosted or negotiated models "
+        "(unset: genai-prices' bundled prices only)",
+        "a file path",
+    ),
     Setting("QUOTA_ENABLED", "true", _boolean, "enforce quotas at all", "true or false"),
     Setting(
         "QUOTA_LIMIT",
@@ -236,6 +244,7 @@ class Settings:
     server_host: str = "0.0.0.0"
     server_port: int = 8080
     keys_file_path: str = "keys.json"
+    prices_file: str | None = None
     quota_enabled: bool = True
     quota_limit: int = 100
     quota_tokens: int | None = None

@@ -79,7 +79,7 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
     [line] = lines_of(path)
     assert list(line) == [
         "timestamp", "request_id", "key", "provider", "method", "path", "model",
-        "stream", "status", "duration_ms", "ttft_ms", "usage",
+        "stream", "status", "duration_ms", "ttft_ms", "usage", "cost_usd",
     ]  # fmt: skip
     assert RFC3339_MILLIS.match(line["timestamp"])
     assert line["request_id"] == "req-0"
@@ -92,8 +92,14 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
         "prompt_tokens": 12,
         "completion_tokens": 34,
         "total_tokens": 46,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "input_audio_tokens": 0,
+        "reasoning_tokens": 0,
+        "output_audio_tokens": 0,
         "estimated": False,
     }
+    assert line["cost_usd"] is None
 
 
 async def test_a_refused_request_has_its_error_and_null_usage_and_timings(tmp_path: Path) -> None:

@@ -170,12 +170,12 @@ async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refus
     assert first.headers["x-ratelimit-remaining-tokens"] == "10"  # nothing charged before it ran
     await first.read()
     (line,) = await records(1)
-    assert line["usage"] == {
+    assert line["usage"].items() >= {
         "prompt_tokens": 1,
         "completion_tokens": 8,
         "total_tokens": 9,
         "estimated": False,
-    }
+    }.items()
     await asyncio.sleep(0.05)
     # 9 of 10 used: still under, so admitted, and it overshoots by its own tokens.
     second = await gateway.post(

@@ -1,0 +1,233 @@
+"""Prices: what a request's usage cost in USD, each token kind at its own rate.
+
+The rates come from genai-prices (pinned in requirements.txt), from the data bundled in the
+installed package: nothing is fetched at run time (its `UpdatePrices` is never started, and
+the bundled snapshot is read directly, not through the library's process-wide hook). A
+local overrides file (PRICES_FILE) prices what the library does not know or prices
+differently: self-hosted models, negotiated rates. Its shape, per provider (the names of
+keys.json) and model (the name the client sends, or "*" for every model of the provider):
+
+    {"openai": {"gpt-4o": {"input_mtok": 2.0, "output_mtok": 8.0, "cache_read_mtok": 1.0}},
+     "local": {"*": {"input_mtok": 0, "output_mtok": 0}}}
+
+Rates are USD per million tokens (`requests_kcount`: per thousand requests), named as
+genai-prices names them (`PRICE_KEYS`). An override replaces the library's whole price for
+that model.
+
+How a cost is computed: the library's data decides the rates (model matching, dated price
+changes, tiers by prompt size); this module does the arithmetic for the gateway's fixed
+token kinds, because the library's generic `calc_price` costs about 200 µs a call. The
+arithmetic is the library's: a part (cache reads, cache writes, input audio; reasoning,
+output audio) is priced at its own rate when the model has one, else at its total's rate,
+and the rest of each total at the plain input or output rate. A test checks the figures
+against `genai_prices.calc_price`. What is not done: a cost for a model without a price
+(None, never a made-up number), Anthropic's 1-hour cache writes at their own rate (the
+usage tap does not split writes by lifetime: all are priced as 5-minute writes), images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from proxy.record import Usage
+from proxy.settings import SettingError
+
+# Each rate a price may carry, named as in genai-prices; the part it prices, if any.
+PRICE_KEYS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "input_audio_mtok",
+    "output_audio_mtok",
+    "output_reasoning_mtok",
+    "requests_kcount",
+)
+# The gateway's provider names where genai-prices calls the provider differently.
+_LIBRARY_PROVIDER = {"gemini": "google"}
+# Models looked up in the library are remembered, up to this many (a client names any model).
+_REMEMBERED_MODELS = 4096
+_MTOK = 1_000_000
+
+
+class PricesFileError(SettingError):
+    """A PRICES_FILE the gateway cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """One rate: a base, and higher rates once the prompt passes a size (tiers)."""
+
+    base: float
+    tiers: tuple[tuple[int, float], ...] = ()  # (prompt tokens above which, rate), ascending
+
+    def at(self, prompt_tokens: int) -> float:
+        # A cliff, as the providers bill: past a tier's start, every token pays its rate.
+        for start, rate in reversed(self.tiers):
+            if prompt_tokens > start:
+                return rate
+        return self.base
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's rates, by genai-prices price key; a missing part falls back to its total's."""
+
+    rates: Mapping[str, Rate]
+
+    def cost(self, usage: Usage) -> float:
+        """USD for `usage`."""
+        prompt = usage.prompt_tokens
+        rate = self.rates.get
+        total = 0.0
+        # The part left at the plain input rate is what no priced part took.
+        plain_input = prompt
+        for key, count in (
+            ("cache_read_mtok", usage.cache_read_tokens),
+            ("cache_write_mtok", usage.cache_write_tokens),
+            ("input_audio_mtok", usage.input_audio_tokens),
+        ):
+            part = rate(key)
+            if part is not None and count:
+                total += count * part.at(prompt)
+                plain_input -= count
+        plain_output = usage.completion_tokens
+        for key, count in (
+            ("output_reasoning_mtok", usage.reasoning_tokens),
+            ("output_audio_mtok", usage.output_audio_tokens),
+        ):
+            part = rate(key)
+            if part is not None and count:
+                total += count * part.at(prompt)
+                plain_output -= count
+        for key, count in (("input_mtok", plain_input), ("output_mtok", plain_output)):
+            part = rate(key)
+            if part is not None and count > 0:  # a provider's parts may overlap: never below 0
+                total += count * part.at(prompt)
+        total /= _MTOK
+        requests = rate("requests_kcount")
+        if requests is not None:
+            total += requests.at(prompt) / 1000
+        return total
+
+
+class Prices:
+    """Prices of every model: the overrides file first, then genai-prices' bundled data."""
+
+    __slots__ = ("_converted", "_library", "_models", "_overrides")
+
+    def __init__(self, overrides: Mapping[tuple[str, str], Price]) -> None:
+        from genai_prices.data import providers  # large: loaded at start, not at import
+
+        self._library = providers
+        self._overrides = overrides
+        self._models: dict[tuple[str, str], Any] = {}  # (provider, model) → ModelInfo | None
+        # id(ModelPrice) → (that ModelPrice, its rates): bounded by the data's prices.
+        self._converted: dict[int, tuple[Any, Price | None]] = {}
+
+    @classmethod
+    def load(cls, path: str | None) -> Prices:
+        """The prices, with the overrides in `path` when given. Raises PricesFileError."""
+        return cls(_overrides(path) if path else {})
+
+    def cost(self, provider: str | None, model: str | None, usage: Usage | None) -> float | None:
+        """USD for `usage` of `model` at `provider`; None when unpriced (or no usage)."""
+        if usage is None or provider is None or model is None:
+            return None
+        price = self._overrides.get((provider, model)) or self._overrides.get((provider, "*"))
+        if price is None:
+            price = self._library_price(provider, model)
+            if price is None:
+                return None
+        return price.cost(usage)
+
+    def _library_price(self, provider: str, model: str) -> Price | None:
+        key = (provider, model)
+        if key in self._models:
+            model_info = self._models[key]
+        else:
+            model_info = self._models[key] = self._find(provider, model)
+            if len(self._models) > _REMEMBERED_MODELS:
+                self._models.clear()
+        if model_info is None:
+            return None
+        # A model's price may change on a date the data knows: resolve it for now. The
+        # library hands back the same object until then, so each is converted once.
+        model_price = model_info.get_prices(datetime.now(tz=UTC))
+        converted = self._converted.get(id(model_price))
+        if converted is None or converted[0] is not model_price:
+            converted = self._converted[id(model_price)] = (model_price, _from_library(model_price))
+        return converted[1]
+
+    def _find(self, provider: str, model: str) -> Any:
+        """genai-prices' ModelInfo for the model, or None."""
+        from genai_prices.data_snapshot import find_provider_by_id
+
+        library_provider = find_provider_by_id(
+            self._library, _LIBRARY_PROVIDER.get(provider, provider)
+        )
+        if library_provider is None:
+            return None
+        return library_provider.find_model(model, all_providers=self._library)
+
+
+def _from_library(model_price: Any) -> Price | None:
+    """The rates of a library price; None when it has no token rate (priced by the hour…)."""
+    from genai_prices.types import TieredPrices
+
+    rates: dict[str, Rate] = {}
+    for key in PRICE_KEYS:
+        value = getattr(model_price, key, None)
+        if isinstance(value, TieredPrices):
+            tiers = tuple((tier.start, float(tier.price)) for tier in value.tiers)
+            rates[key] = Rate(float(value.base), tiers)
+        elif isinstance(value, Decimal):
+            rates[key] = Rate(float(value))
+    if not rates.keys() & {"input_mtok", "output_mtok"}:
+        return None
+    return Price(rates)
+
+
+def _overrides(path: str) -> dict[tuple[str, str], Price]:
+    try:
+        with open(path, "rb") as file:
+            document = orjson.loads(file.read())
+    except OSError as error:
+        raise PricesFileError(f"PRICES_FILE {path} cannot be read: {error.strerror}") from None
+    except orjson.JSONDecodeError as error:
+        raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise PricesFileError(f"PRICES_FILE {path} must be an object of provider → models")
+    prices: dict[tuple[str, str], Price] = {}
+    for provider, models in document.items():
+        if not isinstance(models, dict) or not models:
+            raise PricesFileError(
+                f"PRICES_FILE {path}: provider '{provider}' must be an object of model → rates"
+            )
+        for model, rates in models.items():
+            prices[(provider, model)] = _price(path, provider, model, rates)
+    return prices
+
+
+def _price(path: str, provider: str, model: str, rates: object) -> Price:
+    where = f"PRICES_FILE {path}: '{provider}' model '{model}'"
+    if not isinstance(rates, dict) or not rates:
+        raise PricesFileError(f"{where} must be an object of rates (e.g. input_mtok)")
+    parsed: dict[str, Rate] = {}
+    for name, value in rates.items():
+        if name not in PRICE_KEYS:
+            raise PricesFileError(
+                f"{where}: unknown rate '{name}' (known: {', '.join(PRICE_KEYS)})"
+            )
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value) or value < 0:
+            raise PricesFileError(f"{where}: {name} must be a non-negative number, got {value!r}")
+        parsed[name] = Rate(float(value))
+    return Price(parsed)
