@@ -42,6 +42,10 @@ OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
 AUTH_OUTCOMES = ("refused", "throttled")
 MODEL_LABEL_CHARS = 64
 MODEL_LABEL_VALUES = 100
+# Every decision made without Redis; exported at 0 from the start, because a series born at its
+# first increment is invisible to rate() and increase(), and the alert on a short Redis loss
+# (deploy/prometheus/alerts.yml) would never fire.
+REDIS_DECISIONS = ("allow", "deny", "uncharged")
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -165,6 +169,8 @@ class Metrics:
             ["decision"],
             registry=owner,
         )
+        for decision in REDIS_DECISIONS:
+            self._redis_errors.labels(decision)
         self._auth_failures = Counter(
             "llm_gateway_auth_failures",
             "Failed authentications: refused (401, no or unknown key or token) or throttled "
