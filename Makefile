@@ -21,19 +21,20 @@ keys.json:
 run: $(STAMP) keys.json
 	$(PY) gateway.py $(ARGS)
 
-# test: install everything (venv, redis-server, podman for the image check), then run every test.
+# test: install everything (venv, redis-server, prometheus, podman for the image check), then run every test.
 # The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q
 
 # unit: the pytest suite without installing system packages: the Docker image check is skipped
-# (SKIP_DOCKER=1), and the Redis tests skip when there is no redis-server
+# (SKIP_DOCKER=1), and the Redis and Prometheus tests skip when redis-server or prometheus is missing
 unit: $(STAMP)
 	SKIP_DOCKER=1 $(PY) -m pytest -q
 
 # system-packages: Debian packages the tests need, installed only when missing
 system-packages:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 
 # e2e: the shell scripts in e2e/ against a real gateway in front of the fake provider
 e2e: $(STAMP)
