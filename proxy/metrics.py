@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -78,6 +79,9 @@ class Metrics:
     """The gateway's counters, histograms and gauges, and their two renderings."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
+        # No `_created` series: a start time per label set doubles the text and means nothing
+        # to a dashboard. Process-wide in prometheus-client, and the same for every Metrics.
+        prometheus_client.disable_created_metrics()
         self._registry = CollectorRegistry()
         owner: CollectorRegistry | None = self._registry
         if multiprocess_dir is not None:
