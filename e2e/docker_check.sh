@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Verify the Dockerfile on a machine with no Docker engine (podman and buildah, chroot isolation),
-# as ../shared/DOCKER.md describes:
-# lint it, build it, run its CMD as its USER in front of the fake provider, run its HEALTHCHECK,
-# send one proxied call through the port, SIGTERM the gateway and expect exit 0, check the
-# compose file. Installs what it needs (root, apt-get); fails loudly when it cannot.
+# Verify the Dockerfile on a machine with no Docker engine (`make docker-check`; the README's
+# "Docker" section). Docker's engine cannot run here, but podman and buildah can, with chroot
+# isolation: lint the Dockerfile (hadolint), build it, run its CMD as its USER in front of the
+# fake provider, run its HEALTHCHECK, send one proxied call through the port, SIGTERM the
+# gateway and expect exit 0; check what a bad keys.json says; check the compose file.
+# Installs what it needs (root, apt-get); fails loudly when it cannot.
 #
-# Where no image can be pulled, the base image is a local stand-in built with debootstrap
-# (Debian bookworm's Python 3.11, tagged python:3.11-slim) and kept for the next run.
+# Where the base image cannot be pulled, a local stand-in is built with debootstrap (Debian
+# bookworm's Python 3.11) under its own local name, $STAND_IN, and the Dockerfile is built
+# on it with `podman build --from`: the stand-in never takes the name of a real image, so a
+# later FROM python:3.11-slim on this machine gets the real one. It is kept for the next run.
 #
 #   e2e/docker_check.sh            PYTHON=… (default .venv/bin/python)  IMAGE=… (default llm-gateway)
 set -euo pipefail
@@ -15,6 +18,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 IMAGE=${IMAGE:-llm-gateway}
 BASE=docker.io/library/python:3.11-slim
+STAND_IN=localhost/llm-gateway-stand-in:python3.11-slim
+STAND_IN_LABEL=llm-gateway.stand-in
 READY_SECONDS=30
 SECONDS=0
 
@@ -115,15 +120,24 @@ fi
 # --- compose file ----------------------------------------------------------------------------
 /usr/bin/python3 - docker-compose.yml <<'PY' || die "docker-compose.yml"
 import sys, yaml
-services = yaml.safe_load(open(sys.argv[1]))["services"]
+document = yaml.safe_load(open(sys.argv[1]))
+services = document["services"]
 gateway, redis = services["gateway"], services["redis"]
 problems = []
 if gateway.get("build") not in (".", {"context": "."}):
     problems.append("the gateway is not built from this directory")
 if (gateway.get("environment") or {}).get("REDIS_URL") != "redis://redis:6379/0":
     problems.append("the gateway's REDIS_URL is not redis://redis:6379/0")
-if "./keys.json:/app/keys.json:ro" not in gateway.get("volumes", []):
-    problems.append("keys.json is not mounted read-only at /app/keys.json")
+volumes = gateway.get("volumes", [])
+keys = [v for v in volumes if isinstance(v, dict) and v.get("target") == "/app/keys.json"]
+if not (keys and keys[0].get("type") == "bind" and keys[0].get("source") == "./keys.json"
+        and keys[0].get("read_only") is True):
+    problems.append("keys.json is not bind-mounted read-only at /app/keys.json (long syntax)")
+elif (keys[0].get("bind") or {}).get("create_host_path") is not False:
+    problems.append("the keys.json bind lacks create_host_path: false (Docker would create a directory)")
+logs = [v for v in volumes if isinstance(v, dict) and v.get("target") == "/app/logs"]
+if not (logs and logs[0].get("type") == "volume" and logs[0].get("source") in (document.get("volumes") or {})):
+    problems.append("no named volume at /app/logs for the interaction log")
 if not any(str(port).endswith("8080") for port in gateway.get("ports", [])):
     problems.append("port 8080 is not published")
 if not str(redis.get("image", "")).startswith("redis:"):
@@ -132,7 +146,7 @@ for problem in problems:
     print(f"docker-compose.yml: {problem}", file=sys.stderr)
 sys.exit(1 if problems else 0)
 PY
-step "docker-compose.yml: gateway + redis, keys.json read-only"
+step "docker-compose.yml: gateway + redis, keys.json read-only and never created, a volume for the log"
 
 # --- base image ------------------------------------------------------------------------------
 debian_mirror() {
@@ -142,13 +156,23 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+# A stand-in tagged with the real name by an older version of this script: untag it.
+if [[ -n "$(podman image inspect "$BASE" --format "{{index .Labels \"$STAND_IN_LABEL\"}}" 2>/dev/null)" ]]; then
+    podman image exists "$STAND_IN" || podman tag "$BASE" "$STAND_IN" || die "cannot name the old stand-in $STAND_IN"
+    podman untag "$BASE" "$BASE" >/dev/null 2>&1 || die "cannot untag the old stand-in named $BASE"
+    step "renamed an old stand-in from $BASE to $STAND_IN (it shadowed the real image)"
+fi
+from=()
 if podman image exists "$BASE"; then
-    step "base image $BASE: present ($(podman image inspect "$BASE" --format '{{index .Labels "llm-gateway.stand-in"}}' 2>/dev/null || true))"
+    step "base image $BASE: present"
 elif timeout 60 podman pull -q "$BASE" >"$work/pull.log" 2>&1; then
     step "base image $BASE: pulled"
+elif podman image exists "$STAND_IN"; then
+    from=(--from "$STAND_IN")
+    step "base image $BASE cannot be pulled; using the stand-in $STAND_IN"
 else
     mirror=$(debian_mirror)
-    step "base image $BASE cannot be pulled ($(tail -1 "$work/pull.log" | cut -c1-100)); building a stand-in from $mirror"
+    step "base image $BASE cannot be pulled ($(tail -1 "$work/pull.log" | cut -c1-100)); building the stand-in $STAND_IN from $mirror"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
         bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 ||
         { show "$work/debootstrap.log"; die "debootstrap of the stand-in base failed"; }
@@ -157,24 +181,25 @@ else
     rm -rf --one-file-system "$work/rootfs"
     mkdir "$work/base"
     cp /etc/ssl/certs/ca-certificates.crt "$work/base/"
-    cat >"$work/base/Containerfile" <<'EOF'
+    cat >"$work/base/Containerfile" <<EOF
 FROM localhost/debian-rootfs:bookworm
-RUN ln -sf /usr/bin/python3 /usr/local/bin/python && ln -sf /usr/bin/pip3 /usr/local/bin/pip \
+RUN ln -sf /usr/bin/python3 /usr/local/bin/python && ln -sf /usr/bin/pip3 /usr/local/bin/pip \\
     && rm -f /usr/lib/python3.11/EXTERNALLY-MANAGED
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8
-LABEL llm-gateway.stand-in="debootstrap bookworm, Debian's python3"
+LABEL $STAND_IN_LABEL="debootstrap bookworm, Debian's python3"
 CMD ["python3"]
 EOF
-    podman build -q --format docker --isolation=chroot --network host -t "$BASE" "$work/base" >"$work/base.log" 2>&1 ||
+    podman build -q --format docker --isolation=chroot --network host -t "$STAND_IN" "$work/base" >"$work/base.log" 2>&1 ||
         { show "$work/base.log"; die "building the stand-in base image failed"; }
-    step "base image $BASE: stand-in built"
+    from=(--from "$STAND_IN")
+    step "base image: stand-in $STAND_IN built"
 fi
 
 # --- build -----------------------------------------------------------------------------------
-podman build --format docker --isolation=chroot --network host -t "$IMAGE" . >"$work/build.log" 2>&1 ||
+podman build --format docker --isolation=chroot --network host "${from[@]}" -t "$IMAGE" . >"$work/build.log" 2>&1 ||
     { show "$work/build.log" 40; die "podman build of the Dockerfile failed"; }
-step "built $IMAGE"
+step "built $IMAGE${from[1]:+ on ${from[1]}}"
 
 # What to run comes from the image itself, so the check follows the Dockerfile.
 podman image inspect "$IMAGE" --format '{{json .}}' >"$work/image.json"
@@ -298,6 +323,22 @@ gateway_pid=
 ((rc == 0)) || { show "$work/gateway.log"; die "the gateway exited $rc after SIGTERM, not 0"; }
 ! grep -q Traceback "$work/gateway.log" || { show "$work/gateway.log"; die "the gateway printed a traceback"; }
 step "SIGTERM to the gateway (pid $gateway, uid $uid): exit 0"
+
+# What an operator gets wrong first: keys.json missing (Docker mounts a directory in its
+# place) or of mode 600 (unreadable for the image's user). One line each, exit 2, the fix.
+bad_keys() { # bad_keys SOURCE TARGET WANTED: the CMD with SOURCE as its keys file says WANTED, exit 2
+    local rc=0
+    # A target of its own: buildah leaves each mount point (file or directory) in the container.
+    buildah run --isolation chroot --network host --user "$user" --volume "$1:$2:ro" --env "KEYS_FILE_PATH=$2" \
+        "$ctr" -- "${cmd[@]}" >"$work/bad.log" 2>&1 || rc=$?
+    ((rc == 2)) && grep -q "$3" "$work/bad.log" || { show "$work/bad.log"; die "keys file $1: exit $rc, not 2 with '$3'"; }
+}
+mkdir "$work/missing-keys"
+bad_keys "$work/missing-keys" /app/keys-as-a-directory "is a directory, not a file"
+cp "$work/keys.json" "$work/private-keys.json"
+chmod 600 "$work/private-keys.json"
+bad_keys "$work/private-keys.json" /app/keys-of-mode-600.json "chmod 644"
+step "keys.json a directory, or of mode 600: one line naming the fix, exit 2"
 
 # The non-root user wrote the log, and every line was on disk before the exit.
 mnt=$(buildah mount "$ctr")

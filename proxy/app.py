@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.health import Health
@@ -132,6 +133,7 @@ def build_app(
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
     app.on_shutdown.append(_not_ready)
+    app.on_response_prepare.append(_plain_server_header)
     app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
     app.router.add_get("/ready", with_request_id(app[HEALTH].handle_ready))
     # With a token, guessing it counts as failed authentications; without, /metrics is open.
@@ -193,6 +195,12 @@ async def _logbook(app: web.Application) -> AsyncIterator[None]:
 async def _quota(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[QUOTA].close()
+
+
+async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default names Python's and its own version; a provider's own Server passes.
+    if response.headers.get("Server", SERVER_SOFTWARE) == SERVER_SOFTWARE:
+        response.headers["Server"] = "llm-gateway"
 
 
 async def _not_ready(app: web.Application) -> None:

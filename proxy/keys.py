@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ class KeyRing:
             raise KeysFileError(
                 f"{path}: no such file. Create it from keys.example.json "
                 f"(cp keys.example.json {path}) or set KEYS_FILE_PATH"
+            ) from None
+        except IsADirectoryError:
+            # What Docker leaves when it bind-mounts a keys.json that did not exist.
+            raise KeysFileError(
+                f"{path}: is a directory, not a file. Docker creates one when the keys.json "
+                f"it should mount does not exist: remove it, create keys.json "
+                f"(cp keys.example.json keys.json), start again"
+            ) from None
+        except PermissionError:
+            raise KeysFileError(
+                f"{path}: not readable by this process (uid {os.getuid()}); the image runs "
+                f"as uid 10001: chmod 644 the file, or give it that owner"
             ) from None
         except OSError as error:
             raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None

@@ -82,7 +82,7 @@ def test_a_missing_keys_file_says_how_to_create_one(tmp_path: Path) -> None:
 
 def test_an_unreadable_keys_file_is_refused(tmp_path: Path) -> None:
     result = refused({"KEYS_FILE_PATH": str(tmp_path)})  # a directory
-    assert result.returncode == 2 and "cannot be read" in result.stderr
+    assert result.returncode == 2 and "is a directory, not a file" in result.stderr
 
 
 def test_a_log_file_that_cannot_be_opened_stops_the_start(
