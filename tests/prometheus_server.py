@@ -38,9 +38,10 @@ def is_finite_result(result: list[dict[str, Any]]) -> bool:
 
 
 class PrometheusServer:
-    """One Prometheus process scraping `target` every `interval`; its files live in `directory`."""
+    """One Prometheus process scraping `target` every `interval`, with the gateway's
+    METRICS_TOKEN as `token`; its files live in `directory`."""
 
-    def __init__(self, directory: Path, target: str, interval: str = "1s") -> None:
+    def __init__(self, directory: Path, target: str, token: str, interval: str = "1s") -> None:
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,6 +50,7 @@ class PrometheusServer:
         config["rule_files"] = [str(RULES)]
         (job,) = config["scrape_configs"]
         job["static_configs"] = [{"targets": [target]}]
+        job["authorization"] = {"credentials": token}  # the example's commented-out lines
         self.config = directory / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))
 

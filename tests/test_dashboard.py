@@ -52,6 +52,7 @@ VARIABLES = {
     "provider": ".+",
 }
 
+METRICS_TOKEN = "metrics-token-for-the-scrape"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {
     "model": "claude-3-5-haiku-latest",
@@ -69,6 +70,7 @@ ROUND: list[Call] = [
     (MESSAGES_PATH, ANTHROPIC_VK, MESSAGES, {"x-fake-drop": "headers"}),  # unreachable: 502
     (CHAT_PATH, OPENAI_VK, {**CHAT, "stream": True}, {"x-fake-drop": "midstream"}),  # broken
     *[(CHAT_PATH, LIMITED_VK, CHAT, {})] * 3,  # quota: 3 requests an hour
+    (CHAT_PATH, OPENAI_VK, {**CHAT, "model": "fake-model"}, {}),  # no price known
     (CHAT_PATH, "vk_nobody", CHAT, {}),  # 401
 ]
 FIRST_ROUND = [*ROUND, *[(CHAT_PATH, LIMITED_VK, CHAT, {})] * 2]  # refusals in both rounds
@@ -135,8 +137,9 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
         WORKERS="2",
         REDIS_URL=redis.url,
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        METRICS_TOKEN=METRICS_TOKEN,
     )
-    prometheus = PrometheusServer(directory, url.removeprefix("http://"))
+    prometheus = PrometheusServer(directory, url.removeprefix("http://"), METRICS_TOKEN)
     cleanup.callback(prometheus.stop)
     prometheus.start()
     prometheus.wait_for(lambda: bool(prometheus.query("up == 1")), "a first scrape")
@@ -149,7 +152,10 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
     wait_until_scraped(
         prometheus, len(statuses), 'llm_gateway_redis_errors_total{decision="allow"} > 0'
     )
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+    scrape = urllib.request.Request(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+    )
+    with urllib.request.urlopen(scrape, timeout=10) as response:
         exposition = response.read().decode()
     return Observed(prometheus, len(statuses), statuses, exposition, metrics_dir)
 
@@ -271,6 +277,7 @@ def test_the_faults_injected_make_their_alerts_pending(observed: Observed) -> No
         "LLMGatewayUpstreamErrorRatio",  # both providers fail about one request in five
         "LLMGatewayLogWritesFailing",  # the log is /dev/full
         "LLMGatewayRedisLostAllowing",  # Redis was killed, QUOTA_ON_REDIS_ERROR=allow
+        "LLMGatewayUnpricedRequests",  # fake-model has no price
     }
 
     def active() -> set[str]:
