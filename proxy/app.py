@@ -19,10 +19,12 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.health import Health
 from proxy import errors
+from proxy.admin import Admin
+from proxy.cors import Cors
 from proxy.credentials import presents_token
 from proxy.errors import GatewayError
+from proxy.health import Health
 from proxy.keys import Defaults, KeyRing
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
@@ -30,6 +32,7 @@ from proxy.metrics import Metrics
 from proxy.pricing import Prices
 from proxy.quota import Quota
 from proxy.record import own_request_id
+from proxy.reload import KeysFile
 from proxy.settings import Settings
 from proxy.tracker import MemoryTracker, Tracker
 
@@ -44,6 +47,7 @@ HEALTH = web.AppKey("health", Health)
 LOGBOOK = web.AppKey("logbook", Logbook)
 LOCKOUT = web.AppKey("lockout", Lockout)
 PRICES = web.AppKey("prices", Prices)
+KEYS_FILE = web.AppKey("keys_file", KeysFile)
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -81,11 +85,15 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
 
 
 def build_app(
-    settings: Settings, key_ring: KeyRing | None = None, metrics_dir: str | None = None
+    settings: Settings,
+    key_ring: KeyRing | None = None,
+    metrics_dir: str | None = None,
+    reload_workers: Callable[[], None] | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
 
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
+    `reload_workers`: asks the supervisor to make every worker reload keys.json.
     """
     from proxy.relay import relay  # relay reads the app keys above
 
@@ -117,6 +125,20 @@ def build_app(
     def tracker_back() -> None:
         health.tracker_degraded = None
 
+    def keys_reloaded(error: str | None) -> None:
+        metrics.config_reloaded(error is None)
+        if error is None:
+            health.count_keys(key_ring.key_counts())
+            health.config = app[KEYS_FILE].config
+
+    app[KEYS_FILE] = KeysFile(
+        settings.keys_file_path,
+        key_ring,
+        functools.partial(load_keys, settings, os.environ),
+        on_reload=keys_reloaded,
+        is_watched=settings.keys_file_watch,
+    )
+    health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
         new_tracker(settings),
         key_ring,
@@ -132,6 +154,7 @@ def build_app(
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
+    app.cleanup_ctx.append(_keys_file)
     app.on_shutdown.append(_not_ready)
     app.on_response_prepare.append(_plain_server_header)
     app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
@@ -140,6 +163,10 @@ def build_app(
     metrics_handler = lockout.guarded(_metrics) if settings.metrics_token else _metrics
     app.router.add_get("/metrics", with_request_id(metrics_handler))
     app.router.add_get("/usage", with_request_id(lockout.guarded(app[QUOTA].handle_usage)))
+    admin = Admin(settings.admin_token, key_ring, app[QUOTA], app[KEYS_FILE], reload_workers)
+    admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
+    if settings.cors_allowed_origins:
+        Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
     app.router.add_route("*", "/{tail:.*}", relay)
     return app
 
@@ -201,6 +228,11 @@ async def _plain_server_header(request: web.Request, response: web.StreamRespons
     # aiohttp's default names Python's and its own version; a provider's own Server passes.
     if response.headers.get("Server", SERVER_SOFTWARE) == SERVER_SOFTWARE:
         response.headers["Server"] = "llm-gateway"
+
+
+async def _keys_file(app: web.Application) -> AsyncIterator[None]:
+    async with app[KEYS_FILE].running():
+        yield
 
 
 async def _not_ready(app: web.Application) -> None:

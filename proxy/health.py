@@ -67,6 +67,15 @@ class Health:
         self._tracker_backend = tracker_backend
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
+        self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
+
+    def count_keys(self, key_counts: dict[str, int]) -> None:
+        """A reloaded keys file: each provider's new key count; a provider's record stays."""
+        self._providers = {
+            name: self._providers.get(name, _ProviderState(keys=0)) for name in key_counts
+        }
+        for name, count in key_counts.items():
+            self._providers[name].keys = count
 
     def observe(self, record: Record) -> None:
         """Update the record's provider: a failure, a success, or neither (499, our own answer)."""
@@ -88,7 +97,7 @@ class Health:
         is_degraded = self.tracker_degraded is not None or not all(
             s.is_healthy for s in self._providers.values()
         )
-        return {
+        report: dict[str, object] = {
             "status": "degraded" if is_degraded else "healthy",
             "uptime_seconds": round(self._clock() - self._started, 1),
             "providers": providers,
@@ -98,6 +107,9 @@ class Health:
                 "last_error": self.tracker_degraded,
             },
         }
+        if self.config is not None:
+            report["config"] = self.config
+        return report
 
     async def handle_health(self, request: web.Request) -> web.Response:
         """200 with `report()`, degraded or not."""

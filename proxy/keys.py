@@ -33,11 +33,14 @@ class VirtualKey:
 
     secret: str = field(repr=False)
     name: str
-    id: str  # a digest of the secret: the tracker's handle, shared across processes
+    # A digest of the name: the tracker's handle, shared across processes, and kept by a
+    # reload that rotates the secret under the same name, so the key keeps its window.
+    id: str
     provider: Provider
     api_key: str = field(repr=False)
     limits: Limits | None  # None: quotas off
     allowed_models: re.Pattern[str] | None = None  # None: any model
+    model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -67,8 +70,13 @@ class Defaults:
 class KeyRing:
     """The loaded keys, looked up by the key a client presents."""
 
-    def __init__(self, keys: Mapping[str, VirtualKey]) -> None:
+    def __init__(self, keys: Mapping[str, VirtualKey], digest: str = "") -> None:
         self._keys = dict(keys)
+        self.digest = digest  # of the keys file's bytes: which version of it is in force
+
+    def replace(self, other: KeyRing) -> None:
+        """Take `other`'s keys in one step; requests in flight keep the key they hold."""
+        self._keys, self.digest = other._keys, other.digest
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())
@@ -131,7 +139,8 @@ class KeyRing:
             document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # editors may add a BOM
         except orjson.JSONDecodeError as error:
             raise KeysFileError(f"{path}: not valid JSON ({error})") from None
-        return cls(_parse(path, document, environ, defaults))
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        return cls(_parse(path, document, environ, defaults), digest)
 
 
 def _parse(
@@ -205,14 +214,16 @@ def _key(
         )
     if not provider.base_url.host:
         raise KeysFileError(f"{where}: provider '{provider.name}' needs a base_url in 'providers'")
+    patterns = entry.get("allowed_models")
     return VirtualKey(
         secret=secret,
         name=name,
-        id=hashlib.sha256(secret.encode()).hexdigest()[:24],
+        id=hashlib.sha256(name.encode()).hexdigest()[:24],
         provider=provider,
         api_key=_real_key(where, entry, environ),
         limits=_limits(where, entry.get("quota"), defaults),
-        allowed_models=_patterns(where, entry.get("allowed_models")),
+        allowed_models=_patterns(where, patterns),
+        model_patterns=None if patterns is None else tuple(patterns),
     )
 
 

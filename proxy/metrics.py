@@ -184,6 +184,12 @@ class Metrics:
         )
         for outcome in AUTH_OUTCOMES:
             self._auth_failures.labels(outcome)  # present at zero from the start
+        self._reloads = Counter(
+            "llm_gateway_config_reloads",
+            "Reloads of the keys file, by result: ok, or failed (the previous keys stay).",
+            ["result"],
+            registry=owner,
+        )
         self._last_request = Gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",
@@ -237,6 +243,9 @@ class Metrics:
         """Count a decision made without Redis: a request let through ("allow"), refused
         ("deny"), or a finished response whose tokens could not be charged ("uncharged")."""
         self._redis_errors.labels(decision).inc()
+
+    def config_reloaded(self, is_ok: bool) -> None:
+        self._reloads.labels("ok" if is_ok else "failed").inc()
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """Body and Content-Type: the JSON summary if `accept` asks for JSON, else Prometheus."""

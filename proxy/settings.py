@@ -83,6 +83,16 @@ def _redis_url(text: str) -> str | None:
     return url
 
 
+def _origins(text: str) -> tuple[str, ...] | None:
+    origins = tuple(dict.fromkeys(part.strip().rstrip("/") for part in text.split(",")))
+    origins = tuple(origin for origin in origins if origin)
+    for origin in origins:
+        scheme, _, host = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
+            raise ValueError(f"{origin!r} is not an origin")
+    return origins or None
+
+
 def _redis_error_policy(text: str) -> str:
     value = text.strip().lower()
     if value not in ("allow", "deny"):
@@ -234,6 +244,34 @@ SETTINGS: tuple[Setting, ...] = (
         "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
         "a non-negative integer",
     ),
+    Setting(
+        "KEYS_FILE_WATCH",
+        "false",
+        _boolean,
+        "reload the keys file within seconds of it changing on disk (SIGHUP always reloads)",
+        "true or false",
+    ),
+    Setting(
+        "ADMIN_TOKEN",
+        None,
+        _optional_text,
+        "bearer token for /admin/keys and POST /admin/reload (unset: no admin endpoints)",
+        "a token",
+    ),
+    Setting(
+        "CORS_ALLOWED_ORIGINS",
+        None,
+        _origins,
+        "comma-separated origins browsers may call from, or * (unset: no CORS headers)",
+        "comma-separated origins like https://app.example.com, or *",
+    ),
+    Setting(
+        "CORS_ALLOW_CREDENTIALS",
+        "false",
+        _boolean,
+        "let browsers send cookies and HTTP auth cross-origin (refused with * as an origin)",
+        "true or false",
+    ),
 )
 
 
@@ -262,6 +300,10 @@ class Settings:
     auth_failure_limit: int = 20
     auth_failure_window_seconds: float = 60.0
     workers: int = 1
+    keys_file_watch: bool = False
+    admin_token: str | None = field(default=None, repr=False)
+    cors_allowed_origins: tuple[str, ...] | None = None
+    cors_allow_credentials: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
@@ -295,6 +337,11 @@ class Settings:
             raise SettingError(
                 "WORKERS other than 1 needs REDIS_URL while QUOTA_ENABLED is true: "
                 "per-process counters would multiply every quota by the worker count"
+            )
+        if self.cors_allow_credentials and "*" in (self.cors_allowed_origins or ()):
+            raise SettingError(
+                "CORS_ALLOW_CREDENTIALS=true cannot go with CORS_ALLOWED_ORIGINS=*: "
+                "list the origins that may send credentials"
             )
 
     @property

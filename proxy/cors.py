@@ -1,0 +1,130 @@
+"""CORS, so a page in a browser can call the gateway; off unless CORS_ALLOWED_ORIGINS is set.
+
+A preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is answered
+here, before authentication: browsers never send credentials on a preflight. Every other
+response to an allowed `Origin` gets `Access-Control-Allow-Origin` and
+`Access-Control-Expose-Headers` in `on_response_prepare`, which runs before the first byte
+goes out, so streams carry them too, and so do the gateway's own errors (a browser client
+must be able to read a 401 or a 429 and its `retry-after`).
+
+Not aiohttp-cors (checked against 0.8.1), which cannot do three things this needs:
+- it refuses a route registered for every method ("already has a '*' handler for all
+  methods", aio-libs/aiohttp-cors#241), and the relay is one such route for every path;
+- its allowed headers are a fixed list of names or everything ("*"), while the SDKs send
+  header families (`x-stainless-*`, `anthropic-*`, `openai-*`) whose members change with
+  each release: here they are patterns, and a preflight gets whatever it asks for under them;
+- its exposed headers are a fixed list too; `x-ratelimit-*` is a family, so here each
+  response exposes the members it actually carries.
+With `*` as an origin the answer is `Access-Control-Allow-Origin: *`; credentials with `*`
+are refused at start (settings.py), since the Fetch standard forbids that pair.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from proxy import errors
+from proxy.errors import GatewayError
+
+# What the OpenAI and Anthropic SDKs (and curl-like clients) send, by name or family.
+ALLOWED_HEADERS = (
+    "accept",
+    "content-type",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-request-id",
+    "anthropic-*",
+    "x-stainless-*",
+    "openai-*",
+)
+# What a browser client must be able to read: request ids, waits, quota state.
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "request-id",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+    "x-ratelimit-*",
+)
+METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer
+VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+
+
+def _patterns(names: Iterable[str]) -> re.Pattern[str]:
+    return re.compile("|".join(fnmatch.translate(name) for name in names), re.IGNORECASE)
+
+
+class Cors:
+    """Which origins may call, which headers they may send and read."""
+
+    def __init__(self, origins: Iterable[str], allow_credentials: bool = False) -> None:
+        self._origins = frozenset(origin.lower() for origin in origins)
+        self._is_any = "*" in self._origins
+        self._allow_credentials = allow_credentials
+        self._allowed = _patterns(ALLOWED_HEADERS)
+        self._exposed = _patterns(EXPOSED_HEADERS)
+
+    def install(self, app: web.Application) -> None:
+        """Answer preflights first of all, and stamp every response before it is sent."""
+        app.middlewares.append(self._preflight)
+        app.on_response_prepare.append(self._stamp)
+
+    def _allows(self, origin: str) -> bool:
+        return self._is_any or origin.rstrip("/").lower() in self._origins
+
+    @web.middleware
+    async def _preflight(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        headers = request.headers
+        if (
+            request.method != "OPTIONS"
+            or "origin" not in headers
+            or "access-control-request-method" not in headers
+        ):
+            return await handler(request)
+        origin = headers["origin"]
+        if not self._allows(origin):
+            return _refusal(request, f"The origin {origin} may not call this gateway.")
+        asked = [
+            name.strip().lower()
+            for name in headers.get("access-control-request-headers", "").split(",")
+            if name.strip()
+        ]
+        refused = [name for name in asked if not self._allowed.fullmatch(name)]
+        if refused:
+            return _refusal(request, f"Headers not allowed here: {', '.join(refused)}.")
+        response = web.Response(status=204)
+        response.headers["access-control-allow-methods"] = METHODS
+        if asked:
+            response.headers["access-control-allow-headers"] = ", ".join(asked)
+        response.headers["access-control-max-age"] = str(MAX_AGE_SECONDS)
+        return response
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("origin")
+        if origin is None or not self._allows(origin):
+            return
+        headers = response.headers
+        headers["vary"] = ", ".join(filter(None, (headers.get("vary"), VARY)))
+        if self._is_any and not self._allow_credentials:
+            headers["access-control-allow-origin"] = "*"
+        else:
+            headers["access-control-allow-origin"] = origin
+        if self._allow_credentials:
+            headers["access-control-allow-credentials"] = "true"
+        if request.method == "OPTIONS" and response.status == 204:
+            return  # a preflight's answer exposes nothing
+        exposed = sorted({name.lower() for name in headers if self._exposed.fullmatch(name)})
+        if exposed:
+            headers["access-control-expose-headers"] = ", ".join(exposed)
+
+
+def _refusal(request: web.Request, message: str) -> web.Response:
+    """403 in the path's dialect, without CORS headers: the browser reports the failure."""
+    return errors.render(GatewayError(403, "cors_not_allowed", message), request.path)

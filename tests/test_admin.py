@@ -1,0 +1,123 @@
+"""The admin endpoints: absent without ADMIN_TOKEN, guarded with it, and never showing a secret."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.keys import masked
+from tests.conftest import (
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    SECRETS,
+    assert_openai_error,
+    auth,
+)
+
+TOKEN = "admin-token-for-tests-0123456789"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/admin/keys"), ("POST", "/admin/reload"), ("GET", "/admin"), ("GET", "/admin/x")],
+)
+async def test_without_admin_token_every_admin_path_is_404_even_with_a_virtual_key(
+    gateway: TestClient, method: str, path: str
+) -> None:
+    for headers in ({}, auth(OPENAI_VK), {"Authorization": f"Bearer {TOKEN}"}):
+        response = await gateway.request(method, path, headers=headers)
+        assert response.status == 404
+        assert_openai_error(await response.json(), "unknown_route")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": TOKEN},  # no scheme
+        {"x-api-key": TOKEN},  # admin takes the bearer header only
+        auth(OPENAI_VK),
+    ],
+)
+async def test_a_missing_or_wrong_token_gets_401_is_logged_and_counted(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        keys = await gateway.get("/admin/keys", headers=headers)
+        reload = await gateway.post("/admin/reload", headers=headers)
+    for response in (keys, reload):
+        assert response.status == 401
+        assert_openai_error(await response.json(), "invalid_admin_token")
+    refusals = [r for r in caplog.records if "failed authentication" in r.getMessage()]
+    assert len(refusals) == 2 and "127.0.0.1" in refusals[0].getMessage()
+    assert TOKEN not in caplog.text
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_auth_failures_total{outcome="refused"} 2.0' in metrics
+
+
+async def test_guessing_the_admin_token_is_throttled_like_guessing_a_key(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN, AUTH_FAILURE_LIMIT="3")
+    wrong = {"Authorization": "Bearer guess"}
+    statuses = [(await gateway.get("/admin/keys", headers=wrong)).status for _ in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    right = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status == 429  # the address is locked out, whatever it presents now
+
+
+async def test_admin_keys_lists_every_key_masked_with_limits_models_and_usage(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    for _ in range(2):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+        assert response.status == 200
+    response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200 and response.headers["x-request-id"]
+    text = await response.text()
+    for secret in SECRETS:
+        assert secret not in text, "a real or full virtual key in /admin/keys"
+    body = await response.json()
+    assert body["config"]["hash"]
+    by_name = {key["name"]: key for key in body["keys"]}
+    assert len(by_name) == 6
+    limited = by_name["limited"]
+    assert limited["provider"] == "openai" and limited["key"] == masked(LIMITED_VK)
+    assert limited["limits"] == {"requests": 3, "tokens": None, "window_seconds": 3600.0}
+    assert limited["usage"]["requests"]["used"] == 2
+    assert limited["usage"]["requests"]["remaining"] == 1
+    assert by_name["restricted"]["allowed_models"] == ["claude-3-5-haiku-*", "claude-sonnet-4-*"]
+    assert by_name["restricted"]["key"] == masked(RESTRICTED_VK)
+    assert by_name["team-anthropic"]["allowed_models"] is None
+    assert by_name["team-anthropic"]["key"] == masked(ANTHROPIC_VK)
+
+
+async def test_with_quotas_off_admin_keys_shows_no_limits_and_no_usage(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN, QUOTA_ENABLED="false")
+    response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
+    keys = (await response.json())["keys"]
+    assert all(key["limits"] is None and key["usage"] is None for key in keys)
+
+
+async def test_with_a_token_unknown_admin_paths_are_404_and_reload_needs_post(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await gateway.get("/admin/nothing", headers=admin)).status == 404
+    assert (await gateway.get("/admin/reload", headers=admin)).status == 404
+    assert (await gateway.get("/admin/nothing")).status == 401  # no hint without the token

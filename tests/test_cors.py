@@ -1,0 +1,148 @@
+"""CORS: off by default; preflights answered before authentication; streams carry the headers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.settings import SettingError, Settings
+from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, assert_openai_error, auth
+
+APP = "https://app.example.com"
+STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+# What the OpenAI SDK in a browser asks for before its first call.
+SDK_HEADERS = (
+    "authorization, content-type, x-stainless-os, x-stainless-lang, x-stainless-arch, "
+    "x-stainless-runtime, x-stainless-retry-count, x-stainless-timeout, openai-beta"
+)
+
+
+def preflight(headers: str = SDK_HEADERS, origin: str = APP) -> dict[str, str]:
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": headers,
+    }
+
+
+async def test_without_cors_allowed_origins_no_cors_header_is_sent(gateway: TestClient) -> None:
+    answer = await gateway.options("/v1/chat/completions", headers=preflight())
+    assert answer.status == 401  # a plain OPTIONS, proxied like any request
+    response = await gateway.post(
+        "/v1/chat/completions", json=STREAM, headers={**auth(OPENAI_VK), "Origin": APP}
+    )
+    await response.read()
+    assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+async def test_a_preflight_is_answered_before_authentication_with_the_sdk_headers(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=f"{APP}, http://localhost:5173")
+    answer = await gateway.options("/v1/chat/completions", headers=preflight())
+    assert answer.status == 204
+    assert answer.headers["access-control-allow-origin"] == APP
+    assert "POST" in answer.headers["access-control-allow-methods"]
+    allowed = {h.strip() for h in answer.headers["access-control-allow-headers"].split(",")}
+    assert allowed == {h.strip() for h in SDK_HEADERS.split(",")}
+    assert int(answer.headers["access-control-max-age"]) > 0
+    assert "Origin" in answer.headers["vary"]
+    anthropic = await gateway.options(
+        "/v1/messages",
+        headers=preflight(
+            "x-api-key, anthropic-version, anthropic-beta, "
+            "anthropic-dangerous-direct-browser-access, content-type",
+            origin="http://localhost:5173",
+        ),
+    )
+    assert anthropic.status == 204
+    assert anthropic.headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+@pytest.mark.parametrize(
+    ("headers", "origin"),
+    [
+        (SDK_HEADERS, "https://evil.example.com"),
+        ("authorization, x-evil-header", APP),
+        ("cookie", APP),
+    ],
+)
+async def test_a_preflight_from_another_origin_or_asking_other_headers_is_refused(
+    make_gateway: Callable[..., Awaitable[TestClient]], headers: str, origin: str
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    answer = await gateway.options("/v1/chat/completions", headers=preflight(headers, origin))
+    assert answer.status == 403
+    assert_openai_error(await answer.json(), "cors_not_allowed")
+    assert "access-control-allow-headers" not in answer.headers
+
+
+async def test_a_stream_read_by_a_browser_like_client_carries_the_headers_from_the_first_byte(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    started = time.monotonic()
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={
+            **auth(LIMITED_VK),
+            "Origin": APP,
+            "x-fake-chunks": "10",
+            "x-fake-delay-ms": "100",
+        },
+    )
+    first = await response.content.readany()  # headers and first event, long before the last
+    assert time.monotonic() - started < 0.8 and first.startswith(b"data: ")
+    assert response.headers["access-control-allow-origin"] == APP
+    exposed = {h.strip() for h in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "x-ratelimit-remaining-requests", "x-ratelimit-limit-requests"} <= (
+        exposed
+    )
+    assert "access-control-allow-credentials" not in response.headers
+    assert (first + await response.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_refusal_carries_the_headers_so_the_page_can_read_it(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    for _ in range(3):
+        await (
+            await gateway.post("/v1/chat/completions", json=STREAM, headers=auth(LIMITED_VK))
+        ).read()
+    refused = await gateway.post(
+        "/v1/chat/completions", json=STREAM, headers={**auth(LIMITED_VK), "Origin": APP}
+    )
+    assert refused.status == 429
+    assert refused.headers["access-control-allow-origin"] == APP
+    exposed = refused.headers["access-control-expose-headers"]
+    assert "retry-after" in exposed and "retry-after-ms" in exposed
+    unknown = await gateway.post("/v1/messages", json={}, headers={"Origin": APP})
+    assert unknown.status == 401 and unknown.headers["access-control-allow-origin"] == APP
+
+
+async def test_any_origin_answers_star_and_credentials_add_the_echoed_origin(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    anyone = await make_gateway(CORS_ALLOWED_ORIGINS="*")
+    response = await anyone.post(
+        "/v1/messages", json={}, headers={**auth(ANTHROPIC_VK), "Origin": "https://x.test"}
+    )
+    assert response.headers["access-control-allow-origin"] == "*"
+    listed = await make_gateway(CORS_ALLOWED_ORIGINS=APP, CORS_ALLOW_CREDENTIALS="true")
+    answer = await listed.options("/v1/messages", headers=preflight("content-type"))
+    assert answer.headers["access-control-allow-origin"] == APP
+    assert answer.headers["access-control-allow-credentials"] == "true"
+
+
+def test_star_with_credentials_and_a_malformed_origin_are_refused_at_start() -> None:
+    with pytest.raises(SettingError, match="CORS_ALLOW_CREDENTIALS=true cannot go with"):
+        Settings.from_env({"CORS_ALLOWED_ORIGINS": "*", "CORS_ALLOW_CREDENTIALS": "true"})
+    with pytest.raises(SettingError, match="CORS_ALLOWED_ORIGINS must be"):
+        Settings.from_env({"CORS_ALLOWED_ORIGINS": "app.example.com"})
+    parsed = Settings.from_env({"CORS_ALLOWED_ORIGINS": f" {APP}/ ,http://localhost:3000"})
+    assert parsed.cors_allowed_origins == (APP, "http://localhost:3000")
