@@ -1,5 +1,5 @@
 """Reloading keys.json in a real gateway process: each trigger under 200 streams, a broken file,
-SIGHUP that never kills, and every worker of WORKERS=2 in step (issue 13.1, issue 10.7)."""
+and SIGHUP that never kills (issue 13.1, issue 10.7)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.processes import Processes, start_gateway
-from tests.redis_server import RedisServer
 
 TOKEN = "admin-token-for-process-tests-42"
 STREAMS = 200
@@ -103,7 +102,9 @@ async def test_a_reload_under_200_streams_keeps_every_stream_and_its_log_line(
             headers={**auth(OPENAI_VK), "x-request-id": "after"},
         ) as refused:
             assert refused.status == 401  # the next request sees the new keys
-        bodies = [first + rest for first, rest in zip(firsts, await asyncio.gather(*rests))]
+        bodies = [
+            first + rest for first, rest in zip(firsts, await asyncio.gather(*rests), strict=True)
+        ]
         assert all(body.endswith(b"data: [DONE]\n\n") for body in bodies)
         assert all(response.status == 200 for response in opened)
         assert (await health_config(session, url))["hash"] != before["hash"]
@@ -145,41 +146,3 @@ async def test_a_broken_file_on_sighup_keeps_the_old_keys_and_says_why_in_one_li
     err = stop(process)
     (line,) = [text for text in err.splitlines() if "keys" in text]
     assert "not valid JSON" in line and "previous keys stay" in line
-
-
-async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_second(
-    processes: Processes, process_keys: Path, tmp_path: Path, redis_server: RedisServer
-) -> None:
-    process, url = start_gateway(
-        processes, process_keys, tmp_path / "log.jsonl", WORKERS="2", REDIS_URL=redis_server.url
-    )
-    revoke(process_keys, OPENAI_VK)
-    expected = digest(process_keys)
-
-    async def fresh(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        # A new connection each time, so SO_REUSEPORT spreads them over both workers.
-        async with aiohttp.ClientSession() as session:
-            async with session.request(method, f"{url}{path}", **kwargs) as response:
-                return response.status, await response.read()
-
-    started = time.monotonic()
-    process.send_signal(signal.SIGHUP)  # to the parent, which passes it to each worker
-    while True:
-        round_started = time.monotonic()
-        answers = await asyncio.gather(
-            *(
-                fresh("POST", "/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
-                for _ in range(40)
-            )
-        )
-        if all(status == 401 for status, _ in answers):
-            break
-        assert round_started - started < 1.0, "a worker still took the revoked key after 1 s"
-    assert round_started - started < 1.0
-    configs = [json.loads(body)["config"] for _, body in await asyncio.gather(
-        *(fresh("GET", "/health") for _ in range(40))
-    )]
-    assert {config["hash"] for config in configs} == {expected}
-    assert len({config["loaded_at"] for config in configs}) == 1
-    assert process.poll() is None, "SIGHUP killed the supervisor"
-    stop(process)
