@@ -28,6 +28,11 @@ START_SECONDS = 30.0
 POLL_SECONDS = 0.1
 
 
+def alert_names() -> list[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule["alert"] for group in groups for rule in group["rules"]]
+
+
 def has_prometheus() -> bool:
     return shutil.which("prometheus") is not None and shutil.which("promtool") is not None
 

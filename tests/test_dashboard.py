@@ -5,7 +5,9 @@ WORKERS=2 as processes, scraped every second by a real Prometheus that loads the
 Traffic goes through in two rounds (so every series has grown between two scrapes, and rates
 are not zero), with refusals over quota, provider 5xx, an unreachable provider, a stream cut
 short, an unknown key; the log goes to /dev/full (every line lost), and Redis is killed before
-a last few requests. Then every query of the dashboard must return a number.
+a last few requests. Then every query of the dashboard must return a number, every alert rule
+must evaluate cleanly, and the alerts those faults call for must be pending.
+The rules' own unit tests (promtool test rules) are in test_alerts.py.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, keys_document
 from tests.processes import ROOT, Processes, start_gateway
-from tests.prometheus_server import RULES, PrometheusServer, has_prometheus, is_finite_result
+from tests.prometheus_server import (
+    PrometheusServer,
+    alert_names,
+    has_prometheus,
+    is_finite_result,
+)
 from tests.redis_server import RedisServer, has_redis_server
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "llm-gateway.json"
-RULES_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 ROWS = [
     "Is it up?",
     "Is a provider failing?",
@@ -286,34 +291,3 @@ def test_the_faults_injected_make_their_alerts_pending(observed: Observed) -> No
 
     observed.prometheus.wait_for(lambda: expected <= active(), f"alerts {sorted(expected)}")
     assert not active() & {"LLMGatewayDown", "LLMGatewayAbsent", "LLMGatewayRedisLostDenying"}
-
-
-def alert_names() -> list[str]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    return [rule["alert"] for group in groups for rule in group["rules"]]
-
-
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    if not has_prometheus():
-        pytest.skip("promtool is missing (make test installs it: apt-get install -y prometheus)")
-    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
-
-
-def test_promtool_check_rules_passes() -> None:
-    checked = promtool("check", "rules", str(RULES))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(alert_names())} rules found" in checked.stdout
-
-
-def test_the_unit_tests_of_the_alerts_pass() -> None:
-    tested = promtool("test", "rules", str(RULES_TESTS))
-    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
-
-
-def test_every_alert_has_a_case_that_fires_and_one_that_stays_quiet() -> None:
-    fires: set[str] = set()
-    quiet: set[str] = set()
-    for case in yaml.safe_load(RULES_TESTS.read_text())["tests"]:
-        for check in case["alert_rule_test"]:
-            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
-    assert fires == set(alert_names()) and quiet == set(alert_names())
