@@ -31,6 +31,7 @@ from proxy.logbook import Logbook
 from proxy.metrics import Metrics
 from proxy.pricing import Prices
 from proxy.quota import Quota
+from proxy.realtime import Realtime
 from proxy.record import own_request_id
 from proxy.reload import KeysFile
 from proxy.settings import Settings
@@ -48,6 +49,7 @@ LOGBOOK = web.AppKey("logbook", Logbook)
 LOCKOUT = web.AppKey("lockout", Lockout)
 PRICES = web.AppKey("prices", Prices)
 KEYS_FILE = web.AppKey("keys_file", KeysFile)
+REALTIME = web.AppKey("realtime", Realtime)
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -151,6 +153,10 @@ def build_app(
         settings.log_bodies,
         on_write_error=metrics.log_write_failed,
     )
+    app[REALTIME] = Realtime(
+        settings, key_ring, lockout, app[QUOTA], app[PRICES], metrics, health, app[LOGBOOK]
+    )
+    app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)

@@ -109,6 +109,8 @@ class Logbook:
         }
         if record.error is not None:
             fields["error"] = record.error
+        if record.websocket is not None:
+            fields["websocket"] = record.websocket
         if self._log_bodies:
             fields["request"] = record.request_body
             fields["response"] = record.response_text

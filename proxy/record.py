@@ -90,6 +90,8 @@ class Record:
     # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
     request_body: bytes | None = None
     response_text: str | None = None
+    # A WebSocket session's frames each way and how it ended (proxy/realtime.py); else None.
+    websocket: dict[str, object] | None = None
 
     @classmethod
     def begin(cls, request_id: str | None, method: str, path: str) -> Record:

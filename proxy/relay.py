@@ -24,6 +24,7 @@ from proxy.errors import GatewayError
 from proxy.keys import VirtualKey
 from proxy.peek import read_body, validate
 from proxy.providers import downstream_headers, upstream_headers, upstream_url
+from proxy.realtime import is_upgrade
 from proxy.record import CLIENT_CLOSED, Record
 from proxy.routing import route
 from proxy.tracker import Admission
@@ -39,6 +40,8 @@ WHOLE_BODY_BYTES = 1 << 20
 async def relay(request: web.Request) -> web.StreamResponse:
     """Authenticate, validate, admit, forward, stream back, record."""
     app = request.app
+    if is_upgrade(request):  # a WebSocket session (Realtime API): relayed frame by frame
+        return await app[wiring.REALTIME].relay(request, app[wiring.SESSION])
     settings = app[wiring.SETTINGS]
     record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
     key: VirtualKey | None = None

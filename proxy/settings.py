@@ -168,6 +168,20 @@ SETTINGS: tuple[Setting, ...] = (
         "a positive number of seconds",
     ),
     Setting(
+        "REALTIME_IDLE_TIMEOUT",
+        "300",
+        _positive_seconds,
+        "seconds a WebSocket session may pass without a frame either way before it is closed",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "REALTIME_MAX_SESSION_SECONDS",
+        "3600",
+        _positive_seconds,
+        "longest a WebSocket session may last before the gateway closes it",
+        "a positive number of seconds",
+    ),
+    Setting(
         "MAX_BODY_BYTES",
         "10485760",
         _positive_int,
@@ -289,6 +303,8 @@ class Settings:
     quota_window_seconds: float = 3600.0
     request_timeout: float = 600.0
     stream_idle_timeout: float = 300.0
+    realtime_idle_timeout: float = 300.0
+    realtime_max_session_seconds: float = 3600.0
     max_body_bytes: int = 10485760
     log_to_file: bool = False
     log_file_path: str = "interactions.jsonl"

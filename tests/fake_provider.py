@@ -20,6 +20,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
 
+GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
+
 The Anthropic dialect (errors, model objects) is used on `/messages` paths and for any
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
 messages/input/prompt/system text, at least 1.
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from tests import fake_realtime
 
 POLL_SECONDS = 0.01
 DEFAULT_MODEL = "fake-model"
@@ -728,6 +732,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    fake_realtime.install(app)  # the Realtime API's WebSocket
     app.router.add_route("*", "/{tail:.*}", echo)
     app.on_response_prepare.append(add_provider_headers)
     app.on_shutdown.append(let_go)

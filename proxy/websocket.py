@@ -1,0 +1,166 @@
+"""One WebSocket session relayed between two open ends: frames both ways, closes, bounds.
+
+`realtime` opens both ends (the client's upgrade, the provider's connection); a `Session`
+then carries frames with two pumps, one each way. Text, binary, ping and pong go on as they
+came (both ends have autoping and autoclose off, so the far side answers its own pings and
+closes). A close frame goes on with its code and reason, and the closing side is answered
+with the code the other side answered. A side lost without a close frame makes the gateway
+close the other: 1001 when the client went away, 1014 (bad gateway) when the provider did.
+The gateway closes both sides with 1001 and a reason when the session is idle too long,
+lasts too long, or the gateway shuts down (`end`).
+
+Backpressure: each pump awaits its write before it reads the next frame, and aiohttp stops
+reading a socket whose unread data passes 64 KiB, so a slow side slows the other one down
+through TCP; nothing is buffered without bound. Invariant: when `run` returns both ends are
+closed and both pumps are finished; nothing of the session is left.
+
+What it does not do: keep a message's fragmentation (aiohttp reassembles fragments, and a
+message goes on whole), or read what the frames say (`on_provider_text` sees the provider's
+text frames after they went on, for usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+
+log = logging.getLogger("llm_gateway")
+
+# How long a closing end may take to answer our close frame before its socket is dropped.
+# The frame itself goes out at once, so the other side learns of a close without delay.
+CLOSE_ANSWER_SECONDS = 1.0
+# Codes a close frame may carry on the wire (RFC 6455 §7.4.1): 1005 and 1006 only describe.
+_SENDABLE = (
+    frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+)
+
+CLIENT, PROVIDER = "client", "provider"
+
+
+class Session:
+    """One relayed session: the two ends, a pump each way, the counts and how it ended."""
+
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        provider: aiohttp.ClientWebSocketResponse,
+        idle_seconds: float,
+        max_seconds: float,
+        on_provider_text: Callable[[bytes], None],
+    ) -> None:
+        self._ends = {CLIENT: client, PROVIDER: provider}
+        self._idle_seconds = idle_seconds
+        self._max_seconds = max_seconds
+        self._on_provider_text = on_provider_text
+        self._loop = asyncio.get_running_loop()
+        self._last_frame = self._loop.time()
+        self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
+        # client | provider (it closed) | client_lost | provider_lost | idle | max_duration
+        # | shutdown; None while open.
+        self.ended_by: str | None = None
+        self.close_code: int | None = None
+
+    async def run(self) -> None:
+        """Carry frames both ways until a side closes or is lost, or a bound is reached."""
+        started = self._loop.time()
+        pumps = [
+            asyncio.create_task(self._pump(CLIENT, PROVIDER), name="websocket-up"),
+            asyncio.create_task(self._pump(PROVIDER, CLIENT), name="websocket-down"),
+        ]
+        try:
+            while not any(pump.done() for pump in pumps):
+                now = self._loop.time()
+                if now >= started + self._max_seconds:
+                    await self.end("max_duration")
+                    break
+                if now >= self._last_frame + self._idle_seconds:
+                    await self.end("idle")
+                    break
+                wake = min(started + self._max_seconds, self._last_frame + self._idle_seconds)
+                await asyncio.wait(pumps, timeout=wake - now, return_when=asyncio.FIRST_COMPLETED)
+            # The pump that ended closed the other end, so the other pump is ending too.
+            await asyncio.wait(pumps, timeout=CLOSE_ANSWER_SECONDS * 2)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.wait(pumps)
+            for pump in pumps:
+                if not pump.cancelled() and pump.exception() is not None:
+                    log.error("websocket pump failed", exc_info=pump.exception())
+            if self.ended_by is None:  # the handler was cancelled: the client's socket is gone
+                self.ended_by = f"{CLIENT}_lost"
+            await asyncio.gather(
+                *(end.close(code=WSCloseCode.GOING_AWAY) for end in self._ends.values())
+            )
+
+    async def end(self, why: str) -> None:
+        """The gateway ends the session: 1001 and the reason, to both sides."""
+        if self.ended_by is None:
+            self.ended_by, self.close_code = why, WSCloseCode.GOING_AWAY
+        reason = f"llm-gateway: {why.replace('_', ' ')}".encode()
+        await asyncio.gather(
+            *(end.close(code=WSCloseCode.GOING_AWAY, message=reason) for end in self._ends.values())
+        )
+
+    async def _pump(self, source_side: str, target_side: str) -> None:
+        """Frames from one side to the other, in order, one write at a time."""
+        source, target = self._ends[source_side], self._ends[target_side]
+        is_down = source_side == PROVIDER
+        while True:
+            message = await source.receive()
+            kind = message.type
+            try:
+                if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                    await target.send_frame(message.data, kind)
+                    if is_down and kind is WSMsgType.TEXT:
+                        self._on_provider_text(message.data)
+                elif kind is WSMsgType.PING:
+                    await target.ping(message.data)
+                elif kind is WSMsgType.PONG:
+                    await target.pong(message.data)
+                elif kind is WSMsgType.CLOSE:
+                    return await self._pass_close(source_side, target_side, message)
+                elif kind is WSMsgType.CLOSING:
+                    return  # another task is closing this end
+                else:  # CLOSED or ERROR: the side went away without a close frame
+                    return await self._lost(source_side, target_side)
+            except ConnectionResetError:  # the target went away mid-write
+                return await self._lost(target_side, source_side)
+            self.frames[source_side] += 1
+            self._last_frame = self._loop.time()
+
+    async def _pass_close(
+        self, source_side: str, target_side: str, message: aiohttp.WSMessage
+    ) -> None:
+        """Pass a close frame on; answer the closing side with what the other side answered."""
+        code, reason = message.data, message.extra or ""
+        if self.ended_by is None:
+            self.ended_by, self.close_code = source_side, code
+        source, target = self._ends[source_side], self._ends[target_side]
+        code = code if code in _SENDABLE else WSCloseCode.OK  # an empty close frame has no code
+        await target.close(code=code, message=reason.encode())
+        answer = target.close_code
+        await source.close(code=answer if answer in _SENDABLE else code)
+
+    async def _lost(self, gone_side: str, other_side: str) -> None:
+        """A side went away without a close frame: close the other with 1001 or 1014."""
+        if gone_side == CLIENT:
+            code, reason = WSCloseCode.GOING_AWAY, b"llm-gateway: client went away"
+        else:
+            code, reason = WSCloseCode.BAD_GATEWAY, b"llm-gateway: provider connection lost"
+        if self.ended_by is None:
+            self.ended_by, self.close_code = f"{gone_side}_lost", code
+        await self._ends[other_side].close(code=code, message=reason)
+
+    def tally(self) -> dict[str, object]:
+        """The session's part of its log line."""
+        return {
+            "frames_up": self.frames[CLIENT],
+            "frames_down": self.frames[PROVIDER],
+            "ended_by": self.ended_by,
+            "close_code": int(self.close_code) if self.close_code is not None else None,
+        }
