@@ -152,6 +152,7 @@ def build_app(
         settings.log_file_path if settings.log_to_file else None,
         settings.log_bodies,
         on_write_error=metrics.log_write_failed,
+        secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
     )
     app[REALTIME] = Realtime(
         settings, key_ring, lockout, app[QUOTA], app[PRICES], metrics, health, app[LOGBOOK]

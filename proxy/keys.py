@@ -73,10 +73,11 @@ class KeyRing:
     def __init__(self, keys: Mapping[str, VirtualKey], digest: str = "") -> None:
         self._keys = dict(keys)
         self.digest = digest  # of the keys file's bytes: which version of it is in force
+        self._real_keys = frozenset(key.api_key for key in self._keys.values())
 
     def replace(self, other: KeyRing) -> None:
         """Take `other`'s keys in one step; requests in flight keep the key they hold."""
-        self._keys, self.digest = other._keys, other.digest
+        self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())
@@ -102,6 +103,10 @@ class KeyRing:
                 "Check the key, or ask the gateway's operator to add it.",
             )
         return key
+
+    def real_keys(self) -> frozenset[str]:
+        """Every real key of the file: what must never be shown (the same object each call)."""
+        return self._real_keys
 
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys, for /health."""

@@ -19,6 +19,11 @@ Invariants:
 - `close` writes every line queued before it, then closes the file. It is bounded: after
   `timeout_seconds` it reports how many lines were left on stderr and returns.
 
+With LOG_BODIES, bodies are logged as JSON values when they parse (request and response
+alike), else as text; every real key of the keys file is replaced by `[redacted]` in them
+first, so a provider that echoes its key back (in an error message, say) does not put it
+in the log.
+
 A write that fails at run time (disk full, file removed under a read-only mount, a closed
 pipe) drops that line, calls `on_write_error` (the app counts it in a metric), reports the
 first failure on stderr as one line without a traceback, and keeps going: serving requests
@@ -37,11 +42,15 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
+import re
+from collections.abc import Collection
+
 import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from proxy.record import Record
 
+REDACTED = "[redacted]"
 STDOUT_FILENO = 1
 BATCH_LINES = 256  # at most this many lines in one write
 
@@ -57,10 +66,18 @@ class Logbook:
     """Appends one JSON line per record to `path`, or to stdout when `path` is None."""
 
     def __init__(
-        self, path: str | None, log_bodies: bool, on_write_error: Callable[[], None]
+        self,
+        path: str | None,
+        log_bodies: bool,
+        on_write_error: Callable[[], None],
+        secrets: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self._path = path
         self._log_bodies = log_bodies
+        # The real keys to keep out of logged bodies; asked per line, so a reloaded
+        # keys file counts at once. Called on the writer thread.
+        self._secrets = secrets
+        self._redaction: tuple[Collection[str], re.Pattern[str] | None] = ((), None)
         # Called on the writer thread, once per lost line: it must be thread-safe.
         self._on_write_error = on_write_error
         # None is queued by `close` after the last line: the writer stops when it takes it.
@@ -176,9 +193,24 @@ class Logbook:
         if fields["usage"] is not None:
             fields["usage"] = fields["usage"].as_dict()
         if self._log_bodies:
-            fields["request"] = _decoded(fields["request"])
+            redact = self._redactor()
+            fields["request"] = _decoded(fields["request"], redact)
+            fields["response"] = _decoded(fields["response"], redact)
         entry = logging.makeLogRecord({"msg": fields})
         return self._formatter.format(entry).encode() + b"\n"
+
+    def _redactor(self) -> Callable[[str], str]:
+        """Text → text without any real key; the pattern is compiled once per set of keys."""
+        secrets = self._secrets()
+        if secrets is not self._redaction[0]:
+            # Longest first: a key that contains another is replaced whole.
+            ordered = sorted(secrets, key=len, reverse=True)
+            pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+            self._redaction = (secrets, pattern)
+        pattern = self._redaction[1]
+        if pattern is None:
+            return _unchanged
+        return lambda text: pattern.sub(REDACTED, text)
 
     def _append(self, line: bytes) -> None:
         """One append write of the whole line (more only after a short write)."""
@@ -199,11 +231,24 @@ class Logbook:
             )
 
 
-def _decoded(body: bytes | None) -> Any:
-    """A request body for the log: its JSON value if it parses, else its text."""
+def _unchanged(text: str) -> str:
+    return text
+
+
+def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
+    """A body for the log, redacted: its JSON value if it parses, else its text."""
     if not body:
         return None
+    text = redact(body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body)
     try:
-        return orjson.loads(body)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return body.decode("utf-8", errors="replace")
+        return text
+    if redact is _unchanged or not isinstance(value, dict | list | str):
+        return value
+    # JSON may spell a key with escapes ("\u0073k-..."): redact its canonical form too.
+    canonical = redact(orjson.dumps(value).decode())
+    try:
+        return orjson.loads(canonical)
+    except orjson.JSONDecodeError:
+        return canonical  # a key that matched JSON syntax itself: the text, redacted

@@ -9,7 +9,7 @@ virtual key) and the upstream URL, which no part of a request can point elsewher
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -99,9 +99,24 @@ def upstream_headers(
     return headers
 
 
-def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The provider's headers minus hop-by-hop ones; Content-Length stays (same bytes)."""
-    return _without(incoming, HOP_BY_HOP)
+def downstream_headers(
+    incoming: CIMultiDictProxy[str], secrets: Collection[str]
+) -> CIMultiDict[str]:
+    """The provider's headers minus hop-by-hop ones and any that carry one of `secrets`.
+
+    `secrets` are the real keys the request was sent with: a provider (or a debugging proxy
+    in front of it) that reflects request headers must not hand them to the client. Such a
+    header is dropped whole, not redacted: its other bytes may encode the key too.
+    Content-Length stays (same bytes).
+    """
+    headers = _without(incoming, HOP_BY_HOP)
+    if any(secret in name or secret in value for name, value in headers.items() for secret in secrets):
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in headers.items()
+            if not any(secret in name or secret in value for secret in secrets)
+        )
+    return headers
 
 
 def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

@@ -57,7 +57,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
             record.request_body = body
         admission = await app[wiring.QUOTA].admit(key)  # 429, 503
         async with forward(app, key, request, tail, query, body, record) as reply:  # 502, 504
-            return await stream_back(request, reply, body, record, admission)
+            return await stream_back(request, reply, body, record, admission, (key.api_key,))
     except GatewayError as error:
         record.status, record.error = error.status, error.message
         if error.status == 429:
@@ -132,11 +132,12 @@ async def stream_back(
     body: bytes,
     record: Record,
     admission: Admission | None,
+    secrets: tuple[str, ...] = (),
 ) -> web.StreamResponse:
-    """Send the provider's status and headers, then each chunk as it arrives."""
+    """Send the provider's status and headers (none carrying `secrets`), then each chunk."""
     app = request.app
     settings = app[wiring.SETTINGS]
-    headers = downstream_headers(reply.headers)
+    headers = downstream_headers(reply.headers, secrets)
     if admission is not None:
         quota.stamp(headers, admission)
     headers["x-request-id"] = record.request_id

@@ -19,6 +19,9 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-gzip: 1            JSON bodies gzip-compressed, Content-Encoding: gzip
     x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
+    x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
+                              an x-debug-request header (as a debugging proxy might)
+    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
 
@@ -26,7 +29,7 @@ The Anthropic dialect (errors, model objects) is used on `/messages` paths and f
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
 messages/input/prompt/system text, at least 1.
 
-Not done: checking credentials (they are only recorded, never echoed), Anthropic tool use,
+Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool use,
 Responses API tool calls.
 """
 
@@ -309,6 +312,18 @@ async def add_provider_headers(request: web.Request, response: web.StreamRespons
     if REQUEST_ID in request:
         response.headers.setdefault("x-request-id", request[REQUEST_ID])
     response.headers.add("Set-Cookie", "__cf_bm=fake-cookie; Path=/; HttpOnly")
+    if request.headers.get("x-fake-reflect") in ("headers", "body"):
+        for name, value in request.headers.items():
+            if name.lower() in AUTH_HEADERS:
+                response.headers.add(f"x-echo-{name.lower()}", value)
+        response.headers["x-debug-request"] = f"id=1; {reflected(request.headers)}; ok"
+
+
+def reflected(headers: Mapping[str, str]) -> str:
+    """The credential headers as received, for x-fake-reflect."""
+    return ", ".join(
+        f"{name.lower()}={value}" for name, value in headers.items() if name.lower() in AUTH_HEADERS
+    )
 
 
 async def let_go(app: web.Application) -> None:
@@ -372,6 +387,8 @@ def is_usage_streamed(payload: dict) -> bool:
 async def reply_error(request: web.Request, status: int) -> web.StreamResponse:
     """The provider's own error body and headers for this status."""
     message = f"fake provider error {status}"
+    if request.headers.get("x-fake-reflect") == "body":
+        message += f": credentials received {reflected(request.headers)}"
     if is_anthropic(request):
         kind = ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"

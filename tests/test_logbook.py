@@ -133,7 +133,7 @@ async def test_without_log_bodies_no_body_is_written(tmp_path: Path) -> None:
     assert b"messages" not in path.read_bytes()
 
 
-async def test_log_bodies_adds_the_request_as_json_and_the_response_as_text(
+async def test_log_bodies_logs_json_request_and_response_as_json_and_the_rest_as_text(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "log.jsonl"
@@ -146,7 +146,7 @@ async def test_log_bodies_adds_the_request_as_json_and_the_response_as_text(
 
     as_json, as_text, empty = lines_of(path)
     assert as_json["request"] == {"model": "gpt-4o-mini", "messages": [{"role": "user"}]}
-    assert as_json["response"] == '{"choices": []}'
+    assert as_json["response"] == {"choices": []}
     assert as_text["request"] == "plain \ufffd text"
     assert as_text["response"] == "data: x\n\n"
     assert (empty["request"], empty["response"]) == (None, None)
@@ -259,3 +259,31 @@ async def test_close_is_bounded_when_the_writer_is_stuck(
                 await asyncio.sleep(0.01)
         os.close(reader)
         os.close(writer)
+
+
+async def test_real_keys_are_redacted_from_logged_bodies(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    real, other = "sk-real-echoed-0123456789", "sk-ant-other-9876543210"
+    secrets = frozenset({real, other})
+    logbook = Logbook(str(path), True, Calls(), secrets=lambda: secrets)
+    logbook.open()
+    echoed = {"error": {"message": f"Incorrect API key provided: {real}", "code": 401}}
+    logbook.write(
+        finished_record(
+            request_body=b'{"note": "\\u0073k-real-echoed-0123456789"}',
+            response_text=orjson.dumps(echoed).decode(),
+        )
+    )
+    logbook.write(
+        finished_record(1, request_body=b"key=" + other.encode(), response_text=f"data: {real}\n\n")
+    )
+    await logbook.close()
+
+    text = path.read_text()
+    assert real not in text and other not in text
+    as_json, as_text = lines_of(path)
+    assert as_json["response"] == {
+        "error": {"message": "Incorrect API key provided: [redacted]", "code": 401}
+    }
+    assert as_text["request"] == "key=[redacted]"
+    assert as_text["response"] == "data: [redacted]\n\n"
