@@ -3,13 +3,14 @@
 Everything is resolved at load: providers joined with their overrides, real keys read
 (`api_key_env` from the environment), quotas merged with the defaults, model patterns
 compiled. A bad file raises `KeysFileError` naming the file, the key's name and the
-field; an unknown field at any level is refused (`proxy.fields`). `VirtualKey` keeps the virtual and the real key out of its `repr`; logs, metrics
-and errors only ever see `name` (the key masked, unless keys.json names it).
+field; an unknown field at any level is refused (`proxy.fields`, which also parses the
+values several levels share). `VirtualKey` keeps the virtual and the real key out of its
+`repr`; logs, metrics and errors only ever see `name` (the key masked, unless keys.json
+names it).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import re
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from yarl import URL
 
+from proxy import fields
 from proxy.credentials import presented
 from proxy.errors import GatewayError
-from proxy.fields import KeysFileError, check_fields
+from proxy.fields import Defaults, KeysFileError, check_fields
 from proxy.providers import AUTH_STYLES, BUILTINS, Provider
 from proxy.tracker import Limits
 
@@ -55,16 +56,6 @@ def masked(secret: str) -> str:
     digest = hashlib.sha256(secret.encode()).hexdigest()[:6]
     shown = secret[:4] if len(secret) >= 12 else secret[:2] if len(secret) >= 8 else ""
     return f"{shown}…{digest}"
-
-
-@dataclass(frozen=True, slots=True)
-class Defaults:
-    """The settings a key falls back to."""
-
-    quota_enabled: bool
-    requests: int
-    tokens: int | None
-    window_seconds: float
 
 
 class KeyRing:
@@ -185,7 +176,7 @@ def _providers(path: str, section: Any) -> dict[str, Provider]:
         base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
         if not isinstance(base_url, str) or not base_url:
             raise KeysFileError(f"{where}: base_url must be an http(s) URL")
-        url = _base_url(where, base_url)
+        url = fields.base_url(where, base_url)
         auth = entry.get("auth", builtin.auth if builtin else "bearer")
         if auth not in AUTH_STYLES:
             raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
@@ -225,88 +216,8 @@ def _key(
         name=name,
         id=hashlib.sha256(name.encode()).hexdigest()[:24],
         provider=provider,
-        api_key=_real_key(where, entry, environ),
-        limits=_limits(where, entry.get("quota"), defaults),
-        allowed_models=_patterns(where, patterns),
+        api_key=fields.real_key(where, entry, environ),
+        limits=fields.limits(where, entry.get("quota"), defaults),
+        allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
     )
-
-
-def _base_url(where: str, text: str) -> URL:
-    """The provider's base URL; refused with credentials or a query, never echoing them."""
-    try:
-        url = URL(text)
-    except ValueError:
-        raise KeysFileError(f"{where}: base_url must be an http(s) URL") from None
-    if url.user is not None or url.password is not None:
-        # Upstream auth is the real key's job; a userinfo part would leak in every error.
-        raise KeysFileError(
-            f"{where}: base_url must not carry credentials (user:password@); "
-            "put the real key in api_key or api_key_env"
-        )
-    if url.scheme not in ("http", "https") or not url.host:
-        raise KeysFileError(f"{where}: base_url must be an http(s) URL, got {str(url)!r}")
-    if url.query_string or url.fragment:
-        # The client's path and query are appended to base_url; a query here would break it.
-        raise KeysFileError(f"{where}: base_url must have no query or fragment (after ? or #)")
-    return url
-
-
-def _real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -> str:
-    has_key, has_env = "api_key" in entry, "api_key_env" in entry
-    if has_key == has_env:
-        raise KeysFileError(f"{where}: set exactly one of api_key and api_key_env")
-    if has_key:
-        value = entry["api_key"]
-        if not isinstance(value, str) or not value.strip():
-            raise KeysFileError(f"{where}: api_key must be a non-empty string")
-        return _header_safe(where, "api_key", value.strip())
-    variable = entry["api_key_env"]
-    if not isinstance(variable, str) or not variable:
-        raise KeysFileError(f"{where}: api_key_env must name an environment variable")
-    value = environ.get(variable, "").strip()
-    if not value:
-        raise KeysFileError(f"{where}: api_key_env {variable} is not set")
-    return _header_safe(where, f"api_key_env {variable}", value)
-
-
-def _header_safe(where: str, source: str, value: str) -> str:
-    # The real key goes into a header: a control character (CR, LF) would fail every request.
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
-        raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
-    return value
-
-
-def _limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
-    if quota is None:
-        quota = {}
-    if not isinstance(quota, dict):
-        raise KeysFileError(f"{where}: quota must be an object (requests, tokens, window_seconds)")
-    check_fields(where, quota, "quota", "quota.")
-    if not defaults.quota_enabled:
-        return None
-    requests = quota.get("requests", defaults.requests)
-    tokens = quota.get("tokens", defaults.tokens)
-    window = quota.get("window_seconds", defaults.window_seconds)
-    if not _positive(requests, integer=True):
-        raise KeysFileError(f"{where}: quota.requests must be a positive integer")
-    if tokens is not None and not _positive(tokens, integer=True):
-        raise KeysFileError(f"{where}: quota.tokens must be a positive integer or null")
-    if not _positive(window, integer=False):
-        raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
-    return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
-
-
-def _positive(value: Any, integer: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        return False
-    return 0 < value < float("inf")
-
-
-def _patterns(where: str, patterns: Any) -> re.Pattern[str] | None:
-    if patterns is None:
-        return None
-    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
-        raise KeysFileError(f"{where}: allowed_models must be a list of model name patterns")
-    # Shell-style patterns, compiled once into one alternation.
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
