@@ -43,10 +43,11 @@ OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
 AUTH_OUTCOMES = ("refused", "throttled")
 MODEL_LABEL_CHARS = 64
 MODEL_LABEL_VALUES = 100
-# Every decision made without Redis; exported at 0 from the start, because a series born at its
-# first increment is invisible to rate() and increase(), and the alert on a short Redis loss
+# Exported at 0 from the start, because a series born at its first increment is invisible to
+# rate() and increase(): the alerts on a short Redis loss or on one failed reload
 # (deploy/prometheus/alerts.yml) would never fire.
 REDIS_DECISIONS = ("allow", "deny", "uncharged")
+RELOAD_RESULTS = ("ok", "failed")
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -190,6 +191,8 @@ class Metrics:
             ["result"],
             registry=owner,
         )
+        for result in RELOAD_RESULTS:
+            self._reloads.labels(result)
         self._last_request = Gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",

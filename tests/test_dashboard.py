@@ -4,8 +4,9 @@ One run for the module (`observed`): redis-server, the fake provider and a gatew
 WORKERS=2 as processes, scraped every second by a real Prometheus that loads the shipped rules.
 Traffic goes through in two rounds (so every series has grown between two scrapes, and rates
 are not zero), with refusals over quota, provider 5xx, an unreachable provider, a stream cut
-short, an unknown key; the log goes to /dev/full (every line lost), and Redis is killed before
-a last few requests. Then every query of the dashboard must return a number, every alert rule
+short, an unknown key, a model without a price, a reload (POST /admin/reload); the log goes
+to /dev/full (every line lost); then keys.json is broken before another reload, and Redis is
+killed before a last few requests. Then every query of the dashboard must return a number, every alert rule
 must evaluate cleanly, and the alerts those faults call for must be pending.
 The rules' own unit tests (promtool test rules) are in test_alerts.py.
 """
@@ -16,9 +17,11 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -58,6 +61,7 @@ VARIABLES = {
 }
 
 METRICS_TOKEN = "metrics-token-for-the-scrape"
+ADMIN_TOKEN = "admin-token-for-the-reloads"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {
     "model": "claude-3-5-haiku-latest",
@@ -109,16 +113,28 @@ async def drive(url: str, calls: list[Call]) -> list[int]:
         return list(await asyncio.gather(*(send(session, url, call) for call in calls)))
 
 
+def reload(url: str) -> int:
+    """POST /admin/reload (the worker that answers reloads): its status."""
+    request = urllib.request.Request(
+        f"{url}/admin/reload", method="POST", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def total(prometheus: PrometheusServer, expr: str) -> float:
     result = prometheus.query(expr)
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def wait_until_scraped(prometheus: PrometheusServer, sent: int, also: str = "vector(1)") -> None:
-    """Wait until Prometheus has scraped all `sent` requests (and `also` holds)."""
+def wait_until_scraped(prometheus: PrometheusServer, sent: int, *also: str) -> None:
+    """Wait until Prometheus has scraped all `sent` requests, and each query in `also` has data."""
     prometheus.wait_for(
         lambda: total(prometheus, "sum(llm_gateway_requests_total)") == sent
-        and bool(prometheus.query(also)),
+        and all(prometheus.query(expr) for expr in also),
         f"Prometheus to see {sent} requests and {also}",
     )
 
@@ -135,7 +151,7 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
     keys = directory / "keys.json"
     keys.write_text(json.dumps(keys_document(fake.stdout.readline().split()[-1])))
     metrics_dir = directory / "metrics"
-    _, url = start_gateway(
+    gateway, url = start_gateway(
         processes,
         keys,
         Path("/dev/full"),  # every log write fails: llm_gateway_log_write_errors_total
@@ -143,19 +159,31 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
         REDIS_URL=redis.url,
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         METRICS_TOKEN=METRICS_TOKEN,
+        ADMIN_TOKEN=ADMIN_TOKEN,
     )
+    # SIGTERM first: the parent stops its workers and waits for them (SIGKILL would orphan them).
+    cleanup.callback(gateway.wait, timeout=30)
+    cleanup.callback(gateway.send_signal, signal.SIGTERM)
     prometheus = PrometheusServer(directory, url.removeprefix("http://"), METRICS_TOKEN)
     cleanup.callback(prometheus.stop)
     prometheus.start()
     prometheus.wait_for(lambda: bool(prometheus.query("up == 1")), "a first scrape")
-    statuses: list[int] = []
-    for calls in (FIRST_ROUND, ROUND):
-        statuses += asyncio.run(drive(url, calls))
-        wait_until_scraped(prometheus, len(statuses))
+    statuses = asyncio.run(drive(url, FIRST_ROUND))
+    wait_until_scraped(prometheus, len(statuses))
+    assert reload(url) == 200  # the same keys again: result="ok"
+    statuses += asyncio.run(drive(url, ROUND))
+    wait_until_scraped(
+        prometheus, len(statuses), 'llm_gateway_config_reloads_total{result="ok"} > 0'
+    )
+    keys.write_text("{")
+    assert reload(url) == 422  # result="failed": the previous keys stay in force
     redis.kill()
     statuses += asyncio.run(drive(url, WITHOUT_REDIS))
     wait_until_scraped(
-        prometheus, len(statuses), 'llm_gateway_redis_errors_total{decision="allow"} > 0'
+        prometheus,
+        len(statuses),
+        'llm_gateway_redis_errors_total{decision="allow"} > 0',
+        'llm_gateway_config_reloads_total{result="failed"} > 0',
     )
     scrape = urllib.request.Request(
         f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -283,6 +311,7 @@ def test_the_faults_injected_make_their_alerts_pending(observed: Observed) -> No
         "LLMGatewayLogWritesFailing",  # the log is /dev/full
         "LLMGatewayRedisLostAllowing",  # Redis was killed, QUOTA_ON_REDIS_ERROR=allow
         "LLMGatewayUnpricedRequests",  # fake-model has no price
+        "LLMGatewayReloadFailed",  # keys.json was broken before a reload
     }
 
     def active() -> set[str]:
