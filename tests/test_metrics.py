@@ -180,7 +180,17 @@ def test_keys_appear_only_as_names_in_the_key_label() -> None:
     body, _ = metrics.render("text/plain")
     assert b"vk_user1" not in body
     label_names = {name for _, labels in samples(metrics) for name, _ in labels}
-    assert label_names <= {"provider", "model", "status", "key", "kind", "decision", "outcome", "le"}
+    assert label_names <= {
+        "provider",
+        "model",
+        "status",
+        "key",
+        "kind",
+        "decision",
+        "outcome",
+        "result",
+        "le",
+    }
 
 
 def test_the_json_summary_has_the_seed_shape() -> None:
