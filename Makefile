@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: run test unit e2e demo bench bench-redis system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: run test unit e2e demo bench bench-profile bench-redis system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -61,10 +61,15 @@ example-curl:
 	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) \
 		GATEWAY_ANTHROPIC_KEY=$(or $(GATEWAY_ANTHROPIC_KEY),vk_user2_anthropic) bash examples/curl.sh
 
-# bench: the gateway against a direct call, one run (QUICK=1: under a minute)
+# bench: the gateway against the floor (a bare aiohttp passthrough) and a direct call, interleaved (QUICK=1: under a minute)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# bench-profile: py-spy on the gateway and the floor under load: CPU per request, step by step (QUICK=1: ~30 s)
+bench-profile: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) bench/profile_steps.py $(if $(QUICK),--quick)
 
 # bench-redis: Redis admission against memory, and WORKERS=2 against WORKERS=1 (issue 7)
 bench-redis: $(STAMP) system-packages

@@ -1,0 +1,254 @@
+"""Where the gateway's CPU goes, per request, beside the floor's: py-spy on the real processes under load.
+
+Run from the repository root with the project's venv (`make bench-profile`, or
+`.venv/bin/python bench/profile_steps.py [--quick] [--seconds N]`). Needs `wrk` and py-spy
+(pinned in requirements-dev.txt; it reads the target's memory, so it needs root or
+ptrace rights).
+
+It starts the mock provider, the floor (`bench/passthrough.py`) and the gateway as
+`bench/run.py` does (floor and gateway pinned to core 0; the mock, wrk and py-spy to core 1),
+then, alternating floor and gateway for several rounds, drives each with wrk (256
+connections, the mock answering after 20 ms: the CPU-bound case of the throughput test)
+while py-spy samples it (`--nonblocking`: the target is never paused; idle samples, the
+loop waiting in epoll, are left out). CPU per request is the process's own CPU time (from
+/proc) over the requests wrk completed in the same window.
+
+Each sample is put under one step by its innermost frame in the gateway's own code (the
+module says which step: keys.py is authentication, peek.py the body read and peek, ...);
+a sample whose innermost own frame is relay.py (or the floor's handler) goes by what it
+called into: aiohttp's client (send the request, wait for headers), the upstream body
+read, or the response's prepare and write. Samples with no frame of ours are aiohttp's
+server and the event loop: HTTP parsing, the transport, task scheduling. A step's cost per
+request is its share of the samples times the CPU per request. Then the top frames by
+self time, for each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import run  # noqa: E402  (the contenders, wrk)
+from harness import Processes, med, process_cpu_seconds, raise_interrupt  # noqa: E402
+
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):\d+\)$")
+# The gateway's own modules, by the step the issue names (module, or module:function).
+STEPS = {
+    "keys.py": "authentication",
+    "lockout.py": "authentication",
+    "credentials.py": "authentication",
+    "peek.py": "body read and peek",
+    "routing.py": "body read and peek",
+    "quota.py:stamp": "header building",
+    "quota.py:ratelimit_headers": "header building",
+    "quota.py:duration": "header building",
+    "quota.py": "admission and charge",
+    "tracker.py": "admission and charge",
+    "redis_tracker.py": "admission and charge",
+    "providers.py": "header building",
+    "usage.py": "usage tap",
+    "pricing.py": "usage tap",
+    "metrics.py": "metrics",
+    "logbook.py": "log record",
+    "record.py:own_request_id": "request id",
+    "record.py:begin": "request id",
+    "record.py": "record bookkeeping",
+    "health.py": "health",
+    "errors.py": "errors",
+    "app.py": "app hooks (Server header, own endpoints)",
+}
+OWN_FILES = ("proxy/", "passthrough.py")
+ENTRY_FILES = ("proxy/server.py", "gateway.py")  # under every sample: they start the loop
+HANDLERS = ("proxy/relay.py", "passthrough.py")
+
+
+def own(file: str) -> bool:
+    return any(part in file for part in OWN_FILES) and not file.endswith(ENTRY_FILES)
+
+
+def frames(stack: str) -> list[tuple[str, str]]:
+    """(function, file) for each frame of a py-spy raw line, outermost first."""
+    out = []
+    for frame in stack.split(";"):
+        match = FRAME.match(frame)
+        out.append((match["func"], match["file"]) if match else (frame, ""))
+    return out
+
+
+CLIENT_FILES = ("aiohttp/client.py", "aiohttp/connector.py", "aiohttp/client_reqrep.py", "aiohttp/client_proto.py",
+                "aiohappyeyeballs/")
+RESPONSE_FILES = ("aiohttp/web_response.py", "aiohttp/http_writer.py")
+SERVER_FILES = ("aiohttp/web_protocol.py", "aiohttp/web_app.py", "aiohttp/web_urldispatcher.py", "aiohttp/web_request.py",
+                "aiohttp/http_parser.py", "aiohttp/streams.py")
+CLIENT = "send the request, await headers (aiohttp client)"
+RESPONSE = "response prepare and write (aiohttp)"
+SERVER = "parse, route, dispatch (aiohttp server)"
+LOOP = "event loop: callbacks, timers, task steps (uvloop, C)"
+
+
+def outside_step(stack: list[tuple[str, str]]) -> str:
+    """A sample with no frame of ours: which part of aiohttp (or the loop) it is in."""
+    files = [file for _, file in stack]
+    if any(part in file for file in files for part in CLIENT_FILES):
+        return CLIENT
+    if any(func.endswith("finish_response") for func, _ in stack) or any(part in file for file in files for part in RESPONSE_FILES):
+        return RESPONSE
+    if any(part in file for file in files for part in SERVER_FILES):
+        return SERVER
+    return LOOP
+
+
+def callee_step(stack: list[tuple[str, str]], handler: str) -> str:
+    """A sample whose innermost frame of ours is the handler: by what the handler called into."""
+    inner = stack[1:]
+    if not inner:
+        return f"{handler}: its own code"
+    func, file = inner[0]
+    func = func.rsplit(".", 1)[-1]  # py-spy names a method Class.method
+    if "streams.py" in file or ("client_reqrep.py" in file and func in ("read", "text", "json", "release")):
+        return "upstream body read (aiohttp client)"
+    if "web_request.py" in file and func in ("read", "text", "json", "post"):
+        return "request body read (aiohttp server)"
+    if "aiohttp/" in file or "aiohappyeyeballs/" in file:
+        return outside_step(inner)
+    return f"{handler}: its own code"
+
+
+def step_of(stack: list[tuple[str, str]]) -> str:
+    """The step one sample belongs to: its innermost frame of ours decides."""
+    for depth in range(len(stack) - 1, -1, -1):
+        func, file = stack[depth]
+        if not own(file):
+            continue
+        if file.endswith(HANDLERS):
+            return callee_step(stack[depth:], "relay.py" if "relay.py" in file else "passthrough.py")
+        name = file.rsplit("/", 1)[-1]
+        return STEPS.get(f"{name}:{func}") or STEPS.get(name) or f"other: {name}"
+    return outside_step(stack)
+
+
+@dataclass
+class Profile:
+    """One contender's samples and CPU over every round."""
+
+    steps: Counter[str] = field(default_factory=Counter)
+    leaves: Counter[str] = field(default_factory=Counter)
+    samples: int = 0
+    cpu_per_request: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+
+    def add(self, raw: Path) -> None:
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            parsed = frames(stack)
+            self.samples += n
+            self.steps[step_of(parsed)] += n
+            func, file = parsed[-1]
+            short = "/".join(file.split("/")[-2:]) if file else "?"
+            self.leaves[f"{func} ({short})"] += n
+
+    def us(self, step: str) -> float:
+        return self.steps[step] / max(1, self.samples) * med(self.cpu_per_request)
+
+
+def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str) -> tuple[float, float]:
+    """wrk on one contender while py-spy samples it: (CPU us per request, rps)."""
+    pid = bench.pid(side)
+    bench.wrk(bench.ports[side], run.LOAD_CORE, 256, 1, 20, 2)  # the pools grow to 256 before sampling
+    spy = bench.procs.start([pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(seconds),
+                             "--nonblocking", "--format", "raw", "--output", str(out)], run.LOAD_CORE, bench.tmp / "py-spy.log")
+    before = process_cpu_seconds(pid)
+    result = bench.wrk(bench.ports[side], run.LOAD_CORE, 256, seconds, 20, 2)
+    cpu = process_cpu_seconds(pid) - before
+    spy.wait(timeout=seconds + 30)
+    if not out.exists():
+        raise SystemExit(f"bench: py-spy wrote nothing:\n{(bench.tmp / 'py-spy.log').read_text()[-2000:]}")
+    return cpu / max(1, result["requests"]) * 1e6, result["rps"]
+
+
+def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int) -> None:
+    floor, gateway = profiles["floor"], profiles["gateway"]
+    fc, gc = med(floor.cpu_per_request), med(gateway.cpu_per_request)
+    print()
+    print(f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under wrk -c256 (mock 20 ms); "
+          f"{floor.samples:,} floor and {gateway.samples:,} gateway samples")
+    print(f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us); "
+          f"throughput floor {med(floor.rps):,.0f} rps, gateway {med(gateway.rps):,.0f} rps")
+    print()
+    names = sorted(set(floor.steps) | set(gateway.steps), key=lambda s: -gateway.us(s) - floor.us(s))
+    print("| step | floor us/request | gateway us/request | gateway share |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in names:
+        f = f"{floor.us(name):.1f}" if floor.steps[name] else "-"
+        g = f"{gateway.us(name):.1f}" if gateway.steps[name] else "-"
+        print(f"| {name} | {f} | {g} | {gateway.steps[name] / max(1, gateway.samples):.1%} |")
+    print(f"| **total** | **{fc:.0f}** | **{gc:.0f}** | 100% |")
+    for side, profile in profiles.items():
+        print()
+        print(f"top frames by self time, {side} (share of samples, us per request):")
+        for leaf, n in profile.leaves.most_common(15):
+            print(f"  {n / profile.samples:6.1%} {n / profile.samples * med(profile.cpu_per_request):7.1f} us  {leaf}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 s (else 3 rounds of 10 s)")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples a second")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (py-spy's raw stacks)")
+    args = parser.parse_args()
+    run.check_tools()
+    pyspy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if pyspy is None:
+        raise SystemExit("bench: py-spy is not installed: pip install -r requirements-dev.txt")
+    rounds, seconds = (2, 4) if args.quick else (3, 10)
+    os.sched_setaffinity(0, {run.LOAD_CORE})
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_interrupt)
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="llm-gateway-profile-"))
+    try:
+        bench = run.Bench(run.QUICK if args.quick else run.Plan(), procs, tmp)
+        bench.start_mock()
+        bench.start_floor()
+        bench.start_gateway()
+        bench.warm_up()
+        profiles = {"floor": Profile(), "gateway": Profile()}
+        for rep in range(rounds):
+            for side in ("floor", "gateway") if rep % 2 == 0 else ("gateway", "floor"):
+                out = tmp / f"{side}-{rep}.txt"
+                cpu, rps = profile_round(bench, side, seconds, args.rate, out, pyspy)
+                profiles[side].add(out)
+                profiles[side].cpu_per_request.append(cpu)
+                profiles[side].rps.append(rps)
+                print(f"  round {rep + 1} {side:<8} {rps:8,.0f} rps  {cpu:6.0f} us CPU/request", flush=True)
+                time.sleep(0.5)
+        report(profiles, seconds, rounds, args.rate)
+        return 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"raw stacks kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
