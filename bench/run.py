@@ -530,7 +530,8 @@ def report(bench: Bench, plan: Plan, quick: bool, uvloop: dict[str, bool], log_l
     failed = [name for name, ok in bench.passed.items() if not ok]
     print(f"targets: {len(bench.passed) - len(failed)}/{len(bench.passed)} met" + (f"; missed: {', '.join(failed)}" if failed else ""))
     print()
-    columns = list(bench.headline["gateway"])
+    order = ("throughput", "timeouts at 256 conns", "added p50 at c=1", "stream TTFB added", "RSS idle / peak", "CPU per request")
+    columns = [c for c in order if c in bench.headline["gateway"]]
     print("| | " + " | ".join(columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")
     for side, name in (("floor", "bare passthrough"), ("gateway", "llm-gateway")):

@@ -45,8 +45,13 @@ def test_keys_json_of_mode_600_names_the_uid_and_the_chmod(tmp_path: Path) -> No
     keys.chmod(0o600)
     drop = "-dac_override,-dac_read_search"
     result = subprocess.run(
-        ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}",
-         sys.executable, str(ROOT / "gateway.py")],
+        [
+            "setpriv",
+            f"--inh-caps={drop}",
+            f"--bounding-set={drop}",
+            sys.executable,
+            str(ROOT / "gateway.py"),
+        ],
         env={**os.environ, "KEYS_FILE_PATH": str(keys)},
         capture_output=True,
         text=True,

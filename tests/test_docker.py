@@ -37,8 +37,14 @@ def test_image_builds_runs_its_cmd_as_non_root_passes_its_healthcheck_and_drains
     assert "keys.json a directory, or of mode 600: one line naming the fix, exit 2" in result.stdout
     # Whatever base it built on, no stand-in holds the real image's name afterwards.
     real = subprocess.run(
-        ["podman", "image", "inspect", "docker.io/library/python:3.11-slim", "--format",
-         "{{json .Labels}}"],
+        [
+            "podman",
+            "image",
+            "inspect",
+            "docker.io/library/python:3.11-slim",
+            "--format",
+            "{{json .Labels}}",
+        ],
         capture_output=True,
         text=True,
     )

@@ -43,7 +43,7 @@ def commands(out: str) -> dict[str, str]:
     lines = out.splitlines()
     return {
         heading[3:]: command[2:]
-        for heading, command in zip(lines, lines[1:])
+        for heading, command in zip(lines, lines[1:], strict=False)
         if heading.startswith("== ") and command.startswith("$ ")
     }
 
@@ -72,7 +72,10 @@ def test_with_keep_the_demo_s_printed_commands_paste_and_answer_as_in_the_demo()
     stop = next(line for line in out.splitlines() if line.startswith("Stop them with: "))
     try:
         shown = commands(out)
-        for heading in ("The fourth: 429, and its headers say when to retry", "/metrics, an excerpt"):
+        for heading in (
+            "The fourth: 429, and its headers say when to retry",
+            "/metrics, an excerpt",
+        ):
             command = shown[heading]
             again = subprocess.run(
                 ["bash", "-c", command], capture_output=True, text=True, timeout=30

@@ -155,8 +155,15 @@ def test_the_make_example_targets_run_the_examples_with_the_venv(
     for target in targets:
         # -o: the venv counts as installed (this suite runs in it); PY: this suite's Python.
         result = subprocess.run(
-            ["make", "-s", "-o", ".venv/.installed", target, f"GATEWAY_URL={url}",
-             f"PY={sys.executable}"],
+            [
+                "make",
+                "-s",
+                "-o",
+                ".venv/.installed",
+                target,
+                f"GATEWAY_URL={url}",
+                f"PY={sys.executable}",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -177,8 +184,14 @@ def test_the_quota_snippet_shows_the_429_the_sdk_would_retry_silently(
     path.write_text(json.dumps(keys))
     port = free_port()
     processes.start(
-        [sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1",
-         "--server-port", str(port)],
+        [
+            sys.executable,
+            str(ROOT / "gateway.py"),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+        ],
         env={"KEYS_FILE_PATH": str(path)},
         ready="listening on",
     )
@@ -201,6 +214,8 @@ def test_the_quota_snippet_shows_the_429_the_sdk_would_retry_silently(
 
 def test_make_unit_skips_the_docker_check_as_its_comment_says() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    comment, recipe = re.search(r"^# unit: (.*?)\nunit:.*?\n\t(.*?)\n", makefile, re.M | re.S).groups()
+    comment, recipe = re.search(
+        r"^# unit: (.*?)\nunit:.*?\n\t(.*?)\n", makefile, re.M | re.S
+    ).groups()
     assert "Docker" in comment and "SKIP_DOCKER=1" in recipe
     assert 'os.environ.get("SKIP_DOCKER") == "1"' in (ROOT / "tests" / "test_docker.py").read_text()
