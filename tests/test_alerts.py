@@ -50,3 +50,8 @@ def test_every_alert_has_a_severity_a_summary_and_a_description() -> None:
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
         assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
         assert all(text.strip() for text in rule["annotations"].values()), rule["alert"]
+
+
+def test_the_example_prometheus_configuration_passes_promtool() -> None:
+    checked = promtool("check", "config", str(RULES.parent / "prometheus.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -221,7 +221,7 @@ def expand(expr: str) -> str:
 
 def test_the_dashboard_is_importable_with_a_datasource_input() -> None:
     board = dashboard()
-    assert board["schemaVersion"] >= 41 and board["uid"] and board["title"] == "llm-gateway"
+    assert board["schemaVersion"] >= 42 and board["uid"] and board["title"] == "llm-gateway"
     (declared,) = board["__inputs"]
     assert declared["name"] == "DS_PROMETHEUS" and declared["pluginId"] == "prometheus"
     source = board["templating"]["list"][0]
@@ -261,8 +261,8 @@ def test_every_dashboard_query_returns_a_number(observed: Observed) -> None:
 
 def test_every_dashboard_variable_has_values(observed: Observed) -> None:
     for variable in dashboard()["templating"]["list"][1:]:
-        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
-        assert match, variable["definition"]
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"])
+        assert match, variable["query"]
         values = observed.prometheus.get(
             f"/api/v1/label/{match[2]}/values", **{"match[]": expand(match[1])}
         )
