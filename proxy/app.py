@@ -36,6 +36,7 @@ from proxy.record import own_request_id
 from proxy.reload import KeysFile
 from proxy.settings import Settings
 from proxy.tracker import MemoryTracker, Tracker
+from proxy.usage import TapMemory
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,6 +49,7 @@ HEALTH = web.AppKey("health", Health)
 LOGBOOK = web.AppKey("logbook", Logbook)
 LOCKOUT = web.AppKey("lockout", Lockout)
 PRICES = web.AppKey("prices", Prices)
+TAP_MEMORY = web.AppKey("tap_memory", TapMemory)
 KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
 
@@ -119,6 +121,7 @@ def build_app(
         settings.auth_failure_limit, settings.auth_failure_window_seconds, metrics.auth_failed
     )
     app[PRICES] = Prices.load(settings.prices_file)  # checked at start by gateway.py
+    app[TAP_MEMORY] = TapMemory()  # what the usage taps of this process hold, together
 
     def tracker_lost(decision: str, error: str) -> None:
         metrics.redis_error_decision(decision)

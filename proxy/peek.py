@@ -1,14 +1,13 @@
 """What the gateway reads of a request before it goes upstream: the body, and a peek at it.
 
 `read_body` reads the body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields
-the gateway checks (`model`, `stream`, `messages`) in a JSON body, inflating a gzip or
-deflate upload for the peek only. The bytes that go upstream are the bytes the client
+the gateway checks (`model`, `stream`, `messages`) in a JSON body, decoding a compressed
+upload (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,6 +15,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy.encodings import decode_body
 from proxy.errors import GatewayError
 from proxy.keys import VirtualKey
 
@@ -49,35 +49,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         ) from None
 
 
-def readable(body: bytes, encoding: str, limit: int) -> bytes:
-    """The body as the provider will read it, for the peek only: what goes upstream stays as sent.
-
-    Raises 400 (not what its Content-Encoding says), 413 (inflates past the limit), 415.
-    """
-    encoding = encoding.strip().lower()
-    if not body or encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise GatewayError(
-            415,
-            "unsupported_encoding",
-            f"Content-Encoding '{encoding[:40]}' is not supported; send gzip, deflate or none.",
-        )
-    # wbits 47 reads gzip or zlib; a raw deflate stream needs -15.
-    inflater = zlib.decompressobj(47 if encoding != "deflate" or body[:1] == b"\x78" else -15)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise GatewayError(
-            400, "invalid_body", f"The request body is not valid {encoding}."
-        ) from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise _too_large(limit)
-    if not inflater.eof:
-        raise GatewayError(400, "invalid_body", f"The request body is truncated {encoding}.")
-    return inflated
-
-
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
         413,
@@ -90,7 +61,7 @@ def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limi
     """Peek at `model` and `stream`. Raises 400 (bad JSON, missing field), 403 (model), 413, 415."""
     content_type = request.content_type
     declared_json = content_type.endswith(_JSON_TYPES)
-    body = readable(body, request.headers.get("content-encoding", ""), limit)
+    body = decode_body(body, request.headers.get("content-encoding", ""), limit)
     if not body or not (declared_json or body.lstrip()[:1] == b"{"):
         if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
             raise GatewayError(

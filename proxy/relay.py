@@ -28,7 +28,7 @@ from proxy.realtime import is_upgrade
 from proxy.record import CLIENT_CLOSED, Record
 from proxy.routing import route
 from proxy.tracker import Admission
-from proxy.usage import UsageTap
+from proxy.usage import UsageTap, charged
 
 log = logging.getLogger("llm_gateway")
 
@@ -146,6 +146,8 @@ async def stream_back(
         reply.headers.get("content-type"),
         reply.headers.get("content-encoding"),
         settings.log_bodies,
+        charged(record.method, record.path),
+        app[wiring.TAP_MEMORY],
     )
     try:
         if is_small_whole_body(reply):

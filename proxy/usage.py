@@ -1,49 +1,110 @@
 """The usage tap: token usage and text read from response bytes as they go by.
 
 `relay` writes each body chunk to the client first and only then feeds it to a `UsageTap`,
-so the tap can never delay, change or hold back a byte. At the end of the body it answers
-the provider's own usage when the provider reported one:
+so the tap can never delay, change or hold back a byte. A body in gzip, deflate, br or zstd
+(or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
+tap answers the provider's own usage when the provider reported one, every token kind:
 
-- JSON bodies: OpenAI `usage` {prompt_tokens, completion_tokens} (embeddings: prompt only),
-  the Responses API and Anthropic `usage` {input_tokens, output_tokens}, Anthropic's
-  cache_creation_input_tokens and cache_read_input_tokens counted as prompt;
+- JSON bodies: OpenAI `usage` {prompt_tokens, completion_tokens, prompt_tokens_details
+  {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
+  audio_tokens}} (embeddings: prompt only); the Responses API's {input_tokens,
+  output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
+  {reasoning_tokens}}; Anthropic's {input_tokens, output_tokens,
+  cache_creation_input_tokens, cache_read_input_tokens}, whose cache counts are *not* in
+  input_tokens and are added to the prompt here;
 - SSE streams: the OpenAI usage chunk (sent when the client asked for
-  `stream_options.include_usage`; the gateway never asks for it), the Responses API's
-  `response.completed`, Anthropic's `message_start` and `message_delta`. Counts in
-  `message_delta` are cumulative, so the last value of each field wins; nothing is summed.
+  `stream_options.include_usage`, or the key asks for exact stream usage:
+  `stream_usage`), the Responses API's `response.completed`, Anthropic's `message_start`
+  and `message_delta`. Counts in `message_delta` are cumulative, so the last value of
+  each field wins; nothing is summed.
 
-Otherwise it estimates about 4 characters a token from the request's and the response's
-text, and marks the usage `estimated`.
+What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
+to chat/completions, completions, responses, messages, embeddings) without a readable usage
+is charged an estimate of about 4 characters a token of the request's and the response's
+text, marked `estimated` — never nothing, also when the body cannot be read (an unknown
+coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
+(or received) bytes stand for its text. Other POSTs are charged only what the provider
+reports (a token count reports none); a GET (a models list, a stored response) nothing.
+
+Memory: a tap holds a JSON body (to parse it at the end) or one unfinished SSE line, at most
+`MAX_HELD_BYTES`, and all taps of a process together at most `TAP_MEMORY_BYTES` (a shared
+`TapMemory`). A tap that would pass either bound lets go of what it held and estimates. At
+the end (`usage` or `text`, whichever comes first) it lets go of everything.
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
 (one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
-split over several data lines is not read), decode `br` or unknown encodings (it gives up
-and answers None), keep more than 16 MiB of a JSON body or of one SSE line, or treat a
-bare `\\r` as a line end (the SSE spec allows it; no provider sends it).
+split over several data lines is not read), or treat a bare `\\r` as a line end (the SSE
+spec allows it; no provider sends it).
 """
 
 from __future__ import annotations
 
+import enum
 import math
-import zlib
 from typing import Any
 
 import orjson
 
+from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.record import Usage
 
 # Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
 MAX_HELD_BYTES = 16 * 1024 * 1024
-# Decompress in steps so a small gzip bomb cannot allocate much at once.
-INFLATE_STEP = 256 * 1024
+# What all taps of a process hold at once: four such bodies.
+TAP_MEMORY_BYTES = 4 * MAX_HELD_BYTES
 CHARS_PER_TOKEN = 4
 
 _JSON = "json"
 _SSE = "sse"
 
-# Every count a provider's usage object may carry that we read; other fields are ignored.
-_USAGE_FIELDS = (
+
+class Charged(enum.Enum):
+    """What an answer is charged, by endpoint."""
+
+    NOTHING = "nothing"  # GET: a models list, a stored response
+    REPORTED = "reported"  # only what the provider reports (a token count reports none)
+    PROMPT = "prompt"  # embeddings: reported, else the prompt estimated
+    TEXT = "text"  # generations: reported, else prompt and completion estimated
+
+
+# Endpoints whose answers produce tokens; the path ends with one of these.
+_GENERATIONS = ("/chat/completions", "/completions", "/responses", "/messages")
+
+
+def charged(method: str, path: str) -> Charged:
+    """What the answer to `method path` is charged."""
+    if method != "POST":
+        return Charged.NOTHING
+    if path.endswith("/embeddings"):
+        return Charged.PROMPT
+    if path.endswith(_GENERATIONS):
+        return Charged.TEXT
+    return Charged.REPORTED
+
+
+class TapMemory:
+    """The bytes all taps of a process hold at once, bounded. One per app; one event loop."""
+
+    __slots__ = ("held_bytes", "limit_bytes")
+
+    def __init__(self, limit_bytes: int = TAP_MEMORY_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def take(self, count: int) -> bool:
+        """Hold `count` more bytes if the bound allows."""
+        if self.held_bytes + count > self.limit_bytes:
+            return False
+        self.held_bytes += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.held_bytes -= count
+
+
+# Every count a usage object may carry at its top level that we read.
+_COUNTS = (
     "prompt_tokens",
     "completion_tokens",
     "input_tokens",
@@ -51,9 +112,21 @@ _USAGE_FIELDS = (
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
 )
-# Anthropic bills cache writes and reads as input next to `input_tokens`; OpenAI's
-# cached tokens are already inside `input_tokens`/`prompt_tokens` and have no field here.
-_PROMPT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+# Counts inside a usage object's details: (details object, count there, our field).
+# OpenAI's cached and audio tokens are parts of prompt_tokens/input_tokens already.
+_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens", "cached_tokens"),
+    ("prompt_tokens_details", "cache_write_tokens", "cache_write_tokens"),
+    ("prompt_tokens_details", "audio_tokens", "input_audio_tokens"),
+    ("completion_tokens_details", "reasoning_tokens", "reasoning_tokens"),
+    ("completion_tokens_details", "audio_tokens", "output_audio_tokens"),
+    ("input_tokens_details", "cached_tokens", "cached_tokens"),
+    ("input_tokens_details", "cache_write_tokens", "cache_write_tokens"),
+    ("input_tokens_details", "audio_tokens", "input_audio_tokens"),
+    ("input_token_details", "audio_tokens", "input_audio_tokens"),  # transcriptions
+    ("output_tokens_details", "reasoning_tokens", "reasoning_tokens"),
+    ("output_tokens_details", "audio_tokens", "output_audio_tokens"),
+)
 # Responses API events whose `response` carries the final usage.
 _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Where text sits in requests (messages, input, prompt, system) and responses (choices,
@@ -68,122 +141,123 @@ class UsageTap:
     """Reads usage and text from one response body, fed chunk by chunk."""
 
     __slots__ = (
+        "_body",
+        "_charged",
         "_decoder",
-        "_encoding",
         "_fields",
         "_finished",
         "_held",
+        "_is_unread",
         "_keep_text",
         "_kind",
         "_line",
-        "_parts",
-        "_readable",
+        "_memory",
+        "_seen",
+        "_text",
         "_text_chars",
         "_texts",
-        "_undecided",
     )
 
     def __init__(
-        self, content_type: str | None, content_encoding: str | None, keep_text: bool
+        self,
+        content_type: str | None,
+        content_encoding: str | None,
+        keep_text: bool,
+        charged: Charged = Charged.TEXT,
+        memory: TapMemory | None = None,
     ) -> None:
         self._kind = _body_kind(content_type)
         self._keep_text = keep_text
-        self._encoding = _encoding(content_encoding)
-        if self._encoding == "unknown":
-            self._kind = None
-        self._decoder = (
-            zlib.decompressobj(16 + zlib.MAX_WBITS) if self._encoding == "gzip" else None
-        )
-        self._undecided = b""  # deflate: the first bytes, until we know zlib-wrapped or raw
-        self._parts: list[bytes] = []  # JSON: the body so far
-        self._held = 0
+        self._charged = charged
+        self._memory = memory if memory is not None else TapMemory()
+        self._held = 0  # bytes taken from memory
+        self._seen = 0  # body bytes seen (decoded when the coding is known)
+        # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
+        self._is_unread = self._kind is None
+        self._body: bytearray | None = bytearray() if self._kind == _JSON else None
         self._line = bytearray()  # SSE: the unfinished last line
         self._texts: list[str] = []  # SSE: text deltas, only with keep_text
+        self._text: str | None = None  # the text, once finished
         self._text_chars = 0
         self._fields: dict[str, int] = {}  # the last value seen of each usage field
         self._finished = False
-        self._readable = True
+        self._decoder: Decoder | None = None
+        try:
+            decoder = Decoder(content_encoding, self._take)
+            self._decoder = None if decoder.is_identity else decoder
+        except UnsupportedEncoding:
+            self._give_up()
 
     def feed(self, chunk: bytes) -> None:
         """Take the next body chunk, already sent to the client."""
-        if self._kind is None or not chunk or self._finished:
+        if not chunk or self._finished:
             return
-        if self._encoding is None:
+        if self._is_unread:
+            self._seen += len(chunk)
+        elif self._decoder is None:
             self._take(chunk)
         else:
-            self._inflate(chunk)
+            try:
+                self._decoder.feed(chunk)
+            except CorruptBody:
+                self._seen += len(chunk)
+                self._give_up()
 
     def usage(self, request_body: bytes) -> Usage | None:
-        """The provider's usage, else an estimate; None for a body the tap cannot read."""
+        """The provider's usage, else an estimate where the endpoint is charged one."""
         self._finish()
-        if self._kind is None or not self._readable:
+        if self._charged is Charged.NOTHING:
             return None
         reported = _reported(self._fields)
-        if reported is not None:
+        if reported is not None or self._charged is Charged.REPORTED:
             return reported
-        return Usage(
-            _tokens(_request_chars(request_body)), _tokens(self._text_chars), estimated=True
-        )
+        completion = 0
+        if self._charged is Charged.TEXT:
+            completion = _tokens(self._seen if self._is_unread else self._text_chars)
+        return Usage(_tokens(_request_chars(request_body)), completion, estimated=True)
 
     @property
     def text(self) -> str | None:
         """The response as text (a stream's text deltas joined), only with keep_text."""
-        if not self._keep_text or self._kind is None:
-            return None
-        if self._kind == _JSON:
-            return b"".join(self._parts).decode("utf-8", "replace")
-        return "".join(self._texts)
-
-    def _inflate(self, chunk: bytes) -> None:
-        # The client got the encoded bytes; only the tap needs them decoded.
-        if self._decoder is None:
-            held = self._undecided + chunk
-            if len(held) < 2:
-                self._undecided = held
-                return
-            self._undecided = b""
-            # RFC 9110 §8.4.1.2 says zlib-wrapped, but some servers send raw deflate.
-            wbits = zlib.MAX_WBITS if _zlib_header(held) else -zlib.MAX_WBITS
-            self._decoder = zlib.decompressobj(wbits)
-            chunk = held
-        pending = chunk
-        try:
-            while True:
-                data = self._decoder.decompress(pending, INFLATE_STEP)
-                if data:
-                    self._take(data)
-                    if self._kind is None:
-                        return
-                pending = self._decoder.unconsumed_tail
-                if not pending and len(data) < INFLATE_STEP:
-                    return
-        except zlib.error:
-            self._give_up()
+        self._finish()
+        return self._text
 
     def _take(self, data: bytes) -> None:
+        self._seen += len(data)
+        if self._is_unread:
+            return
         if self._kind == _SSE:
             self._take_lines(data)
-            return
-        self._held += len(data)
-        if self._held > MAX_HELD_BYTES:
+        elif self._hold(len(data)):
+            self._body += data  # type: ignore[operator]  # a JSON tap has a body
+
+    def _hold(self, count: int) -> bool:
+        """Take `count` bytes from the bounds, or give up reading this body."""
+        if self._held + count > MAX_HELD_BYTES or not self._memory.take(count):
             self._give_up()
-            return
-        self._parts.append(data)
+            return False
+        self._held += count
+        return True
+
+    def _release(self, count: int) -> None:
+        self._memory.give(count)
+        self._held -= count
 
     def _take_lines(self, data: bytes) -> None:
-        line = self._line
-        searched = len(line)  # the held bytes hold no line end
-        line += data
-        end = line.find(b"\n", searched)
+        end = data.rfind(b"\n")
         if end < 0:
-            if len(line) > MAX_HELD_BYTES:
-                self._give_up()
+            if self._hold(len(data)):
+                self._line += data
             return
-        end = line.rfind(b"\n")
-        lines = line[:end].split(b"\n")
-        del line[: end + 1]
+        # The held part and `data` up to its last line end are whole lines.
+        lines = (self._line + data[:end]).split(b"\n")
+        self._line.clear()
+        self._release(self._held)
         for each in lines:
             self._take_line(each)
+        rest = data[end + 1 :]
+        if rest and self._hold(len(rest)):
+            self._line += rest
 
     def _take_line(self, line: bytes | bytearray) -> None:
         # One JSON event per data line, as every provider sends them; event:, id:, retry:,
@@ -238,38 +312,58 @@ class UsageTap:
     def _read_usage(self, usage: object) -> None:
         if not isinstance(usage, dict):
             return
-        for field in _USAGE_FIELDS:
+        fields = self._fields
+        for field in _COUNTS:
             value = usage.get(field)
-            if type(value) is int and value >= 0:  # bool and float are not counts
-                self._fields[field] = value
+            if _is_count(value):
+                fields[field] = value  # type: ignore[assignment]
+        for details, name, field in _DETAILS:
+            found = usage.get(details)
+            if isinstance(found, dict):
+                value = found.get(name)
+                if _is_count(value):
+                    fields[field] = value  # type: ignore[assignment]
 
     def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
-        if self._kind == _SSE:
+        if self._kind == _SSE and not self._is_unread:
             # A stream cut before its last line end still counts what that line said.
             self._take_line(bytes(self._line))
-            self._line.clear()
-        elif self._kind == _JSON:
-            body = b"".join(self._parts)
-            self._parts = [body]
+            if self._keep_text:
+                self._text = "".join(self._texts)
+        elif self._kind == _JSON and self._body is not None:
+            body = self._body
+            if self._keep_text:
+                self._text = body.decode("utf-8", "replace")
             try:
                 document = orjson.loads(body)
             except orjson.JSONDecodeError:
-                # No usage in a body that does not parse; its text may still be logged.
-                self._readable = False
-                return
+                # No usage in a body that does not parse (cut short?): estimated from its size.
+                self._is_unread = True
+                document = None
             if isinstance(document, dict):
                 self._read_usage(document.get("usage"))
                 self._text_chars = sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
+        self._let_go()
 
     def _give_up(self) -> None:
-        self._kind = None
-        self._parts = []
+        """Stop reading this body: it will be estimated (and logged without its text)."""
+        self._is_unread = True
+        self._fields.clear()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        self._release(self._held)
+        self._body = None
         self._line = bytearray()
         self._texts = []
-        self._fields.clear()
+        self._decoder = None
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0  # bool and float are not counts
 
 
 def _body_kind(content_type: str | None) -> str | None:
@@ -283,30 +377,30 @@ def _body_kind(content_type: str | None) -> str | None:
     return None
 
 
-def _encoding(content_encoding: str | None) -> str | None:
-    """None for identity, else "gzip", "deflate" or "unknown" (br, stacked codings, …)."""
-    coding = (content_encoding or "").strip().lower()
-    if coding in ("", "identity"):
-        return None
-    if coding in ("gzip", "x-gzip"):
-        return "gzip"
-    if coding == "deflate":
-        return "deflate"
-    return "unknown"
-
-
-def _zlib_header(data: bytes) -> bool:
-    # RFC 1950 §2.2: method 8 in the low nibble, and CMF*256+FLG a multiple of 31.
-    return data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-
-
 def _reported(fields: dict[str, int]) -> Usage | None:
-    if not fields:
+    if not fields.keys() & {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"}:
         return None
-    if "prompt_tokens" in fields or "completion_tokens" in fields:
-        return Usage(fields.get("prompt_tokens", 0), fields.get("completion_tokens", 0))
-    prompt = sum(fields.get(field, 0) for field in _PROMPT_FIELDS)
-    return Usage(prompt, fields.get("output_tokens", 0))
+    get = fields.get
+    cache_read, cache_write = get("cached_tokens", 0), get("cache_write_tokens", 0)
+    if "prompt_tokens" in fields or "completion_tokens" in fields:  # OpenAI chat, embeddings
+        prompt, completion = get("prompt_tokens", 0), get("completion_tokens", 0)
+    else:
+        # Anthropic's cache counts are beside input_tokens; the Responses API has none.
+        anthropic_read = get("cache_read_input_tokens", 0)
+        anthropic_write = get("cache_creation_input_tokens", 0)
+        prompt = get("input_tokens", 0) + anthropic_read + anthropic_write
+        completion = get("output_tokens", 0)
+        cache_read += anthropic_read
+        cache_write += anthropic_write
+    return Usage(
+        prompt,
+        completion,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        input_audio_tokens=get("input_audio_tokens", 0),
+        reasoning_tokens=get("reasoning_tokens", 0),
+        output_audio_tokens=get("output_audio_tokens", 0),
+    )
 
 
 def _request_chars(request_body: bytes) -> int:

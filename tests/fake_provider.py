@@ -2,7 +2,8 @@
 
 It answers closely enough for the official `openai` and `anthropic` SDKs to parse, and it
 misbehaves on request, so tests can prove streaming, errors and disconnects against a
-real server. What it saw and what it sent is kept in `app[FAKE_STATE]`.
+real server. What it saw and what it sent is kept in `app[FAKE_STATE]`, with the usage it
+reported for each request (as far as it got: a stream cut short reported less).
 
 Request headers steer it (they pass through the gateway unchanged):
 
@@ -17,6 +18,12 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-drop: midstream    send the first half of the events, then close the connection
                               without the terminating chunk
     x-fake-gzip: 1            JSON bodies gzip-compressed, Content-Encoding: gzip
+    x-fake-encoding: C        any body (JSON or stream) in gzip, deflate, br or zstd, a
+                              stream flushed event by event
+    x-fake-cached-tokens: N   N more prompt tokens, reported as read from the cache
+                              (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
+    x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
+    x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
@@ -46,10 +53,13 @@ import socket
 import struct
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+import brotli
 import orjson
+import zstandard
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -111,6 +121,8 @@ class FakeState:
     disconnects: list[float] = field(default_factory=list)
     # request id (the x-request-id received, else the fake's own) -> exact body bytes sent
     sent: dict[str, bytes] = field(default_factory=dict)
+    # request id -> the usage fields the fake reported in what it sent (later replace earlier)
+    usage: dict[str, dict] = field(default_factory=dict)
     # set on shutdown so hanging handlers let go instead of holding the server open
     is_stopping: bool = False
 
@@ -128,7 +140,11 @@ class Knobs:
     hang: str | None
     drop: str | None
     is_gzip: bool
+    encoding: str | None
     has_usage: bool
+    cached_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
     raw_chunks: int | None
 
     @classmethod
@@ -146,7 +162,11 @@ class Knobs:
             hang=hang,
             drop=drop,
             is_gzip=headers.get("x-fake-gzip") == "1",
+            encoding=headers.get("x-fake-encoding"),
             has_usage=headers.get("x-fake-no-usage") != "1",
+            cached_tokens=int(headers.get("x-fake-cached-tokens", "0")),
+            cache_write_tokens=int(headers.get("x-fake-cache-write-tokens", "0")),
+            reasoning_tokens=int(headers.get("x-fake-reasoning-tokens", "0")),
             raw_chunks=int(raw_chunks) if raw_chunks else None,
         )
 
@@ -244,17 +264,24 @@ async def send(
     status: int = 200,
     headers: Mapping[str, str] | None = None,
     is_sized: bool = False,
+    usages: list[dict | None] | None = None,
 ) -> web.StreamResponse:
-    """Write the frames with the set delay between them; hang or drop halfway when asked."""
+    """Write the frames with the set delay between them; hang or drop halfway when asked.
+
+    `usages`: the usage each frame reports, if any, recorded as the frame goes out.
+    """
     state, knobs, request_id = request.app[FAKE_STATE], request[KNOBS], request[REQUEST_ID]
-    response = web.StreamResponse(
-        status=status, headers={**(headers or {}), "Content-Type": content_type}
-    )
+    headers = {**(headers or {}), "Content-Type": content_type}
+    if knobs.encoding:
+        frames = encoded(frames, knobs.encoding)
+        headers["Content-Encoding"] = knobs.encoding
+    response = web.StreamResponse(status=status, headers=headers)
     if is_sized:
         response.content_length = sum(map(len, frames))
     if knobs.cuts_midstream:
         frames = frames[: max(1, len(frames) // 2)]
     state.sent[request_id] = b""
+    reported = state.usage.setdefault(request_id, {})
     async with watching(request):
         await response.prepare(request)
         for index, frame in enumerate(frames):
@@ -262,6 +289,8 @@ async def send(
                 await pause(request, knobs.delay_seconds)
             await response.write(frame)
             state.sent[request_id] += frame
+            if usages and index < len(usages) and usages[index]:
+                reported.update(usages[index])
         if knobs.hang == "midstream":
             await pause(request, math.inf)
         if knobs.drop == "midstream":
@@ -269,6 +298,29 @@ async def send(
         else:
             await response.write_eof()
     return response
+
+
+def encoded(frames: list[bytes], coding: str) -> list[bytes]:
+    """The frames as one body in `coding`, flushed after each frame so each can go alone."""
+    if coding == "br":
+        brotli_encoder = brotli.Compressor()
+        parts = [brotli_encoder.process(frame) + brotli_encoder.flush() for frame in frames]
+        return [*parts[:-1], parts[-1] + brotli_encoder.finish()] if parts else parts
+    if coding == "zstd":
+        zstd_encoder = zstandard.ZstdCompressor().compressobj()
+        parts = [
+            zstd_encoder.compress(frame) + zstd_encoder.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+            for frame in frames
+        ]
+        return [*parts[:-1], parts[-1] + zstd_encoder.flush()] if parts else parts
+    if coding not in ("gzip", "deflate"):
+        return frames  # a coding the fake cannot produce: labelled only, as a broken server would
+    wbits = 31 if coding == "gzip" else zlib.MAX_WBITS
+    zlib_encoder = zlib.compressobj(wbits=wbits)
+    parts = [
+        zlib_encoder.compress(frame) + zlib_encoder.flush(zlib.Z_SYNC_FLUSH) for frame in frames
+    ]
+    return [*parts[:-1], parts[-1] + zlib_encoder.flush()] if parts else parts
 
 
 async def reply(
@@ -286,6 +338,7 @@ async def reply(
         headers["Content-Encoding"] = "gzip"
     half = len(body) // 2
     frames = [body[:half], body[half:]] if knobs.cuts_midstream else [body]
+    usage = payload.get("usage") if isinstance(payload, dict) and status < 400 else None
     return await send(
         request,
         frames,
@@ -293,11 +346,20 @@ async def reply(
         status=status,
         headers=headers,
         is_sized=True,
+        usages=[None] * (len(frames) - 1) + [usage],
     )
 
 
-async def stream(request: web.Request, frames: list[bytes]) -> web.StreamResponse:
-    return await send(request, frames, content_type=SSE_TYPE, headers={"Cache-Control": "no-cache"})
+async def stream(
+    request: web.Request, frames: list[bytes], usages: list[dict | None] | None = None
+) -> web.StreamResponse:
+    return await send(
+        request,
+        frames,
+        content_type=SSE_TYPE,
+        headers={"Cache-Control": "no-cache"},
+        usages=usages,
+    )
 
 
 def sse(data: object, event: str | None = None) -> bytes:
@@ -414,14 +476,35 @@ async def reply_error(request: web.Request, status: int) -> web.StreamResponse:
 # --- OpenAI --------------------------------------------------------------------------
 
 
+def openai_usage(prompt: int, knobs: Knobs) -> dict:
+    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for."""
+    prompt += knobs.cached_tokens
+    completion = knobs.chunks + knobs.reasoning_tokens
+    usage: dict = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if knobs.cached_tokens or knobs.reasoning_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": knobs.cached_tokens, "audio_tokens": 0}
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": knobs.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return usage
+
+
+def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] | None:
+    """Stream usages: the usage chunk is the last frame before [DONE]."""
+    return [*([None] * (len(frames) - 2)), usage, None] if usage else None
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
-    prompt, tool = prompt_tokens(payload), tool_name(payload)
-    usage = {
-        "prompt_tokens": prompt,
-        "completion_tokens": knobs.chunks,
-        "total_tokens": prompt + knobs.chunks,
-    }
+    tool = tool_name(payload)
+    usage = openai_usage(prompt_tokens(payload), knobs)
     head = {
         "id": new_id("chatcmpl-"),
         "created": int(time.time()),
@@ -430,7 +513,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        return await stream(request, chat_frames(head, tool, knobs.chunks, streamed_usage))
+        frames = chat_frames(head, tool, knobs.chunks, streamed_usage)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     message: dict = {
         "role": "assistant",
         "content": "".join(content_deltas(knobs.chunks)),
@@ -488,12 +572,7 @@ def chat_frames(head: dict, tool: str | None, chunks: int, usage: dict | None) -
 
 async def completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
-    prompt = prompt_tokens(payload)
-    usage = {
-        "prompt_tokens": prompt,
-        "completion_tokens": knobs.chunks,
-        "total_tokens": prompt + knobs.chunks,
-    }
+    usage = openai_usage(prompt_tokens(payload), knobs)
     head = {
         "id": new_id("cmpl-"),
         "object": "text_completion",
@@ -511,9 +590,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
             sse({**head, "choices": [choice(text, "stop" if i == last else None)]})
             for i, text in enumerate(deltas)
         ]
-        if knobs.has_usage and is_usage_streamed(payload):
+        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
+        if streamed_usage:
             frames.append(sse({**head, "choices": [], "usage": usage}))
-        return await stream(request, [*frames, DONE])
+        frames.append(DONE)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     body = {**head, "choices": [choice("".join(deltas), "stop")]}
     if knobs.has_usage:
         body["usage"] = usage
@@ -556,12 +637,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
     response_id, item_id = new_id("resp_"), new_id("msg_")
     usage = None
     if knobs.has_usage:
+        cached, reasoning = knobs.cached_tokens, knobs.reasoning_tokens
         usage = {
-            "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": knobs.chunks,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + knobs.chunks,
+            "input_tokens": prompt + cached,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": knobs.chunks + reasoning,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + cached + knobs.chunks + reasoning,
         }
 
     def part(text: str) -> dict:
@@ -621,6 +703,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await stream(
         request,
         [sse({**event, "sequence_number": n}, event["type"]) for n, event in enumerate(events)],
+        [*([None] * (len(events) - 1)), usage],
     )
 
 
@@ -672,8 +755,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     usage = {
         "input_tokens": prompt_tokens(payload),
         "output_tokens": knobs.chunks,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": knobs.cache_write_tokens,
+        "cache_read_input_tokens": knobs.cached_tokens,
     }
     if not payload.get("stream"):
         body = {
@@ -708,7 +791,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop,
         {"type": "message_stop"},
     ]
-    return await stream(request, [sse(event, event["type"]) for event in events])
+    usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
+    return await stream(request, [sse(event, event["type"]) for event in events], usages)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:

@@ -6,12 +6,14 @@ import gzip
 import itertools
 import zlib
 
+import brotli
 import orjson
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import MAX_HELD_BYTES, UsageTap
+from proxy.usage import MAX_HELD_BYTES, Charged, TapMemory, UsageTap, charged
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -33,9 +35,10 @@ def tap_of(
     content_type: str | None = SSE,
     encoding: str | None = None,
     chunks: list[int] | None = None,
+    charged: Charged = Charged.TEXT,
 ) -> UsageTap:
     """A tap fed `body`, cut at the `chunks` positions (one chunk when None)."""
-    tap = UsageTap(content_type, encoding, keep_text=True)
+    tap = UsageTap(content_type, encoding, keep_text=True, charged=charged)
     cuts = [0, *(chunks or []), len(body)]
     for start, end in itertools.pairwise(cuts):
         tap.feed(body[start:end])
@@ -105,6 +108,9 @@ ANTHROPIC_STREAM = (
 )
 
 
+ANTHROPIC_USAGE = Usage(40, 15, cache_read_tokens=10, cache_write_tokens=5)
+
+
 def test_openai_json_usage_is_the_providers():
     body = orjson.dumps(
         {
@@ -141,7 +147,7 @@ def test_responses_api_json_usage_reads_input_and_output_tokens():
             },
         }
     )
-    assert tap_of(body, JSON).usage(b"") == Usage(20, 6)
+    assert tap_of(body, JSON).usage(b"") == Usage(20, 6, cache_read_tokens=4)
 
 
 def test_anthropic_json_usage_counts_cache_tokens_as_prompt():
@@ -157,7 +163,9 @@ def test_anthropic_json_usage_counts_cache_tokens_as_prompt():
             },
         }
     )
-    assert tap_of(body, "application/json").usage(b"") == Usage(1110, 3)
+    assert tap_of(body, "application/json").usage(b"") == Usage(
+        1110, 3, cache_read_tokens=1000, cache_write_tokens=100
+    )
 
 
 def test_json_without_usage_is_estimated_from_request_and_response_text():
@@ -212,7 +220,7 @@ def test_anthropic_stream_takes_the_last_cumulative_message_delta():
     tap = tap_of(ANTHROPIC_STREAM)
     # Prompt: 25 input + 5 cache writes + 10 cache reads.
     # Completion: the last delta, 15, not 1 + 7 + 15.
-    assert tap.usage(b"") == Usage(40, 15)
+    assert tap.usage(b"") == ANTHROPIC_USAGE
     assert tap.text == "Bonjour le monde"
 
 
@@ -275,37 +283,91 @@ def test_deflate_body_is_read_zlib_wrapped_or_raw():
         assert tap_of(encoded, JSON, "deflate", chunks=[1]).usage(b"") == Usage(4, 2)
 
 
-def test_brotli_or_unknown_encoding_gives_up():
-    tap = tap_of(OPENAI_STREAM, encoding="br")
-    assert tap.usage(CHAT_REQUEST) is None
-    assert tap.text is None
-    assert tap_of(OPENAI_STREAM, encoding="gzip, br").usage(b"") is None
+def test_brotli_and_zstd_bodies_are_decoded_for_the_tap_only():
+    for encoded, encoding in (
+        (brotli.compress(OPENAI_STREAM), "br"),
+        (zstandard.ZstdCompressor().compress(OPENAI_STREAM), "zstd"),
+        (brotli.compress(gzip.compress(OPENAI_STREAM)), "gzip, br"),
+    ):
+        tap = tap_of(encoded, encoding=encoding, chunks=[1, 7, 30])
+        assert tap.usage(b"") == Usage(12, 3), encoding
+        assert tap.text == "Hello, world!"
 
 
-def test_corrupt_gzip_gives_up_without_raising():
-    tap = tap_of(b"\x1f\x8b\x08\x00garbage" * 10, encoding="gzip")
-    assert tap.usage(CHAT_REQUEST) is None
+def test_a_stream_in_zstd_flushed_event_by_event_is_read_as_it_goes():
+    encoder = zstandard.ZstdCompressor().compressobj()
+    tap = UsageTap(SSE, "zstd", keep_text=True)
+    for event in OPENAI_STREAM.split(b"\n\n"):
+        tap.feed(
+            encoder.compress(event + b"\n\n") + encoder.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        )
+    assert tap.usage(b"") == Usage(12, 3)
 
 
-def test_binary_and_non_json_bodies_are_ignored():
-    for content_type in ("application/octet-stream", "audio/mpeg", "text/plain", None):
-        tap = tap_of(b"\x00\xff\x10 not json " * 100, content_type)
-        assert tap.usage(CHAT_REQUEST) is None
-        assert tap.text is None
+def test_an_unreadable_generation_is_estimated_never_free():
+    unreadable = [
+        tap_of(OPENAI_STREAM, encoding="compress"),  # a coding nobody decodes
+        tap_of(b"\x1f\x8b\x08\x00garbage" * 10, encoding="gzip"),  # corrupt
+        tap_of(b"\x00\xff\x10 not json " * 100, "text/plain"),
+        tap_of(b"\x00\xff\x10 not json " * 100, None),
+        tap_of(b'{"choices": [{"message": {"content": "cut sho', JSON),  # truncated
+    ]
+    for tap in unreadable:
+        usage = tap.usage(CHAT_REQUEST)
+        assert usage is not None and usage.estimated
+        assert usage.prompt_tokens == 6  # the request's 23 characters
+        assert usage.completion_tokens > 0  # the bytes received stand for the text
 
 
-def test_json_body_that_does_not_parse_has_no_usage_but_keeps_its_text():
+def test_an_embeddings_answer_that_cannot_be_read_is_charged_its_prompt():
+    tap = UsageTap(JSON, "compress", keep_text=False, charged=Charged.PROMPT)
+    tap.feed(b"\x00" * 4000)
+    assert tap.usage(b'{"input": "12345678"}') == Usage(2, 0, estimated=True)
+
+
+def test_what_is_charged_follows_the_endpoint():
+    assert charged("POST", "/v1/chat/completions") is Charged.TEXT
+    assert charged("POST", "/v1/completions") is Charged.TEXT
+    assert charged("POST", "/v1/responses") is Charged.TEXT
+    assert charged("POST", "/v1/messages") is Charged.TEXT
+    assert charged("POST", "/openai/deployments/gpt/chat/completions") is Charged.TEXT
+    assert charged("POST", "/v1/embeddings") is Charged.PROMPT
+    assert charged("POST", "/v1/messages/count_tokens") is Charged.REPORTED
+    assert charged("POST", "/v1/audio/transcriptions") is Charged.REPORTED
+    assert charged("GET", "/v1/models") is Charged.NOTHING
+    assert charged("GET", "/v1/responses/resp_1") is Charged.NOTHING
+    assert charged("GET", "/v1/chat/completions") is Charged.NOTHING
+
+
+def test_a_models_list_or_a_token_count_is_charged_nothing():
+    models = orjson.dumps({"object": "list", "data": [{"id": "gpt-4o-mini"}]})
+    assert tap_of(models, JSON, charged=Charged.NOTHING).usage(b"") is None
+    count = orjson.dumps({"input_tokens": 12})
+    assert tap_of(count, JSON, charged=Charged.REPORTED).usage(CHAT_REQUEST) is None
+    # A stored response fetched again carries usage: it was charged when it was made.
+    stored = orjson.dumps({"object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}})
+    assert tap_of(stored, JSON, charged=Charged.NOTHING).usage(b"") is None
+    # Another POST is charged what its provider reports, and nothing it does not.
+    assert tap_of(stored, JSON, charged=Charged.REPORTED).usage(b"") == Usage(5, 1)
+    assert tap_of(b"\x00\xff", "audio/mpeg", charged=Charged.REPORTED).usage(b"") is None
+
+
+def test_json_body_that_does_not_parse_is_estimated_and_keeps_its_text():
     tap = tap_of(b'{"usage": {"prompt_tokens": 3', JSON)
-    assert tap.usage(CHAT_REQUEST) is None
+    assert tap.usage(CHAT_REQUEST) == Usage(6, 8, estimated=True)  # 30 bytes received
     assert tap.text == '{"usage": {"prompt_tokens": 3'
 
 
-def test_json_body_past_the_bound_is_given_up():
-    tap = UsageTap(JSON, None, keep_text=True)
+def test_json_body_past_the_bound_is_let_go_and_estimated():
+    memory = TapMemory()
+    tap = UsageTap(JSON, None, keep_text=True, memory=memory)
     piece = b" " * (1024 * 1024)
     for _ in range(MAX_HELD_BYTES // len(piece) + 1):
         tap.feed(piece)
-    assert tap.usage(b"") is None
+    assert memory.held_bytes == 0  # let go at once, not at the end
+    usage = tap.usage(b"")
+    assert usage is not None and usage.estimated
+    assert usage.completion_tokens == (MAX_HELD_BYTES + len(piece)) // 4
     assert tap.text is None
 
 
@@ -365,7 +427,7 @@ def test_a_stream_fed_byte_by_byte_gives_the_same_usage_and_text():
     tap = UsageTap(SSE, None, keep_text=True)
     for index in range(len(ANTHROPIC_STREAM)):
         tap.feed(ANTHROPIC_STREAM[index : index + 1])
-    assert (tap.usage(b""), tap.text) == (Usage(40, 15), "Bonjour le monde")
+    assert (tap.usage(b""), tap.text) == (ANTHROPIC_USAGE, "Bonjour le monde")
 
 
 JSON_VALUES = st.recursive(
@@ -392,6 +454,15 @@ EVENT_KEYS = [
 ]
 
 
+ENCODERS = {
+    None: bytes,
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "zstd": zstandard.ZstdCompressor().compress,
+}
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     events=st.lists(
@@ -401,20 +472,14 @@ EVENT_KEYS = [
         )
     ),
     noise=st.binary(max_size=64),
-    encoding=st.sampled_from([None, "gzip", "deflate"]),
+    encoding=st.sampled_from([None, "gzip", "deflate", "br", "zstd"]),
 )
 def test_random_events_and_bytes_never_raise(
     events: list[dict], noise: bytes, encoding: str | None
 ) -> None:
     for content_type in (SSE, JSON):
         body = sse(*events)
-        encoded = (
-            body
-            if encoding is None
-            else gzip.compress(body)
-            if encoding == "gzip"
-            else zlib.compress(body)
-        )
+        encoded = ENCODERS[encoding](body)
         tap = UsageTap(content_type, encoding, keep_text=True)
         tap.feed(encoded + noise)
         tap.feed(noise)
@@ -435,3 +500,172 @@ def test_any_three_pieces_of_a_stream_give_the_same_usage_and_text(data: st.Data
     whole = tap_of(stream, encoding=encoding)
     tap = tap_of(stream, encoding=encoding, chunks=[first, second])
     assert (tap.usage(CHAT_REQUEST), tap.text) == (whole.usage(CHAT_REQUEST), whole.text)
+
+
+# --- every token kind, in every shape, whatever the cuts (issue 14) ---
+
+OPENAI_DETAILED = {
+    "prompt_tokens": 2000,
+    "completion_tokens": 700,
+    "total_tokens": 2700,
+    "prompt_tokens_details": {"cached_tokens": 1536, "audio_tokens": 40},
+    "completion_tokens_details": {
+        "reasoning_tokens": 512,
+        "audio_tokens": 30,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+OPENAI_DETAILED_USAGE = Usage(
+    2000,
+    700,
+    cache_read_tokens=1536,
+    input_audio_tokens=40,
+    reasoning_tokens=512,
+    output_audio_tokens=30,
+)
+RESPONSES_DETAILED = {
+    "input_tokens": 3000,
+    "input_tokens_details": {"cached_tokens": 2048},
+    "output_tokens": 900,
+    "output_tokens_details": {"reasoning_tokens": 640},
+    "total_tokens": 3900,
+}
+RESPONSES_DETAILED_USAGE = Usage(3000, 900, cache_read_tokens=2048, reasoning_tokens=640)
+ANTHROPIC_DETAILED = {
+    "input_tokens": 50,
+    "cache_creation_input_tokens": 1200,
+    "cache_read_input_tokens": 8000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 1200, "ephemeral_1h_input_tokens": 0},
+    "output_tokens": 300,
+}
+ANTHROPIC_DETAILED_USAGE = Usage(9250, 300, cache_read_tokens=8000, cache_write_tokens=1200)
+
+TOKEN_KIND_SHAPES = [
+    (
+        "openai chat json",
+        JSON,
+        orjson.dumps({"choices": [{"message": {"content": "Hi"}}], "usage": OPENAI_DETAILED}),
+        OPENAI_DETAILED_USAGE,
+    ),
+    (
+        "openai chat stream",
+        SSE,
+        sse(chat_chunk("Hi"), chat_chunk(usage=OPENAI_DETAILED), done=True),
+        OPENAI_DETAILED_USAGE,
+    ),
+    (
+        "responses json",
+        JSON,
+        orjson.dumps({"object": "response", "output": [], "usage": RESPONSES_DETAILED}),
+        RESPONSES_DETAILED_USAGE,
+    ),
+    (
+        "responses stream",
+        SSE,
+        b"event: response.output_text.delta\n"
+        + sse({"type": "response.output_text.delta", "delta": "Hi"})
+        + b"event: response.completed\n"
+        + sse({"type": "response.completed", "response": {"usage": RESPONSES_DETAILED}}),
+        RESPONSES_DETAILED_USAGE,
+    ),
+    (
+        "embeddings json",
+        JSON,
+        orjson.dumps(
+            {"data": [{"embedding": [0.5]}], "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+        ),
+        Usage(8, 0),
+    ),
+    (
+        "anthropic json",
+        JSON,
+        orjson.dumps({"type": "message", "content": [], "usage": ANTHROPIC_DETAILED}),
+        ANTHROPIC_DETAILED_USAGE,
+    ),
+    (
+        "anthropic stream",
+        SSE,
+        sse(
+            {
+                "type": "message_start",
+                "message": {"usage": {**ANTHROPIC_DETAILED, "output_tokens": 1}},
+            },
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}},
+            {"type": "message_delta", "usage": {"output_tokens": 300}},
+        ),
+        ANTHROPIC_DETAILED_USAGE,
+    ),
+]
+
+
+def test_every_token_kind_is_read_from_every_shape_cut_at_every_byte():
+    for name, content_type, body, expected in TOKEN_KIND_SHAPES:
+        for cut in range(len(body) + 1):
+            tap = tap_of(body, content_type, chunks=[cut])
+            assert tap.usage(CHAT_REQUEST) == expected, f"{name}: cut at byte {cut}"
+
+
+def test_every_token_kind_is_read_from_every_shape_byte_by_byte_in_each_coding():
+    for name, content_type, body, expected in TOKEN_KIND_SHAPES:
+        for encoding, encode in ENCODERS.items():
+            encoded = encode(body)
+            tap = tap_of(encoded, content_type, encoding, chunks=list(range(1, len(encoded))))
+            assert tap.usage(b"") == expected, f"{name} in {encoding}"
+
+
+def test_parts_of_the_totals_are_in_the_log_dict():
+    assert OPENAI_DETAILED_USAGE.as_dict() == {
+        "prompt_tokens": 2000,
+        "completion_tokens": 700,
+        "total_tokens": 2700,
+        "cache_read_tokens": 1536,
+        "cache_write_tokens": 0,
+        "input_audio_tokens": 40,
+        "reasoning_tokens": 512,
+        "output_audio_tokens": 30,
+        "estimated": False,
+    }
+
+
+# --- memory: bounded across taps, nothing held after the end (issue 10 point 10) ---
+
+
+def test_taps_together_hold_at_most_the_shared_bound_and_nothing_after_they_end():
+    memory = TapMemory(limit_bytes=40 * 1024 * 1024)
+    body = orjson.dumps(
+        {"choices": [{"message": {"content": "x" * (15 * 1024 * 1024)}}], "usage": OPENAI_DETAILED}
+    )
+    taps = [UsageTap(JSON, None, keep_text=False, memory=memory) for _ in range(40)]
+    for start in range(0, len(body), 1 << 16):  # 40 answers arriving side by side
+        for tap in taps:
+            tap.feed(body[start : start + (1 << 16)])
+            assert memory.held_bytes <= memory.limit_bytes
+    usages = [tap.usage(CHAT_REQUEST) for tap in taps]
+    assert memory.held_bytes == 0
+    read = [usage for usage in usages if usage == OPENAI_DETAILED_USAGE]
+    assert 1 <= len(read) <= 2  # at most two 15 MiB bodies fit in 40 MiB
+    for usage in usages:  # the others let go, and are estimated, never free
+        assert usage is not None
+        assert usage == OPENAI_DETAILED_USAGE or (usage.estimated and usage.completion_tokens > 0)
+
+
+def test_a_tap_read_only_for_its_text_lets_go_too():
+    memory = TapMemory()
+    tap = UsageTap(JSON, None, keep_text=True, memory=memory)
+    tap.feed(b'{"error": {"message": "overloaded"}}')
+    assert memory.held_bytes > 0
+    assert tap.text == '{"error": {"message": "overloaded"}}'  # an error answer: no usage asked
+    assert memory.held_bytes == 0
+
+
+def test_a_long_sse_line_is_held_within_the_bound_and_released_at_its_end():
+    memory = TapMemory()
+    tap = UsageTap(SSE, None, keep_text=False, memory=memory)
+    tap.feed(b"data: " + b"x" * 100_000)
+    assert memory.held_bytes == 100_006
+    tap.feed(b"\n\n" + OPENAI_STREAM[:10])
+    assert memory.held_bytes == 10
+    tap.feed(OPENAI_STREAM[10:])
+    assert tap.usage(b"") == Usage(12, 3)
+    assert memory.held_bytes == 0
