@@ -10,6 +10,7 @@ costs beyond this is the price of its features; no Python proxy on aiohttp costs
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -60,6 +61,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL the paths are appended to")
     args = parser.parse_args()
+    # A client that leaves mid-answer (wrk at the end of a run) is not worth a traceback here.
+    logging.getLogger("aiohttp.server").disabled = True
     web.run_app(passthrough(args.upstream.rstrip("/")), host=args.host, port=args.port,
                 access_log=None, loop=uvloop.new_event_loop(),
                 print=lambda _: print(f"passthrough on http://{args.host}:{args.port}", flush=True))

@@ -19,13 +19,16 @@ a sample whose innermost own frame is relay.py (or the floor's handler) goes by 
 called into: aiohttp's client (send the request, wait for headers), the upstream body
 read, or the response's prepare and write. Samples with no frame of ours are aiohttp's
 server and the event loop: HTTP parsing, the transport, task scheduling. A step's cost per
-request is its share of the samples times the CPU per request. Then the top frames by
+request is its share of its thread's samples times that thread's CPU per request (the
+event loop's thread and the others, such as the logbook's writer, are counted apart from
+/proc, since py-spy may count a thread waiting for the GIL as busy). Then the top frames by
 self time, for each process.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -40,8 +43,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import probes  # noqa: E402
 import run  # noqa: E402  (the contenders, wrk)
-from harness import Processes, med, process_cpu_seconds, raise_interrupt  # noqa: E402
+from harness import Processes, med, process_cpu_seconds, raise_interrupt, run_async  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):\d+\)$")
 # The gateway's own modules, by the step the issue names (module, or module:function).
@@ -139,70 +143,139 @@ def step_of(stack: list[tuple[str, str]]) -> str:
     return outside_step(stack)
 
 
-@dataclass
-class Profile:
-    """One contender's samples and CPU over every round."""
+def thread_kind(stack: list[tuple[str, str]]) -> str:
+    """"main" for the event loop's thread, "threads" for any other (the logbook's writer)."""
+    return "threads" if stack and stack[0][0].startswith("Thread._bootstrap") else "main"
 
-    steps: Counter[str] = field(default_factory=Counter)
-    leaves: Counter[str] = field(default_factory=Counter)
-    samples: int = 0
-    cpu_per_request: list[float] = field(default_factory=list)
-    rps: list[float] = field(default_factory=list)
+
+@dataclass
+class Round:
+    """One contender's py-spy samples and CPU over one round, by thread kind."""
+
+    cpu: dict[str, float]  # us of CPU per request, by thread kind (from /proc)
+    rps: float
+    steps: dict[str, Counter[str]] = field(default_factory=lambda: {"main": Counter(), "threads": Counter()})
+    leaves: dict[str, Counter[str]] = field(default_factory=lambda: {"main": Counter(), "threads": Counter()})
 
     def add(self, raw: Path) -> None:
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if not stack:
                 continue
-            n = int(count)
             parsed = frames(stack)
-            self.samples += n
-            self.steps[step_of(parsed)] += n
+            kind = thread_kind(parsed)
+            self.steps[kind][step_of(parsed)] += int(count)
             func, file = parsed[-1]
             short = "/".join(file.split("/")[-2:]) if file else "?"
-            self.leaves[f"{func} ({short})"] += n
+            self.leaves[kind][f"{func} ({short})"] += int(count)
 
-    def us(self, step: str) -> float:
-        return self.steps[step] / max(1, self.samples) * med(self.cpu_per_request)
+    def us(self, name: str, table: str = "steps") -> float:
+        """CPU us per request of a step (or a leaf): its share of each thread's samples times that thread's CPU."""
+        counters = self.steps if table == "steps" else self.leaves
+        return sum(c[name] / total * self.cpu[kind] for kind, c in counters.items() if (total := sum(c.values())))
+
+    @property
+    def samples(self) -> int:
+        return sum(sum(c.values()) for c in self.steps.values())
 
 
-def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str) -> tuple[float, float]:
-    """wrk on one contender while py-spy samples it: (CPU us per request, rps)."""
+@dataclass
+class Profile:
+    """One contender's rounds; each figure is the median over them."""
+
+    rounds: list[Round] = field(default_factory=list)
+
+    def us(self, name: str, table: str = "steps") -> float:
+        return med([r.us(name, table) for r in self.rounds])
+
+    def names(self, table: str = "steps") -> set[str]:
+        return {n for r in self.rounds for c in (r.steps if table == "steps" else r.leaves).values() for n in c if c[n]}
+
+    @property
+    def cpu(self) -> float:
+        return med([sum(r.cpu.values()) for r in self.rounds])
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.rounds)
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the process's main thread and of all its other threads, from /proc."""
+    total = process_cpu_seconds(pid)
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        main_thread = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        main_thread = total
+    return {"main": main_thread, "threads": max(0.0, total - main_thread)}
+
+
+async def fill_pools(port: int, connections: int) -> None:
+    """`connections` requests at once, each on its own connection, all answered."""
+    raw = probes.request_bytes(port, run.KEY, probes.CHAT, {"x-mock-delay-ms": "20"})
+    gate = asyncio.Semaphore(64)  # do not overflow the listen backlog
+
+    async def opened() -> probes.Conn:
+        async with gate:
+            return await probes.Conn.open(port)
+
+    conns = await asyncio.gather(*(opened() for _ in range(connections)))
+    try:
+        await asyncio.gather(*(conn.send(raw) for conn in conns))
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str) -> Round:
+    """wrk on one contender while py-spy samples it."""
     pid = bench.pid(side)
-    bench.wrk(bench.ports[side], run.LOAD_CORE, 256, 1, 20, 2)  # the pools grow to 256 before sampling
+    bench.wrk(bench.ports[side], run.LOAD_CORE, 256, 1, 20, 2)  # warm up
+    # wrk ends by dropping 256 requests mid-way, and the gateway closes their upstream
+    # connections (a client that leaves cancels its request): refill the pool with 256
+    # requests that complete, so that the sampled run does not pay for reconnecting.
+    run_async(fill_pools(bench.ports[side], 256))
     spy = bench.procs.start([pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(seconds),
                              "--nonblocking", "--format", "raw", "--output", str(out)], run.LOAD_CORE, bench.tmp / "py-spy.log")
-    before = process_cpu_seconds(pid)
+    before = thread_cpu_seconds(pid)
     result = bench.wrk(bench.ports[side], run.LOAD_CORE, 256, seconds, 20, 2)
-    cpu = process_cpu_seconds(pid) - before
+    after = thread_cpu_seconds(pid)
     spy.wait(timeout=seconds + 30)
     if not out.exists():
         raise SystemExit(f"bench: py-spy wrote nothing:\n{(bench.tmp / 'py-spy.log').read_text()[-2000:]}")
-    return cpu / max(1, result["requests"]) * 1e6, result["rps"]
+    requests = max(1, result["requests"])
+    one = Round({kind: max(0.0, after[kind] - before[kind]) / requests * 1e6 for kind in after}, result["rps"])
+    one.add(out)
+    return one
 
 
 def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int) -> None:
     floor, gateway = profiles["floor"], profiles["gateway"]
-    fc, gc = med(floor.cpu_per_request), med(gateway.cpu_per_request)
+    fc, gc = floor.cpu, gateway.cpu
+    threads = med([r.cpu["threads"] for r in gateway.rounds])
     print()
     print(f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under wrk -c256 (mock 20 ms); "
           f"{floor.samples:,} floor and {gateway.samples:,} gateway samples")
-    print(f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us); "
-          f"throughput floor {med(floor.rps):,.0f} rps, gateway {med(gateway.rps):,.0f} rps")
+    print(f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us; of which the "
+          f"gateway's other threads {threads:.0f} us); throughput floor {med([r.rps for r in floor.rounds]):,.0f} rps, "
+          f"gateway {med([r.rps for r in gateway.rounds]):,.0f} rps")
     print()
-    names = sorted(set(floor.steps) | set(gateway.steps), key=lambda s: -gateway.us(s) - floor.us(s))
-    print("| step | floor us/request | gateway us/request | gateway share |")
+    names = sorted(floor.names() | gateway.names(), key=lambda s: -gateway.us(s) - floor.us(s))
+    print("| step | floor us/request | gateway us/request | share of the gateway's CPU |")
     print("| --- | ---: | ---: | ---: |")
     for name in names:
-        f = f"{floor.us(name):.1f}" if floor.steps[name] else "-"
-        g = f"{gateway.us(name):.1f}" if gateway.steps[name] else "-"
-        print(f"| {name} | {f} | {g} | {gateway.steps[name] / max(1, gateway.samples):.1%} |")
-    print(f"| **total** | **{fc:.0f}** | **{gc:.0f}** | 100% |")
+        f = f"{floor.us(name):.1f}" if name in floor.names() else "-"
+        g = f"{gateway.us(name):.1f}" if name in gateway.names() else "-"
+        print(f"| {name} | {f} | {g} | {gateway.us(name) / gc:.1%} |")
+    print(f"| **total** (medians of rounds, so steps need not add up) | **{fc:.0f}** | **{gc:.0f}** | |")
     for side, profile in profiles.items():
         print()
-        print(f"top frames by self time, {side} (share of samples, us per request):")
-        for leaf, n in profile.leaves.most_common(15):
-            print(f"  {n / profile.samples:6.1%} {n / profile.samples * med(profile.cpu_per_request):7.1f} us  {leaf}")
+        print(f"top frames by self time, {side} (us per request, share of its CPU):")
+        leaves = sorted(profile.names("leaves"), key=lambda n: -profile.us(n, "leaves"))
+        for leaf in leaves[:15]:
+            us = profile.us(leaf, "leaves")
+            print(f"  {us:7.1f} us {us / profile.cpu:6.1%}  {leaf}")
 
 
 def main() -> int:
@@ -231,11 +304,10 @@ def main() -> int:
         for rep in range(rounds):
             for side in ("floor", "gateway") if rep % 2 == 0 else ("gateway", "floor"):
                 out = tmp / f"{side}-{rep}.txt"
-                cpu, rps = profile_round(bench, side, seconds, args.rate, out, pyspy)
-                profiles[side].add(out)
-                profiles[side].cpu_per_request.append(cpu)
-                profiles[side].rps.append(rps)
-                print(f"  round {rep + 1} {side:<8} {rps:8,.0f} rps  {cpu:6.0f} us CPU/request", flush=True)
+                one = profile_round(bench, side, seconds, args.rate, out, pyspy)
+                profiles[side].rounds.append(one)
+                print(f"  round {rep + 1} {side:<8} {one.rps:8,.0f} rps  {sum(one.cpu.values()):6.0f} us CPU/request "
+                      f"({one.cpu['threads']:.0f} in other threads)", flush=True)
                 time.sleep(0.5)
         report(profiles, seconds, rounds, args.rate)
         return 0

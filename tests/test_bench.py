@@ -68,15 +68,16 @@ def test_each_sample_goes_under_the_step_its_innermost_own_frame_names(tmp_path:
                 f"{GATEWAY};RequestHandler.finish_response (aiohttp/web_protocol.py:700) 2",
                 f"{GATEWAY};RequestHandler.data_received (aiohttp/web_protocol.py:400) 5",
                 f"{GATEWAY} 1",
+                "Thread._bootstrap (threading.py:1002);Logbook._drain (proxy/logbook.py:167) 3",
             ]
         )
         + "\n"
     )
-    profile = profile_steps.Profile()
-    profile.add(raw)
-    profile.cpu_per_request.append(200.0)  # 20 samples: 10 us each
-    assert profile.samples == 20
-    assert dict(profile.steps) == {
+    one = profile_steps.Round(cpu={"main": 200.0, "threads": 30.0}, rps=0.0)
+    one.add(raw)
+    steps = one.steps["main"]
+    assert sum(steps.values()) == 20
+    assert dict(steps) == {
         "authentication": 3,
         "metrics": 2,
         profile_steps.CLIENT: 4,
@@ -86,5 +87,7 @@ def test_each_sample_goes_under_the_step_its_innermost_own_frame_names(tmp_path:
         profile_steps.SERVER: 5,
         profile_steps.LOOP: 1,
     }
-    assert profile.us("authentication") == 30.0
-    assert profile.leaves["Counter.inc (prometheus_client/metrics.py)"] == 2
+    # 20 samples of the loop's thread for its 200 us; the writer thread's 3 for its own 30 us.
+    assert one.us("authentication") == 30.0
+    assert one.us("log record") == 30.0
+    assert one.us("Counter.inc (prometheus_client/metrics.py)", "leaves") == 20.0
