@@ -8,20 +8,27 @@ sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy import named
 from proxy.encodings import decode_body
 from proxy.errors import GatewayError
 from proxy.keys import VirtualKey
+from proxy.record import Record
 
 # Endpoints whose body must name a model and a non-empty list of messages (SPEC: Validation).
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
+# A model as logged: clients choose it, so control characters go and the length is bounded.
+MODEL_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +64,68 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limit: int) -> Peek:
-    """Peek at `model` and `stream`. Raises 400 (bad JSON, missing field), 403 (model), 413, 415."""
-    content_type = request.content_type
-    declared_json = content_type.endswith(_JSON_TYPES)
-    body = decode_body(body, request.headers.get("content-encoding", ""), limit)
+def validate(
+    tail: str, request: web.Request, body: bytes, key: VirtualKey, limit: int, record: Record
+) -> Peek:
+    """Peek at `model` and `stream`; check every model the request names against the key.
+
+    Raises 400 (bad JSON, missing field), 403 (a model not allowed, or one a restricted
+    key's request names where the gateway cannot read it), 413, 415. What was read goes
+    on `record` before any refusal, so a refused request's log line names its model too.
+    """
+    is_restricted = key.allowed_models is not None
+    # Every Content-Encoding header counts: the provider undoes them all (two gzips: twice).
+    body = decode_body(body, ", ".join(request.headers.getall("content-encoding", ())), limit)
+    names: list[Any] = []
+    unreadable: str | None = None
+    document: dict[str, Any] | None = None
+    if tail not in _NEEDS_MODEL_AND_MESSAGES and request.content_type in named.FORM_TYPES:
+        if is_restricted:  # parsing a large upload costs time: only where it decides
+            try:
+                names += named.in_form(request.headers.get("content-type", ""), body)
+            except named.Unreadable as error:
+                unreadable = str(error)
+    else:
+        document = _document(tail, request, body)
+        if document is not None:
+            names += named.in_document(document)
+        elif body:
+            unreadable = "a body that is neither a JSON object nor a form"
+    try:
+        names += named.in_path(request.method, tail, request.query)
+    except named.Unreadable as error:
+        unreadable = unreadable or str(error)
+    model = next((name for name in names if isinstance(name, str)), None)
+    is_stream = document is not None and document.get("stream") is True
+    record.model, record.is_stream = shown(model), is_stream
+    if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+        _check_chat(document)
+    if is_restricted:
+        _check_models(key, names, unreadable)
+    return Peek(model=model, is_stream=is_stream)
+
+
+def shown(model: str | None) -> str | None:
+    """A model name as a client sent it, fit for a log line: no control characters, bounded."""
+    if model is None:
+        return None
+    model = _CONTROL.sub("\ufffd", model[: MODEL_CHARS + 1])
+    return model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "…"
+
+
+def _document(tail: str, request: web.Request, body: bytes) -> dict[str, Any] | None:
+    """The JSON object a body holds, None for another body. Raises 400 where JSON is due."""
+    needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST"
+    declared_json = request.content_type.endswith(_JSON_TYPES)
     if not body or not (declared_json or body.lstrip()[:1] == b"{"):
-        if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+        if needs_json:
             raise GatewayError(
                 400,
                 "missing_field",
                 "The request body must be a JSON object with 'model' and 'messages'.",
                 "model",
             )
-        return Peek()
+        return None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -78,24 +133,43 @@ def validate(tail: str, request: web.Request, body: bytes, key: VirtualKey, limi
             raise GatewayError(
                 400, "invalid_json", f"The request body is not valid JSON: {error}."
             ) from None
-        return Peek()  # not declared JSON: an opaque body the provider will judge
+        return None  # not declared JSON: an opaque body the provider will judge
     if not isinstance(document, dict):
         if tail in _NEEDS_MODEL_AND_MESSAGES:
             raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
-        return Peek()
+        return None
+    return document
+
+
+def _check_chat(document: dict[str, Any]) -> None:
+    """Chat and messages need a model and messages (SPEC: Validation). Raises 400."""
     model = document.get("model")
-    if tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
-        if not isinstance(model, str) or not model.strip():
-            raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
-        messages = document.get("messages")
-        if not isinstance(messages, list) or not messages:
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(400, "missing_field", "'messages' must be a non-empty array.", "messages")
+
+
+def _check_models(key: VirtualKey, names: list[Any], unreadable: str | None) -> None:
+    """Every model named is one the key may use, and none is out of sight. Raises 403."""
+    for name in names:
+        if not isinstance(name, str):
             raise GatewayError(
-                400, "missing_field", "'messages' must be a non-empty array.", "messages"
+                403,
+                "model_not_allowed",
+                "This key may use only some models, and 'model' here is not a string.",
+                "model",
             )
-    if not isinstance(model, str):
-        model = None
-    if model is not None and not key.allows(model):
+        if not key.allows(name):
+            raise GatewayError(
+                403, "model_not_allowed", f"This key may not use the model '{shown(name)}'.", "model"
+            )
+    if unreadable is not None:
         raise GatewayError(
-            403, "model_not_allowed", f"This key may not use the model '{model[:200]}'.", "model"
+            403,
+            "model_not_allowed",
+            "This key may use only some models, and the gateway cannot check the model of "
+            f"this request ({unreadable}): send JSON, or a form with a 'model' field.",
+            "model",
         )
-    return Peek(model=model, is_stream=document.get("stream") is True)

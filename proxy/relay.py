@@ -51,8 +51,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         record.key, record.provider = key.name, key.provider.name
         tail, query = route(request.raw_path)  # 400, 404
         body = await read_body(request, settings.max_body_bytes)  # 400, 413
-        peek = validate(tail, request, body, key, settings.max_body_bytes)  # 400, 403, 415
-        record.model, record.is_stream = peek.model, peek.is_stream
+        peek = validate(tail, request, body, key, settings.max_body_bytes, record)  # 400, 403, 415
         if settings.log_bodies:
             record.request_body = body
         admission = await app[wiring.QUOTA].admit(key)  # 429, 503

@@ -1,0 +1,82 @@
+"""Which models a request names, wherever it names them, for `allowed_models`.
+
+A restricted key may use only its models, so every place a request can name one is read:
+the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
+field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
+parameter (realtime), and the path (`models/<name>:generateContent`,
+`deployments/<name>/…`). What cannot be read is `Unreadable`: for a restricted key that is
+a 403, never a pass (issue 10). This module finds names; `peek.validate` judges them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from multidict import MultiMapping
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# OpenAI's batches name their models inside an uploaded file the gateway never sees.
+_MODELS_ELSEWHERE = frozenset(("batches",))
+
+
+class Unreadable(ValueError):
+    """The request may name a model the gateway cannot read; the message says where."""
+
+
+def in_document(document: Any) -> Iterator[Any]:
+    """The `model` values of a JSON body: its own, and those of an Anthropic batch's requests."""
+    if not isinstance(document, dict):
+        return
+    if "model" in document:
+        yield document["model"]
+    requests = document.get("requests")
+    if isinstance(requests, list):
+        for item in requests:
+            params = item.get("params") if isinstance(item, dict) else None
+            if isinstance(params, dict) and "model" in params:
+                yield params["model"]
+
+
+def in_form(content_type: str, body: bytes) -> list[str]:
+    """The `model` fields of a form body. Raises Unreadable for a broken multipart body."""
+    media_type, options = parse_options_header(content_type)
+    if media_type == "application/x-www-form-urlencoded":
+        text = body.decode("utf-8", "replace")
+        return [value for name, value in parse_qsl(text, keep_blank_values=True) if name == "model"]
+    boundary = options.get("boundary")
+    if not boundary:
+        raise Unreadable("a multipart body without a boundary")
+    models: list[str] = []
+    value: bytearray | None = None
+    try:
+        with PushMultipartParser(boundary) as parser:
+            for event in (*parser.parse(body), *parser.parse(b"")):
+                if isinstance(event, MultipartSegment):
+                    value = bytearray() if event.name == "model" else None
+                elif event and value is not None:
+                    value += event
+                elif event is None and value is not None:
+                    models.append(value.decode("utf-8", "replace"))
+                    value = None
+    except MultipartError as error:
+        raise Unreadable(f"a multipart body that does not parse ({error})") from None
+    return models
+
+
+def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
+    """Models named by the path (`models/<m>`, `deployments/<m>`) or a `model` query parameter.
+
+    Raises Unreadable for a request whose models are where the gateway cannot see them.
+    """
+    segments = tail.split("/")
+    if method == "POST" and segments[0] in _MODELS_ELSEWHERE:
+        raise Unreadable(f"creating {segments[0]} (their models are inside an uploaded file)")
+    models = list(query.getall("model", ()))
+    for before, segment in zip(segments, segments[1:], strict=False):
+        if before in ("models", "deployments") and segment:
+            # Gemini's native paths add the method after a colon: models/gemini-pro:generateContent
+            models.append(unquote(segment).partition(":")[0])
+    return models
