@@ -21,9 +21,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
 from proxy.admin import Admin
+from proxy.breaker import BreakerPolicy, Breakers
 from proxy.cors import Cors
 from proxy.credentials import presents_token
 from proxy.errors import GatewayError
+from proxy.failover import Failover, RetryPolicy
 from proxy.health import Health
 from proxy.keys import Defaults, KeyRing
 from proxy.lockout import Lockout
@@ -33,6 +35,7 @@ from proxy.pricing import Prices
 from proxy.quota import Quota
 from proxy.realtime import Realtime
 from proxy.record import own_request_id
+from proxy.relay import Relay, keep_untyped
 from proxy.reload import KeysFile
 from proxy.settings import Settings
 from proxy.tracker import MemoryTracker, Tracker
@@ -52,6 +55,7 @@ PRICES = web.AppKey("prices", Prices)
 TAP_MEMORY = web.AppKey("tap_memory", TapMemory)
 KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
+FAILOVER = web.AppKey("failover", Failover)
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -99,8 +103,6 @@ def build_app(
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
     `reload_workers`: asks the supervisor to make every worker reload keys.json.
     """
-    from proxy.relay import relay  # relay reads the app keys above
-
     if key_ring is None:
         key_ring = load_keys(settings, os.environ)
     quiet_client_faults()
@@ -110,8 +112,13 @@ def build_app(
         handler_args={"auto_decompress": False, "max_field_size": 65536},
     )
     metrics = Metrics(metrics_dir)
+    targets = key_ring.targets()
+    breakers = Breakers(targets, breaker_policy(settings), on_change=metrics.breaker_changed)
     health = Health(
-        key_ring.key_counts(), tracker_backend="redis" if settings.redis_url else "memory"
+        key_ring.key_counts(),
+        breakers,
+        providers_of(key_ring),
+        tracker_backend="redis" if settings.redis_url else "memory",
     )
     app[SETTINGS] = settings
     app[KEY_RING] = key_ring
@@ -133,7 +140,7 @@ def build_app(
     def keys_reloaded(error: str | None) -> None:
         metrics.config_reloaded(error is None)
         if error is None:
-            health.count_keys(key_ring.key_counts())
+            health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config
 
     app[KEYS_FILE] = KeysFile(
@@ -158,9 +165,23 @@ def build_app(
         secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
     )
     app[REALTIME] = Realtime(
-        settings, key_ring, lockout, app[QUOTA], app[PRICES], metrics, health, app[LOGBOOK]
+        settings, key_ring, lockout, app[QUOTA], app[PRICES], metrics, app[LOGBOOK]
     )
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
+    app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
+    relay = Relay(
+        settings,
+        key_ring,
+        lockout,
+        app[QUOTA],
+        app[FAILOVER],
+        app[PRICES],
+        metrics,
+        app[LOGBOOK],
+        app[REALTIME],
+        app[TAP_MEMORY],
+    )
+    app.on_response_prepare.append(keep_untyped)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
@@ -177,8 +198,33 @@ def build_app(
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:
         Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
-    app.router.add_route("*", "/{tail:.*}", relay)
+    app.router.add_route("*", "/{tail:.*}", relay.handle)
     return app
+
+
+def providers_of(key_ring: KeyRing) -> dict[str, str]:
+    """Target name → its provider's name, for /health."""
+    return {name: target.provider.name for name, target in key_ring.targets().items()}
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        attempts=settings.retry_attempts,
+        max_wait_seconds=settings.retry_max_wait_seconds,
+        deadline_seconds=settings.retry_deadline_seconds,
+        request_timeout=settings.request_timeout,
+        sticky_header=settings.pool_sticky_header,
+    )
+
+
+def breaker_policy(settings: Settings) -> BreakerPolicy:
+    return BreakerPolicy(
+        failures_in_a_row=settings.breaker_failures,
+        error_ratio=settings.breaker_error_ratio,
+        min_requests=settings.breaker_min_requests,
+        window_seconds=settings.breaker_window_seconds,
+        cooldown_seconds=settings.breaker_cooldown_seconds,
+    )
 
 
 def new_tracker(settings: Settings) -> Tracker:
@@ -219,6 +265,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout),
     )
     app[SESSION] = session
+    app[FAILOVER].session = session
     yield
     await session.close()
 

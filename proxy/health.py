@@ -1,12 +1,12 @@
-"""`/health` and `/ready`: what recent traffic says about each provider, and whether we serve.
+"""`/health` and `/ready`: what the breakers say about each target, and whether we serve.
 
-Owns each provider's health, read from finished records only (no probes: a probe would
-spend the users' real keys): unhealthy after 3 upstream failures in a row, healthy again
-after one success. It also owns what counts as an upstream failure (`is_upstream_failure`),
-which `metrics` reuses. A client that left (499) tells nothing about the provider, and
-neither does a request the gateway answered itself (401, 400, 429, ...).
+Provider health is read from traffic, never from probes (a probe would spend the users'
+real keys): it is the state of each target's circuit breaker (`breaker.py`), which the
+attempt loop feeds with every attempt's outcome. A provider is healthy while none of its
+targets' breakers is open. `/health` lists the providers (keys, healthy, last error) and
+the targets (breaker state).
 
-`/health` always answers 200 with `status` "degraded" while a provider is unhealthy or the
+`/health` always answers 200 with `status` "degraded" while a breaker is open or the
 tracker has lost Redis: the gateway still serves, so a load balancer should not pull it.
 `/ready` is the one that turns 503, while shutting down.
 """
@@ -14,93 +14,76 @@ tracker has lost Redis: the gateway still serves, so a load balancer should not 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import orjson
 from aiohttp import web
 
-from proxy.record import CLIENT_CLOSED, Record
-
-UNHEALTHY_AFTER = 3  # consecutive upstream failures
-LAST_ERROR_CHARS = 200
+from proxy.breaker import OPEN, Breakers
+from proxy.record import PROVIDER_FAILURES, Record
 
 
 def is_upstream_failure(record: Record) -> bool:
     """True when the provider failed: unreachable, timed out, cut the body, or answered 5xx."""
-    if record.status == CLIENT_CLOSED:
-        return False
-    return record.upstream_failed or (_provider_answered(record) and record.status >= 500)
-
-
-def _provider_answered(record: Record) -> bool:
-    """True when the status came from the provider, not from the gateway itself."""
-    # Only a provider's body sets the first-byte time; the gateway's own errors never do.
-    return record.ttft_ms is not None
-
-
-@dataclass(slots=True)
-class _ProviderState:
-    """One provider's recent record; mutable, updated in place for every observed record."""
-
-    keys: int
-    failures_in_a_row: int = 0
-    last_error: str | None = None
-
-    @property
-    def is_healthy(self) -> bool:
-        return self.failures_in_a_row < UNHEALTHY_AFTER
+    if record.outcome in PROVIDER_FAILURES:
+        return True
+    return record.ttft_ms is not None and record.status >= 500  # the provider's own 5xx
 
 
 class Health:
-    """Provider health from traffic, the tracker's state, and the shutdown flag."""
+    """Target health from the breakers, the tracker's state, and the shutdown flag."""
 
     def __init__(
         self,
-        key_counts: dict[str, int],
+        key_counts: Mapping[str, int],
+        breakers: Breakers,
+        targets_of: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         tracker_backend: str = "memory",
     ) -> None:
+        """`targets_of`: target name → its provider's name."""
         self._clock = clock
         self._started = clock()
-        self._providers = {name: _ProviderState(keys=n) for name, n in key_counts.items()}
+        self._key_counts = dict(key_counts)
+        self._breakers = breakers
+        self._provider_of = dict(targets_of)
         self._tracker_backend = tracker_backend
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
         self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
 
-    def count_keys(self, key_counts: dict[str, int]) -> None:
-        """A reloaded keys file: each provider's new key count; a provider's record stays."""
-        self._providers = {
-            name: self._providers.get(name, _ProviderState(keys=0)) for name in key_counts
-        }
-        for name, count in key_counts.items():
-            self._providers[name].keys = count
+    def count_keys(self, key_counts: Mapping[str, int], targets_of: Mapping[str, str]) -> None:
+        """A reloaded keys file: each provider's key count, each target's provider.
 
-    def observe(self, record: Record) -> None:
-        """Update the record's provider: a failure, a success, or neither (499, our own answer)."""
-        if record.provider is None:
-            return
-        if is_upstream_failure(record):
-            state = self._state(record.provider)
-            state.failures_in_a_row += 1
-            state.last_error = _error_text(record)
-        elif record.status != CLIENT_CLOSED and _provider_answered(record):
-            self._state(record.provider).failures_in_a_row = 0
+        A target's breaker outlives the reload (its name is what identifies it)."""
+        self._key_counts = dict(key_counts)
+        self._provider_of = dict(targets_of)
 
     def report(self) -> dict[str, object]:
-        """The /health body: status, uptime, each provider's keys and health, the tracker."""
-        providers = {
-            name: {"keys": s.keys, "healthy": s.is_healthy, "last_error": s.last_error}
-            for name, s in self._providers.items()
+        """The /health body: status, uptime, providers, targets, the tracker."""
+        providers: dict[str, dict[str, object]] = {
+            name: {"keys": count, "healthy": True, "last_error": None}
+            for name, count in self._key_counts.items()
         }
+        latest: dict[str, float] = {}
+        for target, breaker in self._breakers.items():
+            provider = self._provider_of.get(target, target.partition("/")[0])
+            state = providers.setdefault(provider, {"keys": 0, "healthy": True, "last_error": None})
+            if breaker.state == OPEN:
+                state["healthy"] = False
+            if breaker.last_error is not None and breaker.last_failure > latest.get(
+                provider, -1e18
+            ):
+                latest[provider] = breaker.last_failure
+                state["last_error"] = breaker.last_error
         is_degraded = self.tracker_degraded is not None or not all(
-            s.is_healthy for s in self._providers.values()
+            state["healthy"] for state in providers.values()
         )
         report: dict[str, object] = {
             "status": "degraded" if is_degraded else "healthy",
             "uptime_seconds": round(self._clock() - self._started, 1),
             "providers": providers,
+            "targets": self._breakers.report(),
             "tracker": {
                 "backend": self._tracker_backend,
                 "healthy": self.tracker_degraded is None,
@@ -120,16 +103,6 @@ class Health:
         if self.shutting_down:
             return _json({"status": "shutting_down"}, status=503)
         return _json({"status": "ready"}, status=200)
-
-    def _state(self, provider: str) -> _ProviderState:
-        # A provider seen in traffic but not in keys.json cannot happen today; count it anyway.
-        return self._providers.setdefault(provider, _ProviderState(keys=0))
-
-
-def _error_text(record: Record) -> str:
-    """A short reason, e.g. "502 upstream unreachable"; records never hold keys."""
-    reason = record.error or "from provider"
-    return f"{record.status} {reason}"[:LAST_ERROR_CHARS]
 
 
 def _json(body: dict[str, object], status: int) -> web.Response:

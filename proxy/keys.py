@@ -24,7 +24,8 @@ from proxy import fields
 from proxy.credentials import presented
 from proxy.errors import GatewayError
 from proxy.fields import Defaults, KeysFileError, check_fields
-from proxy.providers import AUTH_STYLES, BUILTINS, Provider
+from proxy.providers import APIS, AUTH_STYLES, BUILTINS, Provider
+from proxy.targets import Plans, Target, parse_plans
 from proxy.tracker import Limits
 
 
@@ -37,14 +38,23 @@ class VirtualKey:
     # A digest of the name: the tracker's handle, shared across processes, and kept by a
     # reload that rotates the secret under the same name, so the key keeps its window.
     id: str
-    provider: Provider
-    api_key: str = field(repr=False)
+    plans: Plans  # where its requests go: a target, fallbacks, routes by model
     limits: Limits | None  # None: quotas off
     allowed_models: re.Pattern[str] | None = None  # None: any model
     model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
+
+    @property
+    def provider(self) -> Provider:
+        """The provider a request without a model goes to first: how logs and /usage name it."""
+        return self.plans.first.primary.provider
+
+    @property
+    def api_key(self) -> str:
+        """The first real key of that provider's pool."""
+        return self.plans.first.primary.pool.credentials[0].api_key
 
 
 def masked(secret: str) -> str:
@@ -100,11 +110,16 @@ class KeyRing:
         return self._real_keys
 
     def key_counts(self) -> dict[str, int]:
-        """Provider name → number of keys, for /health."""
+        """Provider name → number of keys that can send requests to it, for /health."""
         counts: dict[str, int] = {}
         for key in self._keys.values():
-            counts[key.provider.name] = counts.get(key.provider.name, 0) + 1
+            for name in {target.provider.name for target in key.plans.every_target()}:
+                counts[name] = counts.get(name, 0) + 1
         return counts
+
+    def targets(self) -> dict[str, Target]:
+        """Every target of every key, by name (one breaker each)."""
+        return {t.name: t for key in self._keys.values() for t in key.plans.every_target()}
 
     @classmethod
     def load(cls, path: str, environ: Mapping[str, str], defaults: Defaults) -> KeyRing:
@@ -180,8 +195,11 @@ def _providers(path: str, section: Any) -> dict[str, Provider]:
         auth = entry.get("auth", builtin.auth if builtin else "bearer")
         if auth not in AUTH_STYLES:
             raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
+        api = entry.get("api", builtin.api if builtin else "openai")
+        if api not in APIS:
+            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
         extra = builtin.default_headers if builtin else {}
-        providers[name] = Provider(name, url, auth, extra)
+        providers[name] = Provider(name, url, auth, extra, api)
     return providers
 
 
@@ -202,21 +220,17 @@ def _key(
     check_fields(where, entry, "key")
     if not secret.strip() or secret != secret.strip():
         raise KeysFileError(f"{where}: the virtual key must be non-empty, without spaces")
-    provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
-    if provider is None:
-        known = ", ".join(sorted(providers))
-        raise KeysFileError(
-            f"{where}: provider {entry.get('provider')!r} is unknown (known: {known})"
-        )
-    if not provider.base_url.host:
-        raise KeysFileError(f"{where}: provider '{provider.name}' needs a base_url in 'providers'")
+
+    def real_key(holder: Mapping[str, Any], at: str) -> str:
+        return fields.real_key(f"{where}: {at.rstrip('.')}" if at else where, holder, environ)
+
+    plans = parse_plans(where, entry, providers, real_key)
     patterns = entry.get("allowed_models")
     return VirtualKey(
         secret=secret,
         name=name,
         id=hashlib.sha256(name.encode()).hexdigest()[:24],
-        provider=provider,
-        api_key=fields.real_key(where, entry, environ),
+        plans=plans,
         limits=fields.limits(where, entry.get("quota"), defaults),
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),

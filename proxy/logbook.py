@@ -35,15 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from queue import SimpleQueue
 from typing import Any
-
-import re
-from collections.abc import Collection
 
 import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter

@@ -38,6 +38,7 @@ from prometheus_client.metrics_core import Metric
 from proxy.health import is_upstream_failure
 from proxy.record import Record
 
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
 OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
 AUTH_OUTCOMES = ("refused", "throttled")
@@ -193,6 +194,26 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
+        self._retries = Counter(
+            "llm_gateway_retries",
+            "Attempts repeated on the same target and key, by provider and the reason.",
+            ["provider", "reason"],
+            registry=owner,
+        )
+        self._failovers = Counter(
+            "llm_gateway_failovers",
+            "Moves to another target or pool key before the first byte, by the provider left "
+            "and the reason.",
+            ["provider", "reason"],
+            registry=owner,
+        )
+        self._breaker_state = Gauge(
+            "llm_gateway_breaker_state",
+            "Each target's circuit breaker: 0 closed, 1 half-open, 2 open (the worst of the workers).",
+            ["target"],
+            registry=owner,
+            multiprocess_mode="livemax",
+        )
         self._last_request = Gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",
@@ -222,7 +243,16 @@ class Metrics:
                 child(self._cost, provider, model).inc(record.cost_usd)
         if is_upstream_failure(record):
             self._upstream_errors.labels(provider, _failure_kind(record)).inc()
+        attempts = record.attempts
+        for previous, current in zip(attempts, attempts[1:], strict=False):
+            moved = previous.target != current.target or previous.key != current.key
+            counter = self._failovers if moved else self._retries
+            child(counter, previous.provider, previous.reason).inc()
         self._last_request.set(time.time())
+
+    def breaker_changed(self, target: str, state: str) -> None:
+        """A target's breaker moved to `state` (closed, half_open, open)."""
+        self._breaker_state.labels(target).set(BREAKER_STATES[state])
 
     def request_started(self) -> None:
         self._in_flight.inc()
@@ -279,14 +309,11 @@ class Metrics:
 
 
 def _failure_kind(record: Record) -> str:
-    """How the provider failed: unreachable (502), timeout (504), broken mid-body, or status."""
+    """How the provider failed: unreachable, timeout, broken mid-body, or a 5xx status."""
     if not record.upstream_failed:
         return "status"  # it answered, with a 5xx
-    if record.status == 502:
-        return "unreachable"
-    if record.status == 504:
-        return "timeout"
-    return "broken"  # headers were sent, the body was cut short
+    assert record.outcome is not None
+    return record.outcome.value
 
 
 def summary(families: Iterable[Metric]) -> dict[str, object]:

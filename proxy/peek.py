@@ -148,7 +148,9 @@ def _check_chat(document: dict[str, Any]) -> None:
         raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
     messages = document.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise GatewayError(400, "missing_field", "'messages' must be a non-empty array.", "messages")
+        raise GatewayError(
+            400, "missing_field", "'messages' must be a non-empty array.", "messages"
+        )
 
 
 def _check_models(key: VirtualKey, names: list[Any], unreadable: str | None) -> None:
@@ -163,7 +165,10 @@ def _check_models(key: VirtualKey, names: list[Any], unreadable: str | None) -> 
             )
         if not key.allows(name):
             raise GatewayError(
-                403, "model_not_allowed", f"This key may not use the model '{shown(name)}'.", "model"
+                403,
+                "model_not_allowed",
+                f"This key may not use the model '{shown(name)}'.",
+                "model",
             )
     if unreadable is not None:
         raise GatewayError(

@@ -16,6 +16,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 AUTH_STYLES = ("bearer", "x-api-key", "api-key", "x-goog-api-key", "none")
+# Which API a provider speaks: a fallback or a route must speak the request's.
+APIS = ("openai", "anthropic")
 
 # Headers that can carry a virtual key, in the order they are read (SPEC: Routing).
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -51,6 +53,7 @@ class Provider:
     auth: str
     # Added upstream only when the client sent none (e.g. anthropic-version).
     default_headers: Mapping[str, str] = field(default_factory=dict)
+    api: str = "openai"  # one of APIS
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         """The header that carries the real key, in this provider's style."""
@@ -68,6 +71,7 @@ BUILTINS: dict[str, Provider] = {
         URL("https://api.anthropic.com/v1"),
         "x-api-key",
         {"anthropic-version": "2023-06-01"},
+        "anthropic",
     ),
     "gemini": Provider(
         "gemini", URL("https://generativelanguage.googleapis.com/v1beta/openai"), "bearer"
@@ -110,7 +114,9 @@ def downstream_headers(
     Content-Length stays (same bytes).
     """
     headers = _without(incoming, HOP_BY_HOP)
-    if any(secret in name or secret in value for name, value in headers.items() for secret in secrets):
+    if any(
+        secret in name or secret in value for name, value in headers.items() for secret in secrets
+    ):
         headers = CIMultiDict(
             (name, value)
             for name, value in headers.items()

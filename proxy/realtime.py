@@ -34,7 +34,7 @@ from yarl import URL
 
 from proxy import errors, quota
 from proxy.errors import GatewayError
-from proxy.health import Health
+from proxy.failover import described
 from proxy.keys import KeyRing, VirtualKey, presented
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
@@ -42,7 +42,7 @@ from proxy.metrics import Metrics
 from proxy.pricing import Prices
 from proxy.providers import upstream_headers, upstream_url
 from proxy.quota import Quota
-from proxy.record import CLIENT_CLOSED, Record, Usage
+from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
 from proxy.routing import route
 from proxy.settings import Settings
 from proxy.tracker import Admission
@@ -69,7 +69,6 @@ class Realtime:
         quota: Quota,
         prices: Prices,
         metrics: Metrics,
-        health: Health,
         logbook: Logbook,
     ) -> None:
         self._settings = settings
@@ -78,7 +77,6 @@ class Realtime:
         self._quota = quota
         self._prices = prices
         self._metrics = metrics
-        self._health = health
         self._logbook = logbook
         self.sessions: set[Session] = set()
 
@@ -108,13 +106,13 @@ class Realtime:
             finally:
                 await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
         except GatewayError as error:
-            record.status, record.error = error.status, error.message
+            record.end(error.status, Outcome.REFUSED, error.message)
             if error.status == 429:
                 self._metrics.quota_rejected(record.key or "none")
             return errors.render(error, request.path, record.request_id)
         except asyncio.CancelledError:
-            if not record.status:  # the client left before its upgrade was answered
-                record.status, record.error = CLIENT_CLOSED, "client closed the connection"
+            # The client left (before its upgrade was answered, or during the session).
+            record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
             raise
         finally:
             self._settle(record)
@@ -145,25 +143,17 @@ class Realtime:
         except aiohttp.WSServerHandshakeError as error:
             record.mark_first_byte()  # the provider answered, with a refusal
             status = error.status if error.status >= 400 else 502
-            raise GatewayError(
-                status,
-                "upstream_refused",
-                f"The provider refused the WebSocket upgrade ({error.status}).",
-            ) from None
+            why = f"The provider refused the WebSocket upgrade ({error.status})."
+            record.end(status, Outcome.ANSWERED, why)
+            raise GatewayError(status, "upstream_refused", why) from None
         except TimeoutError:
-            record.upstream_failed = True
-            raise GatewayError(
-                504,
-                "upstream_timeout",
-                f"The provider did not accept the WebSocket within {timeout:g} seconds.",
-            ) from None
+            why = f"The provider did not accept the WebSocket within {timeout:g} seconds."
+            record.end(504, Outcome.TIMEOUT, why)
+            raise GatewayError(504, "upstream_timeout", why) from None
         except aiohttp.ClientError as error:
-            record.upstream_failed = True
-            raise GatewayError(
-                502,
-                "upstream_unreachable",
-                f"The provider could not be reached ({error.__class__.__name__}).",
-            ) from None
+            why = f"The provider could not be reached ({described(error)})."
+            record.end(502, Outcome.UNREACHABLE, why)
+            raise GatewayError(502, "upstream_unreachable", why) from None
         record.mark_first_byte()
         return upstream
 
@@ -189,7 +179,6 @@ class Realtime:
         if admission is not None:
             client.headers.update(quota.ratelimit_headers(admission))
         await client.prepare(request)
-        record.status = 101
 
         def charge(usage: Usage) -> None:
             self._quota.charge_later(key, usage.total_tokens)
@@ -212,6 +201,7 @@ class Realtime:
             self.sessions.discard(session)
             record.usage = usage.total
             record.websocket = session.tally()
+            record.end(101, Outcome.ANSWERED)
         return client
 
     async def shut(self, app: web.Application) -> None:
@@ -219,11 +209,10 @@ class Realtime:
         await asyncio.gather(*(session.end("shutdown") for session in list(self.sessions)))
 
     def _settle(self, record: Record) -> None:
-        """The session's one ending: metrics, health, the log line (tokens were charged live)."""
+        """The session's one ending: metrics, the log line (tokens were charged live)."""
         record.finish()
         self._metrics.request_ended()
         self._metrics.observe(record)
-        self._health.observe(record)
         self._logbook.write(record)
 
 

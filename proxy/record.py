@@ -11,6 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499
@@ -25,6 +26,49 @@ def own_request_id(presented: str | None) -> str:
     if presented is None or not _REQUEST_ID.fullmatch(presented):
         return os.urandom(16).hex()  # as random as uuid4().hex, a quarter of the cost
     return presented
+
+
+class Outcome(StrEnum):
+    """How a request (or one upstream attempt) ended; set once, read by health, metrics, the log."""
+
+    ANSWERED = "answered"  # the provider answered, and its whole body went through
+    REFUSED = "refused"  # the gateway answered itself: 400, 401, 403, 413, 429, ...
+    UNREACHABLE = "unreachable"  # no connection, or closed before the response headers
+    TIMEOUT = "timeout"  # no response headers within REQUEST_TIMEOUT, or a silent body
+    BROKEN = "broken"  # the provider cut its body short
+    CLIENT_LEFT = "client_left"  # the client went away, or stopped reading
+    INTERNAL = "internal"  # a bug in the gateway
+
+
+# Outcomes that are the provider's failure (breakers, health, upstream error metrics).
+PROVIDER_FAILURES = frozenset((Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try on one target: its name, the key's label in its pool, and how it went."""
+
+    target: str
+    provider: str
+    key: str  # the real key's label in the pool (e.g. "openai#2"), never the key
+    status: int | None  # the provider's status; None when it never answered
+    outcome: Outcome  # ANSWERED, UNREACHABLE or TIMEOUT
+    error: str | None  # why it got no answer, in words
+    ms: float
+
+    @property
+    def reason(self) -> str:
+        """Why another attempt followed, as a bounded label: the status, or how it failed."""
+        return str(self.status) if self.status is not None else self.outcome.value
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "key": self.key,
+            "status": self.status,
+            "error": self.error,
+            "ms": round(self.ms, 1),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +126,12 @@ class Record:
     # Time spent awaiting the provider (connect, headers, body reads); None: never asked.
     upstream_ms: float | None = None
     usage: Usage | None = None
+    outcome: Outcome | None = None  # set once, by `end`
+    error: str | None = None  # why, in words, when it did not simply answer
+    target: str | None = None  # the target that answered (or was tried last)
+    attempts: list[Attempt] = field(default_factory=list)
     # What the usage cost in USD (pricing.py); None when unpriced or without usage.
     cost_usd: float | None = None
-    error: str | None = None
-    # True when the provider itself failed (unreachable, timeout, broke mid-body): feeds health.
-    upstream_failed: bool = False
     # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
     request_body: bytes | None = None
     response_text: str | None = None
@@ -100,14 +145,25 @@ class Record:
             path = path.encode("utf-8", "replace").decode("utf-8")
         return cls(request_id=request_id, method=method[:32], path=path[:2048])
 
+    def end(self, status: int, outcome: Outcome, why: str | None = None) -> None:
+        """Record how the request ended; the first ending is the one that counts."""
+        if self.outcome is None:
+            self.status, self.outcome, self.error = status, outcome, why
+
+    @property
+    def upstream_failed(self) -> bool:
+        """True when the provider failed: unreachable, timed out, or cut its body."""
+        return self.outcome in PROVIDER_FAILURES
+
     def mark_first_byte(self) -> None:
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000.0
 
-    def waited_upstream(self, since: float) -> None:
-        """Add the time since `since` (perf_counter) to the wait on the provider."""
+    def waited_upstream(self, since: float) -> float:
+        """Add the time since `since` (perf_counter) to the wait on the provider; that time, ms."""
         waited = (time.perf_counter() - since) * 1000.0
         self.upstream_ms = waited if self.upstream_ms is None else self.upstream_ms + waited
+        return waited
 
     def finish(self) -> None:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0

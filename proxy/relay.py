@@ -1,9 +1,11 @@
 """The request path, in order: authenticate → validate → admit → forward → stream back → record.
 
-One relay serves every proxied path; providers differ by data (`providers.py`). The bytes
-the client sent are the bytes that go upstream, and the provider's bytes go back as they
-arrive, chunk by chunk. Each step's module owns its details; this one owns their order
-and the guarantee that every request ends in exactly one settled `Record`.
+One relay serves every proxied path; providers differ by data (`providers.py`), and where
+a key's requests may go is data too (`targets.py`), walked by one attempt loop
+(`failover.py`). The bytes the client sent are the bytes that go upstream, and the
+provider's bytes go back as they arrive, chunk by chunk. Each step's module owns its
+details; this one owns their order and the guarantee that every request ends in exactly
+one settled `Record`, whose ending (`Record.end`) is written once, where it happens.
 """
 
 from __future__ import annotations
@@ -11,165 +13,168 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import app as wiring
 from proxy import errors, quota
 from proxy.errors import GatewayError
-from proxy.keys import VirtualKey
+from proxy.failover import Failover, Reply, StoredAnswer
+from proxy.keys import KeyRing, VirtualKey
+from proxy.lockout import Lockout
+from proxy.logbook import Logbook
+from proxy.metrics import Metrics
 from proxy.peek import read_body, validate
-from proxy.providers import downstream_headers, upstream_headers, upstream_url
-from proxy.realtime import is_upgrade
-from proxy.record import CLIENT_CLOSED, Record
+from proxy.pricing import Prices
+from proxy.providers import downstream_headers
+from proxy.quota import Quota
+from proxy.realtime import Realtime, is_upgrade
+from proxy.record import CLIENT_CLOSED, Outcome, Record
 from proxy.routing import route
+from proxy.settings import Settings
+from proxy.targets import Plan
 from proxy.tracker import Admission
-from proxy.usage import UsageTap, charged
+from proxy.usage import TapMemory, UsageTap, charged
 
 log = logging.getLogger("llm_gateway")
 
 # Bodies of known length up to this size are read whole and sent in one write; a stream
 # (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
 WHOLE_BODY_BYTES = 1 << 20
+# Marks a response whose provider answer had no Content-Type (see keep_untyped).
+UNTYPED = "llm_gateway_untyped"
 
 
-async def relay(request: web.Request) -> web.StreamResponse:
-    """Authenticate, validate, admit, forward, stream back, record."""
-    app = request.app
-    if is_upgrade(request):  # a WebSocket session (Realtime API): relayed frame by frame
-        return await app[wiring.REALTIME].relay(request, app[wiring.SESSION])
-    settings = app[wiring.SETTINGS]
-    record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
-    key: VirtualKey | None = None
-    app[wiring.METRICS].request_started()
-    try:
-        key = app[wiring.LOCKOUT].authenticate(app[wiring.KEY_RING], request.headers, request.remote)  # 401, 429
-        record.key, record.provider = key.name, key.provider.name
-        tail, query = route(request.raw_path)  # 400, 404
-        body = await read_body(request, settings.max_body_bytes)  # 400, 413
-        peek = validate(tail, request, body, key, settings.max_body_bytes, record)  # 400, 403, 415
-        if settings.log_bodies:
-            record.request_body = body
-        admission = await app[wiring.QUOTA].admit(key)  # 429, 503
-        async with forward(app, key, request, tail, query, body, record) as reply:  # 502, 504
-            return await stream_back(request, reply, body, record, admission, (key.api_key,))
-    except GatewayError as error:
-        record.status, record.error = error.status, error.message
-        if error.status == 429:
-            app[wiring.METRICS].quota_rejected(record.key or "none")
-        return errors.render(error, request.path, record.request_id)
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the client disconnects (handler_cancellation).
-        _client_left(record)
-        raise
-    except Exception:
-        # A bug, not an input: one log line with the traceback, a 500 in the dialect.
-        log.exception("internal error on %s %s", request.method, request.path)
-        error = GatewayError(500, "internal_error", "The gateway failed on this request.")
-        record.status, record.error = 500, "internal error"
-        return errors.render(error, request.path, record.request_id)
-    finally:
-        settle(app, record, key)
+class Relay:
+    """The handler of every proxied request, with the concerns it calls in order."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        key_ring: KeyRing,
+        lockout: Lockout,
+        quota: Quota,
+        failover: Failover,
+        prices: Prices,
+        metrics: Metrics,
+        logbook: Logbook,
+        realtime: Realtime,
+        tap_memory: TapMemory,
+    ) -> None:
+        self.settings = settings
+        self.key_ring = key_ring
+        self.lockout = lockout
+        self.quota = quota
+        self.failover = failover
+        self.prices = prices
+        self.metrics = metrics
+        self.logbook = logbook
+        self.realtime = realtime
+        self.tap_memory = tap_memory
 
-@asynccontextmanager
-async def forward(
-    app: web.Application,
-    key: VirtualKey,
-    request: web.Request,
-    tail: str,
-    query: str,
-    body: bytes,
-    record: Record,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """Send the request upstream; yield once its headers arrive. Raises 502, 504.
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Authenticate, validate, admit, forward, stream back, record."""
+        if is_upgrade(request):  # a WebSocket session (Realtime API): relayed frame by frame
+            assert self.failover.session is not None
+            return await self.realtime.relay(request, self.failover.session)
+        settings = self.settings
+        record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
+        key: VirtualKey | None = None
+        self.metrics.request_started()
+        try:
+            key = self.lockout.authenticate(
+                self.key_ring, request.headers, request.remote
+            )  # 401, 429
+            record.key, record.provider = key.name, key.provider.name
+            tail, query = route(request.raw_path)  # 400, 404
+            body = await read_body(request, settings.max_body_bytes)  # 400, 413
+            peek = validate(
+                tail, request, body, key, settings.max_body_bytes, record
+            )  # 400, 403, 415
+            plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
+            if settings.log_bodies:
+                record.request_body = body
+            admission = await self.quota.admit(key)  # 429, 503
+            async with self.failover.forward(request, plan, tail, query, body, record) as reply:
+                return await self.stream_back(request, reply, plan, body, record, admission)
+        except GatewayError as error:
+            record.end(error.status, Outcome.REFUSED, error.message)
+            if error.status == 429:
+                self.metrics.quota_rejected(record.key or "none")
+            return errors.render(error, request.path, record.request_id)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client disconnects (handler_cancellation).
+            record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
+            raise
+        except Exception:
+            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
+            log.exception("internal error on %s %s", request.method, request.path)
+            record.end(500, Outcome.INTERNAL, "internal error")
+            error = GatewayError(500, "internal_error", "The gateway failed on this request.")
+            return errors.render(error, request.path, record.request_id)
+        finally:
+            self.settle(record, key)
 
-    Client errors are translated here and nowhere else, top to bottom:
-    no headers within REQUEST_TIMEOUT → 504; refused, reset, DNS, TLS, a bad status
-    line → 502. No retries: these are POSTs that cost money.
-    """
-    settings = app[wiring.SETTINGS]
-    url = upstream_url(key.provider, tail, query)
-    headers = upstream_headers(key.provider, key.api_key, request.headers, record.request_id)
-    asked = time.perf_counter()
-    try:
-        async with asyncio.timeout(settings.request_timeout):
-            reply = await app[wiring.SESSION].request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
-            )
-    except TimeoutError:
-        record.upstream_failed = True
-        raise GatewayError(
-            504,
-            "upstream_timeout",
-            f"The provider sent no response within {settings.request_timeout:g} seconds.",
-        ) from None
-    except aiohttp.ClientError as error:
-        record.upstream_failed = True
-        raise GatewayError(
-            502,
-            "upstream_unreachable",
-            f"The provider could not be reached ({error.__class__.__name__}).",
-        ) from None
-    finally:
-        record.waited_upstream(asked)
-    try:
-        yield reply
-    finally:
-        # Closing (not releasing) drops a connection whose body was not read to the end,
-        # which is how a client that left cancels the upstream request at once.
-        reply.close()
-
-
-async def stream_back(
-    request: web.Request,
-    reply: aiohttp.ClientResponse,
-    body: bytes,
-    record: Record,
-    admission: Admission | None,
-    secrets: tuple[str, ...] = (),
-) -> web.StreamResponse:
-    """Send the provider's status and headers (none carrying `secrets`), then each chunk."""
-    app = request.app
-    settings = app[wiring.SETTINGS]
-    headers = downstream_headers(reply.headers, secrets)
-    if admission is not None:
-        quota.stamp(headers, admission)
-    headers["x-request-id"] = record.request_id
-    record.status = reply.status
-    tap = UsageTap(
-        reply.headers.get("content-type"),
-        reply.headers.get("content-encoding"),
-        settings.log_bodies,
-        charged(record.method, record.path),
-        app[wiring.TAP_MEMORY],
-    )
-    try:
-        if is_small_whole_body(reply):
-            return await send_whole(reply, headers, tap, record, settings.stream_idle_timeout)
-        response = web.StreamResponse(status=reply.status, reason=reply.reason, headers=headers)
-        await response.prepare(request)
-        # After prepare() the status is sent: a failure can only end the stream, and the record says why.
-        await relay_body(reply, response, tap, record, settings.stream_idle_timeout)
-        return response
-    except TimeoutError:
-        _cut(
-            request,
-            record,
-            f"the provider sent nothing for {settings.stream_idle_timeout:g} seconds",
+    async def stream_back(
+        self,
+        request: web.Request,
+        reply: Reply,
+        plan: Plan,
+        body: bytes,
+        record: Record,
+        admission: Admission | None,
+    ) -> web.StreamResponse:
+        """Send the provider's status and headers (none carrying a real key), then each chunk."""
+        settings = self.settings
+        headers = downstream_headers(reply.headers, plan.secrets)
+        if admission is not None:
+            quota.stamp(headers, admission)
+        headers["x-request-id"] = record.request_id
+        status = reply.status
+        tap = UsageTap(
+            reply.headers.get("content-type"),
+            reply.headers.get("content-encoding"),
+            settings.log_bodies,
+            charged(record.method, record.path),
+            self.tap_memory,
         )
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-        _cut(request, record, f"the provider broke the stream ({error.__class__.__name__})")
-    finally:
-        # Also for a client that left: what it received was produced, and is charged.
-        if reply.status < 400:
-            record.usage = tap.usage(body)
-        record.response_text = tap.text
-    return web.Response(status=reply.status)  # not sent: the connection is closed
+        idle = settings.stream_idle_timeout
+        try:
+            if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
+                response = await send_whole(reply, headers, tap, record, idle)
+            else:
+                response = web.StreamResponse(status=status, reason=reply.reason, headers=headers)
+            if "content-type" not in headers:
+                response[UNTYPED] = True  # see keep_untyped
+            if isinstance(response, web.Response):
+                return response
+            await response.prepare(request)
+            # After prepare() the status is sent: a failure can only end the stream.
+            await relay_body(request, reply, response, tap, record, idle)
+            return response
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+            why = f"the provider broke the stream ({error.__class__.__name__})"
+            _cut(request, record, status, Outcome.BROKEN, why)
+        finally:
+            # Also for a client that left: what it received was produced, and is charged.
+            if status < 400:
+                record.usage = tap.usage(body)
+            record.response_text = tap.text
+        return web.Response(status=status)  # not sent: the connection is closed
+
+    def settle(self, record: Record, key: VirtualKey | None) -> None:
+        """The one ending of every request: tokens to the tracker, metrics, health, the log."""
+        record.finish()
+        self.metrics.request_ended()
+        record.cost_usd = self.prices.cost(record.provider, record.model, record.usage)
+        if key is not None and record.usage is not None:
+            self.quota.charge_later(key, record.usage.total_tokens)
+        if record.outcome is Outcome.BROKEN and record.target is not None:
+            breakers = self.failover.breakers
+            breakers[record.target].failed(breakers.clock(), record.error or "broken")
+        self.metrics.observe(record)
+        self.logbook.write(record)
 
 
 def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
@@ -183,11 +188,7 @@ def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
 
 
 async def send_whole(
-    reply: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    tap: UsageTap,
-    record: Record,
-    idle: float,
+    reply: Reply, headers: CIMultiDict[str], tap: UsageTap, record: Record, idle: float
 ) -> web.Response:
     """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
     asked = time.perf_counter()
@@ -195,73 +196,80 @@ async def send_whole(
         async with asyncio.timeout(idle):
             data = await reply.read()
     except TimeoutError:
-        record.upstream_failed = True
+        why = f"the provider sent no body for {idle:g} seconds"
+        record.end(504, Outcome.TIMEOUT, why)
         raise GatewayError(
             504, "upstream_timeout", f"The provider sent no body for {idle:g} seconds."
         ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-        record.upstream_failed = True
-        raise GatewayError(
-            502,
-            "upstream_broken",
-            f"The provider broke off its answer ({error.__class__.__name__}).",
-        ) from None
+        why = f"the provider broke off its answer ({error.__class__.__name__})"
+        record.end(502, Outcome.BROKEN, why)
+        raise GatewayError(502, "upstream_broken", why[0].upper() + why[1:] + ".") from None
     finally:
         record.waited_upstream(asked)
     record.mark_first_byte()
     tap.feed(data)
+    record.end(reply.status, Outcome.ANSWERED)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
 
+async def keep_untyped(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: aiohttp adds application/octet-stream; a provider's answer
+    that had no Content-Type goes on without one (transparent, issue 10)."""
+    if response.get(UNTYPED):
+        response.headers.popall("Content-Type", None)
+
+
 async def relay_body(
+    request: web.Request,
     reply: aiohttp.ClientResponse,
     response: web.StreamResponse,
     tap: UsageTap,
     record: Record,
     idle: float,
 ) -> None:
-    """Each chunk to the client first, then to the usage tap. Raises TimeoutError past `idle`."""
+    """Each chunk to the client first, then to the usage tap; the record says how it ended.
+
+    One deadline serves both directions: while reading it bounds the provider's silence
+    (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
+    flag `is_writing` tells whose it was when it fires.
+    """
     loop = asyncio.get_running_loop()
     read, clock = reply.content.readany, time.perf_counter
-    asked = clock()
-    async with asyncio.timeout_at(loop.time() + idle) as deadline:
-        chunk = await read()
-        record.waited_upstream(asked)
-        record.mark_first_byte()
-        while chunk:
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:  # the client left: not the provider's failure
-                return _client_left(record)
-            tap.feed(chunk)
-            deadline.reschedule(loop.time() + idle)
+    status, is_writing = reply.status, False
+    try:
+        async with asyncio.timeout_at(loop.time() + idle) as deadline:
             asked = clock()
             chunk = await read()
             record.waited_upstream(asked)
-    try:
-        await response.write_eof()
-    except ConnectionResetError:
-        _client_left(record)
+            record.mark_first_byte()
+            while chunk:
+                is_writing = True
+                await response.write(chunk)
+                is_writing = False
+                tap.feed(chunk)
+                deadline.reschedule(loop.time() + idle)
+                asked = clock()
+                chunk = await read()
+                record.waited_upstream(asked)
+            is_writing = True
+            await response.write_eof()
+    except ConnectionResetError:  # the client left: not the provider's failure
+        record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
+        return
+    except TimeoutError:
+        if is_writing:  # a client that stopped reading: its own ending, not the provider's
+            why = f"the client read nothing for {idle:g} seconds"
+            _cut(request, record, CLIENT_CLOSED, Outcome.CLIENT_LEFT, why)
+        else:
+            why = f"the provider sent nothing for {idle:g} seconds"
+            _cut(request, record, status, Outcome.TIMEOUT, why)
+        return
+    record.end(status, Outcome.ANSWERED)
 
 
-def _client_left(record: Record) -> None:
-    record.status, record.error = CLIENT_CLOSED, "client closed the connection"
-
-
-def _cut(request: web.Request, record: Record, why: str) -> None:
+def _cut(request: web.Request, record: Record, status: int, outcome: Outcome, why: str) -> None:
     """End a stream the provider failed: close the connection, so the client sees it cut."""
-    record.error, record.upstream_failed = why, True
+    record.end(status, outcome, why)
     if request.transport is not None:
         request.transport.close()
-
-
-def settle(app: web.Application, record: Record, key: VirtualKey | None) -> None:
-    """The one ending of every request: tokens to the tracker, metrics, health, the log."""
-    record.finish()
-    app[wiring.METRICS].request_ended()
-    record.cost_usd = app[wiring.PRICES].cost(record.provider, record.model, record.usage)
-    if key is not None and record.usage is not None:
-        app[wiring.QUOTA].charge_later(key, record.usage.total_tokens)
-    app[wiring.METRICS].observe(record)
-    app[wiring.HEALTH].observe(record)
-    app[wiring.LOGBOOK].write(record)

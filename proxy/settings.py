@@ -64,6 +64,13 @@ def _non_negative_seconds(text: str) -> float:
     return value
 
 
+def _ratio(text: str) -> float:
+    value = float(text.strip())
+    if not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return value
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -252,6 +259,70 @@ SETTINGS: tuple[Setting, ...] = (
         "a positive number of seconds",
     ),
     Setting(
+        "RETRY_ATTEMPTS",
+        "0",
+        _non_negative_int,
+        "extra attempts on one target after a retryable failure (fallbacks and pool keys "
+        "are tried regardless)",
+        "a non-negative integer",
+    ),
+    Setting(
+        "RETRY_MAX_WAIT_SECONDS",
+        "10",
+        _non_negative_seconds,
+        "the longest single wait before a retry; a provider asking for longer is not waited for",
+        "a non-negative number of seconds",
+    ),
+    Setting(
+        "RETRY_DEADLINE_SECONDS",
+        "60",
+        _positive_seconds,
+        "no new attempt (retry or fallback) starts after this long",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "BREAKER_FAILURES",
+        "3",
+        _positive_int,
+        "a target's breaker opens after this many failures in a row",
+        "a positive integer",
+    ),
+    Setting(
+        "BREAKER_ERROR_RATIO",
+        "0.5",
+        _ratio,
+        "... or when this share of its attempts in BREAKER_WINDOW_SECONDS failed (0: off)",
+        "a number from 0 to 1",
+    ),
+    Setting(
+        "BREAKER_MIN_REQUESTS",
+        "20",
+        _positive_int,
+        "the error ratio counts only over at least this many attempts",
+        "a positive integer",
+    ),
+    Setting(
+        "BREAKER_WINDOW_SECONDS",
+        "60",
+        _positive_seconds,
+        "the window of the error ratio, in seconds",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "BREAKER_COOLDOWN_SECONDS",
+        "30",
+        _positive_seconds,
+        "an open breaker lets one probe through after this long",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "POOL_STICKY_HEADER",
+        None,
+        _optional_text,
+        "a request header whose value keeps a client on one key of a pool (unset: no stickiness)",
+        "a header name",
+    ),
+    Setting(
         "WORKERS",
         "1",
         _non_negative_int,
@@ -315,6 +386,15 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)  # a secret
     auth_failure_limit: int = 20
     auth_failure_window_seconds: float = 60.0
+    retry_attempts: int = 0
+    retry_max_wait_seconds: float = 10.0
+    retry_deadline_seconds: float = 60.0
+    breaker_failures: int = 3
+    breaker_error_ratio: float = 0.5
+    breaker_min_requests: int = 20
+    breaker_window_seconds: float = 60.0
+    breaker_cooldown_seconds: float = 30.0
+    pool_sticky_header: str | None = None
     workers: int = 1
     keys_file_watch: bool = False
     admin_token: str | None = field(default=None, repr=False)

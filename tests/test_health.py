@@ -8,35 +8,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, Breakers
 from proxy.health import Health, is_upstream_failure
-from proxy.record import CLIENT_CLOSED, Record
+from proxy.record import CLIENT_CLOSED, Outcome, Record
 
 Client = TestClient[web.Request, web.Application]
-
-
-def record(provider: str = "openai", status: int = 200, **changes: object) -> Record:
-    """A finished record; the provider answered unless told otherwise."""
-    finished = Record.begin(None, "POST", "/v1/chat/completions")
-    finished.provider, finished.status, finished.ttft_ms = provider, status, 50.0
-    for name, value in changes.items():
-        setattr(finished, name, value)
-    return finished
-
-
-def unreachable(provider: str = "openai") -> Record:
-    return record(
-        provider,
-        502,
-        ttft_ms=None,
-        upstream_failed=True,
-        error="The provider could not be reached (ClientConnectorError).",
-    )
-
-
-def is_healthy(health: Health, provider: str = "openai") -> bool:
-    providers = health.report()["providers"]
-    assert isinstance(providers, dict)
-    return bool(providers[provider]["healthy"])
 
 
 class Clock:
@@ -47,6 +23,26 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def breakers(clock: Clock | None = None, **policy: float) -> Breakers:
+    return Breakers(["openai", "anthropic"], BreakerPolicy(**policy), clock or Clock())  # type: ignore[arg-type]
+
+
+def health_of(board: Breakers, clock: Clock | None = None, **kwargs: object) -> Health:
+    return Health(
+        {"openai": 2, "anthropic": 1},
+        board,
+        {"openai": "openai", "anthropic": "anthropic"},
+        clock=clock or Clock(),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def is_healthy(health: Health, provider: str = "openai") -> bool:
+    providers = health.report()["providers"]
+    assert isinstance(providers, dict)
+    return bool(providers[provider]["healthy"])
 
 
 @pytest.fixture
@@ -64,67 +60,105 @@ def serve(
     return start
 
 
-def test_three_upstream_failures_in_a_row_make_a_provider_unhealthy() -> None:
-    health = Health({"openai": 2, "anthropic": 1})
-    health.observe(unreachable())
-    health.observe(unreachable())
-    assert is_healthy(health)
+def test_three_failures_in_a_row_open_a_breaker_and_the_provider_turns_unhealthy() -> None:
+    board = breakers()
+    health = health_of(board)
+    board["openai"].failed(1000.0, "connection refused")
+    board["openai"].failed(1000.0, "connection refused")
+    assert is_healthy(health) and board["openai"].state == CLOSED
 
-    health.observe(unreachable())
+    board["openai"].failed(1000.0, "connection refused")
+    assert board["openai"].state == OPEN
     assert not is_healthy(health)
     assert is_healthy(health, "anthropic")
 
 
-def test_one_success_makes_a_provider_healthy_again() -> None:
-    health = Health({"openai": 1})
-    for _ in range(5):
-        health.observe(unreachable())
-    health.observe(record(status=200))
-
-    assert is_healthy(health)
-    health.observe(unreachable())
-    health.observe(unreachable())
-    assert is_healthy(health)  # the streak starts over after a success
-
-
-def test_a_client_that_left_counts_as_neither_failure_nor_success() -> None:
-    health = Health({"openai": 1})
-    health.observe(unreachable())
-    health.observe(unreachable())
-    health.observe(record(status=CLIENT_CLOSED, error="client closed the connection"))
-    assert is_healthy(health)  # not a third failure...
-
-    health.observe(unreachable())
-    assert not is_healthy(health)  # ...and it did not reset the streak either
+def test_one_success_resets_the_streak() -> None:
+    board = breakers()
+    breaker = board["openai"]
+    breaker.failed(1.0, "x")
+    breaker.failed(1.0, "x")
+    breaker.succeeded(1.0)
+    breaker.failed(1.0, "x")
+    breaker.failed(1.0, "x")
+    assert breaker.state == CLOSED  # the streak starts over after a success
 
 
-def test_a_provider_5xx_is_a_failure_and_a_refusal_by_the_gateway_is_neither() -> None:
-    assert is_upstream_failure(record(status=503))  # the provider's own 503
-    assert is_upstream_failure(record(status=200, upstream_failed=True, error="cut mid-stream"))
-    assert is_upstream_failure(record(status=504, ttft_ms=None, upstream_failed=True))
-    assert not is_upstream_failure(record(status=503, ttft_ms=None, error="Redis is down."))
-    assert not is_upstream_failure(record(status=500, ttft_ms=None, error="internal error"))
-    assert not is_upstream_failure(record(status=429))
+def test_an_open_breaker_lets_exactly_one_probe_through_after_its_cooldown() -> None:
+    clock = Clock()
+    breaker = breakers(clock, cooldown_seconds=30)["openai"]
+    for _ in range(3):
+        breaker.failed(clock.now, "503")
+    assert not breaker.admits(clock.now)
+    clock.now += 29.9
+    assert not breaker.admits(clock.now)
+    clock.now += 0.2
+    assert breaker.admits(clock.now) and breaker.state == HALF_OPEN
+    assert not breaker.admits(clock.now)  # one probe, not a burst
+    assert not breaker.admits(clock.now + 100)
+    breaker.failed(clock.now, "503 again")  # the probe failed: open for another cooldown
+    assert breaker.state == OPEN and not breaker.admits(clock.now + 29)
+    assert breaker.admits(clock.now + 31)
+    breaker.succeeded(clock.now + 31)  # the probe succeeded: closed
+    assert breaker.state == CLOSED and breaker.admits(clock.now + 31)
 
-    health = Health({"openai": 1})
-    health.observe(unreachable())
-    health.observe(unreachable())
-    health.observe(record(status=429, ttft_ms=None, error="quota exceeded"))  # not a success
-    health.observe(unreachable())
-    assert not is_healthy(health)
+
+def test_an_error_ratio_over_the_minimum_opens_a_breaker_without_failures_in_a_row() -> None:
+    clock = Clock()
+    breaker = breakers(clock, failures_in_a_row=100, error_ratio=0.5, min_requests=10)["openai"]
+    for _ in range(4):
+        breaker.failed(clock.now, "503")
+        breaker.succeeded(clock.now)
+    assert breaker.state == CLOSED  # 8 attempts: under the minimum
+    breaker.failed(clock.now, "503")
+    breaker.succeeded(clock.now)
+    assert breaker.state == CLOSED  # 10 attempts, ratio 0.5, but the last was a success
+    breaker.failed(clock.now, "503")
+    assert breaker.state == OPEN  # 11 attempts, 6 failed
 
 
-async def test_health_reports_status_uptime_providers_and_tracker(
+def test_failures_older_than_the_window_leave_the_ratio() -> None:
+    clock = Clock()
+    breaker = breakers(clock, failures_in_a_row=100, min_requests=4, window_seconds=60)["openai"]
+    for _ in range(3):
+        breaker.failed(clock.now, "503")
+        breaker.succeeded(clock.now)
+    clock.now += 61
+    breaker.succeeded(clock.now)
+    breaker.succeeded(clock.now)
+    breaker.succeeded(clock.now)
+    breaker.failed(clock.now, "503")
+    assert breaker.state == CLOSED  # 1 of 4 in the window
+
+
+def test_what_counts_as_an_upstream_failure() -> None:
+    def record(status: int, outcome: Outcome, answered: bool = True) -> Record:
+        finished = Record.begin(None, "POST", "/v1/chat/completions")
+        finished.ttft_ms = 50.0 if answered else None
+        finished.end(status, outcome)
+        return finished
+
+    assert is_upstream_failure(record(503, Outcome.ANSWERED))  # the provider's own 503
+    assert is_upstream_failure(record(200, Outcome.BROKEN))  # cut mid-stream
+    assert is_upstream_failure(record(504, Outcome.TIMEOUT, answered=False))
+    assert not is_upstream_failure(record(503, Outcome.REFUSED, answered=False))  # Redis down
+    assert not is_upstream_failure(record(500, Outcome.INTERNAL, answered=False))
+    assert not is_upstream_failure(record(429, Outcome.ANSWERED))
+    assert not is_upstream_failure(record(CLIENT_CLOSED, Outcome.CLIENT_LEFT))
+
+
+async def test_health_reports_status_uptime_providers_targets_and_tracker(
     serve: Callable[[Health], Awaitable[Client]],
 ) -> None:
     clock = Clock()
-    health = Health({"openai": 2, "anthropic": 1}, clock=clock)
+    health = health_of(breakers(clock), clock)
     clock.now += 12.34
     client = await serve(health)
 
     response = await client.get("/health")
     assert response.status == 200
     assert response.content_type == "application/json"
+    closed = {"state": "closed", "failures_in_a_row": 0, "last_error": None}
     assert await response.json() == {
         "status": "healthy",
         "uptime_seconds": 12.3,
@@ -132,6 +166,7 @@ async def test_health_reports_status_uptime_providers_and_tracker(
             "openai": {"keys": 2, "healthy": True, "last_error": None},
             "anthropic": {"keys": 1, "healthy": True, "last_error": None},
         },
+        "targets": {"anthropic": closed, "openai": closed},
         "tracker": {"backend": "memory", "healthy": True, "last_error": None},
     }
 
@@ -139,25 +174,24 @@ async def test_health_reports_status_uptime_providers_and_tracker(
 async def test_health_names_the_last_error_of_an_unhealthy_provider(
     serve: Callable[[Health], Awaitable[Client]],
 ) -> None:
-    health = Health({"openai": 1, "anthropic": 1})
+    board = breakers()
+    health = health_of(board)
+    why = "provider 'openai' at api.openai.com:443: connection refused"
     for _ in range(3):
-        health.observe(unreachable())
+        board["openai"].failed(1000.0, why)
     client = await serve(health)
 
     body = await (await client.get("/health")).json()
     assert body["status"] == "degraded"
-    assert body["providers"]["openai"] == {
-        "keys": 1,
-        "healthy": False,
-        "last_error": "502 The provider could not be reached (ClientConnectorError).",
-    }
+    assert body["providers"]["openai"] == {"keys": 2, "healthy": False, "last_error": why}
+    assert body["targets"]["openai"]["state"] == "open"
     assert body["providers"]["anthropic"]["healthy"] is True
 
 
 async def test_health_is_degraded_while_the_tracker_has_lost_redis(
     serve: Callable[[Health], Awaitable[Client]],
 ) -> None:
-    health = Health({"openai": 1}, tracker_backend="redis")
+    health = health_of(breakers(), tracker_backend="redis")
     client = await serve(health)
     health.tracker_degraded = "ConnectionError: Connection refused"
 
@@ -178,7 +212,7 @@ async def test_health_is_degraded_while_the_tracker_has_lost_redis(
 async def test_ready_is_200_while_serving_and_503_once_shutting_down(
     serve: Callable[[Health], Awaitable[Client]],
 ) -> None:
-    health = Health({"openai": 1})
+    health = health_of(breakers())
     client = await serve(health)
 
     response = await client.get("/ready")

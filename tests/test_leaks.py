@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from pathlib import Path
-
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp

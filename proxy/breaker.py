@@ -1,0 +1,155 @@
+"""Circuit breakers, one per target: stop sending to a target that keeps failing.
+
+A breaker is *closed* (traffic flows) until the target fails BREAKER_FAILURES times in a
+row, or fails at least BREAKER_ERROR_RATIO of at least BREAKER_MIN_REQUESTS attempts within
+BREAKER_WINDOW_SECONDS. Then it is *open*: the attempt loop skips the target. After
+BREAKER_COOLDOWN_SECONDS it lets exactly one probe through (*half-open*): the probe's
+success closes it, its failure opens it again for another cooldown. While the probe is out,
+every other request skips the target, so an outage never sees a burst of probes.
+
+A failure is the provider's: unreachable, no headers in time, a body cut short, or a
+status that says it is failing (408, 500, 502, 503, 504, 529). A 429 is about a key, not
+the target (the pool sets that key aside), and a 4xx is about the request: neither counts,
+and a client that left tells nothing. Breakers live in one process (each worker learns on
+its own), and are read by /health and the breaker-state metric.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+LAST_ERROR_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When a breaker opens and how long it stays open."""
+
+    failures_in_a_row: int = 3
+    error_ratio: float = 0.5  # 0: only failures in a row count
+    min_requests: int = 20
+    window_seconds: float = 60.0
+    cooldown_seconds: float = 30.0
+
+
+class Breaker:
+    """One target's breaker."""
+
+    __slots__ = (
+        "_history",
+        "_on_change",
+        "_policy",
+        "failures_in_a_row",
+        "last_error",
+        "last_failure",
+        "opened_at",
+        "probing",
+        "state",
+    )
+
+    def __init__(
+        self, policy: BreakerPolicy, on_change: Callable[[str], None] = lambda state: None
+    ) -> None:
+        self._policy = policy
+        self._on_change = on_change
+        self._history: deque[tuple[float, bool]] = deque()  # (time, failed) in the window
+        self.state = CLOSED
+        self.failures_in_a_row = 0
+        self.opened_at = 0.0
+        self.last_failure = float("-inf")
+        self.last_error: str | None = None
+        self.probing = False
+
+    def admits(self, now: float) -> bool:
+        """May an attempt go to this target now? Half-open admits exactly one probe."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and now - self.opened_at >= self._policy.cooldown_seconds:
+            self._move(HALF_OPEN)
+        if self.state == HALF_OPEN and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def succeeded(self, now: float) -> None:
+        self.failures_in_a_row = 0
+        self._remember(now, failed=False)
+        if self.state != CLOSED:
+            self.probing = False
+            self._history.clear()
+            self._move(CLOSED)
+
+    def failed(self, now: float, why: str) -> None:
+        self.failures_in_a_row += 1
+        self.last_failure, self.last_error = now, why[:LAST_ERROR_CHARS]
+        self._remember(now, failed=True)
+        if self.state == HALF_OPEN or self._should_open():
+            self.opened_at, self.probing = now, False
+            self._move(OPEN)
+
+    def _move(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self._on_change(state)
+
+    def _remember(self, now: float, failed: bool) -> None:
+        history, cutoff = self._history, now - self._policy.window_seconds
+        history.append((now, failed))
+        while history and history[0][0] <= cutoff:
+            history.popleft()
+
+    def _should_open(self) -> bool:
+        policy = self._policy
+        if self.failures_in_a_row >= policy.failures_in_a_row:
+            return True
+        if policy.error_ratio <= 0 or len(self._history) < policy.min_requests:
+            return False
+        failures = sum(1 for _, failed in self._history if failed)
+        return failures / len(self._history) >= policy.error_ratio
+
+
+class Breakers:
+    """Every target's breaker, by target name (names come from keys.json only)."""
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        policy: BreakerPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, str], None] = lambda name, state: None,
+    ) -> None:
+        """`on_change(target, state)` is told every move (the breaker-state metric)."""
+        self._policy = policy
+        self.clock = clock
+        self._on_change = on_change
+        self._breakers: dict[str, Breaker] = {}
+        for name in names:
+            self._add(name)
+
+    def __getitem__(self, name: str) -> Breaker:
+        breaker = self._breakers.get(name)
+        return breaker if breaker is not None else self._add(name)  # added by a reload
+
+    def _add(self, name: str) -> Breaker:
+        breaker = Breaker(self._policy, lambda state: self._on_change(name, state))
+        self._breakers[name] = breaker
+        self._on_change(name, CLOSED)
+        return breaker
+
+    def items(self) -> Iterable[tuple[str, Breaker]]:
+        return self._breakers.items()
+
+    def report(self) -> dict[str, dict[str, object]]:
+        """/health's view: each target's state, failures in a row, last error."""
+        return {
+            name: {
+                "state": breaker.state,
+                "failures_in_a_row": breaker.failures_in_a_row,
+                "last_error": breaker.last_error,
+            }
+            for name, breaker in sorted(self._breakers.items())
+        }
