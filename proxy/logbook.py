@@ -126,6 +126,9 @@ class Logbook:
             fields["error"] = record.error
         if record.websocket is not None:
             fields["websocket"] = record.websocket
+        if record.attempts:
+            fields["target"] = record.target
+            fields["attempts"] = [attempt.as_dict() for attempt in record.attempts]
         if self._log_bodies:
             fields["request"] = record.request_body
             fields["response"] = record.response_text

@@ -43,7 +43,7 @@ log = logging.getLogger("llm_gateway")
 # (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
 WHOLE_BODY_BYTES = 1 << 20
 # Marks a response whose provider answer had no Content-Type (see keep_untyped).
-UNTYPED = "llm_gateway_untyped"
+UNTYPED = web.ResponseKey("untyped", bool)
 
 
 class Relay:
@@ -193,13 +193,12 @@ async def send_whole(
     """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
     asked = time.perf_counter()
     try:
-        async with asyncio.timeout(idle):
-            data = await reply.read()
+        data = await read_whole(reply, idle)
     except TimeoutError:
-        why = f"the provider sent no body for {idle:g} seconds"
+        why = f"the provider sent nothing for {idle:g} seconds"
         record.end(504, Outcome.TIMEOUT, why)
         raise GatewayError(
-            504, "upstream_timeout", f"The provider sent no body for {idle:g} seconds."
+            504, "upstream_timeout", f"The provider sent nothing for {idle:g} seconds."
         ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         why = f"the provider broke off its answer ({error.__class__.__name__})"
@@ -211,6 +210,18 @@ async def send_whole(
     tap.feed(data)
     record.end(reply.status, Outcome.ANSWERED)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
+
+
+async def read_whole(reply: Reply, idle: float) -> bytes:
+    """The whole body; `idle` bounds each silence, not the whole read (a slow body is fine)."""
+    if isinstance(reply, StoredAnswer):
+        return reply.body
+    loop, parts = asyncio.get_running_loop(), []
+    async with asyncio.timeout_at(loop.time() + idle) as deadline:
+        while chunk := await reply.content.readany():
+            parts.append(chunk)
+            deadline.reschedule(loop.time() + idle)
+    return b"".join(parts)
 
 
 async def keep_untyped(request: web.Request, response: web.StreamResponse) -> None:

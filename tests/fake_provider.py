@@ -31,6 +31,13 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
+    x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
+    x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
+    x-fake-untyped: 1         any answer goes without a Content-Type
+
+Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
+makes every request presenting that key get that answer (or only `times` of them), so a
+fallback or a pool's other key can be told apart from the failing one.
 
 The Anthropic dialect (errors, model objects) is used on `/messages` paths and for any
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
@@ -125,6 +132,20 @@ class FakeState:
     usage: dict[str, dict] = field(default_factory=dict)
     # set on shutdown so hanging handlers let go instead of holding the server open
     is_stopping: bool = False
+    # real key -> a fault every request presenting that key gets (see Fault)
+    faults: dict[str, Fault] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Fault:
+    """Answer `status` (the provider's error body, plus `headers`) to a real key's requests.
+
+    `times`: only that many times, then answer normally again (None: until removed).
+    """
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int | None = None
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -207,6 +228,11 @@ async def observe(
     state.requests.append(seen)
     request[REQUEST_ID] = request.headers.get("x-request-id") or f"req_fake_{uuid.uuid4().hex[:16]}"
     knobs = request[KNOBS] = Knobs.read(request.headers)
+    fault = state.faults.get(credential(request.headers) or "")
+    if fault is not None and fault.times != 0:
+        if fault.times is not None:
+            fault.times -= 1
+        return await reply_error(request, fault.status, fault.headers)
     if knobs.drop == "headers":
         close(request)
         return web.Response()  # never written: the connection is gone
@@ -217,9 +243,26 @@ async def observe(
     if knobs.status is not None:
         return await reply_error(request, knobs.status)
     if knobs.raw_chunks is not None:
-        frames = [f"raw{index}\n".encode() for index in range(knobs.raw_chunks)]
-        return await send(request, frames, content_type="application/octet-stream")
+        pad = b"." * int(request.headers.get("x-fake-raw-bytes", "0"))
+        frames = [f"raw{index}\n".encode() + pad for index in range(knobs.raw_chunks)]
+        return await send(
+            request,
+            frames,
+            content_type="application/octet-stream",
+            is_sized=request.headers.get("x-fake-sized") == "1",
+        )
     return await handler(request)
+
+
+def credential(headers: CIMultiDictProxy[str]) -> str | None:
+    """The real key a request presents, in whichever provider style it came."""
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        if name in headers:
+            return headers[name]
+    return None
 
 
 def close(request: web.Request) -> None:
@@ -367,6 +410,12 @@ def sse(data: object, event: str | None = None) -> bytes:
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+async def drop_content_type(request: web.Request, response: web.StreamResponse) -> None:
+    """x-fake-untyped: aiohttp adds application/octet-stream; take it off again."""
+    if request.headers.get("x-fake-untyped") == "1":
+        response.headers.popall("Content-Type", None)
+
+
 async def add_provider_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Headers a real provider sends on every answer (on_response_prepare)."""
     for name, value in PROVIDER_HEADERS:
@@ -446,7 +495,9 @@ def is_usage_streamed(payload: dict) -> bool:
     return (payload.get("stream_options") or {}).get("include_usage") is True
 
 
-async def reply_error(request: web.Request, status: int) -> web.StreamResponse:
+async def reply_error(
+    request: web.Request, status: int, extra: Mapping[str, str] | None = None
+) -> web.StreamResponse:
     """The provider's own error body and headers for this status."""
     message = f"fake provider error {status}"
     if request.headers.get("x-fake-reflect") == "body":
@@ -470,6 +521,7 @@ async def reply_error(request: web.Request, status: int) -> web.StreamResponse:
         headers["retry-after"] = "7"
     if status == 429:
         headers["x-ratelimit-remaining-requests"] = "0"
+    headers.update(extra or {})
     return await reply(request, body, status=status, headers=headers)
 
 
@@ -836,6 +888,7 @@ def build_fake_provider() -> web.Application:
     fake_realtime.install(app)  # the Realtime API's WebSocket
     app.router.add_route("*", "/{tail:.*}", echo)
     app.on_response_prepare.append(add_provider_headers)
+    app.on_response_prepare.append(drop_content_type)
     app.on_shutdown.append(let_go)
     return app
 

@@ -15,7 +15,7 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import MODEL_LABEL_VALUES, Metrics, forget_worker
-from proxy.record import CLIENT_CLOSED, Record, Usage
+from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -29,6 +29,12 @@ def finished_record(**changes: object) -> Record:
     record.ttft_ms, record.duration_ms = 40.0, 300.0
     for name, value in changes.items():
         setattr(record, name, value)
+    return record
+
+
+def ended(record: Record, status: int, outcome: Outcome) -> Record:
+    record.outcome = None
+    record.end(status, outcome)
     return record
 
 
@@ -133,12 +139,12 @@ def test_client_made_up_models_cannot_explode_the_series() -> None:
 
 def test_upstream_failures_are_counted_by_kind() -> None:
     metrics = Metrics()
-    metrics.observe(finished_record(status=502, upstream_failed=True, ttft_ms=None, usage=None))
-    metrics.observe(finished_record(status=504, upstream_failed=True, ttft_ms=None, usage=None))
-    metrics.observe(finished_record(status=200, upstream_failed=True, error="cut"))
-    metrics.observe(finished_record(status=503, usage=None))  # the provider's own 503
-    metrics.observe(finished_record(status=503, ttft_ms=None, error="Redis is unavailable."))
-    metrics.observe(finished_record(status=CLIENT_CLOSED))
+    metrics.observe(ended(finished_record(ttft_ms=None, usage=None), 502, Outcome.UNREACHABLE))
+    metrics.observe(ended(finished_record(ttft_ms=None, usage=None), 504, Outcome.TIMEOUT))
+    metrics.observe(ended(finished_record(), 200, Outcome.BROKEN))
+    metrics.observe(ended(finished_record(usage=None), 503, Outcome.ANSWERED))  # provider's 503
+    metrics.observe(ended(finished_record(ttft_ms=None), 503, Outcome.REFUSED))  # Redis lost
+    metrics.observe(ended(finished_record(), CLIENT_CLOSED, Outcome.CLIENT_LEFT))
 
     found = samples(metrics)
     errors = "llm_gateway_upstream_errors_total"

@@ -498,3 +498,40 @@ async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(
     )
     assert response.status == 200
     assert "expect" not in fake.requests[-1].headers
+
+
+async def test_a_slow_whole_body_is_bounded_per_silence_not_in_total(
+    make_gateway, fake
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    headers = {
+        **auth(OPENAI_VK),
+        "x-fake-raw-chunks": "8",
+        "x-fake-raw-bytes": "12800",  # 100 KB in all, with a Content-Length
+        "x-fake-sized": "1",
+        "x-fake-delay-ms": "200",  # 1.4 s in all, but never 0.5 s of silence
+    }
+    response = await gateway.get("/v1/files/file-abc/content", headers=headers)
+    assert response.status == 200
+    body = await response.read()
+    assert len(body) > 100_000 and body == next(iter(fake.sent.values()))
+
+
+async def test_an_answer_without_content_type_gets_none_added(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    for chunks, sized in (("3", "1"), ("3", "0")):  # sent whole, and streamed
+        response = await gateway.get(
+            "/v1/files/file-abc/content",
+            headers={
+                **auth(OPENAI_VK),
+                "x-fake-raw-chunks": chunks,
+                "x-fake-sized": sized,
+                "x-fake-untyped": "1",
+            },
+        )
+        assert response.status == 200
+        assert "Content-Type" not in response.headers
+        assert await response.read() == b"raw0\nraw1\nraw2\n"

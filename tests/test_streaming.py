@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.fake_provider import FakeState
@@ -190,3 +191,34 @@ async def test_a_slow_stream_within_the_idle_timeout_is_not_cut(
     )
     body = await response.read()  # 1 s in all, but no gap over 0.5 s
     assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_that_stops_reading_is_the_clients_fault_not_the_providers(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    # A raw socket that reads the response head, then nothing more, while the provider
+    # keeps sending (200 chunks of 256 KiB: far more than the socket buffers hold).
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
+        + b"x-fake-raw-chunks: 200\r\nx-fake-raw-bytes: 262144\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    (line,) = await records(1, timeout=10.0)  # written once the gateway gave up on the client
+    writer.close()
+    assert line["status"] == 499
+    assert "client read nothing for 0.5 seconds" in line["error"]
+    report = await (await gateway.get("/health")).json()
+    assert report["providers"]["openai"] == {"keys": 2, "healthy": True, "last_error": None}
+    metrics = await (await gateway.get("/metrics")).text()
+    upstream_errors = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "llm_gateway_upstream_errors_total"
+    ]
+    assert sum(upstream_errors) == 0
