@@ -29,11 +29,11 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
                               an x-debug-request header (as a debugging proxy might)
     x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
-
-GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
     x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
+
+GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
 
 Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
 makes every request presenting that key get that answer (or only `times` of them), so a
