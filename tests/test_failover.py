@@ -460,7 +460,7 @@ async def test_two_instances_on_one_redis_keep_quotas_exact_while_failing_over(
         return response.status
 
     statuses = await asyncio.gather(*(one(n) for n in range(60)))
-    assert sorted(statuses) == [200] * 20 + [429] * 40
+    assert sorted(statuses) == [200] * 20 + [429] * 40, statuses
     assert (
         keys_seen(fake).count(BACKUP) == 20
     )  # each admitted request answered once, by the fallback
