@@ -15,7 +15,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.peek import readable
+from proxy.encodings import decode_body
 from proxy.providers import upstream_headers, upstream_url
 from proxy.targets import Credential, Target
 
@@ -54,7 +54,7 @@ def build(
     headers = upstream_headers(target.provider, "", incoming, request_id)
     if target.model is not None and body and method == "POST":
         encoding = incoming.get("content-encoding", "")
-        plain = readable(body, encoding, max_body_bytes)
+        plain = decode_body(body, encoding, max_body_bytes)
         swapped = swap_model(plain, target.model)
         if swapped is not plain:
             body = swapped
