@@ -42,6 +42,8 @@ class VirtualKey:
     limits: Limits | None  # None: quotas off
     allowed_models: re.Pattern[str] | None = None  # None: any model
     model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
+    # "stream_usage": "exact": ask OpenAI streams for their usage chunk (stream_usage.py).
+    exact_stream_usage: bool = False
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -226,6 +228,9 @@ def _key(
 
     plans = parse_plans(where, entry, providers, real_key)
     patterns = entry.get("allowed_models")
+    stream_usage = entry.get("stream_usage", "estimate")
+    if stream_usage not in ("exact", "estimate"):
+        raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
     return VirtualKey(
         secret=secret,
         name=name,
@@ -234,4 +239,5 @@ def _key(
         limits=fields.limits(where, entry.get("quota"), defaults),
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
+        exact_stream_usage=stream_usage == "exact",
     )

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import errors, quota
+from proxy import errors, quota, stream_usage
 from proxy.errors import GatewayError
 from proxy.failover import Failover, Reply, StoredAnswer
 from proxy.keys import KeyRing, VirtualKey
@@ -33,6 +33,7 @@ from proxy.realtime import Realtime, is_upgrade
 from proxy.record import CLIENT_CLOSED, Outcome, Record
 from proxy.routing import route
 from proxy.settings import Settings
+from proxy.stream_usage import UsageChunkFilter
 from proxy.targets import Plan
 from proxy.tracker import Admission
 from proxy.usage import TapMemory, UsageTap, charged
@@ -95,9 +96,10 @@ class Relay:
             plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
             if settings.log_bodies:
                 record.request_body = body
+            body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
             admission = await self.quota.admit(key)  # 429, 503
             async with self.failover.forward(request, plan, tail, query, body, record) as reply:
-                return await self.stream_back(request, reply, plan, body, record, admission)
+                return await self.stream_back(request, reply, plan, body, record, admission, asked)
         except GatewayError as error:
             record.end(error.status, Outcome.REFUSED, error.message)
             if error.status == 429:
@@ -124,8 +126,12 @@ class Relay:
         body: bytes,
         record: Record,
         admission: Admission | None,
+        asked_usage: bool = False,
     ) -> web.StreamResponse:
-        """Send the provider's status and headers (none carrying a real key), then each chunk."""
+        """Send the provider's status and headers (none carrying a real key), then each chunk.
+
+        `asked_usage`: the gateway asked for the usage chunk (stream_usage.py): withhold it.
+        """
         settings = self.settings
         headers = downstream_headers(reply.headers, plan.secrets)
         if admission is not None:
@@ -151,7 +157,9 @@ class Relay:
                 return response
             await response.prepare(request)
             # After prepare() the status is sent: a failure can only end the stream.
-            await relay_body(request, reply, response, tap, record, idle)
+            is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
+            withheld = UsageChunkFilter() if is_withheld else None
+            await relay_body(request, reply, response, tap, record, idle, withheld)
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
@@ -238,8 +246,10 @@ async def relay_body(
     tap: UsageTap,
     record: Record,
     idle: float,
+    withheld: UsageChunkFilter | None = None,
 ) -> None:
-    """Each chunk to the client first, then to the usage tap; the record says how it ended.
+    """Each chunk to the client first (less a `withheld` usage chunk), then to the usage tap;
+    the record says how it ended.
 
     One deadline serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
@@ -256,7 +266,7 @@ async def relay_body(
             record.mark_first_byte()
             while chunk:
                 is_writing = True
-                await response.write(chunk)
+                await response.write(chunk if withheld is None else withheld(chunk))
                 is_writing = False
                 tap.feed(chunk)
                 deadline.reschedule(loop.time() + idle)
@@ -264,7 +274,7 @@ async def relay_body(
                 chunk = await read()
                 record.waited_upstream(asked)
             is_writing = True
-            await response.write_eof()
+            await response.write_eof(b"" if withheld is None else withheld.rest())
     except ConnectionResetError:  # the client left: not the provider's failure
         record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
         return
