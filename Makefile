@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: run test unit e2e demo bench bench-profile bench-redis system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: bench-failover run test unit e2e demo bench bench-profile bench-redis system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -70,6 +70,10 @@ bench: $(STAMP)
 bench-profile: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/profile_steps.py $(if $(QUICK),--quick)
+
+# bench-failover: the no-failure path against a failover (primary refusing at once), one gateway, one run
+bench-failover: $(STAMP)
+	$(PY) bench/failover.py $(if $(QUICK),--quick)
 
 # bench-redis: Redis admission against memory, and WORKERS=2 against WORKERS=1 (issue 7)
 bench-redis: $(STAMP) system-packages
