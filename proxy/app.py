@@ -25,6 +25,7 @@ from proxy.breaker import BreakerPolicy, Breakers
 from proxy.cors import Cors
 from proxy.credentials import presents_token
 from proxy.errors import GatewayError
+from proxy.expect import expect_handler
 from proxy.failover import Failover, RetryPolicy
 from proxy.health import Health
 from proxy.keys import Defaults, KeyRing
@@ -198,7 +199,9 @@ def build_app(
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:
         Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
-    app.router.add_route("*", "/{tail:.*}", relay.handle)
+    # (?s): a path with %0a is still proxied, and refused by relay in the dialect, logged.
+    expect = expect_handler(key_ring, lockout, settings.max_body_bytes)
+    app.router.add_route("*", "/{tail:(?s:.*)}", relay.handle, expect_handler=expect)
     return app
 
 

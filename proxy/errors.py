@@ -6,17 +6,21 @@ Provider errors are not ours: they pass through unchanged, status, headers and b
 
 The failure map, by the step that raises (status, OpenAI code):
 
+    route          400 invalid_path           `..`, encoded slashes, an absolute URL, a fragment,
+                                              a control character
+                   404 unknown_route          not a /v1 path nor a seed path
+                   405 method_not_allowed     POST /health and the like (Allow: GET, HEAD)
     authenticate   401 invalid_api_key        no key, or a key not in keys.json
+                   429 too_many_authentication_failures   this address failed too often
     read_body      413 request_too_large      over MAX_BODY_BYTES (Content-Length or counted)
                    400 invalid_body           the client sent a broken body
-    route          400 invalid_path           `..`, encoded slashes, an absolute URL, a fragment
-                   404 unknown_route          not a /v1 path nor a seed path
     validate       400 invalid_json           a JSON body that does not parse
                    400 invalid_body           not what its Content-Encoding says
                    413 request_too_large      a compressed body that inflates past the limit
                    415 unsupported_encoding   a Content-Encoding other than gzip or deflate
                    400 missing_field          chat/messages without model or messages
-                   403 model_not_allowed      model outside the key's allowed_models
+                   403 model_not_allowed      model outside the key's allowed_models, or one
+                                              a restricted key's request names out of sight
     admit          429 rate_limit_exceeded    over the key's quota (Retry-After set)
                    503 quota_unavailable      Redis lost and QUOTA_ON_REDIS_ERROR=deny
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers

@@ -84,11 +84,11 @@ class Relay:
         key: VirtualKey | None = None
         self.metrics.request_started()
         try:
+            tail, query = route(request.raw_path)  # 400, 404, 405
             key = self.lockout.authenticate(
                 self.key_ring, request.headers, request.remote
             )  # 401, 429
             record.key, record.provider = key.name, key.provider.name
-            tail, query = route(request.raw_path)  # 400, 404
             body = await read_body(request, settings.max_body_bytes)  # 400, 413
             peek = validate(
                 tail, request, body, key, settings.max_body_bytes, record

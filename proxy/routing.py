@@ -5,7 +5,9 @@
 The tail is taken from the raw request target and forwarded still encoded, so the
 provider sees the same bytes; anything that could move the request off the provider's
 base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
-empty segment) is refused with 400 before it goes anywhere.
+empty segment, a control character) is refused with 400 before it goes anywhere. Any other
+path gets 404 naming the proxied ones; the gateway's own endpoints, reached here only with
+a method they do not serve, get 405. Routing needs no key: `relay` routes first.
 """
 
 from __future__ import annotations
@@ -16,19 +18,33 @@ from urllib.parse import unquote
 from proxy.errors import GatewayError
 
 SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models"))
+# The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
+OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
 
 # Encoded '/', '\' and NUL: a provider may decode them into path separators.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+# Control characters, raw or encoded (%0a ...): no provider path holds one; a log reader
+# or a provider's own router could be misled by it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
+# A scheme and '//' inside the path: `/v1/http://evil.example/x`.
+_ABSOLUTE_URL = re.compile(r"(^|/)[a-z][a-z0-9+.-]*:(//|%2f%2f)", re.IGNORECASE)
 
 
 def route(raw_target: str) -> tuple[str, str]:
-    """(tail, raw query) of the request target. Raises 400 (unsafe path), 404 (not proxied)."""
+    """(tail, raw query) of the request target. Raises 400 (unsafe), 404 (not proxied), 405."""
     if "#" in raw_target:
         # Clients never send fragments; forwarding without it would skip validation by path.
         raise _unsafe("a fragment ('#')")
     path, _, query = raw_target.partition("?")
     if not path.startswith("/") or path.startswith("//"):
         raise _unsafe("an absolute URL")
+    if path in OWN_ENDPOINTS:
+        raise GatewayError(
+            405,
+            "method_not_allowed",
+            f"{path} answers GET (and HEAD) only.",
+            headers={"allow": "GET, HEAD"},
+        )
     if path.startswith("/v1/"):
         tail = path[4:]
     elif path.partition("/")[2].partition("/")[0] in SEED_ROOTS:
@@ -37,8 +53,15 @@ def route(raw_target: str) -> tuple[str, str]:
         raise GatewayError(
             404,
             "unknown_route",
-            "Not a proxied path: use /v1/<provider path> (e.g. /v1/chat/completions).",
+            "Not a proxied path. Proxied: /v1/<provider path> (e.g. /v1/chat/completions, "
+            "/v1/messages, /v1/embeddings, /v1/models, /v1/responses) and, without /v1, "
+            "/chat/completions, /completions, /embeddings, /messages, /models. "
+            "The gateway's own: GET /health, /ready, /metrics, /usage.",
         )
+    if _CONTROL.search(tail):
+        raise _unsafe("a control character")
+    if _ABSOLUTE_URL.search(tail):
+        raise _unsafe("an absolute URL")
     if "\\" in tail or _ENCODED_SEPARATOR.search(tail):
         raise _unsafe("an encoded slash or backslash")
     segments = tail.split("/")

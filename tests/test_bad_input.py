@@ -373,6 +373,8 @@ def keyless_cases(rng: random.Random) -> list[Bad]:
             rng.sample(OPENAI_PATHS, 2) + rng.sample(ANTHROPIC_PATHS, 1) + ["/unknown/route"]
         ):
             method = rng.choice(("POST", "GET", *ODD_METHODS))
+            # A path that is not proxied is refused before any key is looked at.
+            code = "unknown_route" if path == "/unknown/route" else "invalid_api_key"
             cases.append(
                 Bad(
                     f"{label} {method} {path}",
@@ -380,7 +382,7 @@ def keyless_cases(rng: random.Random) -> list[Bad]:
                     path,
                     headers,
                     rng.choice(bodies),
-                    frozenset({"invalid_api_key"}),
+                    frozenset({code}),
                 )
             )
     return cases
@@ -1254,3 +1256,44 @@ async def test_a_non_utf8_request_id_keeps_its_log_line(gateway: TestClient, rec
     assert answer is not None and answer.status == 400
     assert answer.headers["x-request-id"]
     assert len(await records(1, timeout=1.0)) == 1
+
+
+async def first_answer_line(gateway: TestClient, head: list[tuple[str, str]]) -> bytes:
+    """Send a request head with Expect: 100-continue and no body; the first status line back."""
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    try:
+        lines = [b"POST /v1/chat/completions HTTP/1.1", b"Host: gateway"]
+        lines += [f"{name}: {value}".encode() for name, value in head]
+        writer.write(b"\r\n".join([*lines, b"Expect: 100-continue", b"", b""]))
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "answer"),
+    [
+        ([("Authorization", "Bearer vk_unknown_0000000"), ("Content-Length", "100")], b"401"),
+        ([("Content-Length", "100")], b"401"),
+        ([("Authorization", f"Bearer {OPENAI_VK}"), ("Content-Length", str(10**9))], b"413"),
+        ([("Authorization", f"Bearer {OPENAI_VK}"), ("Content-Length", "100")], b"100 Continue"),
+    ],
+)
+async def test_100_continue_is_sent_only_to_a_request_the_gateway_will_read(
+    gateway: TestClient, fake: FakeState, head: list[tuple[str, str]], answer: bytes
+) -> None:
+    line = await first_answer_line(gateway, head)
+    assert line.startswith(b"HTTP/1.1 ") and answer in line, line
+    assert fake.requests == []
+
+
+async def test_100_continue_is_not_sent_to_a_locked_out_address(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(AUTH_FAILURE_LIMIT="1")
+    assert (await gateway.get("/usage", headers=auth("vk_unknown_0000000"))).status == 401
+    line = await first_answer_line(
+        gateway, [("Authorization", f"Bearer {OPENAI_VK}"), ("Content-Length", "10")]
+    )
+    assert b"429" in line, line
