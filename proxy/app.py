@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +43,9 @@ from proxy.settings import Settings
 from proxy.tracker import MemoryTracker, Tracker
 from proxy.usage import TapMemory
 
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -57,6 +61,7 @@ TAP_MEMORY = web.AppKey("tap_memory", TapMemory)
 KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
 FAILOVER = web.AppKey("failover", Failover)
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -170,6 +175,11 @@ def build_app(
     )
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
+    if settings.is_tracing_on:
+        from proxy.tracing import Tracing  # the OpenTelemetry SDK loads only when it is used
+
+        app[TRACING] = Tracing(settings.otel, on_export_failure=metrics.trace_export_failed)
+        app.cleanup_ctx.append(_tracing)
     relay = Relay(
         settings,
         key_ring,
@@ -181,6 +191,7 @@ def build_app(
         app[LOGBOOK],
         app[REALTIME],
         app[TAP_MEMORY],
+        app.get(TRACING),
     )
     app.on_response_prepare.append(keep_untyped)
     app.cleanup_ctx.append(_upstream_session)
@@ -271,6 +282,11 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[FAILOVER].session = session
     yield
     await session.close()
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[TRACING].close()  # after the last request: its spans are exported too
 
 
 async def _logbook(app: web.Application) -> AsyncIterator[None]:

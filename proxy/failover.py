@@ -231,6 +231,9 @@ class Failover:
         now = self.breakers.clock
         record.target, record.provider = target.name, target.provider.name
         outbound.use(credential)
+        if record.trace is not None:  # traces: a client span, its context in the headers
+            model = target.model or record.model
+            record.trace.attempt(outbound.headers, target.provider.name, model, outbound.url)
         asked = time.perf_counter()
         try:
             async with asyncio.timeout(self.policy.request_timeout):

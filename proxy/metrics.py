@@ -169,6 +169,11 @@ class Metrics:
             "Interaction log lines that could not be written.",
             registry=owner,
         )
+        self._trace_export_failures = Counter(
+            "llm_gateway_trace_export_failures",
+            "Span batches the trace collector did not take (unreachable, refused, timed out).",
+            registry=owner,
+        )
         self._redis_errors = Counter(
             "llm_gateway_redis_errors",
             "Requests decided without Redis, by decision.",
@@ -271,6 +276,10 @@ class Metrics:
     def log_write_failed(self) -> None:
         """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""
         self._log_write_errors.inc()
+
+    def trace_export_failed(self) -> None:
+        """Count a span batch lost; thread-safe, the tracer's export thread calls it."""
+        self._trace_export_failures.inc()
 
     def redis_error_decision(self, decision: str) -> None:
         """Count a decision made without Redis: a request let through ("allow"), refused

@@ -12,6 +12,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.tracing import Trace  # the SDK loads only when tracing is on
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499
@@ -135,6 +139,10 @@ class Record:
     # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
     request_body: bytes | None = None
     response_text: str | None = None
+    # The model the provider says answered (the usage tap reads it), for traces; None: unsaid.
+    response_model: str | None = None
+    # The request's spans when tracing is on (proxy/tracing.py); None when it is off.
+    trace: Trace | None = None
     # A WebSocket session's frames each way and how it ended (proxy/realtime.py); else None.
     websocket: dict[str, object] | None = None
 

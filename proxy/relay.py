@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,9 @@ from proxy.targets import Plan
 from proxy.tracker import Admission
 from proxy.usage import TapMemory, UsageTap, charged
 
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
+
 log = logging.getLogger("llm_gateway")
 
 # Bodies of known length up to this size are read whole and sent in one write; a stream
@@ -62,6 +66,7 @@ class Relay:
         logbook: Logbook,
         realtime: Realtime,
         tap_memory: TapMemory,
+        tracing: Tracing | None = None,  # None: traces off
     ) -> None:
         self.settings = settings
         self.key_ring = key_ring
@@ -73,6 +78,7 @@ class Relay:
         self.logbook = logbook
         self.realtime = realtime
         self.tap_memory = tap_memory
+        self.tracing = tracing
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Authenticate, validate, admit, forward, stream back, record."""
@@ -82,6 +88,8 @@ class Relay:
         settings = self.settings
         record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
         key: VirtualKey | None = None
+        if self.tracing is not None:
+            record.trace = self.tracing.begin(request)  # traces: the request's server span
         self.metrics.request_started()
         try:
             tail, query = route(request.raw_path)  # 400, 404, 405
@@ -168,6 +176,7 @@ class Relay:
             # Also for a client that left: what it received was produced, and is charged.
             if status < 400:
                 record.usage = tap.usage(body)
+                record.response_model = tap.model
             record.response_text = tap.text
         return web.Response(status=status)  # not sent: the connection is closed
 
@@ -183,6 +192,8 @@ class Relay:
             breakers[record.target].failed(breakers.clock(), record.error or "broken")
         self.metrics.observe(record)
         self.logbook.write(record)
+        if record.trace is not None:  # traces: after the last byte (a stream's span is its length)
+            record.trace.end(record)
 
 
 def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:

@@ -400,6 +400,9 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     cors_allowed_origins: tuple[str, ...] | None = None
     cors_allow_credentials: bool = False
+    # The OpenTelemetry SDK's own variables (OTEL_*, the non-empty ones) as given: they turn
+    # traces on and configure them (proxy/tracing.py). Not rows of SETTINGS: the SDK names them.
+    otel: Mapping[str, str] = field(default_factory=dict, repr=False)  # headers may hold a token
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
@@ -423,6 +426,11 @@ class Settings:
                 values[setting.field] = setting.parse(raw)
             except ValueError:
                 raise SettingError(f"{source} must be {setting.expects}, got {raw!r}") from None
+        values["otel"] = {
+            name: value.strip()
+            for name, value in environ.items()
+            if name.startswith("OTEL_") and value.strip()
+        }
         settings = cls(**values)
         settings.check()
         return settings
@@ -439,10 +447,75 @@ class Settings:
                 "CORS_ALLOW_CREDENTIALS=true cannot go with CORS_ALLOWED_ORIGINS=*: "
                 "list the origins that may send credentials"
             )
+        if self.is_tracing_on:
+            check_otel(self.otel)
+
+    @property
+    def is_tracing_on(self) -> bool:
+        """True when the OTEL_* variables ask for traces: an OTLP endpoint or exporter is set.
+
+        Raises SettingError for an exporter other than otlp or none.
+        """
+        if self.otel.get("OTEL_SDK_DISABLED", "").lower() == "true":
+            return False
+        exporter = self.otel.get("OTEL_TRACES_EXPORTER", "").lower()
+        if exporter not in ("", "otlp", "none"):
+            raise SettingError(
+                "OTEL_TRACES_EXPORTER must be otlp or none (the gateway exports OTLP over "
+                f"HTTP), got {exporter!r}"
+            )
+        endpoint = self.otel.keys() & {
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        }
+        return exporter == "otlp" or (exporter == "" and bool(endpoint))
 
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+
+# The OTEL_* values the gateway reads itself when tracing is on (proxy/tracing.py), checked
+# at start like every setting; the SDK's other variables are its own business.
+OTEL_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_OTEL_NUMBERS = (
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+)
+
+
+def check_otel(otel: Mapping[str, str]) -> None:
+    """Refuse OTEL_* values the gateway's tracing cannot honour. Raises SettingError."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if name in otel:
+            if otel[name] != "http/protobuf":
+                raise SettingError(f"{name} must be http/protobuf, got {otel[name]!r}")
+            break
+    sampler = otel.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
+    if sampler not in OTEL_SAMPLERS:
+        raise SettingError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(OTEL_SAMPLERS)}")
+    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
+        if otel.get(name, "none").lower() not in ("none", "gzip", "deflate"):
+            raise SettingError(f"{name} must be none, gzip or deflate, got {otel[name]!r}")
+    for name in _OTEL_NUMBERS:
+        try:
+            is_positive = float(otel.get(name, "1")) > 0
+        except ValueError:
+            is_positive = False
+        if not is_positive:
+            raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -156,6 +156,7 @@ class UsageTap:
         "_text",
         "_text_chars",
         "_texts",
+        "model",
     )
 
     def __init__(
@@ -181,6 +182,8 @@ class UsageTap:
         self._text_chars = 0
         self._fields: dict[str, int] = {}  # the last value seen of each usage field
         self._finished = False
+        # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
+        self.model: str | None = None
         self._decoder: Decoder | None = None
         try:
             decoder = Decoder(content_encoding, self._take)
@@ -277,6 +280,8 @@ class UsageTap:
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind is None:  # OpenAI chat.completion.chunk or text_completion
+            if self.model is None:
+                self._note_model(event.get("model"))
             choices = event.get("choices")
             if isinstance(choices, list):
                 for choice in choices:
@@ -295,13 +300,19 @@ class UsageTap:
         elif kind == "message_start":
             message = event.get("message")
             if isinstance(message, dict):
+                self._note_model(message.get("model"))
                 self._read_usage(message.get("usage"))
         elif kind == "message_delta":
             self._read_usage(event.get("usage"))
         elif isinstance(kind, str) and kind in _RESPONSE_DONE:
             response = event.get("response")
             if isinstance(response, dict):
+                self._note_model(response.get("model"))
                 self._read_usage(response.get("usage"))
+
+    def _note_model(self, model: object) -> None:
+        if isinstance(model, str) and model:
+            self.model = model[:200]
 
     def _add_text(self, text: object) -> None:
         if isinstance(text, str) and text:
@@ -344,6 +355,7 @@ class UsageTap:
                 self._is_unread = True
                 document = None
             if isinstance(document, dict):
+                self._note_model(document.get("model"))
                 self._read_usage(document.get("usage"))
                 self._text_chars = sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
         self._let_go()
