@@ -17,12 +17,14 @@ its own), and are read by /health and the breaker-state metric.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 LAST_ERROR_CHARS = 200
+# The error ratio's window is kept as this many buckets of counts: memory stays constant
+# whatever the traffic, and a bucket leaves the window whole (the window is that coarse).
+BUCKETS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,8 @@ class Breaker:
     """One target's breaker."""
 
     __slots__ = (
-        "_history",
+        "_bucket_seconds",
+        "_counts",
         "_on_change",
         "_policy",
         "failures_in_a_row",
@@ -56,7 +59,9 @@ class Breaker:
     ) -> None:
         self._policy = policy
         self._on_change = on_change
-        self._history: deque[tuple[float, bool]] = deque()  # (time, failed) in the window
+        self._bucket_seconds = policy.window_seconds / BUCKETS
+        # Per bucket: [its number (time // bucket seconds), attempts, failures].
+        self._counts = [[-1, 0, 0] for _ in range(BUCKETS)]
         self.state = CLOSED
         self.failures_in_a_row = 0
         self.opened_at = 0.0
@@ -80,14 +85,15 @@ class Breaker:
         self._remember(now, failed=False)
         if self.state != CLOSED:
             self.probing = False
-            self._history.clear()
+            for bucket in self._counts:
+                bucket[0] = -1
             self._move(CLOSED)
 
     def failed(self, now: float, why: str) -> None:
         self.failures_in_a_row += 1
         self.last_failure, self.last_error = now, why[:LAST_ERROR_CHARS]
         self._remember(now, failed=True)
-        if self.state == HALF_OPEN or self._should_open():
+        if self.state == HALF_OPEN or self._should_open(now):
             self.opened_at, self.probing = now, False
             self._move(OPEN)
 
@@ -97,19 +103,26 @@ class Breaker:
             self._on_change(state)
 
     def _remember(self, now: float, failed: bool) -> None:
-        history, cutoff = self._history, now - self._policy.window_seconds
-        history.append((now, failed))
-        while history and history[0][0] <= cutoff:
-            history.popleft()
+        number = int(now // self._bucket_seconds)
+        bucket = self._counts[number % BUCKETS]
+        if bucket[0] != number:  # a bucket from an earlier window: start it over
+            bucket[0], bucket[1], bucket[2] = number, 0, 0
+        bucket[1] += 1
+        bucket[2] += failed
 
-    def _should_open(self) -> bool:
+    def _should_open(self, now: float) -> bool:
         policy = self._policy
         if self.failures_in_a_row >= policy.failures_in_a_row:
             return True
-        if policy.error_ratio <= 0 or len(self._history) < policy.min_requests:
+        if policy.error_ratio <= 0:
             return False
-        failures = sum(1 for _, failed in self._history if failed)
-        return failures / len(self._history) >= policy.error_ratio
+        oldest = int(now // self._bucket_seconds) - BUCKETS + 1
+        attempts = failures = 0
+        for number, bucket_attempts, bucket_failures in self._counts:
+            if number >= oldest:
+                attempts += bucket_attempts
+                failures += bucket_failures
+        return attempts >= policy.min_requests and failures / attempts >= policy.error_ratio
 
 
 class Breakers:
