@@ -170,16 +170,23 @@ def build_app(
         on_write_error=metrics.log_write_failed,
         secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
     )
-    app[REALTIME] = Realtime(
-        settings, key_ring, lockout, app[QUOTA], app[PRICES], metrics, app[LOGBOOK]
-    )
-    app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
-    app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     if settings.is_tracing_on:
         from proxy.tracing import Tracing  # the OpenTelemetry SDK loads only when it is used
 
         app[TRACING] = Tracing(settings.otel, on_export_failure=metrics.trace_export_failed)
         app.cleanup_ctx.append(_tracing)
+    app[REALTIME] = Realtime(
+        settings,
+        key_ring,
+        lockout,
+        app[QUOTA],
+        app[PRICES],
+        metrics,
+        app[LOGBOOK],
+        app.get(TRACING),
+    )
+    app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
+    app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     relay = Relay(
         settings,
         key_ring,

@@ -233,7 +233,9 @@ class Failover:
         outbound.use(credential)
         if record.trace is not None:  # traces: a client span, its context in the headers
             model = target.model or record.model
-            record.trace.attempt(outbound.headers, target.provider.name, model, outbound.url)
+            record.trace.attempt(
+                outbound.method, outbound.url, outbound.headers, target.provider.name, model
+            )
         asked = time.perf_counter()
         try:
             async with asyncio.timeout(self.policy.request_timeout):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -48,6 +48,9 @@ from proxy.settings import Settings
 from proxy.tracker import Admission
 from proxy.websocket import CLOSE_ANSWER_SECONDS, Session
 
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
+
 # Browsers cannot set headers on a WebSocket, so OpenAI's browser clients send the key as
 # a subprotocol. The gateway reads it there and never passes it on.
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."
@@ -55,7 +58,8 @@ BROWSER_KEY_PREFIX = "openai-insecure-api-key."
 
 def is_upgrade(request: web.Request) -> bool:
     """True for a WebSocket upgrade request (the one branch at the top of the relay)."""
-    return request.headers.get("upgrade", "").strip().lower() == "websocket"
+    upgrade = request.headers.get("upgrade")  # None on the hot path: one lookup, no more
+    return upgrade is not None and upgrade.strip().lower() == "websocket"
 
 
 class Realtime:
@@ -70,6 +74,7 @@ class Realtime:
         prices: Prices,
         metrics: Metrics,
         logbook: Logbook,
+        tracing: Tracing | None = None,  # None: traces off
     ) -> None:
         self._settings = settings
         self._key_ring = key_ring
@@ -78,11 +83,14 @@ class Realtime:
         self._prices = prices
         self._metrics = metrics
         self._logbook = logbook
+        self._tracing = tracing
         self.sessions: set[Session] = set()
 
     async def relay(self, request: web.Request, http: aiohttp.ClientSession) -> web.StreamResponse:
         """Authenticate, admit, connect upstream, upgrade, carry frames, record."""
         record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
+        if self._tracing is not None:
+            record.trace = self._tracing.begin(request)  # traces: the session's server span
         self._metrics.request_started()
         try:
             sent = credentials(request.headers)
@@ -128,6 +136,8 @@ class Realtime:
         """The provider's end of the session. Raises 502, 504, or the provider's refusal status."""
         timeout = self._settings.request_timeout
         headers = handshake_headers(key, request.headers, record.request_id)
+        if record.trace is not None:  # traces: a client span, its context in the handshake
+            record.trace.attempt("GET", url, headers, key.provider.name, record.model)
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -214,6 +224,8 @@ class Realtime:
         self._metrics.request_ended()
         self._metrics.observe(record)
         self._logbook.write(record)
+        if record.trace is not None:  # traces: the session's span is as long as the session
+            record.trace.end(record)
 
 
 class SessionUsage:

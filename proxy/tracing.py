@@ -113,7 +113,7 @@ class Trace:
         self._attempts: list[Span] = []
 
     def attempt(
-        self, headers: CIMultiDict[str], provider: str, model: str | None, url: URL
+        self, method: str, url: URL, headers: CIMultiDict[str], provider: str, model: str | None
     ) -> None:
         """Point 2: a client span for one try; its context goes upstream in `headers`."""
         operation = operation_name(url.path)
@@ -127,7 +127,7 @@ class Trace:
         if model is not None:
             attributes["gen_ai.request.model"] = model
         span = self._tracer.start_span(
-            _span_name(operation, model, "POST"), self._context, SpanKind.CLIENT, attributes
+            _span_name(operation, model, method), self._context, SpanKind.CLIENT, attributes
         )
         self._attempts.append(span)
         _PROPAGATOR.inject(headers, set_span_in_context(span, Context()))
@@ -140,6 +140,8 @@ class Trace:
             # client walked away from has none.
             attempt = record.attempts[index] if index < len(record.attempts) else None
             status = attempt.status if attempt is not None else None
+            if attempt is None and index == last and record.outcome is Outcome.ANSWERED:
+                status = record.status  # a try that records no Attempt (a WebSocket upgrade)
             if status is not None:
                 span.set_attribute("http.response.status_code", status)
             failure = _attempt_failure(attempt, record if index == last else None)
@@ -164,8 +166,12 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
 
     `record` is given for the last try only: its body's fate is the request's.
     """
-    if attempt is None:
-        return Outcome.CLIENT_LEFT.value
+    if attempt is None:  # the client left during the try; or a WebSocket upgrade's only try
+        if record is None or record.outcome in (None, Outcome.CLIENT_LEFT):
+            return Outcome.CLIENT_LEFT.value
+        if record.status >= 400:
+            return str(record.status)
+        return None if record.outcome is Outcome.ANSWERED else record.outcome.value
     if attempt.status is None:
         return attempt.outcome.value  # unreachable, timeout
     if attempt.status >= 400:

@@ -25,6 +25,7 @@ from tests.conftest import (
     auth,
 )
 from tests.fake_provider import Fault
+from tests.fake_realtime import OUTPUT_TOKENS
 from tests.otlp_receiver import RECEIVED, Received, ReceivedSpan, build_receiver
 
 MESSAGE = "a secret prompt the traces must never carry"
@@ -395,3 +396,29 @@ async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and
         second.span_id,
     ]
     assert server.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+
+
+async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
+    traced: TestClient, received: Received, fake: Any
+) -> None:
+    ws = await traced.ws_connect(
+        "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await ws.receive()  # session.created
+    await ws.send_str('{"type": "response.create"}')
+    await ws.receive()
+    await ws.receive()  # response.done, with usage
+    closing = time.time_ns()
+    await ws.close()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    assert attempt.parent_span_id == server.span_id
+    assert server.start_ns < closing <= server.end_ns  # open until the client closed it
+    assert server.attributes["http.response.status_code"] == 101
+    assert server.attributes["gen_ai.request.model"] == "gpt-realtime"
+    assert server.attributes["gen_ai.usage.output_tokens"] == OUTPUT_TOKENS
+    assert "error.type" not in server.attributes and not attempt.is_error
+    assert attempt.attributes["http.response.status_code"] == 101
+    upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
+    assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
+    assert_nothing_secret(spans)
