@@ -55,6 +55,15 @@ STEPS = {
     "credentials.py": "authentication",
     "peek.py": "body read and peek",
     "routing.py": "body read and peek",
+    "expect.py": "body read and peek",
+    "named.py": "body read and peek",
+    "encodings.py": "body read and peek",
+    "outbound.py": "header building",
+    "targets.py": "failover: targets, breakers",
+    "breaker.py": "failover: targets, breakers",
+    "tracing.py": "tracing",
+    "stream_usage.py": "usage tap",
+    "cors.py": "app hooks (CORS, Server header, own endpoints)",
     "quota.py:stamp": "header building",
     "quota.py:ratelimit_headers": "header building",
     "quota.py:duration": "header building",
@@ -71,11 +80,11 @@ STEPS = {
     "record.py": "record bookkeeping",
     "health.py": "health",
     "errors.py": "errors",
-    "app.py": "app hooks (Server header, own endpoints)",
+    "app.py": "app hooks (CORS, Server header, own endpoints)",
 }
 OWN_FILES = ("proxy/", "passthrough.py")
 ENTRY_FILES = ("proxy/server.py", "gateway.py")  # under every sample: they start the loop
-HANDLERS = ("proxy/relay.py", "passthrough.py")
+HANDLERS = ("proxy/relay.py", "proxy/failover.py", "passthrough.py")  # they call aiohttp's client
 
 
 def own(file: str) -> bool:
@@ -137,7 +146,7 @@ def step_of(stack: list[tuple[str, str]]) -> str:
         if not own(file):
             continue
         if file.endswith(HANDLERS):
-            return callee_step(stack[depth:], "relay.py" if "relay.py" in file else "passthrough.py")
+            return callee_step(stack[depth:], file.rsplit("/", 1)[-1])
         name = file.rsplit("/", 1)[-1]
         return STEPS.get(f"{name}:{func}") or STEPS.get(name) or f"other: {name}"
     return outside_step(stack)
