@@ -118,6 +118,7 @@ def build_app(
         handler_args={"auto_decompress": False, "max_field_size": 65536},
     )
     metrics = Metrics(metrics_dir)
+    metrics.know_providers({*key_ring.key_counts(), *providers_of(key_ring).values()})
     targets = key_ring.targets()
     breakers = Breakers(targets, breaker_policy(settings), on_change=metrics.breaker_changed)
     health = Health(

@@ -42,6 +42,8 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
 OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
 AUTH_OUTCOMES = ("refused", "throttled")
+# How a provider fails (`_failure_kind`): a 5xx answer, or an outcome in PROVIDER_FAILURES.
+UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken")
 MODEL_LABEL_CHARS = 64
 MODEL_LABEL_VALUES = 100
 # Exported at 0 from the start, because a series born at its first increment is invisible to
@@ -247,13 +249,23 @@ class Metrics:
             else:
                 child(self._cost, provider, model).inc(record.cost_usd)
         if is_upstream_failure(record):
-            self._upstream_errors.labels(provider, _failure_kind(record)).inc()
+            self._child(self._upstream_errors, provider, _failure_kind(record)).inc()
         attempts = record.attempts
         for previous, current in zip(attempts, attempts[1:], strict=False):
             moved = previous.target != current.target or previous.key != current.key
             counter = self._failovers if moved else self._retries
             child(counter, previous.provider, previous.reason).inc()
         self._last_request.set(time.time())
+
+    def know_providers(self, providers: Iterable[str]) -> None:
+        """Export each provider's upstream error series at zero, before its first error.
+
+        A counter that appears only with its first increment hides that increment from
+        `rate()` and `increase()`; providers added by a reload appear on first error.
+        """
+        for provider in providers:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self._child(self._upstream_errors, provider, kind)
 
     def breaker_changed(self, target: str, state: str) -> None:
         """A target's breaker moved to `state` (closed, half_open, open)."""

@@ -110,8 +110,8 @@ class Relay:
                 return await self.stream_back(request, reply, plan, body, record, admission, asked)
         except GatewayError as error:
             record.end(error.status, Outcome.REFUSED, error.message)
-            if error.status == 429:
-                self.metrics.quota_rejected(record.key or "none")
+            if error.status == 429 and key is not None:  # not a lockout's 429: no key yet
+                self.metrics.quota_rejected(key.name)
             return errors.render(error, request.path, record.request_id)
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client disconnects (handler_cancellation).

@@ -134,10 +134,9 @@ async def test_guessing_keys_is_refused_counted_and_logged_then_throttled(
     assert [line["status"] for line in lines] == [401, 401, 401, 429, 429]
     failures = [r.getMessage() for r in caplog.records if "failed authentication" in r.message]
     assert len(failures) == 3 and "127.0.0.1" in failures[0]
-    assert auth_failures(await (await gateway.get("/metrics")).text()) == {
-        "refused": 3,
-        "throttled": 2,
-    }
+    metrics = await (await gateway.get("/metrics")).text()
+    assert auth_failures(metrics) == {"refused": 3, "throttled": 2}
+    assert "llm_gateway_quota_rejections_total{" not in metrics  # a lockout is not a quota
     for secret in SECRETS:
         assert all(secret not in message for message in failures)
 

@@ -342,3 +342,40 @@ async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_pro
     assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
     assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] > 0.4
     assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
+
+
+def test_upstream_error_kinds_cover_every_provider_failure() -> None:
+    from proxy.metrics import UPSTREAM_ERROR_KINDS
+    from proxy.record import PROVIDER_FAILURES
+
+    assert set(UPSTREAM_ERROR_KINDS) == {"status", *(outcome.value for outcome in PROVIDER_FAILURES)}
+
+
+async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_start(
+    gateway: Any,
+) -> None:
+    text = await (await gateway.get("/metrics")).text()
+    found = {
+        (sample.labels["provider"], sample.labels["kind"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_upstream_errors_total"
+    }
+    providers = {"openai", "anthropic", "azure", "local"}  # the test keys file's
+    kinds = {"status", "unreachable", "timeout", "broken"}
+    assert found == {(provider, kind): 0.0 for provider in providers for kind in kinds}
+
+
+def test_the_readme_names_every_series() -> None:
+    readme = (ROOT / "README.md").read_text()
+    names = {
+        family.name
+        for family in text_string_to_metric_families(Metrics().render("text/plain")[0].decode())
+    }
+    assert names
+    missing = [
+        name
+        for name in names
+        if name not in readme and f"{name}_total" not in readme and f"{name}_seconds" not in readme
+    ]
+    assert not missing, f"not in the README: {missing}"
