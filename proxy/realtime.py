@@ -4,7 +4,10 @@ A WebSocket upgrade on any proxied path (`/v1/realtime?model=…` for OpenAI's R
 is authenticated with the virtual key (a credential header, or the subprotocol
 `openai-insecure-api-key.<key>` that browsers send since they cannot set headers), admitted
 by the key's quota, and connected upstream on the app's one `ClientSession` with the real
-key in the provider's header style and the client's subprotocols minus the key entry. Only
+key in the provider's header style and the client's subprotocols minus the key entry. The
+provider is the first target of the key's plan for the `model` query parameter (routes
+apply; fallbacks and retries do not: a session cannot be replayed), with the next key of
+that target's pool. Only
 then does the client get its 101, with the subprotocol the provider chose: a refusal by the
 gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-open session.
 `websocket.Session` then carries the frames, bounded by REALTIME_IDLE_TIMEOUT and
@@ -23,6 +26,7 @@ quota midway (the charges land, and the key's next request or session is refused
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +49,7 @@ from proxy.quota import Quota
 from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
 from proxy.routing import route
 from proxy.settings import Settings
+from proxy.targets import Target
 from proxy.tracker import Admission
 from proxy.websocket import CLOSE_ANSWER_SECONDS, Session
 
@@ -106,9 +111,11 @@ class Realtime:
                     "model",
                 )
             check_handshake(request)  # 400
-            url = upstream_url(key.provider, tail, query)
+            target = key.plans.choose(record.model).primary  # 400 (no route serves the model)
+            record.target, record.provider = target.name, target.provider.name
+            url = upstream_url(target.provider, tail, query)
             admission = await self._quota.admit(key)  # 429, 503
-            upstream = await self._connect(http, url, key, request, record)  # 502, 504, refusal
+            upstream = await self._connect(http, url, target, request, record)  # 502, 504, …
             try:
                 return await self._carry(request, upstream, key, admission, record)
             finally:
@@ -129,15 +136,15 @@ class Realtime:
         self,
         http: aiohttp.ClientSession,
         url: URL,
-        key: VirtualKey,
+        target: Target,
         request: web.Request,
         record: Record,
     ) -> aiohttp.ClientWebSocketResponse:
         """The provider's end of the session. Raises 502, 504, or the provider's refusal status."""
         timeout = self._settings.request_timeout
-        headers = handshake_headers(key, request.headers, record.request_id)
+        headers = handshake_headers(target, request.headers, record.request_id)
         if record.trace is not None:  # traces: a client span, its context in the handshake
-            record.trace.attempt("GET", url, headers, key.provider.name, record.model)
+            record.trace.attempt("GET", url, headers, target.provider.name, record.model)
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -317,10 +324,12 @@ def credentials(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
 
 
 def handshake_headers(
-    key: VirtualKey, incoming: CIMultiDictProxy[str], request_id: str
+    target: Target, incoming: CIMultiDictProxy[str], request_id: str
 ) -> CIMultiDict[str]:
     """The client's headers as for any request, minus its handshake: aiohttp makes its own."""
-    headers = upstream_headers(key.provider, key.api_key, incoming, request_id)
+    # A pool's next usable key (weighted round-robin); when all rest, its first.
+    credential = target.pool.pick(time.monotonic()) or target.pool.credentials[0]
+    headers = upstream_headers(target.provider, credential.api_key, incoming, request_id)
     for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
         headers.popall(name, None)
     return headers

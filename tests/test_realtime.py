@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,10 +18,11 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
 
-from proxy.app import REALTIME
+from proxy.app import REALTIME, build_app
 from proxy.pricing import Prices
 from proxy.realtime import SessionUsage
 from proxy.record import Usage
+from proxy.settings import Settings
 from tests.conftest import (
     LIMITED_VK,
     OPENAI_REAL,
@@ -448,3 +451,35 @@ def test_session_usage_reads_only_response_done_usage(
         assert usage.total is not None
         assert (usage.total.prompt_tokens, usage.total.completion_tokens) == expected
         assert [response.total_tokens for response in responses] == [7, 0, 6]
+
+
+async def test_a_session_goes_to_the_route_its_model_names_with_that_targets_key(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: Any,
+) -> None:
+    routed_real, own_real = "sk-real-routed-realtime-8888", "sk-real-own-9999999999"
+    keys = {
+        "providers": {
+            "openai": {"base_url": f"{fake_base}/v1"},
+            "voice": {"base_url": f"{fake_base}/v1"},
+        },
+        "virtual_keys": {
+            "vk_test_routed_realtime_1": {
+                "provider": "openai",
+                "api_key": own_real,
+                "routes": [
+                    {"models": ["gpt-realtime*"], "provider": "voice", "api_key": routed_real}
+                ],
+            }
+        },
+    }
+    (tmp_path / "routed.json").write_text(json.dumps(keys))
+    gateway = await aiohttp_client(
+        build_app(Settings.from_env({"KEYS_FILE_PATH": str(tmp_path / "routed.json")}))
+    )
+    ws = await connect(gateway, headers=auth("vk_test_routed_realtime_1"))
+    await next_data(ws)
+    await ws.close()
+    assert fake.requests[-1].headers["Authorization"] == f"Bearer {routed_real}"
