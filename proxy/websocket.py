@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 log = logging.getLogger("llm_gateway")
 
@@ -59,8 +59,8 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._last_frame = self._loop.time()
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
-        # client | provider (it closed) | client_lost | provider_lost | idle | max_duration
-        # | shutdown; None while open.
+        # client | provider (it closed) | client_lost | provider_lost | client_error |
+        # provider_error (a frame aiohttp refused) | idle | max_duration | shutdown; None: open.
         self.ended_by: str | None = None
         self.close_code: int | None = None
 
@@ -126,7 +126,10 @@ class Session:
                     return await self._pass_close(source_side, target_side, message)
                 elif kind is WSMsgType.CLOSING:
                     return  # another task is closing this end
-                else:  # CLOSED or ERROR: the side went away without a close frame
+                elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+                    # aiohttp closed the source itself (1009 too big, 1002, 1007): say so.
+                    return await self._broke(source_side, target_side, message.data.code)
+                else:  # CLOSED, or ERROR: the side went away without a close frame
                     return await self._lost(source_side, target_side)
             except ConnectionResetError:  # the target went away mid-write
                 return await self._lost(target_side, source_side)
@@ -145,6 +148,13 @@ class Session:
         await target.close(code=code, message=reason.encode())
         answer = target.close_code
         await source.close(code=answer if answer in _SENDABLE else code)
+
+    async def _broke(self, source_side: str, other_side: str, code: int) -> None:
+        """A side sent what aiohttp refused, and was closed with `code`: close the other too."""
+        if self.ended_by is None:
+            self.ended_by, self.close_code = f"{source_side}_error", code
+        reason = f"llm-gateway: the {source_side} sent a frame refused with {code}".encode()
+        await self._ends[other_side].close(code=WSCloseCode.GOING_AWAY, message=reason)
 
     async def _lost(self, gone_side: str, other_side: str) -> None:
         """A side went away without a close frame: close the other with 1001 or 1014."""

@@ -483,3 +483,25 @@ async def test_a_session_goes_to_the_route_its_model_names_with_that_targets_key
     await next_data(ws)
     await ws.close()
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {routed_real}"
+
+
+async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_str("x" * 2000)
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1009)
+    socket = await fake_socket(sockets)
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert socket.close is not None and socket.close[0] == 1001
+    assert socket.received == []  # the message never reached the provider
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == (
+        "client_error",
+        1009,
+    )
