@@ -26,10 +26,13 @@ coding, corrupt, not JSON, cut short, over the memory bound): then the response'
 (or received) bytes stand for its text. Other POSTs are charged only what the provider
 reports (a token count reports none); a GET (a models list, a stored response) nothing.
 
-Memory: a tap holds a JSON body (to parse it at the end) or one unfinished SSE line, at most
-`MAX_HELD_BYTES`, and all taps of a process together at most `TAP_MEMORY_BYTES` (a shared
-`TapMemory`). A tap that would pass either bound lets go of what it held and estimates. At
-the end (`usage` or `text`, whichever comes first) it lets go of everything.
+Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
+its last 256 KiB, where the usage is (`_last_usage`: orjson would need about 13 times a
+body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
+body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
+most `TAP_MEMORY_BYTES` (a shared `TapMemory`); a tap that would pass either bound lets go
+of what it held and estimates. At the end (`usage` or `text`, whichever comes first) it
+lets go of everything.
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from typing import Any
 
 import orjson
@@ -55,8 +59,17 @@ MAX_HELD_BYTES = 16 * 1024 * 1024
 TAP_MEMORY_BYTES = 4 * MAX_HELD_BYTES
 CHARS_PER_TOKEN = 4
 
+# Past this a JSON body is not parsed whole (orjson needs about 13 times a body's size
+# while parsing it): only its usage object is found and parsed (`_last_usage`), in the
+# last TAIL_BYTES, which is all the tap keeps of it (unless LOG_BODIES needs the text).
+WHOLE_PARSE_BYTES = 1024 * 1024
+TAIL_BYTES = 256 * 1024
+
 _JSON = "json"
 _SSE = "sse"
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+# Braces outside strings, and strings whole (skipped, escapes and all).
+_BRACES = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]', re.DOTALL)
 
 
 class Charged(enum.Enum):
@@ -232,7 +245,13 @@ class UsageTap:
         if self._kind == _SSE:
             self._take_lines(data)
         elif self._hold(len(data)):
-            self._body += data  # type: ignore[operator]  # a JSON tap has a body
+            body = self._body
+            body += data  # type: ignore[operator]  # a JSON tap has a body
+            if len(body) > WHOLE_PARSE_BYTES and not self._keep_text:  # type: ignore[arg-type]
+                # Only the usage is read of a large body, and it comes last: keep the tail.
+                cut = len(body) - TAIL_BYTES  # type: ignore[arg-type]
+                del body[:cut]  # type: ignore[index]
+                self._release(cut)
 
     def _hold(self, count: int) -> bool:
         """Take `count` bytes from the bounds, or give up reading this body."""
@@ -348,17 +367,24 @@ class UsageTap:
             body = self._body
             if self._keep_text:
                 self._text = body.decode("utf-8", "replace")
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                # No usage in a body that does not parse (cut short?): estimated from its size.
-                self._is_unread = True
-                document = None
-            if isinstance(document, dict):
-                self._note_model(document.get("model"))
-                self._read_usage(document.get("usage"))
-                self._text_chars = sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
+            if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
+                self._read_usage(_last_usage(body))
+                self._is_unread = True  # its text is not read: the size stands for it
+            else:
+                self._read_document(body)
         self._let_go()
+
+    def _read_document(self, body: bytearray) -> None:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            # No usage in a body that does not parse (cut short?): estimated from its size.
+            self._is_unread = True
+            return
+        if isinstance(document, dict):
+            self._note_model(document.get("model"))
+            self._read_usage(document.get("usage"))
+            self._text_chars = sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
 
     def _give_up(self) -> None:
         """Stop reading this body: it will be estimated (and logged without its text)."""
@@ -372,6 +398,30 @@ class UsageTap:
         self._line = bytearray()
         self._texts = []
         self._decoder = None
+
+
+def _last_usage(body: bytearray) -> object:
+    """The object under the body's last `"usage"` key, parsed alone; None if there is none.
+
+    A quote inside a JSON string is escaped, so `"usage":` occurs only as a key; every
+    provider puts the top-level usage after the content (where a tool's input may hold a
+    `usage` key of its own), so the last one is the answer's.
+    """
+    keys = list(_USAGE_KEY.finditer(body))
+    if not keys or body[keys[-1].end() : keys[-1].end() + 1] != b"{":
+        return None  # none, or the last is null
+    start, depth = keys[-1].end(), 0
+    for token in _BRACES.finditer(body, start):
+        if token.group() == b"{":
+            depth += 1
+        elif token.group() == b"}":
+            depth -= 1
+            if depth == 0:
+                try:
+                    return orjson.loads(body[start : token.end()])
+                except orjson.JSONDecodeError:
+                    return None
+    return None  # cut short inside it
 
 
 def _is_count(value: object) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import math
 import zlib
 
 import brotli
@@ -13,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import MAX_HELD_BYTES, Charged, TapMemory, UsageTap, charged
+from proxy.usage import (
+    MAX_HELD_BYTES,
+    WHOLE_PARSE_BYTES,
+    Charged,
+    TapMemory,
+    UsageTap,
+    charged,
+)
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -631,16 +639,35 @@ def test_parts_of_the_totals_are_in_the_log_dict():
 # --- memory: bounded across taps, nothing held after the end (issue 10 point 10) ---
 
 
-def test_taps_together_hold_at_most_the_shared_bound_and_nothing_after_they_end():
-    memory = TapMemory(limit_bytes=40 * 1024 * 1024)
-    body = orjson.dumps(
-        {"choices": [{"message": {"content": "x" * (15 * 1024 * 1024)}}], "usage": OPENAI_DETAILED}
-    )
-    taps = [UsageTap(JSON, None, keep_text=False, memory=memory) for _ in range(40)]
-    for start in range(0, len(body), 1 << 16):  # 40 answers arriving side by side
+def feed_side_by_side(taps: list[UsageTap], body: bytes, memory: TapMemory) -> int:
+    """Feed every tap `body` in 64 KiB chunks, turn by turn; the most memory held."""
+    most = 0
+    for start in range(0, len(body), 1 << 16):
         for tap in taps:
             tap.feed(body[start : start + (1 << 16)])
-            assert memory.held_bytes <= memory.limit_bytes
+            most = max(most, memory.held_bytes)
+    return most
+
+
+BIG_ANSWER = orjson.dumps(
+    {"choices": [{"message": {"content": "x" * (15 * 1024 * 1024)}}], "usage": OPENAI_DETAILED}
+)
+
+
+def test_forty_large_answers_are_read_exactly_from_their_tails_and_nothing_stays():
+    memory = TapMemory()
+    taps = [UsageTap(JSON, None, keep_text=False, memory=memory) for _ in range(40)]
+    most = feed_side_by_side(taps, BIG_ANSWER, memory)
+    assert most <= 40 * (WHOLE_PARSE_BYTES + (1 << 16))  # about 1 MiB each, not 15
+    assert [tap.usage(CHAT_REQUEST) for tap in taps] == [OPENAI_DETAILED_USAGE] * 40
+    assert memory.held_bytes == 0
+
+
+def test_taps_keeping_whole_bodies_hold_at_most_the_shared_bound_and_nothing_after():
+    memory = TapMemory(limit_bytes=40 * 1024 * 1024)
+    # LOG_BODIES: the whole body is kept for the log, so the shared bound decides.
+    taps = [UsageTap(JSON, None, keep_text=True, memory=memory) for _ in range(40)]
+    assert feed_side_by_side(taps, BIG_ANSWER, memory) <= memory.limit_bytes
     usages = [tap.usage(CHAT_REQUEST) for tap in taps]
     assert memory.held_bytes == 0
     read = [usage for usage in usages if usage == OPENAI_DETAILED_USAGE]
@@ -669,3 +696,29 @@ def test_a_long_sse_line_is_held_within_the_bound_and_released_at_its_end():
     tap.feed(OPENAI_STREAM[10:])
     assert tap.usage(b"") == Usage(12, 3)
     assert memory.held_bytes == 0
+
+
+def test_a_large_json_body_has_only_its_usage_parsed_the_last_one():
+    big = "x" * (2 * 1024 * 1024)
+    body = orjson.dumps(
+        {
+            "type": "message",
+            "content": [
+                {"type": "tool_use", "input": {"usage": {"input_tokens": 999999}}},
+                {"type": "text", "text": big + ' "usage": {"input_tokens": 1} }'},
+            ],
+            "usage": {**ANTHROPIC_DETAILED, "service_tier": "st}and{ard"},
+        }
+    )
+    for cut in (1, len(body) // 2, len(body) - 3):
+        assert tap_of(body, JSON, chunks=[cut]).usage(b"") == ANTHROPIC_DETAILED_USAGE
+
+
+def test_a_large_json_body_without_usage_is_estimated_from_its_size():
+    body = orjson.dumps({"choices": [{"message": {"content": "x" * (2 * 1024 * 1024)}}]})
+    usage = tap_of(body, JSON).usage(CHAT_REQUEST)
+    assert usage == Usage(6, math.ceil(len(body) / 4), estimated=True)
+    nulled = orjson.dumps(
+        {"data": [{"usage": {"prompt_tokens": 5}}], "x": "y" * 2**21, "usage": None}
+    )
+    assert tap_of(nulled, JSON, charged=Charged.REPORTED).usage(b"") is None
