@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: bench-failover run test unit e2e demo bench bench-profile bench-redis bench-tracing system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: bench-failover run test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -85,6 +85,10 @@ bench-redis: $(STAMP) system-packages
 # bench-tracing: the gateway with OpenTelemetry traces on against off, CPU µs per request (QUICK=1: ~20 s)
 bench-tracing: $(STAMP)
 	$(PY) bench/tracing.py $(if $(QUICK),--quick)
+
+# bench-connections: RSS and latency while 300 connections dribble request heads (issue 10)
+bench-connections: $(STAMP)
+	$(PY) bench/connections.py
 
 # docker-build: build the image (DOCKER=podman where there is no Docker engine)
 docker-build:

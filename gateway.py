@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from proxy.app import load_keys
 from proxy.keys import KeysFileError
 from proxy.pricing import Prices
-from proxy.server import CannotListen, run
+from proxy.server import CannotListen
 from proxy.settings import SettingError, Settings
+from proxy.workers import run
 
 EXIT_REFUSED = 2
 

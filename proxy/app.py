@@ -115,7 +115,7 @@ def build_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         # Request bodies stay as sent (a gzip upload goes up gzip); relay inflates only to peek.
-        handler_args={"auto_decompress": False, "max_field_size": 65536},
+        handler_args={"auto_decompress": False, "max_field_size": 4096, "max_headers": 32},
     )
     metrics = Metrics(metrics_dir)
     metrics.know_providers({*key_ring.key_counts(), *providers_of(key_ring).values()})

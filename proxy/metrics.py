@@ -93,6 +93,8 @@ class Metrics:
             multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
             owner = None  # values live in the files; the collector reads every worker's
         self._models: set[str] = set()
+        # This process's own count, for the drain's line: the gauge may sum several workers.
+        self.requests_in_flight = 0
         # Labelled children, looked up once: `labels()` validates and locks on every call,
         # and observe runs for every request. Bounded as the label values are.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -272,9 +274,11 @@ class Metrics:
         self._breaker_state.labels(target).set(BREAKER_STATES[state])
 
     def request_started(self) -> None:
+        self.requests_in_flight += 1
         self._in_flight.inc()
 
     def request_ended(self) -> None:
+        self.requests_in_flight -= 1
         self._in_flight.dec()
 
     def quota_rejected(self, key: str) -> None:

@@ -1,78 +1,220 @@
-"""Running the gateway: one process, or WORKERS processes sharing one port.
+"""Serving the app in one process: listen, bound the connections, drain on SIGTERM/SIGINT.
 
-With several workers, each is a forked copy with its own event loop and its own socket on
-the same port (SO_REUSEPORT: the kernel spreads connections). The parent only supervises:
-it forwards SIGTERM/SIGINT once to every worker, waits while they drain, and exits with
-the first failure's code. Workers run in their own process group, so a Ctrl-C in a
-terminal reaches them once, through the parent, and not twice; a worker whose parent
-died drains and exits by itself. Their metrics meet in one
-directory (prometheus-client's multiprocess mode), so `/metrics` on any worker reports
-the sum; quotas meet in Redis (settings refuse several workers without it).
+Owns the process side of one gateway process: the listening socket, how many client
+connections it holds and for how long a request's head may take, the signals, and the
+drain. It does not build the app (`app.build_app`) nor supervise several processes
+(`workers`).
+
+Why not `web.run_app`: its drain waits `shutdown_timeout` twice (once for handlers to
+finish, once more after cancelling only the request body), so streams that never end
+kept a stopping gateway up for twice SHUTDOWN_GRACE_SECONDS (issue 10, point 6), and its
+protocol factory cannot be wrapped. Here the same `AppRunner` runs under one deadline:
+when the grace is over, the connections still open are closed, which cancels their
+handlers (`handler_cancellation`), each handler writes its log line on the way out, and
+the app's cleanup (the logbook's flush) runs after that, as before.
+
+Bounds on what a client can hold (issue 10, point 1), measured in `bench/connections.py`:
+- request heads: a line or one header at most 8 KiB, at most 32 headers (the SDKs send
+  about 20); aiohttp answers 400 past them. A head is kept twice (raw and decoded), so this
+  caps the head of one connection near 0.5 MiB, where aiohttp's 128 headers of 64 KiB let
+  one connection hold 16 MiB;
+- the head must arrive within CLIENT_HEADER_TIMEOUT of the connection opening or of the
+  previous response ending (aiohttp's keep-alive timer, which it starts at the connection's
+  first byte and does not restart while a head trickles in): a slowloris is cut, and an idle
+  keep-alive connection is closed after the same time;
+- at most MAX_CONNECTIONS client connections per process: the next one is answered 503
+  with Retry-After and closed, without a parser or a buffer of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import multiprocessing
-import os
-import re
-import shutil
 import signal
-import sys
-import tempfile
-import threading
-import time
-from types import FrameType
+import socket
+from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
-from proxy.app import build_app
-from proxy.keys import KeyRing
-from proxy.metrics import forget_worker
+from proxy.app import METRICS
+from proxy.errors import GatewayError, body
 from proxy.settings import Settings
+
+# Header limits for aiohttp's parser (see the module docstring). 8190 is aiohttp's own
+# default for a line and a field, and nginx's large_client_header_buffers size.
+HEAD_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 32}
+REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sending
 
 
 class CannotListen(Exception):
     """The port is taken or the address is not ours: a refusal to start, not a crash."""
 
 
-def serve(settings: Settings, app: web.Application, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then drain for SHUTDOWN_GRACE_SECONDS. Raises CannotListen."""
+def serve(
+    settings: Settings,
+    app: web.Application,
+    label: str = "",
+    reuse_port: bool = False,
+    on_listening: Callable[[], None] = lambda: None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain for SHUTDOWN_GRACE_SECONDS. Raises CannotListen.
+
+    `label` follows each line this prints (a worker's pid); `on_listening` is called once
+    the socket listens.
+    """
+    # SIGHUP's default action kills the process and every stream in it (issue 10, point 7).
+    # The app's reload handler, when it installs one on the loop, takes over from this.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        web.run_app(
-            app,
-            host=settings.server_host,
-            port=settings.server_port,
-            shutdown_timeout=settings.shutdown_grace_seconds,
-            handler_cancellation=True,  # a client that leaves cancels its upstream request
-            access_log=None,  # the interaction log is the access log
-            reuse_port=reuse_port or None,
-            print=lambda banner: print(
-                "llm-gateway listening on "
-                + listening_on(banner, settings)
-                + (f" (worker {os.getpid()})" if reuse_port else ""),
-                flush=True,
-            ),
-            loop=new_event_loop(),
+        loop.run_until_complete(_serve(settings, app, label, reuse_port, on_listening))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _serve(
+    settings: Settings,
+    app: web.Application,
+    label: str,
+    reuse_port: bool,
+    on_listening: Callable[[], None],
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that leaves cancels its upstream request
+        access_log=None,  # the interaction log is the access log
+        keepalive_timeout=settings.client_header_timeout,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
+    await runner.setup()
+    cut = 0
+    try:
+        assert runner.server is not None  # set by setup()
+        listener = await listen(runner.server, settings, reuse_port)
+        say("listening on " + addresses(listener, settings), label)
+        on_listening()
+        await stop.wait()
+        listener.close()  # no new connections
+        in_flight = app[METRICS].requests_in_flight
+        say(
+            f"draining: {in_flight} request{'' if in_flight == 1 else 's'} in flight, "
+            f"up to {settings.shutdown_grace_seconds:g} s",
+            label,
         )
+    finally:
+        cut = await drain(runner, settings.shutdown_grace_seconds, app)
+    say(
+        "stopped: every request finished"
+        if not cut
+        else f"stopped: {cut} request{'' if cut == 1 else 's'} cut at the end of the grace period",
+        label,
+    )
+
+
+def say(line: str, label: str) -> None:
+    """One line for the operator on stdout, where the listening line goes."""
+    print(f"llm-gateway {line}{label}", flush=True)
+
+
+async def listen(
+    server: web.Server, settings: Settings, reuse_port: bool
+) -> asyncio.AbstractServer:
+    """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen."""
+    loop = asyncio.get_running_loop()
+    host, port = settings.server_host, settings.server_port
+
+    def connection() -> asyncio.BaseProtocol:
+        if len(server.connections) >= settings.max_connections:
+            return Refusal()
+        return server()
+
+    try:
+        return await loop.create_server(
+            connection, host, port, reuse_port=reuse_port or None, backlog=1024
+        )
+    except socket.gaierror as error:
+        raise CannotListen(
+            f"SERVER_HOST {host!r} cannot be resolved ({error.strerror}): "
+            "give an address, such as 0.0.0.0 or 127.0.0.1"
+        ) from None
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise CannotListen(
-                f"port {settings.server_port} on {settings.server_host} is already in use: "
+                f"port {port} on {host} is already in use: "
                 "stop what holds it, or choose another with SERVER_PORT or --server-port"
             ) from None
         if error.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
-            raise CannotListen(
-                f"cannot listen on {settings.server_host}:{settings.server_port}: {error.strerror}"
-            ) from None
+            raise CannotListen(f"cannot listen on {host}:{port}: {error.strerror}") from None
         raise
 
 
-def listening_on(banner: str, settings: Settings) -> str:
-    """The addresses aiohttp's banner names (the real port, also for SERVER_PORT=0)."""
-    addresses = re.findall(r"https?://\S+", banner)
-    return ", ".join(addresses) or f"http://{settings.server_host}:{settings.server_port}"
+def addresses(listener: asyncio.AbstractServer, settings: Settings) -> str:
+    """Where the gateway listens, with the real port (also for SERVER_PORT=0)."""
+    names = []
+    for sock in listener.sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+    return ", ".join(names) or f"http://{settings.server_host}:{settings.server_port}"
+
+
+async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> int:
+    """aiohttp's cleanup under one deadline; the number of requests cut when it passed."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=grace)
+    cut = 0
+    if not done and runner.server is not None:
+        cut = app[METRICS].requests_in_flight
+        for connection in runner.server.connections:
+            connection.force_close()  # cancels its handler, which logs the request
+    await cleanup
+    return cut
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: a 503 in the OpenAI dialect, then closed."""
+
+    def __init__(self) -> None:
+        self._closing: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
+        tcp.write(_refusal())
+        # Closing with unread bytes in the socket would reset the connection and could
+        # lose the 503; a short linger, reading and dropping, lets the client see it.
+        tcp.write_eof()
+        self._closing = asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, tcp.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: it was refused before it began
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+
+
+def _refusal() -> bytes:
+    error = GatewayError(
+        503,
+        "too_many_connections",
+        "The gateway has as many open connections as MAX_CONNECTIONS allows; retry shortly",
+    )
+    payload = body(error, "/v1")
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Retry-After: 1\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -83,79 +225,3 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
 
-
-def run(settings: Settings, key_ring: KeyRing) -> int:
-    """Serve in this process, or supervise WORKERS processes. The exit code."""
-    if settings.worker_count == 1:
-        serve(settings, build_app(settings, key_ring))
-        return 0
-    return supervise(settings, key_ring)
-
-
-def supervise(settings: Settings, key_ring: KeyRing) -> int:
-    """Fork the workers, forward the stop signal once, wait for every one of them."""
-    chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    metrics_dir = chosen or tempfile.mkdtemp(prefix="llm-gateway-metrics-")
-    _empty(metrics_dir)  # files of an earlier run would be summed in
-    context = multiprocessing.get_context("fork")
-    workers = [
-        context.Process(target=_work, args=(settings, key_ring, metrics_dir), name=f"worker-{n}")
-        for n in range(settings.worker_count)
-    ]
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            for worker in workers:
-                if worker.pid is not None and worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for worker in workers:
-        worker.start()
-    code = 0
-    try:
-        while any(worker.is_alive() for worker in workers):
-            for worker in workers:
-                if worker.exitcode not in (None, 0) and not stopping:
-                    code = code or worker.exitcode
-                    stop(signal.SIGTERM, None)  # one worker failed: stop the others
-            time.sleep(0.1)
-    finally:
-        for worker in workers:
-            worker.join()
-            if worker.pid is not None:
-                forget_worker(metrics_dir, worker.pid)
-        if not chosen:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    failures = [worker.exitcode for worker in workers if worker.exitcode]
-    return code or (failures[0] if failures else 0)
-
-
-def _work(settings: Settings, key_ring: KeyRing, metrics_dir: str) -> None:
-    os.setpgrp()  # signals come through the parent, once
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        serve(settings, build_app(settings, key_ring, metrics_dir), reuse_port=True)
-    except CannotListen as error:
-        print(f"llm-gateway: {error}", flush=True, file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _stop_when_orphaned(parent: int) -> None:
-    """A worker whose parent died (even by SIGKILL) drains and exits instead of lingering."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _empty(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):
-        if name.endswith(".db"):
-            os.remove(os.path.join(directory, name))

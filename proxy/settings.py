@@ -13,7 +13,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 
 class SettingError(ValueError):
@@ -323,6 +323,21 @@ SETTINGS: tuple[Setting, ...] = (
         "a header name",
     ),
     Setting(
+        "MAX_CONNECTIONS",
+        "1024",
+        _positive_int,
+        "open client connections per gateway process; past it a new one gets 503 and is closed",
+        "a positive integer",
+    ),
+    Setting(
+        "CLIENT_HEADER_TIMEOUT",
+        "30",
+        _positive_seconds,
+        "seconds a client connection may stay idle, or take to send a request's headers, "
+        "before it is closed",
+        "a positive number of seconds",
+    ),
+    Setting(
         "WORKERS",
         "1",
         _non_negative_int,
@@ -395,6 +410,8 @@ class Settings:
     breaker_window_seconds: float = 60.0
     breaker_cooldown_seconds: float = 30.0
     pool_sticky_header: str | None = None
+    max_connections: int = 1024
+    client_header_timeout: float = 30.0
     workers: int = 1
     keys_file_watch: bool = False
     admin_token: str | None = field(default=None, repr=False)
@@ -518,9 +535,16 @@ def check_otel(otel: Mapping[str, str]) -> None:
             raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line pointing to --help instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SettingError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: one flag per setting, each naming its variable and default."""
-    cli = argparse.ArgumentParser(
+    cli = _Parser(
         prog="gateway.py",
         description="llm-gateway: a transparent reverse proxy for LLM APIs with virtual keys, "
         "quotas and an interaction log.",

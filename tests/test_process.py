@@ -122,6 +122,28 @@ def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> Non
     )
 
 
+def test_an_unresolvable_server_host_is_one_line_and_exit_2(process_keys: Path) -> None:
+    result = refused(
+        {"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "no-such-host.invalid"}
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--server-port"], "argument --server-port: expected one argument"),
+    ],
+)
+def test_a_bad_flag_is_one_line_pointing_to_help(flags: list[str], says: str) -> None:
+    result = refused({}, *flags)
+    assert result.returncode == 2
+    assert result.stderr == f"llm-gateway: {says} (see gateway.py --help)\n"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
     processes: Processes, process_keys: Path, tmp_path: Path, signum: signal.Signals
@@ -142,9 +164,13 @@ async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
                 await fresh.get(f"{url}/ready")
         rest = await response.read()
     assert (first + rest).endswith(b"data: [DONE]\n\n")
-    assert await asyncio.to_thread(process.wait, 15) == 0
+    out, _ = await asyncio.to_thread(process.communicate, None, 15)
+    assert process.returncode == 0
     (line,) = [json.loads(text) for text in log.read_text().splitlines()]
     assert line["status"] == 200 and line["stream"] is True
+    # The operator sees the drain begin, with what is in flight, and end.
+    assert "llm-gateway draining: 1 request in flight, up to 10 s\n" in out
+    assert out.endswith("llm-gateway stopped: every request finished\n")
 
 
 async def test_the_grace_period_ends_streams_that_outlast_it(
@@ -164,6 +190,62 @@ async def test_the_grace_period_ends_streams_that_outlast_it(
         assert await asyncio.to_thread(process.wait, 15) == 0
         assert time.monotonic() - started < 5
     assert len(log.read_text().splitlines()) == 1
+
+
+async def test_streams_that_never_end_are_cut_at_the_grace_and_each_is_logged(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    grace = 4.0
+    process, url = start_gateway(
+        processes, process_keys, log, SHUTDOWN_GRACE_SECONDS=f"{grace:g}", QUOTA_ENABLED="false"
+    )
+    async with aiohttp.ClientSession() as session:
+        streams = [
+            await session.post(
+                f"{url}/v1/chat/completions",
+                json={**CHAT, "stream": True},
+                headers={**auth(OPENAI_VK), "x-fake-hang": "midstream", "x-request-id": f"s-{n}"},
+            )
+            for n in range(3)
+        ]
+        for stream in streams:
+            await stream.content.readany()  # each is under way
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(process.communicate, None, 30)
+        elapsed = time.monotonic() - started
+    assert process.returncode == 0
+    assert elapsed < grace + 1.0, f"took {elapsed:.1f} s for a grace of {grace:g} s"
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert sorted(line["request_id"] for line in lines) == ["s-0", "s-1", "s-2"]
+    assert "draining: 3 requests in flight" in out
+    assert "stopped: 3 requests cut at the end of the grace period" in out
+
+
+async def test_sighup_kills_neither_the_process_nor_its_streams(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, QUOTA_ENABLED="false")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "10", "x-fake-delay-ms": "100"},
+        )
+        first = await response.content.readany()
+        process.send_signal(signal.SIGHUP)
+        rest = await response.read()
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as after:
+            assert after.status == 200
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert [json.loads(text)["status"] for text in log.read_text().splitlines()] == [200, 200]
 
 
 async def test_after_sigterm_every_finished_request_has_its_log_line(
