@@ -66,14 +66,14 @@ def run(settings: Settings, key_ring: KeyRing) -> int:
     chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = chosen or tempfile.mkdtemp(prefix="llm-gateway-metrics-")
     _empty(metrics_dir)  # files of an earlier run would be summed in
-    workers = Workers(settings, key_ring, metrics_dir, owns_metrics_dir=chosen is None)
+    workers = Workers(settings, key_ring, metrics_dir, owns_metrics_dir=not chosen)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
     signal.signal(signal.SIGHUP, workers.forward)
     try:
         return workers.run()
     finally:
-        if chosen is None:
+        if not chosen:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -72,7 +72,15 @@ class Processes:
         return process
 
     def stop(self) -> None:
+        """SIGTERM first, so a gateway cleans up after itself (its workers, their metrics
+        directory); SIGKILL to the process group for whatever is still there."""
         for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass  # killed below
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -97,3 +105,25 @@ def start_gateway(
         ready="listening on",
     )
     return process, f"http://127.0.0.1:{port}"
+
+
+def serving_pid(server_port: int, client_port: int, pids: set[int]) -> int | None:
+    """Which of `pids` holds the server side of the loopback connection from `client_port`."""
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            inode = fields[9]
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue  # that process is gone
+        for fd in descriptors:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except FileNotFoundError:
+                pass  # closed meanwhile
+    return None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import OPENAI_VK, auth
-from tests.processes import Processes, refused, start_gateway
+from tests.processes import Processes, refused, serving_pid, start_gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -108,3 +112,158 @@ async def test_workers_whose_parent_is_killed_exit_by_themselves(
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"workers {pids} outlived their parent")
+
+
+def _worker_pid(line: str) -> int:
+    return int(line.rsplit("worker ", 1)[1].rstrip(")\n"))
+
+
+async def _both_workers(process: subprocess.Popen[str]) -> set[int]:
+    """The two workers' pids, from their listening lines (start_gateway read the first)."""
+    assert process.stdout is not None
+    second = await asyncio.to_thread(process.stdout.readline)
+    pids = {_worker_pid(second)}
+    for child in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+        pids.add(int(child))
+    assert len(pids) == 2, pids
+    return pids
+
+
+async def _stream(
+    session: aiohttp.ClientSession, url: str, request_id: str, **headers: str
+) -> aiohttp.ClientResponse:
+    response = await session.post(
+        f"{url}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={**auth(OPENAI_VK), "x-request-id": request_id, **headers},
+    )
+    await response.content.readany()  # under way
+    return response
+
+
+def _client_port(response: aiohttp.ClientResponse) -> int:
+    assert response.connection is not None and response.connection.transport is not None
+    return response.connection.transport.get_extra_info("sockname")[1]
+
+
+async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_continue(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
+    port = int(url.rsplit(":", 1)[1])
+    pids = await _both_workers(process)
+    fresh = aiohttp.TCPConnector(force_close=True)  # a connection per request: both workers get some
+    async with aiohttp.ClientSession(connector=fresh) as session:
+        streams = [
+            await _stream(session, url, f"s-{n}", **{"x-fake-chunks": "20", "x-fake-delay-ms": "100"})
+            for n in range(8)
+        ]
+        served_by = {n: serving_pid(port, _client_port(s), pids) for n, s in enumerate(streams)}
+        victim = served_by[0]
+        assert victim in pids, served_by
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+
+        async def new_worker_serves() -> int:
+            while True:
+                probe = await _stream(session, url, "probe", **{"x-fake-chunks": "2", "x-fake-delay-ms": "300"})
+                children = {
+                    int(pid)
+                    for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+                }
+                pid = serving_pid(port, _client_port(probe), children)
+                await probe.read()
+                if pid is not None and pid not in pids:
+                    return pid
+                assert time.monotonic() - killed < 2, "no new worker served within 2 s"
+
+        replacement = await new_worker_serves()
+        survivor_done = set()
+        for n, stream in enumerate(streams):
+            if served_by[n] == victim:
+                continue
+            assert (await stream.read()).endswith(b"data: [DONE]\n\n")
+            survivor_done.add(f"s-{n}")
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, None, 20)
+    assert process.returncode == 0
+    assert f"llm-gateway: worker {victim} was killed by SIGKILL; starting another" in err
+    logged = {json.loads(line)["request_id"]: json.loads(line) for line in log.read_text().splitlines()}
+    assert survivor_done <= set(logged)
+    assert all(logged[request_id]["status"] == 200 for request_id in survivor_done)
+    assert replacement not in pids
+
+
+async def test_a_worker_that_keeps_failing_to_start_stops_the_gateway_with_one_line(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    process, _ = start_gateway(
+        processes, process_keys, logs / "log.jsonl", WORKERS="2", QUOTA_ENABLED="false"
+    )
+    pids = await _both_workers(process)
+    shutil.rmtree(logs)  # a new worker cannot open its log file any more
+    os.kill(min(pids), signal.SIGKILL)
+    _, err = await asyncio.to_thread(process.communicate, None, 30)
+    assert process.returncode == 1
+    stops = [line for line in err.splitlines() if "failed to start" in line]
+    assert stops == ["llm-gateway: a worker failed to start 3 times in a row (exited with code 1); stopping"]
+    for pid in pids:  # the other worker drained and exited with the gateway
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_sighup_to_the_parent_reaches_every_worker_and_stops_nothing(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
+    pids = await _both_workers(process)
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh) as session:
+        streams = [
+            await _stream(session, url, f"s-{n}", **{"x-fake-chunks": "10", "x-fake-delay-ms": "100"})
+            for n in range(6)
+        ]
+        process.send_signal(signal.SIGHUP)
+        for stream in streams:
+            assert (await stream.read()).endswith(b"data: [DONE]\n\n")
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "after"}
+        ) as after:
+            assert after.status == 200
+    assert process.poll() is None
+    for pid in pids:
+        os.kill(pid, 0)  # the same workers: none died of it
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, None, 20)
+    assert process.returncode == 0 and "starting another" not in err
+    logged = [json.loads(line)["request_id"] for line in log.read_text().splitlines()]
+    assert sorted(logged) == sorted([f"s-{n}" for n in range(6)] + ["after"])
+
+
+async def test_workers_leave_nothing_in_the_temp_directory_however_the_gateway_ends(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    for ending in (signal.SIGTERM, signal.SIGKILL):
+        temp = tmp_path / f"tmp-{ending.name}"
+        temp.mkdir()
+        process, _ = start_gateway(
+            processes,
+            process_keys,
+            tmp_path / "log.jsonl",
+            WORKERS="2",
+            QUOTA_ENABLED="false",
+            TMPDIR=str(temp),
+        )
+        pids = await _both_workers(process)
+        assert [path.name[:20] for path in temp.iterdir()] == ["llm-gateway-metrics-"]
+        process.send_signal(ending)  # SIGKILL: the parent cannot clean up; its workers do
+        await asyncio.to_thread(process.wait, 20)
+        deadline = time.monotonic() + 20
+        while any(temp.iterdir()) or any(Path(f"/proc/{pid}").exists() for pid in pids):
+            assert time.monotonic() < deadline, (ending, list(temp.iterdir()))
+            await asyncio.sleep(0.1)
