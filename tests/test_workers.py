@@ -167,13 +167,14 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
 
         async def new_worker_serves() -> int:
             while True:
-                probe = await _stream(session, url, "probe", **{"x-fake-chunks": "2", "x-fake-delay-ms": "300"})
+                # A stream that stays open until closed: its connection can be looked up.
+                probe = await _stream(session, url, "probe", **{"x-fake-hang": "midstream"})
                 children = {
                     int(pid)
                     for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
                 }
                 pid = serving_pid(port, _client_port(probe), children)
-                await probe.read()
+                probe.close()
                 if pid is not None and pid not in pids:
                     return pid
                 assert time.monotonic() - killed < 2, "no new worker served within 2 s"
