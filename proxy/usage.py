@@ -3,31 +3,22 @@
 `relay` writes each body chunk to the client first and only then feeds it to a `UsageTap`,
 so the tap can never delay, change or hold back a byte. A body in gzip, deflate, br or zstd
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
-tap answers the provider's own usage when the provider reported one, every token kind:
-
-- JSON bodies: OpenAI `usage` {prompt_tokens, completion_tokens, prompt_tokens_details
-  {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
-  audio_tokens}} (embeddings: prompt only); the Responses API's {input_tokens,
-  output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
-  {reasoning_tokens}}; Anthropic's {input_tokens, output_tokens,
-  cache_creation_input_tokens, cache_read_input_tokens}, whose cache counts are *not* in
-  input_tokens and are added to the prompt here;
-- SSE streams: the OpenAI usage chunk (sent when the client asked for
-  `stream_options.include_usage`, or the key asks for exact stream usage:
-  `stream_usage`), the Responses API's `response.completed`, Anthropic's `message_start`
-  and `message_delta`. Counts in `message_delta` are cumulative, so the last value of
-  each field wins; nothing is summed.
+tap answers the provider's own usage when the provider reported one, every token kind
+(`provider_usage`): in a JSON body's `usage`; in a stream's OpenAI usage chunk (sent when
+the client asked for `stream_options.include_usage`, or the key for exact stream usage:
+`stream_usage`), the Responses API's `response.completed`, Anthropic's `message_start`
+and `message_delta`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings) without a readable usage
-is charged an estimate of about 4 characters a token of the request's and the response's
-text, marked `estimated` — never nothing, also when the body cannot be read (an unknown
-coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
-(or received) bytes stand for its text. Other POSTs are charged only what the provider
-reports (a token count reports none); a GET (a models list, a stored response) nothing.
+is charged an estimate (`estimate`), marked `estimated` — never nothing, also when the body
+cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
+then the response's decoded (or received) bytes stand for its text. Other POSTs are
+charged only what the provider reports (a token count reports none); a GET (a models list,
+a stored response) nothing.
 
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
-its last 256 KiB, where the usage is (`_last_usage`: orjson would need about 13 times a
+its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
 body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
 body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
 most `TAP_MEMORY_BYTES` (a shared `TapMemory`); a tap that would pass either bound lets go
@@ -44,32 +35,28 @@ spec allows it; no provider sends it).
 from __future__ import annotations
 
 import enum
-import math
-import re
 from typing import Any
 
 import orjson
 
+from proxy import estimate
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
+from proxy.provider_usage import ProviderUsage, last_usage
 from proxy.record import Usage
 
 # Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
 MAX_HELD_BYTES = 16 * 1024 * 1024
 # What all taps of a process hold at once: four such bodies.
 TAP_MEMORY_BYTES = 4 * MAX_HELD_BYTES
-CHARS_PER_TOKEN = 4
 
 # Past this a JSON body is not parsed whole (orjson needs about 13 times a body's size
-# while parsing it): only its usage object is found and parsed (`_last_usage`), in the
+# while parsing it): only its usage object is found and parsed (`last_usage`), in the
 # last TAIL_BYTES, which is all the tap keeps of it (unless LOG_BODIES needs the text).
 WHOLE_PARSE_BYTES = 1024 * 1024
 TAIL_BYTES = 256 * 1024
 
 _JSON = "json"
 _SSE = "sse"
-_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
-# Braces outside strings, and strings whole (skipped, escapes and all).
-_BRACES = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]', re.DOTALL)
 
 
 class Charged(enum.Enum):
@@ -116,38 +103,8 @@ class TapMemory:
         self.held_bytes -= count
 
 
-# Every count a usage object may carry at its top level that we read.
-_COUNTS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
-# Counts inside a usage object's details: (details object, count there, our field).
-# OpenAI's cached and audio tokens are parts of prompt_tokens/input_tokens already.
-_DETAILS = (
-    ("prompt_tokens_details", "cached_tokens", "cached_tokens"),
-    ("prompt_tokens_details", "cache_write_tokens", "cache_write_tokens"),
-    ("prompt_tokens_details", "audio_tokens", "input_audio_tokens"),
-    ("completion_tokens_details", "reasoning_tokens", "reasoning_tokens"),
-    ("completion_tokens_details", "audio_tokens", "output_audio_tokens"),
-    ("input_tokens_details", "cached_tokens", "cached_tokens"),
-    ("input_tokens_details", "cache_write_tokens", "cache_write_tokens"),
-    ("input_tokens_details", "audio_tokens", "input_audio_tokens"),
-    ("input_token_details", "audio_tokens", "input_audio_tokens"),  # transcriptions
-    ("output_tokens_details", "reasoning_tokens", "reasoning_tokens"),
-    ("output_tokens_details", "audio_tokens", "output_audio_tokens"),
-)
 # Responses API events whose `response` carries the final usage.
 _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# Where text sits in requests (messages, input, prompt, system) and responses (choices,
-# Anthropic content blocks, Responses output items): strings under these keys, in lists.
-_TEXT_KEYS = ("text", "content", "message")
-_REQUEST_TEXT = ("messages", "input", "prompt", "system")
-_RESPONSE_TEXT = ("choices", "content", "output")
-_TEXT_DEPTH = 8
 
 
 class UsageTap:
@@ -157,7 +114,7 @@ class UsageTap:
         "_body",
         "_charged",
         "_decoder",
-        "_fields",
+        "_reported",
         "_finished",
         "_held",
         "_is_unread",
@@ -193,7 +150,7 @@ class UsageTap:
         self._texts: list[str] = []  # SSE: text deltas, only with keep_text
         self._text: str | None = None  # the text, once finished
         self._text_chars = 0
-        self._fields: dict[str, int] = {}  # the last value seen of each usage field
+        self._reported = ProviderUsage()
         self._finished = False
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
         self.model: str | None = None
@@ -224,13 +181,15 @@ class UsageTap:
         self._finish()
         if self._charged is Charged.NOTHING:
             return None
-        reported = _reported(self._fields)
+        reported = self._reported.usage()
         if reported is not None or self._charged is Charged.REPORTED:
             return reported
         completion = 0
         if self._charged is Charged.TEXT:
-            completion = _tokens(self._seen if self._is_unread else self._text_chars)
-        return Usage(_tokens(_request_chars(request_body)), completion, estimated=True)
+            completion = estimate.tokens(self._seen if self._is_unread else self._text_chars)
+        return Usage(
+            estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
+        )
 
     @property
     def text(self) -> str | None:
@@ -309,7 +268,7 @@ class UsageTap:
                         if isinstance(delta, dict):
                             self._add_text(delta.get("content"))
                         self._add_text(choice.get("text"))
-            self._read_usage(event.get("usage"))
+            self._reported.read(event.get("usage"))
         elif kind == "content_block_delta":
             delta = event.get("delta")
             if isinstance(delta, dict):
@@ -320,14 +279,14 @@ class UsageTap:
             message = event.get("message")
             if isinstance(message, dict):
                 self._note_model(message.get("model"))
-                self._read_usage(message.get("usage"))
+                self._reported.read(message.get("usage"))
         elif kind == "message_delta":
-            self._read_usage(event.get("usage"))
+            self._reported.read(event.get("usage"))
         elif isinstance(kind, str) and kind in _RESPONSE_DONE:
             response = event.get("response")
             if isinstance(response, dict):
                 self._note_model(response.get("model"))
-                self._read_usage(response.get("usage"))
+                self._reported.read(response.get("usage"))
 
     def _note_model(self, model: object) -> None:
         if isinstance(model, str) and model:
@@ -338,21 +297,6 @@ class UsageTap:
             self._text_chars += len(text)
             if self._keep_text:
                 self._texts.append(text)
-
-    def _read_usage(self, usage: object) -> None:
-        if not isinstance(usage, dict):
-            return
-        fields = self._fields
-        for field in _COUNTS:
-            value = usage.get(field)
-            if _is_count(value):
-                fields[field] = value  # type: ignore[assignment]
-        for details, name, field in _DETAILS:
-            found = usage.get(details)
-            if isinstance(found, dict):
-                value = found.get(name)
-                if _is_count(value):
-                    fields[field] = value  # type: ignore[assignment]
 
     def _finish(self) -> None:
         if self._finished:
@@ -368,7 +312,7 @@ class UsageTap:
             if self._keep_text:
                 self._text = body.decode("utf-8", "replace")
             if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
-                self._read_usage(_last_usage(body))
+                self._reported.read(last_usage(body))
                 self._is_unread = True  # its text is not read: the size stands for it
             else:
                 self._read_document(body)
@@ -383,13 +327,13 @@ class UsageTap:
             return
         if isinstance(document, dict):
             self._note_model(document.get("model"))
-            self._read_usage(document.get("usage"))
-            self._text_chars = sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
+            self._reported.read(document.get("usage"))
+            self._text_chars = estimate.answer_chars(document)
 
     def _give_up(self) -> None:
         """Stop reading this body: it will be estimated (and logged without its text)."""
         self._is_unread = True
-        self._fields.clear()
+        self._reported.clear()
         self._let_go()
 
     def _let_go(self) -> None:
@@ -398,34 +342,6 @@ class UsageTap:
         self._line = bytearray()
         self._texts = []
         self._decoder = None
-
-
-def _last_usage(body: bytearray) -> object:
-    """The object under the body's last `"usage"` key, parsed alone; None if there is none.
-
-    A quote inside a JSON string is escaped, so `"usage":` occurs only as a key; every
-    provider puts the top-level usage after the content (where a tool's input may hold a
-    `usage` key of its own), so the last one is the answer's.
-    """
-    keys = list(_USAGE_KEY.finditer(body))
-    if not keys or body[keys[-1].end() : keys[-1].end() + 1] != b"{":
-        return None  # none, or the last is null
-    start, depth = keys[-1].end(), 0
-    for token in _BRACES.finditer(body, start):
-        if token.group() == b"{":
-            depth += 1
-        elif token.group() == b"}":
-            depth -= 1
-            if depth == 0:
-                try:
-                    return orjson.loads(body[start : token.end()])
-                except orjson.JSONDecodeError:
-                    return None
-    return None  # cut short inside it
-
-
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0  # bool and float are not counts
 
 
 def _body_kind(content_type: str | None) -> str | None:
@@ -437,59 +353,3 @@ def _body_kind(content_type: str | None) -> str | None:
     if media == "application/json" or media.endswith("+json"):
         return _JSON
     return None
-
-
-def _reported(fields: dict[str, int]) -> Usage | None:
-    if not fields.keys() & {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"}:
-        return None
-    get = fields.get
-    cache_read, cache_write = get("cached_tokens", 0), get("cache_write_tokens", 0)
-    if "prompt_tokens" in fields or "completion_tokens" in fields:  # OpenAI chat, embeddings
-        prompt, completion = get("prompt_tokens", 0), get("completion_tokens", 0)
-    else:
-        # Anthropic's cache counts are beside input_tokens; the Responses API has none.
-        anthropic_read = get("cache_read_input_tokens", 0)
-        anthropic_write = get("cache_creation_input_tokens", 0)
-        prompt = get("input_tokens", 0) + anthropic_read + anthropic_write
-        completion = get("output_tokens", 0)
-        cache_read += anthropic_read
-        cache_write += anthropic_write
-    return Usage(
-        prompt,
-        completion,
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-        input_audio_tokens=get("input_audio_tokens", 0),
-        reasoning_tokens=get("reasoning_tokens", 0),
-        output_audio_tokens=get("output_audio_tokens", 0),
-    )
-
-
-def _request_chars(request_body: bytes) -> int:
-    if not request_body:
-        return 0
-    try:
-        document = orjson.loads(request_body)
-    except orjson.JSONDecodeError:
-        return 0
-    if not isinstance(document, dict):
-        return 0
-    return sum(_text_length(document.get(key)) for key in _REQUEST_TEXT)
-
-
-def _text_length(value: object, depth: int = 0) -> int:
-    """Characters of text in strings, lists of parts and dicts under the text keys."""
-    if isinstance(value, str):
-        return len(value)
-    # Bounded, because a client's body may nest as deep as orjson allows.
-    if depth >= _TEXT_DEPTH:
-        return 0
-    if isinstance(value, list):
-        return sum(_text_length(item, depth + 1) for item in value)
-    if isinstance(value, dict):
-        return sum(_text_length(value.get(key), depth + 1) for key in _TEXT_KEYS)
-    return 0
-
-
-def _tokens(chars: int) -> int:
-    return math.ceil(chars / CHARS_PER_TOKEN)

@@ -1,0 +1,56 @@
+"""Estimated token counts: about 4 characters a token, of a request's and an answer's text.
+
+Used where a provider reported no usage. The text is the strings under the keys that hold
+it: a request's messages, input, prompt and system; an answer's choices, (Anthropic)
+content blocks and (Responses) output items; within them, strings under text, content and
+message, in lists and parts. What it does not do: tokenize (no tokenizer matches every
+model), count images or audio, or read a compressed request body.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+
+CHARS_PER_TOKEN = 4
+_TEXT_KEYS = ("text", "content", "message")
+_REQUEST_TEXT = ("messages", "input", "prompt", "system")
+_RESPONSE_TEXT = ("choices", "content", "output")
+# Bounded, because a client's body may nest as deep as orjson allows.
+_TEXT_DEPTH = 8
+
+
+def tokens(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def request_chars(request_body: bytes) -> int:
+    """Characters of text in a JSON request body; 0 for anything else."""
+    if not request_body:
+        return 0
+    try:
+        document = orjson.loads(request_body)
+    except orjson.JSONDecodeError:
+        return 0
+    if not isinstance(document, dict):
+        return 0
+    return sum(_text_length(document.get(key)) for key in _REQUEST_TEXT)
+
+
+def answer_chars(document: dict[str, object]) -> int:
+    """Characters of text in a parsed JSON answer."""
+    return sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
+
+
+def _text_length(value: object, depth: int = 0) -> int:
+    """Characters of text in strings, lists of parts and dicts under the text keys."""
+    if isinstance(value, str):
+        return len(value)
+    if depth >= _TEXT_DEPTH:
+        return 0
+    if isinstance(value, list):
+        return sum(_text_length(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_length(value.get(key), depth + 1) for key in _TEXT_KEYS)
+    return 0
