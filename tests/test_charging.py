@@ -19,6 +19,7 @@ import pytest
 import zstandard
 from aiohttp.test_utils import TestClient
 
+from proxy.app import TAP_MEMORY
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.fake_provider import FakeState
 
@@ -200,3 +201,32 @@ async def test_anthropic_cache_reads_and_writes_reach_the_log_line(
             "output_audio_tokens": 0,
             "estimated": False,
         }, line
+
+
+async def test_the_taps_hold_nothing_once_their_requests_ended(
+    gateway: TestClient, records: Records
+) -> None:
+    """Answered, cut (JSON and stream), left by the client, an error status."""
+    memory = gateway.server.app[TAP_MEMORY]
+    big = {**auth(OPENAI_VK), "x-fake-chunks": "200000"}  # a 1.4 MB JSON answer
+    asks = [
+        ({**CHAT, "stream": True}, {**auth(OPENAI_VK), "x-fake-chunks": "50"}),
+        (CHAT, big),
+        (CHAT, {**big, "x-fake-drop": "midstream"}),
+        ({**CHAT, "stream": True}, {**auth(OPENAI_VK), "x-fake-drop": "midstream"}),
+        (CHAT, {**auth(OPENAI_VK), "x-fake-status": "500"}),
+    ]
+    for body, headers in asks:
+        response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await response.read()
+    # A client that leaves in the middle of a stream.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "8", "x-fake-hang": "midstream"},
+    )
+    await response.content.readany()
+    response.close()
+    await records(len(asks) + 1)
+    assert memory.held_bytes == 0
