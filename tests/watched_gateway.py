@@ -5,7 +5,7 @@ and a Prometheus scraping it every second with the shipped rules loaded. Traffic
 in two rounds (so every series has grown between two scrapes, and rates are not zero), with
 refusals over quota, provider 5xx, an unreachable provider, a stream cut short, an unknown
 key, a model without a price, a key whose primary refuses connections (a retry, a failover to
-its fallback, a breaker that opens), a reload (POST /admin/reload); the log goes to /dev/full
+its fallback, in both rounds; then a breaker that opens), a reload (POST /admin/reload); the log goes to /dev/full
 (every line lost); then keys.json is broken before another reload, and Redis is killed before
 a last few requests. Every wait polls Prometheus until it has scraped what was sent.
 """
@@ -34,12 +34,15 @@ from tests.redis_server import RedisServer
 METRICS_TOKEN = "metrics-token-for-the-scrape"
 ADMIN_TOKEN = "admin-token-for-the-reloads"
 FAILOVER_VK = "vk_test_watch_failover_7d2b9e4a"
-# Fast retries, and a breaker that lets a probe through by the next round.
+# One quick retry per target. A breaker opens after 5 failures in a row, and each request on
+# the failover key fails twice on its primary: one request a round counts a retry and a
+# failover in both rounds, and four more in a row on one worker open that worker's breaker.
 FAILOVER_SETTINGS = {
     "RETRY_ATTEMPTS": "1",
     "RETRY_MAX_WAIT_SECONDS": "0.1",
-    "BREAKER_COOLDOWN_SECONDS": "0.5",
+    "BREAKER_FAILURES": "5",
 }
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {
     "model": "claude-3-5-haiku-latest",
@@ -59,8 +62,8 @@ ROUND: list[Call] = [
     *[(CHAT_PATH, LIMITED_VK, CHAT, {})] * 3,  # quota: 3 requests an hour
     (CHAT_PATH, OPENAI_VK, {**CHAT, "model": "fake-model"}, {}),  # no price known
     (CHAT_PATH, "vk_nobody", CHAT, {}),  # 401
-    *[(CHAT_PATH, FAILOVER_VK, CHAT, {})] * 4,  # a retry, then a failover; its breaker opens
 ]
+FAILING_OVER: Call = (CHAT_PATH, FAILOVER_VK, CHAT, {})  # a retry, then a failover
 FIRST_ROUND = [*ROUND, *[(CHAT_PATH, LIMITED_VK, CHAT, {})] * 2]  # refusals in both rounds
 WITHOUT_REDIS: list[Call] = [(CHAT_PATH, OPENAI_VK, CHAT, {})] * 4
 
@@ -98,11 +101,19 @@ async def send(session: aiohttp.ClientSession, url: str, call: Call) -> int:
         return response.status
 
 
-async def drive(url: str, calls: list[Call]) -> list[int]:
-    # A new connection per request, so the kernel spreads them over both workers.
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        return list(await asyncio.gather(*(send(session, url, call) for call in calls)))
+async def drive(url: str, calls: list[Call], in_a_row: list[Call]) -> list[int]:
+    """Send `calls` at once, each on a new connection (the kernel spreads them over both
+    workers), and `in_a_row` one after the other on one kept-alive connection (one worker)."""
+    spread = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+    one = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    async with spread, one:
+
+        async def one_by_one() -> list[int]:
+            return [await send(one, url, call) for call in in_a_row]
+
+        together = asyncio.gather(*(send(spread, url, call) for call in calls))
+        statuses, sequential = await asyncio.gather(together, one_by_one())
+    return [*statuses, *sequential]
 
 
 def reload(url: str) -> int:
@@ -168,17 +179,17 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
     cleanup.callback(prometheus.stop)
     prometheus.start()
     prometheus.wait_for(lambda: bool(prometheus.query("up == 1")), "a first scrape")
-    statuses = asyncio.run(drive(url, FIRST_ROUND))
+    statuses = asyncio.run(drive(url, FIRST_ROUND, [FAILING_OVER]))
     wait_until_scraped(prometheus, len(statuses))
     assert reload(url) == 200  # the same keys again: result="ok"
-    statuses += asyncio.run(drive(url, ROUND))
+    statuses += asyncio.run(drive(url, ROUND, [FAILING_OVER] * 4))  # the breaker opens
     wait_until_scraped(
         prometheus, len(statuses), 'llm_gateway_config_reloads_total{result="ok"} > 0'
     )
     keys.write_text("{")
     assert reload(url) == 422  # result="failed": the previous keys stay in force
     redis.kill()
-    statuses += asyncio.run(drive(url, WITHOUT_REDIS))
+    statuses += asyncio.run(drive(url, WITHOUT_REDIS, []))
     wait_until_scraped(
         prometheus,
         len(statuses),
