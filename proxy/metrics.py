@@ -1,9 +1,10 @@
-"""Prometheus collectors for the gateway, and the JSON summary of the same numbers.
+"""Prometheus collectors for the gateway, rendered as Prometheus text or the JSON summary.
 
 Owns the `llm_gateway_*` series, fed by finished records and a few events (in-flight
 requests, quota rejections, lost log lines, Redis error decisions), and their rendering:
-Prometheus text (or OpenMetrics when asked), or the seed's JSON summary. It does not
-decide what a failure is (`health.is_upstream_failure` does) nor when to observe (`relay`).
+Prometheus text (or OpenMetrics when asked), or the seed's JSON summary (`summary`). It
+does not decide what a failure is (`health.is_upstream_failure` does) nor when to observe
+(`relay`).
 
 Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
 key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
@@ -11,32 +12,25 @@ folded into `other` after 100 distinct values per process.
 
 Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
 
-Multiprocess mode (WORKERS > 1, issue 7): with `multiprocess_dir`, every worker writes its
-values to mmap files in that directory and `render` sums all workers with
-`MultiProcessCollector`. prometheus-client picks its value class once per process from
-`PROMETHEUS_MULTIPROC_DIR` when it is first imported; `Metrics` switches the process over
-itself (`use_multiprocess_values`, the way the library's own tests do), so no variable has to
-be set before any import. That switch is process-wide: one multiprocess `Metrics` per worker.
-The parent must hand every run a fresh, empty directory (old files would be summed in) and
-call `forget_worker` when a worker exits, so its in-flight gauge leaves the sum.
+Multiprocess mode (WORKERS > 1): with `multiprocess_dir`, every worker writes its values to
+mmap files there and `render` sums all workers (`worker_metrics` says how).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric
 
 from proxy.health import is_upstream_failure
 from proxy.record import Record
+from proxy.summary import summary
+from proxy.worker_metrics import use_multiprocess_values
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
@@ -56,27 +50,6 @@ RELOAD_RESULTS = ("ok", "failed")
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-def use_multiprocess_values(directory: str) -> None:
-    """Make this process keep its metric values in mmap files under directory."""
-    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if values.ValueClass._multiprocess:
-        if current != directory:
-            raise ValueError(
-                f"prometheus-client already writes multiprocess metrics to {current}, "
-                f"not {directory}"
-            )
-        return
-    os.makedirs(directory, exist_ok=True)
-    # The mmap files' directory is read from the environment when each file is opened.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue()
-
-
-def forget_worker(multiprocess_dir: str, pid: int) -> None:
-    """Drop an exited worker's live gauges (requests in flight) from the sum."""
-    multiprocess.mark_process_dead(pid, multiprocess_dir)
 
 
 class Metrics:
@@ -339,49 +312,3 @@ def _failure_kind(record: Record) -> str:
         return "status"  # it answered, with a 5xx
     assert record.outcome is not None
     return record.outcome.value
-
-
-def summary(families: Iterable[Metric]) -> dict[str, object]:
-    """The seed's JSON summary, computed from collected families (one process or all)."""
-    total = 0.0
-    by_provider: dict[str, float] = {}
-    duration_sum = duration_count = prompt = completion = rate_limited = 0.0
-    last_request: float | None = None
-    for family in families:
-        for sample in family.samples:
-            name, value = sample.name, sample.value
-            if name == "llm_gateway_requests_total":
-                total += value
-                provider = sample.labels["provider"]
-                by_provider[provider] = by_provider.get(provider, 0) + value
-            elif name == "llm_gateway_request_duration_seconds_sum":
-                duration_sum += value
-            elif name == "llm_gateway_request_duration_seconds_count":
-                duration_count += value
-            elif name == "llm_gateway_prompt_tokens_total":
-                prompt += value
-            elif name == "llm_gateway_completion_tokens_total":
-                completion += value
-            elif name == "llm_gateway_quota_rejections_total":
-                rate_limited += value
-            elif name == "llm_gateway_last_request_timestamp_seconds" and value > 0:
-                last_request = max(value, last_request or 0.0)
-    average_ms = duration_sum / duration_count * 1000.0 if duration_count else 0.0
-    return {
-        "total_requests": int(total),
-        "requests_by_provider": {name: int(n) for name, n in sorted(by_provider.items())},
-        "average_response_ms": round(average_ms, 1),
-        "tokens": {
-            "prompt": int(prompt),
-            "completion": int(completion),
-            "total": int(prompt + completion),
-        },
-        "rate_limited": int(rate_limited),
-        "last_updated": (
-            None
-            if last_request is None
-            else datetime.fromtimestamp(last_request, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z")
-        ),
-    }

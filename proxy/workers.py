@@ -49,7 +49,7 @@ from types import FrameType
 
 from proxy.app import build_app
 from proxy.keys import KeyRing
-from proxy.metrics import forget_worker
+from proxy.worker_metrics import forget_worker
 from proxy.server import CannotListen, serve
 from proxy.settings import Settings
 

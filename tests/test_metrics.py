@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import MODEL_LABEL_VALUES, Metrics, forget_worker
+from proxy.metrics import MODEL_LABEL_VALUES, Metrics
+from proxy.worker_metrics import forget_worker
 from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,38 @@
+"""Metrics summed over the workers of one gateway (WORKERS > 1, issue 7).
+
+Every worker writes its values to mmap files in one directory and `Metrics.render` sums
+all workers with `MultiProcessCollector`. prometheus-client picks its value class once per
+process from `PROMETHEUS_MULTIPROC_DIR` when it is first imported; `Metrics` switches the
+process over itself (`use_multiprocess_values`, the way the library's own tests do), so no
+variable has to be set before any import. That switch is process-wide: one multiprocess
+`Metrics` per worker. The parent must hand every run a fresh, empty directory (old files
+would be summed in) and call `forget_worker` when a worker exits, so its in-flight gauge
+leaves the sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import multiprocess, values
+
+
+def use_multiprocess_values(directory: str) -> None:
+    """Make this process keep its metric values in mmap files under directory."""
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if values.ValueClass._multiprocess:
+        if current != directory:
+            raise ValueError(
+                f"prometheus-client already writes multiprocess metrics to {current}, "
+                f"not {directory}"
+            )
+        return
+    os.makedirs(directory, exist_ok=True)
+    # The mmap files' directory is read from the environment when each file is opened.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+def forget_worker(multiprocess_dir: str, pid: int) -> None:
+    """Drop an exited worker's live gauges (requests in flight) from the sum."""
+    multiprocess.mark_process_dead(pid, multiprocess_dir)
