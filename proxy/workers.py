@@ -49,9 +49,9 @@ from types import FrameType
 
 from proxy.app import build_app
 from proxy.keys import KeyRing
-from proxy.worker_metrics import forget_worker
 from proxy.server import CannotListen, serve
 from proxy.settings import Settings
+from proxy.worker_metrics import forget_worker
 
 START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
 EXIT_REFUSED = 2  # a worker that cannot listen said why and exits with this
