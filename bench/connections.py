@@ -119,7 +119,9 @@ async def attack(args: argparse.Namespace, port: int, pid: int) -> None:
         sample_rss(pid, end),
     )
     latencies.sort()
-    print(f"dribbling connections: {args.connections} x {args.headers} headers of {args.header_bytes} bytes, {args.pause_ms} ms apart, for {args.seconds} s")
+    print(
+        f"dribbling connections: {args.connections} x {args.headers} headers of {args.header_bytes} bytes, {args.pause_ms} ms apart, for {args.seconds} s"
+    )
     for fate, count in sorted(Counter(fates).items()):
         print(f"  {fate}: {count}")
     print(f"gateway RSS peak (MB): {peak:.1f}")
@@ -162,11 +164,23 @@ def main() -> int:
             log = temp / "gateway.log"
             gateway = procs.start(
                 [
-                    sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1",
-                    "--server-port", str(port), "--keys-file-path", str(keys),
-                    "--quota-enabled", "false", "--log-to-file", "true",
-                    "--log-file-path", str(temp / "interactions.jsonl"),
-                    "--shutdown-grace-seconds", "1", *args.gateway_flags,
+                    sys.executable,
+                    str(ROOT / "gateway.py"),
+                    "--server-host",
+                    "127.0.0.1",
+                    "--server-port",
+                    str(port),
+                    "--keys-file-path",
+                    str(keys),
+                    "--quota-enabled",
+                    "false",
+                    "--log-to-file",
+                    "true",
+                    "--log-file-path",
+                    str(temp / "interactions.jsonl"),
+                    "--shutdown-grace-seconds",
+                    "1",
+                    *args.gateway_flags,
                 ],
                 None,
                 log,

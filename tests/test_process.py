@@ -123,9 +123,7 @@ def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> Non
 
 
 def test_an_unresolvable_server_host_is_one_line_and_exit_2(process_keys: Path) -> None:
-    result = refused(
-        {"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "no-such-host.invalid"}
-    )
+    result = refused({"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "no-such-host.invalid"})
     assert result.returncode == 2
     assert result.stderr.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

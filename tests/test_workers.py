@@ -153,10 +153,14 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
     process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
     port = int(url.rsplit(":", 1)[1])
     pids = await _both_workers(process)
-    fresh = aiohttp.TCPConnector(force_close=True)  # a connection per request: both workers get some
+    fresh = aiohttp.TCPConnector(
+        force_close=True
+    )  # a connection per request: both workers get some
     async with aiohttp.ClientSession(connector=fresh) as session:
         streams = [
-            await _stream(session, url, f"s-{n}", **{"x-fake-chunks": "20", "x-fake-delay-ms": "100"})
+            await _stream(
+                session, url, f"s-{n}", **{"x-fake-chunks": "20", "x-fake-delay-ms": "100"}
+            )
             for n in range(8)
         ]
         served_by = {n: serving_pid(port, _client_port(s), pids) for n, s in enumerate(streams)}
@@ -175,7 +179,9 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
                     continue  # queued on the dead worker's socket as it died: reset
                 children = {
                     int(pid)
-                    for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+                    for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children")
+                    .read_text()
+                    .split()
                 }
                 pid = serving_pid(port, _client_port(probe), children)
                 probe.close()
@@ -194,7 +200,9 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
     _, err = await asyncio.to_thread(process.communicate, None, 20)
     assert process.returncode == 0
     assert f"llm-gateway: worker {victim} was killed by SIGKILL; starting another" in err
-    logged = {json.loads(line)["request_id"]: json.loads(line) for line in log.read_text().splitlines()}
+    logged = {
+        json.loads(line)["request_id"]: json.loads(line) for line in log.read_text().splitlines()
+    }
     assert survivor_done <= set(logged)
     assert all(logged[request_id]["status"] == 200 for request_id in survivor_done)
     assert replacement not in pids
@@ -214,7 +222,9 @@ async def test_a_worker_that_keeps_failing_to_start_stops_the_gateway_with_one_l
     _, err = await asyncio.to_thread(process.communicate, None, 30)
     assert process.returncode == 1
     stops = [line for line in err.splitlines() if "failed to start" in line]
-    assert stops == ["llm-gateway: a worker failed to start 3 times in a row (exited with code 1); stopping"]
+    assert stops == [
+        "llm-gateway: a worker failed to start 3 times in a row (exited with code 1); stopping"
+    ]
     for pid in pids:  # the other worker drained and exited with the gateway
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -229,14 +239,18 @@ async def test_sighup_to_the_parent_reaches_every_worker_and_stops_nothing(
     fresh = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=fresh) as session:
         streams = [
-            await _stream(session, url, f"s-{n}", **{"x-fake-chunks": "10", "x-fake-delay-ms": "100"})
+            await _stream(
+                session, url, f"s-{n}", **{"x-fake-chunks": "10", "x-fake-delay-ms": "100"}
+            )
             for n in range(6)
         ]
         process.send_signal(signal.SIGHUP)
         for stream in streams:
             assert (await stream.read()).endswith(b"data: [DONE]\n\n")
         async with session.post(
-            f"{url}/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "after"}
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={**auth(OPENAI_VK), "x-request-id": "after"},
         ) as after:
             assert after.status == 200
     assert process.poll() is None
