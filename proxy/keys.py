@@ -76,7 +76,13 @@ class KeyRing:
     def __init__(self, keys: Mapping[str, VirtualKey], digest: str = "") -> None:
         self._keys = dict(keys)
         self.digest = digest  # of the keys file's bytes: which version of it is in force
-        self._real_keys = frozenset(key.api_key for key in self._keys.values())
+        # Every real key of every pool, fallback and route: what no log line may show.
+        self._real_keys = frozenset(
+            credential.api_key
+            for key in self._keys.values()
+            for target in key.plans.every_target()
+            for credential in target.pool.credentials
+        )
 
     def replace(self, other: KeyRing) -> None:
         """Take `other`'s keys in one step; requests in flight keep the key they hold."""

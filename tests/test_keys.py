@@ -494,3 +494,25 @@ def test_the_gateway_refuses_to_start_on_a_careless_keys_file(
     assert says in result.stderr and str(path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert never is None or never not in result.stderr + result.stdout
+
+
+def test_every_real_key_of_pools_fallbacks_and_routes_is_known_for_redaction(
+    tmp_path: Path,
+) -> None:
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_a_123456789": {
+                    "provider": "openai",
+                    "api_keys": [{"api_key": "sk-pool-1"}, {"api_key": "sk-pool-2"}],
+                    "fallbacks": [{"provider": "gemini", "api_key": "sk-ant-fallback"}],
+                    "routes": [
+                        {"models": ["claude-*"], "provider": "anthropic", "api_key": "sk-route"}
+                    ],
+                },
+                "vk_b_123456789": {"provider": "openai", "api_key": "sk-plain"},
+            }
+        },
+    )
+    assert ring.real_keys() == {"sk-pool-1", "sk-pool-2", "sk-ant-fallback", "sk-route", "sk-plain"}
