@@ -146,6 +146,15 @@ def _client_port(response: aiohttp.ClientResponse) -> int:
     return response.connection.transport.get_extra_info("sockname")[1]
 
 
+async def _in_flight(session: aiohttp.ClientSession, url: str) -> float:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    (line,) = [
+        line for line in text.splitlines() if line.startswith("llm_gateway_requests_in_flight ")
+    ]
+    return float(line.split()[1])
+
+
 async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_continue(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:
@@ -189,6 +198,11 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
                     return pid
 
         replacement = await new_worker_serves()
+        # The dead worker's streams leave the in-flight sum (forget_worker); the others' stay.
+        survivors = sum(1 for pid in served_by.values() if pid != victim)
+        while (in_flight := await _in_flight(session, url)) != survivors:
+            assert time.monotonic() - killed < 10, f"{in_flight} in flight, {survivors} expected"
+            await asyncio.sleep(0.05)
         survivor_done = set()
         for n, stream in enumerate(streams):
             if served_by[n] == victim:
