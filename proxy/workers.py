@@ -33,6 +33,7 @@ gateway needs from a process manager is the ~100 lines below.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -177,7 +178,8 @@ def _work(
     try:
         serve(
             settings,
-            build_app(settings, key_ring, metrics_dir),
+            # POST /admin/reload on one worker: the parent passes SIGHUP to every worker.
+            build_app(settings, key_ring, metrics_dir, functools.partial(_hup, parent)),
             label=f" (worker {os.getpid()})",
             reuse_port=True,
             on_listening=started.set,
@@ -187,6 +189,11 @@ def _work(
         raise SystemExit(EXIT_REFUSED) from None
     if os.getppid() != parent and owns_metrics_dir:
         _leave(metrics_dir)
+
+
+def _hup(parent: int) -> None:
+    if os.getppid() == parent:  # an orphan drains and exits; its pid may be someone else's
+        os.kill(parent, signal.SIGHUP)
 
 
 def _stop_when_orphaned(parent: int) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.processes import Processes, start_gateway
+from tests.redis_server import RedisServer
 
 TOKEN = "admin-token-for-process-tests-42"
 STREAMS = 200
@@ -47,6 +48,18 @@ async def wait_for_config(
     while (await health_config(session, url))["hash"] != expected:
         assert time.monotonic() < deadline, f"config {expected} not in force after {within} s"
         await asyncio.sleep(0.05)
+
+
+def both_listening(process: subprocess.Popen[str]) -> None:
+    """Wait (bounded) for the second worker's "listening on" line; start_gateway saw the first."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "listening on" in line:
+            return
+        assert line, "the gateway stopped before its second worker listened"
+    raise AssertionError("the second worker never listened")
 
 
 def stop(process: subprocess.Popen[str]) -> str:
@@ -146,3 +159,62 @@ async def test_a_broken_file_on_sighup_keeps_the_old_keys_and_says_why_in_one_li
     err = stop(process)
     (line,) = [text for text in err.splitlines() if "keys" in text]
     assert "not valid JSON" in line and "previous keys stay" in line
+
+
+@pytest.mark.parametrize("trigger", ["SIGHUP to the parent", "POST /admin/reload on one worker"])
+async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_second(
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    trigger: str,
+) -> None:
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        WORKERS="2",
+        REDIS_URL=redis_server.url,
+        ADMIN_TOKEN=TOKEN,
+        AUTH_FAILURE_LIMIT="100000",  # the 401s below would lock this address out
+    )
+    await asyncio.to_thread(both_listening, process)  # else one would load the new file at start
+    revoke(process_keys, OPENAI_VK)
+    expected = digest(process_keys)
+
+    async def fresh(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        # A new connection each time: SO_REUSEPORT spreads them over both workers by a hash
+        # of the client's port, so 40 of them all on one worker has odds of 2**-39.
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, f"{url}{path}", **kwargs) as response:
+                return response.status, await response.read()
+
+    started = time.monotonic()
+    if trigger == "SIGHUP to the parent":
+        process.send_signal(signal.SIGHUP)  # the parent passes it to each worker
+    else:
+        status, body = await fresh(
+            "POST", "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert status == 200, body
+    while True:
+        round_started = time.monotonic()
+        answers = await asyncio.gather(
+            *(
+                fresh("POST", "/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
+                for _ in range(40)
+            )
+        )
+        if all(status == 401 for status, _ in answers):
+            break
+        statuses = sorted(status for status, _ in answers)
+        assert round_started - started < 1.0, f"after 1 s a worker still answered {statuses}"
+    assert round_started - started < 1.0
+    configs = [
+        json.loads(body)["config"]
+        for _, body in await asyncio.gather(*(fresh("GET", "/health") for _ in range(40)))
+    ]
+    assert {config["hash"] for config in configs} == {expected}
+    assert len({config["loaded_at"] for config in configs}) == 1
+    assert process.poll() is None, "SIGHUP killed the supervisor"
+    stop(process)
