@@ -124,9 +124,7 @@ async def test_guessing_keys_is_refused_counted_and_logged_then_throttled(
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
     assert response.status == 429 and int(response.headers["retry-after"]) > 500
     assert_openai_error(await response.json(), "too_many_authentication_failures")
-    response = await gateway.post(
-        "/v1/messages", json=CHAT, headers={"x-api-key": ANTHROPIC_VK}
-    )
+    response = await gateway.post("/v1/messages", json=CHAT, headers={"x-api-key": ANTHROPIC_VK})
     assert response.status == 429
     assert_anthropic_error(await response.json(), "rate_limit_error")
     assert fake.requests == []
@@ -178,11 +176,8 @@ async def test_metrics_needs_the_metrics_token_when_one_is_set(
         assert token not in body and "llm_gateway_requests" not in body
     response = await gateway.get("/metrics", headers=auth(token))
     assert response.status == 200 and "llm_gateway_requests_in_flight" in await response.text()
-    response = await gateway.get(
-        "/metrics", headers={**auth(token), "Accept": "application/json"}
-    )
+    response = await gateway.get("/metrics", headers={**auth(token), "Accept": "application/json"})
     assert (await response.json())["total_requests"] == 0
     # Guessing the token counts as failed authentications too.
     assert (await gateway.get("/metrics", headers=auth("guess"))).status == 401
     assert (await gateway.get("/metrics", headers=auth(token))).status == 429
-

@@ -15,8 +15,8 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import MODEL_LABEL_VALUES, Metrics
-from proxy.worker_metrics import forget_worker
 from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
+from proxy.worker_metrics import forget_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -349,7 +349,10 @@ def test_upstream_error_kinds_cover_every_provider_failure() -> None:
     from proxy.metrics import UPSTREAM_ERROR_KINDS
     from proxy.record import PROVIDER_FAILURES
 
-    assert set(UPSTREAM_ERROR_KINDS) == {"status", *(outcome.value for outcome in PROVIDER_FAILURES)}
+    assert set(UPSTREAM_ERROR_KINDS) == {
+        "status",
+        *(outcome.value for outcome in PROVIDER_FAILURES),
+    }
 
 
 async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_start(

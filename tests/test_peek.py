@@ -114,7 +114,9 @@ async def test_a_multipart_upload_naming_another_model_gets_403(
     )
     assert allowed.status == 200 and len(fake.requests) == 1
     # An unrestricted key's upload is not parsed: it passes whatever it names.
-    free = await restricted.post("/v1/audio/transcriptions", data=form("o1"), headers=auth(OPENAI_VK))
+    free = await restricted.post(
+        "/v1/audio/transcriptions", data=form("o1"), headers=auth(OPENAI_VK)
+    )
     assert free.status == 200
 
 
@@ -251,7 +253,11 @@ async def test_a_restricted_key_still_reaches_what_names_no_model(
 async def test_a_refused_request_records_the_model_it_named(
     gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:
-    disallowed = {"model": "claude-opus-4-1", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    disallowed = {
+        "model": "claude-opus-4-1",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     response = await gateway.post("/v1/messages", json=disallowed, headers=auth(RESTRICTED_VK))
     assert response.status == 403
     empty = {"model": "gpt-4o-mini", "messages": [], "stream": True}
@@ -264,8 +270,14 @@ async def test_a_refused_request_records_the_model_it_named(
     ]
     assert lines[1]["stream"] is True
     metrics = await (await gateway.get("/metrics")).text()
-    assert 'llm_gateway_requests_total{model="claude-opus-4-1",provider="anthropic",status="403"} 1.0' in metrics
-    assert 'llm_gateway_requests_total{model="gpt-4o-mini",provider="openai",status="400"} 1.0' in metrics
+    assert (
+        'llm_gateway_requests_total{model="claude-opus-4-1",provider="anthropic",status="403"} 1.0'
+        in metrics
+    )
+    assert (
+        'llm_gateway_requests_total{model="gpt-4o-mini",provider="openai",status="400"} 1.0'
+        in metrics
+    )
 
 
 # --- a client's model string is bounded and cleaned before logs and labels (issue 10.10) --

@@ -73,7 +73,9 @@ def test_an_absolute_url_in_the_path_is_called_one(target: str) -> None:
     assert "an absolute URL" in refused.value.message
 
 
-@pytest.mark.parametrize("target", ["/v1/chat%0a/completions", "/v1/a%0D%0Ab", "/v1/x%7f", "/v1/a\tb"])
+@pytest.mark.parametrize(
+    "target", ["/v1/chat%0a/completions", "/v1/a%0D%0Ab", "/v1/x%7f", "/v1/a\tb"]
+)
 def test_a_control_character_in_the_path_gets_400(target: str) -> None:
     with pytest.raises(GatewayError) as refused:
         route(target)
