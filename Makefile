@@ -66,6 +66,7 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 	$(PY) bench/pricing.py $(if $(QUICK),--quick)
+	$(PY) bench/tap_memory.py $(if $(QUICK),--quick)
 
 # bench-profile: py-spy on the gateway and the floor under load: CPU per request, step by step (QUICK=1: ~30 s)
 bench-profile: $(STAMP)

@@ -21,9 +21,12 @@ Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larg
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
 body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
 body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
-most `TAP_MEMORY_BYTES` (a shared `TapMemory`); a tap that would pass either bound lets go
-of what it held and estimates. At the end (`usage` or `text`, whichever comes first) it
-lets go of everything.
+most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies half of that, so they never
+starve the tails. A JSON body kept whole that would pass a bound is cut to its tail (its
+log line goes without it); an SSE line that would (no
+provider sends one) is let go, and the answer estimated. A tail takes no more memory as it
+moves: what it drops frees what it adds. At the end (`usage` or `text`, whichever comes
+first) the tap lets go of everything.
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
@@ -92,9 +95,14 @@ class TapMemory:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
 
-    def take(self, count: int) -> bool:
-        """Hold `count` more bytes if the bound allows."""
-        if self.held_bytes + count > self.limit_bytes:
+    def take(self, count: int, is_whole: bool = False) -> bool:
+        """Hold `count` more bytes if the bound allows.
+
+        Whole bodies (kept to parse or to log) get half the bound, so they can never starve
+        the tails and lines every other answer needs to be read.
+        """
+        limit = self.limit_bytes // 2 if is_whole else self.limit_bytes
+        if self.held_bytes + count > limit:
             return False
         self.held_bytes += count
         return True
@@ -203,21 +211,45 @@ class UsageTap:
             return
         if self._kind == _SSE:
             self._take_lines(data)
-        elif self._hold(len(data)):
-            body = self._body
-            body += data  # type: ignore[operator]  # a JSON tap has a body
-            if len(body) > WHOLE_PARSE_BYTES and not self._keep_text:  # type: ignore[arg-type]
-                # Only the usage is read of a large body, and it comes last: keep the tail.
-                cut = len(body) - TAIL_BYTES  # type: ignore[arg-type]
-                del body[:cut]  # type: ignore[index]
-                self._release(cut)
+        else:
+            self._take_json(data)
+
+    def _take_json(self, data: bytes) -> None:
+        body = self._body
+        assert body is not None  # a JSON tap that reads has a body
+        is_cut = len(body) < self._seen - len(data)  # only its tail is kept already
+        if not self._keep_text and (is_cut or len(body) + len(data) > WHOLE_PARSE_BYTES):
+            self._take_tail(body, data)
+        elif self._fits(len(data), is_whole=True):
+            body += data
+        else:
+            # Past a bound keeping the whole body for the log: log it without; the tail
+            # still has the usage.
+            self._keep_text = False
+            self._take_tail(body, data)
+
+    def _take_tail(self, body: bytearray, data: bytes) -> None:
+        """Keep the last TAIL_BYTES of the body: what is dropped first frees what is added."""
+        data = data[-TAIL_BYTES:]
+        dropped = max(0, len(body) + len(data) - TAIL_BYTES)
+        del body[:dropped]
+        self._release(dropped)
+        if not self._fits(len(data)):
+            return self._give_up()
+        body += data
+
+    def _fits(self, count: int, is_whole: bool = False) -> bool:
+        """Take `count` bytes from the bounds if they allow."""
+        if self._held + count > MAX_HELD_BYTES or not self._memory.take(count, is_whole):
+            return False
+        self._held += count
+        return True
 
     def _hold(self, count: int) -> bool:
         """Take `count` bytes from the bounds, or give up reading this body."""
-        if self._held + count > MAX_HELD_BYTES or not self._memory.take(count):
+        if not self._fits(count):
             self._give_up()
             return False
-        self._held += count
         return True
 
     def _release(self, count: int) -> None:

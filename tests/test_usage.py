@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from proxy.record import Usage
 from proxy.usage import (
     MAX_HELD_BYTES,
+    TAIL_BYTES,
     WHOLE_PARSE_BYTES,
     Charged,
     TapMemory,
@@ -366,17 +367,26 @@ def test_json_body_that_does_not_parse_is_estimated_and_keeps_its_text():
     assert tap.text == '{"usage": {"prompt_tokens": 3'
 
 
-def test_json_body_past_the_bound_is_let_go_and_estimated():
+def test_a_body_kept_for_the_log_past_the_bound_keeps_only_its_tail_and_is_still_read():
     memory = TapMemory()
     tap = UsageTap(JSON, None, keep_text=True, memory=memory)
     piece = b" " * (1024 * 1024)
     for _ in range(MAX_HELD_BYTES // len(piece) + 1):
         tap.feed(piece)
-    assert memory.held_bytes == 0  # let go at once, not at the end
+    assert memory.held_bytes <= TAIL_BYTES  # past 16 MiB: the tail only, at once
+    tap.feed(orjson.dumps({"usage": OPENAI_DETAILED})[1:])  # the end of the object
+    assert tap.usage(b"") == OPENAI_DETAILED_USAGE
+    assert tap.text is None  # the log line goes without the body
+    assert memory.held_bytes == 0
+
+
+def test_a_large_body_with_nothing_readable_in_its_tail_is_estimated_from_its_size():
+    tap = UsageTap(JSON, None, keep_text=False)
+    piece = b" " * (1024 * 1024)
+    for _ in range(3):
+        tap.feed(piece)
     usage = tap.usage(b"")
-    assert usage is not None and usage.estimated
-    assert usage.completion_tokens == (MAX_HELD_BYTES + len(piece)) // 4
-    assert tap.text is None
+    assert usage == Usage(0, 3 * len(piece) // 4, estimated=True)
 
 
 def test_malformed_events_never_raise_and_are_skipped():
@@ -663,18 +673,18 @@ def test_forty_large_answers_are_read_exactly_from_their_tails_and_nothing_stays
     assert memory.held_bytes == 0
 
 
-def test_taps_keeping_whole_bodies_hold_at_most_the_shared_bound_and_nothing_after():
+def test_with_log_bodies_whole_bodies_share_the_bound_and_every_usage_is_still_read():
     memory = TapMemory(limit_bytes=40 * 1024 * 1024)
-    # LOG_BODIES: the whole body is kept for the log, so the shared bound decides.
+    # LOG_BODIES: whole bodies are kept for the log while the shared bound allows.
     taps = [UsageTap(JSON, None, keep_text=True, memory=memory) for _ in range(40)]
     assert feed_side_by_side(taps, BIG_ANSWER, memory) <= memory.limit_bytes
-    usages = [tap.usage(CHAT_REQUEST) for tap in taps]
+    assert [tap.usage(CHAT_REQUEST) for tap in taps] == [OPENAI_DETAILED_USAGE] * 40
     assert memory.held_bytes == 0
-    read = [usage for usage in usages if usage == OPENAI_DETAILED_USAGE]
-    assert 1 <= len(read) <= 2  # at most two 15 MiB bodies fit in 40 MiB
-    for usage in usages:  # the others let go, and are estimated, never free
-        assert usage is not None
-        assert usage == OPENAI_DETAILED_USAGE or (usage.estimated and usage.completion_tokens > 0)
+    # Whole bodies get half the bound, 20 MiB: one 15 MiB body at most (side by side, none).
+    assert sum(tap.text is not None for tap in taps) <= 1
+    alone = UsageTap(JSON, None, keep_text=True, memory=memory)
+    feed_side_by_side([alone], BIG_ANSWER, memory)
+    assert alone.usage(b"") == OPENAI_DETAILED_USAGE and alone.text == BIG_ANSWER.decode()
 
 
 def test_a_tap_read_only_for_its_text_lets_go_too():
