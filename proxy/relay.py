@@ -184,7 +184,9 @@ class Relay:
         """The one ending of every request: tokens to the tracker, metrics, health, the log."""
         record.finish()
         self.metrics.request_ended()
-        record.cost_usd = self.prices.cost(record.provider, record.model, record.usage)
+        record.cost_usd = self.prices.cost(
+            record.provider, record.model, record.usage, record.response_model
+        )
         if key is not None and record.usage is not None:
             self.quota.charge_later(key, record.usage.total_tokens)
         if record.outcome is Outcome.BROKEN and record.target is not None:

@@ -202,3 +202,21 @@ async def test_the_log_line_and_metrics_carry_each_requests_cost(
         'llm_gateway_unpriced_requests_total{model="unpriced-model",provider="openai"} 1.0'
         in metrics
     )
+
+
+def test_the_model_that_answered_is_priced_and_overrides_keep_the_clients_name(
+    prices: Prices, tmp_path: Path
+) -> None:
+    usage = Usage(1000, 100)
+    haiku = library_cost("anthropic", "claude-3-5-haiku-latest", usage)
+    # A fallback target swapped the model: the provider's answer names the one that ran.
+    swapped = prices.cost("anthropic", "gpt-4o", usage, answered="claude-3-5-haiku-latest")
+    assert swapped == pytest.approx(haiku)
+    dated = prices.cost("openai", "gpt-4o-mini", usage, answered="gpt-4o-mini-2024-07-18")
+    assert dated == pytest.approx(library_cost("openai", "gpt-4o-mini", usage))
+    assert prices.cost("openai", "gpt-4o-mini", usage, answered="no-such-model") == (
+        prices.cost("openai", "gpt-4o-mini", usage)
+    )
+    path = write(tmp_path / "prices.json", {"local": {"my-llama": {"input_mtok": 1e6}}})
+    served = Prices.load(path).cost("local", "my-llama", usage, answered="/models/llama-70b")
+    assert served == pytest.approx(1000.0)
