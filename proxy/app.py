@@ -115,6 +115,7 @@ def build_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         # Request bodies stay as sent (a gzip upload goes up gzip); relay inflates only to peek.
+        # Heads no larger than an SDK sends, so a connection holds little (server.py: why).
         handler_args={"auto_decompress": False, "max_field_size": 4096, "max_headers": 32},
     )
     metrics = Metrics(metrics_dir)

@@ -14,13 +14,14 @@ handlers (`handler_cancellation`), each handler writes its log line on the way o
 the app's cleanup (the logbook's flush) runs after that, as before.
 
 Bounds on what a client can hold (issue 10, point 1), measured in `bench/connections.py`:
-- request heads: a line or one header at most 8 KiB, at most 32 headers (the SDKs send
-  about 20); aiohttp answers 400 past them. A head is kept twice (raw and decoded), so this
-  caps the head of one connection near 0.5 MiB, where aiohttp's 128 headers of 64 KiB let
-  one connection hold 16 MiB;
+- request heads (set in `app.build_app`'s `handler_args`, where tests get them too): at most
+  32 headers (the SDKs send about 20) of at most 4 KiB each, name and value, and a request
+  line of 8 KiB (aiohttp's default); aiohttp answers 400 past them. A head is kept twice
+  (raw and decoded), so one connection's head holds about 0.25 MB at most, where aiohttp's
+  128 headers of 64 KiB let it hold 16 MB;
 - the head must arrive within CLIENT_HEADER_TIMEOUT of the connection opening or of the
-  previous response ending (aiohttp's keep-alive timer, which it starts at the connection's
-  first byte and does not restart while a head trickles in): a slowloris is cut, and an idle
+  previous response ending (aiohttp's keep-alive timer, which it starts with the connection
+  and does not restart while a head trickles in): a slowloris is cut, and an idle
   keep-alive connection is closed after the same time;
 - at most MAX_CONNECTIONS client connections per process: the next one is answered 503
   with Retry-After and closed, without a parser or a buffer of its own.
@@ -41,9 +42,6 @@ from proxy.app import METRICS
 from proxy.errors import GatewayError, body
 from proxy.settings import Settings
 
-# Header limits for aiohttp's parser (see the module docstring). 8190 is aiohttp's own
-# default for a line and a field, and nginx's large_client_header_buffers size.
-HEAD_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 32}
 REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sending
 
 

@@ -33,6 +33,8 @@ gateway needs from a process manager is the ~100 lines below.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -123,7 +125,10 @@ class Workers:
         """Pass a signal on to every live worker."""
         for worker in self._slots:
             if worker is not None and worker.process.pid is not None:
-                os.kill(worker.process.pid, signum)
+                try:
+                    os.kill(worker.process.pid, signum)
+                except ProcessLookupError:
+                    pass  # reaped a moment ago: `run` is about to empty its slot
 
     def _start(self, slot: int) -> None:
         started = self._context.Event()
@@ -206,14 +211,21 @@ def _stop_when_orphaned(parent: int) -> None:
 def _leave(metrics_dir: str) -> None:
     """An orphan's last step: drop its files and those of dead workers; the last one out
     removes the directory (rmdir fails while a live worker's files are in it)."""
-    for name in os.listdir(metrics_dir):
+    try:
+        names = os.listdir(metrics_dir)
+    except FileNotFoundError:
+        return  # another worker removed it already
+    for name in names:
         pid = name.removesuffix(".db").rsplit("_", 1)[-1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _is_alive(int(pid))):
-            os.remove(os.path.join(metrics_dir, name))
+            with contextlib.suppress(FileNotFoundError):  # another worker was first
+                os.remove(os.path.join(metrics_dir, name))
     try:
         os.rmdir(metrics_dir)
-    except OSError:
-        pass  # another worker still runs (ENOTEMPTY) or already removed it (ENOENT)
+    except OSError as error:
+        # ENOTEMPTY: a live worker's files are still there, and it removes the directory last
+        if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+            raise
 
 
 def _is_alive(pid: int) -> bool:
