@@ -19,7 +19,7 @@ async def _answer_or_close(reader: asyncio.StreamReader, timeout: float) -> byte
     """The first bytes the gateway sends back; b"" when it closed without a word."""
     try:
         return await asyncio.wait_for(reader.read(64), timeout)
-    except ConnectionResetError:
+    except ConnectionError:  # reset, or a broken pipe: closed while we were still sending
         return b""
 
 
@@ -129,7 +129,8 @@ async def test_dribbling_connections_are_cut_or_refused_while_a_normal_request_a
     fates = await attack
     oversized = {fate for field_bytes, fate in fates if field_bytes == 65_000}
     fitting = [fate for field_bytes, fate in fates if field_bytes == 3_000]
-    assert oversized <= {b"HTTP/1.0 400", b"HTTP/1.1 503"}, oversized
+    # Refused at once; a client still sending may see the close before it reads the 400.
+    assert oversized <= {b"HTTP/1.0 400", b"HTTP/1.1 503", b""} and b"HTTP/1.0 400" in oversized
     assert set(fitting) <= {b"", b"HTTP/1.1 503"}, set(fitting)  # cut by the deadline, or refused
     assert b"" in fitting
     assert latencies and max(latencies) < 2.0, latencies  # generous: the machine is shared
