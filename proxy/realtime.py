@@ -43,6 +43,7 @@ from proxy.keys import KeyRing, VirtualKey, presented
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
 from proxy.metrics import Metrics
+from proxy.peek import shown
 from proxy.pricing import Prices
 from proxy.providers import upstream_headers, upstream_url
 from proxy.quota import Quota
@@ -102,16 +103,19 @@ class Realtime:
             key = self._lockout.authenticate(self._key_ring, sent, request.remote)  # 401, 429
             record.key, record.provider = key.name, key.provider.name
             tail, query = route(request.raw_path)  # 400, 404
-            record.model = request.query.get("model")
-            if record.model is not None and not key.allows(record.model):
-                raise GatewayError(
-                    403,
-                    "model_not_allowed",
-                    f"This key may not use the model '{record.model[:200]}'.",
-                    "model",
-                )
+            models = request.query.getall("model", [])  # every one: a provider may read any
+            model = models[0] if models else None
+            record.model = shown(model)  # bounded, no control characters: it is logged
+            for name in models:
+                if not key.allows(name):
+                    raise GatewayError(
+                        403,
+                        "model_not_allowed",
+                        f"This key may not use the model '{shown(name)}'.",
+                        "model",
+                    )
             check_handshake(request)  # 400
-            target = key.plans.choose(record.model).primary  # 400 (no route serves the model)
+            target = key.plans.choose(model).primary  # 400 (no route serves the model)
             record.target, record.provider = target.name, target.provider.name
             url = upstream_url(target.provider, tail, query)
             admission = await self._quota.admit(key)  # 429, 503

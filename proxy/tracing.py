@@ -134,6 +134,8 @@ class Trace:
 
     def end(self, record: Record) -> None:
         """Point 3: the request settled; end its attempts, then its server span."""
+        if not self._server.is_recording():  # sampled out: its spans are no-ops, all of them
+            return
         last = len(self._attempts) - 1
         for index, span in enumerate(self._attempts):
             # record.attempts has one entry per try that got an answer or failed; a try the

@@ -505,3 +505,15 @@ async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
         "client_error",
         1009,
     )
+
+
+async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    # RESTRICTED_VK may use claude-3-5-haiku-*: the first `model` passes, the second must not.
+    path = "/v1/realtime?model=claude-3-5-haiku-latest&model=gpt-realtime"
+    response = await gateway.get(path, headers=upgrade_headers(**auth(RESTRICTED_VK)))
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert "gpt-realtime" in (await response.json())["error"]["message"]
+    assert sockets.sockets == []
