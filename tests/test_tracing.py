@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -27,6 +29,7 @@ from tests.conftest import (
 from tests.fake_provider import Fault
 from tests.fake_realtime import OUTPUT_TOKENS
 from tests.otlp_receiver import RECEIVED, Received, ReceivedSpan, build_receiver
+from tests.processes import Processes, refused, start_gateway
 
 MESSAGE = "a secret prompt the traces must never carry"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": MESSAGE}]}
@@ -422,3 +425,39 @@ async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
     upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
     assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
     assert_nothing_secret(spans)
+
+
+async def test_a_gateway_process_exports_the_spans_still_queued_when_it_stops(
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,
+    receiver: TestServer,
+    received: Received,
+) -> None:
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "interactions.jsonl",
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")),
+        OTEL_BSP_SCHEDULE_DELAY="600000",  # no export on a timer: only a full batch, or the stop
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 200
+    assert received.exports == 0
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    spans = await received.wait_for(2)
+    assert {span.kind for span in spans} == {"server", "client"}
+
+
+def test_an_otel_exporter_the_gateway_cannot_use_stops_the_process_with_one_line(
+    process_keys: Path,
+) -> None:
+    result = refused(
+        {"KEYS_FILE_PATH": str(process_keys), "OTEL_TRACES_EXPORTER": "zipkin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "OTEL_TRACES_EXPORTER" in result.stderr
