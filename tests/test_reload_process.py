@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -60,6 +61,30 @@ def both_listening(process: subprocess.Popen[str]) -> None:
             return
         assert line, "the gateway stopped before its second worker listened"
     raise AssertionError("the second worker never listened")
+
+
+async def fresh(url: str, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+    """One request on a new connection: SO_REUSEPORT spreads new connections over the
+    workers by a hash of the client's port, so 40 of them all on one of two workers has
+    odds of 2**-39."""
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, f"{url}{path}", **kwargs) as response:
+            return response.status, await response.read()
+
+
+async def revoked_everywhere(url: str, secret: str) -> bool:
+    answers = await asyncio.gather(
+        *(
+            fresh(url, "POST", "/v1/chat/completions", json=STREAM, headers=auth(secret))
+            for _ in range(40)
+        )
+    )
+    return all(status == 401 for status, _ in answers)
+
+
+def workers_of(process: subprocess.Popen[str]) -> list[int]:
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+    return [int(pid) for pid in children.split()]
 
 
 def stop(process: subprocess.Popen[str]) -> str:
@@ -182,39 +207,54 @@ async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_
     revoke(process_keys, OPENAI_VK)
     expected = digest(process_keys)
 
-    async def fresh(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        # A new connection each time: SO_REUSEPORT spreads them over both workers by a hash
-        # of the client's port, so 40 of them all on one worker has odds of 2**-39.
-        async with aiohttp.ClientSession() as session:
-            async with session.request(method, f"{url}{path}", **kwargs) as response:
-                return response.status, await response.read()
-
     started = time.monotonic()
     if trigger == "SIGHUP to the parent":
         process.send_signal(signal.SIGHUP)  # the parent passes it to each worker
     else:
         status, body = await fresh(
-            "POST", "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
+            url, "POST", "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert status == 200, body
     while True:
         round_started = time.monotonic()
-        answers = await asyncio.gather(
-            *(
-                fresh("POST", "/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
-                for _ in range(40)
-            )
-        )
-        if all(status == 401 for status, _ in answers):
+        if await revoked_everywhere(url, OPENAI_VK):
             break
-        statuses = sorted(status for status, _ in answers)
-        assert round_started - started < 1.0, f"after 1 s a worker still answered {statuses}"
+        assert round_started - started < 1.0, "after 1 s a worker still took the revoked key"
     assert round_started - started < 1.0
     configs = [
         json.loads(body)["config"]
-        for _, body in await asyncio.gather(*(fresh("GET", "/health") for _ in range(40)))
+        for _, body in await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))
     ]
     assert {config["hash"] for config in configs} == {expected}
     assert len({config["loaded_at"] for config in configs}) == 1
     assert process.poll() is None, "SIGHUP killed the supervisor"
+    stop(process)
+
+
+async def test_a_worker_replaced_after_a_reload_serves_the_reloaded_keys_not_its_parents(
+    processes: Processes, process_keys: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The parent forks replacements with the keys it loaded at start; a replacement that
+    # served those would take a key revoked since.
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        WORKERS="2",
+        REDIS_URL=redis_server.url,
+        AUTH_FAILURE_LIMIT="100000",
+    )
+    await asyncio.to_thread(both_listening, process)
+    revoke(process_keys, OPENAI_VK)
+    process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while not await revoked_everywhere(url, OPENAI_VK):
+        assert time.monotonic() < deadline, "the reload never reached every worker"
+    first, _ = workers_of(process)
+    os.kill(first, signal.SIGKILL)
+    await asyncio.to_thread(both_listening, process)  # the replacement listens
+    assert first not in workers_of(process) and len(workers_of(process)) == 2
+    assert await revoked_everywhere(url, OPENAI_VK)
+    configs = await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))
+    assert {json.loads(body)["config"]["hash"] for _, body in configs} == {digest(process_keys)}
     stop(process)
