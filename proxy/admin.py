@@ -18,6 +18,7 @@ included, which then reloads the same file again), so no worker keeps the old ke
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,7 +83,7 @@ class Admin:
 
     async def handle_keys(self, request: web.Request) -> web.Response:
         """GET /admin/keys: every key, masked, with its limits and its window's usage."""
-        keys = [await self._describe(key) for key in self._key_ring]
+        keys = await asyncio.gather(*(self._describe(key) for key in self._key_ring))
         document = {"config": self._keys_file.config, "keys": keys}
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 

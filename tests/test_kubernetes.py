@@ -45,6 +45,7 @@ def test_the_manifests_exist_and_each_resource_is_valid_against_the_schemas_stri
     assert kinds == [
         ("Deployment", "llm-gateway"),
         ("Deployment", "llm-gateway-redis"),
+        ("PodDisruptionBudget", "llm-gateway"),
         ("Service", "llm-gateway"),
         ("Service", "llm-gateway-redis"),
     ]
@@ -93,9 +94,11 @@ def test_the_gateway_shares_quotas_through_the_redis_service() -> None:
     redis_pod = find("Deployment", "llm-gateway-redis")["spec"]["template"]
     assert redis_service["spec"]["selector"].items() <= redis_pod["metadata"]["labels"].items()
     assert redis_pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    gateway_service = find("Service", "llm-gateway")
     gateway_pod = find("Deployment", "llm-gateway")["spec"]["template"]
-    assert gateway_service["spec"]["selector"].items() <= gateway_pod["metadata"]["labels"].items()
+    for selecting in (find("Service", "llm-gateway"), find("PodDisruptionBudget", "llm-gateway")):
+        selector = selecting["spec"]["selector"]
+        labels = selector.get("matchLabels", selector)
+        assert labels.items() <= gateway_pod["metadata"]["labels"].items()
     assert (
         not redis_service["spec"]["selector"].items() <= gateway_pod["metadata"]["labels"].items()
     )
