@@ -109,10 +109,15 @@ async def test_a_file_that_does_not_check_changes_nothing_and_says_why_once(
     assert await metric(gateway, 'llm_gateway_config_reloads_total{result="failed"}') == 2.0
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_rotated_key_keeps_its_window_under_its_name_and_a_raised_limit_applies_at_once(
-    make_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    redis = {"REDIS_URL": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN, **redis)
     assert [await status(gateway, LIMITED_VK) for _ in range(2)] == [200, 200]  # 2 of 3
 
     def rotate_and_raise(document: dict[str, Any]) -> None:
