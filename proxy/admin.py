@@ -112,7 +112,7 @@ class Admin:
 
     async def handle_reload(self, request: web.Request) -> web.Response:
         """POST /admin/reload: 200 with the config in force, or 422 saying why nothing changed."""
-        error = self._keys_file.reload("POST /admin/reload")
+        error = await self._keys_file.reload("POST /admin/reload")
         if error is not None:
             return errors.render(
                 GatewayError(
