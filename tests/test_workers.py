@@ -162,9 +162,8 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
     process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
     port = int(url.rsplit(":", 1)[1])
     pids = await _both_workers(process)
-    fresh = aiohttp.TCPConnector(
-        force_close=True
-    )  # a connection per request: both workers get some
+    # A connection per request: the kernel spreads them over both workers.
+    fresh = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=fresh) as session:
         streams = [
             await _stream(
