@@ -63,6 +63,8 @@ STEPS = {
     "breaker.py": "failover: targets, breakers",
     "tracing.py": "tracing",
     "stream_usage.py": "usage tap",
+    "provider_usage.py": "usage tap",
+    "estimate.py": "usage tap",
     "cors.py": "app hooks (CORS, Server header, own endpoints)",
     "quota.py:stamp": "header building",
     "quota.py:ratelimit_headers": "header building",
@@ -81,14 +83,18 @@ STEPS = {
     "health.py": "health",
     "errors.py": "errors",
     "app.py": "app hooks (CORS, Server header, own endpoints)",
+    "server.py": "connections (accept, the connection limit)",
 }
 OWN_FILES = ("proxy/", "passthrough.py")
-ENTRY_FILES = ("proxy/server.py", "gateway.py")  # under every sample: they start the loop
+# Under every sample of the loop's thread: the frames that start the process and run the loop.
+ENTRY = {("gateway.py", "*"), ("workers.py", "*"), ("server.py", "serve"), ("server.py", "_serve"), ("passthrough.py", "<module>")}
 HANDLERS = ("proxy/relay.py", "proxy/failover.py", "passthrough.py")  # they call aiohttp's client
 
 
-def own(file: str) -> bool:
-    return any(part in file for part in OWN_FILES) and not file.endswith(ENTRY_FILES)
+def own(func: str, file: str) -> bool:
+    name = file.rsplit("/", 1)[-1]
+    is_entry = (name, "*") in ENTRY or (name, func.rsplit(".", 1)[-1]) in ENTRY
+    return (any(part in file for part in OWN_FILES) or name == "gateway.py") and not is_entry
 
 
 def frames(stack: str) -> list[tuple[str, str]]:
@@ -143,7 +149,7 @@ def step_of(stack: list[tuple[str, str]]) -> str:
     """The step one sample belongs to: its innermost frame of ours decides."""
     for depth in range(len(stack) - 1, -1, -1):
         func, file = stack[depth]
-        if not own(file):
+        if not own(func, file):
             continue
         if file.endswith(HANDLERS):
             return callee_step(stack[depth:], file.rsplit("/", 1)[-1])
