@@ -49,6 +49,8 @@ def codings(content_encoding: str | None) -> list[str]:
 
 
 def _names(content_encoding: str | None) -> list[str]:
+    if not content_encoding:  # most bodies: nothing to split
+        return []
     parts = (part.strip().lower() for part in (content_encoding or "").split(","))
     return [part for part in parts if part and part != "identity"]
 

@@ -150,6 +150,18 @@ class Failover:
     async def _walk(
         self, request: web.Request, plan: Plan, tail: str, query: str, body: bytes, record: Record
     ) -> Reply:
+        if plan.is_single and self.policy.attempts == 0:
+            # One target, one key, no retries: one attempt, and whatever it gets goes on
+            # (what the loop below would do too, without its bookkeeping).
+            target = plan.primary
+            outbound = build(
+                target, request.method, request.headers, tail, query, body,
+                record.request_id, self._max_body_bytes,
+            )  # fmt: skip
+            try:
+                return await self._attempt(outbound, target.pool.credentials[0], record)
+            except Failed as failed:
+                return _Walk(0.0, failure=failed).give_up(record)
         walk = _Walk(self.breakers.clock() + self.policy.deadline_seconds)
         header = self.policy.sticky_header
         sticky = request.headers.get(header) if header else None

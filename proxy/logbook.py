@@ -1,6 +1,6 @@
 """The interaction log: one JSON line per finished request, written off the request path.
 
-Owns turning a `Record` into a line (python-json-logger's orjson formatter), the queue, and
+Owns turning a `Record` into a line (one `orjson.dumps`), the queue, and
 the one writer that appends lines to a file or to stdout. It does not decide what a record
 holds (`relay`) nor when the log opens and closes (the app's cleanup context).
 
@@ -33,7 +33,6 @@ comes before logging them, and the metric shows every line lost after the first 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import sys
@@ -44,7 +43,6 @@ from queue import SimpleQueue
 from typing import Any
 
 import orjson
-from pythonjsonlogger.orjson import OrjsonFormatter
 
 from proxy.record import Record
 
@@ -80,8 +78,6 @@ class Logbook:
         self._on_write_error = on_write_error
         # None is queued by `close` after the last line: the writer stops when it takes it.
         self._queue: SimpleQueue[dict[str, Any] | None] = SimpleQueue()
-        # An empty field list: the line holds exactly the fields we give, no `message`.
-        self._formatter = OrjsonFormatter(fmt=[])
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
         self._is_closed = False
@@ -197,8 +193,10 @@ class Logbook:
             redact = self._redactor()
             fields["request"] = _decoded(fields["request"], redact)
             fields["response"] = _decoded(fields["response"], redact)
-        entry = logging.makeLogRecord({"msg": fields})
-        return self._formatter.format(entry).encode() + b"\n"
+        # The line is a dict of plain values: orjson writes it as python-json-logger's
+        # OrjsonFormatter did (same bytes), without a LogRecord per line: 1 us, not 17 us,
+        # on a thread that competes with the event loop for the GIL (issue 16).
+        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
 
     def _redactor(self) -> Callable[[str], str]:
         """Text → text without any real key; the pattern is compiled once per set of keys."""

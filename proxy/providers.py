@@ -126,14 +126,14 @@ def downstream_headers(
 
 
 def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
+    # A copy (one C call), then the few dropped names taken out: cheaper than rebuilding the
+    # dict header by header, and the headers keep their order and case.
+    headers = CIMultiDict(incoming)
+    for name in dropped:
+        if name in headers:
+            del headers[name]
     # Headers listed in Connection are hop-by-hop for this connection (RFC 9110 §7.6.1).
-    named = {
-        token.strip().lower()
-        for value in incoming.getall("connection", ())
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (name, value)
-        for name, value in incoming.items()
-        if name.lower() not in dropped and name.lower() not in named
-    )
+    for value in incoming.getall("connection", ()):
+        for token in value.split(","):
+            headers.popall(token.strip(), None)
+    return headers

@@ -107,6 +107,11 @@ class Plan:
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
+    def is_single(self) -> bool:
+        """One target with one key: nothing to fail over to."""
+        return len(self.targets) == 1 and len(self.targets[0].pool.credentials) == 1
+
+    @property
     def primary(self) -> Target:
         return self.targets[0]
 
