@@ -237,6 +237,8 @@ async def read_whole(reply: Reply, idle: float) -> bytes:
     """The whole body; `idle` bounds each silence, not the whole read (a slow body is fine)."""
     if isinstance(reply, StoredAnswer):
         return reply.body
+    if reply.content.is_eof():  # it all came with the headers (most small bodies): no wait
+        return await reply.read()
     loop, parts = asyncio.get_running_loop(), []
     async with asyncio.timeout_at(loop.time() + idle) as deadline:
         while chunk := await reply.content.readany():
