@@ -360,7 +360,8 @@ class UsageTap:
         if isinstance(document, dict):
             self._note_model(document.get("model"))
             self._reported.read(document.get("usage"))
-            self._text_chars = estimate.answer_chars(document)
+            if self._reported.usage() is None:  # only an estimate needs the answer's length
+                self._text_chars = estimate.answer_chars(document)
 
     def _give_up(self) -> None:
         """Stop reading this body: it will be estimated (and logged without its text)."""
