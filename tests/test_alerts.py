@@ -7,6 +7,7 @@ series is tested in test_dashboard.py.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -55,3 +56,10 @@ def test_every_alert_has_a_severity_a_summary_and_a_description() -> None:
 def test_the_example_prometheus_configuration_passes_promtool() -> None:
     checked = promtool("check", "config", str(RULES.parent / "prometheus.yml"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_readme_lists_every_alert_with_its_severity() -> None:
+    rows = re.findall(r"^\| `(LLMGateway\w+)` \| (\w+) \|", (ROOT / "README.md").read_text(), re.M)
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rules = {r["alert"]: r["labels"]["severity"] for group in groups for r in group["rules"]}
+    assert dict(rows) == rules and len(rows) == len(rules)
