@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.memory_tracker import MemoryTracker  # noqa: E402
 from proxy.redis_tracker import RedisTracker  # noqa: E402
 from proxy.server import new_event_loop  # noqa: E402
-from proxy.tracker import Limits, MemoryTracker, Tracker  # noqa: E402
+from proxy.tracker import Limits, Tracker  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 TARGET_MS = 0.3

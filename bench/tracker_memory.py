@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.tracker import Limits, MemoryTracker
+from proxy.memory_tracker import MemoryTracker
+from proxy.tracker import Charge, Limits
 
 LIMIT = 100
 MB = 1024 * 1024
@@ -45,7 +46,7 @@ async def fill(keys: int, charge: bool) -> MemoryTracker:
             now[0] += 0.001
             await tracker.admit(key_id, limits)
             if charge:
-                await tracker.charge(key_id, limits, 1234)
+                tracker.settle(key_id, limits, Charge(1234))
     return tracker
 
 

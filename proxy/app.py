@@ -32,6 +32,7 @@ from proxy.health import Health
 from proxy.keys import Defaults, KeyRing
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
+from proxy.memory_tracker import MemoryTracker
 from proxy.metrics import Metrics
 from proxy.pricing import Prices
 from proxy.quota import Quota
@@ -40,8 +41,9 @@ from proxy.record import own_request_id
 from proxy.relay import Relay, keep_untyped
 from proxy.reload import KeysFile
 from proxy.settings import Settings
-from proxy.tracker import MemoryTracker, Tracker
+from proxy.tracker import Budget, Tracker
 from proxy.usage import TapMemory
+from proxy.usage_report import UsageReport
 
 if TYPE_CHECKING:
     from proxy.tracing import Tracing
@@ -94,6 +96,10 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
         requests=settings.quota_limit,
         tokens=settings.quota_tokens,
         window_seconds=settings.quota_window_seconds,
+        budget=None
+        if settings.budget_usd is None
+        else Budget(settings.budget_usd, settings.budget_window_seconds),
+        budget_window_seconds=settings.budget_window_seconds,
     )
     return KeyRing.load(settings.keys_file_path, environ, defaults)
 
@@ -161,10 +167,10 @@ def build_app(
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
         new_tracker(settings),
-        key_ring,
         deny_when_lost=settings.quota_on_redis_error == "deny",
         on_tracker_lost=tracker_lost,
         on_tracker_back=tracker_back,
+        price=app[PRICES].cost,  # to price a budget's reservations
     )
     app[LOGBOOK] = Logbook(
         settings.log_file_path if settings.log_to_file else None,
@@ -214,7 +220,8 @@ def build_app(
     # With a token, guessing it counts as failed authentications; without, /metrics is open.
     metrics_handler = lockout.guarded(_metrics) if settings.metrics_token else _metrics
     app.router.add_get("/metrics", with_request_id(metrics_handler))
-    app.router.add_get("/usage", with_request_id(lockout.guarded(app[QUOTA].handle_usage)))
+    usage_report = UsageReport(key_ring, app[QUOTA])
+    app.router.add_get("/usage", with_request_id(lockout.guarded(usage_report.handle_usage)))
     admin = Admin(settings.admin_token, key_ring, app[QUOTA], app[KEYS_FILE], reload_workers)
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:

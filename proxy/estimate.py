@@ -35,6 +35,11 @@ def request_chars(request_body: bytes) -> int:
         return 0
     if not isinstance(document, dict):
         return 0
+    return prompt_chars(document)
+
+
+def prompt_chars(document: dict[str, object]) -> int:
+    """Characters of text in a parsed JSON request (peek reads it once, for the reservation)."""
     return sum(_text_length(document.get(key)) for key in _REQUEST_TEXT)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from yarl import URL
 
-from proxy.tracker import Limits
+from proxy.tracker import Budget, Limits
 
 
 class KeysFileError(ValueError):
@@ -35,6 +35,8 @@ class Defaults:
     requests: int
     tokens: int | None
     window_seconds: float
+    budget: Budget | None = None  # BUDGET_USD and its window, for keys that name none
+    budget_window_seconds: float = 2592000.0
 
 
 # The fields each level of keys.json accepts, by the level's name in the error message.
@@ -149,6 +151,25 @@ def limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
     if not _positive(window, integer=False):
         raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
     return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
+
+
+def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget | None:
+    """A key's budget, the default one when it names none; null: none. Raises KeysFileError."""
+    if "budget" not in entry:
+        return defaults.budget
+    budget = entry["budget"]
+    if budget is None:
+        return None
+    if not isinstance(budget, dict):
+        raise KeysFileError(f"{where}: budget must be an object (usd, window_seconds)")
+    check_fields(where, budget, "budget", "budget.")
+    usd = budget.get("usd")
+    window = budget.get("window_seconds", defaults.budget_window_seconds)
+    if not _positive(usd, integer=False):
+        raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
+    if not _positive(window, integer=False):
+        raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
+    return Budget(usd=float(usd), window_seconds=float(window))
 
 
 def _positive(value: Any, integer: bool) -> bool:

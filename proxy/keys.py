@@ -26,7 +26,7 @@ from proxy.errors import GatewayError
 from proxy.fields import Defaults, KeysFileError, check_fields
 from proxy.providers import APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.targets import Plans, Target, parse_plans
-from proxy.tracker import Limits
+from proxy.tracker import Budget, Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,7 @@ class VirtualKey:
     model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
     # "stream_usage": "exact": ask OpenAI streams for their usage chunk (stream_usage.py).
     exact_stream_usage: bool = False
+    budget: Budget | None = None  # None: no spending cap
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -246,4 +247,5 @@ def _key(
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
         exact_stream_usage=stream_usage == "exact",
+        budget=fields.budget(where, entry, defaults),
     )

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy import named
+from proxy import estimate, named
 from proxy.encodings import decode_body
 from proxy.errors import GatewayError
 from proxy.keys import VirtualKey
@@ -37,6 +37,10 @@ class Peek:
 
     model: str | None = None
     is_stream: bool = False
+    # For the tracker's reservation: the prompt's text at about 4 characters a token, and
+    # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens).
+    prompt_tokens_estimate: int = 0
+    max_output_tokens: int | None = None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -102,7 +106,23 @@ def validate(
         _check_chat(document)
     if is_restricted:
         _check_models(key, names, unreadable)
-    return Peek(model=model, is_stream=is_stream)
+    if document is None:
+        return Peek(model=model, is_stream=is_stream)
+    return Peek(
+        model=model,
+        is_stream=is_stream,
+        prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(document)),
+        max_output_tokens=_output_cap(document),
+    )
+
+
+def _output_cap(document: dict[str, Any]) -> int | None:
+    """The output cap the body names, the first of the names the APIs use."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = document.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def shown(model: str | None) -> str | None:

@@ -1,67 +1,106 @@
-"""The quota as a client sees it: admission, the 429, the x-ratelimit headers, GET /usage.
+"""Admission policy: what a request reserves, when it is refused, what happens when Redis is lost.
 
-`tracker` counts; this module speaks HTTP about the counts. A refused request answers
-429 with `Retry-After` (whole seconds until the window admits it), `retry-after-ms`, and
-`x-should-retry: false` when the wait is longer than the SDKs will sleep, so a client
-fails fast instead of retrying into a closed window. Every proxied response carries the
-gateway's own `x-ratelimit-*` headers in place of the provider's.
+`tracker` counts; this module decides what to ask it. At admission a request reserves an
+estimate of what it will use: its prompt (`Peek.prompt_tokens_estimate`) plus the output
+cap its body names, and for a key with a budget that estimate priced. When it ends,
+`settle` replaces the reservation with the real tokens and cost (a stream cut short:
+what it produced). `refusals` renders the 429s, `ratelimit` the headers, `usage_report`
+answers GET /usage.
+
+`precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
+the body is read and without asking the tracker, when the key's last refusal said its
+window stays closed until a time still ahead: a 10 MB body of an exhausted key is never
+read. Smaller bodies are read and asked about as usual, so their answers stay exact.
 
 When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
-the request through uncounted, `deny` answers 503. Each decision is reported to
-`on_tracker_lost` (a metric and /health's degraded state); the first success after that
-reports `on_tracker_back`.
+the request through uncounted, `deny` answers 503 (a key with neither quota nor budget is
+always let through). Each decision is reported to `on_tracker_lost` (a metric and
+/health's degraded state); the first success after that reports `on_tracker_back`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any
+import time
+from collections.abc import Callable
 
-import orjson
-from aiohttp import web
-from multidict import CIMultiDict
-
-from proxy import errors
 from proxy.errors import GatewayError
-from proxy.keys import KeyRing, VirtualKey
-from proxy.tracker import Admission, Tracker, TrackerUnavailable
+from proxy.keys import VirtualKey
+from proxy.peek import Peek
+from proxy.record import Record, Usage
+from proxy.refusals import refusal
+from proxy.tracker import MICRO, NOTHING, Admission, Charge, Tracker, TrackerUnavailable
 
-# The OpenAI and Anthropic SDKs honour a Retry-After of at most 60 s; past that they use
-# their own short backoff, which would only knock on a window that is still closed.
-SDK_MAX_RETRY_WAIT_SECONDS = 60.0
+# Bodies up to this size are read before the key's quota is asked; past it (or of unknown
+# length) a key known to be refused right now is refused before its body is read.
+PRECHECK_BODY_BYTES = 64 * 1024
+
+# (provider, model, usage) → US dollars, or None for a model without a price.
+Price = Callable[[str, str | None, Usage], float | None]
+
+
+def unpriced(provider: str, model: str | None, usage: Usage) -> float | None:
+    """No prices known: spend counts as nothing."""
+    return None
 
 
 class Quota:
-    """Admission and token charges for every key, over one tracker."""
+    """Admission, reservations and settling for every key, over one tracker."""
 
     def __init__(
         self,
         tracker: Tracker,
-        key_ring: KeyRing,
         deny_when_lost: bool = False,
         on_tracker_lost: Callable[[str, str], None] = lambda decision, error: None,
         on_tracker_back: Callable[[], None] = lambda: None,
+        price: Price = unpriced,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
-        self._key_ring = key_ring
         self._deny_when_lost = deny_when_lost
         self._on_lost = on_tracker_lost
         self._on_back = on_tracker_back
+        self._price = price
+        self._clock = clock
         self._is_lost = False
-        self._pending: set[asyncio.Task[None]] = set()
+        # key id → (until when its window stays closed, the refusal that said so).
+        self._closed: dict[str, tuple[float, Admission]] = {}
+        tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
-    async def admit(self, key: VirtualKey) -> Admission | None:
-        """Check and count one request. Raises 429 (over quota), 503 (tracker lost, deny)."""
-        if key.limits is None:
-            return None
+    def precheck(self, key: VirtualKey, body_bytes: int | None) -> None:
+        """Before a large body is read: 429 for a key known to be refused right now. Asks nobody.
+
+        `body_bytes`: the Content-Length, None when unknown (chunked). A small body is cheap
+        to read, so its request goes to the tracker as usual and gets its exact answer.
+        """
+        if body_bytes is not None and body_bytes <= PRECHECK_BODY_BYTES:
+            return
+        closed = self._closed.get(key.id)
+        if closed is None:
+            return
+        until, admission = closed
+        if admission.limits is not key.limits or admission.budget is not key.budget:
+            del self._closed[key.id]  # keys.json changed the key's limits since: ask again
+            return
+        wait = until - self._clock()
+        if wait <= 0:
+            del self._closed[key.id]
+            return
+        raise refusal(dataclasses.replace(admission, retry_after_seconds=wait))
+
+    async def admit(self, key: VirtualKey, peek: Peek) -> Admission | None:
+        """Check, count and reserve one request. Raises 429 (over quota or budget), 503.
+
+        None: nothing to settle (the tracker was lost and the request let through).
+        """
+        claim = self._estimate(key, peek)
         try:
-            admission = await self.tracker.admit(key.id, key.limits)
+            admission = await self.tracker.admit(key.id, key.limits, key.budget, claim)
         except TrackerUnavailable as error:
-            decision = "deny" if self._deny_when_lost else "allow"
-            self._lost(decision, str(error))
-            if self._deny_when_lost:
+            deny = self._deny_when_lost and (key.limits is not None or key.budget is not None)
+            self._lost("deny" if deny else "allow", str(error))
+            if deny:
                 raise GatewayError(
                     503,
                     "quota_unavailable",
@@ -70,8 +109,41 @@ class Quota:
             return None
         self._back()
         if not admission.admitted:
+            self._closed[key.id] = (self._clock() + admission.retry_after_seconds, admission)
             raise refusal(admission)
         return admission
+
+    def settle(self, key: VirtualKey, admission: Admission | None, record: Record) -> None:
+        """Replace the request's reservation with what it really used; never waits."""
+        if admission is None:
+            return
+        spent = NOTHING
+        if record.usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
+            spent = Charge(record.usage.total_tokens, micro(record.cost_usd))
+        self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
+
+    def charge(self, key: VirtualKey, tokens: int, cost_usd: float | None) -> None:
+        """Charge usage that no reservation covered (a Realtime session's each response)."""
+        self.tracker.settle(key.id, key.limits, Charge(tokens, micro(cost_usd)), 0, key.budget)
+
+    async def settled(self) -> None:
+        """Return once every settle so far is in the tracker's shared state (for tests, close)."""
+        await self.tracker.flush()
+
+    async def close(self) -> None:
+        """Send the settles still held, then close the tracker."""
+        await self.tracker.close()
+
+    def _estimate(self, key: VirtualKey, peek: Peek) -> Charge:
+        """The reservation: the prompt plus the output cap, priced for a key with a budget."""
+        output = peek.max_output_tokens or 0
+        tokens = peek.prompt_tokens_estimate + output
+        if key.budget is None or not tokens:
+            return Charge(tokens)
+        cost = self._price(
+            key.provider.name, peek.model, Usage(peek.prompt_tokens_estimate, output, True)
+        )
+        return Charge(tokens, micro(cost))
 
     def _lost(self, decision: str, error: str) -> None:
         self._is_lost = True
@@ -82,106 +154,9 @@ class Quota:
             self._is_lost = False
             self._on_back()
 
-    def charge_later(self, key: VirtualKey, tokens: int) -> None:
-        """Charge a finished response's tokens without holding up its ending."""
-        if key.limits is None or tokens <= 0:
-            return
-        self._spawn(self._charge(key, tokens))
 
-    async def _charge(self, key: VirtualKey, tokens: int) -> None:
-        assert key.limits is not None
-        try:
-            await self.tracker.charge(key.id, key.limits, tokens)
-        except TrackerUnavailable as error:
-            # The tokens are lost to the window; the log line and metrics still have them.
-            self._lost("uncharged", str(error))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._pending.add(task)  # a reference, so the task is not collected mid-flight
-        task.add_done_callback(self._pending.discard)
-
-    async def close(self) -> None:
-        """Finish the charges still under way, then close the tracker."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        await self.tracker.close()
-
-    async def handle_usage(self, request: web.Request) -> web.Response:
-        """GET /usage: the presenting key's own usage, limits and totals."""
-        try:
-            key = self._key_ring.authenticate(request.headers)
-        except GatewayError as error:
-            return errors.render(error, request.path)
-        document: dict[str, Any] = {
-            "key": key.name,
-            "provider": key.provider.name,
-            "quota_enabled": key.limits is not None,
-        }
-        if key.limits is not None:
-            try:
-                document.update(await self.tracker.report(key.id, key.limits))
-            except TrackerUnavailable:
-                error = GatewayError(
-                    503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
-                )
-                return errors.render(error, request.path)
-        return web.Response(body=orjson.dumps(document), content_type="application/json")
-
-
-def refusal(admission: Admission) -> GatewayError:
-    """The 429 for a refused admission, with the waits the SDKs understand."""
-    wait = max(admission.retry_after_seconds, 0.001)
-    headers = {
-        "retry-after": str(max(1, math.ceil(wait))),
-        "retry-after-ms": str(math.ceil(wait * 1000)),
-    }
-    if wait > SDK_MAX_RETRY_WAIT_SECONDS:
-        headers["x-should-retry"] = "false"
-    headers.update(ratelimit_headers(admission))
-    limits = admission.limits
-    if admission.remaining_requests <= 0:
-        what = f"{limits.requests} requests"
-    else:
-        what = f"{limits.tokens} tokens"
-    return GatewayError(
-        429,
-        "rate_limit_exceeded",
-        f"Quota exceeded for this key: {what} per {limits.window_seconds:g} seconds. "
-        f"Retry in {math.ceil(wait)} seconds.",
-        headers=headers,
-    )
-
-
-def stamp(headers: CIMultiDict[str], admission: Admission) -> None:
-    """Replace the provider's x-ratelimit-* headers with the gateway's own."""
-    for name in [name for name in headers if name.lower().startswith("x-ratelimit-")]:
-        headers.popall(name, None)
-    headers.update(ratelimit_headers(admission))
-
-
-def ratelimit_headers(admission: Admission) -> dict[str, str]:
-    """x-ratelimit-{limit,remaining,reset}-requests, and the -tokens trio when set."""
-    limits = admission.limits
-    headers = {
-        "x-ratelimit-limit-requests": str(limits.requests),
-        "x-ratelimit-remaining-requests": str(max(0, admission.remaining_requests)),
-        "x-ratelimit-reset-requests": duration(admission.reset_requests_seconds),
-    }
-    if limits.tokens is not None:
-        headers["x-ratelimit-limit-tokens"] = str(limits.tokens)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens or 0))
-        headers["x-ratelimit-reset-tokens"] = duration(admission.reset_tokens_seconds or 0.0)
-    return headers
-
-
-def duration(seconds: float) -> str:
-    """A wait in the providers' style: '1m30s', '2.5s', '0s'."""
-    seconds = max(0.0, seconds)
-    minutes, rest = divmod(seconds, 60.0)
-    rest = math.ceil(rest * 1000) / 1000
-    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
-    if minutes >= 1:
-        hours, minutes = divmod(int(minutes), 60)
-        text = (f"{hours}h" if hours else "") + f"{minutes}m" + text
-    return text
+def micro(usd: float | None) -> int:
+    """Dollars as whole micro-dollars, rounded up (a fraction of a micro-dollar is spent)."""
+    if usd is None or not usd > 0 or usd == math.inf:
+        return 0
+    return math.ceil(usd * MICRO)

@@ -36,14 +36,14 @@ from aiohttp import WSCloseCode, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import errors, quota
+from proxy import errors, ratelimit
 from proxy.errors import GatewayError
 from proxy.failover import described
 from proxy.keys import KeyRing, VirtualKey, presented
 from proxy.lockout import Lockout
 from proxy.logbook import Logbook
 from proxy.metrics import Metrics
-from proxy.peek import shown
+from proxy.peek import Peek, shown
 from proxy.pricing import Prices
 from proxy.providers import upstream_headers, upstream_url
 from proxy.quota import Quota
@@ -118,7 +118,7 @@ class Realtime:
             target = key.plans.choose(model).primary  # 400 (no route serves the model)
             record.target, record.provider = target.name, target.provider.name
             url = upstream_url(target.provider, tail, query)
-            admission = await self._quota.admit(key)  # 429, 503
+            admission = await self._quota.admit(key, Peek(model=model))  # 429, 503
             upstream = await self._connect(http, url, target, request, record)  # 502, 504, …
             try:
                 return await self._carry(request, upstream, key, admission, record)
@@ -198,12 +198,12 @@ class Realtime:
         )
         client.headers["x-request-id"] = record.request_id
         if admission is not None:
-            client.headers.update(quota.ratelimit_headers(admission))
+            client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
 
         def charge(usage: Usage) -> None:
-            self._quota.charge_later(key, usage.total_tokens)
             cost = self._prices.cost(record.provider, record.model, usage)
+            self._quota.charge(key, usage.total_tokens, cost)
             if cost is not None:
                 record.cost_usd = (record.cost_usd or 0.0) + cost
 

@@ -1,24 +1,23 @@
 """The tracker in Redis: every process and every instance shares one sliding window per key.
 
-Same semantics as `tracker.MemoryTracker` (a sliding log, not fixed buckets; the same
-`Admission` and `report()` answers), kept in four Redis keys per virtual key, named from
-its `key_id` digest (never the key itself) with a `{…}` hash tag so a cluster keeps them
-in one slot:
+Same semantics as `memory_tracker.MemoryTracker` (the same `Reading`, so the same
+`Admission` and report), kept in eight Redis keys per virtual key (`redis_scripts.py` lists
+them), named from its `key_id` digest (never the key itself) with a `{…}` hash tag so a
+cluster keeps them in one slot.
 
-- `llm-gateway:{id}:admissions`: sorted set, one member per counted admission, scored by
-  its time in microseconds;
-- `llm-gateway:{id}:charges`: sorted set of token charges, members `serial:tokens`;
-- `llm-gateway:{id}:charged`: the tokens in `charges`, kept as a running sum so `admit`
-  never walks the log;
-- `llm-gateway:{id}:totals`: hash of totals since the key was first seen (and serials).
-
-Invariant: `admit` checks and counts in ONE Lua script, so no other client can run
-between the check and the count (no read-then-write race), and a refused request is not
-counted. The time is Redis's own `TIME`, read inside the script, so every instance sees
+Invariant: `admit` checks, counts and reserves in ONE Lua script, so no other client can
+run between the check and the count (no read-then-write race), and a refused request is
+not counted. The time is Redis's own `TIME`, read inside the script, so every instance sees
 one clock. The window keys expire (PEXPIRE) one window after their last write, so memory
 stays bounded by the active keys; the totals hash stays. Each script is loaded once and
 called by its SHA (redis-py's `register_script` falls back to loading it on NOSCRIPT,
 e.g. after Redis restarted).
+
+One round trip per request: `settle` sends nothing itself. It holds the settle, and the
+key's next `admit` (or `report`) in this process carries it in the same script, applied
+before the check. Settles no admission picked up within SETTLE_DELAY_SECONDS go in one
+background call per key. Until then other processes see the request's reservation in place
+of its real cost: the bound on overshoot is unchanged, only later by that delay.
 
 Failure: socket timeouts are short and nothing is retried (a retried script may already
 have counted), so a lost Redis fails within about a second; every Redis error becomes
@@ -31,9 +30,11 @@ Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -43,7 +44,19 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.tracker import Admission, Limits, TrackerUnavailable
+from proxy.redis_scripts import SCRIPTS
+from proxy.tracker import (
+    NOTHING,
+    Admission,
+    Budget,
+    Charge,
+    Limits,
+    Reading,
+    TrackerUnavailable,
+    admission,
+    report,
+)
+from proxy.window import MAX_COUNT
 
 KEY_PREFIX = "llm-gateway:"
 # Short, so that a lost Redis costs a request one second at most, not the default five.
@@ -54,142 +67,39 @@ TIMEOUT_SECONDS = 1.0
 MAX_CONNECTIONS = 64
 # A connection idle this long is PINGed before use (NAT and proxies drop idle TCP silently).
 HEALTH_CHECK_SECONDS = 30
-# Lua numbers are doubles: clamp a charge where sums stay exact.
-MAX_CHARGE = 2**53
+# How long a settle waits for the key's next admission to carry it before going alone.
+SETTLE_DELAY_SECONDS = 0.05
 REASON_CHARS = 200
 _PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 _CONNECT_ERROR = re.compile(r"Error (-?\d+) connecting to \S+?\.? (.*?)\.?$")
 
-# KEYS: admissions, charges, charged, totals. ARGV[1]: now in µs (-1: Redis TIME),
-# ARGV[2]: window in µs, ARGV[3]: request limit, ARGV[4]: token limit (-1: none).
-_PRELUDE = """
-local window, requests, token_limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
-local cutoff = now - window  -- entries at or before it have left the window
+_KEY_NAMES = (
+    "admissions",
+    "charges",
+    "charged",
+    "totals",
+    "reservations",
+    "reserved",
+    "spend",
+    "spent",
+)
 
-local function tokens_of(member)
-  return tonumber(string.match(member, ':(%d+)$'))
-end
-
--- Counted admissions in the window; only the newest `requests` are kept, as the memory
--- ring keeps them when a key's limit is lowered.
-local function window_requests()
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -requests - 1)
-  return redis.call('ZCARD', KEYS[1])
-end
-
--- Tokens charged in the window, from the running sum.
-local function window_tokens()
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff) end
-  if redis.call('ZCARD', KEYS[2]) == 0 then
-    redis.call('DEL', KEYS[3])
-    return 0
-  end
-  if redis.call('EXISTS', KEYS[3]) == 0 then  -- evicted alone (maxmemory): sum the log
-    local used = 0
-    for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-      used = used + tokens_of(member)
-    end
-    redis.call('SET', KEYS[3], used, 'PX', math.max(1, redis.call('PTTL', KEYS[2])))
-    return used
-  end
-  local left = 0
-  for _, member in ipairs(gone) do left = left + tokens_of(member) end
-  return redis.call('DECRBY', KEYS[3], left)
-end
-
--- Microseconds until the oldest entry of a log leaves the window (0 when empty).
-local function oldest_leaves(key)
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if #oldest == 0 then return 0 end
-  return tonumber(oldest[2]) + window - now
-end
-
--- Microseconds until enough charges leave to bring `used` under the token limit.
-local function token_wait(used)
-  local first = 0
-  while true do
-    local batch = redis.call('ZRANGE', KEYS[2], first, first + 99, 'WITHSCORES')
-    if #batch == 0 then return 0 end
-    for i = 1, #batch, 2 do
-      used = used - tokens_of(batch[i])
-      if used < token_limit then return tonumber(batch[i + 1]) + window - now end
-    end
-    first = first + 100
-  end
-end
-"""
-
-_ADMIT = """
-local size = window_requests()
-local used, tokens_full = 0, false
-if token_limit >= 0 then
-  used = window_tokens()
-  tokens_full = used >= token_limit
-end
-local admitted = size < requests and not tokens_full
-if admitted then
-  local serial = redis.call('HINCRBY', KEYS[4], 'requests', 1)
-  redis.call('ZADD', KEYS[1], now, serial)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-  size = size + 1
-end
-local wait, charge_leaves = 0, 0
-if token_limit >= 0 then
-  if tokens_full then wait = token_wait(used) end
-  charge_leaves = oldest_leaves(KEYS[2])
-end
-return {admitted and 1 or 0, size, oldest_leaves(KEYS[1]), used, wait, charge_leaves}
-"""
-
-# ARGV[5]: the tokens to charge.
-_CHARGE = """
-window_requests()
-window_tokens()
-local tokens = ARGV[5]
-redis.call('HINCRBY', KEYS[4], 'tokens', tokens)
-if tonumber(tokens) > 0 then
-  local serial = redis.call('HINCRBY', KEYS[4], 'charges', 1)
-  redis.call('ZADD', KEYS[2], now, serial .. ':' .. tokens)
-  redis.call('INCRBY', KEYS[3], tokens)
-  redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000))
-  redis.call('PEXPIRE', KEYS[3], math.ceil(window / 1000))
-end
-return 0
-"""
-
-_REPORT = """
-local size = window_requests()
-local used = window_tokens()
-local reset
-if token_limit >= 0 and used >= token_limit then
-  reset = token_wait(used)
-else
-  reset = oldest_leaves(KEYS[2])
-end
-local totals = redis.call('HMGET', KEYS[4], 'requests', 'tokens')
-return {size, oldest_leaves(KEYS[1]), used, reset, tonumber(totals[1]) or 0, tonumber(totals[2]) or 0}
-"""
-
-SCRIPTS = {
-    name: _PRELUDE + body
-    for name, body in (("admit", _ADMIT), ("charge", _CHARGE), ("report", _REPORT))
-}
+Policy = tuple[Limits | None, Budget | None]
 
 
 class RedisTracker:
     """The tracker over one Redis, shared by every gateway process that points at it."""
 
-    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] | None = None,
+        settle_delay: float = SETTLE_DELAY_SECONDS,
+    ) -> None:
         # `clock` (seconds) replaces Redis TIME, for tests that step through windows.
         self._clock = clock
+        self._settle_delay = settle_delay
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
@@ -205,69 +115,149 @@ class RedisTracker:
         )
         self._client = redis.asyncio.Redis.from_pool(pool)
         self._admit = self._client.register_script(SCRIPTS["admit"])
-        self._charge = self._client.register_script(SCRIPTS["charge"])
+        self._settle = self._client.register_script(SCRIPTS["settle"])
         self._report = self._client.register_script(SCRIPTS["report"])
+        # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
+        # and when it ended, in µs of the local clock).
+        self._held: dict[str, tuple[Policy, list[int]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self.on_settle_failed: Callable[[str], None] = lambda error: None
 
-    async def admit(self, key_id: str, limits: Limits) -> Admission:
-        """Admit and count one request, or refuse it without counting. Raises TrackerUnavailable."""
-        admitted, size, oldest_us, used, token_wait_us, charge_us = await self._run(
-            self._admit, key_id, limits
-        )
-        full = size >= limits.requests
-        request_wait = oldest_us / 1e6 if admitted or full else 0.0
-        tokens_full = limits.tokens is not None and used >= limits.tokens
-        token_wait = token_wait_us / 1e6 if tokens_full else 0.0
-        remaining_tokens = reset_tokens = None
-        if limits.tokens is not None:
-            remaining_tokens = max(0, limits.tokens - used)
-            reset_tokens = token_wait if tokens_full else charge_us / 1e6
-        return Admission(
-            admitted=bool(admitted),
-            limits=limits,
-            remaining_requests=limits.requests - size,
-            reset_requests_seconds=request_wait,
-            remaining_tokens=remaining_tokens,
-            reset_tokens_seconds=reset_tokens,
-            retry_after_seconds=0.0 if admitted else max(request_wait, token_wait),
-        )
+    async def admit(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None = None,
+        claim: Charge = NOTHING,
+    ) -> Admission:
+        """Admit, count and reserve `claim`, or refuse without counting. Raises TrackerUnavailable."""
+        tokens = max(0, min(claim.tokens, MAX_COUNT))
+        micro = max(0, min(claim.micro_usd, MAX_COUNT))
+        reading = await self._run(self._admit, key_id, limits, budget, tokens, micro)
+        return admission(reading, limits, budget)
 
-    async def charge(self, key_id: str, limits: Limits, tokens: int) -> None:
-        """Add a finished response's tokens to the key's window and totals. Raises TrackerUnavailable."""
-        await self._run(self._charge, key_id, limits, max(0, min(tokens, MAX_CHARGE)))
+    def settle(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        spent: Charge,
+        ticket: int = 0,
+        budget: Budget | None = None,
+    ) -> None:
+        """Hold the settle for the key's next admission to carry; never waits on Redis."""
+        tokens = max(0, min(spent.tokens, MAX_COUNT))
+        micro = max(0, min(spent.micro_usd, MAX_COUNT))
+        held = self._held.get(key_id)
+        settles = held[1] if held is not None else []
+        settles += (ticket, tokens, micro, self._now_us())
+        self._held[key_id] = ((limits, budget), settles)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._settle_delay, self._flush_later)
 
-    async def report(self, key_id: str, limits: Limits) -> dict[str, Any]:
-        """The key's window and totals, as `GET /usage` answers them. Raises TrackerUnavailable."""
-        size, oldest_us, used, reset_us, total_requests, total_tokens = await self._run(
-            self._report, key_id, limits
+    async def report(
+        self, key_id: str, limits: Limits | None, budget: Budget | None = None
+    ) -> dict[str, Any]:
+        """The key's windows and totals, as `GET /usage` answers them. Raises TrackerUnavailable."""
+        reading = await self._run(self._report, key_id, limits, budget)
+        return report(reading, limits, budget)
+
+    async def flush(self) -> None:
+        """Send every held settle now, and wait for those already on their way."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, {}
+        await asyncio.gather(
+            *(self._send(key_id, policy, settles) for key_id, (policy, settles) in held.items()),
+            *self._flushing,
         )
-        token_limit = limits.tokens
-        return {
-            "window_seconds": limits.window_seconds,
-            "requests": {
-                "used": size,
-                "limit": limits.requests,
-                "remaining": max(0, limits.requests - size),
-                "reset_seconds": oldest_us / 1e6,
-            },
-            "tokens": {
-                "used": used,
-                "limit": token_limit,
-                "remaining": None if token_limit is None else max(0, token_limit - used),
-                "reset_seconds": reset_us / 1e6,
-            },
-            "totals": {"requests": total_requests, "tokens": total_tokens},
-        }
 
     async def close(self) -> None:
-        """Close the pool; the state stays in Redis."""
+        """Send what is held, then close the pool; the state stays in Redis."""
+        await self.flush()
         await self._client.aclose()
 
+    def _flush_later(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send(self, key_id: str, policy: Policy, settles: list[int]) -> None:
+        try:
+            await self._call(self._settle, key_id, policy[0], policy[1], settles)
+        except TrackerUnavailable as error:
+            # The tokens are lost to the window; the log line and metrics still have them.
+            self.on_settle_failed(str(error))
+
     async def _run(
-        self, script: AsyncScript, key_id: str, limits: Limits, *extra: int
-    ) -> Sequence[int]:
+        self,
+        script: AsyncScript,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None,
+        *own: int,
+    ) -> Reading:
+        """Run `script` for the key, carrying the settles held for it."""
+        held = self._held.pop(key_id, None)
+        settles = held[1] if held is not None else []
+        try:
+            values = await self._call(script, key_id, limits, budget, settles, *own)
+        except TrackerUnavailable as error:
+            if settles:
+                self.on_settle_failed(str(error))
+            raise
+        admitted, ticket, size, leaves, used, reserved, wait, charge_leaves, *rest = values
+        spent, spend_reserved, spend_wait, spend_leaves, requests, tokens, micro = rest
+        return Reading(
+            admitted=bool(admitted),
+            ticket=ticket,
+            requests=size,
+            request_leaves=leaves / 1e6,
+            tokens=used,
+            tokens_reserved=reserved,
+            token_wait=wait / 1e6,
+            charge_leaves=charge_leaves / 1e6,
+            spent=spent,
+            spend_reserved=spend_reserved,
+            budget_wait=spend_wait / 1e6,
+            spend_leaves=spend_leaves / 1e6,
+            total_requests=requests,
+            total_tokens=tokens,
+            total_micro_usd=micro,
+        )
+
+    def _now_us(self) -> int:
+        return round((self._clock or time.monotonic)() * 1e6)
+
+    async def _call(
+        self,
+        script: AsyncScript,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None,
+        settles: list[int],
+        *own: int,
+    ) -> Any:
         now_us = -1 if self._clock is None else round(self._clock() * 1e6)
-        token_limit = -1 if limits.tokens is None else limits.tokens
-        args = [now_us, round(limits.window_seconds * 1e6), limits.requests, token_limit, *extra]
+        if limits is None:
+            quota = [0, -1, -1]
+        else:
+            token_limit = -1 if limits.tokens is None else limits.tokens
+            quota = [round(limits.window_seconds * 1e6), limits.requests, token_limit]
+        if budget is None:
+            spending = [-1, 0]
+        else:
+            spending = [budget.micro_usd, round(budget.window_seconds * 1e6)]
+        # Each settle's end, as an age: Redis TIME minus the age is its time on Redis's clock.
+        local_now = self._now_us()
+        ages = [
+            value if index % 4 != 3 else max(0, local_now - value)
+            for index, value in enumerate(settles)
+        ]
+        args = [now_us, *quota, *spending, len(settles) // 4, *ages, *own]
         try:
             return await script(keys=window_keys(key_id), args=args)
         except (RedisError, OSError) as error:
@@ -277,7 +267,7 @@ class RedisTracker:
 def window_keys(key_id: str) -> list[str]:
     """The Redis keys of one virtual key, in the scripts' KEYS order."""
     base = f"{KEY_PREFIX}{{{key_id}}}:"
-    return [base + "admissions", base + "charges", base + "charged", base + "totals"]
+    return [base + name for name in _KEY_NAMES]
 
 
 def reason(error: Exception) -> str:

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import errors, quota, stream_usage
+from proxy import errors, ratelimit, stream_usage
 from proxy.errors import GatewayError
 from proxy.failover import Failover, Reply, StoredAnswer
 from proxy.keys import KeyRing, VirtualKey
@@ -88,6 +88,7 @@ class Relay:
         settings = self.settings
         record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
         key: VirtualKey | None = None
+        admission: Admission | None = None
         if self.tracing is not None:
             record.trace = self.tracing.begin(request)  # traces: the request's server span
         self.metrics.request_started()
@@ -97,6 +98,7 @@ class Relay:
                 self.key_ring, request.headers, request.remote
             )  # 401, 429
             record.key, record.provider = key.name, key.provider.name
+            self.quota.precheck(key, request.content_length)  # 429 before a large body is read
             body = await read_body(request, settings.max_body_bytes)  # 400, 413
             peek = validate(
                 tail, request, body, key, settings.max_body_bytes, record
@@ -105,7 +107,7 @@ class Relay:
             if settings.log_bodies:
                 record.request_body = body
             body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
-            admission = await self.quota.admit(key)  # 429, 503
+            admission = await self.quota.admit(key, peek)  # 429, 503
             async with self.failover.forward(request, plan, tail, query, body, record) as reply:
                 return await self.stream_back(request, reply, plan, body, record, admission, asked)
         except GatewayError as error:
@@ -124,7 +126,7 @@ class Relay:
             error = GatewayError(500, "internal_error", "The gateway failed on this request.")
             return errors.render(error, request.path, record.request_id)
         finally:
-            self.settle(record, key)
+            self.settle(record, key, admission)
 
     async def stream_back(
         self,
@@ -143,7 +145,7 @@ class Relay:
         settings = self.settings
         headers = downstream_headers(reply.headers, plan.secrets)
         if admission is not None:
-            quota.stamp(headers, admission)
+            ratelimit.stamp(headers, admission)
         headers["x-request-id"] = record.request_id
         status = reply.status
         tap = UsageTap(
@@ -180,15 +182,15 @@ class Relay:
             record.response_text = tap.text
         return web.Response(status=status)  # not sent: the connection is closed
 
-    def settle(self, record: Record, key: VirtualKey | None) -> None:
+    def settle(self, record: Record, key: VirtualKey | None, admission: Admission | None) -> None:
         """The one ending of every request: tokens to the tracker, metrics, health, the log."""
         record.finish()
         self.metrics.request_ended()
         record.cost_usd = self.prices.cost(
             record.provider, record.model, record.usage, record.response_model
         )
-        if key is not None and record.usage is not None:
-            self.quota.charge_later(key, record.usage.total_tokens)
+        if key is not None:
+            self.quota.settle(key, admission, record)  # the reservation becomes the real count
         if record.outcome is Outcome.BROKEN and record.target is not None:
             breakers = self.failover.breakers
             breakers[record.target].failed(breakers.clock(), record.error or "broken")

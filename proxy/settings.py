@@ -57,6 +57,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_dollars(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of dollars")
+    return value
+
+
 def _non_negative_seconds(text: str) -> float:
     value = float(text.strip())
     if not value >= 0 or value == float("inf"):
@@ -158,6 +165,20 @@ SETTINGS: tuple[Setting, ...] = (
         "3600",
         _positive_seconds,
         "default length of the sliding window, in seconds",
+        "a positive number of seconds",
+    ),
+    Setting(
+        "BUDGET_USD",
+        None,
+        _positive_dollars,
+        "default spending cap per virtual key, in US dollars (unset: no budget)",
+        "a positive number of dollars",
+    ),
+    Setting(
+        "BUDGET_WINDOW_SECONDS",
+        "2592000",
+        _positive_seconds,
+        "default sliding window of a budget, in seconds (2592000: 30 days)",
         "a positive number of seconds",
     ),
     Setting(
@@ -387,6 +408,8 @@ class Settings:
     quota_limit: int = 100
     quota_tokens: int | None = None
     quota_window_seconds: float = 3600.0
+    budget_usd: float | None = None
+    budget_window_seconds: float = 2592000.0
     request_timeout: float = 600.0
     stream_idle_timeout: float = 300.0
     realtime_idle_timeout: float = 300.0

@@ -18,8 +18,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.memory_tracker import MemoryTracker
 from proxy.redis_tracker import RedisTracker, check, masked, window_keys
-from proxy.tracker import Limits, MemoryTracker, TrackerUnavailable
+from proxy.tracker import Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.processes import Processes, refused, start_gateway
 from tests.redis_server import RedisServer, free_port
@@ -119,11 +120,11 @@ async def test_the_token_limit_admits_while_under_and_lets_the_last_request_over
 ) -> None:
     limits = Limits(requests=100, tokens=100, window_seconds=60)
     assert (await tracker.admit(KEY, limits)).remaining_tokens == 100
-    await tracker.charge(KEY, limits, 80)  # t = 0
+    tracker.settle(KEY, limits, Charge(80))  # t = 0
     clock.advance(10)
     second = await tracker.admit(KEY, limits)
     assert second.admitted and second.remaining_tokens == 20 and second.reset_tokens_seconds == 50.0
-    await tracker.charge(KEY, limits, 50)  # 130 used: over by the last request's own tokens
+    tracker.settle(KEY, limits, Charge(50))  # 130 used: over by the last request's own tokens
     clock.advance(5)
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted
@@ -138,9 +139,9 @@ async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
     tracker: RedisTracker, clock: Clock
 ) -> None:
     limits = Limits(requests=10, tokens=100, window_seconds=60)
-    await tracker.charge(KEY, limits, 30)  # t = 0
+    tracker.settle(KEY, limits, Charge(30))  # t = 0
     clock.advance(10)
-    await tracker.charge(KEY, limits, 100)  # t = 10: without the 30, exactly the limit: still full
+    tracker.settle(KEY, limits, Charge(100))  # t = 10: without the 30, exactly the limit: still full
     clock.advance(5)
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
@@ -168,22 +169,22 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
 ) -> None:
     limits = Limits(requests=5, tokens=1000, window_seconds=100)
     await tracker.admit(KEY, limits)
-    await tracker.charge(KEY, limits, 300)
+    tracker.settle(KEY, limits, Charge(300))
     clock.advance(40)
     await tracker.admit(KEY, limits)
-    await tracker.charge(KEY, limits, 200)
+    tracker.settle(KEY, limits, Charge(200))
     clock.advance(10)
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
         "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
-        "tokens": {"used": 500, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
-        "totals": {"requests": 2, "tokens": 500},
+        "tokens": {"used": 500, "reserved": 0, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
+        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
     }
     clock.advance(50)
     report = await tracker.report(KEY, limits)
     assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
-    assert report["tokens"] == {"used": 200, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
-    assert report["totals"] == {"requests": 2, "tokens": 500}
+    assert report["tokens"] == {"used": 200, "reserved": 0, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
+    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
 
 
 async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
@@ -195,51 +196,66 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     requests=st.tuples(st.integers(1, 8), st.integers(1, 8)),
     token_limit=st.none() | st.integers(1, 40),
+    budget=st.none() | st.sampled_from([Budget(0.00003, 10), Budget(0.00005, 4)]),
+    quota_on=st.booleans(),
     steps=st.lists(
         st.tuples(
             st.integers(0, 6),  # half-seconds to advance; the window is 10 s
-            st.sampled_from(["admit", "admit", "admit", "charge", "charge", "report"]),
-            st.integers(0, 20),  # tokens to charge
+            st.sampled_from(["admit", "admit", "admit", "settle", "settle", "report"]),
+            st.integers(0, 20),  # tokens to reserve or charge
+            st.integers(0, 20),  # micro-dollars to reserve or charge
             st.sampled_from(
                 [0, 0, 0, 1]
             ),  # which of the two limits: a key's limit changes now and then
         ),
-        max_size=80,
+        max_size=60,
     ),
 )
 def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
     redis_url: str,
     requests: tuple[int, int],
     token_limit: int | None,
-    steps: list[tuple[int, str, int, int]],
+    budget: Budget | None,
+    quota_on: bool,
+    steps: list[tuple[int, str, int, int, int]],
 ) -> None:
-    """Admissions (every field), reports (the whole dict): equal, step by step, also when the limit changes."""
+    """Admissions (every field), reports (the whole dict): equal, step by step, with
+    reservations, settles carried by the next admission, budgets, and limits that change."""
     limit_pair = [
-        Limits(requests=count, tokens=token_limit, window_seconds=10) for count in requests
+        Limits(requests=count, tokens=token_limit, window_seconds=10) if quota_on else None
+        for count in requests
     ]
     key = uuid.uuid4().hex  # the server is shared by every example
 
     async def run() -> None:
         clock = Clock(0.0)
         memory, shared = MemoryTracker(clock), RedisTracker(redis_url, clock)
+        tickets: list[int] = []
         try:
-            for half_seconds, action, tokens, which in steps:
+            for half_seconds, action, tokens, micro, which in steps:
                 clock.advance(half_seconds / 2)
                 limits = limit_pair[which]
                 if action == "admit":
-                    assert await shared.admit(key, limits) == await memory.admit(key, limits)
-                elif action == "charge":
-                    await shared.charge(key, limits, tokens)
-                    await memory.charge(key, limits, tokens)
+                    claim = Charge(tokens, micro)
+                    answer = await memory.admit(key, limits, budget, claim)
+                    assert await shared.admit(key, limits, budget, claim) == answer
+                    if answer.ticket:
+                        tickets.append(answer.ticket)
+                elif action == "settle":
+                    ticket = tickets.pop(0) if tickets else 0
+                    shared.settle(key, limits, Charge(tokens, micro), ticket, budget)
+                    memory.settle(key, limits, Charge(tokens, micro), ticket, budget)
                 else:
-                    assert await shared.report(key, limits) == await memory.report(key, limits)
-            assert await shared.report(key, limit_pair[0]) == await memory.report(
-                key, limit_pair[0]
+                    assert await shared.report(key, limits, budget) == await memory.report(
+                        key, limits, budget
+                    )
+            assert await shared.report(key, limit_pair[0], budget) == await memory.report(
+                key, limit_pair[0], budget
             )
         finally:
             await shared.close()
@@ -289,9 +305,10 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
 ) -> None:
     limits = Limits(requests=5, tokens=100, window_seconds=0.3)
     await real_time_tracker.admit(KEY, limits)
-    await real_time_tracker.charge(KEY, limits, 42)
-    admissions, charges, charged, totals = window_keys(KEY)
-    assert sorted(raw_redis.keys("*")) == sorted(window_keys(KEY))
+    real_time_tracker.settle(KEY, limits, Charge(42))
+    await real_time_tracker.flush()
+    admissions, charges, charged, totals, *_ = window_keys(KEY)
+    assert sorted(raw_redis.keys("*")) == sorted([admissions, charges, charged, totals])
     assert all(name.startswith("llm-gateway:{" + KEY + "}:") for name in window_keys(KEY))
     for name in (admissions, charges, charged):
         assert 0 < raw_redis.pttl(name) <= 300
@@ -299,15 +316,15 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
     assert int(raw_redis.get(charged)) == 42
     await asyncio.sleep(0.4)
     assert raw_redis.keys("*") == [totals]
-    assert (await real_time_tracker.report(KEY, limits))["totals"] == {"requests": 1, "tokens": 42}
+    assert (await real_time_tracker.report(KEY, limits))["totals"] == {"requests": 1, "tokens": 42, "spent_usd": 0.0}
 
 
 async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
     tracker: RedisTracker, raw_redis: redis.Redis
 ) -> None:
     limits = Limits(requests=10, tokens=100, window_seconds=60)
-    await tracker.charge(KEY, limits, 70)
-    await tracker.charge(KEY, limits, 40)
+    tracker.settle(KEY, limits, Charge(70))
+    tracker.settle(KEY, limits, Charge(40))
     raw_redis.delete(window_keys(KEY)[2])  # as maxmemory eviction could
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted and refused.remaining_tokens == 0
@@ -328,7 +345,6 @@ async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_return
         # The first call may find its pooled connection closed before it sees the refusal.
         calls = (
             lambda: tracker.admit(KEY, limits),
-            lambda: tracker.charge(KEY, limits, 5),
             lambda: tracker.report(KEY, limits),
         )
         for index, call in enumerate(calls):
@@ -342,6 +358,11 @@ async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_return
                     : 1 + (index == 0)
                 ]
             )
+        failures: list[str] = []
+        tracker.on_settle_failed = failures.append
+        tracker.settle(KEY, limits, Charge(5))
+        await tracker.flush()  # the settle goes alone, fails, and says so
+        assert failures == ["Redis: Connection refused"]
         redis_server.start()  # empty, and without the scripts: NOSCRIPT, then loaded again
         assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [
             True,

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.tracker import Admission, Limits, MemoryTracker
+from proxy.memory_tracker import MemoryTracker
+from proxy.tracker import Admission, Charge, Limits
 
 KEY = "key-digest-1"
 
@@ -109,12 +110,12 @@ async def test_the_token_limit_admits_while_under_and_lets_the_last_request_over
 ):
     limits = Limits(requests=100, tokens=100, window_seconds=60)
     assert (await tracker.admit(KEY, limits)).remaining_tokens == 100
-    await tracker.charge(KEY, limits, 80)  # t = 0
+    tracker.settle(KEY, limits, Charge(80))  # t = 0
     clock.advance(10)
     second = await tracker.admit(KEY, limits)
     assert second.admitted and second.remaining_tokens == 20
     assert second.reset_tokens_seconds == 50.0  # when the 80 leave
-    await tracker.charge(KEY, limits, 50)  # t = 10: 130 used, over by the last request's own tokens
+    tracker.settle(KEY, limits, Charge(50))  # t = 10: 130 used, over by the last request's own tokens
     clock.advance(5)
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted
@@ -132,9 +133,9 @@ async def test_retry_after_is_the_longer_of_the_request_and_token_waits(
     limits = Limits(requests=1, tokens=10, window_seconds=60)
     await tracker.admit(KEY, limits)  # t = 0
     clock.advance(30)
-    await tracker.charge(
-        KEY, limits, 10
-    )  # t = 30: the tokens leave at t = 90, the request at t = 60
+    tracker.settle(
+        KEY, limits, Charge(10
+    ))  # t = 30: the tokens leave at t = 90, the request at t = 60
     refused = await tracker.admit(KEY, limits)
     assert refused.reset_requests_seconds == 30.0
     assert refused.reset_tokens_seconds == 60.0
@@ -146,22 +147,22 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
 ):
     limits = Limits(requests=5, tokens=1000, window_seconds=100)
     await tracker.admit(KEY, limits)
-    await tracker.charge(KEY, limits, 300)
+    tracker.settle(KEY, limits, Charge(300))
     clock.advance(40)
     await tracker.admit(KEY, limits)
-    await tracker.charge(KEY, limits, 200)
+    tracker.settle(KEY, limits, Charge(200))
     clock.advance(10)
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
         "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
-        "tokens": {"used": 500, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
-        "totals": {"requests": 2, "tokens": 500},
+        "tokens": {"used": 500, "reserved": 0, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
+        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
     }
     clock.advance(50)  # the first request and its tokens leave; the totals stay
     report = await tracker.report(KEY, limits)
     assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
-    assert report["tokens"] == {"used": 200, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
-    assert report["totals"] == {"requests": 2, "tokens": 500}
+    assert report["tokens"] == {"used": 200, "reserved": 0, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
+    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
 
 
 async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(tracker: MemoryTracker):
@@ -169,8 +170,8 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(tracker: 
     assert await tracker.report("unseen", limits) == {
         "window_seconds": 100,
         "requests": {"used": 0, "limit": 5, "remaining": 5, "reset_seconds": 0.0},
-        "tokens": {"used": 0, "limit": None, "remaining": None, "reset_seconds": 0.0},
-        "totals": {"requests": 0, "tokens": 0},
+        "tokens": {"used": 0, "reserved": 0, "limit": None, "remaining": None, "reset_seconds": 0.0},
+        "totals": {"requests": 0, "tokens": 0, "spent_usd": 0.0},
     }
     assert len(tracker) == 0
 
@@ -181,7 +182,7 @@ async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
     limits = Limits(requests=100, tokens=None, window_seconds=60)
     for index in range(1000):
         await admit_many(tracker, limits, 3, key=f"key-{index}")
-        await tracker.charge(f"key-{index}", limits, 7)
+        tracker.settle(f"key-{index}", limits, Charge(7))
     assert len(tracker) == 1000
     clock.advance(30)
     await tracker.admit("busy", limits)
@@ -189,9 +190,9 @@ async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
     clock.advance(30)
     await tracker.admit("newcomer", limits)
     assert len(tracker) == 2  # "busy" is still inside its window
-    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 3, "tokens": 7}
+    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 3, "tokens": 7, "spent_usd": 0.0}
     assert (await tracker.admit("key-7", limits)).remaining_requests == 99
-    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 4, "tokens": 7}
+    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 4, "tokens": 7, "spent_usd": 0.0}
 
 
 async def test_keys_are_independent(tracker: MemoryTracker):
@@ -255,7 +256,7 @@ def test_admissions_match_a_naive_sliding_log(
             clock.advance(half_seconds / 2)
             now = clock.now
             if action == "charge":
-                await tracker.charge(KEY, limits, tokens)
+                tracker.settle(KEY, limits, Charge(tokens))
                 charges.append((now, tokens))
                 continue
             answer = await tracker.admit(KEY, limits)
