@@ -141,7 +141,9 @@ async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
     limits = Limits(requests=10, tokens=100, window_seconds=60)
     tracker.settle(KEY, limits, Charge(30))  # t = 0
     clock.advance(10)
-    tracker.settle(KEY, limits, Charge(100))  # t = 10: without the 30, exactly the limit: still full
+    tracker.settle(
+        KEY, limits, Charge(100)
+    )  # t = 10: without the 30, exactly the limit: still full
     clock.advance(5)
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
@@ -177,13 +179,25 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
         "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
-        "tokens": {"used": 500, "reserved": 0, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
+        "tokens": {
+            "used": 500,
+            "reserved": 0,
+            "limit": 1000,
+            "remaining": 500,
+            "reset_seconds": 50.0,
+        },
         "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
     }
     clock.advance(50)
     report = await tracker.report(KEY, limits)
     assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
-    assert report["tokens"] == {"used": 200, "reserved": 0, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
+    assert report["tokens"] == {
+        "used": 200,
+        "reserved": 0,
+        "limit": 1000,
+        "remaining": 800,
+        "reset_seconds": 40.0,
+    }
     assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
 
 
@@ -316,7 +330,11 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
     assert int(raw_redis.get(charged)) == 42
     await asyncio.sleep(0.4)
     assert raw_redis.keys("*") == [totals]
-    assert (await real_time_tracker.report(KEY, limits))["totals"] == {"requests": 1, "tokens": 42, "spent_usd": 0.0}
+    assert (await real_time_tracker.report(KEY, limits))["totals"] == {
+        "requests": 1,
+        "tokens": 42,
+        "spent_usd": 0.0,
+    }
 
 
 async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(

@@ -115,7 +115,9 @@ async def test_the_token_limit_admits_while_under_and_lets_the_last_request_over
     second = await tracker.admit(KEY, limits)
     assert second.admitted and second.remaining_tokens == 20
     assert second.reset_tokens_seconds == 50.0  # when the 80 leave
-    tracker.settle(KEY, limits, Charge(50))  # t = 10: 130 used, over by the last request's own tokens
+    tracker.settle(
+        KEY, limits, Charge(50)
+    )  # t = 10: 130 used, over by the last request's own tokens
     clock.advance(5)
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted
@@ -134,8 +136,8 @@ async def test_retry_after_is_the_longer_of_the_request_and_token_waits(
     await tracker.admit(KEY, limits)  # t = 0
     clock.advance(30)
     tracker.settle(
-        KEY, limits, Charge(10
-    ))  # t = 30: the tokens leave at t = 90, the request at t = 60
+        KEY, limits, Charge(10)
+    )  # t = 30: the tokens leave at t = 90, the request at t = 60
     refused = await tracker.admit(KEY, limits)
     assert refused.reset_requests_seconds == 30.0
     assert refused.reset_tokens_seconds == 60.0
@@ -155,13 +157,25 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
         "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
-        "tokens": {"used": 500, "reserved": 0, "limit": 1000, "remaining": 500, "reset_seconds": 50.0},
+        "tokens": {
+            "used": 500,
+            "reserved": 0,
+            "limit": 1000,
+            "remaining": 500,
+            "reset_seconds": 50.0,
+        },
         "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
     }
     clock.advance(50)  # the first request and its tokens leave; the totals stay
     report = await tracker.report(KEY, limits)
     assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
-    assert report["tokens"] == {"used": 200, "reserved": 0, "limit": 1000, "remaining": 800, "reset_seconds": 40.0}
+    assert report["tokens"] == {
+        "used": 200,
+        "reserved": 0,
+        "limit": 1000,
+        "remaining": 800,
+        "reset_seconds": 40.0,
+    }
     assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
 
 
@@ -170,7 +184,13 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(tracker: 
     assert await tracker.report("unseen", limits) == {
         "window_seconds": 100,
         "requests": {"used": 0, "limit": 5, "remaining": 5, "reset_seconds": 0.0},
-        "tokens": {"used": 0, "reserved": 0, "limit": None, "remaining": None, "reset_seconds": 0.0},
+        "tokens": {
+            "used": 0,
+            "reserved": 0,
+            "limit": None,
+            "remaining": None,
+            "reset_seconds": 0.0,
+        },
         "totals": {"requests": 0, "tokens": 0, "spent_usd": 0.0},
     }
     assert len(tracker) == 0
@@ -190,9 +210,17 @@ async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
     clock.advance(30)
     await tracker.admit("newcomer", limits)
     assert len(tracker) == 2  # "busy" is still inside its window
-    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 3, "tokens": 7, "spent_usd": 0.0}
+    assert (await tracker.report("key-7", limits))["totals"] == {
+        "requests": 3,
+        "tokens": 7,
+        "spent_usd": 0.0,
+    }
     assert (await tracker.admit("key-7", limits)).remaining_requests == 99
-    assert (await tracker.report("key-7", limits))["totals"] == {"requests": 4, "tokens": 7, "spent_usd": 0.0}
+    assert (await tracker.report("key-7", limits))["totals"] == {
+        "requests": 4,
+        "tokens": 7,
+        "spent_usd": 0.0,
+    }
 
 
 async def test_keys_are_independent(tracker: MemoryTracker):
