@@ -61,7 +61,7 @@ class Quota:
         self._deny_when_lost = deny_when_lost
         self._on_lost = on_tracker_lost
         self._on_back = on_tracker_back
-        self._price = price
+        self.price = price  # build_app sets the price list; tests may too
         self._clock = clock
         self._is_lost = False
         # key id → (until when its window stays closed, the refusal that said so).
@@ -140,7 +140,7 @@ class Quota:
         tokens = peek.prompt_tokens_estimate + output
         if key.budget is None or not tokens:
             return Charge(tokens)
-        cost = self._price(
+        cost = self.price(
             key.provider.name, peek.model, Usage(peek.prompt_tokens_estimate, output, True)
         )
         return Charge(tokens, micro(cost))
@@ -159,4 +159,4 @@ def micro(usd: float | None) -> int:
     """Dollars as whole micro-dollars, rounded up (a fraction of a micro-dollar is spent)."""
     if usd is None or not usd > 0 or usd == math.inf:
         return 0
-    return math.ceil(usd * MICRO)
+    return math.ceil(round(usd * MICRO, 6))  # round first: 0.0009 * 1e6 is 900.0000000000001

@@ -45,6 +45,13 @@ def refusal(admission: Admission) -> GatewayError:
         )
     if wait > SDK_MAX_RETRY_WAIT_SECONDS:
         headers["x-should-retry"] = "false"
+        retry = f"Retry in {math.ceil(wait)} seconds."
+    else:
+        # Said for the operator reading the log line: the client may never see this 429.
+        retry = (
+            f"Retry in {math.ceil(wait)} seconds (an SDK retries a wait of "
+            f"{SDK_MAX_RETRY_WAIT_SECONDS:g} s or less by itself)."
+        )
     limits = admission.limits
     assert limits is not None  # only a quota or a budget refuses
     if admission.remaining_requests <= 0:
@@ -54,8 +61,7 @@ def refusal(admission: Admission) -> GatewayError:
     return GatewayError(
         429,
         "rate_limit_exceeded",
-        f"Quota exceeded for this key: {what} per {limits.window_seconds:g} seconds. "
-        f"Retry in {math.ceil(wait)} seconds.",
+        f"Quota exceeded for this key: {what} per {limits.window_seconds:g} seconds. {retry}",
         headers=headers,
     )
 

@@ -500,6 +500,51 @@ async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
         assert (await get_json(session, url, "/usage", OPENAI_VK))["totals"]["requests"] == 100
 
 
+async def test_two_gateways_on_one_redis_overshoot_a_token_limit_by_at_most_one_request(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """300 concurrent requests, 100 tokens: reservations bound the charge (issue 10 point 11)."""
+    gateways = [
+        start_gateway(
+            processes,
+            process_keys,
+            tmp_path / f"log{index}.jsonl",
+            REDIS_URL=redis_url,
+            QUOTA_LIMIT="1000",
+            QUOTA_TOKENS="100",
+        )[1]
+        for index in range(2)
+    ]
+    # "hi" is 1 token by the estimate, max_tokens 10: 11 reserved; the fake answers 1 + 8.
+    capped = {**CHAT, "max_tokens": 10}
+    reserved, real = 1 + 10, 1 + 8
+
+    async def one(session: aiohttp.ClientSession, url: str) -> int:
+        async with session.post(
+            f"{url}/v1/chat/completions",
+            json=capped,
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "8"},
+        ) as response:
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(
+            *(one(session, gateways[index % 2]) for index in range(300))
+        )
+        assert set(statuses) == {200, 429}
+        deadline = time.monotonic() + 5
+        while True:  # each process sends its last settles within SETTLE_DELAY_SECONDS
+            usage = await get_json(session, gateways[0], "/usage", OPENAI_VK)
+            if usage["tokens"]["reserved"] == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert await redis_decisions(session, gateways[0]) == {}  # no request let through uncounted
+    assert usage["tokens"]["reserved"] == 0
+    assert usage["tokens"]["used"] == statuses.count(200) * real
+    assert 100 - reserved < usage["tokens"]["used"] <= 100 + reserved
+
+
 @pytest.mark.parametrize("password", ["", ":hunter2-secret@"])
 def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path, password: str) -> None:
     address = f"127.0.0.1:{free_port()}"

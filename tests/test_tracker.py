@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.memory_tracker import MemoryTracker
-from proxy.tracker import Admission, Charge, Limits
+from proxy.tracker import Admission, Budget, Charge, Limits
 
 KEY = "key-digest-1"
 
@@ -314,3 +314,41 @@ def test_admissions_match_a_naive_sliding_log(
                 assert answer.retry_after_seconds > 0
 
     asyncio.run(run())
+
+
+async def test_concurrent_admissions_see_each_others_reservations(
+    tracker: MemoryTracker, clock: Clock
+):
+    limits = Limits(requests=100, tokens=100, window_seconds=60)
+    answers = [await tracker.admit(KEY, limits, None, Charge(30)) for _ in range(5)]
+    assert [answer.admitted for answer in answers] == [True] * 4 + [False]
+    assert [answer.ticket for answer in answers] == [1, 2, 3, 4, 0]
+    # Full with reservations alone: nobody knows when they end, so "come back in a second".
+    assert answers[4].retry_after_seconds == 1.0 and answers[4].remaining_tokens == 0
+    tracker.settle(KEY, limits, Charge(10), ticket=1)  # 10 charged + 90 reserved: still full
+    assert not (await tracker.admit(KEY, limits)).admitted
+    tracker.settle(KEY, limits, Charge(5), ticket=2)  # 15 charged + 60 reserved
+    assert (await tracker.admit(KEY, limits)).admitted
+    report = await tracker.report(KEY, limits)
+    assert report["tokens"]["used"] == 15 and report["tokens"]["reserved"] == 60
+
+
+async def test_a_budget_admits_while_the_spend_is_under_and_says_when_it_frees_up(
+    tracker: MemoryTracker, clock: Clock
+):
+    budget = Budget(usd=0.001, window_seconds=100)  # 1,000 micro-dollars; buckets of 0.1 s
+    first = await tracker.admit(KEY, None, budget, Charge(0, 300))
+    tracker.settle(KEY, None, Charge(7, 600), first.ticket, budget)  # t = 1000.0
+    clock.advance(10)
+    second = await tracker.admit(KEY, None, budget, Charge(0, 300))
+    assert second.admitted and second.spent_micro_usd == 900
+    tracker.settle(KEY, None, Charge(7, 500), second.ticket, budget)
+    refused = await tracker.admit(KEY, None, budget, Charge(0, 300))
+    assert not refused.admitted and refused.over_budget and refused.spent_micro_usd == 1100
+    # The first 600 leave when their bucket (1000.0 to 1000.1) is a whole window old.
+    assert refused.retry_after_seconds == pytest.approx(90.1)
+    clock.advance(90.1)
+    assert (await tracker.admit(KEY, None, budget)).admitted
+    report = await tracker.report(KEY, None, budget)
+    assert report["budget"]["spent_usd"] == 0.0005
+    assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011}

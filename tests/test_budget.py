@@ -1,0 +1,218 @@
+"""Reservations, budgets and the pre-check, as clients see them through a real gateway.
+
+Reservations bound the overshoot under concurrency (issue 10 point 11, issue 14 point 4);
+budgets refuse in dollars (issue 14 point 3); an exhausted key's large body is refused
+before it is read (issue 10 point 8). The Redis, two-process variants are in
+`test_redis_tracker.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import QUOTA, build_app
+from proxy.settings import Settings
+from tests.conftest import assert_openai_error, auth, keys_document
+
+BUDGET_VK = "vk_test_budget_5e6f7a8b9c"
+# "hello" is 2 tokens by the estimate (5 characters); the fake answers 1 + 8 = 9 tokens.
+CHAT = {
+    "model": "gpt-4o-mini",
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "hello"}],
+}
+RESERVED_TOKENS = 2 + 10  # one request's reservation: its prompt estimate plus max_tokens
+ANSWER = {"x-fake-chunks": "8"}
+REAL_TOKENS = 1 + 8
+USD_PER_TOKEN = 0.0001
+# The operator's price list (PRICES_FILE): every token of the fake's models costs the same.
+PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
+
+
+@pytest.fixture
+def budget_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway with one extra key with this quota and budget, prices from PRICES."""
+
+    async def make(entry: dict[str, Any], **env: str) -> TestClient:
+        document = keys_document(fake_base)
+        document["virtual_keys"][BUDGET_VK] = {
+            "provider": "openai",
+            "api_key": "sk-budget-real-7654321",
+            "name": "budgeted",
+            **entry,
+        }
+        path = tmp_path / "budget-keys.json"
+        path.write_text(json.dumps(document))
+        prices = tmp_path / "prices.json"
+        prices.write_text(json.dumps(PRICES))
+        settings = Settings.from_env(
+            {
+                "KEYS_FILE_PATH": str(path),
+                "PRICES_FILE": str(prices),
+                "LOG_TO_FILE": "true",
+                "LOG_FILE_PATH": str(log_path),
+                **env,
+            }
+        )
+        return await aiohttp_client(
+            build_app(settings), server_kwargs={"handler_cancellation": True}
+        )
+
+    return make
+
+
+async def one(gateway: TestClient) -> int:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(BUDGET_VK), **ANSWER}
+    )
+    await response.read()
+    return response.status
+
+
+async def burst(gateway: TestClient, count: int) -> list[int]:
+    """`count` requests at once; their statuses, 200s first."""
+    return sorted(await asyncio.gather(*(one(gateway) for _ in range(count))))
+
+
+async def in_turn(gateway: TestClient, count: int) -> list[int]:
+    return [await one(gateway) for _ in range(count)]
+
+
+async def usage_of(gateway: TestClient) -> dict[str, Any]:
+    await gateway.app[QUOTA].settled()
+    return await (await gateway.get("/usage", headers=auth(BUDGET_VK))).json()
+
+
+async def test_300_concurrent_requests_against_100_tokens_overshoot_by_at_most_one_request(
+    budget_gateway: Any,
+) -> None:
+    gateway = await budget_gateway({"quota": {"requests": 1000, "tokens": 100}})
+    statuses = await burst(gateway, 300)
+    usage = await usage_of(gateway)
+    charged = usage["tokens"]["used"]
+    assert charged == statuses.count(200) * REAL_TOKENS
+    # Each admission saw the others' reservations: admitted while under, so at most the
+    # limit plus the one request that crossed it.
+    assert 100 - RESERVED_TOKENS < charged <= 100 + RESERVED_TOKENS
+    assert usage["tokens"]["reserved"] == 0  # every reservation settled to the real count
+
+
+async def test_200_concurrent_requests_against_a_one_cent_budget_spend_at_most_one_more_request(
+    budget_gateway: Any,
+) -> None:
+    gateway = await budget_gateway({"budget": {"usd": 0.01, "window_seconds": 3600}})
+    statuses = await burst(gateway, 200)
+    usage = await usage_of(gateway)
+    spent = usage["budget"]["spent_usd"]
+    worst_case = RESERVED_TOKENS * USD_PER_TOKEN  # max_tokens caps what one request costs
+    assert spent == pytest.approx(statuses.count(200) * REAL_TOKENS * USD_PER_TOKEN)
+    assert 0.01 - worst_case < spent <= 0.01 + worst_case
+    assert usage["budget"]["reserved_usd"] == 0
+    assert usage["totals"]["spent_usd"] == spent
+    assert statuses.count(429) == 200 - statuses.count(200)
+
+
+async def test_an_exhausted_budget_is_a_429_insufficient_quota_that_says_when_it_frees_up(
+    budget_gateway: Any, records: Any
+) -> None:
+    gateway = await budget_gateway({"budget": {"usd": 0.001, "window_seconds": 86400}})
+    assert await in_turn(gateway, 2) == [200, 200]  # 0.0009 spent: under, so the second runs
+    refused = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(BUDGET_VK), **ANSWER}
+    )
+    assert refused.status == 429
+    assert refused.headers["x-should-retry"] == "false"
+    # The spend leaves a day after its time bucket (a thousandth of the window) ends.
+    assert 86000 < int(refused.headers["retry-after"]) <= 86400 + 87
+    body = await refused.json()
+    assert_openai_error(body, "insufficient_quota")
+    message = body["error"]["message"]
+    assert "Budget exhausted for this key: $0.001 per 1 day" in message
+    assert re.search(r"It frees up in 24 hours, at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\.", message)
+    lines = await records(3)
+    assert lines[-1]["status"] == 429 and "frees up in 24 hours" in lines[-1]["error"]
+    # The SDK sees a RateLimitError at once: it does not retry into a closed day.
+    client = openai.AsyncOpenAI(
+        api_key=BUDGET_VK, base_url=str(gateway.make_url("/v1")), max_retries=2
+    )
+    with pytest.raises(openai.RateLimitError) as raised:
+        await client.chat.completions.create(**CHAT)
+    assert raised.value.code == "insufficient_quota"
+    await client.close()
+
+
+async def test_a_default_budget_applies_to_keys_without_one_and_null_means_none(
+    budget_gateway: Any,
+) -> None:
+    capped = await budget_gateway({}, BUDGET_USD="0.0005", BUDGET_WINDOW_SECONDS="60")
+    assert await in_turn(capped, 3) == [200, 429, 429]
+    free = await budget_gateway({"budget": None}, BUDGET_USD="0.0005")
+    assert await in_turn(free, 3) == [200, 200, 200]
+
+
+async def test_usage_rounds_waits_and_shows_totals_with_quotas_off(budget_gateway: Any) -> None:
+    gateway = await budget_gateway({"quota": {"requests": 5, "window_seconds": 3600}})
+    await in_turn(gateway, 2)
+    usage = await usage_of(gateway)
+    for wait in (usage["requests"]["reset_seconds"], usage["tokens"]["reset_seconds"]):
+        assert wait == round(wait, 3) and 3599 < wait <= 3600
+    off = await budget_gateway({}, QUOTA_ENABLED="false")
+    await in_turn(off, 2)
+    usage = await usage_of(off)
+    assert usage["quota_enabled"] is False
+    assert usage["totals"] == {"requests": 2, "tokens": 2 * REAL_TOKENS, "spent_usd": 0.0018}
+
+
+async def test_a_429_log_line_names_the_wait_and_that_sdks_retry_short_ones(
+    budget_gateway: Any, records: Any
+) -> None:
+    gateway = await budget_gateway({"quota": {"requests": 1, "window_seconds": 30}})
+    assert await in_turn(gateway, 2) == [200, 429]
+    refused = (await records(2))[-1]
+    assert refused["status"] == 429
+    assert re.search(r"Retry in (29|30) seconds \(an SDK retries", refused["error"])
+
+
+async def send_large_body(host: str, port: int, length: int) -> tuple[bytes, int]:
+    """Send the head and 64 KiB of a `length`-byte body, then read the answer: (status line, bytes sent)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {BUDGET_VK}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    writer.write(head.encode() + b" " * 65536)
+    await writer.drain()
+    try:
+        status = await asyncio.wait_for(reader.readline(), timeout=10)
+    finally:
+        writer.close()
+    return status, 65536
+
+
+async def test_an_exhausted_key_is_refused_before_its_10_mb_bodies_are_read(
+    budget_gateway: Any, fake: Any
+) -> None:
+    gateway = await budget_gateway({"quota": {"requests": 1, "window_seconds": 3600}})
+    assert await burst(gateway, 2) == [200, 429]  # the second refusal closes the window
+    host, port = gateway.server.host, gateway.server.port
+    answers = await asyncio.gather(
+        *(send_large_body(host, port, 10 * 1024 * 1024) for _ in range(40))
+    )
+    # Each got its 429 with only 64 KiB of its 10 MB sent: the gateway never waited for the rest.
+    assert [status for status, _ in answers] == [b"HTTP/1.1 429 Too Many Requests\r\n"] * 40
+    assert len(fake.requests) == 1
