@@ -184,7 +184,6 @@ local function settle(ticket, tokens, micro, at)
   redis.call('HINCRBY', KEYS[4], 'tokens', int(tokens))
   redis.call('HINCRBY', KEYS[4], 'micro_usd', int(micro))
   if has_limits then
-    window_requests()
     window_tokens()
     if tokens > 0 and at > cutoff then
       local serial = redis.call('HINCRBY', KEYS[4], 'charges', 1)

@@ -159,8 +159,11 @@ class SlidingWindow:
     def settle(
         self, now: float, limits: Limits | None, budget: Budget | None, spent: Charge, ticket: int
     ) -> None:
-        """Release `ticket`'s reservation; log `spent` at `now` and add it to the totals."""
-        self._adopt(limits)
+        """Release `ticket`'s reservation; log `spent` at `now` and add it to the totals.
+
+        The ring is left as it is: a changed limit is taken by the next admission, as the
+        Redis script takes it (a settle there rides with the next call, under its limits).
+        """
         claim = self.reservations.pop(ticket, None)
         if claim is not None:
             self.reserved = Charge(
@@ -172,7 +175,6 @@ class SlidingWindow:
         self.total_micro_usd += micro
         self.last_active = now
         if limits is not None:
-            self._expire_stamps(now - limits.window_seconds)
             self._expire_charges(now - limits.window_seconds)
             if tokens:
                 self.charge_times.append(now)

@@ -539,7 +539,8 @@ async def test_two_gateways_on_one_redis_overshoot_a_token_limit_by_at_most_one_
             if usage["tokens"]["reserved"] == 0 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        assert await redis_decisions(session, gateways[0]) == {}  # no request let through uncounted
+        # No request let through uncounted (a Redis error would have let some through).
+        assert not any((await redis_decisions(session, gateways[0])).values())
     assert usage["tokens"]["reserved"] == 0
     assert usage["tokens"]["used"] == statuses.count(200) * real
     assert 100 - reserved < usage["tokens"]["used"] <= 100 + reserved
