@@ -165,14 +165,7 @@ class RedisTracker:
 
     async def flush(self) -> None:
         """Send every held settle now, and wait for those already on their way."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        held, self._held = self._held, {}
-        await asyncio.gather(
-            *(self._send(key_id, policy, settles) for key_id, (policy, settles) in held.items()),
-            *self._flushing,
-        )
+        await asyncio.gather(self._send_held(), *self._flushing)
 
     async def close(self) -> None:
         """Send what is held, then close the pool; the state stays in Redis."""
@@ -180,10 +173,19 @@ class RedisTracker:
         await self._client.aclose()
 
     def _flush_later(self) -> None:
-        self._timer = None
-        task = asyncio.get_running_loop().create_task(self.flush())
+        task = asyncio.get_running_loop().create_task(self._send_held())
         self._flushing.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._flushing.discard)
+
+    async def _send_held(self) -> None:
+        """Each key's held settles in one call per key (those no admission carried in time)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        held, self._held = self._held, {}
+        await asyncio.gather(
+            *(self._send(key_id, policy, settles) for key_id, (policy, settles) in held.items())
+        )
 
     async def _send(self, key_id: str, policy: Policy, settles: list[int]) -> None:
         try:

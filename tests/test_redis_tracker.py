@@ -337,6 +337,24 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
     }
 
 
+async def test_a_settle_no_admission_carries_goes_alone_and_close_still_returns(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    tracker = RedisTracker(redis_url, settle_delay=0.01)
+    limits = Limits(requests=5, tokens=100, window_seconds=60)
+    try:
+        answer = await tracker.admit(KEY, limits, None, Charge(30))
+        tracker.settle(KEY, limits, Charge(12), answer.ticket)
+        totals = window_keys(KEY)[3]
+        deadline = time.monotonic() + 5
+        while raw_redis.hget(totals, "tokens") != "12" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the background send, SETTLE_DELAY after the settle
+        assert raw_redis.hget(totals, "tokens") == "12"
+        assert raw_redis.hget(window_keys(KEY)[5], "tokens") == "0"  # the reservation released
+    finally:
+        await asyncio.wait_for(tracker.close(), timeout=5)  # (it once waited on itself)
+
+
 async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
     tracker: RedisTracker, raw_redis: redis.Redis
 ) -> None:
