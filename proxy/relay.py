@@ -94,15 +94,12 @@ class Relay:
         self.metrics.request_started()
         try:
             tail, query = route(request.raw_path)  # 400, 404, 405
-            key = self.lockout.authenticate(
-                self.key_ring, request.headers, request.remote
-            )  # 401, 429
+            ring, limit = self.key_ring, settings.max_body_bytes
+            key = self.lockout.authenticate(ring, request.headers, request.remote)  # 401, 429
             record.key, record.provider = key.name, key.provider.name
             self.quota.precheck(key, request.content_length)  # 429 before a large body is read
-            body = await read_body(request, settings.max_body_bytes)  # 400, 413
-            peek = validate(
-                tail, request, body, key, settings.max_body_bytes, record
-            )  # 400, 403, 415
+            body = await read_body(request, limit)  # 400, 413
+            peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
             plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
             if settings.log_bodies:
                 record.request_body = body
@@ -183,7 +180,7 @@ class Relay:
         return web.Response(status=status)  # not sent: the connection is closed
 
     def settle(self, record: Record, key: VirtualKey | None, admission: Admission | None) -> None:
-        """The one ending of every request: tokens to the tracker, metrics, health, the log."""
+        """The one ending of every request: tokens and cost, breakers, metrics, the log, traces."""
         record.finish()
         self.metrics.request_ended()
         record.cost_usd = self.prices.cost(
