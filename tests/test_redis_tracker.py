@@ -303,6 +303,35 @@ async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_
         await asyncio.gather(*(tracker.close() for tracker in trackers))
 
 
+async def test_four_trackers_share_one_budget_and_overshoot_it_by_at_most_one_request(
+    redis_url: str,
+) -> None:
+    """200 concurrent requests against $0.01, each reserving its worst case (issue 14 point 4)."""
+    budget = Budget(usd=0.01, window_seconds=3600)
+    worst, real = Charge(0, 1200), Charge(0, 900)  # micro-dollars
+    trackers = [RedisTracker(redis_url) for _ in range(4)]
+
+    async def one(index: int) -> bool:
+        tracker = trackers[index % 4]
+        answer = await tracker.admit(KEY, None, budget, worst)
+        if answer.admitted:
+            tracker.settle(KEY, None, real, answer.ticket, budget)
+        return answer.admitted
+
+    try:
+        admitted = sum(await asyncio.gather(*(one(index) for index in range(200))))
+        await asyncio.gather(*(tracker.flush() for tracker in trackers))
+        report = await trackers[0].report(KEY, None, budget)
+    finally:
+        await asyncio.gather(*(tracker.close() for tracker in trackers))
+    # Admitted while spend and reservations were under 10,000 micro-dollars: nine at 1,200
+    # each, a little more where settles (900 each) landed between the admissions.
+    assert 9 <= admitted <= 11
+    assert report["budget"]["spent_usd"] == pytest.approx(admitted * 0.0009)
+    assert report["budget"]["spent_usd"] <= 0.01 + 0.0012
+    assert report["budget"]["reserved_usd"] == 0
+
+
 async def test_redis_time_is_the_clock_when_none_is_injected(
     real_time_tracker: RedisTracker,
 ) -> None:
