@@ -146,6 +146,11 @@ def test_prometheus_scrapes_the_sum_of_both_workers(observed: Observed) -> None:
     assert {200, 429, 502, 503, 401} <= set(observed.statuses)
 
 
+def test_refusals_over_budget_show_by_key_beside_those_over_quota(observed: Observed) -> None:
+    refused = observed.prometheus.query("sum by (key) (llm_gateway_quota_rejections_total)")
+    assert {series["metric"]["key"] for series in refused} == {"limited", "budgeted"}
+
+
 def test_the_exposition_passes_promtool_check_metrics(observed: Observed) -> None:
     checked = subprocess.run(
         ["promtool", "check", "metrics"],

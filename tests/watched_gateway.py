@@ -3,7 +3,7 @@
 `observe` starts redis-server, the fake provider and a gateway with WORKERS=2 as processes,
 and a Prometheus scraping it every second with the shipped rules loaded. Traffic goes through
 in two rounds (so every series has grown between two scrapes, and rates are not zero), with
-refusals over quota, provider 5xx, an unreachable provider, a stream cut short, an unknown
+refusals over quota and over budget, provider 5xx, an unreachable provider, a stream cut short, an unknown
 key, a model without a price, a key whose primary refuses connections (a retry, a failover to
 its fallback, in both rounds; then a breaker that opens), a reload (POST /admin/reload); the log goes to /dev/full
 (every line lost); then keys.json is broken before another reload, and Redis is killed before
@@ -34,6 +34,7 @@ from tests.redis_server import RedisServer
 METRICS_TOKEN = "metrics-token-for-the-scrape"
 ADMIN_TOKEN = "admin-token-for-the-reloads"
 FAILOVER_VK = "vk_test_watch_failover_7d2b9e4a"
+BUDGET_VK = "vk_test_watch_budget_3f8a1c6e"
 # One quick retry per target. A breaker opens after 5 failures in a row, and each request on
 # the failover key fails twice on its primary: one request a round counts a retry and a
 # failover in both rounds, and four more in a row on one worker open that worker's breaker.
@@ -60,6 +61,7 @@ ROUND: list[Call] = [
     (MESSAGES_PATH, ANTHROPIC_VK, MESSAGES, {"x-fake-drop": "headers"}),  # unreachable: 502
     (CHAT_PATH, OPENAI_VK, {**CHAT, "stream": True}, {"x-fake-drop": "midstream"}),  # broken
     *[(CHAT_PATH, LIMITED_VK, CHAT, {})] * 3,  # quota: 3 requests an hour
+    *[(CHAT_PATH, BUDGET_VK, CHAT, {})] * 2,  # a budget of a millionth of a dollar
     (CHAT_PATH, OPENAI_VK, {**CHAT, "model": "fake-model"}, {}),  # no price known
     (CHAT_PATH, "vk_nobody", CHAT, {}),  # 401
 ]
@@ -69,7 +71,8 @@ WITHOUT_REDIS: list[Call] = [(CHAT_PATH, OPENAI_VK, CHAT, {})] * 4
 
 
 def watched_keys(base: str, dead: str) -> dict[str, Any]:
-    """The test keys, and one whose primary refuses every connection, with a fallback."""
+    """The test keys, one whose primary refuses every connection (it has a fallback), and one
+    whose budget the first request spends."""
     document = keys_document(base)
     document["providers"]["dead"] = {"base_url": f"{dead}/v1"}
     document["virtual_keys"][FAILOVER_VK] = {
@@ -77,6 +80,12 @@ def watched_keys(base: str, dead: str) -> dict[str, Any]:
         "provider": "dead",
         "api_key": "sk-real-dead-8888888888",
         "fallbacks": [{"provider": "openai", "api_key": OPENAI_REAL}],
+    }
+    document["virtual_keys"][BUDGET_VK] = {
+        "name": "budgeted",
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "budget": {"usd": 0.000001, "window_seconds": 3600},
     }
     return document
 
