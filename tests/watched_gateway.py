@@ -13,9 +13,12 @@ a last few requests. Every wait polls Prometheus until it has scraped what was s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -125,6 +128,20 @@ async def drive(url: str, calls: list[Call], in_a_row: list[Call]) -> list[int]:
     return [*statuses, *sequential]
 
 
+def stop_gracefully(gateway: subprocess.Popen[str]) -> None:
+    """SIGTERM: the parent stops its workers and waits for them (SIGKILL would orphan them).
+    Workers still there after the grace period are killed all the same, and the test fails."""
+    path = Path(f"/proc/{gateway.pid}/task/{gateway.pid}/children")
+    workers = [int(pid) for pid in path.read_text().split()] if path.exists() else []
+    gateway.send_signal(signal.SIGTERM)
+    try:
+        gateway.wait(timeout=30)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):  # it exited, as it should
+                os.kill(pid, signal.SIGKILL)
+
+
 def reload(url: str) -> int:
     """POST /admin/reload (the worker that answers reloads): its status."""
     request = urllib.request.Request(
@@ -181,9 +198,7 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
         ADMIN_TOKEN=ADMIN_TOKEN,
         **FAILOVER_SETTINGS,
     )
-    # SIGTERM first: the parent stops its workers and waits for them (SIGKILL would orphan them).
-    cleanup.callback(gateway.wait, timeout=30)
-    cleanup.callback(gateway.send_signal, signal.SIGTERM)
+    cleanup.callback(stop_gracefully, gateway)
     prometheus = PrometheusServer(directory, url.removeprefix("http://"), METRICS_TOKEN)
     cleanup.callback(prometheus.stop)
     prometheus.start()
