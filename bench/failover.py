@@ -6,8 +6,8 @@ One gateway (quotas on, log to a file) in front of `mock_provider.py`, with thre
 - **fallback, unused**: a target with a pool of two keys and a fallback, the primary healthy:
   the cost of having failover configured when nothing fails;
 - **failover**: the primary refuses at once (nothing listens on its port), the fallback is
-  the mock; with a breaker that never opens (BREAKER_FAILURES huge), every request pays the
-  refused attempt and the move;
+  the mock; with a breaker that never opens (BREAKER_FAILURES huge, BREAKER_ERROR_RATIO 0),
+  every request pays the refused attempt and the move;
 - **breaker open**: the same key after its breaker opened (a second gateway with the
   default BREAKER_FAILURES=3): the primary is skipped.
 
@@ -50,14 +50,21 @@ def keys_document(mock: int, dead: int) -> dict[str, object]:
             "backup": {"base_url": f"http://127.0.0.1:{mock}/v1"},
         },
         "virtual_keys": {
-            KEYS["plain"]: {"provider": "openai", "api_key": "sk-bench", "quota": quota},
+            KEYS["plain"]: {
+                "name": "plain",
+                "provider": "openai",
+                "api_key": "sk-bench",
+                "quota": quota,
+            },
             KEYS["fallback, unused"]: {
+                "name": "unused",
                 "provider": "openai",
                 "api_keys": [{"api_key": "sk-bench-a"}, {"api_key": "sk-bench-b"}],
                 "fallbacks": [{"provider": "backup", "api_key": "sk-bench-c"}],
                 "quota": quota,
             },
             KEYS["failover"]: {
+                "name": "failover",
                 "provider": "dead",
                 "api_key": "sk-bench-dead",
                 "fallbacks": [{"provider": "backup", "api_key": "sk-bench-c"}],
@@ -95,7 +102,10 @@ def main() -> int:
             keys = tmp / "keys.json"
             keys.write_text(json.dumps(keys_document(mock, dead)))
             always, opens = free_port(), free_port()
-            start_gateway(procs, tmp, keys, always, "--breaker-failures", "1000000000")
+            start_gateway(
+                procs, tmp, keys, always, "--breaker-failures", "1000000000",
+                "--breaker-error-ratio", "0",
+            )  # fmt: skip
             start_gateway(procs, tmp, keys, opens)
             ports = {"plain": always, "fallback, unused": always, "failover": always}
             ports["breaker open"] = opens
@@ -111,6 +121,8 @@ def main() -> int:
                         print(f"bench: {bad} non-2xx answers for {name}", file=sys.stderr)
                         return 1
                     medians[name].append(statistics.median(latencies))
+            attempts = attempts_per_request(tmp / f"interactions-{always}.jsonl")
+            attempts_open = attempts_per_request(tmp / f"interactions-{opens}.jsonl")
     finally:
         procs.stop_all()
     plain = statistics.median(medians["plain"])
@@ -120,7 +132,21 @@ def main() -> int:
         figure = statistics.median(medians[name])
         rounds_text = " ".join(f"{value:.3f}" for value in medians[name])
         print(f"{name:<18} {figure:>8.3f} {figure - plain:>+9.3f}ms   {rounds_text}")
+    print(
+        "attempts per request (from the log): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in attempts.items())
+        + f"; with the breaker open: failover {attempts_open.get('failover', 0):.2f}"
+    )
     return 0
+
+
+def attempts_per_request(log: Path) -> dict[str, float]:
+    """Each key's mean number of upstream attempts, read from the interaction log."""
+    counts: dict[str, list[int]] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        counts.setdefault(entry["key"], []).append(len(entry.get("attempts", [])))
+    return {name: statistics.fmean(values) for name, values in counts.items()}
 
 
 if __name__ == "__main__":
