@@ -35,7 +35,9 @@ async def test_two_workers_share_the_port_sum_their_metrics_and_drain_together(
         QUOTA_ENABLED="false",
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
-    await asyncio.sleep(0.5)  # the second worker's "listening" line may come a moment later
+    assert process.stdout is not None  # start_gateway read the first worker's line
+    second = await asyncio.to_thread(process.stdout.readline)
+    assert "listening on" in second, second  # both workers serve before the requests go
 
     async def one(index: int) -> int:
         # A new connection each time, so the kernel spreads them over the workers.
