@@ -50,6 +50,12 @@ class VirtualKey:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
 
     @property
+    def reserves(self) -> bool:
+        """True when admission reserves an estimate: the key has a token limit or a budget."""
+        has_token_limit = self.limits is not None and self.limits.tokens is not None
+        return has_token_limit or self.budget is not None
+
+    @property
     def provider(self) -> Provider:
         """The provider a request without a model goes to first: how logs and /usage name it."""
         return self.plans.first.primary.provider

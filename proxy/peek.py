@@ -106,7 +106,7 @@ def validate(
         _check_chat(document)
     if is_restricted:
         _check_models(key, names, unreadable)
-    if document is None:
+    if document is None or not key.reserves:  # nothing to reserve: no need to measure
         return Peek(model=model, is_stream=is_stream)
     return Peek(
         model=model,
