@@ -127,3 +127,36 @@ def serving_pid(server_port: int, client_port: int, pids: set[int]) -> int | Non
             except FileNotFoundError:
                 pass  # closed meanwhile
     return None
+
+
+def listening_sockets(port: int) -> set[str]:
+    """The inodes of the sockets listening on `port` of loopback (one per worker: SO_REUSEPORT)."""
+    wanted = f":{port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[1].endswith(wanted) and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def wait_listening(
+    port: int, count: int, changed_from: set[str] | None = None, within: float = 20.0
+) -> set[str]:
+    """Wait (bounded) until `count` sockets listen on `port`, and not just `changed_from`.
+
+    Reading the workers' "listening on" lines instead can block for ever on a line that
+    never comes; the kernel's table of listening sockets is the fact the tests need.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        sockets = listening_sockets(port)
+        if len(sockets) == count and sockets != changed_from:
+            return sockets
+        assert time.monotonic() < deadline, f"{len(sockets)} sockets listen on {port}, not {count}"
+        time.sleep(0.05)

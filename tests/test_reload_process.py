@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
-from tests.processes import Processes, start_gateway
+from tests.processes import Processes, start_gateway, wait_listening
 from tests.redis_server import RedisServer
 
 TOKEN = "admin-token-for-process-tests-42"
@@ -51,16 +51,9 @@ async def wait_for_config(
         await asyncio.sleep(0.05)
 
 
-def both_listening(process: subprocess.Popen[str]) -> None:
-    """Wait (bounded) for the second worker's "listening on" line; start_gateway saw the first."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "listening on" in line:
-            return
-        assert line, "the gateway stopped before its second worker listened"
-    raise AssertionError("the second worker never listened")
+def both_listening(url: str, changed_from: set[str] | None = None) -> set[str]:
+    """Wait (bounded) until both workers listen (after `changed_from`: a replacement too)."""
+    return wait_listening(int(url.rsplit(":", 1)[1]), 2, changed_from)
 
 
 async def fresh(url: str, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -203,7 +196,7 @@ async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_
         ADMIN_TOKEN=TOKEN,
         AUTH_FAILURE_LIMIT="100000",  # the 401s below would lock this address out
     )
-    await asyncio.to_thread(both_listening, process)  # else one would load the new file at start
+    await asyncio.to_thread(both_listening, url)  # else one would load the new file at start
     revoke(process_keys, OPENAI_VK)
     expected = digest(process_keys)
 
@@ -244,7 +237,7 @@ async def test_a_worker_replaced_after_a_reload_serves_the_reloaded_keys_not_its
         REDIS_URL=redis_server.url,
         AUTH_FAILURE_LIMIT="100000",
     )
-    await asyncio.to_thread(both_listening, process)
+    before = await asyncio.to_thread(both_listening, url)
     revoke(process_keys, OPENAI_VK)
     process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
@@ -252,7 +245,7 @@ async def test_a_worker_replaced_after_a_reload_serves_the_reloaded_keys_not_its
         assert time.monotonic() < deadline, "the reload never reached every worker"
     first, _ = workers_of(process)
     os.kill(first, signal.SIGKILL)
-    await asyncio.to_thread(both_listening, process)  # the replacement listens
+    await asyncio.to_thread(both_listening, url, before)  # the replacement listens
     assert first not in workers_of(process) and len(workers_of(process)) == 2
     assert await revoked_everywhere(url, OPENAI_VK)
     configs = await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))

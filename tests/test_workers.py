@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import OPENAI_VK, auth
-from tests.processes import Processes, refused, serving_pid, start_gateway
+from tests.processes import Processes, refused, serving_pid, start_gateway, wait_listening
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -35,9 +35,8 @@ async def test_two_workers_share_the_port_sum_their_metrics_and_drain_together(
         QUOTA_ENABLED="false",
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
-    assert process.stdout is not None  # start_gateway read the first worker's line
-    second = await asyncio.to_thread(process.stdout.readline)
-    assert "listening on" in second, second  # both workers serve before the requests go
+    # Both workers serve before the requests go.
+    await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
 
     async def one(index: int) -> int:
         # A new connection each time, so the kernel spreads them over the workers.
@@ -99,11 +98,8 @@ async def test_workers_whose_parent_is_killed_exit_by_themselves(
     process, url = start_gateway(
         processes, process_keys, tmp_path / "log.jsonl", WORKERS="2", QUOTA_ENABLED="false"
     )
-    assert process.stdout is not None
-    lines = [
-        process.stdout.readline()
-    ]  # the other worker's line; the first was read by start_gateway
-    pids = [int(line.rsplit("worker ", 1)[1].rstrip(")\n")) for line in lines]
+    await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
+    pids = [int(pid) for pid in _children(process.pid)]
     process.kill()  # SIGKILL: the parent cannot forward anything
     for _ in range(100):
         try:
@@ -116,17 +112,14 @@ async def test_workers_whose_parent_is_killed_exit_by_themselves(
         raise AssertionError(f"workers {pids} outlived their parent")
 
 
-def _worker_pid(line: str) -> int:
-    return int(line.rsplit("worker ", 1)[1].rstrip(")\n"))
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
-async def _both_workers(process: subprocess.Popen[str]) -> set[int]:
-    """The two workers' pids, from their listening lines (start_gateway read the first)."""
-    assert process.stdout is not None
-    second = await asyncio.to_thread(process.stdout.readline)
-    pids = {_worker_pid(second)}
-    for child in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
-        pids.add(int(child))
+async def _both_workers(process: subprocess.Popen[str], url: str) -> set[int]:
+    """The two workers' pids, once both listen (the kernel's table, not their output)."""
+    await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
+    pids = {int(child) for child in _children(process.pid)}
     assert len(pids) == 2, pids
     return pids
 
@@ -163,7 +156,7 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
     port = int(url.rsplit(":", 1)[1])
-    pids = await _both_workers(process)
+    pids = await _both_workers(process, url)
     # A connection per request: the kernel spreads them over both workers.
     fresh = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=fresh) as session:
@@ -228,10 +221,10 @@ async def test_a_worker_that_keeps_failing_to_start_stops_the_gateway_with_one_l
 ) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
-    process, _ = start_gateway(
+    process, url = start_gateway(
         processes, process_keys, logs / "log.jsonl", WORKERS="2", QUOTA_ENABLED="false"
     )
-    pids = await _both_workers(process)
+    pids = await _both_workers(process, url)
     shutil.rmtree(logs)  # a new worker cannot open its log file any more
     os.kill(min(pids), signal.SIGKILL)
     _, err = await asyncio.to_thread(process.communicate, None, 30)
@@ -250,7 +243,7 @@ async def test_sighup_to_the_parent_reaches_every_worker_and_stops_nothing(
 ) -> None:
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(processes, process_keys, log, WORKERS="2", QUOTA_ENABLED="false")
-    pids = await _both_workers(process)
+    pids = await _both_workers(process, url)
     fresh = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=fresh) as session:
         streams = [
@@ -284,7 +277,7 @@ async def test_workers_leave_nothing_in_the_temp_directory_however_the_gateway_e
     for ending in (signal.SIGTERM, signal.SIGKILL):
         temp = tmp_path / f"tmp-{ending.name}"
         temp.mkdir()
-        process, _ = start_gateway(
+        process, url = start_gateway(
             processes,
             process_keys,
             tmp_path / "log.jsonl",
@@ -292,7 +285,7 @@ async def test_workers_leave_nothing_in_the_temp_directory_however_the_gateway_e
             QUOTA_ENABLED="false",
             TMPDIR=str(temp),
         )
-        pids = await _both_workers(process)
+        pids = await _both_workers(process, url)
         assert [path.name[:20] for path in temp.iterdir()] == ["llm-gateway-metrics-"]
         process.send_signal(ending)  # SIGKILL: the parent cannot clean up; its workers do
         await asyncio.to_thread(process.wait, 20)
