@@ -30,7 +30,7 @@ from proxy.keys import VirtualKey
 from proxy.peek import Peek
 from proxy.record import Record, Usage
 from proxy.refusals import refusal
-from proxy.tracker import MICRO, NOTHING, Admission, Charge, Tracker, TrackerUnavailable
+from proxy.tracker import KINDS, MICRO, NOTHING, Admission, Charge, Tracker, TrackerUnavailable
 
 # Bodies up to this size are read before the key's quota is asked; past it (or of unknown
 # length) a key known to be refused right now is refused before its body is read.
@@ -119,12 +119,12 @@ class Quota:
             return
         spent = NOTHING
         if record.usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
-            spent = Charge(record.usage.total_tokens, micro(record.cost_usd))
+            spent = charged(record.usage, record.cost_usd)
         self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
 
-    def charge(self, key: VirtualKey, tokens: int, cost_usd: float | None) -> None:
+    def charge(self, key: VirtualKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
-        self.tracker.settle(key.id, key.limits, Charge(tokens, micro(cost_usd)), 0, key.budget)
+        self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
 
     async def settled(self) -> None:
         """Return once every settle so far is in the tracker's shared state (for tests, close)."""
@@ -153,6 +153,13 @@ class Quota:
         if self._is_lost:
             self._is_lost = False
             self._on_back()
+
+
+def charged(usage: Usage, cost_usd: float | None) -> Charge:
+    """What a response's usage charges: its tokens, its cost, and the tokens by kind."""
+    return Charge(
+        usage.total_tokens, micro(cost_usd), tuple(getattr(usage, kind) for kind in KINDS)
+    )
 
 
 def micro(usd: float | None) -> int:

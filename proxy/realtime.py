@@ -203,7 +203,7 @@ class Realtime:
 
         def charge(usage: Usage) -> None:
             cost = self._prices.cost(record.provider, record.model, usage)
-            self._quota.charge(key, usage.total_tokens, cost)
+            self._quota.charge(key, usage, cost)
             if cost is not None:
                 record.cost_usd = (record.cost_usd or 0.0) + cost
 

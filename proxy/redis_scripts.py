@@ -4,7 +4,8 @@ KEYS (all under one `{key_id}` hash tag, so a cluster keeps them in one slot):
 1 admissions   sorted set, one member (the ticket) per counted admission, scored by time (µs)
 2 charges      sorted set of token charges, members `serial:tokens`
 3 charged      the tokens in `charges`, as a running sum so `admit` never walks the log
-4 totals       hash: requests, tokens, micro_usd since the key was first seen, and serials
+4 totals       hash: requests, tokens, micro_usd and the tokens of each kind since the key
+               was first seen, and serials
 5 reservations sorted set of the tickets of requests still running, scored by admission time
 6 reserved     hash: ticket → `tokens:micro_usd`, and the sums `tokens` and `micro_usd`
 7 spend        sorted set of spend buckets (index, scored by index)
@@ -12,14 +13,21 @@ KEYS (all under one `{key_id}` hash tag, so a cluster keeps them in one slot):
 
 ARGV: 1 now in µs (-1: Redis TIME), 2 quota window µs, 3 request limit (-1: no quota at all),
 4 token limit (-1: none), 5 budget in micro-dollars (-1: none), 6 budget window µs,
-7 the number of settles that ride along, then four values per settle (ticket, tokens,
-micro-dollars, how many µs ago it ended: it is logged at that time), then the script's own arguments. Every script first applies the settles
+7 the number of settles that ride along, then SETTLE_FIELDS values per settle (ticket, tokens,
+micro-dollars, how many µs ago it ended: it is logged at that time, then the tokens of each
+kind in `tracker.KINDS` order, added to the totals hash under their names), then the
+script's own arguments. Every script first applies the settles
 it carries (so one round trip both settles the last requests and admits the next one),
 then does its own work. The answers mirror `window.SlidingWindow` exactly
 (`tests/test_redis_tracker.py` runs both on the same sequences).
 """
 
 from __future__ import annotations
+
+from proxy.tracker import KINDS
+
+# Values per settle in ARGV: ticket, tokens, micro-dollars, age, then one per token kind.
+SETTLE_FIELDS = 4 + len(KINDS)
 
 # A reservation older than this is taken to be leaked (its process died before settling)
 # and dropped; the request it belonged to, if still running, is charged when it settles.
@@ -38,6 +46,8 @@ local cutoff = now - window  -- entries at or before it have left the window
 local width = math.max(1, math.floor(budget_window / 1000))
 local IN_FLIGHT_WAIT = 1000000
 local RESERVATION_US = %(reservation_us)d
+local KINDS = {%(kinds)s}
+local SETTLE_FIELDS = %(settle_fields)d
 
 -- Integers as Redis wants them: tostring would write -0 or 1e+15.
 local function int(n)
@@ -171,8 +181,9 @@ local function spend_leaves()
   return leaves_bucket(tonumber(oldest[1]))
 end
 
--- Release a reservation and charge what the request really cost.
-local function settle(ticket, tokens, micro, at)
+-- Release a reservation and charge what the request really cost (`first`: where its
+-- tokens by kind start in ARGV).
+local function settle(ticket, tokens, micro, at, first)
   local held = redis.call('HGET', KEYS[6], ticket)
   if held then
     local reserved_tokens, reserved_micro = string.match(held, '^(%%d+):(%%d+)$')
@@ -183,6 +194,10 @@ local function settle(ticket, tokens, micro, at)
   end
   redis.call('HINCRBY', KEYS[4], 'tokens', int(tokens))
   redis.call('HINCRBY', KEYS[4], 'micro_usd', int(micro))
+  for k, name in ipairs(KINDS) do
+    local count = tonumber(ARGV[first + k - 1])
+    if count > 0 then redis.call('HINCRBY', KEYS[4], name, int(count)) end
+  end
   if has_limits then
     window_tokens()
     if tokens > 0 and at > cutoff then
@@ -209,10 +224,11 @@ end
 
 local settles = tonumber(ARGV[7])
 for i = 0, settles - 1 do
-  local at = 8 + 4 * i
-  settle(ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), now - tonumber(ARGV[at + 3]))
+  local at = 8 + SETTLE_FIELDS * i
+  settle(ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), now - tonumber(ARGV[at + 3]),
+         at + 4)
 end
-local own = 8 + 4 * settles  -- the script's own arguments start here
+local own = 8 + SETTLE_FIELDS * settles  -- the script's own arguments start here
 
 -- What the windows hold now, as `tracker.Reading` lists it (waits only when over).
 local function reading(admitted, ticket, reserved_tokens, reserved_micro)
@@ -232,13 +248,15 @@ local function reading(admitted, ticket, reserved_tokens, reserved_micro)
     oldest_spend = spend_leaves()
     if spent + reserved_micro >= budget then spend_wait = budget_wait(spent + reserved_micro) end
   end
-  local totals = {ticket, 0, 0}  -- an admission answers no totals but its ticket (the serial)
-  if not admitted then
-    totals = redis.call('HMGET', KEYS[4], 'requests', 'tokens', 'micro_usd')
+  local answer = {admitted and 1 or 0, ticket, size, leaves, used, reserved_tokens, wait,
+                  charge_leaves, spent, reserved_micro, spend_wait, oldest_spend}
+  if admitted then  -- an admission answers no totals but its ticket (the serial)
+    answer[13], answer[14], answer[15] = ticket, 0, 0
+    return answer
   end
-  return {admitted and 1 or 0, ticket, size, leaves, used, reserved_tokens, wait, charge_leaves,
-          spent, reserved_micro, spend_wait, oldest_spend,
-          tonumber(totals[1]) or 0, tonumber(totals[2]) or 0, tonumber(totals[3]) or 0}
+  local totals = redis.call('HMGET', KEYS[4], 'requests', 'tokens', 'micro_usd', unpack(KINDS))
+  for i = 1, #totals do answer[12 + i] = tonumber(totals[i]) or 0 end
+  return answer
 end
 """
 
@@ -291,6 +309,14 @@ return reading(false, 0, reserved())
 """
 
 SCRIPTS = {
-    name: (_PRELUDE % {"reservation_us": RESERVATION_SECONDS * 1_000_000}) + body
+    name: (
+        _PRELUDE
+        % {
+            "reservation_us": RESERVATION_SECONDS * 1_000_000,
+            "kinds": ", ".join(f"'{kind}'" for kind in KINDS),
+            "settle_fields": SETTLE_FIELDS,
+        }
+    )
+    + body
     for name, body in (("admit", _ADMIT), ("settle", _SETTLE), ("report", _REPORT))
 }

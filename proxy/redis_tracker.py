@@ -44,8 +44,9 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.redis_scripts import SCRIPTS
+from proxy.redis_scripts import SCRIPTS, SETTLE_FIELDS
 from proxy.tracker import (
+    NO_KINDS,
     NOTHING,
     Admission,
     Budget,
@@ -118,7 +119,7 @@ class RedisTracker:
         self._settle = self._client.register_script(SCRIPTS["settle"])
         self._report = self._client.register_script(SCRIPTS["report"])
         # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
-        # and when it ended, in µs of the local clock).
+        # when it ended in µs of the local clock, and the tokens by kind).
         self._held: dict[str, tuple[Policy, list[int]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -151,6 +152,7 @@ class RedisTracker:
         held = self._held.get(key_id)
         settles = held[1] if held is not None else []
         settles += (ticket, tokens, micro, self._now_us())
+        settles += (max(0, min(count, MAX_COUNT)) for count in spent.kinds)
         self._held[key_id] = ((limits, budget), settles)
         if self._timer is None:
             loop = asyncio.get_running_loop()
@@ -212,7 +214,7 @@ class RedisTracker:
                 self.on_settle_failed(str(error))
             raise
         admitted, ticket, size, leaves, used, reserved, wait, charge_leaves, *rest = values
-        spent, spend_reserved, spend_wait, spend_leaves, requests, tokens, micro = rest
+        spent, spend_reserved, spend_wait, spend_leaves, requests, tokens, micro, *kinds = rest
         return Reading(
             admitted=bool(admitted),
             ticket=ticket,
@@ -229,6 +231,7 @@ class RedisTracker:
             total_requests=requests,
             total_tokens=tokens,
             total_micro_usd=micro,
+            total_kinds=tuple(kinds) if kinds else NO_KINDS,
         )
 
     def _now_us(self) -> int:
@@ -256,10 +259,10 @@ class RedisTracker:
         # Each settle's end, as an age: Redis TIME minus the age is its time on Redis's clock.
         local_now = self._now_us()
         ages = [
-            value if index % 4 != 3 else max(0, local_now - value)
+            value if index % SETTLE_FIELDS != 3 else max(0, local_now - value)
             for index, value in enumerate(settles)
         ]
-        args = [now_us, *quota, *spending, len(settles) // 4, *ages, *own]
+        args = [now_us, *quota, *spending, len(settles) // SETTLE_FIELDS, *ages, *own]
         try:
             return await script(keys=window_keys(key_id), args=args)
         except (RedisError, OSError) as error:

@@ -27,6 +27,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 MICRO = 1_000_000  # micro-dollars per dollar: spend is counted in integers, exact in Redis
+# The token kinds counted in a key's totals, as the log line's `usage` names them: the two
+# totals, then the parts of the prompt (cache reads and writes, audio) and of the completion
+# (reasoning, audio), each priced at its own rate.
+KINDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "input_audio_tokens",
+    "reasoning_tokens",
+    "output_audio_tokens",
+)
+NO_KINDS = (0,) * len(KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +81,7 @@ class Charge:
 
     tokens: int = 0
     micro_usd: int = 0
+    kinds: tuple[int, ...] = NO_KINDS  # tokens by kind, in KINDS order (totals only)
 
 
 NOTHING = Charge()
@@ -123,6 +137,7 @@ class Reading:
     total_requests: int = 0
     total_tokens: int = 0
     total_micro_usd: int = 0
+    total_kinds: tuple[int, ...] = NO_KINDS  # in KINDS order
 
 
 def tokens_full(reading: Reading, limits: Limits | None) -> bool:
@@ -222,6 +237,7 @@ def report(reading: Reading, limits: Limits | None, budget: Budget | None) -> di
         "requests": reading.total_requests,
         "tokens": reading.total_tokens,
         "spent_usd": usd(reading.total_micro_usd),
+        **dict(zip(KINDS, reading.total_kinds, strict=True)),
     }
     return document
 

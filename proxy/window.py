@@ -14,7 +14,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.tracker import Budget, Charge, Limits, Reading, budget_full, tokens_full
+from proxy.tracker import NO_KINDS, Budget, Charge, Limits, Reading, budget_full, tokens_full
 
 # A new key's ring starts this small and doubles up to its limit, so a key with a large
 # limit but little traffic costs little.
@@ -37,6 +37,7 @@ class Totals:
     requests: int = 0
     tokens: int = 0
     micro_usd: int = 0
+    kinds: tuple[int, ...] = NO_KINDS
 
 
 def microseconds(now: float) -> int:
@@ -108,6 +109,7 @@ class SlidingWindow:
         "spend",
         "stamps",
         "tokens_used",
+        "total_kinds",
         "total_micro_usd",
         "total_requests",
         "total_tokens",
@@ -130,6 +132,7 @@ class SlidingWindow:
         self.total_requests = totals.requests
         self.total_tokens = totals.tokens
         self.total_micro_usd = totals.micro_usd
+        self.total_kinds = list(totals.kinds)
 
     def admit(
         self, now: float, limits: Limits | None, budget: Budget | None, claim: Charge
@@ -173,6 +176,10 @@ class SlidingWindow:
         micro = max(0, min(spent.micro_usd, MAX_COUNT))
         self.total_tokens += tokens
         self.total_micro_usd += micro
+        if spent.kinds is not NO_KINDS:
+            kinds = self.total_kinds
+            for index, count in enumerate(spent.kinds):
+                kinds[index] += max(0, min(count, MAX_COUNT))
         self.last_active = now
         if limits is not None:
             self._expire_charges(now - limits.window_seconds)
@@ -204,7 +211,9 @@ class SlidingWindow:
         return now - self.last_active >= longest
 
     def totals(self) -> Totals:
-        return Totals(self.total_requests, self.total_tokens, self.total_micro_usd)
+        return Totals(
+            self.total_requests, self.total_tokens, self.total_micro_usd, tuple(self.total_kinds)
+        )
 
     def _reading(
         self,
@@ -251,6 +260,7 @@ class SlidingWindow:
             total_requests=self.total_requests,
             total_tokens=self.total_tokens,
             total_micro_usd=self.total_micro_usd,
+            total_kinds=tuple(self.total_kinds),
         )
 
     def _spend(self, now: float, budget: Budget | None) -> SpendLog | None:

@@ -174,7 +174,18 @@ async def test_usage_rounds_waits_and_shows_totals_with_quotas_off(budget_gatewa
     await in_turn(off, 2)
     usage = await usage_of(off)
     assert usage["quota_enabled"] is False
-    assert usage["totals"] == {"requests": 2, "tokens": 2 * REAL_TOKENS, "spent_usd": 0.0018}
+    assert usage["totals"] == {
+        "requests": 2,
+        "tokens": 2 * REAL_TOKENS,
+        "spent_usd": 0.0018,
+        "prompt_tokens": 2 * 1,
+        "completion_tokens": 2 * 8,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "input_audio_tokens": 0,
+        "reasoning_tokens": 0,
+        "output_audio_tokens": 0,
+    }
 
 
 async def test_a_429_log_line_names_the_wait_and_that_sdks_retry_short_ones(

@@ -24,8 +24,9 @@ import genai_prices
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app
+from proxy.app import QUOTA, build_app
 from proxy.settings import Settings
+from proxy.tracker import KINDS
 from tests.conftest import ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, auth, keys_document
 from tests.fake_provider import FakeState
 
@@ -183,3 +184,20 @@ async def test_a_thousand_mixed_requests_cost_what_the_providers_usage_says(
     assert any(line["usage"]["cache_read_tokens"] for line in lines.values())
     assert any(line["usage"]["cache_write_tokens"] for line in lines.values())
     assert any(line["usage"]["reasoning_tokens"] for line in lines.values())
+
+    # GET /usage: each key's totals by kind are its log lines' sums; its spend their cost,
+    # each rounded up to the micro-dollar (and estimates spend too).
+    await cost_gateway.app[QUOTA].settled()
+    for key in (OPENAI_VK, EXACT_VK, ANTHROPIC_VK):
+        mine = [
+            lines[request["headers"]["x-request-id"]]
+            for request in requests
+            if request["key"] == key
+        ]
+        totals = (await (await cost_gateway.get("/usage", headers=auth(key))).json())["totals"]
+        assert totals["requests"] == len(mine)
+        for kind in KINDS:
+            assert totals[kind] == sum(line["usage"][kind] for line in mine), (key, kind)
+        assert totals["tokens"] == totals["prompt_tokens"] + totals["completion_tokens"]
+        cost = sum(line["cost_usd"] for line in mine)
+        assert cost <= totals["spent_usd"] <= cost + len(mine) * 1e-6, key

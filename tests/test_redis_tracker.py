@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy.memory_tracker import MemoryTracker
 from proxy.redis_tracker import RedisTracker, check, masked, window_keys
-from proxy.tracker import Budget, Charge, Limits, TrackerUnavailable
+from proxy.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.processes import Processes, refused, start_gateway
 from tests.redis_server import RedisServer, free_port
@@ -28,6 +28,17 @@ from tests.test_tracker import Clock
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
+NO_KIND_TOTALS = dict.fromkeys(KINDS, 0)
+# The tokens by kind of the two settles in the report tests, summed.
+KIND_TOTALS = {
+    "prompt_tokens": 400,
+    "completion_tokens": 100,
+    "cache_read_tokens": 100,
+    "cache_write_tokens": 20,
+    "input_audio_tokens": 5,
+    "reasoning_tokens": 10,
+    "output_audio_tokens": 0,
+}
 
 
 @pytest.fixture
@@ -171,10 +182,10 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
 ) -> None:
     limits = Limits(requests=5, tokens=1000, window_seconds=100)
     await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(300))
+    tracker.settle(KEY, limits, Charge(300, 0, (250, 50, 100, 20, 0, 10, 0)))
     clock.advance(40)
     await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(200))
+    tracker.settle(KEY, limits, Charge(200, 0, (150, 50, 0, 0, 5, 0, 0)))
     clock.advance(10)
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
@@ -186,7 +197,7 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
             "remaining": 500,
             "reset_seconds": 50.0,
         },
-        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
+        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS},
     }
     clock.advance(50)
     report = await tracker.report(KEY, limits)
@@ -198,7 +209,7 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
         "remaining": 800,
         "reset_seconds": 40.0,
     }
-    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
+    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS}
 
 
 async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
@@ -262,8 +273,11 @@ def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
                         tickets.append(answer.ticket)
                 elif action == "settle":
                     ticket = tickets.pop(0) if tickets else 0
-                    shared.settle(key, limits, Charge(tokens, micro), ticket, budget)
-                    memory.settle(key, limits, Charge(tokens, micro), ticket, budget)
+                    # Every kind its own count, so a kind added to the wrong field shows.
+                    kinds = tuple(tokens * (index + 1) % 7 for index in range(len(KINDS)))
+                    spent = Charge(tokens, micro, kinds)
+                    shared.settle(key, limits, spent, ticket, budget)
+                    memory.settle(key, limits, spent, ticket, budget)
                 else:
                     assert await shared.report(key, limits, budget) == await memory.report(
                         key, limits, budget
@@ -365,6 +379,7 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
         "requests": 1,
         "tokens": 42,
         "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
     }
 
 

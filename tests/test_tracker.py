@@ -9,9 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.memory_tracker import MemoryTracker
-from proxy.tracker import Admission, Budget, Charge, Limits
+from proxy.tracker import KINDS, Admission, Budget, Charge, Limits
 
 KEY = "key-digest-1"
+NO_KIND_TOTALS = dict.fromkeys(KINDS, 0)
+# The tokens by kind of the two settles in the report tests, summed.
+KIND_TOTALS = {
+    "prompt_tokens": 400,
+    "completion_tokens": 100,
+    "cache_read_tokens": 100,
+    "cache_write_tokens": 20,
+    "input_audio_tokens": 5,
+    "reasoning_tokens": 10,
+    "output_audio_tokens": 0,
+}
 
 
 class Clock:
@@ -149,10 +160,10 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
 ):
     limits = Limits(requests=5, tokens=1000, window_seconds=100)
     await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(300))
+    tracker.settle(KEY, limits, Charge(300, 0, (250, 50, 100, 20, 0, 10, 0)))
     clock.advance(40)
     await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(200))
+    tracker.settle(KEY, limits, Charge(200, 0, (150, 50, 0, 0, 5, 0, 0)))
     clock.advance(10)
     assert await tracker.report(KEY, limits) == {
         "window_seconds": 100,
@@ -164,7 +175,7 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
             "remaining": 500,
             "reset_seconds": 50.0,
         },
-        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0},
+        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS},
     }
     clock.advance(50)  # the first request and its tokens leave; the totals stay
     report = await tracker.report(KEY, limits)
@@ -176,7 +187,7 @@ async def test_report_gives_the_window_limits_remaining_and_totals(
         "remaining": 800,
         "reset_seconds": 40.0,
     }
-    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0}
+    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS}
 
 
 async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(tracker: MemoryTracker):
@@ -191,7 +202,7 @@ async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(tracker: 
             "remaining": None,
             "reset_seconds": 0.0,
         },
-        "totals": {"requests": 0, "tokens": 0, "spent_usd": 0.0},
+        "totals": {"requests": 0, "tokens": 0, "spent_usd": 0.0, **NO_KIND_TOTALS},
     }
     assert len(tracker) == 0
 
@@ -214,12 +225,14 @@ async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
         "requests": 3,
         "tokens": 7,
         "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
     }
     assert (await tracker.admit("key-7", limits)).remaining_requests == 99
     assert (await tracker.report("key-7", limits))["totals"] == {
         "requests": 4,
         "tokens": 7,
         "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
     }
 
 
@@ -351,4 +364,4 @@ async def test_a_budget_admits_while_the_spend_is_under_and_says_when_it_frees_u
     assert (await tracker.admit(KEY, None, budget)).admitted
     report = await tracker.report(KEY, None, budget)
     assert report["budget"]["spent_usd"] == 0.0005
-    assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011}
+    assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011, **NO_KIND_TOTALS}
