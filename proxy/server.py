@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import signal
 import socket
 from collections.abc import Callable
@@ -43,6 +44,13 @@ from proxy.errors import GatewayError, body
 from proxy.settings import Settings
 
 REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sending
+# The cyclic garbage collector's first threshold: container allocations between two young
+# collections (CPython's default is 700). Each request allocates a few hundred containers,
+# and 256 requests in flight keep thousands alive, so at 700 a young collection ran every
+# few requests and walked every in-flight request's objects, promoting them: ~4-10 % of the
+# CPU under load (bench/README.md). At 50,000 the garbage held between collections is a few
+# MB at most; reference counting frees all the rest at once, as before.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 class CannotListen(Exception):
@@ -64,6 +72,7 @@ def serve(
     # SIGHUP's default action kills the process and every stream in it (issue 10, point 7).
     # The app's reload handler, when it installs one on the loop, takes over from this.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    tune_gc()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -213,6 +222,18 @@ def _refusal() -> bytes:
         b"Connection: close\r\n"
         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
     )
+
+
+def tune_gc() -> None:
+    """Collect young garbage less often, and leave what the start built out of collections.
+
+    Modules, the keys and the price tables live as long as the process: `gc.freeze` moves
+    them out of every later collection (a full one walked ~68,000 objects, 45 ms).
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -14,7 +14,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.tracker import NO_KINDS, Budget, Charge, Limits, Reading, budget_full, tokens_full
+from proxy.tracker import NO_KINDS, Budget, Charge, Limits, Reading
 
 # A new key's ring starts this small and doubles up to its limit, so a key with a large
 # limit but little traffic costs little.
@@ -146,9 +146,21 @@ class SlidingWindow:
             requests_full = self.size >= limits.requests
             if limits.tokens is not None:
                 self._expire_charges(cutoff)
-        self._spend(now, budget)
-        before = self._reading(now, limits, budget, waits=False)
-        admitted = not (requests_full or tokens_full(before, limits) or budget_full(before, budget))
+        spend = self._spend(now, budget)
+        reserved = self.reserved
+        admitted = not (
+            requests_full
+            or (
+                limits is not None
+                and limits.tokens is not None
+                and self.tokens_used + reserved.tokens >= limits.tokens
+            )
+            or (
+                budget is not None
+                and spend is not None
+                and spend.spent + reserved.micro_usd >= budget.micro_usd
+            )
+        )  # as `tokens_full` and `budget_full` would read it, without a Reading to build
         ticket = 0
         if admitted:
             ticket = self._count(now, limits)
