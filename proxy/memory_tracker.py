@@ -1,8 +1,10 @@
 """The tracker in this process's memory: every key's window in a dict.
 
 Keys are kept least recently active first; a key idle for a whole window (and with no
-request in flight) is evicted when a new key arrives, leaving only its totals. What it
-does not do: share state between processes (that is `redis_tracker`'s job).
+request in flight) is evicted when a new key arrives, leaving only its totals. The
+background responses owed are kept oldest first, at most MAX_OWED (the oldest goes first:
+it is then never charged). What it does not do: share state between processes (that is
+`redis_tracker`'s job).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 from proxy.tracker import NOTHING, Admission, Budget, Charge, Limits, admission, report
 from proxy.window import SlidingWindow, Totals
 
+# Background responses owed at once, at most: about 300 bytes each, so 30 MB.
+MAX_OWED = 100_000
+
 
 class MemoryTracker:
     """The tracker for one process: every key's window in a dict."""
@@ -24,6 +29,8 @@ class MemoryTracker:
         # Least recently active first, so idle keys are found at the front.
         self._windows: OrderedDict[str, SlidingWindow] = OrderedDict()
         self._retired: dict[str, Totals] = {}  # totals of evicted keys
+        # (key id, response id) → (until when, origin), oldest first: all owe for as long.
+        self._owed: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self.on_settle_failed: Callable[[str], None] = lambda error: None  # never fails
 
     def __len__(self) -> int:
@@ -64,6 +71,21 @@ class MemoryTracker:
             window = SlidingWindow(limits, self._retired.get(key_id, Totals()))
         return report(window.report(self._clock(), limits, budget), limits, budget)
 
+    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
+        """Remember for `seconds` that the key owes what the background response will report."""
+        now, owed = self._clock(), self._owed
+        while owed and (len(owed) >= MAX_OWED or next(iter(owed.values()))[0] <= now):
+            owed.popitem(last=False)  # expired, or the oldest past the bound
+        owed[key_id, response_id] = (now + seconds, origin)
+        owed.move_to_end((key_id, response_id))
+
+    async def claim(self, key_id: str, response_id: str) -> str | None:
+        """Take what the key owes for the response (once): its origin, else None."""
+        owed = self._owed.pop((key_id, response_id), None)
+        if owed is None or owed[0] <= self._clock():
+            return None
+        return owed[1]
+
     async def flush(self) -> None:
         """Nothing to wait for: a settle is counted before `settle` returns."""
 
@@ -71,6 +93,7 @@ class MemoryTracker:
         """Forget every window; memory holds nothing that must be saved."""
         self._windows.clear()
         self._retired.clear()
+        self._owed.clear()
 
     def _touch(self, key_id: str, limits: Limits | None, now: float) -> SlidingWindow:
         """The key's window, opened if new, marked as the most recently active."""

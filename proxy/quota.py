@@ -126,6 +126,22 @@ class Quota:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
         self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
 
+    async def owe(self, key: VirtualKey, response_id: str, origin: str, seconds: float) -> None:
+        """Remember that `key` owes a background response (background.py); never raises."""
+        try:
+            await self.tracker.owe(key.id, response_id, origin, seconds)
+        except TrackerUnavailable as error:
+            self._lost("uncharged", str(error))  # it will not be charged
+
+    async def claim(self, key: VirtualKey, response_id: str) -> str | None:
+        """Take what `key` owes for a background response, once across every process: its
+        origin, else None (nothing owed, or the tracker lost: then it is not charged)."""
+        try:
+            return await self.tracker.claim(key.id, response_id)
+        except TrackerUnavailable as error:
+            self._lost("uncharged", str(error))
+            return None
+
     async def settled(self) -> None:
         """Return once every settle so far is in the tracker's shared state (for tests, close)."""
         await self.tracker.flush()

@@ -111,6 +111,31 @@ class Usage:
         }
 
 
+# The statuses of a Responses API object: still running, or finished for good.
+PENDING = frozenset(("queued", "in_progress"))
+FINISHED = frozenset(("completed", "incomplete", "failed", "cancelled"))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A Responses API object as the provider answered it: its id, status and usage.
+
+    Read only where a background response's charge is decided (`background.py`).
+    """
+
+    id: str
+    status: str | None
+    usage: Usage | None  # what it reports; None while it runs
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status in PENDING
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+
 @dataclass(slots=True)
 class Record:
     """One request's facts, filled in step by step by `relay`."""
@@ -124,6 +149,8 @@ class Record:
     provider: str | None = None
     model: str | None = None
     is_stream: bool = False
+    # A POST /v1/responses with "background": true (not streamed): it answers queued.
+    is_background: bool = False
     status: int = 0
     ttft_ms: float | None = None
     duration_ms: float | None = None
@@ -141,6 +168,8 @@ class Record:
     response_text: str | None = None
     # The model the provider says answered (the usage tap reads it), for traces; None: unsaid.
     response_model: str | None = None
+    # The Responses API object answered, for a background POST or a GET by id; else None.
+    stored: StoredResponse | None = None
     # The request's spans when tracing is on (proxy/tracing.py); None when it is off.
     trace: Trace | None = None
     # A WebSocket session's frames each way and how it ended (proxy/realtime.py); else None.

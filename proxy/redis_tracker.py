@@ -19,6 +19,10 @@ before the check. Settles no admission picked up within SETTLE_DELAY_SECONDS go 
 background call per key. Until then other processes see the request's reservation in place
 of its real cost: the bound on overshoot is unchanged, only later by that delay.
 
+A background response a key owes is one more key, `{key_id}:bg:<response id>`, holding
+its origin and expiring after `background.OWED_SECONDS`; its claim is a GET and a DEL in one
+MULTI, and only the caller whose DEL answers 1 charges it.
+
 Failure: socket timeouts are short and nothing is retried (a retried script may already
 have counted), so a lost Redis fails within about a second; every Redis error becomes
 `TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR (an admit that timed out
@@ -31,6 +35,7 @@ Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import time
@@ -165,6 +170,24 @@ class RedisTracker:
         reading = await self._run(self._report, key_id, limits, budget)
         return report(reading, limits, budget)
 
+    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
+        """Remember for `seconds` that the key owes what the background response will report."""
+        try:
+            await self._client.set(owed_key(key_id, response_id), origin, ex=math.ceil(seconds))
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+
+    async def claim(self, key_id: str, response_id: str) -> str | None:
+        """Take what the key owes for the response: the one caller whose DEL answers 1 gets
+        its origin (GET and DEL in one MULTI, so no other client runs between them)."""
+        try:
+            name = owed_key(key_id, response_id)
+            async with self._client.pipeline(transaction=True) as pipe:
+                origin, deleted = await pipe.get(name).delete(name).execute()
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+        return origin.decode() if deleted == 1 and origin is not None else None
+
     async def flush(self) -> None:
         """Send every held settle now, and wait for those already on their way."""
         await asyncio.gather(self._send_held(), *self._flushing)
@@ -273,6 +296,11 @@ def window_keys(key_id: str) -> list[str]:
     """The Redis keys of one virtual key, in the scripts' KEYS order."""
     base = f"{KEY_PREFIX}{{{key_id}}}:"
     return [base + name for name in _KEY_NAMES]
+
+
+def owed_key(key_id: str, response_id: str) -> str:
+    """The Redis key of a background response a virtual key owes (its digest, never the key)."""
+    return f"{KEY_PREFIX}{{{key_id}}}:bg:{response_id}"
 
 
 def reason(error: Exception) -> str:

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import errors, ratelimit, stream_usage
+from proxy import background, errors, ratelimit, stream_usage
 from proxy.errors import GatewayError
 from proxy.failover import Failover, Reply, StoredAnswer
 from proxy.keys import KeyRing, VirtualKey
@@ -106,7 +106,12 @@ class Relay:
             body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
             admission = await self.quota.admit(key, peek)  # 429, 503
             async with self.failover.forward(request, plan, tail, query, body, record) as reply:
-                return await self.stream_back(request, reply, plan, body, record, admission, asked)
+                response = await self.stream_back(
+                    request, reply, plan, body, record, admission, asked
+                )
+            if record.stored is not None:  # a background response: owed now, or charged now
+                await background.owe_or_claim(self.quota, key, record)
+            return response
         except GatewayError as error:
             record.end(error.status, Outcome.REFUSED, error.message)
             if error.status == 429 and key is not None:  # not a lockout's 429: no key yet
@@ -149,7 +154,7 @@ class Relay:
             reply.headers.get("content-type"),
             reply.headers.get("content-encoding"),
             settings.log_bodies,
-            charged(record.method, record.path),
+            charged(record.method, record.path, record.is_background),
             self.tap_memory,
         )
         idle = settings.stream_idle_timeout
@@ -176,6 +181,7 @@ class Relay:
             if status < 400:
                 record.usage = tap.usage(body)
                 record.response_model = tap.model
+                record.stored = tap.stored
             record.response_text = tap.text
         return web.Response(status=status)  # not sent: the connection is closed
 

@@ -16,6 +16,9 @@ Invariants:
   own reservations: at most one request's worth when estimates hold, since each request is
   admitted only while the window plus every reservation is under the limit.
 
+The tracker also remembers the background responses a key owes (`owe`, `claim`): a claim
+succeeds once, in whichever process asks first, so each is charged exactly once.
+
 This module holds the shared vocabulary and the backends' protocol; `memory_tracker.py`
 (over `window.py`) and `redis_tracker.py` are the two backends, with the same answers.
 """
@@ -277,6 +280,18 @@ class Tracker(Protocol):
         self, key_id: str, limits: Limits | None, budget: Budget | None = None
     ) -> dict[str, Any]:
         """The key's windows and totals, as `GET /usage` answers them."""
+        ...
+
+    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
+        """Remember for `seconds` that the key owes what a background response will report.
+
+        `origin`: what charging it needs to know later (background.py's choice).
+        """
+        ...
+
+    async def claim(self, key_id: str, response_id: str) -> str | None:
+        """Take what the key owes for the response: its `origin` to exactly one caller, in
+        every process sharing the state; None when nothing is owed (any more)."""
         ...
 
     async def flush(self) -> None:

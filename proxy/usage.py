@@ -15,7 +15,10 @@ is charged an estimate (`estimate`), marked `estimated` — never nothing, also 
 cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
 then the response's decoded (or received) bytes stand for its text. Other POSTs are
 charged only what the provider reports (a token count reports none); a GET (a models list,
-a stored response) nothing.
+a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
+background POST answered queued or in progress is charged nothing yet, and a GET of one
+response reports what the response says (`stored`: its id, status and usage), which
+`background.py` charges only if its key owed it.
 
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
@@ -45,7 +48,7 @@ import orjson
 from proxy import estimate
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.provider_usage import ProviderUsage, last_usage
-from proxy.record import Usage
+from proxy.record import PENDING, StoredResponse, Usage
 
 # Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
 MAX_HELD_BYTES = 16 * 1024 * 1024
@@ -69,21 +72,36 @@ class Charged(enum.Enum):
     REPORTED = "reported"  # only what the provider reports (a token count reports none)
     PROMPT = "prompt"  # embeddings: reported, else the prompt estimated
     TEXT = "text"  # generations: reported, else prompt and completion estimated
+    # A background Response (POST /v1/responses, "background": true): as TEXT, but an
+    # answer still queued or in progress is charged nothing yet (background.py owes it).
+    LATER = "later"
+    # GET /v1/responses/{id}: nothing here; what it reports is read for background.py,
+    # which charges it if the response was owed.
+    FETCHED = "fetched"
 
 
 # Endpoints whose answers produce tokens; the path ends with one of these.
 _GENERATIONS = ("/chat/completions", "/completions", "/responses", "/messages")
+# Taps that read the Responses API object answered (its id and status).
+_STORED = frozenset((Charged.LATER, Charged.FETCHED))
+ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
 
 
-def charged(method: str, path: str) -> Charged:
-    """What the answer to `method path` is charged."""
+def charged(method: str, path: str, is_background: bool = False) -> Charged:
+    """What the answer to `method path` is charged; `is_background`: a background Response."""
     if method != "POST":
-        return Charged.NOTHING
+        return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
     if path.endswith("/embeddings"):
         return Charged.PROMPT
     if path.endswith(_GENERATIONS):
-        return Charged.TEXT
+        return Charged.LATER if is_background else Charged.TEXT
     return Charged.REPORTED
+
+
+def _is_stored_response(path: str) -> bool:
+    """GET /v1/responses/{id}: one response (not its input_items, not a list)."""
+    parent, _, response_id = path.rpartition("/")
+    return bool(response_id) and parent.endswith("/responses")
 
 
 class TapMemory:
@@ -131,6 +149,8 @@ class UsageTap:
         "_line",
         "_memory",
         "_seen",
+        "_stored_id",
+        "_stored_status",
         "_text",
         "_text_chars",
         "_texts",
@@ -162,6 +182,9 @@ class UsageTap:
         self._finished = False
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
         self.model: str | None = None
+        # The Responses API object's id and status, read only for LATER and FETCHED.
+        self._stored_id: str | None = None
+        self._stored_status: str | None = None
         self._decoder: Decoder | None = None
         try:
             decoder = Decoder(content_encoding, self._take)
@@ -187,17 +210,27 @@ class UsageTap:
     def usage(self, request_body: bytes) -> Usage | None:
         """The provider's usage, else an estimate where the endpoint is charged one."""
         self._finish()
-        if self._charged is Charged.NOTHING:
+        if self._charged is Charged.NOTHING or self._charged is Charged.FETCHED:
             return None
         reported = self._reported.usage()
         if reported is not None or self._charged is Charged.REPORTED:
             return reported
+        if self._charged is Charged.LATER and self._stored_status in PENDING:
+            return None  # owed: charged when a GET finds it finished (background.py)
         completion = 0
         if self._charged is Charged.TEXT:
             completion = estimate.tokens(self._seen if self._is_unread else self._text_chars)
         return Usage(
             estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
         )
+
+    @property
+    def stored(self) -> StoredResponse | None:
+        """The Responses API object answered (LATER and FETCHED only), with what it reports."""
+        self._finish()
+        if self._stored_id is None:
+            return None
+        return StoredResponse(self._stored_id, self._stored_status, self._reported.usage())
 
     @property
     def text(self) -> str | None:
@@ -319,6 +352,15 @@ class UsageTap:
             if isinstance(response, dict):
                 self._note_model(response.get("model"))
                 self._reported.read(response.get("usage"))
+                if self._charged in _STORED:
+                    self._note_stored(response)
+
+    def _note_stored(self, response: dict[str, Any]) -> None:
+        """Note a Responses API object's id and status (a background response's charge)."""
+        response_id, status = response.get("id"), response.get("status")
+        if isinstance(response_id, str) and 0 < len(response_id) <= ID_CHARS:
+            self._stored_id = response_id
+            self._stored_status = status if isinstance(status, str) else None
 
     def _note_model(self, model: object) -> None:
         if isinstance(model, str) and model:
@@ -360,6 +402,8 @@ class UsageTap:
         if isinstance(document, dict):
             self._note_model(document.get("model"))
             self._reported.read(document.get("usage"))
+            if self._charged in _STORED:
+                self._note_stored(document)
             if self._reported.usage() is None:  # only an estimate needs the answer's length
                 self._text_chars = estimate.answer_chars(document)
 

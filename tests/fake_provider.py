@@ -32,6 +32,13 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
+    x-fake-polls: N           a background Response: the first N GETs of it answer
+                              in_progress (default 0: the first GET finds it completed)
+
+A POST /responses with "background": true (not streamed) is kept and answered `queued`,
+usage null; GET /responses/{id} answers it (`?stream=true`: as a stream of its last
+events, ending with `response.completed`), finished with its usage, as often as asked;
+an id it never made is a 404.
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
 
@@ -134,6 +141,16 @@ class FakeState:
     is_stopping: bool = False
     # real key -> a fault every request presenting that key gets (see Fault)
     faults: dict[str, Fault] = field(default_factory=dict)
+    # response id -> a background Response (POST /responses, "background": true)
+    background: dict[str, Background] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Background:
+    """A background Response: `done` finished, after `polls` GETs that find it running."""
+
+    done: dict
+    polls: int
 
 
 @dataclass(slots=True)
@@ -731,6 +748,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)
+    if payload.get("background") is True and not payload.get("stream"):
+        done["background"] = True
+        polls = int(request.headers.get("x-fake-polls", "0"))
+        request.app[FAKE_STATE].background[response_id] = Background(done, polls)
+        return await reply(request, {**done, "status": "queued", "output": [], "usage": None})
     if not payload.get("stream"):
         return await reply(request, done)
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
@@ -756,6 +778,28 @@ async def responses(request: web.Request) -> web.StreamResponse:
         request,
         [sse({**event, "sequence_number": n}, event["type"]) for n, event in enumerate(events)],
         [*([None] * (len(events) - 1)), usage],
+    )
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    """GET /responses/{id}: a background Response, running or finished."""
+    found = request.app[FAKE_STATE].background.get(request.match_info["response_id"])
+    if found is None:
+        return await reply_error(request, 404)
+    done = found.done
+    if found.polls > 0:
+        found.polls -= 1
+        done = {**done, "status": "in_progress", "output": [], "usage": None}
+    if request.query.get("stream") != "true":
+        return await reply(request, done)
+    running = {**done, "status": "in_progress", "output": [], "usage": None}
+    events = [{"type": "response.in_progress", "response": running}]
+    if done["status"] == "completed":
+        events.append({"type": "response.completed", "response": done})
+    return await stream(
+        request,
+        [sse({**event, "sequence_number": n}, event["type"]) for n, event in enumerate(events)],
+        [None, done["usage"]],
     )
 
 
@@ -881,6 +925,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/embeddings", embeddings)
         app.router.add_post(f"{prefix}/responses", responses)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}", retrieve_response)
         app.router.add_get(f"{prefix}/models", models)
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)

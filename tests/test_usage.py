@@ -344,7 +344,8 @@ def test_what_is_charged_follows_the_endpoint():
     assert charged("POST", "/v1/messages/count_tokens") is Charged.REPORTED
     assert charged("POST", "/v1/audio/transcriptions") is Charged.REPORTED
     assert charged("GET", "/v1/models") is Charged.NOTHING
-    assert charged("GET", "/v1/responses/resp_1") is Charged.NOTHING
+    # Charged only when a background POST owed it (tests/test_background.py).
+    assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
     assert charged("GET", "/v1/chat/completions") is Charged.NOTHING
 
 
