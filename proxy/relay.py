@@ -165,9 +165,17 @@ class Relay:
                 response = web.StreamResponse(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
                 response[UNTYPED] = True  # see keep_untyped
-            if isinstance(response, web.Response):
+            try:
+                await response.prepare(request)
+                if isinstance(response, web.Response):
+                    # Sent here, not by aiohttp after the handler returns: the settle (price,
+                    # quota, metrics, the log line) then runs after the client has its
+                    # answer, off the latency it waits for.
+                    await response.write_eof()
+                    return response
+            except ConnectionResetError:  # the client left before its answer went out
+                record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
                 return response
-            await response.prepare(request)
             # After prepare() the status is sent: a failure can only end the stream.
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
