@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 import redis
@@ -24,8 +25,9 @@ from proxy.memory_tracker import MAX_OWED, MemoryTracker
 from proxy.record import Usage
 from proxy.settings import Settings
 from proxy.usage import Charged, UsageTap, charged
-from tests.conftest import SECRETS, auth, keys_document
+from tests.conftest import OPENAI_VK, SECRETS, auth, keys_document
 from tests.fake_provider import FakeState
+from tests.processes import Processes, start_gateway
 
 BUDGET_VK = "vk_test_background_3c5e7a9b1d"
 BUDGET_REAL = "sk-background-real-2468013579"
@@ -325,3 +327,46 @@ async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_on
     assert sum(line["usage"] is not None for line in lines) == 3
     text = log_path.read_text()
     assert not any(secret in text for secret in ALL_SECRETS)
+
+
+async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_polled(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    logs = [tmp_path / f"log{index}.jsonl" for index in range(2)]
+    urls = [start_gateway(processes, process_keys, log, REDIS_URL=redis_url)[1] for log in logs]
+    sdks = [
+        openai.AsyncOpenAI(
+            api_key=OPENAI_VK, base_url=f"{url}/v1", max_retries=0, default_headers=ANSWER
+        )
+        for url in urls
+    ]
+    made = await sdks[0].responses.create(model="gpt-4o-mini", input=INPUT, background=True)
+    polls = [sdks[index % 2].responses.retrieve(made.id) for index in range(8)]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+
+    async def lines() -> list[dict[str, Any]]:
+        """Every log line of both gateways, once all 1 + 8 are written (bounded wait)."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            found = [
+                json.loads(line)
+                for log in logs
+                if log.exists()
+                for line in log.read_text().splitlines()
+            ]
+            if len(found) >= 9 or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.01)
+
+    charged_lines = [line for line in await lines() if line["usage"] is not None]
+    assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
+    assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
+    async with aiohttp.ClientSession() as session:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the charging process sends its settle within 50 ms
+            async with session.get(f"{urls[0]}/usage", headers=auth(OPENAI_VK)) as response:
+                tokens = (await response.json())["totals"]["tokens"]
+            if tokens >= REAL_TOKENS or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    assert tokens == REAL_TOKENS
