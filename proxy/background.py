@@ -8,7 +8,9 @@ response (`Quota.owe`, in the tracker, for OWED_SECONDS); the first GET by the s
 that finds it finished with a usage claims it (`Quota.claim`: exactly once, across every
 process sharing Redis) and is charged that usage, priced for the POST's provider and
 model, as any request is (`relay.settle`). Any other GET is charged nothing, as before:
-polled again, fetched by another key, or never owed. A background request that streams
+polled again, fetched by another key, or never owed. A cancel (POST
+/v1/responses/{id}/cancel) claims it the same way, when its answer carries a usage: so a
+response cancelled and then fetched is charged once. A background request that streams
 is charged as any stream: its `response.completed` carries the usage.
 
 Not done: a response never fetched through the gateway (its owner reads it by webhook,
@@ -34,14 +36,15 @@ OWED_SECONDS = 24 * 3600
 async def owe_or_claim(quota: Quota, key: VirtualKey, record: Record) -> None:
     """Owe a queued background response to its key, or charge a finished one to this GET.
 
-    Only for a record with a `stored` response (a background POST, a GET by id).
+    Only for a record with a `stored` response (a background POST, a GET by id, a cancel).
     """
     stored = record.stored
     assert stored is not None
-    if record.method == "POST" and stored.is_pending:
-        origin = orjson.dumps([record.provider, record.model]).decode()
-        await quota.owe(key, stored.id, origin, OWED_SECONDS)
-    elif record.method == "GET" and stored.is_finished and stored.usage is not None:
+    if record.is_background:
+        if stored.is_pending:
+            origin = orjson.dumps([record.provider, record.model]).decode()
+            await quota.owe(key, stored.id, origin, OWED_SECONDS)
+    elif stored.is_finished and stored.usage is not None:  # a GET by id, or a cancel
         origin = await quota.claim(key, stored.id)
         if origin is not None:
             record.provider, record.model = orjson.loads(origin)

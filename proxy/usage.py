@@ -75,8 +75,8 @@ class Charged(enum.Enum):
     # A background Response (POST /v1/responses, "background": true): as TEXT, but an
     # answer still queued or in progress is charged nothing yet (background.py owes it).
     LATER = "later"
-    # GET /v1/responses/{id}: nothing here; what it reports is read for background.py,
-    # which charges it if the response was owed.
+    # GET /v1/responses/{id} (and POST .../cancel): nothing here; what the response
+    # reports is read for background.py, which charges it if its key owed it.
     FETCHED = "fetched"
 
 
@@ -95,6 +95,8 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
         return Charged.PROMPT
     if path.endswith(_GENERATIONS):
         return Charged.LATER if is_background else Charged.TEXT
+    if path.endswith("/cancel") and _is_stored_response(path[:-7]):
+        return Charged.FETCHED  # a cancelled background response says what it used
     return Charged.REPORTED
 
 

@@ -38,7 +38,8 @@ Request headers steer it (they pass through the gateway unchanged):
 A POST /responses with "background": true (not streamed) is kept and answered `queued`,
 usage null; GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
-an id it never made is a 404.
+POST /responses/{id}/cancel answers it `cancelled`, with the usage so far (all of it), and
+later GETs find it so; an id it never made is a 404.
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/fake_realtime.py`.
 
@@ -803,6 +804,15 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    """POST /responses/{id}/cancel: the background Response, cancelled (its usage kept)."""
+    found = request.app[FAKE_STATE].background.get(request.match_info["response_id"])
+    if found is None:
+        return await reply_error(request, 404)
+    found.done["status"], found.polls = "cancelled", 0
+    return await reply(request, found.done)
+
+
 def openai_model(model_id: str) -> dict:
     return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "fake-provider"}
 
@@ -926,6 +936,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_post(f"{prefix}/embeddings", embeddings)
         app.router.add_post(f"{prefix}/responses", responses)
         app.router.add_get(f"{prefix}/responses/{{response_id}}", retrieve_response)
+        app.router.add_post(f"{prefix}/responses/{{response_id}}/cancel", cancel_response)
         app.router.add_get(f"{prefix}/models", models)
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)

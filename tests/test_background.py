@@ -172,6 +172,20 @@ async def test_the_streamed_form_of_the_poll_charges_it_once_too(
     assert second["usage"] is None
 
 
+async def test_a_cancel_that_reports_the_usage_charges_it_and_later_polls_nothing(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    cancelled = await client(gateway).responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.usage is not None
+    polled = await client(gateway).responses.retrieve(response_id)
+    assert polled.status == "cancelled"
+    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    _, cancel, poll = await records(3)
+    assert cancel["usage"]["total_tokens"] == REAL_TOKENS and poll["usage"] is None
+
+
 async def test_a_key_whose_budget_background_responses_spent_is_refused(
     background_gateway: MakeGateway,
 ) -> None:
@@ -243,6 +257,8 @@ def test_only_a_get_of_one_response_is_fetched_and_only_a_background_post_is_lat
     assert charged("DELETE", "/v1/responses/resp_1") is Charged.NOTHING
     assert charged("POST", "/v1/responses", is_background=True) is Charged.LATER
     assert charged("POST", "/v1/responses") is Charged.TEXT
+    assert charged("POST", "/v1/responses/resp_1/cancel") is Charged.FETCHED
+    assert charged("POST", "/v1/batches/batch_1/cancel") is Charged.REPORTED
 
 
 @pytest.mark.parametrize("status", ["queued", "in_progress"])
