@@ -6,10 +6,12 @@ holds (`relay`) nor when the log opens and closes (the app's cleanup context).
 
 Why a thread fed by a `SimpleQueue`, and not an asyncio task or `logging.QueueHandler`:
 a write to a file or a pipe can block, and on the event loop it would stall every request,
-so the writer gets its own thread. `SimpleQueue.put` is one C call that never blocks and
-needs no event loop, so `write` costs the request path a small dict and a put (about a
-microsecond); decoding bodies, formatting and encoding all happen on the writer thread.
-`QueueHandler.prepare` would format on the caller's thread, that is, on the request path.
+so the writer gets its own thread. `write` costs the request path a small dict and an
+append (about a microsecond); decoding bodies, formatting and encoding all happen on the
+writer thread. `QueueHandler.prepare` would format on the caller's thread, that is, on the
+request path. The snapshots wait on the loop for up to HAND_OVER_SECONDS and go to the
+writer together, in one `SimpleQueue.put`: a thread woken once per request would take the
+GIL from the event loop a thousand times a second under load (issue 16).
 
 Invariants:
 - Lines go out as one `os.write` of whole lines (one, or a batch that queued up meanwhile)
@@ -49,6 +51,8 @@ from proxy.record import Record
 REDACTED = "[redacted]"
 STDOUT_FILENO = 1
 BATCH_LINES = 256  # at most this many lines in one write
+# Lines wait on the loop at most this long before the writer takes them, all at once.
+HAND_OVER_SECONDS = 0.01
 
 
 def rfc3339(timestamp: float) -> str:
@@ -76,8 +80,16 @@ class Logbook:
         self._redaction: tuple[Collection[str], re.Pattern[str] | None] = ((), None)
         # Called on the writer thread, once per lost line: it must be thread-safe.
         self._on_write_error = on_write_error
-        # None is queued by `close` after the last line: the writer stops when it takes it.
-        self._queue: SimpleQueue[dict[str, Any] | None] = SimpleQueue()
+        # Snapshots not yet handed to the writer, and the timer that will hand them over.
+        self._pending: list[dict[str, Any]] = []
+        self._hand_over_timer: asyncio.TimerHandle | None = None
+        # Batches of snapshots; None is queued by `close` after the last one: the writer
+        # stops when it takes it.
+        self._queue: SimpleQueue[list[dict[str, Any]] | None] = SimpleQueue()
+        # Lines handed over (counted on the loop) and done with (on the writer thread): each
+        # has one writer, so the difference is what is left when `close` gives up.
+        self._handed = 0
+        self._done = 0
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
         self._is_closed = False
@@ -128,13 +140,27 @@ class Logbook:
         if self._log_bodies:
             fields["request"] = record.request_body
             fields["response"] = record.response_text
-        self._queue.put(fields)
+        self._pending.append(fields)
+        if self._hand_over_timer is None:
+            loop = asyncio.get_running_loop()
+            self._hand_over_timer = loop.call_later(HAND_OVER_SECONDS, self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the writer every snapshot waiting on the loop, in one put."""
+        self._hand_over_timer = None
+        if self._pending:
+            self._handed += len(self._pending)
+            self._queue.put(self._pending)
+            self._pending = []
 
     async def close(self, timeout_seconds: float = 10.0) -> None:
         """Write every queued line, then close the file; give up after timeout_seconds."""
         if self._is_closed:
             return
         self._is_closed = True
+        if self._hand_over_timer is not None:
+            self._hand_over_timer.cancel()
+        self._hand_over()
         thread = self._thread
         if thread is None:
             return
@@ -143,7 +169,7 @@ class Logbook:
         if thread.is_alive():
             # The writer is stuck in a write (a full pipe, a hung disk): leave it the fd.
             print(
-                f"logbook: {self._queue.qsize()} lines not written to {self._target} "
+                f"logbook: {self._handed - self._done} lines not written to {self._target} "
                 f"after {timeout_seconds:g} s",
                 file=sys.stderr,
                 flush=True,
@@ -156,30 +182,28 @@ class Logbook:
     def _drain(self) -> None:
         """The writer thread: format and append lines until `close` queues None.
 
-        Lines that queued up while the last write ran go out together in one write: whole
-        lines, so O_APPEND still keeps them whole, and one wake-up per batch, not per line.
+        A batch goes out in writes of up to BATCH_LINES whole lines, so O_APPEND still
+        keeps them whole: one wake-up per batch, not per line.
         """
-        is_open = True
-        while is_open:
-            batch = [self._queue.get()]
-            while len(batch) < BATCH_LINES and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            lines = []
-            for fields in batch:
-                if fields is None:
-                    is_open = False
-                    break
-                try:
-                    lines.append(self._line(fields))
-                except (TypeError, ValueError) as error:
-                    self._lose(f"cannot format line: {error}")
-            if not lines:
-                continue
+        while (batch := self._queue.get()) is not None:
+            for start in range(0, len(batch), BATCH_LINES):
+                self._write_lines(batch[start : start + BATCH_LINES])
+
+    def _write_lines(self, snapshots: list[dict[str, Any]]) -> None:
+        lines = []
+        for fields in snapshots:
             try:
+                lines.append(self._line(fields))
+            except (TypeError, ValueError) as error:
+                self._lose(f"cannot format line: {error}")
+        try:
+            if lines:
                 self._append(b"".join(lines))
-            except OSError as error:
-                for _ in lines:
-                    self._lose(f"cannot write to {self._target}: {error.strerror or error}")
+        except OSError as error:
+            for _ in lines:
+                self._lose(f"cannot write to {self._target}: {error.strerror or error}")
+        finally:
+            self._done += len(snapshots)
 
     def _line(self, fields: dict[str, Any]) -> bytes:
         """The JSON line for one snapshot, newline included."""
