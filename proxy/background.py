@@ -13,6 +13,11 @@ polled again, fetched by another key, or never owed. A cancel (POST
 response cancelled and then fetched is charged once. A background request that streams
 is charged as any stream: its `response.completed` carries the usage.
 
+The step runs once the answer has gone out (`relay`): a client could in principle poll
+before its key is marked as owing the response, but its poll must first reach the provider
+and back, while the mark is one Redis write already sent; a response that early is still
+queued anyway.
+
 Not done: a response never fetched through the gateway (its owner reads it by webhook,
 or after OWED_SECONDS) is never charged; a JSON answer too large to parse whole (over
 `usage.WHOLE_PARSE_BYTES`) is not read for its id, so it is not charged either. When the
@@ -21,6 +26,8 @@ uncharged response (`Quota.owe`, `Quota.claim`).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import orjson
 
@@ -37,7 +44,19 @@ async def owe_or_claim(quota: Quota, key: VirtualKey, record: Record) -> None:
     """Owe a queued background response to its key, or charge a finished one to this GET.
 
     Only for a record with a `stored` response (a background POST, a GET by id, a cancel).
+    It runs after the answer went out, so a client that then closes its connection makes
+    aiohttp cancel the handler (handler_cancellation): the step still runs to its end
+    before the cancellation goes on, so a claim that took the response also charges it.
     """
+    step = asyncio.ensure_future(_owe_or_claim(quota, key, record))
+    try:
+        await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await step
+        raise
+
+
+async def _owe_or_claim(quota: Quota, key: VirtualKey, record: Record) -> None:
     stored = record.stored
     assert stored is not None
     if record.is_background:

@@ -102,9 +102,9 @@ def validate(
     model = next((name for name in names if isinstance(name, str)), None)
     is_stream = document is not None and document.get("stream") is True
     record.model, record.is_stream = shown(model), is_stream
-    if tail.endswith("responses") and document is not None and not is_stream:
+    if document is not None and "background" in document and tail.endswith("responses"):
         # Answered queued, usage null: its tokens come with a later GET (background.py).
-        record.is_background = document.get("background") is True
+        record.is_background = document["background"] is True and not is_stream
     if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
         _check_chat(document)
     if is_restricted:

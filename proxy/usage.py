@@ -157,6 +157,7 @@ class UsageTap:
         "_text_chars",
         "_texts",
         "model",
+        "stored",
     )
 
     def __init__(
@@ -187,6 +188,9 @@ class UsageTap:
         # The Responses API object's id and status, read only for LATER and FETCHED.
         self._stored_id: str | None = None
         self._stored_status: str | None = None
+        # Once finished: the Responses API object answered (LATER and FETCHED only), with
+        # what it reports; read after `usage`.
+        self.stored: StoredResponse | None = None
         self._decoder: Decoder | None = None
         try:
             decoder = Decoder(content_encoding, self._take)
@@ -225,14 +229,6 @@ class UsageTap:
         return Usage(
             estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
         )
-
-    @property
-    def stored(self) -> StoredResponse | None:
-        """The Responses API object answered (LATER and FETCHED only), with what it reports."""
-        self._finish()
-        if self._stored_id is None:
-            return None
-        return StoredResponse(self._stored_id, self._stored_status, self._reported.usage())
 
     @property
     def text(self) -> str | None:
@@ -392,6 +388,9 @@ class UsageTap:
                 self._is_unread = True  # its text is not read: the size stands for it
             else:
                 self._read_document(body)
+        if self._stored_id is not None:
+            usage = self._reported.usage()
+            self.stored = StoredResponse(self._stored_id, self._stored_status, usage)
         self._let_go()
 
     def _read_document(self, body: bytearray) -> None:

@@ -106,7 +106,12 @@ async def create(gateway: TestClient, **headers: str) -> str:
     return made.id
 
 
-async def usage_of(gateway: TestClient, key: str = BUDGET_VK) -> dict[str, Any]:
+async def usage_of(
+    gateway: TestClient, records: Records, lines: int, key: str = BUDGET_VK
+) -> dict[str, Any]:
+    """GET /usage once `lines` requests are settled (a request settles after its answer
+    went out, and writes its log line then)."""
+    assert len(await records(lines)) == lines
     await gateway.app[QUOTA].settled()
     return await (await gateway.get("/usage", headers=auth(key))).json()
 
@@ -116,11 +121,11 @@ async def test_the_poll_that_finds_it_finished_is_charged_its_real_usage_once(
 ) -> None:
     gateway = await background_gateway()
     response_id = await create(gateway)
-    assert (await usage_of(gateway))["totals"]["tokens"] == 0  # queued: nothing yet
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0  # queued: nothing yet
     polled = await client(gateway).responses.retrieve(response_id)
     assert polled.status == "completed" and polled.usage is not None
     assert polled.usage.total_tokens == REAL_TOKENS
-    usage = await usage_of(gateway)
+    usage = await usage_of(gateway, records, 2)
     assert usage["totals"]["tokens"] == REAL_TOKENS
     assert usage["totals"]["reasoning_tokens"] == 60
     assert usage["budget"]["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
@@ -128,7 +133,7 @@ async def test_the_poll_that_finds_it_finished_is_charged_its_real_usage_once(
 
     again = await client(gateway).responses.retrieve(response_id)  # polled again: nothing more
     assert again.usage is not None and again.usage.total_tokens == REAL_TOKENS
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
 
     post, poll, second = await records(3)
     assert (post["method"], post["usage"], post["cost_usd"]) == ("POST", None, None)
@@ -152,7 +157,7 @@ async def test_polls_that_find_it_running_charge_nothing_and_the_finished_one_ch
     sdk = client(gateway)
     statuses = [(await sdk.responses.retrieve(response_id)).status for _ in range(3)]
     assert statuses == ["in_progress", "in_progress", "completed"]
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 4))["totals"]["tokens"] == REAL_TOKENS
     lines = await records(4)
     assert [line["usage"] is None for line in lines] == [True, True, True, False]
 
@@ -166,7 +171,7 @@ async def test_the_streamed_form_of_the_poll_charges_it_once_too(
         events = await client(gateway).responses.retrieve(response_id, stream=True)
         kinds = [event.type async for event in events]
         assert kinds[-1] == "response.completed"
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
     _, first, second = await records(3)
     assert first["stream"] is False and first["usage"]["total_tokens"] == REAL_TOKENS
     assert second["usage"] is None
@@ -181,19 +186,58 @@ async def test_a_cancel_that_reports_the_usage_charges_it_and_later_polls_nothin
     assert cancelled.status == "cancelled" and cancelled.usage is not None
     polled = await client(gateway).responses.retrieve(response_id)
     assert polled.status == "cancelled"
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
     _, cancel, poll = await records(3)
     assert cancel["usage"]["total_tokens"] == REAL_TOKENS and poll["usage"] is None
 
 
+async def test_a_poll_whose_client_leaves_as_soon_as_it_has_the_answer_still_charges_it(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """The claim runs after the answer went out; a client that then closes its connection
+    makes aiohttp cancel the handler: the claim must still end in its charge."""
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    server = gateway.server.runner.server
+    assert server is not None
+    before = set(server.connections)
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    tracker = gateway.app[QUOTA].tracker
+    claim, answered = tracker.claim, asyncio.Event()
+
+    async def claim_once_the_client_left(key_id: str, response_id: str) -> str | None:
+        await answered.wait()
+        (connection,) = set(server.connections) - before
+        writer.close()
+        deadline = asyncio.get_running_loop().time() + 5
+        while connection.transport is not None:  # aiohttp saw it go, and cancelled the handler
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        return await claim(key_id, response_id)
+
+    tracker.claim = claim_once_the_client_left  # type: ignore[method-assign]
+    writer.write(
+        f"GET /v1/responses/{response_id} HTTP/1.1\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {BUDGET_VK}\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    assert b'"completed"' in await reader.readexactly(length)
+    answered.set()
+    _, poll = await records(2)
+    assert poll["usage"]["total_tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
 async def test_a_key_whose_budget_background_responses_spent_is_refused(
-    background_gateway: MakeGateway,
+    background_gateway: MakeGateway, records: Records
 ) -> None:
     # 103 tokens cost $0.0103: one finished background response spends a $0.01 budget.
     gateway = await background_gateway(budget_usd=0.01)
     response_id = await create(gateway)
     await client(gateway).responses.retrieve(response_id)
-    assert (await usage_of(gateway))["budget"]["remaining_usd"] == 0
+    assert (await usage_of(gateway, records, 2))["budget"]["remaining_usd"] == 0
     with pytest.raises(openai.RateLimitError) as refused:
         await create(gateway)
     assert refused.value.code == "insufficient_quota"
@@ -211,12 +255,12 @@ async def test_a_poll_by_another_key_or_of_an_unknown_id_charges_nothing(
     assert polled.status == "completed"
     with pytest.raises(openai.NotFoundError):
         await client(gateway).responses.retrieve("resp_never_made_here")
-    assert (await usage_of(gateway, OTHER_VK))["totals"]["tokens"] == 0
-    assert (await usage_of(gateway))["totals"]["tokens"] == 0
+    assert (await usage_of(gateway, records, 3, OTHER_VK))["totals"]["tokens"] == 0
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == 0
     assert [line["usage"] for line in await records(3)] == [None, None, None]
     # The owner's poll still charges it.
     await client(gateway).responses.retrieve(response_id)
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 4))["totals"]["tokens"] == REAL_TOKENS
 
 
 async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_nothing(
@@ -229,7 +273,7 @@ async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_n
     assert [event.type async for event in events][-1] == "response.completed"
     (line,) = await records(1)
     assert line["usage"]["total_tokens"] == REAL_TOKENS and not line["usage"]["estimated"]
-    assert (await usage_of(gateway))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == REAL_TOKENS
 
 
 async def test_a_background_answer_that_is_not_a_queued_response_is_still_estimated(
@@ -333,13 +377,13 @@ async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_on
         for gateway in (first, second, first, second)
     ]
     assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
-    await second.app[QUOTA].settled()  # its charge is in Redis, where the first reads it
-    assert (await usage_of(first))["totals"]["tokens"] == 3 * REAL_TOKENS
-    assert (await usage_of(second))["budget"]["spent_usd"] == pytest.approx(
+    lines = await records(3 + 12)  # every request settled: its charge is held, or in Redis
+    await second.app[QUOTA].settled()  # its charges are in Redis, where the first reads them
+    assert (await usage_of(first, records, 15))["totals"]["tokens"] == 3 * REAL_TOKENS
+    assert (await usage_of(second, records, 15))["budget"]["spent_usd"] == pytest.approx(
         3 * REAL_TOKENS * USD_PER_TOKEN
     )
     assert raw_redis.keys("llm-gateway:*:bg:*") == []
-    lines = await records(3 + 12)
     assert sum(line["usage"] is not None for line in lines) == 3
     text = log_path.read_text()
     assert not any(secret in text for secret in ALL_SECRETS)
