@@ -11,7 +11,9 @@ model, as any request is (`relay.settle`). Any other GET is charged nothing, as 
 polled again, fetched by another key, or never owed. A cancel (POST
 /v1/responses/{id}/cancel) claims it the same way, when its answer carries a usage: so a
 response cancelled and then fetched is charged once. A background request that streams
-is charged as any stream: its `response.completed` carries the usage.
+is charged by its `response.completed`, which carries the usage; a stream cut before it
+(the client left: the response runs on, to be resumed by `GET ...?stream=true`) is owed
+like a queued answer, charged nothing then and its whole usage when fetched finished.
 
 The step runs once the answer has gone out (`relay`): a client could in principle poll
 before its key is marked as owing the response, but its poll must first reach the provider

@@ -104,7 +104,7 @@ def validate(
     record.model, record.is_stream = shown(model), is_stream
     if document is not None and "background" in document and tail.endswith("responses"):
         # Answered queued, usage null: its tokens come with a later GET (background.py).
-        record.is_background = document["background"] is True and not is_stream
+        record.is_background = document["background"] is True
     if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
         _check_chat(document)
     if is_restricted:

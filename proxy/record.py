@@ -149,7 +149,7 @@ class Record:
     provider: str | None = None
     model: str | None = None
     is_stream: bool = False
-    # A POST /v1/responses with "background": true (not streamed): it answers queued.
+    # A POST /v1/responses with "background": true: it answers queued (or streams).
     is_background: bool = False
     status: int = 0
     ttft_ms: float | None = None

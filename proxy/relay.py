@@ -106,12 +106,7 @@ class Relay:
             body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
             admission = await self.quota.admit(key, peek)  # 429, 503
             async with self.failover.forward(request, plan, tail, query, body, record) as reply:
-                response = await self.stream_back(
-                    request, reply, plan, body, record, admission, asked
-                )
-            if record.stored is not None:  # a background response: owed now, or charged now
-                await background.owe_or_claim(self.quota, key, record)
-            return response
+                return await self.stream_back(request, reply, plan, body, record, admission, asked)
         except GatewayError as error:
             record.end(error.status, Outcome.REFUSED, error.message)
             if error.status == 429 and key is not None:  # not a lockout's 429: no key yet
@@ -128,7 +123,11 @@ class Relay:
             error = GatewayError(500, "internal_error", "The gateway failed on this request.")
             return errors.render(error, request.path, record.request_id)
         finally:
-            self.settle(record, key, admission)
+            try:
+                if record.stored is not None and key is not None:  # a background response:
+                    await background.owe_or_claim(self.quota, key, record)  # owed, or charged
+            finally:  # also when the client's leaving cancels the handler meanwhile
+                self.settle(record, key, admission)
 
     async def stream_back(
         self,

@@ -73,7 +73,8 @@ class Charged(enum.Enum):
     PROMPT = "prompt"  # embeddings: reported, else the prompt estimated
     TEXT = "text"  # generations: reported, else prompt and completion estimated
     # A background Response (POST /v1/responses, "background": true): as TEXT, but an
-    # answer still queued or in progress is charged nothing yet (background.py owes it).
+    # answer still queued or in progress (or a stream cut before its end: the response
+    # runs on) is charged nothing yet (background.py owes it).
     LATER = "later"
     # GET /v1/responses/{id} (and POST .../cancel): nothing here; what the response
     # reports is read for background.py, which charges it if its key owed it.
@@ -133,6 +134,8 @@ class TapMemory:
 
 # Responses API events whose `response` carries the final usage.
 _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Responses API events whose `response` is still running (a background stream's first).
+_RESPONSE_STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
 
 
 class UsageTap:
@@ -352,6 +355,11 @@ class UsageTap:
                 self._reported.read(response.get("usage"))
                 if self._charged in _STORED:
                     self._note_stored(response)
+        elif self._charged is Charged.LATER and kind in _RESPONSE_STARTED:
+            # A background stream cut before its end: the response runs on, owed.
+            response = event.get("response")
+            if isinstance(response, dict):
+                self._note_stored(response)
 
     def _note_stored(self, response: dict[str, Any]) -> None:
         """Note a Responses API object's id and status (a background response's charge)."""

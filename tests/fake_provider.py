@@ -35,8 +35,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
-A POST /responses with "background": true (not streamed) is kept and answered `queued`,
-usage null; GET /responses/{id} answers it (`?stream=true`: as a stream of its last
+A POST /responses with "background": true is kept and answered `queued`, usage null
+(streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
 POST /responses/{id}/cancel answers it `cancelled`, with the usage so far (all of it), and
 later GETs find it so; an id it never made is a 404.
@@ -749,11 +749,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)
-    if payload.get("background") is True and not payload.get("stream"):
+    if payload.get("background") is True:
         done["background"] = True
         polls = int(request.headers.get("x-fake-polls", "0"))
         request.app[FAKE_STATE].background[response_id] = Background(done, polls)
-        return await reply(request, {**done, "status": "queued", "output": [], "usage": None})
+        if not payload.get("stream"):
+            queued = {**done, "status": "queued", "output": [], "usage": None}
+            return await reply(request, queued)
     if not payload.get("stream"):
         return await reply(request, done)
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}

@@ -9,6 +9,7 @@ with the official SDK; the Redis case with two gateways sharing one redis-server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -270,10 +271,56 @@ async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_n
     events = await client(gateway).responses.create(
         model="gpt-4o-mini", input=INPUT, background=True, stream=True
     )
-    assert [event.type async for event in events][-1] == "response.completed"
+    kinds, response_id = [], None
+    async for event in events:
+        kinds.append(event.type)
+        if event.type == "response.created":
+            response_id = event.response.id
+    assert kinds[-1] == "response.completed" and response_id is not None
     (line,) = await records(1)
     assert line["usage"]["total_tokens"] == REAL_TOKENS and not line["usage"]["estimated"]
-    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == REAL_TOKENS
+    await client(gateway).responses.retrieve(response_id)  # not owed: charged nothing more
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
+async def test_a_background_stream_cut_short_is_owed_and_charged_in_full_when_fetched(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """The response runs on without the client (it may resume the stream): what it streamed
+    is not what it will cost, so it is owed like a queued one, not estimated and forgotten."""
+    gateway = await background_gateway()
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-drop": "midstream"}
+    received = b""
+    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
+        with contextlib.suppress(aiohttp.ClientPayloadError):  # cut for the client too
+            async for chunk in response.content.iter_any():
+                received += chunk
+    created = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    assert created["type"] == "response.created"
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0
+    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    assert [event.type async for event in events][-1] == "response.completed"
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+    post, resumed = await records(2)
+    assert post["usage"] is None and resumed["usage"]["total_tokens"] == REAL_TOKENS
+
+
+async def test_a_background_stream_the_client_leaves_is_owed_and_charged_when_resumed(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-delay-ms": "50"}
+    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
+        first = await response.content.readuntil(b"\n\n")  # response.created, then leave
+        response.close()
+    created = json.loads(first.split(b"data: ", 1)[1])
+    (post,) = await records(1)
+    assert post["status"] == 499 and post["usage"] is None
+    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    assert [event.type async for event in events][-1] == "response.completed"
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
 
 
 async def test_a_background_answer_that_is_not_a_queued_response_is_still_estimated(
