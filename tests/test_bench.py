@@ -16,6 +16,7 @@ from tests.processes import ROOT, Processes, free_port
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import ab  # noqa: E402
 import profile_steps  # noqa: E402
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -48,6 +49,17 @@ def test_the_floor_passes_a_body_and_a_stream_through(processes: Processes, fake
     status, content_type, body = post(url, {**CHAT, "stream": True})
     assert status == 200 and content_type.startswith("text/event-stream")
     assert body.rstrip().endswith(b"data: [DONE]") and body.count(b"data: ") >= 4
+
+
+def test_the_floor_with_the_gateways_gc_setting_passes_requests_through(
+    processes: Processes, fake_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    _, argv, is_gateway = ab.command("floor-gc", port, fake_url, tmp_path)
+    assert not is_gateway
+    processes.start(argv, env={"PYTHONPATH": ""}, ready="passthrough on")
+    status, _, body = post(f"http://127.0.0.1:{port}/v1/chat/completions", CHAT)
+    assert status == 200 and "tok0" in json.loads(body)["choices"][0]["message"]["content"]
 
 
 GATEWAY = "<module> (gateway.py:66);serve (proxy/server.py:43);run_app (aiohttp/web.py:502)"

@@ -1,0 +1,160 @@
+"""Throughput A/B: gateways from several checkouts, and floors, interleaved under one load.
+
+    .venv/bin/python bench/ab.py floor floor-gc HEAD=. before=/path/to/other/checkout
+
+Each contender is `floor` (bench/passthrough.py as it is), `floor-gc` (the same with the
+garbage collector set as the gateway sets it, `server.tune_gc`: what the floor gains from
+that setting alone), or `name=directory`, a checkout whose gateway.py runs (with quotas on
+and the log to a file, as in run.py). All serve one mock provider answering after 20 ms,
+on core 0 one at a time, while wrk drives 256 connections from core 1; the contenders take
+turns, in an order that reverses every round, and each figure is the median over rounds.
+Printed: throughput, ratio to the first contender, CPU per request (the process's own, from
+/proc), client timeouts (2 s). For "did my change make it faster?" and for the floor with
+the gateway's GC setting, which `run.py` leaves as issue 16 defines it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from harness import (
+    BENCH,
+    Processes,
+    free_port,
+    healthy,
+    listening,
+    process_cpu_seconds,
+    rss_mb,
+    wait_until,
+)
+
+KEY = "vk_bench_0123456789"
+SERVER_CORE, LOAD_CORE = 0, 1
+# `floor-gc`: the floor started after the gateway's GC setting (proxy/server.py, tune_gc).
+GC_LIKE_THE_GATEWAY = (
+    "import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:];"
+    "from proxy.server import tune_gc; tune_gc(); runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def command(spec: str, port: int, upstream: str, tmp: Path) -> tuple[str, list[str], bool]:
+    """(name, argv, is_gateway) of one contender."""
+    floor = [str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", upstream]
+    if spec == "floor":
+        return spec, [sys.executable, *floor], False
+    if spec == "floor-gc":
+        return spec, [sys.executable, "-c", GC_LIKE_THE_GATEWAY, str(BENCH.parent), *floor], False
+    name, _, directory = spec.partition("=")
+    checkout = Path(directory or ".").resolve()
+    argv = [
+        sys.executable, str(checkout / "gateway.py"), "--server-host", "127.0.0.1",
+        "--server-port", str(port), "--keys-file-path", str(tmp / "keys.json"),
+        "--quota-enabled", "true", "--log-to-file", "true",
+        "--log-file-path", str(tmp / f"{name}.jsonl"), "--workers", "1",
+    ]  # fmt: skip
+    return name, argv, True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("contenders", nargs="+", help="floor, floor-gc or name=checkout")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5, help="of wrk per contender a round")
+    args = parser.parse_args()
+    procs = Processes()
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        try:
+            mock_port = free_port()
+            mock = procs.start(
+                [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(mock_port)],
+                LOAD_CORE,
+                tmp / "mock.log",
+            )
+            wait_until(lambda: listening(mock_port), "the mock", mock, tmp / "mock.log")
+            upstream = f"http://127.0.0.1:{mock_port}"
+            keys = {
+                "providers": {"openai": {"base_url": f"{upstream}/v1"}},
+                "virtual_keys": {
+                    KEY: {
+                        "provider": "openai",
+                        "api_key": "sk-bench",
+                        "quota": {"requests": 100_000_000, "window_seconds": 3600},
+                    }
+                },
+            }
+            (tmp / "keys.json").write_text(json.dumps(keys))
+            contenders = {}
+            for spec in args.contenders:
+                port = free_port()
+                name, argv, is_gateway = command(spec, port, upstream, tmp)
+                env = dict(os.environ, PYTHONPATH=str(Path(argv[1]).parent) if is_gateway else "")
+                child = procs.start(argv, SERVER_CORE, tmp / f"{name}.log", env=env)
+                ready = healthy if is_gateway else listening
+                wait_until(lambda p=port, r=ready: r(p), name, child, tmp / f"{name}.log")
+                contenders[name] = (port, child)
+            results = race(procs, contenders, tmp, args.rounds, args.seconds)
+        finally:
+            procs.stop_all()
+    first = statistics.median(run[0] for run in results[next(iter(results))])
+    for name, runs in results.items():
+        rps = statistics.median(run[0] for run in runs)
+        cpu = statistics.median(run[1] for run in runs)
+        timeouts = "/".join(str(run[2]) for run in runs)
+        print(
+            f"{name:>10}: {rps:7,.0f} rps ({rps / first:.2f}x)  {cpu:6.0f} us CPU per request  "
+            f"timeouts {timeouts}  RSS at the end {runs[-1][3]:.0f} MB"
+        )
+    return 0
+
+
+def race(
+    procs: Processes,
+    contenders: dict[str, tuple[int, subprocess.Popen[bytes]]],
+    tmp: Path,
+    rounds: int,
+    seconds: int,
+) -> dict[str, list[tuple[float, float, int, float]]]:
+    """(rps, CPU µs per request, timeouts, RSS MB) per contender per round."""
+    results: dict[str, list[tuple[float, float, int, float]]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for name in names:  # warm up: each pool grows to 256 connections
+        wrk(procs, contenders[name][0], 1, tmp)
+    for turn in range(rounds):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            port, child = contenders[name]
+            pid = child.pid
+            before = process_cpu_seconds(pid)
+            summary = wrk(procs, port, seconds, tmp)
+            cpu_us = (process_cpu_seconds(pid) - before) / max(1, summary["requests"]) * 1e6
+            rps = summary["requests"] / (summary["duration_us"] / 1e6)
+            results[name].append((rps, cpu_us, summary["timeout"], rss_mb(pid)))
+            print(f"round {turn + 1} {name:>10}: {rps:7,.0f} rps  {cpu_us:6.0f} us", flush=True)
+    return results
+
+
+def wrk(procs: Processes, port: int, seconds: int, tmp: Path) -> dict[str, int]:
+    env = dict(os.environ, BENCH_KEY=KEY, BENCH_DELAY_MS="20")
+    out = tmp / "wrk.out"
+    argv = [
+        "wrk", "-t1", "-c256", f"-d{seconds}s", "--timeout", "2s",
+        "-s", str(BENCH / "chat.lua"), f"http://127.0.0.1:{port}/v1/chat/completions",
+    ]  # fmt: skip
+    child = procs.start(argv, LOAD_CORE, out, env=env)
+    child.wait(timeout=seconds + 30)
+    for line in out.read_text().splitlines():
+        if line.startswith("BENCHJSON "):
+            summary: dict[str, int] = json.loads(line.removeprefix("BENCHJSON "))
+            return summary
+    raise SystemExit(f"ab: wrk gave no summary:\n{out.read_text()[-2000:]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
