@@ -127,11 +127,11 @@ class Reply:
     def extra_gaps_ms(self) -> list[float]:
         """Per consecutive pair: arrival gap minus send gap (0 when nothing held a chunk)."""
         stamped = [(a, s) for a, s in self.events if s]
-        return [((a2 - a1) - (s2 - s1)) / 1e6 for (a1, s1), (a2, s2) in zip(stamped, stamped[1:])]
+        return [((a2 - a1) - (s2 - s1)) / 1e6 for (a1, s1), (a2, s2) in zip(stamped, stamped[1:], strict=False)]
 
     def max_gap_ms(self) -> float:
         stamped = [a for a, s in self.events if s]
-        return max(((b - a) / 1e6 for a, b in zip(stamped, stamped[1:])), default=0.0)
+        return max(((b - a) / 1e6 for a, b in zip(stamped, stamped[1:], strict=False)), default=0.0)
 
 
 class Conn(asyncio.Protocol):

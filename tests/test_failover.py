@@ -24,7 +24,7 @@ from proxy.app import FAILOVER, build_app
 from proxy.fields import KeysFileError
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth
-from tests.fake_provider import Fault, FakeState, credential
+from tests.fake_provider import FakeState, Fault, credential
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 MESSAGES = {
