@@ -247,7 +247,8 @@ async def fill_pools(port: int, connections: int) -> None:
             conn.close()
 
 
-def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str) -> Round:
+def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str,
+                  connections: int = 256, delay_ms: int = 20) -> Round:
     """wrk on one contender while py-spy samples it."""
     pid = bench.pid(side)
     bench.wrk(bench.ports[side], run.LOAD_CORE, 256, 1, 20, 2)  # warm up
@@ -258,7 +259,7 @@ def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Pat
     spy = bench.procs.start([pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(seconds),
                              "--nonblocking", "--format", "raw", "--output", str(out)], run.LOAD_CORE, bench.tmp / "py-spy.log")
     before = thread_cpu_seconds(pid)
-    result = bench.wrk(bench.ports[side], run.LOAD_CORE, 256, seconds, 20, 2)
+    result = bench.wrk(bench.ports[side], run.LOAD_CORE, connections, seconds, delay_ms, 2)
     after = thread_cpu_seconds(pid)
     spy.wait(timeout=seconds + 30)
     if not out.exists():
@@ -269,12 +270,12 @@ def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Pat
     return one
 
 
-def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int) -> None:
+def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int, load: str) -> None:
     floor, gateway = profiles["floor"], profiles["gateway"]
     fc, gc = floor.cpu, gateway.cpu
     threads = med([r.cpu["threads"] for r in gateway.rounds])
     print()
-    print(f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under wrk -c256 (mock 20 ms); "
+    print(f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under {load}; "
           f"{floor.samples:,} floor and {gateway.samples:,} gateway samples")
     print(f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us; of which the "
           f"gateway's other threads {threads:.0f} us); throughput floor {med([r.rps for r in floor.rounds]):,.0f} rps, "
@@ -302,6 +303,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 4 s (else 3 rounds of 10 s)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples a second")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (py-spy's raw stacks)")
+    parser.add_argument("--connections", type=int, default=256,
+                        help="wrk's connections (1: the latency case, with --delay-ms 0)")
+    parser.add_argument("--delay-ms", type=int, default=20, help="the mock's answer delay")
     args = parser.parse_args()
     run.check_tools()
     pyspy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -323,12 +327,12 @@ def main() -> int:
         for rep in range(rounds):
             for side in ("floor", "gateway") if rep % 2 == 0 else ("gateway", "floor"):
                 out = tmp / f"{side}-{rep}.txt"
-                one = profile_round(bench, side, seconds, args.rate, out, pyspy)
+                one = profile_round(bench, side, seconds, args.rate, out, pyspy, args.connections, args.delay_ms)
                 profiles[side].rounds.append(one)
                 print(f"  round {rep + 1} {side:<8} {one.rps:8,.0f} rps  {sum(one.cpu.values()):6.0f} us CPU/request "
                       f"({one.cpu['threads']:.0f} in other threads)", flush=True)
                 time.sleep(0.5)
-        report(profiles, seconds, rounds, args.rate)
+        report(profiles, seconds, rounds, args.rate, f"wrk -c{args.connections} (mock {args.delay_ms} ms)")
         return 0
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)
