@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.keys import masked
+from proxy.relay import IDLE_SLACK, extend
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,
@@ -500,9 +501,7 @@ async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(
     assert "expect" not in fake.requests[-1].headers
 
 
-async def test_a_slow_whole_body_is_bounded_per_silence_not_in_total(
-    make_gateway, fake
-) -> None:  # type: ignore[no-untyped-def]
+async def test_a_slow_whole_body_is_bounded_per_silence_not_in_total(make_gateway, fake) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import OPENAI_VK, auth
 
     gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
@@ -535,3 +534,17 @@ async def test_an_answer_without_content_type_gets_none_added(gateway, fake) -> 
         assert response.status == 200
         assert "Content-Type" not in response.headers
         assert await response.read() == b"raw0\nraw1\nraw2\n"
+
+
+async def test_a_silence_deadline_is_never_before_the_timeout_and_moves_once_per_slack() -> None:
+    async with asyncio.timeout_at(100.0 + 10) as deadline:  # a chunk at t = 100, idle 10 s
+        moves = 0
+        for tenth in range(1, 101):  # a chunk every 0.1 s for 10 s
+            now = 100.0 + tenth / 10
+            before = deadline.when()
+            extend(deadline, now, 10.0)
+            assert deadline.when() >= now + 10.0  # never cut before 10 s of silence
+            assert deadline.when() <= now + 10.0 * (1 + IDLE_SLACK)  # nor much after
+            moves += deadline.when() != before
+        assert 0 < moves <= 10  # about once a second (10 % of 10 s), not once per chunk
+        deadline.reschedule(None)
