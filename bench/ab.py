@@ -33,6 +33,7 @@ from harness import (
     process_cpu_seconds,
     rss_mb,
     wait_until,
+    wrk,
 )
 
 KEY = "vk_bench_0123456789"
@@ -126,34 +127,18 @@ def race(
     results: dict[str, list[tuple[float, float, int, float]]] = {name: [] for name in contenders}
     names = list(contenders)
     for name in names:  # warm up: each pool grows to 256 connections
-        wrk(procs, contenders[name][0], 1, tmp)
+        wrk(procs, tmp / "wrk.out", KEY, contenders[name][0], LOAD_CORE, 256, 1, 20, 2)
     for turn in range(rounds):
         for name in names if turn % 2 == 0 else names[::-1]:
             port, child = contenders[name]
             pid = child.pid
             before = process_cpu_seconds(pid)
-            summary = wrk(procs, port, seconds, tmp)
+            summary = wrk(procs, tmp / "wrk.out", KEY, port, LOAD_CORE, 256, seconds, 20, 2)
             cpu_us = (process_cpu_seconds(pid) - before) / max(1, summary["requests"]) * 1e6
-            rps = summary["requests"] / (summary["duration_us"] / 1e6)
-            results[name].append((rps, cpu_us, summary["timeout"], rss_mb(pid)))
+            rps = summary["rps"]
+            results[name].append((rps, cpu_us, int(summary["timeout"]), rss_mb(pid)))
             print(f"round {turn + 1} {name:>10}: {rps:7,.0f} rps  {cpu_us:6.0f} us", flush=True)
     return results
-
-
-def wrk(procs: Processes, port: int, seconds: int, tmp: Path) -> dict[str, int]:
-    env = dict(os.environ, BENCH_KEY=KEY, BENCH_DELAY_MS="20")
-    out = tmp / "wrk.out"
-    argv = [
-        "wrk", "-t1", "-c256", f"-d{seconds}s", "--timeout", "2s",
-        "-s", str(BENCH / "chat.lua"), f"http://127.0.0.1:{port}/v1/chat/completions",
-    ]  # fmt: skip
-    child = procs.start(argv, LOAD_CORE, out, env=env)
-    child.wait(timeout=seconds + 30)
-    for line in out.read_text().splitlines():
-        if line.startswith("BENCHJSON "):
-            summary: dict[str, int] = json.loads(line.removeprefix("BENCHJSON "))
-            return summary
-    raise SystemExit(f"ab: wrk gave no summary:\n{out.read_text()[-2000:]}")
 
 
 if __name__ == "__main__":

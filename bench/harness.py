@@ -8,6 +8,7 @@ kernel says about a process or the machine: RSS, CPU time, whether uvloop is loa
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -62,6 +63,28 @@ class Processes:
                 self.stop(child)
             except Exception as error:  # keep stopping the others
                 print(f"bench: could not stop pid {child.pid}: {error}", file=sys.stderr)
+
+
+def wrk(procs: Processes, log: Path, key: str, port: int, core: int | None, connections: int, seconds: int,
+        delay_ms: int, timeout_s: int = 5) -> dict[str, float]:
+    """wrk with bench/chat.lua (POST a small chat as `key`, the mock answering after `delay_ms`):
+    its summary line, with `rps` and `errors` (connect, read, write and timeouts) added."""
+    env = dict(os.environ, BENCH_KEY=key, BENCH_DELAY_MS=str(delay_ms))
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{timeout_s}s", "-s", str(BENCH / "chat.lua"),
+            f"http://127.0.0.1:{port}/v1/chat/completions"]
+    child = procs.start(argv, core, log, env=env)
+    try:
+        child.wait(timeout=seconds + 30)
+    finally:
+        procs.stop(child)
+    text = log.read_text()
+    for line in text.splitlines():
+        if line.startswith("BENCHJSON "):
+            data = json.loads(line[len("BENCHJSON "):])
+            data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+            data["errors"] = data["connect"] + data["read"] + data["write"] + data["timeout"]
+            return data
+    raise SystemExit(f"bench: wrk gave no summary:\n{text[-2000:]}")
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:

@@ -45,6 +45,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import harness  # noqa: E402
 import probes  # noqa: E402
 from harness import (  # noqa: E402,F401  (bench/workers.py reaches these through run)
     Processes,
@@ -211,23 +212,7 @@ class Bench:
     # wrk
 
     def wrk(self, port: int, core: int | None, connections: int, seconds: int, delay_ms: int, timeout_s: int = 5) -> dict[str, float]:
-        env = dict(os.environ, BENCH_KEY=KEY, BENCH_DELAY_MS=str(delay_ms))
-        log = self.tmp / "wrk.out"
-        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{timeout_s}s", "-s", str(BENCH / "chat.lua"),
-                f"http://127.0.0.1:{port}/v1/chat/completions"]
-        child = self.procs.start(argv, core, log, env=env)
-        try:
-            child.wait(timeout=seconds + 30)
-        finally:
-            self.procs.stop(child)
-        text = log.read_text()
-        for line in text.splitlines():
-            if line.startswith("BENCHJSON "):
-                data = json.loads(line[len("BENCHJSON "):])
-                data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
-                data["errors"] = data["connect"] + data["read"] + data["write"] + data["timeout"]
-                return data
-        raise SystemExit(f"bench: wrk gave no summary:\n{text[-2000:]}")
+        return harness.wrk(self.procs, self.tmp / "wrk.out", KEY, port, core, connections, seconds, delay_ms, timeout_s)
 
     def mock_ceiling(self) -> None:
         result = self.wrk(self.mock_port, GATEWAY_CORE, 64, self.plan.ceiling_seconds, 0)
