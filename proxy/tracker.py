@@ -143,16 +143,22 @@ class Reading:
     total_kinds: tuple[int, ...] = NO_KINDS  # in KINDS order
 
 
+def tokens_over(used: int, reserved: int, limits: Limits | None) -> bool:
+    """The token window is full: what was charged plus what is reserved reaches the limit."""
+    return limits is not None and limits.tokens is not None and used + reserved >= limits.tokens
+
+
+def budget_over(spent: int, reserved: int, budget: Budget | None) -> bool:
+    """The budget is spent: the window's spend plus what is reserved reaches it (micro-$)."""
+    return budget is not None and spent + reserved >= budget.micro_usd
+
+
 def tokens_full(reading: Reading, limits: Limits | None) -> bool:
-    return (
-        limits is not None
-        and limits.tokens is not None
-        and reading.tokens + reading.tokens_reserved >= limits.tokens
-    )
+    return tokens_over(reading.tokens, reading.tokens_reserved, limits)
 
 
 def budget_full(reading: Reading, budget: Budget | None) -> bool:
-    return budget is not None and reading.spent + reading.spend_reserved >= budget.micro_usd
+    return budget_over(reading.spent, reading.spend_reserved, budget)
 
 
 def admission(reading: Reading, limits: Limits | None, budget: Budget | None) -> Admission:

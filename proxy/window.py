@@ -14,7 +14,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.tracker import NO_KINDS, Budget, Charge, Limits, Reading
+from proxy.tracker import NO_KINDS, Budget, Charge, Limits, Reading, budget_over, tokens_over
 
 # A new key's ring starts this small and doubles up to its limit, so a key with a large
 # limit but little traffic costs little.
@@ -148,19 +148,12 @@ class SlidingWindow:
                 self._expire_charges(cutoff)
         spend = self._spend(now, budget)
         reserved = self.reserved
+        spent = spend.spent if spend is not None else 0
         admitted = not (
             requests_full
-            or (
-                limits is not None
-                and limits.tokens is not None
-                and self.tokens_used + reserved.tokens >= limits.tokens
-            )
-            or (
-                budget is not None
-                and spend is not None
-                and spend.spent + reserved.micro_usd >= budget.micro_usd
-            )
-        )  # as `tokens_full` and `budget_full` would read it, without a Reading to build
+            or tokens_over(self.tokens_used, reserved.tokens, limits)
+            or budget_over(spent, reserved.micro_usd, budget)
+        )
         ticket = 0
         if admitted:
             ticket = self._count(now, limits)
@@ -169,7 +162,7 @@ class SlidingWindow:
                 self.reserved = Charge(
                     self.reserved.tokens + claim.tokens, self.reserved.micro_usd + claim.micro_usd
                 )
-        return self._reading(now, limits, budget, waits=True, admitted=admitted, ticket=ticket)
+        return self._reading(now, limits, budget, admitted=admitted, ticket=ticket)
 
     def settle(
         self, now: float, limits: Limits | None, budget: Budget | None, spent: Charge, ticket: int
@@ -210,7 +203,7 @@ class SlidingWindow:
             self._expire_stamps(now - limits.window_seconds)
             self._expire_charges(now - limits.window_seconds)
         self._spend(now, budget)
-        return self._reading(now, limits, budget, waits=True)
+        return self._reading(now, limits, budget)
 
     def idle(self, now: float) -> bool:
         """True when no request is in flight and every entry has left its window."""
@@ -232,7 +225,6 @@ class SlidingWindow:
         now: float,
         limits: Limits | None,
         budget: Budget | None,
-        waits: bool,
         admitted: bool = False,
         ticket: int = 0,
     ) -> Reading:
@@ -244,18 +236,16 @@ class SlidingWindow:
             window = limits.window_seconds
             requests = self.size
             request_leaves = self.stamps[self.head] + window - now if self.size else 0.0
-            if waits:
-                charge_leaves = self._oldest_charge_leaves(now, window)
-                if limits.tokens is not None:
-                    token_wait = self._token_wait(now, window, limits.tokens)
+            charge_leaves = self._oldest_charge_leaves(now, window)
+            if limits.tokens is not None:
+                token_wait = self._token_wait(now, window, limits.tokens)
         spend = self.spend if budget is not None else None
         if spend is not None and budget is not None:
             spent = spend.spent
-            if waits:
-                now_us = microseconds(now)
-                spend_leaves = spend.oldest_leaves(now_us)
-                if spent + self.reserved.micro_usd >= budget.micro_usd:
-                    budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved.micro_usd)
+            now_us = microseconds(now)
+            spend_leaves = spend.oldest_leaves(now_us)
+            if budget_over(spent, self.reserved.micro_usd, budget):
+                budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved.micro_usd)
         return Reading(
             admitted=admitted,
             ticket=ticket,
