@@ -62,7 +62,7 @@ from proxy.tracker import (
     admission,
     report,
 )
-from proxy.window import MAX_COUNT
+from proxy.window import clamped
 
 KEY_PREFIX = "llm-gateway:"
 # Short, so that a lost Redis costs a request one second at most, not the default five.
@@ -138,8 +138,8 @@ class RedisTracker:
         claim: Charge = NOTHING,
     ) -> Admission:
         """Admit, count and reserve `claim`, or refuse without counting. Raises TrackerUnavailable."""
-        tokens = max(0, min(claim.tokens, MAX_COUNT))
-        micro = max(0, min(claim.micro_usd, MAX_COUNT))
+        tokens = clamped(claim.tokens)
+        micro = clamped(claim.micro_usd)
         reading = await self._run(self._admit, key_id, limits, budget, tokens, micro)
         return admission(reading, limits, budget)
 
@@ -152,12 +152,12 @@ class RedisTracker:
         budget: Budget | None = None,
     ) -> None:
         """Hold the settle for the key's next admission to carry; never waits on Redis."""
-        tokens = max(0, min(spent.tokens, MAX_COUNT))
-        micro = max(0, min(spent.micro_usd, MAX_COUNT))
+        tokens = clamped(spent.tokens)
+        micro = clamped(spent.micro_usd)
         held = self._held.get(key_id)
         settles = held[1] if held is not None else []
         settles += (ticket, tokens, micro, self._now_us())
-        settles += (max(0, min(count, MAX_COUNT)) for count in spent.kinds)
+        settles += (clamped(count) for count in spent.kinds)
         self._held[key_id] = ((limits, budget), settles)
         if self._timer is None:
             loop = asyncio.get_running_loop()

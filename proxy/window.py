@@ -30,6 +30,11 @@ IN_FLIGHT_WAIT_SECONDS = 1.0
 MAX_COUNT = 2**53  # Lua numbers are doubles: both backends clamp counts where sums are exact
 
 
+def clamped(count: int) -> int:
+    """A count as both backends take it: 0 to MAX_COUNT."""
+    return max(0, min(count, MAX_COUNT))
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """A key's counts since it was first seen."""
@@ -177,14 +182,14 @@ class SlidingWindow:
             self.reserved = Charge(
                 self.reserved.tokens - claim.tokens, self.reserved.micro_usd - claim.micro_usd
             )
-        tokens = max(0, min(spent.tokens, MAX_COUNT))
-        micro = max(0, min(spent.micro_usd, MAX_COUNT))
+        tokens = clamped(spent.tokens)
+        micro = clamped(spent.micro_usd)
         self.total_tokens += tokens
         self.total_micro_usd += micro
         if spent.kinds is not NO_KINDS:
             kinds = self.total_kinds
             for index, count in enumerate(spent.kinds):
-                kinds[index] += max(0, min(count, MAX_COUNT))
+                kinds[index] += clamped(count)
         self.last_active = now
         if limits is not None:
             self._expire_charges(now - limits.window_seconds)
