@@ -243,8 +243,10 @@ class Logbook:
             view = view[os.write(self._fd, view) :]
 
     def _lose(self, reason: str) -> None:
-        """Count a lost line; say so on stderr the first time only."""
-        self._on_write_error()
+        """Count a lost line; say so on stderr the first time only.
+
+        Said before counted: whoever sees the count (a scrape, a test) can rely on the line.
+        """
         if not self._has_complained:
             self._has_complained = True
             print(
@@ -252,6 +254,7 @@ class Logbook:
                 file=sys.stderr,
                 flush=True,
             )
+        self._on_write_error()
 
 
 def _unchanged(text: str) -> str:
