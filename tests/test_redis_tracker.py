@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.memory_tracker import MemoryTracker
-from proxy.redis_tracker import RedisTracker, check, masked, window_keys
+from proxy.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
 from proxy.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.processes import Processes, refused, start_gateway
@@ -296,8 +296,11 @@ async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_
     limits = Limits(requests=50, tokens=None, window_seconds=3600)
     trackers = [RedisTracker(redis_url) for _ in range(4)]
     try:
+        # As four processes would: each with a full pool of its own, all connecting at once.
+        # (More than a pool per tracker would also wait for free connections, and with four
+        # "processes" on this one event loop, that wait can pass its 1 s on a slow machine.)
         answers = await asyncio.gather(
-            *(trackers[index % 4].admit(KEY, limits) for index in range(400))
+            *(trackers[index % 4].admit(KEY, limits) for index in range(4 * MAX_CONNECTIONS))
         )
         assert sum(answer.admitted for answer in answers) == 50
         for tracker in trackers:
