@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from proxy.app import load_keys
-from proxy.keys import KeysFileError
-from proxy.pricing import Prices
-from proxy.server import CannotListen
+from proxy.keys.keys import KeysFileError
+from proxy.runtime.server import CannotListen
+from proxy.runtime.workers import run
 from proxy.settings import SettingError, Settings
-from proxy.workers import run
+from proxy.usage.pricing import Prices
 
 EXIT_REFUSED = 2
 
@@ -54,8 +54,8 @@ def check_redis(settings: Settings) -> None:
     """A Redis that cannot be reached stops the start, not the first request (issue 7)."""
     if settings.redis_url is None:
         return
-    from proxy.redis_tracker import check, masked
-    from proxy.tracker import TrackerUnavailable
+    from proxy.quota.redis_tracker import check, masked
+    from proxy.quota.tracker import TrackerUnavailable
 
     try:
         check(settings.redis_url)

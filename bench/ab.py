@@ -41,7 +41,7 @@ SERVER_CORE, LOAD_CORE = 0, 1
 # `floor-gc`: the floor started after the gateway's GC setting (proxy/server.py, tune_gc).
 GC_LIKE_THE_GATEWAY = (
     "import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:];"
-    "from proxy.server import tune_gc; tune_gc(); runpy.run_path(sys.argv[0], run_name='__main__')"
+    "from proxy.runtime.server import tune_gc; tune_gc(); runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
 

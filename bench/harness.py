@@ -26,18 +26,32 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
+
 class Processes:
     """Every child this run starts, each in its own process group, all stopped at the end."""
 
     def __init__(self) -> None:
         self.children: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], core: int | None, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        argv: list[str],
+        core: int | None,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         if core is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", str(core), *argv]
         out = open(log, "wb") if log else subprocess.DEVNULL
         try:
-            child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if log else None, env=env, start_new_session=True, cwd=ROOT)
+            child = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT if log else None,
+                env=env,
+                start_new_session=True,
+                cwd=ROOT,
+            )
         finally:
             if log:
                 out.close()  # type: ignore[union-attr]
@@ -65,13 +79,31 @@ class Processes:
                 print(f"bench: could not stop pid {child.pid}: {error}", file=sys.stderr)
 
 
-def wrk(procs: Processes, log: Path, key: str, port: int, core: int | None, connections: int, seconds: int,
-        delay_ms: int, timeout_s: int = 5) -> dict[str, float]:
+def wrk(
+    procs: Processes,
+    log: Path,
+    key: str,
+    port: int,
+    core: int | None,
+    connections: int,
+    seconds: int,
+    delay_ms: int,
+    timeout_s: int = 5,
+) -> dict[str, float]:
     """wrk with bench/chat.lua (POST a small chat as `key`, the mock answering after `delay_ms`):
     its summary line, with `rps` and `errors` (connect, read, write and timeouts) added."""
     env = dict(os.environ, BENCH_KEY=key, BENCH_DELAY_MS=str(delay_ms))
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{timeout_s}s", "-s", str(BENCH / "chat.lua"),
-            f"http://127.0.0.1:{port}/v1/chat/completions"]
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        f"{timeout_s}s",
+        "-s",
+        str(BENCH / "chat.lua"),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+    ]
     child = procs.start(argv, core, log, env=env)
     try:
         child.wait(timeout=seconds + 30)
@@ -80,7 +112,7 @@ def wrk(procs: Processes, log: Path, key: str, port: int, core: int | None, conn
     text = log.read_text()
     for line in text.splitlines():
         if line.startswith("BENCHJSON "):
-            data = json.loads(line[len("BENCHJSON "):])
+            data = json.loads(line[len("BENCHJSON ") :])
             data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
             data["errors"] = data["connect"] + data["read"] + data["write"] + data["timeout"]
             return data
@@ -98,18 +130,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check: Callable[[], bool], what: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    child: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 15.0,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            raise SystemExit(f"bench: {what} exited with {child.returncode}:\n{log.read_text()[-2000:]}")
+            raise SystemExit(
+                f"bench: {what} exited with {child.returncode}:\n{log.read_text()[-2000:]}"
+            )
         try:
             if check():
                 return
         except OSError:
             pass
         time.sleep(0.05)
-    raise SystemExit(f"bench: {what} did not come up within {timeout:g} s:\n{log.read_text()[-2000:]}")
+    raise SystemExit(
+        f"bench: {what} did not come up within {timeout:g} s:\n{log.read_text()[-2000:]}"
+    )
 
 
 def listening(port: int) -> bool:
@@ -190,4 +232,3 @@ def pct(values: list[float], q: float) -> float:
 
 def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
-

@@ -61,7 +61,9 @@ USAGE_EVENT = (
     b'"total_tokens":%d}}\n\n'
     b"data: [DONE]\n\n"
 )
-NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\nnot found"
+NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\nnot found"
+)
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 MAX_HEAD = 65536
@@ -213,7 +215,9 @@ class MockProtocol(asyncio.Protocol):
             event = CHUNK_PREFIX + b'%d,"x_sent_ns":%d}\n\n' % (seq, time.monotonic_ns())
             if seq + 1 < chunks:
                 transport.write(chunked(event))
-                self.loop.call_at(start + (seq + 1) * gap, self.send_chunk, seq + 1, chunks, start, gap)
+                self.loop.call_at(
+                    start + (seq + 1) * gap, self.send_chunk, seq + 1, chunks, start, gap
+                )
                 return
         else:
             event = b""
@@ -249,7 +253,9 @@ def dechunk(buf: bytes, pos: int) -> tuple[bytes | None, int]:
 
 async def serve(host: str, port: int, defaults: Defaults) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: MockProtocol(defaults), host, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(
+        lambda: MockProtocol(defaults), host, port, backlog=4096, reuse_address=True
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -300,9 +306,22 @@ def measure_ceiling(seconds: int = 5, connections: int = 64) -> float:
         lua = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.lua")
         env = dict(os.environ, BENCH_KEY="none", BENCH_DELAY_MS="0")
         out = subprocess.run(
-            ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", lua,
-             f"http://127.0.0.1:{port}/v1/chat/completions"],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                "taskset",
+                "-c",
+                "0",
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "-s",
+                lua,
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout
         match = re.search(r"Requests/sec:\s+([\d.]+)", out)
         return float(match.group(1)) if match else 0.0
@@ -315,13 +334,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--delay-ms", type=float, default=0.0, help="before the answer (or first chunk)")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="before the answer (or first chunk)"
+    )
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
-    parser.add_argument("--chunk-gap-ms", type=float, default=20.0, help="between two stream chunks")
-    parser.add_argument("--ceiling", action="store_true", help="measure this mock's own requests/s and exit")
+    parser.add_argument(
+        "--chunk-gap-ms", type=float, default=20.0, help="between two stream chunks"
+    )
+    parser.add_argument(
+        "--ceiling", action="store_true", help="measure this mock's own requests/s and exit"
+    )
     args = parser.parse_args()
     if args.ceiling:
-        print(f"mock provider ceiling: {measure_ceiling():,.0f} requests/s on one core (wrk on the other, no delay)")
+        print(
+            f"mock provider ceiling: {measure_ceiling():,.0f} requests/s on one core (wrk on the other, no delay)"
+        )
         return
     run(args.host, args.port, Defaults(args.delay_ms, args.chunks, args.chunk_gap_ms))
 

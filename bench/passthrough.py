@@ -18,8 +18,18 @@ import uvloop
 from aiohttp import web
 
 HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade", "host", "content-length")
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    )
 )
 
 
@@ -37,7 +47,11 @@ def passthrough(upstream: str) -> web.Application:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         async with request.app["session"].request(
-            request.method, upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+            request.method,
+            upstream + request.path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
         ) as reply:
             answer = web.StreamResponse(
                 status=reply.status,
@@ -63,6 +77,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     # A client that leaves mid-answer (wrk at the end of a run) is not worth a traceback here.
     logging.getLogger("aiohttp.server").disabled = True
-    web.run_app(passthrough(args.upstream.rstrip("/")), host=args.host, port=args.port,
-                access_log=None, loop=uvloop.new_event_loop(),
-                print=lambda _: print(f"passthrough on http://{args.host}:{args.port}", flush=True))
+    web.run_app(
+        passthrough(args.upstream.rstrip("/")),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+        print=lambda _: print(f"passthrough on http://{args.host}:{args.port}", flush=True),
+    )

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import genai_prices  # noqa: E402
 
-from proxy.pricing import Prices  # noqa: E402
-from proxy.usage import TapMemory, UsageTap  # noqa: E402
+from proxy.usage.pricing import Prices  # noqa: E402
+from proxy.usage.usage import TapMemory, UsageTap  # noqa: E402
 
 SSE = "text/event-stream"
 JSON = "application/json"

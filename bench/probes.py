@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 SENT_NS = re.compile(rb'"x_sent_ns":(\d+)')
 CHAT = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello."}]}'
-CHAT_STREAM = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello."}],"stream":true}'
+CHAT_STREAM = (
+    b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello."}],"stream":true}'
+)
 
 
 def request_bytes(port: int, key: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
@@ -127,7 +129,10 @@ class Reply:
     def extra_gaps_ms(self) -> list[float]:
         """Per consecutive pair: arrival gap minus send gap (0 when nothing held a chunk)."""
         stamped = [(a, s) for a, s in self.events if s]
-        return [((a2 - a1) - (s2 - s1)) / 1e6 for (a1, s1), (a2, s2) in zip(stamped, stamped[1:], strict=False)]
+        return [
+            ((a2 - a1) - (s2 - s1)) / 1e6
+            for (a1, s1), (a2, s2) in zip(stamped, stamped[1:], strict=False)
+        ]
 
     def max_gap_ms(self) -> float:
         stamped = [a for a, s in self.events if s]
@@ -283,7 +288,9 @@ class Conn(asyncio.Protocol):
 # --- drivers -----------------------------------------------------------------------------
 
 
-async def stream_workers(port: int, raw: bytes, workers: int, per_worker: int, stagger_s: float) -> list[Reply]:
+async def stream_workers(
+    port: int, raw: bytes, workers: int, per_worker: int, stagger_s: float
+) -> list[Reply]:
     """`workers` connections, each running `per_worker` streams one after another."""
 
     async def worker(index: int) -> list[Reply]:
@@ -298,7 +305,9 @@ async def stream_workers(port: int, raw: bytes, workers: int, per_worker: int, s
     return [reply for batch in results for reply in batch]
 
 
-async def many_streams(port: int, raw: bytes, count: int, spread_s: float, timeout_s: float) -> tuple[list[Reply], float]:
+async def many_streams(
+    port: int, raw: bytes, count: int, spread_s: float, timeout_s: float
+) -> tuple[list[Reply], float]:
     """Open `count` connections, then start one stream on each, spread over `spread_s`.
 
     All of them are open at once for the length of a stream. Returns the replies and the
@@ -332,7 +341,9 @@ async def many_streams(port: int, raw: bytes, count: int, spread_s: float, timeo
     return replies, connect_s
 
 
-async def steady_rate(port: int, raw: bytes, rate: float, seconds: float, conns: int = 16) -> tuple[int, int]:
+async def steady_rate(
+    port: int, raw: bytes, rate: float, seconds: float, conns: int = 16
+) -> tuple[int, int]:
     """Non-streaming requests at `rate` per second for `seconds`: (sent, failed or non-2xx)."""
     period = conns / rate
     loop = asyncio.get_running_loop()

@@ -91,7 +91,13 @@ STEPS = {
 }
 OWN_FILES = ("proxy/", "passthrough.py")
 # Under every sample of the loop's thread: the frames that start the process and run the loop.
-ENTRY = {("gateway.py", "*"), ("workers.py", "*"), ("server.py", "serve"), ("server.py", "_serve"), ("passthrough.py", "<module>")}
+ENTRY = {
+    ("gateway.py", "*"),
+    ("workers.py", "*"),
+    ("server.py", "serve"),
+    ("server.py", "_serve"),
+    ("passthrough.py", "<module>"),
+}
 HANDLERS = ("proxy/relay.py", "proxy/failover.py", "passthrough.py")  # they call aiohttp's client
 
 
@@ -110,11 +116,22 @@ def frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-CLIENT_FILES = ("aiohttp/client.py", "aiohttp/connector.py", "aiohttp/client_reqrep.py", "aiohttp/client_proto.py",
-                "aiohappyeyeballs/")
+CLIENT_FILES = (
+    "aiohttp/client.py",
+    "aiohttp/connector.py",
+    "aiohttp/client_reqrep.py",
+    "aiohttp/client_proto.py",
+    "aiohappyeyeballs/",
+)
 RESPONSE_FILES = ("aiohttp/web_response.py", "aiohttp/http_writer.py")
-SERVER_FILES = ("aiohttp/web_protocol.py", "aiohttp/web_app.py", "aiohttp/web_urldispatcher.py", "aiohttp/web_request.py",
-                "aiohttp/http_parser.py", "aiohttp/streams.py")
+SERVER_FILES = (
+    "aiohttp/web_protocol.py",
+    "aiohttp/web_app.py",
+    "aiohttp/web_urldispatcher.py",
+    "aiohttp/web_request.py",
+    "aiohttp/http_parser.py",
+    "aiohttp/streams.py",
+)
 CLIENT = "send the request, await headers (aiohttp client)"
 RESPONSE = "response prepare and write (aiohttp)"
 SERVER = "parse, route, dispatch (aiohttp server)"
@@ -126,7 +143,9 @@ def outside_step(stack: list[tuple[str, str]]) -> str:
     files = [file for _, file in stack]
     if any(part in file for file in files for part in CLIENT_FILES):
         return CLIENT
-    if any(func.endswith("finish_response") for func, _ in stack) or any(part in file for file in files for part in RESPONSE_FILES):
+    if any(func.endswith("finish_response") for func, _ in stack) or any(
+        part in file for file in files for part in RESPONSE_FILES
+    ):
         return RESPONSE
     if any(part in file for file in files for part in SERVER_FILES):
         return SERVER
@@ -140,7 +159,9 @@ def callee_step(stack: list[tuple[str, str]], handler: str) -> str:
         return f"{handler}: its own code"
     func, file = inner[0]
     func = func.rsplit(".", 1)[-1]  # py-spy names a method Class.method
-    if "streams.py" in file or ("client_reqrep.py" in file and func in ("read", "text", "json", "release")):
+    if "streams.py" in file or (
+        "client_reqrep.py" in file and func in ("read", "text", "json", "release")
+    ):
         return "upstream body read (aiohttp client)"
     if "web_request.py" in file and func in ("read", "text", "json", "post"):
         return "request body read (aiohttp server)"
@@ -163,7 +184,7 @@ def step_of(stack: list[tuple[str, str]]) -> str:
 
 
 def thread_kind(stack: list[tuple[str, str]]) -> str:
-    """"main" for the event loop's thread, "threads" for any other (the logbook's writer)."""
+    """ "main" for the event loop's thread, "threads" for any other (the logbook's writer)."""
     return "threads" if stack and stack[0][0].startswith("Thread._bootstrap") else "main"
 
 
@@ -173,8 +194,12 @@ class Round:
 
     cpu: dict[str, float]  # us of CPU per request, by thread kind (from /proc)
     rps: float
-    steps: dict[str, Counter[str]] = field(default_factory=lambda: {"main": Counter(), "threads": Counter()})
-    leaves: dict[str, Counter[str]] = field(default_factory=lambda: {"main": Counter(), "threads": Counter()})
+    steps: dict[str, Counter[str]] = field(
+        default_factory=lambda: {"main": Counter(), "threads": Counter()}
+    )
+    leaves: dict[str, Counter[str]] = field(
+        default_factory=lambda: {"main": Counter(), "threads": Counter()}
+    )
 
     def add(self, raw: Path) -> None:
         for line in raw.read_text().splitlines():
@@ -191,7 +216,11 @@ class Round:
     def us(self, name: str, table: str = "steps") -> float:
         """CPU us per request of a step (or a leaf): its share of each thread's samples times that thread's CPU."""
         counters = self.steps if table == "steps" else self.leaves
-        return sum(c[name] / total * self.cpu[kind] for kind, c in counters.items() if (total := sum(c.values())))
+        return sum(
+            c[name] / total * self.cpu[kind]
+            for kind, c in counters.items()
+            if (total := sum(c.values()))
+        )
 
     @property
     def samples(self) -> int:
@@ -208,7 +237,13 @@ class Profile:
         return med([r.us(name, table) for r in self.rounds])
 
     def names(self, table: str = "steps") -> set[str]:
-        return {n for r in self.rounds for c in (r.steps if table == "steps" else r.leaves).values() for n in c if c[n]}
+        return {
+            n
+            for r in self.rounds
+            for c in (r.steps if table == "steps" else r.leaves).values()
+            for n in c
+            if c[n]
+        }
 
     @property
     def cpu(self) -> float:
@@ -247,8 +282,16 @@ async def fill_pools(port: int, connections: int) -> None:
             conn.close()
 
 
-def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Path, pyspy: str,
-                  connections: int = 256, delay_ms: int = 20) -> Round:
+def profile_round(
+    bench: run.Bench,
+    side: str,
+    seconds: int,
+    rate: int,
+    out: Path,
+    pyspy: str,
+    connections: int = 256,
+    delay_ms: int = 20,
+) -> Round:
     """wrk on one contender while py-spy samples it."""
     pid = bench.pid(side)
     bench.wrk(bench.ports[side], run.LOAD_CORE, 256, 1, 20, 2)  # warm up
@@ -256,16 +299,38 @@ def profile_round(bench: run.Bench, side: str, seconds: int, rate: int, out: Pat
     # connections (a client that leaves cancels its request): refill the pool with 256
     # requests that complete, so that the sampled run does not pay for reconnecting.
     run_async(fill_pools(bench.ports[side], 256))
-    spy = bench.procs.start([pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(seconds),
-                             "--nonblocking", "--format", "raw", "--output", str(out)], run.LOAD_CORE, bench.tmp / "py-spy.log")
+    spy = bench.procs.start(
+        [
+            pyspy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(seconds),
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        run.LOAD_CORE,
+        bench.tmp / "py-spy.log",
+    )
     before = thread_cpu_seconds(pid)
     result = bench.wrk(bench.ports[side], run.LOAD_CORE, connections, seconds, delay_ms, 2)
     after = thread_cpu_seconds(pid)
     spy.wait(timeout=seconds + 30)
     if not out.exists():
-        raise SystemExit(f"bench: py-spy wrote nothing:\n{(bench.tmp / 'py-spy.log').read_text()[-2000:]}")
+        raise SystemExit(
+            f"bench: py-spy wrote nothing:\n{(bench.tmp / 'py-spy.log').read_text()[-2000:]}"
+        )
     requests = max(1, result["requests"])
-    one = Round({kind: max(0.0, after[kind] - before[kind]) / requests * 1e6 for kind in after}, result["rps"])
+    one = Round(
+        {kind: max(0.0, after[kind] - before[kind]) / requests * 1e6 for kind in after},
+        result["rps"],
+    )
     one.add(out)
     return one
 
@@ -275,11 +340,15 @@ def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int, l
     fc, gc = floor.cpu, gateway.cpu
     threads = med([r.cpu["threads"] for r in gateway.rounds])
     print()
-    print(f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under {load}; "
-          f"{floor.samples:,} floor and {gateway.samples:,} gateway samples")
-    print(f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us; of which the "
-          f"gateway's other threads {threads:.0f} us); throughput floor {med([r.rps for r in floor.rounds]):,.0f} rps, "
-          f"gateway {med([r.rps for r in gateway.rounds]):,.0f} rps")
+    print(
+        f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under {load}; "
+        f"{floor.samples:,} floor and {gateway.samples:,} gateway samples"
+    )
+    print(
+        f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us; of which the "
+        f"gateway's other threads {threads:.0f} us); throughput floor {med([r.rps for r in floor.rounds]):,.0f} rps, "
+        f"gateway {med([r.rps for r in gateway.rounds]):,.0f} rps"
+    )
     print()
     names = sorted(floor.names() | gateway.names(), key=lambda s: -gateway.us(s) - floor.us(s))
     print("| step | floor us/request | gateway us/request | share of the gateway's CPU |")
@@ -288,7 +357,9 @@ def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int, l
         f = f"{floor.us(name):.1f}" if name in floor.names() else "-"
         g = f"{gateway.us(name):.1f}" if name in gateway.names() else "-"
         print(f"| {name} | {f} | {g} | {gateway.us(name) / gc:.1%} |")
-    print(f"| **total** (medians of rounds, so steps need not add up) | **{fc:.0f}** | **{gc:.0f}** | |")
+    print(
+        f"| **total** (medians of rounds, so steps need not add up) | **{fc:.0f}** | **{gc:.0f}** | |"
+    )
     for side, profile in profiles.items():
         print()
         print(f"top frames by self time, {side} (us per request, share of its CPU):")
@@ -300,15 +371,25 @@ def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int, l
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 s (else 3 rounds of 10 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds of 4 s (else 3 rounds of 10 s)"
+    )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples a second")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (py-spy's raw stacks)")
-    parser.add_argument("--connections", type=int, default=256,
-                        help="wrk's connections (1: the latency case, with --delay-ms 0)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (py-spy's raw stacks)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=256,
+        help="wrk's connections (1: the latency case, with --delay-ms 0)",
+    )
     parser.add_argument("--delay-ms", type=int, default=20, help="the mock's answer delay")
     args = parser.parse_args()
     run.check_tools()
-    pyspy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    pyspy = shutil.which(
+        "py-spy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
     if pyspy is None:
         raise SystemExit("bench: py-spy is not installed: pip install -r requirements-dev.txt")
     rounds, seconds = (2, 4) if args.quick else (3, 10)
@@ -327,12 +408,23 @@ def main() -> int:
         for rep in range(rounds):
             for side in ("floor", "gateway") if rep % 2 == 0 else ("gateway", "floor"):
                 out = tmp / f"{side}-{rep}.txt"
-                one = profile_round(bench, side, seconds, args.rate, out, pyspy, args.connections, args.delay_ms)
+                one = profile_round(
+                    bench, side, seconds, args.rate, out, pyspy, args.connections, args.delay_ms
+                )
                 profiles[side].rounds.append(one)
-                print(f"  round {rep + 1} {side:<8} {one.rps:8,.0f} rps  {sum(one.cpu.values()):6.0f} us CPU/request "
-                      f"({one.cpu['threads']:.0f} in other threads)", flush=True)
+                print(
+                    f"  round {rep + 1} {side:<8} {one.rps:8,.0f} rps  {sum(one.cpu.values()):6.0f} us CPU/request "
+                    f"({one.cpu['threads']:.0f} in other threads)",
+                    flush=True,
+                )
                 time.sleep(0.5)
-        report(profiles, seconds, rounds, args.rate, f"wrk -c{args.connections} (mock {args.delay_ms} ms)")
+        report(
+            profiles,
+            seconds,
+            rounds,
+            args.rate,
+            f"wrk -c{args.connections} (mock {args.delay_ms} ms)",
+        )
         return 0
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)

@@ -31,10 +31,10 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.memory_tracker import MemoryTracker  # noqa: E402
-from proxy.redis_tracker import RedisTracker  # noqa: E402
-from proxy.server import new_event_loop  # noqa: E402
-from proxy.tracker import Charge, Limits, Tracker  # noqa: E402
+from proxy.quota.memory_tracker import MemoryTracker  # noqa: E402
+from proxy.quota.redis_tracker import RedisTracker  # noqa: E402
+from proxy.quota.tracker import Charge, Limits, Tracker  # noqa: E402
+from proxy.runtime.server import new_event_loop  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 TARGET_MS = 0.3

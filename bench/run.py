@@ -156,23 +156,46 @@ class Bench:
 
     def start_mock(self) -> None:
         log = self.tmp / "mock.log"
-        argv = [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(self.mock_port),
-                "--chunks", str(self.plan.chunks), "--chunk-gap-ms", str(self.plan.chunk_gap_ms)]
+        argv = [
+            sys.executable,
+            str(BENCH / "mock_provider.py"),
+            "--port",
+            str(self.mock_port),
+            "--chunks",
+            str(self.plan.chunks),
+            "--chunk-gap-ms",
+            str(self.plan.chunk_gap_ms),
+        ]
         self.mock = self.children["direct"] = self.procs.start(argv, LOAD_CORE, log)
         wait_until(lambda: listening(self.mock_port), "the mock provider", self.mock, log)
 
     def start_floor(self) -> None:
         log = self.tmp / "floor.log"
-        argv = [sys.executable, str(BENCH / "passthrough.py"), "--port", str(self.ports["floor"]),
-                "--upstream", f"http://127.0.0.1:{self.mock_port}"]
+        argv = [
+            sys.executable,
+            str(BENCH / "passthrough.py"),
+            "--port",
+            str(self.ports["floor"]),
+            "--upstream",
+            f"http://127.0.0.1:{self.mock_port}",
+        ]
         self.children["floor"] = self.procs.start(argv, GATEWAY_CORE, log)
-        wait_until(lambda: listening(self.ports["floor"]), "the floor (bench/passthrough.py)", self.children["floor"], log)
+        wait_until(
+            lambda: listening(self.ports["floor"]),
+            "the floor (bench/passthrough.py)",
+            self.children["floor"],
+            log,
+        )
 
     def start_gateway(self) -> None:
         keys = {
             "providers": {"openai": {"base_url": f"http://127.0.0.1:{self.mock_port}/v1"}},
             "virtual_keys": {
-                key: {"provider": "openai", "api_key": "sk-bench", "quota": {"requests": 100_000_000, "window_seconds": window}}
+                key: {
+                    "provider": "openai",
+                    "api_key": "sk-bench",
+                    "quota": {"requests": 100_000_000, "window_seconds": window},
+                }
                 for key, window in ((KEY, 3600), (SOAK_KEY, self.plan.soak_window_seconds))
             },
         }
@@ -180,9 +203,26 @@ class Bench:
         keys_path.write_text(json.dumps(keys))
         self.interactions = self.tmp / "interactions.jsonl"
         log = self.tmp / "gateway.log"
-        argv = [sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1", "--server-port", str(self.ports["gateway"]),
-                "--keys-file-path", str(keys_path), "--quota-enabled", "true", "--log-to-file", "true",
-                "--log-file-path", str(self.interactions), "--shutdown-grace-seconds", "2", "--workers", "1"]
+        argv = [
+            sys.executable,
+            str(ROOT / "gateway.py"),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            str(self.ports["gateway"]),
+            "--keys-file-path",
+            str(keys_path),
+            "--quota-enabled",
+            "true",
+            "--log-to-file",
+            "true",
+            "--log-file-path",
+            str(self.interactions),
+            "--shutdown-grace-seconds",
+            "2",
+            "--workers",
+            "1",
+        ]
         self.gateway = self.children["gateway"] = self.procs.start(argv, GATEWAY_CORE, log)
         wait_until(lambda: healthy(self.ports["gateway"]), "the gateway", self.gateway, log)
 
@@ -197,27 +237,65 @@ class Bench:
     def rounds(self) -> Iterator[tuple[int, str, int]]:
         """(round, side, port): direct first, then floor and gateway in alternating order."""
         for rep in range(self.plan.reps):
-            order = ("direct", "floor", "gateway") if rep % 2 == 0 else ("direct", "gateway", "floor")
+            order = (
+                ("direct", "floor", "gateway") if rep % 2 == 0 else ("direct", "gateway", "floor")
+            )
             for side in order:
                 yield rep, side, self.ports[side]
 
-    def row(self, name: str, direct: str = "", floor: str = "", gateway: str = "", floor_added: str = "",
-            gateway_added: str = "", vs_floor: str = "", target: str = "", verdict: bool | None = None) -> None:
+    def row(
+        self,
+        name: str,
+        direct: str = "",
+        floor: str = "",
+        gateway: str = "",
+        floor_added: str = "",
+        gateway_added: str = "",
+        vs_floor: str = "",
+        target: str = "",
+        verdict: bool | None = None,
+    ) -> None:
         mark = "" if verdict is None else ("PASS" if verdict else "FAIL")
-        self.rows.append((name, direct, floor, gateway, floor_added, gateway_added, vs_floor, target, mark))
+        self.rows.append(
+            (name, direct, floor, gateway, floor_added, gateway_added, vs_floor, target, mark)
+        )
         if verdict is not None:
             self.passed[name] = verdict
-        print(f"  {name:<40} {direct:>9} {floor:>10} {gateway:>10} {floor_added:>8} {gateway_added:>8} {vs_floor:>7}  {mark}", flush=True)
+        print(
+            f"  {name:<40} {direct:>9} {floor:>10} {gateway:>10} {floor_added:>8} {gateway_added:>8} {vs_floor:>7}  {mark}",
+            flush=True,
+        )
 
     # wrk
 
-    def wrk(self, port: int, core: int | None, connections: int, seconds: int, delay_ms: int, timeout_s: int = 5) -> dict[str, float]:
-        return harness.wrk(self.procs, self.tmp / "wrk.out", KEY, port, core, connections, seconds, delay_ms, timeout_s)
+    def wrk(
+        self,
+        port: int,
+        core: int | None,
+        connections: int,
+        seconds: int,
+        delay_ms: int,
+        timeout_s: int = 5,
+    ) -> dict[str, float]:
+        return harness.wrk(
+            self.procs,
+            self.tmp / "wrk.out",
+            KEY,
+            port,
+            core,
+            connections,
+            seconds,
+            delay_ms,
+            timeout_s,
+        )
 
     def mock_ceiling(self) -> None:
         result = self.wrk(self.mock_port, GATEWAY_CORE, 64, self.plan.ceiling_seconds, 0)
         self.ceiling = result["rps"]
-        print(f"  mock provider ceiling: {self.ceiling:,.0f} rps (mock on core {LOAD_CORE}, wrk on core {GATEWAY_CORE}, no delay)", flush=True)
+        print(
+            f"  mock provider ceiling: {self.ceiling:,.0f} rps (mock on core {LOAD_CORE}, wrk on core {GATEWAY_CORE}, no delay)",
+            flush=True,
+        )
 
     def cpu(self, side: str) -> float:
         return process_cpu_seconds(self.pid(side)) if side != "direct" else 0.0
@@ -238,18 +316,40 @@ class Bench:
             p50[side].append(pct(latencies, 50))
             p99[side].append(pct(latencies, 99))
             bad += non2xx
-        added50 = {s: med([a - d for a, d in zip(p50[s], p50["direct"], strict=True)]) for s in SIDES}
-        added99 = {s: med([a - d for a, d in zip(p99[s], p99["direct"], strict=True)]) for s in SIDES}
+        added50 = {
+            s: med([a - d for a, d in zip(p50[s], p50["direct"], strict=True)]) for s in SIDES
+        }
+        added99 = {
+            s: med([a - d for a, d in zip(p99[s], p99["direct"], strict=True)]) for s in SIDES
+        }
         self.summary.update(added_p50=added50["gateway"], added_p99=added99["gateway"])
         g50, f50 = added50["gateway"], added50["floor"]
-        self.row("latency c=1 p50 (ms)", *(f"{med(p50[s]):.3f}" for s in SIDES), f"{f50:+.3f}", f"{g50:+.3f}",
-                 ratio(g50, f50), f"added <= {TARGET_ADDED_P50_RATIO}x floor's", g50 <= TARGET_ADDED_P50_RATIO * f50)
-        self.row("latency c=1 p99 (ms)", *(f"{med(p99[s]):.3f}" for s in SIDES), f"{added99['floor']:+.3f}",
-                 f"{added99['gateway']:+.3f}", ratio(added99["gateway"], added99["floor"]),
-                 f"added <= +{TARGET_ADDED_P99_MS}", added99["gateway"] <= TARGET_ADDED_P99_MS)
+        self.row(
+            "latency c=1 p50 (ms)",
+            *(f"{med(p50[s]):.3f}" for s in SIDES),
+            f"{f50:+.3f}",
+            f"{g50:+.3f}",
+            ratio(g50, f50),
+            f"added <= {TARGET_ADDED_P50_RATIO}x floor's",
+            g50 <= TARGET_ADDED_P50_RATIO * f50,
+        )
+        self.row(
+            "latency c=1 p99 (ms)",
+            *(f"{med(p99[s]):.3f}" for s in SIDES),
+            f"{added99['floor']:+.3f}",
+            f"{added99['gateway']:+.3f}",
+            ratio(added99["gateway"], added99["floor"]),
+            f"added <= +{TARGET_ADDED_P99_MS}",
+            added99["gateway"] <= TARGET_ADDED_P99_MS,
+        )
         n = plan.reps * plan.sequential
-        self.row("  CPU per request at c=1 (us)", "", f"{cpu['floor'] / n * 1e6:.0f}", f"{cpu['gateway'] / n * 1e6:.0f}",
-                 vs_floor=ratio(cpu["gateway"], cpu["floor"]))
+        self.row(
+            "  CPU per request at c=1 (us)",
+            "",
+            f"{cpu['floor'] / n * 1e6:.0f}",
+            f"{cpu['gateway'] / n * 1e6:.0f}",
+            vs_floor=ratio(cpu["gateway"], cpu["floor"]),
+        )
         self.headline["floor"]["added p50 at c=1"] = f"+{f50:.2f} ms"
         self.headline["gateway"]["added p50 at c=1"] = f"+{g50:.2f} ms ({ratio(g50, f50)})"
         if bad:
@@ -263,7 +363,14 @@ class Bench:
         cpu: dict[str, list[float]] = {s: [] for s in SIDES}
         for _, side, port in self.rounds():
             before = self.cpu(side)
-            result = self.wrk(port, LOAD_CORE, plan.wrk_connections, plan.wrk_seconds, plan.throughput_delay_ms, plan.wrk_timeout_s)
+            result = self.wrk(
+                port,
+                LOAD_CORE,
+                plan.wrk_connections,
+                plan.wrk_seconds,
+                plan.throughput_delay_ms,
+                plan.wrk_timeout_s,
+            )
             runs[side].append(result)
             if side != "direct" and result["requests"]:
                 cpu[side].append((self.cpu(side) - before) / result["requests"] * 1e6)
@@ -273,23 +380,57 @@ class Bench:
         d, f, g = (fig[s] for s in SIDES)
         self.summary["rps"] = g["rps"]
         label = f"c={plan.wrk_connections}, mock {plan.throughput_delay_ms} ms"
-        self.row(f"throughput rps ({label})", f"{d['rps']:,.0f}", f"{f['rps']:,.0f}", f"{g['rps']:,.0f}",
-                 vs_floor=ratio(g["rps"], f["rps"]), target=f">= {TARGET_RPS_RATIO}x floor",
-                 verdict=g["rps"] >= TARGET_RPS_RATIO * f["rps"])
-        self.row(f"  timeouts (client gave up after {plan.wrk_timeout_s} s), per round", *(per_round(timeouts[s]) for s in SIDES),
-                 target="<= floor's", verdict=sum(timeouts["gateway"]) <= sum(timeouts["floor"]))
-        self.row("  throughput p99 (ms)", *(f"{fig[s]['p99_us'] / 1000:.1f}" for s in SIDES),
-                 vs_floor=ratio(g["p99_us"], f["p99_us"]), target=f"< {TARGET_THROUGHPUT_P99_MS}",
-                 verdict=g["p99_us"] / 1000 < TARGET_THROUGHPUT_P99_MS)
-        self.row("  non-2xx and other errors (all rounds)", *(f"{other[s]:.0f}" for s in SIDES), target="0", verdict=other["gateway"] == 0)
+        self.row(
+            f"throughput rps ({label})",
+            f"{d['rps']:,.0f}",
+            f"{f['rps']:,.0f}",
+            f"{g['rps']:,.0f}",
+            vs_floor=ratio(g["rps"], f["rps"]),
+            target=f">= {TARGET_RPS_RATIO}x floor",
+            verdict=g["rps"] >= TARGET_RPS_RATIO * f["rps"],
+        )
+        self.row(
+            f"  timeouts (client gave up after {plan.wrk_timeout_s} s), per round",
+            *(per_round(timeouts[s]) for s in SIDES),
+            target="<= floor's",
+            verdict=sum(timeouts["gateway"]) <= sum(timeouts["floor"]),
+        )
+        self.row(
+            "  throughput p99 (ms)",
+            *(f"{fig[s]['p99_us'] / 1000:.1f}" for s in SIDES),
+            vs_floor=ratio(g["p99_us"], f["p99_us"]),
+            target=f"< {TARGET_THROUGHPUT_P99_MS}",
+            verdict=g["p99_us"] / 1000 < TARGET_THROUGHPUT_P99_MS,
+        )
+        self.row(
+            "  non-2xx and other errors (all rounds)",
+            *(f"{other[s]:.0f}" for s in SIDES),
+            target="0",
+            verdict=other["gateway"] == 0,
+        )
         fc, gc = med(cpu["floor"]), med(cpu["gateway"])
-        self.row("  CPU per request under load (us)", "", f"{fc:.0f}", f"{gc:.0f}", vs_floor=ratio(gc, fc))
-        self.row("  CPU-bound ceiling (rps)", "", f"{1e6 / fc:,.0f}" if fc else "n/a", f"{1e6 / gc:,.0f}" if gc else "n/a")
+        self.row(
+            "  CPU per request under load (us)",
+            "",
+            f"{fc:.0f}",
+            f"{gc:.0f}",
+            vs_floor=ratio(gc, fc),
+        )
+        self.row(
+            "  CPU-bound ceiling (rps)",
+            "",
+            f"{1e6 / fc:,.0f}" if fc else "n/a",
+            f"{1e6 / gc:,.0f}" if gc else "n/a",
+        )
         self.summary.update(cpu_floor=fc, cpu_gateway=gc)
         self.headline["floor"]["throughput"] = f"{f['rps']:,.0f} rps"
-        self.headline["gateway"]["throughput"] = f"{g['rps']:,.0f} rps ({ratio(g['rps'], f['rps'])})"
+        self.headline["gateway"]["throughput"] = (
+            f"{g['rps']:,.0f} rps ({ratio(g['rps'], f['rps'])})"
+        )
         for side in ("floor", "gateway"):
-            self.headline[side]["timeouts at 256 conns"] = f"{sum(timeouts[side]):.0f} ({per_round(timeouts[side])} a round)"
+            self.headline[side]["timeouts at 256 conns"] = (
+                f"{sum(timeouts[side]):.0f} ({per_round(timeouts[side])} a round)"
+            )
             self.headline[side]["CPU per request"] = f"{med(cpu[side]):.0f} us"
 
     # 3. streaming
@@ -304,11 +445,17 @@ class Bench:
         for _, side, port in self.rounds():
             raw = probes.request_bytes(port, KEY, CHAT_STREAM)
             before = self.cpu(side)
-            replies: list[Reply] = run_async(probes.stream_workers(port, raw, plan.stream_workers, plan.streams_per_worker, stagger))
+            replies: list[Reply] = run_async(
+                probes.stream_workers(
+                    port, raw, plan.stream_workers, plan.streams_per_worker, stagger
+                )
+            )
             cpu[side] += self.cpu(side) - before
             if side == "gateway":
                 streams += len(replies)
-            incomplete += sum(1 for r in replies if r.error or not r.saw_done or r.stamped != plan.chunks)
+            incomplete += sum(
+                1 for r in replies if r.error or not r.saw_done or r.stamped != plan.chunks
+            )
             ttfb = [r.ttfb_ms for r in replies if r.first_event_at]
             delays = [d for r in replies for d in r.chunk_delays_ms()]
             gaps = [g for r in replies for g in r.extra_gaps_ms()]
@@ -321,27 +468,56 @@ class Bench:
         m = {s: {k: med(v) for k, v in figs[s].items()} for s in SIDES}
 
         def added(key: str, base: str = "") -> dict[str, float]:
-            return {s: med([a - b for a, b in zip(figs[s][key], figs["direct"][base or key], strict=True)]) for s in SIDES}
+            return {
+                s: med(
+                    [a - b for a, b in zip(figs[s][key], figs["direct"][base or key], strict=True)]
+                )
+                for s in SIDES
+            }
 
         t50, t99 = added("ttfb50"), added("ttfb99")
         # A chunk "delayed" by a proxy: its delay beyond what a direct chunk typically takes.
         extra = added("delaymax", "delay50")
         self.summary["ttft_added"] = t50["gateway"]
         n = plan.stream_workers * plan.streams_per_worker
-        self.row(f"stream ttfb p50 (ms, {n} a round)", *(f"{m[s]['ttfb50']:.3f}" for s in SIDES), f"{t50['floor']:+.3f}",
-                 f"{t50['gateway']:+.3f}", f"{t50['gateway'] - t50['floor']:+.2f}", f"<= floor's +{TARGET_TTFB_OVER_FLOOR_MS}",
-                 t50["gateway"] - t50["floor"] <= TARGET_TTFB_OVER_FLOOR_MS)
-        self.row("stream ttfb p99 (ms)", *(f"{m[s]['ttfb99']:.3f}" for s in SIDES), f"{t99['floor']:+.3f}", f"{t99['gateway']:+.3f}",
-                 f"{t99['gateway'] - t99['floor']:+.2f}")
+        self.row(
+            f"stream ttfb p50 (ms, {n} a round)",
+            *(f"{m[s]['ttfb50']:.3f}" for s in SIDES),
+            f"{t50['floor']:+.3f}",
+            f"{t50['gateway']:+.3f}",
+            f"{t50['gateway'] - t50['floor']:+.2f}",
+            f"<= floor's +{TARGET_TTFB_OVER_FLOOR_MS}",
+            t50["gateway"] - t50["floor"] <= TARGET_TTFB_OVER_FLOOR_MS,
+        )
+        self.row(
+            "stream ttfb p99 (ms)",
+            *(f"{m[s]['ttfb99']:.3f}" for s in SIDES),
+            f"{t99['floor']:+.3f}",
+            f"{t99['gateway']:+.3f}",
+            f"{t99['gateway'] - t99['floor']:+.2f}",
+        )
         self.row("chunk delay p50 (ms)", *(f"{m[s]['delay50']:.3f}" for s in SIDES))
-        self.row("chunk delay max (ms)", *(f"{m[s]['delaymax']:.3f}" for s in SIDES), f"{extra['floor']:+.3f}", f"{extra['gateway']:+.3f}",
-                 target=f"<= +{TARGET_CHUNK_EXTRA_MS}", verdict=extra["gateway"] <= TARGET_CHUNK_EXTRA_MS)
+        self.row(
+            "chunk delay max (ms)",
+            *(f"{m[s]['delaymax']:.3f}" for s in SIDES),
+            f"{extra['floor']:+.3f}",
+            f"{extra['gateway']:+.3f}",
+            target=f"<= +{TARGET_CHUNK_EXTRA_MS}",
+            verdict=extra["gateway"] <= TARGET_CHUNK_EXTRA_MS,
+        )
         self.row("largest extra gap (ms)", *(f"{m[s]['gap']:.3f}" for s in SIDES))
         per = {s: cpu[s] / max(1, streams) * 1e6 for s in SIDES}
-        self.row(f"  CPU per stream (us, {plan.chunks} chunks)", "", f"{per['floor']:.0f}", f"{per['gateway']:.0f}",
-                 vs_floor=ratio(per["gateway"], per["floor"]))
+        self.row(
+            f"  CPU per stream (us, {plan.chunks} chunks)",
+            "",
+            f"{per['floor']:.0f}",
+            f"{per['gateway']:.0f}",
+            vs_floor=ratio(per["gateway"], per["floor"]),
+        )
         self.headline["floor"]["stream TTFB added"] = f"+{t50['floor']:.2f} ms"
-        self.headline["gateway"]["stream TTFB added"] = f"+{t50['gateway']:.2f} ms ({t50['gateway'] - t50['floor']:+.2f})"
+        self.headline["gateway"]["stream TTFB added"] = (
+            f"+{t50['gateway']:.2f} ms ({t50['gateway'] - t50['floor']:+.2f})"
+        )
         if incomplete:
             self.row("streams incomplete", gateway=str(incomplete), target="0", verdict=False)
 
@@ -355,8 +531,12 @@ class Bench:
         for _, side, port in self.rounds():
             raw = probes.request_bytes(port, KEY, CHAT_STREAM, extra)
             timeout = plan.many_chunks * plan.many_gap_ms / 1000 + 30
-            replies, _ = run_async(probes.many_streams(port, raw, plan.many, plan.many_spread_s, timeout))
-            done = sum(1 for r in replies if not r.error and r.saw_done and r.stamped == plan.many_chunks)
+            replies, _ = run_async(
+                probes.many_streams(port, raw, plan.many, plan.many_spread_s, timeout)
+            )
+            done = sum(
+                1 for r in replies if not r.error and r.saw_done and r.stamped == plan.many_chunks
+            )
             delays = [d for r in replies for d in r.chunk_delays_ms()]
             stalls = sum(1 for r in replies if any(d > STALL_MS for d in r.chunk_delays_ms()))
             f = figs[side]
@@ -367,10 +547,20 @@ class Bench:
         m = {s: {k: med(v) for k, v in figs[s].items()} for s in SIDES}
         worst_done, worst_stalls = min(figs["gateway"]["done"]), max(figs["gateway"]["stalls"])
         label = f"{plan.many} streams x {plan.many_chunks} chunks, {plan.many_gap_ms} ms"
-        self.row(f"completed ({label})", *(f"{m[s]['done']:.0f}" for s in SIDES), target=f"{plan.many}", verdict=worst_done == plan.many)
+        self.row(
+            f"completed ({label})",
+            *(f"{m[s]['done']:.0f}" for s in SIDES),
+            target=f"{plan.many}",
+            verdict=worst_done == plan.many,
+        )
         self.row("  chunk delay p99 (ms)", *(f"{m[s]['delay99']:.2f}" for s in SIDES))
         self.row("  chunk delay max (ms)", *(f"{m[s]['delaymax']:.2f}" for s in SIDES))
-        self.row(f"  stalled streams (> {STALL_MS} ms)", *(f"{max(figs[s]['stalls']):.0f}" for s in SIDES), target="0", verdict=worst_stalls == 0)
+        self.row(
+            f"  stalled streams (> {STALL_MS} ms)",
+            *(f"{max(figs[s]['stalls']):.0f}" for s in SIDES),
+            target="0",
+            verdict=worst_stalls == 0,
+        )
 
     # 5. memory
 
@@ -382,7 +572,9 @@ class Bench:
 
         async def soak_and_sample() -> tuple[int, int]:
             await probes.steady_rate(port, raw, plan.soak_rate, plan.soak_warmup_seconds)
-            task = asyncio.create_task(probes.steady_rate(port, raw, plan.soak_rate, plan.soak_seconds))
+            task = asyncio.create_task(
+                probes.steady_rate(port, raw, plan.soak_rate, plan.soak_seconds)
+            )
             while not task.done():
                 samples.append(rss_mb(self.gw_pid))
                 await asyncio.sleep(1)
@@ -392,18 +584,45 @@ class Bench:
         sent, failed = run_async(soak_and_sample())
         growth = samples[-1] - samples[0]
         self.summary["soak_growth"] = growth
-        self.row(f"gateway soak {plan.soak_seconds} s at {plan.soak_rate} rps: sent/failed", gateway=f"{sent}/{failed}",
-                 target="0 failed", verdict=failed == 0)
-        self.row("  gateway RSS growth (MB)", gateway=f"{samples[0]:.1f}->{samples[-1]:.1f}", gateway_added=f"{growth:+.2f}",
-                 target=f"<= +{SOAK_GROWTH_TOLERANCE_MB}", verdict=growth <= SOAK_GROWTH_TOLERANCE_MB)
+        self.row(
+            f"gateway soak {plan.soak_seconds} s at {plan.soak_rate} rps: sent/failed",
+            gateway=f"{sent}/{failed}",
+            target="0 failed",
+            verdict=failed == 0,
+        )
+        self.row(
+            "  gateway RSS growth (MB)",
+            gateway=f"{samples[0]:.1f}->{samples[-1]:.1f}",
+            gateway_added=f"{growth:+.2f}",
+            target=f"<= +{SOAK_GROWTH_TOLERANCE_MB}",
+            verdict=growth <= SOAK_GROWTH_TOLERANCE_MB,
+        )
 
     def memory_rows(self, idle: dict[str, float]) -> None:
         peak = {s: rss_mb(self.pid(s), "VmHWM") for s in ("floor", "gateway")}
         self.summary["rss_idle"], self.summary["rss_peak"] = idle["gateway"], peak["gateway"]
-        self.row("RSS idle (MB)", "", f"{idle['floor']:.1f}", f"{idle['gateway']:.1f}", vs_floor=ratio(idle["gateway"], idle["floor"]),
-                 target=f"< {TARGET_IDLE_RSS_MB}", verdict=idle["gateway"] < TARGET_IDLE_RSS_MB)
-        self.row("RSS peak (MB)", "", f"{peak['floor']:.1f}", f"{peak['gateway']:.1f}", vs_floor=ratio(peak["gateway"], peak["floor"]))
-        self.row("RSS at the end (MB)", "", f"{rss_mb(self.pid('floor')):.1f}", f"{rss_mb(self.gw_pid):.1f}")
+        self.row(
+            "RSS idle (MB)",
+            "",
+            f"{idle['floor']:.1f}",
+            f"{idle['gateway']:.1f}",
+            vs_floor=ratio(idle["gateway"], idle["floor"]),
+            target=f"< {TARGET_IDLE_RSS_MB}",
+            verdict=idle["gateway"] < TARGET_IDLE_RSS_MB,
+        )
+        self.row(
+            "RSS peak (MB)",
+            "",
+            f"{peak['floor']:.1f}",
+            f"{peak['gateway']:.1f}",
+            vs_floor=ratio(peak["gateway"], peak["floor"]),
+        )
+        self.row(
+            "RSS at the end (MB)",
+            "",
+            f"{rss_mb(self.pid('floor')):.1f}",
+            f"{rss_mb(self.gw_pid):.1f}",
+        )
         for side in ("floor", "gateway"):
             self.headline[side]["RSS idle / peak"] = f"{idle[side]:.0f} / {peak[side]:.0f} MB"
 
@@ -411,7 +630,15 @@ class Bench:
         for side in SIDES:
             port = self.ports[side]
             probes.sequential_latencies(port, probes.request_bytes(port, KEY, CHAT), 200)
-            run_async(probes.stream_workers(port, probes.request_bytes(port, KEY, CHAT_STREAM, {"x-mock-gap-ms": "1"}), 4, 2, 0))
+            run_async(
+                probes.stream_workers(
+                    port,
+                    probes.request_bytes(port, KEY, CHAT_STREAM, {"x-mock-gap-ms": "1"}),
+                    4,
+                    2,
+                    0,
+                )
+            )
 
 
 def check_tools() -> None:
@@ -421,14 +648,26 @@ def check_tools() -> None:
             "(`make bench` does this), elsewhere see https://github.com/wg/wrk."
         )
     if shutil.which("taskset") is None:
-        print("bench: taskset not found (util-linux): processes will not be pinned", file=sys.stderr)
+        print(
+            "bench: taskset not found (util-linux): processes will not be pinned", file=sys.stderr
+        )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the gateway against a bare passthrough and direct calls to a mock provider.")
-    parser.add_argument("--quick", action="store_true", help="shorter runs: the whole thing in under a minute")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, interaction log)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed (else 0 once the run completes)")
+    parser = argparse.ArgumentParser(
+        description="Benchmark the gateway against a bare passthrough and direct calls to a mock provider."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter runs: the whole thing in under a minute"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (logs, interaction log)"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed (else 0 once the run completes)",
+    )
     parser.add_argument(
         "--normal-priority",
         action="store_true",
@@ -439,12 +678,16 @@ def main() -> int:
     check_tools()
     plan = QUICK if args.quick else Plan()
     if (os.cpu_count() or 1) < 2:
-        raise SystemExit("bench: needs 2 cores (floor and gateway on one, load and mock on the other)")
+        raise SystemExit(
+            "bench: needs 2 cores (floor and gateway on one, load and mock on the other)"
+        )
     os.sched_setaffinity(0, {LOAD_CORE})  # this script's own clients run beside the mock
     priority = "normal (nice 0)"
     if not args.normal_priority:
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, -20)  # inherited by the mock, the floor, the gateway and wrk
+            os.setpriority(
+                os.PRIO_PROCESS, 0, -20
+            )  # inherited by the mock, the floor, the gateway and wrk
             priority = "nice -20 for every bench process, every contender alike"
         except PermissionError:
             priority = "normal (nice -20 needs root)"
@@ -454,14 +697,25 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llm-gateway-bench-"))
     busy_before, before = busy_cpu_seconds(), time.monotonic()
     time.sleep(1.0)
-    background = (busy_cpu_seconds() - busy_before) / (time.monotonic() - before) / (os.cpu_count() or 1)
+    background = (
+        (busy_cpu_seconds() - busy_before) / (time.monotonic() - before) / (os.cpu_count() or 1)
+    )
     if background > 0.05:
-        print(f"bench: warning: the machine is {background:.0%} busy before the run: other processes will add noise", file=sys.stderr)
+        print(
+            f"bench: warning: the machine is {background:.0%} busy before the run: other processes will add noise",
+            file=sys.stderr,
+        )
     started, busy_start, own_start = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds()
     try:
         bench = Bench(plan, procs, tmp)
-        print(f"bench: {'quick' if args.quick else 'full'} run, {plan.reps} rounds per figure, temp dir {tmp}", flush=True)
-        print(f"  {'':<40} {'direct':>9} {'floor':>10} {'gateway':>10} {'+floor':>8} {'+gateway':>8} {'g/floor':>7}", flush=True)
+        print(
+            f"bench: {'quick' if args.quick else 'full'} run, {plan.reps} rounds per figure, temp dir {tmp}",
+            flush=True,
+        )
+        print(
+            f"  {'':<40} {'direct':>9} {'floor':>10} {'gateway':>10} {'+floor':>8} {'+gateway':>8} {'g/floor':>7}",
+            flush=True,
+        )
         bench.start_mock()
         bench.mock_ceiling()
         bench.start_floor()
@@ -480,8 +734,10 @@ def main() -> int:
         ours = own_cpu_seconds() - own_start + sum(process_cpu_seconds(bench.pid(s)) for s in SIDES)
         elapsed = time.monotonic() - started
         foreign = max(0.0, busy_cpu_seconds() - busy_start - ours) / elapsed / (os.cpu_count() or 1)
-        noise = (f"priority: {priority}; other processes on the machine: {background:.0%} of its CPU "
-                 f"before the run, {foreign:.0%} during it")
+        noise = (
+            f"priority: {priority}; other processes on the machine: {background:.0%} of its CPU "
+            f"before the run, {foreign:.0%} during it"
+        )
         report(bench, plan, args.quick, uvloop, log_lines, elapsed, noise)
         return 1 if args.strict and not all(bench.passed.values()) else 0
     except KeyboardInterrupt:
@@ -493,37 +749,76 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(bench: Bench, plan: Plan, quick: bool, uvloop: dict[str, bool], log_lines: int, elapsed: float, noise: str) -> None:
+def report(
+    bench: Bench,
+    plan: Plan,
+    quick: bool,
+    uvloop: dict[str, bool],
+    log_lines: int,
+    elapsed: float,
+    noise: str,
+) -> None:
     s = bench.summary
     print()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, Linux {platform.release()})")
-    print(f"python {platform.python_version()}; uvloop: " + ", ".join(f"{side} {'yes' if on else 'no'}" for side, on in uvloop.items())
-          + f"; floor and gateway on core {GATEWAY_CORE}, mock + load on core {LOAD_CORE}; gateway: quotas on, "
-          f"interaction log to a file ({log_lines:,} lines)")
-    print(f"mock ceiling: {bench.ceiling:,.0f} rps (its own core, no delay); run: {'--quick' if quick else 'full'}, "
-          f"median of {plan.reps} interleaved rounds each, {elapsed:.0f} s")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores ({platform.machine()}, Linux {platform.release()})"
+    )
+    print(
+        f"python {platform.python_version()}; uvloop: "
+        + ", ".join(f"{side} {'yes' if on else 'no'}" for side, on in uvloop.items())
+        + f"; floor and gateway on core {GATEWAY_CORE}, mock + load on core {LOAD_CORE}; gateway: quotas on, "
+        f"interaction log to a file ({log_lines:,} lines)"
+    )
+    print(
+        f"mock ceiling: {bench.ceiling:,.0f} rps (its own core, no delay); run: {'--quick' if quick else 'full'}, "
+        f"median of {plan.reps} interleaved rounds each, {elapsed:.0f} s"
+    )
     print(noise)
     print()
-    headers = ("measure", "direct", "floor", "gateway", "floor added", "gateway added", "gateway/floor", "target", "")
+    headers = (
+        "measure",
+        "direct",
+        "floor",
+        "gateway",
+        "floor added",
+        "gateway added",
+        "gateway/floor",
+        "target",
+        "",
+    )
     widths = [max(len(str(r[i])) for r in [headers, *bench.rows]) for i in range(len(headers))]
-    line = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{widths[i]}}}" for i in range(len(headers)))
+    line = "  ".join(
+        f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{widths[i]}}}" for i in range(len(headers))
+    )
     print(line.format(*headers))
     print("  ".join("-" * w for w in widths))
     for row in bench.rows:
         print(line.format(*row))
     print()
     failed = [name for name, ok in bench.passed.items() if not ok]
-    print(f"targets: {len(bench.passed) - len(failed)}/{len(bench.passed)} met" + (f"; missed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"targets: {len(bench.passed) - len(failed)}/{len(bench.passed)} met"
+        + (f"; missed: {', '.join(failed)}" if failed else "")
+    )
     print()
-    order = ("throughput", "timeouts at 256 conns", "added p50 at c=1", "stream TTFB added", "RSS idle / peak", "CPU per request")
+    order = (
+        "throughput",
+        "timeouts at 256 conns",
+        "added p50 at c=1",
+        "stream TTFB added",
+        "RSS idle / peak",
+        "CPU per request",
+    )
     columns = [c for c in order if c in bench.headline["gateway"]]
     print("| | " + " | ".join(columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")
     for side, name in (("floor", "bare passthrough"), ("gateway", "llm-gateway")):
         print(f"| {name} | " + " | ".join(bench.headline[side].get(c, "") for c in columns) + " |")
     print()
-    print(f"bench: added p50 {s['added_p50']:.2f} ms, p99 {s['added_p99']:.2f} ms, {s['rps']:.0f} rps/core, "
-          f"stream ttft {s['ttft_added']:+.2f} ms, rss {s['rss_idle']:.0f} MB")
+    print(
+        f"bench: added p50 {s['added_p50']:.2f} ms, p99 {s['added_p99']:.2f} ms, {s['rps']:.0f} rps/core, "
+        f"stream ttft {s['ttft_added']:+.2f} ms, rss {s['rss_idle']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -94,14 +94,29 @@ def start(procs: Processes, tmp: Path) -> dict[str, tuple[int, int]]:
     """The mock, the sink and both gateways: side → (port, pid)."""
     mock_port, sink_port = free_port(), free_port()
     log = tmp / "mock.log"
-    mock = procs.start([sys.executable, str(BENCH / "mock_provider.py"), "--port", str(mock_port), "--delay-ms", "0"], LOAD_CORE, log)
+    mock = procs.start(
+        [
+            sys.executable,
+            str(BENCH / "mock_provider.py"),
+            "--port",
+            str(mock_port),
+            "--delay-ms",
+            "0",
+        ],
+        LOAD_CORE,
+        log,
+    )
     wait_until(lambda: listening(mock_port), "the mock provider", mock, log)
     log = tmp / "sink.log"
-    sink = procs.start([sys.executable, str(BENCH / "tracing.py"), "--sink", str(sink_port)], LOAD_CORE, log)
+    sink = procs.start(
+        [sys.executable, str(BENCH / "tracing.py"), "--sink", str(sink_port)], LOAD_CORE, log
+    )
     wait_until(lambda: listening(sink_port), "the sink collector", sink, log)
     keys = {
         "providers": {"openai": {"base_url": f"http://127.0.0.1:{mock_port}/v1"}},
-        "virtual_keys": {KEY: {"provider": "openai", "api_key": "sk-bench", "quota": {"requests": 100_000_000}}},
+        "virtual_keys": {
+            KEY: {"provider": "openai", "api_key": "sk-bench", "quota": {"requests": 100_000_000}}
+        },
     }
     keys_path = tmp / "keys.json"
     keys_path.write_text(json.dumps(keys))
@@ -112,17 +127,34 @@ def start(procs: Processes, tmp: Path) -> dict[str, tuple[int, int]]:
         env = dict(base)
         if side == "on":
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
-        argv = [sys.executable, str(ROOT / "gateway.py"), "--server-host", "127.0.0.1", "--server-port", str(port),
-                "--keys-file-path", str(keys_path), "--log-to-file", "true",
-                "--log-file-path", str(tmp / f"interactions-{side}.jsonl"), "--workers", "1"]
+        argv = [
+            sys.executable,
+            str(ROOT / "gateway.py"),
+            "--server-host",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+            "--keys-file-path",
+            str(keys_path),
+            "--log-to-file",
+            "true",
+            "--log-file-path",
+            str(tmp / f"interactions-{side}.jsonl"),
+            "--workers",
+            "1",
+        ]
         child = procs.start(argv, GATEWAY_CORE, log, env=env)
         wait_until(lambda port=port: healthy(port), f"the gateway (tracing {side})", child, log)
         sides[side] = (port, child.pid)
     return sides
 
 
-def measure(sides: dict[str, tuple[int, int]], rounds: int, requests: int) -> dict[str, dict[str, list[float]]]:
-    figures: dict[str, dict[str, list[float]]] = {side: {"cpu_us": [], "p50_us": []} for side in SIDES}
+def measure(
+    sides: dict[str, tuple[int, int]], rounds: int, requests: int
+) -> dict[str, dict[str, list[float]]]:
+    figures: dict[str, dict[str, list[float]]] = {
+        side: {"cpu_us": [], "p50_us": []} for side in SIDES
+    }
     for port, _ in sides.values():  # warm up: imports, connections, caches
         sequential_latencies(port, request_bytes(port, KEY, CHAT), 200)
     for number in range(rounds):
@@ -145,8 +177,12 @@ def report(figures: dict[str, dict[str, list[float]]], rounds: int, requests: in
     print()
     print("| | tracing off | tracing on | cost of tracing |")
     print("| --- | --- | --- | --- |")
-    print(f"| gateway CPU per request (µs) | {cpu['off']:.0f} | {cpu['on']:.0f} | {cpu['on'] - cpu['off']:+.0f} |")
-    print(f"| latency p50 at c=1 (µs) | {p50['off']:.0f} | {p50['on']:.0f} | {p50['on'] - p50['off']:+.0f} |")
+    print(
+        f"| gateway CPU per request (µs) | {cpu['off']:.0f} | {cpu['on']:.0f} | {cpu['on'] - cpu['off']:+.0f} |"
+    )
+    print(
+        f"| latency p50 at c=1 (µs) | {p50['off']:.0f} | {p50['on']:.0f} | {p50['on'] - p50['off']:+.0f} |"
+    )
 
 
 if __name__ == "__main__":

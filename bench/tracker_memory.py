@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.memory_tracker import MemoryTracker
-from proxy.tracker import Charge, Limits
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.tracker import Charge, Limits
 
 LIMIT = 100
 MB = 1024 * 1024

@@ -21,32 +21,32 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
-from proxy.admin import Admin
-from proxy.breaker import BreakerPolicy, Breakers
-from proxy.cors import Cors
-from proxy.credentials import presents_token
+from proxy.endpoints.admin import Admin
+from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
-from proxy.expect import expect_handler
-from proxy.failover import Failover, RetryPolicy
-from proxy.health import Health
-from proxy.keys import Defaults, KeyRing
-from proxy.lockout import Lockout
-from proxy.logbook import Logbook
-from proxy.memory_tracker import MemoryTracker
-from proxy.metrics import Metrics
-from proxy.pricing import Prices
-from proxy.quota import Quota
-from proxy.realtime import Realtime
+from proxy.keys.credentials import presents_token
+from proxy.keys.keys import Defaults, KeyRing
+from proxy.keys.lockout import Lockout
+from proxy.keys.reload import KeysFile
+from proxy.observe.health import Health
+from proxy.observe.logbook import Logbook
+from proxy.observe.metrics import Metrics
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.quota import Quota
+from proxy.quota.tracker import Budget, Tracker
+from proxy.realtime.realtime import Realtime
 from proxy.record import own_request_id
-from proxy.relay import Relay, keep_untyped
-from proxy.reload import KeysFile
+from proxy.relay.cors import Cors
+from proxy.relay.expect import expect_handler
+from proxy.relay.relay import Relay, keep_untyped
 from proxy.settings import Settings
-from proxy.tracker import Budget, Tracker
-from proxy.usage import TapMemory
-from proxy.usage_report import UsageReport
+from proxy.upstream.breaker import BreakerPolicy, Breakers
+from proxy.upstream.failover import Failover, RetryPolicy
+from proxy.usage.pricing import Prices
+from proxy.usage.usage import TapMemory
 
 if TYPE_CHECKING:
-    from proxy.tracing import Tracing
+    from proxy.observe.tracing import Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -179,7 +179,9 @@ def build_app(
         secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
     )
     if settings.is_tracing_on:
-        from proxy.tracing import Tracing  # the OpenTelemetry SDK loads only when it is used
+        from proxy.observe.tracing import (
+            Tracing,  # the OpenTelemetry SDK loads only when it is used
+        )
 
         app[TRACING] = Tracing(settings.otel, on_export_failure=metrics.trace_export_failed)
         app.cleanup_ctx.append(_tracing)
@@ -261,7 +263,7 @@ def new_tracker(settings: Settings) -> Tracker:
     """Redis when REDIS_URL is set (shared by every process), else in this process's memory."""
     if settings.redis_url is None:
         return MemoryTracker()
-    from proxy.redis_tracker import RedisTracker
+    from proxy.quota.redis_tracker import RedisTracker
 
     return RedisTracker(settings.redis_url)
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.tracing import Trace  # the SDK loads only when tracing is on
+    from proxy.observe.tracing import Trace  # the SDK loads only when tracing is on
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.keys import masked
+from proxy.keys.keys import masked
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,

@@ -22,10 +22,10 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from proxy.app import QUOTA, build_app
-from proxy.memory_tracker import MAX_OWED, MemoryTracker
+from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
 from proxy.record import Usage
 from proxy.settings import Settings
-from proxy.usage import Charged, UsageTap, charged
+from proxy.usage.usage import Charged, UsageTap, charged
 from tests.conftest import OPENAI_VK, SECRETS, auth, keys_document
 from tests.fake_provider import FakeState
 from tests.processes import Processes, start_gateway

@@ -25,8 +25,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import QUOTA, build_app
+from proxy.quota.tracker import KINDS
 from proxy.settings import Settings
-from proxy.tracker import KINDS
 from tests.conftest import ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, auth, keys_document
 from tests.fake_provider import FakeState
 

@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import FAILOVER, build_app
-from proxy.fields import KeysFileError
+from proxy.keys.fields import KeysFileError
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth
 from tests.fake_provider import FakeState, Fault, credential

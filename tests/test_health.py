@@ -8,9 +8,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, Breakers
-from proxy.health import Health, is_upstream_failure
+from proxy.observe.health import Health, is_upstream_failure
 from proxy.record import CLIENT_CLOSED, Outcome, Record
+from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, Breakers
 
 Client = TestClient[web.Request, web.Application]
 

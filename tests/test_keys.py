@@ -10,8 +10,8 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.errors import GatewayError
-from proxy.fields import check_fields
-from proxy.keys import Defaults, KeyRing, KeysFileError, masked
+from proxy.keys.fields import check_fields
+from proxy.keys.keys import Defaults, KeyRing, KeysFileError, masked
 from tests.processes import refused
 
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)

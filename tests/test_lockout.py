@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.errors import GatewayError
-from proxy.lockout import Lockout
+from proxy.keys.lockout import Lockout
 from tests.conftest import (
     ANTHROPIC_VK,
     OPENAI_VK,

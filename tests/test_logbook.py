@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.logbook import Logbook, rfc3339
+from proxy.observe.logbook import Logbook, rfc3339
 from proxy.record import Record, Usage
 
 RFC3339_MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import MODEL_LABEL_VALUES, Metrics
+from proxy.observe.metrics import MODEL_LABEL_VALUES, Metrics
+from proxy.observe.worker_metrics import forget_worker
 from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
-from proxy.worker_metrics import forget_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -283,7 +283,7 @@ def test_multiprocess_mode_sums_two_workers(tmp_path: Path, restore_value_class:
 
 WORKER = """
 import sys
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from proxy.record import Record, Usage
 
 metrics = Metrics(multiprocess_dir=sys.argv[1])
@@ -346,7 +346,7 @@ async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_pro
 
 
 def test_upstream_error_kinds_cover_every_provider_failure() -> None:
-    from proxy.metrics import UPSTREAM_ERROR_KINDS
+    from proxy.observe.metrics import UPSTREAM_ERROR_KINDS
     from proxy.record import PROVIDER_FAILURES
 
     assert set(UPSTREAM_ERROR_KINDS) == {

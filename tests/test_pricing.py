@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from genai_prices import data_snapshot
 
-from proxy.pricing import Prices, PricesFileError
 from proxy.record import Usage
+from proxy.usage.pricing import Prices, PricesFileError
 from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
 from tests.processes import refused
 

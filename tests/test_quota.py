@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
-from proxy.ratelimit import duration
+from proxy.quota.ratelimit import duration
 from proxy.settings import Settings
 from tests.conftest import (
     ANTHROPIC_VK,
@@ -171,12 +171,15 @@ async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refus
     assert first.headers["x-ratelimit-remaining-tokens"] == "8"
     await first.read()
     (line,) = await records(1)
-    assert line["usage"].items() >= {
-        "prompt_tokens": 1,
-        "completion_tokens": 8,
-        "total_tokens": 9,
-        "estimated": False,
-    }.items()
+    assert (
+        line["usage"].items()
+        >= {
+            "prompt_tokens": 1,
+            "completion_tokens": 8,
+            "total_tokens": 9,
+            "estimated": False,
+        }.items()
+    )
     # 9 of 10 used: still under, so admitted, and it overshoots by its own tokens.
     second = await gateway.post(
         "/v1/chat/completions", json=CHAT, headers={**auth(QUOTA_VK), "x-fake-chunks": "8"}

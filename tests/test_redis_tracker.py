@@ -18,9 +18,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.memory_tracker import MemoryTracker
-from proxy.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
-from proxy.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
+from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.processes import Processes, refused, start_gateway
 from tests.redis_server import RedisServer, free_port

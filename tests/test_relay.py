@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.keys import masked
-from proxy.relay import IDLE_SLACK, extend
+from proxy.keys.keys import masked
+from proxy.relay.relay import IDLE_SLACK, extend
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.errors import GatewayError
-from proxy.routing import route
+from proxy.relay.routing import route
 from tests.conftest import OPENAI_VK, assert_openai_error, auth
 
 

@@ -18,11 +18,11 @@ from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI
 
 from proxy.app import build_app
-from proxy.fields import Defaults
-from proxy.keys import KeyRing, KeysFileError
+from proxy.keys.fields import Defaults
+from proxy.keys.keys import KeyRing, KeysFileError
+from proxy.relay.stream_usage import UsageChunkFilter, amend
 from proxy.settings import Settings
-from proxy.stream_usage import UsageChunkFilter, amend
-from proxy.usage import UsageTap
+from proxy.usage.usage import UsageTap
 from tests.conftest import OPENAI_REAL, OPENAI_VK, keys_document
 from tests.fake_provider import FakeState
 

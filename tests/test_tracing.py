@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from proxy.app import KEY_RING, TRACING, build_app
 from proxy.settings import SettingError, Settings
-from proxy.usage import UsageTap
+from proxy.usage.usage import UsageTap
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,

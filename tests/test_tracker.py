@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.memory_tracker import MemoryTracker
-from proxy.tracker import KINDS, Admission, Budget, Charge, Limits
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.tracker import KINDS, Admission, Budget, Charge, Limits
 
 KEY = "key-digest-1"
 NO_KIND_TOTALS = dict.fromkeys(KINDS, 0)

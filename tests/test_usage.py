@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import (
+from proxy.usage.usage import (
     MAX_HELD_BYTES,
     TAIL_BYTES,
     WHOLE_PARSE_BYTES,

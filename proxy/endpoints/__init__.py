@@ -1,0 +1,1 @@
+"""The gateway's own endpoints beside the relay: `/admin/*` (admin) and `/usage` (usage_report)."""

@@ -1,0 +1,132 @@
+"""The admin endpoints, off unless ADMIN_TOKEN is set: `GET /admin/keys`, `POST /admin/reload`.
+
+Unset, every `/admin` path answers 404, as if it did not exist. Set, every `/admin` path
+needs `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time
+(`credentials.presents_token`); a missing or wrong token gets 401. The app puts these
+routes behind `lockout.guarded`, so each 401 is a failed authentication like a wrong
+virtual key: a warning line with the client's address, a count in
+`llm_gateway_auth_failures_total`, and the address throttled after too many.
+
+`/admin/keys` shows what an operator needs to check that a change took: each key's name,
+provider, masked key, limits, allowed models and current window usage. Never a real key
+or a full virtual key: only `keys.masked` of the virtual key goes out.
+
+`POST /admin/reload` reloads keys.json in this process and answers whether it took; with
+WORKERS > 1 it then asks the supervisor to pass SIGHUP to every worker (this one
+included, which then reloads the same file again), so no worker keeps the old keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import errors
+from proxy.errors import GatewayError
+from proxy.keys.credentials import presents_token
+from proxy.keys.keys import KeyRing, VirtualKey, masked
+from proxy.keys.reload import KeysFile
+from proxy.quota.quota import Quota
+from proxy.quota.tracker import TrackerUnavailable
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Admin:
+    """The admin endpoints over the live key ring, the quota and the keys file."""
+
+    def __init__(
+        self,
+        token: str | None,
+        key_ring: KeyRing,
+        quota: Quota,
+        keys_file: KeysFile,
+        reload_workers: Callable[[], None] | None = None,
+    ) -> None:
+        self._token = token
+        self._key_ring = key_ring
+        self._quota = quota
+        self._keys_file = keys_file
+        self._reload_workers = reload_workers
+
+    def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
+        """The admin routes, before the relay's catch-all; every other /admin path is 404.
+
+        `wrap` is applied to each handler (the app's request id and lockout).
+        """
+        if self._token is not None:
+            router.add_get("/admin/keys", wrap(self._guarded(self.handle_keys)))
+            router.add_post("/admin/reload", wrap(self._guarded(self.handle_reload)))
+        router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
+
+    def _guarded(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self._token is not None and not presents_token(request.headers, self._token):
+                return errors.render(
+                    GatewayError(
+                        401,
+                        "invalid_admin_token",
+                        "Send the gateway's ADMIN_TOKEN as 'Authorization: Bearer <token>'.",
+                    ),
+                    request.path,
+                )
+            return await handler(request)
+
+        return guarded
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return errors.render(GatewayError(404, "unknown_route", "No such endpoint."), request.path)
+
+    async def handle_keys(self, request: web.Request) -> web.Response:
+        """GET /admin/keys: every key, masked, with its limits and its window's usage."""
+        keys = await asyncio.gather(*(self._describe(key) for key in self._key_ring))
+        document = {"config": self._keys_file.config, "keys": keys}
+        return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+    async def _describe(self, key: VirtualKey) -> dict[str, Any]:
+        limits = key.limits
+        usage = None
+        if limits is not None:
+            try:
+                usage = await self._quota.tracker.report(key.id, limits)
+            except TrackerUnavailable:
+                usage = None  # Redis lost: the keys are still worth showing
+        return {
+            "name": key.name,
+            "provider": key.provider.name,
+            "key": masked(key.secret),
+            "limits": None
+            if limits is None
+            else {
+                "requests": limits.requests,
+                "tokens": limits.tokens,
+                "window_seconds": limits.window_seconds,
+            },
+            "allowed_models": None if key.model_patterns is None else list(key.model_patterns),
+            "usage": usage,
+        }
+
+    async def handle_reload(self, request: web.Request) -> web.Response:
+        """POST /admin/reload: 200 with the config in force, or 422 saying why nothing changed."""
+        error = await self._keys_file.reload("POST /admin/reload")
+        if error is not None:
+            return errors.render(
+                GatewayError(
+                    422,
+                    "keys_file_invalid",
+                    f"The keys file was not reloaded; the previous keys stay in force: {error}",
+                ),
+                request.path,
+            )
+        if self._reload_workers is not None:
+            self._reload_workers()
+        document = {
+            "reloaded": True,
+            "keys": len(self._key_ring),
+            "config": self._keys_file.config,
+        }
+        return web.Response(body=orjson.dumps(document), content_type="application/json")

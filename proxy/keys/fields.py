@@ -1,0 +1,188 @@
+"""keys.json's fields: the names each level accepts, and the values several levels share.
+
+A typo in keys.json must stop the start, not pass silently: a top-level `"provider"`
+for `"providers"` would send traffic to the real provider instead of the intended
+`base_url`. Every level of the file (the document, a provider, a key, its quota,
+budget, targets, pool entries and routes) is checked by `check_fields`, against the
+table below; each level's own parser then reads the values, with the parsers here for
+what recurs (a real key, a base URL, a quota, model patterns). Every refusal is one
+`KeysFileError` line naming the file, the key and the field, never a credential.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from yarl import URL
+
+from proxy.quota.tracker import Budget, Limits
+
+
+class KeysFileError(ValueError):
+    """keys.json cannot be used; the message names the file, the key and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """The settings a key falls back to."""
+
+    quota_enabled: bool
+    requests: int
+    tokens: int | None
+    window_seconds: float
+    budget: Budget | None = None  # BUDGET_USD and its window, for keys that name none
+    budget_window_seconds: float = 2592000.0
+
+
+# The fields each level of keys.json accepts, by the level's name in the error message.
+FIELDS: Mapping[str, frozenset[str]] = {
+    "top-level": frozenset({"providers", "virtual_keys"}),
+    "provider": frozenset({"base_url", "auth", "api"}),
+    "key": frozenset(
+        {
+            "provider",
+            "api_key",
+            "api_key_env",
+            "api_keys",
+            "model",
+            "name",
+            "quota",
+            "allowed_models",
+            "fallbacks",
+            "routes",
+            "budget",
+            "stream_usage",
+        }
+    ),
+    "quota": frozenset({"requests", "tokens", "window_seconds"}),
+    "budget": frozenset({"usd", "window_seconds"}),
+    "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model"}),
+    "pool entry": frozenset({"api_key", "api_key_env", "weight"}),
+    "route": frozenset(
+        {"models", "provider", "api_key", "api_key_env", "api_keys", "model", "fallbacks"}
+    ),
+}
+
+
+def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str = "") -> None:
+    """Refuse the first field `level` does not know. Raises KeysFileError.
+
+    `where` starts the message ("keys.json: key 'alice'"); `prefix` names the field's
+    parent ("quota." gives "quota.reqests"). The suggestion comes from difflib.
+    """
+    known = FIELDS[level]
+    for name in entry:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        fields = ", ".join(sorted(known))
+        shown = repr(f"{prefix}{name}"[:80])  # repr: a newline in a name stays on one line
+        raise KeysFileError(f"{where}: {shown} is not a {level} field{hint}; known: {fields}")
+
+
+def base_url(where: str, text: str) -> URL:
+    """The provider's base URL; refused with credentials or a query, never echoing them."""
+    try:
+        url = URL(text)
+    except ValueError:
+        raise KeysFileError(f"{where}: base_url must be an http(s) URL") from None
+    if url.user is not None or url.password is not None:
+        # Upstream auth is the real key's job; a userinfo part would leak in every error.
+        raise KeysFileError(
+            f"{where}: base_url must not carry credentials (user:password@); "
+            "put the real key in api_key or api_key_env"
+        )
+    if url.scheme not in ("http", "https") or not url.host:
+        raise KeysFileError(f"{where}: base_url must be an http(s) URL, got {str(url)!r}")
+    if url.query_string or url.fragment:
+        # The client's path and query are appended to base_url; a query here would break it.
+        raise KeysFileError(f"{where}: base_url must have no query or fragment (after ? or #)")
+    return url
+
+
+def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    """The real key of an entry with exactly one of api_key and api_key_env. Raises KeysFileError."""
+    has_key, has_env = "api_key" in entry, "api_key_env" in entry
+    if has_key == has_env:
+        raise KeysFileError(f"{where}: set exactly one of api_key and api_key_env")
+    if has_key:
+        value = entry["api_key"]
+        if not isinstance(value, str) or not value.strip():
+            raise KeysFileError(f"{where}: api_key must be a non-empty string")
+        return _header_safe(where, "api_key", value.strip())
+    variable = entry["api_key_env"]
+    if not isinstance(variable, str) or not variable:
+        raise KeysFileError(f"{where}: api_key_env must name an environment variable")
+    value = environ.get(variable, "").strip()
+    if not value:
+        raise KeysFileError(f"{where}: api_key_env {variable} is not set")
+    return _header_safe(where, f"api_key_env {variable}", value)
+
+
+def _header_safe(where: str, source: str, value: str) -> str:
+    # The real key goes into a header: a control character (CR, LF) would fail every request.
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
+    return value
+
+
+def limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
+    """A key's quota merged with the defaults; None when quotas are off. Raises KeysFileError."""
+    if quota is None:
+        quota = {}
+    if not isinstance(quota, dict):
+        raise KeysFileError(f"{where}: quota must be an object (requests, tokens, window_seconds)")
+    check_fields(where, quota, "quota", "quota.")
+    if not defaults.quota_enabled:
+        return None
+    requests = quota.get("requests", defaults.requests)
+    tokens = quota.get("tokens", defaults.tokens)
+    window = quota.get("window_seconds", defaults.window_seconds)
+    if not _positive(requests, integer=True):
+        raise KeysFileError(f"{where}: quota.requests must be a positive integer")
+    if tokens is not None and not _positive(tokens, integer=True):
+        raise KeysFileError(f"{where}: quota.tokens must be a positive integer or null")
+    if not _positive(window, integer=False):
+        raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
+    return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
+
+
+def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget | None:
+    """A key's budget, the default one when it names none; null: none. Raises KeysFileError."""
+    if "budget" not in entry:
+        return defaults.budget
+    budget = entry["budget"]
+    if budget is None:
+        return None
+    if not isinstance(budget, dict):
+        raise KeysFileError(f"{where}: budget must be an object (usd, window_seconds)")
+    check_fields(where, budget, "budget", "budget.")
+    usd = budget.get("usd")
+    window = budget.get("window_seconds", defaults.budget_window_seconds)
+    if not _positive(usd, integer=False):
+        raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
+    if not _positive(window, integer=False):
+        raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
+    return Budget(usd=float(usd), window_seconds=float(window))
+
+
+def _positive(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return 0 < value < float("inf")
+
+
+def patterns(where: str, patterns: Any) -> re.Pattern[str] | None:
+    """Shell-style model patterns as one compiled alternation; None: any model."""
+    if patterns is None:
+        return None
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise KeysFileError(f"{where}: allowed_models must be a list of model name patterns")
+    # Shell-style patterns, compiled once into one alternation.
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))

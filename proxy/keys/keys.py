@@ -1,0 +1,258 @@
+"""Virtual keys: load and check keys.json once, then look a presented key up.
+
+Everything is resolved at load: providers joined with their overrides, real keys read
+(`api_key_env` from the environment), quotas merged with the defaults, model patterns
+compiled. A bad file raises `KeysFileError` naming the file, the key's name and the
+field; an unknown field at any level is refused (`proxy.keys.fields`, which also parses the
+values several levels share). `VirtualKey` keeps the virtual and the real key out of its
+`repr`; logs, metrics and errors only ever see `name` (the key masked, unless keys.json
+names it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.errors import GatewayError
+from proxy.keys import fields
+from proxy.keys.credentials import presented
+from proxy.keys.fields import Defaults, KeysFileError, check_fields
+from proxy.keys.plans import parse_plans
+from proxy.quota.tracker import Budget, Limits
+from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
+from proxy.upstream.targets import Plans, Target
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualKey:
+    """A client's key, resolved: where it goes, with which real key, under which limits."""
+
+    secret: str = field(repr=False)
+    name: str
+    # A digest of the name: the tracker's handle, shared across processes, and kept by a
+    # reload that rotates the secret under the same name, so the key keeps its window.
+    id: str
+    plans: Plans  # where its requests go: a target, fallbacks, routes by model
+    limits: Limits | None  # None: quotas off
+    allowed_models: re.Pattern[str] | None = None  # None: any model
+    model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
+    # "stream_usage": "exact": ask OpenAI streams for their usage chunk (stream_usage.py).
+    exact_stream_usage: bool = False
+    budget: Budget | None = None  # None: no spending cap
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
+
+    @property
+    def reserves(self) -> bool:
+        """True when admission reserves an estimate: the key has a token limit or a budget."""
+        has_token_limit = self.limits is not None and self.limits.tokens is not None
+        return has_token_limit or self.budget is not None
+
+    @property
+    def provider(self) -> Provider:
+        """The provider a request without a model goes to first: how logs and /usage name it."""
+        return self.plans.first.primary.provider
+
+    @property
+    def api_key(self) -> str:
+        """The first real key of that provider's pool."""
+        return self.plans.first.primary.pool.credentials[0].api_key
+
+
+def masked(secret: str) -> str:
+    """At most 4 characters of the key, `…`, and 6 hex digits of its hash: `vk_u…3f9a1c`.
+
+    The hash tells keys apart in logs and metrics; neither part is enough to guess the key
+    (issue 10: the old form showed 10 of 12 characters). Short keys show fewer characters.
+    """
+    digest = hashlib.sha256(secret.encode()).hexdigest()[:6]
+    shown = secret[:4] if len(secret) >= 12 else secret[:2] if len(secret) >= 8 else ""
+    return f"{shown}…{digest}"
+
+
+class KeyRing:
+    """The loaded keys, looked up by the key a client presents."""
+
+    def __init__(self, keys: Mapping[str, VirtualKey], digest: str = "") -> None:
+        self._keys = dict(keys)
+        self.digest = digest  # of the keys file's bytes: which version of it is in force
+        # Every real key of every pool, fallback and route: what no log line may show.
+        self._real_keys = frozenset(
+            credential.api_key
+            for key in self._keys.values()
+            for target in key.plans.every_target()
+            for credential in target.pool.credentials
+        )
+
+    def replace(self, other: KeyRing) -> None:
+        """Take `other`'s keys in one step; requests in flight keep the key they hold."""
+        self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._keys.values())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def authenticate(self, headers: Mapping[str, str]) -> VirtualKey:
+        """The key named by the request's headers. Raises 401."""
+        secret = presented(headers)
+        if not secret:
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "No virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            )
+        key = self._keys.get(secret)
+        if key is None:
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "Virtual key not found in the gateway's keys file. "
+                "Check the key, or ask the gateway's operator to add it.",
+            )
+        return key
+
+    def real_keys(self) -> frozenset[str]:
+        """Every real key of the file: what must never be shown (the same object each call)."""
+        return self._real_keys
+
+    def key_counts(self) -> dict[str, int]:
+        """Provider name → number of keys that can send requests to it, for /health."""
+        counts: dict[str, int] = {}
+        for key in self._keys.values():
+            for name in {target.provider.name for target in key.plans.every_target()}:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def targets(self) -> dict[str, Target]:
+        """Every target of every key, by name (one breaker each)."""
+        return {t.name: t for key in self._keys.values() for t in key.plans.every_target()}
+
+    @classmethod
+    def load(cls, path: str, environ: Mapping[str, str], defaults: Defaults) -> KeyRing:
+        """Read and check keys.json. Raises KeysFileError."""
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+        except FileNotFoundError:
+            raise KeysFileError(
+                f"{path}: no such file. Create it from keys.example.json "
+                f"(cp keys.example.json {path}) or set KEYS_FILE_PATH"
+            ) from None
+        except IsADirectoryError:
+            # What Docker leaves when it bind-mounts a keys.json that did not exist.
+            raise KeysFileError(
+                f"{path}: is a directory, not a file. Docker creates one when the keys.json "
+                f"it should mount does not exist: remove it, create keys.json "
+                f"(cp keys.example.json keys.json), start again"
+            ) from None
+        except PermissionError:
+            raise KeysFileError(
+                f"{path}: not readable by this process (uid {os.getuid()}); the image runs "
+                f"as uid 10001: chmod 644 the file, or give it that owner"
+            ) from None
+        except OSError as error:
+            raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None
+        try:
+            document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # editors may add a BOM
+        except orjson.JSONDecodeError as error:
+            raise KeysFileError(f"{path}: not valid JSON ({error})") from None
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        return cls(_parse(path, document, environ, defaults), digest)
+
+
+def _parse(
+    path: str, document: Any, environ: Mapping[str, str], defaults: Defaults
+) -> dict[str, VirtualKey]:
+    if not isinstance(document, dict):
+        raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
+    check_fields(path, document, "top-level")
+    providers = _providers(path, document.get("providers", {}))
+    entries = document.get("virtual_keys")
+    if not isinstance(entries, dict):
+        raise KeysFileError(f"{path}: 'virtual_keys' must be an object of key → settings")
+    if not entries:
+        # A gateway without keys refuses every request: surely not what was meant.
+        raise KeysFileError(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
+    keys: dict[str, VirtualKey] = {}
+    names: set[str] = set()
+    for secret, entry in entries.items():
+        key = _key(path, secret, entry, providers, environ, defaults)
+        if key.name in names:
+            raise KeysFileError(f"{path}: key '{key.name}': name is used by another key")
+        names.add(key.name)
+        keys[secret] = key
+    return keys
+
+
+def _providers(path: str, section: Any) -> dict[str, Provider]:
+    if not isinstance(section, dict):
+        raise KeysFileError(f"{path}: 'providers' must be an object of name → settings")
+    providers = dict(BUILTINS)
+    for name, entry in section.items():
+        where = f"{path}: provider '{name}'"
+        if not isinstance(entry, dict):
+            raise KeysFileError(f"{where}: must be an object with base_url and auth")
+        check_fields(where, entry, "provider")
+        builtin = BUILTINS.get(name)
+        base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
+        if not isinstance(base_url, str) or not base_url:
+            raise KeysFileError(f"{where}: base_url must be an http(s) URL")
+        url = fields.base_url(where, base_url)
+        auth = entry.get("auth", builtin.auth if builtin else "bearer")
+        if auth not in AUTH_STYLES:
+            raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
+        api = entry.get("api", builtin.api if builtin else "openai")
+        if api not in APIS:
+            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
+        extra = builtin.default_headers if builtin else {}
+        providers[name] = Provider(name, url, auth, extra, api)
+    return providers
+
+
+def _key(
+    path: str,
+    secret: str,
+    entry: Any,
+    providers: Mapping[str, Provider],
+    environ: Mapping[str, str],
+    defaults: Defaults,
+) -> VirtualKey:
+    if not isinstance(entry, dict):
+        raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
+    name = entry.get("name", masked(secret))
+    if not isinstance(name, str) or not name.strip():
+        raise KeysFileError(f"{path}: key '{masked(secret)}': name must be a non-empty string")
+    where = f"{path}: key '{name}'"
+    check_fields(where, entry, "key")
+    if not secret.strip() or secret != secret.strip():
+        raise KeysFileError(f"{where}: the virtual key must be non-empty, without spaces")
+
+    def real_key(holder: Mapping[str, Any], at: str) -> str:
+        return fields.real_key(f"{where}: {at.rstrip('.')}" if at else where, holder, environ)
+
+    plans = parse_plans(where, entry, providers, real_key)
+    patterns = entry.get("allowed_models")
+    stream_usage = entry.get("stream_usage", "estimate")
+    if stream_usage not in ("exact", "estimate"):
+        raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
+    return VirtualKey(
+        secret=secret,
+        name=name,
+        id=hashlib.sha256(name.encode()).hexdigest()[:24],
+        plans=plans,
+        limits=fields.limits(where, entry.get("quota"), defaults),
+        allowed_models=fields.patterns(where, patterns),
+        model_patterns=None if patterns is None else tuple(patterns),
+        exact_stream_usage=stream_usage == "exact",
+        budget=fields.budget(where, entry, defaults),
+    )

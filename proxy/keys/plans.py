@@ -1,0 +1,141 @@
+"""keys.json targets, pools, fallbacks and routes parsed into upstream's Plans.
+
+A key's entry names a provider and its real key (or a pool of keys), an optional model,
+fallbacks tried in order, and routes chosen by the body's model. All of it is checked and
+built once, at load, into the data that `upstream`'s one attempt loop walks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy.keys.fields import KeysFileError, check_fields
+from proxy.upstream.providers import Provider
+from proxy.upstream.targets import Credential, Plan, Plans, Pool, Route, Target
+
+MAX_WEIGHT = 1000
+
+
+RealKey = Callable[[Mapping[str, Any], str], str]
+
+
+def parse_plans(
+    key: str,
+    entry: Mapping[str, Any],
+    providers: Mapping[str, Provider],
+    real_key: RealKey,
+) -> Plans:
+    """A key's plans from its keys.json entry. Raises KeysFileError, starting with `key`."""
+    own = None
+    if "provider" in entry:
+        own = _plan(key, entry, providers, real_key, "")
+    elif "fallbacks" in entry:
+        raise KeysFileError(
+            f"{key}: fallbacks needs the key's own provider (or put them in a route)"
+        )
+    raw_routes = entry.get("routes")
+    if raw_routes is None:
+        if own is None:
+            raise KeysFileError(f"{key}: provider is missing (or give the key routes)")
+        return Plans(own)
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise KeysFileError(f"{key}: routes must be a non-empty list of {{models, provider, ...}}")
+    routes = []
+    for index, raw in enumerate(raw_routes):
+        at = f"routes[{index}]"
+        if not isinstance(raw, dict):
+            raise KeysFileError(f"{key}: {at} must be an object with models and a provider")
+        check_fields(key, raw, "route", f"{at}.")
+        patterns = raw.get("models")
+        if not isinstance(patterns, list) or not patterns:
+            raise KeysFileError(f"{key}: {at}.models must be a non-empty list of model patterns")
+        if not all(isinstance(p, str) and p for p in patterns):
+            raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
+        plan = _plan(key, raw, providers, real_key, f"{at}.")
+        routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
+    return Plans(own, tuple(routes))
+
+
+def compile_patterns(patterns: list[str]) -> re.Pattern[str]:
+    """Shell-style patterns as one compiled alternation."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _plan(
+    key: str,
+    entry: Mapping[str, Any],
+    providers: Mapping[str, Provider],
+    real_key: RealKey,
+    where: str,
+) -> Plan:
+    first = _target(key, entry, providers, real_key, where)
+    targets = [first]
+    fallbacks = entry.get("fallbacks", [])
+    if not isinstance(fallbacks, list):
+        raise KeysFileError(f"{key}: {where}fallbacks must be a list of targets")
+    for index, raw in enumerate(fallbacks):
+        at = f"{where}fallbacks[{index}]"
+        if not isinstance(raw, dict):
+            raise KeysFileError(f"{key}: {at} must be an object with a provider and a key")
+        check_fields(key, raw, "target", f"{at}.")
+        fallback = _target(key, raw, providers, real_key, f"{at}.")
+        if fallback.provider.api != first.provider.api:
+            raise KeysFileError(
+                f"{key}: {at}: provider '{fallback.provider.name}' speaks the {fallback.provider.api} "
+                f"API but '{first.provider.name}' speaks the {first.provider.api} API; "
+                "a fallback must speak the same API"
+            )
+        targets.append(fallback)
+    secrets = tuple(c.api_key for target in targets for c in target.pool.credentials)
+    return Plan(tuple(targets), secrets)
+
+
+def _target(
+    key: str,
+    entry: Mapping[str, Any],
+    providers: Mapping[str, Provider],
+    real_key: RealKey,
+    where: str,
+) -> Target:
+    provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
+    if provider is None:
+        known = ", ".join(sorted(providers))
+        raise KeysFileError(
+            f"{key}: {where}provider {entry.get('provider')!r} is unknown (known: {known})"
+        )
+    if not provider.base_url.host:
+        raise KeysFileError(
+            f"{key}: {where}provider '{provider.name}' needs a base_url in 'providers'"
+        )
+    model = entry.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise KeysFileError(f"{key}: {where}model must be a non-empty string")
+    name = provider.name if model is None else f"{provider.name}/{model}"
+    return Target(name, provider, _pool(key, entry, real_key, where, name), model)
+
+
+def _pool(key: str, entry: Mapping[str, Any], real_key: RealKey, where: str, name: str) -> Pool:
+    has_pool = "api_keys" in entry
+    if has_pool and ("api_key" in entry or "api_key_env" in entry):
+        raise KeysFileError(f"{key}: {where}set exactly one of api_key, api_key_env and api_keys")
+    if not has_pool:
+        return Pool([Credential(real_key(entry, where), f"{name}#1")])
+    members = entry["api_keys"]
+    if not isinstance(members, list) or not members:
+        raise KeysFileError(
+            f"{key}: {where}api_keys must be a non-empty list of {{api_key, weight}}"
+        )
+    credentials = []
+    for index, member in enumerate(members):
+        at = f"{where}api_keys[{index}]."
+        if not isinstance(member, dict):
+            raise KeysFileError(f"{key}: {at[:-1]} must be an object with api_key or api_key_env")
+        check_fields(key, member, "pool entry", at)
+        weight = member.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= MAX_WEIGHT:
+            raise KeysFileError(f"{key}: {at}weight must be an integer from 1 to {MAX_WEIGHT}")
+        credentials.append(Credential(real_key(member, at), f"{name}#{index + 1}", weight))
+    return Pool(credentials)

@@ -1,0 +1,175 @@
+"""Reloading keys.json while serving: on SIGHUP, on `POST /admin/reload`, and when it changes.
+
+A reload reads and checks the whole file with the same loader as the start
+(`app.load_keys`), in a thread (5,000 keys take about a quarter of a second: streams keep
+flowing meanwhile), then swaps the result into the live `KeyRing` in one step on the event
+loop, so no request sees half a file. Reloads run one at a time, in the order they were
+asked for, so a slow one can never land after a newer one. A file that does not check
+changes nothing: the keys in force keep serving, and one line on stderr gives the same
+reason the start would have given.
+
+What a reload does not disturb: a request in flight holds the `VirtualKey` it
+authenticated with, so it finishes under the config it started with (and its tokens are
+charged to that key's window); quota windows are keyed by the key's name, so a rotated
+secret under the same name keeps its counts, and new limits apply from the next request.
+
+The config in force is named by the digest of the file's bytes and the file's modification
+time (`loaded_at`). Both come from the file, not from the moment a process read it, so
+every worker that loaded the same file shows the same pair on `/health`. A worker started
+later (a replacement for one that died) compares the file with the keys it was forked
+with and catches up at start.
+
+Watching (KEYS_FILE_WATCH) polls `os.stat` once a second rather than using inotify: that
+needs no library, and an inotify watch on the file misses what matters most here: a
+Kubernetes Secret is updated by swapping a `..data` symlink in the mounted directory, and
+editors save by renaming a new file over the old one; both replace the inode the watch
+was on. The polled signature (resolved path, device, inode, size, mtime) sees an in-place
+write, a rename over the file and a symlink swap alike. A change is reloaded once the
+signature holds still for one poll, so a file caught half-written is not even tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+from proxy.keys.keys import KeyRing, KeysFileError
+
+POLL_SECONDS = 1.0
+
+Signature = tuple[str, int, int, int, int]
+
+
+def signature(path: str) -> Signature | None:
+    """What identifies the file's current content on disk; None when it cannot be read."""
+    try:
+        status = os.stat(path)  # follows symlinks: the file a Secret's links lead to
+    except OSError:
+        return None
+    return (
+        os.path.realpath(path),
+        status.st_dev,
+        status.st_ino,
+        status.st_size,
+        status.st_mtime_ns,
+    )
+
+
+def modified_at(path: str) -> str | None:
+    """The file's modification time, RFC 3339 UTC; None when it cannot be read."""
+    try:
+        seconds = os.stat(path).st_mtime
+    except OSError:
+        return None
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class KeysFile:
+    """The keys file in force, and the reload that replaces it in the live key ring."""
+
+    def __init__(
+        self,
+        path: str,
+        key_ring: KeyRing,
+        load: Callable[[], KeyRing],
+        on_reload: Callable[[str | None], None] = lambda error: None,
+        is_watched: bool = False,
+    ) -> None:
+        self.path = path
+        self._key_ring = key_ring
+        self._load = load
+        self._on_reload = on_reload  # None on success, else the reason it was refused
+        self._is_watched = is_watched
+        self._seen = signature(path)  # the file as of the last reload, tried or done
+        self.loaded_at = modified_at(path)
+        self._one_at_a_time = asyncio.Lock()
+        self._signalled: set[asyncio.Task[str | None]] = set()
+
+    @property
+    def config(self) -> dict[str, str | None]:
+        """Which keys file is in force: `{"hash", "loaded_at"}`, the same on every worker."""
+        return {"hash": self._key_ring.digest, "loaded_at": self.loaded_at}
+
+    async def reload(self, trigger: str) -> str | None:
+        """Load, check and swap in the file; None on success, else why nothing changed."""
+        async with self._one_at_a_time:
+            self._seen, loaded_at = signature(self.path), modified_at(self.path)
+            try:
+                fresh = await asyncio.to_thread(self._load)
+            except KeysFileError as error:
+                say(f"llm-gateway: keys not reloaded ({trigger}), the previous keys stay: {error}")
+                self._on_reload(str(error))
+                return str(error)
+            self._swap(fresh, loaded_at, trigger)
+            return None
+
+    def _swap(self, fresh: KeyRing, loaded_at: str | None, trigger: str) -> None:
+        self._key_ring.replace(fresh)
+        self.loaded_at = loaded_at
+        say(
+            f"llm-gateway: keys reloaded ({trigger}) from {self.path}: "
+            f"{len(fresh)} keys, config {fresh.digest}"
+        )
+        self._on_reload(None)
+
+    def catch_up(self) -> None:
+        """Reload at start if the file differs from the keys this process was given."""
+        loaded_at = modified_at(self.path)
+        try:
+            fresh = self._load()
+        except KeysFileError:
+            return  # the keys given still serve; a later reload says what is wrong
+        if fresh.digest != self._key_ring.digest:
+            self._seen = signature(self.path)
+            self._swap(fresh, loaded_at, "start")
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
+        self._signalled.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._signalled.discard)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """SIGHUP reloads (and never kills) while the app runs; the watcher polls if asked."""
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self.catch_up()
+        watcher = loop.create_task(self.watch()) if self._is_watched else None
+        try:
+            yield
+        finally:
+            for task in [watcher, *self._signalled]:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            loop.remove_signal_handler(signal.SIGHUP)
+            # Back to what the server had set (ignored), not the default, which would kill
+            # the process while the log is still being flushed.
+            signal.signal(signal.SIGHUP, previous)
+
+    async def watch(self, every: float = POLL_SECONDS) -> None:
+        """Reload when the file's signature changed and then held still for one poll."""
+        last = signature(self.path)
+        while True:
+            await asyncio.sleep(every)
+            current = signature(self.path)
+            if current != last:
+                last = current  # still changing, perhaps mid-write: look again next time
+            elif current != self._seen:
+                await self.reload("file changed")
+
+
+def say(line: str) -> None:
+    """One line on stderr, where the start's refusals go."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,109 @@
+"""`/health` and `/ready`: what the breakers say about each target, and whether we serve.
+
+Provider health is read from traffic, never from probes (a probe would spend the users'
+real keys): it is the state of each target's circuit breaker (`breaker.py`), which the
+attempt loop feeds with every attempt's outcome. A provider is healthy while none of its
+targets' breakers is open. `/health` lists the providers (keys, healthy, last error) and
+the targets (breaker state).
+
+`/health` always answers 200 with `status` "degraded" while a breaker is open or the
+tracker has lost Redis: the gateway still serves, so a load balancer should not pull it.
+`/ready` is the one that turns 503, while shutting down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import orjson
+from aiohttp import web
+
+from proxy.record import PROVIDER_FAILURES, Record
+from proxy.upstream.breaker import OPEN, Breakers
+
+
+def is_upstream_failure(record: Record) -> bool:
+    """True when the provider failed: unreachable, timed out, cut the body, or answered 5xx."""
+    if record.outcome in PROVIDER_FAILURES:
+        return True
+    return record.ttft_ms is not None and record.status >= 500  # the provider's own 5xx
+
+
+class Health:
+    """Target health from the breakers, the tracker's state, and the shutdown flag."""
+
+    def __init__(
+        self,
+        key_counts: Mapping[str, int],
+        breakers: Breakers,
+        targets_of: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+        tracker_backend: str = "memory",
+    ) -> None:
+        """`targets_of`: target name → its provider's name."""
+        self._clock = clock
+        self._started = clock()
+        self._key_counts = dict(key_counts)
+        self._breakers = breakers
+        self._provider_of = dict(targets_of)
+        self._tracker_backend = tracker_backend
+        self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
+        self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
+        self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
+
+    def count_keys(self, key_counts: Mapping[str, int], targets_of: Mapping[str, str]) -> None:
+        """A reloaded keys file: each provider's key count, each target's provider.
+
+        A target's breaker outlives the reload (its name is what identifies it)."""
+        self._key_counts = dict(key_counts)
+        self._provider_of = dict(targets_of)
+
+    def report(self) -> dict[str, object]:
+        """The /health body: status, uptime, providers, targets, the tracker."""
+        providers: dict[str, dict[str, object]] = {
+            name: {"keys": count, "healthy": True, "last_error": None}
+            for name, count in self._key_counts.items()
+        }
+        latest: dict[str, float] = {}
+        for target, breaker in self._breakers.items():
+            provider = self._provider_of.get(target, target.partition("/")[0])
+            state = providers.setdefault(provider, {"keys": 0, "healthy": True, "last_error": None})
+            if breaker.state == OPEN:
+                state["healthy"] = False
+            if breaker.last_error is not None and breaker.last_failure > latest.get(
+                provider, -1e18
+            ):
+                latest[provider] = breaker.last_failure
+                state["last_error"] = breaker.last_error
+        is_degraded = self.tracker_degraded is not None or not all(
+            state["healthy"] for state in providers.values()
+        )
+        report: dict[str, object] = {
+            "status": "degraded" if is_degraded else "healthy",
+            "uptime_seconds": round(self._clock() - self._started, 1),
+            "providers": providers,
+            "targets": self._breakers.report(),
+            "tracker": {
+                "backend": self._tracker_backend,
+                "healthy": self.tracker_degraded is None,
+                "last_error": self.tracker_degraded,
+            },
+        }
+        if self.config is not None:
+            report["config"] = self.config
+        return report
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        """200 with `report()`, degraded or not."""
+        return _json(self.report(), status=200)
+
+    async def handle_ready(self, request: web.Request) -> web.Response:
+        """200 while serving, 503 once shutdown has begun."""
+        if self.shutting_down:
+            return _json({"status": "shutting_down"}, status=503)
+        return _json({"status": "ready"}, status=200)
+
+
+def _json(body: dict[str, object], status: int) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")

@@ -1,0 +1,314 @@
+"""Prometheus collectors for the gateway, rendered as Prometheus text or the JSON summary.
+
+Owns the `llm_gateway_*` series, fed by finished records and a few events (in-flight
+requests, quota rejections, lost log lines, Redis error decisions), and their rendering:
+Prometheus text (or OpenMetrics when asked), or the seed's JSON summary (`summary`). It
+does not decide what a failure is (`health.is_upstream_failure` does) nor when to observe
+(`relay`).
+
+Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
+key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
+folded into `other` after 100 distinct values per process.
+
+Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
+
+Multiprocess mode (WORKERS > 1): with `multiprocess_dir`, every worker writes its values to
+mmap files there and `render` sums all workers (`worker_metrics` says how).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import choose_encoder
+
+from proxy.observe.health import is_upstream_failure
+from proxy.observe.summary import summary
+from proxy.observe.worker_metrics import use_multiprocess_values
+from proxy.record import Record
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+NONE = "none"  # the label for a provider or model the request never got to
+OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
+AUTH_OUTCOMES = ("refused", "throttled")
+# How a provider fails (`_failure_kind`): a 5xx answer, or an outcome in PROVIDER_FAILURES.
+UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken")
+MODEL_LABEL_CHARS = 64
+MODEL_LABEL_VALUES = 100
+# Exported at 0 from the start, because a series born at its first increment is invisible to
+# rate() and increase(): the alerts on a short Redis loss or on one failed reload
+# (deploy/prometheus/alerts.yml) would never fire.
+REDIS_DECISIONS = ("allow", "deny", "uncharged")
+RELOAD_RESULTS = ("ok", "failed")
+
+# LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The gateway's counters, histograms and gauges, and their two renderings."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        # No `_created` series: a start time per label set doubles the text and means nothing
+        # to a dashboard. Process-wide in prometheus-client, and the same for every Metrics.
+        prometheus_client.disable_created_metrics()
+        self._registry = CollectorRegistry()
+        owner: CollectorRegistry | None = self._registry
+        if multiprocess_dir is not None:
+            use_multiprocess_values(multiprocess_dir)
+            multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
+            owner = None  # values live in the files; the collector reads every worker's
+        self._models: set[str] = set()
+        # This process's own count, for the drain's line: the gauge may sum several workers.
+        self.requests_in_flight = 0
+        # Labelled children, looked up once: `labels()` validates and locks on every call,
+        # and observe runs for every request. Bounded as the label values are.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+        self._requests = Counter(
+            "llm_gateway_requests",
+            "Finished requests.",
+            ["provider", "model", "status"],
+            registry=owner,
+        )
+        self._duration = Histogram(
+            "llm_gateway_request_duration_seconds",
+            "Time from request to last byte.",
+            ["provider"],
+            buckets=DURATION_BUCKETS,
+            registry=owner,
+        )
+        self._ttfb = Histogram(
+            "llm_gateway_time_to_first_byte_seconds",
+            "Time from request to the provider's first body byte.",
+            ["provider"],
+            buckets=TTFB_BUCKETS,
+            registry=owner,
+        )
+        self._overhead = Histogram(
+            "llm_gateway_overhead_seconds",
+            "The gateway's own time per request: its duration minus the time awaiting the provider.",
+            ["provider"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=owner,
+        )
+        self._prompt_tokens = Counter(
+            "llm_gateway_prompt_tokens",
+            "Prompt tokens, reported or estimated.",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._completion_tokens = Counter(
+            "llm_gateway_completion_tokens",
+            "Completion tokens, reported or estimated.",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._cost = Counter(
+            "llm_gateway_cost_usd",
+            "What requests cost in USD, as priced by the gateway (estimated usage included).",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._unpriced = Counter(
+            "llm_gateway_unpriced_requests",
+            "Requests with usage but no price for their model (cost_usd null).",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._quota_rejections = Counter(
+            "llm_gateway_quota_rejections",
+            "Requests refused over quota, by key name.",
+            ["key"],
+            registry=owner,
+        )
+        self._upstream_errors = Counter(
+            "llm_gateway_upstream_errors",
+            "Provider failures, by kind.",
+            ["provider", "kind"],
+            registry=owner,
+        )
+        self._in_flight = Gauge(
+            "llm_gateway_requests_in_flight",
+            "Requests being served now.",
+            registry=owner,
+            multiprocess_mode="livesum",
+        )
+        self._log_write_errors = Counter(
+            "llm_gateway_log_write_errors",
+            "Interaction log lines that could not be written.",
+            registry=owner,
+        )
+        self._trace_export_failures = Counter(
+            "llm_gateway_trace_export_failures",
+            "Span batches the trace collector did not take (unreachable, refused, timed out).",
+            registry=owner,
+        )
+        self._redis_errors = Counter(
+            "llm_gateway_redis_errors",
+            "Requests decided without Redis, by decision.",
+            ["decision"],
+            registry=owner,
+        )
+        for decision in REDIS_DECISIONS:
+            self._redis_errors.labels(decision)
+        self._auth_failures = Counter(
+            "llm_gateway_auth_failures",
+            "Failed authentications: refused (401, no or unknown key or token) or throttled "
+            "(429, the client address failed too often).",
+            ["outcome"],
+            registry=owner,
+        )
+        for outcome in AUTH_OUTCOMES:
+            self._auth_failures.labels(outcome)  # present at zero from the start
+        self._reloads = Counter(
+            "llm_gateway_config_reloads",
+            "Reloads of the keys file, by result: ok, or failed (the previous keys stay).",
+            ["result"],
+            registry=owner,
+        )
+        for result in RELOAD_RESULTS:
+            self._reloads.labels(result)
+        self._retries = Counter(
+            "llm_gateway_retries",
+            "Attempts repeated on the same target and key, by provider and the reason.",
+            ["provider", "reason"],
+            registry=owner,
+        )
+        self._failovers = Counter(
+            "llm_gateway_failovers",
+            "Moves to another target or pool key before the first byte, by the provider left "
+            "and the reason.",
+            ["provider", "reason"],
+            registry=owner,
+        )
+        self._breaker_state = Gauge(
+            "llm_gateway_breaker_state",
+            "Each target's circuit breaker: 0 closed, 1 half-open, 2 open (the worst of the workers).",
+            ["target"],
+            registry=owner,
+            multiprocess_mode="livemax",
+        )
+        self._last_request = Gauge(
+            "llm_gateway_last_request_timestamp_seconds",
+            "Unix time the last request ended.",
+            registry=owner,
+            multiprocess_mode="max",
+        )
+
+    def observe(self, record: Record) -> None:
+        """Count one finished request: status, timings, tokens, upstream failure."""
+        provider = record.provider or NONE
+        model = self._model_label(record.model)
+        child = self._child
+        child(self._requests, provider, model, str(record.status)).inc()
+        if record.duration_ms is not None:
+            child(self._duration, provider).observe(record.duration_ms / 1000.0)
+        if record.ttft_ms is not None:
+            child(self._ttfb, provider).observe(record.ttft_ms / 1000.0)
+        overhead_ms = record.overhead_ms
+        if overhead_ms is not None:
+            child(self._overhead, provider).observe(overhead_ms / 1000.0)
+        if record.usage is not None:
+            child(self._prompt_tokens, provider, model).inc(record.usage.prompt_tokens)
+            child(self._completion_tokens, provider, model).inc(record.usage.completion_tokens)
+            if record.cost_usd is None:
+                child(self._unpriced, provider, model).inc()
+            else:
+                child(self._cost, provider, model).inc(record.cost_usd)
+        if is_upstream_failure(record):
+            self._child(self._upstream_errors, provider, _failure_kind(record)).inc()
+        attempts = record.attempts
+        for previous, current in zip(attempts, attempts[1:], strict=False):
+            moved = previous.target != current.target or previous.key != current.key
+            counter = self._failovers if moved else self._retries
+            child(counter, previous.provider, previous.reason).inc()
+        self._last_request.set(time.time())
+
+    def know_providers(self, providers: Iterable[str]) -> None:
+        """Export each provider's upstream error series at zero, before its first error.
+
+        A counter that appears only with its first increment hides that increment from
+        `rate()` and `increase()`; providers added by a reload appear on first error.
+        """
+        for provider in providers:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self._child(self._upstream_errors, provider, kind)
+
+    def breaker_changed(self, target: str, state: str) -> None:
+        """A target's breaker moved to `state` (closed, half_open, open)."""
+        self._breaker_state.labels(target).set(BREAKER_STATES[state])
+
+    def request_started(self) -> None:
+        self.requests_in_flight += 1
+        self._in_flight.inc()
+
+    def request_ended(self) -> None:
+        self.requests_in_flight -= 1
+        self._in_flight.dec()
+
+    def quota_rejected(self, key: str) -> None:
+        """Count a 429 from the tracker; `key` is the key's name."""
+        self._quota_rejections.labels(key).inc()
+
+    def auth_failed(self, outcome: str) -> None:
+        """Count a failed authentication: "refused" (401) or "throttled" (429)."""
+        self._auth_failures.labels(outcome).inc()
+
+    def log_write_failed(self) -> None:
+        """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""
+        self._log_write_errors.inc()
+
+    def trace_export_failed(self) -> None:
+        """Count a span batch lost; thread-safe, the tracer's export thread calls it."""
+        self._trace_export_failures.inc()
+
+    def redis_error_decision(self, decision: str) -> None:
+        """Count a decision made without Redis: a request let through ("allow"), refused
+        ("deny"), or a finished response whose tokens could not be charged ("uncharged")."""
+        self._redis_errors.labels(decision).inc()
+
+    def config_reloaded(self, is_ok: bool) -> None:
+        self._reloads.labels("ok" if is_ok else "failed").inc()
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """Body and Content-Type: the JSON summary if `accept` asks for JSON, else Prometheus."""
+        if "application/json" in accept:
+            return orjson.dumps(summary(self._registry.collect())), "application/json"
+        encode, content_type = choose_encoder(accept)
+        return encode(self._registry), content_type
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def _model_label(self, model: str | None) -> str:
+        """The model as a bounded label value (clients can send any string)."""
+        if not model:
+            return NONE
+        label = model[:MODEL_LABEL_CHARS]
+        if label in self._models:
+            return label
+        if len(self._models) >= MODEL_LABEL_VALUES:
+            return OTHER
+        self._models.add(label)
+        return label
+
+
+def _failure_kind(record: Record) -> str:
+    """How the provider failed: unreachable, timeout, broken mid-body, or a 5xx status."""
+    if not record.upstream_failed:
+        return "status"  # it answered, with a 5xx
+    assert record.outcome is not None
+    return record.outcome.value

@@ -1,0 +1,117 @@
+"""The tracker in this process's memory: every key's window in a dict.
+
+Keys are kept least recently active first; a key idle for a whole window (and with no
+request in flight) is evicted when a new key arrives, leaving only its totals. The
+background responses owed are kept oldest first, at most MAX_OWED (the oldest goes first:
+it is then never charged). What it does not do: share state between processes (that is
+`redis_tracker`'s job).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, admission, report
+from proxy.quota.window import SlidingWindow, Totals
+
+# Background responses owed at once, at most: about 300 bytes each, so 30 MB.
+MAX_OWED = 100_000
+
+
+class MemoryTracker:
+    """The tracker for one process: every key's window in a dict."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # Least recently active first, so idle keys are found at the front.
+        self._windows: OrderedDict[str, SlidingWindow] = OrderedDict()
+        self._retired: dict[str, Totals] = {}  # totals of evicted keys
+        # (key id, response id) → (until when, origin), oldest first: all owe for as long.
+        self._owed: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self.on_settle_failed: Callable[[str], None] = lambda error: None  # never fails
+
+    def __len__(self) -> int:
+        """The number of keys holding a window in memory."""
+        return len(self._windows)
+
+    async def admit(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None = None,
+        claim: Charge = NOTHING,
+    ) -> Admission:
+        """Admit, count and reserve `claim` for one request, or refuse it without counting."""
+        # No await in here: check, count and reserve are one step for the event loop.
+        now = self._clock()
+        reading = self._touch(key_id, limits, now).admit(now, limits, budget, claim)
+        return admission(reading, limits, budget)
+
+    def settle(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        spent: Charge,
+        ticket: int = 0,
+        budget: Budget | None = None,
+    ) -> None:
+        """Release `ticket`'s reservation and charge what the request really cost."""
+        now = self._clock()
+        self._touch(key_id, limits, now).settle(now, limits, budget, spent, ticket)
+
+    async def report(
+        self, key_id: str, limits: Limits | None, budget: Budget | None = None
+    ) -> dict[str, Any]:
+        """The key's windows and totals, as `GET /usage` answers them; creates nothing."""
+        window = self._windows.get(key_id)
+        if window is None:
+            window = SlidingWindow(limits, self._retired.get(key_id, Totals()))
+        return report(window.report(self._clock(), limits, budget), limits, budget)
+
+    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
+        """Remember for `seconds` that the key owes what the background response will report."""
+        now, owed = self._clock(), self._owed
+        while owed and (len(owed) >= MAX_OWED or next(iter(owed.values()))[0] <= now):
+            owed.popitem(last=False)  # expired, or the oldest past the bound
+        owed[key_id, response_id] = (now + seconds, origin)
+        owed.move_to_end((key_id, response_id))
+
+    async def claim(self, key_id: str, response_id: str) -> str | None:
+        """Take what the key owes for the response (once): its origin, else None."""
+        owed = self._owed.pop((key_id, response_id), None)
+        if owed is None or owed[0] <= self._clock():
+            return None
+        return owed[1]
+
+    async def flush(self) -> None:
+        """Nothing to wait for: a settle is counted before `settle` returns."""
+
+    async def close(self) -> None:
+        """Forget every window; memory holds nothing that must be saved."""
+        self._windows.clear()
+        self._retired.clear()
+        self._owed.clear()
+
+    def _touch(self, key_id: str, limits: Limits | None, now: float) -> SlidingWindow:
+        """The key's window, opened if new, marked as the most recently active."""
+        window = self._windows.get(key_id)
+        if window is None:
+            self._evict(now)
+            window = SlidingWindow(limits, self._retired.pop(key_id, Totals()))
+            self._windows[key_id] = window
+            return window
+        self._windows.move_to_end(key_id)
+        return window
+
+    def _evict(self, now: float) -> None:
+        """Drop idle windows from the front (memory grows only when a key opens, so check then)."""
+        windows = self._windows
+        while windows:
+            key_id, window = next(iter(windows.items()))
+            if not window.idle(now):
+                return
+            del windows[key_id]
+            self._retired[key_id] = window.totals()

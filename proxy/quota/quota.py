@@ -1,0 +1,193 @@
+"""Admission policy: what a request reserves, when it is refused, what happens when Redis is lost.
+
+`tracker` counts; this module decides what to ask it. At admission a request reserves an
+estimate of what it will use: its prompt (`Peek.prompt_tokens_estimate`) plus the output
+cap its body names, and for a key with a budget that estimate priced. When it ends,
+`settle` replaces the reservation with the real tokens and cost (a stream cut short:
+what it produced). `refusals` renders the 429s, `ratelimit` the headers, `usage_report`
+answers GET /usage.
+
+`precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
+the body is read and without asking the tracker, when the key's last refusal said its
+window stays closed until a time still ahead: a 10 MB body of an exhausted key is never
+read. Smaller bodies are read and asked about as usual, so their answers stay exact.
+
+When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
+the request through uncounted, `deny` answers 503 (a key with neither quota nor budget is
+always let through). Each decision is reported to `on_tracker_lost` (a metric and
+/health's degraded state); the first success after that reports `on_tracker_back`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+from proxy.errors import GatewayError
+from proxy.keys.keys import VirtualKey
+from proxy.quota.refusals import refusal
+from proxy.quota.tracker import (
+    KINDS,
+    MICRO,
+    NOTHING,
+    Admission,
+    Charge,
+    Tracker,
+    TrackerUnavailable,
+)
+from proxy.record import Record, Usage
+from proxy.relay.peek import Peek
+
+# Bodies up to this size are read before the key's quota is asked; past it (or of unknown
+# length) a key known to be refused right now is refused before its body is read.
+PRECHECK_BODY_BYTES = 64 * 1024
+
+# (provider, model, usage) → US dollars, or None for a model without a price.
+Price = Callable[[str, str | None, Usage], float | None]
+
+
+def unpriced(provider: str, model: str | None, usage: Usage) -> float | None:
+    """No prices known: spend counts as nothing."""
+    return None
+
+
+class Quota:
+    """Admission, reservations and settling for every key, over one tracker."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        deny_when_lost: bool = False,
+        on_tracker_lost: Callable[[str, str], None] = lambda decision, error: None,
+        on_tracker_back: Callable[[], None] = lambda: None,
+        price: Price = unpriced,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tracker = tracker
+        self._deny_when_lost = deny_when_lost
+        self._on_lost = on_tracker_lost
+        self._on_back = on_tracker_back
+        self.price = price  # build_app sets the price list; tests may too
+        self._clock = clock
+        self._is_lost = False
+        # key id → (until when its window stays closed, the refusal that said so).
+        self._closed: dict[str, tuple[float, Admission]] = {}
+        tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
+
+    def precheck(self, key: VirtualKey, body_bytes: int | None) -> None:
+        """Before a large body is read: 429 for a key known to be refused right now. Asks nobody.
+
+        `body_bytes`: the Content-Length, None when unknown (chunked). A small body is cheap
+        to read, so its request goes to the tracker as usual and gets its exact answer.
+        """
+        if body_bytes is not None and body_bytes <= PRECHECK_BODY_BYTES:
+            return
+        closed = self._closed.get(key.id)
+        if closed is None:
+            return
+        until, admission = closed
+        if admission.limits is not key.limits or admission.budget is not key.budget:
+            del self._closed[key.id]  # keys.json changed the key's limits since: ask again
+            return
+        wait = until - self._clock()
+        if wait <= 0:
+            del self._closed[key.id]
+            return
+        raise refusal(dataclasses.replace(admission, retry_after_seconds=wait))
+
+    async def admit(self, key: VirtualKey, peek: Peek) -> Admission | None:
+        """Check, count and reserve one request. Raises 429 (over quota or budget), 503.
+
+        None: nothing to settle (the tracker was lost and the request let through).
+        """
+        claim = self._estimate(key, peek)
+        try:
+            admission = await self.tracker.admit(key.id, key.limits, key.budget, claim)
+        except TrackerUnavailable as error:
+            deny = self._deny_when_lost and (key.limits is not None or key.budget is not None)
+            self._lost("deny" if deny else "allow", str(error))
+            if deny:
+                raise GatewayError(
+                    503,
+                    "quota_unavailable",
+                    "The gateway cannot check quotas right now; retry shortly.",
+                ) from None
+            return None
+        self._back()
+        if not admission.admitted:
+            self._closed[key.id] = (self._clock() + admission.retry_after_seconds, admission)
+            raise refusal(admission)
+        return admission
+
+    def settle(self, key: VirtualKey, admission: Admission | None, record: Record) -> None:
+        """Replace the request's reservation with what it really used; never waits."""
+        if admission is None:
+            return
+        spent = NOTHING
+        if record.usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
+            spent = charged(record.usage, record.cost_usd)
+        self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
+
+    def charge(self, key: VirtualKey, usage: Usage, cost_usd: float | None) -> None:
+        """Charge usage that no reservation covered (a Realtime session's each response)."""
+        self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
+
+    async def owe(self, key: VirtualKey, response_id: str, origin: str, seconds: float) -> None:
+        """Remember that `key` owes a background response (background.py); never raises."""
+        try:
+            await self.tracker.owe(key.id, response_id, origin, seconds)
+        except TrackerUnavailable as error:
+            self._lost("uncharged", str(error))  # it will not be charged
+
+    async def claim(self, key: VirtualKey, response_id: str) -> str | None:
+        """Take what `key` owes for a background response, once across every process: its
+        origin, else None (nothing owed, or the tracker lost: then it is not charged)."""
+        try:
+            return await self.tracker.claim(key.id, response_id)
+        except TrackerUnavailable as error:
+            self._lost("uncharged", str(error))
+            return None
+
+    async def settled(self) -> None:
+        """Return once every settle so far is in the tracker's shared state (for tests, close)."""
+        await self.tracker.flush()
+
+    async def close(self) -> None:
+        """Send the settles still held, then close the tracker."""
+        await self.tracker.close()
+
+    def _estimate(self, key: VirtualKey, peek: Peek) -> Charge:
+        """The reservation: the prompt plus the output cap, priced for a key with a budget."""
+        output = peek.max_output_tokens or 0
+        tokens = peek.prompt_tokens_estimate + output
+        if key.budget is None or not tokens:
+            return Charge(tokens)
+        cost = self.price(
+            key.provider.name, peek.model, Usage(peek.prompt_tokens_estimate, output, True)
+        )
+        return Charge(tokens, micro(cost))
+
+    def _lost(self, decision: str, error: str) -> None:
+        self._is_lost = True
+        self._on_lost(decision, error)
+
+    def _back(self) -> None:
+        if self._is_lost:
+            self._is_lost = False
+            self._on_back()
+
+
+def charged(usage: Usage, cost_usd: float | None) -> Charge:
+    """What a response's usage charges: its tokens, its cost, and the tokens by kind."""
+    return Charge(
+        usage.total_tokens, micro(cost_usd), tuple(getattr(usage, kind) for kind in KINDS)
+    )
+
+
+def micro(usd: float | None) -> int:
+    """Dollars as whole micro-dollars, rounded up (a fraction of a micro-dollar is spent)."""
+    if usd is None or not usd > 0 or usd == math.inf:
+        return 0
+    return math.ceil(round(usd * MICRO, 6))  # round first: 0.0009 * 1e6 is 900.0000000000001

@@ -1,0 +1,348 @@
+"""The tracker in Redis: every process and every instance shares one sliding window per key.
+
+Same semantics as `memory_tracker.MemoryTracker` (the same `Reading`, so the same
+`Admission` and report), kept in eight Redis keys per virtual key (`redis_scripts.py` lists
+them), named from its `key_id` digest (never the key itself) with a `{…}` hash tag so a
+cluster keeps them in one slot.
+
+Invariant: `admit` checks, counts and reserves in ONE Lua script, so no other client can
+run between the check and the count (no read-then-write race), and a refused request is
+not counted. The time is Redis's own `TIME`, read inside the script, so every instance sees
+one clock. The window keys expire (PEXPIRE) one window after their last write, so memory
+stays bounded by the active keys; the totals hash stays. Each script is loaded once and
+called by its SHA (redis-py's `register_script` falls back to loading it on NOSCRIPT,
+e.g. after Redis restarted).
+
+One round trip per request: `settle` sends nothing itself. It holds the settle, and the
+key's next `admit` (or `report`) in this process carries it in the same script, applied
+before the check. Settles no admission picked up within SETTLE_DELAY_SECONDS go in one
+background call per key. Until then other processes see the request's reservation in place
+of its real cost: the bound on overshoot is unchanged, only later by that delay.
+
+A background response a key owes is one more key, `{key_id}:bg:<response id>`, holding
+its origin and expiring after `background.OWED_SECONDS`; its claim is a GET and a DEL in one
+MULTI, and only the caller whose DEL answers 1 charges it.
+
+Failure: socket timeouts are short and nothing is retried (a retried script may already
+have counted), so a lost Redis fails within about a second; every Redis error becomes
+`TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR (an admit that timed out
+may still run once Redis wakes: it then counts a request that was let through or refused,
+which errs toward the limit, never past it). The pool checks each
+connection before use and reconnects, so the tracker recovers by itself when Redis is back.
+Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes is allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.quota.redis_scripts import SCRIPTS, SETTLE_FIELDS
+from proxy.quota.tracker import (
+    NO_KINDS,
+    NOTHING,
+    Admission,
+    Budget,
+    Charge,
+    Limits,
+    Reading,
+    TrackerUnavailable,
+    admission,
+    report,
+)
+from proxy.quota.window import clamped
+
+KEY_PREFIX = "llm-gateway:"
+# Short, so that a lost Redis costs a request one second at most, not the default five.
+TIMEOUT_SECONDS = 1.0
+# Concurrent scripts in flight per process; further callers wait up to TIMEOUT_SECONDS for
+# one. An admit holds a connection for one round trip (about 0.1 ms), so 64 carry far more
+# than one process serves; times workers and instances, it stays well under Redis's 10,000.
+MAX_CONNECTIONS = 64
+# A connection idle this long is PINGed before use (NAT and proxies drop idle TCP silently).
+HEALTH_CHECK_SECONDS = 30
+# How long a settle waits for the key's next admission to carry it before going alone.
+SETTLE_DELAY_SECONDS = 0.05
+REASON_CHARS = 200
+_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
+_CONNECT_ERROR = re.compile(r"Error (-?\d+) connecting to \S+?\.? (.*?)\.?$")
+
+_KEY_NAMES = (
+    "admissions",
+    "charges",
+    "charged",
+    "totals",
+    "reservations",
+    "reserved",
+    "spend",
+    "spent",
+)
+
+Policy = tuple[Limits | None, Budget | None]
+
+
+class RedisTracker:
+    """The tracker over one Redis, shared by every gateway process that points at it."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] | None = None,
+        settle_delay: float = SETTLE_DELAY_SECONDS,
+    ) -> None:
+        # `clock` (seconds) replaces Redis TIME, for tests that step through windows.
+        self._clock = clock
+        self._settle_delay = settle_delay
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=TIMEOUT_SECONDS,  # the wait for a free connection
+            socket_timeout=TIMEOUT_SECONDS,
+            socket_connect_timeout=TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=HEALTH_CHECK_SECONDS,
+            client_name="llm-gateway",
+            # RESP2: works down to Redis 5, and keeps the pool's check that drops a connection
+            # the server closed before it is used (redis-py skips it for RESP3 push support).
+            protocol=2,
+        )
+        self._client = redis.asyncio.Redis.from_pool(pool)
+        self._admit = self._client.register_script(SCRIPTS["admit"])
+        self._settle = self._client.register_script(SCRIPTS["settle"])
+        self._report = self._client.register_script(SCRIPTS["report"])
+        # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
+        # when it ended in µs of the local clock, and the tokens by kind).
+        self._held: dict[str, tuple[Policy, list[int]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self.on_settle_failed: Callable[[str], None] = lambda error: None
+
+    async def admit(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None = None,
+        claim: Charge = NOTHING,
+    ) -> Admission:
+        """Admit, count and reserve `claim`, or refuse without counting. Raises TrackerUnavailable."""
+        tokens = clamped(claim.tokens)
+        micro = clamped(claim.micro_usd)
+        reading = await self._run(self._admit, key_id, limits, budget, tokens, micro)
+        return admission(reading, limits, budget)
+
+    def settle(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        spent: Charge,
+        ticket: int = 0,
+        budget: Budget | None = None,
+    ) -> None:
+        """Hold the settle for the key's next admission to carry; never waits on Redis."""
+        tokens = clamped(spent.tokens)
+        micro = clamped(spent.micro_usd)
+        held = self._held.get(key_id)
+        settles = held[1] if held is not None else []
+        settles += (ticket, tokens, micro, self._now_us())
+        settles += (clamped(count) for count in spent.kinds)
+        self._held[key_id] = ((limits, budget), settles)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._settle_delay, self._flush_later)
+
+    async def report(
+        self, key_id: str, limits: Limits | None, budget: Budget | None = None
+    ) -> dict[str, Any]:
+        """The key's windows and totals, as `GET /usage` answers them. Raises TrackerUnavailable."""
+        reading = await self._run(self._report, key_id, limits, budget)
+        return report(reading, limits, budget)
+
+    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
+        """Remember for `seconds` that the key owes what the background response will report."""
+        try:
+            await self._client.set(owed_key(key_id, response_id), origin, ex=math.ceil(seconds))
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+
+    async def claim(self, key_id: str, response_id: str) -> str | None:
+        """Take what the key owes for the response: the one caller whose DEL answers 1 gets
+        its origin (GET and DEL in one MULTI, so no other client runs between them)."""
+        try:
+            name = owed_key(key_id, response_id)
+            async with self._client.pipeline(transaction=True) as pipe:
+                origin, deleted = await pipe.get(name).delete(name).execute()
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+        return origin.decode() if deleted == 1 and origin is not None else None
+
+    async def flush(self) -> None:
+        """Send every held settle now, and wait for those already on their way."""
+        await asyncio.gather(self._send_held(), *self._flushing)
+
+    async def close(self) -> None:
+        """Send what is held, then close the pool; the state stays in Redis."""
+        await self.flush()
+        await self._client.aclose()
+
+    def _flush_later(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_held())
+        self._flushing.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send_held(self) -> None:
+        """Each key's held settles in one call per key (those no admission carried in time)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        held, self._held = self._held, {}
+        await asyncio.gather(
+            *(self._send(key_id, policy, settles) for key_id, (policy, settles) in held.items())
+        )
+
+    async def _send(self, key_id: str, policy: Policy, settles: list[int]) -> None:
+        try:
+            await self._call(self._settle, key_id, policy[0], policy[1], settles)
+        except TrackerUnavailable as error:
+            # The tokens are lost to the window; the log line and metrics still have them.
+            self.on_settle_failed(str(error))
+
+    async def _run(
+        self,
+        script: AsyncScript,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None,
+        *own: int,
+    ) -> Reading:
+        """Run `script` for the key, carrying the settles held for it."""
+        held = self._held.pop(key_id, None)
+        settles = held[1] if held is not None else []
+        try:
+            values = await self._call(script, key_id, limits, budget, settles, *own)
+        except TrackerUnavailable as error:
+            if settles:
+                self.on_settle_failed(str(error))
+            raise
+        admitted, ticket, size, leaves, used, reserved, wait, charge_leaves, *rest = values
+        spent, spend_reserved, spend_wait, spend_leaves, requests, tokens, micro, *kinds = rest
+        return Reading(
+            admitted=bool(admitted),
+            ticket=ticket,
+            requests=size,
+            request_leaves=leaves / 1e6,
+            tokens=used,
+            tokens_reserved=reserved,
+            token_wait=wait / 1e6,
+            charge_leaves=charge_leaves / 1e6,
+            spent=spent,
+            spend_reserved=spend_reserved,
+            budget_wait=spend_wait / 1e6,
+            spend_leaves=spend_leaves / 1e6,
+            total_requests=requests,
+            total_tokens=tokens,
+            total_micro_usd=micro,
+            total_kinds=tuple(kinds) if kinds else NO_KINDS,
+        )
+
+    def _now_us(self) -> int:
+        return round((self._clock or time.monotonic)() * 1e6)
+
+    async def _call(
+        self,
+        script: AsyncScript,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None,
+        settles: list[int],
+        *own: int,
+    ) -> Any:
+        now_us = -1 if self._clock is None else round(self._clock() * 1e6)
+        if limits is None:
+            quota = [0, -1, -1]
+        else:
+            token_limit = -1 if limits.tokens is None else limits.tokens
+            quota = [round(limits.window_seconds * 1e6), limits.requests, token_limit]
+        if budget is None:
+            spending = [-1, 0]
+        else:
+            spending = [budget.micro_usd, round(budget.window_seconds * 1e6)]
+        # Each settle's end, as an age: Redis TIME minus the age is its time on Redis's clock.
+        local_now = self._now_us()
+        ages = [
+            value if index % SETTLE_FIELDS != 3 else max(0, local_now - value)
+            for index, value in enumerate(settles)
+        ]
+        args = [now_us, *quota, *spending, len(settles) // SETTLE_FIELDS, *ages, *own]
+        try:
+            return await script(keys=window_keys(key_id), args=args)
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+
+
+def window_keys(key_id: str) -> list[str]:
+    """The Redis keys of one virtual key, in the scripts' KEYS order."""
+    base = f"{KEY_PREFIX}{{{key_id}}}:"
+    return [base + name for name in _KEY_NAMES]
+
+
+def owed_key(key_id: str, response_id: str) -> str:
+    """The Redis key of a background response a virtual key owes (its digest, never the key)."""
+    return f"{KEY_PREFIX}{{{key_id}}}:bg:{response_id}"
+
+
+def reason(error: Exception) -> str:
+    """A short, key-free cause of a Redis failure, e.g. 'Connection refused'."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+        return os.strerror(cause.errno)  # asyncio's own text names the address instead
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[:REASON_CHARS]
+    # redis-py may re-raise its "Error 111 connecting to host:port. …" without the OSError.
+    connecting = _CONNECT_ERROR.match(str(error))
+    if connecting and int(connecting[1]) > 0:
+        return os.strerror(int(connecting[1]))
+    if connecting:
+        return connecting[2][:REASON_CHARS]
+    return (str(error).strip() or type(error).__name__)[:REASON_CHARS]
+
+
+def masked(url: str) -> str:
+    """The URL with its password (user info or ?password=) replaced by ***, fit for an error line."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_USERINFO.sub(r"\1***@", url))
+
+
+def check(url: str) -> None:
+    """Connect, PING and load the scripts, as at start. Raises TrackerUnavailable saying what failed."""
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=2 * TIMEOUT_SECONDS,
+        socket_connect_timeout=2 * TIMEOUT_SECONDS,
+        protocol=2,
+    )
+    try:
+        try:
+            client.ping()
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
+        try:
+            for source in SCRIPTS.values():
+                client.script_load(source)
+        except (RedisError, OSError) as error:
+            raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
+    finally:
+        client.close()

@@ -1,0 +1,1 @@
+"""WebSocket sessions: the Realtime API relayed frame by frame (realtime, websocket)."""

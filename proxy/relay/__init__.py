@@ -1,0 +1,2 @@
+"""The HTTP handler: route, read and peek the body, forward through upstream, stream back
+(relay); CORS, Expect: 100-continue, and the models a request names."""

@@ -1,0 +1,47 @@
+"""`Expect: 100-continue`: invite the body only of a request the gateway will read.
+
+aiohttp answers `100 Continue` before the handler runs, so by default a client with an
+unknown key or a body over MAX_BODY_BYTES is invited to send it all anyway (issue 10).
+This expect handler sends `100 Continue` only when the path is proxied, the client address
+is not locked out, the key is known and the declared Content-Length fits; otherwise it
+sends nothing, and `relay` answers the refusal (404, 429, 401, 413) at once, in the
+dialect and logged, without reading the body (RFC 9110 §10.1.1: a server may answer with
+the final status instead of 100). It counts nothing: `relay` counts the refusal once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import HttpVersion11, web
+
+from proxy.errors import GatewayError
+from proxy.keys.keys import KeyRing
+from proxy.keys.lockout import Lockout
+from proxy.relay.routing import route
+
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def expect_handler(ring: KeyRing, lockout: Lockout, max_body_bytes: int) -> ExpectHandler:
+    """The catch-all route's answer to `Expect`: 100 Continue only for a body it will read."""
+
+    async def answer(request: web.Request) -> None:
+        expect = request.headers.get("expect", "").strip().lower()
+        if request.version != HttpVersion11 or expect != "100-continue":
+            return None  # HTTP/1.0 knows no 100; another expectation is ignored (RFC 9110 §10.1.1)
+        length = request.content_length
+        if length is not None and length > max_body_bytes:
+            return None
+        if lockout.locked_for(request.remote) is not None:
+            return None
+        try:
+            route(request.raw_path)
+            ring.authenticate(request.headers)
+        except GatewayError:
+            return None
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the response has not begun
+        return None
+
+    return answer

@@ -1,0 +1,204 @@
+"""What the gateway reads of a request before it goes upstream: the body, and a peek at it.
+
+`read_body` reads the body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields
+the gateway checks (`model`, `stream`, `messages`) in a JSON body, decoding a compressed
+upload (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
+sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from proxy.encodings import decode_body
+from proxy.errors import GatewayError
+from proxy.keys.keys import VirtualKey
+from proxy.record import Record
+from proxy.relay import named
+from proxy.usage import estimate
+
+# Endpoints whose body must name a model and a non-empty list of messages (SPEC: Validation).
+_NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
+_JSON_TYPES = ("application/json", "+json")
+# A model as logged: clients choose it, so control characters go and the length is bounded.
+MODEL_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """The few fields read from a JSON body; the body itself is forwarded untouched."""
+
+    model: str | None = None
+    is_stream: bool = False
+    # For the tracker's reservation: the prompt's text at about 4 characters a token, and
+    # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens).
+    prompt_tokens_estimate: int = 0
+    max_output_tokens: int | None = None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    if not request.body_exists:
+        return b""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
+        raise _too_large(limit) from None
+    except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
+        raise GatewayError(
+            400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}."
+        ) from None
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "request_too_large",
+        f"The request body is larger than the gateway's limit of {limit} bytes.",
+    )
+
+
+def validate(
+    tail: str, request: web.Request, body: bytes, key: VirtualKey, limit: int, record: Record
+) -> Peek:
+    """Peek at `model` and `stream`; check every model the request names against the key.
+
+    Raises 400 (bad JSON, missing field), 403 (a model not allowed, or one a restricted
+    key's request names where the gateway cannot read it), 413, 415. What was read goes
+    on `record` before any refusal, so a refused request's log line names its model too.
+    """
+    is_restricted = key.allowed_models is not None
+    # Every Content-Encoding header counts: the provider undoes them all (two gzips: twice).
+    body = decode_body(body, ", ".join(request.headers.getall("content-encoding", ())), limit)
+    names: list[Any] = []
+    unreadable: str | None = None
+    document: dict[str, Any] | None = None
+    if tail not in _NEEDS_MODEL_AND_MESSAGES and request.content_type in named.FORM_TYPES:
+        if is_restricted:  # parsing a large upload costs time: only where it decides
+            try:
+                names += named.in_form(request.headers.get("content-type", ""), body)
+            except named.Unreadable as error:
+                unreadable = str(error)
+    else:
+        document = _document(tail, request, body)
+        if document is not None:
+            names += named.in_document(document)
+        elif body:
+            unreadable = "a body that is neither a JSON object nor a form"
+    try:
+        names += named.in_path(request.method, tail, request.query)
+    except named.Unreadable as error:
+        unreadable = unreadable or str(error)
+    model = next((name for name in names if isinstance(name, str)), None)
+    is_stream = document is not None and document.get("stream") is True
+    record.model, record.is_stream = shown(model), is_stream
+    if document is not None and "background" in document and tail.endswith("responses"):
+        # Answered queued, usage null: its tokens come with a later GET (background.py).
+        record.is_background = document["background"] is True
+    if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+        _check_chat(document)
+    if is_restricted:
+        _check_models(key, names, unreadable)
+    if document is None or not key.reserves:  # nothing to reserve: no need to measure
+        return Peek(model=model, is_stream=is_stream)
+    return Peek(
+        model=model,
+        is_stream=is_stream,
+        prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(document)),
+        max_output_tokens=_output_cap(document),
+    )
+
+
+def _output_cap(document: dict[str, Any]) -> int | None:
+    """The output cap the body names, the first of the names the APIs use."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = document.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def shown(model: str | None) -> str | None:
+    """A model name as a client sent it, fit for a log line: no control characters, bounded."""
+    if model is None:
+        return None
+    model = _CONTROL.sub("\ufffd", model[: MODEL_CHARS + 1])
+    return model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "…"
+
+
+def _document(tail: str, request: web.Request, body: bytes) -> dict[str, Any] | None:
+    """The JSON object a body holds, None for another body. Raises 400 where JSON is due."""
+    needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST"
+    declared_json = request.content_type.endswith(_JSON_TYPES)
+    if not body or not (declared_json or body.lstrip()[:1] == b"{"):
+        if needs_json:
+            raise GatewayError(
+                400,
+                "missing_field",
+                "The request body must be a JSON object with 'model' and 'messages'.",
+                "model",
+            )
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        if declared_json or tail in _NEEDS_MODEL_AND_MESSAGES:
+            raise GatewayError(
+                400, "invalid_json", f"The request body is not valid JSON: {error}."
+            ) from None
+        return None  # not declared JSON: an opaque body the provider will judge
+    if not isinstance(document, dict):
+        if tail in _NEEDS_MODEL_AND_MESSAGES:
+            raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
+        return None
+    return document
+
+
+def _check_chat(document: dict[str, Any]) -> None:
+    """Chat and messages need a model and messages (SPEC: Validation). Raises 400."""
+    model = document.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(
+            400, "missing_field", "'messages' must be a non-empty array.", "messages"
+        )
+
+
+def _check_models(key: VirtualKey, names: list[Any], unreadable: str | None) -> None:
+    """Every model named is one the key may use, and none is out of sight. Raises 403."""
+    for name in names:
+        if not isinstance(name, str):
+            raise GatewayError(
+                403,
+                "model_not_allowed",
+                "This key may use only some models, and 'model' here is not a string.",
+                "model",
+            )
+        if not key.allows(name):
+            raise GatewayError(
+                403,
+                "model_not_allowed",
+                f"This key may not use the model '{shown(name)}'.",
+                "model",
+            )
+    if unreadable is not None:
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            "This key may use only some models, and the gateway cannot check the model of "
+            f"this request ({unreadable}): send JSON, or a form with a 'model' field.",
+            "model",
+        )

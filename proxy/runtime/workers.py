@@ -1,0 +1,253 @@
+"""Running the gateway: one process, or WORKERS processes sharing one port, kept at WORKERS.
+
+With several workers, each is a forked copy with its own event loop and its own socket on
+the same port (SO_REUSEPORT: the kernel spreads connections). The parent only supervises:
+
+- SIGTERM/SIGINT: forwarded once to every worker as SIGTERM; the parent waits while they
+  drain and exits with the first failure's code (0 when every worker drained).
+- SIGHUP: forwarded to every worker, where the app reloads keys.json; never fatal.
+- A worker that dies (a crash, an OOM kill, kill -9) is replaced at once; the others and
+  their connections are untouched, and its live gauges leave the metrics sum
+  (`forget_worker`). A worker that dies before it listens failed to start: after
+  START_ATTEMPTS such failures in a row the gateway stops, with one line. A worker that
+  refuses to start (exit 2, a port in use: it said why) stops the gateway at once, since
+  the next one would be refused the same way.
+
+Workers run in their own process group, so a Ctrl-C in a terminal reaches them once,
+through the parent, and not twice. A worker whose parent died (even by SIGKILL) drains
+and exits by itself, and the last one out removes the metrics directory the parent made.
+Their metrics meet in one directory (prometheus-client's multiprocess mode), so `/metrics`
+on any worker reports the sum; quotas meet in Redis (settings refuse several workers
+without it).
+
+Why this and not gunicorn with aiohttp's `GunicornUVLoopWebWorker` (issue 13, point 4),
+which respawns workers too: gunicorn's arbiter owns SIGHUP and answers it by re-forking
+every worker, where the gateway reloads keys.json inside running workers so streams in
+flight are never cut; its worker drains through `AppRunner.cleanup` with
+`shutdown_timeout` at 95% of its grace, which aiohttp waits twice, so the arbiter kills
+workers with streams before their log lines are written (issue 10, point 6); and its
+own settings (bind, workers, timeouts, header limits) and logging would sit beside
+`Settings`, with the one-line refusals and exit code 2 to rebuild in its hooks. What the
+gateway needs from a process manager is the ~100 lines below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.context import ForkProcess
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+from proxy.app import build_app
+from proxy.keys.keys import KeyRing
+from proxy.observe.worker_metrics import forget_worker
+from proxy.runtime.server import CannotListen, serve
+from proxy.settings import Settings
+
+START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
+EXIT_REFUSED = 2  # a worker that cannot listen said why and exits with this
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def run(settings: Settings, key_ring: KeyRing) -> int:
+    """Serve in this process, or supervise WORKERS processes. The exit code."""
+    if settings.worker_count == 1:
+        serve(settings, build_app(settings, key_ring))
+        return 0
+    chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = chosen or tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    _empty(metrics_dir)  # files of an earlier run would be summed in
+    workers = Workers(settings, key_ring, metrics_dir, owns_metrics_dir=not chosen)
+    signal.signal(signal.SIGTERM, workers.stop)
+    signal.signal(signal.SIGINT, workers.stop)
+    signal.signal(signal.SIGHUP, workers.forward)
+    try:
+        return workers.run()
+    finally:
+        if not chosen:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """One worker process, and the event it sets once it listens."""
+
+    process: ForkProcess
+    started: Event
+
+
+class Workers:
+    """The worker processes of one gateway: started, replaced, signalled, waited for."""
+
+    def __init__(
+        self, settings: Settings, key_ring: KeyRing, metrics_dir: str, owns_metrics_dir: bool
+    ) -> None:
+        self._settings, self._key_ring = settings, key_ring
+        self._metrics_dir, self._owns_metrics_dir = metrics_dir, owns_metrics_dir
+        self._context = multiprocessing.get_context("fork")
+        self._slots: list[Worker | None] = []  # None: ended, not replaced (stopping)
+        self._failed_starts = [0] * settings.worker_count
+        self._is_stopping = False
+        self._code = 0
+
+    def run(self) -> int:
+        """Start every worker, replace those that die until told to stop; the exit code."""
+        self._slots = [None] * self._settings.worker_count
+        for slot in range(self._settings.worker_count):
+            self._start(slot)
+        while live := [worker.process.sentinel for worker in self._slots if worker is not None]:
+            multiprocessing.connection.wait(live)
+            for slot, worker in enumerate(self._slots):
+                if worker is not None and not worker.process.is_alive():
+                    self._slots[slot] = None
+                    self._ended(slot, worker)
+        return self._code
+
+    def stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Ask every worker once to drain and exit."""
+        if not self._is_stopping:
+            self._is_stopping = True
+            self.forward(signal.SIGTERM)
+
+    def forward(self, signum: int, frame: FrameType | None = None) -> None:
+        """Pass a signal on to every live worker."""
+        for worker in self._slots:
+            if worker is not None and worker.process.pid is not None:
+                try:
+                    os.kill(worker.process.pid, signum)
+                except ProcessLookupError:
+                    pass  # reaped a moment ago: `run` is about to empty its slot
+
+    def _start(self, slot: int) -> None:
+        started = self._context.Event()
+        process = self._context.Process(
+            target=_work,
+            args=(self._settings, self._key_ring, self._metrics_dir, self._owns_metrics_dir),
+            kwargs={"started": started},
+            name=f"worker-{slot}",
+        )
+        # The child runs the parent's handlers until it installs its own: hold the signals
+        # across the fork (the child takes them once it is ready for them), and until the
+        # new worker is in its slot, where `forward` finds it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            process.start()
+            self._slots[slot] = Worker(process, started)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+
+    def _ended(self, slot: int, worker: Worker) -> None:
+        pid, code = worker.process.pid, worker.process.exitcode
+        assert pid is not None and code is not None
+        forget_worker(self._metrics_dir, pid)
+        if self._is_stopping:
+            self._code = self._code or max(code, 0)
+            return
+        if code == EXIT_REFUSED:
+            self._code = EXIT_REFUSED
+            self.stop()
+            return
+        failed = 0 if worker.started.is_set() else self._failed_starts[slot] + 1
+        self._failed_starts[slot] = failed
+        if failed >= START_ATTEMPTS:
+            _say(f"a worker failed to start {failed} times in a row ({_why(code)}); stopping")
+            self._code = 1
+            self.stop()
+            return
+        _say(f"worker {pid} {_why(code)}; starting another")
+        self._start(slot)
+
+
+def _work(
+    settings: Settings, key_ring: KeyRing, metrics_dir: str, owns_metrics_dir: bool, started: Event
+) -> None:
+    os.setpgrp()  # signals come through the parent, once
+    parent = os.getppid()
+    threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    try:
+        serve(
+            settings,
+            # POST /admin/reload on one worker: the parent passes SIGHUP to every worker.
+            build_app(settings, key_ring, metrics_dir, functools.partial(_hup, parent)),
+            label=f" (worker {os.getpid()})",
+            reuse_port=True,
+            on_listening=started.set,
+        )
+    except CannotListen as error:
+        print(f"llm-gateway: {error}", flush=True, file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
+    if os.getppid() != parent and owns_metrics_dir:
+        _leave(metrics_dir)
+
+
+def _hup(parent: int) -> None:
+    if os.getppid() == parent:  # an orphan drains and exits; its pid may be someone else's
+        os.kill(parent, signal.SIGHUP)
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose parent died (even by SIGKILL) drains and exits instead of lingering."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _leave(metrics_dir: str) -> None:
+    """An orphan's last step: drop its files and those of dead workers; the last one out
+    removes the directory (rmdir fails while a live worker's files are in it)."""
+    try:
+        names = os.listdir(metrics_dir)
+    except FileNotFoundError:
+        return  # another worker removed it already
+    for name in names:
+        pid = name.removesuffix(".db").rsplit("_", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _is_alive(int(pid))):
+            with contextlib.suppress(FileNotFoundError):  # another worker was first
+                os.remove(os.path.join(metrics_dir, name))
+    try:
+        os.rmdir(metrics_dir)
+    except OSError as error:
+        # ENOTEMPTY: a live worker's files are still there, and it removes the directory last
+        if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+            raise
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _why(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _say(line: str) -> None:
+    print(f"llm-gateway: {line}", file=sys.stderr, flush=True)
+
+
+def _empty(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))

@@ -1,0 +1,2 @@
+"""Upstream: the attempt loop (failover), the outbound request, targets and pools, breakers,
+and the provider table with how each authenticates."""

@@ -1,0 +1,375 @@
+"""The attempt loop: send a request along its plan until a target answers, before the first byte.
+
+`forward` walks the plan's targets in order (skipping those whose breaker is open), and on
+each target the pool's usable keys. It yields the first answer worth passing on; it never
+retries once it has yielded, so nothing that reached the client is ever sent twice, and a
+client that leaves cancels the loop with its handler.
+
+When to try again (and nothing else), top to bottom:
+
+    no connection, reset, TLS, DNS        502 unreachable   same target (RETRY_ATTEMPTS), then the next
+    no headers within REQUEST_TIMEOUT     504 timeout       same target (RETRY_ATTEMPTS), then the next
+    408, 500, 502, 503, 504, 529          the provider's    same target (RETRY_ATTEMPTS), then the next
+    429                                   the provider's    the pool's next key at once; else as above
+    401, 403 from a pool of several keys  the provider's    that key rests; the pool's next key at once
+    anything else (400, 404, 413, 422...) the provider's    never: it goes to the client as it is
+
+Waits between attempts on one target are exponential with full jitter, or what the
+provider asked for (`retry-after-ms`, `retry-after` in seconds or as an HTTP date). A wait
+longer than RETRY_MAX_WAIT_SECONDS, or than what is left of RETRY_DEADLINE_SECONDS, is not
+waited: the next target is tried at once, or the answer goes to the client. No attempt
+starts after the deadline; one already started keeps its own REQUEST_TIMEOUT.
+
+When everything fails, the client gets the last provider answer unchanged (status, headers,
+body), or the gateway's 502/504 when no provider answered. A retryable answer is read whole
+to be kept, so only answers of known length up to `KEPT_ANSWER_BYTES` are retried; a
+larger or unsized one (never an error body in practice) goes to the client as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import errno
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.errors import GatewayError
+from proxy.record import Attempt, Outcome, Record
+from proxy.upstream.breaker import Breakers
+from proxy.upstream.outbound import Outbound, build
+from proxy.upstream.targets import Credential, Plan, Target
+
+RETRYABLE = frozenset((408, 429, 500, 502, 503, 504, 529))
+KEY_REFUSED = frozenset((401, 403))
+KEPT_ANSWER_BYTES = 1 << 20
+BACKOFF_BASE_SECONDS = 0.5
+# How long a pool key rests after a 429 without Retry-After, and after a 401/403.
+RATE_LIMITED_REST_SECONDS = 30.0
+REFUSED_KEY_REST_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """RETRY_* settings, and the per-attempt bound on waiting for headers."""
+
+    attempts: int = 0
+    max_wait_seconds: float = 10.0
+    deadline_seconds: float = 60.0
+    request_timeout: float = 600.0
+    sticky_header: str | None = None
+
+
+class StoredAnswer:
+    """A provider answer read whole while the loop went on: passed on as it came."""
+
+    def __init__(self, reply: aiohttp.ClientResponse, body: bytes) -> None:
+        self.status, self.reason = reply.status, reply.reason
+        self.headers: CIMultiDictProxy[str] = reply.headers
+        self.body = body
+        self.content_length = len(body)
+
+    async def read(self) -> bytes:
+        return self.body
+
+    def close(self) -> None:
+        pass
+
+
+Reply = aiohttp.ClientResponse | StoredAnswer
+
+
+@dataclass(slots=True)
+class _Walk:
+    """One request's progress along its plan: the last answer kept, the last failure."""
+
+    deadline: float  # no attempt starts after this (the breakers' clock)
+    kept: StoredAnswer | None = None
+    failure: Failed | None = None
+    is_over: bool = False
+
+    def give_up(self, record: Record) -> Reply:
+        """The last provider answer; else the gateway's 502/504, recorded where it happens."""
+        if self.kept is not None:
+            return self.kept
+        assert self.failure is not None, "a plan has at least one target and one key"
+        failure = self.failure
+        status = 504 if failure.outcome is Outcome.TIMEOUT else 502
+        record.end(status, failure.outcome, failure.why)
+        code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+        raise GatewayError(status, code, failure.why[0].upper() + failure.why[1:] + ".")
+
+
+class Failed(Exception):
+    """One attempt got no answer: how (an Outcome) and why, in words."""
+
+    def __init__(self, outcome: Outcome, why: str) -> None:
+        super().__init__(why)
+        self.outcome, self.why = outcome, why
+
+
+class Failover:
+    """Walks plans for the relay; holds the retry policy and every target's breaker."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        breakers: Breakers,
+        max_body_bytes: int,
+        sleep: Callable[[float], object] = asyncio.sleep,
+        jitter: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.policy = policy
+        self.breakers = breakers
+        self.session: aiohttp.ClientSession | None = None  # set while the app runs
+        self._max_body_bytes = max_body_bytes
+        self._sleep = sleep
+        self._jitter = jitter
+
+    @asynccontextmanager
+    async def forward(
+        self, request: web.Request, plan: Plan, tail: str, query: str, body: bytes, record: Record
+    ) -> AsyncIterator[Reply]:
+        """Yield the answer to pass on. Raises 502/504 when no provider answered."""
+        reply = await self._walk(request, plan, tail, query, body, record)
+        try:
+            yield reply
+        finally:
+            # Closing (not releasing) drops a connection whose body was not read to the end,
+            # which is how a client that left cancels the upstream request at once.
+            reply.close()
+
+    async def _walk(
+        self, request: web.Request, plan: Plan, tail: str, query: str, body: bytes, record: Record
+    ) -> Reply:
+        if plan.is_single and self.policy.attempts == 0:
+            # One target, one key, no retries: one attempt, and whatever it gets goes on
+            # (what the loop below would do too, without its bookkeeping).
+            target = plan.primary
+            outbound = build(
+                target, request.method, request.headers, tail, query, body,
+                record.request_id, self._max_body_bytes,
+            )  # fmt: skip
+            try:
+                return await self._attempt(outbound, target.pool.credentials[0], record)
+            except Failed as failed:
+                return _Walk(0.0, failure=failed).give_up(record)
+        walk = _Walk(self.breakers.clock() + self.policy.deadline_seconds)
+        header = self.policy.sticky_header
+        sticky = request.headers.get(header) if header else None
+        breakers, tried_any = self.breakers, False
+        for target in plan.targets:
+            # Asked lazily, target by target: a half-open breaker's one probe is only taken
+            # by a request that really goes there.
+            if not breakers[target.name].admits(breakers.clock()):
+                continue
+            tried_any = True
+            reply = await self._on_target(target, request, tail, query, body, sticky, record, walk)
+            if reply is not None:
+                return reply
+            if walk.is_over:
+                break
+        if not tried_any:  # every breaker open: try the least recently failed, not nothing
+            target = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
+            reply = await self._on_target(target, request, tail, query, body, sticky, record, walk)
+            if reply is not None:
+                return reply
+        return walk.give_up(record)
+
+    async def _on_target(
+        self,
+        target: Target,
+        request: web.Request,
+        tail: str,
+        query: str,
+        body: bytes,
+        sticky: str | None,
+        record: Record,
+        walk: _Walk,
+    ) -> Reply | None:
+        """Attempts on one target: the answer to pass on, or None to move to the next target."""
+        clock, policy = self.breakers.clock, self.policy
+        outbound = build(
+            target, request.method, request.headers, tail, query, body,
+            record.request_id, self._max_body_bytes,
+        )  # fmt: skip
+        retries, tried = policy.attempts, set[str]()
+        while (credential := target.pool.pick(clock(), sticky, frozenset(tried))) is not None:
+            if record.attempts and clock() >= walk.deadline:
+                walk.is_over = True
+                return None
+            retry = policy.attempts - retries
+            try:
+                reply = await self._attempt(outbound, credential, record)
+            except Failed as failed:
+                walk.failure, wait = failed, self._backoff(retry)
+            else:
+                status = reply.status
+                if status not in RETRYABLE and not (status in KEY_REFUSED and target.pool.size > 1):
+                    return reply
+                if not _is_keepable(reply) or (kept := await self._keep(reply)) is None:
+                    return reply  # cannot be kept whole: it goes on as it is
+                walk.kept = kept
+                asked = _asked_wait(reply.headers)
+                if status in KEY_REFUSED:
+                    target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
+                    tried.add(credential.label)
+                    continue
+                if status == 429:
+                    rest = RATE_LIMITED_REST_SECONDS if asked is None else asked
+                    target.pool.rest(credential, clock() + rest)
+                    if target.pool.size > 1:
+                        tried.add(credential.label)
+                        continue
+                wait = self._backoff(retry) if asked is None else asked
+            if retries <= 0 or wait > policy.max_wait_seconds or clock() + wait >= walk.deadline:
+                return None  # the next target, at once
+            retries -= 1
+            await self._sleep(wait)
+        return None
+
+    async def _attempt(self, outbound: Outbound, credential: Credential, record: Record) -> Reply:
+        """One request to one target with one key. Raises Failed."""
+        assert self.session is not None, "the app's upstream session is not open"
+        target, breaker = outbound.target, self.breakers[outbound.target.name]
+        now = self.breakers.clock
+        record.target, record.provider = target.name, target.provider.name
+        outbound.use(credential)
+        if record.trace is not None:  # traces: a client span, its context in the headers
+            model = target.model or record.model
+            record.trace.attempt(
+                outbound.method, outbound.url, outbound.headers, target.provider.name, model
+            )
+        asked = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.policy.request_timeout):
+                reply = await self.session.request(
+                    outbound.method,
+                    outbound.url,
+                    headers=outbound.headers,
+                    data=outbound.body or None,
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            failed = Failed(
+                Outcome.TIMEOUT,
+                f"{_where(target)} sent no response headers within "
+                f"{self.policy.request_timeout:g} seconds",
+            )
+        except aiohttp.ClientError as error:
+            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}")
+        except asyncio.CancelledError:
+            breaker.probing = False  # a client that left says nothing about the target
+            raise
+        else:
+            ms = record.waited_upstream(asked)
+            record.attempts.append(
+                Attempt(
+                    target.name,
+                    target.provider.name,
+                    credential.label,
+                    reply.status,
+                    Outcome.ANSWERED,
+                    None,
+                    ms,
+                )  # fmt: skip
+            )
+            if reply.status in RETRYABLE and reply.status != 429:
+                breaker.failed(now(), f"{reply.status} from {_where(target)}")
+            elif reply.status in RETRYABLE or reply.status in KEY_REFUSED:
+                breaker.probing = False  # about a key, not the target
+            else:
+                breaker.succeeded(now())
+            return reply
+        ms = record.waited_upstream(asked)
+        record.attempts.append(
+            Attempt(
+                target.name,
+                target.provider.name,
+                credential.label,
+                None,
+                failed.outcome,
+                failed.why,
+                ms,
+            )  # fmt: skip
+        )
+        breaker.failed(now(), failed.why)
+        raise failed
+
+    async def _keep(self, reply: aiohttp.ClientResponse) -> StoredAnswer | None:
+        """The answer read whole, its connection released; None when it could not be read."""
+        try:
+            async with asyncio.timeout(self.policy.request_timeout):
+                body = await reply.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        reply.release()
+        return StoredAnswer(reply, body)
+
+    def _backoff(self, retry: int) -> float:
+        """Exponential backoff with full jitter, capped by RETRY_MAX_WAIT_SECONDS."""
+        ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * (2**retry))
+        return self._jitter(0.0, ceiling)
+
+
+def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
+    """The wait the provider asked for, in seconds; None when it asked nothing."""
+    asked_ms = headers.get("retry-after-ms")
+    if asked_ms is not None:
+        try:
+            return max(0.0, float(asked_ms) / 1000.0)
+        except ValueError:
+            pass
+    asked = headers.get("retry-after")
+    if asked is None:
+        return None
+    try:
+        return max(0.0, float(asked))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(asked)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _is_keepable(reply: aiohttp.ClientResponse) -> bool:
+    length = reply.content_length
+    return length is not None and length <= KEPT_ANSWER_BYTES
+
+
+def _where(target: Target) -> str:
+    url = target.provider.base_url
+    return f"provider '{target.provider.name}' at {url.host}:{url.port}"
+
+
+def described(error: aiohttp.ClientError) -> str:
+    """An aiohttp client error in words: what failed, never a credential."""
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return "the host name was not found (DNS)"
+    if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS failed (certificate or handshake)"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if error.os_error.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        if isinstance(error.os_error, ssl.SSLError):
+            return "TLS failed (certificate or handshake)"
+        return f"could not connect ({error.os_error.strerror or type(error.os_error).__name__})"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "closed the connection before answering"
+    if isinstance(error, aiohttp.ServerTimeoutError):
+        return "timed out"
+    if isinstance(error, aiohttp.ClientOSError):
+        return f"the connection failed ({error.strerror or 'reset'})"
+    if isinstance(error, aiohttp.ClientResponseError):
+        return f"sent an answer that is not valid HTTP ({error.message[:80]})"
+    return f"failed ({type(error).__name__})"

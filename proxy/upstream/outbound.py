@@ -1,0 +1,109 @@
+"""The request as it goes to one target: URL, headers and body, built once per target.
+
+The body is the client's bytes, except where the target names its own `model`: then the
+top-level `model` value is replaced in place and every other byte stays as sent (a
+compressed upload is inflated for that, and goes up uncompressed). Headers come from
+`providers.upstream_headers`; each attempt only sets the credential of the pool key it uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.encodings import decode_body
+from proxy.upstream.providers import upstream_headers, upstream_url
+from proxy.upstream.targets import Credential, Target
+
+# The next byte that matters to the scanner: a string, or a nesting bracket.
+_NEXT = re.compile(rb'["{}\[\]]')
+# The rest of a JSON string after its opening quote, through the closing quote.
+_STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
+_SPACE = b" \t\r\n"
+
+
+@dataclass(slots=True)
+class Outbound:
+    """One target's request; `use` sets the pool key for the next attempt."""
+
+    target: Target
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def use(self, credential: Credential) -> None:
+        self.headers.update(self.target.provider.credential_headers(credential.api_key))
+
+
+def build(
+    target: Target,
+    method: str,
+    incoming: CIMultiDictProxy[str],
+    tail: str,
+    query: str,
+    body: bytes,
+    request_id: str,
+    max_body_bytes: int,
+) -> Outbound:
+    """The request for `target`. Raises 400/413/415 only when a model swap must read the body."""
+    headers = upstream_headers(target.provider, "", incoming, request_id)
+    if target.model is not None and body and method == "POST":
+        encoding = incoming.get("content-encoding", "")
+        plain = decode_body(body, encoding, max_body_bytes)
+        swapped = swap_model(plain, target.model)
+        if swapped is not plain:
+            body = swapped
+            headers.popall("content-encoding", None)
+    return Outbound(target, method, upstream_url(target.provider, tail, query), headers, body)
+
+
+def swap_model(body: bytes, model: str) -> bytes:
+    """`body` with its top-level "model" string replaced; `body` itself when it has none."""
+    span = _top_level_value(body, b'"model"')
+    if span is None:
+        return body
+    start, end = span
+    return body[:start] + orjson.dumps(model) + body[end:]
+
+
+def _top_level_value(body: bytes, key: bytes) -> tuple[int, int] | None:
+    """The byte span of the string value of `key` in the top-level object, if there is one."""
+    depth, position, size = 0, 0, len(body)
+    while (found := _NEXT.search(body, position)) is not None:
+        at = found.start()
+        char = body[at]
+        if char != 0x22:  # a bracket
+            depth += 1 if char in b"{[" else -1
+            position = at + 1
+            continue
+        string_end = _string_end(body, at)
+        if string_end is None:
+            return None
+        position = string_end
+        if depth != 1 or body[at:string_end] != key:
+            continue
+        colon = _skip_space(body, string_end)
+        if colon >= size or body[colon] != 0x3A:
+            continue  # a string value that happens to read "model"
+        value = _skip_space(body, colon + 1)
+        if value >= size or body[value] != 0x22:
+            return None  # not a string: leave it to the provider
+        value_end = _string_end(body, value)
+        return None if value_end is None else (value, value_end)
+    return None
+
+
+def _string_end(body: bytes, quote: int) -> int | None:
+    match = _STRING_REST.match(body, quote + 1)
+    return None if match is None else match.end()
+
+
+def _skip_space(body: bytes, position: int) -> int:
+    while position < len(body) and body[position] in _SPACE:
+        position += 1
+    return position

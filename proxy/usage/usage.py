@@ -1,0 +1,441 @@
+"""The usage tap: token usage and text read from response bytes as they go by.
+
+`relay` writes each body chunk to the client first and only then feeds it to a `UsageTap`,
+so the tap can never delay, change or hold back a byte. A body in gzip, deflate, br or zstd
+(or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
+tap answers the provider's own usage when the provider reported one, every token kind
+(`provider_usage`): in a JSON body's `usage`; in a stream's OpenAI usage chunk (sent when
+the client asked for `stream_options.include_usage`, or the key for exact stream usage:
+`stream_usage`), the Responses API's `response.completed`, Anthropic's `message_start`
+and `message_delta`.
+
+What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
+to chat/completions, completions, responses, messages, embeddings) without a readable usage
+is charged an estimate (`estimate`), marked `estimated` — never nothing, also when the body
+cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
+then the response's decoded (or received) bytes stand for its text. Other POSTs are
+charged only what the provider reports (a token count reports none); a GET (a models list,
+a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
+background POST answered queued or in progress is charged nothing yet, and a GET of one
+response reports what the response says (`stored`: its id, status and usage), which
+`background.py` charges only if its key owed it.
+
+Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
+its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
+body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
+body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
+most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies half of that, so they never
+starve the tails. A JSON body kept whole that would pass a bound is cut to its tail (its
+log line goes without it); an SSE line that would (no
+provider sends one) is let go, and the answer estimated. A tail takes no more memory as it
+moves: what it drops frees what it adds. At the end (`usage` or `text`, whichever comes
+first) the tap lets go of everything.
+
+Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
+whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
+(one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
+split over several data lines is not read), or treat a bare `\\r` as a line end (the SSE
+spec allows it; no provider sends it).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import orjson
+
+from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
+from proxy.record import PENDING, StoredResponse, Usage
+from proxy.usage import estimate
+from proxy.usage.provider_usage import ProviderUsage, last_usage
+
+# Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
+MAX_HELD_BYTES = 16 * 1024 * 1024
+# What all taps of a process hold at once: four such bodies.
+TAP_MEMORY_BYTES = 4 * MAX_HELD_BYTES
+
+# Past this a JSON body is not parsed whole (orjson needs about 13 times a body's size
+# while parsing it): only its usage object is found and parsed (`last_usage`), in the
+# last TAIL_BYTES, which is all the tap keeps of it (unless LOG_BODIES needs the text).
+WHOLE_PARSE_BYTES = 1024 * 1024
+TAIL_BYTES = 256 * 1024
+
+_JSON = "json"
+_SSE = "sse"
+
+
+class Charged(enum.Enum):
+    """What an answer is charged, by endpoint."""
+
+    NOTHING = "nothing"  # GET: a models list, a stored response
+    REPORTED = "reported"  # only what the provider reports (a token count reports none)
+    PROMPT = "prompt"  # embeddings: reported, else the prompt estimated
+    TEXT = "text"  # generations: reported, else prompt and completion estimated
+    # A background Response (POST /v1/responses, "background": true): as TEXT, but an
+    # answer still queued or in progress (or a stream cut before its end: the response
+    # runs on) is charged nothing yet (background.py owes it).
+    LATER = "later"
+    # GET /v1/responses/{id} (and POST .../cancel): nothing here; what the response
+    # reports is read for background.py, which charges it if its key owed it.
+    FETCHED = "fetched"
+
+
+# Endpoints whose answers produce tokens; the path ends with one of these.
+_GENERATIONS = ("/chat/completions", "/completions", "/responses", "/messages")
+# Taps that read the Responses API object answered (its id and status).
+_STORED = frozenset((Charged.LATER, Charged.FETCHED))
+ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
+
+
+def charged(method: str, path: str, is_background: bool = False) -> Charged:
+    """What the answer to `method path` is charged; `is_background`: a background Response."""
+    if method != "POST":
+        return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
+    if path.endswith("/embeddings"):
+        return Charged.PROMPT
+    if path.endswith(_GENERATIONS):
+        return Charged.LATER if is_background else Charged.TEXT
+    if path.endswith("/cancel") and _is_stored_response(path[:-7]):
+        return Charged.FETCHED  # a cancelled background response says what it used
+    return Charged.REPORTED
+
+
+def _is_stored_response(path: str) -> bool:
+    """GET /v1/responses/{id}: one response (not its input_items, not a list)."""
+    parent, _, response_id = path.rpartition("/")
+    return bool(response_id) and parent.endswith("/responses")
+
+
+class TapMemory:
+    """The bytes all taps of a process hold at once, bounded. One per app; one event loop."""
+
+    __slots__ = ("held_bytes", "limit_bytes")
+
+    def __init__(self, limit_bytes: int = TAP_MEMORY_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def take(self, count: int, is_whole: bool = False) -> bool:
+        """Hold `count` more bytes if the bound allows.
+
+        Whole bodies (kept to parse or to log) get half the bound, so they can never starve
+        the tails and lines every other answer needs to be read.
+        """
+        limit = self.limit_bytes // 2 if is_whole else self.limit_bytes
+        if self.held_bytes + count > limit:
+            return False
+        self.held_bytes += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.held_bytes -= count
+
+
+# Responses API events whose `response` carries the final usage.
+_RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Responses API events whose `response` is still running (a background stream's first).
+_RESPONSE_STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
+
+
+class UsageTap:
+    """Reads usage and text from one response body, fed chunk by chunk."""
+
+    __slots__ = (
+        "_body",
+        "_charged",
+        "_decoder",
+        "_reported",
+        "_finished",
+        "_held",
+        "_is_unread",
+        "_keep_text",
+        "_kind",
+        "_line",
+        "_memory",
+        "_seen",
+        "_stored_id",
+        "_stored_status",
+        "_text",
+        "_text_chars",
+        "_texts",
+        "model",
+        "stored",
+    )
+
+    def __init__(
+        self,
+        content_type: str | None,
+        content_encoding: str | None,
+        keep_text: bool,
+        charged: Charged = Charged.TEXT,
+        memory: TapMemory | None = None,
+    ) -> None:
+        self._kind = _body_kind(content_type)
+        self._keep_text = keep_text
+        self._charged = charged
+        self._memory = memory if memory is not None else TapMemory()
+        self._held = 0  # bytes taken from memory
+        self._seen = 0  # body bytes seen (decoded when the coding is known)
+        # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
+        self._is_unread = self._kind is None
+        self._body: bytearray | None = bytearray() if self._kind == _JSON else None
+        self._line = bytearray()  # SSE: the unfinished last line
+        self._texts: list[str] = []  # SSE: text deltas, only with keep_text
+        self._text: str | None = None  # the text, once finished
+        self._text_chars = 0
+        self._reported = ProviderUsage()
+        self._finished = False
+        # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
+        self.model: str | None = None
+        # The Responses API object's id and status, read only for LATER and FETCHED.
+        self._stored_id: str | None = None
+        self._stored_status: str | None = None
+        # Once finished: the Responses API object answered (LATER and FETCHED only), with
+        # what it reports; read after `usage`.
+        self.stored: StoredResponse | None = None
+        self._decoder: Decoder | None = None
+        try:
+            decoder = Decoder(content_encoding, self._take)
+            self._decoder = None if decoder.is_identity else decoder
+        except UnsupportedEncoding:
+            self._give_up()
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next body chunk, already sent to the client."""
+        if not chunk or self._finished:
+            return
+        if self._is_unread:
+            self._seen += len(chunk)
+        elif self._decoder is None:
+            self._take(chunk)
+        else:
+            try:
+                self._decoder.feed(chunk)
+            except CorruptBody:
+                self._seen += len(chunk)
+                self._give_up()
+
+    def usage(self, request_body: bytes) -> Usage | None:
+        """The provider's usage, else an estimate where the endpoint is charged one."""
+        self._finish()
+        if self._charged is Charged.NOTHING or self._charged is Charged.FETCHED:
+            return None
+        reported = self._reported.usage()
+        if reported is not None or self._charged is Charged.REPORTED:
+            return reported
+        if self._charged is Charged.LATER and self._stored_status in PENDING:
+            return None  # owed: charged when a GET finds it finished (background.py)
+        completion = 0
+        if self._charged is Charged.TEXT:
+            completion = estimate.tokens(self._seen if self._is_unread else self._text_chars)
+        return Usage(
+            estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
+        )
+
+    @property
+    def text(self) -> str | None:
+        """The response as text (a stream's text deltas joined), only with keep_text."""
+        self._finish()
+        return self._text
+
+    def _take(self, data: bytes) -> None:
+        self._seen += len(data)
+        if self._is_unread:
+            return
+        if self._kind == _SSE:
+            self._take_lines(data)
+        else:
+            self._take_json(data)
+
+    def _take_json(self, data: bytes) -> None:
+        body = self._body
+        assert body is not None  # a JSON tap that reads has a body
+        is_cut = len(body) < self._seen - len(data)  # only its tail is kept already
+        if not self._keep_text and (is_cut or len(body) + len(data) > WHOLE_PARSE_BYTES):
+            self._take_tail(body, data)
+        elif self._fits(len(data), is_whole=True):
+            body += data
+        else:
+            # Past a bound keeping the whole body for the log: log it without; the tail
+            # still has the usage.
+            self._keep_text = False
+            self._take_tail(body, data)
+
+    def _take_tail(self, body: bytearray, data: bytes) -> None:
+        """Keep the last TAIL_BYTES of the body: what is dropped first frees what is added."""
+        data = data[-TAIL_BYTES:]
+        dropped = max(0, len(body) + len(data) - TAIL_BYTES)
+        del body[:dropped]
+        self._release(dropped)
+        if not self._fits(len(data)):
+            return self._give_up()
+        body += data
+
+    def _fits(self, count: int, is_whole: bool = False) -> bool:
+        """Take `count` bytes from the bounds if they allow."""
+        if self._held + count > MAX_HELD_BYTES or not self._memory.take(count, is_whole):
+            return False
+        self._held += count
+        return True
+
+    def _hold(self, count: int) -> bool:
+        """Take `count` bytes from the bounds, or give up reading this body."""
+        if not self._fits(count):
+            self._give_up()
+            return False
+        return True
+
+    def _release(self, count: int) -> None:
+        self._memory.give(count)
+        self._held -= count
+
+    def _take_lines(self, data: bytes) -> None:
+        end = data.rfind(b"\n")
+        if end < 0:
+            if self._hold(len(data)):
+                self._line += data
+            return
+        # The held part and `data` up to its last line end are whole lines.
+        lines = (self._line + data[:end]).split(b"\n")
+        self._line.clear()
+        self._release(self._held)
+        for each in lines:
+            self._take_line(each)
+        rest = data[end + 1 :]
+        if rest and self._hold(len(rest)):
+            self._line += rest
+
+    def _take_line(self, line: bytes | bytearray) -> None:
+        # One JSON event per data line, as every provider sends them; event:, id:, retry:,
+        # comments and the blank lines between events carry nothing the tap needs.
+        if not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            self._read_event(event)
+
+    def _read_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind is None:  # OpenAI chat.completion.chunk or text_completion
+            if self.model is None:
+                self._note_model(event.get("model"))
+            choices = event.get("choices")
+            if isinstance(choices, list):
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        delta = choice.get("delta")
+                        if isinstance(delta, dict):
+                            self._add_text(delta.get("content"))
+                        self._add_text(choice.get("text"))
+            self._reported.read(event.get("usage"))
+        elif kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                self._add_text(delta.get("text"))
+        elif kind == "response.output_text.delta":
+            self._add_text(event.get("delta"))
+        elif kind == "message_start":
+            message = event.get("message")
+            if isinstance(message, dict):
+                self._note_model(message.get("model"))
+                self._reported.read(message.get("usage"))
+        elif kind == "message_delta":
+            self._reported.read(event.get("usage"))
+        elif isinstance(kind, str) and kind in _RESPONSE_DONE:
+            response = event.get("response")
+            if isinstance(response, dict):
+                self._note_model(response.get("model"))
+                self._reported.read(response.get("usage"))
+                if self._charged in _STORED:
+                    self._note_stored(response)
+        elif self._charged is Charged.LATER and kind in _RESPONSE_STARTED:
+            # A background stream cut before its end: the response runs on, owed.
+            response = event.get("response")
+            if isinstance(response, dict):
+                self._note_stored(response)
+
+    def _note_stored(self, response: dict[str, Any]) -> None:
+        """Note a Responses API object's id and status (a background response's charge)."""
+        response_id, status = response.get("id"), response.get("status")
+        if isinstance(response_id, str) and 0 < len(response_id) <= ID_CHARS:
+            self._stored_id = response_id
+            self._stored_status = status if isinstance(status, str) else None
+
+    def _note_model(self, model: object) -> None:
+        if isinstance(model, str) and model:
+            self.model = model[:200]
+
+    def _add_text(self, text: object) -> None:
+        if isinstance(text, str) and text:
+            self._text_chars += len(text)
+            if self._keep_text:
+                self._texts.append(text)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._kind == _SSE and not self._is_unread:
+            # A stream cut before its last line end still counts what that line said.
+            self._take_line(bytes(self._line))
+            if self._keep_text:
+                self._text = "".join(self._texts)
+        elif self._kind == _JSON and self._body is not None:
+            body = self._body
+            if self._keep_text:
+                self._text = body.decode("utf-8", "replace")
+            if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
+                self._reported.read(last_usage(body))
+                self._is_unread = True  # its text is not read: the size stands for it
+            else:
+                self._read_document(body)
+        if self._stored_id is not None:
+            usage = self._reported.usage()
+            self.stored = StoredResponse(self._stored_id, self._stored_status, usage)
+        self._let_go()
+
+    def _read_document(self, body: bytearray) -> None:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            # No usage in a body that does not parse (cut short?): estimated from its size.
+            self._is_unread = True
+            return
+        if isinstance(document, dict):
+            self._note_model(document.get("model"))
+            self._reported.read(document.get("usage"))
+            if self._charged in _STORED:
+                self._note_stored(document)
+            if self._reported.usage() is None:  # only an estimate needs the answer's length
+                self._text_chars = estimate.answer_chars(document)
+
+    def _give_up(self) -> None:
+        """Stop reading this body: it will be estimated (and logged without its text)."""
+        self._is_unread = True
+        self._reported.clear()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        self._release(self._held)
+        self._body = None
+        self._line = bytearray()
+        self._texts = []
+        self._decoder = None
+
+
+def _body_kind(content_type: str | None) -> str | None:
+    if not content_type:
+        return None
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "text/event-stream":
+        return _SSE
+    if media == "application/json" or media.endswith("+json"):
+        return _JSON
+    return None
