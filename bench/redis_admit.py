@@ -35,7 +35,7 @@ from proxy.quota.memory_tracker import MemoryTracker  # noqa: E402
 from proxy.quota.redis_tracker import RedisTracker  # noqa: E402
 from proxy.quota.tracker import Charge, Limits, Tracker  # noqa: E402
 from proxy.runtime.server import new_event_loop  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 TARGET_MS = 0.3
 BENCH_CORE, REDIS_CORE = 0, 1

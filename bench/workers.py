@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import run  # noqa: E402  (bench/run.py: processes, wrk, /proc readings, medians)
 
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 CONNECTIONS = 256
 DELAY_MS = 20  # the mock's answer delay, as run.py's throughput test

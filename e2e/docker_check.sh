@@ -246,7 +246,7 @@ done
 buildah umount "$ctr" >/dev/null
 
 # --- run the CMD in front of the fake provider -----------------------------------------------
-"$PYTHON" -m tests.fake_provider --host 127.0.0.1 --port 0 >"$work/fake.log" 2>&1 &
+"$PYTHON" -m tests.support.fake_provider --host 127.0.0.1 --port 0 >"$work/fake.log" 2>&1 &
 fake_pid=$!
 for _ in $(seq $((READY_SECONDS * 10))); do
     grep -q '^fake provider on ' "$work/fake.log" && break

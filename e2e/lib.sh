@@ -9,7 +9,7 @@
 #   LOG_FILE               the gateway's LOG_FILE_PATH, when it logs to a file (test_logging.sh)
 #   MAX_BODY_BYTES         the gateway's body limit (default: the gateway's default)
 #   GATEWAY_MODEL / GATEWAY_ANTHROPIC_MODEL   models to ask for
-#   E2E_FAKE=1             the provider is tests/fake_provider.py: also check what only it can show
+#   E2E_FAKE=1             the provider is tests/support/fake_provider.py: also check what only it can show
 
 set -euo pipefail
 export LC_ALL=C

@@ -53,7 +53,7 @@ free_port() {
 [[ -x "$PYTHON" ]] || command -v "$PYTHON" >/dev/null || die "no Python at $PYTHON: run 'make test' (it creates .venv) or set PYTHON"
 
 # The fake provider picks its own free port and prints it.
-"$PYTHON" -m tests.fake_provider --host 127.0.0.1 --port 0 >"$work/fake.log" 2>&1 &
+"$PYTHON" -m tests.support.fake_provider --host 127.0.0.1 --port 0 >"$work/fake.log" 2>&1 &
 started+=($!)
 fake_line=$(wait_for_line "$work/fake.log" '^fake provider on http://' "${started[-1]}") ||
     die "the fake provider did not start within ${READY_SECONDS}s: $(tail -5 "$work/fake.log")"

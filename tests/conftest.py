@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import build_app
 from proxy.settings import Settings
-from tests.fake_provider import FAKE_STATE, FakeState, build_fake_provider
-from tests.processes import Processes
+from tests.support.fake_provider import FAKE_STATE, FakeState, build_fake_provider
+from tests.support.processes import Processes
 
 # The real redis-server fixtures (redis_server, redis_url) live beside it.
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.support.redis_server"]
 
 # Every secret of the test keys file: no output of the gateway may ever contain one.
 OPENAI_VK = "vk_test_openai_4f7a9c2e1b"
@@ -182,7 +182,7 @@ def assert_anthropic_error(body: dict[str, Any], kind: str) -> None:
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
-# --- real processes (tests/processes.py) ---
+# --- real processes (tests/support/processes.py) ---
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def processes() -> Iterator[Processes]:
 def fake_url(processes: Processes) -> str:
     """The fake provider as a process of its own."""
     process = processes.start(
-        [sys.executable, "-m", "tests.fake_provider", "--host", "127.0.0.1", "--port", "0"]
+        [sys.executable, "-m", "tests.support.fake_provider", "--host", "127.0.0.1", "--port", "0"]
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -210,3 +210,14 @@ def process_keys(tmp_path: Path, fake_url: str) -> Path:
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys_document(fake_url)))
     return path
+
+
+# --- levels: each test is marked by the folder it lives in (pytest -m unit, -m "unit or app") ---
+LEVELS = ("unit", "app", "process", "deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        level = item.path.parent.name
+        if level in LEVELS:
+            item.add_marker(getattr(pytest.mark, level))

@@ -1,0 +1,479 @@
+"""Background Responses are charged their real usage once, when a poll finds them finished.
+
+Issue 14 (no $0-priced class of requests): a POST /v1/responses with "background": true
+answers queued with usage null, and the GET that returns it finished was charged nothing,
+so a budget never saw its tokens. Through a real gateway in front of the fake provider,
+with the official SDK; the Redis case with two gateways sharing one redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from proxy.app import QUOTA, build_app
+from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
+from proxy.record import Usage
+from proxy.settings import Settings
+from proxy.usage.usage import Charged, UsageTap, charged
+from tests.conftest import OPENAI_VK, SECRETS, auth, keys_document
+from tests.support.fake_provider import FakeState
+from tests.support.processes import Processes, start_gateway
+
+BUDGET_VK = "vk_test_background_3c5e7a9b1d"
+BUDGET_REAL = "sk-background-real-2468013579"
+OTHER_VK = "vk_test_background_other_8f6d4b2a0c"
+OTHER_REAL = "sk-background-other-real-1357924680"
+# The operator's price list: every token of the fake's models costs $0.0001.
+PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
+USD_PER_TOKEN = 0.0001
+INPUT = "one two three"  # 3 prompt tokens at the fake
+# The fake's answer: 40 content tokens plus 60 reasoning tokens; 3 + 100 = 103 tokens in all.
+ANSWER = {"x-fake-chunks": "40", "x-fake-reasoning-tokens": "60"}
+REAL_TOKENS = 3 + 40 + 60
+ALL_SECRETS = (*SECRETS, BUDGET_VK, BUDGET_REAL, OTHER_VK, OTHER_REAL)
+
+Records = Callable[..., Awaitable[list[dict[str, Any]]]]
+MakeGateway = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def background_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> MakeGateway:
+    """A gateway with a budgeted key and another key of the same provider, priced by PRICES."""
+
+    async def make(budget_usd: float = 100.0, **env: str) -> TestClient:
+        document = keys_document(fake_base)
+        budget = {"usd": budget_usd, "window_seconds": 3600}
+        document["virtual_keys"][BUDGET_VK] = {
+            "provider": "openai",
+            "api_key": BUDGET_REAL,
+            "name": "background",
+            "budget": budget,
+        }
+        document["virtual_keys"][OTHER_VK] = {
+            "provider": "openai",
+            "api_key": OTHER_REAL,
+            "name": "other",
+        }
+        keys, prices = tmp_path / "background-keys.json", tmp_path / "prices.json"
+        keys.write_text(json.dumps(document))
+        prices.write_text(json.dumps(PRICES))
+        settings = Settings.from_env(
+            {
+                "KEYS_FILE_PATH": str(keys),
+                "PRICES_FILE": str(prices),
+                "LOG_TO_FILE": "true",
+                "LOG_FILE_PATH": str(log_path),
+                **env,
+            }
+        )
+        return await aiohttp_client(
+            build_app(settings), server_kwargs={"handler_cancellation": True}
+        )
+
+    return make
+
+
+def client(gateway: TestClient, key: str = BUDGET_VK, **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=key,
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+        default_headers={**ANSWER, **headers},
+    )
+
+
+async def create(gateway: TestClient, **headers: str) -> str:
+    """A background response made through the gateway; its id."""
+    made = await client(gateway, **headers).responses.create(
+        model="gpt-4o-mini", input=INPUT, background=True
+    )
+    assert made.status == "queued" and made.usage is None
+    return made.id
+
+
+async def usage_of(
+    gateway: TestClient, records: Records, lines: int, key: str = BUDGET_VK
+) -> dict[str, Any]:
+    """GET /usage once `lines` requests are settled (a request settles after its answer
+    went out, and writes its log line then)."""
+    assert len(await records(lines)) == lines
+    await gateway.app[QUOTA].settled()
+    return await (await gateway.get("/usage", headers=auth(key))).json()
+
+
+async def test_the_poll_that_finds_it_finished_is_charged_its_real_usage_once(
+    background_gateway: MakeGateway, records: Records, fake: FakeState
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0  # queued: nothing yet
+    polled = await client(gateway).responses.retrieve(response_id)
+    assert polled.status == "completed" and polled.usage is not None
+    assert polled.usage.total_tokens == REAL_TOKENS
+    usage = await usage_of(gateway, records, 2)
+    assert usage["totals"]["tokens"] == REAL_TOKENS
+    assert usage["totals"]["reasoning_tokens"] == 60
+    assert usage["budget"]["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    assert usage["totals"]["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+
+    again = await client(gateway).responses.retrieve(response_id)  # polled again: nothing more
+    assert again.usage is not None and again.usage.total_tokens == REAL_TOKENS
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
+
+    post, poll, second = await records(3)
+    assert (post["method"], post["usage"], post["cost_usd"]) == ("POST", None, None)
+    assert poll["method"] == "GET" and poll["model"] == "gpt-4o-mini"
+    assert poll["usage"]["total_tokens"] == REAL_TOKENS and not poll["usage"]["estimated"]
+    assert poll["cost_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    assert (second["usage"], second["cost_usd"]) == (None, None)
+    # What the gateway charged is what the fake reported for that GET.
+    reported = fake.usage[poll["request_id"]]
+    assert poll["usage"]["prompt_tokens"] == reported["input_tokens"]
+    assert poll["usage"]["completion_tokens"] == reported["output_tokens"]
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
+
+
+async def test_polls_that_find_it_running_charge_nothing_and_the_finished_one_charges_it(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway, **{"x-fake-polls": "2"})
+    sdk = client(gateway)
+    statuses = [(await sdk.responses.retrieve(response_id)).status for _ in range(3)]
+    assert statuses == ["in_progress", "in_progress", "completed"]
+    assert (await usage_of(gateway, records, 4))["totals"]["tokens"] == REAL_TOKENS
+    lines = await records(4)
+    assert [line["usage"] is None for line in lines] == [True, True, True, False]
+
+
+async def test_the_streamed_form_of_the_poll_charges_it_once_too(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    for _ in range(2):
+        events = await client(gateway).responses.retrieve(response_id, stream=True)
+        kinds = [event.type async for event in events]
+        assert kinds[-1] == "response.completed"
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
+    _, first, second = await records(3)
+    assert first["stream"] is False and first["usage"]["total_tokens"] == REAL_TOKENS
+    assert second["usage"] is None
+
+
+async def test_a_cancel_that_reports_the_usage_charges_it_and_later_polls_nothing(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    cancelled = await client(gateway).responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.usage is not None
+    polled = await client(gateway).responses.retrieve(response_id)
+    assert polled.status == "cancelled"
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
+    _, cancel, poll = await records(3)
+    assert cancel["usage"]["total_tokens"] == REAL_TOKENS and poll["usage"] is None
+
+
+async def test_a_poll_whose_client_leaves_as_soon_as_it_has_the_answer_still_charges_it(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """The claim runs after the answer went out; a client that then closes its connection
+    makes aiohttp cancel the handler: the claim must still end in its charge."""
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    server = gateway.server.runner.server
+    assert server is not None
+    before = set(server.connections)
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    tracker = gateway.app[QUOTA].tracker
+    claim, answered = tracker.claim, asyncio.Event()
+
+    async def claim_once_the_client_left(key_id: str, response_id: str) -> str | None:
+        await answered.wait()
+        (connection,) = set(server.connections) - before
+        writer.close()
+        deadline = asyncio.get_running_loop().time() + 5
+        while connection.transport is not None:  # aiohttp saw it go, and cancelled the handler
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        return await claim(key_id, response_id)
+
+    tracker.claim = claim_once_the_client_left  # type: ignore[method-assign]
+    writer.write(
+        f"GET /v1/responses/{response_id} HTTP/1.1\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {BUDGET_VK}\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    assert b'"completed"' in await reader.readexactly(length)
+    answered.set()
+    _, poll = await records(2)
+    assert poll["usage"]["total_tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
+async def test_a_key_whose_budget_background_responses_spent_is_refused(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    # 103 tokens cost $0.0103: one finished background response spends a $0.01 budget.
+    gateway = await background_gateway(budget_usd=0.01)
+    response_id = await create(gateway)
+    await client(gateway).responses.retrieve(response_id)
+    assert (await usage_of(gateway, records, 2))["budget"]["remaining_usd"] == 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        await create(gateway)
+    assert refused.value.code == "insufficient_quota"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_a_poll_by_another_key_or_of_an_unknown_id_charges_nothing(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response_id = await create(gateway)
+    # The fake ignores whose key asks (OpenAI scopes responses by project): another key of
+    # the same provider gets it finished, and is not charged for it.
+    polled = await client(gateway, OTHER_VK).responses.retrieve(response_id)
+    assert polled.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        await client(gateway).responses.retrieve("resp_never_made_here")
+    assert (await usage_of(gateway, records, 3, OTHER_VK))["totals"]["tokens"] == 0
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == 0
+    assert [line["usage"] for line in await records(3)] == [None, None, None]
+    # The owner's poll still charges it.
+    await client(gateway).responses.retrieve(response_id)
+    assert (await usage_of(gateway, records, 4))["totals"]["tokens"] == REAL_TOKENS
+
+
+async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_nothing(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    events = await client(gateway).responses.create(
+        model="gpt-4o-mini", input=INPUT, background=True, stream=True
+    )
+    kinds, response_id = [], None
+    async for event in events:
+        kinds.append(event.type)
+        if event.type == "response.created":
+            response_id = event.response.id
+    assert kinds[-1] == "response.completed" and response_id is not None
+    (line,) = await records(1)
+    assert line["usage"]["total_tokens"] == REAL_TOKENS and not line["usage"]["estimated"]
+    await client(gateway).responses.retrieve(response_id)  # not owed: charged nothing more
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
+async def test_a_background_stream_cut_short_is_owed_and_charged_in_full_when_fetched(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """The response runs on without the client (it may resume the stream): what it streamed
+    is not what it will cost, so it is owed like a queued one, not estimated and forgotten."""
+    gateway = await background_gateway()
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-drop": "midstream"}
+    received = b""
+    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
+        with contextlib.suppress(aiohttp.ClientPayloadError):  # cut for the client too
+            async for chunk in response.content.iter_any():
+                received += chunk
+    created = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    assert created["type"] == "response.created"
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0
+    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    assert [event.type async for event in events][-1] == "response.completed"
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+    post, resumed = await records(2)
+    assert post["usage"] is None and resumed["usage"]["total_tokens"] == REAL_TOKENS
+
+
+async def test_a_background_stream_the_client_leaves_is_owed_and_charged_when_resumed(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-delay-ms": "50"}
+    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
+        first = await response.content.readuntil(b"\n\n")  # response.created, then leave
+        response.close()
+    created = json.loads(first.split(b"data: ", 1)[1])
+    (post,) = await records(1)
+    assert post["status"] == 499 and post["usage"] is None
+    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    assert [event.type async for event in events][-1] == "response.completed"
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
+async def test_a_background_answer_that_is_not_a_queued_response_is_still_estimated(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    gateway = await background_gateway()
+    response = await gateway.post(
+        "/v1/responses",
+        json={"model": "gpt-4o-mini", "input": INPUT, "background": True},
+        headers={**auth(BUDGET_VK), "x-fake-raw-chunks": "3"},  # not JSON: unreadable
+    )
+    assert response.status == 200
+    await response.read()
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is True  # never nothing
+
+
+# --- the pieces, without a server -------------------------------------------------------
+
+
+def test_only_a_get_of_one_response_is_fetched_and_only_a_background_post_is_later() -> None:
+    assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
+    assert charged("GET", "/v1/responses/resp_1/input_items") is Charged.NOTHING
+    assert charged("GET", "/v1/responses") is Charged.NOTHING
+    assert charged("DELETE", "/v1/responses/resp_1") is Charged.NOTHING
+    assert charged("POST", "/v1/responses", is_background=True) is Charged.LATER
+    assert charged("POST", "/v1/responses") is Charged.TEXT
+    assert charged("POST", "/v1/responses/resp_1/cancel") is Charged.FETCHED
+    assert charged("POST", "/v1/batches/batch_1/cancel") is Charged.REPORTED
+
+
+@pytest.mark.parametrize("status", ["queued", "in_progress"])
+def test_a_queued_answer_is_charged_nothing_yet_and_read_for_its_id(status: str) -> None:
+    tap = UsageTap("application/json", None, False, Charged.LATER)
+    body = {"id": "resp_9", "object": "response", "status": status, "usage": None}
+    tap.feed(json.dumps(body).encode())
+    assert tap.usage(b'{"input": "one two"}') is None
+    assert tap.stored is not None and (tap.stored.id, tap.stored.is_pending) == ("resp_9", True)
+
+
+def test_a_fetched_response_is_charged_nothing_by_the_tap_but_reports_its_usage() -> None:
+    tap = UsageTap("text/event-stream", None, False, Charged.FETCHED)
+    done = {
+        "id": "resp_9",
+        "status": "completed",
+        "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8},
+    }
+    event = json.dumps({"type": "response.completed", "response": done})
+    for piece in (b"event: response.completed\n", f"data: {event}\n\n".encode()):
+        tap.feed(piece)
+    assert tap.usage(b"") is None
+    assert tap.stored is not None and tap.stored.is_finished
+    assert tap.stored.usage == Usage(3, 5)
+
+
+async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded() -> None:
+    now = [0.0]
+    tracker = MemoryTracker(clock=lambda: now[0])
+    await tracker.owe("key", "resp_1", "origin", 10)
+    assert await tracker.claim("other key", "resp_1") is None
+    assert await tracker.claim("key", "resp_1") == "origin"
+    assert await tracker.claim("key", "resp_1") is None  # once
+    await tracker.owe("key", "resp_2", "origin", 10)
+    now[0] = 10.0
+    assert await tracker.claim("key", "resp_2") is None  # expired
+    for index in range(MAX_OWED + 1):
+        await tracker.owe("key", f"resp_{index}", "origin", 10)
+    assert await tracker.claim("key", "resp_0") is None  # the oldest went
+    assert await tracker.claim("key", f"resp_{MAX_OWED}") == "origin"
+
+
+# --- Redis: two gateways, one state -----------------------------------------------------
+
+
+@pytest.fixture
+def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_once(
+    background_gateway: MakeGateway,
+    redis_url: str,
+    raw_redis: redis.Redis,
+    records: Records,
+    log_path: Path,
+) -> None:
+    first = await background_gateway(REDIS_URL=redis_url)
+    second = await background_gateway(REDIS_URL=redis_url)
+    response_ids = [await create(first) for _ in range(3)]
+    owed = raw_redis.keys("llm-gateway:*:bg:*")
+    assert len(owed) == 3 and all(0 < raw_redis.ttl(name) <= 24 * 3600 for name in owed)
+    assert not any(secret in name for name in owed for secret in ALL_SECRETS)
+    # Each response polled at once from both gateways, twice each: one poll charges it.
+    polls = [
+        client(gateway).responses.retrieve(response_id)
+        for response_id in response_ids
+        for gateway in (first, second, first, second)
+    ]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+    lines = await records(3 + 12)  # every request settled: its charge is held, or in Redis
+    await second.app[QUOTA].settled()  # its charges are in Redis, where the first reads them
+    assert (await usage_of(first, records, 15))["totals"]["tokens"] == 3 * REAL_TOKENS
+    assert (await usage_of(second, records, 15))["budget"]["spent_usd"] == pytest.approx(
+        3 * REAL_TOKENS * USD_PER_TOKEN
+    )
+    assert raw_redis.keys("llm-gateway:*:bg:*") == []
+    assert sum(line["usage"] is not None for line in lines) == 3
+    text = log_path.read_text()
+    assert not any(secret in text for secret in ALL_SECRETS)
+
+
+async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_polled(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    logs = [tmp_path / f"log{index}.jsonl" for index in range(2)]
+    urls = [start_gateway(processes, process_keys, log, REDIS_URL=redis_url)[1] for log in logs]
+    sdks = [
+        openai.AsyncOpenAI(
+            api_key=OPENAI_VK, base_url=f"{url}/v1", max_retries=0, default_headers=ANSWER
+        )
+        for url in urls
+    ]
+    made = await sdks[0].responses.create(model="gpt-4o-mini", input=INPUT, background=True)
+    polls = [sdks[index % 2].responses.retrieve(made.id) for index in range(8)]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+
+    async def lines() -> list[dict[str, Any]]:
+        """Every log line of both gateways, once all 1 + 8 are written (bounded wait)."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            found = [
+                json.loads(line)
+                for log in logs
+                if log.exists()
+                for line in log.read_text().splitlines()
+            ]
+            if len(found) >= 9 or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.01)
+
+    charged_lines = [line for line in await lines() if line["usage"] is not None]
+    assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
+    assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
+    async with aiohttp.ClientSession() as session:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the charging process sends its settle within 50 ms
+            async with session.get(f"{urls[0]}/usage", headers=auth(OPENAI_VK)) as response:
+                tokens = (await response.json())["totals"]["tokens"]
+            if tokens >= REAL_TOKENS or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    assert tokens == REAL_TOKENS

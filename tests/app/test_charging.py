@@ -1,0 +1,232 @@
+"""What each answer is charged, through a real gateway in front of the fake provider.
+
+Issue 10 point 2 (an answer the tap could not read was charged nothing), issue 11 point 9
+(a models list or a token count charged as if it produced tokens), issue 14 point 1 (every
+token kind read through the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import brotli
+import pytest
+import zstandard
+from aiohttp.test_utils import TestClient
+
+from proxy.app import TAP_MEMORY
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from tests.support.fake_provider import FakeState
+
+Records = Callable[..., Awaitable[list[dict[str, Any]]]]
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 50,
+    "messages": [{"role": "user", "content": "one two three"}],
+}
+
+
+def decoded(body: bytes, coding: str) -> bytes:
+    if coding == "br":
+        return brotli.decompress(body)
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    return zlib.decompress(body, 31 if coding == "gzip" else zlib.MAX_WBITS)
+
+
+async def tokens_used(gateway: TestClient, key: str, expected: int) -> int:
+    """The key's tokens in the window, once the background charge for `expected` landed."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        document = await (await gateway.get("/usage", headers=auth(key))).json()
+        used = document["tokens"]["used"]
+        if used >= expected or asyncio.get_running_loop().time() > deadline:
+            return used
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_an_answer_in_any_coding_is_read_and_reaches_the_client_as_sent(
+    gateway: TestClient, fake: FakeState, records: Records, coding: str, is_stream: bool
+) -> None:
+    body = {**CHAT, "stream": is_stream, "stream_options": {"include_usage": True}}
+    headers = {
+        **auth(OPENAI_VK),
+        "Accept-Encoding": coding,
+        "x-fake-encoding": coding,
+        "x-fake-cached-tokens": "4",
+        "x-fake-reasoning-tokens": "5",
+        "x-request-id": f"coded-{coding}-{is_stream}",
+    }
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:  # bytes as they arrive
+        url = gateway.make_url("/v1/chat/completions")
+        async with raw.post(url, json=body, headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Content-Encoding"] == coding
+            received = await response.read()
+    assert received == fake.sent[f"coded-{coding}-{is_stream}"]
+    assert b"chat.completion" in decoded(received, coding)
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is False
+    # 3 words + 4 cached; 3 chunks + 5 reasoning: what the fake reported, every kind.
+    assert line["usage"]["prompt_tokens"] == 7 and line["usage"]["cache_read_tokens"] == 4
+    assert line["usage"]["completion_tokens"] == 8 and line["usage"]["reasoning_tokens"] == 5
+    assert line["cost_usd"] > 0
+
+
+async def test_brotli_answers_can_no_longer_escape_the_token_quota(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    headers = {**auth(OPENAI_VK), "Accept-Encoding": "br", "x-fake-encoding": "br"}
+    statuses = []
+    for _ in range(20):
+        response = await gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**headers, "x-fake-chunks": "97"}
+        )
+        statuses.append(response.status)
+        await response.read()
+        if response.status == 200:  # 3 prompt + 97 completion tokens each
+            assert await tokens_used(gateway, OPENAI_VK, 100 * statuses.count(200)) == (
+                100 * statuses.count(200)
+            )
+    # Admitted while under 1,000 tokens: ten, then refused (before: 20 × 200, 0 charged).
+    assert statuses.count(200) == 10 and statuses[10:] == [429] * 10
+
+
+async def test_an_answer_in_a_coding_nobody_decodes_is_charged_an_estimate(
+    gateway: TestClient, records: Records
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-fake-encoding": "compress", "x-fake-chunks": "40"},
+    )
+    assert response.status == 200
+    await response.read()
+    (line,) = await records(1)
+    usage = line["usage"]
+    assert usage is not None and usage["estimated"] is True
+    # 13 characters of prompt; the 500-odd bytes received stand for the completion.
+    assert usage["prompt_tokens"] == 4 and usage["completion_tokens"] > 40
+    assert line["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_an_answer_cut_short_is_charged_an_estimate_never_nothing(
+    gateway: TestClient, records: Records, is_stream: bool
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": is_stream},
+        headers={**auth(OPENAI_VK), "x-fake-drop": "midstream", "x-fake-chunks": "40"},
+    )
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the stream is cut for the client too
+        await response.read()
+    (line,) = await records(1)
+    usage = line["usage"]
+    assert usage is not None and usage["estimated"] is True and usage["prompt_tokens"] == 4
+    if is_stream:  # what reached the client was produced
+        assert usage["completion_tokens"] > 0
+
+
+async def test_a_non_json_answer_to_a_generation_is_estimated(
+    gateway: TestClient, records: Records
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-raw-chunks": "50"}
+    )
+    assert response.status == 200
+    await response.read()
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is True and line["usage"]["completion_tokens"] > 0
+
+
+async def test_a_models_list_and_a_token_count_are_not_charged(
+    make_gateway: Callable[..., Awaitable[TestClient]], records: Records
+) -> None:
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    models = await gateway.get("/v1/models", headers=auth(OPENAI_VK))
+    assert models.status == 200
+    await models.read()
+    count = await gateway.post(
+        "/v1/messages/count_tokens",
+        json={"model": MESSAGES["model"], "messages": MESSAGES["messages"]},
+        headers=auth(ANTHROPIC_VK),
+    )
+    assert count.status == 200 and (await count.json())["input_tokens"] == 3
+    lines = await records(2)
+    assert [line["usage"] for line in lines] == [None, None]
+    assert [line["cost_usd"] for line in lines] == [None, None]
+    # A generation afterwards is charged: the key's window holds its tokens only.
+    chat = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    await chat.read()
+    assert await tokens_used(gateway, OPENAI_VK, 6) == 6
+    usage = await (await gateway.get("/usage", headers=auth(ANTHROPIC_VK))).json()
+    assert usage["tokens"]["used"] == 0
+
+
+async def test_anthropic_cache_reads_and_writes_reach_the_log_line(
+    gateway: TestClient, records: Records
+) -> None:
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages",
+            json={**MESSAGES, "stream": is_stream},
+            headers={
+                **auth(ANTHROPIC_VK),
+                "x-fake-cached-tokens": "1000",
+                "x-fake-cache-write-tokens": "200",
+                "x-fake-encoding": "br",
+            },
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        assert line["usage"] == {
+            "prompt_tokens": 1203,
+            "completion_tokens": 3,
+            "total_tokens": 1206,
+            "cache_read_tokens": 1000,
+            "cache_write_tokens": 200,
+            "input_audio_tokens": 0,
+            "reasoning_tokens": 0,
+            "output_audio_tokens": 0,
+            "estimated": False,
+        }, line
+
+
+async def test_the_taps_hold_nothing_once_their_requests_ended(
+    gateway: TestClient, records: Records
+) -> None:
+    """Answered, cut (JSON and stream), left by the client, an error status."""
+    memory = gateway.server.app[TAP_MEMORY]
+    big = {**auth(OPENAI_VK), "x-fake-chunks": "200000"}  # a 1.4 MB JSON answer
+    asks = [
+        ({**CHAT, "stream": True}, {**auth(OPENAI_VK), "x-fake-chunks": "50"}),
+        (CHAT, big),
+        (CHAT, {**big, "x-fake-drop": "midstream"}),
+        ({**CHAT, "stream": True}, {**auth(OPENAI_VK), "x-fake-drop": "midstream"}),
+        (CHAT, {**auth(OPENAI_VK), "x-fake-status": "500"}),
+    ]
+    for body, headers in asks:
+        response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await response.read()
+    # A client that leaves in the middle of a stream.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "8", "x-fake-hang": "midstream"},
+    )
+    await response.content.readany()
+    response.close()
+    await records(len(asks) + 1)
+    assert memory.held_bytes == 0

@@ -1,0 +1,466 @@
+"""Failover through a running gateway: retries, fallbacks, pools, breakers, routes (issue 12).
+
+The fake provider fails per real key (`FakeState.faults`), so one fake serves the primary
+and the fallback and the test can tell which answered. Every test checks what the client
+saw and what the fake saw; the log line's `attempts` and the metrics are checked where they
+are the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import FAILOVER, build_app
+from proxy.keys.fields import KeysFileError
+from proxy.settings import Settings
+from tests.conftest import assert_openai_error, auth
+from tests.support.fake_provider import FakeState, Fault, credential
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+MESSAGES = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+VK = "vk_test_failover_3c5e7a9b1d"
+PRIMARY = "sk-primary-real-1111111111"
+BACKUP = "sk-backup-real-2222222222"
+POOL = ("sk-pool-real-aaaaaaaaaa", "sk-pool-real-bbbbbbbbbb", "sk-pool-real-cccccccccc")
+ANT_PRIMARY = "sk-ant-primary-3333333333"
+ANT_BACKUP = "sk-ant-backup-4444444444"
+
+
+def document(base: str, **key: Any) -> dict[str, Any]:
+    """keys.json: openai and a second OpenAI-speaking provider 'backup' on the fake."""
+    return {
+        "providers": {
+            "openai": {"base_url": f"{base}/v1"},
+            "backup": {"base_url": f"{base}/v1"},
+            "anthropic": {"base_url": f"{base}/v1"},
+            "ant-backup": {"base_url": f"{base}/v1", "auth": "x-api-key", "api": "anthropic"},
+        },
+        "virtual_keys": {VK: {"name": "failover", **key}},
+    }
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+WITH_FALLBACK = {
+    "provider": "openai",
+    "api_key": PRIMARY,
+    "fallbacks": [{"provider": "backup", "api_key": BACKUP}],
+}
+
+
+@pytest.fixture
+def failover_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway whose one key has the given targets, with these setting overrides."""
+
+    async def make(key: dict[str, Any], base: str | None = None, **env: str) -> TestClient:
+        path = tmp_path / "keys.json"
+        path.write_text(json.dumps(document(base or fake_base, **key)))
+        settings = Settings.from_env(
+            {"KEYS_FILE_PATH": str(path), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path)}
+            | env
+        )
+        return await aiohttp_client(
+            build_app(settings), server_kwargs={"handler_cancellation": True}
+        )
+
+    return make
+
+
+def keys_seen(fake: FakeState) -> list[str | None]:
+    return [credential(seen.headers) for seen in fake.requests]
+
+
+async def test_a_primary_answering_503_is_failed_over_and_comes_back_when_its_breaker_closes(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK, QUOTA_ENABLED="false")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock  # cooldowns pass when the test says so
+    fake.faults[PRIMARY] = Fault(503)
+    statuses: list[int] = []
+
+    async def one() -> None:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        await response.read()
+        statuses.append(response.status)
+
+    for _ in range(20):  # 1,000 requests, 50 at a time
+        await asyncio.gather(*(one() for _ in range(50)))
+    assert statuses == [200] * 1000
+    seen = keys_seen(fake)
+    assert seen.count(BACKUP) == 1000  # every answer came from the fallback
+    # Only the first 50, sent together before any failed, went to the primary: then its
+    # breaker was open, and with the clock standing still it let no probe through.
+    assert seen.count(PRIMARY) == 50
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["state"] == "open"
+    assert health["providers"]["openai"]["healthy"] is False
+
+    del fake.faults[PRIMARY]  # the outage ends
+    await one()
+    assert keys_seen(fake)[-1] == BACKUP  # still open: the cooldown has not passed
+    clock.now += 30  # BREAKER_COOLDOWN_SECONDS
+    fake.requests.clear()
+    await asyncio.gather(*(one() for _ in range(20)))
+    assert keys_seen(fake).count(PRIMARY) >= 1  # the probe went to the primary...
+    await asyncio.gather(*(one() for _ in range(20)))
+    assert keys_seen(fake)[-20:] == [PRIMARY] * 20  # ...succeeded, and closed the breaker
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["state"] == "closed"
+    assert statuses == [200] * len(statuses)
+
+
+async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503)
+    client = openai.AsyncOpenAI(api_key=VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    text = "".join(
+        [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    )
+    assert text == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
+async def test_an_anthropic_529_fails_over_to_an_anthropic_fallback(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    key = {
+        "provider": "anthropic",
+        "api_key": ANT_PRIMARY,
+        "fallbacks": [{"provider": "ant-backup", "api_key": ANT_BACKUP}],
+    }
+    gateway = await failover_gateway(key)
+    fake.faults[ANT_PRIMARY] = Fault(529)
+    client = anthropic.AsyncAnthropic(api_key=VK, base_url=str(gateway.make_url("")), max_retries=0)
+    message = await client.messages.create(**MESSAGES)
+    assert message.content[0].text  # type: ignore[union-attr]
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    [line] = await records(1)
+    assert line["target"] == "ant-backup" and line["provider"] == "ant-backup"
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("anthropic", 529),
+        ("ant-backup", 200),
+    ]
+    assert ANT_PRIMARY not in json.dumps(line) and ANT_BACKUP not in json.dumps(line)
+
+
+async def test_a_stream_whose_first_chunk_reached_the_client_is_never_retried(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="3")
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={**auth(VK), "x-fake-drop": "midstream", "x-fake-chunks": "6"},
+    )
+    assert response.status == 200
+    with pytest.raises(Exception):  # noqa: B017 - the client sees the cut, whatever aiohttp calls it
+        await response.read()
+    assert keys_seen(fake) == [PRIMARY]
+
+
+async def test_a_400_is_never_retried_and_reaches_the_client_unchanged(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="3")
+    fake.faults[PRIMARY] = Fault(400)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == "fake provider error 400"
+    assert keys_seen(fake) == [PRIMARY]
+
+
+async def test_retries_wait_what_the_provider_asks_then_succeed(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="2")
+    fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": "300"}, times=2)
+    started = time.monotonic()
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert time.monotonic() - started >= 0.6  # two waits of 300 ms, as asked
+    assert keys_seen(fake) == [PRIMARY] * 3
+
+
+async def test_a_provider_asking_for_an_hour_is_not_waited_for_and_its_answer_goes_back(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_key": PRIMARY},
+        RETRY_ATTEMPTS="5",
+        RETRY_DEADLINE_SECONDS="2",
+    )
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "3600"})
+    started = time.monotonic()
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert time.monotonic() - started < 1.5
+    assert response.status == 503 and response.headers["retry-after"] == "3600"
+    assert (await response.json())["error"]["message"] == "fake provider error 503"
+    assert keys_seen(fake) == [PRIMARY]
+
+
+async def test_the_overall_deadline_holds_with_a_provider_that_always_fails(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_key": PRIMARY},
+        RETRY_ATTEMPTS="1000",
+        RETRY_MAX_WAIT_SECONDS="0.2",
+        RETRY_DEADLINE_SECONDS="1",
+        BREAKER_FAILURES="100000",
+    )
+    fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": "100"})
+    started = time.monotonic()
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    elapsed = time.monotonic() - started
+    assert response.status == 503  # the last provider answer, unchanged
+    assert 0.9 <= elapsed < 2.0
+    assert 5 <= len(fake.requests) <= 11
+
+
+async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client_errors(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": "2"}, times=1)
+    statuses, sent_at = [], []
+    started = time.monotonic()
+    while time.monotonic() - started < 2.6:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        statuses.append(response.status)
+        sent_at.append(time.monotonic() - started)
+    assert set(statuses) == {200}
+    seen = keys_seen(fake)
+    first_429 = seen.index(POOL[0])
+    # After its 429, key a gets nothing until 2 s have passed, then it is back in the rotation.
+    assert POOL[0] not in seen[first_429 + 1 : _index_after(sent_at, 1.9)]
+    assert POOL[0] in seen[_index_after(sent_at, 2.1) :]
+    assert {POOL[1], POOL[2]} <= set(seen)
+
+
+def _index_after(times: list[float], seconds: float) -> int:
+    return next((i for i, t in enumerate(times) if t > seconds), len(times))
+
+
+async def test_a_pool_spreads_by_weight_and_a_refused_key_is_set_aside_at_once(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {
+        "provider": "openai",
+        "api_keys": [{"api_key": POOL[0], "weight": 3}, {"api_key": POOL[1]}, {"api_key": POOL[2]}],
+    }
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    for _ in range(50):
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        ).status == 200
+    seen = keys_seen(fake)
+    assert (seen.count(POOL[0]), seen.count(POOL[1]), seen.count(POOL[2])) == (30, 10, 10)
+
+    fake.requests.clear()
+    fake.faults[POOL[1]] = Fault(401)  # revoked at the provider
+    for _ in range(20):
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        ).status == 200
+    assert keys_seen(fake).count(POOL[1]) == 1  # tried once, then set aside
+
+
+async def test_a_sticky_header_keeps_a_client_on_one_pool_key(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
+    gateway = await failover_gateway(key, POOL_STICKY_HEADER="x-session", QUOTA_ENABLED="false")
+    for session in ("alice", "bob", "carol", "dave"):
+        fake.requests.clear()
+        for _ in range(5):
+            headers = {**auth(VK), "x-session": session}
+            assert (
+                await gateway.post("/v1/chat/completions", json=CHAT, headers=headers)
+            ).status == 200
+        assert len(set(keys_seen(fake))) == 1
+
+
+async def test_routes_pick_the_target_by_model_and_an_unrouted_model_gets_400(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {
+        "routes": [
+            {"models": ["gpt-4o*"], "provider": "openai", "api_key": PRIMARY},
+            {"models": ["llama-*", "mistral-*"], "provider": "backup", "api_key": BACKUP},
+        ]
+    }
+    gateway = await failover_gateway(key)
+    for model, expected in (("gpt-4o-mini", PRIMARY), ("llama-3-70b", BACKUP)):
+        response = await gateway.post(
+            "/v1/chat/completions", json={**CHAT, "model": model}, headers=auth(VK)
+        )
+        assert response.status == 200
+        assert keys_seen(fake)[-1] == expected
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "model": "claude-x"}, headers=auth(VK)
+    )
+    assert response.status == 400
+    body = await response.json()
+    assert_openai_error(body, "model_not_routed")
+    assert "gpt-4o*" in body["error"]["message"] and "llama-*" in body["error"]["message"]
+    assert len(fake.requests) == 2
+
+
+async def test_a_target_model_replaces_only_the_bodys_model_value(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "fallbacks": [{"provider": "backup", "api_key": BACKUP, "model": "gpt-4o-mini-backup"}],
+    }
+    gateway = await failover_gateway(key)
+    fake.faults[PRIMARY] = Fault(500)
+    raw = b'{ "messages": [{"role": "user", "content": "say \\"model\\": x"}],\n  "model" : "gpt-4o-mini", "temperature": 0.5 }'
+    response = await gateway.post(
+        "/v1/chat/completions",
+        data=raw,
+        headers={**auth(VK), "content-type": "application/json"},
+    )
+    assert response.status == 200
+    primary, backup = fake.requests
+    assert primary.body == raw
+    assert backup.body == raw.replace(b'"gpt-4o-mini"', b'"gpt-4o-mini-backup"')
+
+
+async def test_every_target_failing_gives_the_client_the_last_provider_answer(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(502)
+    fake.faults[BACKUP] = Fault(503, {"x-provider-says": "overloaded"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503
+    assert response.headers["x-provider-says"] == "overloaded"
+    assert (await response.json())["error"]["message"] == "fake provider error 503"
+
+
+async def test_no_provider_answering_gives_a_502_naming_provider_host_and_cause(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # Nothing listens on port 9 (discard) of loopback: connection refused, for both targets.
+    gateway = await failover_gateway(WITH_FALLBACK, base="http://127.0.0.1:9")
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    body = await response.json()
+    assert_openai_error(body, "upstream_unreachable")
+    message = body["error"]["message"]
+    assert "'backup' at 127.0.0.1:9" in message and "connection refused" in message
+    [line] = await records(1)
+    assert [a["target"] for a in line["attempts"]] == ["openai", "backup"]
+    assert [a["status"] for a in line["attempts"]] == [None, None]
+    assert line["status"] == 502 and "connection refused" in line["error"]
+    health = await (await gateway.get("/health")).json()
+    assert "connection refused" in health["providers"]["openai"]["last_error"]
+
+
+async def test_failover_is_counted_in_metrics_by_provider_and_reason(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="1", RETRY_MAX_WAIT_SECONDS="0")
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "0"})
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    text = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_retries_total{provider="openai",reason="503"} 1.0' in text
+    assert 'llm_gateway_failovers_total{provider="openai",reason="503"} 1.0' in text
+    assert 'llm_gateway_breaker_state{target="backup"} 0.0' in text
+    assert PRIMARY not in text and BACKUP not in text
+
+
+def test_keys_json_refuses_a_fallback_that_speaks_another_api(tmp_path: Path) -> None:
+    key = {
+        "provider": "anthropic",
+        "api_key": ANT_PRIMARY,
+        "fallbacks": [{"provider": "openai", "api_key": PRIMARY}],
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document("http://127.0.0.1:1", **key)))
+    with pytest.raises(KeysFileError, match=r"key 'failover': fallbacks\[0\].*same API"):
+        build_app(Settings.from_env({"KEYS_FILE_PATH": str(path)}))
+
+
+def test_keys_json_names_a_misspelt_field_inside_a_fallback(tmp_path: Path) -> None:
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "fallbacks": [{"provider": "backup", "api_kye": BACKUP}],
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document("http://127.0.0.1:1", **key)))
+    with pytest.raises(KeysFileError, match=r"fallbacks\[0\]\.api_kye.*did you mean"):
+        build_app(Settings.from_env({"KEYS_FILE_PATH": str(path)}))
+
+
+async def test_two_instances_on_one_redis_keep_quotas_exact_while_failing_over(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: FakeState,
+    redis_url: str,
+) -> None:
+    path = tmp_path / "keys.json"
+    limited = {**WITH_FALLBACK, "quota": {"requests": 20, "window_seconds": 3600}}
+    path.write_text(json.dumps(document(fake_base, **limited)))
+    instances = []
+    for n in range(2):
+        settings = Settings.from_env(
+            {
+                "KEYS_FILE_PATH": str(path),
+                "LOG_TO_FILE": "true",
+                "LOG_FILE_PATH": str(tmp_path / f"log-{n}.jsonl"),
+                "REDIS_URL": redis_url,
+            }
+        )
+        instances.append(await aiohttp_client(build_app(settings)))
+    fake.faults[PRIMARY] = Fault(503)
+
+    async def one(n: int) -> int:
+        response = await instances[n % 2].post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        await response.read()
+        return response.status
+
+    statuses = await asyncio.gather(*(one(n) for n in range(60)))
+    assert sorted(statuses) == [200] * 20 + [429] * 40, statuses
+    assert (
+        keys_seen(fake).count(BACKUP) == 20
+    )  # each admitted request answered once, by the fallback

@@ -1,0 +1,302 @@
+"""The peek: a compressed upload is inflated for validation only, and bounded."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.encodings import decode_body as readable
+from proxy.errors import GatewayError
+from proxy.relay.peek import MODEL_CHARS
+from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth, keys_document
+from tests.support.fake_provider import FakeState
+
+BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.mark.parametrize(
+    ("encoding", "sent"),
+    [
+        ("", BODY),
+        ("identity", BODY),
+        ("gzip", gzip.compress(BODY)),
+        ("GZIP", gzip.compress(BODY)),
+        ("deflate", zlib.compress(BODY)),
+        ("deflate", zlib.compress(BODY, wbits=-15)),
+    ],
+)
+def test_a_body_is_read_as_the_provider_will_read_it(encoding: str, sent: bytes) -> None:
+    assert readable(sent, encoding, limit=1000) == BODY
+
+
+def test_an_upload_that_inflates_past_the_limit_gets_413() -> None:
+    bomb = gzip.compress(b"{" + b" " * 1_000_000 + b"}")
+    with pytest.raises(GatewayError) as refused:
+        readable(bomb, "gzip", limit=10_000)
+    assert refused.value.status == 413
+
+
+@pytest.mark.parametrize(
+    ("encoding", "sent", "status"),
+    [
+        ("gzip", BODY, 400),
+        ("gzip", gzip.compress(BODY)[:-12], 400),
+        ("br", BODY, 400),
+        ("zstd", BODY, 400),
+        ("compress", BODY, 415),
+    ],
+)
+def test_a_body_that_is_not_what_its_encoding_says_is_refused(
+    encoding: str, sent: bytes, status: int
+) -> None:
+    with pytest.raises(GatewayError) as refused:
+        readable(sent, encoding, limit=1000)
+    assert refused.value.status == status
+
+
+# --- allowed_models: every place a request names a model (issue 10.9) -----------------
+
+GPT4O_VK = "vk_test_gpt4o_only_7d2c9e1a5b"
+GPT4O_REAL = "sk-real-gpt4o-only-8888888888"
+
+
+@pytest.fixture
+async def restricted(
+    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> TestClient:
+    """A gateway with one OpenAI key restricted to gpt-4o-* (and one unrestricted key)."""
+    document = keys_document(fake_base)
+    document["virtual_keys"][GPT4O_VK] = {
+        "provider": "openai",
+        "api_key": GPT4O_REAL,
+        "name": "gpt4o-only",
+        "allowed_models": ["gpt-4o-*"],
+    }
+    path = tmp_path / "restricted.json"
+    path.write_text(json.dumps(document))
+    return await make_gateway(KEYS_FILE_PATH=str(path))
+
+
+def form(model: str) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("model", model)
+    data.add_field("file", b"RIFF....WAVEfmt ", filename="a.wav", content_type="audio/wav")
+    return data
+
+
+async def test_a_multipart_upload_naming_another_model_gets_403(
+    restricted: TestClient, fake: FakeState
+) -> None:
+    client = openai.AsyncOpenAI(
+        base_url=str(restricted.make_url("/v1")), api_key=GPT4O_VK, max_retries=0
+    )
+    with pytest.raises(openai.PermissionDeniedError, match="may not use the model 'whisper-1'"):
+        await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"))
+    response = await restricted.post(
+        "/v1/audio/transcriptions", data=form("o1"), headers=auth(GPT4O_VK)
+    )
+    assert response.status == 403
+    assert fake.requests == []
+    allowed = await restricted.post(
+        "/v1/audio/transcriptions", data=form("gpt-4o-mini-transcribe"), headers=auth(GPT4O_VK)
+    )
+    assert allowed.status == 200 and len(fake.requests) == 1
+    # An unrestricted key's upload is not parsed: it passes whatever it names.
+    free = await restricted.post(
+        "/v1/audio/transcriptions", data=form("o1"), headers=auth(OPENAI_VK)
+    )
+    assert free.status == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"model=o1&prompt=x",
+        b"prompt=x&model=gpt-4o-mini&model=o1",
+    ],
+)
+async def test_a_url_encoded_form_naming_another_model_gets_403(
+    restricted: TestClient, body: bytes
+) -> None:
+    response = await restricted.post(
+        "/v1/completions",
+        data=body,
+        headers={**auth(GPT4O_VK), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 403
+
+
+CHAT_O1 = orjson.dumps({"model": "o1", "messages": [{"role": "user", "content": "hi"}]})
+
+
+@pytest.mark.parametrize(
+    ("encodings", "sent"),
+    [
+        (("gzip", "gzip"), gzip.compress(gzip.compress(CHAT_O1))),
+        (("identity", "gzip"), gzip.compress(CHAT_O1)),
+        (("gzip, deflate",), zlib.compress(gzip.compress(CHAT_O1))),
+    ],
+)
+async def test_a_body_under_several_content_encodings_is_still_checked(
+    restricted: TestClient, fake: FakeState, encodings: tuple[str, ...], sent: bytes
+) -> None:
+    headers = CIMultiDict(auth(GPT4O_VK))
+    headers["Content-Type"] = "application/json"
+    for encoding in encodings:
+        headers.add("Content-Encoding", encoding)
+    response = await restricted.post("/v1/responses", data=sent, headers=headers)
+    assert response.status == 403, await response.text()
+    assert fake.requests == []
+
+
+async def test_an_allowed_model_under_two_encodings_goes_up_as_sent(
+    restricted: TestClient, fake: FakeState
+) -> None:
+    original = orjson.dumps({"model": "gpt-4o-mini", "input": "hi"})
+    sent = gzip.compress(gzip.compress(original))
+    headers = CIMultiDict(auth(GPT4O_VK))
+    headers.add("Content-Encoding", "gzip")
+    headers.add("Content-Encoding", "gzip")
+    response = await restricted.post("/v1/anything", data=sent, headers=headers)
+    assert response.status == 200
+    seen = fake.requests[0]
+    assert seen.headers.getall("Content-Encoding") == ["gzip", "gzip"]
+    received = seen.body  # the fake's aiohttp server undoes one coding itself
+    while received[:2] == b"\x1f\x8b":
+        received = gzip.decompress(received)
+    assert received == original
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/plain", CHAT_O1),
+        ("text/plain", b"\xef\xbb\xbf" + CHAT_O1),  # a BOM: not JSON to the peek
+        ("application/octet-stream", b"\x00\x01model=o1"),
+        ("application/json", b'[{"model": "o1"}]'),
+        ("application/json", b'{"model": ["o1", "gpt-4o-mini"], "input": "x"}'),
+        ("multipart/form-data", b"--x\r\nno boundary given"),
+        ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data"),
+    ],
+)
+async def test_a_body_the_gateway_cannot_check_is_refused_for_a_restricted_key(
+    restricted: TestClient, fake: FakeState, content_type: str, body: bytes
+) -> None:
+    response = await restricted.post(
+        "/v1/responses", data=body, headers={**auth(GPT4O_VK), "Content-Type": content_type}
+    )
+    assert response.status == 403
+    error = (await response.json())["error"]
+    assert error["code"] == "model_not_allowed" and "model" in error["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body"),
+    [
+        ("GET", "/v1/realtime?model=o1-realtime", None),
+        ("POST", "/v1/models/o1:generateContent", b"{}"),
+        ("GET", "/v1/models/o1", None),
+        ("POST", "/v1/deployments/o1/chat/completions?api-version=1", CHAT_O1),
+        ("POST", "/v1/batches", b'{"input_file_id": "file-1", "endpoint": "/v1/responses"}'),
+        (
+            "POST",
+            "/v1/messages/batches",
+            orjson.dumps(
+                {
+                    "requests": [
+                        {"custom_id": "a", "params": {"model": "gpt-4o-mini"}},
+                        {"custom_id": "b", "params": {"model": "o1"}},
+                    ]
+                }
+            ),
+        ),
+    ],
+)
+async def test_a_model_named_in_the_path_query_or_a_batch_is_checked(
+    restricted: TestClient, fake: FakeState, method: str, target: str, body: bytes | None
+) -> None:
+    response = await restricted.request(
+        method, target, data=body, headers={**auth(GPT4O_VK), "Content-Type": "application/json"}
+    )
+    assert response.status == 403
+    assert fake.requests == []
+
+
+async def test_a_restricted_key_still_reaches_what_names_no_model(
+    restricted: TestClient, fake: FakeState
+) -> None:
+    assert (await restricted.get("/v1/models", headers=auth(GPT4O_VK))).status == 200
+    assert (await restricted.get("/v1/models/gpt-4o-mini", headers=auth(GPT4O_VK))).status == 200
+    upload = aiohttp.FormData()
+    upload.add_field("purpose", "assistants")
+    upload.add_field("file", b"hello", filename="a.txt")
+    assert (await restricted.post("/v1/files", data=upload, headers=auth(GPT4O_VK))).status == 200
+    assert len(fake.requests) == 3
+
+
+# --- what was read is recorded, even when refused (issue 11.4) --------------------------
+
+
+async def test_a_refused_request_records_the_model_it_named(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    disallowed = {
+        "model": "claude-opus-4-1",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    response = await gateway.post("/v1/messages", json=disallowed, headers=auth(RESTRICTED_VK))
+    assert response.status == 403
+    empty = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+    response = await gateway.post("/v1/chat/completions", json=empty, headers=auth(OPENAI_VK))
+    assert response.status == 400
+    lines = await records(2)
+    assert [(line["status"], line["model"]) for line in lines] == [
+        (403, "claude-opus-4-1"),
+        (400, "gpt-4o-mini"),
+    ]
+    assert lines[1]["stream"] is True
+    metrics = await (await gateway.get("/metrics")).text()
+    assert (
+        'llm_gateway_requests_total{model="claude-opus-4-1",provider="anthropic",status="403"} 1.0'
+        in metrics
+    )
+    assert (
+        'llm_gateway_requests_total{model="gpt-4o-mini",provider="openai",status="400"} 1.0'
+        in metrics
+    )
+
+
+# --- a client's model string is bounded and cleaned before logs and labels (issue 10.10) --
+
+
+async def test_a_huge_model_or_control_characters_stay_out_of_logs_and_labels(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    huge = "m" * 1_000_000
+    sneaky = 'gpt\r\n"x\x00\x1b[31m} 1\nfake_metric 9'
+    for model in (huge, sneaky):
+        body = {"model": model, "messages": [{"role": "user", "content": "x"}]}
+        response = await gateway.post("/v1/chat/completions", json=body, headers=auth(OPENAI_VK))
+        assert response.status == 200
+    lines = await records(2)
+    assert len(lines[0]["model"]) <= MODEL_CHARS + 1 and lines[0]["model"].startswith("mmm")
+    assert not any(ord(char) < 0x20 for char in lines[1]["model"])
+    metrics = await (await gateway.get("/metrics")).text()
+    assert "\x00" not in metrics and "\x1b" not in metrics and "\r" not in metrics
+    assert "fake_metric" not in [line.split(" ")[0] for line in metrics.splitlines()]
+    families = list(text_string_to_metric_families(metrics))  # still parses
+    assert families

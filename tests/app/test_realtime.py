@@ -1,0 +1,545 @@
+"""Realtime over WebSocket: sessions relayed through a real gateway to the fake provider's socket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+from openai import AsyncOpenAI
+
+from proxy.app import REALTIME, build_app
+from proxy.realtime.realtime import SessionUsage
+from proxy.record import Usage
+from proxy.settings import Settings
+from proxy.usage.pricing import Prices
+from tests.conftest import (
+    LIMITED_VK,
+    OPENAI_REAL,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    SECRETS,
+    assert_openai_error,
+    auth,
+)
+from tests.support.fake_realtime import (
+    CACHED_TOKENS,
+    INPUT_AUDIO_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_AUDIO_TOKENS,
+    OUTPUT_TOKENS,
+    REALTIME_STATE,
+    FakeSocket,
+    RealtimeState,
+)
+from tests.support.processes import Processes, start_gateway
+
+PATH = "/v1/realtime?model=gpt-realtime"
+# Either side closing closes the other within this (issue 15, point 4).
+CLOSE_WITHIN_SECONDS = 1.0
+WAIT_SECONDS = 5.0  # a bound on waits for events that should come at once
+
+
+@pytest.fixture
+def sockets(fake_provider: TestServer) -> RealtimeState:
+    """What the fake provider's Realtime socket observed."""
+    return fake_provider.app[REALTIME_STATE]
+
+
+async def connect(gateway: TestClient, **options: Any) -> aiohttp.ClientWebSocketResponse:
+    options.setdefault("headers", auth(OPENAI_VK))
+    options.setdefault("protocols", ["realtime"])
+    return await gateway.ws_connect(PATH, autoping=False, autoclose=False, **options)
+
+
+async def fake_socket(sockets: RealtimeState) -> FakeSocket:
+    await asyncio.wait_for(sockets.opened.wait(), WAIT_SECONDS)
+    return sockets.sockets[-1]
+
+
+async def next_data(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+    message = await asyncio.wait_for(ws.receive(), WAIT_SECONDS)
+    assert message.type in (
+        WSMsgType.TEXT,
+        WSMsgType.BINARY,
+        WSMsgType.PING,
+        WSMsgType.PONG,
+        WSMsgType.CLOSE,
+    ), message
+    return message
+
+
+def upgrade_headers(**extra: str) -> dict[str, str]:
+    """A WebSocket handshake sent as a plain GET, so the test can read a refusal's body."""
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        **extra,
+    }
+
+
+async def no_session_left(gateway: TestClient) -> None:
+    """Nothing of a session is left: no open session, no pump task."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while gateway.app[REALTIME].sessions or any(
+        task.get_name().startswith("websocket-") for task in asyncio.all_tasks()
+    ):
+        assert time.monotonic() < deadline, "a session or its pumps outlived the session"
+        await asyncio.sleep(0.01)
+
+
+async def test_frames_pass_both_ways_unchanged_and_the_provider_gets_the_real_key(
+    gateway: TestClient, sockets: RealtimeState, fake: Any
+) -> None:
+    ws = await connect(gateway)
+    assert ws.protocol == "realtime"
+    socket = await fake_socket(sockets)
+    received = [await next_data(ws)]  # session.created
+    await ws.send_str("plain text, not JSON: é")
+    received.append(await next_data(ws))
+    await ws.send_bytes(bytes(range(256)))
+    received.append(await next_data(ws))
+    await ws.ping(b"client-ping")
+    pong = await next_data(ws)
+    assert (pong.type, pong.data) == (WSMsgType.PONG, b"client-ping")
+    await ws.send_str(orjson.dumps({"type": "fake.ping", "data": "provider-ping"}).decode())
+    ping = await next_data(ws)
+    assert (ping.type, ping.data) == (WSMsgType.PING, b"provider-ping")
+    await ws.pong(b"provider-ping")
+    await ws.send_str(orjson.dumps({"type": "response.create"}).decode())
+    received += [await next_data(ws), await next_data(ws)]
+
+    # Provider → client: every frame the fake sent arrived, same type, same bytes, in order.
+    assert [(m.type, m.data) for m in received] == socket.sent
+    # Client → provider: the frames the client sent, pings and pongs included.
+    assert socket.received == [
+        (WSMsgType.TEXT, "plain text, not JSON: é"),
+        (WSMsgType.BINARY, bytes(range(256))),
+        (WSMsgType.PING, b"client-ping"),
+        (WSMsgType.TEXT, '{"type":"fake.ping","data":"provider-ping"}'),
+        (WSMsgType.PONG, b"provider-ping"),
+        (WSMsgType.TEXT, '{"type":"response.create"}'),
+    ]
+    upgrade = fake.requests[-1]
+    assert upgrade.path == "/v1/realtime"
+    assert upgrade.headers["Authorization"] == f"Bearer {OPENAI_REAL}"
+    assert all(secret not in value for value in upgrade.headers.values() for secret in (OPENAI_VK,))
+
+    started = time.monotonic()
+    await ws.close(code=4000, message=b"client bye")
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert time.monotonic() - started < CLOSE_WITHIN_SECONDS
+    assert socket.close == (4000, "client bye")
+    assert ws.close_code == 4000  # the provider's answer, passed back
+    await no_session_left(gateway)
+
+
+async def test_a_browser_key_in_the_subprotocol_authenticates_and_is_not_forwarded(
+    gateway: TestClient, sockets: RealtimeState, fake: Any
+) -> None:
+    protocols = ["realtime", f"openai-insecure-api-key.{OPENAI_VK}", "openai-beta.realtime-v1"]
+    ws = await connect(gateway, headers={}, protocols=protocols)
+    assert ws.protocol == "realtime"
+    await next_data(ws)
+    upgrade = fake.requests[-1]
+    assert upgrade.headers["Authorization"] == f"Bearer {OPENAI_REAL}"
+    assert upgrade.headers["Sec-WebSocket-Protocol"] == "realtime,openai-beta.realtime-v1"
+    assert not any(OPENAI_VK in value for value in upgrade.headers.values())
+    await ws.close()
+
+
+async def test_the_provider_closing_passes_its_code_and_reason_to_the_client(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    started = time.monotonic()
+    await ws.send_str(
+        orjson.dumps({"type": "fake.close", "code": 4001, "reason": "provider bye"}).decode()
+    )
+    close = await next_data(ws)
+    assert time.monotonic() - started < CLOSE_WITHIN_SECONDS
+    assert (close.type, close.data, close.extra) == (WSMsgType.CLOSE, 4001, "provider bye")
+    await ws.close(code=4001)
+    socket = await fake_socket(sockets)
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert not socket.is_lost
+    await no_session_left(gateway)
+
+
+async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    head = "".join(
+        f"{name}: {value}\r\n" for name, value in upgrade_headers(**auth(OPENAI_VK)).items()
+    )
+    writer.write(f"GET {PATH} HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode())
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), WAIT_SECONDS)).startswith(b"HTTP/1.1 101")
+    socket = await fake_socket(sockets)
+    started = time.monotonic()
+    writer.transport.abort()  # no close frame: the TCP connection just goes
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert time.monotonic() - started < CLOSE_WITHIN_SECONDS
+    assert socket.close is not None and socket.close[0] == 1001
+    await no_session_left(gateway)
+
+
+async def test_a_provider_that_vanishes_closes_the_client_side_with_1014(
+    gateway: TestClient,
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_str(orjson.dumps({"type": "fake.drop"}).decode())
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1014)
+    await ws.close()
+    await no_session_left(gateway)
+
+
+async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    for _ in range(2):
+        await ws.send_str('{"type": "response.create"}')
+        await next_data(ws)
+        await next_data(ws)
+    await ws.close()
+    [line] = await records(1)
+    assert line["status"] == 101
+    assert line["path"] == "/v1/realtime"
+    assert line["model"] == "gpt-realtime"
+    assert line["usage"] == {
+        "prompt_tokens": 2 * INPUT_TOKENS,
+        "completion_tokens": 2 * OUTPUT_TOKENS,
+        "total_tokens": 2 * (INPUT_TOKENS + OUTPUT_TOKENS),
+        "cache_read_tokens": 2 * CACHED_TOKENS,
+        "cache_write_tokens": 0,
+        "input_audio_tokens": 2 * INPUT_AUDIO_TOKENS,
+        "reasoning_tokens": 0,
+        "output_audio_tokens": 2 * OUTPUT_AUDIO_TOKENS,
+        "estimated": False,
+    }
+    one_response = Usage(
+        prompt_tokens=INPUT_TOKENS,
+        completion_tokens=OUTPUT_TOKENS,
+        cache_read_tokens=CACHED_TOKENS,
+        input_audio_tokens=INPUT_AUDIO_TOKENS,
+        output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+    )
+    price = Prices.load(None).cost("openai", "gpt-realtime", one_response)
+    assert price is not None and price > 0
+    assert line["cost_usd"] == pytest.approx(2 * price)
+    assert line["websocket"] == {
+        "frames_up": 2,
+        "frames_down": 5,
+        "ended_by": "client",
+        "close_code": 1000,
+    }
+    assert line["duration_ms"] > 0
+    assert not any(secret in orjson.dumps(line).decode() for secret in SECRETS)
+
+
+async def test_response_done_usage_is_charged_to_the_token_quota(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(QUOTA_TOKENS="20")
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)
+    await ws.close()
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:  # the charge is made off the session's path
+        usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+        if usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    # 18 of 20 tokens used: the next session is still admitted, and its usage passes the limit.
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)
+    await ws.close()
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        refused = await gateway.get(PATH, headers=upgrade_headers(**auth(OPENAI_VK)))
+        if refused.status == 429 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    assert refused.status == 429
+
+
+async def test_an_over_quota_key_is_refused_before_the_upgrade_in_the_openai_dialect(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    for _ in range(3):  # LIMITED_VK: 3 requests per window
+        assert (await gateway.get("/v1/models", headers=auth(LIMITED_VK))).status == 200
+    response = await gateway.get(PATH, headers=upgrade_headers(**auth(LIMITED_VK)))
+    assert response.status == 429
+    assert response.headers["retry-after"]
+    assert_openai_error(await response.json(), "rate_limit_exceeded")
+    assert sockets.sockets == []
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await connect(gateway, headers=auth(LIMITED_VK))
+    assert refused.value.status == 429
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(upgrade_headers(Authorization="Bearer vk_wrong_key_000000"), id="header"),
+        pytest.param(
+            upgrade_headers(
+                **{"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.vk_wrong"}
+            ),
+            id="subprotocol",
+        ),
+        pytest.param(upgrade_headers(), id="none"),
+    ],
+)
+async def test_a_wrong_or_missing_key_is_refused_with_401(
+    gateway: TestClient, sockets: RealtimeState, headers: dict[str, str]
+) -> None:
+    response = await gateway.get(PATH, headers=headers)
+    assert response.status == 401
+    assert_openai_error(await response.json(), "invalid_api_key")
+    assert sockets.sockets == []
+
+
+async def test_a_provider_refusing_the_upgrade_gives_its_status(gateway: TestClient) -> None:
+    response = await gateway.get(
+        PATH, headers=upgrade_headers(**auth(OPENAI_VK), **{"x-fake-status": "403"})
+    )
+    assert response.status == 403
+    assert_openai_error(await response.json(), "upstream_refused")
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        ({"REALTIME_IDLE_TIMEOUT": "0.2"}, "idle"),
+        ({"REALTIME_MAX_SESSION_SECONDS": "0.3"}, "max duration"),
+    ],
+)
+async def test_the_gateway_ends_an_idle_or_too_long_session_on_both_sides(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    env: dict[str, str],
+    why: str,
+) -> None:
+    gateway = await make_gateway(**env)
+    ws = await connect(gateway)
+    await next_data(ws)
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+    assert why in close.extra
+    await ws.close()
+    socket = await fake_socket(sockets)
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert socket.close is not None and socket.close[0] == 1001 and why in socket.close[1]
+    [line] = await records(1)
+    assert line["websocket"]["ended_by"] == why.replace(" ", "_")
+
+
+async def test_shutting_down_closes_open_sessions_with_1001(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    closing = asyncio.create_task(gateway.server.close())  # the server shuts down, as on SIGTERM
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+    await ws.close()
+    await asyncio.wait_for(closing, WAIT_SECONDS)
+    socket = await fake_socket(sockets)
+    assert socket.close is not None and socket.close[0] == 1001
+
+
+async def test_a_client_that_does_not_read_slows_the_provider_instead_of_filling_memory(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    count, size = 64, 1 << 20  # 64 MiB, far past every socket buffer on the way
+    await ws.send_str(orjson.dumps({"type": "fake.flood", "count": count, "size": size}).decode())
+    socket = await fake_socket(sockets)
+    # Proving an absence takes a time window: unbuffered, the flood would end in well under
+    # this (loopback); with backpressure it cannot end while the client reads nothing.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(socket.flooded.wait(), 2.0)
+    assert len(socket.sent) < count
+    for index in range(count):
+        message = await next_data(ws)
+        assert message.type is WSMsgType.TEXT and message.data.startswith(f"{index:08d}")
+        assert len(message.data) == size
+    await asyncio.wait_for(socket.flooded.wait(), WAIT_SECONDS)
+    await ws.close()
+
+
+async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
+    gateway: TestClient, fake: Any
+) -> None:
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+        await connection.response.create()
+        events = [await connection.recv(), await connection.recv()]
+    assert [event.type for event in events] == ["response.created", "response.done"]
+    assert events[1].response.usage.output_tokens == OUTPUT_TOKENS
+    assert fake.requests[-1].headers["Authorization"] == f"Bearer {OPENAI_REAL}"
+    await no_session_left(gateway)
+
+
+async def test_a_model_outside_the_keys_allowed_models_is_refused_with_403(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    response = await gateway.get(PATH, headers=upgrade_headers(**auth(RESTRICTED_VK)))
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert sockets.sockets == []
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        pytest.param([b'{"type":"response.done"}'], None, id="no-usage"),
+        pytest.param([b"response.done but not JSON"], None, id="not-json"),
+        pytest.param([b'["response.done"]'], None, id="not-an-object"),
+        pytest.param(
+            [b'{"type":"conversation.item.created","text":"response.done"}'], None, id="other-event"
+        ),
+        pytest.param(
+            [
+                b'{"type":"response.done","response":{"usage":{"input_tokens":3,"output_tokens":4}}}',
+                b'{"type":"response.done","response":{"usage":{"input_tokens":true,"output_tokens":-2}}}',
+                b'{"type": "response.done", "response": {"usage": {"input_tokens": 5, "output_tokens": 1}}}',
+            ],
+            (8, 5),
+            id="summed-and-sane",
+        ),
+    ],
+)
+def test_session_usage_reads_only_response_done_usage(
+    frames: list[bytes], expected: tuple[int, int] | None
+) -> None:
+    responses: list[Usage] = []
+    usage = SessionUsage(responses.append)
+    for frame in frames:
+        usage.read(frame)
+    if expected is None:
+        assert usage.total is None and responses == []
+    else:
+        assert usage.total is not None
+        assert (usage.total.prompt_tokens, usage.total.completion_tokens) == expected
+        assert [response.total_tokens for response in responses] == [7, 0, 6]
+
+
+async def test_a_session_goes_to_the_route_its_model_names_with_that_targets_key(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: Any,
+) -> None:
+    routed_real, own_real = "sk-real-routed-realtime-8888", "sk-real-own-9999999999"
+    keys = {
+        "providers": {
+            "openai": {"base_url": f"{fake_base}/v1"},
+            "voice": {"base_url": f"{fake_base}/v1"},
+        },
+        "virtual_keys": {
+            "vk_test_routed_realtime_1": {
+                "provider": "openai",
+                "api_key": own_real,
+                "routes": [
+                    {"models": ["gpt-realtime*"], "provider": "voice", "api_key": routed_real}
+                ],
+            }
+        },
+    }
+    (tmp_path / "routed.json").write_text(json.dumps(keys))
+    gateway = await aiohttp_client(
+        build_app(Settings.from_env({"KEYS_FILE_PATH": str(tmp_path / "routed.json")}))
+    )
+    ws = await connect(gateway, headers=auth("vk_test_routed_realtime_1"))
+    await next_data(ws)
+    await ws.close()
+    assert fake.requests[-1].headers["Authorization"] == f"Bearer {routed_real}"
+
+
+async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_str("x" * 2000)
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1009)
+    socket = await fake_socket(sockets)
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert socket.close is not None and socket.close[0] == 1001
+    assert socket.received == []  # the message never reached the provider
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == (
+        "client_error",
+        1009,
+    )
+
+
+async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    # RESTRICTED_VK may use claude-3-5-haiku-*: the first `model` passes, the second must not.
+    path = "/v1/realtime?model=claude-3-5-haiku-latest&model=gpt-realtime"
+    response = await gateway.get(path, headers=upgrade_headers(**auth(RESTRICTED_VK)))
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert "gpt-realtime" in (await response.json())["error"]["message"]
+    assert sockets.sockets == []
+
+
+async def test_a_gateway_process_relays_a_session_and_closes_it_with_1001_on_sigterm(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "interactions.jsonl", SHUTDOWN_GRACE_SECONDS="20"
+    )
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            f"{url}{PATH}", headers=auth(OPENAI_VK), protocols=["realtime"], autoclose=False
+        )
+        assert ws.protocol == "realtime"
+        await next_data(ws)  # session.created
+        await ws.send_str("over a real process")
+        echo = await next_data(ws)
+        assert (echo.type, echo.data) == (WSMsgType.TEXT, "over a real process")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        close = await next_data(ws)
+        assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+        await ws.close()
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert time.monotonic() - started < 10  # the open session did not hold the drain for its grace

@@ -1,0 +1,550 @@
+"""The request path as a whole: what reaches the provider, what comes back, refusals, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.keys.keys import masked
+from proxy.relay.relay import IDLE_SLACK, extend
+from tests.conftest import (
+    ANTHROPIC_REAL,
+    ANTHROPIC_VK,
+    AZURE_REAL,
+    AZURE_VK,
+    CUSTOM_REAL,
+    CUSTOM_VK,
+    LIMITED_VK,
+    OPENAI_REAL,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    assert_anthropic_error,
+    assert_openai_error,
+    auth,
+)
+from tests.support.fake_provider import FakeState
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 32,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+async def test_the_request_body_reaches_the_provider_byte_for_byte(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Odd spacing, key order and unicode escapes: a re-encoding would change these bytes.
+    body = b'{ "messages":[{"role":"user","content":"h\\u00e9llo  \xc3\xa9"}],\n "model" : "gpt-4o-mini", "zeta": 1.50}'
+    response = await gateway.post(
+        "/v1/chat/completions",
+        data=body,
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
+    )
+    assert response.status == 200
+    assert fake.requests[-1].body == body
+
+
+async def test_the_response_body_reaches_the_client_byte_for_byte(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": "req-bytes-1"},
+    )
+    assert await response.read() == fake.sent["req-bytes-1"]
+
+
+async def test_the_virtual_key_is_swapped_for_the_real_key_in_each_providers_header(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    cases = [
+        (OPENAI_VK, "/v1/chat/completions", CHAT, "authorization", f"Bearer {OPENAI_REAL}"),
+        (ANTHROPIC_VK, "/v1/messages", MESSAGES, "x-api-key", ANTHROPIC_REAL),
+        (AZURE_VK, "/v1/chat/completions", CHAT, "api-key", AZURE_REAL),
+        (CUSTOM_VK, "/v1/chat/completions", CHAT, "x-goog-api-key", CUSTOM_REAL),
+    ]
+    for virtual, path, body, header, expected in cases:
+        response = await gateway.post(path, json=body, headers={"x-api-key": virtual})
+        assert response.status == 200, await response.text()
+        seen = fake.requests[-1].headers
+        assert seen.getall(header) == [expected]
+        credentials = {"authorization", "x-api-key", "api-key", "x-goog-api-key"} - {header}
+        assert not credentials & {name.lower() for name in seen}, seen
+        assert virtual not in json.dumps(list(seen.items()))
+
+
+async def test_anthropic_version_is_added_only_when_the_client_sent_none(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    await gateway.post("/v1/messages", json=MESSAGES, headers=auth(ANTHROPIC_VK))
+    assert fake.requests[-1].headers.getall("anthropic-version") == ["2023-06-01"]
+    await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={**auth(ANTHROPIC_VK), "anthropic-version": "2024-01-01"},
+    )
+    assert fake.requests[-1].headers.getall("anthropic-version") == ["2024-01-01"]
+
+
+async def test_end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not(
+    gateway: TestClient, fake: FakeState, fake_base: str
+) -> None:
+    fake_port = fake_base.rsplit(":", 1)[1]
+    sent = {
+        "anthropic-beta": "tools-2024-04-04",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "Idempotency-Key": "idem-123",
+        "OpenAI-Organization": "org-abc",
+        "X-Custom-Thing": "kept",
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "hop",
+        "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "TE": "trailers",
+    }
+    response = await gateway.post(
+        "/v1/chat/completions?api-version=2024-10-21&x=a%20b",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), **sent},
+    )
+    seen = fake.requests[-1]
+    for name in (
+        "anthropic-beta",
+        "traceparent",
+        "Idempotency-Key",
+        "OpenAI-Organization",
+        "X-Custom-Thing",
+    ):
+        assert seen.headers.get(name) == sent[name], name
+    for name in ("X-Drop-Me", "Keep-Alive", "Proxy-Authorization", "TE"):
+        assert name not in seen.headers, name
+    assert (
+        seen.headers["host"].endswith(f":{fake_port}")
+        and f":{gateway.port}" not in seen.headers["host"]
+    )
+    assert seen.query_string == "api-version=2024-10-21&x=a b"  # as the fake decodes it
+    # The provider's own headers come back: processing time, cookies, its request id is replaced.
+    assert response.headers["openai-processing-ms"] == "12"
+    assert "set-cookie" in response.headers
+
+
+async def test_every_response_carries_the_clients_request_id_or_a_fresh_one(
+    gateway: TestClient,
+) -> None:
+    mine = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": "client-chosen-7"},
+    )
+    assert mine.headers["x-request-id"] == "client-chosen-7"
+    fresh = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    refused = await gateway.post("/v1/chat/completions", json=CHAT)
+    assert len(fresh.headers["x-request-id"]) >= 16 and len(refused.headers["x-request-id"]) >= 16
+    assert fresh.headers["x-request-id"] != refused.headers["x-request-id"]
+
+
+async def test_the_gateways_rate_limit_headers_replace_the_providers(gateway: TestClient) -> None:
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+    assert response.headers.getall("x-ratelimit-limit-requests") == ["3"]
+    assert response.headers.getall("x-ratelimit-remaining-requests") == ["2"]
+    assert "x-ratelimit-reset-requests" in response.headers
+
+
+async def test_a_gzip_response_reaches_the_client_still_gzip(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-gzip": "1",
+            "x-request-id": "gz-1",
+            "Accept-Encoding": "gzip",
+        },
+        auto_decompress=False,
+    )
+    raw = await response.read()
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == fake.sent["gz-1"]
+    assert json.loads(gzip.decompress(raw))["object"] == "chat.completion"
+
+
+async def test_the_gateway_adds_no_accept_encoding_the_client_did_not_send(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers=auth(OPENAI_VK),
+        skip_auto_headers=["Accept-Encoding"],
+    )
+    assert "accept-encoding" not in fake.requests[-1].headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/chat/completions", "/completions", "/embeddings", "/models", "/v1/models"]
+)
+async def test_seed_paths_route_like_their_v1_twins(
+    gateway: TestClient, fake: FakeState, path: str
+) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "prompt": "x",
+        "input": "x",
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    method = "GET" if path.endswith("models") else "POST"
+    response = await gateway.request(
+        method, path, json=None if method == "GET" else body, headers=auth(OPENAI_VK)
+    )
+    assert response.status == 200, await response.text()
+    assert fake.requests[-1].path == "/v1" + path.removeprefix("/v1")
+
+
+async def test_the_seed_messages_path_routes_to_anthropic(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post("/messages", json=MESSAGES, headers={"x-api-key": ANTHROPIC_VK})
+    assert response.status == 200
+    assert fake.requests[-1].path == "/v1/messages"
+
+
+async def test_any_other_provider_path_passes_through(gateway: TestClient, fake: FakeState) -> None:
+    response = await gateway.delete("/v1/files/file-abc123?purpose=x", headers=auth(OPENAI_VK))
+    assert response.status == 200
+    assert (fake.requests[-1].method, fake.requests[-1].path, fake.requests[-1].query_string) == (
+        "DELETE",
+        "/v1/files/file-abc123",
+        "purpose=x",
+    )
+
+
+# --- refusals, before anything goes upstream ---
+
+
+async def test_no_key_gets_401_in_openai_dialect(gateway: TestClient, fake: FakeState) -> None:
+    response = await gateway.post("/v1/chat/completions", json=CHAT)
+    assert response.status == 401
+    assert_openai_error(await response.json(), "invalid_api_key")
+    assert fake.requests == []
+
+
+async def test_unknown_key_gets_401_in_anthropic_dialect_without_echoing_it(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/messages", json=MESSAGES, headers={"x-api-key": "vk_not_a_real_key_123"}
+    )
+    assert response.status == 401
+    body = await response.json()
+    assert_anthropic_error(body, "authentication_error")
+    assert "not found in the gateway's keys file" in body["error"]["message"]
+    assert "vk_not_a_real_key_123" not in await response.text()
+    assert fake.requests == []
+
+
+async def test_an_oversized_body_gets_413_from_content_length(
+    make_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    big = {**CHAT, "pad": "x" * 2000}
+    response = await gateway.post("/v1/chat/completions", json=big, headers=auth(OPENAI_VK))
+    assert response.status == 413
+    assert_openai_error(await response.json(), "request_too_large")
+    assert fake.requests == []
+
+
+async def test_an_oversized_chunked_upload_gets_413_without_reading_it_all(
+    make_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    produced = 0
+
+    async def endless() -> Any:
+        nonlocal produced
+        for _ in range(10_000):  # 10 MB if read to the end
+            produced += 1
+            yield b"x" * 1000
+
+    response = await gateway.post(
+        "/v1/messages",
+        data=endless(),
+        headers={"x-api-key": ANTHROPIC_VK, "Content-Type": "application/json"},
+    )
+    assert response.status == 413
+    assert_anthropic_error(await response.json(), "request_too_large")
+    assert produced < 10_000
+    assert fake.requests == []
+
+
+async def test_malformed_json_gets_400(gateway: TestClient) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        data=b'{"model": "gpt',
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    assert_openai_error(await response.json(), "invalid_json")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "", "messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": 7, "messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "gpt-4o-mini"}, "messages"),
+        ({"model": "gpt-4o-mini", "messages": []}, "messages"),
+        ({"model": "gpt-4o-mini", "messages": "hi"}, "messages"),
+    ],
+)
+async def test_chat_without_model_or_messages_gets_400_naming_the_field(
+    gateway: TestClient, fake: FakeState, body: dict[str, Any], field: str
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=body, headers=auth(OPENAI_VK))
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == field and field in error["message"]
+    anthropic = await gateway.post("/v1/messages", json=body, headers=auth(ANTHROPIC_VK))
+    assert anthropic.status == 400
+    assert field in (await anthropic.json())["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_a_model_outside_allowed_models_gets_403(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "model": "claude-opus-4-1"}, headers=auth(RESTRICTED_VK)
+    )
+    assert response.status == 403
+    assert_anthropic_error(await response.json(), "permission_error")
+    allowed = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "model": "claude-sonnet-4-5"}, headers=auth(RESTRICTED_VK)
+    )
+    assert allowed.status == 200
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/a%2Fb", "/v1//evil.example/x", "/v1/models/a%5Cb"])
+async def test_a_path_that_would_climb_out_gets_400(
+    gateway: TestClient, fake: FakeState, path: str
+) -> None:
+    response = await gateway.get(path, headers=auth(OPENAI_VK))
+    assert response.status == 400
+    assert_openai_error(await response.json(), "invalid_path")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/../../etc/passwd",
+        "/v1/%2e%2e/secrets",
+        "/v1/models/%2E%2E/%2e%2e/x",
+        "/v1/./models",
+        "http://evil.example/v1/models",
+    ],
+)
+async def test_a_path_that_climbs_out_over_a_raw_socket_gets_400(
+    gateway: TestClient, fake: FakeState, target: str
+) -> None:
+    # Client libraries normalise paths before sending; a raw request target is not.
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPENAI_VK}\r\nConnection: close\r\n\r\n".encode()
+    )
+    head = await reader.readline()
+    writer.close()
+    assert b" 400 " in head
+    assert fake.requests == []
+
+
+# --- the provider's answers and failures ---
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+async def test_provider_errors_pass_through_unchanged(
+    gateway: TestClient, fake: FakeState, status: int
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-fake-status": str(status), "x-request-id": f"err-{status}"},
+    )
+    assert response.status == status
+    assert await response.read() == fake.sent[f"err-{status}"]
+    if status in (429, 500, 503):
+        assert response.headers["retry-after"] == "7"
+
+
+async def test_an_unreachable_provider_gets_502(
+    aiohttp_client: Any, tmp_path: Any, settings: Any
+) -> None:
+    from proxy.app import build_app
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    keys = tmp_path / "dead.json"
+    keys.write_text(
+        json.dumps(
+            {
+                "providers": {"openai": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+                "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+            }
+        )
+    )
+    client = await aiohttp_client(build_app(settings(KEYS_FILE_PATH=str(keys))))
+    response = await client.post("/v1/messages", json=MESSAGES, headers=auth(OPENAI_VK))
+    assert response.status == 502
+    assert_anthropic_error(await response.json(), "api_error")
+    response = await client.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    assert response.status == 502
+    assert_openai_error(await response.json(), "upstream_unreachable")
+
+
+async def test_a_provider_that_drops_before_headers_gets_502(gateway: TestClient) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-drop": "headers"}
+    )
+    assert response.status == 502
+    assert_openai_error(await response.json(), "upstream_unreachable")
+
+
+async def test_no_response_headers_within_request_timeout_gets_504(
+    make_gateway: Callable[..., Awaitable[TestClient]], records: Any
+) -> None:
+    gateway = await make_gateway(REQUEST_TIMEOUT="0.3")
+    started = asyncio.get_running_loop().time()
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-hang": "headers"}
+    )
+    assert response.status == 504
+    assert asyncio.get_running_loop().time() - started < 2
+    assert_openai_error(await response.json(), "upstream_timeout")
+    (line,) = await records(1)
+    assert line["status"] == 504 and "error" in line
+
+
+async def test_quota_refusals_are_429_with_retry_after(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    for _ in range(3):
+        assert (
+            await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+        ).status == 200
+    refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+    assert refused.status == 429
+    assert_openai_error(await refused.json(), "rate_limit_exceeded")
+    assert int(refused.headers["retry-after"]) > 3000
+    assert refused.headers["x-should-retry"] == "false"
+    assert len(fake.requests) == 3
+
+
+async def test_refused_and_failed_requests_are_logged_too(
+    gateway: TestClient, records: Any
+) -> None:
+    await gateway.post("/v1/chat/completions", json=CHAT)
+    await gateway.post("/v1/chat/completions", json={"model": "x"}, headers=auth(OPENAI_VK))
+    await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-status": "500"}
+    )
+    lines = await records(3)
+    assert [line["status"] for line in lines] == [401, 400, 500]
+    assert lines[0]["key"] is None and lines[1]["key"] == masked(OPENAI_VK)
+
+
+async def test_a_json_body_cut_short_before_anything_was_sent_gets_502(
+    gateway: TestClient, records: Any
+) -> None:
+    response = await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={"x-api-key": ANTHROPIC_VK, "x-fake-drop": "midstream"},
+    )
+    assert response.status == 502
+    assert_anthropic_error(await response.json(), "api_error")
+    (line,) = await records(1)
+    assert line["status"] == 502 and "broke off" in line["error"]
+
+
+async def test_a_small_json_answer_keeps_its_content_length(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-request-id": "len-1"}
+    )
+    body = await response.read()
+    assert int(response.headers["content-length"]) == len(body) == len(fake.sent["len-1"])
+    assert "transfer-encoding" not in response.headers
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK)}, expect100=True
+    )
+    assert response.status == 200
+    assert "expect" not in fake.requests[-1].headers
+
+
+async def test_a_slow_whole_body_is_bounded_per_silence_not_in_total(make_gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    headers = {
+        **auth(OPENAI_VK),
+        "x-fake-raw-chunks": "8",
+        "x-fake-raw-bytes": "12800",  # 100 KB in all, with a Content-Length
+        "x-fake-sized": "1",
+        "x-fake-delay-ms": "200",  # 1.4 s in all, but never 0.5 s of silence
+    }
+    response = await gateway.get("/v1/files/file-abc/content", headers=headers)
+    assert response.status == 200
+    body = await response.read()
+    assert len(body) > 100_000 and body == next(iter(fake.sent.values()))
+
+
+async def test_an_answer_without_content_type_gets_none_added(gateway, fake) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    for chunks, sized in (("3", "1"), ("3", "0")):  # sent whole, and streamed
+        response = await gateway.get(
+            "/v1/files/file-abc/content",
+            headers={
+                **auth(OPENAI_VK),
+                "x-fake-raw-chunks": chunks,
+                "x-fake-sized": sized,
+                "x-fake-untyped": "1",
+            },
+        )
+        assert response.status == 200
+        assert "Content-Type" not in response.headers
+        assert await response.read() == b"raw0\nraw1\nraw2\n"
+
+
+async def test_a_silence_deadline_is_never_before_the_timeout_and_moves_once_per_slack() -> None:
+    async with asyncio.timeout_at(100.0 + 10) as deadline:  # a chunk at t = 100, idle 10 s
+        moves = 0
+        for tenth in range(1, 101):  # a chunk every 0.1 s for 10 s
+            now = 100.0 + tenth / 10
+            before = deadline.when()
+            extend(deadline, now, 10.0)
+            assert deadline.when() >= now + 10.0  # never cut before 10 s of silence
+            assert deadline.when() <= now + 10.0 * (1 + IDLE_SLACK)  # nor much after
+            moves += deadline.when() != before
+        assert 0 < moves <= 10  # about once a second (10 % of 10 s), not once per chunk
+        deadline.reschedule(None)

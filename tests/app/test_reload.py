@@ -1,0 +1,231 @@
+"""Reloading keys.json while serving, in one process: what a reload changes and what it keeps.
+
+The triggers as a real process sees them (SIGHUP, POST /admin/reload, a watched file)
+under 200 streams, and every worker of WORKERS=2, are in tests/process/test_reload_process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import build_app, load_keys
+from proxy.settings import Settings
+from tests.conftest import LIMITED_VK, OPENAI_VK, auth, keys_document
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+TOKEN = "admin-token-for-tests-0123456789"
+NEW_VK = "vk_test_new_after_reload_7c1d"
+ROTATED_VK = "vk_test_limited_rotated_3e8a"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def rewrite(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+async def config(gateway: TestClient) -> dict[str, Any]:
+    return (await (await gateway.get("/health")).json())["config"]
+
+
+async def status(gateway: TestClient, key: str) -> int:
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    await response.read()
+    return response.status
+
+
+async def metric(gateway: TestClient, line_start: str) -> float:
+    text = await (await gateway.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_reload_swaps_the_keys_and_the_next_request_sees_them(
+    make_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    before = await config(gateway)
+    assert before["hash"] == digest(keys_file) and before["loaded_at"].endswith("Z")
+    assert await status(gateway, OPENAI_VK) == 200
+
+    def revoke_and_add(document: dict[str, Any]) -> None:
+        del document["virtual_keys"][OPENAI_VK]
+        document["virtual_keys"][NEW_VK] = {"provider": "openai", "api_key": "sk-new-0000"}
+
+    rewrite(keys_file, revoke_and_add)
+    response = await gateway.post("/admin/reload", headers=admin())
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["reloaded"] is True and body["config"]["hash"] == digest(keys_file)
+    assert await status(gateway, OPENAI_VK) == 401
+    assert await status(gateway, NEW_VK) == 200
+    assert (await config(gateway))["hash"] == digest(keys_file) != before["hash"]
+    assert await metric(gateway, 'llm_gateway_config_reloads_total{result="ok"}') == 1.0
+
+
+async def test_a_file_that_does_not_check_changes_nothing_and_says_why_once(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    before = await config(gateway)
+    capsys.readouterr()
+    for broken, says in [
+        ("{ nope", "not valid JSON"),
+        (
+            '{"virtual_keys": {"vk_x_123456789": {"provider": "nowhere", "api_key": "k"}}}',
+            "provider 'nowhere' is unknown",
+        ),
+    ]:
+        keys_file.write_text(broken)
+        response = await gateway.post("/admin/reload", headers=admin())
+        assert response.status == 422
+        assert says in (await response.json())["error"]["message"]
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and says in err and "previous keys stay" in err
+    assert await status(gateway, OPENAI_VK) == 200  # the old keys still serve
+    assert await config(gateway) == before
+    assert await metric(gateway, 'llm_gateway_config_reloads_total{result="failed"}') == 2.0
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_rotated_key_keeps_its_window_under_its_name_and_a_raised_limit_applies_at_once(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    redis = {"REDIS_URL": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN, **redis)
+    assert [await status(gateway, LIMITED_VK) for _ in range(2)] == [200, 200]  # 2 of 3
+
+    def rotate_and_raise(document: dict[str, Any]) -> None:
+        entry = document["virtual_keys"].pop(LIMITED_VK)
+        entry["quota"]["requests"] = 4
+        document["virtual_keys"][ROTATED_VK] = entry  # same name, "limited"
+
+    rewrite(keys_file, rotate_and_raise)
+    assert (await gateway.post("/admin/reload", headers=admin())).status == 200
+    assert await status(gateway, LIMITED_VK) == 401
+    # 2 already counted under the name, 4 allowed now: 2 more, then 429.
+    assert [await status(gateway, ROTATED_VK) for _ in range(3)] == [200, 200, 429]
+
+
+async def test_a_stream_in_flight_finishes_on_the_key_it_started_with(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    stream = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-chunks": "10",
+            "x-fake-delay-ms": "50",
+            "x-request-id": "in-flight",
+        },
+    )
+    first = await stream.content.readany()
+    rewrite(keys_file, lambda document: document["virtual_keys"].pop(OPENAI_VK))
+    assert (await gateway.post("/admin/reload", headers=admin())).status == 200
+    assert await status(gateway, OPENAI_VK) == 401  # revoked for the next request
+    rest = await stream.read()
+    assert (first + rest).endswith(b"data: [DONE]\n\n")
+    lines = {line["request_id"]: line for line in await records(2)}
+    assert lines["in-flight"]["status"] == 200 and lines["in-flight"]["usage"] is not None
+
+
+async def test_a_process_given_old_keys_catches_up_with_the_file_at_start(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    keys_file: Path,
+) -> None:
+    # A worker that replaces a dead one is forked with the keys its parent loaded at start.
+    current = settings()
+    forked_with = load_keys(current, os.environ)
+    rewrite(keys_file, lambda document: document["virtual_keys"].pop(OPENAI_VK))
+    gateway = await aiohttp_client(build_app(current, forked_with))
+    assert await status(gateway, OPENAI_VK) == 401
+    assert (await config(gateway))["hash"] == digest(keys_file)
+
+
+async def wait_for_hash(gateway: TestClient, expected: str, within: float = 5.0) -> float:
+    """Seconds until /health names this config; fails past `within` (the issue's bound)."""
+    started = time.monotonic()
+    while (await config(gateway))["hash"] != expected:
+        assert time.monotonic() - started < within, "the change was not picked up in time"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_a_watched_file_written_in_place_or_renamed_over_is_reloaded_within_5_s(
+    make_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+) -> None:
+    gateway = await make_gateway(KEYS_FILE_WATCH="true")
+    rewrite(keys_file, lambda document: document["virtual_keys"].pop(OPENAI_VK))  # in place
+    await wait_for_hash(gateway, digest(keys_file))
+    assert await status(gateway, OPENAI_VK) == 401
+
+    replacement = keys_file.with_name("keys.json.tmp")  # as editors save
+    document = json.loads(keys_file.read_text())
+    del document["virtual_keys"][LIMITED_VK]
+    replacement.write_text(json.dumps(document))
+    os.replace(replacement, keys_file)
+    await wait_for_hash(gateway, digest(keys_file))
+    assert await status(gateway, LIMITED_VK) == 401
+
+
+async def test_a_watched_kubernetes_secret_volume_is_reloaded_when_its_links_swap(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> None:
+    # A Secret mounted as a directory: keys.json -> ..data/keys.json, ..data -> ..<timestamp>
+    mount = tmp_path / "secret"
+    (mount / "..2026_01").mkdir(parents=True)
+    (mount / "..2026_01" / "keys.json").write_text(json.dumps(keys_document(fake_base)))
+    (mount / "..data").symlink_to("..2026_01")
+    (mount / "keys.json").symlink_to("..data/keys.json")
+    current = Settings.from_env(
+        {
+            "KEYS_FILE_PATH": str(mount / "keys.json"),
+            "KEYS_FILE_WATCH": "true",
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(log_path),
+        }
+    )
+    gateway = await aiohttp_client(build_app(current))
+    assert await status(gateway, OPENAI_VK) == 200
+
+    updated = keys_document(fake_base)
+    del updated["virtual_keys"][OPENAI_VK]
+    (mount / "..2026_02").mkdir()
+    (mount / "..2026_02" / "keys.json").write_text(json.dumps(updated))
+    (mount / "..data_tmp").symlink_to("..2026_02")
+    os.replace(mount / "..data_tmp", mount / "..data")  # the kubelet's atomic swap
+    await wait_for_hash(gateway, digest(mount / "keys.json"))
+    assert await status(gateway, OPENAI_VK) == 401

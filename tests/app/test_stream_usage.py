@@ -1,0 +1,266 @@
+"""Exact stream usage (issue 14 point 5): asked for per key, withheld from the client.
+
+With the official openai SDK through the gateway, compared with the same call made
+directly to the fake provider; and the pieces (`amend`, `UsageChunkFilter`) fed directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from openai import AsyncOpenAI
+
+from proxy.app import build_app
+from proxy.keys.fields import Defaults
+from proxy.keys.keys import KeyRing, KeysFileError
+from proxy.relay.stream_usage import UsageChunkFilter, amend
+from proxy.settings import Settings
+from proxy.usage.usage import UsageTap
+from tests.conftest import OPENAI_REAL, OPENAI_VK, keys_document
+from tests.support.fake_provider import FakeState
+
+EXACT_VK = "vk_test_exact_usage_7c1d9e3b5a"
+DEFAULTS = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=60.0)
+MESSAGES = [{"role": "user", "content": "say hello please"}]
+Records = Callable[..., Awaitable[list[dict[str, Any]]]]
+_ids = itertools.count()
+
+
+@pytest.fixture
+async def exact_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    fake_base: str,
+    tmp_path: Path,
+    log_path: Path,
+) -> TestClient:
+    document = keys_document(fake_base)
+    document["virtual_keys"][EXACT_VK] = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "exact",
+        "stream_usage": "exact",
+    }
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(document))
+    settings = Settings.from_env(
+        {"KEYS_FILE_PATH": str(keys), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path)}
+    )
+    return await aiohttp_client(build_app(settings))
+
+
+@pytest.fixture
+async def clients(
+    exact_gateway: TestClient, fake_base: str
+) -> AsyncIterator[Callable[[str | None], AsyncOpenAI]]:
+    """A factory: the SDK on the gateway with this key, or (None) directly on the fake."""
+    made: list[AsyncOpenAI] = []
+
+    def make(key: str | None) -> AsyncOpenAI:
+        if key is None:
+            client = AsyncOpenAI(base_url=f"{fake_base}/v1", api_key="direct", max_retries=0)
+        else:
+            base = str(exact_gateway.make_url("/v1"))
+            client = AsyncOpenAI(base_url=base, api_key=key, max_retries=0)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+def tagged(what: str) -> tuple[str, dict[str, Any]]:
+    rid = f"req_stream_usage_{what}_{next(_ids)}"
+    return rid, {"extra_headers": {"x-request-id": rid}}
+
+
+async def client_view(client: AsyncOpenAI, **options: Any) -> tuple[list[dict], bytes]:
+    """What the SDK yields (ids and times left out: the fake makes new ones) and the raw bytes."""
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, **options
+    )
+    chunks = [chunk.model_dump(exclude={"id", "created"}) async for chunk in stream]
+    async with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, **options
+    ) as response:
+        raw = b"".join([piece async for piece in response.iter_bytes()])
+    return chunks, raw
+
+
+async def test_exact_mode_asks_for_usage_reads_it_and_the_client_sees_what_it_asked_for(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState, records: Records
+) -> None:
+    direct, _ = await client_view(clients(None))
+    rid, options = tagged("exact")
+    through, raw = await client_view(clients(EXACT_VK), **options)
+    assert through == direct  # no usage chunk; the `usage: null` fields parse as absent
+    assert all(chunk["usage"] is None and chunk["choices"] for chunk in through)
+    # Upstream: the client's bytes with one insertion, the documented one.
+    sent_up = fake.requests[-1].body
+    client_body = sent_up.replace(b'"stream_options":{"include_usage":true},', b"", 1)
+    assert orjson.loads(client_body) == {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "stream": True,
+    }
+    # Downstream: the provider's bytes less the usage event, nothing else.
+    sent = fake.sent[rid]
+    usage_event = next(
+        event + b"\n\n" for event in sent.split(b"\n\n") if b'"choices":[],"usage":{' in event
+    )
+    assert raw == sent.replace(usage_event, b"")
+    lines = await records(2)
+    assert all(line["usage"]["estimated"] is False for line in lines)
+    usage = lines[-1]["usage"]
+    assert usage["estimated"] is False
+    reported = fake.usage[rid]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        reported["prompt_tokens"],
+        reported["completion_tokens"],
+    )
+
+
+async def test_without_the_setting_the_stream_is_byte_identical_and_estimated(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState, records: Records
+) -> None:
+    direct, _ = await client_view(clients(None))
+    rid, options = tagged("default")
+    through, raw = await client_view(clients(OPENAI_VK), **options)
+    assert through == direct
+    assert raw == fake.sent[rid]
+    assert b"stream_options" not in fake.requests[-1].body
+    lines = await records(2)
+    assert lines[-1]["usage"]["estimated"] is True
+
+
+async def test_a_client_that_asks_for_usage_itself_gets_its_chunk_untouched(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState, records: Records
+) -> None:
+    asked = {"stream_options": {"include_usage": True}}
+    direct, _ = await client_view(clients(None), **asked)
+    rid, options = tagged("asked")
+    through, raw = await client_view(clients(EXACT_VK), **asked, **options)
+    assert through == direct
+    assert through[-1]["choices"] == [] and through[-1]["usage"]["completion_tokens"] == 3
+    assert raw == fake.sent[rid]
+    lines = await records(2)
+    assert lines[-1]["usage"]["estimated"] is False
+
+
+async def test_exact_mode_leaves_other_requests_alone(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState
+) -> None:
+    client = clients(EXACT_VK)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert b"stream_options" not in fake.requests[-1].body
+    stream = await client.responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    [event async for event in stream]
+    assert b"stream_options" not in fake.requests[-1].body
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"model":"m","stream":true}',
+            b'{"stream_options":{"include_usage":true},"model":"m","stream":true}',
+        ),
+        (  # every other byte stays: spacing, key order, escapes
+            b' \n{ "stream" : true,\t"model": "\\u00e9" }',
+            b' \n{"stream_options":{"include_usage":true}, "stream" : true,\t"model": "\\u00e9" }',
+        ),
+    ],
+)
+def test_amend_inserts_the_option_and_keeps_every_other_byte(body: bytes, expected: bytes) -> None:
+    assert amend(body) == expected
+    assert orjson.loads(expected)["stream_options"] == {"include_usage": True}
+
+
+def test_amend_rewrites_only_a_body_that_names_stream_options_already() -> None:
+    for options in (b"null", b'{"include_usage": false}', b"{}"):
+        changed = amend(b'{"stream": true, "stream_options": ' + options + b', "n": 1}')
+        assert changed is not None
+        assert orjson.loads(changed) == {
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "n": 1,
+        }
+    assert amend(b'{"stream": true, "stream_options": {"include_usage": true}}') is None
+    assert amend(b'{"stream": false}') is None
+    assert amend(b'{"model": "m"}') is None
+    assert amend(b"not json") is None
+    assert amend(b"[1]") is None
+    assert amend(b'{"stream": true, "stream_options": 5}') is None  # the provider's 400
+
+
+def chunk(content: str | None, usage: dict | None = None) -> bytes:
+    choices = [] if content is None else [{"index": 0, "delta": {"content": content}}]
+    return b"data: " + orjson.dumps({"choices": choices, "usage": usage}) + b"\n\n"
+
+
+STREAM = (
+    chunk("Hel")
+    + chunk("lo")
+    + chunk(None, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    + b"data: [DONE]\n\n"
+)
+WITHOUT_USAGE = chunk("Hel") + chunk("lo") + b"data: [DONE]\n\n"
+
+
+def test_the_filter_withholds_only_the_usage_chunk_wherever_the_stream_is_cut() -> None:
+    for cut in range(len(STREAM) + 1):
+        for second in (cut, min(len(STREAM), cut + 7)):
+            withheld = UsageChunkFilter()
+            parts = [STREAM[:cut], STREAM[cut:second], STREAM[second:]]
+            passed = b"".join(withheld(part) for part in parts) + withheld.rest()
+            assert passed == WITHOUT_USAGE, f"cut at {cut}, {second}"
+
+
+def test_the_filter_holds_back_no_whole_line() -> None:
+    withheld = UsageChunkFilter()
+    assert withheld(chunk("Hel")) == chunk("Hel")
+    assert withheld(b"data: {") == b""  # a line cut in two waits for its end
+    assert withheld(b'"choices": []}\n') == b'data: {"choices": []}\n'
+    assert withheld.rest() == b""
+
+
+def test_the_tap_still_reads_the_withheld_usage() -> None:
+    tap = UsageTap("text/event-stream", None, keep_text=False)
+    withheld = UsageChunkFilter()
+    for index in range(len(STREAM)):
+        piece = STREAM[index : index + 1]
+        withheld(piece)
+        tap.feed(piece)
+    usage = tap.usage(b"")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (3, 2)
+
+
+def test_the_filter_applies_only_to_an_uncompressed_stream_of_unknown_length() -> None:
+    assert UsageChunkFilter.applies({"content-type": "text/event-stream; charset=utf-8"})
+    assert not UsageChunkFilter.applies(
+        {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    )
+    assert not UsageChunkFilter.applies(
+        {"content-type": "text/event-stream", "content-length": "9"}
+    )
+    assert not UsageChunkFilter.applies({"content-type": "application/json"})
+
+
+def test_keys_json_takes_exact_or_estimate_and_refuses_anything_else(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    for value, is_exact in (("exact", True), ("estimate", False)):
+        entry = {"provider": "openai", "api_key": "sk-x", "stream_usage": value}
+        path.write_text(json.dumps({"virtual_keys": {"vk_stream_usage_1": entry}}))
+        [key] = KeyRing.load(str(path), {}, DEFAULTS)
+        assert key.exact_stream_usage is is_exact
+    entry = {"provider": "openai", "api_key": "sk-x", "stream_usage": "always"}
+    path.write_text(json.dumps({"virtual_keys": {"vk_stream_usage_1": entry}}))
+    with pytest.raises(KeysFileError, match='stream_usage must be "exact" or "estimate"'):
+        KeyRing.load(str(path), {}, DEFAULTS)

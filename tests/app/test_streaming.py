@@ -1,0 +1,224 @@
+"""Streams flow chunk by chunk, end promptly when either side fails, and cancel upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from tests.support.fake_provider import FakeState
+
+STREAM = {
+    "model": "gpt-4o-mini",
+    "stream": True,
+    "messages": [{"role": "user", "content": "count"}],
+}
+
+
+async def arrivals(response: aiohttp.ClientResponse) -> list[tuple[float, bytes]]:
+    """Each piece of body as the client received it, with its arrival time."""
+    pieces = []
+    async for chunk in response.content.iter_any():
+        pieces.append((time.monotonic(), chunk))
+    return pieces
+
+
+async def provider_saw_a_disconnect(fake: FakeState, within: float = 1.0) -> None:
+    """Wait (bounded) until the fake provider saw a client leave."""
+    deadline = time.monotonic() + within
+    while not fake.disconnects and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_twenty_chunks_fifty_ms_apart_arrive_as_twenty_arrivals_over_a_second(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    started = time.monotonic()
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-chunks": "20",
+            "x-fake-delay-ms": "50",
+            "x-request-id": "flow-1",
+        },
+    )
+    pieces = await arrivals(response)
+    assert b"".join(chunk for _, chunk in pieces) == fake.sent["flow-1"]
+    assert len(pieces) >= 20, f"{len(pieces)} arrivals: the stream was batched"
+    first, last = pieces[0][0] - started, pieces[-1][0] - started
+    assert first < 0.3, f"first chunk after {first:.3f}s: buffered"
+    assert last - first > 0.8, f"arrivals spread over {last - first:.3f}s only"
+
+
+async def test_an_anthropic_stream_flows_event_by_event(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    response = await gateway.post(
+        "/v1/messages",
+        json=body,
+        headers={
+            "x-api-key": ANTHROPIC_VK,
+            "x-fake-chunks": "10",
+            "x-fake-delay-ms": "40",
+            "x-request-id": "anth-1",
+        },
+    )
+    pieces = await arrivals(response)
+    assert b"".join(chunk for _, chunk in pieces) == fake.sent["anth-1"]
+    assert len(pieces) >= 10 and pieces[-1][0] - pieces[0][0] > 0.3
+
+
+async def test_a_plain_chunked_body_streams_too(gateway: TestClient, fake: FakeState) -> None:
+    response = await gateway.get(
+        "/v1/files/file-1/content",
+        headers={
+            **auth(OPENAI_VK),
+            "x-fake-raw-chunks": "8",
+            "x-fake-delay-ms": "50",
+            "x-request-id": "raw-1",
+        },
+    )
+    pieces = await arrivals(response)
+    assert b"".join(chunk for _, chunk in pieces) == fake.sent["raw-1"]
+    assert len(pieces) >= 8 and pieces[-1][0] - pieces[0][0] > 0.25
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_second(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "200", "x-fake-delay-ms": "50"},
+    )
+    received = b""
+    while b"tok2" not in received:
+        received += await response.content.readany()
+    left = time.monotonic()
+    response.close()  # drop the connection mid-stream
+    await provider_saw_a_disconnect(fake)
+    assert fake.disconnects, "the provider never saw the gateway leave"
+    assert fake.disconnects[0] - left < 1.0
+    (line,) = await records(1)
+    assert line["status"] == 499 and line["stream"] is True
+    assert line["usage"]["completion_tokens"] > 0  # what it received was produced: charged
+    health = await (await gateway.get("/health")).json()
+    assert (
+        health["providers"]["openai"]["last_error"] is None
+    )  # leaving is not the provider's fault
+
+
+async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "4", "x-fake-hang": "midstream"},
+    )
+    await response.content.readany()
+    left = time.monotonic()
+    response.close()
+    await provider_saw_a_disconnect(fake)
+    assert fake.disconnects and fake.disconnects[0] - left < 1.0
+
+
+async def test_an_upstream_that_drops_mid_stream_ends_the_clients_stream_promptly(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    started = time.monotonic()
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "10", "x-fake-drop": "midstream"},
+    )
+    failed = False
+    try:
+        await response.read()
+    except aiohttp.ClientPayloadError:
+        failed = True  # the client sees an incomplete body, not a clean end
+    assert failed and time.monotonic() - started < 2
+    (line,) = await records(1)
+    assert line["status"] == 200 and "broke" in line["error"]
+
+
+async def test_stream_idle_timeout_bounds_the_gap_between_two_chunks(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.3")
+    started = time.monotonic()
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-hang": "midstream"},
+    )
+    failed = False
+    try:
+        await response.read()
+    except aiohttp.ClientPayloadError:
+        failed = True
+    assert failed and time.monotonic() - started < 2
+    (line,) = await records(1)
+    assert "nothing for 0.3 seconds" in line["error"]
+    await provider_saw_a_disconnect(fake)
+    assert fake.disconnects, "the silent upstream request was not closed"
+
+
+async def test_a_slow_stream_within_the_idle_timeout_is_not_cut(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "5", "x-fake-delay-ms": "200"},
+    )
+    body = await response.read()  # 1 s in all, but no gap over 0.5 s
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_that_stops_reading_is_the_clients_fault_not_the_providers(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    # A raw socket that reads the response head, then nothing more, while the provider
+    # keeps sending (200 chunks of 256 KiB: far more than the socket buffers hold).
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
+        + b"x-fake-raw-chunks: 200\r\nx-fake-raw-bytes: 262144\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    (line,) = await records(1, timeout=10.0)  # written once the gateway gave up on the client
+    writer.close()
+    assert line["status"] == 499
+    assert "client read nothing for 0.5 seconds" in line["error"]
+    report = await (await gateway.get("/health")).json()
+    assert report["providers"]["openai"] == {"keys": 2, "healthy": True, "last_error": None}
+    metrics = await (await gateway.get("/metrics")).text()
+    upstream_errors = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "llm_gateway_upstream_errors_total"
+    ]
+    assert sum(upstream_errors) == 0

@@ -1,0 +1,463 @@
+"""Traces: what a real gateway exports to an in-process OTLP/HTTP receiver, decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+
+from proxy.app import KEY_RING, TRACING, build_app
+from proxy.settings import SettingError, Settings
+from proxy.usage.usage import UsageTap
+from tests.conftest import (
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    OPENAI_VK,
+    SECRETS,
+    auth,
+)
+from tests.support.fake_provider import Fault
+from tests.support.fake_realtime import OUTPUT_TOKENS
+from tests.support.otlp_receiver import RECEIVED, Received, ReceivedSpan, build_receiver
+from tests.support.processes import Processes, refused, start_gateway
+
+MESSAGE = "a secret prompt the traces must never carry"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": MESSAGE}]}
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN_ID = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(build_receiver())
+
+
+@pytest.fixture
+def received(receiver: TestServer) -> Received:
+    return receiver.app[RECEIVED]
+
+
+@pytest.fixture
+async def traced(
+    make_gateway: Callable[..., Awaitable[TestClient]], receiver: TestServer
+) -> TestClient:
+    """A gateway exporting its traces to the receiver."""
+    return await make_gateway(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")), OTEL_BSP_SCHEDULE_DELAY="50"
+    )
+
+
+async def exported(gateway: TestClient, received: Received, count: int) -> list[ReceivedSpan]:
+    """The spans of the requests made so far, once the gateway settled them."""
+    await gateway.app[TRACING].flush()
+    return await received.wait_for(count)
+
+
+def parent(traceparent: str) -> tuple[str, str, int]:
+    """(trace id, parent span id, sampled bit) of a W3C traceparent header."""
+    version, trace_id, span_id, flags = traceparent.split("-")
+    assert version == "00"
+    return trace_id, span_id, int(flags, 16) & 1
+
+
+def by_kind(spans: list[ReceivedSpan], kind: str) -> list[ReceivedSpan]:
+    return [span for span in spans if span.kind == kind]
+
+
+def assert_nothing_secret(spans: list[ReceivedSpan]) -> None:
+    for span in spans:
+        text = repr(span)
+        assert MESSAGE not in text
+        assert not any(secret in text for secret in SECRETS)
+
+
+async def test_a_request_is_a_server_span_with_its_attempt_as_a_client_child(
+    traced: TestClient, received: Received, fake: Any
+) -> None:
+    response = await traced.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    assert response.status == 200
+    body = await response.json()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+
+    assert server.parent_span_id == ""
+    assert attempt.trace_id == server.trace_id
+    assert attempt.parent_span_id == server.span_id
+    assert server.start_ns <= attempt.start_ns <= attempt.end_ns <= server.end_ns
+    assert server.name == "chat gpt-4o-mini"
+    assert server.attributes == {
+        "http.request.method": "POST",
+        "url.path": "/v1/chat/completions",
+        "http.response.status_code": 200,
+        "llm_gateway.request_id": response.headers["x-request-id"],
+        "llm_gateway.key": traced.app[KEY_RING].authenticate(CIMultiDict(auth(OPENAI_VK))).name,
+        "gen_ai.provider.name": "openai",
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-4o-mini",
+        "gen_ai.response.model": body["model"],
+        "gen_ai.usage.input_tokens": body["usage"]["prompt_tokens"],
+        "gen_ai.usage.output_tokens": body["usage"]["completion_tokens"],
+    }
+    assert not server.is_error
+    assert attempt.attributes["gen_ai.provider.name"] == "openai"
+    assert attempt.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attempt.attributes["gen_ai.operation.name"] == "chat"
+    assert attempt.attributes["http.response.status_code"] == 200
+    assert attempt.attributes["server.address"] == "127.0.0.1"
+    assert server.resource["service.name"] == "llm-gateway"
+    assert_nothing_secret(spans)
+
+
+async def test_the_provider_receives_the_attempt_span_as_its_parent(
+    traced: TestClient, received: Received, fake: Any
+) -> None:
+    await traced.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    [attempt] = by_kind(await exported(traced, received, 2), "client")
+    assert parent(fake.requests[-1].headers["traceparent"]) == (
+        attempt.trace_id,
+        attempt.span_id,
+        1,
+    )
+
+
+async def test_a_clients_traceparent_and_tracestate_continue_its_trace(
+    traced: TestClient, received: Received, fake: Any
+) -> None:
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01",
+        "tracestate": "vendor=opaque",
+    }
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": CHAT["messages"]}
+    assert (await traced.post("/v1/messages", json=body, headers=headers)).status == 200
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    assert server.trace_id == attempt.trace_id == CLIENT_TRACE_ID
+    assert server.parent_span_id == CLIENT_SPAN_ID
+    assert server.attributes["gen_ai.provider.name"] == "anthropic"
+    upstream = fake.requests[-1].headers
+    assert parent(upstream["traceparent"]) == (CLIENT_TRACE_ID, attempt.span_id, 1)
+    assert upstream["tracestate"] == "vendor=opaque"
+
+
+async def test_a_streams_server_span_ends_when_the_stream_ends(
+    traced: TestClient, received: Received
+) -> None:
+    chunks, delay_ms = 6, 150  # the stream takes at least 5 gaps of 150 ms
+    headers = {**auth(OPENAI_VK), "x-fake-chunks": str(chunks), "x-fake-delay-ms": str(delay_ms)}
+    started = time.time_ns()
+    response = await traced.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    first_byte = None
+    async for _ in response.content.iter_any():
+        first_byte = first_byte or time.time_ns()
+    last_byte = time.time_ns()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    stream_seconds = (chunks - 1) * delay_ms / 1000
+    assert server.duration_seconds >= stream_seconds
+    assert attempt.duration_seconds >= stream_seconds  # the attempt lasts until its body ends
+    assert first_byte is not None and server.start_ns >= started
+    assert server.end_ns >= first_byte + (chunks - 2) * delay_ms * 1_000_000
+    # Ended at settle, right after the last byte went out (generous: a loaded machine).
+    assert abs(server.end_ns - last_byte) < 1_000_000_000
+
+
+async def test_a_refused_request_is_a_server_span_with_its_error_and_no_attempt(
+    traced: TestClient, received: Received
+) -> None:
+    response = await traced.post(
+        "/v1/chat/completions", json=CHAT, headers=auth("vk_wrong_key_0000")
+    )
+    assert response.status == 401
+    [span] = await exported(traced, received, 1)
+    assert span.kind == "server"
+    assert span.attributes["error.type"] == "401"
+    assert span.attributes["http.response.status_code"] == 401
+    assert "llm_gateway.key" not in span.attributes
+    assert_nothing_secret([span])
+
+
+async def test_a_provider_that_fails_marks_both_spans_as_errors(
+    traced: TestClient, received: Received
+) -> None:
+    headers = {**auth(OPENAI_VK), "x-fake-drop": "headers"}
+    response = await traced.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status == 502
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    assert server.is_error and attempt.is_error
+    assert server.attributes["error.type"] == "502"
+    assert "error.type" in attempt.attributes
+
+
+async def test_an_unreachable_collector_costs_requests_nothing_but_a_counted_failure(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    released = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await released.wait()  # a collector that accepts and never answers
+        return web.Response(status=503)
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", hang)
+    server = await aiohttp_server(collector)
+    gateway = await make_gateway(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(server.make_url("")),
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+        OTEL_BSP_SCHEDULE_DELAY="10",
+    )
+    try:
+        for _ in range(10):  # the first spans' export hangs while these are served
+            started = time.monotonic()
+            response = await gateway.post(
+                "/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+            )
+            assert response.status == 200
+            assert time.monotonic() - started < 1.0  # generous; the export blocks for 1 s
+        await gateway.app[TRACING].flush()
+    finally:
+        released.set()
+    metrics = await (await gateway.get("/metrics")).text()
+    name = "llm_gateway_trace_export_failures_total"
+    [line] = [line for line in metrics.splitlines() if line.startswith(name)]
+    assert float(line.split()[-1]) >= 1
+
+
+async def test_traces_are_off_without_the_sdks_variables(gateway: TestClient, fake: Any) -> None:
+    assert TRACING not in gateway.app
+    headers = {**auth(OPENAI_VK), "traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"}
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=headers)).status == 200
+    # Off, the gateway is transparent to trace context: the client's own passes unchanged.
+    assert fake.requests[-1].headers["traceparent"] == headers["traceparent"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "is_on"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}, False),  # empty is unset, as for every setting
+    ],
+)
+def test_the_sdks_own_variables_turn_traces_on(environ: dict[str, str], is_on: bool) -> None:
+    assert Settings.from_env(environ).is_tracing_on is is_on
+
+
+@pytest.mark.parametrize(
+    ("environ", "culprit"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "console"}, "OTEL_TRACES_EXPORTER"),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "sometimes"},
+            "OTEL_TRACES_SAMPLER",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "soon"},
+            "OTEL_BSP_SCHEDULE_DELAY",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "br"},
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+    ],
+)
+def test_otel_values_the_gateway_cannot_honour_stop_the_start(
+    environ: dict[str, str], culprit: str
+) -> None:
+    with pytest.raises(SettingError, match=culprit):
+        Settings.from_env(environ)
+
+
+async def test_sampling_off_exports_nothing_but_still_passes_context(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    receiver: TestServer,
+    received: Received,
+    fake: Any,
+) -> None:
+    gateway = await make_gateway(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")), OTEL_TRACES_SAMPLER="always_off"
+    )
+    assert (
+        await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+    ).status == 200
+    await gateway.app[TRACING].flush()
+    assert received.spans == []
+    _, _, is_sampled = parent(fake.requests[-1].headers["traceparent"])
+    assert is_sampled == 0  # not sampled, and still a context the provider can join
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"id":"x","model":"gpt-4o-mini-2024-07-18","usage":{}}'),
+        (
+            "text/event-stream",
+            b'data: {"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[]}\n\ndata: [DONE]\n\n',
+        ),
+        (
+            "text/event-stream",
+            b'event: message_start\ndata: {"type":"message_start","message":'
+            b'{"model":"gpt-4o-mini-2024-07-18","usage":{"input_tokens":1}}}\n\n',
+        ),
+        (
+            "text/event-stream",
+            b'data: {"type":"response.completed","response":'
+            b'{"model":"gpt-4o-mini-2024-07-18","usage":{"input_tokens":1}}}\n\n',
+        ),
+    ],
+    ids=["json", "openai-stream", "anthropic-stream", "responses-stream"],
+)
+def test_the_usage_tap_reads_the_model_that_answered(content_type: str, body: bytes) -> None:
+    tap = UsageTap(content_type, None, keep_text=False)
+    for index in range(len(body)):  # fed one byte at a time: where chunks are cut is no matter
+        tap.feed(body[index : index + 1])
+    tap.usage(b"")
+    assert tap.model == "gpt-4o-mini-2024-07-18"
+
+
+async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and_model(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: Any,
+    receiver: TestServer,
+    received: Received,
+) -> None:
+    primary, backup = "sk-trace-primary-1111111111", "sk-trace-backup-2222222222"
+    keys = {
+        "providers": {
+            "openai": {"base_url": f"{fake_base}/v1"},
+            "backup": {"base_url": f"{fake_base}/v1"},
+        },
+        "virtual_keys": {
+            "vk_test_traced_failover_5a7c": {
+                "provider": "openai",
+                "api_key": primary,
+                "fallbacks": [
+                    {"provider": "backup", "api_key": backup, "model": "gpt-4o-mini-backup"}
+                ],
+            }
+        },
+    }
+    (tmp_path / "failover.json").write_text(json.dumps(keys))
+    settings = Settings.from_env(
+        {
+            "KEYS_FILE_PATH": str(tmp_path / "failover.json"),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.make_url("")),
+        }
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    fake.faults[primary] = Fault(500)
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers=auth("vk_test_traced_failover_5a7c")
+    )
+    assert response.status == 200
+    spans = await exported(gateway, received, 3)
+    [server] = by_kind(spans, "server")
+    first, second = sorted(by_kind(spans, "client"), key=lambda span: span.start_ns)
+    assert first.parent_span_id == second.parent_span_id == server.span_id
+    assert (first.attributes["gen_ai.provider.name"], first.attributes["gen_ai.request.model"]) == (
+        "openai",
+        "gpt-4o-mini",
+    )
+    assert (
+        second.attributes["gen_ai.provider.name"],
+        second.attributes["gen_ai.request.model"],
+    ) == (
+        "backup",
+        "gpt-4o-mini-backup",
+    )
+    assert first.attributes["http.response.status_code"] == 500
+    assert first.attributes["error.type"] == "500" and first.is_error
+    assert second.attributes["http.response.status_code"] == 200
+    assert "error.type" not in second.attributes and not second.is_error
+    assert first.end_ns <= second.start_ns  # the first try ended when it failed
+    assert [parent(seen.headers["traceparent"])[1] for seen in fake.requests] == [
+        first.span_id,
+        second.span_id,
+    ]
+    assert server.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+
+
+async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
+    traced: TestClient, received: Received, fake: Any
+) -> None:
+    ws = await traced.ws_connect(
+        "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await ws.receive()  # session.created
+    await ws.send_str('{"type": "response.create"}')
+    await ws.receive()
+    await ws.receive()  # response.done, with usage
+    closing = time.time_ns()
+    await ws.close()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    assert attempt.parent_span_id == server.span_id
+    assert server.start_ns < closing <= server.end_ns  # open until the client closed it
+    assert server.attributes["http.response.status_code"] == 101
+    assert server.attributes["gen_ai.request.model"] == "gpt-realtime"
+    assert server.attributes["gen_ai.usage.output_tokens"] == OUTPUT_TOKENS
+    assert "error.type" not in server.attributes and not attempt.is_error
+    assert attempt.attributes["http.response.status_code"] == 101
+    upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
+    assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
+    assert_nothing_secret(spans)
+
+
+async def test_a_gateway_process_exports_the_spans_still_queued_when_it_stops(
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,
+    receiver: TestServer,
+    received: Received,
+) -> None:
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "interactions.jsonl",
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")),
+        OTEL_BSP_SCHEDULE_DELAY="600000",  # no export on a timer: only a full batch, or the stop
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 200
+    assert received.exports == 0
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    spans = await received.wait_for(2)
+    assert {span.kind for span in spans} == {"server", "client"}
+
+
+def test_an_otel_exporter_the_gateway_cannot_use_stops_the_process_with_one_line(
+    process_keys: Path,
+) -> None:
+    result = refused(
+        {"KEYS_FILE_PATH": str(process_keys), "OTEL_TRACES_EXPORTER": "zipkin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "OTEL_TRACES_EXPORTER" in result.stderr

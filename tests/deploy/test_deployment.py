@@ -1,0 +1,79 @@
+"""What an operator deploying the gateway meets: keys.json as Docker may leave it, the Server header.
+
+Docker bind-mounts a keys.json that does not exist as an empty directory, and a keys.json
+of mode 600 cannot be read by the image's user (uid 10001): the gateway names both, with
+the fix. Its own answers name no Python or aiohttp version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import OPENAI_VK, auth
+from tests.support.processes import ROOT, refused
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_keys_json_as_a_directory_says_what_docker_did_and_how_to_fix_it(tmp_path: Path) -> None:
+    (tmp_path / "keys.json").mkdir()
+    result = refused({"KEYS_FILE_PATH": str(tmp_path / "keys.json")})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "is a directory, not a file" in lines[0] and "Docker" in lines[0]
+    assert "cp keys.example.json keys.json" in lines[0]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
+def test_keys_json_of_mode_600_names_the_uid_and_the_chmod(tmp_path: Path) -> None:
+    # As in the image: the file belongs to another user, mode 600. Root without the
+    # capabilities that bypass file modes meets it as uid 10001 meets a host's root file.
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"virtual_keys": {}}))
+    os.chown(keys, 10001, 10001)
+    keys.chmod(0o600)
+    drop = "-dac_override,-dac_read_search"
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--inh-caps={drop}",
+            f"--bounding-set={drop}",
+            sys.executable,
+            str(ROOT / "gateway.py"),
+        ],
+        env={**os.environ, "KEYS_FILE_PATH": str(keys)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "not readable by this process (uid 0)" in line, line
+    assert "uid 10001" in line and "chmod 644" in line
+
+
+async def test_the_gateway_s_own_answers_name_no_python_or_aiohttp_version(
+    gateway: TestClient,
+) -> None:
+    answers = [
+        await gateway.get("/health"),
+        await gateway.get("/ready"),
+        await gateway.get("/metrics"),
+        await gateway.get("/usage", headers=auth(OPENAI_VK)),
+        await gateway.post("/v1/chat/completions", json=CHAT),  # 401
+        await gateway.post("/v1/chat/completions", json={"model": 1}, headers=auth(OPENAI_VK)),
+    ]
+    for answer in answers:
+        assert answer.headers.get("Server") == "llm-gateway", (answer.status, answer.headers)

@@ -1,0 +1,293 @@
+"""The gateway as a process: --help, refusals to start, and the drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.settings import SETTINGS
+from tests.conftest import OPENAI_VK, auth
+from tests.support.processes import Processes, refused, start_gateway
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_help_lists_every_setting_as_a_flag() -> None:
+    result = refused({}, "--help")
+    assert result.returncode == 0
+    for setting in SETTINGS:
+        assert setting.flag in result.stdout and setting.variable in result.stdout
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keys", "env", "says"),
+    [
+        ("{ nope", {}, "not valid JSON"),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "nowhere", "api_key": "x", "name": "bob"}}}',
+            {},
+            "key 'bob': provider 'nowhere'",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob"}}}',
+            {},
+            "key 'bob': set exactly one of api_key and api_key_env",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key": "a", "api_key_env": "B"}}}',
+            {},
+            "key 'bob': set exactly one",
+        ),
+        (
+            '{"virtual_keys": {"vk_abc_123456789": {"provider": "openai", "name": "bob", "api_key_env": "UNSET_KEY_VAR_X"}}}',
+            {},
+            "key 'bob': api_key_env UNSET_KEY_VAR_X is not set",
+        ),
+        (
+            '{"virtual_keys": {}}',
+            {"QUOTA_LIMIT": "ten"},
+            "QUOTA_LIMIT must be a positive integer, got 'ten'",
+        ),
+        ('{"virtual_keys": {}}', {"QUOTA_WINDOW_SECONDS": "-3"}, "QUOTA_WINDOW_SECONDS"),
+    ],
+)
+def test_a_bad_start_is_one_line_naming_the_culprit_and_exit_2(
+    tmp_path: Path, keys: str, env: dict[str, str], says: str
+) -> None:
+    path = _write(tmp_path / "keys.json", keys)
+    result = refused({"KEYS_FILE_PATH": str(path), **env})
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_keys_file_says_how_to_create_one(tmp_path: Path) -> None:
+    result = refused({"KEYS_FILE_PATH": str(tmp_path / "keys.json")})
+    assert result.returncode == 2
+    assert "keys.example.json" in result.stderr and str(tmp_path / "keys.json") in result.stderr
+
+
+def test_an_unreadable_keys_file_is_refused(tmp_path: Path) -> None:
+    result = refused({"KEYS_FILE_PATH": str(tmp_path)})  # a directory
+    assert result.returncode == 2 and "is a directory, not a file" in result.stderr
+
+
+def test_a_log_file_that_cannot_be_opened_stops_the_start(
+    process_keys: Path, tmp_path: Path
+) -> None:
+    result = refused(
+        {
+            "KEYS_FILE_PATH": str(process_keys),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(tmp_path / "no" / "such" / "dir.jsonl"),
+        }
+    )
+    assert (
+        result.returncode == 2
+        and "LOG_FILE_PATH" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = refused(
+            {
+                "KEYS_FILE_PATH": str(process_keys),
+                "SERVER_HOST": "127.0.0.1",
+                "SERVER_PORT": str(port),
+            }
+        )
+    assert result.returncode == 2
+    assert (
+        str(port) in result.stderr
+        and "SERVER_PORT" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_an_unresolvable_server_host_is_one_line_and_exit_2(process_keys: Path) -> None:
+    result = refused({"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "no-such-host.invalid"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--server-port"], "argument --server-port: expected one argument"),
+    ],
+)
+def test_a_bad_flag_is_one_line_pointing_to_help(flags: list[str], says: str) -> None:
+    result = refused({}, *flags)
+    assert result.returncode == 2
+    assert result.stderr == f"llm-gateway: {says} (see gateway.py --help)\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
+    processes: Processes, process_keys: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="10")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "15", "x-fake-delay-ms": "100"},
+        )
+        first = await response.content.readany()
+        process.send_signal(signum)
+        await asyncio.sleep(0.3)
+        with pytest.raises(aiohttp.ClientConnectionError):  # no new connections
+            async with aiohttp.ClientSession() as fresh:
+                await fresh.get(f"{url}/ready")
+        rest = await response.read()
+    assert (first + rest).endswith(b"data: [DONE]\n\n")
+    out, _ = await asyncio.to_thread(process.communicate, None, 15)
+    assert process.returncode == 0
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["status"] == 200 and line["stream"] is True
+    # The operator sees the drain begin, with what is in flight, and end.
+    assert "llm-gateway draining: 1 request in flight, up to 10 s\n" in out
+    assert out.endswith("llm-gateway stopped: every request finished\n")
+
+
+async def test_the_grace_period_ends_streams_that_outlast_it(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="0.5")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "100", "x-fake-delay-ms": "100"},
+        )
+        await response.content.readany()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+        assert time.monotonic() - started < 5
+    assert len(log.read_text().splitlines()) == 1
+
+
+async def test_streams_that_never_end_are_cut_at_the_grace_and_each_is_logged(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    grace = 4.0
+    process, url = start_gateway(
+        processes, process_keys, log, SHUTDOWN_GRACE_SECONDS=f"{grace:g}", QUOTA_ENABLED="false"
+    )
+    async with aiohttp.ClientSession() as session:
+        streams = [
+            await session.post(
+                f"{url}/v1/chat/completions",
+                json={**CHAT, "stream": True},
+                headers={**auth(OPENAI_VK), "x-fake-hang": "midstream", "x-request-id": f"s-{n}"},
+            )
+            for n in range(3)
+        ]
+        for stream in streams:
+            await stream.content.readany()  # each is under way
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(process.communicate, None, 30)
+        elapsed = time.monotonic() - started
+    assert process.returncode == 0
+    assert elapsed < grace + 1.0, f"took {elapsed:.1f} s for a grace of {grace:g} s"
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert sorted(line["request_id"] for line in lines) == ["s-0", "s-1", "s-2"]
+    assert "draining: 3 requests in flight" in out
+    assert "stopped: 3 requests cut at the end of the grace period" in out
+
+
+async def test_sighup_kills_neither_the_process_nor_its_streams(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, QUOTA_ENABLED="false")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "10", "x-fake-delay-ms": "100"},
+        )
+        first = await response.content.readany()
+        process.send_signal(signal.SIGHUP)
+        rest = await response.read()
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as after:
+            assert after.status == 200
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert [json.loads(text)["status"] for text in log.read_text().splitlines()] == [200, 200]
+
+
+async def test_after_sigterm_every_finished_request_has_its_log_line(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, QUOTA_LIMIT="100000")
+    async with aiohttp.ClientSession() as session:
+        semaphore = asyncio.Semaphore(50)
+
+        async def one(index: int) -> int:
+            async with semaphore:
+                async with session.post(
+                    f"{url}/v1/chat/completions",
+                    json=CHAT,
+                    headers={**auth(OPENAI_VK), "x-request-id": f"bulk-{index}"},
+                ) as response:
+                    await response.read()
+                    return response.status
+
+        statuses = await asyncio.gather(*(one(index) for index in range(500)))
+    assert statuses == [200] * 500
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert len(lines) == 500
+    assert {line["request_id"] for line in lines} == {f"bulk-{index}" for index in range(500)}
+
+
+async def test_the_log_goes_to_stdout_by_default(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "unused.jsonl", LOG_TO_FILE="false"
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={**auth(OPENAI_VK), "x-request-id": "to-stdout"},
+        ) as response:
+            assert response.status == 200
+    process.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.to_thread(process.communicate, None, 15)
+    lines = [json.loads(text) for text in out.splitlines() if text.startswith("{")]
+    assert [line["request_id"] for line in lines] == ["to-stdout"]
+    assert not (tmp_path / "unused.jsonl").exists()

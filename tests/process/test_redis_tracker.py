@@ -1,0 +1,724 @@
+"""The Redis tracker against a real redis-server: the memory tracker's semantics, exact across
+processes, and what the gateway does when Redis is lost and comes back (issue 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
+from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
+from tests.support.processes import Processes, refused, start_gateway
+from tests.support.redis_server import RedisServer, free_port
+from tests.unit.test_tracker import KIND_TOTALS, NO_KIND_TOTALS, Clock
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def tracker(redis_url: str, clock: Clock) -> AsyncIterator[RedisTracker]:
+    """A Redis tracker on a fresh server, its time stepped by `clock` instead of Redis TIME."""
+    tracker = RedisTracker(redis_url, clock)
+    yield tracker
+    await tracker.close()
+
+
+@pytest.fixture
+async def real_time_tracker(redis_url: str) -> AsyncIterator[RedisTracker]:
+    tracker = RedisTracker(redis_url)
+    yield tracker
+    await tracker.close()
+
+
+@pytest.fixture
+def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client, to look at what the tracker left in Redis."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+# --- the memory tracker's semantics --------------------------------------------------------
+
+
+async def test_the_request_limit_is_respected(tracker: RedisTracker) -> None:
+    limits = Limits(requests=3, tokens=None, window_seconds=60)
+    answers = [await tracker.admit(KEY, limits) for _ in range(5)]
+    assert [answer.admitted for answer in answers] == [True, True, True, False, False]
+    assert [answer.remaining_requests for answer in answers] == [2, 1, 0, 0, 0]
+    assert answers[0].remaining_tokens is None and answers[0].reset_tokens_seconds is None
+
+
+async def test_a_refused_request_is_not_counted(tracker: RedisTracker, clock: Clock) -> None:
+    limits = Limits(requests=2, tokens=None, window_seconds=10)
+    await tracker.admit(KEY, limits)  # t = 0
+    clock.advance(5)
+    await tracker.admit(KEY, limits)  # t = 5
+    clock.advance(1)
+    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(20)])
+    clock.advance(4)  # t = 10: the first admission left; the refusals at t = 6 never counted
+    assert (await tracker.admit(KEY, limits)).admitted
+    assert not (await tracker.admit(KEY, limits)).admitted
+    assert (await tracker.report(KEY, limits))["totals"]["requests"] == 3
+
+
+async def test_a_burst_at_the_end_of_one_window_and_the_start_of_the_next_cannot_exceed_the_limit(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=10, tokens=None, window_seconds=60)
+    clock.advance(59)
+    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+    clock.advance(2)  # a fixed-window counter would have reset here
+    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+    clock.advance(57.5)
+    assert not (await tracker.admit(KEY, limits)).admitted
+    clock.advance(0.5)  # exactly 60 s after the burst: it has left
+    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
+
+
+async def test_retry_after_is_the_wait_until_the_oldest_admission_leaves(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=2, tokens=None, window_seconds=10)
+    first = await tracker.admit(KEY, limits)
+    assert first.retry_after_seconds == 0.0 and first.reset_requests_seconds == 10.0
+    clock.advance(3)
+    second = await tracker.admit(KEY, limits)
+    assert second.remaining_requests == 0 and second.reset_requests_seconds == 7.0
+    clock.advance(1)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted
+    assert refused.retry_after_seconds == refused.reset_requests_seconds == 6.0
+    clock.advance(5.999)
+    assert not (await tracker.admit(KEY, limits)).admitted
+    clock.advance(0.001)
+    assert (await tracker.admit(KEY, limits)).admitted
+
+
+async def test_the_token_limit_admits_while_under_and_lets_the_last_request_overshoot(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=100, tokens=100, window_seconds=60)
+    assert (await tracker.admit(KEY, limits)).remaining_tokens == 100
+    tracker.settle(KEY, limits, Charge(80))  # t = 0
+    clock.advance(10)
+    second = await tracker.admit(KEY, limits)
+    assert second.admitted and second.remaining_tokens == 20 and second.reset_tokens_seconds == 50.0
+    tracker.settle(KEY, limits, Charge(50))  # 130 used: over by the last request's own tokens
+    clock.advance(5)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted
+    assert refused.remaining_tokens == 0 and refused.remaining_requests == 98
+    assert refused.reset_requests_seconds == 0.0
+    assert refused.retry_after_seconds == refused.reset_tokens_seconds == 45.0
+    clock.advance(45)
+    assert (await tracker.admit(KEY, limits)).admitted
+
+
+async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=10, tokens=100, window_seconds=60)
+    tracker.settle(KEY, limits, Charge(30))  # t = 0
+    clock.advance(10)
+    tracker.settle(
+        KEY, limits, Charge(100)
+    )  # t = 10: without the 30, exactly the limit: still full
+    clock.advance(5)
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
+
+
+async def test_a_changed_limit_keeps_the_newest_admissions(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    five = Limits(requests=5, tokens=None, window_seconds=10)
+    for _ in range(4):
+        await tracker.admit(KEY, five)
+        clock.advance(1)  # admissions at t = 0, 1, 2, 3
+    two = Limits(requests=2, tokens=None, window_seconds=10)
+    refused = await tracker.admit(KEY, two)  # t = 4
+    assert not refused.admitted and refused.remaining_requests == 0
+    assert refused.retry_after_seconds == 8.0  # the newest two are t = 2 and 3; t = 2 leaves at 12
+    twenty = Limits(requests=20, tokens=None, window_seconds=10)
+    assert sum([(await tracker.admit(KEY, twenty)).admitted for _ in range(20)]) == 18
+    clock.advance(8)  # t = 12: shrunk to two again, the newest two are from t = 4
+    assert (await tracker.admit(KEY, two)).retry_after_seconds == 2.0
+
+
+async def test_report_gives_the_window_limits_remaining_and_totals(
+    tracker: RedisTracker, clock: Clock
+) -> None:
+    limits = Limits(requests=5, tokens=1000, window_seconds=100)
+    await tracker.admit(KEY, limits)
+    tracker.settle(KEY, limits, Charge(300, 0, (250, 50, 100, 20, 0, 10, 0)))
+    clock.advance(40)
+    await tracker.admit(KEY, limits)
+    tracker.settle(KEY, limits, Charge(200, 0, (150, 50, 0, 0, 5, 0, 0)))
+    clock.advance(10)
+    assert await tracker.report(KEY, limits) == {
+        "window_seconds": 100,
+        "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
+        "tokens": {
+            "used": 500,
+            "reserved": 0,
+            "limit": 1000,
+            "remaining": 500,
+            "reset_seconds": 50.0,
+        },
+        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS},
+    }
+    clock.advance(50)
+    report = await tracker.report(KEY, limits)
+    assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
+    assert report["tokens"] == {
+        "used": 200,
+        "reserved": 0,
+        "limit": 1000,
+        "remaining": 800,
+        "reset_seconds": 40.0,
+    }
+    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS}
+
+
+async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
+    tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    limits = Limits(requests=5, tokens=None, window_seconds=100)
+    assert await tracker.report("unseen", limits) == await MemoryTracker().report("unseen", limits)
+    assert raw_redis.dbsize() == 0
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    token_limit=st.none() | st.integers(1, 40),
+    budget=st.none() | st.sampled_from([Budget(0.00003, 10), Budget(0.00005, 4)]),
+    quota_on=st.booleans(),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 6),  # half-seconds to advance; the window is 10 s
+            st.sampled_from(["admit", "admit", "admit", "settle", "settle", "report"]),
+            st.integers(0, 20),  # tokens to reserve or charge
+            st.integers(0, 20),  # micro-dollars to reserve or charge
+            st.sampled_from(
+                [0, 0, 0, 1]
+            ),  # which of the two limits: a key's limit changes now and then
+        ),
+        max_size=60,
+    ),
+)
+def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
+    redis_url: str,
+    requests: tuple[int, int],
+    token_limit: int | None,
+    budget: Budget | None,
+    quota_on: bool,
+    steps: list[tuple[int, str, int, int, int]],
+) -> None:
+    """Admissions (every field), reports (the whole dict): equal, step by step, with
+    reservations, settles carried by the next admission, budgets, and limits that change."""
+    limit_pair = [
+        Limits(requests=count, tokens=token_limit, window_seconds=10) if quota_on else None
+        for count in requests
+    ]
+    key = uuid.uuid4().hex  # the server is shared by every example
+
+    async def run() -> None:
+        clock = Clock(0.0)
+        memory, shared = MemoryTracker(clock), RedisTracker(redis_url, clock)
+        tickets: list[int] = []
+        try:
+            for half_seconds, action, tokens, micro, which in steps:
+                clock.advance(half_seconds / 2)
+                limits = limit_pair[which]
+                if action == "admit":
+                    claim = Charge(tokens, micro)
+                    answer = await memory.admit(key, limits, budget, claim)
+                    assert await shared.admit(key, limits, budget, claim) == answer
+                    if answer.ticket:
+                        tickets.append(answer.ticket)
+                elif action == "settle":
+                    ticket = tickets.pop(0) if tickets else 0
+                    # Every kind its own count, so a kind added to the wrong field shows.
+                    kinds = tuple(tokens * (index + 1) % 7 for index in range(len(KINDS)))
+                    spent = Charge(tokens, micro, kinds)
+                    shared.settle(key, limits, spent, ticket, budget)
+                    memory.settle(key, limits, spent, ticket, budget)
+                else:
+                    assert await shared.report(key, limits, budget) == await memory.report(
+                        key, limits, budget
+                    )
+            assert await shared.report(key, limit_pair[0], budget) == await memory.report(
+                key, limit_pair[0], budget
+            )
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+
+
+# --- atomic, shared, bounded ---------------------------------------------------------------
+
+
+async def test_200_concurrent_admits_against_a_limit_of_50_admit_exactly_50(
+    real_time_tracker: RedisTracker,
+) -> None:
+    limits = Limits(requests=50, tokens=None, window_seconds=3600)
+    answers = await asyncio.gather(*(real_time_tracker.admit(KEY, limits) for _ in range(200)))
+    assert sum(answer.admitted for answer in answers) == 50
+    assert (await real_time_tracker.report(KEY, limits))["requests"]["used"] == 50
+
+
+async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_url: str) -> None:
+    limits = Limits(requests=50, tokens=None, window_seconds=3600)
+    trackers = [RedisTracker(redis_url) for _ in range(4)]
+    try:
+        # As four processes would: each with a full pool of its own, all connecting at once.
+        # (More than a pool per tracker would also wait for free connections, and with four
+        # "processes" on this one event loop, that wait can pass its 1 s on a slow machine.)
+        answers = await asyncio.gather(
+            *(trackers[index % 4].admit(KEY, limits) for index in range(4 * MAX_CONNECTIONS))
+        )
+        assert sum(answer.admitted for answer in answers) == 50
+        for tracker in trackers:
+            assert (await tracker.report(KEY, limits))["totals"]["requests"] == 50
+    finally:
+        await asyncio.gather(*(tracker.close() for tracker in trackers))
+
+
+async def test_four_trackers_share_one_budget_and_overshoot_it_by_at_most_one_request(
+    redis_url: str,
+) -> None:
+    """200 concurrent requests against $0.01, each reserving its worst case (issue 14 point 4)."""
+    budget = Budget(usd=0.01, window_seconds=3600)
+    worst, real = Charge(0, 1200), Charge(0, 900)  # micro-dollars
+    trackers = [RedisTracker(redis_url) for _ in range(4)]
+
+    async def one(index: int) -> bool:
+        tracker = trackers[index % 4]
+        answer = await tracker.admit(KEY, None, budget, worst)
+        if answer.admitted:
+            tracker.settle(KEY, None, real, answer.ticket, budget)
+        return answer.admitted
+
+    try:
+        admitted = sum(await asyncio.gather(*(one(index) for index in range(200))))
+        await asyncio.gather(*(tracker.flush() for tracker in trackers))
+        report = await trackers[0].report(KEY, None, budget)
+    finally:
+        await asyncio.gather(*(tracker.close() for tracker in trackers))
+    # Admitted while spend and reservations were under 10,000 micro-dollars: nine at 1,200
+    # each, a little more where settles (900 each) landed between the admissions.
+    assert 9 <= admitted <= 11
+    assert report["budget"]["spent_usd"] == pytest.approx(admitted * 0.0009)
+    assert report["budget"]["spent_usd"] <= 0.01 + 0.0012
+    assert report["budget"]["reserved_usd"] == 0
+
+
+async def test_redis_time_is_the_clock_when_none_is_injected(
+    real_time_tracker: RedisTracker,
+) -> None:
+    limits = Limits(requests=1, tokens=None, window_seconds=0.3)
+    assert (await real_time_tracker.admit(KEY, limits)).admitted
+    refused = await real_time_tracker.admit(KEY, limits)
+    assert not refused.admitted and 0 < refused.retry_after_seconds <= 0.3
+    # Redis's clock moves on its own: ask again (a refusal counts nothing) until admitted.
+    deadline = time.monotonic() + 5
+    while not (await real_time_tracker.admit(KEY, limits)).admitted:
+        assert time.monotonic() < deadline, "the window never freed up on Redis's clock"
+        await asyncio.sleep(0.01)
+
+
+async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the_totals(
+    real_time_tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    limits = Limits(requests=5, tokens=100, window_seconds=0.3)
+    await real_time_tracker.admit(KEY, limits)
+    real_time_tracker.settle(KEY, limits, Charge(42))
+    await real_time_tracker.flush()
+    admissions, charges, charged, totals, *_ = window_keys(KEY)
+    assert sorted(raw_redis.keys("*")) == sorted([admissions, charges, charged, totals])
+    assert all(name.startswith("llm-gateway:{" + KEY + "}:") for name in window_keys(KEY))
+    for name in (admissions, charges, charged):
+        assert 0 < raw_redis.pttl(name) <= 300
+    assert raw_redis.pttl(totals) == -1  # totals since the key was first seen
+    assert int(raw_redis.get(charged)) == 42
+    deadline = time.monotonic() + 5  # Redis expires the window's keys on its own clock
+    while raw_redis.keys("*") != [totals]:
+        assert time.monotonic() < deadline, raw_redis.keys("*")
+        await asyncio.sleep(0.01)
+    assert (await real_time_tracker.report(KEY, limits))["totals"] == {
+        "requests": 1,
+        "tokens": 42,
+        "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
+    }
+
+
+async def test_a_settle_no_admission_carries_goes_alone_and_close_still_returns(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    tracker = RedisTracker(redis_url, settle_delay=0.01)
+    limits = Limits(requests=5, tokens=100, window_seconds=60)
+    try:
+        answer = await tracker.admit(KEY, limits, None, Charge(30))
+        tracker.settle(KEY, limits, Charge(12), answer.ticket)
+        totals = window_keys(KEY)[3]
+        deadline = time.monotonic() + 5
+        while raw_redis.hget(totals, "tokens") != "12" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the background send, SETTLE_DELAY after the settle
+        assert raw_redis.hget(totals, "tokens") == "12"
+        assert raw_redis.hget(window_keys(KEY)[5], "tokens") == "0"  # the reservation released
+    finally:
+        await asyncio.wait_for(tracker.close(), timeout=5)  # (it once waited on itself)
+
+
+async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
+    tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    limits = Limits(requests=10, tokens=100, window_seconds=60)
+    tracker.settle(KEY, limits, Charge(70))
+    tracker.settle(KEY, limits, Charge(40))
+    raw_redis.delete(window_keys(KEY)[2])  # as maxmemory eviction could
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted and refused.remaining_tokens == 0
+    assert (await tracker.report(KEY, limits))["tokens"]["used"] == 110
+
+
+# --- Redis lost and back, at the tracker ---------------------------------------------------
+
+
+async def test_a_lost_redis_fails_fast_and_the_tracker_reconnects_when_it_returns(
+    redis_server: RedisServer,
+) -> None:
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=2, tokens=None, window_seconds=3600)
+    try:
+        assert (await tracker.admit(KEY, limits)).admitted
+        redis_server.kill()
+        # The first call may find its pooled connection closed before it sees the refusal.
+        calls = (
+            lambda: tracker.admit(KEY, limits),
+            lambda: tracker.report(KEY, limits),
+        )
+        for index, call in enumerate(calls):
+            started = time.monotonic()
+            with pytest.raises(TrackerUnavailable) as lost:
+                await call()
+            assert time.monotonic() - started < 1.5
+            assert (
+                str(lost.value)
+                in ("Redis: Connection refused", "Redis: Connection closed by server.")[
+                    : 1 + (index == 0)
+                ]
+            )
+        failures: list[str] = []
+        tracker.on_settle_failed = failures.append
+        tracker.settle(KEY, limits, Charge(5))
+        await tracker.flush()  # the settle goes alone, fails, and says so
+        assert failures == ["Redis: Connection refused"]
+        redis_server.start()  # empty, and without the scripts: NOSCRIPT, then loaded again
+        assert [(await tracker.admit(KEY, limits)).admitted for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
+    finally:
+        await tracker.close()
+
+
+async def test_a_hung_redis_fails_within_the_socket_timeout_and_is_used_again_after(
+    redis_server: RedisServer,
+) -> None:
+    assert redis_server.process is not None
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=100, tokens=None, window_seconds=3600)
+    try:
+        assert (await tracker.admit(KEY, limits)).admitted
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TrackerUnavailable, match="Redis: Timeout"):
+                await tracker.admit(KEY, limits)
+            assert time.monotonic() - started < 2.0
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert (await tracker.admit(KEY, limits)).admitted
+    finally:
+        await tracker.close()
+
+
+def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
+    check(redis_server.url)  # reachable: loads the scripts
+    redis_server.kill()
+    with pytest.raises(TrackerUnavailable, match=r"^cannot connect \(Connection refused\)$"):
+        check(redis_server.url)
+
+
+def test_a_password_in_the_url_is_masked() -> None:
+    assert masked("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert masked("redis://app:s3cret@cache:6379") == "redis://app:***@cache:6379"
+    assert masked("redis://cache:6379") == "redis://cache:6379"
+    assert (
+        masked("unix:///run/redis.sock?db=1&password=s3cret")
+        == "unix:///run/redis.sock?db=1&password=***"
+    )
+
+
+# --- the gateway as processes sharing one Redis --------------------------------------------
+
+
+def connector() -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(limit=0)  # every request at once, not 100 at a time
+
+
+async def chat(session: aiohttp.ClientSession, url: str, key: str = OPENAI_VK) -> int:
+    async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=auth(key)) as response:
+        await response.read()
+        return response.status
+
+
+async def get_json(
+    session: aiohttp.ClientSession, url: str, path: str, key: str | None = None
+) -> Any:
+    async with session.get(f"{url}{path}", headers=auth(key) if key else {}) as response:
+        return await response.json()
+
+
+async def redis_decisions(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return {
+        match[1]: float(match[2])
+        for match in re.finditer(
+            r'^llm_gateway_redis_errors_total\{decision="(\w+)"\} (\S+)$', text, re.M
+        )
+    }
+
+
+async def test_two_gateway_processes_sharing_redis_admit_exactly_the_limit(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    gateways = [
+        start_gateway(
+            processes,
+            process_keys,
+            tmp_path / f"log{index}.jsonl",
+            REDIS_URL=redis_url,
+            QUOTA_LIMIT="100",
+        )[1]
+        for index in range(2)
+    ]
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(
+            *(chat(session, gateways[index % 2]) for index in range(400))
+        )
+        assert statuses.count(200) == 100 and statuses.count(429) == 300
+        for url in gateways:
+            usage = await get_json(session, url, "/usage", OPENAI_VK)
+            assert usage["requests"]["used"] == 100 and usage["totals"]["requests"] == 100
+
+
+async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    _, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        REDIS_URL=redis_url,
+        QUOTA_LIMIT="100",
+        WORKERS="2",
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(*(chat(session, url) for _ in range(400)))
+        assert statuses.count(200) == 100 and statuses.count(429) == 300
+        assert (await get_json(session, url, "/usage", OPENAI_VK))["totals"]["requests"] == 100
+
+
+async def test_two_gateways_on_one_redis_overshoot_a_token_limit_by_at_most_one_request(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """300 concurrent requests, 100 tokens: reservations bound the charge (issue 10 point 11)."""
+    gateways = [
+        start_gateway(
+            processes,
+            process_keys,
+            tmp_path / f"log{index}.jsonl",
+            REDIS_URL=redis_url,
+            QUOTA_LIMIT="1000",
+            QUOTA_TOKENS="100",
+        )[1]
+        for index in range(2)
+    ]
+    # "hi" is 1 token by the estimate, max_tokens 10: 11 reserved; the fake answers 1 + 8.
+    capped = {**CHAT, "max_tokens": 10}
+    reserved, real = 1 + 10, 1 + 8
+
+    async def one(session: aiohttp.ClientSession, url: str) -> int:
+        async with session.post(
+            f"{url}/v1/chat/completions",
+            json=capped,
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "8"},
+        ) as response:
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        statuses = await asyncio.gather(
+            *(one(session, gateways[index % 2]) for index in range(300))
+        )
+        assert set(statuses) == {200, 429}
+        deadline = time.monotonic() + 5
+        while True:  # each process sends its last settles within SETTLE_DELAY_SECONDS
+            usage = await get_json(session, gateways[0], "/usage", OPENAI_VK)
+            if usage["tokens"]["reserved"] == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        # No request let through uncounted (a Redis error would have let some through).
+        assert not any((await redis_decisions(session, gateways[0])).values())
+    assert usage["tokens"]["reserved"] == 0
+    assert usage["tokens"]["used"] == statuses.count(200) * real
+    assert 100 - reserved < usage["tokens"]["used"] <= 100 + reserved
+
+
+@pytest.mark.parametrize("password", ["", ":hunter2-secret@"])
+def test_redis_down_at_start_is_one_line_and_exit_2(process_keys: Path, password: str) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = refused(
+        {"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": f"redis://{password}{address}"}
+    )
+    assert result.returncode == 2
+    shown = f"redis://{':***@' if password else ''}{address}"
+    assert (
+        result.stderr.strip()
+        == f"llm-gateway: REDIS_URL {shown}: cannot connect (Connection refused)"
+    )
+
+
+class Load:
+    """Requests on a second key, all the time, through a Redis loss and return."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.statuses: list[int] = []
+        self._session, self._url = session, url
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            async with self._session.post(
+                f"{self._url}/v1/messages",
+                json={
+                    "model": "claude-3-5-haiku-latest",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers=auth(ANTHROPIC_VK),
+            ) as response:
+                await response.read()
+                self.statuses.append(response.status)
+
+    def start(self, concurrency: int = 8) -> None:
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(concurrency)]
+
+    async def stop(self) -> list[int]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.statuses
+
+
+async def lose_and_restore_redis(
+    processes: Processes,
+    process_keys: Path,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    policy: str,
+    while_lost: Callable[[aiohttp.ClientSession, str, list[int]], Any],
+) -> list[int]:
+    """Burst of 30 against a limit of 20 with Redis up, lost, and back; the load runs throughout."""
+    _, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        REDIS_URL=redis_server.url,
+        QUOTA_LIMIT="20",
+        QUOTA_ON_REDIS_ERROR=policy,
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        load = Load(session, url)
+        load.start()
+        try:
+            up = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            assert sorted(up) == [200] * 20 + [429] * 10
+            redis_server.kill()
+            lost = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            health = await get_json(session, url, "/health")
+            assert health["status"] == "degraded"
+            assert health["tracker"]["backend"] == "redis" and health["tracker"]["healthy"] is False
+            assert health["tracker"]["last_error"].startswith("Redis: ")
+            await while_lost(session, url, lost)
+            redis_server.start()  # empty: the window starts again, enforced from the first request
+            back = await asyncio.gather(*(chat(session, url) for _ in range(30)))
+            assert sorted(back) == [200] * 20 + [429] * 10
+            assert (await get_json(session, url, "/health"))["tracker"]["healthy"] is True
+            assert (await get_json(session, url, "/usage", OPENAI_VK))["requests"]["used"] == 20
+        finally:
+            statuses = await load.stop()
+    return statuses
+
+
+async def test_with_allow_requests_flow_while_redis_is_lost_and_quotas_hold_again_after(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async def while_lost(session: aiohttp.ClientSession, url: str, lost: list[int]) -> None:
+        assert lost == [200] * 30  # let through, uncounted
+        decisions = await redis_decisions(session, url)
+        assert decisions.get("allow", 0) >= 30 and decisions.get("deny", 0) == 0
+
+    load = await lose_and_restore_redis(
+        processes, process_keys, redis_server, tmp_path, "allow", while_lost
+    )
+    assert load and set(load) <= {200, 429}
+
+
+async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async def while_lost(session: aiohttp.ClientSession, url: str, lost: list[int]) -> None:
+        assert lost == [503] * 30
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 503
+            assert_openai_error(await response.json(), "quota_unavailable")
+        decisions = await redis_decisions(session, url)
+        assert decisions.get("deny", 0) >= 31 and decisions.get("allow", 0) == 0
+
+    load = await lose_and_restore_redis(
+        processes, process_keys, redis_server, tmp_path, "deny", while_lost
+    )
+    assert load and set(load) <= {200, 429, 503} and 503 in load

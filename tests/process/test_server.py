@@ -1,0 +1,136 @@
+"""One gateway process against hostile clients: header limits, the head deadline, MAX_CONNECTIONS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import OPENAI_VK, auth
+from tests.support.processes import Processes, start_gateway
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+
+
+async def _answer_or_close(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """The first bytes the gateway sends back; b"" when it closed without a word."""
+    try:
+        return await asyncio.wait_for(reader.read(64), timeout)
+    except ConnectionError:  # reset, or a broken pipe: closed while we were still sending
+        return b""
+
+
+async def test_a_header_larger_than_an_sdk_sends_is_refused_at_once(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl")
+    port = int(url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HEAD + b"x-pad: " + b"a" * 20_000 + b"\r\n")
+    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 400")
+    writer.close()
+    # Nor may a head hold more headers than an SDK sends.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HEAD + b"".join(b"x-pad-%d: a\r\n" % index for index in range(100)) + b"\r\n")
+    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 400")
+    writer.close()
+
+
+async def test_a_head_that_trickles_in_is_cut_at_client_header_timeout(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    _, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", CLIENT_HEADER_TIMEOUT="1"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(HEAD)
+    started = time.monotonic()
+    answer = asyncio.ensure_future(_answer_or_close(reader, 20))
+    index = 0
+    while not answer.done() and time.monotonic() - started < 20:
+        writer.write(b"x-slow-%d: a\r\n" % index)  # a header every 100 ms, never the end
+        index += 1
+        await asyncio.wait({answer}, timeout=0.1)
+    assert await answer == b"", "the gateway never closed the connection"
+    assert time.monotonic() - started < 10  # 1 s, and much room for a loaded machine
+    writer.close()
+
+
+async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serves_again(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl", MAX_CONNECTIONS="3")
+    port = int(url.rsplit(":", 1)[1])
+    holders = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for _, writer in holders:
+        writer.write(HEAD)  # a head begun, never finished
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "too_many_connections"
+    for _, writer in holders:
+        writer.close()
+    deadline = time.monotonic() + 10
+    while True:  # the gateway notices the closed connections a moment later
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+            ) as response:
+                if response.status == 200:
+                    break
+        assert time.monotonic() < deadline, "no slot came free"
+        await asyncio.sleep(0.05)
+
+
+async def test_dribbling_connections_are_cut_or_refused_while_a_normal_request_answers(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    _, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        MAX_CONNECTIONS="60",
+        CLIENT_HEADER_TIMEOUT="2",
+        QUOTA_ENABLED="false",
+    )
+    port = int(url.rsplit(":", 1)[1])
+
+    async def dribble(field_bytes: int) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEAD)
+        answer = asyncio.ensure_future(_answer_or_close(reader, 30))
+        for index in range(30):  # as many headers as the gateway takes, then silence
+            writer.write(b"x-pad-%d: " % index + b"a" * field_bytes + b"\r\n")
+            done, _ = await asyncio.wait({answer}, timeout=0.05)
+            if done:
+                break
+        first = await answer
+        writer.close()
+        return field_bytes, first[:12]
+
+    # Half send fields of 64 KiB (which today's aiohttp limit took), half fields that fit.
+    attack = asyncio.gather(*(dribble(65_000 if n % 2 else 3_000) for n in range(120)))
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        while not attack.done():
+            started = time.monotonic()
+            async with session.post(
+                f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+            ) as response:
+                assert response.status == 200
+            latencies.append(time.monotonic() - started)
+            await asyncio.wait({attack}, timeout=0.1)
+    fates = await attack
+    oversized = {fate for field_bytes, fate in fates if field_bytes == 65_000}
+    fitting = [fate for field_bytes, fate in fates if field_bytes == 3_000]
+    # Refused at once; a client still sending may see the close before it reads the 400.
+    assert oversized <= {b"HTTP/1.0 400", b"HTTP/1.1 503", b""} and b"HTTP/1.0 400" in oversized
+    assert set(fitting) <= {b"", b"HTTP/1.1 503"}, set(fitting)  # cut by the deadline, or refused
+    assert b"" in fitting
+    assert latencies and max(latencies) < 2.0, latencies  # generous: the machine is shared

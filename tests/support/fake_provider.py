@@ -1,0 +1,987 @@
+"""A fake LLM provider: a real aiohttp app that speaks the OpenAI and Anthropic shapes.
+
+It answers closely enough for the official `openai` and `anthropic` SDKs to parse, and it
+misbehaves on request, so tests can prove streaming, errors and disconnects against a
+real server. What it saw and what it sent is kept in `app[FAKE_STATE]`, with the usage it
+reported for each request (as far as it got: a stream cut short reported less).
+
+Request headers steer it (they pass through the gateway unchanged):
+
+    x-fake-chunks: N          N content deltas (default 3): "tok0 tok1 … "; N is also the
+                              completion token count
+    x-fake-delay-ms: N        wait N ms between two events (or two body chunks)
+    x-fake-status: N          answer N with the provider's error JSON; 429 and 5xx add
+                              retry-after: 7, 429 adds x-ratelimit-remaining-requests: 0
+    x-fake-hang: headers      never answer
+    x-fake-hang: midstream    send the first half of the events (at least one), then nothing
+    x-fake-drop: headers      close the connection before answering
+    x-fake-drop: midstream    send the first half of the events, then close the connection
+                              without the terminating chunk
+    x-fake-gzip: 1            JSON bodies gzip-compressed, Content-Encoding: gzip
+    x-fake-encoding: C        any body (JSON or stream) in gzip, deflate, br or zstd, a
+                              stream flushed event by event
+    x-fake-cached-tokens: N   N more prompt tokens, reported as read from the cache
+                              (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
+    x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
+    x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
+    x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
+    x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
+    x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
+                              an x-debug-request header (as a debugging proxy might)
+    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
+    x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
+    x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
+    x-fake-untyped: 1         any answer goes without a Content-Type
+    x-fake-polls: N           a background Response: the first N GETs of it answer
+                              in_progress (default 0: the first GET finds it completed)
+
+A POST /responses with "background": true is kept and answered `queued`, usage null
+(streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
+events, ending with `response.completed`), finished with its usage, as often as asked;
+POST /responses/{id}/cancel answers it `cancelled`, with the usage so far (all of it), and
+later GETs find it so; an id it never made is a 404.
+
+GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/support/fake_realtime.py`.
+
+Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
+makes every request presenting that key get that answer (or only `times` of them), so a
+fallback or a pool's other key can be told apart from the failing one.
+
+The Anthropic dialect (errors, model objects) is used on `/messages` paths and for any
+request carrying `anthropic-version`. Prompt tokens are the words in the request's
+messages/input/prompt/system text, at least 1.
+
+Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool use,
+Responses API tool calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import gzip
+import math
+import signal
+import socket
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import brotli
+import orjson
+import zstandard
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from tests.support import fake_realtime
+
+POLL_SECONDS = 0.01
+DEFAULT_MODEL = "fake-model"
+MODEL_IDS = ("gpt-4o-mini", "text-embedding-3-small", "claude-3-5-haiku-latest", DEFAULT_MODEL)
+TOOL_ARGUMENTS = '{"query": "fake"}'
+EMBEDDING_SIZE = 8
+AUTH_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
+SSE_TYPE = "text/event-stream; charset=utf-8"
+DONE = b"data: [DONE]\n\n"
+# What real providers send on every answer; the gateway passes or replaces them.
+PROVIDER_HEADERS = (
+    ("openai-processing-ms", "12"),
+    ("x-ratelimit-limit-requests", "5000"),
+    ("x-ratelimit-remaining-requests", "4999"),
+    ("x-ratelimit-reset-requests", "12ms"),
+    ("x-ratelimit-limit-tokens", "800000"),
+    ("x-ratelimit-remaining-tokens", "799990"),
+    ("x-ratelimit-reset-tokens", "1ms"),
+)
+OPENAI_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as it arrived: `path` raw (still percent-encoded), `query_string` decoded."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class FakeState:
+    """What the fake observed, for assertions."""
+
+    requests: list[Seen] = field(default_factory=list)
+    # time.monotonic() of each client that left before its answer was complete
+    disconnects: list[float] = field(default_factory=list)
+    # request id (the x-request-id received, else the fake's own) -> exact body bytes sent
+    sent: dict[str, bytes] = field(default_factory=dict)
+    # request id -> the usage fields the fake reported in what it sent (later replace earlier)
+    usage: dict[str, dict] = field(default_factory=dict)
+    # set on shutdown so hanging handlers let go instead of holding the server open
+    is_stopping: bool = False
+    # real key -> a fault every request presenting that key gets (see Fault)
+    faults: dict[str, Fault] = field(default_factory=dict)
+    # response id -> a background Response (POST /responses, "background": true)
+    background: dict[str, Background] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Background:
+    """A background Response: `done` finished, after `polls` GETs that find it running."""
+
+    done: dict
+    polls: int
+
+
+@dataclass(slots=True)
+class Fault:
+    """Answer `status` (the provider's error body, plus `headers`) to a real key's requests.
+
+    `times`: only that many times, then answer normally again (None: until removed).
+    """
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int | None = None
+
+
+FAKE_STATE = web.AppKey("fake_state", FakeState)
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """The x-fake-* request headers, read once."""
+
+    chunks: int
+    delay_seconds: float
+    status: int | None
+    hang: str | None
+    drop: str | None
+    is_gzip: bool
+    encoding: str | None
+    has_usage: bool
+    cached_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    raw_chunks: int | None
+
+    @classmethod
+    def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
+        status, raw_chunks = headers.get("x-fake-status"), headers.get("x-fake-raw-chunks")
+        hang, drop = headers.get("x-fake-hang"), headers.get("x-fake-drop")
+        if {hang, drop} - {None, "headers", "midstream"}:
+            raise ValueError(
+                f"x-fake-hang/x-fake-drop take headers|midstream, got {hang!r}/{drop!r}"
+            )
+        return cls(
+            chunks=int(headers.get("x-fake-chunks", "3")),
+            delay_seconds=int(headers.get("x-fake-delay-ms", "0")) / 1000,
+            status=int(status) if status else None,
+            hang=hang,
+            drop=drop,
+            is_gzip=headers.get("x-fake-gzip") == "1",
+            encoding=headers.get("x-fake-encoding"),
+            has_usage=headers.get("x-fake-no-usage") != "1",
+            cached_tokens=int(headers.get("x-fake-cached-tokens", "0")),
+            cache_write_tokens=int(headers.get("x-fake-cache-write-tokens", "0")),
+            reasoning_tokens=int(headers.get("x-fake-reasoning-tokens", "0")),
+            raw_chunks=int(raw_chunks) if raw_chunks else None,
+        )
+
+    @property
+    def cuts_midstream(self) -> bool:
+        return "midstream" in (self.hang, self.drop)
+
+
+REQUEST_ID = web.RequestKey("fake_request_id", str)
+KNOBS = web.RequestKey("fake_knobs", Knobs)
+
+
+class ClientGone(Exception):
+    """The client closed its connection while the fake was still answering."""
+
+
+class Stopping(Exception):
+    """The server is shutting down while a handler hangs."""
+
+
+# --- plumbing: observe, pause, send --------------------------------------------------
+
+
+@web.middleware
+async def observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Record the request, then apply the faults that come before any route."""
+    state = request.app[FAKE_STATE]
+    body = await request.read()
+    seen = Seen(
+        request.method,
+        request.rel_url.raw_path,
+        request.query_string,
+        CIMultiDict(request.headers),
+        body,
+    )
+    state.requests.append(seen)
+    request[REQUEST_ID] = request.headers.get("x-request-id") or f"req_fake_{uuid.uuid4().hex[:16]}"
+    knobs = request[KNOBS] = Knobs.read(request.headers)
+    fault = state.faults.get(credential(request.headers) or "")
+    if fault is not None and fault.times != 0:
+        if fault.times is not None:
+            fault.times -= 1
+        return await reply_error(request, fault.status, fault.headers)
+    if knobs.drop == "headers":
+        close(request)
+        return web.Response()  # never written: the connection is gone
+    if knobs.hang == "headers":
+        async with watching(request):
+            await pause(request, math.inf)
+        return web.Response()
+    if knobs.status is not None:
+        return await reply_error(request, knobs.status)
+    if knobs.raw_chunks is not None:
+        pad = b"." * int(request.headers.get("x-fake-raw-bytes", "0"))
+        frames = [f"raw{index}\n".encode() + pad for index in range(knobs.raw_chunks)]
+        return await send(
+            request,
+            frames,
+            content_type="application/octet-stream",
+            is_sized=request.headers.get("x-fake-sized") == "1",
+        )
+    return await handler(request)
+
+
+def credential(headers: CIMultiDictProxy[str]) -> str | None:
+    """The real key a request presents, in whichever provider style it came."""
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        if name in headers:
+            return headers[name]
+    return None
+
+
+def close(request: web.Request) -> None:
+    """Close the connection: buffered bytes still go out, then FIN; no terminating chunk."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def pause(request: web.Request, seconds: float) -> None:
+    """Sleep, raising ClientGone or Stopping as soon as either happens."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        # Polling rather than relying on handler cancellation, which aiohttp only
+        # does when the runner asks for it (handler_cancellation=True).
+        await asyncio.sleep(min(remaining, POLL_SECONDS))
+        if request.app[FAKE_STATE].is_stopping:
+            raise Stopping
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone
+
+
+@contextlib.asynccontextmanager
+async def watching(request: web.Request) -> AsyncIterator[None]:
+    """Record a client that leaves mid-answer and end quietly; let go when stopping."""
+    disconnects = request.app[FAKE_STATE].disconnects
+    try:
+        yield
+    except (ClientGone, ConnectionResetError):
+        disconnects.append(time.monotonic())
+    except asyncio.CancelledError:
+        disconnects.append(time.monotonic())
+        raise
+    except Stopping:
+        close(request)
+
+
+async def send(
+    request: web.Request,
+    frames: list[bytes],
+    *,
+    content_type: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    is_sized: bool = False,
+    usages: list[dict | None] | None = None,
+) -> web.StreamResponse:
+    """Write the frames with the set delay between them; hang or drop halfway when asked.
+
+    `usages`: the usage each frame reports, if any, recorded as the frame goes out.
+    """
+    state, knobs, request_id = request.app[FAKE_STATE], request[KNOBS], request[REQUEST_ID]
+    headers = {**(headers or {}), "Content-Type": content_type}
+    if knobs.encoding:
+        frames = encoded(frames, knobs.encoding)
+        headers["Content-Encoding"] = knobs.encoding
+    response = web.StreamResponse(status=status, headers=headers)
+    if is_sized:
+        response.content_length = sum(map(len, frames))
+    if knobs.cuts_midstream:
+        frames = frames[: max(1, len(frames) // 2)]
+    state.sent[request_id] = b""
+    reported = state.usage.setdefault(request_id, {})
+    async with watching(request):
+        await response.prepare(request)
+        for index, frame in enumerate(frames):
+            if index:
+                await pause(request, knobs.delay_seconds)
+            await response.write(frame)
+            state.sent[request_id] += frame
+            if usages and index < len(usages) and usages[index]:
+                reported.update(usages[index])
+        if knobs.hang == "midstream":
+            await pause(request, math.inf)
+        if knobs.drop == "midstream":
+            close(request)
+        else:
+            await response.write_eof()
+    return response
+
+
+def encoded(frames: list[bytes], coding: str) -> list[bytes]:
+    """The frames as one body in `coding`, flushed after each frame so each can go alone."""
+    if coding == "br":
+        brotli_encoder = brotli.Compressor()
+        parts = [brotli_encoder.process(frame) + brotli_encoder.flush() for frame in frames]
+        return [*parts[:-1], parts[-1] + brotli_encoder.finish()] if parts else parts
+    if coding == "zstd":
+        zstd_encoder = zstandard.ZstdCompressor().compressobj()
+        parts = [
+            zstd_encoder.compress(frame) + zstd_encoder.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+            for frame in frames
+        ]
+        return [*parts[:-1], parts[-1] + zstd_encoder.flush()] if parts else parts
+    if coding not in ("gzip", "deflate"):
+        return frames  # a coding the fake cannot produce: labelled only, as a broken server would
+    wbits = 31 if coding == "gzip" else zlib.MAX_WBITS
+    zlib_encoder = zlib.compressobj(wbits=wbits)
+    parts = [
+        zlib_encoder.compress(frame) + zlib_encoder.flush(zlib.Z_SYNC_FLUSH) for frame in frames
+    ]
+    return [*parts[:-1], parts[-1] + zlib_encoder.flush()] if parts else parts
+
+
+async def reply(
+    request: web.Request,
+    payload: object,
+    *,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Answer JSON with a Content-Length, gzip-compressed when asked."""
+    knobs, headers = request[KNOBS], dict(headers or {})
+    body = orjson.dumps(payload)
+    if knobs.is_gzip:
+        body = gzip.compress(body, mtime=0)
+        headers["Content-Encoding"] = "gzip"
+    half = len(body) // 2
+    frames = [body[:half], body[half:]] if knobs.cuts_midstream else [body]
+    usage = payload.get("usage") if isinstance(payload, dict) and status < 400 else None
+    return await send(
+        request,
+        frames,
+        content_type="application/json",
+        status=status,
+        headers=headers,
+        is_sized=True,
+        usages=[None] * (len(frames) - 1) + [usage],
+    )
+
+
+async def stream(
+    request: web.Request, frames: list[bytes], usages: list[dict | None] | None = None
+) -> web.StreamResponse:
+    return await send(
+        request,
+        frames,
+        content_type=SSE_TYPE,
+        headers={"Cache-Control": "no-cache"},
+        usages=usages,
+    )
+
+
+def sse(data: object, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def drop_content_type(request: web.Request, response: web.StreamResponse) -> None:
+    """x-fake-untyped: aiohttp adds application/octet-stream; take it off again."""
+    if request.headers.get("x-fake-untyped") == "1":
+        response.headers.popall("Content-Type", None)
+
+
+async def add_provider_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers a real provider sends on every answer (on_response_prepare)."""
+    for name, value in PROVIDER_HEADERS:
+        response.headers.setdefault(name, value)
+    if REQUEST_ID in request:
+        response.headers.setdefault("x-request-id", request[REQUEST_ID])
+    response.headers.add("Set-Cookie", "__cf_bm=fake-cookie; Path=/; HttpOnly")
+    if request.headers.get("x-fake-reflect") in ("headers", "body"):
+        for name, value in request.headers.items():
+            if name.lower() in AUTH_HEADERS:
+                response.headers.add(f"x-echo-{name.lower()}", value)
+        response.headers["x-debug-request"] = f"id=1; {reflected(request.headers)}; ok"
+
+
+def reflected(headers: Mapping[str, str]) -> str:
+    """The credential headers as received, for x-fake-reflect."""
+    return ", ".join(
+        f"{name.lower()}={value}" for name, value in headers.items() if name.lower() in AUTH_HEADERS
+    )
+
+
+async def let_go(app: web.Application) -> None:
+    app[FAKE_STATE].is_stopping = True
+
+
+# --- what the answers are made of ----------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict:
+    return orjson.loads(await request.read() or b"{}")
+
+
+def is_anthropic(request: web.Request) -> bool:
+    return "/messages" in request.path or "anthropic-version" in request.headers
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def content_deltas(count: int) -> list[str]:
+    return [f"tok{index} " for index in range(count)]
+
+
+def split(text: str, parts: int) -> list[str]:
+    return [
+        text[len(text) * index // parts : len(text) * (index + 1) // parts]
+        for index in range(parts)
+    ]
+
+
+def count_words(value: object) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(map(count_words, value))
+    if isinstance(value, dict):
+        return count_words(value.get("content")) + count_words(value.get("text"))
+    return 0
+
+
+def prompt_tokens(payload: dict) -> int:
+    return max(
+        1, sum(count_words(payload.get(key)) for key in ("messages", "input", "prompt", "system"))
+    )
+
+
+def tool_name(payload: dict) -> str | None:
+    """The tool the fake "calls": the first one offered, unless tool_choice is "none"."""
+    tools = payload.get("tools") or []
+    if not tools or payload.get("tool_choice") == "none":
+        return None
+    return tools[0].get("function", {}).get("name") or tools[0].get("name")
+
+
+def is_usage_streamed(payload: dict) -> bool:
+    return (payload.get("stream_options") or {}).get("include_usage") is True
+
+
+async def reply_error(
+    request: web.Request, status: int, extra: Mapping[str, str] | None = None
+) -> web.StreamResponse:
+    """The provider's own error body and headers for this status."""
+    message = f"fake provider error {status}"
+    if request.headers.get("x-fake-reflect") == "body":
+        message += f": credentials received {reflected(request.headers)}"
+    if is_anthropic(request):
+        kind = ANTHROPIC_ERRORS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        body: dict = {
+            "type": "error",
+            "error": {"type": kind, "message": message},
+            "request_id": request[REQUEST_ID],
+        }
+    else:
+        kind, code = OPENAI_ERRORS.get(
+            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        )
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    headers = {}
+    if status == 429 or status >= 500:
+        headers["retry-after"] = "7"
+    if status == 429:
+        headers["x-ratelimit-remaining-requests"] = "0"
+    headers.update(extra or {})
+    return await reply(request, body, status=status, headers=headers)
+
+
+# --- OpenAI --------------------------------------------------------------------------
+
+
+def openai_usage(prompt: int, knobs: Knobs) -> dict:
+    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for."""
+    prompt += knobs.cached_tokens
+    completion = knobs.chunks + knobs.reasoning_tokens
+    usage: dict = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if knobs.cached_tokens or knobs.reasoning_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": knobs.cached_tokens, "audio_tokens": 0}
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": knobs.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return usage
+
+
+def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] | None:
+    """Stream usages: the usage chunk is the last frame before [DONE]."""
+    return [*([None] * (len(frames) - 2)), usage, None] if usage else None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    payload, knobs = await read_json(request), request[KNOBS]
+    tool = tool_name(payload)
+    usage = openai_usage(prompt_tokens(payload), knobs)
+    head = {
+        "id": new_id("chatcmpl-"),
+        "created": int(time.time()),
+        "model": payload.get("model") or DEFAULT_MODEL,
+        "system_fingerprint": "fp_fake",
+    }
+    if payload.get("stream"):
+        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
+        frames = chat_frames(head, tool, knobs.chunks, streamed_usage)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
+    message: dict = {
+        "role": "assistant",
+        "content": "".join(content_deltas(knobs.chunks)),
+        "refusal": None,
+    }
+    if tool:
+        call = {
+            "id": new_id("call_"),
+            "type": "function",
+            "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
+        }
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": "tool_calls" if tool else "stop",
+    }
+    body = {**head, "object": "chat.completion", "choices": [choice]}
+    if knobs.has_usage:
+        body["usage"] = usage
+    return await reply(request, body)
+
+
+def chat_frames(head: dict, tool: str | None, chunks: int, usage: dict | None) -> list[bytes]:
+    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]."""
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        body = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+        if usage:
+            body["usage"] = None  # OpenAI sends usage: null on every chunk but the last
+        return sse(body)
+
+    if tool:
+        call = {
+            "index": 0,
+            "id": new_id("call_"),
+            "type": "function",
+            "function": {"name": tool, "arguments": ""},
+        }
+        first: dict = {"role": "assistant", "content": None, "tool_calls": [call]}
+        parts = split(TOOL_ARGUMENTS, chunks)
+        deltas = [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in parts]
+    else:
+        first = {"role": "assistant", "content": "", "refusal": None}
+        deltas = [{"content": text} for text in content_deltas(chunks)]
+    frames = [chunk(first), *map(chunk, deltas), chunk({}, "tool_calls" if tool else "stop")]
+    if usage:
+        frames.append(
+            sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        )
+    return [*frames, DONE]
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    payload, knobs = await read_json(request), request[KNOBS]
+    usage = openai_usage(prompt_tokens(payload), knobs)
+    head = {
+        "id": new_id("cmpl-"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": payload.get("model") or DEFAULT_MODEL,
+    }
+
+    def choice(text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    deltas = content_deltas(knobs.chunks)
+    if payload.get("stream"):
+        last = len(deltas) - 1
+        frames = [
+            sse({**head, "choices": [choice(text, "stop" if i == last else None)]})
+            for i, text in enumerate(deltas)
+        ]
+        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
+        if streamed_usage:
+            frames.append(sse({**head, "choices": [], "usage": usage}))
+        frames.append(DONE)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
+    body = {**head, "choices": [choice("".join(deltas), "stop")]}
+    if knobs.has_usage:
+        body["usage"] = usage
+    return await reply(request, body)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    """One vector of EMBEDDING_SIZE floats per input; base64 float32 when asked."""
+    payload, knobs = await read_json(request), request[KNOBS]
+    given = payload.get("input")
+    is_single = isinstance(given, str) or (
+        isinstance(given, list) and bool(given) and isinstance(given[0], int)
+    )
+    inputs = [given] if is_single else list(given or [])
+    data = []
+    for index in range(len(inputs)):
+        vector = [(index + position) / EMBEDDING_SIZE for position in range(EMBEDDING_SIZE)]
+        if payload.get("encoding_format") == "base64":
+            packed = struct.pack(f"<{EMBEDDING_SIZE}f", *vector)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": index,
+                    "embedding": base64.b64encode(packed).decode(),
+                }
+            )
+        else:
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+    body: dict = {"object": "list", "data": data, "model": payload.get("model") or DEFAULT_MODEL}
+    if knobs.has_usage:
+        prompt = prompt_tokens(payload)
+        body["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return await reply(request, body)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    payload, knobs = await read_json(request), request[KNOBS]
+    deltas = content_deltas(knobs.chunks)
+    text, prompt, created_at = "".join(deltas), prompt_tokens(payload), int(time.time())
+    response_id, item_id = new_id("resp_"), new_id("msg_")
+    usage = None
+    if knobs.has_usage:
+        cached, reasoning = knobs.cached_tokens, knobs.reasoning_tokens
+        usage = {
+            "input_tokens": prompt + cached,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": knobs.chunks + reasoning,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + cached + knobs.chunks + reasoning,
+        }
+
+    def part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def item(status: str, content: list[dict]) -> dict:
+        return {
+            "id": item_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        }
+
+    def response(status: str, output: list[dict], usage: dict | None) -> dict:
+        return {
+            "id": response_id,
+            "object": "response",
+            "created_at": created_at,
+            "status": status,
+            "model": payload.get("model") or DEFAULT_MODEL,
+            "output": output,
+            "usage": usage,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": payload.get("instructions"),
+            "parallel_tool_calls": True,
+            "temperature": 1.0,
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "text": {"format": {"type": "text"}},
+        }
+
+    done = response("completed", [item("completed", [part(text)])], usage)
+    if payload.get("background") is True:
+        done["background"] = True
+        polls = int(request.headers.get("x-fake-polls", "0"))
+        request.app[FAKE_STATE].background[response_id] = Background(done, polls)
+        if not payload.get("stream"):
+            queued = {**done, "status": "queued", "output": [], "usage": None}
+            return await reply(request, queued)
+    if not payload.get("stream"):
+        return await reply(request, done)
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    events = [
+        {"type": "response.created", "response": response("in_progress", [], None)},
+        {"type": "response.in_progress", "response": response("in_progress", [], None)},
+        {"type": "response.output_item.added", "output_index": 0, "item": item("in_progress", [])},
+        {"type": "response.content_part.added", **where, "part": part("")},
+        *(
+            {"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []}
+            for delta in deltas
+        ),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part(text)},
+        {
+            "type": "response.output_item.done",
+            "output_index": 0,
+            "item": item("completed", [part(text)]),
+        },
+        {"type": "response.completed", "response": done},
+    ]
+    return await stream(
+        request,
+        [sse({**event, "sequence_number": n}, event["type"]) for n, event in enumerate(events)],
+        [*([None] * (len(events) - 1)), usage],
+    )
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    """GET /responses/{id}: a background Response, running or finished."""
+    found = request.app[FAKE_STATE].background.get(request.match_info["response_id"])
+    if found is None:
+        return await reply_error(request, 404)
+    done = found.done
+    if found.polls > 0:
+        found.polls -= 1
+        done = {**done, "status": "in_progress", "output": [], "usage": None}
+    if request.query.get("stream") != "true":
+        return await reply(request, done)
+    running = {**done, "status": "in_progress", "output": [], "usage": None}
+    events = [{"type": "response.in_progress", "response": running}]
+    if done["status"] == "completed":
+        events.append({"type": "response.completed", "response": done})
+    return await stream(
+        request,
+        [sse({**event, "sequence_number": n}, event["type"]) for n, event in enumerate(events)],
+        [None, done["usage"]],
+    )
+
+
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    """POST /responses/{id}/cancel: the background Response, cancelled (its usage kept)."""
+    found = request.app[FAKE_STATE].background.get(request.match_info["response_id"])
+    if found is None:
+        return await reply_error(request, 404)
+    found.done["status"], found.polls = "cancelled", 0
+    return await reply(request, found.done)
+
+
+def openai_model(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "fake-provider"}
+
+
+def anthropic_model(model_id: str) -> dict:
+    return {
+        "id": model_id,
+        "type": "model",
+        "display_name": model_id,
+        "created_at": "2024-10-22T00:00:00Z",
+        "lifecycle": "active",
+    }
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    if is_anthropic(request):
+        data = [anthropic_model(model_id) for model_id in MODEL_IDS]
+        return await reply(
+            request,
+            {"data": data, "has_more": False, "first_id": MODEL_IDS[0], "last_id": MODEL_IDS[-1]},
+        )
+    return await reply(
+        request, {"object": "list", "data": [openai_model(model_id) for model_id in MODEL_IDS]}
+    )
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    model_id = request.match_info["model_id"]
+    return await reply(
+        request, anthropic_model(model_id) if is_anthropic(request) else openai_model(model_id)
+    )
+
+
+# --- Anthropic -----------------------------------------------------------------------
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    payload, knobs = await read_json(request), request[KNOBS]
+    deltas = content_deltas(knobs.chunks)
+    head = {
+        "id": new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": payload.get("model") or DEFAULT_MODEL,
+    }
+    usage = {
+        "input_tokens": prompt_tokens(payload),
+        "output_tokens": knobs.chunks,
+        "cache_creation_input_tokens": knobs.cache_write_tokens,
+        "cache_read_input_tokens": knobs.cached_tokens,
+    }
+    if not payload.get("stream"):
+        body = {
+            **head,
+            "content": [{"type": "text", "text": "".join(deltas)}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+        }
+        if knobs.has_usage:
+            body["usage"] = usage
+        return await reply(request, body)
+    start: dict = {**head, "content": [], "stop_reason": None, "stop_sequence": None}
+    stop: dict = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+    }
+    if knobs.has_usage:
+        start["usage"] = {
+            **usage,
+            "output_tokens": 1,
+        }  # cumulative: the message_delta count replaces it
+        stop["usage"] = {"output_tokens": knobs.chunks}
+    events = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}
+            for d in deltas
+        ),
+        {"type": "content_block_stop", "index": 0},
+        stop,
+        {"type": "message_stop"},
+    ]
+    usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
+    return await stream(request, [sse(event, event["type"]) for event in events], usages)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    return await reply(request, {"input_tokens": prompt_tokens(await read_json(request))})
+
+
+# --- anything else -------------------------------------------------------------------
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    """Say what arrived; credential values are redacted here (FakeState keeps them)."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key, shown = name.lower(), "[redacted]" if name.lower() in AUTH_HEADERS else value
+        headers[key] = f"{headers[key]}, {shown}" if key in headers else shown
+    body = await request.read()
+    return await reply(
+        request,
+        {
+            "method": request.method,
+            "path": request.rel_url.raw_path,
+            "query_string": request.query_string,
+            "headers": headers,
+            "body": body.decode("utf-8", "replace"),
+        },
+    )
+
+
+def build_fake_provider() -> web.Application:
+    app = web.Application(middlewares=[observe], client_max_size=64 * 1024 * 1024)
+    app[FAKE_STATE] = FakeState()
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_post(f"{prefix}/embeddings", embeddings)
+        app.router.add_post(f"{prefix}/responses", responses)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}", retrieve_response)
+        app.router.add_post(f"{prefix}/responses/{{response_id}}/cancel", cancel_response)
+        app.router.add_get(f"{prefix}/models", models)
+        app.router.add_get(f"{prefix}/models/{{model_id}}", model)
+        app.router.add_post(f"{prefix}/messages", messages)
+        app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    fake_realtime.install(app)  # the Realtime API's WebSocket
+    app.router.add_route("*", "/{tail:.*}", echo)
+    app.on_response_prepare.append(add_provider_headers)
+    app.on_response_prepare.append(drop_content_type)
+    app.on_shutdown.append(let_go)
+    return app
+
+
+async def serve(host: str, port: int) -> None:
+    """Listen until SIGINT or SIGTERM; print the real address once listening."""
+    runner = web.AppRunner(
+        build_fake_provider(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    sock = socket.create_server((host, port))
+    await web.SockSite(runner, sock).start()
+    print(f"fake provider on http://{host}:{sock.getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the fake LLM provider.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args.host, args.port))
+    else:
+        uvloop.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The fake provider's Realtime API: a WebSocket at /v1/realtime that echoes and obeys commands.
+
+Mounted by `tests/support/fake_provider.py`. It accepts the subprotocol `realtime`, answers every ping
+with a pong of the same payload (autoping is off, so a test sees pings pass the gateway),
+echoes text and binary frames unchanged, and obeys JSON text commands:
+
+    {"type": "response.create"}                      response.created, then response.done
+                                                     with usage (11 input + 7 output tokens)
+    {"type": "fake.close", "code": C, "reason": R}   close with code C and reason R
+    {"type": "fake.ping", "data": D}                 send a ping with payload D
+    {"type": "fake.drop"}                            drop the connection, no close frame
+    {"type": "fake.flood", "count": N, "size": S}    send N text frames of S bytes at once
+
+Every socket's frames received and sent, its close, and its end are kept in
+`app[REALTIME_STATE].sockets`, for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import WSMsgType, web
+
+# The usage of each response.done: of the input, some cached and some audio; of the output, audio.
+INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS = 11, 2, 4
+OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
+
+
+@dataclass(slots=True)
+class FakeSocket:
+    """One session as the fake saw it; `ended` is set when its handler returns."""
+
+    protocol: str | None
+    received: list[tuple[WSMsgType, bytes | str]] = field(default_factory=list)
+    sent: list[tuple[WSMsgType, bytes | str]] = field(default_factory=list)
+    close: tuple[int, str] | None = None  # the close frame received: code, reason
+    is_lost: bool = False  # the gateway went away without a close frame
+    flooded: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class RealtimeState:
+    sockets: list[FakeSocket] = field(default_factory=list)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+REALTIME_STATE = web.AppKey("fake_realtime_state", RealtimeState)
+
+
+def install(app: web.Application) -> None:
+    app[REALTIME_STATE] = RealtimeState()
+    for prefix in ("/v1", ""):
+        app.router.add_get(f"{prefix}/realtime", realtime)
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(protocols=("realtime",), autoping=False, autoclose=False)
+    await ws.prepare(request)
+    state = request.app[REALTIME_STATE]
+    socket = FakeSocket(ws.ws_protocol)
+    state.sockets.append(socket)
+    state.opened.set()
+    try:
+        await serve(ws, socket, request)
+    finally:
+        socket.ended.set()
+    return ws
+
+
+async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Request) -> None:
+    async def send(kind: WSMsgType, data: bytes | str) -> None:
+        socket.sent.append((kind, data))
+        if kind is WSMsgType.TEXT:
+            await ws.send_str(data)  # type: ignore[arg-type]
+        else:
+            await ws.send_bytes(data)  # type: ignore[arg-type]
+
+    await send(WSMsgType.TEXT, orjson.dumps({"type": "session.created"}).decode())
+    while True:
+        message = await ws.receive()
+        if message.type is WSMsgType.CLOSE:
+            socket.close = (message.data, message.extra or "")
+            await ws.close(code=message.data)
+            return
+        if message.type in (WSMsgType.CLOSED, WSMsgType.ERROR, WSMsgType.CLOSING):
+            socket.is_lost = True
+            return
+        socket.received.append((message.type, message.data))
+        if message.type is WSMsgType.PING:
+            await ws.pong(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await send(WSMsgType.BINARY, message.data)
+        elif message.type is WSMsgType.TEXT:
+            command = _command(message.data)
+            kind = command.get("type")
+            if kind == "response.create":
+                usage = {
+                    "total_tokens": INPUT_TOKENS + OUTPUT_TOKENS,
+                    "input_tokens": INPUT_TOKENS,
+                    "output_tokens": OUTPUT_TOKENS,
+                    "input_token_details": {
+                        "cached_tokens": CACHED_TOKENS,
+                        "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS,
+                        "audio_tokens": INPUT_AUDIO_TOKENS,
+                    },
+                    "output_token_details": {
+                        "text_tokens": OUTPUT_TOKENS - OUTPUT_AUDIO_TOKENS,
+                        "audio_tokens": OUTPUT_AUDIO_TOKENS,
+                    },
+                }
+                for event in (
+                    {"type": "response.created", "response": {"status": "in_progress"}},
+                    {"type": "response.done", "response": {"status": "completed", "usage": usage}},
+                ):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind == "fake.close":
+                await ws.close(code=command["code"], message=command["reason"].encode())
+                return
+            elif kind == "fake.ping":
+                await ws.ping(command["data"].encode())
+            elif kind == "fake.drop":
+                assert request.transport is not None
+                request.transport.abort()
+                socket.is_lost = True
+                return
+            elif kind == "fake.flood":
+                for index in range(command["count"]):
+                    await send(WSMsgType.TEXT, f"{index:08d}".ljust(command["size"], "x"))
+                socket.flooded.set()
+            else:
+                await send(WSMsgType.TEXT, message.data)
+
+
+def _command(text: str) -> dict:
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return document if isinstance(document, dict) else {}

@@ -1,0 +1,162 @@
+"""Real processes for tests: the gateway and the fake provider started as users start them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gateway_command(*flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "gateway.py"), *flags]
+
+
+def refused(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gateway_command(*flags),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
+class Processes:
+    """Processes a test started; all are killed at its end, also on failure."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(
+        self,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        ready: str = "",
+        cwd: Path = ROOT,
+    ) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            start_new_session=True,  # its own process group: stop() also reaches its children
+        )
+        self.started.append(process)
+        if ready:
+            deadline = time.monotonic() + 20
+            assert process.stdout is not None
+            while time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if ready in line:
+                    return process
+                if not line and process.poll() is not None:
+                    break
+            raise AssertionError(
+                f"{command} did not start: {process.stderr.read() if process.stderr else ''}"
+            )
+        return process
+
+    def stop(self) -> None:
+        """SIGTERM first, so a gateway cleans up after itself (its workers, their metrics
+        directory); SIGKILL to the process group for whatever is still there."""
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass  # killed below
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the group is gone already
+            process.communicate(timeout=10)  # reaps it and closes its pipes
+
+
+def start_gateway(
+    processes: Processes, keys: Path, log: Path, **env: str
+) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    process = processes.start(
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(log),
+            **env,
+        },
+        ready="listening on",
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def serving_pid(server_port: int, client_port: int, pids: set[int]) -> int | None:
+    """Which of `pids` holds the server side of the loopback connection from `client_port`."""
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            inode = fields[9]
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue  # that process is gone
+        for fd in descriptors:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except FileNotFoundError:
+                pass  # closed meanwhile
+    return None
+
+
+def listening_sockets(port: int) -> set[str]:
+    """The inodes of the sockets listening on `port` of loopback (one per worker: SO_REUSEPORT)."""
+    wanted = f":{port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[1].endswith(wanted) and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def wait_listening(
+    port: int, count: int, changed_from: set[str] | None = None, within: float = 20.0
+) -> set[str]:
+    """Wait (bounded) until `count` sockets listen on `port`, and not just `changed_from`.
+
+    Reading the workers' "listening on" lines instead can block for ever on a line that
+    never comes; the kernel's table of listening sockets is the fact the tests need.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        sockets = listening_sockets(port)
+        if len(sockets) == count and sockets != changed_from:
+            return sockets
+        assert time.monotonic() < deadline, f"{len(sockets)} sockets listen on {port}, not {count}"
+        time.sleep(0.05)

@@ -1,0 +1,518 @@
+"""keys.json: the seed format, overrides, real keys from the environment, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.errors import GatewayError
+from proxy.keys.fields import check_fields
+from proxy.keys.keys import Defaults, KeyRing, KeysFileError, masked
+from tests.support.processes import refused
+
+DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
+
+
+def load(
+    tmp_path: Path,
+    document: Any,
+    environ: dict[str, str] | None = None,
+    defaults: Defaults = DEFAULTS,
+) -> KeyRing:
+    path = tmp_path / "keys.json"
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return KeyRing.load(str(path), environ or {}, defaults)
+
+
+def test_the_seed_format_loads_unchanged(tmp_path: Path) -> None:
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}
+            }
+        },
+    )
+    key = ring.authenticate(CIMultiDict({"Authorization": "Bearer vk_user1_openai"}))
+    assert (
+        key.provider.name == "openai" and str(key.provider.base_url) == "https://api.openai.com/v1"
+    )
+    assert key.api_key == "sk-real-openai-key"
+    assert key.name == masked("vk_user1_openai") == "vk_u…05c4fa"
+    assert key.limits is not None and key.limits.requests == 100 and key.limits.tokens is None
+
+
+def test_no_secret_is_in_a_keys_repr(tmp_path: Path) -> None:
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_user1_openai": {"provider": "openai", "api_key": "sk-real-openai-key"}
+            }
+        },
+    )
+    text = repr(list(ring))
+    assert "vk_user1_openai" not in text and "sk-real-openai-key" not in text
+
+
+def test_masking_shows_at_most_four_characters_and_a_short_hash() -> None:
+    assert masked("vk_user2_anthropic") == "vk_u…e2722b"
+    for secret in ("a", "ab", "abc1234", "abcdefghijk", "abcdefghijkl", "abcdefghijklmnop"):
+        shown, _, digest = masked(secret).partition("…")
+        assert len(shown) <= 4 and secret.startswith(shown) and len(digest) == 6
+        assert len(shown) <= len(secret) // 3  # never most of a short key
+    # The hash tells apart keys that share their first characters.
+    assert masked("vk_alice_0000000") != masked("vk_alice_0000001")
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key", "api-key", "x-goog-api-key"])
+def test_a_key_is_read_from_each_credential_header(tmp_path: Path, header: str) -> None:
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
+    value = "Bearer vk_a_1234567890" if header == "Authorization" else "vk_a_1234567890"
+    assert ring.authenticate(CIMultiDict({header: value})).api_key == "sk-x"
+
+
+def test_the_first_present_credential_header_wins(tmp_path: Path) -> None:
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
+    with pytest.raises(GatewayError):
+        ring.authenticate(
+            CIMultiDict({"Authorization": "Bearer vk_wrong_000000", "x-api-key": "vk_a_1234567890"})
+        )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer "},
+        {"x-api-key": "vk_nope_1234567"},
+    ],
+)
+def test_missing_or_unknown_keys_get_401(tmp_path: Path, headers: dict[str, str]) -> None:
+    ring = load(
+        tmp_path, {"virtual_keys": {"vk_a_1234567890": {"provider": "openai", "api_key": "sk-x"}}}
+    )
+    with pytest.raises(GatewayError) as refused:
+        ring.authenticate(CIMultiDict(headers))
+    assert refused.value.status == 401 and "vk_nope" not in refused.value.message
+
+
+def test_overrides_custom_providers_env_keys_quotas_and_patterns(tmp_path: Path) -> None:
+    ring = load(
+        tmp_path,
+        {
+            "providers": {
+                "openai": {"base_url": "http://127.0.0.1:9/v1"},
+                "local-vllm": {"base_url": "http://10.0.0.5:8000/v1", "auth": "none"},
+                "azure": {"base_url": "https://res.openai.azure.com/openai"},
+            },
+            "virtual_keys": {
+                "vk_one_12345678": {"provider": "openai", "api_key": "sk-1"},
+                "vk_two_12345678": {
+                    "provider": "anthropic",
+                    "api_key_env": "ANTHROPIC_API_KEY",
+                    "name": "user2",
+                    "quota": {"requests": 1000, "tokens": 200000, "window_seconds": 60},
+                    "allowed_models": ["claude-3-5-haiku-*", "claude-sonnet-4-*"],
+                },
+                "vk_three_1234567": {"provider": "local-vllm", "api_key": "unused", "name": "vllm"},
+                "vk_four_12345678": {"provider": "azure", "api_key": "az-1", "name": "az"},
+                "vk_five_12345678": {"provider": "gemini", "api_key": "g-1", "name": "gem"},
+            },
+        },
+        environ={"ANTHROPIC_API_KEY": "sk-ant-from-env"},
+    )
+    by_name = {key.name: key for key in ring}
+    assert str(by_name[masked("vk_one_12345678")].provider.base_url) == "http://127.0.0.1:9/v1"
+    two = by_name["user2"]
+    assert two.api_key == "sk-ant-from-env" and two.provider.auth == "x-api-key"
+    assert two.limits is not None and (
+        two.limits.requests,
+        two.limits.tokens,
+        two.limits.window_seconds,
+    ) == (1000, 200000, 60.0)
+    assert two.allows("claude-3-5-haiku-20241022") and two.allows("claude-sonnet-4-5")
+    assert not two.allows("claude-opus-4-1") and not two.allows("xclaude-3-5-haiku-1")
+    assert by_name["vllm"].provider.auth == "none"
+    assert by_name["az"].provider.credential_headers("az-1") == {"api-key": "az-1"}
+    assert by_name["gem"].provider.base_url.host == "generativelanguage.googleapis.com"
+    assert ring.key_counts() == {
+        "openai": 1,
+        "anthropic": 1,
+        "local-vllm": 1,
+        "azure": 1,
+        "gemini": 1,
+    }
+
+
+def test_quotas_off_means_no_limits(tmp_path: Path) -> None:
+    off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_a_1234567890": {
+                    "provider": "openai",
+                    "api_key": "sk-x",
+                    "quota": {"requests": 5},
+                }
+            }
+        },
+        defaults=off,
+    )
+    assert next(iter(ring)).limits is None
+
+
+@pytest.mark.parametrize(
+    ("document", "environ", "says"),
+    [
+        ("{not json", {}, "not valid JSON"),
+        ("[]", {}, "must be a JSON object"),
+        ({"virtual_keys": []}, {}, "'virtual_keys' must be an object"),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "nope", "api_key": "x", "name": "alice"}
+                }
+            },
+            {},
+            "key 'alice': provider 'nope' is unknown",
+        ),
+        (
+            {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "name": "alice"}}},
+            {},
+            "key 'alice': set exactly one of api_key and api_key_env",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "api_key_env": "Y",
+                    }
+                }
+            },
+            {},
+            "key 'alice': set exactly one",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key_env": "MISSING_KEY",
+                    }
+                }
+            },
+            {},
+            "key 'alice': api_key_env MISSING_KEY is not set",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "quota": {"requests": -1},
+                    }
+                }
+            },
+            {},
+            "key 'alice': quota.requests",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "allowed_models": "gpt-*",
+                    }
+                }
+            },
+            {},
+            "key 'alice': allowed_models",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "azure", "name": "alice", "api_key": "x"}
+                }
+            },
+            {},
+            "key 'alice': provider 'azure' needs a base_url",
+        ),
+        (
+            {"providers": {"x": {"base_url": "ftp://h"}}, "virtual_keys": {}},
+            {},
+            "provider 'x': base_url must be an http(s) URL",
+        ),
+        (
+            {"providers": {"x": {"base_url": "http://h", "auth": "cookie"}}, "virtual_keys": {}},
+            {},
+            "provider 'x': auth must be one of",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {"provider": "openai", "api_key": "x", "name": "same"},
+                    "vk_b_123456789": {"provider": "openai", "api_key": "y", "name": "same"},
+                }
+            },
+            {},
+            "key 'same': name is used",
+        ),
+    ],
+)
+def test_a_bad_keys_file_is_refused_naming_file_key_and_field(
+    tmp_path: Path, document: Any, environ: dict[str, str], says: str
+) -> None:
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document, environ)
+    message = str(refused.value)
+    assert message.startswith(str(tmp_path / "keys.json")) and says in message
+    assert "\n" not in message
+
+
+def test_a_missing_keys_file_says_how_to_create_one(tmp_path: Path) -> None:
+    with pytest.raises(KeysFileError, match="keys.example.json"):
+        KeyRing.load(str(tmp_path / "absent.json"), {}, DEFAULTS)
+
+
+def test_a_keys_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(
+            {"virtual_keys": {"vk_bom_123456789": {"provider": "openai", "api_key": "sk-x"}}}
+        ).encode()
+    )
+    assert len(KeyRing.load(str(path), {}, DEFAULTS)) == 1
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        (
+            {"provider": {"openai": {"base_url": "http://127.0.0.1:9/v1"}}, "virtual_keys": {}},
+            "'provider' is not a top-level field (did you mean 'providers'?)",
+        ),
+        (
+            {
+                "providers": {"openai": {"baseurl": "http://127.0.0.1:9/v1"}},
+                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+            },
+            "provider 'openai': 'baseurl' is not a provider field (did you mean 'base_url'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "qouta": {"requests": 5},
+                    }
+                }
+            },
+            "key 'alice': 'qouta' is not a key field (did you mean 'quota'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "quota": {"reqests": 5},
+                    }
+                }
+            },
+            "key 'alice': 'quota.reqests' is not a quota field (did you mean 'quota.requests'?)",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "alice",
+                        "colour": "blue",
+                    }
+                }
+            },
+            "key 'alice': 'colour' is not a key field; known: ",
+        ),
+    ],
+)
+def test_an_unknown_field_at_any_level_is_refused_with_a_suggestion(
+    tmp_path: Path, document: Any, says: str
+) -> None:
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert message.startswith(str(tmp_path / "keys.json")) and says in message, message
+    assert "\n" not in message
+
+
+def test_a_typo_in_quota_is_refused_even_with_quotas_off(tmp_path: Path) -> None:
+    off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
+    document = {
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": "x", "quota": {"token": 5}}
+        }
+    }
+    with pytest.raises(KeysFileError, match="did you mean 'quota.tokens'"):
+        load(tmp_path, document, defaults=off)
+
+
+def test_every_field_of_this_rounds_format_passes_the_check() -> None:
+    levels = {
+        "top-level": ["providers", "virtual_keys"],
+        "provider": ["base_url", "auth", "api"],
+        "key": [
+            "provider", "api_key", "api_key_env", "api_keys", "model", "name", "quota",
+            "allowed_models", "fallbacks", "routes", "budget", "stream_usage",
+        ],
+        "quota": ["requests", "tokens", "window_seconds"],
+        "budget": ["usd", "window_seconds"],
+        "target": ["provider", "api_key", "api_key_env", "api_keys", "model"],
+        "pool entry": ["api_key", "api_key_env", "weight"],
+        "route": [
+            "models", "provider", "api_key", "api_key_env", "api_keys", "model", "fallbacks",
+        ],
+    }  # fmt: skip
+    for level, names in levels.items():
+        check_fields("keys.json: somewhere", dict.fromkeys(names), level)
+        with pytest.raises(KeysFileError, match=f"'nope' is not a {level} field"):
+            check_fields("keys.json: somewhere", {"nope": 1}, level)
+
+
+def test_an_empty_virtual_keys_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeysFileError, match="'virtual_keys' is empty"):
+        load(tmp_path, {"virtual_keys": {}})
+
+
+@pytest.mark.parametrize(
+    ("base_url", "says"),
+    [
+        ("http://admin:hunter2@127.0.0.1:9/v1", "must not carry credentials"),
+        ("https://user@api.example.com/v1", "must not carry credentials"),
+        ("http://127.0.0.1:9/v1?api-version=1", "no query"),
+        ("http://127.0.0.1:9/v1#x", "no query or fragment"),
+    ],
+)
+def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
+    tmp_path: Path, base_url: str, says: str
+) -> None:
+    document = {
+        "providers": {"openai": {"base_url": base_url}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert says in message and "hunter2" not in message and "admin" not in message
+    assert "user@" not in message
+
+
+@pytest.mark.parametrize("real", ["sk-abc\r\nX-Evil: 1", "sk-abc\ndef", "sk-\x00x"])
+def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: str) -> None:
+    document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
+    with pytest.raises(KeysFileError, match="api_key contains a control character") as refused:
+        load(tmp_path, document)
+    assert "sk-abc" not in str(refused.value)
+    with pytest.raises(KeysFileError, match="api_key_env REAL contains a control character"):
+        env_document = {
+            "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "REAL"}}
+        }
+        load(tmp_path, env_document, environ={"REAL": real})
+
+
+@pytest.mark.parametrize(
+    ("document", "says", "never"),
+    [
+        (
+            {
+                "provider": {"openai": {"base_url": "http://127.0.0.1:9/v1"}},
+                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+            },
+            "'provider' is not a top-level field (did you mean 'providers'?)",
+            None,
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "api_key": "x",
+                        "name": "user2",
+                        "qouta": {"requests": 2},
+                    }
+                }
+            },
+            "key 'user2': 'qouta' is not a key field (did you mean 'quota'?)",
+            None,
+        ),
+        ({"virtual_keys": {}}, "'virtual_keys' is empty", None),
+        (
+            {
+                "providers": {"openai": {"base_url": "https://admin:s3cr3t-pw@api.example.com/v1"}},
+                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
+            },
+            "base_url must not carry credentials",
+            "s3cr3t-pw",
+        ),
+        (
+            {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a\r\nb"}}},
+            "api_key contains a control character",
+            "sk-a",
+        ),
+    ],
+)
+def test_the_gateway_refuses_to_start_on_a_careless_keys_file(
+    tmp_path: Path, document: Any, says: str, never: str | None
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    result = refused({"KEYS_FILE_PATH": str(path)})
+    assert result.returncode == 2
+    assert says in result.stderr and str(path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert never is None or never not in result.stderr + result.stdout
+
+
+def test_every_real_key_of_pools_fallbacks_and_routes_is_known_for_redaction(
+    tmp_path: Path,
+) -> None:
+    ring = load(
+        tmp_path,
+        {
+            "virtual_keys": {
+                "vk_a_123456789": {
+                    "provider": "openai",
+                    "api_keys": [{"api_key": "sk-pool-1"}, {"api_key": "sk-pool-2"}],
+                    "fallbacks": [{"provider": "gemini", "api_key": "sk-ant-fallback"}],
+                    "routes": [
+                        {"models": ["claude-*"], "provider": "anthropic", "api_key": "sk-route"}
+                    ],
+                },
+                "vk_b_123456789": {"provider": "openai", "api_key": "sk-plain"},
+            }
+        },
+    )
+    assert ring.real_keys() == {"sk-pool-1", "sk-pool-2", "sk-ant-fallback", "sk-route", "sk-plain"}

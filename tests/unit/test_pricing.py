@@ -1,0 +1,222 @@
+"""Prices: each token kind at its own rate, as genai-prices prices it; overrides; no network."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import genai_prices
+import pytest
+from aiohttp.test_utils import TestClient
+from genai_prices import data_snapshot
+
+from proxy.record import Usage
+from proxy.usage.pricing import Prices, PricesFileError
+from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
+from tests.support.processes import refused
+
+
+def library_cost(provider: str, model: str, usage: Usage) -> float:
+    """The figure genai-prices' own calc_price gives for the same token kinds."""
+    counts = {
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "input_audio_tokens": usage.input_audio_tokens,
+        "output_audio_tokens": usage.output_audio_tokens,
+        "output_reasoning_tokens": usage.reasoning_tokens,
+    }
+    reported = genai_prices.Usage(**{name: count for name, count in counts.items() if count})
+    return float(genai_prices.calc_price(reported, model, provider_id=provider).total_price)
+
+
+@pytest.fixture(scope="module")
+def prices() -> Prices:
+    return Prices.load(None)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "usage"),
+    [
+        ("openai", "gpt-4o-mini", Usage(1000, 100)),
+        ("openai", "gpt-4o-mini", Usage(1000, 100, cache_read_tokens=600)),
+        ("openai", "gpt-4o", Usage(5000, 700, cache_read_tokens=1024)),
+        ("openai", "o3-mini", Usage(300, 2000, reasoning_tokens=1500)),
+        ("openai", "o3-mini", Usage(3000, 20, cache_read_tokens=2048, reasoning_tokens=10)),
+        ("openai", "gpt-audio", Usage(400, 500, input_audio_tokens=300)),
+        (
+            "openai",
+            "gpt-audio-mini",
+            Usage(400, 500, input_audio_tokens=300, output_audio_tokens=450),
+        ),
+        ("openai", "text-embedding-3-small", Usage(8000, 0)),
+        ("anthropic", "claude-3-5-haiku-latest", Usage(1110, 3, cache_read_tokens=1000)),
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            Usage(1500, 90, cache_read_tokens=1000, cache_write_tokens=400),
+        ),
+        # Past 200k prompt tokens every token pays the higher tier (a cliff, as billed).
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            Usage(250_000, 900, cache_read_tokens=100_000, cache_write_tokens=40_000),
+        ),
+        ("google", "gemini-2.5-pro", Usage(300_000, 1000, cache_read_tokens=10)),
+    ],
+)
+def test_each_token_kind_is_priced_as_genai_prices_prices_it(
+    prices: Prices, provider: str, model: str, usage: Usage
+) -> None:
+    expected = library_cost(provider, model, usage)
+    gateway_provider = "gemini" if provider == "google" else provider
+    assert prices.cost(gateway_provider, model, usage) == pytest.approx(expected, rel=1e-12)
+    assert expected > 0
+
+
+def test_cached_and_reasoning_tokens_are_not_priced_at_the_full_rate(prices: Prices) -> None:
+    plain = prices.cost("openai", "gpt-4o-mini", Usage(1000, 0))
+    cached = prices.cost("openai", "gpt-4o-mini", Usage(1000, 0, cache_read_tokens=1000))
+    assert plain is not None and cached is not None
+    assert cached == pytest.approx(plain / 2)  # gpt-4o-mini: cache reads at half the input rate
+
+
+def test_an_unknown_model_or_provider_has_no_price(prices: Prices) -> None:
+    assert prices.cost("openai", "no-such-model-xyz", Usage(10, 10)) is None
+    assert prices.cost("local", "llama-3-70b", Usage(10, 10)) is None
+    assert prices.cost("openai", None, Usage(10, 10)) is None
+    assert prices.cost("openai", "gpt-4o-mini", None) is None
+    # Priced by the hour of audio only: no token rate, so no price rather than $0.
+    assert prices.cost("openai", "gpt-live-1", Usage(10, 10)) is None
+
+
+def test_many_distinct_model_names_keep_a_bounded_memory(prices: Prices) -> None:
+    for index in range(10_000):
+        assert prices.cost("openai", f"made-up-{index}", Usage(1, 1)) is None
+    assert len(prices._models) <= 4097
+
+
+def test_prices_are_never_fetched_over_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pricing opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    prices = Prices.load(None)
+    assert prices.cost("openai", "gpt-4o", Usage(100, 100)) is not None
+    # The library's auto-updater installs its fetched data here; the gateway never starts it.
+    assert data_snapshot._custom_snapshot is None
+
+
+def write(path: Path, document: object) -> str:
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_overrides_replace_the_library_price_and_price_custom_providers(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "prices.json",
+        {
+            "openai": {"gpt-4o-mini": {"input_mtok": 1.0, "output_mtok": 2.0}},
+            "local": {"*": {"input_mtok": 0.5, "output_mtok": 0, "cache_read_mtok": 0.1}},
+        },
+    )
+    prices = Prices.load(path)
+    usage = Usage(1_000_000, 1_000_000, cache_read_tokens=400_000)
+    # No cache_read_mtok in the override: cache reads pay the input rate.
+    assert prices.cost("openai", "gpt-4o-mini", usage) == pytest.approx(3.0)
+    assert prices.cost("local", "anything", usage) == pytest.approx(0.3 + 0.04)
+    assert prices.cost("openai", "gpt-4o", Usage(1, 1)) is not None  # the library still prices
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        ([], "must be an object of provider"),
+        ({"openai": []}, "provider 'openai' must be an object"),
+        ({"openai": {"m": {}}}, "'openai' model 'm' must be an object of rates"),
+        ({"openai": {"m": {"input_per_token": 1}}}, "unknown rate 'input_per_token'"),
+        ({"openai": {"m": {"input_mtok": -1}}}, "input_mtok must be a non-negative number"),
+        ({"openai": {"m": {"input_mtok": "1"}}}, "input_mtok must be a non-negative number"),
+        ({"openai": {"m": {"input_mtok": True}}}, "input_mtok must be a non-negative number"),
+    ],
+)
+def test_a_bad_overrides_file_is_refused_naming_what_is_wrong(
+    tmp_path: Path, document: object, says: str
+) -> None:
+    with pytest.raises(PricesFileError, match=says):
+        Prices.load(write(tmp_path / "prices.json", document))
+
+
+def test_a_bad_prices_file_stops_the_start_with_one_line_and_exit_2(
+    tmp_path: Path, keys_file: Path
+) -> None:
+    broken = tmp_path / "prices.json"
+    broken.write_text("{not json")
+    for path, says in ((broken, "is not valid JSON"), (tmp_path / "none.json", "cannot be read")):
+        result = refused({"KEYS_FILE_PATH": str(keys_file), "PRICES_FILE": str(path)})
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr and "PRICES_FILE" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_the_log_line_and_metrics_carry_each_requests_cost(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    tmp_path: Path,
+) -> None:
+    prices_file = write(tmp_path / "prices.json", {"local": {"*": {"input_mtok": 1e6}}})
+    gateway = await make_gateway(PRICES_FILE=prices_file)
+    asks = [
+        (OPENAI_VK, "/v1/chat/completions", "gpt-4o-mini"),
+        (ANTHROPIC_VK, "/v1/messages", "claude-3-5-haiku-latest"),
+        (OPENAI_VK, "/v1/chat/completions", "unpriced-model"),
+        (CUSTOM_VK, "/v1/chat/completions", "my-llama"),
+    ]
+    for key, path, model in asks:
+        body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "a b"}]}
+        response = await gateway.post(path, json=body, headers=auth(key))
+        assert response.status == 200
+    lines = await records(len(asks))
+    by_model = {line["model"]: line for line in lines}
+    prices = Prices.load(prices_file)
+    for line in lines:
+        usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+        assert line["cost_usd"] == prices.cost(line["provider"], line["model"], usage)
+    assert by_model["gpt-4o-mini"]["cost_usd"] == pytest.approx(
+        library_cost("openai", "gpt-4o-mini", Usage(2, 3))
+    )
+    assert by_model["unpriced-model"]["cost_usd"] is None
+    assert by_model["my-llama"]["cost_usd"] == pytest.approx(2.0)  # 2 prompt tokens at $1 each
+    metrics = await (await gateway.get("/metrics")).text()
+    haiku = library_cost("anthropic", "claude-3-5-haiku-latest", Usage(2, 3))
+    assert (
+        'llm_gateway_cost_usd_total{model="claude-3-5-haiku-latest",provider="anthropic"} '
+        f"{haiku}" in metrics
+    )
+    assert (
+        'llm_gateway_unpriced_requests_total{model="unpriced-model",provider="openai"} 1.0'
+        in metrics
+    )
+
+
+def test_the_model_that_answered_is_priced_and_overrides_keep_the_clients_name(
+    prices: Prices, tmp_path: Path
+) -> None:
+    usage = Usage(1000, 100)
+    haiku = library_cost("anthropic", "claude-3-5-haiku-latest", usage)
+    # A fallback target swapped the model: the provider's answer names the one that ran.
+    swapped = prices.cost("anthropic", "gpt-4o", usage, answered="claude-3-5-haiku-latest")
+    assert swapped == pytest.approx(haiku)
+    dated = prices.cost("openai", "gpt-4o-mini", usage, answered="gpt-4o-mini-2024-07-18")
+    assert dated == pytest.approx(library_cost("openai", "gpt-4o-mini", usage))
+    assert prices.cost("openai", "gpt-4o-mini", usage, answered="no-such-model") == (
+        prices.cost("openai", "gpt-4o-mini", usage)
+    )
+    path = write(tmp_path / "prices.json", {"local": {"my-llama": {"input_mtok": 1e6}}})
+    served = Prices.load(path).cost("local", "my-llama", usage, answered="/models/llama-70b")
+    assert served == pytest.approx(1000.0)

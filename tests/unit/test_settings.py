@@ -1,0 +1,98 @@
+"""Settings: defaults, environment, flags, refusals; the README's table matches the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import SETTINGS, SettingError, Settings, parser
+
+
+def test_defaults_are_the_specs() -> None:
+    settings = Settings.from_env({})
+    assert settings.server_host == "0.0.0.0" and settings.server_port == 8080
+    assert settings.keys_file_path == "keys.json"
+    assert settings.quota_enabled is True and settings.quota_limit == 100
+    assert settings.quota_tokens is None and settings.quota_window_seconds == 3600
+    assert settings.request_timeout == 600 and settings.stream_idle_timeout == 300
+    assert settings.max_body_bytes == 10485760
+    assert settings.log_to_file is False and settings.log_file_path == "interactions.jsonl"
+    assert settings.log_bodies is False and settings.shutdown_grace_seconds == 30
+    assert settings.redis_url is None and settings.quota_on_redis_error == "allow"
+    assert settings.workers == 1
+
+
+def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
+    assert Settings.from_env({"SERVER_PORT": "9000"}).server_port == 9000
+    assert Settings.from_env({"SERVER_PORT": "9000"}, ["--server-port", "9100"]).server_port == 9100
+    assert Settings.from_env({}, ["--quota-tokens", "5000"]).quota_tokens == 5000
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"QUOTA_LIMIT": "ten"}, "QUOTA_LIMIT"),
+        ({"QUOTA_LIMIT": "-5"}, "QUOTA_LIMIT"),
+        ({"SERVER_PORT": "70000"}, "SERVER_PORT"),
+        ({"REQUEST_TIMEOUT": "0"}, "REQUEST_TIMEOUT"),
+        ({"STREAM_IDLE_TIMEOUT": "nan"}, "STREAM_IDLE_TIMEOUT"),
+        ({"QUOTA_ENABLED": "maybe"}, "QUOTA_ENABLED"),
+        ({"MAX_BODY_BYTES": "1.5"}, "MAX_BODY_BYTES"),
+        ({"QUOTA_ON_REDIS_ERROR": "retry"}, "QUOTA_ON_REDIS_ERROR"),
+        ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ({"SHUTDOWN_GRACE_SECONDS": "-1"}, "SHUTDOWN_GRACE_SECONDS"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value).startswith(named)
+    assert repr(next(iter(env.values()))) in str(refused.value)
+
+
+def test_a_bad_flag_is_refused_naming_the_flag() -> None:
+    with pytest.raises(SettingError, match="^--quota-limit must be a positive integer, got 'x'"):
+        Settings.from_env({}, ["--quota-limit", "x"])
+
+
+def test_several_workers_without_redis_are_refused_while_quotas_are_on() -> None:
+    with pytest.raises(SettingError, match="REDIS_URL"):
+        Settings.from_env({"WORKERS": "2"})
+    assert Settings.from_env({"WORKERS": "2", "QUOTA_ENABLED": "false"}).workers == 2
+    assert Settings.from_env({"WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}).workers == 2
+
+
+def test_help_lists_every_setting_as_a_flag() -> None:
+    text = parser().format_help()
+    for setting in SETTINGS:
+        assert setting.flag in text and setting.variable in text
+
+
+def test_every_setting_is_a_field_with_the_same_default() -> None:
+    defaults = Settings()
+    # `otel` holds the OpenTelemetry SDK's own OTEL_* variables: the SDK names them, not a row.
+    assert {s.field for s in SETTINGS} | {"otel"} == set(Settings.__dataclass_fields__)
+    for setting in SETTINGS:
+        expected = None if setting.default is None else setting.parse(setting.default)
+        assert getattr(defaults, setting.field) == expected, setting.variable
+
+
+def test_the_readme_settings_table_matches_the_code() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| (.*?) \|", readme, re.MULTILINE))
+    for setting in SETTINGS:
+        assert setting.variable in rows, f"README lacks {setting.variable}"
+        shown = rows[setting.variable].strip("` ")
+        expected = "unset" if setting.default is None else setting.default
+        assert shown == expected, (
+            f"README shows {shown!r} for {setting.variable}, code has {expected!r}"
+        )
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    settings = Settings.from_env({"QUOTA_TOKENS": "", "REDIS_URL": " ", "QUOTA_LIMIT": ""})
+    assert (
+        settings.quota_tokens is None and settings.redis_url is None and settings.quota_limit == 100
+    )

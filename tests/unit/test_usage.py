@@ -1,0 +1,735 @@
+"""The usage tap, fed bytes directly: every provider shape, estimates, encodings, cut points."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import math
+import zlib
+
+import brotli
+import orjson
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.record import Usage
+from proxy.usage.usage import (
+    MAX_HELD_BYTES,
+    TAIL_BYTES,
+    WHOLE_PARSE_BYTES,
+    Charged,
+    TapMemory,
+    UsageTap,
+    charged,
+)
+
+JSON = "application/json"
+SSE = "text/event-stream"
+CHAT_REQUEST = orjson.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello to the world!"}]}
+)
+
+
+def sse(*events: object, done: bool = False) -> bytes:
+    """An SSE body with one `data:` line per event, as the providers send it."""
+    lines = [b"data: " + orjson.dumps(event) + b"\n\n" for event in events]
+    if done:
+        lines.append(b"data: [DONE]\n\n")
+    return b"".join(lines)
+
+
+def tap_of(
+    body: bytes,
+    content_type: str | None = SSE,
+    encoding: str | None = None,
+    chunks: list[int] | None = None,
+    charged: Charged = Charged.TEXT,
+) -> UsageTap:
+    """A tap fed `body`, cut at the `chunks` positions (one chunk when None)."""
+    tap = UsageTap(content_type, encoding, keep_text=True, charged=charged)
+    cuts = [0, *(chunks or []), len(body)]
+    for start, end in itertools.pairwise(cuts):
+        tap.feed(body[start:end])
+    return tap
+
+
+def chat_chunk(content: str | None = None, usage: dict | None = None) -> dict:
+    choices = (
+        []
+        if content is None
+        else [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    )
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": choices, "usage": usage}
+
+
+OPENAI_STREAM = sse(
+    chat_chunk("Hello"),
+    chat_chunk(", world"),
+    chat_chunk("!"),
+    chat_chunk(usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}),
+    done=True,
+)
+ANTHROPIC_STREAM = (
+    b"event: message_start\n"
+    + sse(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "usage": {
+                    "input_tokens": 25,
+                    "cache_creation_input_tokens": 5,
+                    "cache_read_input_tokens": 10,
+                    "output_tokens": 1,
+                },
+            },
+        }
+    )
+    + b"event: content_block_start\n"
+    + sse(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+    + b": a comment line\n"
+    + sse(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "Bonjour"},
+        }
+    )
+    + sse(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": " le monde"},
+        }
+    )
+    + sse({"type": "message_delta", "delta": {"stop_reason": None}, "usage": {"output_tokens": 7}})
+    + sse(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 15},
+        }
+    )
+    + sse({"type": "message_stop"})
+)
+
+
+ANTHROPIC_USAGE = Usage(40, 15, cache_read_tokens=10, cache_write_tokens=5)
+
+
+def test_openai_json_usage_is_the_providers():
+    body = orjson.dumps(
+        {
+            "choices": [{"message": {"role": "assistant", "content": "Hi there"}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+        }
+    )
+    tap = tap_of(body, JSON)
+    assert tap.usage(CHAT_REQUEST) == Usage(9, 2, estimated=False)
+    assert tap.text == body.decode()
+
+
+def test_json_with_a_charset_parameter_is_still_json():
+    body = orjson.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    assert tap_of(body, "application/json; charset=utf-8").usage(b"") == Usage(1, 1)
+
+
+def test_embeddings_usage_has_prompt_tokens_only():
+    body = orjson.dumps(
+        {"data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    )
+    assert tap_of(body, JSON).usage(b'{"input": "hello"}') == Usage(8, 0)
+
+
+def test_responses_api_json_usage_reads_input_and_output_tokens():
+    body = orjson.dumps(
+        {
+            "object": "response",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi"}]}],
+            "usage": {
+                "input_tokens": 20,
+                "input_tokens_details": {"cached_tokens": 4},
+                "output_tokens": 6,
+            },
+        }
+    )
+    assert tap_of(body, JSON).usage(b"") == Usage(20, 6, cache_read_tokens=4)
+
+
+def test_anthropic_json_usage_counts_cache_tokens_as_prompt():
+    body = orjson.dumps(
+        {
+            "type": "message",
+            "content": [{"type": "text", "text": "Hi"}],
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 1000,
+                "output_tokens": 3,
+            },
+        }
+    )
+    assert tap_of(body, "application/json").usage(b"") == Usage(
+        1110, 3, cache_read_tokens=1000, cache_write_tokens=100
+    )
+
+
+def test_json_without_usage_is_estimated_from_request_and_response_text():
+    body = orjson.dumps({"choices": [{"message": {"content": "x" * 9}}], "usage": None})
+    # 23 characters of prompt → 6 tokens; 9 of completion → 3 (4 characters a token, ceiling).
+    assert tap_of(body, JSON).usage(CHAT_REQUEST) == Usage(6, 3, estimated=True)
+
+
+def test_anthropic_json_without_usage_is_estimated_from_content_blocks():
+    body = orjson.dumps({"type": "message", "content": [{"type": "text", "text": "abcdefgh"}]})
+    request = orjson.dumps(
+        {
+            "system": "Be brief.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hey"}]}],
+        }
+    )
+    assert tap_of(body, JSON).usage(request) == Usage(3, 2, estimated=True)
+
+
+def test_estimate_reads_prompt_and_responses_input():
+    body = orjson.dumps({"choices": [{"text": "abcd"}]})
+    assert tap_of(body, JSON).usage(b'{"prompt": "12345678"}') == Usage(2, 1, estimated=True)
+    request = orjson.dumps(
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcde"}]}]}
+    )
+    assert tap_of(body, JSON).usage(request) == Usage(2, 1, estimated=True)
+
+
+def test_openai_stream_usage_chunk_is_the_providers():
+    tap = tap_of(OPENAI_STREAM)
+    assert tap.usage(CHAT_REQUEST) == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_openai_stream_without_usage_chunk_is_estimated():
+    body = sse(chat_chunk("Hello"), chat_chunk(", world!"), done=True)
+    tap = tap_of(body)
+    assert tap.usage(CHAT_REQUEST) == Usage(6, 4, estimated=True)
+    assert tap.text == "Hello, world!"
+
+
+def test_completions_stream_text_is_read_from_choices_text():
+    body = sse(
+        {"object": "text_completion", "choices": [{"text": "abc"}]}, {"choices": [{"text": "de"}]}
+    )
+    tap = tap_of(body)
+    assert tap.text == "abcde"
+    assert tap.usage(b'{"prompt": "1234"}') == Usage(1, 2, estimated=True)
+
+
+def test_anthropic_stream_takes_the_last_cumulative_message_delta():
+    tap = tap_of(ANTHROPIC_STREAM)
+    # Prompt: 25 input + 5 cache writes + 10 cache reads.
+    # Completion: the last delta, 15, not 1 + 7 + 15.
+    assert tap.usage(b"") == ANTHROPIC_USAGE
+    assert tap.text == "Bonjour le monde"
+
+
+def test_anthropic_message_delta_may_restate_input_tokens():
+    body = sse(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}},
+        {"type": "message_delta", "usage": {"input_tokens": 50, "output_tokens": 9}},
+    )
+    assert tap_of(body).usage(b"") == Usage(50, 9)
+
+
+def test_responses_api_stream_reads_deltas_and_completed_usage():
+    body = (
+        b"event: response.created\n"
+        + sse({"type": "response.created", "response": {"usage": None}})
+        + sse({"type": "response.output_text.delta", "delta": "Hi"})
+        + sse({"type": "response.output_text.delta", "delta": " you"})
+        + sse(
+            {
+                "type": "response.completed",
+                "response": {"usage": {"input_tokens": 11, "output_tokens": 2}},
+            }
+        )
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"") == Usage(11, 2)
+    assert tap.text == "Hi you"
+
+
+def test_crlf_line_ends_and_a_missing_final_blank_line_still_count():
+    body = (
+        OPENAI_STREAM.replace(b"\n", b"\r\n")
+        .removesuffix(b"data: [DONE]\r\n\r\n")
+        .removesuffix(b"\r\n")
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"") == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_data_lines_without_blank_lines_between_are_each_read():
+    body = (
+        b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
+        b'data:{"choices": [{"delta": {"content": "k"}}]}\n'
+    )
+    assert tap_of(body).text == "ok"
+
+
+def test_gzip_body_is_decompressed_for_the_tap_only():
+    tap = tap_of(gzip.compress(OPENAI_STREAM), encoding="gzip", chunks=[5, 17, 40])
+    assert tap.usage(b"") == Usage(12, 3)
+    assert tap.text == "Hello, world!"
+
+
+def test_deflate_body_is_read_zlib_wrapped_or_raw():
+    body = orjson.dumps({"usage": {"prompt_tokens": 4, "completion_tokens": 2}})
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_body = raw.compress(body) + raw.flush()
+    for encoded in (zlib.compress(body), raw_body):
+        assert tap_of(encoded, JSON, "deflate", chunks=[1]).usage(b"") == Usage(4, 2)
+
+
+def test_brotli_and_zstd_bodies_are_decoded_for_the_tap_only():
+    for encoded, encoding in (
+        (brotli.compress(OPENAI_STREAM), "br"),
+        (zstandard.ZstdCompressor().compress(OPENAI_STREAM), "zstd"),
+        (brotli.compress(gzip.compress(OPENAI_STREAM)), "gzip, br"),
+    ):
+        tap = tap_of(encoded, encoding=encoding, chunks=[1, 7, 30])
+        assert tap.usage(b"") == Usage(12, 3), encoding
+        assert tap.text == "Hello, world!"
+
+
+def test_a_stream_in_zstd_flushed_event_by_event_is_read_as_it_goes():
+    encoder = zstandard.ZstdCompressor().compressobj()
+    tap = UsageTap(SSE, "zstd", keep_text=True)
+    for event in OPENAI_STREAM.split(b"\n\n"):
+        tap.feed(
+            encoder.compress(event + b"\n\n") + encoder.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        )
+    assert tap.usage(b"") == Usage(12, 3)
+
+
+def test_an_unreadable_generation_is_estimated_never_free():
+    unreadable = [
+        tap_of(OPENAI_STREAM, encoding="compress"),  # a coding nobody decodes
+        tap_of(b"\x1f\x8b\x08\x00garbage" * 10, encoding="gzip"),  # corrupt
+        tap_of(b"\x00\xff\x10 not json " * 100, "text/plain"),
+        tap_of(b"\x00\xff\x10 not json " * 100, None),
+        tap_of(b'{"choices": [{"message": {"content": "cut sho', JSON),  # truncated
+    ]
+    for tap in unreadable:
+        usage = tap.usage(CHAT_REQUEST)
+        assert usage is not None and usage.estimated
+        assert usage.prompt_tokens == 6  # the request's 23 characters
+        assert usage.completion_tokens > 0  # the bytes received stand for the text
+
+
+def test_an_embeddings_answer_that_cannot_be_read_is_charged_its_prompt():
+    tap = UsageTap(JSON, "compress", keep_text=False, charged=Charged.PROMPT)
+    tap.feed(b"\x00" * 4000)
+    assert tap.usage(b'{"input": "12345678"}') == Usage(2, 0, estimated=True)
+
+
+def test_what_is_charged_follows_the_endpoint():
+    assert charged("POST", "/v1/chat/completions") is Charged.TEXT
+    assert charged("POST", "/v1/completions") is Charged.TEXT
+    assert charged("POST", "/v1/responses") is Charged.TEXT
+    assert charged("POST", "/v1/messages") is Charged.TEXT
+    assert charged("POST", "/openai/deployments/gpt/chat/completions") is Charged.TEXT
+    assert charged("POST", "/v1/embeddings") is Charged.PROMPT
+    assert charged("POST", "/v1/messages/count_tokens") is Charged.REPORTED
+    assert charged("POST", "/v1/audio/transcriptions") is Charged.REPORTED
+    assert charged("GET", "/v1/models") is Charged.NOTHING
+    # Charged only when a background POST owed it (tests/app/test_background.py).
+    assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
+    assert charged("GET", "/v1/chat/completions") is Charged.NOTHING
+
+
+def test_a_models_list_or_a_token_count_is_charged_nothing():
+    models = orjson.dumps({"object": "list", "data": [{"id": "gpt-4o-mini"}]})
+    assert tap_of(models, JSON, charged=Charged.NOTHING).usage(b"") is None
+    count = orjson.dumps({"input_tokens": 12})
+    assert tap_of(count, JSON, charged=Charged.REPORTED).usage(CHAT_REQUEST) is None
+    # A stored response fetched again carries usage: it was charged when it was made.
+    stored = orjson.dumps({"object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}})
+    assert tap_of(stored, JSON, charged=Charged.NOTHING).usage(b"") is None
+    # Another POST is charged what its provider reports, and nothing it does not.
+    assert tap_of(stored, JSON, charged=Charged.REPORTED).usage(b"") == Usage(5, 1)
+    assert tap_of(b"\x00\xff", "audio/mpeg", charged=Charged.REPORTED).usage(b"") is None
+
+
+def test_json_body_that_does_not_parse_is_estimated_and_keeps_its_text():
+    tap = tap_of(b'{"usage": {"prompt_tokens": 3', JSON)
+    assert tap.usage(CHAT_REQUEST) == Usage(6, 8, estimated=True)  # 30 bytes received
+    assert tap.text == '{"usage": {"prompt_tokens": 3'
+
+
+def test_a_body_kept_for_the_log_past_the_bound_keeps_only_its_tail_and_is_still_read():
+    memory = TapMemory()
+    tap = UsageTap(JSON, None, keep_text=True, memory=memory)
+    piece = b" " * (1024 * 1024)
+    for _ in range(MAX_HELD_BYTES // len(piece) + 1):
+        tap.feed(piece)
+    assert memory.held_bytes <= TAIL_BYTES  # past 16 MiB: the tail only, at once
+    tap.feed(orjson.dumps({"usage": OPENAI_DETAILED})[1:])  # the end of the object
+    assert tap.usage(b"") == OPENAI_DETAILED_USAGE
+    assert tap.text is None  # the log line goes without the body
+    assert memory.held_bytes == 0
+
+
+def test_a_large_body_with_nothing_readable_in_its_tail_is_estimated_from_its_size():
+    tap = UsageTap(JSON, None, keep_text=False)
+    piece = b" " * (1024 * 1024)
+    for _ in range(3):
+        tap.feed(piece)
+    usage = tap.usage(b"")
+    assert usage == Usage(0, 3 * len(piece) // 4, estimated=True)
+
+
+def test_malformed_events_never_raise_and_are_skipped():
+    body = (
+        b"data: {not json\n\n"
+        b"data: [1, 2, 3]\n\n"
+        b"data: null\n\n"
+        b"data: \xff\xfe\n\n"
+        b'data: {"choices": "nope", "usage": [1]}\n\n'
+        b'data: {"choices": [null, {"delta": null}, {"delta": {"content": 5}}]}\n\n'
+        b'data: {"type": "message_start", "message": "x"}\n\n'
+        b'data: {"type": "message_delta", "usage": {"output_tokens": "9", "input_tokens": 1.5}}\n\n'
+        b'data: {"type": "content_block_delta", "delta": ["x"]}\n\n'
+        b'data: {"usage": {"prompt_tokens": true, "completion_tokens": null}}\n\n'
+        b'data: {"type": "response.completed", "response": {"usage": {"output_tokens": -3}}}\n\n'
+        b'data: {"type": 7}\n\n'
+        b'data: {"type": ["unhashable"]}\n\n'
+        b'data: {"type": {"x": 1}, "usage": {"prompt_tokens": 99999999999999999999999}}\n\n'
+        b"event: ping\nid: 3\nretry: 10\n\n"
+        b"data\n\n"
+        b'data: {"choices": [{"delta":\ndata:  {"content": "split events are not read"}}]}\n\n'
+        + sse(chat_chunk("fine"))
+    )
+    tap = tap_of(body)
+    assert tap.usage(b"not json either") == Usage(0, 1, estimated=True)
+    assert tap.text == "fine"
+
+
+def test_a_request_body_nested_deeply_does_not_break_the_estimate():
+    request = b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert tap_of(sse(chat_chunk("abcd"))).usage(request) == Usage(0, 1, estimated=True)
+
+
+def test_usage_can_be_asked_twice():
+    tap = tap_of(OPENAI_STREAM)
+    assert tap.usage(b"") == tap.usage(b"") == Usage(12, 3)
+
+
+def test_text_is_none_without_keep_text():
+    tap = UsageTap(SSE, None, keep_text=False)
+    tap.feed(OPENAI_STREAM)
+    assert tap.text is None
+    assert tap.usage(b"") == Usage(12, 3)
+
+
+def test_every_single_cut_of_a_stream_gives_the_same_usage_and_text():
+    for stream in (OPENAI_STREAM, ANTHROPIC_STREAM.replace(b"\n", b"\r\n")):
+        whole = tap_of(stream)
+        expected = (whole.usage(CHAT_REQUEST), whole.text)
+        for cut in range(len(stream) + 1):
+            tap = tap_of(stream, chunks=[cut])
+            assert (tap.usage(CHAT_REQUEST), tap.text) == expected, f"cut at byte {cut}"
+
+
+def test_a_stream_fed_byte_by_byte_gives_the_same_usage_and_text():
+    tap = UsageTap(SSE, None, keep_text=True)
+    for index in range(len(ANTHROPIC_STREAM)):
+        tap.feed(ANTHROPIC_STREAM[index : index + 1])
+    assert (tap.usage(b""), tap.text) == (ANTHROPIC_USAGE, "Bonjour le monde")
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+EVENT_KEYS = [
+    "type",
+    "usage",
+    "choices",
+    "delta",
+    "message",
+    "response",
+    "content",
+    "text",
+    "input_tokens",
+]
+
+
+ENCODERS = {
+    None: bytes,
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "zstd": zstandard.ZstdCompressor().compress,
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(
+        st.dictionaries(
+            st.sampled_from(EVENT_KEYS),
+            JSON_VALUES | st.sampled_from(["message_delta", "message_start"]),
+        )
+    ),
+    noise=st.binary(max_size=64),
+    encoding=st.sampled_from([None, "gzip", "deflate", "br", "zstd"]),
+)
+def test_random_events_and_bytes_never_raise(
+    events: list[dict], noise: bytes, encoding: str | None
+) -> None:
+    for content_type in (SSE, JSON):
+        body = sse(*events)
+        encoded = ENCODERS[encoding](body)
+        tap = UsageTap(content_type, encoding, keep_text=True)
+        tap.feed(encoded + noise)
+        tap.feed(noise)
+        usage = tap.usage(noise)
+        assert usage is None or usage.total_tokens >= 0
+        assert tap.text is None or isinstance(tap.text, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_three_pieces_of_a_stream_give_the_same_usage_and_text(data: st.DataObject) -> None:
+    stream = data.draw(
+        st.sampled_from([OPENAI_STREAM, ANTHROPIC_STREAM, gzip.compress(ANTHROPIC_STREAM)])
+    )
+    encoding = "gzip" if stream[:2] == b"\x1f\x8b" else None
+    first = data.draw(st.integers(0, len(stream)))
+    second = data.draw(st.integers(first, len(stream)))
+    whole = tap_of(stream, encoding=encoding)
+    tap = tap_of(stream, encoding=encoding, chunks=[first, second])
+    assert (tap.usage(CHAT_REQUEST), tap.text) == (whole.usage(CHAT_REQUEST), whole.text)
+
+
+# --- every token kind, in every shape, whatever the cuts (issue 14) ---
+
+OPENAI_DETAILED = {
+    "prompt_tokens": 2000,
+    "completion_tokens": 700,
+    "total_tokens": 2700,
+    "prompt_tokens_details": {"cached_tokens": 1536, "audio_tokens": 40},
+    "completion_tokens_details": {
+        "reasoning_tokens": 512,
+        "audio_tokens": 30,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+OPENAI_DETAILED_USAGE = Usage(
+    2000,
+    700,
+    cache_read_tokens=1536,
+    input_audio_tokens=40,
+    reasoning_tokens=512,
+    output_audio_tokens=30,
+)
+RESPONSES_DETAILED = {
+    "input_tokens": 3000,
+    "input_tokens_details": {"cached_tokens": 2048},
+    "output_tokens": 900,
+    "output_tokens_details": {"reasoning_tokens": 640},
+    "total_tokens": 3900,
+}
+RESPONSES_DETAILED_USAGE = Usage(3000, 900, cache_read_tokens=2048, reasoning_tokens=640)
+ANTHROPIC_DETAILED = {
+    "input_tokens": 50,
+    "cache_creation_input_tokens": 1200,
+    "cache_read_input_tokens": 8000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 1200, "ephemeral_1h_input_tokens": 0},
+    "output_tokens": 300,
+}
+ANTHROPIC_DETAILED_USAGE = Usage(9250, 300, cache_read_tokens=8000, cache_write_tokens=1200)
+
+TOKEN_KIND_SHAPES = [
+    (
+        "openai chat json",
+        JSON,
+        orjson.dumps({"choices": [{"message": {"content": "Hi"}}], "usage": OPENAI_DETAILED}),
+        OPENAI_DETAILED_USAGE,
+    ),
+    (
+        "openai chat stream",
+        SSE,
+        sse(chat_chunk("Hi"), chat_chunk(usage=OPENAI_DETAILED), done=True),
+        OPENAI_DETAILED_USAGE,
+    ),
+    (
+        "responses json",
+        JSON,
+        orjson.dumps({"object": "response", "output": [], "usage": RESPONSES_DETAILED}),
+        RESPONSES_DETAILED_USAGE,
+    ),
+    (
+        "responses stream",
+        SSE,
+        b"event: response.output_text.delta\n"
+        + sse({"type": "response.output_text.delta", "delta": "Hi"})
+        + b"event: response.completed\n"
+        + sse({"type": "response.completed", "response": {"usage": RESPONSES_DETAILED}}),
+        RESPONSES_DETAILED_USAGE,
+    ),
+    (
+        "embeddings json",
+        JSON,
+        orjson.dumps(
+            {"data": [{"embedding": [0.5]}], "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+        ),
+        Usage(8, 0),
+    ),
+    (
+        "anthropic json",
+        JSON,
+        orjson.dumps({"type": "message", "content": [], "usage": ANTHROPIC_DETAILED}),
+        ANTHROPIC_DETAILED_USAGE,
+    ),
+    (
+        "anthropic stream",
+        SSE,
+        sse(
+            {
+                "type": "message_start",
+                "message": {"usage": {**ANTHROPIC_DETAILED, "output_tokens": 1}},
+            },
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}},
+            {"type": "message_delta", "usage": {"output_tokens": 300}},
+        ),
+        ANTHROPIC_DETAILED_USAGE,
+    ),
+]
+
+
+def test_every_token_kind_is_read_from_every_shape_cut_at_every_byte():
+    for name, content_type, body, expected in TOKEN_KIND_SHAPES:
+        for cut in range(len(body) + 1):
+            tap = tap_of(body, content_type, chunks=[cut])
+            assert tap.usage(CHAT_REQUEST) == expected, f"{name}: cut at byte {cut}"
+
+
+def test_every_token_kind_is_read_from_every_shape_byte_by_byte_in_each_coding():
+    for name, content_type, body, expected in TOKEN_KIND_SHAPES:
+        for encoding, encode in ENCODERS.items():
+            encoded = encode(body)
+            tap = tap_of(encoded, content_type, encoding, chunks=list(range(1, len(encoded))))
+            assert tap.usage(b"") == expected, f"{name} in {encoding}"
+
+
+def test_parts_of_the_totals_are_in_the_log_dict():
+    assert OPENAI_DETAILED_USAGE.as_dict() == {
+        "prompt_tokens": 2000,
+        "completion_tokens": 700,
+        "total_tokens": 2700,
+        "cache_read_tokens": 1536,
+        "cache_write_tokens": 0,
+        "input_audio_tokens": 40,
+        "reasoning_tokens": 512,
+        "output_audio_tokens": 30,
+        "estimated": False,
+    }
+
+
+# --- memory: bounded across taps, nothing held after the end (issue 10 point 10) ---
+
+
+def feed_side_by_side(taps: list[UsageTap], body: bytes, memory: TapMemory) -> int:
+    """Feed every tap `body` in 64 KiB chunks, turn by turn; the most memory held."""
+    most = 0
+    for start in range(0, len(body), 1 << 16):
+        for tap in taps:
+            tap.feed(body[start : start + (1 << 16)])
+            most = max(most, memory.held_bytes)
+    return most
+
+
+BIG_ANSWER = orjson.dumps(
+    {"choices": [{"message": {"content": "x" * (15 * 1024 * 1024)}}], "usage": OPENAI_DETAILED}
+)
+
+
+def test_forty_large_answers_are_read_exactly_from_their_tails_and_nothing_stays():
+    memory = TapMemory()
+    taps = [UsageTap(JSON, None, keep_text=False, memory=memory) for _ in range(40)]
+    most = feed_side_by_side(taps, BIG_ANSWER, memory)
+    assert most <= 40 * (WHOLE_PARSE_BYTES + (1 << 16))  # about 1 MiB each, not 15
+    assert [tap.usage(CHAT_REQUEST) for tap in taps] == [OPENAI_DETAILED_USAGE] * 40
+    assert memory.held_bytes == 0
+
+
+def test_with_log_bodies_whole_bodies_share_the_bound_and_every_usage_is_still_read():
+    memory = TapMemory(limit_bytes=40 * 1024 * 1024)
+    # LOG_BODIES: whole bodies are kept for the log while the shared bound allows.
+    taps = [UsageTap(JSON, None, keep_text=True, memory=memory) for _ in range(40)]
+    assert feed_side_by_side(taps, BIG_ANSWER, memory) <= memory.limit_bytes
+    assert [tap.usage(CHAT_REQUEST) for tap in taps] == [OPENAI_DETAILED_USAGE] * 40
+    assert memory.held_bytes == 0
+    # Whole bodies get half the bound, 20 MiB: one 15 MiB body at most (side by side, none).
+    assert sum(tap.text is not None for tap in taps) <= 1
+    alone = UsageTap(JSON, None, keep_text=True, memory=memory)
+    feed_side_by_side([alone], BIG_ANSWER, memory)
+    assert alone.usage(b"") == OPENAI_DETAILED_USAGE and alone.text == BIG_ANSWER.decode()
+
+
+def test_a_tap_read_only_for_its_text_lets_go_too():
+    memory = TapMemory()
+    tap = UsageTap(JSON, None, keep_text=True, memory=memory)
+    tap.feed(b'{"error": {"message": "overloaded"}}')
+    assert memory.held_bytes > 0
+    assert tap.text == '{"error": {"message": "overloaded"}}'  # an error answer: no usage asked
+    assert memory.held_bytes == 0
+
+
+def test_a_long_sse_line_is_held_within_the_bound_and_released_at_its_end():
+    memory = TapMemory()
+    tap = UsageTap(SSE, None, keep_text=False, memory=memory)
+    tap.feed(b"data: " + b"x" * 100_000)
+    assert memory.held_bytes == 100_006
+    tap.feed(b"\n\n" + OPENAI_STREAM[:10])
+    assert memory.held_bytes == 10
+    tap.feed(OPENAI_STREAM[10:])
+    assert tap.usage(b"") == Usage(12, 3)
+    assert memory.held_bytes == 0
+
+
+def test_a_large_json_body_has_only_its_usage_parsed_the_last_one():
+    big = "x" * (2 * 1024 * 1024)
+    body = orjson.dumps(
+        {
+            "type": "message",
+            "content": [
+                {"type": "tool_use", "input": {"usage": {"input_tokens": 999999}}},
+                {"type": "text", "text": big + ' "usage": {"input_tokens": 1} }'},
+            ],
+            "usage": {**ANTHROPIC_DETAILED, "service_tier": "st}and{ard"},
+        }
+    )
+    for cut in (1, len(body) // 2, len(body) - 3):
+        assert tap_of(body, JSON, chunks=[cut]).usage(b"") == ANTHROPIC_DETAILED_USAGE
+
+
+def test_a_large_json_body_without_usage_is_estimated_from_its_size():
+    body = orjson.dumps({"choices": [{"message": {"content": "x" * (2 * 1024 * 1024)}}]})
+    usage = tap_of(body, JSON).usage(CHAT_REQUEST)
+    assert usage == Usage(6, math.ceil(len(body) / 4), estimated=True)
+    nulled = orjson.dumps(
+        {"data": [{"usage": {"prompt_tokens": 5}}], "x": "y" * 2**21, "usage": None}
+    )
+    assert tap_of(nulled, JSON, charged=Charged.REPORTED).usage(b"") is None
