@@ -1,23 +1,33 @@
 """Settings: one frozen dataclass, read once from flags and the environment.
 
-`SETTINGS` is the single table of every setting (name, default, parser, help); the flags,
-`--help` and the README's table all come from it. A flag beats the environment variable,
-which beats the default. A bad value raises `SettingError` naming the variable; the entry
-point turns it into one line on stderr and exit code 2. Only this module reads the
-environment (and `keys.py`, for `api_key_env`).
+Each setting is declared once, as a field of `Settings`: its name (the field's, upper-cased,
+is the environment variable), its type, its default as the operator would write it, the
+parser that reads its text and its help. `SETTINGS`, the flags, `--help` and the README's
+table all come from those fields. A flag beats the environment variable, which beats the
+default. A bad value raises `SettingError` naming the variable and saying, in the parser's
+own words, what is wrong with it; the entry point turns it into one line on stderr and exit
+code 2. Only this module reads the environment (and `keys.py`, for `api_key_env`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, overload
+
+T = TypeVar("T")
 
 
 class SettingError(ValueError):
     """A setting with a value the gateway cannot use."""
+
+
+def _refuse(expected: str, text: str) -> NoReturn:
+    raise ValueError(f"must be {expected}, got {text!r}")
 
 
 def _boolean(text: str) -> bool:
@@ -26,61 +36,60 @@ def _boolean(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError("must be true or false")
+    _refuse("true or false", text)
+
+
+def _whole(text: str, lowest: int, highest: int, expected: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        _refuse(expected, text)
+    if not lowest <= value <= highest:
+        _refuse(expected, text)
+    return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text.strip())
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+    return _whole(text, 1, 2**63 - 1, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text.strip())
-    if value < 0:
-        raise ValueError("must be a non-negative integer")
-    return value
+    return _whole(text, 0, 2**63 - 1, "a non-negative integer")
 
 
 def _port(text: str) -> int:
-    value = int(text.strip())
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number (0-65535)")
+    return _whole(text, 0, 65535, "a port number (0-65535)")
+
+
+def _real(text: str, is_allowed: Callable[[float], bool], expected: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        _refuse(expected, text)
+    if math.isnan(value) or math.isinf(value) or not is_allowed(value):
+        _refuse(expected, text)
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text.strip())
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
-
-
-def _positive_dollars(text: str) -> float:
-    value = float(text.strip())
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of dollars")
-    return value
+    return _real(text, lambda value: value > 0, "a positive number of seconds")
 
 
 def _non_negative_seconds(text: str) -> float:
-    value = float(text.strip())
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a non-negative number of seconds")
-    return value
+    return _real(text, lambda value: value >= 0, "a non-negative number of seconds")
+
+
+def _positive_dollars(text: str) -> float:
+    return _real(text, lambda value: value > 0, "a positive number of dollars")
 
 
 def _ratio(text: str) -> float:
-    value = float(text.strip())
-    if not 0 <= value <= 1:
-        raise ValueError("must be a number from 0 to 1")
-    return value
+    return _real(text, lambda value: 0 <= value <= 1, "a number from 0 to 1")
 
 
 def _text(text: str) -> str:
     if not text.strip():
-        raise ValueError("must not be empty")
+        _refuse("text", text)
     return text.strip()
 
 
@@ -93,7 +102,7 @@ def _redis_url(text: str) -> str | None:
     if not url:
         return None
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
+        _refuse("a URL starting with redis://, rediss:// or unix://", text)
     return url
 
 
@@ -103,343 +112,218 @@ def _origins(text: str) -> tuple[str, ...] | None:
     for origin in origins:
         scheme, _, host = origin.partition("://")
         if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
-            raise ValueError(f"{origin!r} is not an origin")
+            raise ValueError(
+                f"{origin!r} is not an origin (a scheme and a host, like https://app.example.com)"
+            )
     return origins or None
 
 
 def _redis_error_policy(text: str) -> str:
     value = text.strip().lower()
     if value not in ("allow", "deny"):
-        raise ValueError("must be allow or deny")
+        _refuse("allow or deny", text)
     return value
 
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One row of the settings table."""
+    """One setting as the command line, `--help` and the README show it."""
 
-    variable: str
+    field: str
     default: str | None  # as text, parsed like a value from the environment; None: unset
-    parse: Callable[[str], Any]
+    parse: Callable[[str], object]
     help: str
-    expects: str  # what the error message says a value must be
 
     @property
-    def field(self) -> str:
-        return self.variable.lower()
+    def variable(self) -> str:
+        return self.field.upper()
 
     @property
     def flag(self) -> str:
-        return "--" + self.variable.lower().replace("_", "-")
+        return "--" + self.field.replace("_", "-")
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("SERVER_HOST", "0.0.0.0", _text, "address to listen on", "a host name or address"),
-    Setting("SERVER_PORT", "8080", _port, "port to listen on", "a port number (0-65535)"),
-    Setting("KEYS_FILE_PATH", "keys.json", _text, "the virtual key file", "a file path"),
-    Setting(
-        "PRICES_FILE",
-        None,
-        _text,
-        "price overrides (USD per million tokens) for self-hosted or negotiated models "
-        "(unset: genai-prices' bundled prices only)",
-        "a file path",
-    ),
-    Setting("QUOTA_ENABLED", "true", _boolean, "enforce quotas at all", "true or false"),
-    Setting(
-        "QUOTA_LIMIT",
-        "100",
-        _positive_int,
-        "default requests per window per virtual key",
-        "a positive integer",
-    ),
-    Setting(
-        "QUOTA_TOKENS",
-        None,
-        _positive_int,
-        "default tokens per window per virtual key (unset: no token limit)",
-        "a positive integer",
-    ),
-    Setting(
-        "QUOTA_WINDOW_SECONDS",
-        "3600",
-        _positive_seconds,
-        "default length of the sliding window, in seconds",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "BUDGET_USD",
-        None,
-        _positive_dollars,
-        "default spending cap per virtual key, in US dollars (unset: no budget)",
-        "a positive number of dollars",
-    ),
-    Setting(
-        "BUDGET_WINDOW_SECONDS",
-        "2592000",
-        _positive_seconds,
-        "default sliding window of a budget, in seconds (2592000: 30 days)",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "REQUEST_TIMEOUT",
-        "600",
-        _positive_seconds,
-        "seconds for the provider to connect and send its response headers",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "STREAM_IDLE_TIMEOUT",
-        "300",
-        _positive_seconds,
-        "seconds allowed between two chunks of a response body",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "REALTIME_IDLE_TIMEOUT",
-        "300",
-        _positive_seconds,
-        "seconds a WebSocket session may pass without a frame either way before it is closed",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "REALTIME_MAX_SESSION_SECONDS",
-        "3600",
-        _positive_seconds,
-        "longest a WebSocket session may last before the gateway closes it",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "MAX_BODY_BYTES",
-        "10485760",
-        _positive_int,
-        "larger request bodies get 413",
-        "a positive integer",
-    ),
-    Setting(
-        "LOG_TO_FILE",
-        "false",
-        _boolean,
-        "write the interaction log to LOG_FILE_PATH (false: to stdout)",
-        "true or false",
-    ),
-    Setting(
-        "LOG_FILE_PATH",
-        "interactions.jsonl",
-        _text,
-        "the interaction log file, when LOG_TO_FILE is true",
-        "a file path",
-    ),
-    Setting(
-        "LOG_BODIES",
-        "false",
-        _boolean,
-        "also log request and response bodies (streams as the assembled text)",
-        "true or false",
-    ),
-    Setting(
-        "SHUTDOWN_GRACE_SECONDS",
-        "30",
-        _non_negative_seconds,
-        "how long in-flight requests and streams may finish after SIGTERM",
-        "a non-negative number of seconds",
-    ),
-    Setting(
-        "REDIS_URL",
-        None,
-        _redis_url,
-        "share quota and usage state through this Redis (unset: in-process only)",
-        "a redis:// URL",
-    ),
-    Setting(
-        "QUOTA_ON_REDIS_ERROR",
-        "allow",
-        _redis_error_policy,
-        "when Redis is lost while serving: allow requests through, or deny them with 503",
-        "allow or deny",
-    ),
-    Setting(
-        "METRICS_TOKEN",
-        None,
-        _optional_text,
-        "when set, /metrics needs 'Authorization: Bearer <token>' (unset: open)",
-        "a token",
-    ),
-    Setting(
-        "AUTH_FAILURE_LIMIT",
-        "20",
-        _positive_int,
-        "failed authentications one client address may make per window before it gets 429",
-        "a positive integer",
-    ),
-    Setting(
-        "AUTH_FAILURE_WINDOW_SECONDS",
-        "60",
-        _positive_seconds,
-        "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "RETRY_ATTEMPTS",
-        "0",
-        _non_negative_int,
-        "extra attempts on one target after a retryable failure (fallbacks and pool keys "
-        "are tried regardless)",
-        "a non-negative integer",
-    ),
-    Setting(
-        "RETRY_MAX_WAIT_SECONDS",
-        "10",
-        _non_negative_seconds,
-        "the longest single wait before a retry; a provider asking for longer is not waited for",
-        "a non-negative number of seconds",
-    ),
-    Setting(
-        "RETRY_DEADLINE_SECONDS",
-        "60",
-        _positive_seconds,
-        "no new attempt (retry or fallback) starts after this long",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "BREAKER_FAILURES",
-        "3",
-        _positive_int,
-        "a target's breaker opens after this many failures in a row",
-        "a positive integer",
-    ),
-    Setting(
-        "BREAKER_ERROR_RATIO",
-        "0.5",
-        _ratio,
-        "... or when this share of its attempts in BREAKER_WINDOW_SECONDS failed (0: off)",
-        "a number from 0 to 1",
-    ),
-    Setting(
-        "BREAKER_MIN_REQUESTS",
-        "20",
-        _positive_int,
-        "the error ratio counts only over at least this many attempts",
-        "a positive integer",
-    ),
-    Setting(
-        "BREAKER_WINDOW_SECONDS",
-        "60",
-        _positive_seconds,
-        "the window of the error ratio, in seconds",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "BREAKER_COOLDOWN_SECONDS",
-        "30",
-        _positive_seconds,
-        "an open breaker lets one probe through after this long",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "POOL_STICKY_HEADER",
-        None,
-        _optional_text,
-        "a request header whose value keeps a client on one key of a pool (unset: no stickiness)",
-        "a header name",
-    ),
-    Setting(
-        "MAX_CONNECTIONS",
-        "1024",
-        _positive_int,
-        "open client connections per gateway process; past it a new one gets 503 and is closed",
-        "a positive integer",
-    ),
-    Setting(
-        "CLIENT_HEADER_TIMEOUT",
-        "30",
-        _positive_seconds,
-        "seconds a client connection may stay idle, or take to send a request's headers, "
-        "before it is closed",
-        "a positive number of seconds",
-    ),
-    Setting(
-        "WORKERS",
-        "1",
-        _non_negative_int,
-        "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
-        "a non-negative integer",
-    ),
-    Setting(
-        "KEYS_FILE_WATCH",
-        "false",
-        _boolean,
-        "reload the keys file within seconds of it changing on disk (SIGHUP always reloads)",
-        "true or false",
-    ),
-    Setting(
-        "ADMIN_TOKEN",
-        None,
-        _optional_text,
-        "bearer token for /admin/keys and POST /admin/reload (unset: no admin endpoints)",
-        "a token",
-    ),
-    Setting(
-        "CORS_ALLOWED_ORIGINS",
-        None,
-        _origins,
-        "comma-separated origins browsers may call from, or * (unset: no CORS headers)",
-        "comma-separated origins like https://app.example.com, or *",
-    ),
-    Setting(
-        "CORS_ALLOW_CREDENTIALS",
-        "false",
-        _boolean,
-        "let browsers send cookies and HTTP auth cross-origin (refused with * as an origin)",
-        "true or false",
-    ),
-)
+@overload
+def setting(default: str, parse: Callable[[str], T], help: str, *, secret: bool = ...) -> T: ...
+@overload
+def setting(
+    default: None, parse: Callable[[str], T], help: str, *, secret: bool = ...
+) -> T | None: ...
+def setting(
+    default: str | None, parse: Callable[[str], object], help: str, *, secret: bool = False
+) -> Any:
+    """A field of `Settings` that is a setting: its default as text (parsed by `parse`, so
+    the README's default and the field's cannot differ; None: unset), its parser and help.
+    A secret stays out of the dataclass's repr."""
+    value = None if default is None else parse(default)
+    declared = Setting("", default, parse, help)
+    return field(default=value, repr=not secret, metadata={"setting": declared})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of the gateway, parsed and checked."""
 
-    server_host: str = "0.0.0.0"
-    server_port: int = 8080
-    keys_file_path: str = "keys.json"
-    prices_file: str | None = None
-    quota_enabled: bool = True
-    quota_limit: int = 100
-    quota_tokens: int | None = None
-    quota_window_seconds: float = 3600.0
-    budget_usd: float | None = None
-    budget_window_seconds: float = 2592000.0
-    request_timeout: float = 600.0
-    stream_idle_timeout: float = 300.0
-    realtime_idle_timeout: float = 300.0
-    realtime_max_session_seconds: float = 3600.0
-    max_body_bytes: int = 10485760
-    log_to_file: bool = False
-    log_file_path: str = "interactions.jsonl"
-    log_bodies: bool = False
-    shutdown_grace_seconds: float = 30.0
-    redis_url: str | None = field(default=None, repr=False)  # may hold a password
-    quota_on_redis_error: str = "allow"
-    metrics_token: str | None = field(default=None, repr=False)  # a secret
-    auth_failure_limit: int = 20
-    auth_failure_window_seconds: float = 60.0
-    retry_attempts: int = 0
-    retry_max_wait_seconds: float = 10.0
-    retry_deadline_seconds: float = 60.0
-    breaker_failures: int = 3
-    breaker_error_ratio: float = 0.5
-    breaker_min_requests: int = 20
-    breaker_window_seconds: float = 60.0
-    breaker_cooldown_seconds: float = 30.0
-    pool_sticky_header: str | None = None
-    max_connections: int = 1024
-    client_header_timeout: float = 30.0
-    workers: int = 1
-    keys_file_watch: bool = False
-    admin_token: str | None = field(default=None, repr=False)
-    cors_allowed_origins: tuple[str, ...] | None = None
-    cors_allow_credentials: bool = False
+    server_host: str = setting("0.0.0.0", _text, "address to listen on")
+    server_port: int = setting("8080", _port, "port to listen on")
+    keys_file_path: str = setting("keys.json", _text, "the virtual key file")
+    prices_file: str | None = setting(
+        None,
+        _text,
+        "price overrides (USD per million tokens) for self-hosted or negotiated models "
+        "(unset: genai-prices' bundled prices only)",
+    )
+    quota_enabled: bool = setting("true", _boolean, "enforce quotas at all")
+    quota_limit: int = setting("100", _positive_int, "default requests per window per virtual key")
+    quota_tokens: int | None = setting(
+        None, _positive_int, "default tokens per window per virtual key (unset: no token limit)"
+    )
+    quota_window_seconds: float = setting(
+        "3600", _positive_seconds, "default length of the sliding window, in seconds"
+    )
+    budget_usd: float | None = setting(
+        None,
+        _positive_dollars,
+        "default spending cap per virtual key, in US dollars (unset: no budget)",
+    )
+    budget_window_seconds: float = setting(
+        "2592000",
+        _positive_seconds,
+        "default sliding window of a budget, in seconds (2592000: 30 days)",
+    )
+    request_timeout: float = setting(
+        "600",
+        _positive_seconds,
+        "seconds for the provider to connect and send its response headers",
+    )
+    stream_idle_timeout: float = setting(
+        "300", _positive_seconds, "seconds allowed between two chunks of a response body"
+    )
+    realtime_idle_timeout: float = setting(
+        "300",
+        _positive_seconds,
+        "seconds a WebSocket session may pass without a frame either way before it is closed",
+    )
+    realtime_max_session_seconds: float = setting(
+        "3600",
+        _positive_seconds,
+        "longest a WebSocket session may last before the gateway closes it",
+    )
+    max_body_bytes: int = setting("10485760", _positive_int, "larger request bodies get 413")
+    log_to_file: bool = setting(
+        "false", _boolean, "write the interaction log to LOG_FILE_PATH (false: to stdout)"
+    )
+    log_file_path: str = setting(
+        "interactions.jsonl", _text, "the interaction log file, when LOG_TO_FILE is true"
+    )
+    log_bodies: bool = setting(
+        "false", _boolean, "also log request and response bodies (streams as the assembled text)"
+    )
+    shutdown_grace_seconds: float = setting(
+        "30",
+        _non_negative_seconds,
+        "how long in-flight requests and streams may finish after SIGTERM",
+    )
+    redis_url: str | None = setting(
+        None,
+        _redis_url,
+        "share quota and usage state through this Redis (unset: in-process only)",
+        secret=True,
+    )
+    quota_on_redis_error: str = setting(
+        "allow",
+        _redis_error_policy,
+        "when Redis is lost while serving: allow requests through, or deny them with 503",
+    )
+    metrics_token: str | None = setting(
+        None,
+        _optional_text,
+        "when set, /metrics needs 'Authorization: Bearer <token>' (unset: open)",
+        secret=True,
+    )
+    auth_failure_limit: int = setting(
+        "20",
+        _positive_int,
+        "failed authentications one client address may make per window before it gets 429",
+    )
+    auth_failure_window_seconds: float = setting(
+        "60",
+        _positive_seconds,
+        "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
+    )
+    retry_attempts: int = setting(
+        "0",
+        _non_negative_int,
+        "extra attempts on one target after a retryable failure (fallbacks and pool keys "
+        "are tried regardless)",
+    )
+    retry_max_wait_seconds: float = setting(
+        "10",
+        _non_negative_seconds,
+        "the longest single wait before a retry; a provider asking for longer is not waited for",
+    )
+    retry_deadline_seconds: float = setting(
+        "60", _positive_seconds, "no new attempt (retry or fallback) starts after this long"
+    )
+    breaker_failures: int = setting(
+        "3", _positive_int, "a target's breaker opens after this many failures in a row"
+    )
+    breaker_error_ratio: float = setting(
+        "0.5",
+        _ratio,
+        "... or when this share of its attempts in BREAKER_WINDOW_SECONDS failed (0: off)",
+    )
+    breaker_min_requests: int = setting(
+        "20", _positive_int, "the error ratio counts only over at least this many attempts"
+    )
+    breaker_window_seconds: float = setting(
+        "60", _positive_seconds, "the window of the error ratio, in seconds"
+    )
+    breaker_cooldown_seconds: float = setting(
+        "30", _positive_seconds, "an open breaker lets one probe through after this long"
+    )
+    pool_sticky_header: str | None = setting(
+        None,
+        _optional_text,
+        "a request header whose value keeps a client on one key of a pool (unset: no stickiness)",
+    )
+    max_connections: int = setting(
+        "1024",
+        _positive_int,
+        "open client connections per gateway process; past it a new one gets 503 and is closed",
+    )
+    client_header_timeout: float = setting(
+        "30",
+        _positive_seconds,
+        "seconds a client connection may stay idle, or take to send a request's headers, "
+        "before it is closed",
+    )
+    workers: int = setting(
+        "1",
+        _non_negative_int,
+        "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
+    )
+    keys_file_watch: bool = setting(
+        "false",
+        _boolean,
+        "reload the keys file within seconds of it changing on disk (SIGHUP always reloads)",
+    )
+    admin_token: str | None = setting(
+        None,
+        _optional_text,
+        "bearer token for /admin/keys and POST /admin/reload (unset: no admin endpoints)",
+        secret=True,
+    )
+    cors_allowed_origins: tuple[str, ...] | None = setting(
+        None,
+        _origins,
+        "comma-separated origins browsers may call from, or * (unset: no CORS headers)",
+    )
+    cors_allow_credentials: bool = setting(
+        "false",
+        _boolean,
+        "let browsers send cookies and HTTP auth cross-origin (refused with * as an origin)",
+    )
     # The OpenTelemetry SDK's own variables (OTEL_*, the non-empty ones) as given: they turn
     # traces on and configure them (proxy/tracing.py). Not rows of SETTINGS: the SDK names them.
     otel: Mapping[str, str] = field(default_factory=dict, repr=False)  # headers may hold a token
@@ -452,20 +336,20 @@ class Settings:
         """
         flags = vars(parser().parse_args(list(argv)))
         values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            raw = flags.get(setting.field)
-            source = setting.flag
+        for row in SETTINGS:
+            raw = flags.get(row.field)
+            source = row.flag
             if raw is None:
-                raw, source = environ.get(setting.variable), setting.variable
+                raw, source = environ.get(row.variable), row.variable
             if raw is None or not raw.strip():
-                raw = setting.default  # an empty variable is an unset one (as compose passes them)
+                raw = row.default  # an empty variable is an unset one (as compose passes them)
             if raw is None:
-                values[setting.field] = None
+                values[row.field] = None
                 continue
             try:
-                values[setting.field] = setting.parse(raw)
-            except ValueError:
-                raise SettingError(f"{source} must be {setting.expects}, got {raw!r}") from None
+                values[row.field] = row.parse(raw)
+            except ValueError as error:  # the parser's own words say what is wrong
+                raise SettingError(f"{source}: {error}") from None
         values["otel"] = {
             name: value.strip()
             for name, value in environ.items()
@@ -513,6 +397,14 @@ class Settings:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+
+# Every setting, in the order of the fields, each named after its field.
+SETTINGS: tuple[Setting, ...] = tuple(
+    dataclasses.replace(declared.metadata["setting"], field=declared.name)
+    for declared in dataclasses.fields(Settings)
+    if "setting" in declared.metadata
+)
 
 
 # The OTEL_* values the gateway reads itself when tracing is on (proxy/tracing.py), checked
@@ -574,13 +466,13 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every flag can also be set through the environment variable it names. "
         "A flag beats the variable, which beats the default.",
     )
-    for setting in SETTINGS:
-        default = "unset" if setting.default is None else setting.default
+    for row in SETTINGS:
+        default = "unset" if row.default is None else row.default
         cli.add_argument(
-            setting.flag,
-            dest=setting.field,
-            metavar=setting.variable,
+            row.flag,
+            dest=row.field,
+            metavar=row.variable,
             default=None,
-            help=f"{setting.help} [env {setting.variable}, default {default}]",
+            help=f"{row.help} [env {row.variable}, default {default}]",
         )
     return cli

@@ -58,7 +58,12 @@ def _write(path: Path, text: str) -> Path:
         (
             '{"virtual_keys": {}}',
             {"QUOTA_LIMIT": "ten"},
-            "QUOTA_LIMIT must be a positive integer, got 'ten'",
+            "QUOTA_LIMIT: must be a positive integer, got 'ten'",
+        ),
+        (
+            '{"virtual_keys": {}}',
+            {"CORS_ALLOWED_ORIGINS": "x"},
+            "llm-gateway: CORS_ALLOWED_ORIGINS: 'x' is not an origin",
         ),
         ('{"virtual_keys": {}}', {"QUOTA_WINDOW_SECONDS": "-3"}, "QUOTA_WINDOW_SECONDS"),
     ],

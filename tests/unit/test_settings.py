@@ -53,8 +53,45 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: 
 
 
 def test_a_bad_flag_is_refused_naming_the_flag() -> None:
-    with pytest.raises(SettingError, match="^--quota-limit must be a positive integer, got 'x'"):
+    with pytest.raises(SettingError, match="^--quota-limit: must be a positive integer, got 'x'$"):
         Settings.from_env({}, ["--quota-limit", "x"])
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"CORS_ALLOWED_ORIGINS": "https://app.example.com,x"},
+            "CORS_ALLOWED_ORIGINS: 'x' is not an origin (a scheme and a host, like "
+            "https://app.example.com)",
+        ),
+        ({"SERVER_PORT": "70000"}, "SERVER_PORT: must be a port number (0-65535), got '70000'"),
+        ({"MAX_BODY_BYTES": "1.5"}, "MAX_BODY_BYTES: must be a positive integer, got '1.5'"),
+        (
+            {"STREAM_IDLE_TIMEOUT": "inf"},
+            "STREAM_IDLE_TIMEOUT: must be a positive number of seconds, got 'inf'",
+        ),
+        (
+            {"BREAKER_ERROR_RATIO": "2"},
+            "BREAKER_ERROR_RATIO: must be a number from 0 to 1, got '2'",
+        ),
+        (
+            {"QUOTA_ON_REDIS_ERROR": "Retry"},
+            "QUOTA_ON_REDIS_ERROR: must be allow or deny, got 'Retry'",
+        ),
+    ],
+)
+def test_the_parsers_own_words_reach_the_operator(env: dict[str, str], says: str) -> None:
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value) == says
+
+
+def test_every_setting_has_its_parser_and_help_in_one_declaration() -> None:
+    for setting in SETTINGS:
+        assert setting.help and callable(setting.parse), setting.variable
+        assert setting.variable == setting.field.upper()
+    assert [s.field for s in SETTINGS][:2] == ["server_host", "server_port"]
 
 
 def test_several_workers_without_redis_are_refused_while_quotas_are_on() -> None:
