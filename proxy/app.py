@@ -65,6 +65,10 @@ REALTIME = web.AppKey("realtime", Realtime)
 FAILOVER = web.AppKey("failover", Failover)
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
+# How long the log may take to write what is queued at shutdown: part of the bounded
+# margin after the grace (runtime.server); a sink stuck longer keeps its lines.
+LOG_FLUSH_SECONDS = 0.5
+
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
 _NO_DEFAULT_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -163,6 +167,7 @@ def build_app(
         functools.partial(load_keys, settings, os.environ),
         on_reload=keys_reloaded,
         is_watched=settings.keys_file_watch,
+        on_sighup=lambda: app[LOGBOOK].reopen(),  # logrotate's signal: the log follows its path
     )
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
@@ -176,6 +181,7 @@ def build_app(
         settings.log_file_path if settings.log_to_file else None,
         settings.log_bodies,
         on_write_error=metrics.log_write_failed,
+        on_dropped=metrics.log_line_dropped,
         secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
     )
     if settings.is_tracing_on:
@@ -310,7 +316,7 @@ async def _tracing(app: web.Application) -> AsyncIterator[None]:
 async def _logbook(app: web.Application) -> AsyncIterator[None]:
     app[LOGBOOK].open()
     yield
-    await app[LOGBOOK].close()
+    await app[LOGBOOK].close(LOG_FLUSH_SECONDS)
 
 
 async def _quota(app: web.Application) -> AsyncIterator[None]:

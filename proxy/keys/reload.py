@@ -5,7 +5,7 @@ A reload reads and checks the whole file with the same loader as the start
 flowing meanwhile), then swaps the result into the live `KeyRing` in one step on the event
 loop, so no request sees half a file. Reloads run one at a time, in the order they were
 asked for, so a slow one can never land after a newer one. A file that does not check
-changes nothing: the keys in force keep serving, and one line on stderr gives the same
+changes nothing: the keys in force keep serving, and one warning (stderr) gives the same
 reason the start would have given.
 
 What a reload does not disturb: a request in flight holds the `VirtualKey` it
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from proxy.keys.keys import KeyRing, KeysFileError
+
+log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 
 POLL_SECONDS = 1.0
 
@@ -83,12 +85,14 @@ class KeysFile:
         load: Callable[[], KeyRing],
         on_reload: Callable[[str | None], None] = lambda error: None,
         is_watched: bool = False,
+        on_sighup: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = path
         self._key_ring = key_ring
         self._load = load
         self._on_reload = on_reload  # None on success, else the reason it was refused
         self._is_watched = is_watched
+        self._on_sighup_too = on_sighup  # what else SIGHUP asks of the app (reopen the log)
         self._seen = signature(path)  # the file as of the last reload, tried or done
         self.loaded_at = modified_at(path)
         self._one_at_a_time = asyncio.Lock()
@@ -106,7 +110,7 @@ class KeysFile:
             try:
                 fresh = await asyncio.to_thread(self._load)
             except KeysFileError as error:
-                say(f"llm-gateway: keys not reloaded ({trigger}), the previous keys stay: {error}")
+                log.warning("keys not reloaded (%s), the previous keys stay: %s", trigger, error)
                 self._on_reload(str(error))
                 return str(error)
             self._swap(fresh, loaded_at, trigger)
@@ -115,9 +119,12 @@ class KeysFile:
     def _swap(self, fresh: KeyRing, loaded_at: str | None, trigger: str) -> None:
         self._key_ring.replace(fresh)
         self.loaded_at = loaded_at
-        say(
-            f"llm-gateway: keys reloaded ({trigger}) from {self.path}: "
-            f"{len(fresh)} keys, config {fresh.digest}"
+        log.info(
+            "keys reloaded (%s) from %s: %d keys, config %s",
+            trigger,
+            self.path,
+            len(fresh),
+            fresh.digest,
         )
         self._on_reload(None)
 
@@ -133,6 +140,7 @@ class KeysFile:
             self._swap(fresh, loaded_at, "start")
 
     def _on_sighup(self) -> None:
+        self._on_sighup_too()
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
         self._signalled.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._signalled.discard)
@@ -168,8 +176,3 @@ class KeysFile:
                 last = current  # still changing, perhaps mid-write: look again next time
             elif current != self._seen:
                 await self.reload("file changed")
-
-
-def say(line: str) -> None:
-    """One line on stderr, where the start's refusals go."""
-    print(line, file=sys.stderr, flush=True)

@@ -14,12 +14,17 @@ writer together, in one `SimpleQueue.put`: a thread woken once per request would
 GIL from the event loop a thousand times a second under load (issue 16).
 
 Invariants:
-- Lines go out as one `os.write` of whole lines (one, or a batch that queued up meanwhile)
-  to a descriptor opened with O_APPEND, so worker processes sharing one file never
-  interleave lines (issue 7, point 3). Only a short write (disk full, a signal) is
-  finished by further writes.
+- Lines go out as one write of whole lines (one, or a batch that queued up meanwhile)
+  through `logfile.LogFile`: O_APPEND, so worker processes sharing one file never
+  interleave lines (issue 7, point 3); a write that fails part-way is cut back to whole
+  lines; the file follows its path through logrotate and a removal (`reopen`, SIGHUP).
+- The queue is bounded (`max_lines`, and `max_bytes` of bodies with LOG_BODIES): a sink
+  that stops taking lines (a log collector that does not read stdout) costs the process
+  that much memory at most. Lines beyond it are dropped, counted (`on_dropped`), and said
+  once per episode.
 - `close` writes every line queued before it, then closes the file. It is bounded: after
-  `timeout_seconds` it reports how many lines were left on stderr and returns.
+  `timeout_seconds` it says how many lines were left and returns; the writer is left to
+  its stuck write (a daemon thread: it does not hold the process).
 
 With LOG_BODIES, bodies are logged as JSON values when they parse (request and response
 alike), else as text; every real key of the keys file is replaced by `[redacted]` in them
@@ -27,32 +32,39 @@ first, so a provider that echoes its key back (in an error message, say) does no
 in the log.
 
 A write that fails at run time (disk full, file removed under a read-only mount, a closed
-pipe) drops that line, calls `on_write_error` (the app counts it in a metric), reports the
-first failure on stderr as one line without a traceback, and keeps going: serving requests
-comes before logging them, and the metric shows every line lost after the first report.
+pipe) drops that line, calls `on_write_error` (the app counts it in a metric), says the
+first failure of an episode as one warning without a traceback, and keeps going: serving requests comes
+before logging them, and the metric shows every line lost after the first report. What the
+logbook says goes through Python logging (in a gateway process: the non-blocking
+`notices`), never a blocking print on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
+from proxy.observe.logfile import LogFile, PartlyWritten
 from proxy.record import Record
 
+log = logging.getLogger("llm_gateway")
+
 REDACTED = "[redacted]"
-STDOUT_FILENO = 1
 BATCH_LINES = 256  # at most this many lines in one write
 # Lines wait on the loop at most this long before the writer takes them, all at once.
 HAND_OVER_SECONDS = 0.01
+# A sink that stops taking lines holds at most this many, and this many bytes of bodies.
+MAX_QUEUED_LINES = 10_000
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+CLOSE_POLL_SECONDS = 0.01
 
 
 def rfc3339(timestamp: float) -> str:
@@ -71,8 +83,10 @@ class Logbook:
         log_bodies: bool,
         on_write_error: Callable[[], None],
         secrets: Callable[[], Collection[str]] = tuple,
+        on_dropped: Callable[[], None] = lambda: None,
+        max_lines: int = MAX_QUEUED_LINES,
+        max_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
-        self._path = path
         self._log_bodies = log_bodies
         # The real keys to keep out of logged bodies; asked per line, so a reloaded
         # keys file counts at once. Called on the writer thread.
@@ -80,39 +94,44 @@ class Logbook:
         self._redaction: tuple[Collection[str], re.Pattern[str] | None] = ((), None)
         # Called on the writer thread, once per lost line: it must be thread-safe.
         self._on_write_error = on_write_error
+        self._on_dropped = on_dropped  # on the loop, once per line the full queue refused
+        self._max_lines, self._max_bytes = max_lines, max_bytes
         # Snapshots not yet handed to the writer, and the timer that will hand them over.
         self._pending: list[dict[str, Any]] = []
+        self._pending_bytes = 0
         self._hand_over_timer: asyncio.TimerHandle | None = None
         # Batches of snapshots; None is queued by `close` after the last one: the writer
         # stops when it takes it.
-        self._queue: SimpleQueue[list[dict[str, Any]] | None] = SimpleQueue()
-        # Lines handed over (counted on the loop) and done with (on the writer thread): each
-        # has one writer, so the difference is what is left when `close` gives up.
-        self._handed = 0
-        self._done = 0
-        self._fd: int | None = None
+        self._queue: SimpleQueue[_Batch | None] = SimpleQueue()
+        # Lines (and body bytes) handed over, counted on the loop, and done with, on the
+        # writer thread: each counter has one writer, so the difference is what the queue
+        # holds, without a lock.
+        self._handed = self._handed_bytes = 0
+        self._done = self._done_bytes = 0
+        self._is_dropping = False
+        self._file = LogFile(path)  # the writer thread's alone, but for `reopen`
         self._thread: threading.Thread | None = None
         self._is_closed = False
         self._has_complained = False
 
-    @property
-    def _target(self) -> str:
-        return self._path if self._path is not None else "stdout"
-
     def open(self) -> None:
         """Open the file for appending and start the writer; OSError if it cannot be opened."""
-        if self._path is None:
-            self._fd = STDOUT_FILENO
-        else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            self._fd = os.open(self._path, flags, 0o644)
+        self._file.open()
         self._thread = threading.Thread(target=self._drain, name="logbook", daemon=True)
         self._thread.start()
+
+    def reopen(self) -> None:
+        """Ask the writer to open the path again before its next line (SIGHUP: rotated)."""
+        self._file.reopen()
 
     def write(self, record: Record) -> None:
         """Hand the record's line to the writer; never blocks, never raises."""
         if self._is_closed:
             self._lose(f"line for request {record.request_id} came after close")
+            return
+        size = _body_bytes(record) if self._log_bodies else 0
+        if self._is_full(size):
+            self._drop()
             return
         # A snapshot of plain values: the writer must not see later changes to the record.
         fields: dict[str, Any] = {
@@ -141,17 +160,47 @@ class Logbook:
             fields["request"] = record.request_body
             fields["response"] = record.response_text
         self._pending.append(fields)
+        self._pending_bytes += size
         if self._hand_over_timer is None:
             loop = asyncio.get_running_loop()
             self._hand_over_timer = loop.call_later(HAND_OVER_SECONDS, self._hand_over)
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Lines, and their body bytes, not yet written (waiting on the loop or the writer)."""
+        lines = self._handed - self._done + len(self._pending)
+        return lines, self._handed_bytes - self._done_bytes + self._pending_bytes
+
+    def _is_full(self, size: int) -> bool:
+        lines, size_queued = self.queued
+        if lines >= self._max_lines or size_queued + size > self._max_bytes:
+            return True
+        if self._is_dropping and lines < self._max_lines // 2:
+            self._is_dropping = False  # the sink caught up: a next episode is said again
+        return False
+
+    def _drop(self) -> None:
+        """A line the full queue has no room for: counted; the first of an episode said."""
+        if not self._is_dropping:
+            self._is_dropping = True
+            lines, size = self.queued
+            log.warning(
+                "logbook: %d lines (%d MB of bodies) wait for %s, which is not taking them; "
+                "further lines are dropped and counted in llm_gateway_log_lines_dropped_total",
+                lines,
+                size // 1_000_000,
+                self._file.name,
+            )
+        self._on_dropped()
 
     def _hand_over(self) -> None:
         """Give the writer every snapshot waiting on the loop, in one put."""
         self._hand_over_timer = None
         if self._pending:
             self._handed += len(self._pending)
-            self._queue.put(self._pending)
-            self._pending = []
+            self._handed_bytes += self._pending_bytes
+            self._queue.put(_Batch(self._pending, self._pending_bytes))
+            self._pending, self._pending_bytes = [], 0
 
     async def close(self, timeout_seconds: float = 10.0) -> None:
         """Write every queued line, then close the file; give up after timeout_seconds."""
@@ -165,19 +214,21 @@ class Logbook:
         if thread is None:
             return
         self._queue.put(None)
-        await asyncio.to_thread(thread.join, timeout_seconds)
+        # Polled, not joined in an executor thread: a stuck writer must not leave behind a
+        # thread that the interpreter waits for at exit.
+        deadline = time.monotonic() + timeout_seconds
+        while thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(CLOSE_POLL_SECONDS)
         if thread.is_alive():
             # The writer is stuck in a write (a full pipe, a hung disk): leave it the fd.
-            print(
-                f"logbook: {self._handed - self._done} lines not written to {self._target} "
-                f"after {timeout_seconds:g} s",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                "logbook: %d lines not written to %s after %g s",
+                self._handed - self._done,
+                self._file.name,
+                timeout_seconds,
             )
             return
-        if self._fd is not None and self._fd != STDOUT_FILENO:
-            os.close(self._fd)
-        self._fd = None
+        self._file.close()
 
     def _drain(self) -> None:
         """The writer thread: format and append lines until `close` queues None.
@@ -186,8 +237,9 @@ class Logbook:
         keeps them whole: one wake-up per batch, not per line.
         """
         while (batch := self._queue.get()) is not None:
-            for start in range(0, len(batch), BATCH_LINES):
-                self._write_lines(batch[start : start + BATCH_LINES])
+            for start in range(0, len(batch.snapshots), BATCH_LINES):
+                self._write_lines(batch.snapshots[start : start + BATCH_LINES])
+            self._done_bytes += batch.size
 
     def _write_lines(self, snapshots: list[dict[str, Any]]) -> None:
         lines = []
@@ -198,10 +250,13 @@ class Logbook:
                 self._lose(f"cannot format line: {error}")
         try:
             if lines:
-                self._append(b"".join(lines))
-        except OSError as error:
-            for _ in lines:
-                self._lose(f"cannot write to {self._target}: {error.strerror or error}")
+                self._file.append(b"".join(lines))
+                if self._has_complained:  # the sink took lines again: a next failure is said
+                    self._has_complained = False
+                    log.warning("logbook: lines reach %s again", self._file.name)
+        except PartlyWritten as failure:
+            for _ in range(len(lines) - failure.whole_lines):
+                self._lose(f"cannot write to {self._file.name}: {failure.reason}")
         finally:
             self._done += len(snapshots)
 
@@ -235,26 +290,27 @@ class Logbook:
             return _unchanged
         return lambda text: pattern.sub(REDACTED, text)
 
-    def _append(self, line: bytes) -> None:
-        """One append write of the whole line (more only after a short write)."""
-        assert self._fd is not None
-        view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view) :]
-
     def _lose(self, reason: str) -> None:
-        """Count a lost line; say so on stderr the first time only.
+        """Count a lost line; say so the first time of an episode only.
 
         Said before counted: whoever sees the count (a scrape, a test) can rely on the line.
         """
         if not self._has_complained:
             self._has_complained = True
-            print(
-                f"logbook: {reason}; requests keep flowing, further lost lines are only counted",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                "logbook: %s; requests keep flowing, further lost lines are only counted", reason
             )
         self._on_write_error()
+
+
+class _Batch(NamedTuple):
+    snapshots: list[dict[str, Any]]
+    size: int  # their body bytes, as counted on the loop
+
+
+def _body_bytes(record: Record) -> int:
+    """What a line's bodies hold in memory while it waits, roughly."""
+    return len(record.request_body or b"") + len(record.response_text or "")
 
 
 def _unchanged(text: str) -> str:

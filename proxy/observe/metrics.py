@@ -146,6 +146,11 @@ class Metrics:
             "Interaction log lines that could not be written.",
             registry=owner,
         )
+        self._log_lines_dropped = Counter(
+            "llm_gateway_log_lines_dropped",
+            "Interaction log lines dropped because the log's queue was full (a stuck sink).",
+            registry=owner,
+        )
         self._trace_export_failures = Counter(
             "llm_gateway_trace_export_failures",
             "Span batches the trace collector did not take (unreachable, refused, timed out).",
@@ -265,6 +270,10 @@ class Metrics:
     def log_write_failed(self) -> None:
         """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""
         self._log_write_errors.inc()
+
+    def log_line_dropped(self) -> None:
+        """Count a log line the full queue had no room for (called on the event loop)."""
+        self._log_lines_dropped.inc()
 
     def trace_export_failed(self) -> None:
         """Count a span batch lost; thread-safe, the tracer's export thread calls it."""

@@ -41,6 +41,7 @@ from aiohttp import web
 
 from proxy.app import METRICS
 from proxy.errors import GatewayError, body
+from proxy.observe.notices import Notices
 from proxy.settings import Settings
 
 REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sending
@@ -51,6 +52,11 @@ REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sendin
 # CPU under load (bench/README.md). At 50,000 the garbage held between collections is a few
 # MB at most; reference counting frees all the rest at once, as before.
 GC_YOUNG_THRESHOLD = 50_000
+# What shutdown may take past the grace, whatever the log, trace and stdout sinks do: the
+# cut requests' log lines and the app's cleanup get CLEANUP_MARGIN_SECONDS, the operator's
+# last lines SAY_MARGIN_SECONDS; a sink still stuck then keeps what it holds.
+CLEANUP_MARGIN_SECONDS = 1.0
+SAY_MARGIN_SECONDS = 0.5
 
 
 class CannotListen(Exception):
@@ -73,20 +79,28 @@ def serve(
     # The app's reload handler, when it installs one on the loop, takes over from this.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tune_gc()
+    notices = Notices()  # stdout and stderr through a thread: a full pipe never stalls the loop
+    notices.start()
+    notices.install()
+
+    def say(line: str) -> None:
+        notices.say(f"llm-gateway {line}{label}")
+
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(settings, app, label, reuse_port, on_listening))
+        loop.run_until_complete(_serve(settings, app, say, reuse_port, on_listening))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         asyncio.set_event_loop(None)
         loop.close()
+        notices.close(SAY_MARGIN_SECONDS)
 
 
 async def _serve(
     settings: Settings,
     app: web.Application,
-    label: str,
+    say: Callable[[str], None],
     reuse_port: bool,
     on_listening: Callable[[], None],
 ) -> None:
@@ -107,29 +121,25 @@ async def _serve(
     try:
         assert runner.server is not None  # set by setup()
         listener = await listen(runner.server, settings, reuse_port)
-        say("listening on " + addresses(listener, settings), label)
+        say("listening on " + addresses(listener, settings))
         on_listening()
         await stop.wait()
         listener.close()  # no new connections
         in_flight = app[METRICS].requests_in_flight
         say(
             f"draining: {in_flight} request{'' if in_flight == 1 else 's'} in flight, "
-            f"up to {settings.shutdown_grace_seconds:g} s",
-            label,
+            f"up to {settings.shutdown_grace_seconds:g} s"
         )
     finally:
-        cut = await drain(runner, settings.shutdown_grace_seconds, app)
-    say(
-        "stopped: every request finished"
+        cut, is_clean = await drain(runner, settings.shutdown_grace_seconds, app)
+    ending = (
+        "every request finished"
         if not cut
-        else f"stopped: {cut} request{'' if cut == 1 else 's'} cut at the end of the grace period",
-        label,
+        else f"{cut} request{'' if cut == 1 else 's'} cut at the end of the grace period"
     )
-
-
-def say(line: str, label: str) -> None:
-    """One line for the operator on stdout, where the listening line goes."""
-    print(f"llm-gateway {line}{label}", flush=True)
+    if not is_clean:
+        ending += f"; the cleanup was left unfinished after {CLEANUP_MARGIN_SECONDS:g} s more"
+    say("stopped: " + ending)
 
 
 async def listen(
@@ -173,8 +183,13 @@ def addresses(listener: asyncio.AbstractServer, settings: Settings) -> str:
     return ", ".join(names) or f"http://{settings.server_host}:{settings.server_port}"
 
 
-async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> int:
-    """aiohttp's cleanup under one deadline; the number of requests cut when it passed."""
+async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tuple[int, bool]:
+    """aiohttp's cleanup under one deadline, then a bounded margin.
+
+    Returns the number of requests cut when the grace passed, and whether the cleanup
+    (the cut requests' handlers, the log's flush, the trace export) ended within the
+    margin after it; if not, it is abandoned: the process exits all the same.
+    """
     cleanup = asyncio.ensure_future(runner.cleanup())
     done, _ = await asyncio.wait({cleanup}, timeout=grace)
     cut = 0
@@ -182,8 +197,12 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> in
         cut = app[METRICS].requests_in_flight
         for connection in runner.server.connections:
             connection.force_close()  # cancels its handler, which logs the request
-    await cleanup
-    return cut
+    done, _ = await asyncio.wait({cleanup}, timeout=CLEANUP_MARGIN_SECONDS)
+    if not done:
+        cleanup.cancel()
+        return cut, False
+    cleanup.result()
+    return cut, True
 
 
 class Refusal(asyncio.Protocol):

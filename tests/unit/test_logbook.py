@@ -173,24 +173,22 @@ def test_a_file_that_cannot_be_opened_raises_oserror(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-async def test_a_failed_write_calls_back_and_says_so_once_on_stderr(
-    capfd: pytest.CaptureFixture[str],
-) -> None:
+async def test_a_failed_write_calls_back_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
     calls = Calls()
     logbook = Logbook("/dev/full", log_bodies=False, on_write_error=calls)
     logbook.open()
     logbook.write(finished_record())
     await until(lambda: calls.count > 0)
     assert calls.count == 1
-    _, err = capfd.readouterr()
-    assert err.count("\n") == 1
-    assert "logbook: cannot write to /dev/full" in err and "Traceback" not in err
+    (said,) = caplog.records
+    assert "logbook: cannot write to /dev/full" in said.getMessage() and said.exc_info is None
+    caplog.clear()
 
     for n in range(3):
         logbook.write(finished_record(n))
     await logbook.close()
     assert calls.count == 4  # every lost line is counted...
-    assert capfd.readouterr().err == ""  # ...but said only once
+    assert caplog.records == []  # ...but said only once
 
 
 async def test_a_write_after_close_is_counted_not_raised(tmp_path: Path) -> None:
@@ -234,9 +232,7 @@ async def test_handing_off_a_record_takes_microseconds(tmp_path: Path) -> None:
     assert per_write_us < 50  # about 1 µs here; the bound leaves room for a slow CI machine
 
 
-async def test_close_is_bounded_when_the_writer_is_stuck(
-    capfd: pytest.CaptureFixture[str],
-) -> None:
+async def test_close_is_bounded_when_the_writer_is_stuck(caplog: pytest.LogCaptureFixture) -> None:
     reader, writer = os.pipe()
     try:
         # Nobody reads the pipe: the writer blocks once the pipe's buffer is full.
@@ -247,7 +243,7 @@ async def test_close_is_bounded_when_the_writer_is_stuck(
         started = time.monotonic()
         await logbook.close(timeout_seconds=0.3)
         assert time.monotonic() - started < 2
-        assert "lines not written" in capfd.readouterr().err
+        assert "lines not written" in caplog.text
     finally:
         # Read everything, so the writer's thread ends with the test.
         os.set_blocking(reader, False)
@@ -287,3 +283,32 @@ async def test_real_keys_are_redacted_from_logged_bodies(tmp_path: Path) -> None
     }
     assert as_text["request"] == "key=[redacted]"
     assert as_text["response"] == "data: [redacted]\n\n"
+
+
+async def test_a_sink_that_takes_nothing_holds_at_most_the_queue_and_the_rest_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reader, writer = os.pipe()
+    dropped = Calls()
+    try:
+        logbook = Logbook(
+            f"/dev/fd/{writer}",
+            log_bodies=True,
+            on_write_error=Calls(),
+            on_dropped=dropped,
+            max_lines=100,
+            max_bytes=10**9,
+        )
+        logbook.open()
+        for n in range(1000):  # 100 KB each: the pipe takes one, nobody reads it
+            logbook.write(finished_record(n, response_text="y" * 100_000))
+            await asyncio.sleep(0)
+        assert logbook.queued[0] <= 100
+        assert dropped.count >= 900 - 2  # a line or two is in the pipe, not the queue
+        said = [record.getMessage() for record in caplog.records]
+        assert len(said) == 1 and "llm_gateway_log_lines_dropped_total" in said[0]
+        await logbook.close(timeout_seconds=0.1)
+    finally:
+        os.close(reader)  # the stuck write fails (EPIPE), and the writer goes through the rest
+        await until(lambda: logbook.queued[0] == 0)
+        os.close(writer)

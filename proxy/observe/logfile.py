@@ -1,0 +1,130 @@
+"""Where the interaction log's bytes go: a file that follows its path, or stdout.
+
+Owned by the logbook's writer thread; nothing here runs on the event loop.
+
+- Appends go to a descriptor opened with O_APPEND, so processes sharing one file never
+  interleave lines. A short write (a signal) is finished by further writes; one that fails
+  part-way (a full disk) is cut back to its last whole line (`PartlyWritten` says how many
+  lines went out whole), so every line in the file stays whole JSON.
+- The file follows its path: `follow` opens the path again when asked (`reopen`: SIGHUP)
+  or when the file there is no longer the one open, checked with one `stat` at most once
+  per FOLLOW_SECONDS. So logrotate's `create` (rename, then a new file), its
+  `copytruncate` (O_APPEND writes land at the new end) and a removed file all end with
+  lines in the file at the configured path; lines written before the check land in the
+  renamed file, none is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger("llm_gateway")
+
+STDOUT_FILENO = 1
+FOLLOW_SECONDS = 1.0  # the path is compared with the open file at most this often
+
+
+class PartlyWritten(Exception):
+    """A write failed after `whole_lines` of its lines went out whole."""
+
+    def __init__(self, whole_lines: int, error: OSError) -> None:
+        super().__init__(error)
+        self.whole_lines = whole_lines
+        self.reason = error.strerror or str(error)
+
+
+class LogFile:
+    """The file at `path` opened for appending, or stdout when `path` is None."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._reopen_asked = threading.Event()
+        self._next_check = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else "stdout"
+
+    def open(self) -> None:
+        """OSError if it cannot be opened."""
+        self._fd = STDOUT_FILENO if self.path is None else _open_for_append(self.path)
+
+    def reopen(self) -> None:
+        """Open the path again before the next append (any thread)."""
+        self._reopen_asked.set()
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd != STDOUT_FILENO:
+            os.close(self._fd)
+        self._fd = None
+
+    def append(self, data: bytes) -> None:
+        """Append whole lines in one write (more only after a short one). Raises PartlyWritten."""
+        self._follow()
+        assert self._fd is not None
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, memoryview(data)[written:])
+        except OSError as error:
+            whole = data.rfind(b"\n", 0, written) + 1  # the bytes of the lines written whole
+            if whole < written:
+                _cut_back(self._fd, written - whole)
+            raise PartlyWritten(data.count(b"\n", 0, whole), error) from None
+
+    def _follow(self) -> None:
+        """Open the path again if asked to, or if the file there is no longer the one open."""
+        if self.path is None or self._fd is None:
+            return
+        if not self._reopen_asked.is_set():
+            now = time.monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + FOLLOW_SECONDS
+            if self._is_at_path():
+                return
+        self._reopen_asked.clear()
+        try:
+            fd = _open_for_append(self.path)
+        except OSError as error:
+            log.warning(
+                "logbook: cannot open %s again (%s); lines still go to the file open before",
+                self.path,
+                error.strerror or error,
+            )
+            return
+        previous, self._fd = self._fd, fd
+        os.close(previous)
+
+    def _is_at_path(self) -> bool:
+        assert self.path is not None and self._fd is not None
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # removed: opening creates it again
+        except OSError:
+            return True  # cannot tell (a directory not searchable): keep what is open
+        here = os.fstat(self._fd)
+        return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _open_for_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+
+def _cut_back(fd: int, extra: int) -> None:
+    """Remove the last `extra` bytes this descriptor appended: a line a failed write cut.
+
+    Only when nothing was appended after them (another worker sharing the file): cutting
+    then would remove that worker's line. A pipe cannot be cut back at all.
+    """
+    try:
+        end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this descriptor's write ended
+        if os.fstat(fd).st_size == end:
+            os.ftruncate(fd, end - extra)
+    except OSError:
+        pass

@@ -1,0 +1,197 @@
+"""A gateway process whose log sinks fail: a stdout nobody reads, a rotated file, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import OPENAI_VK, auth
+from tests.support.processes import Processes, start_gateway
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def chats(
+    url: str, count: int, prompt_bytes: int = 0, concurrency: int = 50, tag: str = ""
+) -> list[int]:
+    """`count` chat requests, `concurrency` at a time (x-request-id `tag`-N): their statuses."""
+    content = "x" * prompt_bytes or "hi"
+    chat = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(session: aiohttp.ClientSession, index: int) -> int:
+        headers = {**auth(OPENAI_VK), **({"x-request-id": f"{tag}-{index}"} if tag else {})}
+        async with semaphore:
+            async with session.post(
+                f"{url}/v1/chat/completions", json=chat, headers=headers
+            ) as response:
+                await response.read()
+                return response.status
+
+    async with aiohttp.ClientSession() as session:
+        return await asyncio.gather(*(one(session, index) for index in range(count)))
+
+
+async def metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else 0.0
+
+
+def whole_lines(path: Path) -> list[dict[str, object]]:
+    """Every line of the file, each of which must be whole JSON."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"a line cut short: {data[-80:]!r}"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def test_a_stdout_nobody_reads_bounds_memory_and_sigterm_still_ends_the_process(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    grace = 2.0
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "unused.jsonl",
+        LOG_TO_FILE="false",  # stdout: a pipe this test never reads again
+        LOG_BODIES="true",
+        QUOTA_ENABLED="false",
+        SHUTDOWN_GRACE_SECONDS=f"{grace:g}",
+    )
+    before = rss_mb(process.pid)
+    # 2,000 bodies of 64 KiB, each logged: 130 MB of lines the pipe's 64 KiB cannot take.
+    assert await chats(url, 2000, prompt_bytes=64 * 1024) == [200] * 2000
+    grown = rss_mb(process.pid) - before
+    assert grown < 70, f"RSS grew {grown:.0f} MB with the log's sink stuck"
+    assert await metric(url, "llm_gateway_log_lines_dropped_total") > 0
+    async with aiohttp.ClientSession() as session:
+        # A stream that never ends: the drain waits the whole grace, then cuts it.
+        stream = await session.post(
+            f"{url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={**auth(OPENAI_VK), "x-fake-hang": "midstream"},
+        )
+        await stream.content.readany()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, grace + 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("SIGTERM did not end a gateway whose stdout is full") from None
+        elapsed = time.monotonic() - started
+    assert process.returncode == 0
+    assert grace <= elapsed < grace + 2.0, f"{elapsed:.1f} s for a grace of {grace:g} s"
+    _, err = process.communicate(timeout=10)
+    said = [line for line in err.splitlines() if "lines_dropped_total" in line]
+    assert len(said) == 1, err[-2000:]
+
+
+def rotate(mode: str, log: Path) -> Path:
+    """Rotate `log` as logrotate's `create` or `copytruncate`, or remove it; the old lines' file."""
+    old = log.with_name(log.name + ".1")
+    if mode == "create":
+        log.rename(old)
+        log.touch()
+    elif mode == "copytruncate":
+        old.write_bytes(log.read_bytes())
+        os.truncate(log, 0)
+    else:
+        log.unlink()
+    return old
+
+
+@pytest.mark.parametrize(
+    ("mode", "hup"), [("create", True), ("create", False), ("copytruncate", False), ("rm", False)]
+)
+async def test_the_log_follows_its_path_through_rotation_and_removal(
+    processes: Processes, process_keys: Path, tmp_path: Path, mode: str, hup: bool
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, QUOTA_ENABLED="false")
+    assert await chats(url, 20) == [200] * 20
+    deadline = time.monotonic() + 10
+    while len(log.read_bytes().splitlines()) < 20:
+        assert time.monotonic() < deadline, "the first lines never reached the file"
+        await asyncio.sleep(0.05)
+    old = rotate(mode, log)
+    if hup:
+        process.send_signal(signal.SIGHUP)  # what logrotate's postrotate sends
+    sent = 20
+    deadline = time.monotonic() + 10  # without a signal: the writer's check, once a second
+    while not log.exists() or not log.read_bytes():
+        assert time.monotonic() < deadline, f"no line reached {log} after {mode}"
+        assert await chats(url, 1) == [200]
+        sent += 1
+        await asyncio.sleep(0.1)
+    assert await chats(url, 20) == [200] * 20
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    after = whole_lines(log)
+    before = whole_lines(old) if old.exists() else []
+    assert len(after) >= 20
+    if mode != "rm":  # a removed file's lines went with it; otherwise none is lost
+        assert len(before) + len(after) == sent + 20
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that fills up (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_leaves_only_whole_lines_and_is_counted_and_said(
+    processes: Processes, process_keys: Path, small_disk: Path
+) -> None:
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 256 * 1024)  # removed later: room again
+    log = small_disk / "log.jsonl"
+    process, url = start_gateway(
+        processes, process_keys, log, LOG_BODIES="true", QUOTA_ENABLED="false"
+    )
+    deadline = time.monotonic() + 30
+    while await metric(url, "llm_gateway_log_write_errors_total") == 0:
+        assert time.monotonic() < deadline, "the disk never filled up"
+        # 7 KiB bodies: a batch of lines fills the last pages part-way through a line.
+        assert await chats(url, 20, prompt_bytes=7 * 1024, concurrency=20) == [200] * 20
+    whole_lines(log)
+    filler.unlink()
+    assert await chats(url, 5, tag="room") == [200] * 5
+    deadline = time.monotonic() + 10
+    while True:
+        found = {line["request_id"] for line in whole_lines(log)}
+        if {f"room-{index}" for index in range(5)} <= found:
+            break
+        assert time.monotonic() < deadline, "no line reached the file once there was room"
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, None, 15)
+    assert "logbook: cannot write to" in err and "No space left on device" in err
+    assert "lines reach" in err  # and that it writes again
