@@ -15,8 +15,9 @@ the same. Nothing changes for a key without the setting, for a client that asked
 itself (its usage chunk reaches it), a body that is not plain JSON (a compressed upload),
 or a request that is not a chat or text completion stream.
 
-The filter works line by line on an uncompressed event stream: every whole line goes out at
-once, a line cut between two chunks waits for its end (a few bytes, microseconds); only the
+The filter works line by line on an uncompressed event stream, lines ending as the SSE
+specification says (`sse_lines`): every whole line goes out at once, a line cut between
+two chunks waits for its end (a few bytes, microseconds); only the
 usage chunk's `data:` line and the blank line after it are withheld. A compressed or sized
 answer passes unfiltered (its bytes cannot be cut without re-encoding it).
 """
@@ -28,8 +29,11 @@ from collections.abc import Mapping
 import orjson
 
 from proxy.keys.keys import VirtualKey
+from proxy.usage.sse_lines import LineReader
 
 _ASK = b'"stream_options":{"include_usage":true},'
+# A usage object, not the `"usage":null` OpenAI then adds to every other chunk.
+_MARKS_USAGE, _MARKS_USAGE_SPACED = b'"usage":{', b'"usage": {'
 # Completions streams that report usage only when asked (chat and legacy text completions).
 _ASKS_FOR_USAGE = "completions"
 
@@ -69,10 +73,10 @@ def amend(body: bytes) -> bytes | None:
 class UsageChunkFilter:
     """Withholds the usage chunk from the bytes a client receives; every other byte passes."""
 
-    __slots__ = ("_is_after_usage", "_line")
+    __slots__ = ("_is_after_usage", "_lines")
 
     def __init__(self) -> None:
-        self._line = bytearray()  # a line cut between two chunks, until its end arrives
+        self._lines = LineReader()  # holds a line cut between two chunks, until its end
         self._is_after_usage = False  # the blank line ending the usage event goes too
 
     @staticmethod
@@ -86,13 +90,10 @@ class UsageChunkFilter:
 
     def __call__(self, chunk: bytes) -> bytes:
         """What of `chunk` (and of the line held before it) the client gets now."""
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            self._line += chunk
-            return b""
-        lines = (self._line + chunk[: end + 1]).splitlines(keepends=True)
-        self._line = bytearray(chunk[end + 1 :])
-        if not any(b'"usage":{' in line or b'"usage": {' in line for line in lines):
+        if self._is_plain(chunk):  # most chunks: whole lines, none a usage chunk
+            return chunk
+        lines = self._lines.feed_raw(chunk)
+        if not any(_MARKS_USAGE in line or _MARKS_USAGE_SPACED in line for line in lines):
             if not self._is_after_usage:
                 return b"".join(lines)
         kept = []
@@ -107,13 +108,23 @@ class UsageChunkFilter:
             kept.append(line)
         return b"".join(kept)
 
+    def _is_plain(self, chunk: bytes) -> bool:
+        """Whole lines after whole lines, no usage object in them: the chunk passes as is."""
+        return (
+            chunk[-1:] == b"\n"
+            and not self._is_after_usage
+            and self._lines.held_bytes == 0
+            and _MARKS_USAGE not in chunk
+            and _MARKS_USAGE_SPACED not in chunk
+        )
+
     def rest(self) -> bytes:
         """At the end of the body: a last line that never got its line end."""
-        rest, self._line = bytes(self._line), bytearray()
+        rest = self._lines.rest()
         return b"" if _is_usage_chunk(rest) else rest
 
 
-def _is_usage_chunk(line: bytes) -> bool:
+def _is_usage_chunk(line: bytes | bytearray) -> bool:
     if not line.startswith(b"data:"):
         return False
     try:

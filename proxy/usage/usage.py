@@ -22,7 +22,7 @@ response reports what the response says (`stored`: its id, status and usage), wh
 
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
-body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
+body's size to parse it whole), or one unfinished SSE line (the reader's); with LOG_BODIES the whole JSON
 body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
 most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies half of that, so they never
 starve the tails. A JSON body kept whole that would pass a bound is cut to its tail (its
@@ -34,8 +34,8 @@ first) the tap lets go of everything.
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
 (one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
-split over several data lines is not read), or treat a bare `\\r` as a line end (the SSE
-spec allows it; no provider sends it).
+split over several data lines is not read). Lines end as the SSE specification says (CRLF,
+LF or CR: `sse_lines`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.record import PENDING, StoredResponse, Usage
 from proxy.usage import estimate
 from proxy.usage.provider_usage import ProviderUsage, last_usage
+from proxy.usage.sse_lines import LineReader
 
 # Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
 MAX_HELD_BYTES = 16 * 1024 * 1024
@@ -151,7 +152,7 @@ class UsageTap:
         "_is_unread",
         "_keep_text",
         "_kind",
-        "_line",
+        "_lines",
         "_memory",
         "_seen",
         "_stored_id",
@@ -180,7 +181,7 @@ class UsageTap:
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
         self._is_unread = self._kind is None
         self._body: bytearray | None = bytearray() if self._kind == _JSON else None
-        self._line = bytearray()  # SSE: the unfinished last line
+        self._lines = LineReader()  # SSE: lines, and the unfinished last one
         self._texts: list[str] = []  # SSE: text deltas, only with keep_text
         self._text: str | None = None  # the text, once finished
         self._text_chars = 0
@@ -291,20 +292,14 @@ class UsageTap:
         self._held -= count
 
     def _take_lines(self, data: bytes) -> None:
-        end = data.rfind(b"\n")
-        if end < 0:
-            if self._hold(len(data)):
-                self._line += data
-            return
-        # The held part and `data` up to its last line end are whole lines.
-        lines = (self._line + data[:end]).split(b"\n")
-        self._line.clear()
-        self._release(self._held)
-        for each in lines:
-            self._take_line(each)
-        rest = data[end + 1 :]
-        if rest and self._hold(len(rest)):
-            self._line += rest
+        for line in self._lines.feed(data):
+            self._take_line(line)
+        # What the reader holds now (an unfinished line) is what this tap holds.
+        held = self._lines.held_bytes
+        if held > self._held:
+            self._hold(held - self._held)
+        elif held < self._held:
+            self._release(self._held - held)
 
     def _take_line(self, line: bytes | bytearray) -> None:
         # One JSON event per data line, as every provider sends them; event:, id:, retry:,
@@ -384,7 +379,7 @@ class UsageTap:
         self._finished = True
         if self._kind == _SSE and not self._is_unread:
             # A stream cut before its last line end still counts what that line said.
-            self._take_line(bytes(self._line))
+            self._take_line(self._lines.rest())
             if self._keep_text:
                 self._text = "".join(self._texts)
         elif self._kind == _JSON and self._body is not None:
@@ -425,7 +420,7 @@ class UsageTap:
     def _let_go(self) -> None:
         self._release(self._held)
         self._body = None
-        self._line = bytearray()
+        self._lines = LineReader()
         self._texts = []
         self._decoder = None
 

@@ -223,6 +223,15 @@ def test_the_filter_withholds_only_the_usage_chunk_wherever_the_stream_is_cut() 
             assert passed == WITHOUT_USAGE, f"cut at {cut}, {second}"
 
 
+def test_the_filter_reads_crlf_and_cr_line_ends_wherever_the_stream_is_cut() -> None:
+    for line_end in (b"\r\n", b"\r"):
+        stream, expected = (body.replace(b"\n", line_end) for body in (STREAM, WITHOUT_USAGE))
+        for cut in range(len(stream) + 1):
+            withheld = UsageChunkFilter()
+            passed = withheld(stream[:cut]) + withheld(stream[cut:]) + withheld.rest()
+            assert passed == expected, f"{line_end!r} cut at {cut}"
+
+
 def test_the_filter_holds_back_no_whole_line() -> None:
     withheld = UsageChunkFilter()
     assert withheld(chunk("Hel")) == chunk("Hel")

@@ -270,6 +270,15 @@ def test_crlf_line_ends_and_a_missing_final_blank_line_still_count():
     assert tap.text == "Hello, world!"
 
 
+def test_bare_cr_line_ends_count_wherever_the_stream_is_cut():
+    for line_end in (b"\r", b"\r\n"):
+        body = OPENAI_STREAM.replace(b"\n", line_end)
+        for cut in range(len(body) + 1):
+            tap = tap_of(body, chunks=[cut])
+            assert tap.usage(b"") == Usage(12, 3), (line_end, cut)
+            assert tap.text == "Hello, world!"
+
+
 def test_data_lines_without_blank_lines_between_are_each_read():
     body = (
         b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
