@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,8 +18,9 @@ from proxy.settings import Settings
 from tests.support.fake_provider import FAKE_STATE, FakeState, build_fake_provider
 from tests.support.processes import Processes
 
-# The real redis-server fixtures (redis_server, redis_url) live beside it.
-pytest_plugins = ["tests.support.redis_server"]
+# Fixtures that live beside what they serve: a real redis-server (redis_server, redis_url,
+# raw_redis) and the OTLP receiver (receiver, received).
+pytest_plugins = ["tests.support.redis_server", "tests.support.otlp_receiver"]
 
 # Every secret of the test keys file: no output of the gateway may ever contain one.
 OPENAI_VK = "vk_test_openai_4f7a9c2e1b"
@@ -144,6 +146,32 @@ def make_gateway(
 @pytest.fixture
 async def gateway(make_gateway: Callable[..., Awaitable[TestClient]]) -> TestClient:
     return await make_gateway()
+
+
+@pytest.fixture
+def gateway_with_keys(
+    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> Callable[..., Awaitable[TestClient]]:
+    """A factory: a gateway whose keys file is the test one plus these virtual keys (secret to
+    entry), priced by `prices` when given, with these setting overrides. Each call writes its
+    own files, so two gateways of one test never share a keys file by accident."""
+    written = itertools.count()
+
+    async def make(
+        keys: dict[str, dict[str, Any]], prices: dict[str, Any] | None = None, **env: str
+    ) -> TestClient:
+        number = next(written)
+        document = keys_document(fake_base)
+        document["virtual_keys"].update(keys)
+        path = tmp_path / f"keys-{number}.json"
+        path.write_text(json.dumps(document))
+        if prices is not None:
+            prices_path = tmp_path / f"prices-{number}.json"
+            prices_path.write_text(json.dumps(prices))
+            env = {"PRICES_FILE": str(prices_path), **env}
+        return await make_gateway(KEYS_FILE_PATH=str(path), **env)
+
+    return make
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Issue 14 (no $0-priced class of requests): a POST /v1/responses with "background": true
 answers queued with usage null, and the GET that returns it finished was charged nothing,
 so a budget never saw its tokens. Through a real gateway in front of the fake provider,
-with the official SDK; the Redis case with two gateways sharing one redis-server.
+with the official SDK; the Redis case with two gateways sharing one redis-server is in
+tests/process/test_background_redis.py.
 """
 
 from __future__ import annotations
@@ -11,24 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-import redis
 from aiohttp.test_utils import TestClient
 
-from proxy.app import QUOTA, build_app
+from proxy.app import QUOTA
 from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
 from proxy.record import Usage
-from proxy.settings import Settings
 from proxy.usage.usage import Charged, UsageTap, charged
-from tests.conftest import OPENAI_VK, SECRETS, auth, keys_document
+from tests.conftest import SECRETS, auth
 from tests.support.fake_provider import FakeState
-from tests.support.processes import Processes, start_gateway
 
 BUDGET_VK = "vk_test_background_3c5e7a9b1d"
 BUDGET_REAL = "sk-background-real-2468013579"
@@ -47,44 +44,25 @@ Records = Callable[..., Awaitable[list[dict[str, Any]]]]
 MakeGateway = Callable[..., Awaitable[TestClient]]
 
 
-@pytest.fixture
-def background_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    tmp_path: Path,
-    fake_base: str,
-    log_path: Path,
-) -> MakeGateway:
-    """A gateway with a budgeted key and another key of the same provider, priced by PRICES."""
-
-    async def make(budget_usd: float = 100.0, **env: str) -> TestClient:
-        document = keys_document(fake_base)
-        budget = {"usd": budget_usd, "window_seconds": 3600}
-        document["virtual_keys"][BUDGET_VK] = {
+def background_keys(budget_usd: float = 100.0) -> dict[str, dict[str, Any]]:
+    """A budgeted key and another key of the same provider."""
+    return {
+        BUDGET_VK: {
             "provider": "openai",
             "api_key": BUDGET_REAL,
             "name": "background",
-            "budget": budget,
-        }
-        document["virtual_keys"][OTHER_VK] = {
-            "provider": "openai",
-            "api_key": OTHER_REAL,
-            "name": "other",
-        }
-        keys, prices = tmp_path / "background-keys.json", tmp_path / "prices.json"
-        keys.write_text(json.dumps(document))
-        prices.write_text(json.dumps(PRICES))
-        settings = Settings.from_env(
-            {
-                "KEYS_FILE_PATH": str(keys),
-                "PRICES_FILE": str(prices),
-                "LOG_TO_FILE": "true",
-                "LOG_FILE_PATH": str(log_path),
-                **env,
-            }
-        )
-        return await aiohttp_client(
-            build_app(settings), server_kwargs={"handler_cancellation": True}
-        )
+            "budget": {"usd": budget_usd, "window_seconds": 3600},
+        },
+        OTHER_VK: {"provider": "openai", "api_key": OTHER_REAL, "name": "other"},
+    }
+
+
+@pytest.fixture
+def background_gateway(gateway_with_keys: MakeGateway) -> MakeGateway:
+    """A gateway with a budgeted key and another key of the same provider, priced by PRICES."""
+
+    async def make(budget_usd: float = 100.0, **env: str) -> TestClient:
+        return await gateway_with_keys(background_keys(budget_usd), prices=PRICES, **env)
 
     return make
 
@@ -390,90 +368,3 @@ async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded
         await tracker.owe("key", f"resp_{index}", "origin", 10)
     assert await tracker.claim("key", "resp_0") is None  # the oldest went
     assert await tracker.claim("key", f"resp_{MAX_OWED}") == "origin"
-
-
-# --- Redis: two gateways, one state -----------------------------------------------------
-
-
-@pytest.fixture
-def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_once(
-    background_gateway: MakeGateway,
-    redis_url: str,
-    raw_redis: redis.Redis,
-    records: Records,
-    log_path: Path,
-) -> None:
-    first = await background_gateway(REDIS_URL=redis_url)
-    second = await background_gateway(REDIS_URL=redis_url)
-    response_ids = [await create(first) for _ in range(3)]
-    owed = raw_redis.keys("llm-gateway:*:bg:*")
-    assert len(owed) == 3 and all(0 < raw_redis.ttl(name) <= 24 * 3600 for name in owed)
-    assert not any(secret in name for name in owed for secret in ALL_SECRETS)
-    # Each response polled at once from both gateways, twice each: one poll charges it.
-    polls = [
-        client(gateway).responses.retrieve(response_id)
-        for response_id in response_ids
-        for gateway in (first, second, first, second)
-    ]
-    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
-    lines = await records(3 + 12)  # every request settled: its charge is held, or in Redis
-    await second.app[QUOTA].settled()  # its charges are in Redis, where the first reads them
-    assert (await usage_of(first, records, 15))["totals"]["tokens"] == 3 * REAL_TOKENS
-    assert (await usage_of(second, records, 15))["budget"]["spent_usd"] == pytest.approx(
-        3 * REAL_TOKENS * USD_PER_TOKEN
-    )
-    assert raw_redis.keys("llm-gateway:*:bg:*") == []
-    assert sum(line["usage"] is not None for line in lines) == 3
-    text = log_path.read_text()
-    assert not any(secret in text for secret in ALL_SECRETS)
-
-
-async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_polled(
-    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
-) -> None:
-    logs = [tmp_path / f"log{index}.jsonl" for index in range(2)]
-    urls = [start_gateway(processes, process_keys, log, REDIS_URL=redis_url)[1] for log in logs]
-    sdks = [
-        openai.AsyncOpenAI(
-            api_key=OPENAI_VK, base_url=f"{url}/v1", max_retries=0, default_headers=ANSWER
-        )
-        for url in urls
-    ]
-    made = await sdks[0].responses.create(model="gpt-4o-mini", input=INPUT, background=True)
-    polls = [sdks[index % 2].responses.retrieve(made.id) for index in range(8)]
-    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
-
-    async def lines() -> list[dict[str, Any]]:
-        """Every log line of both gateways, once all 1 + 8 are written (bounded wait)."""
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            found = [
-                json.loads(line)
-                for log in logs
-                if log.exists()
-                for line in log.read_text().splitlines()
-            ]
-            if len(found) >= 9 or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.01)
-
-    charged_lines = [line for line in await lines() if line["usage"] is not None]
-    assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
-    assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
-    async with aiohttp.ClientSession() as session:
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:  # the charging process sends its settle within 50 ms
-            async with session.get(f"{urls[0]}/usage", headers=auth(OPENAI_VK)) as response:
-                tokens = (await response.json())["totals"]["tokens"]
-            if tokens >= REAL_TOKENS or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
-    assert tokens == REAL_TOKENS

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,7 +42,6 @@ from tests.support.fake_realtime import (
     FakeSocket,
     RealtimeState,
 )
-from tests.support.processes import Processes, start_gateway
 
 PATH = "/v1/realtime?model=gpt-realtime"
 # Either side closing closes the other within this (issue 15, point 4).
@@ -519,27 +517,3 @@ async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
     assert_openai_error(await response.json(), "model_not_allowed")
     assert "gpt-realtime" in (await response.json())["error"]["message"]
     assert sockets.sockets == []
-
-
-async def test_a_gateway_process_relays_a_session_and_closes_it_with_1001_on_sigterm(
-    processes: Processes, process_keys: Path, tmp_path: Path
-) -> None:
-    process, url = start_gateway(
-        processes, process_keys, tmp_path / "interactions.jsonl", SHUTDOWN_GRACE_SECONDS="20"
-    )
-    async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(
-            f"{url}{PATH}", headers=auth(OPENAI_VK), protocols=["realtime"], autoclose=False
-        )
-        assert ws.protocol == "realtime"
-        await next_data(ws)  # session.created
-        await ws.send_str("over a real process")
-        echo = await next_data(ws)
-        assert (echo.type, echo.data) == (WSMsgType.TEXT, "over a real process")
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        close = await next_data(ws)
-        assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
-        await ws.close()
-    assert await asyncio.to_thread(process.wait, 30) == 0
-    assert time.monotonic() - started < 10  # the open session did not hold the drain for its grace

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -28,23 +26,12 @@ from tests.conftest import (
 )
 from tests.support.fake_provider import Fault
 from tests.support.fake_realtime import OUTPUT_TOKENS
-from tests.support.otlp_receiver import RECEIVED, Received, ReceivedSpan, build_receiver
-from tests.support.processes import Processes, refused, start_gateway
+from tests.support.otlp_receiver import Received, ReceivedSpan
 
 MESSAGE = "a secret prompt the traces must never carry"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": MESSAGE}]}
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
-    return await aiohttp_server(build_receiver())
-
-
-@pytest.fixture
-def received(receiver: TestServer) -> Received:
-    return receiver.app[RECEIVED]
 
 
 @pytest.fixture
@@ -425,39 +412,3 @@ async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
     upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
     assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
     assert_nothing_secret(spans)
-
-
-async def test_a_gateway_process_exports_the_spans_still_queued_when_it_stops(
-    processes: Processes,
-    process_keys: Path,
-    tmp_path: Path,
-    receiver: TestServer,
-    received: Received,
-) -> None:
-    process, url = start_gateway(
-        processes,
-        process_keys,
-        tmp_path / "interactions.jsonl",
-        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")),
-        OTEL_BSP_SCHEDULE_DELAY="600000",  # no export on a timer: only a full batch, or the stop
-    )
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
-        ) as response:
-            assert response.status == 200
-    assert received.exports == 0
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(process.wait, 30) == 0
-    spans = await received.wait_for(2)
-    assert {span.kind for span in spans} == {"server", "client"}
-
-
-def test_an_otel_exporter_the_gateway_cannot_use_stops_the_process_with_one_line(
-    process_keys: Path,
-) -> None:
-    result = refused(
-        {"KEYS_FILE_PATH": str(process_keys), "OTEL_TRACES_EXPORTER": "zipkin"},
-    )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "OTEL_TRACES_EXPORTER" in result.stderr

@@ -8,7 +8,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,6 @@ async def real_time_tracker(redis_url: str) -> AsyncIterator[RedisTracker]:
     tracker = RedisTracker(redis_url)
     yield tracker
     await tracker.close()
-
-
-@pytest.fixture
-def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client, to look at what the tracker left in Redis."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 # --- the memory tracker's semantics --------------------------------------------------------

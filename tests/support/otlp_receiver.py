@@ -2,7 +2,8 @@
 
 A real aiohttp app at POST /v1/traces that parses the protobuf `ExportTraceServiceRequest`
 (gzip or deflate bodies too) into `ReceivedSpan`s, kept in `app[RECEIVED]`. `wait_for`
-waits, bounded, until the spans a test expects have arrived.
+waits, bounded, until the spans a test expects have arrived. The fixtures `receiver` (the
+running server) and `received` (what it decoded) are loaded by tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -105,3 +109,13 @@ def build_receiver() -> web.Application:
     app[RECEIVED] = Received()
     app.router.add_post("/v1/traces", traces)
     return app
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(build_receiver())
+
+
+@pytest.fixture
+def received(receiver: TestServer) -> Received:
+    return receiver.app[RECEIVED]

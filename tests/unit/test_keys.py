@@ -12,7 +12,6 @@ from multidict import CIMultiDict
 from proxy.errors import GatewayError
 from proxy.keys.fields import check_fields
 from proxy.keys.keys import Defaults, KeyRing, KeysFileError, masked
-from tests.support.processes import refused
 
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
 
@@ -441,59 +440,6 @@ def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: st
             "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "REAL"}}
         }
         load(tmp_path, env_document, environ={"REAL": real})
-
-
-@pytest.mark.parametrize(
-    ("document", "says", "never"),
-    [
-        (
-            {
-                "provider": {"openai": {"base_url": "http://127.0.0.1:9/v1"}},
-                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
-            },
-            "'provider' is not a top-level field (did you mean 'providers'?)",
-            None,
-        ),
-        (
-            {
-                "virtual_keys": {
-                    "vk_a_123456789": {
-                        "provider": "openai",
-                        "api_key": "x",
-                        "name": "user2",
-                        "qouta": {"requests": 2},
-                    }
-                }
-            },
-            "key 'user2': 'qouta' is not a key field (did you mean 'quota'?)",
-            None,
-        ),
-        ({"virtual_keys": {}}, "'virtual_keys' is empty", None),
-        (
-            {
-                "providers": {"openai": {"base_url": "https://admin:s3cr3t-pw@api.example.com/v1"}},
-                "virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "x"}},
-            },
-            "base_url must not carry credentials",
-            "s3cr3t-pw",
-        ),
-        (
-            {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a\r\nb"}}},
-            "api_key contains a control character",
-            "sk-a",
-        ),
-    ],
-)
-def test_the_gateway_refuses_to_start_on_a_careless_keys_file(
-    tmp_path: Path, document: Any, says: str, never: str | None
-) -> None:
-    path = tmp_path / "keys.json"
-    path.write_text(json.dumps(document))
-    result = refused({"KEYS_FILE_PATH": str(path)})
-    assert result.returncode == 2
-    assert says in result.stderr and str(path) in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert never is None or never not in result.stderr + result.stdout
 
 
 def test_every_real_key_of_pools_fallbacks_and_routes_is_known_for_redaction(

@@ -16,7 +16,6 @@ from genai_prices import data_snapshot
 from proxy.record import Usage
 from proxy.usage.pricing import Prices, PricesFileError
 from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
-from tests.support.processes import refused
 
 
 def library_cost(provider: str, model: str, usage: Usage) -> float:
@@ -150,18 +149,6 @@ def test_a_bad_overrides_file_is_refused_naming_what_is_wrong(
 ) -> None:
     with pytest.raises(PricesFileError, match=says):
         Prices.load(write(tmp_path / "prices.json", document))
-
-
-def test_a_bad_prices_file_stops_the_start_with_one_line_and_exit_2(
-    tmp_path: Path, keys_file: Path
-) -> None:
-    broken = tmp_path / "prices.json"
-    broken.write_text("{not json")
-    for path, says in ((broken, "is not valid JSON"), (tmp_path / "none.json", "cannot be read")):
-        result = refused({"KEYS_FILE_PATH": str(keys_file), "PRICES_FILE": str(path)})
-        assert result.returncode == 2, result.stderr
-        assert says in result.stderr and "PRICES_FILE" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 async def test_the_log_line_and_metrics_carry_each_requests_cost(

@@ -1,0 +1,45 @@
+"""The gateway's /metrics in front of the fake provider: what a scrape shows after requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_provider(
+    gateway,
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import OPENAI_VK, auth
+
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=body,
+        headers={**auth(OPENAI_VK), "x-fake-chunks": "5", "x-fake-delay-ms": "100"},
+    )
+    await response.read()  # about 0.5 s, nearly all of it the provider's
+    text = await (await gateway.get("/metrics")).text()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("llm_gateway_overhead_seconds", "llm_gateway_request_duration_seconds"))
+    }
+    assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
+    assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] > 0.4
+    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
+
+
+async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_start(
+    gateway: Any,
+) -> None:
+    text = await (await gateway.get("/metrics")).text()
+    found = {
+        (sample.labels["provider"], sample.labels["kind"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_upstream_errors_total"
+    }
+    providers = {"openai", "anthropic", "azure", "local"}  # the test keys file's
+    kinds = {"status", "unreachable", "timeout", "broken"}
+    assert found == {(provider, kind): 0.0 for provider in providers for kind in kinds}

@@ -1,0 +1,110 @@
+"""Background Responses on Redis: two gateways (in one process, then as two processes) share
+one redis-server, and a background response is charged once whichever of them is polled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from proxy.app import QUOTA
+from tests.app.test_background import (
+    ALL_SECRETS,
+    ANSWER,
+    INPUT,
+    PRICES,
+    REAL_TOKENS,
+    USD_PER_TOKEN,
+    Records,
+    background_keys,
+    client,
+    create,
+    usage_of,
+)
+from tests.conftest import OPENAI_VK, auth
+from tests.support.processes import Processes, start_gateway
+
+
+async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_once(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_url: str,
+    raw_redis: redis.Redis,
+    records: Records,
+    log_path: Path,
+) -> None:
+    first, second = [
+        await gateway_with_keys(background_keys(), prices=PRICES, REDIS_URL=redis_url)
+        for _ in range(2)
+    ]
+    response_ids = [await create(first) for _ in range(3)]
+    owed = raw_redis.keys("llm-gateway:*:bg:*")
+    assert len(owed) == 3 and all(0 < raw_redis.ttl(name) <= 24 * 3600 for name in owed)
+    assert not any(secret in name for name in owed for secret in ALL_SECRETS)
+    # Each response polled at once from both gateways, twice each: one poll charges it.
+    polls = [
+        client(gateway).responses.retrieve(response_id)
+        for response_id in response_ids
+        for gateway in (first, second, first, second)
+    ]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+    lines = await records(3 + 12)  # every request settled: its charge is held, or in Redis
+    await second.app[QUOTA].settled()  # its charges are in Redis, where the first reads them
+    assert (await usage_of(first, records, 15))["totals"]["tokens"] == 3 * REAL_TOKENS
+    assert (await usage_of(second, records, 15))["budget"]["spent_usd"] == pytest.approx(
+        3 * REAL_TOKENS * USD_PER_TOKEN
+    )
+    assert raw_redis.keys("llm-gateway:*:bg:*") == []
+    assert sum(line["usage"] is not None for line in lines) == 3
+    text = log_path.read_text()
+    assert not any(secret in text for secret in ALL_SECRETS)
+
+
+async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_polled(
+    processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
+) -> None:
+    logs = [tmp_path / f"log{index}.jsonl" for index in range(2)]
+    urls = [start_gateway(processes, process_keys, log, REDIS_URL=redis_url)[1] for log in logs]
+    sdks = [
+        openai.AsyncOpenAI(
+            api_key=OPENAI_VK, base_url=f"{url}/v1", max_retries=0, default_headers=ANSWER
+        )
+        for url in urls
+    ]
+    made = await sdks[0].responses.create(model="gpt-4o-mini", input=INPUT, background=True)
+    polls = [sdks[index % 2].responses.retrieve(made.id) for index in range(8)]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+
+    async def lines() -> list[dict[str, Any]]:
+        """Every log line of both gateways, once all 1 + 8 are written (bounded wait)."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            found = [
+                json.loads(line)
+                for log in logs
+                if log.exists()
+                for line in log.read_text().splitlines()
+            ]
+            if len(found) >= 9 or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.01)
+
+    charged_lines = [line for line in await lines() if line["usage"] is not None]
+    assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
+    assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
+    async with aiohttp.ClientSession() as session:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the charging process sends its settle within 50 ms
+            async with session.get(f"{urls[0]}/usage", headers=auth(OPENAI_VK)) as response:
+                tokens = (await response.json())["totals"]["tokens"]
+            if tokens >= REAL_TOKENS or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    assert tokens == REAL_TOKENS
