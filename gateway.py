@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy.app import load_keys
-from proxy.keys.keys import KeysFileError
+from proxy.keys.fields import KeysFileError
 from proxy.runtime.server import CannotListen
 from proxy.runtime.workers import run
 from proxy.settings import SettingError, Settings

@@ -25,7 +25,8 @@ from proxy.endpoints.admin import Admin
 from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
 from proxy.keys.credentials import presents_token
-from proxy.keys.keys import Defaults, KeyRing
+from proxy.keys.fields import Defaults
+from proxy.keys.keys import KeyRing
 from proxy.keys.lockout import Lockout
 from proxy.keys.reload import KeysFile
 from proxy.observe.health import Health

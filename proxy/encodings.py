@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 
-import brotli
+import brotli  # type: ignore[import-untyped]  # brotli ships no type hints
 import zstandard
 
 from proxy.errors import GatewayError
@@ -171,7 +171,7 @@ class _Brotli(_Stage):
 
     @property
     def is_complete(self) -> bool:
-        return self._decoder.is_finished()
+        return bool(self._decoder.is_finished())  # brotli is untyped: make the bool sure
 
 
 class _Zstd(_Stage):
@@ -182,7 +182,8 @@ class _Zstd(_Stage):
     def __init__(self, sink: Sink) -> None:
         super().__init__(sink)
         decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW_BYTES)
-        self._writer = decompressor.stream_writer(self, write_size=STEP, closefd=False)
+        # The writer only ever calls `write`; zstandard's hints ask for a whole IO[bytes].
+        self._writer = decompressor.stream_writer(self, write_size=STEP, closefd=False)  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> int:
         self._sink(data)

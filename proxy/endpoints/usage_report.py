@@ -40,8 +40,8 @@ class UsageReport:
         try:
             document.update(await self._quota.tracker.report(key.id, key.limits, key.budget))
         except TrackerUnavailable:
-            error = GatewayError(
+            refusal = GatewayError(
                 503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
             )
-            return errors.render(error, request.path)
+            return errors.render(refusal, request.path)
         return web.Response(body=orjson.dumps(document), content_type="application/json")

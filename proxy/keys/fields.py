@@ -16,7 +16,7 @@ import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from yarl import URL
 
@@ -144,11 +144,11 @@ def limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
     requests = quota.get("requests", defaults.requests)
     tokens = quota.get("tokens", defaults.tokens)
     window = quota.get("window_seconds", defaults.window_seconds)
-    if not _positive(requests, integer=True):
+    if not _positive_int(requests):
         raise KeysFileError(f"{where}: quota.requests must be a positive integer")
-    if tokens is not None and not _positive(tokens, integer=True):
+    if tokens is not None and not _positive_int(tokens):
         raise KeysFileError(f"{where}: quota.tokens must be a positive integer or null")
-    if not _positive(window, integer=False):
+    if not _positive_number(window):
         raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
     return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
 
@@ -165,15 +165,19 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     check_fields(where, budget, "budget", "budget.")
     usd = budget.get("usd")
     window = budget.get("window_seconds", defaults.budget_window_seconds)
-    if not _positive(usd, integer=False):
+    if not _positive_number(usd):
         raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
-    if not _positive(window, integer=False):
+    if not _positive_number(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
     return Budget(usd=float(usd), window_seconds=float(window))
 
 
-def _positive(value: Any, integer: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+def _positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: object) -> TypeGuard[float]:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return 0 < value < float("inf")
 

@@ -38,7 +38,8 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
-from proxy.keys.keys import KeyRing, KeysFileError
+from proxy.keys.fields import KeysFileError
+from proxy.keys.keys import KeyRing
 
 log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 

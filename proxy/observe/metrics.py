@@ -58,12 +58,12 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         # No `_created` series: a start time per label set doubles the text and means nothing
         # to a dashboard. Process-wide in prometheus-client, and the same for every Metrics.
-        prometheus_client.disable_created_metrics()
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
         self._registry = CollectorRegistry()
         owner: CollectorRegistry | None = self._registry
         if multiprocess_dir is not None:
             use_multiprocess_values(multiprocess_dir)
-            multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)
+            multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
             owner = None  # values live in the files; the collector reads every worker's
         self._models: set[str] = set()
         # This process's own count, for the drain's line: the gauge may sum several workers.

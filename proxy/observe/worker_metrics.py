@@ -30,9 +30,9 @@ def use_multiprocess_values(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     # The mmap files' directory is read from the environment when each file is opened.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue()
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
 
 def forget_worker(multiprocess_dir: str, pid: int) -> None:
     """Drop an exited worker's live gauges (requests in flight) from the sum."""
-    multiprocess.mark_process_dead(pid, multiprocess_dir)
+    multiprocess.mark_process_dead(pid, multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated in prometheus-client

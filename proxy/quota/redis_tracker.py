@@ -183,7 +183,10 @@ class RedisTracker:
         try:
             name = owed_key(key_id, response_id)
             async with self._client.pipeline(transaction=True) as pipe:
-                origin, deleted = await pipe.get(name).delete(name).execute()
+                # Queued, not sent: redis-py's hints call a pipeline's commands awaitable.
+                pipe.get(name)
+                pipe.delete(name)
+                origin, deleted = await pipe.execute()
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
         return origin.decode() if deleted == 1 and origin is not None else None

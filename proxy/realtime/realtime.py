@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import orjson
@@ -38,7 +38,8 @@ from yarl import URL
 
 from proxy import errors
 from proxy.errors import GatewayError
-from proxy.keys.keys import KeyRing, VirtualKey, presented
+from proxy.keys.credentials import presented
+from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.keys.lockout import Lockout
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
@@ -144,7 +145,7 @@ class Realtime:
         target: Target,
         request: web.Request,
         record: Record,
-    ) -> aiohttp.ClientWebSocketResponse:
+    ) -> aiohttp.ClientWebSocketResponse[Literal[False]]:
         """The provider's end of the session. Raises 502, 504, or the provider's refusal status."""
         timeout = self._settings.request_timeout
         headers = handshake_headers(target, request.headers, record.request_id)
@@ -182,13 +183,13 @@ class Realtime:
     async def _carry(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientWebSocketResponse,
+        upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
         key: VirtualKey,
         admission: Admission | None,
         record: Record,
-    ) -> web.WebSocketResponse:
+    ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
-        client = web.WebSocketResponse(
+        client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoping=False,
             autoclose=False,
@@ -247,7 +248,7 @@ class SessionUsage:
 
     def __init__(self, on_response: Callable[[Usage], None]) -> None:
         self._on_response = on_response
-        self._total: dict[str, int] | None = None
+        self._total: Usage | None = None
 
     def read(self, frame: bytes) -> None:
         """One provider text frame, already sent on; most cost one substring search."""
@@ -264,31 +265,38 @@ class SessionUsage:
         if not isinstance(usage, dict):
             return
         counts = _counts(usage)
-        if self._total is None:
-            self._total = counts
-        else:
-            for name, count in counts.items():
-                self._total[name] += count
-        self._on_response(Usage(**counts))
+        self._total = counts if self._total is None else _added(self._total, counts)
+        self._on_response(counts)
 
     @property
     def total(self) -> Usage | None:
         """The session's usage; None when the provider reported none."""
-        return None if self._total is None else Usage(**self._total)
+        return self._total
 
 
-def _counts(usage: dict[str, Any]) -> dict[str, int]:
-    """`response.usage` as `Usage` fields: cached and audio tokens are parts of the totals."""
+def _counts(usage: dict[str, Any]) -> Usage:
+    """`response.usage` as `Usage`: cached and audio tokens are parts of the totals."""
     inputs, outputs = usage.get("input_token_details"), usage.get("output_token_details")
     inputs = inputs if isinstance(inputs, dict) else {}
     outputs = outputs if isinstance(outputs, dict) else {}
-    return {
-        "prompt_tokens": _count(usage.get("input_tokens")),
-        "completion_tokens": _count(usage.get("output_tokens")),
-        "cache_read_tokens": _count(inputs.get("cached_tokens")),
-        "input_audio_tokens": _count(inputs.get("audio_tokens")),
-        "output_audio_tokens": _count(outputs.get("audio_tokens")),
-    }
+    return Usage(
+        prompt_tokens=_count(usage.get("input_tokens")),
+        completion_tokens=_count(usage.get("output_tokens")),
+        cache_read_tokens=_count(inputs.get("cached_tokens")),
+        input_audio_tokens=_count(inputs.get("audio_tokens")),
+        output_audio_tokens=_count(outputs.get("audio_tokens")),
+    )
+
+
+def _added(total: Usage, more: Usage) -> Usage:
+    """The counts a session's responses reported, summed (Realtime reports per response)."""
+    return Usage(
+        prompt_tokens=total.prompt_tokens + more.prompt_tokens,
+        completion_tokens=total.completion_tokens + more.completion_tokens,
+        cache_read_tokens=total.cache_read_tokens + more.cache_read_tokens,
+        input_audio_tokens=total.input_audio_tokens + more.input_audio_tokens,
+        output_audio_tokens=total.output_audio_tokens + more.output_audio_tokens,
+    )
 
 
 def _count(value: object) -> int:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WSMessageNoDecodeText
 
 log = logging.getLogger("llm_gateway")
 
@@ -41,18 +43,37 @@ _SENDABLE = (
 CLIENT, PROVIDER = "client", "provider"
 
 
+class _End(Protocol):
+    """What a pump uses of either end: aiohttp's server and client WebSockets alike."""
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def receive(self, timeout: float | None = None) -> WSMessageNoDecodeText: ...
+
+    async def send_frame(
+        self, message: bytes, opcode: WSMsgType, compress: int | None = None
+    ) -> None: ...
+
+    async def ping(self, message: bytes = b"") -> None: ...
+
+    async def pong(self, message: bytes = b"") -> None: ...
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"") -> bool: ...
+
+
 class Session:
     """One relayed session: the two ends, a pump each way, the counts and how it ended."""
 
     def __init__(
         self,
-        client: web.WebSocketResponse,
-        provider: aiohttp.ClientWebSocketResponse,
+        client: web.WebSocketResponse[Literal[False]],
+        provider: aiohttp.ClientWebSocketResponse[Literal[False]],
         idle_seconds: float,
         max_seconds: float,
         on_provider_text: Callable[[bytes], None],
     ) -> None:
-        self._ends = {CLIENT: client, PROVIDER: provider}
+        self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
         self._idle_seconds = idle_seconds
         self._max_seconds = max_seconds
         self._on_provider_text = on_provider_text
@@ -123,7 +144,9 @@ class Session:
                 elif kind is WSMsgType.PONG:
                     await target.pong(message.data)
                 elif kind is WSMsgType.CLOSE:
-                    return await self._pass_close(source_side, target_side, message)
+                    return await self._pass_close(
+                        source_side, target_side, message.data, message.extra
+                    )
                 elif kind is WSMsgType.CLOSING:
                     return  # another task is closing this end
                 elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
@@ -137,10 +160,10 @@ class Session:
             self._last_frame = self._loop.time()
 
     async def _pass_close(
-        self, source_side: str, target_side: str, message: aiohttp.WSMessage
+        self, source_side: str, target_side: str, code: int, reason: str | None
     ) -> None:
         """Pass a close frame on; answer the closing side with what the other side answered."""
-        code, reason = message.data, message.extra or ""
+        reason = reason or ""
         if self.ended_by is None:
             self.ended_by, self.close_code = source_side, code
         source, target = self._ends[source_side], self._ends[target_side]

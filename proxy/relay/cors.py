@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy import errors
 from proxy.errors import GatewayError
@@ -80,7 +81,7 @@ class Cors:
         return self._is_any or origin.rstrip("/").lower() in self._origins
 
     @web.middleware
-    async def _preflight(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def _preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
         if (
             request.method != "OPTIONS"

@@ -15,7 +15,12 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from multidict import MultiMapping
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import (  # type: ignore[import-untyped]  # multipart ships no type hints
+    MultipartError,
+    MultipartSegment,
+    PushMultipartParser,
+    parse_options_header,
+)
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.

@@ -127,8 +127,8 @@ class Relay:
             # A bug, not an input: one log line with the traceback, a 500 in the dialect.
             log.exception("internal error on %s %s", request.method, request.path)
             record.end(500, Outcome.INTERNAL, "internal error")
-            error = GatewayError(500, "internal_error", "The gateway failed on this request.")
-            return errors.render(error, request.path, record.request_id)
+            failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
+            return errors.render(failure, request.path, record.request_id)
         finally:
             try:
                 if record.stored is not None and key is not None:  # a background response:
@@ -165,6 +165,7 @@ class Relay:
         )
         idle = settings.stream_idle_timeout
         try:
+            response: web.StreamResponse
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
                 response = await send_whole(reply, headers, tap, record, idle)
             else:
@@ -183,6 +184,7 @@ class Relay:
                 record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
                 return response
             # After prepare() the status is sent: a failure can only end the stream.
+            assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
             await relay_body(request, reply, response, tap, record, idle, withheld)

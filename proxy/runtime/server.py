@@ -142,9 +142,7 @@ async def _serve(
     say("stopped: " + ending)
 
 
-async def listen(
-    server: web.Server, settings: Settings, reuse_port: bool
-) -> asyncio.AbstractServer:
+async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> asyncio.Server:
     """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen."""
     loop = asyncio.get_running_loop()
     host, port = settings.server_host, settings.server_port
@@ -174,7 +172,7 @@ async def listen(
         raise
 
 
-def addresses(listener: asyncio.AbstractServer, settings: Settings) -> str:
+def addresses(listener: asyncio.Server, settings: Settings) -> str:
     """Where the gateway listens, with the real port (also for SERVER_PORT=0)."""
     names = []
     for sock in listener.sockets:

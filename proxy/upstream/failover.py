@@ -34,7 +34,7 @@ import errno
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -124,7 +124,7 @@ class Failover:
         policy: RetryPolicy,
         breakers: Breakers,
         max_body_bytes: int,
-        sleep: Callable[[float], object] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.policy = policy
@@ -236,7 +236,9 @@ class Failover:
             await self._sleep(wait)
         return None
 
-    async def _attempt(self, outbound: Outbound, credential: Credential, record: Record) -> Reply:
+    async def _attempt(
+        self, outbound: Outbound, credential: Credential, record: Record
+    ) -> aiohttp.ClientResponse:
         """One request to one target with one key. Raises Failed."""
         assert self.session is not None, "the app's upstream session is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]

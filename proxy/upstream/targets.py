@@ -53,8 +53,8 @@ class Pool:
         credentials = self.credentials
         if len(credentials) == 1:  # the common case pays nothing for pools
             only = credentials[0]
-            usable = only.resting_until <= now and only.label not in exclude
-            return only if usable else None
+            is_usable = only.resting_until <= now and only.label not in exclude
+            return only if is_usable else None
         usable = [c for c in credentials if c.resting_until <= now and c.label not in exclude]
         if not usable:
             return None

@@ -66,7 +66,7 @@ async def _owe_or_claim(quota: Quota, key: VirtualKey, record: Record) -> None:
             origin = orjson.dumps([record.provider, record.model]).decode()
             await quota.owe(key, stored.id, origin, OWED_SECONDS)
     elif stored.is_finished and stored.usage is not None:  # a GET by id, or a cancel
-        origin = await quota.claim(key, stored.id)
-        if origin is not None:
-            record.provider, record.model = orjson.loads(origin)
+        claimed = await quota.claim(key, stored.id)
+        if claimed is not None:
+            record.provider, record.model = orjson.loads(claimed)
             record.usage = stored.usage
