@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: bench-failover run test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: bench-failover run lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -21,9 +21,16 @@ keys.json:
 run: $(STAMP) keys.json
 	$(PY) gateway.py $(ARGS)
 
-# test: install everything (venv, redis-server, prometheus, podman for the image check), then run every test.
+# lint: ruff (lint rules and formatting) over the code and tests, mypy --strict over proxy/
+LINTED := proxy tests bench gateway.py
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy --strict proxy
+
+# test: install everything (venv, redis-server, prometheus, podman for the image check), lint, then run every test.
 # The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
-test: $(STAMP) system-packages
+test: lint $(STAMP) system-packages
 	$(PY) -m pytest -q
 
 # unit: the fast levels (tests/unit and tests/app: no real process, no system package), under a minute
