@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, admission, report
+from proxy.quota.tracker import (
+    NOTHING,
+    Admission,
+    Budget,
+    Charge,
+    Limits,
+    Scope,
+    admission,
+    report,
+)
 from proxy.quota.window import SlidingWindow, Totals
 
 # Background responses owed at once, at most: about 300 bytes each, so 30 MB.
@@ -31,6 +40,8 @@ class MemoryTracker:
         self._retired: dict[str, Totals] = {}  # totals of evicted keys
         # (key id, response id) → (until when, origin), oldest first: all owe for as long.
         self._owed: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        # scope id → the leases holding its slots (a process cannot die and leave the rest).
+        self._slots: dict[str, set[str]] = {}
         self.on_settle_failed: Callable[[str], None] = lambda error: None  # never fails
 
     def __len__(self) -> int:
@@ -49,6 +60,55 @@ class MemoryTracker:
         now = self._clock()
         reading = self._touch(key_id, limits, now).admit(now, limits, budget, claim)
         return admission(reading, limits, budget)
+
+    async def admit_scopes(
+        self, scopes: Sequence[Scope], claim: Charge = NOTHING, lease: str = ""
+    ) -> tuple[Admission, ...]:
+        """Admit in every scope or in none; no await between the checks and the counts."""
+        now = self._clock()
+        windows = [self._touch(scope.id, scope.limits, now) for scope in scopes]
+        rooms = [w.room(now, s.limits, s.budget) for w, s in zip(windows, scopes, strict=True)]
+        held = [self._held(scope) for scope in scopes]
+        slots_full = [
+            s.max_in_flight is not None and n >= s.max_in_flight
+            for s, n in zip(scopes, held, strict=True)
+        ]
+        admitted = all(rooms) and not any(slots_full)
+        answers = []
+        for scope, window, room, slots, full_slots in zip(
+            scopes, windows, rooms, held, slots_full, strict=True
+        ):
+            ticket = 0
+            if admitted:
+                ticket = window.take(now, scope.limits, claim)
+                if scope.max_in_flight is not None:
+                    self._slots.setdefault(scope.id, set()).add(lease)
+                    slots += 1
+            reading = window.reading(
+                now, scope.limits, scope.budget, admitted, ticket, not room, slots, full_slots
+            )
+            answers.append(admission(reading, scope.limits, scope.budget))
+        return tuple(answers)
+
+    def settle_scopes(self, scopes: Sequence[Scope], spent: Charge, tickets: Sequence[int]) -> None:
+        for scope, ticket in zip(scopes, tickets, strict=True):
+            self.settle(scope.id, scope.limits, spent, ticket, scope.budget)
+
+    def release(self, scopes: Sequence[Scope], lease: str) -> None:
+        for scope in scopes:
+            leases = self._slots.get(scope.id)
+            if leases is not None:
+                leases.discard(lease)
+                if not leases:
+                    del self._slots[scope.id]
+
+    async def in_flight(self, scope: Scope) -> int:
+        return len(self._slots.get(scope.id, ()))
+
+    def _held(self, scope: Scope) -> int:
+        if scope.max_in_flight is None:
+            return -1
+        return len(self._slots.get(scope.id, ()))
 
     def settle(
         self,

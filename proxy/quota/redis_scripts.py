@@ -1,6 +1,8 @@
-"""The Lua scripts of the Redis tracker: each call is one atomic step on one virtual key.
+"""The Lua scripts of the Redis tracker: each call is one atomic step on one or more scopes.
 
-KEYS (all under one `{key_id}` hash tag, so a cluster keeps them in one slot):
+A scope is a virtual key, its team, or one of its model groups (`tracker.Scope`); a script
+gets KEYS_PER_SCOPE keys per scope, in this order (all of a scope under one `{id}` hash
+tag; a key's model groups share the key's tag, a team has its own):
 1 admissions   sorted set, one member (the ticket) per counted admission, scored by time (µs)
 2 charges      sorted set of token charges, members `serial:tokens`
 3 charged      the tokens in `charges`, as a running sum so `admit` never walks the log
@@ -10,10 +12,12 @@ KEYS (all under one `{key_id}` hash tag, so a cluster keeps them in one slot):
 6 reserved     hash: ticket → `tokens:micro_usd`, and the sums `tokens` and `micro_usd`
 7 spend        sorted set of spend buckets (index, scored by index)
 8 spent        hash: bucket index → micro-dollars, `sum`, and the bucket `width` (µs)
+9 in_flight    sorted set of the leases holding a slot, scored by when each expires (µs)
 
-ARGV: 1 now in µs (-1: Redis TIME), 2 quota window µs, 3 request limit (-1: no quota at all),
-4 token limit (-1: none), 5 budget in micro-dollars (-1: none), 6 budget window µs,
-7 the number of settles that ride along, then SETTLE_FIELDS values per settle (ticket, tokens,
+ARGV: 1 now in µs (-1: Redis TIME), 2 the number of scopes; then per scope: its quota window
+µs, request limit (-1: no quota at all), token limit (-1: none), budget in micro-dollars
+(-1: none), budget window µs, max_in_flight (-1: none), the number of settles that ride
+along, then SETTLE_FIELDS values per settle (ticket, tokens,
 micro-dollars, how many µs ago it ended: it is logged at that time, then the tokens of each
 kind in `tracker.KINDS` order, added to the totals hash under their names), then the
 script's own arguments. Every script first applies the settles
@@ -28,6 +32,10 @@ from proxy.quota.tracker import KINDS
 
 # Values per settle in ARGV: ticket, tokens, micro-dollars, age, then one per token kind.
 SETTLE_FIELDS = 4 + len(KINDS)
+KEYS_PER_SCOPE = 9
+# Values per scope in ARGV before its settles: quota window µs, request limit, token
+# limit, budget µ$, budget window µs, max_in_flight, the number of settles.
+POLICY_FIELDS = 7
 
 # A reservation older than this is taken to be leaked (its process died before settling)
 # and dropped; the request it belonged to, if still running, is charged when it settles.
@@ -39,15 +47,35 @@ if now < 0 then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
-local window, requests, token_limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local budget, budget_window = tonumber(ARGV[5]), tonumber(ARGV[6])
-local has_limits = requests >= 0
-local cutoff = now - window  -- entries at or before it have left the window
-local width = math.max(1, math.floor(budget_window / 1000))
 local IN_FLIGHT_WAIT = 1000000
 local RESERVATION_US = %(reservation_us)d
 local KINDS = {%(kinds)s}
 local SETTLE_FIELDS = %(settle_fields)d
+local KEYS_PER_SCOPE = %(keys_per_scope)d
+local POLICY_FIELDS = %(policy_fields)d
+
+-- Where each scope's policy and settles sit in ARGV; the script's own arguments follow.
+local scopes = {}
+local own = 3
+for s = 1, tonumber(ARGV[2]) do
+  scopes[s] = own
+  own = own + POLICY_FIELDS + SETTLE_FIELDS * tonumber(ARGV[own + POLICY_FIELDS - 1])
+end
+
+-- The scope in use: its keys and its policy (every function below reads these).
+local K, window, requests, token_limit, budget, budget_window, max_in_flight
+local has_limits, cutoff, width
+local function use(s)
+  local base, at = (s - 1) * KEYS_PER_SCOPE, scopes[s]
+  K = {}
+  for i = 1, KEYS_PER_SCOPE do K[i] = KEYS[base + i] end
+  window, requests, token_limit = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  budget, budget_window = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  max_in_flight = tonumber(ARGV[at + 5])
+  has_limits = requests >= 0
+  cutoff = now - window  -- entries at or before it have left the window
+  width = math.max(1, math.floor(budget_window / 1000))
+end
 
 -- Integers as Redis wants them: tostring would write -0 or 1e+15.
 local function int(n)
@@ -65,30 +93,30 @@ end
 -- Counted admissions in the window; only the newest `requests` are kept, as the memory
 -- ring keeps them when a key's limit is lowered.
 local function window_requests()
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -requests - 1)
-  return redis.call('ZCARD', KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', K[1], '-inf', cutoff)
+  redis.call('ZREMRANGEBYRANK', K[1], 0, -requests - 1)
+  return redis.call('ZCARD', K[1])
 end
 
 -- Tokens charged in the window, from the running sum.
 local function window_tokens()
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff) end
-  if redis.call('ZCARD', KEYS[2]) == 0 then
-    redis.call('DEL', KEYS[3])
+  local gone = redis.call('ZRANGEBYSCORE', K[2], '-inf', cutoff)
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', K[2], '-inf', cutoff) end
+  if redis.call('ZCARD', K[2]) == 0 then
+    redis.call('DEL', K[3])
     return 0
   end
-  if redis.call('EXISTS', KEYS[3]) == 0 then  -- evicted alone (maxmemory): sum the log
+  if redis.call('EXISTS', K[3]) == 0 then  -- evicted alone (maxmemory): sum the log
     local used = 0
-    for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    for _, member in ipairs(redis.call('ZRANGE', K[2], 0, -1)) do
       used = used + tokens_of(member)
     end
-    redis.call('SET', KEYS[3], used, 'PX', math.max(1, redis.call('PTTL', KEYS[2])))
+    redis.call('SET', K[3], used, 'PX', math.max(1, redis.call('PTTL', K[2])))
     return used
   end
   local left = 0
   for _, member in ipairs(gone) do left = left + tokens_of(member) end
-  return redis.call('DECRBY', KEYS[3], int(left))
+  return redis.call('DECRBY', K[3], int(left))
 end
 
 -- Microseconds until the oldest entry of a log leaves the window (0 when empty).
@@ -103,7 +131,7 @@ local function token_wait(used)
   if used < token_limit then return 0 end
   local first = 0
   while true do
-    local batch = redis.call('ZRANGE', KEYS[2], first, first + 99, 'WITHSCORES')
+    local batch = redis.call('ZRANGE', K[2], first, first + 99, 'WITHSCORES')
     if #batch == 0 then return IN_FLIGHT_WAIT end  -- full with reservations alone
     for i = 1, #batch, 2 do
       used = used - tokens_of(batch[i])
@@ -115,18 +143,18 @@ end
 
 -- The sums reserved by requests still running; leaked reservations are dropped first.
 local function reserved()
-  local stale = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - RESERVATION_US)
+  local stale = redis.call('ZRANGEBYSCORE', K[5], '-inf', now - RESERVATION_US)
   for _, ticket in ipairs(stale) do
-    local held = redis.call('HGET', KEYS[6], ticket)
+    local held = redis.call('HGET', K[6], ticket)
     if held then
       local tokens, micro = string.match(held, '^(%%d+):(%%d+)$')
-      redis.call('HINCRBY', KEYS[6], 'tokens', int(0 - tonumber(tokens)))
-      redis.call('HINCRBY', KEYS[6], 'micro_usd', int(0 - tonumber(micro)))
-      redis.call('HDEL', KEYS[6], ticket)
+      redis.call('HINCRBY', K[6], 'tokens', int(0 - tonumber(tokens)))
+      redis.call('HINCRBY', K[6], 'micro_usd', int(0 - tonumber(micro)))
+      redis.call('HDEL', K[6], ticket)
     end
-    redis.call('ZREM', KEYS[5], ticket)
+    redis.call('ZREM', K[5], ticket)
   end
-  local sums = redis.call('HMGET', KEYS[6], 'tokens', 'micro_usd')
+  local sums = redis.call('HMGET', K[6], 'tokens', 'micro_usd')
   return tonumber(sums[1]) or 0, tonumber(sums[2]) or 0
 end
 
@@ -137,38 +165,38 @@ end
 -- Micro-dollars spent in the budget's window; a changed window starts the log anew,
 -- keeping what was spent as of now (never forgotten early).
 local function window_spend()
-  local known = redis.call('HGET', KEYS[8], 'width')
+  local known = redis.call('HGET', K[8], 'width')
   if known and tonumber(known) ~= width then
-    local kept = tonumber(redis.call('HGET', KEYS[8], 'sum')) or 0
-    redis.call('DEL', KEYS[7], KEYS[8])
+    local kept = tonumber(redis.call('HGET', K[8], 'sum')) or 0
+    redis.call('DEL', K[7], K[8])
     if kept > 0 then
       local index = math.floor(now / width)
-      redis.call('ZADD', KEYS[7], int(index), int(index))
-      redis.call('HSET', KEYS[8], int(index), int(kept), 'sum', int(kept), 'width', int(width))
+      redis.call('ZADD', K[7], int(index), int(index))
+      redis.call('HSET', K[8], int(index), int(kept), 'sum', int(kept), 'width', int(width))
     end
   end
   local last_gone = math.floor((now - budget_window) / width) - 1
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', last_gone)
+  local gone = redis.call('ZRANGEBYSCORE', K[7], '-inf', last_gone)
   if #gone > 0 then
     local left = 0
     for _, index in ipairs(gone) do
-      left = left + (tonumber(redis.call('HGET', KEYS[8], index)) or 0)
-      redis.call('HDEL', KEYS[8], index)
+      left = left + (tonumber(redis.call('HGET', K[8], index)) or 0)
+      redis.call('HDEL', K[8], index)
     end
-    redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', last_gone)
-    return redis.call('HINCRBY', KEYS[8], 'sum', int(0 - left))
+    redis.call('ZREMRANGEBYSCORE', K[7], '-inf', last_gone)
+    return redis.call('HINCRBY', K[8], 'sum', int(0 - left))
   end
-  return tonumber(redis.call('HGET', KEYS[8], 'sum')) or 0
+  return tonumber(redis.call('HGET', K[8], 'sum')) or 0
 end
 
 -- Microseconds until the spend plus `held` is under the budget.
 local function budget_wait(held)
   local first = 0
   while true do
-    local batch = redis.call('ZRANGE', KEYS[7], first, first + 99)
+    local batch = redis.call('ZRANGE', K[7], first, first + 99)
     if #batch == 0 then return IN_FLIGHT_WAIT end
     for _, index in ipairs(batch) do
-      held = held - (tonumber(redis.call('HGET', KEYS[8], index)) or 0)
+      held = held - (tonumber(redis.call('HGET', K[8], index)) or 0)
       if held < budget then return leaves_bucket(tonumber(index)) end
     end
     first = first + 100
@@ -176,7 +204,7 @@ local function budget_wait(held)
 end
 
 local function spend_leaves()
-  local oldest = redis.call('ZRANGE', KEYS[7], 0, 0)
+  local oldest = redis.call('ZRANGE', K[7], 0, 0)
   if #oldest == 0 then return 0 end
   return leaves_bucket(tonumber(oldest[1]))
 end
@@ -184,114 +212,151 @@ end
 -- Release a reservation and charge what the request really cost (`first`: where its
 -- tokens by kind start in ARGV).
 local function settle(ticket, tokens, micro, at, first)
-  local held = redis.call('HGET', KEYS[6], ticket)
+  local held = redis.call('HGET', K[6], ticket)
   if held then
     local reserved_tokens, reserved_micro = string.match(held, '^(%%d+):(%%d+)$')
-    redis.call('HINCRBY', KEYS[6], 'tokens', int(0 - tonumber(reserved_tokens)))
-    redis.call('HINCRBY', KEYS[6], 'micro_usd', int(0 - tonumber(reserved_micro)))
-    redis.call('HDEL', KEYS[6], ticket)
-    redis.call('ZREM', KEYS[5], ticket)
+    redis.call('HINCRBY', K[6], 'tokens', int(0 - tonumber(reserved_tokens)))
+    redis.call('HINCRBY', K[6], 'micro_usd', int(0 - tonumber(reserved_micro)))
+    redis.call('HDEL', K[6], ticket)
+    redis.call('ZREM', K[5], ticket)
   end
-  redis.call('HINCRBY', KEYS[4], 'tokens', int(tokens))
-  redis.call('HINCRBY', KEYS[4], 'micro_usd', int(micro))
+  redis.call('HINCRBY', K[4], 'tokens', int(tokens))
+  redis.call('HINCRBY', K[4], 'micro_usd', int(micro))
   for k, name in ipairs(KINDS) do
     local count = tonumber(ARGV[first + k - 1])
-    if count > 0 then redis.call('HINCRBY', KEYS[4], name, int(count)) end
+    if count > 0 then redis.call('HINCRBY', K[4], name, int(count)) end
   end
   if has_limits then
     window_tokens()
     if tokens > 0 and at > cutoff then
-      local serial = redis.call('HINCRBY', KEYS[4], 'charges', 1)
-      redis.call('ZADD', KEYS[2], int(at), serial .. ':' .. int(tokens))
-      redis.call('INCRBY', KEYS[3], int(tokens))
-      expire_in(KEYS[2], window / 1000)
-      expire_in(KEYS[3], window / 1000)
+      local serial = redis.call('HINCRBY', K[4], 'charges', 1)
+      redis.call('ZADD', K[2], int(at), serial .. ':' .. int(tokens))
+      redis.call('INCRBY', K[3], int(tokens))
+      expire_in(K[2], window / 1000)
+      expire_in(K[3], window / 1000)
     end
   end
   if budget >= 0 then
     window_spend()
     local index = math.floor(at / width)
     if micro > 0 and index > math.floor((now - budget_window) / width) - 1 then
-      redis.call('ZADD', KEYS[7], int(index), int(index))
-      redis.call('HINCRBY', KEYS[8], int(index), int(micro))
-      redis.call('HINCRBY', KEYS[8], 'sum', int(micro))
-      redis.call('HSET', KEYS[8], 'width', int(width))
-      expire_in(KEYS[7], (budget_window + width) / 1000)
-      expire_in(KEYS[8], (budget_window + width) / 1000)
+      redis.call('ZADD', K[7], int(index), int(index))
+      redis.call('HINCRBY', K[8], int(index), int(micro))
+      redis.call('HINCRBY', K[8], 'sum', int(micro))
+      redis.call('HSET', K[8], 'width', int(width))
+      expire_in(K[7], (budget_window + width) / 1000)
+      expire_in(K[8], (budget_window + width) / 1000)
     end
   end
 end
 
-local settles = tonumber(ARGV[7])
-for i = 0, settles - 1 do
-  local at = 8 + SETTLE_FIELDS * i
-  settle(ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), now - tonumber(ARGV[at + 3]),
-         at + 4)
+-- Slots held by leases not yet expired (leases are scored by when they expire); -1: no cap.
+local function slots()
+  if max_in_flight < 0 then return -1 end
+  redis.call('ZREMRANGEBYSCORE', K[9], '-inf', now)
+  return redis.call('ZCARD', K[9])
 end
-local own = 8 + SETTLE_FIELDS * settles  -- the script's own arguments start here
+
+for s = 1, #scopes do
+  use(s)
+  local first = scopes[s] + POLICY_FIELDS
+  for i = 0, tonumber(ARGV[first - 1]) - 1 do
+    local at = first + SETTLE_FIELDS * i
+    settle(ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]),
+           now - tonumber(ARGV[at + 3]), at + 4)
+  end
+end
 
 -- What the windows hold now, as `tracker.Reading` lists it (waits only when over).
-local function reading(admitted, ticket, reserved_tokens, reserved_micro)
+local function reading(admitted, ticket, reserved_tokens, reserved_micro, full, held, slots_full)
   local size, leaves, used, charge_leaves, wait = 0, 0, 0, 0, 0
   if has_limits then
-    size = redis.call('ZCARD', KEYS[1])
-    leaves = oldest_leaves(KEYS[1])
+    size = redis.call('ZCARD', K[1])
+    leaves = oldest_leaves(K[1])
     if token_limit >= 0 or not admitted then
-      used = tonumber(redis.call('GET', KEYS[3])) or 0
+      used = tonumber(redis.call('GET', K[3])) or 0
     end
-    charge_leaves = oldest_leaves(KEYS[2])
+    charge_leaves = oldest_leaves(K[2])
     if token_limit >= 0 then wait = token_wait(used + reserved_tokens) end
   end
   local spent, spend_wait, oldest_spend = 0, 0, 0
   if budget >= 0 then
-    spent = tonumber(redis.call('HGET', KEYS[8], 'sum')) or 0
+    spent = tonumber(redis.call('HGET', K[8], 'sum')) or 0
     oldest_spend = spend_leaves()
     if spent + reserved_micro >= budget then spend_wait = budget_wait(spent + reserved_micro) end
   end
   local answer = {admitted and 1 or 0, ticket, size, leaves, used, reserved_tokens, wait,
-                  charge_leaves, spent, reserved_micro, spend_wait, oldest_spend}
+                  charge_leaves, spent, reserved_micro, spend_wait, oldest_spend,
+                  full and 1 or 0, held or -1, slots_full and 1 or 0}
   if admitted then  -- an admission answers no totals but its ticket (the serial)
-    answer[13], answer[14], answer[15] = ticket, 0, 0
+    answer[16], answer[17], answer[18] = ticket, 0, 0
     return answer
   end
-  local totals = redis.call('HMGET', KEYS[4], 'requests', 'tokens', 'micro_usd', unpack(KINDS))
-  for i = 1, #totals do answer[12 + i] = tonumber(totals[i]) or 0 end
+  local totals = redis.call('HMGET', K[4], 'requests', 'tokens', 'micro_usd', unpack(KINDS))
+  for i = 1, #totals do answer[15 + i] = tonumber(totals[i]) or 0 end
   return answer
 end
 """
 
-# ARGV[own], ARGV[own + 1]: the tokens and micro-dollars to reserve.
+# ARGV[own], ARGV[own + 1]: the tokens and micro-dollars to reserve; ARGV[own + 2]: the
+# lease that takes a slot in each scope with a max_in_flight, ARGV[own + 3]: its life in µs.
+# Every scope is checked before any is counted: admitted in all, or counted in none.
 _ADMIT = """
 local claim_tokens, claim_micro = tonumber(ARGV[own]), tonumber(ARGV[own + 1])
-local full = false
-local reserved_tokens, reserved_micro = reserved()
-if has_limits then
-  full = window_requests() >= requests
-  if token_limit >= 0 then
-    local used = window_tokens()  -- expired whatever the request count says, as in memory
-    full = full or used + reserved_tokens >= token_limit
+local lease, lease_us = ARGV[own + 2], tonumber(ARGV[own + 3])
+local checked = {}
+local refused = false
+for s = 1, #scopes do
+  use(s)
+  local full = false
+  local reserved_tokens, reserved_micro = reserved()
+  if has_limits then
+    full = window_requests() >= requests
+    if token_limit >= 0 then
+      local used = window_tokens()  -- expired whatever the request count says, as in memory
+      full = full or used + reserved_tokens >= token_limit
+    end
+  end
+  if budget >= 0 then
+    local spent = window_spend()
+    full = full or spent + reserved_micro >= budget
+  end
+  local held = slots()
+  local slots_full = held >= 0 and held >= max_in_flight
+  refused = refused or full or slots_full
+  checked[s] = {reserved_tokens, reserved_micro, full, held, slots_full}
+end
+local answers = {}
+for s = 1, #scopes do
+  use(s)
+  local c = checked[s]
+  local reserved_tokens, reserved_micro, held = c[1], c[2], c[4]
+  if refused then
+    answers[s] = reading(false, 0, reserved_tokens, reserved_micro, c[3], held, c[5])
+  else
+    local ticket = redis.call('HINCRBY', K[4], 'requests', 1)
+    if has_limits then
+      redis.call('ZADD', K[1], int(now), ticket)
+      expire_in(K[1], window / 1000)
+    end
+    if claim_tokens > 0 or claim_micro > 0 then
+      redis.call('ZADD', K[5], int(now), ticket)
+      redis.call('HSET', K[6], ticket, int(claim_tokens) .. ':' .. int(claim_micro))
+      redis.call('HINCRBY', K[6], 'tokens', int(claim_tokens))
+      redis.call('HINCRBY', K[6], 'micro_usd', int(claim_micro))
+      expire_in(K[5], RESERVATION_US / 1000)
+      expire_in(K[6], RESERVATION_US / 1000)
+      reserved_tokens, reserved_micro = reserved_tokens + claim_tokens, reserved_micro + claim_micro
+    end
+    if held >= 0 then
+      redis.call('ZADD', K[9], int(now + lease_us), lease)
+      expire_in(K[9], lease_us / 1000)
+      held = held + 1
+    end
+    answers[s] = reading(true, ticket, reserved_tokens, reserved_micro, false, held, false)
   end
 end
-if budget >= 0 then
-  local spent = window_spend()
-  full = full or spent + reserved_micro >= budget
-end
-if full then return reading(false, 0, reserved_tokens, reserved_micro) end
-local ticket = redis.call('HINCRBY', KEYS[4], 'requests', 1)
-if has_limits then
-  redis.call('ZADD', KEYS[1], int(now), ticket)
-  expire_in(KEYS[1], window / 1000)
-end
-if claim_tokens > 0 or claim_micro > 0 then
-  redis.call('ZADD', KEYS[5], int(now), ticket)
-  redis.call('HSET', KEYS[6], ticket, int(claim_tokens) .. ':' .. int(claim_micro))
-  redis.call('HINCRBY', KEYS[6], 'tokens', int(claim_tokens))
-  redis.call('HINCRBY', KEYS[6], 'micro_usd', int(claim_micro))
-  expire_in(KEYS[5], RESERVATION_US / 1000)
-  expire_in(KEYS[6], RESERVATION_US / 1000)
-  reserved_tokens, reserved_micro = reserved_tokens + claim_tokens, reserved_micro + claim_micro
-end
-return reading(true, ticket, reserved_tokens, reserved_micro)
+return answers
 """
 
 # Settles only (those no admission carried in time), then nothing to answer.
@@ -300,12 +365,41 @@ return 0
 """
 
 _REPORT = """
-if has_limits then
-  window_requests()
-  window_tokens()
+local answers = {}
+for s = 1, #scopes do
+  use(s)
+  if has_limits then
+    window_requests()
+    window_tokens()
+  end
+  if budget >= 0 then window_spend() end
+  local reserved_tokens, reserved_micro = reserved()
+  answers[s] = reading(false, 0, reserved_tokens, reserved_micro, false, slots(), false)
 end
-if budget >= 0 then window_spend() end
-return reading(false, 0, reserved())
+return answers
+"""
+
+# Slots: KEYS are lease sets, ARGV[1] the lease life in µs, ARGV[2] 1 to renew only the
+# leases still there (0: add them back, after Redis was lost), then one lease per key.
+RENEW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local life = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if ARGV[2] == '1' then
+    redis.call('ZADD', key, 'XX', string.format('%d', now + life), ARGV[2 + i])
+  else
+    redis.call('ZADD', key, string.format('%d', now + life), ARGV[2 + i])
+  end
+  redis.call('PEXPIRE', key, math.ceil(life / 1000))
+end
+return 0
+"""
+
+# Give back slots: KEYS are lease sets, ARGV the lease held in each.
+RELEASE = """
+for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
+return 0
 """
 
 SCRIPTS = {
@@ -315,6 +409,8 @@ SCRIPTS = {
             "reservation_us": RESERVATION_SECONDS * 1_000_000,
             "kinds": ", ".join(f"'{kind}'" for kind in KINDS),
             "settle_fields": SETTLE_FIELDS,
+            "keys_per_scope": KEYS_PER_SCOPE,
+            "policy_fields": POLICY_FIELDS,
         }
     )
     + body

@@ -39,7 +39,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.quota.redis_scripts import SCRIPTS, SETTLE_FIELDS
+from proxy.quota.redis_scripts import RELEASE, RENEW, SCRIPTS, SETTLE_FIELDS
 from proxy.quota.tracker import (
     NO_KINDS,
     NOTHING,
@@ -58,6 +58,7 @@ from proxy.quota.tracker import (
     Charge,
     Limits,
     Reading,
+    Scope,
     TrackerUnavailable,
     admission,
     report,
@@ -89,7 +90,11 @@ _KEY_NAMES = (
     "reserved",
     "spend",
     "spent",
+    "in_flight",
 )
+# A slot's lease lasts this long unless renewed; a running request renews it every third of
+# it, so a process killed while holding slots gives them back within LEASE_SECONDS.
+LEASE_SECONDS = 10.0
 
 Policy = tuple[Limits | None, Budget | None]
 
@@ -123,6 +128,13 @@ class RedisTracker:
         self._admit = self._client.register_script(SCRIPTS["admit"])
         self._settle = self._client.register_script(SCRIPTS["settle"])
         self._report = self._client.register_script(SCRIPTS["report"])
+        self._renew = self._client.register_script(RENEW)
+        self._release = self._client.register_script(RELEASE)
+        # lease → the lease sets it holds a slot in, renewed while the request runs.
+        self._leases: dict[str, list[str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+        self.lease_seconds = LEASE_SECONDS
         # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
         # when it ended in µs of the local clock, and the tokens by kind).
         self._held: dict[str, tuple[Policy, list[int]]] = {}
@@ -138,10 +150,71 @@ class RedisTracker:
         claim: Charge = NOTHING,
     ) -> Admission:
         """Admit, count and reserve `claim`, or refuse without counting. Raises TrackerUnavailable."""
+        scope = Scope(key_id, "key", "", limits, budget)
+        return (await self.admit_scopes((scope,), claim))[0]
+
+    async def admit_scopes(
+        self, scopes: Sequence[Scope], claim: Charge = NOTHING, lease: str = ""
+    ) -> tuple[Admission, ...]:
+        """Admit in every scope or in none: one script, one round trip. Raises TrackerUnavailable."""
         tokens = clamped(claim.tokens)
         micro = clamped(claim.micro_usd)
-        reading = await self._run(self._admit, key_id, limits, budget, tokens, micro)
-        return admission(reading, limits, budget)
+        lease_us = round(self.lease_seconds * 1e6)
+        readings = await self._run(self._admit, scopes, tokens, micro, lease, lease_us)
+        if lease and readings[0].admitted:
+            sets = [window_keys(s.id)[-1] for s in scopes if s.max_in_flight is not None]
+            if sets:
+                self._leases[lease] = sets
+                self._renew_soon()
+        return tuple(
+            admission(r, s.limits, s.budget) for r, s in zip(readings, scopes, strict=True)
+        )
+
+    def settle_scopes(self, scopes: Sequence[Scope], spent: Charge, tickets: Sequence[int]) -> None:
+        for scope, ticket in zip(scopes, tickets, strict=True):
+            self.settle(scope.id, scope.limits, spent, ticket, scope.budget)
+
+    def release(self, scopes: Sequence[Scope], lease: str) -> None:
+        """Give the lease's slots back now, in one call sent without waiting for it."""
+        sets = self._leases.pop(lease, None)
+        if not sets:
+            return
+        task = asyncio.get_running_loop().create_task(self._give_back(sets, lease))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def in_flight(self, scope: Scope) -> int:
+        """The scope's slots held now, in every process. Raises TrackerUnavailable."""
+        return max(0, (await self._run(self._report, (scope,)))[0].slots)
+
+    async def _give_back(self, sets: list[str], lease: str) -> None:
+        try:
+            await self._release(keys=sets, args=[lease] * len(sets))
+        except (RedisError, OSError):
+            pass  # the lease expires within lease_seconds
+
+    def _renew_soon(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease's life, push back the expiry of every lease still held;
+        after a failed round (Redis lost), add them back: slots are taken again."""
+        only_existing = True
+        while self._leases:
+            await asyncio.sleep(self.lease_seconds / 3)
+            keys, args = [], []
+            for lease, sets in list(self._leases.items()):
+                keys += sets
+                args += [lease] * len(sets)
+            if not keys:
+                continue
+            flag = "1" if only_existing else "0"
+            try:
+                await self._renew(keys=keys, args=[round(self.lease_seconds * 1e6), flag, *args])
+                only_existing = True
+            except (RedisError, OSError):
+                only_existing = False
 
     def settle(
         self,
@@ -167,8 +240,8 @@ class RedisTracker:
         self, key_id: str, limits: Limits | None, budget: Budget | None = None
     ) -> dict[str, Any]:
         """The key's windows and totals, as `GET /usage` answers them. Raises TrackerUnavailable."""
-        reading = await self._run(self._report, key_id, limits, budget)
-        return report(reading, limits, budget)
+        readings = await self._run(self._report, (Scope(key_id, "key", "", limits, budget),))
+        return report(readings[0], limits, budget)
 
     async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
         """Remember for `seconds` that the key owes what the background response will report."""
@@ -198,6 +271,9 @@ class RedisTracker:
     async def close(self) -> None:
         """Send what is held, then close the pool; the state stays in Redis."""
         await self.flush()
+        if self._renewer is not None:
+            self._renewer.cancel()
+        await asyncio.gather(*self._releasing)
         await self._client.aclose()
 
     def _flush_later(self) -> None:
@@ -217,48 +293,28 @@ class RedisTracker:
 
     async def _send(self, key_id: str, policy: Policy, settles: list[int]) -> None:
         try:
-            await self._call(self._settle, key_id, policy[0], policy[1], settles)
+            scope = Scope(key_id, "key", "", policy[0], policy[1])
+            await self._call(self._settle, (scope,), {key_id: settles})
         except TrackerUnavailable as error:
             # The tokens are lost to the window; the log line and metrics still have them.
             self.on_settle_failed(str(error))
 
     async def _run(
-        self,
-        script: AsyncScript,
-        key_id: str,
-        limits: Limits | None,
-        budget: Budget | None,
-        *own: int,
-    ) -> Reading:
-        """Run `script` for the key, carrying the settles held for it."""
-        held = self._held.pop(key_id, None)
-        settles = held[1] if held is not None else []
+        self, script: AsyncScript, scopes: Sequence[Scope], *own: int | str
+    ) -> list[Reading]:
+        """Run `script` over the scopes, carrying the settles held for each."""
+        settles: dict[str, list[int]] = {}
+        for scope in scopes:
+            held = self._held.pop(scope.id, None)
+            if held is not None:
+                settles[scope.id] = held[1]
         try:
-            values = await self._call(script, key_id, limits, budget, settles, *own)
+            answers = await self._call(script, scopes, settles, *own)
         except TrackerUnavailable as error:
             if settles:
                 self.on_settle_failed(str(error))
             raise
-        admitted, ticket, size, leaves, used, reserved, wait, charge_leaves, *rest = values
-        spent, spend_reserved, spend_wait, spend_leaves, requests, tokens, micro, *kinds = rest
-        return Reading(
-            admitted=bool(admitted),
-            ticket=ticket,
-            requests=size,
-            request_leaves=leaves / 1e6,
-            tokens=used,
-            tokens_reserved=reserved,
-            token_wait=wait / 1e6,
-            charge_leaves=charge_leaves / 1e6,
-            spent=spent,
-            spend_reserved=spend_reserved,
-            budget_wait=spend_wait / 1e6,
-            spend_leaves=spend_leaves / 1e6,
-            total_requests=requests,
-            total_tokens=tokens,
-            total_micro_usd=micro,
-            total_kinds=tuple(kinds) if kinds else NO_KINDS,
-        )
+        return [parsed(values) for values in answers]
 
     def _now_us(self) -> int:
         return round((self._clock or time.monotonic)() * 1e6)
@@ -266,38 +322,77 @@ class RedisTracker:
     async def _call(
         self,
         script: AsyncScript,
-        key_id: str,
-        limits: Limits | None,
-        budget: Budget | None,
-        settles: list[int],
-        *own: int,
+        scopes: Sequence[Scope],
+        settles: dict[str, list[int]],
+        *own: int | str,
     ) -> Any:
         now_us = -1 if self._clock is None else round(self._clock() * 1e6)
-        if limits is None:
-            quota = [0, -1, -1]
-        else:
-            token_limit = -1 if limits.tokens is None else limits.tokens
-            quota = [round(limits.window_seconds * 1e6), limits.requests, token_limit]
-        if budget is None:
-            spending = [-1, 0]
-        else:
-            spending = [budget.micro_usd, round(budget.window_seconds * 1e6)]
-        # Each settle's end, as an age: Redis TIME minus the age is its time on Redis's clock.
         local_now = self._now_us()
-        ages = [
-            value if index % SETTLE_FIELDS != 3 else max(0, local_now - value)
-            for index, value in enumerate(settles)
-        ]
-        args = [now_us, *quota, *spending, len(settles) // SETTLE_FIELDS, *ages, *own]
+        keys: list[str] = []
+        args: list[int | str] = [now_us, len(scopes)]
+        for scope in scopes:
+            keys += window_keys(scope.id)
+            held = settles.get(scope.id, [])
+            args += policy_args(scope)
+            args.append(len(held) // SETTLE_FIELDS)
+            # Each settle's end, as an age: Redis TIME minus the age is its time on Redis's clock.
+            args += [
+                value if index % SETTLE_FIELDS != 3 else max(0, local_now - value)
+                for index, value in enumerate(held)
+            ]
+        args += own
         try:
-            return await script(keys=window_keys(key_id), args=args)
+            return await script(keys=keys, args=args)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
 
 
+def policy_args(scope: Scope) -> list[int]:
+    """A scope's policy as the scripts read it (POLICY_FIELDS - 1 values; -1: none)."""
+    limits, budget = scope.limits, scope.budget
+    if limits is None:
+        quota = [0, -1, -1]
+    else:
+        token_limit = -1 if limits.tokens is None else limits.tokens
+        quota = [round(limits.window_seconds * 1e6), limits.requests, token_limit]
+    spending = [-1, 0] if budget is None else [budget.micro_usd, round(budget.window_seconds * 1e6)]
+    cap = -1 if scope.max_in_flight is None else scope.max_in_flight
+    return [*quota, *spending, cap]
+
+
+def parsed(values: list[int]) -> Reading:
+    """One scope's answer from a script, as a Reading."""
+    admitted, ticket, size, leaves, used, reserved, wait, charge_leaves, *rest = values
+    spent, spend_reserved, spend_wait, spend_leaves, full, slots, slots_full, *rest = rest
+    requests, tokens, micro, *kinds = rest
+    return Reading(
+        admitted=bool(admitted),
+        ticket=ticket,
+        full=bool(full),
+        slots=slots,
+        slots_full=bool(slots_full),
+        requests=size,
+        request_leaves=leaves / 1e6,
+        tokens=used,
+        tokens_reserved=reserved,
+        token_wait=wait / 1e6,
+        charge_leaves=charge_leaves / 1e6,
+        spent=spent,
+        spend_reserved=spend_reserved,
+        budget_wait=spend_wait / 1e6,
+        spend_leaves=spend_leaves / 1e6,
+        total_requests=requests,
+        total_tokens=tokens,
+        total_micro_usd=micro,
+        total_kinds=tuple(kinds) if kinds else NO_KINDS,
+    )
+
+
 def window_keys(key_id: str) -> list[str]:
-    """The Redis keys of one virtual key, in the scripts' KEYS order."""
-    base = f"{KEY_PREFIX}{{{key_id}}}:"
+    """The Redis keys of one scope, in the scripts' KEYS order. A model group's id is its
+    key's id, '/', its own: it shares the key's hash tag."""
+    tag, slash, group = key_id.partition("/")
+    base = f"{KEY_PREFIX}{{{tag}}}{slash}{group}:"
     return [base + name for name in _KEY_NAMES]
 
 
@@ -343,7 +438,7 @@ def check(url: str) -> None:
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
         try:
-            for source in SCRIPTS.values():
+            for source in (*SCRIPTS.values(), RENEW, RELEASE):
                 client.script_load(source)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None

@@ -25,7 +25,7 @@ This module holds the shared vocabulary and the backends' protocol; `memory_trac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +91,29 @@ NOTHING = Charge()
 
 
 @dataclass(frozen=True, slots=True)
+class Scope:
+    """One set of limits a request must pass: a key's own, its team's, or a model group's.
+
+    `id` is the tracker's handle (a digest, never a key); `kind` ("key", "team", "model")
+    and `name` say in a refusal which limit refused. `max_in_flight`: the requests it may
+    have open at once (None: no cap); a request holds a slot of each scope that has one.
+    """
+
+    id: str
+    kind: str
+    name: str
+    limits: Limits | None
+    budget: Budget | None = None
+    max_in_flight: int | None = None
+    queue_seconds: float = 0.0
+
+    @property
+    def counted(self) -> bool:
+        """True when the scope has a window or a budget to count requests in."""
+        return self.limits is not None or self.budget is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The answer to one `admit`: the verdict, the reservation's ticket, what the headers say."""
 
@@ -108,6 +131,9 @@ class Admission:
     budget: Budget | None = None
     spent_micro_usd: int = 0  # in the budget's window, reservations included
     reset_budget_seconds: float = 0.0  # when refused by the budget: until it admits again
+    full: bool = False  # refused: this scope's window or budget had no room
+    slots_full: bool = False  # refused: this scope's max_in_flight slots were all taken
+    in_flight: int = 0  # slots held, this request's included when admitted
 
     @property
     def over_budget(self) -> bool:
@@ -127,6 +153,9 @@ class Reading:
 
     admitted: bool = False
     ticket: int = 0
+    full: bool = False  # the window or the budget had no room (whatever the verdict)
+    slots: int = -1  # slots held (-1: no max_in_flight); `slots_full` when at the cap
+    slots_full: bool = False
     requests: int = 0  # counted admissions in the window
     request_leaves: float = 0.0  # until the oldest of them leaves (0: none)
     tokens: int = 0  # charged in the window
@@ -192,6 +221,9 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         budget=budget,
         spent_micro_usd=reading.spent + reading.spend_reserved if budget else 0,
         reset_budget_seconds=budget_wait,
+        full=reading.full and not admitted,
+        slots_full=reading.slots_full and not admitted,
+        in_flight=max(0, reading.slots),
     )
 
 
@@ -280,6 +312,26 @@ class Tracker(Protocol):
         budget: Budget | None = None,
     ) -> None:
         """Release `ticket`'s reservation and charge what the request really cost."""
+        ...
+
+    async def admit_scopes(
+        self, scopes: Sequence[Scope], claim: Charge = NOTHING, lease: str = ""
+    ) -> tuple[Admission, ...]:
+        """Admit a request in every scope or in none, in one atomic step: one Admission per
+        scope, all admitted or all refused. A refusal counts and reserves nothing. `lease`
+        names the slot the request takes in each scope with a max_in_flight."""
+        ...
+
+    def settle_scopes(self, scopes: Sequence[Scope], spent: Charge, tickets: Sequence[int]) -> None:
+        """`settle` in each scope, with the ticket its admission gave."""
+        ...
+
+    def release(self, scopes: Sequence[Scope], lease: str) -> None:
+        """Give back the slots `lease` holds in `scopes` now; never waits."""
+        ...
+
+    async def in_flight(self, scope: Scope) -> int:
+        """The slots of `scope` held right now (every process, with Redis)."""
         ...
 
     async def report(

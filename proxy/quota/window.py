@@ -143,6 +143,14 @@ class SlidingWindow:
         self, now: float, limits: Limits | None, budget: Budget | None, claim: Charge
     ) -> Reading:
         """Count one admission at `now` and reserve `claim` if every window has room; never awaits."""
+        admitted = self.room(now, limits, budget)
+        ticket = self.take(now, limits, claim) if admitted else 0
+        return self.reading(
+            now, limits, budget, admitted=admitted, ticket=ticket, full=not admitted
+        )
+
+    def room(self, now: float, limits: Limits | None, budget: Budget | None) -> bool:
+        """True when the window and the budget admit one more request at `now` (counts nothing)."""
         self._adopt(limits)
         requests_full = False
         if limits is not None:
@@ -154,20 +162,21 @@ class SlidingWindow:
         spend = self._spend(now, budget)
         reserved = self.reserved
         spent = spend.spent if spend is not None else 0
-        admitted = not (
+        return not (
             requests_full
             or tokens_over(self.tokens_used, reserved.tokens, limits)
             or budget_over(spent, reserved.micro_usd, budget)
         )
-        ticket = 0
-        if admitted:
-            ticket = self._count(now, limits)
-            if claim.tokens or claim.micro_usd:
-                self.reservations[ticket] = claim
-                self.reserved = Charge(
-                    self.reserved.tokens + claim.tokens, self.reserved.micro_usd + claim.micro_usd
-                )
-        return self._reading(now, limits, budget, admitted=admitted, ticket=ticket)
+
+    def take(self, now: float, limits: Limits | None, claim: Charge) -> int:
+        """Count one admission and reserve `claim`, after `room` said yes: the ticket."""
+        ticket = self._count(now, limits)
+        if claim.tokens or claim.micro_usd:
+            self.reservations[ticket] = claim
+            self.reserved = Charge(
+                self.reserved.tokens + claim.tokens, self.reserved.micro_usd + claim.micro_usd
+            )
+        return ticket
 
     def settle(
         self, now: float, limits: Limits | None, budget: Budget | None, spent: Charge, ticket: int
@@ -208,7 +217,7 @@ class SlidingWindow:
             self._expire_stamps(now - limits.window_seconds)
             self._expire_charges(now - limits.window_seconds)
         self._spend(now, budget)
-        return self._reading(now, limits, budget)
+        return self.reading(now, limits, budget)
 
     def idle(self, now: float) -> bool:
         """True when no request is in flight and every entry has left its window."""
@@ -225,13 +234,16 @@ class SlidingWindow:
             self.total_requests, self.total_tokens, self.total_micro_usd, tuple(self.total_kinds)
         )
 
-    def _reading(
+    def reading(
         self,
         now: float,
         limits: Limits | None,
         budget: Budget | None,
         admitted: bool = False,
         ticket: int = 0,
+        full: bool = False,
+        slots: int = -1,
+        slots_full: bool = False,
     ) -> Reading:
         """What the windows hold now (already expired); waits only where a limit is reached."""
         requests = request_leaves = token_wait = charge_leaves = 0.0
@@ -254,6 +266,9 @@ class SlidingWindow:
         return Reading(
             admitted=admitted,
             ticket=ticket,
+            full=full,
+            slots=slots,
+            slots_full=slots_full,
             requests=int(requests),
             request_leaves=request_leaves,
             tokens=self.tokens_used if limits is not None else 0,
