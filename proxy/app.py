@@ -176,6 +176,12 @@ def build_app(
         deny_when_lost=settings.quota_on_redis_error == "deny",
         on_tracker_lost=tracker_lost,
         on_tracker_back=tracker_back,
+        on_refused=lambda scope, limit: metrics.limit_refused(
+            scope.kind, limit, scope.name if scope.kind == "team" else ""
+        ),
+        on_slots=lambda scope, change: (
+            metrics.team_slots(scope.name, change) if scope.kind == "team" else None
+        ),
         price=app[PRICES].cost,  # to price a budget's reservations
     )
     app[LOGBOOK] = Logbook(

@@ -1,4 +1,5 @@
-"""The admin endpoints, off unless ADMIN_TOKEN is set: `GET /admin/keys`, `POST /admin/reload`.
+"""The admin endpoints, off unless ADMIN_TOKEN is set: `GET /admin/keys`, `GET /admin/teams`,
+`POST /admin/reload`.
 
 Unset, every `/admin` path answers 404, as if it did not exist. Set, every `/admin` path
 needs `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time
@@ -8,8 +9,9 @@ virtual key: a warning line with the client's address, a count in
 `llm_gateway_auth_failures_total`, and the address throttled after too many.
 
 `/admin/keys` shows what an operator needs to check that a change took: each key's name,
-provider, masked key, limits, allowed models and current window usage. Never a real key
-or a full virtual key: only `keys.masked` of the virtual key goes out.
+provider, masked key, limits, allowed models, team and current window usage; `/admin/teams`
+each team's members (by name), limits and usage. Never a real key or a full virtual key:
+only `keys.masked` of the virtual key goes out.
 
 `POST /admin/reload` reloads keys.json in this process and answers whether it took; with
 WORKERS > 1 it then asks the supervisor to pass SIGHUP to every worker (this one
@@ -26,12 +28,14 @@ import orjson
 from aiohttp import web
 
 from proxy import errors
+from proxy.endpoints.usage_report import scope_report
 from proxy.errors import GatewayError
 from proxy.keys.credentials import presents_token
 from proxy.keys.keys import KeyRing, VirtualKey, masked
 from proxy.keys.reload import KeysFile
+from proxy.keys.teams import Team
 from proxy.quota.quota import Quota
-from proxy.quota.tracker import TrackerUnavailable
+from proxy.quota.tracker import Limits, TrackerUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,6 +64,7 @@ class Admin:
         """
         if self._token is not None:
             router.add_get("/admin/keys", wrap(self._guarded(self.handle_keys)))
+            router.add_get("/admin/teams", wrap(self._guarded(self.handle_teams)))
             router.add_post("/admin/reload", wrap(self._guarded(self.handle_reload)))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
 
@@ -95,18 +100,50 @@ class Admin:
                 usage = await self._quota.tracker.report(key.id, limits)
             except TrackerUnavailable:
                 usage = None  # Redis lost: the keys are still worth showing
+        scope = key.scope
         return {
             "name": key.name,
             "provider": key.provider.name,
             "key": masked(key.secret),
-            "limits": None
-            if limits is None
-            else {
-                "requests": limits.requests,
-                "tokens": limits.tokens,
-                "window_seconds": limits.window_seconds,
-            },
+            "limits": shown(limits),
             "allowed_models": None if key.model_patterns is None else list(key.model_patterns),
+            "team": None if key.team is None else key.team.name,
+            "max_in_flight": scope.max_in_flight,
+            "queue_seconds": scope.queue_seconds,
+            "model_quotas": [
+                {"models": list(group.patterns), **(shown(group.scope.limits) or {})}
+                for group in key.model_quotas
+            ],
+            "usage": usage,
+        }
+
+    async def handle_teams(self, request: web.Request) -> web.Response:
+        """GET /admin/teams: every team of keys.json with its members, limits and usage."""
+        teams = self._key_ring.teams.values()
+        described = await asyncio.gather(*(self._describe_team(team) for team in teams))
+        document = {"config": self._keys_file.config, "teams": described}
+        return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+    async def _describe_team(self, team: Team) -> dict[str, Any]:
+        scope = team.scope
+        try:
+            usage: dict[str, Any] | None = await scope_report(self._quota.tracker, scope)
+        except TrackerUnavailable:
+            usage = None  # Redis lost: the teams are still worth showing
+        budget = scope.budget
+        return {
+            "name": team.name,
+            "members": sorted(
+                key.name
+                for key in self._key_ring
+                if key.team is not None and key.team.name == team.name
+            ),
+            "limits": shown(scope.limits),
+            "budget": None
+            if budget is None
+            else {"usd": budget.usd, "window_seconds": budget.window_seconds},
+            "max_in_flight": scope.max_in_flight,
+            "queue_seconds": scope.queue_seconds,
             "usage": usage,
         }
 
@@ -130,3 +167,13 @@ class Admin:
             "config": self._keys_file.config,
         }
         return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+
+def shown(limits: Limits | None) -> dict[str, Any] | None:
+    if limits is None:
+        return None
+    return {
+        "requests": limits.requests,
+        "tokens": limits.tokens,
+        "window_seconds": limits.window_seconds,
+    }

@@ -2,7 +2,9 @@
 
 Counts are whole numbers, waits in seconds to the millisecond, dollars to the micro-dollar.
 Totals are shown with quotas off too (the tracker counts every key); without Redis they are
-this process's own.
+this process's own. A key with a team also shows the team's windows, budget and slots in
+flight (`team`); a key with max_in_flight its own slots (`in_flight`); a key with
+model_quotas each group's window (`model_quotas`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from proxy import errors
 from proxy.errors import GatewayError
 from proxy.keys.keys import KeyRing
 from proxy.quota.quota import Quota
-from proxy.quota.tracker import TrackerUnavailable
+from proxy.quota.tracker import Scope, Tracker, TrackerUnavailable
 
 
 class UsageReport:
@@ -38,10 +40,40 @@ class UsageReport:
             "quota_enabled": key.limits is not None,
         }
         try:
-            document.update(await self._quota.tracker.report(key.id, key.limits, key.budget))
+            tracker = self._quota.tracker
+            document.update(await tracker.report(key.id, key.limits, key.budget))
+            if key.scope.max_in_flight is not None:
+                document["in_flight"] = await slots(tracker, key.scope)
+            if key.team is not None:
+                document["team"] = {
+                    "name": key.team.name,
+                    **await scope_report(tracker, key.team.scope),
+                }
+            if key.model_quotas:
+                document["model_quotas"] = [
+                    {"models": list(group.patterns), **await scope_report(tracker, group.scope)}
+                    for group in key.model_quotas
+                ]
         except TrackerUnavailable:
             refusal = GatewayError(
                 503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
             )
             return errors.render(refusal, request.path)
         return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+
+async def scope_report(tracker: Tracker, scope: Scope) -> dict[str, Any]:
+    """A team's or a model group's windows, budget, totals and slots. Raises TrackerUnavailable."""
+    document = await tracker.report(scope.id, scope.limits, scope.budget)
+    if scope.max_in_flight is not None:
+        document["in_flight"] = await slots(tracker, scope)
+    return document
+
+
+async def slots(tracker: Tracker, scope: Scope) -> dict[str, Any]:
+    """The slots held and the cap, and how long a request may wait for one."""
+    return {
+        "used": await tracker.in_flight(scope),
+        "limit": scope.max_in_flight,
+        "queue_seconds": scope.queue_seconds,
+    }

@@ -41,7 +41,9 @@ class Defaults:
 
 # The fields each level of keys.json accepts, by the level's name in the error message.
 FIELDS: Mapping[str, frozenset[str]] = {
-    "top-level": frozenset({"providers", "virtual_keys"}),
+    "top-level": frozenset({"providers", "virtual_keys", "teams"}),
+    "team": frozenset({"quota", "budget", "max_in_flight", "queue_seconds"}),
+    "model quota": frozenset({"models", "requests", "tokens", "window_seconds"}),
     "provider": frozenset({"base_url", "auth", "api"}),
     "key": frozenset(
         {
@@ -57,6 +59,10 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "routes",
             "budget",
             "stream_usage",
+            "team",
+            "max_in_flight",
+            "queue_seconds",
+            "model_quotas",
         }
     ),
     "quota": frozenset({"requests", "tokens", "window_seconds"}),
@@ -144,11 +150,11 @@ def limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
     requests = quota.get("requests", defaults.requests)
     tokens = quota.get("tokens", defaults.tokens)
     window = quota.get("window_seconds", defaults.window_seconds)
-    if not _positive_int(requests):
+    if not positive_int(requests):
         raise KeysFileError(f"{where}: quota.requests must be a positive integer")
-    if tokens is not None and not _positive_int(tokens):
+    if tokens is not None and not positive_int(tokens):
         raise KeysFileError(f"{where}: quota.tokens must be a positive integer or null")
-    if not _positive_number(window):
+    if not positive_number(window):
         raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
     return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
 
@@ -165,18 +171,18 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     check_fields(where, budget, "budget", "budget.")
     usd = budget.get("usd")
     window = budget.get("window_seconds", defaults.budget_window_seconds)
-    if not _positive_number(usd):
+    if not positive_number(usd):
         raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
-    if not _positive_number(window):
+    if not positive_number(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
     return Budget(usd=float(usd), window_seconds=float(window))
 
 
-def _positive_int(value: object) -> TypeGuard[int]:
+def positive_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _positive_number(value: object) -> TypeGuard[float]:
+def positive_number(value: object) -> TypeGuard[float]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return 0 < value < float("inf")

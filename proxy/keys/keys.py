@@ -25,7 +25,8 @@ from proxy.keys import fields
 from proxy.keys.credentials import presented
 from proxy.keys.fields import Defaults, KeysFileError, check_fields
 from proxy.keys.plans import parse_plans
-from proxy.quota.tracker import Budget, Limits
+from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
+from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import Plans, Target
 
@@ -46,6 +47,40 @@ class VirtualKey:
     # "stream_usage": "exact": ask OpenAI streams for their usage chunk (stream_usage.py).
     exact_stream_usage: bool = False
     budget: Budget | None = None  # None: no spending cap
+    team: Team | None = None  # keys.json's `team`: its limits apply on top of the key's
+    model_quotas: tuple[ModelQuota, ...] = ()  # the first group matching the model counts
+    # The key's own scope (window, budget, max_in_flight); built by `_key`, or from the above.
+    own: Scope | None = None
+
+    @property
+    def scope(self) -> Scope:
+        """The key's own limits as the tracker counts them."""
+        if self.own is not None:
+            return self.own
+        return Scope(self.id, "key", self.name, self.limits, self.budget)
+
+    @property
+    def shares(self) -> bool:
+        """True when more than the key's own window and budget apply: a team, a slot cap,
+        or model windows (the quota then admits over several scopes)."""
+        return (
+            self.team is not None
+            or bool(self.model_quotas)
+            or (self.own is not None and self.own.max_in_flight is not None)
+        )
+
+    def scopes(self, model: str | None) -> tuple[Scope, ...]:
+        """Every scope a request for `model` must pass: the key's, its team's, and the
+        first model group matching the model."""
+        scopes = [self.scope]
+        if self.team is not None:
+            scopes.append(self.team.scope)
+        if model is not None:
+            for group in self.model_quotas:
+                if group.matches.fullmatch(model) is not None:
+                    scopes.append(group.scope)
+                    break
+        return tuple(scopes)
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -81,8 +116,14 @@ def masked(secret: str) -> str:
 class KeyRing:
     """The loaded keys, looked up by the key a client presents."""
 
-    def __init__(self, keys: Mapping[str, VirtualKey], digest: str = "") -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, VirtualKey],
+        digest: str = "",
+        teams: Mapping[str, Team] | None = None,
+    ) -> None:
         self._keys = dict(keys)
+        self.teams = dict(teams or {})  # keys.json's teams by name, with or without members
         self.digest = digest  # of the keys file's bytes: which version of it is in force
         # Every real key of every pool, fallback and route: what no log line may show.
         self._real_keys = frozenset(
@@ -95,6 +136,7 @@ class KeyRing:
     def replace(self, other: KeyRing) -> None:
         """Take `other`'s keys in one step; requests in flight keep the key they hold."""
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
+        self.teams = other.teams
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())
@@ -167,15 +209,20 @@ class KeyRing:
         except orjson.JSONDecodeError as error:
             raise KeysFileError(f"{path}: not valid JSON ({error})") from None
         digest = hashlib.sha256(raw).hexdigest()[:16]
-        return cls(_parse(path, document, environ, defaults), digest)
+        if not isinstance(document, dict):
+            raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
+        check_fields(path, document, "top-level")
+        teams = parse_teams(path, document.get("teams"), defaults)
+        return cls(_parse(path, document, environ, defaults, teams), digest, teams)
 
 
 def _parse(
-    path: str, document: Any, environ: Mapping[str, str], defaults: Defaults
+    path: str,
+    document: dict[str, Any],
+    environ: Mapping[str, str],
+    defaults: Defaults,
+    teams: Mapping[str, Team],
 ) -> dict[str, VirtualKey]:
-    if not isinstance(document, dict):
-        raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
-    check_fields(path, document, "top-level")
     providers = _providers(path, document.get("providers", {}))
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
@@ -186,7 +233,7 @@ def _parse(
     keys: dict[str, VirtualKey] = {}
     names: set[str] = set()
     for secret, entry in entries.items():
-        key = _key(path, secret, entry, providers, environ, defaults)
+        key = _key(path, secret, entry, providers, environ, defaults, teams)
         if key.name in names:
             raise KeysFileError(f"{path}: key '{key.name}': name is used by another key")
         names.add(key.name)
@@ -226,6 +273,7 @@ def _key(
     providers: Mapping[str, Provider],
     environ: Mapping[str, str],
     defaults: Defaults,
+    teams: Mapping[str, Team],
 ) -> VirtualKey:
     if not isinstance(entry, dict):
         raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
@@ -245,14 +293,22 @@ def _key(
     stream_usage = entry.get("stream_usage", "estimate")
     if stream_usage not in ("exact", "estimate"):
         raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
+    key_id = hashlib.sha256(name.encode()).hexdigest()[:24]
+    limits = fields.limits(where, entry.get("quota"), defaults)
+    budget = fields.budget(where, entry, defaults)
+    cap, queue = in_flight(where, entry)
+    window = limits.window_seconds if limits is not None else defaults.window_seconds
     return VirtualKey(
         secret=secret,
         name=name,
-        id=hashlib.sha256(name.encode()).hexdigest()[:24],
+        id=key_id,
         plans=plans,
-        limits=fields.limits(where, entry.get("quota"), defaults),
+        limits=limits,
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
         exact_stream_usage=stream_usage == "exact",
-        budget=fields.budget(where, entry, defaults),
+        budget=budget,
+        team=team_of(where, entry, teams),
+        model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, window),
+        own=Scope(key_id, "key", name, limits, budget, cap, queue),
     )

@@ -129,6 +129,20 @@ class Metrics:
             ["key"],
             registry=owner,
         )
+        self._limit_refusals = Counter(
+            "llm_gateway_limit_refusals",
+            "Requests refused by a shared limit: the scope (key, team, model), the limit "
+            "(requests, tokens, budget, in_flight), and the team's name from keys.json.",
+            ["scope", "limit", "team"],
+            registry=owner,
+        )
+        self._team_in_flight = Gauge(
+            "llm_gateway_team_requests_in_flight",
+            "Requests holding a slot of a team's max_in_flight, in this gateway.",
+            ["team"],
+            registry=owner,
+            multiprocess_mode="livesum",
+        )
         self._upstream_errors = Counter(
             "llm_gateway_upstream_errors",
             "Provider failures, by kind.",
@@ -262,6 +276,14 @@ class Metrics:
     def quota_rejected(self, key: str) -> None:
         """Count a 429 from the tracker; `key` is the key's name."""
         self._quota_rejections.labels(key).inc()
+
+    def limit_refused(self, scope: str, limit: str, team: str = "") -> None:
+        """Count a 429 of a shared limit (`team`: the team's name, "" for other scopes)."""
+        self._child(self._limit_refusals, scope, limit, team).inc()
+
+    def team_slots(self, team: str, change: int) -> None:
+        """A request of `team` took (+1) or gave back (-1) one of its slots."""
+        self._child(self._team_in_flight, team).inc(change)
 
     def auth_failed(self, outcome: str) -> None:
         """Count a failed authentication: "refused" (401) or "throttled" (429)."""

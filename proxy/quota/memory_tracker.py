@@ -66,7 +66,8 @@ class MemoryTracker:
     ) -> tuple[Admission, ...]:
         """Admit in every scope or in none; no await between the checks and the counts."""
         now = self._clock()
-        windows = [self._touch(scope.id, scope.limits, now) for scope in scopes]
+        self._evict(now)  # before any is opened: a window just opened looks idle
+        windows = [self._touch(scope.id, scope.limits, now, evict=False) for scope in scopes]
         rooms = [w.room(now, s.limits, s.budget) for w, s in zip(windows, scopes, strict=True)]
         held = [self._held(scope) for scope in scopes]
         slots_full = [
@@ -94,13 +95,14 @@ class MemoryTracker:
         for scope, ticket in zip(scopes, tickets, strict=True):
             self.settle(scope.id, scope.limits, spent, ticket, scope.budget)
 
-    def release(self, scopes: Sequence[Scope], lease: str) -> None:
+    def release(self, scopes: Sequence[Scope], lease: str, done: Callable[[], None]) -> None:
         for scope in scopes:
             leases = self._slots.get(scope.id)
             if leases is not None:
                 leases.discard(lease)
                 if not leases:
                     del self._slots[scope.id]
+        done()
 
     async def in_flight(self, scope: Scope) -> int:
         return len(self._slots.get(scope.id, ()))
@@ -155,11 +157,14 @@ class MemoryTracker:
         self._retired.clear()
         self._owed.clear()
 
-    def _touch(self, key_id: str, limits: Limits | None, now: float) -> SlidingWindow:
+    def _touch(
+        self, key_id: str, limits: Limits | None, now: float, evict: bool = True
+    ) -> SlidingWindow:
         """The key's window, opened if new, marked as the most recently active."""
         window = self._windows.get(key_id)
         if window is None:
-            self._evict(now)
+            if evict:
+                self._evict(now)
             window = SlidingWindow(limits, self._retired.pop(key_id, Totals()))
             self._windows[key_id] = window
             return window

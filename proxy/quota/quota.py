@@ -20,20 +20,25 @@ always let through). Each decision is reported to `on_tracker_lost` (a metric an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
 import math
 import time
+import uuid
 from collections.abc import Callable
 
 from proxy.errors import GatewayError
 from proxy.keys.keys import VirtualKey
-from proxy.quota.refusals import refusal
+from proxy.quota.refusals import concurrency_refusal, label, refusal
+from proxy.quota.slots import Lines, Waiter
 from proxy.quota.tracker import (
     KINDS,
     MICRO,
     NOTHING,
     Admission,
     Charge,
+    Scope,
     Tracker,
     TrackerUnavailable,
 )
@@ -62,6 +67,8 @@ class Quota:
         deny_when_lost: bool = False,
         on_tracker_lost: Callable[[str, str], None] = lambda decision, error: None,
         on_tracker_back: Callable[[], None] = lambda: None,
+        on_refused: Callable[[Scope, str], None] = lambda scope, limit: None,
+        on_slots: Callable[[Scope, int], None] = lambda scope, change: None,
         price: Price = unpriced,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -74,6 +81,12 @@ class Quota:
         self._is_lost = False
         # key id → (until when its window stays closed, the refusal that said so).
         self._closed: dict[str, tuple[float, Admission]] = {}
+        # A refusal, by the scope and the limit ("requests", "tokens", "budget",
+        # "in_flight"); slots taken (+1) and given back (-1), for the metrics.
+        self._on_refused = on_refused
+        self._on_slots = on_slots
+        self._lines = Lines()  # requests waiting for a slot (queue_seconds)
+        self._leases = (f"{uuid.uuid4().hex[:12]}:{n}" for n in itertools.count())
         tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
     def precheck(self, key: VirtualKey, body_bytes: int | None) -> None:
@@ -103,6 +116,8 @@ class Quota:
         None: nothing to settle (the tracker was lost and the request let through).
         """
         claim = self._estimate(key, peek)
+        if key.shares:  # a team, a slot cap or model windows: every scope at once
+            return await self._admit_shared(key, key.scopes(peek.model), claim)
         try:
             admission = await self.tracker.admit(key.id, key.limits, key.budget, claim)
         except TrackerUnavailable as error:
@@ -121,14 +136,102 @@ class Quota:
             raise refusal(admission)
         return admission
 
+    async def _admit_shared(
+        self, key: VirtualKey, scopes: tuple[Scope, ...], claim: Charge
+    ) -> Admission | None:
+        """Admit in every scope or none; wait for a slot up to queue_seconds, first come
+        first served. Raises 429 naming the limit that refused, 503."""
+        capped = any(scope.max_in_flight is not None for scope in scopes)
+        lease = next(self._leases) if capped else ""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ahead = self._lines.waiting(scopes) if capped else None
+        waiter: Waiter | None = None
+        line: Scope | None = None
+        try:
+            if ahead is not None and ahead.queue_seconds > 0:  # behind those already waiting
+                line, waiter = ahead, self._lines.join(ahead)
+                await waiter.turn(started + ahead.queue_seconds)
+            while True:
+                answers = await self._ask(key, scopes, claim, lease)
+                if answers is None:
+                    return None
+                if answers[0].admitted:
+                    for scope in scopes:
+                        if scope.max_in_flight is not None:
+                            self._on_slots(scope, 1)
+                    tickets = tuple(answer.ticket for answer in answers)
+                    return dataclasses.replace(
+                        answers[0], scopes=scopes, tickets=tickets, lease=lease
+                    )
+                scope, answer = refused_by(scopes, answers)
+                if not answer.slots_full or scope.queue_seconds <= 0:
+                    raise self._refused(key, scope, answer, loop.time() - started)
+                if waiter is None:
+                    line, waiter = scope, self._lines.join(scope)
+                if not await waiter.turn(started + scope.queue_seconds):
+                    raise self._refused(key, scope, answer, loop.time() - started)
+        finally:
+            if waiter is not None and line is not None:
+                self._lines.leave(line, waiter)
+
+    async def _ask(
+        self, key: VirtualKey, scopes: tuple[Scope, ...], claim: Charge, lease: str
+    ) -> tuple[Admission, ...] | None:
+        """The tracker's answers; None when it is lost and QUOTA_ON_REDIS_ERROR lets it by."""
+        try:
+            answers = await self.tracker.admit_scopes(scopes, claim, lease)
+        except TrackerUnavailable as error:
+            deny = self._deny_when_lost and any(
+                scope.counted or scope.max_in_flight is not None for scope in scopes
+            )
+            self._lost("deny" if deny else "allow", str(error))
+            if deny:
+                raise GatewayError(
+                    503,
+                    "quota_unavailable",
+                    "The gateway cannot check quotas right now; retry shortly.",
+                ) from None
+            return None
+        self._back()
+        return answers
+
+    def _refused(
+        self, key: VirtualKey, scope: Scope, answer: Admission, waited: float
+    ) -> GatewayError:
+        if answer.full:
+            limit = (
+                "budget"
+                if answer.over_budget
+                else ("requests" if answer.remaining_requests <= 0 else "tokens")
+            )
+            self._on_refused(scope, limit)
+            return refusal(answer, label(scope, key.name))
+        self._on_refused(scope, "in_flight")
+        return concurrency_refusal(scope, key.name, round(waited, 3) if waited >= 0.001 else 0)
+
     def settle(self, key: VirtualKey, admission: Admission | None, record: Record) -> None:
-        """Replace the request's reservation with what it really used; never waits."""
+        """Replace the request's reservation with what it really used, give back its slots;
+        never waits."""
         if admission is None:
             return
         spent = NOTHING
         if record.usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
             spent = charged(record.usage, record.cost_usd)
+        if admission.scopes:
+            self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
+            self.release(admission)
+            return
         self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
+
+    def release(self, admission: Admission | None) -> None:
+        """Give back the slots the request holds (at its end, or when its client leaves)."""
+        if admission is None or not admission.lease:
+            return
+        capped = [scope for scope in admission.scopes if scope.max_in_flight is not None]
+        for scope in capped:
+            self._on_slots(scope, -1)
+        self.tracker.release(capped, admission.lease, lambda: self._lines.wake(capped))
 
     def charge(self, key: VirtualKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
@@ -162,7 +265,8 @@ class Quota:
         """The reservation: the prompt plus the output cap, priced for a key with a budget."""
         output = peek.max_output_tokens or 0
         tokens = peek.prompt_tokens_estimate + output
-        if key.budget is None or not tokens:
+        team_budget = key.team is not None and key.team.scope.budget is not None
+        if (key.budget is None and not team_budget) or not tokens:
             return Charge(tokens)
         cost = self.price(
             key.provider.name, peek.model, Usage(peek.prompt_tokens_estimate, output, True)
@@ -191,3 +295,16 @@ def micro(usd: float | None) -> int:
     if usd is None or not usd > 0 or usd == math.inf:
         return 0
     return math.ceil(round(usd * MICRO, 6))  # round first: 0.0009 * 1e6 is 900.0000000000001
+
+
+def refused_by(
+    scopes: tuple[Scope, ...], answers: tuple[Admission, ...]
+) -> tuple[Scope, Admission]:
+    """The limit to name: of the full windows and budgets, the one closed longest; else
+    the first scope whose slots are all taken."""
+    full = [(a.retry_after_seconds, i) for i, a in enumerate(answers) if a.full]
+    if full:
+        index = max(full)[1]
+    else:
+        index = next(i for i, a in enumerate(answers) if a.slots_full)
+    return scopes[index], answers[index]

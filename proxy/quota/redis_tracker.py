@@ -174,12 +174,13 @@ class RedisTracker:
         for scope, ticket in zip(scopes, tickets, strict=True):
             self.settle(scope.id, scope.limits, spent, ticket, scope.budget)
 
-    def release(self, scopes: Sequence[Scope], lease: str) -> None:
+    def release(self, scopes: Sequence[Scope], lease: str, done: Callable[[], None]) -> None:
         """Give the lease's slots back now, in one call sent without waiting for it."""
         sets = self._leases.pop(lease, None)
         if not sets:
+            done()
             return
-        task = asyncio.get_running_loop().create_task(self._give_back(sets, lease))
+        task = asyncio.get_running_loop().create_task(self._give_back(sets, lease, done))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -187,11 +188,13 @@ class RedisTracker:
         """The scope's slots held now, in every process. Raises TrackerUnavailable."""
         return max(0, (await self._run(self._report, (scope,)))[0].slots)
 
-    async def _give_back(self, sets: list[str], lease: str) -> None:
+    async def _give_back(self, sets: list[str], lease: str, done: Callable[[], None]) -> None:
         try:
             await self._release(keys=sets, args=[lease] * len(sets))
         except (RedisError, OSError):
             pass  # the lease expires within lease_seconds
+        finally:
+            done()
 
     def _renew_soon(self) -> None:
         if self._renewer is None or self._renewer.done():

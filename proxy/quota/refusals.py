@@ -16,15 +16,18 @@ import time
 
 from proxy.errors import GatewayError
 from proxy.quota.ratelimit import ratelimit_headers
-from proxy.quota.tracker import MICRO, Admission
+from proxy.quota.tracker import MICRO, Admission, Scope
 
 # The OpenAI and Anthropic SDKs honour a Retry-After of at most 60 s; past that they use
 # their own short backoff, which would only knock on a window that is still closed.
 SDK_MAX_RETRY_WAIT_SECONDS = 60.0
 
 
-def refusal(admission: Admission) -> GatewayError:
-    """The 429 for a refused admission: over the budget, or over the quota."""
+def refusal(admission: Admission, who: str | None = None) -> GatewayError:
+    """The 429 for a refused admission: over the budget, or over the quota.
+
+    `who` names the limit that refused when several apply (`label`); None: the key's own.
+    """
     wait = max(admission.retry_after_seconds, 0.001)
     headers = {
         "retry-after": str(max(1, math.ceil(wait))),
@@ -38,7 +41,8 @@ def refusal(admission: Admission) -> GatewayError:
         return GatewayError(
             429,
             "insufficient_quota",
-            f"Budget exhausted for this key: ${budget.usd:g} per {span(budget.window_seconds)} "
+            f"Budget exhausted for {who or 'this key'}: "
+            f"${budget.usd:g} per {span(budget.window_seconds) if who is None else per(budget.window_seconds)} "
             f"(${admission.spent_micro_usd / MICRO:.4f} spent or reserved). "
             f"It frees up in {span(wait)}, at {frees}.",
             headers=headers,
@@ -55,15 +59,28 @@ def refusal(admission: Admission) -> GatewayError:
     limits = admission.limits
     assert limits is not None  # only a quota or a budget refuses
     if admission.remaining_requests <= 0:
-        what = f"{limits.requests} requests"
+        what = f"{limits.requests:,} requests"
     else:
-        what = f"{limits.tokens} tokens"
+        what = f"{limits.tokens or 0:,} tokens"
+    if who is not None:
+        return GatewayError(
+            429,
+            "rate_limit_exceeded",
+            f"Quota exceeded for {who}: {what} per {per(limits.window_seconds)}. {retry}",
+            headers=headers,
+        )
     return GatewayError(
         429,
         "rate_limit_exceeded",
         f"Quota exceeded for this key: {what} per {limits.window_seconds:g} seconds. {retry}",
         headers=headers,
     )
+
+
+def per(seconds: float) -> str:
+    """A window for people: 'hour', '30 days', '90 seconds' (as in '1,000 requests per hour')."""
+    text = span(seconds)
+    return text[2:] if text.startswith("1 ") else text
 
 
 def span(seconds: float) -> str:
@@ -74,3 +91,25 @@ def span(seconds: float) -> str:
             count = round(seconds / size)
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def label(scope: Scope, key_name: str) -> str:
+    """How a refusal names a limit: key 'alice', team 'research', or a model group."""
+    if scope.kind == "team":
+        return f"team '{scope.name}'"
+    if scope.kind == "model":
+        return f"key '{key_name}' for models {scope.name}"
+    return f"key '{key_name}'"
+
+
+def concurrency_refusal(scope: Scope, key_name: str, waited: float) -> GatewayError:
+    """The 429 of a request over a max_in_flight (after waiting `waited` seconds for a slot)."""
+    cap = scope.max_in_flight
+    queued = f" (waited {waited:g} seconds for a slot)" if waited else ""
+    return GatewayError(
+        429,
+        "concurrency_limit_exceeded",
+        f"Too many requests in flight: {label(scope, key_name)}: {cap} at once{queued}. "
+        "Retry in 1 second.",
+        headers={"retry-after": "1", "retry-after-ms": "1000"},
+    )

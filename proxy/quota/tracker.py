@@ -134,6 +134,10 @@ class Admission:
     full: bool = False  # refused: this scope's window or budget had no room
     slots_full: bool = False  # refused: this scope's max_in_flight slots were all taken
     in_flight: int = 0  # slots held, this request's included when admitted
+    # Set by the quota for a request admitted over several scopes: what settling releases.
+    scopes: tuple[Scope, ...] = ()
+    tickets: tuple[int, ...] = ()  # one per scope
+    lease: str = ""  # the slots it holds ("" none)
 
     @property
     def over_budget(self) -> bool:
@@ -326,8 +330,9 @@ class Tracker(Protocol):
         """`settle` in each scope, with the ticket its admission gave."""
         ...
 
-    def release(self, scopes: Sequence[Scope], lease: str) -> None:
-        """Give back the slots `lease` holds in `scopes` now; never waits."""
+    def release(self, scopes: Sequence[Scope], lease: str, done: Callable[[], None]) -> None:
+        """Give back the slots `lease` holds in `scopes` now, never waiting; `done` is
+        called once they are back (so a request waiting for one can try again)."""
         ...
 
     async def in_flight(self, scope: Scope) -> int:

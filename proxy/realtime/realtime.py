@@ -97,6 +97,7 @@ class Realtime:
     async def relay(self, request: web.Request, http: aiohttp.ClientSession) -> web.StreamResponse:
         """Authenticate, admit, connect upstream, upgrade, carry frames, record."""
         record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
+        admission: Admission | None = None
         if self._tracing is not None:
             record.trace = self._tracing.begin(request)  # traces: the session's server span
         self._metrics.request_started()
@@ -136,6 +137,7 @@ class Realtime:
             record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
             raise
         finally:
+            self._quota.release(admission)  # its in-flight slots, the moment it ends
             self._settle(record)
 
     async def _connect(

@@ -144,6 +144,9 @@ class FakeState:
     faults: dict[str, Fault] = field(default_factory=dict)
     # response id -> a background Response (POST /responses, "background": true)
     background: dict[str, Background] = field(default_factory=dict)
+    # requests being answered right now, and the most there ever were at once
+    open_now: int = 0
+    open_peak: int = 0
 
 
 @dataclass(slots=True)
@@ -233,7 +236,19 @@ class Stopping(Exception):
 async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Record the request, then apply the faults that come before any route."""
+    """Record the request and count it open until answered, then apply the faults."""
+    state = request.app[FAKE_STATE]
+    state.open_now += 1
+    state.open_peak = max(state.open_peak, state.open_now)
+    try:
+        return await answer(request, handler)
+    finally:
+        state.open_now -= 1
+
+
+async def answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     state = request.app[FAKE_STATE]
     body = await request.read()
     seen = Seen(

@@ -1,0 +1,253 @@
+"""Teams, requests in flight and per-model windows, as clients see them through a gateway.
+
+Every limit that applies to a request (its key's, its team's, its model group's) admits
+it at once or not at all; a refusal names the limit in the endpoint's dialect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import QUOTA, build_app
+from proxy.settings import Settings
+from tests.conftest import assert_anthropic_error, assert_openai_error, auth, keys_document
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+STREAM = {**CHAT, "stream": True}
+MESSAGES = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+MEMBERS = [f"vk_test_member_{n}_0a1b2c3d" for n in range(3)]
+CLAUDE_MEMBER = "vk_test_member_claude_4e5f6a"
+LONER = "vk_test_loner_7b8c9d0e1f"
+ADMIN = "admin-token-for-teams-tests"
+
+
+@pytest.fixture
+def teams_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway whose team 'research' has `team` limits; MEMBERS (OpenAI) and CLAUDE_MEMBER
+    (Anthropic) are in it with `member` fields each, LONER is in no team."""
+
+    async def make(team: dict[str, Any], member: dict[str, Any] | None = None) -> TestClient:
+        document = keys_document(fake_base)
+        document["teams"] = {"research": team}
+        for n, secret in enumerate(MEMBERS):
+            document["virtual_keys"][secret] = {
+                "provider": "openai",
+                "api_key": f"sk-member-real-{n}-123456",
+                "name": f"member-{n}",
+                "team": "research",
+                **(member or {}),
+            }
+        document["virtual_keys"][CLAUDE_MEMBER] = {
+            "provider": "anthropic",
+            "api_key": "sk-ant-member-real-9876",
+            "name": "member-claude",
+            "team": "research",
+        }
+        document["virtual_keys"][LONER] = {
+            "provider": "openai",
+            "api_key": "sk-loner-real-5555555",
+            "name": "loner",
+        }
+        path = tmp_path / "teams-keys.json"
+        path.write_text(json.dumps(document))
+        settings = Settings.from_env(
+            {
+                "KEYS_FILE_PATH": str(path),
+                "LOG_TO_FILE": "true",
+                "LOG_FILE_PATH": str(log_path),
+                "ADMIN_TOKEN": ADMIN,
+            }
+        )
+        return await aiohttp_client(
+            build_app(settings), server_kwargs={"handler_cancellation": True}
+        )
+
+    return make
+
+
+async def chat(gateway: TestClient, secret: str, body: Any = CHAT, **headers: str) -> int:
+    response = await gateway.post(
+        "/v1/chat/completions", json=body, headers={**auth(secret), **headers}
+    )
+    await response.read()
+    return response.status
+
+
+async def test_a_team_window_holds_across_its_members_and_names_the_team(
+    teams_gateway: Any, fake: Any
+) -> None:
+    gateway = await teams_gateway({"quota": {"requests": 5, "window_seconds": 3600}})
+    statuses = await asyncio.gather(*(chat(gateway, MEMBERS[n % 3]) for n in range(30)))
+    assert statuses.count(200) == 5 and statuses.count(429) == 25
+    assert len(fake.requests) == 5
+    refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(MEMBERS[0]))
+    body = await refused.json()
+    assert_openai_error(body, "rate_limit_exceeded")
+    assert "team 'research': 5 requests per hour" in body["error"]["message"]
+    assert 3500 < int(refused.headers["retry-after"]) <= 3600
+    # The Anthropic member is refused by the same team window, in its own dialect.
+    answer = await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={"x-api-key": CLAUDE_MEMBER, "anthropic-version": "2023-06-01"},
+    )
+    assert answer.status == 429
+    message = await answer.json()
+    assert_anthropic_error(message, "rate_limit_error")
+    assert "team 'research': 5 requests per hour" in message["error"]["message"]
+    # A key outside the team is not counted there, whatever header it sends.
+    assert await chat(gateway, LONER, **{"x-team": "research"}) == 200
+
+
+async def test_a_request_refused_by_its_team_is_not_counted_in_its_key_window(
+    teams_gateway: Any,
+) -> None:
+    gateway = await teams_gateway(
+        {"quota": {"requests": 2, "window_seconds": 3600}},
+        {"quota": {"requests": 10, "window_seconds": 3600}},
+    )
+    assert [await chat(gateway, MEMBERS[0]) for _ in range(4)] == [200, 200, 429, 429]
+    usage = await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+    assert usage["requests"]["used"] == 2  # not 4: refused in one scope, counted in none
+    assert usage["team"]["name"] == "research"
+    assert usage["team"]["requests"] == {
+        "used": 2,
+        "limit": 2,
+        "remaining": 0,
+        "reset_seconds": usage["team"]["requests"]["reset_seconds"],
+    }
+
+
+async def test_max_in_flight_caps_the_streams_at_the_provider(
+    teams_gateway: Any, fake: Any
+) -> None:
+    gateway = await teams_gateway({"max_in_flight": 3})
+    slow = {"x-fake-chunks": "5", "x-fake-delay-ms": "40"}
+    statuses = await asyncio.gather(
+        *(chat(gateway, MEMBERS[n % 3], STREAM, **slow) for n in range(12))
+    )
+    assert fake.open_peak <= 3
+    assert statuses.count(200) >= 3 and statuses.count(200) + statuses.count(429) == 12
+    refused = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
+    )
+    assert refused.status == 200  # every slot is free again once the streams ended
+    refused.close()
+
+
+async def test_a_full_max_in_flight_answers_429_with_retry_after_1_in_both_dialects(
+    teams_gateway: Any, fake: Any
+) -> None:
+    gateway = await teams_gateway({"max_in_flight": 1})
+    holder = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(MEMBERS[1]))
+    assert refused.status == 429 and refused.headers["retry-after"] == "1"
+    body = await refused.json()
+    assert_openai_error(body, "concurrency_limit_exceeded")
+    assert "team 'research': 1 at once" in body["error"]["message"]
+    answer = await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={"x-api-key": CLAUDE_MEMBER, "anthropic-version": "2023-06-01"},
+    )
+    assert answer.status == 429 and answer.headers["retry-after"] == "1"
+    assert_anthropic_error(await answer.json(), "rate_limit_error")
+    metrics = await (await gateway.get("/metrics")).text()
+    assert (
+        'llm_gateway_limit_refusals_total{limit="in_flight",scope="team",team="research"} 2.0'
+        in metrics
+    )
+    assert 'llm_gateway_team_requests_in_flight{team="research"} 1.0' in metrics
+    holder.close()  # the client leaves: its slot is free at once
+    deadline = asyncio.get_running_loop().time() + 5
+    while await chat(gateway, MEMBERS[1]) != 200:
+        assert asyncio.get_running_loop().time() < deadline, "the slot never came back"
+
+
+async def test_queue_seconds_serves_the_waiting_requests_in_order(
+    teams_gateway: Any, fake: Any
+) -> None:
+    gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
+    )
+    waiting = []
+    for n in range(5):  # each one in line before the next asks
+        body = {**CHAT, "messages": [{"role": "user", "content": f"number {n}"}]}
+        waiting.append(asyncio.create_task(chat(gateway, MEMBERS[n % 3], body)))
+        await until(lambda n=n: sum(len(line) for line in quota._lines._lines.values()) == n + 1)
+    holder.close()
+    assert await asyncio.gather(*waiting) == [200] * 5
+    served = [json.loads(seen.body)["messages"][0]["content"] for seen in fake.requests[1:]]
+    assert served == [f"number {n}" for n in range(5)]
+
+
+async def test_a_per_model_window_refuses_gpt_4o_while_gpt_4o_mini_goes_on(
+    teams_gateway: Any,
+) -> None:
+    groups = [
+        {"models": ["gpt-4o-mini*"], "requests": 100},  # first match counts: not gpt-4o*
+        {"models": ["gpt-4o*", "o3*"], "requests": 2, "window_seconds": 60},
+    ]
+    gateway = await teams_gateway({}, {"model_quotas": groups})
+    big = {**CHAT, "model": "gpt-4o"}
+    assert [await chat(gateway, MEMBERS[0], big) for _ in range(3)] == [200, 200, 429]
+    assert await chat(gateway, MEMBERS[0], {**CHAT, "model": "o3-mini"}) == 429  # same group
+    assert [await chat(gateway, MEMBERS[0]) for _ in range(3)] == [200, 200, 200]
+    assert await chat(gateway, MEMBERS[1], big) == 200  # each key has its own model windows
+    refused = await gateway.post("/v1/chat/completions", json=big, headers=auth(MEMBERS[0]))
+    message = (await refused.json())["error"]["message"]
+    assert "key 'member-0' for models gpt-4o*, o3*: 2 requests per minute" in message
+    usage = await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+    assert [group["requests"]["used"] for group in usage["model_quotas"]] == [3, 2]
+
+
+async def test_admin_teams_shows_members_limits_and_usage(teams_gateway: Any) -> None:
+    gateway = await teams_gateway(
+        {"quota": {"requests": 50}, "budget": {"usd": 20}, "max_in_flight": 8}
+    )
+    assert await chat(gateway, MEMBERS[2]) == 200
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    teams = (await (await gateway.get("/admin/teams", headers=admin)).json())["teams"]
+    assert len(teams) == 1
+    team = teams[0]
+    assert team["name"] == "research"
+    assert team["members"] == ["member-0", "member-1", "member-2", "member-claude"]
+    assert team["limits"]["requests"] == 50 and team["budget"]["usd"] == 20
+    assert team["max_in_flight"] == 8
+    assert team["usage"]["requests"]["used"] == 1 and team["usage"]["in_flight"]["used"] == 0
+    keys = (await (await gateway.get("/admin/keys", headers=admin)).json())["keys"]
+    assert {key["name"]: key["team"] for key in keys}["member-2"] == "research"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
