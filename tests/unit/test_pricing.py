@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import genai_prices
 import pytest
-from aiohttp.test_utils import TestClient
 from genai_prices import data_snapshot
 
 from proxy.record import Usage
 from proxy.usage.pricing import Prices, PricesFileError
-from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
 
 
 def library_cost(provider: str, model: str, usage: Usage) -> float:
@@ -149,46 +145,6 @@ def test_a_bad_overrides_file_is_refused_naming_what_is_wrong(
 ) -> None:
     with pytest.raises(PricesFileError, match=says):
         Prices.load(write(tmp_path / "prices.json", document))
-
-
-async def test_the_log_line_and_metrics_carry_each_requests_cost(
-    make_gateway: Callable[..., Awaitable[TestClient]],
-    records: Callable[..., Awaitable[list[dict[str, Any]]]],
-    tmp_path: Path,
-) -> None:
-    prices_file = write(tmp_path / "prices.json", {"local": {"*": {"input_mtok": 1e6}}})
-    gateway = await make_gateway(PRICES_FILE=prices_file)
-    asks = [
-        (OPENAI_VK, "/v1/chat/completions", "gpt-4o-mini"),
-        (ANTHROPIC_VK, "/v1/messages", "claude-3-5-haiku-latest"),
-        (OPENAI_VK, "/v1/chat/completions", "unpriced-model"),
-        (CUSTOM_VK, "/v1/chat/completions", "my-llama"),
-    ]
-    for key, path, model in asks:
-        body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "a b"}]}
-        response = await gateway.post(path, json=body, headers=auth(key))
-        assert response.status == 200
-    lines = await records(len(asks))
-    by_model = {line["model"]: line for line in lines}
-    prices = Prices.load(prices_file)
-    for line in lines:
-        usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
-        assert line["cost_usd"] == prices.cost(line["provider"], line["model"], usage)
-    assert by_model["gpt-4o-mini"]["cost_usd"] == pytest.approx(
-        library_cost("openai", "gpt-4o-mini", Usage(2, 3))
-    )
-    assert by_model["unpriced-model"]["cost_usd"] is None
-    assert by_model["my-llama"]["cost_usd"] == pytest.approx(2.0)  # 2 prompt tokens at $1 each
-    metrics = await (await gateway.get("/metrics")).text()
-    haiku = library_cost("anthropic", "claude-3-5-haiku-latest", Usage(2, 3))
-    assert (
-        'llm_gateway_cost_usd_total{model="claude-3-5-haiku-latest",provider="anthropic"} '
-        f"{haiku}" in metrics
-    )
-    assert (
-        'llm_gateway_unpriced_requests_total{model="unpriced-model",provider="openai"} 1.0'
-        in metrics
-    )
 
 
 def test_the_model_that_answered_is_priced_and_overrides_keep_the_clients_name(

@@ -5,10 +5,7 @@ Each test talks to the fake directly (`fake_provider` and `fake` come from conft
 
 import asyncio
 import gzip
-import signal
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import anthropic
@@ -453,21 +450,3 @@ async def test_raw_chunks_stream_a_plain_chunked_body(http):
 
 
 # --- standalone ----------------------------------------------------------------------
-
-
-async def test_runs_standalone_and_prints_its_port():
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.fake_provider", "--port", "0",
-        cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
-        assert line.startswith("fake provider on http://127.0.0.1:")
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(line.split(" on ")[1] + "/v1/models") as response,
-        ):
-            assert (await response.json())["object"] == "list"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 5) == 0
