@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from proxy.app import load_keys
 from proxy.keys.fields import KeysFileError
 from proxy.runtime.server import CannotListen
-from proxy.runtime.workers import run
+from proxy.runtime.workers import EXIT_REFUSED, run, say
 from proxy.settings import SettingError, Settings
 from proxy.usage.pricing import Prices
-
-EXIT_REFUSED = 2
 
 
 def main(argv: Sequence[str]) -> int:
@@ -32,7 +30,7 @@ def main(argv: Sequence[str]) -> int:
         check_redis(settings)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:
-        print(f"llm-gateway: {error}", file=sys.stderr)
+        say(str(error))
         return EXIT_REFUSED
 
 

@@ -100,11 +100,10 @@ class _Stage:
 
 
 class _Zlib(_Stage):
-    __slots__ = ("_decoder", "_undecided", "_wbits")
+    __slots__ = ("_decoder", "_undecided")
 
     def __init__(self, sink: Sink, wbits: int | None) -> None:
         super().__init__(sink)
-        self._wbits = wbits
         self._undecided = b""  # deflate: the first bytes, until zlib-wrapped or raw is known
         self._decoder = None if wbits is None else zlib.decompressobj(wbits)
 

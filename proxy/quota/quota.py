@@ -253,10 +253,6 @@ class Quota:
             self._lost("uncharged", str(error))
             return None
 
-    async def settled(self) -> None:
-        """Return once every settle so far is in the tracker's shared state (for tests, close)."""
-        await self.tracker.flush()
-
     async def close(self) -> None:
         """Send the settles still held, then close the tracker."""
         await self.tracker.close()

@@ -130,7 +130,6 @@ class Admission:
     ticket: int = 0  # names the reservation `settle` releases; 0 when refused
     budget: Budget | None = None
     spent_micro_usd: int = 0  # in the budget's window, reservations included
-    reset_budget_seconds: float = 0.0  # when refused by the budget: until it admits again
     full: bool = False  # refused: this scope's window or budget had no room
     slots_full: bool = False  # refused: this scope's max_in_flight slots were all taken
     in_flight: int = 0  # slots held, this request's included when admitted
@@ -224,7 +223,6 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         ticket=reading.ticket,
         budget=budget,
         spent_micro_usd=reading.spent + reading.spend_reserved if budget else 0,
-        reset_budget_seconds=budget_wait,
         full=reading.full and not admitted,
         slots_full=reading.slots_full and not admitted,
         in_flight=max(0, reading.slots),

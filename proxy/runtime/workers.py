@@ -57,7 +57,7 @@ from proxy.runtime.server import CannotListen, serve
 from proxy.settings import Settings
 
 START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
-EXIT_REFUSED = 2  # a worker that cannot listen said why and exits with this
+EXIT_REFUSED = 2  # the gateway refused to start (and said why): a bad setting, keys, a port
 _FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -162,11 +162,11 @@ class Workers:
         failed = 0 if worker.started.is_set() else self._failed_starts[slot] + 1
         self._failed_starts[slot] = failed
         if failed >= START_ATTEMPTS:
-            _say(f"a worker failed to start {failed} times in a row ({_why(code)}); stopping")
+            say(f"a worker failed to start {failed} times in a row ({_why(code)}); stopping")
             self._code = 1
             self.stop()
             return
-        _say(f"worker {pid} {_why(code)}; starting another")
+        say(f"worker {pid} {_why(code)}; starting another")
         self._start(slot)
 
 
@@ -190,7 +190,7 @@ def _work(
             on_listening=started.set,
         )
     except CannotListen as error:
-        print(f"llm-gateway: {error}", flush=True, file=sys.stderr)
+        say(str(error))
         raise SystemExit(EXIT_REFUSED) from None
     if os.getppid() != parent and owns_metrics_dir:
         _leave(metrics_dir)
@@ -242,7 +242,8 @@ def _why(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
+    """One line for the operator on stderr, before or outside a serving loop."""
     print(f"llm-gateway: {line}", file=sys.stderr, flush=True)
 
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import QUOTA, build_app
+from proxy.app import build_app
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth, keys_document
 
@@ -92,17 +92,19 @@ async def in_turn(gateway: TestClient, count: int) -> list[int]:
     return [await one(gateway) for _ in range(count)]
 
 
-async def usage_of(gateway: TestClient) -> dict[str, Any]:
-    await gateway.app[QUOTA].settled()
+async def usage_of(gateway: TestClient, records: Any, lines: int) -> dict[str, Any]:
+    """GET /usage once the log holds `lines` lines: a request's log line is written after
+    its charge was settled with the quota."""
+    assert len(await records(lines, timeout=10)) >= lines
     return await (await gateway.get("/usage", headers=auth(BUDGET_VK))).json()
 
 
 async def test_300_concurrent_requests_against_100_tokens_overshoot_by_at_most_one_request(
-    budget_gateway: Any,
+    budget_gateway: Any, records: Any
 ) -> None:
     gateway = await budget_gateway({"quota": {"requests": 1000, "tokens": 100}})
     statuses = await burst(gateway, 300)
-    usage = await usage_of(gateway)
+    usage = await usage_of(gateway, records, 300)
     charged = usage["tokens"]["used"]
     assert charged == statuses.count(200) * REAL_TOKENS
     # Each admission saw the others' reservations: admitted while under, so at most the
@@ -112,11 +114,11 @@ async def test_300_concurrent_requests_against_100_tokens_overshoot_by_at_most_o
 
 
 async def test_200_concurrent_requests_against_a_one_cent_budget_spend_at_most_one_more_request(
-    budget_gateway: Any,
+    budget_gateway: Any, records: Any
 ) -> None:
     gateway = await budget_gateway({"budget": {"usd": 0.01, "window_seconds": 3600}})
     statuses = await burst(gateway, 200)
-    usage = await usage_of(gateway)
+    usage = await usage_of(gateway, records, 200)
     spent = usage["budget"]["spent_usd"]
     worst_case = RESERVED_TOKENS * USD_PER_TOKEN  # max_tokens caps what one request costs
     assert spent == pytest.approx(statuses.count(200) * REAL_TOKENS * USD_PER_TOKEN)
@@ -164,15 +166,17 @@ async def test_a_default_budget_applies_to_keys_without_one_and_null_means_none(
     assert await in_turn(free, 3) == [200, 200, 200]
 
 
-async def test_usage_rounds_waits_and_shows_totals_with_quotas_off(budget_gateway: Any) -> None:
+async def test_usage_rounds_waits_and_shows_totals_with_quotas_off(
+    budget_gateway: Any, records: Any
+) -> None:
     gateway = await budget_gateway({"quota": {"requests": 5, "window_seconds": 3600}})
     await in_turn(gateway, 2)
-    usage = await usage_of(gateway)
+    usage = await usage_of(gateway, records, 2)
     for wait in (usage["requests"]["reset_seconds"], usage["tokens"]["reset_seconds"]):
         assert wait == round(wait, 3) and 3599 < wait <= 3600
     off = await budget_gateway({}, QUOTA_ENABLED="false")
     await in_turn(off, 2)
-    usage = await usage_of(off)
+    usage = await usage_of(off, records, 4)
     assert usage["quota_enabled"] is False
     assert usage["totals"] == {
         "requests": 2,
