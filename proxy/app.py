@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,9 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
+from proxy.cache.cache import Cache
+from proxy.cache.memory_store import MemoryStore
+from proxy.cache.store import Store
 from proxy.endpoints.admin import Admin
 from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
@@ -64,6 +68,7 @@ TAP_MEMORY = web.AppKey("tap_memory", TapMemory)
 KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
 FAILOVER = web.AppKey("failover", Failover)
+CACHE = web.AppKey("cache", Cache)
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
 # How long the log may take to write what is queued at shutdown: part of the bounded
@@ -114,11 +119,13 @@ def build_app(
     key_ring: KeyRing | None = None,
     metrics_dir: str | None = None,
     reload_workers: Callable[[], None] | None = None,
+    cache_clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
 
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
     `reload_workers`: asks the supervisor to make every worker reload keys.json.
+    `cache_clock`: what ages the in-memory cache's entries (tests step it).
     """
     if key_ring is None:
         key_ring = load_keys(settings, os.environ)
@@ -210,6 +217,7 @@ def build_app(
     )
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
+    app[CACHE] = new_cache(settings, metrics, cache_clock)
     relay = Relay(
         settings,
         key_ring,
@@ -222,12 +230,14 @@ def build_app(
         app[REALTIME],
         app[TAP_MEMORY],
         app.get(TRACING),
+        cache=app[CACHE],
     )
     app.on_response_prepare.append(keep_untyped)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
     app.cleanup_ctx.append(_keys_file)
+    app.cleanup_ctx.append(_cache)
     app.on_shutdown.append(_not_ready)
     app.on_response_prepare.append(_plain_server_header)
     app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
@@ -235,9 +245,11 @@ def build_app(
     # With a token, guessing it counts as failed authentications; without, /metrics is open.
     metrics_handler = lockout.guarded(_metrics) if settings.metrics_token else _metrics
     app.router.add_get("/metrics", with_request_id(metrics_handler))
-    usage_report = UsageReport(key_ring, app[QUOTA])
+    usage_report = UsageReport(key_ring, app[QUOTA], app[CACHE])
     app.router.add_get("/usage", with_request_id(lockout.guarded(usage_report.handle_usage)))
-    admin = Admin(settings.admin_token, key_ring, app[QUOTA], app[KEYS_FILE], reload_workers)
+    admin = Admin(
+        settings.admin_token, key_ring, app[QUOTA], app[KEYS_FILE], reload_workers, app[CACHE]
+    )
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:
         Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
@@ -279,6 +291,26 @@ def new_tracker(settings: Settings) -> Tracker:
     from proxy.quota.redis_tracker import RedisTracker
 
     return RedisTracker(settings.redis_url)
+
+
+def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Cache:
+    """Entries in Redis when REDIS_URL is set (shared by every process), else in memory."""
+    store: Store
+    if settings.redis_url is None:
+        store = MemoryStore(settings.cache_max_bytes, clock)
+    else:
+        from proxy.cache.redis_store import RedisStore
+
+        store = RedisStore(settings.redis_url)
+    return Cache(
+        store,
+        is_shared=settings.redis_url is not None,
+        max_entry_bytes=settings.cache_max_entry_bytes,
+        # A request waits for an identical one in flight as long as it would for headers.
+        wait_seconds=settings.request_timeout,
+        on_store_lost=lambda error: metrics.redis_error_decision("uncached"),
+        on_size=metrics.cache_size,
+    )
 
 
 def with_request_id(handler: Handler) -> Handler:
@@ -324,6 +356,11 @@ async def _logbook(app: web.Application) -> AsyncIterator[None]:
     app[LOGBOOK].open()
     yield
     await app[LOGBOOK].close(LOG_FLUSH_SECONDS)
+
+
+async def _cache(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[CACHE].close()  # answers still being stored reach the store first
 
 
 async def _quota(app: web.Application) -> AsyncIterator[None]:

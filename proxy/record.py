@@ -44,6 +44,14 @@ class Outcome(StrEnum):
     INTERNAL = "internal"  # a bug in the gateway
 
 
+class Cached(StrEnum):
+    """What the response cache did for a request of a key with a cache (the log's `cache`)."""
+
+    HIT = "hit"  # answered from a stored answer (or an identical request's, in flight)
+    MISS = "miss"  # looked up, not found: went upstream, its answer may be stored
+    BYPASS = "bypass"  # not looked up: not cacheable, or the client said no-cache / no-store
+
+
 # Outcomes that are the provider's failure (breakers, health, upstream error metrics).
 PROVIDER_FAILURES = frozenset((Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN))
 
@@ -174,6 +182,8 @@ class Record:
     trace: Trace | None = None
     # A WebSocket session's frames each way and how it ended (proxy/realtime.py); else None.
     websocket: dict[str, object] | None = None
+    # What the response cache did; None: the key has no cache.
+    cache: Cached | None = None
 
     @classmethod
     def begin(cls, request_id: str | None, method: str, path: str) -> Record:
@@ -186,6 +196,11 @@ class Record:
         """Record how the request ended; the first ending is the one that counts."""
         if self.outcome is None:
             self.status, self.outcome, self.error = status, outcome, why
+
+    @property
+    def spent_usage(self) -> Usage | None:
+        """The usage that was spent: none for a cache hit, whose `usage` is the stored answer's."""
+        return None if self.cache is Cached.HIT else self.usage
 
     @property
     def upstream_failed(self) -> bool:

@@ -235,6 +235,17 @@ class Settings:
         _redis_error_policy,
         "when Redis is lost while serving: allow requests through, or deny them with 503",
     )
+    cache_max_bytes: int = setting(
+        "268435456",
+        _positive_int,
+        "bytes the in-memory response cache may hold, least recently used out first "
+        "(268435456: 256 MiB; keys.json's cache turns it on per key)",
+    )
+    cache_max_entry_bytes: int = setting(
+        "2097152",
+        _positive_int,
+        "the largest answer the response cache keeps, in memory or in Redis (2097152: 2 MiB)",
+    )
     metrics_token: str | None = setting(
         None,
         _optional_text,

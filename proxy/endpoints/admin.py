@@ -13,6 +13,10 @@ provider, masked key, limits, allowed models, team and current window usage; `/a
 each team's members (by name), limits and usage. Never a real key or a full virtual key:
 only `keys.masked` of the virtual key goes out.
 
+`DELETE /admin/cache?key=<name>` drops the cached answers a key reads (its own, or its
+shared scope's), `?scope=<name>` a scope's: 200 `{"dropped": N}`; 400 without exactly one
+of them or for a key without a cache, 404 for an unknown key name, 503 when Redis is lost.
+
 `POST /admin/reload` reloads keys.json in this process and answers whether it took; with
 WORKERS > 1 it then asks the supervisor to pass SIGHUP to every worker (this one
 included, which then reloads the same file again), so no worker keeps the old keys.
@@ -28,6 +32,8 @@ import orjson
 from aiohttp import web
 
 from proxy import errors
+from proxy.cache.cache import Cache
+from proxy.cache.store import StoreUnavailable
 from proxy.endpoints.usage_report import scope_report
 from proxy.errors import GatewayError
 from proxy.keys.credentials import presents_token
@@ -50,8 +56,10 @@ class Admin:
         quota: Quota,
         keys_file: KeysFile,
         reload_workers: Callable[[], None] | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self._token = token
+        self._cache = cache
         self._key_ring = key_ring
         self._quota = quota
         self._keys_file = keys_file
@@ -66,6 +74,7 @@ class Admin:
             router.add_get("/admin/keys", wrap(self._guarded(self.handle_keys)))
             router.add_get("/admin/teams", wrap(self._guarded(self.handle_teams)))
             router.add_post("/admin/reload", wrap(self._guarded(self.handle_reload)))
+            router.add_delete("/admin/cache", wrap(self._guarded(self.handle_drop_cache)))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
 
     def _guarded(self, handler: Handler) -> Handler:
@@ -147,6 +156,28 @@ class Admin:
             "usage": usage,
         }
 
+    async def handle_drop_cache(self, request: web.Request) -> web.Response:
+        """DELETE /admin/cache?key=<name> or ?scope=<name>: drop those cached answers."""
+        name, scope = request.query.get("key"), request.query.get("scope")
+        if (name is None) == (scope is None) or self._cache is None:
+            return _refuse(request, 400, "Name exactly one of ?key=<key name> and ?scope=<scope>.")
+        key = None
+        if name is not None:
+            key = next((key for key in self._key_ring if key.name == name), None)
+            if key is None:
+                return _refuse(request, 404, f"No key is named {name[:100]!r}.", "unknown_key")
+            if key.cache is None:
+                return _refuse(request, 400, f"The key {name[:100]!r} has no cache.")
+        try:
+            dropped = await self._cache.drop(key=key, scope=scope)
+        except StoreUnavailable:
+            return _refuse(
+                request, 503, "The cache's Redis cannot be reached.", "cache_unavailable"
+            )
+        return web.Response(
+            body=orjson.dumps({"dropped": dropped}), content_type="application/json"
+        )
+
     async def handle_reload(self, request: web.Request) -> web.Response:
         """POST /admin/reload: 200 with the config in force, or 422 saying why nothing changed."""
         error = await self._keys_file.reload("POST /admin/reload")
@@ -177,3 +208,9 @@ def shown(limits: Limits | None) -> dict[str, Any] | None:
         "tokens": limits.tokens,
         "window_seconds": limits.window_seconds,
     }
+
+
+def _refuse(
+    request: web.Request, status: int, message: str, code: str = "invalid_request"
+) -> web.Response:
+    return errors.render(GatewayError(status, code, message), request.path)

@@ -4,7 +4,8 @@ Counts are whole numbers, waits in seconds to the millisecond, dollars to the mi
 Totals are shown with quotas off too (the tracker counts every key); without Redis they are
 this process's own. A key with a team also shows the team's windows, budget and slots in
 flight (`team`); a key with max_in_flight its own slots (`in_flight`); a key with
-model_quotas each group's window (`model_quotas`).
+model_quotas each group's window (`model_quotas`). A key with a response cache also gets
+its policy and its hits (`cache`; with Redis, every instance's; null when Redis is lost).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy import errors
+from proxy.cache.cache import Cache
 from proxy.errors import GatewayError
 from proxy.keys.keys import KeyRing
 from proxy.quota.quota import Quota
@@ -24,9 +26,10 @@ from proxy.quota.tracker import Scope, Tracker, TrackerUnavailable
 class UsageReport:
     """The /usage endpoint over the key ring and the quota's tracker."""
 
-    def __init__(self, key_ring: KeyRing, quota: Quota) -> None:
+    def __init__(self, key_ring: KeyRing, quota: Quota, cache: Cache | None = None) -> None:
         self._key_ring = key_ring
         self._quota = quota
+        self._cache = cache
 
     async def handle_usage(self, request: web.Request) -> web.Response:
         """GET /usage: 401 without a known key, 503 when Redis cannot be read."""
@@ -59,6 +62,12 @@ class UsageReport:
                 503, "quota_unavailable", "Usage cannot be read right now; retry shortly."
             )
             return errors.render(refusal, request.path)
+        if key.cache is not None and self._cache is not None:
+            document["cache"] = {
+                "ttl_seconds": key.cache.ttl_seconds,
+                "scope": key.cache.scope,
+                "hits": await self._cache.hits(key),
+            }
         return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 

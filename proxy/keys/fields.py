@@ -63,8 +63,10 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "max_in_flight",
             "queue_seconds",
             "model_quotas",
+            "cache",
         }
     ),
+    "cache": frozenset({"ttl_seconds", "scope"}),
     "quota": frozenset({"requests", "tokens", "window_seconds"}),
     "budget": frozenset({"usd", "window_seconds"}),
     "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model"}),
@@ -176,6 +178,40 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     if not positive_number(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
     return Budget(usd=float(usd), window_seconds=float(window))
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """A key's response cache: how long an answer is kept, and who shares it.
+
+    `scope`: keys naming the same scope read each other's entries; None: the key's own.
+    """
+
+    ttl_seconds: float
+    scope: str | None = None
+
+
+# A scope name is part of the operator's vocabulary: short, printable, no surprises in Redis.
+_SCOPE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def cache(where: str, entry: Mapping[str, Any]) -> CachePolicy | None:
+    """A key's cache: `{"ttl_seconds": N, "scope"?: name}`; absent: none. Raises KeysFileError."""
+    if "cache" not in entry or entry["cache"] is None:
+        return None
+    policy = entry["cache"]
+    if not isinstance(policy, dict):
+        raise KeysFileError(f"{where}: cache must be an object (ttl_seconds, scope)")
+    check_fields(where, policy, "cache", "cache.")
+    ttl: Any = policy.get("ttl_seconds")
+    if not positive_number(ttl):
+        raise KeysFileError(f"{where}: cache.ttl_seconds must be a positive number of seconds")
+    scope = policy.get("scope")
+    if scope is not None and not (isinstance(scope, str) and _SCOPE.fullmatch(scope)):
+        raise KeysFileError(
+            f"{where}: cache.scope must be a name of 1 to 100 letters, digits or . _ : -"
+        )
+    return CachePolicy(ttl_seconds=float(ttl), scope=scope)
 
 
 def positive_int(value: object) -> TypeGuard[int]:

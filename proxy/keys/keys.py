@@ -23,7 +23,7 @@ import orjson
 from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
-from proxy.keys.fields import Defaults, KeysFileError, check_fields
+from proxy.keys.fields import CachePolicy, Defaults, KeysFileError, check_fields
 from proxy.keys.plans import parse_plans
 from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
 from proxy.quota.tracker import Budget, Limits, Scope
@@ -81,6 +81,8 @@ class VirtualKey:
                     scopes.append(group.scope)
                     break
         return tuple(scopes)
+
+    cache: CachePolicy | None = None  # None: no response cache (nothing looked up or stored)
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -311,4 +313,5 @@ def _key(
         team=team_of(where, entry, teams),
         model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, window),
         own=Scope(key_id, "key", name, limits, budget, cap, queue),
+        cache=fields.cache(where, entry),
     )

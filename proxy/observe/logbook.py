@@ -148,6 +148,7 @@ class Logbook:
             "ttft_ms": record.ttft_ms,
             "usage": record.usage,
             "cost_usd": record.cost_usd,
+            "cache": record.cache,
         }
         if record.error is not None:
             fields["error"] = record.error

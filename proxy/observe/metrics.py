@@ -30,7 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.observe.health import is_upstream_failure
 from proxy.observe.summary import summary
 from proxy.observe.worker_metrics import use_multiprocess_values
-from proxy.record import Record
+from proxy.record import Cached, Record
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
@@ -43,7 +43,7 @@ MODEL_LABEL_VALUES = 100
 # Exported at 0 from the start, because a series born at its first increment is invisible to
 # rate() and increase(): the alerts on a short Redis loss or on one failed reload
 # (deploy/prometheus/alerts.yml) would never fire.
-REDIS_DECISIONS = ("allow", "deny", "uncharged")
+REDIS_DECISIONS = ("allow", "deny", "uncharged", "uncached")
 RELOAD_RESULTS = ("ok", "failed")
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
@@ -215,6 +215,31 @@ class Metrics:
             registry=owner,
             multiprocess_mode="livemax",
         )
+        self._cache_hits = Counter(
+            "llm_gateway_cache_hits",
+            "Requests answered from the response cache (never sent upstream).",
+            ["provider", "model"],
+            registry=owner,
+        )
+        self._cache_misses = Counter(
+            "llm_gateway_cache_misses",
+            "Cacheable requests of keys with a cache that were not in it (sent upstream).",
+            ["provider", "model"],
+            registry=owner,
+        )
+        # With Redis every process reads the shared totals: the most recent is the answer.
+        self._cache_entries = Gauge(
+            "llm_gateway_cache_entries",
+            "Answers held by the response cache (in this process, or in Redis).",
+            registry=owner,
+            multiprocess_mode="mostrecent",
+        )
+        self._cache_bytes = Gauge(
+            "llm_gateway_cache_bytes",
+            "Bytes held by the response cache (in this process, or in Redis).",
+            registry=owner,
+            multiprocess_mode="mostrecent",
+        )
         self._last_request = Gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",
@@ -235,13 +260,18 @@ class Metrics:
         overhead_ms = record.overhead_ms
         if overhead_ms is not None:
             child(self._overhead, provider).observe(overhead_ms / 1000.0)
-        if record.usage is not None:
-            child(self._prompt_tokens, provider, model).inc(record.usage.prompt_tokens)
-            child(self._completion_tokens, provider, model).inc(record.usage.completion_tokens)
+        usage = record.spent_usage  # a cache hit spent no tokens and no dollars
+        if usage is not None:
+            child(self._prompt_tokens, provider, model).inc(usage.prompt_tokens)
+            child(self._completion_tokens, provider, model).inc(usage.completion_tokens)
             if record.cost_usd is None:
                 child(self._unpriced, provider, model).inc()
             else:
                 child(self._cost, provider, model).inc(record.cost_usd)
+        if record.cache is Cached.HIT:
+            child(self._cache_hits, provider, model).inc()
+        elif record.cache is Cached.MISS:
+            child(self._cache_misses, provider, model).inc()
         if is_upstream_failure(record):
             self._child(self._upstream_errors, provider, _failure_kind(record)).inc()
         attempts = record.attempts
@@ -305,6 +335,11 @@ class Metrics:
         """Count a decision made without Redis: a request let through ("allow"), refused
         ("deny"), or a finished response whose tokens could not be charged ("uncharged")."""
         self._redis_errors.labels(decision).inc()
+
+    def cache_size(self, entries: int, size: int) -> None:
+        """The response cache now holds `entries` answers of `size` bytes together."""
+        self._cache_entries.set(entries)
+        self._cache_bytes.set(size)
 
     def config_reloaded(self, is_ok: bool) -> None:
         self._reloads.labels("ok" if is_ok else "failed").inc()

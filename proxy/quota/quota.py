@@ -216,8 +216,9 @@ class Quota:
         if admission is None:
             return
         spent = NOTHING
-        if record.usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
-            spent = charged(record.usage, record.cost_usd)
+        usage = record.spent_usage  # a cache hit spent nothing: it counts as a request only
+        if usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
+            spent = charged(usage, record.cost_usd)
         if admission.scopes:
             self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
             self.release(admission)

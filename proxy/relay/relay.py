@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -20,6 +21,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.cache.cache import Cache, Lookup
+from proxy.cache.entry import Entry
+from proxy.cache.replay import replay, response_for
 from proxy.errors import GatewayError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.keys.lockout import Lockout
@@ -29,7 +33,7 @@ from proxy.quota import ratelimit
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Admission
 from proxy.realtime.realtime import Realtime, is_upgrade
-from proxy.record import CLIENT_CLOSED, Outcome, Record
+from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay import stream_usage
 from proxy.relay.peek import read_body, validate
 from proxy.relay.routing import route
@@ -74,6 +78,7 @@ class Relay:
         realtime: Realtime,
         tap_memory: TapMemory,
         tracing: Tracing | None = None,  # None: traces off
+        cache: Cache | None = None,  # None: no key's answers are cached
     ) -> None:
         self.settings = settings
         self.key_ring = key_ring
@@ -86,6 +91,7 @@ class Relay:
         self.realtime = realtime
         self.tap_memory = tap_memory
         self.tracing = tracing
+        self.cache = cache
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Authenticate, validate, admit, forward, stream back, record."""
@@ -96,6 +102,7 @@ class Relay:
         record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
         key: VirtualKey | None = None
         admission: Admission | None = None
+        found: Lookup | None = None  # what the cache did, for keys with a cache
         if self.tracing is not None:
             record.trace = self.tracing.begin(request)  # traces: the request's server span
         self.metrics.request_started()
@@ -110,10 +117,21 @@ class Relay:
             plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
             if settings.log_bodies:
                 record.request_body = body
+            sent = body  # the client's own bytes: what names a cached answer
             body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
             admission = await self.quota.admit(key, peek)  # 429, 503
+            if key.cache is not None and self.cache is not None:
+                # A stored answer, or an identical request's in flight: never upstream.
+                found = await self.cache.lookup(
+                    key, request.method, tail, query, request.headers, sent
+                )
+                record.cache = found.cached
+                if found.entry is not None:
+                    return await self.answer_hit(request, found.entry, admission, record)
             async with self.failover.forward(request, plan, tail, query, body, record) as reply:
-                return await self.stream_back(request, reply, plan, body, record, admission, asked)
+                return await self.stream_back(
+                    request, reply, plan, body, record, admission, asked, found
+                )
         except GatewayError as error:
             record.end(error.status, Outcome.REFUSED, error.message)
             if error.status == 429 and key is not None:  # not a lockout's 429: no key yet
@@ -134,7 +152,7 @@ class Relay:
                 if record.stored is not None and key is not None:  # a background response:
                     await background.owe_or_claim(self.quota, key, record)  # owed, or charged
             finally:  # also when the client's leaving cancels the handler meanwhile
-                self.settle(record, key, admission)
+                self.settle(record, key, admission, found)
 
     async def stream_back(
         self,
@@ -145,16 +163,24 @@ class Relay:
         record: Record,
         admission: Admission | None,
         asked_usage: bool = False,
+        found: Lookup | None = None,
     ) -> web.StreamResponse:
         """Send the provider's status and headers (none carrying a real key), then each chunk.
 
         `asked_usage`: the gateway asked for the usage chunk (stream_usage.py): withhold it.
+        `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
         """
         settings = self.settings
         headers = downstream_headers(reply.headers, plan.secrets)
+        pending = None if found is None else found.pending
+        if pending is not None:
+            pending.begin(reply.status, reply.reason, headers)
+        collect = None if pending is None else pending.collect
         if admission is not None:
             ratelimit.stamp(headers, admission)
         headers["x-request-id"] = record.request_id
+        if found is not None:
+            headers["x-llm-gateway-cache"] = found.cached.value
         status = reply.status
         tap = UsageTap(
             reply.headers.get("content-type"),
@@ -167,7 +193,7 @@ class Relay:
         try:
             response: web.StreamResponse
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
-                response = await send_whole(reply, headers, tap, record, idle)
+                response = await send_whole(reply, headers, tap, record, idle, collect)
             else:
                 response = web.StreamResponse(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
@@ -187,7 +213,7 @@ class Relay:
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
-            await relay_body(request, reply, response, tap, record, idle, withheld)
+            await relay_body(request, reply, response, tap, record, idle, withheld, collect)
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
@@ -201,8 +227,32 @@ class Relay:
             record.response_text = tap.text
         return web.Response(status=status)  # not sent: the connection is closed
 
-    def settle(self, record: Record, key: VirtualKey | None, admission: Admission | None) -> None:
-        """The one ending of every request: tokens and cost, breakers, metrics, the log, traces."""
+    async def answer_hit(
+        self, request: web.Request, entry: Entry, admission: Admission | None, record: Record
+    ) -> web.StreamResponse:
+        """Replay a stored answer with the gateway's own headers; it counted as one request."""
+        headers = CIMultiDict(entry.headers)
+        if admission is not None:
+            ratelimit.stamp(headers, admission)
+        headers["x-request-id"] = record.request_id
+        headers["x-llm-gateway-cache"] = Cached.HIT.value
+        response = response_for(entry, headers)
+        if "content-type" not in headers:
+            response[UNTYPED] = True  # see keep_untyped
+        await replay(request, response, entry, record)
+        return response
+
+    def settle(
+        self,
+        record: Record,
+        key: VirtualKey | None,
+        admission: Admission | None,
+        found: Lookup | None = None,
+    ) -> None:
+        """The one ending of every request: cost, quota, cache, breakers, metrics, the log, traces.
+
+        A cache hit is priced (what it would have cost, for its log line) but charges nothing.
+        """
         record.finish()
         self.metrics.request_ended()
         record.cost_usd = self.prices.cost(
@@ -210,6 +260,8 @@ class Relay:
         )
         if key is not None:
             self.quota.settle(key, admission, record)  # the reservation becomes the real count
+        if found is not None and self.cache is not None:
+            self.cache.settle(found, record)  # a miss's answer stored, if storable
         if record.outcome is Outcome.BROKEN and record.target is not None:
             breakers = self.failover.breakers
             breakers[record.target].failed(breakers.clock(), record.error or "broken")
@@ -230,7 +282,12 @@ def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
 
 
 async def send_whole(
-    reply: Reply, headers: CIMultiDict[str], tap: UsageTap, record: Record, idle: float
+    reply: Reply,
+    headers: CIMultiDict[str],
+    tap: UsageTap,
+    record: Record,
+    idle: float,
+    collect: Callable[[bytes], None] | None = None,
 ) -> web.Response:
     """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
     asked = time.perf_counter()
@@ -250,6 +307,8 @@ async def send_whole(
         record.waited_upstream(asked)
     record.mark_first_byte()
     tap.feed(data)
+    if collect is not None:
+        collect(data)
     record.end(reply.status, Outcome.ANSWERED)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
@@ -290,9 +349,10 @@ async def relay_body(
     record: Record,
     idle: float,
     withheld: UsageChunkFilter | None = None,
+    collect: Callable[[bytes], None] | None = None,
 ) -> None:
-    """Each chunk to the client first (less a `withheld` usage chunk), then to the usage tap;
-    the record says how it ended.
+    """Each chunk to the client first (less a `withheld` usage chunk), then to the usage tap
+    (and to the cache's `collect`, what the client got); the record says how it ended.
 
     One deadline serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
@@ -309,15 +369,21 @@ async def relay_body(
             record.mark_first_byte()
             while chunk:
                 is_writing = True
-                await response.write(chunk if withheld is None else withheld(chunk))
+                sent = chunk if withheld is None else withheld(chunk)
+                await response.write(sent)
                 is_writing = False
                 tap.feed(chunk)
+                if collect is not None:
+                    collect(sent)
                 extend(deadline, loop.time(), idle)
                 asked = clock()
                 chunk = await read()
                 record.waited_upstream(asked)
             is_writing = True
-            await response.write_eof(b"" if withheld is None else withheld.rest())
+            rest = b"" if withheld is None else withheld.rest()
+            await response.write_eof(rest)
+            if collect is not None:
+                collect(rest)
     except ConnectionResetError:  # the client left: not the provider's failure
         record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
         return

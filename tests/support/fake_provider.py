@@ -32,6 +32,7 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
+    x-fake-hold: 1            answer only once the test sets `state.release` (an asyncio.Event)
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
@@ -147,6 +148,8 @@ class FakeState:
     # requests being answered right now, and the most there ever were at once
     open_now: int = 0
     open_peak: int = 0
+    # requests with x-fake-hold: 1 wait for this before they are answered
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -261,6 +264,8 @@ async def answer(
     state.requests.append(seen)
     request[REQUEST_ID] = request.headers.get("x-request-id") or f"req_fake_{uuid.uuid4().hex[:16]}"
     knobs = request[KNOBS] = Knobs.read(request.headers)
+    if request.headers.get("x-fake-hold") == "1":
+        await state.release.wait()
     fault = state.faults.get(credential(request.headers) or "")
     if fault is not None and fault.times != 0:
         if fault.times is not None:
@@ -472,6 +477,7 @@ def reflected(headers: Mapping[str, str]) -> str:
 
 async def let_go(app: web.Application) -> None:
     app[FAKE_STATE].is_stopping = True
+    app[FAKE_STATE].release.set()
 
 
 # --- what the answers are made of ----------------------------------------------------

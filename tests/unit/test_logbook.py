@@ -79,7 +79,7 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
     [line] = lines_of(path)
     assert list(line) == [
         "timestamp", "request_id", "key", "provider", "method", "path", "model",
-        "stream", "status", "duration_ms", "ttft_ms", "usage", "cost_usd",
+        "stream", "status", "duration_ms", "ttft_ms", "usage", "cost_usd", "cache",
     ]  # fmt: skip
     assert RFC3339_MILLIS.match(line["timestamp"])
     assert line["request_id"] == "req-0"
@@ -100,6 +100,7 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
         "estimated": False,
     }
     assert line["cost_usd"] is None
+    assert line["cache"] is None  # the key has no cache
 
 
 async def test_a_refused_request_has_its_error_and_null_usage_and_timings(tmp_path: Path) -> None:

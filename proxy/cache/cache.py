@@ -1,0 +1,276 @@
+"""The response cache: a hit replays a stored answer; a miss's answer is kept when storable.
+
+`lookup` runs after admission, before upstream, for keys with a cache only (a key without
+pays one attribute test). It answers a `Lookup`: a hit (the entry to replay), a miss (the
+`Pending` that collects the answer as it goes to the client and leads the flight identical
+requests wait for), or a bypass (not cacheable, or the client's no-store; a no-cache
+bypass still collects, to refresh the entry). `settle` is the store sink: it keeps a
+miss's answer when `verdict.is_storable` says so, lands its flight either way, and lets go
+of the store's claim.
+
+Failure of the store (Redis lost) never fails a request: the lookup is a miss, the store is
+skipped, and `on_store_lost` counts it. Hits are counted per key (/usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from multidict import CIMultiDict, MultiMapping
+
+from proxy.cache import lookup as names
+from proxy.cache.entry import Entry
+from proxy.cache.flights import Flight, Flights
+from proxy.cache.lookup import Directive
+from proxy.cache.store import Store, StoreUnavailable
+from proxy.cache.verdict import is_storable
+from proxy.keys.keys import VirtualKey
+from proxy.record import Cached, Record
+
+
+@dataclass(slots=True)
+class Pending:
+    """A miss's answer, collected chunk by chunk as the client gets it, until too large."""
+
+    name: str
+    ttl_seconds: float
+    max_bytes: int
+    flight: Flight | None  # led by this request; None: a refresh, or a failed flight's waiter
+    is_claimed: bool = False  # this instance holds the store's claim (Redis)
+    status: int = 0
+    reason: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    chunks: list[bytes] | None = field(default_factory=list)  # None: past max_bytes
+    size: int = 0
+
+    def begin(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        """The provider's status and headers, as they go to the client (before the gateway's own).
+
+        Set-Cookie is not kept: a cookie is the first client's, never another's.
+        """
+        kept = tuple(
+            (name, value) for name, value in headers.items() if name.lower() != "set-cookie"
+        )
+        self.status, self.reason, self.headers = status, reason, kept
+
+    def collect(self, chunk: bytes) -> None:
+        if self.chunks is None or not chunk:
+            return
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.chunks = None  # too large to keep: not stored, and not held any longer
+            return
+        self.chunks.append(chunk)
+
+    def entry(self, record: Record) -> Entry | None:
+        """The answer as an entry, if it may be stored."""
+        if self.chunks is None:
+            return None
+        headers = CIMultiDict(self.headers)
+        content_type = headers.get("content-type", "")
+        coding = headers.get("content-encoding", "")
+        if not is_storable(record, content_type, coding, self.chunks, self.max_bytes):
+            return None
+        return Entry(
+            self.status,
+            self.reason,
+            self.headers,
+            tuple(self.chunks),
+            record.usage,
+            record.response_model,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    cached: Cached
+    entry: Entry | None = None  # a hit: what to replay
+    pending: Pending | None = None  # what collects this request's answer, to store it
+
+
+BYPASS = Lookup(Cached.BYPASS)
+
+
+class Cache:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        is_shared: bool,
+        max_entry_bytes: int,
+        wait_seconds: float,
+        on_store_lost: Callable[[str], None] = lambda error: None,
+        on_size: Callable[[int, int], None] = lambda entries, size: None,
+        poll_seconds: float = 0.02,
+    ) -> None:
+        """`is_shared`: the store is Redis (claims and hit counts go there).
+
+        `wait_seconds`: how long a request waits for an identical one in flight;
+        `poll_seconds`: how often it looks for the entry of one in flight on another instance.
+        """
+        self._store = store
+        self._is_shared = is_shared
+        self._max_entry_bytes = max_entry_bytes
+        self._wait_seconds = wait_seconds
+        self._on_store_lost = on_store_lost
+        self._on_size = on_size
+        self._poll_seconds = poll_seconds
+        self._flights = Flights()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def lookup(
+        self, key: VirtualKey, method: str, tail: str, query: str, headers: MultiMapping[str],
+        body: bytes,
+    ) -> Lookup:  # fmt: skip
+        """A hit, a miss that leads (or follows a failed) flight, or a bypass. Never raises."""
+        policy = key.cache
+        assert policy is not None, "only keys with a cache are looked up"
+        asked = names.directive(headers)
+        if asked is Directive.SKIP or not self._is_cacheable(method, tail, headers, body):
+            return BYPASS
+        name = names.entry_name(names.scope_of(key.id, policy), method, tail, query, body, headers)
+        pending = Pending(name, policy.ttl_seconds, self._max_entry_bytes, None)
+        if asked is Directive.REFRESH:
+            return Lookup(Cached.BYPASS, pending=pending)
+        flight = self._flights.joined(name)
+        if flight is not None:  # an identical request is on its way: its answer, as a hit
+            entry = await self._flights.wait(flight, self._wait_seconds)
+            if entry is not None:
+                return await self._hit(key, entry)
+            return Lookup(Cached.MISS, pending=pending)  # it failed: upstream ourselves
+        pending.flight = flight = self._flights.lead(name)
+        try:
+            entry = await self._find(name, pending)
+        except BaseException:  # cancelled (the client left): the waiters go on their own
+            self._flights.end(name, flight)
+            raise
+        if entry is None:
+            return Lookup(Cached.MISS, pending=pending)
+        self._flights.land(flight, entry)
+        self._flights.end(name, flight)
+        return await self._hit(key, entry)
+
+    def settle(self, found: Lookup, record: Record) -> None:
+        """The store sink: keep a miss's answer if storable; land its flight either way."""
+        pending = found.pending
+        if pending is None:
+            return
+        entry = pending.entry(record)
+        pending.chunks = None  # the entry holds them now, or nobody does
+        if pending.flight is not None:
+            self._flights.land(pending.flight, entry)  # waiters here are served at once
+        if entry is not None or pending.is_claimed or pending.flight is not None:
+            self._spawn(self._keep(pending, entry))
+
+    async def hits(self, key: VirtualKey) -> int | None:
+        """The key's hits (None: the store cannot be read)."""
+        try:
+            return await self._store.hits(key.id)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+            return None
+
+    async def drop(self, key: VirtualKey | None = None, scope: str | None = None) -> int:
+        """Drop the entries a key reads (its own, or its scope's), or a scope's. Raises
+        StoreUnavailable."""
+        if key is not None:
+            assert key.cache is not None
+            prefix = names.scope_prefix(names.scope_of(key.id, key.cache))
+        else:
+            assert scope is not None
+            prefix = names.scope_prefix(names.shared_scope(scope))
+        dropped = await self._store.drop(prefix)
+        self._on_size(*self._store.size())
+        return dropped
+
+    def waiting(self) -> int:
+        """Requests of this process waiting for an identical one in flight."""
+        return self._flights.waiting()
+
+    async def settled(self) -> None:
+        """Return once every answer kept so far is in the store (for tests, and close)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.settled()
+        await self._store.close()
+
+    def _is_cacheable(
+        self, method: str, tail: str, headers: MultiMapping[str], body: bytes
+    ) -> bool:
+        if not names.is_cacheable_endpoint(method, tail):
+            return False
+        if headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return False  # the exact bytes would do as a key, but the body must be read
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(document, dict):
+            return False
+        return names.is_cacheable(method, tail, document)
+
+    async def _find(self, name: str, pending: Pending) -> Entry | None:
+        """The stored entry; else None, after another instance's claim came to nothing."""
+        store = self._store
+        try:
+            entry = await store.get(name)
+            if entry is not None or not self._is_shared:
+                return entry
+            if await store.claim(name, self._wait_seconds):
+                pending.is_claimed = True
+                return None
+            return await self._await_other(name)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+            return None
+
+    async def _await_other(self, name: str) -> Entry | None:
+        """Another instance asks upstream: poll for its entry while its claim holds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_seconds
+        while loop.time() < deadline:
+            await asyncio.sleep(self._poll_seconds)
+            entry = await self._store.get(name)
+            if entry is not None:
+                return entry
+            if not await self._store.is_claimed(name):
+                return await self._store.get(name)  # stored just before the claim went
+        return None
+
+    async def _hit(self, key: VirtualKey, entry: Entry) -> Lookup:
+        if self._is_shared:
+            self._spawn(self._count_hit(key))
+        else:
+            await self._store.add_hit(key.id)
+        return Lookup(Cached.HIT, entry=entry)
+
+    async def _count_hit(self, key: VirtualKey) -> None:
+        try:
+            await self._store.add_hit(key.id)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+
+    async def _keep(self, pending: Pending, entry: Entry | None) -> None:
+        store = self._store
+        try:
+            if entry is not None:
+                await store.put(pending.name, entry, pending.ttl_seconds)
+                self._on_size(*store.size())
+            if pending.is_claimed:
+                await store.release(pending.name)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+        finally:
+            if pending.flight is not None:
+                self._flights.end(pending.name, pending.flight)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,101 @@
+"""A stored answer: the provider's status, headers and body chunks as the client first got them.
+
+Chunks are kept as they were written to the first client, so a stream is replayed as the
+same events in the same order, cut where they were cut. The usage the answer reported (or
+its estimate) and the model that answered travel with it, so a hit's log line can say what
+the answer would have cost without reading the body again.
+
+`encode` and `decode` give the form kept in Redis: a version byte, the length of a JSON
+head (status, reason, headers, usage, model, the chunk sizes), the head, then the chunks'
+bytes back to back: no base64, no copy of the body beyond the one join.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import orjson
+
+from proxy.record import Usage
+
+_VERSION = b"\x01"
+# What one entry costs beyond its bytes in this process (the object, its tuples, the dict
+# slot and LRU link), measured by bench/cache.py; counted against CACHE_MAX_BYTES.
+ENTRY_OVERHEAD_BYTES = 600
+# Each chunk is a bytes object: its header (33 bytes) and the tuple's pointer.
+CHUNK_OVERHEAD_BYTES = 41
+
+
+class CorruptEntry(ValueError):
+    """Stored bytes that are not an entry (another version, a foreign value): a miss."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    status: int
+    reason: str | None
+    headers: tuple[tuple[str, str], ...]  # the provider's, less hop-by-hop and any secret
+    chunks: tuple[bytes, ...]
+    usage: Usage | None = None
+    model: str | None = None  # the model the answer names
+
+    @property
+    def body_bytes(self) -> int:
+        return sum(map(len, self.chunks))
+
+    @property
+    def size(self) -> int:
+        """The bytes it holds in memory, about: what CACHE_MAX_BYTES counts."""
+        headers = sum(len(name) + len(value) + 2 * 49 for name, value in self.headers)
+        return (
+            ENTRY_OVERHEAD_BYTES
+            + headers
+            + self.body_bytes
+            + CHUNK_OVERHEAD_BYTES * len(self.chunks)
+        )
+
+    @property
+    def is_whole(self) -> bool:
+        """An answer of known length: replayed in one write, as it was sent."""
+        return any(name.lower() == "content-length" for name, _ in self.headers)
+
+
+def encode(entry: Entry) -> bytes:
+    head = orjson.dumps(
+        {
+            "status": entry.status,
+            "reason": entry.reason,
+            "headers": entry.headers,
+            "sizes": [len(chunk) for chunk in entry.chunks],
+            "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
+            "model": entry.model,
+        }
+    )
+    return b"".join((_VERSION, len(head).to_bytes(4, "big"), head, *entry.chunks))
+
+
+def decode(blob: bytes) -> Entry:
+    """An entry from `encode`'s bytes. Raises CorruptEntry."""
+    if blob[:1] != _VERSION or len(blob) < 5:
+        raise CorruptEntry("not an entry of this version")
+    end = 5 + int.from_bytes(blob[1:5], "big")
+    try:
+        head = orjson.loads(blob[5:end])
+        chunks, start = [], end
+        for size in head["sizes"]:
+            chunks.append(blob[start : start + size])
+            start += size
+        if start != len(blob):
+            raise CorruptEntry("the chunk sizes do not add up to the body")
+        usage = head["usage"]
+        return Entry(
+            status=head["status"],
+            reason=head["reason"],
+            headers=tuple((name, value) for name, value in head["headers"]),
+            chunks=tuple(chunks),
+            usage=None if usage is None else Usage(**usage),
+            model=head["model"],
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CorruptEntry(str(error)) from None

@@ -1,0 +1,91 @@
+"""Entries in this process's memory: least recently used out first, past CACHE_MAX_BYTES.
+
+An entry expires `ttl_seconds` after it was stored, by the injected clock; an expired entry
+is dropped when it is next asked for, and each store drops the expired ones it finds at the
+old end of the LRU order, so the gauges may count an expired entry until then. Claims are
+this process's own business (`flights.py`): here every claim succeeds. One event loop:
+nothing here awaits, so each method is atomic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from proxy.cache.entry import Entry
+
+# Expired entries dropped from the old end of the LRU order at each store, at most.
+SWEEP = 4
+
+
+class MemoryStore:
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()  # → expiry
+        self._bytes = 0
+        self._hits: dict[str, int] = {}
+
+    async def get(self, name: str) -> Entry | None:
+        found = self._entries.get(name)
+        if found is None:
+            return None
+        entry, expires = found
+        if expires <= self._clock():
+            self._remove(name)
+            return None
+        self._entries.move_to_end(name)
+        return entry
+
+    async def put(self, name: str, entry: Entry, ttl_seconds: float) -> None:
+        size = entry.size
+        if size > self._max_bytes:
+            return
+        if name in self._entries:
+            self._remove(name)
+        self._sweep()
+        self._entries[name] = (entry, self._clock() + ttl_seconds)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
+
+    async def claim(self, name: str, seconds: float) -> bool:
+        return True
+
+    async def is_claimed(self, name: str) -> bool:
+        return False
+
+    async def release(self, name: str) -> None:
+        pass
+
+    async def drop(self, prefix: str) -> int:
+        names = [name for name in self._entries if name.startswith(prefix)]
+        for name in names:
+            self._remove(name)
+        return len(names)
+
+    async def add_hit(self, key_id: str) -> None:
+        self._hits[key_id] = self._hits.get(key_id, 0) + 1
+
+    async def hits(self, key_id: str) -> int:
+        return self._hits.get(key_id, 0)
+
+    def size(self) -> tuple[int, int]:
+        return len(self._entries), self._bytes
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def _remove(self, name: str) -> None:
+        entry, _ = self._entries.pop(name)
+        self._bytes -= entry.size
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for name in list(itertools.islice(self._entries, SWEEP)):
+            if self._entries[name][1] <= now:
+                self._remove(name)

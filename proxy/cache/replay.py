@@ -1,0 +1,42 @@
+"""A hit sent to the client: the stored status, headers and bytes, as the first client got them.
+
+A body of known length goes in one write; a stream chunk by chunk, the same chunks in the
+same order, as fast as the client reads, then the end: nothing is added before, between
+or after them (peers appended an error frame to a replayed stream, or replayed JSON as SSE;
+a stream request has another body than a JSON one, so another entry). The caller adds the
+gateway's own headers (request id, rate limits, `x-llm-gateway-cache: hit`).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.cache.entry import Entry
+from proxy.record import CLIENT_CLOSED, Outcome, Record
+
+
+def response_for(entry: Entry, headers: CIMultiDict[str]) -> web.StreamResponse:
+    """The response to prepare: whole for a body of known length, else a stream."""
+    if entry.is_whole:
+        body = b"".join(entry.chunks)
+        return web.Response(status=entry.status, reason=entry.reason, headers=headers, body=body)
+    return web.StreamResponse(status=entry.status, reason=entry.reason, headers=headers)
+
+
+async def replay(
+    request: web.Request, response: web.StreamResponse, entry: Entry, record: Record
+) -> None:
+    """Send `entry` through `response` (from `response_for`); the record says how it ended."""
+    record.usage, record.response_model = entry.usage, entry.model
+    try:
+        await response.prepare(request)
+        record.mark_first_byte()
+        if not isinstance(response, web.Response):
+            for chunk in entry.chunks:
+                await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:  # the client left before the whole answer went out
+        record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
+        return
+    record.end(entry.status, Outcome.ANSWERED)

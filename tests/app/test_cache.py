@@ -1,0 +1,445 @@
+"""The response cache, as a client sees it, in front of the fake provider.
+
+A hit is the provider's first answer byte for byte and never goes upstream (the fake counts
+what reached it); JSON and stream requests, keys without a shared scope, and the client's
+no-cache / no-store are kept apart; errors and cut streams are never stored; identical
+requests in flight go upstream once; entries expire and are evicted; the SDKs read a hit
+as they read the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from anthropic import AsyncAnthropic
+from openai import AsyncOpenAI
+
+from proxy.app import CACHE, build_app
+from proxy.settings import Settings
+from tests.conftest import OPENAI_REAL, OPENAI_VK, auth, keys_document
+from tests.support.fake_provider import FakeState, Fault
+
+CACHED_VK = "vk_test_cached_1a2b3c4d5e6f"
+OTHER_VK = "vk_test_cached_other_7a8b9c0d"
+SHARED_A_VK = "vk_test_shared_a_2b4d6f8a0c"
+SHARED_B_VK = "vk_test_shared_b_3c5e7a9b1d"
+CLAUDE_VK = "vk_test_cached_claude_4d6f8b0c2e"
+COUNTED_VK = "vk_test_cached_counted_5e7a9c1d3f"
+TTL = 300
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
+STREAM = {**CHAT, "stream": True}
+CHAT_PATH = "/v1/chat/completions"
+
+
+def body(document: dict[str, Any]) -> bytes:
+    return orjson.dumps(document)
+
+
+@pytest.fixture
+def cached_keys(keys_file: Path, fake_base: str) -> Path:
+    """The test keys, plus keys with a cache: two private, two sharing a scope, one Anthropic,
+    one with a quota of 3 requests."""
+    document = keys_document(fake_base)
+    cache = {"ttl_seconds": TTL}
+    document["virtual_keys"].update(
+        {
+            CACHED_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "cached",
+                "cache": cache,
+            },
+            OTHER_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "other",
+                "cache": cache,
+            },
+            SHARED_A_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "shared-a",
+                "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
+            },
+            SHARED_B_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "shared-b",
+                "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
+            },
+            CLAUDE_VK: {
+                "provider": "anthropic",
+                "api_key": "sk-ant-real-cached-0000000000",
+                "name": "cached-claude",
+                "cache": cache,
+            },
+            COUNTED_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "counted",
+                "quota": {"requests": 3, "window_seconds": 3600},
+                "cache": cache,
+            },
+        }
+    )
+    keys_file.write_text(json.dumps(document))
+    return keys_file
+
+
+@pytest.fixture
+def make_cached(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    cached_keys: Path,
+) -> Callable[..., Awaitable[TestClient]]:
+    async def make(clock: Callable[[], float] | None = None, **env: str) -> TestClient:
+        extra = {} if clock is None else {"cache_clock": clock}
+        app = build_app(settings(**env), **extra)
+        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_cached: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    return await make_cached()
+
+
+async def post(
+    gateway: TestClient,
+    key: str = CACHED_VK,
+    document: dict[str, Any] = CHAT,
+    path: str = CHAT_PATH,
+    **headers: str,
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and the exact body bytes of one request."""
+    response = await gateway.post(path, data=body(document), headers={**auth(key), **headers})
+    return response.status, dict(response.headers), await response.read()
+
+
+def provider_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The headers that came from the provider (the gateway's own are per request)."""
+    # Set-Cookie is the first client's: never replayed to another.
+    own = {"x-request-id", "x-llm-gateway-cache", "server", "set-cookie"}
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.lower() not in own and not name.lower().startswith("x-ratelimit-")
+    }
+
+
+async def test_the_same_chat_body_twice_goes_upstream_once_with_identical_bytes(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    first = await post(gateway)
+    second = await post(gateway)
+    assert first[0] == second[0] == 200
+    assert second[2] == first[2]  # the fake makes a fresh id per answer: only a replay repeats it
+    assert provider_headers(second[1]) == provider_headers(first[1])
+    assert (first[1]["x-llm-gateway-cache"], second[1]["x-llm-gateway-cache"]) == ("miss", "hit")
+    assert second[1]["X-Request-ID"] != first[1]["X-Request-ID"]
+    assert len(fake.requests) == 1
+    miss, hit = await records(2)
+    assert (miss["cache"], hit["cache"]) == ("miss", "hit")
+    assert hit["usage"] == miss["usage"] and hit["usage"]["total_tokens"] > 0
+    assert hit["cost_usd"] == miss["cost_usd"]  # what it would have cost
+    assert "attempts" not in hit
+
+
+async def test_a_stream_twice_replays_the_same_events_in_order_never_upstream(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    first = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    second = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    assert first[1]["Content-Type"].startswith("text/event-stream")
+    assert second[1]["Content-Type"] == first[1]["Content-Type"]
+    assert second[2] == first[2]
+    events = [line for line in second[2].split(b"\n\n") if line]
+    assert events[-1] == b"data: [DONE]" and len(events) >= 7
+    assert second[1]["x-llm-gateway-cache"] == "hit"
+    assert len(fake.requests) == 1
+
+
+async def test_json_and_stream_requests_never_cross(gateway: TestClient, fake: FakeState) -> None:
+    json_first = await post(gateway)
+    stream_first = await post(gateway, document=STREAM)
+    assert stream_first[1]["x-llm-gateway-cache"] == "miss"
+    json_again = await post(gateway)
+    stream_again = await post(gateway, document=STREAM)
+    assert json_again[1]["Content-Type"].startswith("application/json")
+    assert (
+        json_again[2] == json_first[2]
+        and orjson.loads(json_again[2])["object"] == "chat.completion"
+    )
+    assert stream_again[1]["Content-Type"].startswith("text/event-stream")
+    assert stream_again[2] == stream_first[2]
+    assert len(fake.requests) == 2
+
+
+async def test_keys_without_a_shared_scope_never_share_and_keys_with_one_do(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    await post(gateway, CACHED_VK)
+    other = await post(gateway, OTHER_VK)
+    assert other[1]["x-llm-gateway-cache"] == "miss"
+    assert len(fake.requests) == 2
+    shared = await post(gateway, SHARED_A_VK)
+    assert shared[1]["x-llm-gateway-cache"] == "miss"  # a scope is not any key's own entries
+    from_b = await post(gateway, SHARED_B_VK)
+    assert from_b[1]["x-llm-gateway-cache"] == "hit" and from_b[2] == shared[2]
+    assert len(fake.requests) == 3
+
+
+async def test_a_key_without_a_cache_is_untouched(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    first = await post(gateway, OPENAI_VK)
+    second = await post(gateway, OPENAI_VK)
+    assert "x-llm-gateway-cache" not in first[1] and second[2] != first[2]
+    assert len(fake.requests) == 2
+    assert [line["cache"] for line in await records(2)] == [None, None]
+
+
+async def test_no_cache_goes_upstream_and_refreshes_the_entry(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    first = await post(gateway)
+    fresh = await post(gateway, **{"Cache-Control": "no-cache"})
+    assert fresh[1]["x-llm-gateway-cache"] == "bypass" and fresh[2] != first[2]
+    await gateway.app[CACHE].settled()
+    after = await post(gateway)
+    assert after[1]["x-llm-gateway-cache"] == "hit" and after[2] == fresh[2]
+    assert len(fake.requests) == 2
+
+
+async def test_no_store_neither_reads_nor_writes(gateway: TestClient, fake: FakeState) -> None:
+    unstored = await post(gateway, **{"Cache-Control": "no-store"})
+    assert unstored[1]["x-llm-gateway-cache"] == "bypass"
+    first = await post(gateway)
+    assert first[1]["x-llm-gateway-cache"] == "miss" and first[2] != unstored[2]
+    skipped = await post(gateway, **{"Cache-Control": "no-store"})
+    assert skipped[1]["x-llm-gateway-cache"] == "bypass" and skipped[2] != first[2]
+    assert len(fake.requests) == 3
+
+
+async def test_an_error_is_never_stored(gateway: TestClient, fake: FakeState) -> None:
+    error = await post(gateway, **{"x-fake-status": "500"})
+    assert error[0] == 500 and error[1]["x-llm-gateway-cache"] == "miss"
+    answer = await post(gateway)
+    assert answer[0] == 200 and answer[1]["x-llm-gateway-cache"] == "miss"
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    assert len(fake.requests) == 2
+
+
+async def test_a_cut_stream_is_never_stored(gateway: TestClient, fake: FakeState) -> None:
+    response = await gateway.post(
+        CHAT_PATH, data=body(STREAM), headers={**auth(CACHED_VK), "x-fake-drop": "midstream"}
+    )
+    with pytest.raises(Exception):  # noqa: B017 - the client sees the stream cut, as it was
+        await response.read()
+    await gateway.app[CACHE].settled()
+    whole = await post(gateway, document=STREAM)
+    assert whole[1]["x-llm-gateway-cache"] == "miss" and whole[2].endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 2
+
+
+async def test_an_answer_over_cache_max_entry_bytes_is_not_stored(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await make_cached(CACHE_MAX_ENTRY_BYTES="100")
+    await post(gateway)
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "miss"
+    assert len(fake.requests) == 2
+
+
+async def test_requests_that_are_not_cacheable_bypass(gateway: TestClient, fake: FakeState) -> None:
+    models = await gateway.get("/v1/models", headers=auth(CACHED_VK))
+    assert models.headers["x-llm-gateway-cache"] == "bypass"
+    stored = {"model": "gpt-4o-mini", "input": "hi", "store": True}
+    for _ in range(2):
+        response = await post(gateway, document=stored, path="/v1/responses")
+        assert response[1]["x-llm-gateway-cache"] == "bypass"
+    unstored = {**stored, "store": False}
+    assert (await post(gateway, document=unstored, path="/v1/responses"))[1][
+        "x-llm-gateway-cache"
+    ] == "miss"
+    assert (await post(gateway, document=unstored, path="/v1/responses"))[1][
+        "x-llm-gateway-cache"
+    ] == "hit"
+    assert len(fake.requests) == 4
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "the condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def test_fifty_identical_requests_in_flight_go_upstream_once(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    cache = gateway.app[CACHE]
+    answers = [
+        asyncio.create_task(post(gateway, document=STREAM, **{"x-fake-hold": "1"}))
+        for _ in range(50)
+    ]
+    await wait_for(lambda: len(fake.requests) == 1 and cache.waiting() == 49)
+    fake.release.set()
+    done = await asyncio.gather(*answers)
+    assert {status for status, _, _ in done} == {200}
+    assert len({raw for _, _, raw in done}) == 1
+    assert sorted(headers["x-llm-gateway-cache"] for _, headers, _ in done) == ["hit"] * 49 + [
+        "miss"
+    ]
+    assert len(fake.requests) == 1  # 49 upstream calls saved
+
+
+async def test_when_the_request_in_flight_fails_the_waiters_go_upstream_themselves(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    cache = gateway.app[CACHE]
+    answers = [asyncio.create_task(post(gateway, **{"x-fake-hold": "1"})) for _ in range(5)]
+    await wait_for(lambda: len(fake.requests) == 1 and cache.waiting() == 4)
+    fake.faults[OPENAI_REAL] = Fault(500, times=1)
+    fake.release.set()
+    done = await asyncio.gather(*answers)
+    assert sorted(status for status, _, _ in done) == [200] * 4 + [500]
+    assert len(fake.requests) == 5
+
+
+async def test_an_entry_expires_after_its_ttl(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    now = [1000.0]
+    gateway = await make_cached(clock=lambda: now[0])
+    await post(gateway)
+    now[0] += TTL - 1
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    now[0] += 1
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "miss"
+    assert len(fake.requests) == 2
+
+
+async def test_cache_max_bytes_evicts_the_least_recently_used(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await make_cached(CACHE_MAX_BYTES="6000")
+    prompts = [
+        {**CHAT, "messages": [{"role": "user", "content": f"prompt {index}"}]}
+        for index in range(12)
+    ]
+    for prompt in prompts:
+        await post(gateway, document=prompt)
+        await gateway.app[CACHE].settled()
+    assert (await post(gateway, document=prompts[-1]))[1]["x-llm-gateway-cache"] == "hit"
+    assert (await post(gateway, document=prompts[0]))[1]["x-llm-gateway-cache"] == "miss"
+    metrics = await (await gateway.get("/metrics")).text()
+    held = next(
+        line for line in metrics.splitlines() if line.startswith("llm_gateway_cache_bytes ")
+    )
+    assert 0 < float(held.split()[1]) <= 6000
+
+
+async def test_a_hit_counts_one_request_and_charges_nothing(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    statuses = [(await post(gateway, COUNTED_VK))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]  # one miss, two hits, then the window is full
+    usage = await (await gateway.get("/usage", headers=auth(COUNTED_VK))).json()
+    assert usage["requests"]["used"] == 3
+    one_answer = fake.usage[next(iter(fake.usage))]
+    assert usage["totals"]["tokens"] == one_answer["total_tokens"]  # the miss's only
+    assert usage["cache"] == {"ttl_seconds": TTL, "scope": None, "hits": 2}
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_cache_hits_total{model="gpt-4o-mini",provider="openai"} 2.0' in metrics
+    assert 'llm_gateway_cache_misses_total{model="gpt-4o-mini",provider="openai"} 1.0' in metrics
+    assert len(fake.requests) == 1
+
+
+async def test_the_admin_api_drops_a_keys_and_a_scopes_entries(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await make_cached(ADMIN_TOKEN="admin-token-for-tests")
+    admin = auth("admin-token-for-tests")
+    await post(gateway, CACHED_VK)
+    await post(gateway, SHARED_A_VK)
+    await gateway.app[CACHE].settled()
+    unknown = await gateway.delete("/admin/cache?key=nobody", headers=admin)
+    assert unknown.status == 404
+    assert (await gateway.delete("/admin/cache", headers=admin)).status == 400
+    assert (await gateway.delete("/admin/cache?key=cached")).status == 401
+    dropped = await gateway.delete("/admin/cache?key=cached", headers=admin)
+    assert await dropped.json() == {"dropped": 1}
+    assert (await post(gateway, CACHED_VK))[1]["x-llm-gateway-cache"] == "miss"
+    assert (await post(gateway, SHARED_B_VK))[1]["x-llm-gateway-cache"] == "hit"
+    scope = await gateway.delete("/admin/cache?scope=docs-bot", headers=admin)
+    assert await scope.json() == {"dropped": 1}
+    assert (await post(gateway, SHARED_B_VK))[1]["x-llm-gateway-cache"] == "miss"
+
+
+async def test_redis_lost_sends_requests_upstream_counted_never_an_error(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState, unused_tcp_port: int
+) -> None:
+    gateway = await make_cached(REDIS_URL=f"redis://127.0.0.1:{unused_tcp_port}/0")
+    for _ in range(2):
+        status, headers, _ = await post(gateway)
+        assert status == 200 and headers["x-llm-gateway-cache"] == "miss"
+    await gateway.app[CACHE].settled()
+    assert len(fake.requests) == 2
+    metrics = await (await gateway.get("/metrics")).text()
+    counted = next(
+        line for line in metrics.splitlines() if 'decision="uncached"' in line and "_total" in line
+    )
+    assert float(counted.split()[-1]) >= 2
+
+
+async def test_the_openai_sdk_reads_a_hit_exactly_as_the_original(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=CACHED_VK, max_retries=0)
+    chat = client.chat.completions
+    try:
+        replies = [await chat.with_raw_response.create(**CHAT) for _ in range(2)]
+        assert [reply.headers["x-llm-gateway-cache"] for reply in replies] == ["miss", "hit"]
+        assert replies[1].parse().model_dump() == replies[0].parse().model_dump()
+        streams = []
+        for _ in range(2):
+            stream = await chat.create(**CHAT, stream=True)
+            streams.append([chunk.model_dump() async for chunk in stream])
+        assert streams[1] == streams[0] and len(streams[0]) > 3
+        vectors = [await client.embeddings.create(model="text-embedding-3-small", input="hi")]
+        vectors.append(await client.embeddings.create(model="text-embedding-3-small", input="hi"))
+        assert vectors[1].model_dump() == vectors[0].model_dump()
+    finally:
+        await client.close()
+    assert len(fake.requests) == 3
+
+
+async def test_the_anthropic_sdk_reads_a_hit_exactly_as_the_original(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=CLAUDE_VK, max_retries=0)
+    ask = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": CHAT["messages"]}
+    try:
+        replies = [await client.messages.with_raw_response.create(**ask) for _ in range(2)]
+        assert [reply.headers["x-llm-gateway-cache"] for reply in replies] == ["miss", "hit"]
+        parsed = [(await reply.parse()).model_dump() for reply in replies]
+        assert parsed[1] == parsed[0]
+        finals, events = [], []
+        for _ in range(2):
+            async with client.messages.stream(**ask) as stream:
+                events.append([event.model_dump() async for event in stream])
+                finals.append((await stream.get_final_message()).model_dump())
+        assert finals[1] == finals[0] and events[1] == events[0]
+    finally:
+        await client.close()
+    assert len(fake.requests) == 2

@@ -1,0 +1,219 @@
+"""The cache's pieces without a server: entry names, what is cacheable and storable, the
+entry's stored form, the memory store's LRU and TTL (an injected clock), flights."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.cache.entry import CorruptEntry, Entry, decode, encode
+from proxy.cache.flights import Flights
+from proxy.cache.lookup import (
+    Directive,
+    directive,
+    entry_name,
+    is_cacheable,
+    scope_of,
+    shared_scope,
+)
+from proxy.cache.memory_store import MemoryStore
+from proxy.cache.verdict import is_storable
+from proxy.keys.fields import CachePolicy
+from proxy.record import Outcome, Record, Usage
+
+BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def name(body: bytes = BODY, scope: str = "k:abc", **extra: str) -> str:
+    return entry_name(scope, "POST", "chat/completions", "", body, headers(*extra.items()))
+
+
+def test_an_entry_name_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    code = (
+        "from multidict import CIMultiDict, CIMultiDictProxy;"
+        "from proxy.cache.lookup import entry_name;"
+        f"print(entry_name('k:abc', 'POST', 'chat/completions', '', {BODY!r}, "
+        "CIMultiDictProxy(CIMultiDict())))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert other.stdout.strip() == name()
+
+
+def test_every_part_of_a_request_that_changes_the_answer_changes_the_name() -> None:
+    base = name()
+    assert name() == base
+    assert name(BODY + b" ") != base  # the exact bytes, not the parsed document
+    assert name(scope="k:other") != base
+    assert name(**{"anthropic-beta": "tools-2024"}) != base
+    assert name(**{"Accept-Encoding": "gzip"}) != base
+    assert name(**{"openai-beta": "assistants=v2"}) != base
+    assert name(**{"anthropic-version": "2023-06-01"}) != base
+    assert name(**{"x-request-id": "abc", "user-agent": "sdk"}) == base  # these do not
+    stream = entry_name("k:abc", "POST", "chat/completions", "stream=1", BODY, headers())
+    assert stream != base
+
+
+def test_a_shared_scope_is_never_a_keys_own() -> None:
+    private = scope_of("docs-bot", CachePolicy(300))
+    shared = scope_of("anything", CachePolicy(300, "docs-bot"))
+    assert private == "k:docs-bot" and shared == shared_scope("docs-bot") != private
+
+
+def test_cache_control_no_store_beats_no_cache() -> None:
+    assert directive(headers()) is Directive.USE
+    assert directive(headers(("Cache-Control", "max-age=0, No-Cache"))) is Directive.REFRESH
+    both = headers(("Cache-Control", "no-cache"), ("cache-control", "no-store"))
+    assert directive(both) is Directive.SKIP
+
+
+@pytest.mark.parametrize(
+    ("method", "tail", "document", "expected"),
+    [
+        ("POST", "chat/completions", {"model": "m"}, True),
+        ("POST", "embeddings", {"input": "x"}, True),
+        ("POST", "messages", {"model": "m"}, True),
+        ("POST", "openai/deployments/d/chat/completions", {}, True),
+        ("POST", "responses", {"input": "x", "store": False}, True),
+        ("POST", "responses", {"input": "x", "store": True}, False),
+        ("POST", "responses", {"input": "x", "background": True}, False),
+        ("POST", "messages/count_tokens", {"model": "m"}, False),
+        ("POST", "audio/transcriptions", {}, False),
+        ("GET", "chat/completions", {}, False),
+        ("POST", "chat/completions", None, False),
+    ],
+)
+def test_what_is_cacheable(method: str, tail: str, document: dict | None, expected: bool) -> None:
+    assert is_cacheable(method, tail, document) is expected
+
+
+def ended(status: int = 200, outcome: Outcome = Outcome.ANSWERED) -> Record:
+    record = Record.begin("r", "POST", "/v1/chat/completions")
+    record.end(status, outcome)
+    return record
+
+
+SSE = "text/event-stream; charset=utf-8"
+DONE_STREAM = [b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n"]
+
+
+def test_only_a_whole_200_of_json_or_a_stream_that_ended_well_is_storable() -> None:
+    assert is_storable(ended(), "application/json", "", [b"{}"], 1000)
+    assert is_storable(ended(), SSE, "", DONE_STREAM, 1000)
+    assert not is_storable(ended(500), "application/json", "", [b"{}"], 1000)
+    assert not is_storable(ended(outcome=Outcome.BROKEN), SSE, "", DONE_STREAM, 1000)
+    assert not is_storable(ended(outcome=Outcome.CLIENT_LEFT), SSE, "", DONE_STREAM, 1000)
+    assert not is_storable(ended(), "application/octet-stream", "", [b"raw"], 1000)
+    assert not is_storable(ended(), "multipart/form-data; boundary=x", "", [b"--x"], 1000)
+    assert not is_storable(ended(), SSE, "", DONE_STREAM[:1], 1000)  # no normal end
+
+
+def test_a_stream_with_an_error_event_under_its_200_is_not_storable() -> None:
+    anthropic = [
+        b'event: message_start\ndata: {"type":"message_start"}\n\n',
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    assert not is_storable(ended(), SSE, "", anthropic, 10_000)
+    openai = [b'data: {"error":{"message":"boom"}}\n\n', b"data: [DONE]\n\n"]
+    assert not is_storable(ended(), SSE, "", openai, 10_000)
+
+
+def test_a_compressed_stream_is_read_to_judge_it() -> None:
+    import gzip
+
+    packed = gzip.compress(b"".join(DONE_STREAM))
+    assert is_storable(ended(), SSE, "gzip", [packed[:10], packed[10:]], 1000)
+    assert not is_storable(ended(), SSE, "gzip", [packed[:10]], 1000)  # cut short
+
+
+def an_entry(chunks: tuple[bytes, ...] = (b"data: 1\n\n", b"data: [DONE]\n\n")) -> Entry:
+    return Entry(
+        200,
+        "OK",
+        (("Content-Type", SSE), ("openai-processing-ms", "12")),
+        chunks,
+        Usage(10, 5, cache_read_tokens=2),
+        "gpt-4o-mini",
+    )
+
+
+def test_an_entry_survives_its_stored_form_chunk_for_chunk() -> None:
+    entry = an_entry((b"a", b"", b"\x00\xff binary", b"data: [DONE]\n\n"))
+    assert decode(encode(entry)) == entry
+    with pytest.raises(CorruptEntry):
+        decode(b"\x02" + encode(entry)[1:])
+    with pytest.raises(CorruptEntry):
+        decode(encode(entry)[:-1])
+
+
+async def test_the_memory_store_evicts_the_least_recently_used_past_its_bound() -> None:
+    size = an_entry().size
+    store = MemoryStore(max_bytes=2 * size)
+    await store.put("a", an_entry(), 60)
+    await store.put("b", an_entry(), 60)
+    assert await store.get("a") is not None  # a is now the most recently used
+    await store.put("c", an_entry(), 60)
+    assert await store.get("b") is None
+    assert await store.get("a") is not None and await store.get("c") is not None
+    assert store.size() == (2, 2 * size)
+    await store.put("huge", an_entry((b"x" * (3 * size),)), 60)  # larger than the bound
+    assert await store.get("huge") is None and store.size() == (2, 2 * size)
+
+
+async def test_the_memory_store_expires_entries_by_its_clock() -> None:
+    now = [0.0]
+    store = MemoryStore(max_bytes=10**6, clock=lambda: now[0])
+    await store.put("a", an_entry(), 10)
+    now[0] = 9.999
+    assert await store.get("a") is not None
+    now[0] = 10.0
+    assert await store.get("a") is None
+    assert store.size() == (0, 0)
+
+
+async def test_the_memory_store_drops_a_scopes_entries() -> None:
+    store = MemoryStore(max_bytes=10**6)
+    for entry_name_ in ("k:a:1", "k:a:2", "k:ab:1", "s:x:1"):
+        await store.put(entry_name_, an_entry(), 60)
+    assert await store.drop("k:a:") == 2
+    assert await store.get("k:ab:1") is not None and store.size()[0] == 2
+
+
+async def test_a_flight_serves_its_waiters_and_a_late_one_too() -> None:
+    flights = Flights()
+    flight = flights.lead("n")
+    waiters = [asyncio.create_task(flights.wait(flight, 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert flights.waiting() == 3
+    entry = an_entry()
+    flights.land(flight, entry)
+    assert await asyncio.gather(*waiters) == [entry] * 3
+    assert flights.joined("n") is flight  # landed, not yet stored: a late one is served
+    assert await flights.wait(flight, 5) is entry
+    flights.end("n", flight)
+    assert flights.joined("n") is None
+
+
+async def test_a_waiter_goes_on_its_own_after_its_wait_or_a_failed_flight() -> None:
+    flights = Flights()
+    flight = flights.lead("n")
+    assert await flights.wait(flight, 0.01) is None  # its own bound
+    waiter = asyncio.create_task(flights.wait(flight, 5))
+    await asyncio.sleep(0)
+    flights.end("n", flight)  # ended without an entry
+    assert await waiter is None
