@@ -51,6 +51,25 @@ class VirtualKey:
     model_quotas: tuple[ModelQuota, ...] = ()  # the first group matching the model counts
     # The key's own scope (window, budget, max_in_flight); built by `_key`, or from the above.
     own: Scope | None = None
+    # Worked out once (read on every request): admission reserves an estimate, since the
+    # key, its team or a model group has a token limit or a budget.
+    reserves: bool = field(init=False, default=False)
+    # More than the key's own window and budget apply: a team, a slot cap or model windows
+    # (the quota then admits over several scopes at once).
+    shares: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        scopes = [self.scope, *(group.scope for group in self.model_quotas)]
+        if self.team is not None:
+            scopes.append(self.team.scope)
+        reserves = any(
+            (scope.limits is not None and scope.limits.tokens is not None)
+            or scope.budget is not None
+            for scope in scopes
+        )
+        shares = len(scopes) > 1 or self.scope.max_in_flight is not None
+        object.__setattr__(self, "reserves", reserves)
+        object.__setattr__(self, "shares", shares)
 
     @property
     def scope(self) -> Scope:
@@ -58,16 +77,6 @@ class VirtualKey:
         if self.own is not None:
             return self.own
         return Scope(self.id, "key", self.name, self.limits, self.budget)
-
-    @property
-    def shares(self) -> bool:
-        """True when more than the key's own window and budget apply: a team, a slot cap,
-        or model windows (the quota then admits over several scopes)."""
-        return (
-            self.team is not None
-            or bool(self.model_quotas)
-            or (self.own is not None and self.own.max_in_flight is not None)
-        )
 
     def scopes(self, model: str | None) -> tuple[Scope, ...]:
         """Every scope a request for `model` must pass: the key's, its team's, and the
@@ -86,12 +95,6 @@ class VirtualKey:
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
-
-    @property
-    def reserves(self) -> bool:
-        """True when admission reserves an estimate: the key has a token limit or a budget."""
-        has_token_limit = self.limits is not None and self.limits.tokens is not None
-        return has_token_limit or self.budget is not None
 
     @property
     def provider(self) -> Provider:

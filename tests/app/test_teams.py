@@ -251,3 +251,42 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
         await asyncio.sleep(0.005)
+
+
+async def test_a_team_budget_holds_across_its_members_within_one_reservation(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+) -> None:
+    document = keys_document(fake_base)
+    document["teams"] = {"research": {"budget": {"usd": 0.01, "window_seconds": 3600}}}
+    for n, secret in enumerate(MEMBERS):
+        document["virtual_keys"][secret] = {
+            "provider": "openai",
+            "api_key": f"sk-member-real-{n}-123456",
+            "name": f"member-{n}",
+            "team": "research",
+        }
+    keys, prices = tmp_path / "keys.json", tmp_path / "prices.json"
+    keys.write_text(json.dumps(document))
+    prices.write_text(json.dumps({"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}))
+    settings = Settings.from_env(
+        {"KEYS_FILE_PATH": str(keys), "PRICES_FILE": str(prices), "LOG_FILE_PATH": str(log_path)}
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    body = {**CHAT, "max_tokens": 10}  # reserves 2 + 10 tokens, $0.0012; costs 1 + 8
+    statuses = await asyncio.gather(
+        *(chat(gateway, MEMBERS[n % 3], body, **{"x-fake-chunks": "8"}) for n in range(200))
+    )
+    usage = await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+    spent = usage["team"]["budget"]["spent_usd"]
+    assert spent == pytest.approx(statuses.count(200) * 9 * 0.0001)
+    assert 0.01 - 0.0012 < spent <= 0.01 + 0.0012
+    for _ in range(3):  # what is left may still admit one or two (reservations are gone)
+        refused = await gateway.post("/v1/chat/completions", json=body, headers=auth(MEMBERS[1]))
+        if refused.status == 429:
+            break
+    assert_openai_error(await refused.json(), "insufficient_quota")
+    message = (await refused.json())["error"]["message"]
+    assert message.startswith("Budget exhausted for team 'research': $0.01 per hour")
