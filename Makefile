@@ -85,7 +85,7 @@ bench-profile: $(STAMP)
 bench-failover: $(STAMP)
 	$(PY) bench/failover.py $(if $(QUICK),--quick)
 
-# bench-redis: Redis admission against memory, and WORKERS=2 against WORKERS=1 (issue 7)
+# bench-redis: Redis admission against memory, and WORKERS=2 against WORKERS=1
 bench-redis: $(STAMP) system-packages
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/redis_admit.py
@@ -95,7 +95,7 @@ bench-redis: $(STAMP) system-packages
 bench-tracing: $(STAMP)
 	$(PY) bench/tracing.py $(if $(QUICK),--quick)
 
-# bench-connections: RSS and latency while 300 connections dribble request heads (issue 10)
+# bench-connections: RSS and latency while 300 connections dribble request heads
 bench-connections: $(STAMP)
 	$(PY) bench/connections.py
 

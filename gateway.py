@@ -49,7 +49,7 @@ def check_log_file(settings: Settings) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    """A Redis that cannot be reached stops the start, not the first request (issue 7)."""
+    """A Redis that cannot be reached stops the start, not the first request."""
     if settings.redis_url is None:
         return
     from proxy.quota.redis_tracker import check, masked

@@ -10,7 +10,8 @@ on core 0 one at a time, while wrk drives 256 connections from core 1; the conte
 turns, in an order that reverses every round, and each figure is the median over rounds.
 Printed: throughput, ratio to the first contender, CPU per request (the process's own, from
 /proc), client timeouts (2 s). For "did my change make it faster?" and for the floor with
-the gateway's GC setting, which `run.py` leaves as issue 16 defines it.
+the gateway's GC setting, which `run.py` leaves as it is
+(the bare passthrough, with CPython's default collector).
 """
 
 from __future__ import annotations

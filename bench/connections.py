@@ -1,4 +1,4 @@
-"""Memory and latency while many connections dribble request heads (issue 10, point 1).
+"""Memory and latency while many connections dribble request heads.
 
 Run from the repository root with the project's venv:
 `.venv/bin/python bench/connections.py [--connections 300] [--headers 32] [--header-bytes 4000]`
@@ -14,7 +14,7 @@ dribblers (answered 400 for a head too large, refused 503 over MAX_CONNECTIONS, 
 head deadline, still open), and the normal requests' latency. Every process it starts is
 stopped at the end, on failure and on Ctrl-C too.
 
-Flags after `--` go to the gateway (`-- --client-header-timeout 5`). The issue's target:
+Flags after `--` go to the gateway (`-- --client-header-timeout 5`). The target:
 with 300 connections, RSS under 150 MB and a normal request under 100 ms. The default head
 is the largest the gateway accepts (32 headers of 4,000 bytes); aiohttp's former limits let
 a head hold 128 headers of 64 KiB (`--headers 128 --header-bytes 65000` shows it).

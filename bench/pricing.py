@@ -7,7 +7,7 @@ Run from the repository root: `python bench/pricing.py [--quick]`. Three figures
    `Prices.cost` (what a request pays now), and genai-prices' own generic `calc_price` for
    the same usage (why `pricing.py` does the arithmetic itself).
 2. The same for an answer in br and in zstd (decoded for the tap only).
-3. Memory (issue 10): 40 answers of 15 MB read side by side, as 40 concurrent requests
+3. Memory: 40 answers of 15 MB read side by side, as 40 concurrent requests
    would: the most the taps held at once (tracemalloc peak) and what is still held after
    they ended: by default (a large body's tail only), with LOG_BODIES (whole bodies, for
    their text) under the shared bound (TAP_MEMORY_BYTES), and without that bound (each

@@ -48,7 +48,7 @@ import run  # noqa: E402  (the contenders, wrk)
 from harness import Processes, med, process_cpu_seconds, raise_interrupt, run_async  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):\d+\)$")
-# The gateway's own modules, by the step the issue names (module, or module:function).
+# The gateway's own modules, by the step of a request they do (module, or module:function).
 STEPS = {
     "keys.py": "authentication",
     "lockout.py": "authentication",

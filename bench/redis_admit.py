@@ -7,7 +7,7 @@ script on core 0, as a gateway and a local Redis would share a host. Each admit 
 through `await`, one at a time, on the same event loop the gateway uses (uvloop when
 installed). Each request does what relay does: admit with a reservation (the prompt and
 max_tokens) and settle to the real count when it ends; the settle rides along with the
-next admission (issue 16 point 4), so the round trips per request, counted by Redis itself
+next admission, so the round trips per request, counted by Redis itself
 (INFO commandstats: scripts run per request), should be 1. The memory and Redis runs
 alternate; each run's figure is the median per request, and the reported figure is the
 median over runs.

@@ -118,11 +118,11 @@ QUICK = Plan(
     ceiling_seconds=1,
 )
 
-# Issue 16: the gateway, every feature on, against the floor in the same run.
+# Relative bounds: the gateway, every feature on, against the floor in the same run.
 TARGET_RPS_RATIO = 0.95
 TARGET_ADDED_P50_RATIO = 1.25
 TARGET_TTFB_OVER_FLOOR_MS = 0.3
-# Issue 6: absolute bounds that hold on any machine.
+# Absolute bounds that hold on any machine.
 TARGET_ADDED_P99_MS = 1.5
 TARGET_THROUGHPUT_P99_MS = 150
 TARGET_CHUNK_EXTRA_MS = 2.0

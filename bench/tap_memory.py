@@ -1,4 +1,4 @@
-"""The gateway's memory while 40 answers of 15 MB pass at once, and after (issue 10, point 10).
+"""The gateway's memory while 40 answers of 15 MB pass at once, and after.
 
 Run from the repository root: `python bench/tap_memory.py [--quick] [--log-bodies]`. It
 starts an upstream that answers every chat completion with one 15 MB JSON body (usage at
@@ -7,7 +7,7 @@ to a temporary file), then sends 40 requests at once, three rounds (one with --q
 reading every answer to the end. It prints the gateway's RSS idle, its peak while the
 answers pass (read from /proc every 20 ms) and after each round, and how many answers had
 their usage read exactly (the log lines). Before the bound, 40 such answers held 690 MB
-after they ended (issue 10). Every process it starts is stopped at the end.
+after they ended. Every process it starts is stopped at the end.
 """
 
 from __future__ import annotations

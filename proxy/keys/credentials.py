@@ -1,7 +1,7 @@
 """Credentials in request headers: which one a request presents, and bearer-token checks.
 
 The virtual key is read from the first present of `Authorization: Bearer`, `x-api-key`,
-`api-key`, `x-goog-api-key` (SPEC: Routing); `keys.KeyRing` looks it up. The gateway's
+`api-key`, `x-goog-api-key` (where the OpenAI, Anthropic, Azure and Gemini SDKs put it); `keys.KeyRing` looks it up. The gateway's
 own tokens (`METRICS_TOKEN`) are compared here in constant time, so the time of a wrong
 answer says nothing about how much of the token was right.
 """

@@ -111,7 +111,7 @@ def masked(secret: str) -> str:
     """At most 4 characters of the key, `…`, and 6 hex digits of its hash: `vk_u…3f9a1c`.
 
     The hash tells keys apart in logs and metrics; neither part is enough to guess the key
-    (issue 10: the old form showed 10 of 12 characters). Short keys show fewer characters.
+    (a form showing 10 of 12 characters left two to guess). Short keys show fewer characters.
     """
     digest = hashlib.sha256(secret.encode()).hexdigest()[:6]
     shown = secret[:4] if len(secret) >= 12 else secret[:2] if len(secret) >= 8 else ""

@@ -1,7 +1,7 @@
 """Throttling of failed authentications, per client address.
 
 A virtual key is a password, and every endpoint that looks one up is a way to guess it:
-without a limit a client can try keys as fast as the gateway answers (issue 10: a
+without a limit a client can try keys as fast as the gateway answers (a
 12-character key fell in 4,096 requests). After `failures` failed authentications from one
 address within `window_seconds` of the first, that address gets 429 until the window
 ends, and the key it presents is not even looked up. A success does not reset the count:

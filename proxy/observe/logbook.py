@@ -11,12 +11,13 @@ append (about a microsecond); decoding bodies, formatting and encoding all happe
 writer thread. `QueueHandler.prepare` would format on the caller's thread, that is, on the
 request path. The snapshots wait on the loop for up to HAND_OVER_SECONDS and go to the
 writer together, in one `SimpleQueue.put`: a thread woken once per request would take the
-GIL from the event loop a thousand times a second under load (issue 16).
+GIL from the event loop a thousand times a second under load, and cost
+throughput.
 
 Invariants:
 - Lines go out as one write of whole lines (one, or a batch that queued up meanwhile)
   through `logfile.LogFile`: O_APPEND, so worker processes sharing one file never
-  interleave lines (issue 7, point 3); a write that fails part-way is cut back to whole
+  interleave lines; a write that fails part-way is cut back to whole
   lines; the file follows its path through logrotate and a removal (`reopen`, SIGHUP).
 - The queue is bounded (`max_lines`, and `max_bytes` of bodies with LOG_BODIES): a sink
   that stops taking lines (a log collector that does not read stdout) costs the process
@@ -275,7 +276,7 @@ class Logbook:
             fields["response"] = _decoded(fields["response"], redact)
         # The line is a dict of plain values: orjson writes it as python-json-logger's
         # OrjsonFormatter did (same bytes), without a LogRecord per line: 1 us, not 17 us,
-        # on a thread that competes with the event loop for the GIL (issue 16).
+        # on a thread that competes with the event loop for the GIL.
         return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
 
     def _redactor(self) -> Callable[[str], str]:

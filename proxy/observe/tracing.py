@@ -87,7 +87,7 @@ class Tracing:
         self._tracer = self._provider.get_tracer("llm_gateway")
 
     def begin(self, request: web.Request) -> Trace:
-        """Point 1: the request's server span, a child of the client's trace when it sent one."""
+        """The request's server span, a child of the client's trace when it sent one."""
         parent = _PROPAGATOR.extract(request.headers)
         span = self._tracer.start_span(request.method, parent, SpanKind.SERVER)
         return Trace(self._tracer, span)
@@ -115,7 +115,7 @@ class Trace:
     def attempt(
         self, method: str, url: URL, headers: CIMultiDict[str], provider: str, model: str | None
     ) -> None:
-        """Point 2: a client span for one try; its context goes upstream in `headers`."""
+        """A client span for one try; its context goes upstream in `headers`."""
         operation = operation_name(url.path)
         attributes: dict[str, str | int] = {
             "gen_ai.provider.name": provider_name(provider),
@@ -133,7 +133,7 @@ class Trace:
         _PROPAGATOR.inject(headers, set_span_in_context(span, Context()))
 
     def end(self, record: Record) -> None:
-        """Point 3: the request settled; end its attempts, then its server span."""
+        """The request settled: end its attempts, then its server span."""
         if not self._server.is_recording():  # sampled out: its spans are no-ops, all of them
             return
         last = len(self._attempts) - 1

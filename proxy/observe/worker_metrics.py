@@ -1,4 +1,5 @@
-"""Metrics summed over the workers of one gateway (WORKERS > 1, issue 7).
+"""Metrics summed over the workers of one gateway (WORKERS > 1), so a scrape of any
+worker reports the whole gateway.
 
 Every worker writes its values to mmap files in one directory and `Metrics.render` sums
 all workers with `MultiProcessCollector`. prometheus-client picks its value class once per

@@ -1,7 +1,8 @@
 """`Expect: 100-continue`: invite the body only of a request the gateway will read.
 
 aiohttp answers `100 Continue` before the handler runs, so by default a client with an
-unknown key or a body over MAX_BODY_BYTES is invited to send it all anyway (issue 10).
+unknown key or a body over MAX_BODY_BYTES is invited to send it all anyway, and the gateway reads
+megabytes it will refuse.
 This expect handler sends `100 Continue` only when the path is proxied, the client address
 is not locked out, the key is known and the declared Content-Length fits; otherwise it
 sends nothing, and `relay` answers the refusal (404, 429, 401, 413) at once, in the

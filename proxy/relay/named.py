@@ -5,7 +5,7 @@ the JSON body's `model` (and each `params.model` of an Anthropic batch), a form'
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
 `deployments/<name>/…`). What cannot be read is `Unreadable`: for a restricted key that is
-a 403, never a pass (issue 10). This module finds names; `peek.validate` judges them.
+a 403, never a pass: a name the gateway cannot see must not slip past allowed_models. This module finds names; `peek.validate` judges them.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from proxy.record import Record
 from proxy.relay import named
 from proxy.usage import estimate
 
-# Endpoints whose body must name a model and a non-empty list of messages (SPEC: Validation).
+# Endpoints whose body must name a model and a non-empty list of messages:
+# the provider would refuse them anyway, and the gateway refuses them without a round trip.
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
 # A model as logged: clients choose it, so control characters go and the length is bounded.
@@ -166,7 +167,7 @@ def _document(tail: str, request: web.Request, body: bytes) -> dict[str, Any] | 
 
 
 def _check_chat(document: dict[str, Any]) -> None:
-    """Chat and messages need a model and messages (SPEC: Validation). Raises 400."""
+    """Chat and messages need a model and messages: a 400 here, not a round trip upstream."""
     model = document.get("model")
     if not isinstance(model, str) or not model.strip():
         raise GatewayError(400, "missing_field", "'model' must be a non-empty string.", "model")

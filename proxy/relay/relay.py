@@ -336,7 +336,8 @@ def extend(deadline: asyncio.Timeout, now: float, idle: float) -> None:
 
 async def keep_untyped(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: aiohttp adds application/octet-stream; a provider's answer
-    that had no Content-Type goes on without one (transparent, issue 10)."""
+    that had no Content-Type goes on without one: the gateway passes answers through as
+    they came."""
     if response.get(UNTYPED):
         response.headers.popall("Content-Type", None)
 

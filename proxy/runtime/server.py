@@ -7,13 +7,14 @@ drain. It does not build the app (`app.build_app`) nor supervise several process
 
 Why not `web.run_app`: its drain waits `shutdown_timeout` twice (once for handlers to
 finish, once more after cancelling only the request body), so streams that never end
-kept a stopping gateway up for twice SHUTDOWN_GRACE_SECONDS (issue 10, point 6), and its
+kept a stopping gateway up for twice SHUTDOWN_GRACE_SECONDS, and its
 protocol factory cannot be wrapped. Here the same `AppRunner` runs under one deadline:
 when the grace is over, the connections still open are closed, which cancels their
 handlers (`handler_cancellation`), each handler writes its log line on the way out, and
 the app's cleanup (the logbook's flush) runs after that, as before.
 
-Bounds on what a client can hold (issue 10, point 1), measured in `bench/connections.py`:
+Bounds on what a client can hold, so that slow or idle connections cannot exhaust the
+process's memory, measured in `bench/connections.py`:
 - request heads (set in `app.build_app`'s `handler_args`, where tests get them too): at most
   32 headers (the SDKs send about 20) of at most 4 KiB each, name and value, and a request
   line of 8 KiB (aiohttp's default); aiohttp answers 400 past them. A head is kept twice
@@ -75,7 +76,8 @@ def serve(
     `label` follows each line this prints (a worker's pid); `on_listening` is called once
     the socket listens.
     """
-    # SIGHUP's default action kills the process and every stream in it (issue 10, point 7).
+    # SIGHUP's default action kills the process and every stream in it: an
+    # operator's `kill -HUP` to reload keys must never cut streams in flight.
     # The app's reload handler, when it installs one on the loop, takes over from this.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tune_gc()

@@ -20,12 +20,12 @@ Their metrics meet in one directory (prometheus-client's multiprocess mode), so 
 on any worker reports the sum; quotas meet in Redis (settings refuse several workers
 without it).
 
-Why this and not gunicorn with aiohttp's `GunicornUVLoopWebWorker` (issue 13, point 4),
+Why this and not gunicorn with aiohttp's `GunicornUVLoopWebWorker`,
 which respawns workers too: gunicorn's arbiter owns SIGHUP and answers it by re-forking
 every worker, where the gateway reloads keys.json inside running workers so streams in
 flight are never cut; its worker drains through `AppRunner.cleanup` with
 `shutdown_timeout` at 95% of its grace, which aiohttp waits twice, so the arbiter kills
-workers with streams before their log lines are written (issue 10, point 6); and its
+workers with streams before their log lines are written; and its
 own settings (bind, workers, timeouts, header limits) and logging would sit beside
 `Settings`, with the one-line refusals and exit code 2 to rebuild in its hooks. What the
 gateway needs from a process manager is the ~100 lines below.

@@ -19,7 +19,8 @@ AUTH_STYLES = ("bearer", "x-api-key", "api-key", "x-goog-api-key", "none")
 # Which API a provider speaks: a fallback or a route must speak the request's.
 APIS = ("openai", "anthropic")
 
-# Headers that can carry a virtual key, in the order they are read (SPEC: Routing).
+# Headers that can carry a virtual key, in the order they are read: the
+# headers the OpenAI, Anthropic, Azure and Gemini SDKs send their key in.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 # Hop-by-hop headers are for one connection only (RFC 9110 §7.6.1); Proxy-* too.

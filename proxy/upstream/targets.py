@@ -97,7 +97,7 @@ class Plan:
     """A target and its fallbacks, in the order they are tried."""
 
     targets: tuple[Target, ...]
-    # Every real key of every target: what no response header may carry (issue 10).
+    # Every real key of every target: what no response header may carry, should a provider echo one.
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property

@@ -1,6 +1,6 @@
 """Background Responses are charged their real usage once, when a poll finds them finished.
 
-Issue 14 (no $0-priced class of requests): a POST /v1/responses with "background": true
+No class of requests may go uncharged: a POST /v1/responses with "background": true
 answers queued with usage null, and the GET that returns it finished was charged nothing,
 so a budget never saw its tokens. Through a real gateway in front of the fake provider,
 with the official SDK; the Redis case with two gateways sharing one redis-server is in

@@ -1080,7 +1080,7 @@ async def test_malformed_http_gets_a_4xx_without_a_traceback(
     reason="GAP: aiohttp's HTTP parser (and its router, for 'OPTIONS *') answers these itself "
     "in text/plain ('Invalid method encountered', 'Missing Host header', 'Content-Length can't be "
     "present with Transfer-Encoding', 'Can not decode content-encoding: br', …), without "
-    "x-request-id, before the gateway's relay runs: not the dialect SPEC's Errors section asks for",
+    "x-request-id, before the gateway's relay runs: not the endpoint's own error dialect",
 )
 async def test_malformed_http_is_refused_in_the_dialect(
     gateway: TestClient, fake: FakeState

@@ -1,8 +1,7 @@
 """Reservations, budgets and the pre-check, as clients see them through a real gateway.
 
-Reservations bound the overshoot under concurrency (issue 10 point 11, issue 14 point 4);
-budgets refuse in dollars (issue 14 point 3); an exhausted key's large body is refused
-before it is read (issue 10 point 8). The Redis, two-process variants are in
+Reservations bound the overshoot under concurrency; budgets refuse in dollars; an exhausted
+key's large body is refused before it is read. The Redis, two-process variants are in
 `test_redis_tracker.py`.
 """
 

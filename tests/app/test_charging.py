@@ -1,8 +1,8 @@
 """What each answer is charged, through a real gateway in front of the fake provider.
 
-Issue 10 point 2 (an answer the tap could not read was charged nothing), issue 11 point 9
-(a models list or a token count charged as if it produced tokens), issue 14 point 1 (every
-token kind read through the gateway).
+An answer the tap cannot read is still charged (an estimate, never nothing); a models list
+or a token count is not charged as if it produced tokens; every token kind is read through
+the gateway.
 """
 
 from __future__ import annotations

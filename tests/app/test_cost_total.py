@@ -1,6 +1,6 @@
 """1,000 mixed requests: the gateway's total cost equals the one computed independently.
 
-Issue 14 point 6. JSON and streams, both providers, every endpoint that produces tokens,
+JSON and streams, both providers, every endpoint that produces tokens,
 cached and reasoning tokens, cache writes, every content coding, some answers cut short.
 The independent figure comes from the fake provider's own record of the usage it sent
 (`fake.usage`), read and priced by genai-prices' own extractors and `calc_price` — not by

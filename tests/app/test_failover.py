@@ -1,4 +1,4 @@
-"""Failover through a running gateway: retries, fallbacks, pools, breakers, routes (issue 12).
+"""Failover through a running gateway: retries, fallbacks, pools, breakers, routes.
 
 The fake provider fails per real key (`FakeState.faults`), so one fake serves the primary
 and the fallback and the test can tell which answered. Every test checks what the client

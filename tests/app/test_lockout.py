@@ -1,4 +1,4 @@
-"""Failed authentications: counted, logged, and throttled per client address (issue 10.3)."""
+"""Failed authentications: counted, logged, and throttled per client address."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_a_body_that_is_not_what_its_encoding_says_is_refused(
     assert refused.value.status == status
 
 
-# --- allowed_models: every place a request names a model (issue 10.9) -----------------
+# --- allowed_models: every place a request names a model --------------------------------
 
 GPT4O_VK = "vk_test_gpt4o_only_7d2c9e1a5b"
 GPT4O_REAL = "sk-real-gpt4o-only-8888888888"
@@ -247,7 +247,7 @@ async def test_a_restricted_key_still_reaches_what_names_no_model(
     assert len(fake.requests) == 3
 
 
-# --- what was read is recorded, even when refused (issue 11.4) --------------------------
+# --- what was read is recorded, even when refused ---------------------------------------
 
 
 async def test_a_refused_request_records_the_model_it_named(
@@ -280,7 +280,7 @@ async def test_a_refused_request_records_the_model_it_named(
     )
 
 
-# --- a client's model string is bounded and cleaned before logs and labels (issue 10.10) --
+# --- a client's model string is bounded and cleaned before logs and labels --------------
 
 
 async def test_a_huge_model_or_control_characters_stay_out_of_logs_and_labels(

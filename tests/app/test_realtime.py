@@ -44,7 +44,7 @@ from tests.support.fake_realtime import (
 )
 
 PATH = "/v1/realtime?model=gpt-realtime"
-# Either side closing closes the other within this (issue 15, point 4).
+# Either side closing closes the other within this: a half-open session holds two sockets.
 CLOSE_WITHIN_SECONDS = 1.0
 WAIT_SECONDS = 5.0  # a bound on waits for events that should come at once
 

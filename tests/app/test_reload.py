@@ -174,7 +174,7 @@ async def test_a_process_given_old_keys_catches_up_with_the_file_at_start(
 
 
 async def wait_for_hash(gateway: TestClient, expected: str, within: float = 5.0) -> float:
-    """Seconds until /health names this config; fails past `within` (the issue's bound)."""
+    """Seconds until /health names this config; fails past `within` (KEYS_FILE_WATCH promises seconds)."""
     started = time.monotonic()
     while (await config(gateway))["hash"] != expected:
         assert time.monotonic() - started < within, "the change was not picked up in time"

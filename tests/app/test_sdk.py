@@ -712,5 +712,5 @@ async def test_provider_error_bytes_and_headers_are_unchanged(
         assert response.headers["Content-Type"] == "application/json"
         assert response.headers.get("retry-after") == (None if status == 400 else "7")
         assert response.headers["openai-processing-ms"] == "12"
-        # x-ratelimit-* are the gateway's own (SPEC: Quotas), in place of the provider's.
+        # x-ratelimit-* are the gateway's own (its quota), in place of the provider's.
         assert response.headers["x-ratelimit-limit-requests"] == "100"

@@ -1,4 +1,4 @@
-"""Exact stream usage (issue 14 point 5): asked for per key, withheld from the client.
+"""Exact stream usage: asked for per key, withheld from the client.
 
 With the official openai SDK through the gateway, compared with the same call made
 directly to the fake provider; and the pieces (`amend`, `UsageChunkFilter`) fed directly.

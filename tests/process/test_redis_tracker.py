@@ -1,5 +1,5 @@
 """The Redis tracker against a real redis-server: the memory tracker's semantics, exact across
-processes, and what the gateway does when Redis is lost and comes back (issue 7)."""
+processes, and what the gateway does when Redis is lost and comes back."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_
 async def test_four_trackers_share_one_budget_and_overshoot_it_by_at_most_one_request(
     redis_url: str,
 ) -> None:
-    """200 concurrent requests against $0.01, each reserving its worst case (issue 14 point 4)."""
+    """200 concurrent requests against $0.01, each reserving its worst case."""
     budget = Budget(usd=0.01, window_seconds=3600)
     worst, real = Charge(0, 1200), Charge(0, 900)  # micro-dollars
     trackers = [RedisTracker(redis_url) for _ in range(4)]
@@ -554,7 +554,7 @@ async def test_two_workers_on_one_port_sharing_redis_admit_exactly_the_limit(
 async def test_two_gateways_on_one_redis_overshoot_a_token_limit_by_at_most_one_request(
     processes: Processes, process_keys: Path, redis_url: str, tmp_path: Path
 ) -> None:
-    """300 concurrent requests, 100 tokens: reservations bound the charge (issue 10 point 11)."""
+    """300 concurrent requests, 100 tokens: reservations bound the charge."""
     gateways = [
         start_gateway(
             processes,

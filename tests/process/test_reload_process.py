@@ -1,5 +1,5 @@
 """Reloading keys.json in a real gateway process: each trigger under 200 streams, a broken file,
-and SIGHUP that never kills (issue 13.1, issue 10.7)."""
+and SIGHUP that never kills (a reload must not cut streams)."""
 
 from __future__ import annotations
 

@@ -530,7 +530,7 @@ def test_any_three_pieces_of_a_stream_give_the_same_usage_and_text(data: st.Data
     assert (tap.usage(CHAT_REQUEST), tap.text) == (whole.usage(CHAT_REQUEST), whole.text)
 
 
-# --- every token kind, in every shape, whatever the cuts (issue 14) ---
+# --- every token kind, in every shape, whatever the cuts ---
 
 OPENAI_DETAILED = {
     "prompt_tokens": 2000,
@@ -656,7 +656,7 @@ def test_parts_of_the_totals_are_in_the_log_dict():
     }
 
 
-# --- memory: bounded across taps, nothing held after the end (issue 10 point 10) ---
+# --- memory: bounded across taps, nothing held after the end ---
 
 
 def feed_side_by_side(taps: list[UsageTap], body: bytes, memory: TapMemory) -> int:
