@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import build_app
 from proxy.settings import Settings
 from tests.support.fake_provider import FAKE_STATE, FakeState, build_fake_provider
-from tests.support.processes import Processes
+from tests.support.processes import Processes, start_fake_provider
 
 # Fixtures that live beside what they serve: a real redis-server (redis_server, redis_url,
 # raw_redis) and the OTLP receiver (receiver, received).
@@ -225,12 +224,7 @@ def processes() -> Iterator[Processes]:
 @pytest.fixture
 def fake_url(processes: Processes) -> str:
     """The fake provider as a process of its own."""
-    process = processes.start(
-        [sys.executable, "-m", "tests.support.fake_provider", "--host", "127.0.0.1", "--port", "0"]
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    return line.strip().rsplit(" ", 1)[1]
+    return start_fake_provider(processes)
 
 
 @pytest.fixture

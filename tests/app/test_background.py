@@ -25,6 +25,7 @@ from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
 from proxy.record import Usage
 from proxy.usage.usage import Charged, UsageTap, charged
 from tests.conftest import SECRETS, auth
+from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState
 
 BUDGET_VK = "vk_test_background_3c5e7a9b1d"
@@ -355,14 +356,14 @@ def test_a_fetched_response_is_charged_nothing_by_the_tap_but_reports_its_usage(
 
 
 async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded() -> None:
-    now = [0.0]
-    tracker = MemoryTracker(clock=lambda: now[0])
+    clock = Clock(0.0)
+    tracker = MemoryTracker(clock=clock)
     await tracker.owe("key", "resp_1", "origin", 10)
     assert await tracker.claim("other key", "resp_1") is None
     assert await tracker.claim("key", "resp_1") == "origin"
     assert await tracker.claim("key", "resp_1") is None  # once
     await tracker.owe("key", "resp_2", "origin", 10)
-    now[0] = 10.0
+    clock.now = 10.0
     assert await tracker.claim("key", "resp_2") is None  # expired
     for index in range(MAX_OWED + 1):
         await tracker.owe("key", f"resp_{index}", "origin", 10)

@@ -24,6 +24,7 @@ from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth
+from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState, Fault, credential
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
@@ -51,16 +52,6 @@ def document(base: str, **key: Any) -> dict[str, Any]:
         },
         "virtual_keys": {VK: {"name": "failover", **key}},
     }
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 WITH_FALLBACK = {

@@ -11,18 +11,9 @@ from aiohttp.test_utils import TestClient
 from proxy.observe.health import Health, is_upstream_failure
 from proxy.record import CLIENT_CLOSED, Outcome, Record
 from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, Breakers
+from tests.support.clock import Clock
 
 Client = TestClient[web.Request, web.Application]
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def breakers(clock: Clock | None = None, **policy: float) -> Breakers:

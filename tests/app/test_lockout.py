@@ -21,17 +21,10 @@ from tests.conftest import (
     assert_openai_error,
     auth,
 )
+from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def lockout(clock: Clock, outcomes: list[str], **changes: Any) -> Lockout:

@@ -4,72 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import ROOT, Processes, start_fake_provider, start_gateway
+
 EXAMPLES = ROOT / "examples"
 OPENAI_VK = "vk_examples_openai_3b5d7f9a1c"
 ANTHROPIC_VK = "vk_examples_anthropic_4c6e8a0b2d"
-START_SECONDS = 15
-
-
-def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-
-
-def wait_for_line(process: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
-    """The first line of the process's output that starts with `prefix`, within START_SECONDS."""
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if line.startswith(prefix):
-                return line
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(f"no '{prefix}' from {process.args}: {log.read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A gateway subprocess on a free port, its providers pointed at a fake provider subprocess."""
+    """A gateway process on a free port, its providers pointed at a fake provider process."""
     tmp = tmp_path_factory.mktemp("examples")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    processes: list[subprocess.Popen[bytes]] = []
+    processes = Processes()
     try:
-        fake = start(
-            [sys.executable, "-m", "tests.support.fake_provider", "--port", "0"],
-            tmp / "fake.log",
-            env,
-        )
-        processes.append(fake)
-        fake_url = wait_for_line(fake, tmp / "fake.log", "fake provider on ").split(" on ", 1)[1]
+        fake_url = start_fake_provider(processes)
         keys = tmp / "keys.json"
         keys.write_text(
             json.dumps(
@@ -88,23 +43,12 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 }
             )
         )
-        port = free_port()
-        gateway_env = {
-            **env,
-            "SERVER_HOST": "127.0.0.1",
-            "SERVER_PORT": str(port),
-            "KEYS_FILE_PATH": str(keys),
-        }
-        gateway = start([sys.executable, "gateway.py"], tmp / "gateway.log", gateway_env)
-        processes.append(gateway)
-        wait_for_line(gateway, tmp / "gateway.log", "llm-gateway listening on ")
-        url = f"http://127.0.0.1:{port}"
+        _, url = start_gateway(processes, keys, tmp / "interactions.jsonl")
         with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
             assert response.status == 200
         yield url
     finally:
-        for process in reversed(processes):
-            stop(process)
+        processes.stop()
 
 
 def run_example(args: list[str], gateway_url: str, key: str, **extra_env: str) -> str:

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.support.processes import Processes, free_port
+from tests.support.processes import Processes, free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -69,20 +69,7 @@ def start_gateway_for_readme(processes: Processes, tmp_path: Path, fake: str) ->
     }
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
-    port = free_port()
-    processes.start(
-        [
-            sys.executable,
-            str(ROOT / "gateway.py"),
-            "--server-host",
-            "127.0.0.1",
-            "--server-port",
-            str(port),
-        ],
-        env={"KEYS_FILE_PATH": str(path)},
-        ready="listening on",
-    )
-    return f"http://127.0.0.1:{port}"
+    return start_gateway(processes, path, tmp_path / "interactions.jsonl")[1]
 
 
 def test_the_quick_try_snippets_work_as_shown(
@@ -185,20 +172,7 @@ def test_the_quota_snippet_shows_the_429_the_sdk_would_retry_silently(
     keys["virtual_keys"]["vk_user1_openai"]["quota"] = {"requests": 1, "window_seconds": 30}
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
-    port = free_port()
-    processes.start(
-        [
-            sys.executable,
-            str(ROOT / "gateway.py"),
-            "--server-host",
-            "127.0.0.1",
-            "--server-port",
-            str(port),
-        ],
-        env={"KEYS_FILE_PATH": str(path)},
-        ready="listening on",
-    )
-    url = f"http://127.0.0.1:{port}"
+    _, url = start_gateway(processes, path, tmp_path / "interactions.jsonl")
     snippet = next(block for block in blocks("python") if "max_retries=0" in block)
     runs = [
         subprocess.run(

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A loopback port free now (the kernel's choice), for a server started next."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -88,9 +89,20 @@ class Processes:
             process.communicate(timeout=10)  # reaps it and closes its pipes
 
 
+def start_fake_provider(processes: Processes) -> str:
+    """The fake provider as a process of its own, on a port it chose; its base URL."""
+    process = processes.start(
+        [sys.executable, "-m", "tests.support.fake_provider", "--host", "127.0.0.1", "--port", "0"]
+    )
+    assert process.stdout is not None
+    return process.stdout.readline().strip().rsplit(" ", 1)[1]  # "fake provider on <url>"
+
+
 def start_gateway(
     processes: Processes, keys: Path, log: Path, **env: str
 ) -> tuple[subprocess.Popen[str], str]:
+    """`gateway.py` on a free loopback port with this keys file, logging to `log`, plus `env`;
+    once it listens: the process and its base URL."""
     port = free_port()
     process = processes.start(
         gateway_command(),

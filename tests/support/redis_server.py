@@ -17,13 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.processes import free_port
+
 START_SECONDS = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

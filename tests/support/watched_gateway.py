@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
@@ -30,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_REAL, OPENAI_VK, keys_document
-from tests.support.processes import Processes, start_gateway
+from tests.support.processes import Processes, start_fake_provider, start_gateway
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.redis_server import RedisServer
 
@@ -177,15 +176,14 @@ def observe(directory: Path, cleanup: ExitStack) -> Observed:
     cleanup.callback(processes.stop)
     cleanup.callback(redis.kill)
     redis.start()
-    fake = processes.start([sys.executable, "-m", "tests.support.fake_provider", "--port", "0"])
-    assert fake.stdout is not None
+    fake_url = start_fake_provider(processes)
     keys = directory / "keys.json"
     # A port bound but not listening: every connection to it is refused, and no one else gets it.
     dead = socket.socket()
     cleanup.callback(dead.close)
     dead.bind(("127.0.0.1", 0))
     dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-    keys.write_text(json.dumps(watched_keys(fake.stdout.readline().split()[-1], dead_url)))
+    keys.write_text(json.dumps(watched_keys(fake_url, dead_url)))
     metrics_dir = directory / "metrics"
     gateway, url = start_gateway(
         processes,

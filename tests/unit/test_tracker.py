@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.tracker import KINDS, Admission, Budget, Charge, Limits
+from tests.support.clock import Clock
 
 KEY = "key-digest-1"
 NO_KIND_TOTALS = dict.fromkeys(KINDS, 0)
@@ -23,19 +24,6 @@ KIND_TOTALS = {
     "reasoning_tokens": 10,
     "output_audio_tokens": 0,
 }
-
-
-class Clock:
-    """A clock that moves only when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
