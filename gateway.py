@@ -5,17 +5,25 @@ Every refusal to start is one line on stderr naming the culprit, and exit code 2
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from collections.abc import Sequence
+import signal
 
-from proxy.app import load_keys
-from proxy.keys.fields import KeysFileError
-from proxy.runtime.server import CannotListen
-from proxy.runtime.workers import EXIT_REFUSED, run, say
-from proxy.settings import SettingError, Settings
-from proxy.usage.pricing import Prices
+# SIGHUP's default action ends the process: ignored before anything else runs (the imports
+# below take most of a second), so a reload or a terminal's hang-up during the start
+# cannot kill it. The app's reload handler takes SIGHUP over once it serves.
+if __name__ == "__main__":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from proxy.app import load_keys  # noqa: E402
+from proxy.keys.fields import KeysFileError  # noqa: E402
+from proxy.runtime.server import CannotListen  # noqa: E402
+from proxy.runtime.workers import EXIT_REFUSED, run, say  # noqa: E402
+from proxy.settings import SettingError, Settings  # noqa: E402
+from proxy.usage.pricing import Prices  # noqa: E402
 
 
 def main(argv: Sequence[str]) -> int:

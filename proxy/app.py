@@ -254,7 +254,7 @@ def build_app(
     if settings.cors_allowed_origins:
         Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
     # (?s): a path with %0a is still proxied, and refused by relay in the dialect, logged.
-    expect = expect_handler(key_ring, lockout, settings.max_body_bytes)
+    expect = expect_handler(key_ring, lockout, app[QUOTA], settings.max_body_bytes)
     app.router.add_route("*", "/{tail:(?s:.*)}", relay.handle, expect_handler=expect)
     return app
 

@@ -8,9 +8,11 @@ can stop it (by raising). `decode_body` decodes a whole request body, bounded.
 
 Codings are read with the well-kept libraries: zlib (gzip, deflate: zlib-wrapped or raw, as
 some servers send it), brotli and zstandard. A stacked Content-Encoding ("gzip, br") is
-undone in reverse order (RFC 9110 §8.4). What is not done: `compress` (no provider sends it),
-a zstd window over 8 MiB (RFC 9659 §3 lets a decoder refuse it), several gzip members,
-telling a cut zstd body from a whole one.
+undone in reverse order (RFC 9110 §8.4). A gzip body of several members is decoded member
+after member; bytes after a deflate stream, or after a gzip member that are not another
+member, make the body corrupt (a request: 400), so no part of a body goes on unread. What
+is not done: `compress` (no provider sends it), a zstd window over 8 MiB (RFC 9659 §3 lets
+a decoder refuse it), telling a cut zstd body from a whole one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ STEP = 256 * 1024
 ZSTD_WINDOW_BYTES = 8 * 1024 * 1024
 CODINGS = ("gzip", "deflate", "br", "zstd")
 _ALIASES = {"x-gzip": "gzip"}
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+GZIP_MAGIC = b"\x1f\x8b"
 
 Sink = Callable[[bytes], None]
 
@@ -118,15 +122,31 @@ class _Zlib(_Stage):
             self._decoder = zlib.decompressobj(
                 zlib.MAX_WBITS if _zlib_header(data) else -zlib.MAX_WBITS
             )
-        decoder, pending = self._decoder, data
+        pending = data
         try:
             while pending:
+                decoder = self._decoder
                 out = decoder.decompress(pending, STEP)
                 if out:
                     self._sink(out)
                 pending = decoder.unconsumed_tail
+                if decoder.eof and decoder.unused_data:
+                    pending = self._next_member(decoder.unused_data)
         except zlib.error as error:
             raise CorruptBody(str(error)) from None
+
+    def _next_member(self, rest: bytes) -> bytes:
+        """Bytes after the end of a stream: a next gzip member (RFC 1952 §2.2), else corrupt.
+
+        What follows is decoded too, so nothing is forwarded that was not read: a body is
+        checked whole or refused.
+        """
+        if self._wbits != GZIP_WBITS:
+            raise CorruptBody("bytes after the end of the deflate stream")
+        if len(rest) >= 2 and rest[:2] != GZIP_MAGIC:
+            raise CorruptBody("bytes after the end of a gzip member that are not another")
+        self._decoder = zlib.decompressobj(GZIP_WBITS)
+        return rest
 
     @property
     def is_complete(self) -> bool:
@@ -137,7 +157,7 @@ class _Gzip(_Zlib):
     __slots__ = ()
 
     def __init__(self, sink: Sink) -> None:
-        super().__init__(sink, 16 + zlib.MAX_WBITS)
+        super().__init__(sink, GZIP_WBITS)
 
 
 class _Deflate(_Zlib):

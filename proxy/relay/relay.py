@@ -35,6 +35,7 @@ from proxy.quota.tracker import Admission
 from proxy.realtime.realtime import Realtime, is_upgrade
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay import stream_usage
+from proxy.relay.expect import awaits_continue
 from proxy.relay.peek import read_body, validate
 from proxy.relay.routing import route
 from proxy.relay.stream_usage import UsageChunkFilter
@@ -111,7 +112,8 @@ class Relay:
             ring, limit = self.key_ring, settings.max_body_bytes
             key = self.lockout.authenticate(ring, request.headers, request.remote)  # 401, 429
             record.key, record.provider = key.name, key.provider.name
-            self.quota.precheck(key, request.content_length)  # 429 before a large body is read
+            # 429 before a large body is read, or any body the client holds back (Expect)
+            self.quota.precheck(key, None if awaits_continue(request) else request.content_length)
             body = await read_body(request, limit)  # 400, 413
             peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
             plan = key.plans.choose(peek.model)  # 400 (no route serves the model)

@@ -25,7 +25,8 @@ process's memory, measured in `bench/connections.py`:
   and does not restart while a head trickles in): a slowloris is cut, and an idle
   keep-alive connection is closed after the same time;
 - at most MAX_CONNECTIONS client connections per process: the next one is answered 503
-  with Retry-After and closed, without a parser or a buffer of its own.
+  with Retry-After and closed at once, without a parser or a buffer of its own, so the
+  process never holds more sockets to clients than MAX_CONNECTIONS.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from proxy.app import METRICS
 from proxy.errors import GatewayError, body
 from proxy.observe.notices import Notices
 from proxy.settings import Settings
 
-REFUSAL_LINGER_SECONDS = 1.0  # lets the 503 reach a client that is still sending
+SERVER_NAME = "llm-gateway"  # the Server header of the gateway's own answers: no version
 # The cyclic garbage collector's first threshold: container allocations between two young
 # collections (CPython's default is 700). Each request allocates a few hundred containers,
 # and 256 requests in flight keep thousands alive, so at 700 a young collection ran every
@@ -152,7 +155,9 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
     def connection() -> asyncio.BaseProtocol:
         if len(server.connections) >= settings.max_connections:
             return Refusal()
-        return server()
+        # `server()` would build aiohttp's own RequestHandler; this one differs only in the
+        # Server header of the answers aiohttp gives itself (`_kwargs`: what `server()` passes).
+        return _RequestHandler(server, loop=loop, **server._kwargs)
 
     try:
         return await loop.create_server(
@@ -205,26 +210,44 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tu
     return cut, True
 
 
-class Refusal(asyncio.Protocol):
-    """A connection over MAX_CONNECTIONS: a 503 in the OpenAI dialect, then closed."""
+class _RequestHandler(RequestHandler):
+    """aiohttp's protocol, but what it answers itself does not name Python's version.
 
-    def __init__(self) -> None:
-        self._closing: asyncio.TimerHandle | None = None
+    aiohttp answers what it cannot parse (not HTTP, TLS on the plain port, a bad header)
+    and a handler's crash outside the app, so the app's on_response_prepare never sees
+    those answers; their Server header was `Python/3.11 aiohttp/3.x`.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers["Server"] = SERVER_NAME
+        return response
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: a 503 in the OpenAI dialect, and closed at once.
+
+    Closed at once, not after a linger: a refused connection must not hold a socket, or
+    MAX_CONNECTIONS would not bound what clients can hold. The 503 and the FIN reach the
+    client before anything it sends after them (which the kernel answers with a reset);
+    a client still sending its request when that reset arrives may see the reset instead.
+    """
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
         tcp.write(_refusal())
-        # Closing with unread bytes in the socket would reset the connection and could
-        # lose the 503; a short linger, reading and dropping, lets the client see it.
-        tcp.write_eof()
-        self._closing = asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, tcp.close)
+        tcp.close()  # after the 503 is handed to the kernel
 
     def data_received(self, data: bytes) -> None:
         pass  # the request is not read: it was refused before it began
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._closing is not None:
-            self._closing.cancel()
 
 
 def _refusal() -> bytes:

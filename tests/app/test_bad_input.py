@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 
 from tests.conftest import (
     ANTHROPIC_VK,
+    LIMITED_VK,
     OPENAI_REAL,
     OPENAI_VK,
     RESTRICTED_VK,
@@ -1151,6 +1152,24 @@ async def test_a_gzip_request_body_reaches_the_provider_as_sent(
     assert fake.requests[-1].body == dumps(GOOD_CHAT)
 
 
+async def test_a_second_gzip_member_is_read_too_and_a_body_that_is_not_one_json_is_refused(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    headers = {**auth(OPENAI_VK), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    # Two members read as one JSON body: each is checked, and the whole goes up.
+    halves = dumps(GOOD_CHAT)[:20], dumps(GOOD_CHAT)[20:]
+    body = b"".join(gzip.compress(half) for half in halves)
+    async with gateway.post("/v1/chat/completions", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+    sent = len(fake.requests)
+    # A whole JSON body in the first member, something else hidden in a second: refused.
+    hidden = gzip.compress(dumps(GOOD_CHAT)) + gzip.compress(b'{"model": "o1-pro"}')
+    async with gateway.post("/v1/chat/completions", data=hidden, headers=headers) as response:
+        assert response.status == 400, await response.text()
+        assert_openai_error(await response.json(), "invalid_json")
+    assert len(fake.requests) == sent  # nothing of it went up
+
+
 async def test_bodies_over_the_limit_get_413_from_content_length(
     http, make_gateway, fake: FakeState
 ) -> None:
@@ -1301,6 +1320,23 @@ async def test_100_continue_is_not_sent_to_a_locked_out_address(
         gateway, [("Authorization", f"Bearer {OPENAI_VK}"), ("Content-Length", "10")]
     )
     assert b"429" in line, line
+
+
+async def test_100_continue_is_not_sent_to_a_key_whose_quota_is_spent(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    for _ in range(3):  # LIMITED_VK: 3 requests an hour
+        assert (
+            await gateway.post("/v1/chat/completions", json=GOOD_CHAT, headers=auth(LIMITED_VK))
+        ).status == 200
+    refused = await gateway.post("/v1/chat/completions", json=GOOD_CHAT, headers=auth(LIMITED_VK))
+    assert refused.status == 429
+    sent = len(fake.requests)
+    line = await first_answer_line(
+        gateway, [("Authorization", f"Bearer {LIMITED_VK}"), ("Content-Length", "100")]
+    )
+    assert line.startswith(b"HTTP/1.1 429"), line
+    assert len(fake.requests) == sent
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,14 @@ import pytest
 
 from proxy.settings import SETTINGS
 from tests.conftest import OPENAI_VK, auth
-from tests.support.processes import Processes, refused, start_gateway
+from tests.support.processes import (
+    Processes,
+    free_port,
+    gateway_command,
+    listening_sockets,
+    refused,
+    start_gateway,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -296,3 +303,36 @@ async def test_the_log_goes_to_stdout_by_default(
     lines = [json.loads(text) for text in out.splitlines() if text.startswith("{")]
     assert [line["request_id"] for line in lines] == ["to-stdout"]
     assert not (tmp_path / "unused.jsonl").exists()
+
+
+async def test_sighup_during_the_start_kills_nothing(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = processes.start(
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
+            "LOG_TO_FILE": "true",
+        },
+    )
+    started = time.monotonic()
+    # The interpreter starts in about 20 ms, before any line of the gateway runs; its imports
+    # then take most of a second. From 150 ms on, SIGHUP must be harmless.
+    time.sleep(0.15)
+    hups = 0
+    while time.monotonic() - started < 0.5 or not listening_sockets(port):
+        process.send_signal(signal.SIGHUP)
+        hups += 1
+        assert process.poll() is None, f"exit {process.returncode} after {hups} SIGHUPs"
+        assert time.monotonic() - started < 20, "never listened"
+        time.sleep(0.01)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 200
+    assert process.poll() is None

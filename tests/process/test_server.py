@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import OPENAI_VK, auth
 from tests.support.processes import Processes, start_gateway
@@ -134,3 +136,61 @@ async def test_dribbling_connections_are_cut_or_refused_while_a_normal_request_a
     assert set(fitting) <= {b"", b"HTTP/1.1 503"}, set(fitting)  # cut by the deadline, or refused
     assert b"" in fitting
     assert latencies and max(latencies) < 2.0, latencies  # generous: the machine is shared
+
+
+def client_sockets(pid: int, port: int) -> int:
+    """How many sockets `pid` holds to clients of `port` (its listening socket excluded)."""
+    inodes = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] != "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return held
+
+
+async def test_max_connections_bounds_the_sockets_held_and_the_rest_are_closed_at_once(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", MAX_CONNECTIONS="10"
+    )
+    port = int(url.rsplit(":", 1)[1])
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+    deadline = time.monotonic() + 10
+    while client_sockets(process.pid, port) < 10:
+        assert time.monotonic() < deadline, "the gateway never took the first 10 connections"
+        await asyncio.sleep(0.02)
+    extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
+    answers = await asyncio.gather(*(_answer_or_close(reader, 10) for reader, _ in extra))
+    # Each of the 30 was answered and closed: the gateway holds none of them.
+    assert all(answer.startswith(b"HTTP/1.1 503") for answer in answers), set(answers)
+    assert client_sockets(process.pid, port) == 10
+    for _, writer in held + extra:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"hello there\r\n\r\n",  # not HTTP at all
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS on the plain port
+        b"GET /health HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+async def test_no_answer_names_a_version_in_its_server_header(
+    processes: Processes, process_keys: Path, tmp_path: Path, sent: bytes
+) -> None:
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl")
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(sent)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+    assert servers == [b"Server: llm-gateway"], head
