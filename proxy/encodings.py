@@ -104,10 +104,11 @@ class _Stage:
 
 
 class _Zlib(_Stage):
-    __slots__ = ("_decoder", "_undecided")
+    __slots__ = ("_decoder", "_is_gzip", "_undecided")
 
     def __init__(self, sink: Sink, wbits: int | None) -> None:
         super().__init__(sink)
+        self._is_gzip = wbits == GZIP_WBITS  # several members may follow one another
         self._undecided = b""  # deflate: the first bytes, until zlib-wrapped or raw is known
         self._decoder = None if wbits is None else zlib.decompressobj(wbits)
 
@@ -141,7 +142,7 @@ class _Zlib(_Stage):
         What follows is decoded too, so nothing is forwarded that was not read: a body is
         checked whole or refused.
         """
-        if self._wbits != GZIP_WBITS:
+        if not self._is_gzip:
             raise CorruptBody("bytes after the end of the deflate stream")
         if len(rest) >= 2 and rest[:2] != GZIP_MAGIC:
             raise CorruptBody("bytes after the end of a gzip member that are not another")
