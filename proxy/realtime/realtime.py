@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
-import orjson
 from aiohttp import WSCloseCode, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -55,6 +54,7 @@ from proxy.upstream.failover import described
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
 from proxy.usage.pricing import Prices
+from proxy.usage.realtime_events import SessionUsage
 
 if TYPE_CHECKING:
     from proxy.observe.tracing import Tracing
@@ -241,68 +241,6 @@ class Realtime:
         self._logbook.write(record)
         if record.trace is not None:  # traces: the session's span is as long as the session
             record.trace.end(record)
-
-
-class SessionUsage:
-    """The usage of a session's `response.done` events: each handed on at once, all summed."""
-
-    __slots__ = ("_on_response", "_total")
-
-    def __init__(self, on_response: Callable[[Usage], None]) -> None:
-        self._on_response = on_response
-        self._total: Usage | None = None
-
-    def read(self, frame: bytes) -> None:
-        """One provider text frame, already sent on; most cost one substring search."""
-        if b"response.done" not in frame:
-            return
-        try:
-            event = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict) or event.get("type") != "response.done":
-            return
-        response = event.get("response")
-        usage = response.get("usage") if isinstance(response, dict) else None
-        if not isinstance(usage, dict):
-            return
-        counts = _counts(usage)
-        self._total = counts if self._total is None else _added(self._total, counts)
-        self._on_response(counts)
-
-    @property
-    def total(self) -> Usage | None:
-        """The session's usage; None when the provider reported none."""
-        return self._total
-
-
-def _counts(usage: dict[str, Any]) -> Usage:
-    """`response.usage` as `Usage`: cached and audio tokens are parts of the totals."""
-    inputs, outputs = usage.get("input_token_details"), usage.get("output_token_details")
-    inputs = inputs if isinstance(inputs, dict) else {}
-    outputs = outputs if isinstance(outputs, dict) else {}
-    return Usage(
-        prompt_tokens=_count(usage.get("input_tokens")),
-        completion_tokens=_count(usage.get("output_tokens")),
-        cache_read_tokens=_count(inputs.get("cached_tokens")),
-        input_audio_tokens=_count(inputs.get("audio_tokens")),
-        output_audio_tokens=_count(outputs.get("audio_tokens")),
-    )
-
-
-def _added(total: Usage, more: Usage) -> Usage:
-    """The counts a session's responses reported, summed (Realtime reports per response)."""
-    return Usage(
-        prompt_tokens=total.prompt_tokens + more.prompt_tokens,
-        completion_tokens=total.completion_tokens + more.completion_tokens,
-        cache_read_tokens=total.cache_read_tokens + more.cache_read_tokens,
-        input_audio_tokens=total.input_audio_tokens + more.input_audio_tokens,
-        output_audio_tokens=total.output_audio_tokens + more.output_audio_tokens,
-    )
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def offered(headers: CIMultiDictProxy[str]) -> list[str]:

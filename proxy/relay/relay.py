@@ -34,16 +34,15 @@ from proxy.quota.quota import Quota
 from proxy.quota.tracker import Admission
 from proxy.realtime.realtime import Realtime, is_upgrade
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
-from proxy.relay import stream_usage
 from proxy.relay.expect import awaits_continue
 from proxy.relay.peek import read_body, validate
 from proxy.relay.routing import route
-from proxy.relay.stream_usage import UsageChunkFilter
 from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
-from proxy.usage import background
+from proxy.usage import background, openai_chat
+from proxy.usage.openai_chat import UsageChunkFilter
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory, UsageTap, charged
 
@@ -120,7 +119,7 @@ class Relay:
             if settings.log_bodies:
                 record.request_body = body
             sent = body  # the client's own bytes: what names a cached answer
-            body, asked = stream_usage.amended(key, tail, request.headers, body, peek.is_stream)
+            body, asked = openai_chat.amended(key, tail, request.headers, body, peek.is_stream)
             admission = await self.quota.admit(key, peek)  # 429, 503
             if key.cache is not None and self.cache is not None:
                 # A stored answer, or an identical request's in flight: never upstream.
@@ -169,7 +168,7 @@ class Relay:
     ) -> web.StreamResponse:
         """Send the provider's status and headers (none carrying a real key), then each chunk.
 
-        `asked_usage`: the gateway asked for the usage chunk (stream_usage.py): withhold it.
+        `asked_usage`: the gateway asked for the usage chunk (openai_chat.py): withhold it.
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
         """
         settings = self.settings

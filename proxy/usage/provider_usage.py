@@ -1,19 +1,10 @@
 """What a provider reports of a response's usage, read into the gateway's token kinds.
 
-The shapes read (every other field is ignored):
-
-- OpenAI chat, completions, embeddings: {prompt_tokens, completion_tokens,
-  prompt_tokens_details {cached_tokens, audio_tokens}, completion_tokens_details
-  {reasoning_tokens, audio_tokens}} (embeddings: prompt only);
-- the Responses API: {input_tokens, output_tokens, input_tokens_details {cached_tokens},
-  output_tokens_details {reasoning_tokens}}; transcriptions: input_token_details;
-- Anthropic: {input_tokens, output_tokens, cache_creation_input_tokens,
-  cache_read_input_tokens}, whose cache counts are *not* in input_tokens: they are added
-  to the prompt here (OpenAI's cached and audio tokens are parts of its totals already).
-
-A stream may report several times (Anthropic's `message_start`, then cumulative
-`message_delta`s): the last value of each field wins; nothing is summed. Counts are
-non-negative integers; anything else (a bool, a float, a string) is not a count.
+Each dialect declares where its usage object keeps each kind (`UsageFields`, in its own
+module: `openai_chat`, `responses`, `anthropic`, `realtime_events`); `ProviderUsage` reads
+objects by those fields. A stream may report several times (Anthropic's `message_start`,
+then cumulative `message_delta`s): the last value of each field wins; nothing is summed.
+Counts are non-negative integers; anything else (a bool, a float, a string) is not a count.
 
 `last_usage` finds the usage object of a JSON body without parsing the whole body.
 """
@@ -21,63 +12,57 @@ non-negative integers; anything else (a bool, a float, a string) is not a count.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import orjson
 
 from proxy.record import Usage
 
-# Every count a usage object may carry at its top level that we read.
-_COUNTS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
-# Counts inside a usage object's details: (details object, count there, our field).
-_DETAILS = (
-    ("prompt_tokens_details", "cached_tokens", "cached_tokens"),
-    ("prompt_tokens_details", "cache_write_tokens", "cache_write_tokens"),
-    ("prompt_tokens_details", "audio_tokens", "input_audio_tokens"),
-    ("completion_tokens_details", "reasoning_tokens", "reasoning_tokens"),
-    ("completion_tokens_details", "audio_tokens", "output_audio_tokens"),
-    ("input_tokens_details", "cached_tokens", "cached_tokens"),
-    ("input_tokens_details", "cache_write_tokens", "cache_write_tokens"),
-    ("input_tokens_details", "audio_tokens", "input_audio_tokens"),
-    ("input_token_details", "audio_tokens", "input_audio_tokens"),  # transcriptions
-    ("output_tokens_details", "reasoning_tokens", "reasoning_tokens"),
-    ("output_tokens_details", "audio_tokens", "output_audio_tokens"),
-)
-_TOTALS = frozenset({"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"})
+# The gateway's token kinds, as the fields of a dialect's usage object map onto them.
+PROMPT, COMPLETION = "prompt", "completion"
+CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
+INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
+_TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 # Braces outside strings, and strings whole (skipped, escapes and all).
 _BRACES = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]', re.DOTALL)
 
 
+@dataclass(frozen=True, slots=True)
+class UsageFields:
+    """Where one dialect's usage object keeps each token kind."""
+
+    counts: tuple[tuple[str, str], ...]  # (its field, our kind) at the object's top level
+    details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
+    # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
+    is_cache_beside_prompt: bool = False
+
+
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_is_cache_beside_prompt")
 
     def __init__(self) -> None:
-        self._fields: dict[str, int] = {}  # the last value seen of each field
+        self._fields: dict[str, int] = {}  # the last value seen of each kind
+        self._is_cache_beside_prompt = False
 
-    def read(self, usage: object) -> None:
-        """Take one usage object (anything else is ignored)."""
+    def read(self, usage: object, fields: UsageFields) -> None:
+        """Take one usage object in a dialect's `fields` (anything else is ignored)."""
         if not isinstance(usage, dict):
             return
-        fields = self._fields
-        for field in _COUNTS:
-            value = usage.get(field)
+        found = self._fields
+        for name, kind in fields.counts:
+            value = usage.get(name)
             if _is_count(value):
-                fields[field] = value  # type: ignore[assignment]
-        for details, name, field in _DETAILS:
-            found = usage.get(details)
-            if isinstance(found, dict):
-                value = found.get(name)
+                found[kind] = value  # type: ignore[assignment]
+        for details, name, kind in fields.details:
+            inner = usage.get(details)
+            if isinstance(inner, dict):
+                value = inner.get(name)
                 if _is_count(value):
-                    fields[field] = value  # type: ignore[assignment]
+                    found[kind] = value  # type: ignore[assignment]
+        self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def clear(self) -> None:
         self._fields.clear()
@@ -88,25 +73,17 @@ class ProviderUsage:
         if not fields.keys() & _TOTALS:
             return None
         get = fields.get
-        cache_read, cache_write = get("cached_tokens", 0), get("cache_write_tokens", 0)
-        if "prompt_tokens" in fields or "completion_tokens" in fields:  # OpenAI chat, embeddings
-            prompt, completion = get("prompt_tokens", 0), get("completion_tokens", 0)
-        else:
-            # Anthropic's cache counts are beside input_tokens; the Responses API has none.
-            anthropic_read = get("cache_read_input_tokens", 0)
-            anthropic_write = get("cache_creation_input_tokens", 0)
-            prompt = get("input_tokens", 0) + anthropic_read + anthropic_write
-            completion = get("output_tokens", 0)
-            cache_read += anthropic_read
-            cache_write += anthropic_write
+        prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
+        if self._is_cache_beside_prompt:
+            prompt += cache_read + cache_write
         return Usage(
             prompt,
-            completion,
+            get(COMPLETION, 0),
             cache_read_tokens=cache_read,
             cache_write_tokens=cache_write,
-            input_audio_tokens=get("input_audio_tokens", 0),
-            reasoning_tokens=get("reasoning_tokens", 0),
-            output_audio_tokens=get("output_audio_tokens", 0),
+            input_audio_tokens=get(INPUT_AUDIO, 0),
+            reasoning_tokens=get(REASONING, 0),
+            output_audio_tokens=get(OUTPUT_AUDIO, 0),
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 _CR, _LF = b"\r", b"\n"
+_CR_BYTE = 13  # `13 in data` is one memchr; `b"\r" in data` a (slower) substring search
 
 
 class LineReader:
@@ -39,18 +40,25 @@ class LineReader:
 
     def feed(self, data: bytes) -> Sequence[bytes | bytearray]:
         """The lines `data` finishes, without their line ends."""
+        if not data:  # nothing yet: a CR just read may still be followed by its LF
+            return []
         if self._is_after_cr:
             self._is_after_cr = False
             if data[:1] == _LF:  # the second half of a CRLF cut between two chunks
                 data = data[1:]
-        if _CR not in data:  # every provider: LF only (a held part never holds a CR)
+        if _CR_BYTE not in data:  # every provider: LF only (a held part never holds a CR)
             end = data.rfind(_LF)
+            held = self._held
             if end < 0:
-                self._held += data
+                held += data
                 return []
-            whole = self._held + data[:end] if self._held else data[:end]
-            self._held = bytearray(data[end + 1 :])
-            return whole.split(_LF)
+            if held:
+                held += data[:end]
+                self._held = bytearray(data[end + 1 :])
+                return held.split(_LF)
+            if end + 1 < len(data):
+                held += data[end + 1 :]  # held is empty: it grows in place
+            return data[:end].split(_LF)
         text = self._held + data
         lines = text.splitlines()  # bytes.splitlines: exactly CRLF, LF and CR
         last = text[-1:]

@@ -3,11 +3,12 @@
 `relay` writes each body chunk to the client first and only then feeds it to a `UsageTap`,
 so the tap can never delay, change or hold back a byte. A body in gzip, deflate, br or zstd
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
-tap answers the provider's own usage when the provider reported one, every token kind
-(`provider_usage`): in a JSON body's `usage`; in a stream's OpenAI usage chunk (sent when
-the client asked for `stream_options.include_usage`, or the key for exact stream usage:
-`stream_usage`), the Responses API's `response.completed`, Anthropic's `message_start`
-and `message_delta`.
+tap answers the provider's own usage when the provider reported one, every token kind.
+Where a body or an event keeps its usage and its text is its dialect's knowledge, one module
+per API (`openai_chat`, `responses`, `anthropic`); the tap dispatches each event by its type
+(none: an OpenAI chunk; else the dialect whose `EVENTS` name it), each JSON body by its
+shape (`choices`, a `response` object, `content`), and the dialect writes what it read into
+the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings) without a readable usage
@@ -22,7 +23,7 @@ response reports what the response says (`stored`: its id, status and usage), wh
 
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
-body's size to parse it whole), or one unfinished SSE line (the reader's); with LOG_BODIES the whole JSON
+body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
 body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
 most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies half of that, so they never
 starve the tails. A JSON body kept whole that would pass a bound is cut to its tail (its
@@ -47,8 +48,9 @@ import orjson
 
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.record import PENDING, StoredResponse, Usage
-from proxy.usage import estimate
-from proxy.usage.provider_usage import ProviderUsage, last_usage
+from proxy.usage import anthropic, estimate, openai_chat, realtime_events, responses
+from proxy.usage.provider_usage import UsageFields, last_usage
+from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
 
 # Past this a JSON body (or one SSE line) is not a usage report we want to parse in memory.
@@ -86,7 +88,9 @@ class Charged(enum.Enum):
 _GENERATIONS = ("/chat/completions", "/completions", "/responses", "/messages")
 # Taps that read the Responses API object answered (its id and status).
 _STORED = frozenset((Charged.LATER, Charged.FETCHED))
-ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
+# The typed stream events each dialect reads (OpenAI chat chunks have no type).
+_EVENTS = {**anthropic.EVENTS, **responses.EVENTS}
+_read_chunk = openai_chat.read_chunk
 
 
 def charged(method: str, path: str, is_background: bool = False) -> Charged:
@@ -133,12 +137,6 @@ class TapMemory:
         self.held_bytes -= count
 
 
-# Responses API events whose `response` carries the final usage.
-_RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# Responses API events whose `response` is still running (a background stream's first).
-_RESPONSE_STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
-
-
 class UsageTap:
     """Reads usage and text from one response body, fed chunk by chunk."""
 
@@ -146,7 +144,6 @@ class UsageTap:
         "_body",
         "_charged",
         "_decoder",
-        "_reported",
         "_finished",
         "_held",
         "_is_unread",
@@ -154,13 +151,9 @@ class UsageTap:
         "_kind",
         "_lines",
         "_memory",
+        "_reading",
         "_seen",
-        "_stored_id",
-        "_stored_status",
         "_text",
-        "_text_chars",
-        "_texts",
-        "model",
         "stored",
     )
 
@@ -182,16 +175,15 @@ class UsageTap:
         self._is_unread = self._kind is None
         self._body: bytearray | None = bytearray() if self._kind == _JSON else None
         self._lines = LineReader()  # SSE: lines, and the unfinished last one
-        self._texts: list[str] = []  # SSE: text deltas, only with keep_text
         self._text: str | None = None  # the text, once finished
-        self._text_chars = 0
-        self._reported = ProviderUsage()
+        # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
+        # is the body); a Responses object's id and status only for LATER and FETCHED.
+        self._reading = Reading(
+            keep_text and self._kind == _SSE,
+            is_stored_noted=charged in _STORED,
+            is_started_noted=charged is Charged.LATER,
+        )
         self._finished = False
-        # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
-        self.model: str | None = None
-        # The Responses API object's id and status, read only for LATER and FETCHED.
-        self._stored_id: str | None = None
-        self._stored_status: str | None = None
         # Once finished: the Responses API object answered (LATER and FETCHED only), with
         # what it reports; read after `usage`.
         self.stored: StoredResponse | None = None
@@ -222,17 +214,23 @@ class UsageTap:
         self._finish()
         if self._charged is Charged.NOTHING or self._charged is Charged.FETCHED:
             return None
-        reported = self._reported.usage()
+        reading = self._reading
+        reported = reading.reported.usage()
         if reported is not None or self._charged is Charged.REPORTED:
             return reported
-        if self._charged is Charged.LATER and self._stored_status in PENDING:
+        if self._charged is Charged.LATER and reading.stored_status in PENDING:
             return None  # owed: charged when a GET finds it finished (background.py)
         completion = 0
         if self._charged is Charged.TEXT:
-            completion = estimate.tokens(self._seen if self._is_unread else self._text_chars)
+            completion = estimate.tokens(self._seen if self._is_unread else reading.chars)
         return Usage(
             estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
         )
+
+    @property
+    def model(self) -> str | None:
+        """The model the provider says answered (traces' gen_ai.response.model); None: unsaid."""
+        return self._reading.model
 
     @property
     def text(self) -> str | None:
@@ -319,59 +317,11 @@ class UsageTap:
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind is None:  # OpenAI chat.completion.chunk or text_completion
-            if self.model is None:
-                self._note_model(event.get("model"))
-            choices = event.get("choices")
-            if isinstance(choices, list):
-                for choice in choices:
-                    if isinstance(choice, dict):
-                        delta = choice.get("delta")
-                        if isinstance(delta, dict):
-                            self._add_text(delta.get("content"))
-                        self._add_text(choice.get("text"))
-            self._reported.read(event.get("usage"))
-        elif kind == "content_block_delta":
-            delta = event.get("delta")
-            if isinstance(delta, dict):
-                self._add_text(delta.get("text"))
-        elif kind == "response.output_text.delta":
-            self._add_text(event.get("delta"))
-        elif kind == "message_start":
-            message = event.get("message")
-            if isinstance(message, dict):
-                self._note_model(message.get("model"))
-                self._reported.read(message.get("usage"))
-        elif kind == "message_delta":
-            self._reported.read(event.get("usage"))
-        elif isinstance(kind, str) and kind in _RESPONSE_DONE:
-            response = event.get("response")
-            if isinstance(response, dict):
-                self._note_model(response.get("model"))
-                self._reported.read(response.get("usage"))
-                if self._charged in _STORED:
-                    self._note_stored(response)
-        elif self._charged is Charged.LATER and kind in _RESPONSE_STARTED:
-            # A background stream cut before its end: the response runs on, owed.
-            response = event.get("response")
-            if isinstance(response, dict):
-                self._note_stored(response)
-
-    def _note_stored(self, response: dict[str, Any]) -> None:
-        """Note a Responses API object's id and status (a background response's charge)."""
-        response_id, status = response.get("id"), response.get("status")
-        if isinstance(response_id, str) and 0 < len(response_id) <= ID_CHARS:
-            self._stored_id = response_id
-            self._stored_status = status if isinstance(status, str) else None
-
-    def _note_model(self, model: object) -> None:
-        if isinstance(model, str) and model:
-            self.model = model[:200]
-
-    def _add_text(self, text: object) -> None:
-        if isinstance(text, str) and text:
-            self._text_chars += len(text)
-            if self._keep_text:
-                self._texts.append(text)
+            _read_chunk(event, self._reading)
+        elif type(kind) is str:
+            read = _EVENTS.get(kind)
+            if read is not None:
+                read(event, self._reading)
 
     def _finish(self) -> None:
         if self._finished:
@@ -380,20 +330,22 @@ class UsageTap:
         if self._kind == _SSE and not self._is_unread:
             # A stream cut before its last line end still counts what that line said.
             self._take_line(self._lines.rest())
-            if self._keep_text:
-                self._text = "".join(self._texts)
+            if self._reading.texts is not None:
+                self._text = "".join(self._reading.texts)
         elif self._kind == _JSON and self._body is not None:
             body = self._body
             if self._keep_text:
                 self._text = body.decode("utf-8", "replace")
             if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
-                self._reported.read(last_usage(body))
+                usage = last_usage(body)
+                self._reading.reported.read(usage, _fields_of(usage))
                 self._is_unread = True  # its text is not read: the size stands for it
             else:
                 self._read_document(body)
-        if self._stored_id is not None:
-            usage = self._reported.usage()
-            self.stored = StoredResponse(self._stored_id, self._stored_status, usage)
+        reading = self._reading
+        if reading.stored_id is not None:
+            usage = reading.reported.usage()
+            self.stored = StoredResponse(reading.stored_id, reading.stored_status, usage)
         self._let_go()
 
     def _read_document(self, body: bytearray) -> None:
@@ -403,25 +355,31 @@ class UsageTap:
             # No usage in a body that does not parse (cut short?): estimated from its size.
             self._is_unread = True
             return
-        if isinstance(document, dict):
-            self._note_model(document.get("model"))
-            self._reported.read(document.get("usage"))
-            if self._charged in _STORED:
-                self._note_stored(document)
-            if self._reported.usage() is None:  # only an estimate needs the answer's length
-                self._text_chars = estimate.answer_chars(document)
+        if not isinstance(document, dict):
+            return
+        reading = self._reading
+        if "choices" in document:
+            openai_chat.read_answer(document, reading)
+        elif "output" in document or document.get("object") == "response":
+            responses.read_answer(document, reading)
+        elif "content" in document:
+            anthropic.read_answer(document, reading)
+        else:  # embeddings, transcriptions, …: only what they report
+            reading.note_model(document.get("model"))
+            usage = document.get("usage")
+            reading.reported.read(usage, _fields_of(usage))
 
     def _give_up(self) -> None:
         """Stop reading this body: it will be estimated (and logged without its text)."""
         self._is_unread = True
-        self._reported.clear()
+        self._reading.reported.clear()
         self._let_go()
 
     def _let_go(self) -> None:
         self._release(self._held)
         self._body = None
         self._lines = LineReader()
-        self._texts = []
+        self._reading.texts = None if self._reading.texts is None else []
         self._decoder = None
 
 
@@ -434,3 +392,14 @@ def _body_kind(content_type: str | None) -> str | None:
     if media == "application/json" or media.endswith("+json"):
         return _JSON
     return None
+
+
+def _fields_of(usage: object) -> UsageFields:
+    """The dialect of a usage object found outside a known answer, by the fields it names."""
+    if not isinstance(usage, dict) or "prompt_tokens" in usage or "completion_tokens" in usage:
+        return openai_chat.USAGE  # chat, completions, embeddings
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        return anthropic.USAGE
+    if "input_token_details" in usage:
+        return realtime_events.USAGE  # and transcriptions, in the same fields
+    return responses.USAGE

@@ -19,10 +19,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
 
 from proxy.app import REALTIME, build_app
-from proxy.realtime.realtime import SessionUsage
 from proxy.record import Usage
 from proxy.settings import Settings
 from proxy.usage.pricing import Prices
+from proxy.usage.realtime_events import SessionUsage
 from tests.conftest import (
     LIMITED_VK,
     OPENAI_REAL,

@@ -20,8 +20,8 @@ from openai import AsyncOpenAI
 from proxy.app import build_app
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
-from proxy.relay.stream_usage import UsageChunkFilter, amend
 from proxy.settings import Settings
+from proxy.usage.openai_chat import UsageChunkFilter, amend
 from proxy.usage.usage import UsageTap
 from tests.conftest import OPENAI_REAL, OPENAI_VK, keys_document
 from tests.support.fake_provider import FakeState

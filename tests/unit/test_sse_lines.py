@@ -46,6 +46,8 @@ def test_a_crlf_cut_between_its_cr_and_its_lf_is_one_line_end() -> None:
         [b"data: a", b"data: b", b"data: c"],
         b"",
     )
+    # An empty chunk between the CR and the LF changes nothing.
+    assert read([b"data: a\r", b"", b"\ndata: b\n"]) == ([b"data: a", b"data: b"], b"")
     # A CR then a CR in the next chunk: two line ends, the second an empty line.
     assert read([b"data: a\r", b"\rdata: b\n"]) == ([b"data: a", b"", b"data: b"], b"")
 

@@ -1,0 +1,63 @@
+"""What one answer said so far, as its dialect read it: the dialects write it, the tap asks it.
+
+The dialect modules (`openai_chat`, `responses`, `anthropic`) know where each fact sits in
+their events and bodies; this holds the facts: the usage the provider reported, the
+characters it generated (for an estimate when it reported none), the text kept for the log
+(LOG_BODIES), the model that answered, and a Responses API object's id and status (a
+background response's charge). It does not parse bytes or decide what is charged (`usage`).
+"""
+
+from __future__ import annotations
+
+from proxy.usage.provider_usage import ProviderUsage
+
+ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
+MODEL_CHARS = 200
+
+
+class Reading:
+    """The facts of one answer, written by its dialect as its events or body are read."""
+
+    __slots__ = (
+        "chars",
+        "is_started_noted",
+        "is_stored_noted",
+        "model",
+        "reported",
+        "stored_id",
+        "stored_status",
+        "texts",
+    )
+
+    def __init__(
+        self, keep_text: bool, is_stored_noted: bool = False, is_started_noted: bool = False
+    ) -> None:
+        self.reported = ProviderUsage()
+        self.chars = 0  # characters the provider generated, of every kind
+        self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log
+        # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
+        self.model: str | None = None
+        # A Responses API object's id and status: noted when it is finished (`is_stored_noted`:
+        # a background response, or one fetched) or, for a background stream, while it runs.
+        self.is_stored_noted = is_stored_noted
+        self.is_started_noted = is_started_noted
+        self.stored_id: str | None = None
+        self.stored_status: str | None = None
+
+    def add_text(self, text: object) -> None:
+        """The answer's text: counted, and kept for the log."""
+        if isinstance(text, str) and text:
+            self.chars += len(text)
+            if self.texts is not None:
+                self.texts.append(text)
+
+    def note_model(self, model: object) -> None:
+        if isinstance(model, str) and model:
+            self.model = model[:MODEL_CHARS]
+
+    def note_stored(self, response: dict[str, object]) -> None:
+        """Note a Responses API object's id and status (a background response's charge)."""
+        response_id, status = response.get("id"), response.get("status")
+        if isinstance(response_id, str) and 0 < len(response_id) <= ID_CHARS:
+            self.stored_id = response_id
+            self.stored_status = status if isinstance(status, str) else None
