@@ -1,7 +1,7 @@
 """Admission policy: what a request reserves, when it is refused, what happens when Redis is lost.
 
 `tracker` counts; this module decides what to ask it. At admission a request reserves an
-estimate of what it will use: its prompt (`Peek.prompt_tokens_estimate`) plus the output
+estimate of what it will use: its prompt (`prompt_tokens_estimate`) plus the output
 cap its body names, and for a key with a budget that estimate priced. When it ends,
 `settle` replaces the reservation with the real tokens and cost (a stream cut short:
 what it produced). `refusals` renders the 429s, `ratelimit` the headers, `usage_report`
@@ -29,9 +29,9 @@ import uuid
 from collections.abc import Callable
 
 from proxy.errors import GatewayError
-from proxy.keys.keys import VirtualKey
 from proxy.quota.refusals import concurrency_refusal, label, refusal
 from proxy.quota.slots import Lines, Waiter
+from proxy.quota.subjects import QuotaKey, QuotaRequest
 from proxy.quota.tracker import (
     KINDS,
     MICRO,
@@ -43,7 +43,6 @@ from proxy.quota.tracker import (
     TrackerUnavailable,
 )
 from proxy.record import Record, Usage
-from proxy.relay.peek import Peek
 
 # Bodies up to this size are read before the key's quota is asked; past it (or of unknown
 # length) a key known to be refused right now is refused before its body is read.
@@ -89,7 +88,7 @@ class Quota:
         self._leases = (f"{uuid.uuid4().hex[:12]}:{n}" for n in itertools.count())
         tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
-    def precheck(self, key: VirtualKey, body_bytes: int | None) -> None:
+    def precheck(self, key: QuotaKey, body_bytes: int | None) -> None:
         """Before a large body is read: 429 for a key known to be refused right now. Asks nobody.
 
         `body_bytes`: the Content-Length, None when unknown (chunked). A small body is cheap
@@ -110,7 +109,7 @@ class Quota:
             return
         raise refusal(dataclasses.replace(admission, retry_after_seconds=wait))
 
-    async def admit(self, key: VirtualKey, peek: Peek) -> Admission | None:
+    async def admit(self, key: QuotaKey, peek: QuotaRequest) -> Admission | None:
         """Check, count and reserve one request. Raises 429 (over quota or budget), 503.
 
         None: nothing to settle (the tracker was lost and the request let through).
@@ -137,7 +136,7 @@ class Quota:
         return admission
 
     async def _admit_shared(
-        self, key: VirtualKey, scopes: tuple[Scope, ...], claim: Charge
+        self, key: QuotaKey, scopes: tuple[Scope, ...], claim: Charge
     ) -> Admission | None:
         """Admit in every scope or none; wait for a slot up to queue_seconds, first come
         first served. Raises 429 naming the limit that refused, 503."""
@@ -176,7 +175,7 @@ class Quota:
                 self._lines.leave(line, waiter)
 
     async def _ask(
-        self, key: VirtualKey, scopes: tuple[Scope, ...], claim: Charge, lease: str
+        self, key: QuotaKey, scopes: tuple[Scope, ...], claim: Charge, lease: str
     ) -> tuple[Admission, ...] | None:
         """The tracker's answers; None when it is lost and QUOTA_ON_REDIS_ERROR lets it by."""
         try:
@@ -197,7 +196,7 @@ class Quota:
         return answers
 
     def _refused(
-        self, key: VirtualKey, scope: Scope, answer: Admission, waited: float
+        self, key: QuotaKey, scope: Scope, answer: Admission, waited: float
     ) -> GatewayError:
         if answer.full:
             limit = (
@@ -210,7 +209,7 @@ class Quota:
         self._on_refused(scope, "in_flight")
         return concurrency_refusal(scope, key.name, round(waited, 3) if waited >= 0.001 else 0)
 
-    def settle(self, key: VirtualKey, admission: Admission | None, record: Record) -> None:
+    def settle(self, key: QuotaKey, admission: Admission | None, record: Record) -> None:
         """Replace the request's reservation with what it really used, give back its slots;
         never waits."""
         if admission is None:
@@ -234,18 +233,18 @@ class Quota:
             self._on_slots(scope, -1)
         self.tracker.release(capped, admission.lease, lambda: self._lines.wake(capped))
 
-    def charge(self, key: VirtualKey, usage: Usage, cost_usd: float | None) -> None:
+    def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
         self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
 
-    async def owe(self, key: VirtualKey, response_id: str, origin: str, seconds: float) -> None:
+    async def owe(self, key: QuotaKey, response_id: str, origin: str, seconds: float) -> None:
         """Remember that `key` owes a background response (background.py); never raises."""
         try:
             await self.tracker.owe(key.id, response_id, origin, seconds)
         except TrackerUnavailable as error:
             self._lost("uncharged", str(error))  # it will not be charged
 
-    async def claim(self, key: VirtualKey, response_id: str) -> str | None:
+    async def claim(self, key: QuotaKey, response_id: str) -> str | None:
         """Take what `key` owes for a background response, once across every process: its
         origin, else None (nothing owed, or the tracker lost: then it is not charged)."""
         try:
@@ -258,7 +257,7 @@ class Quota:
         """Send the settles still held, then close the tracker."""
         await self.tracker.close()
 
-    def _estimate(self, key: VirtualKey, peek: Peek) -> Charge:
+    def _estimate(self, key: QuotaKey, peek: QuotaRequest) -> Charge:
         """The reservation: the prompt plus the output cap, priced for a key with a budget."""
         output = peek.max_output_tokens or 0
         tokens = peek.prompt_tokens_estimate + output
