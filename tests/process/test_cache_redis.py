@@ -1,0 +1,92 @@
+"""Two gateway processes on one Redis share the response cache: an answer stored by one is a
+hit on the other, with the key's TTL set on the entry in Redis, hits counted for both, and
+identical requests in flight on both go upstream once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import orjson
+import redis
+
+from tests.conftest import OPENAI_REAL, keys_document
+from tests.support.processes import Processes, start_gateway
+
+CACHED_VK = "vk_test_cached_process_6f8a0c2e4b"
+TTL = 120
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
+
+
+def cached_keys(tmp_path: Path, fake_url: str) -> Path:
+    document = keys_document(fake_url)
+    document["virtual_keys"][CACHED_VK] = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    path = tmp_path / "cached-keys.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def two_gateways(processes: Processes, tmp_path: Path, fake_url: str, redis_url: str) -> list[str]:
+    keys = cached_keys(tmp_path, fake_url)
+    return [
+        start_gateway(processes, keys, tmp_path / f"log{index}.jsonl", REDIS_URL=redis_url)[1]
+        for index in range(2)
+    ]
+
+
+async def ask(
+    session: aiohttp.ClientSession, url: str, document: dict[str, object] = CHAT, **headers: str
+) -> tuple[str, bytes]:
+    async with session.post(
+        f"{url}/v1/chat/completions",
+        data=orjson.dumps(document),
+        headers={"Authorization": f"Bearer {CACHED_VK}", **headers},
+    ) as response:
+        assert response.status == 200
+        return response.headers["x-llm-gateway-cache"], await response.read()
+
+
+async def test_an_answer_stored_by_one_gateway_is_a_hit_on_the_other(
+    processes: Processes, tmp_path: Path, fake_url: str, redis_url: str, raw_redis: redis.Redis
+) -> None:
+    first, second = two_gateways(processes, tmp_path, fake_url, redis_url)
+    async with aiohttp.ClientSession() as session:
+        miss = await ask(session, first)
+        assert miss[0] == "miss"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not raw_redis.keys("llm-gateway:cache:k:*"):  # stored after the answer went out
+            assert loop.time() < deadline, "the answer never reached Redis"
+            await asyncio.sleep(0.01)
+        hit = await ask(session, second)
+        assert hit == ("hit", miss[1])  # the fake's fresh id per answer: only a replay repeats it
+        again = await ask(session, first)
+        assert again == ("hit", miss[1])
+        async with session.get(
+            f"{second}/usage", headers={"Authorization": f"Bearer {CACHED_VK}"}
+        ) as usage:
+            assert (await usage.json())["cache"]["hits"] == 2  # both gateways' hits
+    [entry] = raw_redis.keys("llm-gateway:cache:k:*")
+    assert 0 < raw_redis.pttl(entry) <= TTL * 1000
+
+
+async def test_identical_requests_in_flight_on_two_gateways_go_upstream_once(
+    processes: Processes, tmp_path: Path, fake_url: str, redis_url: str
+) -> None:
+    gateways = two_gateways(processes, tmp_path, fake_url, redis_url)
+    stream = {**CHAT, "stream": True}
+    # The first answer takes 1.5 s to stream: every other request arrives while it is in flight.
+    slow = {"x-fake-chunks": "5", "x-fake-delay-ms": "300"}
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(
+            *(ask(session, gateways[index % 2], stream, **slow) for index in range(10))
+        )
+    assert sorted(cached for cached, _ in answers) == ["hit"] * 9 + ["miss"]
+    assert len({body for _, body in answers}) == 1
