@@ -9,7 +9,7 @@ concurrency 1 on one keep-alive connection (median of the request latencies):
 - the floor's miss: every request goes to the mock, which answers after `--delay-ms` (the
   bench's provider time, as run.py's throughput figure) and after 0 ms (pure overhead);
 - the gateway's hit (the cached key, the same request: answered from memory, never
-  upstream), and the ratio floor miss / hit: the issue's target is >= 5x;
+  upstream), and the ratio floor miss / hit (the cache is worth it at >= 5x);
 - the gateway's miss for the key without a cache, for scale;
 
 then hits under load (wrk, 256 connections) against the floor's misses, and the memory one
