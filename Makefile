@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCKER ?= docker
 
-.PHONY: bench-failover run lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: bench-foundations bench-failover run lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -80,6 +80,13 @@ bench: $(STAMP)
 bench-profile: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/profile_steps.py $(if $(QUICK),--quick)
+
+# bench-foundations: the bare passthrough on each server and upstream client, interleaved (bench/foundations.py)
+bench-foundations: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) bench/ab.py --check-stream floor floor-gc foundation:app+session foundation:lowlevel+session+gc \
+		foundation:lowlevel+aiosonic+gc foundation:lowlevel+pyreqwest+gc foundation:app+wire+gc foundation:lowlevel+wire+gc
 
 # bench-failover: the no-failure path against a failover (primary refusing at once), one gateway, one run
 bench-failover: $(STAMP)

@@ -33,6 +33,7 @@ from harness import (
     listening,
     process_cpu_seconds,
     rss_mb,
+    run_async,
     wait_until,
     wrk,
 )
@@ -53,6 +54,11 @@ def command(spec: str, port: int, upstream: str, tmp: Path) -> tuple[str, list[s
         return spec, [sys.executable, *floor], False
     if spec == "floor-gc":
         return spec, [sys.executable, "-c", GC_LIKE_THE_GATEWAY, str(BENCH.parent), *floor], False
+    if spec.startswith("foundation:"):  # foundation:SERVER+CLIENT[+gc], bench/foundations.py
+        server, client, *gc = spec.partition(":")[2].split("+")
+        argv = [sys.executable, str(BENCH / "foundations.py"), "--port", str(port)]
+        argv += ["--upstream", upstream, "--server", server, "--client", client]
+        return spec.partition(":")[2], argv + (["--gc"] if gc == ["gc"] else []), False
     name, _, directory = spec.partition("=")
     checkout = Path(directory or ".").resolve()
     argv = [
@@ -66,7 +72,16 @@ def command(spec: str, port: int, upstream: str, tmp: Path) -> tuple[str, list[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("contenders", nargs="+", help="floor, floor-gc or name=checkout")
+    parser.add_argument(
+        "contenders",
+        nargs="+",
+        help="floor, floor-gc, foundation:SERVER+CLIENT[+gc] or name=checkout",
+    )
+    parser.add_argument(
+        "--check-stream",
+        action="store_true",
+        help="first check each passes a stream chunk by chunk",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="of wrk per contender a round")
     args = parser.parse_args()
@@ -102,6 +117,12 @@ def main() -> int:
                 ready = healthy if is_gateway else listening
                 wait_until(lambda p=port, r=ready: r(p), name, child, tmp / f"{name}.log")
                 contenders[name] = (port, child)
+            if args.check_stream:
+                for name, (port, _) in contenders.items():
+                    reads = run_async(stream_reads(port))
+                    print(f"{name:>10}: a stream of 10 chunks 30 ms apart arrived in {reads} reads")
+                    if reads < 10:
+                        raise SystemExit(f"{name} batches a stream: {reads} reads for 10 chunks")
             results = race(procs, contenders, tmp, args.rounds, args.seconds)
         finally:
             procs.stop_all()
@@ -115,6 +136,18 @@ def main() -> int:
             f"timeouts {timeouts}  RSS at the end {runs[-1][3]:.0f} MB"
         )
     return 0
+
+
+async def stream_reads(port: int) -> int:
+    """In how many reads a stream of 10 chunks 30 ms apart reaches a client through `port`."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {KEY}", "x-mock-chunks": "10", "x-mock-gap-ms": "30"}
+    body = {"model": "gpt-bench", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with session.post(url, json=body, headers=headers) as reply:
+            return len([chunk async for chunk in reply.content.iter_any()])
 
 
 def race(

@@ -1,0 +1,378 @@
+"""The wire: HTTP/1.1 to providers over kept-alive connections, parsed by httptools.
+
+aiohttp's `ClientSession.request` was the largest single cost of a proxied request (cookie
+jars, redirects, tracing hooks, auto headers, decompression: work a proxy switches off one
+by one). This is what a proxy's upstream side needs and no more, measured in
+`bench/foundations.py` at about half the CPU per request:
+
+- one pool of idle connections per origin (scheme, host, port), last in first out, an idle
+  connection closed after `keepalive_seconds`; no limit on connections (concurrency is the
+  quota's business);
+- the request written once: head and body in one write; only `Host` and `Content-Length`
+  are added (no User-Agent, Accept or Accept-Encoding of ours);
+- the answer handed back as soon as its head is parsed, then the body as the chunks arrive
+  (`content.readany()`), the provider's transfer coding removed and its content coding
+  kept: bytes pass as received;
+- reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
+  provider cannot fill the gateway's memory;
+- TLS with the system's default context (certificates and host names verified);
+- a reused connection the provider closed before answering is retried once on a new one,
+  for idempotent methods only (a POST may have been read: it costs money);
+- failures are aiohttp's own exception types (`ClientConnectorError`,
+  `ServerDisconnectedError`, `ClientPayloadError`, ...), so the attempt loop's failure map
+  stays as it is.
+
+WebSocket sessions still go through aiohttp's client, which this does not replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import cast
+
+import aiohttp
+import httptools
+from aiohttp.client_reqrep import ConnectionKey
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
+BODILESS = frozenset((204, 304))
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class Body:
+    """The answer's body as it arrives: `readany()` gives what is there, b"" at its end."""
+
+    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection")
+
+    def __init__(self, connection: Connection) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._connection = connection
+
+    def is_eof(self) -> bool:
+        return self._done and not self._chunks
+
+    async def readany(self) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._size < HIGH_WATER:
+            self._connection.resume()
+        return chunk
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._size >= HIGH_WATER:
+            self._connection.pause()
+        self._wake()
+
+    def end(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Reply:
+    """A provider's answer: the surface of aiohttp's ClientResponse that the relay reads."""
+
+    __slots__ = ("status", "reason", "headers", "content", "_connection", "_released")
+
+    def __init__(self, connection: Connection) -> None:
+        self.status = 0
+        self.reason: str | None = None
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.content = Body(connection)
+        self._connection = connection
+        self._released = False
+
+    @property
+    def content_length(self) -> int | None:
+        length = self.headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.content.iter_any()]
+        self.release()
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if it can be reused."""
+        if not self._released:
+            self._released = True
+            self._connection.finish(self.content.is_eof())
+
+    def close(self) -> None:
+        """Done, whatever is left unread: the connection is closed."""
+        if not self._released:
+            self._released = True
+            self._connection.finish(False)
+
+
+class Connection(asyncio.Protocol):
+    """One connection to an origin, answering one request at a time."""
+
+    def __init__(self, wire: Wire, origin: Origin) -> None:
+        self.wire, self.origin = wire, origin
+        self.transport: asyncio.Transport | None = None
+        self.reply: Reply | None = None
+        self.headed: asyncio.Future[Reply] | None = None
+        self.idle_since = 0.0
+        self.reusable = False
+        self.heard = False  # any byte of the current answer arrived
+        self.head_only = False  # answering a HEAD: no body follows the head
+        self._paused = False
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    def begin(self, head_only: bool) -> asyncio.Future[Reply]:
+        self._parser = httptools.HttpResponseParser(self)
+        self._raw, self.heard, self.reusable = [], False, False
+        self.head_only = head_only
+        self.reply = Reply(self)
+        self.headed = asyncio.get_running_loop().create_future()
+        return self.headed
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(aiohttp.ClientResponseError(_info(), (), message="unexpected upgrade"))
+        except httptools.HttpParserError as error:
+            self._fail(aiohttp.ClientResponseError(_info(), (), message=str(error)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.wire.forget(self)
+        if self.headed is not None and not self.headed.done():
+            self.headed.set_exception(aiohttp.ServerDisconnectedError())
+        elif self.reply is not None:
+            self.reply.content.fail(
+                aiohttp.ClientPayloadError(f"the provider closed the connection ({exc or 'EOF'})")
+            )
+
+    # --- httptools callbacks ---
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        reply, parser = self.reply, self._parser
+        assert reply is not None and self.headed is not None
+        status = parser.get_status_code()
+        if status < 200:  # 1xx: an interim answer, the real one follows
+            self._raw = []
+            return
+        reply.status = status
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in self._raw:
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        reply.headers = CIMultiDictProxy(headers)
+        if not self.headed.done():
+            self.headed.set_result(reply)
+        if self.head_only or status in BODILESS:
+            reply.content.end()  # no body follows; the parser cannot know that for HEAD
+            self.reusable = status in BODILESS and parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        assert self.reply is not None
+        self.reply.content.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.reply is None or self.reply.status < 200:
+            return
+        self.reusable = self._parser.should_keep_alive() and not self.head_only
+        self.reply.content.end()
+
+    # --- flow control and ending ---
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def finish(self, complete: bool) -> None:
+        self.resume()
+        if complete and self.reusable and self.transport and not self.transport.is_closing():
+            self.reply = self.headed = None
+            self.wire.keep(self)
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.headed is not None and not self.headed.done():
+            self.headed.set_exception(error)
+        elif self.reply is not None:
+            self.reply.content.fail(error)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Wire:
+    """Kept-alive connections per origin, and the one way to send a request on them."""
+
+    def __init__(self, connect_timeout: float, keepalive_seconds: float = 30.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive_seconds = keepalive_seconds
+        self._idle: dict[Origin, deque[Connection]] = {}
+        self._tls = ssl.create_default_context()
+        self._closed = False
+
+    async def request(
+        self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None
+    ) -> Reply:
+        """Send one request; return as soon as the answer's head arrived."""
+        origin = (
+            url.scheme,
+            url.raw_host or "",
+            url.port or (443 if url.scheme == "https" else 80),
+        )
+        head = _head(method, url, headers, body)
+        connection, reused = await self._checkout(origin)
+        try:
+            return await self._exchange(connection, method, head)
+        except aiohttp.ServerDisconnectedError:
+            if not (reused and method in IDEMPOTENT and not connection.heard):
+                raise
+        connection, _ = await self._checkout(origin, fresh=True)
+        return await self._exchange(connection, method, head)
+
+    async def _exchange(self, connection: Connection, method: str, head: bytes) -> Reply:
+        headed = connection.begin(head_only=method == "HEAD")
+        assert connection.transport is not None
+        connection.transport.write(head)
+        try:
+            return await headed
+        except BaseException:
+            connection.finish(False)  # cancelled or failed: the connection is not reused
+            raise
+
+    async def _checkout(self, origin: Origin, fresh: bool = False) -> tuple[Connection, bool]:
+        idle, now = self._idle.get(origin), asyncio.get_running_loop().time()
+        while idle and not fresh:
+            connection = idle.pop()
+            transport = connection.transport
+            if transport is None or transport.is_closing():
+                continue
+            if now - connection.idle_since > self.keepalive_seconds:
+                transport.close()
+                continue
+            return connection, True
+        return await self._connect(origin), False
+
+    async def _connect(self, origin: Origin) -> Connection:
+        scheme, host, port = origin
+        tls = self._tls if scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(self, origin),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                )
+        except TimeoutError as error:
+            raise aiohttp.ConnectionTimeoutError(
+                f"connecting to {host}:{port} timed out"
+            ) from error
+        except OSError as error:
+            raise _connect_error(origin, error) from error
+        sock = connection.transport.get_extra_info("socket") if connection.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection
+
+    def keep(self, connection: Connection) -> None:
+        if self._closed:
+            if connection.transport is not None:
+                connection.transport.close()
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(connection.origin, deque()).append(connection)
+
+    def forget(self, connection: Connection) -> None:
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    async def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                if connection.transport is not None:
+                    connection.transport.close()
+        self._idle.clear()
+
+
+def _head(method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> bytes:
+    target = url.raw_path_qs or "/"
+    default_port = url.port is None or url.port == (443 if url.scheme == "https" else 80)
+    host = url.raw_host if default_port else f"{url.raw_host}:{url.port}"
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines += [
+        f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in _OURS
+    ]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape") + (body or b"")
+
+
+_OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
+
+
+def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:
+    scheme, host, port = origin
+    key = ConnectionKey(host, port, scheme == "https", True, None, None, None)
+    if isinstance(error, socket.gaierror):
+        return aiohttp.ClientConnectorDNSError(key, error)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return aiohttp.ClientConnectorCertificateError(key, error)
+    if isinstance(error, ssl.SSLError):
+        return aiohttp.ClientConnectorSSLError(key, error)
+    return aiohttp.ClientConnectorError(key, error)
+
+
+def _info() -> aiohttp.RequestInfo:
+    return aiohttp.RequestInfo(URL(), "", CIMultiDictProxy(CIMultiDict()), URL())

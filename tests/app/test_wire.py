@@ -1,0 +1,280 @@
+"""The wire: the upstream HTTP/1.1 client, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gzip
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from proxy.upstream.wire import HIGH_WATER, Wire
+from tests.support.processes import free_port
+
+Serve = Callable[..., Awaitable[TestServer]]
+GATE = web.AppKey("gate", asyncio.Queue[None])
+
+
+@pytest.fixture
+async def wire() -> AsyncIterator[Wire]:
+    wire = Wire(connect_timeout=2.0)
+    yield wire
+    await wire.close()
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    seen = {k: v for k, v in request.headers.items()}
+    return web.json_response({"method": request.method, "body": body.decode(), "headers": seen})
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Five SSE events, each written only after the client told us it read the one before."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    gate: asyncio.Queue[None] = request.app[GATE]
+    for n in range(5):
+        await response.write(f"data: {n}\n\n".encode())
+        await gate.get()
+    await response.write_eof()
+    return response
+
+
+def app() -> web.Application:
+    application = web.Application()
+    application[GATE] = asyncio.Queue()
+    application.router.add_route("*", "/echo", echo)
+    application.router.add_get("/stream", stream)
+    application.router.add_get("/gzip", gzipped)
+    application.router.add_get("/big", big)
+    application.router.add_route("*", "/empty", empty)
+    application.router.add_get("/peer", peer)
+    return application
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    return web.Response(body=gzip.compress(b"hello" * 100), headers={"Content-Encoding": "gzip"})
+
+
+async def big(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * (HIGH_WATER * 8))
+
+
+async def empty(request: web.Request) -> web.Response:
+    return web.Response(status=204 if request.method != "HEAD" else 200, headers={"X-A": "1"})
+
+
+async def peer(request: web.Request) -> web.Response:
+    assert request.transport is not None
+    return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+
+async def test_a_post_arrives_with_its_headers_and_body_and_nothing_of_ours(
+    aiohttp_server: Serve, wire: Wire
+) -> None:
+    server = await aiohttp_server(app())
+    headers = {"Authorization": "Bearer sk-x", "anthropic-beta": "b1", "Content-Length": "999"}
+    reply = await wire.request("POST", server.make_url("/echo"), headers, b'{"a": 1}')
+    assert reply.status == 200
+    seen = await _json(reply)
+    assert seen["body"] == '{"a": 1}' and seen["method"] == "POST"
+    assert seen["headers"]["Authorization"] == "Bearer sk-x"
+    assert seen["headers"]["anthropic-beta"] == "b1"
+    assert seen["headers"]["Content-Length"] == "8"  # ours, from the bytes, not the caller's
+    assert "User-Agent" not in seen["headers"] and "Accept-Encoding" not in seen["headers"]
+
+
+async def test_a_stream_is_handed_on_chunk_by_chunk(aiohttp_server: Serve, wire: Wire) -> None:
+    application = app()
+    server = await aiohttp_server(application)
+    reply = await wire.request("GET", server.make_url("/stream"), {}, None)
+    assert reply.headers["Content-Type"] == "text/event-stream"
+    events = []
+    for _ in range(5):  # the server writes the next event only after we read this one
+        events.append(await asyncio.wait_for(reply.content.readany(), 5))
+        await application[GATE].put(None)
+    assert events == [f"data: {n}\n\n".encode() for n in range(5)]
+    assert await reply.content.readany() == b""
+    reply.release()
+
+
+async def test_content_coding_is_kept_as_sent(aiohttp_server: Serve, wire: Wire) -> None:
+    server = await aiohttp_server(app())
+    reply = await wire.request("GET", server.make_url("/gzip"), {}, None)
+    assert reply.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(await reply.read()) == b"hello" * 100
+
+
+async def test_a_connection_is_kept_alive_and_reused(aiohttp_server: Serve, wire: Wire) -> None:
+    server = await aiohttp_server(app())
+    ports = []
+    for _ in range(3):
+        reply = await wire.request("GET", server.make_url("/peer"), {}, None)
+        ports.append(await reply.read())
+    assert len(set(ports)) == 1
+
+
+async def test_a_body_left_unread_closes_its_connection(aiohttp_server: Serve, wire: Wire) -> None:
+    server = await aiohttp_server(app())
+    reply = await wire.request("GET", server.make_url("/big"), {}, None)
+    first = await reply.content.readany()
+    assert 0 < len(first) < HIGH_WATER * 8
+    reply.close()
+    again = await wire.request("GET", server.make_url("/peer"), {}, None)
+    other = await wire.request("GET", server.make_url("/peer"), {}, None)
+    assert (await again.read()) != b"" and (await other.read()) != b""
+
+
+async def test_a_large_body_arrives_whole_when_read_slowly(
+    aiohttp_server: Serve, wire: Wire
+) -> None:
+    server = await aiohttp_server(app())
+    reply = await wire.request("GET", server.make_url("/big"), {}, None)
+    received = 0
+    while chunk := await reply.content.readany():
+        received += len(chunk)
+        await asyncio.sleep(0)  # a reader slower than the socket: reading pauses and resumes
+    assert received == HIGH_WATER * 8
+
+
+@pytest.mark.parametrize("method, status", [("HEAD", 200), ("GET", 204)])
+async def test_answers_without_a_body_end_at_their_head(
+    aiohttp_server: Serve, wire: Wire, method: str, status: int
+) -> None:
+    server = await aiohttp_server(app())
+    reply = await wire.request(method, server.make_url("/empty"), {}, None)
+    assert (reply.status, reply.headers["X-A"]) == (status, "1")
+    assert await asyncio.wait_for(reply.read(), 5) == b""
+
+
+async def test_a_refused_connection_is_aiohttps_connector_error(wire: Wire) -> None:
+    url = URL(f"http://127.0.0.1:{free_port()}/x")
+    with pytest.raises(aiohttp.ClientConnectorError) as caught:
+        await wire.request("POST", url, {}, b"{}")
+    assert caught.value.os_error.errno == errno.ECONNREFUSED
+
+
+async def raw_server(answer: Callable[[bytes], bytes | None]) -> tuple[asyncio.Server, URL]:
+    """A TCP server that reads a request and writes `answer(request)` (None: close at once)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            reply = answer(head)
+            if reply is None:
+                writer.close()
+                return
+            writer.write(reply)
+            await writer.drain()
+            if b"Connection: close" in reply:
+                writer.close()
+                return
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, URL(f"http://127.0.0.1:{port}/x")
+
+
+async def test_a_body_cut_short_is_a_payload_error(wire: Wire) -> None:
+    server, url = await raw_server(
+        lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nshort"
+    )
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.content.readany() == b"short"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reply.content.readany()
+
+
+async def test_a_provider_that_closes_before_answering_a_post_is_not_asked_again(
+    wire: Wire,
+) -> None:
+    asked = []
+
+    def answer(head: bytes) -> bytes | None:
+        asked.append(head)
+        return None
+
+    server, url = await raw_server(answer)
+    async with server:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await wire.request("POST", url, {}, b"")
+    assert len(asked) == 1
+
+
+async def test_a_chunked_answer_is_handed_on_without_its_framing(wire: Wire) -> None:
+    server, url = await raw_server(
+        lambda _: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.read() == b"hello world"
+
+
+async def test_an_interim_answer_is_skipped(wire: Wire) -> None:
+    server, url = await raw_server(
+        lambda _: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    )
+    async with server:
+        reply = await wire.request("POST", url, {}, b"x")
+        assert (reply.status, await reply.read()) == (201, b"ok")
+
+
+async def test_tls_verifies_the_certificate(wire: Wire, tmp_path: Path) -> None:
+    """A server whose certificate no authority signed is refused, not trusted."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await wire.request("GET", URL(f"https://localhost:{port}/x"), {}, None)
+
+
+async def _json(reply: object) -> dict[str, object]:
+    import orjson
+
+    data: dict[str, object] = orjson.loads(await reply.read())  # type: ignore[attr-defined]
+    return data
+
+
+def test_under_uvloop_as_the_gateway_runs_it() -> None:
+    """The gateway's loop is uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    async def scenario() -> list[bytes]:
+        runner = web.AppRunner(app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        wire = Wire(connect_timeout=2.0)
+        try:
+            bodies = []
+            for _ in range(2):
+                reply = await wire.request("POST", URL(f"http://127.0.0.1:{port}/echo"), {}, b"hi")
+                bodies.append(await reply.read())
+            return bodies
+        finally:
+            await wire.close()
+            await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        bodies = runner.run(scenario())
+    assert all(b'"body": "hi"' in body or b'"body":"hi"' in body for body in bodies), bodies
