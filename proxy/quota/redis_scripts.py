@@ -379,18 +379,14 @@ end
 return answers
 """
 
-# Slots: KEYS are lease sets, ARGV[1] the lease life in µs, ARGV[2] 1 to renew only the
-# leases still there (0: add them back, after Redis was lost), then one lease per key.
+# Slots: KEYS are lease sets, ARGV[1] the lease life in µs, then one lease per key. A lease
+# not there any more (Redis restarted empty) is added back: its request still runs.
 RENEW = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local life = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  if ARGV[2] == '1' then
-    redis.call('ZADD', key, 'XX', string.format('%d', now + life), ARGV[2 + i])
-  else
-    redis.call('ZADD', key, string.format('%d', now + life), ARGV[2 + i])
-  end
+  redis.call('ZADD', key, string.format('%d', now + life), ARGV[1 + i])
   redis.call('PEXPIRE', key, math.ceil(life / 1000))
 end
 return 0

@@ -133,6 +133,7 @@ class RedisTracker:
         # lease → the lease sets it holds a slot in, renewed while the request runs.
         self._leases: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._renewing: asyncio.Future[Any] | None = None  # a renewal on its way to Redis
         self._releasing: set[asyncio.Task[None]] = set()
         self.lease_seconds = LEASE_SECONDS
         # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
@@ -190,6 +191,9 @@ class RedisTracker:
 
     async def _give_back(self, sets: list[str], lease: str, done: Callable[[], None]) -> None:
         try:
+            renewing = self._renewing
+            if renewing is not None:  # it may add this lease back: remove it after
+                await asyncio.wait([renewing])
             await self._release(keys=sets, args=[lease] * len(sets))
         except (RedisError, OSError):
             pass  # the lease expires within lease_seconds
@@ -201,23 +205,25 @@ class RedisTracker:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
 
     async def _renew_leases(self) -> None:
-        """Every third of a lease's life, push back the expiry of every lease still held;
-        after a failed round (Redis lost), add them back: slots are taken again."""
-        only_existing = True
+        """Every third of a lease's life, push back the expiry of every lease still held,
+        adding back any Redis lost (restarted empty): the slots are taken again."""
         while self._leases:
             await asyncio.sleep(self.lease_seconds / 3)
-            keys, args = [], []
+            keys: list[str] = []
+            args: list[str] = []
             for lease, sets in list(self._leases.items()):
                 keys += sets
                 args += [lease] * len(sets)
             if not keys:
                 continue
-            flag = "1" if only_existing else "0"
+            life = round(self.lease_seconds * 1e6)
+            self._renewing = asyncio.ensure_future(self._renew(keys=keys, args=[life, *args]))
             try:
-                await self._renew(keys=keys, args=[round(self.lease_seconds * 1e6), flag, *args])
-                only_existing = True
+                await self._renewing
             except (RedisError, OSError):
-                only_existing = False
+                pass  # Redis lost: the next round adds them back
+            finally:
+                self._renewing = None
 
     def settle(
         self,

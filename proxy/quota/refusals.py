@@ -59,9 +59,9 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
     limits = admission.limits
     assert limits is not None  # only a quota or a budget refuses
     if admission.remaining_requests <= 0:
-        what = f"{limits.requests:,} requests"
+        what = counted(limits.requests, "request")
     else:
-        what = f"{limits.tokens or 0:,} tokens"
+        what = counted(limits.tokens or 0, "token")
     if who is not None:
         return GatewayError(
             429,
@@ -75,6 +75,11 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
         f"Quota exceeded for this key: {what} per {limits.window_seconds:g} seconds. {retry}",
         headers=headers,
     )
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 request', '1,000 requests'."""
+    return f"{count:,} {noun}{'s' if count != 1 else ''}"
 
 
 def per(seconds: float) -> str:

@@ -290,3 +290,69 @@ async def test_a_team_budget_holds_across_its_members_within_one_reservation(
     assert_openai_error(await refused.json(), "insufficient_quota")
     message = (await refused.json())["error"]["message"]
     assert message.startswith("Budget exhausted for team 'research': $0.01 per hour")
+
+
+async def test_a_reload_keeps_the_team_window_and_a_key_taken_out_is_not_counted(
+    teams_gateway: Any, tmp_path: Path
+) -> None:
+    gateway = await teams_gateway({"quota": {"requests": 3, "window_seconds": 3600}})
+    assert [await chat(gateway, MEMBERS[0]) for _ in range(2)] == [200, 200]
+    path = tmp_path / "teams-keys.json"
+    document = json.loads(path.read_text())
+    del document["virtual_keys"][MEMBERS[0]]["team"]
+    path.write_text(json.dumps(document))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+    # The team's window kept its two requests: one more, then the team is full...
+    assert [await chat(gateway, MEMBERS[1]) for _ in range(2)] == [200, 429]
+    # ...but the key taken out of it is not counted there (nor refused by it) any more.
+    assert [await chat(gateway, MEMBERS[0]) for _ in range(3)] == [200, 200, 200]
+    team = (await (await gateway.get("/admin/teams", headers=admin)).json())["teams"][0]
+    assert "member-0" not in team["members"] and team["usage"]["requests"]["used"] == 3
+    usage = await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+    assert "team" not in usage
+
+
+async def test_the_log_line_names_the_limit_that_refused(
+    teams_gateway: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    gateway = await teams_gateway({"quota": {"requests": 1, "window_seconds": 60}})
+    assert [await chat(gateway, MEMBERS[0]) for _ in range(2)] == [200, 429]
+    lines = await records(2)
+    assert lines[1]["status"] == 429
+    assert "team 'research': 1 request per minute" in lines[1]["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"team": "nobody"}, "team must name a team of 'teams' (known: research)"),
+        ({"queue_seconds": 5}, "queue_seconds needs max_in_flight"),
+        ({"max_in_flight": 0}, "max_in_flight must be a positive integer"),
+        ({"model_quotas": [{"models": "gpt-4o"}]}, "model_quotas[0].models must be a list"),
+        ({"model_quotas": [{"models": ["gpt-4o"]}]}, "model_quotas[0] needs requests, tokens"),
+        (
+            {"model_quotas": [{"models": ["x"], "request": 1}]},
+            "did you mean 'model_quotas[0].requests'",
+        ),
+    ],
+)
+def test_a_bad_team_field_is_refused_naming_the_key_and_the_field(
+    tmp_path: Path, fake_base: str, change: dict[str, Any], message: str
+) -> None:
+    from proxy.keys.fields import Defaults, KeysFileError
+    from proxy.keys.keys import KeyRing
+
+    document = keys_document(fake_base)
+    document["teams"] = {"research": {"max_in_flight": 2}}
+    document["virtual_keys"][MEMBERS[0]] = {
+        "provider": "openai",
+        "api_key": "sk-member-real-0-123456",
+        "name": "member-0",
+        **change,
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(KeysFileError) as refused:
+        KeyRing.load(str(path), {}, Defaults(True, 100, None, 3600.0))
+    assert "key 'member-0'" in str(refused.value) and message in str(refused.value)

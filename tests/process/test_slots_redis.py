@@ -1,0 +1,69 @@
+"""Slots on Redis, at the tracker: leases renewed while held, taken again when Redis comes
+back empty, refused in one scope and so counted in none."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from proxy.quota.redis_tracker import RedisTracker
+from proxy.quota.tracker import Limits, Scope, TrackerUnavailable
+from tests.support.redis_server import RedisServer
+
+TEAM = Scope("team-slots", "team", "crew", None, max_in_flight=2)
+KEY = Scope("key-slots", "key", "alice", Limits(10, None, 3600.0))
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await check():
+                return
+        except TrackerUnavailable:
+            pass  # Redis on its way back
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_leases_are_taken_again_when_redis_comes_back_empty(
+    redis_server: RedisServer,
+) -> None:
+    tracker = RedisTracker(redis_server.url)
+    tracker.lease_seconds = 0.6
+    done: list[str] = []
+    try:
+        first = await tracker.admit_scopes((KEY, TEAM), lease="a")
+        assert first[1].admitted and first[1].in_flight == 1
+        redis_server.kill()
+        with pytest.raises(TrackerUnavailable):
+            await tracker.admit_scopes((KEY, TEAM), lease="b")
+        redis_server.start()  # empty: the slot is not there any more...
+        assert await tracker.in_flight(TEAM) in (0, 1)
+
+        async def held() -> bool:
+            return await tracker.in_flight(TEAM) == 1
+
+        await until(held)  # ...until the next renewal puts it back
+        second = await tracker.admit_scopes((KEY, TEAM), lease="c")
+        third = await tracker.admit_scopes((KEY, TEAM), lease="d")
+        assert second[1].admitted and not third[1].admitted and third[1].slots_full
+        assert not third[0].full  # the key had room: the team's slots refused
+        # Refused by the team's slots, so counted in no window: two admissions since the restart.
+        assert (await tracker.report(KEY.id, KEY.limits))["requests"]["used"] == 1
+        tracker.release((KEY, TEAM), "a", lambda: done.append("a"))
+        await until(lambda: asyncio.sleep(0, bool(done)))
+
+        async def one_left() -> bool:
+            return await tracker.in_flight(TEAM) == 1
+
+        await until(one_left)
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * tracker.lease_seconds:  # renewed, never lost
+            assert await tracker.in_flight(TEAM) == 1
+            await asyncio.sleep(0.1)
+    finally:
+        await tracker.close()
