@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -356,3 +357,18 @@ def test_a_bad_team_field_is_refused_naming_the_key_and_the_field(
     with pytest.raises(KeysFileError) as refused:
         KeyRing.load(str(path), {}, Defaults(True, 100, None, 3600.0))
     assert "key 'member-0'" in str(refused.value) and message in str(refused.value)
+
+
+async def test_a_websocket_session_holds_a_slot_until_it_closes(teams_gateway: Any) -> None:
+    gateway = await teams_gateway({"max_in_flight": 1})
+    path = "/v1/realtime?model=gpt-realtime"
+    options = {"headers": auth(MEMBERS[0]), "protocols": ["realtime"], "autoclose": False}
+    session = await gateway.ws_connect(path, **options)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws_connect(path, **{**options, "headers": auth(MEMBERS[1])})
+    assert refused.value.status == 429
+    assert await chat(gateway, MEMBERS[2]) == 429  # the session's slot is the team's only one
+    await session.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while await chat(gateway, MEMBERS[2]) != 200:
+        assert asyncio.get_running_loop().time() < deadline, "the session kept its slot"
