@@ -231,7 +231,8 @@ class Quota:
         capped = [scope for scope in admission.scopes if scope.max_in_flight is not None]
         for scope in capped:
             self._on_slots(scope, -1)
-        self.tracker.release(capped, admission.lease, lambda: self._lines.wake(capped))
+        wake = self._lines.wake
+        self.tracker.release(admission.scopes, admission.lease, lambda: wake(capped))
 
     def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""

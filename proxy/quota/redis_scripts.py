@@ -392,9 +392,14 @@ end
 return 0
 """
 
-# Give back slots: KEYS are lease sets, ARGV the lease held in each.
-RELEASE = """
-for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
+# Give back the slots of the lease ARGV[own] in every scope with a max_in_flight, after
+# applying the settles carried (the request's own, held a moment before): one round trip.
+_RELEASE = """
+local lease = ARGV[own]
+for s = 1, #scopes do
+  use(s)
+  if max_in_flight >= 0 then redis.call('ZREM', K[9], lease) end
+end
 return 0
 """
 
@@ -410,5 +415,10 @@ SCRIPTS = {
         }
     )
     + body
-    for name, body in (("admit", _ADMIT), ("settle", _SETTLE), ("report", _REPORT))
+    for name, body in (
+        ("admit", _ADMIT),
+        ("settle", _SETTLE),
+        ("report", _REPORT),
+        ("release", _RELEASE),
+    )
 }

@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.quota.redis_scripts import RELEASE, RENEW, SCRIPTS, SETTLE_FIELDS
+from proxy.quota.redis_scripts import RENEW, SCRIPTS, SETTLE_FIELDS
 from proxy.quota.tracker import (
     NO_KINDS,
     NOTHING,
@@ -129,7 +129,7 @@ class RedisTracker:
         self._settle = self._client.register_script(SCRIPTS["settle"])
         self._report = self._client.register_script(SCRIPTS["report"])
         self._renew = self._client.register_script(RENEW)
-        self._release = self._client.register_script(RELEASE)
+        self._release = self._client.register_script(SCRIPTS["release"])
         # lease → the lease sets it holds a slot in, renewed while the request runs.
         self._leases: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -176,12 +176,12 @@ class RedisTracker:
             self.settle(scope.id, scope.limits, spent, ticket, scope.budget)
 
     def release(self, scopes: Sequence[Scope], lease: str, done: Callable[[], None]) -> None:
-        """Give the lease's slots back now, in one call sent without waiting for it."""
-        sets = self._leases.pop(lease, None)
-        if not sets:
+        """Give the lease's slots back now, in one call sent without waiting for it, which
+        also carries the settles held for the scopes (the request's own among them)."""
+        if self._leases.pop(lease, None) is None:
             done()
             return
-        task = asyncio.get_running_loop().create_task(self._give_back(sets, lease, done))
+        task = asyncio.get_running_loop().create_task(self._give_back(scopes, lease, done))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -189,13 +189,15 @@ class RedisTracker:
         """The scope's slots held now, in every process. Raises TrackerUnavailable."""
         return max(0, (await self._run(self._report, (scope,)))[0].slots)
 
-    async def _give_back(self, sets: list[str], lease: str, done: Callable[[], None]) -> None:
+    async def _give_back(
+        self, scopes: Sequence[Scope], lease: str, done: Callable[[], None]
+    ) -> None:
         try:
             renewing = self._renewing
             if renewing is not None:  # it may add this lease back: remove it after
                 await asyncio.wait([renewing])
-            await self._release(keys=sets, args=[lease] * len(sets))
-        except (RedisError, OSError):
+            await self._carry(self._release, scopes, lease)
+        except TrackerUnavailable:
             pass  # the lease expires within lease_seconds
         finally:
             done()
@@ -311,7 +313,11 @@ class RedisTracker:
     async def _run(
         self, script: AsyncScript, scopes: Sequence[Scope], *own: int | str
     ) -> list[Reading]:
-        """Run `script` over the scopes, carrying the settles held for each."""
+        """Run `script` over the scopes, carrying the settles held for each: its readings."""
+        return [parsed(values) for values in await self._carry(script, scopes, *own)]
+
+    async def _carry(self, script: AsyncScript, scopes: Sequence[Scope], *own: int | str) -> Any:
+        """Run `script` over the scopes, carrying the settles held for each: its answer."""
         settles: dict[str, list[int]] = {}
         for scope in scopes:
             held = self._held.pop(scope.id, None)
@@ -323,7 +329,7 @@ class RedisTracker:
             if settles:
                 self.on_settle_failed(str(error))
             raise
-        return [parsed(values) for values in answers]
+        return answers
 
     def _now_us(self) -> int:
         return round((self._clock or time.monotonic)() * 1e6)
@@ -447,7 +453,7 @@ def check(url: str) -> None:
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
         try:
-            for source in (*SCRIPTS.values(), RENEW, RELEASE):
+            for source in (*SCRIPTS.values(), RENEW):
                 client.script_load(source)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
