@@ -18,9 +18,9 @@ from tests.conftest import (
     assert_openai_error,
     auth,
 )
+from tests.support.bodies import CHAT
 
 TOKEN = "admin-token-for-tests-0123456789"
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(

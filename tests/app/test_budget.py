@@ -21,14 +21,11 @@ from aiohttp.test_utils import TestClient
 from proxy.app import build_app
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth, keys_document
+from tests.support.bodies import chat
 
 BUDGET_VK = "vk_test_budget_5e6f7a8b9c"
 # "hello" is 2 tokens by the estimate (5 characters); the fake answers 1 + 8 = 9 tokens.
-CHAT = {
-    "model": "gpt-4o-mini",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hello"}],
-}
+CHAT = chat("hello", max_tokens=10)
 RESERVED_TOKENS = 2 + 10  # one request's reservation: its prompt estimate plus max_tokens
 ANSWER = {"x-fake-chunks": "8"}
 REAL_TOKENS = 1 + 8

@@ -24,6 +24,7 @@ from openai import AsyncOpenAI
 from proxy.app import CACHE, build_app
 from proxy.settings import Settings
 from tests.conftest import OPENAI_REAL, OPENAI_VK, auth, keys_document
+from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
 
 CACHED_VK = "vk_test_cached_1a2b3c4d5e6f"
@@ -33,7 +34,7 @@ SHARED_B_VK = "vk_test_shared_b_3c5e7a9b1d"
 CLAUDE_VK = "vk_test_cached_claude_4d6f8b0c2e"
 COUNTED_VK = "vk_test_cached_counted_5e7a9c1d3f"
 TTL = 300
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
+CHAT = chat("say hello please")
 STREAM = {**CHAT, "stream": True}
 CHAT_PATH = "/v1/chat/completions"
 

@@ -21,15 +21,12 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import TAP_MEMORY
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
 
 Records = Callable[..., Awaitable[list[dict[str, Any]]]]
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 50,
-    "messages": [{"role": "user", "content": "one two three"}],
-}
+CHAT = chat("one two three")
+MESSAGES = messages("one two three", max_tokens=50)
 
 
 def decoded(body: bytes, coding: str) -> bytes:

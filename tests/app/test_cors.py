@@ -10,9 +10,9 @@ from aiohttp.test_utils import TestClient
 
 from proxy.settings import SettingError, Settings
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, assert_openai_error, auth
+from tests.support.bodies import STREAM
 
 APP = "https://app.example.com"
-STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 # What the OpenAI SDK in a browser asks for before its first call.
 SDK_HEADERS = (
     "authorization, content-type, x-stainless-os, x-stainless-lang, x-stainless-arch, "

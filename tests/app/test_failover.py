@@ -24,15 +24,12 @@ from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
 from proxy.settings import Settings
 from tests.conftest import assert_openai_error, auth
+from tests.support.bodies import chat, messages
 from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState, Fault, credential
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
-MESSAGES = {
-    "model": "claude-haiku-4-5",
-    "max_tokens": 16,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+CHAT = chat("hello")
+MESSAGES = messages(model="claude-haiku-4-5")
 VK = "vk_test_failover_3c5e7a9b1d"
 PRIMARY = "sk-primary-real-1111111111"
 BACKUP = "sk-backup-real-2222222222"

@@ -21,10 +21,9 @@ from tests.conftest import (
     assert_openai_error,
     auth,
 )
+from tests.support.bodies import CHAT
 from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def lockout(clock: Clock, outcomes: list[str], **changes: Any) -> Lockout:

@@ -25,13 +25,9 @@ from tests.conftest import (
     auth,
     keys_document,
 )
+from tests.support.bodies import MESSAGES, chat
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 16,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+CHAT = chat("hello")
 QUOTA_VK = "vk_test_quota_0a1b2c3d4e"
 
 

@@ -29,14 +29,11 @@ from tests.conftest import (
     assert_openai_error,
     auth,
 )
+from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 32,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+CHAT = chat("hello there")
+MESSAGES = messages(max_tokens=32)
 
 
 async def test_the_request_body_reaches_the_provider_byte_for_byte(

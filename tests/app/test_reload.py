@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 from proxy.app import build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, auth, keys_document
+from tests.support.bodies import CHAT
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 TOKEN = "admin-token-for-tests-0123456789"
 NEW_VK = "vk_test_new_after_reload_7c1d"
 ROTATED_VK = "vk_test_limited_rotated_3e8a"

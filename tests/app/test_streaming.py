@@ -12,13 +12,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState
 
-STREAM = {
-    "model": "gpt-4o-mini",
-    "stream": True,
-    "messages": [{"role": "user", "content": "count"}],
-}
+STREAM = chat("count", stream=True)
 
 
 async def arrivals(response: aiohttp.ClientResponse) -> list[tuple[float, bytes]]:

@@ -19,14 +19,10 @@ from aiohttp.test_utils import TestClient
 from proxy.app import QUOTA, build_app
 from proxy.settings import Settings
 from tests.conftest import assert_anthropic_error, assert_openai_error, auth, keys_document
+from tests.support.bodies import MESSAGES, chat
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+CHAT = chat("hello")
 STREAM = {**CHAT, "stream": True}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 16,
-    "messages": [{"role": "user", "content": "hi"}],
-}
 MEMBERS = [f"vk_test_member_{n}_0a1b2c3d" for n in range(3)]
 CLAUDE_MEMBER = "vk_test_member_claude_4e5f6a"
 LONER = "vk_test_loner_7b8c9d0e1f"

@@ -18,8 +18,6 @@ import pytest
 
 from tests.support.processes import ROOT, refused
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
 
 def test_keys_json_as_a_directory_says_what_docker_did_and_how_to_fix_it(tmp_path: Path) -> None:
     (tmp_path / "keys.json").mkdir()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ab  # noqa: E402
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+from tests.support.bodies import CHAT
 
 
 def post(url: str, body: dict[str, object]) -> tuple[int, str, bytes]:

@@ -22,14 +22,8 @@ from tests.conftest import (
     RESTRICTED_VK,
     SECRETS,
 )
+from tests.support.bodies import CHAT, MESSAGES
 from tests.support.processes import Processes, start_gateway
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 16,
-    "messages": [{"role": "user", "content": "hi"}],
-}
 
 
 async def collect(session: aiohttp.ClientSession, method: str, url: str, **kwargs: object) -> str:

@@ -15,9 +15,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import OPENAI_VK, auth
+from tests.support.bodies import CHAT
 from tests.support.processes import Processes, start_gateway
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def rss_mb(pid: int) -> float:

@@ -14,6 +14,7 @@ import pytest
 
 from proxy.settings import SETTINGS
 from tests.conftest import OPENAI_VK, auth
+from tests.support.bodies import CHAT
 from tests.support.processes import (
     Processes,
     free_port,
@@ -22,8 +23,6 @@ from tests.support.processes import (
     refused,
     start_gateway,
 )
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_help_lists_every_setting_as_a_flag() -> None:

@@ -22,12 +22,12 @@ from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
 from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
+from tests.support.bodies import CHAT
 from tests.support.clock import Clock
 from tests.support.processes import Processes, refused, start_gateway
 from tests.support.redis_server import RedisServer, free_port
 from tests.unit.test_tracker import KIND_TOTALS, NO_KIND_TOTALS
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
 
 

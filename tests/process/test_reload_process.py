@@ -17,12 +17,12 @@ import aiohttp
 import pytest
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from tests.support.bodies import STREAM
 from tests.support.processes import Processes, start_gateway, wait_listening
 from tests.support.redis_server import RedisServer
 
 TOKEN = "admin-token-for-process-tests-42"
 STREAMS = 200
-STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 # 50 events 100 ms apart: each stream is still open seconds after the reload.
 SLOW = {"x-fake-chunks": "50", "x-fake-delay-ms": "100"}
 

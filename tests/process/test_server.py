@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import OPENAI_VK, auth
+from tests.support.bodies import CHAT
 from tests.support.processes import Processes, start_gateway
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
 
 

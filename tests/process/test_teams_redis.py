@@ -18,17 +18,14 @@ import pytest
 
 from proxy.quota.redis_tracker import LEASE_SECONDS
 from tests.conftest import auth, keys_document
+from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState
 from tests.support.processes import Processes, start_gateway
 
 ADMIN = "admin-token-for-team-processes"
 # "hello" is 2 tokens by the estimate; with max_tokens 10 a request reserves 12 tokens,
 # and the fake answers 1 + 8 = 9. Every token costs $0.0001 (PRICES).
-CHAT = {
-    "model": "gpt-4o-mini",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hello"}],
-}
+CHAT = chat("hello", max_tokens=10)
 ANSWER = {"x-fake-chunks": "8"}
 PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
 RESERVATION_USD = 12 * 0.0001

@@ -15,9 +15,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import OPENAI_VK, auth
+from tests.support.bodies import CHAT
 from tests.support.processes import Processes, refused, serving_pid, start_gateway, wait_listening
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def test_two_workers_share_the_port_sum_their_metrics_and_drain_together(

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_REAL, OPENAI_VK, keys_document
+from tests.support.bodies import CHAT, messages
 from tests.support.processes import Processes, start_fake_provider, start_gateway
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.redis_server import RedisServer
@@ -46,12 +47,7 @@ FAILOVER_SETTINGS = {
     "BREAKER_FAILURES": "5",
 }
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-MESSAGES = {
-    "model": "claude-3-5-haiku-latest",
-    "max_tokens": 5,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+MESSAGES = messages(max_tokens=5)
 Call = tuple[str, str, dict[str, Any], dict[str, str]]  # path, virtual key, body, headers
 CHAT_PATH, MESSAGES_PATH = "/v1/chat/completions", "/v1/messages"
 ROUND: list[Call] = [
