@@ -67,11 +67,12 @@ example-curl:
 	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) \
 		GATEWAY_ANTHROPIC_KEY=$(or $(GATEWAY_ANTHROPIC_KEY),vk_user2_anthropic) bash examples/curl.sh
 
-# bench: the gateway against the floor and a direct call, pricing, tap memory; the full run adds failover and tracing (QUICK=1: under a minute)
+# bench: the gateway against the floor and a direct call, pricing, tap memory, the cache's hits; the full run adds failover and tracing (QUICK=1: under a minute)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 	$(PY) bench/pricing.py $(if $(QUICK),--quick)
+	$(PY) bench/cache.py $(if $(QUICK),--quick)
 	$(PY) bench/tap_memory.py $(if $(QUICK),--quick)
 	$(if $(QUICK),,$(PY) bench/failover.py)
 	$(if $(QUICK),,$(PY) bench/tracing.py)

@@ -1,6 +1,8 @@
 """The response cache's cost: a hit against the floor's miss, and the memory one entry takes.
 
-    .venv/bin/python bench/cache.py [--sequential 1000] [--delay-ms 20] [--wrk-seconds 3]
+    .venv/bin/python bench/cache.py [--quick] [--sequential 1000] [--delay-ms 20] [--wrk-seconds 3]
+
+`make bench` runs it after run.py (`--quick` with QUICK=1).
 
 Starts the mock provider (core 1), the floor (bench/passthrough.py) and the gateway (core
 0, quotas on, the log to a file) with two keys: one without a cache, one with. Prints, at
@@ -184,7 +186,10 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--delay-ms", type=int, default=20)
     parser.add_argument("--wrk-seconds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="200 requests a figure, 1 s of wrk")
     args = parser.parse_args()
+    if args.quick:
+        args.sequential, args.wrk_seconds = 200, 1
     memory(chat_entry, "chat JSON")
     memory(stream_entry, "41-chunk stream")
     procs = Processes()
