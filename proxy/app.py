@@ -151,7 +151,10 @@ def build_app(
     app[METRICS] = metrics
     app[HEALTH] = health
     app[LOCKOUT] = lockout = Lockout(
-        settings.auth_failure_limit, settings.auth_failure_window_seconds, metrics.auth_failed
+        settings.auth_failure_limit,
+        settings.auth_failure_window_seconds,
+        metrics.auth_failed,
+        trusted_proxies=settings.trusted_proxies or (),
     )
     app[PRICES] = Prices.load(settings.prices_file)  # checked at start by gateway.py
     app[TAP_MEMORY] = TapMemory()  # what the usage taps of this process hold, together

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,24 @@ def _origins(text: str) -> tuple[str, ...] | None:
                 f"{origin!r} is not an origin (a scheme and a host, like https://app.example.com)"
             )
     return origins or None
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _networks(text: str) -> Networks | None:
+    """Comma-separated addresses or CIDRs: 10.0.0.0/8, 192.168.1.7, fd00::/8."""
+    networks = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not an address or a CIDR network (like 10.0.0.0/8)"
+            ) from None
+    return tuple(networks) or None
 
 
 def _redis_error_policy(text: str) -> str:
@@ -255,12 +274,20 @@ class Settings:
     auth_failure_limit: int = setting(
         "20",
         _positive_int,
-        "failed authentications one client address may make per window before it gets 429",
+        "failed authentications one client address may make per window with keys that "
+        "begin alike before they get 429 (valid keys are still served)",
     )
     auth_failure_window_seconds: float = setting(
         "60",
         _positive_seconds,
         "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
+    )
+    trusted_proxies: Networks | None = setting(
+        None,
+        _networks,
+        "addresses or CIDRs of the proxies in front (an ingress, a load balancer) whose "
+        "X-Forwarded-For names the client, for the lockout and its log lines (unset: the "
+        "connection's address is the client's)",
     )
     retry_attempts: int = setting(
         "0",

@@ -103,7 +103,9 @@ class Realtime:
         self._metrics.request_started()
         try:
             sent = credentials(request.headers)
-            key = self._lockout.authenticate(self._key_ring, sent, request.remote)  # 401, 429
+            key = self._lockout.authenticate(
+                self._key_ring, sent, self._lockout.client_address(request)
+            )  # 401, 429
             record.key, record.provider = key.name, key.provider.name
             tail, query = route(request.raw_path)  # 400, 404
             models = request.query.getall("model", [])  # every one: a provider may read any

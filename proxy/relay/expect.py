@@ -45,7 +45,7 @@ def expect_handler(
         length = request.content_length
         if length is not None and length > max_body_bytes:
             return None
-        if lockout.locked_for(request.remote) is not None:
+        if lockout.refuses(request):
             return None
         try:
             route(request.raw_path)

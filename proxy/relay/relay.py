@@ -109,7 +109,8 @@ class Relay:
         try:
             tail, query = route(request.raw_path)  # 400, 404, 405
             ring, limit = self.key_ring, settings.max_body_bytes
-            key = self.lockout.authenticate(ring, request.headers, request.remote)  # 401, 429
+            client = self.lockout.client_address(request)
+            key = self.lockout.authenticate(ring, request.headers, client)  # 401, 429
             record.key, record.provider = key.name, key.provider.name
             # 429 before a large body is read, or any body the client holds back (Expect)
             self.quota.precheck(key, None if awaits_continue(request) else request.content_length)
