@@ -8,19 +8,15 @@ key's large body is refused before it is read. The Redis, two-process variants a
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app
-from proxy.settings import Settings
-from tests.conftest import assert_openai_error, auth, keys_document
+from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat
 
 BUDGET_VK = "vk_test_budget_5e6f7a8b9c"
@@ -36,37 +32,18 @@ PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
 
 @pytest.fixture
 def budget_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    tmp_path: Path,
-    fake_base: str,
-    log_path: Path,
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
 ) -> Callable[..., Awaitable[TestClient]]:
     """A gateway with one extra key with this quota and budget, prices from PRICES."""
 
     async def make(entry: dict[str, Any], **env: str) -> TestClient:
-        document = keys_document(fake_base)
-        document["virtual_keys"][BUDGET_VK] = {
+        budgeted = {
             "provider": "openai",
             "api_key": "sk-budget-real-7654321",
             "name": "budgeted",
             **entry,
         }
-        path = tmp_path / "budget-keys.json"
-        path.write_text(json.dumps(document))
-        prices = tmp_path / "prices.json"
-        prices.write_text(json.dumps(PRICES))
-        settings = Settings.from_env(
-            {
-                "KEYS_FILE_PATH": str(path),
-                "PRICES_FILE": str(prices),
-                "LOG_TO_FILE": "true",
-                "LOG_FILE_PATH": str(log_path),
-                **env,
-            }
-        )
-        return await aiohttp_client(
-            build_app(settings), server_kwargs={"handler_cancellation": True}
-        )
+        return await gateway_with_keys({BUDGET_VK: budgeted}, prices=PRICES, **env)
 
     return make
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,10 +22,8 @@ import genai_prices
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app
 from proxy.quota.tracker import KINDS
-from proxy.settings import Settings
-from tests.conftest import ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, auth, keys_document
+from tests.conftest import ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, auth
 from tests.support.fake_provider import FakeState
 
 EXACT_VK = "vk_test_cost_exact_3e8a1f6c2d"
@@ -37,30 +33,9 @@ WORDS = "the quick brown fox jumps over the lazy dog again and again".split()
 
 
 @pytest.fixture
-async def cost_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    fake_base: str,
-    tmp_path: Path,
-    log_path: Path,
-) -> TestClient:
-    document = keys_document(fake_base)
-    document["virtual_keys"][EXACT_VK] = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "exact",
-        "stream_usage": "exact",
-    }
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps(document))
-    settings = Settings.from_env(
-        {
-            "KEYS_FILE_PATH": str(keys),
-            "LOG_TO_FILE": "true",
-            "LOG_FILE_PATH": str(log_path),
-            "QUOTA_ENABLED": "false",
-        }
-    )
-    return await aiohttp_client(build_app(settings))
+async def cost_gateway(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    exact = {"provider": "openai", "api_key": OPENAI_REAL, "name": "exact", "stream_usage": "exact"}
+    return await gateway_with_keys({EXACT_VK: exact}, QUOTA_ENABLED="false")
 
 
 def plan(index: int, chance: random.Random) -> dict[str, Any]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.encodings import decode_body as readable
 from proxy.errors import GatewayError
 from proxy.relay.peek import MODEL_CHARS
-from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth, keys_document
+from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
 
 BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
@@ -73,20 +71,15 @@ GPT4O_REAL = "sk-real-gpt4o-only-8888888888"
 
 
 @pytest.fixture
-async def restricted(
-    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
-) -> TestClient:
+async def restricted(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
     """A gateway with one OpenAI key restricted to gpt-4o-* (and one unrestricted key)."""
-    document = keys_document(fake_base)
-    document["virtual_keys"][GPT4O_VK] = {
+    entry = {
         "provider": "openai",
         "api_key": GPT4O_REAL,
         "name": "gpt4o-only",
         "allowed_models": ["gpt-4o-*"],
     }
-    path = tmp_path / "restricted.json"
-    path.write_text(json.dumps(document))
-    return await make_gateway(KEYS_FILE_PATH=str(path))
+    return await gateway_with_keys({GPT4O_VK: entry})
 
 
 def form(model: str) -> aiohttp.FormData:

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app
 from proxy.quota.ratelimit import duration
-from proxy.settings import Settings
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,
@@ -23,7 +19,6 @@ from tests.conftest import (
     assert_anthropic_error,
     assert_openai_error,
     auth,
-    keys_document,
 )
 from tests.support.bodies import MESSAGES, chat
 
@@ -33,34 +28,18 @@ QUOTA_VK = "vk_test_quota_0a1b2c3d4e"
 
 @pytest.fixture
 def quota_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    tmp_path: Path,
-    fake_base: str,
-    log_path: Path,
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
 ) -> Callable[..., Awaitable[TestClient]]:
     """A gateway with one extra key under the given quota."""
 
     async def make(quota: dict[str, Any], provider: str = "openai", **env: str) -> TestClient:
-        document = keys_document(fake_base)
-        document["virtual_keys"][QUOTA_VK] = {
+        entry = {
             "provider": provider,
             "api_key": "sk-quota-real-1234567",
             "name": "quota",
             "quota": quota,
         }
-        path = tmp_path / "quota-keys.json"
-        path.write_text(json.dumps(document))
-        settings = Settings.from_env(
-            {
-                "KEYS_FILE_PATH": str(path),
-                "LOG_TO_FILE": "true",
-                "LOG_FILE_PATH": str(log_path),
-                **env,
-            }
-        )
-        return await aiohttp_client(
-            build_app(settings), server_kwargs={"handler_cancellation": True}
-        )
+        return await gateway_with_keys({QUOTA_VK: entry}, **env)
 
     return make
 

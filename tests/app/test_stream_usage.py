@@ -17,13 +17,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openai import AsyncOpenAI
 
-from proxy.app import build_app
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
-from proxy.settings import Settings
 from proxy.usage.openai_chat import UsageChunkFilter, amend
 from proxy.usage.usage import UsageTap
-from tests.conftest import OPENAI_REAL, OPENAI_VK, keys_document
+from tests.conftest import OPENAI_REAL, OPENAI_VK
 from tests.support.fake_provider import FakeState
 
 EXACT_VK = "vk_test_exact_usage_7c1d9e3b5a"
@@ -34,25 +32,9 @@ _ids = itertools.count()
 
 
 @pytest.fixture
-async def exact_gateway(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    fake_base: str,
-    tmp_path: Path,
-    log_path: Path,
-) -> TestClient:
-    document = keys_document(fake_base)
-    document["virtual_keys"][EXACT_VK] = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "exact",
-        "stream_usage": "exact",
-    }
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps(document))
-    settings = Settings.from_env(
-        {"KEYS_FILE_PATH": str(keys), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path)}
-    )
-    return await aiohttp_client(build_app(settings))
+async def exact_gateway(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    exact = {"provider": "openai", "api_key": OPENAI_REAL, "name": "exact", "stream_usage": "exact"}
+    return await gateway_with_keys({EXACT_VK: exact})
 
 
 @pytest.fixture
