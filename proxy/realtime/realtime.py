@@ -226,6 +226,7 @@ class Realtime:
             await session.run()
         finally:
             self.sessions.discard(session)
+            usage.finish()  # a response cut short is charged what it generated
             record.usage = usage.total
             record.websocket = session.tally()
             record.end(101, Outcome.ANSWERED)

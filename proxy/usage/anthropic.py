@@ -4,7 +4,10 @@ A message (a JSON body, or a stream's `message_start`) holds `content` blocks an
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
 whose cache counts are *not* in input_tokens: they are added to the prompt. A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
-field wins); its text comes in `content_block_delta`s.
+field wins); its text comes in `content_block_delta`s (`text_delta`), and so does what else
+the model generates: a tool call's input (`input_json_delta`, its name in the block's
+start) and thinking (`thinking_delta`), counted for an estimate, not kept as the logged
+text. Signatures and redacted thinking are opaque, not text: not counted.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.usage import estimate
+import orjson
+
 from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
 from proxy.usage.reading import Reading
 
@@ -27,10 +31,24 @@ USAGE = UsageFields(
 )
 
 
+def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
+    """A block begins: a tool call's name comes whole here, its input as deltas."""
+    block = event.get("content_block")
+    if isinstance(block, dict):
+        reading.add_generated(block.get("name"))
+        reading.add_generated(block.get("text"))  # "" in practice: the text comes as deltas
+
+
 def _content_block_delta(event: dict[str, Any], reading: Reading) -> None:
     delta = event.get("delta")
     if isinstance(delta, dict):
-        reading.add_text(delta.get("text"))
+        kind = delta.get("type")
+        if kind == "text_delta":
+            reading.add_text(delta.get("text"))
+        elif kind == "input_json_delta":  # a tool call's input, JSON in pieces
+            reading.add_generated(delta.get("partial_json"))
+        elif kind == "thinking_delta":
+            reading.add_generated(delta.get("thinking"))
 
 
 def _message_start(event: dict[str, Any], reading: Reading) -> None:
@@ -46,6 +64,7 @@ def _message_delta(event: dict[str, Any], reading: Reading) -> None:
 
 # The stream events read, by type; every other type carries nothing metered.
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
+    "content_block_start": _content_block_start,
     "content_block_delta": _content_block_delta,
     "message_start": _message_start,
     "message_delta": _message_delta,
@@ -56,5 +75,20 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a message."""
     reading.note_model(document.get("model"))
     reading.reported.read(document.get("usage"), USAGE)
-    if reading.reported.usage() is None:  # only an estimate needs the answer's length
-        reading.chars = estimate.answer_chars(document)
+    if reading.reported.usage() is not None:
+        return  # only an estimate needs the answer's length
+    content = document.get("content")
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict):
+            reading.add_generated(block.get("text"))
+            reading.add_generated(block.get("thinking"))
+            reading.add_generated(block.get("name"))  # a tool call's, and its input:
+            if "input" in block:
+                reading.chars += _json_chars(block["input"])
+
+
+def _json_chars(value: object) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        return 0

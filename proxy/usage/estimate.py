@@ -1,10 +1,12 @@
-"""Estimated token counts: about 4 characters a token, of a request's and an answer's text.
+"""Estimated token counts: about 4 characters a token, of a request's text and an answer's.
 
-Used where a provider reported no usage. The text is the strings under the keys that hold
-it: a request's messages, input, prompt and system; an answer's choices, (Anthropic)
-content blocks and (Responses) output items; within them, strings under text, content and
-message, in lists and parts. What it does not do: tokenize (no tokenizer matches every
-model), count images or audio, or read a compressed request body.
+Used where a provider reported no usage. A request's text is the strings under the keys
+that hold it: messages, input, prompt and system; within them, strings under text, content
+and message, in lists and parts. An answer's is every string the provider generated (its
+text, tool calls, reasoning, refusals, transcripts), which each dialect module counts as it
+reads (`openai_chat`, `responses`, `anthropic`, `realtime_events`). What it does not do:
+tokenize (no tokenizer matches every model), count images or audio, or read a compressed
+request body.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import orjson
 CHARS_PER_TOKEN = 4
 _TEXT_KEYS = ("text", "content", "message")
 _REQUEST_TEXT = ("messages", "input", "prompt", "system")
-_RESPONSE_TEXT = ("choices", "content", "output")
 # Bounded, because a client's body may nest as deep as orjson allows.
 _TEXT_DEPTH = 8
 
@@ -43,9 +44,9 @@ def prompt_chars(document: dict[str, object]) -> int:
     return sum(_text_length(document.get(key)) for key in _REQUEST_TEXT)
 
 
-def answer_chars(document: dict[str, object]) -> int:
-    """Characters of text in a parsed JSON answer."""
-    return sum(_text_length(document.get(key)) for key in _RESPONSE_TEXT)
+def text_chars(value: object) -> int:
+    """Characters of text in a string, or in a list of parts (`{"text": …}`)."""
+    return _text_length(value)
 
 
 def _text_length(value: object, depth: int = 0) -> int:

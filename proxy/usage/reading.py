@@ -51,6 +51,11 @@ class Reading:
             if self.texts is not None:
                 self.texts.append(text)
 
+    def add_generated(self, text: object) -> None:
+        """Anything else the provider generated (tool-call arguments, reasoning): counted."""
+        if isinstance(text, str):
+            self.chars += len(text)
+
     def note_model(self, model: object) -> None:
         if isinstance(model, str) and model:
             self.model = model[:MODEL_CHARS]

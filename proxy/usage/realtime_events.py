@@ -6,15 +6,23 @@ output_tokens, input_token_details {cached_tokens, audio_tokens}, output_token_d
 Each response's usage is handed on as it arrives (a session may last an hour: each is
 charged then) and summed for the session's log line. A `response.done` whose usage holds
 no valid count is a response of 0 tokens, handed on all the same.
+
+When no usage comes (a provider that reports none, a session that ends mid-response), what
+the response generated is estimated: the characters of its text, audio transcript and
+tool-call argument deltas (the audio deltas themselves are not parsed: base64, the largest
+frames). The prompt of such a response is not estimated (it is the whole conversation, held
+by the provider). `finish` at the session's end charges a response still unanswered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
 from proxy.record import Usage
+from proxy.usage import estimate
 from proxy.usage.provider_usage import (
     CACHE_READ,
     COMPLETION,
@@ -33,6 +41,17 @@ USAGE = UsageFields(
         ("output_token_details", "audio_tokens", OUTPUT_AUDIO),
     ),
 )
+# Events whose `delta` is generated text: output text, audio transcripts, tool-call
+# arguments (GA names, then the beta's). The audio itself is base64, not read.
+_GENERATED = frozenset(
+    {
+        "response.output_text.delta",
+        "response.output_audio_transcript.delta",
+        "response.function_call_arguments.delta",
+        "response.text.delta",
+        "response.audio_transcript.delta",
+    }
+)
 _SUMMED = (
     "prompt_tokens",
     "completion_tokens",
@@ -45,33 +64,46 @@ _SUMMED = (
 
 
 class SessionUsage:
-    """The usage of a session's `response.done` events: each handed on at once, all summed."""
+    """The usage of a session's responses: each handed on at once, all summed."""
 
-    __slots__ = ("_on_response", "_total")
+    __slots__ = ("_chars", "_on_response", "_total")
 
     def __init__(self, on_response: Callable[[Usage], None]) -> None:
         self._on_response = on_response
         self._total: Usage | None = None
+        self._chars = 0  # generated since the last response.done: an estimate if none comes
 
     def read(self, frame: bytes) -> None:
-        """One provider text frame, already sent on; most cost one substring search."""
-        if b"response.done" not in frame:
-            return
-        try:
-            event = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict) or event.get("type") != "response.done":
+        """One provider text frame, already sent on; most cost one or two substring searches."""
+        if frame.find(b"response.done") >= 0:
+            self._read_done(frame)
+        elif frame.find(b'.delta"') >= 0 and frame.find(b'audio.delta"') < 0:  # not audio
+            event = _event(frame)
+            if event is not None and event.get("type") in _GENERATED:
+                delta = event.get("delta")
+                if isinstance(delta, str):
+                    self._chars += len(delta)
+
+    def finish(self) -> None:
+        """At the session's end: a response cut before its `response.done` is estimated."""
+        if self._chars:
+            self._add(Usage(0, estimate.tokens(self._chars), estimated=True))
+
+    def _read_done(self, frame: bytes) -> None:
+        event = _event(frame)
+        if event is None or event.get("type") != "response.done":
             return
         response = event.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
-        if not isinstance(usage, dict):
-            return
-        reported = ProviderUsage()
-        reported.read(usage, USAGE)
-        self._add(reported.usage() or Usage())
+        if isinstance(usage, dict):
+            reported = ProviderUsage()
+            reported.read(usage, USAGE)
+            self._add(reported.usage() or Usage())
+        else:  # a provider that reports none: what the response generated, estimated
+            self.finish()
 
     def _add(self, usage: Usage) -> None:
+        self._chars = 0
         total = self._total
         if total is None:
             self._total = usage
@@ -82,5 +114,13 @@ class SessionUsage:
 
     @property
     def total(self) -> Usage | None:
-        """The session's usage; None when the provider reported none."""
+        """The session's usage; None when the provider reported none and generated nothing."""
         return self._total
+
+
+def _event(frame: bytes) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None

@@ -5,10 +5,12 @@ Answers are a `response` object (a JSON body, or in a stream the `response` of i
 output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
 {reasoning_tokens}}, details parts of the totals. A stream's final usage comes with
 `response.completed` (or `.incomplete`, `.failed`); its text with
-`response.output_text.delta`. The object's id and status are noted for a background
-response's charge (`background.py`): when it finishes, and for a background stream already
-when it starts (`response.created`, `.queued`, `.in_progress`), so a stream cut before its
-end is owed, not forgotten.
+`response.output_text.delta`, and what else the model generates (refusals, tool calls'
+names and arguments, reasoning text and summaries, code, audio transcripts) with their
+own deltas: each counted for an estimate, none kept as the logged text. The object's id
+and status are noted for a background response's charge (`background.py`): when it
+finishes, and for a background stream already when it starts (`response.created`,
+`.queued`, `.in_progress`), so a stream cut before its end is owed, not forgotten.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.usage import estimate
 from proxy.usage.provider_usage import (
     CACHE_READ,
     CACHE_WRITE,
@@ -45,6 +46,17 @@ def _text_delta(event: dict[str, Any], reading: Reading) -> None:
     reading.add_text(event.get("delta"))
 
 
+def _generated_delta(event: dict[str, Any], reading: Reading) -> None:
+    reading.add_generated(event.get("delta"))
+
+
+def _item_added(event: dict[str, Any], reading: Reading) -> None:
+    """An output item begins: a tool call's name comes whole here, its arguments as deltas."""
+    item = event.get("item")
+    if isinstance(item, dict) and item.get("type") in _CALLS:
+        reading.add_generated(item.get("name"))
+
+
 def _finished(event: dict[str, Any], reading: Reading) -> None:
     """The final `response`, with its usage."""
     response = event.get("response")
@@ -62,9 +74,21 @@ def _started(event: dict[str, Any], reading: Reading) -> None:
         reading.note_stored(response)
 
 
-# The stream events read, by type; every other type carries nothing metered.
+# Output items that call a tool: their name, and their arguments or input, are generated.
+_CALLS = frozenset({"function_call", "custom_tool_call", "mcp_call"})
+# The stream events read, by type; every other type carries nothing metered (a `.done`
+# event repeats what its deltas said).
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
     "response.output_text.delta": _text_delta,
+    "response.refusal.delta": _generated_delta,
+    "response.function_call_arguments.delta": _generated_delta,
+    "response.custom_tool_call_input.delta": _generated_delta,
+    "response.mcp_call_arguments.delta": _generated_delta,
+    "response.code_interpreter_call_code.delta": _generated_delta,
+    "response.reasoning_text.delta": _generated_delta,
+    "response.reasoning_summary_text.delta": _generated_delta,
+    "response.audio.transcript.delta": _generated_delta,
+    "response.output_item.added": _item_added,
     "response.completed": _finished,
     "response.incomplete": _finished,
     "response.failed": _finished,
@@ -80,5 +104,31 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     reading.reported.read(document.get("usage"), USAGE)
     if reading.is_stored_noted:
         reading.note_stored(document)
-    if reading.reported.usage() is None:  # only an estimate needs the answer's length
-        reading.chars = estimate.answer_chars(document)
+    if reading.reported.usage() is not None:
+        return  # only an estimate needs the answer's length
+    output = document.get("output")
+    if isinstance(output, list):
+        for item in output:
+            if isinstance(item, dict):
+                _read_item(item, reading)
+
+
+def _read_item(item: dict[str, Any], reading: Reading) -> None:
+    """Every string an output item holds that the model generated."""
+    kind = item.get("type")
+    if kind == "message":  # output_text parts' text, refusal parts' refusal
+        for part in _dicts(item.get("content")):
+            reading.add_generated(part.get("text"))
+            reading.add_generated(part.get("refusal"))
+    elif kind in _CALLS:
+        for field in ("name", "arguments", "input"):
+            reading.add_generated(item.get(field))
+    elif kind == "reasoning":  # its summary, and its text where the provider shows it
+        for part in (*_dicts(item.get("summary")), *_dicts(item.get("content"))):
+            reading.add_generated(part.get("text"))
+    elif kind == "code_interpreter_call":
+        reading.add_generated(item.get("code"))
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [each for each in value if isinstance(each, dict)] if isinstance(value, list) else []

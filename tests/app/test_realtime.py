@@ -517,3 +517,53 @@ async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
     assert_openai_error(await response.json(), "model_not_allowed")
     assert "gpt-realtime" in (await response.json())["error"]["message"]
     assert sockets.sockets == []
+
+
+async def test_a_response_cut_by_the_session_end_is_charged_what_it_generated(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """No response.done: its transcript and tool-call arguments are estimated, not free."""
+    ws = await connect(gateway)
+    await next_data(ws)
+    text = "x" * 2000
+    await ws.send_str(orjson.dumps({"type": "fake.generate", "text": text, "pieces": 10}).decode())
+    for _ in range(2 + 2 * 10):  # created, the audio, the deltas
+        await next_data(ws)
+    await ws.close()
+    [line] = await records(1)
+    assert line["usage"]["estimated"] is True
+    assert line["usage"]["completion_tokens"] == 2 * len(text) // 4  # transcript + arguments
+    assert line["usage"]["prompt_tokens"] == 0
+
+
+async def test_a_response_done_without_usage_is_estimated_and_the_next_reported_exactly(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    ws = await connect(gateway)
+    await next_data(ws)
+    command = {"type": "fake.generate", "text": "y" * 400, "pieces": 4, "done": True}
+    await ws.send_str(orjson.dumps(command).decode())
+    for _ in range(2 + 2 * 4 + 1):
+        await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)
+    await ws.close()
+    [line] = await records(1)
+    assert line["usage"]["estimated"] is True
+    assert line["usage"]["completion_tokens"] == 800 // 4 + OUTPUT_TOKENS
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+
+
+def test_session_usage_estimates_deltas_and_skips_the_audio() -> None:
+    responses: list[Usage] = []
+    usage = SessionUsage(responses.append)
+    usage.read(b'{"type":"response.output_audio.delta","delta":"' + b"A" * 4000 + b'"}')
+    usage.read(b'{"type":"response.text.delta","delta":"abcd"}')
+    usage.read(b'{"type":"response.audio_transcript.delta","delta":"efgh"}')
+    usage.read(b'{"type":"conversation.item.input_audio_transcription.delta","delta":"user"}')
+    assert responses == []
+    usage.finish()
+    assert responses == [Usage(0, 2, estimated=True)]
+    usage.finish()  # nothing more generated: nothing more charged
+    assert usage.total == Usage(0, 2, estimated=True)

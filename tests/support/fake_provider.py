@@ -24,6 +24,12 @@ Request headers steer it (they pass through the gateway unchanged):
                               (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
     x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
+    x-fake-tool-chars: N      the tool call's arguments are N characters (chat, when a tool
+                              is offered; /messages: a tool_use block, when one is offered),
+                              streamed in x-fake-chunks pieces (Anthropic: input_json_delta)
+    x-fake-reasoning-chars: N N characters of reasoning before the answer: chat
+                              `reasoning_content`, Anthropic a thinking block (thinking_delta),
+                              in x-fake-chunks pieces
     x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
@@ -52,8 +58,8 @@ The Anthropic dialect (errors, model objects) is used on `/messages` paths and f
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
 messages/input/prompt/system text, at least 1.
 
-Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool use,
-Responses API tool calls.
+Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool
+use unless x-fake-tool-chars asks for it, Responses API tool calls.
 """
 
 from __future__ import annotations
@@ -191,6 +197,8 @@ class Knobs:
     cache_write_tokens: int
     reasoning_tokens: int
     raw_chunks: int | None
+    tool_chars: int = 0
+    reasoning_chars: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -213,6 +221,8 @@ class Knobs:
             cache_write_tokens=int(headers.get("x-fake-cache-write-tokens", "0")),
             reasoning_tokens=int(headers.get("x-fake-reasoning-tokens", "0")),
             raw_chunks=int(raw_chunks) if raw_chunks else None,
+            tool_chars=int(headers.get("x-fake-tool-chars", "0")),
+            reasoning_chars=int(headers.get("x-fake-reasoning-chars", "0")),
         )
 
     @property
@@ -522,6 +532,22 @@ def prompt_tokens(payload: dict) -> int:
     )
 
 
+def tool_arguments(chars: int) -> str:
+    """A tool call's arguments: TOOL_ARGUMENTS, or a JSON object of `chars` characters."""
+    if not chars:
+        return TOOL_ARGUMENTS
+    return '{"query": "' + "x" * max(0, chars - 13) + '"}'
+
+
+def generated_tokens(knobs: Knobs) -> int:
+    """The tokens of what x-fake-tool-chars and x-fake-reasoning-chars generate (4 chars each)."""
+    return math.ceil((knobs.tool_chars + knobs.reasoning_chars) / 4)
+
+
+def reasoning_text(chars: int) -> str:
+    return ("thinking " * (chars // 9 + 1))[:chars]
+
+
 def tool_name(payload: dict) -> str | None:
     """The tool the fake "calls": the first one offered, unless tool_choice is "none"."""
     tools = payload.get("tools") or []
@@ -570,7 +596,7 @@ async def reply_error(
 def openai_usage(prompt: int, knobs: Knobs) -> dict:
     """OpenAI's usage object; its details only when cached or reasoning tokens are asked for."""
     prompt += knobs.cached_tokens
-    completion = knobs.chunks + knobs.reasoning_tokens
+    completion = knobs.chunks + knobs.reasoning_tokens + generated_tokens(knobs)
     usage: dict = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -604,7 +630,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs.chunks, streamed_usage)
+        frames = chat_frames(head, tool, knobs, streamed_usage)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
     message: dict = {
         "role": "assistant",
@@ -615,9 +641,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         call = {
             "id": new_id("call_"),
             "type": "function",
-            "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
+            "function": {"name": tool, "arguments": tool_arguments(knobs.tool_chars)},
         }
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+    if knobs.reasoning_chars:
+        message["reasoning_content"] = reasoning_text(knobs.reasoning_chars)
     choice = {
         "index": 0,
         "message": message,
@@ -630,8 +658,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await reply(request, body)
 
 
-def chat_frames(head: dict, tool: str | None, chunks: int, usage: dict | None) -> list[bytes]:
+def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) -> list[bytes]:
     """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]."""
+    chunks = knobs.chunks
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -648,11 +677,14 @@ def chat_frames(head: dict, tool: str | None, chunks: int, usage: dict | None) -
             "function": {"name": tool, "arguments": ""},
         }
         first: dict = {"role": "assistant", "content": None, "tool_calls": [call]}
-        parts = split(TOOL_ARGUMENTS, chunks)
+        parts = split(tool_arguments(knobs.tool_chars), chunks)
         deltas = [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in parts]
     else:
         first = {"role": "assistant", "content": "", "refusal": None}
         deltas = [{"content": text} for text in content_deltas(chunks)]
+    if knobs.reasoning_chars:
+        thoughts = split(reasoning_text(knobs.reasoning_chars), chunks)
+        deltas = [*({"reasoning_content": part} for part in thoughts), *deltas]
     frames = [chunk(first), *map(chunk, deltas), chunk({}, "tool_calls" if tool else "stop")]
     if usage:
         frames.append(
@@ -883,15 +915,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
     }
     usage = {
         "input_tokens": prompt_tokens(payload),
-        "output_tokens": knobs.chunks,
+        "output_tokens": knobs.chunks + generated_tokens(knobs),
         "cache_creation_input_tokens": knobs.cache_write_tokens,
         "cache_read_input_tokens": knobs.cached_tokens,
     }
+    tool = tool_name(payload) if knobs.tool_chars else None
+    thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
+        answer: dict = {"type": "text", "text": "".join(deltas)}
+        if tool:
+            arguments = orjson.loads(tool_arguments(knobs.tool_chars))
+            answer = {"type": "tool_use", "id": new_id("toolu_"), "name": tool, "input": arguments}
+        thought = {"type": "thinking", "thinking": thinking, "signature": "c2lnbmVk"}
         body = {
             **head,
-            "content": [{"type": "text", "text": "".join(deltas)}],
-            "stop_reason": "end_turn",
+            "content": [thought, answer] if thinking else [answer],
+            "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None,
         }
         if knobs.has_usage:
@@ -907,19 +946,34 @@ async def messages(request: web.Request) -> web.StreamResponse:
             **usage,
             "output_tokens": 1,
         }  # cumulative: the message_delta count replaces it
-        stop["usage"] = {"output_tokens": knobs.chunks}
-    events = [
-        {"type": "message_start", "message": start},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "ping"},
-        *(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}
-            for d in deltas
-        ),
-        {"type": "content_block_stop", "index": 0},
-        stop,
-        {"type": "message_stop"},
-    ]
+        stop["usage"] = {"output_tokens": usage["output_tokens"]}
+    blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
+    if thinking:
+        empty = {"type": "thinking", "thinking": "", "signature": ""}
+        pieces = [{"type": "thinking_delta", "thinking": t} for t in split(thinking, knobs.chunks)]
+        blocks.append((empty, [*pieces, {"type": "signature_delta", "signature": "c2lnbmVk"}]))
+    if tool:
+        pieces = split(tool_arguments(knobs.tool_chars), knobs.chunks)
+        start_block = {"type": "tool_use", "id": new_id("toolu_"), "name": tool, "input": {}}
+        blocks.append(
+            (start_block, [{"type": "input_json_delta", "partial_json": p} for p in pieces])
+        )
+        stop["delta"]["stop_reason"] = "tool_use"
+    else:
+        blocks.append(
+            ({"type": "text", "text": ""}, [{"type": "text_delta", "text": d} for d in deltas])
+        )
+    events = [{"type": "message_start", "message": start}]
+    for index, (block, block_deltas) in enumerate(blocks):
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        if index == 0:
+            events.append({"type": "ping"})
+        events.extend(
+            {"type": "content_block_delta", "index": index, "delta": delta}
+            for delta in block_deltas
+        )
+        events.append({"type": "content_block_stop", "index": index})
+    events += [stop, {"type": "message_stop"}]
     usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
 

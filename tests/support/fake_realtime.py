@@ -10,6 +10,11 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
     {"type": "fake.ping", "data": D}                 send a ping with payload D
     {"type": "fake.drop"}                            drop the connection, no close frame
     {"type": "fake.flood", "count": N, "size": S}    send N text frames of S bytes at once
+    {"type": "fake.generate", "text": T, "pieces": N, "done": D}
+                                                     response.created, an audio delta, then T
+                                                     as N transcript deltas and N tool-call
+                                                     argument deltas; with D, a response.done
+                                                     without usage; without, nothing more
 
 Every socket's frames received and sent, its close, and its end are kept in
 `app[REALTIME_STATE].sockets`, for assertions.
@@ -126,12 +131,33 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                 request.transport.abort()
                 socket.is_lost = True
                 return
+            elif kind == "fake.generate":
+                for event in generated(command):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "fake.flood":
                 for index in range(command["count"]):
                     await send(WSMsgType.TEXT, f"{index:08d}".ljust(command["size"], "x"))
                 socket.flooded.set()
             else:
                 await send(WSMsgType.TEXT, message.data)
+
+
+def generated(command: dict) -> list[dict]:
+    """A response's events that say what it generated, as fake.generate describes them."""
+    text, pieces = command["text"], command.get("pieces", 1)
+    parts = [text[len(text) * i // pieces : len(text) * (i + 1) // pieces] for i in range(pieces)]
+    events: list[dict] = [
+        {"type": "response.created", "response": {"status": "in_progress"}},
+        {"type": "response.output_audio.delta", "delta": "UklGRg==" * 500},  # base64 audio
+    ]
+    for kind in (
+        "response.output_audio_transcript.delta",
+        "response.function_call_arguments.delta",
+    ):
+        events += [{"type": kind, "delta": part} for part in parts]
+    if command.get("done"):
+        events.append({"type": "response.done", "response": {"status": "completed"}})
+    return events
 
 
 def _command(text: str) -> dict:

@@ -9,6 +9,7 @@ import zlib
 
 import brotli
 import orjson
+import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -742,3 +743,140 @@ def test_a_large_json_body_without_usage_is_estimated_from_its_size():
         {"data": [{"usage": {"prompt_tokens": 5}}], "x": "y" * 2**21, "usage": None}
     )
     assert tap_of(nulled, JSON, charged=Charged.REPORTED).usage(b"") is None
+
+
+# --- every string the provider generated is estimated, in every dialect ---
+
+ARGS = '{"query": "' + "x" * 388 + '"}'  # 400 characters: 100 tokens
+THOUGHT = "hmm " * 100  # 400 characters
+GENERATED_STREAMS = [
+    (
+        "chat tool calls",
+        sse(
+            {"choices": [{"delta": {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": "search", "arguments": ""}}]}}]},
+            *(
+                {"choices": [{"delta": {"tool_calls": [
+                    {"index": 0, "function": {"arguments": ARGS[i : i + 40]}}]}}]}
+                for i in range(0, 400, 40)
+            ),
+            done=True,
+        ),
+        400 + len("search"),
+    ),
+    (
+        "chat reasoning_content, reasoning and a refusal",
+        sse(
+            *({"choices": [{"delta": {"reasoning_content": THOUGHT[i : i + 50]}}]}
+              for i in range(0, 400, 50)),
+            {"choices": [{"delta": {"reasoning": "abcd"}}]},
+            {"choices": [{"delta": {"content": None, "refusal": "I can't"}}]},
+            done=True,
+        ),
+        400 + 4 + 7,
+    ),
+    (
+        "chat function_call and audio transcript",
+        sse(
+            {"choices": [{"delta": {"function_call": {"name": "f", "arguments": ARGS}}}]},
+            {"choices": [{"delta": {"audio": {"id": "a1", "transcript": "spoken"}}}]},
+        ),
+        1 + 400 + 6,
+    ),
+    (
+        "responses tool call, reasoning and refusal",
+        sse(
+            {"type": "response.output_item.added",
+             "item": {"type": "function_call", "name": "search", "arguments": ""}},
+            *({"type": "response.function_call_arguments.delta", "delta": ARGS[i : i + 100]}
+              for i in range(0, 400, 100)),
+            {"type": "response.function_call_arguments.done", "arguments": ARGS},
+            {"type": "response.reasoning_summary_text.delta", "delta": THOUGHT},
+            {"type": "response.reasoning_summary_text.done", "text": THOUGHT},
+            {"type": "response.refusal.delta", "delta": "no"},
+            {"type": "response.output_item.done",
+             "item": {"type": "function_call", "name": "search", "arguments": ARGS}},
+        ),
+        6 + 400 + 400 + 2,
+    ),
+    (
+        "anthropic tool input and thinking",
+        sse(
+            {"type": "message_start", "message": {"model": "claude"}},
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "thinking", "thinking": ""}},
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "thinking_delta", "thinking": THOUGHT}},
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "signature_delta", "signature": "c2ln" * 50}},
+            {"type": "content_block_start", "index": 1,
+             "content_block": {"type": "tool_use", "id": "t1", "name": "search", "input": {}}},
+            *({"type": "content_block_delta", "index": 1,
+               "delta": {"type": "input_json_delta", "partial_json": ARGS[i : i + 80]}}
+              for i in range(0, 400, 80)),
+        ),
+        400 + 6 + 400,
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stream", "chars"),
+    [pytest.param(stream, chars, id=name) for name, stream, chars in GENERATED_STREAMS],
+)
+def test_every_generated_string_of_a_stream_is_estimated_wherever_it_is_cut(
+    stream: bytes, chars: int
+) -> None:
+    expected = Usage(0, math.ceil(chars / 4), estimated=True)
+    for cut in range(0, len(stream) + 1, 7):
+        tap = tap_of(stream, chunks=[cut])
+        assert tap.usage(b"") == expected, cut
+    assert tap.text == ""  # generated, counted, but not the answer's text in the log
+
+
+GENERATED_BODIES = [
+    (
+        "chat tool call, reasoning, refusal, audio",
+        {"choices": [{"message": {
+            "role": "assistant", "content": None, "refusal": "no", "reasoning_content": THOUGHT,
+            "tool_calls": [{"id": "c", "type": "function",
+                            "function": {"name": "search", "arguments": ARGS}}],
+            "audio": {"id": "a", "data": "AAAA" * 100, "transcript": "spoken"},
+        }}]},
+        2 + 400 + 6 + 400 + 6,
+    ),
+    (
+        "completions text",
+        {"object": "text_completion", "choices": [{"text": THOUGHT}]},
+        400,
+    ),
+    (
+        "responses output items",
+        {"object": "response", "output": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": THOUGHT}]},
+            {"type": "function_call", "name": "search", "arguments": ARGS},
+            {"type": "message", "content": [{"type": "output_text", "text": "Hi"},
+                                            {"type": "refusal", "refusal": "no"}]},
+        ]},
+        400 + 6 + 400 + 2 + 2,
+    ),
+    (
+        "anthropic thinking and tool use",
+        {"type": "message", "content": [
+            {"type": "thinking", "thinking": THOUGHT, "signature": "c2ln" * 50},
+            {"type": "tool_use", "id": "t", "name": "search", "input": {"query": "x" * 388}},
+        ]},
+        400 + 6 + len(orjson.dumps({"query": "x" * 388})),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "chars"),
+    [pytest.param(body, chars, id=name) for name, body, chars in GENERATED_BODIES],
+)
+def test_every_generated_string_of_a_json_answer_is_estimated(body: dict, chars: int) -> None:
+    assert tap_of(orjson.dumps(body), JSON).usage(b"") == Usage(
+        0, math.ceil(chars / 4), estimated=True
+    )
