@@ -3,13 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 DOCKER ?= docker
+DOCKER_PORT ?= 8080
 
 .PHONY: bench-foundations bench-failover run lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
-$(STAMP): requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+# Running needs requirements.txt only; tests, examples and the benchmark add requirements-dev.txt.
+$(RUN_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
@@ -17,9 +24,10 @@ keys.json:
 	cp keys.example.json keys.json
 	@echo "created keys.json from keys.example.json: put your real provider keys in it"
 
-# run: start the gateway on 0.0.0.0:8080 (settings from the environment, or ARGS="--server-port 9000")
-run: $(STAMP) keys.json
-	$(PY) gateway.py $(ARGS)
+# run: start the gateway on 0.0.0.0:8080 (settings from the environment, or ARGS="--server-port 9000");
+# FAKE=1: in front of the bundled fake provider, with keys.example.json's keys (no account needed)
+run: $(RUN_STAMP) $(if $(FAKE),,keys.json)
+	$(if $(FAKE),PYTHON=$(PY) bash e2e/fake_run.sh,$(PY) gateway.py) $(ARGS)
 
 # lint: ruff (lint rules and formatting) over the code and tests, mypy --strict over proxy/
 LINTED := proxy tests bench gateway.py
@@ -111,9 +119,10 @@ bench-connections: $(STAMP)
 docker-build:
 	$(DOCKER) build -t llm-gateway .
 
-# docker-run: the gateway in a container on :8080, keys.json mounted read-only (DOCKER_ARGS="-e QUOTA_LIMIT=10" adds settings)
+# docker-run: the gateway in a container on :8080 (DOCKER_PORT=9000: another host port), keys.json
+# mounted read-only (DOCKER_ARGS="-e QUOTA_LIMIT=10" adds settings; DOCKER=podman without Docker)
 docker-run: keys.json
-	$(DOCKER) run -d --name llm-gateway -p 8080:8080 -v $(CURDIR)/keys.json:/app/keys.json:ro $(DOCKER_ARGS) llm-gateway
+	$(DOCKER) run -d --name llm-gateway -p $(DOCKER_PORT):8080 -v $(CURDIR)/keys.json:/app/keys.json:ro $(DOCKER_ARGS) llm-gateway
 
 # docker-stop: SIGTERM, time to drain (SHUTDOWN_GRACE_SECONDS + margin), then remove
 docker-stop:

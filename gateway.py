@@ -19,6 +19,7 @@ import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402
+from proxy.keys.advice import placeholders  # noqa: E402
 from proxy.keys.fields import KeysFileError  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
 from proxy.runtime.workers import EXIT_REFUSED, run, say  # noqa: E402
@@ -33,6 +34,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         settings = Settings.from_env(os.environ, argv)
         key_ring = load_keys(settings, os.environ)
+        for warning in placeholders(key_ring, settings.keys_file_path):
+            say(f"warning: {warning}")
         check_log_file(settings)
         Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start (a SettingError)
         check_redis(settings)

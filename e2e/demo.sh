@@ -79,6 +79,17 @@ show "/health" "$GATEWAY_URL/health"
 
 if ((keep)); then
     printf '\nDone. Still running: the gateway at %s and the fake provider at %s.\n' "$GATEWAY_URL" "$fake_url"
+    printf 'Its settings: KEYS_FILE_PATH=%s LOG_TO_FILE=%s LOG_FILE_PATH=%s MAX_BODY_BYTES=%s SHUTDOWN_GRACE_SECONDS=%s SERVER_HOST=%s SERVER_PORT=%s (the rest: defaults)\n' \
+        "$KEYS_FILE_PATH" "$LOG_TO_FILE" "$LOG_FILE_PATH" "$MAX_BODY_BYTES" "$SHUTDOWN_GRACE_SECONDS" "$SERVER_HOST" "$SERVER_PORT"
+    printf 'Its keys: %s (OpenAI), %s (Anthropic), %s (3 requests an hour).\n' \
+        "$GATEWAY_KEY" "$GATEWAY_ANTHROPIC_KEY" "$GATEWAY_LIMITED_KEY"
+    printf 'Run the examples against it:\n'
+    for target in example-openai-chat example-openai-stream; do
+        printf '  make %s GATEWAY_URL=%s GATEWAY_KEY=%s\n' "$target" "$GATEWAY_URL" "$GATEWAY_KEY"
+    done
+    printf '  make example-anthropic GATEWAY_URL=%s GATEWAY_KEY=%s\n' "$GATEWAY_URL" "$GATEWAY_ANTHROPIC_KEY"
+    printf '  make example-curl GATEWAY_URL=%s GATEWAY_KEY=%s GATEWAY_ANTHROPIC_KEY=%s\n' \
+        "$GATEWAY_URL" "$GATEWAY_KEY" "$GATEWAY_ANTHROPIC_KEY"
     printf 'Stop them with: kill %s; rm -rf %s\n' "${started[*]}" "$work"
 else
     printf '\nDone: stopping the gateway and the fake provider.\n'

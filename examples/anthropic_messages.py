@@ -6,17 +6,21 @@ Only the base URL and the key change: the virtual key goes where the Anthropic k
 """
 
 import os
+import sys
 
-from anthropic import Anthropic
+from anthropic import Anthropic, APIConnectionError
 
-client = Anthropic(
-    base_url=os.environ.get("GATEWAY_URL", "http://localhost:8080"),
-    api_key=os.environ["GATEWAY_KEY"],
-)
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
+client = Anthropic(base_url=url, api_key=os.environ["GATEWAY_KEY"])
 model = os.environ.get("GATEWAY_MODEL", "claude-haiku-4-5")
 question = [{"role": "user", "content": "Say hello in five words."}]
 
-message = client.messages.create(model=model, max_tokens=100, messages=question)
+try:
+    message = client.messages.create(model=model, max_tokens=100, messages=question)
+except APIConnectionError:
+    sys.exit(
+        f"nothing answers at {url}: is the gateway running? Start it with 'make run' ('make run FAKE=1' needs no provider account)"
+    )
 print(message.content[0].text)
 print(f"tokens: {message.usage.input_tokens} in, {message.usage.output_tokens} out")
 

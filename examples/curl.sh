@@ -9,6 +9,11 @@ url=${GATEWAY_URL:-http://localhost:8080}
 key=${GATEWAY_KEY:?set GATEWAY_KEY to a virtual key from keys.json}
 model=${GATEWAY_MODEL:-gpt-4o-mini}
 
+if ! curl -s -o /dev/null "$url/ready"; then
+    echo "nothing answers at $url: is the gateway running? Start it with 'make run' ('make run FAKE=1' needs no provider account)" >&2
+    exit 1
+fi
+
 echo "== chat completion"
 curl -sS --fail-with-body "$url/v1/chat/completions" \
     -H "Authorization: Bearer $key" \

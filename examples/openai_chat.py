@@ -6,16 +6,20 @@ Only the base URL and the key change: the virtual key goes where the OpenAI key 
 """
 
 import os
+import sys
 
-from openai import OpenAI
+from openai import APIConnectionError, OpenAI
 
-client = OpenAI(
-    base_url=os.environ.get("GATEWAY_URL", "http://localhost:8080") + "/v1",
-    api_key=os.environ["GATEWAY_KEY"],
-)
-reply = client.chat.completions.create(
-    model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),
-    messages=[{"role": "user", "content": "Say hello in five words."}],
-)
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
+client = OpenAI(base_url=url + "/v1", api_key=os.environ["GATEWAY_KEY"])
+try:
+    reply = client.chat.completions.create(
+        model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),
+        messages=[{"role": "user", "content": "Say hello in five words."}],
+    )
+except APIConnectionError:
+    sys.exit(
+        f"nothing answers at {url}: is the gateway running? Start it with 'make run' ('make run FAKE=1' needs no provider account)"
+    )
 print(reply.choices[0].message.content)
 print(f"tokens: {reply.usage.prompt_tokens} in, {reply.usage.completion_tokens} out")

@@ -4,19 +4,23 @@ GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/op
 """
 
 import os
+import sys
 
-from openai import OpenAI
+from openai import APIConnectionError, OpenAI
 
-client = OpenAI(
-    base_url=os.environ.get("GATEWAY_URL", "http://localhost:8080") + "/v1",
-    api_key=os.environ["GATEWAY_KEY"],
-)
-stream = client.chat.completions.create(
-    model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),
-    messages=[{"role": "user", "content": "Count from one to five."}],
-    stream=True,
-    stream_options={"include_usage": True},  # the last chunk carries the token counts
-)
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
+client = OpenAI(base_url=url + "/v1", api_key=os.environ["GATEWAY_KEY"])
+try:
+    stream = client.chat.completions.create(
+        model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),
+        messages=[{"role": "user", "content": "Count from one to five."}],
+        stream=True,
+        stream_options={"include_usage": True},  # the last chunk carries the token counts
+    )
+except APIConnectionError:
+    sys.exit(
+        f"nothing answers at {url}: is the gateway running? Start it with 'make run' ('make run FAKE=1' needs no provider account)"
+    )
 for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)

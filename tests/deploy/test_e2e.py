@@ -90,6 +90,21 @@ def test_with_keep_the_demo_s_printed_commands_paste_and_answer_as_in_the_demo()
             else:
                 assert again.stdout.startswith("HTTP/1.1 429"), again.stdout
                 assert "retry-after: " in again.stdout and "x-should-retry: false" in again.stdout
+        assert "Its settings: KEYS_FILE_PATH=" in out and " SERVER_PORT=" in out
+        examples = [line.strip() for line in out.splitlines() if line.startswith("  make example-")]
+        assert sorted(line.split()[1] for line in examples) == [
+            "example-anthropic",
+            "example-curl",
+            "example-openai-chat",
+            "example-openai-stream",
+        ]
+        for line in examples:
+            # As pasted, with this suite's Python as the venv's (-o: counted as installed).
+            pasted = line.replace("make ", f"make -s -o .venv/.installed PY={sys.executable} ", 1)
+            ran = subprocess.run(
+                ["bash", "-c", pasted], capture_output=True, text=True, timeout=60, cwd=ROOT
+            )
+            assert ran.returncode == 0 and "tok0" in ran.stdout + ran.stderr, (line, ran)
     finally:
         subprocess.run(["bash", "-c", stop.removeprefix("Stop them with: ")], timeout=30)
     work = out.split("keys in ", 1)[1].split("/keys.json", 1)[0]

@@ -1,4 +1,4 @@
-"""deploy/kubernetes/: valid against the Kubernetes schemas (offline), and saying what the README promises.
+"""deploy/kubernetes/: valid against the Kubernetes schemas (offline), and saying what docs/kubernetes.md promises.
 
 kubernetes-validate ships the schemas of each Kubernetes release inside the package, so
 this needs no cluster and no network. Strict mode refuses a misspelt field, which a cluster
@@ -108,5 +108,5 @@ def test_the_manifests_point_at_the_prometheus_alert_rules_that_exist() -> None:
     text = (ROOT / "deploy" / "kubernetes" / "gateway.yaml").read_text()
     assert "deploy/prometheus/alerts.yml" in text
     assert (ROOT / "deploy" / "prometheus" / "alerts.yml").exists()
-    readme = (ROOT / "README.md").read_text()
-    assert "## Running on Kubernetes" in readme and "deploy/prometheus/alerts.yml" in readme
+    page = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert "# Running on Kubernetes" in page and "deploy/prometheus/alerts.yml" in page

@@ -1,0 +1,33 @@
+"""Warnings about a keys file that loads but looks like a mistake.
+
+Refusals stop the start (keys.py); these only warn, one line each: the gateway can serve,
+but someone probably meant something else.
+"""
+
+from __future__ import annotations
+
+from proxy.keys.keys import KeyRing
+
+# Every real key of keys.example.json holds this: a keys.json copied and never filled in.
+PLACEHOLDER = "replace-with-your"
+
+
+def placeholders(ring: KeyRing, path: str) -> list[str]:
+    """One line naming every key that still holds a placeholder real key, or none."""
+    named = sorted(
+        {
+            key.name
+            for key in ring
+            for target in key.plans.every_target()
+            for credential in target.pool.credentials
+            if PLACEHOLDER in credential.api_key
+        }
+    )
+    if not named:
+        return []
+    return [
+        f"{path}: {', '.join(repr(name) for name in named)} still "
+        f"{'holds' if len(named) == 1 else 'hold'} a placeholder real key of "
+        "keys.example.json: the provider will refuse it. Put your provider keys in, or try "
+        "the gateway without an account: make run FAKE=1"
+    ]
