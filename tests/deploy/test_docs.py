@@ -35,7 +35,9 @@ def blocks(language: str, text: str) -> list[str]:
 def test_every_make_target_named_exists(page: Path) -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
-    named = set(re.findall(r"\bmake (?:-\w+ )*([a-z][\w-]*\w)(?![\w*-])", page.read_text()))
+    named = set(
+        re.findall(r"(?:`|^)make (?:-\w+ )*([a-z][\w-]*\w)(?![\w*-])", page.read_text(), re.M)
+    )
     assert named <= targets, f"{page_id(page)} names {sorted(named - targets)}"
 
 
