@@ -1,16 +1,22 @@
-"""Slots on Redis, at the tracker: leases renewed while held, taken again when Redis comes
-back empty, refused in one scope and so counted in none."""
+"""Slots on Redis: leases renewed while held, taken again when Redis comes back empty,
+refused in one scope and so counted in none; a lost Redis under QUOTA_ON_REDIS_ERROR."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient
 
+from proxy.app import build_app
 from proxy.quota.redis_tracker import RedisTracker
 from proxy.quota.tracker import Limits, Scope, TrackerUnavailable
+from proxy.settings import Settings
+from tests.conftest import auth, keys_document
 from tests.support.redis_server import RedisServer
 
 TEAM = Scope("team-slots", "team", "crew", None, max_in_flight=2)
@@ -67,3 +73,43 @@ async def test_leases_are_taken_again_when_redis_comes_back_empty(
             await asyncio.sleep(0.1)
     finally:
         await tracker.close()
+
+
+@pytest.mark.parametrize(("policy", "status"), [("deny", 503), ("allow", 200)])
+async def test_a_lost_redis_applies_quota_on_redis_error_to_a_team_key(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    redis_server: RedisServer,
+    policy: str,
+    status: int,
+) -> None:
+    document = keys_document(fake_base)
+    document["teams"] = {"crew": {"max_in_flight": 1}}
+    document["virtual_keys"]["vk_test_crew_member_0a1b2c"] = {
+        "provider": "openai",
+        "api_key": "sk-crew-real-0123456",
+        "name": "crew-member",
+        "team": "crew",
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    settings = Settings.from_env(
+        {
+            "KEYS_FILE_PATH": str(path),
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
+            "REDIS_URL": redis_server.url,
+            "QUOTA_ON_REDIS_ERROR": policy,
+        }
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = auth("vk_test_crew_member_0a1b2c")
+    assert (await gateway.post("/v1/chat/completions", json=chat, headers=headers)).status == 200
+    redis_server.kill()
+    statuses = [
+        (await gateway.post("/v1/chat/completions", json=chat, headers=headers)).status
+        for _ in range(2)
+    ]
+    # deny: 503 each time; allow: through, uncounted (no per-process stand-in for Redis).
+    assert statuses == [status, status]
