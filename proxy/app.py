@@ -28,6 +28,7 @@ from proxy.cache.store import Store
 from proxy.endpoints.admin import Admin
 from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
+from proxy.exchange import Entrance
 from proxy.keys.credentials import presents_token
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing
@@ -208,32 +209,23 @@ def build_app(
 
         app[TRACING] = Tracing(settings.otel, on_export_failure=metrics.trace_export_failed)
         app.cleanup_ctx.append(_tracing)
-    app[REALTIME] = Realtime(
-        settings,
-        key_ring,
-        lockout,
-        app[QUOTA],
-        app[PRICES],
-        metrics,
-        app[LOGBOOK],
-        app.get(TRACING),
-    )
+    app[REALTIME] = Realtime(settings)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     app[CACHE] = new_cache(settings, metrics, cache_clock)
-    relay = Relay(
-        settings,
-        key_ring,
-        lockout,
-        app[QUOTA],
-        app[FAILOVER],
-        app[PRICES],
-        metrics,
-        app[LOGBOOK],
-        app[REALTIME],
-        app[TAP_MEMORY],
-        app.get(TRACING),
+    # Every proxied request, HTTP or WebSocket, enters through one exchange.
+    entrance = Entrance(
+        key_ring=key_ring,
+        lockout=lockout,
+        quota=app[QUOTA],
+        prices=app[PRICES],
+        breakers=breakers,
+        metrics=metrics,
+        logbook=app[LOGBOOK],
+        http=Relay(settings, app[FAILOVER], app[TAP_MEMORY]),
+        websocket=app[REALTIME],
         cache=app[CACHE],
+        tracing=app.get(TRACING),
     )
     app.on_response_prepare.append(keep_untyped)
     app.cleanup_ctx.append(_upstream_session)
@@ -256,9 +248,9 @@ def build_app(
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:
         Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
-    # (?s): a path with %0a is still proxied, and refused by relay in the dialect, logged.
+    # (?s): a path with %0a is still proxied, and refused by the exchange in the dialect, logged.
     expect = expect_handler(key_ring, lockout, app[QUOTA], settings.max_body_bytes)
-    app.router.add_route("*", "/{tail:(?s:.*)}", relay.handle, expect_handler=expect)
+    app.router.add_route("*", "/{tail:(?s:.*)}", entrance.handle, expect_handler=expect)
     return app
 
 
@@ -345,7 +337,8 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout),
     )
     app[SESSION] = session
-    app[FAILOVER].session = session
+    app[FAILOVER].use(session)
+    app[REALTIME].use(session)
     yield
     await session.close()
 

@@ -1,8 +1,10 @@
 """Errors the gateway makes itself, in the OpenAI and the Anthropic dialect.
 
-Steps raise `GatewayError`; `relay` renders it once, in the dialect of the endpoint, so
-each SDK raises its usual exception (`AuthenticationError`, `RateLimitError`, ...).
+Steps raise `GatewayError`; the exchange renders it once, in the dialect of the endpoint,
+so each SDK raises its usual exception (`AuthenticationError`, `RateLimitError`, ...).
 Provider errors are not ours: they pass through unchanged, status, headers and body.
+Each error carries its `Outcome` (a refusal by default; a timeout, an unreachable or broken
+provider where upstream failed), and the exchange writes it as the record's one ending.
 
 The failure map, by the step that raises (status, OpenAI code):
 
@@ -28,10 +30,11 @@ The failure map, by the step that raises (status, OpenAI code):
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
     stream_back    502 upstream_broken        a small whole body cut short, before we sent anything
                    504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
-    relay          500 internal_error         a bug: logged once, answered in the dialect
+    exchange       500 internal_error         a bug: logged once, answered in the dialect
 
-After the response headers went out, a failure can only end the stream; `relay` records
-why (upstream broke, idle timeout, or the client left: 499) but sends no error body.
+After the response headers went out, a failure can only end the stream: the relay raises
+`Cut` (the provider broke or fell silent, or the client left: 499), and the exchange
+records why and closes the connection, with no error body.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
+
+from proxy.record import Outcome
 
 _OPENAI_TYPES = {429: "rate_limit_error"}
 _ANTHROPIC_TYPES = {
@@ -53,7 +58,7 @@ _ANTHROPIC_TYPES = {
 
 
 class GatewayError(Exception):
-    """A refusal or failure the gateway answers itself."""
+    """A refusal or failure the gateway answers itself; `outcome` and `why` end the record."""
 
     def __init__(
         self,
@@ -62,13 +67,29 @@ class GatewayError(Exception):
         message: str,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        outcome: Outcome = Outcome.REFUSED,
+        why: str | None = None,
     ) -> None:
+        """`why`: the record's error, when it says more (or less) than `message`."""
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
+        self.outcome = outcome
+        self.why = message if why is None else why
+
+
+class Cut(Exception):
+    """An answer already under way ended early: nothing more can be sent, not even an error.
+
+    `status` is what the record says (the provider's, or 499 for a client that left).
+    """
+
+    def __init__(self, status: int, outcome: Outcome, why: str) -> None:
+        super().__init__(why)
+        self.status, self.outcome, self.why = status, outcome, why
 
 
 def is_anthropic_path(path: str) -> bool:

@@ -1,8 +1,11 @@
 """The record: what one request leaves behind, whatever its fate.
 
-`relay` begins exactly one `Record` per request and settles it once, in `finally`: the
-tracker takes its tokens, `metrics` and `health` observe it, `logbook` writes it. A record
-only ever holds a key's *name* (masked by default), never the virtual or the real key.
+The exchange begins exactly one `Record` per request, writes its ending (`end`) once, and
+settles it into the sinks: prices, the tracker, breakers, metrics, the log, traces. Every
+other step reports what it learned through a method named for the fact (`saw_model`,
+`add_attempt`, `saw_answer`, ...), never the ending. A record only ever holds a key's
+*name* (masked by default), never the virtual or the real key, and a model as fit for a
+log line (`shown`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from proxy.observe.tracing import Trace  # the SDK loads only when tracing is on
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499
@@ -23,6 +22,9 @@ CLIENT_CLOSED = 499
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+# A model as logged: clients choose it, so control characters go and the length is bounded.
+MODEL_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def own_request_id(presented: str | None) -> str:
@@ -30,6 +32,14 @@ def own_request_id(presented: str | None) -> str:
     if presented is None or not _REQUEST_ID.fullmatch(presented):
         return os.urandom(16).hex()  # as random as uuid4().hex, a quarter of the cost
     return presented
+
+
+def shown(model: str | None) -> str | None:
+    """A model name as a client sent it, fit for a log line: no control characters, bounded."""
+    if model is None:
+        return None
+    model = _CONTROL.sub("\ufffd", model[: MODEL_CHARS + 1])
+    return model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "…"
 
 
 class Outcome(StrEnum):
@@ -146,7 +156,7 @@ class StoredResponse:
 
 @dataclass(slots=True)
 class Record:
-    """One request's facts, filled in step by step by `relay`."""
+    """One request's facts, each reported by the step that learned it; its ending, by the exchange."""
 
     request_id: str
     method: str
@@ -178,9 +188,7 @@ class Record:
     response_model: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
     stored: StoredResponse | None = None
-    # The request's spans when tracing is on (proxy/tracing.py); None when it is off.
-    trace: Trace | None = None
-    # A WebSocket session's frames each way and how it ended (proxy/realtime.py); else None.
+    # A WebSocket session's frames each way and how it ended (realtime/); else None.
     websocket: dict[str, object] | None = None
     # What the response cache did; None: the key has no cache.
     cache: Cached | None = None
@@ -193,9 +201,66 @@ class Record:
         return cls(request_id=request_id, method=method[:32], path=path[:2048])
 
     def end(self, status: int, outcome: Outcome, why: str | None = None) -> None:
-        """Record how the request ended; the first ending is the one that counts."""
-        if self.outcome is None:
-            self.status, self.outcome, self.error = status, outcome, why
+        """How the request ended: written once, by the exchange (errors carry their outcome)."""
+        assert self.outcome is None, f"the record of {self.request_id} already ended"
+        self.status, self.outcome, self.error = status, outcome, why
+
+    def saw_key(self, name: str, provider: str) -> None:
+        """The key authenticated (its name, never the key) and its first provider."""
+        self.key, self.provider = name, provider
+
+    def saw_model(
+        self, model: str | None, is_stream: bool = False, is_background: bool = False
+    ) -> None:
+        """The model the request names (kept as `shown`), and whether it asks for a stream
+        or a background Response."""
+        self.model, self.is_stream, self.is_background = shown(model), is_stream, is_background
+
+    def saw_request_body(self, body: bytes) -> None:
+        """The body as sent (LOG_BODIES only)."""
+        self.request_body = body
+
+    def saw_target(self, target: str, provider: str) -> None:
+        """An attempt goes to this target: the last one tried is the one that answered."""
+        self.target, self.provider = target, provider
+
+    def add_attempt(self, attempt: Attempt) -> None:
+        """One try on one target ended: answered, or failed and why."""
+        self.attempts.append(attempt)
+
+    def saw_answer(
+        self,
+        usage: Usage | None,
+        response_model: str | None = None,
+        stored: StoredResponse | None = None,
+        text: str | None = None,
+    ) -> None:
+        """What the provider's answer said: its usage, the model that answered, the Responses
+        object it holds, and (LOG_BODIES only) its text."""
+        self.usage, self.response_model, self.stored = usage, response_model, stored
+        self.response_text = text
+
+    def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
+        """A WebSocket session ended: its summed usage, its frames and how it ended."""
+        self.usage, self.websocket = usage, tally
+
+    def saw_claim(self, provider: str | None, model: str | None, usage: Usage) -> None:
+        """This request claimed a background Response owed by its key: that response's usage
+        is charged here, priced for the provider and model of the request that made it."""
+        self.provider, self.model, self.usage = provider, model, usage
+
+    def saw_cache(self, cached: Cached) -> None:
+        """What the response cache did: a hit, a miss, or not looked up."""
+        self.cache = cached
+
+    def priced(self, cost_usd: float | None) -> None:
+        """What the usage cost (the price sink); None when unpriced or without usage."""
+        self.cost_usd = cost_usd
+
+    @property
+    def is_session(self) -> bool:
+        """True for a WebSocket session that opened (answered 101, whoever ended it)."""
+        return self.websocket is not None
 
     @property
     def spent_usage(self) -> Usage | None:

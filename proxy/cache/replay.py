@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.cache.entry import Entry
+from proxy.errors import Cut
 from proxy.record import CLIENT_CLOSED, Outcome, Record
 
 
@@ -27,8 +28,8 @@ def response_for(entry: Entry, headers: CIMultiDict[str]) -> web.StreamResponse:
 async def replay(
     request: web.Request, response: web.StreamResponse, entry: Entry, record: Record
 ) -> None:
-    """Send `entry` through `response` (from `response_for`); the record says how it ended."""
-    record.usage, record.response_model = entry.usage, entry.model
+    """Send `entry` through `response` (from `response_for`). Raises Cut: the client left."""
+    record.saw_answer(entry.usage, entry.model)
     try:
         await response.prepare(request)
         record.mark_first_byte()
@@ -37,6 +38,4 @@ async def replay(
                 await response.write(chunk)
         await response.write_eof()
     except ConnectionResetError:  # the client left before the whole answer went out
-        record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-        return
-    record.end(entry.status, Outcome.ANSWERED)
+        raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None

@@ -42,7 +42,7 @@ from proxy.quota.tracker import (
     Tracker,
     TrackerUnavailable,
 )
-from proxy.record import Record, Usage
+from proxy.record import Usage
 
 # Bodies up to this size are read before the key's quota is asked; past it (or of unknown
 # length) a key known to be refused right now is refused before its body is read.
@@ -209,15 +209,19 @@ class Quota:
         self._on_refused(scope, "in_flight")
         return concurrency_refusal(scope, key.name, round(waited, 3) if waited >= 0.001 else 0)
 
-    def settle(self, key: QuotaKey, admission: Admission | None, record: Record) -> None:
+    def settle(
+        self,
+        key: QuotaKey,
+        admission: Admission | None,
+        usage: Usage | None,
+        cost_usd: float | None,
+    ) -> None:
         """Replace the request's reservation with what it really used, give back its slots;
-        never waits."""
+        never waits. `usage` None: nothing more to charge (none reported, or charged as it
+        came)."""
         if admission is None:
             return
-        spent = NOTHING
-        usage = record.spent_usage  # a cache hit spent nothing: it counts as a request only
-        if usage is not None:  # priced by relay (record.cost_usd; None: unpriced)
-            spent = charged(usage, record.cost_usd)
+        spent = NOTHING if usage is None else charged(usage, cost_usd)
         if admission.scopes:
             self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
             self.release(admission)

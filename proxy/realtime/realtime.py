@@ -1,9 +1,11 @@
-"""Realtime over WebSocket: a client's upgrade, authenticated, admitted, connected upstream.
+"""The WebSocket transport: a client's upgrade, checked, admitted, connected upstream.
 
 A WebSocket upgrade on any proxied path (`/v1/realtime?model=…` for OpenAI's Realtime API)
-is authenticated with the virtual key (a credential header, or the subprotocol
-`openai-insecure-api-key.<key>` that browsers send since they cannot set headers), admitted
-by the key's quota, and connected upstream on the app's one `ClientSession` with the real
+comes through the exchange like any request (routed, authenticated with the virtual key: a
+credential header, or the subprotocol `openai-insecure-api-key.<key>` that browsers send
+since they cannot set headers; its ending written and its record settled there). Here its
+models are checked (`named.check`, as for HTTP), it is admitted by the key's quota through
+the exchange, and connected upstream on the app's one `ClientSession` with the real
 key in the provider's header style and the client's subprotocols minus the key entry. The
 provider is the first target of the key's plan for the `model` query parameter (routes
 apply; fallbacks and retries do not: a session cannot be replayed), with the next key of
@@ -14,7 +16,7 @@ gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-op
 REALTIME_MAX_SESSION_SECONDS; a message is at most MAX_BODY_BYTES (1009 past it).
 
 Usage: the provider's `response.done` events carry `response.usage`; each is charged to the
-key's token quota as it arrives (a session may last an hour), priced (`cost_usd`, each
+key's token quota as it arrives (`Exchange.charge`: a session may last an hour), priced (`cost_usd`, each
 response at its own token kinds: text, audio, cached) and summed into the session's one log
 line, written when it ends, with its duration, frames each way and how it ended.
 What it does not do: pass the provider's body when it refuses the upgrade (aiohttp drops
@@ -35,126 +37,80 @@ from aiohttp import WSCloseCode, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import errors
 from proxy.errors import GatewayError
+from proxy.exchange import Exchange
 from proxy.keys.credentials import presented
-from proxy.keys.keys import KeyRing, VirtualKey
-from proxy.keys.lockout import Lockout
-from proxy.observe.logbook import Logbook
-from proxy.observe.metrics import Metrics
+from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
-from proxy.quota.quota import Quota
 from proxy.quota.tracker import Admission
 from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
-from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
-from proxy.relay.peek import Peek, shown
-from proxy.relay.routing import route
+from proxy.record import Outcome, Record
+from proxy.relay import named
+from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.failover import described
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
-from proxy.usage.pricing import Prices
 from proxy.usage.realtime_events import SessionUsage
 
 if TYPE_CHECKING:
-    from proxy.observe.tracing import Tracing
+    from proxy.observe.tracing import Trace
 
 # Browsers cannot set headers on a WebSocket, so OpenAI's browser clients send the key as
 # a subprotocol. The gateway reads it there and never passes it on.
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."
 
 
-def is_upgrade(request: web.Request) -> bool:
-    """True for a WebSocket upgrade request (the one branch at the top of the relay)."""
-    upgrade = request.headers.get("upgrade")  # None on the hot path: one lookup, no more
-    return upgrade is not None and upgrade.strip().lower() == "websocket"
-
-
 class Realtime:
-    """Relays WebSocket sessions; one per app, holding the sessions still open."""
+    """The WebSocket transport; one per app, holding the sessions still open."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        key_ring: KeyRing,
-        lockout: Lockout,
-        quota: Quota,
-        prices: Prices,
-        metrics: Metrics,
-        logbook: Logbook,
-        tracing: Tracing | None = None,  # None: traces off
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._key_ring = key_ring
-        self._lockout = lockout
-        self._quota = quota
-        self._prices = prices
-        self._metrics = metrics
-        self._logbook = logbook
-        self._tracing = tracing
+        self._http: aiohttp.ClientSession | None = None  # set while the app runs (use)
         self.sessions: set[Session] = set()
 
-    async def relay(self, request: web.Request, http: aiohttp.ClientSession) -> web.StreamResponse:
-        """Authenticate, admit, connect upstream, upgrade, carry frames, record."""
-        record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
-        admission: Admission | None = None
-        if self._tracing is not None:
-            record.trace = self._tracing.begin(request)  # traces: the session's server span
-        self._metrics.request_started()
+    def use(self, session: aiohttp.ClientSession | None) -> None:
+        """Connect upstream through `session` (the app's one, while it runs)."""
+        self._http = session
+
+    def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+        """A credential header, else the browser's key subprotocol."""
+        return credentials(headers)
+
+    async def relay(self, exchange: Exchange, key: VirtualKey) -> web.StreamResponse:
+        """Check the models, admit, connect upstream, upgrade, carry frames. Raises GatewayError."""
+        request, record = exchange.request, exchange.record
+        # Every `model` parameter: a provider may read any of them.
+        names = named.in_path(request.method, exchange.tail, request.query)
+        model = names[0] if names else None
+        record.saw_model(model)
+        named.check(key, names)  # 403
+        check_handshake(request)  # 400
+        target = key.plans.choose(model).primary  # 400 (no route serves the model)
+        record.saw_target(target.name, target.provider.name)
+        url = upstream_url(target.provider, exchange.tail, exchange.query)
+        admission = await exchange.admit(Peek(model=model))  # 429, 503
+        upstream = await self._connect(url, target, request, record, exchange.trace)  # 502, 504
         try:
-            sent = credentials(request.headers)
-            key = self._lockout.authenticate(
-                self._key_ring, sent, self._lockout.client_address(request)
-            )  # 401, 429
-            record.key, record.provider = key.name, key.provider.name
-            tail, query = route(request.raw_path)  # 400, 404
-            models = request.query.getall("model", [])  # every one: a provider may read any
-            model = models[0] if models else None
-            record.model = shown(model)  # bounded, no control characters: it is logged
-            for name in models:
-                if not key.allows(name):
-                    raise GatewayError(
-                        403,
-                        "model_not_allowed",
-                        f"This key may not use the model '{shown(name)}'.",
-                        "model",
-                    )
-            check_handshake(request)  # 400
-            target = key.plans.choose(model).primary  # 400 (no route serves the model)
-            record.target, record.provider = target.name, target.provider.name
-            url = upstream_url(target.provider, tail, query)
-            admission = await self._quota.admit(key, Peek(model=model))  # 429, 503
-            upstream = await self._connect(http, url, target, request, record)  # 502, 504, …
-            try:
-                return await self._carry(request, upstream, key, admission, record)
-            finally:
-                await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
-        except GatewayError as error:
-            record.end(error.status, Outcome.REFUSED, error.message)
-            if error.status == 429:
-                self._metrics.quota_rejected(record.key or "none")
-            return errors.render(error, request.path, record.request_id)
-        except asyncio.CancelledError:
-            # The client left (before its upgrade was answered, or during the session).
-            record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-            raise
+            return await self._carry(request, upstream, exchange, admission)
         finally:
-            self._quota.release(admission)  # its in-flight slots, the moment it ends
-            self._settle(record)
+            await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
     async def _connect(
         self,
-        http: aiohttp.ClientSession,
         url: URL,
         target: Target,
         request: web.Request,
         record: Record,
+        trace: Trace | None,
     ) -> aiohttp.ClientWebSocketResponse[Literal[False]]:
         """The provider's end of the session. Raises 502, 504, or the provider's refusal status."""
+        http = self._http
+        assert http is not None, "the app's upstream session is not open"
         timeout = self._settings.request_timeout
         headers = handshake_headers(target, request.headers, record.request_id)
-        if record.trace is not None:  # traces: a client span, its context in the handshake
-            record.trace.attempt("GET", url, headers, target.provider.name, record.model)
+        if trace is not None:  # traces: a client span, its context in the handshake
+            trace.attempt("GET", url, headers, target.provider.name, record.model)
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -171,16 +127,15 @@ class Realtime:
             record.mark_first_byte()  # the provider answered, with a refusal
             status = error.status if error.status >= 400 else 502
             why = f"The provider refused the WebSocket upgrade ({error.status})."
-            record.end(status, Outcome.ANSWERED, why)
-            raise GatewayError(status, "upstream_refused", why) from None
+            raise GatewayError(status, "upstream_refused", why, outcome=Outcome.ANSWERED) from None
         except TimeoutError:
             why = f"The provider did not accept the WebSocket within {timeout:g} seconds."
-            record.end(504, Outcome.TIMEOUT, why)
-            raise GatewayError(504, "upstream_timeout", why) from None
+            raise GatewayError(504, "upstream_timeout", why, outcome=Outcome.TIMEOUT) from None
         except aiohttp.ClientError as error:
             why = f"The provider could not be reached ({described(error)})."
-            record.end(502, Outcome.UNREACHABLE, why)
-            raise GatewayError(502, "upstream_unreachable", why) from None
+            raise GatewayError(
+                502, "upstream_unreachable", why, outcome=Outcome.UNREACHABLE
+            ) from None
         record.mark_first_byte()
         return upstream
 
@@ -188,9 +143,8 @@ class Realtime:
         self,
         request: web.Request,
         upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
-        key: VirtualKey,
+        exchange: Exchange,
         admission: Admission | None,
-        record: Record,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
@@ -202,18 +156,11 @@ class Realtime:
             max_msg_size=self._settings.max_body_bytes,
             timeout=CLOSE_ANSWER_SECONDS,
         )
-        client.headers["x-request-id"] = record.request_id
+        client.headers["x-request-id"] = exchange.record.request_id
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
-
-        def charge(usage: Usage) -> None:
-            cost = self._prices.cost(record.provider, record.model, usage)
-            self._quota.charge(key, usage, cost)
-            if cost is not None:
-                record.cost_usd = (record.cost_usd or 0.0) + cost
-
-        usage = SessionUsage(charge)
+        usage = SessionUsage(exchange.charge)  # each response charged as it comes
         session = Session(
             client,
             upstream,
@@ -227,23 +174,12 @@ class Realtime:
         finally:
             self.sessions.discard(session)
             usage.finish()  # a response cut short is charged what it generated
-            record.usage = usage.total
-            record.websocket = session.tally()
-            record.end(101, Outcome.ANSWERED)
+            exchange.record.saw_session(usage.total, session.tally())
         return client
 
     async def shut(self, app: web.Application) -> None:
         """On shutdown: close every open session with 1001, both ends."""
         await asyncio.gather(*(session.end("shutdown") for session in list(self.sessions)))
-
-    def _settle(self, record: Record) -> None:
-        """The session's one ending: metrics, the log line (tokens were charged live)."""
-        record.finish()
-        self._metrics.request_ended()
-        self._metrics.observe(record)
-        self._logbook.write(record)
-        if record.trace is not None:  # traces: the session's span is as long as the session
-            record.trace.end(record)
 
 
 def offered(headers: CIMultiDictProxy[str]) -> list[str]:

@@ -23,7 +23,7 @@ from proxy.errors import GatewayError
 from proxy.keys.keys import KeyRing
 from proxy.keys.lockout import Lockout
 from proxy.quota.quota import Quota
-from proxy.relay.routing import route
+from proxy.upstream.routing import route
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 

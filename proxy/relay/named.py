@@ -5,7 +5,9 @@ the JSON body's `model` (and each `params.model` of an Anthropic batch), a form'
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
 `deployments/<name>/…`). What cannot be read is `Unreadable`: for a restricted key that is
-a 403, never a pass: a name the gateway cannot see must not slip past allowed_models. This module finds names; `peek.validate` judges them.
+a 403, never a pass: a name the gateway cannot see must not slip past allowed_models. This
+module finds the names and judges them (`check`): the one allowed_models check of every
+request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from multipart import (  # type: ignore[import-untyped]  # multipart ships no ty
     PushMultipartParser,
     parse_options_header,
 )
+
+from proxy.errors import GatewayError
+from proxy.keys.keys import VirtualKey
+from proxy.record import shown
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.
@@ -85,3 +91,36 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # Gemini's native paths add the method after a colon: models/gemini-pro:generateContent
             models.append(unquote(segment).partition(":")[0])
     return models
+
+
+def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> None:
+    """Every model named is one the key may use, and none is out of sight. Raises 403.
+
+    `unreadable`: where the request may name a model the gateway could not read. A key
+    without allowed_models may use any model.
+    """
+    if key.allowed_models is None:
+        return
+    for name in names:
+        if not isinstance(name, str):
+            raise GatewayError(
+                403,
+                "model_not_allowed",
+                "This key may use only some models, and 'model' here is not a string.",
+                "model",
+            )
+        if not key.allows(name):
+            raise GatewayError(
+                403,
+                "model_not_allowed",
+                f"This key may not use the model '{shown(name)}'.",
+                "model",
+            )
+    if unreadable is not None:
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            "This key may use only some models, and the gateway cannot check the model of "
+            f"this request ({unreadable}): send JSON, or a form with a 'model' field.",
+            "model",
+        )

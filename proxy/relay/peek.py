@@ -8,7 +8,6 @@ sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,6 @@ from proxy.usage import estimate
 # the provider would refuse them anyway, and the gateway refuses them without a round trip.
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
-# A model as logged: clients choose it, so control characters go and the length is bounded.
-MODEL_CHARS = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +99,17 @@ def validate(
         unreadable = unreadable or str(error)
     model = next((name for name in names if isinstance(name, str)), None)
     is_stream = document is not None and document.get("stream") is True
-    record.model, record.is_stream = shown(model), is_stream
-    if document is not None and "background" in document and tail.endswith("responses"):
-        # Answered queued, usage null: its tokens come with a later GET (background.py).
-        record.is_background = document["background"] is True
+    # A background Response answers queued, usage null: its tokens come with a later GET.
+    is_background = (
+        document is not None
+        and tail.endswith("responses")
+        and document.get("background", False) is True
+    )
+    record.saw_model(model, is_stream, is_background)
     if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
         _check_chat(document)
     if is_restricted:
-        _check_models(key, names, unreadable)
+        named.check(key, names, unreadable)
     if document is None or not key.reserves:  # nothing to reserve: no need to measure
         return Peek(model=model, is_stream=is_stream)
     return Peek(
@@ -128,14 +127,6 @@ def _output_cap(document: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def shown(model: str | None) -> str | None:
-    """A model name as a client sent it, fit for a log line: no control characters, bounded."""
-    if model is None:
-        return None
-    model = _CONTROL.sub("\ufffd", model[: MODEL_CHARS + 1])
-    return model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "…"
 
 
 def _document(tail: str, request: web.Request, body: bytes) -> dict[str, Any] | None:
@@ -175,31 +166,4 @@ def _check_chat(document: dict[str, Any]) -> None:
     if not isinstance(messages, list) or not messages:
         raise GatewayError(
             400, "missing_field", "'messages' must be a non-empty array.", "messages"
-        )
-
-
-def _check_models(key: VirtualKey, names: list[Any], unreadable: str | None) -> None:
-    """Every model named is one the key may use, and none is out of sight. Raises 403."""
-    for name in names:
-        if not isinstance(name, str):
-            raise GatewayError(
-                403,
-                "model_not_allowed",
-                "This key may use only some models, and 'model' here is not a string.",
-                "model",
-            )
-        if not key.allows(name):
-            raise GatewayError(
-                403,
-                "model_not_allowed",
-                f"This key may not use the model '{shown(name)}'.",
-                "model",
-            )
-    if unreadable is not None:
-        raise GatewayError(
-            403,
-            "model_not_allowed",
-            "This key may use only some models, and the gateway cannot check the model of "
-            f"this request ({unreadable}): send JSON, or a form with a 'model' field.",
-            "model",
         )

@@ -1,55 +1,43 @@
-"""The request path, in order: authenticate → validate → admit → forward → stream back → record.
+"""The HTTP transport, in order: read the body → peek → admit → (cache) → forward → stream back.
 
-One relay serves every proxied path; providers differ by data (`providers.py`), and where
-a key's requests may go is data too (`targets.py`), walked by one attempt loop
-(`failover.py`). The bytes the client sent are the bytes that go upstream, and the
-provider's bytes go back as they arrive, chunk by chunk. Each step's module owns its
-details; this one owns their order and the guarantee that every request ends in exactly
-one settled `Record`, whose ending (`Record.end`) is written once, where it happens.
+One relay serves every proxied HTTP path; the exchange has routed and authenticated the
+request before, and writes its ending and settles it after. Providers differ by data
+(`providers.py`), and where a key's requests may go is data too (`targets.py`), walked by
+one attempt loop (`failover.py`). The bytes the client sent are the bytes that go
+upstream, and the provider's bytes go back as they arrive, chunk by chunk. What the relay
+learns goes on the record as facts (`saw_model`, `saw_answer`); how the request ended
+travels up as an exception carrying its outcome (`GatewayError` before the answer began,
+`Cut` after), or as the response returned.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import errors
-from proxy.cache.cache import Cache, Lookup
+from proxy.cache.cache import Lookup
 from proxy.cache.entry import Entry
 from proxy.cache.replay import replay, response_for
-from proxy.errors import GatewayError
-from proxy.keys.keys import KeyRing, VirtualKey
-from proxy.keys.lockout import Lockout
-from proxy.observe.logbook import Logbook
-from proxy.observe.metrics import Metrics
+from proxy.errors import Cut, GatewayError
+from proxy.exchange import Exchange
+from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
-from proxy.quota.quota import Quota
 from proxy.quota.tracker import Admission
-from proxy.realtime.realtime import Realtime, is_upgrade
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.expect import awaits_continue
 from proxy.relay.peek import read_body, validate
-from proxy.relay.routing import route
 from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
-from proxy.usage import background, openai_chat
+from proxy.usage import openai_chat
 from proxy.usage.openai_chat import UsageChunkFilter
-from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory, UsageTap, charged
-
-if TYPE_CHECKING:
-    from proxy.observe.tracing import Tracing
-
-log = logging.getLogger("llm_gateway")
 
 # Bodies of known length up to this size are read whole and sent in one write; a stream
 # (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
@@ -63,98 +51,41 @@ UNTYPED = web.ResponseKey("untyped", bool)
 
 
 class Relay:
-    """The handler of every proxied request, with the concerns it calls in order."""
+    """The transport of every proxied HTTP request, with the concerns it calls in order."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        key_ring: KeyRing,
-        lockout: Lockout,
-        quota: Quota,
-        failover: Failover,
-        prices: Prices,
-        metrics: Metrics,
-        logbook: Logbook,
-        realtime: Realtime,
-        tap_memory: TapMemory,
-        tracing: Tracing | None = None,  # None: traces off
-        cache: Cache | None = None,  # None: no key's answers are cached
-    ) -> None:
+    def __init__(self, settings: Settings, failover: Failover, tap_memory: TapMemory) -> None:
         self.settings = settings
-        self.key_ring = key_ring
-        self.lockout = lockout
-        self.quota = quota
         self.failover = failover
-        self.prices = prices
-        self.metrics = metrics
-        self.logbook = logbook
-        self.realtime = realtime
         self.tap_memory = tap_memory
-        self.tracing = tracing
-        self.cache = cache
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Authenticate, validate, admit, forward, stream back, record."""
-        if is_upgrade(request):  # a WebSocket session (Realtime API): relayed frame by frame
-            assert self.failover.session is not None
-            return await self.realtime.relay(request, self.failover.session)
-        settings = self.settings
-        record = Record.begin(request.headers.get("x-request-id"), request.method, request.path)
-        key: VirtualKey | None = None
-        admission: Admission | None = None
-        found: Lookup | None = None  # what the cache did, for keys with a cache
-        if self.tracing is not None:
-            record.trace = self.tracing.begin(request)  # traces: the request's server span
-        self.metrics.request_started()
-        try:
-            tail, query = route(request.raw_path)  # 400, 404, 405
-            ring, limit = self.key_ring, settings.max_body_bytes
-            client = self.lockout.client_address(request)
-            key = self.lockout.authenticate(ring, request.headers, client)  # 401, 429
-            record.key, record.provider = key.name, key.provider.name
-            # 429 before a large body is read, or any body the client holds back (Expect)
-            self.quota.precheck(key, None if awaits_continue(request) else request.content_length)
-            body = await read_body(request, limit)  # 400, 413
-            peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
-            plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
-            if settings.log_bodies:
-                record.request_body = body
-            sent = body  # the client's own bytes: what names a cached answer
-            body, asked = openai_chat.amended(key, tail, request.headers, body, peek.is_stream)
-            admission = await self.quota.admit(key, peek)  # 429, 503
-            if key.cache is not None and self.cache is not None:
-                # A stored answer, or an identical request's in flight: never upstream.
-                found = await self.cache.lookup(
-                    key, request.method, tail, query, request.headers, sent
-                )
-                record.cache = found.cached
-                if found.entry is not None:
-                    return await self.answer_hit(request, found.entry, admission, record)
-            async with self.failover.forward(request, plan, tail, query, body, record) as reply:
-                return await self.stream_back(
-                    request, reply, plan, body, record, admission, asked, found
-                )
-        except GatewayError as error:
-            record.end(error.status, Outcome.REFUSED, error.message)
-            if error.status == 429 and key is not None:  # not a lockout's 429: no key yet
-                self.metrics.quota_rejected(key.name)
-            return errors.render(error, request.path, record.request_id)
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client disconnects (handler_cancellation).
-            record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-            raise
-        except Exception:
-            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
-            log.exception("internal error on %s %s", request.method, request.path)
-            record.end(500, Outcome.INTERNAL, "internal error")
-            failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
-            return errors.render(failure, request.path, record.request_id)
-        finally:
-            try:
-                if record.stored is not None and key is not None:  # a background response:
-                    await background.owe_or_claim(self.quota, key, record)  # owed, or charged
-            finally:  # also when the client's leaving cancels the handler meanwhile
-                self.settle(record, key, admission, found)
+    def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+        """An HTTP client presents its key in a header."""
+        return headers
+
+    async def relay(self, exchange: Exchange, key: VirtualKey) -> web.StreamResponse:
+        """Read and peek the body, admit, forward, stream back. Raises GatewayError, Cut."""
+        settings, request, record = self.settings, exchange.request, exchange.record
+        tail, limit = exchange.tail, settings.max_body_bytes
+        # 429 before a large body is read, or any body the client holds back (Expect)
+        exchange.precheck(None if awaits_continue(request) else request.content_length)
+        body = await read_body(request, limit)  # 400, 413
+        peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
+        plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
+        if settings.log_bodies:
+            record.saw_request_body(body)
+        sent = body  # the client's own bytes: what names a cached answer
+        body, asked = openai_chat.amended(key, tail, request.headers, body, peek.is_stream)
+        admission = await exchange.admit(peek)  # 429, 503
+        found = None if key.cache is None else await exchange.look_up(sent)
+        if found is not None and found.entry is not None:  # a stored answer: never upstream
+            return await self.answer_hit(request, found.entry, admission, record)
+        trace = exchange.trace
+        on_attempt = None if trace is None else trace.attempt
+        forward = self.failover.forward
+        async with forward(request, plan, tail, exchange.query, body, record, on_attempt) as reply:
+            return await self.stream_back(
+                request, reply, plan, body, record, admission, asked, found
+            )
 
     async def stream_back(
         self,
@@ -209,25 +140,24 @@ class Relay:
                     await response.write_eof()
                     return response
             except ConnectionResetError:  # the client left before its answer went out
-                record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-                return response
+                raise Cut(
+                    CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection"
+                ) from None
             # After prepare() the status is sent: a failure can only end the stream.
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
-            await relay_body(request, reply, response, tap, record, idle, withheld, collect)
+            await relay_body(reply, response, tap, record, idle, withheld, collect)
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
-            _cut(request, record, status, Outcome.BROKEN, why)
+            raise Cut(status, Outcome.BROKEN, why) from None
         finally:
             # Also for a client that left: what it received was produced, and is charged.
             if status < 400:
-                record.usage = tap.usage(body)
-                record.response_model = tap.model
-                record.stored = tap.stored
-            record.response_text = tap.text
-        return web.Response(status=status)  # not sent: the connection is closed
+                record.saw_answer(tap.usage(body), tap.model, tap.stored, tap.text)
+            else:
+                record.saw_answer(None, text=tap.text)
 
     async def answer_hit(
         self, request: web.Request, entry: Entry, admission: Admission | None, record: Record
@@ -243,34 +173,6 @@ class Relay:
             response[UNTYPED] = True  # see keep_untyped
         await replay(request, response, entry, record)
         return response
-
-    def settle(
-        self,
-        record: Record,
-        key: VirtualKey | None,
-        admission: Admission | None,
-        found: Lookup | None = None,
-    ) -> None:
-        """The one ending of every request: cost, quota, cache, breakers, metrics, the log, traces.
-
-        A cache hit is priced (what it would have cost, for its log line) but charges nothing.
-        """
-        record.finish()
-        self.metrics.request_ended()
-        record.cost_usd = self.prices.cost(
-            record.provider, record.model, record.usage, record.response_model
-        )
-        if key is not None:
-            self.quota.settle(key, admission, record)  # the reservation becomes the real count
-        if found is not None and self.cache is not None:
-            self.cache.settle(found, record)  # a miss's answer stored, if storable
-        if record.outcome is Outcome.BROKEN and record.target is not None:
-            breakers = self.failover.breakers
-            breakers[record.target].failed(breakers.clock(), record.error or "broken")
-        self.metrics.observe(record)
-        self.logbook.write(record)
-        if record.trace is not None:  # traces: after the last byte (a stream's span is its length)
-            record.trace.end(record)
 
 
 def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
@@ -297,21 +199,22 @@ async def send_whole(
         data = await read_whole(reply, idle)
     except TimeoutError:
         why = f"the provider sent nothing for {idle:g} seconds"
-        record.end(504, Outcome.TIMEOUT, why)
+        message = why[0].upper() + why[1:] + "."
         raise GatewayError(
-            504, "upstream_timeout", f"The provider sent nothing for {idle:g} seconds."
+            504, "upstream_timeout", message, outcome=Outcome.TIMEOUT, why=why
         ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         why = f"the provider broke off its answer ({error.__class__.__name__})"
-        record.end(502, Outcome.BROKEN, why)
-        raise GatewayError(502, "upstream_broken", why[0].upper() + why[1:] + ".") from None
+        message = why[0].upper() + why[1:] + "."
+        raise GatewayError(
+            502, "upstream_broken", message, outcome=Outcome.BROKEN, why=why
+        ) from None
     finally:
         record.waited_upstream(asked)
     record.mark_first_byte()
     tap.feed(data)
     if collect is not None:
         collect(data)
-    record.end(reply.status, Outcome.ANSWERED)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
 
@@ -345,7 +248,6 @@ async def keep_untyped(request: web.Request, response: web.StreamResponse) -> No
 
 
 async def relay_body(
-    request: web.Request,
     reply: aiohttp.ClientResponse,
     response: web.StreamResponse,
     tap: UsageTap,
@@ -355,7 +257,8 @@ async def relay_body(
     collect: Callable[[bytes], None] | None = None,
 ) -> None:
     """Each chunk to the client first (less a `withheld` usage chunk), then to the usage tap
-    (and to the cache's `collect`, what the client got); the record says how it ended.
+    (and to the cache's `collect`, what the client got). Raises Cut when the stream ends
+    early (the provider's silence, the client's leaving).
 
     One deadline serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
@@ -388,21 +291,10 @@ async def relay_body(
             if collect is not None:
                 collect(rest)
     except ConnectionResetError:  # the client left: not the provider's failure
-        record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-        return
+        raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except TimeoutError:
         if is_writing:  # a client that stopped reading: its own ending, not the provider's
             why = f"the client read nothing for {idle:g} seconds"
-            _cut(request, record, CLIENT_CLOSED, Outcome.CLIENT_LEFT, why)
-        else:
-            why = f"the provider sent nothing for {idle:g} seconds"
-            _cut(request, record, status, Outcome.TIMEOUT, why)
-        return
-    record.end(status, Outcome.ANSWERED)
-
-
-def _cut(request: web.Request, record: Record, status: int, outcome: Outcome, why: str) -> None:
-    """End a stream the provider failed: close the connection, so the client sees it cut."""
-    record.end(status, outcome, why)
-    if request.transport is not None:
-        request.transport.close()
+            raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
+        why = f"the provider sent nothing for {idle:g} seconds"
+        raise Cut(status, Outcome.TIMEOUT, why) from None

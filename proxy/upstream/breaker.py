@@ -10,8 +10,10 @@ every other request skips the target, so an outage never sees a burst of probes.
 A failure is the provider's: unreachable, no headers in time, a body cut short, or a
 status that says it is failing (408, 500, 502, 503, 504, 529). A 429 is about a key, not
 the target (the pool sets that key aside), and a 4xx is about the request: neither counts,
-and a client that left tells nothing. Breakers live in one process (each worker learns on
-its own), and are read by /health and the breaker-state metric.
+and a client that left tells nothing (`abstain`: a probe that learned nothing gives its
+turn back). Breakers live in one process (each worker learns on its own), and are read by
+/health and the breaker-state metric. Only their own verbs change them: `admits`,
+`succeeded`, `failed`, `abstain`, and `Breakers.report_broken` for a body cut short.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class Breaker:
                 bucket[0] = -1
             self._move(CLOSED)
 
+    def abstain(self) -> None:
+        """The attempt told nothing about the target (a 429 or a refused key is about the key,
+        a client that left about the client): a half-open probe gives its turn back."""
+        self.probing = False
+
     def failed(self, now: float, why: str) -> None:
         self.failures_in_a_row += 1
         self.last_failure, self.last_error = now, why[:LAST_ERROR_CHARS]
@@ -152,6 +159,10 @@ class Breakers:
         self._breakers[name] = breaker
         self._on_change(name, CLOSED)
         return breaker
+
+    def report_broken(self, name: str, why: str) -> None:
+        """The target answered, then cut its body short: a failure of the target's."""
+        self[name].failed(self.clock(), why)
 
     def items(self) -> Iterable[tuple[str, Breaker]]:
         return self._breakers.items()

@@ -40,13 +40,18 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.errors import GatewayError
 from proxy.record import Attempt, Outcome, Record
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.targets import Credential, Plan, Target
+
+# Told of each attempt before it is sent (method, url, headers, provider, model): a trace's
+# client span, whose context it writes into the headers (observe/tracing.py).
+OnAttempt = Callable[[str, URL, CIMultiDict[str], str, str | None], None]
 
 RETRYABLE = frozenset((408, 429, 500, 502, 503, 504, 529))
 KEY_REFUSED = frozenset((401, 403))
@@ -95,17 +100,18 @@ class _Walk:
     kept: StoredAnswer | None = None
     failure: Failed | None = None
     is_over: bool = False
+    on_attempt: OnAttempt | None = None  # None: traces off
 
-    def give_up(self, record: Record) -> Reply:
-        """The last provider answer; else the gateway's 502/504, recorded where it happens."""
+    def give_up(self) -> Reply:
+        """The last provider answer; else the gateway's 502/504, carrying how it failed."""
         if self.kept is not None:
             return self.kept
         assert self.failure is not None, "a plan has at least one target and one key"
         failure = self.failure
         status = 504 if failure.outcome is Outcome.TIMEOUT else 502
-        record.end(status, failure.outcome, failure.why)
         code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        raise GatewayError(status, code, failure.why[0].upper() + failure.why[1:] + ".")
+        message = failure.why[0].upper() + failure.why[1:] + "."
+        raise GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
 
 
 class Failed(Exception):
@@ -129,17 +135,31 @@ class Failover:
     ) -> None:
         self.policy = policy
         self.breakers = breakers
-        self.session: aiohttp.ClientSession | None = None  # set while the app runs
+        self._session: aiohttp.ClientSession | None = None  # set while the app runs (use)
         self._max_body_bytes = max_body_bytes
         self._sleep = sleep
         self._jitter = jitter
 
+    def use(self, session: aiohttp.ClientSession | None) -> None:
+        """Send through `session` (the app's one, while it runs; None once it closed)."""
+        self._session = session
+
     @asynccontextmanager
     async def forward(
-        self, request: web.Request, plan: Plan, tail: str, query: str, body: bytes, record: Record
+        self,
+        request: web.Request,
+        plan: Plan,
+        tail: str,
+        query: str,
+        body: bytes,
+        record: Record,
+        on_attempt: OnAttempt | None = None,
     ) -> AsyncIterator[Reply]:
-        """Yield the answer to pass on. Raises 502/504 when no provider answered."""
-        reply = await self._walk(request, plan, tail, query, body, record)
+        """Yield the answer to pass on. Raises 502/504 when no provider answered.
+
+        `on_attempt`: told of each attempt before it goes (None: traces off).
+        """
+        reply = await self._walk(request, plan, tail, query, body, record, on_attempt)
         try:
             yield reply
         finally:
@@ -148,7 +168,14 @@ class Failover:
             reply.close()
 
     async def _walk(
-        self, request: web.Request, plan: Plan, tail: str, query: str, body: bytes, record: Record
+        self,
+        request: web.Request,
+        plan: Plan,
+        tail: str,
+        query: str,
+        body: bytes,
+        record: Record,
+        on_attempt: OnAttempt | None,
     ) -> Reply:
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
@@ -159,10 +186,11 @@ class Failover:
                 record.request_id, self._max_body_bytes,
             )  # fmt: skip
             try:
-                return await self._attempt(outbound, target.pool.credentials[0], record)
+                credential = target.pool.credentials[0]
+                return await self._attempt(outbound, credential, record, on_attempt)
             except Failed as failed:
-                return _Walk(0.0, failure=failed).give_up(record)
-        walk = _Walk(self.breakers.clock() + self.policy.deadline_seconds)
+                return _Walk(0.0, failure=failed).give_up()
+        walk = _Walk(self.breakers.clock() + self.policy.deadline_seconds, on_attempt=on_attempt)
         header = self.policy.sticky_header
         sticky = request.headers.get(header) if header else None
         breakers, tried_any = self.breakers, False
@@ -182,7 +210,7 @@ class Failover:
             reply = await self._on_target(target, request, tail, query, body, sticky, record, walk)
             if reply is not None:
                 return reply
-        return walk.give_up(record)
+        return walk.give_up()
 
     async def _on_target(
         self,
@@ -208,7 +236,7 @@ class Failover:
                 return None
             retry = policy.attempts - retries
             try:
-                reply = await self._attempt(outbound, credential, record)
+                reply = await self._attempt(outbound, credential, record, walk.on_attempt)
             except Failed as failed:
                 walk.failure, wait = failed, self._backoff(retry)
             else:
@@ -237,23 +265,26 @@ class Failover:
         return None
 
     async def _attempt(
-        self, outbound: Outbound, credential: Credential, record: Record
+        self,
+        outbound: Outbound,
+        credential: Credential,
+        record: Record,
+        on_attempt: OnAttempt | None,
     ) -> aiohttp.ClientResponse:
         """One request to one target with one key. Raises Failed."""
-        assert self.session is not None, "the app's upstream session is not open"
+        session = self._session
+        assert session is not None, "the app's upstream session is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
-        record.target, record.provider = target.name, target.provider.name
+        record.saw_target(target.name, target.provider.name)
         outbound.use(credential)
-        if record.trace is not None:  # traces: a client span, its context in the headers
+        if on_attempt is not None:  # traces: a client span, its context in the headers
             model = target.model or record.model
-            record.trace.attempt(
-                outbound.method, outbound.url, outbound.headers, target.provider.name, model
-            )
+            on_attempt(outbound.method, outbound.url, outbound.headers, target.provider.name, model)
         asked = time.perf_counter()
         try:
             async with asyncio.timeout(self.policy.request_timeout):
-                reply = await self.session.request(
+                reply = await session.request(
                     outbound.method,
                     outbound.url,
                     headers=outbound.headers,
@@ -269,11 +300,11 @@ class Failover:
         except aiohttp.ClientError as error:
             failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}")
         except asyncio.CancelledError:
-            breaker.probing = False  # a client that left says nothing about the target
+            breaker.abstain()  # a client that left says nothing about the target
             raise
         else:
             ms = record.waited_upstream(asked)
-            record.attempts.append(
+            record.add_attempt(
                 Attempt(
                     target.name,
                     target.provider.name,
@@ -287,12 +318,12 @@ class Failover:
             if reply.status in RETRYABLE and reply.status != 429:
                 breaker.failed(now(), f"{reply.status} from {_where(target)}")
             elif reply.status in RETRYABLE or reply.status in KEY_REFUSED:
-                breaker.probing = False  # about a key, not the target
+                breaker.abstain()  # about a key, not the target
             else:
                 breaker.succeeded(now())
             return reply
         ms = record.waited_upstream(asked)
-        record.attempts.append(
+        record.add_attempt(
             Attempt(
                 target.name,
                 target.provider.name,

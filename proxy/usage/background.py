@@ -7,7 +7,7 @@ its real usage. So the POST is charged nothing, and its key is remembered to owe
 response (`Quota.owe`, in the tracker, for OWED_SECONDS); the first GET by the same key
 that finds it finished with a usage claims it (`Quota.claim`: exactly once, across every
 process sharing Redis) and is charged that usage, priced for the POST's provider and
-model, as any request is (`relay.settle`). Any other GET is charged nothing, as before:
+model, as any request is (the exchange's settle: this step runs first, then the sinks). Any other GET is charged nothing, as before:
 polled again, fetched by another key, or never owed. A cancel (POST
 /v1/responses/{id}/cancel) claims it the same way, when its answer carries a usage: so a
 response cancelled and then fetched is charged once. A background request that streams
@@ -15,7 +15,7 @@ is charged by its `response.completed`, which carries the usage; a stream cut be
 (the client left: the response runs on, to be resumed by `GET ...?stream=true`) is owed
 like a queued answer, charged nothing then and its whole usage when fetched finished.
 
-The step runs once the answer has gone out (`relay`): a client could in principle poll
+The step runs once the answer has gone out (the exchange): a client could in principle poll
 before its key is marked as owing the response, but its poll must first reach the provider
 and back, while the mark is one Redis write already sent; a response that early is still
 queued anyway.
@@ -68,5 +68,5 @@ async def _owe_or_claim(quota: Quota, key: VirtualKey, record: Record) -> None:
     elif stored.is_finished and stored.usage is not None:  # a GET by id, or a cancel
         claimed = await quota.claim(key, stored.id)
         if claimed is not None:
-            record.provider, record.model = orjson.loads(claimed)
-            record.usage = stored.usage
+            provider, model = orjson.loads(claimed)
+            record.saw_claim(provider, model, stored.usage)

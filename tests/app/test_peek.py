@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.encodings import decode_body as readable
 from proxy.errors import GatewayError
-from proxy.relay.peek import MODEL_CHARS
+from proxy.record import MODEL_CHARS
 from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
 

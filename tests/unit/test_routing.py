@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import GatewayError
-from proxy.relay.routing import route
+from proxy.upstream.routing import route
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ provider sees the same bytes; anything that could move the request off the provi
 base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
 empty segment, a control character) is refused with 400 before it goes anywhere. Any other
 path gets 404 naming the proxied ones; the gateway's own endpoints, reached here only with
-a method they do not serve, get 405. Routing needs no key: `relay` routes first.
+a method they do not serve, get 405. Routing needs no key: the exchange routes first.
 """
 
 from __future__ import annotations

@@ -1,0 +1,292 @@
+"""One request's life, for HTTP and WebSocket alike: begin → route → authenticate → relay → settle.
+
+`Entrance.handle` is the handler of every proxied request. It picks the transport (a
+WebSocket upgrade goes to `realtime`, any other request to `relay`) and runs one `Exchange`,
+which begins the record (and the trace, and the in-flight gauge), routes (no key needed),
+authenticates, and hands itself and the key to the transport. The transport reads what it
+needs, asks the exchange to admit (`precheck`, `admit`: a quota refusal is counted there,
+so never a lockout's 429 nor one of key "none"), and relays.
+
+Whatever happens, the exchange alone writes the record's ending, once:
+
+    the transport returned a response   its status, answered (a session: 101)
+    GatewayError                        its status and outcome; answered in the dialect
+    Cut (an answer under way ended)     its status and outcome; the connection is closed
+    CancelledError (the client left)    499 client_left; an open WebSocket session: 101
+    any other exception (a bug)         500 internal, logged with its traceback, answered
+                                        in the dialect (or the connection closed, when the
+                                        answer had begun)
+
+A key with a response cache is looked up (`look_up`) after admission, before upstream: a
+hit is answered from stored bytes, charged nothing (it counts as a request).
+
+Then it settles: a background Response is owed or claimed (`usage.background`, which may
+wait on the tracker), then the sinks, each called once, in this order: price → quota charge
+→ cache store → breaker report → metrics → log → trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy import errors
+from proxy.cache.cache import Cache, Lookup
+from proxy.errors import Cut, GatewayError
+from proxy.keys.keys import KeyRing, VirtualKey
+from proxy.keys.lockout import Lockout
+from proxy.observe.logbook import Logbook
+from proxy.observe.metrics import Metrics
+from proxy.quota.quota import Quota
+from proxy.quota.subjects import QuotaRequest
+from proxy.quota.tracker import Admission
+from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
+from proxy.upstream.breaker import Breakers
+from proxy.upstream.routing import route
+from proxy.usage import background
+from proxy.usage.pricing import Prices
+
+if TYPE_CHECKING:
+    from proxy.observe.tracing import Trace, Tracing
+
+log = logging.getLogger("llm_gateway")
+
+
+def is_upgrade(request: web.Request) -> bool:
+    """True for a WebSocket upgrade request."""
+    upgrade = request.headers.get("upgrade")  # None on the hot path: one lookup, no more
+    return upgrade is not None and upgrade.strip().lower() == "websocket"
+
+
+class Transport(Protocol):
+    """How requests of one kind reach the provider: HTTP (`relay`) or WebSocket (`realtime`)."""
+
+    def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+        """Where this transport's client presents its virtual key."""
+        ...
+
+    async def relay(self, exchange: Exchange, key: VirtualKey) -> web.StreamResponse:
+        """Admit (through `exchange`), forward, answer. Raises GatewayError, Cut."""
+        ...
+
+
+class Entrance:
+    """Every proxied request enters here; holds what an exchange needs, built once."""
+
+    def __init__(
+        self,
+        *,
+        key_ring: KeyRing,
+        lockout: Lockout,
+        quota: Quota,
+        prices: Prices,
+        breakers: Breakers,
+        metrics: Metrics,
+        logbook: Logbook,
+        http: Transport,
+        websocket: Transport,
+        cache: Cache | None = None,  # None: no key's answers are cached
+        tracing: Tracing | None = None,  # None: traces off
+    ) -> None:
+        self.key_ring = key_ring
+        self.lockout = lockout
+        self.quota = quota
+        self.prices = prices
+        self.breakers = breakers
+        self.metrics = metrics
+        self.logbook = logbook
+        self.cache = cache
+        self.tracing = tracing
+        self._http = http
+        self._websocket = websocket
+        # The settle, in its one order.
+        sinks: list[Callable[[Exchange], None]] = [self._price, self._charge]
+        if cache is not None:
+            sinks.append(self._store)
+        sinks += [self._report_breaker, self._observe, self._log]
+        if tracing is not None:
+            sinks.append(self._end_trace)
+        self._sinks = tuple(sinks)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The one handler of every proxied path."""
+        transport = self._websocket if is_upgrade(request) else self._http
+        return await Exchange(self, request).run(transport)
+
+    def settle(self, exchange: Exchange) -> None:
+        """The request's one settle: each sink once, in order."""
+        exchange.record.finish()
+        self.metrics.request_ended()
+        for sink in self._sinks:
+            sink(exchange)
+
+    def _price(self, exchange: Exchange) -> None:
+        record = exchange.record
+        if exchange.is_charged_live:  # each response was priced as it came
+            record.priced(exchange.live_cost_usd)
+            return
+        record.priced(
+            self.prices.cost(record.provider, record.model, record.usage, record.response_model)
+        )
+
+    def _charge(self, exchange: Exchange) -> None:
+        key, record = exchange.key, exchange.record
+        if key is not None:  # the reservation becomes the real count
+            # A cache hit spent nothing, and a session's responses were charged as they came.
+            usage = None if exchange.is_charged_live else record.spent_usage
+            self.quota.settle(key, exchange.admission, usage, record.cost_usd)
+
+    def _store(self, exchange: Exchange) -> None:
+        if exchange.found is not None and self.cache is not None:
+            self.cache.settle(exchange.found, exchange.record)  # a miss's answer, if storable
+
+    def _report_breaker(self, exchange: Exchange) -> None:
+        record = exchange.record
+        if record.outcome is Outcome.BROKEN and record.target is not None:
+            self.breakers.report_broken(record.target, record.error or "broken")
+
+    def _observe(self, exchange: Exchange) -> None:
+        self.metrics.observe(exchange.record)
+
+    def _log(self, exchange: Exchange) -> None:
+        self.logbook.write(exchange.record)
+
+    def _end_trace(self, exchange: Exchange) -> None:
+        if exchange.trace is not None:  # after the last byte: a stream's span is its length
+            exchange.trace.end(exchange.record)
+
+
+class Exchange:
+    """One request: its record, its key once known, its admission; and the steps it offers."""
+
+    __slots__ = (
+        "_entrance",
+        "admission",
+        "found",
+        "is_charged_live",
+        "key",
+        "live_cost_usd",
+        "query",
+        "record",
+        "request",
+        "tail",
+        "trace",
+    )
+
+    def __init__(self, entrance: Entrance, request: web.Request) -> None:
+        self._entrance = entrance
+        self.request = request
+        self.record = Record.begin(
+            request.headers.get("x-request-id"), request.method, request.path
+        )
+        tracing = entrance.tracing
+        self.trace: Trace | None = None if tracing is None else tracing.begin(request)
+        self.key: VirtualKey | None = None
+        self.admission: Admission | None = None
+        self.found: Lookup | None = None  # what the response cache did, for keys with one
+        self.tail = self.query = ""
+        self.is_charged_live = False
+        self.live_cost_usd: float | None = None
+
+    async def run(self, transport: Transport) -> web.StreamResponse:
+        """Route, authenticate, relay; write the ending; settle."""
+        entrance, request, record = self._entrance, self.request, self.record
+        entrance.metrics.request_started()
+        try:
+            self.tail, self.query = route(request.raw_path)  # 400, 404, 405
+            credentials = transport.credentials(request.headers)
+            lockout = entrance.lockout
+            address = lockout.client_address(request)
+            key = lockout.authenticate(entrance.key_ring, credentials, address)  # 401, 429
+            self.key = key
+            record.saw_key(key.name, key.provider.name)
+            response = await transport.relay(self, key)
+            record.end(response.status, Outcome.ANSWERED)
+            return response
+        except GatewayError as error:
+            record.end(error.status, error.outcome, error.why)
+            return errors.render(error, request.path, record.request_id)
+        except Cut as cut:
+            record.end(cut.status, cut.outcome, cut.why)
+            return _closed(request, cut.status)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client disconnects (handler_cancellation).
+            if record.is_session:  # a session that opened was answered, whoever ended it
+                record.end(101, Outcome.ANSWERED)
+            else:
+                record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
+            raise
+        except Exception:
+            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
+            log.exception("internal error on %s %s", request.method, request.path)
+            record.end(500, Outcome.INTERNAL, "internal error")
+            if request.writer.output_size:  # the answer had begun: it can only be cut
+                return _closed(request, 500)
+            failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
+            return errors.render(failure, request.path, record.request_id)
+        finally:
+            try:
+                if record.stored is not None and self.key is not None:
+                    await background.owe_or_claim(entrance.quota, self.key, record)
+            finally:  # also when the client's leaving cancels the handler meanwhile
+                entrance.settle(self)
+
+    def precheck(self, body_bytes: int | None) -> None:
+        """Before a large body is read: 429 for a key known to be refused right now."""
+        assert self.key is not None
+        try:
+            self._entrance.quota.precheck(self.key, body_bytes)
+        except GatewayError:
+            self._entrance.metrics.quota_rejected(self.key.name)
+            raise
+
+    async def admit(self, peek: QuotaRequest) -> Admission | None:
+        """Admit the request by its key's quota and budget. Raises 429, 503.
+
+        None: nothing to settle (the tracker was lost and the request let through).
+        """
+        assert self.key is not None
+        try:
+            self.admission = await self._entrance.quota.admit(self.key, peek)
+        except GatewayError as error:
+            if error.status == 429:
+                self._entrance.metrics.quota_rejected(self.key.name)
+            raise
+        return self.admission
+
+    async def look_up(self, body: bytes) -> Lookup | None:
+        """The response cache's answer for this request (`body`: as the client sent it): a
+        hit to replay, a miss whose answer is collected to store, or a bypass. None: the key
+        has no cache. Never raises."""
+        cache, key = self._entrance.cache, self.key
+        if cache is None or key is None or key.cache is None:
+            return None
+        request = self.request
+        self.found = found = await cache.lookup(
+            key, request.method, self.tail, self.query, request.headers, body
+        )
+        self.record.saw_cache(found.cached)
+        return found
+
+    def charge(self, usage: Usage) -> None:
+        """Charge one response's usage as it comes (a session may last an hour), priced."""
+        entrance, record = self._entrance, self.record
+        assert self.key is not None
+        cost = entrance.prices.cost(record.provider, record.model, usage)
+        entrance.quota.charge(self.key, usage, cost)
+        self.is_charged_live = True
+        if cost is not None:
+            self.live_cost_usd = (self.live_cost_usd or 0.0) + cost
+
+
+def _closed(request: web.Request, status: int) -> web.Response:
+    """Close a connection whose answer began, so the client sees it cut; the response is
+    never sent."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=status)
