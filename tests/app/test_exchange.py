@@ -1,0 +1,178 @@
+"""One exchange for every request: the same refusals, counts and endings over HTTP and WebSocket.
+
+Each test runs a request over both transports: an HTTP request, and a WebSocket upgrade sent
+as a plain GET (so the refusal's body can be read), into the fake provider (its /v1/realtime
+is a real WebSocket).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import QUOTA
+from tests.conftest import (
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    assert_anthropic_error,
+    assert_openai_error,
+    auth,
+)
+
+Records = Callable[..., Awaitable[list[dict[str, Any]]]]
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+TRANSPORTS = ("http", "websocket")
+
+
+def upgrade_headers(**extra: str) -> dict[str, str]:
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        **extra,
+    }
+
+
+async def send(
+    gateway: TestClient, transport: str, key: str, model: str = "gpt-4o-mini", **headers: str
+) -> ClientResponse:
+    """One request over `transport`: a chat completion, or a Realtime session's upgrade."""
+    if transport == "http":
+        body = {**CHAT, "model": model}
+        return await gateway.post(
+            "/v1/chat/completions", json=body, headers={**auth(key), **headers}
+        )
+    return await gateway.get(
+        f"/v1/realtime?model={model}", headers=upgrade_headers(**auth(key), **headers)
+    )
+
+
+async def quota_rejections(gateway: TestClient) -> dict[str, float]:
+    """llm_gateway_quota_rejections_total by key name, as /metrics says."""
+    text = await (await gateway.get("/metrics")).text()
+    return {
+        sample.labels["key"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_quota_rejections_total"
+    }
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_lockout_429_is_not_counted_as_a_quota_rejection(
+    make_gateway: Callable[..., Awaitable[TestClient]], records: Records, transport: str
+) -> None:
+    gateway = await make_gateway(AUTH_FAILURE_LIMIT="2", AUTH_FAILURE_WINDOW_SECONDS="600")
+    for guess in ("vk_test_openai_0000000000", "vk_test_openai_0000000001"):
+        assert (await send(gateway, transport, guess)).status == 401
+    response = await send(gateway, transport, OPENAI_VK)  # the right key, from a locked address
+    assert response.status == 429 and int(response.headers["retry-after"]) > 500
+    assert_openai_error(await response.json(), "too_many_authentication_failures")
+    assert await quota_rejections(gateway) == {}  # no key "none", no key at all
+    line = (await records(3))[2]
+    assert (line["status"], line["key"]) == (429, None)
+    assert line["error"].startswith("Too many failed authentications")
+
+
+async def test_a_quota_429_is_counted_for_its_key_over_either_transport(
+    gateway: TestClient,
+) -> None:
+    for _ in range(3):  # LIMITED_VK: 3 requests per window
+        assert (await send(gateway, "http", LIMITED_VK)).status == 200
+    for count, transport in enumerate(TRANSPORTS, start=1):
+        response = await send(gateway, transport, LIMITED_VK)
+        assert response.status == 429
+        assert_openai_error(await response.json(), "rate_limit_exceeded")
+        assert await quota_rejections(gateway) == {"limited": count}
+
+
+async def test_a_providers_429_on_the_upgrade_is_its_own_not_a_quota_rejection(
+    gateway: TestClient, records: Records
+) -> None:
+    response = await send(gateway, "websocket", OPENAI_VK, **{"x-fake-status": "429"})
+    assert response.status == 429
+    assert_openai_error(await response.json(), "upstream_refused")
+    assert await quota_rejections(gateway) == {}
+    (line,) = await records(1)
+    assert line["status"] == 429 and line["key"] is not None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_unexpected_error_is_logged_as_500_internal_and_answered_in_the_dialect(
+    gateway: TestClient, records: Records, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the tracker")  # not TrackerUnavailable (a lost Redis)
+
+    tracker = gateway.app[QUOTA].tracker
+    tracker.admit = broken  # type: ignore[method-assign,assignment]
+    with caplog.at_level(logging.ERROR, logger="llm_gateway"):
+        response = await send(gateway, transport, OPENAI_VK)
+    assert response.status == 500
+    assert_openai_error(await response.json(), "internal_error")
+    assert "a bug in the tracker" not in await response.text()
+    (line,) = await records(1)
+    assert (line["status"], line["error"]) == (500, "internal error")
+    assert line["key"] is not None and line["duration_ms"] is not None
+    (logged,) = [entry for entry in caplog.records if "internal error on" in entry.message]
+    assert logged.exc_info is not None and "a bug in the tracker" in str(logged.exc_info[1])
+
+
+async def test_an_unexpected_error_on_an_anthropic_path_answers_in_its_dialect(
+    gateway: TestClient, records: Records
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the tracker")
+
+    gateway.app[QUOTA].tracker.admit = broken  # type: ignore[method-assign,assignment]
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 8, "messages": CHAT["messages"]}
+    response = await gateway.post("/v1/messages", json=body, headers={"x-api-key": ANTHROPIC_VK})
+    assert response.status == 500
+    assert_anthropic_error(await response.json(), "api_error")
+    (line,) = await records(1)
+    assert (line["status"], line["error"]) == (500, "internal error")
+
+
+@pytest.mark.parametrize(
+    ("http_path", "websocket_path"),
+    [
+        pytest.param(
+            "/v1/chat/completions", "/v1/realtime?model=gpt-realtime", id="model-named-in-body"
+        ),
+        pytest.param(
+            "/v1/deployments/gpt-realtime/chat/completions",
+            "/v1/deployments/gpt-realtime/realtime",
+            id="model-named-in-path",
+        ),
+    ],
+)
+async def test_a_model_outside_allowed_models_gets_the_same_403_over_both_transports(
+    gateway: TestClient, records: Records, fake: Any, http_path: str, websocket_path: str
+) -> None:
+    """One check of allowed_models: the same refusal, the same log line, by either door."""
+    body = {**CHAT, "model": "gpt-realtime"}
+    over_http = await gateway.post(http_path, json=body, headers=auth(RESTRICTED_VK))
+    over_websocket = await gateway.get(
+        websocket_path, headers=upgrade_headers(**auth(RESTRICTED_VK))
+    )
+    bodies = [await over_http.json(), await over_websocket.json()]
+    assert [over_http.status, over_websocket.status] == [403, 403]
+    assert_openai_error(bodies[0], "model_not_allowed")
+    assert bodies[0] == bodies[1]
+    assert "gpt-realtime" in bodies[0]["error"]["message"]
+    lines = await records(2)
+    assert [(line["status"], line["model"], line["error"]) for line in lines] == [
+        (403, "gpt-realtime", bodies[0]["error"]["message"])
+    ] * 2
+    assert fake.requests == []  # neither went upstream
