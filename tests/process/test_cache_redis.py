@@ -69,10 +69,15 @@ async def test_an_answer_stored_by_one_gateway_is_a_hit_on_the_other(
         assert hit == ("hit", miss[1])  # the fake's fresh id per answer: only a replay repeats it
         again = await ask(session, first)
         assert again == ("hit", miss[1])
-        async with session.get(
-            f"{second}/usage", headers={"Authorization": f"Bearer {CACHED_VK}"}
-        ) as usage:
-            assert (await usage.json())["cache"]["hits"] == 2  # both gateways' hits
+        # Both gateways' hits, each counted when its request settled (after its answer went out).
+        hits, deadline = 0, loop.time() + 5
+        while hits != 2 and loop.time() < deadline:
+            async with session.get(
+                f"{second}/usage", headers={"Authorization": f"Bearer {CACHED_VK}"}
+            ) as usage:
+                hits = (await usage.json())["cache"]["hits"]
+            await asyncio.sleep(0.01)
+        assert hits == 2
     [entry] = raw_redis.keys("llm-gateway:cache:k:*")
     assert 0 < raw_redis.pttl(entry) <= TTL * 1000
 
