@@ -1,6 +1,8 @@
 """Two gateway processes on one Redis share the response cache: an answer stored by one is a
 hit on the other, with the key's TTL set on the entry in Redis, hits counted for both, and
-identical requests in flight on both go upstream once."""
+identical requests in flight on both go upstream once. And the Redis store itself, against
+a real Redis: what one instance stores another reads, claims are exclusive, drops keep the
+shared totals."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import aiohttp
 import orjson
 import redis
 
+from proxy.cache.entry import Entry, encode
+from proxy.cache.redis_store import RedisStore
 from tests.conftest import OPENAI_REAL, keys_document
 from tests.support.processes import Processes, start_gateway
 
@@ -95,3 +99,33 @@ async def test_identical_requests_in_flight_on_two_gateways_go_upstream_once(
         )
     assert sorted(cached for cached, _ in answers) == ["hit"] * 9 + ["miss"]
     assert len({body for _, body in answers}) == 1
+
+
+async def test_the_redis_store_keeps_drops_and_claims_as_the_memory_store_does(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    entry = Entry(200, "OK", (("Content-Type", "application/json"),), (b"{}",))
+    first, other = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        await first.put("k:a:1", entry, 60)
+        await first.put("k:a:2", entry, 0.05)  # gone from Redis in 50 ms
+        await first.put("s:b:1", entry, 60)
+        assert await other.get("k:a:1") == entry  # another instance reads it
+        assert first.size()[0] == 3
+        assert await first.claim("k:a:9", 5) and not await other.claim("k:a:9", 5)
+        assert await other.is_claimed("k:a:9")
+        await other.release("k:a:9")  # not its claim: it stays
+        assert await other.is_claimed("k:a:9")
+        await first.release("k:a:9")
+        assert not await other.is_claimed("k:a:9")
+        raw_redis.set("llm-gateway:cache:k:a:3", "not an entry")
+        assert await first.get("k:a:3") is None  # a miss, never an error
+        assert await other.drop("k:a:") == 2
+        assert other.size() == (1, len(encode(entry)))  # the shared totals: s:b:1 alone
+        assert await first.get("k:a:1") is None and await first.get("s:b:1") == entry
+        await first.add_hit("key1")
+        await other.add_hit("key1")
+        assert await first.hits("key1") == 2
+    finally:
+        await first.close()
+        await other.close()
