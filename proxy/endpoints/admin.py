@@ -9,9 +9,9 @@ virtual key: a warning line with the client's address, a count in
 `llm_gateway_auth_failures_total`, and the address throttled after too many.
 
 `/admin/keys` shows what an operator needs to check that a change took: each key's name,
-provider, masked key, limits, allowed models, team and current window usage; `/admin/teams`
-each team's members (by name), limits and usage. Never a real key or a full virtual key:
-only `keys.masked` of the virtual key goes out.
+provider, masked key, limits, allowed models, team, response cache and current window usage;
+`/admin/teams` each team's members (by name), limits and usage. Never a real key or a full
+virtual key: only `keys.masked` of the virtual key goes out.
 
 `DELETE /admin/cache?key=<name>` drops the cached answers a key reads (its own, or its
 shared scope's), `?scope=<name>` a scope's: 200 `{"dropped": N}`; 400 without exactly one
@@ -123,6 +123,9 @@ class Admin:
                 {"models": list(group.patterns), **(shown(group.scope.limits) or {})}
                 for group in key.model_quotas
             ],
+            "cache": None
+            if key.cache is None
+            else {"ttl_seconds": key.cache.ttl_seconds, "scope": key.cache.scope},
             "usage": usage,
         }
 

@@ -374,6 +374,10 @@ async def test_the_admin_api_drops_a_keys_and_a_scopes_entries(
     await post(gateway, CACHED_VK)
     await post(gateway, SHARED_A_VK)
     await gateway.app[CACHE].settled()
+    keys = (await (await gateway.get("/admin/keys", headers=admin)).json())["keys"]
+    policies = {key["name"]: key["cache"] for key in keys}
+    assert policies["shared-a"] == {"ttl_seconds": TTL, "scope": "docs-bot"}
+    assert policies["team-anthropic"] is None
     unknown = await gateway.delete("/admin/cache?key=nobody", headers=admin)
     assert unknown.status == 404
     assert (await gateway.delete("/admin/cache", headers=admin)).status == 400
