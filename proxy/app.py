@@ -75,6 +75,7 @@ TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is
 # How long the log may take to write what is queued at shutdown: part of the bounded
 # margin after the grace (runtime.server); a sink stuck longer keeps its lines.
 LOG_FLUSH_SECONDS = 0.5
+TRACE_FLUSH_SECONDS = 0.5  # the same for the spans still queued for the trace collector
 
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
@@ -207,7 +208,11 @@ def build_app(
             Tracing,  # the OpenTelemetry SDK loads only when it is used
         )
 
-        app[TRACING] = Tracing(settings.otel, on_export_failure=metrics.trace_export_failed)
+        app[TRACING] = Tracing(
+            settings.otel,
+            on_export_failure=metrics.trace_export_failed,
+            on_dropped=metrics.trace_spans_dropped,
+        )
         app.cleanup_ctx.append(_tracing)
     app[REALTIME] = Realtime(settings)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
@@ -345,7 +350,8 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _tracing(app: web.Application) -> AsyncIterator[None]:
     yield
-    await app[TRACING].close()  # after the last request: its spans are exported too
+    # After the last request, so its spans are exported too; within the shutdown's margin.
+    await app[TRACING].close(TRACE_FLUSH_SECONDS)
 
 
 async def _logbook(app: web.Application) -> AsyncIterator[None]:

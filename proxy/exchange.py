@@ -13,6 +13,8 @@ Whatever happens, the exchange alone writes the record's ending, once:
     GatewayError                        its status and outcome; answered in the dialect
     Cut (an answer under way ended)     its status and outcome; the connection is closed
     CancelledError (the client left)    499 client_left; an open WebSocket session: 101
+    CancelledError(GRACE_OVER)          503 shutdown: the server cut it when the shutdown
+                                        grace ran out (runtime.server)
     any other exception (a bug)         500 internal, logged with its traceback, answered
                                         in the dialect (or the connection closed, when the
                                         answer had begun)
@@ -45,7 +47,15 @@ from proxy.observe.metrics import Metrics
 from proxy.quota.quota import Quota
 from proxy.quota.subjects import QuotaRequest
 from proxy.quota.tracker import Admission
-from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
+from proxy.record import (
+    CLIENT_CLOSED,
+    GRACE_OVER,
+    GRACE_OVER_STATUS,
+    Outcome,
+    Record,
+    Usage,
+    cut_by_gateway,
+)
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.routing import route
 from proxy.usage import background
@@ -214,10 +224,13 @@ class Exchange:
         except Cut as cut:
             record.end(cut.status, cut.outcome, cut.why)
             return _closed(request, cut.status)
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client disconnects (handler_cancellation).
+        except asyncio.CancelledError as cancel:
+            # aiohttp cancels the handler when the client disconnects (handler_cancellation),
+            # and the server when the shutdown grace ran out (the gateway's own cut).
             if record.is_session:  # a session that opened was answered, whoever ended it
                 record.end(101, Outcome.ANSWERED)
+            elif cut_by_gateway(cancel):
+                record.end(GRACE_OVER_STATUS, Outcome.SHUTDOWN, GRACE_OVER)
             else:
                 record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
             raise

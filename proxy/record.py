@@ -18,6 +18,10 @@ from enum import StrEnum
 
 # Status recorded when the client left before the response was complete (as nginx and Caddy).
 CLIENT_CLOSED = 499
+# The cancellation message of a request the gateway itself cut when its shutdown grace
+# period ran out (runtime.server): logged as the gateway's cut, never as the client's 499.
+GRACE_OVER = "cut by the gateway at the end of its shutdown grace period"
+GRACE_OVER_STATUS = 503
 
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
@@ -25,6 +29,11 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # A model as logged: clients choose it, so control characters go and the length is bounded.
 MODEL_CHARS = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def cut_by_gateway(cancel: BaseException) -> bool:
+    """Whether a handler's cancellation is the gateway's cut at the end of the grace."""
+    return cancel.args == (GRACE_OVER,)
 
 
 def own_request_id(presented: str | None) -> str:
@@ -51,6 +60,7 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"  # no response headers within REQUEST_TIMEOUT, or a silent body
     BROKEN = "broken"  # the provider cut its body short
     CLIENT_LEFT = "client_left"  # the client went away, or stopped reading
+    SHUTDOWN = "shutdown"  # the gateway cut it: its shutdown grace period ran out
     INTERNAL = "internal"  # a bug in the gateway
 
 

@@ -165,6 +165,12 @@ class Metrics:
             "Interaction log lines dropped because the log's queue was full (a stuck sink).",
             registry=owner,
         )
+        self._trace_spans_dropped = Counter(
+            "llm_gateway_trace_spans_dropped",
+            "Spans dropped: the export queue was full (a slow or hung collector), or the "
+            "shutdown's time ran out before they were exported.",
+            registry=owner,
+        )
         self._trace_export_failures = Counter(
             "llm_gateway_trace_export_failures",
             "Span batches the trace collector did not take (unreachable, refused, timed out).",
@@ -326,6 +332,10 @@ class Metrics:
     def log_line_dropped(self) -> None:
         """Count a log line the full queue had no room for (called on the event loop)."""
         self._log_lines_dropped.inc()
+
+    def trace_spans_dropped(self, count: int) -> None:
+        """Count spans lost before export; thread-safe."""
+        self._trace_spans_dropped.inc(count)
 
     def trace_export_failed(self) -> None:
         """Count a span batch lost; thread-safe, the tracer's export thread calls it."""

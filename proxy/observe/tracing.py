@@ -16,6 +16,11 @@ name); never a message, a prompt, a key, or a query string.
 Export runs off the request path: the SDK's `BatchSpanProcessor` queues finished spans and
 its own thread sends them. A collector that is down costs requests nothing: the batch is
 dropped after the exporter's bounded retries, and `on_export_failure` counts it (a metric).
+A collector that hangs holds each export for the exporter's timeout (OTEL_EXPORTER_OTLP_
+TIMEOUT); meanwhile the queue (OTEL_BSP_MAX_QUEUE_SIZE) fills and the spans it has no room
+for are dropped and counted (`on_dropped`). `close` is bounded too: what is not exported
+within its timeout is counted dropped, and the SDK's own exit hook (which waited up to
+30 s for a hung collector) is not installed.
 
 Where the OTEL_* values come from: the variables the gateway reads itself (endpoints,
 headers, timeout, compression, service name, resource attributes, sampler, batch sizes) are
@@ -28,6 +33,8 @@ process environment itself; in a running gateway the two are one environment.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote
 
@@ -37,7 +44,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -59,12 +66,19 @@ _OPERATIONS = (
     ("realtime", "chat"),
 )
 _PROPAGATOR = TraceContextTextMapPropagator()
+DEFAULT_QUEUE_SIZE = 2048  # the SDK's OTEL_BSP_MAX_QUEUE_SIZE
+CLOSE_POLL_SECONDS = 0.01
 
 
 class Tracing:
     """The SDK's tracer provider: one OTLP/HTTP exporter behind a batch processor."""
 
-    def __init__(self, otel: Mapping[str, str], on_export_failure: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        otel: Mapping[str, str],
+        on_export_failure: Callable[[], None],
+        on_dropped: Callable[[int], None] = lambda count: None,
+    ) -> None:
         exporter = OTLPSpanExporter(
             endpoint=_endpoint(otel),
             headers=parse_env_headers(_either(otel, "HEADERS") or "", liberal=True),
@@ -74,16 +88,19 @@ class Tracing:
         self._provider = TracerProvider(
             sampler=_sampler(otel),
             resource=Resource.create(_resource(otel)),
+            shutdown_on_exit=False,  # `close` shuts it down, bounded; atexit would wait 30 s
         )
-        self._provider.add_span_processor(
-            BatchSpanProcessor(
-                CountedExporter(exporter, on_export_failure),
-                max_queue_size=_number(otel, "OTEL_BSP_MAX_QUEUE_SIZE"),
-                schedule_delay_millis=_number(otel, "OTEL_BSP_SCHEDULE_DELAY"),
-                max_export_batch_size=_number(otel, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-                export_timeout_millis=_number(otel, "OTEL_BSP_EXPORT_TIMEOUT"),
-            )
+        counted = CountedExporter(exporter, on_export_failure)
+        batches = BatchSpanProcessor(
+            counted,
+            max_queue_size=_number(otel, "OTEL_BSP_MAX_QUEUE_SIZE"),
+            schedule_delay_millis=_number(otel, "OTEL_BSP_SCHEDULE_DELAY"),
+            max_export_batch_size=_number(otel, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+            export_timeout_millis=_number(otel, "OTEL_BSP_EXPORT_TIMEOUT"),
         )
+        queue_size = _number(otel, "OTEL_BSP_MAX_QUEUE_SIZE") or DEFAULT_QUEUE_SIZE
+        self._queue = QueueWatch(batches, counted, queue_size, on_dropped)
+        self._provider.add_span_processor(self._queue)
         self._tracer = self._provider.get_tracer("llm_gateway")
 
     def begin(self, request: web.Request) -> Trace:
@@ -96,9 +113,19 @@ class Tracing:
         """Export every finished span now (the batch processor's thread does the work)."""
         await asyncio.to_thread(self._provider.force_flush)
 
-    async def close(self) -> None:
-        """Export what is queued (bounded by the exporter's timeout), then stop."""
-        await asyncio.to_thread(self._provider.shutdown)
+    async def close(self, timeout_seconds: float = 10.0) -> None:
+        """Export what is queued, then stop; after `timeout_seconds`, count the rest dropped.
+
+        The shutdown runs in a daemon thread of its own, polled rather than awaited in an
+        executor: a collector that hangs must not leave a thread the interpreter waits for.
+        """
+        stopping = threading.Thread(target=self._provider.shutdown, name="tracing", daemon=True)
+        stopping.start()
+        deadline = time.monotonic() + timeout_seconds
+        while stopping.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(CLOSE_POLL_SECONDS)
+        if stopping.is_alive():
+            self._queue.give_up()
 
 
 class Trace:
@@ -232,14 +259,63 @@ def _span_name(operation: str | None, model: str | None, method: str) -> str:
     return f"{operation} {model}" if model else operation
 
 
+class QueueWatch(SpanProcessor):
+    """The batch processor, with the spans its full queue drops counted.
+
+    The SDK drops a span when its queue is full and counts it only in its own meter. Here
+    the spans handed over (on the loop) and taken for export (on the batch thread) are two
+    counters, each with one writer: their difference is the queue, and a span ended while
+    it is full is one dropped.
+    """
+
+    def __init__(
+        self,
+        batches: BatchSpanProcessor,
+        counted: CountedExporter,
+        queue_size: int,
+        on_dropped: Callable[[int], None],
+    ) -> None:
+        self._batches, self._counted = batches, counted
+        self._queue_size = queue_size
+        self._on_dropped = on_dropped
+        self._handed = 0
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._batches.on_start(span, parent_context)  # type: ignore[arg-type]
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context or not span.context.trace_flags.sampled:
+            return  # not sampled: the batch processor does not queue it either
+        if self._handed - self._counted.taken >= self._queue_size:
+            self._on_dropped(1)
+        else:
+            self._handed += 1
+        self._batches.on_end(span)
+
+    def give_up(self) -> None:
+        """Count what is still queued as dropped: the shutdown's time ran out."""
+        left = self._handed - self._counted.taken
+        if left > 0:
+            self._handed -= left
+            self._on_dropped(left)
+
+    def shutdown(self) -> None:
+        self._batches.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batches.force_flush(timeout_millis)
+
+
 class CountedExporter(SpanExporter):
     """The OTLP exporter with each failed export counted: a lost collector shows as a metric."""
 
     def __init__(self, exporter: SpanExporter, on_failure: Callable[[], None]) -> None:
         self._exporter = exporter
         self._on_failure = on_failure  # called on the batch processor's thread
+        self.taken = 0  # spans taken from the queue to be exported (the batch thread's count)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.taken += len(spans)
         try:
             result = self._exporter.export(spans)
         except Exception:

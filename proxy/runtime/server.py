@@ -46,6 +46,7 @@ from aiohttp.web_request import BaseRequest
 from proxy.app import METRICS
 from proxy.errors import GatewayError, body
 from proxy.observe.notices import Notices
+from proxy.record import GRACE_OVER
 from proxy.settings import Settings
 
 SERVER_NAME = "llm-gateway"  # the Server header of the gateway's own answers: no version
@@ -201,7 +202,10 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tu
     if not done and runner.server is not None:
         cut = app[METRICS].requests_in_flight
         for connection in runner.server.connections:
-            connection.force_close()  # cancels its handler, which logs the request
+            if isinstance(connection, _RequestHandler):
+                connection.cut()  # cancels its handler, which logs the request as cut
+            else:
+                connection.force_close()
     done, _ = await asyncio.wait({cleanup}, timeout=CLEANUP_MARGIN_SECONDS)
     if not done:
         cleanup.cancel()
@@ -219,6 +223,17 @@ class _RequestHandler(RequestHandler):
     """
 
     __slots__ = ()
+
+    def cut(self) -> None:
+        """End the request in flight as the gateway's cut, then close the connection.
+
+        The handler is cancelled with GRACE_OVER before the connection closes, so it logs
+        the gateway's cut; closing alone would cancel it as if the client had left (499).
+        """
+        task = self._task_handler
+        if task is not None and not task.done():
+            task.cancel(GRACE_OVER)
+        self.force_close()
 
     def handle_error(
         self,

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.record import GRACE_OVER
 from proxy.settings import SETTINGS
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
@@ -228,6 +229,8 @@ async def test_streams_that_never_end_are_cut_at_the_grace_and_each_is_logged(
     assert elapsed < grace + 1.0, f"took {elapsed:.1f} s for a grace of {grace:g} s"
     lines = [json.loads(text) for text in log.read_text().splitlines()]
     assert sorted(line["request_id"] for line in lines) == ["s-0", "s-1", "s-2"]
+    # The gateway's own cut, not a client that left (499).
+    assert {(line["status"], line["error"]) for line in lines} == {(503, GRACE_OVER)}
     assert "draining: 3 requests in flight" in out
     assert "stopped: 3 requests cut at the end of the grace period" in out
 
