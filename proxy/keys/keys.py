@@ -44,8 +44,9 @@ class VirtualKey:
     limits: Limits | None  # None: quotas off
     allowed_models: re.Pattern[str] | None = None  # None: any model
     model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
-    # "stream_usage": "exact": ask OpenAI streams for their usage chunk (stream_usage.py).
-    exact_stream_usage: bool = False
+    # keys.json's "stream_usage": "exact" (ask OpenAI chat and completion streams for their
+    # usage chunk, `usage.openai_chat`), "estimate" (never), or None: unset.
+    stream_usage: str | None = None
     budget: Budget | None = None  # None: no spending cap
     team: Team | None = None  # keys.json's `team`: its limits apply on top of the key's
     model_quotas: tuple[ModelQuota, ...] = ()  # the first group matching the model counts
@@ -57,6 +58,9 @@ class VirtualKey:
     # More than the key's own window and budget apply: a team, a slot cap or model windows
     # (the quota then admits over several scopes at once).
     shares: bool = field(init=False, default=False)
+    # Ask for the usage chunk: "exact", or unset and metered (`reserves`), so what a stream is
+    # charged against a token limit or a budget is the provider's count, not an estimate.
+    exact_stream_usage: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         scopes = [self.scope, *(group.scope for group in self.model_quotas)]
@@ -70,6 +74,8 @@ class VirtualKey:
         shares = len(scopes) > 1 or self.scope.max_in_flight is not None
         object.__setattr__(self, "reserves", reserves)
         object.__setattr__(self, "shares", shares)
+        exact = self.stream_usage == "exact" or (self.stream_usage is None and reserves)
+        object.__setattr__(self, "exact_stream_usage", exact)
 
     @property
     def scope(self) -> Scope:
@@ -295,8 +301,8 @@ def _key(
 
     plans = parse_plans(where, entry, providers, real_key)
     patterns = entry.get("allowed_models")
-    stream_usage = entry.get("stream_usage", "estimate")
-    if stream_usage not in ("exact", "estimate"):
+    stream_usage = entry.get("stream_usage")
+    if stream_usage not in (None, "exact", "estimate"):
         raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
     key_id = hashlib.sha256(name.encode()).hexdigest()[:24]
     limits = fields.limits(where, entry.get("quota"), defaults)
@@ -311,7 +317,7 @@ def _key(
         limits=limits,
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
-        exact_stream_usage=stream_usage == "exact",
+        stream_usage=stream_usage,
         budget=budget,
         team=team_of(where, entry, teams),
         model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, window),

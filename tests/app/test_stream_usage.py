@@ -255,3 +255,57 @@ def test_keys_json_takes_exact_or_estimate_and_refuses_anything_else(tmp_path: P
     path.write_text(json.dumps({"virtual_keys": {"vk_stream_usage_1": entry}}))
     with pytest.raises(KeysFileError, match='stream_usage must be "exact" or "estimate"'):
         KeyRing.load(str(path), {}, DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    ("entry", "is_exact"),
+    [
+        pytest.param({}, False, id="unmetered"),
+        pytest.param({"quota": {"requests": 5}}, False, id="requests-only"),
+        pytest.param({"quota": {"tokens": 1000}}, True, id="token-limit"),
+        pytest.param({"budget": {"usd": 5}}, True, id="budget"),
+        pytest.param({"team": "metered"}, True, id="team-token-limit"),
+        pytest.param({"quota": {"tokens": 1000}, "stream_usage": "estimate"}, False, id="opt-out"),
+        pytest.param({"stream_usage": "exact"}, True, id="opt-in"),
+    ],
+)
+def test_a_metered_key_asks_for_exact_stream_usage_unless_keys_json_says_estimate(
+    tmp_path: Path, entry: dict[str, Any], is_exact: bool
+) -> None:
+    path = tmp_path / "keys.json"
+    document = {
+        "teams": {"metered": {"quota": {"tokens": 5000}}},
+        "virtual_keys": {"vk_stream_usage_1": {"provider": "openai", "api_key": "sk-x", **entry}},
+    }
+    path.write_text(json.dumps(document))
+    quotas_on = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=60.0)
+    [key] = KeyRing.load(str(path), {}, quotas_on)
+    assert key.exact_stream_usage is is_exact
+
+
+async def test_a_key_with_a_budget_is_charged_the_providers_count_of_a_stream_by_default(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Records,
+) -> None:
+    keys = {
+        "vk_test_budget_exact_01": {"provider": "openai", "api_key": "sk-real-budget-1",
+                                    "budget": {"usd": 5}},
+        "vk_test_budget_estimate_02": {"provider": "openai", "api_key": "sk-real-budget-2",
+                                       "budget": {"usd": 5}, "stream_usage": "estimate"},
+    }  # fmt: skip
+    gateway = await gateway_with_keys(keys)
+    base = str(gateway.make_url("/v1"))
+    for key, is_exact in (("vk_test_budget_exact_01", True), ("vk_test_budget_estimate_02", False)):
+        async with AsyncOpenAI(base_url=base, api_key=key, max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                stream=True,  # type: ignore[arg-type]
+            )
+            chunks = [chunk async for chunk in stream]
+        assert all(chunk.choices and chunk.usage is None for chunk in chunks)  # none withheld
+        assert (b'"include_usage":true' in fake.requests[-1].body) is is_exact
+    exact, estimated = (line["usage"] for line in await records(2))
+    assert exact["estimated"] is False and estimated["estimated"] is True
+    assert exact["completion_tokens"] == 3  # the fake's count: three deltas
