@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +26,7 @@ from proxy.cache.cache import Cache
 from proxy.cache.memory_store import MemoryStore
 from proxy.cache.store import Store
 from proxy.endpoints.admin import Admin
+from proxy.endpoints.admin_writes import AdminWrites
 from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
 from proxy.exchange import Entrance
@@ -34,6 +35,7 @@ from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing
 from proxy.keys.lockout import Lockout
 from proxy.keys.reload import KeysFile
+from proxy.keys.store import FileStore, KeyStore, Parse
 from proxy.observe.health import Health
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
@@ -70,6 +72,7 @@ KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
 FAILOVER = web.AppKey("failover", Failover)
 CACHE = web.AppKey("cache", Cache)
+KEY_STORE: web.AppKey[KeyStore] = web.AppKey("key_store")
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
 # How long the log may take to write what is queued at shutdown: part of the bounded
@@ -101,9 +104,9 @@ def quiet_client_faults() -> None:
         server_log.addFilter(ClientFaults())
 
 
-def load_keys(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
-    """keys.json with this gateway's quota defaults. Raises KeysFileError."""
-    defaults = Defaults(
+def key_defaults(settings: Settings) -> Defaults:
+    """What a key falls back to: this gateway's quota and budget settings."""
+    return Defaults(
         quota_enabled=settings.quota_enabled,
         requests=settings.quota_limit,
         tokens=settings.quota_tokens,
@@ -113,7 +116,25 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
         else Budget(settings.budget_usd, settings.budget_window_seconds),
         budget_window_seconds=settings.budget_window_seconds,
     )
-    return KeyRing.load(settings.keys_file_path, environ, defaults)
+
+
+def load_keys(
+    settings: Settings, environ: Mapping[str, str], clock: Callable[[], float] = time.time
+) -> KeyRing:
+    """keys.json with this gateway's quota defaults. Raises KeysFileError."""
+    return KeyRing.load(settings.keys_file_path, environ, key_defaults(settings), clock)
+
+
+def parse_keys(
+    settings: Settings,
+    environ: Mapping[str, str],
+    clock: Callable[[], float],
+    document: dict[str, Any],
+    digest: str,
+) -> KeyRing:
+    """A keys document the admin API made, checked as keys.json is. Raises KeysFileError."""
+    where = settings.keys_file_path if settings.keys_store == "file" else "key store"
+    return KeyRing.from_document(where, document, digest, environ, key_defaults(settings), clock)
 
 
 def build_app(
@@ -122,15 +143,17 @@ def build_app(
     metrics_dir: str | None = None,
     reload_workers: Callable[[], None] | None = None,
     cache_clock: Callable[[], float] = time.monotonic,
+    key_clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
 
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
     `reload_workers`: asks the supervisor to make every worker reload keys.json.
     `cache_clock`: what ages the in-memory cache's entries (tests step it).
+    `key_clock`: Unix time, which ends a rotated key's grace (tests step it).
     """
     if key_ring is None:
-        key_ring = load_keys(settings, os.environ)
+        key_ring = load_keys(settings, os.environ, key_clock)
     quiet_client_faults()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -177,7 +200,7 @@ def build_app(
     app[KEYS_FILE] = KeysFile(
         settings.keys_file_path,
         key_ring,
-        functools.partial(load_keys, settings, os.environ),
+        functools.partial(load_keys, settings, os.environ, key_clock),
         on_reload=keys_reloaded,
         is_watched=settings.keys_file_watch,
         on_sighup=lambda: app[LOGBOOK].reopen(),  # logrotate's signal: the log follows its path
@@ -247,8 +270,19 @@ def build_app(
     app.router.add_get("/metrics", with_request_id(metrics_handler))
     usage_report = UsageReport(key_ring, app[QUOTA], app[CACHE])
     app.router.add_get("/usage", with_request_id(lockout.guarded(usage_report.handle_usage)))
+    parse = functools.partial(parse_keys, settings, os.environ, key_clock)
+    app[KEY_STORE] = new_key_store(settings, app[KEYS_FILE], parse, reload_workers, key_clock)
+    writes = None
+    if settings.admin_token is not None:
+        writes = AdminWrites(app[KEY_STORE], settings.admin_token, app[LOGBOOK].audit, key_clock)
     admin = Admin(
-        settings.admin_token, key_ring, app[QUOTA], app[KEYS_FILE], reload_workers, app[CACHE]
+        settings.admin_token,
+        key_ring,
+        app[QUOTA],
+        app[KEYS_FILE],
+        reload_workers,
+        app[CACHE],
+        writes,
     )
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
     if settings.cors_allowed_origins:
@@ -291,6 +325,17 @@ def new_tracker(settings: Settings) -> Tracker:
     from proxy.quota.redis_tracker import RedisTracker
 
     return RedisTracker(settings.redis_url)
+
+
+def new_key_store(
+    settings: Settings,
+    keys_file: KeysFile,
+    parse: Parse,
+    reload_workers: Callable[[], None] | None,
+    clock: Callable[[], float],
+) -> KeyStore:
+    """keys.json itself (KEYS_STORE=file)."""
+    return FileStore(keys_file, parse, reload_workers, clock)
 
 
 def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Cache:

@@ -137,6 +137,13 @@ def _networks(text: str) -> Networks | None:
     return tuple(networks) or None
 
 
+def _keys_store(text: str) -> str:
+    value = text.strip().lower()
+    if value != "file":
+        _refuse("file", text)
+    return value
+
+
 def _redis_error_policy(text: str) -> str:
     value = text.strip().lower()
     if value not in ("allow", "deny"):
@@ -346,10 +353,15 @@ class Settings:
         _boolean,
         "reload the keys file within seconds of it changing on disk (SIGHUP always reloads)",
     )
+    keys_store: str = setting(
+        "file",
+        _keys_store,
+        "where the admin API writes keys: file (keys.json, rewritten atomically)",
+    )
     admin_token: str | None = setting(
         None,
         _optional_text,
-        "bearer token for /admin/keys and POST /admin/reload (unset: no admin endpoints)",
+        "bearer token for the /admin endpoints: keys, teams, reload (unset: no admin endpoints)",
         secret=True,
     )
     cors_allowed_origins: tuple[str, ...] | None = setting(

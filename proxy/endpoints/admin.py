@@ -34,6 +34,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.cache.cache import Cache
 from proxy.cache.store import StoreUnavailable
+from proxy.endpoints.admin_writes import AdminWrites, refusals
 from proxy.endpoints.usage_report import scope_report
 from proxy.errors import GatewayError
 from proxy.keys.credentials import presents_token
@@ -57,8 +58,10 @@ class Admin:
         keys_file: KeysFile,
         reload_workers: Callable[[], None] | None = None,
         cache: Cache | None = None,
+        writes: AdminWrites | None = None,  # the API that changes keys and teams
     ) -> None:
         self._token = token
+        self._writes = writes
         self._cache = cache
         self._key_ring = key_ring
         self._quota = quota
@@ -75,6 +78,8 @@ class Admin:
             router.add_get("/admin/teams", wrap(self._guarded(self.handle_teams)))
             router.add_post("/admin/reload", wrap(self._guarded(self.handle_reload)))
             router.add_delete("/admin/cache", wrap(self._guarded(self.handle_drop_cache)))
+        if self._writes is not None:
+            self._writes.add_routes(router, lambda handler: wrap(self._guarded(refusals(handler))))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
 
     def _guarded(self, handler: Handler) -> Handler:

@@ -27,6 +27,10 @@ class KeysFileError(ValueError):
     """keys.json cannot be used; the message names the file, the key and the field."""
 
 
+class UnknownField(KeysFileError):
+    """A field no level of keys.json knows (a typo, most often): the admin API's 400."""
+
+
 @dataclass(frozen=True, slots=True)
 class Defaults:
     """The settings a key falls back to."""
@@ -42,7 +46,7 @@ class Defaults:
 # The fields each level of keys.json accepts, by the level's name in the error message.
 FIELDS: Mapping[str, frozenset[str]] = {
     "top-level": frozenset({"providers", "virtual_keys", "teams"}),
-    "team": frozenset({"quota", "budget", "max_in_flight", "queue_seconds"}),
+    "team": frozenset({"quota", "budget", "max_in_flight", "queue_seconds", "created_at"}),
     "model quota": frozenset({"models", "requests", "tokens", "window_seconds"}),
     "provider": frozenset({"base_url", "auth", "api"}),
     "key": frozenset(
@@ -64,6 +68,8 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "queue_seconds",
             "model_quotas",
             "cache",
+            "created_at",
+            "previous_key",
         }
     ),
     "cache": frozenset({"ttl_seconds", "scope"}),
@@ -91,7 +97,7 @@ def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str =
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
         fields = ", ".join(sorted(known))
         shown = repr(f"{prefix}{name}"[:80])  # repr: a newline in a name stays on one line
-        raise KeysFileError(f"{where}: {shown} is not a {level} field{hint}; known: {fields}")
+        raise UnknownField(f"{where}: {shown} is not a {level} field{hint}; known: {fields}")
 
 
 def base_url(where: str, text: str) -> URL:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +25,12 @@ from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
 from proxy.keys.fields import CachePolicy, Defaults, KeysFileError, check_fields
-from proxy.keys.plans import parse_plans
+from proxy.keys.hashed import PREFIX, digest_of, is_hashed, previous_key
+from proxy.keys.hashed import digest as secret_digest
+from proxy.keys.plans import parse_plans, parse_providers
 from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
 from proxy.quota.tracker import Budget, Limits, Scope
-from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
+from proxy.upstream.providers import Provider
 from proxy.upstream.targets import Plans, Target
 
 
@@ -98,6 +101,8 @@ class VirtualKey:
         return tuple(scopes)
 
     cache: CachePolicy | None = None  # None: no response cache (nothing looked up or stored)
+    # A rotated key's predecessor: its digest, and until when (Unix seconds) it still works.
+    previous: tuple[str, float] | None = field(default=None, repr=False)
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or self.allowed_models.fullmatch(model) is not None
@@ -119,6 +124,8 @@ def masked(secret: str) -> str:
     The hash tells keys apart in logs and metrics; neither part is enough to guess the key
     (a form showing 10 of 12 characters left two to guess). Short keys show fewer characters.
     """
+    if is_hashed(secret):
+        return f"…{secret.removeprefix(PREFIX)[:6]}"  # the same 6 digits as the key's own
     digest = hashlib.sha256(secret.encode()).hexdigest()[:6]
     shown = secret[:4] if len(secret) >= 12 else secret[:2] if len(secret) >= 8 else ""
     return f"{shown}…{digest}"
@@ -132,10 +139,26 @@ class KeyRing:
         keys: Mapping[str, VirtualKey],
         digest: str = "",
         teams: Mapping[str, Team] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._keys = dict(keys)
+        self._keys = dict(keys)  # by the virtual key as written: the key, or sha256:<hex>
         self.teams = dict(teams or {})  # keys.json's teams by name, with or without members
         self.digest = digest  # of the keys file's bytes: which version of it is in force
+        self._clock = clock  # Unix time: a rotated key's grace ends at a wall-clock time
+        self._plain = {
+            written: key for written, key in self._keys.items() if not is_hashed(written)
+        }
+        self._hashed = {
+            written.removeprefix(PREFIX): key
+            for written, key in self._keys.items()
+            if is_hashed(written)
+        }
+        # A rotated key's predecessor, by its digest, with the end of its grace.
+        self._previous = {
+            key.previous[0]: (key, key.previous[1])
+            for key in self._keys.values()
+            if key.previous is not None
+        }
         # Every real key of every pool, fallback and route: what no log line may show.
         self._real_keys = frozenset(
             credential.api_key
@@ -147,6 +170,7 @@ class KeyRing:
     def replace(self, other: KeyRing) -> None:
         """Take `other`'s keys in one step; requests in flight keep the key they hold."""
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
+        self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
         self.teams = other.teams
 
     def __iter__(self):  # type: ignore[no-untyped-def]
@@ -164,7 +188,7 @@ class KeyRing:
                 "invalid_api_key",
                 "No virtual key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
             )
-        key = self._keys.get(secret)
+        key = self._find(secret)
         if key is None:
             raise GatewayError(
                 401,
@@ -172,6 +196,18 @@ class KeyRing:
                 "Virtual key not found in the gateway's keys file. "
                 "Check the key, or ask the gateway's operator to add it.",
             )
+        return key
+
+    def _find(self, secret: str) -> VirtualKey | None:
+        key = self._plain.get(secret)
+        if key is not None or not (self._hashed or self._previous):
+            return key
+        hexdigest = secret_digest(secret)
+        key = self._hashed.get(hexdigest)
+        if key is None:
+            previous = self._previous.get(hexdigest)
+            if previous is not None and self._clock() < previous[1]:
+                key = previous[0]
         return key
 
     def real_keys(self) -> frozenset[str]:
@@ -191,40 +227,65 @@ class KeyRing:
         return {t.name: t for key in self._keys.values() for t in key.plans.every_target()}
 
     @classmethod
-    def load(cls, path: str, environ: Mapping[str, str], defaults: Defaults) -> KeyRing:
+    def load(
+        cls,
+        path: str,
+        environ: Mapping[str, str],
+        defaults: Defaults,
+        clock: Callable[[], float] = time.time,
+    ) -> KeyRing:
         """Read and check keys.json. Raises KeysFileError."""
-        try:
-            with open(path, "rb") as file:
-                raw = file.read()
-        except FileNotFoundError:
-            raise KeysFileError(
-                f"{path}: no such file. Create it from keys.example.json "
-                f"(cp keys.example.json {path}) or set KEYS_FILE_PATH"
-            ) from None
-        except IsADirectoryError:
-            # What Docker leaves when it bind-mounts a keys.json that did not exist.
-            raise KeysFileError(
-                f"{path}: is a directory, not a file. Docker creates one when the keys.json "
-                f"it should mount does not exist: remove it, create keys.json "
-                f"(cp keys.example.json keys.json), start again"
-            ) from None
-        except PermissionError:
-            raise KeysFileError(
-                f"{path}: not readable by this process (uid {os.getuid()}); the image runs "
-                f"as uid 10001: chmod 644 the file, or give it that owner"
-            ) from None
-        except OSError as error:
-            raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None
+        raw = read_file(path)
         try:
             document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # editors may add a BOM
         except orjson.JSONDecodeError as error:
             raise KeysFileError(f"{path}: not valid JSON ({error})") from None
         digest = hashlib.sha256(raw).hexdigest()[:16]
+        return cls.from_document(path, document, digest, environ, defaults, clock)
+
+    @classmethod
+    def from_document(
+        cls,
+        path: str,
+        document: Any,
+        digest: str,
+        environ: Mapping[str, str],
+        defaults: Defaults,
+        clock: Callable[[], float] = time.time,
+    ) -> KeyRing:
+        """Check a keys.json document (read from a file or a key store). Raises KeysFileError."""
         if not isinstance(document, dict):
             raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
         check_fields(path, document, "top-level")
         teams = parse_teams(path, document.get("teams"), defaults)
-        return cls(_parse(path, document, environ, defaults, teams), digest, teams)
+        keys = _parse(path, document, environ, defaults, teams)
+        return cls(keys, digest, teams, clock)
+
+
+def read_file(path: str) -> bytes:
+    """keys.json's bytes. Raises KeysFileError saying what to do."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise KeysFileError(
+            f"{path}: no such file. Create it from keys.example.json "
+            f"(cp keys.example.json {path}) or set KEYS_FILE_PATH"
+        ) from None
+    except IsADirectoryError:
+        # What Docker leaves when it bind-mounts a keys.json that did not exist.
+        raise KeysFileError(
+            f"{path}: is a directory, not a file. Docker creates one when the keys.json "
+            f"it should mount does not exist: remove it, create keys.json "
+            f"(cp keys.example.json keys.json), start again"
+        ) from None
+    except PermissionError:
+        raise KeysFileError(
+            f"{path}: not readable by this process (uid {os.getuid()}); the image runs "
+            f"as uid 10001: chmod 644 the file, or give it that owner"
+        ) from None
+    except OSError as error:
+        raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None
 
 
 def _parse(
@@ -234,7 +295,7 @@ def _parse(
     defaults: Defaults,
     teams: Mapping[str, Team],
 ) -> dict[str, VirtualKey]:
-    providers = _providers(path, document.get("providers", {}))
+    providers = parse_providers(path, document.get("providers", {}))
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
         raise KeysFileError(f"{path}: 'virtual_keys' must be an object of key → settings")
@@ -243,38 +304,18 @@ def _parse(
         raise KeysFileError(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
     keys: dict[str, VirtualKey] = {}
     names: set[str] = set()
+    digests: set[str] = set()  # a key written plainly and as its digest is one key twice
     for secret, entry in entries.items():
         key = _key(path, secret, entry, providers, environ, defaults, teams)
         if key.name in names:
             raise KeysFileError(f"{path}: key '{key.name}': name is used by another key")
         names.add(key.name)
+        hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        if hexdigest in digests:
+            raise KeysFileError(f"{path}: key '{key.name}': the virtual key is another key's")
+        digests.add(hexdigest)
         keys[secret] = key
     return keys
-
-
-def _providers(path: str, section: Any) -> dict[str, Provider]:
-    if not isinstance(section, dict):
-        raise KeysFileError(f"{path}: 'providers' must be an object of name → settings")
-    providers = dict(BUILTINS)
-    for name, entry in section.items():
-        where = f"{path}: provider '{name}'"
-        if not isinstance(entry, dict):
-            raise KeysFileError(f"{where}: must be an object with base_url and auth")
-        check_fields(where, entry, "provider")
-        builtin = BUILTINS.get(name)
-        base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
-        if not isinstance(base_url, str) or not base_url:
-            raise KeysFileError(f"{where}: base_url must be an http(s) URL")
-        url = fields.base_url(where, base_url)
-        auth = entry.get("auth", builtin.auth if builtin else "bearer")
-        if auth not in AUTH_STYLES:
-            raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
-        api = entry.get("api", builtin.api if builtin else "openai")
-        if api not in APIS:
-            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
-        extra = builtin.default_headers if builtin else {}
-        providers[name] = Provider(name, url, auth, extra, api)
-    return providers
 
 
 def _key(
@@ -304,7 +345,16 @@ def _key(
     stream_usage = entry.get("stream_usage")
     if stream_usage not in (None, "exact", "estimate"):
         raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
-    key_id = hashlib.sha256(name.encode()).hexdigest()[:24]
+    if is_hashed(secret):
+        digest_of(where, secret)
+    # A name deleted and created again through the admin API starts fresh windows: its
+    # `created_at` (set by the API) is part of the id; keys.json's own keys have none.
+    created_at = entry.get("created_at")
+    if created_at is not None and not isinstance(created_at, str):
+        raise KeysFileError(f"{where}: created_at must be a timestamp (text)")
+    key_id = hashlib.sha256(
+        (name + (f"\n{created_at}" if created_at else "")).encode()
+    ).hexdigest()[:24]
     limits = fields.limits(where, entry.get("quota"), defaults)
     budget = fields.budget(where, entry, defaults)
     cap, queue = in_flight(where, entry)
@@ -323,4 +373,5 @@ def _key(
         model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, window),
         own=Scope(key_id, "key", name, limits, budget, cap, queue),
         cache=fields.cache(where, entry),
+        previous=previous_key(where, entry),
     )

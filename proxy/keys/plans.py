@@ -12,14 +12,40 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from proxy.keys import fields
 from proxy.keys.fields import KeysFileError, check_fields
-from proxy.upstream.providers import Provider
+from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import Credential, Plan, Plans, Pool, Route, Target
 
 MAX_WEIGHT = 1000
 
 
 RealKey = Callable[[Mapping[str, Any], str], str]
+
+
+def parse_providers(path: str, section: Any) -> dict[str, Provider]:
+    if not isinstance(section, dict):
+        raise KeysFileError(f"{path}: 'providers' must be an object of name → settings")
+    providers = dict(BUILTINS)
+    for name, entry in section.items():
+        where = f"{path}: provider '{name}'"
+        if not isinstance(entry, dict):
+            raise KeysFileError(f"{where}: must be an object with base_url and auth")
+        check_fields(where, entry, "provider")
+        builtin = BUILTINS.get(name)
+        base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
+        if not isinstance(base_url, str) or not base_url:
+            raise KeysFileError(f"{where}: base_url must be an http(s) URL")
+        url = fields.base_url(where, base_url)
+        auth = entry.get("auth", builtin.auth if builtin else "bearer")
+        if auth not in AUTH_STYLES:
+            raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
+        api = entry.get("api", builtin.api if builtin else "openai")
+        if api not in APIS:
+            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
+        extra = builtin.default_headers if builtin else {}
+        providers[name] = Provider(name, url, auth, extra, api)
+    return providers
 
 
 def parse_plans(

@@ -129,6 +129,18 @@ class KeysFile:
         )
         self._on_reload(None)
 
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """Hold off reloads while a change is written and applied (`apply`), so a reload
+        that read the file before the change cannot swap it out after."""
+        async with self._one_at_a_time:
+            yield
+
+    def apply(self, fresh: KeyRing, trigger: str) -> None:
+        """Swap in keys just written (within `changing`), as a reload would."""
+        self._seen = signature(self.path)
+        self._swap(fresh, modified_at(self.path), trigger)
+
     def catch_up(self) -> None:
         """Reload at start if the file differs from the keys this process was given."""
         loaded_at = modified_at(self.path)

@@ -63,8 +63,13 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
             raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
         check_fields(where, entry, "team")
         cap, queue = in_flight(where, entry)
+        # A team deleted and created again through the admin API starts fresh windows.
+        created_at = entry.get("created_at")
+        if created_at is not None and not isinstance(created_at, str):
+            raise KeysFileError(f"{where}: created_at must be a timestamp (text)")
+        seed = name + (f"\n{created_at}" if created_at else "")
         scope = Scope(
-            id="team-" + hashlib.sha256(name.encode()).hexdigest()[:24],
+            id="team-" + hashlib.sha256(seed.encode()).hexdigest()[:24],
             kind="team",
             name=name,
             limits=window(where, entry.get("quota"), "quota", defaults.window_seconds),

@@ -167,6 +167,16 @@ class Logbook:
             loop = asyncio.get_running_loop()
             self._hand_over_timer = loop.call_later(HAND_OVER_SECONDS, self._hand_over)
 
+    def audit(self, action: dict[str, Any]) -> None:
+        """A line for a change made through the admin API: who, what, never a secret."""
+        if self._is_closed or self._is_full(0):
+            self._drop()
+            return
+        self._pending.append({"timestamp": time.time(), "audit": action})
+        if self._hand_over_timer is None:
+            loop = asyncio.get_running_loop()
+            self._hand_over_timer = loop.call_later(HAND_OVER_SECONDS, self._hand_over)
+
     @property
     def queued(self) -> tuple[int, int]:
         """Lines, and their body bytes, not yet written (waiting on the loop or the writer)."""
@@ -265,6 +275,8 @@ class Logbook:
     def _line(self, fields: dict[str, Any]) -> bytes:
         """The JSON line for one snapshot, newline included."""
         fields["timestamp"] = rfc3339(fields["timestamp"])
+        if "audit" in fields:
+            return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         for name in ("duration_ms", "ttft_ms"):
             if fields[name] is not None:
                 fields[name] = round(fields[name], 1)

@@ -1,0 +1,172 @@
+"""The admin API's writes: keys and teams created, changed, rotated and deleted at run time,
+and the whole set exported as keys.json.
+
+    POST   /admin/keys                 201 {"name", "key", ...}: the key, shown this once
+    PATCH  /admin/keys/{name}          200: the fields set (null removes one)
+    DELETE /admin/keys/{name}          204: refused from now on, on every process
+    POST   /admin/keys/{name}/rotate   201 {"name", "key", "previous_key_expires_at"}
+    POST, PATCH, DELETE /admin/teams[/{name}]   alike
+    GET    /admin/export[?include_real_keys=true]
+
+Each change goes through the key store (`keys.store`), which checks the result with the
+loader the start uses: a bad value is 422 with the loader's line, an unknown field 400
+naming it, a name that exists 409, a store that cannot be written 409 saying so. Bodies
+over MAX_BODY_BYTES get 413. Every change that took writes an audit line to the
+interaction log: who (a digest of the admin token), what, which name and which fields,
+never a value (a real key could be one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import errors
+from proxy.errors import GatewayError
+from proxy.keys import edits
+from proxy.keys.edits import EditRefused
+from proxy.keys.fields import KeysFileError, UnknownField
+from proxy.keys.store import KeyStore, StoreReadOnly, StoreUnavailable
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY_BYTES = 64 * 1024  # a key's entry, generously: not a place for bulk uploads
+
+
+class AdminWrites:
+    """The write endpoints over a key store; `audit` takes each change's line."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        token: str,
+        audit: Callable[[dict[str, Any]], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._who = "admin-token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        self._audit = audit
+        self._clock = clock
+
+    def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
+        router.add_post("/admin/keys", wrap(self.create_key))
+        router.add_patch("/admin/keys/{name}", wrap(self.change_key))
+        router.add_delete("/admin/keys/{name}", wrap(self.delete_key))
+        router.add_post("/admin/keys/{name}/rotate", wrap(self.rotate_key))
+        router.add_post("/admin/teams", wrap(self.create_team))
+        router.add_patch("/admin/teams/{name}", wrap(self.change_team))
+        router.add_delete("/admin/teams/{name}", wrap(self.delete_team))
+        router.add_get("/admin/export", wrap(self.export))
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        now = self._clock()
+        secret = await self._store.change(lambda document: edits.create_key(document, body, now))
+        name = str(body["name"])
+        self._log("key.create", name, body)
+        return _json({"name": name, "key": secret}, 201)
+
+    async def change_key(self, request: web.Request) -> web.Response:
+        name, body = request.match_info["name"], await _body(request)
+        await self._store.change(partial(edits.change_key, name=name, body=body))
+        self._log("key.change", name, body)
+        return _json({"name": name, "changed": sorted(body)})
+
+    async def delete_key(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await self._store.change(partial(edits.delete_key, name=name))
+        self._log("key.delete", name)
+        return web.Response(status=204)
+
+    async def rotate_key(self, request: web.Request) -> web.Response:
+        name, body = request.match_info["name"], await _body(request)
+        now = self._clock()
+        secret = await self._store.change(
+            lambda document: edits.rotate_key(document, name, body, now)
+        )
+        self._log("key.rotate", name, {"grace_seconds": body["grace_seconds"]})
+        grace = float(body["grace_seconds"])
+        expires = edits.stamp(now + grace) if grace > 0 else None
+        return _json({"name": name, "key": secret, "previous_key_expires_at": expires}, 201)
+
+    async def create_team(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        now = self._clock()
+        await self._store.change(lambda document: edits.create_team(document, body, now))
+        name = str(body["name"])
+        self._log("team.create", name, body)
+        return _json({"name": name}, 201)
+
+    async def change_team(self, request: web.Request) -> web.Response:
+        name, body = request.match_info["name"], await _body(request)
+        await self._store.change(partial(edits.change_team, name=name, body=body))
+        self._log("team.change", name, body)
+        return _json({"name": name, "changed": sorted(body)})
+
+    async def delete_team(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await self._store.change(partial(edits.delete_team, name=name))
+        self._log("team.delete", name)
+        return web.Response(status=204)
+
+    async def export(self, request: web.Request) -> web.Response:
+        with_real_keys = request.query.get("include_real_keys", "").lower() in ("1", "true")
+        document = edits.exported(await self._store.document(), with_real_keys)
+        if with_real_keys:
+            self._log("keys.export", "*", {"include_real_keys": True})
+        return _json(document)
+
+    def _log(self, action: str, name: str, body: dict[str, Any] | None = None) -> None:
+        fields = sorted(field for field in (body or {}) if field not in ("key", "name"))
+        self._audit({"who": self._who, "action": action, "name": name, "fields": fields})
+
+
+def refusals(handler: Handler) -> Handler:
+    """Each refusal of the store or the edit as an answer in the OpenAI dialect."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except EditRefused as refused:
+            error = GatewayError(refused.status, refused.code, refused.message)
+        except UnknownField as unknown:
+            error = GatewayError(400, "unknown_field", str(unknown))
+        except KeysFileError as invalid:
+            error = GatewayError(422, "invalid_key_settings", str(invalid))
+        except StoreReadOnly as read_only:
+            error = GatewayError(409, "keys_store_read_only", str(read_only))
+        except StoreUnavailable as lost:
+            error = GatewayError(503, "keys_store_unavailable", str(lost))
+        return errors.render(error, request.path)
+
+    return answer
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, at most MAX_BODY_BYTES. Raises EditRefused."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise EditRefused(
+            413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
+        )
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise EditRefused(
+            413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
+        )
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        raise EditRefused(400, "invalid_json", "The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise EditRefused(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+def _json(document: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")

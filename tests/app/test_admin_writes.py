@@ -1,0 +1,342 @@
+"""The admin API's writes with KEYS_STORE=file: keys and teams created, changed, rotated and
+deleted at run time, keys.json rewritten atomically, every change checked as at start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import build_app, load_keys
+from proxy.settings import Settings
+from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
+from tests.support.clock import Clock
+
+TOKEN = "admin-token-for-writes-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+REAL = "sk-real-created-through-the-api-42"
+
+Make = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(1_800_000_000.0)  # Unix seconds: a grace ends at a wall-clock time
+
+
+@pytest.fixture
+def admin_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    clock: Clock,
+) -> Make:
+    async def make(**env: str) -> TestClient:
+        app = build_app(settings(ADMIN_TOKEN=TOKEN, **env), key_clock=clock)
+        return await aiohttp_client(app)
+
+    return make
+
+
+async def create(gateway: TestClient, **fields: Any) -> dict[str, Any]:
+    body = {"provider": "openai", "api_key": REAL, **fields}
+    response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+    assert response.status == 201, await response.text()
+    return dict(await response.json())
+
+
+async def chat(gateway: TestClient, key: str) -> int:
+    return (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status
+
+
+async def test_create_use_rotate_with_grace_then_revoke(
+    admin_gateway: Make, keys_file: Path, clock: Clock, records: Callable[..., Any]
+) -> None:
+    gateway = await admin_gateway()
+    made = await create(gateway, name="alice", quota={"requests": 5})
+    first = made["key"]
+    assert made["name"] == "alice" and first.startswith("vk-") and len(first) >= 40
+    assert await chat(gateway, first) == 200
+    written = keys_file.read_text()
+    assert first not in written and REAL in written  # keys.json keeps the key as its digest
+    rotated = await gateway.post(
+        "/admin/keys/alice/rotate", json={"grace_seconds": 60}, headers=ADMIN
+    )
+    assert rotated.status == 201
+    second = (await rotated.json())["key"]
+    assert second != first
+    assert await chat(gateway, first) == 200  # in its grace
+    assert await chat(gateway, second) == 200
+    clock.advance(61)
+    assert await chat(gateway, first) == 401  # grace over
+    assert await chat(gateway, second) == 200
+    deleted = await gateway.delete("/admin/keys/alice", headers=ADMIN)
+    assert deleted.status == 204
+    assert await chat(gateway, second) == 401
+    lines = await records(9)
+    audits = [line["audit"] for line in lines if "audit" in line]
+    assert [a["action"] for a in audits] == ["key.create", "key.rotate", "key.delete"]
+    assert audits[0]["fields"] == ["api_key", "provider", "quota"]
+    assert all(a["who"].startswith("admin-token:") and a["name"] == "alice" for a in audits)
+    text = json.dumps(lines)
+    for secret in (first, second, REAL, TOKEN):
+        assert secret not in text
+
+
+async def test_a_rotation_ends_the_grace_of_the_one_before(admin_gateway: Make) -> None:
+    gateway = await admin_gateway()
+    first = (await create(gateway, name="bob"))["key"]
+    keys = [first]
+    for _ in range(2):
+        response = await gateway.post(
+            "/admin/keys/bob/rotate", json={"grace_seconds": 600}, headers=ADMIN
+        )
+        keys.append((await response.json())["key"])
+    assert [await chat(gateway, key) for key in keys] == [401, 200, 200]
+
+
+async def test_a_rotation_without_grace_revokes_the_old_key_at_once(admin_gateway: Make) -> None:
+    gateway = await admin_gateway()
+    first = (await create(gateway, name="carol"))["key"]
+    response = await gateway.post(
+        "/admin/keys/carol/rotate", json={"grace_seconds": 0}, headers=ADMIN
+    )
+    assert response.status == 201 and (await response.json())["previous_key_expires_at"] is None
+    assert await chat(gateway, first) == 401
+    missing = await gateway.post("/admin/keys/carol/rotate", json={}, headers=ADMIN)
+    assert missing.status == 400 and "grace_seconds" in (await missing.json())["error"]["message"]
+
+
+async def test_a_digest_presented_as_a_key_opens_nothing(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    gateway = await admin_gateway()
+    await create(gateway, name="dave")
+    document = json.loads(keys_file.read_text())
+    written = next(k for k, v in document["virtual_keys"].items() if v.get("name") == "dave")
+    assert written.startswith("sha256:")
+    for presented in (written, written.removeprefix("sha256:")):
+        assert await chat(gateway, presented) == 401
+
+
+async def test_a_given_key_must_be_long_enough_and_unused(admin_gateway: Make) -> None:
+    gateway = await admin_gateway()
+    weak = await gateway.post(
+        "/admin/keys",
+        json={"name": "e", "key": "short-key", "provider": "openai", "api_key": REAL},
+        headers=ADMIN,
+    )
+    assert weak.status == 400
+    assert_openai_error(await weak.json(), "weak_key")
+    given = "vk-given-by-the-operator-000001"
+    assert (await create(gateway, name="erin", key=given))["key"] == given
+    assert await chat(gateway, given) == 200
+    taken = await gateway.post(
+        "/admin/keys",
+        json={"name": "frank", "key": OPENAI_VK, "provider": "openai", "api_key": REAL},
+        headers=ADMIN,
+    )
+    assert taken.status == 409
+
+
+async def test_changes_are_checked_as_at_start(admin_gateway: Make, keys_file: Path) -> None:
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    cases = [
+        (
+            {"name": "g", "provider": "openai", "api_key": REAL, "qouta": {}},
+            400,
+            "'qouta' is not a key field",
+        ),
+        (
+            {"name": "g", "provider": "openai", "api_key": REAL, "quota": {"requests": 0}},
+            422,
+            "quota.requests must be a positive integer",
+        ),
+        ({"name": "g", "provider": "nowhere", "api_key": REAL}, 422, "nowhere"),
+        ({"name": "limited", "provider": "openai", "api_key": REAL}, 409, "exists"),
+        ({"provider": "openai", "api_key": REAL}, 400, "name"),
+        (
+            {"name": "g", "provider": "openai", "api_key": REAL, "created_at": "x"},
+            400,
+            "set by the gateway",
+        ),
+    ]
+    for body, status, words in cases:
+        response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+        assert response.status == status, (body, await response.text())
+        message = (await response.json())["error"]["message"]
+        assert words in message and "\n" not in message and REAL not in message
+    patched = await gateway.patch(
+        "/admin/keys/limited", json={"quota": {"reqests": 3}}, headers=ADMIN
+    )
+    assert patched.status == 400
+    assert "'quota.reqests'" in (await patched.json())["error"]["message"]
+    renamed = await gateway.patch("/admin/keys/limited", json={"name": "x"}, headers=ADMIN)
+    assert renamed.status == 400
+    missing = await gateway.patch("/admin/keys/nobody", json={"quota": None}, headers=ADMIN)
+    assert missing.status == 404
+    assert (await gateway.delete("/admin/keys/nobody", headers=ADMIN)).status == 404
+    assert keys_file.read_bytes() == before
+
+
+async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
+    admin_gateway: Make, clock: Clock
+) -> None:
+    gateway = await admin_gateway()
+    key = (await create(gateway, name="hank", quota={"requests": 2}))["key"]
+    assert [await chat(gateway, key) for _ in range(2)] == [200, 200]
+    assert await chat(gateway, key) == 429
+    patched = await gateway.patch(
+        "/admin/keys/hank", json={"quota": {"requests": 3}}, headers=ADMIN
+    )
+    assert patched.status == 200
+    assert [await chat(gateway, key) for _ in range(2)] == [200, 429]  # 2 of 3 were used
+    rotated = await gateway.post(
+        "/admin/keys/hank/rotate", json={"grace_seconds": 0}, headers=ADMIN
+    )
+    assert await chat(gateway, (await rotated.json())["key"]) == 429  # the same window
+    assert (await gateway.delete("/admin/keys/hank", headers=ADMIN)).status == 204
+    clock.advance(0.001)  # created_at (part of the windows' id) is another instant
+    again = (await create(gateway, name="hank", quota={"requests": 2}))["key"]
+    assert await chat(gateway, again) == 200  # a new key of an old name: a new window
+
+
+async def test_patch_changes_limits_and_models_idempotently(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    gateway = await admin_gateway()
+    change = {"allowed_models": ["gpt-4o"], "quota": None}
+    for _ in range(2):
+        response = await gateway.patch("/admin/keys/limited", json=change, headers=ADMIN)
+        assert response.status == 200
+    written = keys_file.read_bytes()
+    again = await gateway.patch("/admin/keys/limited", json=change, headers=ADMIN)
+    assert again.status == 200 and keys_file.read_bytes() == written
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
+    assert response.status == 403  # gpt-4o-mini is no longer allowed
+
+
+async def test_teams_are_created_changed_and_deleted(admin_gateway: Make) -> None:
+    gateway = await admin_gateway()
+    made = await gateway.post(
+        "/admin/teams", json={"name": "research", "quota": {"requests": 1}}, headers=ADMIN
+    )
+    assert made.status == 201
+    assert (
+        await gateway.post("/admin/teams", json={"name": "research"}, headers=ADMIN)
+    ).status == 409
+    key = (await create(gateway, name="ivy", team="research"))["key"]
+    assert [await chat(gateway, key) for _ in range(2)] == [200, 429]
+    changed = await gateway.patch(
+        "/admin/teams/research", json={"quota": {"requests": 3}}, headers=ADMIN
+    )
+    assert changed.status == 200 and await chat(gateway, key) == 200
+    busy = await gateway.delete("/admin/teams/research", headers=ADMIN)
+    assert busy.status == 409 and "ivy" in (await busy.json())["error"]["message"]
+    bad = await gateway.patch(
+        "/admin/teams/research", json={"quota": {"requests": -1}}, headers=ADMIN
+    )
+    assert bad.status == 422
+    unknown = await gateway.patch("/admin/teams/research", json={"members": []}, headers=ADMIN)
+    assert unknown.status == 400 and "'members'" in (await unknown.json())["error"]["message"]
+    assert (await gateway.delete("/admin/keys/ivy", headers=ADMIN)).status == 204
+    assert (await gateway.delete("/admin/teams/research", headers=ADMIN)).status == 204
+    teams = await (await gateway.get("/admin/teams", headers=ADMIN)).json()
+    assert teams["teams"] == []
+
+
+async def test_a_read_only_keys_file_gives_409_and_changes_nothing(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    keys_file.chmod(0o444)
+    response = await gateway.post(
+        "/admin/keys", json={"name": "j", "provider": "openai", "api_key": REAL}, headers=ADMIN
+    )
+    assert response.status == 409
+    body = await response.json()
+    assert_openai_error(body, "keys_store_read_only")
+    assert "KEYS_STORE=redis" in body["error"]["message"]
+    assert (await gateway.delete("/admin/keys/limited", headers=ADMIN)).status == 409
+    assert keys_file.read_bytes() == before and await chat(gateway, LIMITED_VK) == 200
+
+
+async def test_the_file_keeps_its_mode_and_is_valid_after_200_concurrent_creates(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    keys_file.chmod(0o640)
+    gateway = await admin_gateway()
+    made = await asyncio.gather(*(create(gateway, name=f"user-{n:03d}") for n in range(200)))
+    document = json.loads(keys_file.read_text())
+    names = {entry.get("name") for entry in document["virtual_keys"].values()}
+    assert {f"user-{n:03d}" for n in range(200)} <= names
+    assert stat.S_IMODE(os.stat(keys_file).st_mode) == 0o640
+    assert not [p for p in keys_file.parent.iterdir() if p.name.endswith(".tmp")]
+    assert [await chat(gateway, m["key"]) for m in made[::40]] == [200] * 5
+
+
+async def test_bodies_over_the_limit_are_413_and_not_json_is_400(admin_gateway: Make) -> None:
+    gateway = await admin_gateway()
+    big = {"name": "k", "provider": "openai", "api_key": REAL, "pad": "x" * 70_000}
+    assert (await gateway.post("/admin/keys", json=big, headers=ADMIN)).status == 413
+    broken = await gateway.post("/admin/keys", data=b"{not json", headers=ADMIN)
+    assert broken.status == 400
+    listed = await gateway.post("/admin/keys", json=[1], headers=ADMIN)
+    assert listed.status == 400
+
+
+async def test_write_endpoints_need_the_token_and_failures_count_toward_the_lockout(
+    admin_gateway: Make,
+) -> None:
+    gateway = await admin_gateway(AUTH_FAILURE_LIMIT="3")
+    wrong = {"Authorization": "Bearer guess"}
+    statuses = [
+        (await gateway.post("/admin/keys", json={"name": "x"}, headers=wrong)).status,
+        (await gateway.delete("/admin/keys/limited", headers=wrong)).status,
+        (await gateway.post("/admin/keys/limited/rotate", json={}, headers=wrong)).status,
+        (await gateway.get("/admin/export", headers=wrong)).status,
+    ]
+    assert statuses == [401, 401, 401, 429]
+
+
+async def test_export_gives_keys_json_without_secrets_unless_asked(
+    admin_gateway: Make, tmp_path: Path, settings: Callable[..., Settings]
+) -> None:
+    gateway = await admin_gateway()
+    await create(gateway, name="lee")
+    response = await gateway.get("/admin/export", headers=ADMIN)
+    text = await response.text()
+    for secret in (*SECRETS, REAL):
+        assert secret not in text
+    document = json.loads(text)
+    assert all(k.startswith("sha256:") for k in document["virtual_keys"])
+    full = await (await gateway.get("/admin/export?include_real_keys=true", headers=ADMIN)).text()
+    assert REAL in full and OPENAI_VK not in full
+    exported = tmp_path / "exported.json"
+    exported.write_text(full)
+    ring = load_keys(settings(KEYS_FILE_PATH=str(exported)), {})  # loads as keys.json does
+    assert len(ring) == 7
+
+
+async def test_a_revoked_key_is_refused_before_the_cache_could_answer(
+    admin_gateway: Make, fake: Any
+) -> None:
+    gateway = await admin_gateway()
+    key = (await create(gateway, name="mia", cache={"ttl_seconds": 600}))["key"]
+    answers = []
+    for _ in range(2):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+        answers.append(response.headers.get("x-llm-gateway-cache"))
+    assert answers == ["miss", "hit"]
+    assert (await gateway.delete("/admin/keys/mia", headers=ADMIN)).status == 204
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert response.status == 401 and "x-llm-gateway-cache" not in response.headers
