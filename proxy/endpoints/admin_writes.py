@@ -9,8 +9,8 @@ and the whole set exported as keys.json.
     GET    /admin/export[?include_real_keys=true]
 
 Each change goes through the key store (`keys.store`), which checks the result with the
-loader the start uses: a bad value is 422 with the loader's line, an unknown field 400
-naming it, a name that exists 409, a store that cannot be written 409 saying so. Bodies
+loader the start uses: a bad value is 422 `invalid_key_settings` with the loader's line,
+an unknown field 400 (the same code) naming it, a name that exists 409, a store that cannot be written 409 saying so. Bodies
 over MAX_BODY_BYTES get 413. Every change that took writes an audit line to the
 interaction log: who (a digest of the admin token), what, which name and which fields,
 never a value (a real key could be one).
@@ -136,7 +136,7 @@ def refusals(handler: Handler) -> Handler:
         except EditRefused as refused:
             error = GatewayError(refused.status, refused.code, refused.message)
         except UnknownField as unknown:
-            error = GatewayError(400, "unknown_field", str(unknown))
+            error = GatewayError(400, "invalid_key_settings", str(unknown))
         except KeysFileError as invalid:
             error = GatewayError(422, "invalid_key_settings", str(invalid))
         except StoreReadOnly as read_only:

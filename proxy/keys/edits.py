@@ -56,7 +56,7 @@ def _checked(where: str, body: Mapping[str, Any], level: str) -> None:
     try:
         check_fields(where, body, level)
     except KeysFileError as error:
-        raise EditRefused(400, "unknown_field", str(error)) from None
+        raise EditRefused(400, "invalid_key_settings", str(error)) from None
 
 
 def _name(body: Mapping[str, Any], what: str) -> str:
@@ -146,7 +146,7 @@ def rotate_key(document: dict[str, Any], name: str, body: Mapping[str, Any], now
     if unknown:
         raise EditRefused(
             400,
-            "unknown_field",
+            "invalid_key_settings",
             f"{where}: {sorted(unknown)[0]!r} is not a rotate field; known: grace_seconds, key",
         )
     grace = body.get("grace_seconds")

@@ -1,0 +1,112 @@
+"""Keys changed through the admin API in real gateway processes: created, used, rotated
+(the old key works during its grace, refused after), revoked, and refused within a second
+on a connection kept alive across the change, by every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import keys_document
+from tests.support.processes import Processes, start_gateway
+
+ADMIN = "admin-token-for-key-processes-0123"
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+REAL = "sk-real-made-in-a-process-0042"
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
+    """Poll `check` until it holds; the seconds it took. Fails past `timeout`."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, "the condition never held"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+class KeptAlive:
+    """One client connection to a gateway, kept alive: each request on the same socket."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connections = 0  # opened: one, if every request went on the same socket
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._opened)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), trace_configs=[trace]
+        )
+
+    async def _opened(self, *_: Any) -> None:
+        self.connections += 1
+
+    async def status(self, key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with self.session.post(
+            f"{self.url}/v1/chat/completions", json=CHAT, headers=headers
+        ) as response:
+            await response.read()
+            return response.status
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def lifecycle(admin_url: str, urls: list[str]) -> dict[str, float]:
+    """Create → use → rotate (grace) → revoke through `admin_url`, seen on every url; the
+    seconds each change took to reach the slowest of them."""
+    figures: dict[str, float] = {}
+    clients = [KeptAlive(url) for url in urls for _ in range(2)]  # two connections each
+    async with aiohttp.ClientSession() as admin:
+
+        async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+            async with admin.request(method, admin_url + path, json=body, headers=HEADERS) as r:
+                return r.status, (await r.json() if r.status != 204 else None)
+
+        async def everywhere(key: str, status: int) -> bool:
+            return all([await client.status(key) == status for client in clients])
+
+        try:
+            status, made = await call(
+                "POST", "/admin/keys", {"name": "proc", "provider": "openai", "api_key": REAL}
+            )
+            assert status == 201
+            first = made["key"]
+            figures["create"] = await until(lambda: everywhere(first, 200), 5)
+            status, rotated = await call("POST", "/admin/keys/proc/rotate", {"grace_seconds": 2})
+            assert status == 201
+            second = rotated["key"]
+            started = time.monotonic()
+            figures["rotate"] = await until(lambda: everywhere(second, 200), 5)
+            assert await everywhere(first, 200)  # in its grace, everywhere
+            await until(lambda: everywhere(first, 401), 5)
+            assert time.monotonic() - started >= 1.9  # not before the grace ended
+            status, _ = await call("DELETE", "/admin/keys/proc")
+            assert status == 204
+            figures["revoke"] = await until(lambda: everywhere(second, 401), 1.0)
+            assert all(client.connections == 1 for client in clients)  # kept alive throughout
+        finally:
+            for client in clients:
+                await client.close()
+    return figures
+
+
+async def test_a_key_made_rotated_and_revoked_in_a_gateway_of_two_workers_on_keys_json(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document(fake_base)))
+    _, url = start_gateway(
+        processes, keys, tmp_path / "log.jsonl", ADMIN_TOKEN=ADMIN, WORKERS="2", REDIS_URL=redis_url
+    )
+    figures = await lifecycle(url, [url, url])
+    print(f"file store, 2 workers: {figures}")
+    assert figures["revoke"] < 1.0
+    document = json.loads(keys.read_text())
+    assert "proc" not in json.dumps(document) and REAL not in keys.read_text()
