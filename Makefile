@@ -41,9 +41,10 @@ lint: $(STAMP)
 test: lint $(STAMP) system-packages
 	$(PY) -m pytest -q
 
-# unit: the fast levels (tests/unit and tests/app: no real process, no system package), under a minute
+# unit: the fast levels (the tests marked unit or app: tests/unit, tests/app, and the memory runs of
+# tests/process/test_tracker.py; no real process, no system package), under a minute
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit tests/app
+	$(PY) -m pytest -q -m "unit or app" tests
 
 # system-packages: Debian packages the tests need, installed only when missing
 system-packages:

@@ -234,12 +234,15 @@ def process_keys(tmp_path: Path, fake_url: str) -> Path:
     return path
 
 
-# --- levels: each test is marked by the folder it lives in (pytest -m unit, -m "unit or app") ---
+# --- levels: each test is marked by the folder it lives in (pytest -m unit, -m "unit or app"),
+# unless it names its level itself: the tracker's parity suite (tests/process/test_tracker.py)
+# marks its memory runs unit, so `make unit` runs them without a redis-server.
 LEVELS = ("unit", "app", "process", "deploy")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         level = item.path.parent.name
-        if level in LEVELS:
+        named = any(mark.name in LEVELS for mark in item.iter_markers())
+        if level in LEVELS and not named:
             item.add_marker(getattr(pytest.mark, level))

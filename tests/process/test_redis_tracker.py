@@ -1,5 +1,6 @@
-"""The Redis tracker against a real redis-server: the memory tracker's semantics, exact across
-processes, and what the gateway does when Redis is lost and comes back."""
+"""The Redis tracker against a real redis-server: every answer the memory tracker's, exact across
+processes, and what the gateway does when Redis is lost and comes back. (The behaviours both
+backends share run on both in tests/process/test_tracker.py.)"""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tests.support.bodies import CHAT
 from tests.support.clock import Clock
 from tests.support.processes import Processes, refused, start_gateway
 from tests.support.redis_server import RedisServer, free_port
-from tests.unit.test_tracker import KIND_TOTALS, NO_KIND_TOTALS
+from tests.unit.test_memory_tracker import NO_KIND_TOTALS
 
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
 
@@ -51,155 +52,7 @@ async def real_time_tracker(redis_url: str) -> AsyncIterator[RedisTracker]:
     await tracker.close()
 
 
-# --- the memory tracker's semantics --------------------------------------------------------
-
-
-async def test_the_request_limit_is_respected(tracker: RedisTracker) -> None:
-    limits = Limits(requests=3, tokens=None, window_seconds=60)
-    answers = [await tracker.admit(KEY, limits) for _ in range(5)]
-    assert [answer.admitted for answer in answers] == [True, True, True, False, False]
-    assert [answer.remaining_requests for answer in answers] == [2, 1, 0, 0, 0]
-    assert answers[0].remaining_tokens is None and answers[0].reset_tokens_seconds is None
-
-
-async def test_a_refused_request_is_not_counted(tracker: RedisTracker, clock: Clock) -> None:
-    limits = Limits(requests=2, tokens=None, window_seconds=10)
-    await tracker.admit(KEY, limits)  # t = 0
-    clock.advance(5)
-    await tracker.admit(KEY, limits)  # t = 5
-    clock.advance(1)
-    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(20)])
-    clock.advance(4)  # t = 10: the first admission left; the refusals at t = 6 never counted
-    assert (await tracker.admit(KEY, limits)).admitted
-    assert not (await tracker.admit(KEY, limits)).admitted
-    assert (await tracker.report(KEY, limits))["totals"]["requests"] == 3
-
-
-async def test_a_burst_at_the_end_of_one_window_and_the_start_of_the_next_cannot_exceed_the_limit(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    limits = Limits(requests=10, tokens=None, window_seconds=60)
-    clock.advance(59)
-    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
-    clock.advance(2)  # a fixed-window counter would have reset here
-    assert not any([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
-    clock.advance(57.5)
-    assert not (await tracker.admit(KEY, limits)).admitted
-    clock.advance(0.5)  # exactly 60 s after the burst: it has left
-    assert all([(await tracker.admit(KEY, limits)).admitted for _ in range(10)])
-
-
-async def test_retry_after_is_the_wait_until_the_oldest_admission_leaves(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    limits = Limits(requests=2, tokens=None, window_seconds=10)
-    first = await tracker.admit(KEY, limits)
-    assert first.retry_after_seconds == 0.0 and first.reset_requests_seconds == 10.0
-    clock.advance(3)
-    second = await tracker.admit(KEY, limits)
-    assert second.remaining_requests == 0 and second.reset_requests_seconds == 7.0
-    clock.advance(1)
-    refused = await tracker.admit(KEY, limits)
-    assert not refused.admitted
-    assert refused.retry_after_seconds == refused.reset_requests_seconds == 6.0
-    clock.advance(5.999)
-    assert not (await tracker.admit(KEY, limits)).admitted
-    clock.advance(0.001)
-    assert (await tracker.admit(KEY, limits)).admitted
-
-
-async def test_the_token_limit_admits_while_under_and_lets_the_last_request_overshoot(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    limits = Limits(requests=100, tokens=100, window_seconds=60)
-    assert (await tracker.admit(KEY, limits)).remaining_tokens == 100
-    tracker.settle(KEY, limits, Charge(80))  # t = 0
-    clock.advance(10)
-    second = await tracker.admit(KEY, limits)
-    assert second.admitted and second.remaining_tokens == 20 and second.reset_tokens_seconds == 50.0
-    tracker.settle(KEY, limits, Charge(50))  # 130 used: over by the last request's own tokens
-    clock.advance(5)
-    refused = await tracker.admit(KEY, limits)
-    assert not refused.admitted
-    assert refused.remaining_tokens == 0 and refused.remaining_requests == 98
-    assert refused.reset_requests_seconds == 0.0
-    assert refused.retry_after_seconds == refused.reset_tokens_seconds == 45.0
-    clock.advance(45)
-    assert (await tracker.admit(KEY, limits)).admitted
-
-
-async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    limits = Limits(requests=10, tokens=100, window_seconds=60)
-    tracker.settle(KEY, limits, Charge(30))  # t = 0
-    clock.advance(10)
-    tracker.settle(
-        KEY, limits, Charge(100)
-    )  # t = 10: without the 30, exactly the limit: still full
-    clock.advance(5)
-    refused = await tracker.admit(KEY, limits)
-    assert not refused.admitted and refused.retry_after_seconds == 55.0  # when the 100 leave
-
-
-async def test_a_changed_limit_keeps_the_newest_admissions(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    five = Limits(requests=5, tokens=None, window_seconds=10)
-    for _ in range(4):
-        await tracker.admit(KEY, five)
-        clock.advance(1)  # admissions at t = 0, 1, 2, 3
-    two = Limits(requests=2, tokens=None, window_seconds=10)
-    refused = await tracker.admit(KEY, two)  # t = 4
-    assert not refused.admitted and refused.remaining_requests == 0
-    assert refused.retry_after_seconds == 8.0  # the newest two are t = 2 and 3; t = 2 leaves at 12
-    twenty = Limits(requests=20, tokens=None, window_seconds=10)
-    assert sum([(await tracker.admit(KEY, twenty)).admitted for _ in range(20)]) == 18
-    clock.advance(8)  # t = 12: shrunk to two again, the newest two are from t = 4
-    assert (await tracker.admit(KEY, two)).retry_after_seconds == 2.0
-
-
-async def test_report_gives_the_window_limits_remaining_and_totals(
-    tracker: RedisTracker, clock: Clock
-) -> None:
-    limits = Limits(requests=5, tokens=1000, window_seconds=100)
-    await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(300, 0, (250, 50, 100, 20, 0, 10, 0)))
-    clock.advance(40)
-    await tracker.admit(KEY, limits)
-    tracker.settle(KEY, limits, Charge(200, 0, (150, 50, 0, 0, 5, 0, 0)))
-    clock.advance(10)
-    assert await tracker.report(KEY, limits) == {
-        "window_seconds": 100,
-        "requests": {"used": 2, "limit": 5, "remaining": 3, "reset_seconds": 50.0},
-        "tokens": {
-            "used": 500,
-            "reserved": 0,
-            "limit": 1000,
-            "remaining": 500,
-            "reset_seconds": 50.0,
-        },
-        "totals": {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS},
-    }
-    clock.advance(50)
-    report = await tracker.report(KEY, limits)
-    assert report["requests"] == {"used": 1, "limit": 5, "remaining": 4, "reset_seconds": 40.0}
-    assert report["tokens"] == {
-        "used": 200,
-        "reserved": 0,
-        "limit": 1000,
-        "remaining": 800,
-        "reset_seconds": 40.0,
-    }
-    assert report["totals"] == {"requests": 2, "tokens": 500, "spent_usd": 0.0, **KIND_TOTALS}
-
-
-async def test_report_of_a_key_never_seen_is_empty_and_creates_nothing(
-    tracker: RedisTracker, raw_redis: redis.Redis
-) -> None:
-    limits = Limits(requests=5, tokens=None, window_seconds=100)
-    assert await tracker.report("unseen", limits) == await MemoryTracker().report("unseen", limits)
-    assert raw_redis.dbsize() == 0
+# --- the memory tracker's answers, for any sequence ----------------------------------------
 
 
 @settings(
@@ -274,15 +127,6 @@ def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
 
 
 # --- atomic, shared, bounded ---------------------------------------------------------------
-
-
-async def test_200_concurrent_admits_against_a_limit_of_50_admit_exactly_50(
-    real_time_tracker: RedisTracker,
-) -> None:
-    limits = Limits(requests=50, tokens=None, window_seconds=3600)
-    answers = await asyncio.gather(*(real_time_tracker.admit(KEY, limits) for _ in range(200)))
-    assert sum(answer.admitted for answer in answers) == 50
-    assert (await real_time_tracker.report(KEY, limits))["requests"]["used"] == 50
 
 
 async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_url: str) -> None:

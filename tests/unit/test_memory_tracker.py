@@ -1,0 +1,131 @@
+"""What only the memory tracker has: windows evicted when idle, a close that forgets, and every
+answer checked against a naive sliding log. Its answers equal Redis's: tests/process/test_tracker.py
+runs the shared behaviours on both (its memory runs are unit level too)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.tracker import KINDS, Admission, Charge, Limits
+from tests.support.clock import Clock
+
+KEY = "key-digest-1"
+NO_KIND_TOTALS = dict.fromkeys(KINDS, 0)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tracker(clock: Clock) -> MemoryTracker:
+    return MemoryTracker(clock)
+
+
+async def admit_many(
+    tracker: MemoryTracker, limits: Limits, count: int, key: str = KEY
+) -> list[Admission]:
+    return [await tracker.admit(key, limits) for _ in range(count)]
+
+
+async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
+    tracker: MemoryTracker, clock: Clock
+):
+    limits = Limits(requests=100, tokens=None, window_seconds=60)
+    for index in range(1000):
+        await admit_many(tracker, limits, 3, key=f"key-{index}")
+        tracker.settle(f"key-{index}", limits, Charge(7))
+    assert len(tracker) == 1000
+    clock.advance(30)
+    await tracker.admit("busy", limits)
+    assert len(tracker) == 1001  # nobody is idle yet
+    clock.advance(30)
+    await tracker.admit("newcomer", limits)
+    assert len(tracker) == 2  # "busy" is still inside its window
+    assert (await tracker.report("key-7", limits))["totals"] == {
+        "requests": 3,
+        "tokens": 7,
+        "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
+    }
+    assert (await tracker.admit("key-7", limits)).remaining_requests == 99
+    assert (await tracker.report("key-7", limits))["totals"] == {
+        "requests": 4,
+        "tokens": 7,
+        "spent_usd": 0.0,
+        **NO_KIND_TOTALS,
+    }
+
+
+async def test_limits_must_be_positive():
+    for bad in ((0, None, 60), (5, 0, 60), (5, None, 0)):
+        with pytest.raises(ValueError):
+            Limits(*bad)
+
+
+async def test_close_forgets_every_window(tracker: MemoryTracker):
+    await tracker.admit(KEY, Limits(requests=1, tokens=None, window_seconds=60))
+    await tracker.close()
+    assert len(tracker) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=st.integers(1, 20),
+    token_limit=st.none() | st.integers(1, 50),
+    steps=st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from(["admit", "charge"]), st.integers(0, 30)),
+        max_size=120,
+    ),
+)
+def test_admissions_match_a_naive_sliding_log(
+    requests: int, token_limit: int | None, steps: list
+) -> None:
+    """Against a list of every admission and charge: same verdicts, counts and waits."""
+    clock = Clock(0.0)
+    tracker = MemoryTracker(clock)
+    limits = Limits(requests=requests, tokens=token_limit, window_seconds=10)
+    admitted: list[float] = []
+    charges: list[tuple[float, int]] = []
+
+    async def run() -> None:
+        for half_seconds, action, tokens in steps:
+            clock.advance(half_seconds / 2)
+            now = clock.now
+            if action == "charge":
+                tracker.settle(KEY, limits, Charge(tokens))
+                charges.append((now, tokens))
+                continue
+            answer = await tracker.admit(KEY, limits)
+            live = [stamp for stamp in admitted if now - stamp < 10]
+            live_charges = [
+                (stamp, count) for stamp, count in charges if now - stamp < 10 and count
+            ]
+            used = sum(count for _, count in live_charges)
+            tokens_full = token_limit is not None and used >= token_limit
+            expected = len(live) < requests and not tokens_full
+            assert answer.admitted == expected
+            if expected:
+                admitted.append(now)
+                live.append(now)
+            assert answer.remaining_requests == requests - len(live)
+            if not expected:
+                request_wait = live[-requests] + 10 - now if len(live) >= requests else 0.0
+                token_wait = 0.0
+                if token_limit is not None and tokens_full:
+                    left = used
+                    for stamp, count in live_charges:
+                        left -= count
+                        if left < token_limit:
+                            token_wait = stamp + 10 - now
+                            break
+                assert answer.retry_after_seconds == max(request_wait, token_wait)
+                assert answer.retry_after_seconds > 0
+
+    asyncio.run(run())
