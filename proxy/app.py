@@ -115,6 +115,7 @@ def key_defaults(settings: Settings) -> Defaults:
         if settings.budget_usd is None
         else Budget(settings.budget_usd, settings.budget_window_seconds),
         budget_window_seconds=settings.budget_window_seconds,
+        unshared_workers=settings.workers if settings.redis_url is None else 1,
     )
 
 

@@ -41,6 +41,9 @@ class Defaults:
     window_seconds: float
     budget: Budget | None = None  # BUDGET_USD and its window, for keys that name none
     budget_window_seconds: float = 2592000.0
+    # Processes counting on their own (WORKERS other than 1 without REDIS_URL; 1: shared):
+    # slots and team limits would then be multiplied by them, so keys.json is refused.
+    unshared_workers: int = 1
 
 
 # The fields each level of keys.json accepts, by the level's name in the error message.

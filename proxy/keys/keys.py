@@ -11,6 +11,7 @@ names it).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -357,7 +358,7 @@ def _key(
     ).hexdigest()[:24]
     limits = fields.limits(where, entry.get("quota"), defaults)
     budget = fields.budget(where, entry, defaults)
-    cap, queue = in_flight(where, entry)
+    cap, queue = in_flight(where, entry, defaults)
     window = limits.window_seconds if limits is not None else defaults.window_seconds
     return VirtualKey(
         secret=secret,
@@ -370,7 +371,12 @@ def _key(
         stream_usage=stream_usage,
         budget=budget,
         team=team_of(where, entry, teams),
-        model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, window),
+        model_quotas=parse_model_quotas(
+            where,
+            entry.get("model_quotas"),
+            key_id,
+            dataclasses.replace(defaults, window_seconds=window),  # the key's window
+        ),
         own=Scope(key_id, "key", name, limits, budget, cap, queue),
         cache=fields.cache(where, entry),
         previous=previous_key(where, entry),

@@ -62,7 +62,12 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
         check_fields(where, entry, "team")
-        cap, queue = in_flight(where, entry)
+        cap, queue = in_flight(where, entry, defaults)
+        if defaults.unshared_workers != 1 and ("quota" in entry or "budget" in entry):
+            raise KeysFileError(
+                f"{where}: a team's limits with WORKERS other than 1 need REDIS_URL: each "
+                "worker would count its own share of them, multiplying them"
+            )
         # A team deleted and created again through the admin API starts fresh windows.
         created_at = entry.get("created_at")
         if created_at is not None and not isinstance(created_at, str):
@@ -72,7 +77,7 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
             id="team-" + hashlib.sha256(seed.encode()).hexdigest()[:24],
             kind="team",
             name=name,
-            limits=window(where, entry.get("quota"), "quota", defaults.window_seconds),
+            limits=window(where, entry.get("quota"), "quota", defaults),
             budget=budget(where, entry, defaults) if "budget" in entry else None,
             max_in_flight=cap,
             queue_seconds=queue,
@@ -92,12 +97,17 @@ def team_of(where: str, entry: Mapping[str, Any], teams: Mapping[str, Team]) -> 
     return teams[name]
 
 
-def in_flight(where: str, entry: Mapping[str, Any]) -> tuple[int | None, float]:
+def in_flight(where: str, entry: Mapping[str, Any], defaults: Defaults) -> tuple[int | None, float]:
     """`max_in_flight` and `queue_seconds` of a key or a team. Raises KeysFileError."""
     cap = entry.get("max_in_flight")
     queue = entry.get("queue_seconds", 0)
     if cap is not None and not positive_int(cap):
         raise KeysFileError(f"{where}: max_in_flight must be a positive integer")
+    if cap is not None and defaults.unshared_workers != 1:
+        raise KeysFileError(
+            f"{where}: max_in_flight with WORKERS other than 1 needs REDIS_URL: each worker "
+            "would count its own slots, multiplying the cap"
+        )
     if isinstance(queue, bool) or not isinstance(queue, int | float) or not 0 <= queue <= 3600:
         raise KeysFileError(f"{where}: queue_seconds must be a number of seconds, 0 to 3600")
     if queue and cap is None:
@@ -105,8 +115,9 @@ def in_flight(where: str, entry: Mapping[str, Any]) -> tuple[int | None, float]:
     return cap, float(queue)
 
 
-def window(where: str, quota: Any, field: str, default_window: float) -> Limits | None:
-    """A window of requests and/or tokens (a team's quota, a model group); None when absent."""
+def window(where: str, quota: Any, field: str, defaults: Defaults) -> Limits | None:
+    """A window of requests and/or tokens (a team's quota, a model group); None when absent
+    or when QUOTA_ENABLED is false (every window off, the keys' own as well)."""
     if quota is None:
         return None
     if not isinstance(quota, dict):
@@ -117,7 +128,7 @@ def window(where: str, quota: Any, field: str, default_window: float) -> Limits 
         check_fields(where, quota, "quota", "quota.")
     requests = quota.get("requests")
     tokens = quota.get("tokens")
-    seconds = quota.get("window_seconds", default_window)
+    seconds = quota.get("window_seconds", defaults.window_seconds)
     if requests is None and tokens is None:
         raise KeysFileError(f"{where}: {field} needs requests, tokens or both")
     if requests is not None and not positive_int(requests):
@@ -126,11 +137,13 @@ def window(where: str, quota: Any, field: str, default_window: float) -> Limits 
         raise KeysFileError(f"{where}: {field}.tokens must be a positive integer")
     if not positive_number(seconds):
         raise KeysFileError(f"{where}: {field}.window_seconds must be a positive number")
+    if not defaults.quota_enabled:
+        return None
     return Limits(requests or UNLIMITED_REQUESTS, tokens, float(seconds))
 
 
 def parse_model_quotas(
-    where: str, section: Any, key_id: str, default_window: float
+    where: str, section: Any, key_id: str, defaults: Defaults
 ) -> tuple[ModelQuota, ...]:
     """A key's `model_quotas`: a list of {models, requests?, tokens?, window_seconds?}."""
     if section is None:
@@ -150,9 +163,9 @@ def parse_model_quotas(
             or not all(isinstance(m, str) and m for m in models)
         ):
             raise KeysFileError(f"{where}: {at}.models must be a list of model name patterns")
-        limits = window(
-            where, {k: v for k, v in group.items() if k != "models"}, at, default_window
-        )
+        limits = window(where, {k: v for k, v in group.items() if k != "models"}, at, defaults)
+        if limits is None:
+            continue  # QUOTA_ENABLED=false: windows off
         digest = hashlib.sha256("\n".join(models).encode()).hexdigest()[:12]
         scope = Scope(
             id=f"{key_id}/model-{digest}",

@@ -368,3 +368,62 @@ async def test_a_websocket_session_holds_a_slot_until_it_closes(teams_gateway: A
     deadline = asyncio.get_running_loop().time() + 5
     while await chat(gateway, MEMBERS[2]) != 200:
         assert asyncio.get_running_loop().time() < deadline, "the session kept its slot"
+
+
+@pytest.mark.parametrize(
+    ("team", "key", "message"),
+    [
+        ({"max_in_flight": 4}, {}, "team 'research': max_in_flight with WORKERS other than 1"),
+        ({"quota": {"requests": 9}}, {}, "need REDIS_URL"),
+        ({}, {"max_in_flight": 2}, "key 'member-0': max_in_flight with WORKERS other than 1"),
+    ],
+)
+def test_shared_limits_with_workers_counting_on_their_own_are_refused(
+    tmp_path: Path, fake_base: str, team: dict[str, Any], key: dict[str, Any], message: str
+) -> None:
+    from proxy.keys.fields import Defaults, KeysFileError
+    from proxy.keys.keys import KeyRing
+
+    document = keys_document(fake_base)
+    document["teams"] = {"research": team}
+    document["virtual_keys"][MEMBERS[0]] = {
+        "provider": "openai",
+        "api_key": "sk-member-real-0-123456",
+        "name": "member-0",
+        "team": "research",
+        **key,
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    per_worker = Defaults(False, 100, None, 3600.0, unshared_workers=4)
+    with pytest.raises(KeysFileError) as refused:
+        KeyRing.load(str(path), {}, per_worker)
+    assert message in str(refused.value)
+    shared = Defaults(False, 100, None, 3600.0)  # one process, or Redis: fine
+    assert KeyRing.load(str(path), {}, shared).teams["research"].scope.max_in_flight == team.get(
+        "max_in_flight"
+    )
+
+
+def test_quota_enabled_false_turns_team_and_model_windows_off(
+    tmp_path: Path, fake_base: str
+) -> None:
+    from proxy.keys.fields import Defaults
+    from proxy.keys.keys import KeyRing
+
+    document = keys_document(fake_base)
+    document["teams"] = {"research": {"quota": {"requests": 5}, "budget": {"usd": 3}}}
+    document["virtual_keys"][MEMBERS[0]] = {
+        "provider": "openai",
+        "api_key": "sk-member-real-0-123456",
+        "name": "member-0",
+        "team": "research",
+        "model_quotas": [{"models": ["gpt-4o"], "requests": 1}],
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    ring = KeyRing.load(str(path), {}, Defaults(False, 100, None, 3600.0))
+    team = ring.teams["research"].scope
+    assert team.limits is None and team.budget is not None  # budgets stay, as a key's do
+    key = next(key for key in ring if key.name == "member-0")
+    assert key.model_quotas == ()
