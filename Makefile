@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DOCKER ?= docker
 DOCKER_PORT ?= 8080
 
-.PHONY: bench-foundations bench-failover run lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
+.PHONY: bench-foundations bench-failover run check lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl
 
 # Running needs requirements.txt only; tests, examples and the benchmark add requirements-dev.txt.
@@ -28,6 +28,11 @@ keys.json:
 # FAKE=1: in front of the bundled fake provider, with keys.example.json's keys (no account needed)
 run: $(RUN_STAMP) $(if $(FAKE),,keys.json)
 	$(if $(FAKE),PYTHON=$(PY) bash e2e/fake_run.sh,$(PY) gateway.py) $(ARGS)
+
+# check: the settings (environment, ARGS flags) and keys.json checked without starting: every
+# problem on its own line, exit code 2 when there is one (ARGS="other.json" checks another file)
+check: $(RUN_STAMP)
+	$(PY) gateway.py --check $(ARGS)
 
 # lint: ruff (lint rules and formatting) over the code and tests, mypy --strict over proxy/
 LINTED := proxy tests bench gateway.py

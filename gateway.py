@@ -19,9 +19,10 @@ import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402
-from proxy.keys.advice import placeholders  # noqa: E402
 from proxy.keys.fields import KeysFileError  # noqa: E402
+from proxy.runtime.check import check, warnings  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
+from proxy.runtime.start_line import start_line  # noqa: E402
 from proxy.runtime.workers import EXIT_REFUSED, run, say  # noqa: E402
 from proxy.settings import SettingError, Settings  # noqa: E402
 from proxy.usage.pricing import Prices  # noqa: E402
@@ -31,18 +32,42 @@ def main(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if "--check" in argv:
+        return check_only(argv)
     try:
         settings = Settings.from_env(os.environ, argv)
         key_ring = load_keys(settings, os.environ)
-        for warning in placeholders(key_ring, settings.keys_file_path):
-            say(f"warning: {warning}")
         check_log_file(settings)
-        Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start (a SettingError)
+        prices = Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start
         check_redis(settings)
+        for warning in warnings(settings, key_ring, prices, os.environ):
+            say(f"warning: {warning}")
+        print(start_line(settings, key_ring), flush=True)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:
         say(str(error))
         return EXIT_REFUSED
+
+
+def check_only(argv: Sequence[str]) -> int:
+    """--check [keys.json]: every problem of the settings and keys.json, one line each, without
+    starting; exit code 2 when there is any, 0 when the gateway would start."""
+    rest = list(argv)
+    at = rest.index("--check")
+    rest.pop(at)
+    keys_file = rest.pop(at) if at < len(rest) and not rest[at].startswith("-") else None
+    found = check(rest, os.environ, keys_file, (check_log_file, check_redis))
+    for problem in found.problems:
+        say(problem)
+    for warning in found.warnings:
+        say(f"warning: {warning}")
+    if found.problems:
+        count = len(found.problems)
+        say(f"{count} problem{'' if count == 1 else 's'}: the gateway would not start")
+        return EXIT_REFUSED
+    assert found.settings is not None and found.key_ring is not None
+    print(start_line(found.settings, found.key_ring).replace("starting", "would start"))
+    return 0
 
 
 def check_log_file(settings: Settings) -> None:

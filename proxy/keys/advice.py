@@ -31,3 +31,21 @@ def placeholders(ring: KeyRing, path: str) -> list[str]:
         "keys.example.json: the provider will refuse it. Put your provider keys in, or try "
         "the gateway without an account: make run FAKE=1"
     ]
+
+
+# A virtual key is a password: under this many characters it can be guessed. The README's
+# recipe makes one of 35 (vk_ and 24 random bytes).
+STRONG_LENGTH = 20
+STRONG_RECIPE = "python3 -c \"import secrets; print('vk_' + secrets.token_urlsafe(24))\""
+
+
+def short_keys(ring: KeyRing, path: str) -> list[str]:
+    """One line naming every key whose virtual key is short enough to guess, or none."""
+    named = sorted(key.name for key in ring if len(key.secret) < STRONG_LENGTH)
+    if not named:
+        return []
+    return [
+        f"{path}: the virtual keys of {', '.join(repr(name) for name in named)} have fewer "
+        f"than {STRONG_LENGTH} characters and can be guessed; make strong ones with "
+        f"{STRONG_RECIPE}"
+    ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -24,7 +24,18 @@ from proxy.quota.tracker import Budget, Limits
 
 
 class KeysFileError(ValueError):
-    """keys.json cannot be used; the message names the file, the key and the field."""
+    """keys.json cannot be used; the message names the file, the key and the field.
+
+    `problems`: every problem found in the file (each key and provider is checked even after
+    one failed), the first being the message; the message says how many more there are.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        self.problems = tuple(problems) or (message,)
+        more = len(self.problems) - 1
+        if more:
+            message += f" (and {more} more: python gateway.py --check lists every one)"
+        super().__init__(message)
 
 
 class UnknownField(KeysFileError):

@@ -257,9 +257,16 @@ class KeyRing:
         """Check a keys.json document (read from a file or a key store). Raises KeysFileError."""
         if not isinstance(document, dict):
             raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
-        check_fields(path, document, "top-level")
-        teams = parse_teams(path, document.get("teams"), defaults)
-        keys = _parse(path, document, environ, defaults, teams)
+        problems: list[str] = []
+        teams: dict[str, Team] = {}
+        try:
+            check_fields(path, document, "top-level")
+            teams = parse_teams(path, document.get("teams"), defaults)
+        except KeysFileError as error:
+            problems.extend(error.problems)
+        keys = _parse(path, document, environ, defaults, teams, problems)
+        if problems:
+            raise KeysFileError(problems[0], problems)
         return cls(keys, digest, teams, clock)
 
 
@@ -295,28 +302,53 @@ def _parse(
     environ: Mapping[str, str],
     defaults: Defaults,
     teams: Mapping[str, Team],
+    problems: list[str],
 ) -> dict[str, VirtualKey]:
-    providers = parse_providers(path, document.get("providers", {}))
+    """Every key of the file; each problem found is added to `problems`, and the rest of the
+    file is still checked, so that one reading names every mistake."""
+    providers = _providers(path, document.get("providers", {}), problems)
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
-        raise KeysFileError(f"{path}: 'virtual_keys' must be an object of key → settings")
+        problems.append(f"{path}: 'virtual_keys' must be an object of key → settings")
+        return {}
     if not entries:
         # A gateway without keys refuses every request: surely not what was meant.
-        raise KeysFileError(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
+        problems.append(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
     keys: dict[str, VirtualKey] = {}
     names: set[str] = set()
     digests: set[str] = set()  # a key written plainly and as its digest is one key twice
     for secret, entry in entries.items():
-        key = _key(path, secret, entry, providers, environ, defaults, teams)
-        if key.name in names:
-            raise KeysFileError(f"{path}: key '{key.name}': name is used by another key")
-        names.add(key.name)
-        hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        # Names are checked first, so a name taken twice is said even if a key fails below.
+        name = entry.get("name", masked(secret)) if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in names:
+            problems.append(f"{path}: key '{name}': name is used by another key")
+        if isinstance(name, str):
+            names.add(name)
+        try:
+            key = _key(path, secret, entry, providers, environ, defaults, teams)
+            hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        except KeysFileError as error:
+            problems.extend(error.problems)
+            continue
         if hexdigest in digests:
-            raise KeysFileError(f"{path}: key '{key.name}': the virtual key is another key's")
+            problems.append(f"{path}: key '{key.name}': the virtual key is another key's")
         digests.add(hexdigest)
         keys[secret] = key
     return keys
+
+
+def _providers(path: str, section: Any, problems: list[str]) -> dict[str, Provider]:
+    """keys.json's `providers`, each checked on its own: every bad one is added to `problems`."""
+    providers = parse_providers(path, {})  # the built-in ones
+    if not isinstance(section, dict):
+        problems.append(f"{path}: 'providers' must be an object of name → settings")
+        return providers
+    for name, entry in section.items():
+        try:
+            providers.update(parse_providers(path, {name: entry}))
+        except KeysFileError as error:
+            problems.extend(error.problems)
+    return providers
 
 
 def _key(

@@ -164,6 +164,19 @@ class Prices:
             price = self._library_price(provider, model)
         return None if price is None else price.cost(usage)
 
+    def knows(self, provider: str, model: str | None) -> bool:
+        """True when requests to `provider` for `model` can be priced; for `model` None
+        (whatever model a request names), when the provider has any price at all."""
+        if model is not None:
+            return (
+                (provider, model) in self._overrides
+                or (provider, "*") in self._overrides
+                or self._library_price(provider, model) is not None
+            )
+        if any(named == provider for named, _ in self._overrides):
+            return True
+        return self._library_provider(provider) is not None
+
     def _library_price(self, provider: str, model: str) -> Price | None:
         key = (provider, model)
         if key in self._models:
@@ -184,14 +197,16 @@ class Prices:
 
     def _find(self, provider: str, model: str) -> Any:
         """genai-prices' ModelInfo for the model, or None."""
-        from genai_prices.data_snapshot import find_provider_by_id
-
-        library_provider = find_provider_by_id(
-            self._library, _LIBRARY_PROVIDER.get(provider, provider)
-        )
+        library_provider = self._library_provider(provider)
         if library_provider is None:
             return None
         return library_provider.find_model(model, all_providers=self._library)
+
+    def _library_provider(self, provider: str) -> Any:
+        """genai-prices' provider for keys.json's provider name, or None."""
+        from genai_prices.data_snapshot import find_provider_by_id
+
+        return find_provider_by_id(self._library, _LIBRARY_PROVIDER.get(provider, provider))
 
 
 def _from_library(model_price: Any) -> Price | None:

@@ -1,0 +1,164 @@
+"""Every mistake at once: the settings and keys.json checked without starting.
+
+`python gateway.py --check [keys.json]` reads what a start would read and lists every
+problem, one line each, instead of stopping at the first: each setting is parsed on its own,
+keys.json is read through (each key and provider checked even after one failed), then the
+prices file, the log file and Redis. Warnings (the gateway would start, but someone probably
+meant something else) are the same lines a start prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from proxy.keys.advice import placeholders, short_keys
+from proxy.keys.fields import KeysFileError
+from proxy.keys.keys import KeyRing, VirtualKey
+from proxy.settings import SETTINGS, SettingError, Settings, parser
+from proxy.usage.pricing import Prices
+
+# An unknown variable this close to a setting's name (difflib's ratio) is probably a typo.
+LOOKALIKE_RATIO = 0.85
+
+
+@dataclass(slots=True)
+class Findings:
+    """What a check found: problems stop a start, warnings do not."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    settings: Settings | None = None
+    key_ring: KeyRing | None = None
+
+
+def check(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    keys_file: str | None,
+    start_checks: Sequence[Callable[[Settings], None]] = (),
+) -> Findings:
+    """Everything a start would check, every problem found. `keys_file` overrides
+    KEYS_FILE_PATH; `start_checks` are the entry point's own (log file, Redis)."""
+    found = Findings()
+    environ = dict(environ)
+    if keys_file is not None:
+        environ["KEYS_FILE_PATH"] = keys_file
+    found.settings = _settings(argv, environ, found.problems)
+    settings = found.settings or _fallback(environ)
+    prices = None
+    try:
+        prices = Prices.load(settings.prices_file)
+    except SettingError as error:
+        found.problems.append(str(error))
+    try:
+        found.key_ring = load(settings, environ)
+    except KeysFileError as error:
+        found.problems.extend(error.problems)
+    if found.settings is not None:
+        for start_check in start_checks:
+            try:
+                start_check(found.settings)
+            except SettingError as error:
+                found.problems.append(str(error))
+    found.warnings = warnings(settings, found.key_ring, prices, environ)
+    return found
+
+
+def warnings(
+    settings: Settings,
+    key_ring: KeyRing | None,
+    prices: Prices | None,
+    environ: Mapping[str, str],
+) -> list[str]:
+    """What a start says before serving: lookalike variables, keys that look like mistakes."""
+    said = lookalikes(environ)
+    if key_ring is not None:
+        said += placeholders(key_ring, settings.keys_file_path)
+        said += short_keys(key_ring, settings.keys_file_path)
+        if prices is not None:
+            said += unpriced_budgets(key_ring, prices, settings)
+    return said
+
+
+def load(settings: Settings, environ: Mapping[str, str]) -> KeyRing:
+    from proxy.app import load_keys  # the app's own defaults for keys.json's quotas
+
+    return load_keys(settings, environ)
+
+
+def _settings(
+    argv: Sequence[str], environ: Mapping[str, str], problems: list[str]
+) -> Settings | None:
+    """The settings, or None; each bad value and each bad combination is added to `problems`."""
+    try:
+        flags = vars(parser().parse_args(list(argv)))
+    except SettingError as error:
+        problems.append(str(error))
+        return None
+    before = len(problems)
+    for row in SETTINGS:
+        raw, source = flags.get(row.field), row.flag
+        if raw is None:
+            raw, source = environ.get(row.variable), row.variable
+        if raw is None or not raw.strip():
+            continue
+        try:
+            row.parse(raw)
+        except ValueError as error:
+            problems.append(f"{source}: {error}")
+    if len(problems) > before:
+        return None  # the combinations are checked once every value reads
+    try:
+        return Settings.from_env(environ, argv)
+    except SettingError as error:
+        problems.append(str(error))
+        return None
+
+
+def _fallback(environ: Mapping[str, str]) -> Settings:
+    """What the keys check needs when the settings do not read: the file and the defaults."""
+    path = environ.get("KEYS_FILE_PATH", "").strip()
+    return Settings(keys_file_path=path) if path else Settings()
+
+
+def lookalikes(environ: Mapping[str, str]) -> list[str]:
+    """One line per environment variable that is not a setting but nearly spells one."""
+    known = [row.variable for row in SETTINGS]
+    said = []
+    for name in sorted(environ):
+        if name in known or name.startswith("OTEL_") or not name.isupper():
+            continue  # OTEL_*: the OpenTelemetry SDK's own, read by it
+        close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
+        if close:
+            said.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
+    return said
+
+
+def unpriced_budgets(key_ring: KeyRing, prices: Prices, settings: Settings) -> list[str]:
+    """One line per key with a budget that can send requests to a provider (or a target's
+    model) without a price: what it spends there is not counted against the budget."""
+    said = []
+    for key in key_ring:
+        if not _has_budget(key):
+            continue
+        unpriced = sorted(
+            {
+                target.name
+                for target in key.plans.every_target()
+                if not prices.knows(target.provider.name, target.model)
+            }
+        )
+        if unpriced:
+            where = settings.prices_file or "PRICES_FILE"
+            said.append(
+                f"{settings.keys_file_path}: key '{key.name}' has a budget, but "
+                f"{', '.join(unpriced)} has no price: its spend there counts nothing against "
+                f"the budget; give it one in {where} (docs/quotas-and-money.md)"
+            )
+    return said
+
+
+def _has_budget(key: VirtualKey) -> bool:
+    return key.budget is not None or (key.team is not None and key.team.scope.budget is not None)

@@ -1,0 +1,32 @@
+"""The line a start prints before serving: what this gateway is about to do, in one reading.
+
+llm-gateway starting: 4 keys from keys.json; quotas in memory; admin off (set
+ADMIN_TOKEN), file watch off, CORS off, traces off, Redis off, 1 worker
+"""
+
+from __future__ import annotations
+
+from proxy.keys.keys import KeyRing
+from proxy.quota.redis_tracker import masked
+from proxy.settings import Settings
+
+
+def start_line(settings: Settings, key_ring: KeyRing) -> str:
+    count = len(key_ring)
+    keys = f"{count} key{'' if count == 1 else 's'} from {settings.keys_file_path}"
+    if not settings.quota_enabled:
+        store = "quotas off (QUOTA_ENABLED=false)"
+    elif settings.redis_url is None:
+        store = "quotas in memory (this process only)"
+    else:
+        store = f"quotas on Redis {masked(settings.redis_url)}"
+    switches = [
+        "admin on" if settings.admin_token else "admin off (set ADMIN_TOKEN)",
+        f"file watch {'on' if settings.keys_file_watch else 'off'}",
+        "CORS "
+        + (", ".join(settings.cors_allowed_origins) if settings.cors_allowed_origins else "off"),
+        f"traces {'on' if settings.is_tracing_on else 'off'}",
+        f"Redis {'on' if settings.redis_url else 'off'}",
+        f"{settings.worker_count} worker{'' if settings.worker_count == 1 else 's'}",
+    ]
+    return f"llm-gateway starting: {keys}; {store}; {', '.join(switches)}"
