@@ -257,16 +257,18 @@ class KeyRing:
         """Check a keys.json document (read from a file or a key store). Raises KeysFileError."""
         if not isinstance(document, dict):
             raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
-        problems: list[str] = []
+        problems: list[KeysFileError] = []
         teams: dict[str, Team] = {}
         try:
             check_fields(path, document, "top-level")
             teams = parse_teams(path, document.get("teams"), defaults)
         except KeysFileError as error:
-            problems.extend(error.problems)
+            problems.append(error)
         keys = _parse(path, document, environ, defaults, teams, problems)
         if problems:
-            raise KeysFileError(problems[0], problems)
+            # The first one's kind (an unknown field is the admin API's 400), every message.
+            messages = [message for problem in problems for message in problem.problems]
+            raise type(problems[0])(messages[0], messages)
         return cls(keys, digest, teams, clock)
 
 
@@ -302,18 +304,22 @@ def _parse(
     environ: Mapping[str, str],
     defaults: Defaults,
     teams: Mapping[str, Team],
-    problems: list[str],
+    problems: list[KeysFileError],
 ) -> dict[str, VirtualKey]:
     """Every key of the file; each problem found is added to `problems`, and the rest of the
     file is still checked, so that one reading names every mistake."""
     providers = _providers(path, document.get("providers", {}), problems)
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
-        problems.append(f"{path}: 'virtual_keys' must be an object of key → settings")
+        problems.append(
+            KeysFileError(f"{path}: 'virtual_keys' must be an object of key → settings")
+        )
         return {}
     if not entries:
         # A gateway without keys refuses every request: surely not what was meant.
-        problems.append(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
+        problems.append(
+            KeysFileError(f"{path}: 'virtual_keys' is empty; add a key (see keys.example.json)")
+        )
     keys: dict[str, VirtualKey] = {}
     names: set[str] = set()
     digests: set[str] = set()  # a key written plainly and as its digest is one key twice
@@ -321,33 +327,35 @@ def _parse(
         # Names are checked first, so a name taken twice is said even if a key fails below.
         name = entry.get("name", masked(secret)) if isinstance(entry, dict) else None
         if isinstance(name, str) and name in names:
-            problems.append(f"{path}: key '{name}': name is used by another key")
+            problems.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
         if isinstance(name, str):
             names.add(name)
         try:
             key = _key(path, secret, entry, providers, environ, defaults, teams)
             hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
         except KeysFileError as error:
-            problems.extend(error.problems)
+            problems.append(error)
             continue
         if hexdigest in digests:
-            problems.append(f"{path}: key '{key.name}': the virtual key is another key's")
+            problems.append(
+                KeysFileError(f"{path}: key '{key.name}': the virtual key is another key's")
+            )
         digests.add(hexdigest)
         keys[secret] = key
     return keys
 
 
-def _providers(path: str, section: Any, problems: list[str]) -> dict[str, Provider]:
+def _providers(path: str, section: Any, problems: list[KeysFileError]) -> dict[str, Provider]:
     """keys.json's `providers`, each checked on its own: every bad one is added to `problems`."""
     providers = parse_providers(path, {})  # the built-in ones
     if not isinstance(section, dict):
-        problems.append(f"{path}: 'providers' must be an object of name → settings")
+        problems.append(KeysFileError(f"{path}: 'providers' must be an object of name → settings"))
         return providers
     for name, entry in section.items():
         try:
-            providers.update(parse_providers(path, {name: entry}))
+            providers[name] = parse_providers(path, {name: entry})[name]
         except KeysFileError as error:
-            problems.extend(error.problems)
+            problems.append(error)
     return providers
 
 
