@@ -167,6 +167,7 @@ class Realtime:
             idle_seconds=self._settings.realtime_idle_timeout,
             max_seconds=self._settings.realtime_max_session_seconds,
             on_provider_text=usage.read,
+            abort_client=lambda: _abort(request),
         )
         self.sessions.add(session)
         try:
@@ -180,6 +181,12 @@ class Realtime:
     async def shut(self, app: web.Application) -> None:
         """On shutdown: close every open session with 1001, both ends."""
         await asyncio.gather(*(session.end("shutdown") for session in list(self.sessions)))
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the client's connection at once, unsent bytes and all."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def offered(headers: CIMultiDictProxy[str]) -> list[str]:

@@ -9,6 +9,10 @@ close the other: 1001 when the client went away, 1014 (bad gateway) when the pro
 The gateway closes both sides with 1001 and a reason when the session is idle too long,
 lasts too long, or the gateway shuts down (`end`).
 
+Every close is bounded (CLOSE_SECONDS): a side that cannot take its close frame (a client
+that reads nothing, whose socket buffer is full) has its connection dropped instead, so
+the idle and session limits hold for it too, and a shutdown is not held by it.
+
 Backpressure: each pump awaits its write before it reads the next frame, and aiohttp stops
 reading a socket whose unread data passes 64 KiB, so a slow side slows the other one down
 through TCP; nothing is buffered without bound. Invariant: when `run` returns both ends are
@@ -35,6 +39,9 @@ log = logging.getLogger("llm_gateway")
 # How long a closing end may take to answer our close frame before its socket is dropped.
 # The frame itself goes out at once, so the other side learns of a close without delay.
 CLOSE_ANSWER_SECONDS = 1.0
+# How long closing an end may take in all (its close frame written, the answer awaited)
+# before its connection is dropped: a client that reads nothing cannot hold a session.
+CLOSE_SECONDS = CLOSE_ANSWER_SECONDS + 1.0
 # Codes a close frame may carry on the wire (RFC 6455 §7.4.1): 1005 and 1006 only describe.
 _SENDABLE = (
     frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
@@ -72,8 +79,14 @@ class Session:
         idle_seconds: float,
         max_seconds: float,
         on_provider_text: Callable[[bytes], None],
+        abort_client: Callable[[], None] = lambda: None,
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
+        # Dropping a connection whose close cannot complete: the client's transport (given,
+        # as its WebSocketResponse does not offer it; a cancelled close only closes it once
+        # its buffer drains, which a client that reads nothing never lets happen); aiohttp
+        # already drops the provider's connection when its close is cancelled.
+        self._abort: dict[str, Callable[[], None]] = {CLIENT: abort_client, PROVIDER: _nothing}
         self._idle_seconds = idle_seconds
         self._max_seconds = max_seconds
         self._on_provider_text = on_provider_text
@@ -115,7 +128,7 @@ class Session:
             if self.ended_by is None:  # the handler was cancelled: the client's socket is gone
                 self.ended_by = f"{CLIENT}_lost"
             await asyncio.gather(
-                *(end.close(code=WSCloseCode.GOING_AWAY) for end in self._ends.values())
+                *(self._close(side, WSCloseCode.GOING_AWAY) for side in self._ends)
             )
 
     async def end(self, why: str) -> None:
@@ -124,7 +137,7 @@ class Session:
             self.ended_by, self.close_code = why, WSCloseCode.GOING_AWAY
         reason = f"llm-gateway: {why.replace('_', ' ')}".encode()
         await asyncio.gather(
-            *(end.close(code=WSCloseCode.GOING_AWAY, message=reason) for end in self._ends.values())
+            *(self._close(side, WSCloseCode.GOING_AWAY, reason) for side in self._ends)
         )
 
     async def _pump(self, source_side: str, target_side: str) -> None:
@@ -166,18 +179,17 @@ class Session:
         reason = reason or ""
         if self.ended_by is None:
             self.ended_by, self.close_code = source_side, code
-        source, target = self._ends[source_side], self._ends[target_side]
         code = code if code in _SENDABLE else WSCloseCode.OK  # an empty close frame has no code
-        await target.close(code=code, message=reason.encode())
-        answer = target.close_code
-        await source.close(code=answer if answer in _SENDABLE else code)
+        await self._close(target_side, code, reason.encode())
+        answer = self._ends[target_side].close_code
+        await self._close(source_side, answer if answer in _SENDABLE else code)
 
     async def _broke(self, source_side: str, other_side: str, code: int) -> None:
         """A side sent what aiohttp refused, and was closed with `code`: close the other too."""
         if self.ended_by is None:
             self.ended_by, self.close_code = f"{source_side}_error", code
         reason = f"llm-gateway: the {source_side} sent a frame refused with {code}".encode()
-        await self._ends[other_side].close(code=WSCloseCode.GOING_AWAY, message=reason)
+        await self._close(other_side, WSCloseCode.GOING_AWAY, reason)
 
     async def _lost(self, gone_side: str, other_side: str) -> None:
         """A side went away without a close frame: close the other with 1001 or 1014."""
@@ -187,7 +199,18 @@ class Session:
             code, reason = WSCloseCode.BAD_GATEWAY, b"llm-gateway: provider connection lost"
         if self.ended_by is None:
             self.ended_by, self.close_code = f"{gone_side}_lost", code
-        await self._ends[other_side].close(code=code, message=reason)
+        await self._close(other_side, code, reason)
+
+    async def _close(self, side: str, code: int, reason: bytes = b"") -> None:
+        """Close one end politely within CLOSE_SECONDS, else drop its connection.
+
+        aiohttp's close first waits until the close frame is written, and a peer that reads
+        nothing never lets it be: without a bound the session (and a drain) waited forever.
+        """
+        try:
+            await asyncio.wait_for(self._ends[side].close(code=code, message=reason), CLOSE_SECONDS)
+        except TimeoutError:
+            self._abort[side]()
 
     def tally(self) -> dict[str, object]:
         """The session's part of its log line."""
@@ -197,3 +220,7 @@ class Session:
             "ended_by": self.ended_by,
             "close_code": int(self.close_code) if self.close_code is not None else None,
         }
+
+
+def _nothing() -> None:
+    pass

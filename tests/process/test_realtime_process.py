@@ -4,6 +4,9 @@ it with 1001 instead of holding the drain for the whole grace period."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,3 +41,75 @@ async def test_a_gateway_process_relays_a_session_and_closes_it_with_1001_on_sig
         await ws.close()
     assert await asyncio.to_thread(process.wait, 30) == 0
     assert time.monotonic() - started < 10  # the open session did not hold the drain for its grace
+
+
+async def deaf_session(
+    url: str, command: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A Realtime session whose client sends `command` once and then reads nothing, ever."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: realtime\r\n"
+        f"Authorization: Bearer {OPENAI_VK}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(command))
+    assert len(command) < 126
+    writer.write(bytes([0x81, 0x80 | len(command)]) + mask + masked)  # one masked text frame
+    await writer.drain()
+    return reader, writer
+
+
+# 400 frames of 64 KiB: far more than the sockets' buffers hold for a client that reads nothing.
+FLOOD = b'{"type": "fake.flood", "count": 400, "size": 65536}'
+
+
+async def test_a_client_that_never_reads_is_dropped_at_the_idle_limit_and_its_line_logged(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "interactions.jsonl"
+    idle = 2.0
+    process, url = start_gateway(
+        processes, process_keys, log, REALTIME_IDLE_TIMEOUT=f"{idle:g}", QUOTA_ENABLED="false"
+    )
+    _, writer = await deaf_session(url, FLOOD)
+    started = time.monotonic()
+    deadline = started + idle + 10
+    while not log.read_text():
+        assert time.monotonic() < deadline, "the session never ended"
+        await asyncio.sleep(0.05)
+    ended = time.monotonic() - started
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["websocket"]["ended_by"] == "idle", line
+    # Idle (no frame went through: the client took none) plus the bounded close.
+    assert ended < idle + 4.0, f"ended after {ended:.1f} s, idle limit {idle:g} s"
+    writer.close()
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+
+
+async def test_sigterm_with_a_client_that_never_reads_ends_within_the_grace_and_logs_it(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "interactions.jsonl"
+    grace = 3.0
+    process, url = start_gateway(
+        processes, process_keys, log, SHUTDOWN_GRACE_SECONDS=f"{grace:g}", QUOTA_ENABLED="false"
+    )
+    _, writer = await deaf_session(url, FLOOD)
+    await asyncio.sleep(1.0)  # the flood fills the buffers (nothing to wait on: it never ends)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    elapsed = time.monotonic() - started
+    _, err = process.communicate(timeout=10)
+    assert elapsed < grace + 2.0, f"{elapsed:.1f} s to stop, grace {grace:g} s"
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["websocket"]["ended_by"] == "shutdown", line
+    assert "came after close" not in err
+    writer.close()
