@@ -24,7 +24,8 @@ hit is answered from stored bytes, charged nothing (it counts as a request).
 
 Then it settles: a background Response is owed or claimed (`usage.background`, which may
 wait on the tracker), then the sinks, each called once, in this order: price → quota charge
-→ cache store → breaker report → metrics → log → trace.
+→ cache store → breaker report → metrics → log → trace (a sink that fails is logged, and
+the next ones still run).
 """
 
 from __future__ import annotations
@@ -129,11 +130,22 @@ class Entrance:
         return await Exchange(self, request).run(transport)
 
     def settle(self, exchange: Exchange) -> None:
-        """The request's one settle: each sink once, in order."""
+        """The request's one settle: each sink once, in order. A sink that fails (a bug) is
+        logged with its traceback, and the sinks after it still run: the answer is gone, and
+        its log line and metrics must not go with the failure."""
         exchange.record.finish()
         self.metrics.request_ended()
         for sink in self._sinks:
-            sink(exchange)
+            try:
+                sink(exchange)
+            except Exception:
+                request = exchange.request
+                log.exception(
+                    "internal error settling %s %s (%s)",
+                    request.method,
+                    request.path,
+                    sink.__name__.lstrip("_"),
+                )
 
     def _price(self, exchange: Exchange) -> None:
         record = exchange.record

@@ -7,6 +7,7 @@ is a real WebSocket).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -176,3 +177,51 @@ async def test_a_model_outside_allowed_models_gets_the_same_403_over_both_transp
         (403, "gpt-realtime", bodies[0]["error"]["message"])
     ] * 2
     assert fake.requests == []  # neither went upstream
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_sink_that_fails_is_logged_and_the_sinks_after_it_still_run(
+    gateway: TestClient, records: Records, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the tracker's settle")
+
+    tracker = gateway.app[QUOTA].tracker
+    tracker.settle = broken  # type: ignore[method-assign,assignment]
+    tracker.settle_scopes = broken  # type: ignore[method-assign,assignment]
+    with caplog.at_level(logging.ERROR, logger="llm_gateway"):
+        if transport == "http":
+            response = await send(gateway, transport, OPENAI_VK)
+            assert response.status == 200
+            await response.read()
+        else:
+            async with gateway.ws_connect(
+                "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK)
+            ) as ws:
+                await ws.receive()  # session.created
+        (line,) = await records(1)  # the log sink comes after the charge: it still ran
+    assert line["status"] == (200 if transport == "http" else 101)
+    (logged,) = [entry for entry in caplog.records if "internal error settling" in entry.message]
+    assert logged.message.endswith("(charge)")
+    text = await (await gateway.get("/metrics")).text()
+    assert "llm_gateway_requests_total{" in text  # the metrics sink ran too
+
+
+async def test_a_session_whose_client_vanishes_is_answered_101_not_a_499(
+    gateway: TestClient, records: Records
+) -> None:
+    """A client leaving cancels the handler: an HTTP answer cut so is 499, but a WebSocket
+    session that opened was answered, whoever ended it (its tally says who)."""
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    head = "".join(
+        f"{name}: {value}\r\n" for name, value in upgrade_headers(**auth(OPENAI_VK)).items()
+    )
+    writer.write(
+        f"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode()
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 101")
+    writer.transport.abort()  # no close frame: the TCP connection just goes
+    (line,) = await records(1)
+    assert line["status"] == 101 and line.get("error") is None
+    assert line["websocket"]["ended_by"] == "client_lost"
