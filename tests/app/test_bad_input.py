@@ -38,6 +38,7 @@ from tests.conftest import (
     auth,
 )
 from tests.support.fake_provider import FakeState
+from tests.support.polling import until
 
 SEED = 20250607
 ANSWER_SECONDS = 3.0
@@ -244,6 +245,21 @@ async def refuse_all(
     assert not problems, f"{len(problems)} of {len(cases)} cases went wrong:\n" + "\n".join(
         problems
     )
+
+
+async def handlers_done(gateway: TestClient) -> None:
+    """Every connection the gateway accepted is closed and its handler has returned: whatever
+    it would log or forward, it has."""
+
+    def idle() -> bool:
+        handlers = [
+            task
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "") == "RequestHandler.start"
+        ]
+        return not gateway.server.runner.server.connections and not handlers
+
+    await until(idle, what="every connection's handler ending")
 
 
 async def exchange(gateway: TestClient, data: bytes, *, half_close: bool = False) -> Answer | None:
@@ -1100,7 +1116,7 @@ async def test_malformed_http_logs_no_traceback(
         await exchange(gateway, data)
     for _, _, data in truncated_requests():
         await exchange(gateway, data, half_close=True)
-    await asyncio.sleep(0.1)
+    await handlers_done(gateway)
     assert not logged_errors(caplog, parser_refusals=True)
 
 
@@ -1122,7 +1138,7 @@ async def test_truncated_uploads_end_quietly_and_go_nowhere(
         writer.write(data)
         await writer.drain()
         writer.close()
-    await asyncio.sleep(0.2)
+    await handlers_done(gateway)
     assert not problems, "\n".join(problems)
     assert fake.requests == []
     await assert_still_serves(gateway, fake)

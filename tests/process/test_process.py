@@ -16,6 +16,7 @@ from proxy.record import GRACE_OVER
 from proxy.settings import SETTINGS
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
+from tests.support.polling import until
 from tests.support.processes import (
     Processes,
     free_port,
@@ -168,7 +169,8 @@ async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
         )
         first = await response.content.readany()
         process.send_signal(signum)
-        await asyncio.sleep(0.3)
+        port = int(url.rsplit(":", 1)[1])
+        await until(lambda: not listening_sockets(port), what="the listener closing")
         with pytest.raises(aiohttp.ClientConnectionError):  # no new connections
             async with aiohttp.ClientSession() as fresh:
                 await fresh.get(f"{url}/ready")
