@@ -31,11 +31,11 @@ from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
 from proxy.exchange import Entrance
 from proxy.keys.credentials import presents_token
-from proxy.keys.fields import Defaults
-from proxy.keys.keys import KeyRing
+from proxy.keys.fields import Defaults, KeysFileError
+from proxy.keys.keys import KeyRing, read_file
 from proxy.keys.lockout import Lockout
 from proxy.keys.reload import KeysFile
-from proxy.keys.store import FileStore, KeyStore, Parse
+from proxy.keys.store import FileStore, KeyStore, Parse, decoded
 from proxy.observe.health import Health
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
@@ -198,12 +198,16 @@ def build_app(
             health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config
 
+    in_redis = settings.keys_store == "redis"
     app[KEYS_FILE] = KeysFile(
         settings.keys_file_path,
         key_ring,
-        functools.partial(load_keys, settings, os.environ, key_clock),
+        # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
+        _keys_in_redis
+        if in_redis
+        else functools.partial(load_keys, settings, os.environ, key_clock),
         on_reload=keys_reloaded,
-        is_watched=settings.keys_file_watch,
+        is_watched=settings.keys_file_watch and not in_redis,
         on_sighup=lambda: app[LOGBOOK].reopen(),  # logrotate's signal: the log follows its path
     )
     health.config = app[KEYS_FILE].config
@@ -260,6 +264,8 @@ def build_app(
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
+    if in_redis:  # the keys in Redis first: a store that cannot be read stops the start
+        app.cleanup_ctx.append(_redis_keys)
     app.cleanup_ctx.append(_keys_file)
     app.cleanup_ctx.append(_cache)
     app.on_shutdown.append(_not_ready)
@@ -335,8 +341,36 @@ def new_key_store(
     reload_workers: Callable[[], None] | None,
     clock: Callable[[], float],
 ) -> KeyStore:
-    """keys.json itself (KEYS_STORE=file)."""
-    return FileStore(keys_file, parse, reload_workers, clock)
+    """keys.json itself (KEYS_STORE=file), or Redis shared by every instance."""
+    if settings.keys_store == "file" or settings.redis_url is None:
+        return FileStore(keys_file, parse, reload_workers, clock)
+    from proxy.keys.redis_store import RedisStore
+
+    return RedisStore(
+        settings.redis_url,
+        settings.keys_store_secret or "",
+        parse,
+        lambda fresh: keys_file.apply(fresh, "key store"),
+        clock,
+    )
+
+
+def _keys_in_redis() -> KeyRing:
+    raise KeysFileError(
+        "KEYS_STORE=redis: the keys live in Redis; change them through /admin/keys "
+        "(keys.json only seeds an empty store)"
+    )
+
+
+async def _redis_keys(app: web.Application) -> AsyncIterator[None]:
+    from proxy.keys.redis_store import RedisStore
+
+    store = app[KEY_STORE]
+    assert isinstance(store, RedisStore)
+    path = app[SETTINGS].keys_file_path
+    seed = decoded(path, read_file(path))
+    async with store.running(seed):
+        yield
 
 
 def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Cache:

@@ -139,8 +139,8 @@ def _networks(text: str) -> Networks | None:
 
 def _keys_store(text: str) -> str:
     value = text.strip().lower()
-    if value != "file":
-        _refuse("file", text)
+    if value not in ("file", "redis"):
+        _refuse("file or redis", text)
     return value
 
 
@@ -356,7 +356,14 @@ class Settings:
     keys_store: str = setting(
         "file",
         _keys_store,
-        "where the admin API writes keys: file (keys.json, rewritten atomically)",
+        "where the admin API writes keys: file (keys.json, rewritten atomically) or redis "
+        "(shared by every instance under REDIS_URL; keys.json imported when it is empty)",
+    )
+    keys_store_secret: str | None = setting(
+        None,
+        _optional_text,
+        "with KEYS_STORE=redis: encrypts the keys at rest in Redis (the same on every instance)",
+        secret=True,
     )
     admin_token: str | None = setting(
         None,
@@ -415,6 +422,11 @@ class Settings:
             raise SettingError(
                 "WORKERS other than 1 needs REDIS_URL while QUOTA_ENABLED is true: "
                 "per-process counters would multiply every quota by the worker count"
+            )
+        if self.keys_store == "redis" and (self.redis_url is None or not self.keys_store_secret):
+            raise SettingError(
+                "KEYS_STORE=redis needs REDIS_URL (where the keys live) and KEYS_STORE_SECRET "
+                "(what encrypts them there)"
             )
         if self.cors_allow_credentials and "*" in (self.cors_allowed_origins or ()):
             raise SettingError(

@@ -133,3 +133,20 @@ def test_an_empty_variable_counts_as_unset() -> None:
     assert (
         settings.quota_tokens is None and settings.redis_url is None and settings.quota_limit == 100
     )
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"KEYS_STORE": "redis"},
+        {"KEYS_STORE": "redis", "REDIS_URL": "redis://localhost:6379"},
+        {"KEYS_STORE": "redis", "KEYS_STORE_SECRET": "s3cret"},
+        {"KEYS_STORE": "etcd"},
+    ],
+)
+def test_keys_in_redis_need_redis_and_a_secret(environ: dict[str, str]) -> None:
+    with pytest.raises(SettingError, match="KEYS_STORE"):
+        Settings.from_env(environ)
+    both = {"KEYS_STORE": "redis", "REDIS_URL": "redis://localhost:6379", "KEYS_STORE_SECRET": "s"}
+    assert Settings.from_env(both).keys_store == "redis"
+    assert "s3cret" not in repr(Settings.from_env({**both, "KEYS_STORE_SECRET": "s3cret"}))

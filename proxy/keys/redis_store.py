@@ -1,0 +1,189 @@
+"""KEYS_STORE=redis: the keys document in Redis under REDIS_URL, shared by every instance.
+
+Stored: `llm-gateway:keys:document`, the keys document (keys.json's form) with every
+virtual key as its digest (`hashed`), encrypted whole with Fernet (AES-128-CBC and
+HMAC-SHA256, from the `cryptography` package) under a key derived from KEYS_STORE_SECRET;
+and `llm-gateway:keys:version`, a number raised by each change. A dump of Redis shows
+neither a virtual key (only digests, and those inside the ciphertext) nor a real key.
+
+A change (`change`) reads document and version under WATCH, edits, checks the result with
+the start's loader, and writes both in one MULTI/EXEC (a change racing it from another
+process makes it start over, so none is lost), then publishes the new version on
+`llm-gateway:keys:changed`. Every process follows: on a message, and at least every
+POLL_SECONDS anyway (a message missed while a connection was down is caught up by the
+version), it compares the version with the one it holds and, when it moved, loads the
+document and swaps it into its key ring. The first start with no document imports the
+keys.json document (once, whichever instance comes first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio
+from cryptography.fernet import Fernet, InvalidToken
+from redis.exceptions import RedisError, WatchError
+
+from proxy.keys.edits import hashed_document, prune
+from proxy.keys.fields import KeysFileError
+from proxy.keys.keys import KeyRing
+from proxy.keys.store import Edit, Parse, StoreUnavailable, decoded, encoded
+
+log = logging.getLogger("llm_gateway")
+
+T = TypeVar("T")
+
+DOCUMENT = "llm-gateway:keys:document"
+VERSION = "llm-gateway:keys:version"
+CHANNEL = "llm-gateway:keys:changed"
+WHERE = "the Redis key store"
+POLL_SECONDS = 0.25  # the longest a missed message delays a change
+TIMEOUT_SECONDS = 2.0
+MAX_ATTEMPTS = 50  # changes racing from other processes before one gives up
+# Set the document and its first version only when there is none: one instance imports.
+_IMPORT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return redis.call('INCR', KEYS[2])
+"""
+
+
+def fernet(secret: str) -> Fernet:
+    """The cipher for KEYS_STORE_SECRET (any text; 32 random bytes' worth is plenty)."""
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+
+
+class RedisStore:
+    """The keys in Redis: changed by any instance, followed by every process."""
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        parse: Parse,
+        apply: Callable[[KeyRing], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self._url = url
+        self._fernet = fernet(secret)
+        self._parse = parse
+        self._apply = apply
+        self._clock = clock
+        self._client = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=TIMEOUT_SECONDS,
+            socket_connect_timeout=TIMEOUT_SECONDS,
+            client_name="llm-gateway-keys",
+            protocol=2,
+        )
+        self._version = 0  # the version in force in this process
+        self._one_at_a_time = asyncio.Lock()
+
+    async def start(self, seed: dict[str, Any]) -> None:
+        """Import `seed` (keys.json) into an empty store, then take what the store holds."""
+        raw, _ = encoded(hashed_document(seed))
+        try:
+            await self._client.eval(_IMPORT, 2, DOCUMENT, VERSION, self._fernet.encrypt(raw))
+        except RedisError as error:
+            raise KeysFileError(f"{WHERE}: cannot be reached ({error})") from None
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Take the store's document if its version moved since this process last did."""
+        async with self._one_at_a_time:
+            try:
+                version, token = await self._client.mget(VERSION, DOCUMENT)
+            except RedisError as error:
+                raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+            if version is None or int(version) == self._version:
+                return
+            try:
+                document = self._decrypt(token)
+                ring = await asyncio.to_thread(self._parse, document, encoded(document)[1])
+            except KeysFileError:
+                self._version = int(version)  # said once; tried again on the next change
+                raise
+            self._apply(ring)
+            self._version = int(version)
+
+    async def change(self, edit: Edit[T]) -> T:
+        async with self._one_at_a_time:
+            for _ in range(MAX_ATTEMPTS):
+                try:
+                    return await self._try(edit)
+                except WatchError:
+                    continue  # another process changed the keys meanwhile: again, on theirs
+                except RedisError as error:
+                    raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+        raise StoreUnavailable(f"{WHERE}: too many changes at once; try again")
+
+    async def _try(self, edit: Edit[T]) -> T:
+        async with self._client.pipeline(transaction=True) as pipe:
+            await pipe.watch(VERSION)
+            _, token = await pipe.mget(VERSION, DOCUMENT)
+            document = self._decrypt(token)
+            prune(document, self._clock())
+            result = edit(document)
+            raw, digest = encoded(document)
+            ring = await asyncio.to_thread(self._parse, document, digest)
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            pipe.set(DOCUMENT, self._fernet.encrypt(raw))
+            pipe.incr(VERSION)
+            _, version = await pipe.execute()
+        self._apply(ring)
+        self._version = int(version)
+        await self._client.publish(CHANNEL, str(version))
+        return result
+
+    async def document(self) -> dict[str, Any]:
+        try:
+            token = await self._client.get(DOCUMENT)
+        except RedisError as error:
+            raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+        return self._decrypt(token)
+
+    def _decrypt(self, token: bytes | str | None) -> dict[str, Any]:
+        if token is None:
+            raise StoreUnavailable(f"{WHERE}: holds no keys (was Redis emptied?)")
+        try:
+            return decoded(WHERE, self._fernet.decrypt(token))  # bytes or str alike
+        except InvalidToken:
+            raise KeysFileError(
+                f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
+                "needs the same one)"
+            ) from None
+
+    async def follow(self) -> None:
+        """Take every change: on its message, or by polling the version (a missed one)."""
+        complained = False
+        while True:
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    while True:
+                        await pubsub.get_message(True, timeout=POLL_SECONDS)
+                        await self.sync()
+                        complained = False
+            except (RedisError, StoreUnavailable, KeysFileError, OSError) as error:
+                if not complained:
+                    log.warning("keys not followed from Redis, the keys in force stay: %s", error)
+                    complained = True
+                await asyncio.sleep(POLL_SECONDS)
+
+    @contextlib.asynccontextmanager
+    async def running(self, seed: dict[str, Any]) -> AsyncIterator[None]:
+        await self.start(seed)
+        follower = asyncio.get_running_loop().create_task(self.follow())
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await self._client.aclose()

@@ -1,0 +1,169 @@
+"""KEYS_STORE=redis: keys changed through one gateway are taken by every other within a
+second, a missed notification is caught up by the version, and a dump of Redis shows no
+virtual key and no real key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from proxy.app import KEY_STORE, build_app
+from proxy.keys.redis_store import RedisStore
+from proxy.settings import Settings
+from tests.conftest import SECRETS, auth, keys_document
+from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle, until
+from tests.support.processes import Processes, start_gateway
+
+STORE_SECRET = "keys-store-secret-for-tests-5f1e9a"
+# The tests poll with keys not yet (or no longer) known: failures the lockout must not end.
+POLLING = "100000"
+
+
+def two_gateways(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str, **env: str
+) -> list[str]:
+    urls = []
+    for n in range(2):
+        keys = tmp_path / f"keys-{n}.json"  # each its own seed: the store's set wins
+        keys.write_text(json.dumps(keys_document(fake_base)))
+        _, url = start_gateway(
+            processes,
+            keys,
+            tmp_path / f"log-{n}.jsonl",
+            ADMIN_TOKEN=ADMIN,
+            REDIS_URL=redis_url,
+            KEYS_STORE="redis",
+            KEYS_STORE_SECRET=STORE_SECRET,
+            AUTH_FAILURE_LIMIT=POLLING,
+            **env,
+        )
+        urls.append(url)
+    return urls
+
+
+async def test_a_key_made_on_one_instance_is_rotated_and_revoked_on_both(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str
+) -> None:
+    first, second = two_gateways(processes, tmp_path, fake_base, redis_url, WORKERS="2")
+    figures = await lifecycle(first, [first, second])
+    print(f"redis store, 2 instances of 2 workers: {figures}")
+    assert figures["revoke"] < 1.0
+
+
+async def test_a_dump_of_redis_shows_no_virtual_key_and_no_real_key(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str, redis_server: Any
+) -> None:
+    first, second = two_gateways(processes, tmp_path, fake_base, redis_url)
+    made = []
+    async with aiohttp.ClientSession(headers=HEADERS) as admin:
+        for n in range(3):
+            body = {"name": f"dump-{n}", "provider": "openai", "api_key": f"{REAL}-{n}"}
+            async with admin.post(f"{first}/admin/keys", json=body) as response:
+                assert response.status == 201
+                made.append((await response.json())["key"])
+        async with admin.post(
+            f"{second}/admin/keys/dump-0/rotate", json={"grace_seconds": 600}
+        ) as response:
+            made.append((await response.json())["key"])
+        for key in made:  # each key works on both instances: the store holds them
+            for url in (first, second):
+                async with admin.post(
+                    f"{url}/v1/chat/completions", json=CHAT, headers=auth(key)
+                ) as response:
+                    assert response.status == 200
+    listed = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port), "--scan"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "llm-gateway:keys:document" in listed
+    client = redis.Redis.from_url(redis_url)
+    try:
+        dumped = b"".join(client.dump(name) or b"" for name in listed)
+    finally:
+        client.close()
+    for secret in (*made, *SECRETS, *(f"{REAL}-{n}" for n in range(3))):
+        assert secret.encode() not in dumped, "a key readable in a dump of Redis"
+    assert b"dump-0" not in dumped  # the names too: the document is encrypted whole
+
+
+@pytest.fixture
+def redis_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    redis_url: str,
+) -> Callable[..., Awaitable[TestClient]]:
+    async def make(**env: str) -> TestClient:
+        configured = settings(
+            ADMIN_TOKEN=ADMIN,
+            REDIS_URL=redis_url,
+            KEYS_STORE="redis",
+            KEYS_STORE_SECRET=STORE_SECRET,
+            AUTH_FAILURE_LIMIT=POLLING,
+            **env,
+        )
+        return await aiohttp_client(build_app(configured))
+
+    return make
+
+
+async def test_a_missed_notification_is_caught_up_within_a_second(
+    redis_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    writer, reader = await redis_gateway(), await redis_gateway()
+    store = writer.app[KEY_STORE]
+    assert isinstance(store, RedisStore)
+
+    async def unheard(channel: str, message: str) -> int:
+        return 0  # the notification is lost (a reconnect, a network blip)
+
+    store._client.publish = unheard  # type: ignore[method-assign]
+    body = {"name": "quiet", "provider": "openai", "api_key": REAL}
+    response = await writer.post("/admin/keys", json=body, headers=HEADERS)
+    key = (await response.json())["key"]
+
+    async def served() -> bool:
+        answer = await reader.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+        return answer.status == 200
+
+    assert await until(served, 1.0) < 1.0
+
+
+async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
+    redis_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+) -> None:
+    first = await redis_gateway()
+    deleted = await first.delete("/admin/keys/limited", headers=HEADERS)
+    assert deleted.status == 204
+    second = await redis_gateway()  # the same keys.json: not imported again
+    listed = await (await second.get("/admin/keys", headers=HEADERS)).json()
+    names = {key["name"] for key in listed["keys"]}
+    assert "limited" not in names and "team-anthropic" in names
+    reload = await second.post("/admin/reload", headers=HEADERS)
+    assert reload.status == 422 and "KEYS_STORE=redis" in (await reload.json())["error"]["message"]
+
+
+async def test_many_changes_from_two_instances_at_once_all_land(
+    redis_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateways = [await redis_gateway(), await redis_gateway()]
+
+    async def create(n: int) -> int:
+        body = {"name": f"race-{n}", "provider": "openai", "api_key": REAL}
+        response = await gateways[n % 2].post("/admin/keys", json=body, headers=HEADERS)
+        return response.status
+
+    assert await asyncio.gather(*(create(n) for n in range(40))) == [201] * 40
+    exported = await (await gateways[0].get("/admin/export", headers=HEADERS)).json()
+    names = {entry.get("name") for entry in exported["virtual_keys"].values()}
+    assert {f"race-{n}" for n in range(40)} <= names
