@@ -10,6 +10,11 @@ Run from the repository root with the project's venv:
 - `rotate`: the log in a file; for each of logrotate's `create` (mv), `copytruncate` and a
   plain `rm`, requests before and after, then SIGHUP and more requests: how many lines the
   file at LOG_FILE_PATH holds of those sent after the rotation.
+- `deaf-websocket`: a Realtime client that asks for 400 frames of 64 KiB and reads none,
+  REALTIME_IDLE_TIMEOUT=2: when its session ended (30 s at most); then another such
+  session and SIGTERM with a 3 s grace: the seconds until the process ended.
+- `hung-collector`: traces sent to a collector that accepts and never answers, 40
+  requests, then SIGTERM with a 1 s grace: the seconds until the process ended.
 
 It starts the fake provider (tests/support/fake_provider.py) and one gateway per scenario,
 and stops every process it started, on failure too.
@@ -135,9 +140,61 @@ async def rotate(args: argparse.Namespace, processes: Processes, keys: Path, tmp
         print(f"rotate ({mode}): {whole} of the 20 lines after the rotation in {log.name}")
 
 
+async def deaf_websocket(processes: Processes, keys: Path, tmp: Path) -> None:
+    from tests.process.test_realtime_process import FLOOD, deaf_session
+
+    log = tmp / "ws.jsonl"
+    process, url = start_gateway(
+        processes, keys, log, REALTIME_IDLE_TIMEOUT="2", SHUTDOWN_GRACE_SECONDS="3"
+    )
+    _, writer = await deaf_session(url, FLOOD)
+    started = time.monotonic()
+    while not log.read_text() and time.monotonic() - started < 30:
+        await asyncio.sleep(0.05)
+    ended = f"ended after {time.monotonic() - started:.1f} s" if log.read_text() else "still open"
+    print(f"deaf websocket, REALTIME_IDLE_TIMEOUT=2: session {ended} (30 s watched)")
+    _, second = await deaf_session(url, FLOOD)
+    await asyncio.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    took = await asyncio.to_thread(ended_within, process, 30)
+    said = f"exited in {took:.1f} s" if took is not None else "still running after 30 s"
+    print(f"  SIGTERM (grace 3 s) with a deaf session open: {said}, code {process.poll()}")
+    for open_writer in (writer, second):
+        open_writer.close()
+
+
+async def hung_collector(processes: Processes, keys: Path, tmp: Path) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    collector = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = collector.sockets[0].getsockname()[1]
+    process, url = start_gateway(
+        processes,
+        keys,
+        tmp / "log.jsonl",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+        SHUTDOWN_GRACE_SECONDS="1",
+        QUOTA_ENABLED="false",
+    )
+    answered = await send(url, 40, 0, concurrency=1)
+    process.send_signal(signal.SIGTERM)
+    took = await asyncio.to_thread(ended_within, process, 60)
+    said = f"exited in {took:.1f} s" if took is not None else "still running after 60 s"
+    print(f"hung collector: {answered}/40 answered; SIGTERM (grace 1 s): {said}")
+    collector.close()
+    for writer in held:
+        writer.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=["stuck-stdout", "rotate"])
+    parser.add_argument(
+        "scenario", choices=["stuck-stdout", "rotate", "deaf-websocket", "hung-collector"]
+    )
     parser.add_argument("--requests", type=int, default=1200)
     parser.add_argument("--body-kb", type=int, default=64)
     args = parser.parse_args()
@@ -148,8 +205,12 @@ async def main() -> None:
             keys.write_text(json.dumps(keys_document(fake_provider(processes))))
             if args.scenario == "stuck-stdout":
                 await stuck_stdout(args, processes, keys)
-            else:
+            elif args.scenario == "rotate":
                 await rotate(args, processes, keys, Path(tmp))
+            elif args.scenario == "deaf-websocket":
+                await deaf_websocket(processes, keys, Path(tmp))
+            else:
+                await hung_collector(processes, keys, Path(tmp))
     finally:
         processes.stop()
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType
 
 from tests.app.test_realtime import PATH, next_data
@@ -69,13 +70,17 @@ async def deaf_session(
 FLOOD = b'{"type": "fake.flood", "count": 400, "size": 65536}'
 
 
-async def test_a_client_that_never_reads_is_dropped_at_the_idle_limit_and_its_line_logged(
-    processes: Processes, process_keys: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("limit", "ended_by"),
+    [("REALTIME_IDLE_TIMEOUT", "idle"), ("REALTIME_MAX_SESSION_SECONDS", "max_duration")],
+)
+async def test_a_client_that_never_reads_is_dropped_at_the_session_limits_and_its_line_logged(
+    processes: Processes, process_keys: Path, tmp_path: Path, limit: str, ended_by: str
 ) -> None:
     log = tmp_path / "interactions.jsonl"
     idle = 2.0
     process, url = start_gateway(
-        processes, process_keys, log, REALTIME_IDLE_TIMEOUT=f"{idle:g}", QUOTA_ENABLED="false"
+        processes, process_keys, log, **{limit: f"{idle:g}"}, QUOTA_ENABLED="false"
     )
     _, writer = await deaf_session(url, FLOOD)
     started = time.monotonic()
@@ -85,9 +90,9 @@ async def test_a_client_that_never_reads_is_dropped_at_the_idle_limit_and_its_li
         await asyncio.sleep(0.05)
     ended = time.monotonic() - started
     (line,) = [json.loads(text) for text in log.read_text().splitlines()]
-    assert line["websocket"]["ended_by"] == "idle", line
-    # Idle (no frame went through: the client took none) plus the bounded close.
-    assert ended < idle + 4.0, f"ended after {ended:.1f} s, idle limit {idle:g} s"
+    assert line["websocket"]["ended_by"] == ended_by, line
+    # The limit, plus the bounded close.
+    assert ended < idle + 4.0, f"ended after {ended:.1f} s, {limit}={idle:g}"
     writer.close()
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 15) == 0
