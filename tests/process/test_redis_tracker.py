@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.quota.memory_tracker import MemoryTracker
-from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, masked, window_keys
+from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, window_keys
 from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.support.bodies import CHAT
@@ -313,16 +313,6 @@ def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
     redis_server.kill()
     with pytest.raises(TrackerUnavailable, match=r"^cannot connect \(Connection refused\)$"):
         check(redis_server.url)
-
-
-def test_a_password_in_the_url_is_masked() -> None:
-    assert masked("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
-    assert masked("redis://app:s3cret@cache:6379") == "redis://app:***@cache:6379"
-    assert masked("redis://cache:6379") == "redis://cache:6379"
-    assert (
-        masked("unix:///run/redis.sock?db=1&password=s3cret")
-        == "unix:///run/redis.sock?db=1&password=***"
-    )
 
 
 # --- the gateway as processes sharing one Redis --------------------------------------------
