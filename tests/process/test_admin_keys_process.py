@@ -7,28 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from tests.conftest import keys_document
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 
 ADMIN = "admin-token-for-key-processes-0123"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 REAL = "sk-real-made-in-a-process-0042"
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
-    """Poll `check` until it holds; the seconds it took. Fails past `timeout`."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < timeout, "the condition never held"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 class KeptAlive:
@@ -78,18 +69,18 @@ async def lifecycle(admin_url: str, urls: list[str]) -> dict[str, float]:
             )
             assert status == 201
             first = made["key"]
-            figures["create"] = await until(lambda: everywhere(first, 200), 5)
+            figures["create"] = await until(lambda: everywhere(first, 200), 5, "the new key served")
             status, rotated = await call("POST", "/admin/keys/proc/rotate", {"grace_seconds": 2})
             assert status == 201
             second = rotated["key"]
             started = time.monotonic()
-            figures["rotate"] = await until(lambda: everywhere(second, 200), 5)
+            figures["rotate"] = await until(lambda: everywhere(second, 200), 5, "the rotated key")
             assert await everywhere(first, 200)  # in its grace, everywhere
-            await until(lambda: everywhere(first, 401), 5)
+            await until(lambda: everywhere(first, 401), 5, "the old key refused after its grace")
             assert time.monotonic() - started >= 1.9  # not before the grace ended
             status, _ = await call("DELETE", "/admin/keys/proc")
             assert status == 204
-            figures["revoke"] = await until(lambda: everywhere(second, 401), 1.0)
+            figures["revoke"] = await until(lambda: everywhere(second, 401), 1.0, "the key revoked")
             assert all(client.connections == 1 for client in clients)  # kept alive throughout
         finally:
             for client in clients:
@@ -116,3 +107,31 @@ async def test_a_key_made_rotated_and_revoked_in_a_gateway_of_two_workers_on_key
     assert figures["revoke"] < 1.0
     document = json.loads(keys.read_text())
     assert "proc" not in json.dumps(document) and REAL not in keys.read_text()
+
+
+async def test_200_creates_at_once_on_two_workers_leave_a_valid_keys_json_with_all_200(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document(fake_base)))
+    _, url = start_gateway(
+        processes,
+        keys,
+        tmp_path / "log.jsonl",
+        ADMIN_TOKEN=ADMIN,
+        WORKERS="2",
+        REDIS_URL=redis_url,
+    )
+    connector = aiohttp.TCPConnector(limit=50)  # many connections: both workers write
+    async with aiohttp.ClientSession(connector=connector, headers=HEADERS) as admin:
+
+        async def create(n: int) -> int:
+            body = {"name": f"crowd-{n:03d}", "provider": "openai", "api_key": REAL}
+            async with admin.post(f"{url}/admin/keys", json=body) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(create(n) for n in range(200)))
+    assert statuses == [201] * 200
+    document = json.loads(keys.read_text())
+    names = {entry.get("name") for entry in document["virtual_keys"].values()}
+    assert {f"crowd-{n:03d}" for n in range(200)} <= names

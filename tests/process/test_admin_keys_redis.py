@@ -20,7 +20,8 @@ from proxy.app import KEY_STORE, build_app
 from proxy.keys.redis_store import RedisStore
 from proxy.settings import Settings
 from tests.conftest import SECRETS, auth, keys_document
-from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle, until
+from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 
 STORE_SECRET = "keys-store-secret-for-tests-5f1e9a"
@@ -136,7 +137,7 @@ async def test_a_missed_notification_is_caught_up_within_a_second(
         answer = await reader.post("/v1/chat/completions", json=CHAT, headers=auth(key))
         return answer.status == 200
 
-    assert await until(served, 1.0) < 1.0
+    assert await until(served, 1.0, "the key served by the other instance") < 1.0
 
 
 async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
