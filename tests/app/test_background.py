@@ -21,11 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import QUOTA
-from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
-from proxy.record import Usage
-from proxy.usage.usage import Charged, UsageTap, charged
 from tests.conftest import SECRETS, auth
-from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState
 
 BUDGET_VK = "vk_test_background_3c5e7a9b1d"
@@ -318,54 +314,3 @@ async def test_a_background_answer_that_is_not_a_queued_response_is_still_estima
 
 
 # --- the pieces, without a server -------------------------------------------------------
-
-
-def test_only_a_get_of_one_response_is_fetched_and_only_a_background_post_is_later() -> None:
-    assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
-    assert charged("GET", "/v1/responses/resp_1/input_items") is Charged.NOTHING
-    assert charged("GET", "/v1/responses") is Charged.NOTHING
-    assert charged("DELETE", "/v1/responses/resp_1") is Charged.NOTHING
-    assert charged("POST", "/v1/responses", is_background=True) is Charged.LATER
-    assert charged("POST", "/v1/responses") is Charged.TEXT
-    assert charged("POST", "/v1/responses/resp_1/cancel") is Charged.FETCHED
-    assert charged("POST", "/v1/batches/batch_1/cancel") is Charged.REPORTED
-
-
-@pytest.mark.parametrize("status", ["queued", "in_progress"])
-def test_a_queued_answer_is_charged_nothing_yet_and_read_for_its_id(status: str) -> None:
-    tap = UsageTap("application/json", None, False, Charged.LATER)
-    body = {"id": "resp_9", "object": "response", "status": status, "usage": None}
-    tap.feed(json.dumps(body).encode())
-    assert tap.usage(b'{"input": "one two"}') is None
-    assert tap.stored is not None and (tap.stored.id, tap.stored.is_pending) == ("resp_9", True)
-
-
-def test_a_fetched_response_is_charged_nothing_by_the_tap_but_reports_its_usage() -> None:
-    tap = UsageTap("text/event-stream", None, False, Charged.FETCHED)
-    done = {
-        "id": "resp_9",
-        "status": "completed",
-        "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8},
-    }
-    event = json.dumps({"type": "response.completed", "response": done})
-    for piece in (b"event: response.completed\n", f"data: {event}\n\n".encode()):
-        tap.feed(piece)
-    assert tap.usage(b"") is None
-    assert tap.stored is not None and tap.stored.is_finished
-    assert tap.stored.usage == Usage(3, 5)
-
-
-async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded() -> None:
-    clock = Clock(0.0)
-    tracker = MemoryTracker(clock=clock)
-    await tracker.owe("key", "resp_1", "origin", 10)
-    assert await tracker.claim("other key", "resp_1") is None
-    assert await tracker.claim("key", "resp_1") == "origin"
-    assert await tracker.claim("key", "resp_1") is None  # once
-    await tracker.owe("key", "resp_2", "origin", 10)
-    clock.now = 10.0
-    assert await tracker.claim("key", "resp_2") is None  # expired
-    for index in range(MAX_OWED + 1):
-        await tracker.owe("key", f"resp_{index}", "origin", 10)
-    assert await tracker.claim("key", "resp_0") is None  # the oldest went
-    assert await tracker.claim("key", f"resp_{MAX_OWED}") == "origin"

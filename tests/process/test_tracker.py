@@ -287,3 +287,16 @@ async def test_a_budget_admits_while_the_spend_is_under_and_says_when_it_frees_u
     report = await tracker.report(KEY, None, budget)
     assert report["budget"]["spent_usd"] == 0.0005
     assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011, **NO_KIND_TOTALS}
+
+
+async def test_a_background_response_owed_is_claimed_once_and_only_by_its_key(
+    tracker: Tracker,
+) -> None:
+    await tracker.owe(KEY, "resp_1", "origin-a", 600)
+    await tracker.owe(KEY, "resp_2", "origin-b", 600)
+    assert await tracker.claim("another-key-digest", "resp_1") is None
+    assert await tracker.claim(KEY, "resp_unknown") is None
+    claims = await asyncio.gather(*(tracker.claim(KEY, "resp_1") for _ in range(20)))
+    assert claims.count("origin-a") == 1 and claims.count(None) == 19  # once, however many ask
+    assert await tracker.claim(KEY, "resp_2") == "origin-b"
+    assert await tracker.claim(KEY, "resp_2") is None

@@ -1,6 +1,7 @@
-"""What only the memory tracker has: windows evicted when idle, a close that forgets, and every
-answer checked against a naive sliding log. Its answers equal Redis's: tests/process/test_tracker.py
-runs the shared behaviours on both (its memory runs are unit level too)."""
+"""What only the memory tracker has: windows evicted when idle, a close that forgets, every answer
+checked against a naive sliding log, owed responses forgotten on its clock and bounded. Its
+answers equal Redis's: tests/process/test_tracker.py runs the shared behaviours on both (its
+memory runs are unit level too)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
 from proxy.quota.tracker import KINDS, Admission, Charge, Limits
 from tests.support.clock import Clock
 
@@ -129,3 +130,19 @@ def test_admissions_match_a_naive_sliding_log(
                 assert answer.retry_after_seconds > 0
 
     asyncio.run(run())
+
+
+async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded() -> None:
+    clock = Clock(0.0)
+    tracker = MemoryTracker(clock=clock)
+    await tracker.owe("key", "resp_1", "origin", 10)
+    assert await tracker.claim("other key", "resp_1") is None
+    assert await tracker.claim("key", "resp_1") == "origin"
+    assert await tracker.claim("key", "resp_1") is None  # once
+    await tracker.owe("key", "resp_2", "origin", 10)
+    clock.now = 10.0
+    assert await tracker.claim("key", "resp_2") is None  # expired
+    for index in range(MAX_OWED + 1):
+        await tracker.owe("key", f"resp_{index}", "origin", 10)
+    assert await tracker.claim("key", "resp_0") is None  # the oldest went
+    assert await tracker.claim("key", f"resp_{MAX_OWED}") == "origin"
