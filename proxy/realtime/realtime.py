@@ -51,7 +51,7 @@ from proxy.settings import Settings
 from proxy.upstream.failover import described
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
-from proxy.usage.realtime_events import SessionUsage
+from proxy.usage.realtime_events import socket_usage
 
 if TYPE_CHECKING:
     from proxy.observe.tracing import Trace
@@ -160,7 +160,7 @@ class Realtime:
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
-        usage = SessionUsage(exchange.charge)  # each response charged as it comes
+        usage = socket_usage(exchange.tail, exchange.charge)  # each response charged as it comes
         session = Session(
             client,
             upstream,

@@ -87,6 +87,20 @@ class ProviderUsage:
         )
 
 
+def added(total: Usage, more: Usage) -> Usage:
+    """Two usages summed, kind by kind (a session's responses); estimated if either was."""
+    return Usage(
+        total.prompt_tokens + more.prompt_tokens,
+        total.completion_tokens + more.completion_tokens,
+        total.estimated or more.estimated,
+        total.cache_read_tokens + more.cache_read_tokens,
+        total.cache_write_tokens + more.cache_write_tokens,
+        total.input_audio_tokens + more.input_audio_tokens,
+        total.reasoning_tokens + more.reasoning_tokens,
+        total.output_audio_tokens + more.output_audio_tokens,
+    )
+
+
 def last_usage(body: bytes | bytearray) -> object:
     """The object under the body's last `"usage"` key, parsed alone; None if there is none.
 

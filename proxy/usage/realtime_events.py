@@ -12,17 +12,20 @@ the response generated is estimated: the characters of its text, audio transcrip
 tool-call argument deltas (the audio deltas themselves are not parsed: base64, the largest
 frames). The prompt of such a response is not estimated (it is the whole conversation, held
 by the provider). `finish` at the session's end charges a response still unanswered.
+
+`socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
+Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from proxy.record import Usage
-from proxy.usage import estimate
+from proxy.usage import estimate, responses
 from proxy.usage.provider_usage import (
     CACHE_READ,
     COMPLETION,
@@ -31,6 +34,7 @@ from proxy.usage.provider_usage import (
     PROMPT,
     ProviderUsage,
     UsageFields,
+    added,
 )
 
 USAGE = UsageFields(
@@ -51,15 +55,6 @@ _GENERATED = frozenset(
         "response.text.delta",
         "response.audio_transcript.delta",
     }
-)
-_SUMMED = (
-    "prompt_tokens",
-    "completion_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "input_audio_tokens",
-    "reasoning_tokens",
-    "output_audio_tokens",
 )
 
 
@@ -104,12 +99,7 @@ class SessionUsage:
 
     def _add(self, usage: Usage) -> None:
         self._chars = 0
-        total = self._total
-        if total is None:
-            self._total = usage
-        else:
-            summed = {name: getattr(total, name) + getattr(usage, name) for name in _SUMMED}
-            self._total = Usage(**summed, estimated=total.estimated or usage.estimated)
+        self._total = usage if self._total is None else added(self._total, usage)
         self._on_response(usage)
 
     @property
@@ -124,3 +114,20 @@ def _event(frame: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return event if isinstance(event, dict) else None
+
+
+class SocketUsage(Protocol):
+    """What reads a WebSocket session's usage, frame by frame, for the relay."""
+
+    def read(self, frame: bytes) -> None: ...
+    def finish(self) -> None: ...
+    @property
+    def total(self) -> Usage | None: ...
+
+
+def socket_usage(path: str, on_response: Callable[[Usage], None]) -> SocketUsage:
+    """The reader of a session's usage by the API its path names: the Responses API's
+    WebSocket mode (`/v1/responses`) speaks Responses events; any other path, Realtime's."""
+    if ("/" + path.strip("/")).endswith("/responses"):  # a route's tail, or a whole path
+        return responses.SocketUsage(on_response)
+    return SessionUsage(on_response)

@@ -18,6 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
+from proxy.record import Usage
+from proxy.usage import estimate
 from proxy.usage.provider_usage import (
     CACHE_READ,
     CACHE_WRITE,
@@ -27,6 +31,7 @@ from proxy.usage.provider_usage import (
     PROMPT,
     REASONING,
     UsageFields,
+    added,
 )
 from proxy.usage.reading import Reading
 
@@ -96,6 +101,61 @@ EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
     "response.queued": _started,
     "response.in_progress": _started,
 }
+
+
+# Events that end a response, with its usage (or without, from a provider that sends none).
+_FINISHED = frozenset(kind for kind, read in EVENTS.items() if read is _finished)
+
+
+class SocketUsage:
+    """The usage of a WebSocket-mode session (`/v1/responses`): each response's charged as
+    its `response.completed` (`.incomplete`, `.failed`) arrives, all summed; a response that
+    ends without usage, or is cut by the session's end, is estimated from what it generated.
+
+    Responses multiplexed on one socket (`stream_id`) share the estimate's count: a response
+    finishing with its usage also clears what another still running generated so far.
+    """
+
+    __slots__ = ("_on_response", "_reading", "_total")
+
+    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+        self._on_response = on_response
+        self._reading = Reading(keep_text=False)
+        self._total: Usage | None = None
+
+    def read(self, frame: bytes) -> None:
+        """One provider text frame (one event), already sent on; most are read for a delta."""
+        if frame.find(b'.delta"') < 0 and frame.find(b'"usage"') < 0:
+            return  # an item or part begins or ends: nothing metered
+        try:
+            event = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return
+        kind = event.get("type") if isinstance(event, dict) else None
+        read = EVENTS.get(kind) if type(kind) is str else None
+        if read is None:
+            return
+        read(event, self._reading)
+        if kind in _FINISHED:
+            self._charge()
+
+    def finish(self) -> None:
+        """At the session's end: a response cut before it finished is estimated."""
+        if self._reading.chars:
+            self._charge()
+
+    def _charge(self) -> None:
+        reading, self._reading = self._reading, Reading(keep_text=False)
+        usage = reading.reported.usage()
+        if usage is None:  # none reported: what it generated (the prompt is the provider's)
+            usage = Usage(0, estimate.tokens(reading.chars), estimated=True)
+        self._total = usage if self._total is None else added(self._total, usage)
+        self._on_response(usage)
+
+    @property
+    def total(self) -> Usage | None:
+        """The session's usage; None when no response finished and nothing was generated."""
+        return self._total
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

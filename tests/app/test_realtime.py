@@ -567,3 +567,32 @@ def test_session_usage_estimates_deltas_and_skips_the_audio() -> None:
     assert responses == [Usage(0, 2, estimated=True)]
     usage.finish()  # nothing more generated: nothing more charged
     assert usage.total == Usage(0, 2, estimated=True)
+
+
+@pytest.mark.parametrize("has_usage", [True, False])
+async def test_responses_over_a_websocket_are_charged_each_as_it_completes(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]], has_usage: bool
+) -> None:
+    """The Responses API's WebSocket mode: response.completed's usage, else an estimate."""
+    ws = await gateway.ws_connect(
+        "/v1/responses?model=gpt-4o-mini", headers=auth(OPENAI_VK), autoping=False
+    )
+    await next_data(ws)  # session.created
+    for _ in range(2):
+        await ws.send_str(
+            orjson.dumps({"type": "response.create", "fake_no_usage": not has_usage}).decode()
+        )
+        for _ in range(4):  # created, two deltas, completed
+            await next_data(ws)
+    await ws.close()
+    [line] = await records(1)
+    if has_usage:
+        assert line["usage"]["estimated"] is False
+        assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+            2 * INPUT_TOKENS,
+            2 * OUTPUT_TOKENS,
+        )
+        assert line["usage"]["cache_read_tokens"] == 2 * CACHED_TOKENS
+    else:  # "Hello, world": 12 characters, 3 tokens a response
+        assert line["usage"]["estimated"] is True
+        assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (0, 6)

@@ -16,6 +16,11 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
                                                      argument deltas; with D, a response.done
                                                      without usage; without, nothing more
 
+At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
+response.created, two response.output_text.delta events and response.completed with usage
+(11 input, 2 of them cached, + 7 output tokens), or usage null when the command has
+"fake_no_usage": true.
+
 Every socket's frames received and sent, its close, and its end are kept in
 `app[REALTIME_STATE].sockets`, for assertions.
 """
@@ -59,6 +64,7 @@ def install(app: web.Application) -> None:
     app[REALTIME_STATE] = RealtimeState()
     for prefix in ("/v1", ""):
         app.router.add_get(f"{prefix}/realtime", realtime)
+        app.router.add_get(f"{prefix}/responses", realtime)  # the Responses API's WebSocket mode
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -101,7 +107,10 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
         elif message.type is WSMsgType.TEXT:
             command = _command(message.data)
             kind = command.get("type")
-            if kind == "response.create":
+            if kind == "response.create" and request.path.endswith("/responses"):
+                for event in responses_events(command):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind == "response.create":
                 usage = {
                     "total_tokens": INPUT_TOKENS + OUTPUT_TOKENS,
                     "input_tokens": INPUT_TOKENS,
@@ -140,6 +149,29 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                 socket.flooded.set()
             else:
                 await send(WSMsgType.TEXT, message.data)
+
+
+def responses_events(command: dict) -> list[dict]:
+    """A response in the Responses API's WebSocket mode: its events, usage last."""
+    usage = None
+    if not command.get("fake_no_usage"):
+        usage = {
+            "input_tokens": INPUT_TOKENS,
+            "input_tokens_details": {"cached_tokens": CACHED_TOKENS},
+            "output_tokens": OUTPUT_TOKENS,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": INPUT_TOKENS + OUTPUT_TOKENS,
+        }
+    running = {"id": "resp_ws_1", "object": "response", "status": "in_progress", "usage": None}
+    return [
+        {"type": "response.created", "response": running},
+        {"type": "response.output_text.delta", "delta": "Hello, "},
+        {"type": "response.output_text.delta", "delta": "world"},
+        {
+            "type": "response.completed",
+            "response": {**running, "status": "completed", "usage": usage},
+        },
+    ]
 
 
 def generated(command: dict) -> list[dict]:
