@@ -10,7 +10,10 @@ the test suite's fake provider, sends one warm-up request, then one more under
 - crossings: calls from a frame of one module into another (the caller is the nearest
   frame of ours up the stack; a coroutine's resumption is not a call);
 - returns: crossings the other way, a call returning into another module;
-- per module: how often it was entered (record.py's count is the blackboard's).
+- per module: how often it was entered (record.py's count is the blackboard's);
+- calls, all code: every Python function called (any module: aiohttp, the standard
+  library) and every C function, in the handler's task once it began: a count, unlike a
+  time, that other work on the machine cannot blur, to weigh a change of the path.
 
 A reader following the request in an editor makes the same jumps: fewer is easier.
 """
@@ -64,8 +67,13 @@ class Walk:
         self.returns = 0
         self.modules: set[str] = set()
         self.trail: list[str] = []
+        self.python_calls = 0
+        self.counted: set[int] = set()
+        self.c_calls = 0
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if self.task is not None and event in ("call", "c_call"):
+            self._count(frame, event)
         if event not in ("call", "return"):
             return
         module, _ = module_of(frame)
@@ -96,12 +104,29 @@ class Walk:
             if caller is not None and caller != module:
                 self.returns += 1
 
+    def _count(self, frame: FrameType, event: str) -> None:
+        try:
+            if asyncio.current_task() is not self.task:
+                return
+        except RuntimeError:
+            return
+        if event == "c_call":
+            self.c_calls += 1
+        elif not frame.f_code.co_flags & _SUSPENDABLE:  # a plain function: each call is one
+            self.python_calls += 1
+        elif id(frame) not in self.counted:  # a coroutine or generator: its first start only
+            self.counted.add(id(frame))
+            self.alive.append(frame)
+            self.python_calls += 1
+
 
 def _finished(frame: FrameType) -> bool:
     """A coroutine frame's return event is final when it does not sit at a yield."""
     return frame.f_lasti < 0 or frame.f_code.co_code[frame.f_lasti] not in _YIELDS
 
 
+# Code flags of a frame that can be resumed: generator, coroutine, async generator.
+_SUSPENDABLE = 0x20 | 0x80 | 0x200
 _YIELDS = {op for name, op in __import__("dis").opmap.items() if "YIELD" in name}
 
 
@@ -166,6 +191,7 @@ def main() -> None:
     print(f"modules entered: {len(recorder.modules)}")
     print(f"crossings into another module: {sum(recorder.entered.values())}")
     print(f"returns into another module: {recorder.returns}")
+    print(f"calls, all code: {recorder.python_calls} Python, {recorder.c_calls} C")
     print("entered, by module: " + ", ".join(f"{m} {n}" for m, n in recorder.entered.most_common()))
 
 
