@@ -57,6 +57,22 @@ class Defaults:
     unshared_workers: int = 1
 
 
+# A cloud target's own fields (keys/clouds.py), wherever a target may be named.
+CLOUD_FIELDS = frozenset(
+    {
+        "aws_access_key_id",
+        "aws_access_key_id_env",
+        "aws_secret_access_key",
+        "aws_secret_access_key_env",
+        "aws_session_token",
+        "aws_session_token_env",
+        "region",
+        "project",
+        "service_account_file",
+        "service_account_json_env",
+    }
+)
+
 # The fields each level of keys.json accepts, by the level's name in the error message.
 FIELDS: Mapping[str, frozenset[str]] = {
     "top-level": frozenset({"providers", "virtual_keys", "teams"}),
@@ -85,15 +101,17 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "created_at",
             "previous_key",
         }
-    ),
+    )
+    | CLOUD_FIELDS,
     "cache": frozenset({"ttl_seconds", "scope"}),
     "quota": frozenset({"requests", "tokens", "window_seconds"}),
     "budget": frozenset({"usd", "window_seconds"}),
-    "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model"}),
+    "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model"}) | CLOUD_FIELDS,
     "pool entry": frozenset({"api_key", "api_key_env", "weight"}),
     "route": frozenset(
         {"models", "provider", "api_key", "api_key_env", "api_keys", "model", "fallbacks"}
-    ),
+    )
+    | CLOUD_FIELDS,
 }
 
 

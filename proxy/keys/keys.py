@@ -381,7 +381,7 @@ def _key(
     def real_key(holder: Mapping[str, Any], at: str) -> str:
         return fields.real_key(f"{where}: {at.rstrip('.')}" if at else where, holder, environ)
 
-    plans = parse_plans(where, entry, providers, real_key)
+    plans = parse_plans(where, entry, providers, real_key, environ)
     patterns = entry.get("allowed_models")
     stream_usage = entry.get("stream_usage")
     if stream_usage not in (None, "exact", "estimate"):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.keys import fields
+from proxy.keys.clouds import cloud_target
 from proxy.keys.fields import KeysFileError, check_fields
 from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import Credential, Plan, Plans, Pool, Route, Target
@@ -44,7 +46,12 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         if api not in APIS:
             raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
         extra = builtin.default_headers if builtin else {}
-        providers[name] = Provider(name, url, auth, extra, api)
+        signing = builtin.signing if builtin else ""
+        if signing:
+            auth = "none"  # a cloud signs each request: no key header
+        # A base_url of its own (a private endpoint, a test's fake) serves every region.
+        regional = builtin.regional_url if builtin and "base_url" not in entry else ""
+        providers[name] = Provider(name, url, auth, extra, api, signing, regional)
     return providers
 
 
@@ -53,11 +60,16 @@ def parse_plans(
     entry: Mapping[str, Any],
     providers: Mapping[str, Provider],
     real_key: RealKey,
+    environ: Mapping[str, str] | None = None,
 ) -> Plans:
-    """A key's plans from its keys.json entry. Raises KeysFileError, starting with `key`."""
+    """A key's plans from its keys.json entry. Raises KeysFileError, starting with `key`.
+
+    `environ`: where a cloud target's `…_env` fields are read.
+    """
+    sources = _Sources(providers, real_key, {} if environ is None else environ)
     own = None
     if "provider" in entry:
-        own = _plan(key, entry, providers, real_key, "")
+        own = _plan(key, entry, sources, "")
     elif "fallbacks" in entry:
         raise KeysFileError(
             f"{key}: fallbacks needs the key's own provider (or put them in a route)"
@@ -80,7 +92,7 @@ def parse_plans(
             raise KeysFileError(f"{key}: {at}.models must be a non-empty list of model patterns")
         if not all(isinstance(p, str) and p for p in patterns):
             raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
-        plan = _plan(key, raw, providers, real_key, f"{at}.")
+        plan = _plan(key, raw, sources, f"{at}.")
         routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
     return Plans(own, tuple(routes))
 
@@ -90,14 +102,17 @@ def compile_patterns(patterns: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
-def _plan(
-    key: str,
-    entry: Mapping[str, Any],
-    providers: Mapping[str, Provider],
-    real_key: RealKey,
-    where: str,
-) -> Plan:
-    first = _target(key, entry, providers, real_key, where)
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """What targets are built from: the providers, and where real keys and secrets are read."""
+
+    providers: Mapping[str, Provider]
+    real_key: RealKey
+    environ: Mapping[str, str]
+
+
+def _plan(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> Plan:
+    first = _target(key, entry, sources, where)
     targets = [first]
     fallbacks = entry.get("fallbacks", [])
     if not isinstance(fallbacks, list):
@@ -107,7 +122,7 @@ def _plan(
         if not isinstance(raw, dict):
             raise KeysFileError(f"{key}: {at} must be an object with a provider and a key")
         check_fields(key, raw, "target", f"{at}.")
-        fallback = _target(key, raw, providers, real_key, f"{at}.")
+        fallback = _target(key, raw, sources, f"{at}.")
         if fallback.provider.api != first.provider.api:
             raise KeysFileError(
                 f"{key}: {at}: provider '{fallback.provider.name}' speaks the {fallback.provider.api} "
@@ -119,13 +134,8 @@ def _plan(
     return Plan(tuple(targets), secrets)
 
 
-def _target(
-    key: str,
-    entry: Mapping[str, Any],
-    providers: Mapping[str, Provider],
-    real_key: RealKey,
-    where: str,
-) -> Target:
+def _target(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> Target:
+    providers = sources.providers
     provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
     if provider is None:
         known = ", ".join(sorted(providers))
@@ -136,11 +146,16 @@ def _target(
         raise KeysFileError(
             f"{key}: {where}provider '{provider.name}' needs a base_url in 'providers'"
         )
+    if provider.signing:
+        regional, credential, project_path = cloud_target(
+            f"{key}: {where}", entry, provider, sources.environ, provider.name
+        )
+        return Target(provider.name, regional, Pool([credential]), None, project_path)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")
     name = provider.name if model is None else f"{provider.name}/{model}"
-    return Target(name, provider, _pool(key, entry, real_key, where, name), model)
+    return Target(name, provider, _pool(key, entry, sources.real_key, where, name), model)
 
 
 def _pool(key: str, entry: Mapping[str, Any], real_key: RealKey, where: str, name: str) -> Pool:

@@ -78,7 +78,8 @@ def in_form(content_type: str, body: bytes) -> list[str]:
 
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
-    """Models named by the path (`models/<m>`, `deployments/<m>`) or a `model` query parameter.
+    """Models named by the path (`models/<m>`, `deployments/<m>`, Bedrock's `model/<m>/…`) or a
+    `model` query parameter.
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -86,6 +87,9 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     if method == "POST" and segments[0] in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {segments[0]} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
+    if segments[0] == "model" and len(segments) > 1 and segments[1]:
+        # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
+        models.append(unquote(segments[1]))
     for before, segment in zip(segments, segments[1:], strict=False):
         if before in ("models", "deployments") and segment:
             # Gemini's native paths add the method after a colon: models/gemini-pro:generateContent

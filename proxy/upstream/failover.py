@@ -47,6 +47,7 @@ from proxy.errors import GatewayError
 from proxy.record import Attempt, Outcome, Record
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
+from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import Credential, Plan, Target
 
 # Told of each attempt before it is sent (method, url, headers, provider, model): a trace's
@@ -277,12 +278,13 @@ class Failover:
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
         record.saw_target(target.name, target.provider.name)
-        outbound.use(credential)
-        if on_attempt is not None:  # traces: a client span, its context in the headers
-            model = target.model or record.model
-            on_attempt(outbound.method, outbound.url, outbound.headers, target.provider.name, model)
         asked = time.perf_counter()
         try:
+            await outbound.use(credential)  # a cloud's signature covers the bytes that go
+            if on_attempt is not None:  # traces: a client span, its context in the headers
+                model = target.model or record.model
+                method, url, headers = outbound.method, outbound.url, outbound.headers
+                on_attempt(method, url, headers, target.provider.name, model)
             async with asyncio.timeout(self.policy.request_timeout):
                 reply = await session.request(
                     outbound.method,
@@ -299,6 +301,8 @@ class Failover:
             )
         except aiohttp.ClientError as error:
             failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}")
+        except SigningFailed as error:
+            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {error}")
         except asyncio.CancelledError:
             breaker.abstain()  # a client that left says nothing about the target
             raise

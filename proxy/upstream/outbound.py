@@ -3,7 +3,9 @@
 The body is the client's bytes, except where the target names its own `model`: then the
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed). Headers come from
-`providers.upstream_headers`; each attempt only sets the credential of the pool key it uses.
+`providers.upstream_headers`; each attempt only sets the credential of the pool key it uses,
+or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
+its own project and region in place of the client's.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ class Outbound:
     headers: CIMultiDict[str]
     body: bytes
 
-    def use(self, credential: Credential) -> None:
-        self.headers.update(self.target.provider.credential_headers(credential.api_key))
+    async def use(self, credential: Credential) -> None:
+        """Set `credential` for the next attempt. Raises SigningFailed (a cloud's)."""
+        signer = credential.signer
+        if signer is None:
+            self.headers.update(self.target.provider.credential_headers(credential.api_key))
+        else:
+            await signer.sign(self.method, self.url, self.headers, self.body)
 
 
 def build(
@@ -59,7 +66,17 @@ def build(
         if swapped is not plain:
             body = swapped
             headers.popall("content-encoding", None)
+    if target.project_path is not None:
+        tail = in_project(tail, target.project_path)
     return Outbound(target, method, upstream_url(target.provider, tail, query), headers, body)
+
+
+def in_project(tail: str, project_path: str) -> str:
+    """`projects/<p>/locations/<r>/rest` as `<project_path>/rest`; another tail as it is."""
+    segments = tail.split("/", 4)
+    if len(segments) == 5 and segments[0] == "projects" and segments[2] == "locations":
+        return f"{project_path}/{segments[4]}"
+    return tail
 
 
 def swap_model(body: bytes, model: str) -> bytes:

@@ -1,7 +1,8 @@
 """The provider table: where a key's requests go and how its real key is sent.
 
 Providers differ by data only: a base URL, the header that carries the real key, and
-headers added when the client sent none. `keys.json` may override a built-in's
+headers added when the client sent none; the clouds (`bedrock`, `vertex`) sign each request
+instead of sending a key (`signing`), at a base URL that depends on the target's region. `keys.json` may override a built-in's
 `base_url` or `auth`, or declare a custom provider. This module also owns the headers
 of both directions: what is dropped (hop-by-hop, `Host`, anything that can carry a
 virtual key) and the upstream URL, which no part of a request can point elsewhere.
@@ -10,14 +11,17 @@ virtual key) and the upstream URL, which no part of a request can point elsewher
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 AUTH_STYLES = ("bearer", "x-api-key", "api-key", "x-goog-api-key", "none")
 # Which API a provider speaks: a fallback or a route must speak the request's.
-APIS = ("openai", "anthropic")
+APIS = ("openai", "anthropic", "bedrock", "vertex")
+# How a cloud provider authenticates a request: AWS SigV4 over the exact bytes, or a Google
+# OAuth access token minted from a service account (upstream/signing.py).
+SIGNINGS = ("", "sigv4", "google")
 
 # Headers that can carry a virtual key, in the order they are read: the
 # headers the OpenAI, Anthropic, Azure and Gemini SDKs send their key in.
@@ -38,11 +42,20 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+# A client that signs for AWS itself sends these beside its Authorization: its own cloud
+# credential, never forwarded (the gateway signs with the target's).
+AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
 # Expect is answered by the gateway itself (aiohttp sends the 100 Continue); upstream
 # gets the whole body at once.
-_NOT_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {"host", "content-length", "expect"}
+_NOT_UPSTREAM = (
+    HOP_BY_HOP
+    | frozenset(CREDENTIAL_HEADERS)
+    | frozenset(AWS_CREDENTIAL_HEADERS)
+    | {"host", "content-length", "expect"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,17 @@ class Provider:
     # Added upstream only when the client sent none (e.g. anthropic-version).
     default_headers: Mapping[str, str] = field(default_factory=dict)
     api: str = "openai"  # one of APIS
+    signing: str = ""  # one of SIGNINGS: "" sends a key in `auth`'s header
+    # The base URL of a target in `{region}` (a cloud's); "" when base_url is the only one.
+    regional_url: str = ""
+
+    def in_region(self, region: str) -> Provider:
+        """This provider at `region`'s endpoint (itself when its base URL is fixed)."""
+        if not self.regional_url:
+            return self
+        if region == "global" and self.signing == "google":
+            return replace(self, base_url=URL("https://aiplatform.googleapis.com/v1"))
+        return replace(self, base_url=URL(self.regional_url.format(region=region)))
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         """The header that carries the real key, in this provider's style."""
@@ -76,6 +100,23 @@ BUILTINS: dict[str, Provider] = {
     ),
     "gemini": Provider(
         "gemini", URL("https://generativelanguage.googleapis.com/v1beta/openai"), "bearer"
+    ),
+    # The clouds: the base URL is the target's region's, every request signed.
+    "bedrock": Provider(
+        "bedrock",
+        URL("https://bedrock-runtime.us-east-1.amazonaws.com"),
+        "none",
+        api="bedrock",
+        signing="sigv4",
+        regional_url="https://bedrock-runtime.{region}.amazonaws.com",
+    ),
+    "vertex": Provider(
+        "vertex",
+        URL("https://us-east5-aiplatform.googleapis.com/v1"),
+        "none",
+        api="vertex",
+        signing="google",
+        regional_url="https://{region}-aiplatform.googleapis.com/v1",
     ),
     # Azure has no shared endpoint: each resource sets its base_url in keys.json.
     "azure": Provider("azure", URL(""), "api-key"),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from proxy.errors import GatewayError
 from proxy.upstream.providers import Provider
+from proxy.upstream.signing import Signer
 
 
 @dataclass(slots=True)
@@ -35,6 +36,9 @@ class Credential:
     weight: int = 1
     score: int = 0  # smooth weighted round-robin's running score
     resting_until: float = 0.0  # set aside (429, 401, 403) until this monotonic time
+    # A cloud's: signs each request in place of sending `api_key` (then the cloud's secret,
+    # kept only so that no response header may echo it).
+    signer: Signer | None = field(default=None, repr=False)
 
 
 class Pool:
@@ -90,6 +94,9 @@ class Target:
     provider: Provider
     pool: Pool = field(repr=False)
     model: str | None = None
+    # Vertex: "projects/<project>/locations/<region>", what the client's path names is
+    # replaced with (a client in gateway mode need not know the project).
+    project_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ so the tap can never delay, change or hold back a byte. A body in gzip, deflate,
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
 tap answers the provider's own usage when the provider reported one, every token kind.
 Where a body or an event keeps its usage and its text is its dialect's knowledge, one module
-per API (`openai_chat`, `responses`, `anthropic`); the tap dispatches each event by its type
+per API (`openai_chat`, `responses`, `anthropic`, `bedrock`); the tap dispatches each event by its type
 (none: an OpenAI chunk; else the dialect whose `EVENTS` name it), each JSON body by its
 shape (`choices`, a `response` object, `content`), and the dialect writes what it read into
 the answer's `Reading`.
@@ -36,7 +36,8 @@ Invariants: the answer does not depend on where the chunks were cut; `feed` neve
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
 (one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
 split over several data lines is not read). Lines end as the SSE specification says (CRLF,
-LF or CR: `sse_lines`).
+LF or CR: `sse_lines`). A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
+reads them, holding at most one unfinished frame.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import orjson
 
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.record import PENDING, StoredResponse, Usage
-from proxy.usage import anthropic, estimate, openai_chat, realtime_events, responses
+from proxy.usage import anthropic, bedrock, estimate, openai_chat, realtime_events, responses
 from proxy.usage.provider_usage import UsageFields, last_usage
 from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
@@ -66,6 +67,7 @@ TAIL_BYTES = 256 * 1024
 
 _JSON = "json"
 _SSE = "sse"
+_FRAMES = "frames"  # AWS event stream (Bedrock)
 
 
 class Charged(enum.Enum):
@@ -84,8 +86,22 @@ class Charged(enum.Enum):
     FETCHED = "fetched"
 
 
-# Endpoints whose answers produce tokens; the path ends with one of these.
-_GENERATIONS = ("/chat/completions", "/completions", "/responses", "/messages")
+# Endpoints whose answers produce tokens; the path ends with one of these (Bedrock's and
+# Vertex's native ones too: the model is in their path).
+_GENERATIONS = (
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/messages",
+    "/invoke",
+    "/invoke-with-response-stream",
+    "/converse",
+    "/converse-stream",
+    ":rawPredict",
+    ":streamRawPredict",
+    ":generateContent",
+    ":streamGenerateContent",
+)
 # Taps that read the Responses API object answered (its id and status).
 _STORED = frozenset((Charged.LATER, Charged.FETCHED))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
@@ -145,6 +161,7 @@ class UsageTap:
         "_charged",
         "_decoder",
         "_finished",
+        "_frames",
         "_held",
         "_is_unread",
         "_keep_text",
@@ -179,10 +196,12 @@ class UsageTap:
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
         self._reading = Reading(
-            keep_text and self._kind == _SSE,
+            keep_text and self._kind in (_SSE, _FRAMES),
             is_stored_noted=charged in _STORED,
             is_started_noted=charged is Charged.LATER,
         )
+        # An event stream: its frames, and the unfinished last one.
+        self._frames = bedrock.Frames(self._reading) if self._kind == _FRAMES else None
         self._finished = False
         # Once finished: the Responses API object answered (LATER and FETCHED only), with
         # what it reports; read after `usage`.
@@ -244,6 +263,8 @@ class UsageTap:
             return
         if self._kind == _SSE:
             self._take_lines(data)
+        elif self._frames is not None:
+            self._take_frames(self._frames, data)
         else:
             self._take_json(data)
 
@@ -299,6 +320,16 @@ class UsageTap:
         elif held < self._held:
             self._release(self._held - held)
 
+    def _take_frames(self, frames: bedrock.Frames, data: bytes) -> None:
+        if not frames.feed(data):
+            self._is_unread = True  # what was read so far stands; the rest is estimated
+            return self._let_go()
+        held = frames.held_bytes  # as for lines: an unfinished frame is what the tap holds
+        if held > self._held:
+            self._hold(held - self._held)
+        elif held < self._held:
+            self._release(self._held - held)
+
     def _take_line(self, line: bytes | bytearray) -> None:
         # One JSON event per data line, as every provider sends them; event:, id:, retry:,
         # comments and the blank lines between events carry nothing the tap needs.
@@ -332,6 +363,8 @@ class UsageTap:
             self._take_line(self._lines.rest())
             if self._reading.texts is not None:
                 self._text = "".join(self._reading.texts)
+        elif self._kind == _FRAMES and self._reading.texts is not None:
+            self._text = "".join(self._reading.texts)
         elif self._kind == _JSON and self._body is not None:
             body = self._body
             if self._keep_text:
@@ -360,6 +393,8 @@ class UsageTap:
         reading = self._reading
         if "choices" in document:
             openai_chat.read_answer(document, reading)
+        elif bedrock.is_converse(document):
+            bedrock.read_answer(document, reading)
         elif "output" in document or document.get("object") == "response":
             responses.read_answer(document, reading)
         elif "content" in document:
@@ -379,6 +414,7 @@ class UsageTap:
         self._release(self._held)
         self._body = None
         self._lines = LineReader()
+        self._frames = None
         self._reading.texts = None if self._reading.texts is None else []
         self._decoder = None
 
@@ -389,6 +425,8 @@ def _body_kind(content_type: str | None) -> str | None:
     media = content_type.partition(";")[0].strip().lower()
     if media == "text/event-stream":
         return _SSE
+    if media == bedrock.EVENT_STREAM:
+        return _FRAMES
     if media == "application/json" or media.endswith("+json"):
         return _JSON
     return None

@@ -1,0 +1,116 @@
+"""Signing a request for a cloud: AWS SigV4 over the exact bytes, or a Google access token.
+
+A cloud target sends no key: each attempt's request (method, URL, headers, the exact body
+bytes that go) is signed just before it is sent, by the target's `Signer`, so a retry is
+signed anew and a refreshed credential is used at once. Both use the clouds' own libraries:
+botocore's SigV4 signer, google-auth's service-account credentials.
+
+What SigV4 signs: the method, the URL (host, path as sent, query), `x-amz-date`, the
+session token if any, and the SHA-256 of the body. No other header is signed, so a header
+added after signing (a trace's `traceparent`) does not break the signature; a changed body
+byte does. The client's own AWS signature headers never reach here: `providers` drops
+them with the other credentials.
+
+A Google access token is minted from the service account when there is none or the one
+held is about to expire (google-auth's `valid`: within 3m45s of its expiry), never per
+request; one refresh at a time (a lock), in a thread (google-auth's transport blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import urllib3
+from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.credentials import Credentials  # type: ignore[import-untyped]
+from google.auth.exceptions import GoogleAuthError
+from google.auth.transport.urllib3 import Request as GoogleRequest
+from google.oauth2 import service_account
+from multidict import CIMultiDict
+from yarl import URL
+
+# What a Vertex token may do: the scope Vertex AI asks for.
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+# A token request that hangs must not hold every request of the target for long.
+TOKEN_TIMEOUT_SECONDS = 10.0
+_SIGNED_BY_SIGV4 = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token")
+
+
+class SigningFailed(Exception):
+    """No signature or token could be had; the message says why, never a credential."""
+
+
+class Signer(Protocol):
+    """Adds a cloud's credential to one request, just before it is sent."""
+
+    async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
+        """Set the credential headers for exactly these bytes. Raises SigningFailed."""
+        ...
+
+
+class SigV4:
+    """AWS Signature Version 4 for one set of credentials, one region, one service."""
+
+    __slots__ = ("_auth",)
+
+    def __init__(
+        self,
+        access_key_id: str,
+        secret_access_key: str,
+        session_token: str | None,
+        region: str,
+        service: str = "bedrock",
+    ) -> None:
+        credentials = Credentials(access_key_id, secret_access_key, session_token)
+        self._auth = SigV4Auth(credentials, service, region)
+
+    async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
+        # Only the URL and the body go in: the signed headers are host and botocore's own.
+        request = AWSRequest(method=method, url=str(url), data=body)
+        self._auth.add_auth(request)
+        for name in _SIGNED_BY_SIGV4:
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+
+
+class GoogleToken:
+    """A service account's OAuth access token, minted when needed and reused until then."""
+
+    __slots__ = ("_credentials", "_lock", "_transport")
+
+    def __init__(self, info: Mapping[str, Any]) -> None:
+        """`info`: the service-account key file's JSON. Raises ValueError when it is not one."""
+        from_info = service_account.Credentials.from_service_account_info
+        self._credentials = from_info(  # type: ignore[no-untyped-call]
+            dict(info), scopes=[CLOUD_PLATFORM]
+        )
+        self._lock = asyncio.Lock()
+        pool = urllib3.PoolManager(timeout=urllib3.Timeout(total=TOKEN_TIMEOUT_SECONDS))
+        self._transport = GoogleRequest(pool)  # type: ignore[no-untyped-call]
+
+    @property
+    def token_uri(self) -> str:
+        return str(self._credentials._token_uri)
+
+    async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
+        headers["Authorization"] = f"Bearer {await self.token()}"
+
+    async def token(self) -> str:
+        """The held token while it is valid; else a new one (one refresh at a time)."""
+        credentials = self._credentials
+        if not credentials.valid:
+            async with self._lock:
+                if not credentials.valid:  # another request may have refreshed it meanwhile
+                    await self._refresh()
+        return str(credentials.token)
+
+    async def _refresh(self) -> None:
+        try:
+            await asyncio.to_thread(self._credentials.refresh, self._transport)
+        except GoogleAuthError as error:
+            # google-auth's messages name the token endpoint's answer, not the key.
+            raise SigningFailed(f"no access token from the token endpoint ({error})") from None

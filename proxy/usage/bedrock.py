@@ -1,0 +1,178 @@
+"""Bedrock's native answers: AWS event-stream frames, and Converse's usage and text.
+
+A Bedrock stream (`application/vnd.amazon.eventstream`) is binary frames, not SSE; botocore's
+`EventStreamBuffer` decodes them (lengths and CRCs checked). Two kinds of stream come so:
+
+    invoke-with-response-stream   frames of event type `chunk`, each {"bytes": base64 of one
+                                  JSON event of the model's own API}: for Claude, Anthropic's
+                                  message_start, content_block_delta, message_delta (read by
+                                  `anthropic`); the last event also carries
+                                  `amazon-bedrock-invocationMetrics` (input and output counts)
+    converse-stream               frames whose event type names the event: contentBlockStart,
+                                  contentBlockDelta (text, a tool's input, reasoning) and
+                                  `metadata` with `usage` {inputTokens, outputTokens,
+                                  cacheReadInputTokens, cacheWriteInputTokens}
+
+A Converse JSON answer (`/converse`) holds `output.message.content` and the same `usage`;
+an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it). Cache
+reads and writes are beside the input count, as in Anthropic's usage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from botocore.eventstream import EventStreamBuffer, ParserError  # type: ignore[import-untyped]
+
+from proxy.usage import anthropic
+from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
+from proxy.usage.reading import Reading
+
+EVENT_STREAM = "application/vnd.amazon.eventstream"
+
+CONVERSE_USAGE = UsageFields(
+    counts=(
+        ("inputTokens", PROMPT),
+        ("outputTokens", COMPLETION),
+        ("cacheReadInputTokens", CACHE_READ),
+        ("cacheWriteInputTokens", CACHE_WRITE),
+    ),
+    is_cache_beside_prompt=True,
+)
+INVOCATION_USAGE = UsageFields(
+    counts=(
+        ("inputTokenCount", PROMPT),
+        ("outputTokenCount", COMPLETION),
+        ("cacheReadInputTokenCount", CACHE_READ),
+        ("cacheWriteInputTokenCount", CACHE_WRITE),
+    ),
+    is_cache_beside_prompt=True,
+)
+
+
+class Frames:
+    """An event stream fed chunk by chunk; each whole frame is read into `reading`."""
+
+    __slots__ = ("_buffer", "_reading")
+
+    def __init__(self, reading: Reading) -> None:
+        self._buffer = EventStreamBuffer()
+        self._reading = reading
+
+    def feed(self, data: bytes) -> bool:
+        """Read the frames `data` completes. False: the stream cannot be read any further."""
+        self._buffer.add_data(data)
+        try:
+            for message in self._buffer:
+                _read_frame(message.headers, message.payload, self._reading)
+        except ParserError:  # a bad length or CRC: nothing after it can be framed
+            return False
+        return True
+
+    @property
+    def held_bytes(self) -> int:
+        """The unfinished frame held (botocore refuses a frame past 24 MiB)."""
+        return len(self._buffer._data)
+
+
+def _read_frame(headers: Mapping[str, Any], payload: bytes, reading: Reading) -> None:
+    if headers.get(":message-type") != "event":
+        return  # an exception frame: the stream's error, nothing metered
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(event, dict):
+        return
+    kind = headers.get(":event-type")
+    if kind == "chunk":
+        _read_chunk(event, reading)
+    elif isinstance(kind, str):
+        read = CONVERSE_EVENTS.get(kind)
+        if read is not None:
+            read(event, reading)
+
+
+def _read_chunk(frame: dict[str, Any], reading: Reading) -> None:
+    """An invoke stream's chunk: the model's own event, base64 inside JSON."""
+    encoded = frame.get("bytes")
+    if not isinstance(encoded, str):
+        return
+    try:
+        event = orjson.loads(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, ValueError):
+        return
+    if not isinstance(event, dict):
+        return
+    kind = event.get("type")
+    read = anthropic.EVENTS.get(kind) if isinstance(kind, str) else None
+    if read is not None:
+        read(event, reading)
+    # Bedrock's own count, on the last event, whatever the model's API.
+    reading.reported.read(event.get("amazon-bedrock-invocationMetrics"), INVOCATION_USAGE)
+
+
+def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
+    start = event.get("start")
+    tool = start.get("toolUse") if isinstance(start, dict) else None
+    if isinstance(tool, dict):
+        reading.add_generated(tool.get("name"))
+
+
+def _content_block_delta(event: dict[str, Any], reading: Reading) -> None:
+    delta = event.get("delta")
+    if not isinstance(delta, dict):
+        return
+    reading.add_text(delta.get("text"))
+    tool = delta.get("toolUse")
+    if isinstance(tool, dict):
+        reading.add_generated(tool.get("input"))
+    thinking = delta.get("reasoningContent")
+    if isinstance(thinking, dict):
+        reading.add_generated(thinking.get("text"))
+
+
+def _metadata(event: dict[str, Any], reading: Reading) -> None:
+    reading.reported.read(event.get("usage"), CONVERSE_USAGE)
+
+
+# converse-stream's events read, by the frame's event type.
+CONVERSE_EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
+    "contentBlockStart": _content_block_start,
+    "contentBlockDelta": _content_block_delta,
+    "metadata": _metadata,
+}
+
+
+def is_converse(document: dict[str, Any]) -> bool:
+    """A Converse answer: `output.message` and a `stopReason`."""
+    output = document.get("output")
+    return isinstance(output, dict) and "message" in output and "stopReason" in document
+
+
+def read_answer(document: dict[str, Any], reading: Reading) -> None:
+    """One Converse JSON answer."""
+    reading.reported.read(document.get("usage"), CONVERSE_USAGE)
+    if reading.reported.usage() is not None:
+        return  # only an estimate needs the answer's length
+    output = document.get("output")
+    message = output.get("message") if isinstance(output, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict):
+            reading.add_generated(block.get("text"))
+            tool = block.get("toolUse")
+            if isinstance(tool, dict):
+                reading.add_generated(tool.get("name"))
+                reading.chars += _json_chars(tool.get("input"))
+
+
+def _json_chars(value: object) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        return 0

@@ -1,0 +1,243 @@
+"""Bedrock through the gateway: the client speaks native Bedrock with its virtual key, the
+gateway signs each request with SigV4 over the exact bytes it forwards, and meters it.
+
+The fake Bedrock (tests/support/fake_bedrock.py) recomputes every signature with botocore
+from the same credentials, so a request the gateway signed wrong, or whose body changed by
+one byte after signing, is refused there with 403.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from anthropic import AsyncAnthropicBedrock
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from proxy.keys.fields import Defaults
+from proxy.keys.keys import KeyRing, KeysFileError
+from tests.conftest import auth
+from tests.support.fake_bedrock import (
+    BEDROCK_STATE,
+    EVENT_STREAM,
+    INPUT_TOKENS,
+    BedrockState,
+    bedrock_app,
+)
+
+ACCESS_KEY = "AKIAFAKEGATEWAY0001"
+SECRET_KEY = "fake-secret-access-key-0123456789abcdef"
+SESSION_TOKEN = "fake-session-token-9876543210"
+REGION = "us-west-2"
+BEDROCK_VK = "vk_test_bedrock_6c1d9e3a7f"
+NARROW_VK = "vk_test_bedrock_narrow_2f8b"
+CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+MESSAGES = [{"role": "user", "content": "say hello please"}]
+
+
+def bedrock_keys(base: str, environ_names: bool = False) -> dict[str, Any]:
+    target: dict[str, Any] = {"provider": "bedrock", "region": REGION}
+    if environ_names:
+        target |= {
+            "aws_access_key_id_env": "T_AWS_ID",
+            "aws_secret_access_key_env": "T_AWS_SECRET",
+            "aws_session_token_env": "T_AWS_TOKEN",
+        }
+    else:
+        target |= {
+            "aws_access_key_id": ACCESS_KEY,
+            "aws_secret_access_key": SECRET_KEY,
+            "aws_session_token": SESSION_TOKEN,
+        }
+    return {
+        "providers": {"bedrock": {"base_url": base}},
+        "virtual_keys": {
+            BEDROCK_VK: {"name": "bedrock", **target},
+            NARROW_VK: {"name": "narrow", "allowed_models": ["anthropic.claude-*"], **target},
+        },
+    }
+
+
+@pytest.fixture
+async def fake_bedrock(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(bedrock_app(ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, REGION))
+
+
+@pytest.fixture
+def bedrock(fake_bedrock: TestServer) -> BedrockState:
+    return fake_bedrock.app[BEDROCK_STATE]
+
+
+@pytest.fixture
+async def gateway(
+    tmp_path: Path, fake_bedrock: TestServer, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> TestClient:
+    path = tmp_path / "keys-bedrock.json"
+    path.write_text(json.dumps(bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))))
+    return await make_gateway(KEYS_FILE_PATH=str(path))
+
+
+@pytest.fixture
+async def sdk(gateway: TestClient) -> AsyncIterator[AsyncAnthropicBedrock]:
+    """The anthropic SDK's Bedrock client in gateway mode: its virtual key as the API key."""
+    client = AsyncAnthropicBedrock(
+        api_key=BEDROCK_VK,
+        aws_region="us-east-1",  # the client's region does not matter: the target's does
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+    yield client
+    await client.close()
+
+
+async def test_the_sdk_gets_an_answer_signed_over_its_own_bytes(
+    sdk: AsyncAnthropicBedrock, bedrock: BedrockState, records
+) -> None:
+    message = await sdk.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES)
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
+    assert bedrock.refused == []
+    path, headers, body = bedrock.seen[0]
+    assert path == f"/model/{CLAUDE}/invoke"
+    assert "anthropic_version" in json.loads(body) and "model" not in json.loads(body)
+    assert BEDROCK_VK not in str(dict(headers))  # the virtual key stayed at the gateway
+    line = (await records(1))[0]
+    assert line["model"] == CLAUDE and line["provider"] == "bedrock"
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
+    assert usage["estimated"] is False
+
+
+async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
+    sdk: AsyncAnthropicBedrock, bedrock: BedrockState, records
+) -> None:
+    async with sdk.messages.stream(model=CLAUDE, max_tokens=50, messages=MESSAGES) as stream:
+        text = "".join([piece async for piece in stream.text_stream])
+    assert text == "tok0 tok1 tok2 "
+    assert bedrock.seen[0][0] == f"/model/{CLAUDE}/invoke-with-response-stream"
+    usage = (await records(1))[0]["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
+    assert usage["estimated"] is False
+
+
+@pytest.mark.parametrize("action", ["converse", "converse-stream"])
+async def test_converse_passes_through_and_its_usage_is_read(
+    gateway: TestClient, bedrock: BedrockState, records, action: str
+) -> None:
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}],  "inferenceConfig":{}}'
+    headers = {**auth(BEDROCK_VK), "content-type": "application/json", "x-fake-chunks": "5"}
+    response = await gateway.post(f"/v1/model/{CLAUDE}/{action}", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    raw = await response.read()
+    assert bedrock.seen[0][2] == body  # byte for byte: the signature covers these
+    if action == "converse-stream":
+        assert response.headers["content-type"] == EVENT_STREAM
+        assert b"tok4" in raw
+    usage = (await records(1))[0]["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
+    assert usage["estimated"] is False
+
+
+async def test_the_clients_own_aws_credentials_never_reach_bedrock(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    headers = {
+        **auth(BEDROCK_VK),
+        "content-type": "application/json",
+        "X-Amz-Security-Token": "clients-own-session-token",
+        "X-Amz-Date": "20200101T000000Z",
+        "X-Amz-Content-Sha256": "0" * 64,
+    }
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    response = await gateway.post(f"/v1/model/{CLAUDE}/invoke", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    _, seen, _ = bedrock.seen[0]
+    assert seen["X-Amz-Security-Token"] == SESSION_TOKEN
+    assert seen["X-Amz-Date"] != "20200101T000000Z"
+    assert "X-Amz-Content-Sha256" not in seen
+    assert all("clients-own" not in value for value in seen.values())
+
+
+async def test_allowed_models_reads_the_model_in_the_path(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    headers = {**auth(NARROW_VK), "content-type": "application/json"}
+    refused = await gateway.post("/v1/model/meta.llama3-70b-instruct-v1:0/invoke", data=body, headers=headers)  # fmt: skip
+    assert refused.status == 403
+    allowed = await gateway.post(f"/v1/model/{CLAUDE}/invoke", data=body, headers=headers)
+    assert allowed.status == 200
+    assert len(bedrock.seen) == 1
+
+
+async def test_the_fake_refuses_a_signature_over_one_changed_byte(
+    fake_bedrock: TestServer, aiohttp_client: Callable[..., Awaitable[TestClient]]
+) -> None:
+    """The fake's check can fail: a body changed after signing is refused, the same is not."""
+    client = await aiohttp_client(fake_bedrock)
+    url = str(fake_bedrock.make_url(f"/model/{CLAUDE}/invoke"))
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    signed = AWSRequest(method="POST", url=url, data=body)
+    credentials = Credentials(ACCESS_KEY, SECRET_KEY, SESSION_TOKEN)
+    SigV4Auth(credentials, "bedrock", REGION).add_auth(signed)
+    headers = dict(signed.headers)
+    same = await client.post(f"/model/{CLAUDE}/invoke", data=body, headers=headers)
+    assert same.status == 200
+    changed = await client.post(
+        f"/model/{CLAUDE}/invoke", data=body.replace(b"5", b"6"), headers=headers
+    )
+    assert changed.status == 403
+    assert fake_bedrock.app[BEDROCK_STATE].refused == ["the signature does not match"]
+
+
+def test_credentials_may_come_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(bedrock_keys("http://127.0.0.1:1", environ_names=True)))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    environ = {"T_AWS_ID": ACCESS_KEY, "T_AWS_SECRET": SECRET_KEY, "T_AWS_TOKEN": SESSION_TOKEN}
+    ring = KeyRing.load(str(path), environ, defaults)
+    assert SECRET_KEY in ring.real_keys()  # no answer header may echo it
+    with pytest.raises(KeysFileError, match="T_AWS_SECRET"):
+        KeyRing.load(str(path), {"T_AWS_ID": ACCESS_KEY}, defaults)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"region": None}, "region must be"),
+        ({"api_key": "sk-x"}, "api_key does not apply"),
+        ({"model": "x"}, "model does not apply"),
+        ({"aws_secret_access_key": None}, "needs aws_access_key_id and aws_secret_access_key"),
+    ],
+)
+def test_a_wrong_bedrock_target_stops_the_start(
+    tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    document = bedrock_keys("http://127.0.0.1:1")
+    entry = document["virtual_keys"][BEDROCK_VK]
+    for name, value in change.items():
+        if value is None:
+            del entry[name]
+        else:
+            entry[name] = value
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    with pytest.raises(KeysFileError, match=says):
+        KeyRing.load(str(path), {}, defaults)
+
+
+def test_a_bedrock_key_cannot_fall_back_to_another_api(tmp_path: Path) -> None:
+    document = bedrock_keys("http://127.0.0.1:1")
+    entry = document["virtual_keys"][BEDROCK_VK]
+    entry["fallbacks"] = [{"provider": "anthropic", "api_key": "sk-ant-x"}]
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    with pytest.raises(KeysFileError, match="same API"):
+        KeyRing.load(str(path), {}, defaults)

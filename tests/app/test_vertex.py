@@ -1,0 +1,182 @@
+"""Vertex AI through the gateway: the client speaks native Vertex with its virtual key, the
+gateway sends an access token minted from the target's service account (cached, refreshed
+before it expires), in the target's project and region, and meters the answer.
+
+The fake Vertex (tests/support/fake_vertex.py) mints tokens only for a JWT signed by the
+service account's key and accepts only tokens it minted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from anthropic import AsyncAnthropicVertex
+
+from proxy.keys.fields import Defaults
+from proxy.keys.keys import KeyRing, KeysFileError
+from tests.support.fake_vertex import (
+    INPUT_TOKENS,
+    VERTEX_STATE,
+    VertexState,
+    service_account,
+    vertex_app,
+)
+
+VERTEX_VK = "vk_test_vertex_3e9a1c7d5b"
+PROJECT, REGION = "gateway-project", "us-east5"
+CLAUDE = "claude-sonnet-4@20250514"
+MESSAGES = [{"role": "user", "content": "say hello please"}]
+
+
+@pytest.fixture
+async def account() -> tuple[dict[str, Any], bytes]:
+    return service_account("http://unset.invalid/token", PROJECT)
+
+
+@pytest.fixture
+async def fake_vertex(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], account: tuple[dict[str, Any], bytes]
+) -> TestServer:
+    info, public = account
+    server = await aiohttp_server(vertex_app(VertexState(public, PROJECT, REGION)))
+    info["token_uri"] = str(server.make_url("/token"))
+    return server
+
+
+@pytest.fixture
+def vertex(fake_vertex: TestServer) -> VertexState:
+    return fake_vertex.app[VERTEX_STATE]
+
+
+def vertex_keys(base: str, account_file: Path) -> dict[str, Any]:
+    return {
+        "providers": {"vertex": {"base_url": f"{base}/v1"}},
+        "virtual_keys": {
+            VERTEX_VK: {
+                "name": "vertex",
+                "provider": "vertex",
+                "service_account_file": str(account_file),
+                "project": PROJECT,
+                "region": REGION,
+            }
+        },
+    }
+
+
+@pytest.fixture
+async def gateway(
+    tmp_path: Path,
+    fake_vertex: TestServer,
+    account: tuple[dict[str, Any], bytes],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> TestClient:
+    account_file = tmp_path / "service-account.json"
+    account_file.write_text(json.dumps(account[0]))
+    path = tmp_path / "keys-vertex.json"
+    base = str(fake_vertex.make_url("")).rstrip("/")
+    path.write_text(json.dumps(vertex_keys(base, account_file)))
+    return await make_gateway(KEYS_FILE_PATH=str(path))
+
+
+@pytest.fixture
+async def sdk(gateway: TestClient) -> AsyncIterator[AsyncAnthropicVertex]:
+    """The anthropic SDK's Vertex client in gateway mode: the virtual key as its token, and a
+    project and region of its own (the gateway's target decides where it goes)."""
+    client = AsyncAnthropicVertex(
+        access_token=VERTEX_VK,
+        project_id="clients-project",
+        region="europe-west1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+    yield client
+    await client.close()
+
+
+async def test_the_sdk_gets_an_answer_with_a_minted_token(
+    sdk: AsyncAnthropicVertex, vertex: VertexState, records
+) -> None:
+    message = await sdk.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES)
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
+    assert vertex.refused == []
+    path, headers, _ = vertex.seen[0]
+    assert path.startswith(f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/anthropic/")
+    assert headers["Authorization"] == "Bearer ya29.fake-1"
+    assert VERTEX_VK not in str(dict(headers))
+    line = (await records(1))[0]
+    assert line["model"] == CLAUDE and line["provider"] == "vertex"
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
+    assert usage["estimated"] is False
+
+
+async def test_a_stream_is_relayed_and_metered(
+    sdk: AsyncAnthropicVertex, vertex: VertexState, records
+) -> None:
+    async with sdk.messages.stream(model=CLAUDE, max_tokens=50, messages=MESSAGES) as stream:
+        text = "".join([piece async for piece in stream.text_stream])
+    assert text == "tok0 tok1 tok2 "
+    assert vertex.seen[0][0].endswith(":streamRawPredict")
+    usage = (await records(1))[0]["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
+
+
+async def test_one_token_serves_many_requests(
+    sdk: AsyncAnthropicVertex, vertex: VertexState
+) -> None:
+    for _ in range(3):
+        await sdk.messages.create(model=CLAUDE, max_tokens=5, messages=MESSAGES)
+    assert vertex.minted == ["ya29.fake-1"]
+    assert len(vertex.seen) == 3
+
+
+async def test_a_token_about_to_expire_is_refreshed_before_use(
+    sdk: AsyncAnthropicVertex, vertex: VertexState
+) -> None:
+    vertex.expires_in = 60  # inside google-auth's refresh margin: never used again
+    for _ in range(2):
+        await sdk.messages.create(model=CLAUDE, max_tokens=5, messages=MESSAGES)
+    assert vertex.minted == ["ya29.fake-1", "ya29.fake-2"]
+    assert [seen[1]["Authorization"] for seen in vertex.seen] == [
+        "Bearer ya29.fake-1",
+        "Bearer ya29.fake-2",
+    ]
+
+
+async def test_a_refused_token_request_is_a_clear_502(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    _, other_public = service_account("http://unset.invalid/token", PROJECT)
+    vertex.public_pem = other_public  # the endpoint no longer knows the account's key
+    response = await gateway.post(
+        f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
+        json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {VERTEX_VK}"},
+    )
+    assert response.status == 502
+    body = await response.text()
+    assert "no access token" in body and "PRIVATE KEY" not in body
+    assert vertex.seen == []
+
+
+def test_the_account_may_come_from_an_environment_variable(
+    tmp_path: Path, account: tuple[dict[str, Any], bytes]
+) -> None:
+    document = vertex_keys("http://127.0.0.1:1", tmp_path / "unused.json")
+    entry = document["virtual_keys"][VERTEX_VK]
+    del entry["service_account_file"]
+    entry["service_account_json_env"] = "T_VERTEX_SA"
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    ring = KeyRing.load(str(path), {"T_VERTEX_SA": json.dumps(account[0])}, defaults)
+    assert len(ring) == 1
+    with pytest.raises(KeysFileError, match="T_VERTEX_SA is not set"):
+        KeyRing.load(str(path), {}, defaults)
+    with pytest.raises(KeysFileError, match="not a service account"):
+        KeyRing.load(str(path), {"T_VERTEX_SA": '{"type": "user"}'}, defaults)

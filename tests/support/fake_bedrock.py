@@ -1,0 +1,219 @@
+"""A fake Bedrock runtime: a real aiohttp app that checks every request's SigV4 signature.
+
+Each request's signature is recomputed with botocore from what arrived (method, URL as
+sent, the signed headers, the exact body bytes) and the same credentials the gateway's
+keys.json holds; a request signed otherwise, or with one byte changed, gets Bedrock's 403
+(InvalidSignatureException). Then it answers Bedrock's native paths for a Claude model:
+
+    POST /model/{id}/invoke                        an Anthropic message, JSON
+    POST /model/{id}/invoke-with-response-stream   AWS event-stream frames: each a `chunk`
+                                                   {"bytes": base64 of an Anthropic event};
+                                                   the last adds invocation metrics
+    POST /model/{id}/converse                      a Converse answer, JSON, with `usage`
+    POST /model/{id}/converse-stream               frames: messageStart, contentBlockDelta…,
+                                                   messageStop, metadata (usage)
+
+It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
+(`x-fake-chunks`, default 3). What it saw is kept in `app[BEDROCK_STATE]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from multidict import CIMultiDict
+
+INPUT_TOKENS = 11
+EVENT_STREAM = "application/vnd.amazon.eventstream"
+_AUTHORIZATION = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
+    r"(?P<service>[^/]+)/aws4_request, SignedHeaders=(?P<signed>[a-z0-9;-]+), "
+    r"Signature=(?P<signature>[0-9a-f]{64})"
+)
+
+
+@dataclass
+class BedrockState:
+    """What the fake saw: each accepted request's headers and body, and the refusals."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None
+    region: str
+    seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+BEDROCK_STATE = web.AppKey("bedrock_state", BedrockState)
+
+
+def bedrock_app(
+    access_key_id: str, secret_access_key: str, session_token: str | None, region: str
+) -> web.Application:
+    app = web.Application()
+    app[BEDROCK_STATE] = BedrockState(access_key_id, secret_access_key, session_token, region)
+    app.router.add_post("/model/{model}/{action}", _handle)
+    return app
+
+
+def signature_problem(state: BedrockState, request: web.Request, body: bytes) -> str | None:
+    """Why the request's SigV4 signature is not the one these credentials give; None: it is."""
+    found = _AUTHORIZATION.fullmatch(request.headers.get("Authorization", ""))
+    if found is None:
+        return "no AWS4-HMAC-SHA256 Authorization"
+    if found["key"] != state.access_key_id:
+        return "another access key"
+    if found["region"] != state.region or found["service"] != "bedrock":
+        return "another region or service"
+    if request.headers.get("X-Amz-Security-Token") != state.session_token:
+        return "another session token"
+    signed = found["signed"].split(";")
+    headers = {name: request.headers[name] for name in signed if name != "host"}
+    aws = AWSRequest(
+        method=request.method, url=f"http://{request.host}{request.raw_path}", data=body,
+        headers=headers,
+    )  # fmt: skip
+    aws.context["timestamp"] = request.headers.get("X-Amz-Date", "")
+    credentials = Credentials(state.access_key_id, state.secret_access_key, state.session_token)
+    signer = SigV4Auth(credentials, "bedrock", state.region)
+    expected = signer.signature(signer.string_to_sign(aws, signer.canonical_request(aws)), aws)
+    if not hmac.compare_digest(expected, found["signature"]):
+        return "the signature does not match"
+    return None
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[BEDROCK_STATE]
+    body = await request.read()
+    problem = signature_problem(state, request, body)
+    if problem is not None:
+        state.refused.append(problem)
+        return web.json_response(
+            {"message": f"The request signature we calculated does not match ({problem})."},
+            status=403,
+            headers={"x-amzn-ErrorType": "InvalidSignatureException"},
+        )
+    state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    model = request.match_info["model"]
+    pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
+    action = request.match_info["action"]
+    if action == "invoke":
+        return web.json_response(_message(model, pieces))
+    if action == "converse":
+        return web.json_response(_converse(pieces))
+    if action == "invoke-with-response-stream":
+        frames = [_chunk(event) for event in _message_events(model, pieces)]
+    elif action == "converse-stream":
+        frames = [frame(kind, event) for kind, event in _converse_events(pieces)]
+    else:
+        raise web.HTTPNotFound()
+    response = web.StreamResponse(headers={"Content-Type": EVENT_STREAM})
+    await response.prepare(request)
+    for one in frames:
+        await response.write(one)
+    await response.write_eof()
+    return response
+
+
+def _usage(pieces: list[str]) -> dict[str, int]:
+    return {"input_tokens": INPUT_TOKENS, "output_tokens": len(pieces)}
+
+
+def _message(model: str, pieces: list[str]) -> dict[str, Any]:
+    return {
+        "id": "msg_bdrk_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "".join(pieces)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": _usage(pieces),
+    }
+
+
+def _message_events(model: str, pieces: list[str]) -> list[dict[str, Any]]:
+    start = _message(model, [])
+    start["content"], start["usage"] = [], {"input_tokens": INPUT_TOKENS, "output_tokens": 1}
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    events.append(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    )
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+        for p in pieces
+    ]
+    events.append({"type": "content_block_stop", "index": 0})
+    events.append(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": len(pieces)},
+        }
+    )
+    metrics = {"inputTokenCount": INPUT_TOKENS, "outputTokenCount": len(pieces)}
+    events.append({"type": "message_stop", "amazon-bedrock-invocationMetrics": metrics})
+    return events
+
+
+def _converse(pieces: list[str]) -> dict[str, Any]:
+    return {
+        "output": {"message": {"role": "assistant", "content": [{"text": "".join(pieces)}]}},
+        "stopReason": "end_turn",
+        "usage": {
+            "inputTokens": INPUT_TOKENS,
+            "outputTokens": len(pieces),
+            "totalTokens": INPUT_TOKENS + len(pieces),
+        },
+        "metrics": {"latencyMs": 5},
+    }
+
+
+def _converse_events(pieces: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
+    events += [
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}) for p in pieces
+    ]
+    events.append(("contentBlockStop", {"contentBlockIndex": 0}))
+    events.append(("messageStop", {"stopReason": "end_turn"}))
+    usage = _converse(pieces)["usage"]
+    events.append(("metadata", {"usage": usage, "metrics": {"latencyMs": 5}}))
+    return events
+
+
+def _chunk(event: dict[str, Any]) -> bytes:
+    return frame("chunk", {"bytes": base64.b64encode(orjson.dumps(event)).decode()})
+
+
+def frame(event_type: str, payload: dict[str, Any]) -> bytes:
+    """One AWS event-stream message: prelude, string headers, JSON payload, CRCs."""
+    headers = b"".join(
+        _header(name, value)
+        for name, value in (
+            (":event-type", event_type),
+            (":content-type", "application/json"),
+            (":message-type", "event"),
+        )
+    )
+    data = orjson.dumps(payload)
+    total = 12 + len(headers) + len(data) + 4
+    prelude = struct.pack(">II", total, len(headers))
+    prelude += struct.pack(">I", binascii.crc32(prelude))
+    message = prelude + headers + data
+    return message + struct.pack(">I", binascii.crc32(message))
+
+
+def _header(name: str, value: str) -> bytes:
+    encoded = value.encode()
+    return bytes([len(name)]) + name.encode() + b"\x07" + struct.pack(">H", len(encoded)) + encoded

@@ -1,0 +1,157 @@
+"""A fake Vertex AI with its own token endpoint: a real aiohttp app.
+
+`POST /token` is Google's OAuth token endpoint as a service account uses it: the JWT
+assertion must verify against the service account's public key (google-auth's `jwt`), and
+then a fresh access token is minted (`ya29.fake-<n>`, living `expires_in` seconds).
+`POST /v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}:rawPredict`
+(and `:streamRawPredict`) answer an Anthropic message (JSON, or SSE) only with
+`Authorization: Bearer <a token the endpoint minted>`, and only for the expected project
+and region; else 401 or 403, as Vertex does. What it saw is kept in `app[VERTEX_STATE]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import jwt
+from multidict import CIMultiDict
+
+INPUT_TOKENS = 13
+KEY_ID = "fake-key-id-1"
+
+
+@dataclass
+class VertexState:
+    public_pem: bytes
+    project: str
+    region: str
+    expires_in: int = 3600
+    minted: list[str] = field(default_factory=list)
+    seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+VERTEX_STATE = web.AppKey("vertex_state", VertexState)
+
+
+def service_account(token_uri: str, project: str) -> tuple[dict[str, Any], bytes]:
+    """A service account key file's JSON with a fresh RSA key, and the key's public PEM."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    info = {
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": KEY_ID,
+        "private_key": private.decode(),
+        "client_email": f"gateway@{project}.iam.gserviceaccount.com",
+        "client_id": "1234567890",
+        "token_uri": token_uri,
+    }
+    return info, public
+
+
+def vertex_app(state: VertexState) -> web.Application:
+    app = web.Application()
+    app[VERTEX_STATE] = state
+    app.router.add_post("/token", _token)
+    app.router.add_post(
+        "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{call}", _predict
+    )
+    return app
+
+
+async def _token(request: web.Request) -> web.Response:
+    state = request.app[VERTEX_STATE]
+    form = await request.post()
+    assertion = form.get("assertion")
+    if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" or not isinstance(
+        assertion, str
+    ):
+        return web.json_response({"error": "invalid_request"}, status=400)
+    try:
+        claims = jwt.decode(assertion, certs={KEY_ID: state.public_pem.decode()})
+    except ValueError as error:
+        state.refused.append(f"assertion: {error}")
+        return web.json_response({"error": "invalid_grant"}, status=400)
+    if "cloud-platform" not in claims.get("scope", ""):
+        return web.json_response({"error": "invalid_scope"}, status=400)
+    token = f"ya29.fake-{len(state.minted) + 1}"
+    state.minted.append(token)
+    answer = {"access_token": token, "expires_in": state.expires_in, "token_type": "Bearer"}
+    return web.json_response(answer)
+
+
+async def _predict(request: web.Request) -> web.StreamResponse:
+    state = request.app[VERTEX_STATE]
+    body = await request.read()
+    token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if token not in state.minted:
+        state.refused.append("an unknown token")
+        return web.json_response({"error": {"code": 401, "status": "UNAUTHENTICATED"}}, status=401)
+    info = request.match_info
+    if (info["project"], info["region"]) != (state.project, state.region):
+        state.refused.append("another project or region")
+        return web.json_response(
+            {"error": {"code": 403, "status": "PERMISSION_DENIED"}}, status=403
+        )
+    model, _, specifier = info["call"].partition(":")
+    state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
+    if specifier == "rawPredict":
+        return web.json_response(_message(model, pieces))
+    if specifier != "streamRawPredict":
+        raise web.HTTPNotFound()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for event in _events(model, pieces):
+        await response.write(
+            b"event: %s\ndata: %s\n\n" % (event["type"].encode(), orjson.dumps(event))
+        )
+    await response.write_eof()
+    return response
+
+
+def _message(model: str, pieces: list[str]) -> dict[str, Any]:
+    return {
+        "id": "msg_vrtx_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "".join(pieces)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": len(pieces)},
+    }
+
+
+def _events(model: str, pieces: list[str]) -> list[dict[str, Any]]:
+    start = _message(model, [])
+    start["content"], start["usage"] = [], {"input_tokens": INPUT_TOKENS, "output_tokens": 1}
+    block = {"type": "text", "text": ""}
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": block},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+            for p in pieces
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": len(pieces)},
+        },
+        {"type": "message_stop"},
+    ]
