@@ -37,7 +37,7 @@ from proxy.keys.lockout import Lockout
 from proxy.keys.reload import KeysFile
 from proxy.keys.store import FileStore, KeyStore, Parse, decoded
 from proxy.observe.health import Health
-from proxy.observe.logbook import Logbook
+from proxy.observe.logbook import Logbook, rfc3339
 from proxy.observe.metrics import Metrics
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
@@ -194,6 +194,9 @@ def build_app(
 
     def keys_reloaded(error: str | None) -> None:
         metrics.config_reloaded(error is None)
+        health.reload_failed = (
+            None if error is None else {"reason": error, "at": rfc3339(time.time())}
+        )
         if error is None:
             health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config

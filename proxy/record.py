@@ -31,6 +31,13 @@ MODEL_CHARS = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+def dollars(usd: float) -> str:
+    """US dollars as a person writes them, to a millionth of a micro-dollar, no trailing
+    zeros: 0.00000195, 0.5, 50 (never 1e-05 nor 1.9499999999999995e-06). Also a JSON number."""
+    text = f"{usd:.12f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
 def cut_by_gateway(cancel: BaseException) -> bool:
     """Whether a handler's cancellation is the gateway's cut at the end of the grace."""
     return cancel.args == (GRACE_OVER,)

@@ -43,6 +43,7 @@ from proxy.keys.reload import KeysFile
 from proxy.keys.teams import Team
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Limits, TrackerUnavailable
+from proxy.upstream.targets import Plan, Target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,6 +68,7 @@ class Admin:
         self._quota = quota
         self._keys_file = keys_file
         self._reload_workers = reload_workers
+        self._methods: dict[str, list[str]] = {}  # each admin path's methods, for a 405's Allow
 
     def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
         """The admin routes, before the relay's catch-all; every other /admin path is 404.
@@ -74,10 +76,15 @@ class Admin:
         `wrap` is applied to each handler (the app's request id and lockout).
         """
         if self._token is not None:
-            router.add_get("/admin/keys", wrap(self._guarded(self.handle_keys)))
-            router.add_get("/admin/teams", wrap(self._guarded(self.handle_teams)))
-            router.add_post("/admin/reload", wrap(self._guarded(self.handle_reload)))
-            router.add_delete("/admin/cache", wrap(self._guarded(self.handle_drop_cache)))
+            routes = [
+                ("GET", "/admin/keys", self.handle_keys),
+                ("GET", "/admin/teams", self.handle_teams),
+                ("POST", "/admin/reload", self.handle_reload),
+                ("DELETE", "/admin/cache", self.handle_drop_cache),
+            ]
+            for method, path, handler in routes:
+                router.add_route(method, path, wrap(self._guarded(handler)))
+                self._methods.setdefault(path, []).append(method)
         if self._writes is not None:
             self._writes.add_routes(router, lambda handler: wrap(self._guarded(refusals(handler))))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
@@ -98,6 +105,24 @@ class Admin:
         return guarded
 
     async def _not_found(self, request: web.Request) -> web.Response:
+        if self._token is None:
+            message = (
+                "The admin API is off: start the gateway with ADMIN_TOKEN set to a long random "
+                "string to turn it on, then send it as 'Authorization: Bearer <token>'."
+            )
+            return errors.render(GatewayError(404, "unknown_route", message), request.path)
+        allowed = self._methods.get(request.path)
+        if allowed:
+            methods = ", ".join(allowed)
+            return errors.render(
+                GatewayError(
+                    405,
+                    "method_not_allowed",
+                    f"{request.path} answers {methods} only.",
+                    headers={"allow": methods},
+                ),
+                request.path,
+            )
         return errors.render(GatewayError(404, "unknown_route", "No such endpoint."), request.path)
 
     async def handle_keys(self, request: web.Request) -> web.Response:
@@ -111,7 +136,7 @@ class Admin:
         usage = None
         if limits is not None:
             try:
-                usage = await self._quota.tracker.report(key.id, limits)
+                usage = await self._quota.tracker.report(key.id, limits, key.budget)
             except TrackerUnavailable:
                 usage = None  # Redis lost: the keys are still worth showing
         scope = key.scope
@@ -131,6 +156,14 @@ class Admin:
             "cache": None
             if key.cache is None
             else {"ttl_seconds": key.cache.ttl_seconds, "scope": key.cache.scope},
+            "budget": None
+            if key.budget is None
+            else {"usd": key.budget.usd, "window_seconds": key.budget.window_seconds},
+            "target": None if key.plans.own is None else plan_shown(key.plans.own),
+            "routes": [
+                {"models": list(route.patterns), "target": plan_shown(route.plan)}
+                for route in key.plans.routes
+            ],
             "usage": usage,
         }
 
@@ -206,6 +239,15 @@ class Admin:
             "config": self._keys_file.config,
         }
         return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+
+def plan_shown(plan: Plan) -> dict[str, Any]:
+    """Where a plan sends requests: its target and pool size, then each fallback's."""
+
+    def target(one: Target) -> dict[str, Any]:
+        return {"name": one.name, "provider": one.provider.name, "keys": len(one.pool.credentials)}
+
+    return {**target(plan.primary), "fallbacks": [target(one) for one in plan.targets[1:]]}
 
 
 def shown(limits: Limits | None) -> dict[str, Any] | None:

@@ -111,7 +111,12 @@ class KeysFile:
             try:
                 fresh = await asyncio.to_thread(self._load)
             except KeysFileError as error:
-                log.warning("keys not reloaded (%s), the previous keys stay: %s", trigger, error)
+                log.warning(
+                    "keys not reloaded (%s, process %d), the previous keys stay: %s",
+                    trigger,
+                    os.getpid(),
+                    error,
+                )
                 self._on_reload(str(error))
                 return str(error)
             self._swap(fresh, loaded_at, trigger)
@@ -121,8 +126,9 @@ class KeysFile:
         self._key_ring.replace(fresh)
         self.loaded_at = loaded_at
         log.info(
-            "keys reloaded (%s) from %s: %d keys, config %s",
+            "keys reloaded (%s, process %d) from %s: %d keys, config %s",
             trigger,
+            os.getpid(),
             self.path,
             len(fresh),
             fresh.digest,

@@ -51,6 +51,8 @@ class Health:
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
         self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
+        # The last reload that failed, {"reason", "at"}, until a reload succeeds.
+        self.reload_failed: dict[str, str] | None = None
 
     def count_keys(self, key_counts: Mapping[str, int], targets_of: Mapping[str, str]) -> None:
         """A reloaded keys file: each provider's key count, each target's provider.
@@ -91,7 +93,7 @@ class Health:
             },
         }
         if self.config is not None:
-            report["config"] = self.config
+            report["config"] = {**self.config, "reload_failed": self.reload_failed}
         return report
 
     async def handle_health(self, request: web.Request) -> web.Response:

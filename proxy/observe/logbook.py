@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from proxy.observe.logfile import LogFile, PartlyWritten
-from proxy.record import Record
+from proxy.record import Record, dollars
 
 log = logging.getLogger("llm_gateway")
 
@@ -282,6 +282,8 @@ class Logbook:
                 fields[name] = round(fields[name], 1)
         if fields["usage"] is not None:
             fields["usage"] = fields["usage"].as_dict()
+        if fields["cost_usd"] is not None:  # 0.00000195, not 1.95e-06
+            fields["cost_usd"] = orjson.Fragment(dollars(fields["cost_usd"]).encode())
         if self._log_bodies:
             redact = self._redactor()
             fields["request"] = _decoded(fields["request"], redact)

@@ -51,6 +51,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.re import parse_env_headers
 from yarl import URL
 
+from proxy.observe.quiet import quiet
 from proxy.record import Attempt, Outcome, Record
 
 SERVICE_NAME = "llm-gateway"
@@ -102,6 +103,7 @@ class Tracing:
         self._queue = QueueWatch(batches, counted, queue_size, on_dropped)
         self._provider.add_span_processor(self._queue)
         self._tracer = self._provider.get_tracer("llm_gateway")
+        quiet("opentelemetry")  # a collector that is down: one line a minute, not one a batch
 
     def begin(self, request: web.Request) -> Trace:
         """The request's server span, a child of the client's trace when it sent one."""

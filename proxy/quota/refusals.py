@@ -17,6 +17,7 @@ import time
 from proxy.errors import GatewayError
 from proxy.quota.ratelimit import ratelimit_headers
 from proxy.quota.tracker import MICRO, Admission, Scope
+from proxy.record import dollars
 
 # The OpenAI and Anthropic SDKs honour a Retry-After of at most 60 s; past that they use
 # their own short backoff, which would only knock on a window that is still closed.
@@ -42,8 +43,8 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
             429,
             "insufficient_quota",
             f"Budget exhausted for {who or 'this key'}: "
-            f"${budget.usd:g} per {span(budget.window_seconds) if who is None else per(budget.window_seconds)} "
-            f"(${admission.spent_micro_usd / MICRO:.4f} spent or reserved). "
+            f"${dollars(budget.usd)} per {span(budget.window_seconds) if who is None else per(budget.window_seconds)} "
+            f"(${dollars(admission.spent_micro_usd / MICRO)} spent or reserved). "
             f"It frees up in {span(wait)}, at {frees}.",
             headers=headers,
         )

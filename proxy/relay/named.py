@@ -105,26 +105,27 @@ def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> N
     """
     if key.allowed_models is None:
         return
+    allowed = ", ".join(key.model_patterns or ())  # as keys.json writes them
     for name in names:
         if not isinstance(name, str):
             raise GatewayError(
                 403,
                 "model_not_allowed",
-                "This key may use only some models, and 'model' here is not a string.",
+                f"This key may use only some models ({allowed}), and 'model' here is not a string.",
                 "model",
             )
         if not key.allows(name):
             raise GatewayError(
                 403,
                 "model_not_allowed",
-                f"This key may not use the model '{shown(name)}'.",
+                f"This key may not use the model '{shown(name)}'. It may use: {allowed}.",
                 "model",
             )
     if unreadable is not None:
         raise GatewayError(
             403,
             "model_not_allowed",
-            "This key may use only some models, and the gateway cannot check the model of "
+            f"This key may use only some models ({allowed}), and the gateway cannot check the model of "
             f"this request ({unreadable}): send JSON, or a form with a 'model' field.",
             "model",
         )

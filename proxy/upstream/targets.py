@@ -144,8 +144,10 @@ class Plans:
                     return route.plan
         if self.own is not None:
             return self.own
+        if model is None:  # a request naming no model (GET /v1/models, files): the first route
+            return self.routes[0].plan
         served = ", ".join(p for route in self.routes for p in route.patterns)
-        shown = "none" if model is None else repr(model[:200])
+        shown = repr(model[:200])
         raise GatewayError(
             400,
             "model_not_routed",

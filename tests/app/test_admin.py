@@ -114,11 +114,12 @@ async def test_with_quotas_off_admin_keys_shows_no_limits_and_no_usage(
     assert all(key["limits"] is None and key["usage"] is None for key in keys)
 
 
-async def test_with_a_token_unknown_admin_paths_are_404_and_reload_needs_post(
+async def test_with_a_token_unknown_admin_paths_are_404_and_reload_is_405_but_for_post(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:
     gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
     admin = {"Authorization": f"Bearer {TOKEN}"}
     assert (await gateway.get("/admin/nothing", headers=admin)).status == 404
-    assert (await gateway.get("/admin/reload", headers=admin)).status == 404
+    wrong_method = await gateway.get("/admin/reload", headers=admin)
+    assert wrong_method.status == 405 and wrong_method.headers["allow"] == "POST"
     assert (await gateway.get("/admin/nothing")).status == 401  # no hint without the token
