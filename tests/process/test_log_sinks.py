@@ -194,3 +194,32 @@ async def test_a_full_disk_leaves_only_whole_lines_and_is_counted_and_said(
     _, err = await asyncio.to_thread(process.communicate, None, 15)
     assert "logbook: cannot write to" in err and "No space left on device" in err
     assert "lines reach" in err  # and that it writes again
+
+
+async def test_with_two_workers_sighup_to_the_parent_moves_every_worker_to_the_new_file(
+    processes: Processes, process_keys: Path, tmp_path: Path, redis_url: str
+) -> None:
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(
+        processes, process_keys, log, WORKERS="2", REDIS_URL=redis_url, QUOTA_ENABLED="false"
+    )
+    assert await chats(url, 40, tag="before") == [200] * 40
+    deadline = time.monotonic() + 10
+    while len(log.read_bytes().splitlines()) < 40:
+        assert time.monotonic() < deadline, "the first lines never reached the file"
+        await asyncio.sleep(0.05)
+    old = rotate("create", log)
+    process.send_signal(signal.SIGHUP)  # to the parent, which passes it on to each worker
+    deadline = time.monotonic() + 10
+    while True:  # each worker reopens the path: new lines go to the new file only
+        assert await chats(url, 40, tag="after") == [200] * 40
+        written = {line["request_id"] for line in whole_lines(log)}
+        if {f"after-{index}" for index in range(40)} <= written:
+            break
+        assert time.monotonic() < deadline, "a worker kept writing to the renamed file"
+        await asyncio.sleep(0.2)
+    assert {line["request_id"] for line in whole_lines(old)} >= {
+        f"before-{index}" for index in range(40)
+    }
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 20) == 0
