@@ -328,7 +328,7 @@ async def test_export_gives_keys_json_without_secrets_unless_asked(
 
 
 async def test_a_revoked_key_is_refused_before_the_cache_could_answer(
-    admin_gateway: Make, fake: Any
+    admin_gateway: Make, clock: Clock
 ) -> None:
     gateway = await admin_gateway()
     key = (await create(gateway, name="mia", cache={"ttl_seconds": 600}))["key"]
@@ -340,3 +340,23 @@ async def test_a_revoked_key_is_refused_before_the_cache_could_answer(
     assert (await gateway.delete("/admin/keys/mia", headers=ADMIN)).status == 204
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(key))
     assert response.status == 401 and "x-llm-gateway-cache" not in response.headers
+    clock.advance(1)
+    again = (await create(gateway, name="mia", cache={"ttl_seconds": 600}))["key"]
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(again))
+    assert response.headers["x-llm-gateway-cache"] == "miss"  # not the deleted key's answers
+
+
+async def test_a_key_written_in_keys_json_rotates_with_its_grace(
+    admin_gateway: Make, keys_file: Path, clock: Clock
+) -> None:
+    gateway = await admin_gateway()
+    response = await gateway.post(
+        "/admin/keys/limited/rotate", json={"grace_seconds": 30}, headers=ADMIN
+    )
+    assert response.status == 201
+    new = (await response.json())["key"]
+    assert LIMITED_VK not in keys_file.read_text()  # the old key stays only as a digest
+    assert [await chat(gateway, LIMITED_VK), await chat(gateway, new)] == [200, 200]
+    clock.advance(30)
+    assert [await chat(gateway, LIMITED_VK), await chat(gateway, new)] == [401, 200]
+    assert await chat(gateway, new) == 429  # 3 of 3 in the window, old key and new together
