@@ -243,24 +243,24 @@ async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client
 ) -> None:
     key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
     gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock  # the rest ends when the test says so
     fake.faults[POOL[0]] = Fault(429, {"retry-after": "2"}, times=1)
-    statuses, sent_at = [], []
-    started = time.monotonic()
-    while time.monotonic() - started < 2.6:
-        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
-        statuses.append(response.status)
-        sent_at.append(time.monotonic() - started)
-    assert set(statuses) == {200}
-    seen = keys_seen(fake)
+
+    async def keys_of_a_round() -> list[str | None]:
+        fake.requests.clear()
+        for _ in range(12):
+            response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+            assert response.status == 200  # the 429 never reaches the client
+        return keys_seen(fake)
+
+    seen = await keys_of_a_round()
     first_429 = seen.index(POOL[0])
-    # After its 429, key a gets nothing until 2 s have passed, then it is back in the rotation.
-    assert POOL[0] not in seen[first_429 + 1 : _index_after(sent_at, 1.9)]
-    assert POOL[0] in seen[_index_after(sent_at, 2.1) :]
-    assert {POOL[1], POOL[2]} <= set(seen)
-
-
-def _index_after(times: list[float], seconds: float) -> int:
-    return next((i for i, t in enumerate(times) if t > seconds), len(times))
+    assert POOL[0] not in seen[first_429 + 1 :] and {POOL[1], POOL[2]} <= set(seen)
+    clock.advance(1.9)
+    assert POOL[0] not in await keys_of_a_round()  # still resting: its 2 s have not passed
+    clock.advance(0.2)
+    assert POOL[0] in await keys_of_a_round()  # back in the rotation
 
 
 async def test_a_pool_spreads_by_weight_and_a_refused_key_is_set_aside_at_once(
