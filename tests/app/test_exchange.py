@@ -14,12 +14,14 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import QUOTA
+from proxy.record import Record
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,
@@ -225,3 +227,26 @@ async def test_a_session_whose_client_vanishes_is_answered_101_not_a_499(
     (line,) = await records(1)
     assert line["status"] == 101 and line.get("error") is None
     assert line["websocket"]["ended_by"] == "client_lost"
+
+
+async def test_a_bug_after_the_answer_began_cuts_the_connection_and_is_logged_500(
+    gateway: TestClient,
+    records: Records,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the status went out, a 500 body cannot follow: the stream is cut, not added to."""
+
+    def broken(record: Record) -> None:
+        raise RuntimeError("a bug while streaming")
+
+    monkeypatch.setattr(Record, "mark_first_byte", broken)  # runs after the stream's headers
+    body = {**CHAT, "stream": True}
+    with caplog.at_level(logging.ERROR, logger="llm_gateway"):
+        response = await gateway.post("/v1/chat/completions", json=body, headers=auth(OPENAI_VK))
+        assert response.status == 200  # the provider's status went out first
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    (line,) = await records(1)
+    assert (line["status"], line["error"]) == (500, "internal error")
+    assert any("internal error on POST" in entry.message for entry in caplog.records)
