@@ -1,7 +1,7 @@
 """build_app(settings): the one place the gateway's objects are created and wired.
 
 Each concern is created once and stored under a typed `web.AppKey`; resources that open
-and close (the upstream `ClientSession`, the logbook's writer, the tracker) each get one
+and close (the upstream wire and WebSocket client, the logbook's writer, the tracker) each get one
 `cleanup_ctx` generator, which aiohttp unwinds in reverse order at shutdown, after the
 in-flight requests had their grace period: so the last log line is written after the
 last request ended.
@@ -50,6 +50,7 @@ from proxy.relay.relay import Relay, keep_untyped
 from proxy.settings import Settings
 from proxy.upstream.breaker import BreakerPolicy, Breakers
 from proxy.upstream.failover import Failover, RetryPolicy
+from proxy.upstream.wire import Wire
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory
 
@@ -60,7 +61,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY_RING = web.AppKey("key_ring", KeyRing)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 QUOTA = web.AppKey("quota", Quota)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
@@ -264,7 +264,7 @@ def build_app(
         tracing=app.get(TRACING),
     )
     app.on_response_prepare.append(keep_untyped)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
     if in_redis:  # the keys in Redis first: a store that cannot be read stops the start
@@ -408,26 +408,21 @@ def with_request_id(handler: Handler) -> Handler:
     return answer
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    """The wire for HTTP requests, and aiohttp's client for WebSocket sessions."""
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(
-        limit=0,  # concurrency is the clients' business (and the quota's), not the pool's
-        ttl_dns_cache=300,
-        keepalive_timeout=30,
-    )
+    wire = Wire(connect_timeout=settings.request_timeout)
     session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bytes pass as received; Content-Encoding stays true
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+        auto_decompress=False,  # frames pass as received
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no provider cookies
         skip_auto_headers=_NO_DEFAULT_HEADERS,
-        # No total: it would cut long streams. Headers are bounded by REQUEST_TIMEOUT in
-        # relay.forward, gaps between chunks by STREAM_IDLE_TIMEOUT in relay.stream_back.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout),
     )
-    app[SESSION] = session
-    app[FAILOVER].use(session)
+    app[FAILOVER].use(wire)
     app[REALTIME].use(session)
     yield
+    await wire.close()
     await session.close()
 
 

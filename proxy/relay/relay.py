@@ -35,6 +35,7 @@ from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
+from proxy.upstream.wire import Reply as WireReply
 from proxy.usage import openai_chat
 from proxy.usage.openai_chat import UsageChunkFilter
 from proxy.usage.usage import TapMemory, UsageTap, charged
@@ -175,7 +176,7 @@ class Relay:
         return response
 
 
-def is_small_whole_body(reply: aiohttp.ClientResponse) -> bool:
+def is_small_whole_body(reply: WireReply) -> bool:
     """A body of known, small length that is not an event stream: one write, not a chunk loop."""
     length = reply.content_length
     return (
@@ -248,7 +249,7 @@ async def keep_untyped(request: web.Request, response: web.StreamResponse) -> No
 
 
 async def relay_body(
-    reply: aiohttp.ClientResponse,
+    reply: WireReply,
     response: web.StreamResponse,
     tap: UsageTap,
     record: Record,

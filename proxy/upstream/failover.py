@@ -49,6 +49,8 @@ from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import Credential, Plan, Target
+from proxy.upstream.wire import Reply as WireReply
+from proxy.upstream.wire import Wire
 
 # Told of each attempt before it is sent (method, url, headers, provider, model): a trace's
 # client span, whose context it writes into the headers (observe/tracing.py).
@@ -77,7 +79,7 @@ class RetryPolicy:
 class StoredAnswer:
     """A provider answer read whole while the loop went on: passed on as it came."""
 
-    def __init__(self, reply: aiohttp.ClientResponse, body: bytes) -> None:
+    def __init__(self, reply: WireReply, body: bytes) -> None:
         self.status, self.reason = reply.status, reply.reason
         self.headers: CIMultiDictProxy[str] = reply.headers
         self.body = body
@@ -90,7 +92,7 @@ class StoredAnswer:
         pass
 
 
-Reply = aiohttp.ClientResponse | StoredAnswer
+Reply = WireReply | StoredAnswer
 
 
 @dataclass(slots=True)
@@ -136,14 +138,14 @@ class Failover:
     ) -> None:
         self.policy = policy
         self.breakers = breakers
-        self._session: aiohttp.ClientSession | None = None  # set while the app runs (use)
+        self._wire: Wire | None = None  # set while the app runs (use)
         self._max_body_bytes = max_body_bytes
         self._sleep = sleep
         self._jitter = jitter
 
-    def use(self, session: aiohttp.ClientSession | None) -> None:
-        """Send through `session` (the app's one, while it runs; None once it closed)."""
-        self._session = session
+    def use(self, wire: Wire | None) -> None:
+        """Send through `wire` (the app's one, while it runs; None once it closed)."""
+        self._wire = wire
 
     @asynccontextmanager
     async def forward(
@@ -271,10 +273,10 @@ class Failover:
         credential: Credential,
         record: Record,
         on_attempt: OnAttempt | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> WireReply:
         """One request to one target with one key. Raises Failed."""
-        session = self._session
-        assert session is not None, "the app's upstream session is not open"
+        wire = self._wire
+        assert wire is not None, "the app's upstream wire is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
         record.saw_target(target.name, target.provider.name)
@@ -286,12 +288,8 @@ class Failover:
                 method, url, headers = outbound.method, outbound.url, outbound.headers
                 on_attempt(method, url, headers, target.provider.name, model)
             async with asyncio.timeout(self.policy.request_timeout):
-                reply = await session.request(
-                    outbound.method,
-                    outbound.url,
-                    headers=outbound.headers,
-                    data=outbound.body or None,
-                    allow_redirects=False,
+                reply = await wire.request(
+                    outbound.method, outbound.url, outbound.headers, outbound.body or None
                 )
         except TimeoutError:
             failed = Failed(
@@ -341,7 +339,7 @@ class Failover:
         breaker.failed(now(), failed.why)
         raise failed
 
-    async def _keep(self, reply: aiohttp.ClientResponse) -> StoredAnswer | None:
+    async def _keep(self, reply: WireReply) -> StoredAnswer | None:
         """The answer read whole, its connection released; None when it could not be read."""
         try:
             async with asyncio.timeout(self.policy.request_timeout):
@@ -379,7 +377,7 @@ def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _is_keepable(reply: aiohttp.ClientResponse) -> bool:
+def _is_keepable(reply: WireReply) -> bool:
     length = reply.content_length
     return length is not None and length <= KEPT_ANSWER_BYTES
 
