@@ -12,7 +12,7 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
   (`content.readany()`), the provider's transfer coding removed and its content coding
-  kept: bytes pass as received;
+  kept: bytes pass as received; a body read to its end gives its connection back;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
@@ -31,7 +31,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import cast
 
 import aiohttp
@@ -49,15 +49,16 @@ Origin = tuple[str, str, int]  # scheme, host, port
 class Body:
     """The answer's body as it arrives: `readany()` gives what is there, b"" at its end."""
 
-    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection")
+    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection", "_on_eof")
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, on_eof: Callable[[], None]) -> None:
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._connection = connection
+        self._on_eof = on_eof  # read to its end: the connection can serve the next request
 
     def is_eof(self) -> bool:
         return self._done and not self._chunks
@@ -67,6 +68,7 @@ class Body:
             if self._error is not None:
                 raise self._error
             if self._done:
+                self._on_eof()
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -113,7 +115,7 @@ class Reply:
         self.status = 0
         self.reason: str | None = None
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-        self.content = Body(connection)
+        self.content = Body(connection, self.release)
         self._connection = connection
         self._released = False
 

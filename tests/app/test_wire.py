@@ -278,3 +278,18 @@ def test_under_uvloop_as_the_gateway_runs_it() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         bodies = runner.run(scenario())
     assert all(b'"body": "hi"' in body or b'"body":"hi"' in body for body in bodies), bodies
+
+
+async def test_a_body_read_to_its_end_gives_its_connection_back(
+    aiohttp_server: Serve, wire: Wire
+) -> None:
+    """As the relay reads: chunk by chunk to the end, never calling release()."""
+    server = await aiohttp_server(app())
+    ports = []
+    for _ in range(3):
+        reply = await wire.request("GET", server.make_url("/peer"), {}, None)
+        body = b""
+        while chunk := await reply.content.readany():
+            body += chunk
+        ports.append(body)
+    assert len(set(ports)) == 1
