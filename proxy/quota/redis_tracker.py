@@ -35,6 +35,7 @@ Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import re
@@ -135,6 +136,10 @@ class RedisTracker:
         self._renewer: asyncio.Task[None] | None = None
         self._renewing: asyncio.Future[Any] | None = None  # a renewal on its way to Redis
         self._releasing: set[asyncio.Task[None]] = set()
+        # scope id → releases of its slots on their way: an admission in the scope waits for
+        # them, so a client that sends its next request the moment it has its answer finds
+        # its slot free (in this process; another process may ask before the release lands).
+        self._freeing: dict[str, set[asyncio.Task[None]]] = {}
         self.lease_seconds = LEASE_SECONDS
         # key_id → (the latest policy, the settles waiting for a ride: ticket, tokens, µ$,
         # when it ended in µs of the local clock, and the tokens by kind).
@@ -158,6 +163,10 @@ class RedisTracker:
         self, scopes: Sequence[Scope], claim: Charge = NOTHING, lease: str = ""
     ) -> tuple[Admission, ...]:
         """Admit in every scope or in none: one script, one round trip. Raises TrackerUnavailable."""
+        if self._freeing:
+            freeing = [t for s in scopes for t in self._freeing.get(s.id, ())]
+            if freeing:
+                await asyncio.wait(freeing)
         tokens = clamped(claim.tokens)
         micro = clamped(claim.micro_usd)
         lease_us = round(self.lease_seconds * 1e6)
@@ -184,6 +193,17 @@ class RedisTracker:
         task = asyncio.get_running_loop().create_task(self._give_back(scopes, lease, done))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+        for scope in scopes:
+            if scope.max_in_flight is not None:
+                self._freeing.setdefault(scope.id, set()).add(task)
+                task.add_done_callback(functools.partial(self._freed, scope.id))
+
+    def _freed(self, scope_id: str, task: asyncio.Task[None]) -> None:
+        tasks = self._freeing.get(scope_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._freeing[scope_id]
 
     async def in_flight(self, scope: Scope) -> int:
         """The scope's slots held now, in every process. Raises TrackerUnavailable."""

@@ -113,3 +113,36 @@ async def test_a_lost_redis_applies_quota_on_redis_error_to_a_team_key(
     ]
     # deny: 503 each time; allow: through, uncounted (no per-process stand-in for Redis).
     assert statuses == [status, status]
+
+
+async def test_a_client_sending_one_request_after_another_always_finds_its_slot(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    redis_url: str,
+) -> None:
+    document = keys_document(fake_base)
+    document["virtual_keys"]["vk_test_one_at_a_time_0a1b"] = {
+        "provider": "openai",
+        "api_key": "sk-one-real-0123456",
+        "name": "one-at-a-time",
+        "max_in_flight": 1,
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    settings = Settings.from_env(
+        {
+            "KEYS_FILE_PATH": str(path),
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
+            "REDIS_URL": redis_url,
+        }
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    headers = auth("vk_test_one_at_a_time_0a1b")
+    statuses = []
+    for _ in range(40):  # each sent the moment the previous answer is read
+        response = await gateway.post("/v1/chat/completions", json=chat, headers=headers)
+        await response.read()
+        statuses.append(response.status)
+    assert statuses == [200] * 40

@@ -156,6 +156,10 @@ async def test_max_in_flight_4_caps_40_streams_across_two_processes_and_survives
         assert fake.open_peak <= 4, fake.open_peak
         assert statuses.count(200) >= 4 and statuses.count(200) + statuses.count(429) == 40
 
+        async def free() -> bool:  # the last releases, sent as the streams ended, landed
+            return (await team_usage(session, urls[1], "crew"))["in_flight"]["used"] == 0
+
+        await until(free, 5)
         # Four streams that never end, held by the first process; then it is killed.
         held = []
         for n in range(4):

@@ -232,6 +232,7 @@ class Knobs:
 
 REQUEST_ID = web.RequestKey("fake_request_id", str)
 KNOBS = web.RequestKey("fake_knobs", Knobs)
+OPEN = web.RequestKey("fake_open", bool)  # counted in FakeState.open_now
 
 
 class ClientGone(Exception):
@@ -253,10 +254,18 @@ async def observe(
     state = request.app[FAKE_STATE]
     state.open_now += 1
     state.open_peak = max(state.open_peak, state.open_now)
+    request[OPEN] = True
     try:
         return await answer(request, handler)
     finally:
-        state.open_now -= 1
+        closing(request)
+
+
+def closing(request: web.Request) -> None:
+    """The request no longer counts as open: its last bytes are on their way (once)."""
+    if request.get(OPEN):
+        request[OPEN] = False
+        request.app[FAKE_STATE].open_now -= 1
 
 
 async def answer(
@@ -378,6 +387,10 @@ async def send(
         for index, frame in enumerate(frames):
             if index:
                 await pause(request, knobs.delay_seconds)
+            if index == len(frames) - 1 and not knobs.hang and not knobs.drop:
+                # Before the last bytes: a client that has them (and may send the next
+                # request) must never find this one still counted as open.
+                closing(request)
             await response.write(frame)
             state.sent[request_id] += frame
             if usages and index < len(usages) and usages[index]:
