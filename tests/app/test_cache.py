@@ -26,6 +26,7 @@ from proxy.settings import Settings
 from tests.conftest import OPENAI_REAL, OPENAI_VK, auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
+from tests.support.polling import until
 
 CACHED_VK = "vk_test_cached_1a2b3c4d5e6f"
 OTHER_VK = "vk_test_cached_other_7a8b9c0d"
@@ -277,14 +278,6 @@ async def test_requests_that_are_not_cacheable_bypass(gateway: TestClient, fake:
     assert len(fake.requests) == 4
 
 
-async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition():
-        assert loop.time() < deadline, "the condition never held"
-        await asyncio.sleep(0.005)
-
-
 async def test_fifty_identical_requests_in_flight_go_upstream_once(
     gateway: TestClient, fake: FakeState
 ) -> None:
@@ -293,7 +286,7 @@ async def test_fifty_identical_requests_in_flight_go_upstream_once(
         asyncio.create_task(post(gateway, document=STREAM, **{"x-fake-hold": "1"}))
         for _ in range(50)
     ]
-    await wait_for(lambda: len(fake.requests) == 1 and cache.waiting() == 49)
+    await until(lambda: len(fake.requests) == 1 and cache.waiting() == 49)
     fake.release.set()
     done = await asyncio.gather(*answers)
     assert {status for status, _, _ in done} == {200}
@@ -309,7 +302,7 @@ async def test_when_the_request_in_flight_fails_the_waiters_go_upstream_themselv
 ) -> None:
     cache = gateway.app[CACHE]
     answers = [asyncio.create_task(post(gateway, **{"x-fake-hold": "1"})) for _ in range(5)]
-    await wait_for(lambda: len(fake.requests) == 1 and cache.waiting() == 4)
+    await until(lambda: len(fake.requests) == 1 and cache.waiting() == 4)
     fake.faults[OPENAI_REAL] = Fault(500, times=1)
     fake.release.set()
     done = await asyncio.gather(*answers)

@@ -25,6 +25,7 @@ from tests.support.fake_provider import (
     TOOL_ARGUMENTS,
     FakeState,
 )
+from tests.support.polling import until
 
 MESSAGES = [{"role": "user", "content": "say hello please"}]  # 3 prompt tokens
 TEXT = "tok0 tok1 tok2 "
@@ -72,13 +73,6 @@ def sse_events(raw: bytes) -> list[tuple[str | None, bytes]]:
             lines = dict(line.split(b": ", 1) for line in block.split(b"\n"))
             events.append((lines[b"event"].decode() if b"event" in lines else None, lines[b"data"]))
     return events
-
-
-async def eventually(condition, seconds: float = 1.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.01)
 
 
 # --- the SDKs parse every shape ------------------------------------------------------
@@ -348,7 +342,7 @@ async def test_hang_headers_never_answers_and_notices_the_client_leaving(http, f
             timeout=aiohttp.ClientTimeout(total=0.2),
         )
 
-    await eventually(lambda: fake.disconnects)
+    await until(lambda: fake.disconnects)
     assert fake.sent == {}
 
 
@@ -363,7 +357,7 @@ async def test_hang_midstream_sends_half_then_stalls(http, fake):
     left_at = time.monotonic()
 
     assert sent.count(b"data: ") == 3 and b"[DONE]" not in sent  # half of the 6 events
-    await eventually(lambda: fake.disconnects)
+    await until(lambda: fake.disconnects)
     assert fake.disconnects[0] - left_at < 0.5
 
 
@@ -407,7 +401,7 @@ async def test_client_leaving_mid_stream_is_recorded_at_once(http, fake):
     response.close()
     left_at = time.monotonic()
 
-    await eventually(lambda: fake.disconnects)
+    await until(lambda: fake.disconnects)
     assert fake.disconnects[0] - left_at < 0.2
     assert b"[DONE]" not in only_sent(fake)
 

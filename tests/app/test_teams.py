@@ -20,6 +20,7 @@ from proxy.app import QUOTA, build_app
 from proxy.settings import Settings
 from tests.conftest import assert_anthropic_error, assert_openai_error, auth, keys_document
 from tests.support.bodies import MESSAGES, chat
+from tests.support.polling import until
 
 CHAT = chat("hello")
 STREAM = {**CHAT, "stream": True}
@@ -241,13 +242,6 @@ async def test_admin_teams_shows_members_limits_and_usage(teams_gateway: Any) ->
     assert team["usage"]["requests"]["used"] == 1 and team["usage"]["in_flight"]["used"] == 0
     keys = (await (await gateway.get("/admin/keys", headers=admin)).json())["keys"]
     assert {key["name"]: key["team"] for key in keys}["member-2"] == "research"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_team_budget_holds_across_its_members_within_one_reservation(

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from proxy.quota.redis_tracker import LEASE_SECONDS
 from tests.conftest import auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 
 ADMIN = "admin-token-for-team-processes"
@@ -77,15 +77,6 @@ async def team_usage(session: aiohttp.ClientSession, url: str, name: str) -> dic
     ) as response:
         teams = (await response.json())["teams"]
     return next(team for team in teams if team["name"] == name)["usage"]
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
-    """Poll `check` until it holds; the seconds it took. Fails past `timeout`."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < timeout, "the condition never held"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def test_300_requests_of_20_keys_hold_a_team_window_and_a_team_budget_across_two_processes(

@@ -7,7 +7,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 
 from proxy.observe.logbook import Logbook, rfc3339
 from proxy.record import Record, Usage
+from tests.support.polling import until
 
 RFC3339_MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -43,13 +43,6 @@ class Calls:
     def __call__(self) -> None:
         with self._lock:
             self.count += 1
-
-
-async def until(condition: Callable[[], bool], timeout_seconds: float = 5.0) -> None:
-    """Wait for the writer thread to make condition true."""
-    deadline = time.monotonic() + timeout_seconds
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
