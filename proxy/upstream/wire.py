@@ -159,7 +159,6 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
 
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
-        self._parser = httptools.HttpResponseParser(self)
         self._raw, self.heard, self.reusable = [], False, False
         self.head_only = head_only
         self.reply = Reply(self)
