@@ -12,7 +12,8 @@ the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings) without a readable usage
-is charged an estimate (`estimate`), marked `estimated` — never nothing, also when the body
+is charged an estimate (`estimate`: the request's text, and every string the provider
+generated, as its dialect counted them), marked `estimated` — never nothing, also when the body
 cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
 then the response's decoded (or received) bytes stand for its text. Other POSTs are
 charged only what the provider reports (a token count reports none); a GET (a models list,

@@ -15,6 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
+from proxy.usage import anthropic, responses
+from proxy.usage.realtime_events import SessionUsage
+from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
 from proxy.usage.usage import (
     MAX_HELD_BYTES,
     TAIL_BYTES,
@@ -880,3 +883,49 @@ def test_every_generated_string_of_a_json_answer_is_estimated(body: dict, chars:
     assert tap_of(orjson.dumps(body), JSON).usage(b"") == Usage(
         0, math.ceil(chars / 4), estimated=True
     )
+
+
+EVENT_TYPES = sorted({*anthropic.EVENTS, *responses.EVENTS})
+DELTA_KEYS = ["content", "tool_calls", "function_call", "audio", "reasoning", "refusal", "type"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from([None, *EVENT_TYPES]),
+    value=JSON_VALUES,
+    delta=st.dictionaries(st.sampled_from(DELTA_KEYS), JSON_VALUES, max_size=3),
+)
+def test_any_value_where_a_dialect_reads_never_raises(
+    kind: str | None, value: object, delta: dict
+) -> None:
+    """Each dialect's events and answers with anything where it expects its shapes."""
+    event = {
+        "type": kind,
+        "delta": delta if kind is None else value,
+        "item": value,
+        "response": {"usage": value, "output": value},
+        "content_block": value,
+        "message": {"usage": value, "content": value},
+        "choices": [{"delta": delta, "message": delta, "text": value}, value],
+        "usage": value,
+        "output": [value, {"type": "message", "content": value}],
+        "content": [value, {"type": "tool_use", "input": value}],
+    }
+    answers = [  # one JSON answer of each dialect
+        {key: event[key] for key in ("choices", "usage")},
+        {"object": "response", "output": event["output"], "usage": value},
+        {"type": "message", "content": event["content"], "usage": value},
+    ]
+    for body, content_type in [(sse(event), SSE), *((orjson.dumps(a), JSON) for a in answers)]:
+        usage = tap_of(body, content_type).usage(CHAT_REQUEST)
+        assert usage is None or usage.total_tokens >= 0
+    for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage: None)):
+        reader.read(orjson.dumps({**event, "type": kind or "response.done"}))
+        reader.finish()
+
+
+def test_a_tool_input_nested_deeper_than_orjson_writes_is_still_estimated() -> None:
+    nested = b"[" * 300 + b"]" * 300  # orjson reads it, but writes at most 254 levels
+    body = b'{"type": "message", "content": [{"type": "tool_use", "name": "t", "input": '
+    usage = tap_of(body + nested + b"}]}", JSON).usage(b"")
+    assert usage == Usage(0, 1, estimated=True)  # its name; the input is not counted
