@@ -187,6 +187,7 @@ class Exchange:
     """One request: its record, its key once known, its admission; and the steps it offers."""
 
     __slots__ = (
+        "_credentials",
         "_entrance",
         "admission",
         "found",
@@ -209,6 +210,7 @@ class Exchange:
         tracing = entrance.tracing
         self.trace: Trace | None = None if tracing is None else tracing.begin(request)
         self.key: VirtualKey | None = None
+        self._credentials: Mapping[str, str] = {}  # where the key was presented
         self.admission: Admission | None = None
         self.found: Lookup | None = None  # what the response cache did, for keys with one
         self.tail = self.query = ""
@@ -221,7 +223,7 @@ class Exchange:
         entrance.metrics.request_started()
         try:
             self.tail, self.query = route(request.raw_path)  # 400, 404, 405
-            credentials = transport.credentials(request.headers)
+            self._credentials = credentials = transport.credentials(request.headers)
             lockout = entrance.lockout
             address = lockout.client_address(request)
             key = lockout.authenticate(entrance.key_ring, credentials, address)  # 401, 429
@@ -297,6 +299,35 @@ class Exchange:
         )
         self.record.saw_cache(found.cached)
         return found
+
+    async def admit_turn(self, peek: QuotaRequest) -> tuple[VirtualKey, Admission | None]:
+        """One turn of a session admitted on its own (the Responses API's WebSocket mode): the
+        key as keys.json has it now, admitted by its quota and budget. Raises 401 (the key
+        was revoked since the session opened), 429, 503."""
+        entrance = self._entrance
+        key = entrance.key_ring.authenticate(self._credentials)
+        try:
+            return key, await entrance.quota.admit(key, peek)
+        except GatewayError as error:
+            if error.status == 429:
+                entrance.metrics.quota_rejected(key.name)
+            raise
+
+    def settle_turn(
+        self, key: VirtualKey, admission: Admission | None, usage: Usage | None, model: str | None
+    ) -> None:
+        """A turn's end: its reservation replaced by its usage, priced; None: nothing came."""
+        entrance, record = self._entrance, self.record
+        cost = None
+        if usage is not None:
+            cost = entrance.prices.cost(record.provider, model or record.model, usage)
+            if cost is not None:
+                self.live_cost_usd = (self.live_cost_usd or 0.0) + cost
+        if admission is None and usage is not None:  # the tracker was lost: charge it anyway
+            entrance.quota.charge(key, usage, cost)
+        else:
+            entrance.quota.settle(key, admission, usage, cost)
+        self.is_charged_live = True
 
     def charge(self, usage: Usage) -> None:
         """Charge one response's usage as it comes (a session may last an hour), priced."""

@@ -19,6 +19,10 @@ Usage: the provider's `response.done` events carry `response.usage`; each is cha
 key's token quota as it arrives (`Exchange.charge`: a session may last an hour), priced (`cost_usd`, each
 response at its own token kinds: text, audio, cached) and summed into the session's one log
 line, written when it ends, with its duration, frames each way and how it ended.
+The Responses API's WebSocket mode (`/v1/responses`) is relayed the same way, but admitted
+per turn: each `response.create` when the client sends it (`turns`), the session's opening
+only refused for a key known to be over its quota right now.
+
 What it does not do: pass the provider's body when it refuses the upgrade (aiohttp drops
 it; the client gets the provider's status with the gateway's own error body), compress
 (permessage-deflate is offered to neither side), or cut a session that passes its token
@@ -43,6 +47,7 @@ from proxy.keys.credentials import presented
 from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
+from proxy.realtime.turns import Turns
 from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
@@ -89,10 +94,15 @@ class Realtime:
         target = key.plans.choose(model).primary  # 400 (no route serves the model)
         record.saw_target(target.name, target.provider.name)
         url = upstream_url(target.provider, exchange.tail, exchange.query)
-        admission = await exchange.admit(Peek(model=model))  # 429, 503
+        turns = Turns(exchange) if is_responses(exchange.tail) else None
+        if turns is None:
+            admission = await exchange.admit(Peek(model=model))  # 429, 503
+        else:  # each turn is admitted when it is sent; a key refused right now is told so now
+            exchange.precheck(None)  # 429
+            admission = None
         upstream = await self._connect(url, target, request, record, exchange.trace)  # 502, 504
         try:
-            return await self._carry(request, upstream, exchange, admission)
+            return await self._carry(request, upstream, exchange, admission, turns)
         finally:
             await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
@@ -145,6 +155,7 @@ class Realtime:
         upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
         exchange: Exchange,
         admission: Admission | None,
+        turns: Turns | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
@@ -160,7 +171,9 @@ class Realtime:
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
-        usage = socket_usage(exchange.tail, exchange.charge)  # each response charged as it comes
+        # Each response charged as it comes; a Responses session's settles its own turn.
+        on_response = exchange.charge if turns is None else turns.completed
+        usage = socket_usage(exchange.tail, on_response)
         session = Session(
             client,
             upstream,
@@ -168,6 +181,7 @@ class Realtime:
             max_seconds=self._settings.realtime_max_session_seconds,
             on_provider_text=usage.read,
             abort_client=lambda: _abort(request),
+            gate=None if turns is None else turns.gate,
         )
         self.sessions.add(session)
         try:
@@ -175,12 +189,19 @@ class Realtime:
         finally:
             self.sessions.discard(session)
             usage.finish()  # a response cut short is charged what it generated
+            if turns is not None:
+                turns.finish()  # turns that never completed give back their reservations
             exchange.record.saw_session(usage.total, session.tally())
         return client
 
     async def shut(self, app: web.Application) -> None:
         """On shutdown: close every open session with 1001, both ends."""
         await asyncio.gather(*(session.end("shutdown") for session in list(self.sessions)))
+
+
+def is_responses(tail: str) -> bool:
+    """The Responses API's WebSocket mode (`/v1/responses`): its turns are admitted one by one."""
+    return tail.strip("/") == "responses"
 
 
 def _abort(request: web.Request) -> None:

@@ -20,14 +20,15 @@ closed and both pumps are finished; nothing of the session is left.
 
 What it does not do: keep a message's fragmentation (aiohttp reassembles fragments, and a
 message goes on whole), or read what the frames say (`on_provider_text` sees the provider's
-text frames after they went on, for usage).
+text frames after they went on, for usage; a `gate` may hold a client's text frame back
+and answer it itself, as the Responses WebSocket mode's turn admission does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import aiohttp
@@ -80,6 +81,7 @@ class Session:
         max_seconds: float,
         on_provider_text: Callable[[bytes], None],
         abort_client: Callable[[], None] = lambda: None,
+        gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
         # Dropping a connection whose close cannot complete: the client's transport (given,
@@ -90,6 +92,9 @@ class Session:
         self._idle_seconds = idle_seconds
         self._max_seconds = max_seconds
         self._on_provider_text = on_provider_text
+        # Asked of each client text frame before it goes on: None lets it go; else the frame
+        # the client gets back instead (a turn the gateway refused, `turns`).
+        self._gate = gate
         self._loop = asyncio.get_running_loop()
         self._last_frame = self._loop.time()
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
@@ -148,7 +153,13 @@ class Session:
             message = await source.receive()
             kind = message.type
             try:
-                if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                if kind is WSMsgType.TEXT and not is_down and self._gate is not None:
+                    refused = await self._gate(message.data)
+                    if refused is None:
+                        await target.send_frame(message.data, kind)
+                    else:
+                        await source.send_frame(refused, WSMsgType.TEXT)
+                elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                     await target.send_frame(message.data, kind)
                     if is_down and kind is WSMsgType.TEXT:
                         self._on_provider_text(message.data)

@@ -1,0 +1,133 @@
+"""The turns of a Responses API WebSocket session, each admitted when the client sends it.
+
+In the Responses API's WebSocket mode (an upgrade on `/v1/responses`) a session stays open
+across an agent's turns, each a `response.create` from the client. A session admitted once
+at its start would give a key that is exhausted or revoked later free turns, so here every
+`response.create` is admitted on its own, by the key as keys.json has it *now*, before it
+goes upstream (`gate`): a refused turn never reaches the provider, and the client gets an
+`error` event in its place (status, code, message; the session stays open, so a client may
+retry when its window allows). Each admitted turn is settled by the usage of its
+`response.completed` (or `.incomplete`, `.failed`; an estimate when none comes), in the
+order the turns were sent: the provider runs a connection's responses one at a time.
+
+Continuations (`previous_response_id`) stay on the session's one upstream connection, so on
+the real key the session opened with, where the provider keeps the previous response.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import orjson
+
+from proxy.errors import GatewayError
+from proxy.exchange import Exchange
+from proxy.keys.keys import VirtualKey
+from proxy.quota.tracker import Admission
+from proxy.record import Usage
+from proxy.relay import named
+from proxy.relay.peek import Peek
+from proxy.usage import estimate
+
+_CREATE = b"response.create"
+
+
+class Turns:
+    """A session's turns: admitted when sent, settled in order as their usage comes."""
+
+    __slots__ = ("_exchange", "_open")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        # Turns admitted and not yet settled, oldest first: (key, admission, model).
+        self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
+
+    async def gate(self, frame: bytes) -> bytes | None:
+        """Admit a client's `response.create`; None lets the frame go on, else the `error`
+        event the client gets instead. Any other frame goes on unread."""
+        if frame.find(_CREATE) < 0:
+            return None
+        event = _event(frame)
+        if event is None or event.get("type") != "response.create":
+            return None
+        model = _model(event)
+        try:
+            key, admission = await self._admit(event, model)
+        except GatewayError as error:
+            return refusal(error)
+        self._open.append((key, admission, model))
+        return None
+
+    async def _admit(
+        self, event: dict[str, Any], model: str | None
+    ) -> tuple[VirtualKey, Admission | None]:
+        exchange = self._exchange
+        key, admission = await exchange.admit_turn(_peek(event, model))  # 401, 429, 503
+        if key.allowed_models is not None:
+            try:
+                named.check(key, [model] if model else [])  # 403
+            except GatewayError:
+                exchange.settle_turn(key, admission, None, model)  # nothing went upstream
+                raise
+        return key, admission
+
+    def completed(self, usage: Usage) -> None:
+        """The oldest open turn's usage came: settle it (a response the gateway did not see
+        asked for, e.g. a provider's own, is charged to the key as it stands)."""
+        if self._open:
+            key, admission, model = self._open.popleft()
+            self._exchange.settle_turn(key, admission, usage, model)
+        elif self._exchange.key is not None:
+            self._exchange.settle_turn(self._exchange.key, None, usage, None)
+
+    def finish(self) -> None:
+        """At the session's end: turns that never completed give back their reservations."""
+        while self._open:
+            key, admission, model = self._open.popleft()
+            self._exchange.settle_turn(key, admission, None, model)
+
+
+def refusal(error: GatewayError) -> bytes:
+    """The Responses WebSocket mode's `error` event for a turn the gateway refused."""
+    kind = (
+        "rate_limit_error"
+        if error.status == 429
+        else ("api_error" if error.status >= 500 else "invalid_request_error")
+    )
+    return orjson.dumps(
+        {
+            "type": "error",
+            "status": error.status,
+            "error": {"type": kind, "code": error.code, "message": error.message, "param": None},
+        }
+    )
+
+
+def _event(frame: bytes) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _model(event: dict[str, Any]) -> str | None:
+    """The turn's model: at the event's top level, or in a nested `response` object."""
+    model = event.get("model")
+    nested = event.get("response")
+    if model is None and isinstance(nested, dict):
+        model = nested.get("model")
+    return model if isinstance(model, str) and model else None
+
+
+def _peek(event: dict[str, Any], model: str | None) -> Peek:
+    """What the quota reserves for a turn: its new input at about 4 characters a token, and
+    the output cap it names (the earlier turns' context is the provider's, not counted)."""
+    cap = event.get("max_output_tokens")
+    has_cap = isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
+    return Peek(
+        model=model,
+        prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(event)),
+        max_output_tokens=cap if has_cap else None,
+    )

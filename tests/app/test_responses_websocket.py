@@ -1,0 +1,163 @@
+"""The Responses API's WebSocket mode through the gateway: relayed like Realtime, each
+`response.create` admitted when the client sends it, each turn charged from its usage.
+
+The fake provider's WebSocket at /v1/responses answers each `response.create` with
+response.created, two deltas and response.completed (tests/support/fake_realtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+from openai import AsyncOpenAI
+
+from tests.conftest import OPENAI_REAL, OPENAI_VK, auth
+from tests.support.fake_realtime import (
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    REALTIME_STATE,
+    FakeSocket,
+    RealtimeState,
+)
+
+TURN_VK = "vk_test_turns_5d2c8a1e9f"
+ADMIN = "admin-token-for-turn-tests-0123"
+WAIT_SECONDS = 5.0
+CREATE = orjson.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+
+
+@pytest.fixture
+def sockets(fake_provider: TestServer) -> RealtimeState:
+    return fake_provider.app[REALTIME_STATE]
+
+
+async def open_session(gateway: TestClient, key: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await gateway.ws_connect("/v1/responses", headers=auth(key), autoping=False)
+    await receive(ws)  # the fake's session.created
+    return ws
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    message = await asyncio.wait_for(ws.receive(), WAIT_SECONDS)
+    assert message.type is WSMsgType.TEXT, message
+    return orjson.loads(message.data)
+
+
+async def turn(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """Send a response.create; the events up to its end (or the refusal)."""
+    await ws.send_str(CREATE.decode())
+    events = []
+    while True:
+        event = await receive(ws)
+        events.append(event)
+        if event["type"] in ("response.completed", "error"):
+            return events
+
+
+def creates(socket: FakeSocket) -> int:
+    """How many response.create frames reached the provider."""
+    return sum(
+        1 for kind, data in socket.received if kind is WSMsgType.TEXT and "response.create" in data
+    )
+
+
+async def test_the_openai_sdk_connects_and_each_turn_is_charged(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0)
+    texts = []
+    async with client.responses.connect() as connection:
+        for _ in range(2):
+            await connection.response.create(model="gpt-4o-mini", input="hi")
+            async for event in connection:
+                if event.type == "response.output_text.delta":
+                    texts.append(event.delta)
+                if event.type == "response.completed":
+                    break
+    await client.close()
+    assert "".join(texts) == "Hello, worldHello, world"
+    [line] = await records(1)
+    assert line["status"] == 101
+    usage = line["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        2 * INPUT_TOKENS,
+        2 * OUTPUT_TOKENS,
+    )
+
+
+async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 2, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    for _ in range(2):
+        assert (await turn(ws))[-1]["type"] == "response.completed"
+    [refused] = await turn(ws)
+    assert refused["type"] == "error" and refused["status"] == 429
+    assert refused["error"]["type"] == "rate_limit_error"
+    assert creates(sockets.sockets[-1]) == 2  # the refused turn never went upstream
+    # The session stays open: the client may try again when its window allows.
+    await ws.send_str(json.dumps({"type": "fake.ping", "data": "still-open"}))
+    await ws.close()
+
+
+async def test_a_key_revoked_midsession_gets_a_refusal_for_its_next_turn(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    sockets: RealtimeState,
+    tmp_path: Path,
+) -> None:
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    gateway = await gateway_with_keys({TURN_VK: entry}, ADMIN_TOKEN=ADMIN)
+    ws = await open_session(gateway, TURN_VK)
+    assert (await turn(ws))[-1]["type"] == "response.completed"
+    keys_file = tmp_path / "keys-0.json"
+    document = json.loads(keys_file.read_text())
+    del document["virtual_keys"][TURN_VK]
+    keys_file.write_text(json.dumps(document))
+    reload = await gateway.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert reload.status == 200, await reload.text()
+    [refused] = await turn(ws)
+    assert refused["type"] == "error" and refused["status"] == 401
+    assert refused["error"]["code"] == "invalid_api_key"
+    assert creates(sockets.sockets[-1]) == 1
+    await ws.close()
+
+
+async def test_a_key_over_its_quota_is_refused_at_the_upgrade(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    assert (await turn(ws))[-1]["type"] == "response.completed"
+    assert (await turn(ws))[-1]["status"] == 429  # the refusal the gateway now remembers
+    await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws_connect("/v1/responses", headers=auth(TURN_VK))
+    assert refused.value.status == 429
+
+
+async def test_a_turn_naming_a_model_the_key_may_not_use_is_refused(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(orjson.dumps({"type": "response.create", "model": "o3-pro"}).decode())
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 403
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # gpt-4o-mini is allowed
+    assert creates(sockets.sockets[-1]) == 1
+    await ws.close()
