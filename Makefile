@@ -47,9 +47,10 @@ test: lint $(STAMP) system-packages
 	$(PY) -m pytest -q
 
 # unit: the fast levels (the tests marked unit or app: tests/unit, tests/app, and the memory runs of
-# tests/process/test_tracker.py; no real process, no system package), under a minute
+# tests/process/test_tracker.py; no real process, no system package), under a minute: two
+# pytest-xdist workers (about 40 s here against 65 s in one)
 unit: $(STAMP)
-	$(PY) -m pytest -q -m "unit or app" tests
+	$(PY) -m pytest -q -n 2 -m "unit or app" tests
 
 # system-packages: Debian packages the tests need, installed only when missing
 system-packages:
