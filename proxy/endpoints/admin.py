@@ -146,6 +146,7 @@ class Admin:
             "key": masked(key.secret),
             "limits": shown(limits),
             "allowed_models": None if key.model_patterns is None else list(key.model_patterns),
+            "allow_client_secrets": key.allows_client_secrets,
             "team": None if key.team is None else key.team.name,
             "max_in_flight": scope.max_in_flight,
             "queue_seconds": scope.queue_seconds,

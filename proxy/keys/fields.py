@@ -89,6 +89,7 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "name",
             "quota",
             "allowed_models",
+            "allow_client_secrets",
             "fallbacks",
             "routes",
             "budget",

@@ -48,6 +48,8 @@ class VirtualKey:
     limits: Limits | None  # None: quotas off
     allowed_models: re.Pattern[str] | None = None  # None: any model
     model_patterns: tuple[str, ...] | None = None  # allowed_models as written, for /admin/keys
+    # keys.json's "allow_client_secrets": may mint ephemeral Realtime keys (relay/named.py)
+    allows_client_secrets: bool = False
     # keys.json's "stream_usage": "exact" (ask OpenAI chat and completion streams for their
     # usage chunk, `usage.openai_chat`), "estimate" (never), or None: unset.
     stream_usage: str | None = None
@@ -386,6 +388,14 @@ def _key(
     stream_usage = entry.get("stream_usage")
     if stream_usage not in (None, "exact", "estimate"):
         raise KeysFileError(f'{where}: stream_usage must be "exact" or "estimate"')
+    allows_client_secrets = entry.get("allow_client_secrets", False)
+    if not isinstance(allows_client_secrets, bool):
+        raise KeysFileError(f"{where}: allow_client_secrets must be true or false")
+    if allows_client_secrets and patterns is not None:
+        raise KeysFileError(
+            f"{where}: allow_client_secrets cannot go with allowed_models "
+            "(an ephemeral key may use any model)"
+        )
     if is_hashed(secret):
         digest_of(where, secret)
     # A name deleted and created again through the admin API starts fresh windows: its
@@ -408,6 +418,7 @@ def _key(
         limits=limits,
         allowed_models=fields.patterns(where, patterns),
         model_patterns=None if patterns is None else tuple(patterns),
+        allows_client_secrets=allows_client_secrets,
         stream_usage=stream_usage,
         budget=budget,
         team=team_of(where, entry, teams),

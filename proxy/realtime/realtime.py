@@ -89,7 +89,10 @@ class Realtime:
         names = named.in_path(request.method, exchange.tail, request.query)
         model = names[0] if names else None
         record.saw_model(model)
-        named.check(key, names)  # 403
+        # A Realtime session without a model runs the provider's default; a Responses
+        # session names its model in each turn (turns.py).
+        unnamed = None if is_responses(exchange.tail) else "the provider's default model"
+        named.check(key, names, unnamed=unnamed)  # 403
         check_handshake(request)  # 400
         target = key.plans.choose(model).primary  # 400 (no route serves the model)
         record.saw_target(target.name, target.provider.name)

@@ -31,6 +31,8 @@ from proxy.relay.peek import Peek
 from proxy.usage import estimate
 
 _CREATE = b"response.create"
+# What a turn that names no model runs: its stored prompt's model (a `prompt` id).
+_UNNAMED = "the model of its stored prompt"
 
 
 class Turns:
@@ -66,7 +68,7 @@ class Turns:
         key, admission = await exchange.admit_turn(_peek(event, model))  # 401, 429, 503
         if key.allowed_models is not None:
             try:
-                named.check(key, [model] if model else [])  # 403
+                named.check(key, [model] if model else [], unnamed=_UNNAMED)  # 403
             except GatewayError:
                 exchange.settle_turn(key, admission, None, model)  # nothing went upstream
                 raise

@@ -4,10 +4,20 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`deployments/<name>/…`). What cannot be read is `Unreadable`: for a restricted key that is
-a 403, never a pass: a name the gateway cannot see must not slip past allowed_models. This
-module finds the names and judges them (`check`): the one allowed_models check of every
-request, HTTP (`peek.validate`) and WebSocket (`realtime`).
+`deployments/<name>/…`), and a nested model (`svg.model` of an image). What cannot be read
+is `Unreadable`: for a restricted key that is a 403, never a pass: a name the gateway cannot
+see must not slip past allowed_models. So is a request that names no model where the
+provider would then pick one the gateway cannot see (`unnamed`): a stored prompt's (Responses
+with a `prompt` id), an assistant's (runs), the endpoint's default (images, videos, audio).
+A `model` in the body overrides the prompt's and the assistant's, so one that is allowed
+passes. This module finds the names and judges them (`check`): the one allowed_models check
+of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
+
+Some requests hand the client a way around the gateway altogether (`check_outside`): an
+ephemeral Realtime key (client secrets, the older sessions) or a WebRTC or SIP call, whose
+traffic then goes to the provider directly, past every check, quota and meter. They are
+refused to a restricted key always, and to any other key unless keys.json allows them
+(`allow_client_secrets`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,28 @@ from proxy.record import shown
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.
 _MODELS_ELSEWHERE = frozenset(("batches",))
+# Form fields that name a model: the request's own, and the SVG author of an image.
+_FORM_NAMES = frozenset(("model", "svg[model]"))
+# Uploads priced by their model (audio seconds, image tokens): their form is read for the
+# meter whatever the key, not only for a restricted key's check.
+PRICED_FORMS = frozenset(
+    ("audio/transcriptions", "audio/translations", "images/edits", "images/variations")
+)
+# POSTs that may name no model, and whose model is then one the gateway cannot see.
+_UNNAMED = {
+    "responses": "the model of its stored prompt",
+    "threads/runs": "its assistant's model",
+    "threads/*/runs": "its assistant's model",
+    "images/generations": "the endpoint's default model",
+    "images/edits": "the endpoint's default model",
+    "images/variations": "the endpoint's default model",
+    "videos": "the endpoint's default model",
+    "audio/speech": "the endpoint's default model",
+    "audio/transcriptions": "the endpoint's default model",
+    "audio/translations": "the endpoint's default model",
+}
+# POSTs under realtime/ that hand the client an ephemeral key to the provider.
+_EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
 
 
 class Unreadable(ValueError):
@@ -43,6 +75,9 @@ def in_document(document: Any) -> Iterator[Any]:
         return
     if "model" in document:
         yield document["model"]
+    svg = document.get("svg")  # an image's SVG output is authored by a model of its own
+    if isinstance(svg, dict) and "model" in svg:
+        yield svg["model"]
     requests = document.get("requests")
     if isinstance(requests, list):
         for item in requests:
@@ -56,7 +91,9 @@ def in_form(content_type: str, body: bytes) -> list[str]:
     media_type, options = parse_options_header(content_type)
     if media_type == "application/x-www-form-urlencoded":
         text = body.decode("utf-8", "replace")
-        return [value for name, value in parse_qsl(text, keep_blank_values=True) if name == "model"]
+        return [
+            value for name, value in parse_qsl(text, keep_blank_values=True) if name in _FORM_NAMES
+        ]
     boundary = options.get("boundary")
     if not boundary:
         raise Unreadable("a multipart body without a boundary")
@@ -66,7 +103,7 @@ def in_form(content_type: str, body: bytes) -> list[str]:
         with PushMultipartParser(boundary) as parser:
             for event in (*parser.parse(body), *parser.parse(b"")):
                 if isinstance(event, MultipartSegment):
-                    value = bytearray() if event.name == "model" else None
+                    value = bytearray() if event.name in _FORM_NAMES else None
                 elif event and value is not None:
                     value += event
                 elif event is None and value is not None:
@@ -97,15 +134,68 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     return models
 
 
-def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> None:
+def unnamed(method: str, tail: str) -> str | None:
+    """The model a request runs when it names none, where the gateway cannot see it; None:
+    the request needs no model, or the provider refuses it without one."""
+    if method != "POST":
+        return None
+    segments = tail.rstrip("/").split("/")
+    if len(segments) == 3 and segments[0] == "threads":
+        segments[1] = "*"  # threads/{thread_id}/runs
+    return _UNNAMED.get("/".join(segments))
+
+
+def check_outside(key: VirtualKey, method: str, tail: str) -> None:
+    """Refuse a request that would let the client reach the provider past the gateway (an
+    ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
+    segments = tail.rstrip("/").split("/")
+    if method != "POST" or segments[0] != "realtime":
+        return
+    is_call = segments[1:] == ["calls"] or (
+        len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
+    )
+    if segments[-1] not in _EPHEMERAL_KEYS and not is_call:
+        return
+    what = "a WebRTC or SIP call" if is_call else "an ephemeral Realtime key"
+    if key.allowed_models is not None:
+        allowed = ", ".join(key.model_patterns or ())
+        raise GatewayError(
+            403,
+            "client_secrets_not_allowed",
+            f"This key may use only some models ({allowed}), and {what} would let its holder "
+            "use any model, past the gateway: connect through the gateway instead "
+            "(wss://<gateway>/v1/realtime?model=...).",
+        )
+    if not key.allows_client_secrets:
+        raise GatewayError(
+            403,
+            "client_secrets_not_allowed",
+            f"This key may not open {what}: its traffic would go to the provider directly, "
+            "past the gateway's quotas and log. Connect through the gateway instead "
+            "(wss://<gateway>/v1/realtime?model=...), or ask for allow_client_secrets.",
+        )
+
+
+def check(
+    key: VirtualKey, names: list[Any], unreadable: str | None = None, unnamed: str | None = None
+) -> None:
     """Every model named is one the key may use, and none is out of sight. Raises 403.
 
-    `unreadable`: where the request may name a model the gateway could not read. A key
-    without allowed_models may use any model.
+    `unreadable`: where the request may name a model the gateway could not read. `unnamed`:
+    the model the request runs when it names none (`unnamed()`). A key without
+    allowed_models may use any model.
     """
     if key.allowed_models is None:
         return
     allowed = ", ".join(key.model_patterns or ())  # as keys.json writes them
+    if unnamed is not None and not names:
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            f"This key may use only some models ({allowed}), and this request names none: "
+            f"it would run {unnamed}, which the gateway cannot check. Name the 'model'.",
+            "model",
+        )
     for name in names:
         if not isinstance(name, str):
             raise GatewayError(

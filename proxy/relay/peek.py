@@ -81,8 +81,10 @@ def validate(
     names: list[Any] = []
     unreadable: str | None = None
     document: dict[str, Any] | None = None
+    named.check_outside(key, request.method, tail)  # 403
     if tail not in _NEEDS_MODEL_AND_MESSAGES and request.content_type in named.FORM_TYPES:
-        if is_restricted:  # parsing a large upload costs time: only where it decides
+        # Parsing a large upload costs time: only where it decides (the check, or the price).
+        if is_restricted or tail in named.PRICED_FORMS:
             try:
                 names += named.in_form(request.headers.get("content-type", ""), body)
             except named.Unreadable as error:
@@ -109,7 +111,7 @@ def validate(
     if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
         _check_chat(document)
     if is_restricted:
-        named.check(key, names, unreadable)
+        named.check(key, names, unreadable, named.unnamed(request.method, tail))
     if document is None or not key.reserves:  # nothing to reserve: no need to measure
         return Peek(model=model, is_stream=is_stream)
     return Peek(

@@ -416,6 +416,11 @@ async def test_a_model_outside_the_keys_allowed_models_is_refused_with_403(
     assert response.status == 403
     assert_openai_error(await response.json(), "model_not_allowed")
     assert sockets.sockets == []
+    # Without a model the provider would run its default, which the key cannot be checked for.
+    unnamed = await gateway.get("/v1/realtime", headers=upgrade_headers(**auth(RESTRICTED_VK)))
+    assert unnamed.status == 403
+    assert "names none" in (await unnamed.json())["error"]["message"]
+    assert sockets.sockets == []
 
 
 @pytest.mark.parametrize(

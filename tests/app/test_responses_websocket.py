@@ -158,6 +158,11 @@ async def test_a_turn_naming_a_model_the_key_may_not_use_is_refused(
     await ws.send_str(orjson.dumps({"type": "response.create", "model": "o3-pro"}).decode())
     refused = await receive(ws)
     assert refused["type"] == "error" and refused["status"] == 403
+    # A stored prompt's model is out of the gateway's sight: a turn naming none is refused.
+    prompt = {"type": "response.create", "prompt": {"id": "pmpt_123"}}
+    await ws.send_str(orjson.dumps(prompt).decode())
+    unnamed = await receive(ws)
+    assert unnamed["status"] == 403 and "names none" in unnamed["error"]["message"]
     assert (await turn(ws))[-1]["type"] == "response.completed"  # gpt-4o-mini is allowed
     assert creates(sockets.sockets[-1]) == 1
     await ws.close()

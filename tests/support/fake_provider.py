@@ -49,6 +49,7 @@ POST /responses/{id}/cancel answers it `cancelled`, with the usage so far (all o
 later GETs find it so; an id it never made is a 404.
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/support/fake_realtime.py`.
+Images, audio, Realtime client secrets and assistant runs: `tests/support/fake_media.py`.
 
 Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
 makes every request presenting that key get that answer (or only `times` of them), so a
@@ -85,7 +86,7 @@ import zstandard
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tests.support import fake_realtime
+from tests.support import fake_media, fake_realtime
 
 POLL_SECONDS = 0.01
 DEFAULT_MODEL = "fake-model"
@@ -1032,6 +1033,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_post(f"{prefix}/messages", messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
     fake_realtime.install(app)  # the Realtime API's WebSocket
+    fake_media.install(app)  # images, audio, ephemeral keys, assistant runs
     app.router.add_route("*", "/{tail:.*}", echo)
     app.on_response_prepare.append(add_provider_headers)
     app.on_response_prepare.append(drop_content_type)

@@ -249,6 +249,35 @@ def test_quotas_off_means_no_limits(tmp_path: Path) -> None:
         (
             {
                 "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "allow_client_secrets": "yes",
+                    }
+                }
+            },
+            {},
+            "key 'alice': allow_client_secrets must be true or false",
+        ),
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": "openai",
+                        "name": "alice",
+                        "api_key": "x",
+                        "allow_client_secrets": True,
+                        "allowed_models": ["gpt-4o-mini"],
+                    }
+                }
+            },
+            {},
+            "key 'alice': allow_client_secrets cannot go with allowed_models",
+        ),
+        (
+            {
+                "virtual_keys": {
                     "vk_a_123456789": {"provider": "azure", "name": "alice", "api_key": "x"}
                 }
             },

@@ -1,0 +1,177 @@
+"""allowed_models sees every way a request names its model, with the official openai SDK in
+front of the fake provider: what the gateway cannot see (an ephemeral key, a stored prompt's or
+an assistant's model, an endpoint's default) is refused to a restricted key, never passed."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import OPENAI_VK, assert_openai_error, auth
+from tests.support.fake_provider import FakeState
+
+ONE_MODEL_VK = "vk_test_one_model_3c5e7a9b1d"
+SECRETS_VK = "vk_test_client_secrets_8a6c4e2f0b"
+KEYS = {
+    ONE_MODEL_VK: {
+        "provider": "openai",
+        "api_key": "sk-real-one-model-1212121212",
+        "name": "one-model",
+        "allowed_models": ["gpt-4o-mini"],
+    },
+    SECRETS_VK: {
+        "provider": "openai",
+        "api_key": "sk-real-secrets-3434343434",
+        "name": "secrets",
+        "allow_client_secrets": True,
+    },
+}
+WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
+PNG = ("a.png", b"\x89PNG\r\n\x1a\n....", "image/png")
+
+
+@pytest.fixture
+async def gateway(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    return await gateway_with_keys(KEYS)
+
+
+def sdk(gateway: TestClient, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=key, max_retries=0)
+
+
+def form(**fields: Any) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            data.add_field(name, value[1], filename=value[0], content_type=value[2])
+        else:
+            data.add_field(name, value)
+    return data
+
+
+# Each way a request can run a model the key may not use, as the SDK (or a raw form) sends it.
+REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
+    "realtime client secret": lambda c: c.realtime.client_secrets.create(
+        session={"type": "realtime", "model": "gpt-4o-mini"}
+    ),
+    "realtime session (beta)": lambda c: c.beta.realtime.sessions.create(model="gpt-realtime"),
+    "realtime transcription session (beta)": lambda c: (
+        c.beta.realtime.transcription_sessions.create()
+    ),
+    "responses with a prompt id": lambda c: c.responses.create(prompt={"id": "pmpt_123"}),
+    "run with an assistant": lambda c: c.beta.threads.runs.create(
+        "thread_1", assistant_id="asst_1"
+    ),
+    "create and run with an assistant": lambda c: c.beta.threads.create_and_run(
+        assistant_id="asst_1"
+    ),
+    "images without a model": lambda c: c.images.generate(prompt="a cat"),
+    "images with another model": lambda c: c.images.generate(prompt="a cat", model="gpt-image-1"),
+    "images with another svg author": lambda c: c.images.generate(
+        prompt="a cat", model="gpt-4o-mini", extra_body={"svg": {"model": "o3"}}
+    ),
+    "image edit without a model": lambda c: c.images.edit(image=PNG, prompt="a hat"),
+    "image variation without a model": lambda c: c.images.create_variation(image=PNG),
+    "speech with another model": lambda c: c.audio.speech.create(
+        model="tts-1", voice="alloy", input="hello"
+    ),
+    "transcription with another model": lambda c: c.audio.transcriptions.create(
+        model="whisper-1", file=WAV
+    ),
+    "translation with another model": lambda c: c.audio.translations.create(
+        model="whisper-1", file=WAV
+    ),
+}
+
+
+@pytest.mark.parametrize("call", REFUSED.values(), ids=REFUSED.keys())
+async def test_a_key_restricted_to_one_model_is_refused_what_it_cannot_see(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    call: Callable[[openai.AsyncOpenAI], Awaitable[object]],
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await call(sdk(gateway, ONE_MODEL_VK))
+    assert refused.value.status_code == 403
+    assert_openai_error(refused.value.response.json(), refused.value.code or "")
+    assert refused.value.code in ("model_not_allowed", "client_secrets_not_allowed")
+    assert "gpt-4o-mini" in refused.value.message  # it says what the key may use
+    assert fake.requests == []
+    (line,) = await records(1)
+    assert line["status"] == 403 and line["key"] == "one-model"
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/v1/audio/transcriptions", {"file": WAV}),
+        ("/v1/audio/translations", {"file": WAV, "response_format": "json"}),
+        ("/v1/images/edits", {"image": PNG, "prompt": "a hat"}),
+        ("/v1/images/edits", {"image": PNG, "model": "gpt-4o-mini", "svg[model]": "o3"}),
+    ],
+)
+async def test_a_multipart_upload_without_an_allowed_model_is_refused(
+    gateway: TestClient, fake: FakeState, path: str, fields: dict[str, Any]
+) -> None:
+    response = await gateway.post(path, data=form(**fields), headers=auth(ONE_MODEL_VK))
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert fake.requests == []
+
+
+async def test_a_prompt_or_an_assistant_with_an_allowed_model_named_passes(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # The body's model overrides the stored prompt's and the assistant's (the openai SDK's
+    # ResponseCreateParams.model, RunCreateParams.model), so the gateway can check it.
+    client = sdk(gateway, ONE_MODEL_VK)
+    response = await client.responses.create(prompt={"id": "pmpt_123"}, model="gpt-4o-mini")
+    assert response.model == "gpt-4o-mini"
+    run = await client.beta.threads.runs.create(
+        "thread_1", assistant_id="asst_1", model="gpt-4o-mini"
+    )
+    assert run.model == "gpt-4o-mini"
+    both = await client.beta.threads.create_and_run(assistant_id="asst_1", model="gpt-4o-mini")
+    assert both.status == "queued"
+    assert [seen.path for seen in fake.requests] == [
+        "/v1/responses",
+        "/v1/threads/thread_1/runs",
+        "/v1/threads/runs",
+    ]
+
+
+async def test_an_unrestricted_key_still_runs_prompts_assistants_and_default_models(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = sdk(gateway, OPENAI_VK)
+    await client.responses.create(prompt={"id": "pmpt_123"})
+    await client.beta.threads.runs.create("thread_1", assistant_id="asst_1")
+    await client.images.generate(prompt="a cat")
+    await client.images.edit(image=PNG, prompt="a hat")
+    assert len(fake.requests) == 4
+
+
+async def test_client_secrets_are_refused_unless_keys_json_allows_them(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError, match="allow_client_secrets") as refused:
+        await sdk(gateway, OPENAI_VK).realtime.client_secrets.create()
+    assert refused.value.code == "client_secrets_not_allowed"
+    call = await gateway.post("/v1/realtime/calls", data=form(sdp="v=0"), headers=auth(OPENAI_VK))
+    assert call.status == 403
+    assert_openai_error(await call.json(), "client_secrets_not_allowed")
+    assert fake.requests == []
+    allowed = sdk(gateway, SECRETS_VK)
+    secret = await allowed.realtime.client_secrets.create(
+        session={"type": "realtime", "model": "gpt-realtime"}
+    )
+    assert secret.value.startswith("ek_fake_")
+    session = await allowed.beta.realtime.sessions.create(model="gpt-realtime")
+    assert session.client_secret.value.startswith("ek_fake_")
+    assert len(fake.requests) == 2

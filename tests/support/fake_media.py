@@ -1,0 +1,156 @@
+"""The fake provider's endpoints without token usage, and those that name their model elsewhere.
+
+Mounted by `tests/support/fake_provider.py` (its middleware records and steers these too):
+
+    POST /images/generations (JSON), /images/edits, /images/variations (multipart)
+        `n` images (default 1); a GPT image model (`gpt-image-*`) reports token usage
+        (IMAGE_INPUT_TOKENS in, IMAGE_OUTPUT_TOKENS per image out), a DALL·E one none
+    POST /audio/speech (JSON)
+        AUDIO_BYTES of audio/mpeg, no usage (as the API answers tts-1 and gpt-4o-mini-tts)
+    POST /audio/transcriptions, /audio/translations (multipart)
+        whisper-1: usage {"type": "duration", "seconds": AUDIO_SECONDS}; response_format
+        verbose_json adds `duration`; a translation reports no usage (its `duration` only
+        in verbose_json); any other model: token usage (TRANSCRIBE_INPUT_TOKENS of them
+        audio, TRANSCRIBE_OUTPUT_TOKENS out)
+    POST /realtime/client_secrets, /realtime/sessions, /realtime/transcription_sessions
+        an ephemeral key `ek_fake_…` (the real API's shapes)
+    POST /threads/runs, /threads/{thread_id}/runs
+        a queued run, its model the body's or ASSISTANT_MODEL (the assistant's)
+
+A `model` absent from an image, audio or video request is answered with the model the real
+API would pick; the fake does not check what it is sent beyond that.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multipart import MultipartParser, parse_options_header  # type: ignore[import-untyped]
+
+IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS = 50, 4160
+AUDIO_BYTES = 4096
+AUDIO_SECONDS = 90.0
+TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_AUDIO_TOKENS, TRANSCRIBE_OUTPUT_TOKENS = 120, 110, 40
+ASSISTANT_MODEL = "gpt-4.1"
+# A tiny PNG (1x1, transparent): what each fake image holds.
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+
+
+def install(app: web.Application) -> None:
+    for prefix in ("/v1", ""):
+        for path in ("generations", "edits", "variations"):
+            app.router.add_post(f"{prefix}/images/{path}", images)
+        app.router.add_post(f"{prefix}/audio/speech", speech)
+        app.router.add_post(f"{prefix}/audio/transcriptions", transcription)
+        app.router.add_post(f"{prefix}/audio/translations", transcription)
+        app.router.add_post(f"{prefix}/realtime/client_secrets", client_secret)
+        app.router.add_post(f"{prefix}/realtime/sessions", session)
+        app.router.add_post(f"{prefix}/realtime/transcription_sessions", session)
+        app.router.add_post(f"{prefix}/threads/runs", run)
+        app.router.add_post(f"{prefix}/threads/{{thread_id}}/runs", run)
+
+
+async def fields(request: web.Request) -> dict[str, Any]:
+    """A JSON body, or a multipart form's text fields (files as their size)."""
+    body = await request.read()  # already read by the fake's middleware: kept, not re-read
+    if request.content_type == "multipart/form-data":
+        _, options = parse_options_header(request.headers["content-type"])
+        parts = MultipartParser(io.BytesIO(body), options["boundary"])
+        return {part.name: part.size if part.filename else part.value for part in parts}
+    document = orjson.loads(body) if body else {}
+    return document if isinstance(document, dict) else {}
+
+
+def answer(payload: object) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def images(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    model = str(sent.get("model") or "gpt-image-1")
+    count = int(sent.get("n") or 1)
+    body: dict[str, Any] = {"created": int(time.time()), "data": [{"b64_json": PIXEL}] * count}
+    if model.startswith("gpt-image"):
+        output = IMAGE_OUTPUT_TOKENS * count
+        body["usage"] = {
+            "input_tokens": IMAGE_INPUT_TOKENS,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": IMAGE_INPUT_TOKENS},
+            "output_tokens": output,
+            "total_tokens": IMAGE_INPUT_TOKENS + output,
+        }
+    return answer(body)
+
+
+async def speech(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=b"\xff\xfb" * (AUDIO_BYTES // 2), content_type="audio/mpeg")
+
+
+async def transcription(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    model = str(sent.get("model") or "whisper-1")
+    is_translation = request.path.endswith("/translations")
+    body: dict[str, Any] = {"text": "fake words"}
+    if sent.get("response_format") == "verbose_json":
+        task = "translate" if is_translation else "transcribe"
+        body.update(task=task, language="english", duration=AUDIO_SECONDS, segments=[])
+    if is_translation:  # the API's translations report no usage
+        return answer(body)
+    if model == "whisper-1":
+        body["usage"] = {"type": "duration", "seconds": AUDIO_SECONDS}
+    else:
+        body["usage"] = {
+            "type": "tokens",
+            "input_tokens": TRANSCRIBE_INPUT_TOKENS,
+            "input_token_details": {
+                "audio_tokens": TRANSCRIBE_AUDIO_TOKENS,
+                "text_tokens": TRANSCRIBE_INPUT_TOKENS - TRANSCRIBE_AUDIO_TOKENS,
+            },
+            "output_tokens": TRANSCRIBE_OUTPUT_TOKENS,
+            "total_tokens": TRANSCRIBE_INPUT_TOKENS + TRANSCRIBE_OUTPUT_TOKENS,
+        }
+    return answer(body)
+
+
+def ephemeral_key() -> dict[str, Any]:
+    return {"value": f"ek_fake_{uuid.uuid4().hex}", "expires_at": int(time.time()) + 600}
+
+
+async def client_secret(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    session = sent.get("session") if isinstance(sent.get("session"), dict) else {}
+    return answer({**ephemeral_key(), "session": {"type": "realtime", **session}})
+
+
+async def session(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    return answer(
+        {"id": f"sess_{uuid.uuid4().hex[:16]}", "object": "realtime.session", **sent}
+        | {"client_secret": ephemeral_key()}
+    )
+
+
+async def run(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    thread_id = request.match_info.get("thread_id") or f"thread_{uuid.uuid4().hex[:16]}"
+    return answer(
+        {
+            "id": f"run_{uuid.uuid4().hex[:16]}",
+            "object": "thread.run",
+            "created_at": int(time.time()),
+            "assistant_id": sent.get("assistant_id"),
+            "thread_id": thread_id,
+            "status": "queued",
+            "model": sent.get("model") or ASSISTANT_MODEL,
+            "instructions": "",
+            "tools": [],
+            "parallel_tool_calls": True,
+        }
+    )
