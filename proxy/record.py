@@ -116,7 +116,9 @@ class Usage:
 
     `prompt_tokens` and `completion_tokens` are totals: every other count is a part of one
     of them (cache reads and writes and input audio of the prompt; reasoning and output
-    audio of the completion), kept apart because each kind has its own price.
+    audio of the completion), kept apart because each kind has its own price. Endpoints
+    priced by other units count them beside: the characters of speech's input, the
+    seconds of a transcription's audio (zero elsewhere, and left out of the log line).
     """
 
     prompt_tokens: int = 0
@@ -127,12 +129,19 @@ class Usage:
     input_audio_tokens: int = 0
     reasoning_tokens: int = 0
     output_audio_tokens: int = 0
+    input_characters: int = 0
+    input_audio_seconds: float = 0.0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, int | bool]:
+    def as_dict(self) -> dict[str, int | float | bool]:
+        units: dict[str, int | float] = {}
+        if self.input_characters:
+            units["input_characters"] = self.input_characters
+        if self.input_audio_seconds:
+            units["input_audio_seconds"] = self.input_audio_seconds
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -142,6 +151,7 @@ class Usage:
             "input_audio_tokens": self.input_audio_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "output_audio_tokens": self.output_audio_tokens,
+            **units,
             "estimated": self.estimated,
         }
 

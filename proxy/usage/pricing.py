@@ -10,8 +10,9 @@ keys.json) and model (the name the client sends, or "*" for every model of the p
     {"openai": {"gpt-4o": {"input_mtok": 2.0, "output_mtok": 8.0, "cache_read_mtok": 1.0}},
      "local": {"*": {"input_mtok": 0, "output_mtok": 0}}}
 
-Rates are USD per million tokens (`requests_kcount`: per thousand requests), named as
-genai-prices names them (`PRICE_KEYS`). An override replaces the library's whole price for
+Rates are USD per million tokens (`requests_kcount`: per thousand requests; `input_mchars`:
+per million characters; `input_audio_hours`, `audio_hours`: per hour), named as genai-prices
+names them (`PRICE_KEYS`). An override replaces the library's whole price for
 that model.
 
 How a cost is computed: the library's data decides the rates (model matching, dated price
@@ -21,9 +22,15 @@ token kinds, because the library's generic `calc_price` costs hundreds of µs a 
 arithmetic is the library's: a part (cache reads, cache writes, input audio; reasoning,
 output audio) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate. A test checks the figures
-against `genai_prices.calc_price`. What is not done: a cost for a model without a price
-(None, never a made-up number), Anthropic's 1-hour cache writes at their own rate (the
-usage tap does not split writes by lifetime: all are priced as 5-minute writes), images.
+against `genai_prices.calc_price`. Endpoints priced by other units are priced by them
+where the data has a rate: speech's input characters (`input_mchars`: tts-1), a
+transcription's audio seconds (`input_audio_hours`, else `audio_hours`: whisper-1); a usage
+that counts a unit its model's price has no rate for is unpriced (None), not free. What is
+not done: a cost for a model without a price (None, never a made-up number), Anthropic's
+1-hour cache writes at their own rate (the usage tap does not split writes by lifetime: all
+are priced as 5-minute writes), images by count, size and quality (the data has no such
+price: GPT image models are priced by the tokens they report, image input tokens at the
+text input rate), speech by audio tokens (the API reports none unless streamed as SSE).
 """
 
 from __future__ import annotations
@@ -50,7 +57,14 @@ PRICE_KEYS = (
     "output_audio_mtok",
     "output_reasoning_mtok",
     "requests_kcount",
+    "input_mchars",
+    "input_audio_hours",
+    "audio_hours",
 )
+# Rates that price a request's tokens: per token, or per request (tokens then free); a
+# price with none of them (a model priced by the hour) cannot price tokens.
+_TOKEN_RATES = frozenset(("input_mtok", "output_mtok", "requests_kcount"))
+_HOUR_SECONDS = 3600
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
 # Models looked up in the library are remembered, up to this many (a client names any model).
@@ -83,10 +97,14 @@ class Price:
 
     rates: Mapping[str, Rate]
 
-    def cost(self, usage: Usage) -> float:
-        """USD for `usage`."""
-        prompt = usage.prompt_tokens
+    def cost(self, usage: Usage) -> float | None:
+        """USD for `usage`; None when it counts something this price has no rate for
+        (tokens of a model priced by the hour, the characters of a model priced by token)."""
         rate = self.rates.get
+        units = self._units(usage)
+        if units is None or (usage.total_tokens and not self.rates.keys() & _TOKEN_RATES):
+            return None
+        prompt = usage.prompt_tokens
         total = 0.0
         # The part left at the plain input rate is what no priced part took.
         plain_input = prompt
@@ -112,10 +130,25 @@ class Price:
             part = rate(key)
             if part is not None and count > 0:  # a provider's parts may overlap: never below 0
                 total += count * part.at(prompt)
-        total /= _MTOK
+        total = total / _MTOK + units
         requests = rate("requests_kcount")
         if requests is not None:
             total += requests.at(prompt) / 1000
+        return total
+
+    def _units(self, usage: Usage) -> float | None:
+        """USD for the characters and audio seconds counted; None when one has no rate."""
+        total = 0.0
+        if usage.input_characters:
+            chars = self.rates.get("input_mchars")
+            if chars is None:
+                return None
+            total += usage.input_characters * chars.base / _MTOK
+        if usage.input_audio_seconds:
+            hours = self.rates.get("input_audio_hours") or self.rates.get("audio_hours")
+            if hours is None:
+                return None
+            total += usage.input_audio_seconds * hours.base / _HOUR_SECONDS
         return total
 
 
@@ -210,7 +243,7 @@ class Prices:
 
 
 def _from_library(model_price: Any) -> Price | None:
-    """The rates of a library price; None when it has no token rate (priced by the hour…)."""
+    """The rates of a library price; None when it has none the gateway counts."""
     from genai_prices.types import TieredPrices
 
     rates: dict[str, Rate] = {}
@@ -221,7 +254,7 @@ def _from_library(model_price: Any) -> Price | None:
             rates[key] = Rate(float(value.base), tiers)
         elif isinstance(value, Decimal):
             rates[key] = Rate(float(value))
-    if not rates.keys() & {"input_mtok", "output_mtok"}:
+    if not rates.keys() - {"requests_kcount"}:
         return None
     return Price(rates)
 

@@ -11,6 +11,7 @@ Counts are non-negative integers; anything else (a bool, a float, a string) is n
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,11 +42,12 @@ class UsageFields:
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_fields", "_is_cache_beside_prompt")
+    __slots__ = ("_fields", "_is_cache_beside_prompt", "_seconds")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}  # the last value seen of each kind
         self._is_cache_beside_prompt = False
+        self._seconds: float | None = None  # the input audio's length (transcriptions)
 
     def read(self, usage: object, fields: UsageFields) -> None:
         """Take one usage object in a dialect's `fields` (anything else is ignored)."""
@@ -64,14 +66,23 @@ class ProviderUsage:
                     found[kind] = value  # type: ignore[assignment]
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
+    def read_seconds(self, seconds: object) -> None:
+        """Take the input audio's length in seconds (anything else is ignored)."""
+        is_number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        if is_number and 0 <= seconds < math.inf:  # type: ignore[operator]
+            self._seconds = float(seconds)  # type: ignore[arg-type]
+
     def clear(self) -> None:
         self._fields.clear()
+        self._seconds = None
 
     def usage(self) -> Usage | None:
-        """The reported usage, every kind; None when no total was reported."""
+        """The reported usage, every kind; None when neither a total nor seconds were."""
         fields = self._fields
         if not fields.keys() & _TOTALS:
-            return None
+            if self._seconds is None:
+                return None
+            return Usage(input_audio_seconds=self._seconds)
         get = fields.get
         prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
         if self._is_cache_beside_prompt:
@@ -98,6 +109,8 @@ def added(total: Usage, more: Usage) -> Usage:
         total.input_audio_tokens + more.input_audio_tokens,
         total.reasoning_tokens + more.reasoning_tokens,
         total.output_audio_tokens + more.output_audio_tokens,
+        total.input_characters + more.input_characters,
+        total.input_audio_seconds + more.input_audio_seconds,
     )
 
 

@@ -15,7 +15,9 @@ to chat/completions, completions, responses, messages, embeddings) without a rea
 is charged an estimate (`estimate`: the request's text, and every string the provider
 generated, as its dialect counted them), marked `estimated` — never nothing, also when the body
 cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
-then the response's decoded (or received) bytes stand for its text. Other POSTs are
+then the response's decoded (or received) bytes stand for its text. Speech is counted by
+its input's characters, transcriptions and translations by their audio's seconds, unless
+they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
 charged only what the provider reports (a token count reports none); a GET (a models list,
 a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
 background POST answered queued or in progress is charged nothing yet, and a GET of one
@@ -50,7 +52,15 @@ import orjson
 
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
 from proxy.record import PENDING, StoredResponse, Usage
-from proxy.usage import anthropic, bedrock, estimate, openai_chat, realtime_events, responses
+from proxy.usage import (
+    anthropic,
+    audio,
+    bedrock,
+    estimate,
+    openai_chat,
+    realtime_events,
+    responses,
+)
 from proxy.usage.provider_usage import UsageFields, last_usage
 from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
@@ -85,6 +95,10 @@ class Charged(enum.Enum):
     # GET /v1/responses/{id} (and POST .../cancel): nothing here; what the response
     # reports is read for background.py, which charges it if its key owed it.
     FETCHED = "fetched"
+    # Speech: reported tokens, else the characters of the request's input (`audio`).
+    CHARACTERS = "characters"
+    # Transcriptions and translations: reported tokens or seconds of audio (`audio`).
+    DURATION = "duration"
 
 
 # Endpoints whose answers produce tokens; the path ends with one of these (Bedrock's and
@@ -105,8 +119,10 @@ _GENERATIONS = (
 )
 # Taps that read the Responses API object answered (its id and status).
 _STORED = frozenset((Charged.LATER, Charged.FETCHED))
+# Taps charged what the provider reports, and nothing when it reports nothing.
+_AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
-_EVENTS = {**anthropic.EVENTS, **responses.EVENTS}
+_EVENTS = {**anthropic.EVENTS, **responses.EVENTS, **audio.EVENTS}
 _read_chunk = openai_chat.read_chunk
 
 
@@ -116,6 +132,10 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
         return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
     if path.endswith("/embeddings"):
         return Charged.PROMPT
+    if path.endswith("/audio/speech"):
+        return Charged.CHARACTERS
+    if path.endswith(("/audio/transcriptions", "/audio/translations")):
+        return Charged.DURATION
     if path.endswith(_GENERATIONS):
         return Charged.LATER if is_background else Charged.TEXT
     if path.endswith("/cancel") and _is_stored_response(path[:-7]):
@@ -236,8 +256,10 @@ class UsageTap:
             return None
         reading = self._reading
         reported = reading.reported.usage()
-        if reported is not None or self._charged is Charged.REPORTED:
+        if reported is not None or self._charged in _AS_REPORTED:
             return reported
+        if self._charged is Charged.CHARACTERS:
+            return audio.speech_usage(request_body)
         if self._charged is Charged.LATER and reading.stored_status in PENDING:
             return None  # owed: charged when a GET finds it finished (background.py)
         completion = 0
@@ -392,7 +414,9 @@ class UsageTap:
         if not isinstance(document, dict):
             return
         reading = self._reading
-        if "choices" in document:
+        if self._charged is Charged.DURATION:
+            audio.read_transcription(document, reading)
+        elif "choices" in document:
             openai_chat.read_answer(document, reading)
         elif bedrock.is_converse(document):
             bedrock.read_answer(document, reading)

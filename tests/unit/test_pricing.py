@@ -11,7 +11,7 @@ import pytest
 from genai_prices import data_snapshot
 
 from proxy.record import Usage
-from proxy.usage.pricing import Prices, PricesFileError
+from proxy.usage.pricing import Price, Prices, PricesFileError, Rate
 
 
 def library_cost(provider: str, model: str, usage: Usage) -> float:
@@ -24,6 +24,10 @@ def library_cost(provider: str, model: str, usage: Usage) -> float:
         "input_audio_tokens": usage.input_audio_tokens,
         "output_audio_tokens": usage.output_audio_tokens,
         "output_reasoning_tokens": usage.reasoning_tokens,
+        "input_characters": usage.input_characters,
+        # The library asks for the whole too: all of a transcription's audio is input.
+        "audio_seconds": usage.input_audio_seconds,
+        "input_audio_seconds": usage.input_audio_seconds,
     }
     reported = genai_prices.Usage(**{name: count for name, count in counts.items() if count})
     return float(genai_prices.calc_price(reported, model, provider_id=provider).total_price)
@@ -62,6 +66,12 @@ def prices() -> Prices:
             Usage(250_000, 900, cache_read_tokens=100_000, cache_write_tokens=40_000),
         ),
         ("google", "gemini-2.5-pro", Usage(300_000, 1000, cache_read_tokens=10)),
+        # Endpoints priced by other units: speech by characters, transcription by seconds.
+        ("openai", "tts-1", Usage(input_characters=1234)),
+        ("openai", "tts-1-hd", Usage(input_characters=4096)),
+        ("openai", "whisper-1", Usage(input_audio_seconds=90.5)),
+        ("openai", "gpt-4o-transcribe", Usage(120, 40, input_audio_tokens=110)),
+        ("openai", "gpt-image-1", Usage(50, 4160)),
     ],
 )
 def test_each_token_kind_is_priced_as_genai_prices_prices_it(
@@ -163,3 +173,27 @@ def test_the_model_that_answered_is_priced_and_overrides_keep_the_clients_name(
     path = write(tmp_path / "prices.json", {"local": {"my-llama": {"input_mtok": 1e6}}})
     served = Prices.load(path).cost("local", "my-llama", usage, answered="/models/llama-70b")
     assert served == pytest.approx(1000.0)
+
+
+def test_a_unit_its_models_price_has_no_rate_for_is_unpriced_not_free(prices: Prices) -> None:
+    # gpt-4o-mini-tts is priced by tokens; its speech is counted by characters: no cost.
+    assert prices.cost("openai", "gpt-4o-mini-tts", Usage(input_characters=500)) is None
+    assert prices.cost("openai", "gpt-4o-mini", Usage(input_audio_seconds=30.0)) is None
+    assert prices.cost("openai", "whisper-1", Usage(100, 10)) is None  # priced by the hour
+    # A per-request price still prices a request whatever its tokens.
+    per_request = Prices({("local", "*"): Price({"requests_kcount": Rate(2.0)})})
+    assert per_request.cost("local", "m", Usage(100, 10)) == pytest.approx(0.002)
+
+
+def test_speech_and_transcription_are_priced_by_their_units(prices: Prices) -> None:
+    assert prices.cost("openai", "tts-1", Usage(input_characters=1_000_000)) == pytest.approx(15.0)
+    assert prices.cost("openai", "whisper-1", Usage(input_audio_seconds=3600)) == pytest.approx(
+        0.36
+    )
+
+
+def test_the_overrides_file_prices_characters_and_audio_hours(tmp_path: Path) -> None:
+    rates = {"speech": {"input_mchars": 10}, "stt": {"audio_hours": 0.6}}
+    prices = Prices.load(write(tmp_path / "prices.json", {"local": rates}))
+    assert prices.cost("local", "speech", Usage(input_characters=2000)) == pytest.approx(0.02)
+    assert prices.cost("local", "stt", Usage(input_audio_seconds=60)) == pytest.approx(0.01)

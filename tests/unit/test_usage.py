@@ -355,7 +355,10 @@ def test_what_is_charged_follows_the_endpoint():
     assert charged("POST", "/openai/deployments/gpt/chat/completions") is Charged.TEXT
     assert charged("POST", "/v1/embeddings") is Charged.PROMPT
     assert charged("POST", "/v1/messages/count_tokens") is Charged.REPORTED
-    assert charged("POST", "/v1/audio/transcriptions") is Charged.REPORTED
+    assert charged("POST", "/v1/audio/transcriptions") is Charged.DURATION
+    assert charged("POST", "/v1/audio/translations") is Charged.DURATION
+    assert charged("POST", "/v1/audio/speech") is Charged.CHARACTERS
+    assert charged("POST", "/v1/images/generations") is Charged.REPORTED
     assert charged("GET", "/v1/models") is Charged.NOTHING
     # Charged only when a background POST owed it (tests/app/test_background.py).
     assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
@@ -373,6 +376,63 @@ def test_a_models_list_or_a_token_count_is_charged_nothing():
     # Another POST is charged what its provider reports, and nothing it does not.
     assert tap_of(stored, JSON, charged=Charged.REPORTED).usage(b"") == Usage(5, 1)
     assert tap_of(b"\x00\xff", "audio/mpeg", charged=Charged.REPORTED).usage(b"") is None
+
+
+def test_speech_is_counted_by_its_inputs_characters_unless_it_reports_tokens():
+    request = orjson.dumps({"model": "tts-1", "input": "héllo wörld", "voice": "alloy"})
+    audio = tap_of(b"\xff\xfb" * 100, "audio/mpeg", charged=Charged.CHARACTERS)
+    assert audio.usage(request) == Usage(input_characters=11)
+    assert tap_of(b"", "audio/mpeg", charged=Charged.CHARACTERS).usage(b"not json") == Usage()
+    done = {"type": "speech.audio.done", "usage": {"input_tokens": 7, "output_tokens": 90}}
+    stream = sse({"type": "speech.audio.delta", "audio": "AAAA"}) + sse(done)
+    assert tap_of(stream, charged=Charged.CHARACTERS).usage(request) == Usage(7, 90)
+
+
+@pytest.mark.parametrize(
+    ("answer", "usage"),
+    [
+        (
+            {"text": "hi", "usage": {"type": "duration", "seconds": 90}},
+            Usage(input_audio_seconds=90),
+        ),
+        (
+            {"task": "transcribe", "duration": 12.5, "text": "hi", "segments": []},
+            Usage(input_audio_seconds=12.5),
+        ),
+        (
+            {
+                "text": "hi",
+                "usage": {
+                    "type": "tokens",
+                    "input_tokens": 120,
+                    "input_token_details": {"audio_tokens": 110, "text_tokens": 10},
+                    "output_tokens": 40,
+                    "total_tokens": 160,
+                },
+            },
+            Usage(120, 40, input_audio_tokens=110),
+        ),
+        ({"text": "hi"}, None),  # a translation reports nothing: nothing is made up
+        ({"text": "hi", "usage": {"type": "duration", "seconds": "90"}}, None),
+        ({"text": "hi", "usage": {"type": "duration", "seconds": -1}}, None),
+    ],
+)
+def test_a_transcription_reports_tokens_or_seconds_of_audio(answer: dict, usage: Usage | None):
+    for cut in ([], [7], [len(orjson.dumps(answer)) - 3]):
+        tap = tap_of(orjson.dumps(answer), JSON, chunks=cut, charged=Charged.DURATION)
+        assert tap.usage(b"") == usage
+
+
+def test_a_streamed_transcription_reports_its_usage_at_the_end():
+    usage = {"type": "tokens", "input_tokens": 20, "output_tokens": 3, "total_tokens": 23}
+    events = [
+        {"type": "transcript.text.delta", "delta": "fake "},
+        {"type": "transcript.text.delta", "delta": "words"},
+        {"type": "transcript.text.done", "text": "fake words", "usage": usage},
+    ]
+    tap = tap_of(b"".join(sse(event) for event in events), charged=Charged.DURATION)
+    assert tap.usage(b"") == Usage(20, 3)
+    assert tap.text == "fake words"
 
 
 def test_json_body_that_does_not_parse_is_estimated_and_keeps_its_text():

@@ -1,0 +1,118 @@
+"""Endpoints without token usage are metered, with the official openai SDK in front of the
+fake provider: images, speech, transcriptions and translations count as requests, and are
+priced by their own units where genai-prices has a rate (speech's characters, audio's
+seconds, a GPT image model's tokens); where it has none the cost is null, not zero."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.record import Usage
+from tests.conftest import OPENAI_VK, auth
+from tests.support.fake_media import (
+    AUDIO_SECONDS,
+    IMAGE_INPUT_TOKENS,
+    IMAGE_OUTPUT_TOKENS,
+    TRANSCRIBE_AUDIO_TOKENS,
+    TRANSCRIBE_INPUT_TOKENS,
+    TRANSCRIBE_OUTPUT_TOKENS,
+)
+from tests.unit.test_pricing import library_cost
+
+MEDIA_VK = "vk_test_media_7e9a1c3e5f"
+MEDIA = {
+    "provider": "openai",
+    "api_key": "sk-real-media-7878787878",
+    "name": "media",
+    "allowed_models": ["gpt-image-1", "dall-e-2", "tts-1", "gpt-4o-mini-tts", "whisper-1"],
+    "budget": {"usd": 100, "window_seconds": 3600},
+}
+WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
+PNG = ("a.png", b"\x89PNG\r\n\x1a\n....", "image/png")
+SPOKEN = "hello world"
+
+
+@pytest.fixture
+async def gateway(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    return await gateway_with_keys({MEDIA_VK: MEDIA})
+
+
+def sdk(gateway: TestClient, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=key, max_retries=0)
+
+
+async def test_allowed_media_requests_pass_count_and_are_priced_by_their_units(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = sdk(gateway, MEDIA_VK)
+    image = await client.images.generate(model="gpt-image-1", prompt="a cat")
+    assert image.usage is not None and image.usage.output_tokens == IMAGE_OUTPUT_TOKENS
+    await client.images.edit(model="gpt-image-1", image=PNG, prompt="a hat")  # multipart
+    await client.images.generate(model="dall-e-2", prompt="a dog")
+    speech = await client.audio.speech.create(model="tts-1", voice="alloy", input=SPOKEN)
+    assert speech.content.startswith(b"\xff\xfb")
+    await client.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input=SPOKEN)
+    heard = await client.audio.transcriptions.create(model="whisper-1", file=WAV)
+    assert heard.text == "fake words"
+    await client.audio.translations.create(
+        model="whisper-1", file=WAV, response_format="verbose_json"
+    )
+    lines = await records(7)
+    image_tokens = Usage(IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS)
+    expected = [
+        ("gpt-image-1", library_cost("openai", "gpt-image-1", image_tokens)),
+        ("gpt-image-1", library_cost("openai", "gpt-image-1", image_tokens)),
+        ("dall-e-2", None),  # no price per image in the data: counted, not priced
+        ("tts-1", len(SPOKEN) * 15 / 1e6),  # $15 per million characters
+        ("gpt-4o-mini-tts", None),  # priced by audio tokens, which the API does not report
+        ("whisper-1", AUDIO_SECONDS * 0.36 / 3600),  # $0.36 an hour
+        ("whisper-1", AUDIO_SECONDS * 0.36 / 3600),  # verbose_json's duration
+    ]
+    assert [line["model"] for line in lines] == [model for model, _ in expected]
+    for line, (_, cost) in zip(lines, expected, strict=True):
+        assert line["status"] == 200 and line["key"] == "media"
+        assert line["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-9))
+    assert lines[3]["usage"]["input_characters"] == len(SPOKEN)
+    assert lines[5]["usage"]["input_audio_seconds"] == AUDIO_SECONDS
+    usage = await (await gateway.get("/usage", headers=auth(MEDIA_VK))).json()
+    assert usage["totals"]["requests"] == 7
+    priced = sum(cost for _, cost in expected if cost is not None)
+    assert usage["totals"]["spent_usd"] == pytest.approx(priced, abs=1e-5)  # micro-dollars
+
+
+async def test_a_transcription_reporting_tokens_is_priced_by_them_for_any_key(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # An unrestricted key's upload is read for its model too: the price depends on it.
+    client = sdk(gateway, OPENAI_VK)
+    await client.audio.transcriptions.create(model="gpt-4o-transcribe", file=WAV)
+    await client.audio.transcriptions.create(model="whisper-1", file=WAV)
+    tokens, seconds = await records(2)
+    reported = Usage(
+        TRANSCRIBE_INPUT_TOKENS,
+        TRANSCRIBE_OUTPUT_TOKENS,
+        input_audio_tokens=TRANSCRIBE_AUDIO_TOKENS,
+    )
+    assert tokens["model"] == "gpt-4o-transcribe"
+    assert tokens["usage"]["input_audio_tokens"] == TRANSCRIBE_AUDIO_TOKENS
+    expected = library_cost("openai", "gpt-4o-transcribe", reported)
+    assert tokens["cost_usd"] == pytest.approx(expected)
+    assert seconds["model"] == "whisper-1"
+    assert seconds["cost_usd"] == pytest.approx(AUDIO_SECONDS * 0.36 / 3600)
+
+
+async def test_a_media_request_over_the_keys_request_quota_is_refused(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    quota = {**MEDIA, "quota": {"requests": 2, "window_seconds": 3600}}
+    gateway = await gateway_with_keys({MEDIA_VK: quota})
+    client = sdk(gateway, MEDIA_VK)
+    await client.images.generate(model="dall-e-2", prompt="a dog")
+    await client.audio.speech.create(model="tts-1", voice="alloy", input=SPOKEN)
+    with pytest.raises(openai.RateLimitError):
+        await client.audio.transcriptions.create(model="whisper-1", file=WAV)
