@@ -36,12 +36,13 @@ def speech_usage(request_body: bytes) -> Usage:
 def read_transcription(document: dict[str, Any], reading: Reading) -> None:
     """A transcription's or translation's JSON answer: its usage, tokens or seconds."""
     reading.add_text(document.get("text"))
-    _read_usage(document.get("usage"), reading)
+    read_usage(document.get("usage"), reading)
     if "usage" not in document:  # verbose_json without usage: the audio's length
         reading.reported.read_seconds(document.get("duration"))
 
 
-def _read_usage(usage: object, reading: Reading) -> None:
+def read_usage(usage: object, reading: Reading) -> None:
+    """A transcription's `usage` object: tokens, or seconds of audio."""
     if not isinstance(usage, dict):
         return
     if usage.get("type") == "duration":
@@ -55,7 +56,7 @@ def _text_delta(event: dict[str, Any], reading: Reading) -> None:
 
 
 def _transcript_done(event: dict[str, Any], reading: Reading) -> None:
-    _read_usage(event.get("usage"), reading)
+    read_usage(event.get("usage"), reading)
 
 
 def _speech_done(event: dict[str, Any], reading: Reading) -> None:

@@ -68,9 +68,10 @@ class ProviderUsage:
 
     def read_seconds(self, seconds: object) -> None:
         """Take the input audio's length in seconds (anything else is ignored)."""
-        is_number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
-        if is_number and 0 <= seconds < math.inf:  # type: ignore[operator]
-            self._seconds = float(seconds)  # type: ignore[arg-type]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            return
+        if 0 <= seconds < math.inf:
+            self._seconds = float(seconds)
 
     def clear(self) -> None:
         self._fields.clear()

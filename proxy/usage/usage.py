@@ -394,7 +394,10 @@ class UsageTap:
                 self._text = body.decode("utf-8", "replace")
             if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
                 usage = last_usage(body)
-                self._reading.reported.read(usage, _fields_of(usage))
+                if self._charged is Charged.DURATION:  # a long transcription's verbose_json
+                    audio.read_usage(usage, self._reading)
+                else:
+                    self._reading.reported.read(usage, _fields_of(usage))
                 self._is_unread = True  # its text is not read: the size stands for it
             else:
                 self._read_document(body)

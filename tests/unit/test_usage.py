@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import anthropic, responses
+from proxy.usage import anthropic, audio, responses
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
 from proxy.usage.usage import (
@@ -421,6 +421,18 @@ def test_a_transcription_reports_tokens_or_seconds_of_audio(answer: dict, usage:
     for cut in ([], [7], [len(orjson.dumps(answer)) - 3]):
         tap = tap_of(orjson.dumps(answer), JSON, chunks=cut, charged=Charged.DURATION)
         assert tap.usage(b"") == usage
+
+
+def test_a_transcription_too_large_to_parse_whole_is_read_by_its_usage_at_the_end():
+    segments = [{"id": n, "text": "word " * 20, "start": n, "end": n + 1} for n in range(20_000)]
+    answer = {"task": "transcribe", "duration": 20_000.0, "segments": segments}
+    answer["usage"] = {"type": "duration", "seconds": 20_000.0}
+    body = orjson.dumps(answer)
+    assert len(body) > 1024 * 1024  # past WHOLE_PARSE_BYTES: only the tail is kept
+    tap = UsageTap(JSON, None, keep_text=False, charged=Charged.DURATION)
+    for start in range(0, len(body), 65536):
+        tap.feed(body[start : start + 65536])
+    assert tap.usage(b"") == Usage(input_audio_seconds=20_000.0)
 
 
 def test_a_streamed_transcription_reports_its_usage_at_the_end():
@@ -945,7 +957,7 @@ def test_every_generated_string_of_a_json_answer_is_estimated(body: dict, chars:
     )
 
 
-EVENT_TYPES = sorted({*anthropic.EVENTS, *responses.EVENTS})
+EVENT_TYPES = sorted({*anthropic.EVENTS, *responses.EVENTS, *audio.EVENTS})
 DELTA_KEYS = ["content", "tool_calls", "function_call", "audio", "reasoning", "refusal", "type"]
 
 
@@ -979,6 +991,16 @@ def test_any_value_where_a_dialect_reads_never_raises(
     for body, content_type in [(sse(event), SSE), *((orjson.dumps(a), JSON) for a in answers)]:
         usage = tap_of(body, content_type).usage(CHAT_REQUEST)
         assert usage is None or usage.total_tokens >= 0
+    # Audio: a transcription's answer, a speech request, anything where their shapes go.
+    transcription = orjson.dumps({"text": value, "usage": value, "duration": value})
+    for body, content_type, kind_charged, request in [
+        (transcription, JSON, Charged.DURATION, b""),
+        (sse(event), SSE, Charged.DURATION, b""),
+        (sse(event), SSE, Charged.CHARACTERS, orjson.dumps({"input": value})),
+        (b"\xff\xfb", "audio/mpeg", Charged.CHARACTERS, orjson.dumps({"input": value})),
+    ]:
+        usage = tap_of(body, content_type, charged=kind_charged).usage(request)
+        assert usage is None or usage.input_audio_seconds >= 0 <= usage.input_characters
     for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage: None)):
         reader.read(orjson.dumps({**event, "type": kind or "response.done"}))
         reader.finish()
