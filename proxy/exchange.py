@@ -23,9 +23,16 @@ A key with a response cache is looked up (`look_up`) after admission, before ups
 hit is answered from stored bytes, charged nothing (it counts as a request).
 
 Then it settles: a background Response is owed or claimed (`usage.background`, which may
-wait on the tracker), then the sinks, each called once, in this order: price → quota charge
-→ cache store → breaker report → metrics → log → trace (a sink that fails is logged, and
-the next ones still run).
+wait on the tracker), then the sinks, each called once, in this order: reckon → price →
+quota charge → cache store → breaker report → metrics → log → trace (a sink that fails is
+logged, and the next ones still run).
+
+Reckoning decides what a generation is charged when it did not end with a whole answer
+(a gateway timeout, a cut, a client that left): what the provider reported, else its
+prompt plus every token delivered (the tap's estimate), and when nothing of the output is
+known (`Record.is_work_unknown`: the request was sent and no answer, or no output, came)
+its reservation, the prompt's estimate plus its output cap (`Quota.reservation`): the
+provider may have done that work, and bills it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from proxy.record import (
     CLIENT_CLOSED,
     GRACE_OVER,
     GRACE_OVER_STATUS,
+    Cached,
     Outcome,
     Record,
     Usage,
@@ -61,11 +69,14 @@ from proxy.upstream.breaker import Breakers
 from proxy.upstream.routing import route
 from proxy.usage import background
 from proxy.usage.pricing import Prices
+from proxy.usage.usage import Charged, charged
 
 if TYPE_CHECKING:
     from proxy.observe.tracing import Trace, Tracing
 
 log = logging.getLogger("llm_gateway")
+# The answers that produce tokens: one that never came is charged what it reserved.
+_GENERATED = frozenset((Charged.TEXT, Charged.PROMPT))
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -116,7 +127,7 @@ class Entrance:
         self._http = http
         self._websocket = websocket
         # The settle, in its one order.
-        sinks: list[Callable[[Exchange], None]] = [self._price, self._charge]
+        sinks: list[Callable[[Exchange], None]] = [self._reckon, self._price, self._charge]
         if cache is not None:
             sinks.append(self._store)
         sinks += [self._report_breaker, self._observe, self._log]
@@ -146,6 +157,18 @@ class Entrance:
                     request.path,
                     sink.__name__.lstrip("_"),
                 )
+
+    def _reckon(self, exchange: Exchange) -> None:
+        key, record, peek = exchange.key, exchange.record, exchange.peek
+        if key is None or peek is None or exchange.is_charged_live or record.cache is Cached.HIT:
+            return
+        if record.is_work_unknown and charged(record.method, record.path) in _GENERATED:
+            reserved, read = self.quota.reservation(key, peek), record.usage
+            if read is not None:  # the tap's estimate of the prompt may be the larger
+                prompt = max(read.prompt_tokens, reserved.prompt_tokens)
+                reserved = Usage(prompt, reserved.completion_tokens, estimated=True)
+            if reserved.total_tokens:  # a key with no token limit nor budget reserves none
+                record.saw_reserved(reserved)
 
     def _price(self, exchange: Exchange) -> None:
         record = exchange.record
@@ -194,6 +217,7 @@ class Exchange:
         "is_charged_live",
         "key",
         "live_cost_usd",
+        "peek",
         "query",
         "record",
         "request",
@@ -212,6 +236,7 @@ class Exchange:
         self.key: VirtualKey | None = None
         self._credentials: Mapping[str, str] = {}  # where the key was presented
         self.admission: Admission | None = None
+        self.peek: QuotaRequest | None = None  # what the request was admitted as
         self.found: Lookup | None = None  # what the response cache did, for keys with one
         self.tail = self.query = ""
         self.is_charged_live = False
@@ -278,6 +303,7 @@ class Exchange:
         None: nothing to settle (the tracker was lost and the request let through).
         """
         assert self.key is not None
+        self.peek = peek
         try:
             self.admission = await self._entrance.quota.admit(self.key, peek)
         except GatewayError as error:

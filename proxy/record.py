@@ -81,6 +81,9 @@ class Cached(StrEnum):
 
 # Outcomes that are the provider's failure (breakers, health, upstream error metrics).
 PROVIDER_FAILURES = frozenset((Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN))
+# Endings after which what the provider did is known: its whole answer, or nothing sent
+# (a refusal), or a gateway bug (not charged more than what it read).
+_KNOWN_ENDINGS = frozenset((None, Outcome.ANSWERED, Outcome.REFUSED, Outcome.INTERNAL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +222,9 @@ class Record:
     websocket: dict[str, object] | None = None
     # What the response cache did; None: the key has no cache.
     cache: Cached | None = None
+    # A request was written upstream and its answer never came (timed out, cut before its
+    # headers, or its client left meanwhile): the provider may be at work on it.
+    is_unanswered: bool = False
 
     @classmethod
     def begin(cls, request_id: str | None, method: str, path: str) -> Record:
@@ -255,6 +261,10 @@ class Record:
         """One try on one target ended: answered, or failed and why."""
         self.attempts.append(attempt)
 
+    def saw_unanswered(self) -> None:
+        """A request went to the provider and its answer never came: it may still run there."""
+        self.is_unanswered = True
+
     def saw_answer(
         self,
         usage: Usage | None,
@@ -276,6 +286,11 @@ class Record:
         is charged here, priced for the provider and model of the request that made it."""
         self.provider, self.model, self.usage = provider, model, usage
 
+    def saw_reserved(self, usage: Usage) -> None:
+        """The provider may have done the work and nothing of it is known (`is_work_unknown`):
+        the request's reservation stands for its usage."""
+        self.usage = usage
+
     def saw_cache(self, cached: Cached) -> None:
         """What the response cache did: a hit, a miss, or not looked up."""
         self.cache = cached
@@ -293,6 +308,18 @@ class Record:
     def spent_usage(self) -> Usage | None:
         """The usage that was spent: none for a cache hit, whose `usage` is the stored answer's."""
         return None if self.cache is Cached.HIT else self.usage
+
+    @property
+    def is_work_unknown(self) -> bool:
+        """The provider may have worked on the request and none of its output is known: it
+        was sent and ended without a whole answer (timed out, cut, its client left), and no
+        usage came, nor a generated token (only the prompt's estimate)."""
+        if self.outcome in _KNOWN_ENDINGS:
+            return False
+        usage = self.usage
+        if usage is None:
+            return self.is_unanswered
+        return usage.estimated and usage.completion_tokens == 0
 
     @property
     def upstream_failed(self) -> bool:

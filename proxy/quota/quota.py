@@ -1,11 +1,11 @@
 """Admission policy: what a request reserves, when it is refused, what happens when Redis is lost.
 
 `tracker` counts; this module decides what to ask it. At admission a request reserves an
-estimate of what it will use: its prompt (`prompt_tokens_estimate`) plus the output
-cap its body names, and for a key with a budget that estimate priced. When it ends,
-`settle` replaces the reservation with the real tokens and cost (a stream cut short:
-what it produced). `refusals` renders the 429s, `ratelimit` the headers, `usage_report`
-answers GET /usage.
+estimate of what it will use (`reservation`): its prompt (`prompt_tokens_estimate`) plus
+the output cap its body names, and for a key with a budget that estimate priced. When it
+ends, `settle` replaces the reservation with the real tokens and cost (a stream cut short:
+what it produced; nothing known of what the provider did: the reservation itself).
+`refusals` renders the 429s, `ratelimit` the headers, `usage_report` answers GET /usage.
 
 `precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
 the body is read and without asking the tracker, when the key's last refusal said its
@@ -262,9 +262,19 @@ class Quota:
         """Send the settles still held, then close the tracker."""
         await self.tracker.close()
 
+    def reservation(self, key: QuotaKey, peek: QuotaRequest) -> Usage:
+        """What a request reserves, as usage: its prompt's estimate and its output allowance.
+        Also what it is charged when the provider may have done the work and nothing of it
+        is known (a timeout before the answer, its client gone meanwhile)."""
+        return Usage(peek.prompt_tokens_estimate, self._output_allowance(key, peek), True)
+
+    def _output_allowance(self, key: QuotaKey, peek: QuotaRequest) -> int:
+        """The output tokens a request reserves: the cap its body names."""
+        return peek.max_output_tokens or 0
+
     def _estimate(self, key: QuotaKey, peek: QuotaRequest) -> Charge:
-        """The reservation: the prompt plus the output cap, priced for a key with a budget."""
-        output = peek.max_output_tokens or 0
+        """The reservation in tokens, priced for a key with a budget."""
+        output = self._output_allowance(key, peek)
         tokens = peek.prompt_tokens_estimate + output
         team_budget = key.team is not None and key.team.scope.budget is not None
         if (key.budget is None and not team_budget) or not tokens:

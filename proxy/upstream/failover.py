@@ -7,12 +7,20 @@ client that leaves cancels the loop with its handler.
 
 When to try again (and nothing else), top to bottom:
 
-    no connection, reset, TLS, DNS        502 unreachable   same target (RETRY_ATTEMPTS), then the next
-    no headers within REQUEST_TIMEOUT     504 timeout       same target (RETRY_ATTEMPTS), then the next
-    408, 500, 502, 503, 504, 529          the provider's    same target (RETRY_ATTEMPTS), then the next
-    429                                   the provider's    the pool's next key at once; else as above
-    401, 403 from a pool of several keys  the provider's    that key rests; the pool's next key at once
-    anything else (400, 404, 413, 422...) the provider's    never: it goes to the client as it is
+    not sent: refused, DNS, TLS            502 unreachable   same target (RETRY_ATTEMPTS), then the next
+    not sent: no connection in time        504 timeout       same target (RETRY_ATTEMPTS), then the next
+    sent, no headers in REQUEST_TIMEOUT    504 timeout       GET, PUT, DELETE...: as above; POST: never
+    sent, then closed or reset             502 unreachable   GET, PUT, DELETE...: as above; POST: never
+    408, 500, 502, 503, 504, 529           the provider's    same target (RETRY_ATTEMPTS), then the next
+    429                                    the provider's    the pool's next key at once; else as above
+    401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
+    anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
+
+A request written to a connection may be at work at the provider (a generation runs, and
+is billed, whether or not its answer comes back), so a POST that got no answer is never
+sent again, here or to a fallback: one slow generation costs one generation. The record
+is told (`saw_unanswered`), and the exchange charges it what it reserved. A client that
+leaves meanwhile is the same for the record.
 
 Waits between attempts on one target are exponential with full jitter, or what the
 provider asked for (`retry-after-ms`, `retry-after` in seconds or as an HTTP date). A wait
@@ -49,8 +57,8 @@ from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import Credential, Plan, Target
+from proxy.upstream.wire import IDEMPOTENT, Wire
 from proxy.upstream.wire import Reply as WireReply
-from proxy.upstream.wire import Wire
 
 # Told of each attempt before it is sent (method, url, headers, provider, model): a trace's
 # client span, whose context it writes into the headers (observe/tracing.py).
@@ -118,11 +126,12 @@ class _Walk:
 
 
 class Failed(Exception):
-    """One attempt got no answer: how (an Outcome) and why, in words."""
+    """One attempt got no answer: how (an Outcome) and why, in words; `sent`: the request
+    was written, so the provider may be at work on it."""
 
-    def __init__(self, outcome: Outcome, why: str) -> None:
+    def __init__(self, outcome: Outcome, why: str, sent: bool = False) -> None:
         super().__init__(why)
-        self.outcome, self.why = outcome, why
+        self.outcome, self.why, self.sent = outcome, why, sent
 
 
 class Failover:
@@ -242,6 +251,9 @@ class Failover:
                 reply = await self._attempt(outbound, credential, record, walk.on_attempt)
             except Failed as failed:
                 walk.failure, wait = failed, self._backoff(retry)
+                if failed.sent and request.method not in IDEMPOTENT:
+                    walk.is_over = True  # the provider may be at work on it: never twice
+                    return None
             else:
                 status = reply.status
                 if status not in RETRYABLE and not (status in KEY_REFUSED and target.pool.size > 1):
@@ -281,6 +293,12 @@ class Failover:
         now = self.breakers.clock
         record.saw_target(target.name, target.provider.name)
         asked = time.perf_counter()
+        sent = False
+
+        def on_sent() -> None:
+            nonlocal sent
+            sent = True
+
         try:
             await outbound.use(credential)  # a cloud's signature covers the bytes that go
             if on_attempt is not None:  # traces: a client span, its context in the headers
@@ -289,19 +307,24 @@ class Failover:
                 on_attempt(method, url, headers, target.provider.name, model)
             async with asyncio.timeout(self.policy.request_timeout):
                 reply = await wire.request(
-                    outbound.method, outbound.url, outbound.headers, outbound.body or None
-                )
+                    outbound.method, outbound.url, outbound.headers, outbound.body or None,
+                    on_sent,
+                )  # fmt: skip
         except TimeoutError:
-            failed = Failed(
-                Outcome.TIMEOUT,
-                f"{_where(target)} sent no response headers within "
-                f"{self.policy.request_timeout:g} seconds",
+            timeout = self.policy.request_timeout
+            why = (
+                f"{_where(target)} sent no response headers within {timeout:g} seconds"
+                if sent
+                else f"{_where(target)}: could not connect within {timeout:g} seconds"
             )
+            failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
-            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}")
+            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}", sent)
         except SigningFailed as error:
             failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {error}")
         except asyncio.CancelledError:
+            if sent:
+                record.saw_unanswered()
             breaker.abstain()  # a client that left says nothing about the target
             raise
         else:
@@ -336,6 +359,8 @@ class Failover:
                 ms,
             )  # fmt: skip
         )
+        if sent:
+            record.saw_unanswered()
         breaker.failed(now(), failed.why)
         raise failed
 

@@ -17,7 +17,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
 - a reused connection the provider closed before answering is retried once on a new one,
-  for idempotent methods only (a POST may have been read: it costs money);
+  for idempotent methods only (a POST may have been read: it costs money); the caller is
+  told when a request was written (`on_sent`), which is where "surely not started" ends;
 - failures are aiohttp's own exception types (`ClientConnectorError`,
   `ServerDisconnectedError`, `ClientPayloadError`, ...), so the attempt loop's failure map
   stays as it is.
@@ -259,9 +260,18 @@ class Wire:
         self._closed = False
 
     async def request(
-        self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        on_sent: Callable[[], None] | None = None,
     ) -> Reply:
-        """Send one request; return as soon as the answer's head arrived."""
+        """Send one request; return as soon as the answer's head arrived.
+
+        `on_sent` is told when the request is written to a connection: from then on the
+        provider may be at work on it (before, a failure surely did not start it).
+        """
         origin = (
             url.scheme,
             url.raw_host or "",
@@ -270,17 +280,25 @@ class Wire:
         head = _head(method, url, headers, body)
         connection, reused = await self._checkout(origin)
         try:
-            return await self._exchange(connection, method, head)
+            return await self._exchange(connection, method, head, on_sent)
         except aiohttp.ServerDisconnectedError:
             if not (reused and method in IDEMPOTENT and not connection.heard):
                 raise
         connection, _ = await self._checkout(origin, fresh=True)
-        return await self._exchange(connection, method, head)
+        return await self._exchange(connection, method, head, on_sent)
 
-    async def _exchange(self, connection: Connection, method: str, head: bytes) -> Reply:
+    async def _exchange(
+        self,
+        connection: Connection,
+        method: str,
+        head: bytes,
+        on_sent: Callable[[], None] | None,
+    ) -> Reply:
         headed = connection.begin(head_only=method == "HEAD")
         assert connection.transport is not None
         connection.transport.write(head)
+        if on_sent is not None:
+            on_sent()
         try:
             return await headed
         except BaseException:

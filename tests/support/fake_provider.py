@@ -39,6 +39,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
     x-fake-hold: 1            answer only once the test sets `state.release` (an asyncio.Event)
+    x-fake-think-ms: N        wait N ms before the answer's headers (a long non-streamed
+                              generation), or until the client leaves
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
@@ -200,6 +202,7 @@ class Knobs:
     raw_chunks: int | None
     tool_chars: int = 0
     reasoning_chars: int = 0
+    think_seconds: float = 0.0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -224,6 +227,7 @@ class Knobs:
             raw_chunks=int(raw_chunks) if raw_chunks else None,
             tool_chars=int(headers.get("x-fake-tool-chars", "0")),
             reasoning_chars=int(headers.get("x-fake-reasoning-chars", "0")),
+            think_seconds=int(headers.get("x-fake-think-ms", "0")) / 1000,
         )
 
     @property
@@ -291,6 +295,11 @@ async def answer(
         if fault.times is not None:
             fault.times -= 1
         return await reply_error(request, fault.status, fault.headers)
+    if knobs.think_seconds:
+        async with watching(request):
+            await pause(request, knobs.think_seconds)
+        if request.transport is None or request.transport.is_closing():
+            return web.Response()  # never written: the client left while it thought
     if knobs.drop == "headers":
         close(request)
         return web.Response()  # never written: the connection is gone
