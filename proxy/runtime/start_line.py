@@ -7,7 +7,6 @@ ADMIN_TOKEN), file watch off, CORS off, traces off, Redis off, 1 worker
 from __future__ import annotations
 
 from proxy.keys.keys import KeyRing
-from proxy.quota.redis_tracker import masked
 from proxy.settings import Settings
 
 
@@ -19,6 +18,8 @@ def start_line(settings: Settings, key_ring: KeyRing) -> str:
     elif settings.redis_url is None:
         store = "quotas in memory (this process only)"
     else:
+        from proxy.quota.redis_tracker import masked  # loads redis: only when it is used
+
         store = f"quotas on Redis {masked(settings.redis_url)}"
     switches = [
         "admin on" if settings.admin_token else "admin off (set ADMIN_TOKEN)",

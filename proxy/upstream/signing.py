@@ -22,13 +22,6 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import urllib3
-from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
-from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
-from botocore.credentials import Credentials  # type: ignore[import-untyped]
-from google.auth.exceptions import GoogleAuthError
-from google.auth.transport.urllib3 import Request as GoogleRequest
-from google.oauth2 import service_account
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -64,10 +57,15 @@ class SigV4:
         region: str,
         service: str = "bedrock",
     ) -> None:
+        from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+        from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
         credentials = Credentials(access_key_id, secret_access_key, session_token)
         self._auth = SigV4Auth(credentials, service, region)
 
     async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
+        from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+
         # Only the URL and the body go in: the signed headers are host and botocore's own.
         request = AWSRequest(method=method, url=str(url), data=body)
         self._auth.add_auth(request)
@@ -84,6 +82,10 @@ class GoogleToken:
 
     def __init__(self, info: Mapping[str, Any]) -> None:
         """`info`: the service-account key file's JSON. Raises ValueError when it is not one."""
+        import urllib3
+        from google.auth.transport.urllib3 import Request as GoogleRequest
+        from google.oauth2 import service_account
+
         from_info = service_account.Credentials.from_service_account_info
         self._credentials = from_info(  # type: ignore[no-untyped-call]
             dict(info), scopes=[CLOUD_PLATFORM]
@@ -109,6 +111,8 @@ class GoogleToken:
         return str(credentials.token)
 
     async def _refresh(self) -> None:
+        from google.auth.exceptions import GoogleAuthError
+
         try:
             await asyncio.to_thread(self._credentials.refresh, self._transport)
         except GoogleAuthError as error:

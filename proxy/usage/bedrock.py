@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from botocore.eventstream import EventStreamBuffer, ParserError  # type: ignore[import-untyped]
 
 from proxy.usage import anthropic
 from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
@@ -60,11 +59,15 @@ class Frames:
     __slots__ = ("_buffer", "_reading")
 
     def __init__(self, reading: Reading) -> None:
-        self._buffer = EventStreamBuffer()
+        from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
+
+        self._buffer = EventStreamBuffer()  # botocore loaded by the first Bedrock stream only
         self._reading = reading
 
     def feed(self, data: bytes) -> bool:
         """Read the frames `data` completes. False: the stream cannot be read any further."""
+        from botocore.eventstream import ParserError
+
         self._buffer.add_data(data)
         try:
             for message in self._buffer:
