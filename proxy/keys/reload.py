@@ -1,8 +1,8 @@
 """Reloading keys.json while serving: on SIGHUP, on `POST /admin/reload`, and when it changes.
 
 A reload reads and checks the whole file with the same loader as the start
-(`app.load_keys`), in a thread (5,000 keys take about a quarter of a second: streams keep
-flowing meanwhile), then swaps the result into the live `KeyRing` in one step on the event
+(`app.load_keys`), in a thread (10,000 keys take about a quarter of a second of CPU: streams
+keep flowing meanwhile), then swaps the result into the live `KeyRing` in one step on the event
 loop, so no request sees half a file. Reloads run one at a time, in the order they were
 asked for, so a slow one can never land after a newer one. A file that does not check
 changes nothing: the keys in force keep serving, and one warning (stderr) gives the same
@@ -26,16 +26,28 @@ editors save by renaming a new file over the old one; both replace the inode the
 was on. The polled signature (resolved path, device, inode, size, mtime) sees an in-place
 write, a rename over the file and a symlink swap alike. A change is reloaded once the
 signature holds still for one poll, so a file caught half-written is not even tried.
+
+While the thread loads, the event loop comes first: the interpreter's switch interval is
+0.5 ms instead of 5 (the loop, waking from its poll with requests to serve, takes the GIL
+back from the loading thread within 0.5 ms rather than 5, at every turn, and a request
+takes several turns), and the cyclic garbage collector is off (a 10,000-key load allocates
+enough for young collections of 8-16 ms each, the GIL held throughout). In a process whose
+start objects are frozen (`server.tune_gc`), the new keys are frozen too once loaded, so no
+later collection walks them; what the swap replaces is freed by reference counting. Under
+load, a 10,000-key reload delayed the slowest request by ~70 ms before this, ~10 ms after
+(bench/scale.py --only reload; bench/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 
 from proxy.keys.fields import KeysFileError
@@ -44,6 +56,7 @@ from proxy.keys.keys import KeyRing
 log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 
 POLL_SECONDS = 1.0
+LOADING_SWITCH_SECONDS = 0.0005  # sys.setswitchinterval while a reload's thread loads
 
 Signature = tuple[str, int, int, int, int]
 
@@ -109,7 +122,8 @@ class KeysFile:
         async with self._one_at_a_time:
             self._seen, loaded_at = signature(self.path), modified_at(self.path)
             try:
-                fresh = await asyncio.to_thread(self._load)
+                with _loop_first():  # the loop before the loading thread
+                    fresh = await asyncio.to_thread(self._load)
             except KeysFileError as error:
                 log.warning(
                     "keys not reloaded (%s, process %d), the previous keys stay: %s",
@@ -195,3 +209,20 @@ class KeysFile:
                 last = current  # still changing, perhaps mid-write: look again next time
             elif current != self._seen:
                 await self.reload("file changed")
+
+
+@contextlib.contextmanager
+def _loop_first() -> Iterator[None]:
+    """While a thread loads keys: a shorter switch interval, no cyclic collection; then
+    what was loaded frozen, where the start's objects were (`server.tune_gc`)."""
+    interval, collecting = sys.getswitchinterval(), gc.isenabled()
+    sys.setswitchinterval(min(interval, LOADING_SWITCH_SECONDS))
+    gc.disable()
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        if collecting:
+            if gc.get_freeze_count():
+                gc.freeze()
+            gc.enable()

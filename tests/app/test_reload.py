@@ -7,9 +7,11 @@ under 200 streams, and every worker of WORKERS=2, are in tests/process/test_relo
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -81,6 +83,30 @@ async def test_a_reload_swaps_the_keys_and_the_next_request_sees_them(
     assert await status(gateway, NEW_VK) == 200
     assert (await config(gateway))["hash"] == digest(keys_file) != before["hash"]
     assert await metric(gateway, 'llm_gateway_config_reloads_total{result="ok"}') == 1.0
+
+
+async def test_a_reload_gives_back_the_switch_interval_and_the_collector_it_borrowed(
+    make_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+) -> None:
+    """While a reload's thread loads, the loop comes first (a shorter switch interval, no
+    cyclic collection): both are as they were once it is done, loaded or refused; /health
+    counts the new file's keys."""
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    interval = sys.getswitchinterval()
+    health = await (await gateway.get("/health")).json()
+    openai_keys = health["providers"]["openai"]["keys"]
+
+    def add(document: dict[str, Any]) -> None:
+        document["virtual_keys"][NEW_VK] = {"provider": "openai", "api_key": "sk-new-0000"}
+
+    rewrite(keys_file, add)
+    assert (await gateway.post("/admin/reload", headers=admin())).status == 200
+    assert sys.getswitchinterval() == interval and gc.isenabled()
+    health = await (await gateway.get("/health")).json()
+    assert health["providers"]["openai"]["keys"] == openai_keys + 1
+    keys_file.write_text("{ nope")
+    assert (await gateway.post("/admin/reload", headers=admin())).status == 422
+    assert sys.getswitchinterval() == interval and gc.isenabled()
 
 
 async def test_a_file_that_does_not_check_changes_nothing_and_says_why_once(
