@@ -82,10 +82,15 @@ example-curl:
 	GATEWAY_URL=$(GATEWAY_URL) GATEWAY_KEY=$(or $(GATEWAY_KEY),vk_user1_openai) \
 		GATEWAY_ANTHROPIC_KEY=$(or $(GATEWAY_ANTHROPIC_KEY),vk_user2_anthropic) bash examples/curl.sh
 
-# bench: the gateway against the floor and a direct call, pricing, tap memory, the cache's hits; the full run adds failover and tracing (QUICK=1: under a minute)
+# bench: the gateway against the floor, the best bare foundation and a direct call (issue 30's targets,
+# HOLDS or MISSES), the scale figures (10,000 keys, routes and pools, reloads, Redis, WORKERS=2), pricing,
+# tap memory, the cache's hits; the full run adds failover and tracing (QUICK=1: about 2 minutes)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+	$(PY) bench/scale.py $(if $(QUICK),--quick)
+	@if command -v redis-server >/dev/null; then $(PY) bench/workers.py $(if $(QUICK),--quick --reps 2); \
+	else echo "bench: redis-server is not installed: WORKERS=2 against 1 skipped (make system-packages)"; fi
 	$(PY) bench/pricing.py $(if $(QUICK),--quick)
 	$(PY) bench/cache.py $(if $(QUICK),--quick)
 	$(PY) bench/tap_memory.py $(if $(QUICK),--quick)

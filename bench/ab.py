@@ -9,7 +9,7 @@ and the log to a file, as in run.py). All serve one mock provider answering afte
 on core 0 one at a time, while wrk drives 256 connections from core 1; the contenders take
 turns, in an order that reverses every round, and each figure is the median over rounds.
 Printed: throughput, ratio to the first contender, CPU per request (the process's own, from
-/proc), client timeouts (2 s). For "did my change make it faster?" and for the floor with
+/proc), client timeouts (2 s), RSS idle (once it serves, before any request) and at the end. For "did my change make it faster?" and for the floor with
 the gateway's GC setting, which `run.py` leaves as it is
 (the bare passthrough, with CPython's default collector).
 """
@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from harness import (
@@ -108,7 +109,7 @@ def main() -> int:
                 },
             }
             (tmp / "keys.json").write_text(json.dumps(keys))
-            contenders = {}
+            contenders, idle = {}, {}
             for spec in args.contenders:
                 port = free_port()
                 name, argv, is_gateway = command(spec, port, upstream, tmp)
@@ -117,6 +118,8 @@ def main() -> int:
                 ready = healthy if is_gateway else listening
                 wait_until(lambda p=port, r=ready: r(p), name, child, tmp / f"{name}.log")
                 contenders[name] = (port, child)
+                time.sleep(0.3)  # the start's last allocations settled
+                idle[name] = rss_mb(child.pid)
             if args.check_stream:
                 for name, (port, _) in contenders.items():
                     reads = run_async(stream_reads(port))
@@ -133,7 +136,7 @@ def main() -> int:
         timeouts = "/".join(str(run[2]) for run in runs)
         print(
             f"{name:>10}: {rps:7,.0f} rps ({rps / first:.2f}x)  {cpu:6.0f} us CPU per request  "
-            f"timeouts {timeouts}  RSS at the end {runs[-1][3]:.0f} MB"
+            f"timeouts {timeouts}  RSS idle {idle[name]:.1f} MB, at the end {runs[-1][3]:.0f} MB"
         )
     return 0
 

@@ -127,6 +127,27 @@ QUICK = Plan(
     ceiling_seconds=1,
 )
 
+# The whole run on tiny settings, to check it runs end to end (tests/process/test_bench.py).
+SMOKE = Plan(
+    reps=1,
+    sequential=20,
+    wrk_seconds=1,
+    wrk_connections=16,
+    stream_workers=2,
+    streams_per_worker=1,
+    chunks=3,
+    chunk_gap_ms=5,
+    many=20,
+    many_chunks=2,
+    many_gap_ms=20,
+    many_spread_s=0.05,
+    soak_seconds=1,
+    soak_warmup_seconds=0,
+    soak_window_seconds=1,
+    soak_rate=50,
+    ceiling_seconds=1,
+)
+
 # Issue 30's targets: the gateway, every feature on, against the floor (and the best bare
 # foundation) in the same run.
 TARGET_RPS_RATIO = 1.0
@@ -783,6 +804,7 @@ def main() -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (logs, interaction log)"
     )
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--strict",
         action="store_true",
@@ -802,7 +824,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     check_tools()
-    plan = QUICK if args.quick else Plan()
+    plan = SMOKE if args.smoke else QUICK if args.quick else Plan()
     if (os.cpu_count() or 1) < 2:
         raise SystemExit(
             "bench: needs 2 cores (floor and gateway on one, load and mock on the other)"

@@ -1,16 +1,21 @@
 """The benchmark's own parts that can be wrong without a benchmark showing it.
 
 The floor (bench/passthrough.py) must really pass requests and streams through, or the
-ratios to it mean nothing (bench/profile_steps.py's reading of samples is
+ratios to it mean nothing; `make bench`'s scripts must run end to end (on tiny settings:
+their figures are for the benchmark, not for a test) (bench/profile_steps.py's reading of samples is
 tests/unit/test_profile_steps.py).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.support.processes import ROOT, Processes, free_port
 
@@ -59,3 +64,32 @@ def test_the_floor_with_the_gateways_gc_setting_passes_requests_through(
     processes.start(argv, env={"PYTHONPATH": ""}, ready="passthrough on")
     status, _, body = post(f"http://127.0.0.1:{port}/v1/chat/completions", CHAT)
     assert status == 200 and "tok0" in json.loads(body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (make bench installs it)"
+)
+def test_make_bench_prints_each_target_and_scale_figure_end_to_end() -> None:
+    """run.py and scale.py on tiny settings (a few seconds each): every target of issue 30
+    comes out as HOLDS or MISSES with its measured figure, every scale figure is printed."""
+    bench = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--normal-priority"]
+    out = subprocess.run(bench, capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    targets = out.split("issue 30's targets", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    verdicts = [line.split()[0] for line in targets[:-1]]
+    assert len(verdicts) == 7 and set(verdicts) <= {"HOLDS", "MISSES"}, out[-3000:]
+    for what in ("throughput against the floor's", "best bare foundation", "added p50 at c=1",
+                 "stream time to first byte", "client timeouts", "RSS idle", "open streams"):  # fmt: skip
+        assert what in "\n".join(targets), what
+    assert "CPU per chunk (us)" in out
+    scale = [
+        sys.executable,
+        str(ROOT / "bench" / "scale.py"),
+        "--smoke",
+        "--only",
+        "keys,choice,reload",
+    ]
+    out = subprocess.run(scale, capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    figures = out.split("scale (issue 30, point 3)", 1)[1]
+    for what in ("start to first /health answer", "CPU per request against 10 keys",
+                 "100 routes", "pool of 20", "reload of 200 keys under load"):  # fmt: skip
+        assert what in figures, out[-3000:]
