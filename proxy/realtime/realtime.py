@@ -89,10 +89,10 @@ class Realtime:
         names = named.in_path(request.method, exchange.tail, request.query)
         model = names[0] if names else None
         record.saw_model(model)
-        # A Realtime session without a model runs the provider's default; a Responses
+        # 403. A Realtime session without a model runs the provider's default; a Responses
         # session names its model in each turn (turns.py).
-        unnamed = None if is_responses(exchange.tail) else "the provider's default model"
-        named.check(key, names, unnamed=unnamed)  # 403
+        is_unnamed = not names and not is_responses(exchange.tail)
+        named.check(key, [named.Unnamed("the provider's default model")] if is_unnamed else names)
         check_handshake(request)  # 400
         target = key.plans.choose(model).primary  # 400 (no route serves the model)
         record.saw_target(target.name, target.provider.name)

@@ -68,7 +68,7 @@ class Turns:
         key, admission = await exchange.admit_turn(_peek(event, model))  # 401, 429, 503
         if key.allowed_models is not None:
             try:
-                named.check(key, [model] if model else [], unnamed=_UNNAMED)  # 403
+                named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
             except GatewayError:
                 exchange.settle_turn(key, admission, None, model)  # nothing went upstream
                 raise

@@ -4,13 +4,13 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`deployments/<name>/…`), and a nested model (`svg.model` of an image). What cannot be read
-is `Unreadable`: for a restricted key that is a 403, never a pass: a name the gateway cannot
-see must not slip past allowed_models. So is a request that names no model where the
-provider would then pick one the gateway cannot see (`unnamed`): a stored prompt's (Responses
-with a `prompt` id), an assistant's (runs), the endpoint's default (images, videos, audio).
-A `model` in the body overrides the prompt's and the assistant's, so one that is allowed
-passes. This module finds the names and judges them (`check`): the one allowed_models check
+`deployments/<name>/…`), and nested models (`svg.model` of an image, the `model` of a
+Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
+key that is a 403, never a pass: a name the gateway cannot see must not slip past
+allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
+a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
+default (images, videos, audio, an image tool). A `model` in the body overrides the
+prompt's and the assistant's, so one that is allowed passes. This module finds the names and judges them (`check`): the one allowed_models check
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
 Some requests hand the client a way around the gateway altogether (`check_outside`): an
@@ -23,6 +23,7 @@ refused to a restricted key always, and to any other key unless keys.json allows
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -69,15 +70,31 @@ class Unreadable(ValueError):
     """The request may name a model the gateway cannot read; the message says where."""
 
 
-def in_document(document: Any) -> Iterator[Any]:
-    """The `model` values of a JSON body: its own, and those of an Anthropic batch's requests."""
+@dataclass(frozen=True, slots=True)
+class Unnamed:
+    """In the names of a request: a model it runs without naming it (`where` says whose)."""
+
+    where: str
+
+
+def in_document(document: Any, unnamed: str | None = None) -> Iterator[Any]:
+    """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
+    `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
+    of an Anthropic batch's requests."""
     if not isinstance(document, dict):
         return
     if "model" in document:
         yield document["model"]
-    svg = document.get("svg")  # an image's SVG output is authored by a model of its own
-    if isinstance(svg, dict) and "model" in svg:
-        yield svg["model"]
+    elif unnamed is not None:
+        yield Unnamed(unnamed)
+    yield from _svg_author(document)
+    tools = document.get("tools")
+    if isinstance(tools, list):  # the Responses API's image_generation tool runs its own model
+        for tool in tools:
+            if not isinstance(tool, dict) or tool.get("type") != "image_generation":
+                continue
+            yield tool["model"] if "model" in tool else Unnamed("the image tool's default model")
+            yield from _svg_author(tool)
     requests = document.get("requests")
     if isinstance(requests, list):
         for item in requests:
@@ -86,28 +103,43 @@ def in_document(document: Any) -> Iterator[Any]:
                 yield params["model"]
 
 
-def in_form(content_type: str, body: bytes) -> list[str]:
-    """The `model` fields of a form body. Raises Unreadable for a broken multipart body."""
+def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:
+    """An image's SVG output is authored by a model of its own (`svg.model`)."""
+    svg = holder.get("svg")
+    if isinstance(svg, dict) and "model" in svg:
+        yield svg["model"]
+
+
+def in_form(content_type: str, body: bytes, unnamed: str | None = None) -> list[str | Unnamed]:
+    """The `model` fields of a form body (`Unnamed(unnamed)` when it has none and `unnamed`
+    says what it then runs). Raises Unreadable for a broken multipart body."""
+    found = _form_models(content_type, body)
+    if unnamed is not None and "model" not in (name for name, _ in found):
+        return [*(value for _, value in found), Unnamed(unnamed)]
+    return [value for _, value in found]
+
+
+def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
+    """(field, value) of each form field that names a model."""
     media_type, options = parse_options_header(content_type)
     if media_type == "application/x-www-form-urlencoded":
         text = body.decode("utf-8", "replace")
-        return [
-            value for name, value in parse_qsl(text, keep_blank_values=True) if name in _FORM_NAMES
-        ]
+        fields = parse_qsl(text, keep_blank_values=True)
+        return [(name, value) for name, value in fields if name in _FORM_NAMES]
     boundary = options.get("boundary")
     if not boundary:
         raise Unreadable("a multipart body without a boundary")
-    models: list[str] = []
-    value: bytearray | None = None
+    models: list[tuple[str, str]] = []
+    name, value = "", None
     try:
         with PushMultipartParser(boundary) as parser:
             for event in (*parser.parse(body), *parser.parse(b"")):
                 if isinstance(event, MultipartSegment):
-                    value = bytearray() if event.name in _FORM_NAMES else None
+                    name, value = event.name, bytearray() if event.name in _FORM_NAMES else None
                 elif event and value is not None:
                     value += event
                 elif event is None and value is not None:
-                    models.append(value.decode("utf-8", "replace"))
+                    models.append((name, value.decode("utf-8", "replace")))
                     value = None
     except MultipartError as error:
         raise Unreadable(f"a multipart body that does not parse ({error})") from None
@@ -135,8 +167,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
 
 
 def unnamed(method: str, tail: str) -> str | None:
-    """The model a request runs when it names none, where the gateway cannot see it; None:
-    the request needs no model, or the provider refuses it without one."""
+    """The model a request runs when its body names none, where the gateway cannot see it
+    (for `in_document`, `in_form`); None: it needs none, or the provider refuses it without."""
     if method != "POST":
         return None
     segments = tail.rstrip("/").split("/")
@@ -176,27 +208,26 @@ def check_outside(key: VirtualKey, method: str, tail: str) -> None:
         )
 
 
-def check(
-    key: VirtualKey, names: list[Any], unreadable: str | None = None, unnamed: str | None = None
-) -> None:
+def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> None:
     """Every model named is one the key may use, and none is out of sight. Raises 403.
 
-    `unreadable`: where the request may name a model the gateway could not read. `unnamed`:
-    the model the request runs when it names none (`unnamed()`). A key without
+    `unreadable`: where the request may name a model the gateway could not read; an
+    `Unnamed` among `names`: a model it runs without naming it. A key without
     allowed_models may use any model.
     """
     if key.allowed_models is None:
         return
     allowed = ", ".join(key.model_patterns or ())  # as keys.json writes them
-    if unnamed is not None and not names:
-        raise GatewayError(
-            403,
-            "model_not_allowed",
-            f"This key may use only some models ({allowed}), and this request names none: "
-            f"it would run {unnamed}, which the gateway cannot check. Name the 'model'.",
-            "model",
-        )
     for name in names:
+        if isinstance(name, Unnamed):
+            raise GatewayError(
+                403,
+                "model_not_allowed",
+                f"This key may use only some models ({allowed}), and this request names none "
+                f"where it would run {name.where}, which the gateway cannot check: name the "
+                "'model'.",
+                "model",
+            )
         if not isinstance(name, str):
             raise GatewayError(
                 403,

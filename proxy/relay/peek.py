@@ -82,17 +82,18 @@ def validate(
     unreadable: str | None = None
     document: dict[str, Any] | None = None
     named.check_outside(key, request.method, tail)  # 403
+    unnamed = named.unnamed(request.method, tail)
     if tail not in _NEEDS_MODEL_AND_MESSAGES and request.content_type in named.FORM_TYPES:
         # Parsing a large upload costs time: only where it decides (the check, or the price).
         if is_restricted or tail in named.PRICED_FORMS:
             try:
-                names += named.in_form(request.headers.get("content-type", ""), body)
+                names += named.in_form(request.headers.get("content-type", ""), body, unnamed)
             except named.Unreadable as error:
                 unreadable = str(error)
     else:
         document = _document(tail, request, body)
         if document is not None:
-            names += named.in_document(document)
+            names += named.in_document(document, unnamed)
         elif body:
             unreadable = "a body that is neither a JSON object nor a form"
     try:
@@ -111,7 +112,7 @@ def validate(
     if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
         _check_chat(document)
     if is_restricted:
-        named.check(key, names, unreadable, named.unnamed(request.method, tail))
+        named.check(key, names, unreadable)
     if document is None or not key.reserves:  # nothing to reserve: no need to measure
         return Peek(model=model, is_stream=is_stream)
     return Peek(

@@ -70,6 +70,15 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "create and run with an assistant": lambda c: c.beta.threads.create_and_run(
         assistant_id="asst_1"
     ),
+    "responses with a prompt id and an image tool": lambda c: c.responses.create(
+        prompt={"id": "pmpt_123"}, tools=[{"type": "image_generation", "model": "gpt-4o-mini"}]
+    ),
+    "responses with another image tool model": lambda c: c.responses.create(
+        model="gpt-4o-mini", input="draw", tools=[{"type": "image_generation", "model": "x"}]
+    ),
+    "responses with an image tool's default model": lambda c: c.responses.create(
+        model="gpt-4o-mini", input="draw", tools=[{"type": "image_generation"}]
+    ),
     "images without a model": lambda c: c.images.generate(prompt="a cat"),
     "images with another model": lambda c: c.images.generate(prompt="a cat", model="gpt-image-1"),
     "images with another svg author": lambda c: c.images.generate(
@@ -139,10 +148,14 @@ async def test_a_prompt_or_an_assistant_with_an_allowed_model_named_passes(
     assert run.model == "gpt-4o-mini"
     both = await client.beta.threads.create_and_run(assistant_id="asst_1", model="gpt-4o-mini")
     assert both.status == "queued"
+    # A tool that names no model is no model: the request's own is checked.
+    tools = [{"type": "function", "name": "f", "parameters": {}}]
+    await client.responses.create(model="gpt-4o-mini", input="hi", tools=tools)
     assert [seen.path for seen in fake.requests] == [
         "/v1/responses",
         "/v1/threads/thread_1/runs",
         "/v1/threads/runs",
+        "/v1/responses",
     ]
 
 
