@@ -50,6 +50,7 @@ from proxy.relay.relay import Relay, keep_untyped
 from proxy.settings import Settings
 from proxy.upstream.breaker import BreakerPolicy, Breakers
 from proxy.upstream.failover import Failover, RetryPolicy
+from proxy.upstream.targets import members_report
 from proxy.upstream.wire import Wire
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory
@@ -171,6 +172,7 @@ def build_app(
         breakers,
         providers_of(key_ring),
         tracker_backend="redis" if settings.redis_url else "memory",
+        members=lambda: members_report(key_ring.every_target()),
     )
     app[SETTINGS] = settings
     app[KEY_RING] = key_ring
@@ -314,7 +316,6 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         max_wait_seconds=settings.retry_max_wait_seconds,
         deadline_seconds=settings.retry_deadline_seconds,
         request_timeout=settings.request_timeout,
-        sticky_header=settings.pool_sticky_header,
     )
 
 

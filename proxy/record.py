@@ -208,6 +208,8 @@ class Record:
     outcome: Outcome | None = None  # set once, by `end`
     error: str | None = None  # why, in words, when it did not simply answer
     target: str | None = None  # the target that answered (or was tried last)
+    # Which of it: its name, or the pool key's label ("openai#2", never the key) in a pool.
+    member: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
     # What the usage cost in USD (pricing.py); None when unpriced or without usage.
     cost_usd: float | None = None
@@ -253,9 +255,10 @@ class Record:
         """The body as sent (LOG_BODIES only)."""
         self.request_body = body
 
-    def saw_target(self, target: str, provider: str) -> None:
-        """An attempt goes to this target: the last one tried is the one that answered."""
-        self.target, self.provider = target, provider
+    def saw_target(self, target: str, provider: str, member: str | None = None) -> None:
+        """An attempt goes to this target (`member`: the pool key's label, else the target's
+        name): the last one tried is the one that answered."""
+        self.target, self.provider, self.member = target, provider, member or target
 
     def add_attempt(self, attempt: Attempt) -> None:
         """One try on one target ended: answered, or failed and why."""

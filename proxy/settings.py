@@ -330,7 +330,8 @@ class Settings:
     pool_sticky_header: str | None = setting(
         None,
         _optional_text,
-        "a request header whose value keeps a client on one key of a pool (unset: no stickiness)",
+        "a request header naming the conversation a pool keeps on one key, when the body names "
+        "none (prompt_cache_key, metadata.user_id); unset: the body's only",
     )
     max_connections: int = setting(
         "1024",

@@ -85,6 +85,7 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "api_key",
             "api_key_env",
             "api_keys",
+            "balance",
             "model",
             "name",
             "quota",
@@ -107,10 +108,20 @@ FIELDS: Mapping[str, frozenset[str]] = {
     "cache": frozenset({"ttl_seconds", "scope"}),
     "quota": frozenset({"requests", "tokens", "window_seconds"}),
     "budget": frozenset({"usd", "window_seconds"}),
-    "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model"}) | CLOUD_FIELDS,
+    "target": frozenset({"provider", "api_key", "api_key_env", "api_keys", "model", "balance"})
+    | CLOUD_FIELDS,
     "pool entry": frozenset({"api_key", "api_key_env", "weight"}),
     "route": frozenset(
-        {"models", "provider", "api_key", "api_key_env", "api_keys", "model", "fallbacks"}
+        {
+            "models",
+            "provider",
+            "api_key",
+            "api_key_env",
+            "api_keys",
+            "model",
+            "fallbacks",
+            "balance",
+        }
     )
     | CLOUD_FIELDS,
 }

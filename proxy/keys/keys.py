@@ -228,6 +228,10 @@ class KeyRing:
         """Provider name → number of keys that can send requests to it, for /health."""
         return dict(self._key_counts)
 
+    def every_target(self) -> list[Target]:
+        """Every target of every key, several of one name included (each has its own pool)."""
+        return [t for key in self._keys.values() for t in key.plans.every_target()]
+
     def targets(self) -> dict[str, Target]:
         """Every target of every key, by name (one breaker each)."""
         return dict(self._targets)

@@ -17,7 +17,16 @@ from proxy.keys import fields
 from proxy.keys.clouds import cloud_target
 from proxy.keys.fields import KeysFileError, check_fields
 from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
-from proxy.upstream.targets import Credential, Plan, Plans, Pool, Route, Target
+from proxy.upstream.targets import (
+    BALANCES,
+    WEIGHTED,
+    Credential,
+    Plan,
+    Plans,
+    Pool,
+    Route,
+    Target,
+)
 
 MAX_WEIGHT = 1000
 
@@ -131,7 +140,17 @@ def _plan(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> 
             )
         targets.append(fallback)
     secrets = tuple(c.api_key for target in targets for c in target.pool.credentials)
-    return Plan(tuple(targets), secrets)
+    return Plan(tuple(targets), secrets, _balance(key, entry, where))
+
+
+def _balance(key: str, entry: Mapping[str, Any], where: str) -> str:
+    """How an entry chooses: its pool's keys, and (a key's or a route's) its targets."""
+    balance = entry.get("balance", WEIGHTED)
+    if balance not in BALANCES:
+        raise KeysFileError(
+            f"{key}: {where}balance must be one of {', '.join(map(repr, BALANCES))}"
+        )
+    return str(balance)
 
 
 def _target(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> Target:
@@ -179,4 +198,4 @@ def _pool(key: str, entry: Mapping[str, Any], real_key: RealKey, where: str, nam
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= MAX_WEIGHT:
             raise KeysFileError(f"{key}: {at}weight must be an integer from 1 to {MAX_WEIGHT}")
         credentials.append(Credential(real_key(member, at), f"{name}#{index + 1}", weight))
-    return Pool(credentials)
+    return Pool(credentials, _balance(key, entry, where))

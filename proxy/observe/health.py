@@ -2,9 +2,11 @@
 
 Provider health is read from traffic, never from probes (a probe would spend the users'
 real keys): it is the state of each target's circuit breaker (`breaker.py`), which the
-attempt loop feeds with every attempt's outcome. A provider is healthy while none of its
+attempt loop feeds with every attempt's outcome (and, with PROBE_INTERVAL_SECONDS, a probe
+that generates nothing: `upstream/probes.py`). A provider is healthy while none of its
 targets' breakers is open. `/health` lists the providers (keys, healthy, last error) and
-the targets (breaker state).
+the targets (breaker state, and each key's measured time to first byte and requests in
+flight, by its label: `members`).
 
 `/health` always answers 200 with `status` "degraded" while a breaker is open or the
 tracker has lost Redis: the gateway still serves, so a load balancer should not pull it.
@@ -40,14 +42,17 @@ class Health:
         targets_of: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         tracker_backend: str = "memory",
+        members: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
     ) -> None:
-        """`targets_of`: target name → its provider's name."""
+        """`targets_of`: target name → its provider's name. `members`: each target's keys
+        by label, as `targets.members_report` gives them."""
         self._clock = clock
         self._started = clock()
         self._key_counts = dict(key_counts)
         self._breakers = breakers
         self._provider_of = dict(targets_of)
         self._tracker_backend = tracker_backend
+        self._members = members
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
         self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
@@ -81,11 +86,15 @@ class Health:
         is_degraded = self.tracker_degraded is not None or not all(
             state["healthy"] for state in providers.values()
         )
+        targets = self._breakers.report()
+        for name, members in self._members().items():
+            if name in targets:
+                targets[name]["members"] = members
         report: dict[str, object] = {
             "status": "degraded" if is_degraded else "healthy",
             "uptime_seconds": round(self._clock() - self._started, 1),
             "providers": providers,
-            "targets": self._breakers.report(),
+            "targets": targets,
             "tracker": {
                 "backend": self._tracker_backend,
                 "healthy": self.tracker_degraded is None,

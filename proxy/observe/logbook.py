@@ -156,7 +156,7 @@ class Logbook:
         if record.websocket is not None:
             fields["websocket"] = record.websocket
         if record.attempts:
-            fields["target"] = record.target
+            fields["target"] = record.member  # a pool's key by its label: "openai#2"
             fields["attempts"] = [attempt.as_dict() for attempt in record.attempts]
         if self._log_bodies:
             fields["request"] = record.request_body

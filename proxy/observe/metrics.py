@@ -214,6 +214,20 @@ class Metrics:
             ["provider", "reason"],
             registry=owner,
         )
+        self._choices = Counter(
+            "llm_gateway_choices",
+            "Attempts by the target and the member chosen: a pool key by its label "
+            "(openai#2), never the key.",
+            ["target", "member"],
+            registry=owner,
+        )
+        self._probes = Counter(
+            "llm_gateway_probes",
+            "Probes of targets whose breaker is open (GET models: nothing generated), by "
+            "result: ok (the breaker closed) or failed.",
+            ["target", "result"],
+            registry=owner,
+        )
         self._breaker_state = Gauge(
             "llm_gateway_breaker_state",
             "Each target's circuit breaker: 0 closed, 1 half-open, 2 open (the worst of the workers).",
@@ -281,6 +295,8 @@ class Metrics:
         if is_upstream_failure(record):
             self._child(self._upstream_errors, provider, _failure_kind(record)).inc()
         attempts = record.attempts
+        for attempt in attempts:
+            child(self._choices, attempt.target, attempt.key).inc()
         for previous, current in zip(attempts, attempts[1:], strict=False):
             moved = previous.target != current.target or previous.key != current.key
             counter = self._failovers if moved else self._retries
@@ -296,6 +312,10 @@ class Metrics:
         for provider in providers:
             for kind in UPSTREAM_ERROR_KINDS:
                 self._child(self._upstream_errors, provider, kind)
+
+    def probed(self, target: str, result: str) -> None:
+        """A probe of `target`'s open breaker ended: "ok" or "failed"."""
+        self._child(self._probes, target, result).inc()
 
     def breaker_changed(self, target: str, state: str) -> None:
         """A target's breaker moved to `state` (closed, half_open, open)."""

@@ -1,7 +1,8 @@
 """What the gateway reads of a request before it goes upstream: the body, and a peek at it.
 
 `read_body` reads the body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields
-the gateway checks (`model`, `stream`, `messages`) in a JSON body, decoding a compressed
+the gateway checks (`model`, `stream`, `messages`) or uses (the conversation a pool keeps on
+one key: `prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed
 upload (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
 """
@@ -39,6 +40,9 @@ class Peek:
     # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens).
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
+    # The conversation the body names, kept on one pool key for the provider's prompt cache:
+    # OpenAI's prompt_cache_key, else Anthropic's metadata.user_id; None when neither.
+    affinity: str | None = None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -113,14 +117,28 @@ def validate(
         _check_chat(document)
     if is_restricted:
         named.check(key, names, unreadable)
-    if document is None or not key.reserves:  # nothing to reserve: no need to measure
+    if document is None:
         return Peek(model=model, is_stream=is_stream)
+    affinity = _conversation(document)
+    if not key.reserves:  # nothing to reserve: no need to measure
+        return Peek(model=model, is_stream=is_stream, affinity=affinity)
     return Peek(
         model=model,
         is_stream=is_stream,
         prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(document)),
         max_output_tokens=_output_cap(document),
+        affinity=affinity,
     )
+
+
+def _conversation(document: dict[str, Any]) -> str | None:
+    """prompt_cache_key (OpenAI), else metadata.user_id (Anthropic): non-empty strings only."""
+    key = document.get("prompt_cache_key")
+    if isinstance(key, str) and key:
+        return key
+    metadata = document.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return user if isinstance(user, str) and user else None
 
 
 def _output_cap(document: dict[str, Any]) -> int | None:

@@ -82,8 +82,12 @@ class Relay:
             return await self.answer_hit(request, found.entry, admission, record)
         trace = exchange.trace
         on_attempt = None if trace is None else trace.attempt
-        forward = self.failover.forward
-        async with forward(request, plan, tail, exchange.query, body, record, on_attempt) as reply:
+        forward, header = self.failover.forward, settings.pool_sticky_header
+        # One conversation, one pool key: the body's name for it, else the sticky header's.
+        affinity = peek.affinity or (request.headers.get(header) if header else None) or None
+        async with forward(
+            request, plan, tail, exchange.query, body, record, on_attempt, affinity
+        ) as reply:
             return await self.stream_back(
                 request, reply, plan, body, record, admission, asked, found
             )

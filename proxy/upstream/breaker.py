@@ -160,6 +160,12 @@ class Breakers:
         self._on_change(name, CLOSED)
         return breaker
 
+    def is_closed(self, name: str) -> bool:
+        """True while `name`'s breaker lets every request through (a question that, unlike
+        `admits`, takes no half-open probe)."""
+        breaker = self._breakers.get(name)
+        return breaker is None or breaker.state == CLOSED
+
     def report_broken(self, name: str, why: str) -> None:
         """The target answered, then cut its body short: a failure of the target's."""
         self[name].failed(self.clock(), why)

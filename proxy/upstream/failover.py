@@ -56,7 +56,7 @@ from proxy.record import Attempt, Outcome, Record
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
-from proxy.upstream.targets import Credential, Plan, Target
+from proxy.upstream.targets import Credential, Plan, Pool, Target, affinity_of
 from proxy.upstream.wire import IDEMPOTENT, Wire
 from proxy.upstream.wire import Reply as WireReply
 
@@ -81,7 +81,6 @@ class RetryPolicy:
     max_wait_seconds: float = 10.0
     deadline_seconds: float = 60.0
     request_timeout: float = 600.0
-    sticky_header: str | None = None
 
 
 class StoredAnswer:
@@ -112,6 +111,9 @@ class _Walk:
     failure: Failed | None = None
     is_over: bool = False
     on_attempt: OnAttempt | None = None  # None: traces off
+    affinity: bytes | None = None  # the request's conversation (targets.affinity_of)
+    # The pool and key whose answer went on: in flight until the client has it all.
+    serving: tuple[Pool, Credential] | None = None
 
     def give_up(self) -> Reply:
         """The last provider answer; else the gateway's 502/504, carrying how it failed."""
@@ -166,18 +168,25 @@ class Failover:
         body: bytes,
         record: Record,
         on_attempt: OnAttempt | None = None,
+        affinity: str | None = None,
     ) -> AsyncIterator[Reply]:
         """Yield the answer to pass on. Raises 502/504 when no provider answered.
 
         `on_attempt`: told of each attempt before it goes (None: traces off).
+        `affinity`: the conversation the request belongs to (None: none), kept on one key.
         """
-        reply = await self._walk(request, plan, tail, query, body, record, on_attempt)
+        reply, walk = await self._walk(
+            request, plan, tail, query, body, record, on_attempt, affinity
+        )
         try:
             yield reply
         finally:
             # Closing (not releasing) drops a connection whose body was not read to the end,
             # which is how a client that left cancels the upstream request at once.
             reply.close()
+            if walk is not None and walk.serving is not None:
+                pool, credential = walk.serving
+                pool.ended(credential)
 
     async def _walk(
         self,
@@ -188,7 +197,8 @@ class Failover:
         body: bytes,
         record: Record,
         on_attempt: OnAttempt | None,
-    ) -> Reply:
+        affinity: str | None,
+    ) -> tuple[Reply, _Walk | None]:
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
             # (what the loop below would do too, without its bookkeeping).
@@ -199,30 +209,34 @@ class Failover:
             )  # fmt: skip
             try:
                 credential = target.pool.credentials[0]
-                return await self._attempt(outbound, credential, record, on_attempt)
+                return await self._attempt(outbound, credential, record, on_attempt), None
             except Failed as failed:
-                return _Walk(0.0, failure=failed).give_up()
-        walk = _Walk(self.breakers.clock() + self.policy.deadline_seconds, on_attempt=on_attempt)
-        header = self.policy.sticky_header
-        sticky = request.headers.get(header) if header else None
-        breakers, tried_any = self.breakers, False
-        for target in plan.targets:
+                return _Walk(0.0, failure=failed).give_up(), None
+        breakers = self.breakers
+        now = breakers.clock()
+        walk = _Walk(
+            now + self.policy.deadline_seconds,
+            on_attempt=on_attempt,
+            affinity=None if affinity is None else affinity_of(affinity),
+        )
+        tried_any = False
+        for target in plan.in_order(now, walk.affinity, breakers.is_closed):
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
             if not breakers[target.name].admits(breakers.clock()):
                 continue
             tried_any = True
-            reply = await self._on_target(target, request, tail, query, body, sticky, record, walk)
+            reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply
+                return reply, walk
             if walk.is_over:
                 break
         if not tried_any:  # every breaker open: try the least recently failed, not nothing
             target = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
-            reply = await self._on_target(target, request, tail, query, body, sticky, record, walk)
+            reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply
-        return walk.give_up()
+                return reply, walk
+        return walk.give_up(), walk
 
     async def _on_target(
         self,
@@ -231,7 +245,6 @@ class Failover:
         tail: str,
         query: str,
         body: bytes,
-        sticky: str | None,
         record: Record,
         walk: _Walk,
     ) -> Reply | None:
@@ -241,25 +254,38 @@ class Failover:
             target, request.method, request.headers, tail, query, body,
             record.request_id, self._max_body_bytes,
         )  # fmt: skip
-        retries, tried = policy.attempts, set[str]()
-        while (credential := target.pool.pick(clock(), sticky, frozenset(tried))) is not None:
+        retries, tried, pool = policy.attempts, set[str](), target.pool
+        while (credential := pool.pick(clock(), walk.affinity, frozenset(tried))) is not None:
             if record.attempts and clock() >= walk.deadline:
                 walk.is_over = True
                 return None
             retry = policy.attempts - retries
+            pool.began(credential)
             try:
-                reply = await self._attempt(outbound, credential, record, walk.on_attempt)
+                reply = await self._attempt(outbound, credential, record, walk.on_attempt, pool)
             except Failed as failed:
+                pool.ended(credential)
                 walk.failure, wait = failed, self._backoff(retry)
                 if failed.sent and request.method not in IDEMPOTENT:
                     walk.is_over = True  # the provider may be at work on it: never twice
                     return None
+            except BaseException:
+                pool.ended(credential)
+                raise
             else:
                 status = reply.status
                 if status not in RETRYABLE and not (status in KEY_REFUSED and target.pool.size > 1):
+                    walk.serving = pool, credential
                     return reply
-                if not _is_keepable(reply) or (kept := await self._keep(reply)) is None:
+                try:
+                    kept = await self._keep(reply) if _is_keepable(reply) else None
+                except BaseException:
+                    pool.ended(credential)
+                    raise
+                if kept is None:
+                    walk.serving = pool, credential
                     return reply  # cannot be kept whole: it goes on as it is
+                pool.ended(credential)
                 walk.kept = kept
                 asked = _asked_wait(reply.headers)
                 if status in KEY_REFUSED:
@@ -285,13 +311,18 @@ class Failover:
         credential: Credential,
         record: Record,
         on_attempt: OnAttempt | None,
+        pool: Pool | None = None,
     ) -> WireReply:
-        """One request to one target with one key. Raises Failed."""
+        """One request to one target with one key. Raises Failed.
+
+        `pool`: told how long the answer's first bytes took (None: a key with one target,
+        which has nothing to choose)."""
         wire = self._wire
         assert wire is not None, "the app's upstream wire is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
-        record.saw_target(target.name, target.provider.name)
+        member = credential.label if target.pool.size > 1 else target.name
+        record.saw_target(target.name, target.provider.name, member)
         asked = time.perf_counter()
         sent = False
 
@@ -329,6 +360,8 @@ class Failover:
             raise
         else:
             ms = record.waited_upstream(asked)
+            if pool is not None and reply.status not in RETRYABLE:
+                pool.measured(credential, ms / 1000.0, now())
             record.add_attempt(
                 Attempt(
                     target.name,
@@ -348,6 +381,8 @@ class Failover:
                 breaker.succeeded(now())
             return reply
         ms = record.waited_upstream(asked)
+        if pool is not None and failed.outcome is Outcome.TIMEOUT:
+            pool.measured(credential, ms / 1000.0, now())  # its first byte: later than that
         record.add_attempt(
             Attempt(
                 target.name,

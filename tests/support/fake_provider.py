@@ -55,7 +55,9 @@ Images, audio, Realtime client secrets and assistant runs: `tests/support/fake_m
 
 Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
 makes every request presenting that key get that answer (or only `times` of them), so a
-fallback or a pool's other key can be told apart from the failing one.
+fallback or a pool's other key can be told apart from the failing one;
+`state.slow[real_key] = seconds` holds that key's answers that long before their headers
+(a slow key's time to first byte).
 
 The Anthropic dialect (errors, model objects) is used on `/messages` paths and for any
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
@@ -152,6 +154,8 @@ class FakeState:
     is_stopping: bool = False
     # real key -> a fault every request presenting that key gets (see Fault)
     faults: dict[str, Fault] = field(default_factory=dict)
+    # real key -> seconds its requests wait before they are answered (see `slow` above)
+    slow: dict[str, float] = field(default_factory=dict)
     # response id -> a background Response (POST /responses, "background": true)
     background: dict[str, Background] = field(default_factory=dict)
     # requests being answered right now, and the most there ever were at once
@@ -290,7 +294,11 @@ async def answer(
     knobs = request[KNOBS] = Knobs.read(request.headers)
     if request.headers.get("x-fake-hold") == "1":
         await state.release.wait()
-    fault = state.faults.get(credential(request.headers) or "")
+    presented = credential(request.headers) or ""
+    if (wait := state.slow.get(presented)) is not None:
+        async with watching(request):
+            await pause(request, wait)
+    fault = state.faults.get(presented)
     if fault is not None and fault.times != 0:
         if fault.times is not None:
             fault.times -= 1
