@@ -119,9 +119,11 @@ class Usage:
 
     `prompt_tokens` and `completion_tokens` are totals: every other count is a part of one
     of them (cache reads and writes and input audio of the prompt; reasoning and output
-    audio of the completion), kept apart because each kind has its own price. Endpoints
-    priced by other units count them beside: the characters of speech's input, the
-    seconds of a transcription's audio (zero elsewhere, and left out of the log line).
+    audio of the completion), kept apart because each kind has its own price. The image
+    parts (GPT image models' input and output image tokens) and the units of endpoints
+    priced otherwise (the characters of speech's input, the seconds of a transcription's
+    audio) are zero elsewhere, and left out of the log line then; the tracker's totals by
+    kind (`quota.tracker.KINDS`) keep the kinds before them.
     """
 
     prompt_tokens: int = 0
@@ -132,6 +134,8 @@ class Usage:
     input_audio_tokens: int = 0
     reasoning_tokens: int = 0
     output_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
     input_characters: int = 0
     input_audio_seconds: float = 0.0
 
@@ -141,10 +145,10 @@ class Usage:
 
     def as_dict(self) -> dict[str, int | float | bool]:
         units: dict[str, int | float] = {}
-        if self.input_characters:
-            units["input_characters"] = self.input_characters
-        if self.input_audio_seconds:
-            units["input_audio_seconds"] = self.input_audio_seconds
+        for name in _SOMETIMES:
+            value = getattr(self, name)
+            if value:
+                units[name] = value
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -158,6 +162,14 @@ class Usage:
             "estimated": self.estimated,
         }
 
+
+# Usage's counts that the log line shows only when there are some.
+_SOMETIMES = (
+    "input_image_tokens",
+    "output_image_tokens",
+    "input_characters",
+    "input_audio_seconds",
+)
 
 # The statuses of a Responses API object: still running, or finished for good.
 PENDING = frozenset(("queued", "in_progress"))

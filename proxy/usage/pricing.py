@@ -19,8 +19,8 @@ How a cost is computed: the library's data decides the rates (model matching, da
 changes, tiers by prompt size); this module does the arithmetic for the gateway's fixed
 token kinds, because the library's generic `calc_price` costs hundreds of µs a call
 (bench/pricing.py: 370-720 µs on a loaded 2-core machine; this, under 10 µs). The
-arithmetic is the library's: a part (cache reads, cache writes, input audio; reasoning,
-output audio) is priced at its own rate when the model has one, else at its total's rate,
+arithmetic is the library's: a part (cache reads, cache writes, input audio and images;
+reasoning, output audio and images) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate. A test checks the figures
 against `genai_prices.calc_price`. Endpoints priced by other units are priced by them
 where the data has a rate: speech's input characters (`input_mchars`: tts-1), a
@@ -29,8 +29,8 @@ that counts a unit its model's price has no rate for is unpriced (None), not fre
 not done: a cost for a model without a price (None, never a made-up number), Anthropic's
 1-hour cache writes at their own rate (the usage tap does not split writes by lifetime: all
 are priced as 5-minute writes), images by count, size and quality (the data has no such
-price: GPT image models are priced by the tokens they report, image input tokens at the
-text input rate), speech by audio tokens (the API reports none unless streamed as SSE).
+price: GPT image models are priced by the tokens they report, their image parts at the
+image rates), speech by audio tokens (the API reports none unless streamed as SSE).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ PRICE_KEYS = (
     "output_audio_mtok",
     "output_reasoning_mtok",
     "requests_kcount",
+    "input_image_mtok",
+    "output_image_mtok",
     "input_mchars",
     "input_audio_hours",
     "audio_hours",
@@ -112,6 +114,7 @@ class Price:
             ("cache_read_mtok", usage.cache_read_tokens),
             ("cache_write_mtok", usage.cache_write_tokens),
             ("input_audio_mtok", usage.input_audio_tokens),
+            ("input_image_mtok", usage.input_image_tokens),
         ):
             part = rate(key)
             if part is not None and count:
@@ -121,6 +124,7 @@ class Price:
         for key, count in (
             ("output_reasoning_mtok", usage.reasoning_tokens),
             ("output_audio_mtok", usage.output_audio_tokens),
+            ("output_image_mtok", usage.output_image_tokens),
         ):
             part = rate(key)
             if part is not None and count:

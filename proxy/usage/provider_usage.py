@@ -23,6 +23,7 @@ from proxy.record import Usage
 PROMPT, COMPLETION = "prompt", "completion"
 CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
+INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
 _TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 # Braces outside strings, and strings whole (skipped, escapes and all).
@@ -96,6 +97,8 @@ class ProviderUsage:
             input_audio_tokens=get(INPUT_AUDIO, 0),
             reasoning_tokens=get(REASONING, 0),
             output_audio_tokens=get(OUTPUT_AUDIO, 0),
+            input_image_tokens=get(INPUT_IMAGE, 0),
+            output_image_tokens=get(OUTPUT_IMAGE, 0),
         )
 
 
@@ -110,6 +113,8 @@ def added(total: Usage, more: Usage) -> Usage:
         total.input_audio_tokens + more.input_audio_tokens,
         total.reasoning_tokens + more.reasoning_tokens,
         total.output_audio_tokens + more.output_audio_tokens,
+        total.input_image_tokens + more.input_image_tokens,
+        total.output_image_tokens + more.output_image_tokens,
         total.input_characters + more.input_characters,
         total.input_audio_seconds + more.input_audio_seconds,
     )

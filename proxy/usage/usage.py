@@ -57,6 +57,7 @@ from proxy.usage import (
     audio,
     bedrock,
     estimate,
+    images,
     openai_chat,
     realtime_events,
     responses,
@@ -122,7 +123,7 @@ _STORED = frozenset((Charged.LATER, Charged.FETCHED))
 # Taps charged what the provider reports, and nothing when it reports nothing.
 _AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
-_EVENTS = {**anthropic.EVENTS, **responses.EVENTS, **audio.EVENTS}
+_EVENTS = {**anthropic.EVENTS, **responses.EVENTS, **audio.EVENTS, **images.EVENTS}
 _read_chunk = openai_chat.read_chunk
 
 
@@ -468,4 +469,6 @@ def _fields_of(usage: object) -> UsageFields:
         return anthropic.USAGE
     if "input_token_details" in usage:
         return realtime_events.USAGE  # and transcriptions, in the same fields
+    if images.is_usage(usage):
+        return images.USAGE
     return responses.USAGE

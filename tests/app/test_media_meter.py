@@ -16,6 +16,7 @@ from proxy.record import Usage
 from tests.conftest import OPENAI_VK, auth
 from tests.support.fake_media import (
     AUDIO_SECONDS,
+    EDIT_IMAGE_TOKENS,
     IMAGE_INPUT_TOKENS,
     IMAGE_OUTPUT_TOKENS,
     TRANSCRIBE_AUDIO_TOKENS,
@@ -63,10 +64,16 @@ async def test_allowed_media_requests_pass_count_and_are_priced_by_their_units(
         model="whisper-1", file=WAV, response_format="verbose_json"
     )
     lines = await records(7)
-    image_tokens = Usage(IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS)
+    image = Usage(IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS, output_image_tokens=IMAGE_OUTPUT_TOKENS)
+    edit = Usage(
+        IMAGE_INPUT_TOKENS + EDIT_IMAGE_TOKENS,
+        IMAGE_OUTPUT_TOKENS,
+        input_image_tokens=EDIT_IMAGE_TOKENS,
+        output_image_tokens=IMAGE_OUTPUT_TOKENS,
+    )
     expected = [
-        ("gpt-image-1", library_cost("openai", "gpt-image-1", image_tokens)),
-        ("gpt-image-1", library_cost("openai", "gpt-image-1", image_tokens)),
+        ("gpt-image-1", library_cost("openai", "gpt-image-1", image)),
+        ("gpt-image-1", library_cost("openai", "gpt-image-1", edit)),  # image input at $10/M
         ("dall-e-2", None),  # no price per image in the data: counted, not priced
         ("tts-1", len(SPOKEN) * 15 / 1e6),  # $15 per million characters
         ("gpt-4o-mini-tts", None),  # priced by audio tokens, which the API does not report
@@ -77,6 +84,7 @@ async def test_allowed_media_requests_pass_count_and_are_priced_by_their_units(
     for line, (_, cost) in zip(lines, expected, strict=True):
         assert line["status"] == 200 and line["key"] == "media"
         assert line["cost_usd"] == (None if cost is None else pytest.approx(cost, rel=1e-9))
+    assert lines[1]["usage"]["input_image_tokens"] == EDIT_IMAGE_TOKENS
     assert lines[3]["usage"]["input_characters"] == len(SPOKEN)
     assert lines[5]["usage"]["input_audio_seconds"] == AUDIO_SECONDS
     usage = await (await gateway.get("/usage", headers=auth(MEDIA_VK))).json()

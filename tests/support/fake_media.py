@@ -3,8 +3,9 @@
 Mounted by `tests/support/fake_provider.py` (its middleware records and steers these too):
 
     POST /images/generations (JSON), /images/edits, /images/variations (multipart)
-        `n` images (default 1); a GPT image model (`gpt-image-*`) reports token usage
-        (IMAGE_INPUT_TOKENS in, IMAGE_OUTPUT_TOKENS per image out), a DALL·E one none
+        `n` images (default 1); a GPT image model (`gpt-image-*`) reports token usage:
+        IMAGE_INPUT_TOKENS of text in (an edit adds EDIT_IMAGE_TOKENS of image),
+        IMAGE_OUTPUT_TOKENS of image per image out; a DALL·E one reports none
     POST /audio/speech (JSON)
         AUDIO_BYTES of audio/mpeg, no usage (as the API answers tts-1 and gpt-4o-mini-tts)
     POST /audio/transcriptions, /audio/translations (multipart)
@@ -32,7 +33,7 @@ import orjson
 from aiohttp import web
 from multipart import MultipartParser, parse_options_header  # type: ignore[import-untyped]
 
-IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS = 50, 4160
+IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS, EDIT_IMAGE_TOKENS = 50, 4160, 1000
 AUDIO_BYTES = 4096
 AUDIO_SECONDS = 90.0
 TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_AUDIO_TOKENS, TRANSCRIBE_OUTPUT_TOKENS = 120, 110, 40
@@ -78,12 +79,14 @@ async def images(request: web.Request) -> web.Response:
     count = int(sent.get("n") or 1)
     body: dict[str, Any] = {"created": int(time.time()), "data": [{"b64_json": PIXEL}] * count}
     if model.startswith("gpt-image"):
+        images_in = EDIT_IMAGE_TOKENS if request.path.endswith("/edits") else 0
         output = IMAGE_OUTPUT_TOKENS * count
         body["usage"] = {
-            "input_tokens": IMAGE_INPUT_TOKENS,
-            "input_tokens_details": {"image_tokens": 0, "text_tokens": IMAGE_INPUT_TOKENS},
+            "input_tokens": IMAGE_INPUT_TOKENS + images_in,
+            "input_tokens_details": {"image_tokens": images_in, "text_tokens": IMAGE_INPUT_TOKENS},
             "output_tokens": output,
-            "total_tokens": IMAGE_INPUT_TOKENS + output,
+            "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+            "total_tokens": IMAGE_INPUT_TOKENS + images_in + output,
         }
     return answer(body)
 

@@ -24,6 +24,8 @@ def library_cost(provider: str, model: str, usage: Usage) -> float:
         "input_audio_tokens": usage.input_audio_tokens,
         "output_audio_tokens": usage.output_audio_tokens,
         "output_reasoning_tokens": usage.reasoning_tokens,
+        "input_image_tokens": usage.input_image_tokens,
+        "output_image_tokens": usage.output_image_tokens,
         "input_characters": usage.input_characters,
         # The library asks for the whole too: all of a transcription's audio is input.
         "audio_seconds": usage.input_audio_seconds,
@@ -72,6 +74,13 @@ def prices() -> Prices:
         ("openai", "whisper-1", Usage(input_audio_seconds=90.5)),
         ("openai", "gpt-4o-transcribe", Usage(120, 40, input_audio_tokens=110)),
         ("openai", "gpt-image-1", Usage(50, 4160)),
+        # Image tokens are parts with rates of their own (gpt-image-1: input images only).
+        ("openai", "gpt-image-1", Usage(1050, 4160, input_image_tokens=1000)),
+        (
+            "openai",
+            "gpt-image-1.5",
+            Usage(1050, 4200, input_image_tokens=1000, output_image_tokens=4160),
+        ),
     ],
 )
 def test_each_token_kind_is_priced_as_genai_prices_prices_it(

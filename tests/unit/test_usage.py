@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import anthropic, audio, responses
+from proxy.usage import anthropic, audio, images, responses
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
 from proxy.usage.usage import (
@@ -433,6 +433,25 @@ def test_a_transcription_too_large_to_parse_whole_is_read_by_its_usage_at_the_en
     for start in range(0, len(body), 65536):
         tap.feed(body[start : start + 65536])
     assert tap.usage(b"") == Usage(input_audio_seconds=20_000.0)
+
+
+def test_an_image_answer_reports_its_image_tokens_as_parts_of_the_totals():
+    usage = {
+        "input_tokens": 1050,
+        "input_tokens_details": {"image_tokens": 1000, "text_tokens": 50},
+        "output_tokens": 4160,
+        "output_tokens_details": {"image_tokens": 4160, "text_tokens": 0},
+        "total_tokens": 5210,
+    }
+    read = Usage(1050, 4160, input_image_tokens=1000, output_image_tokens=4160)
+    body = orjson.dumps({"created": 1, "data": [{"b64_json": "AAAA"}], "usage": usage})
+    assert tap_of(body, JSON, charged=Charged.REPORTED).usage(b"") == read
+    partial = {"type": "image_generation.partial_image", "b64_json": "AAAA"}
+    stream = sse(partial, {"type": "image_generation.completed", "b64_json": "AA", "usage": usage})
+    assert tap_of(stream, charged=Charged.REPORTED).usage(b"") == read
+    # DALL·E reports nothing: nothing is made up.
+    dall_e = orjson.dumps({"created": 1, "data": [{"url": "https://x"}]})
+    assert tap_of(dall_e, JSON, charged=Charged.REPORTED).usage(b"") is None
 
 
 def test_a_streamed_transcription_reports_its_usage_at_the_end():
@@ -957,7 +976,7 @@ def test_every_generated_string_of_a_json_answer_is_estimated(body: dict, chars:
     )
 
 
-EVENT_TYPES = sorted({*anthropic.EVENTS, *responses.EVENTS, *audio.EVENTS})
+EVENT_TYPES = sorted({*anthropic.EVENTS, *responses.EVENTS, *audio.EVENTS, *images.EVENTS})
 DELTA_KEYS = ["content", "tool_calls", "function_call", "audio", "reasoning", "refusal", "type"]
 
 
