@@ -10,8 +10,9 @@ run between the check and the count (no read-then-write race), and a refused req
 not counted. The time is Redis's own `TIME`, read inside the script, so every instance sees
 one clock. The window keys expire (PEXPIRE) one window after their last write, so memory
 stays bounded by the active keys; the totals hash stays. Each script is loaded once and
-called by its SHA (redis-py's `register_script` falls back to loading it on NOSCRIPT,
-e.g. after Redis restarted).
+called by its SHA (EVAL with its source when Redis answers NOSCRIPT, e.g. after it restarted).
+The calls go over one pipelined connection per process (`redis_wire.py`), not redis-py's
+pooled client, whose own work per call cost more CPU than the rest of the admission.
 
 One round trip per request: `settle` sends nothing itself. It holds the settle, and the
 key's next `admit` (or `report`) in this process carries it in the same script, applied
@@ -27,8 +28,8 @@ Failure: socket timeouts are short and nothing is retried (a retried script may 
 have counted), so a lost Redis fails within about a second; every Redis error becomes
 `TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR (an admit that timed out
 may still run once Redis wakes: it then counts a request that was let through or refused,
-which errs toward the limit, never past it). The pool checks each
-connection before use and reconnects, so the tracker recovers by itself when Redis is back.
+which errs toward the limit, never past it). A lost connection is opened again by the next
+call, so the tracker recovers by itself when Redis is back.
 Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes is allowed).
 """
 
@@ -44,13 +45,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.quota.redis_scripts import RENEW, SCRIPTS, SETTLE_FIELDS
+from proxy.quota.redis_wire import RedisWire, ReplyError, Script, pack
 from proxy.quota.tracker import (
     NO_KINDS,
     NOTHING,
@@ -69,10 +67,6 @@ from proxy.quota.window import clamped
 KEY_PREFIX = "llm-gateway:"
 # Short, so that a lost Redis costs a request one second at most, not the default five.
 TIMEOUT_SECONDS = 1.0
-# Concurrent scripts in flight per process; further callers wait up to TIMEOUT_SECONDS for
-# one. An admit holds a connection for one round trip (about 0.1 ms), so 64 carry far more
-# than one process serves; times workers and instances, it stays well under Redis's 10,000.
-MAX_CONNECTIONS = 64
 # A connection idle this long is PINGed before use (NAT and proxies drop idle TCP silently).
 HEALTH_CHECK_SECONDS = 30
 # How long a settle waits for the key's next admission to carry it before going alone.
@@ -112,25 +106,13 @@ class RedisTracker:
         # `clock` (seconds) replaces Redis TIME, for tests that step through windows.
         self._clock = clock
         self._settle_delay = settle_delay
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=TIMEOUT_SECONDS,  # the wait for a free connection
-            socket_timeout=TIMEOUT_SECONDS,
-            socket_connect_timeout=TIMEOUT_SECONDS,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=HEALTH_CHECK_SECONDS,
-            client_name="llm-gateway",
-            # RESP2: works down to Redis 5, and keeps the pool's check that drops a connection
-            # the server closed before it is used (redis-py skips it for RESP3 push support).
-            protocol=2,
-        )
-        self._client = redis.asyncio.Redis.from_pool(pool)
-        self._admit = self._client.register_script(SCRIPTS["admit"])
-        self._settle = self._client.register_script(SCRIPTS["settle"])
-        self._report = self._client.register_script(SCRIPTS["report"])
-        self._renew = self._client.register_script(RENEW)
-        self._release = self._client.register_script(SCRIPTS["release"])
+        # One pipelined connection per process, RESP2 (works down to Redis 5).
+        self._wire = RedisWire(url, TIMEOUT_SECONDS, "llm-gateway", HEALTH_CHECK_SECONDS)
+        self._admit = Script(SCRIPTS["admit"])
+        self._settle = Script(SCRIPTS["settle"])
+        self._report = Script(SCRIPTS["report"])
+        self._renew = Script(RENEW)
+        self._release = Script(SCRIPTS["release"])
         # lease → the lease sets it holds a slot in, renewed while the request runs.
         self._leases: dict[str, list[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -239,10 +221,10 @@ class RedisTracker:
             if not keys:
                 continue
             life = round(self.lease_seconds * 1e6)
-            self._renewing = asyncio.ensure_future(self._renew(keys=keys, args=[life, *args]))
+            self._renewing = asyncio.ensure_future(self._wire.run(self._renew, keys, [life, *args]))
             try:
                 await self._renewing
-            except (RedisError, OSError):
+            except (ReplyError, OSError):
                 pass  # Redis lost: the next round adds them back
             finally:
                 self._renewing = None
@@ -277,8 +259,11 @@ class RedisTracker:
     async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
         """Remember for `seconds` that the key owes what the background response will report."""
         try:
-            await self._client.set(owed_key(key_id, response_id), origin, ex=math.ceil(seconds))
-        except (RedisError, OSError) as error:
+            set_ = pack("SET", owed_key(key_id, response_id), origin, "EX", math.ceil(seconds))
+            (answer,) = await self._wire.call(set_)
+            if isinstance(answer, ReplyError):
+                raise answer
+        except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
 
     async def claim(self, key_id: str, response_id: str) -> str | None:
@@ -286,12 +271,12 @@ class RedisTracker:
         its origin (GET and DEL in one MULTI, so no other client runs between them)."""
         try:
             name = owed_key(key_id, response_id)
-            async with self._client.pipeline(transaction=True) as pipe:
-                # Queued, not sent: redis-py's hints call a pipeline's commands awaitable.
-                pipe.get(name)
-                pipe.delete(name)
-                origin, deleted = await pipe.execute()
-        except (RedisError, OSError) as error:
+            commands = (pack("MULTI"), pack("GET", name), pack("DEL", name), pack("EXEC"))
+            *_, answer = await self._wire.call(*commands)  # one write: nothing comes between
+            if isinstance(answer, ReplyError):
+                raise answer
+            origin, deleted = answer
+        except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
         return origin.decode() if deleted == 1 and origin is not None else None
 
@@ -300,12 +285,12 @@ class RedisTracker:
         await asyncio.gather(self._send_held(), *self._flushing)
 
     async def close(self) -> None:
-        """Send what is held, then close the pool; the state stays in Redis."""
+        """Send what is held, then close the connection; the state stays in Redis."""
         await self.flush()
         if self._renewer is not None:
             self._renewer.cancel()
         await asyncio.gather(*self._releasing)
-        await self._client.aclose()
+        await self._wire.close()
 
     def _flush_later(self) -> None:
         task = asyncio.get_running_loop().create_task(self._send_held())
@@ -330,13 +315,11 @@ class RedisTracker:
             # The tokens are lost to the window; the log line and metrics still have them.
             self.on_settle_failed(str(error))
 
-    async def _run(
-        self, script: AsyncScript, scopes: Sequence[Scope], *own: int | str
-    ) -> list[Reading]:
+    async def _run(self, script: Script, scopes: Sequence[Scope], *own: int | str) -> list[Reading]:
         """Run `script` over the scopes, carrying the settles held for each: its readings."""
         return [parsed(values) for values in await self._carry(script, scopes, *own)]
 
-    async def _carry(self, script: AsyncScript, scopes: Sequence[Scope], *own: int | str) -> Any:
+    async def _carry(self, script: Script, scopes: Sequence[Scope], *own: int | str) -> Any:
         """Run `script` over the scopes, carrying the settles held for each: its answer."""
         settles: dict[str, list[int]] = {}
         for scope in scopes:
@@ -356,7 +339,7 @@ class RedisTracker:
 
     async def _call(
         self,
-        script: AsyncScript,
+        script: Script,
         scopes: Sequence[Scope],
         settles: dict[str, list[int]],
         *own: int | str,
@@ -377,8 +360,8 @@ class RedisTracker:
             ]
         args += own
         try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as error:
+            return await self._wire.run(script, keys, args)
+        except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
 
 

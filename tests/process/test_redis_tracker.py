@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.quota.memory_tracker import MemoryTracker
-from proxy.quota.redis_tracker import MAX_CONNECTIONS, RedisTracker, check, window_keys
+from proxy.quota.redis_tracker import RedisTracker, check, window_keys
 from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.support.bodies import CHAT
@@ -129,15 +129,16 @@ def test_every_answer_equals_the_memory_trackers_for_the_same_sequence(
 # --- atomic, shared, bounded ---------------------------------------------------------------
 
 
-async def test_four_trackers_with_their_own_pools_share_one_limit_exactly(redis_url: str) -> None:
+async def test_four_trackers_with_their_own_connections_share_one_limit_exactly(
+    redis_url: str,
+) -> None:
     limits = Limits(requests=50, tokens=None, window_seconds=3600)
     trackers = [RedisTracker(redis_url) for _ in range(4)]
     try:
-        # As four processes would: each with a full pool of its own, all connecting at once.
-        # (More than a pool per tracker would also wait for free connections, and with four
-        # "processes" on this one event loop, that wait can pass its 1 s on a slow machine.)
+        # As four processes would: each pipelining 64 admissions on its own connection, all
+        # connecting at once.
         answers = await asyncio.gather(
-            *(trackers[index % 4].admit(KEY, limits) for index in range(4 * MAX_CONNECTIONS))
+            *(trackers[index % 4].admit(KEY, limits) for index in range(256))
         )
         assert sum(answer.admitted for answer in answers) == 50
         for tracker in trackers:
@@ -243,6 +244,58 @@ async def test_a_window_sum_evicted_alone_is_counted_again_from_the_log(
     refused = await tracker.admit(KEY, limits)
     assert not refused.admitted and refused.remaining_tokens == 0
     assert (await tracker.report(KEY, limits))["tokens"]["used"] == 110
+
+
+# --- the connection: one per tracker, pipelined, as the URL says ------------------------
+
+
+async def test_one_connection_carries_every_call_and_each_answer_reaches_its_caller(
+    real_time_tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    # Ten keys with ten limits: key k admits k + 1 requests, so a misrouted answer shows.
+    keys = [f"{KEY[:-2]}{k:02d}" for k in range(10)]
+
+    async def admit(k: int) -> int:
+        answer = await real_time_tracker.admit(keys[k], Limits(k + 1, None, 3600))
+        return answer.remaining_requests if answer.admitted else -1
+
+    await admit(9)  # the connection open, the script loaded
+    first = [asyncio.ensure_future(admit(k)) for k in range(10) for _ in range(3)]
+    await asyncio.sleep(0)  # every admission sent at the end of this turn of the loop
+    await asyncio.sleep(0)
+    for task in first[::4]:  # callers that leave: their answers arrive and are dropped
+        task.cancel()
+    await asyncio.gather(*first, return_exceptions=True)
+    answers = await asyncio.gather(*(admit(k) for k in range(10)))
+    # Each key counted its three first admissions, the cancelled ones included (they ran).
+    assert answers == [max(-1, k + 1 - 4) for k in range(9)] + [9 + 1 - 5]
+    names = [client["name"] for client in raw_redis.client_list()]
+    assert names.count("llm-gateway") == 1
+
+
+async def test_a_password_and_a_database_in_the_url_are_used(
+    redis_server: RedisServer, raw_redis: redis.Redis
+) -> None:
+    raw_redis.config_set("requirepass", "s3cret-pass")
+    tracker = RedisTracker(f"redis://:s3cret-pass@127.0.0.1:{redis_server.port}/5")
+    limits = Limits(requests=1, tokens=None, window_seconds=3600)
+    try:
+        assert (await tracker.admit(KEY, limits)).admitted
+        assert not (await tracker.admit(KEY, limits)).admitted
+    finally:
+        await tracker.close()
+    authed = redis.Redis(port=redis_server.port, password="s3cret-pass", db=5)
+    try:
+        assert authed.zcard(window_keys(KEY)[0]) == 1
+        assert authed.execute_command("SELECT", 0) and authed.dbsize() == 0
+    finally:
+        authed.close()
+    wrong = RedisTracker(f"redis://:wrong@127.0.0.1:{redis_server.port}/5")
+    try:
+        with pytest.raises(TrackerUnavailable, match="WRONGPASS|invalid password"):
+            await wrong.admit(KEY, limits)
+    finally:
+        await wrong.close()
 
 
 # --- Redis lost and back, at the tracker ---------------------------------------------------
