@@ -193,7 +193,7 @@ class Entrance:
     def _report_breaker(self, exchange: Exchange) -> None:
         record = exchange.record
         if record.outcome is Outcome.BROKEN and record.target is not None:
-            self.breakers.report_broken(record.target, record.error or "broken")
+            self.breakers.report_broken(record.target, record.error or "broken", record.key)
 
     def _observe(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange.record)

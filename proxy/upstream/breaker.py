@@ -14,11 +14,21 @@ and a client that left tells nothing (`abstain`: a probe that learned nothing gi
 turn back). Breakers live in one process (each worker learns on its own), and are read by
 /health and the breaker-state metric. Only their own verbs change them: `admits`,
 `succeeded`, `failed`, `abstain`, and `Breakers.report_broken` for a body cut short.
+
+A request that went out and then timed out, lost its connection, or had its body cut short
+may be its own doing (one client's long generations outlast any timeout): such a failure
+names its virtual key, and counts only once requests of `BLAMING_KEYS` distinct keys
+failed so within BREAKER_WINDOW_SECONDS. Until then it is held (a probe gives its turn
+back); the failure that makes the second key counts itself and those held (in the streak
+those since the last success, in the ratio those still in the window). So one client's
+slow requests never move every other key to a fallback, and a provider slow for everyone
+still opens its breaker. Statuses and refused connections judge the provider alone.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -27,6 +37,9 @@ LAST_ERROR_CHARS = 200
 # The error ratio's window is kept as this many buckets of counts: memory stays constant
 # whatever the traffic, and a bucket leaves the window whole (the window is that coarse).
 BUCKETS = 10
+# Timeouts and cuts count against a target once requests of this many keys failed so.
+BLAMING_KEYS = 2
+HELD_FAILURES = 64  # the most held at once (the oldest go first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +59,11 @@ class Breaker:
     __slots__ = (
         "_bucket_seconds",
         "_counts",
+        "_held",
+        "_held_in_row",
         "_on_change",
         "_policy",
+        "_slow",
         "failures_in_a_row",
         "last_error",
         "last_failure",
@@ -70,6 +86,9 @@ class Breaker:
         self.last_failure = float("-inf")
         self.last_error: str | None = None
         self.probing = False
+        self._slow: dict[str, float] = {}  # key → when its request last timed out or was cut
+        self._held: deque[float] = deque(maxlen=HELD_FAILURES)  # when such failures were held
+        self._held_in_row = 0  # of them, those since the last success
 
     def admits(self, now: float) -> bool:
         """May an attempt go to this target now? Half-open admits exactly one probe."""
@@ -83,7 +102,7 @@ class Breaker:
         return False
 
     def succeeded(self, now: float) -> None:
-        self.failures_in_a_row = 0
+        self.failures_in_a_row = self._held_in_row = 0
         self._remember(now, failed=False)
         if self.state != CLOSED:
             self.probing = False
@@ -96,13 +115,44 @@ class Breaker:
         a client that left about the client): a half-open probe gives its turn back."""
         self.probing = False
 
-    def failed(self, now: float, why: str) -> None:
+    def failed(self, now: float, why: str, key: str | None = None) -> None:
+        """The target failed. `key`: the virtual key whose request went out and then timed
+        out or was cut, which counts only once other keys' requests fail so too."""
+        if key is not None:
+            if not self._blames(now, key):
+                self._held.append(now)
+                self._held_in_row += 1
+                self.probing = False  # a probe that learned nothing gives its turn back
+                return
+            self._count_held(now)
         self.failures_in_a_row += 1
         self.last_failure, self.last_error = now, why[:LAST_ERROR_CHARS]
         self._remember(now, failed=True)
         if self.state == HALF_OPEN or self._should_open(now):
             self.opened_at, self.probing = now, False
             self._move(OPEN)
+
+    def _blames(self, now: float, key: str) -> bool:
+        """Whether requests of enough distinct keys timed out or were cut here lately."""
+        slow, horizon = self._slow, now - self._policy.window_seconds
+        for name in [name for name, at in slow.items() if at < horizon]:
+            del slow[name]
+        if not slow:  # those held are older than the window
+            self._held.clear()
+            self._held_in_row = 0
+        slow[key] = now
+        return len(slow) >= BLAMING_KEYS
+
+    def _count_held(self, now: float) -> None:
+        """The held failures count now: in the streak since the last success, in the ratio
+        those still in the window."""
+        self.failures_in_a_row += self._held_in_row
+        oldest = int(now // self._bucket_seconds) - BUCKETS + 1  # the window's first bucket
+        for held in self._held:
+            if int(held // self._bucket_seconds) >= oldest:
+                self._remember(held, failed=True)
+        self._held.clear()
+        self._held_in_row = 0
 
     def _move(self, state: str) -> None:
         if state != self.state:
@@ -166,9 +216,10 @@ class Breakers:
         breaker = self._breakers.get(name)
         return breaker is None or breaker.state == CLOSED
 
-    def report_broken(self, name: str, why: str) -> None:
-        """The target answered, then cut its body short: a failure of the target's."""
-        self[name].failed(self.clock(), why)
+    def report_broken(self, name: str, why: str, key: str | None = None) -> None:
+        """The target answered, then cut its body short (a request of `key`): a failure of
+        the target's once other keys' requests fail so too."""
+        self[name].failed(self.clock(), why, key)
 
     def items(self) -> Iterable[tuple[str, Breaker]]:
         return self._breakers.items()

@@ -20,7 +20,8 @@ A request written to a connection may be at work at the provider (a generation r
 is billed, whether or not its answer comes back), so a POST that got no answer is never
 sent again, here or to a fallback: one slow generation costs one generation. The record
 is told (`saw_unanswered`), and the exchange charges it what it reserved. A client that
-leaves meanwhile is the same for the record.
+leaves meanwhile is the same for the record. The target's breaker hears of such a failure
+with the key's name: it may be the request's own doing (breaker.py).
 
 Waits between attempts on one target are exponential with full jitter, or what the
 provider asked for (`retry-after-ms`, `retry-after` in seconds or as an HTTP date). A wait
@@ -342,6 +343,7 @@ class Failover:
                     on_sent,
                 )  # fmt: skip
         except TimeoutError:
+            slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
             why = (
                 f"{_where(target)} sent no response headers within {timeout:g} seconds"
@@ -351,8 +353,9 @@ class Failover:
             failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
             failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}", sent)
+            slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
-            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {error}")
+            failed, slow = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {error}"), False
         except asyncio.CancelledError:
             if sent:
                 record.saw_unanswered()
@@ -396,7 +399,7 @@ class Failover:
         )
         if sent:
             record.saw_unanswered()
-        breaker.failed(now(), failed.why)
+        breaker.failed(now(), failed.why, record.key if slow else None)
         raise failed
 
     async def _keep(self, reply: WireReply) -> StoredAnswer | None:

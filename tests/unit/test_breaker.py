@@ -54,6 +54,50 @@ def test_one_success_resets_the_streak() -> None:
     assert breaker.state == CLOSED  # the streak starts over after a success
 
 
+def test_one_keys_timeouts_are_held_and_a_second_keys_counts_them_all() -> None:
+    breaker = breakers()["openai"]
+    for _ in range(10):  # one client's long generations: never the provider's fault alone
+        breaker.failed(1.0, "no headers in time", key="alice")
+    assert breaker.state == CLOSED and breaker.failures_in_a_row == 0
+    assert breaker.last_error is None
+    breaker.succeeded(2.0)  # another key answered: the held ones are forgotten
+    breaker.failed(3.0, "no headers in time", key="alice")
+    assert breaker.state == CLOSED
+    breaker.failed(4.0, "no headers in time", key="bob")  # two keys: the provider is slow
+    assert breaker.failures_in_a_row == 2 and breaker.state == CLOSED
+    breaker.failed(5.0, "no headers in time", key="alice")
+    assert breaker.state == OPEN
+
+
+def test_a_held_timeout_leaves_the_window_and_statuses_count_as_ever() -> None:
+    breaker = breakers(window_seconds=60)["openai"]
+    breaker.failed(0.0, "no headers in time", key="alice")
+    breaker.failed(61.0, "no headers in time", key="bob")  # alice's is out of the window
+    assert breaker.failures_in_a_row == 0
+    for _ in range(3):
+        breaker.failed(62.0, "503 from provider")  # a status judges the provider alone
+    assert breaker.state == OPEN
+
+
+def test_a_status_counts_itself_not_one_keys_held_timeouts() -> None:
+    breaker = breakers()["openai"]
+    breaker.failed(1.0, "no headers in time", key="alice")
+    breaker.failed(1.0, "no headers in time", key="alice")
+    breaker.failed(1.0, "503 from provider")
+    assert breaker.failures_in_a_row == 1 and breaker.state == CLOSED
+
+
+def test_a_probe_that_one_key_timed_out_gives_its_turn_back() -> None:
+    clock = Clock()
+    breaker = breakers(clock, cooldown_seconds=30)["openai"]
+    for _ in range(3):
+        breaker.failed(clock(), "connection refused")
+    clock.advance(30)
+    assert breaker.admits(clock()) and breaker.state == HALF_OPEN
+    breaker.failed(clock(), "no headers in time", key="alice")
+    assert breaker.state == HALF_OPEN and breaker.admits(clock())  # the next may probe
+
+
 def test_an_open_breaker_lets_exactly_one_probe_through_after_its_cooldown() -> None:
     clock = Clock()
     breaker = breakers(clock, cooldown_seconds=30)["openai"]
