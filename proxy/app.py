@@ -117,6 +117,7 @@ def key_defaults(settings: Settings) -> Defaults:
         else Budget(settings.budget_usd, settings.budget_window_seconds),
         budget_window_seconds=settings.budget_window_seconds,
         unshared_workers=settings.workers if settings.redis_url is None else 1,
+        output_allowance=settings.output_allowance_tokens,
     )
 
 

@@ -31,8 +31,9 @@ Reckoning decides what a generation is charged when it did not end with a whole 
 (a gateway timeout, a cut, a client that left): what the provider reported, else its
 prompt plus every token delivered (the tap's estimate), and when nothing of the output is
 known (`Record.is_work_unknown`: the request was sent and no answer, or no output, came)
-its reservation, the prompt's estimate plus its output cap (`Quota.reservation`): the
-provider may have done that work, and bills it.
+its reservation, the prompt's estimate plus its output cap, or the key's output allowance
+when it names none (`Quota.reservation`): the provider may have done that work, and bills
+it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from proxy.keys.lockout import Lockout
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
 from proxy.quota.quota import Quota
-from proxy.quota.subjects import QuotaRequest
+from proxy.quota.subjects import QuotaRequest, Serving
 from proxy.quota.tracker import Admission
 from proxy.record import (
     CLIENT_CLOSED,
@@ -297,15 +298,16 @@ class Exchange:
             self._entrance.metrics.quota_rejected(self.key.name)
             raise
 
-    async def admit(self, peek: QuotaRequest) -> Admission | None:
+    async def admit(self, peek: QuotaRequest, serving: Serving | None = None) -> Admission | None:
         """Admit the request by its key's quota and budget. Raises 429, 503.
 
+        `serving`: the target that will serve it (its reservation is priced there).
         None: nothing to settle (the tracker was lost and the request let through).
         """
         assert self.key is not None
         self.peek = peek
         try:
-            self.admission = await self._entrance.quota.admit(self.key, peek)
+            self.admission = await self._entrance.quota.admit(self.key, peek, serving)
         except GatewayError as error:
             if error.status == 429:
                 self._entrance.metrics.quota_rejected(self.key.name)
@@ -326,14 +328,17 @@ class Exchange:
         self.record.saw_cache(found.cached)
         return found
 
-    async def admit_turn(self, peek: QuotaRequest) -> tuple[VirtualKey, Admission | None]:
+    async def admit_turn(
+        self, peek: QuotaRequest, serving: Serving
+    ) -> tuple[VirtualKey, Admission | None]:
         """One turn of a session admitted on its own (the Responses API's WebSocket mode): the
-        key as keys.json has it now, admitted by its quota and budget. Raises 401 (the key
-        was revoked since the session opened), 429, 503."""
+        key as keys.json has it now, admitted by its quota and budget, priced at `serving`
+        (the session's target). Raises 401 (the key was revoked since the session opened),
+        429, 503."""
         entrance = self._entrance
         key = entrance.key_ring.authenticate(self._credentials)
         try:
-            return key, await entrance.quota.admit(key, peek)
+            return key, await entrance.quota.admit(key, peek, serving)
         except GatewayError as error:
             if error.status == 429:
                 entrance.metrics.quota_rejected(key.name)

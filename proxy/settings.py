@@ -217,6 +217,13 @@ class Settings:
         _positive_seconds,
         "default sliding window of a budget, in seconds (2592000: 30 days)",
     )
+    output_allowance_tokens: int = setting(
+        "4096",
+        _positive_int,
+        "output tokens a request that names no cap (max_tokens, max_output_tokens...) "
+        "reserves against a token limit or a budget while it runs; keys.json's "
+        "output_allowance per key",
+    )
     request_timeout: float = setting(
         "600",
         _positive_seconds,

@@ -160,6 +160,7 @@ class Admin:
             "budget": None
             if key.budget is None
             else {"usd": key.budget.usd, "window_seconds": key.budget.window_seconds},
+            "output_allowance": key.output_allowance,
             "target": None if key.plans.own is None else plan_shown(key.plans.own),
             "routes": [
                 {"models": list(route.patterns), "target": plan_shown(route.plan)}

@@ -55,6 +55,8 @@ class Defaults:
     # Processes counting on their own (WORKERS other than 1 without REDIS_URL; 1: shared):
     # slots and team limits would then be multiplied by them, so keys.json is refused.
     unshared_workers: int = 1
+    # OUTPUT_ALLOWANCE_TOKENS: what a request naming no output cap reserves (quota.py)
+    output_allowance: int = 4096
 
 
 # A cloud target's own fields (keys/clouds.py), wherever a target may be named.
@@ -100,6 +102,7 @@ FIELDS: Mapping[str, frozenset[str]] = {
             "queue_seconds",
             "model_quotas",
             "cache",
+            "output_allowance",
             "created_at",
             "previous_key",
         }
@@ -228,6 +231,18 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     if not positive_number(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
     return Budget(usd=float(usd), window_seconds=float(window))
+
+
+def output_allowance(where: str, entry: Mapping[str, Any], defaults: Defaults) -> int:
+    """The output tokens a request of the key that names no cap reserves: keys.json's
+    `output_allowance`, else OUTPUT_ALLOWANCE_TOKENS. Raises KeysFileError."""
+    allowance = entry.get("output_allowance", defaults.output_allowance)
+    if not positive_int(allowance):
+        raise KeysFileError(
+            f"{where}: output_allowance must be a positive number of tokens (what a request "
+            f"that names no max_tokens reserves), got {str(allowance)[:40]!r}"
+        )
+    return allowance
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,9 @@ class VirtualKey:
     # usage chunk, `usage.openai_chat`), "estimate" (never), or None: unset.
     stream_usage: str | None = None
     budget: Budget | None = None  # None: no spending cap
+    # The output tokens a request naming no cap (max_tokens...) reserves: keys.json's
+    # `output_allowance`, else OUTPUT_ALLOWANCE_TOKENS (quota.py reads it).
+    output_allowance: int = 4096
     team: Team | None = None  # keys.json's `team`: its limits apply on top of the key's
     model_quotas: tuple[ModelQuota, ...] = ()  # the first group matching the model counts
     # The key's own scope (window, budget, max_in_flight); built by `_key`, or from the above.
@@ -428,6 +431,7 @@ def _key(
         allows_client_secrets=allows_client_secrets,
         stream_usage=stream_usage,
         budget=budget,
+        output_allowance=fields.output_allowance(where, entry, defaults),
         team=team_of(where, entry, teams),
         model_quotas=parse_model_quotas(
             where,

@@ -2,9 +2,21 @@
 
 `tracker` counts; this module decides what to ask it. At admission a request reserves an
 estimate of what it will use (`reservation`): its prompt (`prompt_tokens_estimate`) plus
-the output cap its body names, and for a key with a budget that estimate priced. When it
-ends, `settle` replaces the reservation with the real tokens and cost (a stream cut short:
-what it produced; nothing known of what the provider did: the reservation itself).
+the output cap its body names; a generation that names none reserves the key's output
+allowance (keys.json's `output_allowance`, else OUTPUT_ALLOWANCE_TOKENS). For a key with a
+budget that estimate is priced where the request will be served: the target its plan tries
+first (the relay says which; a route's target and the model it puts in place of the
+body's), not the key's first provider. When it ends, `settle` replaces the reservation
+with the real tokens and cost (a stream cut short: what it produced; nothing known of what
+the provider did: the reservation itself).
+
+The whole allowance is reserved, even when it is more than the window or the budget has
+left: a request is admitted while the window has any room (`tracker`), so a key whose
+window is smaller than its allowance still gets its uncapped request through, and while it
+runs the window stays closed. Reserving only what is left would let more requests in
+beside it, each free to produce its whole allowance: the overshoot would grow with the
+concurrency. As it is, concurrent requests overshoot a window or a budget by at most one
+request's reservation, as long as each produces no more than it reserved.
 `refusals` renders the 429s, `ratelimit` the headers, `usage_report` answers GET /usage.
 
 `precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
@@ -31,7 +43,7 @@ from collections.abc import Callable
 from proxy.errors import GatewayError
 from proxy.quota.refusals import concurrency_refusal, label, refusal
 from proxy.quota.slots import Lines, Waiter
-from proxy.quota.subjects import QuotaKey, QuotaRequest
+from proxy.quota.subjects import QuotaKey, QuotaRequest, Serving
 from proxy.quota.tracker import (
     KINDS,
     MICRO,
@@ -48,11 +60,14 @@ from proxy.record import Usage
 # length) a key known to be refused right now is refused before its body is read.
 PRECHECK_BODY_BYTES = 64 * 1024
 
-# (provider, model, usage) → US dollars, or None for a model without a price.
-Price = Callable[[str, str | None, Usage], float | None]
+# (provider, model, usage, the model that answers when a target swaps it) → US dollars,
+# or None for a model without a price (usage.pricing.Prices.cost).
+Price = Callable[[str, str | None, Usage, str | None], float | None]
 
 
-def unpriced(provider: str, model: str | None, usage: Usage) -> float | None:
+def unpriced(
+    provider: str, model: str | None, usage: Usage, answered: str | None = None
+) -> float | None:
     """No prices known: spend counts as nothing."""
     return None
 
@@ -109,12 +124,16 @@ class Quota:
             return
         raise refusal(dataclasses.replace(admission, retry_after_seconds=wait))
 
-    async def admit(self, key: QuotaKey, peek: QuotaRequest) -> Admission | None:
+    async def admit(
+        self, key: QuotaKey, peek: QuotaRequest, serving: Serving | None = None
+    ) -> Admission | None:
         """Check, count and reserve one request. Raises 429 (over quota or budget), 503.
 
+        `serving`: the target that will serve it, where its reservation is priced (None:
+        the key's first provider, with the body's model).
         None: nothing to settle (the tracker was lost and the request let through).
         """
-        claim = self._estimate(key, peek)
+        claim = self._estimate(key, peek, serving)
         if key.shares:  # a team, a slot cap or model windows: every scope at once
             return await self._admit_shared(key, key.scopes(peek.model), claim)
         try:
@@ -266,22 +285,20 @@ class Quota:
         """What a request reserves, as usage: its prompt's estimate and its output allowance.
         Also what it is charged when the provider may have done the work and nothing of it
         is known (a timeout before the answer, its client gone meanwhile)."""
-        return Usage(peek.prompt_tokens_estimate, self._output_allowance(key, peek), True)
+        return Usage(peek.prompt_tokens_estimate, output_allowance(key, peek), True)
 
-    def _output_allowance(self, key: QuotaKey, peek: QuotaRequest) -> int:
-        """The output tokens a request reserves: the cap its body names."""
-        return peek.max_output_tokens or 0
-
-    def _estimate(self, key: QuotaKey, peek: QuotaRequest) -> Charge:
-        """The reservation in tokens, priced for a key with a budget."""
-        output = self._output_allowance(key, peek)
+    def _estimate(self, key: QuotaKey, peek: QuotaRequest, serving: Serving | None) -> Charge:
+        """The reservation in tokens, priced where it will be served for a key with a budget."""
+        output = output_allowance(key, peek)
         tokens = peek.prompt_tokens_estimate + output
         team_budget = key.team is not None and key.team.scope.budget is not None
         if (key.budget is None and not team_budget) or not tokens:
             return Charge(tokens)
-        cost = self.price(
-            key.provider.name, peek.model, Usage(peek.prompt_tokens_estimate, output, True)
-        )
+        usage = Usage(peek.prompt_tokens_estimate, output, True)
+        if serving is None:
+            cost = self.price(key.provider.name, peek.model, usage, None)
+        else:  # priced as its answer will be: the body's model, answered by the target's
+            cost = self.price(serving.provider.name, peek.model, usage, serving.model)
         return Charge(tokens, micro(cost))
 
     def _lost(self, decision: str, error: str) -> None:
@@ -292,6 +309,14 @@ class Quota:
         if self._is_lost:
             self._is_lost = False
             self._on_back()
+
+
+def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:
+    """The output tokens a request reserves: the cap its body names, else for a generation
+    the key's allowance (what it may produce when nothing caps it), else none."""
+    if peek.max_output_tokens:
+        return peek.max_output_tokens
+    return key.output_allowance if peek.is_generation else 0
 
 
 def charged(usage: Usage, cost_usd: float | None) -> Charge:

@@ -2,8 +2,9 @@
 
 The quota sits below the keys: a key is configured with the quota's limits, budget and
 scopes (`keys` imports them), so the quota cannot import the key back without a circle.
-It names here the few fields it reads instead; `keys.VirtualKey` and `relay.peek.Peek`
-have them, and mypy checks that they still do wherever one is handed in.
+It names here the few fields it reads instead; `keys.VirtualKey`, `relay.peek.Peek` and
+`upstream.targets.Target` have them, and mypy checks that they still do wherever one is
+handed in.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class QuotaKey(Protocol):
     @property
     def provider(self) -> Named: ...
 
+    @property
+    def output_allowance(self) -> int: ...
+
     def scopes(self, model: str | None) -> tuple[Scope, ...]: ...
 
 
@@ -61,3 +65,17 @@ class QuotaRequest(Protocol):
 
     @property
     def max_output_tokens(self) -> int | None: ...
+
+    @property
+    def is_generation(self) -> bool: ...
+
+
+class Serving(Protocol):
+    """Where a request will be served, as its reservation is priced: a provider, and the
+    model the target puts in place of the body's (None: the body's own)."""
+
+    @property
+    def provider(self) -> Named: ...
+
+    @property
+    def model(self) -> str | None: ...

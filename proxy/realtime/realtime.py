@@ -97,9 +97,9 @@ class Realtime:
         target = key.plans.choose(model).primary  # 400 (no route serves the model)
         record.saw_target(target.name, target.provider.name)
         url = upstream_url(target.provider, exchange.tail, exchange.query)
-        turns = Turns(exchange) if is_responses(exchange.tail) else None
+        turns = Turns(exchange, target) if is_responses(exchange.tail) else None
         if turns is None:
-            admission = await exchange.admit(Peek(model=model))  # 429, 503
+            admission = await exchange.admit(Peek(model=model), target)  # 429, 503
         else:  # each turn is admitted when it is sent; a key refused right now is told so now
             exchange.precheck(None)  # 429
             admission = None

@@ -28,6 +28,7 @@ from proxy.quota.tracker import Admission
 from proxy.record import Usage
 from proxy.relay import named
 from proxy.relay.peek import Peek
+from proxy.upstream.targets import Target
 from proxy.usage import estimate
 
 _CREATE = b"response.create"
@@ -38,10 +39,11 @@ _UNNAMED = "the model of its stored prompt"
 class Turns:
     """A session's turns: admitted when sent, settled in order as their usage comes."""
 
-    __slots__ = ("_exchange", "_open")
+    __slots__ = ("_exchange", "_open", "_serving")
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, exchange: Exchange, serving: Target) -> None:
         self._exchange = exchange
+        self._serving = serving  # the session's target: where each turn is priced
         # Turns admitted and not yet settled, oldest first: (key, admission, model).
         self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
 
@@ -65,7 +67,8 @@ class Turns:
         self, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
         exchange = self._exchange
-        key, admission = await exchange.admit_turn(_peek(event, model))  # 401, 429, 503
+        peek = _peek(event, model)
+        key, admission = await exchange.admit_turn(peek, self._serving)  # 401, 429, 503
         if key.allowed_models is not None:
             try:
                 named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
@@ -132,4 +135,5 @@ def _peek(event: dict[str, Any], model: str | None) -> Peek:
         model=model,
         prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(event)),
         max_output_tokens=cap if has_cap else None,
+        is_generation=True,
     )

@@ -23,11 +23,14 @@ from proxy.keys.keys import VirtualKey
 from proxy.record import Record
 from proxy.relay import named
 from proxy.usage import estimate
+from proxy.usage.usage import Charged, charged
 
 # Endpoints whose body must name a model and a non-empty list of messages:
 # the provider would refuse them anyway, and the gateway refuses them without a round trip.
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
+# Answers that generate tokens (a background Response's too): what an output cap caps.
+_GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,9 @@ class Peek:
     # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens).
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
+    # It generates tokens (chat, completions, responses, messages...): naming no cap, it
+    # reserves the key's output allowance. Read only for a key that reserves.
+    is_generation: bool = False
     # The conversation the body names, kept on one pool key for the provider's prompt cache:
     # OpenAI's prompt_cache_key, else Anthropic's metadata.user_id; None when neither.
     affinity: str | None = None
@@ -127,6 +133,7 @@ def validate(
         is_stream=is_stream,
         prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(document)),
         max_output_tokens=_output_cap(document),
+        is_generation=charged(request.method, request.path, is_background) in _GENERATIONS,
         affinity=affinity,
     )
 

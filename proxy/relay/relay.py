@@ -76,17 +76,21 @@ class Relay:
             record.saw_request_body(body)
         sent = body  # the client's own bytes: what names a cached answer
         body, asked = openai_chat.amended(key, tail, request.headers, body, peek.is_stream)
-        admission = await exchange.admit(peek)  # 429, 503
+        failover, header = self.failover, settings.pool_sticky_header
+        # One conversation, one pool key: the body's name for it, else the sticky header's.
+        affinity = peek.affinity or (request.headers.get(header) if header else None) or None
+        # The order the targets will be tried in, chosen now: the reservation is priced at
+        # the first that will be tried (a route's target, a fallback while the primary's
+        # breaker is open), not at the key's first provider.
+        order = failover.order(plan, affinity)
+        admission = await exchange.admit(peek, failover.first_tried(order))  # 429, 503
         found = None if key.cache is None else await exchange.look_up(sent)
         if found is not None and found.entry is not None:  # a stored answer: never upstream
             return await self.answer_hit(request, found.entry, admission, record)
         trace = exchange.trace
         on_attempt = None if trace is None else trace.attempt
-        forward, header = self.failover.forward, settings.pool_sticky_header
-        # One conversation, one pool key: the body's name for it, else the sticky header's.
-        affinity = peek.affinity or (request.headers.get(header) if header else None) or None
-        async with forward(
-            request, plan, tail, exchange.query, body, record, on_attempt, affinity
+        async with failover.forward(
+            request, plan, tail, exchange.query, body, record, on_attempt, affinity, order
         ) as reply:
             return await self.stream_back(
                 request, reply, plan, body, record, admission, asked, found

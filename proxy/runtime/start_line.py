@@ -1,7 +1,10 @@
 """The line a start prints before serving: what this gateway is about to do, in one reading.
 
-llm-gateway starting: 4 keys from keys.json; quotas in memory; admin off (set
+llm-gateway starting: 4 keys from keys.json; quotas in memory, a request naming no
+max_tokens reserves 4096 output tokens (OUTPUT_ALLOWANCE_TOKENS); admin off (set
 ADMIN_TOKEN), file watch off, CORS off, traces off, Redis off, 1 worker
+
+(the allowance is said only when a key has a token limit or a budget to reserve against)
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ def start_line(settings: Settings, key_ring: KeyRing) -> str:
         from proxy.quota.redis_tracker import masked  # loads redis: only when it is used
 
         store = f"quotas on Redis {masked(settings.redis_url)}"
+    metered = [key for key in key_ring if key.reserves]
+    if metered:  # what a request naming no output cap holds of a token limit or a budget
+        own = sum(1 for key in metered if key.output_allowance != settings.output_allowance_tokens)
+        store += (
+            f", a request naming no max_tokens reserves {settings.output_allowance_tokens} "
+            "output tokens (OUTPUT_ALLOWANCE_TOKENS"
+            + (f"; {own} key{' has its' if own == 1 else 's have their'} own)" if own else ")")
+        )
     switches = [
         "admin on" if settings.admin_token else "admin off (set ADMIN_TOKEN)",
         f"file watch {'on' if settings.keys_file_watch else 'off'}",

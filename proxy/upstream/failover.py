@@ -57,7 +57,7 @@ from proxy.record import Attempt, Outcome, Record
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
-from proxy.upstream.targets import Credential, Plan, Pool, Target, affinity_of
+from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
 from proxy.upstream.wire import IDEMPOTENT, Wire
 from proxy.upstream.wire import Reply as WireReply
 
@@ -159,6 +159,28 @@ class Failover:
         """Send through `wire` (the app's one, while it runs; None once it closed)."""
         self._wire = wire
 
+    def order(self, plan: Plan, affinity: str | None = None) -> tuple[Target, ...]:
+        """The plan's targets in the order a walk tries them (`forward` takes it back): as
+        listed, or with "latency" the one chosen now first (targets.py)."""
+        targets = plan.targets
+        if len(targets) == 1 or plan.balance == WEIGHTED:
+            return targets
+        breakers = self.breakers
+        conversation = None if affinity is None else affinity_of(affinity)
+        return plan.in_order(breakers.clock(), conversation, breakers.is_closed)
+
+    def first_tried(self, order: tuple[Target, ...]) -> Target:
+        """The target a walk along `order` tries first as things stand: the first whose
+        breaker is closed, else (all open) the least recently failed. Where a request's
+        reservation is priced: what serves it unless that target fails without an answer."""
+        if len(order) == 1:
+            return order[0]
+        breakers = self.breakers
+        for target in order:
+            if breakers.is_closed(target.name):
+                return target
+        return min(order, key=lambda t: breakers[t.name].last_failure)
+
     @asynccontextmanager
     async def forward(
         self,
@@ -170,14 +192,17 @@ class Failover:
         record: Record,
         on_attempt: OnAttempt | None = None,
         affinity: str | None = None,
+        order: tuple[Target, ...] | None = None,
     ) -> AsyncIterator[Reply]:
         """Yield the answer to pass on. Raises 502/504 when no provider answered.
 
         `on_attempt`: told of each attempt before it goes (None: traces off).
         `affinity`: the conversation the request belongs to (None: none), kept on one key.
+        `order`: the targets in the order to try them, as `order` gave them when the
+        request was admitted (None: chosen now).
         """
         reply, walk = await self._walk(
-            request, plan, tail, query, body, record, on_attempt, affinity
+            request, plan, tail, query, body, record, on_attempt, affinity, order
         )
         try:
             yield reply
@@ -199,6 +224,7 @@ class Failover:
         record: Record,
         on_attempt: OnAttempt | None,
         affinity: str | None,
+        order: tuple[Target, ...] | None = None,
     ) -> tuple[Reply, _Walk | None]:
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
@@ -221,7 +247,9 @@ class Failover:
             affinity=None if affinity is None else affinity_of(affinity),
         )
         tried_any = False
-        for target in plan.in_order(now, walk.affinity, breakers.is_closed):
+        if order is None:
+            order = plan.in_order(now, walk.affinity, breakers.is_closed)
+        for target in order:
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
             if not breakers[target.name].admits(breakers.clock()):

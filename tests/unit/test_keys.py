@@ -491,3 +491,34 @@ def test_every_real_key_of_pools_fallbacks_and_routes_is_known_for_redaction(
         },
     )
     assert ring.real_keys() == {"sk-pool-1", "sk-pool-2", "sk-ant-fallback", "sk-route", "sk-plain"}
+
+
+@pytest.mark.parametrize("allowance", [0, -5, 1.5, "4096", True, None])
+def test_an_output_allowance_that_is_not_a_positive_number_of_tokens_is_refused(
+    tmp_path: Path, allowance: Any
+) -> None:
+    entry = {
+        "provider": "openai",
+        "api_key": "sk-x",
+        "name": "agent",
+        "output_allowance": allowance,
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, {"virtual_keys": {"vk_agent_123456789": entry}})
+    message = str(refused.value)
+    assert "key 'agent': output_allowance must be a positive number of tokens" in message
+
+
+def test_a_keys_output_allowance_is_its_own_else_the_setting(tmp_path: Path) -> None:
+    document = {
+        "virtual_keys": {
+            "vk_own_123456789": {"provider": "openai", "api_key": "x", "output_allowance": 512},
+            "vk_default_1234567": {"provider": "openai", "api_key": "y"},
+        }
+    }
+    defaults = Defaults(
+        quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0, output_allowance=900
+    )
+    ring = load(tmp_path, document, defaults=defaults)
+    allowances = {key.secret: key.output_allowance for key in ring}
+    assert allowances == {"vk_own_123456789": 512, "vk_default_1234567": 900}

@@ -1,0 +1,239 @@
+"""A request that names no output cap reserves the key's output allowance, priced where it
+will be served: concurrency overshoots a token window or a budget by at most one request's
+reservation, a key whose window is smaller than the allowance still gets its requests
+through one at a time, and a route or a fallback to an expensive model reserves at its
+price. The Redis, two-process variant is in tests/process/test_allowance_redis.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import auth
+from tests.support.bodies import chat
+from tests.support.fake_provider import FakeState, Fault
+from tests.support.polling import until
+
+VK = "vk_test_allowance_4d5e6f7a8b"
+UNCAPPED = chat("hello")  # no max_tokens: "hello" is 2 tokens by the estimate
+HELD = {"x-fake-hold": "1"}  # answered once the test sets fake.release
+ANSWER = {"x-fake-chunks": "20"}  # the fake answers 1 + 20 = 21 tokens
+REAL_TOKENS = 1 + 20
+ALLOWANCE = 20  # OUTPUT_ALLOWANCE_TOKENS in the bound tests: one reservation is 2 + 20
+RESERVED_TOKENS = 2 + ALLOWANCE
+USD_PER_TOKEN = 0.0001
+PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
+
+
+@pytest.fixture
+def allowance_gateway(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway with one extra key (its fields as given), prices from `prices`."""
+
+    async def make(entry: dict[str, Any], prices: Any = PRICES, **env: str) -> TestClient:
+        key = {"provider": "openai", "api_key": "sk-allowance-real-123456", "name": "allowance"}
+        return await gateway_with_keys({VK: {**key, **entry}}, prices=prices, **env)
+
+    return make
+
+
+async def held_burst(
+    gateway: TestClient, fake: FakeState, count: int, body: dict[str, Any] = UNCAPPED
+) -> list[int]:
+    """`count` uncapped requests at once, their answers held until every one was either
+    refused or reached the fake (so all are admitted against reservations alone, none
+    settled); their statuses."""
+    refused = 0
+
+    async def one() -> int:
+        nonlocal refused
+        headers = {**auth(VK), **ANSWER, **HELD}
+        async with gateway.post("/v1/chat/completions", json=body, headers=headers) as response:
+            refused += response.status == 429
+            await response.read()
+            return response.status
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    await until(lambda: refused + len(fake.requests) == count, 10, "every request decided")
+    fake.release.set()
+    return await asyncio.gather(*tasks)
+
+
+async def usage_of(gateway: TestClient) -> dict[str, Any]:
+    async with gateway.get("/usage", headers=auth(VK)) as response:
+        document: dict[str, Any] = await response.json()
+        return document
+
+
+async def settled(gateway: TestClient, admitted: int, tokens: int | None = None) -> dict[str, Any]:
+    """/usage once the `admitted` requests were charged (`tokens`: REAL_TOKENS each)."""
+    expected = admitted * REAL_TOKENS if tokens is None else tokens
+
+    async def done() -> bool:
+        totals = (await usage_of(gateway))["totals"]
+        return bool(totals["requests"] == admitted and totals["tokens"] == expected)
+
+    await until(done, 10, "every request charged")
+    return await usage_of(gateway)
+
+
+async def test_300_concurrent_uncapped_requests_against_100_tokens_overshoot_by_at_most_one_allowance(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 1000, "tokens": 100}},
+        OUTPUT_ALLOWANCE_TOKENS=str(ALLOWANCE),
+    )
+    statuses = await held_burst(gateway, fake, 300)
+    admitted = statuses.count(200)
+    assert admitted + statuses.count(429) == 300
+    usage = await settled(gateway, admitted)
+    charged = usage["tokens"]["used"]
+    assert charged == admitted * REAL_TOKENS
+    # Admitted while the window plus every reservation was under 100: each reserved 22.
+    assert 100 - RESERVED_TOKENS < charged <= 100 + RESERVED_TOKENS, (admitted, charged)
+    assert usage["tokens"]["reserved"] == 0
+
+
+async def test_200_concurrent_uncapped_requests_against_a_one_cent_budget_spend_at_most_one_allowance_more(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    gateway = await allowance_gateway(
+        {"budget": {"usd": 0.01, "window_seconds": 3600}}, OUTPUT_ALLOWANCE_TOKENS=str(ALLOWANCE)
+    )
+    statuses = await held_burst(gateway, fake, 200)
+    admitted = statuses.count(200)
+    usage = await settled(gateway, admitted)
+    spent = usage["budget"]["spent_usd"]
+    worst_case = RESERVED_TOKENS * USD_PER_TOKEN
+    assert spent == pytest.approx(admitted * REAL_TOKENS * USD_PER_TOKEN)
+    assert 0.01 - worst_case < spent <= 0.01 + worst_case, (admitted, spent)
+    assert usage["budget"]["reserved_usd"] == 0
+
+
+async def test_a_key_whose_window_is_smaller_than_its_allowance_sends_uncapped_requests_one_at_a_time(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    gateway = await allowance_gateway({"quota": {"requests": 100, "tokens": 30}})  # allowance 4096
+    headers = {**auth(VK), **ANSWER, **HELD}
+    first = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=UNCAPPED, headers=headers)
+    )
+    await until(lambda: len(fake.requests) == 1, what="the first request upstream")
+    # Its window had room: admitted, and while it runs its allowance holds the window.
+    usage = await usage_of(gateway)
+    assert usage["tokens"]["reserved"] == 2 + 4096 and usage["tokens"]["remaining"] == 0
+    async with gateway.post("/v1/chat/completions", json=UNCAPPED, headers=auth(VK)) as second:
+        assert second.status == 429
+        assert "tokens" in (await second.json())["error"]["message"]
+    fake.release.set()
+    async with await first as answered:
+        assert answered.status == 200
+        await answered.read()
+    await settled(gateway, 1)
+    # Settled to what it really used (21 of 30): room again, so the next one goes through.
+    usage = await usage_of(gateway)
+    assert usage["tokens"]["used"] == REAL_TOKENS and usage["tokens"]["reserved"] == 0
+    async with gateway.post("/v1/chat/completions", json=UNCAPPED, headers=auth(VK)) as third:
+        assert third.status == 200
+    assert len(fake.requests) == 2
+
+
+async def test_an_uncapped_request_reserves_its_allowance_and_a_capped_one_only_its_cap(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    headers = {**auth(VK), **ANSWER, **HELD}
+    post = gateway.post
+    capped = asyncio.create_task(
+        post("/v1/chat/completions", json=chat("hello", max_tokens=50), headers=headers)
+    )
+    await until(lambda: len(fake.requests) == 1)
+    assert (await usage_of(gateway))["tokens"]["reserved"] == 2 + 50
+    uncapped = asyncio.create_task(post("/v1/chat/completions", json=UNCAPPED, headers=headers))
+    await until(lambda: len(fake.requests) == 2)
+    assert (await usage_of(gateway))["tokens"]["reserved"] == 2 + 50 + 2 + 1000
+    fake.release.set()
+    for task in (capped, uncapped):
+        async with await task as response:
+            assert response.status == 200
+    usage = await settled(gateway, 2)
+    assert usage["tokens"]["used"] == 2 * REAL_TOKENS and usage["tokens"]["reserved"] == 0
+
+
+# Capped, so that what differs is only the price: 2 + 100 tokens reserved.
+CAPPED = chat("hello", max_tokens=100)
+# The cheap model and the expensive one, per token: 1,000 times apart.
+CHEAP, EXPENSIVE = 0.0001, 0.1
+TIERED = {
+    "openai": {
+        "expensive-model": {"input_mtok": 100_000, "output_mtok": 100_000},
+        "*": {"input_mtok": 100, "output_mtok": 100},
+    }
+}
+
+
+async def test_a_route_to_an_expensive_model_reserves_at_its_price(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    route = {"provider": "openai", "api_key": "sk-route-real-1234567", "model": "expensive-model"}
+    gateway = await allowance_gateway(
+        {
+            "budget": {"usd": 10_000, "window_seconds": 3600},
+            "routes": [{"models": ["big-*"], **route}],
+        },
+        prices=TIERED,
+    )
+    body = {**CAPPED, "model": "big-1"}
+    task = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=body, headers={**auth(VK), **ANSWER, **HELD})
+    )
+    await until(lambda: len(fake.requests) == 1)
+    reserved = (await usage_of(gateway))["budget"]["reserved_usd"]
+    assert reserved == pytest.approx((2 + 100) * EXPENSIVE)  # not at the key's own, cheap
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
+    usage = await settled(gateway, 1)
+    assert usage["budget"]["spent_usd"] == pytest.approx(REAL_TOKENS * EXPENSIVE)
+    assert usage["budget"]["reserved_usd"] == 0
+
+
+async def test_while_the_primary_breaker_is_open_a_request_reserves_at_the_fallbacks_price(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    fallback = {
+        "provider": "openai",
+        "api_key": "sk-fallback-real-7654321",
+        "model": "expensive-model",
+    }
+    gateway = await allowance_gateway(
+        {
+            "model": "cheap-model",
+            "budget": {"usd": 10_000, "window_seconds": 3600},
+            "fallbacks": [fallback],
+        },
+        prices=TIERED,
+        BREAKER_FAILURES="1",
+    )
+    fake.faults["sk-allowance-real-123456"] = Fault(503)
+    async with gateway.post("/v1/chat/completions", json=UNCAPPED, headers=auth(VK)) as opened:
+        assert opened.status == 200  # the primary failed (its breaker opens), the fallback answered
+    await settled(gateway, 1, tokens=1 + 3)
+    task = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=CAPPED, headers={**auth(VK), **ANSWER, **HELD})
+    )
+    await until(lambda: len(fake.requests) == 3)  # the fallback alone: the breaker is open
+    reserved = (await usage_of(gateway))["budget"]["reserved_usd"]
+    assert reserved == pytest.approx((2 + 100) * EXPENSIVE)
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
