@@ -8,13 +8,15 @@ price. The Redis, two-process variant is in tests/process/test_allowance_redis.p
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import auth
+from tests.conftest import auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
 from tests.support.polling import until
@@ -44,22 +46,22 @@ def allowance_gateway(
 
 
 async def held_burst(
-    gateway: TestClient, fake: FakeState, count: int, body: dict[str, Any] = UNCAPPED
+    gateway: TestClient, fake: FakeState, count: int, keys: tuple[str, ...] = (VK,)
 ) -> list[int]:
-    """`count` uncapped requests at once, their answers held until every one was either
-    refused or reached the fake (so all are admitted against reservations alone, none
-    settled); their statuses."""
+    """`count` uncapped requests at once (of `keys` in turn), their answers held until every
+    one was either refused or reached the fake (so all are admitted against reservations
+    alone, none settled); their statuses."""
     refused = 0
 
-    async def one() -> int:
+    async def one(key: str) -> int:
         nonlocal refused
-        headers = {**auth(VK), **ANSWER, **HELD}
-        async with gateway.post("/v1/chat/completions", json=body, headers=headers) as response:
+        headers = {**auth(key), **ANSWER, **HELD}
+        async with gateway.post("/v1/chat/completions", json=UNCAPPED, headers=headers) as response:
             refused += response.status == 429
             await response.read()
             return response.status
 
-    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    tasks = [asyncio.create_task(one(keys[n % len(keys)])) for n in range(count)]
     await until(lambda: refused + len(fake.requests) == count, 10, "every request decided")
     fake.release.set()
     return await asyncio.gather(*tasks)
@@ -115,6 +117,37 @@ async def test_200_concurrent_uncapped_requests_against_a_one_cent_budget_spend_
     assert spent == pytest.approx(admitted * REAL_TOKENS * USD_PER_TOKEN)
     assert 0.01 - worst_case < spent <= 0.01 + worst_case, (admitted, spent)
     assert usage["budget"]["reserved_usd"] == 0
+
+
+MEMBERS = tuple(f"vk_test_member_{n}_4d5e6f7a8b" for n in range(4))
+
+
+@pytest.mark.parametrize("scope", ["team", "model group"])
+async def test_uncapped_requests_of_a_teams_keys_or_a_model_group_hold_its_window_to_one_allowance(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: FakeState,
+    scope: str,
+) -> None:
+    window = {"requests": 1000, "tokens": 100}
+    document = keys_document(fake_base)
+    document["teams"] = {"research": {"quota": window}}
+    for n, secret in enumerate(MEMBERS):
+        member = {"provider": "openai", "api_key": f"sk-member-real-{n}-1234", "name": f"m{n}"}
+        if scope == "team":
+            member["team"] = "research"
+        else:
+            member["model_quotas"] = [{"models": ["gpt-4o*"], "tokens": 100}]
+        document["virtual_keys"][secret] = member
+    path = tmp_path / "scoped-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path), OUTPUT_ALLOWANCE_TOKENS=str(ALLOWANCE))
+    # The team's keys share its window; each key's model group is its own.
+    keys = MEMBERS if scope == "team" else MEMBERS[:1]
+    statuses = await held_burst(gateway, fake, 200, keys)
+    charged = statuses.count(200) * REAL_TOKENS  # every admitted one answered whole
+    assert 100 - RESERVED_TOKENS < charged <= 100 + RESERVED_TOKENS, (scope, charged)
 
 
 async def test_a_key_whose_window_is_smaller_than_its_allowance_sends_uncapped_requests_one_at_a_time(
