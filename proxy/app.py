@@ -50,6 +50,7 @@ from proxy.relay.relay import Relay, keep_untyped
 from proxy.settings import Settings
 from proxy.upstream.breaker import BreakerPolicy, Breakers
 from proxy.upstream.failover import Failover, RetryPolicy
+from proxy.upstream.probes import Probes
 from proxy.upstream.targets import members_report
 from proxy.upstream.wire import Wire
 from proxy.usage.pricing import Prices
@@ -73,6 +74,7 @@ KEYS_FILE = web.AppKey("keys_file", KeysFile)
 REALTIME = web.AppKey("realtime", Realtime)
 FAILOVER = web.AppKey("failover", Failover)
 CACHE = web.AppKey("cache", Cache)
+PROBES = web.AppKey("probes", Probes)
 KEY_STORE: web.AppKey[KeyStore] = web.AppKey("key_store")
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
@@ -252,6 +254,13 @@ def build_app(
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     app[CACHE] = new_cache(settings, metrics, cache_clock)
+    app[PROBES] = Probes(
+        breakers=breakers,
+        targets=key_ring.every_target,  # the keys in force, after a reload too
+        interval_seconds=settings.probe_interval_seconds,
+        timeout_seconds=settings.request_timeout,
+        on_probed=metrics.probed,
+    )
     # Every proxied request, HTTP or WebSocket, enters through one exchange.
     entrance = Entrance(
         key_ring=key_ring,
@@ -411,7 +420,7 @@ def with_request_id(handler: Handler) -> Handler:
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
-    """The wire for HTTP requests, and aiohttp's client for WebSocket sessions."""
+    """The wire for HTTP requests and probes, and aiohttp's client for WebSocket sessions."""
     settings = app[SETTINGS]
     wire = Wire(connect_timeout=settings.request_timeout)
     session = aiohttp.ClientSession(
@@ -423,7 +432,10 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     )
     app[FAILOVER].use(wire)
     app[REALTIME].use(session)
-    yield
+    # Probes of open breakers (PROBE_INTERVAL_SECONDS > 0) go out on the same wire, and stop
+    # (a probe in flight cancelled) before it closes.
+    async with app[PROBES].running(wire):
+        yield
     await wire.close()
     await session.close()
 

@@ -334,6 +334,13 @@ class Settings:
     breaker_cooldown_seconds: float = setting(
         "30", _positive_seconds, "an open breaker lets one probe through after this long"
     )
+    probe_interval_seconds: float = setting(
+        "0",
+        _non_negative_seconds,
+        "every this many seconds, a target whose breaker is open is probed with GET .../models, "
+        "which generates nothing, and closes on success (0: no probes; a client's request is "
+        "the probe after the cooldown)",
+    )
     pool_sticky_header: str | None = setting(
         None,
         _optional_text,

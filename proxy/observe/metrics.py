@@ -224,7 +224,8 @@ class Metrics:
         self._probes = Counter(
             "llm_gateway_probes",
             "Probes of targets whose breaker is open (GET models: nothing generated), by "
-            "result: ok (the breaker closed) or failed.",
+            "result: ok (the breaker closed), failed (open for another cooldown) or "
+            "inconclusive (a 4xx: about the key or the path).",
             ["target", "result"],
             registry=owner,
         )
@@ -314,7 +315,7 @@ class Metrics:
                 self._child(self._upstream_errors, provider, kind)
 
     def probed(self, target: str, result: str) -> None:
-        """A probe of `target`'s open breaker ended: "ok" or "failed"."""
+        """A probe of `target`'s open breaker ended: "ok", "failed" or "inconclusive"."""
         self._child(self._probes, target, result).inc()
 
     def breaker_changed(self, target: str, state: str) -> None:

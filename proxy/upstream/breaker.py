@@ -11,9 +11,12 @@ A failure is the provider's: unreachable, no headers in time, a body cut short, 
 status that says it is failing (408, 500, 502, 503, 504, 529). A 429 is about a key, not
 the target (the pool sets that key aside), and a 4xx is about the request: neither counts,
 and a client that left tells nothing (`abstain`: a probe that learned nothing gives its
-turn back). Breakers live in one process (each worker learns on its own), and are read by
-/health and the breaker-state metric. Only their own verbs change them: `admits`,
-`succeeded`, `failed`, `abstain`, and `Breakers.report_broken` for a body cut short.
+turn back). With PROBE_INTERVAL_SECONDS, an open breaker also hears a probe that generates
+nothing (`probes.py`): its success closes the breaker before any client's request is the
+probe, its failure opens it for another cooldown. Breakers live in one process (each worker
+learns on its own), and are read by /health and the breaker-state metric. Only their own
+verbs change them: `admits`, `succeeded`, `failed`, `abstain`, and `Breakers.report_broken`
+for a body cut short.
 
 A request that went out and then timed out, lost its connection, or had its body cut short
 may be its own doing (one client's long generations outlast any timeout): such a failure
@@ -128,7 +131,9 @@ class Breaker:
         self.failures_in_a_row += 1
         self.last_failure, self.last_error = now, why[:LAST_ERROR_CHARS]
         self._remember(now, failed=True)
-        if self.state == HALF_OPEN or self._should_open(now):
+        # Open or half-open, a failure (a probe's, or a request sent when every target of a
+        # key was open) starts another cooldown; closed, it opens by the policy.
+        if self.state != CLOSED or self._should_open(now):
             self.opened_at, self.probing = now, False
             self._move(OPEN)
 
@@ -215,6 +220,10 @@ class Breakers:
         `admits`, takes no half-open probe)."""
         breaker = self._breakers.get(name)
         return breaker is None or breaker.state == CLOSED
+
+    def not_closed(self) -> list[str]:
+        """The targets whose breaker is open or half-open (what probes.py probes)."""
+        return [name for name, breaker in self._breakers.items() if breaker.state != CLOSED]
 
     def report_broken(self, name: str, why: str, key: str | None = None) -> None:
         """The target answered, then cut its body short (a request of `key`): a failure of

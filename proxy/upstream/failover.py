@@ -374,16 +374,16 @@ class Failover:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
             why = (
-                f"{_where(target)} sent no response headers within {timeout:g} seconds"
+                f"{where(target)} sent no response headers within {timeout:g} seconds"
                 if sent
-                else f"{_where(target)}: could not connect within {timeout:g} seconds"
+                else f"{where(target)}: could not connect within {timeout:g} seconds"
             )
             failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
-            failed = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {described(error)}", sent)
+            failed = Failed(Outcome.UNREACHABLE, f"{where(target)}: {described(error)}", sent)
             slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
-            failed, slow = Failed(Outcome.UNREACHABLE, f"{_where(target)}: {error}"), False
+            failed, slow = Failed(Outcome.UNREACHABLE, f"{where(target)}: {error}"), False
         except asyncio.CancelledError:
             if sent:
                 record.saw_unanswered()
@@ -405,7 +405,7 @@ class Failover:
                 )  # fmt: skip
             )
             if reply.status in RETRYABLE and reply.status != 429:
-                breaker.failed(now(), f"{reply.status} from {_where(target)}")
+                breaker.failed(now(), f"{reply.status} from {where(target)}")
             elif reply.status in RETRYABLE or reply.status in KEY_REFUSED:
                 breaker.abstain()  # about a key, not the target
             else:
@@ -473,7 +473,8 @@ def _is_keepable(reply: WireReply) -> bool:
     return length is not None and length <= KEPT_ANSWER_BYTES
 
 
-def _where(target: Target) -> str:
+def where(target: Target) -> str:
+    """A target in words for errors and /health: its provider and host, never a key."""
     url = target.provider.base_url
     return f"provider '{target.provider.name}' at {url.host}:{url.port}"
 

@@ -117,6 +117,21 @@ def test_an_open_breaker_lets_exactly_one_probe_through_after_its_cooldown() -> 
     assert breaker.state == CLOSED and breaker.admits(clock.now + 31)
 
 
+def test_a_failure_while_open_starts_another_cooldown_even_when_the_ratio_has_faded() -> None:
+    # Opened by its error ratio; once the window passed, the ratio alone would not open it
+    # again: a probe's failure still starts a full cooldown (probes.py counts on it).
+    clock = Clock()
+    board = breakers(clock, failures_in_a_row=100, min_requests=4, window_seconds=60)
+    breaker = board["openai"]
+    for _ in range(4):
+        breaker.failed(clock.now, "503")
+    assert breaker.state == OPEN and board.not_closed() == ["openai"]
+    clock.now += 61  # past the window, and the 30 s cooldown
+    breaker.failed(clock.now, "probe: 503")
+    assert breaker.state == OPEN and not breaker.admits(clock.now + 29)
+    assert breaker.admits(clock.now + 31)
+
+
 def test_an_error_ratio_over_the_minimum_opens_a_breaker_without_failures_in_a_row() -> None:
     clock = Clock()
     breaker = breakers(clock, failures_in_a_row=100, error_ratio=0.5, min_requests=10)["openai"]
