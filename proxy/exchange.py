@@ -23,7 +23,8 @@ A key with a response cache is looked up (`look_up`) after admission, before ups
 hit is answered from stored bytes, charged nothing (it counts as a request).
 
 Then it settles: a background Response is owed or claimed (`usage.background`, which may
-wait on the tracker), then the sinks, each called once, in this order: reckon → price →
+wait on the tracker; a claim is charged to the key that created the response, whichever
+key fetched it), then the sinks, each called once, in this order: reckon → price →
 quota charge → cache store → breaker report → metrics → log → trace (a sink that fails is
 logged, and the next ones still run).
 
@@ -185,7 +186,14 @@ class Entrance:
         if key is not None:  # the reservation becomes the real count
             # A cache hit spent nothing, and a session's responses were charged as they came.
             usage = None if exchange.is_charged_live else record.spent_usage
-            self.quota.settle(key, exchange.admission, usage, record.cost_usd)
+            creator = exchange.creator
+            if creator is None:
+                self.quota.settle(key, exchange.admission, usage, record.cost_usd)
+                return
+            # Deferred work it claimed: its creator pays, this request itself nothing.
+            self.quota.settle(key, exchange.admission, None, None)
+            if usage is not None:
+                self.quota.charge_deferred(creator, record.model, usage, record.cost_usd)
 
     def _store(self, exchange: Exchange) -> None:
         if exchange.found is not None and self.cache is not None:
@@ -214,6 +222,7 @@ class Exchange:
         "_credentials",
         "_entrance",
         "admission",
+        "creator",
         "found",
         "is_charged_live",
         "key",
@@ -242,6 +251,9 @@ class Exchange:
         self.tail = self.query = ""
         self.is_charged_live = False
         self.live_cost_usd: float | None = None
+        # The key that created the deferred work this request claimed (a background response
+        # it fetched finished): it pays the usage; None: the request's own key pays its own.
+        self.creator: VirtualKey | None = None
 
     async def run(self, transport: Transport) -> web.StreamResponse:
         """Route, authenticate, relay; write the ending; settle."""
@@ -285,9 +297,19 @@ class Exchange:
         finally:
             try:
                 if record.stored is not None and self.key is not None:
-                    await background.owe_or_claim(entrance.quota, self.key, record)
+                    await background.owe_or_claim(
+                        entrance.quota,
+                        self.key,
+                        record,
+                        keys=entrance.key_ring,
+                        on_claim=self.claimed,
+                    )
             finally:  # also when the client's leaving cancels the handler meanwhile
                 entrance.settle(self)
+
+    def claimed(self, creator: VirtualKey) -> None:
+        """This request claimed deferred work that `creator` made: its usage is charged there."""
+        self.creator = creator
 
     def precheck(self, body_bytes: int | None) -> None:
         """Before a large body is read: 429 for a key known to be refused right now."""

@@ -297,8 +297,9 @@ class Record:
         self.usage, self.websocket = usage, tally
 
     def saw_claim(self, provider: str | None, model: str | None, usage: Usage) -> None:
-        """This request claimed a background Response owed by its key: that response's usage
-        is charged here, priced for the provider and model of the request that made it."""
+        """This request claimed a background Response (whichever key made it): that response's
+        usage is shown here, priced for the provider and model of the request that made it,
+        and charged to the key that made it."""
         self.provider, self.model, self.usage = provider, model, usage
 
     def saw_reserved(self, usage: Usage) -> None:

@@ -165,6 +165,8 @@ class KeyRing:
             for key in self._keys.values()
             if key.previous is not None
         }
+        # By the tracker's handle (a digest of the name): whom claimed deferred work charges.
+        self._by_id = {key.id: key for key in self._keys.values()}
         # Every real key of every pool, fallback and route: what no log line may show.
         self._real_keys = frozenset(
             credential.api_key
@@ -185,6 +187,7 @@ class KeyRing:
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
         self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts
+        self._by_id = other._by_id
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())
@@ -222,6 +225,10 @@ class KeyRing:
             if previous is not None and self._clock() < previous[1]:
                 key = previous[0]
         return key
+
+    def by_id(self, key_id: str) -> VirtualKey | None:
+        """The key whose tracker handle is `key_id`, as keys.json has it now; None if gone."""
+        return self._by_id.get(key_id)
 
     def real_keys(self) -> frozenset[str]:
         """Every real key of the file: what must never be shown (the same object each call)."""

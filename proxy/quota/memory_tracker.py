@@ -2,8 +2,8 @@
 
 Keys are kept least recently active first; a key idle for a whole window (and with no
 request in flight) is evicted when a new key arrives, leaving only its totals. The
-background responses owed are kept oldest first, at most MAX_OWED (the oldest goes first:
-it is then never charged). What it does not do: share state between processes (that is
+deferred work owed (background responses, batches) is kept oldest first, at most MAX_OWED
+(the oldest goes first: it is then never charged). What it does not do: share state between processes (that is
 `redis_tracker`'s job).
 """
 
@@ -20,13 +20,14 @@ from proxy.quota.tracker import (
     Budget,
     Charge,
     Limits,
+    Owed,
     Scope,
     admission,
     report,
 )
 from proxy.quota.window import SlidingWindow, Totals
 
-# Background responses owed at once, at most: about 300 bytes each, so 30 MB.
+# Deferred work owed at once, at most: about 300 bytes each, so 30 MB.
 MAX_OWED = 100_000
 
 
@@ -38,8 +39,8 @@ class MemoryTracker:
         # Least recently active first, so idle keys are found at the front.
         self._windows: OrderedDict[str, SlidingWindow] = OrderedDict()
         self._retired: dict[str, Totals] = {}  # totals of evicted keys
-        # (key id, response id) → (until when, origin), oldest first: all owe for as long.
-        self._owed: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        # deferred id → (until when, what is owed), oldest first: all are owed for as long.
+        self._owed: OrderedDict[str, tuple[float, Owed]] = OrderedDict()
         # scope id → the leases holding its slots (a process cannot die and leave the rest).
         self._slots: dict[str, set[str]] = {}
         self.on_settle_failed: Callable[[str], None] = lambda error: None  # never fails
@@ -133,20 +134,20 @@ class MemoryTracker:
             window = SlidingWindow(limits, self._retired.get(key_id, Totals()))
         return report(window.report(self._clock(), limits, budget), limits, budget)
 
-    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
-        """Remember for `seconds` that the key owes what the background response will report."""
-        now, owed = self._clock(), self._owed
-        while owed and (len(owed) >= MAX_OWED or next(iter(owed.values()))[0] <= now):
-            owed.popitem(last=False)  # expired, or the oldest past the bound
-        owed[key_id, response_id] = (now + seconds, origin)
-        owed.move_to_end((key_id, response_id))
+    async def owe(self, deferred_id: str, owed: Owed, seconds: float) -> None:
+        """Remember for `seconds` what is owed for the deferred work `deferred_id`."""
+        now, held = self._clock(), self._owed
+        while held and (len(held) >= MAX_OWED or next(iter(held.values()))[0] <= now):
+            held.popitem(last=False)  # expired, or the oldest past the bound
+        held[deferred_id] = (now + seconds, owed)
+        held.move_to_end(deferred_id)
 
-    async def claim(self, key_id: str, response_id: str) -> str | None:
-        """Take what the key owes for the response (once): its origin, else None."""
-        owed = self._owed.pop((key_id, response_id), None)
-        if owed is None or owed[0] <= self._clock():
+    async def claim(self, deferred_id: str) -> Owed | None:
+        """Take what is owed for `deferred_id` (once, whoever asks), else None."""
+        held = self._owed.pop(deferred_id, None)
+        if held is None or held[0] <= self._clock():
             return None
-        return owed[1]
+        return held[1]
 
     async def flush(self) -> None:
         """Nothing to wait for: a settle is counted before `settle` returns."""

@@ -50,6 +50,7 @@ from proxy.quota.tracker import (
     NOTHING,
     Admission,
     Charge,
+    Owed,
     Scope,
     Tracker,
     TrackerUnavailable,
@@ -261,21 +262,42 @@ class Quota:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
         self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
 
-    async def owe(self, key: QuotaKey, response_id: str, origin: str, seconds: float) -> None:
-        """Remember that `key` owes a background response (background.py); never raises."""
+    async def owe(
+        self,
+        deferred_id: str,
+        key: QuotaKey,
+        origin: str,
+        seconds: float,
+        charged: Charge = NOTHING,
+    ) -> None:
+        """Remember that `key` owes the deferred work `deferred_id` (a background response, a
+        batch), of which `charged` was charged already; never raises."""
         try:
-            await self.tracker.owe(key.id, response_id, origin, seconds)
+            await self.tracker.owe(deferred_id, Owed(key.id, origin, charged), seconds)
         except TrackerUnavailable as error:
             self._lost("uncharged", str(error))  # it will not be charged
 
-    async def claim(self, key: QuotaKey, response_id: str) -> str | None:
-        """Take what `key` owes for a background response, once across every process: its
-        origin, else None (nothing owed, or the tracker lost: then it is not charged)."""
+    async def claim(self, deferred_id: str) -> Owed | None:
+        """Take what is owed for the deferred work, whoever retrieves it, once across every
+        process; None when nothing is owed (any more, or the tracker is lost: then it is
+        not charged)."""
         try:
-            return await self.tracker.claim(key.id, response_id)
+            return await self.tracker.claim(deferred_id)
         except TrackerUnavailable as error:
             self._lost("uncharged", str(error))
             return None
+
+    def charge_deferred(
+        self, key: QuotaKey, model: str | None, usage: Usage, cost_usd: float | None
+    ) -> None:
+        """Charge claimed deferred work to the key that created it: in every scope a request
+        of it for `model` counts in (its own, its team's, its model group's); never waits."""
+        spent = charged(usage, cost_usd)
+        if key.shares:
+            scopes = key.scopes(model)
+            self.tracker.settle_scopes(scopes, spent, (0,) * len(scopes))
+            return
+        self.tracker.settle(key.id, key.limits, spent, 0, key.budget)
 
     async def close(self) -> None:
         """Send the settles still held, then close the tracker."""

@@ -20,9 +20,11 @@ before the check. Settles no admission picked up within SETTLE_DELAY_SECONDS go 
 background call per key. Until then other processes see the request's reservation in place
 of its real cost: the bound on overshoot is unchanged, only later by that delay.
 
-A background response a key owes is one more key, `{key_id}:bg:<response id>`, holding
-its origin and expiring after `background.OWED_SECONDS`; its claim is a GET and a DEL in one
-MULTI, and only the caller whose DEL answers 1 charges it.
+Deferred work owed (a background response, a batch) is one more key per work,
+`deferred:{<deferred id>}`, holding what is owed (`Owed`: the creating key's digest, the
+origin, what was charged already) and expiring after the owing module's time (a day for a
+background response); its claim, by whichever key, is a GET and a DEL in one MULTI, and only
+the caller whose DEL answers 1 charges it.
 
 Failure: socket timeouts are short and nothing is retried (a retried script may already
 have counted), so a lost Redis fails within about a second; every Redis error becomes
@@ -44,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 import redis
 from redis.exceptions import RedisError
 
@@ -56,6 +59,7 @@ from proxy.quota.tracker import (
     Budget,
     Charge,
     Limits,
+    Owed,
     Reading,
     Scope,
     TrackerUnavailable,
@@ -256,29 +260,30 @@ class RedisTracker:
         readings = await self._run(self._report, (Scope(key_id, "key", "", limits, budget),))
         return report(readings[0], limits, budget)
 
-    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
-        """Remember for `seconds` that the key owes what the background response will report."""
+    async def owe(self, deferred_id: str, owed: Owed, seconds: float) -> None:
+        """Remember for `seconds` what is owed for the deferred work `deferred_id`."""
         try:
-            set_ = pack("SET", owed_key(key_id, response_id), origin, "EX", math.ceil(seconds))
+            value = orjson.dumps(encoded(owed))
+            set_ = pack("SET", owed_key(deferred_id), value, "EX", max(1, math.ceil(seconds)))
             (answer,) = await self._wire.call(set_)
             if isinstance(answer, ReplyError):
                 raise answer
         except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
 
-    async def claim(self, key_id: str, response_id: str) -> str | None:
-        """Take what the key owes for the response: the one caller whose DEL answers 1 gets
-        its origin (GET and DEL in one MULTI, so no other client runs between them)."""
+    async def claim(self, deferred_id: str) -> Owed | None:
+        """Take what is owed for `deferred_id`, whoever asks: the one caller whose DEL answers
+        1 gets it (GET and DEL in one MULTI, so no other client runs between them)."""
         try:
-            name = owed_key(key_id, response_id)
+            name = owed_key(deferred_id)
             commands = (pack("MULTI"), pack("GET", name), pack("DEL", name), pack("EXEC"))
             *_, answer = await self._wire.call(*commands)  # one write: nothing comes between
             if isinstance(answer, ReplyError):
                 raise answer
-            origin, deleted = answer
+            value, deleted = answer
         except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
-        return origin.decode() if deleted == 1 and origin is not None else None
+        return decoded(value) if deleted == 1 and value is not None else None
 
     async def flush(self) -> None:
         """Send every held settle now, and wait for those already on their way."""
@@ -414,9 +419,28 @@ def window_keys(key_id: str) -> list[str]:
     return [base + name for name in _KEY_NAMES]
 
 
-def owed_key(key_id: str, response_id: str) -> str:
-    """The Redis key of a background response a virtual key owes (its digest, never the key)."""
-    return f"{KEY_PREFIX}{{{key_id}}}:bg:{response_id}"
+def owed_key(deferred_id: str) -> str:
+    """The Redis key of deferred work owed, by its id alone (never a virtual key)."""
+    return f"{KEY_PREFIX}deferred:{{{deferred_id}}}"
+
+
+def encoded(owed: Owed) -> list[object]:
+    """What is owed as Redis keeps it: [key id, origin, tokens, µ$, tokens by kind...]."""
+    charged = owed.charged
+    return [owed.key_id, owed.origin, charged.tokens, charged.micro_usd, *charged.kinds]
+
+
+def decoded(value: bytes) -> Owed | None:
+    """What `encoded` wrote; None for a value it did not write (nothing to charge)."""
+    try:
+        key_id, origin, tokens, micro, *kinds = orjson.loads(value)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if not (isinstance(key_id, str) and isinstance(origin, str) and len(kinds) == len(NO_KINDS)):
+        return None
+    if not all(type(count) is int for count in (tokens, micro, *kinds)):
+        return None
+    return Owed(key_id, origin, Charge(tokens, micro, tuple(kinds)))
 
 
 def reason(error: Exception) -> str:

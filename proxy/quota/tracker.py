@@ -16,8 +16,10 @@ Invariants:
   own reservations: at most one request's worth when estimates hold, since each request is
   admitted only while the window plus every reservation is under the limit.
 
-The tracker also remembers the background responses a key owes (`owe`, `claim`): a claim
-succeeds once, in whichever process asks first, so each is charged exactly once.
+The tracker also remembers deferred work owed (`owe`, `claim`): a background response or a
+batch, found by its id alone and remembering the key that created it (`Owed`), so whichever
+key retrieves it finished, its creator is charged; a claim succeeds once, in whichever
+process asks first, so each is charged exactly once.
 
 This module holds the shared vocabulary and the backends' protocol; `memory_tracker.py`
 (over `window.py`) and `redis_tracker.py` are the two backends, with the same answers.
@@ -88,6 +90,19 @@ class Charge:
 
 
 NOTHING = Charge()
+
+
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """Deferred work a key owes: a background response or a batch, whose usage comes later.
+
+    Kept by the work's id alone (`Tracker.owe`), so the first retrieval that finds it
+    finished, by whichever key, claims it and charges the key that created it.
+    """
+
+    key_id: str  # the creating key's tracker handle (a digest, never the key)
+    origin: str  # what charging it needs later: the owing module's choice (provider, model)
+    charged: Charge = NOTHING  # what the creating request was charged for it already
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,16 +358,15 @@ class Tracker(Protocol):
         """The key's windows and totals, as `GET /usage` answers them."""
         ...
 
-    async def owe(self, key_id: str, response_id: str, origin: str, seconds: float) -> None:
-        """Remember for `seconds` that the key owes what a background response will report.
-
-        `origin`: what charging it needs to know later (background.py's choice).
-        """
+    async def owe(self, deferred_id: str, owed: Owed, seconds: float) -> None:
+        """Remember for `seconds` that `owed.key_id` owes the deferred work `deferred_id` (a
+        background response, a batch: unique among everything owed, the caller's namespace).
+        Owing it again replaces what was owed."""
         ...
 
-    async def claim(self, key_id: str, response_id: str) -> str | None:
-        """Take what the key owes for the response: its `origin` to exactly one caller, in
-        every process sharing the state; None when nothing is owed (any more)."""
+    async def claim(self, deferred_id: str) -> Owed | None:
+        """Take what is owed for `deferred_id`, whoever asks: to exactly one caller, in every
+        process sharing the state; None when nothing is owed (any more)."""
         ...
 
     async def flush(self) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,13 +22,16 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import QUOTA
-from tests.conftest import SECRETS, auth
+from proxy.quota.tracker import Owed
+from tests.conftest import SECRETS, auth, keys_document
 from tests.support.fake_provider import FakeState
 
 BUDGET_VK = "vk_test_background_3c5e7a9b1d"
 BUDGET_REAL = "sk-background-real-2468013579"
 OTHER_VK = "vk_test_background_other_8f6d4b2a0c"
 OTHER_REAL = "sk-background-other-real-1357924680"
+# A second virtual key of the same real key (one OpenAI project: it can fetch the response).
+SHARED_VK = "vk_test_background_shared_5e1f9a7c3b"
 # The operator's price list: every token of the fake's models costs $0.0001.
 PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
 USD_PER_TOKEN = 0.0001
@@ -35,14 +39,14 @@ INPUT = "one two three"  # 3 prompt tokens at the fake
 # The fake's answer: 40 content tokens plus 60 reasoning tokens; 3 + 100 = 103 tokens in all.
 ANSWER = {"x-fake-chunks": "40", "x-fake-reasoning-tokens": "60"}
 REAL_TOKENS = 3 + 40 + 60
-ALL_SECRETS = (*SECRETS, BUDGET_VK, BUDGET_REAL, OTHER_VK, OTHER_REAL)
+ALL_SECRETS = (*SECRETS, BUDGET_VK, BUDGET_REAL, OTHER_VK, OTHER_REAL, SHARED_VK)
 
 Records = Callable[..., Awaitable[list[dict[str, Any]]]]
 MakeGateway = Callable[..., Awaitable[TestClient]]
 
 
 def background_keys(budget_usd: float = 100.0) -> dict[str, dict[str, Any]]:
-    """A budgeted key and another key of the same provider."""
+    """A budgeted key, another key of its real key, and a key of another real key."""
     return {
         BUDGET_VK: {
             "provider": "openai",
@@ -51,6 +55,7 @@ def background_keys(budget_usd: float = 100.0) -> dict[str, dict[str, Any]]:
             "budget": {"usd": budget_usd, "window_seconds": 3600},
         },
         OTHER_VK: {"provider": "openai", "api_key": OTHER_REAL, "name": "other"},
+        SHARED_VK: {"provider": "openai", "api_key": BUDGET_REAL, "name": "shared"},
     }
 
 
@@ -181,7 +186,7 @@ async def test_a_poll_whose_client_leaves_as_soon_as_it_has_the_answer_still_cha
     tracker = gateway.app[QUOTA].tracker
     claim, answered = tracker.claim, asyncio.Event()
 
-    async def claim_once_the_client_left(key_id: str, response_id: str) -> str | None:
+    async def claim_once_the_client_left(deferred_id: str) -> Owed | None:
         await answered.wait()
         (connection,) = set(server.connections) - before
         writer.close()
@@ -189,7 +194,7 @@ async def test_a_poll_whose_client_leaves_as_soon_as_it_has_the_answer_still_cha
         while connection.transport is not None:  # aiohttp saw it go, and cancelled the handler
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.001)
-        return await claim(key_id, response_id)
+        return await claim(deferred_id)
 
     tracker.claim = claim_once_the_client_left  # type: ignore[method-assign]
     writer.write(
@@ -220,23 +225,53 @@ async def test_a_key_whose_budget_background_responses_spent_is_refused(
     assert refused.value.response.headers["x-should-retry"] == "false"
 
 
-async def test_a_poll_by_another_key_or_of_an_unknown_id_charges_nothing(
-    background_gateway: MakeGateway, records: Records
+async def test_a_poll_by_another_key_charges_the_key_that_created_it_and_not_itself(
+    background_gateway: MakeGateway, records: Records, log_path: Path
 ) -> None:
     gateway = await background_gateway()
     response_id = await create(gateway)
-    # The fake ignores whose key asks (OpenAI scopes responses by project): another key of
-    # the same provider gets it finished, and is not charged for it.
-    polled = await client(gateway, OTHER_VK).responses.retrieve(response_id)
+    # Another virtual key of the same real key fetches it finished: the creator pays.
+    polled = await client(gateway, SHARED_VK).responses.retrieve(response_id)
     assert polled.status == "completed"
+    shared = await usage_of(gateway, records, 2, SHARED_VK)
+    assert shared["totals"]["tokens"] == 0 and shared["totals"]["spent_usd"] == 0
+    creator = await usage_of(gateway, records, 2)
+    assert creator["totals"]["tokens"] == REAL_TOKENS
+    assert creator["budget"]["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    # Once: neither the creator's own poll nor a third key's charges it again.
+    await client(gateway).responses.retrieve(response_id)
+    await client(gateway, OTHER_VK).responses.retrieve(response_id)
     with pytest.raises(openai.NotFoundError):
         await client(gateway).responses.retrieve("resp_never_made_here")
-    assert (await usage_of(gateway, records, 3, OTHER_VK))["totals"]["tokens"] == 0
-    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == 0
-    assert [line["usage"] for line in await records(3)] == [None, None, None]
-    # The owner's poll still charges it.
-    await client(gateway).responses.retrieve(response_id)
-    assert (await usage_of(gateway, records, 4))["totals"]["tokens"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 5))["totals"]["tokens"] == REAL_TOKENS
+    for vk in (SHARED_VK, OTHER_VK):
+        assert (await usage_of(gateway, records, 5, vk))["totals"]["tokens"] == 0
+    post, poll, *rest = await records(5)
+    # The claiming line shows what it claimed and its cost, under its own key's name only.
+    assert poll["key"] == "shared" and poll["usage"]["total_tokens"] == REAL_TOKENS
+    assert poll["cost_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    assert "background" not in json.dumps(poll)  # the creator's name
+    assert [line["usage"] for line in rest] == [None, None, None]
+    text = log_path.read_text()
+    assert not any(secret in text for secret in ALL_SECRETS)
+
+
+async def test_the_creators_team_pays_too_when_a_key_outside_it_fetches_the_response(
+    make_gateway: MakeGateway, fake_base: str, tmp_path: Path, records: Records
+) -> None:
+    document = keys_document(fake_base)
+    document["teams"] = {"research": {"quota": {"requests": 100, "tokens": 100_000}}}
+    document["virtual_keys"].update(background_keys())
+    document["virtual_keys"][BUDGET_VK]["team"] = "research"  # SHARED_VK is in no team
+    path = tmp_path / "team-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    response_id = await create(gateway)
+    await client(gateway, SHARED_VK).responses.retrieve(response_id)
+    creator = await usage_of(gateway, records, 2)
+    assert creator["totals"]["tokens"] == REAL_TOKENS
+    assert creator["team"]["tokens"]["used"] == REAL_TOKENS
+    assert (await usage_of(gateway, records, 2, SHARED_VK))["totals"]["tokens"] == 0
 
 
 async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_nothing(

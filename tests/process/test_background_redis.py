@@ -1,5 +1,6 @@
 """Background Responses on Redis: two gateways (in one process, then as two processes) share
-one redis-server, and a background response is charged once whichever of them is polled."""
+one redis-server, and a background response is charged once, to the key that created it,
+whichever of them is polled and by whichever key."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from aiohttp.test_utils import TestClient
 from tests.app.test_background import (
     ALL_SECRETS,
     ANSWER,
+    BUDGET_VK,
     INPUT,
+    OTHER_VK,
     PRICES,
     REAL_TOKENS,
+    SHARED_VK,
     USD_PER_TOKEN,
     Records,
     background_keys,
@@ -28,7 +32,7 @@ from tests.app.test_background import (
     create,
     usage_of,
 )
-from tests.conftest import OPENAI_VK, auth
+from tests.conftest import OPENAI_VK, auth, keys_document
 from tests.support.processes import Processes, start_gateway
 
 
@@ -44,7 +48,7 @@ async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_on
         for _ in range(2)
     ]
     response_ids = [await create(first) for _ in range(3)]
-    owed = raw_redis.keys("llm-gateway:*:bg:*")
+    owed = raw_redis.keys("llm-gateway:deferred:*")
     assert len(owed) == 3 and all(0 < raw_redis.ttl(name) <= 24 * 3600 for name in owed)
     assert not any(secret in name for name in owed for secret in ALL_SECRETS)
     # Each response polled at once from both gateways, twice each: one poll charges it.
@@ -66,7 +70,7 @@ async def test_two_gateways_on_one_redis_charge_a_background_response_exactly_on
     assert (await usage_of(second, records, 15))["budget"]["spent_usd"] == pytest.approx(
         3 * REAL_TOKENS * USD_PER_TOKEN
     )
-    assert raw_redis.keys("llm-gateway:*:bg:*") == []
+    assert raw_redis.keys("llm-gateway:deferred:*") == []
     assert sum(line["usage"] is not None for line in lines) == 3
     text = log_path.read_text()
     assert not any(secret in text for secret in ALL_SECRETS)
@@ -113,3 +117,86 @@ async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_po
                 break
             await asyncio.sleep(0.02)
     assert tokens == REAL_TOKENS
+
+
+async def read_lines(logs: list[Path], count: int) -> list[dict[str, Any]]:
+    """Every log line of the gateways, once `count` are written (bounded wait)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        found = [
+            json.loads(line)
+            for log in logs
+            if log.exists()
+            for line in log.read_text().splitlines()
+        ]
+        if len(found) >= count or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.01)
+
+
+async def totals(url: str, key: str, at_least: int = 0) -> dict[str, Any]:
+    """The key's /usage totals, once its tokens reach `at_least` (a settle another process
+    holds is sent within 50 ms), or after a bounded wait."""
+    async with aiohttp.ClientSession() as session:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with session.get(f"{url}/usage", headers=auth(key)) as response:
+                found: dict[str, Any] = (await response.json())["totals"]
+            if found["tokens"] >= at_least or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.02)
+
+
+def background_processes(
+    processes: Processes, tmp_path: Path, fake_url: str, redis_url: str
+) -> tuple[list[Path], list[str]]:
+    """Two gateway processes on one Redis, with the background keys, priced: logs, URLs."""
+    document = keys_document(fake_url)
+    document["virtual_keys"].update(background_keys())
+    keys = tmp_path / "background-keys.json"
+    keys.write_text(json.dumps(document))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    logs = [tmp_path / f"log{index}.jsonl" for index in range(2)]
+    urls = [
+        start_gateway(processes, keys, log, REDIS_URL=redis_url, PRICES_FILE=str(prices))[1]
+        for log in logs
+    ]
+    return logs, urls
+
+
+async def test_two_processes_charge_the_creator_once_whichever_key_fetches_it(
+    processes: Processes, fake_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    logs, urls = background_processes(processes, tmp_path, fake_url, redis_url)
+
+    def sdk(index: int, key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=key, base_url=f"{urls[index]}/v1", max_retries=0, default_headers=ANSWER
+        )
+
+    made = await sdk(0, BUDGET_VK).responses.create(
+        model="gpt-4o-mini", input=INPUT, background=True
+    )
+    # Fetched at once through both processes, four times each, by the key sharing its real
+    # key and by a key of another real key: one of them claims it, its creator pays.
+    keys = (SHARED_VK, OTHER_VK, SHARED_VK, OTHER_VK)
+    polls = [sdk(index % 2, key).responses.retrieve(made.id) for index in range(2) for key in keys]
+    assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
+    lines = await read_lines(logs, 9)
+    assert len(lines) == 9
+    charged_lines = [line for line in lines if line["usage"] is not None]
+    assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
+    assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
+    creator = await totals(urls[1], BUDGET_VK, REAL_TOKENS)
+    assert creator["tokens"] == REAL_TOKENS  # never zero, and once
+    assert creator["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    for key in (SHARED_VK, OTHER_VK):
+        for url in urls:
+            assert (await totals(url, key))["tokens"] == 0
+    # The creator's own poll afterwards charges nothing more.
+    await sdk(0, BUDGET_VK).responses.retrieve(made.id)
+    assert len(await read_lines(logs, 10)) == 10
+    assert (await totals(urls[0], BUDGET_VK))["tokens"] == REAL_TOKENS
+    text = "".join(log.read_text() for log in logs)
+    assert not any(secret in text for secret in ALL_SECRETS)

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.redis_tracker import RedisTracker
-from proxy.quota.tracker import Admission, Budget, Charge, Limits, Tracker
+from proxy.quota.tracker import Admission, Budget, Charge, Limits, Owed, Tracker
 from tests.support.clock import Clock
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
 
@@ -289,14 +289,14 @@ async def test_a_budget_admits_while_the_spend_is_under_and_says_when_it_frees_u
     assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011, **NO_KIND_TOTALS}
 
 
-async def test_a_background_response_owed_is_claimed_once_and_only_by_its_key(
+async def test_deferred_work_owed_is_claimed_once_by_its_id_whoever_asks(
     tracker: Tracker,
 ) -> None:
-    await tracker.owe(KEY, "resp_1", "origin-a", 600)
-    await tracker.owe(KEY, "resp_2", "origin-b", 600)
-    assert await tracker.claim("another-key-digest", "resp_1") is None
-    assert await tracker.claim(KEY, "resp_unknown") is None
-    claims = await asyncio.gather(*(tracker.claim(KEY, "resp_1") for _ in range(20)))
-    assert claims.count("origin-a") == 1 and claims.count(None) == 19  # once, however many ask
-    assert await tracker.claim(KEY, "resp_2") == "origin-b"
-    assert await tracker.claim(KEY, "resp_2") is None
+    first = Owed(KEY, "origin-a", Charge(12, 340, (4, 8, 1, 0, 0, 2, 0)))
+    await tracker.owe("response:openai:resp_1", first, 600)
+    await tracker.owe("response:openai:resp_2", Owed("another-key-digest", "origin-b"), 600)
+    assert await tracker.claim("response:openai:resp_unknown") is None
+    claims = await asyncio.gather(*(tracker.claim("response:openai:resp_1") for _ in range(20)))
+    assert claims.count(first) == 1 and claims.count(None) == 19  # once, however many ask
+    assert await tracker.claim("response:openai:resp_2") == Owed("another-key-digest", "origin-b")
+    assert await tracker.claim("response:openai:resp_2") is None

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
-from proxy.quota.tracker import KINDS, Admission, Charge, Limits
+from proxy.quota.tracker import KINDS, Admission, Charge, Limits, Owed
 from tests.support.clock import Clock
 
 KEY = "key-digest-1"
@@ -135,14 +135,14 @@ def test_admissions_match_a_naive_sliding_log(
 async def test_the_memory_tracker_owes_once_forgets_after_the_ttl_and_is_bounded() -> None:
     clock = Clock(0.0)
     tracker = MemoryTracker(clock=clock)
-    await tracker.owe("key", "resp_1", "origin", 10)
-    assert await tracker.claim("other key", "resp_1") is None
-    assert await tracker.claim("key", "resp_1") == "origin"
-    assert await tracker.claim("key", "resp_1") is None  # once
-    await tracker.owe("key", "resp_2", "origin", 10)
+    owed = Owed("key", "origin", Charge(5, 7, (2, 3, 0, 0, 0, 0, 0)))
+    await tracker.owe("resp_1", owed, 10)
+    assert await tracker.claim("resp_1") == owed  # whoever asks: found by its id alone
+    assert await tracker.claim("resp_1") is None  # once
+    await tracker.owe("resp_2", owed, 10)
     clock.now = 10.0
-    assert await tracker.claim("key", "resp_2") is None  # expired
+    assert await tracker.claim("resp_2") is None  # expired
     for index in range(MAX_OWED + 1):
-        await tracker.owe("key", f"resp_{index}", "origin", 10)
-    assert await tracker.claim("key", "resp_0") is None  # the oldest went
-    assert await tracker.claim("key", f"resp_{MAX_OWED}") == "origin"
+        await tracker.owe(f"resp_{index}", Owed("key", "origin"), 10)
+    assert await tracker.claim("resp_0") is None  # the oldest went
+    assert await tracker.claim(f"resp_{MAX_OWED}") == Owed("key", "origin")
