@@ -40,7 +40,8 @@ class Peek:
     model: str | None = None
     is_stream: bool = False
     # For the tracker's reservation: the prompt's text at about 4 characters a token, and
-    # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens).
+    # the output cap the body names (max_tokens, max_completion_tokens, max_output_tokens,
+    # Gemini's generationConfig.maxOutputTokens, Bedrock's inferenceConfig.maxTokens).
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
     # It generates tokens (chat, completions, responses, messages...): naming no cap, it
@@ -148,10 +149,24 @@ def _conversation(document: dict[str, Any]) -> str | None:
     return user if isinstance(user, str) and user else None
 
 
+# Where the native APIs name an output cap, in an object of their own: Gemini's and
+# Vertex's generateContent (either spelling proto JSON takes), Bedrock's Converse.
+_NESTED_CAPS = (
+    ("generationConfig", "maxOutputTokens"),
+    ("generation_config", "max_output_tokens"),
+    ("inferenceConfig", "maxTokens"),
+)
+
+
 def _output_cap(document: dict[str, Any]) -> int | None:
     """The output cap the body names, the first of the names the APIs use."""
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = document.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    for parent, name in _NESTED_CAPS:
+        nested = document.get(parent)
+        value = nested.get(name) if isinstance(nested, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.usage import estimate
 from tests.conftest import auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
@@ -270,3 +271,37 @@ async def test_while_the_primary_breaker_is_open_a_request_reserves_at_the_fallb
     fake.release.set()
     async with await task as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/models/gemini-2.5-flash:generateContent",
+            {
+                "contents": [{"parts": [{"text": "hello"}]}],
+                "generationConfig": {"maxOutputTokens": 50},
+            },
+        ),
+        (
+            "/v1/model/amazon.nova-lite-v1:0/converse",
+            {
+                "messages": [{"role": "user", "content": [{"text": "hello"}]}],
+                "inferenceConfig": {"maxTokens": 50},
+            },
+        ),
+    ],
+)
+async def test_a_cap_named_the_native_apis_way_is_reserved_in_place_of_the_allowance(
+    allowance_gateway: Any, fake: FakeState, path: str, body: dict[str, Any]
+) -> None:
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
+    await until(lambda: len(fake.requests) == 1)
+    prompt = estimate.tokens(estimate.prompt_chars(body))
+    assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + 50
+    fake.release.set()
+    async with await task as response:
+        await response.read()
