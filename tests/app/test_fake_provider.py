@@ -333,6 +333,23 @@ async def test_chunks_sets_the_number_of_deltas(openai_client):
     assert text == "tok0 tok1 tok2 tok3 tok4 "
 
 
+async def test_piece_chars_streams_arguments_and_reasoning_in_pieces_of_that_size(openai_client):
+    headers = {"x-fake-tool-chars": "1000", "x-fake-reasoning-chars": "450"}
+    stream = await openai_client.chat.completions.create(
+        **STREAM, tools=TOOLS, extra_headers={**headers, "x-fake-piece-chars": "200"}
+    )
+
+    arguments, thoughts = [], []
+    async for chunk in stream:
+        delta = chunk.choices[0].delta
+        thoughts += [delta.reasoning_content] if getattr(delta, "reasoning_content", None) else []
+        arguments += [call.function.arguments for call in delta.tool_calls or [] if call.index == 0]
+    arguments = [piece for piece in arguments if piece]
+    assert [len(piece) for piece in arguments] == [200] * 5
+    assert orjson.loads("".join(arguments))["query"] == "x" * 987
+    assert [len(piece) for piece in thoughts] == [200, 200, 50]
+
+
 async def test_hang_headers_never_answers_and_notices_the_client_leaving(http, fake):
     with pytest.raises(asyncio.TimeoutError):
         await http.post(

@@ -93,3 +93,17 @@ def test_make_bench_prints_each_target_and_scale_figure_end_to_end() -> None:
     for what in ("start to first /health answer", "CPU per request against 10 keys",
                  "100 routes", "pool of 20", "reload of 200 keys under load"):  # fmt: skip
         assert what in figures, out[-3000:]
+
+
+def test_charging_prints_a_row_per_case_with_both_checkouts_figures() -> None:
+    """bench/charging.py --only P5 (~10 s), this checkout as both before and after: each case
+    is a row with a figure in each column, read from the gateway's answers and /usage."""
+    bench = [sys.executable, str(ROOT / "bench" / "charging.py"), "--before", str(ROOT),
+             "--only", "P5"]  # fmt: skip
+    done = subprocess.run(bench, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| P5 ")]
+    assert done.returncode == 0 and len(rows) == 8, done.stdout[-3000:] + done.stderr[-3000:]
+    restricted = [row for row in rows if row[0].startswith("| P5 restricted")]
+    assert [row[1:] for row in restricted] == [["403", "403 |"]] * 4, done.stdout
+    speech = next(row for row in rows if "speech, tts-1" in row[0])
+    assert speech[2] == "200; +1 request, +0 tokens, +$0.00066 |", done.stdout

@@ -30,6 +30,9 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-reasoning-chars: N N characters of reasoning before the answer: chat
                               `reasoning_content`, Anthropic a thinking block (thinking_delta),
                               in x-fake-chunks pieces
+    x-fake-piece-chars: N     tool-call arguments and reasoning streamed in pieces of N
+                              characters instead (as providers stream them: many small deltas,
+                              while x-fake-chunks still sets the content deltas and their count)
     x-fake-no-usage: 1        no usage anywhere (the Anthropic SDK's stream helper then fails)
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
@@ -207,6 +210,7 @@ class Knobs:
     tool_chars: int = 0
     reasoning_chars: int = 0
     think_seconds: float = 0.0
+    piece_chars: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -232,6 +236,7 @@ class Knobs:
             tool_chars=int(headers.get("x-fake-tool-chars", "0")),
             reasoning_chars=int(headers.get("x-fake-reasoning-chars", "0")),
             think_seconds=int(headers.get("x-fake-think-ms", "0")) / 1000,
+            piece_chars=int(headers.get("x-fake-piece-chars", "0")),
         )
 
     @property
@@ -547,6 +552,14 @@ def split(text: str, parts: int) -> list[str]:
     ]
 
 
+def pieces(text: str, knobs: Knobs) -> list[str]:
+    """Generated text as streamed: in x-fake-piece-chars pieces if set, else x-fake-chunks."""
+    size = knobs.piece_chars
+    if size <= 0:
+        return split(text, knobs.chunks)
+    return [text[start : start + size] for start in range(0, len(text), size)] or [""]
+
+
 def count_words(value: object) -> int:
     if isinstance(value, str):
         return len(value.split())
@@ -708,13 +721,13 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
             "function": {"name": tool, "arguments": ""},
         }
         first: dict = {"role": "assistant", "content": None, "tool_calls": [call]}
-        parts = split(tool_arguments(knobs.tool_chars), chunks)
+        parts = pieces(tool_arguments(knobs.tool_chars), knobs)
         deltas = [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in parts]
     else:
         first = {"role": "assistant", "content": "", "refusal": None}
         deltas = [{"content": text} for text in content_deltas(chunks)]
     if knobs.reasoning_chars:
-        thoughts = split(reasoning_text(knobs.reasoning_chars), chunks)
+        thoughts = pieces(reasoning_text(knobs.reasoning_chars), knobs)
         deltas = [*({"reasoning_content": part} for part in thoughts), *deltas]
     frames = [chunk(first), *map(chunk, deltas), chunk({}, "tool_calls" if tool else "stop")]
     if usage:
@@ -981,13 +994,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}
-        pieces = [{"type": "thinking_delta", "thinking": t} for t in split(thinking, knobs.chunks)]
-        blocks.append((empty, [*pieces, {"type": "signature_delta", "signature": "c2lnbmVk"}]))
+        thoughts = [{"type": "thinking_delta", "thinking": t} for t in pieces(thinking, knobs)]
+        blocks.append((empty, [*thoughts, {"type": "signature_delta", "signature": "c2lnbmVk"}]))
     if tool:
-        pieces = split(tool_arguments(knobs.tool_chars), knobs.chunks)
+        parts = pieces(tool_arguments(knobs.tool_chars), knobs)
         start_block = {"type": "tool_use", "id": new_id("toolu_"), "name": tool, "input": {}}
         blocks.append(
-            (start_block, [{"type": "input_json_delta", "partial_json": p} for p in pieces])
+            (start_block, [{"type": "input_json_delta", "partial_json": p} for p in parts])
         )
         stop["delta"]["stop_reason"] = "tool_use"
     else:
