@@ -53,6 +53,7 @@ from proxy.upstream.failover import Failover, RetryPolicy
 from proxy.upstream.probes import Probes
 from proxy.upstream.targets import members_report
 from proxy.upstream.wire import Wire
+from proxy.usage.batch_charges import BatchCharges
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory
 
@@ -272,6 +273,13 @@ def build_app(
         logbook=app[LOGBOOK],
         http=Relay(settings, app[FAILOVER], app[TAP_MEMORY]),
         websocket=app[REALTIME],
+        batches=BatchCharges(
+            quota=app[QUOTA],
+            prices=app[PRICES],
+            failover=app[FAILOVER],
+            keys=key_ring,
+            idle_seconds=settings.stream_idle_timeout,
+        ),
         cache=app[CACHE],
         tracing=app.get(TRACING),
     )

@@ -24,7 +24,8 @@ hit is answered from stored bytes, charged nothing (it counts as a request).
 
 Then it settles: a background Response is owed or claimed (`usage.background`, which may
 wait on the tracker; a claim is charged to the key that created the response, whichever
-key fetched it), then the sinks, each called once, in this order: reckon → price →
+key fetched it), a batch owed or claimed and its output read (`usage.batch_charges`, charged
+alike), then the sinks, each called once, in this order: reckon → price →
 quota charge → cache store → breaker report → metrics → log → trace (a sink that fails is
 logged, and the next ones still run).
 
@@ -70,6 +71,7 @@ from proxy.record import (
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.routing import route
 from proxy.usage import background
+from proxy.usage.batch_charges import BatchCharges
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import Charged, charged
 
@@ -114,6 +116,7 @@ class Entrance:
         logbook: Logbook,
         http: Transport,
         websocket: Transport,
+        batches: BatchCharges,
         cache: Cache | None = None,  # None: no key's answers are cached
         tracing: Tracing | None = None,  # None: traces off
     ) -> None:
@@ -126,6 +129,7 @@ class Entrance:
         self.logbook = logbook
         self.cache = cache
         self.tracing = tracing
+        self.batches = batches
         self._http = http
         self._websocket = websocket
         # The settle, in its one order.
@@ -176,6 +180,8 @@ class Entrance:
         record = exchange.record
         if exchange.is_charged_live:  # each response was priced as it came
             record.priced(exchange.live_cost_usd)
+            return
+        if record.is_batch_charge:  # priced by model at batch prices (batch_charges)
             return
         record.priced(
             self.prices.cost(record.provider, record.model, record.usage, record.response_model)
@@ -303,6 +309,10 @@ class Exchange:
                         record,
                         keys=entrance.key_ring,
                         on_claim=self.claimed,
+                    )
+                elif record.batch is not None and self.key is not None:
+                    await entrance.batches.settle(
+                        self.key, record, request.headers, self.query, on_claim=self.claimed
                     )
             finally:  # also when the client's leaving cancels the handler meanwhile
                 entrance.settle(self)

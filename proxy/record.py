@@ -196,6 +196,22 @@ class StoredResponse:
         return self.status in FINISHED
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A batch as the provider answered it (OpenAI /v1/batches, Anthropic message batches).
+
+    Read only where a batch's charge is decided (`usage.batch_charges`).
+    """
+
+    id: str
+    dialect: str  # "openai" or "anthropic": how its output is read
+    is_new: bool  # the answer to the POST that made it
+    is_finished: bool  # ended for good: what it produced is final
+    output_file_id: str | None = None  # OpenAI: where its results are; Anthropic: unused
+    usage: Usage | None = None  # its own usage, when it reports one (newer OpenAI batches)
+    model: str | None = None  # the model it ran, when it says (OpenAI)
+
+
 @dataclass(slots=True)
 class Record:
     """One request's facts, each reported by the step that learned it; its ending, by the exchange."""
@@ -232,6 +248,10 @@ class Record:
     response_model: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
     stored: StoredResponse | None = None
+    # The batch answered, for a POST that made one, a GET of one, a cancel; else None.
+    batch: Batch | None = None
+    # A batch seen ended was charged here: its usage and cost (priced at batch prices).
+    is_batch_charge: bool = False
     # A WebSocket session's frames each way and how it ended (realtime/); else None.
     websocket: dict[str, object] | None = None
     # What the response cache did; None: the key has no cache.
@@ -286,11 +306,12 @@ class Record:
         response_model: str | None = None,
         stored: StoredResponse | None = None,
         text: str | None = None,
+        batch: Batch | None = None,
     ) -> None:
         """What the provider's answer said: its usage, the model that answered, the Responses
-        object it holds, and (LOG_BODIES only) its text."""
+        object or the batch it holds, and (LOG_BODIES only) its text."""
         self.usage, self.response_model, self.stored = usage, response_model, stored
-        self.response_text = text
+        self.response_text, self.batch = text, batch
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""
@@ -301,6 +322,14 @@ class Record:
         usage is shown here, priced for the provider and model of the request that made it,
         and charged to the key that made it."""
         self.provider, self.model, self.usage = provider, model, usage
+
+    def saw_batch_charge(
+        self, provider: str, model: str | None, usage: Usage, cost_usd: float | None
+    ) -> None:
+        """This request claimed a batch owed by its key: what the batch used is charged here,
+        already priced (by model, at batch prices); `model` None: it ran several."""
+        self.provider, self.model, self.usage = provider, model, usage
+        self.cost_usd, self.is_batch_charge = cost_usd, True
 
     def saw_reserved(self, usage: Usage) -> None:
         """The provider may have done the work and nothing of it is known (`is_work_unknown`):

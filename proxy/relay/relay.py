@@ -164,7 +164,7 @@ class Relay:
         finally:
             # Also for a client that left: what it received was produced, and is charged.
             if status < 400:
-                record.saw_answer(tap.usage(body), tap.model, tap.stored, tap.text)
+                record.saw_answer(tap.usage(body), tap.model, tap.stored, tap.text, tap.batch)
             else:
                 record.saw_answer(None, text=tap.text)
 

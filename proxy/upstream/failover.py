@@ -214,6 +214,31 @@ class Failover:
                 pool, credential = walk.serving
                 pool.ended(credential)
 
+    @asynccontextmanager
+    async def fetch(
+        self,
+        target: Target,
+        credential: Credential,
+        tail: str,
+        query: str,
+        headers: CIMultiDictProxy[str],
+        request_id: str,
+    ) -> AsyncIterator[WireReply]:
+        """A GET the gateway makes on its own (a batch's output) with one target's key: one
+        attempt, no retry, no breaker told. Raises aiohttp.ClientError, SigningFailed, and
+        TimeoutError when no headers came within REQUEST_TIMEOUT."""
+        wire = self._wire
+        if wire is None:
+            raise aiohttp.ClientConnectionError("the upstream wire is closed")
+        outbound = build(target, "GET", headers, tail, query, b"", request_id, self._max_body_bytes)
+        await outbound.use(credential)
+        async with asyncio.timeout(self.policy.request_timeout):
+            reply = await wire.request("GET", outbound.url, outbound.headers, None)
+        try:
+            yield reply
+        finally:
+            reply.close()
+
     async def _walk(
         self,
         request: web.Request,

@@ -337,6 +337,16 @@ class Plans:
         plans = ([self.own] if self.own else []) + [route.plan for route in self.routes]
         return [target for plan in plans for target in plan.targets]
 
+    def serving(self, target_name: str, label: str) -> tuple[Target, Credential] | None:
+        """The target and pool key that answered a request, by the names a record keeps
+        (the target's name, the key's label); None when neither is the key's any more."""
+        for target in self.every_target():
+            if target.name == target_name:
+                for credential in target.pool.credentials:
+                    if credential.label == label:
+                        return target, credential
+        return None
+
 
 def members_report(targets: Iterable[Target]) -> dict[str, dict[str, dict[str, object]]]:
     """/health's view of each target's keys by label: the time to first byte measured last

@@ -31,6 +31,11 @@ not done: a cost for a model without a price (None, never a made-up number), Ant
 are priced as 5-minute writes), images by count, size and quality (the data has no such
 price: GPT image models are priced by the tokens they report, their image parts at the
 image rates), speech by audio tokens (the API reports none unless streamed as SSE).
+
+Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
+library's batch variant of the model's price (`"processing": "batch"`: half the usual
+rates for OpenAI's and Anthropic's current models) where it has one; a model without one
+is priced at its usual rates, and so is a model the overrides file prices.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ _LIBRARY_PROVIDER = {"gemini": "google"}
 # Models looked up in the library are remembered, up to this many (a client names any model).
 _REMEMBERED_MODELS = 4096
 _MTOK = 1_000_000
+# The library's price context of work done in a batch (its `price_variants`).
+_BATCH = {"processing": "batch"}
 
 
 class PricesFileError(SettingError):
@@ -181,12 +188,15 @@ class Prices:
         model: str | None,
         usage: Usage | None,
         answered: str | None = None,
+        is_batch: bool = False,
     ) -> float | None:
         """USD for `usage` of `model` at `provider`; None when unpriced (or no usage).
 
         `answered`: the model the provider says answered (a dated version, or another model
         when a fallback target swapped it): the library prices that one first; the overrides
-        file is keyed by the name the client sent.
+        file is keyed by the name the client sent. `is_batch`: work of a batch, at the
+        library's batch price where it has one (else its usual price); an override's rates
+        stand for batches too.
         """
         if usage is None or provider is None or model is None:
             return None
@@ -196,9 +206,9 @@ class Prices:
             or self._overrides.get((provider, "*"))
         )
         if price is None and answered is not None and answered != model:
-            price = self._library_price(provider, answered)
+            price = self._library_price(provider, answered, is_batch)
         if price is None:
-            price = self._library_price(provider, model)
+            price = self._library_price(provider, model, is_batch)
         return None if price is None else price.cost(usage)
 
     def knows(self, provider: str, model: str | None) -> bool:
@@ -214,7 +224,7 @@ class Prices:
             return True
         return self._library_provider(provider) is not None
 
-    def _library_price(self, provider: str, model: str) -> Price | None:
+    def _library_price(self, provider: str, model: str, is_batch: bool = False) -> Price | None:
         key = (provider, model)
         if key in self._models:
             model_info = self._models[key]
@@ -224,6 +234,8 @@ class Prices:
                 self._models.clear()
         if model_info is None:
             return None
+        if is_batch:  # a variant resolves to a new object each time: converted each time
+            return _from_library(model_info.get_prices(datetime.now(tz=UTC), _BATCH))
         # A model's price may change on a date the data knows: resolve it for now. The
         # library hands back the same object until then, so each is converted once.
         model_price = model_info.get_prices(datetime.now(tz=UTC))

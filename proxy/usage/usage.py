@@ -51,10 +51,11 @@ from typing import Any
 import orjson
 
 from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
-from proxy.record import PENDING, StoredResponse, Usage
+from proxy.record import PENDING, Batch, StoredResponse, Usage
 from proxy.usage import (
     anthropic,
     audio,
+    batches,
     bedrock,
     estimate,
     images,
@@ -100,6 +101,10 @@ class Charged(enum.Enum):
     CHARACTERS = "characters"
     # Transcriptions and translations: reported tokens or seconds of audio (`audio`).
     DURATION = "duration"
+    # A batch made (POST), or one seen by its id (GET, cancel): nothing here; the batch is
+    # read for batch_charges, which charges its output to the key that made it.
+    BATCH_MADE = "batch_made"
+    BATCH_SEEN = "batch_seen"
 
 
 # Endpoints whose answers produce tokens; the path ends with one of these (Bedrock's and
@@ -120,6 +125,10 @@ _GENERATIONS = (
 )
 # Taps that read the Responses API object answered (its id and status).
 _STORED = frozenset((Charged.LATER, Charged.FETCHED))
+# Taps charged nothing here.
+_UNCHARGED = frozenset((Charged.NOTHING, Charged.FETCHED, Charged.BATCH_MADE, Charged.BATCH_SEEN))
+# Taps that read a batch.
+_BATCHES = frozenset((Charged.BATCH_MADE, Charged.BATCH_SEEN))
 # Taps charged what the provider reports, and nothing when it reports nothing.
 _AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
@@ -129,6 +138,10 @@ _read_chunk = openai_chat.read_chunk
 
 def charged(method: str, path: str, is_background: bool = False) -> Charged:
     """What the answer to `method path` is charged; `is_background`: a background Response."""
+    if "/batches" in path:
+        batch_call = batches.call(method, path)
+        if batch_call is not None:
+            return Charged.BATCH_MADE if batch_call is batches.Call.MAKE else Charged.BATCH_SEEN
     if method != "POST":
         return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
     if path.endswith("/embeddings"):
@@ -193,6 +206,7 @@ class UsageTap:
         "_reading",
         "_seen",
         "_text",
+        "batch",
         "stored",
     )
 
@@ -228,6 +242,8 @@ class UsageTap:
         # Once finished: the Responses API object answered (LATER and FETCHED only), with
         # what it reports; read after `usage`.
         self.stored: StoredResponse | None = None
+        # Once finished: the batch answered (BATCH_MADE and BATCH_SEEN only).
+        self.batch: Batch | None = None
         self._decoder: Decoder | None = None
         try:
             decoder = Decoder(content_encoding, self._take)
@@ -253,7 +269,7 @@ class UsageTap:
     def usage(self, request_body: bytes) -> Usage | None:
         """The provider's usage, else an estimate where the endpoint is charged one."""
         self._finish()
-        if self._charged is Charged.NOTHING or self._charged is Charged.FETCHED:
+        if self._charged in _UNCHARGED:
             return None
         reading = self._reading
         reported = reading.reported.usage()
@@ -418,7 +434,9 @@ class UsageTap:
         if not isinstance(document, dict):
             return
         reading = self._reading
-        if self._charged is Charged.DURATION:
+        if self._charged in _BATCHES:
+            self.batch = batches.read_batch(document, self._charged is Charged.BATCH_MADE)
+        elif self._charged is Charged.DURATION:
             audio.read_transcription(document, reading)
         elif "choices" in document:
             openai_chat.read_answer(document, reading)

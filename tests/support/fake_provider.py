@@ -55,6 +55,7 @@ later GETs find it so; an id it never made is a 404.
 
 GET /v1/realtime is a WebSocket (the Realtime API), described in `tests/support/fake_realtime.py`.
 Images, audio, Realtime client secrets and assistant runs: `tests/support/fake_media.py`.
+Files and batches (OpenAI's and Anthropic's): `tests/support/fake_batches.py`.
 
 Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
 makes every request presenting that key get that answer (or only `times` of them), so a
@@ -93,7 +94,7 @@ import zstandard
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tests.support import fake_media, fake_realtime
+from tests.support import fake_batches, fake_media, fake_realtime
 
 POLL_SECONDS = 0.01
 DEFAULT_MODEL = "fake-model"
@@ -1064,6 +1065,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
     fake_realtime.install(app)  # the Realtime API's WebSocket
     fake_media.install(app)  # images, audio, ephemeral keys, assistant runs
+    fake_batches.install(app)  # files, OpenAI batches, Anthropic message batches
     app.router.add_route("*", "/{tail:.*}", echo)
     app.on_response_prepare.append(add_provider_headers)
     app.on_response_prepare.append(drop_content_type)

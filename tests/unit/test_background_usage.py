@@ -20,7 +20,7 @@ def test_only_a_get_of_one_response_is_fetched_and_only_a_background_post_is_lat
     assert charged("POST", "/v1/responses", is_background=True) is Charged.LATER
     assert charged("POST", "/v1/responses") is Charged.TEXT
     assert charged("POST", "/v1/responses/resp_1/cancel") is Charged.FETCHED
-    assert charged("POST", "/v1/batches/batch_1/cancel") is Charged.REPORTED
+    assert charged("POST", "/v1/batches/batch_1/cancel") is Charged.BATCH_SEEN  # test_batches
 
 
 @pytest.mark.parametrize("status", ["queued", "in_progress"])

@@ -14,7 +14,9 @@ from proxy.record import Usage
 from proxy.usage.pricing import Price, Prices, PricesFileError, Rate
 
 
-def library_cost(provider: str, model: str, usage: Usage) -> float:
+def library_cost(
+    provider: str, model: str, usage: Usage, context: dict[str, str] | None = None
+) -> float:
     """The figure genai-prices' own calc_price gives for the same token kinds."""
     counts = {
         "input_tokens": usage.prompt_tokens,
@@ -32,7 +34,8 @@ def library_cost(provider: str, model: str, usage: Usage) -> float:
         "input_audio_seconds": usage.input_audio_seconds,
     }
     reported = genai_prices.Usage(**{name: count for name, count in counts.items() if count})
-    return float(genai_prices.calc_price(reported, model, provider_id=provider).total_price)
+    price = genai_prices.calc_price(reported, model, provider_id=provider, price_context=context)
+    return float(price.total_price)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,43 @@ def test_each_token_kind_is_priced_as_genai_prices_prices_it(
     gateway_provider = "gemini" if provider == "google" else provider
     assert prices.cost(gateway_provider, model, usage) == pytest.approx(expected, rel=1e-12)
     assert expected > 0
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "usage"),
+    [
+        ("openai", "gpt-4o-mini", Usage(1000, 100, cache_read_tokens=600)),
+        ("openai", "gpt-5-mini", Usage(3000, 900, cache_read_tokens=2048, reasoning_tokens=500)),
+        ("anthropic", "claude-haiku-4-5", Usage(1500, 90, cache_read_tokens=1000)),
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            Usage(250_000, 900, cache_read_tokens=100_000, cache_write_tokens=40_000),
+        ),
+    ],
+)
+def test_work_of_a_batch_is_priced_at_the_libraries_batch_price(
+    prices: Prices, provider: str, model: str, usage: Usage
+) -> None:
+    expected = library_cost(provider, model, usage, {"processing": "batch"})
+    assert prices.cost(provider, model, usage, is_batch=True) == pytest.approx(expected, rel=1e-12)
+    usual = prices.cost(provider, model, usage)
+    assert usual is not None and expected < usual
+
+
+def test_a_batch_of_a_model_without_a_batch_price_is_priced_at_its_usual_price(
+    prices: Prices, tmp_path: Path
+) -> None:
+    usage = Usage(1000, 100)
+    assert prices.cost(
+        "anthropic", "claude-3-5-haiku-latest", usage, is_batch=True
+    ) == pytest.approx(prices.cost("anthropic", "claude-3-5-haiku-latest", usage), rel=1e-12)
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"openai": {"gpt-4o-mini": {"input_mtok": 1, "output_mtok": 2}}}))
+    overridden = Prices.load(str(path))
+    assert overridden.cost("openai", "gpt-4o-mini", usage, is_batch=True) == pytest.approx(
+        overridden.cost("openai", "gpt-4o-mini", usage)
+    )
 
 
 def test_cached_and_reasoning_tokens_are_not_priced_at_the_full_rate(prices: Prices) -> None:
