@@ -308,6 +308,7 @@ class Exchange:
                         self.key,
                         record,
                         keys=entrance.key_ring,
+                        prices=entrance.prices,
                         on_claim=self.claimed,
                     )
                 elif record.batch is not None and self.key is not None:

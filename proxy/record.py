@@ -358,9 +358,12 @@ class Record:
     def is_work_unknown(self) -> bool:
         """The provider may have worked on the request and none of its output is known: it
         was sent and ended without a whole answer (timed out, cut, its client left), and no
-        usage came, nor a generated token (only the prompt's estimate)."""
+        usage came, nor a generated token (only the prompt's estimate). Not a background
+        response still running (its stream cut): it is owed, and charged when claimed."""
         if self.outcome in _KNOWN_ENDINGS:
             return False
+        if self.stored is not None and self.stored.is_pending:
+            return False  # a background response running on is owed: its claim charges it
         usage = self.usage
         if usage is None:
             return self.is_unanswered

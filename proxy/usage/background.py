@@ -46,12 +46,22 @@ from collections.abc import Callable
 import orjson
 
 from proxy.keys.keys import KeyRing, VirtualKey
-from proxy.quota.quota import Quota
-from proxy.record import Record
+from proxy.quota.quota import Quota, charged
+from proxy.quota.tracker import KINDS, NOTHING, Charge
+from proxy.record import Record, Usage
+from proxy.usage.pricing import Prices
 
 # How long a background response stays owed: OpenAI keeps one about ten minutes after it
 # finished; a response may run for hours, and a day bounds what Redis holds.
 OWED_SECONDS = 24 * 3600
+# The parts of each total, each kept within what is left of its total (`remainder`).
+_PROMPT_PARTS = (
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "input_audio_tokens",
+    "input_image_tokens",
+)
+_COMPLETION_PARTS = ("reasoning_tokens", "output_audio_tokens", "output_image_tokens")
 
 
 def deferred_id(provider: str | None, response_id: str) -> str:
@@ -64,18 +74,21 @@ async def owe_or_claim(
     key: VirtualKey,
     record: Record,
     keys: KeyRing,
+    prices: Prices,
     on_claim: Callable[[VirtualKey], None],
 ) -> None:
-    """Owe a queued background response to its key, or claim a finished one for its creator.
+    """Owe a running background response to its key, or claim a finished one for its creator.
 
     Only for a record with a `stored` response (a background POST, a GET by id, a cancel).
-    A claim notes the response's usage on this request's record, and calls `on_claim` with
-    the key that created it: the settle charges that key. It runs after the answer went
-    out, so a client that then closes its connection makes aiohttp cancel the handler
-    (handler_cancellation): the step still runs to its end before the cancellation goes on,
-    so a claim that took the response also charges it.
+    An owed response remembers what its own request is charged (a stream cut short: what
+    it delivered, priced by `prices`). A claim notes on this request's record what is left
+    to charge of the response's usage, and calls `on_claim` with the key that created it:
+    the settle charges that key. It runs after the answer went out, so a client that then
+    closes its connection makes aiohttp cancel the handler (handler_cancellation): the step
+    still runs to its end before the cancellation goes on, so a claim that took the
+    response also charges it.
     """
-    step = asyncio.ensure_future(_owe_or_claim(quota, key, record, keys, on_claim))
+    step = asyncio.ensure_future(_owe_or_claim(quota, key, record, keys, prices, on_claim))
     try:
         await asyncio.shield(step)
     except asyncio.CancelledError:
@@ -88,6 +101,7 @@ async def _owe_or_claim(
     key: VirtualKey,
     record: Record,
     keys: KeyRing,
+    prices: Prices,
     on_claim: Callable[[VirtualKey], None],
 ) -> None:
     stored = record.stored
@@ -96,7 +110,12 @@ async def _owe_or_claim(
     if record.is_background:
         if stored.is_pending:
             origin = orjson.dumps([record.provider, record.model]).decode()
-            await quota.owe(name, key, origin, OWED_SECONDS)
+            usage = record.usage  # a stream cut short: what it delivered; queued: None
+            spent = NOTHING
+            if usage is not None:
+                cost = prices.cost(record.provider, record.model, usage, record.response_model)
+                spent = charged(usage, cost)
+            await quota.owe(name, key, origin, OWED_SECONDS, spent)
     elif stored.is_finished and stored.usage is not None:  # a GET by id, or a cancel
         owed = await quota.claim(name)
         if owed is None:
@@ -105,5 +124,47 @@ async def _owe_or_claim(
         if creator is None:
             return  # deleted since: nobody to charge
         provider, model = orjson.loads(owed.origin)
-        record.saw_claim(provider, model, stored.usage)
+        record.saw_claim(provider, model, remainder(stored.usage, owed.charged))
         on_claim(creator)
+
+
+def remainder(finished: Usage, spent: Charge) -> Usage:
+    """What is left to charge of a finished response's usage once `spent` was charged for it.
+
+    Its total is the finished total less the tokens already charged, never below zero: a
+    prompt or completion charged beyond its count takes the excess from the other. Each
+    part (cache reads, reasoning, ...) is what the finished usage has beyond the part
+    charged, kept within what is left of its total. Nothing charged: the usage itself.
+    """
+    if spent.tokens == 0 and not any(spent.kinds):
+        return finished
+    already = dict(zip(KINDS, spent.kinds, strict=True))
+    prompt = finished.prompt_tokens - already["prompt_tokens"]
+    completion = finished.completion_tokens - already["completion_tokens"]
+    if prompt < 0:
+        prompt, completion = 0, max(0, completion + prompt)
+    elif completion < 0:
+        prompt, completion = max(0, prompt + completion), 0
+    parts = {
+        **_parts(finished, already, _PROMPT_PARTS, prompt),
+        **_parts(finished, already, _COMPLETION_PARTS, completion),
+    }
+    return Usage(
+        prompt,
+        completion,
+        estimated=True,
+        input_characters=finished.input_characters,  # units no estimate charges
+        input_audio_seconds=finished.input_audio_seconds,
+        **parts,
+    )
+
+
+def _parts(
+    finished: Usage, already: dict[str, int], names: tuple[str, ...], total: int
+) -> dict[str, int]:
+    left, parts = total, {}
+    for name in names:
+        part = min(left, max(0, getattr(finished, name) - already.get(name, 0)))
+        parts[name] = part
+        left -= part
+    return parts

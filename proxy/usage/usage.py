@@ -278,9 +278,12 @@ class UsageTap:
         if self._charged is Charged.CHARACTERS:
             return audio.speech_usage(request_body)
         if self._charged is Charged.LATER and reading.stored_status in PENDING:
-            return None  # owed: charged when a GET finds it finished (background.py)
+            if self._kind != _SSE:
+                return None  # queued: owed whole, charged when fetched finished (background.py)
+            # A background stream cut before its end: charged what it delivered (as any cut
+            # generation), and owed the rest (background.py).
         completion = 0
-        if self._charged is Charged.TEXT:
+        if self._charged is Charged.TEXT or self._charged is Charged.LATER:
             completion = estimate.tokens(self._seen if self._is_unread else reading.chars)
         return Usage(
             estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True

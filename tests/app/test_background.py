@@ -293,42 +293,83 @@ async def test_a_streamed_background_request_is_charged_by_its_stream_and_owes_n
     assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
 
 
-async def test_a_background_stream_cut_short_is_owed_and_charged_in_full_when_fetched(
-    background_gateway: MakeGateway, records: Records
-) -> None:
-    """The response runs on without the client (it may resume the stream): what it streamed
-    is not what it will cost, so it is owed like a queued one, not estimated and forgotten."""
-    gateway = await background_gateway()
+async def cut_at(gateway: TestClient, marker: bytes, **headers: str) -> tuple[str, bytes]:
+    """A background stream by the creator, read until `marker` and then dropped (the client
+    leaves): its response id, and what the client received."""
     body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
-    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-drop": "midstream"}
+    sent = {**auth(BUDGET_VK), **ANSWER, "x-fake-delay-ms": "20", **headers}
     received = b""
-    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
+    async with gateway.post("/v1/responses", json=body, headers=sent) as response:
         with contextlib.suppress(aiohttp.ClientPayloadError):  # cut for the client too
             async for chunk in response.content.iter_any():
                 received += chunk
+                if marker in received:
+                    break
+        response.close()
     created = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])
     assert created["type"] == "response.created"
-    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0
-    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    return created["response"]["id"], received
+
+
+async def test_a_background_stream_cut_at_its_text_is_charged_it_and_its_creator_the_rest(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """Issue 22's case: read up to `response.output_text.done`, dropped, then fetched finished
+    by a second key of the same real key. The cut is charged what it delivered; the fetch
+    charges the creator the rest, once, whatever comes after (polls, a cancel, a resume)."""
+    gateway = await background_gateway()
+    response_id, received = await cut_at(gateway, b"response.output_text.done")
+    assert b"response.completed" not in received
+    (post,) = await records(1)
+    assert post["status"] == 499 and post["usage"]["estimated"] is True
+    delivered = post["usage"]["total_tokens"]
+    assert 40 <= post["usage"]["completion_tokens"] and delivered < REAL_TOKENS
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == delivered
+    polled = await client(gateway, SHARED_VK).responses.retrieve(response_id)
+    assert polled.status == "completed"
+    creator = await usage_of(gateway, records, 2)
+    assert creator["totals"]["tokens"] == REAL_TOKENS  # delivered, then the rest
+    assert creator["budget"]["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    assert (await usage_of(gateway, records, 2, SHARED_VK))["totals"]["tokens"] == 0
+    (_, fetched) = await records(2)
+    assert fetched["usage"]["total_tokens"] == REAL_TOKENS - delivered
+    # Polled again, cancelled, resumed as a stream, by either key: nothing more.
+    await client(gateway).responses.retrieve(response_id)
+    await client(gateway, SHARED_VK).responses.cancel(response_id)
+    events = await client(gateway).responses.retrieve(response_id, stream=True)
+    assert [event.type async for event in events]
+    assert (await usage_of(gateway, records, 5))["totals"]["tokens"] == REAL_TOKENS
+    assert [line["usage"] for line in (await records(5))[2:]] == [None, None, None]
+
+
+async def test_a_background_stream_cut_short_is_charged_what_it_delivered_and_then_the_rest(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """The provider's connection breaks mid-stream: the response runs on there (it may be
+    resumed), so what streamed is charged now and the rest is owed, not forgotten."""
+    gateway = await background_gateway()
+    response_id, _ = await cut_at(gateway, b"\0", **{"x-fake-drop": "midstream"})
+    (post,) = await records(1)
+    delivered = post["usage"]["total_tokens"]
+    assert post["usage"]["estimated"] is True and 0 < delivered < REAL_TOKENS
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == delivered
+    events = await client(gateway).responses.retrieve(response_id, stream=True)
     assert [event.type async for event in events][-1] == "response.completed"
     assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
-    post, resumed = await records(2)
-    assert post["usage"] is None and resumed["usage"]["total_tokens"] == REAL_TOKENS
+    _, resumed = await records(2)
+    assert resumed["usage"]["total_tokens"] == REAL_TOKENS - delivered
 
 
-async def test_a_background_stream_the_client_leaves_is_owed_and_charged_when_resumed(
+async def test_a_background_stream_the_client_leaves_at_once_is_charged_its_prompt_and_owed(
     background_gateway: MakeGateway, records: Records
 ) -> None:
     gateway = await background_gateway()
-    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
-    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-delay-ms": "50"}
-    async with gateway.post("/v1/responses", json=body, headers=headers) as response:
-        first = await response.content.readuntil(b"\n\n")  # response.created, then leave
-        response.close()
-    created = json.loads(first.split(b"data: ", 1)[1])
+    response_id, _ = await cut_at(gateway, b"\n\n", **{"x-fake-delay-ms": "50"})
     (post,) = await records(1)
-    assert post["status"] == 499 and post["usage"] is None
-    events = await client(gateway).responses.retrieve(created["response"]["id"], stream=True)
+    # Nothing generated yet: its prompt's estimate, not its reservation (it is owed).
+    assert post["status"] == 499 and post["usage"]["completion_tokens"] == 0
+    assert post["usage"]["prompt_tokens"] > 0
+    events = await client(gateway).responses.retrieve(response_id, stream=True)
     assert [event.type async for event in events][-1] == "response.completed"
     assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
 

@@ -200,3 +200,40 @@ async def test_two_processes_charge_the_creator_once_whichever_key_fetches_it(
     assert (await totals(urls[0], BUDGET_VK))["tokens"] == REAL_TOKENS
     text = "".join(log.read_text() for log in logs)
     assert not any(secret in text for secret in ALL_SECRETS)
+
+
+async def test_a_stream_cut_in_one_process_is_charged_then_the_rest_when_another_fetches_it(
+    processes: Processes, fake_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    logs, urls = background_processes(processes, tmp_path, fake_url, redis_url)
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": True, "stream": True}
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-delay-ms": "20"}
+    received = b""
+    async with aiohttp.ClientSession() as session:  # read to its text's end, then leave
+        async with session.post(f"{urls[0]}/v1/responses", json=body, headers=headers) as cut:
+            async for chunk in cut.content.iter_any():
+                received += chunk
+                if b"response.output_text.done" in received:
+                    break
+            cut.close()
+    created = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    (post,) = await read_lines(logs, 1)
+    delivered = post["usage"]["total_tokens"]
+    assert post["status"] == 499 and 0 < delivered < REAL_TOKENS  # charged, never zero
+    assert (await totals(urls[1], BUDGET_VK, delivered))["tokens"] == delivered
+    # Fetched finished through the other process, by the key sharing its real key, at once
+    # with the creator through the first: the creator is charged the rest, once.
+    fetches = [
+        openai.AsyncOpenAI(
+            api_key=key, base_url=f"{url}/v1", max_retries=0, default_headers=ANSWER
+        ).responses.retrieve(created["response"]["id"])
+        for url, key in ((urls[1], SHARED_VK), (urls[0], BUDGET_VK), (urls[1], SHARED_VK))
+    ]
+    assert {fetched.status for fetched in await asyncio.gather(*fetches)} == {"completed"}
+    lines = await read_lines(logs, 4)
+    charged = [line["usage"]["total_tokens"] for line in lines[1:] if line["usage"] is not None]
+    assert charged == [REAL_TOKENS - delivered]
+    creator = await totals(urls[0], BUDGET_VK, REAL_TOKENS)
+    assert creator["tokens"] == REAL_TOKENS
+    assert creator["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
+    assert (await totals(urls[1], SHARED_VK))["tokens"] == 0
