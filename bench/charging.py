@@ -14,9 +14,9 @@ dollars), once nothing is reserved any more. One row per scenario, before and af
 - P2: `bench/timeouts.py`'s `slow` scenario: REQUEST_TIMEOUT=2, RETRY_ATTEMPTS=2, a fallback
   pool of three keys, one non-streamed request the provider takes 5 s to answer.
 - P3: a background + stream Responses POST cut at `response.output_text.done`, then fetched;
-  a finished background response fetched by a second key sharing the real key; an OpenAI
-  batch and an Anthropic message batch created and retrieved finished (when the fake has
-  batches: tests/support/fake_batches.py).
+  a finished background response fetched by a second key sharing the real key, then by its
+  own; an OpenAI batch and an Anthropic message batch created and retrieved finished twice
+  (when the fake has batches: tests/support/fake_batches.py). On two workers sharing Redis.
 - P4: 300 concurrent requests without max_tokens (the provider answers after 2 s) against a
   key with a 100-token window and a $0.01 budget, on two workers sharing Redis (one worker
   in memory when redis-server is missing: the row says so); and the same with max_tokens.
@@ -298,18 +298,20 @@ async def p3(rig: Rig) -> dict[str, str]:
         rows[
             f"P3 background stream cut at output_text.done, then GET ({where})"
         ] = await cut_background(rig, client, base)
-        rows["P3 background response fetched by a 2nd key"] = await fetched_by_another(
-            rig, client, base
-        )
+        rows[
+            "P3 background response fetched by a 2nd key, then its own"
+        ] = await fetched_by_another(rig, client, base)
         if importlib.util.find_spec("tests.support.fake_batches") is None:
             absent = (
                 "not measured: the fake provider has no batches (tests/support/fake_batches.py)"
             )
-            rows["P3 OpenAI batch, retrieved finished"] = absent
-            rows["P3 Anthropic message batch, retrieved ended"] = absent
+            rows["P3 OpenAI batch, retrieved finished twice"] = absent
+            rows["P3 Anthropic message batch, retrieved ended twice"] = absent
         else:
-            rows["P3 OpenAI batch, retrieved finished"] = await openai_batch(rig, client, base)
-            rows["P3 Anthropic message batch, retrieved ended"] = await anthropic_batch(
+            rows["P3 OpenAI batch, retrieved finished twice"] = await openai_batch(
+                rig, client, base
+            )
+            rows["P3 Anthropic message batch, retrieved ended twice"] = await anthropic_batch(
                 rig, client, base
             )
     return rows
@@ -358,14 +360,24 @@ async def fetched_by_another(rig: Rig, client: aiohttp.ClientSession, base: str)
     if status != 200:
         return f"POST {status}"
     response_id = json.loads(answer)["id"]
-    async with client.get(f"{base}/v1/responses/{response_id}", headers=bearer(P3_OTHER)) as got:
-        fetched = got.status
-        finished = (await got.json()).get("status")
-    by_a, by_b = await usage(client, base, P3_OWNER), await usage(client, base, P3_OTHER)
+    url = f"{base}/v1/responses/{response_id}"
+    fetched, finished = await get_json(client, url, bearer(P3_OTHER), "status")
+    by_owner, by_other = await usage(client, base, P3_OWNER), await usage(client, base, P3_OTHER)
+    again, _ = await get_json(client, url, bearer(P3_OWNER), "status")
+    at_last = await usage(client, base, P3_OWNER)
     return (
-        f"GET by the other key {fetched} {finished}; owner charged {charged(by_a)}, other charged {charged(by_b)} "
-        f"(the provider's count: {provider_count(rig, response_id)} tokens)"
+        f"GET by the other key ({fetched} {finished}): owner charged {charged(by_owner)}, "
+        f"other {charged(by_other)}; then a GET by the owner ({again}): owner "
+        f"{charged(at_last)} (the provider's count: {provider_count(rig, response_id)} tokens)"
     )
+
+
+async def get_json(
+    client: aiohttp.ClientSession, url: str, headers: dict[str, str], field: str
+) -> tuple[int, Any]:
+    """A GET's status and one field of its JSON answer."""
+    async with client.get(url, headers=headers) as got:
+        return got.status, (await got.json(content_type=None)).get(field)
 
 
 def batch_lines(count: int) -> bytes:
@@ -398,11 +410,12 @@ async def openai_batch(rig: Rig, client: aiohttp.ClientSession, base: str) -> st
     if status != 200:
         return f"POST /v1/batches {status}: {answer[:120]!r}"
     batch_id = json.loads(answer)["id"]
-    async with client.get(f"{base}/v1/batches/{batch_id}", headers=bearer(P3_BATCH)) as got:
-        finished = (await got.json()).get("status")
+    url = f"{base}/v1/batches/{batch_id}"
+    _, finished = await get_json(client, url, bearer(P3_BATCH), "status")
+    _, again = await get_json(client, url, bearer(P3_BATCH), "status")
     report = await usage(client, base, P3_BATCH)
     return (
-        f"3 requests, GET {finished}: charged {charged(report)} "
+        f"3 requests, GET {finished}, GET {again}: charged {charged(report)} "
         f"(the provider's count: {batch_tokens(rig, batch_id)} tokens)"
     )
 
@@ -416,11 +429,12 @@ async def anthropic_batch(rig: Rig, client: aiohttp.ClientSession, base: str) ->
     if status != 200:
         return f"POST /v1/messages/batches {status}: {answer[:120]!r}"
     batch_id = json.loads(answer)["id"]
-    async with client.get(f"{base}/v1/messages/batches/{batch_id}", headers=headers) as got:
-        finished = (await got.json()).get("processing_status")
+    url = f"{base}/v1/messages/batches/{batch_id}"
+    _, finished = await get_json(client, url, headers, "processing_status")
+    _, again = await get_json(client, url, headers, "processing_status")
     report = await usage(client, base, P3_MESSAGES)
     return (
-        f"3 requests, GET {finished}: charged {charged(report)} "
+        f"3 requests, GET {finished}, GET {again}: charged {charged(report)} "
         f"(the provider's count: {batch_tokens(rig, batch_id)} tokens)"
     )
 
