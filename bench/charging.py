@@ -24,6 +24,8 @@ dollars), once nothing is reserved any more. One row per scenario, before and af
   a metered key's images, speech and transcription: requests, tokens and dollars charged.
 - P6: two keys on one provider whose fallback is priced 1,000x higher; key A's three
   requests outlast REQUEST_TIMEOUT=1; where key B's next three requests go, what B pays.
+  Then keys A and C time out in turn (the breaker opens on any checkout) and key D, with a
+  $0.01 budget, sends five requests at once: what the fallback serving them costs D.
 """
 
 from __future__ import annotations
@@ -537,17 +539,23 @@ async def p5(rig: Rig) -> dict[str, str]:
 # --- P6: one key's timeouts and everyone's fallback --------------------------------------
 
 
+P6_C, P6_D = "vk_bench_charging_c_0123456789", "vk_bench_charging_d_0123456789"
+THINK_5S = {"x-fake-think-ms": "5000"}
+
+
 async def p6(rig: Rig) -> dict[str, str]:
-    def two_targets(name: str) -> dict[str, Any]:
+    def two_targets(name: str, budget: dict[str, Any] = BUDGET) -> dict[str, Any]:
         fallback = [{"provider": "backup", "api_key": FALLBACK_KEY}]
-        return key(name, fallbacks=fallback, quota=ROOMY, budget=BUDGET)
+        return key(name, fallbacks=fallback, quota=ROOMY, budget=budget)
 
     prices = {
         "openai": {"*": {"input_mtok": 1.0, "output_mtok": 4.0}},
         "backup": {"*": {"input_mtok": 1000.0, "output_mtok": 4000.0}},
     }
+    keys = {KEY_A: two_targets("a"), KEY_B: two_targets("b"), P6_C: two_targets("c")}
+    keys[P6_D] = two_targets("d", {"usd": 0.01, "window_seconds": 3600})
     base = await rig.gateway(
-        {KEY_A: two_targets("a"), KEY_B: two_targets("b")},
+        keys,
         prices=prices,
         providers=rig.providers("openai", "backup"),
         REQUEST_TIMEOUT="1",
@@ -555,24 +563,42 @@ async def p6(rig: Rig) -> dict[str, str]:
     )
     body = {"model": MODEL, "messages": ESSAY, "max_tokens": 100}
     url = f"{base}/v1/chat/completions"
+    rows = {}
     async with session() as client:
-        slow = [
-            (await post(client, url, KEY_A, body, **{"x-fake-think-ms": "5000"}))[0]
-            for _ in range(3)
-        ]
+        slow = [(await post(client, url, KEY_A, body, **THINK_5S))[0] for _ in range(3)]
         rig.fake.requests.clear()
         codes = [(await post(client, url, KEY_B, body))[0] for _ in range(3)]
         served = [credential(seen.headers) for seen in rig.fake.requests]
-        async with client.get(f"{base}/health") as got:
-            breaker = (await got.json())["targets"]["openai"]["state"]
+        breaker = await breaker_state(client, base)
         report = await usage(client, base, KEY_B)
-    primary, fallback = served.count(REAL_KEY), served.count(FALLBACK_KEY)
-    return {
-        "P6 A: 3 timeouts; B's next 3 requests": (
+        primary, fallback = served.count(REAL_KEY), served.count(FALLBACK_KEY)
+        rows["P6 A: 3 timeouts; B's next 3 requests"] = (
             f"A {statuses(slow)}; B {statuses(codes)}: {primary} primary, {fallback} fallback; "
             f"B charged {dollars(tokens_usd(report)[1])}; primary's breaker {breaker}"
         )
-    }
+        # Two keys' timeouts open the breaker on any checkout; then a key with a $0.01
+        # budget sends five requests at once, all served by the fallback: what they reserve
+        # is priced at the primary or at the fallback that serves them.
+        for virtual_key in (KEY_A, P6_C, KEY_A, P6_C):
+            await post(client, url, virtual_key, body, **THINK_5S)
+        breaker = await breaker_state(client, base)
+        rig.fake.requests.clear()
+        answers = await asyncio.gather(
+            *(post(client, url, P6_D, body, **{"x-fake-think-ms": "500"}) for _ in range(5))
+        )
+        served = [credential(seen.headers) for seen in rig.fake.requests]
+        report = await usage(client, base, P6_D)
+        rows["P6 then A and C time out; D ($0.01 budget) sends 5 at once"] = (
+            f"primary's breaker {breaker}; D {statuses([code for code, _ in answers])}, "
+            f"{served.count(FALLBACK_KEY)} at the fallback; "
+            f"D charged {dollars(tokens_usd(report)[1])} against $0.01"
+        )
+    return rows
+
+
+async def breaker_state(client: aiohttp.ClientSession, base: str) -> str:
+    async with client.get(f"{base}/health") as got:
+        return str((await got.json())["targets"]["openai"]["state"])
 
 
 SCENARIOS: dict[str, Callable[[Rig], Awaitable[dict[str, str]]]] = {
