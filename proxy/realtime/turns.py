@@ -29,7 +29,7 @@ from proxy.record import Usage
 from proxy.relay import named
 from proxy.relay.peek import Peek
 from proxy.upstream.targets import Target
-from proxy.usage import estimate
+from proxy.usage import estimate, responses
 
 _CREATE = b"response.create"
 # What a turn that names no model runs: its stored prompt's model (a `prompt` id).
@@ -133,7 +133,7 @@ def _peek(event: dict[str, Any], model: str | None) -> Peek:
     has_cap = isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
     return Peek(
         model=model,
-        prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(event)),
+        prompt_tokens_estimate=estimate.tokens(responses.prompt_chars(event)),
         max_output_tokens=cap if has_cap else None,
         is_generation=True,
     )

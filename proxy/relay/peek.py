@@ -23,6 +23,7 @@ from proxy.keys.keys import VirtualKey
 from proxy.record import Record
 from proxy.relay import named
 from proxy.usage import estimate
+from proxy.usage.prompt import prompt_chars
 from proxy.usage.usage import Charged, charged
 
 # Endpoints whose body must name a model and a non-empty list of messages:
@@ -132,7 +133,7 @@ def validate(
     return Peek(
         model=model,
         is_stream=is_stream,
-        prompt_tokens_estimate=estimate.tokens(estimate.prompt_chars(document)),
+        prompt_tokens_estimate=estimate.tokens(prompt_chars(tail, document)),
         max_output_tokens=_output_cap(document),
         is_generation=charged(request.method, request.path, is_background) in _GENERATIONS,
         affinity=affinity,

@@ -130,6 +130,7 @@ class Relay:
             settings.log_bodies,
             charged(record.method, record.path, record.is_background),
             self.tap_memory,
+            record.path,
         )
         idle = settings.stream_idle_timeout
         try:

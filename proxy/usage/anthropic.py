@@ -8,6 +8,11 @@ field wins); its text comes in `content_block_delta`s (`text_delta`), and so doe
 the model generates: a tool call's input (`input_json_delta`, its name in the block's
 start) and thinking (`thinking_delta`), counted for an estimate, not kept as the logged
 text. Signatures and redacted thinking are opaque, not text: not counted.
+
+A request's prompt (`prompt_chars`, for the estimate and the reservation; Bedrock's invoke
+and Vertex's rawPredict of a Claude model send the same body): its `system` (a string or
+text blocks), its messages' content (a string, or blocks: text, earlier tool calls' names
+and input, tool results, thinking) and its `tools`' definitions.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
-
+from proxy.usage import estimate
 from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
 from proxy.usage.reading import Reading
 
@@ -84,11 +88,32 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
             reading.add_generated(block.get("thinking"))
             reading.add_generated(block.get("name"))  # a tool call's, and its input:
             if "input" in block:
-                reading.chars += _json_chars(block["input"])
+                reading.chars += estimate.json_chars(block["input"])
 
 
-def _json_chars(value: object) -> int:
-    try:
-        return len(orjson.dumps(value))
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+def prompt_chars(document: dict[str, Any]) -> int:
+    """Characters of a messages request's prompt, every string of it (images not counted)."""
+    chars = _content_chars(document.get("system")) + estimate.json_chars(document.get("tools"))
+    messages = document.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            chars += _content_chars(message.get("content"))
+    return chars
+
+
+def _content_chars(content: object, depth: int = 0) -> int:
+    """A string, or blocks; a tool result's content holds blocks of its own."""
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, list) or depth > 1:
         return 0
+    chars = 0
+    for block in content:
+        if isinstance(block, dict):
+            chars += estimate.string_chars(block.get("text"))
+            chars += estimate.string_chars(block.get("thinking"))
+            chars += estimate.string_chars(block.get("name"))
+            if "input" in block:
+                chars += estimate.json_chars(block["input"])
+            chars += _content_chars(block.get("content"), depth + 1)
+    return chars

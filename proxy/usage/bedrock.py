@@ -16,6 +16,11 @@ A Bedrock stream (`application/vnd.amazon.eventstream`) is binary frames, not SS
 A Converse JSON answer (`/converse`) holds `output.message.content` and the same `usage`;
 an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it). Cache
 reads and writes are beside the input count, as in Anthropic's usage.
+
+A Converse request's prompt (`prompt_chars`, for the estimate and the reservation): its
+`system` blocks, its messages' content blocks (text, earlier tool calls' names and input,
+tool results' text and JSON, reasoning, guarded text) and `toolConfig`'s definitions. An
+invoke request is the model's own API's body (a Claude model's: `anthropic` reads it).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from proxy.usage import anthropic
+from proxy.usage import anthropic, estimate
 from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
 from proxy.usage.reading import Reading
 
@@ -165,17 +170,42 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     output = document.get("output")
     message = output.get("message") if isinstance(output, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
-    for block in content if isinstance(content, list) else ():
-        if isinstance(block, dict):
-            reading.add_generated(block.get("text"))
-            tool = block.get("toolUse")
-            if isinstance(tool, dict):
-                reading.add_generated(tool.get("name"))
-                reading.chars += _json_chars(tool.get("input"))
+    reading.chars += _blocks_chars(content)
 
 
-def _json_chars(value: object) -> int:
-    try:
-        return len(orjson.dumps(value))
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+def prompt_chars(document: dict[str, Any]) -> int:
+    """Characters of a Converse request's prompt, every string of it (images not counted)."""
+    chars = _blocks_chars(document.get("system")) + estimate.json_chars(document.get("toolConfig"))
+    messages = document.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            chars += _blocks_chars(message.get("content"))
+    return chars
+
+
+def _blocks_chars(blocks: object, depth: int = 0) -> int:
+    """Converse content blocks, each a one-key object; a tool result holds blocks of its own."""
+    if not isinstance(blocks, list) or depth > 1:
         return 0
+    chars = 0
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        chars += estimate.string_chars(block.get("text")) + estimate.json_chars(block.get("json"))
+        tool = block.get("toolUse")
+        if isinstance(tool, dict):
+            chars += estimate.string_chars(tool.get("name")) + estimate.json_chars(
+                tool.get("input")
+            )
+        result = block.get("toolResult")
+        if isinstance(result, dict):
+            chars += _blocks_chars(result.get("content"), depth + 1)
+        reasoning = block.get("reasoningContent")
+        text = reasoning.get("reasoningText") if isinstance(reasoning, dict) else None
+        if isinstance(text, dict):
+            chars += estimate.string_chars(text.get("text"))
+        guarded = block.get("guardContent")
+        text = guarded.get("text") if isinstance(guarded, dict) else None
+        if isinstance(text, dict):
+            chars += estimate.string_chars(text.get("text"))
+    return chars

@@ -11,6 +11,12 @@ stream's last chunk (`choices: []`), is {prompt_tokens, completion_tokens, promp
 audio_tokens}}, whose details are parts of the totals. Embeddings report in the same
 fields (prompt only).
 
+A request's prompt (`prompt_chars`, for the estimate and the reservation): chat's messages
+(their content, and what earlier answers generated: tool calls, refusals, reasoning), its
+`tools` and older `functions` definitions; completions' `prompt` and `suffix`; embeddings'
+`input`. A prompt or an input may be a string, a list of strings, or tokens (a list of
+integers, or a list of such lists): a token counts as 4 characters.
+
 Exact stream usage: OpenAI reports a stream's usage only when the request sets
 `stream_options.include_usage`; otherwise the gateway can only estimate it. A key with exact
 stream usage makes the gateway ask for it when the client did not (`amended`) — the one
@@ -106,6 +112,34 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
                     reading.chars += estimate.text_chars(message.get("content"))  # or parts
                     _read_generated(message, reading)
                 reading.add_generated(choice.get("text"))
+
+
+def prompt_chars(document: dict[str, Any]) -> int:
+    """Characters of a chat, completions or embeddings request's prompt, every string of it."""
+    chars = 0
+    messages = document.get("messages")
+    if isinstance(messages, list):
+        history = Reading(keep_text=False)  # what earlier answers generated, counted alike
+        for message in messages:
+            if isinstance(message, dict):
+                chars += estimate.text_chars(message.get("content"))
+                _read_generated(message, history)
+        chars += history.chars
+    chars += estimate.json_chars(document.get("tools"))
+    chars += estimate.json_chars(document.get("functions"))
+    chars += estimate.string_chars(document.get("suffix"))
+    return chars + _tokens_or_text(document.get("prompt")) + _tokens_or_text(document.get("input"))
+
+
+def _tokens_or_text(value: object, depth: int = 0) -> int:
+    """A prompt or an input: a string, a token (an integer), or lists of them, two deep."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return estimate.CHARS_PER_TOKEN
+    if isinstance(value, list) and depth < 2:
+        return sum(_tokens_or_text(item, depth + 1) for item in value)
+    return 0
 
 
 def _read_generated(message: dict[str, Any], reading: Reading) -> None:

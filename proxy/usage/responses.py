@@ -11,6 +11,11 @@ own deltas: each counted for an estimate, none kept as the logged text. The obje
 and status are noted for a background response's charge (`background.py`): when it
 finishes, and for a background stream already when it starts (`response.created`,
 `.queued`, `.in_progress`), so a stream cut before its end is owed, not forgotten.
+
+A request's prompt (`prompt_chars`, for the estimate and the reservation; a WebSocket
+turn's `response.create` too): its `instructions`, its `input` (a string, or items:
+messages' text parts, earlier tool calls' names, arguments and input, tool outputs,
+reasoning summaries), its `tools`' definitions and a stored prompt's `variables`.
 """
 
 from __future__ import annotations
@@ -188,6 +193,43 @@ def _read_item(item: dict[str, Any], reading: Reading) -> None:
             reading.add_generated(part.get("text"))
     elif kind == "code_interpreter_call":
         reading.add_generated(item.get("code"))
+
+
+def prompt_chars(document: dict[str, Any]) -> int:
+    """Characters of a request's prompt, every string of it (images and files not counted)."""
+    chars = _input_chars(document.get("instructions")) + _input_chars(document.get("input"))
+    chars += estimate.json_chars(document.get("tools"))
+    prompt = document.get("prompt")  # a stored prompt: its variables are text of the prompt
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    if isinstance(variables, dict):
+        chars += sum(_parts_chars(value) for value in variables.values())
+    return chars
+
+
+# What an input item holds of the prompt: strings, or lists of parts.
+_ITEM_STRINGS = ("name", "arguments", "input", "code", "text", "refusal")
+_ITEM_PARTS = ("content", "output", "summary")
+
+
+def _input_chars(value: object) -> int:
+    """`input` or `instructions`: a string, or a list of items."""
+    if isinstance(value, str):
+        return len(value)
+    chars = 0
+    for item in _dicts(value):
+        chars += sum(estimate.string_chars(item.get(field)) for field in _ITEM_STRINGS)
+        chars += sum(_parts_chars(item.get(field)) for field in _ITEM_PARTS)
+    return chars
+
+
+def _parts_chars(value: object) -> int:
+    """A string, a part, or a list of parts (input_text, output_text, refusal, summary…)."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(
+        estimate.string_chars(part.get("text")) + estimate.string_chars(part.get("refusal"))
+        for part in _dicts([value] if isinstance(value, dict) else value)
+    )
 
 
 def _dicts(value: object) -> list[dict[str, Any]]:

@@ -5,19 +5,20 @@ so the tap can never delay, change or hold back a byte. A body in gzip, deflate,
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
 tap answers the provider's own usage when the provider reported one, every token kind.
 Where a body or an event keeps its usage and its text is its dialect's knowledge, one module
-per API (`openai_chat`, `responses`, `anthropic`, `bedrock`); the tap dispatches each event by its type
-(none: an OpenAI chunk; else the dialect whose `EVENTS` name it), each JSON body by its
-shape (`choices`, a `response` object, `content`), and the dialect writes what it read into
-the answer's `Reading`.
+per API (`openai_chat`, `responses`, `anthropic`, `bedrock`, `gemini`); the tap dispatches
+each event by its type (none: an OpenAI chunk, or Gemini's `candidates`; else the dialect
+whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answer,
+`candidates`, a `response` object, `content`; a JSON array: Gemini's stream), and the
+dialect writes what it read into the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings) without a readable usage
-is charged an estimate (`estimate`: the request's text, and every string the provider
-generated, as its dialect counted them), marked `estimated` — never nothing, also when the body
-cannot be read (an unknown coding, corrupt, not JSON, cut short, over the memory bound):
-then the response's decoded (or received) bytes stand for its text. Speech is counted by
-its input's characters, transcriptions and translations by their audio's seconds, unless
-they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
+is charged an estimate (`estimate`: every string of the request's prompt, read by its
+path's dialect (`prompt`), and every string the provider generated, as its dialect counted
+them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
+coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
+(or received) bytes stand for its text. Speech is counted by its input's characters,
+transcriptions and translations by their audio's seconds, unless they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
 charged only what the provider reports (a token count reports none); a GET (a models list,
 a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
 background POST answered queued or in progress is charged nothing yet, and a GET of one
@@ -58,11 +59,13 @@ from proxy.usage import (
     batches,
     bedrock,
     estimate,
+    gemini,
     images,
     openai_chat,
     realtime_events,
     responses,
 )
+from proxy.usage.prompt import request_chars
 from proxy.usage.provider_usage import UsageFields, last_usage
 from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
@@ -203,6 +206,7 @@ class UsageTap:
         "_kind",
         "_lines",
         "_memory",
+        "_path",
         "_reading",
         "_seen",
         "_text",
@@ -217,8 +221,10 @@ class UsageTap:
         keep_text: bool,
         charged: Charged = Charged.TEXT,
         memory: TapMemory | None = None,
+        path: str = "",
     ) -> None:
         self._kind = _body_kind(content_type)
+        self._path = path  # the request's: its dialect reads the prompt for an estimate
         self._keep_text = keep_text
         self._charged = charged
         self._memory = memory if memory is not None else TapMemory()
@@ -286,7 +292,7 @@ class UsageTap:
         if self._charged is Charged.TEXT or self._charged is Charged.LATER:
             completion = estimate.tokens(self._seen if self._is_unread else reading.chars)
         return Usage(
-            estimate.tokens(estimate.request_chars(request_body)), completion, estimated=True
+            estimate.tokens(request_chars(self._path, request_body)), completion, estimated=True
         )
 
     @property
@@ -390,8 +396,11 @@ class UsageTap:
 
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind is None:  # OpenAI chat.completion.chunk or text_completion
-            _read_chunk(event, self._reading)
+        if kind is None:  # OpenAI chat.completion.chunk or text_completion, or Gemini's
+            if "choices" in event or not gemini.is_answer(event):
+                _read_chunk(event, self._reading)
+            else:
+                gemini.read_event(event, self._reading)
         elif type(kind) is str:
             read = _EVENTS.get(kind)
             if read is not None:
@@ -434,9 +443,11 @@ class UsageTap:
             # No usage in a body that does not parse (cut short?): estimated from its size.
             self._is_unread = True
             return
-        if not isinstance(document, dict):
-            return
         reading = self._reading
+        if not isinstance(document, dict):
+            if isinstance(document, list):  # Gemini's stream without alt=sse
+                gemini.read_answers(document, reading)
+            return
         if self._charged in _BATCHES:
             self.batch = batches.read_batch(document, self._charged is Charged.BATCH_MADE)
         elif self._charged is Charged.DURATION:
@@ -445,6 +456,8 @@ class UsageTap:
             openai_chat.read_answer(document, reading)
         elif bedrock.is_converse(document):
             bedrock.read_answer(document, reading)
+        elif gemini.is_answer(document):
+            gemini.read_answer(document, reading)
         elif "output" in document or document.get("object") == "response":
             responses.read_answer(document, reading)
         elif "content" in document:

@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.usage import estimate
+from proxy.usage.prompt import prompt_chars
 from tests.conftest import auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
@@ -300,7 +301,7 @@ async def test_a_cap_named_the_native_apis_way_is_reserved_in_place_of_the_allow
     )
     task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
     await until(lambda: len(fake.requests) == 1)
-    prompt = estimate.tokens(estimate.prompt_chars(body))
+    prompt = estimate.tokens(prompt_chars(path, body))
     assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + 50
     fake.release.set()
     async with await task as response:

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import build_app
 from proxy.settings import Settings
 from proxy.usage import estimate
+from proxy.usage.prompt import prompt_chars
 from tests.conftest import auth
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState, credential
@@ -38,7 +39,7 @@ POOL = ("sk-unanswered-pool-aaaaaaaaaa", "sk-unanswered-pool-bbbbbbbbbb", "sk-un
 ANT_REAL = "sk-ant-unanswered-2222222222"
 CAP = 1000
 BODY = chat("Write a long essay about the sea, please.", max_tokens=CAP)
-PROMPT = estimate.tokens(estimate.prompt_chars(BODY))  # what admission estimated
+PROMPT = estimate.tokens(prompt_chars("chat/completions", BODY))  # what admission estimated
 METERED = {
     "quota": {"requests": 100, "tokens": 1_000_000, "window_seconds": 3600},
     "budget": {"usd": 10, "window_seconds": 3600},
@@ -228,5 +229,5 @@ async def test_an_anthropic_message_that_times_out_is_charged_its_reservation(
     assert raised.value.status_code == 504
     assert len(fake.requests) == 1
     (line,) = await records(1)
-    assert_reservation(line, prompt=estimate.tokens(estimate.prompt_chars(body)))
+    assert_reservation(line, prompt=estimate.tokens(prompt_chars("messages", body)))
     assert await charged_tokens(gateway, ANT_VK) == line["usage"]["total_tokens"]

@@ -1,0 +1,176 @@
+"""Gemini's native API (generateContent), on Vertex AI or Google AI: usage, text, prompt.
+
+An answer (a JSON body; each event of `:streamGenerateContent`, as SSE with `alt=sse` or
+as one JSON array without) holds `candidates[].content.parts[]` and `usageMetadata`
+{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount,
+toolUsePromptTokenCount}. Gemini counts thoughts beside the candidates and a tool's prompt
+beside the prompt: the completion is candidates plus thoughts (thoughts its reasoning), the
+prompt is prompt plus tool-use prompt (cached content a part of it). Proto JSON leaves out
+a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken from an event
+only when it counts candidates or thoughts (one that counts only the prompt would charge a
+cut stream no completion); a JSON body's is its answer's. The model that answered is
+`modelVersion`.
+
+What the model generated, counted for an estimate when no usage comes: parts' `text` (a
+thought's too, not kept as the logged text), `functionCall` names and `args`, and
+`executableCode`. A request's prompt (`prompt_chars`): `contents[].parts[]` (text,
+function calls and responses, code and its results), `systemInstruction` and the `tools`'
+declarations. Proto JSON takes camelCase and snake_case names alike: both are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.usage import estimate
+from proxy.usage.provider_usage import (
+    CACHE_READ,
+    COMPLETION,
+    PROMPT,
+    REASONING,
+    UsageFields,
+)
+from proxy.usage.reading import Reading
+
+# usageMetadata's counts summed into the gateway's kinds (`_read_usage`), read by these.
+_SUMMED = UsageFields(
+    counts=(
+        ("prompt", PROMPT),
+        ("completion", COMPLETION),
+        ("reasoning", REASONING),
+        ("cache_read", CACHE_READ),
+    )
+)
+# Parts' fields in both spellings proto JSON takes.
+_FUNCTION_CALL = ("functionCall", "function_call")
+_FUNCTION_RESPONSE = ("functionResponse", "function_response")
+_CODE = ("executableCode", "executable_code")
+_CODE_RESULT = ("codeExecutionResult", "code_execution_result")
+_SYSTEM = ("systemInstruction", "system_instruction")
+_USAGE = ("usageMetadata", "usage_metadata")
+_PROMPT = ("promptTokenCount", "prompt_token_count")
+_TOOL_PROMPT = ("toolUsePromptTokenCount", "tool_use_prompt_token_count")
+_CANDIDATES = ("candidatesTokenCount", "candidates_token_count")
+_THOUGHTS = ("thoughtsTokenCount", "thoughts_token_count")
+_CACHED = ("cachedContentTokenCount", "cached_content_token_count")
+
+
+def is_answer(document: dict[str, Any]) -> bool:
+    """A generateContent answer (or stream event): candidates, or usage metadata."""
+    return "candidates" in document or any(name in document for name in _USAGE)
+
+
+def read_event(event: dict[str, Any], reading: Reading) -> None:
+    """One stream event: a partial answer, its usage cumulative."""
+    if reading.model is None:
+        reading.note_model(event.get("modelVersion"))
+    _read_usage(event, reading, is_final=False)
+    _read_candidates(event, reading)
+
+
+def read_answer(document: dict[str, Any], reading: Reading) -> None:
+    """One JSON answer."""
+    reading.note_model(document.get("modelVersion"))
+    _read_usage(document, reading, is_final=True)
+    if reading.reported.usage() is not None:
+        return  # only an estimate needs the answer's length
+    _read_candidates(document, reading)
+
+
+def read_answers(answers: list[Any], reading: Reading) -> None:
+    """A stream sent as one JSON array (no `alt=sse`): each element an event."""
+    for answer in answers:
+        if isinstance(answer, dict) and is_answer(answer):
+            read_event(answer, reading)
+
+
+def prompt_chars(document: dict[str, Any]) -> int:
+    """Characters of a generateContent request's prompt, every string of it."""
+    contents = document.get("contents")
+    chars = sum(_parts_chars(content) for content in _dicts(contents))
+    for name in _SYSTEM:  # a Content, or (Google AI's) a plain string
+        system = document.get(name)
+        chars += estimate.string_chars(system) + _parts_chars(system)
+    return chars + estimate.json_chars(document.get("tools"))
+
+
+def _parts_chars(content: object) -> int:
+    """A Content's parts: text, function calls and responses, code and its results."""
+    parts = content.get("parts") if isinstance(content, dict) else None
+    chars = 0
+    for part in _dicts(parts):
+        chars += estimate.string_chars(part.get("text"))
+        call = _either(part, _FUNCTION_CALL)
+        if call is not None:
+            chars += estimate.string_chars(call.get("name")) + estimate.json_chars(call.get("args"))
+        answer = _either(part, _FUNCTION_RESPONSE)
+        if answer is not None:
+            chars += estimate.string_chars(answer.get("name"))
+            chars += estimate.json_chars(answer.get("response"))
+        code = _either(part, _CODE)
+        if code is not None:
+            chars += estimate.string_chars(code.get("code"))
+        result = _either(part, _CODE_RESULT)
+        if result is not None:
+            chars += estimate.string_chars(result.get("output"))
+    return chars
+
+
+def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
+    """Every string the model generated in an answer's candidates."""
+    for candidate in _dicts(answer.get("candidates")):
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in _dicts(parts):
+            text = part.get("text")
+            if part.get("thought") is True:
+                reading.add_generated(text)
+            else:
+                reading.add_text(text)
+            call = _either(part, _FUNCTION_CALL)
+            if call is not None:
+                reading.add_generated(call.get("name"))
+                reading.chars += estimate.json_chars(call.get("args"))
+            code = _either(part, _CODE)
+            if code is not None:
+                reading.add_generated(code.get("code"))
+
+
+def _read_usage(answer: dict[str, Any], reading: Reading, is_final: bool) -> None:
+    """usageMetadata, summed into the gateway's kinds (see the module's docstring)."""
+    metadata = _either(answer, _USAGE)
+    if metadata is None:
+        return
+    prompt, tool_prompt = _count(metadata, _PROMPT), _count(metadata, _TOOL_PROMPT)
+    candidates, thoughts = _count(metadata, _CANDIDATES), _count(metadata, _THOUGHTS)
+    if not is_final and candidates is None and thoughts is None:
+        return
+    summed = {
+        "prompt": (prompt or 0) + (tool_prompt or 0),
+        "completion": (candidates or 0) + (thoughts or 0),
+        "reasoning": thoughts or 0,
+        "cache_read": _count(metadata, _CACHED) or 0,
+    }
+    reading.reported.read(summed, _SUMMED)
+
+
+def _count(metadata: dict[str, Any], names: tuple[str, str]) -> int | None:
+    """A count under either spelling; None when neither holds one."""
+    for name in names:
+        value = metadata.get(name)
+        if type(value) is int and value >= 0:
+            return value
+    return None
+
+
+def _either(document: dict[str, Any], names: tuple[str, str]) -> dict[str, Any] | None:
+    """The object under either spelling of a name; None when neither holds one."""
+    for name in names:
+        value = document.get(name)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [each for each in value if isinstance(each, dict)] if isinstance(value, list) else []
