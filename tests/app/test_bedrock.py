@@ -8,7 +8,9 @@ one byte after signing, is refused there with 403.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from tests.support.fake_bedrock import (
     BedrockState,
     bedrock_app,
 )
+from tests.support.polling import until
 
 ACCESS_KEY = "AKIAFAKEGATEWAY0001"
 SECRET_KEY = "fake-secret-access-key-0123456789abcdef"
@@ -37,6 +40,7 @@ SESSION_TOKEN = "fake-session-token-9876543210"
 REGION = "us-west-2"
 BEDROCK_VK = "vk_test_bedrock_6c1d9e3a7f"
 NARROW_VK = "vk_test_bedrock_narrow_2f8b"
+SMALL_VK = "vk_test_bedrock_small_7a3c"  # a window of 1,000 tokens
 CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 MESSAGES = [{"role": "user", "content": "say hello please"}]
 
@@ -60,6 +64,7 @@ def bedrock_keys(base: str, environ_names: bool = False) -> dict[str, Any]:
         "virtual_keys": {
             BEDROCK_VK: {"name": "bedrock", **target},
             NARROW_VK: {"name": "narrow", "allowed_models": ["anthropic.claude-*"], **target},
+            SMALL_VK: {"name": "small", "quota": {"requests": 100, "tokens": 1000}, **target},
         },
     }
 
@@ -141,6 +146,94 @@ async def test_converse_passes_through_and_its_usage_is_read(
     usage = (await records(1))[0]["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
+
+
+async def reserved_beside(
+    gateway: TestClient, bedrock: BedrockState, send: Callable[[], Awaitable[object]]
+) -> tuple[int, int]:
+    """Start `send` (held at the fake), then ask for the small key's reservation and send a
+    small Converse request beside it; (tokens reserved, the small request's status)."""
+    large = asyncio.create_task(send())
+    await until(lambda: len(bedrock.seen) == 1)
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        reserved = (await usage.json())["tokens"]["reserved"]
+    small = await gateway.post(
+        f"/v1/model/{CLAUDE}/converse",
+        json={"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+        headers=auth(SMALL_VK),
+    )
+    bedrock.release.set()
+    await large
+    assert len(bedrock.seen) == 1 + (small.status == 200)
+    return reserved, small.status
+
+
+async def test_a_converse_prompt_counts_its_tool_results_and_tool_config(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """A Converse request whose prompt is mostly a tool's result and the tools' definitions
+    (about 1,100 tokens, read as 0 before) fills the key's window of 1,000 while it runs."""
+    tool_config = {
+        "tools": [{"toolSpec": {"name": "search", "description": "d" * 1200,
+                                "inputSchema": {"json": {"type": "object"}}}}]
+    }  # fmt: skip
+    body = {
+        "system": [{"text": "Be brief."}],
+        "messages": [
+            {"role": "user", "content": [{"text": "find it"}]},
+            {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": "t1", "name": "search", "input": {"q": "it"}}}]},
+            {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [
+                {"text": "r" * 3000}, {"json": {"rows": ["x" * 100]}}]}}]},
+        ],
+        "toolConfig": tool_config,
+        "inferenceConfig": {"maxTokens": 50},
+    }  # fmt: skip
+
+    async def send() -> object:
+        headers = {**auth(SMALL_VK), "x-fake-hold": "1"}
+        async with gateway.post(
+            f"/v1/model/{CLAUDE}/converse", json=body, headers=headers
+        ) as answer:
+            assert answer.status == 200
+            return await answer.read()
+
+    reserved, status = await reserved_beside(gateway, bedrock, send)
+    compact = {"separators": (",", ":")}
+    chars = (
+        len("Be brief.") + len("find it") + len("search") + len(json.dumps({"q": "it"}, **compact))
+        + 3000 + len(json.dumps({"rows": ["x" * 100]}, **compact))
+        + len(json.dumps(tool_config, **compact))
+    )  # fmt: skip
+    assert reserved == math.ceil(chars / 4) + 50
+    assert status == 429
+
+
+async def test_an_invoke_prompt_counts_its_tools_definitions(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """The anthropic SDK's Bedrock client with 4,000 characters of tool definitions: about
+    1,000 tokens (read as 0 before) besides a short message fill the key's window."""
+    tools = [{"name": "search", "description": "d" * 4000,
+              "input_schema": {"type": "object", "properties": {}}}]  # fmt: skip
+    client = AsyncAnthropicBedrock(
+        api_key=SMALL_VK,
+        aws_region="us-east-1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+
+    async def send() -> object:
+        return await client.messages.create(
+            model=CLAUDE, max_tokens=50, messages=MESSAGES, tools=tools,  # type: ignore[arg-type]
+            extra_headers={"x-fake-hold": "1"},
+        )  # fmt: skip
+
+    reserved, status = await reserved_beside(gateway, bedrock, send)
+    await client.close()
+    chars = len(MESSAGES[0]["content"]) + len(json.dumps(tools, separators=(",", ":")))
+    assert reserved == math.ceil(chars / 4) + 50
+    assert status == 429
 
 
 async def test_the_clients_own_aws_credentials_never_reach_bedrock(

@@ -8,7 +8,9 @@ service account's key and accepts only tokens it minted.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,17 +21,26 @@ from anthropic import AsyncAnthropicVertex
 
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
+from tests.conftest import auth
 from tests.support.fake_vertex import (
+    GEMINI_CALL,
+    GEMINI_PROMPT,
+    GEMINI_THOUGHT,
+    GEMINI_THOUGHTS,
     INPUT_TOKENS,
     VERTEX_STATE,
     VertexState,
     service_account,
     vertex_app,
 )
+from tests.support.polling import until
 
 VERTEX_VK = "vk_test_vertex_3e9a1c7d5b"
+SMALL_VK = "vk_test_vertex_small_8c2e4a6f0d"  # a window of 1,000 tokens
 PROJECT, REGION = "gateway-project", "us-east5"
 CLAUDE = "claude-sonnet-4@20250514"
+GEMINI = "gemini-2.5-flash"
+GEMINI_PATH = f"/v1/projects/p/locations/r/publishers/google/models/{GEMINI}"
 MESSAGES = [{"role": "user", "content": "say hello please"}]
 
 
@@ -54,16 +65,17 @@ def vertex(fake_vertex: TestServer) -> VertexState:
 
 
 def vertex_keys(base: str, account_file: Path) -> dict[str, Any]:
+    target = {
+        "provider": "vertex",
+        "service_account_file": str(account_file),
+        "project": PROJECT,
+        "region": REGION,
+    }
     return {
         "providers": {"vertex": {"base_url": f"{base}/v1"}},
         "virtual_keys": {
-            VERTEX_VK: {
-                "name": "vertex",
-                "provider": "vertex",
-                "service_account_file": str(account_file),
-                "project": PROJECT,
-                "region": REGION,
-            }
+            VERTEX_VK: {"name": "vertex", **target},
+            SMALL_VK: {"name": "small", "quota": {"requests": 100, "tokens": 1000}, **target},
         },
     }
 
@@ -164,10 +176,97 @@ async def test_a_refused_token_request_is_a_clear_502(
     assert vertex.seen == []
 
 
+def gemini_body(text: str, **extra: Any) -> dict[str, Any]:
+    """A generateContent request, as the google-genai SDK sends it."""
+    return {
+        "contents": [{"role": "user", "parts": [{"text": text}]}],
+        "generationConfig": {"maxOutputTokens": 50},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "call", [":generateContent", ":streamGenerateContent?alt=sse", ":streamGenerateContent"]
+)
+async def test_a_gemini_answer_is_charged_its_usage_metadata(
+    gateway: TestClient, vertex: VertexState, records, call: str
+) -> None:
+    response = await gateway.post(
+        GEMINI_PATH + call, json=gemini_body("say hello please"), headers=auth(VERTEX_VK)
+    )
+    assert response.status == 200, await response.text()
+    assert b"tok2" in await response.read()
+    assert vertex.seen[0][0].startswith(f"/v1/projects/{PROJECT}/locations/{REGION}/")
+    line = (await records(1))[0]
+    assert line["model"] == GEMINI and line["provider"] == "vertex"
+    usage = line["usage"]
+    assert usage["estimated"] is False
+    assert usage["prompt_tokens"] == GEMINI_PROMPT
+    # Gemini counts thoughts beside the candidates: both are the completion.
+    assert usage["completion_tokens"] == 3 + GEMINI_THOUGHTS
+    assert usage["reasoning_tokens"] == GEMINI_THOUGHTS
+
+
+@pytest.mark.parametrize("call", [":generateContent", ":streamGenerateContent?alt=sse"])
+async def test_a_gemini_answer_without_usage_is_charged_every_string_it_generated(
+    gateway: TestClient, records, call: str
+) -> None:
+    body = gemini_body(
+        "x" * 400,
+        systemInstruction={"parts": [{"text": "s" * 200}]},
+        tools=[{"functionDeclarations": [{"name": "lookup", "description": "d" * 100}]}],
+    )
+    headers = {**auth(VERTEX_VK), "x-fake-no-usage": "1", "x-fake-chunks": "40"}
+    response = await gateway.post(GEMINI_PATH + call, json=body, headers=headers)
+    assert response.status == 200, await response.text()
+    await response.read()
+    usage = (await records(1))[0]["usage"]
+    assert usage["estimated"] is True
+    tools = len(json.dumps(body["tools"], separators=(",", ":")))
+    assert usage["prompt_tokens"] == math.ceil((400 + 200 + tools) / 4)
+    text = sum(len(f"tok{i} ") for i in range(40))
+    call_chars = len(GEMINI_CALL["name"]) + len(
+        json.dumps(GEMINI_CALL["args"], separators=(",", ":"))
+    )
+    generated = len(GEMINI_THOUGHT) + text + call_chars
+    assert usage["completion_tokens"] == math.ceil(generated / 4)
+
+
+async def test_a_small_token_window_refuses_beside_a_large_gemini_prompt(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    """4,400 characters of contents, system instruction and tools reserve about 1,100
+    tokens (and the 50 of the cap): while that request runs, the key's window of 1,000 is
+    full, and its next request is refused. Read as 0 tokens, it let the next one in."""
+    body = gemini_body(
+        "x" * 2000,
+        systemInstruction={"parts": [{"text": "s" * 1200}]},
+        tools=[{"functionDeclarations": [{"name": "lookup", "description": "d" * 1200}]}],
+    )
+    headers = {**auth(SMALL_VK), "x-fake-hold": "1"}
+    large = asyncio.create_task(
+        gateway.post(GEMINI_PATH + ":generateContent", json=body, headers=headers)
+    )
+    await until(lambda: len(vertex.seen) == 1)
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        reserved = (await usage.json())["tokens"]["reserved"]
+    tools = len(json.dumps(body["tools"], separators=(",", ":")))
+    assert reserved == math.ceil((2000 + 1200 + tools) / 4) + 50
+    small = await gateway.post(
+        GEMINI_PATH + ":generateContent", json=gemini_body("hi"), headers=auth(SMALL_VK)
+    )
+    assert small.status == 429, await small.text()
+    vertex.release.set()
+    async with await large as answered:
+        assert answered.status == 200
+    assert len(vertex.seen) == 1  # the refused one never went upstream
+
+
 def test_the_account_may_come_from_an_environment_variable(
     tmp_path: Path, account: tuple[dict[str, Any], bytes]
 ) -> None:
     document = vertex_keys("http://127.0.0.1:1", tmp_path / "unused.json")
+    del document["virtual_keys"][SMALL_VK]
     entry = document["virtual_keys"][VERTEX_VK]
     del entry["service_account_file"]
     entry["service_account_json_env"] = "T_VERTEX_SA"

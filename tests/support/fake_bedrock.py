@@ -19,6 +19,7 @@ It reports INPUT_TOKENS input tokens and as many output tokens as it sends text 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -53,6 +54,8 @@ class BedrockState:
     region: str
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 BEDROCK_STATE = web.AppKey("bedrock_state", BedrockState)
@@ -105,6 +108,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             headers={"x-amzn-ErrorType": "InvalidSignatureException"},
         )
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    if "x-fake-hold" in request.headers:
+        await state.release.wait()
     model = request.match_info["model"]
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]

@@ -6,11 +6,16 @@ then a fresh access token is minted (`ya29.fake-<n>`, living `expires_in` second
 `POST /v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}:rawPredict`
 (and `:streamRawPredict`) answer an Anthropic message (JSON, or SSE) only with
 `Authorization: Bearer <a token the endpoint minted>`, and only for the expected project
-and region; else 401 or 403, as Vertex does. What it saw is kept in `app[VERTEX_STATE]`.
+and region; else 401 or 403, as Vertex does. `.../publishers/google/models/{model}:generateContent`
+(and `:streamGenerateContent`, SSE with `alt=sse`, else one JSON array) answer as Gemini
+does: a thought, the text pieces and a function call, with `usageMetadata` (GEMINI_PROMPT
+prompt tokens, a candidate token a piece, GEMINI_THOUGHTS thought tokens) unless the request
+says `x-fake-no-usage`. What it saw is kept in `app[VERTEX_STATE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,9 @@ from google.auth import jwt
 from multidict import CIMultiDict
 
 INPUT_TOKENS = 13
+GEMINI_PROMPT, GEMINI_THOUGHTS = 17, 7
+GEMINI_THOUGHT = "Think first."
+GEMINI_CALL = {"name": "lookup", "args": {"query": "tok"}}
 KEY_ID = "fake-key-id-1"
 
 
@@ -34,6 +42,8 @@ class VertexState:
     minted: list[str] = field(default_factory=list)
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 VERTEX_STATE = web.AppKey("vertex_state", VertexState)
@@ -69,6 +79,9 @@ def vertex_app(state: VertexState) -> web.Application:
     app.router.add_post(
         "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{call}", _predict
     )
+    app.router.add_post(
+        "/v1/projects/{project}/locations/{region}/publishers/google/models/{call}", _generate
+    )
     return app
 
 
@@ -93,9 +106,8 @@ async def _token(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def _predict(request: web.Request) -> web.StreamResponse:
-    state = request.app[VERTEX_STATE]
-    body = await request.read()
+def _refusal(state: VertexState, request: web.Request) -> web.Response | None:
+    """Vertex's 401 or 403 for a token it did not mint, or another project or region."""
     token = request.headers.get("Authorization", "").removeprefix("Bearer ")
     if token not in state.minted:
         state.refused.append("an unknown token")
@@ -106,8 +118,19 @@ async def _predict(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"error": {"code": 403, "status": "PERMISSION_DENIED"}}, status=403
         )
-    model, _, specifier = info["call"].partition(":")
+    return None
+
+
+async def _predict(request: web.Request) -> web.StreamResponse:
+    state = request.app[VERTEX_STATE]
+    body = await request.read()
+    refusal = _refusal(state, request)
+    if refusal is not None:
+        return refusal
+    model, _, specifier = request.match_info["call"].partition(":")
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    if "x-fake-hold" in request.headers:
+        await state.release.wait()
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     if specifier == "rawPredict":
         return web.json_response(_message(model, pieces))
@@ -155,3 +178,59 @@ def _events(model: str, pieces: list[str]) -> list[dict[str, Any]]:
         },
         {"type": "message_stop"},
     ]
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    """Gemini's generateContent and streamGenerateContent."""
+    state = request.app[VERTEX_STATE]
+    body = await request.read()
+    refusal = _refusal(state, request)
+    if refusal is not None:
+        return refusal
+    model, _, specifier = request.match_info["call"].partition(":")
+    state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    if "x-fake-hold" in request.headers:
+        await state.release.wait()
+    pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
+    answers = _gemini_answers(model, pieces, "x-fake-no-usage" not in request.headers)
+    if specifier == "generateContent":
+        whole = answers[-1]
+        whole["candidates"][0]["content"]["parts"] = [
+            part for answer in answers for part in answer["candidates"][0]["content"]["parts"]
+        ]
+        return web.json_response(whole)
+    if specifier != "streamGenerateContent":
+        raise web.HTTPNotFound()
+    if request.query.get("alt") != "sse":
+        return web.json_response(answers)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for answer in answers:
+        await response.write(b"data: %s\r\n\r\n" % orjson.dumps(answer))
+    await response.write_eof()
+    return response
+
+
+def _gemini_answers(model: str, pieces: list[str], has_usage: bool) -> list[dict[str, Any]]:
+    """A stream's events: a thought, one text piece each, a function call; usage at the end."""
+    parts: list[dict[str, Any]] = [{"text": GEMINI_THOUGHT, "thought": True}]
+    parts += [{"text": piece} for piece in pieces]
+    parts.append({"functionCall": GEMINI_CALL})
+    answers = [
+        {
+            "candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}],
+            "modelVersion": model,
+        }
+        for part in parts
+    ]
+    answers[-1]["candidates"][0]["finishReason"] = "STOP"
+    if has_usage:  # as Vertex does: the prompt's count early on, all of it at the end
+        for answer in answers[:-1]:
+            answer["usageMetadata"] = {"promptTokenCount": GEMINI_PROMPT}
+        answers[-1]["usageMetadata"] = {
+            "promptTokenCount": GEMINI_PROMPT,
+            "candidatesTokenCount": len(pieces),
+            "thoughtsTokenCount": GEMINI_THOUGHTS,
+            "totalTokenCount": GEMINI_PROMPT + len(pieces) + GEMINI_THOUGHTS,
+        }
+    return answers

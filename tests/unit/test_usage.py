@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.record import Usage
 from proxy.usage import anthropic, audio, images, responses
+from proxy.usage.prompt import prompt_chars, request_chars
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
 from proxy.usage.usage import (
@@ -1002,12 +1003,24 @@ def test_any_value_where_a_dialect_reads_never_raises(
         "output": [value, {"type": "message", "content": value}],
         "content": [value, {"type": "tool_use", "input": value}],
     }
+    gemini = {
+        "candidates": [value, {"content": value}, {"content": {"parts": [value, {
+            "text": value, "thought": value, "functionCall": value, "executableCode": value}]}}],
+        "usageMetadata": value,
+        "usage_metadata": {"promptTokenCount": value, "candidates_token_count": value},
+        "modelVersion": value,
+    }  # fmt: skip
     answers = [  # one JSON answer of each dialect
         {key: event[key] for key in ("choices", "usage")},
         {"object": "response", "output": event["output"], "usage": value},
         {"type": "message", "content": event["content"], "usage": value},
-    ]
-    for body, content_type in [(sse(event), SSE), *((orjson.dumps(a), JSON) for a in answers)]:
+        {"output": {"message": {"content": [value, {"toolUse": value,
+         "reasoningContent": value}]}}, "stopReason": value, "usage": value},
+        gemini,
+        [gemini, value],  # Gemini's stream as one JSON array
+    ]  # fmt: skip
+    streams = [(sse(event), SSE), (sse(gemini, {"usageMetadata": value}), SSE)]
+    for body, content_type in [*streams, *((orjson.dumps(a), JSON) for a in answers)]:
         usage = tap_of(body, content_type).usage(CHAT_REQUEST)
         assert usage is None or usage.total_tokens >= 0
     # Audio: a transcription's answer, a speech request, anything where their shapes go.
@@ -1030,3 +1043,159 @@ def test_a_tool_input_nested_deeper_than_orjson_writes_is_still_estimated() -> N
     body = b'{"type": "message", "content": [{"type": "tool_use", "name": "t", "input": '
     usage = tap_of(body + nested + b"}]}", JSON).usage(b"")
     assert usage == Usage(0, 1, estimated=True)  # its name; the input is not counted
+
+
+# --- the prompt: every string of it, by the dialect of its path ---
+
+TOOL = {"name": "search", "description": "Find it.", "parameters": {"type": "object"}}
+PROMPTS = [
+    ("chat messages, tool calls and tools", "/v1/chat/completions", {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "find"},
+                                         {"type": "image_url", "image_url": {"url": "x" * 99}}]},
+            {"role": "assistant", "content": None, "refusal": "no", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "found"}],
+        "tools": [{"type": "function", "function": TOOL}]},
+        9 + 4 + 2 + 6 + 2 + 5 + len(orjson.dumps([{"type": "function", "function": TOOL}]))),
+    ("completions strings and tokens", "/v1/completions",
+        {"prompt": ["abc", [1, 2, 3]], "suffix": "de"}, 3 + 3 * 4 + 2),
+    ("embeddings token arrays", "/v1/embeddings", {"input": [[1, 2], [3]]}, 3 * 4),
+    ("responses instructions, items, tools, variables", "/v1/responses", {
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "find"},
+                                         {"type": "input_image", "image_url": "x" * 99}]},
+            {"type": "function_call", "call_id": "c", "name": "search", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "found"},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}]}],
+        "tools": [{"type": "function", **TOOL}],
+        "prompt": {"id": "pmpt_1", "variables": {"city": "Paris",
+                                                 "doc": {"type": "input_text", "text": "ab"}}}},
+        9 + 4 + 6 + 2 + 5 + 2 + len(orjson.dumps([{"type": "function", **TOOL}])) + 5 + 2),
+    ("anthropic system blocks, tool use and result, tools", "/v1/messages", {
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [
+            {"role": "user", "content": "find"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                {"type": "tool_use", "id": "t", "name": "search", "input": {"q": "x"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                          "content": [{"type": "text", "text": "found"}]}]}],
+        "tools": [TOOL]},
+        9 + 4 + 2 + 6 + len(b'{"q":"x"}') + 5 + len(orjson.dumps([TOOL]))),
+    ("bedrock invoke: an anthropic body", "/v1/model/anthropic.claude-v2:1/invoke", {
+        "anthropic_version": "bedrock-2023-05-31", "system": "Be brief.",
+        "messages": [{"role": "user", "content": "find"}], "tools": [TOOL]},
+        9 + 4 + len(orjson.dumps([TOOL]))),
+    ("converse system, tool use and result, tool config", "/v1/model/m/converse", {
+        "system": [{"text": "Be brief."}, {"guardContent": {"text": {"text": "safe"}}}],
+        "messages": [
+            {"role": "user", "content": [{"text": "find"}]},
+            {"role": "assistant", "content": [
+                {"reasoningContent": {"reasoningText": {"text": "hm", "signature": "s"}}},
+                {"toolUse": {"toolUseId": "t", "name": "search", "input": {"q": "x"}}}]},
+            {"role": "user", "content": [{"toolResult": {"toolUseId": "t", "content": [
+                {"text": "found"}, {"json": {"n": 1}}]}}]}],
+        "toolConfig": {"tools": [{"toolSpec": TOOL}]}},
+        9 + 4 + 4 + 2 + 6 + len(b'{"q":"x"}') + 5 + len(b'{"n":1}')
+        + len(orjson.dumps({"tools": [{"toolSpec": TOOL}]}))),
+    ("gemini contents, system instruction, tools", "/v1/projects/p/locations/l/publishers/"
+     "google/models/gemini-2.5-pro:streamGenerateContent", {
+        "systemInstruction": {"parts": [{"text": "Be brief."}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "find"}, {"inlineData": {"data": "x" * 99}}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "search", "args": {"q": "x"}}}]},
+            {"role": "user", "parts": [{"function_response": {"name": "search",
+                                                              "response": {"r": "found"}}}]}],
+        "tools": [{"functionDeclarations": [TOOL]}]},
+        9 + 4 + 6 + len(b'{"q":"x"}') + 6 + len(b'{"r":"found"}')
+        + len(orjson.dumps([{"functionDeclarations": [TOOL]}]))),
+    ("gemini on another path: by its shape", "/v1/custom", {
+        "system_instruction": "Be brief.", "contents": [{"parts": [{"text": "find"}]}]}, 9 + 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "chars"),
+    [pytest.param(path, body, chars, id=name) for name, path, body, chars in PROMPTS],
+)
+def test_every_string_of_a_prompt_is_counted_by_its_dialect(
+    path: str, body: dict, chars: int
+) -> None:
+    assert prompt_chars(path, body) == chars
+    assert request_chars(path, orjson.dumps(body)) == chars
+    answer = orjson.dumps({"choices": [{"text": ""}]})
+    tap = UsageTap(JSON, None, keep_text=False, path=path)
+    tap.feed(answer)
+    assert tap.usage(orjson.dumps(body)) == Usage(math.ceil(chars / 4), 0, estimated=True)
+
+
+GEMINI_USAGE = {"promptTokenCount": 40, "candidatesTokenCount": 9, "thoughtsTokenCount": 5,
+                "cachedContentTokenCount": 32, "toolUsePromptTokenCount": 2}  # fmt: skip
+
+
+def gemini_event(text: str, usage: dict | None = None) -> dict:
+    event: dict = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}}]}
+    if usage is not None:
+        event["usageMetadata"] = usage
+    return event
+
+
+def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
+    expected = Usage(40 + 2, 9 + 5, cache_read_tokens=32, reasoning_tokens=5)
+    body = gemini_event("Hello", GEMINI_USAGE)
+    assert tap_of(orjson.dumps(body), JSON).usage(b"") == expected
+    snake = {"usage_metadata": {"prompt_token_count": 40, "candidates_token_count": 9}}
+    assert tap_of(orjson.dumps(snake), JSON).usage(b"") == Usage(40, 9)
+    stream = sse(gemini_event("Hel", {"promptTokenCount": 40}), gemini_event("lo", GEMINI_USAGE))
+    tap = tap_of(stream)
+    assert (tap.usage(b""), tap.text) == (expected, "Hello")
+    array = orjson.dumps([gemini_event("Hel"), gemini_event("lo", GEMINI_USAGE)])
+    assert tap_of(array, JSON).usage(b"") == expected
+
+
+def test_a_gemini_stream_cut_before_its_counts_is_estimated_not_charged_nothing() -> None:
+    """The prompt's count alone, early in a stream, is not the answer's usage."""
+    stream = sse(gemini_event("x" * 40, {"promptTokenCount": 40}), gemini_event("y" * 40))
+    request = orjson.dumps({"contents": [{"parts": [{"text": "z" * 20}]}]})
+    assert tap_of(stream).usage(request) == Usage(5, 20, estimated=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=JSON_VALUES,
+    loose=st.dictionaries(
+        st.sampled_from(["messages", "tools", "functions", "prompt", "input", "suffix",
+                         "instructions", "system", "contents", "systemInstruction",
+                         "system_instruction", "toolConfig", "anthropic_version"]),
+        JSON_VALUES,
+    ),
+    path=st.sampled_from(["", "chat/completions", "completions", "embeddings", "responses",
+                          "messages", "model/m/converse", "model/m/invoke",
+                          "models/g:generateContent"]),
+)  # fmt: skip
+def test_any_value_where_a_prompt_is_read_never_raises(value: object, loose: dict, path: str):
+    """Every dialect's request shapes with anything where it expects its parts."""
+    bodies = [
+        loose,
+        {"messages": [value, {"content": value, "tool_calls": [value, {"function": value}],
+                              "function_call": value, "audio": value}],
+         "tools": value, "prompt": [value, [value]], "input": value, "suffix": value},
+        {"instructions": value, "input": [value, {"content": [value], "output": value,
+                                                  "summary": value, "arguments": value}],
+         "prompt": {"variables": value}, "tools": value},
+        {"system": [value], "messages": [{"content": [value, {"content": value, "input": value,
+                                                              "text": value}]}]},
+        {"system": [value, {"guardContent": {"text": value}}], "toolConfig": value,
+         "messages": [{"content": [value, {"toolUse": value, "toolResult": {"content": [value]},
+                                           "reasoningContent": {"reasoningText": value}}]}]},
+        {"contents": [value, {"parts": value}, {"parts": [value, {
+            "functionCall": value, "function_response": value, "executableCode": value,
+            "codeExecutionResult": value, "text": value}]}],
+         "systemInstruction": value, "system_instruction": {"parts": value}, "tools": value},
+    ]  # fmt: skip
+    for body in bodies:
+        assert prompt_chars(path, body) >= 0
+        assert request_chars(path, orjson.dumps(body)) >= 0
