@@ -377,6 +377,12 @@ class Failover:
         now = self.breakers.clock
         member = credential.label if target.pool.size > 1 else target.name
         record.saw_target(target.name, target.provider.name, member)
+        if on_attempt is not None:  # traces: a client span, its context in the headers
+            # Begun before the try's time: a span settled as its start plus the try's ms
+            # never ends after the next try began, and a try that fails to sign has one too.
+            model = target.model or record.model
+            method, url, headers = outbound.method, outbound.url, outbound.headers
+            on_attempt(method, url, headers, target.provider.name, model)
         asked = time.perf_counter()
         sent = False
 
@@ -386,10 +392,6 @@ class Failover:
 
         try:
             await outbound.use(credential)  # a cloud's signature covers the bytes that go
-            if on_attempt is not None:  # traces: a client span, its context in the headers
-                model = target.model or record.model
-                method, url, headers = outbound.method, outbound.url, outbound.headers
-                on_attempt(method, url, headers, target.provider.name, model)
             async with asyncio.timeout(self.policy.request_timeout):
                 reply = await wire.request(
                     outbound.method, outbound.url, outbound.headers, outbound.body or None,
