@@ -8,8 +8,9 @@ beside the prompt: the completion is candidates plus thoughts (thoughts its reas
 prompt is prompt plus tool-use prompt (cached content a part of it). Proto JSON leaves out
 a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken from an event
 only when it counts candidates or thoughts (one that counts only the prompt would charge a
-cut stream no completion); a JSON body's is its answer's. The model that answered is
-`modelVersion`.
+cut stream no completion); a JSON body's is its answer's (of a body over 1 MiB, an answer
+with inline images, the last `usageMetadata` in its tail, taken as a stream event's). The
+model that answered is `modelVersion`.
 
 What the model generated, counted for an estimate when no usage comes: parts' `text` (a
 thought's too, not kept as the logged text), `functionCall` names and `args`, and
@@ -20,6 +21,7 @@ declarations. Proto JSON takes camelCase and snake_case names alike: both are re
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxy.usage import estimate
@@ -48,6 +50,8 @@ _CODE = ("executableCode", "executable_code")
 _CODE_RESULT = ("codeExecutionResult", "code_execution_result")
 _SYSTEM = ("systemInstruction", "system_instruction")
 _USAGE = ("usageMetadata", "usage_metadata")
+# Where a JSON answer too large to parse whole keeps its usage (`provider_usage.last_usage`).
+USAGE_KEY = re.compile(rb'"(?:usageMetadata|usage_metadata)"\s*:\s*')
 _PROMPT = ("promptTokenCount", "prompt_token_count")
 _TOOL_PROMPT = ("toolUsePromptTokenCount", "tool_use_prompt_token_count")
 _CANDIDATES = ("candidatesTokenCount", "candidates_token_count")
@@ -137,9 +141,14 @@ def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
 
 
 def _read_usage(answer: dict[str, Any], reading: Reading, is_final: bool) -> None:
-    """usageMetadata, summed into the gateway's kinds (see the module's docstring)."""
     metadata = _either(answer, _USAGE)
-    if metadata is None:
+    if metadata is not None:
+        read_usage(metadata, reading, is_final)
+
+
+def read_usage(metadata: object, reading: Reading, is_final: bool = True) -> None:
+    """usageMetadata, summed into the gateway's kinds (see the module's docstring)."""
+    if not isinstance(metadata, dict):
         return
     prompt, tool_prompt = _count(metadata, _PROMPT), _count(metadata, _TOOL_PROMPT)
     candidates, thoughts = _count(metadata, _CANDIDATES), _count(metadata, _THOUGHTS)

@@ -120,14 +120,15 @@ def added(total: Usage, more: Usage) -> Usage:
     )
 
 
-def last_usage(body: bytes | bytearray) -> object:
-    """The object under the body's last `"usage"` key, parsed alone; None if there is none.
+def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> object:
+    """The object under the body's last `"usage"` key (or `key`'s: Gemini's
+    `"usageMetadata"`), parsed alone; None if there is none.
 
     A quote inside a JSON string is escaped, so `"usage":` occurs only as a key; every
     provider puts the top-level usage after the content (where a tool's input may hold a
     `usage` key of its own), so the last one is the answer's.
     """
-    keys = list(_USAGE_KEY.finditer(body))
+    keys = list(key.finditer(body))
     if not keys or body[keys[-1].end() : keys[-1].end() + 1] != b"{":
         return None  # none, or the last is null
     start, depth = keys[-1].end(), 0

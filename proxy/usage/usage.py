@@ -425,6 +425,9 @@ class UsageTap:
                 usage = last_usage(body)
                 if self._charged is Charged.DURATION:  # a long transcription's verbose_json
                     audio.read_usage(usage, self._reading)
+                elif usage is None:  # none of OpenAI's kind: perhaps Gemini's (inline images)
+                    metadata = last_usage(body, gemini.USAGE_KEY)
+                    gemini.read_usage(metadata, self._reading, is_final=False)
                 else:
                     self._reading.reported.read(usage, _fields_of(usage))
                 self._is_unread = True  # its text is not read: the size stands for it

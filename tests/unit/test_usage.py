@@ -964,6 +964,24 @@ GENERATED_BODIES = [
         ]},
         400 + 6 + len(orjson.dumps({"query": "x" * 388})),
     ),
+    (
+        "converse reasoning and tool use",
+        {"output": {"message": {"role": "assistant", "content": [
+            {"reasoningContent": {"reasoningText": {"text": THOUGHT, "signature": "c2ln"}}},
+            {"text": "Hi"},
+            {"toolUse": {"toolUseId": "t", "name": "search", "input": {"query": "x" * 388}}},
+        ]}}, "stopReason": "tool_use"},
+        400 + 2 + 6 + len(orjson.dumps({"query": "x" * 388})),
+    ),
+    (
+        "gemini thought, function call and code",
+        {"candidates": [{"content": {"role": "model", "parts": [
+            {"text": THOUGHT, "thought": True},
+            {"functionCall": {"name": "search", "args": {"query": "x" * 388}}},
+            {"executableCode": {"language": "PYTHON", "code": "print(1)"}},
+        ]}}]},
+        400 + 6 + len(orjson.dumps({"query": "x" * 388})) + 8,
+    ),
 ]  # fmt: skip
 
 
@@ -1154,6 +1172,15 @@ def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
     assert (tap.usage(b""), tap.text) == (expected, "Hello")
     array = orjson.dumps([gemini_event("Hel"), gemini_event("lo", GEMINI_USAGE)])
     assert tap_of(array, JSON).usage(b"") == expected
+
+
+def test_a_large_gemini_answer_is_charged_the_usage_metadata_in_its_tail() -> None:
+    """An answer with an inline image of 2 MiB is not parsed whole: its usage is still read."""
+    image = {"inlineData": {"mimeType": "image/png", "data": "A" * (2 * WHOLE_PARSE_BYTES)}}
+    body = {"candidates": [{"content": {"parts": [{"text": "Here"}, image]}}],
+            "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 1290}}  # fmt: skip
+    encoded = orjson.dumps(body)
+    assert tap_of(encoded, JSON, chunks=[1000, len(encoded) // 2]).usage(b"") == Usage(12, 1290)
 
 
 def test_a_gemini_stream_cut_before_its_counts_is_estimated_not_charged_nothing() -> None:
