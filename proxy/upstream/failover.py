@@ -384,6 +384,8 @@ class Failover:
             method, url, headers = outbound.method, outbound.url, outbound.headers
             on_attempt(method, url, headers, target.provider.name, model)
         asked = time.perf_counter()
+        # A pool's time to first byte is on the breakers' clock, as its fading is (a test's).
+        began = now() if pool is not None else 0.0
         sent = False
 
         def on_sent() -> None:
@@ -419,7 +421,8 @@ class Failover:
         else:
             ms = record.waited_upstream(asked)
             if pool is not None and reply.status not in RETRYABLE:
-                pool.measured(credential, ms / 1000.0, now())
+                answered = now()
+                pool.measured(credential, answered - began, answered)
             record.add_attempt(
                 Attempt(
                     target.name,
@@ -440,7 +443,8 @@ class Failover:
             return reply
         ms = record.waited_upstream(asked)
         if pool is not None and failed.outcome is Outcome.TIMEOUT:
-            pool.measured(credential, ms / 1000.0, now())  # its first byte: later than that
+            gave_up = now()
+            pool.measured(credential, gave_up - began, gave_up)  # its first byte: later still
         record.add_attempt(
             Attempt(
                 target.name,

@@ -28,6 +28,7 @@ from tests.conftest import auth
 from tests.support.bodies import chat, messages
 from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState, Fault, credential
+from tests.support.polling import until
 
 CHAT = chat("hello")
 VK = "vk_test_choice_5e7a9b1d3c"
@@ -82,23 +83,42 @@ async def test_a_ten_times_slower_key_gets_little_of_a_latency_pool(
     gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
     gateway = await gateway_with(pool(1, 1, balance="latency"))
-    fake.slow[KEYS[0]] = 0.010
-    fake.slow[KEYS[1]] = 0.100  # ten times slower to its first byte
+    # Times to first byte on the test's clock, moved while the fake holds the answers: the
+    # fast key's come 10 ms after they were asked, the slow key's 100 ms, whatever the load.
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+    holds = {KEYS[0]: 0.010, KEYS[1]: 0.100}
+    gates = {key: fake.gates.setdefault(key, asyncio.Event()) for key in holds}
 
     async def one() -> None:
         response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
         assert response.status == 200
         await response.read()
 
-    for _ in range(200):  # 1,000 requests, 5 at a time
-        await asyncio.gather(*(one() for _ in range(5)))
+    async def five() -> None:
+        """Five requests at once, each key's answers let go once all five are at the fake."""
+        asked, started = len(fake.requests), clock.now
+        calls = [asyncio.create_task(one()) for _ in range(5)]
+        await until(lambda: len(fake.requests) == asked + 5, 30, "5 requests at the fake", 0.001)
+        chosen, answered = Counter(keys_seen(fake)[asked:]), 0
+        for key, hold in holds.items():  # the fast key's answers first, then the slow key's
+            clock.now = started + hold
+            gates[key].set()
+            answered += chosen[key]
+            await until(lambda n=answered: sum(c.done() for c in calls) == n, 30, key, 0.001)
+        await asyncio.gather(*calls)
+        for gate in gates.values():
+            gate.clear()
+
+    for _ in range(200):  # 1,000 requests
+        await five()
     seen = Counter(keys_seen(fake))
     assert seen[KEYS[0]] + seen[KEYS[1]] == 1000
     assert seen[KEYS[0]] >= 800, seen
     health = await (await gateway.get("/health")).json()
     members = health["targets"]["openai"]["members"]
     assert members["openai#1"]["in_flight"] == members["openai#2"]["in_flight"] == 0
-    assert 10 <= members["openai#1"]["ttfb_ms"] < members["openai#2"]["ttfb_ms"]
+    assert (members["openai#1"]["ttfb_ms"], members["openai#2"]["ttfb_ms"]) == (10.0, 100.0)
 
 
 async def test_a_weighted_pool_ignores_speed(

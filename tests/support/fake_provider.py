@@ -61,7 +61,9 @@ Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-af
 makes every request presenting that key get that answer (or only `times` of them), so a
 fallback or a pool's other key can be told apart from the failing one;
 `state.slow[real_key] = seconds` holds that key's answers that long before their headers
-(a slow key's time to first byte).
+(a slow key's time to first byte); `state.gates[real_key] = asyncio.Event()` holds them until
+the test sets it (to move an injected clock while they wait: a time to first byte that does not
+depend on the machine's load).
 
 The Anthropic dialect (errors, model objects) is used on `/messages` paths and for any
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
@@ -160,6 +162,8 @@ class FakeState:
     faults: dict[str, Fault] = field(default_factory=dict)
     # real key -> seconds its requests wait before they are answered (see `slow` above)
     slow: dict[str, float] = field(default_factory=dict)
+    # real key -> an event its requests wait for before they are answered (see `gates` above)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
     # response id -> a background Response (POST /responses, "background": true)
     background: dict[str, Background] = field(default_factory=dict)
     # requests being answered right now, and the most there ever were at once
@@ -301,6 +305,8 @@ async def answer(
     if request.headers.get("x-fake-hold") == "1":
         await state.release.wait()
     presented = credential(request.headers) or ""
+    if (gate := state.gates.get(presented)) is not None:
+        await gate.wait()
     if (wait := state.slow.get(presented)) is not None:
         async with watching(request):
             await pause(request, wait)
