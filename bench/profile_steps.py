@@ -92,8 +92,11 @@ STEPS = {
     "errors.py": "errors",
     "app.py": "app hooks (CORS, Server header, own endpoints)",
     "server.py": "connections (accept, the connection limit)",
+    "wire.py": "send the request, read the answer (the wire, proxy/upstream/wire.py)",
+    "exchange.py": "exchange: admit, settle, the ending",
+    "logfile.py": "log record",
 }
-OWN_FILES = ("proxy/", "passthrough.py")
+OWN_FILES = ("proxy/", "passthrough.py", "foundations.py")
 # Under every sample of the loop's thread: the frames that start the process and run the loop.
 ENTRY = {
     ("gateway.py", "*"),
@@ -101,8 +104,17 @@ ENTRY = {
     ("server.py", "serve"),
     ("server.py", "_serve"),
     ("passthrough.py", "<module>"),
+    ("foundations.py", "<module>"),
+    ("foundations.py", "main"),
+    ("foundations.py", "serve"),
 }
-HANDLERS = ("proxy/relay.py", "proxy/failover.py", "passthrough.py")  # they call aiohttp's client
+# They call the upstream client (the gateway's wire, or aiohttp's in the floor).
+HANDLERS = (
+    "proxy/relay/relay.py",
+    "proxy/upstream/failover.py",
+    "passthrough.py",
+    "foundations.py",
+)
 
 
 def own(func: str, file: str) -> bool:
@@ -341,29 +353,38 @@ def profile_round(
 
 def report(profiles: dict[str, Profile], seconds: int, rounds: int, rate: int, load: str) -> None:
     floor, gateway = profiles["floor"], profiles["gateway"]
+    best = profiles.get("best")
     fc, gc = floor.cpu, gateway.cpu
     threads = med([r.cpu["threads"] for r in gateway.rounds])
+    rps = {side: med([r.rps for r in profile.rounds]) for side, profile in profiles.items()}
     print()
     print(
         f"py-spy {rate} Hz, --nonblocking, {rounds} rounds x {seconds} s per contender under {load}; "
-        f"{floor.samples:,} floor and {gateway.samples:,} gateway samples"
+        + ", ".join(f"{p.samples:,} {side}" for side, p in profiles.items())
+        + " samples"
     )
     print(
         f"CPU per request: floor {fc:.0f} us, gateway {gc:.0f} us ({gc / fc:.2f}x, +{gc - fc:.0f} us; of which the "
-        f"gateway's other threads {threads:.0f} us); throughput floor {med([r.rps for r in floor.rounds]):,.0f} rps, "
-        f"gateway {med([r.rps for r in gateway.rounds]):,.0f} rps"
+        f"gateway's other threads {threads:.0f} us)"
+        + (f", best bare foundation {best.cpu:.0f} us ({gc / best.cpu:.2f}x)" if best else "")
+        + "; throughput "
+        + ", ".join(f"{side} {value:,.0f} rps" for side, value in rps.items())
     )
     print()
-    names = sorted(floor.names() | gateway.names(), key=lambda s: -gateway.us(s) - floor.us(s))
-    print("| step | floor us/request | gateway us/request | share of the gateway's CPU |")
-    print("| --- | ---: | ---: | ---: |")
-    for name in names:
-        f = f"{floor.us(name):.1f}" if name in floor.names() else "-"
-        g = f"{gateway.us(name):.1f}" if name in gateway.names() else "-"
-        print(f"| {name} | {f} | {g} | {gateway.us(name) / gc:.1%} |")
+    sides = list(profiles)
+    names = set().union(*(p.names() for p in profiles.values()))
+    order = sorted(names, key=lambda s: -sum(p.us(s) for p in profiles.values()))
     print(
-        f"| **total** (medians of rounds, so steps need not add up) | **{fc:.0f}** | **{gc:.0f}** | |"
+        "| step | "
+        + " | ".join(f"{side} us/request" for side in sides)
+        + " | share of the gateway's CPU |"
     )
+    print("| --- | " + " | ".join("---:" for _ in sides) + " | ---: |")
+    for name in order:
+        cells = [f"{p.us(name):.1f}" if name in p.names() else "-" for p in profiles.values()]
+        print(f"| {name} | " + " | ".join(cells) + f" | {gateway.us(name) / gc:.1%} |")
+    totals = " | ".join(f"**{p.cpu:.0f}**" for p in profiles.values())
+    print(f"| **total** (medians of rounds, so steps need not add up) | {totals} | |")
     for side, profile in profiles.items():
         print()
         print(f"top frames by self time, {side} (us per request, share of its CPU):")
@@ -389,6 +410,12 @@ def main() -> int:
         help="wrk's connections (1: the latency case, with --delay-ms 0)",
     )
     parser.add_argument("--delay-ms", type=int, default=20, help="the mock's answer delay")
+    parser.add_argument(
+        "--best",
+        default=run.BEST_FOUNDATION,
+        help=f"the best bare foundation, SERVER+CLIENT[+gc] of foundations.py (default {run.BEST_FOUNDATION}; "
+        "'' to leave it out)",
+    )
     args = parser.parse_args()
     run.check_tools()
     pyspy = shutil.which(
@@ -403,14 +430,17 @@ def main() -> int:
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="llm-gateway-profile-"))
     try:
-        bench = run.Bench(run.QUICK if args.quick else run.Plan(), procs, tmp)
+        bench = run.Bench(run.QUICK if args.quick else run.Plan(), procs, tmp, args.best)
         bench.start_mock()
         bench.start_floor()
+        if args.best:
+            bench.start_best()
         bench.start_gateway()
         bench.warm_up()
-        profiles = {"floor": Profile(), "gateway": Profile()}
+        sides = ("floor", "best", "gateway") if args.best else ("floor", "gateway")
+        profiles = {side: Profile() for side in sides}
         for rep in range(rounds):
-            for side in ("floor", "gateway") if rep % 2 == 0 else ("gateway", "floor"):
+            for side in sides if rep % 2 == 0 else sides[::-1]:
                 out = tmp / f"{side}-{rep}.txt"
                 one = profile_round(
                     bench, side, seconds, args.rate, out, pyspy, args.connections, args.delay_ms

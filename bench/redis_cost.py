@@ -19,6 +19,11 @@ The summary gives each Redis contender against the first memory one: the p50 add
 (target <= +0.3 ms) and the throughput ratio under load (target >= 0.9x), with the Redis
 round trips per request (scripts Redis ran over requests answered) and the microseconds
 Redis itself spent in each, from INFO commandstats.
+
+Each round also runs `bench/redis_floor.py` on the gateways' core against the same Redis
+(`--floor 0`: not): the p50 of a bare PING, of the admit script alone and of the tracker's
+admit + settle, over the tracker's own connection at c=1, so the gateway's added p50
+stands beside the round trip it cannot go under.
 """
 
 from __future__ import annotations
@@ -67,6 +72,20 @@ class Runs:
     timeouts: list[int] = field(default_factory=list)
 
 
+def floor(procs: Processes, tmp: Path, url: str, count: int) -> dict[str, float]:
+    """bench/redis_floor.py's figures, run on the gateways' core while they idle."""
+    argv = [sys.executable, str(ROOT / "bench/redis_floor.py"), "--url", f"{url}/0"]
+    out = tmp / "floor.out"
+    child = procs.start([*argv, "--count", str(count)], SERVER_CORE, out)
+    child.wait()
+    procs.stop(child)
+    lines = out.read_text().strip().splitlines()
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"redis_floor.py failed: {out.read_text()[-2000:]}")
+    figures: dict[str, float] = json.loads(lines[-1])
+    return figures
+
+
 def script_stats(url: str) -> tuple[int, int]:
     """Scripts Redis has run since it started, and the microseconds it spent in them."""
     client = redis.Redis.from_url(url)
@@ -85,6 +104,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5, help="of wrk per contender a round")
     parser.add_argument("--sequential", type=int, default=2000, help="requests at c=1 a round")
+    parser.add_argument("--floor", type=int, default=2000, help="redis_floor.py calls a round")
     args = parser.parse_args()
     procs = Processes()
     with tempfile.TemporaryDirectory() as directory:
@@ -123,7 +143,7 @@ def main() -> int:
         finally:
             procs.stop_all()
             server.kill()
-    report(results)
+    report(*results)
     return 0
 
 
@@ -133,8 +153,9 @@ def race(
     tmp: Path,
     args: argparse.Namespace,
     url: str,
-) -> dict[str, Runs]:
+) -> tuple[dict[str, Runs], list[dict[str, float]]]:
     results = {name: Runs() for name in contenders}
+    floors: list[dict[str, float]] = []
     names = list(contenders)
     busy, elapsed = busy_cpu_seconds(), os.times().elapsed
     for name in names:  # warm up: the upstream pools grow to 256 connections
@@ -143,6 +164,16 @@ def race(
         )
     scripts, requests, redis_us = 0, 0, 0
     for turn in range(args.rounds):
+        if args.floor:
+            floors.append(floor(procs, tmp, url, args.floor))
+            f = floors[-1]
+            print(
+                f"round {turn + 1} {'floor':>14}: c=1 p50 PING {f['ping_p50_ms']:.3f} ms, "
+                f"admit script {f['script_p50_ms']:.3f} ms ({f['script_redis_us']:.0f} us in "
+                f"Redis), tracker admit+settle {f['tracker_p50_ms']:.3f} ms; client CPU "
+                f"{f['ping_cpu_us']:.0f} / {f['script_cpu_us']:.0f} / {f['tracker_cpu_us']:.0f} us",
+                flush=True,
+            )
         for name in names if turn % 2 == 0 else names[::-1]:
             port, pid = contenders[name]
             runs = results[name]
@@ -179,10 +210,10 @@ def race(
             f"redis: {scripts / requests:.3f} scripts per request, "
             f"{redis_us / max(1, scripts):.0f} us in Redis per script"
         )
-    return results
+    return results, floors
 
 
-def report(results: dict[str, Runs]) -> None:
+def report(results: dict[str, Runs], floors: list[dict[str, float]]) -> None:
     med = statistics.median
     print(f"{'':>14}  c=1 p50   CPU/req c=1   throughput  CPU/req  timeouts")
     for name, runs in results.items():
@@ -207,6 +238,15 @@ def report(results: dict[str, Runs]) -> None:
             f"{name}: c=1 p50 {added:+.3f} ms over {memory} (target <= +{TARGET_ADDED_MS}) "
             f"{ok_added}; throughput {ratio:.2f}x {memory}'s (target >= {TARGET_RATIO}x) "
             f"{ok_ratio}; {cpu:+.0f} us CPU per request under load"
+        )
+    if floors:
+        f = {name: med([one[name] for one in floors]) for name in floors[0]}
+        print(
+            f"floor (redis_floor.py, c=1, medians of rounds): PING {f['ping_p50_ms']:.3f} ms, "
+            f"the admit script {f['script_p50_ms']:.3f} ms ({f['script_redis_us']:.0f} us of "
+            f"it in Redis), the tracker's admit + settle {f['tracker_p50_ms']:.3f} ms; the "
+            f"client's CPU per call {f['ping_cpu_us']:.0f} / {f['script_cpu_us']:.0f} / "
+            f"{f['tracker_cpu_us']:.0f} us"
         )
 
 
