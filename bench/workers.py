@@ -115,7 +115,7 @@ class WorkersBench:
     ) -> None:
         self.seconds, self.procs, self.tmp, self.redis_server = seconds, procs, tmp, redis_server
         # Only for its wrk(): chat.lua, the BENCHJSON summary, errors summed.
-        self.loader = run.Bench(run.Plan(), procs, tmp)
+        self.loader = run.Bench(run.Plan(), procs, tmp, run.BEST_FOUNDATION)
         self.mock_port = run.free_port()
         self.worker_pids: set[int] = set()  # every worker forked, to be sure none outlives us
         self.keys_path = tmp / "keys.json"
