@@ -16,7 +16,10 @@ call to its answer, `--count` of each after a warm-up, in three steps of the sam
 
 It prints one JSON line: each step's p50 in ms and its CPU per operation in µs (this
 process's, from /proc: the client side only), and Redis's own µs per script from INFO
-commandstats. `bench/redis_cost.py` runs it in each round beside the gateways, pinned to
+commandstats. `--scripts` prints instead what Redis spends in each part of the scripts
+(`--count` EVALSHA of each, from INFO commandstats): the shared prelude (the settle script
+carrying nothing), a settle, an admission with and without a reservation, an admission
+carrying a settle (what a request at c=1 sends). `bench/redis_cost.py` runs it in each round beside the gateways, pinned to
 the gateways' core, so the gateway's added p50 stands beside the floor it cannot go under.
 """
 
@@ -90,6 +93,36 @@ async def measure(url: str, count: int) -> dict[str, float]:
     return figures
 
 
+async def script_parts(url: str, count: int) -> dict[str, float]:
+    """µs Redis spends per call of each script shape (INFO commandstats)."""
+    tracker = RedisTracker(url)
+    wire = tracker._wire  # noqa: SLF001
+    scope = Scope("bench-parts", "key", "", LIMITS, None)
+    keys = window_keys(scope.id)
+    policy = [-1, 1, *policy_args(scope)]
+    settle = [1, SPENT.tokens, 0, 100, *([0] * (SETTLE_FIELDS - 4))]
+    shapes = {
+        "prelude (settle script, nothing carried)": (tracker._settle, [*policy, 0]),  # noqa: SLF001
+        "settle script, one settle": (tracker._settle, [*policy, 1, *settle]),  # noqa: SLF001
+        "admit, no reservation": (tracker._admit, [*policy, 0, 0, 0, "", 0]),  # noqa: SLF001
+        "admit with a reservation": (tracker._admit, [*policy, 0, CLAIM.tokens, 0, "", 0]),  # noqa: SLF001
+        "admit with a reservation, carrying a settle": (
+            tracker._admit,  # noqa: SLF001
+            [*policy, 1, *settle, CLAIM.tokens, 0, "", 0],
+        ),
+    }
+    figures = {}
+    for name, (script, args) in shapes.items():
+        await wire.run(script, keys, args)  # loaded
+        before = script_us((await wire.call(pack("INFO", "commandstats")))[0])
+        for _ in range(count):
+            await wire.run(script, keys, args)
+        after = script_us((await wire.call(pack("INFO", "commandstats")))[0])
+        figures[name] = (after - before) / count
+    await tracker.close()
+    return figures
+
+
 def script_us(info: bytes) -> float:
     """µs Redis has spent in EVALSHA and EVAL since it started (INFO commandstats)."""
     total = 0.0
@@ -104,9 +137,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--scripts", action="store_true", help="Redis's time per script part")
     args = parser.parse_args()
     import uvloop
 
+    if args.scripts:
+        for name, us in uvloop.run(script_parts(args.url, args.count)).items():
+            print(f"{name:45s} {us:6.1f} us in Redis a call")
+        return 0
     print(json.dumps(uvloop.run(measure(args.url, args.count))), flush=True)
     return 0
 
