@@ -152,7 +152,7 @@ class Failover:
         self.breakers = breakers
         self._wire: Wire | None = None  # set while the app runs (use)
         self._max_body_bytes = max_body_bytes
-        self._sleep = sleep
+        self.sleep = sleep  # a retry's wait (a test's moves its clock instead)
         self._jitter = jitter
 
     def use(self, wire: Wire | None) -> None:
@@ -356,7 +356,7 @@ class Failover:
             if retries <= 0 or wait > policy.max_wait_seconds or clock() + wait >= walk.deadline:
                 return None  # the next target, at once
             retries -= 1
-            await self._sleep(wait)
+            await self.sleep(wait)
         return None
 
     async def _attempt(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,20 @@ def failover_gateway(
 
 def keys_seen(fake: FakeState) -> list[str | None]:
     return [credential(seen.headers) for seen in fake.requests]
+
+
+def waits_on_a_clock(gateway: TestClient) -> Clock:
+    """The gateway's deadlines and retry waits on a test Clock: a wait moves it, none sleeps."""
+    clock = Clock()
+    failover = gateway.app[FAILOVER]
+    failover.breakers.clock = clock
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        await asyncio.sleep(0)
+
+    failover.sleep = sleep
+    return clock
 
 
 async def test_a_primary_answering_503_is_failed_over_and_comes_back_when_its_breaker_closes(
@@ -195,10 +208,11 @@ async def test_retries_wait_what_the_provider_asks_then_succeed(
 ) -> None:
     gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="2")
     fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": "300"}, times=2)
-    started = time.monotonic()
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
     assert response.status == 200
-    assert time.monotonic() - started >= 0.6  # two waits of 300 ms, as asked
+    assert clock.now - started == pytest.approx(0.6)  # two waits of 300 ms, as asked
     assert keys_seen(fake) == [PRIMARY] * 3
 
 
@@ -211,9 +225,10 @@ async def test_a_provider_asking_for_an_hour_is_not_waited_for_and_its_answer_go
         RETRY_DEADLINE_SECONDS="2",
     )
     fake.faults[PRIMARY] = Fault(503, {"retry-after": "3600"})
-    started = time.monotonic()
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
-    assert time.monotonic() - started < 1.5
+    assert clock.now == started  # not waited for at all
     assert response.status == 503 and response.headers["retry-after"] == "3600"
     assert (await response.json())["error"]["message"] == "fake provider error 503"
     assert keys_seen(fake) == [PRIMARY]
@@ -230,12 +245,13 @@ async def test_the_overall_deadline_holds_with_a_provider_that_always_fails(
         BREAKER_FAILURES="100000",
     )
     fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": "100"})
-    started = time.monotonic()
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
-    elapsed = time.monotonic() - started
     assert response.status == 503  # the last provider answer, unchanged
-    assert 0.9 <= elapsed < 2.0
-    assert 5 <= len(fake.requests) <= 11
+    # Waits of 100 ms until the next would end past the 1 s deadline: nine, ten tries.
+    assert clock.now - started == pytest.approx(0.9)
+    assert len(fake.requests) == 10
 
 
 async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client_errors(
