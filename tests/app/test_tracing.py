@@ -193,35 +193,43 @@ async def test_an_unreachable_collector_costs_requests_nothing_but_a_counted_fai
     make_gateway: Callable[..., Awaitable[TestClient]],
     aiohttp_server: Callable[..., Awaitable[TestServer]],
 ) -> None:
-    released = asyncio.Event()
+    holding, released = asyncio.Event(), asyncio.Event()
 
     async def hang(request: web.Request) -> web.Response:
-        await released.wait()  # a collector that accepts and never answers
-        return web.Response(status=503)
+        holding.set()
+        await released.wait()  # a collector that accepts and answers only when the test says
+        return web.Response(status=400)  # not retried: the export fails at once
 
     collector = web.Application()
     collector.router.add_post("/v1/traces", hang)
     server = await aiohttp_server(collector)
     gateway = await make_gateway(
         OTEL_EXPORTER_OTLP_ENDPOINT=str(server.make_url("")),
-        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+        # The yardstick: an export held 10 s fails, and the failure is counted.
+        OTEL_EXPORTER_OTLP_TIMEOUT="10",
         OTEL_BSP_SCHEDULE_DELAY="10",
     )
+    name = "llm_gateway_trace_export_failures_total"
+
+    async def failures() -> float:
+        metrics = await (await gateway.get("/metrics")).text()
+        [line] = [line for line in metrics.splitlines() if line.startswith(name)]
+        return float(line.split()[-1])
+
     try:
-        for _ in range(10):  # the first spans' export hangs while these are served
-            started = time.monotonic()
+        for index in range(10):  # the first spans' export hangs while these are served
             response = await gateway.post(
                 "/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
             )
             assert response.status == 200
-            assert time.monotonic() - started < 1.0  # generous; the export blocks for 1 s
-        await gateway.app[TRACING].flush()
+            if index == 0:
+                await asyncio.wait_for(holding.wait(), 30)
+        # All ten served while the first export still hangs: none of them waited for it.
+        assert await failures() == 0
     finally:
         released.set()
-    metrics = await (await gateway.get("/metrics")).text()
-    name = "llm_gateway_trace_export_failures_total"
-    [line] = [line for line in metrics.splitlines() if line.startswith(name)]
-    assert float(line.split()[-1]) >= 1
+    await gateway.app[TRACING].flush()
+    assert await failures() >= 1
 
 
 async def test_traces_are_off_without_the_sdks_variables(gateway: TestClient, fake: Any) -> None:
