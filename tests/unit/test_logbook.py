@@ -214,16 +214,20 @@ async def test_two_logbooks_appending_to_one_file_never_interleave_lines(tmp_pat
     }
 
 
-async def test_handing_off_a_record_takes_microseconds(tmp_path: Path) -> None:
-    logbook = Logbook(str(tmp_path / "log.jsonl"), log_bodies=True, on_write_error=Calls())
+async def test_a_write_hands_its_line_off_and_writes_nothing_on_the_callers_turn(
+    tmp_path: Path,
+) -> None:
+    # What a write costs the request path is a figure for bench/ (profile_steps.py's "log
+    # record" step), not a timed test; what this checks is that it does no I/O of its own.
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=True, on_write_error=Calls())
     logbook.open()
-    record = finished_record()
-    started = time.perf_counter()
-    for _ in range(5000):
-        logbook.write(record)
-    per_write_us = (time.perf_counter() - started) / 5000 * 1e6
+    for n in range(100):
+        logbook.write(finished_record(n, request_id=f"r{n}"))
+    assert logbook.queued[0] == 100
+    assert not path.exists() or path.read_text() == ""
     await logbook.close()
-    assert per_write_us < 50  # about 1 µs here; the bound leaves room for a slow CI machine
+    assert [line["request_id"] for line in lines_of(path)] == [f"r{n}" for n in range(100)]
 
 
 async def test_close_is_bounded_when_the_writer_is_stuck(caplog: pytest.LogCaptureFixture) -> None:
