@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -84,7 +83,6 @@ async def test_a_stream_read_by_a_browser_like_client_carries_the_headers_from_t
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:
     gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
-    started = time.monotonic()
     response = await gateway.post(
         "/v1/chat/completions",
         json=STREAM,
@@ -95,8 +93,8 @@ async def test_a_stream_read_by_a_browser_like_client_carries_the_headers_from_t
             "x-fake-delay-ms": "100",
         },
     )
-    first = await response.content.readany()  # headers and first event, long before the last
-    assert time.monotonic() - started < 0.8 and first.startswith(b"data: ")
+    first = await response.content.readany()  # headers and first event, before the last
+    assert first.startswith(b"data: ") and b"[DONE]" not in first
     assert response.headers["access-control-allow-origin"] == APP
     exposed = {h.strip() for h in response.headers["access-control-expose-headers"].split(",")}
     assert {"x-request-id", "x-ratelimit-remaining-requests", "x-ratelimit-limit-requests"} <= (
