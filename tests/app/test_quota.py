@@ -123,17 +123,23 @@ async def test_the_openai_sdks_own_retry_succeeds_once_the_window_moves(quota_ga
 async def test_the_openai_sdk_raises_rate_limit_error_when_told_not_to_retry(
     gateway: TestClient,
 ) -> None:
+    sent: list[Any] = []  # each HTTP request the SDK sent
+
+    async def count(request: Any) -> None:
+        sent.append(request)
+
     client = openai.AsyncOpenAI(
-        base_url=str(gateway.make_url("/v1")), api_key=LIMITED_VK, max_retries=3
+        base_url=str(gateway.make_url("/v1")),
+        api_key=LIMITED_VK,
+        max_retries=3,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]}),
     )
     for _ in range(3):
         await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-    started = time.monotonic()
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as refused:
         await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-    assert (
-        time.monotonic() - started < 1.0
-    )  # x-should-retry: false, no sleeping into a closed window
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 4  # told not to, the SDK did not retry into a closed window
 
 
 async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refuses(
