@@ -163,15 +163,24 @@ async def test_max_in_flight_4_caps_40_streams_across_two_processes_and_survives
         assert await one(5, urls[1], {}) == 429  # every slot taken, seen from the other process
         assert (await team_usage(session, urls[1], "crew"))["in_flight"]["used"] == 4
         os.kill(gateways[0][0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        held_when = killed  # when the last look that still found the slots held was sent
 
         async def back() -> bool:
-            return (await team_usage(session, urls[1], "crew"))["in_flight"]["used"] == 0
+            nonlocal held_when
+            asked = time.monotonic()
+            if (await team_usage(session, urls[1], "crew"))["in_flight"]["used"] == 0:
+                return True
+            held_when = asked
+            return False
 
-        took = await until(back, LEASE_SECONDS + 5)
+        took = await until(back, LEASE_SECONDS + 60)
         for response in held:
             response.close()
         print(f"\nslots of a killed process back after {took:.1f} s (bound {LEASE_SECONDS:g} s)")
-        assert took <= LEASE_SECONDS + 1
+        # Held at a look sent that late means held until then at least, however slowly the
+        # answer came back: no slot outlived the lease (1 s for a renewal on its way at the kill).
+        assert held_when - killed <= LEASE_SECONDS + 1
         # Four again, and only four.
         again = []
         for n in range(4):
@@ -220,4 +229,6 @@ async def test_a_stream_longer_than_a_lease_keeps_its_slot(
                 await answer.read()
                 return answer.status == 200
 
-        assert await until(free, 2) < 2
+        # Given back by the client's leaving: a lease left to expire would free it no sooner
+        # than two thirds of its life after the close (renewed every third of it).
+        await until(free, LEASE_SECONDS * 2 / 3 - 1, "the slot given back at once")
