@@ -90,11 +90,10 @@ def waits_on_a_clock(gateway: TestClient) -> Clock:
     failover = gateway.app[FAILOVER]
     failover.breakers.clock = clock
 
-    async def sleep(seconds: float) -> None:
+    async def wait(seconds: float) -> None:
         clock.advance(seconds)
-        await asyncio.sleep(0)
 
-    failover.sleep = sleep
+    failover.sleep = wait
     return clock
 
 
