@@ -173,7 +173,9 @@ async def test_a_killed_worker_is_replaced_at_once_while_the_others_streams_cont
 
         async def new_worker_serves() -> int:
             while True:
-                assert time.monotonic() - killed < 2, "no new worker served within 2 s"
+                # A new worker's start (imports, listen) takes about a second on a quiet
+                # machine and more on a busy CI one; the bound only catches no replacement.
+                assert time.monotonic() - killed < 15, "no new worker served within 15 s"
                 # A stream that stays open until closed: its connection can be looked up.
                 try:
                     probe = await _stream(session, url, "probe", **{"x-fake-hang": "midstream"})
