@@ -8,7 +8,6 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -33,6 +32,7 @@ from tests.app.test_background import (
     usage_of,
 )
 from tests.conftest import OPENAI_VK, auth, keys_document
+from tests.support.observed import key_usage, log_lines
 from tests.support.processes import Processes, start_gateway
 
 
@@ -91,60 +91,11 @@ async def test_two_gateway_processes_on_one_redis_charge_it_once_whichever_is_po
     polls = [sdks[index % 2].responses.retrieve(made.id) for index in range(8)]
     assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
 
-    async def lines() -> list[dict[str, Any]]:
-        """Every log line of both gateways, once all 1 + 8 are written (bounded wait)."""
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            found = [
-                json.loads(line)
-                for log in logs
-                if log.exists()
-                for line in log.read_text().splitlines()
-            ]
-            if len(found) >= 9 or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.01)
-
-    charged_lines = [line for line in await lines() if line["usage"] is not None]
+    charged_lines = [line for line in await log_lines(logs, 9) if line["usage"] is not None]
     assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
     assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
-    async with aiohttp.ClientSession() as session:
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:  # the charging process sends its settle within 50 ms
-            async with session.get(f"{urls[0]}/usage", headers=auth(OPENAI_VK)) as response:
-                tokens = (await response.json())["totals"]["tokens"]
-            if tokens >= REAL_TOKENS or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
+    tokens = (await key_usage(urls[0], OPENAI_VK, REAL_TOKENS))["totals"]["tokens"]
     assert tokens == REAL_TOKENS
-
-
-async def read_lines(logs: list[Path], count: int) -> list[dict[str, Any]]:
-    """Every log line of the gateways, once `count` are written (bounded wait)."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        found = [
-            json.loads(line)
-            for log in logs
-            if log.exists()
-            for line in log.read_text().splitlines()
-        ]
-        if len(found) >= count or asyncio.get_running_loop().time() > deadline:
-            return found
-        await asyncio.sleep(0.01)
-
-
-async def totals(url: str, key: str, at_least: int = 0) -> dict[str, Any]:
-    """The key's /usage totals, once its tokens reach `at_least` (a settle another process
-    holds is sent within 50 ms), or after a bounded wait."""
-    async with aiohttp.ClientSession() as session:
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            async with session.get(f"{url}/usage", headers=auth(key)) as response:
-                found: dict[str, Any] = (await response.json())["totals"]
-            if found["tokens"] >= at_least or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.02)
 
 
 def background_processes(
@@ -183,21 +134,21 @@ async def test_two_processes_charge_the_creator_once_whichever_key_fetches_it(
     keys = (SHARED_VK, OTHER_VK, SHARED_VK, OTHER_VK)
     polls = [sdk(index % 2, key).responses.retrieve(made.id) for index in range(2) for key in keys]
     assert {polled.status for polled in await asyncio.gather(*polls)} == {"completed"}
-    lines = await read_lines(logs, 9)
+    lines = await log_lines(logs, 9)
     assert len(lines) == 9
     charged_lines = [line for line in lines if line["usage"] is not None]
     assert len(charged_lines) == 1 and charged_lines[0]["method"] == "GET"
     assert charged_lines[0]["usage"]["total_tokens"] == REAL_TOKENS
-    creator = await totals(urls[1], BUDGET_VK, REAL_TOKENS)
+    creator = (await key_usage(urls[1], BUDGET_VK, REAL_TOKENS))["totals"]
     assert creator["tokens"] == REAL_TOKENS  # never zero, and once
     assert creator["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
     for key in (SHARED_VK, OTHER_VK):
         for url in urls:
-            assert (await totals(url, key))["tokens"] == 0
+            assert (await key_usage(url, key))["totals"]["tokens"] == 0
     # The creator's own poll afterwards charges nothing more.
     await sdk(0, BUDGET_VK).responses.retrieve(made.id)
-    assert len(await read_lines(logs, 10)) == 10
-    assert (await totals(urls[0], BUDGET_VK))["tokens"] == REAL_TOKENS
+    assert len(await log_lines(logs, 10)) == 10
+    assert (await key_usage(urls[0], BUDGET_VK))["totals"]["tokens"] == REAL_TOKENS
     text = "".join(log.read_text() for log in logs)
     assert not any(secret in text for secret in ALL_SECRETS)
 
@@ -217,10 +168,10 @@ async def test_a_stream_cut_in_one_process_is_charged_then_the_rest_when_another
                     break
             cut.close()
     created = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])
-    (post,) = await read_lines(logs, 1)
+    (post,) = await log_lines(logs, 1)
     delivered = post["usage"]["total_tokens"]
     assert post["status"] == 499 and 0 < delivered < REAL_TOKENS  # charged, never zero
-    assert (await totals(urls[1], BUDGET_VK, delivered))["tokens"] == delivered
+    assert (await key_usage(urls[1], BUDGET_VK, delivered))["totals"]["tokens"] == delivered
     # Fetched finished through the other process, by the key sharing its real key, at once
     # with the creator through the first: the creator is charged the rest, once.
     fetches = [
@@ -230,10 +181,10 @@ async def test_a_stream_cut_in_one_process_is_charged_then_the_rest_when_another
         for url, key in ((urls[1], SHARED_VK), (urls[0], BUDGET_VK), (urls[1], SHARED_VK))
     ]
     assert {fetched.status for fetched in await asyncio.gather(*fetches)} == {"completed"}
-    lines = await read_lines(logs, 4)
+    lines = await log_lines(logs, 4)
     charged = [line["usage"]["total_tokens"] for line in lines[1:] if line["usage"] is not None]
     assert charged == [REAL_TOKENS - delivered]
-    creator = await totals(urls[0], BUDGET_VK, REAL_TOKENS)
+    creator = (await key_usage(urls[0], BUDGET_VK, REAL_TOKENS))["totals"]
     assert creator["tokens"] == REAL_TOKENS
     assert creator["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
-    assert (await totals(urls[1], SHARED_VK))["tokens"] == 0
+    assert (await key_usage(urls[1], SHARED_VK))["totals"]["tokens"] == 0

@@ -8,9 +8,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import openai
 import pytest
 import redis
@@ -34,26 +32,10 @@ from tests.app.test_batches import (
 )
 from tests.conftest import OPENAI_REAL as PROCESS_REAL
 from tests.conftest import OPENAI_VK as PROCESS_VK
-from tests.conftest import auth, keys_document
+from tests.conftest import keys_document
 from tests.support.fake_provider import FakeState
+from tests.support.observed import key_usage, log_lines
 from tests.support.processes import Processes, start_gateway
-
-
-async def tokens_of(gateway: TestClient | str, key: str, at_least: int) -> dict[str, Any]:
-    """The key's /usage once its tokens reach `at_least` (a Redis settle may be held up to
-    50 ms by the gateway that charged it), or after 10 seconds; 0: at once (read after the
-    one charge there is was seen, so nothing else is on its way)."""
-    url = gateway if isinstance(gateway, str) else str(gateway.make_url(""))
-    async with aiohttp.ClientSession() as session:
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            async with session.get(f"{url.rstrip('/')}/usage", headers=auth(key)) as response:
-                usage = await response.json()
-            if usage["totals"]["tokens"] >= at_least:
-                return usage
-            if asyncio.get_running_loop().time() > deadline:
-                return usage
-            await asyncio.sleep(0.02)
 
 
 async def test_two_gateways_on_one_redis_charge_a_batch_once_however_many_look(
@@ -80,13 +62,13 @@ async def test_two_gateways_on_one_redis_charge_a_batch_once_however_many_look(
     await asyncio.gather(*looks)
     lines = await records(3 + 16)
     assert sum(line["usage"] is not None for line in lines) == 2
-    usage = await tokens_of(second, OPENAI_VK, TOKENS)
+    usage = await key_usage(second, OPENAI_VK, TOKENS)
     assert usage["totals"]["tokens"] == TOKENS
     assert usage["budget"]["spent_usd"] == pytest.approx(
         batch_price("openai", OPENAI_MODEL), abs=1e-6
     )
-    assert (await tokens_of(first, OTHER_VK, 0))["totals"]["tokens"] == 0
-    assert (await tokens_of(first, ANTHROPIC_VK, TOKENS))["totals"]["tokens"] == TOKENS
+    assert (await key_usage(first, OTHER_VK, 0))["totals"]["tokens"] == 0
+    assert (await key_usage(first, ANTHROPIC_VK, TOKENS))["totals"]["tokens"] == TOKENS
     assert len(output_reads(fake)) == 2  # each output read once, by the look that claimed it
     assert raw_redis.keys("llm-gateway:deferred:*batch:*") == []
 
@@ -133,23 +115,9 @@ async def test_two_gateway_processes_on_one_redis_charge_a_batch_once_to_its_mak
     looks = [lookers[index % 2].batches.retrieve(made.id) for index in range(8)]
     assert {seen.status for seen in await asyncio.gather(*looks)} == {"completed"}
 
-    async def written() -> list[dict[str, Any]]:
-        """Every log line of both gateways, once all 2 + 8 are written (bounded wait)."""
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            found = [
-                json.loads(line)
-                for log in logs
-                if log.exists()
-                for line in log.read_text().splitlines()
-            ]
-            if len(found) >= 10 or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.01)
-
-    charged = [line for line in await written() if line["usage"] is not None]
+    charged = [line for line in await log_lines(logs, 10) if line["usage"] is not None]
     assert len(charged) == 1 and charged[0]["method"] == "GET"
     assert charged[0]["usage"]["total_tokens"] == TOKENS
     assert charged[0]["cost_usd"] == pytest.approx(batch_price("openai", OPENAI_MODEL))
-    assert (await tokens_of(urls[1], PROCESS_VK, TOKENS))["totals"]["tokens"] == TOKENS
-    assert (await tokens_of(urls[0], OTHER_VK, 0))["totals"]["tokens"] == 0
+    assert (await key_usage(urls[1], PROCESS_VK, TOKENS))["totals"]["tokens"] == TOKENS
+    assert (await key_usage(urls[0], OTHER_VK, 0))["totals"]["tokens"] == 0
