@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -302,21 +302,33 @@ class Exchange:
             return errors.render(failure, request.path, record.request_id)
         finally:
             try:
-                if record.stored is not None and self.key is not None:
-                    await background.owe_or_claim(
-                        entrance.quota,
-                        self.key,
-                        record,
-                        keys=entrance.key_ring,
-                        prices=entrance.prices,
-                        on_claim=self.claimed,
-                    )
-                elif record.batch is not None and self.key is not None:
-                    await entrance.batches.settle(
-                        self.key, record, request.headers, self.query, on_claim=self.claimed
-                    )
+                step = self._deferred()
+                if step is not None:
+                    await _to_its_end(step)
             finally:  # also when the client's leaving cancels the handler meanwhile
                 entrance.settle(self)
+
+    def _deferred(self) -> Coroutine[Any, Any, None] | None:
+        """The step that owes or claims the deferred work this request made or fetched: a
+        background response (`usage.background`), a batch (`usage.batch_charges`); None
+        for any other request (most: they pay no task for it)."""
+        entrance, request, record = self._entrance, self.request, self.record
+        if self.key is None:
+            return None
+        if record.stored is not None:
+            return background.owe_or_claim(
+                entrance.quota,
+                self.key,
+                record,
+                keys=entrance.key_ring,
+                prices=entrance.prices,
+                on_claim=self.claimed,
+            )
+        if record.batch is not None:
+            return entrance.batches.settle(
+                self.key, record, request.headers, self.query, on_claim=self.claimed
+            )
+        return None
 
     def claimed(self, creator: VirtualKey) -> None:
         """This request claimed deferred work that `creator` made: its usage is charged there."""
@@ -402,6 +414,18 @@ class Exchange:
         self.is_charged_live = True
         if cost is not None:
             self.live_cost_usd = (self.live_cost_usd or 0.0) + cost
+
+
+async def _to_its_end(step: Coroutine[Any, Any, None]) -> None:
+    """Run `step` to its end even when the handler is cancelled meanwhile (a client that
+    closes its connection makes aiohttp cancel it: handler_cancellation), then let the
+    cancellation go on: a claim that took deferred work also charges it."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _closed(request: web.Request, status: int) -> web.Response:

@@ -40,7 +40,6 @@ as an uncharged response (`Quota.owe`, `Quota.claim`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import orjson
@@ -83,27 +82,9 @@ async def owe_or_claim(
     An owed response remembers what its own request is charged (a stream cut short: what
     it delivered, priced by `prices`). A claim notes on this request's record what is left
     to charge of the response's usage, and calls `on_claim` with the key that created it:
-    the settle charges that key. It runs after the answer went out, so a client that then
-    closes its connection makes aiohttp cancel the handler (handler_cancellation): the step
-    still runs to its end before the cancellation goes on, so a claim that took the
-    response also charges it.
+    the settle charges that key. It runs after the answer went out (the exchange runs it
+    to its end, also when the client leaves meanwhile).
     """
-    step = asyncio.ensure_future(_owe_or_claim(quota, key, record, keys, prices, on_claim))
-    try:
-        await asyncio.shield(step)
-    except asyncio.CancelledError:
-        await step
-        raise
-
-
-async def _owe_or_claim(
-    quota: Quota,
-    key: VirtualKey,
-    record: Record,
-    keys: KeyRing,
-    prices: Prices,
-    on_claim: Callable[[VirtualKey], None],
-) -> None:
     stored = record.stored
     assert stored is not None
     name = deferred_id(record.provider, stored.id)

@@ -96,23 +96,8 @@ class BatchCharges:
         Only for a record with a `batch`. A claim notes what the batch used on this
         request's record and calls `on_claim` with the key that made it: the settle charges
         that key. `headers` and `query`: the retrieval's (its account's headers, and Azure's
-        api-version, go with the read of the output). Runs to its end also when the client
-        leaves meanwhile (then the cancellation goes on)."""
-        step = asyncio.ensure_future(self._settle(key, record, headers, query, on_claim))
-        try:
-            await asyncio.shield(step)
-        except asyncio.CancelledError:
-            await step
-            raise
-
-    async def _settle(
-        self,
-        key: VirtualKey,
-        record: Record,
-        headers: CIMultiDictProxy[str],
-        query: str,
-        on_claim: Callable[[VirtualKey], None],
-    ) -> None:
+        api-version, go with the read of the output). Runs after the answer went out (the
+        exchange runs it to its end, also when the client leaves meanwhile)."""
         batch = record.batch
         assert batch is not None
         name = deferred_id(record.provider, batch.id)
