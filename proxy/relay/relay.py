@@ -12,7 +12,6 @@ travels up as an exception carrying its outcome (`GatewayError` before the answe
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 
@@ -31,6 +30,7 @@ from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.expect import awaits_continue
 from proxy.relay.peek import read_body, validate
+from proxy.relay.silence import Silences
 from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
@@ -43,10 +43,6 @@ from proxy.usage.usage import TapMemory, UsageTap, charged
 # Bodies of known length up to this size are read whole and sent in one write; a stream
 # (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
 WHOLE_BODY_BYTES = 1 << 20
-# A silence deadline is moved at most once per this share of it: each chunk would otherwise
-# cancel one timer and arm another (~10 us of a chunk's ~250). So a silence is cut after
-# between 1 and 1 + IDLE_SLACK times the timeout, never before.
-IDLE_SLACK = 0.1
 # Marks a response whose provider answer had no Content-Type (see keep_untyped).
 UNTYPED = web.ResponseKey("untyped", bool)
 
@@ -58,6 +54,8 @@ class Relay:
         self.settings = settings
         self.failover = failover
         self.tap_memory = tap_memory
+        # STREAM_IDLE_TIMEOUT of every answer being relayed, on one timer
+        self.silences = Silences(settings.stream_idle_timeout)
 
     def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
         """An HTTP client presents its key in a header."""
@@ -132,11 +130,11 @@ class Relay:
             self.tap_memory,
             record.path,
         )
-        idle = settings.stream_idle_timeout
+        silences = self.silences
         try:
             response: web.StreamResponse
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
-                response = await send_whole(reply, headers, tap, record, idle, collect)
+                response = await send_whole(reply, headers, tap, record, silences, collect)
             else:
                 response = web.StreamResponse(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
@@ -157,7 +155,7 @@ class Relay:
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
-            await relay_body(reply, response, tap, record, idle, withheld, collect)
+            await relay_body(reply, response, tap, record, silences, withheld, collect)
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
@@ -200,15 +198,15 @@ async def send_whole(
     headers: CIMultiDict[str],
     tap: UsageTap,
     record: Record,
-    idle: float,
+    silences: Silences,
     collect: Callable[[bytes], None] | None = None,
 ) -> web.Response:
     """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
     asked = time.perf_counter()
     try:
-        data = await read_whole(reply, idle)
+        data = await read_whole(reply, silences)
     except TimeoutError:
-        why = f"the provider sent nothing for {idle:g} seconds"
+        why = f"the provider sent nothing for {silences.idle:g} seconds"
         message = why[0].upper() + why[1:] + "."
         raise GatewayError(
             504, "upstream_timeout", message, outcome=Outcome.TIMEOUT, why=why
@@ -228,25 +226,21 @@ async def send_whole(
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
 
-async def read_whole(reply: Reply, idle: float) -> bytes:
-    """The whole body; `idle` bounds each silence, not the whole read (a slow body is fine)."""
+async def read_whole(reply: Reply, silences: Silences) -> bytes:
+    """The whole body; the idle timeout bounds each silence, not the whole read (a slow body
+    is fine). Raises TimeoutError."""
     if isinstance(reply, StoredAnswer):
         return reply.body
-    if reply.content.is_eof():  # it all came with the headers (most small bodies): no wait
+    content = reply.content
+    if content.is_eof():  # it all came with the headers: no wait
         return await reply.read()
-    loop, parts = asyncio.get_running_loop(), []
-    async with asyncio.timeout_at(loop.time() + idle) as deadline:
-        while chunk := await reply.content.readany():
+    parts = []
+    read = content.readany
+    with silences.watch() as watch:
+        while chunk := await read():
             parts.append(chunk)
-            extend(deadline, loop.time(), idle)
-    return b"".join(parts)
-
-
-def extend(deadline: asyncio.Timeout, now: float, idle: float) -> None:
-    """Allow `idle` more seconds of silence from `now`, moving the deadline only when it
-    would come sooner (then IDLE_SLACK later than needed)."""
-    if now + idle > (deadline.when() or 0.0):
-        deadline.reschedule(now + idle * (1 + IDLE_SLACK))
+            watch.moved()
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def keep_untyped(request: web.Request, response: web.StreamResponse) -> None:
@@ -262,7 +256,7 @@ async def relay_body(
     response: web.StreamResponse,
     tap: UsageTap,
     record: Record,
-    idle: float,
+    silences: Silences,
     withheld: UsageChunkFilter | None = None,
     collect: Callable[[bytes], None] | None = None,
 ) -> None:
@@ -270,15 +264,14 @@ async def relay_body(
     (and to the cache's `collect`, what the client got). Raises Cut when the stream ends
     early (the provider's silence, the client's leaving).
 
-    One deadline serves both directions: while reading it bounds the provider's silence
+    One watch serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
     flag `is_writing` tells whose it was when it fires.
     """
-    loop = asyncio.get_running_loop()
     read, clock = reply.content.readany, time.perf_counter
     status, is_writing = reply.status, False
     try:
-        async with asyncio.timeout_at(loop.time() + idle) as deadline:
+        with silences.watch() as watch:
             asked = clock()
             chunk = await read()
             record.waited_upstream(asked)
@@ -291,7 +284,7 @@ async def relay_body(
                 tap.feed(chunk)
                 if collect is not None:
                     collect(sent)
-                extend(deadline, loop.time(), idle)
+                watch.moved()
                 asked = clock()
                 chunk = await read()
                 record.waited_upstream(asked)
@@ -303,6 +296,7 @@ async def relay_body(
     except ConnectionResetError:  # the client left: not the provider's failure
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except TimeoutError:
+        idle = silences.idle
         if is_writing:  # a client that stopped reading: its own ending, not the provider's
             why = f"the client read nothing for {idle:g} seconds"
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.keys.keys import masked
-from proxy.relay.relay import IDLE_SLACK, extend
+from proxy.relay.silence import IDLE_SLACK, Silences
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,
@@ -533,15 +533,25 @@ async def test_an_answer_without_content_type_gets_none_added(gateway, fake) -> 
         assert await response.read() == b"raw0\nraw1\nraw2\n"
 
 
-async def test_a_silence_deadline_is_never_before_the_timeout_and_moves_once_per_slack() -> None:
-    async with asyncio.timeout_at(100.0 + 10) as deadline:  # a chunk at t = 100, idle 10 s
-        moves = 0
-        for tenth in range(1, 101):  # a chunk every 0.1 s for 10 s
-            now = 100.0 + tenth / 10
-            before = deadline.when()
-            extend(deadline, now, 10.0)
-            assert deadline.when() >= now + 10.0  # never cut before 10 s of silence
-            assert deadline.when() <= now + 10.0 * (1 + IDLE_SLACK)  # nor much after
-            moves += deadline.when() != before
-        assert 0 < moves <= 10  # about once a second (10 % of 10 s), not once per chunk
-        deadline.reschedule(None)
+async def test_a_silence_is_cut_by_the_first_sweep_after_the_timeout_never_before() -> None:
+    silences, idle = Silences(10.0), 10.0
+    forever = asyncio.get_running_loop().create_future()
+
+    async def relayed() -> None:
+        with silences.watch() as watch:
+            for tenth in range(1, 101):  # a chunk every 0.1 s from t = 100 to 110
+                watch.last = 100.0 + tenth / 10
+                silences.sweep(watch.last)  # a sweep at every chunk: none cuts
+            await forever  # then silence from t = 110
+
+    task = asyncio.create_task(relayed())
+    await asyncio.sleep(0)  # the task runs to its silence
+    sweeps = [110.0 + idle * IDLE_SLACK * step for step in range(11)]  # one per slack
+    for when in sweeps[:-1]:
+        silences.sweep(when)  # the silence is shorter than the timeout: not cut
+        assert task.cancelling() == 0
+    silences.sweep(sweeps[-1])  # 10 s of silence: cut, at most one slack late
+    assert task.cancelling() == 1
+    with pytest.raises(TimeoutError):  # the cut comes up as a timeout, not a cancellation
+        await task
+    forever.cancel()
