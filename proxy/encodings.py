@@ -241,7 +241,7 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
     Raises 400 (not what its Content-Encoding says, or cut short), 413 (decodes past
     `limit`), 415 (a coding the gateway cannot decode).
     """
-    if not body:
+    if not body or not content_encoding:  # most bodies: nothing to decode
         return body
     named = content_encoding.strip().lower()[:40]
     decoded = bytearray()

@@ -171,6 +171,8 @@ def unnamed(method: str, tail: str) -> str | None:
     (for `in_document`, `in_form`); None: it needs none, or the provider refuses it without."""
     if method != "POST":
         return None
+    if not tail.startswith("threads/"):  # the path as it is names the endpoint
+        return _UNNAMED.get(tail.rstrip("/"))
     segments = tail.rstrip("/").split("/")
     if len(segments) == 3 and segments[0] == "threads":
         segments[1] = "*"  # threads/{thread_id}/runs
@@ -180,8 +182,10 @@ def unnamed(method: str, tail: str) -> str | None:
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
     ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
+    if method != "POST" or not tail.startswith("realtime"):  # most requests: at once
+        return
     segments = tail.rstrip("/").split("/")
-    if method != "POST" or segments[0] != "realtime":
+    if segments[0] != "realtime":
         return
     is_call = segments[1:] == ["calls"] or (
         len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"

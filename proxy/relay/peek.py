@@ -34,7 +34,7 @@ _JSON_TYPES = ("application/json", "+json")
 _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x (one per request)
 class Peek:
     """The few fields read from a JSON body; the body itself is forwarded untouched."""
 
@@ -88,40 +88,45 @@ def validate(
     on `record` before any refusal, so a refused request's log line names its model too.
     """
     is_restricted = key.allowed_models is not None
-    # Every Content-Encoding header counts: the provider undoes them all (two gzips: twice).
-    body = decode_body(body, ", ".join(request.headers.getall("content-encoding", ())), limit)
+    method, headers, content_type = request.method, request.headers, request.content_type
+    if "content-encoding" in headers:
+        # Every Content-Encoding header counts: the provider undoes them all (two gzips: twice).
+        body = decode_body(body, ", ".join(headers.getall("content-encoding")), limit)
     names: list[Any] = []
     unreadable: str | None = None
     document: dict[str, Any] | None = None
-    named.check_outside(key, request.method, tail)  # 403
-    unnamed = named.unnamed(request.method, tail)
-    if tail not in _NEEDS_MODEL_AND_MESSAGES and request.content_type in named.FORM_TYPES:
+    named.check_outside(key, method, tail)  # 403
+    unnamed = named.unnamed(method, tail)
+    needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and method == "POST"
+    if tail not in _NEEDS_MODEL_AND_MESSAGES and content_type in named.FORM_TYPES:
         # Parsing a large upload costs time: only where it decides (the check, or the price).
         if is_restricted or tail in named.PRICED_FORMS:
             try:
-                names += named.in_form(request.headers.get("content-type", ""), body, unnamed)
+                names += named.in_form(headers.get("content-type", ""), body, unnamed)
             except named.Unreadable as error:
                 unreadable = str(error)
     else:
-        document = _document(tail, request, body)
+        document = _document(tail, needs_json, content_type, body)
         if document is not None:
             names += named.in_document(document, unnamed)
         elif body:
             unreadable = "a body that is neither a JSON object nor a form"
     try:
-        names += named.in_path(request.method, tail, request.query)
+        names += named.in_path(method, tail, request.query)
     except named.Unreadable as error:
         unreadable = unreadable or str(error)
-    model = next((name for name in names if isinstance(name, str)), None)
-    is_stream = document is not None and document.get("stream") is True
-    # A background Response answers queued, usage null: its tokens come with a later GET.
-    is_background = (
-        document is not None
-        and tail.endswith("responses")
-        and document.get("background", False) is True
-    )
+    model = None
+    for name in names:
+        if isinstance(name, str):
+            model = name
+            break
+    is_stream = is_background = False
+    if document is not None:
+        is_stream = document.get("stream") is True
+        # A background Response answers queued, usage null: its tokens come with a later GET.
+        is_background = tail.endswith("responses") and document.get("background") is True
     record.saw_model(model, is_stream, is_background)
-    if document is not None and tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST":
+    if document is not None and needs_json:
         _check_chat(document)
     if is_restricted:
         named.check(key, names, unreadable)
@@ -173,10 +178,10 @@ def _output_cap(document: dict[str, Any]) -> int | None:
     return None
 
 
-def _document(tail: str, request: web.Request, body: bytes) -> dict[str, Any] | None:
-    """The JSON object a body holds, None for another body. Raises 400 where JSON is due."""
-    needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and request.method == "POST"
-    declared_json = request.content_type.endswith(_JSON_TYPES)
+def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> dict[str, Any] | None:
+    """The JSON object a body holds, None for another body. Raises 400 where JSON is due
+    (`needs_json`: a POST to chat or messages)."""
+    declared_json = content_type.endswith(_JSON_TYPES)
     if not body or not (declared_json or body.lstrip()[:1] == b"{"):
         if needs_json:
             raise GatewayError(

@@ -3,7 +3,7 @@
 The body is the client's bytes, except where the target names its own `model`: then the
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed). Headers come from
-`providers.upstream_headers`; each attempt only sets the credential of the pool key it uses,
+`providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
 or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
 its own project and region in place of the client's.
 """
@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.encodings import decode_body
-from proxy.upstream.providers import upstream_headers, upstream_url
+from proxy.upstream.providers import forwarded_headers
 from proxy.upstream.targets import Credential, Target
 
 # The next byte that matters to the scanner: a string, or a nesting bracket.
@@ -42,7 +42,7 @@ class Outbound:
         """Set `credential` for the next attempt. Raises SigningFailed (a cloud's)."""
         signer = credential.signer
         if signer is None:
-            self.headers.update(self.target.provider.credential_headers(credential.api_key))
+            self.target.provider.set_credential(self.headers, credential.api_key)
         else:
             await signer.sign(self.method, self.url, self.headers, self.body)
 
@@ -58,7 +58,10 @@ def build(
     max_body_bytes: int,
 ) -> Outbound:
     """The request for `target`. Raises 400/413/415 only when a model swap must read the body."""
-    headers = upstream_headers(target.provider, "", incoming, request_id)
+    provider = target.provider
+    # The key is set by each attempt (`use`), for the pool key it uses.
+    headers = forwarded_headers(provider, incoming)
+    headers["x-request-id"] = request_id
     if target.model is not None and body and method == "POST":
         encoding = incoming.get("content-encoding", "")
         plain = decode_body(body, encoding, max_body_bytes)
@@ -68,7 +71,7 @@ def build(
             headers.popall("content-encoding", None)
     if target.project_path is not None:
         tail = in_project(tail, target.project_path)
-    return Outbound(target, method, upstream_url(target.provider, tail, query), headers, body)
+    return Outbound(target, method, provider.url(tail, query), headers, body)
 
 
 def in_project(tail: str, project_path: str) -> str:

@@ -71,6 +71,17 @@ class Provider:
     signing: str = ""  # one of SIGNINGS: "" sends a key in `auth`'s header
     # The base URL of a target in `{region}` (a cloud's); "" when base_url is the only one.
     regional_url: str = ""
+    # Worked out once from the above (__post_init__), not on every request: base_url as a
+    # string without its trailing slash; the credential's header and what precedes the key.
+    _base: str = field(init=False, repr=False, compare=False)
+    _auth_header: str = field(init=False, repr=False, compare=False)
+    _auth_prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        is_bearer = self.auth == "bearer"
+        object.__setattr__(self, "_base", str(self.base_url).rstrip("/"))
+        object.__setattr__(self, "_auth_header", "Authorization" if is_bearer else self.auth)
+        object.__setattr__(self, "_auth_prefix", "Bearer " if is_bearer else "")
 
     def in_region(self, region: str) -> Provider:
         """This provider at `region`'s endpoint (itself when its base URL is fixed)."""
@@ -82,11 +93,19 @@ class Provider:
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         """The header that carries the real key, in this provider's style."""
-        if self.auth == "bearer":
-            return {"Authorization": f"Bearer {api_key}"}
         if self.auth == "none":
             return {}
-        return {self.auth: api_key}
+        return {self._auth_header: self._auth_prefix + api_key}
+
+    def set_credential(self, headers: CIMultiDict[str], api_key: str) -> None:
+        """Set (replace) the header that carries the real key: `credential_headers`, in place."""
+        if self.auth != "none":
+            headers[self._auth_header] = self._auth_prefix + api_key
+
+    def url(self, tail: str, query_string: str) -> URL:
+        """`<base_url>/<tail>?<query>`; `tail` was already checked by `routing` not to climb out."""
+        url = f"{self._base}/{tail}?{query_string}" if query_string else f"{self._base}/{tail}"
+        return URL(url, encoded=True)
 
 
 BUILTINS: dict[str, Provider] = {
@@ -124,24 +143,27 @@ BUILTINS: dict[str, Provider] = {
 
 
 def upstream_url(provider: Provider, tail: str, query_string: str) -> URL:
-    """`<base_url>/<tail>?<query>`; `tail` was already checked by `relay` not to climb out."""
-    base = str(provider.base_url).rstrip("/")
-    url = f"{base}/{tail}"
-    if query_string:
-        url = f"{url}?{query_string}"
-    return URL(url, encoded=True)
+    """`<base_url>/<tail>?<query>`; `tail` was already checked by `routing` not to climb out."""
+    return provider.url(tail, query_string)
 
 
 def upstream_headers(
     provider: Provider, api_key: str, incoming: CIMultiDictProxy[str], request_id: str
 ) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop, Host and credentials; plus the real key."""
+    headers = forwarded_headers(provider, incoming)
+    provider.set_credential(headers, api_key)
+    headers["x-request-id"] = request_id
+    return headers
+
+
+def forwarded_headers(provider: Provider, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop, Host and credentials, plus the provider's
+    defaults the client did not send: `upstream_headers` before the key is set."""
     headers = _without(incoming, _NOT_UPSTREAM)
     for name, value in provider.default_headers.items():
         if name not in headers:
             headers[name] = value
-    headers.update(provider.credential_headers(api_key))
-    headers["x-request-id"] = request_id
     return headers
 
 
@@ -156,7 +178,10 @@ def downstream_headers(
     Content-Length stays (same bytes).
     """
     headers = _without(incoming, HOP_BY_HOP)
-    if any(
+    # One search per secret over every name and value at once (a match across two of them
+    # is checked header by header below): no header holds one, in all but a broken setup.
+    names_values = "\n".join(headers.keys()) + "\n" + "\n".join(headers.values())
+    if any(secret in names_values for secret in secrets) and any(
         secret in name or secret in value for name, value in headers.items() for secret in secrets
     ):
         headers = CIMultiDict(
