@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
@@ -45,8 +44,9 @@ from proxy.quota.tracker import Budget, Tracker
 from proxy.realtime.realtime import Realtime
 from proxy.record import own_request_id
 from proxy.relay.cors import Cors
+from proxy.relay.dispatch import Dispatch, request_class, serve_through
 from proxy.relay.expect import expect_handler
-from proxy.relay.relay import Relay, keep_untyped
+from proxy.relay.relay import Relay
 from proxy.settings import Settings
 from proxy.upstream.breaker import BreakerPolicy, Breakers
 from proxy.upstream.failover import Failover, RetryPolicy
@@ -283,7 +283,6 @@ def build_app(
         cache=app[CACHE],
         tracing=app.get(TRACING),
     )
-    app.on_response_prepare.append(keep_untyped)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_logbook)
     app.cleanup_ctx.append(_quota)
@@ -292,7 +291,6 @@ def build_app(
     app.cleanup_ctx.append(_keys_file)
     app.cleanup_ctx.append(_cache)
     app.on_shutdown.append(_not_ready)
-    app.on_response_prepare.append(_plain_server_header)
     app.router.add_get("/health", with_request_id(app[HEALTH].handle_health))
     app.router.add_get("/ready", with_request_id(app[HEALTH].handle_ready))
     # With a token, guessing it counts as failed authentications; without, /metrics is open.
@@ -315,11 +313,19 @@ def build_app(
         writes,
     )
     admin.add_routes(app.router, lambda handler: with_request_id(lockout.guarded(handler)))
+    cors = None
     if settings.cors_allowed_origins:
-        Cors(settings.cors_allowed_origins, settings.cors_allow_credentials).install(app)
-    # (?s): a path with %0a is still proxied, and refused by the exchange in the dialect, logged.
+        cors = Cors(settings.cors_allowed_origins, settings.cors_allow_credentials)
+        app.middlewares.append(cors.preflight)  # the own endpoints' preflights
     expect = expect_handler(key_ring, lockout, app[QUOTA], settings.max_body_bytes)
+    # The proxied paths skip the router (relay.dispatch); it still routes what an own
+    # endpoint's path with another method falls through to.
+    dispatch = Dispatch(
+        app.router, routed=app._handle, proxied=entrance.handle, expect=expect, cors=cors
+    )
+    # (?s): a path with %0a is still proxied, and refused by the exchange in the dialect, logged.
     app.router.add_route("*", "/{tail:(?s:.*)}", entrance.handle, expect_handler=expect)
+    serve_through(app, dispatch, request_class(cors))
     return app
 
 
@@ -468,12 +474,6 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
 async def _quota(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[QUOTA].close()
-
-
-async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default names Python's and its own version; a provider's own Server passes.
-    if response.headers.get("Server", SERVER_SOFTWARE) == SERVER_SOFTWARE:
-        response.headers["Server"] = "llm-gateway"
 
 
 async def _keys_file(app: web.Application) -> AsyncIterator[None]:

@@ -1,10 +1,11 @@
 """CORS, so a page in a browser can call the gateway; off unless CORS_ALLOWED_ORIGINS is set.
 
 A preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is answered
-here, before authentication: browsers never send credentials on a preflight. Every other
-response to an allowed `Origin` gets `Access-Control-Allow-Origin` and
-`Access-Control-Expose-Headers` in `on_response_prepare`, which runs before the first byte
-goes out, so streams carry them too, and so do the gateway's own errors (a browser client
+here, before authentication: browsers never send credentials on a preflight (`preflight`:
+the app's middleware for its own endpoints, called by `relay.dispatch` for the proxied
+paths). Every other response to an allowed `Origin` gets `Access-Control-Allow-Origin` and
+`Access-Control-Expose-Headers` as it is prepared (`stamp`, from `relay.dispatch`), before
+the first byte goes out, so streams carry them too, and so do the gateway's own errors (a browser client
 must be able to read a 401 or a 429 and its `retry-after`).
 
 Not aiohttp-cors (checked against 0.8.1), which cannot do three things this needs:
@@ -72,16 +73,13 @@ class Cors:
         self._allowed = _patterns(ALLOWED_HEADERS)
         self._exposed = _patterns(EXPOSED_HEADERS)
 
-    def install(self, app: web.Application) -> None:
-        """Answer preflights first of all, and stamp every response before it is sent."""
-        app.middlewares.append(self._preflight)
-        app.on_response_prepare.append(self._stamp)
-
     def _allows(self, origin: str) -> bool:
         return self._is_any or origin.rstrip("/").lower() in self._origins
 
     @web.middleware
-    async def _preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Answer a preflight (204, or 403 for an origin or a header not allowed) before
+        `handler` sees it; hand every other request to `handler`."""
         headers = request.headers
         if (
             request.method != "OPTIONS"
@@ -107,7 +105,8 @@ class Cors:
         response.headers["access-control-max-age"] = str(MAX_AGE_SECONDS)
         return response
 
-    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+    def stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The CORS headers of an answer to an allowed origin, as it is prepared."""
         origin = request.headers.get("origin")
         if origin is None or not self._allows(origin):
             return

@@ -243,11 +243,12 @@ async def read_whole(reply: Reply, silences: Silences) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def keep_untyped(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: aiohttp adds application/octet-stream; a provider's answer
-    that had no Content-Type goes on without one: the gateway passes answers through as
-    they came."""
-    if response.get(UNTYPED):
+def keep_untyped(response: web.StreamResponse) -> None:
+    """At prepare (relay.dispatch): aiohttp adds application/octet-stream; a provider's
+    answer that had no Content-Type goes on without one: the gateway passes answers through
+    as they came."""
+    # len() first: most answers hold no state, where `get` would raise KeyError inside.
+    if len(response) and response.get(UNTYPED):
         response.headers.popall("Content-Type", None)
 
 

@@ -41,7 +41,6 @@ from typing import cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from proxy.app import METRICS
 from proxy.errors import GatewayError, body
@@ -49,7 +48,6 @@ from proxy.observe.notices import Notices
 from proxy.record import GRACE_OVER
 from proxy.settings import Settings
 
-SERVER_NAME = "llm-gateway"  # the Server header of the gateway's own answers: no version
 # The cyclic garbage collector's first threshold: container allocations between two young
 # collections (CPython's default is 700). Each request allocates a few hundred containers,
 # and 256 requests in flight keep thousands alive, so at 700 a young collection ran every
@@ -156,8 +154,8 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
     def connection() -> asyncio.BaseProtocol:
         if len(server.connections) >= settings.max_connections:
             return Refusal()
-        # `server()` would build aiohttp's own RequestHandler; this one differs only in the
-        # Server header of the answers aiohttp gives itself (`_kwargs`: what `server()` passes).
+        # `server()` would build aiohttp's own RequestHandler; this one differs only in
+        # `cut` (`_kwargs`: what `server()` passes).
         return _RequestHandler(server, loop=loop, **server._kwargs)
 
     try:
@@ -215,11 +213,11 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tu
 
 
 class _RequestHandler(RequestHandler):
-    """aiohttp's protocol, but what it answers itself does not name Python's version.
+    """aiohttp's protocol, which the drain can cut with the gateway's own reason.
 
-    aiohttp answers what it cannot parse (not HTTP, TLS on the plain port, a bad header)
-    and a handler's crash outside the app, so the app's on_response_prepare never sees
-    those answers; their Server header was `Python/3.11 aiohttp/3.x`.
+    What aiohttp answers itself (not HTTP, TLS on the plain port, a bad header, a handler's
+    crash) is prepared for one of the app's requests too, so `relay.dispatch` names the
+    gateway in its Server header, not `Python/3.11 aiohttp/3.x`.
     """
 
     __slots__ = ()
@@ -234,17 +232,6 @@ class _RequestHandler(RequestHandler):
         if task is not None and not task.done():
             task.cancel(GRACE_OVER)
         self.force_close()
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)
-        response.headers["Server"] = SERVER_NAME
-        return response
 
 
 class Refusal(asyncio.Protocol):
