@@ -1,2 +1,2 @@
 """The sinks a settled request feeds and what operators read: the interaction log (logbook),
-Prometheus metrics (metrics, summary, worker_metrics), traces (tracing), and health."""
+Prometheus metrics (metrics, series, summary, worker_metrics), traces (tracing), and health."""

@@ -12,6 +12,10 @@ folded into `other` after 100 distinct values per process.
 
 Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
 
+In one process the series a request feeds are the event loop's own plain floats
+(`series`: a lock and checks per change cost a request several microseconds); the rest, and
+every series in multiprocess mode, are prometheus-client's. Both render the same text.
+
 Multiprocess mode (WORKERS > 1): with `multiprocess_dir`, every worker writes its values to
 mmap files there and `render` sums all workers (`worker_metrics` says how).
 """
@@ -28,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.exposition import choose_encoder
 
 from proxy.observe.health import is_upstream_failure
+from proxy.observe.series import LoopCounter, LoopGauge, LoopHistogram
 from proxy.observe.summary import summary
 from proxy.observe.worker_metrics import use_multiprocess_values
 from proxy.record import Cached, Record
@@ -65,6 +70,11 @@ class Metrics:
             use_multiprocess_values(multiprocess_dir)
             multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
             owner = None  # values live in the files; the collector reads every worker's
+        # The series a request feeds, in plain floats in one process (series.py: why); with
+        # workers, prometheus-client's, whose values go to the shared files.
+        counter: Any = Counter if multiprocess_dir is not None else LoopCounter
+        histogram: Any = Histogram if multiprocess_dir is not None else LoopHistogram
+        gauge: Any = Gauge if multiprocess_dir is not None else LoopGauge
         self._models: set[str] = set()
         # This process's own count, for the drain's line: the gauge may sum several workers.
         self.requests_in_flight = 0
@@ -72,84 +82,84 @@ class Metrics:
         # and observe runs for every request. Bounded as the label values are.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
-        self._requests = Counter(
+        self._requests = counter(
             "llm_gateway_requests",
             "Finished requests.",
             ["provider", "model", "status"],
             registry=owner,
         )
-        self._duration = Histogram(
+        self._duration = histogram(
             "llm_gateway_request_duration_seconds",
             "Time from request to last byte.",
             ["provider"],
             buckets=DURATION_BUCKETS,
             registry=owner,
         )
-        self._ttfb = Histogram(
+        self._ttfb = histogram(
             "llm_gateway_time_to_first_byte_seconds",
             "Time from request to the provider's first body byte.",
             ["provider"],
             buckets=TTFB_BUCKETS,
             registry=owner,
         )
-        self._overhead = Histogram(
+        self._overhead = histogram(
             "llm_gateway_overhead_seconds",
             "The gateway's own time per request: its duration minus the time awaiting the provider.",
             ["provider"],
             buckets=OVERHEAD_BUCKETS,
             registry=owner,
         )
-        self._prompt_tokens = Counter(
+        self._prompt_tokens = counter(
             "llm_gateway_prompt_tokens",
             "Prompt tokens, reported or estimated.",
             ["provider", "model"],
             registry=owner,
         )
-        self._completion_tokens = Counter(
+        self._completion_tokens = counter(
             "llm_gateway_completion_tokens",
             "Completion tokens, reported or estimated.",
             ["provider", "model"],
             registry=owner,
         )
-        self._cost = Counter(
+        self._cost = counter(
             "llm_gateway_cost_usd",
             "What requests cost in USD, as priced by the gateway (estimated usage included).",
             ["provider", "model"],
             registry=owner,
         )
-        self._unpriced = Counter(
+        self._unpriced = counter(
             "llm_gateway_unpriced_requests",
             "Requests with usage but no price for their model (cost_usd null).",
             ["provider", "model"],
             registry=owner,
         )
-        self._quota_rejections = Counter(
+        self._quota_rejections = counter(
             "llm_gateway_quota_rejections",
             "Requests refused over quota, by key name.",
             ["key"],
             registry=owner,
         )
-        self._limit_refusals = Counter(
+        self._limit_refusals = counter(
             "llm_gateway_limit_refusals",
             "Requests refused by a shared limit: the scope (key, team, model), the limit "
             "(requests, tokens, budget, in_flight), and the team's name from keys.json.",
             ["scope", "limit", "team"],
             registry=owner,
         )
-        self._team_in_flight = Gauge(
+        self._team_in_flight = gauge(
             "llm_gateway_team_requests_in_flight",
             "Requests holding a slot of a team's max_in_flight, in this gateway.",
             ["team"],
             registry=owner,
             multiprocess_mode="livesum",
         )
-        self._upstream_errors = Counter(
+        self._upstream_errors = counter(
             "llm_gateway_upstream_errors",
             "Provider failures, by kind.",
             ["provider", "kind"],
             registry=owner,
         )
-        self._in_flight = Gauge(
+        self._in_flight = gauge(
             "llm_gateway_requests_in_flight",
             "Requests being served now.",
             registry=owner,
@@ -184,7 +194,7 @@ class Metrics:
         )
         for decision in REDIS_DECISIONS:
             self._redis_errors.labels(decision)
-        self._auth_failures = Counter(
+        self._auth_failures = counter(
             "llm_gateway_auth_failures",
             "Failed authentications: refused (401, no or unknown key or token) or throttled "
             "(429, the client address failed too often).",
@@ -201,20 +211,20 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
-        self._retries = Counter(
+        self._retries = counter(
             "llm_gateway_retries",
             "Attempts repeated on the same target and key, by provider and the reason.",
             ["provider", "reason"],
             registry=owner,
         )
-        self._failovers = Counter(
+        self._failovers = counter(
             "llm_gateway_failovers",
             "Moves to another target or pool key before the first byte, by the provider left "
             "and the reason.",
             ["provider", "reason"],
             registry=owner,
         )
-        self._choices = Counter(
+        self._choices = counter(
             "llm_gateway_choices",
             "Attempts by the target and the member chosen: a pool key by its label "
             "(openai#2), never the key.",
@@ -236,13 +246,13 @@ class Metrics:
             registry=owner,
             multiprocess_mode="livemax",
         )
-        self._cache_hits = Counter(
+        self._cache_hits = counter(
             "llm_gateway_cache_hits",
             "Requests answered from the response cache (never sent upstream).",
             ["provider", "model"],
             registry=owner,
         )
-        self._cache_misses = Counter(
+        self._cache_misses = counter(
             "llm_gateway_cache_misses",
             "Cacheable requests of keys with a cache that were not in it (sent upstream).",
             ["provider", "model"],
@@ -261,7 +271,7 @@ class Metrics:
             registry=owner,
             multiprocess_mode="mostrecent",
         )
-        self._last_request = Gauge(
+        self._last_request = gauge(
             "llm_gateway_last_request_timestamp_seconds",
             "Unix time the last request ended.",
             registry=owner,
@@ -298,10 +308,11 @@ class Metrics:
         attempts = record.attempts
         for attempt in attempts:
             child(self._choices, attempt.target, attempt.key).inc()
-        for previous, current in zip(attempts, attempts[1:], strict=False):
-            moved = previous.target != current.target or previous.key != current.key
-            counter = self._failovers if moved else self._retries
-            child(counter, previous.provider, previous.reason).inc()
+        if len(attempts) > 1:
+            for previous, current in zip(attempts, attempts[1:], strict=False):
+                moved = previous.target != current.target or previous.key != current.key
+                counter = self._failovers if moved else self._retries
+                child(counter, previous.provider, previous.reason).inc()
         self._last_request.set(time.time())
 
     def know_providers(self, providers: Iterable[str]) -> None:
