@@ -54,6 +54,8 @@ def shown(model: str | None) -> str | None:
     """A model name as a client sent it, fit for a log line: no control characters, bounded."""
     if model is None:
         return None
+    if len(model) <= MODEL_CHARS and model.isprintable():  # no control character: as sent
+        return model
     model = _CONTROL.sub("\ufffd", model[: MODEL_CHARS + 1])
     return model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "…"
 
@@ -144,32 +146,28 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict[str, int | float | bool]:
-        units: dict[str, int | float] = {}
-        for name in _SOMETIMES:
-            value = getattr(self, name)
-            if value:
-                units[name] = value
-        return {
+        line: dict[str, int | float | bool] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
             "cache_read_tokens": self.cache_read_tokens,
             "cache_write_tokens": self.cache_write_tokens,
             "input_audio_tokens": self.input_audio_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "output_audio_tokens": self.output_audio_tokens,
-            **units,
-            "estimated": self.estimated,
         }
+        # The counts the log line shows only when there are some, in this order.
+        if self.input_image_tokens:
+            line["input_image_tokens"] = self.input_image_tokens
+        if self.output_image_tokens:
+            line["output_image_tokens"] = self.output_image_tokens
+        if self.input_characters:
+            line["input_characters"] = self.input_characters
+        if self.input_audio_seconds:
+            line["input_audio_seconds"] = self.input_audio_seconds
+        line["estimated"] = self.estimated
+        return line
 
-
-# Usage's counts that the log line shows only when there are some.
-_SOMETIMES = (
-    "input_image_tokens",
-    "output_image_tokens",
-    "input_characters",
-    "input_audio_seconds",
-)
 
 # The statuses of a Responses API object: still running, or finished for good.
 PENDING = frozenset(("queued", "in_progress"))

@@ -115,6 +115,21 @@ def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
     assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
 
 
+async def test_lines_of_one_second_and_of_the_next_carry_their_own_timestamps(
+    tmp_path: Path,
+) -> None:
+    # The writer formats each second once: a line of the next second (or an earlier one,
+    # the clock set back) must not keep the previous second's text.
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    stamps = [1795454852.1239, 1795454852.999, 1795454853.0, 1795454853.5, 1795454800.25]
+    for n, stamp in enumerate(stamps):
+        logbook.write(finished_record(n, timestamp=stamp))
+    await logbook.close()
+    assert [line["timestamp"] for line in lines_of(path)] == [rfc3339(t) for t in stamps]
+
+
 async def test_without_log_bodies_no_body_is_written(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())

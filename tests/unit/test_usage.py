@@ -738,6 +738,24 @@ def test_every_token_kind_is_read_from_every_shape_byte_by_byte_in_each_coding()
             assert tap.usage(b"") == expected, f"{name} in {encoding}"
 
 
+def test_the_log_dict_shows_the_other_units_only_when_there_are_some_before_estimated():
+    usage = Usage(
+        5, 7, True, input_image_tokens=1, output_image_tokens=2, input_characters=3,
+        input_audio_seconds=1.5,
+    )  # fmt: skip
+    assert list(usage.as_dict().items())[-5:] == [
+        ("input_image_tokens", 1),
+        ("output_image_tokens", 2),
+        ("input_characters", 3),
+        ("input_audio_seconds", 1.5),
+        ("estimated", True),
+    ]
+    assert list(Usage(5, 7, output_image_tokens=2).as_dict())[-2:] == [
+        "output_image_tokens",
+        "estimated",
+    ]
+
+
 def test_parts_of_the_totals_are_in_the_log_dict():
     assert OPENAI_DETAILED_USAGE.as_dict() == {
         "prompt_tokens": 2000,
