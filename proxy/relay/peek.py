@@ -55,11 +55,17 @@ class Peek:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload."""
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise _too_large(limit)
     if not request.body_exists:
         return b""
+    content = request.content
     try:
+        if length is not None and content.total_bytes == length:
+            # All of it came with the head (most bodies): taken as it lies, where read()
+            # would wait on the stream twice and copy it.
+            return content.read_nowait()
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).

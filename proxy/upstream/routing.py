@@ -28,6 +28,10 @@ _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
 # A scheme and '//' inside the path: `/v1/http://evil.example/x`.
 _ABSOLUTE_URL = re.compile(r"(^|/)[a-z][a-z0-9+.-]*:(//|%2f%2f)", re.IGNORECASE)
+# A tail none of the checks below can refuse (most): segments of letters, digits, '_', '-',
+# '.' and ':' that start with none of the last two, so none is empty, '.' or '..', and no
+# '%', '\', control character or '//' anywhere. It skips them; any other tail takes them.
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.:-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.:-]*)*/?")
 
 
 def route(raw_target: str) -> tuple[str, str]:
@@ -58,6 +62,8 @@ def route(raw_target: str) -> tuple[str, str]:
             "/chat/completions, /completions, /embeddings, /messages, /models. "
             "The gateway's own: GET /health, /ready, /metrics, /usage.",
         )
+    if _PLAIN.fullmatch(tail):
+        return tail, query
     if _CONTROL.search(tail):
         raise _unsafe("a control character")
     if _ABSOLUTE_URL.search(tail):
