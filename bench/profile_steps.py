@@ -70,6 +70,7 @@ STEPS = {
     "provider_usage.py": "usage tap",
     "estimate.py": "usage tap",
     "cors.py": "app hooks (CORS, Server header, own endpoints)",
+    "dispatch.py": "app hooks (CORS, Server header, own endpoints)",
     "quota.py:stamp": "header building",
     "quota.py:ratelimit_headers": "header building",
     "quota.py:duration": "header building",
