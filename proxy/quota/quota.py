@@ -33,9 +33,9 @@ always let through). Each decision is reported to `on_tracker_lost` (a metric an
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import math
+import operator
 import time
 import uuid
 from collections.abc import Callable
@@ -56,6 +56,9 @@ from proxy.quota.tracker import (
     TrackerUnavailable,
 )
 from proxy.record import Usage
+
+# A usage's token counts in KINDS order, as a tuple (one C call).
+_kinds_of = operator.attrgetter(*KINDS)
 
 # Bodies up to this size are read before the key's quota is asked; past it (or of unknown
 # length) a key known to be refused right now is refused before its body is read.
@@ -123,7 +126,7 @@ class Quota:
         if wait <= 0:
             del self._closed[key.id]
             return
-        raise refusal(dataclasses.replace(admission, retry_after_seconds=wait))
+        raise refusal(admission._replace(retry_after_seconds=wait))
 
     async def admit(
         self, key: QuotaKey, peek: QuotaRequest, serving: Serving | None = None
@@ -180,9 +183,7 @@ class Quota:
                         if scope.max_in_flight is not None:
                             self._on_slots(scope, 1)
                     tickets = tuple(answer.ticket for answer in answers)
-                    return dataclasses.replace(
-                        answers[0], scopes=scopes, tickets=tickets, lease=lease
-                    )
+                    return answers[0]._replace(scopes=scopes, tickets=tickets, lease=lease)
                 scope, answer = refused_by(scopes, answers)
                 if not answer.slots_full or scope.queue_seconds <= 0:
                     raise self._refused(key, scope, answer, loop.time() - started)
@@ -313,8 +314,10 @@ class Quota:
         """The reservation in tokens, priced where it will be served for a key with a budget."""
         output = output_allowance(key, peek)
         tokens = peek.prompt_tokens_estimate + output
+        if not tokens:
+            return NOTHING
         team_budget = key.team is not None and key.team.scope.budget is not None
-        if (key.budget is None and not team_budget) or not tokens:
+        if key.budget is None and not team_budget:
             return Charge(tokens)
         usage = Usage(peek.prompt_tokens_estimate, output, True)
         if serving is None:
@@ -343,9 +346,7 @@ def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:
 
 def charged(usage: Usage, cost_usd: float | None) -> Charge:
     """What a response's usage charges: its tokens, its cost, and the tokens by kind."""
-    return Charge(
-        usage.total_tokens, micro(cost_usd), tuple(getattr(usage, kind) for kind in KINDS)
-    )
+    return Charge(usage.total_tokens, micro(cost_usd), _kinds_of(usage))
 
 
 def micro(usd: float | None) -> int:

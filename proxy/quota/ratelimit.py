@@ -13,14 +13,17 @@ from multidict import CIMultiDict
 
 from proxy.quota.tracker import Admission
 
+_PREFIX = "x-ratelimit-"
+
 
 def stamp(headers: CIMultiDict[str], admission: Admission) -> None:
     """Replace the provider's x-ratelimit-* headers with the gateway's own (keys with a quota)."""
     if admission.limits is None:
         return
-    for name in [name for name in headers if name.lower().startswith("x-ratelimit-")]:
-        headers.popall(name, None)
-    headers.update(ratelimit_headers(admission))
+    if _PREFIX in "\n".join(headers).lower():  # one scan, not one lower() a header
+        for name in [name for name in headers if name.lower().startswith(_PREFIX)]:
+            headers.popall(name, None)
+    headers.extend(ratelimit_headers(admission))  # none is left to replace
 
 
 def ratelimit_headers(admission: Admission) -> dict[str, str]:
@@ -42,7 +45,8 @@ def ratelimit_headers(admission: Admission) -> dict[str, str]:
 
 def duration(seconds: float) -> str:
     """A wait in the providers' style: '1m30s', '2.5s', '0s'."""
-    seconds = max(0.0, seconds)
+    if not seconds > 0:
+        return "0s"
     minutes, rest = divmod(seconds, 60.0)
     rest = math.ceil(rest * 1000) / 1000
     text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 MICRO = 1_000_000  # micro-dollars per dollar: spend is counted in integers, exact in Redis
 # The token kinds counted in a key's totals, as the log line's `usage` names them: the two
@@ -80,9 +80,11 @@ class Budget:
         return round(self.usd * MICRO)
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
-    """What a request costs (or is expected to cost, as a reservation): tokens and dollars."""
+class Charge(NamedTuple):
+    """What a request costs (or is expected to cost, as a reservation): tokens and dollars.
+
+    Charge, Admission and Reading are made on every request: named tuples, as immutable as
+    a frozen dataclass and made in a fraction of its time."""
 
     tokens: int = 0
     micro_usd: int = 0
@@ -128,8 +130,7 @@ class Scope:
         return self.limits is not None or self.budget is not None
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """The answer to one `admit`: the verdict, the reservation's ticket, what the headers say."""
 
     admitted: bool
@@ -162,8 +163,7 @@ class Admission:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """What a backend read of one key's windows in one atomic step; this module decides from it.
 
     Waits are in seconds; a wait to get under a limit is read only when the key is over it.

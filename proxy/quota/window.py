@@ -32,6 +32,8 @@ MAX_COUNT = 2**53  # Lua numbers are doubles: both backends clamp counts where s
 
 def clamped(count: int) -> int:
     """A count as both backends take it: 0 to MAX_COUNT."""
+    if 0 <= count <= MAX_COUNT:  # every real count: no calls
+        return count
     return max(0, min(count, MAX_COUNT))
 
 
@@ -109,7 +111,8 @@ class SlidingWindow:
         "last_active",
         "limits",
         "reservations",
-        "reserved",
+        "reserved_micro_usd",
+        "reserved_tokens",
         "size",
         "spend",
         "stamps",
@@ -131,7 +134,7 @@ class SlidingWindow:
         self.charge_head = 0  # entries before it have left the window
         self.tokens_used = 0
         self.reservations: dict[int, Charge] = {}  # ticket → what its request reserved
-        self.reserved = Charge()  # their sum
+        self.reserved_tokens = self.reserved_micro_usd = 0  # their sums
         self.spend: SpendLog | None = None
         self.last_active = float("-inf")
         self.total_requests = totals.requests
@@ -160,12 +163,11 @@ class SlidingWindow:
             if limits.tokens is not None:
                 self._expire_charges(cutoff)
         spend = self._spend(now, budget)
-        reserved = self.reserved
         spent = spend.spent if spend is not None else 0
         return not (
             requests_full
-            or tokens_over(self.tokens_used, reserved.tokens, limits)
-            or budget_over(spent, reserved.micro_usd, budget)
+            or tokens_over(self.tokens_used, self.reserved_tokens, limits)
+            or budget_over(spent, self.reserved_micro_usd, budget)
         )
 
     def take(self, now: float, limits: Limits | None, claim: Charge) -> int:
@@ -173,9 +175,8 @@ class SlidingWindow:
         ticket = self._count(now, limits)
         if claim.tokens or claim.micro_usd:
             self.reservations[ticket] = claim
-            self.reserved = Charge(
-                self.reserved.tokens + claim.tokens, self.reserved.micro_usd + claim.micro_usd
-            )
+            self.reserved_tokens += claim.tokens
+            self.reserved_micro_usd += claim.micro_usd
         return ticket
 
     def settle(
@@ -188,9 +189,8 @@ class SlidingWindow:
         """
         claim = self.reservations.pop(ticket, None)
         if claim is not None:
-            self.reserved = Charge(
-                self.reserved.tokens - claim.tokens, self.reserved.micro_usd - claim.micro_usd
-            )
+            self.reserved_tokens -= claim.tokens
+            self.reserved_micro_usd -= claim.micro_usd
         tokens = clamped(spent.tokens)
         micro = clamped(spent.micro_usd)
         self.total_tokens += tokens
@@ -198,7 +198,8 @@ class SlidingWindow:
         if spent.kinds is not NO_KINDS:
             kinds = self.total_kinds
             for index, count in enumerate(spent.kinds):
-                kinds[index] += clamped(count)
+                if count:  # most kinds are 0 for most answers
+                    kinds[index] += clamped(count)
         self.last_active = now
         if limits is not None:
             self._expire_charges(now - limits.window_seconds)
@@ -261,8 +262,8 @@ class SlidingWindow:
             spent = spend.spent
             now_us = microseconds(now)
             spend_leaves = spend.oldest_leaves(now_us)
-            if budget_over(spent, self.reserved.micro_usd, budget):
-                budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved.micro_usd)
+            if budget_over(spent, self.reserved_micro_usd, budget):
+                budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved_micro_usd)
         return Reading(
             admitted=admitted,
             ticket=ticket,
@@ -272,11 +273,11 @@ class SlidingWindow:
             requests=int(requests),
             request_leaves=request_leaves,
             tokens=self.tokens_used if limits is not None else 0,
-            tokens_reserved=self.reserved.tokens,
+            tokens_reserved=self.reserved_tokens,
             token_wait=token_wait,
             charge_leaves=charge_leaves,
             spent=spent,
-            spend_reserved=self.reserved.micro_usd,
+            spend_reserved=self.reserved_micro_usd,
             budget_wait=budget_wait,
             spend_leaves=spend_leaves,
             total_requests=self.total_requests,
@@ -338,7 +339,7 @@ class SlidingWindow:
         """Seconds until enough charges leave the window to bring it under the limit."""
         if token_limit is None:
             return 0.0
-        used = self.tokens_used + self.reserved.tokens
+        used = self.tokens_used + self.reserved_tokens
         if used < token_limit:
             return 0.0
         times, tokens = self.charge_times, self.charge_tokens
