@@ -79,7 +79,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a message."""
     reading.note_model(document.get("model"))
     reading.reported.read(document.get("usage"), USAGE)
-    if reading.reported.usage() is not None:
+    if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     content = document.get("content")
     for block in content if isinstance(content, list) else ():

@@ -165,7 +165,7 @@ def is_converse(document: dict[str, Any]) -> bool:
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One Converse JSON answer."""
     reading.reported.read(document.get("usage"), CONVERSE_USAGE)
-    if reading.reported.usage() is not None:
+    if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     output = document.get("output")
     message = output.get("message") if isinstance(output, dict) else None

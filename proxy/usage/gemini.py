@@ -76,7 +76,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer."""
     reading.note_model(document.get("modelVersion"))
     _read_usage(document, reading, is_final=True)
-    if reading.reported.usage() is not None:
+    if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     _read_candidates(document, reading)
 

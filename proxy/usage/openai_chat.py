@@ -101,7 +101,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a chat.completion, a text_completion (or an embeddings list)."""
     reading.note_model(document.get("model"))
     reading.reported.read(document.get("usage"), USAGE)
-    if reading.reported.usage() is not None:
+    if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     choices = document.get("choices")
     if isinstance(choices, list):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -38,6 +38,18 @@ class UsageFields:
     details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
     # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
     is_cache_beside_prompt: bool = False
+    # `details` by object, in their order: (its details object, ((count there, kind), ...)),
+    # so each object is looked up once.
+    grouped: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        runs: list[tuple[str, list[tuple[str, str]]]] = []
+        for details, name, kind in self.details:
+            if not runs or runs[-1][0] != details:
+                runs.append((details, []))
+            runs[-1][1].append((name, kind))
+        grouped = tuple((details, tuple(pairs)) for details, pairs in runs)
+        object.__setattr__(self, "grouped", grouped)
 
 
 class ProviderUsage:
@@ -59,12 +71,13 @@ class ProviderUsage:
             value = usage.get(name)
             if _is_count(value):
                 found[kind] = value  # type: ignore[assignment]
-        for details, name, kind in fields.details:
+        for details, pairs in fields.grouped:
             inner = usage.get(details)
             if isinstance(inner, dict):
-                value = inner.get(name)
-                if _is_count(value):
-                    found[kind] = value  # type: ignore[assignment]
+                for name, kind in pairs:
+                    value = inner.get(name)
+                    if _is_count(value):
+                        found[kind] = value  # type: ignore[assignment]
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -74,6 +87,11 @@ class ProviderUsage:
         if 0 <= seconds < math.inf:
             self._seconds = float(seconds)
 
+    @property
+    def is_reported(self) -> bool:
+        """True when `usage()` has an answer: a total, or seconds, was reported."""
+        return not self._fields.keys().isdisjoint(_TOTALS) or self._seconds is not None
+
     def clear(self) -> None:
         self._fields.clear()
         self._seconds = None
@@ -81,7 +99,7 @@ class ProviderUsage:
     def usage(self) -> Usage | None:
         """The reported usage, every kind; None when neither a total nor seconds were."""
         fields = self._fields
-        if not fields.keys() & _TOTALS:
+        if fields.keys().isdisjoint(_TOTALS):
             if self._seconds is None:
                 return None
             return Usage(input_audio_seconds=self._seconds)
@@ -89,16 +107,17 @@ class ProviderUsage:
         prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
         if self._is_cache_beside_prompt:
             prompt += cache_read + cache_write
-        return Usage(
+        return Usage(  # by position, as Usage orders them: a call with keywords costs more
             prompt,
             get(COMPLETION, 0),
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
-            input_audio_tokens=get(INPUT_AUDIO, 0),
-            reasoning_tokens=get(REASONING, 0),
-            output_audio_tokens=get(OUTPUT_AUDIO, 0),
-            input_image_tokens=get(INPUT_IMAGE, 0),
-            output_image_tokens=get(OUTPUT_IMAGE, 0),
+            False,  # estimated
+            cache_read,
+            cache_write,
+            get(INPUT_AUDIO, 0),
+            get(REASONING, 0),
+            get(OUTPUT_AUDIO, 0),
+            get(INPUT_IMAGE, 0),
+            get(OUTPUT_IMAGE, 0),
         )
 
 

@@ -169,7 +169,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     reading.reported.read(document.get("usage"), USAGE)
     if reading.is_stored_noted:
         reading.note_stored(document)
-    if reading.reported.usage() is not None:
+    if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     output = document.get("output")
     if isinstance(output, list):

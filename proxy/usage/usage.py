@@ -109,6 +109,10 @@ class Charged(enum.Enum):
     BATCH_MADE = "batch_made"
     BATCH_SEEN = "batch_seen"
 
+    # Members are singletons, equal only to themselves: hashed by identity, in C (Enum's
+    # own hash is a Python call, paid by each of the tap's set lookups on every answer).
+    __hash__ = object.__hash__
+
 
 # Endpoints whose answers produce tokens; the path ends with one of these (Bedrock's and
 # Vertex's native ones too: the model is in their path).
@@ -223,7 +227,8 @@ class UsageTap:
         memory: TapMemory | None = None,
         path: str = "",
     ) -> None:
-        self._kind = _body_kind(content_type)
+        # Made for every answer: only what its kind of body needs is built.
+        self._kind = kind = _body_kind(content_type)
         self._path = path  # the request's: its dialect reads the prompt for an estimate
         self._keep_text = keep_text
         self._charged = charged
@@ -231,19 +236,20 @@ class UsageTap:
         self._held = 0  # bytes taken from memory
         self._seen = 0  # body bytes seen (decoded when the coding is known)
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
-        self._is_unread = self._kind is None
-        self._body: bytearray | None = bytearray() if self._kind == _JSON else None
-        self._lines = LineReader()  # SSE: lines, and the unfinished last one
+        self._is_unread = kind is None
+        self._body: bytearray | None = bytearray() if kind == _JSON else None
+        # SSE: lines, and the unfinished last one (None once let go).
+        self._lines = LineReader() if kind == _SSE else None
         self._text: str | None = None  # the text, once finished
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
         self._reading = Reading(
-            keep_text and self._kind in (_SSE, _FRAMES),
+            keep_text and (kind == _SSE or kind == _FRAMES),
             is_stored_noted=charged in _STORED,
             is_started_noted=charged is Charged.LATER,
         )
         # An event stream: its frames, and the unfinished last one.
-        self._frames = bedrock.Frames(self._reading) if self._kind == _FRAMES else None
+        self._frames = bedrock.Frames(self._reading) if kind == _FRAMES else None
         self._finished = False
         # Once finished: the Responses API object answered (LATER and FETCHED only), with
         # what it reports; read after `usage`.
@@ -251,11 +257,12 @@ class UsageTap:
         # Once finished: the batch answered (BATCH_MADE and BATCH_SEEN only).
         self.batch: Batch | None = None
         self._decoder: Decoder | None = None
-        try:
-            decoder = Decoder(content_encoding, self._take)
-            self._decoder = None if decoder.is_identity else decoder
-        except UnsupportedEncoding:
-            self._give_up()
+        if content_encoding:  # most answers: none, nothing to undo
+            try:
+                decoder = Decoder(content_encoding, self._take)
+                self._decoder = None if decoder.is_identity else decoder
+            except UnsupportedEncoding:
+                self._give_up()
 
     def feed(self, chunk: bytes) -> None:
         """Take the next body chunk, already sent to the client."""
@@ -360,10 +367,12 @@ class UsageTap:
         self._held -= count
 
     def _take_lines(self, data: bytes) -> None:
-        for line in self._lines.feed(data):
+        lines = self._lines
+        assert lines is not None  # an SSE tap that reads has its reader
+        for line in lines.feed(data):
             self._take_line(line)
         # What the reader holds now (an unfinished line) is what this tap holds.
-        held = self._lines.held_bytes
+        held = lines.held_bytes
         if held > self._held:
             self._hold(held - self._held)
         elif held < self._held:
@@ -410,7 +419,7 @@ class UsageTap:
         if self._finished:
             return
         self._finished = True
-        if self._kind == _SSE and not self._is_unread:
+        if self._kind == _SSE and not self._is_unread and self._lines is not None:
             # A stream cut before its last line end still counts what that line said.
             self._take_line(self._lines.rest())
             if self._reading.texts is not None:
@@ -479,7 +488,7 @@ class UsageTap:
     def _let_go(self) -> None:
         self._release(self._held)
         self._body = None
-        self._lines = LineReader()
+        self._lines = None
         self._frames = None
         self._reading.texts = None if self._reading.texts is None else []
         self._decoder = None
