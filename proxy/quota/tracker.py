@@ -227,20 +227,20 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
             reset_tokens = token_wait if over else reading.charge_leaves
     if not admitted and budget_full(reading, budget):
         budget_wait = reading.budget_wait
-    return Admission(
-        admitted=admitted,
-        limits=limits,
-        remaining_requests=remaining_requests,
-        reset_requests_seconds=request_wait,
-        remaining_tokens=remaining_tokens,
-        reset_tokens_seconds=reset_tokens,
-        retry_after_seconds=0.0 if admitted else max(request_wait, token_wait, budget_wait),
-        ticket=reading.ticket,
-        budget=budget,
-        spent_micro_usd=reading.spent + reading.spend_reserved if budget else 0,
-        full=reading.full and not admitted,
-        slots_full=reading.slots_full and not admitted,
-        in_flight=max(0, reading.slots),
+    return Admission(  # by position, in its fields' order: keywords cost more
+        admitted,
+        limits,
+        remaining_requests,
+        request_wait,  # reset_requests_seconds
+        remaining_tokens,
+        reset_tokens,  # reset_tokens_seconds
+        0.0 if admitted else max(request_wait, token_wait, budget_wait),  # retry_after_seconds
+        reading.ticket,  # ticket
+        budget,
+        reading.spent + reading.spend_reserved if budget else 0,  # spent_micro_usd
+        reading.full and not admitted,  # full
+        reading.slots_full and not admitted,  # slots_full
+        max(0, reading.slots),  # in_flight
     )
 
 

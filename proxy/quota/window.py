@@ -264,26 +264,26 @@ class SlidingWindow:
             spend_leaves = spend.oldest_leaves(now_us)
             if budget_over(spent, self.reserved_micro_usd, budget):
                 budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved_micro_usd)
-        return Reading(
-            admitted=admitted,
-            ticket=ticket,
-            full=full,
-            slots=slots,
-            slots_full=slots_full,
-            requests=int(requests),
-            request_leaves=request_leaves,
-            tokens=self.tokens_used if limits is not None else 0,
-            tokens_reserved=self.reserved_tokens,
-            token_wait=token_wait,
-            charge_leaves=charge_leaves,
-            spent=spent,
-            spend_reserved=self.reserved_micro_usd,
-            budget_wait=budget_wait,
-            spend_leaves=spend_leaves,
-            total_requests=self.total_requests,
-            total_tokens=self.total_tokens,
-            total_micro_usd=self.total_micro_usd,
-            total_kinds=tuple(self.total_kinds),
+        return Reading(  # by position, in its fields' order: keywords cost more
+            admitted,
+            ticket,
+            full,
+            slots,
+            slots_full,
+            int(requests),  # requests
+            request_leaves,
+            self.tokens_used if limits is not None else 0,  # tokens
+            self.reserved_tokens,  # tokens_reserved
+            token_wait,
+            charge_leaves,
+            spent,
+            self.reserved_micro_usd,  # spend_reserved
+            budget_wait,
+            spend_leaves,
+            self.total_requests,  # total_requests
+            self.total_tokens,  # total_tokens
+            self.total_micro_usd,  # total_micro_usd
+            tuple(self.total_kinds),  # total_kinds
         )
 
     def _spend(self, now: float, budget: Budget | None) -> SpendLog | None:
