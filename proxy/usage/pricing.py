@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -71,6 +71,19 @@ PRICE_KEYS = (
 # Rates that price a request's tokens: per token, or per request (tokens then free); a
 # price with none of them (a model priced by the hour) cannot price tokens.
 _TOKEN_RATES = frozenset(("input_mtok", "output_mtok", "requests_kcount"))
+# The parts of a prompt and of a completion with rates of their own: (price key, Usage
+# field), in the order their costs are added up.
+_INPUT_PARTS = (
+    ("cache_read_mtok", "cache_read_tokens"),
+    ("cache_write_mtok", "cache_write_tokens"),
+    ("input_audio_mtok", "input_audio_tokens"),
+    ("input_image_mtok", "input_image_tokens"),
+)
+_OUTPUT_PARTS = (
+    ("output_reasoning_mtok", "reasoning_tokens"),
+    ("output_audio_mtok", "output_audio_tokens"),
+    ("output_image_mtok", "output_image_tokens"),
+)
 _HOUR_SECONDS = 3600
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
@@ -93,6 +106,8 @@ class Rate:
     tiers: tuple[tuple[int, float], ...] = ()  # (prompt tokens above which, rate), ascending
 
     def at(self, prompt_tokens: int) -> float:
+        if not self.tiers:  # most rates
+            return self.base
         # A cliff, as the providers bill: past a tier's start, every token pays its rate.
         for start, rate in reversed(self.tiers):
             if prompt_tokens > start:
@@ -105,44 +120,59 @@ class Price:
     """A model's rates, by genai-prices price key; a missing part falls back to its total's."""
 
     rates: Mapping[str, Rate]
+    # Worked out once from `rates` (a price prices every request of its model): the parts
+    # of the prompt and of the completion it has a rate for, as (Usage field, rate), in the
+    # order they are added up; the plain rates; whether it can price tokens at all.
+    input_parts: tuple[tuple[str, Rate], ...] = field(init=False, repr=False, compare=False)
+    output_parts: tuple[tuple[str, Rate], ...] = field(init=False, repr=False, compare=False)
+    plain: tuple[Rate | None, Rate | None, Rate | None] = field(
+        init=False, repr=False, compare=False
+    )
+    prices_tokens: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rates = self.rates
+        derived = {
+            "input_parts": _parts(rates, _INPUT_PARTS),
+            "output_parts": _parts(rates, _OUTPUT_PARTS),
+            "plain": (
+                rates.get("input_mtok"),
+                rates.get("output_mtok"),
+                rates.get("requests_kcount"),
+            ),
+            "prices_tokens": bool(rates.keys() & _TOKEN_RATES),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def cost(self, usage: Usage) -> float | None:
         """USD for `usage`; None when it counts something this price has no rate for
         (tokens of a model priced by the hour, the characters of a model priced by token)."""
-        rate = self.rates.get
-        units = self._units(usage)
-        if units is None or (usage.total_tokens and not self.rates.keys() & _TOKEN_RATES):
+        units = self._units(usage) if usage.input_characters or usage.input_audio_seconds else 0.0
+        if units is None or (usage.total_tokens and not self.prices_tokens):
             return None
         prompt = usage.prompt_tokens
         total = 0.0
         # The part left at the plain input rate is what no priced part took.
         plain_input = prompt
-        for key, count in (
-            ("cache_read_mtok", usage.cache_read_tokens),
-            ("cache_write_mtok", usage.cache_write_tokens),
-            ("input_audio_mtok", usage.input_audio_tokens),
-            ("input_image_mtok", usage.input_image_tokens),
-        ):
-            part = rate(key)
-            if part is not None and count:
+        for name, part in self.input_parts:
+            count = getattr(usage, name)
+            if count:
                 total += count * part.at(prompt)
                 plain_input -= count
         plain_output = usage.completion_tokens
-        for key, count in (
-            ("output_reasoning_mtok", usage.reasoning_tokens),
-            ("output_audio_mtok", usage.output_audio_tokens),
-            ("output_image_mtok", usage.output_image_tokens),
-        ):
-            part = rate(key)
-            if part is not None and count:
+        for name, part in self.output_parts:
+            count = getattr(usage, name)
+            if count:
                 total += count * part.at(prompt)
                 plain_output -= count
-        for key, count in (("input_mtok", plain_input), ("output_mtok", plain_output)):
-            part = rate(key)
-            if part is not None and count > 0:  # a provider's parts may overlap: never below 0
-                total += count * part.at(prompt)
+        plain_in, plain_out, requests = self.plain
+        # A provider's parts may overlap: never below 0.
+        if plain_in is not None and plain_input > 0:
+            total += plain_input * plain_in.at(prompt)
+        if plain_out is not None and plain_output > 0:
+            total += plain_output * plain_out.at(prompt)
         total = total / _MTOK + units
-        requests = rate("requests_kcount")
         if requests is not None:
             total += requests.at(prompt) / 1000
         return total
@@ -173,7 +203,9 @@ class Prices:
 
         self._library = providers
         self._overrides = overrides
-        self._models: dict[tuple[str, str], Any] = {}  # (provider, model) → ModelInfo | None
+        # (provider, model) → (its ModelInfo or None, and its rates when they never change:
+        # a model whose data names no dated or time-of-day price is converted once).
+        self._models: dict[tuple[str, str], tuple[Any, Price | None, bool]] = {}
         # id(ModelPrice) → (that ModelPrice, its rates): bounded by the data's prices.
         self._converted: dict[int, tuple[Any, Price | None]] = {}
 
@@ -200,11 +232,13 @@ class Prices:
         """
         if usage is None or provider is None or model is None:
             return None
-        price = (
-            self._overrides.get((provider, model))
-            or self._overrides.get((provider, answered or model))
-            or self._overrides.get((provider, "*"))
-        )
+        price = None
+        if self._overrides:
+            price = (
+                self._overrides.get((provider, model))
+                or self._overrides.get((provider, answered or model))
+                or self._overrides.get((provider, "*"))
+            )
         if price is None and answered is not None and answered != model:
             price = self._library_price(provider, answered, is_batch)
         if price is None:
@@ -226,16 +260,19 @@ class Prices:
 
     def _library_price(self, provider: str, model: str, is_batch: bool = False) -> Price | None:
         key = (provider, model)
-        if key in self._models:
-            model_info = self._models[key]
-        else:
-            model_info = self._models[key] = self._find(provider, model)
-            if len(self._models) > _REMEMBERED_MODELS:
+        known = self._models.get(key)
+        if known is None:
+            known = self._remember(provider, model)
+            if len(self._models) >= _REMEMBERED_MODELS:
                 self._models.clear()
+            self._models[key] = known
+        model_info, fixed, is_fixed = known
         if model_info is None:
             return None
         if is_batch:  # a variant resolves to a new object each time: converted each time
             return _from_library(model_info.get_prices(datetime.now(tz=UTC), _BATCH))
+        if is_fixed:
+            return fixed
         # A model's price may change on a date the data knows: resolve it for now. The
         # library hands back the same object until then, so each is converted once.
         model_price = model_info.get_prices(datetime.now(tz=UTC))
@@ -243,6 +280,15 @@ class Prices:
         if converted is None or converted[0] is not model_price:
             converted = self._converted[id(model_price)] = (model_price, _from_library(model_price))
         return converted[1]
+
+    def _remember(self, provider: str, model: str) -> tuple[Any, Price | None, bool]:
+        """The model's ModelInfo (None: unknown), its rates, and whether they never change."""
+        from genai_prices.types import ModelPrice
+
+        model_info = self._find(provider, model)
+        if model_info is not None and isinstance(model_info.prices, ModelPrice):
+            return model_info, _from_library(model_info.prices), True  # one price, no dates
+        return model_info, None, False
 
     def _find(self, provider: str, model: str) -> Any:
         """genai-prices' ModelInfo for the model, or None."""
@@ -256,6 +302,13 @@ class Prices:
         from genai_prices.data_snapshot import find_provider_by_id
 
         return find_provider_by_id(self._library, _LIBRARY_PROVIDER.get(provider, provider))
+
+
+def _parts(
+    rates: Mapping[str, Rate], parts: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, Rate], ...]:
+    """(Usage field, rate) of each part in `parts` (price key, Usage field) that has a rate."""
+    return tuple((name, rates[key]) for key, name in parts if key in rates)
 
 
 def _from_library(model_price: Any) -> Price | None:
