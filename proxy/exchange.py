@@ -1,9 +1,9 @@
 """One request's life, for HTTP and WebSocket alike: begin → route → authenticate → relay → settle.
 
 `Entrance.handle` is the handler of every proxied request. It picks the transport (a
-WebSocket upgrade goes to `realtime`, any other request to `relay`) and runs one `Exchange`,
-which begins the record (and the trace, and the in-flight gauge), routes (no key needed),
-authenticates, and hands itself and the key to the transport. The transport reads what it
+WebSocket upgrade goes to `realtime`, any other request to `relay`), begins one `Exchange`
+(the record, and the trace) and the in-flight gauge, routes (no key needed), authenticates,
+and hands the exchange and the key to the transport. The transport reads what it
 needs, asks the exchange to admit (`precheck`, `admit`: a quota refusal is counted there,
 so never a lockout's 429 nor one of key "none"), and relays.
 
@@ -142,9 +142,49 @@ class Entrance:
         self._sinks = tuple(sinks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """The one handler of every proxied path."""
+        """The one handler of every proxied path: route, authenticate, relay; write the
+        ending; settle. (The exchange's steps run here, not in a coroutine of its own: each
+        coroutine the request nests is stepped through again at every await.)"""
         transport = self._websocket if is_upgrade(request) else self._http
-        return await Exchange(self, request).run(transport)
+        exchange = Exchange(self, request)
+        record = exchange.record
+        self.metrics.request_started()
+        try:
+            key = exchange.authenticate(transport)  # 400, 404, 405, 401, 429
+            response = await transport.relay(exchange, key)
+            record.end(response.status, Outcome.ANSWERED)
+            return response
+        except GatewayError as error:
+            record.end(error.status, error.outcome, error.why)
+            return errors.render(error, request.path, record.request_id)
+        except Cut as cut:
+            record.end(cut.status, cut.outcome, cut.why)
+            return _closed(request, cut.status)
+        except asyncio.CancelledError as cancel:
+            # aiohttp cancels the handler when the client disconnects (handler_cancellation),
+            # and the server when the shutdown grace ran out (the gateway's own cut).
+            if record.is_session:  # a session that opened was answered, whoever ended it
+                record.end(101, Outcome.ANSWERED)
+            elif cut_by_gateway(cancel):
+                record.end(GRACE_OVER_STATUS, Outcome.SHUTDOWN, GRACE_OVER)
+            else:
+                record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
+            raise
+        except Exception:
+            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
+            log.exception("internal error on %s %s", request.method, request.path)
+            record.end(500, Outcome.INTERNAL, "internal error")
+            if request.writer.output_size:  # the answer had begun: it can only be cut
+                return _closed(request, 500)
+            failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
+            return errors.render(failure, request.path, record.request_id)
+        finally:
+            try:
+                step = exchange.deferred()
+                if step is not None:
+                    await _to_its_end(step)
+            finally:  # also when the client's leaving cancels the handler meanwhile
+                self.settle(exchange)
 
     def settle(self, exchange: Exchange) -> None:
         """The request's one settle: each sink once, in order. A sink that fails (a bug) is
@@ -261,54 +301,19 @@ class Exchange:
         # it fetched finished): it pays the usage; None: the request's own key pays its own.
         self.creator: VirtualKey | None = None
 
-    async def run(self, transport: Transport) -> web.StreamResponse:
-        """Route, authenticate, relay; write the ending; settle."""
-        entrance, request, record = self._entrance, self.request, self.record
-        entrance.metrics.request_started()
-        try:
-            self.tail, self.query = route(request.raw_path)  # 400, 404, 405
-            self._credentials = credentials = transport.credentials(request.headers)
-            lockout = entrance.lockout
-            address = lockout.client_address(request)
-            key = lockout.authenticate(entrance.key_ring, credentials, address)  # 401, 429
-            self.key = key
-            record.saw_key(key.name, key.provider.name)
-            response = await transport.relay(self, key)
-            record.end(response.status, Outcome.ANSWERED)
-            return response
-        except GatewayError as error:
-            record.end(error.status, error.outcome, error.why)
-            return errors.render(error, request.path, record.request_id)
-        except Cut as cut:
-            record.end(cut.status, cut.outcome, cut.why)
-            return _closed(request, cut.status)
-        except asyncio.CancelledError as cancel:
-            # aiohttp cancels the handler when the client disconnects (handler_cancellation),
-            # and the server when the shutdown grace ran out (the gateway's own cut).
-            if record.is_session:  # a session that opened was answered, whoever ended it
-                record.end(101, Outcome.ANSWERED)
-            elif cut_by_gateway(cancel):
-                record.end(GRACE_OVER_STATUS, Outcome.SHUTDOWN, GRACE_OVER)
-            else:
-                record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
-            raise
-        except Exception:
-            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
-            log.exception("internal error on %s %s", request.method, request.path)
-            record.end(500, Outcome.INTERNAL, "internal error")
-            if request.writer.output_size:  # the answer had begun: it can only be cut
-                return _closed(request, 500)
-            failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
-            return errors.render(failure, request.path, record.request_id)
-        finally:
-            try:
-                step = self._deferred()
-                if step is not None:
-                    await _to_its_end(step)
-            finally:  # also when the client's leaving cancels the handler meanwhile
-                entrance.settle(self)
+    def authenticate(self, transport: Transport) -> VirtualKey:
+        """Route (no key needed), then find the key where `transport` presents it. Raises
+        400, 404, 405 (the path), 401, 429 (the lockout)."""
+        entrance, request = self._entrance, self.request
+        self.tail, self.query = route(request.raw_path)
+        self._credentials = credentials = transport.credentials(request.headers)
+        lockout = entrance.lockout
+        address = lockout.client_address(request)
+        self.key = key = lockout.authenticate(entrance.key_ring, credentials, address)
+        self.record.saw_key(key.name, key.provider.name)
+        return key
 
-    def _deferred(self) -> Coroutine[Any, Any, None] | None:
+    def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a
         background response (`usage.background`), a batch (`usage.batch_charges`); None
         for any other request (most: they pay no task for it)."""

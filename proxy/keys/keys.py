@@ -197,7 +197,10 @@ class KeyRing:
 
     def authenticate(self, headers: Mapping[str, str]) -> VirtualKey:
         """The key named by the request's headers. Raises 401."""
-        secret = presented(headers)
+        return self.key_for(presented(headers))
+
+    def key_for(self, secret: str | None) -> VirtualKey:
+        """The key `secret` names (what the headers present, `presented`). Raises 401."""
         if not secret:
             raise GatewayError(
                 401,

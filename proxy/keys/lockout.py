@@ -127,7 +127,7 @@ class Lockout:
         credential = presented(headers)
         self.check(address, credential)
         try:
-            key = ring.authenticate(headers)
+            key = ring.key_for(credential)
         except GatewayError:
             self.failed(address, credential)
             raise
