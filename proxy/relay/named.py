@@ -77,16 +77,25 @@ class Unnamed:
     where: str
 
 
-def in_document(document: Any, unnamed: str | None = None) -> Iterator[Any]:
+def in_document(document: Any, unnamed: str | None = None) -> list[Any]:
     """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
     `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
     of an Anthropic batch's requests."""
     if not isinstance(document, dict):
-        return
+        return []
     if "model" in document:
-        yield document["model"]
+        names = [document["model"]]
     elif unnamed is not None:
-        yield Unnamed(unnamed)
+        names = [Unnamed(unnamed)]
+    else:
+        names = []
+    if "svg" in document or "tools" in document or "requests" in document:
+        names += _nested(document)
+    return names
+
+
+def _nested(document: dict[str, Any]) -> Iterator[Any]:
+    """The models of a body's parts that run their own (for `in_document`)."""
     yield from _svg_author(document)
     tools = document.get("tools")
     if isinstance(tools, list):  # the Responses API's image_generation tool runs its own model
@@ -152,10 +161,13 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
-    segments = tail.split("/")
-    if method == "POST" and segments[0] in _MODELS_ELSEWHERE:
-        raise Unreadable(f"creating {segments[0]} (their models are inside an uploaded file)")
+    first = tail.partition("/")[0]
+    if method == "POST" and first in _MODELS_ELSEWHERE:
+        raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
+    if "model" not in tail and "deployments" not in tail:  # no segment below can name one
+        return models
+    segments = tail.split("/")
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
         models.append(unquote(segments[1]))
