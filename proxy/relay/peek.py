@@ -53,9 +53,10 @@ class Peek:
     affinity: str | None = None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload."""
-    length = request.content_length
+async def read_body(request: web.Request, limit: int, length: int | None) -> bytes:
+    """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload.
+
+    `length`: the request's Content-Length (None: none, a chunked upload)."""
     if length is not None and length > limit:
         raise _too_large(limit)
     if not request.body_exists:

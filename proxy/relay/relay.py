@@ -65,9 +65,10 @@ class Relay:
         """Read and peek the body, admit, forward, stream back. Raises GatewayError, Cut."""
         settings, request, record = self.settings, exchange.request, exchange.record
         tail, limit = exchange.tail, settings.max_body_bytes
+        length = request.content_length  # parsed from the header at each read: once here
         # 429 before a large body is read, or any body the client holds back (Expect)
-        exchange.precheck(None if awaits_continue(request) else request.content_length)
-        body = await read_body(request, limit)  # 400, 413
+        exchange.precheck(None if awaits_continue(request) else length)
+        body = await read_body(request, limit, length)  # 400, 413
         peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
         plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
         if settings.log_bodies:
