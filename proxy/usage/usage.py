@@ -494,9 +494,21 @@ class UsageTap:
         self._decoder = None
 
 
+# The Content-Types most answers carry, as sent, and their kind: one lookup, no parsing.
+_COMMON_TYPES = {
+    "application/json": _JSON,
+    "application/json; charset=utf-8": _JSON,
+    "text/event-stream": _SSE,
+    "text/event-stream; charset=utf-8": _SSE,
+}
+
+
 def _body_kind(content_type: str | None) -> str | None:
     if not content_type:
         return None
+    kind = _COMMON_TYPES.get(content_type)
+    if kind is not None:
+        return kind
     media = content_type.partition(";")[0].strip().lower()
     if media == "text/event-stream":
         return _SSE
