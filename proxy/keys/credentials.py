@@ -17,8 +17,9 @@ def presented(headers: Mapping[str, str]) -> str | None:
     authorization = headers.get("authorization")
     if authorization:
         scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        token = token.strip()
+        if token and scheme.lower() == "bearer":
+            return token
     for name in ("x-api-key", "api-key", "x-goog-api-key"):
         value = headers.get(name)
         if value and value.strip():

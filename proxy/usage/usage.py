@@ -151,14 +151,14 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
             return Charged.BATCH_MADE if batch_call is batches.Call.MAKE else Charged.BATCH_SEEN
     if method != "POST":
         return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
+    if path.endswith(_GENERATIONS):  # most requests; none of the endings below is one of these
+        return Charged.LATER if is_background else Charged.TEXT
     if path.endswith("/embeddings"):
         return Charged.PROMPT
     if path.endswith("/audio/speech"):
         return Charged.CHARACTERS
     if path.endswith(("/audio/transcriptions", "/audio/translations")):
         return Charged.DURATION
-    if path.endswith(_GENERATIONS):
-        return Charged.LATER if is_background else Charged.TEXT
     if path.endswith("/cancel") and _is_stored_response(path[:-7]):
         return Charged.FETCHED  # a cancelled background response says what it used
     return Charged.REPORTED
