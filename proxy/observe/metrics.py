@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -81,6 +82,8 @@ class Metrics:
         # Labelled children, looked up once: `labels()` validates and locks on every call,
         # and observe runs for every request. Bounded as the label values are.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        # The children a request's provider, model and status feed, found in one lookup.
+        self._rows: dict[tuple[str, str, int], _Row] = {}
 
         self._requests = counter(
             "llm_gateway_requests",
@@ -283,22 +286,38 @@ class Metrics:
         provider = record.provider or NONE
         model = self._model_label(record.model)
         child = self._child
-        child(self._requests, provider, model, str(record.status)).inc()
+        row = self._rows.get((provider, model, record.status))
+        if row is None:
+            requests = child(self._requests, provider, model, str(record.status))
+            row = self._rows[(provider, model, record.status)] = _Row(requests)
+        row.requests.inc()
+        # Each series is made at its first count, so it appears then, as it always has.
         if record.duration_ms is not None:
-            child(self._duration, provider).observe(record.duration_ms / 1000.0)
+            if row.duration is None:
+                row.duration = child(self._duration, provider)
+            row.duration.observe(record.duration_ms / 1000.0)
         if record.ttft_ms is not None:
-            child(self._ttfb, provider).observe(record.ttft_ms / 1000.0)
+            if row.ttfb is None:
+                row.ttfb = child(self._ttfb, provider)
+            row.ttfb.observe(record.ttft_ms / 1000.0)
         overhead_ms = record.overhead_ms
         if overhead_ms is not None:
-            child(self._overhead, provider).observe(overhead_ms / 1000.0)
+            if row.overhead is None:
+                row.overhead = child(self._overhead, provider)
+            row.overhead.observe(overhead_ms / 1000.0)
         usage = record.spent_usage  # a cache hit spent no tokens and no dollars
         if usage is not None:
-            child(self._prompt_tokens, provider, model).inc(usage.prompt_tokens)
-            child(self._completion_tokens, provider, model).inc(usage.completion_tokens)
+            if row.prompt is None:
+                row.prompt = child(self._prompt_tokens, provider, model)
+                row.completion = child(self._completion_tokens, provider, model)
+            row.prompt.inc(usage.prompt_tokens)
+            row.completion.inc(usage.completion_tokens)
             if record.cost_usd is None:
                 child(self._unpriced, provider, model).inc()
             else:
-                child(self._cost, provider, model).inc(record.cost_usd)
+                if row.cost is None:
+                    row.cost = child(self._cost, provider, model)
+                row.cost.inc(record.cost_usd)
         if record.cache is Cached.HIT:
             child(self._cache_hits, provider, model).inc()
         elif record.cache is Cached.MISS:
@@ -412,6 +431,20 @@ class Metrics:
             return OTHER
         self._models.add(label)
         return label
+
+
+@dataclass(slots=True)
+class _Row:
+    """The children of one provider, model and status that most requests feed; None until
+    the first count of each (a series appears with its first count)."""
+
+    requests: Any
+    duration: Any = None
+    ttfb: Any = None
+    overhead: Any = None
+    prompt: Any = None
+    completion: Any = None
+    cost: Any = None
 
 
 def _failure_kind(record: Record) -> str:

@@ -96,6 +96,31 @@ def test_duration_and_first_byte_histograms_count_each_request() -> None:
     assert value(found, f"{ttfb}_bucket", provider="openai", le="0.05") == 1
 
 
+def test_a_series_appears_with_its_first_count_and_not_before() -> None:
+    metrics = Metrics()
+    metrics.observe(finished_record(ttft_ms=None, usage=None))  # no first byte, no usage
+    names = {name for name, _ in samples(metrics)}
+    assert "llm_gateway_requests_total" in names
+    assert not any(name.startswith("llm_gateway_time_to_first_byte") for name in names)
+    assert "llm_gateway_prompt_tokens_total" not in names
+
+    metrics.observe(finished_record())  # the same provider, model and status, with both
+    found = samples(metrics)
+    assert value(found, "llm_gateway_time_to_first_byte_seconds_count", provider="openai") == 1
+    tokens = value(found, "llm_gateway_prompt_tokens_total", provider="openai", model="gpt-4o-mini")
+    assert tokens == 10
+    assert (
+        value(
+            found,
+            "llm_gateway_requests_total",
+            provider="openai",
+            model="gpt-4o-mini",
+            status="200",
+        )
+        == 2
+    )
+
+
 def test_tokens_are_counted_by_provider_and_model() -> None:
     metrics = Metrics()
     metrics.observe(finished_record(usage=Usage(10, 5)))
