@@ -1,9 +1,10 @@
 """What the gateway reads of a request before it goes upstream: the body, and a peek at it.
 
-`read_body` reads the body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields
-the gateway checks (`model`, `stream`, `messages`) or uses (the conversation a pool keeps on
-one key: `prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed
-upload (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
+`body_at_hand` (a body already there, most) and `read_body` (one still to come) read the
+body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields the gateway checks
+(`model`, `stream`, `messages`) or uses (the conversation a pool keeps on one key:
+`prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed upload
+(`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
 """
 
@@ -53,8 +54,10 @@ class Peek:
     affinity: str | None = None
 
 
-async def read_body(request: web.Request, limit: int, length: int | None) -> bytes:
-    """The request body, bounded. Raises 413 past `limit`, 400 for a broken upload.
+def body_at_hand(request: web.Request, limit: int, length: int | None) -> bytes | None:
+    """The request body when there is nothing to wait for: none, or all of it came with the
+    head (most bodies), taken as it lies, where read() would wait on the stream twice and
+    copy it. None: it is still to come (`read_body`). Raises 413 past `limit`, 400.
 
     `length`: the request's Content-Length (None: none, a chunked upload)."""
     if length is not None and length > limit:
@@ -62,19 +65,30 @@ async def read_body(request: web.Request, limit: int, length: int | None) -> byt
     if not request.body_exists:
         return b""
     content = request.content
+    if length is None or content.total_bytes != length:
+        return None
     try:
-        if length is not None and content.total_bytes == length:
-            # All of it came with the head (most bodies): taken as it lies, where read()
-            # would wait on the stream twice and copy it.
-            return content.read_nowait()
+        return content.read_nowait()
+    except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
+        raise _unreadable(error) from None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body `body_at_hand` left to come (still arriving, chunked, or held back by
+    Expect), bounded. Raises 413 past `limit`, 400 for a broken upload."""
+    try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
         raise _too_large(limit) from None
     except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
-        raise GatewayError(
-            400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}."
-        ) from None
+        raise _unreadable(error) from None
+
+
+def _unreadable(error: Exception) -> GatewayError:
+    return GatewayError(
+        400, "invalid_body", f"The request body could not be read: {error.__class__.__name__}."
+    )
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -29,7 +29,7 @@ from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.expect import awaits_continue
-from proxy.relay.peek import read_body, validate
+from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
@@ -68,7 +68,9 @@ class Relay:
         length = request.content_length  # parsed from the header at each read: once here
         # 429 before a large body is read, or any body the client holds back (Expect)
         exchange.precheck(None if awaits_continue(request) else length)
-        body = await read_body(request, limit, length)  # 400, 413
+        body = body_at_hand(request, limit, length)  # 400, 413
+        if body is None:  # still to come
+            body = await read_body(request, limit)  # 400, 413
         peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
         plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
         if settings.log_bodies:
@@ -202,10 +204,25 @@ async def send_whole(
     silences: Silences,
     collect: Callable[[bytes], None] | None = None,
 ) -> web.Response:
-    """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet."""
+    """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet.
+
+    The idle timeout bounds each silence while the body comes, not the whole read (a slow
+    body is fine). The read is here, not a coroutine of its own: each wait for a chunk
+    steps through one frame less."""
     asked = time.perf_counter()
     try:
-        data = await read_whole(reply, silences)
+        if isinstance(reply, StoredAnswer):
+            data = reply.body
+        elif reply.content.is_eof():  # nothing (more) to come
+            data = await reply.read()
+        else:
+            parts = []
+            read = reply.content.readany
+            with silences.watch() as watch:
+                while chunk := await read():
+                    parts.append(chunk)
+                    watch.moved()
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
     except TimeoutError:
         why = f"the provider sent nothing for {silences.idle:g} seconds"
         message = why[0].upper() + why[1:] + "."
@@ -225,23 +242,6 @@ async def send_whole(
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
-
-
-async def read_whole(reply: Reply, silences: Silences) -> bytes:
-    """The whole body; the idle timeout bounds each silence, not the whole read (a slow body
-    is fine). Raises TimeoutError."""
-    if isinstance(reply, StoredAnswer):
-        return reply.body
-    content = reply.content
-    if content.is_eof():  # it all came with the headers: no wait
-        return await reply.read()
-    parts = []
-    read = content.readany
-    with silences.watch() as watch:
-        while chunk := await read():
-            parts.append(chunk)
-            watch.moved()
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def keep_untyped(response: web.StreamResponse) -> None:
