@@ -43,7 +43,7 @@ import errno
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -101,6 +101,36 @@ class StoredAnswer:
 
 
 Reply = WireReply | StoredAnswer
+# The pool and key whose answer went on: in flight until the client has it all (None: a
+# plan of one key, which has nothing to choose).
+Serving = tuple[Pool, Credential] | None
+
+
+class Forwarded:
+    """The answer a walk found, as an async context manager: closed on leaving it.
+
+    A class, not @asynccontextmanager: this is on every request's path, and a generator
+    and its wrapper cost several times what two plain methods do."""
+
+    __slots__ = ("_walking", "_reply", "_serving")
+
+    def __init__(self, walking: Coroutine[object, object, tuple[Reply, Serving]]) -> None:
+        self._walking = walking
+        self._reply: Reply | None = None
+        self._serving: Serving = None
+
+    async def __aenter__(self) -> Reply:
+        self._reply, self._serving = await self._walking
+        return self._reply
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._reply is not None
+        # Closing (not releasing) drops a connection whose body was not read to the end,
+        # which is how a client that left cancels the upstream request at once.
+        self._reply.close()
+        if self._serving is not None:
+            pool, credential = self._serving
+            pool.ended(credential)
 
 
 @dataclass(slots=True)
@@ -114,7 +144,7 @@ class _Walk:
     on_attempt: OnAttempt | None = None  # None: traces off
     affinity: bytes | None = None  # the request's conversation (targets.affinity_of)
     # The pool and key whose answer went on: in flight until the client has it all.
-    serving: tuple[Pool, Credential] | None = None
+    serving: Serving = None
 
     def give_up(self) -> Reply:
         """The last provider answer; else the gateway's 502/504, carrying how it failed."""
@@ -181,8 +211,7 @@ class Failover:
                 return target
         return min(order, key=lambda t: breakers[t.name].last_failure)
 
-    @asynccontextmanager
-    async def forward(
+    def forward(
         self,
         request: web.Request,
         plan: Plan,
@@ -193,26 +222,17 @@ class Failover:
         on_attempt: OnAttempt | None = None,
         affinity: str | None = None,
         order: tuple[Target, ...] | None = None,
-    ) -> AsyncIterator[Reply]:
-        """Yield the answer to pass on. Raises 502/504 when no provider answered.
+    ) -> Forwarded:
+        """`async with` it for the answer to pass on. Raises 502/504 when no provider answered.
 
         `on_attempt`: told of each attempt before it goes (None: traces off).
         `affinity`: the conversation the request belongs to (None: none), kept on one key.
         `order`: the targets in the order to try them, as `order` gave them when the
         request was admitted (None: chosen now).
         """
-        reply, walk = await self._walk(
-            request, plan, tail, query, body, record, on_attempt, affinity, order
+        return Forwarded(
+            self._walk(request, plan, tail, query, body, record, on_attempt, affinity, order)
         )
-        try:
-            yield reply
-        finally:
-            # Closing (not releasing) drops a connection whose body was not read to the end,
-            # which is how a client that left cancels the upstream request at once.
-            reply.close()
-            if walk is not None and walk.serving is not None:
-                pool, credential = walk.serving
-                pool.ended(credential)
 
     @asynccontextmanager
     async def fetch(
@@ -232,8 +252,8 @@ class Failover:
             raise aiohttp.ClientConnectionError("the upstream wire is closed")
         outbound = build(target, "GET", headers, tail, query, b"", request_id, self._max_body_bytes)
         await outbound.use(credential)
-        async with asyncio.timeout(self.policy.request_timeout):
-            reply = await wire.request("GET", outbound.url, outbound.headers, None)
+        timeout = self.policy.request_timeout
+        reply = await wire.request("GET", outbound.url, outbound.headers, None, None, timeout)
         try:
             yield reply
         finally:
@@ -250,7 +270,7 @@ class Failover:
         on_attempt: OnAttempt | None,
         affinity: str | None,
         order: tuple[Target, ...] | None = None,
-    ) -> tuple[Reply, _Walk | None]:
+    ) -> tuple[Reply, Serving]:
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
             # (what the loop below would do too, without its bookkeeping).
@@ -282,15 +302,15 @@ class Failover:
             tried_any = True
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply, walk
+                return reply, walk.serving
             if walk.is_over:
                 break
         if not tried_any:  # every breaker open: try the least recently failed, not nothing
             target = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply, walk
-        return walk.give_up(), walk
+                return reply, walk.serving
+        return walk.give_up(), walk.serving
 
     async def _on_target(
         self,
@@ -393,12 +413,17 @@ class Failover:
             sent = True
 
         try:
-            await outbound.use(credential)  # a cloud's signature covers the bytes that go
-            async with asyncio.timeout(self.policy.request_timeout):
-                reply = await wire.request(
-                    outbound.method, outbound.url, outbound.headers, outbound.body or None,
-                    on_sent,
-                )  # fmt: skip
+            timeout = self.policy.request_timeout
+            if credential.signer is None:
+                await outbound.use(credential)
+            else:  # a cloud's signature covers the bytes that go; it may fetch a token
+                async with asyncio.timeout(timeout):
+                    await outbound.use(credential)
+                timeout -= time.perf_counter() - asked
+            reply = await wire.request(
+                outbound.method, outbound.url, outbound.headers, outbound.body or None,
+                on_sent, timeout,
+            )  # fmt: skip
         except TimeoutError:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout

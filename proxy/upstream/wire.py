@@ -16,6 +16,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
+- the wait for an answer's head bounded (`timeout`, connecting included) without a timer
+  per request: the requests waiting for a head share one alarm, set for the earliest
+  deadline among them (under steady traffic it goes off about once a `timeout`);
 - a reused connection the provider closed before answering is retried once on a new one,
   for idempotent methods only (a POST may have been read: it costs money); the caller is
   told when a request was written (`on_sent`), which is where "surely not started" ends;
@@ -29,6 +32,7 @@ WebSocket sessions still go through aiohttp's client, which this does not replac
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl
 from collections import deque
@@ -45,6 +49,8 @@ HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
 Origin = tuple[str, str, int]  # scheme, host, port
+# The alarm may go off this early (an event loop's timers round to the millisecond).
+CLOCK_SLACK = 0.001
 
 
 class Body:
@@ -240,6 +246,11 @@ class Connection(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.close()
 
+    def time_out(self) -> None:
+        """The head did not come in time: its waiter gets TimeoutError (and closes this)."""
+        if self.headed is not None and not self.headed.done():
+            self.headed.set_exception(TimeoutError())
+
     def _fail(self, error: BaseException) -> None:
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(error)
@@ -258,6 +269,11 @@ class Wire:
         self._idle: dict[Origin, deque[Connection]] = {}
         self._tls = ssl.create_default_context()
         self._closed = False
+        # Connections whose answer's head is awaited, with its deadline (the loop's time);
+        # one alarm for them all, at the earliest (`_alarm_at`).
+        self._heads: dict[Connection, float] = {}
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = math.inf
 
     async def request(
         self,
@@ -266,11 +282,15 @@ class Wire:
         headers: Mapping[str, str],
         body: bytes | None,
         on_sent: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> Reply:
         """Send one request; return as soon as the answer's head arrived.
 
         `on_sent` is told when the request is written to a connection: from then on the
         provider may be at work on it (before, a failure surely did not start it).
+        `timeout`: seconds from now until the head (connecting included); None: no bound
+        but the connect timeout. Raises TimeoutError when it passed (an
+        aiohttp.ConnectionTimeoutError while connecting, surely not sent).
         """
         origin = (
             url.scheme,
@@ -278,14 +298,15 @@ class Wire:
             url.port or (443 if url.scheme == "https" else 80),
         )
         head = _head(method, url, headers, body)
-        connection, reused = await self._checkout(origin)
+        deadline = math.inf if timeout is None else asyncio.get_running_loop().time() + timeout
+        connection, reused = await self._checkout(origin, deadline)
         try:
-            return await self._exchange(connection, method, head, on_sent)
+            return await self._exchange(connection, method, head, on_sent, deadline)
         except aiohttp.ServerDisconnectedError:
             if not (reused and method in IDEMPOTENT and not connection.heard):
                 raise
-        connection, _ = await self._checkout(origin, fresh=True)
-        return await self._exchange(connection, method, head, on_sent)
+        connection, _ = await self._checkout(origin, deadline, fresh=True)
+        return await self._exchange(connection, method, head, on_sent, deadline)
 
     async def _exchange(
         self,
@@ -293,19 +314,46 @@ class Wire:
         method: str,
         head: bytes,
         on_sent: Callable[[], None] | None,
+        deadline: float,
     ) -> Reply:
         headed = connection.begin(head_only=method == "HEAD")
         assert connection.transport is not None
         connection.transport.write(head)
         if on_sent is not None:
             on_sent()
+        heads = self._heads
+        if deadline < math.inf:
+            heads[connection] = deadline
+            if deadline < self._alarm_at:
+                self._set_alarm(deadline)
         try:
             return await headed
         except BaseException:
-            connection.finish(False)  # cancelled or failed: the connection is not reused
+            connection.finish(False)  # cancelled, timed out or failed: not reused
             raise
+        finally:
+            heads.pop(connection, None)
 
-    async def _checkout(self, origin: Origin, fresh: bool = False) -> tuple[Connection, bool]:
+    def _set_alarm(self, when: float) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm = asyncio.get_running_loop().call_at(when, self._ring)
+        self._alarm_at = when
+
+    def _ring(self) -> None:
+        """The alarm: every head awaited past its deadline times out; the next is set."""
+        self._alarm, self._alarm_at = None, math.inf
+        heads = self._heads
+        now = asyncio.get_running_loop().time() + CLOCK_SLACK
+        for connection in [c for c, deadline in heads.items() if deadline <= now]:
+            del heads[connection]
+            connection.time_out()
+        if heads:
+            self._set_alarm(min(heads.values()))
+
+    async def _checkout(
+        self, origin: Origin, deadline: float, fresh: bool = False
+    ) -> tuple[Connection, bool]:
         idle, now = self._idle.get(origin), asyncio.get_running_loop().time()
         while idle and not fresh:
             connection = idle.pop()
@@ -316,14 +364,14 @@ class Wire:
                 transport.close()
                 continue
             return connection, True
-        return await self._connect(origin), False
+        return await self._connect(origin, deadline), False
 
-    async def _connect(self, origin: Origin) -> Connection:
+    async def _connect(self, origin: Origin, deadline: float) -> Connection:
         scheme, host, port = origin
         tls = self._tls if scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(min(loop.time() + self.connect_timeout, deadline)):
                 _, connection = await loop.create_connection(
                     lambda: Connection(self, origin),
                     host,
@@ -357,6 +405,9 @@ class Wire:
 
     async def close(self) -> None:
         self._closed = True
+        if self._alarm is not None and not self._heads:
+            self._alarm.cancel()
+            self._alarm, self._alarm_at = None, math.inf
         for idle in self._idle.values():
             for connection in idle:
                 if connection.transport is not None:

@@ -293,3 +293,29 @@ async def test_a_body_read_to_its_end_gives_its_connection_back(
             body += chunk
         ports.append(body)
     assert len(set(ports)) == 1
+
+
+async def test_each_head_awaited_times_out_at_its_own_deadline(wire: Wire) -> None:
+    """One alarm serves every request waiting for a head: a later request with an earlier
+    deadline moves it; an answered one is left alone; a timed-out connection is closed."""
+    closed: asyncio.Queue[None] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /fast"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()  # the wire closes what timed out; keeps what answered
+        closed.put_nowait(None)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with server:
+        slow = asyncio.create_task(wire.request("GET", base / "slow", {}, None, timeout=30))
+        soon = asyncio.create_task(wire.request("GET", base / "soon", {}, None, timeout=0.2))
+        fast = await wire.request("GET", base / "fast", {}, None, timeout=0.1)
+        assert (fast.status, await fast.read()) == (200, b"ok")
+        done, _ = await asyncio.wait([slow, soon], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {soon} and isinstance(soon.exception(), TimeoutError)
+        await asyncio.wait_for(closed.get(), 5)  # its connection, closed
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
