@@ -54,18 +54,23 @@ CLOCK_SLACK = 0.001
 
 
 class Body:
-    """The answer's body as it arrives: `readany()` gives what is there, b"" at its end."""
+    """The answer's body as it arrives: `readany()` gives what is there, b"" at its end.
 
-    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection", "_on_eof")
+    It, not its Reply, gives the connection back (`release`, `close`), once: read to its
+    end, the connection serves the next request. It holds no reference to its Reply, and
+    the connection lets go of both when given back: an answer's objects are freed by
+    reference counting, not left for the garbage collector to find in a cycle."""
 
-    def __init__(self, connection: Connection, on_eof: Callable[[], None]) -> None:
+    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection", "_released")
+
+    def __init__(self, connection: Connection) -> None:
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._connection = connection
-        self._on_eof = on_eof  # read to its end: the connection can serve the next request
+        self._released = False
 
     def is_eof(self) -> bool:
         return self._done and not self._chunks
@@ -75,7 +80,7 @@ class Body:
             if self._error is not None:
                 raise self._error
             if self._done:
-                self._on_eof()
+                self.release()
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -88,9 +93,34 @@ class Body:
             self._connection.resume()
         return chunk
 
+    async def read(self) -> bytes:
+        """The rest of the body, whole; the connection given back."""
+        if self._done and self._error is None:  # all arrived (most small answers): no wait
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self.release()
+            return body
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         while chunk := await self.readany():
             yield chunk
+
+    def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if it can be reused."""
+        if not self._released:
+            self._released = True
+            self._connection.finish(self._done and not self._chunks)
+
+    def close(self) -> None:
+        """Done, whatever is left unread: the connection is closed."""
+        if not self._released:
+            self._released = True
+            self._connection.finish(False)
 
     def feed(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -116,15 +146,13 @@ class Body:
 class Reply:
     """A provider's answer: the surface of aiohttp's ClientResponse that the relay reads."""
 
-    __slots__ = ("status", "reason", "headers", "content", "_connection", "_released")
+    __slots__ = ("status", "reason", "headers", "content")
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
         self.reason: str | None = None
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-        self.content = Body(connection, self.release)
-        self._connection = connection
-        self._released = False
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
+        self.content = Body(connection)
 
     @property
     def content_length(self) -> int | None:
@@ -132,21 +160,18 @@ class Reply:
         return int(length) if length is not None and length.isdigit() else None
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.content.iter_any()]
-        self.release()
-        return b"".join(parts)
+        return await self.content.read()
 
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool if it can be reused."""
-        if not self._released:
-            self._released = True
-            self._connection.finish(self.content.is_eof())
+        self.content.release()
 
     def close(self) -> None:
         """Done, whatever is left unread: the connection is closed."""
-        if not self._released:
-            self._released = True
-            self._connection.finish(False)
+        self.content.close()
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # read-only: shared
 
 
 class Connection(asyncio.Protocol):
@@ -200,26 +225,28 @@ class Connection(asyncio.Protocol):
         self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
-        reply, parser = self.reply, self._parser
-        assert reply is not None and self.headed is not None
+        reply, headed, parser = self.reply, self.headed, self._parser
+        if reply is None or headed is None:  # given up (finish): the answer is not wanted
+            return
         status = parser.get_status_code()
         if status < 200:  # 1xx: an interim answer, the real one follows
             self._raw = []
             return
         reply.status = status
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in self._raw:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        reply.headers = CIMultiDictProxy(headers)
-        if not self.headed.done():
-            self.headed.set_result(reply)
+        reply.headers = CIMultiDictProxy(
+            CIMultiDict(
+                [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
+            )
+        )
+        if not headed.done():
+            headed.set_result(reply)
         if self.head_only or status in BODILESS:
             reply.content.end()  # no body follows; the parser cannot know that for HEAD
             self.reusable = status in BODILESS and parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        assert self.reply is not None
-        self.reply.content.feed(body)
+        if self.reply is not None:  # None: given up (finish), the rest is not wanted
+            self.reply.content.feed(body)
 
     def on_message_complete(self) -> None:
         if self.reply is None or self.reply.status < 200:
@@ -240,8 +267,8 @@ class Connection(asyncio.Protocol):
 
     def finish(self, complete: bool) -> None:
         self.resume()
+        self.reply = self.headed = None
         if complete and self.reusable and self.transport and not self.transport.is_closing():
-            self.reply = self.headed = None
             self.wire.keep(self)
         elif self.transport is not None:
             self.transport.close()
@@ -298,41 +325,39 @@ class Wire:
             url.port or (443 if url.scheme == "https" else 80),
         )
         head = _head(method, url, headers, body)
-        deadline = math.inf if timeout is None else asyncio.get_running_loop().time() + timeout
-        connection, reused = await self._checkout(origin, deadline)
-        try:
-            return await self._exchange(connection, method, head, on_sent, deadline)
-        except aiohttp.ServerDisconnectedError:
-            if not (reused and method in IDEMPOTENT and not connection.heard):
-                raise
-        connection, _ = await self._checkout(origin, deadline, fresh=True)
-        return await self._exchange(connection, method, head, on_sent, deadline)
-
-    async def _exchange(
-        self,
-        connection: Connection,
-        method: str,
-        head: bytes,
-        on_sent: Callable[[], None] | None,
-        deadline: float,
-    ) -> Reply:
-        headed = connection.begin(head_only=method == "HEAD")
-        assert connection.transport is not None
-        connection.transport.write(head)
-        if on_sent is not None:
-            on_sent()
-        heads = self._heads
-        if deadline < math.inf:
-            heads[connection] = deadline
-            if deadline < self._alarm_at:
-                self._set_alarm(deadline)
-        try:
-            return await headed
-        except BaseException:
-            connection.finish(False)  # cancelled, timed out or failed: not reused
-            raise
-        finally:
+        now = asyncio.get_running_loop().time()
+        deadline = math.inf if timeout is None else now + timeout
+        connection = self._idle_one(origin, now)
+        reused, heads = connection is not None, self._heads
+        while True:
+            if connection is None:
+                connection = await self._connect(origin, deadline)
+            headed = connection.begin(head_only=method == "HEAD")
+            assert connection.transport is not None
+            connection.transport.write(head)
+            if on_sent is not None:
+                on_sent()
+            if deadline < math.inf:
+                heads[connection] = deadline
+                if deadline < self._alarm_at:
+                    self._set_alarm(deadline)
+            try:
+                reply = await headed
+            except BaseException as error:
+                heads.pop(connection, None)
+                connection.finish(False)  # cancelled, timed out or failed: not reused
+                if not (
+                    reused
+                    and isinstance(error, aiohttp.ServerDisconnectedError)
+                    and method in IDEMPOTENT
+                    and not connection.heard
+                ):
+                    raise
+                # A kept connection the provider had closed, unheard: once more on a new one.
+                connection, reused = None, False
+                continue
             heads.pop(connection, None)
+            return reply
 
     def _set_alarm(self, when: float) -> None:
         if self._alarm is not None:
@@ -351,11 +376,10 @@ class Wire:
         if heads:
             self._set_alarm(min(heads.values()))
 
-    async def _checkout(
-        self, origin: Origin, deadline: float, fresh: bool = False
-    ) -> tuple[Connection, bool]:
-        idle, now = self._idle.get(origin), asyncio.get_running_loop().time()
-        while idle and not fresh:
+    def _idle_one(self, origin: Origin, now: float) -> Connection | None:
+        """The connection to `origin` kept last, if one is still open and fresh."""
+        idle = self._idle.get(origin)
+        while idle:
             connection = idle.pop()
             transport = connection.transport
             if transport is None or transport.is_closing():
@@ -363,8 +387,8 @@ class Wire:
             if now - connection.idle_since > self.keepalive_seconds:
                 transport.close()
                 continue
-            return connection, True
-        return await self._connect(origin, deadline), False
+            return connection
+        return None
 
     async def _connect(self, origin: Origin, deadline: float) -> Connection:
         scheme, host, port = origin
@@ -416,20 +440,29 @@ class Wire:
 
 
 def _head(method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    target = url.raw_path_qs or "/"
-    default_port = url.port is None or url.port == (443 if url.scheme == "https" else 80)
-    host = url.raw_host if default_port else f"{url.raw_host}:{url.port}"
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines += [
-        f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in _OURS
-    ]
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body or b'')}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape") + (body or b"")
+    """The request line and headers (plus Host and Content-Length of ours), then the body."""
+    host, port = url.raw_host or "", url.port
+    if port is not None and port != (443 if url.scheme == "https" else 80):
+        host = f"{host}:{port}"
+    if isinstance(headers, _CASELESS) and not any(map(headers.__contains__, _OURS)):
+        # the relay's (none of ours to drop, asked case-blind): each "name: value" joined in C
+        fields = "\r\n".join(map(": ".join, headers.items()))
+    else:
+        fields = "\r\n".join(
+            [f"{name}: {value}" for name, value in headers.items() if name.lower() not in _OURS]
+        )
+    text = f"{method} {url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host}"
+    if fields:
+        text = f"{text}\r\n{fields}"
+    if body or method in _BODIED:
+        text = f"{text}\r\nContent-Length: {len(body) if body else 0}"
+    head = f"{text}\r\n\r\n".encode("utf-8", "surrogateescape")
+    return head + body if body else head
 
 
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
+_CASELESS = (CIMultiDict, CIMultiDictProxy)
+_BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
 
 
 def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:
