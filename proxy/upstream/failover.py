@@ -329,7 +329,7 @@ class Failover:
             record.request_id, self._max_body_bytes,
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool
-        while (credential := pool.pick(clock(), walk.affinity, frozenset(tried))) is not None:
+        while (credential := pool.pick(clock(), walk.affinity, tried)) is not None:
             if record.attempts and clock() >= walk.deadline:
                 walk.is_over = True
                 return None
@@ -445,7 +445,8 @@ class Failover:
             raise
         else:
             ms = record.waited_upstream(asked)
-            if pool is not None and reply.status not in RETRYABLE:
+            status = reply.status
+            if pool is not None and status not in RETRYABLE:
                 answered = now()
                 pool.measured(credential, answered - began, answered)
             record.add_attempt(
@@ -453,15 +454,18 @@ class Failover:
                     target.name,
                     target.provider.name,
                     credential.label,
-                    reply.status,
+                    status,
                     Outcome.ANSWERED,
                     None,
                     ms,
                 )  # fmt: skip
             )
-            if reply.status in RETRYABLE and reply.status != 429:
-                breaker.failed(now(), f"{reply.status} from {where(target)}")
-            elif reply.status in RETRYABLE or reply.status in KEY_REFUSED:
+            if status in RETRYABLE:
+                if status == 429:
+                    breaker.abstain()  # about a key, not the target
+                else:
+                    breaker.failed(now(), f"{status} from {where(target)}")
+            elif status in KEY_REFUSED:
                 breaker.abstain()  # about a key, not the target
             else:
                 breaker.succeeded(now())

@@ -39,6 +39,7 @@ import random
 import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from proxy.errors import GatewayError
@@ -134,7 +135,7 @@ class Pool:
         self._unmeasured = len(credentials)  # keys with no time to first byte yet
 
     def pick(
-        self, now: float, affinity: bytes | None = None, exclude: frozenset[str] = frozenset()
+        self, now: float, affinity: bytes | None = None, exclude: AbstractSet[str] = frozenset()
     ) -> Credential | None:
         """The next usable key (not resting, not excluded); None when none is left.
 
