@@ -13,7 +13,7 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observe.metrics import MODEL_LABEL_VALUES, Metrics
-from proxy.observe.worker_metrics import forget_worker
+from proxy.observe.worker_metrics import ProcessId, forget_worker
 from proxy.record import CLIENT_CLOSED, Outcome, Record, Usage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,3 +335,18 @@ def test_the_watching_page_names_every_series() -> None:
         if name not in readme and f"{name}_total" not in readme and f"{name}_seconds" not in readme
     ]
     assert not missing, f"not in docs/watching.md: {missing}"
+
+
+def test_the_kept_process_id_is_taken_again_in_a_forked_child() -> None:
+    process_id = ProcessId()
+    assert process_id() == os.getpid()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: says what it takes for its id, and leaves at once
+        os.write(writer, str(process_id()).encode())
+        os._exit(0)
+    os.close(writer)
+    said = os.read(reader, 64)
+    os.close(reader)
+    os.waitpid(child, 0)
+    assert int(said) == child
