@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
+from tests.support.observed import log_lines
 from tests.support.processes import Processes, refused, serving_pid, start_gateway, wait_listening
 
 
@@ -53,6 +54,9 @@ async def test_two_workers_share_the_port_sum_their_metrics_and_drain_together(
     assert await asyncio.gather(*(one(index) for index in range(60))) == [200] * 60
     pids = {name.rsplit("_", 1)[-1] for name in (p.name for p in metrics_dir.glob("counter_*.db"))}
     assert len(pids) == 2, f"requests reached only {pids}"
+    # A request's metrics are counted after its answer has gone out, just before its log
+    # line is handed to the writer: once the 60 lines are there, so are the counts.
+    await log_lines([log], 60)
     async with aiohttp.ClientSession() as session:
         async with session.get(
             f"{url}/metrics", headers={"Accept": "application/json"}
