@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 
 
@@ -176,11 +177,23 @@ async def test_a_full_disk_leaves_only_whole_lines_and_is_counted_and_said(
         processes, process_keys, log, LOG_BODIES="true", QUOTA_ENABLED="false"
     )
     deadline = time.monotonic() + 30
+    sent = 0
     while await metric(url, "llm_gateway_log_write_errors_total") == 0:
         assert time.monotonic() < deadline, "the disk never filled up"
         # 7 KiB bodies: a batch of lines fills the last pages part-way through a line.
         assert await chats(url, 20, prompt_bytes=7 * 1024, concurrency=20) == [200] * 20
-    whole_lines(log)
+        sent += 20
+
+    async def every_line_written_or_lost() -> bool:
+        lost = await metric(url, "llm_gateway_log_write_errors_total") + await metric(
+            url, "llm_gateway_log_lines_dropped_total"
+        )
+        # Counted by their ends: a write going on may show a line's start before it is cut back.
+        return log.read_bytes().count(b"\n") + lost >= sent
+
+    # The lines still queued when the disk filled would take the room made next.
+    await until(every_line_written_or_lost, 10, f"{sent} lines written or counted lost")
+    whole_lines(log)  # every write is over: what a failed one cut was cut back
     filler.unlink()
     assert await chats(url, 5, tag="room") == [200] * 5
     deadline = time.monotonic() + 10
