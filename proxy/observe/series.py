@@ -87,8 +87,8 @@ class _Series(Collector, Generic[Child]):
         self,
         name: str,
         documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry | None,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._name, self._documentation = name, documentation
         self._labelnames = tuple(labelnames)
@@ -100,6 +100,9 @@ class _Series(Collector, Generic[Child]):
 
     def _new_child(self) -> Child:
         raise NotImplementedError
+
+    def labels(self, *values: str) -> Child:
+        return self._child(values)
 
     def _child(self, values: tuple[str, ...]) -> Child:
         child = self._children.get(values)
@@ -128,15 +131,6 @@ class _Series(Collector, Generic[Child]):
 class LoopCounter(_Series[LoopCount]):
     """A counter: `labels(...)` (or the counter itself, without labels) `.inc(amount)`."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-
     def _new_child(self) -> LoopCount:
         return LoopCount()
 
@@ -146,9 +140,6 @@ class LoopCounter(_Series[LoopCount]):
     def _add(self, family: Metric, values: tuple[str, ...], child: LoopCount) -> None:
         assert isinstance(family, CounterMetricFamily)
         family.add_metric(values, child.value)
-
-    def labels(self, *values: str) -> LoopCount:
-        return self._child(values)
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
@@ -176,9 +167,6 @@ class LoopGauge(_Series[LoopValue]):
     def _add(self, family: Metric, values: tuple[str, ...], child: LoopValue) -> None:
         assert isinstance(family, GaugeMetricFamily)
         family.add_metric(values, child.value)
-
-    def labels(self, *values: str) -> LoopValue:
-        return self._child(values)
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
@@ -216,9 +204,6 @@ class LoopHistogram(_Series[LoopBuckets]):
 
     def _family(self) -> Metric:
         return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
-
-    def labels(self, *values: str) -> LoopBuckets:
-        return self._child(values)
 
     def _add(self, family: Metric, values: tuple[str, ...], child: LoopBuckets) -> None:
         assert isinstance(family, HistogramMetricFamily)
