@@ -536,16 +536,18 @@ async def test_an_answer_without_content_type_gets_none_added(gateway, fake) -> 
 async def test_a_silence_is_cut_by_the_first_sweep_after_the_timeout_never_before() -> None:
     silences, idle = Silences(10.0), 10.0
     forever = asyncio.get_running_loop().create_future()
+    silent = asyncio.Event()  # the task reached its silence
 
     async def relayed() -> None:
         with silences.watch() as watch:
             for tenth in range(1, 101):  # a chunk every 0.1 s from t = 100 to 110
                 watch.last = 100.0 + tenth / 10
                 silences.sweep(watch.last)  # a sweep at every chunk: none cuts
+            silent.set()
             await forever  # then silence from t = 110
 
     task = asyncio.create_task(relayed())
-    await asyncio.sleep(0)  # the task runs to its silence
+    await silent.wait()
     sweeps = [110.0 + idle * IDLE_SLACK * step for step in range(11)]  # one per slack
     for when in sweeps[:-1]:
         silences.sweep(when)  # the silence is shorter than the timeout: not cut
