@@ -128,24 +128,32 @@ class _Series(Collector, Generic[Child]):
         raise NotImplementedError
 
 
-class LoopCounter(_Series[LoopCount]):
+class _OneValue(_Series[Child]):
+    """A family whose children each hold one float (`value`): counters and gauges."""
+
+    _family_type: type[CounterMetricFamily] | type[GaugeMetricFamily]
+
+    def _family(self) -> Metric:
+        return self._family_type(self._name, self._documentation, labels=self._labelnames)
+
+    def _add(self, family: Metric, values: tuple[str, ...], child: Child) -> None:
+        assert isinstance(family, self._family_type) and not isinstance(child, LoopBuckets)
+        family.add_metric(values, child.value)
+
+
+class LoopCounter(_OneValue[LoopCount]):
     """A counter: `labels(...)` (or the counter itself, without labels) `.inc(amount)`."""
+
+    _family_type = CounterMetricFamily
 
     def _new_child(self) -> LoopCount:
         return LoopCount()
-
-    def _family(self) -> Metric:
-        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-
-    def _add(self, family: Metric, values: tuple[str, ...], child: LoopCount) -> None:
-        assert isinstance(family, CounterMetricFamily)
-        family.add_metric(values, child.value)
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
 
 
-class LoopGauge(_Series[LoopValue]):
+class LoopGauge(_OneValue[LoopValue]):
     """A gauge: `labels(...)` (or the gauge itself, without labels) `.inc`, `.dec`, `.set`."""
 
     def __init__(
@@ -158,15 +166,10 @@ class LoopGauge(_Series[LoopValue]):
     ) -> None:
         super().__init__(name, documentation, labelnames, registry)
 
+    _family_type = GaugeMetricFamily
+
     def _new_child(self) -> LoopValue:
         return LoopValue()
-
-    def _family(self) -> Metric:
-        return GaugeMetricFamily(self._name, self._documentation, labels=self._labelnames)
-
-    def _add(self, family: Metric, values: tuple[str, ...], child: LoopValue) -> None:
-        assert isinstance(family, GaugeMetricFamily)
-        family.add_metric(values, child.value)
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
