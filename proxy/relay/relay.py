@@ -213,7 +213,7 @@ async def send_whole(
     try:
         if isinstance(reply, StoredAnswer):
             data = reply.body
-        elif reply.content.is_eof():  # nothing (more) to come
+        elif reply.content.has_arrived():  # no wait, so no silence to watch
             data = await reply.read()
         else:
             parts = []

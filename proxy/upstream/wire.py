@@ -72,8 +72,9 @@ class Body:
         self._connection = connection
         self._released = False
 
-    def is_eof(self) -> bool:
-        return self._done and not self._chunks
+    def has_arrived(self) -> bool:
+        """All of the body is here, whole (most small answers come with their head)."""
+        return self._done and self._error is None
 
     async def readany(self) -> bytes:
         while not self._chunks:
@@ -95,7 +96,7 @@ class Body:
 
     async def read(self) -> bytes:
         """The rest of the body, whole; the connection given back."""
-        if self._done and self._error is None:  # all arrived (most small answers): no wait
+        if self.has_arrived():  # most small answers: no wait
             body = b"".join(self._chunks)
             self._chunks.clear()
             self._size = 0
