@@ -112,15 +112,20 @@ class Forwarded:
     A class, not @asynccontextmanager: this is on every request's path, and a generator
     and its wrapper cost several times what two plain methods do."""
 
-    __slots__ = ("_walking", "_reply", "_serving")
+    __slots__ = ("_walking", "_walk", "_reply")
 
-    def __init__(self, walking: Coroutine[object, object, tuple[Reply, Serving]]) -> None:
+    def __init__(self, walking: Coroutine[object, object, Reply], walk: _Walk | None) -> None:
+        """`walking`: a walk along `walk`, or (`walk` None) the one attempt of a plan of one
+        key without retries, awaited here without a walk's coroutine around it."""
         self._walking = walking
+        self._walk = walk
         self._reply: Reply | None = None
-        self._serving: Serving = None
 
     async def __aenter__(self) -> Reply:
-        self._reply, self._serving = await self._walking
+        try:
+            self._reply = await self._walking
+        except Failed as failed:  # the one attempt's (a walk gives up on its own)
+            raise unanswered(failed) from None
         return self._reply
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -128,8 +133,8 @@ class Forwarded:
         # Closing (not releasing) drops a connection whose body was not read to the end,
         # which is how a client that left cancels the upstream request at once.
         self._reply.close()
-        if self._serving is not None:
-            pool, credential = self._serving
+        if self._walk is not None and self._walk.serving is not None:
+            pool, credential = self._walk.serving
             pool.ended(credential)
 
 
@@ -151,11 +156,7 @@ class _Walk:
         if self.kept is not None:
             return self.kept
         assert self.failure is not None, "a plan has at least one target and one key"
-        failure = self.failure
-        status = 504 if failure.outcome is Outcome.TIMEOUT else 502
-        code = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        message = failure.why[0].upper() + failure.why[1:] + "."
-        raise GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
+        raise unanswered(self.failure)
 
 
 class Failed(Exception):
@@ -165,6 +166,14 @@ class Failed(Exception):
     def __init__(self, outcome: Outcome, why: str, sent: bool = False) -> None:
         super().__init__(why)
         self.outcome, self.why, self.sent = outcome, why, sent
+
+
+def unanswered(failure: Failed) -> GatewayError:
+    """The gateway's 502/504 when no provider answered, carrying how the last try failed."""
+    status = 504 if failure.outcome is Outcome.TIMEOUT else 502
+    code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+    message = failure.why[0].upper() + failure.why[1:] + "."
+    return GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
 
 
 class Failover:
@@ -230,9 +239,22 @@ class Failover:
         `order`: the targets in the order to try them, as `order` gave them when the
         request was admitted (None: chosen now).
         """
-        return Forwarded(
-            self._walk(request, plan, tail, query, body, record, on_attempt, affinity, order)
+        if plan.is_single and self.policy.attempts == 0:
+            # One target, one key, no retries: one attempt, and whatever it gets goes on
+            # (what a walk would do too, without its bookkeeping and its coroutine).
+            target = plan.primary
+            outbound = build(
+                target, request.method, request.headers, tail, query, body,
+                record.request_id, self._max_body_bytes,
+            )  # fmt: skip
+            credential = target.pool.credentials[0]
+            return Forwarded(self._attempt(outbound, credential, record, on_attempt), None)
+        walk = _Walk(
+            self.breakers.clock() + self.policy.deadline_seconds,
+            on_attempt=on_attempt,
+            affinity=None if affinity is None else affinity_of(affinity),
         )
+        return Forwarded(self._walk(request, plan, tail, query, body, record, walk, order), walk)
 
     @asynccontextmanager
     async def fetch(
@@ -267,33 +289,13 @@ class Failover:
         query: str,
         body: bytes,
         record: Record,
-        on_attempt: OnAttempt | None,
-        affinity: str | None,
+        walk: _Walk,
         order: tuple[Target, ...] | None = None,
-    ) -> tuple[Reply, Serving]:
-        if plan.is_single and self.policy.attempts == 0:
-            # One target, one key, no retries: one attempt, and whatever it gets goes on
-            # (what the loop below would do too, without its bookkeeping).
-            target = plan.primary
-            outbound = build(
-                target, request.method, request.headers, tail, query, body,
-                record.request_id, self._max_body_bytes,
-            )  # fmt: skip
-            try:
-                credential = target.pool.credentials[0]
-                return await self._attempt(outbound, credential, record, on_attempt), None
-            except Failed as failed:
-                return _Walk(0.0, failure=failed).give_up(), None
+    ) -> Reply:
         breakers = self.breakers
-        now = breakers.clock()
-        walk = _Walk(
-            now + self.policy.deadline_seconds,
-            on_attempt=on_attempt,
-            affinity=None if affinity is None else affinity_of(affinity),
-        )
         tried_any = False
         if order is None:
-            order = plan.in_order(now, walk.affinity, breakers.is_closed)
+            order = plan.in_order(breakers.clock(), walk.affinity, breakers.is_closed)
         for target in order:
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
@@ -302,15 +304,15 @@ class Failover:
             tried_any = True
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply, walk.serving
+                return reply
             if walk.is_over:
                 break
         if not tried_any:  # every breaker open: try the least recently failed, not nothing
             target = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
-                return reply, walk.serving
-        return walk.give_up(), walk.serving
+                return reply
+        return walk.give_up()
 
     async def _on_target(
         self,
@@ -415,7 +417,7 @@ class Failover:
         try:
             timeout = self.policy.request_timeout
             if credential.signer is None:
-                await outbound.use(credential)
+                outbound.use_key(credential)
             else:  # a cloud's signature covers the bytes that go; it may fetch a token
                 async with asyncio.timeout(timeout):
                     await outbound.use(credential)

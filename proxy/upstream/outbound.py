@@ -42,9 +42,13 @@ class Outbound:
         """Set `credential` for the next attempt. Raises SigningFailed (a cloud's)."""
         signer = credential.signer
         if signer is None:
-            self.target.provider.set_credential(self.headers, credential.api_key)
+            self.use_key(credential)
         else:
             await signer.sign(self.method, self.url, self.headers, self.body)
+
+    def use_key(self, credential: Credential) -> None:
+        """`use` for a credential without a signer (a real key): set at once, no coroutine."""
+        self.target.provider.set_credential(self.headers, credential.api_key)
 
 
 def build(

@@ -83,7 +83,7 @@ class Body:
             if self._done:
                 self.release()
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -179,7 +179,7 @@ class Connection(asyncio.Protocol):
     """One connection to an origin, answering one request at a time."""
 
     def __init__(self, wire: Wire, origin: Origin) -> None:
-        self.wire, self.origin = wire, origin
+        self.wire, self.origin, self.loop = wire, origin, wire.loop
         self.transport: asyncio.Transport | None = None
         self.reply: Reply | None = None
         self.headed: asyncio.Future[Reply] | None = None
@@ -195,7 +195,7 @@ class Connection(asyncio.Protocol):
         self._raw, self.heard, self.reusable = [], False, False
         self.head_only = head_only
         self.reply = Reply(self)
-        self.headed = asyncio.get_running_loop().create_future()
+        self.headed = self.loop.create_future()
         return self.headed
 
     # --- asyncio.Protocol ---
@@ -292,6 +292,9 @@ class Wire:
     """Kept-alive connections per origin, and the one way to send a request on them."""
 
     def __init__(self, connect_timeout: float, keepalive_seconds: float = 30.0) -> None:
+        """Made in the running loop, which it keeps: asking for it (asyncio.get_running_loop)
+        costs a getpid() system call in CPython 3.11, several times a request."""
+        self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.keepalive_seconds = keepalive_seconds
         self._idle: dict[Origin, deque[Connection]] = {}
@@ -320,13 +323,13 @@ class Wire:
         but the connect timeout. Raises TimeoutError when it passed (an
         aiohttp.ConnectionTimeoutError while connecting, surely not sent).
         """
-        origin = (
-            url.scheme,
-            url.raw_host or "",
-            url.port or (443 if url.scheme == "https" else 80),
-        )
-        head = _head(method, url, headers, body)
-        now = asyncio.get_running_loop().time()
+        scheme, host, port = url.scheme, url.raw_host or "", url.port
+        default_port = 443 if scheme == "https" else 80
+        origin = (scheme, host, port or default_port)
+        if port is not None and port != default_port:
+            host = f"{host}:{port}"
+        head = _head(method, url.raw_path_qs or "/", host, headers, body)
+        now = self.loop.time()
         deadline = math.inf if timeout is None else now + timeout
         connection = self._idle_one(origin, now)
         reused, heads = connection is not None, self._heads
@@ -363,14 +366,14 @@ class Wire:
     def _set_alarm(self, when: float) -> None:
         if self._alarm is not None:
             self._alarm.cancel()
-        self._alarm = asyncio.get_running_loop().call_at(when, self._ring)
+        self._alarm = self.loop.call_at(when, self._ring)
         self._alarm_at = when
 
     def _ring(self) -> None:
         """The alarm: every head awaited past its deadline times out; the next is set."""
         self._alarm, self._alarm_at = None, math.inf
         heads = self._heads
-        now = asyncio.get_running_loop().time() + CLOCK_SLACK
+        now = self.loop.time() + CLOCK_SLACK
         for connection in [c for c, deadline in heads.items() if deadline <= now]:
             del heads[connection]
             connection.time_out()
@@ -394,7 +397,7 @@ class Wire:
     async def _connect(self, origin: Origin, deadline: float) -> Connection:
         scheme, host, port = origin
         tls = self._tls if scheme == "https" else None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout_at(min(loop.time() + self.connect_timeout, deadline)):
                 _, connection = await loop.create_connection(
@@ -420,7 +423,7 @@ class Wire:
             if connection.transport is not None:
                 connection.transport.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = self.loop.time()
         self._idle.setdefault(connection.origin, deque()).append(connection)
 
     def forget(self, connection: Connection) -> None:
@@ -440,24 +443,22 @@ class Wire:
         self._idle.clear()
 
 
-def _head(method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    """The request line and headers (plus Host and Content-Length of ours), then the body."""
-    host, port = url.raw_host or "", url.port
-    if port is not None and port != (443 if url.scheme == "https" else 80):
-        host = f"{host}:{port}"
-    if isinstance(headers, _CASELESS) and not any(map(headers.__contains__, _OURS)):
+def _head(
+    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None
+) -> bytes:
+    """The request line for `target` (path and query), the headers plus Host and
+    Content-Length of ours, then the body."""
+    if isinstance(headers, _CASELESS) and headers.keys().isdisjoint(_OURS):
         # the relay's (none of ours to drop, asked case-blind): each "name: value" joined in C
         fields = "\r\n".join(map(": ".join, headers.items()))
     else:
         fields = "\r\n".join(
             [f"{name}: {value}" for name, value in headers.items() if name.lower() not in _OURS]
         )
-    text = f"{method} {url.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host}"
-    if fields:
-        text = f"{text}\r\n{fields}"
-    if body or method in _BODIED:
-        text = f"{text}\r\nContent-Length: {len(body) if body else 0}"
-    head = f"{text}\r\n\r\n".encode("utf-8", "surrogateescape")
+    before = "\r\n" if fields else ""
+    length = f"\r\nContent-Length: {len(body) if body else 0}" if body or method in _BODIED else ""
+    text = f"{method} {target} HTTP/1.1\r\nHost: {host}{before}{fields}{length}\r\n\r\n"
+    head = text.encode("utf-8", "surrogateescape")
     return head + body if body else head
 
 
