@@ -89,8 +89,9 @@ class Body:
             finally:
                 self._waiter = None
         chunk = self._chunks.popleft()
-        self._size -= len(chunk)
-        if self._size < HIGH_WATER:
+        size = self._size
+        self._size = size - len(chunk)
+        if size >= HIGH_WATER > self._size:  # only then can reading have paused (feed)
             self._connection.resume()
         return chunk
 
@@ -188,11 +189,13 @@ class Connection(asyncio.Protocol):
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
         self._paused = False
-        self._raw: list[tuple[bytes, bytes]] = []
+        # The answer's header fields as they are parsed (after its head, a throwaway that
+        # takes a chunked body's trailers).
+        self._fields: CIMultiDict[str] = CIMultiDict()
         self._parser = httptools.HttpResponseParser(self)
 
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
-        self._raw, self.heard, self.reusable = [], False, False
+        self._fields, self.heard, self.reusable = CIMultiDict(), False, False
         self.head_only = head_only
         self.reply = Reply(self)
         self.headed = self.loop.create_future()
@@ -223,22 +226,18 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name, value))
+        self._fields.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         reply, headed, parser = self.reply, self.headed, self._parser
         if reply is None or headed is None:  # given up (finish): the answer is not wanted
             return
         status = parser.get_status_code()
+        fields, self._fields = self._fields, CIMultiDict()
         if status < 200:  # 1xx: an interim answer, the real one follows
-            self._raw = []
             return
         reply.status = status
-        reply.headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
-            )
-        )
+        reply.headers = CIMultiDictProxy(fields)
         if not headed.done():
             headed.set_result(reply)
         if self.head_only or status in BODILESS:
@@ -424,7 +423,10 @@ class Wire:
                 connection.transport.close()
             return
         connection.idle_since = self.loop.time()
-        self._idle.setdefault(connection.origin, deque()).append(connection)
+        idle = self._idle.get(connection.origin)
+        if idle is None:  # not setdefault: it would make a deque each time
+            idle = self._idle[connection.origin] = deque()
+        idle.append(connection)
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.origin)
