@@ -67,17 +67,26 @@ class Dispatch:
         self._expect = expect
         self._cors = cors
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    def __call__(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        """The handler's answer, to await. Not a coroutine itself: aiohttp awaits what it
+        returns, so a proxied request steps through one coroutine level less at each await."""
         # The path the router matches (`path_safe`: %2F stays encoded), so a path goes to
         # the exchange here exactly when the router would resolve it to the catch-all.
         path = request.rel_url.path_safe
         if path in self._own_paths or path.startswith(self._own_prefixes):
-            return await self._routed(request)
+            return self._routed(request)
         if request.headers.get(hdrs.EXPECT):
-            answer = await self._expect(request)
-            await request.writer.drain()
-            if answer is not None:
-                return answer
+            return self._expected(request)
+        if self._cors is not None and request.method == hdrs.METH_OPTIONS:
+            return self._cors.preflight(request, self._proxied)  # any other: not a preflight
+        return self._proxied(request)
+
+    async def _expected(self, request: web.Request) -> web.StreamResponse:
+        """A proxied request with an `Expect`: answered first, then as any other."""
+        answer = await self._expect(request)
+        await request.writer.drain()
+        if answer is not None:
+            return answer
         if self._cors is not None:
             return await self._cors.preflight(request, self._proxied)
         return await self._proxied(request)

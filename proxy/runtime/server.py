@@ -151,8 +151,12 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
     loop = asyncio.get_running_loop()
     host, port = settings.server_host, settings.server_port
 
+    # `server.connections` copies every connection into a new list at each call: its dict
+    # is counted in place (up to MAX_CONNECTIONS entries at each new connection).
+    held, most = server._connections, settings.max_connections
+
     def connection() -> asyncio.BaseProtocol:
-        if len(server.connections) >= settings.max_connections:
+        if len(held) >= most:
             return Refusal()
         # `server()` would build aiohttp's own RequestHandler; this one differs only in
         # `cut` (`_kwargs`: what `server()` passes).
