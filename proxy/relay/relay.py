@@ -12,11 +12,13 @@ travels up as an exception carrying its outcome (`GatewayError` before the answe
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.cache import Lookup
@@ -139,11 +141,11 @@ class Relay:
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
                 response = await send_whole(reply, headers, tap, record, silences, collect)
             else:
-                response = web.StreamResponse(status=status, reason=reply.reason, headers=headers)
+                response = HeldHead(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
                 response[UNTYPED] = True  # see keep_untyped
             try:
-                await response.prepare(request)
+                writer = await response.prepare(request)
                 if isinstance(response, web.Response):
                     # Sent here, not by aiohttp after the handler returns: the settle (price,
                     # quota, metrics, the log line) then runs after the client has its
@@ -158,7 +160,8 @@ class Relay:
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
-            await relay_body(reply, response, tap, record, silences, withheld, collect)
+            assert writer is not None  # prepared: the head is ready to go
+            await relay_body(reply, response, writer, tap, record, silences, withheld, collect)
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
@@ -244,6 +247,22 @@ async def send_whole(
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
 
 
+class HeldHead(web.StreamResponse):
+    """A streamed answer whose head waits to go out with its first chunk, in one write
+    (aiohttp's own `Response` holds its head for its body the same way); `relay_body`
+    decides when the head cannot wait."""
+
+    _send_headers_immediately = False
+
+
+def send_head(writer: AbstractStreamWriter) -> None:
+    """The held head goes out now, if it has not yet."""
+    try:
+        writer.send_headers()
+    except ConnectionResetError:  # the client left: the stream's next write tells it
+        return
+
+
 def keep_untyped(response: web.StreamResponse) -> None:
     """At prepare (relay.dispatch): aiohttp adds application/octet-stream; a provider's
     answer that had no Content-Type goes on without one: the gateway passes answers through
@@ -256,6 +275,7 @@ def keep_untyped(response: web.StreamResponse) -> None:
 async def relay_body(
     reply: WireReply,
     response: web.StreamResponse,
+    writer: AbstractStreamWriter,
     tap: UsageTap,
     record: Record,
     silences: Silences,
@@ -269,16 +289,31 @@ async def relay_body(
     One watch serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
     flag `is_writing` tells whose it was when it fires.
+
+    `writer`: the prepared response's, which holds its head (`HeldHead`) until the first
+    chunk; the head goes out alone only if that chunk has to be waited for.
     """
-    read, clock = reply.content.readany, time.perf_counter
-    status, is_writing = reply.status, False
+    content = reply.content
+    read, has_arrived, clock = content.readany, content.has_arrived, time.perf_counter
+    status, is_writing, loop = reply.status, False, asyncio.get_running_loop()
     try:
-        with silences.watch() as watch:
+        with silences.watch(loop) as watch:
             asked = clock()
-            chunk = await read()
+            # The head goes out with the first chunk, in one write, when that chunk is at
+            # hand; when the read has to wait, the loop's next turn sends the head alone.
+            sending = loop.call_soon(send_head, writer)
+            try:
+                chunk = await read()
+            finally:
+                sending.cancel()
             record.waited_upstream(asked)
             record.mark_first_byte()
             while chunk:
+                following = None
+                # Once the body's end has come, what is left of it is here: reading ahead
+                # costs no wait, and tells the last chunk, which goes out with the end.
+                if has_arrived() and not (following := await read()):
+                    break
                 is_writing = True
                 sent = chunk if withheld is None else withheld(chunk)
                 await response.write(sent)
@@ -287,14 +322,14 @@ async def relay_body(
                 if collect is not None:
                     collect(sent)
                 watch.moved()
-                asked = clock()
-                chunk = await read()
-                record.waited_upstream(asked)
+                if following is None:
+                    asked = clock()
+                    chunk = await read()
+                    record.waited_upstream(asked)
+                else:
+                    chunk = following
             is_writing = True
-            rest = b"" if withheld is None else withheld.rest()
-            await response.write_eof(rest)
-            if collect is not None:
-                collect(rest)
+            await send_end(response, chunk, tap, withheld, collect)
     except ConnectionResetError:  # the client left: not the provider's failure
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except TimeoutError:
@@ -304,3 +339,30 @@ async def relay_body(
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         why = f"the provider sent nothing for {idle:g} seconds"
         raise Cut(status, Outcome.TIMEOUT, why) from None
+    finally:
+        send_head(writer)  # the status is due whatever ended the stream (once sent: nothing)
+
+
+async def send_end(
+    response: web.StreamResponse,
+    last: bytes,
+    tap: UsageTap,
+    withheld: UsageChunkFilter | None = None,
+    collect: Callable[[bytes], None] | None = None,
+) -> None:
+    """The body's `last` chunk (b"": it came before the end) and its end: in one write, not
+    two, when nothing withheld is left over (the bytes are the same: the chunk's, then the
+    end's); then the tap and `collect`, as for every chunk (relay_body)."""
+    sent = last if withheld is None or not last else withheld(last)
+    rest = b"" if withheld is None else withheld.rest()
+    if rest:
+        await response.write(sent)
+        await response.write_eof(rest)
+    else:
+        await response.write_eof(sent)
+    if last:
+        tap.feed(last)
+    if collect is not None:
+        if last:
+            collect(sent)
+        collect(rest)

@@ -75,9 +75,12 @@ class Silences:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def watch(self) -> Watch:
-        """Watch the current task's answer from now on (arming the timer if it sleeps)."""
-        loop = asyncio.get_running_loop()
+    def watch(self, loop: asyncio.AbstractEventLoop | None = None) -> Watch:
+        """Watch the current task's answer from now on (arming the timer if it sleeps).
+
+        `loop`: the running loop, when the caller has it (asking costs a getpid() call)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         assert task is not None, "an answer is relayed in a task"
         watch = Watch(self._watches, task, loop.time)

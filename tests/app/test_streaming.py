@@ -219,3 +219,94 @@ async def test_a_client_that_stops_reading_is_the_clients_fault_not_the_provider
         if sample.name == "llm_gateway_upstream_errors_total"
     ]
     assert sum(upstream_errors) == 0
+
+
+class ScriptedBody:
+    """A provider's body as the wire hands it over: chunks the test gives, in order."""
+
+    def __init__(self, chunks: list[bytes], *, is_whole: bool = False) -> None:
+        self.chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        for chunk in chunks:
+            self.chunks.put_nowait(chunk)
+        self.is_whole = is_whole  # the body's end has come (all its chunks are queued)
+
+    def has_arrived(self) -> bool:
+        return self.is_whole
+
+    async def readany(self) -> bytes:
+        return await self.chunks.get()
+
+
+class CountedTransport:
+    """The connection's transport, counting the writes that reach it."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.writes = transport, 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self.writes += 1
+        self.transport.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+async def relayed_stream(
+    aiohttp_client: Any, body: ScriptedBody
+) -> tuple[TestClient, list[CountedTransport]]:
+    """A server whose one handler relays `body` as a provider's event stream."""
+    from aiohttp import web
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.record import Record
+    from proxy.relay.relay import HeldHead, relay_body
+    from proxy.relay.silence import Silences
+    from proxy.usage.usage import Charged, TapMemory, UsageTap
+
+    counted: list[CountedTransport] = []
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "text/event-stream"}))
+
+    class Reply:
+        status, reason, content = 200, "OK", body
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        counted.append(CountedTransport(request.protocol.transport))
+        request.protocol.transport = counted[-1]  # type: ignore[assignment]
+        response = HeldHead(status=200, headers=headers)
+        writer = await response.prepare(request)
+        assert writer is not None
+        tap = UsageTap("text/event-stream", None, False, Charged.TEXT, TapMemory(), "/v1/x")
+        record = Record.begin(None, "POST", "/v1/chat/completions")
+        await relay_body(Reply(), response, writer, tap, record, Silences(60.0))  # type: ignore[arg-type]
+        return response
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    return await aiohttp_client(app), counted
+
+
+async def test_the_head_goes_out_alone_when_the_first_chunk_has_to_be_waited_for(
+    aiohttp_client: Any,
+) -> None:
+    body = ScriptedBody([])
+    client, _ = await relayed_stream(aiohttp_client, body)
+    response = await asyncio.wait_for(client.post("/"), 5)  # the head came, the chunk not
+    assert response.status == 200 and body.chunks.empty()
+    body.chunks.put_nowait(b"data: 1\n\n")
+    body.chunks.put_nowait(b"")
+    assert await response.read() == b"data: 1\n\n"
+
+
+async def test_chunks_at_hand_go_with_the_head_and_the_end_in_one_write_each(
+    aiohttp_client: Any,
+) -> None:
+    # The head and the first chunk in one write; the last chunk and the end in one write.
+    body = ScriptedBody([b"data: 1\n\n", b"data: 2\n\n", b""], is_whole=True)
+    client, counted = await relayed_stream(aiohttp_client, body)
+    response = await client.post("/")
+    assert await response.read() == b"data: 1\n\ndata: 2\n\n"
+    assert counted[0].writes == 2
