@@ -356,8 +356,12 @@ class Exchange:
         """
         assert self.key is not None
         self.peek = peek
+        quota = self._entrance.quota
         try:
-            self.admission = await self._entrance.quota.admit(self.key, peek, serving)
+            admission = quota.admit_now(self.key, peek, serving)  # memory: no coroutine
+            if admission is None:
+                admission = await quota.admit(self.key, peek, serving)
+            self.admission = admission
         except GatewayError as error:
             if error.status == 429:
                 self._entrance.metrics.quota_rejected(self.key.name)

@@ -57,6 +57,16 @@ class MemoryTracker:
         claim: Charge = NOTHING,
     ) -> Admission:
         """Admit, count and reserve `claim` for one request, or refuse it without counting."""
+        return self.admit_now(key_id, limits, budget, claim)
+
+    def admit_now(
+        self,
+        key_id: str,
+        limits: Limits | None,
+        budget: Budget | None = None,
+        claim: Charge = NOTHING,
+    ) -> Admission:
+        """`admit` without a coroutine: memory decides at once (`Quota.admit_now` uses it)."""
         # No await in here: check, count and reserve are one step for the event loop.
         now = self._clock()
         reading = self._touch(key_id, limits, now).admit(now, limits, budget, claim)

@@ -111,15 +111,22 @@ async def test_a_providers_429_on_the_upgrade_is_its_own_not_a_quota_rejection(
     assert line["status"] == 429 and line["key"] is not None
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_an_unexpected_error_is_logged_as_500_internal_and_answered_in_the_dialect(
-    gateway: TestClient, records: Records, caplog: pytest.LogCaptureFixture, transport: str
-) -> None:
-    async def broken(*args: object, **kwargs: object) -> None:
+def break_tracker(gateway: TestClient) -> None:
+    """A bug in the memory tracker: its admission raises (both ways of asking it)."""
+
+    def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in the tracker")  # not TrackerUnavailable (a lost Redis)
 
     tracker = gateway.app[QUOTA].tracker
     tracker.admit = broken  # type: ignore[method-assign,assignment]
+    tracker.admit_now = broken  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_unexpected_error_is_logged_as_500_internal_and_answered_in_the_dialect(
+    gateway: TestClient, records: Records, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
+    break_tracker(gateway)
     with caplog.at_level(logging.ERROR, logger="llm_gateway"):
         response = await send(gateway, transport, OPENAI_VK)
     assert response.status == 500
@@ -135,10 +142,7 @@ async def test_an_unexpected_error_is_logged_as_500_internal_and_answered_in_the
 async def test_an_unexpected_error_on_an_anthropic_path_answers_in_its_dialect(
     gateway: TestClient, records: Records
 ) -> None:
-    async def broken(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("a bug in the tracker")
-
-    gateway.app[QUOTA].tracker.admit = broken  # type: ignore[method-assign,assignment]
+    break_tracker(gateway)
     body = {"model": "claude-3-5-haiku-latest", "max_tokens": 8, "messages": CHAT["messages"]}
     response = await gateway.post("/v1/messages", json=body, headers={"x-api-key": ANTHROPIC_VK})
     assert response.status == 500
