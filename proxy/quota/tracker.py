@@ -227,7 +227,8 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
             reset_tokens = token_wait if over else reading.charge_leaves
     if not admitted and budget_full(reading, budget):
         budget_wait = reading.budget_wait
-    return Admission(  # by position, in its fields' order: keywords cost more
+    # Every field in order as one tuple: see window.SlidingWindow.reading (~0.45 -> 0.25 us).
+    return tuple.__new__(Admission, (
         admitted,
         limits,
         remaining_requests,
@@ -241,7 +242,10 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         reading.full and not admitted,  # full
         reading.slots_full and not admitted,  # slots_full
         max(0, reading.slots),  # in_flight
-    )
+        (),  # scopes
+        (),  # tickets
+        "",  # lease
+    ))  # fmt: skip
 
 
 def usd(micro_usd: int) -> float:

@@ -264,7 +264,9 @@ class SlidingWindow:
             spend_leaves = spend.oldest_leaves(now_us)
             if budget_over(spent, self.reserved_micro_usd, budget):
                 budget_wait = spend.wait(now_us, budget.micro_usd, self.reserved_micro_usd)
-        return Reading(  # by position, in its fields' order: keywords cost more
+        # tuple.__new__ takes the fields in order as one tuple: the named tuple's own
+        # __new__ (a Python function of 19 arguments) costs twice as much (~0.45 us).
+        return tuple.__new__(Reading, (
             admitted,
             ticket,
             full,
@@ -284,7 +286,7 @@ class SlidingWindow:
             self.total_tokens,  # total_tokens
             self.total_micro_usd,  # total_micro_usd
             tuple(self.total_kinds),  # total_kinds
-        )
+        ))  # fmt: skip
 
     def _spend(self, now: float, budget: Budget | None) -> SpendLog | None:
         """The budget's spend log, expired to `now`; a changed window starts a new log."""
