@@ -270,7 +270,7 @@ class Record:
         request_id = own_request_id(request_id)
         if not path.isascii():  # a path may carry undecodable bytes as surrogates
             path = path.encode("utf-8", "replace").decode("utf-8")
-        return cls(request_id=request_id, method=method[:32], path=path[:2048])
+        return cls(request_id, method[:32], path[:2048])  # by position: keywords cost more
 
     def end(self, status: int, outcome: Outcome, why: str | None = None) -> None:
         """How the request ended: written once, by the exchange (errors carry their outcome)."""

@@ -190,7 +190,9 @@ class Logbook:
         return lines, self._handed_bytes - self._done_bytes + self._pending_bytes
 
     def _is_full(self, size: int) -> bool:
-        lines, size_queued = self.queued
+        # `queued`, inline: asked for every line.
+        lines = self._handed - self._done + len(self._pending)
+        size_queued = self._handed_bytes - self._done_bytes + self._pending_bytes
         if lines >= self._max_lines or size_queued + size > self._max_bytes:
             return True
         if self._is_dropping and lines < self._max_lines // 2:

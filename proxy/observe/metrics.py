@@ -313,7 +313,9 @@ class Metrics:
             row.prompt.inc(usage.prompt_tokens)
             row.completion.inc(usage.completion_tokens)
             if record.cost_usd is None:
-                child(self._unpriced, provider, model).inc()
+                if row.unpriced is None:
+                    row.unpriced = child(self._unpriced, provider, model)
+                row.unpriced.inc()
             else:
                 if row.cost is None:
                     row.cost = child(self._cost, provider, model)
@@ -445,6 +447,7 @@ class _Row:
     prompt: Any = None
     completion: Any = None
     cost: Any = None
+    unpriced: Any = None
 
 
 def _failure_kind(record: Record) -> str:
