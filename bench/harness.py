@@ -93,6 +93,7 @@ def wrk(
     """wrk with bench/chat.lua (POST a small chat as `key`, the mock answering after `delay_ms`):
     its summary line, with `rps` and `errors` (connect, read, write and timeouts) added."""
     env = dict(os.environ, BENCH_KEY=key, BENCH_DELAY_MS=str(delay_ms))
+    wait_until_closed(port)
     argv = [
         "wrk",
         "-t1",
@@ -117,6 +118,40 @@ def wrk(
             data["errors"] = data["connect"] + data["read"] + data["write"] + data["timeout"]
             return data
     raise SystemExit(f"bench: wrk gave no summary:\n{text[-2000:]}")
+
+
+# /proc/net/tcp's states of a connection on its way to closed, TIME-WAIT aside: FIN-WAIT-1,
+# FIN-WAIT-2, CLOSE-WAIT, LAST-ACK, CLOSING.
+CLOSING_STATES = {"04", "05", "08", "09", "0B"}
+
+
+def closing_connections(port: int) -> int:
+    """Connections to or from `port` on this machine still closing (TIME-WAIT aside)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            ends = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
+            count += port in ends and fields[3] in CLOSING_STATES
+    return count
+
+
+def wait_until_closed(port: int, within: float = 5.0) -> None:
+    """Until the last load's connections to `port` have closed (at most `within` seconds).
+
+    wrk started while the previous run's 256 connections still close (the server finishing
+    what they had in flight) reuses their ports, and some of its connections wait for a
+    SYN retransmit: 1 s, then 2 s more. Two runs back to back on one server (the turn where
+    the interleaved order reverses) gave the floor latencies of 1.0-1.2 s and the gateway
+    3-35 client timeouts at 2 s in a round, none of them in the gateway's own log (its
+    slowest request took 145 ms); waiting the ~60 ms the close took removed both."""
+    deadline = time.monotonic() + within
+    while closing_connections(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
