@@ -31,6 +31,9 @@ The failure map, by the step that raises (status, OpenAI code):
     stream_back    502 upstream_broken        a small whole body cut short, before we sent anything
                    504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
     exchange       500 internal_error         a bug: logged once, answered in the dialect
+    (the server)   400 invalid_http           HTTP aiohttp's parser refuses (runtime.server)
+                   431 request_head_too_large a request line over 8 KiB, a header field over
+                                              4 KiB, more than 32 of them
 
 After the response headers went out, a failure can only end the stream: the relay raises
 `Cut` (the provider broke or fell silent, or the client left: 499), and the exchange

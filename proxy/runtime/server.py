@@ -17,9 +17,9 @@ Bounds on what a client can hold, so that slow or idle connections cannot exhaus
 process's memory, measured in `bench/connections.py`:
 - request heads (set in `app.build_app`'s `handler_args`, where tests get them too): at most
   32 headers (the SDKs send about 20) of at most 4 KiB each, name and value, and a request
-  line of 8 KiB (aiohttp's default); aiohttp answers 400 past them. A head is kept twice
-  (raw and decoded), so one connection's head holds about 0.25 MB at most, where aiohttp's
-  128 headers of 64 KiB let it hold 16 MB;
+  line of 8 KiB (aiohttp's default); past them the answer is 431 (`handle_error`). A head
+  is kept twice (raw and decoded), so one connection's head holds about 0.25 MB at most,
+  where aiohttp's 128 headers of 64 KiB let it hold 16 MB;
 - the head must arrive within CLIENT_HEADER_TIMEOUT of the connection opening or of the
   previous response ending (aiohttp's keep-alive timer, which it starts with the connection
   and does not restart while a head trickles in): a slowloris is cut, and an idle
@@ -40,12 +40,14 @@ from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from proxy.app import METRICS
-from proxy.errors import GatewayError, body
+from proxy.errors import GatewayError, body, render
 from proxy.observe.notices import Notices
-from proxy.record import GRACE_OVER
+from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
 
 # The cyclic garbage collector's first threshold: container allocations between two young
@@ -217,14 +219,33 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tu
 
 
 class _RequestHandler(RequestHandler):
-    """aiohttp's protocol, which the drain can cut with the gateway's own reason.
+    """aiohttp's protocol, which the drain can cut with the gateway's own reason, and whose
+    own answers (not HTTP, TLS on the plain port, a bad header, a handler's crash) are the
+    gateway's errors (`handle_error`).
 
-    What aiohttp answers itself (not HTTP, TLS on the plain port, a bad header, a handler's
-    crash) is prepared for one of the app's requests too, so `relay.dispatch` names the
-    gateway in its Server header, not `Python/3.11 aiohttp/3.x`.
+    Those answers are prepared for one of the app's requests too, so `relay.dispatch` names
+    the gateway in their Server header, not `Python/3.11 aiohttp/3.x`.
     """
 
     __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The gateway's own error, JSON in the endpoint's dialect with a request id, in
+        place of aiohttp's text/plain one, which quotes the line it refused: a header that
+        carries a virtual key included.
+
+        A request its parser refused has no path the gateway could read: its answer is in
+        the OpenAI dialect, which the SDKs of both sides raise by status."""
+        super().handle_error(request, status, exc, message)  # logs; raises if one began
+        response = render(refused(status, exc), request.path, own_request_id(None))
+        response.force_close()  # as aiohttp's: the connection cannot be trusted further
+        return response
 
     def cut(self) -> None:
         """End the request in flight as the gateway's cut, then close the connection.
@@ -254,6 +275,25 @@ class Refusal(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         pass  # the request is not read: it was refused before it began
+
+
+def refused(status: int, fault: BaseException | None) -> GatewayError:
+    """What aiohttp refused or failed at, said without a byte of the request."""
+    if status >= 500 or not isinstance(fault, HttpProcessingError):
+        return GatewayError(
+            500, "internal_error", "The gateway failed on this request; its log says why."
+        )
+    reason = fault.message.partition("\n")[0].rstrip(":. ")
+    if isinstance(fault, LineTooLong) or reason.startswith("Too many headers"):
+        return GatewayError(
+            431,
+            "request_head_too_large",
+            "The request's head is larger than the gateway takes: a request line of up to "
+            "8 KiB, and at most 32 header fields of up to 4 KiB each.",
+        )
+    if not reason or "b'" in reason or 'b"' in reason:  # a quote of the request
+        reason = "malformed request"
+    return GatewayError(status, "invalid_http", f"The request is not valid HTTP/1.1 ({reason}).")
 
 
 def _refusal() -> bytes:

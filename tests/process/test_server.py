@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -10,11 +11,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.app.test_bad_input import malformed_http
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
 from tests.support.processes import Processes, start_gateway
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+REFUSAL_STATUS = {
+    "invalid_http": 400,
+    "request_head_too_large": 431,
+    "invalid_path": 400,
+    "missing_field": 400,
+    "invalid_body": 400,
+}
 
 
 async def _answer_or_close(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -32,12 +41,12 @@ async def test_a_header_larger_than_an_sdk_sends_is_refused_at_once(
     port = int(url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(HEAD + b"x-pad: " + b"a" * 20_000 + b"\r\n")
-    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 400")
+    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 431")
     writer.close()
     # Nor may a head hold more headers than an SDK sends.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(HEAD + b"".join(b"x-pad-%d: a\r\n" % index for index in range(100)) + b"\r\n")
-    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 400")
+    assert (await _answer_or_close(reader, 10)).startswith(b"HTTP/1.0 431")
     writer.close()
 
 
@@ -131,8 +140,8 @@ async def test_dribbling_connections_are_cut_or_refused_while_a_normal_request_a
     fates = await attack
     oversized = {fate for field_bytes, fate in fates if field_bytes == 65_000}
     fitting = [fate for field_bytes, fate in fates if field_bytes == 3_000]
-    # Refused at once; a client still sending may see the close before it reads the 400.
-    assert oversized <= {b"HTTP/1.0 400", b"HTTP/1.1 503", b""} and b"HTTP/1.0 400" in oversized
+    # Refused at once; a client still sending may see the close before it reads the 431.
+    assert oversized <= {b"HTTP/1.0 431", b"HTTP/1.1 503", b""} and b"HTTP/1.0 431" in oversized
     assert set(fitting) <= {b"", b"HTTP/1.1 503"}, set(fitting)  # cut by the deadline, or refused
     assert b"" in fitting
     assert latencies and max(latencies) < 2.0, latencies  # generous: the machine is shared
@@ -194,3 +203,59 @@ async def test_no_answer_names_a_version_in_its_server_header(
     writer.close()
     servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
     assert servers == [b"Server: llm-gateway"], head
+
+
+async def _whole_answer(port: int, data: bytes) -> bytes:
+    """The gateway's answer to `data`, head and body (by its Content-Length); b"" when it
+    closed without one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        return head + await asyncio.wait_for(reader.readexactly(length), 10)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_http_the_parser_refuses_gets_a_json_error_that_quotes_no_byte_of_it(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """aiohttp's own answer is text that quotes the line it refused, a header carrying the
+    virtual key included: the gateway's is its JSON error (OpenAI's dialect, which both SDKs
+    raise by status), with a request id, and no part of what was sent."""
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl")
+    port = int(url.rsplit(":", 1)[1])
+    key = OPENAI_VK.encode()
+    cases = [
+        *malformed_http(),
+        ("a key before a space and a colon", HEAD + b"x-api-key : " + key + b"\r\n\r\n"),
+        ("a key in a header too long", HEAD + b"Authorization: Bearer " + key + b"a" * 5000),
+        ("a key in a bad value", HEAD + b"x-api-key: " + key + b"\x01\r\n\r\n"),
+    ]
+    problems = []
+    for label, data in cases:
+        answer = await _whole_answer(port, data)
+        if not answer:
+            continue  # closing at once is a fair answer to bytes that are not HTTP
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if key in answer or b"aaaa" in answer:
+            problems.append(f"{label}: the answer quotes the request: {answer[:300]!r}")
+        if b"x-request-id: " not in head.lower() or b"application/json" not in head.lower():
+            problems.append(f"{label}: {head!r}")
+        try:
+            error = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{label}: not the gateway's error: {body[:200]!r}")
+            continue
+        # The parser's refusals, and what the relay refuses in the rest (valid HTTP)
+        if REFUSAL_STATUS.get(error["code"]) != status or error["type"] != "invalid_request_error":
+            problems.append(f"{label}: {status} {error}")
+    assert not problems, "\n".join(problems)

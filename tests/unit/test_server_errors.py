@@ -1,0 +1,29 @@
+"""What the server answers for the requests aiohttp refuses or fails on (`runtime.server.refused`)."""
+
+from __future__ import annotations
+
+from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
+
+from proxy.runtime.server import refused
+
+
+def test_a_head_too_large_is_431_and_names_the_limits_not_the_line() -> None:
+    error = refused(400, LineTooLong("Authorization: Bearer vk_secret_0123456789", "4096"))
+    assert (error.status, error.code) == (431, "request_head_too_large")
+    assert "vk_secret" not in error.message and "4 KiB" in error.message
+    many = refused(400, BadHttpMessage("Too many headers received"))
+    assert (many.status, many.code) == (431, "request_head_too_large")
+
+
+def test_a_malformed_head_is_400_with_the_parsers_reason_and_none_of_the_request() -> None:
+    error = refused(400, InvalidHeader(b"x-api-key : vk_secret_0123456789"))
+    assert (error.status, error.code) == (400, "invalid_http")
+    assert "vk_secret" not in error.message
+    reason = refused(400, BadHttpMessage("Invalid header token:\n\n  b'x-api-key : vk_s'\n  ^"))
+    assert reason.message == "The request is not valid HTTP/1.1 (Invalid header token)."
+
+
+def test_a_crash_outside_the_exchange_is_a_500_that_says_where_to_look() -> None:
+    error = refused(500, RuntimeError("vk_secret_0123456789 in a bug's message"))
+    assert (error.status, error.code) == (500, "internal_error")
+    assert "vk_secret" not in error.message
