@@ -17,7 +17,6 @@ the gateway's GC setting, which `run.py` leaves as it is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from harness import (
     free_port,
     healthy,
     listening,
+    mock_and_keys,
     process_cpu_seconds,
     rss_mb,
     run_async,
@@ -90,25 +90,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         try:
-            mock_port = free_port()
-            mock = procs.start(
-                [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(mock_port)],
-                LOAD_CORE,
-                tmp / "mock.log",
-            )
-            wait_until(lambda: listening(mock_port), "the mock", mock, tmp / "mock.log")
-            upstream = f"http://127.0.0.1:{mock_port}"
-            keys = {
-                "providers": {"openai": {"base_url": f"{upstream}/v1"}},
-                "virtual_keys": {
-                    KEY: {
-                        "provider": "openai",
-                        "api_key": "sk-bench",
-                        "quota": {"requests": 100_000_000, "window_seconds": 3600},
-                    }
-                },
-            }
-            (tmp / "keys.json").write_text(json.dumps(keys))
+            upstream = mock_and_keys(procs, tmp, KEY, LOAD_CORE)
             contenders, idle = {}, {}
             for spec in args.contenders:
                 port = free_port()

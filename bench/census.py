@@ -26,7 +26,16 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from harness import BENCH, ROOT, Processes, free_port, listening, run_async, wait_until
+from harness import (
+    BENCH,
+    ROOT,
+    Processes,
+    free_port,
+    listening,
+    mock_and_keys,
+    run_async,
+    wait_until,
+)
 
 KEY = "vk_bench_0123456789"
 # Run inside the contender (argv: its script, then its arguments): asyncio's own loop, counting;
@@ -148,25 +157,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         try:
-            mock_port = free_port()
-            mock = procs.start(
-                [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(mock_port)],
-                None,
-                tmp / "mock.log",
-            )
-            wait_until(lambda: listening(mock_port), "the mock", mock, tmp / "mock.log")
-            upstream = f"http://127.0.0.1:{mock_port}"
-            keys = {
-                "providers": {"openai": {"base_url": f"{upstream}/v1"}},
-                "virtual_keys": {
-                    KEY: {
-                        "provider": "openai",
-                        "api_key": "sk-bench",
-                        "quota": {"requests": 100_000_000, "window_seconds": 3600},
-                    }
-                },
-            }
-            (tmp / "keys.json").write_text(json.dumps(keys))
+            upstream = mock_and_keys(procs, tmp, KEY, None)
             for name in ("gateway", "best"):
                 port = free_port()
                 argv = contenders(port, upstream, tmp)[name]

@@ -79,6 +79,31 @@ class Processes:
                 print(f"bench: could not stop pid {child.pid}: {error}", file=sys.stderr)
 
 
+def mock_and_keys(procs: Processes, tmp: Path, key: str, core: int | None) -> str:
+    """The mock provider started (on `core`), and `tmp`/keys.json holding `key` as one plain
+    key with a quota that never binds; returns the mock's base URL."""
+    port = free_port()
+    mock = procs.start(
+        [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(port)],
+        core,
+        tmp / "mock.log",
+    )
+    wait_until(lambda: listening(port), "the mock", mock, tmp / "mock.log")
+    upstream = f"http://127.0.0.1:{port}"
+    keys = {
+        "providers": {"openai": {"base_url": f"{upstream}/v1"}},
+        "virtual_keys": {
+            key: {
+                "provider": "openai",
+                "api_key": "sk-bench",
+                "quota": {"requests": 100_000_000, "window_seconds": 3600},
+            }
+        },
+    }
+    (tmp / "keys.json").write_text(json.dumps(keys))
+    return upstream
+
+
 def wrk(
     procs: Processes,
     log: Path,
