@@ -10,7 +10,7 @@ interaction log to a file in a temp dir), reads the gateway's RSS idle, then ope
 `--header-bytes` bytes, one every `--pause-ms`, and then hold on without finishing the head.
 Meanwhile a normal chat request goes through the gateway every 100 ms on a connection of
 its own. After `--seconds`, it prints the gateway's RSS (idle, peak), what became of the
-dribblers (answered 400 for a head too large, refused 503 over MAX_CONNECTIONS, cut by the
+dribblers (answered 431 for a head too large, refused 503 over MAX_CONNECTIONS, cut by the
 head deadline, still open), and the normal requests' latency. Every process it starts is
 stopped at the end, on failure and on Ctrl-C too.
 
