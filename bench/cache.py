@@ -38,6 +38,7 @@ from harness import (
     free_port,
     healthy,
     listening,
+    start_mock,
     wait_until,
     wrk,
 )
@@ -55,14 +56,8 @@ SERVER_CORE, LOAD_CORE = 0, 1
 
 def start(procs: Processes, tmp: Path) -> tuple[int, int]:
     """The mock, the floor and the gateway; (floor port, gateway port)."""
-    mock_port, floor_port, gateway_port = free_port(), free_port(), free_port()
-    mock = procs.start(
-        [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(mock_port)],
-        LOAD_CORE,
-        tmp / "mock.log",
-    )
-    wait_until(lambda: listening(mock_port), "the mock", mock, tmp / "mock.log")
-    upstream = f"http://127.0.0.1:{mock_port}"
+    floor_port, gateway_port = free_port(), free_port()
+    upstream = start_mock(procs, tmp, LOAD_CORE)
     floor = procs.start(
         [sys.executable, str(BENCH / "passthrough.py"), "--port", str(floor_port),
          "--upstream", upstream],

@@ -79,9 +79,8 @@ class Processes:
                 print(f"bench: could not stop pid {child.pid}: {error}", file=sys.stderr)
 
 
-def mock_and_keys(procs: Processes, tmp: Path, key: str, core: int | None) -> str:
-    """The mock provider started (on `core`), and `tmp`/keys.json holding `key` as one plain
-    key with a quota that never binds; returns the mock's base URL."""
+def start_mock(procs: Processes, tmp: Path, core: int | None) -> str:
+    """The mock provider started (on `core`, its log in `tmp`); its base URL once it listens."""
     port = free_port()
     mock = procs.start(
         [sys.executable, str(BENCH / "mock_provider.py"), "--port", str(port)],
@@ -89,7 +88,13 @@ def mock_and_keys(procs: Processes, tmp: Path, key: str, core: int | None) -> st
         tmp / "mock.log",
     )
     wait_until(lambda: listening(port), "the mock", mock, tmp / "mock.log")
-    upstream = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}"
+
+
+def mock_and_keys(procs: Processes, tmp: Path, key: str, core: int | None) -> str:
+    """The mock provider started (on `core`), and `tmp`/keys.json holding `key` as one plain
+    key with a quota that never binds; returns the mock's base URL."""
+    upstream = start_mock(procs, tmp, core)
     keys = {
         "providers": {"openai": {"base_url": f"{upstream}/v1"}},
         "virtual_keys": {
