@@ -79,6 +79,11 @@ PROBES = web.AppKey("probes", Probes)
 KEY_STORE: web.AppKey[KeyStore] = web.AppKey("key_store")
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is on
 
+# A request head's bounds (aiohttp's own for the request line, 8 KiB): what an SDK sends and
+# little more (runtime/server.py: why, and what answers a head past them).
+MAX_HEADER_BYTES = 4096
+MAX_HEADERS = 32
+
 # How long the log may take to write what is queued at shutdown: part of the bounded
 # margin after the grace (runtime.server); a sink stuck longer keeps its lines.
 LOG_FLUSH_SECONDS = 0.5
@@ -165,7 +170,11 @@ def build_app(
         client_max_size=settings.max_body_bytes,
         # Request bodies stay as sent (a gzip upload goes up gzip); relay inflates only to peek.
         # Heads no larger than an SDK sends, so a connection holds little (server.py: why).
-        handler_args={"auto_decompress": False, "max_field_size": 4096, "max_headers": 32},
+        handler_args={
+            "auto_decompress": False,
+            "max_field_size": MAX_HEADER_BYTES,
+            "max_headers": MAX_HEADERS,
+        },
     )
     metrics = Metrics(metrics_dir)
     metrics.know_providers({*key_ring.key_counts(), *providers_of(key_ring).values()})

@@ -44,7 +44,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from proxy.app import METRICS
+from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
 from proxy.errors import GatewayError, body, render
 from proxy.observe.notices import Notices
 from proxy.record import GRACE_OVER, own_request_id
@@ -289,7 +289,8 @@ def refused(status: int, fault: BaseException | None) -> GatewayError:
             431,
             "request_head_too_large",
             "The request's head is larger than the gateway takes: a request line of up to "
-            "8 KiB, and at most 32 header fields of up to 4 KiB each.",
+            f"8 KiB, and at most {MAX_HEADERS} header fields of up to "
+            f"{MAX_HEADER_BYTES // 1024} KiB each.",
         )
     if not reason or "b'" in reason or 'b"' in reason:  # a quote of the request
         reason = "malformed request"
