@@ -74,6 +74,11 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL the paths are appended to")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="SO_REUSEPORT: several of these share the port, as the gateway's WORKERS do",
+    )
     args = parser.parse_args()
     # A client that leaves mid-answer (wrk at the end of a run) is not worth a traceback here.
     logging.getLogger("aiohttp.server").disabled = True
@@ -82,6 +87,7 @@ if __name__ == "__main__":
         host=args.host,
         port=args.port,
         access_log=None,
+        reuse_port=args.reuse_port or None,
         loop=uvloop.new_event_loop(),
         print=lambda _: print(f"passthrough on http://{args.host}:{args.port}", flush=True),
     )

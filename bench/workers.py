@@ -11,7 +11,11 @@ reaches) and the interaction log to a file:
 
 - WORKERS=1 with the in-memory tracker (no REDIS_URL): the baseline;
 - WORKERS=1 with REDIS_URL;
-- WORKERS=2 with REDIS_URL (two forked workers on one port, SO_REUSEPORT).
+- WORKERS=2 with REDIS_URL (two forked workers on one port, SO_REUSEPORT);
+- the floor (`bench/passthrough.py`, the bare aiohttp passthrough) as one process, and as
+  two processes sharing the port (SO_REUSEPORT, as the workers do): how far two processes
+  of a bare Python proxy scale on this machine, beside the same mock and wrk. That ratio
+  is the ceiling the gateway's WORKERS=2 is read against.
 
 Each gets a 1 s warm-up, then wrk with 256 connections for 10 s (3 s with --quick). The
 configurations alternate (rotating which goes first), 3 repetitions each, and every figure
@@ -23,13 +27,15 @@ through under QUOTA_ON_REDIS_ERROR=allow, would show).
 Nothing is pinned to a core: the machine's cores are shared by the gateway worker(s), the
 mock, redis-server and wrk, so 2 workers cannot have 2 cores to themselves; the table
 says where the CPU went. Every process it starts is stopped at the end, also on failure
-and on Ctrl-C. The last line is the summary:
-`workers: 1 worker X rps (memory Y rps), 2 workers Z rps, ratio R` (R = Z / X).
+and on Ctrl-C. The summary line:
+`workers: 1 worker X rps (memory Y rps), 2 workers Z rps, ratio R` (R = Z / X), then the
+floor's: `floor: 1 process X rps, 2 processes Z rps, ratio F`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -64,8 +70,9 @@ WORKER_LINE = re.compile(rb"listening on \S+ \(worker (\d+)\)")
 @dataclass(frozen=True)
 class Config:
     label: str
-    workers: int
+    workers: int  # the gateway's WORKERS, or how many floor processes share the port
     redis: bool
+    floor: bool = False
 
 
 CONFIGS = (
@@ -73,6 +80,11 @@ CONFIGS = (
     Config("1 worker, Redis", 1, True),
     Config("2 workers, Redis", 2, True),
 )
+FLOORS = (
+    Config("floor, 1 process", 1, False, floor=True),
+    Config("floor, 2 processes", 2, False, floor=True),
+)
+EVERY = CONFIGS + FLOORS
 
 
 @dataclass
@@ -94,9 +106,15 @@ class Result:
 
 @dataclass
 class Gateway:
-    child: subprocess.Popen[bytes]
+    children: list[subprocess.Popen[bytes]]  # the gateway's parent, or each floor process
     port: int
     pids: list[int] = field(default_factory=list)  # the processes that serve (workers, or the one)
+
+
+def said_started(log: Path) -> bool:
+    """The floor process writing to `log` serves (its own line: the port may already answer
+    from the process started before it)."""
+    return b"passthrough on" in log.read_bytes()
 
 
 def alive(pid: int) -> bool:
@@ -173,7 +191,7 @@ class WorkersBench:
         ):  # the metrics files in our temp dir, so they go with it even if a worker is killed
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.tmp / f"metrics-{tag}")
         child = self.procs.start(argv, None, log, env=env)
-        gateway = Gateway(child, port)
+        gateway = Gateway([child], port)
 
         def up() -> bool:
             if config.workers > 1:
@@ -188,8 +206,26 @@ class WorkersBench:
             gateway.pids = [child.pid]
         return gateway
 
+    def start_floor(self, config: Config) -> Gateway:
+        """`config.workers` floor processes on one port (SO_REUSEPORT), each on its own."""
+        self.runs += 1
+        port = run.free_port()
+        upstream = f"http://127.0.0.1:{self.mock_port}"
+        argv = [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port)]
+        argv += ["--upstream", upstream, "--reuse-port"]
+        floor = Gateway([], port)
+        for n in range(config.workers):
+            log = self.tmp / f"floor-{self.runs}-{n}.log"
+            child = self.procs.start(argv, None, log)
+            floor.children.append(child)
+            started = functools.partial(said_started, log)
+            run.wait_until(started, "the floor", child, log)
+        floor.pids = [child.pid for child in floor.children]
+        return floor
+
     def stop_gateway(self, gateway: Gateway) -> None:
-        self.procs.stop(gateway.child)  # SIGTERM: the parent drains its workers
+        for child in gateway.children:
+            self.procs.stop(child)  # SIGTERM: a gateway's parent drains its workers
         self.reap_workers(gateway.pids)
 
     def reap_workers(self, pids: list[int] | set[int], grace: float = 5.0) -> None:
@@ -221,7 +257,7 @@ class WorkersBench:
             client.close()
 
     def measure(self, config: Config) -> Result:
-        gateway = self.start_gateway(config)
+        gateway = self.start_floor(config) if config.floor else self.start_gateway(config)
         try:
             self.loader.wrk(gateway.port, None, CONNECTIONS, WARM_UP_SECONDS, DELAY_MS)  # type: ignore[arg-type]
             if config.redis:
@@ -229,7 +265,7 @@ class WorkersBench:
             assert self.mock is not None and self.redis_server.process is not None
             redis_pid, mock_pid = self.redis_server.process.pid, self.mock.pid
             gateway_pids = sorted(
-                set(gateway.pids) | {gateway.child.pid}
+                set(gateway.pids) | {child.pid for child in gateway.children}
             )  # workers and their parent
             watched = [*gateway_pids, redis_pid, mock_pid]
             before = {pid: run.process_cpu_seconds(pid) for pid in watched}
@@ -335,7 +371,7 @@ def main() -> int:
         time.sleep(1.0)
         background = (run.busy_cpu_seconds() - busy_before) / (time.monotonic() - before)
         print(
-            f"bench workers: {'quick' if args.quick else 'full'} run, {args.reps} repetitions x {len(CONFIGS)} "
+            f"bench workers: {'quick' if args.quick else 'full'} run, {args.reps} repetitions x {len(EVERY)} "
             f"configurations, wrk c={CONNECTIONS} for {seconds} s each (after {WARM_UP_SECONDS} s warm-up), "
             f"mock delay {DELAY_MS} ms; temp dir {tmp}",
             flush=True,
@@ -343,10 +379,10 @@ def main() -> int:
         redis_server.start()
         bench = WorkersBench(seconds, procs, tmp, redis_server)
         bench.start_mock()
-        results: dict[Config, list[Result]] = {config: [] for config in CONFIGS}
+        results: dict[Config, list[Result]] = {config: [] for config in EVERY}
         started = time.monotonic()
         for rep in range(args.reps):
-            order = CONFIGS[rep % len(CONFIGS) :] + CONFIGS[: rep % len(CONFIGS)]
+            order = EVERY[rep % len(EVERY) :] + EVERY[: rep % len(EVERY)]
             for config in order:
                 result = bench.measure(config)
                 results[config].append(result)
@@ -395,8 +431,8 @@ def report(
         "rps",
         "p99 ms",
         "errors",
-        "gw CPU/req us",
-        "gateway",
+        "CPU/req us",
+        "served by",
         "redis",
         "mock",
         "wrk",
@@ -441,6 +477,11 @@ def report(
     print(
         f"workers: 1 worker {one:.0f} rps (memory {memory:.0f} rps), 2 workers {two:.0f} rps, ratio {two / one:.2f}"
     )
+    floor_one, floor_two = (med([r.rps for r in results[c]]) for c in FLOORS)
+    print(
+        f"floor: 1 process {floor_one:.0f} rps, 2 processes {floor_two:.0f} rps, "
+        f"ratio {floor_two / floor_one:.2f}"
+    )
     # What this machine can show: the gateway's cores are what the mock, Redis and wrk leave.
     cores = {c: med([r.gateway_cores for r in results[c]]) for c in CONFIGS}
     others = med([r.busy_cores - r.gateway_cores for r in results[CONFIGS[2]]])
@@ -455,6 +496,12 @@ def report(
         f"there to take. Per gateway core, 2 workers pass {efficiency:.2f}x what 1 does "
         f"({per_core[CONFIGS[2]]:,.0f} against {per_core[CONFIGS[1]]:,.0f} rps a core): on 2 "
         f"cores of their own they would reach about {2 * efficiency:.2f}x."
+    )
+    print(
+        f"  The floor measured here: two processes of the bare passthrough on one port pass "
+        f"{floor_two / floor_one:.2f}x one, beside the same mock and wrk; the gateway's "
+        f"{two / one:.2f}x is {two / one / (floor_two / floor_one):.2f} of that ratio. Where the "
+        f"floor's own ratio is under {TARGET_RATIO}x, so is any Python server's on this machine."
     )
     print(
         f"  Redis against memory, 1 worker, unpinned: {one / memory:.2f}x the throughput "
