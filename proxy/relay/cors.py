@@ -31,6 +31,7 @@ from aiohttp.typedefs import Handler
 
 from proxy import errors
 from proxy.errors import GatewayError
+from proxy.record import own_request_id
 
 # What the OpenAI and Anthropic SDKs (and curl-like clients) send, by name or family.
 ALLOWED_HEADERS = (
@@ -85,7 +86,8 @@ class Cors:
     @web.middleware
     async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Answer a preflight (204, or 403 for an origin or a header not allowed) before
-        `handler` sees it; hand every other request to `handler`."""
+        `handler` sees it; hand every other request to `handler`. Either answer carries an
+        x-request-id, as every answer does (SPEC: errors)."""
         headers = request.headers
         if (
             request.method != "OPTIONS"
@@ -105,6 +107,7 @@ class Cors:
         if refused:
             return _refusal(request, f"Headers not allowed here: {', '.join(refused)}.")
         response = web.Response(status=204)
+        response.headers["x-request-id"] = own_request_id(headers.get("x-request-id"))
         response.headers["access-control-allow-methods"] = METHODS
         if asked:
             response.headers["access-control-allow-headers"] = ", ".join(asked)
@@ -146,4 +149,5 @@ class Cors:
 
 def _refusal(request: web.Request, message: str) -> web.Response:
     """403 in the path's dialect, without CORS headers: the browser reports the failure."""
-    return errors.render(GatewayError(403, "cors_not_allowed", message), request.path)
+    request_id = own_request_id(request.headers.get("x-request-id"))
+    return errors.render(GatewayError(403, "cors_not_allowed", message), request.path, request_id)

@@ -30,6 +30,7 @@ from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
+from proxy.relay.echoes import StreamMask, masked_whole, searched
 from proxy.relay.expect import awaits_continue
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
@@ -110,7 +111,8 @@ class Relay:
         asked_usage: bool = False,
         found: Lookup | None = None,
     ) -> web.StreamResponse:
-        """Send the provider's status and headers (none carrying a real key), then each chunk.
+        """Send the provider's status and headers (none carrying a real key), then each chunk
+        (a real key the provider echoes in it masked: `echoes`).
 
         `asked_usage`: the gateway asked for the usage chunk (openai_chat.py): withhold it.
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
@@ -136,10 +138,11 @@ class Relay:
             record.path,
         )
         silences = self.silences
+        secrets = searched(plan.secrets)
         try:
             response: web.StreamResponse
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
-                response = await send_whole(reply, headers, tap, record, silences, collect)
+                response = await send_whole(reply, headers, tap, record, silences, collect, secrets)
             else:
                 response = HeldHead(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
@@ -160,8 +163,13 @@ class Relay:
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
+            # A compressed stream is not searched (echoes.py says why).
+            is_masked = bool(secrets) and not reply.headers.get("content-encoding")
+            mask = StreamMask(secrets) if is_masked else None
             assert writer is not None  # prepared: the head is ready to go
-            await relay_body(reply, response, writer, tap, record, silences, withheld, collect)
+            await relay_body(
+                reply, response, writer, tap, record, silences, withheld, collect, mask
+            )
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             why = f"the provider broke the stream ({error.__class__.__name__})"
@@ -206,8 +214,10 @@ async def send_whole(
     record: Record,
     silences: Silences,
     collect: Callable[[bytes], None] | None = None,
+    secrets: tuple[bytes, ...] = (),
 ) -> web.Response:
-    """Read the body, then answer it in one write. Raises 502, 504: nothing was sent yet.
+    """Read the body, then answer it in one write, any of `secrets` in it masked (`echoes`).
+    Raises 502, 504: nothing was sent yet.
 
     The idle timeout bounds each silence while the body comes, not the whole read (a slow
     body is fine). The read is here, not a coroutine of its own: each wait for a chunk
@@ -242,6 +252,8 @@ async def send_whole(
         record.waited_upstream(asked)
     record.mark_first_byte()
     tap.feed(data)
+    if secrets:
+        data = masked_whole(data, reply.status, headers, secrets)
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
@@ -281,10 +293,12 @@ async def relay_body(
     silences: Silences,
     withheld: UsageChunkFilter | None = None,
     collect: Callable[[bytes], None] | None = None,
+    mask: StreamMask | None = None,
 ) -> None:
-    """Each chunk to the client first (less a `withheld` usage chunk), then to the usage tap
-    (and to the cache's `collect`, what the client got). Raises Cut when the stream ends
-    early (the provider's silence, the client's leaving).
+    """Each chunk to the client first (less a `withheld` usage chunk, and with the real keys
+    `mask` finds masked), then to the usage tap (and to the cache's `collect`, what the
+    client got). Raises Cut when the stream ends early (the provider's silence, the
+    client's leaving).
 
     One watch serves both directions: while reading it bounds the provider's silence
     (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
@@ -315,7 +329,9 @@ async def relay_body(
                 if has_arrived() and not (following := await read()):
                     break
                 is_writing = True
-                sent = chunk if withheld is None else withheld(chunk)
+                sent = chunk if mask is None else mask(chunk)
+                if withheld is not None:
+                    sent = withheld(sent)
                 await response.write(sent)
                 is_writing = False
                 tap.feed(chunk)
@@ -329,7 +345,7 @@ async def relay_body(
                 else:
                     chunk = following
             is_writing = True
-            await send_end(response, chunk, tap, withheld, collect)
+            await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except TimeoutError:
@@ -349,11 +365,14 @@ async def send_end(
     tap: UsageTap,
     withheld: UsageChunkFilter | None = None,
     collect: Callable[[bytes], None] | None = None,
+    mask: StreamMask | None = None,
 ) -> None:
     """The body's `last` chunk (b"": it came before the end) and its end: in one write, not
     two, when nothing withheld is left over (the bytes are the same: the chunk's, then the
     end's); then the tap and `collect`, as for every chunk (relay_body)."""
-    sent = last if withheld is None or not last else withheld(last)
+    sent = last if mask is None else mask(last) + mask.rest()  # the end: nothing held
+    if withheld is not None and sent:
+        sent = withheld(sent)
     rest = b"" if withheld is None else withheld.rest()
     if rest:
         await response.write(sent)
@@ -363,6 +382,6 @@ async def send_end(
     if last:
         tap.feed(last)
     if collect is not None:
-        if last:
+        if sent:
             collect(sent)
         collect(rest)

@@ -49,6 +49,7 @@ async def test_a_preflight_is_answered_before_authentication_with_the_sdk_header
     assert allowed == {h.strip() for h in SDK_HEADERS.split(",")}
     assert int(answer.headers["access-control-max-age"]) > 0
     assert "Origin" in answer.headers["vary"]
+    assert answer.headers["x-request-id"]  # every answer carries one (SPEC: errors)
     anthropic = await gateway.options(
         "/v1/messages",
         headers=preflight(
@@ -77,6 +78,11 @@ async def test_a_preflight_from_another_origin_or_asking_other_headers_is_refuse
     assert answer.status == 403
     assert_openai_error(await answer.json(), "cors_not_allowed")
     assert "access-control-allow-headers" not in answer.headers
+    assert answer.headers["x-request-id"]  # every answer carries one (SPEC: errors)
+    own = {**preflight(headers, origin), "x-request-id": "req_from_the_page"}
+    for path in ("/v1/chat/completions", "/health"):
+        answer = await gateway.options(path, headers=own)
+        assert answer.headers["x-request-id"] == "req_from_the_page"
 
 
 async def test_a_stream_read_by_a_browser_like_client_carries_the_headers_from_the_first_byte(

@@ -1,17 +1,29 @@
 """No secret leaves a gateway in front of a provider that echoes the credentials it was sent:
-neither its response headers nor the interaction log carry one (the whole-process search of
-everything a gateway writes is tests/process/test_leaks.py)."""
+neither its response headers, nor its response bodies, nor the interaction log carry one
+(the whole-process search of everything a gateway writes is tests/process/test_leaks.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import ANTHROPIC_VK, AZURE_VK, CUSTOM_VK, OPENAI_VK, SECRETS, auth
+from tests.conftest import (
+    ANTHROPIC_REAL,
+    ANTHROPIC_VK,
+    AZURE_REAL,
+    AZURE_VK,
+    CUSTOM_VK,
+    OPENAI_REAL,
+    OPENAI_VK,
+    SECRETS,
+    auth,
+)
 from tests.support.bodies import CHAT, MESSAGES
 from tests.support.fake_provider import FakeState
 
@@ -57,3 +69,65 @@ async def test_a_provider_that_echoes_the_real_key_hands_it_to_no_client_and_no_
     text = log_path.read_text()
     for secret in SECRETS:
         assert secret not in text, f"{secret!r} leaked into the log"
+
+
+async def test_a_real_key_the_provider_quotes_in_its_body_reaches_the_client_masked(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """SPEC: never in a response, not even when the provider echoes it back: an error body
+    quoting the key it refused (plain or gzip, which the SDKs accept) reaches the client with
+    the key masked, the rest of the provider's body as it was."""
+    cases = [
+        ("/v1/chat/completions", auth(OPENAI_VK), CHAT, {}, OPENAI_REAL),
+        ("/v1/chat/completions", auth(OPENAI_VK), CHAT, {"x-fake-gzip": "1"}, OPENAI_REAL),
+        ("/v1/messages", {"x-api-key": ANTHROPIC_VK}, MESSAGES, {}, ANTHROPIC_REAL),
+        ("/v1/chat/completions", auth(AZURE_VK), CHAT, {"x-fake-gzip": "1"}, AZURE_REAL),
+    ]
+    for path, credential, body, extra, real in cases:
+        headers = {**credential, **extra, "x-fake-reflect": "body", "x-fake-status": "401"}
+        response = await gateway.post(path, json=body, headers=headers)
+        text = await response.text()
+        assert response.status == 401
+        assert fake.requests[-1].headers.get("x-fake-reflect") == "body"  # it did quote it
+        for secret in SECRETS:
+            assert secret not in text, f"{secret!r} in the body of {path} {extra}"
+        message = json.loads(text)["error"]["message"]
+        assert message.startswith("fake provider error 401: credentials received")
+        assert "[redacted]" in message and len(message) > len(real)
+
+
+async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """A provider streaming its echo of the key, cut inside the key: the client gets the
+    stream whole, the key masked, and an event not held back for it."""
+    real = OPENAI_REAL.encode()
+    events = [b'data: {"echo": "' + real[:9], real[9:] + b'"}\n\n', b"data: [DONE]\n\n"]
+
+    async def echoing(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", echoing)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "echoing.json").write_text(json.dumps(keys))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "echoing.json"))
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(OPENAI_VK)
+    )
+    body = await response.read()
+    assert response.status == 200
+    masked = b"[redacted]" + b"*" * (len(real) - len(b"[redacted]"))
+    assert body == b'data: {"echo": "' + masked + b'"}\n\n' + b"data: [DONE]\n\n"
