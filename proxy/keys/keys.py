@@ -347,7 +347,7 @@ def _parse(
     digests: set[str] = set()  # a key written plainly and as its digest is one key twice
     for secret, entry in entries.items():
         # Names are checked first, so a name taken twice is said even if a key fails below.
-        name = entry.get("name", masked(secret)) if isinstance(entry, dict) else None
+        name = _name(secret, entry) if isinstance(entry, dict) else None
         if isinstance(name, str) and name in names:
             problems.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
         if isinstance(name, str):
@@ -381,6 +381,11 @@ def _providers(path: str, section: Any, problems: list[KeysFileError]) -> dict[s
     return providers
 
 
+def _name(secret: str, entry: Mapping[str, Any]) -> Any:
+    """The key's `name` as written, else the key masked (hashed only then: it costs)."""
+    return entry["name"] if "name" in entry else masked(secret)
+
+
 def _key(
     path: str,
     secret: str,
@@ -392,7 +397,7 @@ def _key(
 ) -> VirtualKey:
     if not isinstance(entry, dict):
         raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
-    name = entry.get("name", masked(secret))
+    name = _name(secret, entry)
     if not isinstance(name, str) or not name.strip():
         raise KeysFileError(f"{path}: key '{masked(secret)}': name must be a non-empty string")
     where = f"{path}: key '{name}'"
