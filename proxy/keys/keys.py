@@ -11,7 +11,6 @@ names it).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -448,12 +447,7 @@ def _key(
         budget=budget,
         output_allowance=fields.output_allowance(where, entry, defaults),
         team=team_of(where, entry, teams),
-        model_quotas=parse_model_quotas(
-            where,
-            entry.get("model_quotas"),
-            key_id,
-            dataclasses.replace(defaults, window_seconds=window),  # the key's window
-        ),
+        model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, defaults, window),
         own=Scope(key_id, "key", name, limits, budget, cap, queue),
         cache=fields.cache(where, entry),
         previous=previous_key(where, entry),
