@@ -403,11 +403,7 @@ def _key(
     check_fields(where, entry, "key")
     if not secret.strip() or secret != secret.strip():
         raise KeysFileError(f"{where}: the virtual key must be non-empty, without spaces")
-
-    def real_key(holder: Mapping[str, Any], at: str) -> str:
-        return fields.real_key(f"{where}: {at.rstrip('.')}" if at else where, holder, environ)
-
-    plans = parse_plans(where, entry, providers, real_key, environ)
+    plans = parse_plans(where, entry, providers, environ)
     patterns = entry.get("allowed_models")
     stream_usage = entry.get("stream_usage")
     if stream_usage not in (None, "exact", "estimate"):
