@@ -186,9 +186,12 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
     return _header_safe(where, f"api_key_env {variable}", value)
 
 
+# The real key goes into a header: a control character (CR, LF) would fail every request.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _header_safe(where: str, source: str, value: str) -> str:
-    # The real key goes into a header: a control character (CR, LF) would fail every request.
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+    if _CONTROL.search(value) is not None:
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
     return value
 

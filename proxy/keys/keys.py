@@ -11,7 +11,6 @@ names it).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -347,7 +346,7 @@ def _parse(
     digests: set[str] = set()  # a key written plainly and as its digest is one key twice
     for secret, entry in entries.items():
         # Names are checked first, so a name taken twice is said even if a key fails below.
-        name = entry.get("name", masked(secret)) if isinstance(entry, dict) else None
+        name = _name(secret, entry) if isinstance(entry, dict) else None
         if isinstance(name, str) and name in names:
             problems.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
         if isinstance(name, str):
@@ -381,6 +380,11 @@ def _providers(path: str, section: Any, problems: list[KeysFileError]) -> dict[s
     return providers
 
 
+def _name(secret: str, entry: Mapping[str, Any]) -> Any:
+    """The key's `name` as written, else the key masked (hashed only then: it costs)."""
+    return entry["name"] if "name" in entry else masked(secret)
+
+
 def _key(
     path: str,
     secret: str,
@@ -392,18 +396,14 @@ def _key(
 ) -> VirtualKey:
     if not isinstance(entry, dict):
         raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
-    name = entry.get("name", masked(secret))
+    name = _name(secret, entry)
     if not isinstance(name, str) or not name.strip():
         raise KeysFileError(f"{path}: key '{masked(secret)}': name must be a non-empty string")
     where = f"{path}: key '{name}'"
     check_fields(where, entry, "key")
     if not secret.strip() or secret != secret.strip():
         raise KeysFileError(f"{where}: the virtual key must be non-empty, without spaces")
-
-    def real_key(holder: Mapping[str, Any], at: str) -> str:
-        return fields.real_key(f"{where}: {at.rstrip('.')}" if at else where, holder, environ)
-
-    plans = parse_plans(where, entry, providers, real_key, environ)
+    plans = parse_plans(where, entry, providers, environ)
     patterns = entry.get("allowed_models")
     stream_usage = entry.get("stream_usage")
     if stream_usage not in (None, "exact", "estimate"):
@@ -443,12 +443,7 @@ def _key(
         budget=budget,
         output_allowance=fields.output_allowance(where, entry, defaults),
         team=team_of(where, entry, teams),
-        model_quotas=parse_model_quotas(
-            where,
-            entry.get("model_quotas"),
-            key_id,
-            dataclasses.replace(defaults, window_seconds=window),  # the key's window
-        ),
+        model_quotas=parse_model_quotas(where, entry.get("model_quotas"), key_id, defaults, window),
         own=Scope(key_id, "key", name, limits, budget, cap, queue),
         cache=fields.cache(where, entry),
         previous=previous_key(where, entry),

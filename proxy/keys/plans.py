@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.keys import fields
@@ -29,9 +28,6 @@ from proxy.upstream.targets import (
 )
 
 MAX_WEIGHT = 1000
-
-
-RealKey = Callable[[Mapping[str, Any], str], str]
 
 
 def parse_providers(path: str, section: Any) -> dict[str, Provider]:
@@ -68,17 +64,15 @@ def parse_plans(
     key: str,
     entry: Mapping[str, Any],
     providers: Mapping[str, Provider],
-    real_key: RealKey,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str],
 ) -> Plans:
     """A key's plans from its keys.json entry. Raises KeysFileError, starting with `key`.
 
-    `environ`: where a cloud target's `…_env` fields are read.
+    `environ`: where `api_key_env` and a cloud target's `…_env` fields are read.
     """
-    sources = _Sources(providers, real_key, {} if environ is None else environ)
     own = None
     if "provider" in entry:
-        own = _plan(key, entry, sources, "")
+        own = _plan(key, entry, providers, environ, "")
     elif "fallbacks" in entry:
         raise KeysFileError(
             f"{key}: fallbacks needs the key's own provider (or put them in a route)"
@@ -101,7 +95,7 @@ def parse_plans(
             raise KeysFileError(f"{key}: {at}.models must be a non-empty list of model patterns")
         if not all(isinstance(p, str) and p for p in patterns):
             raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
-        plan = _plan(key, raw, sources, f"{at}.")
+        plan = _plan(key, raw, providers, environ, f"{at}.")
         routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
     return Plans(own, tuple(routes))
 
@@ -111,17 +105,14 @@ def compile_patterns(patterns: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
-@dataclass(frozen=True, slots=True)
-class _Sources:
-    """What targets are built from: the providers, and where real keys and secrets are read."""
-
-    providers: Mapping[str, Provider]
-    real_key: RealKey
-    environ: Mapping[str, str]
-
-
-def _plan(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> Plan:
-    first = _target(key, entry, sources, where)
+def _plan(
+    key: str,
+    entry: Mapping[str, Any],
+    providers: Mapping[str, Provider],
+    environ: Mapping[str, str],
+    where: str,
+) -> Plan:
+    first = _target(key, entry, providers, environ, where)
     targets = [first]
     fallbacks = entry.get("fallbacks", [])
     if not isinstance(fallbacks, list):
@@ -131,7 +122,7 @@ def _plan(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> 
         if not isinstance(raw, dict):
             raise KeysFileError(f"{key}: {at} must be an object with a provider and a key")
         check_fields(key, raw, "target", f"{at}.")
-        fallback = _target(key, raw, sources, f"{at}.")
+        fallback = _target(key, raw, providers, environ, f"{at}.")
         if fallback.provider.api != first.provider.api:
             raise KeysFileError(
                 f"{key}: {at}: provider '{fallback.provider.name}' speaks the {fallback.provider.api} "
@@ -153,8 +144,13 @@ def _balance(key: str, entry: Mapping[str, Any], where: str) -> str:
     return str(balance)
 
 
-def _target(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -> Target:
-    providers = sources.providers
+def _target(
+    key: str,
+    entry: Mapping[str, Any],
+    providers: Mapping[str, Provider],
+    environ: Mapping[str, str],
+    where: str,
+) -> Target:
     provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
     if provider is None:
         known = ", ".join(sorted(providers))
@@ -167,22 +163,24 @@ def _target(key: str, entry: Mapping[str, Any], sources: _Sources, where: str) -
         )
     if provider.signing:
         regional, credential, project_path = cloud_target(
-            f"{key}: {where}", entry, provider, sources.environ, provider.name
+            f"{key}: {where}", entry, provider, environ, provider.name
         )
         return Target(provider.name, regional, Pool([credential]), None, project_path)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")
     name = provider.name if model is None else f"{provider.name}/{model}"
-    return Target(name, provider, _pool(key, entry, sources.real_key, where, name), model)
+    return Target(name, provider, _pool(key, entry, environ, where, name), model)
 
 
-def _pool(key: str, entry: Mapping[str, Any], real_key: RealKey, where: str, name: str) -> Pool:
+def _pool(
+    key: str, entry: Mapping[str, Any], environ: Mapping[str, str], where: str, name: str
+) -> Pool:
     has_pool = "api_keys" in entry
     if has_pool and ("api_key" in entry or "api_key_env" in entry):
         raise KeysFileError(f"{key}: {where}set exactly one of api_key, api_key_env and api_keys")
     if not has_pool:
-        return Pool([Credential(real_key(entry, where), f"{name}#1")])
+        return Pool([Credential(_real_key(key, entry, environ, where), f"{name}#1")])
     members = entry["api_keys"]
     if not isinstance(members, list) or not members:
         raise KeysFileError(
@@ -197,5 +195,12 @@ def _pool(key: str, entry: Mapping[str, Any], real_key: RealKey, where: str, nam
         weight = member.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= MAX_WEIGHT:
             raise KeysFileError(f"{key}: {at}weight must be an integer from 1 to {MAX_WEIGHT}")
-        credentials.append(Credential(real_key(member, at), f"{name}#{index + 1}", weight))
+        credentials.append(
+            Credential(_real_key(key, member, environ, at), f"{name}#{index + 1}", weight)
+        )
     return Pool(credentials, _balance(key, entry, where))
+
+
+def _real_key(key: str, holder: Mapping[str, Any], environ: Mapping[str, str], at: str) -> str:
+    """The real key of a target or a pool entry (`fields.real_key`), its messages naming `at`."""
+    return fields.real_key(f"{key}: {at.rstrip('.')}" if at else key, holder, environ)

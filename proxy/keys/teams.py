@@ -10,6 +10,7 @@ keeps them too.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import re
@@ -143,13 +144,17 @@ def window(where: str, quota: Any, field: str, defaults: Defaults) -> Limits | N
 
 
 def parse_model_quotas(
-    where: str, section: Any, key_id: str, defaults: Defaults
+    where: str, section: Any, key_id: str, defaults: Defaults, window_seconds: float
 ) -> tuple[ModelQuota, ...]:
-    """A key's `model_quotas`: a list of {models, requests?, tokens?, window_seconds?}."""
+    """A key's `model_quotas`: a list of {models, requests?, tokens?, window_seconds?}.
+
+    `window_seconds`: the key's window, what a group naming none gets."""
     if section is None:
         return ()
     if not isinstance(section, list):
         raise KeysFileError(f"{where}: model_quotas must be a list of {{models, requests, ...}}")
+    # Only here, not for each key: most keys have no model_quotas, and the copy costs.
+    defaults = dataclasses.replace(defaults, window_seconds=window_seconds)
     groups = []
     for index, group in enumerate(section):
         at = f"model_quotas[{index}]"
