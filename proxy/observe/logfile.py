@@ -11,7 +11,13 @@ Owned by the logbook's writer thread; nothing here runs on the event loop.
   per FOLLOW_SECONDS. So logrotate's `create` (rename, then a new file), its
   `copytruncate` (O_APPEND writes land at the new end) and a removed file all end with
   lines in the file at the configured path; lines written before the check land in the
-  renamed file, none is lost.
+  renamed file, none is lost. A removed file is seen at the next write (its link count),
+  so no line goes to it after its removal.
+- A path that cannot be opened again (its directory removed, or no longer writable) leaves
+  the lines with the file open, while that file still has a name somewhere (renamed). Once
+  that file is removed too, a line written to it could never be read: each append then
+  raises `PartlyWritten` (nothing written: the logbook counts and says the loss) until the
+  path opens again.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class LogFile:
         self._fd: int | None = None
         self._reopen_asked = threading.Event()
         self._next_check = 0.0
+        # The file open was removed and the path cannot be opened: appends fail until it can.
+        self._is_orphaned = False
 
     @property
     def name(self) -> str:
@@ -77,10 +85,14 @@ class LogFile:
             raise PartlyWritten(data.count(b"\n", 0, whole), error) from None
 
     def _follow(self) -> None:
-        """Open the path again if asked to, or if the file there is no longer the one open."""
+        """Open the path again if asked to, or if the file there is no longer the one open.
+        Raises PartlyWritten when it cannot, and the file open has no name left."""
         if self.path is None or self._fd is None:
             return
-        if not self._reopen_asked.is_set():
+        # The open file's link count is one fstat per write (of up to BATCH_LINES lines): a
+        # removed file is left before a line goes to it, not up to FOLLOW_SECONDS later.
+        is_removed = self._is_orphaned or os.fstat(self._fd).st_nlink == 0
+        if not self._reopen_asked.is_set() and not is_removed:
             now = time.monotonic()
             if now < self._next_check:
                 return
@@ -91,12 +103,16 @@ class LogFile:
         try:
             fd = _open_for_append(self.path)
         except OSError as error:
+            if is_removed:  # what is written there could never be read
+                self._is_orphaned = True
+                raise PartlyWritten(0, error) from None
             log.warning(
                 "logbook: cannot open %s again (%s); lines still go to the file open before",
                 self.path,
                 error.strerror or error,
             )
             return
+        self._is_orphaned = False
         previous, self._fd = self._fd, fd
         os.close(previous)
 

@@ -27,13 +27,16 @@ read. Smaller bodies are read and asked about as usual, so their answers stay ex
 When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
 the request through uncounted, `deny` answers 503 (a key with neither quota nor budget is
 always let through). Each decision is reported to `on_tracker_lost` (a metric and
-/health's degraded state); the first success after that reports `on_tracker_back`.
+/health's degraded state); the first success after that reports `on_tracker_back`. The
+loss and the return are each said once on stderr, so an operator reading the gateway's
+output learns that quotas are not being counted (or that requests are refused).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import operator
 import time
@@ -57,6 +60,8 @@ from proxy.quota.tracker import (
     TrackerUnavailable,
 )
 from proxy.record import Usage
+
+log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 
 # A usage's token counts in KINDS order, as a tuple (one C call).
 _kinds_of = operator.attrgetter(*KINDS)
@@ -348,12 +353,21 @@ class Quota:
         return Charge(tokens, micro(cost))
 
     def _lost(self, decision: str, error: str) -> None:
-        self._is_lost = True
+        if not self._is_lost:
+            self._is_lost = True
+            log.warning(
+                "quota: the tracker is lost (%s): %s until it answers again",
+                error,
+                "requests with a quota or a budget are refused with 503 (QUOTA_ON_REDIS_ERROR=deny)"
+                if self._deny_when_lost
+                else "requests go through uncounted (QUOTA_ON_REDIS_ERROR=allow)",
+            )
         self._on_lost(decision, error)
 
     def _back(self) -> None:
         if self._is_lost:
             self._is_lost = False
+            log.warning("quota: the tracker answers again: requests are counted")
             self._on_back()
 
 

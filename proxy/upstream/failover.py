@@ -31,8 +31,9 @@ starts after the deadline; one already started keeps its own REQUEST_TIMEOUT.
 
 When everything fails, the client gets the last provider answer unchanged (status, headers,
 body), or the gateway's 502/504 when no provider answered. A retryable answer is read whole
-to be kept, so only answers of known length up to `KEPT_ANSWER_BYTES` are retried; a
-larger or unsized one (never an error body in practice) goes to the client as it is.
+to be kept: one of known length up to `KEPT_ANSWER_BYTES`, or one sent without a length
+(chunked: errors from behind many proxies and CDNs) that ends within what the wire buffers
+unread (`wire.HIGH_WATER`). A larger one goes to the client as it is, none of it taken.
 """
 
 from __future__ import annotations
@@ -354,7 +355,7 @@ class Failover:
                     walk.serving = pool, credential
                     return reply
                 try:
-                    kept = await self._keep(reply) if _is_keepable(reply) else None
+                    kept = await self._keep(reply)
                 except BaseException:
                     pool.ended(credential)
                     raise
@@ -493,9 +494,15 @@ class Failover:
         raise failed
 
     async def _keep(self, reply: WireReply) -> StoredAnswer | None:
-        """The answer read whole, its connection released; None when it could not be read."""
+        """The answer read whole, its connection released; None when it is too large to
+        keep (nothing of it taken) or could not be read."""
+        length = reply.content_length
+        if length is not None and length > KEPT_ANSWER_BYTES:
+            return None
         try:
             async with asyncio.timeout(self.policy.request_timeout):
+                if length is None and not await reply.content.arrive():
+                    return None
                 body = await reply.read()
         except (TimeoutError, aiohttp.ClientError):
             return None
@@ -528,11 +535,6 @@ def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _is_keepable(reply: WireReply) -> bool:
-    length = reply.content_length
-    return length is not None and length <= KEPT_ANSWER_BYTES
 
 
 def where(target: Target) -> str:

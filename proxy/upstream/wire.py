@@ -95,6 +95,17 @@ class Body:
             self._connection.resume()
         return chunk
 
+    async def arrive(self) -> bool:
+        """Wait, taking nothing, until the whole body is here (True), or it is not small:
+        HIGH_WATER bytes wait unread (reading paused), or it failed (False)."""
+        while not self._done and self._error is None and self._size < HIGH_WATER:
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.has_arrived()
+
     async def read(self) -> bytes:
         """The rest of the body, whole; the connection given back."""
         if self.has_arrived():  # most small answers: no wait

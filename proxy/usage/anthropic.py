@@ -4,8 +4,9 @@ A message (a JSON body, or a stream's `message_start`) holds `content` blocks an
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
 whose cache counts are *not* in input_tokens: they are added to the prompt. A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
-field wins); its text comes in `content_block_delta`s (`text_delta`), and so does what else
-the model generates: a tool call's input (`input_json_delta`, its name in the block's
+field wins); `message_start`'s output count is only a start (1), so a stream cut before a
+`message_delta` has a provisional usage (`Reading.is_usage_provisional`). Its text comes in
+`content_block_delta`s (`text_delta`), and so does what else the model generates: a tool call's input (`input_json_delta`, its name in the block's
 start) and thinking (`thinking_delta`), counted for an estimate, not kept as the logged
 text. Signatures and redacted thinking are opaque, not text: not counted.
 
@@ -60,10 +61,15 @@ def _message_start(event: dict[str, Any], reading: Reading) -> None:
     if isinstance(message, dict):
         reading.note_model(message.get("model"))
         reading.reported.read(message.get("usage"), USAGE)
+        # Its prompt counts are final; its output_tokens (1) only starts the count.
+        reading.is_usage_provisional = isinstance(message.get("usage"), dict)
 
 
 def _message_delta(event: dict[str, Any], reading: Reading) -> None:
-    reading.reported.read(event.get("usage"), USAGE)
+    usage = event.get("usage")
+    reading.reported.read(usage, USAGE)
+    if isinstance(usage, dict):
+        reading.is_usage_provisional = False
 
 
 # The stream events read, by type; every other type carries nothing metered.

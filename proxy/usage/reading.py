@@ -22,6 +22,7 @@ class Reading:
         "chars",
         "is_started_noted",
         "is_stored_noted",
+        "is_usage_provisional",
         "model",
         "reported",
         "stored_id",
@@ -33,6 +34,10 @@ class Reading:
         self, keep_text: bool, is_stored_noted: bool = False, is_started_noted: bool = False
     ) -> None:
         self.reported = ProviderUsage()
+        # The completion count reported so far is the provider's running count, not its
+        # total (Anthropic's `message_start` says 1): a stream cut before the total came is
+        # charged at least what it delivered (`usage`).
+        self.is_usage_provisional = False
         self.chars = 0  # characters the provider generated, of every kind
         self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.

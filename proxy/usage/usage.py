@@ -17,7 +17,9 @@ is charged an estimate (`estimate`: every string of the request's prompt, read b
 path's dialect (`prompt`), and every string the provider generated, as its dialect counted
 them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
 coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
-(or received) bytes stand for its text. Speech is counted by its input's characters,
+(or received) bytes stand for its text. A stream cut while its usage was only a running
+count (`Reading.is_usage_provisional`: Anthropic's `message_start` says 1 output token) is
+charged its reported prompt and at least the completion it delivered, estimated. Speech is counted by its input's characters,
 transcriptions and translations by their audio's seconds, unless they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
 charged only what the provider reports (a token count reports none); a GET (a models list,
 a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
@@ -46,6 +48,7 @@ reads them, holding at most one unfinished frame.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any
 
@@ -136,6 +139,8 @@ _STORED = frozenset((Charged.LATER, Charged.FETCHED))
 _UNCHARGED = frozenset((Charged.NOTHING, Charged.FETCHED, Charged.BATCH_MADE, Charged.BATCH_SEEN))
 # Taps that read a batch.
 _BATCHES = frozenset((Charged.BATCH_MADE, Charged.BATCH_SEEN))
+# Taps of answers that generate text: a cut one is charged at least what it delivered.
+_GENERATED = frozenset((Charged.TEXT, Charged.LATER))
 # Taps charged what the provider reports, and nothing when it reports nothing.
 _AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
@@ -286,6 +291,11 @@ class UsageTap:
             return None
         reading = self._reading
         reported = reading.reported.usage()
+        if reported is not None and reading.is_usage_provisional and self._charged in _GENERATED:
+            # Cut before the provider's total: its prompt counts, and at least what came.
+            delivered = estimate.tokens(self._seen if self._is_unread else reading.chars)
+            completion = max(reported.completion_tokens, delivered)
+            return dataclasses.replace(reported, completion_tokens=completion, estimated=True)
         if reported is not None or self._charged in _AS_REPORTED:
             return reported
         if self._charged is Charged.CHARACTERS:

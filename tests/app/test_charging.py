@@ -134,6 +134,37 @@ async def test_an_answer_cut_short_is_charged_an_estimate_never_nothing(
         assert usage["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize("cut", ["provider", "client"])
+async def test_an_anthropic_stream_cut_short_is_charged_what_it_delivered_not_one_token(
+    gateway: TestClient, records: Records, cut: str
+) -> None:
+    """message_start reports output_tokens 1 before any text; the total comes in
+    message_delta, which a cut stream never gets. Before: charged 1 completion token, as
+    exact, however much text the client had received."""
+    fault = {"x-fake-drop": "midstream"} if cut == "provider" else {"x-fake-hang": "midstream"}
+    response = await gateway.post(
+        "/v1/messages",
+        json={**MESSAGES, "stream": True},
+        headers={**auth(ANTHROPIC_VK), "x-fake-chunks": "40", **fault},
+    )
+    assert response.status == 200
+    received = b""
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the provider's cut reaches it too
+        while b"tok19 " not in received:  # half of the 40 deltas, then the fault
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == (200 if cut == "provider" else 499)
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == 3  # the provider's count, from message_start
+    # "tok0 " … "tok19 ": 110 characters, 28 tokens, all delivered.
+    assert usage["completion_tokens"] >= 28 and usage["estimated"] is True
+    assert await tokens_used(gateway, ANTHROPIC_VK, usage["total_tokens"]) == usage["total_tokens"]
+
+
 async def test_a_non_json_answer_to_a_generation_is_estimated(
     gateway: TestClient, records: Records
 ) -> None:

@@ -151,6 +151,45 @@ async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
     assert keys_seen(fake) == [PRIMARY, BACKUP]
 
 
+async def test_a_fallback_fires_on_a_stream_when_the_error_comes_without_a_content_length(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """A 503 sent chunked (as from behind a CDN or a proxy): before, it was not kept, so
+    neither retried nor failed over; it went to the client as the answer."""
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="1")
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "0"}, is_unsized=True)
+    client = openai.AsyncOpenAI(api_key=VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    text = "".join(
+        [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    )
+    assert text == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, PRIMARY, BACKUP]  # retried once, then failed over
+    [line] = await records(1)
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("openai", 503),
+        ("openai", 503),
+        ("backup", 200),
+    ]
+
+
+async def test_an_unsized_error_from_the_last_target_reaches_the_client_unchanged(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "0"}, is_unsized=True)
+    fake.faults[BACKUP] = Fault(529, is_unsized=True)
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(VK)
+    )
+    assert response.status == 529
+    assert (await response.json())["error"]["message"] == "fake provider error 529"
+    assert response.headers["retry-after"] == "7"  # the provider's own
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
 async def test_an_anthropic_529_fails_over_to_an_anthropic_fallback(
     failover_gateway: Callable[..., Awaitable[TestClient]],
     fake: FakeState,

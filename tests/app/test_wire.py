@@ -145,6 +145,19 @@ async def test_a_large_body_arrives_whole_when_read_slowly(
     assert received == HIGH_WATER * 8
 
 
+async def test_arrive_waits_for_a_small_body_and_takes_none_of_a_large_one(
+    aiohttp_server: Serve, wire: Wire
+) -> None:
+    """What the attempt loop keeps of an unsized answer: all of a small one, none of the rest."""
+    server = await aiohttp_server(app())
+    small = await wire.request("GET", server.make_url("/peer"), {}, None)
+    assert await small.content.arrive() is True
+    assert (await small.read()).isdigit()
+    large = await wire.request("GET", server.make_url("/big"), {}, None)
+    assert await large.content.arrive() is False  # reading paused at HIGH_WATER
+    assert len(await large.read()) == HIGH_WATER * 8  # nothing was taken from it
+
+
 @pytest.mark.parametrize("method, status", [("HEAD", 200), ("GET", 204)])
 async def test_answers_without_a_body_end_at_their_head(
     aiohttp_server: Serve, wire: Wire, method: str, status: int

@@ -538,9 +538,10 @@ async def lose_and_restore_redis(
     tmp_path: Path,
     policy: str,
     while_lost: Callable[[aiohttp.ClientSession, str, list[int]], Any],
-) -> list[int]:
-    """Burst of 30 against a limit of 20 with Redis up, lost, and back; the load runs throughout."""
-    _, url = start_gateway(
+) -> tuple[list[int], str]:
+    """Burst of 30 against a limit of 20 with Redis up, lost, and back; the load runs throughout.
+    The load's statuses, and what the gateway said on stderr until it stopped."""
+    process, url = start_gateway(
         processes,
         process_keys,
         tmp_path / "log.jsonl",
@@ -568,7 +569,18 @@ async def lose_and_restore_redis(
             assert (await get_json(session, url, "/usage", OPENAI_VK))["requests"]["used"] == 20
         finally:
             statuses = await load.stop()
-    return statuses
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, timeout=15)
+    return statuses, err
+
+
+def said_lost_and_back(err: str, policy: str) -> None:
+    """One line when the tracker was lost, naming the policy; one when it answered again."""
+    lost = [line for line in err.splitlines() if "quota: the tracker is lost" in line]
+    assert len(lost) == 1, err[-3000:]
+    assert "Redis: " in lost[0] and f"QUOTA_ON_REDIS_ERROR={policy}" in lost[0]
+    back = [line for line in err.splitlines() if "quota: the tracker answers again" in line]
+    assert len(back) == 1, err[-3000:]
 
 
 async def test_with_allow_requests_flow_while_redis_is_lost_and_quotas_hold_again_after(
@@ -579,10 +591,11 @@ async def test_with_allow_requests_flow_while_redis_is_lost_and_quotas_hold_agai
         decisions = await redis_decisions(session, url)
         assert decisions.get("allow", 0) >= 30 and decisions.get("deny", 0) == 0
 
-    load = await lose_and_restore_redis(
+    load, err = await lose_and_restore_redis(
         processes, process_keys, redis_server, tmp_path, "allow", while_lost
     )
     assert load and set(load) <= {200, 429}
+    said_lost_and_back(err, "allow")  # before: nothing said, only the metric and /health
 
 
 async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
@@ -598,7 +611,8 @@ async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
         decisions = await redis_decisions(session, url)
         assert decisions.get("deny", 0) >= 31 and decisions.get("allow", 0) == 0
 
-    load = await lose_and_restore_redis(
+    load, err = await lose_and_restore_redis(
         processes, process_keys, redis_server, tmp_path, "deny", while_lost
     )
     assert load and set(load) <= {200, 429, 503} and 503 in load
+    said_lost_and_back(err, "deny")

@@ -186,11 +186,14 @@ class Fault:
     """Answer `status` (the provider's error body, plus `headers`) to a real key's requests.
 
     `times`: only that many times, then answer normally again (None: until removed).
+    `is_unsized`: the body goes without a Content-Length, chunked (as many proxies and CDNs
+    in front of providers send errors too).
     """
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     times: int | None = None
+    is_unsized: bool = False
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -314,7 +317,7 @@ async def answer(
     if fault is not None and fault.times != 0:
         if fault.times is not None:
             fault.times -= 1
-        return await reply_error(request, fault.status, fault.headers)
+        return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
     if knobs.think_seconds:
         async with watching(request):
             await pause(request, knobs.think_seconds)
@@ -463,8 +466,9 @@ async def reply(
     *,
     status: int = 200,
     headers: Mapping[str, str] | None = None,
+    is_sized: bool = True,
 ) -> web.StreamResponse:
-    """Answer JSON with a Content-Length, gzip-compressed when asked."""
+    """Answer JSON with a Content-Length (unless not `is_sized`), gzip-compressed when asked."""
     knobs, headers = request[KNOBS], dict(headers or {})
     body = orjson.dumps(payload)
     if knobs.is_gzip:
@@ -479,7 +483,7 @@ async def reply(
         content_type="application/json",
         status=status,
         headers=headers,
-        is_sized=True,
+        is_sized=is_sized,
         usages=[None] * (len(frames) - 1) + [usage],
     )
 
@@ -612,9 +616,12 @@ def is_usage_streamed(payload: dict) -> bool:
 
 
 async def reply_error(
-    request: web.Request, status: int, extra: Mapping[str, str] | None = None
+    request: web.Request,
+    status: int,
+    extra: Mapping[str, str] | None = None,
+    is_sized: bool = True,
 ) -> web.StreamResponse:
-    """The provider's own error body and headers for this status."""
+    """The provider's own error body and headers for this status (chunked unless `is_sized`)."""
     message = f"fake provider error {status}"
     if request.headers.get("x-fake-reflect") == "body":
         message += f": credentials received {reflected(request.headers)}"
@@ -638,7 +645,7 @@ async def reply_error(
     if status == 429:
         headers["x-ratelimit-remaining-requests"] = "0"
     headers.update(extra or {})
-    return await reply(request, body, status=status, headers=headers)
+    return await reply(request, body, status=status, headers=headers, is_sized=is_sized)
 
 
 # --- OpenAI --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -198,6 +199,38 @@ async def test_a_failed_write_calls_back_and_says_so_once(caplog: pytest.LogCapt
     await logbook.close()
     assert calls.count == 4  # every lost line is counted...
     assert caplog.records == []  # ...but said only once
+
+
+async def test_a_log_whose_directory_is_removed_counts_and_says_its_lost_lines_until_it_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the lines went on into the removed file, where nobody could read them, with
+    one warning saying they still went "to the file open before", and no count."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    path = folder / "interactions.jsonl"
+    calls = Calls()
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=calls)
+    logbook.open()
+    logbook.write(finished_record(0))
+    await until(lambda: path.exists() and path.read_bytes().count(b"\n") == 1)
+    shutil.rmtree(folder)
+
+    for n in range(1, 4):
+        logbook.write(finished_record(n))
+    await until(lambda: calls.count == 3)  # every line lost is counted...
+    (said,) = caplog.records  # ...and said, once
+    assert f"cannot write to {path}: No such file or directory" in said.getMessage()
+    caplog.clear()
+
+    folder.mkdir()  # the directory is back: lines reach the file at the path again
+    logbook.write(finished_record(4))
+    await logbook.close()
+    assert [line["request_id"] for line in lines_of(path)] == ["req-4"]
+    assert calls.count == 3
+    assert [record.getMessage() for record in caplog.records] == [
+        f"logbook: lines reach {path} again"
+    ]
 
 
 async def test_a_write_after_close_is_counted_not_raised(tmp_path: Path) -> None:

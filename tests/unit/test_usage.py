@@ -238,6 +238,16 @@ def test_anthropic_stream_takes_the_last_cumulative_message_delta():
     assert tap.text == "Bonjour le monde"
 
 
+def test_an_anthropic_stream_cut_before_its_message_delta_is_charged_what_it_delivered():
+    # message_start's output_tokens (1) only starts the count: cut before any message_delta,
+    # the prompt is the provider's and the completion at least the text delivered.
+    cut = ANTHROPIC_STREAM.index(b'data: {"type":"message_delta"')
+    tap = tap_of(ANTHROPIC_STREAM[:cut])
+    assert tap.usage(b"") == Usage(
+        40, 4, estimated=True, cache_read_tokens=10, cache_write_tokens=5
+    )  # "Bonjour le monde": 16 characters, 4 tokens (before: 1 token, not estimated)
+
+
 def test_anthropic_message_delta_may_restate_input_tokens():
     body = sse(
         {"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}},
