@@ -104,14 +104,16 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     """A provider streaming its echo of the key, cut inside the key: the client gets the
     stream whole, the key masked, and an event not held back for it."""
     real = OPENAI_REAL.encode()
-    events = [b'data: {"echo": "' + real[:9], real[9:] + b'"}\n\n', b"data: [DONE]\n\n"]
+    head = b'data: {"echo": "'
+    first_seen = asyncio.Event()  # the client has what came before the key's first bytes
 
     async def echoing(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for event in events:
-            await response.write(event)
-            await asyncio.sleep(0.01)
+        await response.write(head + real[:9])
+        await first_seen.wait()  # the rest only once the first chunk went through alone
+        await response.write(real[9:] + b'"}\n\n')
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -127,7 +129,12 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     response = await gateway.post(
         "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(OPENAI_VK)
     )
-    body = await response.read()
     assert response.status == 200
+    # The chunk's bytes before the key's beginning go out at once; the 9 that begin it wait.
+    async with asyncio.timeout(10):  # a gateway holding the whole chunk would never send it
+        body = await response.content.readexactly(len(head))
+    assert body == head
+    first_seen.set()
+    body += await response.read()
     masked = b"[redacted]" + b"*" * (len(real) - len(b"[redacted]"))
     assert body == b'data: {"echo": "' + masked + b'"}\n\n' + b"data: [DONE]\n\n"
