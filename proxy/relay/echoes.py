@@ -25,7 +25,8 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
-from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding
+from proxy.encodings import decode_body
+from proxy.errors import GatewayError
 
 MASK = b"[redacted]"
 # Real keys are 30 to 110 characters; 16 keeps placeholders like "EMPTY" or "dummy" out.
@@ -65,27 +66,12 @@ def masked_whole(
     return masked(decoded, secrets)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def _decoded(data: bytes, coding: str) -> bytes | None:
     """The body with its codings undone; None when it cannot be, or inflates too far."""
-    parts: list[bytes] = []
-    size = 0
-
-    def take(piece: bytes) -> None:
-        nonlocal size
-        size += len(piece)
-        if size > MAX_DECODED_BYTES:
-            raise _TooLarge
-        parts.append(piece)
-
     try:
-        Decoder(coding, take).feed(data)
-    except (UnsupportedEncoding, CorruptBody, _TooLarge):
+        return decode_body(data, coding, MAX_DECODED_BYTES)
+    except GatewayError:  # unsupported, corrupt, or past the bound: sent as it came
         return None
-    return b"".join(parts)
 
 
 class StreamMask:
