@@ -55,6 +55,9 @@ def command(spec: str, port: int, upstream: str, tmp: Path) -> tuple[str, list[s
         return spec, [sys.executable, *floor], False
     if spec == "floor-gc":
         return spec, [sys.executable, "-c", GC_LIKE_THE_GATEWAY, str(BENCH.parent), *floor], False
+    if spec == "duties":  # bench/duties.py: SPEC's duties on the best bare foundation
+        argv = [sys.executable, str(BENCH / "duties.py"), "--port", str(port), "--keys"]
+        return spec, argv + [str(tmp / "keys.json"), "--log", str(tmp / "duties.jsonl")], False
     if spec.startswith("foundation:"):  # foundation:SERVER+CLIENT[+gc], bench/foundations.py
         server, client, *gc = spec.partition(":")[2].split("+")
         argv = [sys.executable, str(BENCH / "foundations.py"), "--port", str(port)]
@@ -76,7 +79,7 @@ def main() -> int:
     parser.add_argument(
         "contenders",
         nargs="+",
-        help="floor, floor-gc, foundation:SERVER+CLIENT[+gc] or name=checkout",
+        help="floor, floor-gc, duties, foundation:SERVER+CLIENT[+gc] or name=checkout",
     )
     parser.add_argument(
         "--check-stream",

@@ -15,7 +15,10 @@ Three contenders serve the same requests from one mock provider (`bench/mock_pro
   file in a temp dir, metrics and the usage tap (both always on);
 - best: the best bare foundation (`bench/foundations.py`, `--best`, by default aiohttp's
   low-level web.Server, the gateway's own upstream client `proxy/upstream/wire.py` and the
-  gateway's GC setting), in the throughput test only.
+  gateway's GC setting), in the throughput test only;
+- duties: `bench/duties.py`, the least SPEC asks of each request (key swap, validation, a
+  sliding window, rate-limit headers, usage, the log line, metrics) on that foundation,
+  in the throughput test only: what the best-foundation target is reachable by.
 
 At the end, issue 30's targets, each as a measured ratio with HOLDS or MISSES.
 
@@ -177,7 +180,7 @@ class Bench:
 
     def __init__(self, plan: Plan, procs: Processes, tmp: Path, best: str) -> None:
         self.plan, self.procs, self.tmp, self.best = plan, procs, tmp, best
-        self.ports = {s: free_port() for s in (*SIDES, "best")}
+        self.ports = {s: free_port() for s in (*SIDES, "best", "duties")}
         self.mock_port = self.ports["direct"]
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.rows: list[tuple[str, ...]] = []
@@ -232,6 +235,14 @@ class Bench:
         self.children["best"] = self.procs.start(argv, GATEWAY_CORE, log)
         wait_until(lambda: listening(self.ports["best"]), f"foundation {self.best}",
                    self.children["best"], log)  # fmt: skip
+
+    def start_duties(self) -> None:
+        """The duties floor (bench/duties.py): SPEC's duties on the best bare foundation."""
+        log, port = self.tmp / "duties.log", self.ports["duties"]
+        argv = [sys.executable, str(BENCH / "duties.py"), "--port", str(port)]
+        argv += ["--keys", str(self.tmp / "keys.json"), "--log", str(self.tmp / "duties.jsonl")]
+        self.children["duties"] = self.procs.start(argv, GATEWAY_CORE, log)
+        wait_until(lambda: listening(port), "the duties floor", self.children["duties"], log)
 
     def target(self, what: str, measured: str, target: str, holds: bool) -> None:
         self.targets.append((what, measured, target, holds))
@@ -411,10 +422,10 @@ class Bench:
 
     def throughput(self) -> None:
         plan = self.plan
-        sides = (*SIDES, "best")
+        sides = (*SIDES, "best", "duties")
         runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
         cpu: dict[str, list[float]] = {s: [] for s in sides}
-        for _, side, port in self.rounds(("floor", "gateway", "best")):
+        for _, side, port in self.rounds(("floor", "gateway", "best", "duties")):
             before = self.cpu(side)
             result = self.wrk(
                 port,
@@ -430,7 +441,7 @@ class Bench:
         fig = {s: {k: med([r[k] for r in runs[s]]) for k in ("rps", "p99_us")} for s in sides}
         timeouts = {s: [r["timeout"] for r in runs[s]] for s in sides}
         other = {s: sum(r["status"] + r["errors"] - r["timeout"] for r in runs[s]) for s in SIDES}
-        d, f, g, b = (fig[s] for s in sides)
+        d, f, g, b, duties = (fig[s] for s in sides)
         self.summary["rps"] = g["rps"]
         label = f"c={plan.wrk_connections}, mock {plan.throughput_delay_ms} ms"
         self.row(
@@ -468,6 +479,11 @@ class Bench:
             target="0",
             verdict=other["gateway"] == 0,
         )
+        self.row(
+            "  duties floor (bench/duties.py) rps",
+            floor=f"{duties['rps']:,.0f} ({ratio(duties['rps'], b['rps'])} best)",
+            vs_floor=ratio(g["rps"], duties["rps"]),
+        )
         fc, gc, bc = med(cpu["floor"]), med(cpu["gateway"]), med(cpu["best"])
         self.row(
             "  CPU per request under load (us)",
@@ -477,6 +493,7 @@ class Bench:
             vs_floor=ratio(gc, fc),
         )
         self.row("  best foundation's CPU per request (us)", floor=f"{bc:.0f}")
+        self.row("  duties floor's CPU per request (us)", floor=f"{med(cpu['duties']):.0f}")
         self.target(
             "throughput against the floor's",
             f"{ratio(g['rps'], f['rps'])} ({g['rps']:,.0f} against {f['rps']:,.0f} rps)",
@@ -485,7 +502,8 @@ class Bench:
         )
         self.target(
             f"throughput against the best bare foundation's ({self.best})",
-            f"{ratio(g['rps'], b['rps'])} ({b['rps']:,.0f} rps at {bc:.0f} us a request)",
+            f"{ratio(g['rps'], b['rps'])} ({b['rps']:,.0f} rps at {bc:.0f} us a request; "
+            f"SPEC's duties on it, bench/duties.py: {ratio(duties['rps'], b['rps'])})",
             f">= {TARGET_RPS_BEST_RATIO}x",
             g["rps"] >= TARGET_RPS_BEST_RATIO * b["rps"],
         )
@@ -870,6 +888,7 @@ def main() -> int:
         bench.start_floor()
         bench.start_gateway()
         bench.start_best()
+        bench.start_duties()
         time.sleep(0.5)
         idle = {s: rss_mb(bench.pid(s)) for s in ("floor", "gateway", "best")}
         uvloop = {s: uses_uvloop(bench.pid(s)) for s in SIDES}

@@ -8,12 +8,15 @@ tests/unit/test_profile_steps.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ab  # noqa: E402
 
+from tests.conftest import LIMITED_REAL, LIMITED_VK, keys_document
 from tests.support.bodies import CHAT
+from tests.support.polling import until
 
 
 def post(url: str, body: dict[str, object]) -> tuple[int, str, bytes]:
@@ -66,6 +71,52 @@ def test_the_floor_with_the_gateways_gc_setting_passes_requests_through(
     assert status == 200 and "tok0" in json.loads(body)["choices"][0]["message"]["content"]
 
 
+def test_the_duties_floor_does_specs_duties_without_leaking_the_real_key(
+    processes: Processes, fake_url: str, tmp_path: Path
+) -> None:
+    """bench/duties.py, the floor the best-foundation target is read against, must do what
+    it says (swap the key, stamp the headers, log the line), or it is cheaper than SPEC."""
+    (tmp_path / "keys.json").write_text(json.dumps(keys_document(fake_url)))
+    port = free_port()
+    _, argv, is_gateway = ab.command("duties", port, fake_url, tmp_path)
+    assert not is_gateway
+    processes.start(argv, env={"PYTHONPATH": ""}, ready="duties floor on")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def ask(body: dict[str, object], key: str | None, **extra: str) -> tuple[int, Any, bytes]:
+        headers = {"Content-Type": "application/json", **extra}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
+
+    status, headers, body = ask(CHAT, LIMITED_VK)
+    assert status == 200 and "tok0" in json.loads(body)["choices"][0]["message"]["content"]
+    assert headers["x-ratelimit-limit-requests"] == "3" and headers["x-request-id"]
+    assert headers["x-ratelimit-remaining-requests"] == "2"
+    status, headers, body = ask({**CHAT, "stream": True}, LIMITED_VK)
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    status, _, body = ask(CHAT, LIMITED_VK, **{"x-fake-reflect": "body", "x-fake-status": "401"})
+    assert status == 401 and LIMITED_REAL.encode() not in body
+    assert b"*" * len(LIMITED_REAL) in body  # the provider quoted it: masked in place
+    assert ask(CHAT, LIMITED_VK)[0] == 429  # the window holds 3
+    assert ask(CHAT, None)[0] == 401
+    log = tmp_path / "duties.jsonl"
+
+    def logged() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    asyncio.run(until(lambda: len(logged()) == 3, 5, "the three relayed requests' lines"))
+    first, streamed, refused = logged()
+    assert (first["key"], first["status"], first["stream"]) == ("limited", 200, False)
+    assert first["usage"]["total_tokens"] > 0 and streamed["stream"] is True
+    assert refused["status"] == 401
+
+
 @pytest.mark.skipif(
     shutil.which("wrk") is None, reason="wrk is not installed (make bench installs it)"
 )
@@ -81,6 +132,7 @@ def test_make_bench_prints_each_target_and_scale_figure_end_to_end() -> None:
                  "stream time to first byte", "client timeouts", "RSS idle", "open streams"):  # fmt: skip
         assert what in "\n".join(targets), what
     assert "CPU per chunk (us)" in out
+    assert "duties floor (bench/duties.py) rps" in out and "SPEC's duties on it" in out
     scale = [
         sys.executable,
         str(ROOT / "bench" / "scale.py"),
