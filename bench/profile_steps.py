@@ -97,7 +97,7 @@ STEPS = {
     "exchange.py": "exchange: admit, settle, the ending",
     "logfile.py": "log record",
 }
-OWN_FILES = ("proxy/", "passthrough.py", "foundations.py")
+OWN_FILES = ("proxy/", "passthrough.py", "foundations.py", "duties.py")
 # Under every sample of the loop's thread: the frames that start the process and run the loop.
 ENTRY = {
     ("gateway.py", "*"),
@@ -108,6 +108,9 @@ ENTRY = {
     ("foundations.py", "<module>"),
     ("foundations.py", "main"),
     ("foundations.py", "serve"),
+    ("duties.py", "<module>"),
+    ("duties.py", "main"),
+    ("duties.py", "serve"),
 }
 # They call the upstream client (the gateway's wire, or aiohttp's in the floor).
 HANDLERS = (
@@ -115,6 +118,7 @@ HANDLERS = (
     "proxy/upstream/failover.py",
     "passthrough.py",
     "foundations.py",
+    "duties.py",
 )
 
 
@@ -417,6 +421,11 @@ def main() -> int:
         help=f"the best bare foundation, SERVER+CLIENT[+gc] of foundations.py (default {run.BEST_FOUNDATION}; "
         "'' to leave it out)",
     )
+    parser.add_argument(
+        "--duties",
+        action="store_true",
+        help="also the duties floor (bench/duties.py: SPEC's duties on the best foundation)",
+    )
     args = parser.parse_args()
     run.check_tools()
     pyspy = shutil.which(
@@ -437,8 +446,11 @@ def main() -> int:
         if args.best:
             bench.start_best()
         bench.start_gateway()
+        if args.duties:
+            bench.start_duties()  # reads the keys.json start_gateway wrote
         bench.warm_up()
         sides = ("floor", "best", "gateway") if args.best else ("floor", "gateway")
+        sides += ("duties",) if args.duties else ()
         profiles = {side: Profile() for side in sides}
         for rep in range(rounds):
             for side in sides if rep % 2 == 0 else sides[::-1]:

@@ -59,3 +59,30 @@ def test_each_sample_goes_under_the_step_its_innermost_own_frame_names(tmp_path:
     assert one.us("authentication") == pytest.approx(30.0)
     assert one.us("log record") == pytest.approx(30.0)
     assert one.us("Counter.inc (prometheus_client/metrics.py)", "leaves") == pytest.approx(20.0)
+
+
+def test_the_duties_floor_is_read_like_the_other_bare_handlers(tmp_path: Path) -> None:
+    """bench/duties.py's own code is one step, what it calls into goes under aiohttp's or
+    the wire's steps, and the frames that start its loop are not its own code."""
+    start = "<module> (duties.py:300);main (duties.py:290);run (uvloop/__init__.py:105)"
+    handle = f"{start};RequestHandler._handle_request (aiohttp/web_protocol.py:577);handler.<locals>.forward (duties.py:180)"
+    raw = tmp_path / "duties.txt"
+    raw.write_text(
+        "\n".join(
+            [
+                f"{handle} 4",
+                f"{handle};Wire.request (proxy/upstream/wire.py:351) 3",
+                f"{handle};StreamResponse.prepare (aiohttp/web_response.py:464) 2",
+                f"{start} 1",
+            ]
+        )
+        + "\n"
+    )
+    one = profile_steps.Round(cpu={"main": 100.0, "threads": 0.0}, rps=0.0)
+    one.add(raw)
+    assert dict(one.steps["main"]) == {
+        "duties.py: its own code": 4,
+        "send the request, read the answer (the wire, proxy/upstream/wire.py)": 3,
+        profile_steps.RESPONSE: 2,
+        profile_steps.LOOP: 1,
+    }
