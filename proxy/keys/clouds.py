@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from proxy.keys.fields import KeysFileError
+from proxy.keys.fields import KeysFileError, has_control
 from proxy.upstream.providers import Provider
 from proxy.upstream.signing import GoogleToken, SigV4
 from proxy.upstream.targets import Credential
@@ -85,7 +85,7 @@ def _secret(
         return None
     if not isinstance(value, str) or not value.strip():
         raise KeysFileError(f"{where}{source} must be a non-empty string (is it set?)")
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value.strip()):
+    if has_control(value.strip()):
         raise KeysFileError(f"{where}{source} contains a control character (a line break?)")
     return value.strip()
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.keys.fields import KeysFileError, check_fields, positive_number
+from proxy.keys.fields import KeysFileError, check_fields, has_control, positive_number
 from proxy.keys.hashed import digest_of, hashed, is_hashed
 from proxy.keys.keys import masked
 
@@ -64,6 +64,13 @@ def _name(body: Mapping[str, Any], what: str) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise EditRefused(
             400, "invalid_name", f"The {what} needs a name: text, 1 to 200 characters."
+        )
+    if has_control(name):  # never quoted back: it would garble the message it is in
+        raise EditRefused(
+            400,
+            "invalid_name",
+            f"The {what}'s 'name' contains a control character (a NUL, tab, line break or "
+            "escape): a name must be printable text.",
         )
     return name
 

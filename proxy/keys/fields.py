@@ -186,12 +186,19 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
     return _header_safe(where, f"api_key_env {variable}", value)
 
 
-# The real key goes into a header: a control character (CR, LF) would fail every request.
+# A control character (C0 or DEL): in a real key, which goes into a header, CR or LF would
+# fail every request; in a name, which goes into log lines, metrics and messages, a NUL or a
+# line break would garble them. The one rule for both (the admin API's names: keys.edits).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def has_control(value: str) -> bool:
+    """Whether `value` holds a control character (NUL to US, or DEL)."""
+    return _CONTROL.search(value) is not None
+
+
 def _header_safe(where: str, source: str, value: str) -> str:
-    if _CONTROL.search(value) is not None:
+    if has_control(value):
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
     return value
 

@@ -51,6 +51,7 @@ from proxy.realtime.turns import Turns
 from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
+from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.failover import described
@@ -94,7 +95,8 @@ class Realtime:
         is_unnamed = not names and not is_responses(exchange.tail)
         named.check(key, [named.Unnamed("the provider's default model")] if is_unnamed else names)
         check_handshake(request)  # 400
-        target = key.plans.choose(model).primary  # 400 (no route serves the model)
+        plan = key.plans.choose(model)  # 400 (no route serves the model)
+        target = plan.primary
         record.saw_target(target.name, target.provider.name)
         url = upstream_url(target.provider, exchange.tail, exchange.query)
         turns = Turns(exchange, target) if is_responses(exchange.tail) else None
@@ -105,7 +107,8 @@ class Realtime:
             admission = None
         upstream = await self._connect(url, target, request, record, exchange.trace)  # 502, 504
         try:
-            return await self._carry(request, upstream, exchange, admission, turns)
+            secrets = searched(plan.secrets)  # what the provider's frames may not carry
+            return await self._carry(request, upstream, exchange, admission, turns, secrets)
         finally:
             await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
@@ -159,6 +162,7 @@ class Realtime:
         exchange: Exchange,
         admission: Admission | None,
         turns: Turns | None = None,
+        secrets: tuple[bytes, ...] = (),
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
@@ -185,6 +189,7 @@ class Realtime:
             on_provider_text=usage.read,
             abort_client=lambda: _abort(request),
             gate=None if turns is None else turns.gate,
+            secrets=secrets,
         )
         self.sessions.add(session)
         try:

@@ -18,6 +18,12 @@ reading a socket whose unread data passes 64 KiB, so a slow side slows the other
 through TCP; nothing is buffered without bound. Invariant: when `run` returns both ends are
 closed and both pumps are finished; nothing of the session is left.
 
+A real key the provider quotes (an error event naming the credential it refused) reaches the
+client masked, as an HTTP answer's body would (`echoes.masked`, the same rule and the same
+mask of the key's length): in every text and binary frame, ping and pong payload and close
+reason the provider sends. aiohttp hands over each message whole, so no key is split
+between two.
+
 What it does not do: keep a message's fragmentation (aiohttp reassembles fragments, and a
 message goes on whole), or read what the frames say (`on_provider_text` sees the provider's
 text frames after they went on, for usage; a `gate` may hold a client's text frame back
@@ -34,6 +40,8 @@ from typing import Literal, Protocol
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WSMessageNoDecodeText
+
+from proxy.relay.echoes import masked
 
 log = logging.getLogger("llm_gateway")
 
@@ -82,6 +90,7 @@ class Session:
         on_provider_text: Callable[[bytes], None],
         abort_client: Callable[[], None] = lambda: None,
         gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
+        secrets: tuple[bytes, ...] = (),
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
         # Dropping a connection whose close cannot complete: the client's transport (given,
@@ -95,6 +104,8 @@ class Session:
         # Asked of each client text frame before it goes on: None lets it go; else the frame
         # the client gets back instead (a turn the gateway refused, `turns`).
         self._gate = gate
+        # The real keys (`echoes.searched`) masked in whatever the provider sends the client.
+        self._secrets = secrets
         self._loop = asyncio.get_running_loop()
         self._last_frame = self._loop.time()
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
@@ -149,6 +160,7 @@ class Session:
         """Frames from one side to the other, in order, one write at a time."""
         source, target = self._ends[source_side], self._ends[target_side]
         is_down = source_side == PROVIDER
+        secrets = self._secrets if is_down else ()
         while True:
             message = await source.receive()
             kind = message.type
@@ -160,17 +172,17 @@ class Session:
                     else:
                         await source.send_frame(refused, WSMsgType.TEXT)
                 elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                    await target.send_frame(message.data, kind)
+                    data = masked(message.data, secrets)
+                    await target.send_frame(data, kind)
                     if is_down and kind is WSMsgType.TEXT:
-                        self._on_provider_text(message.data)
+                        self._on_provider_text(data)
                 elif kind is WSMsgType.PING:
-                    await target.ping(message.data)
+                    await target.ping(masked(message.data, secrets))
                 elif kind is WSMsgType.PONG:
-                    await target.pong(message.data)
+                    await target.pong(masked(message.data, secrets))
                 elif kind is WSMsgType.CLOSE:
-                    return await self._pass_close(
-                        source_side, target_side, message.data, message.extra
-                    )
+                    reason = masked((message.extra or "").encode(), secrets)
+                    return await self._pass_close(source_side, target_side, message.data, reason)
                 elif kind is WSMsgType.CLOSING:
                     return  # another task is closing this end
                 elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
@@ -184,14 +196,13 @@ class Session:
             self._last_frame = self._loop.time()
 
     async def _pass_close(
-        self, source_side: str, target_side: str, code: int, reason: str | None
+        self, source_side: str, target_side: str, code: int, reason: bytes
     ) -> None:
         """Pass a close frame on; answer the closing side with what the other side answered."""
-        reason = reason or ""
         if self.ended_by is None:
             self.ended_by, self.close_code = source_side, code
         code = code if code in _SENDABLE else WSCloseCode.OK  # an empty close frame has no code
-        await self._close(target_side, code, reason.encode())
+        await self._close(target_side, code, reason)
         answer = self._ends[target_side].close_code
         await self._close(source_side, answer if answer in _SENDABLE else code)
 

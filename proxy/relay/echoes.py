@@ -3,7 +3,7 @@
 SPEC: a real key never appears in a response, not even when the provider echoes it back
 (an OpenAI-compatible server's 401 quoting the key it refused, a debugging proxy).
 Headers carrying one are dropped (`providers.downstream_headers`); this module does the
-body. Each occurrence of one of the request's real keys is overwritten by a mask of the
+body, and the Realtime relay's frames (`realtime/websocket.py`: each message whole, `masked`). Each occurrence of one of the request's real keys is overwritten by a mask of the
 same length (`[redacted]****…`): a Content-Length stays true and a JSON string stays JSON.
 
 - A whole body (`masked_whole`) is searched as it came. A compressed error answer (4xx,

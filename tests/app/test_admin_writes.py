@@ -187,6 +187,32 @@ async def test_changes_are_checked_as_at_start(admin_gateway: Make, keys_file: P
     assert keys_file.read_bytes() == before
 
 
+async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_field(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    """A NUL, line break, tab, escape or DEL in a key's or a team's name is refused, by the
+    rule that keeps them out of a real key; the file is not touched."""
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    names = ("nul\x00byte", "two\nlines", "a\ttab", "\x1b[31mred", "del\x7f")
+    for name in names:
+        for path, body in (
+            ("/admin/keys", {"name": name, "provider": "openai", "api_key": REAL}),
+            ("/admin/teams", {"name": name}),
+        ):
+            response = await gateway.post(path, json=body, headers=ADMIN)
+            assert response.status == 400, (path, name, await response.text())
+            error = await response.json()
+            assert_openai_error(error, "invalid_name")
+            message = error["error"]["message"]
+            assert "'name'" in message and "control character" in message
+            assert name not in message and "\n" not in message
+    assert keys_file.read_bytes() == before
+    listed = await (await gateway.get("/admin/keys", headers=ADMIN)).json()
+    assert not {key["name"] for key in listed["keys"]} & set(names)
+    assert (await create(gateway, name="plain name, é and all"))["name"] == "plain name, é and all"
+
+
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     admin_gateway: Make, clock: Clock
 ) -> None:

@@ -145,6 +145,38 @@ async def test_frames_pass_both_ways_unchanged_and_the_provider_gets_the_real_ke
     await no_session_left(gateway)
 
 
+async def test_a_real_key_the_provider_quotes_in_a_frame_reaches_the_client_masked(
+    gateway: TestClient, sockets: RealtimeState
+) -> None:
+    """SPEC: a real key never appears in a response, not even when the provider echoes it
+    back: in a text or binary frame, a ping or a close reason, it is overwritten by a mask
+    of its length; every other byte arrives as the provider sent it."""
+    real = OPENAI_REAL.encode()
+    mask = b"[redacted]" + b"*" * (len(real) - len(b"[redacted]"))
+    quoted = b"Incorrect API key provided: Bearer " + real + b"."
+    ws = await connect(gateway)
+    await next_data(ws)  # session.created
+    socket = await fake_socket(sockets)
+    for kind in ("text", "binary"):
+        await ws.send_str(orjson.dumps({"type": "fake.quote_key", "as": kind}).decode())
+        message = await next_data(ws)
+        sent_type, sent = socket.sent[-1]
+        sent = sent.encode() if isinstance(sent, str) else sent
+        got = message.data.encode() if isinstance(message.data, str) else message.data
+        assert quoted in sent  # the provider did quote it
+        assert (message.type, got) == (sent_type, sent.replace(real, mask))
+    await ws.send_str(orjson.dumps({"type": "fake.quote_key", "as": "ping"}).decode())
+    ping = await next_data(ws)
+    assert (ping.type, ping.data) == (WSMsgType.PING, quoted.replace(real, mask))
+    await ws.send_str(orjson.dumps({"type": "fake.quote_key", "as": "close"}).decode())
+    close = await next_data(ws)
+    assert (close.type, close.data) == (WSMsgType.CLOSE, 1008)
+    assert close.extra == quoted.replace(real, mask).decode()
+    await ws.close(code=1008)
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    await no_session_left(gateway)
+
+
 async def test_a_browser_key_in_the_subprotocol_authenticates_and_is_not_forwarded(
     gateway: TestClient, sockets: RealtimeState, fake: Any
 ) -> None:

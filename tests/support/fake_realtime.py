@@ -10,6 +10,11 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
     {"type": "fake.ping", "data": D}                 send a ping with payload D
     {"type": "fake.drop"}                            drop the connection, no close frame
     {"type": "fake.flood", "count": N, "size": S}    send N text frames of S bytes at once
+    {"type": "fake.quote_key", "as": A}              quote the credential of its handshake
+                                                     (its Authorization header) in an error
+                                                     event sent as A: "text" or "binary"; or
+                                                     with A "ping" or "close", as a ping's
+                                                     payload or its close reason
     {"type": "fake.generate", "text": T, "pieces": N, "done": D}
                                                      response.created, an audio delta, then T
                                                      as N transcript deltas and N tool-call
@@ -28,10 +33,11 @@ Every socket's frames received and sent, its close, and its end are kept in
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 # The usage of each response.done: of the input, some cached and some audio; of the output, audio.
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS = 11, 2, 4
@@ -143,12 +149,38 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             elif kind == "fake.generate":
                 for event in generated(command):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind == "fake.quote_key":
+                if await quote_key(ws, command.get("as"), request.headers, send):
+                    return
             elif kind == "fake.flood":
                 for index in range(command["count"]):
                     await send(WSMsgType.TEXT, f"{index:08d}".ljust(command["size"], "x"))
                 socket.flooded.set()
             else:
                 await send(WSMsgType.TEXT, message.data)
+
+
+async def quote_key(
+    ws: web.WebSocketResponse,
+    kind: object,
+    headers: Mapping[str, str],
+    send: Callable[[WSMsgType, bytes | str], Awaitable[None]],
+) -> bool:
+    """Quote the handshake's credential back, as a provider refusing it might; True: closed."""
+    quoted = f"Incorrect API key provided: {headers.get('Authorization', '')}."
+    if kind == "close":
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=quoted.encode())
+        return True
+    if kind == "ping":
+        await ws.ping(quoted.encode())
+        return False
+    event = {"type": "error", "error": {"type": "invalid_request_error", "message": quoted}}
+    text = orjson.dumps(event).decode()
+    if kind == "binary":
+        await send(WSMsgType.BINARY, text.encode())
+    else:
+        await send(WSMsgType.TEXT, text)
+    return False
 
 
 def responses_events(command: dict) -> list[dict]:
