@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, overload
 
 T = TypeVar("T")
+# The longest quota or budget window, here and in keys.json. Longer ones were taken and
+# broke the first 429 they gave (its retry-after-ms overflowed from 1.8e305 s, a budget's
+# "frees up at" date from 1e17 s); no limit needs more than ten years.
+MAX_WINDOW_SECONDS = 10 * 365 * 86400
 
 
 class SettingError(ValueError):
@@ -74,6 +78,14 @@ def _real(text: str, is_allowed: Callable[[float], bool], expected: str) -> floa
 
 def _positive_seconds(text: str) -> float:
     return _real(text, lambda value: value > 0, "a positive number of seconds")
+
+
+def _window_seconds(text: str) -> float:
+    return _real(
+        text,
+        lambda value: 0 < value <= MAX_WINDOW_SECONDS,
+        f"a positive number of seconds, at most {MAX_WINDOW_SECONDS} (ten years)",
+    )
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -205,7 +217,7 @@ class Settings:
         None, _positive_int, "default tokens per window per virtual key (unset: no token limit)"
     )
     quota_window_seconds: float = setting(
-        "3600", _positive_seconds, "default length of the sliding window, in seconds"
+        "3600", _window_seconds, "default length of the sliding window, in seconds"
     )
     budget_usd: float | None = setting(
         None,
@@ -214,7 +226,7 @@ class Settings:
     )
     budget_window_seconds: float = setting(
         "2592000",
-        _positive_seconds,
+        _window_seconds,
         "default sliding window of a budget, in seconds (2592000: 30 days)",
     )
     output_allowance_tokens: int = setting(

@@ -21,6 +21,7 @@ from typing import Any, TypeGuard
 from yarl import URL
 
 from proxy.quota.tracker import Budget, Limits
+from proxy.settings import MAX_WINDOW_SECONDS
 
 
 class KeysFileError(ValueError):
@@ -219,8 +220,8 @@ def limits(where: str, quota: Any, defaults: Defaults) -> Limits | None:
         raise KeysFileError(f"{where}: quota.requests must be a positive integer")
     if tokens is not None and not positive_int(tokens):
         raise KeysFileError(f"{where}: quota.tokens must be a positive integer or null")
-    if not positive_number(window):
-        raise KeysFileError(f"{where}: quota.window_seconds must be a positive number")
+    if not window_length(window):
+        raise KeysFileError(f"{where}: quota.window_seconds must be {WINDOW_LENGTH}")
     return Limits(requests=requests, tokens=tokens, window_seconds=float(window))
 
 
@@ -238,8 +239,8 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     window = budget.get("window_seconds", defaults.budget_window_seconds)
     if not positive_number(usd):
         raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
-    if not positive_number(window):
-        raise KeysFileError(f"{where}: budget.window_seconds must be a positive number")
+    if not window_length(window):
+        raise KeysFileError(f"{where}: budget.window_seconds must be {WINDOW_LENGTH}")
     return Budget(usd=float(usd), window_seconds=float(window))
 
 
@@ -297,6 +298,14 @@ def positive_number(value: object) -> TypeGuard[float]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return 0 < value < float("inf")
+
+
+WINDOW_LENGTH = f"a positive number of seconds, at most {MAX_WINDOW_SECONDS} (ten years)"
+
+
+def window_length(value: object) -> TypeGuard[float]:
+    """A quota's or a budget's `window_seconds`: positive, and at most MAX_WINDOW_SECONDS."""
+    return positive_number(value) and value <= MAX_WINDOW_SECONDS
 
 
 def patterns(where: str, patterns: Any) -> re.Pattern[str] | None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.keys.fields import (
+    WINDOW_LENGTH,
     Defaults,
     KeysFileError,
     budget,
     check_fields,
     positive_int,
-    positive_number,
+    window_length,
 )
 from proxy.quota.tracker import Limits, Scope
 
@@ -136,8 +137,8 @@ def window(where: str, quota: Any, field: str, defaults: Defaults) -> Limits | N
         raise KeysFileError(f"{where}: {field}.requests must be a positive integer")
     if tokens is not None and not positive_int(tokens):
         raise KeysFileError(f"{where}: {field}.tokens must be a positive integer")
-    if not positive_number(seconds):
-        raise KeysFileError(f"{where}: {field}.window_seconds must be a positive number")
+    if not window_length(seconds):
+        raise KeysFileError(f"{where}: {field}.window_seconds must be {WINDOW_LENGTH}")
     if not defaults.quota_enabled:
         return None
     return Limits(requests or UNLIMITED_REQUESTS, tokens, float(seconds))

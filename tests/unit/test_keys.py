@@ -509,6 +509,45 @@ def test_an_output_allowance_that_is_not_a_positive_number_of_tokens_is_refused(
     assert "key 'agent': output_allowance must be a positive number of tokens" in message
 
 
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"quota": {"window_seconds": 1e308}}, "quota.window_seconds"),
+        ({"budget": {"usd": 5, "window_seconds": 1e17}}, "budget.window_seconds"),
+        (
+            {"model_quotas": [{"models": ["gpt-*"], "requests": 5, "window_seconds": 1e308}]},
+            "model_quotas[0].window_seconds",
+        ),
+    ],
+)
+def test_a_window_longer_than_ten_years_is_refused(
+    tmp_path: Path, entry: dict[str, Any], field: str
+) -> None:
+    # Such windows loaded, and the first 429 they gave was a 500 (retry-after-ms overflowed;
+    # a budget's "frees up at" date did from 1e17 seconds).
+    key = {"provider": "openai", "api_key": "sk-x", "name": "agent", **entry}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, {"virtual_keys": {"vk_agent_123456789": key}})
+    assert (
+        f"key 'agent': {field} must be a positive number of seconds, at most 315360000 "
+        "(ten years)" in str(refused.value)
+    )
+
+
+def test_a_teams_window_longer_than_ten_years_is_refused(tmp_path: Path) -> None:
+    document = {
+        "teams": {"ml": {"quota": {"requests": 5, "window_seconds": 1e308}}},
+        "virtual_keys": {
+            "vk_agent_123456789": {"provider": "openai", "api_key": "x", "team": "ml"}
+        },
+    }
+    with pytest.raises(
+        KeysFileError,
+        match=r"quota.window_seconds must be a positive number of seconds, at most 315360000",
+    ):
+        load(tmp_path, document)
+
+
 def test_a_keys_output_allowance_is_its_own_else_the_setting(tmp_path: Path) -> None:
     document = {
         "virtual_keys": {
