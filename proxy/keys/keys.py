@@ -24,7 +24,7 @@ import orjson
 from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
-from proxy.keys.fields import CachePolicy, Defaults, KeysFileError, check_fields
+from proxy.keys.fields import CachePolicy, Defaults, KeysFileError, check_fields, has_control
 from proxy.keys.hashed import PREFIX, digest_of, is_hashed, previous_key
 from proxy.keys.hashed import digest as secret_digest
 from proxy.keys.plans import parse_plans, parse_providers
@@ -399,6 +399,11 @@ def _key(
     name = _name(secret, entry)
     if not isinstance(name, str) or not name.strip():
         raise KeysFileError(f"{path}: key '{masked(secret)}': name must be a non-empty string")
+    if has_control(name):  # as the admin API refuses it: not quoted, it would garble the line
+        raise KeysFileError(
+            f"{path}: key '{masked(secret)}': name contains a control character (a NUL, tab, "
+            "line break or escape): a name must be printable text"
+        )
     where = f"{path}: key '{name}'"
     check_fields(where, entry, "key")
     if not secret.strip() or secret != secret.strip():

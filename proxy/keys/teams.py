@@ -24,6 +24,7 @@ from proxy.keys.fields import (
     KeysFileError,
     budget,
     check_fields,
+    has_control,
     positive_int,
     window_length,
 )
@@ -61,6 +62,11 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
         where = f"{path}: team '{name}'"
         if not name.strip():
             raise KeysFileError(f"{path}: a team name must be a non-empty string")
+        if has_control(name):  # as the admin API refuses it
+            raise KeysFileError(
+                f"{path}: a team name contains a control character (a NUL, tab, line break "
+                "or escape): a name must be printable text"
+            )
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
         check_fields(where, entry, "team")

@@ -561,3 +561,17 @@ def test_a_keys_output_allowance_is_its_own_else_the_setting(tmp_path: Path) -> 
     ring = load(tmp_path, document, defaults=defaults)
     allowances = {key.secret: key.output_allowance for key in ring}
     assert allowances == {"vk_own_123456789": 512, "vk_default_1234567": 900}
+
+
+@pytest.mark.parametrize("name", ["team\x00a", "two\nlines", "tab\there", "esc\x1b[31m", "del\x7f"])
+def test_a_key_or_team_name_with_a_control_character_is_refused(tmp_path: Path, name: str) -> None:
+    """As the admin API refuses it (keys.edits): a name goes into log lines and metrics."""
+    key = {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": name}}
+    with pytest.raises(KeysFileError, match="name contains a control character") as refused:
+        load(tmp_path, {"virtual_keys": key})
+    assert name not in str(refused.value)
+    teams = {"teams": {name: {}}, "virtual_keys": {"vk_a_123456789": {"api_key": "sk-a"}}}
+    with pytest.raises(KeysFileError, match="team name contains a control character"):
+        load(tmp_path, teams)
+    accented = {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": "équipe a"}}
+    assert [key.name for key in load(tmp_path, {"virtual_keys": accented})] == ["équipe a"]
