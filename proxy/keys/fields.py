@@ -280,8 +280,8 @@ def cache(where: str, entry: Mapping[str, Any]) -> CachePolicy | None:
         raise KeysFileError(f"{where}: cache must be an object (ttl_seconds, scope)")
     check_fields(where, policy, "cache", "cache.")
     ttl: Any = policy.get("ttl_seconds")
-    if not positive_number(ttl):
-        raise KeysFileError(f"{where}: cache.ttl_seconds must be a positive number of seconds")
+    if not window_length(ttl):  # Redis refuses a PX past its range: nothing would be stored
+        raise KeysFileError(f"{where}: cache.ttl_seconds must be {WINDOW_LENGTH}")
     scope = policy.get("scope")
     if scope is not None and not (isinstance(scope, str) and _SCOPE.fullmatch(scope)):
         raise KeysFileError(

@@ -534,6 +534,18 @@ def test_a_window_longer_than_ten_years_is_refused(
     )
 
 
+def test_a_cache_ttl_longer_than_ten_years_is_refused(tmp_path: Path) -> None:
+    # Such a ttl loaded, and with REDIS_URL nothing was ever stored (Redis refuses the PX)
+    # while each store counted as a lost Redis in llm_gateway_redis_errors_total.
+    key = {"provider": "openai", "api_key": "sk-x", "name": "agent", "cache": {"ttl_seconds": 1e20}}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, {"virtual_keys": {"vk_agent_123456789": key}})
+    assert (
+        "key 'agent': cache.ttl_seconds must be a positive number of seconds, at most 315360000 "
+        "(ten years)" in str(refused.value)
+    )
+
+
 def test_a_teams_window_longer_than_ten_years_is_refused(tmp_path: Path) -> None:
     document = {
         "teams": {"ml": {"quota": {"requests": 5, "window_seconds": 1e308}}},
