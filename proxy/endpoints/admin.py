@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy import errors
 from proxy.cache.cache import Cache
@@ -68,7 +68,6 @@ class Admin:
         self._quota = quota
         self._keys_file = keys_file
         self._reload_workers = reload_workers
-        self._methods: dict[str, list[str]] = {}  # each admin path's methods, for a 405's Allow
 
     def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
         """The admin routes, before the relay's catch-all; every other /admin path is 404.
@@ -84,7 +83,6 @@ class Admin:
             ]
             for method, path, handler in routes:
                 router.add_route(method, path, wrap(self._guarded(handler)))
-                self._methods.setdefault(path, []).append(method)
         if self._writes is not None:
             self._writes.add_routes(router, lambda handler: wrap(self._guarded(refusals(handler))))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
@@ -111,7 +109,7 @@ class Admin:
                 "string to turn it on, then send it as 'Authorization: Bearer <token>'."
             )
             return errors.render(GatewayError(404, "unknown_route", message), request.path)
-        allowed = self._methods.get(request.path)
+        allowed = await allowed_methods(request)
         if allowed:
             methods = ", ".join(allowed)
             return errors.render(
@@ -266,3 +264,13 @@ def _refuse(
     request: web.Request, status: int, message: str, code: str = "invalid_request"
 ) -> web.Response:
     return errors.render(GatewayError(status, code, message), request.path)
+
+
+async def allowed_methods(request: web.Request) -> list[str]:
+    """The methods the admin routes answer on this path (the writes' included), for a 405."""
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        _, allowed = await resource.resolve(request)
+        if hdrs.METH_ANY not in allowed:  # the catch-alls (this 404's, the relay's)
+            methods |= allowed
+    return sorted(methods - {hdrs.METH_HEAD})

@@ -386,3 +386,22 @@ async def test_a_key_written_in_keys_json_rotates_with_its_grace(
     clock.advance(30)
     assert [await chat(gateway, LIMITED_VK), await chat(gateway, new)] == [401, 200]
     assert await chat(gateway, new) == 429  # 3 of 3 in the window, old key and new together
+
+
+async def test_a_wrong_method_names_every_method_the_path_answers(
+    admin_gateway: Make,
+) -> None:
+    # PATCH /admin/keys said "answers GET only" with `Allow: GET`, though POST creates a key;
+    # PUT /admin/keys/{name} was a 404 "No such endpoint".
+    gateway = await admin_gateway()
+    await create(gateway, name="alice")
+    listing = await gateway.patch("/admin/keys", json={}, headers=ADMIN)
+    assert listing.status == 405 and listing.headers["allow"] == "GET, POST"
+    body = await listing.json()
+    assert_openai_error(body, "method_not_allowed")
+    assert "GET, POST" in body["error"]["message"]
+    named = await gateway.put("/admin/teams/ml", json={}, headers=ADMIN)
+    assert named.status == 405 and named.headers["allow"] == "DELETE, PATCH"
+    rotate = await gateway.get("/admin/keys/alice/rotate", headers=ADMIN)
+    assert rotate.status == 405 and rotate.headers["allow"] == "POST"
+    assert (await gateway.get("/admin/nothing", headers=ADMIN)).status == 404
