@@ -311,6 +311,8 @@ class Exchange:
         address = lockout.client_address(request)
         self.key = key = lockout.authenticate(entrance.key_ring, credentials, address)
         self.record.saw_key(key.name, key.provider.name)
+        if key.cache is not None:  # until a lookup says more: the cache neither read nor written
+            self.record.saw_cache(Cached.BYPASS)
         return key
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:

@@ -209,6 +209,27 @@ async def test_a_key_without_a_cache_is_untouched(
     assert [line["cache"] for line in await records(2)] == [None, None]
 
 
+async def test_a_refused_request_of_a_key_with_a_cache_logs_bypass(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """SPEC: the log's `cache` is null only for a key without a cache; a request refused
+    before the lookup neither read nor wrote the cache."""
+    for _ in range(3):
+        assert (await post(gateway, COUNTED_VK, document={**CHAT, "n": 1}))[0] == 200
+    refused = await post(gateway, COUNTED_VK)
+    assert refused[0] == 429
+    bad = await gateway.post(
+        CHAT_PATH,
+        data=b"{not json",
+        headers={**auth(CACHED_VK), "Content-Type": "application/json"},
+    )
+    assert bad.status == 400
+    lines = await records(5)
+    assert [line["status"] for line in lines] == [200, 200, 200, 429, 400]
+    assert [line["cache"] for line in lines[3:]] == ["bypass", "bypass"]
+    assert len(fake.requests) == 1  # the three same bodies: one miss, then hits
+
+
 async def test_no_cache_goes_upstream_and_refreshes_the_entry(
     gateway: TestClient, fake: FakeState
 ) -> None:
