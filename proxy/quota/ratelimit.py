@@ -76,9 +76,9 @@ def duration(seconds: float) -> str:
     """A wait in the providers' style: '1m30s', '2.5s', '0s'."""
     if not seconds > 0:
         return "0s"
-    minutes, rest = divmod(seconds, 60.0)
-    rest = math.ceil(rest * 1000) / 1000
-    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    # Rounded up to the millisecond before it is split: 59.9996 s is '1m0s', not '60s'.
+    minutes, millis = divmod(math.ceil(seconds * 1000), 60_000)
+    text = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
     if minutes >= 1:
         hours, minutes = divmod(int(minutes), 60)
         text = (f"{hours}h" if hours else "") + f"{minutes}m" + text
