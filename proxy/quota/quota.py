@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 from proxy.errors import GatewayError
 from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.ratelimit import tightest
 from proxy.quota.refusals import concurrency_refusal, label, refusal
 from proxy.quota.slots import Lines, Waiter
 from proxy.quota.subjects import QuotaKey, QuotaRequest, Serving
@@ -209,7 +210,8 @@ class Quota:
                         if scope.max_in_flight is not None:
                             self._on_slots(scope, 1)
                     tickets = tuple(answer.ticket for answer in answers)
-                    return answers[0]._replace(scopes=scopes, tickets=tickets, lease=lease)
+                    headline = tightest(answers)  # what its x-ratelimit-* headers tell
+                    return headline._replace(scopes=scopes, tickets=tickets, lease=lease)
                 scope, answer = refused_by(scopes, answers)
                 if not answer.slots_full or scope.queue_seconds <= 0:
                     raise self._refused(key, scope, answer, loop.time() - started)

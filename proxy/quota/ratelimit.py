@@ -2,16 +2,21 @@
 
 Every proxied response of a key with a quota carries them, in the providers' style
 (`x-ratelimit-remaining-tokens`, a reset written as `1m30s`), so a client that reads
-OpenAI's headers reads the gateway's limits instead of the provider's.
+OpenAI's headers reads the gateway's limits instead of the provider's. A request that
+passed several windows (its key's, its team's, its model group's) is told the tightest
+(`tightest`): the requests trio of the window with the fewest requests left, the tokens
+trio of the one with the fewest tokens left, so a client pacing itself by them meets no
+429 they did not foretell.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from multidict import CIMultiDict
 
-from proxy.quota.tracker import Admission
+from proxy.quota.tracker import Admission, Limits
 
 _PREFIX = "x-ratelimit-"
 
@@ -24,6 +29,30 @@ def stamp(headers: CIMultiDict[str], admission: Admission) -> None:
         for name in [name for name in headers if name.lower().startswith(_PREFIX)]:
             headers.popall(name, None)
     headers.extend(ratelimit_headers(admission))  # none is left to replace
+
+
+def tightest(answers: Sequence[Admission]) -> Admission:
+    """The first answer, its headers' figures taken from the windows with the least left."""
+    first = answers[0]
+    windowed = [answer for answer in answers if answer.limits is not None]
+    if not windowed or (len(windowed) == 1 and windowed[0] is first):
+        return first  # one window: its own figures
+    requests = min(windowed, key=lambda answer: answer.remaining_requests)
+    metered = [a for a in windowed if a.limits is not None and a.limits.tokens is not None]
+    tokens = min(metered, key=lambda answer: answer.remaining_tokens or 0, default=None)
+    assert requests.limits is not None
+    limits = Limits(
+        requests.limits.requests,
+        tokens.limits.tokens if tokens is not None and tokens.limits is not None else None,
+        requests.limits.window_seconds,
+    )
+    return first._replace(
+        limits=limits,
+        remaining_requests=requests.remaining_requests,
+        reset_requests_seconds=requests.reset_requests_seconds,
+        remaining_tokens=None if tokens is None else tokens.remaining_tokens,
+        reset_tokens_seconds=None if tokens is None else tokens.reset_tokens_seconds,
+    )
 
 
 def ratelimit_headers(admission: Admission) -> dict[str, str]:
@@ -47,9 +76,9 @@ def duration(seconds: float) -> str:
     """A wait in the providers' style: '1m30s', '2.5s', '0s'."""
     if not seconds > 0:
         return "0s"
-    minutes, rest = divmod(seconds, 60.0)
-    rest = math.ceil(rest * 1000) / 1000
-    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    # Rounded up to the millisecond before it is split: 59.9996 s is '1m0s', not '60s'.
+    minutes, millis = divmod(math.ceil(seconds * 1000), 60_000)
+    text = f"{millis / 1000:.3f}".rstrip("0").rstrip(".") + "s"
     if minutes >= 1:
         hours, minutes = divmod(int(minutes), 60)
         text = (f"{hours}h" if hours else "") + f"{minutes}m" + text

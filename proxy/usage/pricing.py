@@ -226,10 +226,12 @@ class Prices:
 
         `answered`: the model the provider says answered (a dated version, or another model
         when a fallback target swapped it): the library prices that one first; the overrides
-        file is keyed by the name the client sent. `is_batch`: work of a batch, at the
-        library's batch price where it has one (else its usual price); an override's rates
-        stand for batches too.
+        file is keyed by the name the client sent. A request naming no model (a Responses
+        request of a stored prompt, whose model answers) is priced as `answered`, by both.
+        `is_batch`: work of a batch, at the library's batch price where it has one (else its
+        usual price); an override's rates stand for batches too.
         """
+        model = model or answered
         if usage is None or provider is None or model is None:
             return None
         price = None

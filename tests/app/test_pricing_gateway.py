@@ -54,3 +54,33 @@ async def test_the_log_line_and_metrics_carry_each_requests_cost(
         'llm_gateway_unpriced_requests_total{model="unpriced-model",provider="openai"} 1.0'
         in metrics
     )
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_a_stored_prompt_naming_no_model_is_charged_to_the_budget_at_the_model_that_answered(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    # A Responses request may name a stored prompt instead of a model; the answer names the
+    # model that ran (the fake: fake-model, at $1 a token). Before: cost null, budget $0.
+    budgeted = {"provider": "openai", "api_key": "sk-real-prompt-1", "name": "prompted"}
+    key = "vk_test_prompted_7c1d9e3a5b"
+    gateway = await gateway_with_keys(
+        {key: {**budgeted, "budget": {"usd": 1000}}},
+        prices={"openai": {"fake-model": {"input_mtok": 1e6, "output_mtok": 1e6}}},
+    )
+    body = {"prompt": {"id": "pmpt_123"}, "input": "a b", "stream": is_stream}
+    response = await gateway.post(
+        "/v1/responses", json=body, headers={**auth(key), "x-fake-chunks": "3"}
+    )
+    assert response.status == 200
+    await response.read()
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is False
+    tokens = line["usage"]["prompt_tokens"] + line["usage"]["completion_tokens"]
+    assert line["cost_usd"] == pytest.approx(tokens)
+    usage = await (await gateway.get("/usage", headers=auth(key))).json()
+    assert usage["budget"]["spent_usd"] == pytest.approx(tokens)
+    metrics = await (await gateway.get("/metrics")).text()
+    assert "llm_gateway_unpriced_requests_total{" not in metrics

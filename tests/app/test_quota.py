@@ -241,6 +241,11 @@ def test_waits_are_written_in_the_providers_style() -> None:
     assert duration(2.5) == "2.5s"
     assert duration(90) == "1m30s"
     assert duration(3600) == "1h0m0s"
+    # A wait a hair under a whole minute is rounded up to it, never written '59m60s'.
+    assert duration(3599.9996) == "1h0m0s"
+    assert duration(119.9999) == "2m0s"
+    assert duration(59.9999) == "1m0s"
+    assert duration(59.9994) == "1m0s"
 
 
 async def test_429_is_counted_in_metrics_and_logged(gateway: TestClient, records: Any) -> None:

@@ -421,3 +421,48 @@ def test_quota_enabled_false_turns_team_and_model_windows_off(
     assert team.limits is None and team.budget is not None  # budgets stay, as a key's do
     key = next(key for key in ring if key.name == "member-0")
     assert key.model_quotas == ()
+
+
+def limit_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
+    return {
+        name[len("x-ratelimit-") :]: value
+        for name, value in response.headers.items()
+        if name.startswith("x-ratelimit-")
+    }
+
+
+async def test_the_ratelimit_headers_tell_the_tightest_window_a_request_passed(
+    teams_gateway: Any,
+) -> None:
+    # Each member's own window is QUOTA_LIMIT's 100 requests; the team's, 3 and 1,000 tokens.
+    # Before: every answer said 'limit 100, remaining 99' and no tokens, then came the 429.
+    gateway = await teams_gateway({"quota": {"requests": 3, "tokens": 1000}})
+    seen = []
+    for secret in MEMBERS:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(secret))
+        assert response.status == 200
+        await response.read()
+        seen.append(limit_headers(response))
+    assert [h["limit-requests"] for h in seen] == ["3", "3", "3"]
+    assert [h["remaining-requests"] for h in seen] == ["2", "1", "0"]
+    assert all(h["limit-tokens"] == "1000" and int(h["remaining-tokens"]) < 1000 for h in seen)
+    refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(MEMBERS[0]))
+    assert refused.status == 429
+    assert limit_headers(refused)["remaining-requests"] == "0"
+
+
+async def test_the_ratelimit_headers_tell_a_model_groups_window_when_it_is_the_tightest(
+    teams_gateway: Any,
+) -> None:
+    member = {"model_quotas": [{"models": ["gpt-4o*"], "requests": 2}]}
+    gateway = await teams_gateway({"max_in_flight": 10}, member)
+    remaining = []
+    for model in ("gpt-4o", "gpt-4o", "gpt-3.5-turbo"):
+        body = {**CHAT, "model": model}
+        response = await gateway.post("/v1/chat/completions", json=body, headers=auth(MEMBERS[0]))
+        assert response.status == 200
+        await response.read()
+        headers = limit_headers(response)
+        remaining.append((headers["limit-requests"], headers["remaining-requests"]))
+    # The group's 2 while it is the tightest; a model outside it, the key's own 100.
+    assert remaining == [("2", "1"), ("2", "0"), ("100", "97")]

@@ -224,6 +224,18 @@ def test_the_model_that_answered_is_priced_and_overrides_keep_the_clients_name(
     assert served == pytest.approx(1000.0)
 
 
+def test_a_request_naming_no_model_is_priced_as_the_model_that_answered(
+    prices: Prices, tmp_path: Path
+) -> None:
+    # A Responses request with a stored prompt names no model: the prompt's model answers.
+    usage = Usage(1000, 100)
+    answered = prices.cost("openai", None, usage, answered="gpt-4o-2024-08-06")
+    assert answered == pytest.approx(library_cost("openai", "gpt-4o", usage))
+    path = write(tmp_path / "prices.json", {"local": {"my-llama": {"input_mtok": 1e6}}})
+    assert Prices.load(path).cost("local", None, usage, answered="my-llama") == pytest.approx(1000)
+    assert prices.cost("openai", None, usage) is None  # nobody named a model
+
+
 def test_a_unit_its_models_price_has_no_rate_for_is_unpriced_not_free(prices: Prices) -> None:
     # gpt-4o-mini-tts is priced by tokens; its speech is counted by characters: no cost.
     assert prices.cost("openai", "gpt-4o-mini-tts", Usage(input_characters=500)) is None
