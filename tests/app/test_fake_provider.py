@@ -314,12 +314,10 @@ async def test_delay_spaces_events_and_the_first_arrives_before_the_last_is_sent
         "/v1/chat/completions", json=STREAM, headers={"x-fake-delay-ms": "50"}
     )
     first = await response.content.readuntil(b"\n\n")
-    first_at = time.monotonic() - started
 
     assert b'"role":"assistant"' in first
-    assert b"[DONE]" not in only_sent(fake)
+    assert b"[DONE]" not in only_sent(fake)  # the first is here before the last was sent
     rest = await response.read()
-    assert first_at < 0.15
     assert time.monotonic() - started >= 0.25  # 6 events, 5 gaps of 50 ms
     assert first + rest == only_sent(fake)
 
