@@ -373,7 +373,7 @@ async def test_hang_midstream_sends_half_then_stalls(http, fake):
 
     assert sent.count(b"data: ") == 3 and b"[DONE]" not in sent  # half of the 6 events
     await until(lambda: fake.disconnects)
-    assert fake.disconnects[0] - left_at < 0.5
+    assert fake.disconnects[0] - left_at < 2.0  # noticed while it hangs, not at its end
 
 
 async def test_drop_midstream_cuts_the_body_without_the_terminating_chunk(
@@ -417,7 +417,7 @@ async def test_client_leaving_mid_stream_is_recorded_at_once(http, fake):
     left_at = time.monotonic()
 
     await until(lambda: fake.disconnects)
-    assert fake.disconnects[0] - left_at < 0.2
+    assert fake.disconnects[0] - left_at < 1.0  # the stream had 1.9 s to go
     assert b"[DONE]" not in only_sent(fake)
 
 
