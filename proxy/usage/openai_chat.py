@@ -57,13 +57,14 @@ from proxy.usage.provider_usage import (
     OUTPUT_AUDIO,
     PROMPT,
     REASONING,
+    TOTAL,
     UsageFields,
 )
 from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
 
 USAGE = UsageFields(
-    counts=(("prompt_tokens", PROMPT), ("completion_tokens", COMPLETION)),
+    counts=(("prompt_tokens", PROMPT), ("completion_tokens", COMPLETION), ("total_tokens", TOTAL)),
     details=(
         ("prompt_tokens_details", "cached_tokens", CACHE_READ),
         ("prompt_tokens_details", "cache_write_tokens", CACHE_WRITE),

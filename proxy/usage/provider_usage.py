@@ -6,6 +6,11 @@ objects by those fields. A stream may report several times (Anthropic's `message
 then cumulative `message_delta`s): the last value of each field wins; nothing is summed.
 Counts are non-negative integers; anything else (a bool, a float, a string) is not a count.
 
+A total larger than prompt and completion together is output the completion left out:
+Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
+only. The completion charged is then the total less the prompt (OpenAI's own totals add up,
+so nothing changes for it).
+
 `last_usage` finds the usage object of a JSON body without parsing the whole body.
 """
 
@@ -24,6 +29,7 @@ PROMPT, COMPLETION = "prompt", "completion"
 CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
 INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
+TOTAL = "total"  # read only to find output a completion count left out
 _TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 # Braces outside strings, and strings whole (skipped, escapes and all).
@@ -107,9 +113,13 @@ class ProviderUsage:
         prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
         if self._is_cache_beside_prompt:
             prompt += cache_read + cache_write
+        completion = get(COMPLETION, 0)
+        total = get(TOTAL, 0)
+        if total > prompt + completion:  # thoughts counted beside the completion
+            completion = total - prompt
         return Usage(  # by position, as Usage orders them: a call with keywords costs more
             prompt,
-            get(COMPLETION, 0),
+            completion,
             False,  # estimated
             cache_read,
             cache_write,

@@ -35,13 +35,14 @@ from proxy.usage.provider_usage import (
     OUTPUT_AUDIO,
     PROMPT,
     REASONING,
+    TOTAL,
     UsageFields,
     added,
 )
 from proxy.usage.reading import Reading
 
 USAGE = UsageFields(
-    counts=(("input_tokens", PROMPT), ("output_tokens", COMPLETION)),
+    counts=(("input_tokens", PROMPT), ("output_tokens", COMPLETION), ("total_tokens", TOTAL)),
     details=(
         ("input_tokens_details", "cached_tokens", CACHE_READ),
         ("input_tokens_details", "cache_write_tokens", CACHE_WRITE),

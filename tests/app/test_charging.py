@@ -258,3 +258,20 @@ async def test_the_taps_hold_nothing_once_their_requests_ended(
     response.close()
     await records(len(asks) + 1)
     assert memory.held_bytes == 0
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_thinking_counted_only_in_total_tokens_is_charged_as_completion(
+    gateway: TestClient, records: Records, is_stream: bool
+) -> None:
+    # Gemini's OpenAI-compatible API has reported a thinking model's thoughts in
+    # total_tokens and not in completion_tokens; they are output all the same, and billed.
+    body = {**CHAT, "stream": is_stream, "stream_options": {"include_usage": True}}
+    headers = {**auth(OPENAI_VK), "x-fake-thoughts-beside": "500"}
+    response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status == 200
+    received = await response.read()
+    assert b'"completion_tokens":3,' in received  # the client gets the provider's figures
+    (line,) = await records(1)
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (3, 503)
+    assert await tokens_used(gateway, OPENAI_VK, 506) == 506

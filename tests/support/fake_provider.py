@@ -24,6 +24,9 @@ Request headers steer it (they pass through the gateway unchanged):
                               (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
     x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
+    x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
+                              not in completion_tokens (as Gemini's OpenAI-compatible API
+                              has reported them)
     x-fake-tool-chars: N      the tool call's arguments are N characters (chat, when a tool
                               is offered; /messages: a tool_use block, when one is offered),
                               streamed in x-fake-chunks pieces (Anthropic: input_json_delta)
@@ -219,6 +222,7 @@ class Knobs:
     reasoning_chars: int = 0
     think_seconds: float = 0.0
     piece_chars: int = 0
+    thoughts_beside: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -245,6 +249,7 @@ class Knobs:
             reasoning_chars=int(headers.get("x-fake-reasoning-chars", "0")),
             think_seconds=int(headers.get("x-fake-think-ms", "0")) / 1000,
             piece_chars=int(headers.get("x-fake-piece-chars", "0")),
+            thoughts_beside=int(headers.get("x-fake-thoughts-beside", "0")),
         )
 
     @property
@@ -658,7 +663,7 @@ def openai_usage(prompt: int, knobs: Knobs) -> dict:
     usage: dict = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt + completion + knobs.thoughts_beside,
     }
     if knobs.cached_tokens or knobs.reasoning_tokens:
         usage["prompt_tokens_details"] = {"cached_tokens": knobs.cached_tokens, "audio_tokens": 0}
