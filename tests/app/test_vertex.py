@@ -198,6 +198,30 @@ async def test_a_restricted_key_counts_tokens_of_its_models(
     assert [seen[0].rpartition("/")[2] for seen in vertex.seen] == ["count-tokens:rawPredict"]
 
 
+async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) -> None:
+    """Counting generates nothing and costs nothing, as Anthropic's /v1/messages/count_tokens:
+    a prompt as large as the key's window of 1,000 tokens is counted, and the window stays
+    empty (it was charged as a generation: its prompt's estimate, or refused 429)."""
+    client = AsyncAnthropicVertex(
+        access_token=SMALL_VK,
+        project_id="clients-project",
+        region="europe-west1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+    large = [{"role": "user", "content": "x" * 3600}]
+    async with client:
+        for _ in range(2):
+            counted = await client.messages.count_tokens(model=CLAUDE, messages=large)
+            assert counted.input_tokens == INPUT_TOKENS
+    lines = await records(2)
+    assert [(line["status"], line["usage"], line["cost_usd"]) for line in lines] == [
+        (200, None, None)
+    ] * 2
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        assert (await usage.json())["tokens"]["used"] == 0
+
+
 def gemini_body(text: str, **extra: Any) -> dict[str, Any]:
     """A generateContent request, as the google-genai SDK sends it."""
     return {
