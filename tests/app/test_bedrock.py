@@ -113,6 +113,7 @@ async def test_the_sdk_gets_an_answer_signed_over_its_own_bytes(
     assert BEDROCK_VK not in str(dict(headers))  # the virtual key stayed at the gateway
     line = (await records(1))[0]
     assert line["model"] == CLAUDE and line["provider"] == "bedrock"
+    assert line["stream"] is False
     usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
     assert usage["estimated"] is False
@@ -125,7 +126,9 @@ async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
         text = "".join([piece async for piece in stream.text_stream])
     assert text == "tok0 tok1 tok2 "
     assert bedrock.seen[0][0] == f"/model/{CLAUDE}/invoke-with-response-stream"
-    usage = (await records(1))[0]["usage"]
+    line = (await records(1))[0]
+    assert line["stream"] is True  # the SDK takes "stream" out of the body: the path says it
+    usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
     assert usage["estimated"] is False
 
@@ -143,7 +146,9 @@ async def test_converse_passes_through_and_its_usage_is_read(
     if action == "converse-stream":
         assert response.headers["content-type"] == EVENT_STREAM
         assert b"tok4" in raw
-    usage = (await records(1))[0]["usage"]
+    line = (await records(1))[0]
+    assert line["stream"] is (action == "converse-stream")
+    usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
 

@@ -245,6 +245,7 @@ async def test_a_gemini_answer_is_charged_its_usage_metadata(
     assert vertex.seen[0][0].startswith(f"/v1/projects/{PROJECT}/locations/{REGION}/")
     line = (await records(1))[0]
     assert line["model"] == GEMINI and line["provider"] == "vertex"
+    assert line["stream"] is call.startswith(":stream")  # the path says it, not the body
     usage = line["usage"]
     assert usage["estimated"] is False
     assert usage["prompt_tokens"] == GEMINI_PROMPT
