@@ -133,6 +133,41 @@ async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
     assert usage["estimated"] is False
 
 
+PROFILE = f"arn:aws:bedrock:{REGION}:123456789012:application-inference-profile/a1b2c3d4e5f6"
+
+
+async def test_an_inference_profile_arn_is_a_model_id(
+    sdk: AsyncAnthropicBedrock, bedrock: BedrockState, records
+) -> None:
+    """An application inference profile (or a provisioned model) is invoked by its ARN, whose
+    '/' the SDK and boto3 send encoded (%2F) in the model's path segment: it is one segment,
+    forwarded and signed as sent. It was refused 400 as an encoded slash."""
+    message = await sdk.messages.create(model=PROFILE, max_tokens=5, messages=MESSAGES)
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    assert bedrock.seen[0][0] == "/model/" + PROFILE.replace("/", "%2F") + "/invoke"
+    assert (await records(1))[0]["model"] == PROFILE
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2F..%2F..%2Fx/invoke",
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa%2Fb/invoke",
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/x%2Fy",
+        "/v1/chat/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/invoke",
+        "/v1/model/not-an-arn%2Fa/invoke",
+    ],
+)
+async def test_an_encoded_slash_elsewhere_is_still_refused(
+    gateway: TestClient, bedrock: BedrockState, path: str
+) -> None:
+    response = await gateway.post(path, data=b"{}", headers=auth(BEDROCK_VK))
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_path"
+    assert bedrock.seen == []
+
+
 @pytest.mark.parametrize("action", ["converse", "converse-stream"])
 async def test_converse_passes_through_and_its_usage_is_read(
     gateway: TestClient, bedrock: BedrockState, records, action: str
