@@ -15,7 +15,7 @@ from typing import Any
 from proxy.keys import fields
 from proxy.keys.clouds import cloud_target
 from proxy.keys.fields import KeysFileError, check_fields
-from proxy.upstream.providers import APIS, AUTH_STYLES, BUILTINS, Provider
+from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
     BALANCES,
     WEIGHTED,
@@ -50,7 +50,7 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         api = entry.get("api", builtin.api if builtin else "openai")
         if api not in APIS:
             raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
-        extra = builtin.default_headers if builtin else {}
+        extra = builtin.default_headers if builtin else API_DEFAULT_HEADERS.get(api, {})
         signing = builtin.signing if builtin else ""
         if signing:
             auth = "none"  # a cloud signs each request: no key header

@@ -4,7 +4,8 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`deployments/<name>/…`), and nested models (`svg.model` of an image, the `model` of a
+`deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
+body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
@@ -62,6 +63,9 @@ _UNNAMED = {
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
 }
+# Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
+# the model it counts for in the body.
+_VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
 # POSTs under realtime/ that hand the client an ephemeral key to the provider.
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
 
@@ -172,6 +176,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
         models.append(unquote(segments[1]))
     for before, segment in zip(segments, segments[1:], strict=False):
+        if segment == _VERTEX_COUNT_TOKENS:
+            continue  # Vertex's Claude token count: no model of its own, the body names it
         if before in ("models", "deployments") and segment:
             # Gemini's native paths add the method after a colon: models/gemini-pro:generateContent
             models.append(unquote(segment).partition(":")[0])

@@ -2,7 +2,7 @@
 
 `body_at_hand` (a body already there, most) and `read_body` (one still to come) read the
 body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields the gateway checks
-(`model`, `stream`, `messages`) or uses (the conversation a pool keeps on one key:
+(`model`, `stream` (or a native API's streamed path), `messages`) or uses (the conversation a pool keeps on one key:
 `prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed upload
 (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
@@ -31,6 +31,14 @@ from proxy.usage.usage import Charged, charged
 # the provider would refuse them anyway, and the gateway refuses them without a round trip.
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
+# The native APIs' streamed calls, which say so in the path, not the body (AnthropicBedrock
+# takes "stream" out of it; Gemini's body has none): Bedrock's, then Vertex's and Gemini's.
+_STREAMED_PATHS = (
+    "/invoke-with-response-stream",
+    "/converse-stream",
+    ":streamRawPredict",
+    ":streamGenerateContent",
+)
 # Answers that generate tokens (a background Response's too): what an output cap caps.
 _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
 
@@ -146,6 +154,8 @@ def validate(
         is_stream = document.get("stream") is True
         # A background Response answers queued, usage null: its tokens come with a later GET.
         is_background = tail.endswith("responses") and document.get("background") is True
+    if not is_stream and tail.endswith(_STREAMED_PATHS):
+        is_stream = True
     record.saw_model(model, is_stream, is_background)
     if document is not None and needs_json:
         _check_chat(document)

@@ -142,6 +142,13 @@ BUILTINS: dict[str, Provider] = {
 }
 
 
+# The defaults a provider declared in keys.json adds, by the API it speaks: one speaking
+# Anthropic's (an Anthropic-compatible endpoint) needs anthropic-version as the built-in does.
+API_DEFAULT_HEADERS: dict[str, Mapping[str, str]] = {
+    "anthropic": BUILTINS["anthropic"].default_headers
+}
+
+
 def upstream_url(provider: Provider, tail: str, query_string: str) -> URL:
     """`<base_url>/<tail>?<query>`; `tail` was already checked by `routing` not to climb out."""
     return provider.url(tail, query_string)

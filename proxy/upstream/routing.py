@@ -5,7 +5,7 @@
 The tail is taken from the raw request target and forwarded still encoded, so the
 provider sees the same bytes; anything that could move the request off the provider's
 base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
-empty segment, a control character) is refused with 400 before it goes anywhere. Any other
+empty segment, a control character) is refused (but the '%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other
 path gets 404 naming the proxied ones; the gateway's own endpoints, reached here only with
 a method they do not serve, get 405. Routing needs no key: the exchange routes first.
 """
@@ -28,6 +28,11 @@ _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
 # A scheme and '//' inside the path: `/v1/http://evil.example/x`.
 _ABSOLUTE_URL = re.compile(r"(^|/)[a-z][a-z0-9+.-]*:(//|%2f%2f)", re.IGNORECASE)
+# Bedrock's model id may be an ARN (an application inference profile, a provisioned model),
+# whose one '/' the SDK and boto3 send encoded in `model/<id>/<action>`: no separator there.
+_BEDROCK_ARN = re.compile(
+    r"arn:aws[a-z-]*:bedrock:[a-z0-9-]*:[0-9]*:[a-z-]+/[A-Za-z0-9][A-Za-z0-9_.:-]*"
+)
 # A tail none of the checks below can refuse (most): segments of letters, digits, '_', '-',
 # '.' and ':' that start with none of the last two, so none is empty, '.' or '..', and no
 # '%', '\', control character or '//' anywhere. It skips them; any other tail takes them.
@@ -68,7 +73,7 @@ def route(raw_target: str) -> tuple[str, str]:
         raise _unsafe("a control character")
     if _ABSOLUTE_URL.search(tail):
         raise _unsafe("an absolute URL")
-    if "\\" in tail or _ENCODED_SEPARATOR.search(tail):
+    if "\\" in tail or _ENCODED_SEPARATOR.search(_without_bedrock_arn(tail)):
         raise _unsafe("an encoded slash or backslash")
     segments = tail.split("/")
     if segments[-1] == "":
@@ -80,6 +85,16 @@ def route(raw_target: str) -> tuple[str, str]:
         if unquote(segment) in ("", ".", ".."):
             raise _unsafe("an empty, '.' or '..' segment")
     return tail, query
+
+
+def _without_bedrock_arn(tail: str) -> str:
+    """`tail` less a Bedrock model segment that is an ARN (`model/<ARN>/...`): the '%2F' in
+    it is the ARN's own. Any other tail as it is."""
+    first, _, rest = tail.partition("/")
+    model, _, after = rest.partition("/")
+    if first == "model" and after and _BEDROCK_ARN.fullmatch(unquote(model)):
+        return after
+    return tail
 
 
 def _unsafe(what: str) -> GatewayError:

@@ -133,6 +133,8 @@ _GENERATIONS = (
     ":generateContent",
     ":streamGenerateContent",
 )
+# Vertex's token count for Claude (the SDK's count_tokens) ends as a generation's path does.
+_VERTEX_COUNT_TOKENS = "/count-tokens:rawPredict"
 # Taps that read the Responses API object answered (its id and status).
 _STORED = frozenset((Charged.LATER, Charged.FETCHED))
 # Taps charged nothing here.
@@ -157,6 +159,8 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
     if method != "POST":
         return Charged.FETCHED if method == "GET" and _is_stored_response(path) else Charged.NOTHING
     if path.endswith(_GENERATIONS):  # most requests; none of the endings below is one of these
+        if path.endswith(_VERTEX_COUNT_TOKENS):
+            return Charged.REPORTED  # counts a prompt, generates nothing
         return Charged.LATER if is_background else Charged.TEXT
     if path.endswith("/embeddings"):
         return Charged.PROMPT

@@ -113,6 +113,7 @@ async def test_the_sdk_gets_an_answer_signed_over_its_own_bytes(
     assert BEDROCK_VK not in str(dict(headers))  # the virtual key stayed at the gateway
     line = (await records(1))[0]
     assert line["model"] == CLAUDE and line["provider"] == "bedrock"
+    assert line["stream"] is False
     usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
     assert usage["estimated"] is False
@@ -125,9 +126,46 @@ async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
         text = "".join([piece async for piece in stream.text_stream])
     assert text == "tok0 tok1 tok2 "
     assert bedrock.seen[0][0] == f"/model/{CLAUDE}/invoke-with-response-stream"
-    usage = (await records(1))[0]["usage"]
+    line = (await records(1))[0]
+    assert line["stream"] is True  # the SDK takes "stream" out of the body: the path says it
+    usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
     assert usage["estimated"] is False
+
+
+PROFILE = f"arn:aws:bedrock:{REGION}:123456789012:application-inference-profile/a1b2c3d4e5f6"
+
+
+async def test_an_inference_profile_arn_is_a_model_id(
+    sdk: AsyncAnthropicBedrock, bedrock: BedrockState, records
+) -> None:
+    """An application inference profile (or a provisioned model) is invoked by its ARN, whose
+    '/' the SDK and boto3 send encoded (%2F) in the model's path segment: it is one segment,
+    forwarded and signed as sent. It was refused 400 as an encoded slash."""
+    message = await sdk.messages.create(model=PROFILE, max_tokens=5, messages=MESSAGES)
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    assert bedrock.seen[0][0] == "/model/" + PROFILE.replace("/", "%2F") + "/invoke"
+    assert (await records(1))[0]["model"] == PROFILE
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2F..%2F..%2Fx/invoke",
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa%2Fb/invoke",
+        "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/x%2Fy",
+        "/v1/chat/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/invoke",
+        "/v1/model/not-an-arn%2Fa/invoke",
+    ],
+)
+async def test_an_encoded_slash_elsewhere_is_still_refused(
+    gateway: TestClient, bedrock: BedrockState, path: str
+) -> None:
+    response = await gateway.post(path, data=b"{}", headers=auth(BEDROCK_VK))
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_path"
+    assert bedrock.seen == []
 
 
 @pytest.mark.parametrize("action", ["converse", "converse-stream"])
@@ -143,7 +181,9 @@ async def test_converse_passes_through_and_its_usage_is_read(
     if action == "converse-stream":
         assert response.headers["content-type"] == EVENT_STREAM
         assert b"tok4" in raw
-    usage = (await records(1))[0]["usage"]
+    line = (await records(1))[0]
+    assert line["stream"] is (action == "converse-stream")
+    usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
 

@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from tests.conftest import (
     assert_anthropic_error,
     assert_openai_error,
     auth,
+    keys_document,
 )
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
@@ -89,6 +91,42 @@ async def test_anthropic_version_is_added_only_when_the_client_sent_none(
         "/v1/messages",
         json=MESSAGES,
         headers={**auth(ANTHROPIC_VK), "anthropic-version": "2024-01-01"},
+    )
+    assert fake.requests[-1].headers.getall("anthropic-version") == ["2024-01-01"]
+
+
+async def test_a_declared_provider_speaking_anthropic_gets_anthropic_version_too(
+    tmp_path: Path,
+    fake_base: str,
+    fake: FakeState,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """An Anthropic-compatible endpoint of one's own (`"api": "anthropic"`, a key's provider
+    or the fallback of a built-in anthropic key) is sent the default a client without an SDK
+    (curl) relies on, as the built-in is; it got none, and Anthropic answers 400 without."""
+    document = keys_document(fake_base)
+    document["providers"]["claude-proxy"] = {
+        "base_url": f"{fake_base}/v1",
+        "auth": "x-api-key",
+        "api": "anthropic",
+    }
+    document["virtual_keys"]["vk_test_claude_proxy_6a2c4e"] = {
+        "provider": "claude-proxy",
+        "api_key": CUSTOM_REAL,
+        "name": "claude-proxy",
+    }
+    path = tmp_path / "keys-claude-proxy.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    response = await gateway.post(
+        "/v1/messages", json=MESSAGES, headers=auth("vk_test_claude_proxy_6a2c4e")
+    )
+    assert response.status == 200, await response.text()
+    assert fake.requests[-1].headers.getall("anthropic-version") == ["2023-06-01"]
+    await gateway.post(
+        "/v1/messages",
+        json=MESSAGES,
+        headers={**auth("vk_test_claude_proxy_6a2c4e"), "anthropic-version": "2024-01-01"},
     )
     assert fake.requests[-1].headers.getall("anthropic-version") == ["2024-01-01"]
 

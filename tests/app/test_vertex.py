@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from anthropic import AsyncAnthropicVertex
+from anthropic import AsyncAnthropicVertex, PermissionDeniedError
 
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
@@ -37,6 +37,7 @@ from tests.support.polling import until
 
 VERTEX_VK = "vk_test_vertex_3e9a1c7d5b"
 SMALL_VK = "vk_test_vertex_small_8c2e4a6f0d"  # a window of 1,000 tokens
+NARROW_VK = "vk_test_vertex_narrow_5b7d9f1a3c"  # allowed_models: claude-*
 PROJECT, REGION = "gateway-project", "us-east5"
 CLAUDE = "claude-sonnet-4@20250514"
 GEMINI = "gemini-2.5-flash"
@@ -76,6 +77,7 @@ def vertex_keys(base: str, account_file: Path) -> dict[str, Any]:
         "virtual_keys": {
             VERTEX_VK: {"name": "vertex", **target},
             SMALL_VK: {"name": "small", "quota": {"requests": 100, "tokens": 1000}, **target},
+            NARROW_VK: {"name": "narrow", "allowed_models": ["claude-*"], **target},
         },
     }
 
@@ -176,6 +178,50 @@ async def test_a_refused_token_request_is_a_clear_502(
     assert vertex.seen == []
 
 
+async def test_a_restricted_key_counts_tokens_of_its_models(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    """The SDK's count_tokens goes to `models/count-tokens:rawPredict`, the model in the body:
+    'count-tokens' is no model, and the body's is the one checked."""
+    client = AsyncAnthropicVertex(
+        access_token=NARROW_VK,
+        project_id="clients-project",
+        region="europe-west1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+    async with client:
+        counted = await client.messages.count_tokens(model=CLAUDE, messages=MESSAGES)
+        assert counted.input_tokens == INPUT_TOKENS
+        with pytest.raises(PermissionDeniedError, match="gemini-2.5-flash"):
+            await client.messages.count_tokens(model=GEMINI, messages=MESSAGES)
+    assert [seen[0].rpartition("/")[2] for seen in vertex.seen] == ["count-tokens:rawPredict"]
+
+
+async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) -> None:
+    """Counting generates nothing and costs nothing, as Anthropic's /v1/messages/count_tokens:
+    a prompt as large as the key's window of 1,000 tokens is counted, and the window stays
+    empty (it was charged as a generation: its prompt's estimate, or refused 429)."""
+    client = AsyncAnthropicVertex(
+        access_token=SMALL_VK,
+        project_id="clients-project",
+        region="europe-west1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+    )
+    large = [{"role": "user", "content": "x" * 3600}]
+    async with client:
+        for _ in range(2):
+            counted = await client.messages.count_tokens(model=CLAUDE, messages=large)
+            assert counted.input_tokens == INPUT_TOKENS
+    lines = await records(2)
+    assert [(line["status"], line["usage"], line["cost_usd"]) for line in lines] == [
+        (200, None, None)
+    ] * 2
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        assert (await usage.json())["tokens"]["used"] == 0
+
+
 def gemini_body(text: str, **extra: Any) -> dict[str, Any]:
     """A generateContent request, as the google-genai SDK sends it."""
     return {
@@ -199,6 +245,7 @@ async def test_a_gemini_answer_is_charged_its_usage_metadata(
     assert vertex.seen[0][0].startswith(f"/v1/projects/{PROJECT}/locations/{REGION}/")
     line = (await records(1))[0]
     assert line["model"] == GEMINI and line["provider"] == "vertex"
+    assert line["stream"] is call.startswith(":stream")  # the path says it, not the body
     usage = line["usage"]
     assert usage["estimated"] is False
     assert usage["prompt_tokens"] == GEMINI_PROMPT
@@ -266,7 +313,7 @@ def test_the_account_may_come_from_an_environment_variable(
     tmp_path: Path, account: tuple[dict[str, Any], bytes]
 ) -> None:
     document = vertex_keys("http://127.0.0.1:1", tmp_path / "unused.json")
-    del document["virtual_keys"][SMALL_VK]
+    del document["virtual_keys"][SMALL_VK], document["virtual_keys"][NARROW_VK]
     entry = document["virtual_keys"][VERTEX_VK]
     del entry["service_account_file"]
     entry["service_account_json_env"] = "T_VERTEX_SA"

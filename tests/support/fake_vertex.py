@@ -4,7 +4,8 @@
 assertion must verify against the service account's public key (google-auth's `jwt`), and
 then a fresh access token is minted (`ya29.fake-<n>`, living `expires_in` seconds).
 `POST /v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}:rawPredict`
-(and `:streamRawPredict`) answer an Anthropic message (JSON, or SSE) only with
+(and `:streamRawPredict`) answer an Anthropic message (JSON, or SSE), and
+`.../models/count-tokens:rawPredict` Anthropic's token count (INPUT_TOKENS), only with
 `Authorization: Bearer <a token the endpoint minted>`, and only for the expected project
 and region; else 401 or 403, as Vertex does. `.../publishers/google/models/{model}:generateContent`
 (and `:streamGenerateContent`, SSE with `alt=sse`, else one JSON array) answer as Gemini
@@ -131,6 +132,8 @@ async def _predict(request: web.Request) -> web.StreamResponse:
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
     if "x-fake-hold" in request.headers:
         await state.release.wait()
+    if model == "count-tokens" and specifier == "rawPredict":  # the model is in the body
+        return web.json_response({"input_tokens": INPUT_TOKENS})
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     if specifier == "rawPredict":
         return web.json_response(_message(model, pieces))
