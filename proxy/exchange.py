@@ -51,7 +51,8 @@ from multidict import CIMultiDictProxy
 from proxy import errors
 from proxy.cache.cache import Cache, Lookup
 from proxy.errors import Cut, GatewayError
-from proxy.keys.keys import KeyRing, VirtualKey
+from proxy.keys.credentials import presented
+from proxy.keys.keys import KeyRing, VirtualKey, masked
 from proxy.keys.lockout import Lockout
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
@@ -191,6 +192,7 @@ class Entrance:
         logged with its traceback, and the sinks after it still run: the answer is gone, and
         its log line and metrics must not go with the failure."""
         exchange.record.finish()
+        exchange.hide_key()
         self.metrics.request_ended()
         for sink in self._sinks:
             try:
@@ -314,6 +316,16 @@ class Exchange:
         if key.cache is not None:  # until a lookup says more: the cache neither read nor written
             self.record.saw_cache(Cached.BYPASS)
         return key
+
+    def hide_key(self) -> None:
+        """The key the client presented, named again in its path or model (pasted where the
+        model goes, or a probe), is masked on the record: SPEC keeps a full virtual key out
+        of every log line and metric."""
+        if self.key is None:
+            return
+        secret = presented(self._credentials)
+        if secret:
+            self.record.hide(secret, masked(secret))
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a

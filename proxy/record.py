@@ -392,6 +392,16 @@ class Record:
     def finish(self) -> None:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
 
+    def hide(self, secret: str, mask: str) -> None:
+        """`secret` (the client's own key, which it named in its path or its model) kept
+        only as `mask` in what the log and the metrics read."""
+        if secret in self.path:
+            self.path = self.path.replace(secret, mask)
+        for name in ("model", "response_model", "error"):
+            value = getattr(self, name)
+            if value is not None and secret in value:
+                setattr(self, name, value.replace(secret, mask))
+
     @property
     def overhead_ms(self) -> float | None:
         """The gateway's own share of the duration: the time not spent awaiting the provider."""

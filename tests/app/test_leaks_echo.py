@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.keys.keys import masked
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,
@@ -138,3 +139,29 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     body += await response.read()
     masked = b"[redacted]" + b"*" * (len(real) - len(b"[redacted]"))
     assert body == b'data: {"echo": "' + masked + b'"}\n\n' + b"data: [DONE]\n\n"
+
+
+async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_metric(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # By mistake (the key pasted where the model goes) or to probe: SPEC keeps a full
+    # virtual key out of every log line and metric, whoever put it in the request.
+    gateway = await make_gateway()
+    asks = [
+        ("POST", "/v1/chat/completions", {**CHAT, "model": OPENAI_VK}),
+        ("GET", f"/v1/models/{OPENAI_VK}", None),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": f"x-{OPENAI_VK}-y", "stream": True}),
+    ]
+    for method, path, body in asks:
+        response = await gateway.request(method, path, json=body, headers=auth(OPENAI_VK))
+        await response.read()
+        assert response.status == 200
+    lines = await records(len(asks))
+    assert OPENAI_VK not in log_path.read_text()
+    hidden = masked(OPENAI_VK)
+    assert lines[0]["model"] == hidden and lines[2]["model"] == f"x-{hidden}-y"
+    assert lines[1]["path"] == f"/v1/models/{hidden}"
+    metrics = await (await gateway.get("/metrics")).text()
+    assert OPENAI_VK not in metrics and f'model="{hidden}"' in metrics
