@@ -97,17 +97,23 @@ async def gateway(
     return await make_gateway(KEYS_FILE_PATH=str(path))
 
 
-@pytest.fixture
-async def sdk(gateway: TestClient) -> AsyncIterator[AsyncAnthropicVertex]:
+def vertex_sdk(gateway: TestClient, virtual_key: str) -> AsyncAnthropicVertex:
     """The anthropic SDK's Vertex client in gateway mode: the virtual key as its token, and a
     project and region of its own (the gateway's target decides where it goes)."""
-    client = AsyncAnthropicVertex(
-        access_token=VERTEX_VK,
+    return AsyncAnthropicVertex(
+        access_token=virtual_key,
         project_id="clients-project",
         region="europe-west1",
         base_url=str(gateway.make_url("/v1")),
         max_retries=0,
     )
+
+
+@pytest.fixture
+async def sdk(gateway: TestClient) -> AsyncIterator[AsyncAnthropicVertex]:
+    """The anthropic SDK's Vertex client in gateway mode: the virtual key as its token, and a
+    project and region of its own (the gateway's target decides where it goes)."""
+    client = vertex_sdk(gateway, VERTEX_VK)
     yield client
     await client.close()
 
@@ -183,13 +189,7 @@ async def test_a_restricted_key_counts_tokens_of_its_models(
 ) -> None:
     """The SDK's count_tokens goes to `models/count-tokens:rawPredict`, the model in the body:
     'count-tokens' is no model, and the body's is the one checked."""
-    client = AsyncAnthropicVertex(
-        access_token=NARROW_VK,
-        project_id="clients-project",
-        region="europe-west1",
-        base_url=str(gateway.make_url("/v1")),
-        max_retries=0,
-    )
+    client = vertex_sdk(gateway, NARROW_VK)
     async with client:
         counted = await client.messages.count_tokens(model=CLAUDE, messages=MESSAGES)
         assert counted.input_tokens == INPUT_TOKENS
@@ -202,13 +202,7 @@ async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) ->
     """Counting generates nothing and costs nothing, as Anthropic's /v1/messages/count_tokens:
     a prompt as large as the key's window of 1,000 tokens is counted, and the window stays
     empty (it was charged as a generation: its prompt's estimate, or refused 429)."""
-    client = AsyncAnthropicVertex(
-        access_token=SMALL_VK,
-        project_id="clients-project",
-        region="europe-west1",
-        base_url=str(gateway.make_url("/v1")),
-        max_retries=0,
-    )
+    client = vertex_sdk(gateway, SMALL_VK)
     large = [{"role": "user", "content": "x" * 3600}]
     async with client:
         for _ in range(2):
