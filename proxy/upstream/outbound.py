@@ -79,11 +79,16 @@ def build(
 
 
 def in_project(tail: str, project_path: str) -> str:
-    """`projects/<p>/locations/<r>/rest` as `<project_path>/rest`; another tail as it is."""
+    """`projects/<p>/locations/<r>[/rest]` as `<project_path>[/rest]`, `projects/<p>[/rest]`
+    as the target's project's: the token goes to no project a client names. Another tail
+    as it is."""
     segments = tail.split("/", 4)
-    if len(segments) == 5 and segments[0] == "projects" and segments[2] == "locations":
-        return f"{project_path}/{segments[4]}"
-    return tail
+    if segments[0] != "projects" or len(segments) < 2:
+        return tail
+    if len(segments) >= 4 and segments[2] == "locations":
+        return "/".join((project_path, *segments[4:]))
+    project = project_path.split("/", 2)[:2]  # projects/<the target's>
+    return "/".join((*project, *segments[2:]))
 
 
 def swap_model(body: bytes, model: str) -> bytes:

@@ -320,3 +320,28 @@ def test_the_account_may_come_from_an_environment_variable(
         KeyRing.load(str(path), {}, defaults)
     with pytest.raises(KeysFileError, match="not a service account"):
         KeyRing.load(str(path), {"T_VERTEX_SA": '{"type": "user"}'}, defaults)
+
+
+async def test_a_path_naming_a_project_goes_to_the_targets_project_however_short(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    """A client's project never chooses where the gateway's token goes: `projects/<p>` and
+    `projects/<p>/locations/<r>` (location metadata, operations) are the target's too."""
+    for tail in (
+        "projects/elsewhere",
+        "projects/elsewhere/operations",
+        "projects/elsewhere/locations",
+        "projects/elsewhere/locations/europe-west1",
+        "projects/elsewhere/locations/europe-west1/operations",
+    ):
+        response = await gateway.get(
+            f"/v1/{tail}", headers={"Authorization": f"Bearer {VERTEX_VK}"}
+        )
+        assert response.status == 404  # the fake's: it went upstream
+    assert vertex.other == [
+        f"/v1/projects/{PROJECT}",
+        f"/v1/projects/{PROJECT}/operations",
+        f"/v1/projects/{PROJECT}/locations",
+        f"/v1/projects/{PROJECT}/locations/{REGION}",
+        f"/v1/projects/{PROJECT}/locations/{REGION}/operations",
+    ]

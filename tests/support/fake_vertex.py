@@ -43,6 +43,7 @@ class VertexState:
     minted: list[str] = field(default_factory=list)
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)  # the raw paths of any other request (404)
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,7 +84,13 @@ def vertex_app(state: VertexState) -> web.Application:
     app.router.add_post(
         "/v1/projects/{project}/locations/{region}/publishers/google/models/{call}", _generate
     )
+    app.router.add_route("*", "/{anything:.*}", _other)
     return app
+
+
+async def _other(request: web.Request) -> web.Response:
+    request.app[VERTEX_STATE].other.append(request.raw_path)
+    return web.json_response({"error": {"code": 404, "status": "NOT_FOUND"}}, status=404)
 
 
 async def _token(request: web.Request) -> web.Response:
