@@ -19,12 +19,15 @@ request; one refresh at a time (a lock), in a thread (google-auth's transport bl
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from multidict import CIMultiDict
 from yarl import URL
 
+# An OAuth error code (RFC 6749 5.2): `invalid_grant`, `unauthorized_client`, ...
+_OAUTH_CODE = re.compile(r"[a-z_]{1,64}")
 # What a Vertex token may do: the scope Vertex AI asks for.
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 # A token request that hangs must not hold every request of the target for long.
@@ -116,5 +119,18 @@ class GoogleToken:
         try:
             await asyncio.to_thread(self._credentials.refresh, self._transport)
         except GoogleAuthError as error:
-            # google-auth's messages name the token endpoint's answer, not the key.
-            raise SigningFailed(f"no access token from the token endpoint ({error})") from None
+            # Its OAuth error code only: google-auth's message quotes the endpoint's answer,
+            # which may quote the signed assertion (an access token for its hour) back.
+            raise SigningFailed(
+                f"no access token from the token endpoint ({_code(error)})"
+            ) from None
+
+
+def _code(error: Exception) -> str:
+    """The OAuth error code of a token endpoint's refusal (`invalid_grant`), else the
+    exception's class: nothing the endpoint wrote in its own words."""
+    answer = error.args[1] if len(error.args) > 1 else None
+    code = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(code, str) and _OAUTH_CODE.fullmatch(code):
+        return code
+    return error.__class__.__name__

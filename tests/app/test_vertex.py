@@ -181,7 +181,27 @@ async def test_a_refused_token_request_is_a_clear_502(
     assert response.status == 502
     body = await response.text()
     assert "no access token" in body and "PRIVATE KEY" not in body
+    assert "invalid_grant" in body
     assert vertex.seen == []
+
+
+async def test_a_token_endpoint_quoting_the_assertion_it_refused_hands_it_to_no_client(
+    gateway: TestClient, vertex: VertexState, records
+) -> None:
+    """The signed assertion buys an access token for its hour: the 502 names the OAuth error
+    code, never the endpoint's text."""
+    _, other_public = service_account("http://unset.invalid/token", PROJECT)
+    vertex.public_pem, vertex.echoes = other_public, True
+    response = await gateway.post(
+        f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
+        json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {VERTEX_VK}"},
+    )
+    assert response.status == 502
+    body = await response.text()
+    assert "invalid_grant" in body and "eyJ" not in body and "Invalid JWT" not in body
+    (line,) = await records(1)
+    assert "eyJ" not in str(line)
 
 
 async def test_a_restricted_key_counts_tokens_of_its_models(

@@ -44,6 +44,7 @@ class VertexState:
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     other: list[str] = field(default_factory=list)  # the raw paths of any other request (404)
+    echoes: bool = False  # a refusal's error_description quotes the assertion it was sent
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -105,7 +106,10 @@ async def _token(request: web.Request) -> web.Response:
         claims = jwt.decode(assertion, certs={KEY_ID: state.public_pem.decode()})
     except ValueError as error:
         state.refused.append(f"assertion: {error}")
-        return web.json_response({"error": "invalid_grant"}, status=400)
+        refusal = {"error": "invalid_grant"}
+        if state.echoes:
+            refusal["error_description"] = f"Invalid JWT Signature: {assertion}"
+        return web.json_response(refusal, status=400)
     if "cloud-platform" not in claims.get("scope", ""):
         return web.json_response({"error": "invalid_scope"}, status=400)
     token = f"ya29.fake-{len(state.minted) + 1}"
