@@ -134,7 +134,12 @@ class Entrance:
         self._http = http
         self._websocket = websocket
         # The settle, in its one order.
-        sinks: list[Callable[[Exchange], None]] = [self._reckon, self._price, self._charge]
+        sinks: list[Callable[[Exchange], None]] = [
+            Exchange.hide_key,
+            self._reckon,
+            self._price,
+            self._charge,
+        ]
         if cache is not None:
             sinks.append(self._store)
         sinks += [self._report_breaker, self._observe, self._log]
@@ -192,7 +197,6 @@ class Entrance:
         logged with its traceback, and the sinks after it still run: the answer is gone, and
         its log line and metrics must not go with the failure."""
         exchange.record.finish()
-        exchange.hide_key()
         self.metrics.request_ended()
         for sink in self._sinks:
             try:
