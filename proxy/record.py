@@ -397,10 +397,12 @@ class Record:
         only as `mask` in what the log and the metrics read."""
         if secret in self.path:
             self.path = self.path.replace(secret, mask)
-        for name in ("model", "response_model", "error"):
-            value = getattr(self, name)
-            if value is not None and secret in value:
-                setattr(self, name, value.replace(secret, mask))
+        if self.model is not None and secret in self.model:
+            self.model = self.model.replace(secret, mask)
+        if self.response_model is not None and secret in self.response_model:
+            self.response_model = self.response_model.replace(secret, mask)
+        if self.error is not None and secret in self.error:
+            self.error = self.error.replace(secret, mask)
 
     @property
     def overhead_ms(self) -> float | None:
