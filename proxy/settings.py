@@ -301,7 +301,8 @@ class Settings:
         "20",
         _positive_int,
         "failed authentications one client address may make per window with keys that "
-        "begin alike before they get 429 (valid keys are still served)",
+        "begin alike before they get 429, counted by each gateway process (valid keys are "
+        "still served)",
     )
     auth_failure_window_seconds: float = setting(
         "60",
