@@ -451,6 +451,12 @@ class Settings:
                 "WORKERS other than 1 needs REDIS_URL while QUOTA_ENABLED is true: "
                 "per-process counters would multiply every quota by the worker count"
             )
+        if self.workers != 1 and self.budget_usd is not None and self.redis_url is None:
+            raise SettingError(
+                "WORKERS other than 1 needs REDIS_URL while BUDGET_USD is set (budgets stay "
+                "with QUOTA_ENABLED=false): each worker would count its own spend, multiplying "
+                "every budget by the worker count"
+            )
         if self.keys_store == "redis" and (self.redis_url is None or not self.keys_store_secret):
             raise SettingError(
                 "KEYS_STORE=redis needs REDIS_URL (where the keys live) and KEYS_STORE_SECRET "

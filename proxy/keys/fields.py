@@ -241,6 +241,11 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
         raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
     if not window_length(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be {WINDOW_LENGTH}")
+    if defaults.unshared_workers != 1:  # only QUOTA_ENABLED=false lets such workers start
+        raise KeysFileError(
+            f"{where}: a budget with WORKERS other than 1 needs REDIS_URL: each worker would "
+            "count its own spend, multiplying the budget"
+        )
     return Budget(usd=float(usd), window_seconds=float(window))
 
 

@@ -101,6 +101,16 @@ def test_several_workers_without_redis_are_refused_while_quotas_are_on() -> None
     assert Settings.from_env({"WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}).workers == 2
 
 
+def test_several_workers_without_redis_are_refused_with_a_default_budget() -> None:
+    # Budgets stay with QUOTA_ENABLED=false, and each worker would count its own spend:
+    # WORKERS=2 let a key spend twice BUDGET_USD.
+    with pytest.raises(SettingError, match="REDIS_URL while BUDGET_USD"):
+        Settings.from_env({"WORKERS": "2", "QUOTA_ENABLED": "false", "BUDGET_USD": "5"})
+    assert Settings.from_env({"WORKERS": "1", "QUOTA_ENABLED": "false", "BUDGET_USD": "5"})
+    shared = {"REDIS_URL": "redis://127.0.0.1:6379/0", "BUDGET_USD": "5", "WORKERS": "2"}
+    assert Settings.from_env(shared).budget_usd == 5
+
+
 def test_help_lists_every_setting_as_a_flag() -> None:
     text = parser().format_help()
     for setting in SETTINGS:
