@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, overload
 
 T = TypeVar("T")
-# The longest quota or budget window, here and in keys.json. Longer ones were taken and
+# The longest quota, budget or lockout window, here and in keys.json. Longer ones were taken and
 # broke the first 429 they gave (its retry-after-ms overflowed from 1.8e305 s, a budget's
 # "frees up at" date from 1e17 s); no limit needs more than ten years.
 MAX_WINDOW_SECONDS = 10 * 365 * 86400
@@ -306,7 +306,7 @@ class Settings:
     )
     auth_failure_window_seconds: float = setting(
         "60",
-        _positive_seconds,
+        _window_seconds,
         "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
     )
     trusted_proxies: Networks | None = setting(

@@ -162,10 +162,14 @@ def test_keys_in_redis_need_redis_and_a_secret(environ: dict[str, str]) -> None:
     assert "s3cret" not in repr(Settings.from_env({**both, "KEYS_STORE_SECRET": "s3cret"}))
 
 
-@pytest.mark.parametrize("variable", ["QUOTA_WINDOW_SECONDS", "BUDGET_WINDOW_SECONDS"])
+@pytest.mark.parametrize(
+    "variable", ["QUOTA_WINDOW_SECONDS", "BUDGET_WINDOW_SECONDS", "AUTH_FAILURE_WINDOW_SECONDS"]
+)
 def test_a_window_longer_than_ten_years_is_refused(variable: str) -> None:
     # 1e308 seconds was taken, and the first 429 of such a window was a 500: its
-    # retry-after-ms overflowed (a budget's "frees up at" date did from 1e17 seconds).
+    # retry-after-ms overflowed (a budget's "frees up at" date did from 1e17 seconds). The
+    # lockout's 429 said "Retry-After: 1000000000000000052504760255204420248704468581108..."
+    # (301 digits) for AUTH_FAILURE_WINDOW_SECONDS=1e300.
     assert getattr(Settings.from_env({variable: "315360000"}), variable.lower()) == 315360000
     with pytest.raises(SettingError) as refused:
         Settings.from_env({variable: "1e308"})
