@@ -560,7 +560,10 @@ def parser() -> argparse.ArgumentParser:
         description="llm-gateway: a transparent reverse proxy for LLM APIs with virtual keys, "
         "quotas and an interaction log.",
         epilog="Every flag can also be set through the environment variable it names. "
-        "A flag beats the variable, which beats the default.",
+        "A flag beats the variable, which beats the default. "
+        "gateway.py --check [KEYS_FILE] [flags]: check the settings and the keys file "
+        "(KEYS_FILE_PATH unless given) without starting; every problem is one line on stderr, "
+        "exit code 2 if there is any, 0 when the gateway would start.",
     )
     for row in SETTINGS:
         default = "unset" if row.default is None else row.default

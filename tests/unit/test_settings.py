@@ -117,6 +117,12 @@ def test_help_lists_every_setting_as_a_flag() -> None:
         assert setting.flag in text and setting.variable in text
 
 
+def test_help_tells_of_check() -> None:
+    # --check [keys.json] is how an operator tests a change before a start or a reload;
+    # --help, the first place they look, did not name it.
+    assert "--check [KEYS_FILE]" in " ".join(parser().format_help().split())
+
+
 def test_every_setting_is_a_field_with_the_same_default() -> None:
     defaults = Settings()
     # `otel` holds the OpenTelemetry SDK's own OTEL_* variables: the SDK names them, not a row.
