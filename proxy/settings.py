@@ -16,6 +16,8 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, overload
@@ -110,13 +112,27 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
+
+
+def masked_redis_url(url: str) -> str:
+    """The URL with its password (user info or ?password=) replaced by ***, fit for an error line."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_USERINFO.sub(r"\1***@", url))
+
+
 def _redis_url(text: str) -> str | None:
     url = text.strip()
     if not url:
         return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        _refuse("a URL starting with redis://, rediss:// or unix://", text)
-    return url
+    expected = "a URL starting with redis://, rediss:// or unix://"
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        try:  # .port raises for a port that is not 0-65535; urlsplit for a broken [IPv6] host
+            urllib.parse.urlsplit(url).port  # noqa: B018
+            return url
+        except ValueError as error:
+            expected = f"a URL like redis://host:6379/0 ({error})"
+    _refuse(expected, masked_redis_url(text))
 
 
 def _origins(text: str) -> tuple[str, ...] | None:

@@ -42,6 +42,9 @@ def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
         ({"MAX_BODY_BYTES": "1.5"}, "MAX_BODY_BYTES"),
         ({"QUOTA_ON_REDIS_ERROR": "retry"}, "QUOTA_ON_REDIS_ERROR"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:notaport"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:99999/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://[::1"}, "REDIS_URL"),
         ({"SHUTDOWN_GRACE_SECONDS": "-1"}, "SHUTDOWN_GRACE_SECONDS"),
     ],
 )
@@ -50,6 +53,19 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: 
         Settings.from_env(env)
     assert str(refused.value).startswith(named)
     assert repr(next(iter(env.values()))) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://app:s3cret@cache:6379", "redis://app:s3cret@cache:port", "rediss://:s3cret@[::1"],
+)
+def test_a_refused_redis_url_is_quoted_without_its_password(url: str) -> None:
+    # A port that is not a number, or a broken [IPv6] host, was taken and stopped the start
+    # with redis-py's traceback (exit 1); a wrong scheme was quoted whole, password included.
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env({"REDIS_URL": url})
+    assert str(refused.value).startswith("REDIS_URL: ") and "s3cret" not in str(refused.value)
+    assert url.replace("s3cret", "***") in str(refused.value)
 
 
 def test_a_bad_flag_is_refused_naming_the_flag() -> None:
