@@ -201,6 +201,14 @@ def has_control(value: str) -> bool:
 def _header_safe(where: str, source: str, value: str) -> str:
     if has_control(value):
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
+    if not value.isascii():
+        try:  # a variable's bytes that are not UTF-8 come as lone surrogates (os.environ)
+            value.encode()
+        except UnicodeEncodeError:
+            raise KeysFileError(
+                f"{where}: {source} holds bytes that are not UTF-8 text (a file saved in "
+                "another encoding?)"
+            ) from None
     return value
 
 
