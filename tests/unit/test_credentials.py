@@ -54,3 +54,11 @@ def test_a_locked_prefix_refuses_a_key_that_is_not_utf8_with_429() -> None:
     assert refused.value.status == 429
     door.accepted("10.0.0.1", guess + "4")  # as if some key were this (none can be)
     door.check("10.0.0.1", guess + "4")
+
+
+def test_a_keys_store_secret_from_an_environment_that_is_not_utf8_makes_a_cipher() -> None:
+    # KEYS_STORE_SECRET=$'s\xffcret' with KEYS_STORE=redis: the start ended in a traceback.
+    from proxy.keys.redis_store import fernet
+
+    token = fernet("s\udcffcret").encrypt(b"keys")
+    assert fernet("s\udcffcret").decrypt(token) == b"keys"
