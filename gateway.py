@@ -24,7 +24,7 @@ from proxy.runtime.check import check, warnings  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
 from proxy.runtime.start_line import start_line  # noqa: E402
 from proxy.runtime.workers import EXIT_REFUSED, run, say  # noqa: E402
-from proxy.settings import SettingError, Settings  # noqa: E402
+from proxy.settings import SettingError, Settings, masked_redis_url  # noqa: E402
 from proxy.usage.pricing import Prices  # noqa: E402
 
 
@@ -88,13 +88,14 @@ def check_redis(settings: Settings) -> None:
     """A Redis that cannot be reached stops the start, not the first request."""
     if settings.redis_url is None:
         return
-    from proxy.quota.redis_tracker import check, masked
+    from proxy.quota.redis_tracker import check
     from proxy.quota.tracker import TrackerUnavailable
 
     try:
         check(settings.redis_url)
-    except TrackerUnavailable as error:
-        raise SettingError(f"REDIS_URL {masked(settings.redis_url)}: {error}") from None
+    except (TrackerUnavailable, ValueError) as error:  # ValueError: redis-py refuses the URL
+        shown = masked_redis_url(settings.redis_url)
+        raise SettingError(f"REDIS_URL {shown}: {error}") from None
 
 
 if __name__ == "__main__":

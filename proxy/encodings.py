@@ -243,7 +243,11 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
     """
     if not body or not content_encoding:  # most bodies: nothing to decode
         return body
+    # Quoted in the error, which is JSON: bytes that are not UTF-8 (lone surrogates, as aiohttp
+    # hands them over) as \xNN escapes, not the surrogates JSON cannot hold.
     named = content_encoding.strip().lower()[:40]
+    if not named.isascii():
+        named = named.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
     decoded = bytearray()
 
     def keep(piece: bytes) -> None:

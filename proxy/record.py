@@ -103,7 +103,7 @@ class Attempt:
     provider: str
     key: str  # the real key's label in the pool (e.g. "openai#2"), never the key
     status: int | None  # the provider's status; None when it never answered
-    outcome: Outcome  # ANSWERED, UNREACHABLE or TIMEOUT
+    outcome: Outcome  # ANSWERED, UNREACHABLE, TIMEOUT; CLIENT_LEFT or SHUTDOWN while awaited
     error: str | None  # why it got no answer, in words
     ms: float
 

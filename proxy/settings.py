@@ -16,12 +16,14 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar, overload
 
 T = TypeVar("T")
-# The longest quota or budget window, here and in keys.json. Longer ones were taken and
+# The longest quota, budget or lockout window, here and in keys.json. Longer ones were taken and
 # broke the first 429 they gave (its retry-after-ms overflowed from 1.8e305 s, a budget's
 # "frees up at" date from 1e17 s); no limit needs more than ten years.
 MAX_WINDOW_SECONDS = 10 * 365 * 86400
@@ -110,13 +112,27 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
+
+
+def masked_redis_url(url: str) -> str:
+    """The URL with its password (user info or ?password=) replaced by ***, fit for an error line."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_USERINFO.sub(r"\1***@", url))
+
+
 def _redis_url(text: str) -> str | None:
     url = text.strip()
     if not url:
         return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        _refuse("a URL starting with redis://, rediss:// or unix://", text)
-    return url
+    expected = "a URL starting with redis://, rediss:// or unix://"
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        try:  # .port raises for a port that is not 0-65535; urlsplit for a broken [IPv6] host
+            urllib.parse.urlsplit(url).port  # noqa: B018
+            return url
+        except ValueError as error:
+            expected = f"a URL like redis://host:6379/0 ({error})"
+    _refuse(expected, masked_redis_url(text))
 
 
 def _origins(text: str) -> tuple[str, ...] | None:
@@ -301,11 +317,12 @@ class Settings:
         "20",
         _positive_int,
         "failed authentications one client address may make per window with keys that "
-        "begin alike before they get 429 (valid keys are still served)",
+        "begin alike before they get 429, counted by each gateway process (valid keys are "
+        "still served)",
     )
     auth_failure_window_seconds: float = setting(
         "60",
-        _positive_seconds,
+        _window_seconds,
         "the window of AUTH_FAILURE_LIMIT, and how long an address is then refused",
     )
     trusted_proxies: Networks | None = setting(
@@ -450,6 +467,12 @@ class Settings:
                 "WORKERS other than 1 needs REDIS_URL while QUOTA_ENABLED is true: "
                 "per-process counters would multiply every quota by the worker count"
             )
+        if self.workers != 1 and self.budget_usd is not None and self.redis_url is None:
+            raise SettingError(
+                "WORKERS other than 1 needs REDIS_URL while BUDGET_USD is set (budgets stay "
+                "with QUOTA_ENABLED=false): each worker would count its own spend, multiplying "
+                "every budget by the worker count"
+            )
         if self.keys_store == "redis" and (self.redis_url is None or not self.keys_store_secret):
             raise SettingError(
                 "KEYS_STORE=redis needs REDIS_URL (where the keys live) and KEYS_STORE_SECRET "
@@ -553,7 +576,10 @@ def parser() -> argparse.ArgumentParser:
         description="llm-gateway: a transparent reverse proxy for LLM APIs with virtual keys, "
         "quotas and an interaction log.",
         epilog="Every flag can also be set through the environment variable it names. "
-        "A flag beats the variable, which beats the default.",
+        "A flag beats the variable, which beats the default. "
+        "gateway.py --check [KEYS_FILE] [flags]: check the settings and the keys file "
+        "(KEYS_FILE_PATH unless given) without starting; every problem is one line on stderr, "
+        "exit code 2 if there is any, 0 when the gateway would start.",
     )
     for row in SETTINGS:
         default = "unset" if row.default is None else row.default

@@ -97,8 +97,9 @@ def entry_name(
     digest = hashlib.sha256()
     fields = [scope.encode(), method.encode(), tail.encode(), query.encode(), body]
     for name in ANSWER_HEADERS:
-        values = headers.getall(name, ())
-        fields.append(name.encode() + b"=" + ", ".join(values).encode())
+        values = ", ".join(headers.getall(name, ()))
+        # The bytes as sent: aiohttp hands a value that is not UTF-8 over as lone surrogates.
+        fields.append(name.encode() + b"=" + values.encode("utf-8", "surrogateescape"))
     for field in fields:
         digest.update(len(field).to_bytes(8, "big"))
         digest.update(field)

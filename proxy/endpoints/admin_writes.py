@@ -30,6 +30,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.errors import GatewayError
 from proxy.keys import edits
+from proxy.keys.credentials import sent
 from proxy.keys.edits import EditRefused
 from proxy.keys.fields import KeysFileError, UnknownField
 from proxy.keys.store import KeyStore, StoreReadOnly, StoreUnavailable
@@ -50,7 +51,7 @@ class AdminWrites:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._who = "admin-token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        self._who = "admin-token:" + hashlib.sha256(sent(token)).hexdigest()[:12]
         self._audit = audit
         self._clock = clock
 

@@ -111,7 +111,7 @@ def _service_account(where: str, entry: Mapping[str, Any], environ: Mapping[str,
     else:
         if not isinstance(variable, str) or not variable:
             raise KeysFileError(f"{where}service_account_json_env must name a variable")
-        text = environ.get(variable, "").encode()
+        text = environ.get(variable, "").encode("utf-8", "surrogateescape")  # its bytes
         source = f"service_account_json_env {variable}"
         if not text.strip():
             raise KeysFileError(f"{where}{source} is not set")

@@ -4,6 +4,11 @@ The virtual key is read from the first present of `Authorization: Bearer`, `x-ap
 `api-key`, `x-goog-api-key` (where the OpenAI, Anthropic, Azure and Gemini SDKs put it); `keys.KeyRing` looks it up. The gateway's
 own tokens (`METRICS_TOKEN`) are compared here in constant time, so the time of a wrong
 answer says nothing about how much of the token was right.
+
+A header's bytes that are not UTF-8 reach the gateway as lone surrogates (aiohttp decodes
+headers with `surrogateescape`, as `os.environ` decodes the tokens' variables), which
+`str.encode()` refuses: a credential is hashed and compared as `sent(credential)`, the
+bytes as they came, so such a credential is a wrong one (401), never a crash (500).
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ def presented(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def sent(credential: str) -> bytes:
+    """The bytes of a credential as the client (or the environment) gave them."""
+    return credential.encode("utf-8", "surrogateescape")
+
+
 def presents_token(headers: Mapping[str, str], token: str) -> bool:
     """The request carries `Authorization: Bearer <token>` (constant-time comparison)."""
     scheme, _, given = headers.get("authorization", "").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent(given.strip()), sent(token))

@@ -201,6 +201,14 @@ def has_control(value: str) -> bool:
 def _header_safe(where: str, source: str, value: str) -> str:
     if has_control(value):
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
+    if not value.isascii():
+        try:  # a variable's bytes that are not UTF-8 come as lone surrogates (os.environ)
+            value.encode()
+        except UnicodeEncodeError:
+            raise KeysFileError(
+                f"{where}: {source} holds bytes that are not UTF-8 text (a file saved in "
+                "another encoding?)"
+            ) from None
     return value
 
 
@@ -241,6 +249,11 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
         raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
     if not window_length(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be {WINDOW_LENGTH}")
+    if defaults.unshared_workers != 1:  # only QUOTA_ENABLED=false lets such workers start
+        raise KeysFileError(
+            f"{where}: a budget with WORKERS other than 1 needs REDIS_URL: each worker would "
+            "count its own spend, multiplying the budget"
+        )
     return Budget(usd=float(usd), window_seconds=float(window))
 
 

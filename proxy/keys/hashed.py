@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.keys.credentials import sent
 from proxy.keys.fields import KeysFileError, positive_number
 
 PREFIX = "sha256:"
@@ -26,7 +27,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 def digest(secret: str) -> str:
     """The hex SHA-256 of a key as a client presents it."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(sent(secret)).hexdigest()
 
 
 def hashed(secret: str) -> str:

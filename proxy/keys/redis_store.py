@@ -30,6 +30,7 @@ import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
 from redis.exceptions import RedisError, WatchError
 
+from proxy.keys.credentials import sent
 from proxy.keys.edits import hashed_document, prune
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing
@@ -56,7 +57,7 @@ return redis.call('INCR', KEYS[2])
 
 def fernet(secret: str) -> Fernet:
     """The cipher for KEYS_STORE_SECRET (any text; 32 random bytes' worth is plenty)."""
-    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(sent(secret)).digest()))
 
 
 class RedisStore:

@@ -167,8 +167,8 @@ class Trace:
             return
         last = len(self._attempts) - 1
         for index, span in enumerate(self._attempts):
-            # record.attempts has one entry per try that got an answer or failed; a try the
-            # client walked away from has none.
+            # record.attempts has one entry per try that got an answer, failed, or was left
+            # (the client's leaving, the shutdown's cut); a WebSocket upgrade's try has none.
             attempt = record.attempts[index] if index < len(record.attempts) else None
             status = attempt.status if attempt is not None else None
             if attempt is None and index == last and record.outcome is Outcome.ANSWERED:
@@ -197,7 +197,7 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
 
     `record` is given for the last try only: its body's fate is the request's.
     """
-    if attempt is None:  # the client left during the try; or a WebSocket upgrade's only try
+    if attempt is None:  # a WebSocket upgrade's only try
         if record is None or record.outcome in (None, Outcome.CLIENT_LEFT):
             return Outcome.CLIENT_LEFT.value
         if record.status >= 400:

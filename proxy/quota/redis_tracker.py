@@ -76,8 +76,6 @@ HEALTH_CHECK_SECONDS = 30
 # How long a settle waits for the key's next admission to carry it before going alone.
 SETTLE_DELAY_SECONDS = 0.05
 REASON_CHARS = 200
-_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
-_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 _CONNECT_ERROR = re.compile(r"Error (-?\d+) connecting to \S+?\.? (.*?)\.?$")
 
 _KEY_NAMES = (
@@ -459,11 +457,6 @@ def reason(error: Exception) -> str:
     if connecting:
         return connecting[2][:REASON_CHARS]
     return (str(error).strip() or type(error).__name__)[:REASON_CHARS]
-
-
-def masked(url: str) -> str:
-    """The URL with its password (user info or ?password=) replaced by ***, fit for an error line."""
-    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_USERINFO.sub(r"\1***@", url))
 
 
 def check(url: str) -> None:

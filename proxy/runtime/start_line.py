@@ -10,7 +10,7 @@ ADMIN_TOKEN), file watch off, CORS off, traces off, Redis off, 1 worker
 from __future__ import annotations
 
 from proxy.keys.keys import KeyRing
-from proxy.settings import Settings
+from proxy.settings import Settings, masked_redis_url
 
 
 def start_line(settings: Settings, key_ring: KeyRing) -> str:
@@ -21,9 +21,7 @@ def start_line(settings: Settings, key_ring: KeyRing) -> str:
     elif settings.redis_url is None:
         store = "quotas in memory (this process only)"
     else:
-        from proxy.quota.redis_tracker import masked  # loads redis: only when it is used
-
-        store = f"quotas on Redis {masked(settings.redis_url)}"
+        store = f"quotas on Redis {masked_redis_url(settings.redis_url)}"
     metered = [key for key in key_ring if key.reserves]
     if metered:  # what a request naming no output cap holds of a token limit or a budget
         own = sum(1 for key in metered if key.output_allowance != settings.output_allowance_tokens)

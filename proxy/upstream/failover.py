@@ -54,7 +54,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import GatewayError
-from proxy.record import Attempt, Outcome, Record
+from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
@@ -441,10 +441,19 @@ class Failover:
             slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
             failed, slow = Failed(Outcome.UNREACHABLE, f"{where(target)}: {error}"), False
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancel:
             if sent:
                 record.saw_unanswered()
             breaker.abstain()  # a client that left says nothing about the target
+            # The log line still names the try: its request may be charged its reservation.
+            if cut_by_gateway(cancel):
+                outcome, why = Outcome.SHUTDOWN, GRACE_OVER
+            else:
+                outcome, why = Outcome.CLIENT_LEFT, "client closed the connection"
+            ms = record.waited_upstream(asked)
+            record.add_attempt(
+                Attempt(target.name, target.provider.name, credential.label, None, outcome, why, ms)
+            )
             raise
         else:
             ms = record.waited_upstream(asked)

@@ -66,6 +66,16 @@ async def test_a_missing_or_wrong_token_gets_401_is_logged_and_counted(
     assert 'llm_gateway_auth_failures_total{outcome="refused"} 2.0' in metrics
 
 
+async def test_an_admin_token_whose_bytes_are_not_utf8_starts_and_guards(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    # os.environ hands ADMIN_TOKEN=$'admin-\xfftoken' over as a lone surrogate: the start
+    # ended in a traceback (the audit's digest of the token encoded it).
+    gateway = await make_gateway(ADMIN_TOKEN="admin-\udcfftoken-0123456789")
+    response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 401
+
+
 async def test_guessing_the_admin_token_is_throttled_like_guessing_a_key(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:

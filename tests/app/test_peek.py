@@ -71,6 +71,16 @@ def test_a_body_that_is_not_what_its_encoding_says_is_refused(
     assert refused.value.status == status
 
 
+def test_a_content_encoding_whose_bytes_are_not_utf8_is_quoted_as_those_bytes() -> None:
+    # aiohttp hands `Content-Encoding: a\xffb` over as "a\udcffb": quoted as it was, the
+    # 415's message could not be written as JSON, so the answer was a 500 and the log line lost.
+    with pytest.raises(GatewayError) as refused:
+        readable(BODY, "a\udcffb", limit=1000)
+    assert refused.value.status == 415
+    assert "'a\\xffb'" in orjson.loads(orjson.dumps(refused.value.message))
+    assert orjson.dumps(refused.value.why)
+
+
 # --- allowed_models: every place a request names a model --------------------------------
 
 GPT4O_VK = "vk_test_gpt4o_only_7d2c9e1a5b"

@@ -370,6 +370,8 @@ async def test_a_websocket_session_holds_a_slot_until_it_closes(teams_gateway: A
         ({"max_in_flight": 4}, {}, "team 'research': max_in_flight with WORKERS other than 1"),
         ({"quota": {"requests": 9}}, {}, "need REDIS_URL"),
         ({}, {"max_in_flight": 2}, "key 'member-0': max_in_flight with WORKERS other than 1"),
+        # budgets stay with QUOTA_ENABLED=false: WORKERS=2 let the key spend twice its budget
+        ({}, {"budget": {"usd": 5}}, "key 'member-0': a budget with WORKERS other than 1"),
     ],
 )
 def test_shared_limits_with_workers_counting_on_their_own_are_refused(

@@ -180,6 +180,11 @@ async def test_a_client_that_leaves_before_the_answer_is_charged_its_reservation
     (line,) = await records(1)
     assert line["status"] == 499
     assert_reservation(line)
+    # Which target (and pool key) it was sent to and charged at: the line had neither.
+    assert line["target"] == "openai"
+    (attempt,) = line["attempts"]
+    assert (attempt["target"], attempt["key"], attempt["status"]) == ("openai", "openai#1", None)
+    assert attempt["error"] == "client closed the connection" and attempt["ms"] >= 0
     assert await charged_tokens(gateway) == PROMPT + CAP
     await until(lambda: fake.disconnects, what="the gateway leaving the provider")
     assert len(fake.requests) == 1

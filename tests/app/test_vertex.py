@@ -340,6 +340,9 @@ def test_the_account_may_come_from_an_environment_variable(
         KeyRing.load(str(path), {}, defaults)
     with pytest.raises(KeysFileError, match="not a service account"):
         KeyRing.load(str(path), {"T_VERTEX_SA": '{"type": "user"}'}, defaults)
+    # bytes that are not UTF-8 (os.environ's lone surrogates) were a traceback at start
+    with pytest.raises(KeysFileError, match="T_VERTEX_SA does not hold JSON"):
+        KeyRing.load(str(path), {"T_VERTEX_SA": '{"type": "\udcff"}'}, defaults)
 
 
 async def test_a_path_naming_a_project_goes_to_the_targets_project_however_short(

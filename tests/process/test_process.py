@@ -115,6 +115,20 @@ def test_a_log_file_that_cannot_be_opened_stops_the_start(
     )
 
 
+def test_a_redis_url_redis_py_refuses_is_one_line_without_its_password(
+    process_keys: Path,
+) -> None:
+    # The URL's form is checked with the settings; its options by redis-py, at the start's
+    # connection: this one stopped the start with redis-py's traceback and exit code 1.
+    url = "redis://127.0.0.1:6379/0?db=abc&password=s3cret"
+    result = refused({"KEYS_FILE_PATH": str(process_keys), "REDIS_URL": url})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "REDIS_URL redis://127.0.0.1:6379/0?db=abc&password=***: Invalid value for 'db'" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.stderr
+
+
 def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.keys.hashed import hashed
 from tests.app.test_bad_input import malformed_http
-from tests.conftest import OPENAI_VK, auth
+from tests.conftest import OPENAI_VK, auth, keys_document
 from tests.support.bodies import CHAT
 from tests.support.processes import Processes, start_gateway
 
@@ -259,3 +261,43 @@ async def test_http_the_parser_refuses_gets_a_json_error_that_quotes_no_byte_of_
         if REFUSAL_STATUS.get(error["code"]) != status or error["type"] != "invalid_request_error":
             problems.append(f"{label}: {status} {error}")
     assert not problems, "\n".join(problems)
+
+
+async def test_credentials_whose_bytes_are_not_utf8_are_wrong_ones_not_a_crash(
+    processes: Processes, fake_url: str, tmp_path: Path
+) -> None:
+    """aiohttp hands such bytes over as lone surrogates, which str.encode() refused: the
+    METRICS_TOKEN and ADMIN_TOKEN checks, a keys file holding a digest (as every key the
+    admin API makes), and a prefix the lockout had locked all answered 500 with a traceback."""
+    document = keys_document(fake_url)
+    document["virtual_keys"][hashed("vk_" + "h" * 30)] = {"provider": "openai", "api_key": "sk-h"}
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(document))
+    process, url = start_gateway(
+        processes,
+        keys,
+        tmp_path / "log.jsonl",
+        METRICS_TOKEN="metrics-token-0123456789",
+        ADMIN_TOKEN="admin-token-0123456789",
+        AUTH_FAILURE_LIMIT="2",
+    )
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps(CHAT).encode()
+
+    async def status(method: bytes, path: bytes, credential: bytes) -> int:
+        answer = await _whole_answer(
+            port,
+            method + b" " + path + b" HTTP/1.1\r\nHost: gateway\r\n"
+            b"Authorization: Bearer " + credential + b"\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
+        )
+        return int(answer.split(b" ", 2)[1])
+
+    assert await status(b"GET", b"/metrics", b"metrics-\xfftoken") == 401
+    assert await status(b"GET", b"/admin/keys", b"admin-\xfftoken") == 401
+    guesses = [b"vk_\xffguessguess%d" % n for n in range(3)]
+    statuses = [await status(b"POST", b"/v1/chat/completions", guess) for guess in guesses]
+    assert statuses == [401, 401, 429]  # the third: its prefix is locked
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]

@@ -68,6 +68,14 @@ def test_every_part_of_a_request_that_changes_the_answer_changes_the_name() -> N
     assert stream != base
 
 
+def test_a_header_whose_bytes_are_not_utf8_names_an_entry_of_its_own() -> None:
+    # aiohttp hands `anthropic-beta: \xff` over as the lone surrogate U+DCFF, which
+    # str.encode() refused: the request of a key with a cache was a 500.
+    odd = name(**{"anthropic-beta": "\udcff"})
+    assert odd == name(**{"anthropic-beta": "\udcff"}) != name(**{"anthropic-beta": "\udcfe"})
+    assert odd != name()
+
+
 def test_a_shared_scope_is_never_a_keys_own() -> None:
     private = scope_of("docs-bot", CachePolicy(300))
     shared = scope_of("anything", CachePolicy(300, "docs-bot"))

@@ -471,6 +471,17 @@ def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: st
         load(tmp_path, env_document, environ={"REAL": real})
 
 
+def test_a_real_key_from_an_environment_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    # os.environ hands REAL=$'sk-abc\xffdef...' over as "sk-abc\udcffdef...": it was loaded,
+    # and every request of the key was then a 500 (its echo search encoded it).
+    document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "REAL"}}}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document, environ={"REAL": "sk-abc\udcffdefghijklmnop"})
+    assert "api_key_env REAL holds bytes that are not UTF-8 text" in str(refused.value)
+    assert "sk-abc" not in str(refused.value)
+    assert load(tmp_path, document, environ={"REAL": "sk-abcdefghijklmnop"})
+
+
 def test_every_real_key_of_pools_fallbacks_and_routes_is_known_for_redaction(
     tmp_path: Path,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.quota.redis_tracker import masked
+from proxy.settings import masked_redis_url as masked
 
 
 def test_a_password_in_the_url_is_masked() -> None:

@@ -42,6 +42,9 @@ def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
         ({"MAX_BODY_BYTES": "1.5"}, "MAX_BODY_BYTES"),
         ({"QUOTA_ON_REDIS_ERROR": "retry"}, "QUOTA_ON_REDIS_ERROR"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:notaport"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:99999/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://[::1"}, "REDIS_URL"),
         ({"SHUTDOWN_GRACE_SECONDS": "-1"}, "SHUTDOWN_GRACE_SECONDS"),
     ],
 )
@@ -50,6 +53,19 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: 
         Settings.from_env(env)
     assert str(refused.value).startswith(named)
     assert repr(next(iter(env.values()))) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://app:s3cret@cache:6379", "redis://app:s3cret@cache:port", "rediss://:s3cret@[::1"],
+)
+def test_a_refused_redis_url_is_quoted_without_its_password(url: str) -> None:
+    # A port that is not a number, or a broken [IPv6] host, was taken and stopped the start
+    # with redis-py's traceback (exit 1); a wrong scheme was quoted whole, password included.
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env({"REDIS_URL": url})
+    assert str(refused.value).startswith("REDIS_URL: ") and "s3cret" not in str(refused.value)
+    assert url.replace("s3cret", "***") in str(refused.value)
 
 
 def test_a_bad_flag_is_refused_naming_the_flag() -> None:
@@ -101,10 +117,26 @@ def test_several_workers_without_redis_are_refused_while_quotas_are_on() -> None
     assert Settings.from_env({"WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}).workers == 2
 
 
+def test_several_workers_without_redis_are_refused_with_a_default_budget() -> None:
+    # Budgets stay with QUOTA_ENABLED=false, and each worker would count its own spend:
+    # WORKERS=2 let a key spend twice BUDGET_USD.
+    with pytest.raises(SettingError, match="REDIS_URL while BUDGET_USD"):
+        Settings.from_env({"WORKERS": "2", "QUOTA_ENABLED": "false", "BUDGET_USD": "5"})
+    assert Settings.from_env({"WORKERS": "1", "QUOTA_ENABLED": "false", "BUDGET_USD": "5"})
+    shared = {"REDIS_URL": "redis://127.0.0.1:6379/0", "BUDGET_USD": "5", "WORKERS": "2"}
+    assert Settings.from_env(shared).budget_usd == 5
+
+
 def test_help_lists_every_setting_as_a_flag() -> None:
     text = parser().format_help()
     for setting in SETTINGS:
         assert setting.flag in text and setting.variable in text
+
+
+def test_help_tells_of_check() -> None:
+    # --check [keys.json] is how an operator tests a change before a start or a reload;
+    # --help, the first place they look, did not name it.
+    assert "--check [KEYS_FILE]" in " ".join(parser().format_help().split())
 
 
 def test_every_setting_is_a_field_with_the_same_default() -> None:
@@ -152,10 +184,14 @@ def test_keys_in_redis_need_redis_and_a_secret(environ: dict[str, str]) -> None:
     assert "s3cret" not in repr(Settings.from_env({**both, "KEYS_STORE_SECRET": "s3cret"}))
 
 
-@pytest.mark.parametrize("variable", ["QUOTA_WINDOW_SECONDS", "BUDGET_WINDOW_SECONDS"])
+@pytest.mark.parametrize(
+    "variable", ["QUOTA_WINDOW_SECONDS", "BUDGET_WINDOW_SECONDS", "AUTH_FAILURE_WINDOW_SECONDS"]
+)
 def test_a_window_longer_than_ten_years_is_refused(variable: str) -> None:
     # 1e308 seconds was taken, and the first 429 of such a window was a 500: its
-    # retry-after-ms overflowed (a budget's "frees up at" date did from 1e17 seconds).
+    # retry-after-ms overflowed (a budget's "frees up at" date did from 1e17 seconds). The
+    # lockout's 429 said "Retry-After: 1000000000000000052504760255204420248704468581108..."
+    # (301 digits) for AUTH_FAILURE_WINDOW_SECONDS=1e300.
     assert getattr(Settings.from_env({variable: "315360000"}), variable.lower()) == 315360000
     with pytest.raises(SettingError) as refused:
         Settings.from_env({variable: "1e308"})
