@@ -32,6 +32,8 @@ from proxy.upstream.targets import Target
 from proxy.usage import estimate, responses
 
 _CREATE = b"response.create"
+# A JSON escape (`response\\u002ecreate`) spells the event type without its plain bytes.
+_ESCAPE = b"\\u"
 # What a turn that names no model runs: its stored prompt's model (a `prompt` id).
 _UNNAMED = "the model of its stored prompt"
 
@@ -49,14 +51,14 @@ class Turns:
 
     async def gate(self, frame: bytes) -> bytes | None:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
-        event the client gets instead. Any other frame goes on unread."""
-        if frame.find(_CREATE) < 0:
+        event the client gets instead. A frame that cannot hold one goes on unread."""
+        if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
-        event = _event(frame)
-        if event is None or event.get("type") != "response.create":
-            return None
-        model = _model(event)
         try:
+            event = _event(frame)  # 400
+            if event is None or event.get("type") != "response.create":
+                return None
+            model = _model(event)
             key, admission = await self._admit(event, model)
         except GatewayError as error:
             return refusal(error)
@@ -110,10 +112,14 @@ def refusal(error: GatewayError) -> bytes:
 
 
 def _event(frame: bytes) -> dict[str, Any] | None:
+    """The frame's event; None for JSON that is not an object. Raises 400 for a frame that
+    may be a turn and is not JSON the gateway can read (a lone surrogate, say): another
+    reader at the provider may take it, and run a turn the gateway never admitted."""
     try:
         event = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        return None
+        why = "A frame that may be a response.create is not JSON the gateway can read."
+        raise GatewayError(400, "invalid_event", why) from None
     return event if isinstance(event, dict) else None
 
 
