@@ -68,16 +68,11 @@ class Turns:
     async def _admit(
         self, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
-        exchange = self._exchange
-        peek = _peek(event, model)
-        key, admission = await exchange.admit_turn(peek, self._serving)  # 401, 429, 503
-        if key.allowed_models is not None:
-            try:
-                named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
-            except GatewayError:
-                exchange.settle_turn(key, admission, None, model)  # nothing went upstream
-                raise
-        return key, admission
+        def check(key: VirtualKey) -> None:
+            named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
+
+        # 401, 403, 429, 503
+        return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
 
     def completed(self, usage: Usage) -> None:
         """The oldest open turn's usage came: settle it (a response the gateway did not see

@@ -204,3 +204,18 @@ async def until_end(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]
     while events[-1]["type"] not in ("response.completed", "error"):
         events.append(await receive(ws))
     return events
+
+
+async def test_a_turn_refused_for_its_model_does_not_count_against_the_quota(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """As an HTTP request refused with 403 is not counted, nor is such a turn."""
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    narrow["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    ws = await open_session(gateway, TURN_VK)
+    for _ in range(2):
+        await ws.send_str(orjson.dumps({"type": "response.create", "model": "o3-pro"}).decode())
+        assert (await receive(ws))["status"] == 403
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # its one request
+    await ws.close()
