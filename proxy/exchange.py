@@ -330,6 +330,8 @@ class Exchange:
         secret = presented(self._credentials)
         if secret:
             self.record.hide(secret, masked(secret))
+            if self.trace is not None:  # the attempts' spans named the model before the record
+                self.trace.hide(secret, masked(secret))
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a
