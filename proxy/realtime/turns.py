@@ -114,7 +114,7 @@ def _event(frame: bytes) -> dict[str, Any] | None:
         event = orjson.loads(frame)
     except orjson.JSONDecodeError:
         why = "A frame that may be a response.create is not JSON the gateway can read."
-        raise GatewayError(400, "invalid_event", why) from None
+        raise GatewayError(400, "invalid_json", why) from None
     return event if isinstance(event, dict) else None
 
 
