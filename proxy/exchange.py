@@ -330,6 +330,8 @@ class Exchange:
         secret = presented(self._credentials)
         if secret:
             self.record.hide(secret, masked(secret))
+            if self.trace is not None:  # the attempts' spans named the model before the record
+                self.trace.hide(secret, masked(secret))
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a
@@ -401,14 +403,15 @@ class Exchange:
         return found
 
     async def admit_turn(
-        self, peek: QuotaRequest, serving: Serving
+        self, peek: QuotaRequest, serving: Serving, check: Callable[[VirtualKey], None]
     ) -> tuple[VirtualKey, Admission | None]:
         """One turn of a session admitted on its own (the Responses API's WebSocket mode): the
-        key as keys.json has it now, admitted by its quota and budget, priced at `serving`
-        (the session's target). Raises 401 (the key was revoked since the session opened),
-        429, 503."""
+        key as keys.json has it now, `check`ed (its models: a turn it refuses is not counted),
+        admitted by its quota and budget, priced at `serving` (the session's target). Raises
+        401 (the key was revoked since the session opened), what `check` raises, 429, 503."""
         entrance = self._entrance
         key = entrance.key_ring.authenticate(self._credentials)
+        check(key)
         try:
             return key, await entrance.quota.admit(key, peek, serving)
         except GatewayError as error:

@@ -133,13 +133,15 @@ class Tracing:
 class Trace:
     """One request's spans: the server span and one client span per upstream attempt."""
 
-    __slots__ = ("_attempts", "_context", "_server", "_tracer")
+    __slots__ = ("_attempts", "_context", "_named", "_server", "_tracer")
 
     def __init__(self, tracer: Tracer, server: Span) -> None:
         self._tracer = tracer
         self._server = server
         self._context = set_span_in_context(server)
         self._attempts: list[Span] = []
+        # Each attempt's operation, model and method, for `hide`.
+        self._named: list[tuple[str | None, str | None, str]] = []
 
     def attempt(
         self, method: str, url: URL, headers: CIMultiDict[str], provider: str, model: str | None
@@ -159,7 +161,17 @@ class Trace:
             _span_name(operation, model, method), self._context, SpanKind.CLIENT, attributes
         )
         self._attempts.append(span)
+        self._named.append((operation, model, method))
         _PROPAGATOR.inject(headers, set_span_in_context(span, Context()))
+
+    def hide(self, secret: str, mask: str) -> None:
+        """`secret` (the client's own key, named as its model) kept only as `mask` in the
+        attempts' names and models, as `Record.hide` keeps it in the server span's."""
+        for span, (operation, model, method) in zip(self._attempts, self._named, strict=True):
+            if model is not None and secret in model:
+                model = model.replace(secret, mask)
+                span.set_attribute("gen_ai.request.model", model)
+                span.update_name(_span_name(operation, model, method))
 
     def end(self, record: Record) -> None:
         """The request settled: end its attempts, then its server span."""

@@ -32,6 +32,8 @@ from proxy.upstream.targets import Target
 from proxy.usage import estimate, responses
 
 _CREATE = b"response.create"
+# A JSON escape (`response\\u002ecreate`) spells the event type without its plain bytes.
+_ESCAPE = b"\\u"
 # What a turn that names no model runs: its stored prompt's model (a `prompt` id).
 _UNNAMED = "the model of its stored prompt"
 
@@ -49,14 +51,14 @@ class Turns:
 
     async def gate(self, frame: bytes) -> bytes | None:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
-        event the client gets instead. Any other frame goes on unread."""
-        if frame.find(_CREATE) < 0:
+        event the client gets instead. A frame that cannot hold one goes on unread."""
+        if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
-        event = _event(frame)
-        if event is None or event.get("type") != "response.create":
-            return None
-        model = _model(event)
         try:
+            event = _event(frame)  # 400
+            if event is None or event.get("type") != "response.create":
+                return None
+            model = _model(event)
             key, admission = await self._admit(event, model)
         except GatewayError as error:
             return refusal(error)
@@ -66,16 +68,11 @@ class Turns:
     async def _admit(
         self, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
-        exchange = self._exchange
-        peek = _peek(event, model)
-        key, admission = await exchange.admit_turn(peek, self._serving)  # 401, 429, 503
-        if key.allowed_models is not None:
-            try:
-                named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
-            except GatewayError:
-                exchange.settle_turn(key, admission, None, model)  # nothing went upstream
-                raise
-        return key, admission
+        def check(key: VirtualKey) -> None:
+            named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
+
+        # 401, 403, 429, 503
+        return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
 
     def completed(self, usage: Usage) -> None:
         """The oldest open turn's usage came: settle it (a response the gateway did not see
@@ -110,10 +107,14 @@ def refusal(error: GatewayError) -> bytes:
 
 
 def _event(frame: bytes) -> dict[str, Any] | None:
+    """The frame's event; None for JSON that is not an object. Raises 400 for a frame that
+    may be a turn and is not JSON the gateway can read (a lone surrogate, say): another
+    reader at the provider may take it, and run a turn the gateway never admitted."""
     try:
         event = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        return None
+        why = "A frame that may be a response.create is not JSON the gateway can read."
+        raise GatewayError(400, "invalid_json", why) from None
     return event if isinstance(event, dict) else None
 
 

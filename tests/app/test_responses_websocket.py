@@ -30,6 +30,7 @@ from tests.support.fake_realtime import (
 )
 
 TURN_VK = "vk_test_turns_5d2c8a1e9f"
+LIMITED_TURN_VK = "vk_test_turns_limited_7b3e0c4a2d"
 ADMIN = "admin-token-for-turn-tests-0123"
 WAIT_SECONDS = 5.0
 CREATE = orjson.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
@@ -165,4 +166,56 @@ async def test_a_turn_naming_a_model_the_key_may_not_use_is_refused(
     assert unnamed["status"] == 403 and "names none" in unnamed["error"]["message"]
     assert (await turn(ws))[-1]["type"] == "response.completed"  # gpt-4o-mini is allowed
     assert creates(sockets.sockets[-1]) == 1
+    await ws.close()
+
+
+async def test_a_turn_spelled_with_json_escapes_is_admitted_like_any_other(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """The provider reads `response\\u002ecreate` as `response.create`: so must the gate, else
+    such a turn ran past the quota and `allowed_models` unseen. A possible turn the gateway
+    cannot read (a lone surrogate, which other JSON readers take) is refused, not let through."""
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    limited = {"provider": "openai", "api_key": OPENAI_REAL}
+    limited["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow, LIMITED_TURN_VK: limited})
+    escaped = '{"type": "response\\u002ecreate", "model": "%s", "input": "hi"}'
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(escaped % "o3-pro")
+    assert (await receive(ws))["status"] == 403
+    await ws.send_str('{"type": "response.create", "model": "gpt-4o-mini", "input": "\\ud800"}')
+    unreadable = await receive(ws)
+    assert unreadable["type"] == "error" and unreadable["status"] == 400
+    assert sockets.sockets[-1].received == []  # neither went upstream
+    await ws.close()
+    ws = await open_session(gateway, LIMITED_TURN_VK)
+    await ws.send_str(escaped % "gpt-4o-mini")
+    events = await until_end(ws)
+    assert events[-1]["type"] == "response.completed", events
+    await ws.send_str(escaped % "gpt-4o-mini")
+    assert (await receive(ws))["status"] == 429
+    assert len(sockets.sockets[-1].received) == 1  # only the admitted turn went upstream
+    await ws.close()
+
+
+async def until_end(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """The events up to a turn's end or its refusal."""
+    events = [await receive(ws)]
+    while events[-1]["type"] not in ("response.completed", "error"):
+        events.append(await receive(ws))
+    return events
+
+
+async def test_a_turn_refused_for_its_model_does_not_count_against_the_quota(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """As an HTTP request refused with 403 is not counted, nor is such a turn."""
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    narrow["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    ws = await open_session(gateway, TURN_VK)
+    for _ in range(2):
+        await ws.send_str(orjson.dumps({"type": "response.create", "model": "o3-pro"}).decode())
+        assert (await receive(ws))["status"] == 403
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # its one request
     await ws.close()

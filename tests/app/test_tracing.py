@@ -189,6 +189,24 @@ async def test_a_provider_that_fails_marks_both_spans_as_errors(
     assert "error.type" in attempt.attributes
 
 
+async def test_a_key_pasted_as_the_model_is_masked_in_both_spans(
+    traced: TestClient, received: Received
+) -> None:
+    """As in the log line: the client span named the model, and so the key, in full."""
+    for path in ("/v1/chat/completions", f"/v1/realtime?model={OPENAI_VK}"):
+        if path.startswith("/v1/realtime"):
+            async with traced.ws_connect(path, headers=auth(OPENAI_VK)) as ws:
+                await ws.receive()  # the fake's session.created
+        else:
+            response = await traced.post(
+                path, json={**CHAT, "model": OPENAI_VK}, headers=auth(OPENAI_VK)
+            )
+            assert response.status == 200
+    spans = await exported(traced, received, 4)
+    assert len(by_kind(spans, "client")) == 2
+    assert_nothing_secret(spans)
+
+
 async def test_an_unreachable_collector_costs_requests_nothing_but_a_counted_failure(
     make_gateway: Callable[..., Awaitable[TestClient]],
     aiohttp_server: Callable[..., Awaitable[TestServer]],
