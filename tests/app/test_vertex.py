@@ -168,18 +168,24 @@ async def test_a_token_about_to_expire_is_refreshed_before_use(
     ]
 
 
-async def test_a_refused_token_request_is_a_clear_502(
-    gateway: TestClient, vertex: VertexState
-) -> None:
+async def refused_token_answer(gateway: TestClient, vertex: VertexState) -> str:
+    """The body of a Claude call whose token request the endpoint refuses (it no longer knows
+    the account's key): a 502."""
     _, other_public = service_account("http://unset.invalid/token", PROJECT)
-    vertex.public_pem = other_public  # the endpoint no longer knows the account's key
+    vertex.public_pem = other_public
     response = await gateway.post(
         f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
         json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
         headers={"Authorization": f"Bearer {VERTEX_VK}"},
     )
     assert response.status == 502
-    body = await response.text()
+    return await response.text()
+
+
+async def test_a_refused_token_request_is_a_clear_502(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    body = await refused_token_answer(gateway, vertex)
     assert "no access token" in body and "PRIVATE KEY" not in body
     assert "invalid_grant" in body
     assert vertex.seen == []
@@ -190,15 +196,8 @@ async def test_a_token_endpoint_quoting_the_assertion_it_refused_hands_it_to_no_
 ) -> None:
     """The signed assertion buys an access token for its hour: the 502 names the OAuth error
     code, never the endpoint's text."""
-    _, other_public = service_account("http://unset.invalid/token", PROJECT)
-    vertex.public_pem, vertex.echoes = other_public, True
-    response = await gateway.post(
-        f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
-        json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
-        headers={"Authorization": f"Bearer {VERTEX_VK}"},
-    )
-    assert response.status == 502
-    body = await response.text()
+    vertex.echoes = True
+    body = await refused_token_answer(gateway, vertex)
     assert "invalid_grant" in body and "eyJ" not in body and "Invalid JWT" not in body
     (line,) = await records(1)
     assert "eyJ" not in str(line)
