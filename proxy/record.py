@@ -249,6 +249,8 @@ class Record:
     # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
     request_body: bytes | None = None
     response_text: str | None = None
+    # The client's own key, and its mask, for the log to mask in those bodies (`hide`).
+    hidden: tuple[str, str] | None = None
     # The model the provider says answered (the usage tap reads it), for traces; None: unsaid.
     response_model: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
@@ -393,8 +395,8 @@ class Record:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
 
     def hide(self, secret: str, mask: str) -> None:
-        """`secret` (the client's own key, which it named in its path or its model) kept
-        only as `mask` in what the log and the metrics read."""
+        """`secret` (the client's own key, which it named in its path, its model or, logged
+        with LOG_BODIES, its body) kept only as `mask` in what the log and the metrics read."""
         if secret in self.path:
             self.path = self.path.replace(secret, mask)
         if self.model is not None and secret in self.model:
@@ -403,6 +405,10 @@ class Record:
             self.response_model = self.response_model.replace(secret, mask)
         if self.error is not None and secret in self.error:
             self.error = self.error.replace(secret, mask)
+        if self.request_body is not None or self.response_text is not None:
+            # LOG_BODIES: masked where the body is written as a JSON value, any escape of
+            # the key decoded (`Logbook`, on its writer thread).
+            self.hidden = (secret, mask)
 
     @property
     def overhead_ms(self) -> float | None:

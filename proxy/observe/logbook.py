@@ -167,6 +167,7 @@ class Logbook:
         if self._log_bodies:
             fields["request"] = record.request_body
             fields["response"] = record.response_text
+            fields["hidden"] = record.hidden
         self._pending.append(fields)
         self._pending_bytes += size
         if self._hand_over_timer is None:
@@ -294,7 +295,7 @@ class Logbook:
         if fields["cost_usd"] is not None:  # 0.00000195, not 1.95e-06
             fields["cost_usd"] = orjson.Fragment(dollars(fields["cost_usd"]).encode())
         if self._log_bodies:
-            redact = self._redactor()
+            redact = self._redactor(fields.pop("hidden"))
             fields["request"] = _decoded(fields["request"], redact)
             fields["response"] = _decoded(fields["response"], redact)
         # The line is a dict of plain values: orjson writes it as python-json-logger's
@@ -310,8 +311,9 @@ class Logbook:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         return f"{self._second_text}.{millis:03d}Z"
 
-    def _redactor(self) -> Callable[[str], str]:
-        """Text → text without any real key; the pattern is compiled once per set of keys."""
+    def _redactor(self, hidden: tuple[str, str] | None) -> Callable[[str], str]:
+        """Text → text without any real key (the pattern is compiled once per set of keys)
+        and, when the record hides one, with the client's own virtual key as its mask."""
         secrets = self._secrets()
         if secrets is not self._redaction[0]:
             # Longest first: a key that contains another is replaced whole.
@@ -319,9 +321,14 @@ class Logbook:
             pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
             self._redaction = (secrets, pattern)
         pattern = self._redaction[1]
+        if hidden is None:
+            if pattern is None:
+                return _unchanged
+            return lambda text: pattern.sub(REDACTED, text)
+        secret, mask = hidden
         if pattern is None:
-            return _unchanged
-        return lambda text: pattern.sub(REDACTED, text)
+            return lambda text: text.replace(secret, mask)
+        return lambda text: pattern.sub(REDACTED, text).replace(secret, mask)
 
     def _lose(self, reason: str) -> None:
         """Count a lost line; say so the first time of an episode only.

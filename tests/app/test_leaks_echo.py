@@ -165,3 +165,33 @@ async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_me
     assert lines[1]["path"] == f"/v1/models/{hidden}"
     metrics = await (await gateway.get("/metrics")).text()
     assert OPENAI_VK not in metrics and f'model="{hidden}"' in metrics
+
+
+async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # With LOG_BODIES a client that pastes its own key into its prompt, plainly or with
+    # JSON escapes (which the log, writing the body as a JSON value, would decode), finds
+    # it masked in the logged body, as in the path and the model.
+    gateway = await make_gateway(LOG_BODIES="true")
+    escaped = "".join(f"\\u{ord(c):04x}" for c in OPENAI_VK)
+    bodies = [
+        json.dumps({**CHAT, "messages": [{"role": "user", "content": f"my key {OPENAI_VK}"}]}),
+        json.dumps(CHAT).replace('"hi"', f'"{escaped}"', 1),
+    ]
+    assert escaped in bodies[1]
+    for body in bodies:
+        response = await gateway.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**auth(OPENAI_VK), "content-type": "application/json"},
+        )
+        await response.read()
+        assert response.status == 200
+    lines = await records(len(bodies))
+    assert OPENAI_VK not in log_path.read_text()
+    hidden = masked(OPENAI_VK)
+    logged = [json.dumps(line["request"], ensure_ascii=False) for line in lines]
+    assert hidden in logged[0] and hidden in logged[1]
