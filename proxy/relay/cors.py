@@ -42,6 +42,8 @@ ALLOWED_HEADERS = (
     "api-key",
     "x-goog-api-key",
     "x-request-id",
+    "traceparent",  # W3C trace context, which a page's OpenTelemetry adds (docs/traces.md)
+    "tracestate",
     "anthropic-*",
     "x-stainless-*",
     "openai-*",

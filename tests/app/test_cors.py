@@ -60,6 +60,12 @@ async def test_a_preflight_is_answered_before_authentication_with_the_sdk_header
     )
     assert anthropic.status == 204
     assert anthropic.headers["access-control-allow-origin"] == "http://localhost:5173"
+    # A page instrumented with OpenTelemetry adds the W3C trace context the gateway reads.
+    traced = await gateway.options(
+        "/v1/chat/completions", headers=preflight(f"{SDK_HEADERS}, traceparent, tracestate")
+    )
+    assert traced.status == 204
+    assert "traceparent" in traced.headers["access-control-allow-headers"]
 
 
 @pytest.mark.parametrize(
