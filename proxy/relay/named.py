@@ -179,9 +179,19 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
         if segment == _VERTEX_COUNT_TOKENS:
             continue  # Vertex's Claude token count: no model of its own, the body names it
         if before in ("models", "deployments") and segment:
-            # Gemini's native paths add the method after a colon: models/gemini-pro:generateContent
-            models.append(unquote(segment).partition(":")[0])
+            models.append(_path_model(unquote(segment)))
     return models
+
+
+def _path_model(segment: str) -> str:
+    """The model a `models/` or `deployments/` segment names.
+
+    Gemini's native paths add one method after a colon (`gemini-pro:generateContent`); an
+    OpenAI fine-tuned model's id is colons throughout (`ft:gpt-4o-mini:org:suffix:id`) and
+    names no method: with more than one colon the segment is the model, whole.
+    """
+    model, colon, _ = segment.partition(":")
+    return model if colon and segment.count(":") == 1 else segment
 
 
 def unnamed(method: str, tail: str) -> str | None:

@@ -17,6 +17,9 @@ from tests.support.fake_provider import FakeState
 
 ONE_MODEL_VK = "vk_test_one_model_3c5e7a9b1d"
 SECRETS_VK = "vk_test_client_secrets_8a6c4e2f0b"
+TUNED_VK = "vk_test_fine_tuned_6d2b8f4a0c"
+# An OpenAI fine-tuned model's id: colons separate its parts, none of them a method.
+TUNED_MODEL = "ft:gpt-4o-mini-2024-07-18:my-org:custom:abc123"
 KEYS = {
     ONE_MODEL_VK: {
         "provider": "openai",
@@ -29,6 +32,12 @@ KEYS = {
         "api_key": "sk-real-secrets-3434343434",
         "name": "secrets",
         "allow_client_secrets": True,
+    },
+    TUNED_VK: {
+        "provider": "openai",
+        "api_key": "sk-real-fine-tuned-5656565656",
+        "name": "tuned",
+        "allowed_models": ["ft:gpt-4o-mini-*"],
     },
 }
 WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
@@ -188,3 +197,16 @@ async def test_client_secrets_are_refused_unless_keys_json_allows_them(
     session = await allowed.beta.realtime.sessions.create(model="gpt-realtime")
     assert session.client_secret.value.startswith("ek_fake_")
     assert len(fake.requests) == 2
+
+
+async def test_a_fine_tuned_model_in_the_path_is_read_whole(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # models/<id>: an OpenAI fine-tuned id holds colons; only Gemini's one method is cut off.
+    model = await sdk(gateway, TUNED_VK).models.retrieve(TUNED_MODEL)
+    assert model.id == TUNED_MODEL
+    assert [seen.path for seen in fake.requests] == [f"/v1/models/{TUNED_MODEL}"]
+    (line,) = await records(1)
+    assert line["status"] == 200 and line["model"] == TUNED_MODEL
