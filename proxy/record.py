@@ -290,6 +290,11 @@ class Record:
         or a background Response."""
         self.model, self.is_stream, self.is_background = shown(model), is_stream, is_background
 
+    def saw_event_stream(self) -> None:
+        """The answer is an event stream, though no body asked for one in `"stream": true` (a
+        stored Response fetched with `?stream=true`, a transcription's form field)."""
+        self.is_stream = True
+
     def saw_request_body(self, body: bytes) -> None:
         """The body as sent (LOG_BODIES only)."""
         self.request_body = body

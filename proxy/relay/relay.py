@@ -128,9 +128,11 @@ class Relay:
         headers["x-request-id"] = record.request_id
         if found is not None:
             headers["x-llm-gateway-cache"] = found.cached.value
-        status = reply.status
+        status, content_type = reply.status, reply.headers.get("content-type")
+        if content_type is not None and content_type.startswith("text/event-stream"):
+            record.saw_event_stream()
         tap = UsageTap(
-            reply.headers.get("content-type"),
+            content_type,
             reply.headers.get("content-encoding"),
             settings.log_bodies,
             charged(record.method, record.path, record.is_background),

@@ -154,7 +154,8 @@ async def test_the_streamed_form_of_the_poll_charges_it_once_too(
         assert kinds[-1] == "response.completed"
     assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == REAL_TOKENS
     _, first, second = await records(3)
-    assert first["stream"] is False and first["usage"]["total_tokens"] == REAL_TOKENS
+    # ?stream=true: the answer is an event stream, and the line says so
+    assert first["stream"] is True and first["usage"]["total_tokens"] == REAL_TOKENS
     assert second["usage"] is None
 
 

@@ -283,6 +283,20 @@ async def test_responses_api_stream_bytes_are_the_providers(openai_sdk, fake: Fa
     assert received == fake.sent[rid]
 
 
+async def test_a_stored_response_fetched_as_a_stream_is_logged_as_a_stream(
+    openai_sdk, records
+) -> None:
+    # The SDK asks for this stream in the query (GET /v1/responses/{id}?stream=true), and a
+    # streamed transcription in a form field: no JSON body says "stream": true.
+    client = openai_sdk()
+    created = await client.responses.create(model="gpt-4o-mini", input="hi", background=True)
+    events = [event async for event in await client.responses.retrieve(created.id, stream=True)]
+    assert events[-1].type == "response.completed"
+    made, fetched = await records(2)
+    assert (made["method"], made["stream"]) == ("POST", False)
+    assert (fetched["method"], fetched["stream"]) == ("GET", True)
+
+
 async def test_embeddings_get_the_providers_exact_bytes(openai_sdk, fake: FakeState) -> None:
     rid = request_id("embeddings")
     raw = await openai_sdk().embeddings.with_raw_response.create(
