@@ -123,11 +123,15 @@ def body(error: GatewayError, path: str) -> bytes:
 
 
 def render(error: GatewayError, path: str, request_id: str | None = None) -> web.Response:
-    """The error as a response, with its headers and the request id (when the caller has one)."""
+    """The error as a response, with its headers and the request id (when the caller has one):
+    `x-request-id`, and on Anthropic's paths also `request-id`, where Anthropic's SDKs read
+    it (`APIStatusError.request_id`)."""
     response = web.Response(
         status=error.status, body=body(error, path), content_type="application/json"
     )
     response.headers.update(error.headers)
     if request_id is not None:
         response.headers["x-request-id"] = request_id
+        if is_anthropic_path(path):
+            response.headers["request-id"] = request_id
     return response

@@ -551,6 +551,8 @@ async def test_unknown_key_raises_anthropic_authentication_error(
     assert caught.value.status_code == 401
     assert_anthropic_error(caught.value.response.json(), "authentication_error")
     assert fake.requests == []
+    # The SDK reads its error's request id from `request-id`, as Anthropic sends it.
+    assert caught.value.request_id == caught.value.response.headers["x-request-id"]
 
 
 async def test_unknown_key_on_count_tokens_is_anthropic_shaped(
