@@ -102,10 +102,22 @@ def _given_or_new(where: str, document: dict[str, Any], given: Any) -> str:
         )
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in given) or is_hashed(given):
         raise EditRefused(400, "weak_key", f"{where}: a given key must be printable, not a digest")
-    taken = {hashed(written) for written in _keys(document)}
-    if hashed(given) in taken:
+    if hashed(given) in _taken(document):
         raise EditRefused(409, "key_exists", f"{where}: that virtual key is already in use")
     return given
+
+
+def _taken(document: dict[str, Any]) -> set[str]:
+    """Every virtual key that authenticates, as digests: each key's, and each predecessor's
+    still in its grace (the store prunes ended ones first). Given to another key, a
+    predecessor would silently move its clients' requests to that key."""
+    taken = set()
+    for written, entry in _keys(document).items():
+        taken.add(hashed(written))
+        previous = entry.get("previous_key") if isinstance(entry, dict) else None
+        if isinstance(previous, dict) and isinstance(previous.get("key"), str):
+            taken.add(previous["key"])
+    return taken
 
 
 def create_key(document: dict[str, Any], body: Mapping[str, Any], now: float) -> str:

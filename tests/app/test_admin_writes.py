@@ -146,6 +146,33 @@ async def test_a_given_key_must_be_long_enough_and_unused(admin_gateway: Make) -
     assert taken.status == 409
 
 
+async def test_a_key_still_in_its_grace_cannot_be_given_to_another_key(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    gateway = await admin_gateway()
+    given = "vk-given-then-rotated-00000001"
+    await create(gateway, name="grace", key=given)
+    rotated = await gateway.post(
+        "/admin/keys/grace/rotate", json={"grace_seconds": 600}, headers=ADMIN
+    )
+    assert rotated.status == 201
+    taken = await gateway.post(
+        "/admin/keys",
+        json={"name": "thief", "key": given, "provider": "openai", "api_key": REAL},
+        headers=ADMIN,
+    )
+    assert taken.status == 409
+    assert_openai_error(await taken.json(), "key_exists")
+    other = (await create(gateway, name="other"))["key"]
+    rotate_onto = await gateway.post(
+        "/admin/keys/other/rotate", json={"grace_seconds": 0, "key": given}, headers=ADMIN
+    )
+    assert rotate_onto.status == 409
+    assert await chat(gateway, other) == 200
+    document = json.loads(keys_file.read_text())
+    assert "thief" not in {entry.get("name") for entry in document["virtual_keys"].values()}
+
+
 async def test_changes_are_checked_as_at_start(admin_gateway: Make, keys_file: Path) -> None:
     gateway = await admin_gateway()
     before = keys_file.read_bytes()
