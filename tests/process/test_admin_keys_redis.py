@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -193,3 +196,22 @@ def test_another_keys_store_secret_refuses_the_start_with_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     assert "cannot be decrypted with this KEYS_STORE_SECRET" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_sighup_with_the_keys_in_redis_reopens_the_log_and_fails_no_reload(
+    redis_gateway: Callable[..., Awaitable[TestClient]], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await redis_gateway()
+    caplog.set_level(logging.INFO, "llm_gateway")
+    os.kill(os.getpid(), signal.SIGHUP)  # logrotate's postrotate, or an operator's habit
+    await until(
+        lambda: any("SIGHUP" in record.getMessage() for record in caplog.records),
+        what="the SIGHUP taken",
+    )
+    reload = await gateway.post("/admin/reload", headers=HEADERS)
+    assert reload.status == 422 and "KEYS_STORE=redis" in (await reload.json())["error"]["message"]
+    health = await (await gateway.get("/health")).json()
+    assert health["config"]["reload_failed"] is None  # nothing was tried: nothing failed
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_config_reloads_total{result="failed"} 0.0' in metrics
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
