@@ -27,6 +27,9 @@ MIN_GIVEN_KEY = 20  # characters of a virtual key the API is given rather than m
 MAX_GRACE_SECONDS = 30 * 86400
 SET_BY_GATEWAY = frozenset({"created_at", "previous_key"})
 REDACTED = "[redacted]"
+# The fields that hold a real credential itself (their `_env` forms name a variable); an AWS
+# access key id is an identifier, not a secret, and stays.
+SECRET_FIELDS = frozenset({"api_key", "aws_secret_access_key", "aws_session_token"})
 
 
 class EditRefused(Exception):
@@ -269,8 +272,8 @@ def hashed_document(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def exported(document: dict[str, Any], with_real_keys: bool) -> dict[str, Any]:
-    """The document as keys.json: virtual keys as digests; real keys redacted unless asked
-    for (`api_key_env` references are kept: they name a variable, not a key)."""
+    """The document as keys.json: virtual keys as digests; real keys (and AWS secrets)
+    redacted unless asked for (`api_key_env` references are kept: they name a variable)."""
     shown = copy.deepcopy(hashed_document(document))
     if not with_real_keys:
         _redact(shown["virtual_keys"])
@@ -280,7 +283,7 @@ def exported(document: dict[str, Any], with_real_keys: bool) -> dict[str, Any]:
 def _redact(value: Any) -> None:
     if isinstance(value, dict):
         for field, inner in value.items():
-            if field == "api_key":
+            if field in SECRET_FIELDS:
                 value[field] = REDACTED
             else:
                 _redact(inner)

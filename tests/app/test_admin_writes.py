@@ -380,6 +380,24 @@ async def test_export_gives_keys_json_without_secrets_unless_asked(
     assert len(ring) == 7
 
 
+async def test_export_redacts_a_bedrock_keys_aws_secret_and_session_token(
+    admin_gateway: Make,
+) -> None:
+    gateway = await admin_gateway()
+    secret, token = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
+    cloud = {"provider": "bedrock", "region": "us-east-1", "aws_access_key_id": "AKIAEXAMPLE12345"}
+    aws = {"aws_secret_access_key": secret, "aws_session_token": token}
+    body = {"name": "bed", **cloud, **aws, "fallbacks": [{**cloud, **aws}]}
+    assert (await gateway.post("/admin/keys", json=body, headers=ADMIN)).status == 201
+    text = await (await gateway.get("/admin/export", headers=ADMIN)).text()
+    assert secret not in text and token not in text
+    (entry,) = [e for e in json.loads(text)["virtual_keys"].values() if e.get("name") == "bed"]
+    assert entry["aws_secret_access_key"] == entry["fallbacks"][0]["aws_session_token"]
+    assert entry["aws_secret_access_key"] == "[redacted]"
+    full = await (await gateway.get("/admin/export?include_real_keys=true", headers=ADMIN)).text()
+    assert secret in full and token in full
+
+
 async def test_a_revoked_key_is_refused_before_the_cache_could_answer(
     admin_gateway: Make, clock: Clock
 ) -> None:
