@@ -30,7 +30,7 @@ from proxy.endpoints.usage_report import UsageReport
 from proxy.errors import GatewayError
 from proxy.exchange import Entrance
 from proxy.keys.credentials import presents_token
-from proxy.keys.fields import Defaults, KeysFileError
+from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, read_file
 from proxy.keys.lockout import Lockout
 from proxy.keys.reload import KeysFile
@@ -92,6 +92,11 @@ TRACE_FLUSH_SECONDS = 0.5  # the same for the spans still queued for the trace c
 # The SDKs' own headers pass through as sent; aiohttp must not add its defaults
 # (an Accept-Encoding the client never sent would hand it a body it cannot read).
 _NO_DEFAULT_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Why keys.json is not reloaded with KEYS_STORE=redis (SIGHUP, POST /admin/reload).
+KEYS_IN_REDIS = (
+    "KEYS_STORE=redis: the keys live in Redis; change them through /admin/keys "
+    "(keys.json only seeds an empty store)"
+)
 
 
 class ClientFaults(logging.Filter):
@@ -220,13 +225,12 @@ def build_app(
     app[KEYS_FILE] = KeysFile(
         settings.keys_file_path,
         key_ring,
-        # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
-        _keys_in_redis
-        if in_redis
-        else functools.partial(load_keys, settings, os.environ, key_clock),
+        functools.partial(load_keys, settings, os.environ, key_clock),
         on_reload=keys_reloaded,
         is_watched=settings.keys_file_watch and not in_redis,
         on_sighup=lambda: app[LOGBOOK].reopen(),  # logrotate's signal: the log follows its path
+        # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
+        kept_elsewhere=KEYS_IN_REDIS if in_redis else None,
     )
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
@@ -389,13 +393,6 @@ def new_key_store(
         parse,
         lambda fresh: keys_file.apply(fresh, "key store"),
         clock,
-    )
-
-
-def _keys_in_redis() -> KeyRing:
-    raise KeysFileError(
-        "KEYS_STORE=redis: the keys live in Redis; change them through /admin/keys "
-        "(keys.json only seeds an empty store)"
     )
 
 

@@ -27,6 +27,9 @@ MIN_GIVEN_KEY = 20  # characters of a virtual key the API is given rather than m
 MAX_GRACE_SECONDS = 30 * 86400
 SET_BY_GATEWAY = frozenset({"created_at", "previous_key"})
 REDACTED = "[redacted]"
+# The fields that hold a real credential itself (their `_env` forms name a variable); an AWS
+# access key id is an identifier, not a secret, and stays.
+SECRET_FIELDS = frozenset({"api_key", "aws_secret_access_key", "aws_session_token"})
 
 
 class EditRefused(Exception):
@@ -102,10 +105,22 @@ def _given_or_new(where: str, document: dict[str, Any], given: Any) -> str:
         )
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in given) or is_hashed(given):
         raise EditRefused(400, "weak_key", f"{where}: a given key must be printable, not a digest")
-    taken = {hashed(written) for written in _keys(document)}
-    if hashed(given) in taken:
+    if hashed(given) in _taken(document):
         raise EditRefused(409, "key_exists", f"{where}: that virtual key is already in use")
     return given
+
+
+def _taken(document: dict[str, Any]) -> set[str]:
+    """Every virtual key that authenticates, as digests: each key's, and each predecessor's
+    still in its grace (the store prunes ended ones first). Given to another key, a
+    predecessor would silently move its clients' requests to that key."""
+    taken = set()
+    for written, entry in _keys(document).items():
+        taken.add(hashed(written))
+        previous = entry.get("previous_key") if isinstance(entry, dict) else None
+        if isinstance(previous, dict) and isinstance(previous.get("key"), str):
+            taken.add(previous["key"])
+    return taken
 
 
 def create_key(document: dict[str, Any], body: Mapping[str, Any], now: float) -> str:
@@ -257,8 +272,8 @@ def hashed_document(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def exported(document: dict[str, Any], with_real_keys: bool) -> dict[str, Any]:
-    """The document as keys.json: virtual keys as digests; real keys redacted unless asked
-    for (`api_key_env` references are kept: they name a variable, not a key)."""
+    """The document as keys.json: virtual keys as digests; real keys (and AWS secrets)
+    redacted unless asked for (`api_key_env` references are kept: they name a variable)."""
     shown = copy.deepcopy(hashed_document(document))
     if not with_real_keys:
         _redact(shown["virtual_keys"])
@@ -268,7 +283,7 @@ def exported(document: dict[str, Any], with_real_keys: bool) -> dict[str, Any]:
 def _redact(value: Any) -> None:
     if isinstance(value, dict):
         for field, inner in value.items():
-            if field == "api_key":
+            if field in SECRET_FIELDS:
                 value[field] = REDACTED
             else:
                 _redact(inner)

@@ -6,7 +6,9 @@ keep flowing meanwhile), then swaps the result into the live `KeyRing` in one st
 loop, so no request sees half a file. Reloads run one at a time, in the order they were
 asked for, so a slow one can never land after a newer one. A file that does not check
 changes nothing: the keys in force keep serving, and one warning (stderr) gives the same
-reason the start would have given.
+reason the start would have given. With KEYS_STORE=redis keys.json only seeds the store and
+no reload is tried (`kept_elsewhere`): SIGHUP still reopens the log (logrotate's signal),
+`POST /admin/reload` says why, and neither counts as a failed reload.
 
 What a reload does not disturb: a request in flight holds the `VirtualKey` it
 authenticated with, so it finishes under the config it started with (and its tokens are
@@ -100,8 +102,12 @@ class KeysFile:
         on_reload: Callable[[str | None], None] = lambda error: None,
         is_watched: bool = False,
         on_sighup: Callable[[], None] = lambda: None,
+        kept_elsewhere: str | None = None,
     ) -> None:
         self.path = path
+        # Why keys.json is never reloaded (KEYS_STORE=redis: it only seeds the store), or
+        # None. Then a reload is not tried, so it is neither a failure nor counted as one.
+        self._kept_elsewhere = kept_elsewhere
         self._key_ring = key_ring
         self._load = load
         self._on_reload = on_reload  # None on success, else the reason it was refused
@@ -119,6 +125,8 @@ class KeysFile:
 
     async def reload(self, trigger: str) -> str | None:
         """Load, check and swap in the file; None on success, else why nothing changed."""
+        if self._kept_elsewhere is not None:
+            return self._kept_elsewhere
         async with self._one_at_a_time:
             self._seen, loaded_at = signature(self.path), modified_at(self.path)
             try:
@@ -163,6 +171,8 @@ class KeysFile:
 
     def catch_up(self) -> None:
         """Reload at start if the file differs from the keys this process was given."""
+        if self._kept_elsewhere is not None:
+            return
         loaded_at = modified_at(self.path)
         try:
             fresh = self._load()
@@ -174,6 +184,11 @@ class KeysFile:
 
     def _on_sighup(self) -> None:
         self._on_sighup_too()
+        if self._kept_elsewhere is not None:  # logrotate's signal: not a failed reload
+            log.info(
+                "SIGHUP (process %d): keys.json not reloaded: %s", os.getpid(), self._kept_elsewhere
+            )
+            return
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
         self._signalled.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._signalled.discard)

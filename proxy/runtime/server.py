@@ -122,7 +122,14 @@ async def _serve(
         keepalive_timeout=settings.client_header_timeout,
         shutdown_timeout=settings.shutdown_grace_seconds,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # A start refused halfway (the key store's KeysFileError): what did start is closed
+        # in reverse order, as at shutdown, rather than left to the loop's end, which
+        # finalizes the generators in no order and prints their tracebacks.
+        await runner.cleanup()
+        raise
     cut = 0
     try:
         assert runner.server is not None  # set by setup()

@@ -146,6 +146,33 @@ async def test_a_given_key_must_be_long_enough_and_unused(admin_gateway: Make) -
     assert taken.status == 409
 
 
+async def test_a_key_still_in_its_grace_cannot_be_given_to_another_key(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    gateway = await admin_gateway()
+    given = "vk-given-then-rotated-00000001"
+    await create(gateway, name="grace", key=given)
+    rotated = await gateway.post(
+        "/admin/keys/grace/rotate", json={"grace_seconds": 600}, headers=ADMIN
+    )
+    assert rotated.status == 201
+    taken = await gateway.post(
+        "/admin/keys",
+        json={"name": "thief", "key": given, "provider": "openai", "api_key": REAL},
+        headers=ADMIN,
+    )
+    assert taken.status == 409
+    assert_openai_error(await taken.json(), "key_exists")
+    other = (await create(gateway, name="other"))["key"]
+    rotate_onto = await gateway.post(
+        "/admin/keys/other/rotate", json={"grace_seconds": 0, "key": given}, headers=ADMIN
+    )
+    assert rotate_onto.status == 409
+    assert await chat(gateway, other) == 200
+    document = json.loads(keys_file.read_text())
+    assert "thief" not in {entry.get("name") for entry in document["virtual_keys"].values()}
+
+
 async def test_changes_are_checked_as_at_start(admin_gateway: Make, keys_file: Path) -> None:
     gateway = await admin_gateway()
     before = keys_file.read_bytes()
@@ -351,6 +378,24 @@ async def test_export_gives_keys_json_without_secrets_unless_asked(
     exported.write_text(full)
     ring = load_keys(settings(KEYS_FILE_PATH=str(exported)), {})  # loads as keys.json does
     assert len(ring) == 7
+
+
+async def test_export_redacts_a_bedrock_keys_aws_secret_and_session_token(
+    admin_gateway: Make,
+) -> None:
+    gateway = await admin_gateway()
+    secret, token = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
+    cloud = {"provider": "bedrock", "region": "us-east-1", "aws_access_key_id": "AKIAEXAMPLE12345"}
+    aws = {"aws_secret_access_key": secret, "aws_session_token": token}
+    body = {"name": "bed", **cloud, **aws, "fallbacks": [{**cloud, **aws}]}
+    assert (await gateway.post("/admin/keys", json=body, headers=ADMIN)).status == 201
+    text = await (await gateway.get("/admin/export", headers=ADMIN)).text()
+    assert secret not in text and token not in text
+    (entry,) = [e for e in json.loads(text)["virtual_keys"].values() if e.get("name") == "bed"]
+    assert entry["aws_secret_access_key"] == entry["fallbacks"][0]["aws_session_token"]
+    assert entry["aws_secret_access_key"] == "[redacted]"
+    full = await (await gateway.get("/admin/export?include_real_keys=true", headers=ADMIN)).text()
+    assert secret in full and token in full
 
 
 async def test_a_revoked_key_is_refused_before_the_cache_could_answer(

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,12 +20,12 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from proxy.app import KEY_STORE, build_app
-from proxy.keys.redis_store import RedisStore
+from proxy.keys.redis_store import DOCUMENT, VERSION, RedisStore, fernet
 from proxy.settings import Settings
 from tests.conftest import SECRETS, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway
+from tests.support.processes import Processes, free_port, refused, start_gateway
 
 STORE_SECRET = "keys-store-secret-for-tests-5f1e9a"
 # The tests poll with keys not yet (or no longer) known: failures the lockout must not end.
@@ -168,3 +171,47 @@ async def test_many_changes_from_two_instances_at_once_all_land(
     exported = await (await gateways[0].get("/admin/export", headers=HEADERS)).json()
     names = {entry.get("name") for entry in exported["virtual_keys"].values()}
     assert {f"race-{n}" for n in range(40)} <= names
+
+
+def test_another_keys_store_secret_refuses_the_start_with_one_line_and_exit_2(
+    keys_file: Path, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:  # a store written by instances with another secret
+        client.set(DOCUMENT, fernet("another-secret").encrypt(b"{}"))
+        client.set(VERSION, 1)
+    finally:
+        client.close()
+    result = refused(
+        {
+            "KEYS_FILE_PATH": str(keys_file),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(free_port()),
+            "ADMIN_TOKEN": ADMIN,
+            "REDIS_URL": redis_url,
+            "KEYS_STORE": "redis",
+            "KEYS_STORE_SECRET": STORE_SECRET,
+        }
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot be decrypted with this KEYS_STORE_SECRET" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_sighup_with_the_keys_in_redis_reopens_the_log_and_fails_no_reload(
+    redis_gateway: Callable[..., Awaitable[TestClient]], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await redis_gateway()
+    caplog.set_level(logging.INFO, "llm_gateway")
+    os.kill(os.getpid(), signal.SIGHUP)  # logrotate's postrotate, or an operator's habit
+    await until(
+        lambda: any("SIGHUP" in record.getMessage() for record in caplog.records),
+        what="the SIGHUP taken",
+    )
+    reload = await gateway.post("/admin/reload", headers=HEADERS)
+    assert reload.status == 422 and "KEYS_STORE=redis" in (await reload.json())["error"]["message"]
+    health = await (await gateway.get("/health")).json()
+    assert health["config"]["reload_failed"] is None  # nothing was tried: nothing failed
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_config_reloads_total{result="failed"} 0.0' in metrics
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
