@@ -317,6 +317,30 @@ async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client
     assert POOL[0] in await keys_of_a_round()  # back in the rotation
 
 
+async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    gateway.app[FAILOVER].breakers.clock = Clock()  # the rests last until the test says
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": "20"})
+    fake.faults[POOL[1]] = Fault(429, {"retry-after": "10"})
+    first = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert first.status == 429  # both keys asked, both rest now
+    assert sorted(keys_seen(fake)) == sorted(POOL[:2])
+
+    fake.requests.clear()
+    again = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    # Not the gateway's 500: the provider's own 429, from the key whose rest ends first.
+    assert again.status == 429
+    assert (await again.json())["error"]["code"] == "rate_limit_exceeded"
+    assert keys_seen(fake) == [POOL[1]]
+    del fake.faults[POOL[1]]
+    fake.requests.clear()
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    assert keys_seen(fake) == [POOL[1]]
+
+
 async def test_a_pool_spreads_by_weight_and_a_refused_key_is_set_aside_at_once(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
