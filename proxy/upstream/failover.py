@@ -304,12 +304,18 @@ class Failover:
         for target in order:
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
-            if not breakers[target.name].admits(breakers.clock()):
+            breaker = breakers[target.name]
+            if not breaker.admits(breakers.clock()):
                 continue
             asked_first = asked_first or target
+            attempts = len(record.attempts)
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
                 return reply
+            if len(record.attempts) == attempts:
+                # No key to ask (all rest), or no time left: a half-open breaker's one probe
+                # went nowhere, and is given back (else the breaker stays half-open for ever).
+                breaker.abstain()
             if walk.is_over:
                 break
         if asked_first is None:  # every breaker open: try the least recently failed, not nothing

@@ -137,6 +137,38 @@ async def test_a_primary_answering_503_is_failed_over_and_comes_back_when_its_br
     assert statuses == [200] * len(statuses)
 
 
+async def test_a_half_open_breaker_whose_keys_all_rest_lets_the_next_request_probe(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {
+        "provider": "openai",
+        "api_keys": [{"api_key": k} for k in POOL[:2]],
+        "fallbacks": [{"provider": "backup", "api_key": BACKUP}],
+    }
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", BREAKER_FAILURES="1")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+
+    async def served_by() -> list[str | None]:
+        fake.requests.clear()
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+        return keys_seen(fake)
+
+    fake.faults[POOL[0]] = fake.faults[POOL[1]] = Fault(503)
+    assert (await served_by())[-1] == BACKUP  # one 503: the breaker opens
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: half-open
+    fake.faults[POOL[0]] = fake.faults[POOL[1]] = Fault(429, {"retry-after": "5"})
+    assert (await served_by())[-1] == BACKUP  # both keys 429: they rest 5 s
+    # Half-open, its probe taken by a request that found no key to ask: the turn goes back.
+    assert await served_by() == [BACKUP]
+    fake.faults.clear()
+    clock.advance(5)  # the rests end, the provider is well again
+    assert await served_by() in ([POOL[0]], [POOL[1]])  # the probe, and its success
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["state"] == "closed"
+
+
 async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
