@@ -162,7 +162,7 @@ class Entrance:
             return response
         except GatewayError as error:
             record.end(error.status, error.outcome, error.why)
-            return errors.render(error, request.path, record.request_id)
+            return _refused(error, request, record)
         except Cut as cut:
             record.end(cut.status, cut.outcome, cut.why)
             return _closed(request, cut.status)
@@ -183,7 +183,7 @@ class Entrance:
             if request.writer.output_size:  # the answer had begun: it can only be cut
                 return _closed(request, 500)
             failure = GatewayError(500, "internal_error", "The gateway failed on this request.")
-            return errors.render(failure, request.path, record.request_id)
+            return _refused(failure, request, record)
         finally:
             try:
                 step = exchange.deferred()
@@ -456,6 +456,15 @@ async def _to_its_end(step: Coroutine[Any, Any, None]) -> None:
     except asyncio.CancelledError:
         await task
         raise
+
+
+def _refused(error: GatewayError, request: web.Request, record: Record) -> web.Response:
+    """The gateway's own error in the path's dialect, with the request id and, for a key
+    with a cache, what the cache did (its answers say it: so do its errors)."""
+    response = errors.render(error, request.path, record.request_id)
+    if record.cache is not None:
+        response.headers["x-llm-gateway-cache"] = record.cache.value
+    return response
 
 
 def _closed(request: web.Request, status: int) -> web.Response:

@@ -16,6 +16,10 @@ When to try again (and nothing else), top to bottom:
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
 
+When every key of the targets a request could try rests (429, 401, 403), the key whose rest
+ends first is asked all the same, as the least recently failed target is when every breaker
+is open: the client gets the provider's own answer, never nothing.
+
 A request written to a connection may be at work at the provider (a generation runs, and
 is billed, whether or not its answer comes back), so a POST that got no answer is never
 sent again, here or to a fallback: one slow generation costs one generation. The record
@@ -294,23 +298,37 @@ class Failover:
         order: tuple[Target, ...] | None = None,
     ) -> Reply:
         breakers = self.breakers
-        tried_any = False
+        asked_first: Target | None = None
         if order is None:
             order = plan.in_order(breakers.clock(), walk.affinity, breakers.is_closed)
         for target in order:
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
-            if not breakers[target.name].admits(breakers.clock()):
+            breaker = breakers[target.name]
+            if not breaker.admits(breakers.clock()):
                 continue
-            tried_any = True
+            asked_first = asked_first or target
+            attempts = len(record.attempts)
             reply = await self._on_target(target, request, tail, query, body, record, walk)
             if reply is not None:
                 return reply
+            if len(record.attempts) == attempts:
+                # No key to ask (all rest), or no time left: a half-open breaker's one probe
+                # went nowhere, and is given back (else the breaker stays half-open for ever).
+                breaker.abstain()
             if walk.is_over:
                 break
-        if not tried_any:  # every breaker open: try the least recently failed, not nothing
-            target = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
-            reply = await self._on_target(target, request, tail, query, body, record, walk)
+        if asked_first is None:  # every breaker open: try the least recently failed, not nothing
+            asked_first = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
+            reply = await self._on_target(asked_first, request, tail, query, body, record, walk)
+            if reply is not None:
+                return reply
+        if walk.kept is None and walk.failure is None:
+            # Nothing was asked: every key of the targets tried rests (429, 401, 403). The
+            # key whose rest ends first is asked rather than nobody, as a breaker does.
+            reply = await self._on_target(
+                asked_first, request, tail, query, body, record, walk, is_resting=True
+            )
             if reply is not None:
                 return reply
         return walk.give_up()
@@ -324,15 +342,20 @@ class Failover:
         body: bytes,
         record: Record,
         walk: _Walk,
+        is_resting: bool = False,
     ) -> Reply | None:
-        """Attempts on one target: the answer to pass on, or None to move to the next target."""
+        """Attempts on one target: the answer to pass on, or None to move to the next target.
+
+        `is_resting`: every key rests; the one whose rest ends first is asked all the same."""
         clock, policy = self.breakers.clock, self.policy
         outbound = build(
             target, request.method, request.headers, tail, query, body,
             record.request_id, self._max_body_bytes,
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool
-        while (credential := pool.pick(clock(), walk.affinity, tried)) is not None:
+        resting = pool.soonest() if is_resting else None
+        while (credential := pool.pick(clock(), walk.affinity, tried) or resting) is not None:
+            resting = None  # asked once
             if record.attempts and clock() >= walk.deadline:
                 walk.is_over = True
                 return None

@@ -179,6 +179,10 @@ class Pool:
         best.score -= total
         return best
 
+    def soonest(self) -> Credential:
+        """The key whose rest ends first: asked when every key rests, rather than none."""
+        return min(self.credentials, key=lambda credential: credential.resting_until)
+
     def rest(self, credential: Credential, until: float) -> None:
         """Set a key aside until `until` (monotonic); a pool of one is never set aside."""
         if len(self.credentials) > 1:

@@ -230,6 +230,28 @@ async def test_a_refused_request_of_a_key_with_a_cache_logs_bypass(
     assert len(fake.requests) == 1  # the three same bodies: one miss, then hits
 
 
+async def test_the_gateways_own_errors_to_a_key_with_a_cache_say_what_the_cache_did(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """SPEC: x-llm-gateway-cache is on the requests of keys with a cache, as the log's
+    `cache` is: the gateway's own refusals and failures too, not only provider answers."""
+    unread = await gateway.post(
+        CHAT_PATH,
+        data=b"{not json",
+        headers={**auth(CACHED_VK), "Content-Type": "application/json"},
+    )
+    unreached = await post(gateway, CACHED_VK, **{"x-fake-drop": "headers"})
+    assert (unread.status, unreached[0]) == (400, 502)
+    said = [unread.headers.get("x-llm-gateway-cache"), unreached[1].get("x-llm-gateway-cache")]
+    assert said == [line["cache"] for line in await records(2)] == ["bypass", "miss"]
+    without = await gateway.post(
+        CHAT_PATH,
+        data=b"{not json",
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
+    )
+    assert without.status == 400 and "x-llm-gateway-cache" not in without.headers
+
+
 async def test_no_cache_goes_upstream_and_refreshes_the_entry(
     gateway: TestClient, fake: FakeState
 ) -> None:

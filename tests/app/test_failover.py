@@ -137,6 +137,38 @@ async def test_a_primary_answering_503_is_failed_over_and_comes_back_when_its_br
     assert statuses == [200] * len(statuses)
 
 
+async def test_a_half_open_breaker_whose_keys_all_rest_lets_the_next_request_probe(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {
+        "provider": "openai",
+        "api_keys": [{"api_key": k} for k in POOL[:2]],
+        "fallbacks": [{"provider": "backup", "api_key": BACKUP}],
+    }
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", BREAKER_FAILURES="1")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+
+    async def served_by() -> list[str | None]:
+        fake.requests.clear()
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+        return keys_seen(fake)
+
+    fake.faults[POOL[0]] = fake.faults[POOL[1]] = Fault(503)
+    assert (await served_by())[-1] == BACKUP  # one 503: the breaker opens
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: half-open
+    fake.faults[POOL[0]] = fake.faults[POOL[1]] = Fault(429, {"retry-after": "5"})
+    assert (await served_by())[-1] == BACKUP  # both keys 429: they rest 5 s
+    # Half-open, its probe taken by a request that found no key to ask: the turn goes back.
+    assert await served_by() == [BACKUP]
+    fake.faults.clear()
+    clock.advance(5)  # the rests end, the provider is well again
+    assert await served_by() in ([POOL[0]], [POOL[1]])  # the probe, and its success
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["state"] == "closed"
+
+
 async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
@@ -315,6 +347,30 @@ async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client
     assert POOL[0] not in await keys_of_a_round()  # still resting: its 2 s have not passed
     clock.advance(0.2)
     assert POOL[0] in await keys_of_a_round()  # back in the rotation
+
+
+async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    gateway.app[FAILOVER].breakers.clock = Clock()  # the rests last until the test says
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": "20"})
+    fake.faults[POOL[1]] = Fault(429, {"retry-after": "10"})
+    first = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert first.status == 429  # both keys asked, both rest now
+    assert sorted(keys_seen(fake)) == sorted(POOL[:2])
+
+    fake.requests.clear()
+    again = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    # Not the gateway's 500: the provider's own 429, from the key whose rest ends first.
+    assert again.status == 429
+    assert (await again.json())["error"]["code"] == "rate_limit_exceeded"
+    assert keys_seen(fake) == [POOL[1]]
+    del fake.faults[POOL[1]]
+    fake.requests.clear()
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    assert keys_seen(fake) == [POOL[1]]
 
 
 async def test_a_pool_spreads_by_weight_and_a_refused_key_is_set_aside_at_once(
