@@ -132,7 +132,8 @@ class Cache:
         asked = names.directive(headers)
         if asked is Directive.SKIP or not self._is_cacheable(method, tail, headers, body):
             return BYPASS
-        name = names.entry_name(names.scope_of(key.id, policy), method, tail, query, body, headers)
+        scope = names.scope_of(key.id, policy)
+        name = names.entry_name(scope, key.plans.served, method, tail, query, body, headers)
         pending = Pending(name, policy.ttl_seconds, self._max_entry_bytes, None)
         if asked is Directive.REFRESH:
             return Lookup(Cached.BYPASS, pending=pending)

@@ -6,7 +6,8 @@ endpoint (chat and text completions, embeddings, Anthropic messages, Responses n
 the background nor stored), and the client did not say `Cache-Control: no-store`.
 `no-cache` skips the lookup and lets the answer replace the entry.
 
-The entry's name is a SHA-256 over, each length-prefixed: the scope, the method, the path
+The entry's name is a SHA-256 over, each length-prefixed: the scope, what answers the key's
+requests (`Plans.served`: its targets' providers, base URLs and models), the method, the path
 (after /v1, so /v1/chat/completions and /chat/completions are one), the raw query, the
 body's exact bytes, and the request headers that change the provider's answer
 (`ANSWER_HEADERS`). sha256, not Python's `hash()`: every process, restart and instance
@@ -87,6 +88,7 @@ def shared_scope(scope: str) -> str:
 
 def entry_name(
     scope: str,
+    served: str,
     method: str,
     tail: str,
     query: str,
@@ -95,7 +97,7 @@ def entry_name(
 ) -> str:
     """`<scope>:<sha256 hex>`, the same in every process for the same request."""
     digest = hashlib.sha256()
-    fields = [scope.encode(), method.encode(), tail.encode(), query.encode(), body]
+    fields = [scope.encode(), served.encode(), method.encode(), tail.encode(), query.encode(), body]
     for name in ANSWER_HEADERS:
         values = ", ".join(headers.getall(name, ()))
         # The bytes as sent: aiohttp hands a value that is not UTF-8 over as lone surrogates.

@@ -81,7 +81,7 @@ def parse_plans(
     if raw_routes is None:
         if own is None:
             raise KeysFileError(f"{key}: provider is missing (or give the key routes)")
-        return Plans(own)
+        return Plans(own, served=_served(own, ()))
     if not isinstance(raw_routes, list) or not raw_routes:
         raise KeysFileError(f"{key}: routes must be a non-empty list of {{models, provider, ...}}")
     routes = []
@@ -97,7 +97,21 @@ def parse_plans(
             raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
         plan = _plan(key, raw, providers, environ, f"{at}.")
         routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
-    return Plans(own, tuple(routes))
+    return Plans(own, tuple(routes), _served(own, routes))
+
+
+def _served(own: Plan | None, routes: list[Route] | tuple[()]) -> str:
+    """`Plans.served`: what answers a key's requests, in words the same in every process."""
+    plans = [("*", own)] if own is not None else []
+    plans += [(" ".join(route.patterns), route.plan) for route in routes]
+    return "; ".join(
+        f"{patterns} -> "
+        + ", ".join(
+            f"{t.provider.name} {t.provider.base_url} {t.model or ''} {t.project_path or ''}"
+            for t in plan.targets
+        )
+        for patterns, plan in plans
+    )
 
 
 def compile_patterns(patterns: list[str]) -> re.Pattern[str]:

@@ -32,6 +32,7 @@ CACHED_VK = "vk_test_cached_1a2b3c4d5e6f"
 OTHER_VK = "vk_test_cached_other_7a8b9c0d"
 SHARED_A_VK = "vk_test_shared_a_2b4d6f8a0c"
 SHARED_B_VK = "vk_test_shared_b_3c5e7a9b1d"
+SHARED_OTHER_MODEL_VK = "vk_test_shared_gpt4o_5e7a9c1b3d"
 CLAUDE_VK = "vk_test_cached_claude_4d6f8b0c2e"
 COUNTED_VK = "vk_test_cached_counted_5e7a9c1d3f"
 TTL = 300
@@ -74,6 +75,13 @@ def cached_keys(keys_file: Path, fake_base: str) -> Path:
                 "provider": "openai",
                 "api_key": OPENAI_REAL,
                 "name": "shared-b",
+                "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
+            },
+            SHARED_OTHER_MODEL_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "model": "gpt-4o",
+                "name": "shared-gpt-4o",
                 "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
             },
             CLAUDE_VK: {
@@ -197,6 +205,10 @@ async def test_keys_without_a_shared_scope_never_share_and_keys_with_one_do(
     from_b = await post(gateway, SHARED_B_VK)
     assert from_b[1]["x-llm-gateway-cache"] == "hit" and from_b[2] == shared[2]
     assert len(fake.requests) == 3
+    # The same scope and request, but the key's target answers with another model: its own.
+    other_model = await post(gateway, SHARED_OTHER_MODEL_VK)
+    assert other_model[1]["x-llm-gateway-cache"] == "miss"
+    assert len(fake.requests) == 4 and orjson.loads(fake.requests[-1].body)["model"] == "gpt-4o"
 
 
 async def test_a_key_without_a_cache_is_untouched(

@@ -33,15 +33,18 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
-def name(body: bytes = BODY, scope: str = "k:abc", **extra: str) -> str:
-    return entry_name(scope, "POST", "chat/completions", "", body, headers(*extra.items()))
+SERVED = "* -> openai https://api.openai.com/v1  "
+
+
+def name(body: bytes = BODY, scope: str = "k:abc", served: str = SERVED, **extra: str) -> str:
+    return entry_name(scope, served, "POST", "chat/completions", "", body, headers(*extra.items()))
 
 
 def test_an_entry_name_is_the_same_in_another_process_with_another_hash_seed() -> None:
     code = (
         "from multidict import CIMultiDict, CIMultiDictProxy;"
         "from proxy.cache.lookup import entry_name;"
-        f"print(entry_name('k:abc', 'POST', 'chat/completions', '', {BODY!r}, "
+        f"print(entry_name('k:abc', {SERVED!r}, 'POST', 'chat/completions', '', {BODY!r}, "
         "CIMultiDictProxy(CIMultiDict())))"
     )
     other = subprocess.run(
@@ -59,12 +62,13 @@ def test_every_part_of_a_request_that_changes_the_answer_changes_the_name() -> N
     assert name() == base
     assert name(BODY + b" ") != base  # the exact bytes, not the parsed document
     assert name(scope="k:other") != base
+    assert name(served="* -> openai https://api.openai.com/v1 gpt-4o ") != base
     assert name(**{"anthropic-beta": "tools-2024"}) != base
     assert name(**{"Accept-Encoding": "gzip"}) != base
     assert name(**{"openai-beta": "assistants=v2"}) != base
     assert name(**{"anthropic-version": "2023-06-01"}) != base
     assert name(**{"x-request-id": "abc", "user-agent": "sdk"}) == base  # these do not
-    stream = entry_name("k:abc", "POST", "chat/completions", "stream=1", BODY, headers())
+    stream = entry_name("k:abc", SERVED, "POST", "chat/completions", "stream=1", BODY, headers())
     assert stream != base
 
 
