@@ -39,9 +39,9 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
@@ -246,6 +246,35 @@ class _RequestHandler(RequestHandler):
         response = render(refused(status, exc), request.path, own_request_id(None))
         response.force_close()  # as aiohttp's: the connection cannot be trusted further
         return response
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's, except that a body its C parser refuses mid-way ends its request.
+
+        That parser, refusing a body (a broken chunk), queues the refusal as the next
+        request and never tells the body's reader, which then waits for the rest forever:
+        the request hung unanswered until the client left, and was logged as its leaving
+        (499). Here the body's reader gets the refusal, as aiohttp's pure-Python parser
+        hands it over, so the relay answers 400 `invalid_body`; the connection then closes
+        (nothing after the broken chunk can be framed) once the request being answered
+        has its answer (a pipelined one queued behind it, whose body broke, gets none)."""
+        super().data_received(data)
+        messages = self._messages
+        refusal = messages[-1][0] if messages else None
+        if not isinstance(refusal, _ErrInfo):
+            return
+        # The body the parser was in: the last one queued before the refusal, else the
+        # request being answered's (its end came: the refusal is of a next request's head).
+        current = self._current_request
+        if len(messages) > 1:
+            body: StreamReader | None = messages[-2][1]
+        else:
+            body = None if current is None else current.content
+        if body is None or body.is_eof():
+            return
+        messages.pop()
+        body.set_exception(refusal.exc)
+        body.feed_eof()  # read to its end: aiohttp drains no rest after the answer
+        self.close()  # after the answer that request gets
 
     def cut(self) -> None:
         """End the request in flight as the gateway's cut, then close the connection.
