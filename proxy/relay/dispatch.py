@@ -12,8 +12,9 @@ aiohttp's low-level server 33). Here, instead:
   preflight, in the order the app ran them; every other request goes through the app's
   router as before, so the own endpoints, their methods and their 405s are aiohttp's;
 - `GatewayRequest` stamps each answer as it is prepared, in one plain call: the Server
-  header, a provider answer's missing Content-Type, CORS. No `on_response_prepare`
-  receiver is left; a new stamp goes here.
+  header, a provider answer's missing Content-Type, CORS, the end of an HTTP/1.0
+  connection its head announced. No `on_response_prepare` receiver is left; a new stamp
+  goes here.
 
 Both replace private members of the app (`serve_through`): aiohttp 3.14 builds its server
 from `app._handle` and `app._make_request` (pinned in requirements.txt); the Server header
@@ -25,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, hdrs, web
 from aiohttp.http import SERVER_SOFTWARE
 
 from proxy.relay.cors import Cors
@@ -104,6 +105,19 @@ class GatewayRequest(web.Request):
         if headers.get(hdrs.SERVER, SERVER_SOFTWARE) == SERVER_SOFTWARE:
             headers[hdrs.SERVER] = SERVER_NAME
         keep_untyped(response)
+        if self.version == HttpVersion10 and response.keep_alive:
+            ends_connection(response)
+
+
+def ends_connection(response: web.StreamResponse) -> None:
+    """An HTTP/1.0 answer whose head does not say `Connection: keep-alive` ends the
+    connection (RFC 1945): a body of unknown length (a stream: HTTP/1.0 has no chunked
+    coding) is read to the connection's end. aiohttp 3.14 leaves such a head without the
+    header but keeps the connection open, so a client asking keep-alive waited for the end
+    of its stream until the keep-alive timer, and a next request's answer read as more of
+    the stream. Called with the head prepared: it closes what the head announced."""
+    if response.headers.get(hdrs.CONNECTION, "").lower() != "keep-alive":
+        response.force_close()
 
 
 def request_class(cors: Cors | None) -> type[GatewayRequest]:

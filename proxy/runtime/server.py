@@ -39,9 +39,9 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
@@ -254,6 +254,58 @@ class _RequestHandler(RequestHandler):
         response.force_close()  # as aiohttp's: the connection cannot be trusted further
         return response
 
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's, except that a body on its way is still read while the drain runs, and
+        a body its C parser refuses mid-way ends its request.
+
+        aiohttp stops reading a connection once its shutdown begins (or it is closing): the
+        rest of a body still arriving was dropped, and its request waited, unanswered, to be
+        cut at the end of the grace. Its bytes now reach the body's reader; what follows it
+        (a next request) is not taken, as before.
+
+        aiohttp's C parser, refusing a body (a broken chunk), queues the refusal as the next
+        request and never tells the body's reader, which then waits for the rest forever:
+        the request hung unanswered until the client left, and was logged as its leaving
+        (499). Here the body's reader gets the refusal, as aiohttp's pure-Python parser
+        hands it over, so the relay answers 400 `invalid_body`; the connection then closes
+        (nothing after the broken chunk can be framed) once the request being answered
+        has its answer (a pipelined one queued behind it, whose body broke, gets none)."""
+        if self._close or self._force_close:
+            self._read_body_on_its_way(data)
+            return
+        super().data_received(data)
+        messages = self._messages
+        refusal = messages[-1][0] if messages else None
+        if not isinstance(refusal, _ErrInfo):
+            return
+        # The body the parser was in: the last one queued before the refusal, else the
+        # request being answered's (its end came: the refusal is of a next request's head).
+        if len(messages) > 1:
+            body: StreamReader | None = messages[-2][1]
+        else:
+            body = self._body_on_its_way()
+        if body is None or body.is_eof():
+            return
+        messages.pop()
+        _end_body(body, refusal.exc)
+        self.close()  # after the answer that request gets
+
+    def _body_on_its_way(self) -> StreamReader | None:
+        """The body of the request being answered, while more of it is to come."""
+        current = self._current_request
+        body = None if current is None else current.content
+        return None if body is None or body.is_eof() else body
+
+    def _read_body_on_its_way(self, data: bytes) -> None:
+        """On a closing connection, `data` that belongs to the body on its way goes to it."""
+        body = self._body_on_its_way()
+        if body is None or self._parser is None:
+            return
+        try:
+            self._parser.feed_data(data)  # the body's bytes; a next request is dropped
+        except HttpProcessingError as refusal:
+            _end_body(body, refusal)
+
     def cut(self) -> None:
         """End the request in flight as the gateway's cut, then close the connection.
 
@@ -264,6 +316,13 @@ class _RequestHandler(RequestHandler):
         if task is not None and not task.done():
             task.cancel(GRACE_OVER)
         self.force_close()
+
+
+def _end_body(body: StreamReader, refusal: BaseException) -> None:
+    """The body's reader gets `refusal`, and its end: aiohttp drains no rest after the answer
+    (its drain would meet the refusal, and log it as an unhandled exception)."""
+    body.set_exception(refusal)
+    body.feed_eof()
 
 
 class Refusal(asyncio.Protocol):

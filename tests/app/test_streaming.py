@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -92,6 +93,31 @@ async def test_a_plain_chunked_body_streams_too(gateway: TestClient, fake: FakeS
     pieces = await arrivals(response)
     assert b"".join(chunk for _, chunk in pieces) == fake.sent["raw-1"]
     assert len(pieces) >= 8 and pieces[-1][0] - pieces[0][0] > 0.25
+
+
+async def test_an_http_1_0_client_asking_keep_alive_gets_a_stream_that_ends_with_the_connection(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # HTTP/1.0 has no chunked coding: a body of unknown length ends when the connection
+    # does, so the gateway must close it, and answer nothing more on it (the next request
+    # would read as the end of this body).
+    body = orjson.dumps(STREAM)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.0\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {OPENAI_VK}\r\nContent-Type: application/json\r\n"
+        f"Connection: keep-alive\r\nx-request-id: ten-1\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(head.encode() + body + b"GET /health HTTP/1.0\r\n\r\n")
+        async with asyncio.timeout(5):  # the end of the connection, not the keep-alive timer
+            answer = await reader.read()
+    finally:
+        writer.close()
+    answer_head, _, answer_body = answer.partition(b"\r\n\r\n")
+    assert answer_head.startswith(b"HTTP/1.0 200"), answer_head
+    assert b"keep-alive" not in answer_head.lower()
+    assert answer_body == fake.sent["ten-1"]
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_second(

@@ -199,6 +199,44 @@ async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
     assert out.endswith("llm-gateway stopped: every request finished\n")
 
 
+async def test_an_upload_under_way_at_sigterm_is_read_and_answered_within_the_grace(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """aiohttp stops reading every connection when its shutdown begins: the rest of a body
+    still on its way was dropped, and its request waited, unanswered, to be cut at the end
+    of the grace (503)."""
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="10")
+    port = int(url.rsplit(":", 1)[1])
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    head = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await idle_reader.readexactly(length)  # answered: the connection is idle, kept alive
+    body = json.dumps(CHAT).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: Bearer {OPENAI_VK}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Content-Type: application/json\r\nExpect: 100-continue\r\n\r\n"
+        )
+        continued = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert continued == b"HTTP/1.1 100 Continue\r\n\r\n"  # the gateway reads the body
+        process.send_signal(signal.SIGTERM)
+        # The idle connection closed: the drain has begun, on every connection.
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 15)  # the answer, then the close
+    finally:
+        writer.close()
+        idle_writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["status"] == 200
+
+
 async def test_the_grace_period_ends_streams_that_outlast_it(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:

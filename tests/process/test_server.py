@@ -14,7 +14,7 @@ import pytest
 
 from proxy.keys.hashed import hashed
 from tests.app.test_bad_input import malformed_http
-from tests.conftest import OPENAI_VK, auth, keys_document
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_anthropic_error, auth, keys_document
 from tests.support.bodies import CHAT
 from tests.support.processes import Processes, start_gateway
 
@@ -301,3 +301,38 @@ async def test_credentials_whose_bytes_are_not_utf8_are_wrong_ones_not_a_crash(
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=10)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+
+
+async def test_a_chunked_upload_that_breaks_after_its_head_gets_400_not_silence(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """A broken chunk that comes after the head, once the gateway reads the body: aiohttp's
+    C parser refused it but never told the body's reader, so the request hung, unanswered,
+    until the client left, and was logged as the client's leaving (499)."""
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log)
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        writer.write(
+            b"POST /v1/messages HTTP/1.1\r\nHost: gateway\r\n"
+            + f"x-api-key: {ANTHROPIC_VK}\r\n".encode()
+            + b"x-request-id: broken-chunk\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        # 100 Continue: the gateway now reads the body
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b'5\r\n{"mod\r\nzz\r\nabc\r\n0\r\n\r\n')
+        answer = await asyncio.wait_for(reader.read(), 10)  # all of it: then the close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert_anthropic_error(json.loads(body), "invalid_request_error")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert (line["request_id"], line["status"]) == ("broken-chunk", 400)
+    assert "could not be read" in line["error"]
