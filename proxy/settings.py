@@ -387,6 +387,12 @@ class Settings:
         "seconds a client connection may stay idle, or take to send a request's headers, "
         "before it is closed",
     )
+    client_body_timeout: float = setting(
+        "60",
+        _positive_seconds,
+        "seconds a client may stay silent while it sends a request's body, before a 408 "
+        "and the connection closed",
+    )
     workers: int = setting(
         "1",
         _non_negative_int,

@@ -10,6 +10,7 @@ sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +82,27 @@ def body_at_hand(request: web.Request, limit: int, length: int | None) -> bytes 
         raise _unreadable(error) from None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, silence: float) -> bytes:
     """The body `body_at_hand` left to come (still arriving, chunked, or held back by
-    Expect), bounded. Raises 413 past `limit`, 400 for a broken upload."""
+    Expect), bounded. Raises 413 past `limit`, 400 for a broken upload, 408 when no byte of
+    it came for `silence` seconds (CLIENT_BODY_TIMEOUT: a stalled upload holds no
+    connection and no buffered body for ever)."""
+    content, parts = request.content, bytearray()
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        # A chunked upload: aiohttp stops reading at client_max_size (= MAX_BODY_BYTES).
-        raise _too_large(limit) from None
+        while True:
+            async with asyncio.timeout(silence):
+                chunk = await content.readany()
+            if not chunk:
+                return bytes(parts)
+            parts += chunk
+            if len(parts) > limit:
+                raise _too_large(limit)
+    except TimeoutError:
+        raise GatewayError(
+            408,
+            "request_timeout",
+            f"The request body stopped arriving: nothing came for {silence:g} seconds.",
+        ) from None
     except (RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as error:
         raise _unreadable(error) from None
 

@@ -73,7 +73,7 @@ class Relay:
         exchange.precheck(None if awaits_continue(request) else length)
         body = body_at_hand(request, limit, length)  # 400, 413
         if body is None:  # still to come
-            body = await read_body(request, limit)  # 400, 413
+            body = await read_body(request, limit, settings.client_body_timeout)  # 400, 408, 413
         peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
         plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
         if settings.log_bodies:

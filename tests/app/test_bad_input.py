@@ -21,6 +21,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -1357,5 +1358,41 @@ async def test_a_head_over_the_header_limits_is_refused_before_any_handler(
     data = http_bytes("POST", "/v1/chat/completions", [*auth(OPENAI_VK).items(), *extra], b"{}")
     answer = await exchange(gateway, data)
     assert answer is None or 400 <= answer.status < 500
+    assert fake.requests == []
+    await assert_still_serves(gateway, fake)
+
+
+async def test_an_upload_that_stops_arriving_gets_408_at_client_body_timeout(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A client sends its head and half its body, then nothing: without a bound it held its
+    # connection and its buffered body until it left (MAX_CONNECTIONS of them: the memory
+    # of as many bodies).
+    gateway = await make_gateway(CLIENT_BODY_TIMEOUT="0.3")
+    for path, key_header in (
+        ("/v1/chat/completions", f"Authorization: Bearer {OPENAI_VK}"),
+        ("/v1/messages", f"x-api-key: {ANTHROPIC_VK}"),
+    ):
+        body = json.dumps({**GOOD_CHAT, "max_tokens": 9}).encode()
+        reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\n{key_header}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        error = json.loads(await reader.readexactly(length))
+        if path == "/v1/messages":
+            assert error["type"] == "error" and error["error"]["message"]
+        else:
+            assert error["error"]["code"] == "request_timeout"
+        writer.close()
+    lines = await records(2)
+    assert [line["status"] for line in lines] == [408, 408]
     assert fake.requests == []
     await assert_still_serves(gateway, fake)
