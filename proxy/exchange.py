@@ -464,6 +464,8 @@ def _refused(error: GatewayError, request: web.Request, record: Record) -> web.R
     response = errors.render(error, request.path, record.request_id)
     if record.cache is not None:
         response.headers["x-llm-gateway-cache"] = record.cache.value
+    if error.status == 408:  # a body that stopped arriving: the connection closes after
+        response.force_close()  # the answer (RFC 9110 §15.5.9), once aiohttp's drain ends
     return response
 
 

@@ -1385,6 +1385,7 @@ async def test_an_upload_that_stops_arriving_gets_408_at_client_body_timeout(
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"\r\nconnection: close\r\n" in head.lower()  # closed after it (at most 10 s)
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         error = json.loads(await reader.readexactly(length))
         if path == "/v1/messages":
