@@ -214,7 +214,10 @@ class Quota:
                     return headline._replace(scopes=scopes, tickets=tickets, lease=lease)
                 scope, answer = refused_by(scopes, answers)
                 if not answer.slots_full or scope.queue_seconds <= 0:
-                    raise self._refused(key, scope, answer, loop.time() - started)
+                    # Only a request that stood in a line waited for a slot; the tracker's
+                    # own round trip is no such wait.
+                    waited = loop.time() - started if waiter is not None else 0.0
+                    raise self._refused(key, scope, answer, waited)
                 if waiter is None:
                     line, waiter = scope, self._lines.join(scope)
                 if not await waiter.turn(started + scope.queue_seconds):

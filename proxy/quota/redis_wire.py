@@ -82,7 +82,10 @@ class RedisWire:
         self._health_check = health_check_seconds
         self._handshake = _handshake(self._options, client_name)
         self._connection: _Connection | None = None
-        self._opening = asyncio.Lock()
+        # The connection attempt under way: every caller that needs a connection meanwhile
+        # waits for this one attempt and shares its outcome, so a Redis that does not answer
+        # costs each of them one timeout, not one per caller ahead of it in a line.
+        self._opening: asyncio.Future[_Connection] | None = None
 
     async def call(self, *commands: bytes) -> list[Any]:
         """Send the packed commands in one write; their answers, in order (an error Redis
@@ -114,14 +117,19 @@ class RedisWire:
             self._connection = None
 
     async def _open(self) -> _Connection:
-        async with self._opening:
-            connection = self._connection
-            if connection is not None and connection.lost is None:
-                return connection
+        """The connection the attempt under way (or a new one) opens. Raises OSError."""
+        opening = self._opening
+        if opening is None:
             self._connection = None
-            connection = await self._connect()
-            self._connection = connection
-            return connection
+            opening = self._opening = asyncio.ensure_future(self._connect())
+            opening.add_done_callback(self._opened)
+        # Shielded: a caller that gives up does not cut the attempt short for the others.
+        return await asyncio.shield(opening)
+
+    def _opened(self, opening: asyncio.Future[_Connection]) -> None:
+        self._opening = None
+        if not opening.cancelled() and opening.exception() is None:
+            self._connection = opening.result()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,74 @@
+"""The admission policy over a tracker that takes a round trip to answer, as Redis does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.errors import GatewayError
+from proxy.quota.memory_tracker import MemoryTracker
+from proxy.quota.quota import Quota
+from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, Scope
+
+ROUND_TRIP_SECONDS = 0.01
+
+
+class RoundTripTracker(MemoryTracker):
+    """The memory tracker's answers, each after a round trip (a Redis under load takes more)."""
+
+    async def admit_scopes(
+        self, scopes: Sequence[Scope], claim: Charge = NOTHING, lease: str = ""
+    ) -> tuple[Admission, ...]:
+        await asyncio.sleep(ROUND_TRIP_SECONDS)
+        return await super().admit_scopes(scopes, claim, lease)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str = "openai"
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key with slots of its own (QuotaKey's fields)."""
+
+    scope: Scope
+    name: str = "alice"
+    limits: Limits | None = None
+    budget: Budget | None = None
+    team: None = None
+    shares: bool = True
+    provider: Provider = Provider()
+    output_allowance: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.scope.id
+
+    def scopes(self, model: str | None) -> tuple[Scope, ...]:
+        return (self.scope,)
+
+
+@dataclass(frozen=True)
+class Peek:
+    model: str | None = "gpt-4o-mini"
+    prompt_tokens_estimate: int = 0
+    max_output_tokens: int | None = None
+    is_generation: bool = False
+
+
+async def test_a_full_cap_without_a_queue_refuses_without_saying_it_waited_for_a_slot() -> None:
+    quota = Quota(RoundTripTracker())
+    key = Key(Scope("key-digest-1", "key", "alice", None, max_in_flight=1))
+    assert await quota.admit(key, Peek()) is not None  # holds the one slot
+    with pytest.raises(GatewayError) as refused:
+        await quota.admit(key, Peek())
+    assert refused.value.status == 429
+    assert refused.value.code == "concurrency_limit_exceeded"
+    # The tracker's round trip is no wait for a slot: the key has no queue_seconds.
+    assert refused.value.message == (
+        "Too many requests in flight: key 'alice': 1 at once. Retry in 1 second."
+    )
