@@ -400,8 +400,11 @@ class Record:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
 
     def hide(self, secret: str, mask: str) -> None:
-        """`secret` (the client's own key, which it named in its path, its model or, logged
-        with LOG_BODIES, its body) kept only as `mask` in what the log and the metrics read."""
+        """`secret` (the client's own key, which it named in its path, its model, its
+        x-request-id or, logged with LOG_BODIES, its body) kept only as `mask` in what the
+        log, the metrics and the traces read."""
+        if secret in self.request_id:
+            self.request_id = self.request_id.replace(secret, mask)
         if secret in self.path:
             self.path = self.path.replace(secret, mask)
         if self.model is not None and secret in self.model:

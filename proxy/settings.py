@@ -553,6 +553,13 @@ def check_otel(otel: Mapping[str, str]) -> None:
             if otel[name] != "http/protobuf":
                 raise SettingError(f"{name} must be http/protobuf, got {otel[name]!r}")
             break
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        # The exporter takes any string and fails each export on one it cannot post to.
+        if name in otel and not _is_http_url(otel[name]):
+            raise SettingError(
+                f"{name} must be an http:// or https:// URL (like http://collector:4318), "
+                f"got {otel[name]!r}"
+            )
     sampler = otel.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
     if sampler not in OTEL_SAMPLERS:
         raise SettingError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(OTEL_SAMPLERS)}")
@@ -566,6 +573,16 @@ def check_otel(otel: Mapping[str, str]) -> None:
             is_positive = False
         if not is_positive:
             raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
+
+
+def _is_http_url(text: str) -> bool:
+    """An http(s) URL with a host (and a port of 0-65535, if any)."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018  -- raises for a port out of range
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 class _Parser(argparse.ArgumentParser):

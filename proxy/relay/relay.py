@@ -320,9 +320,9 @@ async def relay_body(
             sending = loop.call_soon(send_head, writer)
             try:
                 chunk = await read()
-            finally:
+            finally:  # a read cut by the provider's silence was time awaiting it too
                 sending.cancel()
-            record.waited_upstream(asked)
+                record.waited_upstream(asked)
             record.mark_first_byte()
             while chunk:
                 following = None
@@ -342,8 +342,10 @@ async def relay_body(
                 watch.moved()
                 if following is None:
                     asked = clock()
-                    chunk = await read()
-                    record.waited_upstream(asked)
+                    try:
+                        chunk = await read()
+                    finally:
+                        record.waited_upstream(asked)
                 else:
                     chunk = following
             is_writing = True

@@ -167,6 +167,26 @@ async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_me
     assert OPENAI_VK not in metrics and f'model="{hidden}"' in metrics
 
 
+async def test_a_client_sending_its_own_virtual_key_as_its_request_id_finds_it_in_no_log_line(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A client's x-request-id is kept as the line's request_id: a key put there (a header
+    # mapped wrongly, or a probe) is masked, as in the path and the model.
+    gateway = await make_gateway()
+    for body in (CHAT, b"{not json"):  # answered, and refused by the gateway itself
+        response = await gateway.post(
+            "/v1/chat/completions",
+            data=body if isinstance(body, bytes) else json.dumps(body),
+            headers={**auth(OPENAI_VK), "x-request-id": f"run-{OPENAI_VK}"},
+        )
+        await response.read()
+    lines = await records(2)
+    assert OPENAI_VK not in log_path.read_text()
+    assert [line["request_id"] for line in lines] == [f"run-{masked(OPENAI_VK)}"] * 2
+
+
 async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -43,3 +45,28 @@ async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_
     providers = {"openai", "anthropic", "azure", "local"}  # the test keys file's
     kinds = {"status", "unreachable", "timeout", "broken"}
     assert found == {(provider, kind): 0.0 for provider in providers for kind in kinds}
+
+
+async def test_a_stream_cut_for_the_providers_silence_is_not_counted_as_the_gateways_overhead(
+    make_gateway: Any, records: Any
+) -> None:
+    from tests.conftest import OPENAI_VK, auth
+
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.5")
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    response = await gateway.post(
+        "/v1/chat/completions", json=body, headers={**auth(OPENAI_VK), "x-fake-hang": "midstream"}
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()  # cut after the provider's 0.5 s of silence
+    (line,) = await records(1)
+    assert line["error"] == "the provider sent nothing for 0.5 seconds"
+    text = await (await gateway.get("/metrics")).text()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("llm_gateway_overhead_seconds", "llm_gateway_request_duration_seconds"))
+    }
+    assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] >= 0.5
+    assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
+    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
