@@ -547,6 +547,13 @@ def check_otel(otel: Mapping[str, str]) -> None:
             if otel[name] != "http/protobuf":
                 raise SettingError(f"{name} must be http/protobuf, got {otel[name]!r}")
             break
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if name in otel and not _is_http_url(otel[name]):
+            # Taken as it is, a URL without its scheme fails every export, not the start.
+            shown = otel[name].rpartition("@")[2]  # never a user:password@ part
+            raise SettingError(
+                f"{name} must be an http(s) URL, like http://collector:4318, got {shown!r}"
+            )
     sampler = otel.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
     if sampler not in OTEL_SAMPLERS:
         raise SettingError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(OTEL_SAMPLERS)}")
@@ -560,6 +567,15 @@ def check_otel(otel: Mapping[str, str]) -> None:
             is_positive = False
         if not is_positive:
             raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (raises for a port that is not 0-65535)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 class _Parser(argparse.ArgumentParser):
