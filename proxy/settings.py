@@ -112,6 +112,17 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+# A header name is a token (RFC 9110 §5.1, §5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(text: str) -> str | None:
+    name = text.strip()
+    if name and not _TOKEN.fullmatch(name):
+        _refuse("a header name (letters, digits and -, like x-session-id)", text)
+    return name or None
+
+
 _PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 
@@ -372,7 +383,7 @@ class Settings:
     )
     pool_sticky_header: str | None = setting(
         None,
-        _optional_text,
+        _header_name,
         "a request header naming the conversation a pool keeps on one key, when the body names "
         "none (prompt_cache_key, metadata.user_id); unset: the body's only",
     )
