@@ -11,7 +11,7 @@ import sys
 
 from anthropic import Anthropic, APIConnectionError
 
-url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080").rstrip("/")
 client = Anthropic(base_url=url, api_key=os.environ.get("GATEWAY_KEY", "vk_user2_anthropic"))
 model = os.environ.get("GATEWAY_MODEL", "claude-haiku-4-5")
 question = [{"role": "user", "content": "Say hello in five words."}]

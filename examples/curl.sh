@@ -7,6 +7,7 @@
 #   GATEWAY_ANTHROPIC_KEY=vk_user2_anthropic also sends the Anthropic message)
 set -euo pipefail
 url=${GATEWAY_URL:-http://localhost:8080}
+url=${url%/} # a trailing slash would make //v1, which the gateway refuses
 key=${GATEWAY_KEY:-vk_user1_openai}
 model=${GATEWAY_MODEL:-gpt-4o-mini}
 

@@ -11,7 +11,7 @@ import sys
 
 from openai import APIConnectionError, OpenAI
 
-url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080").rstrip("/")  # not //v1
 client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("GATEWAY_KEY", "vk_user1_openai"))
 try:
     reply = client.chat.completions.create(

@@ -127,3 +127,23 @@ def test_an_example_run_by_hand_without_gateway_key_uses_the_key_of_keys_example
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tok0 tok1 tok2" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [sys.executable, str(EXAMPLES / "openai_chat.py")],
+        [sys.executable, str(EXAMPLES / "openai_stream.py")],
+        [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
+        ["bash", str(EXAMPLES / "curl.sh")],
+    ],
+    ids=lambda args: Path(args[1]).name,
+)
+def test_an_example_takes_a_gateway_url_ending_in_a_slash(
+    gateway_url: str, args: list[str]
+) -> None:
+    # http://localhost:8080/ joined to /v1 made //v1/..., which the gateway refuses (400)
+    out = run_example(
+        args, f"{gateway_url}/", OPENAI_VK if "anthropic" not in args[1] else ANTHROPIC_VK
+    )
+    assert "tok0 tok1 tok2" in out, out
