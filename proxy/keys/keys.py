@@ -302,6 +302,8 @@ def parsed(path: str, raw: bytes) -> Any:
         raise KeysFileError(f"{path}: not valid JSON ({error})") from None
     try:  # orjson cannot tell; the standard parser's hook sees every object's names in order
         json.loads(text, object_pairs_hook=_refuse_repeats)
+    except RecursionError:  # orjson reads 1,024 levels, the standard parser about 1,000
+        raise KeysFileError(f"{path}: nested too deeply to be a keys file") from None
     except _WrittenTwice as twice:
         entries = document.get("virtual_keys") if isinstance(document, dict) else None
         if isinstance(entries, dict) and twice.name in entries:

@@ -624,3 +624,10 @@ def test_a_field_written_twice_in_one_entry_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(KeysFileError, match="'quota' is written twice"):
         load(tmp_path, text)
+
+
+def test_a_file_nested_too_deep_to_check_is_refused_in_one_line(tmp_path: Path) -> None:
+    # orjson reads 1,000 levels; the check for names written twice must not end in a traceback
+    text = '{"virtual_keys": {}, "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    with pytest.raises(KeysFileError, match="nested too deeply"):
+        load(tmp_path, text)
