@@ -127,9 +127,10 @@ bench-tracing: $(STAMP)
 bench-connections: $(STAMP)
 	$(PY) bench/connections.py
 
-# docker-build: build the image (DOCKER=podman where there is no Docker engine)
+# docker-build: build the image (DOCKER=podman where there is no Docker engine). BUILDAH_FORMAT:
+# podman builds OCI images by default and drops the HEALTHCHECK, which only Docker's format holds
 docker-build:
-	$(DOCKER) build -t llm-gateway .
+	BUILDAH_FORMAT=docker $(DOCKER) build -t llm-gateway .
 
 # docker-run: the gateway in a container on :8080 (DOCKER_PORT=9000: another host port), keys.json
 # mounted read-only (DOCKER_ARGS="-e QUOTA_LIMIT=10" adds settings; DOCKER=podman without Docker)

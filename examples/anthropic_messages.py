@@ -3,6 +3,7 @@
     GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user2_anthropic python examples/anthropic_messages.py
 
 Only the base URL and the key change: the virtual key goes where the Anthropic key would.
+GATEWAY_KEY defaults to keys.example.json's Anthropic key, as `make example-anthropic`'s does.
 """
 
 import os
@@ -10,8 +11,8 @@ import sys
 
 from anthropic import Anthropic, APIConnectionError
 
-url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
-client = Anthropic(base_url=url, api_key=os.environ["GATEWAY_KEY"])
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080").rstrip("/")
+client = Anthropic(base_url=url, api_key=os.environ.get("GATEWAY_KEY", "vk_user2_anthropic"))
 model = os.environ.get("GATEWAY_MODEL", "claude-haiku-4-5")
 question = [{"role": "user", "content": "Say hello in five words."}]
 

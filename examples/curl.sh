@@ -3,10 +3,12 @@
 # this key's usage, and the gateway's health.
 #
 #   GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai examples/curl.sh
-#   (GATEWAY_ANTHROPIC_KEY=vk_user2_anthropic also sends the Anthropic message)
+#   (GATEWAY_KEY defaults to keys.example.json's OpenAI key, as `make example-curl`'s does;
+#   GATEWAY_ANTHROPIC_KEY=vk_user2_anthropic also sends the Anthropic message)
 set -euo pipefail
 url=${GATEWAY_URL:-http://localhost:8080}
-key=${GATEWAY_KEY:?set GATEWAY_KEY to a virtual key from keys.json}
+url=${url%/} # a trailing slash would make //v1, which the gateway refuses
+key=${GATEWAY_KEY:-vk_user1_openai}
 model=${GATEWAY_MODEL:-gpt-4o-mini}
 
 if ! curl -s -o /dev/null "$url/ready"; then

@@ -3,6 +3,7 @@
     GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/openai_chat.py
 
 Only the base URL and the key change: the virtual key goes where the OpenAI key would.
+GATEWAY_KEY defaults to keys.example.json's OpenAI key, as `make example-openai-chat`'s does.
 """
 
 import os
@@ -10,8 +11,8 @@ import sys
 
 from openai import APIConnectionError, OpenAI
 
-url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
-client = OpenAI(base_url=url + "/v1", api_key=os.environ["GATEWAY_KEY"])
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080").rstrip("/")  # not //v1
+client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("GATEWAY_KEY", "vk_user1_openai"))
 try:
     reply = client.chat.completions.create(
         model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),

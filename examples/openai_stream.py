@@ -1,6 +1,8 @@
 """A streamed chat completion through the gateway: tokens print as the provider sends them.
 
 GATEWAY_URL=http://localhost:8080 GATEWAY_KEY=vk_user1_openai python examples/openai_stream.py
+
+GATEWAY_KEY defaults to keys.example.json's OpenAI key, as `make example-openai-stream`'s does.
 """
 
 import os
@@ -8,8 +10,8 @@ import sys
 
 from openai import APIConnectionError, OpenAI
 
-url = os.environ.get("GATEWAY_URL", "http://localhost:8080")
-client = OpenAI(base_url=url + "/v1", api_key=os.environ["GATEWAY_KEY"])
+url = os.environ.get("GATEWAY_URL", "http://localhost:8080").rstrip("/")  # not //v1
+client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("GATEWAY_KEY", "vk_user1_openai"))
 try:
     stream = client.chat.completions.create(
         model=os.environ.get("GATEWAY_MODEL", "gpt-4o-mini"),

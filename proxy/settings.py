@@ -112,6 +112,17 @@ def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+# A header name is a token (RFC 9110 §5.1, §5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(text: str) -> str | None:
+    name = text.strip()
+    if name and not _TOKEN.fullmatch(name):
+        _refuse("a header name (letters, digits and -, like x-session-id)", text)
+    return name or None
+
+
 _PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 
@@ -372,7 +383,7 @@ class Settings:
     )
     pool_sticky_header: str | None = setting(
         None,
-        _optional_text,
+        _header_name,
         "a request header naming the conversation a pool keeps on one key, when the body names "
         "none (prompt_cache_key, metadata.user_id); unset: the body's only",
     )
@@ -553,12 +564,12 @@ def check_otel(otel: Mapping[str, str]) -> None:
             if otel[name] != "http/protobuf":
                 raise SettingError(f"{name} must be http/protobuf, got {otel[name]!r}")
             break
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        # The exporter takes any string and fails each export on one it cannot post to.
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
         if name in otel and not _is_http_url(otel[name]):
+            # Taken as it is, a URL without its scheme fails every export, not the start.
+            shown = otel[name].rpartition("@")[2]  # never a user:password@ part
             raise SettingError(
-                f"{name} must be an http:// or https:// URL (like http://collector:4318), "
-                f"got {otel[name]!r}"
+                f"{name} must be an http(s) URL, like http://collector:4318, got {shown!r}"
             )
     sampler = otel.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
     if sampler not in OTEL_SAMPLERS:
@@ -576,13 +587,12 @@ def check_otel(otel: Mapping[str, str]) -> None:
 
 
 def _is_http_url(text: str) -> bool:
-    """An http(s) URL with a host (and a port of 0-65535, if any)."""
     try:
-        url = urllib.parse.urlsplit(text)
-        url.port  # noqa: B018  -- raises for a port out of range
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (raises for a port that is not 0-65535)
     except ValueError:
         return False
-    return url.scheme in ("http", "https") and bool(url.hostname)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 class _Parser(argparse.ArgumentParser):

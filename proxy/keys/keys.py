@@ -12,6 +12,7 @@ names it).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -258,10 +259,7 @@ class KeyRing:
     ) -> KeyRing:
         """Read and check keys.json. Raises KeysFileError."""
         raw = read_file(path)
-        try:
-            document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # editors may add a BOM
-        except orjson.JSONDecodeError as error:
-            raise KeysFileError(f"{path}: not valid JSON ({error})") from None
+        document = parsed(path, raw)
         digest = hashlib.sha256(raw).hexdigest()[:16]
         return cls.from_document(path, document, digest, environ, defaults, clock)
 
@@ -291,6 +289,49 @@ class KeyRing:
             messages = [message for problem in problems for message in problem.problems]
             raise type(problems[0])(messages[0], messages)
         return cls(keys, digest, teams, clock)
+
+
+def parsed(path: str, raw: bytes) -> Any:
+    """keys.json's document. Raises KeysFileError for bytes that are not JSON, and for a name
+    written twice in one object: JSON keeps the last silently, so a virtual key copied into a
+    new entry and left unchanged would serve the first entry's clients as the second's."""
+    text = raw.removeprefix(b"\xef\xbb\xbf")  # editors may add a BOM
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise KeysFileError(f"{path}: not valid JSON ({error})") from None
+    try:  # orjson cannot tell; the standard parser's hook sees every object's names in order
+        json.loads(text, object_pairs_hook=_refuse_repeats)
+    except RecursionError:  # orjson reads 1,024 levels, the standard parser about 1,000
+        raise KeysFileError(f"{path}: nested too deeply to be a keys file") from None
+    except _WrittenTwice as twice:
+        entries = document.get("virtual_keys") if isinstance(document, dict) else None
+        if isinstance(entries, dict) and twice.name in entries:
+            raise KeysFileError(
+                f"{path}: key '{masked(twice.name)}': the virtual key is written twice in "
+                "'virtual_keys' (JSON keeps only the last entry): give each entry its own key"
+            ) from None
+        shown = repr(twice.name[:80])  # repr: a newline in a name stays on one line
+        raise KeysFileError(
+            f"{path}: {shown} is written twice in one object (JSON keeps only the last): keep one"
+        ) from None
+    return document
+
+
+class _WrittenTwice(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> None:
+    """json.loads' hook: raise at the first name an object holds twice; None (only names matter)."""
+    names = {name for name, _ in pairs}
+    if len(names) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _WrittenTwice(name)
+            seen.add(name)
 
 
 def read_file(path: str) -> bytes:

@@ -27,7 +27,7 @@ import orjson
 
 from proxy.keys.edits import prune
 from proxy.keys.fields import KeysFileError
-from proxy.keys.keys import KeyRing, read_file
+from proxy.keys.keys import KeyRing, parsed, read_file
 from proxy.keys.reload import KeysFile
 
 T = TypeVar("T")
@@ -63,10 +63,7 @@ def encoded(document: dict[str, Any]) -> tuple[bytes, str]:
 
 
 def decoded(where: str, raw: bytes) -> dict[str, Any]:
-    try:
-        document = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))
-    except orjson.JSONDecodeError as error:
-        raise KeysFileError(f"{where}: not valid JSON ({error})") from None
+    document = parsed(where, raw)
     if not isinstance(document, dict):
         raise KeysFileError(f"{where}: must be a JSON object with 'virtual_keys'")
     return document

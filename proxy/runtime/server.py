@@ -27,13 +27,17 @@ process's memory, measured in `bench/connections.py`:
 - at most MAX_CONNECTIONS client connections per process: the next one is answered 503
   with Retry-After and closed at once, without a parser or a buffer of its own, so the
   process never holds more sockets to clients than MAX_CONNECTIONS.
+And the other way round, so the process can hold that many: its soft limit on open files is
+raised to the hard one (`raise_open_files_limit`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -62,6 +66,8 @@ GC_YOUNG_THRESHOLD = 50_000
 # last lines SAY_MARGIN_SECONDS; a sink still stuck then keeps what it holds.
 CLEANUP_MARGIN_SECONDS = 1.0
 SAY_MARGIN_SECONDS = 0.5
+# The most open files macOS lets a process have when its hard limit is unlimited.
+MACOS_OPEN_MAX = 10_240
 
 
 class CannotListen(Exception):
@@ -84,6 +90,7 @@ def serve(
     # operator's `kill -HUP` to reload keys must never cut streams in flight.
     # The app's reload handler, when it installs one on the loop, takes over from this.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise_open_files_limit()
     tune_gc()
     notices = Notices()  # stdout and stderr through a thread: a full pipe never stalls the loop
     notices.start()
@@ -377,6 +384,26 @@ def _refusal() -> bytes:
         b"Connection: close\r\n"
         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
     )
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does.
+
+    Each stream holds two sockets (the client's, the provider's), and a terminal's soft
+    limit (256 on macOS, 1024 on many Linux desktops) is below what MAX_CONNECTIONS' 1024
+    needs: past it, accepts failed and providers could not be reached (502). The hard limit
+    is the operator's to set; it is not raised.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        # macOS: an unlimited hard limit, which no soft limit may be; OPEN_MAX is its ceiling
+        if soft != resource.RLIM_INFINITY and soft < MACOS_OPEN_MAX:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (MACOS_OPEN_MAX, hard))
 
 
 def tune_gc() -> None:

@@ -45,7 +45,15 @@ def route(raw_target: str) -> tuple[str, str]:
         # Clients never send fragments; forwarding without it would skip validation by path.
         raise _unsafe("a fragment ('#')")
     path, _, query = raw_target.partition("?")
-    if not path.startswith("/") or path.startswith("//"):
+    if path.startswith("//"):
+        # A host, not a path (RFC 3986 §4.2); most often a client's base URL ending in '/'.
+        raise GatewayError(
+            400,
+            "invalid_path",
+            "The path starts with '//', which names a host; it was not forwarded. A base URL "
+            "ending in '/' joined to '/v1...' makes one: drop that slash.",
+        )
+    if not path.startswith("/"):
         raise _unsafe("an absolute URL")
     if path in OWN_ENDPOINTS:
         raise GatewayError(

@@ -297,10 +297,12 @@ def test_the_sdks_own_variables_turn_traces_on(environ: dict[str, str], is_on: b
         # No scheme: every export would fail ("No connection adapters were found").
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "10.0.0.7:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         (
             {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "grpc://collector:4317"},
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ],
 )
 def test_otel_values_the_gateway_cannot_honour_stop_the_start(

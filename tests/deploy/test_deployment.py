@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.processes import ROOT, refused
 
@@ -58,3 +60,20 @@ def test_keys_json_of_mode_600_names_the_uid_and_the_chmod(tmp_path: Path) -> No
     line = result.stderr.strip()
     assert "\n" not in line and "not readable by this process (uid 0)" in line, line
     assert "uid 10001" in line and "chmod 644" in line
+
+
+def test_compose_hands_the_gateway_the_real_keys_the_readme_names_with_api_key_env() -> None:
+    # The README's keys.json names the Anthropic key with api_key_env. Under `docker compose
+    # up` the variable must reach the container from the shell that runs compose, or the
+    # gateway refuses to start (api_key_env ... is not set) and compose restarts it forever.
+    readme = (ROOT / "README.md").read_text()
+    keys_section = readme.split("## keys.json", 1)[1]
+    first_keys = re.search(r"```json\n(.*?)```", keys_section, re.DOTALL)
+    assert first_keys
+    named = set(re.findall(r'"api_key_env": "(\w+)"', first_keys.group(1)))
+    assert named, "the README's keys.json no longer names a key with api_key_env"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    environment = compose["services"]["gateway"]["environment"]
+    for name in named:
+        assert name in environment, f"docker-compose.yml does not pass {name} to the gateway"
+        assert environment[name] is None, f"{name}: pass it through without a value of its own"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,15 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                         ANTHROPIC_VK: {
                             "provider": "anthropic",
                             "api_key": "sk-ant-examples-real-1111",
+                        },
+                        # keys.example.json's, which the examples use when GATEWAY_KEY is unset
+                        "vk_user1_openai": {
+                            "provider": "openai",
+                            "api_key": "sk-examples-real-2222",
+                        },
+                        "vk_user2_anthropic": {
+                            "provider": "anthropic",
+                            "api_key": "sk-ant-examples-real-3333",
                         },
                     },
                 }
@@ -91,3 +101,49 @@ def test_curl_example_runs_every_call(gateway_url: str) -> None:
     assert "data: [DONE]" in out
     assert '"type":"message"' in out
     assert '"requests":' in out and '"status":"healthy"' in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [sys.executable, str(EXAMPLES / "openai_chat.py")],
+        [sys.executable, str(EXAMPLES / "openai_stream.py")],
+        [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
+        ["bash", str(EXAMPLES / "curl.sh")],
+    ],
+    ids=lambda args: Path(args[1]).name,
+)
+def test_an_example_run_by_hand_without_gateway_key_uses_the_key_of_keys_example_json(
+    gateway_url: str, args: list[str]
+) -> None:
+    env = {name: value for name, value in os.environ.items() if name != "GATEWAY_KEY"}
+    result = subprocess.run(
+        args,
+        cwd=ROOT,
+        env={**env, "GATEWAY_URL": gateway_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tok0 tok1 tok2" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [sys.executable, str(EXAMPLES / "openai_chat.py")],
+        [sys.executable, str(EXAMPLES / "openai_stream.py")],
+        [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
+        ["bash", str(EXAMPLES / "curl.sh")],
+    ],
+    ids=lambda args: Path(args[1]).name,
+)
+def test_an_example_takes_a_gateway_url_ending_in_a_slash(
+    gateway_url: str, args: list[str]
+) -> None:
+    # http://localhost:8080/ joined to /v1 made //v1/..., which the gateway refuses (400)
+    out = run_example(
+        args, f"{gateway_url}/", OPENAI_VK if "anthropic" not in args[1] else ANTHROPIC_VK
+    )
+    assert "tok0 tok1 tok2" in out, out

@@ -258,3 +258,32 @@ def test_make_unit_runs_the_fast_levels_its_comment_names() -> None:
     assert levels and levels.groups() == ("unit", "app"), recipe
     assert all(f"tests/{level}" in comment for level in levels.groups())
     assert all((ROOT / "tests" / level).is_dir() for level in levels.groups())
+
+
+def test_docker_podman_make_docker_build_keeps_the_healthcheck(tmp_path: Path) -> None:
+    # podman builds OCI images by default, and OCI has no HEALTHCHECK: podman drops it with a
+    # warning. The README's `DOCKER=podman make docker-build` must ask for Docker's format.
+    shown = re.search(r"`(DOCKER=podman) make docker-build`", README)
+    assert shown, "the README no longer says how to build with podman"
+    for tool in ("podman", "docker"):
+        bin_dir = tmp_path / tool
+        bin_dir.mkdir()
+        record = bin_dir / "called"
+        (bin_dir / tool).write_text(
+            f'#!/bin/sh\necho "BUILDAH_FORMAT=$BUILDAH_FORMAT $*" > {record}\n'
+        )
+        (bin_dir / tool).chmod(0o755)
+        result = subprocess.run(
+            ["make", "-s", "docker-build"],
+            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DOCKER": tool},
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        called = record.read_text()
+        assert " build " in f" {called}", called
+        docker_format = "BUILDAH_FORMAT=docker " in called or "--format docker" in called
+        # docker build has no --format; podman's default format would drop the HEALTHCHECK
+        assert docker_format if tool == "podman" else "--format" not in called, (tool, called)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from proxy.keys.hashed import hashed
 from tests.app.test_bad_input import malformed_http
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_anthropic_error, auth, keys_document
 from tests.support.bodies import CHAT
-from tests.support.processes import Processes, start_gateway
+from tests.support.processes import Processes, free_port, gateway_command, start_gateway
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
 REFUSAL_STATUS = {
@@ -336,3 +337,45 @@ async def test_a_chunked_upload_that_breaks_after_its_head_gets_400_not_silence(
     (line,) = [json.loads(text) for text in log.read_text().splitlines()]
     assert (line["request_id"], line["status"]) == ("broken-chunk", 400)
     assert "could not be read" in line["error"]
+
+
+async def test_a_low_soft_open_files_limit_does_not_cut_concurrent_streams(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # A terminal's soft limit on open files (256 on macOS, 1024 on many Linux desktops) is
+    # below what MAX_CONNECTIONS' default needs (a client and a provider socket per stream);
+    # the hard limit seldom is. Under 64, streams past about 30 got 502 or a reset.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    port = free_port()
+    processes.start(
+        ["bash", "-c", 'ulimit -Sn 64 && exec "$@"', "bash", *gateway_command()],
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
+            "QUOTA_LIMIT": "1000",
+        },
+        ready="listening on",
+    )
+    streamed = {**CHAT, "stream": True}
+    # The fake's events 200 ms apart: every stream is open while the others start.
+    headers = {**auth(OPENAI_VK), "x-fake-delay-ms": "200", "x-fake-chunks": "3"}
+
+    async def one(session: aiohttp.ClientSession) -> int | str:
+        try:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json=streamed, headers=headers
+            ) as response:
+                await response.read()
+                return response.status
+        except aiohttp.ClientError as error:
+            return type(error).__name__
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        answers = await asyncio.gather(*(one(session) for _ in range(100)))
+    assert answers == [200] * 100, sorted(map(str, answers))

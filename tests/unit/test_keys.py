@@ -598,3 +598,36 @@ def test_a_key_or_team_name_with_a_control_character_is_refused(tmp_path: Path, 
         load(tmp_path, teams)
     accented = {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": "équipe a"}}
     assert [key.name for key in load(tmp_path, {"virtual_keys": accented})] == ["équipe a"]
+
+
+def test_a_virtual_key_written_twice_is_refused_without_showing_it(tmp_path: Path) -> None:
+    # An entry copied for a new user with its key left unchanged: JSON keeps the last one
+    # only, so the first user's clients would be served, and counted, as the second.
+    secret = "vk_copied_entry_0123456789"
+    text = (
+        '{"virtual_keys": {\n'
+        f'  "{secret}": {{"provider": "openai", "api_key": "sk-a", "name": "alice"}},\n'
+        f'  "{secret}": {{"provider": "openai", "api_key": "sk-b", "name": "bob"}}\n'
+        "}}"
+    )
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, text)
+    message = str(refused.value)
+    assert f"key '{masked(secret)}'" in message and "written twice" in message, message
+    assert secret not in message
+
+
+def test_a_field_written_twice_in_one_entry_is_refused(tmp_path: Path) -> None:
+    text = (
+        '{"virtual_keys": {"vk_a_123456789abc": {"provider": "openai", "api_key": "sk-a",'
+        ' "name": "alice", "quota": {"requests": 10}, "quota": {"tokens": 500}}}}'
+    )
+    with pytest.raises(KeysFileError, match="'quota' is written twice"):
+        load(tmp_path, text)
+
+
+def test_a_file_nested_too_deep_to_check_is_refused_in_one_line(tmp_path: Path) -> None:
+    # orjson reads 1,000 levels; the check for names written twice must not end in a traceback
+    text = '{"virtual_keys": {}, "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    with pytest.raises(KeysFileError, match="nested too deeply"):
+        load(tmp_path, text)

@@ -75,3 +75,12 @@ def test_a_control_character_in_the_path_gets_400(target: str) -> None:
     with pytest.raises(GatewayError) as refused:
         route(target)
     assert refused.value.status == 400 and "control character" in refused.value.message
+
+
+def test_a_path_starting_with_two_slashes_says_how_a_base_url_makes_one() -> None:
+    # GATEWAY_URL=http://localhost:8080/ joined to /v1: refused (it names a host, "v1"),
+    # with a message a newcomer can act on rather than "an absolute URL" alone
+    with pytest.raises(GatewayError) as refused:
+        route("//v1/chat/completions")
+    assert refused.value.status == 400 and refused.value.code == "invalid_path"
+    assert "'//'" in str(refused.value) and "ending in '/'" in str(refused.value)

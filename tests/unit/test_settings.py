@@ -46,6 +46,9 @@ def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
         ({"REDIS_URL": "redis://cache:99999/0"}, "REDIS_URL"),
         ({"REDIS_URL": "redis://[::1"}, "REDIS_URL"),
         ({"SHUTDOWN_GRACE_SECONDS": "-1"}, "SHUTDOWN_GRACE_SECONDS"),
+        # No request header is named so: the setting would never match one, silently
+        ({"POOL_STICKY_HEADER": "x-session id"}, "POOL_STICKY_HEADER"),
+        ({"POOL_STICKY_HEADER": "x-session-id: abc"}, "POOL_STICKY_HEADER"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
