@@ -336,6 +336,8 @@ class Wire:
         scheme, host, port = url.scheme, url.raw_host or "", url.port
         default_port = 443 if scheme == "https" else 80
         origin = (scheme, host, port or default_port)
+        if ":" in host:  # an IPv6 address: bracketed in Host, as in the URL (RFC 9110 §7.2)
+            host = f"[{host}]"
         if port is not None and port != default_port:
             host = f"{host}:{port}"
         head = _head(method, url.raw_path_qs or "/", host, headers, body)

@@ -332,3 +332,24 @@ async def test_each_head_awaited_times_out_at_its_own_deadline(wire: Wire) -> No
         await asyncio.wait_for(closed.get(), 5)  # its connection, closed
         slow.cancel()
         await asyncio.gather(slow, return_exceptions=True)
+
+
+async def test_a_provider_at_an_ipv6_address_gets_a_bracketed_host(wire: Wire) -> None:
+    # base_url http://[::1]:8000/v1 (a model server on the host's IPv6 loopback): RFC 9110
+    # §7.2 keeps the brackets in Host; `Host: ::1:8000` is refused by strict servers.
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reply = await wire.request("GET", URL(f"http://[::1]:{port}/v1/models"), {}, None)
+        assert reply.status == 200 and await reply.read() == b"ok"
+    finally:
+        server.close()
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0], heads[0]
