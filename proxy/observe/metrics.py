@@ -409,7 +409,7 @@ class Metrics:
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """Body and Content-Type: the JSON summary if `accept` asks for JSON, else Prometheus."""
-        if "application/json" in accept:
+        if "application/json" in accept.lower():  # media types are case-blind (RFC 9110)
             return orjson.dumps(summary(self._registry.collect())), "application/json"
         encode, content_type = choose_encoder(accept)
         return encode(self._registry), content_type

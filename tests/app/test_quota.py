@@ -255,6 +255,9 @@ async def test_429_is_counted_in_metrics_and_logged(gateway: TestClient, records
     assert [line["status"] for line in lines] == [200, 200, 200, 429]
     summary = await (await gateway.get("/metrics", headers={"Accept": "application/json"})).json()
     assert summary["rate_limited"] == 1 and summary["total_requests"] == 4
+    # A media type is case-blind: a client that capitalises it gets the JSON summary too.
+    shouted = await gateway.get("/metrics", headers={"Accept": "Application/JSON"})
+    assert (await shouted.json())["total_requests"] == 4
     text = await (await gateway.get("/metrics")).text()
     assert 'llm_gateway_quota_rejections_total{key="limited"} 1.0' in text
 
