@@ -209,11 +209,14 @@ def amend(body: bytes) -> bytes | None:
 class UsageChunkFilter:
     """Withholds the usage chunk from the bytes a client receives; every other byte passes."""
 
-    __slots__ = ("_is_after_usage", "_lines")
+    __slots__ = ("_is_after_usage", "_lines", "_was_cr_kept")
 
     def __init__(self) -> None:
         self._lines = LineReader()  # holds a line cut between two chunks, until its end
         self._is_after_usage = False  # the blank line ending the usage event goes too
+        # The last chunk ended with a CR: whether its line went out (a LF opening the next
+        # chunk is the rest of that line end, and goes where the CR went); None: it did not.
+        self._was_cr_kept: bool | None = None
 
     @staticmethod
     def applies(headers: Mapping[str, str]) -> bool:
@@ -226,14 +229,33 @@ class UsageChunkFilter:
 
     def __call__(self, chunk: bytes) -> bytes:
         """What of `chunk` (and of the line held before it) the client gets now."""
+        if self._was_cr_kept is not None:
+            return self._after_cr(chunk)
         if self._is_plain(chunk):  # most chunks: whole lines, none a usage chunk
             return chunk
+        return self._filtered(chunk)
+
+    def _after_cr(self, chunk: bytes) -> bytes:
+        """A chunk after one that ended with a CR: a LF opening it goes where the CR went."""
+        was_kept, self._was_cr_kept = self._was_cr_kept, None
+        if chunk[:1] != b"\n":
+            return self(chunk)
+        rest = self(chunk[1:]) if len(chunk) > 1 else b""
+        return b"\n" + rest if was_kept else rest
+
+    def _filtered(self, chunk: bytes) -> bytes:
         lines = self._lines.feed_raw(chunk)
+        # The chunk ended with a CR: its line is given now (feed_raw holds no such line).
+        is_cr_end = bool(lines) and lines[-1][-1:] == b"\r"
         if not any(_MARKS_USAGE in line or _MARKS_USAGE_SPACED in line for line in lines):
             if not self._is_after_usage:
+                if is_cr_end:
+                    self._was_cr_kept = True
                 return b"".join(lines)
         kept = []
+        is_kept = True
         for line in lines:
+            is_kept = False
             if self._is_after_usage and not line.strip():
                 self._is_after_usage = False
                 continue
@@ -241,7 +263,10 @@ class UsageChunkFilter:
             if _is_usage_chunk(line):
                 self._is_after_usage = True
                 continue
+            is_kept = True
             kept.append(line)
+        if is_cr_end:
+            self._was_cr_kept = is_kept
         return b"".join(kept)
 
     def _is_plain(self, chunk: bytes) -> bool:

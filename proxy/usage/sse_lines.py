@@ -9,9 +9,11 @@ reader, so they cannot disagree about where a line ends.
 
 Two ways to read, one rule: `feed` gives the lines without their ends, at once (a CR at the
 end of a chunk ends its line; a LF opening the next chunk is then skipped); `feed_raw`
-gives the lines with their ends, byte for byte, so the bytes can be passed on, and holds a
-line ending with a CR at the end of a chunk until the next byte says whether a LF follows
-(no provider sends bare CRs; a CRLF cut in two waits for one chunk). What it does not do:
+gives the lines with their ends, byte for byte, so the bytes can be passed on, at once: a
+line ending with a CR at the end of a chunk is given then (a stream with bare CRs must not
+lag one chunk behind), and a LF opening the next chunk, the rest of that CRLF, comes alone
+as the first line of that chunk (`b"\\n"`): the caller that passes bytes on sends it where
+the CR went (`openai_chat.UsageChunkFilter`). What it does not do:
 bound the unfinished line (the caller knows its memory: `held_bytes`), or parse fields.
 """
 
@@ -67,11 +69,12 @@ class LineReader:
         return lines
 
     def feed_raw(self, data: bytes) -> Sequence[bytes | bytearray]:
-        """The lines `data` finishes, each with its line end, every byte kept."""
+        """The lines `data` finishes, each with its line end, every byte kept (a LF after a
+        CR that ended the last chunk: alone, first)."""
         text = self._held + data if self._held else data
         lines = text.splitlines(keepends=True)
-        # Unfinished, or ending with a CR whose LF may be in the next chunk: held.
-        is_held = bool(lines) and lines[-1][-1:] != _LF
+        # Unfinished: held (a line ending with a CR is finished, whatever follows it).
+        is_held = bool(lines) and lines[-1][-1:] not in (_LF, _CR)
         self._held = bytearray(lines.pop()) if is_held else bytearray()
         return lines
 

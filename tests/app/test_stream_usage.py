@@ -222,6 +222,26 @@ def test_the_filter_holds_back_no_whole_line() -> None:
     assert withheld.rest() == b""
 
 
+def test_the_filter_passes_a_line_ending_with_a_cr_with_its_own_chunk() -> None:
+    # A bare CR ends a line (and a second one its event): the client's event must not wait
+    # for the provider's next chunk, which may come seconds later.
+    withheld = UsageChunkFilter()
+    event = chunk("Hel").replace(b"\n", b"\r")
+    assert withheld(event) == event
+    # A CRLF cut between its CR and its LF: the LF goes where its CR went.
+    assert withheld(b"data: {}\r") == b"data: {}\r"
+    assert withheld(b"\n\r") == b"\n\r"
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert withheld(chunk(None, usage).replace(b"\n\n", b"\r")) == b""
+    assert withheld(b"\n\r\n") == b""  # the usage line's LF, then the blank line after it
+    assert withheld(b"data: [DONE]\r\n\r\n") == b"data: [DONE]\r\n\r\n"
+    assert withheld.rest() == b""
+    for line_end in (b"\r\n", b"\r"):  # one byte at a time: each line out with its last byte
+        stream, expected = (body.replace(b"\n", line_end) for body in (STREAM, WITHOUT_USAGE))
+        withheld = UsageChunkFilter()
+        assert b"".join(withheld(bytes([byte])) for byte in stream) == expected, line_end
+
+
 def test_the_tap_still_reads_the_withheld_usage() -> None:
     tap = UsageTap("text/event-stream", None, keep_text=False)
     withheld = UsageChunkFilter()
