@@ -240,6 +240,9 @@ class Record:
     usage: Usage | None = None
     outcome: Outcome | None = None  # set once, by `end`
     error: str | None = None  # why, in words, when it did not simply answer
+    # An error the provider sent inside its answer (a stream's error event, under a 200):
+    # the `error` of an answer that otherwise ended well.
+    answer_error: str | None = None
     target: str | None = None  # the target that answered (or was tried last)
     # Which of it: its name, or the pool key's label ("openai#2", never the key) in a pool.
     member: str | None = None
@@ -277,7 +280,8 @@ class Record:
     def end(self, status: int, outcome: Outcome, why: str | None = None) -> None:
         """How the request ended: written once, by the exchange (errors carry their outcome)."""
         assert self.outcome is None, f"the record of {self.request_id} already ended"
-        self.status, self.outcome, self.error = status, outcome, why
+        self.status, self.outcome = status, outcome
+        self.error = why if why is not None else self.answer_error
 
     def saw_key(self, name: str, provider: str) -> None:
         """The key authenticated (its name, never the key) and its first provider."""
@@ -319,11 +323,15 @@ class Record:
         stored: StoredResponse | None = None,
         text: str | None = None,
         batch: Batch | None = None,
+        error_kind: str | None = None,
     ) -> None:
         """What the provider's answer said: its usage, the model that answered, the Responses
-        object or the batch it holds, and (LOG_BODIES only) its text."""
+        object or the batch it holds, (LOG_BODIES only) its text, and the type of an error
+        it sent inside the answer."""
         self.usage, self.response_model, self.stored = usage, response_model, stored
         self.response_text, self.batch = text, batch
+        if error_kind is not None:
+            self.answer_error = f"the provider sent an error in its answer ({error_kind})"
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""

@@ -179,7 +179,8 @@ class Relay:
         finally:
             # Also for a client that left: what it received was produced, and is charged.
             if status < 400:
-                record.saw_answer(tap.usage(body), tap.model, tap.stored, tap.text, tap.batch)
+                usage = tap.usage(body)
+                record.saw_answer(usage, tap.model, tap.stored, tap.text, tap.batch, tap.error_kind)
             else:
                 record.saw_answer(None, text=tap.text)
 

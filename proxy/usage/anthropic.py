@@ -72,8 +72,16 @@ def _message_delta(event: dict[str, Any], reading: Reading) -> None:
         reading.is_usage_provisional = False
 
 
+def _error(event: dict[str, Any], reading: Reading) -> None:
+    """The stream ends with an error (`overloaded_error`) after what it sent: noted. The
+    Responses API's `error` event, of the same type, holds its `code` in the event itself."""
+    error = event.get("error")
+    reading.note_error(error if isinstance(error, dict) else event)
+
+
 # The stream events read, by type; every other type carries nothing metered.
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
+    "error": _error,
     "content_block_start": _content_block_start,
     "content_block_delta": _content_block_delta,
     "message_start": _message_start,

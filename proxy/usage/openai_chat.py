@@ -96,6 +96,8 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
     usage = event.get("usage")
     if usage is not None:  # OpenAI's `"usage": null` on every chunk but the last
         reading.reported.read(usage, USAGE)
+    elif choices is None and "error" in event:  # an error object sent mid-stream
+        reading.note_error(event["error"])
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

@@ -3,8 +3,9 @@
 The dialect modules (`openai_chat`, `responses`, `anthropic`) know where each fact sits in
 their events and bodies; this holds the facts: the usage the provider reported, the
 characters it generated (for an estimate when it reported none), the text kept for the log
-(LOG_BODIES), the model that answered, and a Responses API object's id and status (a
-background response's charge). It does not parse bytes or decide what is charged (`usage`).
+(LOG_BODIES), the model that answered, an error the provider sent inside its answer (an
+event stream's error event, under the 200 already sent), and a Responses API object's id and
+status (a background response's charge). It does not parse bytes or decide what is charged (`usage`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from proxy.usage.provider_usage import ProviderUsage
 
 ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
 MODEL_CHARS = 200
+ERROR_KIND_CHARS = 64  # a provider's error type or code, bounded: it goes in the log line
 
 
 class Reading:
@@ -20,6 +22,7 @@ class Reading:
 
     __slots__ = (
         "chars",
+        "error_kind",
         "is_started_noted",
         "is_stored_noted",
         "is_usage_provisional",
@@ -42,6 +45,9 @@ class Reading:
         self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
         self.model: str | None = None
+        # The type (or code) of the first error the provider sent inside its answer; only
+        # that, never its message, which may quote anything (a key, the prompt).
+        self.error_kind: str | None = None
         # A Responses API object's id and status: noted when it is finished (`is_stored_noted`:
         # a background response, or one fetched) or, for a background stream, while it runs.
         self.is_stored_noted = is_stored_noted
@@ -64,6 +70,18 @@ class Reading:
     def note_model(self, model: object) -> None:
         if isinstance(model, str) and model:
             self.model = model[:MODEL_CHARS]
+
+    def note_error(self, error: object) -> None:
+        """The provider sent an error object inside its answer: its `type`, else its `code`."""
+        if self.error_kind is not None:
+            return  # the first one is what ended the answer
+        kind = None
+        if isinstance(error, dict):
+            kind = error.get("type") or error.get("code")
+        if isinstance(kind, str) and len(kind) <= ERROR_KIND_CHARS and kind.isprintable():
+            self.error_kind = kind
+        else:
+            self.error_kind = "unknown"
 
     def note_stored(self, response: dict[str, object]) -> None:
         """Note a Responses API object's id and status (a background response's charge)."""

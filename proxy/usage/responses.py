@@ -76,6 +76,8 @@ def _finished(event: dict[str, Any], reading: Reading) -> None:
         reading.reported.read(response.get("usage"), USAGE)
         if reading.is_stored_noted:
             reading.note_stored(response)
+        if response.get("status") == "failed":
+            reading.note_error(response.get("error"))
 
 
 def _started(event: dict[str, Any], reading: Reading) -> None:

@@ -322,6 +322,11 @@ class UsageTap:
         return self._reading.model
 
     @property
+    def error_kind(self) -> str | None:
+        """The type of an error the provider sent inside its answer (a stream's error event)."""
+        return self._reading.error_kind
+
+    @property
     def text(self) -> str | None:
         """The response as text (a stream's text deltas joined), only with keep_text."""
         self._finish()
