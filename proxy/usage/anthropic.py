@@ -76,7 +76,7 @@ def _error(event: dict[str, Any], reading: Reading) -> None:
     """The stream ends with an error (`overloaded_error`) after what it sent: noted. The
     Responses API's `error` event, of the same type, holds its `code` in the event itself."""
     error = event.get("error")
-    reading.note_error(error if isinstance(error, dict) else event)
+    reading.note_error(error if isinstance(error, dict) else {"code": event.get("code")})
 
 
 # The stream events read, by type; every other type carries nothing metered.

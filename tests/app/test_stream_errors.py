@@ -74,6 +74,9 @@ def response_ended(status: str, error: dict[str, Any] | None) -> list[bytes]:
     ]
 
 
+RESPONSES_ERROR = event("error", {"type": "error", "code": "rate_limit_exceeded", "message": "x"})
+
+
 @pytest.fixture
 async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
     """Answers each request with the events the test put under its `x-events` name."""
@@ -83,6 +86,7 @@ async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Test
         "fine": OPENAI_FINE,
         "failed": response_ended("failed", {"code": "server_error", "message": "boom"}),
         "incomplete": response_ended("incomplete", None),
+        "error": [RESPONSES_ERROR],
     }
 
     async def answer(request: web.Request) -> web.StreamResponse:
@@ -148,13 +152,15 @@ async def test_an_openai_error_object_mid_stream_logs_the_error(
     assert line["usage"]["estimated"] is True
 
 
-async def test_a_failed_response_logs_its_error_and_an_incomplete_one_none(
+async def test_a_failed_response_or_an_error_event_logs_its_code_an_incomplete_one_none(
     gateway: TestClient, records: Records
 ) -> None:
     body = {"model": "gpt-4o-mini", "input": "hello world", "stream": True}
     await relayed(gateway, OPENAI_VK, "/v1/responses", body, "failed")
     await relayed(gateway, OPENAI_VK, "/v1/responses", body, "incomplete")
-    failed, incomplete = await records(2)
+    await relayed(gateway, OPENAI_VK, "/v1/responses", body, "error")
+    failed, incomplete, error = await records(3)
+    assert "(rate_limit_exceeded)" in error["error"]  # the error event's code
     assert "server_error" in failed["error"] and "boom" not in failed["error"]
     assert incomplete.get("error") is None
     for line in (failed, incomplete):  # the provider's count, as reported
