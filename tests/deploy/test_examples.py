@@ -103,16 +103,16 @@ def test_curl_example_runs_every_call(gateway_url: str) -> None:
     assert '"requests":' in out and '"status":"healthy"' in out
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        [sys.executable, str(EXAMPLES / "openai_chat.py")],
-        [sys.executable, str(EXAMPLES / "openai_stream.py")],
-        [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
-        ["bash", str(EXAMPLES / "curl.sh")],
-    ],
-    ids=lambda args: Path(args[1]).name,
-)
+# Each example as a user runs it by hand.
+EVERY_EXAMPLE = [
+    [sys.executable, str(EXAMPLES / "openai_chat.py")],
+    [sys.executable, str(EXAMPLES / "openai_stream.py")],
+    [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
+    ["bash", str(EXAMPLES / "curl.sh")],
+]
+
+
+@pytest.mark.parametrize("args", EVERY_EXAMPLE, ids=lambda args: Path(args[1]).name)
 def test_an_example_run_by_hand_without_gateway_key_uses_the_key_of_keys_example_json(
     gateway_url: str, args: list[str]
 ) -> None:
@@ -129,16 +129,7 @@ def test_an_example_run_by_hand_without_gateway_key_uses_the_key_of_keys_example
     assert "tok0 tok1 tok2" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        [sys.executable, str(EXAMPLES / "openai_chat.py")],
-        [sys.executable, str(EXAMPLES / "openai_stream.py")],
-        [sys.executable, str(EXAMPLES / "anthropic_messages.py")],
-        ["bash", str(EXAMPLES / "curl.sh")],
-    ],
-    ids=lambda args: Path(args[1]).name,
-)
+@pytest.mark.parametrize("args", EVERY_EXAMPLE, ids=lambda args: Path(args[1]).name)
 def test_an_example_takes_a_gateway_url_ending_in_a_slash(
     gateway_url: str, args: list[str]
 ) -> None:
