@@ -1,7 +1,7 @@
 """Memory and latency while many connections dribble request heads.
 
 Run from the repository root with the project's venv:
-`.venv/bin/python bench/connections.py [--connections 300] [--headers 32] [--header-bytes 4000]`
+`.venv/bin/python bench/connections.py [--connections 300] [--headers 64] [--header-bytes 4000]`
 (`make bench-connections`). Installs nothing; needs no tool beyond Python.
 
 It starts the mock provider (`bench/mock_provider.py`) and the gateway (quotas off, the
@@ -16,7 +16,7 @@ stopped at the end, on failure and on Ctrl-C too.
 
 Flags after `--` go to the gateway (`-- --client-header-timeout 5`). The target:
 with 300 connections, RSS under 150 MB and a normal request under 100 ms. The default head
-is the largest the gateway accepts (32 headers of 4,000 bytes); aiohttp's former limits let
+is the largest the gateway accepts (64 headers of 4,000 bytes); aiohttp's former limits let
 a head hold 128 headers of 64 KiB (`--headers 128 --header-bytes 65000` shows it).
 """
 
@@ -134,7 +134,7 @@ async def attack(args: argparse.Namespace, port: int, pid: int) -> None:
 def main() -> int:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--connections", type=int, default=300)
-    cli.add_argument("--headers", type=int, default=32)
+    cli.add_argument("--headers", type=int, default=64)
     cli.add_argument("--header-bytes", type=int, default=4000)
     cli.add_argument("--pause-ms", type=int, default=50)
     cli.add_argument("--seconds", type=float, default=10.0)

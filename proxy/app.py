@@ -82,7 +82,7 @@ TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is
 # A request head's bounds (aiohttp's own for the request line, 8 KiB): what an SDK sends and
 # little more (runtime/server.py: why, and what answers a head past them).
 MAX_HEADER_BYTES = 4096
-MAX_HEADERS = 32
+MAX_HEADERS = 64
 
 # How long the log may take to write what is queued at shutdown: part of the bounded
 # margin after the grace (runtime.server); a sink stuck longer keeps its lines.

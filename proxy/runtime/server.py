@@ -16,9 +16,10 @@ the app's cleanup (the logbook's flush) runs after that, as before.
 Bounds on what a client can hold, so that slow or idle connections cannot exhaust the
 process's memory, measured in `bench/connections.py`:
 - request heads (set in `app.build_app`'s `handler_args`, where tests get them too): at most
-  32 headers (the SDKs send about 20) of at most 4 KiB each, name and value, and a request
-  line of 8 KiB (aiohttp's default); past them the answer is 431 (`handle_error`). A head
-  is kept twice (raw and decoded), so one connection's head holds about 0.25 MB at most,
+  64 headers (the SDKs send about 20; a mesh and a CDN in front add a dozen or more) of at
+  most 4 KiB each, name and value, and a request line of 8 KiB (aiohttp's default); past
+  them the answer is 431 (`handle_error`). A head is kept twice (raw and decoded), so one
+  connection's head holds about 0.5 MB at most,
   where aiohttp's 128 headers of 64 KiB let it hold 16 MB;
 - the head must arrive within CLIENT_HEADER_TIMEOUT of the connection opening or of the
   previous response ending (aiohttp's keep-alive timer, which it starts with the connection

@@ -1397,3 +1397,18 @@ async def test_an_upload_that_stops_arriving_gets_408_at_client_body_timeout(
     assert [line["status"] for line in lines] == [408, 408]
     assert fake.requests == []
     await assert_still_serves(gateway, fake)
+
+
+async def test_a_request_behind_a_mesh_and_a_cdn_with_fifty_headers_is_served(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # An SDK sends 17-19 headers; an ingress, a service mesh and a CDN add a dozen or more
+    # (x-forwarded-*, x-envoy-*, x-b3-*, cf-*, traceparent, baggage): 32 refused such calls
+    # with 431 on every request.
+    proxies = {f"x-envoy-hop-{index}": "1" for index in range(30)}
+    sdk = {f"x-stainless-{index}": "python" for index in range(18)}
+    headers = {**auth(OPENAI_VK), **sdk, **proxies}
+    assert len(headers) == 49
+    response = await gateway.post("/v1/chat/completions", json=GOOD_CHAT, headers=headers)
+    assert response.status == 200, await response.text()
+    assert fake.requests[-1].headers["x-envoy-hop-29"] == "1"
