@@ -124,14 +124,13 @@ def body(error: GatewayError, path: str) -> bytes:
 
 def render(error: GatewayError, path: str, request_id: str | None = None) -> web.Response:
     """The error as a response, with its headers and the request id (when the caller has one):
-    `x-request-id`, and on Anthropic's paths also `request-id`, where Anthropic's SDKs read
-    it (`APIStatusError.request_id`)."""
+    `x-request-id`, and `request-id`, where Anthropic's SDKs read it
+    (`APIStatusError.request_id`), on its own paths and the shared ones (`/v1/models`)."""
     response = web.Response(
         status=error.status, body=body(error, path), content_type="application/json"
     )
     response.headers.update(error.headers)
     if request_id is not None:
         response.headers["x-request-id"] = request_id
-        if is_anthropic_path(path):
-            response.headers["request-id"] = request_id
+        response.headers["request-id"] = request_id
     return response

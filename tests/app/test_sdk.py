@@ -555,6 +555,16 @@ async def test_unknown_key_raises_anthropic_authentication_error(
     assert caught.value.request_id == caught.value.response.headers["x-request-id"]
 
 
+async def test_an_anthropic_sdk_refused_on_a_shared_path_reads_the_request_id(
+    anthropic_sdk, fake: FakeState
+) -> None:
+    # /v1/models is shared: its errors are OpenAI-shaped (SPEC), the SDK raises by status.
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        await anthropic_sdk("vk_not_a_key").models.list()
+    assert caught.value.request_id == caught.value.response.headers["x-request-id"]
+    assert fake.requests == []
+
+
 async def test_unknown_key_on_count_tokens_is_anthropic_shaped(
     anthropic_sdk, fake: FakeState
 ) -> None:
