@@ -141,7 +141,13 @@ def validate(
     named.check_outside(key, method, tail)  # 403
     unnamed = named.unnamed(method, tail)
     needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and method == "POST"
-    if tail not in _NEEDS_MODEL_AND_MESSAGES and content_type in named.FORM_TYPES:
+    if (
+        tail not in _NEEDS_MODEL_AND_MESSAGES
+        and content_type in named.FORM_TYPES
+        # `curl -d '{...}'` labels JSON a url-encoded form, and providers read it as JSON all
+        # the same: a body that opens as a JSON object is read as one, whatever its label.
+        and body.lstrip()[:1] != b"{"
+    ):
         # Parsing a large upload costs time: only where it decides (the check, or the price).
         if is_restricted or tail in named.PRICED_FORMS:
             try:

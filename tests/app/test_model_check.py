@@ -210,3 +210,26 @@ async def test_a_fine_tuned_model_in_the_path_is_read_whole(
     assert [seen.path for seen in fake.requests] == [f"/v1/models/{TUNED_MODEL}"]
     (line,) = await records(1)
     assert line["status"] == 200 and line["model"] == TUNED_MODEL
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/moderations"])
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+async def test_a_json_body_sent_with_a_form_content_type_has_its_model_checked(
+    gateway: TestClient, fake: FakeState, path: str, content_type: str
+) -> None:
+    # `curl -d '{...}'` labels its JSON a url-encoded form; providers read the bytes as JSON
+    # all the same, so the model in them is the one that runs.
+    body = b'{"model": "gpt-4o", "input": "hi", "prompt": "hi"}'
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": content_type}
+    response = await gateway.post(path, data=body, headers=headers)
+    assert response.status == 403
+    payload = await response.json()
+    assert_openai_error(payload, "model_not_allowed")
+    assert "'gpt-4o'" in payload["error"]["message"]
+    assert fake.requests == []
+    allowed = body.replace(b'"gpt-4o"', b'"gpt-4o-mini"')
+    response = await gateway.post(path, data=allowed, headers=headers)
+    assert response.status != 403
+    assert [seen.body for seen in fake.requests] == [allowed]
