@@ -4,10 +4,11 @@
 `/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider.
 The tail is taken from the raw request target and forwarded still encoded, so the
 provider sees the same bytes; anything that could move the request off the provider's
-base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
-empty segment, a control character) is refused (but the '%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other
-path gets 404 naming the proxied ones; the gateway's own endpoints, reached here only with
-a method they do not serve, get 405. Routing needs no key: the exchange routes first.
+base URL (`..` or `.` segments, `;` parameters or not (`..;`), encoded slashes or
+backslashes, an absolute URL, an empty segment, a control character) is refused (but the
+'%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other path gets 404
+naming the proxied ones; the gateway's own endpoints, reached here only with a method they
+do not serve, get 405. Routing needs no key: the exchange routes first.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def route(raw_target: str) -> tuple[str, str]:
     if not segments:
         raise GatewayError(404, "unknown_route", "Name a provider path after /v1/.")
     for segment in segments:
-        # '//' also catches an absolute URL smuggled into the path (http://...).
-        if unquote(segment) in ("", ".", ".."):
+        # '//' also catches an absolute URL smuggled into the path (http://...). A segment's
+        # ';' parameters (RFC 2396 §3.3) are dropped before dot segments resolve by servlet
+        # containers (Tomcat, Jetty, Spring): '..;x' climbs there as '..' does.
+        if unquote(segment).partition(";")[0] in ("", ".", ".."):
             raise _unsafe("an empty, '.' or '..' segment")
     return tail, query
 

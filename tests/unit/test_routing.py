@@ -84,3 +84,19 @@ def test_a_path_starting_with_two_slashes_says_how_a_base_url_makes_one() -> Non
         route("//v1/chat/completions")
     assert refused.value.status == 400 and refused.value.code == "invalid_path"
     assert "'//'" in str(refused.value) and "ending in '/'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/v1/..;/admin", "/v1/models/..;x/y", "/v1/%2e%2e;/x", "/v1/.;/models", "/v1/;x/models"],
+)
+def test_a_dot_segment_with_parameters_gets_400(target: str) -> None:
+    # Servlet containers (Tomcat, Jetty, Spring) drop a segment's ';' parameters before they
+    # resolve dot segments: '..;' climbs there as '..' does.
+    with pytest.raises(GatewayError) as refused:
+        route(target)
+    assert refused.value.status == 400 and refused.value.code == "invalid_path"
+
+
+def test_parameters_on_an_ordinary_segment_pass() -> None:
+    assert route("/v1/models;v=2/gpt-4o") == ("models;v=2/gpt-4o", "")
