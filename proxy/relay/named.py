@@ -4,7 +4,7 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
+`tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
@@ -63,6 +63,8 @@ _UNNAMED = {
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
 }
+# Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
+_TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
@@ -160,8 +162,8 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
 
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
-    """Models named by the path (`models/<m>`, `deployments/<m>`, Bedrock's `model/<m>/…`) or a
-    `model` query parameter.
+    """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
+    Bedrock's `model/<m>/…`) or a `model` query parameter.
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -169,8 +171,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
-    if "model" not in tail and "deployments" not in tail:  # no segment below can name one
-        return models
+    if "model" not in tail and "deployments" not in tail and _TUNED not in tail:
+        return models  # no segment below can name one
     segments = tail.split("/")
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
@@ -180,6 +182,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             continue  # Vertex's Claude token count: no model of its own, the body names it
         if before in ("models", "deployments") and segment:
             models.append(_path_model(unquote(segment)))
+        elif before == _TUNED and segment:
+            # Its own name, whole: a tuned model's id is the tuner's choice, so 'gemini-…'
+            # could be any model; a pattern allows it as `tunedModels/<id>`.
+            models.append(f"{_TUNED}/{_path_model(unquote(segment))}")
     return models
 
 
