@@ -23,6 +23,7 @@ refused to a restricted key always, and to any other key unless keys.json allows
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,8 @@ _UNNAMED = {
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
 }
+# RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
+_EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
 # Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
 _TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
@@ -150,6 +153,7 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
         with PushMultipartParser(boundary) as parser:
             for event in (*parser.parse(body), *parser.parse(b"")):
                 if isinstance(event, MultipartSegment):
+                    _check_named_once(event.headerlist)
                     name, value = event.name, bytearray() if event.name in _FORM_NAMES else None
                 elif event and value is not None:
                     value += event
@@ -159,6 +163,15 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
     except MultipartError as error:
         raise Unreadable(f"a multipart body that does not parse ({error})") from None
     return models
+
+
+def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
+    """A part names its field once, plainly: an RFC 2231 `name*=` (which python-multipart,
+    under FastAPI servers, reads as the name) or a second Content-Disposition (the provider's
+    parser picks one) could name a `model` field the gateway does not see. Raises Unreadable."""
+    dispositions = [value for name, value in headerlist if name == "Content-Disposition"]
+    if len(dispositions) > 1 or any(_EXTENDED_NAME.search(value) for value in dispositions):
+        raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
 
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:

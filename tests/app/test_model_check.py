@@ -233,3 +233,42 @@ async def test_a_json_body_sent_with_a_form_content_type_has_its_model_checked(
     response = await gateway.post(path, data=allowed, headers=headers)
     assert response.status != 403
     assert [seen.body for seen in fake.requests] == [allowed]
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        # RFC 2231's extended name: python-multipart (FastAPI servers) reads it as `model`.
+        b"Content-Disposition: form-data; name*=UTF-8''model",
+        # Two dispositions: which names the part is the provider's parser's choice.
+        b'Content-Disposition: form-data; name="model"\r\nContent-Disposition: form-data; name="x"',
+    ],
+)
+async def test_a_form_part_whose_name_the_gateway_may_read_otherwise_is_refused(
+    gateway: TestClient, fake: FakeState, disposition: bytes
+) -> None:
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini\r\n'
+        b"--zz\r\n" + disposition + b"\r\n\r\ngpt-4o\r\n"
+        b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--zz--\r\n"
+    )
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "multipart/form-data; boundary=zz"}
+    response = await gateway.post("/v1/audio/transcriptions", data=body, headers=headers)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert fake.requests == []
+
+
+async def test_a_non_ascii_filename_in_rfc_2231_form_still_passes(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini\r\n'
+        b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''%C3%A9.wav\r\n"
+        b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--zz--\r\n"
+    )
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "multipart/form-data; boundary=zz"}
+    response = await gateway.post("/v1/audio/transcriptions", data=body, headers=headers)
+    assert response.status == 200
+    assert len(fake.requests) == 1
