@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from tests.conftest import OPENAI_VK, assert_openai_error, auth
 from tests.support.fake_provider import FakeState
@@ -272,3 +273,24 @@ async def test_a_non_ascii_filename_in_rfc_2231_form_still_passes(
     response = await gateway.post("/v1/audio/transcriptions", data=body, headers=headers)
     assert response.status == 200
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "body"),
+    [
+        (OPENAI_VK, "/v1/realtime/client_secret%73", {"session": {"type": "realtime"}}),
+        (ONE_MODEL_VK, "/v1/realtime/%63lient_secrets", {"session": {"type": "realtime"}}),
+        (ONE_MODEL_VK, "/v1/batche%73", {"input_file_id": "file-1", "endpoint": "/v1/responses"}),
+        (ONE_MODEL_VK, "/v1/respon%73es", {"prompt": {"id": "pmpt_123"}}),
+    ],
+)
+async def test_a_path_spelled_with_percent_escapes_is_checked_as_the_provider_reads_it(
+    gateway: TestClient, fake: FakeState, key: str, path: str, body: dict[str, Any]
+) -> None:
+    # encoded=True: yarl would otherwise decode the escapes before they reach the gateway.
+    url = URL(str(gateway.make_url("/")).rstrip("/") + path, encoded=True)
+    response = await gateway.session.post(url, json=body, headers=auth(key))
+    assert response.status == 403
+    payload = await response.json()
+    assert payload["error"]["code"] in ("client_secrets_not_allowed", "model_not_allowed")
+    assert fake.requests == []

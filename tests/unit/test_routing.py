@@ -100,3 +100,24 @@ def test_a_dot_segment_with_parameters_gets_400(target: str) -> None:
 
 def test_parameters_on_an_ordinary_segment_pass() -> None:
     assert route("/v1/models;v=2/gpt-4o") == ("models;v=2/gpt-4o", "")
+
+
+@pytest.mark.parametrize(
+    ("target", "tail"),
+    [
+        ("/v1/realtime/client_secret%73", "realtime/client_secrets"),
+        ("/v1/%62atches?x=%61", "batches"),
+        ("/v1/models/gpt-4o%2Dmini%7e1", "models/gpt-4o-mini~1"),
+        ("/v1/files/a%2Fb%3Ac%25", None),  # reserved characters stay encoded (and %2F refused)
+        ("/v1/models/a%3Ab%20c%25d", "models/a%3Ab%20c%25d"),
+    ],
+)
+def test_percent_encoded_unreserved_characters_are_decoded(target: str, tail: str | None) -> None:
+    # RFC 3986 §6.2.2.2: '%73' and 's' name the same path. The provider decodes them before
+    # it routes; the gateway's checks by path (client secrets, batches, an endpoint's default
+    # model) must read the path the provider will.
+    if tail is None:
+        with pytest.raises(GatewayError):
+            route(target)
+        return
+    assert route(target)[0] == tail
