@@ -213,6 +213,18 @@ async def test_a_fine_tuned_model_in_the_path_is_read_whole(
     assert line["status"] == 200 and line["model"] == TUNED_MODEL
 
 
+async def test_a_json_body_with_a_bom_sent_with_a_form_content_type_is_refused(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Python's json.loads skips a UTF-8 BOM; the gateway cannot read such a body, and refuses.
+    body = b'\xef\xbb\xbf{"model": "gpt-4o", "input": "hi"}'
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "application/x-www-form-urlencoded"}
+    response = await gateway.post("/v1/embeddings", data=body, headers=headers)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/moderations"])
 @pytest.mark.parametrize(
     "content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
