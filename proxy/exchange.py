@@ -324,14 +324,20 @@ class Exchange:
     def hide_key(self) -> None:
         """The key the client presented, named again in its path or model (pasted where the
         model goes, or a probe), is masked on the record: SPEC keeps a full virtual key out
-        of every log line and metric."""
-        if self.key is None:
-            return
-        secret = presented(self._credentials)
+        of every log line and metric. So is another key of the file named there whole (a
+        user's virtual key, a real key), whoever wrote it."""
+        secret = presented(self._credentials) if self.key is not None else None
         if secret:
             self.record.hide(secret, masked(secret))
             if self.trace is not None:  # the attempts' spans named the model before the record
                 self.trace.hide(secret, masked(secret))
+        key_ring = self._entrance.key_ring
+        for name in self.record.named():
+            mask = key_ring.mask_for(name)
+            if mask is not None and name != secret:
+                self.record.hide_named(name, mask)
+                if self.trace is not None:
+                    self.trace.hide(name, mask)
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a

@@ -407,10 +407,27 @@ class Record:
     def finish(self) -> None:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
 
+    def named(self) -> list[str]:
+        """What the client named that the log shows as sent, where a key may be pasted: the
+        path's segments, the request id, the model."""
+        names = [*self.path.split("/"), self.request_id]
+        if self.model is not None:
+            names.append(self.model)
+        return names
+
     def hide(self, secret: str, mask: str) -> None:
         """`secret` (the client's own key, which it named in its path, its model, its
         x-request-id or, logged with LOG_BODIES, its body) kept only as `mask` in what the
         log, the metrics and the traces read."""
+        self.hide_named(secret, mask)
+        if self.request_body is not None or self.response_text is not None:
+            # LOG_BODIES: masked where the body is written as a JSON value, any escape of
+            # the key decoded (`Logbook`, on its writer thread).
+            self.hidden = (secret, mask)
+
+    def hide_named(self, secret: str, mask: str) -> None:
+        """`secret` kept only as `mask` in the path, the model, the request id and the error
+        (not in logged bodies: `hide`)."""
         if secret in self.request_id:
             self.request_id = self.request_id.replace(secret, mask)
         if secret in self.path:
@@ -421,10 +438,6 @@ class Record:
             self.response_model = self.response_model.replace(secret, mask)
         if self.error is not None and secret in self.error:
             self.error = self.error.replace(secret, mask)
-        if self.request_body is not None or self.response_text is not None:
-            # LOG_BODIES: masked where the body is written as a JSON value, any escape of
-            # the key decoded (`Logbook`, on its writer thread).
-            self.hidden = (secret, mask)
 
     @property
     def overhead_ms(self) -> float | None:

@@ -34,6 +34,9 @@ from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.upstream.providers import Provider
 from proxy.upstream.targets import Plans, Target
 
+# How a log line or a metric shows a real key a client named (the logbook's bodies alike).
+REDACTED = "[redacted]"
+
 
 @dataclass(frozen=True, slots=True)
 class VirtualKey:
@@ -236,6 +239,15 @@ class KeyRing:
     def real_keys(self) -> frozenset[str]:
         """Every real key of the file: what must never be shown (the same object each call)."""
         return self._real_keys
+
+    def mask_for(self, text: str) -> str | None:
+        """How a log line or a metric shows `text` when it is a secret of the file: a real
+        key as `[redacted]`, a virtual key masked; None when it is neither."""
+        if not text:
+            return None
+        if text in self._real_keys:
+            return REDACTED
+        return masked(text) if self._find(text) is not None else None
 
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys that can send requests to it, for /health."""

@@ -4,7 +4,7 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
+`tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
@@ -23,6 +23,7 @@ refused to a restricted key always, and to any other key unless keys.json allows
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,10 @@ _UNNAMED = {
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
 }
+# RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
+_EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
+# Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
+_TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
@@ -148,6 +153,7 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
         with PushMultipartParser(boundary) as parser:
             for event in (*parser.parse(body), *parser.parse(b"")):
                 if isinstance(event, MultipartSegment):
+                    _check_named_once(event.headerlist)
                     name, value = event.name, bytearray() if event.name in _FORM_NAMES else None
                 elif event and value is not None:
                     value += event
@@ -159,9 +165,18 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
     return models
 
 
+def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
+    """A part names its field once, plainly: an RFC 2231 `name*=` (which python-multipart,
+    under FastAPI servers, reads as the name) or a second Content-Disposition (the provider's
+    parser picks one) could name a `model` field the gateway does not see. Raises Unreadable."""
+    dispositions = [value for name, value in headerlist if name == "Content-Disposition"]
+    if len(dispositions) > 1 or any(_EXTENDED_NAME.search(value) for value in dispositions):
+        raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
+
+
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
-    """Models named by the path (`models/<m>`, `deployments/<m>`, Bedrock's `model/<m>/…`) or a
-    `model` query parameter.
+    """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
+    Bedrock's `model/<m>/…`) or a `model` query parameter.
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -169,8 +184,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
-    if "model" not in tail and "deployments" not in tail:  # no segment below can name one
-        return models
+    if "model" not in tail and "deployments" not in tail and _TUNED not in tail:
+        return models  # no segment below can name one
     segments = tail.split("/")
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
@@ -180,6 +195,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             continue  # Vertex's Claude token count: no model of its own, the body names it
         if before in ("models", "deployments") and segment:
             models.append(_path_model(unquote(segment)))
+        elif before == _TUNED and segment:
+            # Its own name, whole: a tuned model's id is the tuner's choice, so 'gemini-…'
+            # could be any model; a pattern allows it as `tunedModels/<id>`.
+            models.append(f"{_TUNED}/{_path_model(unquote(segment))}")
     return models
 
 

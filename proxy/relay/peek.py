@@ -32,6 +32,7 @@ from proxy.usage.usage import Charged, charged
 # the provider would refuse them anyway, and the gateway refuses them without a round trip.
 _NEEDS_MODEL_AND_MESSAGES = frozenset(("chat/completions", "messages", "messages/count_tokens"))
 _JSON_TYPES = ("application/json", "+json")
+_BOM = b"\xef\xbb\xbf"
 # The native APIs' streamed calls, which say so in the path, not the body (AnthropicBedrock
 # takes "stream" out of it; Gemini's body has none): Bedrock's, then Vertex's and Gemini's.
 _STREAMED_PATHS = (
@@ -141,7 +142,13 @@ def validate(
     named.check_outside(key, method, tail)  # 403
     unnamed = named.unnamed(method, tail)
     needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and method == "POST"
-    if tail not in _NEEDS_MODEL_AND_MESSAGES and content_type in named.FORM_TYPES:
+    if (
+        tail not in _NEEDS_MODEL_AND_MESSAGES
+        and content_type in named.FORM_TYPES
+        # `curl -d '{...}'` labels JSON a url-encoded form, and providers read it as JSON all
+        # the same: a body that opens as a JSON object is read as one, whatever its label.
+        and not _opens_object(body)
+    ):
         # Parsing a large upload costs time: only where it decides (the check, or the price).
         if is_restricted or tail in named.PRICED_FORMS:
             try:
@@ -249,6 +256,12 @@ def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> di
             raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
         return None
     return document
+
+
+def _opens_object(body: bytes) -> bool:
+    """The body opens as a JSON object, after whitespace or a UTF-8 BOM (which Python's
+    json.loads skips: a provider may read it as JSON)."""
+    return body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{"
 
 
 def _check_chat(document: dict[str, Any]) -> None:

@@ -2,12 +2,14 @@
 
 `/v1/<tail>` and the seed paths without `/v1` (`/chat/completions`, `/completions`,
 `/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider.
-The tail is taken from the raw request target and forwarded still encoded, so the
+The tail is taken from the raw request target and forwarded still encoded (but an escaped
+letter, digit, '-', '.', '_' or '~', decoded: the same path to the provider), so the
 provider sees the same bytes; anything that could move the request off the provider's
-base URL (`..` or `.` segments, encoded slashes or backslashes, an absolute URL, an
-empty segment, a control character) is refused (but the '%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other
-path gets 404 naming the proxied ones; the gateway's own endpoints, reached here only with
-a method they do not serve, get 405. Routing needs no key: the exchange routes first.
+base URL (`..` or `.` segments, `;` parameters or not (`..;`), encoded slashes or
+backslashes, an absolute URL, an empty segment, a control character) is refused (but the
+'%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other path gets 404
+naming the proxied ones; the gateway's own endpoints, reached here only with a method they
+do not serve, get 405. Routing needs no key: the exchange routes first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
 
 # Encoded '/', '\' and NUL: a provider may decode them into path separators.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+# An unreserved character written as an escape (RFC 3986 §2.3: letters, digits, - . _ ~).
+_ENCODED_UNRESERVED = re.compile(r"%(2[dD]|2[eE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 # Control characters, raw or encoded (%0a ...): no provider path holds one; a log reader
 # or a provider's own router could be misled by it.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
@@ -89,10 +93,21 @@ def route(raw_target: str) -> tuple[str, str]:
     if not segments:
         raise GatewayError(404, "unknown_route", "Name a provider path after /v1/.")
     for segment in segments:
-        # '//' also catches an absolute URL smuggled into the path (http://...).
-        if unquote(segment) in ("", ".", ".."):
+        # '//' also catches an absolute URL smuggled into the path (http://...). A segment's
+        # ';' parameters (RFC 2396 §3.3) are dropped before dot segments resolve by servlet
+        # containers (Tomcat, Jetty, Spring): '..;x' climbs there as '..' does.
+        if unquote(segment).partition(";")[0] in ("", ".", ".."):
             raise _unsafe("an empty, '.' or '..' segment")
+    if "%" in tail:
+        # RFC 3986 §6.2.2.2: '%73' and 's' name the same path, and the provider decodes them
+        # before it routes: the checks by path (client secrets, batches, an endpoint's
+        # default model) read, and the provider is sent, the path it will route.
+        tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def _decoded(escape: re.Match[str]) -> str:
+    return chr(int(escape.group(1), 16))
 
 
 def _without_bedrock_arn(tail: str) -> str:

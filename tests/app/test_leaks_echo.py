@@ -215,3 +215,30 @@ async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
     hidden = masked(OPENAI_VK)
     logged = [json.dumps(line["request"], ensure_ascii=False) for line in lines]
     assert hidden in logged[0] and hidden in logged[1]
+
+
+async def test_another_key_named_as_the_model_or_in_the_path_is_in_no_log_line_or_metric(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # Not the client's own key: another user's virtual key, or a real key of the file. Whoever
+    # writes one where the model or a path segment goes, the log and /metrics show neither.
+    gateway = await make_gateway()
+    asks = [
+        ("POST", "/v1/chat/completions", {**CHAT, "model": ANTHROPIC_VK}),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": OPENAI_REAL}),
+        ("GET", f"/v1/models/{ANTHROPIC_REAL}", None),
+        ("GET", f"/v1/files/{ANTHROPIC_VK}/content", None),
+    ]
+    for method, path, body in asks:
+        response = await gateway.request(method, path, json=body, headers=auth(OPENAI_VK))
+        await response.read()
+    lines = await records(len(asks))
+    written = log_path.read_text()
+    metrics = await (await gateway.get("/metrics")).text()
+    for secret in (ANTHROPIC_VK, OPENAI_REAL, ANTHROPIC_REAL):
+        assert secret not in written and secret not in metrics
+    assert lines[0]["model"] == masked(ANTHROPIC_VK)
+    assert lines[1]["model"] == lines[2]["model"] == "[redacted]"
+    assert lines[3]["path"] == f"/v1/files/{masked(ANTHROPIC_VK)}/content"

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from tests.conftest import OPENAI_VK, assert_openai_error, auth
 from tests.support.fake_provider import FakeState
@@ -210,3 +211,98 @@ async def test_a_fine_tuned_model_in_the_path_is_read_whole(
     assert [seen.path for seen in fake.requests] == [f"/v1/models/{TUNED_MODEL}"]
     (line,) = await records(1)
     assert line["status"] == 200 and line["model"] == TUNED_MODEL
+
+
+async def test_a_json_body_with_a_bom_sent_with_a_form_content_type_is_refused(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Python's json.loads skips a UTF-8 BOM; the gateway cannot read such a body, and refuses.
+    body = b'\xef\xbb\xbf{"model": "gpt-4o", "input": "hi"}'
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "application/x-www-form-urlencoded"}
+    response = await gateway.post("/v1/embeddings", data=body, headers=headers)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/moderations"])
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+async def test_a_json_body_sent_with_a_form_content_type_has_its_model_checked(
+    gateway: TestClient, fake: FakeState, path: str, content_type: str
+) -> None:
+    # `curl -d '{...}'` labels its JSON a url-encoded form; providers read the bytes as JSON
+    # all the same, so the model in them is the one that runs.
+    body = b'{"model": "gpt-4o", "input": "hi", "prompt": "hi"}'
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": content_type}
+    response = await gateway.post(path, data=body, headers=headers)
+    assert response.status == 403
+    payload = await response.json()
+    assert_openai_error(payload, "model_not_allowed")
+    assert "'gpt-4o'" in payload["error"]["message"]
+    assert fake.requests == []
+    allowed = body.replace(b'"gpt-4o"', b'"gpt-4o-mini"')
+    response = await gateway.post(path, data=allowed, headers=headers)
+    assert response.status != 403
+    assert [seen.body for seen in fake.requests] == [allowed]
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        # RFC 2231's extended name: python-multipart (FastAPI servers) reads it as `model`.
+        b"Content-Disposition: form-data; name*=UTF-8''model",
+        # Two dispositions: which names the part is the provider's parser's choice.
+        b'Content-Disposition: form-data; name="model"\r\nContent-Disposition: form-data; name="x"',
+    ],
+)
+async def test_a_form_part_whose_name_the_gateway_may_read_otherwise_is_refused(
+    gateway: TestClient, fake: FakeState, disposition: bytes
+) -> None:
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini\r\n'
+        b"--zz\r\n" + disposition + b"\r\n\r\ngpt-4o\r\n"
+        b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--zz--\r\n"
+    )
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "multipart/form-data; boundary=zz"}
+    response = await gateway.post("/v1/audio/transcriptions", data=body, headers=headers)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "model_not_allowed")
+    assert fake.requests == []
+
+
+async def test_a_non_ascii_filename_in_rfc_2231_form_still_passes(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-mini\r\n'
+        b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''%C3%A9.wav\r\n"
+        b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--zz--\r\n"
+    )
+    headers = {**auth(ONE_MODEL_VK), "Content-Type": "multipart/form-data; boundary=zz"}
+    response = await gateway.post("/v1/audio/transcriptions", data=body, headers=headers)
+    assert response.status == 200
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "body"),
+    [
+        (OPENAI_VK, "/v1/realtime/client_secret%73", {"session": {"type": "realtime"}}),
+        (ONE_MODEL_VK, "/v1/realtime/%63lient_secrets", {"session": {"type": "realtime"}}),
+        (ONE_MODEL_VK, "/v1/batche%73", {"input_file_id": "file-1", "endpoint": "/v1/responses"}),
+        (ONE_MODEL_VK, "/v1/respon%73es", {"prompt": {"id": "pmpt_123"}}),
+    ],
+)
+async def test_a_path_spelled_with_percent_escapes_is_checked_as_the_provider_reads_it(
+    gateway: TestClient, fake: FakeState, key: str, path: str, body: dict[str, Any]
+) -> None:
+    # encoded=True: yarl would otherwise decode the escapes before they reach the gateway.
+    url = URL(str(gateway.make_url("/")).rstrip("/") + path, encoded=True)
+    response = await gateway.session.post(url, json=body, headers=auth(key))
+    assert response.status == 403
+    payload = await response.json()
+    assert payload["error"]["code"] in ("client_secrets_not_allowed", "model_not_allowed")
+    assert fake.requests == []

@@ -218,6 +218,8 @@ async def test_a_body_the_gateway_cannot_check_is_refused_for_a_restricted_key(
     [
         ("GET", "/v1/realtime?model=o1-realtime", None),
         ("POST", "/v1/models/o1:generateContent", b"{}"),
+        ("POST", "/v1/tunedModels/gpt-4o-mini-tuned:generateContent", b"{}"),
+        ("POST", "/v1/tunedModels/gpt-4o-mini:streamGenerateContent?alt=sse", b"{}"),
         ("GET", "/v1/models/o1", None),
         ("POST", "/v1/deployments/o1/chat/completions?api-version=1", CHAT_O1),
         ("POST", "/v1/batches", b'{"input_file_id": "file-1", "endpoint": "/v1/responses"}'),

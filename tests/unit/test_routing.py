@@ -84,3 +84,40 @@ def test_a_path_starting_with_two_slashes_says_how_a_base_url_makes_one() -> Non
         route("//v1/chat/completions")
     assert refused.value.status == 400 and refused.value.code == "invalid_path"
     assert "'//'" in str(refused.value) and "ending in '/'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/v1/..;/admin", "/v1/models/..;x/y", "/v1/%2e%2e;/x", "/v1/.;/models", "/v1/;x/models"],
+)
+def test_a_dot_segment_with_parameters_gets_400(target: str) -> None:
+    # Servlet containers (Tomcat, Jetty, Spring) drop a segment's ';' parameters before they
+    # resolve dot segments: '..;' climbs there as '..' does.
+    with pytest.raises(GatewayError) as refused:
+        route(target)
+    assert refused.value.status == 400 and refused.value.code == "invalid_path"
+
+
+def test_parameters_on_an_ordinary_segment_pass() -> None:
+    assert route("/v1/models;v=2/gpt-4o") == ("models;v=2/gpt-4o", "")
+
+
+@pytest.mark.parametrize(
+    ("target", "tail"),
+    [
+        ("/v1/realtime/client_secret%73", "realtime/client_secrets"),
+        ("/v1/%62atches?x=%61", "batches"),
+        ("/v1/models/gpt-4o%2Dmini%7e1", "models/gpt-4o-mini~1"),
+        ("/v1/files/a%2Fb%3Ac%25", None),  # reserved characters stay encoded (and %2F refused)
+        ("/v1/models/a%3Ab%20c%25d", "models/a%3Ab%20c%25d"),
+    ],
+)
+def test_percent_encoded_unreserved_characters_are_decoded(target: str, tail: str | None) -> None:
+    # RFC 3986 §6.2.2.2: '%73' and 's' name the same path. The provider decodes them before
+    # it routes; the gateway's checks by path (client secrets, batches, an endpoint's default
+    # model) must read the path the provider will.
+    if tail is None:
+        with pytest.raises(GatewayError):
+            route(target)
+        return
+    assert route(target)[0] == tail
