@@ -331,10 +331,8 @@ class Exchange:
             self.record.hide(secret, masked(secret))
             if self.trace is not None:  # the attempts' spans named the model before the record
                 self.trace.hide(secret, masked(secret))
-        key_ring = self._entrance.key_ring
-        for name in self.record.named():
-            mask = key_ring.mask_for(name)
-            if mask is not None and name != secret:
+        for name, mask in self._entrance.key_ring.secrets_in(self.record.named()):
+            if name != secret:
                 self.record.hide_named(name, mask)
                 if self.trace is not None:
                     self.trace.hide(name, mask)

@@ -240,14 +240,18 @@ class KeyRing:
         """Every real key of the file: what must never be shown (the same object each call)."""
         return self._real_keys
 
-    def mask_for(self, text: str) -> str | None:
-        """How a log line or a metric shows `text` when it is a secret of the file: a real
-        key as `[redacted]`, a virtual key masked; None when it is neither."""
-        if not text:
-            return None
-        if text in self._real_keys:
-            return REDACTED
-        return masked(text) if self._find(text) is not None else None
+    def secrets_in(self, texts: list[str]) -> list[tuple[str, str]]:
+        """Each of `texts` that is a secret of the file, and how a log line or a metric shows
+        it: a real key as `[redacted]`, a virtual key masked. Most requests name none: one
+        call, a set and a dict lookup a text (a digest too, for hashed keys)."""
+        real, plain, is_hashed = self._real_keys, self._plain, bool(self._hashed or self._previous)
+        found = []
+        for text in texts:
+            if text in real:
+                found.append((text, REDACTED))
+            elif text in plain or (is_hashed and text and self._find(text) is not None):
+                found.append((text, masked(text)))
+        return found
 
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys that can send requests to it, for /health."""
