@@ -141,6 +141,19 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     assert body == b'data: {"echo": "' + masked + b'"}\n\n' + b"data: [DONE]\n\n"
 
 
+async def ask_each(
+    gateway: TestClient, asks: list[tuple[str, str, dict[str, Any] | None]]
+) -> list[int]:
+    """Each (method, path, JSON body) sent with OpenAI's test key, read to its end: the
+    statuses."""
+    statuses = []
+    for method, path, body in asks:
+        response = await gateway.request(method, path, json=body, headers=auth(OPENAI_VK))
+        await response.read()
+        statuses.append(response.status)
+    return statuses
+
+
 async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_metric(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,
@@ -154,10 +167,7 @@ async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_me
         ("GET", f"/v1/models/{OPENAI_VK}", None),
         ("POST", "/v1/chat/completions", {**CHAT, "model": f"x-{OPENAI_VK}-y", "stream": True}),
     ]
-    for method, path, body in asks:
-        response = await gateway.request(method, path, json=body, headers=auth(OPENAI_VK))
-        await response.read()
-        assert response.status == 200
+    assert await ask_each(gateway, asks) == [200] * len(asks)
     lines = await records(len(asks))
     assert OPENAI_VK not in log_path.read_text()
     hidden = masked(OPENAI_VK)
@@ -231,9 +241,7 @@ async def test_another_key_named_as_the_model_or_in_the_path_is_in_no_log_line_o
         ("GET", f"/v1/models/{ANTHROPIC_REAL}", None),
         ("GET", f"/v1/files/{ANTHROPIC_VK}/content", None),
     ]
-    for method, path, body in asks:
-        response = await gateway.request(method, path, json=body, headers=auth(OPENAI_VK))
-        await response.read()
+    await ask_each(gateway, asks)
     lines = await records(len(asks))
     written = log_path.read_text()
     metrics = await (await gateway.get("/metrics")).text()
