@@ -22,6 +22,9 @@ CLIENT_CLOSED = 499
 # period ran out (runtime.server): logged as the gateway's cut, never as the client's 499.
 GRACE_OVER = "cut by the gateway at the end of its shutdown grace period"
 GRACE_OVER_STATUS = 503
+# How a real key is shown wherever the gateway writes one it found: the log line, its bodies,
+# a metric, the admin API's export.
+REDACTED = "[redacted]"
 
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.

@@ -22,11 +22,11 @@ from typing import Any
 from proxy.keys.fields import KeysFileError, check_fields, has_control, positive_number
 from proxy.keys.hashed import digest_of, hashed, is_hashed
 from proxy.keys.keys import masked
+from proxy.record import REDACTED
 
 MIN_GIVEN_KEY = 20  # characters of a virtual key the API is given rather than makes
 MAX_GRACE_SECONDS = 30 * 86400
 SET_BY_GATEWAY = frozenset({"created_at", "previous_key"})
-REDACTED = "[redacted]"
 # The fields that hold a real credential itself (their `_env` forms name a variable); an AWS
 # access key id is an identifier, not a secret, and stays.
 SECRET_FIELDS = frozenset({"api_key", "aws_secret_access_key", "aws_session_token"})

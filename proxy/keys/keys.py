@@ -31,11 +31,9 @@ from proxy.keys.hashed import digest as secret_digest
 from proxy.keys.plans import parse_plans, parse_providers
 from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
 from proxy.quota.tracker import Budget, Limits, Scope
+from proxy.record import REDACTED
 from proxy.upstream.providers import Provider
 from proxy.upstream.targets import Plans, Target
-
-# How a log line or a metric shows a real key a client named (the logbook's bodies alike).
-REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,11 +58,10 @@ from typing import Any, NamedTuple
 import orjson
 
 from proxy.observe.logfile import LogFile, PartlyWritten
-from proxy.record import Record, dollars
+from proxy.record import REDACTED, Record, dollars
 
 log = logging.getLogger("llm_gateway")
 
-REDACTED = "[redacted]"
 BATCH_LINES = 64  # at most this many lines in one write
 # Lines wait on the loop at most this long before the writer takes them, all at once.
 HAND_OVER_SECONDS = 0.1
