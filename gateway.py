@@ -42,7 +42,9 @@ def main(argv: Sequence[str]) -> int:
         check_redis(settings)
         for warning in warnings(settings, key_ring, prices, os.environ):
             say(f"warning: {warning}")
-        print(start_line(settings, key_ring), flush=True)
+        # Beside the listening line: stdout, or stderr when stdout is the interaction log's.
+        status = sys.stdout if settings.log_to_file else sys.stderr
+        print(start_line(settings, key_ring), file=status, flush=True)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:
         say(str(error))

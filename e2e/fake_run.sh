@@ -66,7 +66,7 @@ json.dump(keys, sys.stdout, indent=2)
 PY
 
 echo "llm-gateway: FAKE=1: every provider is the fake provider at $fake_url (no account, no" \
-    "network), the keys are keys.example.json's ($work/keys.json); Ctrl-C stops both"
+    "network), the keys are keys.example.json's ($work/keys.json); Ctrl-C stops both" >&2
 KEYS_FILE_PATH=$work/keys.json "$PYTHON" gateway.py "$@" &
 gateway=$!
 status=0

@@ -51,7 +51,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
 from proxy.errors import GatewayError, body, render
-from proxy.observe.notices import Notices
+from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
 from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
 
@@ -97,8 +97,13 @@ def serve(
     notices.start()
     notices.install()
 
+    # The status lines (listening, draining, stopped) go to stdout, unless the interaction
+    # log is written there: then to stderr, so stdout holds JSON lines only (`| jq`, a
+    # collector parsing each line).
+    status = STDOUT_FILENO if settings.log_to_file else STDERR_FILENO
+
     def say(line: str) -> None:
-        notices.say(f"llm-gateway {line}{label}")
+        notices.say(f"llm-gateway {line}{label}", status)
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

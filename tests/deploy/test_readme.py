@@ -72,11 +72,12 @@ def fake_run(processes: Processes) -> Iterator[tuple[subprocess.Popen[str], str,
         make("run", "FAKE=1", f"ARGS=--server-host 127.0.0.1 --server-port {port}"),
         env={"PYTHON": sys.executable},
     )
-    assert process.stdout is not None
+    # The status lines are on stderr: stdout is the interaction log's.
+    assert process.stderr is not None
     fake = ""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        line = process.stdout.readline()
+        line = process.stderr.readline()
         if not line:
             break
         found = re.search(r"fake provider at (http://[\d.:]+)", line)
@@ -85,7 +86,7 @@ def fake_run(processes: Processes) -> Iterator[tuple[subprocess.Popen[str], str,
             break
     else:
         line = ""
-    assert "listening on" in line and fake, process.stderr.read() if process.stderr else ""
+    assert "listening on" in line and fake, process.stderr.read()
     yield process, f"http://127.0.0.1:{port}", fake
 
 
@@ -192,7 +193,8 @@ def test_make_run_on_a_fresh_copy_creates_keys_json_and_serves(
     assert shown, "the README no longer says how to change the port"
     process = processes.start(
         make("run", f"ARGS=--server-host 127.0.0.1 {shown.group(1)} {port}"),
-        env={"PYTHON": sys.executable},
+        # The log to a file: the listening line on stdout, the warnings left on stderr.
+        env={"PYTHON": sys.executable, "LOG_TO_FILE": "true"},
         ready="listening on",
         cwd=copy,
     )

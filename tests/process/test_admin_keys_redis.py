@@ -194,8 +194,10 @@ def test_another_keys_store_secret_refuses_the_start_with_one_line_and_exit_2(
         }
     )
     assert result.returncode == 2, result.stderr
-    assert "cannot be decrypted with this KEYS_STORE_SECRET" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # After the starting line (on stderr: stdout is the interaction log's), one line says why.
+    starting, refusal = result.stderr.strip().splitlines()
+    assert starting.startswith("llm-gateway starting: "), result.stderr
+    assert "cannot be decrypted with this KEYS_STORE_SECRET" in refusal
 
 
 async def test_sighup_with_the_keys_in_redis_reopens_the_log_and_fails_no_reload(

@@ -118,6 +118,8 @@ def test_the_start_line_and_the_warnings_a_person_reads_once(
             "KEYS_FILE_PATH": str(path),
             "QUOTA_LIMTI": "5",
             "CORS_ALLOWED_ORIGINS": "https://a.example",
+            "LOG_TO_FILE": "true",  # the listening line on stdout; the warnings on stderr
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
         },
         ready="listening on",
     )

@@ -152,8 +152,10 @@ def test_a_port_in_use_names_the_port_and_the_setting(process_keys: Path) -> Non
 def test_an_unresolvable_server_host_is_one_line_and_exit_2(process_keys: Path) -> None:
     result = refused({"KEYS_FILE_PATH": str(process_keys), "SERVER_HOST": "no-such-host.invalid"})
     assert result.returncode == 2
-    assert result.stderr.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # After the starting line (on stderr: stdout is the interaction log's), one line says why.
+    starting, refusal = result.stderr.strip().splitlines()
+    assert starting.startswith("llm-gateway starting: "), result.stderr
+    assert refusal.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
 
 
 @pytest.mark.parametrize(
@@ -355,9 +357,11 @@ async def test_the_log_goes_to_stdout_by_default(
         ) as response:
             assert response.status == 200
     process.send_signal(signal.SIGTERM)
-    out, _ = await asyncio.to_thread(process.communicate, None, 15)
-    lines = [json.loads(text) for text in out.splitlines() if text.startswith("{")]
+    out, err = await asyncio.to_thread(process.communicate, None, 15)
+    # stdout is the log's alone (`| jq` reads every line); the status lines are on stderr.
+    lines = [json.loads(text) for text in out.splitlines()]
     assert [line["request_id"] for line in lines] == ["to-stdout"]
+    assert "llm-gateway stopped: every request finished" in err
     assert not (tmp_path / "unused.jsonl").exists()
 
 

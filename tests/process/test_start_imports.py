@@ -38,6 +38,8 @@ def test_a_plain_gateway_never_imports_the_clouds_redis_or_tracing(
         **os.environ,
         "KEYS_FILE_PATH": str(keys),
         "SERVER_HOST": "127.0.0.1",
+        "LOG_TO_FILE": "true",  # the listening line on stdout, which this test reads
+        "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
         "SERVER_PORT": str(port),
         "QUOTA_ENABLED": "true",
         "PYTHONPROFILEIMPORTTIME": "1",  # one stderr line per module imported

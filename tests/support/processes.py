@@ -47,7 +47,10 @@ class Processes:
         env: dict[str, str] | None = None,
         ready: str = "",
         cwd: Path = ROOT,
+        ready_on: str = "stdout",
     ) -> subprocess.Popen[str]:
+        """`command` started; with `ready`, once a line of its `ready_on` (stdout or stderr)
+        holds that text."""
         process = subprocess.Popen(
             command,
             env={**os.environ, **(env or {})},
@@ -60,9 +63,10 @@ class Processes:
         self.started.append(process)
         if ready:
             deadline = time.monotonic() + 20
-            assert process.stdout is not None
+            said = process.stdout if ready_on == "stdout" else process.stderr
+            assert said is not None
             while time.monotonic() < deadline:
-                line = process.stdout.readline()
+                line = said.readline()
                 if ready in line:
                     return process
                 if not line and process.poll() is not None:
@@ -115,6 +119,8 @@ def start_gateway(
             **env,
         },
         ready="listening on",
+        # The status lines leave stdout to the interaction log when it is written there.
+        ready_on="stdout" if env.get("LOG_TO_FILE", "true") == "true" else "stderr",
     )
     return process, f"http://127.0.0.1:{port}"
 
