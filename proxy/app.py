@@ -252,6 +252,7 @@ def build_app(
         on_write_error=metrics.log_write_failed,
         on_dropped=metrics.log_line_dropped,
         secrets=lambda: app[KEY_RING].real_keys(),  # the current file's, after a reload too
+        keys_in=lambda words: app[KEY_RING].secrets_in(words),
     )
     if settings.is_tracing_on:
         from proxy.observe.tracing import (

@@ -34,7 +34,11 @@ Invariants:
 With LOG_BODIES, bodies are logged as JSON values when they parse (request and response
 alike), else as text; every real key of the keys file is replaced by `[redacted]` in them
 first, so a provider that echoes its key back (in an error message, say) does not put it
-in the log.
+in the log. A virtual key of the file written in a body (the client's own, another user's)
+is masked there when it stands as a word of its own, between spaces, quotes, brackets or
+punctuation (`key=<key>&`, `<key>.`): each word of 8 characters or more is looked up in the
+key ring. A key glued to other letters, or holding one of those marks (`.`, `:`, `=`, ...),
+is not found that way.
 
 A write that fails at run time (disk full, file removed under a read-only mount, a closed
 pipe) drops that line, calls `on_write_error` (the app counts it in a metric), says the
@@ -69,6 +73,11 @@ HAND_OVER_SECONDS = 0.1
 MAX_QUEUED_LINES = 10_000
 MAX_QUEUED_BYTES = 32 * 1024 * 1024
 CLOSE_POLL_SECONDS = 0.01
+# A logged body's words, for the virtual keys among them: a JSON escape (`\n`, `\u0041`)
+# ends a word, as do spaces, quotes, brackets and punctuation (`key=<key>`, `<key>.`).
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)")
+_BETWEEN_WORDS = str.maketrans(dict.fromkeys("\t\n\r\f\v\"'`<>(){}[],;:=&|.!?", " "))
+_LONG_WORD = re.compile(r" ([^ ]{8,})")  # shorter words are no key a key ring masks
 
 
 def rfc3339(timestamp: float) -> str:
@@ -87,6 +96,7 @@ class Logbook:
         log_bodies: bool,
         on_write_error: Callable[[], None],
         secrets: Callable[[], Collection[str]] = tuple,
+        keys_in: Callable[[list[str]], list[tuple[str, str]]] = lambda words: [],
         on_dropped: Callable[[], None] = lambda: None,
         max_lines: int = MAX_QUEUED_LINES,
         max_bytes: int = MAX_QUEUED_BYTES,
@@ -95,6 +105,9 @@ class Logbook:
         # The real keys to keep out of logged bodies; asked per line, so a reloaded
         # keys file counts at once. Called on the writer thread.
         self._secrets = secrets
+        # Which of some words are virtual keys of the file, each with its mask (`KeyRing.
+        # secrets_in`). Called on the writer thread.
+        self._keys_in = keys_in
         self._redaction: tuple[Collection[str], re.Pattern[str] | None] = ((), None)
         # Called on the writer thread, once per lost line: it must be thread-safe.
         self._on_write_error = on_write_error
@@ -311,8 +324,9 @@ class Logbook:
         return f"{self._second_text}.{millis:03d}Z"
 
     def _redactor(self, hidden: tuple[str, str] | None) -> Callable[[str], str]:
-        """Text → text without any real key (the pattern is compiled once per set of keys)
-        and, when the record hides one, with the client's own virtual key as its mask."""
+        """Text → text without any real key (the pattern is compiled once per set of keys),
+        with the client's own virtual key, when the record hides one, as its mask, and any
+        other virtual key of the file written as a word of its own masked."""
         secrets = self._secrets()
         if secrets is not self._redaction[0]:
             # Longest first: a key that contains another is replaced whole.
@@ -320,14 +334,17 @@ class Logbook:
             pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
             self._redaction = (secrets, pattern)
         pattern = self._redaction[1]
-        if hidden is None:
-            if pattern is None:
-                return _unchanged
-            return lambda text: pattern.sub(REDACTED, text)
-        secret, mask = hidden
-        if pattern is None:
-            return lambda text: text.replace(secret, mask)
-        return lambda text: pattern.sub(REDACTED, text).replace(secret, mask)
+
+        def redact(text: str) -> str:
+            if pattern is not None:
+                text = pattern.sub(REDACTED, text)
+            if hidden is not None:
+                text = text.replace(*hidden)
+            for key, mask in self._keys_in(_words(text)):
+                text = text.replace(key, mask)
+            return text
+
+        return redact
 
     def _lose(self, reason: str) -> None:
         """Count a lost line; say so the first time of an episode only.
@@ -352,8 +369,12 @@ def _body_bytes(record: Record) -> int:
     return len(record.request_body or b"") + len(record.response_text or "")
 
 
-def _unchanged(text: str) -> str:
-    return text
+def _words(text: str) -> list[str]:
+    """The words of `text` long enough to be a virtual key, each once (about 0.1 ms for
+    10 kB of prose, on the writer thread)."""
+    if "\\" in text:
+        text = _ESCAPE.sub(" ", text)
+    return list(set(_LONG_WORD.findall(" " + text.translate(_BETWEEN_WORDS))))
 
 
 def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
@@ -365,7 +386,7 @@ def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return text
-    if redact is _unchanged or not isinstance(value, dict | list | str):
+    if not isinstance(value, dict | list | str):
         return value
     # JSON may spell a key with escapes ("\u0073k-..."): redact its canonical form too.
     canonical = redact(orjson.dumps(value).decode())

@@ -227,6 +227,42 @@ async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
     assert hidden in logged[0] and hidden in logged[1]
 
 
+async def test_another_users_key_in_a_logged_body_is_masked(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # With LOG_BODIES a prompt (or an answer) may hold another user's virtual key, as a word,
+    # quoted, after `=`, at a sentence's end, after a JSON escape, spelt with escapes: the log
+    # shows it masked, as it shows the client's own.
+    gateway = await make_gateway(LOG_BODIES="true")
+    escaped = "".join(f"\\u{ord(c):04x}" for c in ANTHROPIC_VK)
+    prompts = [
+        f"use {ANTHROPIC_VK} now",
+        f'token="{ANTHROPIC_VK}"',
+        f"key={ANTHROPIC_VK}&x=1",
+        f"it is {ANTHROPIC_VK}.",
+        f"line one\n{ANTHROPIC_VK}",
+    ]
+    bodies = [
+        json.dumps({**CHAT, "messages": [{"role": "user", "content": prompt}]})
+        for prompt in prompts
+    ]
+    bodies.append(json.dumps(CHAT).replace('"hi"', f'"{escaped}"', 1))
+    for body in bodies:
+        response = await gateway.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**auth(OPENAI_VK), "content-type": "application/json"},
+        )
+        await response.read()
+        assert response.status == 200
+    lines = await records(len(bodies))
+    assert ANTHROPIC_VK not in log_path.read_text()
+    for line in lines:
+        assert masked(ANTHROPIC_VK) in json.dumps(line["request"], ensure_ascii=False)
+
+
 async def test_another_key_named_as_the_model_or_in_the_path_is_in_no_log_line_or_metric(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,
