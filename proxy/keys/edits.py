@@ -137,7 +137,8 @@ def create_key(document: dict[str, Any], body: Mapping[str, Any], now: float) ->
 
 
 def change_key(document: dict[str, Any], name: str, body: Mapping[str, Any]) -> None:
-    """Set the fields of `body` on the key (null removes one); its name and key stay."""
+    """Set the fields of `body` on the key (null removes one, but `"budget": null` stays:
+    no budget); its name and key stay."""
     where = f"key '{name}'"
     for fixed, instead in (("name", "create a key of the new name"), ("key", "rotate it")):
         if fixed in body:
@@ -146,7 +147,7 @@ def change_key(document: dict[str, Any], name: str, body: Mapping[str, Any]) -> 
     written = find_key(document, name)
     if written is None:
         raise EditRefused(404, "unknown_key", f"No key is named {name[:100]!r}.")
-    _merge(_keys(document)[written], body)
+    _merge(_keys(document)[written], body, NULL_IS_A_VALUE)
 
 
 def delete_key(document: dict[str, Any], name: str) -> None:
@@ -233,7 +234,7 @@ def change_team(document: dict[str, Any], name: str, body: Mapping[str, Any]) ->
     _checked(where, body, "team")
     if name not in _teams(document):
         raise EditRefused(404, "unknown_team", f"No team is named {name[:100]!r}.")
-    _merge(_teams(document)[name], body)
+    _merge(_teams(document)[name], body, frozenset())  # a team has no default budget
 
 
 def delete_team(document: dict[str, Any], name: str) -> None:
@@ -253,9 +254,15 @@ def delete_team(document: dict[str, Any], name: str) -> None:
     del _teams(document)[name]
 
 
-def _merge(entry: dict[str, Any], body: Mapping[str, Any]) -> None:
+# Fields whose null keys.json reads as a value, not as absence: a key's `"budget": null` is
+# no budget, while a key without `budget` takes BUDGET_USD's.
+NULL_IS_A_VALUE = frozenset({"budget"})
+
+
+def _merge(entry: dict[str, Any], body: Mapping[str, Any], kept: frozenset[str]) -> None:
+    """Set the fields of `body`; null removes one, but for the fields in `kept`."""
     for field, value in body.items():
-        if value is None:
+        if value is None and field not in kept:
             entry.pop(field, None)
         else:
             entry[field] = value
