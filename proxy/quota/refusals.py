@@ -50,11 +50,11 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
         )
     if wait > SDK_MAX_RETRY_WAIT_SECONDS:
         headers["x-should-retry"] = "false"
-        retry = f"Retry in {math.ceil(wait)} seconds."
+        retry = f"Retry in {counted(math.ceil(wait), 'second')}."
     else:
         # Said for the operator reading the log line: the client may never see this 429.
         retry = (
-            f"Retry in {math.ceil(wait)} seconds (an SDK retries a wait of "
+            f"Retry in {counted(math.ceil(wait), 'second')} (an SDK retries a wait of "
             f"{SDK_MAX_RETRY_WAIT_SECONDS:g} s or less by itself)."
         )
     limits = admission.limits

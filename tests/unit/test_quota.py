@@ -11,6 +11,7 @@ import pytest
 from proxy.errors import GatewayError
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
+from proxy.quota.refusals import refusal
 from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, Scope
 
 ROUND_TRIP_SECONDS = 0.01
@@ -71,4 +72,22 @@ async def test_a_full_cap_without_a_queue_refuses_without_saying_it_waited_for_a
     # The tracker's round trip is no wait for a slot: the key has no queue_seconds.
     assert refused.value.message == (
         "Too many requests in flight: key 'alice': 1 at once. Retry in 1 second."
+    )
+
+
+def test_a_refusal_says_a_one_second_wait_in_the_singular() -> None:
+    admission = Admission(
+        admitted=False,
+        limits=Limits(requests=5, tokens=None, window_seconds=60),
+        remaining_requests=0,
+        reset_requests_seconds=0.4,
+        remaining_tokens=None,
+        reset_tokens_seconds=None,
+        retry_after_seconds=0.4,
+    )
+    assert refusal(admission).message.endswith(
+        "Retry in 1 second (an SDK retries a wait of 60 s or less by itself)."
+    )
+    assert refusal(admission._replace(retry_after_seconds=90.0)).message.endswith(
+        "Retry in 90 seconds."
     )
