@@ -207,7 +207,17 @@ class Relay:
         response = response_for(entry, headers)
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped
-        await replay(request, response, entry, record)
+        try:
+            with self.silences.watch() as watch:  # a client that stops reading: cut
+                await replay(request, response, entry, record, watch.moved)
+        except TimeoutError:
+            idle = self.silences.idle
+            why = (
+                f"the client did not take its answer within {idle:g} seconds"
+                if isinstance(response, web.Response)
+                else f"the client read nothing for {idle:g} seconds"
+            )
+            raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         return response
 
 
