@@ -390,7 +390,8 @@ class Settings:
     max_connections: int = setting(
         "1024",
         _positive_int,
-        "open client connections per gateway process; past it a new one gets 503 and is closed",
+        "open client connections per gateway process; past it a new one takes an idle "
+        "keep-alive one's place, or gets 503 and is closed",
     )
     client_header_timeout: float = setting(
         "30",

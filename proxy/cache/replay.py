@@ -9,6 +9,8 @@ gateway's own headers (request id, rate limits, `x-llm-gateway-cache: hit`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -26,9 +28,14 @@ def response_for(entry: Entry, headers: CIMultiDict[str]) -> web.StreamResponse:
 
 
 async def replay(
-    request: web.Request, response: web.StreamResponse, entry: Entry, record: Record
+    request: web.Request,
+    response: web.StreamResponse,
+    entry: Entry,
+    record: Record,
+    moved: Callable[[], None],
 ) -> None:
-    """Send `entry` through `response` (from `response_for`). Raises Cut: the client left."""
+    """Send `entry` through `response` (from `response_for`), calling `moved` as each chunk
+    goes (the caller watches a client that stops reading). Raises Cut: the client left."""
     record.saw_answer(entry.usage, entry.model)
     try:
         await response.prepare(request)
@@ -36,6 +43,7 @@ async def replay(
         if not isinstance(response, web.Response):
             for chunk in entry.chunks:
                 await response.write(chunk)
+                moved()
         await response.write_eof()
     except ConnectionResetError:  # the client left before the whole answer went out
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None

@@ -26,7 +26,9 @@ Invariants:
 - The queue is bounded (`max_lines`, and `max_bytes` of bodies with LOG_BODIES): a sink
   that stops taking lines (a log collector that does not read stdout) costs the process
   that much memory at most. Lines beyond it are dropped, counted (`on_dropped`), and said
-  once per episode.
+  once per episode. Bodies the byte bound has no room for (a healthy sink, and large
+  prompts together, or one long stream's text) do not cost their line: it goes without
+  them (said once), so only a sink that stops taking lines loses any.
 - `close` writes every line queued before it, then closes the file. It is bounded: after
   `timeout_seconds` it says how many lines were left and returns; the writer is left to
   its stuck write (a daemon thread: it does not hold the process).
@@ -126,6 +128,7 @@ class Logbook:
         self._handed = self._handed_bytes = 0
         self._done = self._done_bytes = 0
         self._is_dropping = False
+        self._has_left_out_bodies = False  # said once: a line went without its bodies
         self._file = LogFile(path)  # the writer thread's alone, but for `reopen`
         self._thread: threading.Thread | None = None
         self._is_closed = False
@@ -148,10 +151,14 @@ class Logbook:
         if self._is_closed:
             self._lose(f"line for request {record.request_id} came after close")
             return
-        size = _body_bytes(record) if self._log_bodies else 0
-        if self._is_full(size):
+        if self._is_full():
             self._drop()
             return
+        size = _body_bytes(record) if self._log_bodies else 0
+        has_bodies = size == 0 or self._has_room(size)
+        if not has_bodies:
+            self._leave_out_bodies(size)
+            size = 0
         # A snapshot of plain values: the writer must not see later changes to the record.
         fields: dict[str, Any] = {
             "timestamp": record.timestamp,
@@ -177,8 +184,8 @@ class Logbook:
             fields["target"] = record.member  # a pool's key by its label: "openai#2"
             fields["attempts"] = [attempt.as_dict() for attempt in record.attempts]
         if self._log_bodies:
-            fields["request"] = record.request_body
-            fields["response"] = record.response_text
+            fields["request"] = record.request_body if has_bodies else None
+            fields["response"] = record.response_text if has_bodies else None
             fields["hidden"] = record.hidden
         self._pending.append(fields)
         self._pending_bytes += size
@@ -188,7 +195,7 @@ class Logbook:
 
     def audit(self, action: dict[str, Any]) -> None:
         """A line for a change made through the admin API: who, what, never a secret."""
-        if self._is_closed or self._is_full(0):
+        if self._is_closed or self._is_full():
             self._drop()
             return
         self._pending.append({"timestamp": time.time(), "audit": action})
@@ -202,15 +209,31 @@ class Logbook:
         lines = self._handed - self._done + len(self._pending)
         return lines, self._handed_bytes - self._done_bytes + self._pending_bytes
 
-    def _is_full(self, size: int) -> bool:
+    def _is_full(self) -> bool:
         # `queued`, inline: asked for every line.
         lines = self._handed - self._done + len(self._pending)
-        size_queued = self._handed_bytes - self._done_bytes + self._pending_bytes
-        if lines >= self._max_lines or size_queued + size > self._max_bytes:
+        if lines >= self._max_lines:
             return True
         if self._is_dropping and lines < self._max_lines // 2:
             self._is_dropping = False  # the sink caught up: a next episode is said again
         return False
+
+    def _has_room(self, size: int) -> bool:
+        """Bodies of `size` bytes fit beside those queued."""
+        size_queued = self._handed_bytes - self._done_bytes + self._pending_bytes
+        return size_queued + size <= self._max_bytes
+
+    def _leave_out_bodies(self, size: int) -> None:
+        """A line whose bodies the byte bound has no room for goes without them; said once."""
+        if not self._has_left_out_bodies:
+            self._has_left_out_bodies = True
+            log.warning(
+                "logbook: a line's bodies (%.1f MiB) do not fit in the %.0f MiB the log holds "
+                "for bodies waiting to be written; it and others like it are written without "
+                "their bodies",
+                size / 2**20,
+                self._max_bytes / 2**20,
+            )
 
     def _drop(self) -> None:
         """A line the full queue has no room for: counted; the first of an episode said."""

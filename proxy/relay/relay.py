@@ -46,6 +46,10 @@ from proxy.usage.usage import TapMemory, UsageTap, charged
 # Bodies of known length up to this size are read whole and sent in one write; a stream
 # (SSE, chunked) or a larger body (a file download) goes chunk by chunk.
 WHOLE_BODY_BYTES = 1 << 20
+# A whole answer this small, with its head, stays under the transport's high-water mark
+# (64 KiB, asyncio's and uvloop's): its write never waits for the client. A larger one waits
+# while the client reads nothing, and is watched as a stream is.
+WATCHED_WRITE_BYTES = 1 << 15
 # Marks a response whose provider answer had no Content-Type (see keep_untyped).
 UNTYPED = web.ResponseKey("untyped", bool)
 
@@ -155,12 +159,19 @@ class Relay:
                     # Sent here, not by aiohttp after the handler returns: the settle (price,
                     # quota, metrics, the log line) then runs after the client has its
                     # answer, off the latency it waits for.
-                    await response.write_eof()
+                    if (response.content_length or 0) < WATCHED_WRITE_BYTES:
+                        await response.write_eof()
+                    else:  # a client that reads none of it: cut, as in a stream (relay_body)
+                        with silences.watch():
+                            await response.write_eof()
                     return response
             except ConnectionResetError:  # the client left before its answer went out
                 raise Cut(
                     CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection"
                 ) from None
+            except TimeoutError:
+                why = f"the client did not take its answer within {silences.idle:g} seconds"
+                raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
             # After prepare() the status is sent: a failure can only end the stream.
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
@@ -196,7 +207,17 @@ class Relay:
         response = response_for(entry, headers)
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped
-        await replay(request, response, entry, record)
+        try:
+            with self.silences.watch() as watch:  # a client that stops reading: cut
+                await replay(request, response, entry, record, watch.moved)
+        except TimeoutError:
+            idle = self.silences.idle
+            why = (
+                f"the client did not take its answer within {idle:g} seconds"
+                if isinstance(response, web.Response)
+                else f"the client read nothing for {idle:g} seconds"
+            )
+            raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         return response
 
 

@@ -25,9 +25,11 @@ process's memory, measured in `bench/connections.py`:
   previous response ending (aiohttp's keep-alive timer, which it starts with the connection
   and does not restart while a head trickles in): a slowloris is cut, and an idle
   keep-alive connection is closed after the same time;
-- at most MAX_CONNECTIONS client connections per process: the next one is answered 503
-  with Retry-After and closed at once, without a parser or a buffer of its own, so the
-  process never holds more sockets to clients than MAX_CONNECTIONS.
+- at most MAX_CONNECTIONS client connections per process: the next one takes the place of
+  an idle keep-alive connection (closed), else is answered 503 with Retry-After and closed
+  at once, without a parser or a buffer of its own, so the process never holds more
+  sockets to clients than MAX_CONNECTIONS (one more, for a turn of the loop, while an idle
+  one closes).
 And the other way round, so the process can hold that many: its soft limit on open files is
 raised to the hard one (`raise_open_files_limit`).
 """
@@ -178,7 +180,7 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
     held, most = server._connections, settings.max_connections
 
     def connection() -> asyncio.BaseProtocol:
-        if len(held) >= most:
+        if len(held) >= most and not make_room(held):
             return Refusal()
         # `server()` would build aiohttp's own RequestHandler; this one differs only in
         # `cut` (`_kwargs`: what `server()` passes).
@@ -202,6 +204,16 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
         if error.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
             raise CannotListen(f"cannot listen on {host}:{port}: {error.strerror}") from None
         raise
+
+
+def make_room(held: dict[RequestHandler, asyncio.Transport]) -> bool:
+    """Close one idle keep-alive connection for a new one, as nginx reuses them; False when
+    none is idle. Only at the cap: a scan of the connections held."""
+    for handler in held:
+        if isinstance(handler, _RequestHandler) and handler.is_idle():
+            handler.force_close()
+            return True
+    return False
 
 
 def addresses(listener: asyncio.Server, settings: Settings) -> str:
@@ -248,6 +260,17 @@ class _RequestHandler(RequestHandler):
     """
 
     __slots__ = ()
+
+    def is_idle(self) -> bool:
+        """Kept alive after an answer, waiting for a next request (as aiohttp's own keep-alive
+        timer tells idle), and not closing already."""
+        waiter = self._waiter
+        return (
+            self._request_count > 0
+            and not self._force_close
+            and waiter is not None
+            and not waiter.done()
+        )
 
     def handle_error(
         self,

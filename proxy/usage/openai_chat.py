@@ -35,7 +35,9 @@ or a request that is not a chat or text completion stream.
 
 The filter works line by line on an uncompressed event stream, lines ending as the SSE
 specification says (`sse_lines`): every whole line goes out at once, a line cut between
-two chunks waits for its end (a few bytes, microseconds); only the usage chunk's `data:`
+two chunks waits for its end (a few bytes, microseconds), unless it grows past
+`USAGE_LINE_BYTES`: then it is not the usage chunk, and goes out as it comes (so a long
+event is neither held whole nor copied once per chunk); only the usage chunk's `data:`
 line and the blank line after it are withheld. A compressed or sized answer passes
 unfiltered (its bytes cannot be cut without re-encoding it).
 """
@@ -172,6 +174,9 @@ def _read_function(function: object, reading: Reading) -> None:
 _ASK = b'"stream_options":{"include_usage":true},'
 # A usage object, not the `"usage":null` OpenAI then adds to every other chunk.
 _MARKS_USAGE, _MARKS_USAGE_SPACED = b'"usage":{', b'"usage": {'
+# The usage chunk is well under 1 KiB: a line longer than this is not it, and is passed on
+# as it comes instead of held to its end.
+USAGE_LINE_BYTES = 64 * 1024
 # Completions streams that report usage only when asked (chat and legacy text completions).
 _ASKS_FOR_USAGE = "completions"
 
@@ -211,11 +216,13 @@ def amend(body: bytes) -> bytes | None:
 class UsageChunkFilter:
     """Withholds the usage chunk from the bytes a client receives; every other byte passes."""
 
-    __slots__ = ("_is_after_usage", "_lines", "_was_cr_kept")
+    __slots__ = ("_is_after_usage", "_is_passing", "_lines", "_was_cr_kept")
 
     def __init__(self) -> None:
         self._lines = LineReader()  # holds a line cut between two chunks, until its end
         self._is_after_usage = False  # the blank line ending the usage event goes too
+        # The line going by is too long to be the usage chunk: its bytes pass as they come.
+        self._is_passing = False
         # The last chunk ended with a CR: whether its line went out (a LF opening the next
         # chunk is the rest of that line end, and goes where the CR went); None: it did not.
         self._was_cr_kept: bool | None = None
@@ -235,7 +242,28 @@ class UsageChunkFilter:
             return self._after_cr(chunk)
         if self._is_plain(chunk):  # most chunks: whole lines, none a usage chunk
             return chunk
-        return self._filtered(chunk)
+        if self._is_passing:
+            return self._passed(chunk)
+        sent = self._filtered(chunk)
+        if self._lines.held_bytes > USAGE_LINE_BYTES:
+            # Held whole, a long line would reach the client only at its end (and be copied
+            # once per chunk on the way): what came of it goes now, the rest as it comes.
+            self._is_passing, self._is_after_usage = True, False
+            sent += self._lines.rest()
+        return sent
+
+    def _passed(self, chunk: bytes) -> bytes:
+        """Bytes of a line too long to be the usage chunk: to its end, as they come."""
+        ends = [index for index in (chunk.find(b"\n"), chunk.find(b"\r")) if index >= 0]
+        if not ends:
+            return chunk
+        self._is_passing = False
+        end = min(ends) + 1
+        if chunk[end - 1 : end + 1] == b"\r\n":
+            end += 1
+        elif end == len(chunk) and chunk[-1:] == b"\r":
+            self._was_cr_kept = True  # a LF opening the next chunk goes where the CR went
+        return chunk[:end] + self(chunk[end:]) if end < len(chunk) else chunk
 
     def _after_cr(self, chunk: bytes) -> bytes:
         """A chunk after one that ended with a CR: a LF opening it goes where the CR went."""
@@ -276,6 +304,7 @@ class UsageChunkFilter:
         return (
             chunk[-1:] == b"\n"
             and not self._is_after_usage
+            and not self._is_passing
             and self._lines.held_bytes == 0
             and chunk.find(_MARKS_USAGE) < 0  # find: faster than `in` for bytes
             and chunk.find(_MARKS_USAGE_SPACED) < 0

@@ -26,6 +26,7 @@ class Reading:
         "is_started_noted",
         "is_stored_noted",
         "is_usage_provisional",
+        "kept_chars",
         "model",
         "reported",
         "stored_id",
@@ -43,6 +44,7 @@ class Reading:
         self.is_usage_provisional = False
         self.chars = 0  # characters the provider generated, of every kind
         self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log
+        self.kept_chars = 0  # the characters `texts` holds (the tap bounds them)
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
         self.model: str | None = None
         # The type (or code) of the first error the provider sent inside its answer; only
@@ -61,6 +63,7 @@ class Reading:
             self.chars += len(text)
             if self.texts is not None:
                 self.texts.append(text)
+                self.kept_chars += len(text)
 
     def add_generated(self, text: object) -> None:
         """Anything else the provider generated (tool-call arguments, reasoning): counted."""

@@ -30,11 +30,11 @@ response reports what the response says (`stored`: its id, status and usage), wh
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
 body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
-body, for its text. Each tap at most `MAX_HELD_BYTES`, all taps of a process together at
-most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies half of that, so they never
-starve the tails. A JSON body kept whole that would pass a bound is cut to its tail (its
-log line goes without it); an SSE line that would (no
-provider sends one) is let go, and the answer estimated. A tail takes no more memory as it
+body, for its text, or a stream's text. Each tap at most `MAX_HELD_BYTES`, all taps of a
+process together at most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies and texts
+half of that, so they never starve the tails. A JSON body kept whole that would pass a
+bound is cut to its tail, a stream's text let go (the log line goes without either); an
+SSE line that would (no provider sends one) is let go, and the answer estimated. A tail takes no more memory as it
 moves: what it drops frees what it adds. At the end (`usage` or `text`, whichever comes
 first) the tap lets go of everything.
 
@@ -223,6 +223,7 @@ class UsageTap:
         "_reading",
         "_seen",
         "_text",
+        "_text_held",
         "batch",
         "stored",
     )
@@ -243,6 +244,7 @@ class UsageTap:
         self._charged = charged
         self._memory = memory if memory is not None else TapMemory()
         self._held = 0  # bytes taken from memory
+        self._text_held = 0  # of them, the text kept for the log (LOG_BODIES, a stream)
         self._seen = 0  # body bytes seen (decoded when the coding is known)
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
         self._is_unread = kind is None
@@ -375,11 +377,16 @@ class UsageTap:
         return True
 
     def _hold(self, count: int) -> bool:
-        """Take `count` bytes from the bounds, or give up reading this body."""
-        if not self._fits(count):
-            self._give_up()
-            return False
-        return True
+        """Take `count` bytes from the bounds, or give up reading this body (the text kept
+        for the log gives way first: reading the usage comes before logging the text)."""
+        if self._fits(count):
+            return True
+        if self._text_held:
+            self._let_go_text()
+            if self._fits(count):
+                return True
+        self._give_up()
+        return False
 
     def _release(self, count: int) -> None:
         self._memory.give(count)
@@ -390,22 +397,46 @@ class UsageTap:
         assert lines is not None  # an SSE tap that reads has its reader
         for line in lines.feed(data):
             self._take_line(line)
-        # What the reader holds now (an unfinished line) is what this tap holds.
-        held = lines.held_bytes
+        # What the reader holds now (an unfinished line) is what this tap holds, beside
+        # the text (held after it: reading the usage comes first).
+        held = lines.held_bytes + self._text_held
         if held > self._held:
             self._hold(held - self._held)
         elif held < self._held:
             self._release(self._held - held)
+        if self._reading.texts is not None:
+            self._hold_text()
 
     def _take_frames(self, frames: bedrock.Frames, data: bytes) -> None:
         if not frames.feed(data):
             self._is_unread = True  # what was read so far stands; the rest is estimated
             return self._let_go()
-        held = frames.held_bytes  # as for lines: an unfinished frame is what the tap holds
+        # As for lines: an unfinished frame is what the tap holds, beside the text.
+        held = frames.held_bytes + self._text_held
         if held > self._held:
             self._hold(held - self._held)
         elif held < self._held:
             self._release(self._held - held)
+        if self._reading.texts is not None:
+            self._hold_text()
+
+    def _hold_text(self) -> None:
+        """The stream's text kept for the log is held as a whole body is; past a bound it is
+        let go, and the log line goes without it (as a JSON body's)."""
+        reading = self._reading
+        grown = reading.kept_chars - self._text_held
+        if not grown:
+            return
+        if self._fits(grown, is_whole=True):
+            self._text_held += grown
+        else:
+            self._let_go_text()
+
+    def _let_go_text(self) -> None:
+        """The log line goes without the stream's text."""
+        self._reading.texts = None
+        self._release(self._text_held)
+        self._text_held = 0
 
     def _take_line(self, line: bytes | bytearray) -> None:
         # One JSON event per data line, as every provider sends them; event:, id:, retry:,
@@ -506,6 +537,7 @@ class UsageTap:
 
     def _let_go(self) -> None:
         self._release(self._held)
+        self._text_held = 0
         self._body = None
         self._lines = None
         self._frames = None

@@ -19,7 +19,7 @@ from openai import AsyncOpenAI
 
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
-from proxy.usage.openai_chat import UsageChunkFilter, amend
+from proxy.usage.openai_chat import USAGE_LINE_BYTES, UsageChunkFilter, amend
 from proxy.usage.usage import UsageTap
 from tests.conftest import OPENAI_REAL, OPENAI_VK
 from tests.support.fake_provider import FakeState
@@ -240,6 +240,24 @@ def test_the_filter_passes_a_line_ending_with_a_cr_with_its_own_chunk() -> None:
         stream, expected = (body.replace(b"\n", line_end) for body in (STREAM, WITHOUT_USAGE))
         withheld = UsageChunkFilter()
         assert b"".join(withheld(bytes([byte])) for byte in stream) == expected, line_end
+
+
+def test_a_line_too_long_to_be_the_usage_chunk_goes_out_as_it_comes() -> None:
+    # A 1 MB event in 64 KiB pieces: the filter held it whole (the client got nothing of it
+    # until its end) and copied what it held once per piece.
+    piece = 64 * 1024
+    for line_end in (b"\n", b"\r\n", b"\r"):
+        long_event = chunk("y" * 1_000_000).replace(b"\n", line_end)
+        stream = long_event + STREAM.replace(b"\n", line_end)
+        expected = long_event + WITHOUT_USAGE.replace(b"\n", line_end)
+        for end in (len(long_event) - 1, len(long_event), len(long_event) + 1):
+            cuts = [*range(0, len(long_event) - piece, piece), end, len(stream)]
+            withheld, passed, most_held = UsageChunkFilter(), b"", 0
+            for start, stop in itertools.pairwise(cuts):
+                passed += withheld(stream[start:stop])
+                most_held = max(most_held, stop - len(passed))
+            assert passed + withheld.rest() == expected, (line_end, end)
+            assert most_held <= USAGE_LINE_BYTES + piece, (line_end, end)
 
 
 def test_the_tap_still_reads_the_withheld_usage() -> None:

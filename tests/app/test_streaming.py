@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, get_port_socket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
+from proxy.app import build_app
+from proxy.settings import Settings
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState
 
@@ -245,6 +250,93 @@ async def test_a_client_that_stops_reading_is_the_clients_fault_not_the_provider
         if sample.name == "llm_gateway_upstream_errors_total"
     ]
     assert sum(upstream_errors) == 0
+
+
+def small_send_buffers(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """The gateway's listening socket; the connections it accepts inherit a send buffer of a
+    few KiB (as a slow client far away sees it), so an answer waits in the gateway's own
+    buffer, not the kernel's, while the client reads nothing."""
+    listener = get_port_socket(host, port, family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return listener
+
+
+async def test_a_client_that_stops_reading_a_whole_answer_is_cut_as_a_streams_is(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # An answer of known length up to 1 MiB goes out in one write; a client that read none
+    # of it held its request in flight (its slot, its log line) until it left, for ever.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, (gateway.host, gateway.port))
+    reader, writer = await asyncio.open_connection(sock=client)
+    writer.write(
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
+        + b"x-fake-raw-chunks: 3\r\nx-fake-raw-bytes: 300000\r\nx-fake-sized: 1\r\n\r\n"
+    )
+    try:
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        lines = await records(1, timeout=10.0)  # written once the gateway gave up on the client
+    finally:
+        writer.close()
+    assert [(line["status"], line["error"]) for line in lines] == [
+        (499, "the client did not take its answer within 0.5 seconds")
+    ]
+
+
+async def test_a_client_that_stops_reading_a_cached_answer_is_cut_too(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    fake_base: str,
+    tmp_path: Path,
+) -> None:
+    document = keys_document(fake_base)
+    document["virtual_keys"]["vk_test_cached_7e5d3c1b9a"] = {
+        "provider": "openai",
+        "api_key": "sk-real-cached-0123456789",
+        "name": "cached",
+        "cache": {"ttl_seconds": 600},
+    }
+    keys = tmp_path / "cached-keys.json"
+    keys.write_text(json.dumps(document))
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5", KEYS_FILE_PATH=str(keys)))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    body = orjson.dumps(chat("the same question"))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        b"Authorization: Bearer vk_test_cached_7e5d3c1b9a\r\nContent-Type: application/json\r\n"
+        b"x-fake-chunks: 100000\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(head + body)  # the same request, read whole: its answer is stored
+    answer_head = await reader.readuntil(b"\r\n\r\n")
+    length = int(answer_head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert length > 500_000 and len(await reader.readexactly(length)) == length
+    writer.close()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, (gateway.host, gateway.port))
+    reader, writer = await asyncio.open_connection(sock=client)
+    writer.write(head + body)
+    try:
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        lines = await records(2, timeout=10.0)  # the hit's, once the gateway gave up on it
+    finally:
+        writer.close()
+    assert [(line["status"], line["cache"], line.get("error")) for line in lines] == [
+        (200, "miss", None),
+        (499, "hit", "the client did not take its answer within 0.5 seconds"),
+    ]
 
 
 class ScriptedBody:

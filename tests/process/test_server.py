@@ -102,6 +102,35 @@ async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serve
         await asyncio.sleep(0.05)
 
 
+async def test_at_max_connections_a_new_one_takes_the_place_of_an_idle_keep_alive_one(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # SDK clients keep their connections alive between calls: a gateway full of idle ones
+    # answered every new client 503 for CLIENT_HEADER_TIMEOUT (30 s), as nginx does not.
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl", MAX_CONNECTIONS="3")
+    port = int(url.rsplit(":", 1)[1])
+    request = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for reader, writer in idle:  # one answer each, then kept alive, silent
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 200
+    # The one whose place it took is closed, unanswered; the others stay.
+    reads = [asyncio.ensure_future(_answer_or_close(reader, 10)) for reader, _ in idle]
+    done, waiting = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+    assert [read.result() for read in done] == [b""] and len(waiting) == 2
+    for read in waiting:
+        read.cancel()
+    for _, writer in idle:
+        writer.close()
+
+
 async def test_dribbling_connections_are_cut_or_refused_while_a_normal_request_answers(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:

@@ -358,3 +358,29 @@ async def test_a_sink_that_takes_nothing_holds_at_most_the_queue_and_the_rest_is
         os.close(reader)  # the stuck write fails (EPIPE), and the writer goes through the rest
         await until(lambda: logbook.queued[0] == 0)
         os.close(writer)
+
+
+async def test_bodies_over_the_queues_bound_leave_the_line_without_them_not_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A healthy file, and bodies that together pass the bound before the writer takes them
+    # (several large prompts at once), or alone (a long stream's text): every line is
+    # written; those the bound has no room for go without their bodies.
+    path = tmp_path / "log.jsonl"
+    dropped = Calls()
+    logbook = Logbook(
+        str(path), log_bodies=True, on_write_error=Calls(), on_dropped=dropped, max_bytes=1000
+    )
+    logbook.open()
+    for n in range(3):
+        logbook.write(finished_record(n, request_body=b"x" * 400, response_text="y" * 100))
+    logbook.write(finished_record(3, request_body=b"{}", response_text="z" * 5000))
+    await logbook.close()
+
+    lines = lines_of(path)
+    assert [line["request_id"] for line in lines] == ["req-0", "req-1", "req-2", "req-3"]
+    assert dropped.count == 0
+    assert [line["response"] for line in lines[:2]] == ["y" * 100] * 2
+    assert [(line["request"], line["response"]) for line in lines[2:]] == [(None, None)] * 2
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1 and "without their bodies" in said[0], said

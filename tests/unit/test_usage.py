@@ -830,6 +830,38 @@ def test_a_tap_read_only_for_its_text_lets_go_too():
     assert memory.held_bytes == 0
 
 
+def test_with_log_bodies_a_streams_text_is_held_within_the_bound_and_let_go_past_it():
+    memory = TapMemory(limit_bytes=4 * 1024 * 1024)  # whole bodies and texts: 2 MiB
+    piece = "x" * 64 * 1024
+    long_stream = sse(
+        *(chat_chunk(piece) for _ in range(48)),  # 3 MiB of text
+        chat_chunk(usage={"prompt_tokens": 12, "completion_tokens": 48, "total_tokens": 60}),
+        done=True,
+    )
+    kept, let_go = (UsageTap(SSE, None, keep_text=True, memory=memory) for _ in range(2))
+    texts_end = OPENAI_STREAM.index(b"data: ", OPENAI_STREAM.index(b'"!"'))
+    kept.feed(OPENAI_STREAM[:texts_end])
+    assert memory.held_bytes == len("Hello, world!")  # the text kept for the log is held
+    most = feed_side_by_side([let_go], long_stream, memory)
+    assert most <= memory.limit_bytes // 2
+    # Past the bound the log line goes without the text; the usage is still read.
+    assert let_go.usage(b"") == Usage(12, 48) and let_go.text is None
+    kept.feed(OPENAI_STREAM[texts_end:])
+    assert kept.usage(b"") == Usage(12, 3) and kept.text == "Hello, world!"
+    assert memory.held_bytes == 0
+
+
+def test_a_streams_text_past_one_taps_bound_gives_way_to_its_lines_not_to_its_usage():
+    memory = TapMemory()
+    # A text just within the bound, then a line that does not fit beside it.
+    events = (chat_chunk("x" * (MAX_HELD_BYTES - 1000)), chat_chunk("y" * 100_000))
+    usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+    tap = UsageTap(SSE, None, keep_text=True, memory=memory)
+    feed_side_by_side([tap], sse(*events, chat_chunk(usage=usage), done=True), memory)
+    assert tap.usage(b"") == Usage(12, 2) and tap.text is None
+    assert memory.held_bytes == 0
+
+
 def test_a_long_sse_line_is_held_within_the_bound_and_released_at_its_end():
     memory = TapMemory()
     tap = UsageTap(SSE, None, keep_text=False, memory=memory)
