@@ -20,8 +20,8 @@ the GIL: the loop waits for at most that many lines' formatting.
 
 Invariants:
 - Lines go out as one write of whole lines (one, or a batch that queued up meanwhile)
-  through `logfile.LogFile`: O_APPEND, so worker processes sharing one file never
-  interleave lines; a write that fails part-way is cut back to whole
+  through `logfile.LogFile`: O_APPEND (a file) or a lock (stdout), so worker processes
+  sharing one log never interleave lines; a write that fails part-way is cut back to whole
   lines; the file follows its path through logrotate and a removal (`reopen`, SIGHUP).
 - The queue is bounded (`max_lines`, and `max_bytes` of bodies with LOG_BODIES): a sink
   that stops taking lines (a log collector that does not read stdout) costs the process
