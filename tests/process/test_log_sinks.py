@@ -275,3 +275,45 @@ async def test_two_workers_logging_to_one_stdout_pipe_write_every_line_whole(
     assert sorted(json.loads(line)["request_id"] for line in logged) == sorted(
         f"piped-{index}" for index in range(1500)
     )
+
+
+async def test_sigterm_writes_every_line_to_a_slow_stdout_within_the_grace(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # A log collector behind stdout that reads, slowly: the lines queued at SIGTERM take
+    # longer than a stuck sink is given, but it takes them, and the grace has time left.
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "unused.jsonl",
+        LOG_TO_FILE="false",
+        LOG_BODIES="true",
+        QUOTA_ENABLED="false",
+        SHUTDOWN_GRACE_SECONDS="10",
+    )
+    assert process.stdout is not None
+    stdout = process.stdout.fileno()
+    read: list[bytes] = []
+    terminated = threading.Event()
+
+    def read_slowly() -> None:  # nothing until SIGTERM, then about 6 MB a second
+        terminated.wait()
+        while chunk := os.read(stdout, 64 * 1024):
+            read.append(chunk)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    assert await chats(url, 3000, prompt_bytes=2 * 1024, tag="slow") == [200] * 3000
+    process.send_signal(signal.SIGTERM)
+    terminated.set()
+    assert await asyncio.to_thread(process.wait, 20) == 0
+    await asyncio.to_thread(reader.join, 10)
+    logged = set()
+    for line in b"".join(read).splitlines():
+        try:
+            logged.add(json.loads(line)["request_id"])
+        except ValueError:
+            pass  # a line cut short: its request is missing below
+    missing = {f"slow-{index}" for index in range(3000)} - logged
+    assert not missing, f"{len(missing)} of 3000 lines missing"
