@@ -84,8 +84,9 @@ TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when tracing is
 MAX_HEADER_BYTES = 4096
 MAX_HEADERS = 64
 
-# How long the log may take to write what is queued at shutdown: part of the bounded
-# margin after the grace (runtime.server); a sink stuck longer keeps its lines.
+# At shutdown, the log writes what is queued for as long as its sink takes lines, within
+# the grace (and runtime.server's bounded margin after it); a sink that takes none for
+# LOG_FLUSH_SECONDS is stuck, and keeps its lines.
 LOG_FLUSH_SECONDS = 0.5
 TRACE_FLUSH_SECONDS = 0.5  # the same for the spans still queued for the trace collector
 
@@ -470,7 +471,8 @@ async def _tracing(app: web.Application) -> AsyncIterator[None]:
 async def _logbook(app: web.Application) -> AsyncIterator[None]:
     app[LOGBOOK].open()
     yield
-    await app[LOGBOOK].close(LOG_FLUSH_SECONDS)
+    grace = max(app[SETTINGS].shutdown_grace_seconds, LOG_FLUSH_SECONDS)  # a grace of 0 too
+    await app[LOGBOOK].close(grace, stall_seconds=LOG_FLUSH_SECONDS)
 
 
 async def _cache(app: web.Application) -> AsyncIterator[None]:

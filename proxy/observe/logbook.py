@@ -20,8 +20,8 @@ the GIL: the loop waits for at most that many lines' formatting.
 
 Invariants:
 - Lines go out as one write of whole lines (one, or a batch that queued up meanwhile)
-  through `logfile.LogFile`: O_APPEND, so worker processes sharing one file never
-  interleave lines; a write that fails part-way is cut back to whole
+  through `logfile.LogFile`: O_APPEND (a file) or a lock (stdout), so worker processes
+  sharing one log never interleave lines; a write that fails part-way is cut back to whole
   lines; the file follows its path through logrotate and a removal (`reopen`, SIGHUP).
 - The queue is bounded (`max_lines`, and `max_bytes` of bodies with LOG_BODIES): a sink
   that stops taking lines (a log collector that does not read stdout) costs the process
@@ -258,8 +258,11 @@ class Logbook:
             self._queue.put(_Batch(self._pending, self._pending_bytes))
             self._pending, self._pending_bytes = [], 0
 
-    async def close(self, timeout_seconds: float = 10.0) -> None:
-        """Write every queued line, then close the file; give up after timeout_seconds."""
+    async def close(
+        self, timeout_seconds: float = 10.0, stall_seconds: float | None = None
+    ) -> None:
+        """Write every queued line, then close the file; give up after timeout_seconds, or
+        once the sink has taken no line for stall_seconds (a stuck sink, not a slow one)."""
         if self._is_closed:
             return
         self._is_closed = True
@@ -272,19 +275,26 @@ class Logbook:
         self._queue.put(None)
         # Polled, not joined in an executor thread: a stuck writer must not leave behind a
         # thread that the interpreter waits for at exit.
-        deadline = time.monotonic() + timeout_seconds
-        while thread.is_alive() and time.monotonic() < deadline:
-            await asyncio.sleep(CLOSE_POLL_SECONDS)
-        if thread.is_alive():
-            # The writer is stuck in a write (a full pipe, a hung disk): leave it the fd.
-            log.warning(
-                "logbook: %d lines not written to %s after %g s",
-                self._handed - self._done,
-                self._file.name,
-                timeout_seconds,
-            )
-            return
-        self._file.close()
+        started = now = time.monotonic()
+        deadline, stalled_at = started + timeout_seconds, now + (stall_seconds or timeout_seconds)
+        done = self._done
+        try:
+            while thread.is_alive() and now < min(deadline, stalled_at):
+                await asyncio.sleep(CLOSE_POLL_SECONDS)
+                now = time.monotonic()
+                if self._done != done and stall_seconds is not None:  # the sink took lines
+                    done, stalled_at = self._done, now + stall_seconds
+        finally:  # cancelled too (the shutdown's margin ran out): say what is left
+            if thread.is_alive():
+                # The writer is stuck in a write (a full pipe, a hung disk): leave it the fd.
+                log.warning(
+                    "logbook: %d lines not written to %s after %.1f s",
+                    self._handed - self._done,
+                    self._file.name,
+                    time.monotonic() - started,
+                )
+        if not thread.is_alive():
+            self._file.close()
 
     def _drain(self) -> None:
         """The writer thread: format and append lines until `close` queues None.

@@ -3,7 +3,11 @@
 Owned by the logbook's writer thread; nothing here runs on the event loop.
 
 - Appends go to a descriptor opened with O_APPEND, so processes sharing one file never
-  interleave lines. A short write (a signal) is finished by further writes; one that fails
+  interleave lines. Stdout is not opened here: it is whatever the gateway was given, often
+  a pipe (Docker's), where a write over PIPE_BUF (4 KiB: a batch, a line with bodies) is not
+  atomic. So an append to stdout holds a POSIX record lock on it, which WORKERS sharing the
+  pipe take in turn (the kernel releases a dead worker's); where stdout cannot be locked,
+  the lines go out unlocked. A short write (a signal) is finished by further writes; one that fails
   part-way (a full disk) is cut back to its last whole line (`PartlyWritten` says how many
   lines went out whole), so every line in the file stays whole JSON.
 - The file follows its path: `follow` opens the path again when asked (`reopen`: SIGHUP)
@@ -22,6 +26,7 @@ Owned by the logbook's writer thread; nothing here runs on the event loop.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -74,6 +79,7 @@ class LogFile:
         """Append whole lines in one write (more only after a short one). Raises PartlyWritten."""
         self._follow()
         assert self._fd is not None
+        is_locked = self._fd == STDOUT_FILENO and _lock(self._fd)
         written = 0
         try:
             while written < len(data):
@@ -83,6 +89,9 @@ class LogFile:
             if whole < written:
                 _cut_back(self._fd, written - whole)
             raise PartlyWritten(data.count(b"\n", 0, whole), error) from None
+        finally:
+            if is_locked:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def _follow(self) -> None:
         """Open the path again if asked to, or if the file there is no longer the one open.
@@ -126,6 +135,15 @@ class LogFile:
             return True  # cannot tell (a directory not searchable): keep what is open
         here = os.fstat(self._fd)
         return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _lock(fd: int) -> bool:
+    """Wait for the other processes' appends to `fd` to end; False if it cannot be locked."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False  # a platform without record locks on pipes: written unlocked, as before
+    return True
 
 
 def _open_for_append(path: str) -> int:

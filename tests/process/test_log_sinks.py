@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway
+from tests.support.processes import Processes, start_gateway, wait_listening
 
 
 def rss_mb(pid: int) -> float:
@@ -238,3 +239,81 @@ async def test_with_two_workers_sighup_to_the_parent_moves_every_worker_to_the_n
     }
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 20) == 0
+
+
+async def test_two_workers_logging_to_one_stdout_pipe_write_every_line_whole(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # Docker's default: the log on stdout, a pipe. A write over PIPE_BUF (4 KiB: a batch of
+    # lines, a line with bodies) is not atomic, so two workers' writes could interleave.
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "unused.jsonl",
+        LOG_TO_FILE="false",
+        LOG_BODIES="true",
+        WORKERS="2",
+        QUOTA_ENABLED="false",
+    )
+    await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
+    assert process.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader.start()
+    assert await chats(url, 1500, prompt_bytes=6 * 1024, tag="piped") == [200] * 1500
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 20) == 0
+    await asyncio.to_thread(reader.join, 10)
+    logged = lines  # stdout holds the log alone (the gateway's own lines go to stderr)
+    broken = []
+    for line in logged:
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line[:120])
+    assert not broken, f"{len(broken)} lines cut or interleaved: {broken[:3]}"
+    assert sorted(json.loads(line)["request_id"] for line in logged) == sorted(
+        f"piped-{index}" for index in range(1500)
+    )
+
+
+async def test_sigterm_writes_every_line_to_a_slow_stdout_within_the_grace(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # A log collector behind stdout that reads, slowly: the lines queued at SIGTERM take
+    # longer than a stuck sink is given, but it takes them, and the grace has time left.
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "unused.jsonl",
+        LOG_TO_FILE="false",
+        LOG_BODIES="true",
+        QUOTA_ENABLED="false",
+        SHUTDOWN_GRACE_SECONDS="10",
+    )
+    assert process.stdout is not None
+    stdout = process.stdout.fileno()
+    read: list[bytes] = []
+    terminated = threading.Event()
+
+    def read_slowly() -> None:  # nothing until SIGTERM, then about 6 MB a second
+        terminated.wait()
+        while chunk := os.read(stdout, 64 * 1024):
+            read.append(chunk)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    assert await chats(url, 3000, prompt_bytes=2 * 1024, tag="slow") == [200] * 3000
+    process.send_signal(signal.SIGTERM)
+    terminated.set()
+    assert await asyncio.to_thread(process.wait, 20) == 0
+    await asyncio.to_thread(reader.join, 10)
+    logged = set()
+    for line in b"".join(read).splitlines():
+        try:
+            logged.add(json.loads(line)["request_id"])
+        except ValueError:
+            pass  # a line cut short: its request is missing below
+    missing = {f"slow-{index}" for index in range(3000)} - logged
+    assert not missing, f"{len(missing)} of 3000 lines missing"

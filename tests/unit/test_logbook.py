@@ -303,6 +303,36 @@ async def test_close_is_bounded_when_the_writer_is_stuck(caplog: pytest.LogCaptu
         os.close(writer)
 
 
+async def test_close_waits_for_a_slow_sink_while_it_takes_lines() -> None:
+    """Before: close gave any sink 0.5 s, so a collector reading slowly lost what it had
+    not read by then, however much of the shutdown's grace was left."""
+    reader, writer = os.pipe()
+    read = bytearray()
+
+    def read_slowly() -> None:  # about 3 MB a second: 3 MB take about a second
+        while chunk := os.read(reader, 32 * 1024):
+            read.extend(chunk)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=read_slowly, daemon=True)
+    try:
+        logbook = Logbook(f"/dev/fd/{writer}", log_bodies=True, on_write_error=Calls())
+        logbook.open()
+        for n in range(300):
+            logbook.write(finished_record(n, response_text="y" * 10_000))
+        thread.start()
+        await logbook.close(timeout_seconds=20, stall_seconds=0.3)
+        assert logbook.queued == (0, 0)  # written before close returned, not given up on
+        os.close(writer)
+        writer = -1
+        await asyncio.to_thread(thread.join, 10)
+        assert bytes(read).count(b"\n") == 300
+    finally:
+        if writer != -1:
+            os.close(writer)
+        os.close(reader)
+
+
 async def test_real_keys_are_redacted_from_logged_bodies(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     real, other = "sk-real-echoed-0123456789", "sk-ant-other-9876543210"
