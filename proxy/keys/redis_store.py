@@ -14,6 +14,14 @@ POLL_SECONDS anyway (a message missed while a connection was down is caught up b
 version), it compares the version with the one it holds and, when it moved, loads the
 document and swaps it into its key ring. The first start with no document imports the
 keys.json document (once, whichever instance comes first).
+
+Redis restarted without persistence (the compose file's and the Kubernetes manifest's
+Redis) comes back empty; an instance started then imports its keys.json, where a revoked
+key may still be and a key made since is not, and every process would follow that. So a
+process whose connection was lost and that then finds the store empty, or at a version
+below its own, puts back the document it holds (`_RESTORE`: only while the store is still
+behind it), and the newest keys in force win. An operator who empties the store on purpose
+(`DEL` of both keys, to start over from keys.json) loses no connection: nothing is put back.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -52,6 +61,13 @@ _IMPORT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return redis.call('INCR', KEYS[2])
+"""
+# Put back the document a process holds, at its version, while the store is behind it.
+_RESTORE = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
 """
 
 
@@ -84,6 +100,8 @@ class RedisStore:
             protocol=2,
         )
         self._version = 0  # the version in force in this process
+        self._token: bytes | str | None = None  # its document, as stored (encrypted)
+        self._was_lost = False  # the connection broke since the store was last read
         self._one_at_a_time = asyncio.Lock()
 
     async def start(self, seed: dict[str, Any]) -> None:
@@ -101,7 +119,13 @@ class RedisStore:
             try:
                 version, token = await self._client.mget(VERSION, DOCUMENT)
             except RedisError as error:
+                self._was_lost = True
                 raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+            was_lost, self._was_lost = self._was_lost, False
+            behind = version is None or int(version) < self._version
+            if was_lost and behind and self._token is not None:
+                await self._restore(self._token)
+                return
             if version is None or int(version) == self._version:
                 return
             try:
@@ -111,7 +135,24 @@ class RedisStore:
                 self._version = int(version)  # said once; tried again on the next change
                 raise
             self._apply(ring)
-            self._version = int(version)
+            self._version, self._token = int(version), token
+
+    async def _restore(self, token: bytes | str) -> None:
+        """Put the keys in force back into a store that lost them (Redis restarted empty)."""
+        try:
+            restored = await self._client.eval(_RESTORE, 2, DOCUMENT, VERSION, token, self._version)
+            if restored:  # the instances that imported keys.json meanwhile take it at once
+                await self._client.publish(CHANNEL, str(self._version))
+        except RedisError as error:
+            self._was_lost = True  # lost again: try once more when it answers
+            raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+        if restored:
+            log.warning(
+                "keys: Redis came back without the keys in force (restarted empty?): "
+                "put them back (version %d, process %d)",
+                self._version,
+                os.getpid(),
+            )
 
     async def change(self, edit: Edit[T]) -> T:
         async with self._one_at_a_time:
@@ -134,11 +175,12 @@ class RedisStore:
             raw, digest = encoded(document)
             ring = await asyncio.to_thread(self._parse, document, digest)
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            pipe.set(DOCUMENT, self._fernet.encrypt(raw))
+            token = self._fernet.encrypt(raw)
+            pipe.set(DOCUMENT, token)
             pipe.incr(VERSION)
             _, version = await pipe.execute()
         self._apply(ring)
-        self._version = int(version)
+        self._version, self._token = int(version), token
         await self._client.publish(CHANNEL, str(version))
         return result
 
@@ -172,6 +214,8 @@ class RedisStore:
                         await self.sync()
                         complained = False
             except (RedisError, StoreUnavailable, KeysFileError, OSError) as error:
+                if isinstance(error, (RedisError, OSError)):
+                    self._was_lost = True
                 if not complained:
                     log.warning("keys not followed from Redis, the keys in force stay: %s", error)
                     complained = True

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import KEY_STORE, build_app
 from proxy.keys.redis_store import DOCUMENT, VERSION, RedisStore, fernet
 from proxy.settings import Settings
-from tests.conftest import SECRETS, auth, keys_document
+from tests.conftest import LIMITED_VK, SECRETS, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle
 from tests.support.polling import until
 from tests.support.processes import Processes, free_port, refused, start_gateway
@@ -155,6 +155,34 @@ async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
     assert "limited" not in names and "team-anthropic" in names
     reload = await second.post("/admin/reload", headers=HEADERS)
     assert reload.status == 422 and "KEYS_STORE=redis" in (await reload.json())["error"]["message"]
+
+
+async def test_a_redis_restarted_empty_gets_back_the_keys_in_force_not_keys_json(
+    redis_gateway: Callable[..., Awaitable[TestClient]], redis_server: Any
+) -> None:
+    running = await redis_gateway()
+    assert (await running.delete("/admin/keys/limited", headers=HEADERS)).status == 204
+    body = {"name": "made", "provider": "openai", "api_key": REAL}
+    made = (await (await running.post("/admin/keys", json=body, headers=HEADERS)).json())["key"]
+    # Redis restarts without persistence (the compose file's, the Kubernetes manifest's),
+    # and an instance starts right after it (a pod restarted, a scale-up): it finds the
+    # store empty and imports its keys.json, where the revoked key still is.
+    redis_server.kill()
+    redis_server.start()
+    started = await redis_gateway()
+
+    async def status(gateway: TestClient, key: str) -> int:
+        return (await gateway.get("/usage", headers=auth(key))).status
+
+    async def the_keys_in_force() -> bool:
+        seen = [
+            await status(gateway, key)
+            for gateway in (running, started)
+            for key in (LIMITED_VK, made)
+        ]
+        return seen == [401, 200, 401, 200]
+
+    await until(the_keys_in_force, 3.0, "the revoked key refused and the made one served by both")
 
 
 async def test_many_changes_from_two_instances_at_once_all_land(
