@@ -37,7 +37,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.keys.credentials import sent
 from proxy.keys.edits import hashed_document, prune
@@ -105,13 +107,33 @@ class RedisStore:
         self._one_at_a_time = asyncio.Lock()
 
     async def start(self, seed: dict[str, Any]) -> None:
-        """Import `seed` (keys.json) into an empty store, then take what the store holds."""
+        """Import `seed` (keys.json) into an empty store, then take what the store holds.
+
+        The gateway's start checked that Redis answers; a process that starts later (a worker
+        replacing one that died) while Redis is away waits for it, saying so once: it has no
+        keys to serve but the seed, which may hold keys revoked since, and failing to start
+        would stop the whole gateway after three tries.
+        """
         raw, _ = encoded(hashed_document(seed))
-        try:
-            await self._client.eval(_IMPORT, 2, DOCUMENT, VERSION, self._fernet.encrypt(raw))
-        except RedisError as error:
-            raise KeysFileError(f"{WHERE}: cannot be reached ({error})") from None
-        await self.sync()
+        token = self._fernet.encrypt(raw)
+        waiting = False
+        while True:
+            try:
+                await self._client.eval(_IMPORT, 2, DOCUMENT, VERSION, token)
+                await self.sync()
+                return
+            except (RedisConnectionError, RedisTimeoutError, StoreUnavailable) as error:
+                if not waiting:
+                    log.warning(
+                        "keys: %s cannot be read (%s): process %d waits for it before it serves",
+                        WHERE,
+                        error,
+                        os.getpid(),
+                    )
+                    waiting = True
+                await asyncio.sleep(POLL_SECONDS)
+            except RedisError as error:
+                raise KeysFileError(f"{WHERE}: cannot be reached ({error})") from None
 
     async def sync(self) -> None:
         """Take the store's document if its version moved since this process last did."""
