@@ -182,7 +182,7 @@ def build_app(
             "max_headers": MAX_HEADERS,
         },
     )
-    metrics = Metrics(metrics_dir)
+    metrics = Metrics(metrics_dir, cache_is_shared=settings.redis_url is not None)
     metrics.know_providers({*key_ring.key_counts(), *providers_of(key_ring).values()})
     targets = key_ring.targets()
     breakers = Breakers(targets, breaker_policy(settings), on_change=metrics.breaker_changed)

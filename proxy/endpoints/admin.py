@@ -222,6 +222,10 @@ class Admin:
     async def handle_reload(self, request: web.Request) -> web.Response:
         """POST /admin/reload: 200 with the config in force, or 422 saying why nothing changed."""
         error = await self._keys_file.reload("POST /admin/reload")
+        if self._reload_workers is not None and self._keys_file.is_reloadable:
+            # Every worker reads the file, a broken one too: each then keeps its keys and
+            # shows the failure on /health, whichever worker answers.
+            self._reload_workers()
         if error is not None:
             return errors.render(
                 GatewayError(
@@ -231,8 +235,6 @@ class Admin:
                 ),
                 request.path,
             )
-        if self._reload_workers is not None:
-            self._reload_workers()
         document = {
             "reloaded": True,
             "keys": len(self._key_ring),

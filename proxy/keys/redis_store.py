@@ -14,6 +14,14 @@ POLL_SECONDS anyway (a message missed while a connection was down is caught up b
 version), it compares the version with the one it holds and, when it moved, loads the
 document and swaps it into its key ring. The first start with no document imports the
 keys.json document (once, whichever instance comes first).
+
+Redis restarted without persistence (the compose file's and the Kubernetes manifest's
+Redis) comes back empty; an instance started then imports its keys.json, where a revoked
+key may still be and a key made since is not, and every process would follow that. So a
+process whose connection was lost and that then finds the store empty, or at a version
+below its own, puts back the document it holds (`_RESTORE`: only while the store is still
+behind it), and the newest keys in force win. An operator who empties the store on purpose
+(`DEL` of both keys, to start over from keys.json) loses no connection: nothing is put back.
 """
 
 from __future__ import annotations
@@ -23,12 +31,15 @@ import base64
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.keys.credentials import sent
 from proxy.keys.edits import hashed_document, prune
@@ -52,6 +63,13 @@ _IMPORT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return redis.call('INCR', KEYS[2])
+"""
+# Put back the document a process holds, at its version, while the store is behind it.
+_RESTORE = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
 """
 
 
@@ -84,16 +102,38 @@ class RedisStore:
             protocol=2,
         )
         self._version = 0  # the version in force in this process
+        self._token: bytes | str | None = None  # its document, as stored (encrypted)
+        self._was_lost = False  # the connection broke since the store was last read
         self._one_at_a_time = asyncio.Lock()
 
     async def start(self, seed: dict[str, Any]) -> None:
-        """Import `seed` (keys.json) into an empty store, then take what the store holds."""
+        """Import `seed` (keys.json) into an empty store, then take what the store holds.
+
+        The gateway's start checked that Redis answers; a process that starts later (a worker
+        replacing one that died) while Redis is away waits for it, saying so once: it has no
+        keys to serve but the seed, which may hold keys revoked since, and failing to start
+        would stop the whole gateway after three tries.
+        """
         raw, _ = encoded(hashed_document(seed))
-        try:
-            await self._client.eval(_IMPORT, 2, DOCUMENT, VERSION, self._fernet.encrypt(raw))
-        except RedisError as error:
-            raise KeysFileError(f"{WHERE}: cannot be reached ({error})") from None
-        await self.sync()
+        token = self._fernet.encrypt(raw)
+        waiting = False
+        while True:
+            try:
+                await self._client.eval(_IMPORT, 2, DOCUMENT, VERSION, token)
+                await self.sync()
+                return
+            except (RedisConnectionError, RedisTimeoutError, StoreUnavailable) as error:
+                if not waiting:
+                    log.warning(
+                        "keys: %s cannot be read (%s): process %d waits for it before it serves",
+                        WHERE,
+                        error,
+                        os.getpid(),
+                    )
+                    waiting = True
+                await asyncio.sleep(POLL_SECONDS)
+            except RedisError as error:
+                raise KeysFileError(f"{WHERE}: cannot be reached ({error})") from None
 
     async def sync(self) -> None:
         """Take the store's document if its version moved since this process last did."""
@@ -101,7 +141,13 @@ class RedisStore:
             try:
                 version, token = await self._client.mget(VERSION, DOCUMENT)
             except RedisError as error:
+                self._was_lost = True
                 raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+            was_lost, self._was_lost = self._was_lost, False
+            behind = version is None or int(version) < self._version
+            if was_lost and behind and self._token is not None:
+                await self._restore(self._token)
+                return
             if version is None or int(version) == self._version:
                 return
             try:
@@ -111,7 +157,24 @@ class RedisStore:
                 self._version = int(version)  # said once; tried again on the next change
                 raise
             self._apply(ring)
-            self._version = int(version)
+            self._version, self._token = int(version), token
+
+    async def _restore(self, token: bytes | str) -> None:
+        """Put the keys in force back into a store that lost them (Redis restarted empty)."""
+        try:
+            restored = await self._client.eval(_RESTORE, 2, DOCUMENT, VERSION, token, self._version)
+            if restored:  # the instances that imported keys.json meanwhile take it at once
+                await self._client.publish(CHANNEL, str(self._version))
+        except RedisError as error:
+            self._was_lost = True  # lost again: try once more when it answers
+            raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+        if restored:
+            log.warning(
+                "keys: Redis came back without the keys in force (restarted empty?): "
+                "put them back (version %d, process %d)",
+                self._version,
+                os.getpid(),
+            )
 
     async def change(self, edit: Edit[T]) -> T:
         async with self._one_at_a_time:
@@ -134,11 +197,12 @@ class RedisStore:
             raw, digest = encoded(document)
             ring = await asyncio.to_thread(self._parse, document, digest)
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            pipe.set(DOCUMENT, self._fernet.encrypt(raw))
+            token = self._fernet.encrypt(raw)
+            pipe.set(DOCUMENT, token)
             pipe.incr(VERSION)
             _, version = await pipe.execute()
         self._apply(ring)
-        self._version = int(version)
+        self._version, self._token = int(version), token
         await self._client.publish(CHANNEL, str(version))
         return result
 
@@ -172,6 +236,8 @@ class RedisStore:
                         await self.sync()
                         complained = False
             except (RedisError, StoreUnavailable, KeysFileError, OSError) as error:
+                if isinstance(error, (RedisError, OSError)):
+                    self._was_lost = True
                 if not complained:
                     log.warning("keys not followed from Redis, the keys in force stay: %s", error)
                     complained = True

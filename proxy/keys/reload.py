@@ -119,6 +119,11 @@ class KeysFile:
         self._signalled: set[asyncio.Task[str | None]] = set()
 
     @property
+    def is_reloadable(self) -> bool:
+        """Whether keys.json is reloaded at all (not with KEYS_STORE=redis)."""
+        return self._kept_elsewhere is None
+
+    @property
     def config(self) -> dict[str, str | None]:
         """Which keys file is in force: `{"hash", "loaded_at"}`, the same on every worker."""
         return {"hash": self._key_ring.digest, "loaded_at": self.loaded_at}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import prometheus_client
@@ -61,7 +61,9 @@ TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class Metrics:
     """The gateway's counters, histograms and gauges, and their two renderings."""
 
-    def __init__(self, multiprocess_dir: str | None = None) -> None:
+    def __init__(self, multiprocess_dir: str | None = None, cache_is_shared: bool = False) -> None:
+        """`cache_is_shared`: the response cache lives in Redis, where every worker reads
+        the same totals (else each worker's memory holds its own entries, summed)."""
         # No `_created` series: a start time per label set doubles the text and means nothing
         # to a dashboard. Process-wide in prometheus-client, and the same for every Metrics.
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
@@ -261,18 +263,22 @@ class Metrics:
             ["provider", "model"],
             registry=owner,
         )
-        # With Redis every process reads the shared totals: the most recent is the answer.
+        # With Redis every process reads the shared totals: the most recent is the answer;
+        # in memory each worker holds its own entries: the sum of the live ones.
+        cache_mode: Literal["mostrecent", "livesum"] = (
+            "mostrecent" if cache_is_shared else "livesum"
+        )
         self._cache_entries = Gauge(
             "llm_gateway_cache_entries",
-            "Answers held by the response cache (in this process, or in Redis).",
+            "Answers held by the response cache (in memory, or in Redis).",
             registry=owner,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode=cache_mode,
         )
         self._cache_bytes = Gauge(
             "llm_gateway_cache_bytes",
-            "Bytes held by the response cache (in this process, or in Redis).",
+            "Bytes held by the response cache (in memory, or in Redis).",
             registry=owner,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode=cache_mode,
         )
         self._last_request = gauge(
             "llm_gateway_last_request_timestamp_seconds",

@@ -43,7 +43,7 @@ import gc
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import cast
 
 from aiohttp import StreamReader, web
@@ -186,10 +186,35 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
         # `cut` (`_kwargs`: what `server()` passes).
         return _RequestHandler(server, loop=loop, **server._kwargs)
 
-    try:
+    with _refusals(host, port):
         return await loop.create_server(
             connection, host, port, reuse_port=reuse_port or None, backlog=1024
         )
+
+
+def check_port_free(settings: Settings) -> None:
+    """Refuse a port something listens on already, before workers share it. Raises CannotListen.
+
+    Workers listen with SO_REUSEPORT, which the kernel grants any process of the same user:
+    a second gateway of workers on the port would take its share of the connections instead
+    of being refused, as a gateway of one process is. A bind without it tells.
+    """
+    host, port = settings.server_host, settings.server_port
+
+    async def bind() -> None:
+        with _refusals(host, port):
+            probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        probe.close()
+        await probe.wait_closed()
+
+    asyncio.run(bind())
+
+
+@contextlib.contextmanager
+def _refusals(host: str, port: int) -> Iterator[None]:
+    """A listen that cannot be had, as the one line that refuses the start."""
+    try:
+        yield
     except socket.gaierror as error:
         raise CannotListen(
             f"SERVER_HOST {host!r} cannot be resolved ({error.strerror}): "

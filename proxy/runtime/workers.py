@@ -53,7 +53,7 @@ from types import FrameType
 from proxy.app import build_app
 from proxy.keys.keys import KeyRing
 from proxy.observe.worker_metrics import forget_worker
-from proxy.runtime.server import CannotListen, serve
+from proxy.runtime.server import CannotListen, check_port_free, serve
 from proxy.settings import Settings
 
 START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
@@ -66,6 +66,7 @@ def run(settings: Settings, key_ring: KeyRing) -> int:
     if settings.worker_count == 1:
         serve(settings, build_app(settings, key_ring))
         return 0
+    check_port_free(settings)  # before workers share it: a port in use refuses the start
     chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = chosen or tempfile.mkdtemp(prefix="llm-gateway-metrics-")
     _empty(metrics_dir)  # files of an earlier run would be summed in

@@ -22,10 +22,16 @@ from aiohttp.test_utils import TestClient
 from proxy.app import KEY_STORE, build_app
 from proxy.keys.redis_store import DOCUMENT, VERSION, RedisStore, fernet
 from proxy.settings import Settings
-from tests.conftest import SECRETS, auth, keys_document
+from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle
 from tests.support.polling import until
-from tests.support.processes import Processes, free_port, refused, start_gateway
+from tests.support.processes import (
+    Processes,
+    free_port,
+    refused,
+    start_gateway,
+    wait_listening,
+)
 
 STORE_SECRET = "keys-store-secret-for-tests-5f1e9a"
 # The tests poll with keys not yet (or no longer) known: failures the lockout must not end.
@@ -155,6 +161,77 @@ async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
     assert "limited" not in names and "team-anthropic" in names
     reload = await second.post("/admin/reload", headers=HEADERS)
     assert reload.status == 422 and "KEYS_STORE=redis" in (await reload.json())["error"]["message"]
+
+
+async def test_a_redis_restarted_empty_gets_back_the_keys_in_force_not_keys_json(
+    redis_gateway: Callable[..., Awaitable[TestClient]], redis_server: Any
+) -> None:
+    running = await redis_gateway()
+    assert (await running.delete("/admin/keys/limited", headers=HEADERS)).status == 204
+    body = {"name": "made", "provider": "openai", "api_key": REAL}
+    made = (await (await running.post("/admin/keys", json=body, headers=HEADERS)).json())["key"]
+    # Redis restarts without persistence (the compose file's, the Kubernetes manifest's),
+    # and an instance starts right after it (a pod restarted, a scale-up): it finds the
+    # store empty and imports its keys.json, where the revoked key still is.
+    redis_server.kill()
+    redis_server.start()
+    started = await redis_gateway()
+
+    async def status(gateway: TestClient, key: str) -> int:
+        return (await gateway.get("/usage", headers=auth(key))).status
+
+    async def the_keys_in_force() -> bool:
+        seen = [
+            await status(gateway, key)
+            for gateway in (running, started)
+            for key in (LIMITED_VK, made)
+        ]
+        return seen == [401, 200, 401, 200]
+
+    await until(the_keys_in_force, 3.0, "the revoked key refused and the made one served by both")
+
+
+def said(process: subprocess.Popen[str], words: str) -> str:
+    """The first line of the gateway's stderr holding `words` (fails once it has ended)."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if words in line:
+            return line
+    raise AssertionError(f"the gateway ended without saying {words!r}")
+
+
+async def test_a_worker_replaced_while_redis_is_lost_waits_for_it_and_stops_nothing(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_server: Any
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document(fake_base)))
+    process, url = start_gateway(
+        processes,
+        keys,
+        tmp_path / "log.jsonl",
+        WORKERS="2",
+        REDIS_URL=redis_server.url,
+        KEYS_STORE="redis",
+        KEYS_STORE_SECRET=STORE_SECRET,
+        ADMIN_TOKEN=ADMIN,
+    )
+    port = int(url.rsplit(":", 1)[1])
+    listening = await asyncio.to_thread(wait_listening, port, 2)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    redis_server.kill()
+    os.kill(int(children[0]), signal.SIGKILL)  # an OOM kill while Redis is away
+    # Its replacement cannot read the keys: it waits for Redis rather than failing to start
+    # three times, which stopped the whole gateway, its healthy worker too.
+    line = await asyncio.to_thread(said, process, "waits for it")
+    assert "Traceback" not in line
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK)
+        ) as response:
+            assert response.status == 200  # the other worker serves on
+    redis_server.start()
+    await asyncio.to_thread(wait_listening, port, 2, listening)  # the replacement serves
+    assert process.poll() is None
 
 
 async def test_many_changes_from_two_instances_at_once_all_land(

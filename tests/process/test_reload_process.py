@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.support.bodies import STREAM
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway, wait_listening
 from tests.support.redis_server import RedisServer
 
@@ -221,6 +222,38 @@ async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_
     assert {config["hash"] for config in configs} == {expected}
     assert len({config["loaded_at"] for config in configs}) == 1
     assert process.poll() is None, "SIGHUP killed the supervisor"
+    stop(process)
+
+
+async def test_a_broken_file_posted_to_one_worker_shows_in_every_workers_health(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        WORKERS="2",
+        QUOTA_ENABLED="false",
+        ADMIN_TOKEN=TOKEN,
+    )
+    await asyncio.to_thread(both_listening, url)
+    before = digest(process_keys)
+    process_keys.write_text('{"virtual_keys": {')  # half saved
+    status, body = await fresh(
+        url, "POST", "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 422, body
+
+    async def failed_everywhere() -> bool:
+        answers = await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))
+        configs = [json.loads(body)["config"] for _, body in answers]
+        return all(
+            config["hash"] == before and config["reload_failed"] is not None for config in configs
+        )
+
+    # Each worker tried the file and kept its keys: /health says so whichever answers.
+    await until(failed_everywhere, 5.0, "the failed reload in every worker's /health")
+    assert process.poll() is None
     stop(process)
 
 

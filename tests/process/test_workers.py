@@ -93,6 +93,33 @@ def test_several_workers_without_redis_are_refused_at_start(process_keys: Path) 
     )
 
 
+async def test_a_second_gateway_of_workers_on_a_port_in_use_is_refused_at_start(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # Workers share their port with SO_REUSEPORT, which the kernel grants any process of the
+    # same user: a second gateway started there by mistake would take half the connections.
+    _, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", WORKERS="2", QUOTA_ENABLED="false"
+    )
+    port = url.rsplit(":", 1)[1]
+    await asyncio.to_thread(wait_listening, int(port), 2)
+    result = await asyncio.to_thread(
+        refused,
+        {
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": port,
+            "WORKERS": "2",
+            "QUOTA_ENABLED": "false",
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"llm-gateway: port {port} on 127.0.0.1 is already in use: "
+        "stop what holds it, or choose another with SERVER_PORT or --server-port"
+    ]
+
+
 async def test_workers_whose_parent_is_killed_exit_by_themselves(
     processes: Processes,
     process_keys: Path,

@@ -304,6 +304,26 @@ def test_multiprocess_mode_sums_two_workers(tmp_path: Path, restore_value_class:
     assert summary(second)["total_requests"] == 3  # counters outlive the worker
 
 
+@pytest.mark.parametrize(("is_shared", "entries", "size"), [(False, 8, 800), (True, 5, 500)])
+def test_cache_gauges_of_two_workers(
+    tmp_path: Path, restore_value_class: None, is_shared: bool, entries: int, size: int
+) -> None:
+    # In memory each worker holds its own entries: the gauges are their sum. In Redis
+    # every worker reports the shared totals: the most recent is the answer.
+    directory = str(tmp_path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    workers = []
+    for pid, held in ((101, 3), (102, 5)):
+        values.ValueClass = values.MultiProcessValue(lambda pid=pid: pid)
+        workers.append(Metrics(multiprocess_dir=directory, cache_is_shared=is_shared))
+        workers[-1].cache_size(held, held * 100)
+
+    for metrics in workers:
+        found = samples(metrics)
+        assert value(found, "llm_gateway_cache_entries") == entries
+        assert value(found, "llm_gateway_cache_bytes") == size
+
+
 def test_one_process_cannot_write_two_multiprocess_directories(
     tmp_path: Path, restore_value_class: None
 ) -> None:
