@@ -12,6 +12,7 @@ When to try again (and nothing else), top to bottom:
     sent, no headers in REQUEST_TIMEOUT    504 timeout       GET, PUT, DELETE...: as above; POST: never
     sent, then closed or reset             502 unreachable   GET, PUT, DELETE...: as above; POST: never
     408, 500, 502, 503, 504, 529           the provider's    same target (RETRY_ATTEMPTS), then the next
+      ... its body broken off or stalled   502 broken, 504   as above (nothing of it reached the client)
     429                                    the provider's    the pool's next key at once; else as above
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
@@ -173,10 +174,13 @@ class Failed(Exception):
         self.outcome, self.why, self.sent = outcome, why, sent
 
 
+_UNANSWERED_CODES = {Outcome.TIMEOUT: "upstream_timeout", Outcome.BROKEN: "upstream_broken"}
+
+
 def unanswered(failure: Failed) -> GatewayError:
     """The gateway's 502/504 when no provider answered, carrying how the last try failed."""
     status = 504 if failure.outcome is Outcome.TIMEOUT else 502
-    code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+    code = _UNANSWERED_CODES.get(failure.outcome, "upstream_unreachable")
     message = failure.why[0].upper() + failure.why[1:] + "."
     return GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
 
@@ -378,15 +382,18 @@ class Failover:
                     walk.serving = pool, credential
                     return reply
                 try:
-                    kept = await self._keep(reply)
+                    kept = await self._keep(reply, target)
+                except Failed as failed:  # its body broke off: a failure all the same
+                    walk.failure = failed
                 except BaseException:
                     pool.ended(credential)
                     raise
-                if kept is None:
-                    walk.serving = pool, credential
-                    return reply  # cannot be kept whole: it goes on as it is
+                else:
+                    if kept is None:
+                        walk.serving = pool, credential
+                        return reply  # cannot be kept whole: it goes on as it is
+                    walk.kept = kept
                 pool.ended(credential)
-                walk.kept = kept
                 asked = _asked_wait(reply.headers)
                 if status in KEY_REFUSED:
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
@@ -525,19 +532,28 @@ class Failover:
         breaker.failed(now(), failed.why, record.key if slow else None)
         raise failed
 
-    async def _keep(self, reply: WireReply) -> StoredAnswer | None:
+    async def _keep(self, reply: WireReply, target: Target) -> StoredAnswer | None:
         """The answer read whole, its connection released; None when it is too large to
-        keep (nothing of it taken) or could not be read."""
+        keep (nothing of it taken). Raises Failed when its body broke off or stalled: no
+        byte of it reached the client, so the walk goes on as after any failure."""
         length = reply.content_length
         if length is not None and length > KEPT_ANSWER_BYTES:
             return None
+        timeout = self.policy.request_timeout
         try:
-            async with asyncio.timeout(self.policy.request_timeout):
+            async with asyncio.timeout(timeout):
                 if length is None and not await reply.content.arrive():
                     return None
                 body = await reply.read()
-        except (TimeoutError, aiohttp.ClientError):
-            return None
+        except TimeoutError:
+            reply.close()
+            why = f"{where(target)} sent {reply.status} but not its body within {timeout:g} seconds"
+            raise Failed(Outcome.TIMEOUT, why) from None
+        except aiohttp.ClientError as error:
+            reply.close()
+            broken = type(error).__name__
+            why = f"{where(target)} sent {reply.status} and broke off its answer ({broken})"
+            raise Failed(Outcome.BROKEN, why) from None
         reply.release()
         return StoredAnswer(reply, body)
 

@@ -207,6 +207,42 @@ async def test_a_fallback_fires_on_a_stream_when_the_error_comes_without_a_conte
     ]
 
 
+async def test_a_503_whose_body_breaks_off_is_failed_over_like_any_503(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Before, the broken 503 went on as the answer: the client got 502 upstream_broken and
+    the fallback was never asked, though nothing had reached the client."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    for is_unsized in (False, True):
+        fake.faults[PRIMARY] = Fault(503, is_unsized=is_unsized, is_cut=True)
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+        assert (await response.json())["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP] * 2
+    lines = await records(2)
+    for line in lines:
+        assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+            ("openai", 503),
+            ("backup", 200),
+        ]
+
+
+async def test_a_broken_503_from_the_last_target_gives_the_gateways_502(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503, is_cut=True)
+    fake.faults[BACKUP] = Fault(503, is_cut=True)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    body = await response.json()
+    assert_openai_error(body, "upstream_broken")
+    assert "'backup' at 127.0.0.1" in body["error"]["message"]
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
 async def test_an_unsized_error_from_the_last_target_reaches_the_client_unchanged(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
