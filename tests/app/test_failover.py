@@ -385,6 +385,41 @@ async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client
     assert POOL[0] in await keys_of_a_round()  # back in the rotation
 
 
+async def test_a_resting_pool_key_still_rests_after_a_reload_unless_its_real_key_changed(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, tmp_path: Path
+) -> None:
+    """Before, any reload (SIGHUP, the admin API changing another key, a watched file)
+    ended every rest: a key OpenAI had told to wait a minute was asked again at once."""
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", ADMIN_TOKEN="t" * 32)
+    gateway.app[FAILOVER].breakers.clock = Clock()  # the rest lasts until the test says
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": "60"})
+
+    async def reload(pool: list[str]) -> None:
+        path = tmp_path / "keys.json"
+        document = json.loads(path.read_text())
+        document["virtual_keys"][VK]["api_keys"] = [{"api_key": k} for k in pool]
+        path.write_text(json.dumps(document))
+        admin = {"Authorization": "Bearer " + "t" * 32}
+        assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+
+    async def keys_of_a_round() -> list[str | None]:
+        fake.requests.clear()
+        for _ in range(6):
+            response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+            assert response.status == 200  # the 429 never reaches the client
+        return keys_seen(fake)
+
+    assert POOL[0] in await keys_of_a_round()  # asked once: it rests from then on
+    await reload(list(POOL))  # the same pool
+    assert POOL[0] not in await keys_of_a_round()
+    await reload([POOL[0], POOL[2]])  # another key removed: it is known by its real key
+    assert POOL[0] not in await keys_of_a_round()
+    del fake.faults[POOL[0]]
+    await reload(["sk-pool-real-replaced-zz", POOL[2]])  # its real key replaced: a new key
+    assert "sk-pool-real-replaced-zz" in await keys_of_a_round()
+
+
 async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
