@@ -488,9 +488,12 @@ class Failover:
         else:
             ms = record.waited_upstream(asked)
             status = reply.status
-            if pool is not None and status not in RETRYABLE:
+            if pool is not None and status != 429:  # a 429's key rests instead
                 answered = now()
-                pool.measured(credential, answered - began, answered)
+                # A failure counts as a first byte at the timeout: never measured, a key
+                # that only fails would stay "not yet measured", and be tried first for ever.
+                took = answered - began if status not in RETRYABLE else self.policy.request_timeout
+                pool.measured(credential, took, answered)
             record.add_attempt(
                 Attempt(
                     target.name,
@@ -513,9 +516,11 @@ class Failover:
                 breaker.succeeded(now())
             return reply
         ms = record.waited_upstream(asked)
-        if pool is not None and failed.outcome is Outcome.TIMEOUT:
+        if pool is not None:  # its first byte: later still (a failure: at the timeout)
             gave_up = now()
-            pool.measured(credential, gave_up - began, gave_up)  # its first byte: later still
+            timed_out = failed.outcome is Outcome.TIMEOUT
+            took = gave_up - began if timed_out else self.policy.request_timeout
+            pool.measured(credential, took, gave_up)
         record.add_attempt(
             Attempt(
                 target.name,
