@@ -420,6 +420,31 @@ async def test_a_resting_pool_key_still_rests_after_a_reload_unless_its_real_key
     assert "sk-pool-real-replaced-zz" in await keys_of_a_round()
 
 
+async def test_a_breaker_open_on_a_target_keys_json_no_longer_names_is_forgotten_at_reload(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, tmp_path: Path
+) -> None:
+    """Before, /health stayed degraded, the provider unhealthy and the breaker-state metric
+    open (its alert firing) until a restart, for a target no key could send to any more."""
+    gateway = await failover_gateway(WITH_FALLBACK, BREAKER_FAILURES="1", ADMIN_TOKEN="t" * 32)
+    fake.faults[PRIMARY] = Fault(500)
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    health = await (await gateway.get("/health")).json()
+    assert health["status"] == "degraded" and health["targets"]["openai"]["state"] == "open"
+
+    path = tmp_path / "keys.json"
+    document = json.loads(path.read_text())
+    document["virtual_keys"][VK] = {"name": "failover", "provider": "backup", "api_key": BACKUP}
+    path.write_text(json.dumps(document))
+    admin = {"Authorization": "Bearer " + "t" * 32}
+    assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+    health = await (await gateway.get("/health")).json()
+    assert health["status"] == "healthy", health
+    assert "openai" not in health["targets"]
+    assert all(provider["healthy"] for provider in health["providers"].values())
+    text = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_breaker_state{target="openai"} 0.0' in text
+
+
 async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
