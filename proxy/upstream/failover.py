@@ -35,7 +35,8 @@ waited: the next target is tried at once, or the answer goes to the client. No a
 starts after the deadline; one already started keeps its own REQUEST_TIMEOUT.
 
 When everything fails, the client gets the last provider answer unchanged (status, headers,
-body), or the gateway's 502/504 when no provider answered. A retryable answer is read whole
+body), or the gateway's 502/504 when no provider answered, and always when the last try was
+a POST sent and left unanswered (it may be running). A retryable answer is read whole
 to be kept: one of known length up to `KEPT_ANSWER_BYTES`, or one sent without a length
 (chunked: errors from behind many proxies and CDNs) that ends within what the wire buffers
 unread (`wire.HIGH_WATER`). A larger one goes to the client as it is, none of it taken.
@@ -372,6 +373,9 @@ class Failover:
                 walk.failure, wait = failed, self._backoff(retry)
                 if failed.sent and request.method not in IDEMPOTENT:
                     walk.is_over = True  # the provider may be at work on it: never twice
+                    # Its 504/502 is the answer: an earlier target's kept 429 or 5xx would
+                    # tell the client nothing ran (and its SDK would send it again).
+                    walk.kept = None
                     return None
             except BaseException:
                 pool.ended(credential)
