@@ -433,7 +433,7 @@ class Failover:
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
         member = credential.label if target.pool.size > 1 else target.name
-        record.saw_target(target.name, target.provider.name, member)
+        record.saw_target(target.name, target.provider.name, member, target.model)
         if on_attempt is not None:  # traces: a client span, its context in the headers
             # Begun before the try's time: a span settled as its start plus the try's ms
             # never ends after the next try began, and a try that fails to sign has one too.

@@ -21,7 +21,9 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
+from proxy.record import Usage
 from proxy.settings import Settings
+from proxy.usage.pricing import Prices
 from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat, messages
 from tests.support.clock import Clock
@@ -281,6 +283,34 @@ async def test_an_anthropic_529_fails_over_to_an_anthropic_fallback(
         ("ant-backup", 200),
     ]
     assert ANT_PRIMARY not in json.dumps(line) and ANT_BACKUP not in json.dumps(line)
+
+
+async def test_an_unanswered_fallback_that_swaps_the_model_is_charged_at_that_models_price(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Before, its reservation was priced at the model the client named (gpt-4o), 16 times
+    what the fallback's gpt-4o-mini costs, though the log line named that target."""
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "budget": {"usd": 10, "window_seconds": 3600},
+        "fallbacks": [{"provider": "openai", "api_key": BACKUP, "model": "gpt-4o-mini"}],
+    }
+    gateway = await failover_gateway(key, REQUEST_TIMEOUT="0.3")
+    fake.faults[PRIMARY] = Fault(503)
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=chat("hello", model="gpt-4o", max_tokens=1000),
+        headers={**auth(VK), "x-fake-hang": "headers"},  # the fallback's: the primary's 503 first
+    )
+    assert response.status == 504
+    [line] = await records(1)
+    assert line["target"] == "openai/gpt-4o-mini" and line["usage"]["completion_tokens"] == 1000
+    usage = Usage(line["usage"]["prompt_tokens"], 1000, estimated=True)
+    prices = Prices.load(None)
+    assert line["cost_usd"] == pytest.approx(prices.cost("openai", "gpt-4o-mini", usage))
 
 
 async def test_a_stream_whose_first_chunk_reached_the_client_is_never_retried(
