@@ -492,12 +492,15 @@ class Failover:
         else:
             ms = record.waited_upstream(asked)
             status = reply.status
-            if pool is not None and status != 429:  # a 429's key rests instead
+            if pool is not None:
                 answered = now()
-                # A failure counts as a first byte at the timeout: never measured, a key
-                # that only fails would stay "not yet measured", and be tried first for ever.
-                took = answered - began if status not in RETRYABLE else self.policy.request_timeout
-                pool.measured(credential, took, answered)
+                if status not in RETRYABLE:
+                    pool.measured(credential, answered - began, answered)
+                elif status != 429 and pool.size > 1:  # a 429's key rests instead
+                    # A pool key's failure counts as a first byte at the timeout: never
+                    # measured, a key that only fails would stay "not yet measured", and be
+                    # tried first for ever (a target's failures are its breaker's business).
+                    pool.measured(credential, self.policy.request_timeout, answered)
             record.add_attempt(
                 Attempt(
                     target.name,
@@ -520,11 +523,12 @@ class Failover:
                 breaker.succeeded(now())
             return reply
         ms = record.waited_upstream(asked)
-        if pool is not None:  # its first byte: later still (a failure: at the timeout)
+        if pool is not None:  # its first byte: later still (a pool key's failure: as above)
             gave_up = now()
-            timed_out = failed.outcome is Outcome.TIMEOUT
-            took = gave_up - began if timed_out else self.policy.request_timeout
-            pool.measured(credential, took, gave_up)
+            if failed.outcome is Outcome.TIMEOUT:
+                pool.measured(credential, gave_up - began, gave_up)
+            elif pool.size > 1:
+                pool.measured(credential, self.policy.request_timeout, gave_up)
         record.add_attempt(
             Attempt(
                 target.name,
