@@ -219,6 +219,7 @@ def build_app(
             None if error is None else {"reason": error, "at": rfc3339(time.time())}
         )
         if error is None:
+            breakers.keep_only(key_ring.targets().keys())
             health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config
 

@@ -28,6 +28,7 @@ The failure map, by the step that raises (status, OpenAI code):
                    503 quota_unavailable      Redis lost and QUOTA_ON_REDIS_ERROR=deny
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
+                   502 upstream_broken        the last target's 429 or 5xx broke off its body
     stream_back    502 upstream_broken        a small whole body cut short, before we sent anything
                    504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
     exchange       500 internal_error         a bug: logged once, answered in the dialect

@@ -229,9 +229,10 @@ class Entrance:
             return
         if record.is_batch_charge:  # priced by model at batch prices (batch_charges)
             return
-        record.priced(
-            self.prices.cost(record.provider, record.model, record.usage, record.response_model)
-        )
+        # The model that ran: the one the provider says answered, else the one the target
+        # swapped in (an answer that never came: its reservation), else the client's.
+        answered = record.response_model or record.target_model
+        record.priced(self.prices.cost(record.provider, record.model, record.usage, answered))
 
     def _charge(self, exchange: Exchange) -> None:
         key, record = exchange.key, exchange.record

@@ -247,6 +247,7 @@ class Record:
     # the `error` of an answer that otherwise ended well.
     answer_error: str | None = None
     target: str | None = None  # the target that answered (or was tried last)
+    target_model: str | None = None  # the model that target swaps in; None: the body's own
     # Which of it: its name, or the pool key's label ("openai#2", never the key) in a pool.
     member: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -306,10 +307,14 @@ class Record:
         """The body as sent (LOG_BODIES only)."""
         self.request_body = body
 
-    def saw_target(self, target: str, provider: str, member: str | None = None) -> None:
+    def saw_target(
+        self, target: str, provider: str, member: str | None = None, model: str | None = None
+    ) -> None:
         """An attempt goes to this target (`member`: the pool key's label, else the target's
-        name): the last one tried is the one that answered."""
+        name; `model`: the one it swaps in, None: the body's): the last one tried is the one
+        that answered."""
         self.target, self.provider, self.member = target, provider, member or target
+        self.target_model = model
 
     def add_attempt(self, attempt: Attempt) -> None:
         """One try on one target ended: answered, or failed and why."""

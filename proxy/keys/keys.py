@@ -175,6 +175,14 @@ class KeyRing:
             for target in key.plans.every_target()
             for credential in target.pool.credentials
         )
+        # Pools of several keys, where a key may rest (429, 401, 403): a reload carries
+        # their rests over (`replace`); found here, in the reload's thread, not at the swap.
+        self._pools = tuple(
+            (key.id, index, target.name, target.pool)
+            for key in self._keys.values()
+            for index, target in enumerate(key.plans.every_target())
+            if target.pool.size > 1
+        )
         # For /health, worked out here: a reload builds the ring in a thread, and walking
         # 10,000 keys on the event loop at the swap held every request for ~10 ms.
         self._targets = {t.name: t for key in self._keys.values() for t in key.plans.every_target()}
@@ -184,7 +192,15 @@ class KeyRing:
                 self._key_counts[name] = self._key_counts.get(name, 0) + 1
 
     def replace(self, other: KeyRing) -> None:
-        """Take `other`'s keys in one step; requests in flight keep the key they hold."""
+        """Take `other`'s keys in one step; requests in flight keep the key they hold. A pool
+        key resting (the provider's 429, 401, 403) still rests under the same key's name."""
+        for key_id, index, name, pool in self._pools:
+            if pool.has_rested:  # most pools never had a key set aside: nothing to carry
+                fresh = other._by_id.get(key_id)
+                targets = () if fresh is None else fresh.plans.every_target()
+                if index < len(targets) and targets[index].name == name:
+                    targets[index].pool.take_rests(pool)
+        self._pools = other._pools
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
         self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts

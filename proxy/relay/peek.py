@@ -62,6 +62,9 @@ class Peek:
     # The conversation the body names, kept on one pool key for the provider's prompt cache:
     # OpenAI's prompt_cache_key, else Anthropic's metadata.user_id; None when neither.
     affinity: str | None = None
+    # The body as the provider reads it, when it came compressed (Content-Encoding): what the
+    # usage estimate reads the prompt from. None: the body as it came.
+    decoded: bytes | None = None
 
 
 def body_at_hand(request: web.Request, limit: int, length: int | None) -> bytes | None:
@@ -133,9 +136,10 @@ def validate(
     """
     is_restricted = key.allowed_models is not None
     method, headers, content_type = request.method, request.headers, request.content_type
+    decoded = None
     if "content-encoding" in headers:
         # Every Content-Encoding header counts: the provider undoes them all (two gzips: twice).
-        body = decode_body(body, ", ".join(headers.getall("content-encoding")), limit)
+        body = decoded = decode_body(body, ", ".join(headers.getall("content-encoding")), limit)
     names: list[Any] = []
     unreadable: str | None = None
     document: dict[str, Any] | None = None
@@ -183,10 +187,10 @@ def validate(
     if is_restricted:
         named.check(key, names, unreadable)
     if document is None:
-        return Peek(model=model, is_stream=is_stream)
+        return Peek(model=model, is_stream=is_stream, decoded=decoded)
     affinity = _conversation(document)
     if not key.reserves:  # nothing to reserve: no need to measure
-        return Peek(model=model, is_stream=is_stream, affinity=affinity)
+        return Peek(model=model, is_stream=is_stream, affinity=affinity, decoded=decoded)
     return Peek(
         model=model,
         is_stream=is_stream,
@@ -194,6 +198,7 @@ def validate(
         max_output_tokens=_output_cap(document),
         is_generation=charged(request.method, request.path, is_background) in _GENERATIONS,
         affinity=affinity,
+        decoded=decoded,
     )
 
 

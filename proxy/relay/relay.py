@@ -100,8 +100,10 @@ class Relay:
         async with failover.forward(
             request, plan, tail, exchange.query, body, record, on_attempt, affinity, order
         ) as reply:
+            # The usage estimate reads the prompt as the provider does: decoded.
+            readable = body if peek.decoded is None else peek.decoded
             return await self.stream_back(
-                request, reply, plan, body, record, admission, asked, found
+                request, reply, plan, readable, record, admission, asked, found
             )
 
     async def stream_back(
@@ -118,6 +120,7 @@ class Relay:
         """Send the provider's status and headers (none carrying a real key), then each chunk
         (a real key the provider echoes in it masked: `echoes`).
 
+        `body`: the request body as the provider reads it (decoded), for the usage estimate.
         `asked_usage`: the gateway asked for the usage chunk (openai_chat.py): withhold it.
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
         """

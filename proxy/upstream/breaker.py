@@ -15,8 +15,8 @@ turn back). With PROBE_INTERVAL_SECONDS, an open breaker also hears a probe that
 nothing (`probes.py`): its success closes the breaker before any client's request is the
 probe, its failure opens it for another cooldown. Breakers live in one process (each worker
 learns on its own), and are read by /health and the breaker-state metric. Only their own
-verbs change them: `admits`, `succeeded`, `failed`, `abstain`, and `Breakers.report_broken`
-for a body cut short.
+verbs change them: `admits`, `succeeded`, `failed`, `abstain`, `Breakers.report_broken`
+for a body cut short; `Breakers.keep_only` forgets those of targets a reload removed.
 
 A request that went out and then timed out, lost its connection, or had its body cut short
 may be its own doing (one client's long generations outlast any timeout): such a failure
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
@@ -214,6 +214,14 @@ class Breakers:
         self._breakers[name] = breaker
         self._on_change(name, CLOSED)
         return breaker
+
+    def keep_only(self, names: Collection[str]) -> None:
+        """After a reload: forget the breakers of targets keys.json no longer names (no
+        request goes there to close them: /health and the metric would say open for ever).
+        A request still in flight on one finds a new, closed breaker."""
+        for name in [name for name in self._breakers if name not in names]:
+            del self._breakers[name]
+            self._on_change(name, CLOSED)
 
     def is_closed(self, name: str) -> bool:
         """True while `name`'s breaker lets every request through (a question that, unlike

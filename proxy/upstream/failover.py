@@ -12,6 +12,7 @@ When to try again (and nothing else), top to bottom:
     sent, no headers in REQUEST_TIMEOUT    504 timeout       GET, PUT, DELETE...: as above; POST: never
     sent, then closed or reset             502 unreachable   GET, PUT, DELETE...: as above; POST: never
     408, 500, 502, 503, 504, 529           the provider's    same target (RETRY_ATTEMPTS), then the next
+      ... its body broken off or stalled   502 broken, 504   as above (nothing of it reached the client)
     429                                    the provider's    the pool's next key at once; else as above
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
@@ -34,7 +35,8 @@ waited: the next target is tried at once, or the answer goes to the client. No a
 starts after the deadline; one already started keeps its own REQUEST_TIMEOUT.
 
 When everything fails, the client gets the last provider answer unchanged (status, headers,
-body), or the gateway's 502/504 when no provider answered. A retryable answer is read whole
+body), or the gateway's 502/504 when no provider answered, and always when the last try was
+a POST sent and left unanswered (it may be running). A retryable answer is read whole
 to be kept: one of known length up to `KEPT_ANSWER_BYTES`, or one sent without a length
 (chunked: errors from behind many proxies and CDNs) that ends within what the wire buffers
 unread (`wire.HIGH_WATER`). A larger one goes to the client as it is, none of it taken.
@@ -173,10 +175,13 @@ class Failed(Exception):
         self.outcome, self.why, self.sent = outcome, why, sent
 
 
+_UNANSWERED_CODES = {Outcome.TIMEOUT: "upstream_timeout", Outcome.BROKEN: "upstream_broken"}
+
+
 def unanswered(failure: Failed) -> GatewayError:
     """The gateway's 502/504 when no provider answered, carrying how the last try failed."""
     status = 504 if failure.outcome is Outcome.TIMEOUT else 502
-    code = "upstream_timeout" if status == 504 else "upstream_unreachable"
+    code = _UNANSWERED_CODES.get(failure.outcome, "upstream_unreachable")
     message = failure.why[0].upper() + failure.why[1:] + "."
     return GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
 
@@ -368,6 +373,9 @@ class Failover:
                 walk.failure, wait = failed, self._backoff(retry)
                 if failed.sent and request.method not in IDEMPOTENT:
                     walk.is_over = True  # the provider may be at work on it: never twice
+                    # Its 504/502 is the answer: an earlier target's kept 429 or 5xx would
+                    # tell the client nothing ran (and its SDK would send it again).
+                    walk.kept = None
                     return None
             except BaseException:
                 pool.ended(credential)
@@ -378,15 +386,18 @@ class Failover:
                     walk.serving = pool, credential
                     return reply
                 try:
-                    kept = await self._keep(reply)
+                    kept = await self._keep(reply, target)
+                except Failed as failed:  # its body broke off: a failure all the same
+                    walk.failure = failed
                 except BaseException:
                     pool.ended(credential)
                     raise
-                if kept is None:
-                    walk.serving = pool, credential
-                    return reply  # cannot be kept whole: it goes on as it is
+                else:
+                    if kept is None:
+                        walk.serving = pool, credential
+                        return reply  # cannot be kept whole: it goes on as it is
+                    walk.kept = kept
                 pool.ended(credential)
-                walk.kept = kept
                 asked = _asked_wait(reply.headers)
                 if status in KEY_REFUSED:
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
@@ -422,7 +433,7 @@ class Failover:
         target, breaker = outbound.target, self.breakers[outbound.target.name]
         now = self.breakers.clock
         member = credential.label if target.pool.size > 1 else target.name
-        record.saw_target(target.name, target.provider.name, member)
+        record.saw_target(target.name, target.provider.name, member, target.model)
         if on_attempt is not None:  # traces: a client span, its context in the headers
             # Begun before the try's time: a span settled as its start plus the try's ms
             # never ends after the next try began, and a try that fails to sign has one too.
@@ -481,9 +492,15 @@ class Failover:
         else:
             ms = record.waited_upstream(asked)
             status = reply.status
-            if pool is not None and status not in RETRYABLE:
+            if pool is not None:
                 answered = now()
-                pool.measured(credential, answered - began, answered)
+                if status not in RETRYABLE:
+                    pool.measured(credential, answered - began, answered)
+                elif status != 429 and pool.size > 1:  # a 429's key rests instead
+                    # A pool key's failure counts as a first byte at the timeout: never
+                    # measured, a key that only fails would stay "not yet measured", and be
+                    # tried first for ever (a target's failures are its breaker's business).
+                    pool.measured(credential, self.policy.request_timeout, answered)
             record.add_attempt(
                 Attempt(
                     target.name,
@@ -506,9 +523,12 @@ class Failover:
                 breaker.succeeded(now())
             return reply
         ms = record.waited_upstream(asked)
-        if pool is not None and failed.outcome is Outcome.TIMEOUT:
+        if pool is not None:  # its first byte: later still (a pool key's failure: as above)
             gave_up = now()
-            pool.measured(credential, gave_up - began, gave_up)  # its first byte: later still
+            if failed.outcome is Outcome.TIMEOUT:
+                pool.measured(credential, gave_up - began, gave_up)
+            elif pool.size > 1:
+                pool.measured(credential, self.policy.request_timeout, gave_up)
         record.add_attempt(
             Attempt(
                 target.name,
@@ -525,19 +545,28 @@ class Failover:
         breaker.failed(now(), failed.why, record.key if slow else None)
         raise failed
 
-    async def _keep(self, reply: WireReply) -> StoredAnswer | None:
+    async def _keep(self, reply: WireReply, target: Target) -> StoredAnswer | None:
         """The answer read whole, its connection released; None when it is too large to
-        keep (nothing of it taken) or could not be read."""
+        keep (nothing of it taken). Raises Failed when its body broke off or stalled: no
+        byte of it reached the client, so the walk goes on as after any failure."""
         length = reply.content_length
         if length is not None and length > KEPT_ANSWER_BYTES:
             return None
+        timeout = self.policy.request_timeout
         try:
-            async with asyncio.timeout(self.policy.request_timeout):
+            async with asyncio.timeout(timeout):
                 if length is None and not await reply.content.arrive():
                     return None
                 body = await reply.read()
-        except (TimeoutError, aiohttp.ClientError):
-            return None
+        except TimeoutError:
+            reply.close()
+            why = f"{where(target)} sent {reply.status} but not its body within {timeout:g} seconds"
+            raise Failed(Outcome.TIMEOUT, why) from None
+        except aiohttp.ClientError as error:
+            reply.close()
+            broken = type(error).__name__
+            why = f"{where(target)} sent {reply.status} and broke off its answer ({broken})"
+            raise Failed(Outcome.BROKEN, why) from None
         reply.release()
         return StoredAnswer(reply, body)
 

@@ -92,17 +92,26 @@ def in_project(tail: str, project_path: str) -> str:
 
 
 def swap_model(body: bytes, model: str) -> bytes:
-    """`body` with its top-level "model" string replaced; `body` itself when it has none."""
-    span = _top_level_value(body, b'"model"')
-    if span is None:
+    """`body` with its top-level "model" string replaced; `body` itself when it has none.
+
+    Every top-level "model" member is replaced, however its name is spelt (`"mod\\u0065l"`):
+    a body naming it twice runs the target's model whichever of them the provider reads."""
+    spans = _top_level_values(body, "model")
+    if not spans:
         return body
-    start, end = span
-    return body[:start] + orjson.dumps(model) + body[end:]
+    value, kept = orjson.dumps(model), 0
+    parts: list[bytes] = []
+    for start, end in spans:
+        parts += (body[kept:start], value)
+        kept = end
+    parts.append(body[kept:])
+    return b"".join(parts)
 
 
-def _top_level_value(body: bytes, key: bytes) -> tuple[int, int] | None:
-    """The byte span of the string value of `key` in the top-level object, if there is one."""
-    depth, position, size = 0, 0, len(body)
+def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
+    """The byte spans of the string values of `name` in the top-level object."""
+    spans: list[tuple[int, int]] = []
+    plain, depth, position, size = f'"{name}"'.encode(), 0, 0, len(body)
     while (found := _NEXT.search(body, position)) is not None:
         at = found.start()
         char = body[at]
@@ -112,19 +121,34 @@ def _top_level_value(body: bytes, key: bytes) -> tuple[int, int] | None:
             continue
         string_end = _string_end(body, at)
         if string_end is None:
-            return None
+            return spans
         position = string_end
-        if depth != 1 or body[at:string_end] != key:
+        if depth != 1 or not _is_name(body[at:string_end], plain, name):
             continue
         colon = _skip_space(body, string_end)
         if colon >= size or body[colon] != 0x3A:
             continue  # a string value that happens to read "model"
         value = _skip_space(body, colon + 1)
         if value >= size or body[value] != 0x22:
-            return None  # not a string: leave it to the provider
+            continue  # not a string: leave it to the provider
         value_end = _string_end(body, value)
-        return None if value_end is None else (value, value_end)
-    return None
+        if value_end is None:
+            return spans
+        spans.append((value, value_end))
+        position = value_end
+    return spans
+
+
+def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:
+    """A JSON string (quotes included) reads `name`: as `plain`, or spelt with escapes."""
+    if quoted == plain:
+        return True
+    if b"\\" not in quoted:
+        return False
+    try:
+        return bool(orjson.loads(quoted) == name)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _string_end(body: bytes, quote: int) -> int | None:

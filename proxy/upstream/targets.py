@@ -120,7 +120,7 @@ class Credential:
 class Pool:
     """The real keys of one target, chosen among the usable ones (see the module's doc)."""
 
-    __slots__ = ("balance", "credentials", "_draw", "_unmeasured")
+    __slots__ = ("balance", "credentials", "has_rested", "_draw", "_unmeasured")
 
     def __init__(
         self,
@@ -133,6 +133,7 @@ class Pool:
         self.balance = balance
         self._draw = draw
         self._unmeasured = len(credentials)  # keys with no time to first byte yet
+        self.has_rested = False  # a key was set aside once (a reload carries rests over)
 
     def pick(
         self, now: float, affinity: bytes | None = None, exclude: AbstractSet[str] = frozenset()
@@ -187,6 +188,18 @@ class Pool:
         """Set a key aside until `until` (monotonic); a pool of one is never set aside."""
         if len(self.credentials) > 1:
             credential.resting_until = max(credential.resting_until, until)
+            self.has_rested = True
+
+    def take_rests(self, previous: Pool) -> None:
+        """At a reload, from the pool this one replaces: each real key resting there rests
+        here as long (found by its real key: one whose real key changed is a new key)."""
+        if not previous.has_rested:
+            return
+        rests = {c.api_key: c.resting_until for c in previous.credentials if c.resting_until}
+        for credential in self.credentials:
+            until = rests.get(credential.api_key)
+            if until is not None:
+                self.rest(credential, until)
 
     def began(self, credential: Credential) -> None:
         """An attempt goes to `credential`: in flight until `ended`."""

@@ -97,13 +97,16 @@ class Body:
 
     async def arrive(self) -> bool:
         """Wait, taking nothing, until the whole body is here (True), or it is not small:
-        HIGH_WATER bytes wait unread (reading paused), or it failed (False)."""
+        HIGH_WATER bytes wait unread (reading paused: False). Raises its failure (aiohttp's
+        ClientPayloadError...) when it broke off first."""
         while not self._done and self._error is None and self._size < HIGH_WATER:
             self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        if self._error is not None:
+            raise self._error
         return self.has_arrived()
 
     async def read(self) -> bytes:

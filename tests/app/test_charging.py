@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import brotli
+import orjson
 import pytest
 import zstandard
 from aiohttp.test_utils import TestClient
@@ -76,6 +78,23 @@ async def test_an_answer_in_any_coding_is_read_and_reaches_the_client_as_sent(
     assert line["usage"]["prompt_tokens"] == 7 and line["usage"]["cache_read_tokens"] == 4
     assert line["usage"]["completion_tokens"] == 8 and line["usage"]["reasoning_tokens"] == 5
     assert line["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+async def test_a_compressed_upload_streamed_without_usage_is_charged_its_prompt(
+    gateway: TestClient, records: Records, coding: str
+) -> None:
+    """Before, the estimate read the prompt from the bytes as uploaded: 0 prompt tokens for
+    any compressed upload (and the gateway does not ask such a stream for its usage)."""
+    raw = orjson.dumps({**chat("one two three four five six seven eight"), "stream": True})
+    upload = gzip.compress(raw) if coding == "gzip" else brotli.compress(raw)
+    headers = {**auth(OPENAI_VK), "Content-Type": "application/json", "Content-Encoding": coding}
+    response = await gateway.post("/v1/chat/completions", data=upload, headers=headers)
+    assert response.status == 200
+    await response.read()
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is True
+    assert line["usage"]["prompt_tokens"] > 0
 
 
 async def test_brotli_answers_can_no_longer_escape_the_token_quota(

@@ -121,6 +121,42 @@ async def test_a_ten_times_slower_key_gets_little_of_a_latency_pool(
     assert (members["openai#1"]["ttfb_ms"], members["openai#2"]["ttfb_ms"]) == (10.0, 100.0)
 
 
+async def test_a_key_that_only_fails_is_left_aside_by_a_latency_pool(
+    gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Before, a key answering only 5xx was never measured, so it stayed "not yet measured"
+    and was tried first by every request and every retry: every client got its 500 while
+    the pool's other key was healthy. A failure now counts as a first byte at the timeout."""
+    gateway = await gateway_with(pool(1, 1, balance="latency"), RETRY_ATTEMPTS="1")
+    fake.faults[KEYS[0]] = Fault(500, {"retry-after": "0"})
+    for _ in range(20):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    assert Counter(keys_seen(fake)) == {KEYS[0]: 1, KEYS[1]: 20}
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["members"]["openai#1"]["ttfb_ms"] == 600_000.0
+
+
+async def test_a_failing_target_of_one_key_is_left_to_its_breaker_not_measured(
+    gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """A target's failures are its breaker's business: once it closes again (a probe's
+    success), the next request may go there at once, unslowed by a measurement."""
+    key = {
+        "provider": "openai",
+        "api_key": KEYS[0],
+        "balance": "latency",
+        "fallbacks": [{"provider": "openai", "api_key": KEYS[1], "model": "gpt-4o-mini"}],
+    }
+    gateway = await gateway_with(key)
+    fake.faults[KEYS[0]] = Fault(500)
+    for _ in range(3):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status in (200, 500)
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["members"]["openai#1"]["ttfb_ms"] is None
+
+
 async def test_a_weighted_pool_ignores_speed(
     gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -21,7 +21,9 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
+from proxy.record import Usage
 from proxy.settings import Settings
+from proxy.usage.pricing import Prices
 from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat, messages
 from tests.support.clock import Clock
@@ -207,6 +209,42 @@ async def test_a_fallback_fires_on_a_stream_when_the_error_comes_without_a_conte
     ]
 
 
+async def test_a_503_whose_body_breaks_off_is_failed_over_like_any_503(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Before, the broken 503 went on as the answer: the client got 502 upstream_broken and
+    the fallback was never asked, though nothing had reached the client."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    for is_unsized in (False, True):
+        fake.faults[PRIMARY] = Fault(503, is_unsized=is_unsized, is_cut=True)
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+        assert (await response.json())["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP] * 2
+    lines = await records(2)
+    for line in lines:
+        assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+            ("openai", 503),
+            ("backup", 200),
+        ]
+
+
+async def test_a_broken_503_from_the_last_target_gives_the_gateways_502(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503, is_cut=True)
+    fake.faults[BACKUP] = Fault(503, is_cut=True)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    body = await response.json()
+    assert_openai_error(body, "upstream_broken")
+    assert "'backup' at 127.0.0.1" in body["error"]["message"]
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
 async def test_an_unsized_error_from_the_last_target_reaches_the_client_unchanged(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
@@ -245,6 +283,34 @@ async def test_an_anthropic_529_fails_over_to_an_anthropic_fallback(
         ("ant-backup", 200),
     ]
     assert ANT_PRIMARY not in json.dumps(line) and ANT_BACKUP not in json.dumps(line)
+
+
+async def test_an_unanswered_fallback_that_swaps_the_model_is_charged_at_that_models_price(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Before, its reservation was priced at the model the client named (gpt-4o), 16 times
+    what the fallback's gpt-4o-mini costs, though the log line named that target."""
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "budget": {"usd": 10, "window_seconds": 3600},
+        "fallbacks": [{"provider": "openai", "api_key": BACKUP, "model": "gpt-4o-mini"}],
+    }
+    gateway = await failover_gateway(key, REQUEST_TIMEOUT="0.3")
+    fake.faults[PRIMARY] = Fault(503)
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=chat("hello", model="gpt-4o", max_tokens=1000),
+        headers={**auth(VK), "x-fake-hang": "headers"},  # the fallback's: the primary's 503 first
+    )
+    assert response.status == 504
+    [line] = await records(1)
+    assert line["target"] == "openai/gpt-4o-mini" and line["usage"]["completion_tokens"] == 1000
+    usage = Usage(line["usage"]["prompt_tokens"], 1000, estimated=True)
+    prices = Prices.load(None)
+    assert line["cost_usd"] == pytest.approx(prices.cost("openai", "gpt-4o-mini", usage))
 
 
 async def test_a_stream_whose_first_chunk_reached_the_client_is_never_retried(
@@ -347,6 +413,66 @@ async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client
     assert POOL[0] not in await keys_of_a_round()  # still resting: its 2 s have not passed
     clock.advance(0.2)
     assert POOL[0] in await keys_of_a_round()  # back in the rotation
+
+
+async def test_a_resting_pool_key_still_rests_after_a_reload_unless_its_real_key_changed(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, tmp_path: Path
+) -> None:
+    """Before, any reload (SIGHUP, the admin API changing another key, a watched file)
+    ended every rest: a key OpenAI had told to wait a minute was asked again at once."""
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", ADMIN_TOKEN="t" * 32)
+    gateway.app[FAILOVER].breakers.clock = Clock()  # the rest lasts until the test says
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": "60"})
+
+    async def reload(pool: list[str]) -> None:
+        path = tmp_path / "keys.json"
+        document = json.loads(path.read_text())
+        document["virtual_keys"][VK]["api_keys"] = [{"api_key": k} for k in pool]
+        path.write_text(json.dumps(document))
+        admin = {"Authorization": "Bearer " + "t" * 32}
+        assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+
+    async def keys_of_a_round() -> list[str | None]:
+        fake.requests.clear()
+        for _ in range(6):
+            response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+            assert response.status == 200  # the 429 never reaches the client
+        return keys_seen(fake)
+
+    assert POOL[0] in await keys_of_a_round()  # asked once: it rests from then on
+    await reload(list(POOL))  # the same pool
+    assert POOL[0] not in await keys_of_a_round()
+    await reload([POOL[0], POOL[2]])  # another key removed: it is known by its real key
+    assert POOL[0] not in await keys_of_a_round()
+    del fake.faults[POOL[0]]
+    await reload(["sk-pool-real-replaced-zz", POOL[2]])  # its real key replaced: a new key
+    assert "sk-pool-real-replaced-zz" in await keys_of_a_round()
+
+
+async def test_a_breaker_open_on_a_target_keys_json_no_longer_names_is_forgotten_at_reload(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, tmp_path: Path
+) -> None:
+    """Before, /health stayed degraded, the provider unhealthy and the breaker-state metric
+    open (its alert firing) until a restart, for a target no key could send to any more."""
+    gateway = await failover_gateway(WITH_FALLBACK, BREAKER_FAILURES="1", ADMIN_TOKEN="t" * 32)
+    fake.faults[PRIMARY] = Fault(500)
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    health = await (await gateway.get("/health")).json()
+    assert health["status"] == "degraded" and health["targets"]["openai"]["state"] == "open"
+
+    path = tmp_path / "keys.json"
+    document = json.loads(path.read_text())
+    document["virtual_keys"][VK] = {"name": "failover", "provider": "backup", "api_key": BACKUP}
+    path.write_text(json.dumps(document))
+    admin = {"Authorization": "Bearer " + "t" * 32}
+    assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+    health = await (await gateway.get("/health")).json()
+    assert health["status"] == "healthy", health
+    assert "openai" not in health["targets"]
+    assert all(provider["healthy"] for provider in health["providers"].values())
+    text = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_breaker_state{target="openai"} 0.0' in text
 
 
 async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(

@@ -29,7 +29,7 @@ from proxy.usage import estimate
 from proxy.usage.prompt import prompt_chars
 from tests.conftest import auth
 from tests.support.bodies import chat, messages
-from tests.support.fake_provider import FakeState, credential
+from tests.support.fake_provider import FakeState, Fault, credential
 from tests.support.polling import until
 
 VK = "vk_test_unanswered_6b8d0f2a4c"
@@ -119,6 +119,30 @@ async def test_a_generation_that_times_out_is_sent_once_and_charged_its_reservat
     (line,) = await records(1)
     assert line["status"] == 504 and len(line["attempts"]) == 1
     assert_reservation(line)
+    assert await charged_tokens(gateway) == PROMPT + CAP
+
+
+async def test_a_fallback_that_times_out_after_a_503_ends_in_the_gateways_504_and_is_charged(
+    gateway_at: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    """Before, the client got the primary's 503 back (kept from the first attempt), as if
+    nothing ran, inviting its SDK to retry, and the key was charged nothing for the
+    fallback's generation, which was sent and may run on."""
+    gateway = await gateway_at(REQUEST_TIMEOUT="0.3", RETRY_MAX_WAIT_SECONDS="0")
+    fake.faults[PRIMARY] = Fault(503)
+    with pytest.raises(openai.InternalServerError) as raised:
+        await sdk(gateway).chat.completions.create(**BODY, extra_headers={"x-fake-hang": "headers"})
+    assert raised.value.status_code == 504
+    seen = [credential(seen.headers) for seen in fake.requests]
+    assert seen[0] == PRIMARY and len(seen) == 2 and seen[1] in POOL  # the fallback once
+    (line,) = await records(1)
+    assert line["status"] == 504 and [a["status"] for a in line["attempts"]] == [503, None]
+    usage = line["usage"]  # the reservation ("backup", a declared provider, has no price)
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["estimated"]) == (
+        PROMPT,
+        CAP,
+        True,
+    )
     assert await charged_tokens(gateway) == PROMPT + CAP
 
 

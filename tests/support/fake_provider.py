@@ -82,6 +82,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gzip
 import math
 import signal
@@ -191,12 +192,14 @@ class Fault:
     `times`: only that many times, then answer normally again (None: until removed).
     `is_unsized`: the body goes without a Content-Length, chunked (as many proxies and CDNs
     in front of providers send errors too).
+    `is_cut`: half the body is sent, then the connection closed (a proxy breaking off).
     """
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     times: int | None = None
     is_unsized: bool = False
+    is_cut: bool = False
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -322,6 +325,8 @@ async def answer(
     if fault is not None and fault.times != 0:
         if fault.times is not None:
             fault.times -= 1
+        if fault.is_cut:
+            request[KNOBS] = dataclasses.replace(knobs, drop="midstream")
         return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
     if knobs.think_seconds:
         async with watching(request):
