@@ -196,7 +196,7 @@ class Relay:
                 usage = tap.usage(body)
                 record.saw_answer(usage, tap.model, tap.stored, tap.text, tap.batch, tap.error_kind)
             else:
-                record.saw_answer(None, text=tap.text)
+                record.saw_answer(None, text=tap.text, error_kind=tap.error_kind)
 
     async def answer_hit(
         self, request: web.Request, entry: Entry, admission: Admission | None, record: Record

@@ -75,12 +75,15 @@ class Reading:
             self.model = model[:MODEL_CHARS]
 
     def note_error(self, error: object) -> None:
-        """The provider sent an error object inside its answer: its `type`, else its `code`."""
+        """The provider sent an error object inside its answer: its `type`, else its `code`,
+        else its `status` (Google's)."""
         if self.error_kind is not None:
             return  # the first one is what ended the answer
         kind = None
         if isinstance(error, dict):
             kind = error.get("type") or error.get("code")
+            if not isinstance(kind, str):
+                kind = error.get("status")
         if isinstance(kind, str) and len(kind) <= ERROR_KIND_CHARS and kind.isprintable():
             self.error_kind = kind
         else:

@@ -325,7 +325,9 @@ class UsageTap:
 
     @property
     def error_kind(self) -> str | None:
-        """The type of an error the provider sent inside its answer (a stream's error event)."""
+        """The type of an error the provider sent in its answer: a stream's error event, or
+        an error answered whole."""
+        self._finish()
         return self._reading.error_kind
 
     @property
@@ -510,6 +512,9 @@ class UsageTap:
             if isinstance(document, list):  # Gemini's stream without alt=sse
                 gemini.read_answers(document, reading)
             return
+        error = document.get("error")
+        if isinstance(error, dict):  # an error answered whole, in any dialect: its kind
+            reading.note_error(error)
         if self._charged in _BATCHES:
             self.batch = batches.read_batch(document, self._charged is Charged.BATCH_MADE)
         elif self._charged is Charged.DURATION:

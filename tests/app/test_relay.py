@@ -424,6 +424,36 @@ async def test_provider_errors_pass_through_unchanged(
         assert response.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize(
+    ("key", "path", "body", "kind"),
+    [
+        (OPENAI_VK, "/v1/chat/completions", CHAT, "requests"),  # OpenAI: type "requests"
+        (ANTHROPIC_VK, "/v1/messages", MESSAGES, "rate_limit_error"),
+    ],
+)
+async def test_a_provider_error_answered_whole_has_its_kind_in_the_log_line_as_in_a_stream(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    key: str,
+    path: str,
+    body: dict[str, Any],
+    kind: str,
+) -> None:
+    # An operator filtering the log on `error` finds the provider's refusals whether the
+    # request streamed or not: the error's type, never its message (it may quote anything).
+    for stream in (False, True):
+        response = await gateway.post(
+            path,
+            json={**body, "stream": stream},
+            headers={**auth(key), "x-fake-status": "429"},
+        )
+        await response.read()
+        assert response.status == 429
+    whole, streamed = await records(2)
+    assert whole["error"] == f"the provider sent an error in its answer ({kind})"
+    assert whole["error"] == streamed["error"]
+
+
 async def test_an_unreachable_provider_gets_502(
     aiohttp_client: Any, tmp_path: Any, settings: Any
 ) -> None:
