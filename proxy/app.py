@@ -192,6 +192,7 @@ def build_app(
         providers_of(key_ring),
         tracker_backend="redis" if settings.redis_url else "memory",
         members=lambda: members_report(key_ring.every_target()),
+        recheck=lambda: app[QUOTA].recheck(),
     )
     app[SETTINGS] = settings
     app[KEY_RING] = key_ring

@@ -16,7 +16,7 @@ tracker has lost Redis: the gateway still serves, so a load balancer should not 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
@@ -43,9 +43,11 @@ class Health:
         clock: Callable[[], float] = time.monotonic,
         tracker_backend: str = "memory",
         members: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
+        recheck: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`targets_of`: target name → its provider's name. `members`: each target's keys
-        by label, as `targets.members_report` gives them."""
+        by label, as `targets.members_report` gives them. `recheck`: asks a lost tracker
+        whether it answers again (it clears `tracker_degraded` when it does)."""
         self._clock = clock
         self._started = clock()
         self._key_counts = dict(key_counts)
@@ -53,6 +55,7 @@ class Health:
         self._provider_of = dict(targets_of)
         self._tracker_backend = tracker_backend
         self._members = members
+        self._recheck = recheck
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
         self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
@@ -106,7 +109,10 @@ class Health:
         return report
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        """200 with `report()`, degraded or not."""
+        """200 with `report()`, degraded or not. A lost tracker is asked first whether it
+        answers again: no request may have tried it since it came back."""
+        if self.tracker_degraded is not None and self._recheck is not None:
+            await self._recheck()
         return _json(self.report(), status=200)
 
     async def handle_ready(self, request: web.Request) -> web.Response:

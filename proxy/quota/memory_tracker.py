@@ -162,6 +162,9 @@ class MemoryTracker:
     async def flush(self) -> None:
         """Nothing to wait for: a settle is counted before `settle` returns."""
 
+    async def ping(self) -> None:
+        """Memory always answers."""
+
     async def close(self) -> None:
         """Forget every window; memory holds nothing that must be saved."""
         self._windows.clear()

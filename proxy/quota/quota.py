@@ -357,6 +357,17 @@ class Quota:
             cost = self.price(serving.provider.name, peek.model, usage, serving.model)
         return Charge(tokens, micro(cost))
 
+    async def recheck(self) -> None:
+        """While the tracker is lost, ask it whether it answers again (/health does, so an
+        idle process does not say its Redis is lost once it is back)."""
+        if not self._is_lost:
+            return
+        try:
+            await self.tracker.ping()
+        except TrackerUnavailable:
+            return
+        self._back()
+
     def _lost(self, decision: str, error: str) -> None:
         if not self._is_lost:
             self._is_lost = True

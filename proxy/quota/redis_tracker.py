@@ -287,6 +287,15 @@ class RedisTracker:
         """Send every held settle now, and wait for those already on their way."""
         await asyncio.gather(self._send_held(), *self._flushing)
 
+    async def ping(self) -> None:
+        """One PING, on the connection the scripts use (opened again if it was lost)."""
+        try:
+            (answer,) = await self._wire.call(pack("PING"))
+        except OSError as error:
+            raise TrackerUnavailable(f"Redis: {reason(error)}") from error
+        if isinstance(answer, ReplyError):  # LOADING, MISCONF...: not answering scripts
+            raise TrackerUnavailable(f"Redis: {answer}")
+
     async def close(self) -> None:
         """Send what is held, then close the connection; the state stays in Redis."""
         await self.flush()

@@ -377,6 +377,10 @@ class Tracker(Protocol):
         """Return once every settle made so far is in the shared state."""
         ...
 
+    async def ping(self) -> None:
+        """Return once the backend answers. Raises TrackerUnavailable."""
+        ...
+
     async def close(self) -> None:
         """Release what the backend holds (the Redis backend first sends what it still holds)."""
         ...

@@ -25,6 +25,7 @@ from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailabl
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.support.bodies import CHAT
 from tests.support.clock import Clock
+from tests.support.polling import until
 from tests.support.processes import Processes, refused, start_gateway
 from tests.support.redis_server import RedisServer, free_port
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
@@ -616,3 +617,25 @@ async def test_with_deny_requests_get_503_while_redis_is_lost_and_recover_after(
     )
     assert load and set(load) <= {200, 429, 503} and 503 in load
     said_lost_and_back(err, "deny")
+
+
+async def test_health_turns_healthy_when_redis_returns_without_a_request_counted(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # An idle gateway (or one worker that gets no quota request) said "Redis unreachable" on
+    # /health until a request counted against a quota passed it: minutes after Redis was back.
+    _, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", REDIS_URL=redis_server.url
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        assert await chat(session, url) == 200
+        redis_server.kill()
+        assert await chat(session, url) == 200  # let through, uncounted: the tracker is lost
+        assert (await get_json(session, url, "/health"))["tracker"]["healthy"] is False
+        redis_server.start()
+
+        async def healthy() -> bool:
+            report = await get_json(session, url, "/health")
+            return bool(report["tracker"]["healthy"]) and report["status"] == "healthy"
+
+        await until(healthy, within=10, what="/health healthy again with Redis back")
