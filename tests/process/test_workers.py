@@ -114,10 +114,13 @@ async def test_a_second_gateway_of_workers_on_a_port_in_use_is_refused_at_start(
         },
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [
+    # After the starting line (on stderr: stdout is the interaction log's), one line says why.
+    starting, refusal = result.stderr.splitlines()
+    assert starting.startswith("llm-gateway starting: "), result.stderr
+    assert refusal == (
         f"llm-gateway: port {port} on 127.0.0.1 is already in use: "
         "stop what holds it, or choose another with SERVER_PORT or --server-port"
-    ]
+    )
 
 
 async def test_workers_whose_parent_is_killed_exit_by_themselves(
