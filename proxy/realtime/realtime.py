@@ -136,7 +136,7 @@ class Realtime:
                     autoping=False,
                     autoclose=False,
                     decode_text=False,
-                    max_msg_size=self._settings.max_body_bytes,
+                    max_msg_size=smallest_refused(self._settings),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_SECONDS),
                 )
         except aiohttp.WSServerHandshakeError as error:
@@ -171,7 +171,7 @@ class Realtime:
             autoclose=False,
             compress=False,
             decode_text=False,
-            max_msg_size=self._settings.max_body_bytes,
+            max_msg_size=smallest_refused(self._settings),
             timeout=CLOSE_ANSWER_SECONDS,
         )
         client.headers["x-request-id"] = exchange.record.request_id
@@ -216,6 +216,12 @@ def _abort(request: web.Request) -> None:
     """Drop the client's connection at once, unsent bytes and all."""
     if request.transport is not None:
         request.transport.abort()
+
+
+def smallest_refused(settings: Settings) -> int:
+    """aiohttp's `max_msg_size` for a message of MAX_BODY_BYTES to pass: it refuses a message
+    of `max_msg_size` bytes or more, and the gateway only one over MAX_BODY_BYTES (1009)."""
+    return settings.max_body_bytes + 1
 
 
 def offered(headers: CIMultiDictProxy[str]) -> list[str]:

@@ -544,6 +544,20 @@ async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
     )
 
 
+async def test_a_message_of_exactly_max_body_bytes_goes_through_both_ways(
+    make_gateway: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # "Over MAX_BODY_BYTES" gets 1009, as an HTTP body over it gets 413: one of it passes.
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_bytes(b"x" * 1000)  # up, and the fake's echo of it down
+    echo = await next_data(ws)
+    assert (echo.type, echo.data) == (WSMsgType.BINARY, b"x" * 1000)
+    await ws.close()
+    await no_session_left(gateway)
+
+
 async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
     gateway: TestClient, sockets: RealtimeState
 ) -> None:
