@@ -32,6 +32,7 @@ quota midway (the charges land, and the key's next request or session is refused
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
@@ -65,6 +66,25 @@ if TYPE_CHECKING:
 # Browsers cannot set headers on a WebSocket, so OpenAI's browser clients send the key as
 # a subprotocol. The gateway reads it there and never passes it on.
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."
+
+
+class BrowserKeyRecords(logging.Filter):
+    """Drop aiohttp's WebSocket log records that quote a browser's key subprotocol.
+
+    When the provider chooses no subprotocol, the client's offer overlaps none of the (no)
+    protocols its answer may name, and aiohttp warns of that quoting every entry offered:
+    the `openai-insecure-api-key.<virtual key>` one too, a full key on the gateway's stderr.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return BROWSER_KEY_PREFIX not in record.getMessage()
+
+
+def hide_browser_keys() -> None:
+    """Install `BrowserKeyRecords` on aiohttp's WebSocket logger, once."""
+    websocket_log = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(existing, BrowserKeyRecords) for existing in websocket_log.filters):
+        websocket_log.addFilter(BrowserKeyRecords())
 
 
 class Realtime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -189,6 +190,21 @@ async def test_a_browser_key_in_the_subprotocol_authenticates_and_is_not_forward
     assert upgrade.headers["Sec-WebSocket-Protocol"] == "realtime,openai-beta.realtime-v1"
     assert not any(OPENAI_VK in value for value in upgrade.headers.values())
     await ws.close()
+
+
+async def test_a_browser_key_the_provider_chose_no_subprotocol_for_is_not_logged(
+    gateway: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client offers only its key: the provider gets no subprotocol and chooses none, so
+    # the client's offer overlaps nothing, which aiohttp warns of, quoting every entry.
+    caplog.set_level(logging.DEBUG)
+    ws = await connect(gateway, headers={}, protocols=[f"openai-insecure-api-key.{OPENAI_VK}"])
+    assert ws.protocol is None
+    await next_data(ws)
+    await ws.close()
+    await no_session_left(gateway)
+    logged = [record.getMessage() for record in caplog.get_records("call")]
+    assert not [message for message in logged if any(s in message for s in SECRETS)]
 
 
 async def test_the_provider_closing_passes_its_code_and_reason_to_the_client(
