@@ -142,7 +142,7 @@ class Session:
                 if not pump.cancelled() and pump.exception() is not None:
                     log.error("websocket pump failed", exc_info=pump.exception())
             if self.ended_by is None:  # the handler was cancelled: the client's socket is gone
-                self.ended_by = f"{CLIENT}_lost"
+                self.ended_by, self.close_code = f"{CLIENT}_lost", WSCloseCode.GOING_AWAY
             await asyncio.gather(
                 *(self._close(side, WSCloseCode.GOING_AWAY) for side in self._ends)
             )

@@ -227,7 +227,9 @@ async def test_the_provider_closing_passes_its_code_and_reason_to_the_client(
 
 
 async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
-    gateway: TestClient, sockets: RealtimeState
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
 ) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     head = "".join(
@@ -243,6 +245,10 @@ async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
     assert time.monotonic() - started < CLOSE_WITHIN_SECONDS
     assert socket.close is not None and socket.close[0] == 1001
     await no_session_left(gateway)
+    # Its line says so, with the code the provider got, whichever of the gateway's tasks
+    # learnt first that the client was gone (the handler cancelled, or the pump).
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client_lost", 1001)
 
 
 async def test_a_provider_that_vanishes_closes_the_client_side_with_1014(
