@@ -251,6 +251,28 @@ async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
     assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client_lost", 1001)
 
 
+async def test_a_close_frame_without_a_code_is_logged_as_1005(
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # RFC 6455 §7.4.1: 1005 is the code that says a close frame carried none (not 0).
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    head = "".join(
+        f"{name}: {value}\r\n" for name, value in upgrade_headers(**auth(OPENAI_VK)).items()
+    )
+    writer.write(f"GET {PATH} HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode())
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), WAIT_SECONDS)).startswith(b"HTTP/1.1 101")
+    socket = await fake_socket(sockets)
+    writer.write(b"\x88\x80" + os.urandom(4))  # a masked close frame with no payload
+    await writer.drain()
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    writer.close()
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client", 1005)
+
+
 async def test_a_provider_that_vanishes_closes_the_client_side_with_1014(
     gateway: TestClient,
 ) -> None:
