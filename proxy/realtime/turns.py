@@ -63,6 +63,9 @@ class Turns:
         except GatewayError as error:
             return refusal(error)
         self._open.append((key, admission, model))
+        record = self._exchange.record
+        if record.model is None:  # the upgrade named none: the session is logged under this one
+            record.saw_model(model)
         return None
 
     async def _admit(

@@ -88,11 +88,14 @@ async def test_the_openai_sdk_connects_and_each_turn_is_charged(
     assert "".join(texts) == "Hello, worldHello, world"
     [line] = await records(1)
     assert line["status"] == 101
+    assert line["model"] == "gpt-4o-mini"  # the upgrade names none: its first turn's
     usage = line["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
         2 * INPUT_TOKENS,
         2 * OUTPUT_TOKENS,
     )
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
 
 
 async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
