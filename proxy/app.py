@@ -268,7 +268,7 @@ def build_app(
             on_dropped=metrics.trace_spans_dropped,
         )
         app.cleanup_ctx.append(_tracing)
-    app[REALTIME] = Realtime(settings)
+    app[REALTIME] = Realtime(settings, breakers)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     app[CACHE] = new_cache(settings, metrics, cache_clock)

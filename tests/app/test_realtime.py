@@ -32,6 +32,7 @@ from tests.conftest import (
     SECRETS,
     assert_openai_error,
     auth,
+    keys_document,
 )
 from tests.support.fake_realtime import (
     CACHED_TOKENS,
@@ -45,6 +46,7 @@ from tests.support.fake_realtime import (
 )
 
 PATH = "/v1/realtime?model=gpt-realtime"
+GONE_VK = "vk_test_gone_3c5e7a9b1d"
 # Either side closing closes the other within this: a half-open session holds two sockets.
 CLOSE_WITHIN_SECONDS = 1.0
 WAIT_SECONDS = 5.0  # a bound on waits for events that should come at once
@@ -691,3 +693,21 @@ async def test_responses_over_a_websocket_are_charged_each_as_it_completes(
     else:  # "Hello, world": 12 characters, 3 tokens a response
         assert line["usage"]["estimated"] is True
         assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (0, 6)
+
+
+async def test_a_provider_unreachable_for_a_session_shows_in_health(
+    make_gateway: Callable[..., Awaitable[TestClient]], tmp_path: Path, fake_base: str
+) -> None:
+    # As an HTTP request's would: the target's breaker counts the failure, /health says so.
+    document = keys_document(fake_base)
+    # Nothing listens on port 9 (discard) of loopback: connection refused.
+    document["providers"]["gone"] = {"base_url": "http://127.0.0.1:9/v1", "auth": "bearer"}
+    document["virtual_keys"][GONE_VK] = {"provider": "gone", "api_key": OPENAI_REAL}
+    keys = tmp_path / "gone.json"
+    keys.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys), BREAKER_FAILURES="1")
+    response = await gateway.get(PATH, headers=upgrade_headers(**auth(GONE_VK)))
+    assert response.status == 502
+    health = await (await gateway.get("/health")).json()
+    assert health["providers"]["gone"]["healthy"] is False, health
+    assert "127.0.0.1:9" in health["targets"]["gone"]["last_error"], health
