@@ -41,7 +41,7 @@ from proxy.observe.metrics import Metrics
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Budget, Tracker
-from proxy.realtime.realtime import Realtime
+from proxy.realtime.realtime import Realtime, hide_browser_keys
 from proxy.record import own_request_id
 from proxy.relay.cors import Cors
 from proxy.relay.dispatch import Dispatch, request_class, serve_through
@@ -172,6 +172,7 @@ def build_app(
     if key_ring is None:
         key_ring = load_keys(settings, os.environ, key_clock)
     quiet_client_faults()
+    hide_browser_keys()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         # Request bodies stay as sent (a gzip upload goes up gzip); relay inflates only to peek.
@@ -268,7 +269,7 @@ def build_app(
             on_dropped=metrics.trace_spans_dropped,
         )
         app.cleanup_ctx.append(_tracing)
-    app[REALTIME] = Realtime(settings)
+    app[REALTIME] = Realtime(settings, breakers)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
     app[CACHE] = new_cache(settings, metrics, cache_clock)

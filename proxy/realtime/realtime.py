@@ -12,6 +12,7 @@ apply; fallbacks and retries do not: a session cannot be replayed), with the nex
 that target's pool. Only
 then does the client get its 101, with the subprotocol the provider chose: a refusal by the
 gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-open session.
+How the handshake went is told to the target's breaker, as an HTTP attempt's is (/health).
 `websocket.Session` then carries the frames, bounded by REALTIME_IDLE_TIMEOUT and
 REALTIME_MAX_SESSION_SECONDS; a message is at most MAX_BODY_BYTES (1009 past it).
 
@@ -32,6 +33,7 @@ quota midway (the charges land, and the key's next request or session is refused
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
@@ -54,7 +56,8 @@ from proxy.relay import named
 from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
-from proxy.upstream.failover import described
+from proxy.upstream.breaker import Breakers
+from proxy.upstream.failover import RETRYABLE, described, where
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
 from proxy.usage.realtime_events import socket_usage
@@ -67,11 +70,33 @@ if TYPE_CHECKING:
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."
 
 
+class BrowserKeyRecords(logging.Filter):
+    """Drop aiohttp's WebSocket log records that quote a browser's key subprotocol.
+
+    When the provider chooses no subprotocol, the client's offer overlaps none of the (no)
+    protocols its answer may name, and aiohttp warns of that quoting every entry offered:
+    the `openai-insecure-api-key.<virtual key>` one too, a full key on the gateway's stderr.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return BROWSER_KEY_PREFIX not in record.getMessage()
+
+
+def hide_browser_keys() -> None:
+    """Install `BrowserKeyRecords` on aiohttp's WebSocket logger, once."""
+    websocket_log = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(existing, BrowserKeyRecords) for existing in websocket_log.filters):
+        websocket_log.addFilter(BrowserKeyRecords())
+
+
 class Realtime:
     """The WebSocket transport; one per app, holding the sessions still open."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, breakers: Breakers) -> None:
         self._settings = settings
+        # Told how each handshake went, as an HTTP attempt tells them: /health and the
+        # breaker-state metric see a provider that fails sessions.
+        self._breakers = breakers
         self._http: aiohttp.ClientSession | None = None  # set while the app runs (use)
         self.sessions: set[Session] = set()
 
@@ -136,24 +161,33 @@ class Realtime:
                     autoping=False,
                     autoclose=False,
                     decode_text=False,
-                    max_msg_size=self._settings.max_body_bytes,
+                    max_msg_size=smallest_refused(self._settings),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_SECONDS),
                 )
         except aiohttp.WSServerHandshakeError as error:
             record.mark_first_byte()  # the provider answered, with a refusal
+            if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
+                self._failed(target, f"{error.status} from {where(target)}")
             status = error.status if error.status >= 400 else 502
             why = f"The provider refused the WebSocket upgrade ({error.status})."
             raise GatewayError(status, "upstream_refused", why, outcome=Outcome.ANSWERED) from None
         except TimeoutError:
+            self._failed(target, f"{where(target)}: no WebSocket within {timeout:g} seconds")
             why = f"The provider did not accept the WebSocket within {timeout:g} seconds."
             raise GatewayError(504, "upstream_timeout", why, outcome=Outcome.TIMEOUT) from None
         except aiohttp.ClientError as error:
+            self._failed(target, f"{where(target)}: {described(error)}")
             why = f"The provider could not be reached ({described(error)})."
             raise GatewayError(
                 502, "upstream_unreachable", why, outcome=Outcome.UNREACHABLE
             ) from None
         record.mark_first_byte()
+        self._breakers[target.name].succeeded(self._breakers.clock())
         return upstream
+
+    def _failed(self, target: Target, why: str) -> None:
+        """The target failed a handshake: its breaker counts it, as an HTTP attempt's."""
+        self._breakers[target.name].failed(self._breakers.clock(), why)
 
     async def _carry(
         self,
@@ -171,7 +205,7 @@ class Realtime:
             autoclose=False,
             compress=False,
             decode_text=False,
-            max_msg_size=self._settings.max_body_bytes,
+            max_msg_size=smallest_refused(self._settings),
             timeout=CLOSE_ANSWER_SECONDS,
         )
         client.headers["x-request-id"] = exchange.record.request_id
@@ -216,6 +250,12 @@ def _abort(request: web.Request) -> None:
     """Drop the client's connection at once, unsent bytes and all."""
     if request.transport is not None:
         request.transport.abort()
+
+
+def smallest_refused(settings: Settings) -> int:
+    """aiohttp's `max_msg_size` for a message of MAX_BODY_BYTES to pass: it refuses a message
+    of `max_msg_size` bytes or more, and the gateway only one over MAX_BODY_BYTES (1009)."""
+    return settings.max_body_bytes + 1
 
 
 def offered(headers: CIMultiDictProxy[str]) -> list[str]:

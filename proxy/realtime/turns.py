@@ -63,13 +63,16 @@ class Turns:
         except GatewayError as error:
             return refusal(error)
         self._open.append((key, admission, model))
+        record = self._exchange.record
+        if record.model is None:  # the upgrade named none: the session is logged under this one
+            record.saw_model(model)
         return None
 
     async def _admit(
         self, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
         def check(key: VirtualKey) -> None:
-            named.check(key, [model or named.Unnamed(_UNNAMED)])  # 403
+            named.check(key, _names(event, model))  # 403
 
         # 401, 403, 429, 503
         return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
@@ -125,6 +128,14 @@ def _model(event: dict[str, Any]) -> str | None:
     if model is None and isinstance(nested, dict):
         model = nested.get("model")
     return model if isinstance(model, str) and model else None
+
+
+def _names(event: dict[str, Any], model: str | None) -> list[Any]:
+    """Every model the turn runs, as an HTTP body's are read (`named.in_document`): its own
+    (`_model`, or what it runs naming none) and those of its parts that run their own (an
+    image_generation tool's), at the top level and in a nested `response`."""
+    names: list[Any] = [model or named.Unnamed(_UNNAMED)]
+    return names + named.in_document(event) + named.in_document(event.get("response"))
 
 
 def _peek(event: dict[str, Any], model: str | None) -> Peek:

@@ -56,6 +56,9 @@ _SENDABLE = (
     frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 )
 
+# The code that says a close frame carried none (RFC 6455 §7.4.1), which aiohttp reads as 0.
+NO_STATUS = 1005
+
 CLIENT, PROVIDER = "client", "provider"
 
 
@@ -142,7 +145,7 @@ class Session:
                 if not pump.cancelled() and pump.exception() is not None:
                     log.error("websocket pump failed", exc_info=pump.exception())
             if self.ended_by is None:  # the handler was cancelled: the client's socket is gone
-                self.ended_by = f"{CLIENT}_lost"
+                self.ended_by, self.close_code = f"{CLIENT}_lost", WSCloseCode.GOING_AWAY
             await asyncio.gather(
                 *(self._close(side, WSCloseCode.GOING_AWAY) for side in self._ends)
             )
@@ -200,7 +203,7 @@ class Session:
     ) -> None:
         """Pass a close frame on; answer the closing side with what the other side answered."""
         if self.ended_by is None:
-            self.ended_by, self.close_code = source_side, code
+            self.ended_by, self.close_code = source_side, code or NO_STATUS
         code = code if code in _SENDABLE else WSCloseCode.OK  # an empty close frame has no code
         await self._close(target_side, code, reason)
         answer = self._ends[target_side].close_code

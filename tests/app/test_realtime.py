@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from tests.conftest import (
     SECRETS,
     assert_openai_error,
     auth,
+    keys_document,
 )
 from tests.support.fake_realtime import (
     CACHED_TOKENS,
@@ -44,6 +46,7 @@ from tests.support.fake_realtime import (
 )
 
 PATH = "/v1/realtime?model=gpt-realtime"
+GONE_VK = "vk_test_gone_3c5e7a9b1d"
 # Either side closing closes the other within this: a half-open session holds two sockets.
 CLOSE_WITHIN_SECONDS = 1.0
 WAIT_SECONDS = 5.0  # a bound on waits for events that should come at once
@@ -191,6 +194,21 @@ async def test_a_browser_key_in_the_subprotocol_authenticates_and_is_not_forward
     await ws.close()
 
 
+async def test_a_browser_key_the_provider_chose_no_subprotocol_for_is_not_logged(
+    gateway: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client offers only its key: the provider gets no subprotocol and chooses none, so
+    # the client's offer overlaps nothing, which aiohttp warns of, quoting every entry.
+    caplog.set_level(logging.DEBUG)
+    ws = await connect(gateway, headers={}, protocols=[f"openai-insecure-api-key.{OPENAI_VK}"])
+    assert ws.protocol is None
+    await next_data(ws)
+    await ws.close()
+    await no_session_left(gateway)
+    logged = [record.getMessage() for record in caplog.get_records("call")]
+    assert not [message for message in logged if any(s in message for s in SECRETS)]
+
+
 async def test_the_provider_closing_passes_its_code_and_reason_to_the_client(
     gateway: TestClient, sockets: RealtimeState
 ) -> None:
@@ -211,7 +229,9 @@ async def test_the_provider_closing_passes_its_code_and_reason_to_the_client(
 
 
 async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
-    gateway: TestClient, sockets: RealtimeState
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
 ) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     head = "".join(
@@ -227,6 +247,32 @@ async def test_a_client_that_vanishes_closes_the_provider_side_with_1001(
     assert time.monotonic() - started < CLOSE_WITHIN_SECONDS
     assert socket.close is not None and socket.close[0] == 1001
     await no_session_left(gateway)
+    # Its line says so, with the code the provider got, whichever of the gateway's tasks
+    # learnt first that the client was gone (the handler cancelled, or the pump).
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client_lost", 1001)
+
+
+async def test_a_close_frame_without_a_code_is_logged_as_1005(
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # RFC 6455 §7.4.1: 1005 is the code that says a close frame carried none (not 0).
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    head = "".join(
+        f"{name}: {value}\r\n" for name, value in upgrade_headers(**auth(OPENAI_VK)).items()
+    )
+    writer.write(f"GET {PATH} HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode())
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), WAIT_SECONDS)).startswith(b"HTTP/1.1 101")
+    socket = await fake_socket(sockets)
+    writer.write(b"\x88\x80" + os.urandom(4))  # a masked close frame with no payload
+    await writer.drain()
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    writer.close()
+    [line] = await records(1)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client", 1005)
 
 
 async def test_a_provider_that_vanishes_closes_the_client_side_with_1014(
@@ -544,6 +590,20 @@ async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
     )
 
 
+async def test_a_message_of_exactly_max_body_bytes_goes_through_both_ways(
+    make_gateway: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # "Over MAX_BODY_BYTES" gets 1009, as an HTTP body over it gets 413: one of it passes.
+    gateway = await make_gateway(MAX_BODY_BYTES="1000")
+    ws = await connect(gateway)
+    await next_data(ws)
+    await ws.send_bytes(b"x" * 1000)  # up, and the fake's echo of it down
+    echo = await next_data(ws)
+    assert (echo.type, echo.data) == (WSMsgType.BINARY, b"x" * 1000)
+    await ws.close()
+    await no_session_left(gateway)
+
+
 async def test_a_second_model_parameter_cannot_slip_past_allowed_models(
     gateway: TestClient, sockets: RealtimeState
 ) -> None:
@@ -633,3 +693,21 @@ async def test_responses_over_a_websocket_are_charged_each_as_it_completes(
     else:  # "Hello, world": 12 characters, 3 tokens a response
         assert line["usage"]["estimated"] is True
         assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (0, 6)
+
+
+async def test_a_provider_unreachable_for_a_session_shows_in_health(
+    make_gateway: Callable[..., Awaitable[TestClient]], tmp_path: Path, fake_base: str
+) -> None:
+    # As an HTTP request's would: the target's breaker counts the failure, /health says so.
+    document = keys_document(fake_base)
+    # Nothing listens on port 9 (discard) of loopback: connection refused.
+    document["providers"]["gone"] = {"base_url": "http://127.0.0.1:9/v1", "auth": "bearer"}
+    document["virtual_keys"][GONE_VK] = {"provider": "gone", "api_key": OPENAI_REAL}
+    keys = tmp_path / "gone.json"
+    keys.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys), BREAKER_FAILURES="1")
+    response = await gateway.get(PATH, headers=upgrade_headers(**auth(GONE_VK)))
+    assert response.status == 502
+    health = await (await gateway.get("/health")).json()
+    assert health["providers"]["gone"]["healthy"] is False, health
+    assert "127.0.0.1:9" in health["targets"]["gone"]["last_error"], health

@@ -88,11 +88,14 @@ async def test_the_openai_sdk_connects_and_each_turn_is_charged(
     assert "".join(texts) == "Hello, worldHello, world"
     [line] = await records(1)
     assert line["status"] == 101
+    assert line["model"] == "gpt-4o-mini"  # the upgrade names none: its first turn's
     usage = line["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
         2 * INPUT_TOKENS,
         2 * OUTPUT_TOKENS,
     )
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
 
 
 async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
@@ -218,4 +221,27 @@ async def test_a_turn_refused_for_its_model_does_not_count_against_the_quota(
         await ws.send_str(orjson.dumps({"type": "response.create", "model": "o3-pro"}).decode())
         assert (await receive(ws))["status"] == 403
     assert (await turn(ws))[-1]["type"] == "response.completed"  # its one request
+    await ws.close()
+
+
+async def test_a_turns_image_tool_is_checked_against_allowed_models_as_over_http(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """An image_generation tool runs a model of its own: a turn naming one the key may not use,
+    or none (the tool's default), is refused, as the same body over HTTP gets 403."""
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    body = {"model": "gpt-4o-mini", "input": "draw", "tools": [{"type": "image_generation"}]}
+    over_http = await gateway.post("/v1/responses", json=body, headers=auth(TURN_VK))
+    assert over_http.status == 403
+    ws = await open_session(gateway, TURN_VK)
+    for tool in (
+        {"type": "image_generation"},
+        {"type": "image_generation", "model": "gpt-image-1"},
+    ):
+        event = {"type": "response.create", **body, "tools": [tool]}
+        await ws.send_str(orjson.dumps(event).decode())
+        refused = await receive(ws)
+        assert refused["type"] == "error" and refused["status"] == 403, refused
+    assert sockets.sockets[-1].received == []  # neither turn went upstream
     await ws.close()
