@@ -115,6 +115,8 @@ class Quota:
         self._on_slots = on_slots
         self._lines = Lines()  # requests waiting for a slot (queue_seconds)
         self._leases = (f"{uuid.uuid4().hex[:12]}:{n}" for n in itertools.count())
+        # key id → the fraction of a micro-dollar its spend carries to its next charge.
+        self._fractions: dict[str, float] = {}
         tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
     def precheck(self, key: QuotaKey, body_bytes: int | None) -> None:
@@ -273,7 +275,7 @@ class Quota:
         came)."""
         if admission is None:
             return
-        spent = NOTHING if usage is None else charged(usage, cost_usd)
+        spent = NOTHING if usage is None else self._spent(key, usage, cost_usd)
         if admission.scopes:
             self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
             self.release(admission)
@@ -292,7 +294,7 @@ class Quota:
 
     def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
-        self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
+        self.tracker.settle(key.id, key.limits, self._spent(key, usage, cost_usd), 0, key.budget)
 
     async def owe(
         self,
@@ -324,7 +326,7 @@ class Quota:
     ) -> None:
         """Charge claimed deferred work to the key that created it: in every scope a request
         of it for `model` counts in (its own, its team's, its model group's); never waits."""
-        spent = charged(usage, cost_usd)
+        spent = self._spent(key, usage, cost_usd)
         if key.shares:
             scopes = key.scopes(model)
             self.tracker.settle_scopes(scopes, spent, (0,) * len(scopes))
@@ -356,6 +358,19 @@ class Quota:
         else:  # priced as its answer will be: the body's model, answered by the target's
             cost = self.price(serving.provider.name, peek.model, usage, serving.model)
         return Charge(tokens, micro(cost))
+
+    def _spent(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> Charge:
+        """What a response's usage charges its key: `charged`, but its cost in the whole
+        micro-dollars it makes with the fraction the key's earlier charges left over, and
+        that fraction carried on. So requests of a fraction of a micro-dollar each (short
+        embeddings) spend what they cost together, not a micro-dollar each."""
+        if cost_usd is None or not 0 < cost_usd < math.inf:
+            return charged(usage, None)
+        fractions = self._fractions
+        exact = round(cost_usd * MICRO + fractions.get(key.id, 0.0), 6)
+        whole = math.floor(exact)
+        fractions[key.id] = exact - whole
+        return Charge(usage.total_tokens, whole, _kinds_of(usage))
 
     def _lost(self, decision: str, error: str) -> None:
         if not self._is_lost:

@@ -13,6 +13,7 @@ from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
 from proxy.quota.refusals import refusal
 from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, Scope
+from proxy.record import Usage
 
 ROUND_TRIP_SECONDS = 0.01
 
@@ -91,3 +92,18 @@ def test_a_refusal_says_a_one_second_wait_in_the_singular() -> None:
     assert refusal(admission._replace(retry_after_seconds=90.0)).message.endswith(
         "Retry in 90 seconds."
     )
+
+
+async def test_requests_cheaper_than_a_micro_dollar_spend_what_they_cost_together() -> None:
+    # 100 embeddings of 3 tokens at $0.02 per million: $0.00000006 each, $0.000006 in all.
+    # Each rounded up to a whole micro-dollar, they spent $0.0001 of the budget: 16 times
+    # their cost, and a budget of cheap requests ran out that much sooner.
+    quota = Quota(MemoryTracker())
+    budget = Budget(usd=1.0, window_seconds=3600)
+    key = Key(Scope("key-digest-cheap", "key", "cheap", None), shares=False, budget=budget)
+    for _ in range(100):
+        admission = await quota.admit(key, Peek())
+        quota.settle(key, admission, Usage(3, 0), 0.00000006)
+    usage = await quota.tracker.report(key.id, None, budget)
+    assert usage["budget"]["spent_usd"] == pytest.approx(0.000006, abs=1e-6)
+    assert usage["totals"]["spent_usd"] == pytest.approx(0.000006, abs=1e-6)
