@@ -22,7 +22,10 @@ request's reservation, as long as each produces no more than it reserved.
 `precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
 the body is read and without asking the tracker, when the key's last refusal said its
 window stays closed until a time still ahead: a 10 MB body of an exhausted key is never
-read. Smaller bodies are read and asked about as usual, so their answers stay exact.
+read. Smaller bodies are read and asked about as usual, so their answers stay exact. A
+request of the key that ends forgets that refusal: its reservation, which the refusal may
+have counted, is given back, and its tokens or budget may have room again (not its request
+count: a full request window stays full whatever a request ends with).
 
 When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
 the request through uncounted, `deny` answers 503 (a key with neither quota nor budget is
@@ -275,12 +278,24 @@ class Quota:
         came)."""
         if admission is None:
             return
+        if self._closed:
+            self._reopen(key)
         spent = NOTHING if usage is None else self._spent(key, usage, cost_usd)
         if admission.scopes:
             self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
             self.release(admission)
             return
         self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
+
+    def _reopen(self, key: QuotaKey) -> None:
+        """Forget the key's last refusal when a settle may have opened its window: its tokens
+        or its budget, which the settled request's reservation counted in (a full request
+        window stays full whatever a request ends with)."""
+        closed = self._closed.get(key.id)
+        if closed is not None:
+            refused = closed[1]
+            if refused.limits is None or refused.remaining_requests > 0:
+                del self._closed[key.id]
 
     def release(self, admission: Admission | None) -> None:
         """Give back the slots the request holds (at its end, or when its client leaves)."""
