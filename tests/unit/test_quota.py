@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 import pytest
 
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, body
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
 from proxy.quota.refusals import refusal
@@ -126,3 +127,23 @@ async def test_a_refusal_that_requests_in_flight_took_part_in_ends_with_their_se
     quota.settle(key, running, Usage(0, 5), None)
     quota.precheck(key, 10 * 1024 * 1024)  # not refused: the window has room again
     assert await quota.admit(key, capped) is not None
+
+
+def test_an_exhausted_budget_answers_openai_s_own_insufficient_quota_error() -> None:
+    # OpenAI answers an exhausted quota with type and code both `insufficient_quota`; a
+    # client that tells it from a rate limit by `error.type` must see it so.
+    admission = Admission(
+        admitted=False,
+        limits=None,
+        remaining_requests=0,
+        reset_requests_seconds=0.0,
+        remaining_tokens=None,
+        reset_tokens_seconds=None,
+        retry_after_seconds=3600.0,
+        budget=Budget(usd=1.0, window_seconds=3600),
+        spent_micro_usd=1_000_000,
+    )
+    error = orjson.loads(body(refusal(admission), "/v1/chat/completions"))["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    anthropic = orjson.loads(body(refusal(admission), "/v1/messages"))["error"]
+    assert anthropic["type"] == "rate_limit_error"
