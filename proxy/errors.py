@@ -51,6 +51,8 @@ from aiohttp import web
 from proxy.record import Outcome
 
 _OPENAI_TYPES = {429: "rate_limit_error"}
+# Codes whose OpenAI type is the code itself, as OpenAI answers them.
+_OPENAI_TYPED_CODES = frozenset({"insufficient_quota"})
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -108,9 +110,12 @@ def body(error: GatewayError, path: str) -> bytes:
             error.status, "api_error" if error.status >= 500 else "invalid_request_error"
         )
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
-    kind = _OPENAI_TYPES.get(
-        error.status, "api_error" if error.status >= 500 else "invalid_request_error"
-    )
+    if error.code in _OPENAI_TYPED_CODES:
+        kind = error.code
+    else:
+        kind = _OPENAI_TYPES.get(
+            error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+        )
     return orjson.dumps(
         {
             "error": {

@@ -22,7 +22,10 @@ request's reservation, as long as each produces no more than it reserved.
 `precheck` refuses a request with a large body (over 64 KiB, or of unknown length) before
 the body is read and without asking the tracker, when the key's last refusal said its
 window stays closed until a time still ahead: a 10 MB body of an exhausted key is never
-read. Smaller bodies are read and asked about as usual, so their answers stay exact.
+read. Smaller bodies are read and asked about as usual, so their answers stay exact. A
+request of the key that ends forgets that refusal: its reservation, which the refusal may
+have counted, is given back, and its tokens or budget may have room again (not its request
+count: a full request window stays full whatever a request ends with).
 
 When the tracker's backend (Redis) is lost, `QUOTA_ON_REDIS_ERROR` decides: `allow` lets
 the request through uncounted, `deny` answers 503 (a key with neither quota nor budget is
@@ -115,6 +118,8 @@ class Quota:
         self._on_slots = on_slots
         self._lines = Lines()  # requests waiting for a slot (queue_seconds)
         self._leases = (f"{uuid.uuid4().hex[:12]}:{n}" for n in itertools.count())
+        # key id → the fraction of a micro-dollar its spend carries to its next charge.
+        self._fractions: dict[str, float] = {}
         tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
     def precheck(self, key: QuotaKey, body_bytes: int | None) -> None:
@@ -273,12 +278,24 @@ class Quota:
         came)."""
         if admission is None:
             return
-        spent = NOTHING if usage is None else charged(usage, cost_usd)
+        if self._closed:
+            self._reopen(key)
+        spent = NOTHING if usage is None else self._spent(key, usage, cost_usd)
         if admission.scopes:
             self.tracker.settle_scopes(admission.scopes, spent, admission.tickets)
             self.release(admission)
             return
         self.tracker.settle(key.id, key.limits, spent, admission.ticket, key.budget)
+
+    def _reopen(self, key: QuotaKey) -> None:
+        """Forget the key's last refusal when a settle may have opened its window: its tokens
+        or its budget, which the settled request's reservation counted in (a full request
+        window stays full whatever a request ends with)."""
+        closed = self._closed.get(key.id)
+        if closed is not None:
+            refused = closed[1]
+            if refused.limits is None or refused.remaining_requests > 0:
+                del self._closed[key.id]
 
     def release(self, admission: Admission | None) -> None:
         """Give back the slots the request holds (at its end, or when its client leaves)."""
@@ -292,7 +309,7 @@ class Quota:
 
     def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
         """Charge usage that no reservation covered (a Realtime session's each response)."""
-        self.tracker.settle(key.id, key.limits, charged(usage, cost_usd), 0, key.budget)
+        self.tracker.settle(key.id, key.limits, self._spent(key, usage, cost_usd), 0, key.budget)
 
     async def owe(
         self,
@@ -324,7 +341,7 @@ class Quota:
     ) -> None:
         """Charge claimed deferred work to the key that created it: in every scope a request
         of it for `model` counts in (its own, its team's, its model group's); never waits."""
-        spent = charged(usage, cost_usd)
+        spent = self._spent(key, usage, cost_usd)
         if key.shares:
             scopes = key.scopes(model)
             self.tracker.settle_scopes(scopes, spent, (0,) * len(scopes))
@@ -367,6 +384,19 @@ class Quota:
         except TrackerUnavailable:
             return
         self._back()
+
+    def _spent(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> Charge:
+        """What a response's usage charges its key: `charged`, but its cost in the whole
+        micro-dollars it makes with the fraction the key's earlier charges left over, and
+        that fraction carried on. So requests of a fraction of a micro-dollar each (short
+        embeddings) spend what they cost together, not a micro-dollar each."""
+        if cost_usd is None or not 0 < cost_usd < math.inf:
+            return charged(usage, None)
+        fractions = self._fractions
+        exact = round(cost_usd * MICRO + fractions.get(key.id, 0.0), 6)
+        whole = math.floor(exact)
+        fractions[key.id] = exact - whole
+        return Charge(usage.total_tokens, whole, _kinds_of(usage))
 
     def _lost(self, decision: str, error: str) -> None:
         if not self._is_lost:

@@ -6,13 +6,15 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 import pytest
 
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, body
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
 from proxy.quota.refusals import refusal
 from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, Scope
+from proxy.record import Usage
 
 ROUND_TRIP_SECONDS = 0.01
 
@@ -91,3 +93,57 @@ def test_a_refusal_says_a_one_second_wait_in_the_singular() -> None:
     assert refusal(admission._replace(retry_after_seconds=90.0)).message.endswith(
         "Retry in 90 seconds."
     )
+
+
+async def test_requests_cheaper_than_a_micro_dollar_spend_what_they_cost_together() -> None:
+    # 100 embeddings of 3 tokens at $0.02 per million: $0.00000006 each, $0.000006 in all.
+    # Each rounded up to a whole micro-dollar, they spent $0.0001 of the budget: 16 times
+    # their cost, and a budget of cheap requests ran out that much sooner.
+    quota = Quota(MemoryTracker())
+    budget = Budget(usd=1.0, window_seconds=3600)
+    key = Key(Scope("key-digest-cheap", "key", "cheap", None), shares=False, budget=budget)
+    for _ in range(100):
+        admission = await quota.admit(key, Peek())
+        quota.settle(key, admission, Usage(3, 0), 0.00000006)
+    usage = await quota.tracker.report(key.id, None, budget)
+    assert usage["budget"]["spent_usd"] == pytest.approx(0.000006, abs=1e-6)
+    assert usage["totals"]["spent_usd"] == pytest.approx(0.000006, abs=1e-6)
+
+
+async def test_a_refusal_that_requests_in_flight_took_part_in_ends_with_their_settle() -> None:
+    # 50 tokens charged and 60 reserved by a request in flight: the next is refused with the
+    # wait until the 50 leave the window (an hour). The request in flight then ends using 5:
+    # the window has room, and a small request is admitted. A large body must not get the
+    # remembered refusal for the rest of that hour.
+    quota = Quota(MemoryTracker())
+    limits = Limits(requests=100, tokens=100, window_seconds=3600)
+    key = Key(Scope("key-digest-held", "key", "held", None), shares=False, limits=limits)
+    capped = Peek(max_output_tokens=60, is_generation=True)
+    quota.settle(key, await quota.admit(key, capped), Usage(0, 50), None)
+    running = await quota.admit(key, capped)
+    with pytest.raises(GatewayError) as refused:
+        await quota.admit(key, capped)
+    assert float(refused.value.headers["retry-after"]) > 3000
+    quota.settle(key, running, Usage(0, 5), None)
+    quota.precheck(key, 10 * 1024 * 1024)  # not refused: the window has room again
+    assert await quota.admit(key, capped) is not None
+
+
+def test_an_exhausted_budget_answers_openai_s_own_insufficient_quota_error() -> None:
+    # OpenAI answers an exhausted quota with type and code both `insufficient_quota`; a
+    # client that tells it from a rate limit by `error.type` must see it so.
+    admission = Admission(
+        admitted=False,
+        limits=None,
+        remaining_requests=0,
+        reset_requests_seconds=0.0,
+        remaining_tokens=None,
+        reset_tokens_seconds=None,
+        retry_after_seconds=3600.0,
+        budget=Budget(usd=1.0, window_seconds=3600),
+        spent_micro_usd=1_000_000,
+    )
+    error = orjson.loads(body(refusal(admission), "/v1/chat/completions"))["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    anthropic = orjson.loads(body(refusal(admission), "/v1/messages"))["error"]
+    assert anthropic["type"] == "rate_limit_error"
