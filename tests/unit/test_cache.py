@@ -145,6 +145,39 @@ def test_a_stream_with_an_error_event_under_its_200_is_not_storable() -> None:
     assert not is_storable(ended(), SSE, "", openai, 10_000)
 
 
+def test_a_stream_is_storable_only_when_its_last_event_is_its_end() -> None:
+    """The end named in the text of a stream cut short (ended cleanly by a proxy upstream whose
+    own upstream broke) is not its end: such an answer was stored and replayed for its ttl."""
+
+    def delta(text: str) -> bytes:
+        return b'data: {"type":"content_block_delta","delta":{"text":"' + text.encode() + b'"}}'
+
+    anthropic_cut = [
+        b'event: message_start\ndata: {"type":"message_start"}\n\n',
+        b"event: content_block_delta\n" + delta("the last event is message_stop") + b"\n\n",
+    ]
+    assert not is_storable(ended(), SSE, "", anthropic_cut, 10_000)
+    chat_cut = [b'data: {"choices":[{"delta":{"content":"then data: [DONE] ends it"}}]}\n\n']
+    assert not is_storable(ended(), SSE, "", chat_cut, 10_000)
+    responses_cut = [
+        b'event: response.output_text.done\ndata: {"type":"response.output_text.done",'
+        b'"text":"wait for response.completed"}\n\n'
+    ]
+    assert not is_storable(ended(), SSE, "", responses_cut, 10_000)
+    # Each normal end, with or without its event line, with CRLF lines, is one.
+    ends = [
+        b"data: [DONE]\n\n",
+        b"data:[DONE]\r\n\r\n",
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        b'data: {"type": "message_stop"}\n\n',
+        b'event: response.completed\r\ndata: {"type":"response.completed","response":{}}\r\n\r\n',
+        b'data: {"type":"response.incomplete","response":{}}\n\n',
+    ]
+    for end in ends:
+        assert is_storable(ended(), SSE, "", [anthropic_cut[1], end], 10_000), end
+        assert is_storable(ended(), SSE, "", [end], 10_000), end
+
+
 def test_a_compressed_stream_is_read_to_judge_it() -> None:
     import gzip
 
