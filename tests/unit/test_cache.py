@@ -194,6 +194,7 @@ def an_entry(chunks: tuple[bytes, ...] = (b"data: 1\n\n", b"data: [DONE]\n\n")) 
         chunks,
         Usage(10, 5, cache_read_tokens=2),
         "gpt-4o-mini",
+        1_765_000_000.25,
     )
 
 
