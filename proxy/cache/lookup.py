@@ -31,8 +31,17 @@ from proxy.keys.fields import CachePolicy
 # with "/" and one of these (Azure's /openai/deployments/<name>/chat/completions).
 CACHEABLE_ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses")
 # Request headers that change what the provider answers (a beta feature, an API version,
-# how the body is encoded); every other header (tracing, user agents) names the same answer.
-ANSWER_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept-encoding")
+# how the body is encoded, the OpenAI organization and project whose stored prompts, previous
+# responses and files a request reads, named again in the answer's headers); every other
+# header (tracing, user agents) names the same answer.
+ANSWER_HEADERS = (
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "accept-encoding",
+    "openai-organization",
+    "openai-project",
+)
 
 
 class Directive(enum.Enum):

@@ -67,6 +67,10 @@ def test_every_part_of_a_request_that_changes_the_answer_changes_the_name() -> N
     assert name(**{"Accept-Encoding": "gzip"}) != base
     assert name(**{"openai-beta": "assistants=v2"}) != base
     assert name(**{"anthropic-version": "2023-06-01"}) != base
+    # The organization and project a request is made in: what its stored prompts, previous
+    # responses and files are, and the openai-organization / openai-project it is answered with.
+    assert name(**{"OpenAI-Organization": "org-b"}) != base
+    assert name(**{"OpenAI-Project": "proj_b"}) != base
     assert name(**{"x-request-id": "abc", "user-agent": "sdk"}) == base  # these do not
     stream = entry_name("k:abc", SERVED, "POST", "chat/completions", "stream=1", BODY, headers())
     assert stream != base
