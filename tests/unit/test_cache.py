@@ -104,6 +104,10 @@ def test_cache_control_no_store_beats_no_cache() -> None:
         ("POST", "embeddings", {"input": "x"}, True),
         ("POST", "messages", {"model": "m"}, True),
         ("POST", "openai/deployments/d/chat/completions", {}, True),
+        ("POST", "openai/deployments/d/embeddings", {}, True),
+        # The Assistants API adds a message to a thread: a write, whose answer is a new object.
+        ("POST", "threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
+        ("POST", "openai/threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
         ("POST", "responses", {"input": "x", "store": False}, True),
         ("POST", "responses", {"input": "x", "store": True}, False),
         ("POST", "responses", {"input": "x", "background": True}, False),
