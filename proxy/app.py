@@ -421,6 +421,7 @@ def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) 
         from proxy.cache.redis_store import RedisStore
 
         store = RedisStore(settings.redis_url)
+        clock = time.time  # every instance reads an entry's age
     return Cache(
         store,
         is_shared=settings.redis_url is not None,
@@ -429,6 +430,7 @@ def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) 
         wait_seconds=settings.request_timeout,
         on_store_lost=lambda error: metrics.redis_error_decision("uncached"),
         on_size=metrics.cache_size,
+        clock=clock,
     )
 
 

@@ -15,6 +15,7 @@ skipped, and `on_store_lost` counts it. Hits are counted per key (/usage).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +67,8 @@ class Pending:
             return
         self.chunks.append(chunk)
 
-    def entry(self, record: Record) -> Entry | None:
-        """The answer as an entry, if it may be stored."""
+    def entry(self, record: Record, now: float) -> Entry | None:
+        """The answer as an entry stored at `now`, if it may be stored."""
         if self.chunks is None:
             return None
         headers = CIMultiDict(self.headers)
@@ -82,6 +83,7 @@ class Pending:
             tuple(self.chunks),
             record.usage,
             record.response_model,
+            now,
         )
 
 
@@ -106,11 +108,14 @@ class Cache:
         on_store_lost: Callable[[str], None] = lambda error: None,
         on_size: Callable[[int, int], None] = lambda entries, size: None,
         poll_seconds: float = 0.02,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`is_shared`: the store is Redis (claims and hit counts go there).
 
         `wait_seconds`: how long a request waits for an identical one in flight;
         `poll_seconds`: how often it looks for the entry of one in flight on another instance.
+        `clock`: when an entry is stored, and how old it is when found (the memory store's
+        clock; with Redis, Unix time, as every instance reads the entries).
         """
         self._store = store
         self._is_shared = is_shared
@@ -119,6 +124,7 @@ class Cache:
         self._on_store_lost = on_store_lost
         self._on_size = on_size
         self._poll_seconds = poll_seconds
+        self._clock = clock
         self._flights = Flights()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -149,8 +155,8 @@ class Cache:
         except BaseException:  # cancelled (the client left): the waiters go on their own
             self._flights.end(name, flight)
             raise
-        if entry is None:
-            return Lookup(Cached.MISS, pending=pending)
+        if entry is None or self._is_older(entry, policy.ttl_seconds):
+            return Lookup(Cached.MISS, pending=pending)  # the answer replaces a stale entry
         self._flights.land(flight, entry)
         self._flights.end(name, flight)
         return await self._hit(key, entry)
@@ -160,7 +166,7 @@ class Cache:
         pending = found.pending
         if pending is None:
             return
-        entry = pending.entry(record)
+        entry = pending.entry(record, self._clock())
         pending.chunks = None  # the entry holds them now, or nobody does
         if pending.flight is not None:
             self._flights.land(pending.flight, entry)  # waiters here are served at once
@@ -215,6 +221,11 @@ class Cache:
         if not isinstance(document, dict):
             return False
         return names.is_cacheable(method, tail, document)
+
+    def _is_older(self, entry: Entry, ttl_seconds: float) -> bool:
+        """Stored longer ago than the key's ttl: kept under a longer one (before a reload
+        shortened it, or by a key of its scope with a longer one), no answer for this key."""
+        return entry.stored_at is not None and self._clock() - entry.stored_at >= ttl_seconds
 
     async def _find(self, name: str, pending: Pending) -> Entry | None:
         """The stored entry; else None, after another instance's claim came to nothing."""

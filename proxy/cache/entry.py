@@ -3,7 +3,8 @@
 Chunks are kept as they were written to the first client, so a stream is replayed as the
 same events in the same order, cut where they were cut. The usage the answer reported (or
 its estimate) and the model that answered travel with it, so a hit's log line can say what
-the answer would have cost without reading the body again.
+the answer would have cost without reading the body again; and when it was stored, so a key
+reads no answer older than its own ttl (a reload may have shortened it).
 
 `encode` and `decode` give the form kept in Redis: a version byte, the length of a JSON
 head (status, reason, headers, usage, model, the chunk sizes), the head, then the chunks'
@@ -42,6 +43,7 @@ class Entry:
     chunks: tuple[bytes, ...]
     usage: Usage | None = None
     model: str | None = None  # the model the answer names
+    stored_at: float | None = None  # by the cache's clock (None: stored before it was kept)
 
     @property
     def body_bytes(self) -> int:
@@ -75,6 +77,7 @@ def encode(entry: Entry) -> bytes:
             "sizes": [len(chunk) for chunk in entry.chunks],
             "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
             "model": entry.model,
+            "stored_at": entry.stored_at,
         }
     )
     return b"".join((_VERSION, len(head).to_bytes(4, "big"), head, *entry.chunks))
@@ -101,6 +104,7 @@ def decode(blob: bytes) -> Entry:
             chunks=tuple(chunks),
             usage=None if usage is None else Usage(**usage),
             model=head["model"],
+            stored_at=head.get("stored_at"),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CorruptEntry(str(error)) from None

@@ -27,12 +27,23 @@ from multidict import MultiMapping
 
 from proxy.keys.fields import CachePolicy
 
-# Endpoints whose answers may be stored: the tail (after /v1/) is one of these, or ends
-# with "/" and one of these (Azure's /openai/deployments/<name>/chat/completions).
+# Endpoints whose answers may be stored: the tail (after /v1/) is one of these, or one of
+# these under Azure's `deployments/<name>/` (/openai/deployments/<name>/chat/completions);
+# never another path that merely ends so (the Assistants API's threads/<id>/messages adds a
+# message to a thread: a write).
 CACHEABLE_ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses")
 # Request headers that change what the provider answers (a beta feature, an API version,
-# how the body is encoded); every other header (tracing, user agents) names the same answer.
-ANSWER_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "accept-encoding")
+# how the body is encoded, the OpenAI organization and project whose stored prompts, previous
+# responses and files a request reads, named again in the answer's headers); every other
+# header (tracing, user agents) names the same answer.
+ANSWER_HEADERS = (
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "accept-encoding",
+    "openai-organization",
+    "openai-project",
+)
 
 
 class Directive(enum.Enum):
@@ -57,7 +68,14 @@ def directive(headers: MultiMapping[str]) -> Directive:
 def is_cacheable_endpoint(method: str, tail: str) -> bool:
     if method != "POST":
         return False
-    return any(tail == name or tail.endswith("/" + name) for name in CACHEABLE_ENDPOINTS)
+    return any(tail == name or _is_deployments(tail, name) for name in CACHEABLE_ENDPOINTS)
+
+
+def _is_deployments(tail: str, name: str) -> bool:
+    """`…deployments/<deployment>/<name>`."""
+    if not tail.endswith("/" + name):
+        return False
+    return tail[: -len(name) - 1].split("/")[-2:-1] == ["deployments"]
 
 
 def is_cacheable(method: str, tail: str, document: dict[str, Any] | None) -> bool:

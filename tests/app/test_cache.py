@@ -378,6 +378,27 @@ async def test_an_entry_expires_after_its_ttl(
     assert len(fake.requests) == 2
 
 
+async def test_a_key_reads_no_answer_older_than_its_ttl_after_a_reload_shortened_it(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState, cached_keys: Path
+) -> None:
+    """An operator lowers a key's ttl_seconds because its answers go stale: entries stored
+    under the old ttl were served until it ran out (an hour-old answer for a 60 s ttl)."""
+    now = [1000.0]
+    gateway = await make_cached(clock=lambda: now[0], ADMIN_TOKEN="admin-token-for-tests")
+    await post(gateway)
+    await gateway.app[CACHE].settled()
+    document = json.loads(cached_keys.read_text())
+    document["virtual_keys"][CACHED_VK]["cache"] = {"ttl_seconds": 60}
+    cached_keys.write_text(json.dumps(document))
+    reload = await gateway.post("/admin/reload", headers=auth("admin-token-for-tests"))
+    assert reload.status == 200
+    now[0] += 59
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    now[0] += 1
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "miss"
+    assert len(fake.requests) == 2
+
+
 async def test_cache_max_bytes_evicts_the_least_recently_used(
     make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -67,6 +67,10 @@ def test_every_part_of_a_request_that_changes_the_answer_changes_the_name() -> N
     assert name(**{"Accept-Encoding": "gzip"}) != base
     assert name(**{"openai-beta": "assistants=v2"}) != base
     assert name(**{"anthropic-version": "2023-06-01"}) != base
+    # The organization and project a request is made in: what its stored prompts, previous
+    # responses and files are, and the openai-organization / openai-project it is answered with.
+    assert name(**{"OpenAI-Organization": "org-b"}) != base
+    assert name(**{"OpenAI-Project": "proj_b"}) != base
     assert name(**{"x-request-id": "abc", "user-agent": "sdk"}) == base  # these do not
     stream = entry_name("k:abc", SERVED, "POST", "chat/completions", "stream=1", BODY, headers())
     assert stream != base
@@ -100,6 +104,10 @@ def test_cache_control_no_store_beats_no_cache() -> None:
         ("POST", "embeddings", {"input": "x"}, True),
         ("POST", "messages", {"model": "m"}, True),
         ("POST", "openai/deployments/d/chat/completions", {}, True),
+        ("POST", "openai/deployments/d/embeddings", {}, True),
+        # The Assistants API adds a message to a thread: a write, whose answer is a new object.
+        ("POST", "threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
+        ("POST", "openai/threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
         ("POST", "responses", {"input": "x", "store": False}, True),
         ("POST", "responses", {"input": "x", "store": True}, False),
         ("POST", "responses", {"input": "x", "background": True}, False),
@@ -145,6 +153,39 @@ def test_a_stream_with_an_error_event_under_its_200_is_not_storable() -> None:
     assert not is_storable(ended(), SSE, "", openai, 10_000)
 
 
+def test_a_stream_is_storable_only_when_its_last_event_is_its_end() -> None:
+    """The end named in the text of a stream cut short (ended cleanly by a proxy upstream whose
+    own upstream broke) is not its end: such an answer was stored and replayed for its ttl."""
+
+    def delta(text: str) -> bytes:
+        return b'data: {"type":"content_block_delta","delta":{"text":"' + text.encode() + b'"}}'
+
+    anthropic_cut = [
+        b'event: message_start\ndata: {"type":"message_start"}\n\n',
+        b"event: content_block_delta\n" + delta("the last event is message_stop") + b"\n\n",
+    ]
+    assert not is_storable(ended(), SSE, "", anthropic_cut, 10_000)
+    chat_cut = [b'data: {"choices":[{"delta":{"content":"then data: [DONE] ends it"}}]}\n\n']
+    assert not is_storable(ended(), SSE, "", chat_cut, 10_000)
+    responses_cut = [
+        b'event: response.output_text.done\ndata: {"type":"response.output_text.done",'
+        b'"text":"wait for response.completed"}\n\n'
+    ]
+    assert not is_storable(ended(), SSE, "", responses_cut, 10_000)
+    # Each normal end, with or without its event line, with CRLF lines, is one.
+    ends = [
+        b"data: [DONE]\n\n",
+        b"data:[DONE]\r\n\r\n",
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        b'data: {"type": "message_stop"}\n\n',
+        b'event: response.completed\r\ndata: {"type":"response.completed","response":{}}\r\n\r\n',
+        b'data: {"type":"response.incomplete","response":{}}\n\n',
+    ]
+    for end in ends:
+        assert is_storable(ended(), SSE, "", [anthropic_cut[1], end], 10_000), end
+        assert is_storable(ended(), SSE, "", [end], 10_000), end
+
+
 def test_a_compressed_stream_is_read_to_judge_it() -> None:
     import gzip
 
@@ -161,6 +202,7 @@ def an_entry(chunks: tuple[bytes, ...] = (b"data: 1\n\n", b"data: [DONE]\n\n")) 
         chunks,
         Usage(10, 5, cache_read_tokens=2),
         "gpt-4o-mini",
+        1_765_000_000.25,
     )
 
 
