@@ -154,6 +154,21 @@ async def ask_each(
     return statuses
 
 
+async def chat_each(gateway: TestClient, bodies: list[str]) -> list[int]:
+    """Each chat body, sent as written (its escapes kept) with OpenAI's test key, read to its
+    end: the statuses."""
+    statuses = []
+    for body in bodies:
+        response = await gateway.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**auth(OPENAI_VK), "content-type": "application/json"},
+        )
+        await response.read()
+        statuses.append(response.status)
+    return statuses
+
+
 async def test_a_client_naming_its_own_virtual_key_finds_it_in_no_log_line_or_metric(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,
@@ -212,14 +227,7 @@ async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
         json.dumps(CHAT).replace('"hi"', f'"{escaped}"', 1),
     ]
     assert escaped in bodies[1]
-    for body in bodies:
-        response = await gateway.post(
-            "/v1/chat/completions",
-            data=body,
-            headers={**auth(OPENAI_VK), "content-type": "application/json"},
-        )
-        await response.read()
-        assert response.status == 200
+    assert await chat_each(gateway, bodies) == [200] * len(bodies)
     lines = await records(len(bodies))
     assert OPENAI_VK not in log_path.read_text()
     hidden = masked(OPENAI_VK)
@@ -249,14 +257,7 @@ async def test_another_users_key_in_a_logged_body_is_masked(
         for prompt in prompts
     ]
     bodies.append(json.dumps(CHAT).replace('"hi"', f'"{escaped}"', 1))
-    for body in bodies:
-        response = await gateway.post(
-            "/v1/chat/completions",
-            data=body,
-            headers={**auth(OPENAI_VK), "content-type": "application/json"},
-        )
-        await response.read()
-        assert response.status == 200
+    assert await chat_each(gateway, bodies) == [200] * len(bodies)
     lines = await records(len(bodies))
     assert ANTHROPIC_VK not in log_path.read_text()
     for line in lines:
