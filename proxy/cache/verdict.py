@@ -8,7 +8,8 @@ event stream only when its last event is its normal end (`data: [DONE]`, Anthrop
 `message_stop`, the Responses API's `response.completed` or `response.incomplete`, read
 from its `event:` line or its data's leading `type`: the same words in the text of a stream
 cut short are no end) and it has no error event (`event: error`, a `data:` line holding an
-error object, `response.failed`).
+error object, `response.failed`). Nor is a 200 whose JSON is an error (as some
+OpenAI-compatible servers answer one): the usage tap noted it on the record.
 A compressed stream is decoded to be read, bounded by the entry's size limit.
 """
 
@@ -37,7 +38,7 @@ _ERRORS = (
 def is_storable(
     record: Record, content_type: str, content_encoding: str, chunks: Sequence[bytes], limit: int
 ) -> bool:
-    if record.status != 200 or record.outcome is not Outcome.ANSWERED:
+    if record.status != 200 or record.outcome is not Outcome.ANSWERED or record.error:
         return False
     media = content_type.split(";", 1)[0].strip().lower()
     if not (media in _STORABLE_TYPES or media.endswith("+json")):

@@ -39,6 +39,11 @@ TTL = 300
 CHAT = chat("say hello please")
 STREAM = {**CHAT, "stream": True}
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES = {
+    "model": "claude-3-5-haiku-20241022",
+    "max_tokens": 20,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 def body(document: dict[str, Any]) -> bytes:
@@ -292,6 +297,22 @@ async def test_an_error_is_never_stored(gateway: TestClient, fake: FakeState) ->
     answer = await post(gateway)
     assert answer[0] == 200 and answer[1]["x-llm-gateway-cache"] == "miss"
     assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("key", [CACHED_VK, CLAUDE_VK])
+async def test_an_error_answered_under_a_200_is_never_stored(
+    gateway: TestClient, fake: FakeState, key: str
+) -> None:
+    # Some OpenAI-compatible servers answer an error with status 200: replaying it for the
+    # TTL would serve every identical request that error.
+    path, document = (CHAT_PATH, CHAT) if key == CACHED_VK else ("/v1/messages", MESSAGES)
+    error = await post(
+        gateway, key, document, path, **{"x-fake-status": "429", "x-fake-error-under": "200"}
+    )
+    assert error[0] == 200 and b'"error"' in error[2]
+    again = await post(gateway, key, document, path)
+    assert again[1]["x-llm-gateway-cache"] == "miss" and b'"error"' not in again[2]
     assert len(fake.requests) == 2
 
 

@@ -12,6 +12,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-delay-ms: N        wait N ms between two events (or two body chunks)
     x-fake-status: N          answer N with the provider's error JSON; 429 and 5xx add
                               retry-after: 7, 429 adds x-ratelimit-remaining-requests: 0
+    x-fake-error-under: S     ... that error JSON sent with status S instead (as some
+                              OpenAI-compatible servers answer an error under a 200)
     x-fake-hang: headers      never answer
     x-fake-hang: midstream    send the first half of the events (at least one), then nothing
     x-fake-drop: headers      close the connection before answering
@@ -341,7 +343,8 @@ async def answer(
             await pause(request, math.inf)
         return web.Response()
     if knobs.status is not None:
-        return await reply_error(request, knobs.status)
+        under = request.headers.get("x-fake-error-under")
+        return await reply_error(request, knobs.status, under=int(under) if under else None)
     if knobs.raw_chunks is not None:
         pad = b"." * int(request.headers.get("x-fake-raw-bytes", "0"))
         frames = [f"raw{index}\n".encode() + pad for index in range(knobs.raw_chunks)]
@@ -630,8 +633,10 @@ async def reply_error(
     status: int,
     extra: Mapping[str, str] | None = None,
     is_sized: bool = True,
+    under: int | None = None,
 ) -> web.StreamResponse:
-    """The provider's own error body and headers for this status (chunked unless `is_sized`)."""
+    """The provider's own error body and headers for this status (chunked unless `is_sized`),
+    sent with the status `under` when given."""
     message = f"fake provider error {status}"
     if request.headers.get("x-fake-reflect") == "body":
         message += f": credentials received {reflected(request.headers)}"
@@ -655,7 +660,7 @@ async def reply_error(
     if status == 429:
         headers["x-ratelimit-remaining-requests"] = "0"
     headers.update(extra or {})
-    return await reply(request, body, status=status, headers=headers, is_sized=is_sized)
+    return await reply(request, body, status=under or status, headers=headers, is_sized=is_sized)
 
 
 # --- OpenAI --------------------------------------------------------------------------
