@@ -4,9 +4,10 @@ A refused request answers 429 with `Retry-After` (whole seconds until the window
 it) and `retry-after-ms`. The OpenAI and Anthropic SDKs honour a wait of at most 60 s and
 retry silently (twice by default), so a short wait looks like a slow request to their
 user; past 60 s they would knock on a closed window with their own short backoff, so the
-gateway says `x-should-retry: false` and they fail at once. An exhausted budget always
-says `x-should-retry: false` (it frees up in hours or days), with OpenAI's code
-`insufficient_quota`.
+gateway says `x-should-retry: false` and they fail at once. An exhausted budget says so too
+(it frees up in hours or days), with OpenAI's code `insufficient_quota`. A window or a
+budget full only while requests in flight hold their reservations frees up when they
+settle: its wait is a second, which the SDKs retry.
 """
 
 from __future__ import annotations
@@ -37,18 +38,24 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
     headers.update(ratelimit_headers(admission))
     if admission.over_budget and admission.budget is not None:
         budget = admission.budget
-        headers["x-should-retry"] = "false"
-        frees = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
+        spent = f"${dollars(admission.spent_micro_usd / MICRO)} spent or reserved"
+        if admission.awaits_in_flight:
+            frees = f"It has room once requests in flight settle: retry in {span(wait)}."
+        else:
+            headers["x-should-retry"] = "false"
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
+            frees = f"It frees up in {span(wait)}, at {at}."
         return GatewayError(
             429,
             "insufficient_quota",
             f"Budget exhausted for {who or 'this key'}: "
             f"${dollars(budget.usd)} per {span(budget.window_seconds) if who is None else per(budget.window_seconds)} "
-            f"(${dollars(admission.spent_micro_usd / MICRO)} spent or reserved). "
-            f"It frees up in {span(wait)}, at {frees}.",
+            f"({spent}). {frees}",
             headers=headers,
         )
-    if wait > SDK_MAX_RETRY_WAIT_SECONDS:
+    if admission.awaits_in_flight:
+        retry = "Requests in flight hold the rest until they settle: retry in 1 second."
+    elif wait > SDK_MAX_RETRY_WAIT_SECONDS:
         headers["x-should-retry"] = "false"
         retry = f"Retry in {counted(math.ceil(wait), 'second')}."
     else:

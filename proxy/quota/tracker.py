@@ -45,6 +45,9 @@ KINDS = (
     "output_audio_tokens",
 )
 NO_KINDS = (0,) * len(KINDS)
+# When a window is full only because of requests still running, nobody knows when they end:
+# a refused client is told to come back after this long, and asks again.
+IN_FLIGHT_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,9 @@ class Admission(NamedTuple):
     scopes: tuple[Scope, ...] = ()
     tickets: tuple[int, ...] = ()  # one per scope
     lease: str = ""  # the slots it holds ("" none)
+    # Refused by a window that is full only while requests in flight hold their reservations:
+    # it has room again when they settle (`retry_after_seconds` is IN_FLIGHT_WAIT_SECONDS).
+    awaits_in_flight: bool = False
 
     @property
     def over_budget(self) -> bool:
@@ -212,6 +218,7 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
     """The verdict and the waits the headers tell, from one backend reading."""
     admitted = reading.admitted
     request_wait = token_wait = budget_wait = 0.0
+    running = False  # a full token window or budget has room once requests in flight settle
     remaining_requests = 0
     remaining_tokens = reset_tokens = None
     if limits is not None:
@@ -222,11 +229,16 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         if limits.tokens is not None:
             over = tokens_full(reading, limits)
             token_wait = reading.token_wait if over else 0.0
+            if over and reading.tokens < limits.tokens:  # the charges alone leave room
+                token_wait, running = min(token_wait, IN_FLIGHT_WAIT_SECONDS), True
             used = reading.tokens + reading.tokens_reserved
             remaining_tokens = max(0, limits.tokens - used)
             reset_tokens = token_wait if over else reading.charge_leaves
-    if not admitted and budget_full(reading, budget):
+    if not admitted and budget is not None and budget_full(reading, budget):
         budget_wait = reading.budget_wait
+        if reading.spent < budget.micro_usd:  # the spend alone leaves room
+            budget_wait, running = min(budget_wait, IN_FLIGHT_WAIT_SECONDS), True
+    wait = 0.0 if admitted else max(request_wait, token_wait, budget_wait)
     # Every field in order as one tuple: see window.SlidingWindow.reading (~0.45 -> 0.25 us).
     return tuple.__new__(Admission, (
         admitted,
@@ -235,7 +247,7 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         request_wait,  # reset_requests_seconds
         remaining_tokens,
         reset_tokens,  # reset_tokens_seconds
-        0.0 if admitted else max(request_wait, token_wait, budget_wait),  # retry_after_seconds
+        wait,  # retry_after_seconds
         reading.ticket,  # ticket
         budget,
         reading.spent + reading.spend_reserved if budget else 0,  # spent_micro_usd
@@ -245,6 +257,7 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
         (),  # scopes
         (),  # tickets
         "",  # lease
+        running and not admitted and wait <= IN_FLIGHT_WAIT_SECONDS,  # awaits_in_flight
     ))  # fmt: skip
 
 

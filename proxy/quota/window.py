@@ -14,7 +14,16 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.quota.tracker import NO_KINDS, Budget, Charge, Limits, Reading, budget_over, tokens_over
+from proxy.quota.tracker import (
+    IN_FLIGHT_WAIT_SECONDS,
+    NO_KINDS,
+    Budget,
+    Charge,
+    Limits,
+    Reading,
+    budget_over,
+    tokens_over,
+)
 
 # A new key's ring starts this small and doubles up to its limit, so a key with a large
 # limit but little traffic costs little.
@@ -24,9 +33,6 @@ COMPACT_AFTER = 64
 # A budget's window is cut into this many buckets; spend leaves the window a bucket at a
 # time, at the end of its bucket, so never earlier than exactly (and at most 0.1 % later).
 SPEND_BUCKETS = 1000
-# When the window is full only because of requests still running, nobody knows when they
-# end: a refused client is told to come back after this long, and asks again.
-IN_FLIGHT_WAIT_SECONDS = 1.0
 MAX_COUNT = 2**53  # Lua numbers are doubles: both backends clamp counts where sums are exact
 
 

@@ -306,3 +306,39 @@ async def test_a_cap_named_the_native_apis_way_is_reserved_in_place_of_the_allow
     fake.release.set()
     async with await task as response:
         await response.read()
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"quota": {"requests": 100, "tokens": 100, "window_seconds": 7200}},
+        {"budget": {"usd": 0.01, "window_seconds": 7200}},
+    ],
+)
+async def test_a_window_full_only_while_requests_run_says_retry_soon_not_when_charges_leave(
+    allowance_gateway: Any, fake: FakeState, limit: dict[str, Any]
+) -> None:
+    # 80 tokens charged, then a request reserving 32 runs: the window is full, but only until
+    # it settles. Its refusal must not say "two hours" (the charges' age) with
+    # x-should-retry: false: the SDK retries a 1-second wait by itself.
+    gateway = await allowance_gateway(limit)
+    first = await gateway.post(
+        "/v1/chat/completions", json=UNCAPPED, headers={**auth(VK), "x-fake-chunks": "79"}
+    )
+    assert first.status == 200
+    await first.read()
+    await settled(gateway, 1, 80)
+    capped = {**UNCAPPED, "max_tokens": 30}
+    running = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=capped, headers={**auth(VK), **HELD})
+    )
+    await until(lambda: len(fake.requests) == 2, what="the second request upstream")
+    async with gateway.post("/v1/chat/completions", json=capped, headers=auth(VK)) as refused:
+        assert refused.status == 429
+        message = (await refused.json())["error"]["message"]
+        assert refused.headers["retry-after"] == "1", message
+        assert "x-should-retry" not in refused.headers, message
+        assert "in flight" in message, message
+    fake.release.set()
+    async with await running as answered:
+        assert answered.status == 200
