@@ -24,7 +24,8 @@ The failure map, by the step that raises (status, OpenAI code):
                    403 model_not_allowed      model outside the key's allowed_models, or one
                                               a restricted key's request names out of sight
     admit          429 rate_limit_exceeded    over the key's quota (Retry-After set)
-                   429 insufficient_quota     over the key's budget (x-should-retry: false)
+                   429 insufficient_quota     over the key's budget (x-should-retry: false
+                                              unless requests in flight hold it)
                    503 quota_unavailable      Redis lost and QUOTA_ON_REDIS_ERROR=deny
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
