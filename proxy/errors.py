@@ -62,6 +62,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    504: "timeout_error",  # as Anthropic types its own 504
 }
 
 
