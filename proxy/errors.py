@@ -30,7 +30,8 @@ The failure map, by the step that raises (status, OpenAI code):
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
                    502 upstream_broken        the last target's 429 or 5xx broke off its body
-    stream_back    502 upstream_broken        a small whole body cut short, before we sent anything
+    stream_back    502 upstream_broken        a small whole body cut short, before we sent anything,
+                                              or a message batch's answer over 8 MiB (links)
                    504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
     exchange       500 internal_error         a bug: logged once, answered in the dialect
     (the server)   400 invalid_http           HTTP aiohttp's parser refuses (runtime.server)
@@ -61,6 +62,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    504: "timeout_error",  # as Anthropic types its own 504
 }
 
 

@@ -32,6 +32,7 @@ from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.echoes import StreamMask, masked_whole, searched
 from proxy.relay.expect import awaits_continue
+from proxy.relay.links import MAX_BYTES, ResultsLinks
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
@@ -148,10 +149,14 @@ class Relay:
         )
         silences = self.silences
         secrets = searched(plan.secrets)
+        # A message batch's results_url, pointed back at the gateway (links.py): read whole.
+        links = ResultsLinks.of(record.method, record.path, status, content_type)
         try:
             response: web.StreamResponse
-            if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):
-                response = await send_whole(reply, headers, tap, record, silences, collect, secrets)
+            if isinstance(reply, StoredAnswer) or is_small_whole_body(reply) or links is not None:
+                response = await send_whole(
+                    reply, headers, tap, record, silences, collect, secrets, links
+                )
             else:
                 response = HeldHead(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
@@ -242,9 +247,10 @@ async def send_whole(
     silences: Silences,
     collect: Callable[[bytes], None] | None = None,
     secrets: tuple[bytes, ...] = (),
+    links: ResultsLinks | None = None,
 ) -> web.Response:
-    """Read the body, then answer it in one write, any of `secrets` in it masked (`echoes`).
-    Raises 502, 504: nothing was sent yet.
+    """Read the body, then answer it in one write, any of `secrets` in it masked (`echoes`),
+    its `links` pointed back at the gateway. Raises 502, 504: nothing was sent yet.
 
     The idle timeout bounds each silence while the body comes, not the whole read (a slow
     body is fine). The read is here, not a coroutine of its own: each wait for a chunk
@@ -258,10 +264,20 @@ async def send_whole(
         else:
             parts = []
             read = reply.content.readany
+            size = 0
             with silences.watch() as watch:
                 while chunk := await read():
                     parts.append(chunk)
                     watch.moved()
+                    size += len(chunk)
+                    if size > MAX_BYTES:  # only an answer of unknown length read for links
+                        raise GatewayError(
+                            502,
+                            "upstream_broken",
+                            f"The provider's answer is larger than {MAX_BYTES} bytes, "
+                            "more than a message batch holds.",
+                            outcome=Outcome.BROKEN,
+                        )
             data = parts[0] if len(parts) == 1 else b"".join(parts)
     except TimeoutError:
         why = f"the provider sent nothing for {silences.idle:g} seconds"
@@ -281,6 +297,8 @@ async def send_whole(
     tap.feed(data)
     if secrets:
         data = masked_whole(data, reply.status, headers, secrets)
+    if links is not None:
+        data = links(data, headers)
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)

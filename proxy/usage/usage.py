@@ -17,7 +17,9 @@ is charged an estimate (`estimate`: every string of the request's prompt, read b
 path's dialect (`prompt`), and every string the provider generated, as its dialect counted
 them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
 coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
-(or received) bytes stand for its text. A stream cut while its usage was only a running
+(or received) bytes stand for its text. An answer that is only the provider's error (an Anthropic
+stream's `error` event before `message_start`, an error object under the 200: nothing
+generated, no usage) is charged nothing, as the provider's 4xx and 5xx are. A stream cut while its usage was only a running
 count (`Reading.is_usage_provisional`: Anthropic's `message_start` says 1 output token) is
 charged its reported prompt and at least the completion it delivered, estimated. Speech is counted by its input's characters,
 transcriptions and translations by their audio's seconds, unless they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
@@ -304,6 +306,8 @@ class UsageTap:
             return dataclasses.replace(reported, completion_tokens=completion, estimated=True)
         if reported is not None or self._charged in _AS_REPORTED:
             return reported
+        if reading.error_kind is not None and not reading.chars and not self._is_unread:
+            return None  # the provider's error before anything it made: as its 4xx, 5xx
         if self._charged is Charged.CHARACTERS:
             return audio.speech_usage(request_body)
         if self._charged is Charged.LATER and reading.stored_status in PENDING:

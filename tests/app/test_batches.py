@@ -250,3 +250,26 @@ async def test_a_batch_seen_ended_by_another_key_is_charged_to_the_key_that_made
     assert usage["totals"]["tokens"] == TOKENS
     await openai_client(gateway).batches.retrieve(batch_id)  # its maker's own look: nothing more
     assert (await usage_of(gateway, records, 4, OPENAI_VK))["totals"]["tokens"] == TOKENS
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_the_anthropic_sdks_batch_results_are_read_through_the_gateway(
+    gateway: TestClient, records: Records, fake: FakeState, encoding: str | None
+) -> None:
+    # Anthropic's results_url is absolute, at the provider, and the SDK's results() dials it
+    # as it is: the virtual key went to the provider's host, past the gateway.
+    batch_id = await anthropic_batch(gateway)
+    headers = {} if encoding is None else {"x-fake-encoding": encoding}
+    sdk = anthropic_client(gateway, **headers)
+    results = [line async for line in await sdk.messages.batches.results(batch_id)]
+    assert sorted(line.custom_id for line in results) == [f"request-{i}" for i in range(REQUESTS)]
+    assert all(line.result.type == "succeeded" for line in results)
+    for seen in fake.requests:
+        assert not any(ANTHROPIC_VK in value for value in seen.headers.values()), seen.headers
+    made, retrieved, read = await records(3)
+    assert read["path"] == f"/v1/messages/batches/{batch_id}/results"
+    assert read["status"] == 200 and read["key"] == "batches-anthropic"
+    assert read["usage"] is None  # the batch was charged when its retrieval saw it ended
+    # The rewritten link is relative: the SDK joins it to its own base URL.
+    batch = await sdk.messages.batches.retrieve(batch_id)
+    assert batch.results_url == f"/v1/messages/batches/{batch_id}/results"

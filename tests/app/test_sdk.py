@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anthropic
 import openai
@@ -570,6 +570,21 @@ async def test_unknown_key_on_count_tokens_is_anthropic_shaped(
 ) -> None:
     with pytest.raises(anthropic.AuthenticationError):
         await anthropic_sdk("vk_not_a_key").messages.count_tokens(model=CLAUDE, messages=MESSAGES)
+
+
+async def test_a_provider_silent_past_request_timeout_is_anthropics_timeout_error(
+    make_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # Anthropic's own 504 is typed timeout_error; the SDK exposes it as the error's `type`.
+    gateway = await make_gateway(REQUEST_TIMEOUT="0.3")
+    client = AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=ANTHROPIC_VK, max_retries=0)
+    with pytest.raises(anthropic.GatewayTimeoutError) as caught:
+        await client.messages.create(
+            model=CLAUDE, max_tokens=9, messages=MESSAGES, extra_headers={"x-fake-hang": "headers"}
+        )
+    await client.close()
+    assert_anthropic_error(caught.value.response.json(), "timeout_error")
+    assert caught.value.type == "timeout_error"
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,8 @@ async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Test
         "failed": response_ended("failed", {"code": "server_error", "message": "boom"}),
         "incomplete": response_ended("incomplete", None),
         "error": [RESPONSES_ERROR],
+        "anthropic-at-once": ANTHROPIC_OVERLOADED[-1:],
+        "openai-at-once": OPENAI_MID_STREAM_ERROR[-1:],
     }
 
     async def answer(request: web.Request) -> web.StreamResponse:
@@ -139,6 +141,24 @@ async def test_an_anthropic_stream_ending_with_an_error_event_logs_the_error(
     usage = line["usage"]  # its prompt reported, its completion at least what came
     assert usage["prompt_tokens"] == 13 and usage["completion_tokens"] >= 1
     assert usage["estimated"] is True
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "body", "events"),
+    [
+        (ANTHROPIC_VK, "/v1/messages", messages("hello world", stream=True), "anthropic-at-once"),
+        (OPENAI_VK, "/v1/chat/completions", chat("hello world", stream=True), "openai-at-once"),
+    ],
+)
+async def test_a_stream_that_is_only_the_providers_error_is_charged_nothing(
+    gateway: TestClient, records: Records, key: str, path: str, body: Any, events: str
+) -> None:
+    # An overloaded_error before message_start: the provider ran nothing and bills nothing,
+    # as for its 529; the key was charged its prompt's estimate (and its price) all the same.
+    await relayed(gateway, key, path, body, events)
+    [line] = await records(1)
+    assert line["status"] == 200 and line["error"] is not None
+    assert line["usage"] is None and line["cost_usd"] is None
 
 
 async def test_an_openai_error_object_mid_stream_logs_the_error(

@@ -27,6 +27,7 @@ go out in OUTPUT_CHUNK_BYTES pieces, so a line spans several. What each batch us
 
 from __future__ import annotations
 
+import gzip
 import io
 import time
 import uuid
@@ -330,7 +331,7 @@ def shown(document: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in document.items() if not name.startswith("_")}
 
 
-async def see(request: web.Request) -> web.Response:
+async def see(request: web.Request) -> web.StreamResponse:
     batch = request.app[FAKE_BATCHES].batches.get(request.match_info["batch_id"])
     if batch is None:
         return not_found("batch")
@@ -342,7 +343,21 @@ async def see(request: web.Request) -> web.Response:
         elif batch.document["status"] == "validating":
             batch.document["status"] = running
         return answer(shown(batch.document))
-    return answer(shown(ended(request, batch)))
+    document = shown(ended(request, batch))
+    if batch.is_anthropic and request.headers.get("x-fake-encoding") == "gzip":
+        return await gzipped(request, document)
+    return answer(document)
+
+
+async def gzipped(request: web.Request, payload: object) -> web.StreamResponse:
+    """JSON gzip-compressed, in two chunks, without a Content-Length."""
+    body = gzip.compress(orjson.dumps(payload), mtime=0)
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    await response.write_eof(body[len(body) // 2 :])
+    return response
 
 
 async def cancel(request: web.Request) -> web.Response:
