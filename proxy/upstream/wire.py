@@ -12,7 +12,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
   (`content.readany()`), the provider's transfer coding removed and its content coding
-  kept: bytes pass as received; a body read to its end gives its connection back;
+  kept: bytes pass as received; a body read to its end gives its connection back; a body
+  framed by neither length nor chunks ends when the provider closes the connection;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
@@ -234,6 +235,9 @@ class Connection(asyncio.Protocol):
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(aiohttp.ServerDisconnectedError())
         elif self.reply is not None:
+            if exc is None and _ends_at_close(self.reply.headers):
+                self.reply.content.end()  # the close is its end: the body is whole
+                return
             self.reply.content.fail(
                 aiohttp.ClientPayloadError(f"the provider closed the connection ({exc or 'EOF'})")
             )
@@ -483,6 +487,15 @@ def _head(
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
+
+
+def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:
+    """A body framed by neither Content-Length nor chunked coding, which ends when the
+    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's)."""
+    coding = headers.get("Transfer-Encoding")
+    if coding is not None:
+        return not coding.rstrip(" \t").lower().endswith("chunked")
+    return "Content-Length" not in headers
 
 
 def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:
