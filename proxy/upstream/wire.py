@@ -151,7 +151,7 @@ class Body:
         self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if not self._done:
+        if not self._done and self._error is None:  # the first failure is the cause
             self._error = error
             self._wake()
 
@@ -225,9 +225,9 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(aiohttp.ClientResponseError(_info(), (), message="unexpected upgrade"))
+            self._fail("unexpected upgrade")
         except httptools.HttpParserError as error:
-            self._fail(aiohttp.ClientResponseError(_info(), (), message=str(error)))
+            self._fail(str(error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -296,11 +296,13 @@ class Connection(asyncio.Protocol):
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(TimeoutError())
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, problem: str) -> None:
+        """What came is not valid HTTP: before the head, the answer fails as aiohttp's
+        ClientResponseError; after it, its body breaks off (ClientPayloadError, as a cut)."""
         if self.headed is not None and not self.headed.done():
-            self.headed.set_exception(error)
+            self.headed.set_exception(aiohttp.ClientResponseError(_info(), (), message=problem))
         elif self.reply is not None:
-            self.reply.content.fail(error)
+            self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
         if self.transport is not None:
             self.transport.close()
 

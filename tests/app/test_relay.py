@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -675,3 +676,19 @@ async def test_an_answer_ended_by_the_providers_close_reaches_the_client_whole(
     (line,) = await records(1)
     assert "error" not in line, line
     assert line["usage"]["prompt_tokens"] == 7 and not line["usage"]["estimated"], line
+
+
+async def test_a_stream_whose_framing_breaks_is_cut_and_logged_as_broken_not_internal(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], records: Any
+) -> None:
+    """A chunk size that is no number, after the head went on: the stream is cut and its
+    log line says the provider broke it, never the gateway's own 500 (a traceback)."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n"
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "broke the stream" in line["error"], line

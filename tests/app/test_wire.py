@@ -401,3 +401,26 @@ async def test_a_body_without_length_cut_by_a_reset_is_still_a_payload_error(wir
         headed.set()
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(reply.read(), 5)
+
+
+async def test_a_malformed_body_after_the_head_is_a_payload_error(wire: Wire) -> None:
+    """Bad framing found once the head went on (a chunk size that is no number) breaks the
+    body as a cut does: aiohttp's ClientPayloadError, which the relay ends a stream on."""
+    first_read = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+        await first_read.wait()
+        writer.write(b"zz\r\n")  # while the reader waits for the next chunk
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.content.readany() == b"{}"
+        first_read.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(reply.content.readany(), 5)
+        reply.close()
