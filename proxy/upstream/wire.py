@@ -244,7 +244,13 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.add(name.decode("latin-1"), value.decode("latin-1"))
+        # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
+        # same bytes; other bytes as Latin-1 (a Latin-1 reading of UTF-8 would be re-encoded).
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        self._fields.add(name.decode("latin-1"), text)
 
     def on_headers_complete(self) -> None:
         reply, headed, parser = self.reply, self.headed, self._parser

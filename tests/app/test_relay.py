@@ -692,3 +692,19 @@ async def test_a_stream_whose_framing_breaks_is_cut_and_logged_as_broken_not_int
             await response.read()
     (line,) = await records(1)
     assert line["status"] == 200 and "broke the stream" in line["error"], line
+
+
+async def test_a_utf8_response_header_reaches_the_client_as_the_same_bytes(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> None:
+    """A file's name in Content-Disposition, sent as raw UTF-8 by many servers: the client
+    reads the provider's bytes, not their Latin-1 reading re-encoded (mojibake)."""
+    answer = (
+        b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="r\xc3\xa9sum\xc3\xa9.txt"'
+        b"\r\nContent-Length: 2\r\n\r\nok"
+    )
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.get("/v1/files/f1/content", headers=auth(OPENAI_VK))
+        assert response.status == 200
+        assert response.headers["Content-Disposition"] == 'attachment; filename="résumé.txt"'
