@@ -12,7 +12,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
   (`content.readany()`), the provider's transfer coding removed and its content coding
-  kept: bytes pass as received; a body read to its end gives its connection back;
+  kept: bytes pass as received; a body read to its end gives its connection back; a body
+  framed by neither length nor chunks ends when the provider closes the connection;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
@@ -150,7 +151,7 @@ class Body:
         self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if not self._done:
+        if not self._done and self._error is None:  # the first failure is the cause
             self._error = error
             self._wake()
 
@@ -224,9 +225,9 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(aiohttp.ClientResponseError(_info(), (), message="unexpected upgrade"))
+            self._fail("unexpected upgrade")
         except httptools.HttpParserError as error:
-            self._fail(aiohttp.ClientResponseError(_info(), (), message=str(error)))
+            self._fail(str(error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -234,13 +235,22 @@ class Connection(asyncio.Protocol):
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(aiohttp.ServerDisconnectedError())
         elif self.reply is not None:
+            if exc is None and _ends_at_close(self.reply.headers):
+                self.reply.content.end()  # the close is its end: the body is whole
+                return
             self.reply.content.fail(
                 aiohttp.ClientPayloadError(f"the provider closed the connection ({exc or 'EOF'})")
             )
 
     # --- httptools callbacks ---
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.add(name.decode("latin-1"), value.decode("latin-1"))
+        # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
+        # same bytes; other bytes as Latin-1 (a Latin-1 reading of UTF-8 would be re-encoded).
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        self._fields.add(name.decode("latin-1"), text)
 
     def on_headers_complete(self) -> None:
         reply, headed, parser = self.reply, self.headed, self._parser
@@ -292,11 +302,13 @@ class Connection(asyncio.Protocol):
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(TimeoutError())
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, problem: str) -> None:
+        """What came is not valid HTTP: before the head, the answer fails as aiohttp's
+        ClientResponseError; after it, its body breaks off (ClientPayloadError, as a cut)."""
         if self.headed is not None and not self.headed.done():
-            self.headed.set_exception(error)
+            self.headed.set_exception(aiohttp.ClientResponseError(_info(), (), message=problem))
         elif self.reply is not None:
-            self.reply.content.fail(error)
+            self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
         if self.transport is not None:
             self.transport.close()
 
@@ -483,6 +495,15 @@ def _head(
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
+
+
+def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:
+    """A body framed by neither Content-Length nor chunked coding, which ends when the
+    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's)."""
+    coding = headers.get("Transfer-Encoding")
+    if coding is not None:
+        return not coding.rstrip(" \t").lower().endswith("chunked")
+    return "Content-Length" not in headers
 
 
 def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:

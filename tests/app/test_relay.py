@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -625,3 +626,85 @@ async def test_a_silence_is_cut_by_the_first_sweep_after_the_timeout_never_befor
     with pytest.raises(TimeoutError):  # the cut comes up as a timeout, not a cancellation
         await task
     forever.cancel()
+
+
+async def raw_provider(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], answer: bytes
+) -> tuple[TestClient, asyncio.Server]:
+    """A gateway whose providers are a TCP server that writes `answer` to each request, as
+    it is, then closes the connection: byte-level control of what the provider sends."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line[15:])
+                for line in head.split(b"\r\n")
+                if line.lower()[:15] == b"content-length:"
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = tmp_path / "keys-raw.json"
+    path.write_text(json.dumps(keys_document(f"http://127.0.0.1:{port}")))
+    return await make_gateway(KEYS_FILE_PATH=str(path)), server
+
+
+async def test_an_answer_ended_by_the_providers_close_reaches_the_client_whole(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], records: Any
+) -> None:
+    """A small model server speaking HTTP/1.0 (Python's http.server) frames its answer by
+    closing the connection: that is its end (RFC 9112 §6.3), not a broken stream."""
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+    }
+    body = json.dumps(completion).encode()
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
+    gateway, server = await raw_provider(tmp_path, make_gateway, head + body)
+    async with server:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert (response.status, await response.read()) == (200, body)
+    (line,) = await records(1)
+    assert "error" not in line, line
+    assert line["usage"]["prompt_tokens"] == 7 and not line["usage"]["estimated"], line
+
+
+async def test_a_stream_whose_framing_breaks_is_cut_and_logged_as_broken_not_internal(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], records: Any
+) -> None:
+    """A chunk size that is no number, after the head went on: the stream is cut and its
+    log line says the provider broke it, never the gateway's own 500 (a traceback)."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n"
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "broke the stream" in line["error"], line
+
+
+async def test_a_utf8_response_header_reaches_the_client_as_the_same_bytes(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> None:
+    """A file's name in Content-Disposition, sent as raw UTF-8 by many servers: the client
+    reads the provider's bytes, not their Latin-1 reading re-encoded (mojibake)."""
+    answer = (
+        b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="r\xc3\xa9sum\xc3\xa9.txt"'
+        b"\r\nContent-Length: 2\r\n\r\nok"
+    )
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.get("/v1/files/f1/content", headers=auth(OPENAI_VK))
+        assert response.status == 200
+        assert response.headers["Content-Disposition"] == 'attachment; filename="résumé.txt"'

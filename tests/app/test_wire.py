@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -353,3 +355,72 @@ async def test_a_provider_at_an_ipv6_address_gets_a_bracketed_host(wire: Wire) -
     finally:
         server.close()
     assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0], heads[0]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",  # neither length nor chunks
+        b"HTTP/1.0 200 OK\r\n\r\n",  # a small HTTP/1.0 server (Python's http.server)
+    ],
+)
+async def test_a_body_ended_by_closing_the_connection_is_whole(wire: Wire, head: bytes) -> None:
+    """RFC 9112 §6.3: without Content-Length or chunked coding, the body is what comes until
+    the server closes the connection; that close is its end, not a break."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + b'{"a": 1}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert reply.status == 200
+        assert await asyncio.wait_for(reply.read(), 5) == b'{"a": 1}'
+
+
+async def test_a_body_without_length_cut_by_a_reset_is_still_a_payload_error(wire: Wire) -> None:
+    """A close-delimited body ends at a clean close only; a reset breaks it off."""
+    headed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart")
+        await headed.wait()
+        linger = struct.pack("ii", 1, 0)  # closing with a zero linger: RST, not FIN
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        headed.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(reply.read(), 5)
+
+
+async def test_a_malformed_body_after_the_head_is_a_payload_error(wire: Wire) -> None:
+    """Bad framing found once the head went on (a chunk size that is no number) breaks the
+    body as a cut does: aiohttp's ClientPayloadError, which the relay ends a stream on."""
+    first_read = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+        await first_read.wait()
+        writer.write(b"zz\r\n")  # while the reader waits for the next chunk
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.content.readany() == b"{}"
+        first_read.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(reply.content.readany(), 5)
+        reply.close()
