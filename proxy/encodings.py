@@ -179,12 +179,14 @@ class _Brotli(_Stage):
         decoder = self._decoder
         try:
             out = decoder.process(data, output_buffer_limit=STEP)
-            while True:
-                if out:
-                    self._sink(out)
-                # More output is pending until the decoder can take input again.
-                if decoder.can_accept_more_data():
-                    return
+            # can_accept_more_data() says only that no input is left over: a decoder that
+            # filled its step may still hold output with all of the input taken. Drained
+            # until a call hands out nothing (a body that inflates a lot was read only in
+            # part before: its end, where the usage is, never).
+            while out or not decoder.can_accept_more_data():
+                if not out:  # input left over, and no output: brotli is stuck
+                    raise CorruptBody("the brotli decoder makes no progress")
+                self._sink(out)
                 out = decoder.process(b"", output_buffer_limit=STEP)
         except brotli.error as error:
             raise CorruptBody(str(error)) from None

@@ -32,8 +32,8 @@ anyway.
 
 Not done: a response never fetched through the gateway (its owner reads it by webhook,
 or after OWED_SECONDS) is never charged beyond what its stream delivered; a JSON answer too
-large to parse whole (over `usage.WHOLE_PARSE_BYTES`) is not read for its id, so it is not
-charged either; a response whose creating key was deleted since is claimed and charged to
+large to parse whole (over `usage.WHOLE_PARSE_BYTES`) whose id or status is not within its
+first `usage.HEAD_BYTES` is not claimed either; a response whose creating key was deleted since is claimed and charged to
 nobody. When the tracker is lost (Redis), what is owed or claimed then is lost too, counted
 as an uncharged response (`Quota.owe`, `Quota.claim`).
 """

@@ -11,7 +11,8 @@ Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total
 only. The completion charged is then the total less the prompt (OpenAI's own totals add up,
 so nothing changes for it).
 
-`last_usage` finds the usage object of a JSON body without parsing the whole body.
+`last_usage` finds the usage object of a JSON body without parsing the whole body, and
+`top_level_strings` the first string fields of a body's head.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 # Braces outside strings, and strings whole (skipped, escapes and all).
 _BRACES = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]', re.DOTALL)
+# ... and the rest of JSON's structure: brackets, colons, commas.
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,3 +179,40 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
 
 def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0  # bool and float are not counts
+
+
+def top_level_strings(head: bytes | bytearray, names: frozenset[str]) -> dict[str, str]:
+    """The string values of the object's own keys among `names`, read from the `head` of a
+    JSON body too large to parse whole (the first of each; nested objects' keys are not
+    its own). A key whose value the head cuts off, or is no string, is left out."""
+    found: dict[str, str] = {}
+    if head.lstrip()[:1] != b"{":
+        return found
+    depth, key, is_key_next, is_value_next = 0, b"", False, False
+    for token in _STRUCTURE.finditer(head):
+        text = token.group()
+        if text in (b"{", b"["):
+            depth += 1
+            is_key_next, is_value_next = depth == 1 and text == b"{", False
+        elif text in (b"}", b"]"):
+            depth -= 1
+            is_key_next = is_value_next = False
+        elif depth != 1:
+            continue
+        elif text == b",":
+            is_key_next, is_value_next = True, False
+        elif text == b":":
+            is_value_next = not is_key_next
+        elif is_key_next:
+            key, is_key_next = text, False
+        elif is_value_next:
+            is_value_next = False
+            try:
+                name, value = orjson.loads(key), orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue
+            if name in names and name not in found and isinstance(value, str):
+                found[name] = value
+                if len(found) == len(names):
+                    break
+    return found

@@ -10,6 +10,8 @@ status (a background response's charge). It does not parse bytes or decide what 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from proxy.usage.provider_usage import ProviderUsage
 
 ID_CHARS = 200  # a provider's response id, bounded: it names a key in the tracker
@@ -89,7 +91,7 @@ class Reading:
         else:
             self.error_kind = "unknown"
 
-    def note_stored(self, response: dict[str, object]) -> None:
+    def note_stored(self, response: Mapping[str, object]) -> None:
         """Note a Responses API object's id and status (a background response's charge)."""
         response_id, status = response.get("id"), response.get("status")
         if isinstance(response_id, str) and 0 < len(response_id) <= ID_CHARS:

@@ -10,7 +10,9 @@ names and arguments, reasoning text and summaries, code, audio transcripts) with
 own deltas: each counted for an estimate, none kept as the logged text. The object's id
 and status are noted for a background response's charge (`background.py`): when it
 finishes, and for a background stream already when it starts (`response.created`,
-`.queued`, `.in_progress`), so a stream cut before its end is owed, not forgotten.
+`.queued`, `.in_progress`), so a stream cut before its end is owed, not forgotten; of an
+answer too large to parse whole, from its head (`read_head`: the object's own `id` and
+`status` come before its `output`).
 
 A request's prompt (`prompt_chars`, for the estimate and the reservation; a WebSocket
 turn's `response.create` too): its `instructions`, its `input` (a string, or items:
@@ -38,6 +40,7 @@ from proxy.usage.provider_usage import (
     TOTAL,
     UsageFields,
     added,
+    top_level_strings,
 )
 from proxy.usage.reading import Reading
 
@@ -164,6 +167,15 @@ class SocketUsage:
     def total(self) -> Usage | None:
         """The session's usage; None when no response finished and nothing was generated."""
         return self._total
+
+
+_STORED_FIELDS = frozenset(("id", "status"))
+
+
+def read_head(head: bytes | bytearray, reading: Reading) -> None:
+    """The first bytes of a JSON answer too large to parse whole: a `response` object's id
+    and status (its usage is read from the tail), for a background response's charge."""
+    reading.note_stored(top_level_strings(head, _STORED_FIELDS))
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

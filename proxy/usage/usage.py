@@ -31,7 +31,9 @@ response reports what the response says (`stored`: its id, status and usage), wh
 
 Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larger one only
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
-body's size to parse it whole), or one unfinished SSE line; with LOG_BODIES the whole JSON
+body's size to parse it whole), and for a Responses object fetched or made in the
+background its first HEAD_BYTES, where its id and status are (`responses.read_head`: a
+finished image or a long output must still be claimed); or one unfinished SSE line; with LOG_BODIES the whole JSON
 body, for its text, or a stream's text. Each tap at most `MAX_HELD_BYTES`, all taps of a
 process together at most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies and texts
 half of that, so they never starve the tails. A JSON body kept whole that would pass a
@@ -85,6 +87,8 @@ TAP_MEMORY_BYTES = 4 * MAX_HELD_BYTES
 # last TAIL_BYTES, which is all the tap keeps of it (unless LOG_BODIES needs the text).
 WHOLE_PARSE_BYTES = 1024 * 1024
 TAIL_BYTES = 256 * 1024
+# Of such a body, the start kept where a stored Response's id and status are read.
+HEAD_BYTES = 16 * 1024
 
 _JSON = "json"
 _SSE = "sse"
@@ -215,6 +219,7 @@ class UsageTap:
         "_decoder",
         "_finished",
         "_frames",
+        "_head",
         "_held",
         "_is_unread",
         "_keep_text",
@@ -251,6 +256,8 @@ class UsageTap:
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
         self._is_unread = kind is None
         self._body: bytearray | None = bytearray() if kind == _JSON else None
+        # A large JSON body's first HEAD_BYTES, kept for a stored Response's id and status.
+        self._head: bytes | None = None
         # SSE: lines, and the unfinished last one (None once let go).
         self._lines = LineReader() if kind == _SSE else None
         self._text: str | None = None  # the text, once finished
@@ -356,6 +363,8 @@ class UsageTap:
         assert body is not None  # a JSON tap that reads has a body
         is_cut = len(body) < self._seen - len(data)  # only its tail is kept already
         if not self._keep_text and (is_cut or len(body) + len(data) > WHOLE_PARSE_BYTES):
+            if not is_cut and self._reading.is_stored_noted:
+                self._keep_head(body, data)
             self._take_tail(body, data)
         elif self._fits(len(data), is_whole=True):
             body += data
@@ -363,7 +372,15 @@ class UsageTap:
             # Past a bound keeping the whole body for the log: log it without; the tail
             # still has the usage.
             self._keep_text = False
+            if not is_cut and self._reading.is_stored_noted:
+                self._keep_head(body, data)
             self._take_tail(body, data)
+
+    def _keep_head(self, body: bytearray, data: bytes) -> None:
+        """The body's first HEAD_BYTES, before it is cut to its tail (once)."""
+        head = bytes(body[:HEAD_BYTES]) + data[: max(0, HEAD_BYTES - len(body))]
+        if self._fits(len(head)):
+            self._head = head
 
     def _take_tail(self, body: bytearray, data: bytes) -> None:
         """Keep the last TAIL_BYTES of the body: what is dropped first frees what is added."""
@@ -495,6 +512,10 @@ class UsageTap:
                     gemini.read_usage(metadata, self._reading, is_final=False)
                 else:
                     self._reading.reported.read(usage, _fields_of(usage))
+                if self._reading.is_stored_noted:  # a stored Response: its id and status
+                    head = body[:HEAD_BYTES] if len(body) >= self._seen else self._head
+                    if head is not None:
+                        responses.read_head(head, self._reading)
                 self._is_unread = True  # its text is not read: the size stands for it
             else:
                 self._read_document(body)
@@ -548,6 +569,7 @@ class UsageTap:
         self._release(self._held)
         self._text_held = 0
         self._body = None
+        self._head = None
         self._lines = None
         self._frames = None
         self._reading.texts = None if self._reading.texts is None else []

@@ -226,6 +226,26 @@ async def test_a_key_whose_budget_background_responses_spent_is_refused(
     assert refused.value.response.headers["x-should-retry"] == "false"
 
 
+async def test_a_finished_response_over_a_megabyte_is_claimed_and_charged_too(
+    background_gateway: MakeGateway, records: Records
+) -> None:
+    """Before, a finished answer too large to parse whole (over 1 MiB: a long output, or an
+    image the response generated, in base64) was read for its usage but not for its id: it
+    was never claimed, and the key that created it never charged, whatever it cost."""
+    gateway = await background_gateway()
+    big = client(gateway, **{"x-fake-chunks": "200000"})  # 1.4 MB of text once finished
+    made = await big.responses.create(model="gpt-4o-mini", input=INPUT, background=True)
+    polled = await big.responses.retrieve(made.id)
+    assert polled.status == "completed" and polled.usage is not None
+    tokens = polled.usage.total_tokens  # 3 + 200,000 + 60 reasoning
+    usage = await usage_of(gateway, records, 2)
+    assert usage["totals"]["tokens"] == tokens
+    assert usage["budget"]["spent_usd"] == pytest.approx(tokens * USD_PER_TOKEN)
+    assert (await records(2))[1]["usage"]["total_tokens"] == tokens
+    await big.responses.retrieve(made.id)  # claimed once: polled again, nothing more
+    assert (await usage_of(gateway, records, 3))["totals"]["tokens"] == tokens
+
+
 async def test_a_poll_by_another_key_charges_the_key_that_created_it_and_not_itself(
     background_gateway: MakeGateway, records: Records, log_path: Path
 ) -> None:

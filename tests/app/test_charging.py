@@ -80,6 +80,29 @@ async def test_an_answer_in_any_coding_is_read_and_reaches_the_client_as_sent(
     assert line["cost_usd"] > 0
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+async def test_a_large_compressed_answer_is_read_to_its_end_for_its_usage(
+    gateway: TestClient, fake: FakeState, records: Records, coding: str
+) -> None:
+    """Before, the tap's brotli decoder stopped handing out what it decoded once a piece
+    filled its output step and the input was used up: of a 1 MB embeddings answer in br
+    (OpenAI answers br to the SDKs' Accept-Encoding) only the first half-megabyte was read,
+    and the provider's usage, at the end, never: the key was charged an estimate instead."""
+    inputs = [f"input number {n}" for n in range(20)]  # 60 prompt words
+    body = {"model": "text-embedding-3-large", "input": inputs, "dimensions": 3072}
+    headers = {**auth(OPENAI_VK), "Accept-Encoding": coding, "x-fake-encoding": coding}
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        url = gateway.make_url("/v1/embeddings")
+        async with raw.post(url, json=body, headers={**headers, "x-request-id": "big"}) as response:
+            assert response.status == 200
+            received = await response.read()
+    assert received == fake.sent["big"]
+    assert len(decoded(received, coding)) > 1_000_000
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is False
+    assert line["usage"]["prompt_tokens"] == 60
+
+
 @pytest.mark.parametrize("coding", ["gzip", "br"])
 async def test_a_compressed_upload_streamed_without_usage_is_charged_its_prompt(
     gateway: TestClient, records: Records, coding: str

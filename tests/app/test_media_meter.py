@@ -6,6 +6,7 @@ seconds, a GPT image model's tokens); where it has none the cost is null, not ze
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,10 +16,13 @@ from aiohttp.test_utils import TestClient
 from proxy.record import Usage
 from tests.conftest import OPENAI_VK, auth
 from tests.support.fake_media import (
+    AUDIO_BYTES,
     AUDIO_SECONDS,
     EDIT_IMAGE_TOKENS,
     IMAGE_INPUT_TOKENS,
     IMAGE_OUTPUT_TOKENS,
+    SPEECH_INPUT_TOKENS,
+    SPEECH_OUTPUT_TOKENS,
     TRANSCRIBE_AUDIO_TOKENS,
     TRANSCRIBE_INPUT_TOKENS,
     TRANSCRIBE_OUTPUT_TOKENS,
@@ -30,7 +34,14 @@ MEDIA = {
     "provider": "openai",
     "api_key": "sk-real-media-7878787878",
     "name": "media",
-    "allowed_models": ["gpt-image-1", "dall-e-2", "tts-1", "gpt-4o-mini-tts", "whisper-1"],
+    "allowed_models": [
+        "gpt-image-1",
+        "dall-e-2",
+        "tts-1",
+        "gpt-4o-mini-tts",
+        "whisper-1",
+        "gpt-4o-mini-transcribe",
+    ],
     "budget": {"usd": 100, "window_seconds": 3600},
 }
 WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
@@ -124,3 +135,43 @@ async def test_a_media_request_over_the_keys_request_quota_is_refused(
     await client.audio.speech.create(model="tts-1", voice="alloy", input=SPOKEN)
     with pytest.raises(openai.RateLimitError):
         await client.audio.transcriptions.create(model="whisper-1", file=WAV)
+
+
+async def test_streamed_speech_transcriptions_and_images_are_charged_what_their_streams_report(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]], tmp_path: Path
+) -> None:
+    """The SDKs' streamed forms: speech audio chunked to a file, speech as SSE, a transcription
+    and an image edit whose form asks for a stream (no JSON body says so)."""
+    client = sdk(gateway, MEDIA_VK)
+    async with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=SPOKEN
+    ) as audio:
+        assert "content-length" not in audio.headers  # chunked, as the API sends it
+        await audio.stream_to_file(tmp_path / "speech.mp3")
+    assert (tmp_path / "speech.mp3").stat().st_size == AUDIO_BYTES
+    async with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="alloy", input=SPOKEN, stream_format="sse"
+    ) as events:
+        assert b"speech.audio.done" in b"".join([chunk async for chunk in events.iter_bytes()])
+    heard = await client.audio.transcriptions.create(
+        model="gpt-4o-mini-transcribe", file=WAV, stream=True
+    )
+    assert [event.type async for event in heard][-1] == "transcript.text.done"
+    edited = await client.images.edit(
+        model="gpt-image-1", image=PNG, prompt="a hat", stream=True, partial_images=2
+    )
+    assert [event.type async for event in edited][-1] == "image_edit.completed"
+    chunked, spoken, transcribed, edit = await records(4)
+    assert chunked["usage"]["input_characters"] == len(SPOKEN)
+    assert chunked["cost_usd"] == pytest.approx(len(SPOKEN) * 15 / 1e6)
+    assert spoken["stream"] is True
+    assert (spoken["usage"]["prompt_tokens"], spoken["usage"]["completion_tokens"]) == (
+        SPEECH_INPUT_TOKENS,
+        SPEECH_OUTPUT_TOKENS,
+    )
+    assert transcribed["stream"] is True
+    assert transcribed["usage"]["input_audio_tokens"] == TRANSCRIBE_AUDIO_TOKENS
+    assert edit["stream"] is True
+    assert edit["usage"]["input_image_tokens"] == EDIT_IMAGE_TOKENS
+    for line in (spoken, transcribed, edit):
+        assert line["usage"]["estimated"] is False and line["cost_usd"] > 0

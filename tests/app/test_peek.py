@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import brotli
 import openai
 import orjson
 import pytest
+import zstandard
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +46,20 @@ BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}
 )
 def test_a_body_is_read_as_the_provider_will_read_it(encoding: str, sent: bytes) -> None:
     assert readable(sent, encoding, limit=1000) == BODY
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_large_compressed_upload_is_read_whole(coding: str) -> None:
+    """Before, a br upload that inflates past a few hundred kilobytes (a long prompt, a
+    document) was cut short by the gateway's brotli decoder and refused: 400 "truncated"."""
+    body = orjson.dumps({"model": "gpt-4o-mini", "input": "word " * 400_000})
+    sent = {
+        "gzip": gzipped,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
+    }[coding](body)
+    assert readable(sent, coding, limit=10_000_000) == body
 
 
 def test_an_upload_that_inflates_past_the_limit_gets_413() -> None:

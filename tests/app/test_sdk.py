@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import anthropic
 import openai
@@ -357,6 +358,43 @@ async def test_legacy_completions_stream(openai_sdk, fake: FakeState) -> None:
     chunks = [chunk async for chunk in stream]
     assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == TEXT
     assert chunks[-1].usage.completion_tokens == 3
+
+
+# --- OpenAI: files and uploads (multipart up, bytes down) --------------------------------
+
+
+async def test_a_file_goes_up_as_a_form_and_comes_back_as_its_bytes(
+    openai_sdk, fake: FakeState, tmp_path: Path
+) -> None:
+    sent = tmp_path / "requests.jsonl"
+    sent.write_bytes(b'{"custom_id": "a"}\n' * 150_000)  # 2.85 MB: read whole, not peeked
+    client = openai_sdk()
+    raw = await client.files.with_raw_response.create(file=sent, purpose="batch")
+    made = raw.parse()
+    assert made.bytes == sent.stat().st_size
+    assert made._request_id == raw.headers["x-request-id"]  # the gateway's, as SPEC says
+    content = await client.files.content(made.id)
+    assert content.content == sent.read_bytes()
+    assert_openai_key_swapped(fake.requests[0])
+
+
+async def test_a_chunked_upload_sends_each_part_and_completes(
+    openai_sdk, fake: FakeState, tmp_path: Path
+) -> None:
+    sent = tmp_path / "big.jsonl"
+    sent.write_bytes(bytes(range(256)) * 12_000)  # 3 MB in three parts of 1 MiB
+    upload = await openai_sdk().uploads.upload_file_chunked(
+        file=sent, mime_type="text/jsonl", purpose="batch", part_size=1 << 20
+    )
+    assert upload.status == "completed" and upload.file is not None
+    assert upload.file.bytes == sent.stat().st_size
+    assert [seen.path.rsplit("/", 1)[-1] for seen in fake.requests] == [
+        "uploads",
+        "parts",
+        "parts",
+        "parts",
+        "complete",
+    ]
 
 
 # --- Anthropic ---------------------------------------------------------------------------

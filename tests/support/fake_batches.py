@@ -3,6 +3,10 @@
 Mounted by `tests/support/fake_provider.py` (its middleware records and steers these too):
 
     POST /files (multipart: purpose, file)         keeps the file; a file object
+    POST /uploads {filename, purpose, bytes, ...}  an Upload `pending`
+    POST /uploads/{id}/parts (multipart: data)     keeps the part; an upload part object
+    POST /uploads/{id}/complete {part_ids}         the parts joined in that order into a file,
+                                                   the Upload `completed` with it
     POST /batches {input_file_id, endpoint, ...}   runs every line of the input file at once,
                                                    and answers the batch `validating`
     GET /batches/{id}                              `in_progress` for its first `polls` GETs,
@@ -62,6 +66,9 @@ class FakeBatch:
 @dataclass(slots=True)
 class BatchesState:
     files: dict[str, bytes] = field(default_factory=dict)
+    # upload id -> its Upload object, and part id -> (upload id, the part's bytes)
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parts: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     batches: dict[str, FakeBatch] = field(default_factory=dict)
 
 
@@ -73,6 +80,9 @@ def install(app: web.Application) -> None:
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/files", upload)
         app.router.add_get(f"{prefix}/files/{{file_id}}/content", file_content)
+        app.router.add_post(f"{prefix}/uploads", begin_upload)
+        app.router.add_post(f"{prefix}/uploads/{{upload_id}}/parts", upload_part)
+        app.router.add_post(f"{prefix}/uploads/{{upload_id}}/complete", complete_upload)
         app.router.add_post(f"{prefix}/batches", make_openai)
         app.router.add_get(f"{prefix}/batches/{{batch_id}}", see)
         app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel)
@@ -122,17 +132,71 @@ async def upload(request: web.Request) -> web.Response:
     content = parts["file"].raw
     file_id = f"file-{uuid.uuid4().hex[:24]}"
     request.app[FAKE_BATCHES].files[file_id] = content
+    return answer(file_object(file_id, content, parts["file"].filename, parts["purpose"].value))
+
+
+def file_object(file_id: str, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": len(content),
+        "created_at": int(time.time()),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+    }
+
+
+async def begin_upload(request: web.Request) -> web.Response:
+    sent = orjson.loads(await request.read())
+    upload_id = f"upload_{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    document = {
+        "id": upload_id,
+        "object": "upload",
+        "bytes": sent["bytes"],
+        "created_at": created,
+        "expires_at": created + 3600,
+        "filename": sent["filename"],
+        "purpose": sent["purpose"],
+        "status": "pending",
+        "file": None,
+    }
+    request.app[FAKE_BATCHES].uploads[upload_id] = document
+    return answer(document)
+
+
+async def upload_part(request: web.Request) -> web.Response:
+    state, upload_id = request.app[FAKE_BATCHES], request.match_info["upload_id"]
+    if upload_id not in state.uploads:
+        return not_found("upload")
+    body = await request.read()
+    _, options = parse_options_header(request.headers["content-type"])
+    parts = {part.name: part for part in MultipartParser(io.BytesIO(body), options["boundary"])}
+    part_id = f"part_{uuid.uuid4().hex[:24]}"
+    state.parts[part_id] = (upload_id, parts["data"].raw)
     return answer(
         {
-            "id": file_id,
-            "object": "file",
-            "bytes": len(content),
+            "id": part_id,
+            "object": "upload.part",
             "created_at": int(time.time()),
-            "filename": parts["file"].filename,
-            "purpose": parts["purpose"].value,
-            "status": "processed",
+            "upload_id": upload_id,
         }
     )
+
+
+async def complete_upload(request: web.Request) -> web.Response:
+    state, upload_id = request.app[FAKE_BATCHES], request.match_info["upload_id"]
+    document = state.uploads.get(upload_id)
+    if document is None:
+        return not_found("upload")
+    sent = orjson.loads(await request.read())
+    content = b"".join(state.parts[part_id][1] for part_id in sent["part_ids"])
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    state.files[file_id] = content
+    document["status"] = "completed"
+    document["file"] = file_object(file_id, content, document["filename"], document["purpose"])
+    return answer(document)
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:

@@ -5,14 +5,20 @@ Mounted by `tests/support/fake_provider.py` (its middleware records and steers t
     POST /images/generations (JSON), /images/edits, /images/variations (multipart)
         `n` images (default 1); a GPT image model (`gpt-image-*`) reports token usage:
         IMAGE_INPUT_TOKENS of text in (an edit adds EDIT_IMAGE_TOKENS of image),
-        IMAGE_OUTPUT_TOKENS of image per image out; a DALL·E one reports none
+        IMAGE_OUTPUT_TOKENS of image per image out; a DALL·E one reports none; `stream`
+        true (a form's "true"): `partial_images` `image_generation.partial_image` events
+        (`image_edit.…` for an edit), then `….completed` with that usage
     POST /audio/speech (JSON)
-        AUDIO_BYTES of audio/mpeg, no usage (as the API answers tts-1 and gpt-4o-mini-tts)
+        AUDIO_BYTES of audio/mpeg, no usage (as the API answers tts-1 and gpt-4o-mini-tts),
+        chunked in AUDIO_CHUNKS pieces as the API streams it; `stream_format: "sse"`:
+        `speech.audio.delta` events, then `speech.audio.done` with token usage
+        (SPEECH_INPUT_TOKENS in, SPEECH_OUTPUT_TOKENS out)
     POST /audio/transcriptions, /audio/translations (multipart)
         whisper-1: usage {"type": "duration", "seconds": AUDIO_SECONDS}; response_format
         verbose_json adds `duration`; a translation reports no usage (its `duration` only
         in verbose_json); any other model: token usage (TRANSCRIBE_INPUT_TOKENS of them
-        audio, TRANSCRIBE_OUTPUT_TOKENS out)
+        audio, TRANSCRIBE_OUTPUT_TOKENS out); a transcription's form field `stream` "true":
+        `transcript.text.delta` events, then `transcript.text.done` with that usage
     POST /realtime/client_secrets, /realtime/sessions, /realtime/transcription_sessions
         an ephemeral key `ek_fake_…` (the real API's shapes)
     POST /threads/runs, /threads/{thread_id}/runs
@@ -24,6 +30,7 @@ API would pick; the fake does not check what it is sent beyond that.
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 import uuid
@@ -34,10 +41,12 @@ from aiohttp import web
 from multipart import MultipartParser, parse_options_header  # type: ignore[import-untyped]
 
 IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS, EDIT_IMAGE_TOKENS = 50, 4160, 1000
-AUDIO_BYTES = 4096
+AUDIO_BYTES, AUDIO_CHUNKS = 4096, 4
+SPEECH_INPUT_TOKENS, SPEECH_OUTPUT_TOKENS = 7, 300
 AUDIO_SECONDS = 90.0
 TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_AUDIO_TOKENS, TRANSCRIBE_OUTPUT_TOKENS = 120, 110, 40
 ASSISTANT_MODEL = "gpt-4.1"
+SSE_TYPE = "text/event-stream; charset=utf-8"
 # A tiny PNG (1x1, transparent): what each fake image holds.
 PIXEL = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
@@ -73,7 +82,7 @@ def answer(payload: object) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-async def images(request: web.Request) -> web.Response:
+async def images(request: web.Request) -> web.StreamResponse:
     sent = await fields(request)
     model = str(sent.get("model") or "gpt-image-1")
     count = int(sent.get("n") or 1)
@@ -88,15 +97,55 @@ async def images(request: web.Request) -> web.Response:
             "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
             "total_tokens": IMAGE_INPUT_TOKENS + images_in + output,
         }
+    if sent.get("stream") in (True, "true"):
+        kind = "image_edit" if request.path.endswith("/edits") else "image_generation"
+        events: list[dict[str, Any]] = [
+            {"type": f"{kind}.partial_image", "b64_json": PIXEL, "partial_image_index": index}
+            for index in range(int(sent.get("partial_images") or 0))
+        ]
+        completed = {"type": f"{kind}.completed", "b64_json": PIXEL}
+        events.append({**completed, **({"usage": body["usage"]} if "usage" in body else {})})
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
     return answer(body)
 
 
-async def speech(request: web.Request) -> web.Response:
-    await request.read()
-    return web.Response(body=b"\xff\xfb" * (AUDIO_BYTES // 2), content_type="audio/mpeg")
+async def speech(request: web.Request) -> web.StreamResponse:
+    sent = await fields(request)
+    audio = b"\xff\xfb" * (AUDIO_BYTES // 2)
+    size = AUDIO_BYTES // AUDIO_CHUNKS
+    pieces = [audio[start : start + size] for start in range(0, AUDIO_BYTES, size)]
+    if sent.get("stream_format") != "sse":
+        return await chunked(request, pieces, "audio/mpeg")
+    usage = {
+        "input_tokens": SPEECH_INPUT_TOKENS,
+        "output_tokens": SPEECH_OUTPUT_TOKENS,
+        "total_tokens": SPEECH_INPUT_TOKENS + SPEECH_OUTPUT_TOKENS,
+    }
+    events = [
+        {"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}
+        for piece in pieces
+    ]
+    events.append({"type": "speech.audio.done", "usage": usage})
+    return await chunked(request, [sse(event) for event in events], SSE_TYPE)
 
 
-async def transcription(request: web.Request) -> web.Response:
+def sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def chunked(
+    request: web.Request, pieces: list[bytes], content_type: str
+) -> web.StreamResponse:
+    """The pieces written one by one, without a Content-Length (Transfer-Encoding: chunked)."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    await response.prepare(request)
+    for piece in pieces:
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+async def transcription(request: web.Request) -> web.StreamResponse:
     sent = await fields(request)
     model = str(sent.get("model") or "whisper-1")
     is_translation = request.path.endswith("/translations")
@@ -119,6 +168,13 @@ async def transcription(request: web.Request) -> web.Response:
             "output_tokens": TRANSCRIBE_OUTPUT_TOKENS,
             "total_tokens": TRANSCRIBE_INPUT_TOKENS + TRANSCRIBE_OUTPUT_TOKENS,
         }
+    if sent.get("stream") == "true":
+        words = str(body["text"]).split(" ")
+        events = [{"type": "transcript.text.delta", "delta": word} for word in words]
+        events.append(
+            {"type": "transcript.text.done", "text": body["text"], "usage": body["usage"]}
+        )
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
     return answer(body)
 
 

@@ -798,18 +798,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    """One vector of EMBEDDING_SIZE floats per input; base64 float32 when asked."""
+    """One vector of `dimensions` (default EMBEDDING_SIZE) floats per input; base64 float32
+    when asked."""
     payload, knobs = await read_json(request), request[KNOBS]
-    given = payload.get("input")
+    given, size = payload.get("input"), int(payload.get("dimensions") or EMBEDDING_SIZE)
     is_single = isinstance(given, str) or (
         isinstance(given, list) and bool(given) and isinstance(given[0], int)
     )
     inputs = [given] if is_single else list(given or [])
     data = []
     for index in range(len(inputs)):
-        vector = [(index + position) / EMBEDDING_SIZE for position in range(EMBEDDING_SIZE)]
+        vector = [(index + position) / size for position in range(size)]
         if payload.get("encoding_format") == "base64":
-            packed = struct.pack(f"<{EMBEDDING_SIZE}f", *vector)
+            packed = struct.pack(f"<{size}f", *vector)
             data.append(
                 {
                     "object": "embedding",

@@ -389,6 +389,33 @@ def test_a_models_list_or_a_token_count_is_charged_nothing():
     assert tap_of(b"\x00\xff", "audio/mpeg", charged=Charged.REPORTED).usage(b"") is None
 
 
+@pytest.mark.parametrize("keep_text", [False, True])
+@pytest.mark.parametrize("chunk", [None, 5000, 300_000])
+def test_a_stored_response_too_large_to_parse_whole_is_still_read_for_its_id(
+    keep_text: bool, chunk: int | None
+) -> None:
+    # Its id and status come before its output (an image in base64, a long text), whose
+    # nested items have ids and statuses of their own; its usage comes after.
+    response = {
+        "id": "resp_big",
+        "object": "response",
+        "created_at": 1,
+        "error": None,
+        "reasoning": {"effort": None, "summary": None},
+        "status": "completed",
+        "output": [{"id": "ig_1", "status": "generating", "result": "A" * 2_000_000}],
+        "usage": {"input_tokens": 5, "output_tokens": 1056, "total_tokens": 1061},
+    }
+    body = orjson.dumps(response)
+    tap = UsageTap(JSON, None, keep_text=keep_text, charged=Charged.FETCHED)
+    for start in range(0, len(body), chunk or len(body)):
+        tap.feed(body[start : start + (chunk or len(body))])
+    assert tap.usage(b"") is None  # a fetch is charged nothing itself...
+    assert tap.stored is not None  # ... but what it says is read, for its creator's charge
+    assert (tap.stored.id, tap.stored.status) == ("resp_big", "completed")
+    assert tap.stored.usage == Usage(5, 1056)
+
+
 def test_speech_is_counted_by_its_inputs_characters_unless_it_reports_tokens():
     request = orjson.dumps({"model": "tts-1", "input": "héllo wörld", "voice": "alloy"})
     audio = tap_of(b"\xff\xfb" * 100, "audio/mpeg", charged=Charged.CHARACTERS)
