@@ -31,6 +31,7 @@ from tests.support.fake_bedrock import (
     INPUT_TOKENS,
     BedrockState,
     bedrock_app,
+    exception_frame,
 )
 from tests.support.polling import until
 
@@ -186,6 +187,36 @@ async def test_converse_passes_through_and_its_usage_is_read(
     usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
+
+
+@pytest.mark.parametrize(
+    ("action", "exception"),
+    [
+        ("invoke-with-response-stream", "throttlingException"),
+        ("converse-stream", "modelStreamErrorException"),
+    ],
+)
+async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
+    gateway: TestClient, bedrock: BedrockState, records, action: str, exception: str
+) -> None:
+    """Bedrock ends a stream that fails under its 200 with an exception frame: it reaches the
+    client as sent, and the log line's error names its type (never its message), as an
+    Anthropic stream's error event is logged. It was logged as a stream that ended well."""
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    headers = {
+        **auth(BEDROCK_VK),
+        "content-type": "application/json",
+        "x-fake-exception": exception,
+    }
+    response = await gateway.post(f"/v1/model/{CLAUDE}/{action}", data=body, headers=headers)
+    assert response.status == 200
+    raw = await response.read()
+    ending = exception_frame(exception, "Try again later.")
+    assert raw.endswith(ending) and len(raw) > len(ending)  # after some of the answer
+    line = (await records(1))[0]
+    assert line["status"] == 200 and line["stream"] is True
+    assert exception in line["error"] and "Try again" not in line["error"]
+    assert line["usage"]["estimated"] is True  # cut before the count of its end
 
 
 async def reserved_beside(

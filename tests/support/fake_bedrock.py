@@ -14,7 +14,10 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
                                                    messageStop, metadata (usage)
 
 It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
-(`x-fake-chunks`, default 3). What it saw is kept in `app[BEDROCK_STATE]`.
+(`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
+first text piece with an exception frame of that type (`throttlingException`,
+`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. What it saw
+is kept in `app[BEDROCK_STATE]`.
 """
 
 from __future__ import annotations
@@ -123,6 +126,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         frames = [frame(kind, event) for kind, event in _converse_events(pieces)]
     else:
         raise web.HTTPNotFound()
+    exception = request.headers.get("x-fake-exception")
+    if exception is not None:  # cut after the first text piece (and what came before it)
+        first_piece = next(i for i, one in enumerate(frames) if b"tok0" in _payload_text(one))
+        frames = [*frames[: first_piece + 1], exception_frame(exception, "Try again later.")]
     response = web.StreamResponse(headers={"Content-Type": EVENT_STREAM})
     await response.prepare(request)
     for one in frames:
@@ -203,15 +210,34 @@ def _chunk(event: dict[str, Any]) -> bytes:
 
 def frame(event_type: str, payload: dict[str, Any]) -> bytes:
     """One AWS event-stream message: prelude, string headers, JSON payload, CRCs."""
-    headers = b"".join(
-        _header(name, value)
-        for name, value in (
-            (":event-type", event_type),
+    return _encoded(
+        ((":event-type", event_type), (":content-type", "application/json"), (":message-type", "event")),
+        orjson.dumps(payload),
+    )  # fmt: skip
+
+
+def exception_frame(exception_type: str, message: str) -> bytes:
+    """An event stream's exception message, as Bedrock ends a failed stream with one."""
+    return _encoded(
+        (
+            (":exception-type", exception_type),
             (":content-type", "application/json"),
-            (":message-type", "event"),
-        )
+            (":message-type", "exception"),
+        ),
+        orjson.dumps({"message": message}),
     )
-    data = orjson.dumps(payload)
+
+
+def _payload_text(message: bytes) -> bytes:
+    """A message's payload, a chunk's base64 decoded: where a text piece shows."""
+    headers_length = struct.unpack(">I", message[4:8])[0]
+    payload = message[12 + headers_length : -4]
+    encoded = orjson.loads(payload).get("bytes")
+    return base64.b64decode(encoded) if isinstance(encoded, str) else payload
+
+
+def _encoded(header_pairs: tuple[tuple[str, str], ...], data: bytes) -> bytes:
+    headers = b"".join(_header(name, value) for name, value in header_pairs)
     total = 12 + len(headers) + len(data) + 4
     prelude = struct.pack(">II", total, len(headers))
     prelude += struct.pack(">I", binascii.crc32(prelude))
