@@ -176,10 +176,10 @@ def _target(
             f"{key}: {where}provider '{provider.name}' needs a base_url in 'providers'"
         )
     if provider.signing:
-        regional, credential, project_path = cloud_target(
-            f"{key}: {where}", entry, provider, environ, provider.name
+        name, regional, credential, project_path = cloud_target(
+            f"{key}: {where}", entry, provider, environ
         )
-        return Target(provider.name, regional, Pool([credential]), None, project_path)
+        return Target(name, regional, Pool([credential]), None, project_path)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")

@@ -252,7 +252,9 @@ def _drawn(members: Sequence[Credential], point: float, skip: Credential | None)
 class Target:
     """A provider, its pool of real keys, and the model it serves (None: the body's own)."""
 
-    name: str  # from keys.json only: the provider, and "/model" when the target names one
+    # From keys.json only: the provider, and "/model" when the target names one ("/region"
+    # for a cloud's: each region is an endpoint of its own).
+    name: str
     provider: Provider
     pool: Pool = field(repr=False)
     model: str | None = None

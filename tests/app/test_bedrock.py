@@ -32,6 +32,7 @@ from tests.support.fake_bedrock import (
     BedrockState,
     bedrock_app,
     exception_frame,
+    signed_region,
 )
 from tests.support.polling import until
 
@@ -217,6 +218,40 @@ async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
     assert line["status"] == 200 and line["stream"] is True
     assert exception in line["error"] and "Try again" not in line["error"]
     assert line["usage"]["estimated"] is True  # cut before the count of its end
+
+
+async def test_a_fallback_in_another_region_serves_while_the_first_region_is_down(
+    tmp_path: Path,
+    fake_bedrock: TestServer,
+    bedrock: BedrockState,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records,
+) -> None:
+    """A key in us-west-2 with a fallback in us-east-1 keeps being served from us-east-1
+    while us-west-2 answers 503: each region is a target of its own, with its own breaker.
+    Both were the one target 'bedrock': once us-west-2's failures opened its breaker, it was
+    us-east-1's too, and every request went to us-west-2 alone (503) until the cooldown."""
+    bedrock.more_regions, bedrock.down = {"us-east-1"}, {REGION}
+    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
+    entry = document["virtual_keys"][BEDROCK_VK]
+    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
+    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
+    path = tmp_path / "keys-bedrock-regions.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path), BREAKER_MIN_REQUESTS="4")
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    for _ in range(4):
+        response = await gateway.post(
+            f"/v1/model/{CLAUDE}/converse", data=body, headers=auth(BEDROCK_VK)
+        )
+        assert response.status == 200, await response.text()
+    assert signed_region(bedrock.seen[-1][1]) == "us-east-1"
+    health = await (await gateway.get("/health")).json()
+    states = {name: target["state"] for name, target in health["targets"].items()}
+    assert states == {f"bedrock/{REGION}": "open", "bedrock/us-east-1": "closed"}
+    line = (await records(4))[-1]
+    assert line["target"] == "bedrock/us-east-1"
+    assert [attempt["key"] for attempt in line["attempts"]] == ["bedrock/us-east-1#1"]
 
 
 async def reserved_beside(

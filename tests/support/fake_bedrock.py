@@ -57,6 +57,10 @@ class BedrockState:
     region: str
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    # Regions served besides `region` (a key's fallback in another region), and regions
+    # answering 503 ServiceUnavailableException (an outage) to a request signed for them.
+    more_regions: set[str] = field(default_factory=set)
+    down: set[str] = field(default_factory=set)
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -80,7 +84,8 @@ def signature_problem(state: BedrockState, request: web.Request, body: bytes) ->
         return "no AWS4-HMAC-SHA256 Authorization"
     if found["key"] != state.access_key_id:
         return "another access key"
-    if found["region"] != state.region or found["service"] != "bedrock":
+    regions = {state.region, *state.more_regions}
+    if found["region"] not in regions or found["service"] != "bedrock":
         return "another region or service"
     if request.headers.get("X-Amz-Security-Token") != state.session_token:
         return "another session token"
@@ -92,11 +97,18 @@ def signature_problem(state: BedrockState, request: web.Request, body: bytes) ->
     )  # fmt: skip
     aws.context["timestamp"] = request.headers.get("X-Amz-Date", "")
     credentials = Credentials(state.access_key_id, state.secret_access_key, state.session_token)
-    signer = SigV4Auth(credentials, "bedrock", state.region)
+    signer = SigV4Auth(credentials, "bedrock", found["region"])
     expected = signer.signature(signer.string_to_sign(aws, signer.canonical_request(aws)), aws)
     if not hmac.compare_digest(expected, found["signature"]):
         return "the signature does not match"
     return None
+
+
+def signed_region(request: web.Request | CIMultiDict[str]) -> str | None:
+    """The region a request (or the headers it was seen with) is signed for."""
+    headers = request.headers if isinstance(request, web.Request) else request
+    found = _AUTHORIZATION.fullmatch(headers.get("Authorization", ""))
+    return None if found is None else found["region"]
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
@@ -111,6 +123,12 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             headers={"x-amzn-ErrorType": "InvalidSignatureException"},
         )
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    if signed_region(request) in state.down:
+        return web.json_response(
+            {"message": "Bedrock is unable to process your request."},
+            status=503,
+            headers={"x-amzn-ErrorType": "ServiceUnavailableException"},
+        )
     if "x-fake-hold" in request.headers:
         await state.release.wait()
     model = request.match_info["model"]
