@@ -1,7 +1,8 @@
 """Which models a request names, wherever it names them, for `allowed_models`.
 
 A restricted key may use only its models, so every place a request can name one is read:
-the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
+the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; and each `params.model`
+of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
@@ -66,6 +67,9 @@ _UNNAMED = {
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
+# Bedrock's StartAsyncInvoke (a video, an embedding, ... written to S3) names its model in
+# the body's `modelId`.
+_ASYNC_INVOKE, _MODEL_ID = "async-invoke", "modelId"
 # Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
 _TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
@@ -86,14 +90,14 @@ class Unnamed:
     where: str
 
 
-def in_document(document: Any, unnamed: str | None = None) -> list[Any]:
+def in_document(document: Any, unnamed: str | None = None, field: str = "model") -> list[Any]:
     """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
     `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
-    of an Anthropic batch's requests."""
+    of an Anthropic batch's requests. `field`: where the body names its own (`model_field`)."""
     if not isinstance(document, dict):
         return []
-    if "model" in document:
-        names = [document["model"]]
+    if field in document:
+        names = [document[field]]
     elif unnamed is not None:
         names = [Unnamed(unnamed)]
     else:
@@ -126,6 +130,12 @@ def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:
     svg = holder.get("svg")
     if isinstance(svg, dict) and "model" in svg:
         yield svg["model"]
+
+
+def model_field(method: str, tail: str) -> str:
+    """Where a JSON body names the model it runs: `model`, but Bedrock's StartAsyncInvoke
+    (POST async-invoke) names it `modelId`."""
+    return _MODEL_ID if method == "POST" and tail == _ASYNC_INVOKE else "model"
 
 
 def in_form(content_type: str, body: bytes, unnamed: str | None = None) -> list[str | Unnamed]:

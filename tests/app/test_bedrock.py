@@ -374,6 +374,29 @@ async def test_allowed_models_reads_the_model_in_the_path(
     assert len(bedrock.seen) == 1
 
 
+async def test_an_async_invocation_is_checked_by_the_model_its_body_names(
+    gateway: TestClient, bedrock: BedrockState, records
+) -> None:
+    """StartAsyncInvoke (POST /async-invoke) names its model in the body's `modelId`: a key
+    allowed only anthropic.claude-* may not start Nova Reel's videos with it. It went up,
+    past allowed_models."""
+    body = {
+        "modelInput": {"taskType": "TEXT_VIDEO", "textToVideoParams": {"text": "a cat"}},
+        "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://bucket/videos/"}},
+    }
+    video = {"modelId": "amazon.nova-reel-v1:1", **body}
+    refused = await gateway.post("/v1/async-invoke", json=video, headers=auth(NARROW_VK))
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "model_not_allowed"
+    assert bedrock.seen == []
+    claude = {"modelId": CLAUDE, **body}
+    allowed = await gateway.post("/v1/async-invoke", json=claude, headers=auth(NARROW_VK))
+    assert allowed.status == 200, await allowed.text()
+    assert len(bedrock.seen) == 1
+    refused_line, allowed_line = await records(2)
+    assert refused_line["model"] == "amazon.nova-reel-v1:1" and allowed_line["model"] == CLAUDE
+
+
 async def test_the_fake_refuses_a_signature_over_one_changed_byte(
     fake_bedrock: TestServer, aiohttp_client: Callable[..., Awaitable[TestClient]]
 ) -> None:

@@ -12,6 +12,8 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
     POST /model/{id}/converse                      a Converse answer, JSON, with `usage`
     POST /model/{id}/converse-stream               frames: messageStart, contentBlockDelta…,
                                                    messageStop, metadata (usage)
+    POST /async-invoke                             an invocation's ARN (the model is the
+                                                   body's `modelId`; its output goes to S3)
 
 It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
 (`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
@@ -74,6 +76,7 @@ def bedrock_app(
     app = web.Application()
     app[BEDROCK_STATE] = BedrockState(access_key_id, secret_access_key, session_token, region)
     app.router.add_post("/model/{model}/{action}", _handle)
+    app.router.add_post("/async-invoke", _handle)
     return app
 
 
@@ -131,6 +134,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         )
     if "x-fake-hold" in request.headers:
         await state.release.wait()
+    if request.path == "/async-invoke":
+        return web.json_response(
+            {"invocationArn": f"arn:aws:bedrock:{state.region}:1:async-invoke/x"}
+        )
     model = request.match_info["model"]
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
