@@ -367,3 +367,23 @@ async def test_a_path_naming_a_project_goes_to_the_targets_project_however_short
         f"/v1/projects/{PROJECT}/locations/{REGION}",
         f"/v1/projects/{PROJECT}/locations/{REGION}/operations",
     ]
+
+
+async def test_a_deployed_endpoint_is_a_model_allowed_models_checks(
+    gateway: TestClient, vertex: VertexState, records
+) -> None:
+    """`endpoints/<id>:generateContent` (or :predict, :rawPredict) runs the model deployed at
+    that endpoint (a tuned Gemini, a Model Garden model): it is named `endpoints/<id>`, so a
+    key allowed only claude-* is refused it. It went up, past allowed_models."""
+    path = "/v1/projects/p/locations/r/endpoints/1234567890"
+    for method in (":generateContent", ":predict", ":rawPredict"):
+        refused = await gateway.post(path + method, json=gemini_body("hi"), headers=auth(NARROW_VK))
+        assert refused.status == 403, await refused.text()
+        assert (await refused.json())["error"]["code"] == "model_not_allowed"
+    assert vertex.other == []
+    await gateway.post(path + ":generateContent", json=gemini_body("hi"), headers=auth(VERTEX_VK))
+    lines = await records(4)
+    assert {line["model"] for line in lines} == {"endpoints/1234567890"}
+    assert vertex.other == [
+        f"/v1/projects/{PROJECT}/locations/{REGION}/endpoints/1234567890:generateContent"
+    ]
