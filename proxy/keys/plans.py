@@ -144,8 +144,10 @@ def _plan(
                 "a fallback must speak the same API"
             )
         targets.append(fallback)
-    secrets = tuple(c.api_key for target in targets for c in target.pool.credentials)
-    return Plan(tuple(targets), secrets, _balance(key, entry, where))
+    credentials = [c for target in targets for c in target.pool.credentials]
+    secrets = tuple(c.api_key for c in credentials)
+    signers = tuple(c.signer for c in credentials if c.signer is not None)
+    return Plan(tuple(targets), secrets, _balance(key, entry, where), signers)
 
 
 def _balance(key: str, entry: Mapping[str, Any], where: str) -> str:

@@ -125,7 +125,8 @@ class Relay:
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
         """
         settings = self.settings
-        headers = downstream_headers(reply.headers, plan.secrets)
+        echoable = plan.echoable()
+        headers = downstream_headers(reply.headers, echoable)
         pending = None if found is None else found.pending
         if pending is not None:
             pending.begin(reply.status, reply.reason, headers)
@@ -147,7 +148,7 @@ class Relay:
             record.path,
         )
         silences = self.silences
-        secrets = searched(plan.secrets)
+        secrets = searched(echoable)
         try:
             response: web.StreamResponse
             if isinstance(reply, StoredAnswer) or is_small_whole_body(reply):

@@ -271,6 +271,16 @@ class Plan:
     # Every real key of every target: what no response header may carry, should a provider echo one.
     secrets: tuple[str, ...] = field(default=(), repr=False)
     balance: str = WEIGHTED  # LATENCY: the first target tried is chosen (see the module's doc)
+    # The clouds' signers of its targets, whose bearer tokens change as they are refreshed.
+    signers: tuple[Signer, ...] = field(default=(), repr=False)
+
+    def echoable(self) -> tuple[str, ...]:
+        """What no answer may carry: every real key, and the bearer tokens its clouds send
+        now (a Vertex access token)."""
+        if not self.signers:
+            return self.secrets
+        bearers = (signer.bearer for signer in self.signers)
+        return self.secrets + tuple(bearer for bearer in bearers if bearer is not None)
 
     @property
     def is_single(self) -> bool:
