@@ -26,9 +26,10 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def cloud_target(
-    where: str, entry: Mapping[str, Any], provider: Provider, environ: Mapping[str, str], name: str
-) -> tuple[Provider, Credential, str | None]:
-    """The provider at the target's region, its credential, and Vertex's project path."""
+    where: str, entry: Mapping[str, Any], provider: Provider, environ: Mapping[str, str]
+) -> tuple[str, Provider, Credential, str | None]:
+    """The target's name (`<provider>/<region>`: each region is an endpoint of its own, with
+    its own breaker), the provider at that region, its credential, and Vertex's project path."""
     for refused in ("api_key", "api_key_env", "api_keys", "model"):
         if refused in entry:
             why = "names its model in the path" if refused == "model" else "signs each request"
@@ -37,6 +38,7 @@ def cloud_target(
             )
     region = _name(where, entry, "region")
     regional = provider.in_region(region)
+    name = f"{provider.name}/{region}"
     if provider.signing == "sigv4":
         access, secret, token = (_secret(where, entry, field, environ) for field in AWS_FIELDS)
         if access is None or secret is None:
@@ -45,7 +47,7 @@ def cloud_target(
                 "aws_secret_access_key (or their _env)"
             )
         signer = SigV4(access, secret, token, region)
-        return regional, Credential(secret, f"{name}#1", signer=signer), None
+        return name, regional, Credential(secret, f"{name}#1", signer=signer), None
     info = _service_account(where, entry, environ)
     try:
         google = GoogleToken(info)
@@ -56,7 +58,7 @@ def cloud_target(
     project = _name(where, entry, "project")
     private_key_id = str(info.get("private_key_id") or info.get("client_email") or name)
     credential = Credential(private_key_id, f"{name}#1", signer=google)
-    return regional, credential, f"projects/{project}/locations/{region}"
+    return name, regional, credential, f"projects/{project}/locations/{region}"
 
 
 def _name(where: str, entry: Mapping[str, Any], field: str) -> str:

@@ -144,8 +144,10 @@ def _plan(
                 "a fallback must speak the same API"
             )
         targets.append(fallback)
-    secrets = tuple(c.api_key for target in targets for c in target.pool.credentials)
-    return Plan(tuple(targets), secrets, _balance(key, entry, where))
+    credentials = [c for target in targets for c in target.pool.credentials]
+    secrets = tuple(c.api_key for c in credentials)
+    signers = tuple(c.signer for c in credentials if c.signer is not None)
+    return Plan(tuple(targets), secrets, _balance(key, entry, where), signers)
 
 
 def _balance(key: str, entry: Mapping[str, Any], where: str) -> str:
@@ -176,10 +178,10 @@ def _target(
             f"{key}: {where}provider '{provider.name}' needs a base_url in 'providers'"
         )
     if provider.signing:
-        regional, credential, project_path = cloud_target(
-            f"{key}: {where}", entry, provider, environ, provider.name
+        name, regional, credential, project_path = cloud_target(
+            f"{key}: {where}", entry, provider, environ
         )
-        return Target(provider.name, regional, Pool([credential]), None, project_path)
+        return Target(name, regional, Pool([credential]), None, project_path)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")

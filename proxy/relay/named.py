@@ -1,10 +1,12 @@
 """Which models a request names, wherever it names them, for `allowed_models`.
 
 A restricted key may use only its models, so every place a request can name one is read:
-the JSON body's `model` (and each `params.model` of an Anthropic batch), a form's `model`
+the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; and each `params.model`
+of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime), and the path (`models/<name>:generateContent`,
-`tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`; not Vertex's `models/count-tokens:rawPredict`, whose model is in the
+`tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
+Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
@@ -66,6 +68,11 @@ _UNNAMED = {
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
+# Vertex's deployed endpoints: `endpoints/<id>:predict` runs the model deployed there.
+_ENDPOINTS = "endpoints"
+# Bedrock's StartAsyncInvoke (a video, an embedding, ... written to S3) names its model in
+# the body's `modelId`.
+_ASYNC_INVOKE, _MODEL_ID = "async-invoke", "modelId"
 # Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
 _TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
@@ -86,14 +93,14 @@ class Unnamed:
     where: str
 
 
-def in_document(document: Any, unnamed: str | None = None) -> list[Any]:
+def in_document(document: Any, unnamed: str | None = None, field: str = "model") -> list[Any]:
     """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
     `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
-    of an Anthropic batch's requests."""
+    of an Anthropic batch's requests. `field`: where the body names its own (`model_field`)."""
     if not isinstance(document, dict):
         return []
-    if "model" in document:
-        names = [document["model"]]
+    if field in document:
+        names = [document[field]]
     elif unnamed is not None:
         names = [Unnamed(unnamed)]
     else:
@@ -126,6 +133,12 @@ def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:
     svg = holder.get("svg")
     if isinstance(svg, dict) and "model" in svg:
         yield svg["model"]
+
+
+def model_field(method: str, tail: str) -> str:
+    """Where a JSON body names the model it runs: `model`, but Bedrock's StartAsyncInvoke
+    (POST async-invoke) names it `modelId`."""
+    return _MODEL_ID if method == "POST" and tail == _ASYNC_INVOKE else "model"
 
 
 def in_form(content_type: str, body: bytes, unnamed: str | None = None) -> list[str | Unnamed]:
@@ -176,7 +189,7 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
-    Bedrock's `model/<m>/…`) or a `model` query parameter.
+    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter.
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -184,7 +197,12 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
-    if "model" not in tail and "deployments" not in tail and _TUNED not in tail:
+    if (
+        "model" not in tail
+        and "deployments" not in tail
+        and _TUNED not in tail
+        and _ENDPOINTS not in tail
+    ):
         return models  # no segment below can name one
     segments = tail.split("/")
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
@@ -199,6 +217,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # Its own name, whole: a tuned model's id is the tuner's choice, so 'gemini-…'
             # could be any model; a pattern allows it as `tunedModels/<id>`.
             models.append(f"{_TUNED}/{_path_model(unquote(segment))}")
+        elif before == _ENDPOINTS and ":" in segment:
+            # Vertex's deployed endpoint called (`<id>:predict`, `:generateContent`...): it
+            # runs whatever is deployed there; a pattern allows it as `endpoints/<id>`.
+            models.append(f"{_ENDPOINTS}/{unquote(segment).partition(':')[0]}")
     return models
 
 

@@ -162,7 +162,7 @@ def validate(
     else:
         document = _document(tail, needs_json, content_type, body)
         if document is not None:
-            names += named.in_document(document, unnamed)
+            names += named.in_document(document, unnamed, named.model_field(method, tail))
         elif body:
             unreadable = "a body that is neither a JSON object nor a form"
     try:

@@ -126,7 +126,8 @@ class Relay:
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
         """
         settings = self.settings
-        headers = downstream_headers(reply.headers, plan.secrets)
+        echoable = plan.echoable()
+        headers = downstream_headers(reply.headers, echoable)
         pending = None if found is None else found.pending
         if pending is not None:
             pending.begin(reply.status, reply.reason, headers)
@@ -148,7 +149,7 @@ class Relay:
             record.path,
         )
         silences = self.silences
-        secrets = searched(plan.secrets)
+        secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py): read whole.
         links = ResultsLinks.of(record.method, record.path, status, content_type)
         try:

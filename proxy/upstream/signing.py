@@ -14,6 +14,8 @@ them with the other credentials.
 A Google access token is minted from the service account when there is none or the one
 held is about to expire (google-auth's `valid`: within 3m45s of its expiry), never per
 request; one refresh at a time (a lock), in a thread (google-auth's transport blocks).
+The token is good for its hour to anyone who holds it: it is a signer's `bearer`, which no
+answer may echo (relay/echoes.py), as a real key.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class Signer(Protocol):
 
     async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
         """Set the credential headers for exactly these bytes. Raises SigningFailed."""
+        ...
+
+    @property
+    def bearer(self) -> str | None:
+        """What the signed requests carry that anyone holding it could use (an access
+        token), as it is now: no answer may echo it. None: nothing of the kind."""
         ...
 
 
@@ -77,6 +85,10 @@ class SigV4:
             if value is not None:
                 headers[name] = value
 
+    @property
+    def bearer(self) -> str | None:
+        return None  # a signature is good for its one request (the secret key never goes)
+
 
 class GoogleToken:
     """A service account's OAuth access token, minted when needed and reused until then."""
@@ -103,6 +115,11 @@ class GoogleToken:
 
     async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
         headers["Authorization"] = f"Bearer {await self.token()}"
+
+    @property
+    def bearer(self) -> str | None:
+        token = self._credentials.token
+        return token if isinstance(token, str) and token else None
 
     async def token(self) -> str:
         """The held token while it is valid; else a new one (one refresh at a time)."""

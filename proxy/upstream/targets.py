@@ -252,7 +252,9 @@ def _drawn(members: Sequence[Credential], point: float, skip: Credential | None)
 class Target:
     """A provider, its pool of real keys, and the model it serves (None: the body's own)."""
 
-    name: str  # from keys.json only: the provider, and "/model" when the target names one
+    # From keys.json only: the provider, and "/model" when the target names one ("/region"
+    # for a cloud's: each region is an endpoint of its own).
+    name: str
     provider: Provider
     pool: Pool = field(repr=False)
     model: str | None = None
@@ -269,6 +271,16 @@ class Plan:
     # Every real key of every target: what no response header may carry, should a provider echo one.
     secrets: tuple[str, ...] = field(default=(), repr=False)
     balance: str = WEIGHTED  # LATENCY: the first target tried is chosen (see the module's doc)
+    # The clouds' signers of its targets, whose bearer tokens change as they are refreshed.
+    signers: tuple[Signer, ...] = field(default=(), repr=False)
+
+    def echoable(self) -> tuple[str, ...]:
+        """What no answer may carry: every real key, and the bearer tokens its clouds send
+        now (a Vertex access token)."""
+        if not self.signers:
+            return self.secrets
+        bearers = (signer.bearer for signer in self.signers)
+        return self.secrets + tuple(bearer for bearer in bearers if bearer is not None)
 
     @property
     def is_single(self) -> bool:

@@ -13,6 +13,10 @@ A Bedrock stream (`application/vnd.amazon.eventstream`) is binary frames, not SS
                                   `metadata` with `usage` {inputTokens, outputTokens,
                                   cacheReadInputTokens, cacheWriteInputTokens}
 
+A stream that fails after its 200 ends with an `exception` frame (`:exception-type`
+throttlingException, modelStreamErrorException, ...) or an `error` frame (`:error-code`):
+its type is noted as the answer's error (never its message), nothing in it metered.
+
 A Converse JSON answer (`/converse`) holds `output.message.content` and the same `usage`;
 an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it). Cache
 reads and writes are beside the input count, as in Anthropic's usage.
@@ -88,8 +92,15 @@ class Frames:
 
 
 def _read_frame(headers: Mapping[str, Any], payload: bytes, reading: Reading) -> None:
-    if headers.get(":message-type") != "event":
-        return  # an exception frame: the stream's error, nothing metered
+    message_type = headers.get(":message-type")
+    if message_type != "event":
+        # The stream failed under its 200: an exception (`throttlingException`,
+        # `modelStreamErrorException`, ...) or an error (`:error-code`). Its type only.
+        if message_type == "exception":
+            reading.note_error({"type": headers.get(":exception-type")})
+        elif message_type == "error":
+            reading.note_error({"code": headers.get(":error-code")})
+        return
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:

@@ -31,6 +31,8 @@ from tests.support.fake_bedrock import (
     INPUT_TOKENS,
     BedrockState,
     bedrock_app,
+    exception_frame,
+    signed_region,
 )
 from tests.support.polling import until
 
@@ -188,6 +190,70 @@ async def test_converse_passes_through_and_its_usage_is_read(
     assert usage["estimated"] is False
 
 
+@pytest.mark.parametrize(
+    ("action", "exception"),
+    [
+        ("invoke-with-response-stream", "throttlingException"),
+        ("converse-stream", "modelStreamErrorException"),
+    ],
+)
+async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
+    gateway: TestClient, bedrock: BedrockState, records, action: str, exception: str
+) -> None:
+    """Bedrock ends a stream that fails under its 200 with an exception frame: it reaches the
+    client as sent, and the log line's error names its type (never its message), as an
+    Anthropic stream's error event is logged. It was logged as a stream that ended well."""
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    headers = {
+        **auth(BEDROCK_VK),
+        "content-type": "application/json",
+        "x-fake-exception": exception,
+    }
+    response = await gateway.post(f"/v1/model/{CLAUDE}/{action}", data=body, headers=headers)
+    assert response.status == 200
+    raw = await response.read()
+    ending = exception_frame(exception, "Try again later.")
+    assert raw.endswith(ending) and len(raw) > len(ending)  # after some of the answer
+    line = (await records(1))[0]
+    assert line["status"] == 200 and line["stream"] is True
+    assert exception in line["error"] and "Try again" not in line["error"]
+    assert line["usage"]["estimated"] is True  # cut before the count of its end
+
+
+async def test_a_fallback_in_another_region_serves_while_the_first_region_is_down(
+    tmp_path: Path,
+    fake_bedrock: TestServer,
+    bedrock: BedrockState,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records,
+) -> None:
+    """A key in us-west-2 with a fallback in us-east-1 keeps being served from us-east-1
+    while us-west-2 answers 503: each region is a target of its own, with its own breaker.
+    Both were the one target 'bedrock': once us-west-2's failures opened its breaker, it was
+    us-east-1's too, and every request went to us-west-2 alone (503) until the cooldown."""
+    bedrock.more_regions, bedrock.down = {"us-east-1"}, {REGION}
+    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
+    entry = document["virtual_keys"][BEDROCK_VK]
+    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
+    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
+    path = tmp_path / "keys-bedrock-regions.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path), BREAKER_MIN_REQUESTS="4")
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    for _ in range(4):
+        response = await gateway.post(
+            f"/v1/model/{CLAUDE}/converse", data=body, headers=auth(BEDROCK_VK)
+        )
+        assert response.status == 200, await response.text()
+    assert signed_region(bedrock.seen[-1][1]) == "us-east-1"
+    health = await (await gateway.get("/health")).json()
+    states = {name: target["state"] for name, target in health["targets"].items()}
+    assert states == {f"bedrock/{REGION}": "open", "bedrock/us-east-1": "closed"}
+    line = (await records(4))[-1]
+    assert line["target"] == "bedrock/us-east-1"
+    assert [attempt["key"] for attempt in line["attempts"]] == ["bedrock/us-east-1#1"]
+
+
 async def reserved_beside(
     gateway: TestClient, bedrock: BedrockState, send: Callable[[], Awaitable[object]]
 ) -> tuple[int, int]:
@@ -306,6 +372,29 @@ async def test_allowed_models_reads_the_model_in_the_path(
     allowed = await gateway.post(f"/v1/model/{CLAUDE}/invoke", data=body, headers=headers)
     assert allowed.status == 200
     assert len(bedrock.seen) == 1
+
+
+async def test_an_async_invocation_is_checked_by_the_model_its_body_names(
+    gateway: TestClient, bedrock: BedrockState, records
+) -> None:
+    """StartAsyncInvoke (POST /async-invoke) names its model in the body's `modelId`: a key
+    allowed only anthropic.claude-* may not start Nova Reel's videos with it. It went up,
+    past allowed_models."""
+    body = {
+        "modelInput": {"taskType": "TEXT_VIDEO", "textToVideoParams": {"text": "a cat"}},
+        "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://bucket/videos/"}},
+    }
+    video = {"modelId": "amazon.nova-reel-v1:1", **body}
+    refused = await gateway.post("/v1/async-invoke", json=video, headers=auth(NARROW_VK))
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "model_not_allowed"
+    assert bedrock.seen == []
+    claude = {"modelId": CLAUDE, **body}
+    allowed = await gateway.post("/v1/async-invoke", json=claude, headers=auth(NARROW_VK))
+    assert allowed.status == 200, await allowed.text()
+    assert len(bedrock.seen) == 1
+    refused_line, allowed_line = await records(2)
+    assert refused_line["model"] == "amazon.nova-reel-v1:1" and allowed_line["model"] == CLAUDE
 
 
 async def test_the_fake_refuses_a_signature_over_one_changed_byte(

@@ -126,7 +126,7 @@ async def test_the_sdk_gets_an_answer_with_a_minted_token(
     assert vertex.refused == []
     path, headers, _ = vertex.seen[0]
     assert path.startswith(f"/v1/projects/{PROJECT}/locations/{REGION}/publishers/anthropic/")
-    assert headers["Authorization"] == "Bearer ya29.fake-1"
+    assert headers["Authorization"] == "Bearer ya29.fake-access-token-1"
     assert VERTEX_VK not in str(dict(headers))
     line = (await records(1))[0]
     assert line["model"] == CLAUDE and line["provider"] == "vertex"
@@ -151,7 +151,7 @@ async def test_one_token_serves_many_requests(
 ) -> None:
     for _ in range(3):
         await sdk.messages.create(model=CLAUDE, max_tokens=5, messages=MESSAGES)
-    assert vertex.minted == ["ya29.fake-1"]
+    assert vertex.minted == ["ya29.fake-access-token-1"]
     assert len(vertex.seen) == 3
 
 
@@ -161,10 +161,10 @@ async def test_a_token_about_to_expire_is_refreshed_before_use(
     vertex.expires_in = 60  # inside google-auth's refresh margin: never used again
     for _ in range(2):
         await sdk.messages.create(model=CLAUDE, max_tokens=5, messages=MESSAGES)
-    assert vertex.minted == ["ya29.fake-1", "ya29.fake-2"]
+    assert vertex.minted == ["ya29.fake-access-token-1", "ya29.fake-access-token-2"]
     assert [seen[1]["Authorization"] for seen in vertex.seen] == [
-        "Bearer ya29.fake-1",
-        "Bearer ya29.fake-2",
+        "Bearer ya29.fake-access-token-1",
+        "Bearer ya29.fake-access-token-2",
     ]
 
 
@@ -367,3 +367,43 @@ async def test_a_path_naming_a_project_goes_to_the_targets_project_however_short
         f"/v1/projects/{PROJECT}/locations/{REGION}",
         f"/v1/projects/{PROJECT}/locations/{REGION}/operations",
     ]
+
+
+async def test_a_deployed_endpoint_is_a_model_allowed_models_checks(
+    gateway: TestClient, vertex: VertexState, records
+) -> None:
+    """`endpoints/<id>:generateContent` (or :predict, :rawPredict) runs the model deployed at
+    that endpoint (a tuned Gemini, a Model Garden model): it is named `endpoints/<id>`, so a
+    key allowed only claude-* is refused it. It went up, past allowed_models."""
+    path = "/v1/projects/p/locations/r/endpoints/1234567890"
+    for method in (":generateContent", ":predict", ":rawPredict"):
+        refused = await gateway.post(path + method, json=gemini_body("hi"), headers=auth(NARROW_VK))
+        assert refused.status == 403, await refused.text()
+        assert (await refused.json())["error"]["code"] == "model_not_allowed"
+    assert vertex.other == []
+    await gateway.post(path + ":generateContent", json=gemini_body("hi"), headers=auth(VERTEX_VK))
+    lines = await records(4)
+    assert {line["model"] for line in lines} == {"endpoints/1234567890"}
+    assert vertex.other == [
+        f"/v1/projects/{PROJECT}/locations/{REGION}/endpoints/1234567890:generateContent"
+    ]
+
+
+async def test_a_provider_echoing_the_access_token_hands_it_to_no_client(
+    gateway: TestClient, vertex: VertexState, records
+) -> None:
+    """The access token is the service account's for its hour, to anyone who holds it: a
+    proxy in front of Vertex that echoes the request's Authorization has that header dropped
+    and the token masked in the body, as a real key is. It reached the client."""
+    response = await gateway.post(
+        f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
+        json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
+        headers={**auth(VERTEX_VK), "x-fake-reflect": "1"},
+    )
+    assert response.status == 200
+    body = await response.text()
+    assert vertex.minted == ["ya29.fake-access-token-1"]
+    assert "x-echo-authorization" not in response.headers
+    assert "ya29.fake-access-token-1" not in body and '"sent"' in body
+    (line,) = await records(1)
+    assert "ya29.fake-access-token-1" not in json.dumps(line)

@@ -12,9 +12,14 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
     POST /model/{id}/converse                      a Converse answer, JSON, with `usage`
     POST /model/{id}/converse-stream               frames: messageStart, contentBlockDelta…,
                                                    messageStop, metadata (usage)
+    POST /async-invoke                             an invocation's ARN (the model is the
+                                                   body's `modelId`; its output goes to S3)
 
 It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
-(`x-fake-chunks`, default 3). What it saw is kept in `app[BEDROCK_STATE]`.
+(`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
+first text piece with an exception frame of that type (`throttlingException`,
+`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. What it saw
+is kept in `app[BEDROCK_STATE]`.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class BedrockState:
     region: str
     seen: list[tuple[str, CIMultiDict[str], bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    # Regions served besides `region` (a key's fallback in another region), and regions
+    # answering 503 ServiceUnavailableException (an outage) to a request signed for them.
+    more_regions: set[str] = field(default_factory=set)
+    down: set[str] = field(default_factory=set)
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -67,6 +76,7 @@ def bedrock_app(
     app = web.Application()
     app[BEDROCK_STATE] = BedrockState(access_key_id, secret_access_key, session_token, region)
     app.router.add_post("/model/{model}/{action}", _handle)
+    app.router.add_post("/async-invoke", _handle)
     return app
 
 
@@ -77,7 +87,8 @@ def signature_problem(state: BedrockState, request: web.Request, body: bytes) ->
         return "no AWS4-HMAC-SHA256 Authorization"
     if found["key"] != state.access_key_id:
         return "another access key"
-    if found["region"] != state.region or found["service"] != "bedrock":
+    regions = {state.region, *state.more_regions}
+    if found["region"] not in regions or found["service"] != "bedrock":
         return "another region or service"
     if request.headers.get("X-Amz-Security-Token") != state.session_token:
         return "another session token"
@@ -89,11 +100,18 @@ def signature_problem(state: BedrockState, request: web.Request, body: bytes) ->
     )  # fmt: skip
     aws.context["timestamp"] = request.headers.get("X-Amz-Date", "")
     credentials = Credentials(state.access_key_id, state.secret_access_key, state.session_token)
-    signer = SigV4Auth(credentials, "bedrock", state.region)
+    signer = SigV4Auth(credentials, "bedrock", found["region"])
     expected = signer.signature(signer.string_to_sign(aws, signer.canonical_request(aws)), aws)
     if not hmac.compare_digest(expected, found["signature"]):
         return "the signature does not match"
     return None
+
+
+def signed_region(request: web.Request | CIMultiDict[str]) -> str | None:
+    """The region a request (or the headers it was seen with) is signed for."""
+    headers = request.headers if isinstance(request, web.Request) else request
+    found = _AUTHORIZATION.fullmatch(headers.get("Authorization", ""))
+    return None if found is None else found["region"]
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
@@ -108,8 +126,18 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             headers={"x-amzn-ErrorType": "InvalidSignatureException"},
         )
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    if signed_region(request) in state.down:
+        return web.json_response(
+            {"message": "Bedrock is unable to process your request."},
+            status=503,
+            headers={"x-amzn-ErrorType": "ServiceUnavailableException"},
+        )
     if "x-fake-hold" in request.headers:
         await state.release.wait()
+    if request.path == "/async-invoke":
+        return web.json_response(
+            {"invocationArn": f"arn:aws:bedrock:{state.region}:1:async-invoke/x"}
+        )
     model = request.match_info["model"]
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
@@ -123,6 +151,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         frames = [frame(kind, event) for kind, event in _converse_events(pieces)]
     else:
         raise web.HTTPNotFound()
+    exception = request.headers.get("x-fake-exception")
+    if exception is not None:  # cut after the first text piece (and what came before it)
+        first_piece = next(i for i, one in enumerate(frames) if b"tok0" in _payload_text(one))
+        frames = [*frames[: first_piece + 1], exception_frame(exception, "Try again later.")]
     response = web.StreamResponse(headers={"Content-Type": EVENT_STREAM})
     await response.prepare(request)
     for one in frames:
@@ -203,15 +235,34 @@ def _chunk(event: dict[str, Any]) -> bytes:
 
 def frame(event_type: str, payload: dict[str, Any]) -> bytes:
     """One AWS event-stream message: prelude, string headers, JSON payload, CRCs."""
-    headers = b"".join(
-        _header(name, value)
-        for name, value in (
-            (":event-type", event_type),
+    return _encoded(
+        ((":event-type", event_type), (":content-type", "application/json"), (":message-type", "event")),
+        orjson.dumps(payload),
+    )  # fmt: skip
+
+
+def exception_frame(exception_type: str, message: str) -> bytes:
+    """An event stream's exception message, as Bedrock ends a failed stream with one."""
+    return _encoded(
+        (
+            (":exception-type", exception_type),
             (":content-type", "application/json"),
-            (":message-type", "event"),
-        )
+            (":message-type", "exception"),
+        ),
+        orjson.dumps({"message": message}),
     )
-    data = orjson.dumps(payload)
+
+
+def _payload_text(message: bytes) -> bytes:
+    """A message's payload, a chunk's base64 decoded: where a text piece shows."""
+    headers_length = struct.unpack(">I", message[4:8])[0]
+    payload = message[12 + headers_length : -4]
+    encoded = orjson.loads(payload).get("bytes")
+    return base64.b64decode(encoded) if isinstance(encoded, str) else payload
+
+
+def _encoded(header_pairs: tuple[tuple[str, str], ...], data: bytes) -> bytes:
+    headers = b"".join(_header(name, value) for name, value in header_pairs)
     total = 12 + len(headers) + len(data) + 4
     prelude = struct.pack(">II", total, len(headers))
     prelude += struct.pack(">I", binascii.crc32(prelude))

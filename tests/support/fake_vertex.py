@@ -2,7 +2,7 @@
 
 `POST /token` is Google's OAuth token endpoint as a service account uses it: the JWT
 assertion must verify against the service account's public key (google-auth's `jwt`), and
-then a fresh access token is minted (`ya29.fake-<n>`, living `expires_in` seconds).
+then a fresh access token is minted (`ya29.fake-access-token-<n>`, living `expires_in` seconds).
 `POST /v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}:rawPredict`
 (and `:streamRawPredict`) answer an Anthropic message (JSON, or SSE), and
 `.../models/count-tokens:rawPredict` Anthropic's token count (INPUT_TOKENS), only with
@@ -11,7 +11,9 @@ and region; else 401 or 403, as Vertex does. `.../publishers/google/models/{mode
 (and `:streamGenerateContent`, SSE with `alt=sse`, else one JSON array) answer as Gemini
 does: a thought, the text pieces and a function call, with `usageMetadata` (GEMINI_PROMPT
 prompt tokens, a candidate token a piece, GEMINI_THOUGHTS thought tokens) unless the request
-says `x-fake-no-usage`. What it saw is kept in `app[VERTEX_STATE]`.
+says `x-fake-no-usage`. A rawPredict with `x-fake-reflect` echoes the Authorization it was
+sent in a header and in its body, as a debugging proxy in front of it may. What it saw is
+kept in `app[VERTEX_STATE]`.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ async def _token(request: web.Request) -> web.Response:
         return web.json_response(refusal, status=400)
     if "cloud-platform" not in claims.get("scope", ""):
         return web.json_response({"error": "invalid_scope"}, status=400)
-    token = f"ya29.fake-{len(state.minted) + 1}"
+    token = f"ya29.fake-access-token-{len(state.minted) + 1}"  # as long as a key
     state.minted.append(token)
     answer = {"access_token": token, "expires_in": state.expires_in, "token_type": "Bearer"}
     return web.json_response(answer)
@@ -147,6 +149,10 @@ async def _predict(request: web.Request) -> web.StreamResponse:
         return web.json_response({"input_tokens": INPUT_TOKENS})
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     if specifier == "rawPredict":
+        if "x-fake-reflect" in request.headers:  # a debugging proxy echoing what it was sent
+            sent = request.headers["Authorization"]
+            answer = {**_message(model, pieces), "sent": sent}
+            return web.json_response(answer, headers={"x-echo-authorization": sent})
         return web.json_response(_message(model, pieces))
     if specifier != "streamRawPredict":
         raise web.HTTPNotFound()
