@@ -8,7 +8,10 @@ does not decide what a failure is (`health.is_upstream_failure` does) nor when t
 
 Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
 key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
-folded into `other` after 100 distinct values per process.
+has a value of its own for at most 100 models the provider answered (a status below 400)
+and 20 more never answered (refused by the gateway or the provider), per process; any other
+is `other`. Made-up names, which the provider refuses, so never take the values of the models
+it serves.
 
 Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
 
@@ -40,12 +43,13 @@ from proxy.record import Cached, Record
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
-OTHER = "other"  # the label for models past MODEL_LABEL_VALUES
+OTHER = "other"  # the label for models past MODEL_LABEL_VALUES (or MODEL_LABEL_UNANSWERED)
 AUTH_OUTCOMES = ("refused", "throttled")
 # How a provider fails (`_failure_kind`): a 5xx answer, or an outcome in PROVIDER_FAILURES.
 UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken")
 MODEL_LABEL_CHARS = 64
-MODEL_LABEL_VALUES = 100
+MODEL_LABEL_VALUES = 100  # models the provider answered
+MODEL_LABEL_UNANSWERED = 20  # models never answered: refused, by the provider or the gateway
 # Exported at 0 from the start, because a series born at its first increment is invisible to
 # rate() and increase(): the alerts on a short Redis loss or on one failed reload
 # (deploy/prometheus/alerts.yml) would never fire.
@@ -78,7 +82,8 @@ class Metrics:
         counter: Any = Counter if multiprocess_dir is not None else LoopCounter
         histogram: Any = Histogram if multiprocess_dir is not None else LoopHistogram
         gauge: Any = Gauge if multiprocess_dir is not None else LoopGauge
-        self._models: set[str] = set()
+        self._models: set[str] = set()  # label values of models answered
+        self._unanswered: set[str] = set()  # of models not answered when they took one
         # This process's own count, for the drain's line: the gauge may sum several workers.
         self.requests_in_flight = 0
         # Labelled children, looked up once: `labels()` validates and locks on every call,
@@ -290,7 +295,7 @@ class Metrics:
     def observe(self, record: Record) -> None:
         """Count one finished request: status, timings, tokens, upstream failure."""
         provider = record.provider or NONE
-        model = self._model_label(record.model)
+        model = self._model_label(record.model, record.status < 400)
         child = self._child
         row = self._rows.get((provider, model, record.status))
         if row is None:
@@ -428,16 +433,23 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def _model_label(self, model: str | None) -> str:
-        """The model as a bounded label value (clients can send any string)."""
+    def _model_label(self, model: str | None, is_answered: bool) -> str:
+        """The model as a bounded label value (clients can send any string). Models the
+        provider answered (`is_answered`: a status below 400) and those it did not take
+        their values from two bounds, so names a client makes up (refused) never use up
+        the values of the models the provider serves."""
         if not model:
             return NONE
         label = model[:MODEL_LABEL_CHARS]
-        if label in self._models:
+        if label in self._models or label in self._unanswered:
             return label
-        if len(self._models) >= MODEL_LABEL_VALUES:
+        if is_answered:
+            held, bound = self._models, MODEL_LABEL_VALUES
+        else:
+            held, bound = self._unanswered, MODEL_LABEL_UNANSWERED
+        if len(held) >= bound:
             return OTHER
-        self._models.add(label)
+        held.add(label)
         return label
 
 

@@ -213,8 +213,10 @@ class Realtime:
             client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
         # Each response charged as it comes; a Responses session's settles its own turn.
-        on_response = exchange.charge if turns is None else turns.completed
-        usage = socket_usage(exchange.tail, on_response)
+        if turns is None:
+            usage = socket_usage(exchange.tail, exchange.charge)
+        else:
+            usage = socket_usage(exchange.tail, turns.completed, turns.begun, turns.refused)
         session = Session(
             client,
             upstream,

@@ -8,7 +8,11 @@ goes upstream (`gate`): a refused turn never reaches the provider, and the clien
 `error` event in its place (status, code, message; the session stays open, so a client may
 retry when its window allows). Each admitted turn is settled by the usage of its
 `response.completed` (or `.incomplete`, `.failed`; an estimate when none comes), in the
-order the turns were sent: the provider runs a connection's responses one at a time.
+order the turns were sent: the provider runs a connection's responses one at a time. A turn
+the provider refuses gets an `error` event and no response (a `previous_response_id` it no
+longer holds, a turn sent while another runs): the first turn sent that no
+`response.created` has begun is settled then, with nothing used, so its reservation does
+not hold the key's window until the session ends, nor take the next turn's usage.
 
 Continuations (`previous_response_id`) stay on the session's one upstream connection, so on
 the real key the session opened with, where the provider keeps the previous response.
@@ -41,13 +45,14 @@ _UNNAMED = "the model of its stored prompt"
 class Turns:
     """A session's turns: admitted when sent, settled in order as their usage comes."""
 
-    __slots__ = ("_exchange", "_open", "_serving")
+    __slots__ = ("_begun", "_exchange", "_open", "_serving")
 
     def __init__(self, exchange: Exchange, serving: Target) -> None:
         self._exchange = exchange
         self._serving = serving  # the session's target: where each turn is priced
         # Turns admitted and not yet settled, oldest first: (key, admission, model).
         self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
+        self._begun = 0  # of them, the first ones, those a response.created began
 
     async def gate(self, frame: bytes) -> bytes | None:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
@@ -77,17 +82,32 @@ class Turns:
         # 401, 403, 429, 503
         return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
 
+    def begun(self) -> None:
+        """A response began (response.created): the first turn not yet begun runs."""
+        self._begun = min(self._begun + 1, len(self._open))
+
     def completed(self, usage: Usage) -> None:
         """The oldest open turn's usage came: settle it (a response the gateway did not see
         asked for, e.g. a provider's own, is charged to the key as it stands)."""
         if self._open:
             key, admission, model = self._open.popleft()
+            self._begun = max(self._begun - 1, 0)
             self._exchange.settle_turn(key, admission, usage, model)
         elif self._exchange.key is not None:
             self._exchange.settle_turn(self._exchange.key, None, usage, None)
 
+    def refused(self) -> None:
+        """The provider sent an error event: the first turn no response began was refused
+        (nothing used); with every open turn begun, the error is a running response's,
+        whose own end follows."""
+        if self._begun < len(self._open):
+            key, admission, model = self._open[self._begun]
+            del self._open[self._begun]
+            self._exchange.settle_turn(key, admission, None, model)
+
     def finish(self) -> None:
         """At the session's end: turns that never completed give back their reservations."""
+        self._begun = 0
         while self._open:
             key, admission, model = self._open.popleft()
             self._exchange.settle_turn(key, admission, None, model)

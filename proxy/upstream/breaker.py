@@ -16,7 +16,10 @@ nothing (`probes.py`): its success closes the breaker before any client's reques
 probe, its failure opens it for another cooldown. Breakers live in one process (each worker
 learns on its own), and are read by /health and the breaker-state metric. Only their own
 verbs change them: `admits`, `succeeded`, `failed`, `abstain`, `Breakers.report_broken`
-for a body cut short; `Breakers.keep_only` forgets those of targets a reload removed.
+for a body cut short; `Breakers.keep_only` forgets those of targets a reload removed, and
+makes those of targets it added. What a request under way on a removed target learns after
+the reload goes to a breaker of its own, listed nowhere: it cannot bring the target back
+to /health (degraded until the next reload, when it opened).
 
 A request that went out and then timed out, lost its connection, or had its body cut short
 may be its own doing (one client's long generations outlast any timeout): such a failure
@@ -207,7 +210,9 @@ class Breakers:
 
     def __getitem__(self, name: str) -> Breaker:
         breaker = self._breakers.get(name)
-        return breaker if breaker is not None else self._add(name)  # added by a reload
+        if breaker is None:  # a target a reload removed: what it learns is told to no one
+            return Breaker(self._policy)
+        return breaker
 
     def _add(self, name: str) -> Breaker:
         breaker = Breaker(self._policy, lambda state: self._on_change(name, state))
@@ -217,11 +222,15 @@ class Breakers:
 
     def keep_only(self, names: Collection[str]) -> None:
         """After a reload: forget the breakers of targets keys.json no longer names (no
-        request goes there to close them: /health and the metric would say open for ever).
-        A request still in flight on one finds a new, closed breaker."""
+        request goes there to close them: /health and the metric would say open for ever),
+        and make those of the targets it names anew. A request still in flight on a
+        forgotten one reports to a breaker listed nowhere (`__getitem__`)."""
         for name in [name for name in self._breakers if name not in names]:
             del self._breakers[name]
             self._on_change(name, CLOSED)
+        for name in names:
+            if name not in self._breakers:
+                self._add(name)
 
     def is_closed(self, name: str) -> bool:
         """True while `name`'s breaker lets every request through (a question that, unlike

@@ -125,9 +125,15 @@ class SocketUsage(Protocol):
     def total(self) -> Usage | None: ...
 
 
-def socket_usage(path: str, on_response: Callable[[Usage], None]) -> SocketUsage:
+def socket_usage(
+    path: str,
+    on_response: Callable[[Usage], None],
+    on_begun: Callable[[], None] = lambda: None,
+    on_error: Callable[[], None] = lambda: None,
+) -> SocketUsage:
     """The reader of a session's usage by the API its path names: the Responses API's
-    WebSocket mode (`/v1/responses`) speaks Responses events; any other path, Realtime's."""
+    WebSocket mode (`/v1/responses`) speaks Responses events (and tells `on_begun` and
+    `on_error`: `responses.SocketUsage`); any other path, Realtime's."""
     if ("/" + path.strip("/")).endswith("/responses"):  # a route's tail, or a whole path
-        return responses.SocketUsage(on_response)
+        return responses.SocketUsage(on_response, on_begun, on_error)
     return SessionUsage(on_response)

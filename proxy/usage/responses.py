@@ -125,30 +125,50 @@ class SocketUsage:
 
     Responses multiplexed on one socket (`stream_id`) share the estimate's count: a response
     finishing with its usage also clears what another still running generated so far.
+
+    `on_begun` is told each `response.created` (a turn the provider runs), `on_error` each
+    `error` event (the provider refusing a turn it will not run, or another client event):
+    what the session's turns need to settle a refused turn at once (`realtime.turns`).
     """
 
-    __slots__ = ("_on_response", "_reading", "_total")
+    __slots__ = ("_on_begun", "_on_error", "_on_response", "_reading", "_total")
 
-    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+    def __init__(
+        self,
+        on_response: Callable[[Usage], None],
+        on_begun: Callable[[], None] = lambda: None,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_response = on_response
+        self._on_begun, self._on_error = on_begun, on_error
         self._reading = Reading(keep_text=False)
         self._total: Usage | None = None
 
     def read(self, frame: bytes) -> None:
         """One provider text frame (one event), already sent on; most are read for a delta."""
-        if frame.find(b'.delta"') < 0 and frame.find(b'"usage"') < 0:
+        if (
+            frame.find(b'.delta"') < 0
+            and frame.find(b'"usage"') < 0
+            and frame.find(b'"error"') < 0
+            and frame.find(b"response.created") < 0
+        ):
             return  # an item or part begins or ends: nothing metered
         try:
             event = orjson.loads(frame)
         except orjson.JSONDecodeError:
             return
         kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "error":
+            self._on_error()
+            return
         read = EVENTS.get(kind) if type(kind) is str else None
         if read is None:
             return
         read(event, self._reading)
         if kind in _FINISHED:
             self._charge()
+        elif kind == "response.created":
+            self._on_begun()
 
     def finish(self) -> None:
         """At the session's end: a response cut before it finished is estimated."""

@@ -10,11 +10,13 @@ as they read the original.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -384,6 +386,53 @@ async def test_when_the_request_in_flight_fails_the_waiters_go_upstream_themselv
     done = await asyncio.gather(*answers)
     assert sorted(status for status, _, _ in done) == [200] * 4 + [500]
     assert len(fake.requests) == 5
+
+
+# How a request leading a flight may end without an answer to store: the provider's error,
+# the gateway's timeout, the provider's cut, the client leaving before the answer or in it.
+LEADER_ENDINGS = {
+    "provider error": ({"x-fake-status": "500"}, False),
+    "gateway timeout": ({"x-fake-hang": "headers"}, False),
+    "provider cut": ({"x-fake-drop": "midstream"}, False),
+    "client left waiting": ({"x-fake-hang": "headers"}, True),
+    "client left midstream": ({"x-fake-delay-ms": "200", "x-fake-chunks": "20"}, True),
+}
+
+
+@pytest.mark.parametrize("ending", LEADER_ENDINGS)
+async def test_a_flight_whose_leader_ended_without_an_answer_is_no_longer_listed(
+    make_cached: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    ending: str,
+) -> None:
+    """Whatever way a leader ends, its flight leaves the list: the next identical requests
+    lead a flight of their own and go upstream once together (a flight left listed would
+    send each of them upstream, and stay in memory for the process's life)."""
+    gateway = await make_cached(REQUEST_TIMEOUT="0.5")
+    knobs, client_leaves = LEADER_ENDINGS[ending]
+    request = gateway.post(CHAT_PATH, data=body(STREAM), headers={**auth(CACHED_VK), **knobs})
+    if client_leaves:
+        response = await request
+        if response.status == 200:
+            await response.content.readany()  # the first chunk: the answer has begun
+        response.close()
+    else:
+        response = await request
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await response.read()
+    [line] = await records(1)  # the leader settled
+    assert line["cache"] == "miss", line
+    cache = gateway.app[CACHE]
+    pair = [
+        asyncio.create_task(post(gateway, document=STREAM, **{"x-fake-hold": "1"}))
+        for _ in range(2)
+    ]
+    await until(lambda: len(fake.requests) == 2 and cache.waiting() == 1)
+    fake.release.set()
+    done = await asyncio.gather(*pair)
+    assert sorted(headers["x-llm-gateway-cache"] for _, headers, _ in done) == ["hit", "miss"]
+    assert len(fake.requests) == 2
 
 
 async def test_an_entry_expires_after_its_ttl(

@@ -9,11 +9,13 @@ are the point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -28,6 +30,7 @@ from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat, messages
 from tests.support.clock import Clock
 from tests.support.fake_provider import FakeState, Fault, credential
+from tests.support.polling import until
 
 CHAT = chat("hello")
 MESSAGES = messages(model="claude-haiku-4-5")
@@ -473,6 +476,49 @@ async def test_a_breaker_open_on_a_target_keys_json_no_longer_names_is_forgotten
     assert all(provider["healthy"] for provider in health["providers"].values())
     text = await (await gateway.get("/metrics")).text()
     assert 'llm_gateway_breaker_state{target="openai"} 0.0' in text
+
+
+async def test_streams_cut_after_a_reload_removed_their_target_do_not_bring_its_breaker_back(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    tmp_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Streams of two keys under way on a target when a reload removes it, then cut by the
+    provider: their failures concern a target no key sends to any more. Before, they made
+    it a breaker again, which opened: /health degraded until the next reload."""
+    other = "vk_test_failover_other_8d0f2b4c6e"
+    gateway = await failover_gateway(WITH_FALLBACK, BREAKER_FAILURES="1", ADMIN_TOKEN="t" * 32)
+    path = tmp_path / "keys.json"
+    document = json.loads(path.read_text())
+    document["virtual_keys"][other] = {"name": "other", **WITH_FALLBACK}
+    path.write_text(json.dumps(document))
+    admin = {"Authorization": "Bearer " + "t" * 32}
+    assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+    cut = {"x-fake-hold": "1", "x-fake-drop": "midstream"}
+    streams = [
+        asyncio.create_task(
+            gateway.post(
+                "/v1/chat/completions", json={**CHAT, "stream": True}, headers={**auth(key), **cut}
+            )
+        )
+        for key in (VK, other)
+    ]
+    await until(lambda: len(fake.requests) == 2)
+    for key in (VK, other):  # both keys to backup alone: the target openai is gone
+        document["virtual_keys"][key] = {"provider": "backup", "api_key": BACKUP}
+    path.write_text(json.dumps(document))
+    assert (await gateway.post("/admin/reload", headers=admin)).status == 200
+    fake.release.set()
+    for response in await asyncio.gather(*streams):
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await response.read()
+    lines = await records(2)
+    assert [line["status"] for line in lines] == [200, 200]
+    assert all(line["error"] for line in lines), lines  # both cut by the provider
+    health = await (await gateway.get("/health")).json()
+    assert health["status"] == "healthy", health
+    assert "openai" not in health["targets"]
 
 
 async def test_a_pool_whose_every_key_rests_still_asks_the_one_whose_rest_ends_first(

@@ -70,3 +70,38 @@ async def test_a_stream_cut_for_the_providers_silence_is_not_counted_as_the_gate
     assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] >= 0.5
     assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
     assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
+
+
+async def test_made_up_models_the_provider_refuses_never_take_the_label_of_a_real_one(
+    make_gateway: Any,
+) -> None:
+    """A client with a valid key sends more made-up model names than the model label holds
+    (the provider answers each 404, as it does a model it does not serve): a model the
+    provider does serve, asked afterwards, is still counted under its own name."""
+    from proxy.observe.metrics import MODEL_LABEL_UNANSWERED, MODEL_LABEL_VALUES
+    from tests.conftest import OPENAI_VK, auth
+    from tests.support.bodies import chat
+
+    gateway = await make_gateway(QUOTA_ENABLED="false")
+    refused = {**auth(OPENAI_VK), "x-fake-status": "404"}
+    for n in range(MODEL_LABEL_VALUES + 10):
+        response = await gateway.post(
+            "/v1/chat/completions", json=chat(model=f"junk-{n}"), headers=refused
+        )
+        assert response.status == 404
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(model="gpt-4o-mini"), headers=auth(OPENAI_VK)
+    )
+    assert response.status == 200
+
+    text = await (await gateway.get("/metrics")).text()
+    found = {
+        (sample.labels["model"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+    # A few refused names keep theirs (a typo shows as itself); the rest are `other`.
+    named = {(f"junk-{n}", "404"): 1.0 for n in range(MODEL_LABEL_UNANSWERED)}
+    rest = MODEL_LABEL_VALUES + 10 - MODEL_LABEL_UNANSWERED
+    assert found == {**named, ("other", "404"): rest, ("gpt-4o-mini", "200"): 1}

@@ -245,3 +245,26 @@ async def test_a_turns_image_tool_is_checked_against_allowed_models_as_over_http
         assert refused["type"] == "error" and refused["status"] == 403, refused
     assert sockets.sockets[-1].received == []  # neither turn went upstream
     await ws.close()
+
+
+async def test_a_turn_the_provider_refuses_gives_back_its_reservation_at_once(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """The provider refuses a turn with an `error` event alone (no response follows: a
+    previous_response_id it lost, say). Its reservation goes back then, not at the session's
+    end: three such turns do not hold the key's token window shut for the turns after them."""
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 100, "tokens": 1000, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    create = {"type": "response.create", "model": "gpt-4o-mini", "input": "hi"}
+    create["max_output_tokens"] = 400  # each turn reserves about 400 of the 1000 tokens
+    for _ in range(3):
+        await ws.send_str(orjson.dumps({**create, "fake_refuse": True}).decode())
+        refused = await receive(ws)
+        assert refused["type"] == "error" and refused["status"] == 400, refused
+    await ws.send_str(orjson.dumps(create).decode())
+    events = await until_end(ws)
+    assert events[-1]["type"] == "response.completed", events
+    assert creates(sockets.sockets[-1]) == 4
+    await ws.close()

@@ -24,7 +24,8 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
 At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
 response.created, two response.output_text.delta events and response.completed with usage
 (11 input, 2 of them cached, + 7 output tokens), or usage null when the command has
-"fake_no_usage": true.
+"fake_no_usage": true; with "fake_refuse": true, only an `error` event (status 400,
+previous_response_not_found), as the provider refuses a turn it will not run.
 
 Every socket's frames received and sent, its close, and its end are kept in
 `app[REALTIME_STATE].sockets`, for assertions.
@@ -185,6 +186,14 @@ async def quote_key(
 
 def responses_events(command: dict) -> list[dict]:
     """A response in the Responses API's WebSocket mode: its events, usage last."""
+    if command.get("fake_refuse"):
+        error = {
+            "type": "invalid_request_error",
+            "code": "previous_response_not_found",
+            "message": "Previous response with id 'resp_gone' not found.",
+            "param": "previous_response_id",
+        }
+        return [{"type": "error", "status": 400, "error": error}]
     usage = None
     if not command.get("fake_no_usage"):
         usage = {
