@@ -150,6 +150,12 @@ def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str =
 
 def base_url(where: str, text: str) -> URL:
     """The provider's base URL; refused with credentials or a query, never echoing them."""
+    if " " in text or not text.isprintable():
+        # A pasted space would be sent encoded ('/v1%20/chat/completions'): a path no
+        # provider serves, every request its 404.
+        raise KeysFileError(
+            f"{where}: base_url contains a space or a control character (a paste?); remove it"
+        )
     try:
         url = URL(text)
     except ValueError:

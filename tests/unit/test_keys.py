@@ -458,6 +458,30 @@ def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
     assert "user@" not in message
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://api.groq.com/openai/v1 ",  # pasted with a trailing space
+        " https://api.groq.com/openai/v1",
+        "https://api.groq.com/openai/v1\t",
+        "https://api.groq.com/open ai/v1",
+        "http://127.0.0.1:11434/v1\n",
+    ],
+)
+def test_a_base_url_with_a_space_is_refused_not_sent_to_a_path_no_provider_serves(
+    tmp_path: Path, base_url: str
+) -> None:
+    # A trailing space became '/openai/v1%20/chat/completions' upstream: every request a
+    # provider's 404, while the file loaded and `--check` said the gateway would start.
+    document = {
+        "providers": {"groq": {"base_url": base_url}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert "provider 'groq': base_url contains a space" in refused.value.problems[0]
+
+
 @pytest.mark.parametrize("real", ["sk-abc\r\nX-Evil: 1", "sk-abc\ndef", "sk-\x00x"])
 def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: str) -> None:
     document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
