@@ -43,6 +43,17 @@ class UnknownField(KeysFileError):
     """A field no level of keys.json knows (a typo, most often): the admin API's 400."""
 
 
+class UnknownProvider(KeysFileError):
+    """A target names a provider neither built in nor declared: `provider`, the name (None
+    when not a string). A declaration the file has but refused is said on its own."""
+
+    def __init__(
+        self, message: str, problems: Sequence[str] = (), provider: str | None = None
+    ) -> None:
+        super().__init__(message, problems)
+        self.provider = provider
+
+
 @dataclass(frozen=True, slots=True)
 class Defaults:
     """The settings a key falls back to."""

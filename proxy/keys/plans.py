@@ -14,7 +14,7 @@ from typing import Any
 
 from proxy.keys import fields
 from proxy.keys.clouds import cloud_target
-from proxy.keys.fields import KeysFileError, check_fields
+from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields
 from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
     BALANCES,
@@ -165,11 +165,13 @@ def _target(
     environ: Mapping[str, str],
     where: str,
 ) -> Target:
-    provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
+    named = entry.get("provider")
+    provider = providers.get(named)  # type: ignore[arg-type]
     if provider is None:
         known = ", ".join(sorted(providers))
-        raise KeysFileError(
-            f"{key}: {where}provider {entry.get('provider')!r} is unknown (known: {known})"
+        raise UnknownProvider(
+            f"{key}: {where}provider {named!r} is unknown (known: {known})",
+            provider=named if isinstance(named, str) else None,
         )
     if not provider.base_url.host:
         raise KeysFileError(

@@ -482,6 +482,32 @@ def test_a_base_url_with_a_space_is_refused_not_sent_to_a_path_no_provider_serve
     assert "provider 'groq': base_url contains a space" in refused.value.problems[0]
 
 
+def test_a_key_of_a_refused_provider_declaration_is_not_also_called_unknown(
+    tmp_path: Path,
+) -> None:
+    # The declaration's own problem is the one to fix; "provider 'groq' is unknown (known:
+    # ...)" on top sent the reader looking for a misspelt name that was spelt right.
+    document = {
+        "providers": {"groq": {"base_url": "https://api.groq.com/openai/v1", "auth": "Bearer"}},
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"},
+            "vk_b_123456789": {
+                "provider": "openai",
+                "api_key": "y",
+                "name": "b",
+                "fallbacks": [{"provider": "groq", "api_key": "z"}],
+            },
+            "vk_c_123456789": {"provider": "grok", "api_key": "w", "name": "c"},
+        },
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    problems = refused.value.problems
+    assert len(problems) == 2, problems
+    assert "provider 'groq': auth must be one of" in problems[0]
+    assert "key 'c': provider 'grok' is unknown" in problems[1]
+
+
 @pytest.mark.parametrize("real", ["sk-abc\r\nX-Evil: 1", "sk-abc\ndef", "sk-\x00x"])
 def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: str) -> None:
     document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
