@@ -41,15 +41,20 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         check_fields(where, entry, "provider")
         builtin = BUILTINS.get(name)
         base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
-        if not isinstance(base_url, str) or not base_url:
+        if base_url is None or base_url == "":
+            raise KeysFileError(
+                f"{where}: base_url is missing (where its API is served, e.g. "
+                "http://127.0.0.1:11434/v1)"
+            )
+        if not isinstance(base_url, str):
             raise KeysFileError(f"{where}: base_url must be an http(s) URL")
         url = fields.base_url(where, base_url)
         auth = entry.get("auth", builtin.auth if builtin else "bearer")
         if auth not in AUTH_STYLES:
-            raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
+            raise KeysFileError(f"{where}: auth must be {_one_of(AUTH_STYLES, auth)}")
         api = entry.get("api", builtin.api if builtin else "openai")
         if api not in APIS:
-            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
+            raise KeysFileError(f"{where}: api must be {_one_of(APIS, api)}")
         extra = builtin.default_headers if builtin else API_DEFAULT_HEADERS.get(api, {})
         signing = builtin.signing if builtin else ""
         if signing:
@@ -58,6 +63,14 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         regional = builtin.regional_url if builtin and "base_url" not in entry else ""
         providers[name] = Provider(name, url, auth, extra, api, signing, regional)
     return providers
+
+
+def _one_of(names: tuple[str, ...], given: object) -> str:
+    """ "one of a, b, c", and the one meant when `given` is it in other letter cases. Nothing
+    else given is echoed: a real key may have been put in the wrong field."""
+    said = f"one of {', '.join(names)}"
+    meant = given.lower() if isinstance(given, str) else None
+    return f"{said} (in lowercase: {meant!r})" if meant in names else said
 
 
 def parse_plans(

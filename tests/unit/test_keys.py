@@ -482,6 +482,48 @@ def test_a_base_url_with_a_space_is_refused_not_sent_to_a_path_no_provider_serve
     assert "provider 'groq': base_url contains a space" in refused.value.problems[0]
 
 
+@pytest.mark.parametrize(
+    ("declared", "says"),
+    [
+        ({"auth": "bearer"}, "provider 'groq': base_url is missing"),
+        ({"base_url": None}, "provider 'groq': base_url is missing"),
+        (
+            {"base_url": "https://api.groq.com/openai/v1", "auth": "Bearer"},
+            "provider 'groq': auth must be one of bearer, x-api-key, api-key, x-goog-api-key, "
+            "none (in lowercase: 'bearer')",
+        ),
+        (
+            {"base_url": "https://api.groq.com/openai/v1", "api": "OpenAI"},
+            "provider 'groq': api must be one of openai, anthropic, bedrock, vertex "
+            "(in lowercase: 'openai')",
+        ),
+    ],
+)
+def test_a_bad_provider_declaration_says_what_to_write(
+    tmp_path: Path, declared: dict[str, Any], says: str
+) -> None:
+    # A declaration without base_url was told "base_url must be an http(s) URL", as if one
+    # were there; "Bearer" was told the list holding "bearer". A value that is not one of
+    # them is not echoed: it may be the real key, put in the wrong field.
+    document = {
+        "providers": {"groq": declared},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert says in refused.value.problems[0], refused.value.problems
+
+
+def test_an_auth_that_is_no_style_is_not_echoed(tmp_path: Path) -> None:
+    document = {
+        "providers": {"groq": {"base_url": "https://h/v1", "auth": "Bearer gsk_secret_123"}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert "gsk_secret" not in str(refused.value.problems)
+
+
 def test_a_key_of_a_refused_provider_declaration_is_not_also_called_unknown(
     tmp_path: Path,
 ) -> None:
