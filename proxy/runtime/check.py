@@ -13,7 +13,7 @@ import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from proxy.keys.advice import placeholders, short_keys
+from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import SETTINGS, SettingError, Settings, parser
@@ -77,6 +77,7 @@ def warnings(
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
+        said += endpoint_paths(key_ring, settings.keys_file_path)
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)
     return said
