@@ -14,7 +14,7 @@ from typing import Any
 
 from proxy.keys import fields
 from proxy.keys.clouds import cloud_target
-from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields
+from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields, has_control
 from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
     BALANCES,
@@ -35,6 +35,13 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         raise KeysFileError(f"{path}: 'providers' must be an object of name → settings")
     providers = dict(BUILTINS)
     for name, entry in section.items():
+        if not name.strip():
+            raise KeysFileError(f"{path}: a provider's name must be a non-empty string")
+        if has_control(name):  # as a key's name: not quoted, it would garble the line
+            raise KeysFileError(
+                f"{path}: provider {name!r}: name contains a control character (a NUL, tab, "
+                "line break or escape): a name must be printable text"
+            )
         where = f"{path}: provider '{name}'"
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object with base_url and auth")

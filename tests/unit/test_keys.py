@@ -524,6 +524,29 @@ def test_an_auth_that_is_no_style_is_not_echoed(tmp_path: Path) -> None:
     assert "gsk_secret" not in str(refused.value.problems)
 
 
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "a provider's name must be a non-empty string"),
+        ("  ", "a provider's name must be a non-empty string"),
+        ("gro\nq", "provider 'gro\\nq': name contains a control character"),
+    ],
+)
+def test_a_provider_name_that_is_empty_or_holds_a_control_character_is_refused(
+    tmp_path: Path, name: str, says: str
+) -> None:
+    # "" served as a provider named nothing in logs and metrics; a line break in a name
+    # split --check's one line per problem in two.
+    document = {
+        "providers": {name: {"base_url": "ftp://x"}},
+        "virtual_keys": {"vk_a_123456789": {"provider": name, "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert says in refused.value.problems[0], refused.value.problems
+    assert all("\n" not in problem for problem in refused.value.problems)
+
+
 def test_a_key_of_a_refused_provider_declaration_is_not_also_called_unknown(
     tmp_path: Path,
 ) -> None:
