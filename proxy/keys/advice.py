@@ -49,3 +49,29 @@ def short_keys(ring: KeyRing, path: str) -> list[str]:
         f"than {STRONG_LENGTH} characters and can be guessed; make strong ones with "
         f"{STRONG_RECIPE}"
     ]
+
+
+# The end of an endpoint's path: a base_url ending in one was pasted whole from a provider's
+# page, and the client's path is added to it ('.../v1/chat/completions/chat/completions').
+ENDPOINT_ENDS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/responses")
+
+
+def endpoint_paths(ring: KeyRing, path: str) -> list[str]:
+    """One line per provider in use whose base_url ends with an endpoint's path, or none."""
+    found = sorted(
+        {
+            (target.provider.name, str(target.provider.base_url).rstrip("/"))
+            for key in ring
+            for target in key.plans.every_target()
+            if target.provider.base_url.path.rstrip("/").endswith(ENDPOINT_ENDS)
+        }
+    )
+    lines = []
+    for name, url in found:
+        end = next(end for end in ENDPOINT_ENDS if url.endswith(end))
+        lines.append(
+            f"{path}: provider '{name}': base_url ends with '{end}', an endpoint's path: the "
+            f"client's path is added to it ('...{end}/chat/completions'), which the provider "
+            f"does not serve. Give the API's root: {url.removesuffix(end)}"
+        )
+    return lines

@@ -43,6 +43,17 @@ class UnknownField(KeysFileError):
     """A field no level of keys.json knows (a typo, most often): the admin API's 400."""
 
 
+class UnknownProvider(KeysFileError):
+    """A target names a provider neither built in nor declared: `provider`, the name (None
+    when not a string). A declaration the file has but refused is said on its own."""
+
+    def __init__(
+        self, message: str, problems: Sequence[str] = (), provider: str | None = None
+    ) -> None:
+        super().__init__(message, problems)
+        self.provider = provider
+
+
 @dataclass(frozen=True, slots=True)
 class Defaults:
     """The settings a key falls back to."""
@@ -150,6 +161,12 @@ def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str =
 
 def base_url(where: str, text: str) -> URL:
     """The provider's base URL; refused with credentials or a query, never echoing them."""
+    if " " in text or not text.isprintable():
+        # A pasted space would be sent encoded ('/v1%20/chat/completions'): a path no
+        # provider serves, every request its 404.
+        raise KeysFileError(
+            f"{where}: base_url contains a space or a control character (a paste?); remove it"
+        )
     try:
         url = URL(text)
     except ValueError:

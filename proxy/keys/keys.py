@@ -25,7 +25,14 @@ import orjson
 from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
-from proxy.keys.fields import CachePolicy, Defaults, KeysFileError, check_fields, has_control
+from proxy.keys.fields import (
+    CachePolicy,
+    Defaults,
+    KeysFileError,
+    UnknownProvider,
+    check_fields,
+    has_control,
+)
 from proxy.keys.hashed import PREFIX, digest_of, is_hashed, previous_key
 from proxy.keys.hashed import digest as secret_digest
 from proxy.keys.plans import parse_plans, parse_providers
@@ -400,7 +407,7 @@ def _parse(
 ) -> dict[str, VirtualKey]:
     """Every key of the file; each problem found is added to `problems`, and the rest of the
     file is still checked, so that one reading names every mistake."""
-    providers = _providers(path, document.get("providers", {}), problems)
+    providers, refused = _providers(path, document.get("providers", {}), problems)
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
         problems.append(
@@ -425,6 +432,10 @@ def _parse(
         try:
             key = _key(path, secret, entry, providers, environ, defaults, teams)
             hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        except UnknownProvider as error:
+            if error.provider not in refused:  # else its declaration's problem is said
+                problems.append(error)
+            continue
         except KeysFileError as error:
             problems.append(error)
             continue
@@ -437,18 +448,23 @@ def _parse(
     return keys
 
 
-def _providers(path: str, section: Any, problems: list[KeysFileError]) -> dict[str, Provider]:
-    """keys.json's `providers`, each checked on its own: every bad one is added to `problems`."""
+def _providers(
+    path: str, section: Any, problems: list[KeysFileError]
+) -> tuple[dict[str, Provider], set[str]]:
+    """keys.json's `providers`, each checked on its own: every bad one is added to
+    `problems`, and its name to the refused names returned beside the good ones."""
     providers = parse_providers(path, {})  # the built-in ones
+    refused: set[str] = set()
     if not isinstance(section, dict):
         problems.append(KeysFileError(f"{path}: 'providers' must be an object of name → settings"))
-        return providers
+        return providers, refused
     for name, entry in section.items():
         try:
             providers[name] = parse_providers(path, {name: entry})[name]
         except KeysFileError as error:
             problems.append(error)
-    return providers
+            refused.add(name)
+    return providers, refused
 
 
 def _name(secret: str, entry: Mapping[str, Any]) -> Any:

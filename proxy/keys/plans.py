@@ -14,7 +14,7 @@ from typing import Any
 
 from proxy.keys import fields
 from proxy.keys.clouds import cloud_target
-from proxy.keys.fields import KeysFileError, check_fields
+from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields, has_control
 from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
     BALANCES,
@@ -35,21 +35,33 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         raise KeysFileError(f"{path}: 'providers' must be an object of name → settings")
     providers = dict(BUILTINS)
     for name, entry in section.items():
+        if not name.strip():
+            raise KeysFileError(f"{path}: a provider's name must be a non-empty string")
+        if has_control(name):  # as a key's name: not quoted, it would garble the line
+            raise KeysFileError(
+                f"{path}: provider {name!r}: name contains a control character (a NUL, tab, "
+                "line break or escape): a name must be printable text"
+            )
         where = f"{path}: provider '{name}'"
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object with base_url and auth")
         check_fields(where, entry, "provider")
         builtin = BUILTINS.get(name)
         base_url = entry.get("base_url", str(builtin.base_url) if builtin else None)
-        if not isinstance(base_url, str) or not base_url:
+        if base_url is None or base_url == "":
+            raise KeysFileError(
+                f"{where}: base_url is missing (where its API is served, e.g. "
+                "http://127.0.0.1:11434/v1)"
+            )
+        if not isinstance(base_url, str):
             raise KeysFileError(f"{where}: base_url must be an http(s) URL")
         url = fields.base_url(where, base_url)
         auth = entry.get("auth", builtin.auth if builtin else "bearer")
         if auth not in AUTH_STYLES:
-            raise KeysFileError(f"{where}: auth must be one of {', '.join(AUTH_STYLES)}")
+            raise KeysFileError(f"{where}: auth must be {_one_of(AUTH_STYLES, auth)}")
         api = entry.get("api", builtin.api if builtin else "openai")
         if api not in APIS:
-            raise KeysFileError(f"{where}: api must be one of {', '.join(APIS)}")
+            raise KeysFileError(f"{where}: api must be {_one_of(APIS, api)}")
         extra = builtin.default_headers if builtin else API_DEFAULT_HEADERS.get(api, {})
         signing = builtin.signing if builtin else ""
         if signing:
@@ -58,6 +70,14 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         regional = builtin.regional_url if builtin and "base_url" not in entry else ""
         providers[name] = Provider(name, url, auth, extra, api, signing, regional)
     return providers
+
+
+def _one_of(names: tuple[str, ...], given: object) -> str:
+    """ "one of a, b, c", and the one meant when `given` is it in other letter cases. Nothing
+    else given is echoed: a real key may have been put in the wrong field."""
+    said = f"one of {', '.join(names)}"
+    meant = given.lower() if isinstance(given, str) else None
+    return f"{said} (in lowercase: {meant!r})" if meant in names else said
 
 
 def parse_plans(
@@ -167,11 +187,13 @@ def _target(
     environ: Mapping[str, str],
     where: str,
 ) -> Target:
-    provider = providers.get(entry.get("provider"))  # type: ignore[arg-type]
+    named = entry.get("provider")
+    provider = providers.get(named)  # type: ignore[arg-type]
     if provider is None:
         known = ", ".join(sorted(providers))
-        raise KeysFileError(
-            f"{key}: {where}provider {entry.get('provider')!r} is unknown (known: {known})"
+        raise UnknownProvider(
+            f"{key}: {where}provider {named!r} is unknown (known: {known})",
+            provider=named if isinstance(named, str) else None,
         )
     if not provider.base_url.host:
         raise KeysFileError(

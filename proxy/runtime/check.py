@@ -13,7 +13,7 @@ import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from proxy.keys.advice import placeholders, short_keys
+from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import SETTINGS, SettingError, Settings, parser
@@ -77,8 +77,10 @@ def warnings(
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
+        said += endpoint_paths(key_ring, settings.keys_file_path)
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)
+            said += misnamed_prices(key_ring, prices, settings)
     return said
 
 
@@ -156,6 +158,22 @@ def unpriced_budgets(key_ring: KeyRing, prices: Prices, settings: Settings) -> l
                 f"{settings.keys_file_path}: key '{key.name}' has a budget, but "
                 f"{', '.join(unpriced)} has no price: its spend there counts nothing against "
                 f"the budget; give it one in {where} (docs/quotas-and-money.md)"
+            )
+    return said
+
+
+def misnamed_prices(key_ring: KeyRing, prices: Prices, settings: Settings) -> list[str]:
+    """One line per provider PRICES_FILE prices that no key uses but whose name is close to
+    one a key uses (a typo: it prices nothing, and that provider's requests go unpriced).
+    A name close to none is another file's business (a prices file shared by deployments)."""
+    used = sorted({target.provider.name for key in key_ring for target in key.plans.every_target()})
+    said = []
+    for name in sorted(prices.overridden_providers() - set(used)):
+        close = difflib.get_close_matches(name, used, n=1, cutoff=LOOKALIKE_RATIO)
+        if close:
+            said.append(
+                f"PRICES_FILE {settings.prices_file}: provider '{name}' is no provider of "
+                f"{settings.keys_file_path} and prices nothing: did you mean '{close[0]}'?"
             )
     return said
 

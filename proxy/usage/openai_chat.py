@@ -6,7 +6,7 @@ body) or `choices[].text` (completions). Beside it the model generates a refusal
 reasoning (`reasoning_content`, `reasoning`), tool calls (`tool_calls[].function.name`
 and `.arguments`, the older `function_call`) and an audio transcript: each counted for an
 estimate, none kept as the logged text. The usage object, in a body's `usage` or a
-stream's last chunk (`choices: []`), is {prompt_tokens, completion_tokens, prompt_tokens_details
+stream's last chunk (`choices: []`; Groq's, without stream_options: `x_groq.usage`), is {prompt_tokens, completion_tokens, prompt_tokens_details
 {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
 audio_tokens}}, whose details are parts of the totals. Embeddings report in the same
 fields (prompt only).
@@ -96,6 +96,9 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
                         _read_generated(delta, reading)
                 reading.add_text(choice.get("text"))
     usage = event.get("usage")
+    if usage is None and "x_groq" in event:  # Groq: its last chunk's `x_groq.usage`
+        groq = event["x_groq"]
+        usage = groq.get("usage") if isinstance(groq, dict) else None
     if usage is not None:  # OpenAI's `"usage": null` on every chunk but the last
         reading.reported.read(usage, USAGE)
     elif choices is None and "error" in event:  # an error object sent mid-stream

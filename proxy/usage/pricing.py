@@ -247,6 +247,10 @@ class Prices:
             price = self._library_price(provider, model, is_batch)
         return None if price is None else price.cost(usage)
 
+    def overridden_providers(self) -> set[str]:
+        """The provider names the overrides file prices."""
+        return {provider for provider, _ in self._overrides}
+
     def knows(self, provider: str, model: str | None) -> bool:
         """True when requests to `provider` for `model` can be priced; for `model` None
         (whatever model a request names), when the provider has any price at all."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxy.keys.advice import placeholders
+from proxy.keys.advice import endpoint_paths, placeholders
 from proxy.keys.keys import Defaults, KeyRing
+from proxy.runtime.check import check
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
@@ -27,3 +28,54 @@ def test_real_keys_draw_no_warning(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     path.write_text(text)
     assert placeholders(KeyRing.load(str(path), {}, DEFAULTS), str(path)) == []
+
+
+def test_a_base_url_pasted_with_its_endpoint_path_is_named(tmp_path: Path) -> None:
+    # The client's path is added to base_url: '.../v1/chat/completions' as base_url sends
+    # '.../v1/chat/completions/chat/completions', every request the provider's 404.
+    document = {
+        "providers": {
+            "groq": {"base_url": "https://api.groq.com/openai/v1/chat/completions"},
+            "ds": {
+                "base_url": "https://api.deepseek.com/anthropic/v1/messages/",
+                "api": "anthropic",
+            },
+            "ollama": {"base_url": "http://127.0.0.1:11434/v1", "auth": "none"},
+        },
+        "virtual_keys": {
+            "vk_" + "a" * 30: {"provider": "groq", "api_key": "gsk-1", "name": "a"},
+            "vk_" + "b" * 30: {"provider": "ds", "api_key": "sk-2", "name": "b"},
+            "vk_" + "c" * 30: {"provider": "ollama", "api_key": "x", "name": "c"},
+        },
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    lines = endpoint_paths(KeyRing.load(str(path), {}, DEFAULTS), str(path))
+    assert len(lines) == 2, lines
+    assert "provider 'ds': base_url ends with '/messages'" in lines[0]
+    assert "provider 'groq': base_url ends with '/chat/completions'" in lines[1]
+    assert "https://api.groq.com/openai/v1" in lines[1]
+
+
+def test_a_prices_file_naming_a_provider_as_keys_json_does_not_is_named(tmp_path: Path) -> None:
+    # PRICES_FILE is keyed by keys.json's provider names: "local-vlm" priced nothing, and the
+    # requests of "local-vllm" went on unpriced (a budget spending nothing) without a word.
+    keys = {
+        "providers": {"local-vllm": {"base_url": "http://127.0.0.1:8000/v1", "auth": "none"}},
+        "virtual_keys": {"vk_" + "a" * 30: {"provider": "local-vllm", "api_key": "x"}},
+    }
+    prices = {
+        "local-vlm": {"*": {"input_mtok": 0, "output_mtok": 0}},
+        "elsewhere": {"*": {"input_mtok": 1, "output_mtok": 1}},  # another file's: no word
+    }
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    (tmp_path / "prices.json").write_text(json.dumps(prices))
+    found = check(
+        [],
+        {"PRICES_FILE": str(tmp_path / "prices.json"), "LOG_TO_FILE": "false"},
+        str(tmp_path / "keys.json"),
+    )
+    assert found.problems == []
+    [line] = [line for line in found.warnings if "local-vlm" in line]
+    assert "did you mean 'local-vllm'?" in line
+    assert not any("elsewhere" in line for line in found.warnings)

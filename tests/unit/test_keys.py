@@ -458,6 +458,121 @@ def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
     assert "user@" not in message
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://api.groq.com/openai/v1 ",  # pasted with a trailing space
+        " https://api.groq.com/openai/v1",
+        "https://api.groq.com/openai/v1\t",
+        "https://api.groq.com/open ai/v1",
+        "http://127.0.0.1:11434/v1\n",
+    ],
+)
+def test_a_base_url_with_a_space_is_refused_not_sent_to_a_path_no_provider_serves(
+    tmp_path: Path, base_url: str
+) -> None:
+    # A trailing space became '/openai/v1%20/chat/completions' upstream: every request a
+    # provider's 404, while the file loaded and `--check` said the gateway would start.
+    document = {
+        "providers": {"groq": {"base_url": base_url}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert "provider 'groq': base_url contains a space" in refused.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("declared", "says"),
+    [
+        ({"auth": "bearer"}, "provider 'groq': base_url is missing"),
+        ({"base_url": None}, "provider 'groq': base_url is missing"),
+        (
+            {"base_url": "https://api.groq.com/openai/v1", "auth": "Bearer"},
+            "provider 'groq': auth must be one of bearer, x-api-key, api-key, x-goog-api-key, "
+            "none (in lowercase: 'bearer')",
+        ),
+        (
+            {"base_url": "https://api.groq.com/openai/v1", "api": "OpenAI"},
+            "provider 'groq': api must be one of openai, anthropic, bedrock, vertex "
+            "(in lowercase: 'openai')",
+        ),
+    ],
+)
+def test_a_bad_provider_declaration_says_what_to_write(
+    tmp_path: Path, declared: dict[str, Any], says: str
+) -> None:
+    # A declaration without base_url was told "base_url must be an http(s) URL", as if one
+    # were there; "Bearer" was told the list holding "bearer". A value that is not one of
+    # them is not echoed: it may be the real key, put in the wrong field.
+    document = {
+        "providers": {"groq": declared},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert says in refused.value.problems[0], refused.value.problems
+
+
+def test_an_auth_that_is_no_style_is_not_echoed(tmp_path: Path) -> None:
+    document = {
+        "providers": {"groq": {"base_url": "https://h/v1", "auth": "Bearer gsk_secret_123"}},
+        "virtual_keys": {"vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert "gsk_secret" not in str(refused.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "a provider's name must be a non-empty string"),
+        ("  ", "a provider's name must be a non-empty string"),
+        ("gro\nq", "provider 'gro\\nq': name contains a control character"),
+    ],
+)
+def test_a_provider_name_that_is_empty_or_holds_a_control_character_is_refused(
+    tmp_path: Path, name: str, says: str
+) -> None:
+    # "" served as a provider named nothing in logs and metrics; a line break in a name
+    # split --check's one line per problem in two.
+    document = {
+        "providers": {name: {"base_url": "ftp://x"}},
+        "virtual_keys": {"vk_a_123456789": {"provider": name, "api_key": "x", "name": "a"}},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    assert says in refused.value.problems[0], refused.value.problems
+    assert all("\n" not in problem for problem in refused.value.problems)
+
+
+def test_a_key_of_a_refused_provider_declaration_is_not_also_called_unknown(
+    tmp_path: Path,
+) -> None:
+    # The declaration's own problem is the one to fix; "provider 'groq' is unknown (known:
+    # ...)" on top sent the reader looking for a misspelt name that was spelt right.
+    document = {
+        "providers": {"groq": {"base_url": "https://api.groq.com/openai/v1", "auth": "Bearer"}},
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "groq", "api_key": "x", "name": "a"},
+            "vk_b_123456789": {
+                "provider": "openai",
+                "api_key": "y",
+                "name": "b",
+                "fallbacks": [{"provider": "groq", "api_key": "z"}],
+            },
+            "vk_c_123456789": {"provider": "grok", "api_key": "w", "name": "c"},
+        },
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    problems = refused.value.problems
+    assert len(problems) == 2, problems
+    assert "provider 'groq': auth must be one of" in problems[0]
+    assert "key 'c': provider 'grok' is unknown" in problems[1]
+
+
 @pytest.mark.parametrize("real", ["sk-abc\r\nX-Evil: 1", "sk-abc\ndef", "sk-\x00x"])
 def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: str) -> None:
     document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}

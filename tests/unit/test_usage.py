@@ -221,6 +221,28 @@ def test_openai_stream_without_usage_chunk_is_estimated():
     assert tap.text == "Hello, world!"
 
 
+def test_a_groq_stream_is_charged_the_usage_groq_reports_in_x_groq():
+    # Groq streams its usage in the last chunk's `x_groq.usage` (a request without
+    # stream_options); it was estimated from the text instead.
+    last = chat_chunk()
+    last["choices"] = [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    last["x_groq"] = {
+        "id": "req_01",
+        "usage": {
+            "queue_time": 0.07,
+            "prompt_tokens": 23,
+            "prompt_time": 0.006,
+            "completion_tokens": 19,
+            "total_tokens": 42,
+        },
+    }
+    first = chat_chunk("Hello")
+    first["x_groq"] = {"id": "req_01"}
+    tap = tap_of(sse(first, last, done=True))
+    assert tap.usage(CHAT_REQUEST) == Usage(23, 19)
+    assert tap.text == "Hello"
+
+
 def test_completions_stream_text_is_read_from_choices_text():
     body = sse(
         {"object": "text_completion", "choices": [{"text": "abc"}]}, {"choices": [{"text": "de"}]}
