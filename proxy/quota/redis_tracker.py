@@ -31,7 +31,9 @@ have counted), so a lost Redis fails within about a second; every Redis error be
 `TrackerUnavailable`, and `quota` applies QUOTA_ON_REDIS_ERROR (an admit that timed out
 may still run once Redis wakes: it then counts a request that was let through or refused,
 which errs toward the limit, never past it). A lost connection is opened again by the next
-call, so the tracker recovers by itself when Redis is back.
+call, so the tracker recovers by itself when Redis is back. A caller that leaves while its
+admission is on its way (its client closed the connection) is not waited for, but what the
+script admits is given back when Redis answers: no reservation or slot held for nobody.
 Needs Redis 5 or later (scripts replicate their effects, so `TIME` before writes is allowed).
 """
 
@@ -130,6 +132,8 @@ class RedisTracker:
         self._held: dict[str, tuple[Policy, list[int]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        # Admissions whose caller left while Redis had them: given back when they answer.
+        self._abandoned: set[asyncio.Future[list[Reading]]] = set()
         self.on_settle_failed: Callable[[str], None] = lambda error: None
 
     async def admit(
@@ -154,7 +158,18 @@ class RedisTracker:
         tokens = clamped(claim.tokens)
         micro = clamped(claim.micro_usd)
         lease_us = round(self.lease_seconds * 1e6)
-        readings = await self._run(self._admit, scopes, tokens, micro, lease, lease_us)
+        asking = asyncio.ensure_future(
+            self._run(self._admit, scopes, tokens, micro, lease, lease_us)
+        )
+        try:
+            readings = await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            # The caller left (its client closed the connection) with the script on its
+            # way: Redis runs it all the same, and what it admits is given back when it
+            # answers, not held for nobody until it counts as leaked (RESERVATION_SECONDS).
+            self._abandoned.add(asking)
+            asking.add_done_callback(functools.partial(self._give_back_abandoned, scopes, lease))
+            raise
         if lease and readings[0].admitted:
             sets = [window_keys(s.id)[-1] for s in scopes if s.max_in_flight is not None]
             if sets:
@@ -163,6 +178,23 @@ class RedisTracker:
         return tuple(
             admission(r, s.limits, s.budget) for r, s in zip(readings, scopes, strict=True)
         )
+
+    def _give_back_abandoned(
+        self, scopes: Sequence[Scope], lease: str, asking: asyncio.Future[list[Reading]]
+    ) -> None:
+        """An admission whose caller left: its reservations settled at nothing, its slots
+        released. Not when it failed (Redis lost: a late run then leaks, as any timed out)."""
+        self._abandoned.discard(asking)
+        if asking.cancelled() or asking.exception() is not None:
+            return
+        readings = asking.result()
+        if not readings[0].admitted:
+            return
+        for scope, reading in zip(scopes, readings, strict=True):
+            self.settle(scope.id, scope.limits, NOTHING, reading.ticket, scope.budget)
+        if lease and any(scope.max_in_flight is not None for scope in scopes):
+            self._leases[lease] = []  # held, for `release` to give back
+            self.release(scopes, lease, lambda: None)
 
     def settle_scopes(self, scopes: Sequence[Scope], spent: Charge, tickets: Sequence[int]) -> None:
         for scope, ticket in zip(scopes, tickets, strict=True):
@@ -284,7 +316,10 @@ class RedisTracker:
         return decoded(value) if deleted == 1 and value is not None else None
 
     async def flush(self) -> None:
-        """Send every held settle now, and wait for those already on their way."""
+        """Send every held settle now, and wait for those already on their way (and for
+        the admissions whose caller left, whose give-back is one)."""
+        if self._abandoned:  # waited for, never cancelled (gather would cancel them)
+            await asyncio.wait(list(self._abandoned))
         await asyncio.gather(self._send_held(), *self._flushing)
 
     async def ping(self) -> None:
