@@ -259,6 +259,8 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         fields, self._fields = self._fields, CIMultiDict()
         if status < 200:  # 1xx: an interim answer, the real one follows
+            if status < 100:
+                self._fail(f"status {status}")
             return
         reply.status = status
         reply.headers = CIMultiDictProxy(fields)

@@ -244,6 +244,14 @@ async def test_an_interim_answer_is_skipped(wire: Wire) -> None:
         assert (reply.status, await reply.read()) == (201, b"ok")
 
 
+async def test_a_status_below_100_is_not_valid_http_not_an_interim_answer(wire: Wire) -> None:
+    # Taken for a 1xx, it left the request waiting for an answer until REQUEST_TIMEOUT.
+    server, url = await raw_server(lambda _: b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
+    async with server:
+        with pytest.raises(aiohttp.ClientResponseError, match="status 99"):
+            await asyncio.wait_for(wire.request("GET", url, {}, None), 10)
+
+
 async def test_tls_verifies_the_certificate(wire: Wire, tmp_path: Path) -> None:
     """A server whose certificate no authority signed is refused, not trusted."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
