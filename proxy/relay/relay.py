@@ -198,11 +198,16 @@ class Relay:
             raise Cut(status, Outcome.BROKEN, why) from None
         finally:
             # Also for a client that left: what it received was produced, and is charged.
+            text = tap.text
+            if text is not None and len(echoable) > len(plan.secrets):
+                # LOG_BODIES: a cloud's access token is in no key ring the log masks with.
+                for token in echoable[len(plan.secrets) :]:
+                    text = text.replace(token, "*" * len(token))
             if status < 400:
                 usage = tap.usage(body)
-                record.saw_answer(usage, tap.model, tap.stored, tap.text, tap.batch, tap.error_kind)
+                record.saw_answer(usage, tap.model, tap.stored, text, tap.batch, tap.error_kind)
             else:
-                record.saw_answer(None, text=tap.text, error_kind=tap.error_kind)
+                record.saw_answer(None, text=text, error_kind=tap.error_kind)
 
     async def answer_hit(
         self, request: web.Request, entry: Entry, admission: Admission | None, record: Record

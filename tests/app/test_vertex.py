@@ -82,6 +82,21 @@ def vertex_keys(base: str, account_file: Path) -> dict[str, Any]:
     }
 
 
+async def vertex_gateway(
+    tmp_path: Path,
+    fake_vertex: TestServer,
+    account: tuple[dict[str, Any], bytes],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    **env: str,
+) -> TestClient:
+    account_file = tmp_path / "service-account.json"
+    account_file.write_text(json.dumps(account[0]))
+    path = tmp_path / "keys-vertex.json"
+    base = str(fake_vertex.make_url("")).rstrip("/")
+    path.write_text(json.dumps(vertex_keys(base, account_file)))
+    return await make_gateway(KEYS_FILE_PATH=str(path), **env)
+
+
 @pytest.fixture
 async def gateway(
     tmp_path: Path,
@@ -89,12 +104,7 @@ async def gateway(
     account: tuple[dict[str, Any], bytes],
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> TestClient:
-    account_file = tmp_path / "service-account.json"
-    account_file.write_text(json.dumps(account[0]))
-    path = tmp_path / "keys-vertex.json"
-    base = str(fake_vertex.make_url("")).rstrip("/")
-    path.write_text(json.dumps(vertex_keys(base, account_file)))
-    return await make_gateway(KEYS_FILE_PATH=str(path))
+    return await vertex_gateway(tmp_path, fake_vertex, account, make_gateway)
 
 
 def vertex_sdk(gateway: TestClient, virtual_key: str) -> AsyncAnthropicVertex:
@@ -389,12 +399,23 @@ async def test_a_deployed_endpoint_is_a_model_allowed_models_checks(
     ]
 
 
+@pytest.mark.parametrize("log_bodies", ["false", "true"])
 async def test_a_provider_echoing_the_access_token_hands_it_to_no_client(
-    gateway: TestClient, vertex: VertexState, records
+    tmp_path: Path,
+    fake_vertex: TestServer,
+    account: tuple[dict[str, Any], bytes],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    vertex: VertexState,
+    records,
+    log_bodies: str,
 ) -> None:
     """The access token is the service account's for its hour, to anyone who holds it: a
     proxy in front of Vertex that echoes the request's Authorization has that header dropped
-    and the token masked in the body, as a real key is. It reached the client."""
+    and the token masked in the body, as a real key is: in what the client gets, and in the
+    answer LOG_BODIES writes to the log."""
+    gateway = await vertex_gateway(
+        tmp_path, fake_vertex, account, make_gateway, LOG_BODIES=log_bodies
+    )
     response = await gateway.post(
         f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict",
         json={"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES},
@@ -406,4 +427,5 @@ async def test_a_provider_echoing_the_access_token_hands_it_to_no_client(
     assert "x-echo-authorization" not in response.headers
     assert "ya29.fake-access-token-1" not in body and '"sent"' in body
     (line,) = await records(1)
+    assert ("response" in line) == (log_bodies == "true")
     assert "ya29.fake-access-token-1" not in json.dumps(line)
