@@ -24,8 +24,10 @@ otherwise retry it, silently, for as long as Retry-After says) and is not itself
 as a failure.
 
 The client's address is the connection's peer, unless that peer is one of TRUSTED_PROXIES:
-then X-Forwarded-For names it (the rightmost entry that is not a trusted proxy), so the
-counts are per client behind an ingress, not one count for the ingress. A header from any
+then X-Forwarded-For names it (the rightmost entry that is not a trusted proxy; its port,
+which some load balancers write, dropped: a new connection is not a new client), so the
+counts are per client behind an ingress, not one count for the ingress. An entry that names
+no address (`unknown`) leaves the proxy as the client. A header from any
 other peer is ignored: a client cannot forge its way out of a lockout.
 
 Memory is bounded: at most `max_addresses` addresses are remembered (failing ones, and
@@ -63,6 +65,8 @@ PREFIX_CHARS = 12  # of the presented credential: what a stale key's retries loc
 ADDRESS_FACTOR = 4  # an address's failures, over its prefixes, that lock every unknown key
 KNOWN_PER_ADDRESS = 64  # credentials remembered as accepted from one address
 
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 @dataclass(slots=True)
 class _Failures:
@@ -98,24 +102,23 @@ class Lockout:
     def client_address(self, request: web.BaseRequest) -> str:
         """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
         peer = request.remote or ""
-        if not self._trusted or not self._is_trusted(peer):
+        if not self._trusted or not self._is_trusted(_ip(peer)):
             return peer
         hops = [
-            hop.strip()
+            hop
             for header in request.headers.getall("x-forwarded-for", [])
             for hop in header.split(",")
         ]
         for hop in reversed(hops):  # the nearest first: each proxy appends who it heard
-            if not self._is_trusted(hop):
-                return hop
+            ip = _hop_ip(hop)
+            if ip is None:  # "unknown", garbage: a proxy that hid who it heard
+                return peer
+            if not self._is_trusted(ip):
+                return str(ip)  # one spelling per address, whatever its port
         return peer  # only proxies: the nearest is the client as far as can be known
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self._trusted)
+    def _is_trusted(self, ip: IP | None) -> bool:
+        return ip is not None and any(ip in network for network in self._trusted)
 
     def authenticate(
         self, ring: KeyRing, headers: Mapping[str, str], address: str | None
@@ -245,6 +248,26 @@ class Lockout:
         # to set up (0.8 against 0.4 us, on every accepted request), and BLAKE2 over salt and
         # credential is as unguessable without the salt (it has no length extension).
         return hashlib.blake2b(self._salt + sent(credential), digest_size=16).digest()
+
+
+def _ip(address: str) -> IP | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+def _hop_ip(hop: str) -> IP | None:
+    """An X-Forwarded-For entry's address, as load balancers write it: `198.51.100.7`,
+    `2001:db8::1`, or with the client's port (`198.51.100.7:50123`, `[2001:db8::1]:443`,
+    Azure's Application Gateway); None when it names none."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        hop = hop[1:end] if end > 0 else ""
+    elif hop.count(":") == 1:
+        hop = hop[: hop.find(":")]
+    return _ip(hop)
 
 
 def _prefix(credential: str | None) -> str:

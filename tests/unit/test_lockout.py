@@ -139,6 +139,17 @@ class Peer:
         (Peer("10.1.2.3"), "10.1.2.3"),  # no header: the proxy itself
         (Peer("192.0.2.1", "198.51.100.7"), "192.0.2.1"),  # not trusted: its header ignored
         (Peer("fd00::5", "2001:db8::1"), "2001:db8::1"),
+        # As load balancers write them: with the client's port (Azure Application Gateway),
+        # an IPv6 address in brackets, with or without one, in capitals, with spaces.
+        (Peer("10.1.2.3", "198.51.100.7:50123"), "198.51.100.7"),
+        (Peer("10.1.2.3", "[2001:db8::1]:443"), "2001:db8::1"),
+        (Peer("10.1.2.3", "[2001:DB8:0::1]"), "2001:db8::1"),
+        (Peer("10.1.2.3", "6.6.6.6,198.51.100.7:1 ,  10.9.9.9:8080 "), "198.51.100.7"),
+        # What names no address (a proxy that hid it, garbage): the proxy is the client.
+        (Peer("10.1.2.3", "198.51.100.7, unknown"), "10.1.2.3"),
+        (Peer("10.1.2.3", "198.51.100.7, " + "x" * 9000), "10.1.2.3"),
+        (Peer("10.1.2.3", "198.51.100.7,,"), "10.1.2.3"),
+        (Peer("10.1.2.3", "[2001:db8::1"), "10.1.2.3"),
     ],
 )
 def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
