@@ -251,10 +251,13 @@ class Lockout:
 
 
 def _ip(address: str) -> IP | None:
+    """The address; an IPv4 one as a dual-stack socket names it (`::ffff:10.0.0.1`) as IPv4,
+    so an IPv4 CIDR of TRUSTED_PROXIES holds it and its client is counted once."""
     try:
-        return ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
 def _hop_ip(hop: str) -> IP | None:

@@ -150,6 +150,10 @@ class Peer:
         (Peer("10.1.2.3", "198.51.100.7, " + "x" * 9000), "10.1.2.3"),
         (Peer("10.1.2.3", "198.51.100.7,,"), "10.1.2.3"),
         (Peer("10.1.2.3", "[2001:db8::1"), "10.1.2.3"),
+        # IPv4 as a dual-stack socket names it (IPv4-mapped IPv6): the IPv4 CIDR holds it.
+        (Peer("::ffff:10.1.2.3", "198.51.100.7"), "198.51.100.7"),
+        (Peer("10.1.2.3", "198.51.100.7, ::ffff:10.9.9.9"), "198.51.100.7"),
+        (Peer("10.1.2.3", "[::ffff:198.51.100.7]:50123"), "198.51.100.7"),
     ],
 )
 def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
