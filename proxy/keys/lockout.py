@@ -3,7 +3,8 @@
 A virtual key is a password, and every endpoint that looks one up is a way to guess it:
 without a limit a client can try keys as fast as the gateway answers (a 12-character key
 fell in 4,096 requests). So failed authentications are counted in a fixed window per
-client address, and within it per prefix of the credential presented (its first
+client address (an IPv6 client's /64: a host is given one, 2**64 addresses that would each
+have had fresh tries), and within it per prefix of the credential presented (its first
 PREFIX_CHARS characters):
 
 - `failures` failures from one address with keys that begin alike lock that prefix at
@@ -98,12 +99,14 @@ class Lockout:
         # Address → fingerprints of credentials accepted from it, most recent last.
         self._known: OrderedDict[str, OrderedDict[bytes, None]] = OrderedDict()
         self._salt = os.urandom(16)  # fingerprints mean nothing outside this process
+        self._names: dict[str, str] = {}  # an address with a colon → what it is counted as
 
     def client_address(self, request: web.BaseRequest) -> str:
-        """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
+        """The client's address as counted: the peer's, or X-Forwarded-For's behind a trusted
+        proxy; an IPv6 one's /64."""
         peer = request.remote or ""
         if not self._trusted or not self._is_trusted(_ip(peer)):
-            return peer
+            return self._counted(peer)
         hops = [
             hop
             for header in request.headers.getall("x-forwarded-for", [])
@@ -112,10 +115,24 @@ class Lockout:
         for hop in reversed(hops):  # the nearest first: each proxy appends who it heard
             ip = _hop_ip(hop)
             if ip is None:  # "unknown", garbage: a proxy that hid who it heard
-                return peer
+                return self._counted(peer)
             if not self._is_trusted(ip):
-                return str(ip)  # one spelling per address, whatever its port
-        return peer  # only proxies: the nearest is the client as far as can be known
+                return self._counted(hop.strip())
+        # Only proxies: the nearest is the client as far as can be known.
+        return self._counted(peer)
+
+    def _counted(self, address: str) -> str:
+        """What `address` is counted as: an IPv4 address as it is, an IPv6 one as its /64 (a
+        host is given a /64, and each of its addresses had fresh tries). Remembered, as
+        working it out costs a few us."""
+        if ":" not in address:  # IPv4, spelt one way (a port or IPv6 would have a colon)
+            return address
+        named = self._names.get(address)
+        if named is None:
+            if len(self._names) >= self._max_addresses:
+                self._names.clear()
+            named = self._names[address] = _network(address)
+        return named
 
     def _is_trusted(self, ip: IP | None) -> bool:
         return ip is not None and any(ip in network for network in self._trusted)
@@ -258,6 +275,16 @@ def _ip(address: str) -> IP | None:
     except ValueError:
         return None
     return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _network(address: str) -> str:
+    """An address, with or without a port: IPv4 as it is, IPv6 as its /64."""
+    ip = _hop_ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
 
 
 def _hop_ip(hop: str) -> IP | None:
