@@ -3,7 +3,8 @@
 A virtual key is a password, and every endpoint that looks one up is a way to guess it:
 without a limit a client can try keys as fast as the gateway answers (a 12-character key
 fell in 4,096 requests). So failed authentications are counted in a fixed window per
-client address, and within it per prefix of the credential presented (its first
+client address (an IPv6 client's /64: a host is given one, 2**64 addresses that would each
+have had fresh tries), and within it per prefix of the credential presented (its first
 PREFIX_CHARS characters):
 
 - `failures` failures from one address with keys that begin alike lock that prefix at
@@ -24,8 +25,10 @@ otherwise retry it, silently, for as long as Retry-After says) and is not itself
 as a failure.
 
 The client's address is the connection's peer, unless that peer is one of TRUSTED_PROXIES:
-then X-Forwarded-For names it (the rightmost entry that is not a trusted proxy), so the
-counts are per client behind an ingress, not one count for the ingress. A header from any
+then X-Forwarded-For names it (the rightmost entry that is not a trusted proxy; its port,
+which some load balancers write, dropped: a new connection is not a new client), so the
+counts are per client behind an ingress, not one count for the ingress. An entry that names
+no address (`unknown`) leaves the proxy as the client. A header from any
 other peer is ignored: a client cannot forge its way out of a lockout.
 
 Memory is bounded: at most `max_addresses` addresses are remembered (failing ones, and
@@ -63,6 +66,8 @@ PREFIX_CHARS = 12  # of the presented credential: what a stale key's retries loc
 ADDRESS_FACTOR = 4  # an address's failures, over its prefixes, that lock every unknown key
 KNOWN_PER_ADDRESS = 64  # credentials remembered as accepted from one address
 
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 @dataclass(slots=True)
 class _Failures:
@@ -94,28 +99,43 @@ class Lockout:
         # Address → fingerprints of credentials accepted from it, most recent last.
         self._known: OrderedDict[str, OrderedDict[bytes, None]] = OrderedDict()
         self._salt = os.urandom(16)  # fingerprints mean nothing outside this process
+        self._names: dict[str, str] = {}  # an address with a colon → what it is counted as
 
     def client_address(self, request: web.BaseRequest) -> str:
-        """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
+        """The client's address as counted: the peer's, or X-Forwarded-For's behind a trusted
+        proxy; an IPv6 one's /64."""
         peer = request.remote or ""
-        if not self._trusted or not self._is_trusted(peer):
-            return peer
+        if not self._trusted or not self._is_trusted(_ip(peer)):
+            return self._counted(peer)
         hops = [
-            hop.strip()
+            hop
             for header in request.headers.getall("x-forwarded-for", [])
             for hop in header.split(",")
         ]
         for hop in reversed(hops):  # the nearest first: each proxy appends who it heard
-            if not self._is_trusted(hop):
-                return hop
-        return peer  # only proxies: the nearest is the client as far as can be known
+            ip = _hop_ip(hop)
+            if ip is None:  # "unknown", garbage: a proxy that hid who it heard
+                return self._counted(peer)
+            if not self._is_trusted(ip):
+                return self._counted(hop.strip())
+        # Only proxies: the nearest is the client as far as can be known.
+        return self._counted(peer)
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self._trusted)
+    def _counted(self, address: str) -> str:
+        """What `address` is counted as: an IPv4 address as it is, an IPv6 one as its /64 (a
+        host is given a /64, and each of its addresses had fresh tries). Remembered, as
+        working it out costs a few us."""
+        if ":" not in address:  # IPv4, spelt one way (a port or IPv6 would have a colon)
+            return address
+        named = self._names.get(address)
+        if named is None:
+            if len(self._names) >= self._max_addresses:
+                self._names.clear()
+            named = self._names[address] = _network(address)
+        return named
+
+    def _is_trusted(self, ip: IP | None) -> bool:
+        return ip is not None and any(ip in network for network in self._trusted)
 
     def authenticate(
         self, ring: KeyRing, headers: Mapping[str, str], address: str | None
@@ -245,6 +265,39 @@ class Lockout:
         # to set up (0.8 against 0.4 us, on every accepted request), and BLAKE2 over salt and
         # credential is as unguessable without the salt (it has no length extension).
         return hashlib.blake2b(self._salt + sent(credential), digest_size=16).digest()
+
+
+def _ip(address: str) -> IP | None:
+    """The address; an IPv4 one as a dual-stack socket names it (`::ffff:10.0.0.1`) as IPv4,
+    so an IPv4 CIDR of TRUSTED_PROXIES holds it and its client is counted once."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _network(address: str) -> str:
+    """An address, with or without a port: IPv4 as it is, IPv6 as its /64."""
+    ip = _hop_ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+
+
+def _hop_ip(hop: str) -> IP | None:
+    """An X-Forwarded-For entry's address, as load balancers write it: `198.51.100.7`,
+    `2001:db8::1`, or with the client's port (`198.51.100.7:50123`, `[2001:db8::1]:443`,
+    Azure's Application Gateway); None when it names none."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        hop = hop[1:end] if end > 0 else ""
+    elif hop.count(":") == 1:
+        hop = hop[: hop.find(":")]
+    return _ip(hop)
 
 
 def _prefix(credential: str | None) -> str:

@@ -119,3 +119,53 @@ async def test_metrics_needs_the_metrics_token_when_one_is_set(
     assert (await gateway.get("/metrics", headers=auth(f"{token[:-2]}99"))).status == 429
     # ...and the token, accepted from here before, is still served.
     assert (await gateway.get("/metrics", headers=auth(token))).status == 200
+
+
+async def test_a_guesser_behind_a_load_balancer_that_writes_its_port_is_locked_out(
+    make_gateway: Callable[..., Awaitable[TestClient]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Azure Application Gateway writes `ip:port` (`[ip]:port` for IPv6) in X-Forwarded-For,
+    # and every new connection of a client has a new port.
+    gateway = await make_gateway(
+        TRUSTED_PROXIES="127.0.0.1", AUTH_FAILURE_LIMIT="3", AUTH_FAILURE_WINDOW_SECONDS="600"
+    )
+    for client in ("198.51.100.7:{port}", "[2001:db8::7]:{port}"):
+        with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+            for n in range(3):
+                forwarded = {"X-Forwarded-For": client.format(port=50000 + n)}
+                guess = auth(f"vk_test_openai_{n:010d}")
+                response = await gateway.get("/usage", headers={**guess, **forwarded})
+                assert response.status == 401
+        forwarded = {"X-Forwarded-For": client.format(port=50009)}
+        response = await gateway.get("/usage", headers={**auth(OPENAI_VK), **forwarded})
+        assert response.status == 429
+    failures = [r.getMessage() for r in caplog.records if "failed authentication" in r.message]
+    assert "from 198.51.100.7 (" in failures[0] and "from 2001:db8::/64 (" in failures[-1]
+    # Another client behind the same balancer is not locked out by them.
+    other = {"X-Forwarded-For": "203.0.113.9:40000"}
+    response = await gateway.get("/usage", headers={**auth(OPENAI_VK), **other})
+    assert response.status == 200
+
+
+async def test_a_guesser_rotating_ipv6_addresses_within_its_64_is_locked_out(
+    make_gateway: Callable[..., Awaitable[TestClient]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A host is given a /64: 2**64 addresses, each of which had its own fresh tries.
+    gateway = await make_gateway(
+        TRUSTED_PROXIES="127.0.0.1", AUTH_FAILURE_LIMIT="3", AUTH_FAILURE_WINDOW_SECONDS="600"
+    )
+    with caplog.at_level(logging.WARNING, logger="llm_gateway"):
+        for n in range(3):
+            forwarded = {"X-Forwarded-For": f"2001:db8:1:2::{n + 1:x}"}
+            guess = auth(f"vk_test_openai_{n:010d}")
+            response = await gateway.get("/usage", headers={**guess, **forwarded})
+            assert response.status == 401
+    forwarded = {"X-Forwarded-For": "2001:db8:1:2:ffff:ffff:ffff:fffe"}
+    response = await gateway.get("/usage", headers={**auth(OPENAI_VK), **forwarded})
+    assert response.status == 429
+    failures = [r.getMessage() for r in caplog.records if "failed authentication" in r.message]
+    assert all("from 2001:db8:1:2::/64 (" in failure for failure in failures)
+    # The next /64 is someone else.
+    forwarded = {"X-Forwarded-For": "2001:db8:1:3::1"}
+    response = await gateway.get("/usage", headers={**auth(OPENAI_VK), **forwarded})
+    assert response.status == 200

@@ -138,7 +138,22 @@ class Peer:
         (Peer("10.1.2.3", "198.51.100.7", "10.9.9.9"), "198.51.100.7"),  # as two headers
         (Peer("10.1.2.3"), "10.1.2.3"),  # no header: the proxy itself
         (Peer("192.0.2.1", "198.51.100.7"), "192.0.2.1"),  # not trusted: its header ignored
-        (Peer("fd00::5", "2001:db8::1"), "2001:db8::1"),
+        (Peer("fd00::5", "2001:db8::1"), "2001:db8::/64"),  # an IPv6 client: its /64
+        # As load balancers write them: with the client's port (Azure Application Gateway),
+        # an IPv6 address in brackets, with or without one, in capitals, with spaces.
+        (Peer("10.1.2.3", "198.51.100.7:50123"), "198.51.100.7"),
+        (Peer("10.1.2.3", "[2001:db8::1]:443"), "2001:db8::/64"),
+        (Peer("10.1.2.3", "[2001:DB8:0::1]"), "2001:db8::/64"),
+        (Peer("10.1.2.3", "6.6.6.6,198.51.100.7:1 ,  10.9.9.9:8080 "), "198.51.100.7"),
+        # What names no address (a proxy that hid it, garbage): the proxy is the client.
+        (Peer("10.1.2.3", "198.51.100.7, unknown"), "10.1.2.3"),
+        (Peer("10.1.2.3", "198.51.100.7, " + "x" * 9000), "10.1.2.3"),
+        (Peer("10.1.2.3", "198.51.100.7,,"), "10.1.2.3"),
+        (Peer("10.1.2.3", "[2001:db8::1"), "10.1.2.3"),
+        # IPv4 as a dual-stack socket names it (IPv4-mapped IPv6): the IPv4 CIDR holds it.
+        (Peer("::ffff:10.1.2.3", "198.51.100.7"), "198.51.100.7"),
+        (Peer("10.1.2.3", "198.51.100.7, ::ffff:10.9.9.9"), "198.51.100.7"),
+        (Peer("10.1.2.3", "[::ffff:198.51.100.7]:50123"), "198.51.100.7"),
     ],
 )
 def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
@@ -150,6 +165,28 @@ def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
     assert door.client_address(peer) == client  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("peer", "client"),
+    [
+        (Peer("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64"),
+        (Peer("198.51.100.7"), "198.51.100.7"),
+        (Peer("::ffff:198.51.100.7"), "198.51.100.7"),
+    ],
+)
+def test_a_peer_is_counted_by_its_address_and_an_ipv6_one_by_its_64(
+    peer: Peer, client: str
+) -> None:
+    door = Lockout(3, 60.0, lambda outcome: None)
+    assert door.client_address(peer) == client  # type: ignore[arg-type]
+
+
 def test_trusted_proxies_that_do_not_parse_stop_the_start() -> None:
     with pytest.raises(SettingError, match="TRUSTED_PROXIES.*'10.0.0.0/33'"):
         Settings.from_env({"TRUSTED_PROXIES": "10.0.0.1,10.0.0.0/33"}, [])
+
+
+def test_what_ipv6_addresses_are_counted_as_is_remembered_within_the_bound() -> None:
+    door = Lockout(3, 60.0, lambda outcome: None, max_addresses=10)
+    for n in range(1, 26):  # an attacker rotating addresses
+        assert door.client_address(Peer(f"2001:db8:0:{n:x}::1")) == f"2001:db8:0:{n:x}::/64"  # type: ignore[arg-type]
+        assert len(door._names) <= 10
