@@ -229,7 +229,12 @@ def setting(
 class Settings:
     """Every setting of the gateway, parsed and checked."""
 
-    server_host: str = setting("0.0.0.0", _text, "address to listen on")
+    server_host: str = setting(
+        "0.0.0.0",
+        _text,
+        "address to listen on; several separated by commas (0.0.0.0,:: for IPv4 and IPv6: "
+        ":: alone is IPv6 only)",
+    )
     server_port: int = setting("8080", _port, "port to listen on")
     keys_file_path: str = setting("keys.json", _text, "the virtual key file")
     prices_file: str | None = setting(

@@ -188,8 +188,16 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
 
     with _refusals(host, port):
         return await loop.create_server(
-            connection, host, port, reuse_port=reuse_port or None, backlog=1024
+            connection, hosts(host), port, reuse_port=reuse_port or None, backlog=1024
         )
+
+
+def hosts(host: str) -> str | list[str]:
+    """SERVER_HOST as create_server takes it: one address, or several separated by commas
+    (`0.0.0.0,::`: IPv4 and IPv6; `::` alone is IPv6 only, as asyncio sets IPV6_V6ONLY)."""
+    if "," not in host:
+        return host
+    return [part.strip() for part in host.split(",") if part.strip()]
 
 
 def check_port_free(settings: Settings) -> None:
@@ -203,7 +211,9 @@ def check_port_free(settings: Settings) -> None:
 
     async def bind() -> None:
         with _refusals(host, port):
-            probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+            probe = await asyncio.get_running_loop().create_server(
+                asyncio.Protocol, hosts(host), port
+            )
         probe.close()
         await probe.wait_closed()
 

@@ -408,3 +408,26 @@ async def test_a_low_soft_open_files_limit_does_not_cut_concurrent_streams(
     async with aiohttp.ClientSession(connector=connector) as session:
         answers = await asyncio.gather(*(one(session) for _ in range(100)))
     assert answers == [200] * 100, sorted(map(str, answers))
+
+
+async def test_server_host_takes_several_addresses_for_ipv4_and_ipv6(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # `::` alone listens on IPv6 only (asyncio sets IPV6_V6ONLY): a dual-stack cluster's
+    # IPv4 clients were refused. A comma-separated list listens on each address.
+    port = free_port()
+    processes.start(
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1, ::1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
+        },
+        ready="listening on",
+    )
+    async with aiohttp.ClientSession() as session:
+        for base in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+            async with session.get(f"{base}/health") as response:
+                assert response.status == 200, base
