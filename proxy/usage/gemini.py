@@ -16,7 +16,9 @@ What the model generated, counted for an estimate when no usage comes: parts' `t
 thought's too, not kept as the logged text), `functionCall` names and `args`, and
 `executableCode`. A request's prompt (`prompt_chars`): `contents[].parts[]` (text,
 function calls and responses, code and its results), `systemInstruction` and the `tools`'
-declarations. Proto JSON takes camelCase and snake_case names alike: both are read.
+declarations; an embedding's (`embedded_chars`): the `content` of an embedContent request, of
+each of a batchEmbedContents' `requests`, and their `title`. Proto JSON takes camelCase and
+snake_case names alike: both are read.
 """
 
 from __future__ import annotations
@@ -96,6 +98,15 @@ def prompt_chars(document: dict[str, Any]) -> int:
         system = document.get(name)
         chars += estimate.string_chars(system) + _parts_chars(system)
     return chars + estimate.json_chars(document.get("tools"))
+
+
+def embedded_chars(document: dict[str, Any]) -> int:
+    """Characters an embedContent request embeds (its `content`, and `title`), or a
+    batchEmbedContents request (each of its `requests`)."""
+    chars = _parts_chars(document.get("content")) + estimate.string_chars(document.get("title"))
+    for request in _dicts(document.get("requests")):
+        chars += _parts_chars(request.get("content")) + estimate.string_chars(request.get("title"))
+    return chars
 
 
 def _parts_chars(content: object) -> int:

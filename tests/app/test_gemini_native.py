@@ -8,8 +8,11 @@ string; the google-genai SDK sends `x-goog-api-key`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import CUSTOM_REAL, CUSTOM_VK
@@ -60,3 +63,46 @@ async def test_a_key_in_the_query_string_gets_100_continue(gateway: TestClient) 
     finally:
         writer.close()
     assert line.startswith(b"HTTP/1.1 100 Continue"), line
+
+
+TEXT = "x" * 400  # 100 tokens at four characters a token
+
+
+@pytest.mark.parametrize(
+    ("call", "body"),
+    [
+        ("gemini-embedding-001:embedContent", {"content": {"parts": [{"text": TEXT}]}}),
+        (
+            "gemini-embedding-001:batchEmbedContents",
+            {
+                "requests": [
+                    {
+                        "model": "models/gemini-embedding-001",
+                        "content": {"parts": [{"text": TEXT[:200]}]},
+                    },
+                    {
+                        "model": "models/gemini-embedding-001",
+                        "content": {"parts": [{"text": TEXT[200:]}]},
+                    },
+                ]
+            },
+        ),
+    ],
+)
+async def test_an_embedding_answered_without_usage_is_charged_its_prompt_estimated(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    call: str,
+    body: dict[str, Any],
+) -> None:
+    # Google AI answers embedContent and batchEmbedContents with the vectors alone: no usage.
+    response = await gateway.post(
+        f"/v1/models/{call}", json=body, headers={"x-goog-api-key": CUSTOM_VK}
+    )
+    assert response.status == 200, await response.text()
+    (line,) = await records(1)
+    assert line["model"] == "gemini-embedding-001"
+    assert line["usage"] is not None, line
+    assert line["usage"]["prompt_tokens"] == 100
+    assert line["usage"]["completion_tokens"] == 0
+    assert line["usage"]["estimated"] is True
