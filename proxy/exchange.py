@@ -51,7 +51,7 @@ from multidict import CIMultiDictProxy
 from proxy import errors
 from proxy.cache.cache import Cache, Lookup
 from proxy.errors import Cut, GatewayError
-from proxy.keys.credentials import presented
+from proxy.keys.credentials import presented, with_query
 from proxy.keys.keys import KeyRing, VirtualKey, masked
 from proxy.keys.lockout import Lockout
 from proxy.observe.logbook import Logbook
@@ -312,8 +312,9 @@ class Exchange:
         """Route (no key needed), then find the key where `transport` presents it. Raises
         400, 404, 405 (the path), 401, 429 (the lockout)."""
         entrance, request = self._entrance, self.request
-        self.tail, self.query = route(request.raw_path)
-        self._credentials = credentials = transport.credentials(request.headers)
+        self.tail, query = route(request.raw_path)
+        credentials, self.query = with_query(transport.credentials(request.headers), query)
+        self._credentials = credentials
         lockout = entrance.lockout
         address = lockout.client_address(request)
         self.key = key = lockout.authenticate(entrance.key_ring, credentials, address)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import HttpVersion11, web
 
 from proxy.errors import GatewayError
+from proxy.keys.credentials import with_query
 from proxy.keys.keys import KeyRing
 from proxy.keys.lockout import Lockout
 from proxy.quota.quota import Quota
@@ -48,8 +49,8 @@ def expect_handler(
         if lockout.refuses(request):
             return None
         try:
-            route(request.raw_path)
-            quota.precheck(ring.authenticate(request.headers), None)
+            credentials, _ = with_query(request.headers, route(request.raw_path)[1])
+            quota.precheck(ring.authenticate(credentials), None)
         except GatewayError:
             return None
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -6,17 +6,20 @@ as one JSON array without) holds `candidates[].content.parts[]` and `usageMetada
 toolUsePromptTokenCount}. Gemini counts thoughts beside the candidates and a tool's prompt
 beside the prompt: the completion is candidates plus thoughts (thoughts its reasoning), the
 prompt is prompt plus tool-use prompt (cached content a part of it). Proto JSON leaves out
-a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken from an event
-only when it counts candidates or thoughts (one that counts only the prompt would charge a
-cut stream no completion); a JSON body's is its answer's (of a body over 1 MiB, an answer
-with inline images, the last `usageMetadata` in its tail, taken as a stream event's). The
-model that answered is `modelVersion`.
+a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken as the answer's
+from an event only when it counts candidates or thoughts; one that counts only the prompt
+(Vertex sends that until the last event) is provisional: a stream cut after it is charged
+that prompt and at least the completion it delivered, estimated. A JSON body's is its
+answer's (of a body over 1 MiB, an answer with inline images, the last `usageMetadata` in
+its tail, taken as a stream event's). The model that answered is `modelVersion`.
 
 What the model generated, counted for an estimate when no usage comes: parts' `text` (a
 thought's too, not kept as the logged text), `functionCall` names and `args`, and
 `executableCode`. A request's prompt (`prompt_chars`): `contents[].parts[]` (text,
 function calls and responses, code and its results), `systemInstruction` and the `tools`'
-declarations. Proto JSON takes camelCase and snake_case names alike: both are read.
+declarations; an embedding's (`embedded_chars`): the `content` of an embedContent request, of
+each of a batchEmbedContents' `requests`, and their `title`. Proto JSON takes camelCase and
+snake_case names alike: both are read.
 """
 
 from __future__ import annotations
@@ -98,6 +101,15 @@ def prompt_chars(document: dict[str, Any]) -> int:
     return chars + estimate.json_chars(document.get("tools"))
 
 
+def embedded_chars(document: dict[str, Any]) -> int:
+    """Characters an embedContent request embeds (its `content`, and `title`), or a
+    batchEmbedContents request (each of its `requests`)."""
+    chars = _parts_chars(document.get("content")) + estimate.string_chars(document.get("title"))
+    for request in _dicts(document.get("requests")):
+        chars += _parts_chars(request.get("content")) + estimate.string_chars(request.get("title"))
+    return chars
+
+
 def _parts_chars(content: object) -> int:
     """A Content's parts: text, function calls and responses, code and its results."""
     parts = content.get("parts") if isinstance(content, dict) else None
@@ -152,8 +164,15 @@ def read_usage(metadata: object, reading: Reading, is_final: bool = True) -> Non
         return
     prompt, tool_prompt = _count(metadata, _PROMPT), _count(metadata, _TOOL_PROMPT)
     candidates, thoughts = _count(metadata, _CANDIDATES), _count(metadata, _THOUGHTS)
-    if not is_final and candidates is None and thoughts is None:
-        return
+    is_prompt_only = not is_final and candidates is None and thoughts is None
+    if is_prompt_only:
+        if reading.reported.is_reported and not reading.is_usage_provisional:
+            return  # a full count came already: it stands
+        # The prompt's count is final, the completion's still to come: a stream cut here is
+        # charged that prompt and at least what it delivered (`Reading.is_usage_provisional`).
+        reading.is_usage_provisional = True
+    else:
+        reading.is_usage_provisional = False
     summed = {
         "prompt": (prompt or 0) + (tool_prompt or 0),
         "completion": (candidates or 0) + (thoughts or 0),

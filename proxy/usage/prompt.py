@@ -3,7 +3,7 @@
 What admission reserves (`peek`) and what an answer without usage is charged (`usage`)
 count every string of the prompt; where each string sits is its dialect's knowledge, one
 module each (`openai_chat`: chat, completions, embeddings; `responses`; `anthropic`;
-`bedrock`: Converse; `gemini`: generateContent). This module only picks the dialect: by the
+`bedrock`: Converse; `gemini`: generateContent, embedContent). This module only picks the dialect: by the
 path's end, as `charged` picks what an answer is charged, and for a path whose body is the
 model's own API (Bedrock's invoke, Vertex's rawPredict) or an unknown one, by the body's
 shape: `anthropic_version` (Claude on Bedrock and Vertex), `contents` (Gemini), else the
@@ -28,6 +28,7 @@ _BY_PATH: tuple[tuple[tuple[str, ...], _Reader], ...] = (
     (("messages", "messages/count_tokens"), anthropic.prompt_chars),
     (("/converse", "/converse-stream"), bedrock.prompt_chars),
     ((":generateContent", ":streamGenerateContent", ":countTokens"), gemini.prompt_chars),
+    ((":embedContent", ":batchEmbedContents"), gemini.embedded_chars),
 )
 
 

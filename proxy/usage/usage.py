@@ -12,10 +12,10 @@ whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answ
 dialect writes what it read into the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
-to chat/completions, completions, responses, messages, embeddings) without a readable usage
-is charged an estimate (`estimate`: every string of the request's prompt, read by its
-path's dialect (`prompt`), and every string the provider generated, as its dialect counted
-them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
+to chat/completions, completions, responses, messages, embeddings, Gemini's generateContent
+and embedContent) without a readable usage is charged an estimate (`estimate`: every string
+of the request's prompt, read by its path's dialect (`prompt`), and every string the
+provider generated, as its dialect counted them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
 coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
 (or received) bytes stand for its text. An answer that is only the provider's error (an Anthropic
 stream's `error` event before `message_start`, an error object under the 200: nothing
@@ -139,6 +139,9 @@ _GENERATIONS = (
     ":generateContent",
     ":streamGenerateContent",
 )
+# Endpoints that embed a prompt: OpenAI's, and Gemini's native ones (Google AI answers them
+# with no usage at all).
+_EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents")
 # Vertex's token count for Claude (the SDK's count_tokens) ends as a generation's path does.
 _VERTEX_COUNT_TOKENS = "/count-tokens:rawPredict"
 # Taps that read the Responses API object answered (its id and status).
@@ -168,7 +171,7 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
         if path.endswith(_VERTEX_COUNT_TOKENS):
             return Charged.REPORTED  # counts a prompt, generates nothing
         return Charged.LATER if is_background else Charged.TEXT
-    if path.endswith("/embeddings"):
+    if path.endswith(_EMBEDDINGS):
         return Charged.PROMPT
     if path.endswith("/audio/speech"):
         return Charged.CHARACTERS

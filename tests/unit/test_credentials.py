@@ -1,4 +1,5 @@
-"""Credentials whose bytes are not UTF-8: compared, hashed and counted like any wrong one."""
+"""Credentials whose bytes are not UTF-8: compared, hashed and counted like any wrong one;
+Google's `?key=` query parameter."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.errors import GatewayError
-from proxy.keys.credentials import presents_token
+from proxy.keys.credentials import presents_token, with_query
 from proxy.keys.hashed import hashed
 from proxy.keys.keys import Defaults, KeyRing
 from proxy.keys.lockout import Lockout
@@ -62,3 +63,28 @@ def test_a_keys_store_secret_from_an_environment_that_is_not_utf8_makes_a_cipher
 
     token = fernet("s\udcffcret").encrypt(b"keys")
     assert fernet("s\udcffcret").decrypt(token) == b"keys"
+
+
+@pytest.mark.parametrize(
+    ("query", "credential", "forwarded"),
+    [
+        ("key=vk_a&alt=sse", "vk_a", "alt=sse"),
+        ("alt=sse&%6Bey=vk_a", "vk_a", "alt=sse"),  # a name percent-encoded is the same name
+        ("key=vk%2Ba&key=vk_b", "vk+a", ""),  # the first; none of them forwarded
+        ("key=&alt=sse", None, "alt=sse"),
+        ("keyword=x&monkey=y&api-version=1", None, "keyword=x&monkey=y&api-version=1"),
+        ("", None, ""),
+    ],
+)
+def test_a_key_query_parameter_is_a_credential_and_never_forwarded(
+    query: str, credential: str | None, forwarded: str
+) -> None:
+    found, rest = with_query(CIMultiDict(), query)
+    assert found.get("x-goog-api-key") == credential
+    assert rest == forwarded
+
+
+def test_a_key_header_comes_before_the_key_parameter() -> None:
+    headers = CIMultiDict({"x-api-key": "vk_header"})
+    found, rest = with_query(headers, "key=vk_query")
+    assert found is headers and rest == ""

@@ -1292,11 +1292,18 @@ def test_a_large_gemini_answer_is_charged_the_usage_metadata_in_its_tail() -> No
     assert tap_of(encoded, JSON, chunks=[1000, len(encoded) // 2]).usage(b"") == Usage(12, 1290)
 
 
-def test_a_gemini_stream_cut_before_its_counts_is_estimated_not_charged_nothing() -> None:
-    """The prompt's count alone, early in a stream, is not the answer's usage."""
+def test_a_gemini_stream_cut_before_its_counts_is_charged_its_prompt_and_what_came() -> None:
+    """The prompt's count alone, early in a stream (Vertex sends it so), is not the answer's
+    usage: a stream cut there is charged that prompt (an image or a cached document in it
+    counts, which no estimate sees) and at least the completion it delivered, estimated."""
     stream = sse(gemini_event("x" * 40, {"promptTokenCount": 40}), gemini_event("y" * 40))
     request = orjson.dumps({"contents": [{"parts": [{"text": "z" * 20}]}]})
-    assert tap_of(stream).usage(request) == Usage(5, 20, estimated=True)
+    assert tap_of(stream).usage(request) == Usage(40, 20, estimated=True)
+    array = orjson.dumps([gemini_event("x" * 40, {"promptTokenCount": 40})])
+    assert tap_of(array, JSON).usage(request) == Usage(40, 10, estimated=True)
+    # A full count, then a count of the prompt alone: the full count stands.
+    stream = sse(gemini_event("x", GEMINI_USAGE), gemini_event("y", {"promptTokenCount": 40}))
+    assert tap_of(stream).usage(request) == Usage(42, 14, cache_read_tokens=32, reasoning_tokens=5)
 
 
 @settings(max_examples=300, deadline=None)
