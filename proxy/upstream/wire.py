@@ -47,6 +47,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
+# Bytes read before an answer's head is whole (the reads that carry it): a provider's head is
+# a few KiB; one that never ends fails here, not after holding it all until the timeout.
+MAX_HEAD_BYTES = 1 << 20
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
 Origin = tuple[str, str, int]  # scheme, host, port
@@ -204,6 +207,7 @@ class Connection(asyncio.Protocol):
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
         self._paused = False
+        self._head_left = -1  # bytes an answer's head may still take; -1: its head is whole
         # The answer's header fields as they are parsed (after its head, a throwaway that
         # takes a chunked body's trailers).
         self._fields: CIMultiDict[str] = CIMultiDict()
@@ -212,6 +216,7 @@ class Connection(asyncio.Protocol):
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
         self._fields, self.heard, self.reusable = CIMultiDict(), False, False
         self.head_only = head_only
+        self._head_left = MAX_HEAD_BYTES
         self.reply = Reply(self)
         self.headed = self.loop.create_future()
         return self.headed
@@ -222,6 +227,11 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
+        if self._head_left >= 0:
+            self._head_left -= len(data)
+            if self._head_left < 0:
+                self._fail(f"head over {MAX_HEAD_BYTES} bytes")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -262,7 +272,7 @@ class Connection(asyncio.Protocol):
             if status < 100:
                 self._fail(f"status {status}")
             return
-        reply.status = status
+        reply.status, self._head_left = status, -1
         reply.headers = CIMultiDictProxy(fields)
         if not headed.done():
             headed.set_result(reply)

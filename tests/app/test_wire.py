@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from proxy.upstream.wire import HIGH_WATER, Wire
+from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Wire
 from tests.support.processes import free_port
 
 Serve = Callable[..., Awaitable[TestServer]]
@@ -249,6 +249,16 @@ async def test_a_status_below_100_is_not_valid_http_not_an_interim_answer(wire: 
     server, url = await raw_server(lambda _: b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
     async with server:
         with pytest.raises(aiohttp.ClientResponseError, match="status 99"):
+            await asyncio.wait_for(wire.request("GET", url, {}, None), 10)
+
+
+async def test_a_head_that_never_ends_fails_at_its_bound_not_at_the_timeout(wire: Wire) -> None:
+    # A provider sending header bytes without end held them all in memory until
+    # REQUEST_TIMEOUT; past MAX_HEAD_BYTES the answer is not valid HTTP.
+    endless = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES + 65536)
+    server, url = await raw_server(lambda _: endless)
+    async with server:
+        with pytest.raises(aiohttp.ClientResponseError, match="head over"):
             await asyncio.wait_for(wire.request("GET", url, {}, None), 10)
 
 
