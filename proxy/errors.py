@@ -67,10 +67,13 @@ _ANTHROPIC_TYPES = {
     429: "rate_limit_error",
     504: "timeout_error",  # as Anthropic types its own 504
 }
-# Bedrock's paths (the runtime's model/{id}/..., async-invoke, guardrail/...): botocore
-# reads an error's type from `x-amzn-ErrorType`, its message from the body's top-level
-# `message` and its request id from `x-amzn-RequestId`; the type picks its exception.
-_BEDROCK_PATHS = ("/v1/model/", "/v1/async-invoke", "/v1/guardrail/")
+# Bedrock's paths (the runtime's model/{id}/..., async-invoke, guardrail/...; also without
+# /v1, where a client given the gateway's root gets its 404): botocore reads an error's
+# type from `x-amzn-ErrorType`, its message from the body's top-level `message` and its
+# request id from `x-amzn-RequestId`; the type picks its exception.
+_BEDROCK_PATHS = tuple(
+    f"{root}{path}" for root in ("/v1", "") for path in ("/model/", "/async-invoke", "/guardrail/")
+)
 _BEDROCK_TYPES = {
     401: "UnrecognizedClientException",  # as AWS answers credentials it does not know
     403: "AccessDeniedException",

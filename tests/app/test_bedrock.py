@@ -403,13 +403,13 @@ async def test_an_async_invocation_is_checked_by_the_model_its_body_names(
     assert refused_line["model"] == "amazon.nova-reel-v1:1" and allowed_line["model"] == CLAUDE
 
 
-def botocore_error(gateway: TestClient, key: str, model: str) -> ClientError:
+def botocore_error(gateway: TestClient, key: str, model: str, endpoint: str = "/v1") -> ClientError:
     """botocore's bedrock-runtime client in gateway mode (unsigned, its virtual key as a
-    bearer token) calling Converse: the error it raises."""
+    bearer token) calling Converse at `endpoint`: the error it raises."""
     client = get_session().create_client(
         "bedrock-runtime",
         region_name=REGION,
-        endpoint_url=str(gateway.make_url("/v1")),
+        endpoint_url=str(gateway.make_url(endpoint)),
         config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
     )
 
@@ -453,6 +453,19 @@ async def test_botocore_reads_the_gateways_own_errors(
     assert error.response["Error"]["Code"] == code
     assert says in error.response["Error"]["Message"]
     assert meta["RequestId"] == meta["HTTPHeaders"]["x-request-id"]
+    assert bedrock.seen == []
+
+
+async def test_botocore_pointed_at_the_gateways_root_is_told_to_use_v1(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """An endpoint_url without /v1 (as Bedrock's own has none): a 404 botocore reads as
+    ResourceNotFoundException, saying where Bedrock's paths are, not an empty message."""
+    error = await asyncio.to_thread(botocore_error, gateway, BEDROCK_VK, CLAUDE, "/")
+    assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert error.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert "/v1" in error.response["Error"]["Message"]
+    assert "Bedrock" in error.response["Error"]["Message"]
     assert bedrock.seen == []
 
 
