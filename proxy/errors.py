@@ -38,6 +38,9 @@ The failure map, by the step that raises (status, OpenAI code):
                    431 request_head_too_large a request line over 8 KiB, a header field over
                                               4 KiB, more than 32 of them
 
+On Bedrock's paths the OpenAI body also has a top-level `message`, with `x-amzn-ErrorType`
+and `x-amzn-RequestId`: what botocore reads (`ThrottlingException` for a 429, ...).
+
 After the response headers went out, a failure can only end the stream: the relay raises
 `Cut` (the provider broke or fell silent, or the client left: 499), and the exchange
 records why and closes the connection, with no error body.
@@ -63,6 +66,21 @@ _ANTHROPIC_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     504: "timeout_error",  # as Anthropic types its own 504
+}
+# Bedrock's paths (the runtime's model/{id}/..., async-invoke, guardrail/...; also without
+# /v1, where a client given the gateway's root gets its 404): botocore reads an error's
+# type from `x-amzn-ErrorType`, its message from the body's top-level `message` and its
+# request id from `x-amzn-RequestId`; the type picks its exception.
+_BEDROCK_PATHS = tuple(
+    f"{root}{path}" for root in ("/v1", "") for path in ("/model/", "/async-invoke", "/guardrail/")
+)
+_BEDROCK_TYPES = {
+    401: "UnrecognizedClientException",  # as AWS answers credentials it does not know
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    429: "ThrottlingException",
+    503: "ServiceUnavailableException",
+    504: "ModelTimeoutException",
 }
 
 
@@ -106,8 +124,15 @@ def is_anthropic_path(path: str) -> bool:
     return path.startswith(("/v1/messages", "/messages"))
 
 
+def _bedrock_type(status: int) -> str:
+    """The AWS error type botocore raises for a status of ours on a Bedrock path."""
+    default = "InternalServerException" if status >= 500 else "ValidationException"
+    return _BEDROCK_TYPES.get(status, default)
+
+
 def body(error: GatewayError, path: str) -> bytes:
-    """The JSON error body in the endpoint's dialect."""
+    """The JSON error body in the endpoint's dialect (on Bedrock's paths, OpenAI's with the
+    top-level `message` botocore reads)."""
     if is_anthropic_path(path):
         kind = _ANTHROPIC_TYPES.get(
             error.status, "api_error" if error.status >= 500 else "invalid_request_error"
@@ -119,27 +144,29 @@ def body(error: GatewayError, path: str) -> bytes:
         kind = _OPENAI_TYPES.get(
             error.status, "api_error" if error.status >= 500 else "invalid_request_error"
         )
-    return orjson.dumps(
-        {
-            "error": {
-                "message": error.message,
-                "type": kind,
-                "param": error.param,
-                "code": error.code,
-            }
-        }
-    )
+    document: dict[str, object] = {
+        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    }
+    if path.startswith(_BEDROCK_PATHS):
+        document["message"] = error.message
+    return orjson.dumps(document)
 
 
 def render(error: GatewayError, path: str, request_id: str | None = None) -> web.Response:
     """The error as a response, with its headers and the request id (when the caller has one):
     `x-request-id`, and `request-id`, where Anthropic's SDKs read it
-    (`APIStatusError.request_id`), on its own paths and the shared ones (`/v1/models`)."""
+    (`APIStatusError.request_id`), on its own paths and the shared ones (`/v1/models`); on
+    Bedrock's, the AWS error type and `x-amzn-RequestId`, which botocore reads."""
     response = web.Response(
         status=error.status, body=body(error, path), content_type="application/json"
     )
     response.headers.update(error.headers)
+    bedrock = path.startswith(_BEDROCK_PATHS)
+    if bedrock:
+        response.headers["x-amzn-ErrorType"] = _bedrock_type(error.status)
     if request_id is not None:
         response.headers["x-request-id"] = request_id
         response.headers["request-id"] = request_id
+        if bedrock:
+            response.headers["x-amzn-RequestId"] = request_id
     return response

@@ -77,6 +77,7 @@ def route(raw_target: str) -> tuple[str, str]:
             "Not a proxied path. Proxied: /v1/<provider path> (e.g. /v1/chat/completions, "
             "/v1/messages, /v1/embeddings, /v1/models, /v1/responses) and, without /v1, "
             "/chat/completions, /completions, /embeddings, /messages, /models. "
+            "Bedrock and Vertex clients take the gateway's /v1 as their endpoint. "
             "The gateway's own: GET /health, /ready, /metrics, /usage.",
         )
     if _PLAIN.fullmatch(tail):

@@ -18,9 +18,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from anthropic import AsyncAnthropicBedrock
+from botocore import UNSIGNED
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+from botocore.session import get_session
 
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
@@ -43,6 +47,7 @@ REGION = "us-west-2"
 BEDROCK_VK = "vk_test_bedrock_6c1d9e3a7f"
 NARROW_VK = "vk_test_bedrock_narrow_2f8b"
 SMALL_VK = "vk_test_bedrock_small_7a3c"  # a window of 1,000 tokens
+ONCE_VK = "vk_test_bedrock_once_4e9d"  # a window of one request
 CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 MESSAGES = [{"role": "user", "content": "say hello please"}]
 
@@ -67,6 +72,7 @@ def bedrock_keys(base: str, environ_names: bool = False) -> dict[str, Any]:
             BEDROCK_VK: {"name": "bedrock", **target},
             NARROW_VK: {"name": "narrow", "allowed_models": ["anthropic.claude-*"], **target},
             SMALL_VK: {"name": "small", "quota": {"requests": 100, "tokens": 1000}, **target},
+            ONCE_VK: {"name": "once", "quota": {"requests": 1}, **target},
         },
     }
 
@@ -395,6 +401,72 @@ async def test_an_async_invocation_is_checked_by_the_model_its_body_names(
     assert len(bedrock.seen) == 1
     refused_line, allowed_line = await records(2)
     assert refused_line["model"] == "amazon.nova-reel-v1:1" and allowed_line["model"] == CLAUDE
+
+
+def botocore_error(gateway: TestClient, key: str, model: str, endpoint: str = "/v1") -> ClientError:
+    """botocore's bedrock-runtime client in gateway mode (unsigned, its virtual key as a
+    bearer token) calling Converse at `endpoint`: the error it raises."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url(endpoint)),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    messages = [{"role": "user", "content": [{"text": "hi"}]}]
+    with pytest.raises(ClientError) as raised:
+        client.converse(modelId=model, messages=messages)
+    client.close()
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "status", "code", "says"),
+    [
+        ("vk_unknown_0000", CLAUDE, 401, "UnrecognizedClientException", "Virtual key"),
+        (NARROW_VK, "meta.llama3-70b-instruct-v1:0", 403, "AccessDeniedException", "may not use"),
+        (ONCE_VK, CLAUDE, 429, "ThrottlingException", "Quota exceeded"),
+    ],
+)
+async def test_botocore_reads_the_gateways_own_errors(
+    gateway: TestClient,
+    bedrock: BedrockState,
+    key: str,
+    model: str,
+    status: int,
+    code: str,
+    says: str,
+) -> None:
+    """boto3's bedrock-runtime client raises its own exception for the gateway's refusal, by
+    the AWS error type, with the gateway's message and request id (its `RequestId`), not an
+    empty `An error occurred (401)`; the key that may send one request has sent it."""
+    if key == ONCE_VK:
+        async with gateway.post(f"/v1/model/{CLAUDE}/converse", json={}, headers=auth(key)):
+            bedrock.seen.clear()
+    error = await asyncio.to_thread(botocore_error, gateway, key, model)
+    meta = error.response["ResponseMetadata"]
+    assert meta["HTTPStatusCode"] == status
+    assert error.response["Error"]["Code"] == code
+    assert says in error.response["Error"]["Message"]
+    assert meta["RequestId"] == meta["HTTPHeaders"]["x-request-id"]
+    assert bedrock.seen == []
+
+
+async def test_botocore_pointed_at_the_gateways_root_is_told_to_use_v1(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """An endpoint_url without /v1 (as Bedrock's own has none): a 404 botocore reads as
+    ResourceNotFoundException, saying where Bedrock's paths are, not an empty message."""
+    error = await asyncio.to_thread(botocore_error, gateway, BEDROCK_VK, CLAUDE, "/")
+    assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert error.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert "/v1" in error.response["Error"]["Message"]
+    assert "Bedrock" in error.response["Error"]["Message"]
+    assert bedrock.seen == []
 
 
 async def test_the_fake_refuses_a_signature_over_one_changed_byte(
