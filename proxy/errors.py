@@ -124,6 +124,15 @@ def is_anthropic_path(path: str) -> bool:
     return path.startswith(("/v1/messages", "/messages"))
 
 
+def openai_type(error: GatewayError) -> str:
+    """The error's `type` in OpenAI's dialect (a body, a WebSocket error event)."""
+    if error.code in _OPENAI_TYPED_CODES:
+        return error.code
+    return _OPENAI_TYPES.get(
+        error.status, "api_error" if error.status >= 500 else "invalid_request_error"
+    )
+
+
 def _bedrock_type(status: int) -> str:
     """The AWS error type botocore raises for a status of ours on a Bedrock path."""
     default = "InternalServerException" if status >= 500 else "ValidationException"
@@ -138,14 +147,13 @@ def body(error: GatewayError, path: str) -> bytes:
             error.status, "api_error" if error.status >= 500 else "invalid_request_error"
         )
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
-    if error.code in _OPENAI_TYPED_CODES:
-        kind = error.code
-    else:
-        kind = _OPENAI_TYPES.get(
-            error.status, "api_error" if error.status >= 500 else "invalid_request_error"
-        )
     document: dict[str, object] = {
-        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+        "error": {
+            "message": error.message,
+            "type": openai_type(error),
+            "param": error.param,
+            "code": error.code,
+        }
     }
     if path.startswith(_BEDROCK_PATHS):
         document["message"] = error.message

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, openai_type
 from proxy.exchange import Exchange
 from proxy.keys.keys import VirtualKey
 from proxy.quota.tracker import Admission
@@ -115,16 +115,16 @@ class Turns:
 
 def refusal(error: GatewayError) -> bytes:
     """The Responses WebSocket mode's `error` event for a turn the gateway refused."""
-    kind = (
-        "rate_limit_error"
-        if error.status == 429
-        else ("api_error" if error.status >= 500 else "invalid_request_error")
-    )
     return orjson.dumps(
         {
             "type": "error",
             "status": error.status,
-            "error": {"type": kind, "code": error.code, "message": error.message, "param": None},
+            "error": {
+                "type": openai_type(error),
+                "code": error.code,
+                "message": error.message,
+                "param": None,
+            },
         }
     )
 

@@ -116,6 +116,22 @@ async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
     await ws.close()
 
 
+async def test_a_turn_past_the_keys_budget_is_typed_insufficient_quota_as_over_http(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    spender = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    spender["budget"] = {"usd": 0.01, "window_seconds": 3600}
+    prices = {"openai": {"*": {"input_mtok": 1_000_000, "output_mtok": 1_000_000}}}
+    gateway = await gateway_with_keys({TURN_VK: spender}, prices=prices)
+    ws = await open_session(gateway, TURN_VK)
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # $1 a token: spent
+    [refused] = await turn(ws)
+    assert refused["status"] == 429 and refused["error"]["code"] == "insufficient_quota"
+    assert refused["error"]["type"] == "insufficient_quota"  # as the HTTP 429's body says
+    assert creates(sockets.sockets[-1]) == 1
+    await ws.close()
+
+
 async def test_a_key_revoked_midsession_gets_a_refusal_for_its_next_turn(
     gateway_with_keys: Callable[..., Awaitable[TestClient]],
     sockets: RealtimeState,
