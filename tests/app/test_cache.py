@@ -356,17 +356,25 @@ async def test_requests_that_are_not_cacheable_bypass(gateway: TestClient, fake:
     assert len(fake.requests) == 4
 
 
-async def test_fifty_identical_requests_in_flight_go_upstream_once(
-    gateway: TestClient, fake: FakeState
-) -> None:
+async def held_flight(
+    gateway: TestClient, fake: FakeState, count: int, upstream: int
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """`count` identical streams at once, answered once `upstream` requests reached the fake
+    and the rest wait for the one in flight: their statuses, headers and bodies."""
     cache = gateway.app[CACHE]
     answers = [
         asyncio.create_task(post(gateway, document=STREAM, **{"x-fake-hold": "1"}))
-        for _ in range(50)
+        for _ in range(count)
     ]
-    await until(lambda: len(fake.requests) == 1 and cache.waiting() == 49)
+    await until(lambda: len(fake.requests) == upstream and cache.waiting() == count - 1)
     fake.release.set()
-    done = await asyncio.gather(*answers)
+    return await asyncio.gather(*answers)
+
+
+async def test_fifty_identical_requests_in_flight_go_upstream_once(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    done = await held_flight(gateway, fake, 50, upstream=1)
     assert {status for status, _, _ in done} == {200}
     assert len({raw for _, _, raw in done}) == 1
     assert sorted(headers["x-llm-gateway-cache"] for _, headers, _ in done) == ["hit"] * 49 + [
@@ -423,14 +431,7 @@ async def test_a_flight_whose_leader_ended_without_an_answer_is_no_longer_listed
             await response.read()
     [line] = await records(1)  # the leader settled
     assert line["cache"] == "miss", line
-    cache = gateway.app[CACHE]
-    pair = [
-        asyncio.create_task(post(gateway, document=STREAM, **{"x-fake-hold": "1"}))
-        for _ in range(2)
-    ]
-    await until(lambda: len(fake.requests) == 2 and cache.waiting() == 1)
-    fake.release.set()
-    done = await asyncio.gather(*pair)
+    done = await held_flight(gateway, fake, 2, upstream=2)
     assert sorted(headers["x-llm-gateway-cache"] for _, headers, _ in done) == ["hit", "miss"]
     assert len(fake.requests) == 2
 

@@ -415,18 +415,10 @@ async def test_server_host_takes_several_addresses_for_ipv4_and_ipv6(
 ) -> None:
     # `::` alone listens on IPv6 only (asyncio sets IPV6_V6ONLY): a dual-stack cluster's
     # IPv4 clients were refused. A comma-separated list listens on each address.
-    port = free_port()
-    processes.start(
-        gateway_command(),
-        env={
-            "KEYS_FILE_PATH": str(process_keys),
-            "SERVER_HOST": "127.0.0.1, ::1",
-            "SERVER_PORT": str(port),
-            "LOG_TO_FILE": "true",
-            "LOG_FILE_PATH": str(tmp_path / "log.jsonl"),
-        },
-        ready="listening on",
+    _, base = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", SERVER_HOST="127.0.0.1, ::1"
     )
+    port = base.rsplit(":", 1)[1]
     async with aiohttp.ClientSession() as session:
         for base in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
             async with session.get(f"{base}/health") as response:
