@@ -40,6 +40,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
+from tests.support.fake_media import chunked
+
 INPUT_TOKENS = 11
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 _AUTHORIZATION = re.compile(
@@ -155,12 +157,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if exception is not None:  # cut after the first text piece (and what came before it)
         first_piece = next(i for i, one in enumerate(frames) if b"tok0" in _payload_text(one))
         frames = [*frames[: first_piece + 1], exception_frame(exception, "Try again later.")]
-    response = web.StreamResponse(headers={"Content-Type": EVENT_STREAM})
-    await response.prepare(request)
-    for one in frames:
-        await response.write(one)
-    await response.write_eof()
-    return response
+    return await chunked(request, frames, EVENT_STREAM)
 
 
 def _usage(pieces: list[str]) -> dict[str, int]:
