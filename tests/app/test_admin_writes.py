@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from proxy.app import build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
 from tests.support.clock import Clock
+from tests.support.polling import until
 
 TOKEN = "admin-token-for-writes-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -450,3 +452,53 @@ async def test_a_wrong_method_names_every_method_the_path_answers(
     rotate = await gateway.get("/admin/keys/alice/rotate", headers=ADMIN)
     assert rotate.status == 405 and rotate.headers["allow"] == "POST"
     assert (await gateway.get("/admin/nothing", headers=ADMIN)).status == 404
+
+
+class HeldClock(Clock):
+    """A clock that, once `hold` is set, stops the first thread that asks it (the store's
+    write, under its lock: keys.json read, not yet written) until `go` is set."""
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self.hold, self.entered, self.go = False, threading.Event(), threading.Event()
+
+    def __call__(self) -> float:
+        if self.hold and threading.current_thread() is not threading.main_thread():
+            self.hold = False
+            self.entered.set()
+            self.go.wait(10)
+        return self.now
+
+
+async def test_a_change_whose_client_leaves_mid_write_still_takes_and_is_audited(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    keys_file: Path,
+    records: Callable[..., Any],
+) -> None:
+    # A DELETE whose client gave up (a timeout, Ctrl-C) while keys.json was being written:
+    # the file lost the key, but aiohttp cancelled the handler before the keys were swapped
+    # in, so the revoked key kept being served, no worker was told, and no audit line said so.
+    clock = HeldClock(1_800_000_000.0)
+    app = build_app(settings(ADMIN_TOKEN=TOKEN), key_clock=clock)
+    gateway = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    clock.hold = True
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        f"DELETE /admin/keys/limited HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {TOKEN}"
+        "\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert await asyncio.to_thread(clock.entered.wait, 10)
+    (connection,) = gateway.server.runner.server.connections  # type: ignore[union-attr]
+    writer.close()
+    await until(lambda: connection.transport is None, what="the server saw the client leave")
+    clock.go.set()
+    await until(lambda: LIMITED_VK not in keys_file.read_text(), what="keys.json written")
+
+    async def refused() -> bool:
+        return await chat(gateway, LIMITED_VK) == 401
+
+    await until(refused, what="the deleted key refused")
+    audits = [line["audit"] for line in await records(1) if "audit" in line]
+    assert [(a["action"], a["name"]) for a in audits] == [("key.delete", "limited")]
