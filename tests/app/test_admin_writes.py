@@ -339,6 +339,21 @@ async def test_the_file_keeps_its_mode_and_is_valid_after_200_concurrent_creates
     assert [await chat(gateway, m["key"]) for m in made[::40]] == [200] * 5
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+async def test_a_gateway_run_as_root_leaves_keys_json_to_its_owner(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # keys.json of alice (0600), a gateway run as root (sudo make run, a container's root):
+    # the first change left a root-owned 0600 file that alice could no longer read or edit.
+    os.chown(keys_file, 4242, 4343)
+    keys_file.chmod(0o600)
+    gateway = await admin_gateway()
+    await create(gateway, name="kim")
+    written = os.stat(keys_file)
+    assert (written.st_uid, written.st_gid) == (4242, 4343)
+    assert stat.S_IMODE(written.st_mode) == 0o600
+
+
 async def test_bodies_over_the_limit_are_413_and_not_json_is_400(admin_gateway: Make) -> None:
     gateway = await admin_gateway()
     big = {"name": "k", "provider": "openai", "api_key": REAL, "pad": "x" * 70_000}
