@@ -187,11 +187,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise EditRefused(
             413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
         )
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise EditRefused(
-            413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
-        )
+    raw = bytearray()
+    while chunk := await request.content.readany():  # a read gives what came so far only
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise EditRefused(
+                413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
+            )
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

@@ -8,7 +8,7 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,22 @@ async def test_a_gateway_run_as_root_leaves_keys_json_to_its_owner(
     written = os.stat(keys_file)
     assert (written.st_uid, written.st_gid) == (4242, 4343)
     assert stat.S_IMODE(written.st_mode) == 0o600
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(admin_gateway: Make) -> None:
+    # A body that came in several reads (chunked, or segments over a real network) was cut
+    # to its first read: 400 invalid_json for a good key entry.
+    gateway = await admin_gateway()
+    body = json.dumps({"name": "pieces", "provider": "openai", "api_key": REAL}).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 8):
+            yield body[start : start + 8]
+            await asyncio.sleep(0)  # each piece its own write
+
+    response = await gateway.post("/admin/keys", data=pieces(), headers=ADMIN)
+    assert response.status == 201, await response.text()
+    assert await chat(gateway, (await response.json())["key"]) == 200
 
 
 async def test_bodies_over_the_limit_are_413_and_not_json_is_400(admin_gateway: Make) -> None:
