@@ -533,3 +533,28 @@ async def test_a_change_whose_client_leaves_mid_write_still_takes_and_is_audited
     await until(refused, what="the deleted key refused")
     audits = [line["audit"] for line in await records(1) if "audit" in line]
     assert [(a["action"], a["name"]) for a in audits] == [("key.delete", "limited")]
+
+
+async def test_a_key_addressed_by_its_virtual_key_is_not_echoed_but_named(
+    admin_gateway: Make,
+) -> None:
+    # An operator revoking a leaked key knows the key, not its name: DELETE
+    # /admin/keys/<the key> answered 404 "No key is named 'vk_…'" with the whole key in the
+    # error body (and a bad field's 400 quoted it too).
+    gateway = await admin_gateway()
+    made = await create(gateway, name="leaky")
+    calls = [
+        ("DELETE", f"/admin/keys/{LIMITED_VK}", None),
+        ("PATCH", f"/admin/keys/{LIMITED_VK}", {"grace_seconds": 1}),
+        ("POST", f"/admin/keys/{made['key']}/rotate", {"grace_seconds": 0}),
+        ("DELETE", f"/admin/cache?key={OPENAI_VK}", None),
+    ]
+    for method, path, body in calls:
+        response = await gateway.request(method, path, json=body, headers=ADMIN)
+        text = await response.text()
+        assert response.status == 404, (path, text)
+        assert_openai_error(await response.json(), "unknown_key")
+        assert "virtual key" in text and not any(s in text for s in (*SECRETS, made["key"]))
+    named = await gateway.delete(f"/admin/keys/{made['key']}", headers=ADMIN)
+    assert "'leaky'" in (await named.json())["error"]["message"]  # the name to address
+    assert await chat(gateway, made["key"]) == 200 and await chat(gateway, LIMITED_VK) == 200
