@@ -14,6 +14,7 @@ Secret or ConfigMap mount, a read-only mode) refuses every change with `StoreRea
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import os
@@ -143,6 +144,8 @@ class FileStore:
             os.replace(temporary, target)
         except OSError as error:
             os.unlink(temporary)
+            if error.errno == errno.EBUSY:  # a mount point: nothing can be renamed over it
+                raise StoreReadOnly(_mounted_alone(self._keys_file.path)) from None
             raise StoreReadOnly(_read_only(self._keys_file.path, error.strerror or "")) from None
         directory = os.open(folder, os.O_RDONLY)
         try:
@@ -161,6 +164,15 @@ def _keep_owner(handle: int, kept: os.stat_result) -> None:
             return
         except OSError:  # not ours to give (or a file system without owners): as it comes
             continue
+
+
+def _mounted_alone(path: str) -> str:
+    return (
+        f"{path} is mounted on its own (docker run -v $PWD/keys.json:/app/keys.json), so the "
+        "gateway cannot replace it atomically: mount its folder instead "
+        "(-v $PWD/keys:/app/keys with KEYS_FILE_PATH=/app/keys/keys.json), or set "
+        "KEYS_STORE=redis to keep keys in Redis"
+    )
 
 
 def _read_only(path: str, reason: str) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +370,42 @@ async def test_a_body_arriving_in_pieces_is_read_whole(admin_gateway: Make) -> N
     response = await gateway.post("/admin/keys", data=pieces(), headers=ADMIN)
     assert response.status == 201, await response.text()
     assert await chat(gateway, (await response.json())["key"]) == 200
+
+
+@pytest.fixture
+def mounted_alone(keys_file: Path, tmp_path: Path) -> Iterator[Path]:
+    """keys.json bind-mounted on its own, as `docker run -v $PWD/keys.json:/app/keys.json`
+    mounts it (root and mount(8) only)."""
+    source = tmp_path / "host-keys.json"
+    source.write_bytes(keys_file.read_bytes())
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8)")
+    mounted = subprocess.run(["mount", "--bind", str(source), str(keys_file)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        yield keys_file
+    finally:
+        subprocess.run(["umount", str(keys_file)], check=True)
+
+
+async def test_a_keys_file_mounted_on_its_own_says_to_mount_its_folder(
+    admin_gateway: Make, mounted_alone: Path
+) -> None:
+    # A file bind-mount cannot be renamed over (EBUSY): every change answered 409 with
+    # "(Device or resource busy; a Kubernetes Secret or ConfigMap mount?)", which told a
+    # Docker user neither the cause nor the way out.
+    gateway = await admin_gateway()
+    before = mounted_alone.read_bytes()
+    response = await gateway.post(
+        "/admin/keys", json={"name": "m", "provider": "openai", "api_key": REAL}, headers=ADMIN
+    )
+    assert response.status == 409
+    body = await response.json()
+    assert_openai_error(body, "keys_store_read_only")
+    assert "mount its folder" in body["error"]["message"]
+    assert mounted_alone.read_bytes() == before
+    assert not [p for p in mounted_alone.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 async def test_bodies_over_the_limit_are_413_and_not_json_is_400(admin_gateway: Make) -> None:
