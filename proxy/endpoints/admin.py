@@ -110,7 +110,9 @@ class Admin:
         leaked key knows the key): 404 naming the key, never quoting what was sent."""
         if request.path.startswith("/admin/teams"):
             return None
-        given = request.match_info.get("name") or request.query.get("key")
+        given = request.match_info.get("name")
+        if request.path == "/admin/cache":
+            given = request.query.get("key")
         if not given or any(key.name == given for key in self._key_ring):
             return None
         try:

@@ -593,6 +593,8 @@ async def test_a_key_addressed_by_its_virtual_key_is_not_echoed_but_named(
         assert response.status == 404, (path, text)
         assert_openai_error(await response.json(), "unknown_key")
         assert "virtual key" in text and not any(s in text for s in (*SECRETS, made["key"]))
+    listing = await gateway.get(f"/admin/keys?key={OPENAI_VK}", headers=ADMIN)
+    assert listing.status == 200  # ?key= is read by /admin/cache only
     named = await gateway.delete(f"/admin/keys/{made['key']}", headers=ADMIN)
     assert "'leaky'" in (await named.json())["error"]["message"]  # the name to address
     assert await chat(gateway, made["key"]) == 200 and await chat(gateway, LIMITED_VK) == 200
