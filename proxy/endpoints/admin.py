@@ -98,9 +98,33 @@ class Admin:
                     ),
                     request.path,
                 )
+            misnamed = self._addressed_by_its_secret(request)
+            if misnamed is not None:
+                return errors.render(misnamed, request.path)
             return await handler(request)
 
         return guarded
+
+    def _addressed_by_its_secret(self, request: web.Request) -> GatewayError | None:
+        """A key addressed by its virtual key instead of its name (an operator revoking a
+        leaked key knows the key): 404 naming the key, never quoting what was sent."""
+        if request.path.startswith("/admin/teams"):
+            return None
+        given = request.match_info.get("name")
+        if request.path == "/admin/cache":
+            given = request.query.get("key")
+        if not given or any(key.name == given for key in self._key_ring):
+            return None
+        try:
+            key = self._key_ring.key_for(given)
+        except GatewayError:
+            return None
+        return GatewayError(
+            404,
+            "unknown_key",
+            "No key is named so: that is a virtual key, and the admin API addresses keys by "
+            f"name. It is the key named {key.name[:100]!r}.",
+        )
 
     async def _not_found(self, request: web.Request) -> web.Response:
         if self._token is None:

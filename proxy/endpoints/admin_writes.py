@@ -18,11 +18,13 @@ never a value (a real key could be one).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -33,9 +35,10 @@ from proxy.keys import edits
 from proxy.keys.credentials import sent
 from proxy.keys.edits import EditRefused
 from proxy.keys.fields import KeysFileError, UnknownField
-from proxy.keys.store import KeyStore, StoreReadOnly, StoreUnavailable
+from proxy.keys.store import Edit, KeyStore, StoreReadOnly, StoreUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024  # a key's entry, generously: not a place for bulk uploads
 
@@ -68,30 +71,33 @@ class AdminWrites:
     async def create_key(self, request: web.Request) -> web.Response:
         body = await _body(request)
         now = self._clock()
-        secret = await self._store.change(lambda document: edits.create_key(document, body, now))
-        name = str(body["name"])
-        self._log("key.create", name, body)
+        name = str(body.get("name"))  # checked by the edit, before anything is written
+        secret = await self._change(
+            lambda document: edits.create_key(document, body, now), "key.create", name, body
+        )
         return _json({"name": name, "key": secret}, 201)
 
     async def change_key(self, request: web.Request) -> web.Response:
         name, body = request.match_info["name"], await _body(request)
-        await self._store.change(partial(edits.change_key, name=name, body=body))
-        self._log("key.change", name, body)
+        await self._change(
+            partial(edits.change_key, name=name, body=body), "key.change", name, body
+        )
         return _json({"name": name, "changed": sorted(body)})
 
     async def delete_key(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        await self._store.change(partial(edits.delete_key, name=name))
-        self._log("key.delete", name)
+        await self._change(partial(edits.delete_key, name=name), "key.delete", name)
         return web.Response(status=204)
 
     async def rotate_key(self, request: web.Request) -> web.Response:
         name, body = request.match_info["name"], await _body(request)
         now = self._clock()
-        secret = await self._store.change(
-            lambda document: edits.rotate_key(document, name, body, now)
+        secret = await self._change(
+            lambda document: edits.rotate_key(document, name, body, now),
+            "key.rotate",
+            name,
+            {"grace_seconds": body.get("grace_seconds")},
         )
-        self._log("key.rotate", name, {"grace_seconds": body["grace_seconds"]})
         grace = float(body["grace_seconds"])
         expires = edits.stamp(now + grace) if grace > 0 else None
         return _json({"name": name, "key": secret, "previous_key_expires_at": expires}, 201)
@@ -99,21 +105,22 @@ class AdminWrites:
     async def create_team(self, request: web.Request) -> web.Response:
         body = await _body(request)
         now = self._clock()
-        await self._store.change(lambda document: edits.create_team(document, body, now))
-        name = str(body["name"])
-        self._log("team.create", name, body)
+        name = str(body.get("name"))  # checked by the edit, before anything is written
+        await self._change(
+            lambda document: edits.create_team(document, body, now), "team.create", name, body
+        )
         return _json({"name": name}, 201)
 
     async def change_team(self, request: web.Request) -> web.Response:
         name, body = request.match_info["name"], await _body(request)
-        await self._store.change(partial(edits.change_team, name=name, body=body))
-        self._log("team.change", name, body)
+        await self._change(
+            partial(edits.change_team, name=name, body=body), "team.change", name, body
+        )
         return _json({"name": name, "changed": sorted(body)})
 
     async def delete_team(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        await self._store.change(partial(edits.delete_team, name=name))
-        self._log("team.delete", name)
+        await self._change(partial(edits.delete_team, name=name), "team.delete", name)
         return web.Response(status=204)
 
     async def export(self, request: web.Request) -> web.Response:
@@ -122,6 +129,31 @@ class AdminWrites:
         if with_real_keys:
             self._log("keys.export", "*", {"include_real_keys": True})
         return _json(document)
+
+    async def _change(
+        self,
+        edit: Edit[T],
+        action: str,
+        name: str,
+        body: dict[str, Any] | None = None,
+    ) -> T:
+        """Make the change in the store and audit it, to the end even when the client leaves
+        meanwhile (aiohttp then cancels the handler: handler_cancellation). keys.json is
+        written in a thread that a cancellation cannot stop; cut short after it, the keys
+        written would not be swapped in, no other worker told and no audit line written."""
+
+        async def change() -> T:
+            result = await self._store.change(edit)
+            self._log(action, name, body)
+            return result
+
+        task = asyncio.ensure_future(change())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # refused or not, nobody is left to answer
+                await asyncio.shield(task)
+            raise
 
     def _log(self, action: str, name: str, body: dict[str, Any] | None = None) -> None:
         fields = sorted(field for field in (body or {}) if field not in ("key", "name"))
@@ -155,11 +187,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise EditRefused(
             413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
         )
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise EditRefused(
-            413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
-        )
+    raw = bytearray()
+    while chunk := await request.content.readany():  # a read gives what came so far only
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise EditRefused(
+                413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
+            )
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:

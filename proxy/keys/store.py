@@ -4,8 +4,8 @@ keys document (`edits`), check the result with the loader the start uses, write 
 it into this process's key ring, and see that every other process takes it.
 
 `FileStore`: keys.json is rewritten whole, atomically (a temporary file in the same folder,
-fsync, rename over the file the path leads to, its mode kept), under an exclusive `flock`
-of that folder, so workers of one gateway writing at once take turns and none loses
+fsync, rename over the file the path leads to, its mode and owner kept), under an exclusive
+`flock` of that folder, so workers of one gateway writing at once take turns and none loses
 another's change. The writing worker swaps in the keys it wrote and asks the supervisor to
 make every worker reload (as SIGHUP does). A file the gateway cannot write (a Kubernetes
 Secret or ConfigMap mount, a read-only mode) refuses every change with `StoreReadOnly`.
@@ -14,6 +14,7 @@ Secret or ConfigMap mount, a read-only mode) refuses every change with `StoreRea
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import os
@@ -128,7 +129,7 @@ class FileStore:
 
     def _replace(self, target: str, data: bytes) -> None:
         folder = os.path.dirname(target)
-        mode = stat.S_IMODE(os.stat(target).st_mode)
+        kept = os.stat(target)
         try:
             handle, temporary = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
         except OSError as error:
@@ -137,17 +138,41 @@ class FileStore:
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
                 file.flush()
-                os.fchmod(file.fileno(), mode)
+                os.fchmod(file.fileno(), stat.S_IMODE(kept.st_mode))
+                _keep_owner(file.fileno(), kept)
                 os.fsync(file.fileno())
             os.replace(temporary, target)
         except OSError as error:
             os.unlink(temporary)
+            if error.errno == errno.EBUSY:  # a mount point: nothing can be renamed over it
+                raise StoreReadOnly(_mounted_alone(self._keys_file.path)) from None
             raise StoreReadOnly(_read_only(self._keys_file.path, error.strerror or "")) from None
         directory = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(directory)  # the rename itself survives a crash
         finally:
             os.close(directory)
+
+
+def _keep_owner(handle: int, kept: os.stat_result) -> None:
+    """Give the new file the old one's owner and group, as far as this process may: a
+    gateway run as root would otherwise leave its owner a root-owned file (a 0600 one they
+    could no longer read); another user keeps at least the group, if it is one of theirs."""
+    for owner in (kept.st_uid, -1):
+        try:
+            os.fchown(handle, owner, kept.st_gid)
+            return
+        except OSError:  # not ours to give (or a file system without owners): as it comes
+            continue
+
+
+def _mounted_alone(path: str) -> str:
+    return (
+        f"{path} is mounted on its own (docker run -v $PWD/keys.json:/app/keys.json), so the "
+        "gateway cannot replace it atomically: mount its folder instead "
+        "(-v $PWD/keys:/app/keys with KEYS_FILE_PATH=/app/keys/keys.json), or set "
+        "KEYS_STORE=redis to keep keys in Redis"
+    )
 
 
 def _read_only(path: str, reason: str) -> str:

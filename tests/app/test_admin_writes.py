@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
-from collections.abc import Awaitable, Callable
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from proxy.app import build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
 from tests.support.clock import Clock
+from tests.support.polling import until
 
 TOKEN = "admin-token-for-writes-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -337,6 +341,73 @@ async def test_the_file_keeps_its_mode_and_is_valid_after_200_concurrent_creates
     assert [await chat(gateway, m["key"]) for m in made[::40]] == [200] * 5
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+async def test_a_gateway_run_as_root_leaves_keys_json_to_its_owner(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # keys.json of alice (0600), a gateway run as root (sudo make run, a container's root):
+    # the first change left a root-owned 0600 file that alice could no longer read or edit.
+    os.chown(keys_file, 4242, 4343)
+    keys_file.chmod(0o600)
+    gateway = await admin_gateway()
+    await create(gateway, name="kim")
+    written = os.stat(keys_file)
+    assert (written.st_uid, written.st_gid) == (4242, 4343)
+    assert stat.S_IMODE(written.st_mode) == 0o600
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(admin_gateway: Make) -> None:
+    # A body that came in several reads (chunked, or segments over a real network) was cut
+    # to its first read: 400 invalid_json for a good key entry.
+    gateway = await admin_gateway()
+    body = json.dumps({"name": "pieces", "provider": "openai", "api_key": REAL}).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 8):
+            yield body[start : start + 8]
+            await asyncio.sleep(0)  # each piece its own write
+
+    response = await gateway.post("/admin/keys", data=pieces(), headers=ADMIN)
+    assert response.status == 201, await response.text()
+    assert await chat(gateway, (await response.json())["key"]) == 200
+
+
+@pytest.fixture
+def mounted_alone(keys_file: Path, tmp_path: Path) -> Iterator[Path]:
+    """keys.json bind-mounted on its own, as `docker run -v $PWD/keys.json:/app/keys.json`
+    mounts it (root and mount(8) only)."""
+    source = tmp_path / "host-keys.json"
+    source.write_bytes(keys_file.read_bytes())
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8)")
+    mounted = subprocess.run(["mount", "--bind", str(source), str(keys_file)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        yield keys_file
+    finally:
+        subprocess.run(["umount", str(keys_file)], check=True)
+
+
+async def test_a_keys_file_mounted_on_its_own_says_to_mount_its_folder(
+    admin_gateway: Make, mounted_alone: Path
+) -> None:
+    # A file bind-mount cannot be renamed over (EBUSY): every change answered 409 with
+    # "(Device or resource busy; a Kubernetes Secret or ConfigMap mount?)", which told a
+    # Docker user neither the cause nor the way out.
+    gateway = await admin_gateway()
+    before = mounted_alone.read_bytes()
+    response = await gateway.post(
+        "/admin/keys", json={"name": "m", "provider": "openai", "api_key": REAL}, headers=ADMIN
+    )
+    assert response.status == 409
+    body = await response.json()
+    assert_openai_error(body, "keys_store_read_only")
+    assert "mount its folder" in body["error"]["message"]
+    assert mounted_alone.read_bytes() == before
+    assert not [p for p in mounted_alone.parent.iterdir() if p.name.endswith(".tmp")]
+
+
 async def test_bodies_over_the_limit_are_413_and_not_json_is_400(admin_gateway: Make) -> None:
     gateway = await admin_gateway()
     big = {"name": "k", "provider": "openai", "api_key": REAL, "pad": "x" * 70_000}
@@ -450,3 +521,80 @@ async def test_a_wrong_method_names_every_method_the_path_answers(
     rotate = await gateway.get("/admin/keys/alice/rotate", headers=ADMIN)
     assert rotate.status == 405 and rotate.headers["allow"] == "POST"
     assert (await gateway.get("/admin/nothing", headers=ADMIN)).status == 404
+
+
+class HeldClock(Clock):
+    """A clock that, once `hold` is set, stops the first thread that asks it (the store's
+    write, under its lock: keys.json read, not yet written) until `go` is set."""
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self.hold, self.entered, self.go = False, threading.Event(), threading.Event()
+
+    def __call__(self) -> float:
+        if self.hold and threading.current_thread() is not threading.main_thread():
+            self.hold = False
+            self.entered.set()
+            self.go.wait(10)
+        return self.now
+
+
+async def test_a_change_whose_client_leaves_mid_write_still_takes_and_is_audited(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    keys_file: Path,
+    records: Callable[..., Any],
+) -> None:
+    # A DELETE whose client gave up (a timeout, Ctrl-C) while keys.json was being written:
+    # the file lost the key, but aiohttp cancelled the handler before the keys were swapped
+    # in, so the revoked key kept being served, no worker was told, and no audit line said so.
+    clock = HeldClock(1_800_000_000.0)
+    app = build_app(settings(ADMIN_TOKEN=TOKEN), key_clock=clock)
+    gateway = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    clock.hold = True
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        f"DELETE /admin/keys/limited HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {TOKEN}"
+        "\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert await asyncio.to_thread(clock.entered.wait, 10)
+    (connection,) = gateway.server.runner.server.connections  # type: ignore[union-attr]
+    writer.close()
+    await until(lambda: connection.transport is None, what="the server saw the client leave")
+    clock.go.set()
+    await until(lambda: LIMITED_VK not in keys_file.read_text(), what="keys.json written")
+
+    async def refused() -> bool:
+        return await chat(gateway, LIMITED_VK) == 401
+
+    await until(refused, what="the deleted key refused")
+    audits = [line["audit"] for line in await records(1) if "audit" in line]
+    assert [(a["action"], a["name"]) for a in audits] == [("key.delete", "limited")]
+
+
+async def test_a_key_addressed_by_its_virtual_key_is_not_echoed_but_named(
+    admin_gateway: Make,
+) -> None:
+    # An operator revoking a leaked key knows the key, not its name: DELETE
+    # /admin/keys/<the key> answered 404 "No key is named 'vk_…'" with the whole key in the
+    # error body (and a bad field's 400 quoted it too).
+    gateway = await admin_gateway()
+    made = await create(gateway, name="leaky")
+    calls = [
+        ("DELETE", f"/admin/keys/{LIMITED_VK}", None),
+        ("PATCH", f"/admin/keys/{LIMITED_VK}", {"grace_seconds": 1}),
+        ("POST", f"/admin/keys/{made['key']}/rotate", {"grace_seconds": 0}),
+        ("DELETE", f"/admin/cache?key={OPENAI_VK}", None),
+    ]
+    for method, path, body in calls:
+        response = await gateway.request(method, path, json=body, headers=ADMIN)
+        text = await response.text()
+        assert response.status == 404, (path, text)
+        assert_openai_error(await response.json(), "unknown_key")
+        assert "virtual key" in text and not any(s in text for s in (*SECRETS, made["key"]))
+    listing = await gateway.get(f"/admin/keys?key={OPENAI_VK}", headers=ADMIN)
+    assert listing.status == 200  # ?key= is read by /admin/cache only
+    named = await gateway.delete(f"/admin/keys/{made['key']}", headers=ADMIN)
+    assert "'leaky'" in (await named.json())["error"]["message"]  # the name to address
+    assert await chat(gateway, made["key"]) == 200 and await chat(gateway, LIMITED_VK) == 200
