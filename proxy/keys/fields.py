@@ -200,9 +200,20 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
         raise KeysFileError(f"{where}: api_key_env must name an environment variable")
     value = environ.get(variable, "").strip()
     if not value:
+        if _VARIABLE.fullmatch(variable) is None:  # the key itself, put in the wrong field?
+            raise KeysFileError(
+                f"{where}: api_key_env takes the name of an environment variable (such as "
+                f"OPENAI_API_KEY), and no variable is named so ({len(variable)} characters, not "
+                "shown: a key itself goes in api_key)"
+            )
         raise KeysFileError(f"{where}: api_key_env {variable} is not set")
     return _header_safe(where, f"api_key_env {variable}", value)
 
+
+# What api_key_env is shown as when its variable is unset: a name of an environment
+# variable's shape, short. Anything else may be a real key put in the wrong field (an
+# OpenAI or Anthropic key holds dashes; a Google one is 39 characters), never printed back.
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 
 # A control character (C0 or DEL): in a real key, which goes into a header, CR or LF would
 # fail every request; in a name, which goes into log lines, metrics and messages, a NUL or a

@@ -746,3 +746,22 @@ def test_a_file_nested_too_deep_to_check_is_refused_in_one_line(tmp_path: Path) 
     text = '{"virtual_keys": {}, "x": ' + "[" * 1000 + "]" * 1000 + "}"
     with pytest.raises(KeysFileError, match="nested too deeply"):
         load(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    "misplaced",
+    [
+        "sk-proj-Abc123def456ghi789jkl012mno345pqr678stu901",
+        "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",  # letters, digits, _: a valid name's shape
+        "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789",
+    ],
+)
+def test_a_real_key_put_in_api_key_env_is_not_printed_back(tmp_path: Path, misplaced: str) -> None:
+    # "api_key_env": "<the key itself>" is a common slip: its "is not set" went to stderr
+    # (and the admin API's 422) with the whole key in it.
+    entry = {"provider": "openai", "name": "alice", "api_key_env": misplaced}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": entry}})
+    assert misplaced not in str(refused.value)
+    assert misplaced[:16] not in str(refused.value)
+    assert "api_key_env" in str(refused.value) and "api_key" in str(refused.value)
