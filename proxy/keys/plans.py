@@ -72,6 +72,14 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
     return providers
 
 
+def _shown(given: object) -> str:
+    """A provider name as a refusal quotes it: a long value (a real key put in the wrong
+    field?) only by its length."""
+    if isinstance(given, str) and len(given) > 32:
+        return f"of {len(given)} characters (not shown)"
+    return repr(given)
+
+
 def _one_of(names: tuple[str, ...], given: object) -> str:
     """ "one of a, b, c", and the one meant when `given` is it in other letter cases. Nothing
     else given is echoed: a real key may have been put in the wrong field."""
@@ -192,7 +200,7 @@ def _target(
     if provider is None:
         known = ", ".join(sorted(providers))
         raise UnknownProvider(
-            f"{key}: {where}provider {named!r} is unknown (known: {known})",
+            f"{key}: {where}provider {_shown(named)} is unknown (known: {known})",
             provider=named if isinstance(named, str) else None,
         )
     if not provider.base_url.host:

@@ -756,12 +756,15 @@ def test_a_file_nested_too_deep_to_check_is_refused_in_one_line(tmp_path: Path) 
         "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789",
     ],
 )
-def test_a_real_key_put_in_api_key_env_is_not_printed_back(tmp_path: Path, misplaced: str) -> None:
+@pytest.mark.parametrize("field", ["api_key_env", "provider"])
+def test_a_real_key_put_in_the_wrong_field_is_not_printed_back(
+    tmp_path: Path, misplaced: str, field: str
+) -> None:
     # "api_key_env": "<the key itself>" is a common slip: its "is not set" went to stderr
-    # (and the admin API's 422) with the whole key in it.
-    entry = {"provider": "openai", "name": "alice", "api_key_env": misplaced}
+    # (and the admin API's 422) with the whole key in it; so did "provider": "<key>".
+    entry = {"provider": "openai", "name": "alice", "api_key_env": "OPENAI_KEY", field: misplaced}
     with pytest.raises(KeysFileError) as refused:
-        load(tmp_path, {"virtual_keys": {"vk_a_123456789": entry}})
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": entry}}, environ={"OPENAI_KEY": "sk-x"})
     assert misplaced not in str(refused.value)
     assert misplaced[:16] not in str(refused.value)
-    assert "api_key_env" in str(refused.value) and "api_key" in str(refused.value)
+    assert field in str(refused.value)
