@@ -52,6 +52,7 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
+A Responses object says the `service_tier` that served it: the request's, else "default".
 A POST /responses with "background": true is kept and answered `queued`, usage null
 (streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
@@ -873,6 +874,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "tools": [],
             "top_p": 1.0,
             "text": {"format": {"type": "text"}},
+            # The tier that served it: the one asked for ("auto" and none: the default).
+            "service_tier": (
+                "default"
+                if payload.get("service_tier") in (None, "auto")
+                else payload["service_tier"]
+            ),
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)
