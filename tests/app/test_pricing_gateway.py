@@ -90,6 +90,37 @@ async def test_a_stored_prompt_naming_no_model_is_charged_to_the_budget_at_the_m
 
 
 @pytest.mark.parametrize("is_stream", [False, True])
+async def test_a_chat_completion_served_at_the_priority_tier_costs_the_priority_price(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    messages: Any = [{"role": "user", "content": "a b"}]
+    try:
+        if is_stream:
+            chunks = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=messages,
+                service_tier="priority",
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            assert {chunk.service_tier async for chunk in chunks} == {"priority"}
+        else:
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=messages, service_tier="priority"
+            )
+            assert answer.service_tier == "priority"
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert not line["usage"]["estimated"]
+    usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+    assert line["cost_usd"] == pytest.approx(library_cost("openai", "gpt-4o-mini", usage, TIERS))
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
 async def test_a_response_served_at_the_priority_tier_costs_the_priority_price(
     gateway: TestClient,
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
