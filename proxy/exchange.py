@@ -232,7 +232,15 @@ class Entrance:
         # The model that ran: the one the provider says answered, else the one the target
         # swapped in (an answer that never came: its reservation), else the client's.
         answered = record.response_model or record.target_model
-        record.priced(self.prices.cost(record.provider, record.model, record.usage, answered))
+        record.priced(
+            self.prices.cost(
+                record.provider,
+                record.model,
+                record.usage,
+                answered,
+                service_tier=record.service_tier,
+            )
+        )
 
     def _charge(self, exchange: Exchange) -> None:
         key, record = exchange.key, exchange.record

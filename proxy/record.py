@@ -260,6 +260,8 @@ class Record:
     hidden: tuple[str, str] | None = None
     # The model the provider says answered (the usage tap reads it), for traces; None: unsaid.
     response_model: str | None = None
+    # The OpenAI service tier the provider says served it ("priority", "flex"), for pricing.
+    service_tier: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
     stored: StoredResponse | None = None
     # The batch answered, for a POST that made one, a GET of one, a cancel; else None.
@@ -332,11 +334,13 @@ class Record:
         text: str | None = None,
         batch: Batch | None = None,
         error_kind: str | None = None,
+        service_tier: str | None = None,
     ) -> None:
         """What the provider's answer said: its usage, the model that answered, the Responses
-        object or the batch it holds, (LOG_BODIES only) its text, and the type of an error
-        it sent inside the answer."""
+        object or the batch it holds, (LOG_BODIES only) its text, the type of an error
+        it sent inside the answer, and the service tier that served it."""
         self.usage, self.response_model, self.stored = usage, response_model, stored
+        self.service_tier = service_tier
         self.response_text, self.batch = text, batch
         if error_kind is not None:
             self.answer_error = f"the provider sent an error in its answer ({error_kind})"

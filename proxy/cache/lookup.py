@@ -3,7 +3,8 @@
 A request is cacheable when it is a POST of a JSON object (whatever its Content-Type says:
 curl's -d labels JSON as a form, and the provider reads it as JSON) to a generation or embedding
 endpoint (chat and text completions, embeddings, Anthropic messages, Responses neither in
-the background nor stored), and the client did not say `Cache-Control: no-store`.
+the background nor stored nor in a conversation), and the client did not say
+`Cache-Control: no-store`.
 `no-cache` skips the lookup and lets the answer replace the entry.
 
 The entry's name is a SHA-256 over, each length-prefixed: the scope, what answers the key's
@@ -83,12 +84,17 @@ def is_cacheable(method: str, tail: str, document: dict[str, Any] | None) -> boo
 
     `document`: the body parsed (None: not a JSON object). A Responses request with
     `background` or `store` true makes an object the provider keeps and answers later by
-    id: its answer is not a pure function of the request.
+    id, and one in a `conversation` reads that conversation's items and appends to them:
+    its answer is not a pure function of the request.
     """
     if document is None or not is_cacheable_endpoint(method, tail):
         return False
     if tail.endswith("responses"):
-        return document.get("background") is not True and document.get("store") is not True
+        return (
+            document.get("background") is not True
+            and document.get("store") is not True
+            and document.get("conversation") is None
+        )
     return True
 
 

@@ -205,7 +205,15 @@ class Relay:
                     text = text.replace(token, "*" * len(token))
             if status < 400:
                 usage = tap.usage(body)
-                record.saw_answer(usage, tap.model, tap.stored, text, tap.batch, tap.error_kind)
+                record.saw_answer(
+                    usage,
+                    tap.model,
+                    tap.stored,
+                    text,
+                    tap.batch,
+                    tap.error_kind,
+                    tap.service_tier,
+                )
             else:
                 record.saw_answer(None, text=text, error_kind=tap.error_kind)
 

@@ -84,6 +84,7 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
     """One stream event: a chat.completion.chunk or a text_completion."""
     if reading.model is None:
         reading.note_model(event.get("model"))
+        reading.note_tier(event.get("service_tier"))
     choices = event.get("choices")
     if isinstance(choices, list):
         for choice in choices:
@@ -108,6 +109,7 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a chat.completion, a text_completion (or an embeddings list)."""
     reading.note_model(document.get("model"))
+    reading.note_tier(document.get("service_tier"))
     reading.reported.read(document.get("usage"), USAGE)
     if reading.reported.is_reported:
         return  # only an estimate needs the answer's length

@@ -92,6 +92,8 @@ _REMEMBERED_MODELS = 4096
 _MTOK = 1_000_000
 # The library's price context of work done in a batch (its `price_variants`).
 _BATCH = {"processing": "batch"}
+# OpenAI service tiers billed at the usual price (the library's price without a variant).
+_USUAL_TIERS = frozenset((None, "default", "auto"))
 
 
 class PricesFileError(SettingError):
@@ -221,6 +223,7 @@ class Prices:
         usage: Usage | None,
         answered: str | None = None,
         is_batch: bool = False,
+        service_tier: str | None = None,
     ) -> float | None:
         """USD for `usage` of `model` at `provider`; None when unpriced (or no usage).
 
@@ -230,6 +233,8 @@ class Prices:
         request of a stored prompt, whose model answers) is priced as `answered`, by both.
         `is_batch`: work of a batch, at the library's batch price where it has one (else its
         usual price); an override's rates stand for batches too.
+        `service_tier`: the OpenAI tier that served it, at the library's price for that tier
+        where it has one ("priority" above, "flex" below the usual); overrides stand for all.
         """
         model = model or answered
         if usage is None or provider is None or model is None:
@@ -241,10 +246,11 @@ class Prices:
                 or self._overrides.get((provider, answered or model))
                 or self._overrides.get((provider, "*"))
             )
+        tier = None if service_tier in _USUAL_TIERS else service_tier
         if price is None and answered is not None and answered != model:
-            price = self._library_price(provider, answered, is_batch)
+            price = self._library_price(provider, answered, is_batch, tier)
         if price is None:
-            price = self._library_price(provider, model, is_batch)
+            price = self._library_price(provider, model, is_batch, tier)
         return None if price is None else price.cost(usage)
 
     def overridden_providers(self) -> set[str]:
@@ -264,7 +270,9 @@ class Prices:
             return True
         return self._library_provider(provider) is not None
 
-    def _library_price(self, provider: str, model: str, is_batch: bool = False) -> Price | None:
+    def _library_price(
+        self, provider: str, model: str, is_batch: bool = False, tier: str | None = None
+    ) -> Price | None:
         key = (provider, model)
         known = self._models.get(key)
         if known is None:
@@ -277,6 +285,9 @@ class Prices:
             return None
         if is_batch:  # a variant resolves to a new object each time: converted each time
             return _from_library(model_info.get_prices(datetime.now(tz=UTC), _BATCH))
+        if tier is not None:  # likewise: a tier's variant (the rare answer not at the usual)
+            context = {"service_tier": tier}
+            return _from_library(model_info.get_prices(datetime.now(tz=UTC), context))
         if is_fixed:
             return fixed
         # A model's price may change on a date the data knows: resolve it for now. The

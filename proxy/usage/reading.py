@@ -31,6 +31,7 @@ class Reading:
         "kept_chars",
         "model",
         "reported",
+        "service_tier",
         "stored_id",
         "stored_status",
         "texts",
@@ -49,6 +50,8 @@ class Reading:
         self.kept_chars = 0  # the characters `texts` holds (the tap bounds them)
         # The model the provider says answered (traces' gen_ai.response.model); None: unsaid.
         self.model: str | None = None
+        # The OpenAI service tier the provider says served it (priced at its own rates).
+        self.service_tier: str | None = None
         # The type (or code) of the first error the provider sent inside its answer; only
         # that, never its message, which may quote anything (a key, the prompt).
         self.error_kind: str | None = None
@@ -75,6 +78,12 @@ class Reading:
     def note_model(self, model: object) -> None:
         if isinstance(model, str) and model:
             self.model = model[:MODEL_CHARS]
+
+    def note_tier(self, tier: object) -> None:
+        """OpenAI's `service_tier` of the answer: the tier that served it ("default",
+        "flex", "priority"), not the one asked for ("auto")."""
+        if isinstance(tier, str) and tier:
+            self.service_tier = tier[:MODEL_CHARS]
 
     def note_error(self, error: object) -> None:
         """The provider sent an error object inside its answer: its `type`, else its `code`,

@@ -76,6 +76,7 @@ def _finished(event: dict[str, Any], reading: Reading) -> None:
     response = event.get("response")
     if isinstance(response, dict):
         reading.note_model(response.get("model"))
+        reading.note_tier(response.get("service_tier"))
         reading.reported.read(response.get("usage"), USAGE)
         if reading.is_stored_noted:
             reading.note_stored(response)
@@ -201,6 +202,7 @@ def read_head(head: bytes | bytearray, reading: Reading) -> None:
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a `response` object."""
     reading.note_model(document.get("model"))
+    reading.note_tier(document.get("service_tier"))
     reading.reported.read(document.get("usage"), USAGE)
     if reading.is_stored_noted:
         reading.note_stored(document)

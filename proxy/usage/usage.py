@@ -338,6 +338,11 @@ class UsageTap:
         return self._reading.model
 
     @property
+    def service_tier(self) -> str | None:
+        """The OpenAI service tier the provider says served the answer; None: unsaid."""
+        return self._reading.service_tier
+
+    @property
     def error_kind(self) -> str | None:
         """The type of an error the provider sent in its answer: a stream's error event, or
         an error answered whole."""

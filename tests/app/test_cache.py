@@ -356,6 +356,23 @@ async def test_requests_that_are_not_cacheable_bypass(gateway: TestClient, fake:
     assert len(fake.requests) == 4
 
 
+async def test_a_turn_of_a_conversation_is_never_answered_from_the_cache(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """A Responses turn in a conversation reads the conversation's items and appends to
+    them: the same body sent again ("continue", twice) is a new turn with more context, and
+    a replay would hand back the first answer and leave the conversation without the turn."""
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=CACHED_VK, max_retries=0)
+    turn = {"model": "gpt-4o-mini", "conversation": "conv_abc123", "input": "continue"}
+    try:
+        replies = [await client.responses.with_raw_response.create(**turn) for _ in range(2)]
+    finally:
+        await client.close()
+    assert [reply.headers["x-llm-gateway-cache"] for reply in replies] == ["bypass", "bypass"]
+    assert replies[0].parse().id != replies[1].parse().id
+    assert len(fake.requests) == 2
+
+
 async def held_flight(
     gateway: TestClient, fake: FakeState, count: int, upstream: int
 ) -> list[tuple[int, dict[str, str], bytes]]:

@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from openai import AsyncOpenAI
 
 from proxy.record import Usage
 from proxy.usage.pricing import Prices
 from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
 from tests.unit.test_pricing import library_cost, write
+
+TIERS = {"service_tier": "priority"}
 
 
 async def test_the_log_line_and_metrics_carry_each_requests_cost(
@@ -84,3 +87,63 @@ async def test_a_stored_prompt_naming_no_model_is_charged_to_the_budget_at_the_m
     assert usage["budget"]["spent_usd"] == pytest.approx(tokens)
     metrics = await (await gateway.get("/metrics")).text()
     assert "llm_gateway_unpriced_requests_total{" not in metrics
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_a_chat_completion_served_at_the_priority_tier_costs_the_priority_price(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    messages: Any = [{"role": "user", "content": "a b"}]
+    try:
+        if is_stream:
+            chunks = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=messages,
+                service_tier="priority",
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            assert {chunk.service_tier async for chunk in chunks} == {"priority"}
+        else:
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=messages, service_tier="priority"
+            )
+            assert answer.service_tier == "priority"
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert not line["usage"]["estimated"]
+    usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+    assert line["cost_usd"] == pytest.approx(library_cost("openai", "gpt-4o-mini", usage, TIERS))
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_a_response_served_at_the_priority_tier_costs_the_priority_price(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    """OpenAI bills `service_tier: "priority"` at its own, higher rates (and flex at lower
+    ones): the answer names the tier that served it, and the cost and budget follow it."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    try:
+        if is_stream:
+            async for event in await client.responses.create(
+                model="gpt-4o-mini", input="a b", service_tier="priority", stream=True
+            ):
+                if event.type == "response.completed":
+                    assert event.response.service_tier == "priority"
+        else:
+            answer = await client.responses.create(
+                model="gpt-4o-mini", input="a b", service_tier="priority"
+            )
+            assert answer.service_tier == "priority"
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+    assert line["cost_usd"] == pytest.approx(library_cost("openai", "gpt-4o-mini", usage, TIERS))
+    assert line["cost_usd"] > library_cost("openai", "gpt-4o-mini", usage)

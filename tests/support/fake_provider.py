@@ -52,6 +52,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
+A Responses object says the `service_tier` that served it: the request's, else "default"
+(a chat completion and each of its chunks too, when the request names one).
 A POST /responses with "background": true is kept and answered `queued`, usage null
 (streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
@@ -616,6 +618,12 @@ def reasoning_text(chars: int) -> str:
     return ("thinking " * (chars // 9 + 1))[:chars]
 
 
+def served_tier(payload: dict) -> str:
+    """The service tier that serves a request: the one asked for ("auto", none: default)."""
+    tier = payload.get("service_tier")
+    return "default" if tier in (None, "auto") else str(tier)
+
+
 def tool_name(payload: dict) -> str | None:
     """The tool the fake "calls": the first one offered, unless tool_choice is "none"."""
     tools = payload.get("tools") or []
@@ -701,6 +709,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": payload.get("model") or DEFAULT_MODEL,
         "system_fingerprint": "fp_fake",
     }
+    if "service_tier" in payload:  # the tier that served it, on every chunk
+        head["service_tier"] = served_tier(payload)
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
         frames = chat_frames(head, tool, knobs, streamed_usage)
@@ -873,6 +883,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "tools": [],
             "top_p": 1.0,
             "text": {"format": {"type": "text"}},
+            "service_tier": served_tier(payload),
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)

@@ -111,6 +111,10 @@ def test_cache_control_no_store_beats_no_cache() -> None:
         ("POST", "responses", {"input": "x", "store": False}, True),
         ("POST", "responses", {"input": "x", "store": True}, False),
         ("POST", "responses", {"input": "x", "background": True}, False),
+        # A turn of a conversation reads and appends to the conversation's items.
+        ("POST", "responses", {"input": "x", "conversation": "conv_1"}, False),
+        ("POST", "responses", {"input": "x", "conversation": {"id": "conv_1"}}, False),
+        ("POST", "responses", {"input": "x", "conversation": None}, True),
         ("POST", "messages/count_tokens", {"model": "m"}, False),
         ("POST", "audio/transcriptions", {}, False),
         ("GET", "chat/completions", {}, False),
