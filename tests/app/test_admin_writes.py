@@ -310,19 +310,25 @@ async def test_teams_are_created_changed_and_deleted(admin_gateway: Make) -> Non
     assert teams["teams"] == []
 
 
+async def read_only_refusal(gateway: TestClient, name: str) -> str:
+    """The message of the 409 keys_store_read_only that creating key `name` gets."""
+    response = await gateway.post(
+        "/admin/keys", json={"name": name, "provider": "openai", "api_key": REAL}, headers=ADMIN
+    )
+    assert response.status == 409
+    body = await response.json()
+    assert_openai_error(body, "keys_store_read_only")
+    message: str = body["error"]["message"]
+    return message
+
+
 async def test_a_read_only_keys_file_gives_409_and_changes_nothing(
     admin_gateway: Make, keys_file: Path
 ) -> None:
     gateway = await admin_gateway()
     before = keys_file.read_bytes()
     keys_file.chmod(0o444)
-    response = await gateway.post(
-        "/admin/keys", json={"name": "j", "provider": "openai", "api_key": REAL}, headers=ADMIN
-    )
-    assert response.status == 409
-    body = await response.json()
-    assert_openai_error(body, "keys_store_read_only")
-    assert "KEYS_STORE=redis" in body["error"]["message"]
+    assert "KEYS_STORE=redis" in await read_only_refusal(gateway, "j")
     assert (await gateway.delete("/admin/keys/limited", headers=ADMIN)).status == 409
     assert keys_file.read_bytes() == before and await chat(gateway, LIMITED_VK) == 200
 
@@ -397,13 +403,7 @@ async def test_a_keys_file_mounted_on_its_own_says_to_mount_its_folder(
     # Docker user neither the cause nor the way out.
     gateway = await admin_gateway()
     before = mounted_alone.read_bytes()
-    response = await gateway.post(
-        "/admin/keys", json={"name": "m", "provider": "openai", "api_key": REAL}, headers=ADMIN
-    )
-    assert response.status == 409
-    body = await response.json()
-    assert_openai_error(body, "keys_store_read_only")
-    assert "mount its folder" in body["error"]["message"]
+    assert "mount its folder" in await read_only_refusal(gateway, "m")
     assert mounted_alone.read_bytes() == before
     assert not [p for p in mounted_alone.parent.iterdir() if p.name.endswith(".tmp")]
 
