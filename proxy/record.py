@@ -132,10 +132,12 @@ class Usage:
     `prompt_tokens` and `completion_tokens` are totals: every other count is a part of one
     of them (cache reads and writes and input audio of the prompt; reasoning and output
     audio of the completion), kept apart because each kind has its own price. The image
-    parts (GPT image models' input and output image tokens) and the units of endpoints
+    parts (GPT image models' input and output image tokens), the units of endpoints
     priced otherwise (the characters of speech's input, the seconds of a transcription's
-    audio) are zero elsewhere, and left out of the log line then; the tracker's totals by
-    kind (`quota.tracker.KINDS`) keep the kinds before them.
+    audio), Anthropic's 1-hour cache writes (a part of the cache writes, at a rate of their
+    own) and its server-side web searches (a count, priced per thousand) are zero
+    elsewhere, and left out of the log line then; the tracker's totals by kind
+    (`quota.tracker.KINDS`) keep the kinds before them.
     """
 
     prompt_tokens: int = 0
@@ -150,6 +152,8 @@ class Usage:
     output_image_tokens: int = 0
     input_characters: int = 0
     input_audio_seconds: float = 0.0
+    cache_write_1h_tokens: int = 0
+    web_searches: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -175,6 +179,10 @@ class Usage:
             line["input_characters"] = self.input_characters
         if self.input_audio_seconds:
             line["input_audio_seconds"] = self.input_audio_seconds
+        if self.cache_write_1h_tokens:
+            line["cache_write_1h_tokens"] = self.cache_write_1h_tokens
+        if self.web_searches:
+            line["web_searches"] = self.web_searches
         line["estimated"] = self.estimated
         return line
 

@@ -2,7 +2,9 @@
 
 A message (a JSON body, or a stream's `message_start`) holds `content` blocks and `usage`
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
-whose cache counts are *not* in input_tokens: they are added to the prompt. A stream
+whose cache counts are *not* in input_tokens: they are added to the prompt. Its
+`cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more) and its
+`server_tool_use` counts the web searches the server ran (each priced). A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
 field wins); `message_start`'s output count is only a start (1), so a stream cut before a
 `message_delta` has a provisional usage (`Reading.is_usage_provisional`). Its text comes in
@@ -22,7 +24,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.usage import estimate
-from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
+from proxy.usage.provider_usage import (
+    CACHE_READ,
+    CACHE_WRITE,
+    CACHE_WRITE_1H,
+    COMPLETION,
+    PROMPT,
+    WEB_SEARCHES,
+    UsageFields,
+)
 from proxy.usage.reading import Reading
 
 USAGE = UsageFields(
@@ -31,6 +41,10 @@ USAGE = UsageFields(
         ("output_tokens", COMPLETION),
         ("cache_read_input_tokens", CACHE_READ),
         ("cache_creation_input_tokens", CACHE_WRITE),
+    ),
+    details=(
+        ("cache_creation", "ephemeral_1h_input_tokens", CACHE_WRITE_1H),
+        ("server_tool_use", "web_search_requests", WEB_SEARCHES),
     ),
     is_cache_beside_prompt=True,
 )

@@ -136,6 +136,8 @@ def remainder(finished: Usage, spent: Charge) -> Usage:
         estimated=True,
         input_characters=finished.input_characters,  # units no estimate charges
         input_audio_seconds=finished.input_audio_seconds,
+        cache_write_1h_tokens=min(finished.cache_write_1h_tokens, parts["cache_write_tokens"]),
+        web_searches=finished.web_searches,
         **parts,
     )
 

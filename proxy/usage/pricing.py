@@ -21,16 +21,19 @@ token kinds, because the library's generic `calc_price` costs hundreds of µs a 
 (bench/pricing.py: 370-720 µs on a loaded 2-core machine; this, under 10 µs). The
 arithmetic is the library's: a part (cache reads, cache writes, input audio and images;
 reasoning, output audio and images) is priced at its own rate when the model has one, else at its total's rate,
-and the rest of each total at the plain input or output rate. A test checks the figures
-against `genai_prices.calc_price`. Endpoints priced by other units are priced by them
-where the data has a rate: speech's input characters (`input_mchars`: tts-1), a
-transcription's audio seconds (`input_audio_hours`, else `audio_hours`: whisper-1); a usage
-that counts a unit its model's price has no rate for is unpriced (None), not free. What is
-not done: a cost for a model without a price (None, never a made-up number), Anthropic's
-1-hour cache writes at their own rate (the usage tap does not split writes by lifetime: all
-are priced as 5-minute writes), images by count, size and quality (the data has no such
-price: GPT image models are priced by the tokens they report, their image parts at the
-image rates), speech by audio tokens (the API reports none unless streamed as SSE).
+and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
+writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
+model has one. A test checks the figures against `genai_prices.calc_price`. Endpoints
+priced by other units are priced by them where the data has a rate: speech's input
+characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
+else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
+has no rate for is unpriced (None), not free. Anthropic's server-side web searches are
+priced per thousand (`web_searches_kcount`); a model without that rate does not bill them
+(as the library). What is not done: a cost for a model without a price (None, never a
+made-up number), images by count, size and quality (the data has no such price: GPT image
+models are priced by the tokens they report, their image parts at the image rates), speech
+by audio tokens (the API reports none unless streamed as SSE), OpenAI's web search tool
+calls (its usage does not count them).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual
@@ -58,6 +61,7 @@ PRICE_KEYS = (
     "output_mtok",
     "cache_read_mtok",
     "cache_write_mtok",
+    "cache_write_1h_mtok",
     "input_audio_mtok",
     "output_audio_mtok",
     "output_reasoning_mtok",
@@ -67,6 +71,7 @@ PRICE_KEYS = (
     "input_mchars",
     "input_audio_hours",
     "audio_hours",
+    "web_searches_kcount",
 )
 # Rates that price a request's tokens: per token, or per request (tokens then free); a
 # price with none of them (a model priced by the hour) cannot price tokens.
@@ -84,6 +89,8 @@ _OUTPUT_PARTS = (
     ("output_audio_mtok", "output_audio_tokens"),
     ("output_image_mtok", "output_image_tokens"),
 )
+# Within the cache writes, the 1-hour ones, at a rate of their own where the price has one.
+_CACHE_WRITE = "cache_write_tokens"
 _HOUR_SECONDS = 3600
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
@@ -131,6 +138,9 @@ class Price:
         init=False, repr=False, compare=False
     )
     prices_tokens: bool = field(init=False, repr=False, compare=False)
+    # 1-hour cache writes (a part of the cache writes) and web searches (per thousand).
+    write_1h: Rate | None = field(init=False, repr=False, compare=False)
+    searches: Rate | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rates = self.rates
@@ -143,6 +153,8 @@ class Price:
                 rates.get("requests_kcount"),
             ),
             "prices_tokens": bool(rates.keys() & _TOKEN_RATES),
+            "write_1h": rates.get("cache_write_1h_mtok"),
+            "searches": rates.get("web_searches_kcount"),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -157,8 +169,17 @@ class Price:
         total = 0.0
         # The part left at the plain input rate is what no priced part took.
         plain_input = prompt
+        # 1-hour cache writes at their rate, where the price has one; else as the others.
+        one_hour, write_1h = usage.cache_write_1h_tokens, self.write_1h
+        if one_hour and write_1h is not None:
+            total += one_hour * write_1h.at(prompt)
+            plain_input -= one_hour
+        else:
+            one_hour = 0
         for name, part in self.input_parts:
             count = getattr(usage, name)
+            if one_hour and name == _CACHE_WRITE:
+                count -= one_hour
             if count:
                 total += count * part.at(prompt)
                 plain_input -= count
@@ -177,6 +198,9 @@ class Price:
         total = total / _MTOK + units
         if requests is not None:
             total += requests.at(prompt) / 1000
+        searches = self.searches
+        if usage.web_searches and searches is not None:  # no rate: not billed, as the library
+            total += usage.web_searches * searches.at(prompt) / 1000
         return total
 
     def _units(self, usage: Usage) -> float | None:
@@ -340,7 +364,7 @@ def _from_library(model_price: Any) -> Price | None:
             rates[key] = Rate(float(value.base), tiers)
         elif isinstance(value, Decimal):
             rates[key] = Rate(float(value))
-    if not rates.keys() - {"requests_kcount"}:
+    if not rates.keys() - {"requests_kcount", "web_searches_kcount"}:
         return None
     return Price(rates)
 

@@ -30,6 +30,7 @@ PROMPT, COMPLETION = "prompt", "completion"
 CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
 INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
+CACHE_WRITE_1H, WEB_SEARCHES = "cache_write_1h", "web_searches"
 TOTAL = "total"  # read only to find output a completion count left out
 _TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
@@ -131,6 +132,10 @@ class ProviderUsage:
             get(OUTPUT_AUDIO, 0),
             get(INPUT_IMAGE, 0),
             get(OUTPUT_IMAGE, 0),
+            0,  # input characters
+            0.0,  # input audio seconds
+            get(CACHE_WRITE_1H, 0),
+            get(WEB_SEARCHES, 0),
         )
 
 
@@ -149,6 +154,8 @@ def added(total: Usage, more: Usage) -> Usage:
         total.output_image_tokens + more.output_image_tokens,
         total.input_characters + more.input_characters,
         total.input_audio_seconds + more.input_audio_seconds,
+        total.cache_write_1h_tokens + more.cache_write_1h_tokens,
+        total.web_searches + more.web_searches,
     )
 
 

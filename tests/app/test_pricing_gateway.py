@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
 from proxy.record import Usage
@@ -147,3 +148,58 @@ async def test_a_response_served_at_the_priority_tier_costs_the_priority_price(
     usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
     assert line["cost_usd"] == pytest.approx(library_cost("openai", "gpt-4o-mini", usage, TIERS))
     assert line["cost_usd"] > library_cost("openai", "gpt-4o-mini", usage)
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_anthropic_hour_long_cache_writes_and_web_searches_are_charged_at_their_rates(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    """Anthropic bills a 1-hour cache write at twice the input rate (a 5-minute one at 1.25x)
+    and each server-side web search at $10 a thousand: its usage says how many of each
+    (`cache_creation`, `server_tool_use`; a stream's searches in its message_delta). The log
+    line shows them, and the cost and the budget pay them."""
+    client = AsyncAnthropic(api_key=ANTHROPIC_VK, base_url=str(gateway.make_url("")), max_retries=0)
+    headers = {
+        "x-fake-cache-write-tokens": "4000",
+        "x-fake-cache-write-1h-tokens": "3000",
+        "x-fake-web-searches": "2",
+    }
+    ask: Any = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "a b"}],
+        "extra_headers": headers,
+    }
+    try:
+        if is_stream:
+            async with client.messages.stream(**ask) as stream:
+                message = await stream.get_final_message()
+        else:
+            message = await client.messages.create(**ask)
+        assert message.usage.server_tool_use is not None
+        assert message.usage.server_tool_use.web_search_requests == 2
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert line["usage"]["cache_write_tokens"] == 4000
+    assert line["usage"]["cache_write_1h_tokens"] == 3000
+    assert line["usage"]["web_searches"] == 2
+    usage = Usage(
+        line["usage"]["prompt_tokens"],
+        line["usage"]["completion_tokens"],
+        cache_write_tokens=4000,
+        cache_write_1h_tokens=3000,
+        web_searches=2,
+    )
+    expected = library_cost("anthropic", "claude-haiku-4-5", usage)
+    assert line["cost_usd"] == pytest.approx(expected, rel=1e-9)
+    five_minute = library_cost(
+        "anthropic",
+        "claude-haiku-4-5",
+        Usage(usage.prompt_tokens, usage.completion_tokens, cache_write_tokens=4000),
+    )
+    assert expected > five_minute + 0.02  # the searches alone are $0.02
+    spent = await (await gateway.get("/usage", headers=auth(ANTHROPIC_VK))).json()
+    assert spent["totals"]["spent_usd"] == pytest.approx(expected, rel=1e-9)

@@ -25,6 +25,10 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-cached-tokens: N   N more prompt tokens, reported as read from the cache
                               (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
     x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
+    x-fake-cache-write-1h-tokens: N  Anthropic: N of them written for an hour (its usage's
+                              `cache_creation` split by lifetime, the rest 5-minute writes)
+    x-fake-web-searches: N    Anthropic: N server-side web searches (`server_tool_use`, in a
+                              stream's message_delta)
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -230,6 +234,8 @@ class Knobs:
     think_seconds: float = 0.0
     piece_chars: int = 0
     thoughts_beside: int = 0
+    cache_write_1h_tokens: int = 0
+    web_searches: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -257,6 +263,8 @@ class Knobs:
             think_seconds=int(headers.get("x-fake-think-ms", "0")) / 1000,
             piece_chars=int(headers.get("x-fake-piece-chars", "0")),
             thoughts_beside=int(headers.get("x-fake-thoughts-beside", "0")),
+            cache_write_1h_tokens=int(headers.get("x-fake-cache-write-1h-tokens", "0")),
+            web_searches=int(headers.get("x-fake-web-searches", "0")),
         )
 
     @property
@@ -998,12 +1006,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "role": "assistant",
         "model": payload.get("model") or DEFAULT_MODEL,
     }
-    usage = {
+    usage: dict = {
         "input_tokens": prompt_tokens(payload),
         "output_tokens": knobs.chunks + generated_tokens(knobs),
         "cache_creation_input_tokens": knobs.cache_write_tokens,
         "cache_read_input_tokens": knobs.cached_tokens,
     }
+    if knobs.cache_write_1h_tokens:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": knobs.cache_write_tokens - knobs.cache_write_1h_tokens,
+            "ephemeral_1h_input_tokens": knobs.cache_write_1h_tokens,
+        }
+    searches = {"web_search_requests": knobs.web_searches} if knobs.web_searches else None
+    if searches:
+        usage["server_tool_use"] = searches
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1028,10 +1044,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     }
     if knobs.has_usage:
         start["usage"] = {
-            **usage,
+            **{name: count for name, count in usage.items() if name != "server_tool_use"},
             "output_tokens": 1,
         }  # cumulative: the message_delta count replaces it
         stop["usage"] = {"output_tokens": usage["output_tokens"]}
+        if searches:  # made while it generates: counted at the end
+            stop["usage"]["server_tool_use"] = searches
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}

@@ -23,6 +23,7 @@ def library_cost(
         "output_tokens": usage.completion_tokens,
         "cache_read_tokens": usage.cache_read_tokens,
         "cache_write_tokens": usage.cache_write_tokens,
+        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
         "input_audio_tokens": usage.input_audio_tokens,
         "output_audio_tokens": usage.output_audio_tokens,
         "output_reasoning_tokens": usage.reasoning_tokens,
@@ -32,6 +33,7 @@ def library_cost(
         # The library asks for the whole too: all of a transcription's audio is input.
         "audio_seconds": usage.input_audio_seconds,
         "input_audio_seconds": usage.input_audio_seconds,
+        "web_searches": usage.web_searches,
     }
     reported = genai_prices.Usage(**{name: count for name, count in counts.items() if count})
     price = genai_prices.calc_price(reported, model, provider_id=provider, price_context=context)
@@ -69,6 +71,31 @@ def prices() -> Prices:
             "anthropic",
             "claude-sonnet-4-5",
             Usage(250_000, 900, cache_read_tokens=100_000, cache_write_tokens=40_000),
+        ),
+        # Anthropic's 1-hour cache writes at their own rate (twice the input rate, against
+        # 1.25x for 5-minute writes), and its server-side web searches per thousand.
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            Usage(1500, 90, cache_write_tokens=400, cache_write_1h_tokens=300),
+        ),
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            Usage(250_000, 900, cache_write_tokens=40_000, cache_write_1h_tokens=40_000),
+        ),
+        ("anthropic", "claude-haiku-4-5", Usage(12_000, 700, web_searches=3)),
+        (
+            "anthropic",
+            "claude-opus-4-1",
+            Usage(
+                9000,
+                400,
+                cache_read_tokens=5000,
+                cache_write_tokens=2000,
+                cache_write_1h_tokens=500,
+                web_searches=2,
+            ),
         ),
         ("google", "gemini-2.5-pro", Usage(300_000, 1000, cache_read_tokens=10)),
         # Endpoints priced by other units: speech by characters, transcription by seconds.
@@ -258,3 +285,18 @@ def test_the_overrides_file_prices_characters_and_audio_hours(tmp_path: Path) ->
     prices = Prices.load(write(tmp_path / "prices.json", {"local": rates}))
     assert prices.cost("local", "speech", Usage(input_characters=2000)) == pytest.approx(0.02)
     assert prices.cost("local", "stt", Usage(input_audio_seconds=60)) == pytest.approx(0.01)
+
+
+def test_the_overrides_file_prices_hour_long_cache_writes_and_web_searches(
+    tmp_path: Path,
+) -> None:
+    rates = {"input_mtok": 1, "output_mtok": 2, "cache_write_mtok": 1.25}
+    hourly = {**rates, "cache_write_1h_mtok": 2, "web_searches_kcount": 10}
+    prices = Prices.load(write(tmp_path / "prices.json", {"local": {"m": hourly, "n": rates}}))
+    usage = Usage(
+        1_000_000, 0, cache_write_tokens=500_000, cache_write_1h_tokens=200_000, web_searches=3
+    )
+    # 500k plain input at $1, 300k 5-minute writes at $1.25, 200k 1-hour at $2, 3 searches.
+    assert prices.cost("local", "m", usage) == pytest.approx(0.5 + 0.375 + 0.4 + 0.03)
+    # Without their rates: every write at the cache write rate, the searches unbilled.
+    assert prices.cost("local", "n", usage) == pytest.approx(0.5 + 0.625)
