@@ -348,6 +348,15 @@ for s = 1, #scopes do
   local c = checked[s]
   local reserved_tokens, reserved_micro, held = c[1], c[2], c[4]
   if refused then
+    if has_limits then
+      -- Nothing is written, but the logs live one window on: a window keys.json lengthened
+      -- since their last write must not lose them at the old one's end (memory keeps them).
+      expire_in(K[1], window / 1000)
+      if token_limit >= 0 then
+        expire_in(K[2], window / 1000)
+        expire_in(K[3], window / 1000)
+      end
+    end
     answers[s] = reading(false, 0, reserved_tokens, reserved_micro, c[3], held, c[5])
   else
     local ticket = redis.call('HINCRBY', K[4], 'requests', 1)
