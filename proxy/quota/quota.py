@@ -141,7 +141,16 @@ class Quota:
         if wait <= 0:
             del self._closed[key.id]
             return
-        raise refusal(admission._replace(retry_after_seconds=wait))
+        # Every wait the 429 tells has run as long since the refusal it repeats.
+        elapsed = admission.retry_after_seconds - wait
+        tokens = admission.reset_tokens_seconds
+        raise refusal(
+            admission._replace(
+                retry_after_seconds=wait,
+                reset_requests_seconds=max(0.0, admission.reset_requests_seconds - elapsed),
+                reset_tokens_seconds=None if tokens is None else max(0.0, tokens - elapsed),
+            )
+        )
 
     async def admit(
         self, key: QuotaKey, peek: QuotaRequest, serving: Serving | None = None

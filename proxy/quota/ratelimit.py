@@ -2,7 +2,9 @@
 
 Every proxied response of a key with a quota carries them, in the providers' style
 (`x-ratelimit-remaining-tokens`, a reset written as `1m30s`), so a client that reads
-OpenAI's headers reads the gateway's limits instead of the provider's. A request that
+OpenAI's headers reads the gateway's limits instead of the provider's. An answer that came
+with Anthropic's `anthropic-ratelimit-*` (the whole account's limits) gets the gateway's in
+their place, in Anthropic's shape (a reset as an RFC 3339 time). A request that
 passed several windows (its key's, its team's, its model group's) is told the tightest
 (`tightest`): the requests trio of the window with the fewest requests left, the tokens
 trio of the one with the fewest tokens left, so a client pacing itself by them meets no
@@ -12,6 +14,7 @@ trio of the one with the fewest tokens left, so a client pacing itself by them m
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from multidict import CIMultiDict
@@ -19,16 +22,23 @@ from multidict import CIMultiDict
 from proxy.quota.tracker import Admission, Limits
 
 _PREFIX = "x-ratelimit-"
+_ANTHROPIC = "anthropic-ratelimit-"
 
 
 def stamp(headers: CIMultiDict[str], admission: Admission) -> None:
-    """Replace the provider's x-ratelimit-* headers with the gateway's own (keys with a quota)."""
+    """Replace the provider's x-ratelimit-* headers with the gateway's own (keys with a quota),
+    and Anthropic's anthropic-ratelimit-* when it sent them."""
     if admission.limits is None:
         return
-    if _PREFIX in "\n".join(headers).lower():  # one scan, not one lower() a header
-        for name in [name for name in headers if name.lower().startswith(_PREFIX)]:
+    names = "\n".join(headers).lower()  # one scan, not one lower() a header
+    anthropic = _ANTHROPIC in names
+    if anthropic or _PREFIX in names:
+        prefixes = (_PREFIX, _ANTHROPIC)
+        for name in [name for name in headers if name.lower().startswith(prefixes)]:
             headers.popall(name, None)
     headers.extend(ratelimit_headers(admission))  # none is left to replace
+    if anthropic:
+        headers.extend(anthropic_headers(admission, time.time()))
 
 
 def tightest(answers: Sequence[Admission]) -> Admission:
@@ -70,6 +80,33 @@ def ratelimit_headers(admission: Admission) -> dict[str, str]:
         headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens or 0))
         headers["x-ratelimit-reset-tokens"] = duration(admission.reset_tokens_seconds or 0.0)
     return headers
+
+
+def anthropic_headers(admission: Admission, now: float) -> dict[str, str]:
+    """anthropic-ratelimit-requests-{limit,remaining,reset} (and the tokens trio when set),
+    each reset the Unix time `now` plus its wait, in RFC 3339 to the second, rounded up."""
+    limits = admission.limits
+    if limits is None:
+        return {}
+    headers = {
+        "anthropic-ratelimit-requests-limit": str(limits.requests),
+        "anthropic-ratelimit-requests-remaining": str(max(0, admission.remaining_requests)),
+        "anthropic-ratelimit-requests-reset": instant(now + admission.reset_requests_seconds),
+    }
+    if limits.tokens is not None:
+        headers["anthropic-ratelimit-tokens-limit"] = str(limits.tokens)
+        headers["anthropic-ratelimit-tokens-remaining"] = str(
+            max(0, admission.remaining_tokens or 0)
+        )
+        headers["anthropic-ratelimit-tokens-reset"] = instant(
+            now + (admission.reset_tokens_seconds or 0.0)
+        )
+    return headers
+
+
+def instant(unix_time: float) -> str:
+    """A Unix time as Anthropic writes a reset: '2026-01-01T00:00:01Z', rounded up."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(unix_time)))
 
 
 def duration(seconds: float) -> str:

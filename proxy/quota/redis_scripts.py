@@ -162,17 +162,33 @@ local function leaves_bucket(index)
   return (index + 1) * width + budget_window - now
 end
 
--- Micro-dollars spent in the budget's window; a changed window starts the log anew,
--- keeping what was spent as of now (never forgotten early).
+-- Micro-dollars spent in the budget's window. A changed window (keys.json reloaded) takes
+-- each bucket's spend where its end falls in buckets of the new width, as window.SpendLog
+-- does: at most a bucket late, never early.
 local function window_spend()
   local known = redis.call('HGET', K[8], 'width')
   if known and tonumber(known) ~= width then
-    local kept = tonumber(redis.call('HGET', K[8], 'sum')) or 0
+    local old = tonumber(known)
+    local order, moved, kept = {}, {}, 0
+    for _, index in ipairs(redis.call('ZRANGE', K[7], 0, -1)) do
+      local micro = tonumber(redis.call('HGET', K[8], index)) or 0
+      local at = math.floor(((tonumber(index) + 1) * old - 1) / width)
+      if moved[at] == nil then
+        moved[at] = 0
+        order[#order + 1] = at
+      end
+      moved[at] = moved[at] + micro
+      kept = kept + micro
+    end
     redis.call('DEL', K[7], K[8])
     if kept > 0 then
-      local index = math.floor(now / width)
-      redis.call('ZADD', K[7], int(index), int(index))
-      redis.call('HSET', K[8], int(index), int(kept), 'sum', int(kept), 'width', int(width))
+      for _, at in ipairs(order) do
+        redis.call('ZADD', K[7], int(at), int(at))
+        redis.call('HSET', K[8], int(at), int(moved[at]))
+      end
+      redis.call('HSET', K[8], 'sum', int(kept), 'width', int(width))
+      expire_in(K[7], (budget_window + width) / 1000)
+      expire_in(K[8], (budget_window + width) / 1000)
     end
   end
   local last_gone = math.floor((now - budget_window) / width) - 1
@@ -332,6 +348,15 @@ for s = 1, #scopes do
   local c = checked[s]
   local reserved_tokens, reserved_micro, held = c[1], c[2], c[4]
   if refused then
+    if has_limits then
+      -- Nothing is written, but the logs live one window on: a window keys.json lengthened
+      -- since their last write must not lose them at the old one's end (memory keeps them).
+      expire_in(K[1], window / 1000)
+      if token_limit >= 0 then
+        expire_in(K[2], window / 1000)
+        expire_in(K[3], window / 1000)
+      end
+    end
     answers[s] = reading(false, 0, reserved_tokens, reserved_micro, c[3], held, c[5])
   else
     local ticket = redis.call('HINCRBY', K[4], 'requests', 1)

@@ -102,6 +102,14 @@ class SpendLog:
             return self._leaves(index, now_us)
         return 0.0
 
+    def rebucketed(self, window_seconds: float) -> SpendLog:
+        """This spend in a log of another window: each bucket's where its end falls, so a
+        spend leaves the new window at most a bucket late, never early."""
+        log = SpendLog(window_seconds)
+        for index, micro in self.buckets.items():
+            log.add((index + 1) * self.width_us - 1, micro)
+        return log
+
     def _leaves(self, index: int, now_us: int) -> float:
         return ((index + 1) * self.width_us + self.window_us - now_us) / 1e6
 
@@ -295,16 +303,16 @@ class SlidingWindow:
         ))  # fmt: skip
 
     def _spend(self, now: float, budget: Budget | None) -> SpendLog | None:
-        """The budget's spend log, expired to `now`; a changed window starts a new log."""
+        """The budget's spend log, expired to `now`; a changed window (keys.json reloaded)
+        takes each spend at its own time, in buckets of the new window's width."""
         if budget is None:
             return None
         spend = self.spend
         now_us = microseconds(now)
-        if spend is None or spend.window_us != round(budget.window_seconds * 1e6):
-            kept = spend.spent if spend is not None else 0
+        if spend is None:
             spend = self.spend = SpendLog(budget.window_seconds)
-            if kept:  # what was spent stays spent, as of now: never forgotten early
-                spend.add(now_us, kept)
+        elif spend.window_us != round(budget.window_seconds * 1e6):
+            spend = self.spend = spend.rebucketed(budget.window_seconds)
         spend.expire(now_us)
         return spend
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.quota.ratelimit import duration
+from proxy.quota.ratelimit import duration, instant
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,
@@ -106,6 +107,32 @@ async def test_a_wait_longer_than_the_sdks_sleep_says_do_not_retry_in_anthropic_
     assert_anthropic_error(await refused.json(), "rate_limit_error")
     assert refused.headers["x-should-retry"] == "false"
     assert int(refused.headers["retry-after"]) > 3500
+
+
+async def test_anthropic_answers_carry_the_keys_limits_in_anthropics_headers_not_the_accounts(
+    quota_gateway: Any, make_gateway: Any
+) -> None:
+    gateway = await quota_gateway(
+        {"requests": 3, "tokens": 100_000, "window_seconds": 60}, provider="anthropic"
+    )
+    before = time.time()
+    answer = await gateway.post("/v1/messages", json=MESSAGES, headers={"x-api-key": QUOTA_VK})
+    assert answer.status == 200
+    headers = answer.headers
+    assert headers["anthropic-ratelimit-requests-limit"] == "3"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "2"
+    reset = datetime.strptime(headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    assert before + 59 <= reset.replace(tzinfo=UTC).timestamp() <= time.time() + 61
+    assert headers["anthropic-ratelimit-tokens-limit"] == "100000"
+    assert int(headers["anthropic-ratelimit-tokens-remaining"]) < 100_000  # its reservation
+    datetime.strptime(headers["anthropic-ratelimit-tokens-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    # The account's own buckets, which tell nothing of this key, are gone.
+    assert not [name for name in headers if "input-tokens" in name or "output-tokens" in name]
+    assert headers["x-ratelimit-remaining-requests"] == "2"
+    # With no gateway quota, Anthropic's own view passes through.
+    plain = await make_gateway(QUOTA_ENABLED="false")
+    answer = await plain.post("/v1/messages", json=MESSAGES, headers={"x-api-key": ANTHROPIC_VK})
+    assert answer.headers["anthropic-ratelimit-requests-remaining"] == "3999"
 
 
 async def test_the_openai_sdks_own_retry_succeeds_once_the_window_moves(quota_gateway: Any) -> None:
@@ -246,6 +273,9 @@ def test_waits_are_written_in_the_providers_style() -> None:
     assert duration(119.9999) == "2m0s"
     assert duration(59.9999) == "1m0s"
     assert duration(59.9994) == "1m0s"
+    # Anthropic's resets are times, to the second: never one before the window has room.
+    assert instant(1_767_225_600.001) == "2026-01-01T00:00:01Z"
+    assert instant(1_767_225_600) == "2026-01-01T00:00:00Z"
 
 
 async def test_429_is_counted_in_metrics_and_logged(gateway: TestClient, records: Any) -> None:

@@ -217,6 +217,24 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
     }
 
 
+async def test_a_window_lengthened_while_the_key_is_refused_keeps_its_log_for_the_new_length(
+    tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    # 2 requests and 100 tokens in a minute, all spent; keys.json then says per hour. A
+    # client refused meanwhile (nothing admitted, nothing written) must not see its minute's
+    # log expire by the old minute's TTL and get 2 more: memory keeps it while it is asked.
+    limits = Limits(requests=2, tokens=100, window_seconds=60)
+    for _ in range(2):
+        answer = await tracker.admit(KEY, limits)
+        tracker.settle(KEY, limits, Charge(100), answer.ticket)
+    await tracker.flush()
+    hourly = Limits(requests=2, tokens=100, window_seconds=3600)
+    assert not (await tracker.admit(KEY, hourly)).admitted
+    admissions, charges, charged, *_ = window_keys(KEY)
+    for name in (admissions, charges, charged):
+        assert raw_redis.pttl(name) > 60_000, name
+
+
 async def test_a_settle_no_admission_carries_goes_alone_and_close_still_returns(
     redis_url: str, raw_redis: redis.Redis
 ) -> None:

@@ -289,6 +289,24 @@ async def test_a_budget_admits_while_the_spend_is_under_and_says_when_it_frees_u
     assert report["totals"] == {"requests": 3, "tokens": 14, "spent_usd": 0.0011, **NO_KIND_TOTALS}
 
 
+async def test_a_budget_window_a_reload_changes_keeps_each_spend_at_its_own_time(
+    tracker: Tracker, clock: Clock
+):
+    # 600 spent at t = 0 under 100 s; 90 s later keys.json says 1000 s: the 600 still leaves
+    # 1000 s after it was spent (its 0.1 s bucket's end, in a bucket of the new 1 s width),
+    # not 1000 s after the reload. Then 50 s: it was spent 90 s ago, so it has left.
+    budget = Budget(usd=0.001, window_seconds=100)
+    first = await tracker.admit(KEY, None, budget, Charge(0, 300))
+    tracker.settle(KEY, None, Charge(0, 600), first.ticket, budget)
+    clock.advance(90)
+    longer = await tracker.report(KEY, None, Budget(usd=0.001, window_seconds=1000))
+    assert longer["budget"]["spent_usd"] == 0.0006
+    assert longer["budget"]["reset_seconds"] == pytest.approx(911.0)
+    shorter = await tracker.report(KEY, None, Budget(usd=0.001, window_seconds=50))
+    assert shorter["budget"]["spent_usd"] == 0.0
+    assert (await tracker.admit(KEY, None, Budget(0.0005, 50), Charge(0, 400))).admitted
+
+
 async def test_deferred_work_owed_is_claimed_once_by_its_id_whoever_asks(
     tracker: Tracker,
 ) -> None:

@@ -128,6 +128,17 @@ PROVIDER_HEADERS = (
     ("x-ratelimit-remaining-tokens", "799990"),
     ("x-ratelimit-reset-tokens", "1ms"),
 )
+# What Anthropic sends on its answers besides: the account's limits, resets in RFC 3339.
+ANTHROPIC_HEADERS = (
+    ("anthropic-ratelimit-requests-limit", "4000"),
+    ("anthropic-ratelimit-requests-remaining", "3999"),
+    ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:01Z"),
+    ("anthropic-ratelimit-tokens-limit", "400000"),
+    ("anthropic-ratelimit-tokens-remaining", "399990"),
+    ("anthropic-ratelimit-tokens-reset", "2026-01-01T00:00:01Z"),
+    ("anthropic-ratelimit-input-tokens-limit", "320000"),
+    ("anthropic-ratelimit-output-tokens-limit", "80000"),
+)
 OPENAI_ERRORS = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
@@ -538,6 +549,9 @@ async def add_provider_headers(request: web.Request, response: web.StreamRespons
     """Headers a real provider sends on every answer (on_response_prepare)."""
     for name, value in PROVIDER_HEADERS:
         response.headers.setdefault(name, value)
+    if "/messages" in request.path:
+        for name, value in ANTHROPIC_HEADERS:
+            response.headers.setdefault(name, value)
     if REQUEST_ID in request:
         response.headers.setdefault("x-request-id", request[REQUEST_ID])
     response.headers.add("Set-Cookie", "__cf_bm=fake-cookie; Path=/; HttpOnly")

@@ -15,6 +15,7 @@ from proxy.quota.quota import Quota
 from proxy.quota.refusals import refusal
 from proxy.quota.tracker import NOTHING, Admission, Budget, Charge, Limits, Scope
 from proxy.record import Usage
+from tests.support.clock import Clock
 
 ROUND_TRIP_SECONDS = 0.01
 
@@ -147,3 +148,21 @@ def test_an_exhausted_budget_answers_openai_s_own_insufficient_quota_error() -> 
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     anthropic = orjson.loads(body(refusal(admission), "/v1/messages"))["error"]
     assert anthropic["type"] == "rate_limit_error"
+
+
+async def test_a_large_body_refused_before_it_is_read_is_told_the_reset_still_ahead() -> None:
+    # Refused at t=0 with 30 s to wait; 20 s later a large body is refused before it is read:
+    # its Retry-After and its x-ratelimit-reset-requests both say the 10 s left, not 30.
+    clock = Clock()
+    quota = Quota(MemoryTracker(clock), clock=clock)
+    limits = Limits(requests=1, tokens=None, window_seconds=30)
+    key = Key(Scope("key-digest-precheck", "key", "pre", None), shares=False, limits=limits)
+    assert await quota.admit(key, Peek()) is not None
+    with pytest.raises(GatewayError) as first:
+        await quota.admit(key, Peek())
+    assert first.value.headers["x-ratelimit-reset-requests"] == "30s"
+    clock.advance(20)
+    with pytest.raises(GatewayError) as early:
+        quota.precheck(key, 10 * 1024 * 1024)
+    assert early.value.headers["retry-after"] == "10"
+    assert early.value.headers["x-ratelimit-reset-requests"] == "10s"
