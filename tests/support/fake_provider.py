@@ -58,6 +58,12 @@ Request headers steer it (they pass through the gateway unchanged):
 
 A Responses object says the `service_tier` that served it: the request's, else "default"
 (a chat completion and each of its chunks too, when the request names one).
+A chat completion made with "store": true (streamed or not) is kept, with its usage and
+`metadata`, as OpenAI keeps it for the project of the key that made it: GET /chat/completions
+lists them (`model`, `metadata[k]`, `order`, `after`, `limit`), GET /chat/completions/{id}
+answers one (its `/messages` the request's messages), POST /chat/completions/{id}
+{"metadata"} replaces its metadata and answers it whole, DELETE deletes it; another key's
+request, or an id it never made, gets OpenAI's 404.
 A POST /responses with "background": true is kept and answered `queued`, usage null
 (streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
@@ -178,6 +184,8 @@ class FakeState:
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     # response id -> a background Response (POST /responses, "background": true)
     background: dict[str, Background] = field(default_factory=dict)
+    # completion id -> a chat completion made with "store": true, in the order made
+    stored_chats: dict[str, StoredChat] = field(default_factory=dict)
     # requests being answered right now, and the most there ever were at once
     open_now: int = 0
     open_peak: int = 0
@@ -191,6 +199,17 @@ class Background:
 
     done: dict
     polls: int
+
+
+@dataclass(slots=True)
+class StoredChat:
+    """A chat completion made with "store": true: the completion object (its `usage` and
+    `metadata` too), the request's messages, and the real key that made it (its project:
+    another key's requests do not find it)."""
+
+    completion: dict
+    messages: list[dict]
+    key: str
 
 
 @dataclass(slots=True)
@@ -719,10 +738,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     if "service_tier" in payload:  # the tier that served it, on every chunk
         head["service_tier"] = served_tier(payload)
-    if payload.get("stream"):
-        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs, streamed_usage)
-        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     message: dict = {
         "role": "assistant",
         "content": "".join(content_deltas(knobs.chunks)),
@@ -746,6 +761,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = {**head, "object": "chat.completion", "choices": [choice]}
     if knobs.has_usage:
         body["usage"] = usage
+    if payload.get("store") is True:  # kept whole, streamed or not, with its usage
+        stored = {**body, "usage": usage, "metadata": payload.get("metadata") or {}}
+        messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
+        chats = request.app[FAKE_STATE].stored_chats
+        chats[head["id"]] = StoredChat(stored, messages, credential(request.headers) or "")
+    if payload.get("stream"):
+        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
+        frames = chat_frames(head, tool, knobs, streamed_usage)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     return await reply(request, body)
 
 
@@ -782,6 +806,88 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
             sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         )
     return [*frames, DONE]
+
+
+def stored_chat(request: web.Request) -> StoredChat | None:
+    """The stored chat completion the path names, if the request's key may see it."""
+    found = request.app[FAKE_STATE].stored_chats.get(request.match_info["completion_id"])
+    return found if found is not None and found.key == credential(request.headers) else None
+
+
+async def chat_not_found(request: web.Request) -> web.StreamResponse:
+    """OpenAI's 404 for a stored chat completion it does not have (or another project's)."""
+    message = f"Chat completion with id '{request.match_info['completion_id']}' not found."
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return await reply(request, {"error": error}, status=404)
+
+
+def page(data: list[dict], request: web.Request) -> dict:
+    """A cursor page: `after` an id, at most `limit` (default 20) items."""
+    after, limit = request.query.get("after"), int(request.query.get("limit", "20"))
+    if after is not None:
+        ids = [item["id"] for item in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    shown = data[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+        "has_more": len(data) > limit,
+    }
+
+
+async def list_chats(request: web.Request) -> web.StreamResponse:
+    """GET /chat/completions: the key's stored completions, by `model` and `metadata[k]`."""
+    key, query = credential(request.headers), request.query
+    wanted = {name[9:-1]: value for name, value in query.items() if name.startswith("metadata[")}
+    chats = [
+        chat.completion
+        for chat in request.app[FAKE_STATE].stored_chats.values()
+        if chat.key == key
+        and query.get("model") in (None, chat.completion["model"])
+        and all(chat.completion["metadata"].get(name) == value for name, value in wanted.items())
+    ]
+    if query.get("order") == "desc":
+        chats.reverse()
+    return await reply(request, page(chats, request))
+
+
+async def retrieve_chat(request: web.Request) -> web.StreamResponse:
+    found = stored_chat(request)
+    return await (chat_not_found(request) if found is None else reply(request, found.completion))
+
+
+async def chat_messages(request: web.Request) -> web.StreamResponse:
+    """GET /chat/completions/{id}/messages: the request's messages, each with an id."""
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    completion_id = request.match_info["completion_id"]
+    messages = [
+        {"id": f"{completion_id}-{index}", "content": None, **message}
+        for index, message in enumerate(found.messages)
+    ]
+    return await reply(request, page(messages, request))
+
+
+async def update_chat(request: web.Request) -> web.StreamResponse:
+    """POST /chat/completions/{id} {"metadata": {...}}: the completion, its metadata replaced."""
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    found.completion["metadata"] = (await read_json(request)).get("metadata") or {}
+    return await reply(request, found.completion)
+
+
+async def delete_chat(request: web.Request) -> web.StreamResponse:
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    completion_id = request.match_info["completion_id"]
+    del request.app[FAKE_STATE].stored_chats[completion_id]
+    deleted = {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
+    return await reply(request, deleted)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -1112,6 +1218,12 @@ def build_fake_provider() -> web.Application:
     app[FAKE_STATE] = FakeState()
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/chat/completions", list_chats)
+        chat = f"{prefix}/chat/completions/{{completion_id}}"
+        app.router.add_get(chat, retrieve_chat)
+        app.router.add_post(chat, update_chat)
+        app.router.add_delete(chat, delete_chat)
+        app.router.add_get(f"{chat}/messages", chat_messages)
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/embeddings", embeddings)
         app.router.add_post(f"{prefix}/responses", responses)

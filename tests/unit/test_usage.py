@@ -396,6 +396,10 @@ def test_what_is_charged_follows_the_endpoint():
     # Charged only when a background POST owed it (tests/app/test_background.py).
     assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
     assert charged("GET", "/v1/chat/completions") is Charged.NOTHING
+    # A stored chat completion's metadata updated: answered with the usage made before.
+    assert charged("POST", "/v1/chat/completions/chatcmpl-1") is Charged.NOTHING
+    assert charged("POST", "/chat/completions/chatcmpl-1") is Charged.NOTHING
+    assert charged("POST", "/v1/chat/completions/") is Charged.REPORTED  # no id: not one
 
 
 def test_a_models_list_or_a_token_count_is_charged_nothing():
