@@ -58,6 +58,9 @@ Request headers steer it (they pass through the gateway unchanged):
 
 A Responses object says the `service_tier` that served it: the request's, else "default"
 (a chat completion and each of its chunks too, when the request names one).
+A chat or text completion asking for `n` choices gets that many (streamed: a chunk of each
+in turn, one usage chunk for all), each counted in its usage, as is each of a text
+completion's `best_of`.
 A chat completion made with "store": true (streamed or not) is kept, with its usage and
 `metadata`, as OpenAI keeps it for the project of the key that made it: GET /chat/completions
 lists them (`model`, `metadata[k]`, `order`, `after`, `limit`), GET /chat/completions/{id}
@@ -701,10 +704,11 @@ async def reply_error(
 # --- OpenAI --------------------------------------------------------------------------
 
 
-def openai_usage(prompt: int, knobs: Knobs) -> dict:
-    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for."""
+def openai_usage(prompt: int, knobs: Knobs, answers: int = 1) -> dict:
+    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for.
+    `answers`: choices generated (`n`, a completion's `best_of`), each counted."""
     prompt += knobs.cached_tokens
-    completion = knobs.chunks + knobs.reasoning_tokens + generated_tokens(knobs)
+    completion = (knobs.chunks + knobs.reasoning_tokens + generated_tokens(knobs)) * answers
     usage: dict = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -721,6 +725,12 @@ def openai_usage(prompt: int, knobs: Knobs) -> dict:
     return usage
 
 
+def answers(payload: dict) -> int:
+    """How many choices a request generates: `n`, or a completion's `best_of` (of which it
+    returns the `n` best), 1 by default."""
+    return max(int(payload.get("n") or 1), int(payload.get("best_of") or 1))
+
+
 def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] | None:
     """Stream usages: the usage chunk is the last frame before [DONE]."""
     return [*([None] * (len(frames) - 2)), usage, None] if usage else None
@@ -728,8 +738,8 @@ def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] |
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
-    tool = tool_name(payload)
-    usage = openai_usage(prompt_tokens(payload), knobs)
+    tool, count = tool_name(payload), answers(payload)
+    usage = openai_usage(prompt_tokens(payload), knobs, count)
     head = {
         "id": new_id("chatcmpl-"),
         "created": int(time.time()),
@@ -752,13 +762,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
     if knobs.reasoning_chars:
         message["reasoning_content"] = reasoning_text(knobs.reasoning_chars)
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": "tool_calls" if tool else "stop",
-    }
-    body = {**head, "object": "chat.completion", "choices": [choice]}
+    choices = [
+        {
+            "index": index,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": "tool_calls" if tool else "stop",
+        }
+        for index in range(count)
+    ]
+    body = {**head, "object": "chat.completion", "choices": choices}
     if knobs.has_usage:
         body["usage"] = usage
     if payload.get("store") is True:  # kept whole, streamed or not, with its usage
@@ -768,21 +781,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chats[head["id"]] = StoredChat(stored, messages, credential(request.headers) or "")
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs, streamed_usage)
+        frames = chat_frames(head, tool, knobs, streamed_usage, count)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
     return await reply(request, body)
 
 
-def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) -> list[bytes]:
-    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]."""
+def chat_frames(
+    head: dict, tool: str | None, knobs: Knobs, usage: dict | None, count: int = 1
+) -> list[bytes]:
+    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]; with
+    `count` choices (`n`), a chunk of each choice in turn at every step, as OpenAI
+    interleaves them, and one usage chunk for all."""
     chunks = knobs.chunks
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict, finish_reason: str | None = None, index: int = 0) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         body = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         if usage:
             body["usage"] = None  # OpenAI sends usage: null on every chunk but the last
         return sse(body)
+
+    def each(delta: dict, finish_reason: str | None = None) -> list[bytes]:
+        return [chunk(delta, finish_reason, index) for index in range(count)]
 
     if tool:
         call = {
@@ -800,7 +820,11 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
     if knobs.reasoning_chars:
         thoughts = pieces(reasoning_text(knobs.reasoning_chars), knobs)
         deltas = [*({"reasoning_content": part} for part in thoughts), *deltas]
-    frames = [chunk(first), *map(chunk, deltas), chunk({}, "tool_calls" if tool else "stop")]
+    frames = [
+        *each(first),
+        *(frame for delta in deltas for frame in each(delta)),
+        *each({}, "tool_calls" if tool else "stop"),
+    ]
     if usage:
         frames.append(
             sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
@@ -891,8 +915,10 @@ async def delete_chat(request: web.Request) -> web.StreamResponse:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    """Legacy text completions: `n` choices returned, `best_of` generated (and counted)."""
     payload, knobs = await read_json(request), request[KNOBS]
-    usage = openai_usage(prompt_tokens(payload), knobs)
+    usage = openai_usage(prompt_tokens(payload), knobs, answers(payload))
+    count = int(payload.get("n") or 1)
     head = {
         "id": new_id("cmpl-"),
         "object": "text_completion",
@@ -900,22 +926,24 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "model": payload.get("model") or DEFAULT_MODEL,
     }
 
-    def choice(text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(text: str, finish_reason: str | None, index: int = 0) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     deltas = content_deltas(knobs.chunks)
     if payload.get("stream"):
         last = len(deltas) - 1
         frames = [
-            sse({**head, "choices": [choice(text, "stop" if i == last else None)]})
+            sse({**head, "choices": [choice(text, "stop" if i == last else None, index)]})
             for i, text in enumerate(deltas)
+            for index in range(count)
         ]
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
         if streamed_usage:
             frames.append(sse({**head, "choices": [], "usage": usage}))
         frames.append(DONE)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
-    body = {**head, "choices": [choice("".join(deltas), "stop")]}
+    text = "".join(deltas)
+    body = {**head, "choices": [choice(text, "stop", index) for index in range(count)]}
     if knobs.has_usage:
         body["usage"] = usage
     return await reply(request, body)
