@@ -239,18 +239,23 @@ def _output_cap(document: dict[str, Any]) -> int | None:
     return None
 
 
-# The most answers one request asks for: OpenAI's bound on `n` (its provider refuses more).
+# The most answers a prompt asks for: OpenAI's bound on `n` (its provider refuses more).
 _MOST_ANSWERS = 128
 
 
 def _answers(document: dict[str, Any]) -> int:
-    """How many answers the body asks to be generated: `n`, or `best_of` when larger."""
+    """How many answers the body asks to be generated: `n`, or `best_of` when larger, for
+    each prompt of a text completion's list of prompts (strings, or lists of tokens)."""
     count = 1
     for name in ("n", "best_of"):
         value = document.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > count:
             count = value
-    return min(count, _MOST_ANSWERS)
+    count = min(count, _MOST_ANSWERS)
+    prompt = document.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        count *= len(prompt)  # (a list of integers is one prompt, in tokens)
+    return count
 
 
 def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> dict[str, Any] | None:

@@ -60,7 +60,7 @@ A Responses object says the `service_tier` that served it: the request's, else "
 (a chat completion and each of its chunks too, when the request names one).
 A chat or text completion asking for `n` choices gets that many (streamed: a chunk of each
 in turn, one usage chunk for all), each counted in its usage, as is each of a text
-completion's `best_of`.
+completion's `best_of` (of each prompt of a list of prompts).
 A chat completion made with "store": true (streamed or not) is kept, with its usage and
 `metadata`, as OpenAI keeps it for the project of the key that made it: GET /chat/completions
 lists them (`model`, `metadata[k]`, `order`, `after`, `limit`), GET /chat/completions/{id}
@@ -727,8 +727,16 @@ def openai_usage(prompt: int, knobs: Knobs, answers: int = 1) -> dict:
 
 def answers(payload: dict) -> int:
     """How many choices a request generates: `n`, or a completion's `best_of` (of which it
-    returns the `n` best), 1 by default."""
-    return max(int(payload.get("n") or 1), int(payload.get("best_of") or 1))
+    returns the `n` best), 1 by default; of each prompt of a completion's list of prompts."""
+    return max(int(payload.get("n") or 1), int(payload.get("best_of") or 1)) * prompts(payload)
+
+
+def prompts(payload: dict) -> int:
+    """A text completion's prompts: a list of strings or of token lists is several."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt)
+    return 1
 
 
 def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] | None:
@@ -918,7 +926,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """Legacy text completions: `n` choices returned, `best_of` generated (and counted)."""
     payload, knobs = await read_json(request), request[KNOBS]
     usage = openai_usage(prompt_tokens(payload), knobs, answers(payload))
-    count = int(payload.get("n") or 1)
+    count = int(payload.get("n") or 1) * prompts(payload)  # n of each prompt
     head = {
         "id": new_id("cmpl-"),
         "object": "text_completion",
