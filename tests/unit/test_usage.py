@@ -1055,6 +1055,15 @@ GENERATED_BODIES = [
         2 + 400 + 6 + 400 + 6,
     ),
     (
+        "chat custom tool call (freeform input)",
+        {"choices": [{"message": {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"id": "c", "type": "custom",
+                            "custom": {"name": "apply_patch", "input": THOUGHT}}],
+        }}]},
+        11 + 400,
+    ),
+    (
         "completions text",
         {"object": "text_completion", "choices": [{"text": THOUGHT}]},
         400,
