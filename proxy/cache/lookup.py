@@ -3,7 +3,7 @@
 A request is cacheable when it is a POST of a JSON object (whatever its Content-Type says:
 curl's -d labels JSON as a form, and the provider reads it as JSON) to a generation or embedding
 endpoint (chat and text completions, embeddings, Anthropic messages, Responses neither in
-the background nor stored nor in a conversation), and the client did not say
+the background nor in a conversation; neither chat nor Responses stored), and the client did not say
 `Cache-Control: no-store`.
 `no-cache` skips the lookup and lets the answer replace the entry.
 
@@ -82,19 +82,18 @@ def _is_deployments(tail: str, name: str) -> bool:
 def is_cacheable(method: str, tail: str, document: dict[str, Any] | None) -> bool:
     """A POST of a JSON object to a generation or embedding endpoint, not kept by the provider.
 
-    `document`: the body parsed (None: not a JSON object). A Responses request with
-    `background` or `store` true makes an object the provider keeps and answers later by
-    id, and one in a `conversation` reads that conversation's items and appends to them:
-    its answer is not a pure function of the request.
+    `document`: the body parsed (None: not a JSON object). A chat completion or a Responses
+    request with `store` true (a Responses one with `background` true) makes an object the
+    provider keeps and answers later by id, and a Responses request in a `conversation`
+    reads that conversation's items and appends to them: its answer is not a pure function
+    of the request.
     """
     if document is None or not is_cacheable_endpoint(method, tail):
         return False
+    if document.get("store") is True:
+        return False
     if tail.endswith("responses"):
-        return (
-            document.get("background") is not True
-            and document.get("store") is not True
-            and document.get("conversation") is None
-        )
+        return document.get("background") is not True and document.get("conversation") is None
     return True
 
 

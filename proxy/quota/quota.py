@@ -428,10 +428,11 @@ class Quota:
 
 def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:
     """The output tokens a request reserves: the cap its body names, else for a generation
-    the key's allowance (what it may produce when nothing caps it), else none."""
+    the key's allowance (what it may produce when nothing caps it), else none; for each of
+    the answers it asks for (`n`: the cap is each one's)."""
     if peek.max_output_tokens:
-        return peek.max_output_tokens
-    return key.output_allowance if peek.is_generation else 0
+        return peek.max_output_tokens * peek.answers
+    return key.output_allowance * peek.answers if peek.is_generation else 0
 
 
 def charged(usage: Usage, cost_usd: float | None) -> Charge:

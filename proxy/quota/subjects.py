@@ -67,6 +67,9 @@ class QuotaRequest(Protocol):
     def max_output_tokens(self) -> int | None: ...
 
     @property
+    def answers(self) -> int: ...
+
+    @property
     def is_generation(self) -> bool: ...
 
 

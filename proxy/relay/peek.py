@@ -56,6 +56,9 @@ class Peek:
     # Gemini's generationConfig.maxOutputTokens, Bedrock's inferenceConfig.maxTokens).
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
+    # The answers it generates, each up to that cap (or the allowance): OpenAI's `n`
+    # choices, a text completion's `best_of` (generated and billed, `n` of them returned).
+    answers: int = 1
     # It generates tokens (chat, completions, responses, messages...): naming no cap, it
     # reserves the key's output allowance. Read only for a key that reserves.
     is_generation: bool = False
@@ -196,6 +199,7 @@ def validate(
         is_stream=is_stream,
         prompt_tokens_estimate=estimate.tokens(prompt_chars(tail, document)),
         max_output_tokens=_output_cap(document),
+        answers=_answers(document),
         is_generation=charged(request.method, request.path, is_background) in _GENERATIONS,
         affinity=affinity,
         decoded=decoded,
@@ -233,6 +237,25 @@ def _output_cap(document: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+# The most answers a prompt asks for: OpenAI's bound on `n` (its provider refuses more).
+_MOST_ANSWERS = 128
+
+
+def _answers(document: dict[str, Any]) -> int:
+    """How many answers the body asks to be generated: `n`, or `best_of` when larger, for
+    each prompt of a text completion's list of prompts (strings, or lists of tokens)."""
+    count = 1
+    for name in ("n", "best_of"):
+        value = document.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > count:
+            count = value
+    count = min(count, _MOST_ANSWERS)
+    prompt = document.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        count *= len(prompt)  # (a list of integers is one prompt, in tokens)
+    return count
 
 
 def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ Answers, as JSON bodies and as streams of `chat.completion.chunk` / `text_comple
 events (no `type` field): the text is in `choices[].delta.content` (chat, `message` in a
 body) or `choices[].text` (completions). Beside it the model generates a refusal,
 reasoning (`reasoning_content`, `reasoning`), tool calls (`tool_calls[].function.name`
-and `.arguments`, the older `function_call`) and an audio transcript: each counted for an
+and `.arguments`, a custom tool's `tool_calls[].custom.name` and `.input`, the older
+`function_call`) and an audio transcript: each counted for an
 estimate, none kept as the logged text. The usage object, in a body's `usage` or a
 stream's last chunk (`choices: []`; Groq's, without stream_options: `x_groq.usage`), is {prompt_tokens, completion_tokens, prompt_tokens_details
 {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
@@ -160,8 +161,8 @@ def _read_generated(message: dict[str, Any], reading: Reading) -> None:
         elif name == "tool_calls":
             if isinstance(value, list):
                 for call in value:
-                    if isinstance(call, dict):
-                        _read_function(call.get("function"), reading)
+                    if isinstance(call, dict):  # a function's, or a custom tool's call
+                        _read_function(call.get("function") or call.get("custom"), reading)
         elif name == "function_call":  # the older single call
             _read_function(value, reading)
         elif name == "audio" and isinstance(value, dict):
@@ -169,7 +170,8 @@ def _read_generated(message: dict[str, Any], reading: Reading) -> None:
 
 
 def _read_function(function: object, reading: Reading) -> None:
-    """A call's `name` and `arguments` (all a function object holds), counted."""
+    """A call's `name` and `arguments` (all a function object holds; a custom tool's call:
+    its `name` and freeform `input`), counted."""
     if isinstance(function, dict):
         for value in function.values():
             if isinstance(value, str):

@@ -24,7 +24,8 @@ count (`Reading.is_usage_provisional`: Anthropic's `message_start` says 1 output
 charged its reported prompt and at least the completion it delivered, estimated. Speech is counted by its input's characters,
 transcriptions and translations by their audio's seconds, unless they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
 charged only what the provider reports (a token count reports none); a GET (a models list,
-a stored response) nothing. Two exceptions, for background Responses (`background.py`): a
+a stored response) nothing, nor an update of a stored chat completion's metadata (answered
+with the completion and the usage it was charged when made). Two exceptions, for background Responses (`background.py`): a
 background POST answered queued or in progress is charged nothing yet, and a GET of one
 response reports what the response says (`stored`: its id, status and usage), which
 `background.py` charges only if its key owed it.
@@ -142,6 +143,8 @@ _GENERATIONS = (
 # Endpoints that embed a prompt: OpenAI's, and Gemini's native ones (Google AI answers them
 # with no usage at all).
 _EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents")
+# A stored chat completion (`store: true`) is POST {this}/{id} to update its metadata.
+_STORED_CHATS = "/chat/completions"
 # Vertex's token count for Claude (the SDK's count_tokens) ends as a generation's path does.
 _VERTEX_COUNT_TOKENS = "/count-tokens:rawPredict"
 # Taps that read the Responses API object answered (its id and status).
@@ -179,6 +182,9 @@ def charged(method: str, path: str, is_background: bool = False) -> Charged:
         return Charged.DURATION
     if path.endswith("/cancel") and _is_stored_response(path[:-7]):
         return Charged.FETCHED  # a cancelled background response says what it used
+    parent, _, completion_id = path.rpartition("/")
+    if completion_id and parent.endswith(_STORED_CHATS):
+        return Charged.NOTHING  # its metadata updated: answered with its usage, used before
     return Charged.REPORTED
 
 

@@ -204,6 +204,58 @@ async def test_an_uncapped_request_reserves_its_allowance_and_a_capped_one_only_
     assert usage["tokens"]["used"] == 2 * REAL_TOKENS and usage["tokens"]["reserved"] == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "output"),
+    [
+        ("/v1/chat/completions", chat("hello", n=3, max_tokens=50), 3 * 50),
+        ("/v1/chat/completions", chat("hello", n=3, max_completion_tokens=50), 3 * 50),
+        ("/v1/chat/completions", chat("hello", n=3), 3 * 1000),
+        ("/v1/chat/completions", chat("hello", n=3, stream=True), 3 * 1000),
+        (
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "hello", "n": 2, "max_tokens": 50},
+            2 * 50,
+        ),
+        (
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "hello", "n": 2, "best_of": 4},
+            4 * 1000,
+        ),
+        (  # a completion for each prompt of a list, n of each
+            "/v1/completions",
+            {"model": "davinci-002", "prompt": ["hi", "yo", "ok"], "n": 2, "max_tokens": 50},
+            3 * 2 * 50,
+        ),
+        (  # one prompt of tokens, two prompts of tokens
+            "/v1/completions",
+            {"model": "davinci-002", "prompt": [1, 2, 3], "max_tokens": 50},
+            50,
+        ),
+        (
+            "/v1/completions",
+            {"model": "davinci-002", "prompt": [[1, 2], [3, 4]], "max_tokens": 50},
+            2 * 50,
+        ),
+    ],
+)
+async def test_a_request_for_several_answers_reserves_the_output_of_each(
+    allowance_gateway: Any, fake: FakeState, path: str, body: dict[str, Any], output: int
+) -> None:
+    """`n` choices (a text completion's `best_of`, of each of its prompts) are each up to the
+    cap, all billed."""
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
+    await until(lambda: len(fake.requests) == 1)
+    prompt = estimate.tokens(prompt_chars(path, body))
+    assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + output
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
+        await response.read()
+
+
 # Capped, so that what differs is only the price: 2 + 100 tokens reserved.
 CAPPED = chat("hello", max_tokens=100)
 # The cheap model and the expensive one, per token: 1,000 times apart.

@@ -373,6 +373,24 @@ async def test_a_turn_of_a_conversation_is_never_answered_from_the_cache(
     assert len(fake.requests) == 2
 
 
+async def test_a_chat_completion_the_provider_stores_is_never_answered_from_the_cache(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """`store=True` asks the provider to keep each completion (listed, fetched, updated by
+    id later): a replay would hand back the first one's id and keep nothing new."""
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=CACHED_VK, max_retries=0)
+    request = {**CHAT, "store": True, "metadata": {"run": "7"}}
+    try:
+        replies = [await client.chat.completions.with_raw_response.create(**request) for _ in "ab"]
+        listed = await client.chat.completions.list(metadata={"run": "7"})
+    finally:
+        await client.close()
+    assert [reply.headers["x-llm-gateway-cache"] for reply in replies] == ["bypass", "bypass"]
+    made = [reply.parse().id for reply in replies]
+    assert made[0] != made[1]
+    assert [completion.id for completion in listed.data] == made
+
+
 async def held_flight(
     gateway: TestClient, fake: FakeState, count: int, upstream: int
 ) -> list[tuple[int, dict[str, str], bytes]]:

@@ -38,6 +38,12 @@ SHAPES = [
             {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
              "function": {"name": "search", "arguments": LONG}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+    ("chat earlier custom tool call's input", "chat/completions", {
+        "model": "gpt-5", "max_tokens": 50, "messages": [
+            USER,
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "custom",
+             "custom": {"name": "apply_patch", "input": LONG}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
     ("completions token array", "completions", {
         "model": "gpt-3.5-turbo-instruct", "prompt": TOKENS, "max_tokens": 50}),
     ("embeddings token arrays", "embeddings", {

@@ -58,6 +58,15 @@ Request headers steer it (they pass through the gateway unchanged):
 
 A Responses object says the `service_tier` that served it: the request's, else "default"
 (a chat completion and each of its chunks too, when the request names one).
+A chat or text completion asking for `n` choices gets that many (streamed: a chunk of each
+in turn, one usage chunk for all), each counted in its usage, as is each of a text
+completion's `best_of` (of each prompt of a list of prompts).
+A chat completion made with "store": true (streamed or not) is kept, with its usage and
+`metadata`, as OpenAI keeps it for the project of the key that made it: GET /chat/completions
+lists them (`model`, `metadata[k]`, `order`, `after`, `limit`), GET /chat/completions/{id}
+answers one (its `/messages` the request's messages), POST /chat/completions/{id}
+{"metadata"} replaces its metadata and answers it whole, DELETE deletes it; another key's
+request, or an id it never made, gets OpenAI's 404.
 A POST /responses with "background": true is kept and answered `queued`, usage null
 (streamed: as usual, and kept all the same, also when the stream is cut); GET /responses/{id} answers it (`?stream=true`: as a stream of its last
 events, ending with `response.completed`), finished with its usage, as often as asked;
@@ -189,6 +198,8 @@ class FakeState:
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     # response id -> a background Response (POST /responses, "background": true)
     background: dict[str, Background] = field(default_factory=dict)
+    # completion id -> a chat completion made with "store": true, in the order made
+    stored_chats: dict[str, StoredChat] = field(default_factory=dict)
     # requests being answered right now, and the most there ever were at once
     open_now: int = 0
     open_peak: int = 0
@@ -202,6 +213,17 @@ class Background:
 
     done: dict
     polls: int
+
+
+@dataclass(slots=True)
+class StoredChat:
+    """A chat completion made with "store": true: the completion object (its `usage` and
+    `metadata` too), the request's messages, and the real key that made it (its project:
+    another key's requests do not find it)."""
+
+    completion: dict
+    messages: list[dict]
+    key: str
 
 
 @dataclass(slots=True)
@@ -696,10 +718,11 @@ async def reply_error(
 # --- OpenAI --------------------------------------------------------------------------
 
 
-def openai_usage(prompt: int, knobs: Knobs) -> dict:
-    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for."""
+def openai_usage(prompt: int, knobs: Knobs, answers: int = 1) -> dict:
+    """OpenAI's usage object; its details only when cached or reasoning tokens are asked for.
+    `answers`: choices generated (`n`, a completion's `best_of`), each counted."""
     prompt += knobs.cached_tokens
-    completion = knobs.chunks + knobs.reasoning_tokens + generated_tokens(knobs)
+    completion = (knobs.chunks + knobs.reasoning_tokens + generated_tokens(knobs)) * answers
     usage: dict = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -716,6 +739,20 @@ def openai_usage(prompt: int, knobs: Knobs) -> dict:
     return usage
 
 
+def answers(payload: dict) -> int:
+    """How many choices a request generates: `n`, or a completion's `best_of` (of which it
+    returns the `n` best), 1 by default; of each prompt of a completion's list of prompts."""
+    return max(int(payload.get("n") or 1), int(payload.get("best_of") or 1)) * prompts(payload)
+
+
+def prompts(payload: dict) -> int:
+    """A text completion's prompts: a list of strings or of token lists is several."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt)
+    return 1
+
+
 def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] | None:
     """Stream usages: the usage chunk is the last frame before [DONE]."""
     return [*([None] * (len(frames) - 2)), usage, None] if usage else None
@@ -723,8 +760,8 @@ def usage_at_end(frames: list[bytes], usage: dict | None) -> list[dict | None] |
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
-    tool = tool_name(payload)
-    usage = openai_usage(prompt_tokens(payload), knobs)
+    tool, count = tool_name(payload), answers(payload)
+    usage = openai_usage(prompt_tokens(payload), knobs, count)
     head = {
         "id": new_id("chatcmpl-"),
         "created": int(time.time()),
@@ -733,10 +770,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     if "service_tier" in payload:  # the tier that served it, on every chunk
         head["service_tier"] = served_tier(payload)
-    if payload.get("stream"):
-        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs, streamed_usage)
-        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     message: dict = {
         "role": "assistant",
         "content": "".join(content_deltas(knobs.chunks)),
@@ -751,28 +784,47 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
     if knobs.reasoning_chars:
         message["reasoning_content"] = reasoning_text(knobs.reasoning_chars)
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": "tool_calls" if tool else "stop",
-    }
-    body = {**head, "object": "chat.completion", "choices": [choice]}
+    choices = [
+        {
+            "index": index,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": "tool_calls" if tool else "stop",
+        }
+        for index in range(count)
+    ]
+    body = {**head, "object": "chat.completion", "choices": choices}
     if knobs.has_usage:
         body["usage"] = usage
+    if payload.get("store") is True:  # kept whole, streamed or not, with its usage
+        stored = {**body, "usage": usage, "metadata": payload.get("metadata") or {}}
+        messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
+        chats = request.app[FAKE_STATE].stored_chats
+        chats[head["id"]] = StoredChat(stored, messages, credential(request.headers) or "")
+    if payload.get("stream"):
+        streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
+        frames = chat_frames(head, tool, knobs, streamed_usage, count)
+        return await stream(request, frames, usage_at_end(frames, streamed_usage))
     return await reply(request, body)
 
 
-def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) -> list[bytes]:
-    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]."""
+def chat_frames(
+    head: dict, tool: str | None, knobs: Knobs, usage: dict | None, count: int = 1
+) -> list[bytes]:
+    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]; with
+    `count` choices (`n`), a chunk of each choice in turn at every step, as OpenAI
+    interleaves them, and one usage chunk for all."""
     chunks = knobs.chunks
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict, finish_reason: str | None = None, index: int = 0) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         body = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         if usage:
             body["usage"] = None  # OpenAI sends usage: null on every chunk but the last
         return sse(body)
+
+    def each(delta: dict, finish_reason: str | None = None) -> list[bytes]:
+        return [chunk(delta, finish_reason, index) for index in range(count)]
 
     if tool:
         call = {
@@ -790,7 +842,11 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
     if knobs.reasoning_chars:
         thoughts = pieces(reasoning_text(knobs.reasoning_chars), knobs)
         deltas = [*({"reasoning_content": part} for part in thoughts), *deltas]
-    frames = [chunk(first), *map(chunk, deltas), chunk({}, "tool_calls" if tool else "stop")]
+    frames = [
+        *each(first),
+        *(frame for delta in deltas for frame in each(delta)),
+        *each({}, "tool_calls" if tool else "stop"),
+    ]
     if usage:
         frames.append(
             sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
@@ -798,9 +854,93 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
     return [*frames, DONE]
 
 
+def stored_chat(request: web.Request) -> StoredChat | None:
+    """The stored chat completion the path names, if the request's key may see it."""
+    found = request.app[FAKE_STATE].stored_chats.get(request.match_info["completion_id"])
+    return found if found is not None and found.key == credential(request.headers) else None
+
+
+async def chat_not_found(request: web.Request) -> web.StreamResponse:
+    """OpenAI's 404 for a stored chat completion it does not have (or another project's)."""
+    message = f"Chat completion with id '{request.match_info['completion_id']}' not found."
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return await reply(request, {"error": error}, status=404)
+
+
+def page(data: list[dict], request: web.Request) -> dict:
+    """A cursor page: `after` an id, at most `limit` (default 20) items."""
+    after, limit = request.query.get("after"), int(request.query.get("limit", "20"))
+    if after is not None:
+        ids = [item["id"] for item in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    shown = data[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+        "has_more": len(data) > limit,
+    }
+
+
+async def list_chats(request: web.Request) -> web.StreamResponse:
+    """GET /chat/completions: the key's stored completions, by `model` and `metadata[k]`."""
+    key, query = credential(request.headers), request.query
+    wanted = {name[9:-1]: value for name, value in query.items() if name.startswith("metadata[")}
+    chats = [
+        chat.completion
+        for chat in request.app[FAKE_STATE].stored_chats.values()
+        if chat.key == key
+        and query.get("model") in (None, chat.completion["model"])
+        and all(chat.completion["metadata"].get(name) == value for name, value in wanted.items())
+    ]
+    if query.get("order") == "desc":
+        chats.reverse()
+    return await reply(request, page(chats, request))
+
+
+async def retrieve_chat(request: web.Request) -> web.StreamResponse:
+    found = stored_chat(request)
+    return await (chat_not_found(request) if found is None else reply(request, found.completion))
+
+
+async def chat_messages(request: web.Request) -> web.StreamResponse:
+    """GET /chat/completions/{id}/messages: the request's messages, each with an id."""
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    completion_id = request.match_info["completion_id"]
+    messages = [
+        {"id": f"{completion_id}-{index}", "content": None, **message}
+        for index, message in enumerate(found.messages)
+    ]
+    return await reply(request, page(messages, request))
+
+
+async def update_chat(request: web.Request) -> web.StreamResponse:
+    """POST /chat/completions/{id} {"metadata": {...}}: the completion, its metadata replaced."""
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    found.completion["metadata"] = (await read_json(request)).get("metadata") or {}
+    return await reply(request, found.completion)
+
+
+async def delete_chat(request: web.Request) -> web.StreamResponse:
+    found = stored_chat(request)
+    if found is None:
+        return await chat_not_found(request)
+    completion_id = request.match_info["completion_id"]
+    del request.app[FAKE_STATE].stored_chats[completion_id]
+    deleted = {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
+    return await reply(request, deleted)
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
+    """Legacy text completions: `n` choices returned, `best_of` generated (and counted)."""
     payload, knobs = await read_json(request), request[KNOBS]
-    usage = openai_usage(prompt_tokens(payload), knobs)
+    usage = openai_usage(prompt_tokens(payload), knobs, answers(payload))
+    count = int(payload.get("n") or 1) * prompts(payload)  # n of each prompt
     head = {
         "id": new_id("cmpl-"),
         "object": "text_completion",
@@ -808,22 +948,24 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "model": payload.get("model") or DEFAULT_MODEL,
     }
 
-    def choice(text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(text: str, finish_reason: str | None, index: int = 0) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     deltas = content_deltas(knobs.chunks)
     if payload.get("stream"):
         last = len(deltas) - 1
         frames = [
-            sse({**head, "choices": [choice(text, "stop" if i == last else None)]})
+            sse({**head, "choices": [choice(text, "stop" if i == last else None, index)]})
             for i, text in enumerate(deltas)
+            for index in range(count)
         ]
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
         if streamed_usage:
             frames.append(sse({**head, "choices": [], "usage": usage}))
         frames.append(DONE)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
-    body = {**head, "choices": [choice("".join(deltas), "stop")]}
+    text = "".join(deltas)
+    body = {**head, "choices": [choice(text, "stop", index) for index in range(count)]}
     if knobs.has_usage:
         body["usage"] = usage
     return await reply(request, body)
@@ -1126,6 +1268,12 @@ def build_fake_provider() -> web.Application:
     app[FAKE_STATE] = FakeState()
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/chat/completions", list_chats)
+        chat = f"{prefix}/chat/completions/{{completion_id}}"
+        app.router.add_get(chat, retrieve_chat)
+        app.router.add_post(chat, update_chat)
+        app.router.add_delete(chat, delete_chat)
+        app.router.add_get(f"{chat}/messages", chat_messages)
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/embeddings", embeddings)
         app.router.add_post(f"{prefix}/responses", responses)

@@ -101,6 +101,8 @@ def test_cache_control_no_store_beats_no_cache() -> None:
     ("method", "tail", "document", "expected"),
     [
         ("POST", "chat/completions", {"model": "m"}, True),
+        ("POST", "chat/completions", {"model": "m", "store": False}, True),
+        ("POST", "chat/completions", {"model": "m", "store": True}, False),
         ("POST", "embeddings", {"input": "x"}, True),
         ("POST", "messages", {"model": "m"}, True),
         ("POST", "openai/deployments/d/chat/completions", {}, True),

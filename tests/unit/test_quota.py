@@ -61,6 +61,7 @@ class Peek:
     model: str | None = "gpt-4o-mini"
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
+    answers: int = 1
     is_generation: bool = False
 
 

@@ -396,6 +396,10 @@ def test_what_is_charged_follows_the_endpoint():
     # Charged only when a background POST owed it (tests/app/test_background.py).
     assert charged("GET", "/v1/responses/resp_1") is Charged.FETCHED
     assert charged("GET", "/v1/chat/completions") is Charged.NOTHING
+    # A stored chat completion's metadata updated: answered with the usage made before.
+    assert charged("POST", "/v1/chat/completions/chatcmpl-1") is Charged.NOTHING
+    assert charged("POST", "/chat/completions/chatcmpl-1") is Charged.NOTHING
+    assert charged("POST", "/v1/chat/completions/") is Charged.REPORTED  # no id: not one
 
 
 def test_a_models_list_or_a_token_count_is_charged_nothing():
@@ -1049,6 +1053,15 @@ GENERATED_BODIES = [
             "audio": {"id": "a", "data": "AAAA" * 100, "transcript": "spoken"},
         }}]},
         2 + 400 + 6 + 400 + 6,
+    ),
+    (
+        "chat custom tool call (freeform input)",
+        {"choices": [{"message": {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"id": "c", "type": "custom",
+                            "custom": {"name": "apply_patch", "input": THOUGHT}}],
+        }}]},
+        11 + 400,
     ),
     (
         "completions text",
