@@ -78,8 +78,15 @@ _TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
-# POSTs under realtime/ that hand the client an ephemeral key to the provider.
+# POSTs under realtime/ that hand the client an ephemeral key to the provider (and Azure's
+# preview one, realtimeapi/sessions).
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
+_REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
+# Azure OpenAI serves OpenAI's API under its resource's `openai/` (the API of deployments,
+# threads, batches: `openai/batches?api-version=…`) and `openai/v1/` (its v1 API). An azure
+# base_url at the resource (what AzureOpenAI's azure_endpoint names) or at its `openai/`
+# puts them in the tail: the endpoint is what follows.
+_AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
 
 
 class Unreadable(ValueError):
@@ -187,13 +194,21 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
         raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
 
 
+def endpoint(tail: str) -> str:
+    """The OpenAI endpoint a tail names (`batches`, `threads/runs`, `realtime/…`): the tail,
+    less Azure's `openai/` and `v1/` roots before it."""
+    if tail.startswith(_AZURE_ROOT):
+        tail = tail[len(_AZURE_ROOT) :]
+    return tail[len(_VERSION_ROOT) :] if tail.startswith(_VERSION_ROOT) else tail
+
+
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
     Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter.
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
-    first = tail.partition("/")[0]
+    first = endpoint(tail).partition("/")[0]
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
@@ -240,6 +255,7 @@ def unnamed(method: str, tail: str) -> str | None:
     (for `in_document`, `in_form`); None: it needs none, or the provider refuses it without."""
     if method != "POST":
         return None
+    tail = endpoint(tail)
     if not tail.startswith("threads/"):  # the path as it is names the endpoint
         return _UNNAMED.get(tail.rstrip("/"))
     segments = tail.rstrip("/").split("/")
@@ -251,10 +267,10 @@ def unnamed(method: str, tail: str) -> str | None:
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
     ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
-    if method != "POST" or not tail.startswith("realtime"):  # most requests: at once
+    if method != "POST" or "realtime" not in tail:  # most requests: at once
         return
-    segments = tail.rstrip("/").split("/")
-    if segments[0] != "realtime":
+    segments = endpoint(tail).rstrip("/").split("/")
+    if segments[0] not in _REALTIME_ROOTS:
         return
     is_call = segments[1:] == ["calls"] or (
         len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"

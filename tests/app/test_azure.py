@@ -1,0 +1,110 @@
+"""Azure OpenAI through the gateway, with the clients Azure's own docs give developers: the
+openai SDK's AzureOpenAI (`azure_endpoint`, `api_version`, deployments in the path, the key in
+`api-key`) and the plain OpenAI client at Azure's v1 API (`…/openai/v1/`). The azure provider's
+base_url is the resource's endpoint, as the Azure portal shows it; the fake provider stands in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.app.test_model_check import REFUSED
+from tests.conftest import keys_document
+from tests.support.fake_provider import FakeState
+
+API_VERSION = "2024-10-21"
+AZURE_VK = "vk_test_azure_resource_4d6f8b0a2c"
+ONE_DEPLOYMENT_VK = "vk_test_azure_one_model_7e9a1c3b5d"
+AZURE_REAL = "azure-real-resource-key-8888888888"
+KEYS = {
+    AZURE_VK: {"provider": "azure", "api_key": AZURE_REAL, "name": "azure-resource"},
+    ONE_DEPLOYMENT_VK: {
+        "provider": "azure",
+        "api_key": AZURE_REAL,
+        "name": "azure-one-model",
+        "allowed_models": ["gpt-4o-mini"],
+    },
+}
+
+
+@pytest.fixture
+async def gateway(
+    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> TestClient:
+    """The azure provider at the resource's endpoint (the fake's root), as the portal names it."""
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["virtual_keys"].update(KEYS)
+    path = tmp_path / "azure-keys.json"
+    path.write_text(json.dumps(document))
+    return await make_gateway(KEYS_FILE_PATH=str(path))
+
+
+def azure_sdk(endpoint: str, key: str) -> openai.AsyncAzureOpenAI:
+    return openai.AsyncAzureOpenAI(
+        azure_endpoint=endpoint, api_key=key, api_version=API_VERSION, max_retries=0
+    )
+
+
+def v1_sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
+    """Azure's v1 API: the plain client at `<endpoint>/openai/v1/`."""
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+
+
+CLIENTS: dict[str, Callable[[TestClient, str], openai.AsyncOpenAI]] = {
+    "AzureOpenAI": lambda gateway, key: azure_sdk(str(gateway.make_url("/v1")), key),
+    "v1 API": lambda gateway, key: v1_sdk(str(gateway.make_url("/v1/openai/v1/")), key),
+}
+
+
+@pytest.mark.parametrize("client", CLIENTS.values(), ids=CLIENTS.keys())
+@pytest.mark.parametrize("call", REFUSED.values(), ids=REFUSED.keys())
+async def test_a_restricted_azure_key_is_refused_what_it_cannot_see_under_azures_roots(
+    gateway: TestClient,
+    fake: FakeState,
+    client: Callable[[TestClient, str], openai.AsyncOpenAI],
+    call: Callable[[openai.AsyncOpenAI], Awaitable[object]],
+) -> None:
+    # Azure serves batches, runs, stored prompts and ephemeral keys under openai/ and
+    # openai/v1/: the gateway's checks must see the endpoint behind them.
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await call(client(gateway, ONE_DEPLOYMENT_VK))
+    assert refused.value.code in ("model_not_allowed", "client_secrets_not_allowed")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/openai/batches", {"input_file_id": "file-1", "endpoint": "/chat/completions"}),
+        ("/v1/openai/v1/batches", {"input_file_id": "file-1", "endpoint": "/chat/completions"}),
+        ("/v1/openai/threads/runs", {"assistant_id": "asst_1"}),
+        ("/v1/openai/realtimeapi/sessions", {"model": "gpt-4o-mini"}),
+        ("/v1/openai/v1/realtime/client_secrets", {"session": {"type": "realtime"}}),
+    ],
+)
+async def test_azure_paths_the_gateway_cannot_check_are_refused(
+    gateway: TestClient, fake: FakeState, path: str, body: dict[str, Any]
+) -> None:
+    response = await gateway.post(
+        f"{path}?api-version=2025-04-01-preview", json=body, headers={"api-key": ONE_DEPLOYMENT_VK}
+    )
+    assert response.status == 403, await response.text()
+    assert fake.requests == []
+
+
+async def test_an_azure_key_mints_no_ephemeral_key_unless_keys_json_allows_it(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    for path in ("/v1/openai/realtimeapi/sessions", "/v1/openai/v1/realtime/client_secrets"):
+        response = await gateway.post(path, json={"model": "x"}, headers={"api-key": AZURE_VK})
+        assert response.status == 403, await response.text()
+        assert (await response.json())["error"]["code"] == "client_secrets_not_allowed"
+    assert fake.requests == []
