@@ -1,7 +1,10 @@
 """Which provider path a request names, and the refusal of paths that could climb out.
 
 `/v1/<tail>` and the seed paths without `/v1` (`/chat/completions`, `/completions`,
-`/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider.
+`/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider; so does
+Azure OpenAI's root, `/openai/…`, where the AzureOpenAI clients put every path under the
+`azure_endpoint` they are given (`/openai/deployments/<d>/chat/completions`, `/openai/v1/…`):
+an azure base_url at the resource's endpoint gets the same path.
 The tail is taken from the raw request target and forwarded still encoded (but an escaped
 letter, digit, '-', '.', '_' or '~', decoded: the same path to the provider), so the
 provider sees the same bytes; anything that could move the request off the provider's
@@ -19,7 +22,7 @@ from urllib.parse import unquote
 
 from proxy.errors import GatewayError
 
-SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models"))
+SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
 
@@ -76,7 +79,8 @@ def route(raw_target: str) -> tuple[str, str]:
             "unknown_route",
             "Not a proxied path. Proxied: /v1/<provider path> (e.g. /v1/chat/completions, "
             "/v1/messages, /v1/embeddings, /v1/models, /v1/responses) and, without /v1, "
-            "/chat/completions, /completions, /embeddings, /messages, /models. "
+            "/chat/completions, /completions, /embeddings, /messages, /models, and Azure's "
+            "/openai/... (AzureOpenAI with the gateway as azure_endpoint). "
             "Bedrock and Vertex clients take the gateway's /v1 as their endpoint. "
             "The gateway's own: GET /health, /ready, /metrics, /usage.",
         )

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.app.test_model_check import REFUSED
 from tests.conftest import keys_document
-from tests.support.fake_provider import FakeState
+from tests.support.fake_provider import AZURE_MODEL, FakeState
 
 API_VERSION = "2024-10-21"
 AZURE_VK = "vk_test_azure_resource_4d6f8b0a2c"
@@ -58,9 +58,10 @@ def v1_sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
 
 
+# The gateway's address in place of the resource's endpoint: `/openai/...` at its root.
 CLIENTS: dict[str, Callable[[TestClient, str], openai.AsyncOpenAI]] = {
-    "AzureOpenAI": lambda gateway, key: azure_sdk(str(gateway.make_url("/v1")), key),
-    "v1 API": lambda gateway, key: v1_sdk(str(gateway.make_url("/v1/openai/v1/")), key),
+    "AzureOpenAI": lambda gateway, key: azure_sdk(str(gateway.make_url("")), key),
+    "v1 API": lambda gateway, key: v1_sdk(str(gateway.make_url("/openai/v1/")), key),
 }
 
 
@@ -108,3 +109,112 @@ async def test_an_azure_key_mints_no_ephemeral_key_unless_keys_json_allows_it(
         assert response.status == 403, await response.text()
         assert (await response.json())["error"]["code"] == "client_secrets_not_allowed"
     assert fake.requests == []
+
+
+def tagged(request_id: str) -> dict[str, Any]:
+    return {"extra_headers": {"x-request-id": request_id}}
+
+
+async def test_azure_openai_with_the_gateway_as_its_endpoint_reaches_the_deployment(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = azure_sdk(str(gateway.make_url("")), AZURE_VK)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="prod-mini", messages=[{"role": "user", "content": "hello"}], **tagged("req_az_1")
+    )
+    answer = raw.parse()
+    assert answer.model == AZURE_MODEL and answer.choices[0].message.content == "tok0 tok1 tok2 "
+    assert raw.http_response.content == fake.sent["req_az_1"]  # filter results and all
+    assert raw.headers["apim-request-id"] and raw.headers["x-ms-region"] == "East US"
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/deployments/prod-mini/chat/completions"
+    assert seen.query_string == f"api-version={API_VERSION}"
+    assert seen.headers.getall("api-key") == [AZURE_REAL]
+    assert AZURE_VK not in str(list(seen.headers.items()))
+    (line,) = await records(1)
+    assert line["key"] == "azure-resource" and line["status"] == 200
+    assert line["model"] == "prod-mini"  # the deployment the client named
+    assert line["cost_usd"] > 0  # priced as the model Azure says answered
+    assert line["path"] == "/openai/deployments/prod-mini/chat/completions"
+    assert line["usage"]["estimated"] is False
+
+
+async def test_an_azure_stream_opening_with_empty_choices_is_passed_and_metered(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = azure_sdk(str(gateway.make_url("")), AZURE_VK)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="prod-mini",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        **tagged("req_az_2"),
+    )
+    chunks = [chunk async for chunk in raw.parse()]
+    assert chunks[0].choices == [] and chunks[0].model == ""  # Azure's prompt filter chunk
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "tok0 tok1 tok2 "
+    )
+    assert chunks[-1].usage is not None
+    (line,) = await records(1)
+    assert line["stream"] is True and line["usage"]["estimated"] is False
+    assert line["usage"]["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert line["cost_usd"] > 0  # the answered model, from the chunks after the empty one
+
+
+async def test_azure_v1_api_with_the_gateway_as_its_endpoint(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = v1_sdk(str(gateway.make_url("/openai/v1/")), AZURE_VK)
+    answer = await client.chat.completions.create(
+        model="prod-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert answer.model == AZURE_MODEL
+    embedded = await client.embeddings.create(model="embed-small", input="hello")
+    assert len(embedded.data) == 1
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/v1/embeddings" and seen.headers["api-key"] == AZURE_REAL
+
+
+async def test_a_client_built_for_entra_id_sends_its_virtual_key_as_the_token(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Code written for Entra ID (azure_ad_token or a token provider) sends a Bearer token:
+    # the virtual key there is read as any other; the resource gets its api-key.
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=str(gateway.make_url("")),
+        azure_ad_token_provider=lambda: AZURE_VK,
+        api_version=API_VERSION,
+        max_retries=0,
+    )
+    answer = await client.chat.completions.create(
+        model="prod-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert answer.model == AZURE_MODEL
+    seen = fake.requests[-1]
+    assert seen.headers.getall("api-key") == [AZURE_REAL] and "Authorization" not in seen.headers
+
+
+async def test_azures_content_filter_refusal_and_missing_api_version_pass_through(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = azure_sdk(str(gateway.make_url("")), AZURE_VK)
+    with pytest.raises(openai.BadRequestError) as filtered:
+        await client.chat.completions.create(
+            model="prod-mini",
+            messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"x-fake-content-filter": "prompt", "x-request-id": "req_az_cf"},
+        )
+    assert filtered.value.code == "content_filter"
+    assert filtered.value.response.content == fake.sent["req_az_cf"]
+    assert filtered.value.response.headers["apim-request-id"]
+    response = await gateway.post(
+        "/openai/deployments/prod-mini/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello"}]},
+        headers={"api-key": AZURE_VK},
+    )
+    assert response.status == 404
+    assert await response.json() == {"error": {"code": "404", "message": "Resource not found"}}
+    lines = await records(2)
+    assert [line["status"] for line in lines] == [400, 404]
+    assert lines[0]["error"] and lines[1]["error"]

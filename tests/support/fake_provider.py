@@ -80,6 +80,16 @@ The Anthropic dialect (errors, model objects) is used on `/messages` paths and f
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
 messages/input/prompt/system text, at least 1.
 
+Azure OpenAI's paths (an azure base_url at the fake's root, as at a resource's endpoint):
+the deployments API, `/openai/deployments/{deployment}/chat/completions` (`completions`,
+`embeddings`) with an `api-version` query (none: 404 "Resource not found", as Azure), and
+the v1 API, `/openai/v1/chat/completions` (...). As Azure answers: the model named is the
+deployed one, `AZURE_MODEL` (a dated name, whatever the deployment is called); a chat answer
+carries `prompt_filter_results` and each choice its `content_filter_results`; a chat stream
+opens with a chunk of empty `choices`, `id`, `model` and `object` that holds only the
+prompt's filter results; every answer has Azure's `apim-request-id`, `x-ms-region` headers.
+    x-fake-content-filter: prompt   Azure: the 400 `content_filter` error of a filtered prompt
+
 Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool
 use unless x-fake-tool-chars asks for it, Responses API tool calls.
 """
@@ -128,6 +138,16 @@ PROVIDER_HEADERS = (
     ("x-ratelimit-remaining-tokens", "799990"),
     ("x-ratelimit-reset-tokens", "1ms"),
 )
+# Azure OpenAI: the model a deployment runs, named in its answers; its own headers.
+AZURE_MODEL = "gpt-4o-mini-2024-07-18"
+AZURE_HEADERS = (
+    ("apim-request-id", "2f1e5a6c-7b8d-4e9f-a0b1-c2d3e4f5a6b7"),
+    ("x-ms-region", "East US"),
+    ("x-ms-rai-invoked", "true"),
+    ("azureml-model-session", "d001-20250101000000"),
+)
+_SAFE = {"filtered": False, "severity": "safe"}
+AZURE_FILTERS = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
 # What Anthropic sends on its answers besides: the account's limits, resets in RFC 3339.
 ANTHROPIC_HEADERS = (
     ("anthropic-ratelimit-requests-limit", "4000"),
@@ -366,6 +386,8 @@ async def answer(
     if knobs.status is not None:
         under = request.headers.get("x-fake-error-under")
         return await reply_error(request, knobs.status, under=int(under) if under else None)
+    if is_azure(request) and (refusal := await azure_refusal(request)) is not None:
+        return refusal
     if knobs.raw_chunks is not None:
         pad = b"." * int(request.headers.get("x-fake-raw-bytes", "0"))
         frames = [f"raw{index}\n".encode() + pad for index in range(knobs.raw_chunks)]
@@ -549,6 +571,9 @@ async def add_provider_headers(request: web.Request, response: web.StreamRespons
     """Headers a real provider sends on every answer (on_response_prepare)."""
     for name, value in PROVIDER_HEADERS:
         response.headers.setdefault(name, value)
+    if is_azure(request):
+        for name, value in AZURE_HEADERS:
+            response.headers.setdefault(name, value)
     if "/messages" in request.path:
         for name, value in ANTHROPIC_HEADERS:
             response.headers.setdefault(name, value)
@@ -579,6 +604,34 @@ async def let_go(app: web.Application) -> None:
 
 async def read_json(request: web.Request) -> dict:
     return orjson.loads(await request.read() or b"{}")
+
+
+def is_azure(request: web.Request) -> bool:
+    return request.path.startswith("/openai/")
+
+
+async def azure_refusal(request: web.Request) -> web.StreamResponse | None:
+    """Azure's own refusals: a deployments path without api-version, a filtered prompt."""
+    if "/deployments/" in request.path and "api-version" not in request.query:
+        return await reply(
+            request, {"error": {"code": "404", "message": "Resource not found"}}, status=404
+        )
+    if request.headers.get("x-fake-content-filter") == "prompt":
+        filtered = {**AZURE_FILTERS, "violence": {"filtered": True, "severity": "high"}}
+        error = {
+            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+            "content management policy. Please modify your prompt and retry.",
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": filtered,
+            },
+        }
+        return await reply(request, {"error": error}, status=400)
+    return None
 
 
 def is_anthropic(request: web.Request) -> bool:
@@ -725,17 +778,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
     tool = tool_name(payload)
     usage = openai_usage(prompt_tokens(payload), knobs)
+    azure = is_azure(request)
     head = {
         "id": new_id("chatcmpl-"),
         "created": int(time.time()),
-        "model": payload.get("model") or DEFAULT_MODEL,
+        "model": AZURE_MODEL if azure else payload.get("model") or DEFAULT_MODEL,
         "system_fingerprint": "fp_fake",
     }
     if "service_tier" in payload:  # the tier that served it, on every chunk
         head["service_tier"] = served_tier(payload)
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs, streamed_usage)
+        frames = chat_frames(head, tool, knobs, streamed_usage, azure)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
     message: dict = {
         "role": "assistant",
@@ -758,17 +812,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "finish_reason": "tool_calls" if tool else "stop",
     }
     body = {**head, "object": "chat.completion", "choices": [choice]}
+    if azure:
+        choice["content_filter_results"] = AZURE_FILTERS
+        body["prompt_filter_results"] = [
+            {"prompt_index": 0, "content_filter_results": AZURE_FILTERS}
+        ]
     if knobs.has_usage:
         body["usage"] = usage
     return await reply(request, body)
 
 
-def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) -> list[bytes]:
-    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]."""
+def chat_frames(
+    head: dict, tool: str | None, knobs: Knobs, usage: dict | None, azure: bool = False
+) -> list[bytes]:
+    """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]; on
+    Azure, first the chunk of the prompt's filter results, and each choice's own."""
     chunks = knobs.chunks
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if azure:
+            choice["content_filter_results"] = AZURE_FILTERS if delta else {}
         body = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         if usage:
             body["usage"] = None  # OpenAI sends usage: null on every chunk but the last
@@ -795,6 +859,10 @@ def chat_frames(head: dict, tool: str | None, knobs: Knobs, usage: dict | None) 
         frames.append(
             sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         )
+    if azure:
+        prompt = [{"prompt_index": 0, "content_filter_results": AZURE_FILTERS}]
+        opening = {"choices": [], "created": 0, "id": "", "model": "", "object": ""}
+        frames.insert(0, sse({**opening, "prompt_filter_results": prompt}))
     return [*frames, DONE]
 
 
@@ -805,7 +873,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "id": new_id("cmpl-"),
         "object": "text_completion",
         "created": int(time.time()),
-        "model": payload.get("model") or DEFAULT_MODEL,
+        "model": AZURE_MODEL if is_azure(request) else payload.get("model") or DEFAULT_MODEL,
     }
 
     def choice(text: str, finish_reason: str | None) -> dict:
@@ -1135,6 +1203,11 @@ def build_fake_provider() -> web.Application:
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    # Azure OpenAI at a resource's endpoint: the deployments API and the v1 API.
+    for prefix in ("/openai/deployments/{deployment}", "/openai/v1"):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_post(f"{prefix}/embeddings", embeddings)
     fake_realtime.install(app)  # the Realtime API's WebSocket
     fake_media.install(app)  # images, audio, ephemeral keys, assistant runs
     fake_batches.install(app)  # files, OpenAI batches, Anthropic message batches
