@@ -42,6 +42,7 @@ from multipart import (  # type: ignore[import-untyped]  # multipart ships no ty
 from proxy.errors import GatewayError
 from proxy.keys.keys import VirtualKey
 from proxy.record import shown
+from proxy.upstream.routing import endpoint
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.
@@ -82,11 +83,6 @@ _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
 # preview one, realtimeapi/sessions).
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
 _REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
-# Azure OpenAI serves OpenAI's API under its resource's `openai/` (the API of deployments,
-# threads, batches: `openai/batches?api-version=…`) and `openai/v1/` (its v1 API). An azure
-# base_url at the resource (what AzureOpenAI's azure_endpoint names) or at its `openai/`
-# puts them in the tail: the endpoint is what follows.
-_AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
 
 
 class Unreadable(ValueError):
@@ -192,14 +188,6 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
     dispositions = [value for name, value in headerlist if name == "Content-Disposition"]
     if len(dispositions) > 1 or any(_EXTENDED_NAME.search(value) for value in dispositions):
         raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
-
-
-def endpoint(tail: str) -> str:
-    """The OpenAI endpoint a tail names (`batches`, `threads/runs`, `realtime/…`): the tail,
-    less Azure's `openai/` and `v1/` roots before it."""
-    if tail.startswith(_AZURE_ROOT):
-        tail = tail[len(_AZURE_ROOT) :]
-    return tail[len(_VERSION_ROOT) :] if tail.startswith(_VERSION_ROOT) else tail
 
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:

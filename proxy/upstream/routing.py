@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 from proxy.errors import GatewayError
 
+_AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
 SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
@@ -109,6 +110,16 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def endpoint(tail: str) -> str:
+    """The OpenAI endpoint a tail names (`batches`, `chat/completions`, `realtime/…`): the
+    tail, less Azure's roots before it. Azure serves OpenAI's API under its resource's
+    `openai/` (deployments, threads, batches) and `openai/v1/` (its v1 API): an azure base_url
+    at the resource (AzureOpenAI's azure_endpoint) or at its `openai/` puts them in the tail."""
+    if tail.startswith(_AZURE_ROOT):
+        tail = tail[len(_AZURE_ROOT) :]
+    return tail[len(_VERSION_ROOT) :] if tail.startswith(_VERSION_ROOT) else tail
 
 
 def _decoded(escape: re.Match[str]) -> str:

@@ -22,8 +22,15 @@ from tests.support.fake_provider import AZURE_MODEL, FakeState
 API_VERSION = "2024-10-21"
 AZURE_VK = "vk_test_azure_resource_4d6f8b0a2c"
 ONE_DEPLOYMENT_VK = "vk_test_azure_one_model_7e9a1c3b5d"
+CACHED_VK = "vk_test_azure_cached_2b4d6f8a0c"
 AZURE_REAL = "azure-real-resource-key-8888888888"
 KEYS = {
+    CACHED_VK: {
+        "provider": "azure",
+        "api_key": AZURE_REAL,
+        "name": "azure-cached",
+        "cache": {"ttl_seconds": 300},
+    },
     AZURE_VK: {"provider": "azure", "api_key": AZURE_REAL, "name": "azure-resource"},
     ONE_DEPLOYMENT_VK: {
         "provider": "azure",
@@ -218,3 +225,18 @@ async def test_azures_content_filter_refusal_and_missing_api_version_pass_throug
     lines = await records(2)
     assert [line["status"] for line in lines] == [400, 404]
     assert lines[0]["error"] and lines[1]["error"]
+
+
+@pytest.mark.parametrize("client", CLIENTS.values(), ids=CLIENTS.keys())
+async def test_a_key_with_a_cache_replays_azures_answer(
+    gateway: TestClient, fake: FakeState, client: Callable[[TestClient, str], openai.AsyncOpenAI]
+) -> None:
+    sdk = client(gateway, CACHED_VK)
+    caches = []
+    for _ in range(2):
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model="prod-mini", messages=[{"role": "user", "content": "hello"}]
+        )
+        caches.append(raw.headers["x-llm-gateway-cache"])
+    assert caches == ["miss", "hit"]
+    assert len(fake.requests) == 1
