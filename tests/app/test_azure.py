@@ -240,3 +240,35 @@ async def test_a_key_with_a_cache_replays_azures_answer(
         caches.append(raw.headers["x-llm-gateway-cache"])
     assert caches == ["miss", "hit"]
     assert len(fake.requests) == 1
+
+
+async def test_a_metered_keys_stream_on_an_older_api_version_is_not_refused(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A token limit asks OpenAI streams for their usage chunk; Azure's api-versions before
+    # 2024-09-01-preview (GA 2024-06-01, 2024-02-01) refuse stream_options with a 400.
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["virtual_keys"][AZURE_VK] = {**KEYS[AZURE_VK], "quota": {"tokens": 100000}}
+    path = tmp_path / "metered-azure-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    for version in ("2024-06-01", "2024-10-21"):
+        client = openai.AsyncAzureOpenAI(
+            azure_endpoint=str(gateway.make_url("")),
+            api_key=AZURE_VK,
+            api_version=version,
+            max_retries=0,
+        )
+        stream = await client.chat.completions.create(
+            model="prod-mini", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert all(chunk.usage is None for chunk in chunks)  # the client asked for none
+    old, new = await records(2)
+    assert old["status"] == 200 and old["usage"]["estimated"] is True
+    assert new["status"] == 200 and new["usage"]["estimated"] is False

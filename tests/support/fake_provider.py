@@ -82,7 +82,8 @@ messages/input/prompt/system text, at least 1.
 
 Azure OpenAI's paths (an azure base_url at the fake's root, as at a resource's endpoint):
 the deployments API, `/openai/deployments/{deployment}/chat/completions` (`completions`,
-`embeddings`) with an `api-version` query (none: 404 "Resource not found", as Azure), and
+`embeddings`) with an `api-version` query (none: 404 "Resource not found", as Azure; one
+before 2024-09-01 refuses `stream_options` with 400, as Azure's older versions do), and
 the v1 API, `/openai/v1/chat/completions` (...). As Azure answers: the model named is the
 deployed one, `AZURE_MODEL` (a dated name, whatever the deployment is called); a chat answer
 carries `prompt_filter_results` and each choice its `content_filter_results`; a chat stream
@@ -146,6 +147,8 @@ AZURE_HEADERS = (
     ("x-ms-rai-invoked", "true"),
     ("azureml-model-session", "d001-20250101000000"),
 )
+# The first api-version that takes stream_options (2024-09-01-preview; GA 2024-10-21).
+AZURE_STREAM_OPTIONS = "2024-09-01"
 _SAFE = {"filtered": False, "severity": "safe"}
 AZURE_FILTERS = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
 # What Anthropic sends on its answers besides: the account's limits, resets in RFC 3339.
@@ -616,6 +619,15 @@ async def azure_refusal(request: web.Request) -> web.StreamResponse | None:
         return await reply(
             request, {"error": {"code": "404", "message": "Resource not found"}}, status=404
         )
+    version = request.query.get("api-version", "")
+    if version and version < AZURE_STREAM_OPTIONS and b'"stream_options"' in await request.read():
+        error = {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+        return await reply(request, {"error": error}, status=400)
     if request.headers.get("x-fake-content-filter") == "prompt":
         filtered = {**AZURE_FILTERS, "violence": {"filtered": True, "severity": "high"}}
         error = {
