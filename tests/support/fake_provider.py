@@ -91,6 +91,10 @@ opens with a chunk of empty `choices`, `id`, `model` and `object` that holds onl
 prompt's filter results; every answer has Azure's `apim-request-id`, `x-ms-region` headers.
     x-fake-content-filter: prompt   Azure: the 400 `content_filter` error of a filtered prompt
 
+Gemini's OpenAI-compatible API (`/v1beta/openai/...`, where the built-in gemini's base URL
+points) answers as the OpenAI paths do, but its errors (x-fake-status) are Google's, in a
+list: `[{"error": {"code": 400, "message": ..., "status": "INVALID_ARGUMENT"}}]`.
+
 Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool
 use unless x-fake-tool-chars asks for it, Responses API tool calls.
 """
@@ -139,6 +143,18 @@ PROVIDER_HEADERS = (
     ("x-ratelimit-remaining-tokens", "799990"),
     ("x-ratelimit-reset-tokens", "1ms"),
 )
+# Gemini's OpenAI-compatible API (the built-in gemini's base URL is under it), whose errors
+# are Google's, in a list of one: [{"error": {"code": 400, "message": …, "status": …}}].
+GEMINI_OPENAI = "/v1beta/openai"
+GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
 # Azure OpenAI: the model a deployment runs, named in its answers; its own headers.
 AZURE_MODEL = "gpt-4o-mini-2024-07-18"
 AZURE_HEADERS = (
@@ -739,11 +755,14 @@ async def reply_error(
         kind = ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
-        body: dict = {
+        body: dict | list = {
             "type": "error",
             "error": {"type": kind, "message": message},
             "request_id": request[REQUEST_ID],
         }
+    elif request.path.startswith(GEMINI_OPENAI + "/"):
+        google = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(status)}
+        body = [{"error": google}]
     else:
         kind, code = OPENAI_ERRORS.get(
             status, ("server_error" if status >= 500 else "invalid_request_error", None)
@@ -1204,7 +1223,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
 def build_fake_provider() -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024 * 1024)
     app[FAKE_STATE] = FakeState()
-    for prefix in ("/v1", ""):
+    for prefix in ("/v1", "", GEMINI_OPENAI):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/embeddings", embeddings)
