@@ -4,7 +4,7 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; and each `params.model`
 of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
-parameter (realtime), and the path (`models/<name>:generateContent`,
+parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:generateContent`,
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
@@ -192,7 +192,8 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
-    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter.
+    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter
+    (or `deployment`: Azure's Realtime WebSocket, `openai/realtime?deployment=<d>`).
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -200,6 +201,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
+    if "deployment" in query:
+        models += query.getall("deployment")
     if (
         "model" not in tail
         and "deployments" not in tail

@@ -36,7 +36,7 @@ KEYS = {
         "provider": "azure",
         "api_key": AZURE_REAL,
         "name": "azure-one-model",
-        "allowed_models": ["gpt-4o-mini"],
+        "allowed_models": ["gpt-4o-mini", "gpt-realtime"],
     },
 }
 
@@ -272,3 +272,30 @@ async def test_a_metered_keys_stream_on_an_older_api_version_is_not_refused(
     old, new = await records(2)
     assert old["status"] == 200 and old["usage"]["estimated"] is True
     assert new["status"] == 200 and new["usage"]["estimated"] is False
+
+
+async def test_azure_realtime_names_its_deployment_in_the_query_and_is_checked(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # AzureOpenAI's realtime.connect(model=...) opens /openai/realtime?deployment=<model>.
+    def client(key: str) -> openai.AsyncAzureOpenAI:
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=str(gateway.make_url("")),
+            websocket_base_url=str(gateway.make_url("/openai")).replace("http", "ws", 1),
+            api_key=key,
+            api_version="2025-04-01-preview",
+            max_retries=0,
+        )
+
+    async with client(ONE_DEPLOYMENT_VK).realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/realtime" and "deployment=gpt-realtime" in seen.query_string
+    with pytest.raises(Exception, match="403"):
+        async with client(ONE_DEPLOYMENT_VK).realtime.connect(model="gpt-4o-realtime-other"):
+            pass
+    lines = await records(2)
+    assert [(line["model"], line["status"]) for line in lines] == [
+        ("gpt-realtime", 101),
+        ("gpt-4o-realtime-other", 403),
+    ]
