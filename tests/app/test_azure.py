@@ -299,3 +299,19 @@ async def test_azure_realtime_names_its_deployment_in_the_query_and_is_checked(
         ("gpt-realtime", 101),
         ("gpt-4o-realtime-other", 403),
     ]
+
+
+async def test_azure_v1_requests_are_read_as_their_endpoints(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    client = v1_sdk(str(gateway.make_url("/openai/v1/")), AZURE_VK)
+    # A transcription names its model in its form: read for the log, the metrics and the price.
+    await client.audio.transcriptions.with_raw_response.create(
+        model="whisper-1", file=("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
+    )
+    # A chat without messages is refused naming the field, as on /v1/chat/completions.
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        await client.chat.completions.create(model="prod-mini", messages=[])
+    transcription, chat = await records(2)
+    assert transcription["model"] == "whisper-1"
+    assert chat["status"] == 400 and len(fake.requests) == 1
