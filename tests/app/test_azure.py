@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.app.test_model_check import REFUSED
 from tests.conftest import keys_document
-from tests.support.fake_provider import AZURE_MODEL, FakeState
+from tests.support.fake_provider import AZURE_MODEL, FakeState, Fault
 
 API_VERSION = "2024-10-21"
 AZURE_VK = "vk_test_azure_resource_4d6f8b0a2c"
@@ -315,3 +315,34 @@ async def test_azure_v1_requests_are_read_as_their_endpoints(
     transcription, chat = await records(2)
     assert transcription["model"] == "whisper-1"
     assert chat["status"] == 400 and len(fake.requests) == 1
+
+
+async def test_azure_v1_api_as_the_fallback_of_an_openai_key(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    # docs/keys.md: behind OpenAI's paths, Azure's base_url is its v1 API's root.
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": f"{fake_base}/openai/v1"}
+    document["virtual_keys"][AZURE_VK] = {
+        "provider": "openai",
+        "api_key": "sk-real-primary-1234567890",
+        "name": "resilient",
+        "fallbacks": [{"provider": "azure", "api_key": AZURE_REAL, "model": "prod-mini"}],
+    }
+    path = tmp_path / "fallback-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    fake.faults["sk-real-primary-1234567890"] = Fault(503)
+    client = openai.AsyncOpenAI(
+        base_url=str(gateway.make_url("/v1")), api_key=AZURE_VK, max_retries=0
+    )
+    answer = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert answer.model == AZURE_MODEL
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/v1/chat/completions" and seen.headers["api-key"] == AZURE_REAL
+    assert json.loads(seen.body)["model"] == "prod-mini"
