@@ -27,9 +27,11 @@ from typing import Any
 from multidict import MultiMapping
 
 from proxy.keys.fields import CachePolicy
+from proxy.upstream.routing import endpoint
 
-# Endpoints whose answers may be stored: the tail (after /v1/) is one of these, or one of
-# these under Azure's `deployments/<name>/` (/openai/deployments/<name>/chat/completions);
+# Endpoints whose answers may be stored: the tail (after /v1/, and Azure's roots: `endpoint`)
+# is one of these, or one of these under Azure's `deployments/<name>/`
+# (/openai/deployments/<name>/chat/completions);
 # never another path that merely ends so (the Assistants API's threads/<id>/messages adds a
 # message to a thread: a write).
 CACHEABLE_ENDPOINTS = ("chat/completions", "completions", "embeddings", "messages", "responses")
@@ -69,6 +71,7 @@ def directive(headers: MultiMapping[str]) -> Directive:
 def is_cacheable_endpoint(method: str, tail: str) -> bool:
     if method != "POST":
         return False
+    tail = endpoint(tail)
     return any(tail == name or _is_deployments(tail, name) for name in CACHEABLE_ENDPOINTS)
 
 

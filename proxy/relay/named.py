@@ -4,7 +4,7 @@ A restricted key may use only its models, so every place a request can name one 
 the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; and each `params.model`
 of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
-parameter (realtime), and the path (`models/<name>:generateContent`,
+parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:generateContent`,
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
@@ -42,6 +42,7 @@ from multipart import (  # type: ignore[import-untyped]  # multipart ships no ty
 from proxy.errors import GatewayError
 from proxy.keys.keys import VirtualKey
 from proxy.record import shown
+from proxy.upstream.routing import endpoint
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.
@@ -78,8 +79,10 @@ _TUNED = "tunedModels"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
-# POSTs under realtime/ that hand the client an ephemeral key to the provider.
+# POSTs under realtime/ that hand the client an ephemeral key to the provider (and Azure's
+# preview one, realtimeapi/sessions).
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
+_REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
 
 
 class Unreadable(ValueError):
@@ -189,14 +192,17 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
-    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter.
+    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter
+    (or `deployment`: Azure's Realtime WebSocket, `openai/realtime?deployment=<d>`).
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
-    first = tail.partition("/")[0]
+    first = endpoint(tail).partition("/")[0]
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
     models = list(query.getall("model", ()))
+    if "deployment" in query:
+        models += query.getall("deployment")
     if (
         "model" not in tail
         and "deployments" not in tail
@@ -240,6 +246,7 @@ def unnamed(method: str, tail: str) -> str | None:
     (for `in_document`, `in_form`); None: it needs none, or the provider refuses it without."""
     if method != "POST":
         return None
+    tail = endpoint(tail)
     if not tail.startswith("threads/"):  # the path as it is names the endpoint
         return _UNNAMED.get(tail.rstrip("/"))
     segments = tail.rstrip("/").split("/")
@@ -251,10 +258,10 @@ def unnamed(method: str, tail: str) -> str | None:
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
     ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
-    if method != "POST" or not tail.startswith("realtime"):  # most requests: at once
+    if method != "POST" or "realtime" not in tail:  # most requests: at once
         return
-    segments = tail.rstrip("/").split("/")
-    if segments[0] != "realtime":
+    segments = endpoint(tail).rstrip("/").split("/")
+    if segments[0] not in _REALTIME_ROOTS:
         return
     is_call = segments[1:] == ["calls"] or (
         len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"

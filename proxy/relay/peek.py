@@ -24,6 +24,7 @@ from proxy.errors import GatewayError
 from proxy.keys.keys import VirtualKey
 from proxy.record import Record
 from proxy.relay import named
+from proxy.upstream import routing
 from proxy.usage import estimate
 from proxy.usage.prompt import prompt_chars
 from proxy.usage.usage import Charged, charged
@@ -148,22 +149,24 @@ def validate(
     document: dict[str, Any] | None = None
     named.check_outside(key, method, tail)  # 403
     unnamed = named.unnamed(method, tail)
-    needs_json = tail in _NEEDS_MODEL_AND_MESSAGES and method == "POST"
+    # The endpoint, also under Azure's roots (`openai/v1/chat/completions`).
+    endpoint = routing.endpoint(tail)
+    needs_json = endpoint in _NEEDS_MODEL_AND_MESSAGES and method == "POST"
     if (
-        tail not in _NEEDS_MODEL_AND_MESSAGES
+        endpoint not in _NEEDS_MODEL_AND_MESSAGES
         and content_type in named.FORM_TYPES
         # `curl -d '{...}'` labels JSON a url-encoded form, and providers read it as JSON all
         # the same: a body that opens as a JSON object is read as one, whatever its label.
         and not _opens_object(body)
     ):
         # Parsing a large upload costs time: only where it decides (the check, or the price).
-        if is_restricted or tail in named.PRICED_FORMS:
+        if is_restricted or endpoint in named.PRICED_FORMS:
             try:
                 names += named.in_form(headers.get("content-type", ""), body, unnamed)
             except named.Unreadable as error:
                 unreadable = str(error)
     else:
-        document = _document(tail, needs_json, content_type, body)
+        document = _document(endpoint, needs_json, content_type, body)
         if document is not None:
             names += named.in_document(document, unnamed, named.model_field(method, tail))
         elif body:

@@ -84,7 +84,9 @@ class Relay:
         if settings.log_bodies:
             record.saw_request_body(body)
         sent = body  # the client's own bytes: what names a cached answer
-        body, asked = openai_chat.amended(key, tail, request.headers, body, peek.is_stream)
+        body, asked = openai_chat.amended(
+            key, tail, request.headers, body, peek.is_stream, request.query
+        )
         failover, header = self.failover, settings.pool_sticky_header
         # One conversation, one pool key: the body's name for it, else the sticky header's.
         affinity = peek.affinity or (request.headers.get(header) if header else None) or None

@@ -1,7 +1,10 @@
 """Which provider path a request names, and the refusal of paths that could climb out.
 
 `/v1/<tail>` and the seed paths without `/v1` (`/chat/completions`, `/completions`,
-`/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider.
+`/embeddings`, `/messages`, `/models`) name `<base_url>/<tail>` of the key's provider; so does
+Azure OpenAI's root, `/openai/…`, where the AzureOpenAI clients put every path under the
+`azure_endpoint` they are given (`/openai/deployments/<d>/chat/completions`, `/openai/v1/…`):
+an azure base_url at the resource's endpoint gets the same path.
 The tail is taken from the raw request target and forwarded still encoded (but an escaped
 letter, digit, '-', '.', '_' or '~', decoded: the same path to the provider), so the
 provider sees the same bytes; anything that could move the request off the provider's
@@ -19,7 +22,8 @@ from urllib.parse import unquote
 
 from proxy.errors import GatewayError
 
-SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models"))
+_AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
+SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
 
@@ -76,7 +80,8 @@ def route(raw_target: str) -> tuple[str, str]:
             "unknown_route",
             "Not a proxied path. Proxied: /v1/<provider path> (e.g. /v1/chat/completions, "
             "/v1/messages, /v1/embeddings, /v1/models, /v1/responses) and, without /v1, "
-            "/chat/completions, /completions, /embeddings, /messages, /models. "
+            "/chat/completions, /completions, /embeddings, /messages, /models, and Azure's "
+            "/openai/... (AzureOpenAI with the gateway as azure_endpoint). "
             "Bedrock and Vertex clients take the gateway's /v1 as their endpoint. "
             "The gateway's own: GET /health, /ready, /metrics, /usage.",
         )
@@ -105,6 +110,16 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def endpoint(tail: str) -> str:
+    """The OpenAI endpoint a tail names (`batches`, `chat/completions`, `realtime/…`): the
+    tail, less Azure's roots before it. Azure serves OpenAI's API under its resource's
+    `openai/` (deployments, threads, batches) and `openai/v1/` (its v1 API): an azure base_url
+    at the resource (AzureOpenAI's azure_endpoint) or at its `openai/` puts them in the tail."""
+    if tail.startswith(_AZURE_ROOT):
+        tail = tail[len(_AZURE_ROOT) :]
+    return tail[len(_VERSION_ROOT) :] if tail.startswith(_VERSION_ROOT) else tail
 
 
 def _decoded(escape: re.Match[str]) -> str:

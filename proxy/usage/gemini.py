@@ -85,10 +85,16 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
 
 
 def read_answers(answers: list[Any], reading: Reading) -> None:
-    """A stream sent as one JSON array (no `alt=sse`): each element an event."""
+    """A stream sent as one JSON array (no `alt=sse`): each element an event, or Google's
+    error (`{"error": {"code", "message", "status"}}`: how the OpenAI-compatible API sends
+    every error, in a list of one)."""
     for answer in answers:
-        if isinstance(answer, dict) and is_answer(answer):
+        if not isinstance(answer, dict):
+            continue
+        if is_answer(answer):
             read_event(answer, reading)
+        elif isinstance(answer.get("error"), dict):
+            reading.note_error(answer["error"])
 
 
 def prompt_chars(document: dict[str, Any]) -> int:

@@ -186,15 +186,26 @@ _MARKS_USAGE, _MARKS_USAGE_SPACED = b'"usage":{', b'"usage": {'
 USAGE_LINE_BYTES = 64 * 1024
 # Completions streams that report usage only when asked (chat and legacy text completions).
 _ASKS_FOR_USAGE = "completions"
+# Azure OpenAI's api-versions before this one (GA 2024-06-01, 2024-02-01, ...) refuse
+# stream_options with a 400: a request naming one is not asked (dates compare as text;
+# "2024-09-01-preview" is the first that takes it, and the v1 API's "preview" comes after).
+_AZURE_STREAM_OPTIONS = "2024-09-01"
 
 
 def amended(
-    key: VirtualKey, tail: str, headers: Mapping[str, str], body: bytes, is_stream: bool
+    key: VirtualKey,
+    tail: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    is_stream: bool,
+    query: Mapping[str, str],
 ) -> tuple[bytes, bool]:
     """The body to send upstream, and whether the gateway asked for the usage chunk."""
     if not (key.exact_stream_usage and is_stream and tail.endswith(_ASKS_FOR_USAGE)):
         return body, False
     if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return body, False
+    if query.get("api-version", _AZURE_STREAM_OPTIONS) < _AZURE_STREAM_OPTIONS:
         return body, False
     changed = amend(body)
     return (body, False) if changed is None else (changed, True)

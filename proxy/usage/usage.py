@@ -548,7 +548,7 @@ class UsageTap:
             return
         reading = self._reading
         if not isinstance(document, dict):
-            if isinstance(document, list):  # Gemini's stream without alt=sse
+            if isinstance(document, list):  # Gemini's stream without alt=sse; Google's errors
                 gemini.read_answers(document, reading)
             return
         error = document.get("error")

@@ -89,6 +89,21 @@ The Anthropic dialect (errors, model objects) is used on `/messages` paths and f
 request carrying `anthropic-version`. Prompt tokens are the words in the request's
 messages/input/prompt/system text, at least 1.
 
+Azure OpenAI's paths (an azure base_url at the fake's root, as at a resource's endpoint):
+the deployments API, `/openai/deployments/{deployment}/chat/completions` (`completions`,
+`embeddings`) with an `api-version` query (none: 404 "Resource not found", as Azure; one
+before 2024-09-01 refuses `stream_options` with 400, as Azure's older versions do), and
+the v1 API, `/openai/v1/chat/completions` (...). As Azure answers: the model named is the
+deployed one, `AZURE_MODEL` (a dated name, whatever the deployment is called); a chat answer
+carries `prompt_filter_results` and each choice its `content_filter_results`; a chat stream
+opens with a chunk of empty `choices`, `id`, `model` and `object` that holds only the
+prompt's filter results; every answer has Azure's `apim-request-id`, `x-ms-region` headers.
+    x-fake-content-filter: prompt   Azure: the 400 `content_filter` error of a filtered prompt
+
+Gemini's OpenAI-compatible API (`/v1beta/openai/...`, where the built-in gemini's base URL
+points) answers as the OpenAI paths do, but its errors (x-fake-status) are Google's, in a
+list: `[{"error": {"code": 400, "message": ..., "status": "INVALID_ARGUMENT"}}]`.
+
 Not done: checking credentials (only recorded; echoed only with x-fake-reflect), Anthropic tool
 use unless x-fake-tool-chars asks for it, Responses API tool calls.
 """
@@ -137,6 +152,30 @@ PROVIDER_HEADERS = (
     ("x-ratelimit-remaining-tokens", "799990"),
     ("x-ratelimit-reset-tokens", "1ms"),
 )
+# Gemini's OpenAI-compatible API (the built-in gemini's base URL is under it), whose errors
+# are Google's, in a list of one: [{"error": {"code": 400, "message": …, "status": …}}].
+GEMINI_OPENAI = "/v1beta/openai"
+GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+# Azure OpenAI: the model a deployment runs, named in its answers; its own headers.
+AZURE_MODEL = "gpt-4o-mini-2024-07-18"
+AZURE_HEADERS = (
+    ("apim-request-id", "2f1e5a6c-7b8d-4e9f-a0b1-c2d3e4f5a6b7"),
+    ("x-ms-region", "East US"),
+    ("x-ms-rai-invoked", "true"),
+    ("azureml-model-session", "d001-20250101000000"),
+)
+# The first api-version that takes stream_options (2024-09-01-preview; GA 2024-10-21).
+AZURE_STREAM_OPTIONS = "2024-09-01"
+_SAFE = {"filtered": False, "severity": "safe"}
+AZURE_FILTERS = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
 # What Anthropic sends on its answers besides: the account's limits, resets in RFC 3339.
 ANTHROPIC_HEADERS = (
     ("anthropic-ratelimit-requests-limit", "4000"),
@@ -388,6 +427,8 @@ async def answer(
     if knobs.status is not None:
         under = request.headers.get("x-fake-error-under")
         return await reply_error(request, knobs.status, under=int(under) if under else None)
+    if is_azure(request) and (refusal := await azure_refusal(request)) is not None:
+        return refusal
     if knobs.raw_chunks is not None:
         pad = b"." * int(request.headers.get("x-fake-raw-bytes", "0"))
         frames = [f"raw{index}\n".encode() + pad for index in range(knobs.raw_chunks)]
@@ -571,6 +612,9 @@ async def add_provider_headers(request: web.Request, response: web.StreamRespons
     """Headers a real provider sends on every answer (on_response_prepare)."""
     for name, value in PROVIDER_HEADERS:
         response.headers.setdefault(name, value)
+    if is_azure(request):
+        for name, value in AZURE_HEADERS:
+            response.headers.setdefault(name, value)
     if "/messages" in request.path:
         for name, value in ANTHROPIC_HEADERS:
             response.headers.setdefault(name, value)
@@ -601,6 +645,43 @@ async def let_go(app: web.Application) -> None:
 
 async def read_json(request: web.Request) -> dict:
     return orjson.loads(await request.read() or b"{}")
+
+
+def is_azure(request: web.Request) -> bool:
+    return request.path.startswith("/openai/")
+
+
+async def azure_refusal(request: web.Request) -> web.StreamResponse | None:
+    """Azure's own refusals: a deployments path without api-version, a filtered prompt."""
+    if "/deployments/" in request.path and "api-version" not in request.query:
+        return await reply(
+            request, {"error": {"code": "404", "message": "Resource not found"}}, status=404
+        )
+    version = request.query.get("api-version", "")
+    if version and version < AZURE_STREAM_OPTIONS and b'"stream_options"' in await request.read():
+        error = {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+        return await reply(request, {"error": error}, status=400)
+    if request.headers.get("x-fake-content-filter") == "prompt":
+        filtered = {**AZURE_FILTERS, "violence": {"filtered": True, "severity": "high"}}
+        error = {
+            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+            "content management policy. Please modify your prompt and retry.",
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": filtered,
+            },
+        }
+        return await reply(request, {"error": error}, status=400)
+    return None
 
 
 def is_anthropic(request: web.Request) -> bool:
@@ -696,11 +777,14 @@ async def reply_error(
         kind = ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
-        body: dict = {
+        body: dict | list = {
             "type": "error",
             "error": {"type": kind, "message": message},
             "request_id": request[REQUEST_ID],
         }
+    elif request.path.startswith(GEMINI_OPENAI + "/"):
+        google = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(status)}
+        body = [{"error": google}]
     else:
         kind, code = OPENAI_ERRORS.get(
             status, ("server_error" if status >= 500 else "invalid_request_error", None)
@@ -762,10 +846,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload, knobs = await read_json(request), request[KNOBS]
     tool, count = tool_name(payload), answers(payload)
     usage = openai_usage(prompt_tokens(payload), knobs, count)
+    azure = is_azure(request)
     head = {
         "id": new_id("chatcmpl-"),
         "created": int(time.time()),
-        "model": payload.get("model") or DEFAULT_MODEL,
+        "model": AZURE_MODEL if azure else payload.get("model") or DEFAULT_MODEL,
         "system_fingerprint": "fp_fake",
     }
     if "service_tier" in payload:  # the tier that served it, on every chunk
@@ -794,6 +879,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         for index in range(count)
     ]
     body = {**head, "object": "chat.completion", "choices": choices}
+    if azure:
+        for choice in choices:
+            choice["content_filter_results"] = AZURE_FILTERS
+        body["prompt_filter_results"] = [
+            {"prompt_index": 0, "content_filter_results": AZURE_FILTERS}
+        ]
     if knobs.has_usage:
         body["usage"] = usage
     if payload.get("store") is True:  # kept whole, streamed or not, with its usage
@@ -803,21 +894,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chats[head["id"]] = StoredChat(stored, messages, credential(request.headers) or "")
     if payload.get("stream"):
         streamed_usage = usage if knobs.has_usage and is_usage_streamed(payload) else None
-        frames = chat_frames(head, tool, knobs, streamed_usage, count)
+        frames = chat_frames(head, tool, knobs, streamed_usage, count, azure)
         return await stream(request, frames, usage_at_end(frames, streamed_usage))
     return await reply(request, body)
 
 
 def chat_frames(
-    head: dict, tool: str | None, knobs: Knobs, usage: dict | None, count: int = 1
+    head: dict,
+    tool: str | None,
+    knobs: Knobs,
+    usage: dict | None,
+    count: int = 1,
+    azure: bool = False,
 ) -> list[bytes]:
     """Role chunk, the deltas, the finish chunk, the usage chunk if asked for, [DONE]; with
     `count` choices (`n`), a chunk of each choice in turn at every step, as OpenAI
-    interleaves them, and one usage chunk for all."""
+    interleaves them, and one usage chunk for all; on Azure, first the chunk of the
+    prompt's filter results, and each choice's own."""
     chunks = knobs.chunks
 
     def chunk(delta: dict, finish_reason: str | None = None, index: int = 0) -> bytes:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if azure:
+            choice["content_filter_results"] = AZURE_FILTERS if delta else {}
         body = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         if usage:
             body["usage"] = None  # OpenAI sends usage: null on every chunk but the last
@@ -851,6 +950,10 @@ def chat_frames(
         frames.append(
             sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         )
+    if azure:
+        prompt = [{"prompt_index": 0, "content_filter_results": AZURE_FILTERS}]
+        opening = {"choices": [], "created": 0, "id": "", "model": "", "object": ""}
+        frames.insert(0, sse({**opening, "prompt_filter_results": prompt}))
     return [*frames, DONE]
 
 
@@ -945,7 +1048,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "id": new_id("cmpl-"),
         "object": "text_completion",
         "created": int(time.time()),
-        "model": payload.get("model") or DEFAULT_MODEL,
+        "model": AZURE_MODEL if is_azure(request) else payload.get("model") or DEFAULT_MODEL,
     }
 
     def choice(text: str, finish_reason: str | None, index: int = 0) -> dict:
@@ -1266,7 +1369,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
 def build_fake_provider() -> web.Application:
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024 * 1024)
     app[FAKE_STATE] = FakeState()
-    for prefix in ("/v1", ""):
+    for prefix in ("/v1", "", GEMINI_OPENAI):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/chat/completions", list_chats)
         chat = f"{prefix}/chat/completions/{{completion_id}}"
@@ -1283,6 +1386,11 @@ def build_fake_provider() -> web.Application:
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    # Azure OpenAI at a resource's endpoint: the deployments API and the v1 API.
+    for prefix in ("/openai/deployments/{deployment}", "/openai/v1"):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_post(f"{prefix}/embeddings", embeddings)
     fake_realtime.install(app)  # the Realtime API's WebSocket
     fake_media.install(app)  # images, audio, ephemeral keys, assistant runs
     fake_batches.install(app)  # files, OpenAI batches, Anthropic message batches

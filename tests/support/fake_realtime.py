@@ -72,6 +72,9 @@ def install(app: web.Application) -> None:
     for prefix in ("/v1", ""):
         app.router.add_get(f"{prefix}/realtime", realtime)
         app.router.add_get(f"{prefix}/responses", realtime)  # the Responses API's WebSocket mode
+    # Azure OpenAI's, at a resource's endpoint: `?deployment=<d>` (AzureOpenAI), and its v1 API.
+    app.router.add_get("/openai/realtime", realtime)
+    app.router.add_get("/openai/v1/realtime", realtime)
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:

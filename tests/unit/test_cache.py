@@ -107,6 +107,13 @@ def test_cache_control_no_store_beats_no_cache() -> None:
         ("POST", "messages", {"model": "m"}, True),
         ("POST", "openai/deployments/d/chat/completions", {}, True),
         ("POST", "openai/deployments/d/embeddings", {}, True),
+        # Azure's v1 API under the resource's endpoint, and under its openai/.
+        ("POST", "openai/v1/chat/completions", {"model": "d"}, True),
+        ("POST", "openai/v1/embeddings", {"model": "d"}, True),
+        ("POST", "v1/chat/completions", {"model": "d"}, True),
+        ("POST", "openai/v1/responses", {"input": "x", "store": False}, True),
+        ("POST", "openai/v1/responses", {"input": "x", "store": True}, False),
+        ("POST", "openai/v1/threads/thread_abc/messages", {"role": "user"}, False),
         # The Assistants API adds a message to a thread: a write, whose answer is a new object.
         ("POST", "threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
         ("POST", "openai/threads/thread_abc/messages", {"role": "user", "content": "yes"}, False),
