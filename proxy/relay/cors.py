@@ -44,6 +44,9 @@ ALLOWED_HEADERS = (
     "x-request-id",
     "traceparent",  # W3C trace context, which a page's OpenTelemetry adds (docs/traces.md)
     "tracestate",
+    # The JS SDKs (OpenAI's, Anthropic's, Vercel's AI SDK) set User-Agent in a page too;
+    # Firefox and Safari send it (Chrome drops it), so their preflight asks for it.
+    "user-agent",
     "anthropic-*",
     "x-stainless-*",
     "openai-*",

@@ -69,6 +69,47 @@ async def test_a_preflight_is_answered_before_authentication_with_the_sdk_header
 
 
 @pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        # The OpenAI JS SDK (6.x) and the Vercel AI SDK set User-Agent on every call, also in
+        # a page; Firefox and Safari send it (Chrome drops it), so their preflight asks for it,
+        # as Firefox writes the list: lower case, sorted, no spaces.
+        (
+            "/v1/chat/completions",
+            "authorization,content-type,user-agent,x-stainless-arch,x-stainless-lang,"
+            "x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+            "x-stainless-runtime,x-stainless-runtime-version",
+        ),
+        (
+            "/v1/messages",
+            "anthropic-dangerous-direct-browser-access,anthropic-version,content-type,"
+            "user-agent,x-api-key,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+            "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,"
+            "x-stainless-runtime-version,x-stainless-timeout",
+        ),
+        ("/v1/responses", "authorization,content-type,user-agent"),  # the AI SDK's
+    ],
+)
+async def test_a_preflight_of_a_js_sdk_in_firefox_or_safari_asking_for_user_agent_is_allowed(
+    make_gateway: Callable[..., Awaitable[TestClient]], path: str, headers: str
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    answer = await gateway.options(path, headers=preflight(headers))
+    assert answer.status == 204, await answer.text()
+    allowed = {h.strip() for h in answer.headers["access-control-allow-headers"].split(",")}
+    assert allowed == set(headers.split(","))
+    # The call that follows goes through, its User-Agent passed on to the provider.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "Origin": APP, "User-Agent": "OpenAI/JS 6.49.0"},
+    )
+    assert response.status == 200
+    assert response.headers["access-control-allow-origin"] == APP
+    await response.read()
+
+
+@pytest.mark.parametrize(
     ("headers", "origin"),
     [
         (SDK_HEADERS, "https://evil.example.com"),
