@@ -59,6 +59,7 @@ EXPOSED_HEADERS = (
     "retry-after-ms",
     "x-should-retry",
     "x-ratelimit-*",
+    "x-llm-gateway-cache",  # hit, miss or bypass, on the requests of keys with a cache
 )
 METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer

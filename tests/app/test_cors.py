@@ -8,8 +8,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.settings import SettingError, Settings
-from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, assert_openai_error, auth
-from tests.support.bodies import STREAM
+from tests.conftest import (
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    OPENAI_REAL,
+    OPENAI_VK,
+    assert_openai_error,
+    auth,
+)
+from tests.support.bodies import CHAT, STREAM
 
 APP = "https://app.example.com"
 # What the OpenAI SDK in a browser asks for before its first call.
@@ -199,3 +206,23 @@ def test_star_with_credentials_and_a_malformed_origin_are_refused_at_start() -> 
         Settings.from_env({"CORS_ALLOWED_ORIGINS": "app.example.com"})
     parsed = Settings.from_env({"CORS_ALLOWED_ORIGINS": f" {APP}/ ,http://localhost:3000"})
     assert parsed.cors_allowed_origins == (APP, "http://localhost:3000")
+
+
+async def test_a_page_can_read_whether_its_answer_came_from_the_cache(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """x-llm-gateway-cache is the gateway's own answer header for clients (hit, miss,
+    bypass): a page reads it only if it is exposed, as the request id is."""
+    cached = "vk_test_cors_cached_0a1b2c3d"
+    gateway = await gateway_with_keys(
+        {cached: {"provider": "openai", "api_key": OPENAI_REAL, "cache": {"ttl_seconds": 60}}},
+        CORS_ALLOWED_ORIGINS=APP,
+    )
+    for expected in ("miss", "hit"):
+        response = await gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**auth(cached), "Origin": APP}
+        )
+        await response.read()
+        assert response.headers["x-llm-gateway-cache"] == expected
+        exposed = response.headers["access-control-expose-headers"].split(", ")
+        assert "x-llm-gateway-cache" in exposed and "x-request-id" in exposed
