@@ -31,7 +31,8 @@ The failure map, by the step that raises (status, OpenAI code):
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
                    502 upstream_broken        the last target's 429 or 5xx broke off its body
     stream_back    502 upstream_broken        a small whole body cut short, before we sent anything,
-                                              or a message batch's answer over 8 MiB (links)
+                                              or a message batch's answer (links) or a coded
+                                              error answer of no length over 8 MiB
                    504 upstream_timeout       ... or not sent within STREAM_IDLE_TIMEOUT
     exchange       500 internal_error         a bug: logged once, answered in the dialect
     (the server)   400 invalid_http           HTTP aiohttp's parser refuses (runtime.server)

@@ -234,6 +234,9 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
             used = reading.tokens + reading.tokens_reserved
             remaining_tokens = max(0, limits.tokens - used)
             reset_tokens = token_wait if over else reading.charge_leaves
+            if not over and not reset_tokens and reading.tokens_reserved:
+                # Only reservations hold tokens: they come back as charges, a window from now.
+                reset_tokens = limits.window_seconds
     if not admitted and budget is not None and budget_full(reading, budget):
         budget_wait = reading.budget_wait
         if reading.spent < budget.micro_usd:  # the spend alone leaves room

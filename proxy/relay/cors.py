@@ -44,6 +44,9 @@ ALLOWED_HEADERS = (
     "x-request-id",
     "traceparent",  # W3C trace context, which a page's OpenTelemetry adds (docs/traces.md)
     "tracestate",
+    # The JS SDKs (OpenAI's, Anthropic's, Vercel's AI SDK) set User-Agent in a page too;
+    # Firefox and Safari send it (Chrome drops it), so their preflight asks for it.
+    "user-agent",
     "anthropic-*",
     "x-stainless-*",
     "openai-*",
@@ -56,6 +59,7 @@ EXPOSED_HEADERS = (
     "retry-after-ms",
     "x-should-retry",
     "x-ratelimit-*",
+    "x-llm-gateway-cache",  # hit, miss or bypass, on the requests of keys with a cache
 )
 METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 MAX_AGE_SECONDS = 600  # how long a browser may reuse a preflight's answer

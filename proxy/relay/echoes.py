@@ -8,7 +8,9 @@ same length (`[redacted]****…`): a Content-Length stays true and a JSON string
 
 - A whole body (`masked_whole`) is searched as it came. A compressed error answer (4xx,
   5xx: where providers quote the credential they refused) is decoded to be searched; when
-  it carries a key it goes out decoded and masked, without its Content-Encoding.
+  it carries a key it goes out decoded and masked, without its Content-Encoding. Such an
+  answer is read whole also when it comes without a length (`is_searched_whole`: chunked,
+  as nginx's or a CDN's gzip sends it to a client that accepts gzip, as every SDK does).
 - A stream (`StreamMask`) is searched chunk by chunk. A chunk that ends with the first
   bytes of a key keeps them back until the next chunk tells whether the key follows; an
   SSE event ends in a line break, which no key holds, so an event stream is never held.
@@ -48,13 +50,23 @@ def masked(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
     return data
 
 
+def is_plain(coding: str | None) -> bool:
+    """A Content-Encoding that codes nothing: none, or `identity` (RFC 9110 §8.4.1)."""
+    return not coding or coding.strip().lower() == "identity"
+
+
+def is_searched_whole(status: int, coding: str | None, secrets: tuple[bytes, ...]) -> bool:
+    """An answer that can be searched only once whole (`masked_whole`): a coded error."""
+    return status >= 400 and bool(secrets) and not is_plain(coding)
+
+
 def masked_whole(
     data: bytes, status: int, headers: CIMultiDict[str], secrets: tuple[bytes, ...]
 ) -> bytes:
     """A whole body as the client may have it; `headers` lose Content-Encoding and
     Content-Length when it had to go out decoded."""
     coding = headers.get("content-encoding", "").strip().lower()
-    if not coding or coding == "identity":
+    if is_plain(coding):
         return masked(data, secrets)
     if status < 400 or not secrets:
         return data

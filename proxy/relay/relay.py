@@ -30,7 +30,7 @@ from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
-from proxy.relay.echoes import StreamMask, masked_whole, searched
+from proxy.relay.echoes import StreamMask, is_plain, is_searched_whole, masked_whole, searched
 from proxy.relay.expect import awaits_continue
 from proxy.relay.links import MAX_BYTES, ResultsLinks
 from proxy.relay.peek import body_at_hand, read_body, validate
@@ -154,9 +154,15 @@ class Relay:
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py): read whole.
         links = ResultsLinks.of(record.method, record.path, status, content_type)
+        coding = reply.headers.get("content-encoding")
         try:
             response: web.StreamResponse
-            if isinstance(reply, StoredAnswer) or is_small_whole_body(reply) or links is not None:
+            if (
+                isinstance(reply, StoredAnswer)
+                or is_small_whole_body(reply)
+                or links is not None
+                or is_searched_whole(status, coding, secrets)  # a coded error of no length
+            ):
                 response = await send_whole(
                     reply, headers, tap, record, silences, collect, secrets, links
                 )
@@ -188,7 +194,7 @@ class Relay:
             is_withheld = asked_usage and UsageChunkFilter.applies(reply.headers)
             withheld = UsageChunkFilter() if is_withheld else None
             # A compressed stream is not searched (echoes.py says why).
-            is_masked = bool(secrets) and not reply.headers.get("content-encoding")
+            is_masked = bool(secrets) and is_plain(coding)
             mask = StreamMask(secrets) if is_masked else None
             assert writer is not None  # prepared: the head is ready to go
             await relay_body(
@@ -286,12 +292,13 @@ async def send_whole(
                     parts.append(chunk)
                     watch.moved()
                     size += len(chunk)
-                    if size > MAX_BYTES:  # only an answer of unknown length read for links
+                    # only an answer of unknown length: read for links, or a coded error
+                    if size > MAX_BYTES:
                         raise GatewayError(
                             502,
                             "upstream_broken",
                             f"The provider's answer is larger than {MAX_BYTES} bytes, "
-                            "more than a message batch holds.",
+                            "more than a message batch or an error holds.",
                             outcome=Outcome.BROKEN,
                         )
             data = parts[0] if len(parts) == 1 else b"".join(parts)

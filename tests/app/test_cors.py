@@ -8,8 +8,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.settings import SettingError, Settings
-from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, assert_openai_error, auth
-from tests.support.bodies import STREAM
+from tests.conftest import (
+    ANTHROPIC_VK,
+    LIMITED_VK,
+    OPENAI_REAL,
+    OPENAI_VK,
+    assert_openai_error,
+    auth,
+)
+from tests.support.bodies import CHAT, STREAM
 
 APP = "https://app.example.com"
 # What the OpenAI SDK in a browser asks for before its first call.
@@ -66,6 +73,47 @@ async def test_a_preflight_is_answered_before_authentication_with_the_sdk_header
     )
     assert traced.status == 204
     assert "traceparent" in traced.headers["access-control-allow-headers"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        # The OpenAI JS SDK (6.x) and the Vercel AI SDK set User-Agent on every call, also in
+        # a page; Firefox and Safari send it (Chrome drops it), so their preflight asks for it,
+        # as Firefox writes the list: lower case, sorted, no spaces.
+        (
+            "/v1/chat/completions",
+            "authorization,content-type,user-agent,x-stainless-arch,x-stainless-lang,"
+            "x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+            "x-stainless-runtime,x-stainless-runtime-version",
+        ),
+        (
+            "/v1/messages",
+            "anthropic-dangerous-direct-browser-access,anthropic-version,content-type,"
+            "user-agent,x-api-key,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+            "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,"
+            "x-stainless-runtime-version,x-stainless-timeout",
+        ),
+        ("/v1/responses", "authorization,content-type,user-agent"),  # the AI SDK's
+    ],
+)
+async def test_a_preflight_of_a_js_sdk_in_firefox_or_safari_asking_for_user_agent_is_allowed(
+    make_gateway: Callable[..., Awaitable[TestClient]], path: str, headers: str
+) -> None:
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    answer = await gateway.options(path, headers=preflight(headers))
+    assert answer.status == 204, await answer.text()
+    allowed = {h.strip() for h in answer.headers["access-control-allow-headers"].split(",")}
+    assert allowed == set(headers.split(","))
+    # The call that follows goes through, its User-Agent passed on to the provider.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(OPENAI_VK), "Origin": APP, "User-Agent": "OpenAI/JS 6.49.0"},
+    )
+    assert response.status == 200
+    assert response.headers["access-control-allow-origin"] == APP
+    await response.read()
 
 
 @pytest.mark.parametrize(
@@ -158,3 +206,23 @@ def test_star_with_credentials_and_a_malformed_origin_are_refused_at_start() -> 
         Settings.from_env({"CORS_ALLOWED_ORIGINS": "app.example.com"})
     parsed = Settings.from_env({"CORS_ALLOWED_ORIGINS": f" {APP}/ ,http://localhost:3000"})
     assert parsed.cors_allowed_origins == (APP, "http://localhost:3000")
+
+
+async def test_a_page_can_read_whether_its_answer_came_from_the_cache(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """x-llm-gateway-cache is the gateway's own answer header for clients (hit, miss,
+    bypass): a page reads it only if it is exposed, as the request id is."""
+    cached = "vk_test_cors_cached_0a1b2c3d"
+    gateway = await gateway_with_keys(
+        {cached: {"provider": "openai", "api_key": OPENAI_REAL, "cache": {"ttl_seconds": 60}}},
+        CORS_ALLOWED_ORIGINS=APP,
+    )
+    for expected in ("miss", "hit"):
+        response = await gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**auth(cached), "Origin": APP}
+        )
+        await response.read()
+        assert response.headers["x-llm-gateway-cache"] == expected
+        exposed = response.headers["access-control-expose-headers"].split(", ")
+        assert "x-llm-gateway-cache" in exposed and "x-request-id" in exposed

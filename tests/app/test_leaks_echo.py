@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,7 +27,7 @@ from tests.conftest import (
     auth,
 )
 from tests.support.bodies import CHAT, MESSAGES
-from tests.support.fake_provider import FakeState
+from tests.support.fake_provider import FakeState, Fault
 
 
 async def test_a_provider_that_echoes_the_real_key_hands_it_to_no_client_and_no_log(
@@ -95,6 +96,42 @@ async def test_a_real_key_the_provider_quotes_in_its_body_reaches_the_client_mas
         message = json.loads(text)["error"]["message"]
         assert message.startswith("fake provider error 401: credentials received")
         assert "[redacted]" in message and len(message) > len(real)
+
+
+@pytest.mark.parametrize(
+    ("steer", "fault_headers"),
+    [
+        # gzip, as a server behind nginx (gzip on) or a CDN compresses an error for a client
+        # that accepts it (undici's fetch asks `gzip, deflate`): chunked, no Content-Length
+        ({"x-fake-gzip": "1"}, {}),
+        # "identity" names no coding at all: the body is as plain as without the header
+        ({}, {"Content-Encoding": "identity"}),
+    ],
+)
+async def test_a_real_key_quoted_in_a_chunked_coded_error_body_reaches_the_client_masked(
+    gateway: TestClient, fake: FakeState, steer: dict[str, str], fault_headers: dict[str, str]
+) -> None:
+    """The same quote of the refused key as above, in an error body sent without a length
+    (chunked) and with a Content-Encoding: the client gets it masked all the same."""
+    fake.faults[OPENAI_REAL] = Fault(401, fault_headers, is_unsized=True)
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            **auth(OPENAI_VK),
+            **steer,
+            "x-fake-reflect": "body",
+            "Accept-Encoding": "gzip, deflate",  # what Node's fetch sends
+        },
+    )
+    text = await response.text()  # decoded as a client decodes it
+    assert response.status == 401
+    assert fake.requests[-1].headers.get("x-fake-reflect") == "body"  # it did quote it
+    for secret in SECRETS:
+        assert secret not in text
+    message = json.loads(text)["error"]["message"]
+    assert message.startswith("fake provider error 401: credentials received")
+    assert "[redacted]" in message
 
 
 async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(

@@ -203,6 +203,22 @@ async def test_tokens_are_charged_when_the_response_ends_and_a_token_limit_refus
     assert "tokens" in (await third.json())["error"]["message"]
 
 
+async def test_the_first_answer_says_its_reserved_tokens_come_back_after_a_window(
+    quota_gateway: Any,
+) -> None:
+    """withResponse() in the JS SDKs (or .with_raw_response) shows the first request's
+    headers: fewer tokens remaining (its reservation) cannot come back "0s" from now, as if
+    the window were whole again; they come back when its charge leaves, a window later, as
+    the requests trio says of the request itself."""
+    gateway = await quota_gateway({"requests": 100, "tokens": 100_000, "window_seconds": 60})
+    first = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(QUOTA_VK))
+    assert first.status == 200
+    await first.read()
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100_000  # it holds some
+    assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert first.headers["x-ratelimit-reset-tokens"] == "1m0s"
+
+
 async def test_anthropic_stream_usage_is_charged_from_the_last_cumulative_delta(
     quota_gateway: Any, records: Any
 ) -> None:
