@@ -270,6 +270,8 @@ class Record:
     response_model: str | None = None
     # The OpenAI service tier the provider says served it ("priority", "flex"), for pricing.
     service_tier: str | None = None
+    # The provider's own id of the request (its support asks for it); None: none said.
+    provider_request_id: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
     stored: StoredResponse | None = None
     # The batch answered, for a POST that made one, a GET of one, a cancel; else None.
@@ -312,6 +314,11 @@ class Record:
         """The answer is an event stream, though no body asked for one in `"stream": true` (a
         stored Response fetched with `?stream=true`, a transcription's form field)."""
         self.is_stream = True
+
+    def saw_provider_request_id(self, request_id: str | None) -> None:
+        """The provider's own id of the request (OpenAI's x-request-id, Anthropic's
+        request-id): the client's x-request-id is the gateway's."""
+        self.provider_request_id = shown(request_id)
 
     def saw_request_body(self, body: bytes) -> None:
         """The body as sent (LOG_BODIES only)."""

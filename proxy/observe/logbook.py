@@ -178,6 +178,8 @@ class Logbook:
         }
         if record.error is not None:
             fields["error"] = record.error
+        if record.provider_request_id is not None:
+            fields["provider_request_id"] = record.provider_request_id
         if record.websocket is not None:
             fields["websocket"] = record.websocket
         if record.attempts:

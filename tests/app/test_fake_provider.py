@@ -251,7 +251,8 @@ async def test_every_answer_carries_provider_headers_and_the_request_id(http, fa
     )
     own = await http.get("/v1/models")
 
-    assert echoed.headers["x-request-id"] == "mine"
+    assert echoed.headers["x-request-id"].startswith("req_fake_")  # its own, as OpenAI's
+    assert fake.sent["mine"]  # what it sent, by the id the client gave
     assert echoed.headers["openai-processing-ms"] == "12"
     assert echoed.headers["x-ratelimit-remaining-requests"] == "4999"
     assert "__cf_bm" in echoed.headers["set-cookie"]

@@ -189,6 +189,24 @@ async def test_every_response_carries_the_clients_request_id_or_a_fresh_one(
     assert fresh.headers["x-request-id"] != refused.headers["x-request-id"]
 
 
+async def test_the_providers_own_request_id_is_in_the_log_line_for_its_support(
+    gateway: TestClient, records: Any
+) -> None:
+    """The client's x-request-id is the gateway's; the provider's own id (OpenAI's
+    x-request-id, Anthropic's request-id), which its support asks for, is logged."""
+    chat_answer = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    message = await gateway.post("/v1/messages", json=MESSAGES, headers=auth(ANTHROPIC_VK))
+    refused = await gateway.post("/v1/chat/completions", json=CHAT)
+    assert chat_answer.status == message.status == 200 and refused.status == 401
+    provider_id = message.headers["request-id"]  # Anthropic's passes through
+    lines = await records(3)
+    assert lines[0]["request_id"] == chat_answer.headers["x-request-id"]
+    assert lines[0]["provider_request_id"].startswith("req_fake_")
+    assert lines[0]["provider_request_id"] != lines[0]["request_id"]
+    assert lines[1]["provider_request_id"] == provider_id
+    assert "provider_request_id" not in lines[2]  # never reached a provider
+
+
 async def test_the_gateways_rate_limit_headers_replace_the_providers(gateway: TestClient) -> None:
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))
     assert response.headers.getall("x-ratelimit-limit-requests") == ["3"]

@@ -345,6 +345,8 @@ class Knobs:
 
 
 REQUEST_ID = web.RequestKey("fake_request_id", str)
+# The fake's own id for a request, which its answer carries (as a provider names its own).
+OWN_ID = web.RequestKey("fake_own_id", str)
 KNOBS = web.RequestKey("fake_knobs", Knobs)
 OPEN = web.RequestKey("fake_open", bool)  # counted in FakeState.open_now
 
@@ -395,7 +397,8 @@ async def answer(
         body,
     )
     state.requests.append(seen)
-    request[REQUEST_ID] = request.headers.get("x-request-id") or f"req_fake_{uuid.uuid4().hex[:16]}"
+    own_id = request[OWN_ID] = f"req_fake_{uuid.uuid4().hex[:16]}"
+    request[REQUEST_ID] = request.headers.get("x-request-id") or own_id
     knobs = request[KNOBS] = Knobs.read(request.headers)
     if request.headers.get("x-fake-hold") == "1":
         await state.release.wait()
@@ -618,8 +621,11 @@ async def add_provider_headers(request: web.Request, response: web.StreamRespons
     if "/messages" in request.path:
         for name, value in ANTHROPIC_HEADERS:
             response.headers.setdefault(name, value)
-    if REQUEST_ID in request:
-        response.headers.setdefault("x-request-id", request[REQUEST_ID])
+    # Its own id for the request (not the client's x-request-id), as OpenAI (x-request-id)
+    # and Anthropic (request-id) name theirs.
+    if OWN_ID in request:
+        name = "request-id" if "/messages" in request.path else "x-request-id"
+        response.headers.setdefault(name, request[OWN_ID])
     response.headers.add("Set-Cookie", "__cf_bm=fake-cookie; Path=/; HttpOnly")
     if request.headers.get("x-fake-reflect") in ("headers", "body"):
         for name, value in request.headers.items():
