@@ -14,6 +14,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   (`content.readany()`), the provider's transfer coding removed and its content coding
   kept: bytes pass as received; a body read to its end gives its connection back; a body
   framed by neither length nor chunks ends when the provider closes the connection;
+- one answer per request: bytes past an answer's end (a second answer, a body longer than
+  its Content-Length) or on an idle connection answer nothing asked, and close the
+  connection, never read into this answer or the next request's;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
@@ -206,6 +209,7 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
+        self.answered = False  # the current request's (final) answer came whole
         self._paused = False
         self._head_left = -1  # bytes an answer's head may still take; -1: its head is whole
         # The answer's header fields as they are parsed (after its head, a throwaway that
@@ -215,7 +219,7 @@ class Connection(asyncio.Protocol):
 
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
         self._fields, self.heard, self.reusable = CIMultiDict(), False, False
-        self.head_only = head_only
+        self.head_only, self.answered = head_only, False
         self._head_left = MAX_HEAD_BYTES
         self.reply = Reply(self)
         self.headed = self.loop.create_future()
@@ -253,6 +257,15 @@ class Connection(asyncio.Protocol):
             )
 
     # --- httptools callbacks ---
+    def on_message_begin(self) -> None:
+        """An answer begins: to a request sent, and only one (a 1xx is not one). Anything
+        else (a second answer to one request, bytes past a Content-Length, bytes while the
+        connection waits in the pool) answers nothing asked: read as this request's, it
+        would change its head and body, or take the next request's answer for its body.
+        Raising stops the parse, and the connection is closed (data_received)."""
+        if self.reply is None or self.answered:
+            raise UnaskedAnswer
+
     def on_header(self, name: bytes, value: bytes) -> None:
         # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
         # same bytes; other bytes as Latin-1 (a Latin-1 reading of UTF-8 would be re-encoded).
@@ -277,16 +290,20 @@ class Connection(asyncio.Protocol):
         if not headed.done():
             headed.set_result(reply)
         if self.head_only or status in BODILESS:
+            self.answered = True
             reply.content.end()  # no body follows; the parser cannot know that for HEAD
             self.reusable = status in BODILESS and parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        if self.reply is not None:  # None: given up (finish), the rest is not wanted
+        # None: given up (finish), the rest is not wanted; answered: a HEAD's, whose
+        # Content-Length the parser takes for a body to come
+        if self.reply is not None and not self.answered:
             self.reply.content.feed(body)
 
     def on_message_complete(self) -> None:
         if self.reply is None or self.reply.status < 200:
             return
+        self.answered = True
         self.reusable = self._parser.should_keep_alive() and not self.head_only
         self.reply.content.end()
 
@@ -323,6 +340,10 @@ class Connection(asyncio.Protocol):
             self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
         if self.transport is not None:
             self.transport.close()
+
+
+class UnaskedAnswer(Exception):
+    """A provider sent an answer to no request (`Connection.on_message_begin`)."""
 
 
 class Wire:
