@@ -11,8 +11,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
-  (`content.readany()`), the provider's transfer coding removed and its content coding
-  kept: bytes pass as received; a body read to its end gives its connection back; a body
+  (`content.readany()`), the provider's chunked framing removed (any other transfer
+  coding is refused: its header is hop-by-hop, so the client could not undo it) and its
+  content coding kept: bytes pass as received; a body read to its end gives its connection back; a body
   framed by neither length nor chunks ends when the provider closes the connection;
 - one answer per request: bytes past an answer's end (a second answer, a body longer than
   its Content-Length) or on an idle connection answer nothing asked, and close the
@@ -240,6 +241,8 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("unexpected upgrade")
+        except httptools.HttpParserCallbackError as error:  # a callback of ours refused it
+            self._fail(str(error.__context__ or error))
         except httptools.HttpParserError as error:
             self._fail(str(error))
 
@@ -285,6 +288,12 @@ class Connection(asyncio.Protocol):
             if status < 100:
                 self._fail(f"status {status}")
             return
+        codings = fields.getall("Transfer-Encoding", ())  # two fields: "chunked, chunked"
+        if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
+            # Only chunked framing is taken off (and the header is hop-by-hop): a body coded
+            # further would reach the client as coded bytes with nothing saying so. Its
+            # value is not quoted: an error body carries none of the provider's bytes.
+            raise NotReadable("a Transfer-Encoding other than chunked")
         reply.status, self._head_left = status, -1
         reply.headers = CIMultiDictProxy(fields)
         if not headed.done():
@@ -340,6 +349,10 @@ class Connection(asyncio.Protocol):
             self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
         if self.transport is not None:
             self.transport.close()
+
+
+class NotReadable(Exception):
+    """An answer the wire does not read (`Connection.on_headers_complete`)."""
 
 
 class UnaskedAnswer(Exception):
@@ -532,11 +545,9 @@ _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empt
 
 def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:
     """A body framed by neither Content-Length nor chunked coding, which ends when the
-    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's)."""
-    coding = headers.get("Transfer-Encoding")
-    if coding is not None:
-        return not coding.rstrip(" \t").lower().endswith("chunked")
-    return "Content-Length" not in headers
+    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's).
+    Any other Transfer-Encoding than chunked was refused with the head."""
+    return "Content-Length" not in headers and "Transfer-Encoding" not in headers
 
 
 def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:

@@ -708,3 +708,28 @@ async def test_a_utf8_response_header_reaches_the_client_as_the_same_bytes(
         response = await gateway.get("/v1/files/f1/content", headers=auth(OPENAI_VK))
         assert response.status == 200
         assert response.headers["Content-Disposition"] == 'attachment; filename="résumé.txt"'
+
+
+@pytest.mark.parametrize(
+    "coding", ["gzip, chunked", "chunked, gzip", "deflate", "chunked\r\nTransfer-Encoding: chunked"]
+)
+async def test_an_answer_in_a_transfer_coding_other_than_chunked_gets_502_not_its_coded_bytes(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], coding: str
+) -> None:
+    """Transfer-Encoding is the provider's connection's (hop-by-hop): the gateway takes off
+    chunked framing only, and drops the header. A body coded further (gzip) went to the
+    client as gzip bytes labelled application/json, with nothing saying so: refused as
+    nginx does ("upstream sent unknown Transfer-Encoding"), a 502 in the dialect."""
+    coded = gzip.compress(b'{"id": "c1"}')
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(coded), coded) if coding.endswith("chunked") else coded
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + f"Transfer-Encoding: {coding}\r\n\r\n".encode()
+        + body
+    )
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert response.status == 502
+        error = await response.json()
+        assert "Transfer-Encoding" in error["error"]["message"], error
