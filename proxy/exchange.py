@@ -85,8 +85,12 @@ _GENERATED = frozenset((Charged.TEXT, Charged.PROMPT))
 
 
 def is_upgrade(request: web.Request) -> bool:
-    """True for a WebSocket upgrade request."""
-    upgrade = request.headers.get("upgrade")  # None on the hot path: one lookup, no more
+    """True for a WebSocket upgrade request: a GET (RFC 6455 §4.1). Another method naming
+    `Upgrade: websocket` goes on as itself, body and all, its Upgrade ignored (RFC 9110
+    §7.8) and dropped as hop-by-hop."""
+    if request.method != "GET":  # a POST on the hot path: no header lookup
+        return False
+    upgrade = request.headers.get("upgrade")
     return upgrade is not None and upgrade.strip().lower() == "websocket"
 
 

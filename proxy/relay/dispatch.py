@@ -13,7 +13,7 @@ aiohttp's low-level server 33). Here, instead:
   router as before, so the own endpoints, their methods and their 405s are aiohttp's;
 - `GatewayRequest` stamps each answer as it is prepared, in one plain call: the Server
   header, a provider answer's missing Content-Type, CORS, the end of an HTTP/1.0
-  connection its head announced. No `on_response_prepare` receiver is left; a new stamp
+  connection its head announced or whose request named a Transfer-Encoding. No `on_response_prepare` receiver is left; a new stamp
   goes here.
 
 Both replace private members of the app (`serve_through`): aiohttp 3.14 builds its server
@@ -106,6 +106,10 @@ class GatewayRequest(web.Request):
             headers[hdrs.SERVER] = SERVER_NAME
         keep_untyped(response)
         if self.version == HttpVersion10 and response.keep_alive:
+            if hdrs.TRANSFER_ENCODING in self.headers:
+                # RFC 9112 §6.1: HTTP/1.0 has no transfer coding, so such a request's framing
+                # is faulty (a proxy in front may have read no body): its connection ends.
+                response.headers.popall(hdrs.CONNECTION, None)
             ends_connection(response)
 
 

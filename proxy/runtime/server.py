@@ -47,7 +47,15 @@ from collections.abc import Callable, Iterator
 from typing import cast
 
 from aiohttp import StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -429,9 +437,41 @@ def refused(status: int, fault: BaseException | None) -> GatewayError:
             f"8 KiB, and at most {MAX_HEADERS} header fields of up to "
             f"{MAX_HEADER_BYTES // 1024} KiB each.",
         )
-    if not reason or "b'" in reason or 'b"' in reason:  # a quote of the request
-        reason = "malformed request"
-    return GatewayError(status, "invalid_http", f"The request is not valid HTTP/1.1 ({reason}).")
+    return GatewayError(
+        status, "invalid_http", f"The request is not valid HTTP/1.1 ({_reason(fault, reason)})."
+    )
+
+
+# Refusals whose message can be the request's own bytes, unquoted or quoted as a str (a
+# target without a host, the request line, a chunk size, a header): aiohttp's checks of
+# what llhttp parsed, and every refusal of its pure-Python parser (AIOHTTP_NO_EXTENSIONS=1,
+# or no C extension). They are said by their kind. llhttp's own reason leads the C
+# parser's message, the bytes it refused quoted after it (`reason:\n\n  b'...'`): kept.
+_KINDS: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (InvalidURLError, "bad request target"),
+    (BadHttpMethod, "bad method"),
+    (BadStatusLine, "bad request line"),
+    (InvalidHeader, "bad header field"),
+    (TransferEncodingError, "bad chunked body"),
+)
+# aiohttp's own words for one such refusal, which quote nothing
+_PLAIN = frozenset(("Received HTTPS traffic on an HTTP port",))
+
+
+def _reason(fault: HttpProcessingError, first_line: str) -> str:
+    """Why the parser refused the request, in words none of which are the request's."""
+    message = fault.message
+    # A chunk size's bytes (the pure-Python parser's message) can take llhttp's shape too.
+    is_llhttps = not isinstance(fault, TransferEncodingError) and (
+        "\n\n  b'" in message or '\n\n  b"' in message
+    )
+    if not is_llhttps and message not in _PLAIN:
+        for kind, said in _KINDS:
+            if isinstance(fault, kind):
+                return said
+    if not first_line or "b'" in first_line or 'b"' in first_line:  # a quote of the request
+        return "malformed request"
+    return first_line
 
 
 def _refusal() -> bytes:

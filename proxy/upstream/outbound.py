@@ -67,7 +67,8 @@ def build(
     headers = forwarded_headers(provider, incoming)
     headers["x-request-id"] = request_id
     if target.model is not None and body and method == "POST":
-        encoding = incoming.get("content-encoding", "")
+        # every line: two are one list ("gzip, gzip"), as the peek and the provider read them
+        encoding = ", ".join(incoming.getall("content-encoding", ()))
         plain = decode_body(body, encoding, max_body_bytes)
         swapped = swap_model(plain, target.model)
         if swapped is not plain:

@@ -11,9 +11,13 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
-  (`content.readany()`), the provider's transfer coding removed and its content coding
-  kept: bytes pass as received; a body read to its end gives its connection back; a body
+  (`content.readany()`), the provider's chunked framing removed (any other transfer
+  coding is refused: its header is hop-by-hop, so the client could not undo it) and its
+  content coding kept: bytes pass as received; a body read to its end gives its connection back; a body
   framed by neither length nor chunks ends when the provider closes the connection;
+- one answer per request: bytes past an answer's end (a second answer, a body longer than
+  its Content-Length) or on an idle connection answer nothing asked, and close the
+  connection, never read into this answer or the next request's;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
@@ -206,6 +210,7 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
+        self.answered = False  # the current request's (final) answer came whole
         self._paused = False
         self._head_left = -1  # bytes an answer's head may still take; -1: its head is whole
         # The answer's header fields as they are parsed (after its head, a throwaway that
@@ -215,7 +220,7 @@ class Connection(asyncio.Protocol):
 
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
         self._fields, self.heard, self.reusable = CIMultiDict(), False, False
-        self.head_only = head_only
+        self.head_only, self.answered = head_only, False
         self._head_left = MAX_HEAD_BYTES
         self.reply = Reply(self)
         self.headed = self.loop.create_future()
@@ -236,6 +241,8 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("unexpected upgrade")
+        except httptools.HttpParserCallbackError as error:  # a callback of ours refused it
+            self._fail(str(error.__context__ or error))
         except httptools.HttpParserError as error:
             self._fail(str(error))
 
@@ -253,6 +260,15 @@ class Connection(asyncio.Protocol):
             )
 
     # --- httptools callbacks ---
+    def on_message_begin(self) -> None:
+        """An answer begins: to a request sent, and only one (a 1xx is not one). Anything
+        else (a second answer to one request, bytes past a Content-Length, bytes while the
+        connection waits in the pool) answers nothing asked: read as this request's, it
+        would change its head and body, or take the next request's answer for its body.
+        Raising stops the parse, and the connection is closed (data_received)."""
+        if self.reply is None or self.answered:
+            raise UnaskedAnswer
+
     def on_header(self, name: bytes, value: bytes) -> None:
         # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
         # same bytes; other bytes as Latin-1 (a Latin-1 reading of UTF-8 would be re-encoded).
@@ -272,21 +288,31 @@ class Connection(asyncio.Protocol):
             if status < 100:
                 self._fail(f"status {status}")
             return
+        codings = fields.getall("Transfer-Encoding", ())  # two fields: "chunked, chunked"
+        if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
+            # Only chunked framing is taken off (and the header is hop-by-hop): a body coded
+            # further would reach the client as coded bytes with nothing saying so. Its
+            # value is not quoted: an error body carries none of the provider's bytes.
+            raise NotReadable("a Transfer-Encoding other than chunked")
         reply.status, self._head_left = status, -1
         reply.headers = CIMultiDictProxy(fields)
         if not headed.done():
             headed.set_result(reply)
         if self.head_only or status in BODILESS:
+            self.answered = True
             reply.content.end()  # no body follows; the parser cannot know that for HEAD
             self.reusable = status in BODILESS and parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        if self.reply is not None:  # None: given up (finish), the rest is not wanted
+        # None: given up (finish), the rest is not wanted; answered: a HEAD's, whose
+        # Content-Length the parser takes for a body to come
+        if self.reply is not None and not self.answered:
             self.reply.content.feed(body)
 
     def on_message_complete(self) -> None:
         if self.reply is None or self.reply.status < 200:
             return
+        self.answered = True
         self.reusable = self._parser.should_keep_alive() and not self.head_only
         self.reply.content.end()
 
@@ -323,6 +349,14 @@ class Connection(asyncio.Protocol):
             self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
         if self.transport is not None:
             self.transport.close()
+
+
+class NotReadable(Exception):
+    """An answer the wire does not read (`Connection.on_headers_complete`)."""
+
+
+class UnaskedAnswer(Exception):
+    """A provider sent an answer to no request (`Connection.on_message_begin`)."""
 
 
 class Wire:
@@ -511,11 +545,9 @@ _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empt
 
 def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:
     """A body framed by neither Content-Length nor chunked coding, which ends when the
-    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's)."""
-    coding = headers.get("Transfer-Encoding")
-    if coding is not None:
-        return not coding.rstrip(" \t").lower().endswith("chunked")
-    return "Content-Length" not in headers
+    server closes the connection (RFC 9112 §6.3: an HTTP/1.0 server's, a minimal one's).
+    Any other Transfer-Encoding than chunked was refused with the head."""
+    return "Content-Length" not in headers and "Transfer-Encoding" not in headers
 
 
 def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorError:

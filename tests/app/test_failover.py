@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
@@ -630,6 +632,26 @@ async def test_a_target_model_replaces_only_the_bodys_model_value(
     primary, backup = fake.requests
     assert primary.body == raw
     assert backup.body == raw.replace(b'"gpt-4o-mini"', b'"gpt-4o-mini-backup"')
+
+
+async def test_a_target_model_is_put_in_a_body_under_two_content_encoding_lines(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Two Content-Encoding lines are one list ("gzip, gzip", RFC 9110 §5.3), as the peek and
+    the provider read them: the swap read only the first line, found no `model` in what was
+    still gzip, and sent the body on as it came, so the provider ran the client's model, not
+    the one keys.json pins."""
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY, "model": "pinned"})
+    body = gzip.compress(gzip.compress(json.dumps(chat("hi", model="gpt-4o")).encode()))
+    headers = CIMultiDict(auth(VK))
+    headers.add("Content-Type", "application/json")
+    headers.add("Content-Encoding", "gzip")
+    headers.add("Content-Encoding", "gzip")
+    response = await gateway.post("/v1/chat/completions", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    (seen,) = fake.requests
+    assert "Content-Encoding" not in seen.headers  # it went up decoded, as one swap does
+    assert json.loads(seen.body)["model"] == "pinned"
 
 
 async def test_every_target_failing_gives_the_client_the_last_provider_answer(

@@ -34,6 +34,7 @@ from tests.conftest import (
     auth,
     keys_document,
 )
+from tests.support.fake_provider import FakeState
 from tests.support.fake_realtime import (
     CACHED_TOKENS,
     INPUT_AUDIO_TOKENS,
@@ -711,3 +712,22 @@ async def test_a_provider_unreachable_for_a_session_shows_in_health(
     health = await (await gateway.get("/health")).json()
     assert health["providers"]["gone"]["healthy"] is False, health
     assert "127.0.0.1:9" in health["targets"]["gone"]["last_error"], health
+
+
+async def test_a_post_carrying_upgrade_websocket_is_relayed_as_the_post_it_is(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """A WebSocket handshake is a GET (RFC 6455 §4.1). A POST naming `Upgrade: websocket`
+    was taken for one: a GET handshake went upstream and the POST's body was dropped. The
+    Upgrade header may be ignored (RFC 9110 §7.8): the POST goes on as any other, body and
+    all, and the hop-by-hop Upgrade stays behind."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    response = await gateway.post(
+        "/v1/chat/completions",
+        data=body,
+        headers={**upgrade_headers(**auth(OPENAI_VK)), "Content-Type": "application/json"},
+    )
+    assert response.status == 200, await response.text()
+    seen = fake.requests[-1]
+    assert (seen.method, seen.path, seen.body) == ("POST", "/v1/chat/completions", body.encode())
+    assert "Upgrade" not in seen.headers

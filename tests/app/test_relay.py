@@ -726,3 +726,56 @@ async def test_a_utf8_response_header_reaches_the_client_as_the_same_bytes(
         response = await gateway.get("/v1/files/f1/content", headers=auth(OPENAI_VK))
         assert response.status == 200
         assert response.headers["Content-Disposition"] == 'attachment; filename="résumé.txt"'
+
+
+@pytest.mark.parametrize(
+    "coding", ["gzip, chunked", "chunked, gzip", "deflate", "chunked\r\nTransfer-Encoding: chunked"]
+)
+async def test_an_answer_in_a_transfer_coding_other_than_chunked_gets_502_not_its_coded_bytes(
+    tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]], coding: str
+) -> None:
+    """Transfer-Encoding is the provider's connection's (hop-by-hop): the gateway takes off
+    chunked framing only, and drops the header. A body coded further (gzip) went to the
+    client as gzip bytes labelled application/json, with nothing saying so: refused as
+    nginx does ("upstream sent unknown Transfer-Encoding"), a 502 in the dialect."""
+    coded = gzip.compress(b'{"id": "c1"}')
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(coded), coded) if coding.endswith("chunked") else coded
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + f"Transfer-Encoding: {coding}\r\n\r\n".encode()
+        + body
+    )
+    gateway, server = await raw_provider(tmp_path, make_gateway, answer)
+    async with server:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert response.status == 502
+        error = await response.json()
+        assert "Transfer-Encoding" in error["error"]["message"], error
+
+
+async def test_an_http_1_0_request_framed_by_chunks_closes_its_connection(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """HTTP/1.0 has no chunked coding: a sender of one that names Transfer-Encoding may hold
+    back bytes the next use of the connection would misread (an HTTP/1.0 proxy in front
+    reads no body at all), so the connection is closed after the answer, whatever
+    keep-alive asks (RFC 9112 §6.1), and what follows on it is not served."""
+    body = json.dumps(CHAT).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {OPENAI_VK}\r\nConnection: keep-alive\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunks = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(head.encode() + chunks + b"GET /health HTTP/1.0\r\n\r\n")
+        async with asyncio.timeout(5):  # the end of the connection, not the keep-alive timer
+            answer = await reader.read()
+    finally:
+        writer.close()
+    answer_head = answer.partition(b"\r\n\r\n")[0]
+    assert answer_head.startswith(b"HTTP/1.0 200"), answer_head
+    assert b"keep-alive" not in answer_head.lower()
+    assert answer.count(b"HTTP/1.") == 1, answer  # /health was not answered
+    assert len(fake.requests) == 1

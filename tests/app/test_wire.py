@@ -442,3 +442,72 @@ async def test_a_malformed_body_after_the_head_is_a_payload_error(wire: Wire) ->
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(reply.content.readany(), 5)
         reply.close()
+
+
+STRAY = b"HTTP/1.1 200 OK\r\nX-Stray: 1\r\nContent-Length: 5\r\n\r\nstray"
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst", b"first"),
+        (b"HTTP/1.1 304 Not Modified\r\n\r\n", b""),
+    ],
+)
+async def test_a_second_answer_to_one_request_is_not_read_into_the_first(
+    wire: Wire, answer: bytes, body: bytes
+) -> None:
+    """A provider that writes two answers to one request (a proxy's desync, extra bytes past
+    its Content-Length): the first is the answer, whole and untouched (its status, headers
+    and body), and the connection is not used again, so the stray one answers nothing."""
+    opened = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            answer + STRAY
+            if len(opened) == 1
+            else b"HTTP/1.1 201 OK\r\nContent-Length: 6\r\n\r\nsecond"
+        )
+        await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.read() == body
+        assert (reply.status, "X-Stray" in reply.headers) == (int(answer[9:12]), False)
+        following = await wire.request("GET", url, {}, None)
+        assert (following.status, await following.read()) == (201, b"second")
+    assert len(opened) == 2
+
+
+async def test_bytes_a_provider_sends_on_an_idle_connection_close_it(wire: Wire) -> None:
+    """Bytes that come while no request is waiting answer nothing: the connection is closed,
+    not handed the next request (whose answer would be read as the stray's body)."""
+    released, closed = asyncio.Event(), asyncio.Event()
+    opened = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        if len(opened) == 1:
+            await released.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")  # half an answer
+        while await reader.read(1024):
+            pass
+        closed.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        assert await reply.read() == b"first"
+        released.set()
+        await asyncio.wait_for(closed.wait(), 5)  # the wire closed the idle connection
+        following = await wire.request("GET", url, {}, None)
+        assert (following.status, await following.read()) == (200, b"first")
+    assert len(opened) == 2

@@ -270,6 +270,9 @@ async def test_http_the_parser_refuses_gets_a_json_error_that_quotes_no_byte_of_
         ("a key before a space and a colon", HEAD + b"x-api-key : " + key + b"\r\n\r\n"),
         ("a key in a header too long", HEAD + b"Authorization: Bearer " + key + b"a" * 5000),
         ("a key in a bad value", HEAD + b"x-api-key: " + key + b"\x01\r\n\r\n"),
+        # aiohttp refuses an absolute target without a host with the target as its message
+        ("a key in a hostless target", b"GET http:///v1/models?key=" + key + b" HTTP/1.1\r\n\r\n"),
+        ("a key as a target's user", b"GET http://" + key + b"@/v1/models HTTP/1.1\r\n\r\n"),
     ]
     problems = []
     for label, data in cases:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
+import pytest
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 
 from proxy.runtime.server import refused
 
@@ -27,3 +37,34 @@ def test_a_crash_outside_the_exchange_is_a_500_that_says_where_to_look() -> None
     error = refused(500, RuntimeError("vk_secret_0123456789 in a bug's message"))
     assert (error.status, error.code) == (500, "internal_error")
     assert "vk_secret" not in error.message
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # both parsers: an absolute target without a host, as the message
+        InvalidURLError("http:///v1/models?key=vk_secret_0123456789"),
+        # the pure-Python parser (AIOHTTP_NO_EXTENSIONS=1, or no C extension): a quote of
+        # the line, or the bytes of a chunk size, as the message
+        BadStatusLine("GET /v1/models?key=vk_secret_0123456789 HTTX/1.1"),
+        BadHttpMethod("vk_secret_0123456789 /v1/models HTTP/1.1"),
+        InvalidHeader("Authorization: Bearer vk_secret_0123456789"),
+        TransferEncodingError("vk_secret_0123456789"),
+        TransferEncodingError("vk_secret_0123456789:\n\n  b'x'\n  ^"),
+    ],
+    ids=lambda fault: type(fault).__name__,
+)
+def test_a_refusal_whose_message_is_the_request_is_said_by_its_kind(
+    fault: HttpProcessingError,
+) -> None:
+    error = refused(400, fault)
+    assert (error.status, error.code) == (400, "invalid_http")
+    assert "vk_secret" not in error.message, error.message
+
+
+def test_llhttps_own_reason_is_kept_whatever_kind_of_refusal_carries_it() -> None:
+    fault = InvalidURLError("Invalid char in url path:\n\n  b'/v1/\\x01 HT'\n      ^")
+    assert (
+        refused(400, fault).message
+        == "The request is not valid HTTP/1.1 (Invalid char in url path)."
+    )
