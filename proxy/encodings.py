@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import brotli  # type: ignore[import-untyped]  # brotli ships no type hints
 import zstandard
+from multidict import MultiMapping
 
 from proxy.errors import GatewayError
 
@@ -41,6 +42,15 @@ class UnsupportedEncoding(ValueError):
 
 class CorruptBody(ValueError):
     """Bytes that are not what their Content-Encoding says."""
+
+
+def content_coding(headers: MultiMapping[str]) -> str | None:
+    """A message's Content-Encoding, every line of it as one list (RFC 9110 §5.3: two lines
+    mean what one line joined by a comma means, and clients decode them so); None: none."""
+    lines = headers.getall("content-encoding", ())
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else ", ".join(lines)
 
 
 def codings(content_encoding: str | None) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
-from proxy.encodings import decode_body
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 
 MASK = b"[redacted]"
@@ -65,12 +65,12 @@ def masked_whole(
 ) -> bytes:
     """A whole body as the client may have it; `headers` lose Content-Encoding and
     Content-Length when it had to go out decoded."""
-    coding = headers.get("content-encoding", "").strip().lower()
+    coding = content_coding(headers)
     if is_plain(coding):
         return masked(data, secrets)
     if status < 400 or not secrets:
         return data
-    decoded = _decoded(data, coding)
+    decoded = _decoded(data, coding or "")
     if decoded is None or not any(secret in decoded for secret in secrets):
         return data
     headers.popall("content-encoding", None)

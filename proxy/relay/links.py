@@ -23,7 +23,7 @@ import re
 
 from multidict import CIMultiDict
 
-from proxy.encodings import decode_body
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 
 # A page of 1,000 batches is about 700 KB; the most read whole (or inflated) to be rewritten.
@@ -61,9 +61,9 @@ class ResultsLinks:
     def __call__(self, data: bytes, headers: CIMultiDict[str]) -> bytes:
         """The answer as the client gets it; `headers` lose Content-Encoding and
         Content-Length when it changed."""
-        coding = headers.get("content-encoding", "").strip().lower()
+        coding = content_coding(headers)
         plain = data
-        if coding and coding != "identity":
+        if coding and coding.strip().lower() != "identity":
             try:
                 plain = decode_body(data, coding, MAX_BYTES)
             except GatewayError:  # unsupported, corrupt, or past the bound: as it came

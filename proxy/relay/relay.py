@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.cache.cache import Lookup
 from proxy.cache.entry import Entry
 from proxy.cache.replay import replay, response_for
+from proxy.encodings import content_coding
 from proxy.errors import Cut, GatewayError
 from proxy.exchange import Exchange
 from proxy.keys.keys import VirtualKey
@@ -144,9 +145,10 @@ class Relay:
         status, content_type = reply.status, reply.headers.get("content-type")
         if content_type is not None and content_type.startswith("text/event-stream"):
             record.saw_event_stream()
+        coding = content_coding(reply.headers)  # every line of it: two are one list
         tap = UsageTap(
             content_type,
-            reply.headers.get("content-encoding"),
+            coding,
             settings.log_bodies,
             charged(record.method, record.path, record.is_background),
             self.tap_memory,
@@ -156,7 +158,6 @@ class Relay:
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py): read whole.
         links = ResultsLinks.of(record.method, record.path, status, content_type)
-        coding = reply.headers.get("content-encoding")
         try:
             response: web.StreamResponse
             if (

@@ -5,6 +5,7 @@ neither its response headers, nor its response bodies, nor the interaction log c
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from proxy.keys.keys import masked
 from tests.conftest import (
@@ -176,6 +178,47 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     body += await response.read()
     masked = b"[redacted]" + b"*" * (len(real) - len(b"[redacted]"))
     assert body == b'data: {"echo": "' + masked + b'"}\n\n' + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("is_sized", [True, False])
+async def test_a_real_key_in_an_error_coded_over_two_content_encoding_lines_is_masked(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    is_sized: bool,
+) -> None:
+    """Content-Encoding said in two header lines (`identity`, then `gzip`: RFC 9110 reads
+    them as one list, as clients do): the error quoting the key is still searched decoded."""
+    body = gzip.compress(b'{"error": {"message": "bad key ' + OPENAI_REAL.encode() + b'"}}')
+
+    async def quoting(request: web.Request) -> web.StreamResponse:
+        headers = CIMultiDict([("Content-Type", "application/json")])
+        headers.add("Content-Encoding", "identity")
+        headers.add("Content-Encoding", "gzip")
+        if is_sized:
+            return web.Response(status=401, body=body, headers=headers)
+        response = web.StreamResponse(status=401, headers=headers)
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", quoting)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "quoting.json").write_text(json.dumps(keys))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "quoting.json"))
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "Accept-Encoding": "gzip"}
+    )
+    text = await response.text()  # decoded as a client decodes it
+    assert response.status == 401
+    assert OPENAI_REAL not in text
+    assert "bad key [redacted]" in text
 
 
 async def ask_each(
