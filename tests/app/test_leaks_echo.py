@@ -136,6 +136,24 @@ async def test_a_real_key_quoted_in_a_chunked_coded_error_body_reaches_the_clien
     assert "[redacted]" in message
 
 
+async def gateway_in_front_of(
+    chat_completions: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> TestClient:
+    """A gateway whose OpenAI key's provider answers chat completions with this handler."""
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", chat_completions)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "upstream.json").write_text(json.dumps(keys))
+    return await make_gateway(KEYS_FILE_PATH=str(tmp_path / "upstream.json"))
+
+
 async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     tmp_path: Path,
@@ -157,15 +175,7 @@ async def test_a_real_key_split_between_two_chunks_of_a_stream_is_masked(
         await response.write_eof()
         return response
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", echoing)
-    server = await aiohttp_server(upstream)
-    keys = {
-        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
-        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
-    }
-    (tmp_path / "echoing.json").write_text(json.dumps(keys))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "echoing.json"))
+    gateway = await gateway_in_front_of(echoing, aiohttp_server, tmp_path, make_gateway)
     response = await gateway.post(
         "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(OPENAI_VK)
     )
@@ -203,15 +213,7 @@ async def test_a_real_key_in_an_error_coded_over_two_content_encoding_lines_is_m
         await response.write_eof()
         return response
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", quoting)
-    server = await aiohttp_server(upstream)
-    keys = {
-        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
-        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
-    }
-    (tmp_path / "quoting.json").write_text(json.dumps(keys))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "quoting.json"))
+    gateway = await gateway_in_front_of(quoting, aiohttp_server, tmp_path, make_gateway)
     response = await gateway.post(
         "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "Accept-Encoding": "gzip"}
     )
