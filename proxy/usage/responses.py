@@ -3,7 +3,8 @@
 Answers are a `response` object (a JSON body, or in a stream the `response` of its
 `response.*` events): `output` items hold what was generated, `usage` is {input_tokens,
 output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
-{reasoning_tokens}}, details parts of the totals. A stream's final usage comes with
+{reasoning_tokens}}, details parts of the totals; beside it `tool_usage` counts the
+web_search calls billed on top (`web_search.num_requests`). A stream's final usage comes with
 `response.completed` (or `.incomplete`, `.failed`); its text with
 `response.output_text.delta`, and what else the model generates (refusals, tool calls'
 names and arguments, reasoning text and summaries, code, audio transcripts) with their
@@ -38,6 +39,7 @@ from proxy.usage.provider_usage import (
     PROMPT,
     REASONING,
     TOTAL,
+    WEB_SEARCHES,
     UsageFields,
     added,
     top_level_strings,
@@ -54,6 +56,9 @@ USAGE = UsageFields(
         ("output_tokens_details", "audio_tokens", OUTPUT_AUDIO),
     ),
 )
+# Hosted tools' usage, beside `usage` in the object: the web_search calls billed (each
+# priced per thousand). Its image_gen tokens are the image model's, not read.
+TOOL_USAGE = UsageFields(counts=(), details=(("web_search", "num_requests", WEB_SEARCHES),))
 
 
 def _text_delta(event: dict[str, Any], reading: Reading) -> None:
@@ -78,6 +83,7 @@ def _finished(event: dict[str, Any], reading: Reading) -> None:
         reading.note_model(response.get("model"))
         reading.note_tier(response.get("service_tier"))
         reading.reported.read(response.get("usage"), USAGE)
+        reading.reported.read(response.get("tool_usage"), TOOL_USAGE)
         if reading.is_stored_noted:
             reading.note_stored(response)
         if response.get("status") == "failed":
@@ -204,6 +210,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     reading.note_model(document.get("model"))
     reading.note_tier(document.get("service_tier"))
     reading.reported.read(document.get("usage"), USAGE)
+    reading.reported.read(document.get("tool_usage"), TOOL_USAGE)
     if reading.is_stored_noted:
         reading.note_stored(document)
     if reading.reported.is_reported:
