@@ -23,6 +23,7 @@ reasoning summaries), its `tools`' definitions and a stored prompt's `variables`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ from proxy.usage.provider_usage import (
     WEB_SEARCHES,
     UsageFields,
     added,
+    last_usage,
     top_level_strings,
 )
 from proxy.usage.reading import Reading
@@ -59,6 +61,7 @@ USAGE = UsageFields(
 # Hosted tools' usage, beside `usage` in the object: the web_search calls billed (each
 # priced per thousand). Its image_gen tokens are the image model's, not read.
 TOOL_USAGE = UsageFields(counts=(), details=(("web_search", "num_requests", WEB_SEARCHES),))
+_TOOL_USAGE_KEY = re.compile(rb'"tool_usage"\s*:\s*')
 
 
 def _text_delta(event: dict[str, Any], reading: Reading) -> None:
@@ -203,6 +206,12 @@ def read_head(head: bytes | bytearray, reading: Reading) -> None:
     """The first bytes of a JSON answer too large to parse whole: a `response` object's id
     and status (its usage is read from the tail), for a background response's charge."""
     reading.note_stored(top_level_strings(head, _STORED_FIELDS))
+
+
+def read_tail(tail: bytes | bytearray, reading: Reading) -> None:
+    """The end of an answer too large to parse whole (its `usage` read already): its hosted
+    tools' usage, beside it."""
+    reading.reported.read(last_usage(tail, _TOOL_USAGE_KEY), TOOL_USAGE)
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

@@ -474,7 +474,10 @@ class UsageTap:
             metadata = last_usage(tail, gemini.USAGE_KEY)
             gemini.read_usage(metadata, self._reading, is_final=False)
         else:
-            self._reading.reported.read(usage, _fields_of(usage))
+            fields = _fields_of(usage)
+            self._reading.reported.read(usage, fields)
+            if fields is responses.USAGE:
+                responses.read_tail(tail, self._reading)
 
     def _release(self, count: int) -> None:
         self._memory.give(count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import math
@@ -1403,3 +1404,24 @@ def test_streams_side_by_side_past_the_shared_bound_are_each_charged_their_usage
     assert feed_side_by_side(taps, body, memory) <= memory.limit_bytes
     assert [tap.usage(b"") for tap in taps] == [RESPONSES_DETAILED_USAGE] * 4
     assert memory.held_bytes == 0
+
+
+@pytest.mark.parametrize("kind", [JSON, SSE])
+def test_a_large_responses_answer_is_charged_its_web_searches_from_its_tail(kind: str):
+    """An answer with images too large to parse whole keeps its hosted tools' usage beside
+    its `usage`, at the end: its web searches are read from the tail too."""
+    done = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "output": [{"type": "image_generation_call", "result": "A" * (MAX_HELD_BYTES + 2**20)}],
+        "tool_usage": {"web_search": {"num_requests": 2}},
+        "usage": RESPONSES_DETAILED,
+    }
+    body = (
+        orjson.dumps(done)
+        if kind == JSON
+        else sse({"type": "response.completed", "response": done})
+    )
+    tap = tap_of(body, kind, chunks=list(range(1 << 16, len(body), 1 << 16)))
+    assert tap.usage(b"") == dataclasses.replace(RESPONSES_DETAILED_USAGE, web_searches=2)
