@@ -42,8 +42,8 @@ bound is cut to its tail, a stream's text let go (the log line goes without eith
 an SSE line that would (a Responses stream's last event holds the whole response, every
 image of its image_generation tool in base64): kept to its end as its last TAIL_BYTES, its
 usage read there as a large JSON body's (`_cut_line`; its other strings are not read).
-A tail takes no more memory as it moves: what it drops frees what it adds. At the end (`usage` or `text`, whichever comes
-first) the tap lets go of everything.
+A tail takes no more memory as it moves: what it drops frees what it adds. At the end
+(`usage` or `text`, whichever comes first) the tap lets go of everything.
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
