@@ -27,13 +27,13 @@ model has one. A test checks the figures against `genai_prices.calc_price`. Endp
 priced by other units are priced by them where the data has a rate: speech's input
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
 else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
-has no rate for is unpriced (None), not free. Anthropic's server-side web searches are
-priced per thousand (`web_searches_kcount`); a model without that rate does not bill them
+has no rate for is unpriced (None), not free. Web searches (Anthropic's server-side ones,
+the Responses API's web_search tool calls) are priced per thousand (`web_searches_kcount`); a model without that rate does not bill them
 (as the library). What is not done: a cost for a model without a price (None, never a
 made-up number), images by count, size and quality (the data has no such price: GPT image
 models are priced by the tokens they report, their image parts at the image rates), speech
-by audio tokens (the API reports none unless streamed as SSE), OpenAI's web search tool
-calls (its usage does not count them).
+by audio tokens (the API reports none unless streamed as SSE), the Responses API's
+image_generation tool (its `tool_usage.image_gen` tokens are the image model's).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual

@@ -3,7 +3,8 @@
 Answers are a `response` object (a JSON body, or in a stream the `response` of its
 `response.*` events): `output` items hold what was generated, `usage` is {input_tokens,
 output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
-{reasoning_tokens}}, details parts of the totals. A stream's final usage comes with
+{reasoning_tokens}}, details parts of the totals; beside it `tool_usage` counts the
+web_search calls billed on top (`web_search.num_requests`). A stream's final usage comes with
 `response.completed` (or `.incomplete`, `.failed`); its text with
 `response.output_text.delta`, and what else the model generates (refusals, tool calls'
 names and arguments, reasoning text and summaries, code, audio transcripts) with their
@@ -22,6 +23,7 @@ reasoning summaries), its `tools`' definitions and a stored prompt's `variables`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,8 +40,10 @@ from proxy.usage.provider_usage import (
     PROMPT,
     REASONING,
     TOTAL,
+    WEB_SEARCHES,
     UsageFields,
     added,
+    last_usage,
     top_level_strings,
 )
 from proxy.usage.reading import Reading
@@ -54,6 +58,10 @@ USAGE = UsageFields(
         ("output_tokens_details", "audio_tokens", OUTPUT_AUDIO),
     ),
 )
+# Hosted tools' usage, beside `usage` in the object: the web_search calls billed (each
+# priced per thousand). Its image_gen tokens are the image model's, not read.
+TOOL_USAGE = UsageFields(counts=(), details=(("web_search", "num_requests", WEB_SEARCHES),))
+_TOOL_USAGE_KEY = re.compile(rb'"tool_usage"\s*:\s*')
 
 
 def _text_delta(event: dict[str, Any], reading: Reading) -> None:
@@ -78,6 +86,7 @@ def _finished(event: dict[str, Any], reading: Reading) -> None:
         reading.note_model(response.get("model"))
         reading.note_tier(response.get("service_tier"))
         reading.reported.read(response.get("usage"), USAGE)
+        reading.reported.read(response.get("tool_usage"), TOOL_USAGE)
         if reading.is_stored_noted:
             reading.note_stored(response)
         if response.get("status") == "failed":
@@ -199,11 +208,18 @@ def read_head(head: bytes | bytearray, reading: Reading) -> None:
     reading.note_stored(top_level_strings(head, _STORED_FIELDS))
 
 
+def read_tail(tail: bytes | bytearray, reading: Reading) -> None:
+    """The end of an answer too large to parse whole (its `usage` read already): its hosted
+    tools' usage, beside it."""
+    reading.reported.read(last_usage(tail, _TOOL_USAGE_KEY), TOOL_USAGE)
+
+
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a `response` object."""
     reading.note_model(document.get("model"))
     reading.note_tier(document.get("service_tier"))
     reading.reported.read(document.get("usage"), USAGE)
+    reading.reported.read(document.get("tool_usage"), TOOL_USAGE)
     if reading.is_stored_noted:
         reading.note_stored(document)
     if reading.reported.is_reported:

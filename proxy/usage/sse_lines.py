@@ -78,6 +78,12 @@ class LineReader:
         self._held = bytearray(lines.pop()) if is_held else bytearray()
         return lines
 
+    def cut(self, keep: int) -> bytearray:
+        """The unfinished line's last `keep` bytes, taken out: the rest of it is let go (a
+        line too long to hold; what follows until its end is the caller's)."""
+        tail, self._held = self._held[-keep:], bytearray()
+        return tail
+
     def rest(self) -> bytes:
         """At the end of the stream: what is held (a last line without its end), let go."""
         rest, self._held, self._is_after_cr = bytes(self._held), bytearray(), False

@@ -38,10 +38,12 @@ finished image or a long output must still be claimed); or one unfinished SSE li
 body, for its text, or a stream's text. Each tap at most `MAX_HELD_BYTES`, all taps of a
 process together at most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies and texts
 half of that, so they never starve the tails. A JSON body kept whole that would pass a
-bound is cut to its tail, a stream's text let go (the log line goes without either); an
-SSE line that would (no provider sends one) is let go, and the answer estimated. A tail takes no more memory as it
-moves: what it drops frees what it adds. At the end (`usage` or `text`, whichever comes
-first) the tap lets go of everything.
+bound is cut to its tail, a stream's text let go (the log line goes without either); so is
+an SSE line that would (a Responses stream's last event holds the whole response, every
+image of its image_generation tool in base64): kept to its end as its last TAIL_BYTES, its
+usage read there as a large JSON body's (`_cut_line`; its other strings are not read).
+A tail takes no more memory as it moves: what it drops frees what it adds. At the end
+(`usage` or `text`, whichever comes first) the tap lets go of everything.
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
@@ -234,6 +236,7 @@ class UsageTap:
         "_keep_text",
         "_kind",
         "_lines",
+        "_long_line",
         "_memory",
         "_path",
         "_reading",
@@ -269,6 +272,8 @@ class UsageTap:
         self._head: bytes | None = None
         # SSE: lines, and the unfinished last one (None once let go).
         self._lines = LineReader() if kind == _SSE else None
+        # SSE: the tail of an event line too long to hold, until the line ends (`_cut_line`).
+        self._long_line: bytearray | None = None
         self._text: str | None = None  # the text, once finished
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
@@ -422,8 +427,57 @@ class UsageTap:
             self._let_go_text()
             if self._fits(count):
                 return True
+        if self._cut_line():
+            return True
         self._give_up()
         return False
+
+    def _cut_line(self) -> bool:
+        """An event line too long to hold (a Responses stream's last event holds the whole
+        response: every image the image_generation tool made, in base64) keeps only its
+        last TAIL_BYTES until it ends, where its usage is (`_take_long_line`). False: the
+        reader holds no such line."""
+        lines = self._lines
+        if lines is None or lines.held_bytes <= TAIL_BYTES:
+            return False
+        tail = lines.cut(TAIL_BYTES)
+        needed = len(tail) + self._text_held
+        if needed <= self._held:
+            self._release(self._held - needed)
+        elif not self._fits(needed - self._held):
+            return False
+        self._long_line = tail
+        return True
+
+    def _take_long_line(self, data: bytes) -> bytes:
+        """`data` going on with a line too long to hold: its tail kept, and at the line's
+        end its usage read; what follows that end is returned, its line end first (an empty
+        line to the reader)."""
+        tail = self._long_line
+        assert tail is not None
+        newline, cr = data.find(b"\n"), data.find(b"\r")
+        end = newline if cr < 0 or 0 <= newline < cr else cr
+        tail += data[:end][-TAIL_BYTES:] if end >= 0 else data[-TAIL_BYTES:]
+        del tail[: max(0, len(tail) - TAIL_BYTES)]
+        if end < 0:
+            return b""
+        self._long_line = None
+        self._read_tail(tail)
+        return data[end:]
+
+    def _read_tail(self, tail: bytes | bytearray) -> None:
+        """The usage in the tail of a JSON body, or of an event line, too large to parse whole."""
+        usage = last_usage(tail)
+        if self._charged is Charged.DURATION:  # a long transcription's verbose_json
+            audio.read_usage(usage, self._reading)
+        elif usage is None:  # none of OpenAI's kind: perhaps Gemini's (inline images)
+            metadata = last_usage(tail, gemini.USAGE_KEY)
+            gemini.read_usage(metadata, self._reading, is_final=False)
+        else:
+            fields = _fields_of(usage)
+            self._reading.reported.read(usage, fields)
+            if fields is responses.USAGE:
+                responses.read_tail(tail, self._reading)
 
     def _release(self, count: int) -> None:
         self._memory.give(count)
@@ -432,11 +486,15 @@ class UsageTap:
     def _take_lines(self, data: bytes) -> None:
         lines = self._lines
         assert lines is not None  # an SSE tap that reads has its reader
+        if self._long_line is not None:
+            data = self._take_long_line(data)
         for line in lines.feed(data):
             self._take_line(line)
-        # What the reader holds now (an unfinished line) is what this tap holds, beside
-        # the text (held after it: reading the usage comes first).
+        # What the reader holds now (an unfinished line, or a long one's tail) is what this
+        # tap holds, beside the text (held after it: reading the usage comes first).
         held = lines.held_bytes + self._text_held
+        if self._long_line is not None:
+            held += len(self._long_line)
         if held > self._held:
             self._hold(held - self._held)
         elif held < self._held:
@@ -508,6 +566,8 @@ class UsageTap:
         self._finished = True
         if self._kind == _SSE and not self._is_unread and self._lines is not None:
             # A stream cut before its last line end still counts what that line said.
+            if self._long_line is not None:
+                self._read_tail(self._long_line)
             self._take_line(self._lines.rest())
             if self._reading.texts is not None:
                 self._text = "".join(self._reading.texts)
@@ -518,14 +578,7 @@ class UsageTap:
             if self._keep_text:
                 self._text = body.decode("utf-8", "replace")
             if len(body) > WHOLE_PARSE_BYTES or len(body) < self._seen:
-                usage = last_usage(body)
-                if self._charged is Charged.DURATION:  # a long transcription's verbose_json
-                    audio.read_usage(usage, self._reading)
-                elif usage is None:  # none of OpenAI's kind: perhaps Gemini's (inline images)
-                    metadata = last_usage(body, gemini.USAGE_KEY)
-                    gemini.read_usage(metadata, self._reading, is_final=False)
-                else:
-                    self._reading.reported.read(usage, _fields_of(usage))
+                self._read_tail(body)
                 if self._reading.is_stored_noted:  # a stored Response: its id and status
                     head = body[:HEAD_BYTES] if len(body) >= self._seen else self._head
                     if head is not None:
@@ -585,6 +638,7 @@ class UsageTap:
         self._body = None
         self._head = None
         self._lines = None
+        self._long_line = None
         self._frames = None
         self._reading.texts = None if self._reading.texts is None else []
         self._decoder = None

@@ -203,3 +203,44 @@ async def test_anthropic_hour_long_cache_writes_and_web_searches_are_charged_at_
     assert expected > five_minute + 0.02  # the searches alone are $0.02
     spent = await (await gateway.get("/usage", headers=auth(ANTHROPIC_VK))).json()
     assert spent["totals"]["spent_usd"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_responses_web_search_calls_are_charged_at_their_rate(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    """OpenAI bills each web_search call of the Responses API ($10 a thousand) on top of the
+    tokens, and its answer counts them beside `usage`: `tool_usage.web_search.num_requests`
+    (a stream's in `response.completed`). The log line shows them; the cost and the budget
+    pay them."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    ask: Any = {
+        "model": "gpt-4o-mini",
+        "input": "news today",
+        "tools": [{"type": "web_search"}],
+        "extra_headers": {"x-fake-web-searches": "3"},
+    }
+    try:
+        if is_stream:
+            async with client.responses.stream(**ask) as stream:
+                answer = await stream.get_final_response()
+        else:
+            answer = await client.responses.create(**ask)
+        assert answer.tool_usage is not None
+        assert answer.tool_usage.web_search.num_requests == 3
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert line["usage"]["web_searches"] == 3
+    usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+    tokens_only = library_cost("openai", "gpt-4o-mini", usage)
+    expected = library_cost(
+        "openai", "gpt-4o-mini", Usage(usage.prompt_tokens, usage.completion_tokens, web_searches=3)
+    )
+    assert expected == pytest.approx(tokens_only + 0.03)  # the searches are $0.03
+    assert line["cost_usd"] == pytest.approx(expected, rel=1e-9)
+    spent = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    # Spent in whole micro-dollars, the fraction carried to the key's next request.
+    assert spent["totals"]["spent_usd"] == pytest.approx(expected, abs=1e-6)

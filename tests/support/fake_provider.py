@@ -28,7 +28,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-cache-write-1h-tokens: N  Anthropic: N of them written for an hour (its usage's
                               `cache_creation` split by lifetime, the rest 5-minute writes)
     x-fake-web-searches: N    Anthropic: N server-side web searches (`server_tool_use`, in a
-                              stream's message_delta)
+                              stream's message_delta); Responses: N web_search tool calls, in
+                              the finished object's `tool_usage.web_search.num_requests`
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -56,7 +57,9 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
 
-A Responses object says the `service_tier` that served it: the request's, else "default"
+A Responses object says the `service_tier` that served it: the request's, else "default",
+and carries `tool_usage` as OpenAI's does (hosted tools' usage beside `usage`: all zeros
+until it finishes, then its web searches).
 (a chat completion and each of its chunks too, when the request names one).
 A chat or text completion asking for `n` choices gets that many (streamed: a chunk of each
 in turn, one usage chunk for all), each counted in its usage, as is each of a text
@@ -1139,6 +1142,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         }
 
     def response(status: str, output: list[dict], usage: dict | None) -> dict:
+        searches = knobs.web_searches if usage is not None else 0
         return {
             "id": response_id,
             "object": "response",
@@ -1157,6 +1161,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "top_p": 1.0,
             "text": {"format": {"type": "text"}},
             "service_tier": served_tier(payload),
+            "tool_usage": {
+                "image_gen": {
+                    "input_tokens": 0,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                    "output_tokens": 0,
+                    "output_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                    "total_tokens": 0,
+                },
+                "web_search": {"num_requests": searches},
+            },
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import math
@@ -1355,3 +1356,72 @@ def test_any_value_where_a_prompt_is_read_never_raises(value: object, loose: dic
     for body in bodies:
         assert prompt_chars(path, body) >= 0
         assert request_chars(path, orjson.dumps(body)) >= 0
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+def test_a_stream_event_too_long_to_hold_is_charged_the_usage_in_its_tail(line_end: bytes):
+    """A Responses stream ends with the whole response in one event: with the image_generation
+    tool, every image's base64 is in it, and a few large images pass a tap's bound. Its usage
+    comes last: it is read from the line's tail, never charged as if its bytes were text."""
+    image = "A" * (MAX_HELD_BYTES + 1024 * 1024)
+    done = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "model": "gpt-5",
+        "output": [{"type": "image_generation_call", "id": "ig_1", "result": image}],
+        "usage": RESPONSES_DETAILED,
+        "tool_usage": {"web_search": {"num_requests": 0}},
+    }
+    events = (
+        {"type": "response.created", "response": {**done, "status": "in_progress", "usage": None}},
+        {"type": "response.output_text.delta", "delta": "Here it is"},
+        {"type": "response.completed", "response": done},
+    )
+    body = line_end.join(
+        b"event: " + e["type"].encode() + line_end + b"data: " + orjson.dumps(e) + line_end
+        for e in events
+    )
+    memory = TapMemory()
+    tap = UsageTap(SSE, None, keep_text=False, memory=memory, path="/v1/responses")
+    most = feed_side_by_side([tap], body + b"event: after" + line_end * 2, memory)
+    assert most <= MAX_HELD_BYTES  # past it, the line's tail only
+    assert tap.usage(b'{"input": "draw"}') == RESPONSES_DETAILED_USAGE
+    assert memory.held_bytes == 0
+
+
+def test_streams_side_by_side_past_the_shared_bound_are_each_charged_their_usage():
+    """The bound is shared: image streams side by side pass it with smaller events each."""
+    done = {
+        "id": "resp_1",
+        "status": "completed",
+        "output": [{"type": "image_generation_call", "result": "A" * (3 * 1024 * 1024)}],
+        "usage": RESPONSES_DETAILED,
+    }
+    body = sse({"type": "response.completed", "response": done})
+    memory = TapMemory(limit_bytes=8 * 1024 * 1024)
+    taps = [UsageTap(SSE, None, keep_text=False, memory=memory) for _ in range(4)]
+    assert feed_side_by_side(taps, body, memory) <= memory.limit_bytes
+    assert [tap.usage(b"") for tap in taps] == [RESPONSES_DETAILED_USAGE] * 4
+    assert memory.held_bytes == 0
+
+
+@pytest.mark.parametrize("kind", [JSON, SSE])
+def test_a_large_responses_answer_is_charged_its_web_searches_from_its_tail(kind: str):
+    """An answer with images too large to parse whole keeps its hosted tools' usage beside
+    its `usage`, at the end: its web searches are read from the tail too."""
+    done = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "output": [{"type": "image_generation_call", "result": "A" * (MAX_HELD_BYTES + 2**20)}],
+        "tool_usage": {"web_search": {"num_requests": 2}},
+        "usage": RESPONSES_DETAILED,
+    }
+    body = (
+        orjson.dumps(done)
+        if kind == JSON
+        else sse({"type": "response.completed", "response": done})
+    )
+    tap = tap_of(body, kind, chunks=list(range(1 << 16, len(body), 1 << 16)))
+    assert tap.usage(b"") == dataclasses.replace(RESPONSES_DETAILED_USAGE, web_searches=2)
