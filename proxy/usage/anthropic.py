@@ -2,7 +2,8 @@
 
 A message (a JSON body, or a stream's `message_start`) holds `content` blocks and `usage`
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
-whose cache counts are *not* in input_tokens: they are added to the prompt. Its
+whose cache counts are *not* in input_tokens: they are added to the prompt; nor is a
+server-side compaction's sampling (its `iterations`, of type "compaction"): added too. Its
 `cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more) and its
 `server_tool_use` counts the web searches the server ran (each priced). A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
@@ -47,6 +48,7 @@ USAGE = UsageFields(
         ("server_tool_use", "web_search_requests", WEB_SEARCHES),
     ),
     is_cache_beside_prompt=True,
+    iterations="iterations",  # a server-side compaction's sampling, left out of the counts
 )
 
 

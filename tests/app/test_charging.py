@@ -317,3 +317,31 @@ async def test_thinking_counted_only_in_total_tokens_is_charged_as_completion(
     (line,) = await records(1)
     assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (3, 503)
     assert await tokens_used(gateway, OPENAI_VK, 506) == 506
+
+
+async def test_a_server_side_compaction_is_charged_with_the_message_it_preceded(
+    gateway: TestClient, records: Records
+) -> None:
+    # A long agent session (Claude Code, the Agent SDK) with context_management's
+    # compact_20260112: Anthropic summarizes the conversation first, a sampling of its own,
+    # billed, that the usage's top-level counts leave out; only `iterations` says it.
+    body = {
+        **MESSAGES,
+        "context_management": {"edits": [{"type": "compact_20260112"}]},
+    }
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "compact-2026-01-12",
+        "x-fake-compaction-tokens": "150000",
+    }
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3 + 150000, 3 + 15000)
+        assert usage["estimated"] is False
+    assert await tokens_used(gateway, ANTHROPIC_VK, 2 * 165006) == 2 * 165006

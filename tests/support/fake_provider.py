@@ -29,6 +29,10 @@ Request headers steer it (they pass through the gateway unchanged):
                               `cache_creation` split by lifetime, the rest 5-minute writes)
     x-fake-web-searches: N    Anthropic: N server-side web searches (`server_tool_use`, in a
                               stream's message_delta)
+    x-fake-compaction-tokens: N  Anthropic: server-side compaction (compact_20260112) read N
+                              input tokens and wrote N // 10 first: a `compaction` iteration in
+                              the usage's `iterations` (a stream's message_delta), which, as
+                              Anthropic reports it, the top-level counts leave out
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -269,6 +273,7 @@ class Knobs:
     thoughts_beside: int = 0
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    compaction_tokens: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -298,6 +303,7 @@ class Knobs:
             thoughts_beside=int(headers.get("x-fake-thoughts-beside", "0")),
             cache_write_1h_tokens=int(headers.get("x-fake-cache-write-1h-tokens", "0")),
             web_searches=int(headers.get("x-fake-web-searches", "0")),
+            compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
         )
 
     @property
@@ -1176,6 +1182,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     searches = {"web_search_requests": knobs.web_searches} if knobs.web_searches else None
     if searches:
         usage["server_tool_use"] = searches
+    iterations = compaction_iterations(usage, knobs.compaction_tokens)
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1191,7 +1198,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": None,
         }
         if knobs.has_usage:
-            body["usage"] = usage
+            body["usage"] = {**usage, "iterations": iterations} if iterations else usage
         return await reply(request, body)
     start: dict = {**head, "content": [], "stop_reason": None, "stop_sequence": None}
     stop: dict = {
@@ -1206,6 +1213,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop["usage"] = {"output_tokens": usage["output_tokens"]}
         if searches:  # made while it generates: counted at the end
             stop["usage"]["server_tool_use"] = searches
+        if iterations:
+            stop["usage"]["iterations"] = iterations
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}
@@ -1235,6 +1244,29 @@ async def messages(request: web.Request) -> web.StreamResponse:
     events += [stop, {"type": "message_stop"}]
     usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
+
+
+def compaction_iterations(usage: dict, compaction_tokens: int) -> list[dict] | None:
+    """A message's usage `iterations` when server-side compaction ran first: the compaction's
+    own counts, then the message's (its top-level counts, which leave the compaction out)."""
+    if not compaction_tokens:
+        return None
+    cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    return [
+        {
+            "type": "compaction",
+            "input_tokens": compaction_tokens,
+            "output_tokens": compaction_tokens // 10,
+            **cached,
+        },
+        {
+            "type": "message",
+            "input_tokens": usage["input_tokens"],
+            "output_tokens": usage["output_tokens"],
+            "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+            "cache_read_input_tokens": usage["cache_read_input_tokens"],
+        },
+    ]
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
