@@ -345,3 +345,21 @@ async def test_a_server_side_compaction_is_charged_with_the_message_it_preceded(
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3 + 150000, 3 + 15000)
         assert usage["estimated"] is False
     assert await tokens_used(gateway, ANTHROPIC_VK, 2 * 165006) == 2 * 165006
+
+
+async def test_the_thinking_anthropic_counts_in_its_output_reaches_the_log_line_as_reasoning(
+    gateway: TestClient, records: Records
+) -> None:
+    # Claude Code thinks (adaptive thinking); Anthropic says how much of output_tokens was
+    # thinking in usage.output_tokens_details.thinking_tokens, as OpenAI says its reasoning.
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages",
+            json={**MESSAGES, "stream": is_stream, "thinking": {"type": "adaptive"}},
+            headers={**auth(ANTHROPIC_VK), "x-fake-reasoning-chars": "400"},
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert (usage["completion_tokens"], usage["reasoning_tokens"]) == (3 + 100, 100), line

@@ -42,7 +42,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               streamed in x-fake-chunks pieces (Anthropic: input_json_delta)
     x-fake-reasoning-chars: N N characters of reasoning before the answer: chat
                               `reasoning_content`, Anthropic a thinking block (thinking_delta),
-                              in x-fake-chunks pieces
+                              in x-fake-chunks pieces (its N / 4 tokens, of output_tokens, in
+                              Anthropic's usage.output_tokens_details.thinking_tokens)
     x-fake-piece-chars: N     tool-call arguments and reasoning streamed in pieces of N
                               characters instead (as providers stream them: many small deltas,
                               while x-fake-chunks still sets the content deltas and their count)
@@ -1182,6 +1183,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     searches = {"web_search_requests": knobs.web_searches} if knobs.web_searches else None
     if searches:
         usage["server_tool_use"] = searches
+    thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
     iterations = compaction_iterations(usage, knobs.compaction_tokens)
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
@@ -1199,6 +1201,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         }
         if knobs.has_usage:
             body["usage"] = {**usage, "iterations": iterations} if iterations else usage
+            if thinking_tokens:
+                body["usage"]["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
         return await reply(request, body)
     start: dict = {**head, "content": [], "stop_reason": None, "stop_sequence": None}
     stop: dict = {
@@ -1213,6 +1217,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop["usage"] = {"output_tokens": usage["output_tokens"]}
         if searches:  # made while it generates: counted at the end
             stop["usage"]["server_tool_use"] = searches
+        if thinking_tokens:  # the part of output_tokens that was thinking
+            stop["usage"]["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
         if iterations:
             stop["usage"]["iterations"] = iterations
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
