@@ -3,7 +3,8 @@
 A message (a JSON body, or a stream's `message_start`) holds `content` blocks and `usage`
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
 whose cache counts are *not* in input_tokens: they are added to the prompt; nor is a
-server-side compaction's sampling (its `iterations`, of type "compaction"): added too. Its
+server-side compaction's sampling nor the advisor tool's (its `iterations` of type
+"compaction", "advisor_message"): added too. Its
 `cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more), its
 `output_tokens_details.thinking_tokens` says how much of the output was thinking (logged as
 reasoning), and its
@@ -52,7 +53,10 @@ USAGE = UsageFields(
         ("output_tokens_details", "thinking_tokens", REASONING),  # a part of output_tokens
     ),
     is_cache_beside_prompt=True,
-    iterations="iterations",  # a server-side compaction's sampling, left out of the counts
+    # Billed samplings the counts leave out: a server-side compaction's, the advisor tool's
+    # (its own model's, priced here at the request's).
+    iterations="iterations",
+    iterations_beside=frozenset(("compaction", "advisor_message")),
 )
 
 

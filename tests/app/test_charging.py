@@ -363,3 +363,26 @@ async def test_the_thinking_anthropic_counts_in_its_output_reaches_the_log_line_
     for line in await records(2):
         usage = line["usage"]
         assert (usage["completion_tokens"], usage["reasoning_tokens"]) == (3 + 100, 100), line
+
+
+async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
+    gateway: TestClient, records: Records
+) -> None:
+    # Claude Code's /advisor (the advisor_20260301 server tool): the executor consults a
+    # stronger model on the whole transcript within the one request; that sub-inference is
+    # billed, and only the usage's `iterations` (type "advisor_message") holds it.
+    body = {**MESSAGES, "tools": [{"type": "advisor_20260301", "name": "advisor"}]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "advisor-tool-2026-03-01",
+        "x-fake-advisor-tokens": "40000",
+    }
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000

@@ -33,6 +33,9 @@ Request headers steer it (they pass through the gateway unchanged):
                               input tokens and wrote N // 10 first: a `compaction` iteration in
                               the usage's `iterations` (a stream's message_delta), which, as
                               Anthropic reports it, the top-level counts leave out
+    x-fake-advisor-tokens: N  Anthropic: the advisor tool (advisor_20260301) consulted its model,
+                              which read N input tokens and wrote N // 10: an `advisor_message`
+                              iteration, also left out of the top-level counts
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -275,6 +278,7 @@ class Knobs:
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
     compaction_tokens: int = 0
+    advisor_tokens: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -305,6 +309,7 @@ class Knobs:
             cache_write_1h_tokens=int(headers.get("x-fake-cache-write-1h-tokens", "0")),
             web_searches=int(headers.get("x-fake-web-searches", "0")),
             compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
+            advisor_tokens=int(headers.get("x-fake-advisor-tokens", "0")),
         )
 
     @property
@@ -1184,7 +1189,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if searches:
         usage["server_tool_use"] = searches
     thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
-    iterations = compaction_iterations(usage, knobs.compaction_tokens)
+    iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1252,19 +1257,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
 
 
-def compaction_iterations(usage: dict, compaction_tokens: int) -> list[dict] | None:
-    """A message's usage `iterations` when server-side compaction ran first: the compaction's
-    own counts, then the message's (its top-level counts, which leave the compaction out)."""
-    if not compaction_tokens:
+def side_iterations(usage: dict, compaction_tokens: int, advisor_tokens: int) -> list[dict] | None:
+    """A message's usage `iterations` when server-side compaction ran first or the advisor
+    was consulted: their own counts, then the message's (its top-level counts, which leave
+    theirs out)."""
+    if not compaction_tokens and not advisor_tokens:
         return None
     cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    sides = []
+    for kind, tokens in (("compaction", compaction_tokens), ("advisor_message", advisor_tokens)):
+        if tokens:
+            side = {"type": kind, "input_tokens": tokens, "output_tokens": tokens // 10, **cached}
+            if kind == "advisor_message":
+                side["model"] = "claude-opus-4-8"
+            sides.append(side)
     return [
-        {
-            "type": "compaction",
-            "input_tokens": compaction_tokens,
-            "output_tokens": compaction_tokens // 10,
-            **cached,
-        },
+        *sides,
         {
             "type": "message",
             "input_tokens": usage["input_tokens"],
