@@ -33,7 +33,9 @@ priced per thousand (`web_searches_kcount`); a model without that rate does not 
 made-up number), images by count, size and quality (the data has no such price: GPT image
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), OpenAI's web search tool
-calls (its usage does not count them).
+calls (its usage does not count them), an Anthropic compaction's or advisor's sampling priced on
+its own (its tokens join the message's: at the request's model, and for a long-context tier by
+the sum of their prompts, where Anthropic decides each sampling's tier by its own).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual
