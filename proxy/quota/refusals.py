@@ -7,7 +7,8 @@ user; past 60 s they would knock on a closed window with their own short backoff
 gateway says `x-should-retry: false` and they fail at once. An exhausted budget says so too
 (it frees up in hours or days), with OpenAI's code `insufficient_quota`. A window or a
 budget full only while requests in flight hold their reservations frees up when they
-settle: its wait is a second, which the SDKs retry.
+settle: its wait is a second, which the SDKs retry, and its code `rate_limit_exceeded`
+(agents such as Codex give up at once on `insufficient_quota`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
     if admission.over_budget and admission.budget is not None:
         budget = admission.budget
         spent = f"${dollars(admission.spent_micro_usd / MICRO)} spent or reserved"
+        # Held only by requests in flight it is not exhausted: a rate limit, which agents
+        # retry (Codex ends its turn at once on insufficient_quota: billing exhausted).
+        code = "rate_limit_exceeded" if admission.awaits_in_flight else "insufficient_quota"
         if admission.awaits_in_flight:
             frees = f"It has room once requests in flight settle: retry in {span(wait)}."
         else:
@@ -47,7 +51,7 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
             frees = f"It frees up in {span(wait)}, at {at}."
         return GatewayError(
             429,
-            "insufficient_quota",
+            code,
             f"Budget exhausted for {who or 'this key'}: "
             f"${dollars(budget.usd)} per {span(budget.window_seconds) if who is None else per(budget.window_seconds)} "
             f"({spent}). {frees}",

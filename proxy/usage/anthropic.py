@@ -2,8 +2,12 @@
 
 A message (a JSON body, or a stream's `message_start`) holds `content` blocks and `usage`
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
-whose cache counts are *not* in input_tokens: they are added to the prompt. Its
-`cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more) and its
+whose cache counts are *not* in input_tokens: they are added to the prompt; nor is a
+server-side compaction's sampling nor the advisor tool's (its `iterations` of type
+"compaction", "advisor_message"): added too. Its
+`cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more), its
+`output_tokens_details.thinking_tokens` says how much of the output was thinking (logged as
+reasoning), and its
 `server_tool_use` counts the web searches the server ran (each priced). A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
 field wins); `message_start`'s output count is only a start (1), so a stream cut before a
@@ -30,6 +34,7 @@ from proxy.usage.provider_usage import (
     CACHE_WRITE_1H,
     COMPLETION,
     PROMPT,
+    REASONING,
     WEB_SEARCHES,
     UsageFields,
 )
@@ -45,8 +50,13 @@ USAGE = UsageFields(
     details=(
         ("cache_creation", "ephemeral_1h_input_tokens", CACHE_WRITE_1H),
         ("server_tool_use", "web_search_requests", WEB_SEARCHES),
+        ("output_tokens_details", "thinking_tokens", REASONING),  # a part of output_tokens
     ),
     is_cache_beside_prompt=True,
+    # Billed samplings the counts leave out: a server-side compaction's, the advisor tool's
+    # (its own model's, priced here at the request's).
+    iterations="iterations",
+    iterations_beside=frozenset(("compaction", "advisor_message")),
 )
 
 

@@ -33,7 +33,10 @@ the Responses API's web_search tool calls) are priced per thousand (`web_searche
 made-up number), images by count, size and quality (the data has no such price: GPT image
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), the Responses API's
-image_generation tool (its `tool_usage.image_gen` tokens are the image model's).
+image_generation tool (its `tool_usage.image_gen` tokens are the image model's), an
+Anthropic compaction's or advisor's sampling priced on its own (its tokens join the
+message's: at the request's model, and for a long-context tier by the sum of their prompts,
+where Anthropic decides each sampling's tier by its own).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual

@@ -6,6 +6,11 @@ objects by those fields. A stream may report several times (Anthropic's `message
 then cumulative `message_delta`s): the last value of each field wins; nothing is summed.
 Counts are non-negative integers; anything else (a bool, a float, a string) is not a count.
 
+Anthropic's server-side compaction (a sampling of its own before the message) and its advisor
+tool (a sub-inference of another model within it) are billed, but the top-level counts leave
+them out: its usage's `iterations` list holds them (types "compaction", "advisor_message"), and
+their counts are added to the kinds (the last list seen wins, as a field does).
+
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
 only. The completion charged is then the total less the prompt (OpenAI's own totals add up,
@@ -48,6 +53,10 @@ class UsageFields:
     details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
     # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
     is_cache_beside_prompt: bool = False
+    # Anthropic: the list of sampling iterations, and the types of those (in `counts`'
+    # fields) the top-level counts leave out.
+    iterations: str | None = None
+    iterations_beside: frozenset[str] = frozenset()
     # `details` by object, in their order: (its details object, ((count there, kind), ...)),
     # so each object is looked up once.
     grouped: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(init=False)
@@ -65,10 +74,11 @@ class UsageFields:
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_fields", "_is_cache_beside_prompt", "_seconds")
+    __slots__ = ("_added", "_fields", "_is_cache_beside_prompt", "_seconds")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}  # the last value seen of each kind
+        self._added: dict[str, int] = {}  # what iterations beside them used (`iterations`)
         self._is_cache_beside_prompt = False
         self._seconds: float | None = None  # the input audio's length (transcriptions)
 
@@ -88,6 +98,10 @@ class ProviderUsage:
                     value = inner.get(name)
                     if _is_count(value):
                         found[kind] = value  # type: ignore[assignment]
+        if fields.iterations is not None:
+            iterations = usage.get(fields.iterations)
+            if isinstance(iterations, list):
+                self._added = _beside(iterations, fields.iterations_beside, fields.counts)
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -104,6 +118,7 @@ class ProviderUsage:
 
     def clear(self) -> None:
         self._fields.clear()
+        self._added = {}
         self._seconds = None
 
     def usage(self) -> Usage | None:
@@ -113,6 +128,8 @@ class ProviderUsage:
             if self._seconds is None:
                 return None
             return Usage(input_audio_seconds=self._seconds)
+        if self._added:  # a compaction's or an advisor's counts, added to the message's
+            fields = {kind: fields.get(kind, 0) + self._added.get(kind, 0) for kind in fields}
         get = fields.get
         prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
         if self._is_cache_beside_prompt:
@@ -182,6 +199,20 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
                 except orjson.JSONDecodeError:
                     return None
     return None  # cut short inside it
+
+
+def _beside(
+    iterations: list[object], types: frozenset[str], counts: tuple[tuple[str, str], ...]
+) -> dict[str, int]:
+    """The counts of a usage's `iterations` of these types, summed by kind."""
+    summed: dict[str, int] = {}
+    for iteration in iterations:
+        if isinstance(iteration, dict) and iteration.get("type") in types:
+            for name, kind in counts:
+                value = iteration.get(name)
+                if _is_count(value):
+                    summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
+    return summed
 
 
 def _is_count(value: object) -> bool:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.usage import estimate
 from proxy.usage.prompt import prompt_chars
-from tests.conftest import auth, keys_document
+from tests.conftest import assert_openai_error, auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
 from tests.support.polling import until
@@ -394,3 +394,51 @@ async def test_a_window_full_only_while_requests_run_says_retry_soon_not_when_ch
     fake.release.set()
     async with await running as answered:
         assert answered.status == 200
+
+
+# A turn as Codex CLI sends it (wire_api "responses"): streamed, not stored, its reasoning
+# asked back encrypted, no output cap (so it reserves the key's allowance).
+CODEX_TURN = {
+    "model": "gpt-4o-mini",
+    "instructions": "You are a coding agent running in the Codex CLI.",
+    "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+    ],
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "reasoning": {"summary": "auto"},
+    "store": False,
+    "stream": True,
+    "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "0199a0b1-6c2e-7d10-9a3f-5b2c1d0e9f8a",
+}
+
+
+async def test_a_budget_held_only_by_requests_in_flight_is_a_rate_limit_not_insufficient_quota(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    # Codex CLI ends the turn at once on `insufficient_quota` ("Quota exceeded. Check your
+    # plan and billing details."), as OpenAI means it: billing exhausted, never retry. A
+    # budget full only while another session's turn holds its reservation has room in a
+    # moment: its 429 must be one the agent retries (a rate limit, Retry-After: 1).
+    gateway = await allowance_gateway(
+        {"budget": {"usd": 0.003, "window_seconds": 3600}}, OUTPUT_ALLOWANCE_TOKENS=str(ALLOWANCE)
+    )
+    headers = {**auth(VK), "Accept": "text/event-stream"}
+    running = asyncio.create_task(
+        gateway.post("/v1/responses", json=CODEX_TURN, headers={**headers, **HELD})
+    )
+    await until(lambda: len(fake.requests) == 1, what="the first turn upstream")
+    async with gateway.post("/v1/responses", json=CODEX_TURN, headers=headers) as refused:
+        assert refused.status == 429
+        body = await refused.json()
+        assert refused.headers["retry-after"] == "1", body
+        assert "x-should-retry" not in refused.headers, body
+        assert_openai_error(body, "rate_limit_exceeded")
+        assert body["error"]["type"] == "rate_limit_error"
+        assert "in flight" in body["error"]["message"]
+    fake.release.set()
+    async with await running as answered:
+        assert answered.status == 200
+        await answered.read()

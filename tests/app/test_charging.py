@@ -317,3 +317,72 @@ async def test_thinking_counted_only_in_total_tokens_is_charged_as_completion(
     (line,) = await records(1)
     assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (3, 503)
     assert await tokens_used(gateway, OPENAI_VK, 506) == 506
+
+
+async def test_a_server_side_compaction_is_charged_with_the_message_it_preceded(
+    gateway: TestClient, records: Records
+) -> None:
+    # A long agent session (Claude Code, the Agent SDK) with context_management's
+    # compact_20260112: Anthropic summarizes the conversation first, a sampling of its own,
+    # billed, that the usage's top-level counts leave out; only `iterations` says it.
+    body = {
+        **MESSAGES,
+        "context_management": {"edits": [{"type": "compact_20260112"}]},
+    }
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "compact-2026-01-12",
+        "x-fake-compaction-tokens": "150000",
+    }
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3 + 150000, 3 + 15000)
+        assert usage["estimated"] is False
+    assert await tokens_used(gateway, ANTHROPIC_VK, 2 * 165006) == 2 * 165006
+
+
+async def test_the_thinking_anthropic_counts_in_its_output_reaches_the_log_line_as_reasoning(
+    gateway: TestClient, records: Records
+) -> None:
+    # Claude Code thinks (adaptive thinking); Anthropic says how much of output_tokens was
+    # thinking in usage.output_tokens_details.thinking_tokens, as OpenAI says its reasoning.
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages",
+            json={**MESSAGES, "stream": is_stream, "thinking": {"type": "adaptive"}},
+            headers={**auth(ANTHROPIC_VK), "x-fake-reasoning-chars": "400"},
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert (usage["completion_tokens"], usage["reasoning_tokens"]) == (3 + 100, 100), line
+
+
+async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
+    gateway: TestClient, records: Records
+) -> None:
+    # Claude Code's /advisor (the advisor_20260301 server tool): the executor consults a
+    # stronger model on the whole transcript within the one request; that sub-inference is
+    # billed, and only the usage's `iterations` (type "advisor_message") holds it.
+    body = {**MESSAGES, "tools": [{"type": "advisor_20260301", "name": "advisor"}]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "advisor-tool-2026-03-01",
+        "x-fake-advisor-tokens": "40000",
+    }
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
+        )
+        assert response.status == 200
+        await response.read()
+    for line in await records(2):
+        usage = line["usage"]
+        assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000

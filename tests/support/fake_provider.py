@@ -30,6 +30,13 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-web-searches: N    Anthropic: N server-side web searches (`server_tool_use`, in a
                               stream's message_delta); Responses: N web_search tool calls, in
                               the finished object's `tool_usage.web_search.num_requests`
+    x-fake-compaction-tokens: N  Anthropic: server-side compaction (compact_20260112) read N
+                              input tokens and wrote N // 10 first: a `compaction` iteration in
+                              the usage's `iterations` (a stream's message_delta), which, as
+                              Anthropic reports it, the top-level counts leave out
+    x-fake-advisor-tokens: N  Anthropic: the advisor tool (advisor_20260301) consulted its model,
+                              which read N input tokens and wrote N // 10: an `advisor_message`
+                              iteration, also left out of the top-level counts
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -39,7 +46,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               streamed in x-fake-chunks pieces (Anthropic: input_json_delta)
     x-fake-reasoning-chars: N N characters of reasoning before the answer: chat
                               `reasoning_content`, Anthropic a thinking block (thinking_delta),
-                              in x-fake-chunks pieces
+                              in x-fake-chunks pieces (its N / 4 tokens, of output_tokens, in
+                              Anthropic's usage.output_tokens_details.thinking_tokens)
     x-fake-piece-chars: N     tool-call arguments and reasoning streamed in pieces of N
                               characters instead (as providers stream them: many small deltas,
                               while x-fake-chunks still sets the content deltas and their count)
@@ -311,6 +319,8 @@ class Knobs:
     thoughts_beside: int = 0
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    compaction_tokens: int = 0
+    advisor_tokens: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -340,6 +350,8 @@ class Knobs:
             thoughts_beside=int(headers.get("x-fake-thoughts-beside", "0")),
             cache_write_1h_tokens=int(headers.get("x-fake-cache-write-1h-tokens", "0")),
             web_searches=int(headers.get("x-fake-web-searches", "0")),
+            compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
+            advisor_tokens=int(headers.get("x-fake-advisor-tokens", "0")),
         )
 
     @property
@@ -1299,6 +1311,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     searches = {"web_search_requests": knobs.web_searches} if knobs.web_searches else None
     if searches:
         usage["server_tool_use"] = searches
+    thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
+    iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1314,7 +1328,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": None,
         }
         if knobs.has_usage:
-            body["usage"] = usage
+            body["usage"] = {**usage, "iterations": iterations} if iterations else usage
+            if thinking_tokens:
+                body["usage"]["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
         return await reply(request, body)
     start: dict = {**head, "content": [], "stop_reason": None, "stop_sequence": None}
     stop: dict = {
@@ -1329,6 +1345,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop["usage"] = {"output_tokens": usage["output_tokens"]}
         if searches:  # made while it generates: counted at the end
             stop["usage"]["server_tool_use"] = searches
+        if thinking_tokens:  # the part of output_tokens that was thinking
+            stop["usage"]["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
+        if iterations:
+            stop["usage"]["iterations"] = iterations
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}
@@ -1358,6 +1378,32 @@ async def messages(request: web.Request) -> web.StreamResponse:
     events += [stop, {"type": "message_stop"}]
     usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
+
+
+def side_iterations(usage: dict, compaction_tokens: int, advisor_tokens: int) -> list[dict] | None:
+    """A message's usage `iterations` when server-side compaction ran first or the advisor
+    was consulted: their own counts, then the message's (its top-level counts, which leave
+    theirs out)."""
+    if not compaction_tokens and not advisor_tokens:
+        return None
+    cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    sides = []
+    for kind, tokens in (("compaction", compaction_tokens), ("advisor_message", advisor_tokens)):
+        if tokens:
+            side = {"type": kind, "input_tokens": tokens, "output_tokens": tokens // 10, **cached}
+            if kind == "advisor_message":
+                side["model"] = "claude-opus-4-8"
+            sides.append(side)
+    return [
+        *sides,
+        {
+            "type": "message",
+            "input_tokens": usage["input_tokens"],
+            "output_tokens": usage["output_tokens"],
+            "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+            "cache_read_input_tokens": usage["cache_read_input_tokens"],
+        },
+    ]
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
