@@ -1,0 +1,99 @@
+"""Keys on OpenAI-compatible providers other than OpenAI, charged as each provider reports
+usage and bills it: a provider declared in keys.json under its price data's name, answering
+as its real API does (its own usage fields), called with the openai SDK through the gateway.
+The log line's usage and cost, and the budget's spend, are what genai-prices' calc_price
+gives for the usage the provider billed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from genai_prices import Usage as LibraryUsage
+from genai_prices import calc_price
+from openai import AsyncOpenAI
+
+from tests.conftest import auth
+
+KEY = "vk_test_compatible_5e2a9c7d1b"
+
+
+async def gateway_before(
+    provider: str,
+    answer: dict[str, Any],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> TestClient:
+    """A gateway with a budgeted key on a provider declared as `provider`, whose chat
+    completions answer `answer` (its usage as that provider reports it)."""
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({**answer, "model": body["model"]})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", chat_completions)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {provider: {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {
+            KEY: {"provider": provider, "api_key": "sk-real-compatible", "budget": {"usd": 100}}
+        },
+    }
+    (tmp_path / "compatible.json").write_text(json.dumps(keys))
+    return await make_gateway(KEYS_FILE_PATH=str(tmp_path / "compatible.json"))
+
+
+async def ask(gateway: TestClient, model: str) -> None:
+    client = AsyncOpenAI(api_key=KEY, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello"}]
+        )
+    finally:
+        await client.close()
+
+
+def answer_with(usage: dict[str, Any]) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "Hi"}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+async def test_deepseek_cache_hits_reported_as_prompt_cache_hit_tokens_cost_the_cache_rate(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # DeepSeek's documented usage: the prompt split into cache hits and misses, beside
+    # prompt_tokens (no prompt_tokens_details); a hit costs 2% of a miss on deepseek-v4-flash.
+    usage = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 100,
+        "total_tokens": 10_100,
+        "prompt_cache_hit_tokens": 9_000,
+        "prompt_cache_miss_tokens": 1_000,
+    }
+    gateway = await gateway_before(
+        "deepseek", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "deepseek-v4-flash")
+    (line,) = await records(1)
+    assert line["usage"]["cache_read_tokens"] == 9_000
+    billed = LibraryUsage(input_tokens=10_000, cache_read_tokens=9_000, output_tokens=100)
+    price = float(calc_price(billed, "deepseek-v4-flash", provider_id="deepseek").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
