@@ -11,7 +11,8 @@ stream's last chunk (`choices: []`; Groq's, without stream_options: `x_groq.usag
 {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
 audio_tokens}}, whose details are parts of the totals; DeepSeek documents its cache hits as
 `prompt_cache_hit_tokens` (a part of `prompt_tokens`, beside `prompt_cache_miss_tokens`), and
-sends `prompt_tokens_details` only at times. Embeddings report in the same fields (prompt only).
+sends `prompt_tokens_details` only at times; Perplexity counts the web searches it ran (each
+billed) as `num_search_queries`. Embeddings report in the same fields (prompt only).
 
 A request's prompt (`prompt_chars`, for the estimate and the reservation): chat's messages
 (their content, and what earlier answers generated: tool calls, refusals, reasoning), its
@@ -62,6 +63,7 @@ from proxy.usage.provider_usage import (
     PROMPT,
     REASONING,
     TOTAL,
+    WEB_SEARCHES,
     UsageFields,
 )
 from proxy.usage.reading import Reading
@@ -73,6 +75,7 @@ USAGE = UsageFields(
         ("completion_tokens", COMPLETION),
         ("total_tokens", TOTAL),
         ("prompt_cache_hit_tokens", CACHE_READ),  # DeepSeek's cache hits, beside the details
+        ("num_search_queries", WEB_SEARCHES),  # Perplexity's searches, each billed
     ),
     details=(
         ("prompt_tokens_details", "cached_tokens", CACHE_READ),

@@ -97,3 +97,30 @@ async def test_deepseek_cache_hits_reported_as_prompt_cache_hit_tokens_cost_the_
     assert line["cost_usd"] == pytest.approx(price)
     spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
     assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_search_queries_are_charged_per_search(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # sonar-deep-research bills each search it ran ($5 a thousand), reported beside the
+    # tokens as num_search_queries.
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 2_738,
+        "total_tokens": 2_757,
+        "num_search_queries": 18,
+    }
+    gateway = await gateway_before(
+        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "sonar-deep-research")
+    (line,) = await records(1)
+    assert line["usage"]["web_searches"] == 18
+    billed = LibraryUsage(input_tokens=19, output_tokens=2_738, web_searches=18)
+    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
