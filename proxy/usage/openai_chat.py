@@ -12,7 +12,8 @@ stream's last chunk (`choices: []`; Groq's, without stream_options: `x_groq.usag
 audio_tokens}}, whose details are parts of the totals; DeepSeek documents its cache hits as
 `prompt_cache_hit_tokens` (a part of `prompt_tokens`, beside `prompt_cache_miss_tokens`), and
 sends `prompt_tokens_details` only at times; Perplexity counts the web searches it ran (each
-billed) as `num_search_queries`. Embeddings report in the same fields (prompt only).
+billed) as `num_search_queries`, and a deep research's reasoning as `reasoning_tokens`, beside
+the completion (not a part of it: added to it). Embeddings report in the same fields (prompt only).
 
 A request's prompt (`prompt_chars`, for the estimate and the reservation): chat's messages
 (their content, and what earlier answers generated: tool calls, refusals, reasoning), its
@@ -62,6 +63,7 @@ from proxy.usage.provider_usage import (
     OUTPUT_AUDIO,
     PROMPT,
     REASONING,
+    REASONING_BESIDE,
     TOTAL,
     WEB_SEARCHES,
     UsageFields,
@@ -76,6 +78,7 @@ USAGE = UsageFields(
         ("total_tokens", TOTAL),
         ("prompt_cache_hit_tokens", CACHE_READ),  # DeepSeek's cache hits, beside the details
         ("num_search_queries", WEB_SEARCHES),  # Perplexity's searches, each billed
+        ("reasoning_tokens", REASONING_BESIDE),  # Perplexity's, beside the completion
     ),
     details=(
         ("prompt_tokens_details", "cached_tokens", CACHE_READ),

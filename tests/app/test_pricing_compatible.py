@@ -124,3 +124,33 @@ async def test_perplexity_search_queries_are_charged_per_search(
     assert line["cost_usd"] == pytest.approx(price)
     spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
     assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # sonar-deep-research reports its reasoning beside the completion (total_tokens leaves it
+    # out) and bills it at $3 a million: here 27 times the completion.
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 2_738,
+        "total_tokens": 2_757,
+        "reasoning_tokens": 73_997,
+    }
+    gateway = await gateway_before(
+        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "sonar-deep-research")
+    (line,) = await records(1)
+    assert line["usage"]["completion_tokens"] == 2_738 + 73_997
+    assert line["usage"]["reasoning_tokens"] == 73_997
+    billed = LibraryUsage(
+        input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997
+    )
+    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
