@@ -51,6 +51,8 @@ class UsageFields:
 
     counts: tuple[tuple[str, str], ...]  # (its field, our kind) at the object's top level
     details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
+    # Counts two objects deep: (its details object, the object there, count in it, kind).
+    nested: tuple[tuple[str, str, str, str], ...] = ()
     # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
     is_cache_beside_prompt: bool = False
     # `details` by object, in their order: (its details object, ((count there, kind), ...)),
@@ -91,6 +93,14 @@ class ProviderUsage:
             if isinstance(inner, dict):
                 for name, kind in pairs:
                     value = inner.get(name)
+                    if _is_count(value):
+                        found[kind] = value  # type: ignore[assignment]
+        for details, middle, name, kind in fields.nested:
+            inner = usage.get(details)
+            if isinstance(inner, dict):
+                innermost = inner.get(middle)
+                if isinstance(innermost, dict):
+                    value = innermost.get(name)
                     if _is_count(value):
                         found[kind] = value  # type: ignore[assignment]
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt

@@ -31,14 +31,15 @@ async def gateway_before(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> TestClient:
     """A gateway with a budgeted key on a provider declared as `provider`, whose chat
-    completions answer `answer` (its usage as that provider reports it)."""
+    completions and responses answer `answer` (its usage as that provider reports it)."""
 
-    async def chat_completions(request: web.Request) -> web.Response:
+    async def answering(request: web.Request) -> web.Response:
         body = await request.json()
         return web.json_response({**answer, "model": body["model"]})
 
     upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", chat_completions)
+    upstream.router.add_post("/v1/chat/completions", answering)
+    upstream.router.add_post("/v1/responses", answering)
     server = await aiohttp_server(upstream)
     keys = {
         "providers": {provider: {"base_url": str(server.make_url("/v1"))}},
@@ -151,6 +152,53 @@ async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
         input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997
     )
     price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_agent_api_web_searches_are_charged_per_search(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # Perplexity's Agent API (the Responses format, since Sonar Chat Completions ended) counts
+    # its web_search tool's calls in usage.tool_calls_details.search_web.invocation, billed
+    # per thousand beside the tokens (and says the bill in usage.cost).
+    usage = {
+        "input_tokens": 3_000,
+        "output_tokens": 400,
+        "total_tokens": 3_400,
+        "input_tokens_details": {"cached_tokens": 0},
+        "cost": {"currency": "USD", "tool_calls_cost": 0.0075, "total_cost": 0.00925},
+        "tool_calls_details": {"search_web": {"invocation": 3}},
+    }
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Hi", "annotations": []}],
+    }
+    answer = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": "completed",
+        "output": [message],
+        "usage": usage,
+    }
+    gateway = await gateway_before("perplexity", answer, aiohttp_server, tmp_path, make_gateway)
+    client = AsyncOpenAI(api_key=KEY, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    try:
+        await client.responses.create(model="perplexity/sonar", input="Hello")
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert line["usage"]["web_searches"] == 3
+    billed = LibraryUsage(input_tokens=3_000, output_tokens=400, web_searches=3)
+    price = float(calc_price(billed, "perplexity/sonar", provider_id="perplexity").total_price)
     assert line["cost_usd"] == pytest.approx(price)
     spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
     assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
