@@ -9,8 +9,11 @@ and `.arguments`, a custom tool's `tool_calls[].custom.name` and `.input`, the o
 estimate, none kept as the logged text. The usage object, in a body's `usage` or a
 stream's last chunk (`choices: []`; Groq's, without stream_options: `x_groq.usage`), is {prompt_tokens, completion_tokens, prompt_tokens_details
 {cached_tokens, audio_tokens}, completion_tokens_details {reasoning_tokens,
-audio_tokens}}, whose details are parts of the totals. Embeddings report in the same
-fields (prompt only).
+audio_tokens}}, whose details are parts of the totals; DeepSeek documents its cache hits as
+`prompt_cache_hit_tokens` (a part of `prompt_tokens`, beside `prompt_cache_miss_tokens`), and
+sends `prompt_tokens_details` only at times; Perplexity counts the web searches it ran (each
+billed) as `num_search_queries`, and a deep research's reasoning as `reasoning_tokens`, beside
+the completion (not a part of it: added to it). Embeddings report in the same fields (prompt only).
 
 A request's prompt (`prompt_chars`, for the estimate and the reservation): chat's messages
 (their content, and what earlier answers generated: tool calls, refusals, reasoning), its
@@ -60,14 +63,23 @@ from proxy.usage.provider_usage import (
     OUTPUT_AUDIO,
     PROMPT,
     REASONING,
+    REASONING_BESIDE,
     TOTAL,
+    WEB_SEARCHES,
     UsageFields,
 )
 from proxy.usage.reading import Reading
 from proxy.usage.sse_lines import LineReader
 
 USAGE = UsageFields(
-    counts=(("prompt_tokens", PROMPT), ("completion_tokens", COMPLETION), ("total_tokens", TOTAL)),
+    counts=(
+        ("prompt_tokens", PROMPT),
+        ("completion_tokens", COMPLETION),
+        ("total_tokens", TOTAL),
+        ("prompt_cache_hit_tokens", CACHE_READ),  # DeepSeek's cache hits, beside the details
+        ("num_search_queries", WEB_SEARCHES),  # Perplexity's searches, each billed
+        ("reasoning_tokens", REASONING_BESIDE),  # Perplexity's, beside the completion
+    ),
     details=(
         ("prompt_tokens_details", "cached_tokens", CACHE_READ),
         ("prompt_tokens_details", "cache_write_tokens", CACHE_WRITE),

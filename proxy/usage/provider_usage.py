@@ -14,7 +14,9 @@ their counts are added to the kinds (the last list seen wins, as a field does).
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
 only. The completion charged is then the total less the prompt (OpenAI's own totals add up,
-so nothing changes for it).
+so nothing changes for it). Perplexity counts a deep research's reasoning beside the
+completion and the total (`reasoning_tokens` at the usage's top level, billed): it is added
+to the completion, as reasoning (a total that already counts it adds nothing more).
 
 `last_usage` finds the usage object of a JSON body without parsing the whole body, and
 `top_level_strings` the first string fields of a body's head.
@@ -36,6 +38,9 @@ CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
 INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
 CACHE_WRITE_1H, WEB_SEARCHES = "cache_write_1h", "web_searches"
+# Reasoning counted beside the completion, not in it (Perplexity's top-level
+# `reasoning_tokens`): added to the completion, and a part of it as reasoning.
+REASONING_BESIDE = "reasoning_beside"
 TOTAL = "total"  # read only to find output a completion count left out
 _TOTALS = frozenset({PROMPT, COMPLETION})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
@@ -51,6 +56,8 @@ class UsageFields:
 
     counts: tuple[tuple[str, str], ...]  # (its field, our kind) at the object's top level
     details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
+    # Counts two objects deep: (its details object, the object there, count in it, kind).
+    nested: tuple[tuple[str, str, str, str], ...] = ()
     # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
     is_cache_beside_prompt: bool = False
     # Anthropic: the list of sampling iterations, and the types of those (in `counts`'
@@ -98,6 +105,14 @@ class ProviderUsage:
                     value = inner.get(name)
                     if _is_count(value):
                         found[kind] = value  # type: ignore[assignment]
+        for details, middle, name, kind in fields.nested:
+            inner = usage.get(details)
+            if isinstance(inner, dict):
+                innermost = inner.get(middle)
+                if isinstance(innermost, dict):
+                    value = innermost.get(name)
+                    if _is_count(value):
+                        found[kind] = value  # type: ignore[assignment]
         if fields.iterations is not None:
             iterations = usage.get(fields.iterations)
             if isinstance(iterations, list):
@@ -134,7 +149,8 @@ class ProviderUsage:
         prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
         if self._is_cache_beside_prompt:
             prompt += cache_read + cache_write
-        completion = get(COMPLETION, 0)
+        beside = get(REASONING_BESIDE, 0)
+        completion = get(COMPLETION, 0) + beside
         total = get(TOTAL, 0)
         if total > prompt + completion:  # thoughts counted beside the completion
             completion = total - prompt
@@ -145,7 +161,7 @@ class ProviderUsage:
             cache_read,
             cache_write,
             get(INPUT_AUDIO, 0),
-            get(REASONING, 0),
+            get(REASONING, 0) + beside,
             get(OUTPUT_AUDIO, 0),
             get(INPUT_IMAGE, 0),
             get(OUTPUT_IMAGE, 0),

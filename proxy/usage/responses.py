@@ -4,7 +4,8 @@ Answers are a `response` object (a JSON body, or in a stream the `response` of i
 `response.*` events): `output` items hold what was generated, `usage` is {input_tokens,
 output_tokens, input_tokens_details {cached_tokens}, output_tokens_details
 {reasoning_tokens}}, details parts of the totals; beside it `tool_usage` counts the
-web_search calls billed on top (`web_search.num_requests`). A stream's final usage comes with
+web_search calls billed on top (`web_search.num_requests`); Perplexity's Agent API counts its
+own in the usage, `tool_calls_details.search_web.invocation`. A stream's final usage comes with
 `response.completed` (or `.incomplete`, `.failed`); its text with
 `response.output_text.delta`, and what else the model generates (refusals, tool calls'
 names and arguments, reasoning text and summaries, code, audio transcripts) with their
@@ -57,6 +58,8 @@ USAGE = UsageFields(
         ("output_tokens_details", "reasoning_tokens", REASONING),
         ("output_tokens_details", "audio_tokens", OUTPUT_AUDIO),
     ),
+    # Perplexity's Agent API: its web_search tool's calls, each billed.
+    nested=(("tool_calls_details", "search_web", "invocation", WEB_SEARCHES),),
 )
 # Hosted tools' usage, beside `usage` in the object: the web_search calls billed (each
 # priced per thousand). Its image_gen tokens are the image model's, not read.

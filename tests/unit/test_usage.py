@@ -244,6 +244,27 @@ def test_a_groq_stream_is_charged_the_usage_groq_reports_in_x_groq():
     assert tap.text == "Hello"
 
 
+@pytest.mark.parametrize(
+    ("total", "completion"),
+    [(2_757, 2_738 + 73_997), (19 + 2_738 + 73_997, 2_738 + 73_997)],
+    ids=["left-out-of-the-total", "counted-in-the-total"],
+)
+def test_reasoning_reported_beside_the_completion_is_added_to_it_once(
+    total: int, completion: int
+) -> None:
+    # Perplexity's deep research: `reasoning_tokens` at the usage's top level, beside the
+    # completion and outside total_tokens; a total that counts it adds nothing more.
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 2_738,
+        "total_tokens": total,
+        "reasoning_tokens": 73_997,
+    }
+    body = orjson.dumps({"object": "chat.completion", "choices": [], "usage": usage})
+    tap = tap_of(body, JSON)
+    assert tap.usage(CHAT_REQUEST) == Usage(19, completion, reasoning_tokens=73_997)
+
+
 def test_completions_stream_text_is_read_from_choices_text():
     body = sse(
         {"object": "text_completion", "choices": [{"text": "abc"}]}, {"choices": [{"text": "de"}]}

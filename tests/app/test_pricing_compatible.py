@@ -1,0 +1,204 @@
+"""Keys on OpenAI-compatible providers other than OpenAI, charged as each provider reports
+usage and bills it: a provider declared in keys.json under its price data's name, answering
+as its real API does (its own usage fields), called with the openai SDK through the gateway.
+The log line's usage and cost, and the budget's spend, are what genai-prices' calc_price
+gives for the usage the provider billed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from genai_prices import Usage as LibraryUsage
+from genai_prices import calc_price
+from openai import AsyncOpenAI
+
+from tests.conftest import auth
+
+KEY = "vk_test_compatible_5e2a9c7d1b"
+
+
+async def gateway_before(
+    provider: str,
+    answer: dict[str, Any],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> TestClient:
+    """A gateway with a budgeted key on a provider declared as `provider`, whose chat
+    completions and responses answer `answer` (its usage as that provider reports it)."""
+
+    async def answering(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({**answer, "model": body["model"]})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", answering)
+    upstream.router.add_post("/v1/responses", answering)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {provider: {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {
+            KEY: {"provider": provider, "api_key": "sk-real-compatible", "budget": {"usd": 100}}
+        },
+    }
+    (tmp_path / "compatible.json").write_text(json.dumps(keys))
+    return await make_gateway(KEYS_FILE_PATH=str(tmp_path / "compatible.json"))
+
+
+async def ask(gateway: TestClient, model: str) -> None:
+    client = AsyncOpenAI(api_key=KEY, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello"}]
+        )
+    finally:
+        await client.close()
+
+
+def answer_with(usage: dict[str, Any]) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "Hi"}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+async def test_deepseek_cache_hits_reported_as_prompt_cache_hit_tokens_cost_the_cache_rate(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # DeepSeek's documented usage: the prompt split into cache hits and misses, beside
+    # prompt_tokens (no prompt_tokens_details); a hit costs 2% of a miss on deepseek-v4-flash.
+    usage = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 100,
+        "total_tokens": 10_100,
+        "prompt_cache_hit_tokens": 9_000,
+        "prompt_cache_miss_tokens": 1_000,
+    }
+    gateway = await gateway_before(
+        "deepseek", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "deepseek-v4-flash")
+    (line,) = await records(1)
+    assert line["usage"]["cache_read_tokens"] == 9_000
+    billed = LibraryUsage(input_tokens=10_000, cache_read_tokens=9_000, output_tokens=100)
+    price = float(calc_price(billed, "deepseek-v4-flash", provider_id="deepseek").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_search_queries_are_charged_per_search(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # sonar-deep-research bills each search it ran ($5 a thousand), reported beside the
+    # tokens as num_search_queries.
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 2_738,
+        "total_tokens": 2_757,
+        "num_search_queries": 18,
+    }
+    gateway = await gateway_before(
+        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "sonar-deep-research")
+    (line,) = await records(1)
+    assert line["usage"]["web_searches"] == 18
+    billed = LibraryUsage(input_tokens=19, output_tokens=2_738, web_searches=18)
+    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # sonar-deep-research reports its reasoning beside the completion (total_tokens leaves it
+    # out) and bills it at $3 a million: here 27 times the completion.
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 2_738,
+        "total_tokens": 2_757,
+        "reasoning_tokens": 73_997,
+    }
+    gateway = await gateway_before(
+        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+    )
+    await ask(gateway, "sonar-deep-research")
+    (line,) = await records(1)
+    assert line["usage"]["completion_tokens"] == 2_738 + 73_997
+    assert line["usage"]["reasoning_tokens"] == 73_997
+    billed = LibraryUsage(
+        input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997
+    )
+    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
+async def test_perplexity_agent_api_web_searches_are_charged_per_search(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # Perplexity's Agent API (the Responses format, since Sonar Chat Completions ended) counts
+    # its web_search tool's calls in usage.tool_calls_details.search_web.invocation, billed
+    # per thousand beside the tokens (and says the bill in usage.cost).
+    usage = {
+        "input_tokens": 3_000,
+        "output_tokens": 400,
+        "total_tokens": 3_400,
+        "input_tokens_details": {"cached_tokens": 0},
+        "cost": {"currency": "USD", "tool_calls_cost": 0.0075, "total_cost": 0.00925},
+        "tool_calls_details": {"search_web": {"invocation": 3}},
+    }
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Hi", "annotations": []}],
+    }
+    answer = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": "completed",
+        "output": [message],
+        "usage": usage,
+    }
+    gateway = await gateway_before("perplexity", answer, aiohttp_server, tmp_path, make_gateway)
+    client = AsyncOpenAI(api_key=KEY, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    try:
+        await client.responses.create(model="perplexity/sonar", input="Hello")
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert line["usage"]["web_searches"] == 3
+    billed = LibraryUsage(input_tokens=3_000, output_tokens=400, web_searches=3)
+    price = float(calc_price(billed, "perplexity/sonar", provider_id="perplexity").total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
