@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
-message's `fallbacks`, whose "default" is a model out of sight). What cannot be read is `Unreadable`: for a restricted
+message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -51,6 +51,10 @@ _MODELS_ELSEWHERE = frozenset(("batches",))
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# Anthropic's managed agents run the models of an agent stored at the provider (its own, its
+# callable agents', its advisor's): a session made or sent events, a deployment made or run.
+_AGENT_RUNS = {"sessions": "events", "deployments": "run"}
+_AGENT_ROOTS = frozenset(_AGENT_RUNS)
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads priced by their model (audio seconds, image tokens): their form is read for the
@@ -217,6 +221,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     first = endpoint(tail).partition("/")[0]
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
+    if method == "POST" and first in _AGENT_ROOTS and _runs_agent(endpoint(tail)):
+        raise Unreadable(
+            "running a managed agent (its models are the agent's, stored at the provider)"
+        )
     models = list(query.getall("model", ()))
     if "deployment" in query:
         models += query.getall("deployment")
@@ -245,6 +253,15 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # runs whatever is deployed there; a pattern allows it as `endpoints/<id>`.
             models.append(f"{_ENDPOINTS}/{unquote(segment).partition(':')[0]}")
     return models
+
+
+def _runs_agent(tail: str) -> bool:
+    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run: each starts
+    (or goes on with) a managed agent's work."""
+    segments = tail.rstrip("/").split("/")
+    if len(segments) == 1:
+        return True
+    return len(segments) == 3 and segments[2] == _AGENT_RUNS[segments[0]]
 
 
 def _path_model(segment: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from tests.conftest import OPENAI_VK, RESTRICTED_VK, assert_openai_error, auth
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, RESTRICTED_VK, assert_openai_error, auth
 from tests.support.fake_provider import FakeState
 
 ONE_MODEL_VK = "vk_test_one_model_3c5e7a9b1d"
@@ -340,3 +340,39 @@ async def test_a_message_running_another_model_beside_its_own_is_refused(
         allowed = {"tools": [{**ADVISOR, "model": SONNET}], "fallbacks": [{"model": SONNET}]}
         await client.beta.messages.create(model=SONNET, max_tokens=64, messages=HELLO, **allowed)
     assert [seen.path for seen in fake.requests] == ["/v1/messages"]
+
+
+# A managed agent runs its own models (its model, its callable agents', its advisor's), stored
+# at the provider where the gateway cannot see them: what starts its work is refused to a
+# restricted key, as an OpenAI batch is.
+SAY_HELLO: Any = [{"type": "user.message", "content": [{"type": "text", "text": "hello"}]}]
+AGENT_RUNS: dict[str, Callable[[anthropic.AsyncAnthropic], Awaitable[object]]] = {
+    "session": lambda c: c.beta.sessions.create(agent="agent_1", environment_id="env_1"),
+    "session event": lambda c: c.beta.sessions.events.send("sesn_1", events=SAY_HELLO),
+    "deployment": lambda c: c.beta.deployments.create(
+        agent="agent_1", environment_id="env_1", initial_events=SAY_HELLO, name="nightly"
+    ),
+    "deployment run": lambda c: c.beta.deployments.run("depl_1"),
+}
+
+
+@pytest.mark.parametrize("call", AGENT_RUNS.values(), ids=AGENT_RUNS.keys())
+async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
+    gateway: TestClient,
+    fake: FakeState,
+    call: Callable[[anthropic.AsyncAnthropic], Awaitable[object]],
+) -> None:
+    base = str(gateway.make_url(""))
+    restricted = anthropic.AsyncAnthropic(base_url=base, api_key=RESTRICTED_VK, max_retries=0)
+    async with restricted:
+        with pytest.raises(anthropic.PermissionDeniedError, match="agent"):
+            await call(restricted)
+    assert fake.requests == []
+    # A key that may use any model runs it; and a restricted key still reads a session.
+    anyone = anthropic.AsyncAnthropic(base_url=base, api_key=ANTHROPIC_VK, max_retries=0)
+    async with anyone:
+        await call(anyone)
+    reader = anthropic.AsyncAnthropic(base_url=base, api_key=RESTRICTED_VK, max_retries=0)
+    async with reader:
+        await reader.beta.sessions.retrieve("sesn_1")
+    assert len(fake.requests) == 2
