@@ -243,6 +243,7 @@ class Entrance:
                 record.usage,
                 answered,
                 service_tier=record.service_tier,
+                speed=record.speed,
             )
         )
 

@@ -270,6 +270,8 @@ class Record:
     response_model: str | None = None
     # The OpenAI service tier the provider says served it ("priority", "flex"), for pricing.
     service_tier: str | None = None
+    # Anthropic's speed that served it ("fast": fast mode, at its own rates), for pricing.
+    speed: str | None = None
     # The provider's own id of the request (its support asks for it); None: none said.
     provider_request_id: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
@@ -350,12 +352,13 @@ class Record:
         batch: Batch | None = None,
         error_kind: str | None = None,
         service_tier: str | None = None,
+        speed: str | None = None,
     ) -> None:
         """What the provider's answer said: its usage, the model that answered, the Responses
         object or the batch it holds, (LOG_BODIES only) its text, the type of an error
-        it sent inside the answer, and the service tier that served it."""
+        it sent inside the answer, and the service tier and speed that served it."""
         self.usage, self.response_model, self.stored = usage, response_model, stored
-        self.service_tier = service_tier
+        self.service_tier, self.speed = service_tier, speed
         self.response_text, self.batch = text, batch
         if error_kind is not None:
             self.answer_error = f"the provider sent an error in its answer ({error_kind})"

@@ -8,7 +8,8 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
-Responses `image_generation` tool). What cannot be read is `Unreadable`: for a restricted
+Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
+message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -47,6 +48,13 @@ from proxy.upstream.routing import endpoint
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # OpenAI's batches name their models inside an uploaded file the gateway never sees.
 _MODELS_ELSEWHERE = frozenset(("batches",))
+# Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
+# tools name it), and those of `fallbacks` (each entry's `model`, or "default").
+_ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# Anthropic's managed agents run the models of an agent stored at the provider (its own, its
+# callable agents', its advisor's): a session made or sent events, a deployment made or run.
+_AGENT_RUNS = {"sessions": "events", "deployments": "run"}
+_AGENT_ROOTS = frozenset(_AGENT_RUNS)
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads priced by their model (audio seconds, image tokens): their form is read for the
@@ -108,7 +116,7 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
         names = [Unnamed(unnamed)]
     else:
         names = []
-    if "svg" in document or "tools" in document or "requests" in document:
+    if "svg" in document or "tools" in document or "requests" in document or _FALLBACKS in document:
         names += _nested(document)
     return names
 
@@ -117,18 +125,31 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
     """The models of a body's parts that run their own (for `in_document`)."""
     yield from _svg_author(document)
     tools = document.get("tools")
-    if isinstance(tools, list):  # the Responses API's image_generation tool runs its own model
+    if isinstance(tools, list):
         for tool in tools:
-            if not isinstance(tool, dict) or tool.get("type") != "image_generation":
-                continue
-            yield tool["model"] if "model" in tool else Unnamed("the image tool's default model")
-            yield from _svg_author(tool)
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind == "image_generation":  # the Responses API's image tool runs its own model
+                yield (
+                    tool["model"] if "model" in tool else Unnamed("the image tool's default model")
+                )
+                yield from _svg_author(tool)
+            elif isinstance(kind, str) and kind.startswith(_ADVISOR):  # Anthropic's advisor
+                yield tool["model"] if "model" in tool else Unnamed("the advisor tool's model")
+    fallbacks = document.get(_FALLBACKS)
+    if fallbacks is not None:  # Anthropic's models tried when the message's own declines
+        if not isinstance(fallbacks, list):  # "default": the model's own, out of sight
+            yield Unnamed("its model's default fallbacks")
+        else:
+            for entry in fallbacks:
+                yield entry.get("model") if isinstance(entry, dict) else entry
     requests = document.get("requests")
     if isinstance(requests, list):
         for item in requests:
             params = item.get("params") if isinstance(item, dict) else None
-            if isinstance(params, dict) and "model" in params:
-                yield params["model"]
+            if isinstance(params, dict):  # each request of a message batch: a message's body
+                if "model" in params:
+                    yield params["model"]
+                yield from _nested(params)
 
 
 def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:
@@ -200,6 +221,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     first = endpoint(tail).partition("/")[0]
     if method == "POST" and first in _MODELS_ELSEWHERE:
         raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
+    if method == "POST" and first in _AGENT_ROOTS and _runs_agent(endpoint(tail)):
+        raise Unreadable(
+            "running a managed agent (its models are the agent's, stored at the provider)"
+        )
     models = list(query.getall("model", ()))
     if "deployment" in query:
         models += query.getall("deployment")
@@ -228,6 +253,15 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # runs whatever is deployed there; a pattern allows it as `endpoints/<id>`.
             models.append(f"{_ENDPOINTS}/{unquote(segment).partition(':')[0]}")
     return models
+
+
+def _runs_agent(tail: str) -> bool:
+    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run: each starts
+    (or goes on with) a managed agent's work."""
+    segments = tail.rstrip("/").split("/")
+    if len(segments) == 1:
+        return True
+    return len(segments) == 3 and segments[2] == _AGENT_RUNS[segments[0]]
 
 
 def _path_model(segment: str) -> str:

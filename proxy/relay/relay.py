@@ -224,6 +224,7 @@ class Relay:
                     tap.batch,
                     tap.error_kind,
                     tap.service_tier,
+                    tap.speed,
                 )
             else:
                 record.saw_answer(None, text=text, error_kind=tap.error_kind)

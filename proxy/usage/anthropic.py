@@ -8,7 +8,8 @@ server-side compaction's sampling nor the advisor tool's (its `iterations` of ty
 `cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more), its
 `output_tokens_details.thinking_tokens` says how much of the output was thinking (logged as
 reasoning), and its
-`server_tool_use` counts the web searches the server ran (each priced). A stream
+`server_tool_use` counts the web searches the server ran (each priced); its `speed` says
+whether fast mode served it ("fast": priced at fast mode's rates). A stream
 reports in `message_start` and then in cumulative `message_delta`s (the last value of each
 field wins); `message_start`'s output count is only a start (1), so a stream cut before a
 `message_delta` has a provisional usage (`Reading.is_usage_provisional`). Its text comes in
@@ -85,6 +86,7 @@ def _message_start(event: dict[str, Any], reading: Reading) -> None:
     if isinstance(message, dict):
         reading.note_model(message.get("model"))
         reading.reported.read(message.get("usage"), USAGE)
+        reading.note_speed(message.get("usage"))
         # Its prompt counts are final; its output_tokens (1) only starts the count.
         reading.is_usage_provisional = isinstance(message.get("usage"), dict)
 
@@ -94,6 +96,7 @@ def _message_delta(event: dict[str, Any], reading: Reading) -> None:
     reading.reported.read(usage, USAGE)
     if isinstance(usage, dict):
         reading.is_usage_provisional = False
+        reading.note_speed(usage)
 
 
 def _error(event: dict[str, Any], reading: Reading) -> None:
@@ -117,6 +120,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer: a message."""
     reading.note_model(document.get("model"))
     reading.reported.read(document.get("usage"), USAGE)
+    reading.note_speed(document.get("usage"))
     if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     content = document.get("content")

@@ -104,6 +104,9 @@ _MTOK = 1_000_000
 _BATCH = {"processing": "batch"}
 # OpenAI service tiers billed at the usual price (the library's price without a variant).
 _USUAL_TIERS = frozenset((None, "default", "auto"))
+# Anthropic's fast mode (the answer's `usage.speed`), and the library's price context for it.
+_FAST = "fast"
+_FAST_MODE: dict[str, str | None] = {"speed": _FAST}
 
 
 class PricesFileError(SettingError):
@@ -251,6 +254,7 @@ class Prices:
         answered: str | None = None,
         is_batch: bool = False,
         service_tier: str | None = None,
+        speed: str | None = None,
     ) -> float | None:
         """USD for `usage` of `model` at `provider`; None when unpriced (or no usage).
 
@@ -262,6 +266,8 @@ class Prices:
         usual price); an override's rates stand for batches too.
         `service_tier`: the OpenAI tier that served it, at the library's price for that tier
         where it has one ("priority" above, "flex" below the usual); overrides stand for all.
+        `speed`: Anthropic's speed that served it, "fast" (fast mode) at the library's fast
+        price where it has one; overrides stand for all.
         """
         model = model or answered
         if usage is None or provider is None or model is None:
@@ -273,11 +279,15 @@ class Prices:
                 or self._overrides.get((provider, answered or model))
                 or self._overrides.get((provider, "*"))
             )
-        tier = None if service_tier in _USUAL_TIERS else service_tier
+        variant = None
+        if service_tier not in _USUAL_TIERS:
+            variant = {"service_tier": service_tier}
+        elif speed == _FAST:
+            variant = _FAST_MODE
         if price is None and answered is not None and answered != model:
-            price = self._library_price(provider, answered, is_batch, tier)
+            price = self._library_price(provider, answered, is_batch, variant)
         if price is None:
-            price = self._library_price(provider, model, is_batch, tier)
+            price = self._library_price(provider, model, is_batch, variant)
         return None if price is None else price.cost(usage)
 
     def overridden_providers(self) -> set[str]:
@@ -298,7 +308,11 @@ class Prices:
         return self._library_provider(provider) is not None
 
     def _library_price(
-        self, provider: str, model: str, is_batch: bool = False, tier: str | None = None
+        self,
+        provider: str,
+        model: str,
+        is_batch: bool = False,
+        variant: dict[str, str | None] | None = None,
     ) -> Price | None:
         key = (provider, model)
         known = self._models.get(key)
@@ -312,9 +326,8 @@ class Prices:
             return None
         if is_batch:  # a variant resolves to a new object each time: converted each time
             return _from_library(model_info.get_prices(datetime.now(tz=UTC), _BATCH))
-        if tier is not None:  # likewise: a tier's variant (the rare answer not at the usual)
-            context = {"service_tier": tier}
-            return _from_library(model_info.get_prices(datetime.now(tz=UTC), context))
+        if variant is not None:  # likewise: a tier's or fast mode's (the rare answer not usual)
+            return _from_library(model_info.get_prices(datetime.now(tz=UTC), variant))
         if is_fixed:
             return fixed
         # A model's price may change on a date the data knows: resolve it for now. The

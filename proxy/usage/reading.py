@@ -32,6 +32,7 @@ class Reading:
         "model",
         "reported",
         "service_tier",
+        "speed",
         "stored_id",
         "stored_status",
         "texts",
@@ -52,6 +53,8 @@ class Reading:
         self.model: str | None = None
         # The OpenAI service tier the provider says served it (priced at its own rates).
         self.service_tier: str | None = None
+        # Anthropic's fast mode: the `speed` its usage says served it ("fast": its own rates).
+        self.speed: str | None = None
         # The type (or code) of the first error the provider sent inside its answer; only
         # that, never its message, which may quote anything (a key, the prompt).
         self.error_kind: str | None = None
@@ -84,6 +87,12 @@ class Reading:
         "flex", "priority"), not the one asked for ("auto")."""
         if isinstance(tier, str) and tier:
             self.service_tier = tier[:MODEL_CHARS]
+
+    def note_speed(self, usage: object) -> None:
+        """Anthropic's `usage.speed`: "fast" (fast mode) or "standard"."""
+        speed = usage.get("speed") if isinstance(usage, dict) else None
+        if isinstance(speed, str) and speed:
+            self.speed = speed[:MODEL_CHARS]
 
     def note_error(self, error: object) -> None:
         """The provider sent an error object inside its answer: its `type`, else its `code`,

@@ -354,6 +354,11 @@ class UsageTap:
         return self._reading.service_tier
 
     @property
+    def speed(self) -> str | None:
+        """Anthropic's speed that served the answer ("fast": fast mode); None: unsaid."""
+        return self._reading.speed
+
+    @property
     def error_kind(self) -> str | None:
         """The type of an error the provider sent in its answer: a stream's error event, or
         an error answered whole."""

@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from tests.conftest import OPENAI_VK, assert_openai_error, auth
+from tests.conftest import ANTHROPIC_VK, OPENAI_VK, RESTRICTED_VK, assert_openai_error, auth
 from tests.support.fake_provider import FakeState
 
 ONE_MODEL_VK = "vk_test_one_model_3c5e7a9b1d"
@@ -306,3 +307,72 @@ async def test_a_path_spelled_with_percent_escapes_is_checked_as_the_provider_re
     payload = await response.json()
     assert payload["error"]["code"] in ("client_secrets_not_allowed", "model_not_allowed")
     assert fake.requests == []
+
+
+# A message runs other models than its own: the advisor tool's, and its fallbacks (named, or
+# "default": the model's server-side fallbacks, which the gateway cannot see); so does each
+# request of a message batch. RESTRICTED_VK may use claude-3-5-haiku-* and claude-sonnet-4-*.
+SONNET, OPUS = "claude-sonnet-4-6", "claude-opus-4-8"
+ADVISOR = {"type": "advisor_20260301", "name": "advisor", "model": OPUS}
+HELLO = [{"role": "user", "content": "hello"}]
+REFUSED_MESSAGES: dict[str, dict[str, Any]] = {
+    "advisor tool": {"tools": [ADVISOR]},
+    "named fallback": {"fallbacks": [{"model": OPUS}]},
+    "default fallbacks": {"fallbacks": "default"},
+}
+
+
+@pytest.mark.parametrize("extra", REFUSED_MESSAGES.values(), ids=REFUSED_MESSAGES.keys())
+async def test_a_message_running_another_model_beside_its_own_is_refused(
+    gateway: TestClient, fake: FakeState, extra: dict[str, Any]
+) -> None:
+    client = anthropic.AsyncAnthropic(
+        base_url=str(gateway.make_url("")), api_key=RESTRICTED_VK, max_retries=0
+    )
+    async with client:
+        with pytest.raises(anthropic.PermissionDeniedError, match="claude-sonnet-4-"):
+            await client.beta.messages.create(model=SONNET, max_tokens=64, messages=HELLO, **extra)
+        batch = {"custom_id": "a", "params": {"model": SONNET, "max_tokens": 64, "messages": HELLO}}
+        batch["params"].update(extra)
+        with pytest.raises(anthropic.PermissionDeniedError, match="claude-sonnet-4-"):
+            await client.messages.batches.create(requests=[batch])  # type: ignore[list-item]
+        # Allowed models there pass.
+        allowed = {"tools": [{**ADVISOR, "model": SONNET}], "fallbacks": [{"model": SONNET}]}
+        await client.beta.messages.create(model=SONNET, max_tokens=64, messages=HELLO, **allowed)
+    assert [seen.path for seen in fake.requests] == ["/v1/messages"]
+
+
+# A managed agent runs its own models (its model, its callable agents', its advisor's), stored
+# at the provider where the gateway cannot see them: what starts its work is refused to a
+# restricted key, as an OpenAI batch is.
+SAY_HELLO: Any = [{"type": "user.message", "content": [{"type": "text", "text": "hello"}]}]
+AGENT_RUNS: dict[str, Callable[[anthropic.AsyncAnthropic], Awaitable[object]]] = {
+    "session": lambda c: c.beta.sessions.create(agent="agent_1", environment_id="env_1"),
+    "session event": lambda c: c.beta.sessions.events.send("sesn_1", events=SAY_HELLO),
+    "deployment": lambda c: c.beta.deployments.create(
+        agent="agent_1", environment_id="env_1", initial_events=SAY_HELLO, name="nightly"
+    ),
+    "deployment run": lambda c: c.beta.deployments.run("depl_1"),
+}
+
+
+@pytest.mark.parametrize("call", AGENT_RUNS.values(), ids=AGENT_RUNS.keys())
+async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
+    gateway: TestClient,
+    fake: FakeState,
+    call: Callable[[anthropic.AsyncAnthropic], Awaitable[object]],
+) -> None:
+    base = str(gateway.make_url(""))
+    restricted = anthropic.AsyncAnthropic(base_url=base, api_key=RESTRICTED_VK, max_retries=0)
+    async with restricted:
+        with pytest.raises(anthropic.PermissionDeniedError, match="agent"):
+            await call(restricted)
+    assert fake.requests == []
+    # A key that may use any model runs it; and a restricted key still reads a session.
+    anyone = anthropic.AsyncAnthropic(base_url=base, api_key=ANTHROPIC_VK, max_retries=0)
+    async with anyone:
+        await call(anyone)
+    reader = anthropic.AsyncAnthropic(base_url=base, api_key=RESTRICTED_VK, max_retries=0)
+    async with reader:
+        await reader.beta.sessions.retrieve("sesn_1")
+    assert len(fake.requests) == 2

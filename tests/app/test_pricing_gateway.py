@@ -18,6 +18,7 @@ from tests.conftest import ANTHROPIC_VK, CUSTOM_VK, OPENAI_VK, auth
 from tests.unit.test_pricing import library_cost, write
 
 TIERS = {"service_tier": "priority"}
+FAST = {"speed": "fast"}
 
 
 async def test_the_log_line_and_metrics_carry_each_requests_cost(
@@ -244,3 +245,32 @@ async def test_responses_web_search_calls_are_charged_at_their_rate(
     spent = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     # Spent in whole micro-dollars, the fraction carried to the key's next request.
     assert spent["totals"]["spent_usd"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("is_stream", [False, True])
+async def test_a_message_served_in_fast_mode_costs_the_fast_price(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    is_stream: bool,
+) -> None:
+    """Anthropic bills fast mode (`speed: "fast"`, which the answer's usage names) at its own,
+    higher rates; before, it was priced as a standard answer."""
+    client = AsyncAnthropic(api_key=ANTHROPIC_VK, base_url=str(gateway.make_url("")), max_retries=0)
+    messages: Any = [{"role": "user", "content": "a b"}]
+    async with client:
+        if is_stream:
+            async with client.beta.messages.stream(
+                model="claude-opus-4-8", max_tokens=64, messages=messages, speed="fast"
+            ) as stream:
+                answer = await stream.get_final_message()
+        else:
+            answer = await client.beta.messages.create(
+                model="claude-opus-4-8", max_tokens=64, messages=messages, speed="fast"
+            )
+    assert answer.usage.speed == "fast"
+    (line,) = await records(1)
+    assert not line["usage"]["estimated"]
+    usage = Usage(line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"])
+    fast = library_cost("anthropic", "claude-opus-4-8", usage, FAST)
+    assert fast > library_cost("anthropic", "claude-opus-4-8", usage)
+    assert line["cost_usd"] == pytest.approx(fast)

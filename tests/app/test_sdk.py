@@ -26,6 +26,7 @@ from tests.conftest import (
     LIMITED_VK,
     OPENAI_REAL,
     OPENAI_VK,
+    RESTRICTED_REAL,
     RESTRICTED_VK,
     assert_anthropic_error,
     assert_openai_error,
@@ -459,6 +460,38 @@ async def test_anthropic_count_tokens_gets_the_providers_exact_bytes(
     seen = fake.requests[-1]
     assert seen.path == "/v1/messages/count_tokens"
     assert_anthropic_key_swapped(seen)
+
+
+async def test_anthropic_files_go_up_as_a_form_and_come_back_as_their_bytes(
+    anthropic_sdk, fake: FakeState, records
+) -> None:
+    # The Files API (beta): upload, list, metadata, download, delete; a restricted key too,
+    # as none of them runs a model. None is charged a token.
+    client = anthropic_sdk(RESTRICTED_VK)
+    content = bytes(range(256)) * 8
+    uploaded = await client.beta.files.upload(
+        file=("notes.bin", content, "application/pdf"), betas=["files-api-2025-04-14"]
+    )
+    assert (uploaded.filename, uploaded.size_bytes) == ("notes.bin", len(content))
+    seen = fake.requests[-1]
+    assert seen.headers["anthropic-beta"] == "files-api-2025-04-14"
+    assert seen.headers.getall("x-api-key") == [RESTRICTED_REAL]
+    page = await client.beta.files.list(limit=5)
+    assert [file.id for file in page.data] == [uploaded.id]
+    metadata = await client.beta.files.retrieve_metadata(uploaded.id)
+    assert metadata.mime_type == "application/pdf"
+    download = await client.beta.files.download(uploaded.id)
+    assert await download.read() == content
+    deleted = await client.beta.files.delete(uploaded.id)
+    assert deleted.type == "file_deleted"
+    lines = await records(5)
+    assert [(line["method"], line["status"], line["usage"]) for line in lines] == [
+        ("POST", 200, None),
+        ("GET", 200, None),
+        ("GET", 200, None),
+        ("GET", 200, None),
+        ("DELETE", 200, None),
+    ]
 
 
 async def test_restricted_key_may_use_an_allowed_model(anthropic_sdk, fake: FakeState) -> None:

@@ -2,7 +2,9 @@
 
 Mounted by `tests/support/fake_provider.py` (its middleware records and steers these too):
 
-    POST /files (multipart: purpose, file)         keeps the file; a file object
+    POST /files (multipart: purpose, file)         keeps the file; a file object (Anthropic's
+                                                   metadata for an anthropic-version request)
+    GET, DELETE /files[/{id}]                      Anthropic's list, metadata and delete
     POST /uploads {filename, purpose, bytes, ...}  an Upload `pending`
     POST /uploads/{id}/parts (multipart: data)     keeps the part; an upload part object
     POST /uploads/{id}/complete {part_ids}         the parts joined in that order into a file,
@@ -66,6 +68,8 @@ class FakeBatch:
 @dataclass(slots=True)
 class BatchesState:
     files: dict[str, bytes] = field(default_factory=dict)
+    # Anthropic's files: id -> (filename, mime type)
+    names: dict[str, tuple[str, str]] = field(default_factory=dict)
     # upload id -> its Upload object, and part id -> (upload id, the part's bytes)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     parts: dict[str, tuple[str, bytes]] = field(default_factory=dict)
@@ -79,6 +83,9 @@ def install(app: web.Application) -> None:
     app[FAKE_BATCHES] = BatchesState()
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/files", upload)
+        app.router.add_get(f"{prefix}/files", list_files)
+        app.router.add_get(f"{prefix}/files/{{file_id}}", file_metadata)
+        app.router.add_delete(f"{prefix}/files/{{file_id}}", delete_file)
         app.router.add_get(f"{prefix}/files/{{file_id}}/content", file_content)
         app.router.add_post(f"{prefix}/uploads", begin_upload)
         app.router.add_post(f"{prefix}/uploads/{{upload_id}}/parts", upload_part)
@@ -130,9 +137,68 @@ async def upload(request: web.Request) -> web.Response:
     _, options = parse_options_header(request.headers["content-type"])
     parts = {part.name: part for part in MultipartParser(io.BytesIO(body), options["boundary"])}
     content = parts["file"].raw
+    if is_anthropic_files(request):  # Anthropic's Files API: the file alone, no purpose
+        file_id = f"file_{uuid.uuid4().hex[:24]}"
+        request.app[FAKE_BATCHES].files[file_id] = content
+        state = request.app[FAKE_BATCHES]
+        state.names[file_id] = (parts["file"].filename, parts["file"].content_type)
+        return answer(anthropic_file(state, file_id))
     file_id = f"file-{uuid.uuid4().hex[:24]}"
     request.app[FAKE_BATCHES].files[file_id] = content
     return answer(file_object(file_id, content, parts["file"].filename, parts["purpose"].value))
+
+
+def is_anthropic_files(request: web.Request) -> bool:
+    """Anthropic's SDK sends anthropic-version (and anthropic-beta: files-api-...)."""
+    return "anthropic-version" in request.headers
+
+
+def anthropic_file(state: BatchesState, file_id: str) -> dict[str, Any]:
+    """Anthropic's file metadata."""
+    filename, mime_type = state.names.get(file_id, ("output.jsonl", "application/jsonl"))
+    return {
+        "id": file_id,
+        "type": "file",
+        "filename": filename,
+        "mime_type": mime_type,
+        "size_bytes": len(state.files[file_id]),
+        "created_at": "2026-01-01T00:00:00Z",
+        "downloadable": False,
+    }
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """Anthropic's page of files (`limit`, `after_id`, `before_id`)."""
+    state = request.app[FAKE_BATCHES]
+    ids = list(state.names)
+    after = request.query.get("after_id")
+    if after in ids:
+        ids = ids[ids.index(after) + 1 :]
+    limit = int(request.query.get("limit", "20"))
+    page = ids[:limit]
+    return answer(
+        {
+            "data": [anthropic_file(state, file_id) for file_id in page],
+            "has_more": len(ids) > limit,
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+    )
+
+
+async def file_metadata(request: web.Request) -> web.Response:
+    state, file_id = request.app[FAKE_BATCHES], request.match_info["file_id"]
+    if file_id not in state.files:
+        return not_found("file")
+    return answer(anthropic_file(state, file_id))
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    state, file_id = request.app[FAKE_BATCHES], request.match_info["file_id"]
+    if state.files.pop(file_id, None) is None:
+        return not_found("file")
+    state.names.pop(file_id, None)
+    return answer({"id": file_id, "type": "file_deleted"})
 
 
 def file_object(file_id: str, content: bytes, filename: str, purpose: str) -> dict[str, Any]:

@@ -1311,6 +1311,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     searches = {"web_search_requests": knobs.web_searches} if knobs.web_searches else None
     if searches:
         usage["server_tool_use"] = searches
+    if "speed" in payload:  # fast mode: the speed that served it, priced at its own rates
+        usage["speed"] = payload["speed"]
     thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
     iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
     tool = tool_name(payload) if knobs.tool_chars else None
