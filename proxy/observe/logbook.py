@@ -40,7 +40,10 @@ in the log. A virtual key of the file written in a body (the client's own, anoth
 is masked there when it stands as a word of its own, between spaces, quotes, brackets or
 punctuation (`key=<key>&`, `<key>.`): each word of 8 characters or more is looked up in the
 key ring. A key glued to other letters, or holding one of those marks (`.`, `:`, `=`, ...),
-is not found that way.
+is not found that way. Credentials a JSON body hands the provider for a third party (a
+remote MCP server's: Anthropic's `authorization_token`, the `authorization` and `headers` of
+OpenAI's MCP tool) are `[redacted]` too: a string under a field so named (`CREDENTIALS`),
+at any depth.
 
 A write that fails at run time (disk full, file removed under a read-only mount, a closed
 pipe) drops that line, calls `on_write_error` (the app counts it in a metric), says the
@@ -412,8 +415,32 @@ def _words(text: str) -> list[str]:
     return list(set(_LONG_WORD.findall(" " + text.translate(_BETWEEN_WORDS))))
 
 
+# Fields whose string values are credentials for a third party, by their lower-case name.
+CREDENTIALS = frozenset(
+    ("authorization_token", "authorization", "api_key", "api-key", "x-api-key", "x-goog-api-key")
+)
+
+
+def _without_credentials(value: Any) -> Any:
+    """`value` (parsed JSON) with each string under a `CREDENTIALS` field redacted, in place."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for name, inner in item.items():
+                if isinstance(inner, str):
+                    if name.lower() in CREDENTIALS:
+                        item[name] = REDACTED
+                elif isinstance(inner, dict | list):
+                    stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(inner for inner in item if isinstance(inner, dict | list))
+    return value
+
+
 def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
-    """A body for the log, redacted: its JSON value if it parses, else its text."""
+    """A body for the log, redacted: its JSON value if it parses (credentials for third
+    parties redacted), else its text."""
     if not body:
         return None
     text = redact(body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body)
@@ -426,6 +453,6 @@ def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
     # JSON may spell a key with escapes ("\u0073k-..."): redact its canonical form too.
     canonical = redact(orjson.dumps(value).decode())
     try:
-        return orjson.loads(canonical)
+        return _without_credentials(orjson.loads(canonical))
     except orjson.JSONDecodeError:
         return canonical  # a key that matched JSON syntax itself: the text, redacted

@@ -317,6 +317,57 @@ async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
     assert hidden in logged[0] and hidden in logged[1]
 
 
+async def test_credentials_a_body_hands_to_third_parties_are_not_in_the_logged_body(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """With LOG_BODIES, the tokens a request gives the provider for remote MCP servers
+    (Anthropic's `mcp_servers[].authorization_token`, OpenAI's MCP tool `authorization` and
+    its `headers`) reach the provider, and the log has them redacted: a secret the log's
+    readers must not get, like the keys."""
+    gateway = await make_gateway(LOG_BODIES="true")
+    secrets = ["mcp-token-anthropic-1234", "mcp-oauth-openai-5678", "Bearer hdr-secret-9012"]
+    anthropic_body = {
+        **MESSAGES,
+        "mcp_servers": [
+            {
+                "type": "url",
+                "url": "https://mcp.example",
+                "name": "x",
+                "authorization_token": secrets[0],
+            }
+        ],
+    }
+    responses_body = {
+        "model": "gpt-4o-mini",
+        "input": "hi",
+        "tools": [
+            {
+                "type": "mcp",
+                "server_label": "x",
+                "server_url": "https://mcp.example",
+                "authorization": secrets[1],
+                "headers": {"Authorization": secrets[2]},
+            }
+        ],
+    }
+    first = await gateway.post("/v1/messages", json=anthropic_body, headers=auth(ANTHROPIC_VK))
+    second = await gateway.post("/v1/responses", json=responses_body, headers=auth(OPENAI_VK))
+    assert first.status == second.status == 200
+    sent = b"".join(seen.body for seen in fake.requests)
+    assert all(secret.encode() in sent for secret in secrets)  # the provider needs them
+    lines = await records(2)
+    logged = log_path.read_text()
+    assert not [secret for secret in secrets if secret in logged]
+    mcp = lines[0]["request"]["mcp_servers"][0]
+    assert mcp["authorization_token"] == "[redacted]" and mcp["url"] == "https://mcp.example"
+    tool = lines[1]["request"]["tools"][0]
+    assert tool["authorization"] == "[redacted]"
+    assert tool["headers"] == {"Authorization": "[redacted]"}
+
+
 async def test_another_users_key_in_a_logged_body_is_masked(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,
