@@ -380,6 +380,7 @@ async def relay_body(
     content = reply.content
     read, has_arrived, clock = content.readany, content.has_arrived, time.perf_counter
     status, is_writing, loop = reply.status, False, asyncio.get_running_loop()
+    delivered = b""  # the last chunk written to the client
     try:
         with silences.watch(loop) as watch:
             asked = clock()
@@ -403,7 +404,7 @@ async def relay_body(
                 if withheld is not None:
                     sent = withheld(sent)
                 await response.write(sent)
-                is_writing = False
+                is_writing, delivered = False, sent
                 tap.feed(chunk)
                 if collect is not None:
                     collect(sent)
@@ -419,7 +420,13 @@ async def relay_body(
             is_writing = True
             await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
+        if openai_chat.ends_stream(delivered):  # ... with its whole answer
+            record.saw_whole_answer_sent(status)
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
+    except asyncio.CancelledError:  # the client left (handler_cancellation), or the shutdown
+        if openai_chat.ends_stream(delivered):
+            record.saw_whole_answer_sent(status)
+        raise
     except TimeoutError:
         idle = silences.idle
         if is_writing:  # a client that stopped reading: its own ending, not the provider's

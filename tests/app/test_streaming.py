@@ -150,6 +150,29 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_sec
     )  # leaving is not the provider's fault
 
 
+async def test_a_client_that_leaves_once_it_has_done_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The openai SDK before 3.x (under LangChain, LlamaIndex, LiteLLM) closes the connection
+    # as soon as it reads `data: [DONE]`: when the provider's last chunk (the body's end)
+    # comes after it, the client has its whole answer, and leaves before that end.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=chat("count", stream=True, stream_options={"include_usage": True}),
+        headers={**auth(OPENAI_VK), "x-fake-hang": "end", "x-request-id": "done-1"},
+    )
+    received = b""
+    while not received.rstrip().endswith(b"data: [DONE]"):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before [DONE]: {received!r}"
+        received += chunk
+    response.close()  # as the SDK does at [DONE]
+    (line,) = await records(1)
+    assert received == fake.sent["done-1"]
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
