@@ -13,8 +13,9 @@ Whatever happens, the exchange alone writes the record's ending, once:
     GatewayError                        its status and outcome; answered in the dialect
     Cut (an answer under way ended)     its status and outcome; the connection is closed
     CancelledError (the client left)    499 client_left; an open WebSocket session: 101;
-                                        a stream it had whole (its `data: [DONE]`, where
-                                        the openai SDK before 3.x leaves): its status, answered
+                                        a stream it had whole (its last event, where the
+                                        openai SDK before 3.x and LiteLLM leave): its status,
+                                        answered
     CancelledError(GRACE_OVER)          503 shutdown: the server cut it when the shutdown
                                         grace ran out (runtime.server)
     any other exception (a bug)         500 internal, logged with its traceback, answered

@@ -285,7 +285,7 @@ class Record:
     # A request was written upstream and its answer never came (timed out, cut before its
     # headers, or its client left meanwhile): the provider may be at work on it.
     is_unanswered: bool = False
-    # The status of an answer the client was sent whole (an OpenAI stream up to its [DONE])
+    # The status of an answer the client was sent whole (a stream up to its last event)
     # before its body's end came: a client that leaves then was answered, not cut.
     whole_answer_status: int | None = None
 

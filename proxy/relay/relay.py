@@ -40,7 +40,7 @@ from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
 from proxy.upstream.wire import Reply as WireReply
-from proxy.usage import openai_chat
+from proxy.usage import anthropic, openai_chat
 from proxy.usage.openai_chat import UsageChunkFilter
 from proxy.usage.usage import TapMemory, UsageTap, charged
 
@@ -420,11 +420,11 @@ async def relay_body(
             is_writing = True
             await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
-        if openai_chat.ends_stream(delivered):  # ... with its whole answer
+        if ends_stream(delivered):  # ... with its whole answer
             record.saw_whole_answer_sent(status)
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except asyncio.CancelledError:  # the client left (handler_cancellation), or the shutdown
-        if openai_chat.ends_stream(delivered):
+        if ends_stream(delivered):
             record.saw_whole_answer_sent(status)
         raise
     except TimeoutError:
@@ -436,6 +436,12 @@ async def relay_body(
         raise Cut(status, Outcome.TIMEOUT, why) from None
     finally:
         send_head(writer)  # the status is due whatever ended the stream (once sent: nothing)
+
+
+def ends_stream(delivered: bytes) -> bool:
+    """Whether the last chunk a client was sent ends its stream's last event (OpenAI's
+    `data: [DONE]`, Anthropic's `message_stop`): a client that leaves then has it all."""
+    return openai_chat.ends_stream(delivered) or anthropic.ends_stream(delivered)
 
 
 async def send_end(

@@ -50,6 +50,10 @@ USAGE = UsageFields(
 )
 
 
+# The last event of a Messages stream, in its data line (`{"type":"message_stop"}`).
+_MESSAGE_STOP = b'"message_stop"'
+
+
 def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
     """A block begins: a tool call's name comes whole here, its input as deltas."""
     block = event.get("content_block")
@@ -101,6 +105,15 @@ EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
     "message_start": _message_start,
     "message_delta": _message_delta,
 }
+
+
+def ends_stream(sent: bytes) -> bool:
+    """Whether bytes of an event stream end with a Messages stream's last event,
+    `message_stop` (its client has the whole answer: LiteLLM's synchronous stream stops
+    reading there, before the body's end)."""
+    tail = sent.rstrip()
+    last = tail[tail.rfind(b"\n") + 1 :]
+    return last.startswith(b"data:") and _MESSAGE_STOP in last
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

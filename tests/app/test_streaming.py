@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import build_app
 from proxy.settings import Settings
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
-from tests.support.bodies import chat
+from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
 
 STREAM = chat("count", stream=True)
@@ -169,6 +169,28 @@ async def test_a_client_that_leaves_once_it_has_done_was_answered_not_cut(
     response.close()  # as the SDK does at [DONE]
     (line,) = await records(1)
     assert received == fake.sent["done-1"]
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+async def test_a_client_that_leaves_once_it_has_message_stop_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # LiteLLM's synchronous Anthropic stream stops reading at the last event, message_stop,
+    # and closes the connection before the body's end.
+    response = await gateway.post(
+        "/v1/messages",
+        json=messages("count", stream=True),
+        headers={**auth(ANTHROPIC_VK), "x-fake-hang": "end", "x-request-id": "stop-1"},
+    )
+    received = b""
+    while b'"message_stop"' not in received.rstrip().rpartition(b"\n")[2]:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before message_stop: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert received == fake.sent["stop-1"]
     assert line["status"] == 200 and "error" not in line
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 
