@@ -439,8 +439,9 @@ async def relay_body(
 
 
 def ends_stream(delivered: bytes) -> bool:
-    """Whether the last chunk a client was sent ends its stream's last event (OpenAI's
-    `data: [DONE]`, Anthropic's `message_stop`): a client that leaves then has it all."""
+    """Whether the last chunk a client was sent ends its stream's whole answer (OpenAI's
+    `data: [DONE]`, Anthropic's `message_stop` or the `message_delta` with its stop_reason
+    before it): a client that leaves then has it all."""
     return openai_chat.ends_stream(delivered) or anthropic.ends_stream(delivered)
 
 

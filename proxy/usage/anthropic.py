@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 from proxy.usage import estimate
 from proxy.usage.provider_usage import (
     CACHE_READ,
@@ -48,10 +50,6 @@ USAGE = UsageFields(
     ),
     is_cache_beside_prompt=True,
 )
-
-
-# The last event of a Messages stream, in its data line (`{"type":"message_stop"}`).
-_MESSAGE_STOP = b'"message_stop"'
 
 
 def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
@@ -108,12 +106,26 @@ EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
 
 
 def ends_stream(sent: bytes) -> bool:
-    """Whether bytes of an event stream end with a Messages stream's last event,
-    `message_stop` (its client has the whole answer: LiteLLM's synchronous stream stops
-    reading there, before the body's end)."""
+    """Whether bytes of an event stream end with a Messages stream's whole answer: its
+    `message_stop`, or the `message_delta` before it that says why the message stopped (with
+    the final usage; message_stop carries nothing more). LiteLLM's synchronous stream stops
+    reading there, before the body's end. Read only when a client left."""
     tail = sent.rstrip()
     last = tail[tail.rfind(b"\n") + 1 :]
-    return last.startswith(b"data:") and _MESSAGE_STOP in last
+    if not last.startswith(b"data:"):
+        return False
+    try:
+        event = orjson.loads(last[5:])
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(event, dict):
+        return False
+    kind, delta = event.get("type"), event.get("delta")
+    if kind == "message_stop":
+        return True
+    return (
+        kind == "message_delta" and isinstance(delta, dict) and delta.get("stop_reason") is not None
+    )
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

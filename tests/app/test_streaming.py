@@ -195,6 +195,29 @@ async def test_a_client_that_leaves_once_it_has_message_stop_was_answered_not_cu
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 
 
+async def test_a_client_that_leaves_once_it_has_the_stop_reason_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # LiteLLM's synchronous Anthropic stream reads ahead: it closes the connection once it has
+    # the message_delta that says why the message stopped (and its final usage), before
+    # message_stop, which carries nothing more.
+    response = await gateway.post(
+        "/v1/messages",
+        json=messages("count", stream=True),
+        headers={**auth(ANTHROPIC_VK), "x-fake-hang": "last", "x-request-id": "stop-2"},
+    )
+    received = b""
+    while b'"stop_reason":"end_turn"' not in received:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its message_delta: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert received == fake.sent["stop-2"] and b"message_stop" not in received
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
