@@ -12,7 +12,10 @@ Whatever happens, the exchange alone writes the record's ending, once:
     the transport returned a response   its status, answered (a session: 101)
     GatewayError                        its status and outcome; answered in the dialect
     Cut (an answer under way ended)     its status and outcome; the connection is closed
-    CancelledError (the client left)    499 client_left; an open WebSocket session: 101
+    CancelledError (the client left)    499 client_left; an open WebSocket session: 101;
+                                        a stream it had whole (its last event, where the
+                                        openai SDK before 3.x and LiteLLM leave): its status,
+                                        answered
     CancelledError(GRACE_OVER)          503 shutdown: the server cut it when the shutdown
                                         grace ran out (runtime.server)
     any other exception (a bug)         500 internal, logged with its traceback, answered
@@ -168,7 +171,10 @@ class Entrance:
             record.end(error.status, error.outcome, error.why)
             return _refused(error, request, record)
         except Cut as cut:
-            record.end(cut.status, cut.outcome, cut.why)
+            if cut.outcome is Outcome.CLIENT_LEFT and record.whole_answer_status is not None:
+                record.end(record.whole_answer_status, Outcome.ANSWERED)  # it had it all
+            else:
+                record.end(cut.status, cut.outcome, cut.why)
             return _closed(request, cut.status)
         except asyncio.CancelledError as cancel:
             # aiohttp cancels the handler when the client disconnects (handler_cancellation),
@@ -177,6 +183,8 @@ class Entrance:
                 record.end(101, Outcome.ANSWERED)
             elif cut_by_gateway(cancel):
                 record.end(GRACE_OVER_STATUS, Outcome.SHUTDOWN, GRACE_OVER)
+            elif record.whole_answer_status is not None:  # it left once it had it all
+                record.end(record.whole_answer_status, Outcome.ANSWERED)
             else:
                 record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
             raise

@@ -287,6 +287,9 @@ class Record:
     # A request was written upstream and its answer never came (timed out, cut before its
     # headers, or its client left meanwhile): the provider may be at work on it.
     is_unanswered: bool = False
+    # The status of an answer the client was sent whole (a stream up to its last event)
+    # before its body's end came: a client that leaves then was answered, not cut.
+    whole_answer_status: int | None = None
 
     @classmethod
     def begin(cls, request_id: str | None, method: str, path: str) -> Record:
@@ -342,6 +345,10 @@ class Record:
     def saw_unanswered(self) -> None:
         """A request went to the provider and its answer never came: it may still run there."""
         self.is_unanswered = True
+
+    def saw_whole_answer_sent(self, status: int) -> None:
+        """The client was sent the answer's last event (only the body's end is to come)."""
+        self.whole_answer_status = status
 
     def saw_answer(
         self,

@@ -107,10 +107,12 @@ class Unnamed:
 def in_document(document: Any, unnamed: str | None = None, field: str = "model") -> list[Any]:
     """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
     `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
-    of an Anthropic batch's requests. `field`: where the body names its own (`model_field`)."""
+    of an Anthropic batch's requests. `field`: where the body names its own (`model_field`).
+    A null `model` names none, as an absent one: LangChain's AzureChatOpenAI sends one, the
+    deployment in the path naming the model."""
     if not isinstance(document, dict):
         return []
-    if field in document:
+    if document.get(field) is not None:
         names = [document[field]]
     elif unnamed is not None:
         names = [Unnamed(unnamed)]

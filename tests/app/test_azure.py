@@ -146,6 +146,39 @@ async def test_azure_openai_with_the_gateway_as_its_endpoint_reaches_the_deploym
     assert line["usage"]["estimated"] is False
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_restricted_key_serves_a_deployment_whose_body_model_is_null(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    stream: bool,
+) -> None:
+    # LangChain's AzureChatOpenAI(azure_deployment=...) sends `"model": null`: the deployment
+    # in the path is the model, and Azure serves it; null names no model, as an absent one.
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=str(gateway.make_url("")),
+        azure_deployment="gpt-4o-mini",
+        api_key=ONE_DEPLOYMENT_VK,
+        api_version=API_VERSION,
+        max_retries=0,
+    )
+    raw = await client.chat.completions.with_raw_response.create(
+        model=None,  # type: ignore[arg-type]  # as LangChain passes it
+        messages=[{"role": "user", "content": "hello"}],
+        stream=stream,
+    )
+    assert raw.status_code == 200
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/deployments/gpt-4o-mini/chat/completions"
+    assert json.loads(seen.body)["model"] is None  # passed as sent
+    (line,) = await records(1)
+    assert line["model"] == "gpt-4o-mini" and line["status"] == 200
+    with pytest.raises(openai.PermissionDeniedError):  # the path is still checked
+        await azure_sdk(str(gateway.make_url("")), ONE_DEPLOYMENT_VK).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hello"}]
+        )
+
+
 async def test_an_azure_stream_opening_with_empty_choices_is_passed_and_metered(
     gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

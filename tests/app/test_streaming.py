@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import build_app
 from proxy.settings import Settings
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
-from tests.support.bodies import chat
+from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
 
 STREAM = chat("count", stream=True)
@@ -148,6 +148,74 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_sec
     assert (
         health["providers"]["openai"]["last_error"] is None
     )  # leaving is not the provider's fault
+
+
+async def test_a_client_that_leaves_once_it_has_done_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The openai SDK before 3.x (under LangChain, LlamaIndex, LiteLLM) closes the connection
+    # as soon as it reads `data: [DONE]`: when the provider's last chunk (the body's end)
+    # comes after it, the client has its whole answer, and leaves before that end.
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=chat("count", stream=True, stream_options={"include_usage": True}),
+        headers={**auth(OPENAI_VK), "x-fake-hang": "end", "x-request-id": "done-1"},
+    )
+    received = b""
+    while not received.rstrip().endswith(b"data: [DONE]"):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before [DONE]: {received!r}"
+        received += chunk
+    response.close()  # as the SDK does at [DONE]
+    (line,) = await records(1)
+    assert received == fake.sent["done-1"]
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+async def test_a_client_that_leaves_once_it_has_message_stop_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # LiteLLM's synchronous Anthropic stream stops reading at the last event, message_stop,
+    # and closes the connection before the body's end.
+    response = await gateway.post(
+        "/v1/messages",
+        json=messages("count", stream=True),
+        headers={**auth(ANTHROPIC_VK), "x-fake-hang": "end", "x-request-id": "stop-1"},
+    )
+    received = b""
+    while b'"message_stop"' not in received.rstrip().rpartition(b"\n")[2]:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before message_stop: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert received == fake.sent["stop-1"]
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+async def test_a_client_that_leaves_once_it_has_the_stop_reason_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # LiteLLM's synchronous Anthropic stream reads ahead: it closes the connection once it has
+    # the message_delta that says why the message stopped (and its final usage), before
+    # message_stop, which carries nothing more.
+    response = await gateway.post(
+        "/v1/messages",
+        json=messages("count", stream=True),
+        headers={**auth(ANTHROPIC_VK), "x-fake-hang": "last", "x-request-id": "stop-2"},
+    )
+    received = b""
+    while b'"stop_reason":"end_turn"' not in received:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its message_delta: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert received == fake.sent["stop-2"] and b"message_stop" not in received
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 
 
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(

@@ -16,6 +16,9 @@ Request headers steer it (they pass through the gateway unchanged):
                               OpenAI-compatible servers answer an error under a 200)
     x-fake-hang: headers      never answer
     x-fake-hang: midstream    send the first half of the events (at least one), then nothing
+    x-fake-hang: end          send every event, then hold the body's end (as a provider whose
+                              last chunk comes after its last event)
+    x-fake-hang: last         send every event but the last, then nothing
     x-fake-drop: headers      close the connection before answering
     x-fake-drop: midstream    send the first half of the events, then close the connection
                               without the terminating chunk
@@ -326,9 +329,10 @@ class Knobs:
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
         status, raw_chunks = headers.get("x-fake-status"), headers.get("x-fake-raw-chunks")
         hang, drop = headers.get("x-fake-hang"), headers.get("x-fake-drop")
-        if {hang, drop} - {None, "headers", "midstream"}:
+        if {hang, drop} - {None, "headers", "midstream"} and hang not in ("end", "last"):
             raise ValueError(
-                f"x-fake-hang/x-fake-drop take headers|midstream, got {hang!r}/{drop!r}"
+                f"x-fake-hang takes headers|midstream|last|end, x-fake-drop headers|midstream, got "
+                f"{hang!r}/{drop!r}"
             )
         return cls(
             chunks=int(headers.get("x-fake-chunks", "3")),
@@ -528,6 +532,8 @@ async def send(
         response.content_length = sum(map(len, frames))
     if knobs.cuts_midstream:
         frames = frames[: max(1, len(frames) // 2)]
+    elif knobs.hang == "last":
+        frames = frames[:-1]
     state.sent[request_id] = b""
     reported = state.usage.setdefault(request_id, {})
     async with watching(request):
@@ -543,7 +549,7 @@ async def send(
             state.sent[request_id] += frame
             if usages and index < len(usages) and usages[index]:
                 reported.update(usages[index])
-        if knobs.hang == "midstream":
+        if knobs.hang in ("midstream", "last", "end"):
             await pause(request, math.inf)
         if knobs.drop == "midstream":
             close(request)
