@@ -275,11 +275,13 @@ async def test_the_seed_messages_path_routes_to_anthropic(
 
 
 async def test_any_other_provider_path_passes_through(gateway: TestClient, fake: FakeState) -> None:
-    response = await gateway.delete("/v1/files/file-abc123?purpose=x", headers=auth(OPENAI_VK))
+    response = await gateway.delete(
+        "/v1/vector_stores/vs_abc123?purpose=x", headers=auth(OPENAI_VK)
+    )
     assert response.status == 200
     assert (fake.requests[-1].method, fake.requests[-1].path, fake.requests[-1].query_string) == (
         "DELETE",
-        "/v1/files/file-abc123",
+        "/v1/vector_stores/vs_abc123",
         "purpose=x",
     )
 
