@@ -322,9 +322,12 @@ class Quota:
         wake = self._lines.wake
         self.tracker.release(admission.scopes, admission.lease, lambda: wake(capped))
 
-    def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
-        """Charge usage that no reservation covered (a Realtime session's each response)."""
-        self.tracker.settle(key.id, key.limits, self._spent(key, usage, cost_usd), 0, key.budget)
+    def charge(
+        self, key: QuotaKey, usage: Usage, cost_usd: float | None, model: str | None = None
+    ) -> None:
+        """Charge usage that no reservation covered (a Realtime session's each response) in
+        every scope a request of the key for `model` counts in; never waits."""
+        self.charge_deferred(key, model, usage, cost_usd)
 
     async def owe(
         self,

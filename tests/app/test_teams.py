@@ -509,3 +509,29 @@ async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_team
     assert behind.result() == 200 and not again.done()  # member-0 still waits for its own
     first.close()
     assert await again == 200
+
+
+async def test_a_realtime_sessions_usage_is_charged_to_its_team_too(teams_gateway: Any) -> None:
+    # A session's each response is charged as it completes; a member's went to its own
+    # window only, so a team of 1,000 tokens saw none of it and admitted session after session.
+    from tests.support.fake_realtime import INPUT_TOKENS, OUTPUT_TOKENS
+
+    gateway = await teams_gateway({"quota": {"tokens": 1000}})
+    options = {"headers": auth(MEMBERS[0]), "protocols": ["realtime"], "autoclose": False}
+    session = await gateway.ws_connect("/v1/realtime?model=gpt-realtime", **options)
+    await session.receive(timeout=5)  # session.created
+    await session.send_str('{"type": "response.create"}')
+    for _ in range(2):  # response.created, response.done
+        await session.receive(timeout=5)
+    await session.close()
+
+    async def usage() -> dict[str, Any]:
+        return await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+
+    async def charged() -> bool:
+        return (await usage())["tokens"]["used"] > 0
+
+    await until(charged, what="the session's response charged")  # off the session's path
+    report = await usage()
+    assert report["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    assert report["team"]["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
