@@ -457,7 +457,7 @@ class Exchange:
             if cost is not None:
                 self.live_cost_usd = (self.live_cost_usd or 0.0) + cost
         if admission is None and usage is not None:  # the tracker was lost: charge it anyway
-            entrance.quota.charge(key, usage, cost)
+            entrance.quota.charge(key, usage, cost, model or record.model)
         else:
             entrance.quota.settle(key, admission, usage, cost)
         self.is_charged_live = True
@@ -467,7 +467,7 @@ class Exchange:
         entrance, record = self._entrance, self.record
         assert self.key is not None
         cost = entrance.prices.cost(record.provider, record.model, usage)
-        entrance.quota.charge(self.key, usage, cost)
+        entrance.quota.charge(self.key, usage, cost, record.model)
         self.is_charged_live = True
         if cost is not None:
             self.live_cost_usd = (self.live_cost_usd or 0.0) + cost

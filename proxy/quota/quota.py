@@ -232,7 +232,13 @@ class Quota:
                     # own round trip is no such wait.
                     waited = loop.time() - started if waiter is not None else 0.0
                     raise self._refused(key, scope, answer, waited)
-                if waiter is None:
+                if line is None or waiter is None:
+                    line, waiter = scope, self._lines.join(scope)
+                elif not slots_full_in(line, scopes, answers):
+                    # Its line's slots have room; another scope's (its key's) hold it up:
+                    # wait in that line, not at the head of this one, where a slot given
+                    # back would wake only it and those behind it would wait on.
+                    self._lines.leave(line, waiter)
                     line, waiter = scope, self._lines.join(scope)
                 if not await waiter.turn(started + scope.queue_seconds):
                     raise self._refused(key, scope, answer, loop.time() - started)
@@ -316,9 +322,12 @@ class Quota:
         wake = self._lines.wake
         self.tracker.release(admission.scopes, admission.lease, lambda: wake(capped))
 
-    def charge(self, key: QuotaKey, usage: Usage, cost_usd: float | None) -> None:
-        """Charge usage that no reservation covered (a Realtime session's each response)."""
-        self.tracker.settle(key.id, key.limits, self._spent(key, usage, cost_usd), 0, key.budget)
+    def charge(
+        self, key: QuotaKey, usage: Usage, cost_usd: float | None, model: str | None = None
+    ) -> None:
+        """Charge usage that no reservation covered (a Realtime session's each response) in
+        every scope a request of the key for `model` counts in; never waits."""
+        self.charge_deferred(key, model, usage, cost_usd)
 
     async def owe(
         self,
@@ -445,6 +454,11 @@ def micro(usd: float | None) -> int:
     if usd is None or not usd > 0 or usd == math.inf:
         return 0
     return math.ceil(round(usd * MICRO, 6))  # round first: 0.0009 * 1e6 is 900.0000000000001
+
+
+def slots_full_in(line: Scope, scopes: tuple[Scope, ...], answers: tuple[Admission, ...]) -> bool:
+    """Whether the tracker found every slot of `line` (one of `scopes`) taken."""
+    return any(s.id == line.id and a.slots_full for s, a in zip(scopes, answers, strict=True))
 
 
 def refused_by(

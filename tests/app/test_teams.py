@@ -468,3 +468,70 @@ async def test_the_ratelimit_headers_tell_a_model_groups_window_when_it_is_the_t
         remaining.append((headers["limit-requests"], headers["remaining-requests"]))
     # The group's 2 while it is the tightest; a model outside it, the key's own 100.
     assert remaining == [("2", "1"), ("2", "0"), ("100", "97")]
+
+
+async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_teams_line(
+    teams_gateway: Any, fake: Any
+) -> None:
+    # Each member may have one request in flight; the team two. member-0's second request
+    # stood first in the team's line, waiting for member-0's own slot: a team slot freed
+    # woke only it, and member-1 behind it waited out the team's 30 s with the slot free.
+    gateway = await teams_gateway(
+        {"max_in_flight": 2, "queue_seconds": 30}, {"max_in_flight": 1, "queue_seconds": 30}
+    )
+    quota = gateway.app[QUOTA]
+
+    def waiting() -> int:
+        return sum(len(line) for line in quota._lines._lines.values())
+
+    async def hold(secret: str) -> aiohttp.ClientResponse:
+        response = await gateway.post(
+            "/v1/chat/completions",
+            json=STREAM,
+            headers={**auth(secret), "x-fake-hang": "midstream"},
+        )
+        assert response.status == 200
+        return response
+
+    first = await hold(MEMBERS[0])  # member-0's only slot, one of the team's two
+    second = await hold(MEMBERS[1])  # the team's last slot
+    third = asyncio.create_task(hold(MEMBERS[2]))  # waits for a team slot
+    await until(lambda: waiting() == 1)
+    again = asyncio.create_task(chat(gateway, MEMBERS[0]))  # behind it, in the team's line
+    await until(lambda: waiting() == 2)
+    second.close()  # the third takes that slot; member-0's second is first in line now
+    third_response = await third
+    await until(lambda: waiting() == 1)
+    behind = asyncio.create_task(chat(gateway, MEMBERS[1]))  # member-1 is free again
+    await until(lambda: waiting() == 2)
+    third_response.close()  # a team slot is free: member-1's request takes it
+    await until(lambda: behind.done(), within=10, what="member-1 admitted to the free team slot")
+    assert behind.result() == 200 and not again.done()  # member-0 still waits for its own
+    first.close()
+    assert await again == 200
+
+
+async def test_a_realtime_sessions_usage_is_charged_to_its_team_too(teams_gateway: Any) -> None:
+    # A session's each response is charged as it completes; a member's went to its own
+    # window only, so a team of 1,000 tokens saw none of it and admitted session after session.
+    from tests.support.fake_realtime import INPUT_TOKENS, OUTPUT_TOKENS
+
+    gateway = await teams_gateway({"quota": {"tokens": 1000}})
+    options = {"headers": auth(MEMBERS[0]), "protocols": ["realtime"], "autoclose": False}
+    session = await gateway.ws_connect("/v1/realtime?model=gpt-realtime", **options)
+    await session.receive(timeout=5)  # session.created
+    await session.send_str('{"type": "response.create"}')
+    for _ in range(2):  # response.created, response.done
+        await session.receive(timeout=5)
+    await session.close()
+
+    async def usage() -> dict[str, Any]:
+        return await (await gateway.get("/usage", headers=auth(MEMBERS[0]))).json()
+
+    async def charged() -> bool:
+        return (await usage())["tokens"]["used"] > 0
+
+    await until(charged, what="the session's response charged")  # off the session's path
+    report = await usage()
+    assert report["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    assert report["team"]["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
