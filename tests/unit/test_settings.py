@@ -204,6 +204,17 @@ def test_a_keys_store_secret_too_short_to_resist_guessing_is_refused(secret: str
     assert Settings.from_env({**environ, "KEYS_STORE_SECRET": secret + "x" * 20}).keys_store_secret
 
 
+@pytest.mark.parametrize("token", ["admin", "sk-1234", "changeme-changeme12"])
+def test_an_admin_token_too_short_to_resist_guessing_is_refused(token: str) -> None:
+    # ADMIN_TOKEN=admin was taken: the token that exports every real key
+    # (GET /admin/export?include_real_keys=true), whose digest each audit line shows, so
+    # anyone reading the log could try tokens offline. At least 20 characters.
+    with pytest.raises(SettingError, match="ADMIN_TOKEN must be at least 20") as refused:
+        Settings.from_env({"ADMIN_TOKEN": token})
+    assert token not in str(refused.value)
+    assert Settings.from_env({"ADMIN_TOKEN": token + "x" * 20}).admin_token
+
+
 @pytest.mark.parametrize(
     "variable", ["QUOTA_WINDOW_SECONDS", "BUDGET_WINDOW_SECONDS", "AUTH_FAILURE_WINDOW_SECONDS"]
 )
