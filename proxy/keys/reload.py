@@ -174,6 +174,11 @@ class KeysFile:
         self._seen = signature(self.path)
         self._swap(fresh, modified_at(self.path), trigger)
 
+    def refused(self, reason: str) -> None:
+        """Keys offered from the store (Redis) that do not load: a failed reload, shown on
+        /health and counted, until keys load again."""
+        self._on_reload(reason)
+
     def catch_up(self) -> None:
         """Reload at start if the file differs from the keys this process was given."""
         if self._kept_elsewhere is not None:

@@ -149,6 +149,42 @@ async def test_a_missed_notification_is_caught_up_within_a_second(
     assert await until(served, 1.0, "the key served by the other instance") < 1.0
 
 
+async def test_an_instance_that_cannot_decrypt_the_store_says_so_on_health_until_it_can(
+    redis_gateway: Callable[..., Awaitable[TestClient]], redis_url: str
+) -> None:
+    # The store emptied and refilled by an instance started with another KEYS_STORE_SECRET:
+    # a running instance kept its keys (revoked ones too) and said so in one stderr line,
+    # while /health went on answering reload_failed: null and the metrics counted nothing.
+    running = await redis_gateway()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(DOCUMENT, fernet("another-keys-store-secret-0123").encrypt(b"{}"))
+        client.incr(VERSION)
+    finally:
+        client.close()
+
+    async def failed() -> dict[str, Any] | None:
+        health = await (await running.get("/health")).json()
+        return health["config"]["reload_failed"]  # type: ignore[no-any-return]
+
+    await until(failed, 5.0, "the refused document on /health")
+    assert "KEYS_STORE_SECRET" in (await failed() or {})["reason"]
+    metrics = await (await running.get("/metrics")).text()
+    assert 'llm_gateway_config_reloads_total{result="failed"} 1.0' in metrics
+    body = {"name": "after", "provider": "openai", "api_key": REAL}
+    refused = await running.post("/admin/keys", json=body, headers=HEADERS)
+    assert refused.status == 422
+    client = redis.Redis.from_url(redis_url)  # the secret agreed on again: taken, and cleared
+    try:
+        client.delete(DOCUMENT, VERSION)
+    finally:
+        client.close()
+    store = running.app[KEY_STORE]
+    assert isinstance(store, RedisStore)
+    await store.start(keys_document("http://127.0.0.1:1"))
+    assert await failed() is None
+
+
 async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
     redis_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
 ) -> None:
