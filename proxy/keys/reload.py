@@ -156,7 +156,7 @@ class KeysFile:
             "keys reloaded (%s, process %d) from %s: %d keys, config %s",
             trigger,
             os.getpid(),
-            self.path,
+            self.path if self._kept_elsewhere is None else "Redis",  # keys.json is not read
             len(fresh),
             fresh.digest,
         )

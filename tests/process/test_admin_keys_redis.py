@@ -330,3 +330,19 @@ async def test_sighup_with_the_keys_in_redis_reopens_the_log_and_fails_no_reload
     metrics = await (await gateway.get("/metrics")).text()
     assert 'llm_gateway_config_reloads_total{result="failed"} 0.0' in metrics
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_keys_taken_from_redis_are_said_to_come_from_redis_not_keys_json(
+    redis_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each change made through the admin API was logged "keys reloaded (key store, …) from
+    # /app/keys.json": the file the docs say is no longer read, sending an operator to it.
+    gateway = await redis_gateway()
+    caplog.set_level(logging.INFO, "llm_gateway")
+    body = {"name": "said", "provider": "openai", "api_key": REAL}
+    assert (await gateway.post("/admin/keys", json=body, headers=HEADERS)).status == 201
+    reloaded = [r.getMessage() for r in caplog.records if "keys reloaded" in r.getMessage()]
+    assert reloaded and all("from Redis" in line for line in reloaded), reloaded
+    assert not any(str(keys_file) in line for line in reloaded), reloaded
