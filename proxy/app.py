@@ -398,6 +398,7 @@ def new_key_store(
         parse,
         lambda fresh: keys_file.apply(fresh, "key store"),
         clock,
+        keys_file.refused,
     )
 
 

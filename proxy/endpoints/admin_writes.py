@@ -204,4 +204,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _json(document: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")
+    """An answer that may carry a key (a new virtual key, an export's real keys): no cache,
+    a browser's or a proxy's, may keep it."""
+    return web.Response(
+        status=status,
+        body=orjson.dumps(document),
+        content_type="application/json",
+        headers={"cache-control": "no-store"},
+    )

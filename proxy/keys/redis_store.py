@@ -88,8 +88,10 @@ class RedisStore:
         parse: Parse,
         apply: Callable[[KeyRing], None],
         clock: Callable[[], float],
+        refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self._url = url
+        self._refused = refused  # a document that does not load (another secret): why
         self._fernet = fernet(secret)
         self._parse = parse
         self._apply = apply
@@ -153,8 +155,9 @@ class RedisStore:
             try:
                 document = self._decrypt(token)
                 ring = await asyncio.to_thread(self._parse, document, encoded(document)[1])
-            except KeysFileError:
+            except KeysFileError as error:
                 self._version = int(version)  # said once; tried again on the next change
+                self._refused(str(error))
                 raise
             self._apply(ring)
             self._version, self._token = int(version), token

@@ -156,7 +156,7 @@ class KeysFile:
             "keys reloaded (%s, process %d) from %s: %d keys, config %s",
             trigger,
             os.getpid(),
-            self.path,
+            self.path if self._kept_elsewhere is None else "Redis",  # keys.json is not read
             len(fresh),
             fresh.digest,
         )
@@ -173,6 +173,11 @@ class KeysFile:
         """Swap in keys just written (within `changing`), as a reload would."""
         self._seen = signature(self.path)
         self._swap(fresh, modified_at(self.path), trigger)
+
+    def refused(self, reason: str) -> None:
+        """Keys offered from the store (Redis) that do not load: a failed reload, shown on
+        /health and counted, until keys load again."""
+        self._on_reload(reason)
 
     def catch_up(self) -> None:
         """Reload at start if the file differs from the keys this process was given."""

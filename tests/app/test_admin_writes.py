@@ -598,3 +598,24 @@ async def test_a_key_addressed_by_its_virtual_key_is_not_echoed_but_named(
     named = await gateway.delete(f"/admin/keys/{made['key']}", headers=ADMIN)
     assert "'leaky'" in (await named.json())["error"]["message"]  # the name to address
     assert await chat(gateway, made["key"]) == 200 and await chat(gateway, LIMITED_VK) == 200
+
+
+async def test_answers_carrying_a_key_tell_every_cache_not_to_store_them(
+    admin_gateway: Make,
+) -> None:
+    # The new virtual key (create, rotate) and the real keys of an export were answered
+    # without Cache-Control: a browser or an intercepting proxy was free to keep them on disk.
+    gateway = await admin_gateway()
+    answers = [
+        await gateway.post(
+            "/admin/keys",
+            json={"name": "kim", "provider": "openai", "api_key": REAL},
+            headers=ADMIN,
+        ),
+        await gateway.post("/admin/keys/kim/rotate", json={"grace_seconds": 0}, headers=ADMIN),
+        await gateway.get("/admin/export?include_real_keys=true", headers=ADMIN),
+        await gateway.get("/admin/export", headers=ADMIN),
+    ]
+    for answer in answers:
+        assert answer.status in (200, 201), await answer.text()
+        assert answer.headers.get("cache-control") == "no-store", answer.url

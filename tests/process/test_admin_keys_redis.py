@@ -149,6 +149,42 @@ async def test_a_missed_notification_is_caught_up_within_a_second(
     assert await until(served, 1.0, "the key served by the other instance") < 1.0
 
 
+async def test_an_instance_that_cannot_decrypt_the_store_says_so_on_health_until_it_can(
+    redis_gateway: Callable[..., Awaitable[TestClient]], redis_url: str
+) -> None:
+    # The store emptied and refilled by an instance started with another KEYS_STORE_SECRET:
+    # a running instance kept its keys (revoked ones too) and said so in one stderr line,
+    # while /health went on answering reload_failed: null and the metrics counted nothing.
+    running = await redis_gateway()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(DOCUMENT, fernet("another-keys-store-secret-0123").encrypt(b"{}"))
+        client.incr(VERSION)
+    finally:
+        client.close()
+
+    async def failed() -> dict[str, Any] | None:
+        health = await (await running.get("/health")).json()
+        return health["config"]["reload_failed"]  # type: ignore[no-any-return]
+
+    await until(failed, 5.0, "the refused document on /health")
+    assert "KEYS_STORE_SECRET" in (await failed() or {})["reason"]
+    metrics = await (await running.get("/metrics")).text()
+    assert 'llm_gateway_config_reloads_total{result="failed"} 1.0' in metrics
+    body = {"name": "after", "provider": "openai", "api_key": REAL}
+    refused = await running.post("/admin/keys", json=body, headers=HEADERS)
+    assert refused.status == 422
+    client = redis.Redis.from_url(redis_url)  # the secret agreed on again: taken, and cleared
+    try:
+        client.delete(DOCUMENT, VERSION)
+    finally:
+        client.close()
+    store = running.app[KEY_STORE]
+    assert isinstance(store, RedisStore)
+    await store.start(keys_document("http://127.0.0.1:1"))
+    assert await failed() is None
+
+
 async def test_an_empty_store_imports_keys_json_once_and_the_store_wins_after(
     redis_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
 ) -> None:
@@ -294,3 +330,19 @@ async def test_sighup_with_the_keys_in_redis_reopens_the_log_and_fails_no_reload
     metrics = await (await gateway.get("/metrics")).text()
     assert 'llm_gateway_config_reloads_total{result="failed"} 0.0' in metrics
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_keys_taken_from_redis_are_said_to_come_from_redis_not_keys_json(
+    redis_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each change made through the admin API was logged "keys reloaded (key store, …) from
+    # /app/keys.json": the file the docs say is no longer read, sending an operator to it.
+    gateway = await redis_gateway()
+    caplog.set_level(logging.INFO, "llm_gateway")
+    body = {"name": "said", "provider": "openai", "api_key": REAL}
+    assert (await gateway.post("/admin/keys", json=body, headers=HEADERS)).status == 201
+    reloaded = [r.getMessage() for r in caplog.records if "keys reloaded" in r.getMessage()]
+    assert reloaded and all("from Redis" in line for line in reloaded), reloaded
+    assert not any(str(keys_file) in line for line in reloaded), reloaded

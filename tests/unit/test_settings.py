@@ -182,9 +182,37 @@ def test_an_empty_variable_counts_as_unset() -> None:
 def test_keys_in_redis_need_redis_and_a_secret(environ: dict[str, str]) -> None:
     with pytest.raises(SettingError, match="KEYS_STORE"):
         Settings.from_env(environ)
-    both = {"KEYS_STORE": "redis", "REDIS_URL": "redis://localhost:6379", "KEYS_STORE_SECRET": "s"}
+    secret = "keys-store-secret-0123"
+    both = {
+        "KEYS_STORE": "redis",
+        "REDIS_URL": "redis://localhost:6379",
+        "KEYS_STORE_SECRET": secret,
+    }
     assert Settings.from_env(both).keys_store == "redis"
-    assert "s3cret" not in repr(Settings.from_env({**both, "KEYS_STORE_SECRET": "s3cret"}))
+    assert secret not in repr(Settings.from_env(both))
+
+
+@pytest.mark.parametrize("secret", ["hunter2", "changeme", "s3cret-s3cret-s3cre"])
+def test_a_keys_store_secret_too_short_to_resist_guessing_is_refused(secret: str) -> None:
+    # A dump of Redis (an RDB file, a replica) lets anyone try secrets offline: each guess
+    # is one SHA-256 and one HMAC against the stored document, so "changeme" fell at once and
+    # every real key with it. At least 20 characters, as for a virtual key the API is given.
+    environ = {"KEYS_STORE": "redis", "REDIS_URL": "redis://localhost:6379"}
+    with pytest.raises(SettingError, match="KEYS_STORE_SECRET must be at least 20") as refused:
+        Settings.from_env({**environ, "KEYS_STORE_SECRET": secret})
+    assert secret not in str(refused.value)
+    assert Settings.from_env({**environ, "KEYS_STORE_SECRET": secret + "x" * 20}).keys_store_secret
+
+
+@pytest.mark.parametrize("token", ["admin", "sk-1234", "changeme-changeme12"])
+def test_an_admin_token_too_short_to_resist_guessing_is_refused(token: str) -> None:
+    # ADMIN_TOKEN=admin was taken: the token that exports every real key
+    # (GET /admin/export?include_real_keys=true), whose digest each audit line shows, so
+    # anyone reading the log could try tokens offline. At least 20 characters.
+    with pytest.raises(SettingError, match="ADMIN_TOKEN must be at least 20") as refused:
+        Settings.from_env({"ADMIN_TOKEN": token})
+    assert token not in str(refused.value)
+    assert Settings.from_env({"ADMIN_TOKEN": token + "x" * 20}).admin_token
 
 
 @pytest.mark.parametrize(
