@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
-from proxy.settings import SETTINGS, SettingError, Settings, parser
+from proxy.settings import MIN_SECRET_CHARS, SETTINGS, SettingError, Settings, parser
 from proxy.usage.pricing import Prices
 
 # An unknown variable this close to a setting's name (difflib's ratio) is probably a typo.
@@ -73,7 +73,7 @@ def warnings(
     environ: Mapping[str, str],
 ) -> list[str]:
     """What a start says before serving: lookalike variables, keys that look like mistakes."""
-    said = lookalikes(environ)
+    said = lookalikes(environ) + short_secrets(settings)
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
@@ -81,6 +81,26 @@ def warnings(
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)
             said += misnamed_prices(key_ring, prices, settings)
+    return said
+
+
+def short_secrets(settings: Settings) -> list[str]:
+    """A line for ADMIN_TOKEN and for KEYS_STORE_SECRET when one is short enough to guess
+    offline: the token exports every real key and each audit line shows a digest of it; a
+    dump of Redis lets anyone try secrets against the encrypted keys."""
+    said = []
+    recipe = "make a strong one with: openssl rand -hex 32"
+    token, secret = settings.admin_token, settings.keys_store_secret
+    if token is not None and len(token) < MIN_SECRET_CHARS:
+        said.append(
+            f"ADMIN_TOKEN has fewer than {MIN_SECRET_CHARS} characters: it exports every real "
+            f"key, and each audit line shows a digest of it, so it can be guessed; {recipe}"
+        )
+    if settings.keys_store == "redis" and secret is not None and len(secret) < MIN_SECRET_CHARS:
+        said.append(
+            f"KEYS_STORE_SECRET has fewer than {MIN_SECRET_CHARS} characters: a dump of Redis "
+            f"lets anyone try secrets offline against the real keys it encrypts; {recipe}"
+        )
     return said
 
 
