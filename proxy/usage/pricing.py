@@ -23,7 +23,8 @@ arithmetic is the library's: a part (cache reads, cache writes, input audio and 
 reasoning, output audio and images) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
-model has one. A test checks the figures against `genai_prices.calc_price`. Endpoints
+model has one, and the Realtime API's cached audio a part of both the cache reads and the
+input audio, at its own rate (`cache_audio_read_mtok`; else as a cache read). A test checks the figures against `genai_prices.calc_price`. Endpoints
 priced by other units are priced by them where the data has a rate: speech's input
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
 else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
@@ -65,6 +66,7 @@ PRICE_KEYS = (
     "cache_read_mtok",
     "cache_write_mtok",
     "cache_write_1h_mtok",
+    "cache_audio_read_mtok",
     "input_audio_mtok",
     "output_audio_mtok",
     "output_reasoning_mtok",
@@ -94,6 +96,8 @@ _OUTPUT_PARTS = (
 )
 # Within the cache writes, the 1-hour ones, at a rate of their own where the price has one.
 _CACHE_WRITE = "cache_write_tokens"
+# Within both the cache reads and the input audio, the Realtime API's cached audio.
+_CACHE_READ, _INPUT_AUDIO = "cache_read_tokens", "input_audio_tokens"
 _HOUR_SECONDS = 3600
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
@@ -144,8 +148,10 @@ class Price:
         init=False, repr=False, compare=False
     )
     prices_tokens: bool = field(init=False, repr=False, compare=False)
-    # 1-hour cache writes (a part of the cache writes) and web searches (per thousand).
+    # 1-hour cache writes (a part of the cache writes), cached audio (of the cache reads
+    # and the input audio) and web searches (per thousand).
     write_1h: Rate | None = field(init=False, repr=False, compare=False)
+    cached_audio: Rate | None = field(init=False, repr=False, compare=False)
     searches: Rate | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +166,7 @@ class Price:
             ),
             "prices_tokens": bool(rates.keys() & _TOKEN_RATES),
             "write_1h": rates.get("cache_write_1h_mtok"),
+            "cached_audio": rates.get("cache_audio_read_mtok"),
             "searches": rates.get("web_searches_kcount"),
         }
         for name, value in derived.items():
@@ -182,10 +189,20 @@ class Price:
             plain_input -= one_hour
         else:
             one_hour = 0
+        # Cached audio (the Realtime API's) is a part of both the cache reads and the input
+        # audio: at its rate where the price has one (it leaves both), else a cache read.
+        cached_audio, cached_audio_rate = usage.cache_audio_read_tokens, self.cached_audio
+        if cached_audio and cached_audio_rate is not None:
+            total += cached_audio * cached_audio_rate.at(prompt)
+            plain_input -= cached_audio
         for name, part in self.input_parts:
             count = getattr(usage, name)
             if one_hour and name == _CACHE_WRITE:
                 count -= one_hour
+            if cached_audio and (
+                name == _INPUT_AUDIO or (name == _CACHE_READ and cached_audio_rate is not None)
+            ):
+                count = max(0, count - cached_audio)
             if count:
                 total += count * part.at(prompt)
                 plain_input -= count

@@ -1,8 +1,10 @@
 """OpenAI Realtime events over a WebSocket: the usage of each response, as frames go by.
 
 The provider's `response.done` event carries `response.usage`: {input_tokens,
-output_tokens, input_token_details {cached_tokens, audio_tokens}, output_token_details
-{audio_tokens}}, details parts of the totals (transcriptions report in the same fields).
+output_tokens, input_token_details {cached_tokens, audio_tokens, cached_tokens_details
+{audio_tokens}}, output_token_details {audio_tokens}}, details parts of the totals (the
+cached audio a part of both the cached and the audio input; transcriptions report in the
+same fields).
 Each response's usage is handed on as it arrives (a session may last an hour: each is
 charged then) and summed for the session's log line. A `response.done` whose usage holds
 no valid count is a response of 0 tokens, handed on all the same.
@@ -27,6 +29,7 @@ import orjson
 from proxy.record import Usage
 from proxy.usage import estimate, responses
 from proxy.usage.provider_usage import (
+    CACHE_AUDIO_READ,
     CACHE_READ,
     COMPLETION,
     INPUT_AUDIO,
@@ -44,6 +47,7 @@ USAGE = UsageFields(
         ("input_token_details", "audio_tokens", INPUT_AUDIO),
         ("output_token_details", "audio_tokens", OUTPUT_AUDIO),
     ),
+    nested=(("input_token_details", "cached_tokens_details", "audio_tokens", CACHE_AUDIO_READ),),
 )
 # Events whose `delta` is generated text: output text, audio transcripts, tool-call
 # arguments (GA names, then the beta's). The audio itself is base64, not read.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import genai_prices
 import orjson
 import pytest
 from aiohttp import WSMsgType
@@ -36,6 +37,7 @@ from tests.conftest import (
 )
 from tests.support.fake_provider import FakeState
 from tests.support.fake_realtime import (
+    CACHED_AUDIO_TOKENS,
     CACHED_TOKENS,
     INPUT_AUDIO_TOKENS,
     INPUT_TOKENS,
@@ -311,6 +313,7 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         "input_audio_tokens": 2 * INPUT_AUDIO_TOKENS,
         "reasoning_tokens": 0,
         "output_audio_tokens": 2 * OUTPUT_AUDIO_TOKENS,
+        "cache_audio_read_tokens": 2 * CACHED_AUDIO_TOKENS,
         "estimated": False,
     }
     one_response = Usage(
@@ -319,6 +322,7 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         cache_read_tokens=CACHED_TOKENS,
         input_audio_tokens=INPUT_AUDIO_TOKENS,
         output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+        cache_audio_read_tokens=CACHED_AUDIO_TOKENS,
     )
     price = Prices.load(None).cost("openai", "gpt-realtime", one_response)
     assert price is not None and price > 0
@@ -731,3 +735,31 @@ async def test_a_post_carrying_upgrade_websocket_is_relayed_as_the_post_it_is(
     seen = fake.requests[-1]
     assert (seen.method, seen.path, seen.body) == ("POST", "/v1/chat/completions", body.encode())
     assert "Upgrade" not in seen.headers
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
+async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    model: str,
+) -> None:
+    """A response.done's cached input is broken down by kind (`cached_tokens_details`): its
+    audio is a part of both the cached and the audio input, and costs the cached audio rate
+    (gpt-realtime: $0.40/M, not the audio input's $32/M), as genai-prices prices it."""
+    ws = await gateway.ws_connect(
+        f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    done = orjson.loads((await next_data(ws)).data)
+    await ws.close()
+    [line] = await records(1)
+    usage = done["response"]["usage"]
+    assert usage["input_token_details"]["cached_tokens_details"]["audio_tokens"] > 0
+    extracted = genai_prices.extract_usage(
+        {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
+    )
+    assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
+    assert line["usage"]["cache_audio_read_tokens"] == CACHED_AUDIO_TOKENS

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-# The usage of each response.done: of the input, some cached and some audio; of the output, audio.
-INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS = 11, 2, 4
+# The usage of each response.done: of the input, some cached and some audio (one of the
+# cached tokens is audio, as the API breaks the cached ones down); of the output, audio.
+INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
 
 
@@ -129,6 +130,12 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                         "cached_tokens": CACHED_TOKENS,
                         "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS,
                         "audio_tokens": INPUT_AUDIO_TOKENS,
+                        "image_tokens": 0,
+                        "cached_tokens_details": {
+                            "text_tokens": CACHED_TOKENS - CACHED_AUDIO_TOKENS,
+                            "audio_tokens": CACHED_AUDIO_TOKENS,
+                            "image_tokens": 0,
+                        },
                     },
                     "output_token_details": {
                         "text_tokens": OUTPUT_TOKENS - OUTPUT_AUDIO_TOKENS,
