@@ -214,7 +214,7 @@ class Realtime:
         await client.prepare(request)
         # Each response charged as it comes; a Responses session's settles its own turn.
         if turns is None:
-            usage = socket_usage(exchange.tail, exchange.charge)
+            usage = socket_usage(exchange.tail, exchange.charge, on_transcribed=exchange.charge)
         else:
             usage = socket_usage(exchange.tail, turns.completed, turns.begun, turns.refused)
         session = Session(

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
+from genai_prices import Usage as LibraryUsage
 from openai import AsyncOpenAI
 
 from proxy.app import REALTIME, build_app
@@ -44,6 +45,9 @@ from tests.support.fake_realtime import (
     OUTPUT_AUDIO_TOKENS,
     OUTPUT_TOKENS,
     REALTIME_STATE,
+    TRANSCRIBED_AUDIO_TOKENS,
+    TRANSCRIBED_SECONDS,
+    TRANSCRIPT_TOKENS,
     FakeSocket,
     RealtimeState,
 )
@@ -763,3 +767,66 @@ async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
     )
     assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
     assert line["usage"]["cache_audio_read_tokens"] == CACHED_AUDIO_TOKENS
+
+
+async def test_the_transcription_of_committed_audio_is_charged_at_the_transcription_models_price(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """A session that transcribes its input audio (session.audio.input.transcription) is
+    billed for each transcription by its own usage (conversation.item.input_audio_
+    transcription.completed), at the transcription model's price: the key is charged it."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+        transcription = {"model": "gpt-4o-transcribe"}
+        await connection.session.update(
+            session={"type": "realtime", "audio": {"input": {"transcription": transcription}}}
+        )
+        assert (await connection.recv()).type == "session.updated"
+        await connection.input_audio_buffer.append(audio=base64.b64encode(bytes(3200)).decode())
+        await connection.input_audio_buffer.commit()
+        assert (await connection.recv()).type == "input_audio_buffer.committed"
+        done = await connection.recv()
+        assert done.type == "conversation.item.input_audio_transcription.completed"
+    [line] = await records(1)
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        TRANSCRIBED_AUDIO_TOKENS,
+        TRANSCRIPT_TOKENS,
+    )
+    assert line["usage"]["input_audio_tokens"] == TRANSCRIBED_AUDIO_TOKENS
+    billed = LibraryUsage(
+        input_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        input_audio_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        output_tokens=TRANSCRIPT_TOKENS,
+    )
+    price = genai_prices.calc_price(billed, "gpt-4o-transcribe", provider_id="openai")
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == TRANSCRIBED_AUDIO_TOKENS + TRANSCRIPT_TOKENS
+
+
+async def test_a_transcription_session_is_charged_its_audio_seconds(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """A transcription-only session (the beta's `intent=transcription`) runs no response:
+    each transcription's usage (whisper-1: seconds of audio) is what it is billed."""
+    ws = await gateway.ws_connect(
+        "/v1/realtime?intent=transcription", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)  # session.created
+    update = {"input_audio_transcription": {"model": "whisper-1"}}
+    await ws.send_json({"type": "transcription_session.update", "session": update})
+    assert orjson.loads((await next_data(ws)).data)["type"] == "transcription_session.updated"
+    await ws.send_json({"type": "input_audio_buffer.commit"})
+    await next_data(ws)  # committed
+    completed = orjson.loads((await next_data(ws)).data)
+    assert completed["usage"] == {"type": "duration", "seconds": TRANSCRIBED_SECONDS}
+    await ws.close()
+    [line] = await records(1)
+    assert line["usage"]["input_audio_seconds"] == TRANSCRIBED_SECONDS
+    price = genai_prices.calc_price(
+        LibraryUsage(audio_seconds=TRANSCRIBED_SECONDS, input_audio_seconds=TRANSCRIBED_SECONDS),
+        "whisper-1",
+        provider_id="openai",
+    )
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
