@@ -1,10 +1,10 @@
 """OpenAI Realtime events over a WebSocket: the usage of each response, as frames go by.
 
 The provider's `response.done` event carries `response.usage`: {input_tokens,
-output_tokens, input_token_details {cached_tokens, audio_tokens, cached_tokens_details
-{audio_tokens}}, output_token_details {audio_tokens}}, details parts of the totals (the
-cached audio a part of both the cached and the audio input; transcriptions report in the
-same fields).
+output_tokens, input_token_details {cached_tokens, audio_tokens, image_tokens,
+cached_tokens_details {audio_tokens, image_tokens}}, output_token_details {audio_tokens}},
+details parts of the totals (the cached audio and images parts of both the cached and the
+audio or image input; transcriptions report in the same fields).
 Each response's usage is handed on as it arrives (a session may last an hour: each is
 charged then) and summed for the session's log line. A `response.done` whose usage holds
 no valid count is a response of 0 tokens, handed on all the same.
@@ -37,9 +37,11 @@ from proxy.record import Usage
 from proxy.usage import estimate, responses
 from proxy.usage.provider_usage import (
     CACHE_AUDIO_READ,
+    CACHE_IMAGE_READ,
     CACHE_READ,
     COMPLETION,
     INPUT_AUDIO,
+    INPUT_IMAGE,
     OUTPUT_AUDIO,
     PROMPT,
     ProviderUsage,
@@ -52,9 +54,13 @@ USAGE = UsageFields(
     details=(
         ("input_token_details", "cached_tokens", CACHE_READ),
         ("input_token_details", "audio_tokens", INPUT_AUDIO),
+        ("input_token_details", "image_tokens", INPUT_IMAGE),
         ("output_token_details", "audio_tokens", OUTPUT_AUDIO),
     ),
-    nested=(("input_token_details", "cached_tokens_details", "audio_tokens", CACHE_AUDIO_READ),),
+    nested=(
+        ("input_token_details", "cached_tokens_details", "audio_tokens", CACHE_AUDIO_READ),
+        ("input_token_details", "cached_tokens_details", "image_tokens", CACHE_IMAGE_READ),
+    ),
 )
 # A transcription's usage, and the model that transcribed it (None: not known).
 OnTranscribed = Callable[[Usage, str | None], None]

@@ -39,8 +39,10 @@ from tests.conftest import (
 from tests.support.fake_provider import FakeState
 from tests.support.fake_realtime import (
     CACHED_AUDIO_TOKENS,
+    CACHED_IMAGE_TOKENS,
     CACHED_TOKENS,
     INPUT_AUDIO_TOKENS,
+    INPUT_IMAGE_TOKENS,
     INPUT_TOKENS,
     OUTPUT_AUDIO_TOKENS,
     OUTPUT_TOKENS,
@@ -317,7 +319,9 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         "input_audio_tokens": 2 * INPUT_AUDIO_TOKENS,
         "reasoning_tokens": 0,
         "output_audio_tokens": 2 * OUTPUT_AUDIO_TOKENS,
+        "input_image_tokens": 2 * INPUT_IMAGE_TOKENS,
         "cache_audio_read_tokens": 2 * CACHED_AUDIO_TOKENS,
+        "cache_image_read_tokens": 2 * CACHED_IMAGE_TOKENS,
         "estimated": False,
     }
     one_response = Usage(
@@ -326,7 +330,9 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         cache_read_tokens=CACHED_TOKENS,
         input_audio_tokens=INPUT_AUDIO_TOKENS,
         output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+        input_image_tokens=INPUT_IMAGE_TOKENS,
         cache_audio_read_tokens=CACHED_AUDIO_TOKENS,
+        cache_image_read_tokens=CACHED_IMAGE_TOKENS,
     )
     price = Prices.load(None).cost("openai", "gpt-realtime", one_response)
     assert price is not None and price > 0
@@ -767,6 +773,34 @@ async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
     )
     assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
     assert line["usage"]["cache_audio_read_tokens"] == CACHED_AUDIO_TOKENS
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
+async def test_image_input_cached_or_not_is_charged_at_the_image_rates(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    model: str,
+) -> None:
+    """A response's image input (`input_token_details.image_tokens`, of them cached:
+    `cached_tokens_details.image_tokens`) costs the image rates (gpt-realtime: $5/M, cached
+    $0.50/M), not the text ones, as genai-prices prices it."""
+    ws = await gateway.ws_connect(
+        f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    done = orjson.loads((await next_data(ws)).data)
+    await ws.close()
+    [line] = await records(1)
+    usage = done["response"]["usage"]
+    assert usage["input_token_details"]["cached_tokens_details"]["image_tokens"] > 0
+    extracted = genai_prices.extract_usage(
+        {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
+    )
+    assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
+    assert line["usage"]["input_image_tokens"] == INPUT_IMAGE_TOKENS
+    assert line["usage"]["cache_image_read_tokens"] == CACHED_IMAGE_TOKENS
 
 
 async def test_the_transcription_of_committed_audio_is_charged_at_the_transcription_models_price(

@@ -52,9 +52,11 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-# The usage of each response.done: of the input, some cached and some audio (one of the
-# cached tokens is audio, as the API breaks the cached ones down); of the output, audio.
+# The usage of each response.done: of the input, some cached, some audio and some image (one
+# of the cached tokens is audio and one image, as the API breaks the cached ones down); of
+# the output, audio.
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
+INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
 TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
@@ -143,13 +145,15 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                     "output_tokens": OUTPUT_TOKENS,
                     "input_token_details": {
                         "cached_tokens": CACHED_TOKENS,
-                        "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS,
+                        "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS - INPUT_IMAGE_TOKENS,
                         "audio_tokens": INPUT_AUDIO_TOKENS,
-                        "image_tokens": 0,
+                        "image_tokens": INPUT_IMAGE_TOKENS,
                         "cached_tokens_details": {
-                            "text_tokens": CACHED_TOKENS - CACHED_AUDIO_TOKENS,
+                            "text_tokens": CACHED_TOKENS
+                            - CACHED_AUDIO_TOKENS
+                            - CACHED_IMAGE_TOKENS,
                             "audio_tokens": CACHED_AUDIO_TOKENS,
-                            "image_tokens": 0,
+                            "image_tokens": CACHED_IMAGE_TOKENS,
                         },
                     },
                     "output_token_details": {
