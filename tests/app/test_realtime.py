@@ -502,6 +502,31 @@ async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
     await no_session_left(gateway)
 
 
+async def test_the_openai_sdk_beta_realtime_client_works_given_a_websocket_base_url(
+    gateway: TestClient, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """`client.beta.realtime` connects to wss:// whatever `base_url`'s scheme (docs/realtime.md):
+    through a plain-HTTP gateway it takes `websocket_base_url`; its OpenAI-Beta header reaches
+    the provider, and an out-of-band response is charged as any."""
+    base = str(gateway.make_url("/v1"))
+    client = AsyncOpenAI(
+        api_key=OPENAI_VK,
+        base_url=base,
+        websocket_base_url=base.replace("http://", "ws://"),
+        max_retries=0,
+    )
+    async with client.beta.realtime.connect(model="gpt-4o-realtime-preview") as connection:
+        assert (await connection.recv()).type == "session.created"
+        await connection.response.create(response={"conversation": "none"})
+        assert (await connection.recv()).type == "response.created"
+        assert (await connection.recv()).type == "response.done"
+    assert fake.requests[-1].headers["OpenAI-Beta"] == "realtime=v1"
+    [line] = await records(1)
+    assert line["model"] == "gpt-4o-realtime-preview"
+    assert line["usage"]["total_tokens"] == INPUT_TOKENS + OUTPUT_TOKENS
+    assert line["cost_usd"] > 0
+
+
 async def test_a_model_outside_the_keys_allowed_models_is_refused_with_403(
     gateway: TestClient, sockets: RealtimeState
 ) -> None:
