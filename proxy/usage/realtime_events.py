@@ -156,7 +156,7 @@ class SessionUsage:
             return
         session = event.get("session")
         if isinstance(session, dict):
-            self._transcriber = _transcription_model(session)
+            self._transcriber = transcription_model(session)
 
     def _add(self, usage: Usage) -> None:
         self._chars = 0
@@ -179,7 +179,7 @@ def read_transcription_usage(usage: object, reported: ProviderUsage) -> None:
         reported.read(usage, USAGE)
 
 
-def _transcription_model(session: dict[str, Any]) -> str | None:
+def transcription_model(session: dict[str, Any]) -> str | None:
     """The model a session transcribes its input audio with: GA's
     `audio.input.transcription.model`, else the beta's `input_audio_transcription.model`."""
     for path in (

@@ -889,3 +889,42 @@ async def test_a_transcription_session_is_charged_its_audio_seconds(
         provider_id="openai",
     )
     assert line["cost_usd"] == pytest.approx(float(price.total_price))
+
+
+async def test_a_transcription_model_outside_the_keys_allowed_models_is_refused_in_session(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """A restricted key's session may not have its audio transcribed by a model outside its
+    allowed_models: the session.update naming one never reaches the provider, and the client
+    gets Realtime's `error` event instead (the session stays open); an allowed one passes."""
+    restricted = "vk_test_realtime_restricted_7c1e"
+    allowed = ["gpt-realtime", "whisper-1"]
+    gateway = await gateway_with_keys(
+        {restricted: {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": allowed}}
+    )
+    ws = await gateway.ws_connect(PATH, headers=auth(restricted), protocols=["realtime"])
+    await next_data(ws)  # session.created
+    socket = await fake_socket(sockets)
+    ga = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
+    refused = [
+        orjson.dumps({"type": "session.update", "event_id": "evt_1", "session": ga}).decode(),
+        # The type spelled with a JSON escape is the same event to the provider.
+        '{"type": "session\\u002eupdate", "session": {"input_audio_transcription": '
+        '{"model": "gpt-4o-transcribe"}}}',
+    ]
+    errors = []
+    for frame in refused:
+        await ws.send_str(frame)
+        errors.append(orjson.loads((await next_data(ws)).data))
+    for error in errors:
+        assert error["type"] == "error"
+        assert error["error"]["code"] == "model_not_allowed"
+        assert error["error"]["type"] == "invalid_request_error"
+        assert "gpt-4o-transcribe" in error["error"]["message"]
+    # As the provider's own error events, it names the client event it answers.
+    assert [error["error"]["event_id"] for error in errors] == ["evt_1", None]
+    whisper = {"input_audio_transcription": {"model": "whisper-1"}}
+    await ws.send_json({"type": "session.update", "session": whisper})
+    assert orjson.loads((await next_data(ws)).data)["type"] == "session.updated"
+    assert [orjson.loads(data)["session"] for _, data in socket.received] == [whisper]
+    await ws.close()
