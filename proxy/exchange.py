@@ -462,12 +462,14 @@ class Exchange:
             entrance.quota.settle(key, admission, usage, cost)
         self.is_charged_live = True
 
-    def charge(self, usage: Usage) -> None:
-        """Charge one response's usage as it comes (a session may last an hour), priced."""
+    def charge(self, usage: Usage, model: str | None = None) -> None:
+        """Charge one response's usage as it comes (a session may last an hour), priced as
+        the request's model, or `model` (a Realtime session's transcription model)."""
         entrance, record = self._entrance, self.record
         assert self.key is not None
-        cost = entrance.prices.cost(record.provider, record.model, usage)
-        entrance.quota.charge(self.key, usage, cost, record.model)
+        ran = model or record.model
+        cost = entrance.prices.cost(record.provider, ran, usage)
+        entrance.quota.charge(self.key, usage, cost, ran)
         self.is_charged_live = True
         if cost is not None:
             self.live_cost_usd = (self.live_cost_usd or 0.0) + cost

@@ -135,7 +135,9 @@ class Usage:
     parts (GPT image models' input and output image tokens), the units of endpoints
     priced otherwise (the characters of speech's input, the seconds of a transcription's
     audio), Anthropic's 1-hour cache writes (a part of the cache writes, at a rate of their
-    own) and its server-side web searches (a count, priced per thousand) are zero
+    own), its server-side web searches (a count, priced per thousand) and the Realtime API's
+    cached audio and images (parts of both the cache reads and the input audio or images, at
+    rates of their own) are zero
     elsewhere, and left out of the log line then; the tracker's totals by kind
     (`quota.tracker.KINDS`) keep the kinds before them.
     """
@@ -154,6 +156,8 @@ class Usage:
     input_audio_seconds: float = 0.0
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    cache_audio_read_tokens: int = 0
+    cache_image_read_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -183,6 +187,10 @@ class Usage:
             line["cache_write_1h_tokens"] = self.cache_write_1h_tokens
         if self.web_searches:
             line["web_searches"] = self.web_searches
+        if self.cache_audio_read_tokens:
+            line["cache_audio_read_tokens"] = self.cache_audio_read_tokens
+        if self.cache_image_read_tokens:
+            line["cache_image_read_tokens"] = self.cache_image_read_tokens
         line["estimated"] = self.estimated
         return line
 

@@ -16,6 +16,9 @@ How the handshake went is told to the target's breaker, as an HTTP attempt's is 
 `websocket.Session` then carries the frames, bounded by REALTIME_IDLE_TIMEOUT and
 REALTIME_MAX_SESSION_SECONDS; a message is at most MAX_BODY_BYTES (1009 past it).
 
+For a key with allowed_models, the client's session updates are read (`updates`): one
+naming a transcription model the key may not use is answered with an `error` event.
+
 Usage: the provider's `response.done` events carry `response.usage`; each is charged to the
 key's token quota as it arrives (`Exchange.charge`: a session may last an hour), priced (`cost_usd`, each
 response at its own token kinds: text, audio, cached) and summed into the session's one log
@@ -35,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -50,6 +53,7 @@ from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.realtime.turns import Turns
+from proxy.realtime.updates import Updates
 from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
@@ -133,7 +137,10 @@ class Realtime:
         upstream = await self._connect(url, target, request, record, exchange.trace)  # 502, 504
         try:
             secrets = searched(plan.secrets)  # what the provider's frames may not carry
-            return await self._carry(request, upstream, exchange, admission, turns, secrets)
+            gate = turns.gate if turns is not None else None
+            if gate is None and key.allowed_models is not None:  # its session updates checked
+                gate = Updates(key).gate
+            return await self._carry(request, upstream, exchange, admission, turns, secrets, gate)
         finally:
             await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
@@ -197,6 +204,7 @@ class Realtime:
         admission: Admission | None,
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
+        gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
@@ -214,7 +222,7 @@ class Realtime:
         await client.prepare(request)
         # Each response charged as it comes; a Responses session's settles its own turn.
         if turns is None:
-            usage = socket_usage(exchange.tail, exchange.charge)
+            usage = socket_usage(exchange.tail, exchange.charge, on_transcribed=exchange.charge)
         else:
             usage = socket_usage(exchange.tail, turns.completed, turns.begun, turns.refused)
         session = Session(
@@ -224,7 +232,7 @@ class Realtime:
             max_seconds=self._settings.realtime_max_session_seconds,
             on_provider_text=usage.read,
             abort_client=lambda: _abort(request),
-            gate=None if turns is None else turns.gate,
+            gate=gate,
             secrets=secrets,
         )
         self.sessions.add(session)

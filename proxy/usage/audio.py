@@ -43,12 +43,7 @@ def read_transcription(document: dict[str, Any], reading: Reading) -> None:
 
 def read_usage(usage: object, reading: Reading) -> None:
     """A transcription's `usage` object: tokens, or seconds of audio."""
-    if not isinstance(usage, dict):
-        return
-    if usage.get("type") == "duration":
-        reading.reported.read_seconds(usage.get("seconds"))
-    else:
-        reading.reported.read(usage, realtime_events.USAGE)
+    realtime_events.read_transcription_usage(usage, reading.reported)
 
 
 def _text_delta(event: dict[str, Any], reading: Reading) -> None:

@@ -23,7 +23,9 @@ arithmetic is the library's: a part (cache reads, cache writes, input audio and 
 reasoning, output audio and images) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
-model has one. A test checks the figures against `genai_prices.calc_price`. Endpoints
+model has one, and the Realtime API's cached audio and images parts of both the cache reads
+and the input audio or images, at their own rates (`cache_audio_read_mtok`,
+`cache_image_read_mtok`; else as cache reads). A test checks the figures against `genai_prices.calc_price`. Endpoints
 priced by other units are priced by them where the data has a rate: speech's input
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
 else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
@@ -65,6 +67,8 @@ PRICE_KEYS = (
     "cache_read_mtok",
     "cache_write_mtok",
     "cache_write_1h_mtok",
+    "cache_audio_read_mtok",
+    "cache_image_read_mtok",
     "input_audio_mtok",
     "output_audio_mtok",
     "output_reasoning_mtok",
@@ -94,6 +98,13 @@ _OUTPUT_PARTS = (
 )
 # Within the cache writes, the 1-hour ones, at a rate of their own where the price has one.
 _CACHE_WRITE = "cache_write_tokens"
+# Within both the cache reads and the input audio or images, the Realtime API's cached audio
+# and images: (Usage field, price key, the other part it is in).
+_CACHE_READ = "cache_read_tokens"
+_CACHED_PARTS = (
+    ("cache_audio_read_tokens", "cache_audio_read_mtok", "input_audio_tokens"),
+    ("cache_image_read_tokens", "cache_image_read_mtok", "input_image_tokens"),
+)
 _HOUR_SECONDS = 3600
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
@@ -144,8 +155,13 @@ class Price:
         init=False, repr=False, compare=False
     )
     prices_tokens: bool = field(init=False, repr=False, compare=False)
-    # 1-hour cache writes (a part of the cache writes) and web searches (per thousand).
+    # 1-hour cache writes (a part of the cache writes), cached audio and images (of the
+    # cache reads and the input audio or images: `_CACHED_PARTS` with their rates) and web
+    # searches (per thousand).
     write_1h: Rate | None = field(init=False, repr=False, compare=False)
+    cached_parts: tuple[tuple[str, Rate | None, str], ...] = field(
+        init=False, repr=False, compare=False
+    )
     searches: Rate | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +176,9 @@ class Price:
             ),
             "prices_tokens": bool(rates.keys() & _TOKEN_RATES),
             "write_1h": rates.get("cache_write_1h_mtok"),
+            "cached_parts": tuple(
+                (name, rates.get(key), within) for name, key, within in _CACHED_PARTS
+            ),
             "searches": rates.get("web_searches_kcount"),
         }
         for name, value in derived.items():
@@ -182,10 +201,25 @@ class Price:
             plain_input -= one_hour
         else:
             one_hour = 0
+        # Cached audio and images (the Realtime API's) are parts of both the cache reads and
+        # the input audio or images: at their rate where the price has one (they leave
+        # both), else cache reads. `taken`: what they take from those other parts.
+        taken: dict[str, int] | None = None
+        for name, rate, within in self.cached_parts:
+            count = getattr(usage, name)
+            if count:
+                taken = taken or {}
+                taken[within] = count
+                if rate is not None:
+                    total += count * rate.at(prompt)
+                    plain_input -= count
+                    taken[_CACHE_READ] = taken.get(_CACHE_READ, 0) + count
         for name, part in self.input_parts:
             count = getattr(usage, name)
             if one_hour and name == _CACHE_WRITE:
                 count -= one_hour
+            if taken is not None:
+                count = max(0, count - taken.get(name, 0))
             if count:
                 total += count * part.at(prompt)
                 plain_input -= count

@@ -38,6 +38,8 @@ CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
 INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
 CACHE_WRITE_1H, WEB_SEARCHES = "cache_write_1h", "web_searches"
+# Parts of both the cache reads and the input audio or images (the Realtime API's).
+CACHE_AUDIO_READ, CACHE_IMAGE_READ = "cache_audio_read", "cache_image_read"
 # Reasoning counted beside the completion, not in it (Perplexity's top-level
 # `reasoning_tokens`): added to the completion, and a part of it as reasoning.
 REASONING_BESIDE = "reasoning_beside"
@@ -169,6 +171,8 @@ class ProviderUsage:
             0.0,  # input audio seconds
             get(CACHE_WRITE_1H, 0),
             get(WEB_SEARCHES, 0),
+            get(CACHE_AUDIO_READ, 0),
+            get(CACHE_IMAGE_READ, 0),
         )
 
 
@@ -189,6 +193,8 @@ def added(total: Usage, more: Usage) -> Usage:
         total.input_audio_seconds + more.input_audio_seconds,
         total.cache_write_1h_tokens + more.cache_write_1h_tokens,
         total.web_searches + more.web_searches,
+        total.cache_audio_read_tokens + more.cache_audio_read_tokens,
+        total.cache_image_read_tokens + more.cache_image_read_tokens,
     )
 
 

@@ -1,8 +1,10 @@
 """OpenAI Realtime events over a WebSocket: the usage of each response, as frames go by.
 
 The provider's `response.done` event carries `response.usage`: {input_tokens,
-output_tokens, input_token_details {cached_tokens, audio_tokens}, output_token_details
-{audio_tokens}}, details parts of the totals (transcriptions report in the same fields).
+output_tokens, input_token_details {cached_tokens, audio_tokens, image_tokens,
+cached_tokens_details {audio_tokens, image_tokens}}, output_token_details {audio_tokens}},
+details parts of the totals (the cached audio and images parts of both the cached and the
+audio or image input; transcriptions report in the same fields).
 Each response's usage is handed on as it arrives (a session may last an hour: each is
 charged then) and summed for the session's log line. A `response.done` whose usage holds
 no valid count is a response of 0 tokens, handed on all the same.
@@ -12,6 +14,13 @@ the response generated is estimated: the characters of its text, audio transcrip
 tool-call argument deltas (the audio deltas themselves are not parsed: base64, the largest
 frames). The prompt of such a response is not estimated (it is the whole conversation, held
 by the provider). `finish` at the session's end charges a response still unanswered.
+
+A session that transcribes its input audio (`session.audio.input.transcription`, the beta's
+`input_audio_transcription`; a transcription session's too) is billed for each
+transcription apart, at the transcription model's price: its
+`conversation.item.input_audio_transcription.completed` event carries its `usage` (tokens,
+or whisper-1's `duration` in seconds), handed on with that model, read from the provider's
+`session.created`/`session.updated` events (and the beta's `transcription_session.*`).
 
 `socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
 Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`).
@@ -27,9 +36,12 @@ import orjson
 from proxy.record import Usage
 from proxy.usage import estimate, responses
 from proxy.usage.provider_usage import (
+    CACHE_AUDIO_READ,
+    CACHE_IMAGE_READ,
     CACHE_READ,
     COMPLETION,
     INPUT_AUDIO,
+    INPUT_IMAGE,
     OUTPUT_AUDIO,
     PROMPT,
     ProviderUsage,
@@ -42,8 +54,25 @@ USAGE = UsageFields(
     details=(
         ("input_token_details", "cached_tokens", CACHE_READ),
         ("input_token_details", "audio_tokens", INPUT_AUDIO),
+        ("input_token_details", "image_tokens", INPUT_IMAGE),
         ("output_token_details", "audio_tokens", OUTPUT_AUDIO),
     ),
+    nested=(
+        ("input_token_details", "cached_tokens_details", "audio_tokens", CACHE_AUDIO_READ),
+        ("input_token_details", "cached_tokens_details", "image_tokens", CACHE_IMAGE_READ),
+    ),
+)
+# A transcription's usage, and the model that transcribed it (None: not known).
+OnTranscribed = Callable[[Usage, str | None], None]
+_TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
+# Events that tell the session's configuration, its transcription model among it (GA, beta).
+_SESSION_EVENTS = frozenset(
+    {
+        "session.created",
+        "session.updated",
+        "transcription_session.created",
+        "transcription_session.updated",
+    }
 )
 # Events whose `delta` is generated text: output text, audio transcripts, tool-call
 # arguments (GA names, then the beta's). The audio itself is base64, not read.
@@ -59,25 +88,34 @@ _GENERATED = frozenset(
 
 
 class SessionUsage:
-    """The usage of a session's responses: each handed on at once, all summed."""
+    """The usage of a session's responses and transcriptions: each handed on at once, all summed."""
 
-    __slots__ = ("_chars", "_on_response", "_total")
+    __slots__ = ("_chars", "_on_response", "_on_transcribed", "_total", "_transcriber")
 
-    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+    def __init__(
+        self, on_response: Callable[[Usage], None], on_transcribed: OnTranscribed | None = None
+    ) -> None:
         self._on_response = on_response
+        self._on_transcribed = on_transcribed
         self._total: Usage | None = None
         self._chars = 0  # generated since the last response.done: an estimate if none comes
+        self._transcriber: str | None = None  # the session's transcription model
 
     def read(self, frame: bytes) -> None:
         """One provider text frame, already sent on; most cost one or two substring searches."""
         if frame.find(b"response.done") >= 0:
             self._read_done(frame)
-        elif frame.find(b'.delta"') >= 0 and frame.find(b'audio.delta"') < 0:  # not audio
-            event = _event(frame)
-            if event is not None and event.get("type") in _GENERATED:
-                delta = event.get("delta")
-                if isinstance(delta, str):
-                    self._chars += len(delta)
+        elif frame.find(b'.delta"') >= 0:
+            if frame.find(b'audio.delta"') < 0:  # not audio
+                event = _event(frame)
+                if event is not None and event.get("type") in _GENERATED:
+                    delta = event.get("delta")
+                    if isinstance(delta, str):
+                        self._chars += len(delta)
+        elif frame.find(b"transcription.completed") >= 0:
+            self._read_transcribed(frame)
+        elif frame.find(b'session.updated"') >= 0 or frame.find(b'session.created"') >= 0:
+            self._read_session(frame)
 
     def finish(self) -> None:
         """At the session's end: a response cut before its `response.done` is estimated."""
@@ -97,6 +135,29 @@ class SessionUsage:
         else:  # a provider that reports none: what the response generated, estimated
             self.finish()
 
+    def _read_transcribed(self, frame: bytes) -> None:
+        event = _event(frame)
+        if event is None or event.get("type") != _TRANSCRIBED:
+            return
+        reported = ProviderUsage()
+        read_transcription_usage(event.get("usage"), reported)
+        usage = reported.usage()
+        if usage is None:
+            return
+        self._total = usage if self._total is None else added(self._total, usage)
+        if self._on_transcribed is not None:
+            self._on_transcribed(usage, self._transcriber)
+        else:
+            self._on_response(usage)
+
+    def _read_session(self, frame: bytes) -> None:
+        event = _event(frame)
+        if event is None or event.get("type") not in _SESSION_EVENTS:
+            return
+        session = event.get("session")
+        if isinstance(session, dict):
+            self._transcriber = transcription_model(session)
+
     def _add(self, usage: Usage) -> None:
         self._chars = 0
         self._total = usage if self._total is None else added(self._total, usage)
@@ -106,6 +167,31 @@ class SessionUsage:
     def total(self) -> Usage | None:
         """The session's usage; None when the provider reported none and generated nothing."""
         return self._total
+
+
+def read_transcription_usage(usage: object, reported: ProviderUsage) -> None:
+    """A transcription's `usage` object: tokens (in Realtime's fields), or seconds of audio."""
+    if not isinstance(usage, dict):
+        return
+    if usage.get("type") == "duration":
+        reported.read_seconds(usage.get("seconds"))
+    else:
+        reported.read(usage, USAGE)
+
+
+def transcription_model(session: dict[str, Any]) -> str | None:
+    """The model a session transcribes its input audio with: GA's
+    `audio.input.transcription.model`, else the beta's `input_audio_transcription.model`."""
+    for path in (
+        ("audio", "input", "transcription", "model"),
+        ("input_audio_transcription", "model"),
+    ):
+        value: object = session
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _event(frame: bytes) -> dict[str, Any] | None:
@@ -130,10 +216,12 @@ def socket_usage(
     on_response: Callable[[Usage], None],
     on_begun: Callable[[], None] = lambda: None,
     on_error: Callable[[], None] = lambda: None,
+    on_transcribed: OnTranscribed | None = None,
 ) -> SocketUsage:
     """The reader of a session's usage by the API its path names: the Responses API's
     WebSocket mode (`/v1/responses`) speaks Responses events (and tells `on_begun` and
-    `on_error`: `responses.SocketUsage`); any other path, Realtime's."""
+    `on_error`: `responses.SocketUsage`); any other path, Realtime's (its transcriptions
+    told to `on_transcribed` with their model)."""
     if ("/" + path.strip("/")).endswith("/responses"):  # a route's tail, or a whole path
         return responses.SocketUsage(on_response, on_begun, on_error)
-    return SessionUsage(on_response)
+    return SessionUsage(on_response, on_transcribed)

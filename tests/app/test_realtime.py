@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import genai_prices
 import orjson
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
+from genai_prices import Usage as LibraryUsage
 from openai import AsyncOpenAI
 
 from proxy.app import REALTIME, build_app
@@ -36,12 +38,18 @@ from tests.conftest import (
 )
 from tests.support.fake_provider import FakeState
 from tests.support.fake_realtime import (
+    CACHED_AUDIO_TOKENS,
+    CACHED_IMAGE_TOKENS,
     CACHED_TOKENS,
     INPUT_AUDIO_TOKENS,
+    INPUT_IMAGE_TOKENS,
     INPUT_TOKENS,
     OUTPUT_AUDIO_TOKENS,
     OUTPUT_TOKENS,
     REALTIME_STATE,
+    TRANSCRIBED_AUDIO_TOKENS,
+    TRANSCRIBED_SECONDS,
+    TRANSCRIPT_TOKENS,
     FakeSocket,
     RealtimeState,
 )
@@ -311,6 +319,9 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         "input_audio_tokens": 2 * INPUT_AUDIO_TOKENS,
         "reasoning_tokens": 0,
         "output_audio_tokens": 2 * OUTPUT_AUDIO_TOKENS,
+        "input_image_tokens": 2 * INPUT_IMAGE_TOKENS,
+        "cache_audio_read_tokens": 2 * CACHED_AUDIO_TOKENS,
+        "cache_image_read_tokens": 2 * CACHED_IMAGE_TOKENS,
         "estimated": False,
     }
     one_response = Usage(
@@ -319,6 +330,9 @@ async def test_one_log_line_per_session_with_frames_usage_and_its_ending(
         cache_read_tokens=CACHED_TOKENS,
         input_audio_tokens=INPUT_AUDIO_TOKENS,
         output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+        input_image_tokens=INPUT_IMAGE_TOKENS,
+        cache_audio_read_tokens=CACHED_AUDIO_TOKENS,
+        cache_image_read_tokens=CACHED_IMAGE_TOKENS,
     )
     price = Prices.load(None).cost("openai", "gpt-realtime", one_response)
     assert price is not None and price > 0
@@ -486,6 +500,31 @@ async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
     assert events[1].response.usage.output_tokens == OUTPUT_TOKENS
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {OPENAI_REAL}"
     await no_session_left(gateway)
+
+
+async def test_the_openai_sdk_beta_realtime_client_works_given_a_websocket_base_url(
+    gateway: TestClient, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """`client.beta.realtime` connects to wss:// whatever `base_url`'s scheme (docs/realtime.md):
+    through a plain-HTTP gateway it takes `websocket_base_url`; its OpenAI-Beta header reaches
+    the provider, and an out-of-band response is charged as any."""
+    base = str(gateway.make_url("/v1"))
+    client = AsyncOpenAI(
+        api_key=OPENAI_VK,
+        base_url=base,
+        websocket_base_url=base.replace("http://", "ws://"),
+        max_retries=0,
+    )
+    async with client.beta.realtime.connect(model="gpt-4o-realtime-preview") as connection:
+        assert (await connection.recv()).type == "session.created"
+        await connection.response.create(response={"conversation": "none"})
+        assert (await connection.recv()).type == "response.created"
+        assert (await connection.recv()).type == "response.done"
+    assert fake.requests[-1].headers["OpenAI-Beta"] == "realtime=v1"
+    [line] = await records(1)
+    assert line["model"] == "gpt-4o-realtime-preview"
+    assert line["usage"]["total_tokens"] == INPUT_TOKENS + OUTPUT_TOKENS
+    assert line["cost_usd"] > 0
 
 
 async def test_a_model_outside_the_keys_allowed_models_is_refused_with_403(
@@ -731,3 +770,161 @@ async def test_a_post_carrying_upgrade_websocket_is_relayed_as_the_post_it_is(
     seen = fake.requests[-1]
     assert (seen.method, seen.path, seen.body) == ("POST", "/v1/chat/completions", body.encode())
     assert "Upgrade" not in seen.headers
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
+async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    model: str,
+) -> None:
+    """A response.done's cached input is broken down by kind (`cached_tokens_details`): its
+    audio is a part of both the cached and the audio input, and costs the cached audio rate
+    (gpt-realtime: $0.40/M, not the audio input's $32/M), as genai-prices prices it."""
+    ws = await gateway.ws_connect(
+        f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    done = orjson.loads((await next_data(ws)).data)
+    await ws.close()
+    [line] = await records(1)
+    usage = done["response"]["usage"]
+    assert usage["input_token_details"]["cached_tokens_details"]["audio_tokens"] > 0
+    extracted = genai_prices.extract_usage(
+        {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
+    )
+    assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
+    assert line["usage"]["cache_audio_read_tokens"] == CACHED_AUDIO_TOKENS
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
+async def test_image_input_cached_or_not_is_charged_at_the_image_rates(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    model: str,
+) -> None:
+    """A response's image input (`input_token_details.image_tokens`, of them cached:
+    `cached_tokens_details.image_tokens`) costs the image rates (gpt-realtime: $5/M, cached
+    $0.50/M), not the text ones, as genai-prices prices it."""
+    ws = await gateway.ws_connect(
+        f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    done = orjson.loads((await next_data(ws)).data)
+    await ws.close()
+    [line] = await records(1)
+    usage = done["response"]["usage"]
+    assert usage["input_token_details"]["cached_tokens_details"]["image_tokens"] > 0
+    extracted = genai_prices.extract_usage(
+        {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
+    )
+    assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
+    assert line["usage"]["input_image_tokens"] == INPUT_IMAGE_TOKENS
+    assert line["usage"]["cache_image_read_tokens"] == CACHED_IMAGE_TOKENS
+
+
+async def test_the_transcription_of_committed_audio_is_charged_at_the_transcription_models_price(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """A session that transcribes its input audio (session.audio.input.transcription) is
+    billed for each transcription by its own usage (conversation.item.input_audio_
+    transcription.completed), at the transcription model's price: the key is charged it."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+        transcription = {"model": "gpt-4o-transcribe"}
+        await connection.session.update(
+            session={"type": "realtime", "audio": {"input": {"transcription": transcription}}}
+        )
+        assert (await connection.recv()).type == "session.updated"
+        await connection.input_audio_buffer.append(audio=base64.b64encode(bytes(3200)).decode())
+        await connection.input_audio_buffer.commit()
+        assert (await connection.recv()).type == "input_audio_buffer.committed"
+        done = await connection.recv()
+        assert done.type == "conversation.item.input_audio_transcription.completed"
+    [line] = await records(1)
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        TRANSCRIBED_AUDIO_TOKENS,
+        TRANSCRIPT_TOKENS,
+    )
+    assert line["usage"]["input_audio_tokens"] == TRANSCRIBED_AUDIO_TOKENS
+    billed = LibraryUsage(
+        input_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        input_audio_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        output_tokens=TRANSCRIPT_TOKENS,
+    )
+    price = genai_prices.calc_price(billed, "gpt-4o-transcribe", provider_id="openai")
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == TRANSCRIBED_AUDIO_TOKENS + TRANSCRIPT_TOKENS
+
+
+async def test_a_transcription_session_is_charged_its_audio_seconds(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """A transcription-only session (the beta's `intent=transcription`) runs no response:
+    each transcription's usage (whisper-1: seconds of audio) is what it is billed."""
+    ws = await gateway.ws_connect(
+        "/v1/realtime?intent=transcription", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    await next_data(ws)  # session.created
+    update = {"input_audio_transcription": {"model": "whisper-1"}}
+    await ws.send_json({"type": "transcription_session.update", "session": update})
+    assert orjson.loads((await next_data(ws)).data)["type"] == "transcription_session.updated"
+    await ws.send_json({"type": "input_audio_buffer.commit"})
+    await next_data(ws)  # committed
+    completed = orjson.loads((await next_data(ws)).data)
+    assert completed["usage"] == {"type": "duration", "seconds": TRANSCRIBED_SECONDS}
+    await ws.close()
+    [line] = await records(1)
+    assert line["usage"]["input_audio_seconds"] == TRANSCRIBED_SECONDS
+    price = genai_prices.calc_price(
+        LibraryUsage(audio_seconds=TRANSCRIBED_SECONDS, input_audio_seconds=TRANSCRIBED_SECONDS),
+        "whisper-1",
+        provider_id="openai",
+    )
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
+
+
+async def test_a_transcription_model_outside_the_keys_allowed_models_is_refused_in_session(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """A restricted key's session may not have its audio transcribed by a model outside its
+    allowed_models: the session.update naming one never reaches the provider, and the client
+    gets Realtime's `error` event instead (the session stays open); an allowed one passes."""
+    restricted = "vk_test_realtime_restricted_7c1e"
+    allowed = ["gpt-realtime", "whisper-1"]
+    gateway = await gateway_with_keys(
+        {restricted: {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": allowed}}
+    )
+    ws = await gateway.ws_connect(PATH, headers=auth(restricted), protocols=["realtime"])
+    await next_data(ws)  # session.created
+    socket = await fake_socket(sockets)
+    ga = {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
+    refused = [
+        orjson.dumps({"type": "session.update", "event_id": "evt_1", "session": ga}).decode(),
+        # The type spelled with a JSON escape is the same event to the provider.
+        '{"type": "session\\u002eupdate", "session": {"input_audio_transcription": '
+        '{"model": "gpt-4o-transcribe"}}}',
+    ]
+    errors = []
+    for frame in refused:
+        await ws.send_str(frame)
+        errors.append(orjson.loads((await next_data(ws)).data))
+    for error in errors:
+        assert error["type"] == "error"
+        assert error["error"]["code"] == "model_not_allowed"
+        assert error["error"]["type"] == "invalid_request_error"
+        assert "gpt-4o-transcribe" in error["error"]["message"]
+    # As the provider's own error events, it names the client event it answers.
+    assert [error["error"]["event_id"] for error in errors] == ["evt_1", None]
+    whisper = {"input_audio_transcription": {"model": "whisper-1"}}
+    await ws.send_json({"type": "session.update", "session": whisper})
+    assert orjson.loads((await next_data(ws)).data)["type"] == "session.updated"
+    assert [orjson.loads(data)["session"] for _, data in socket.received] == [whisper]
+    await ws.close()

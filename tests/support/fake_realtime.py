@@ -6,6 +6,18 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
 
     {"type": "response.create"}                      response.created, then response.done
                                                      with usage (11 input + 7 output tokens)
+    {"type": "session.update", "session": S}         session.updated with S merged into the
+                                                     session (transcription_session.update,
+                                                     the beta's, alike)
+    {"type": "input_audio_buffer.append"}            nothing (the audio is taken)
+    {"type": "input_audio_buffer.commit"}            input_audio_buffer.committed; with a
+                                                     transcription model in the session (GA:
+                                                     audio.input.transcription.model; beta:
+                                                     input_audio_transcription.model), then
+                                                     conversation.item.input_audio_transcription
+                                                     .completed with its usage: whisper-1's
+                                                     TRANSCRIBED_SECONDS, else tokens
+                                                     (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out)
     {"type": "fake.close", "code": C, "reason": R}   close with code C and reason R
     {"type": "fake.ping", "data": D}                 send a ping with payload D
     {"type": "fake.drop"}                            drop the connection, no close frame
@@ -40,9 +52,14 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-# The usage of each response.done: of the input, some cached and some audio; of the output, audio.
-INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS = 11, 2, 4
+# The usage of each response.done: of the input, some cached, some audio and some image (one
+# of the cached tokens is audio and one image, as the API breaks the cached ones down); of
+# the output, audio.
+INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
+INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
+# The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
+TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
 
 
 @dataclass(slots=True)
@@ -100,6 +117,7 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             await ws.send_bytes(data)  # type: ignore[arg-type]
 
     await send(WSMsgType.TEXT, orjson.dumps({"type": "session.created"}).decode())
+    session: dict = {}  # what session.update set
     while True:
         message = await ws.receive()
         if message.type is WSMsgType.CLOSE:
@@ -127,8 +145,16 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                     "output_tokens": OUTPUT_TOKENS,
                     "input_token_details": {
                         "cached_tokens": CACHED_TOKENS,
-                        "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS,
+                        "text_tokens": INPUT_TOKENS - INPUT_AUDIO_TOKENS - INPUT_IMAGE_TOKENS,
                         "audio_tokens": INPUT_AUDIO_TOKENS,
+                        "image_tokens": INPUT_IMAGE_TOKENS,
+                        "cached_tokens_details": {
+                            "text_tokens": CACHED_TOKENS
+                            - CACHED_AUDIO_TOKENS
+                            - CACHED_IMAGE_TOKENS,
+                            "audio_tokens": CACHED_AUDIO_TOKENS,
+                            "image_tokens": CACHED_IMAGE_TOKENS,
+                        },
                     },
                     "output_token_details": {
                         "text_tokens": OUTPUT_TOKENS - OUTPUT_AUDIO_TOKENS,
@@ -139,6 +165,15 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                     {"type": "response.created", "response": {"status": "in_progress"}},
                     {"type": "response.done", "response": {"status": "completed", "usage": usage}},
                 ):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind in ("session.update", "transcription_session.update"):
+                session |= command.get("session") or {}
+                updated = {"type": kind.replace("update", "updated"), "session": session}
+                await send(WSMsgType.TEXT, orjson.dumps(updated).decode())
+            elif kind == "input_audio_buffer.append":
+                pass
+            elif kind == "input_audio_buffer.commit":
+                for event in committed(session):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "fake.close":
                 await ws.close(code=command["code"], message=command["reason"].encode())
@@ -216,6 +251,36 @@ def responses_events(command: dict) -> list[dict]:
             "response": {**running, "status": "completed", "usage": usage},
         },
     ]
+
+
+def committed(session: dict) -> list[dict]:
+    """The events of committed audio: committed, then its transcription if the session has
+    a transcription model, with that model's usage."""
+    item = "item_fake_1"
+    events: list[dict] = [{"type": "input_audio_buffer.committed", "item_id": item}]
+    ga = ((session.get("audio") or {}).get("input") or {}).get("transcription") or {}
+    model = ga.get("model") or (session.get("input_audio_transcription") or {}).get("model")
+    if model is None:
+        return events
+    usage: dict
+    if model == "whisper-1":
+        usage = {"type": "duration", "seconds": TRANSCRIBED_SECONDS}
+    else:
+        usage = {
+            "type": "tokens",
+            "total_tokens": TRANSCRIBED_AUDIO_TOKENS + TRANSCRIPT_TOKENS,
+            "input_tokens": TRANSCRIBED_AUDIO_TOKENS,
+            "input_token_details": {"text_tokens": 0, "audio_tokens": TRANSCRIBED_AUDIO_TOKENS},
+            "output_tokens": TRANSCRIPT_TOKENS,
+        }
+    done = {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "item_id": item,
+        "content_index": 0,
+        "transcript": "Hello there.",
+        "usage": usage,
+    }
+    return [*events, done]
 
 
 def generated(command: dict) -> list[dict]:

@@ -29,6 +29,8 @@ def library_cost(
         "output_reasoning_tokens": usage.reasoning_tokens,
         "input_image_tokens": usage.input_image_tokens,
         "output_image_tokens": usage.output_image_tokens,
+        "cache_audio_read_tokens": usage.cache_audio_read_tokens,
+        "cache_image_read_tokens": usage.cache_image_read_tokens,
         "input_characters": usage.input_characters,
         # The library asks for the whole too: all of a transcription's audio is input.
         "audio_seconds": usage.input_audio_seconds,
@@ -60,6 +62,25 @@ def prices() -> Prices:
             Usage(400, 500, input_audio_tokens=300, output_audio_tokens=450),
         ),
         ("openai", "text-embedding-3-small", Usage(8000, 0)),
+        # Realtime: cached audio and images are parts of both the cache reads and the input
+        # audio or images, each at a rate of its own.
+        *(
+            (
+                "openai",
+                realtime,
+                Usage(
+                    1000,
+                    100,
+                    cache_read_tokens=800,
+                    input_audio_tokens=700,
+                    output_audio_tokens=80,
+                    input_image_tokens=200,
+                    cache_audio_read_tokens=600,
+                    cache_image_read_tokens=150,
+                ),
+            )
+            for realtime in ("gpt-realtime", "gpt-realtime-mini", "gpt-4o-realtime-preview")
+        ),
         ("anthropic", "claude-3-5-haiku-latest", Usage(1110, 3, cache_read_tokens=1000)),
         (
             "anthropic",
@@ -164,6 +185,22 @@ def test_cached_and_reasoning_tokens_are_not_priced_at_the_full_rate(prices: Pri
     cached = prices.cost("openai", "gpt-4o-mini", Usage(1000, 0, cache_read_tokens=1000))
     assert plain is not None and cached is not None
     assert cached == pytest.approx(plain / 2)  # gpt-4o-mini: cache reads at half the input rate
+
+
+def test_cached_audio_without_a_rate_of_its_own_is_priced_once_as_a_cache_read() -> None:
+    """A price without `cache_audio_read_mtok` (an override) prices cached audio as the
+    cache read it is, never again as input audio."""
+    price = Price(
+        {
+            "input_mtok": Rate(4.0),
+            "cache_read_mtok": Rate(0.4),
+            "input_audio_mtok": Rate(32.0),
+        }
+    )
+    usage = Usage(
+        1000, 0, cache_read_tokens=800, input_audio_tokens=800, cache_audio_read_tokens=700
+    )
+    assert price.cost(usage) == pytest.approx((800 * 0.4 + 100 * 32.0 + 100 * 4.0) / 1e6)
 
 
 def test_an_unknown_model_or_provider_has_no_price(prices: Prices) -> None:
