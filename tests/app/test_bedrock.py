@@ -141,6 +141,36 @@ async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
     assert usage["estimated"] is False
 
 
+GLOBAL_SONNET = "global.anthropic.claude-sonnet-4-5-20250929-v1:0"
+US_SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+@pytest.mark.parametrize(
+    ("model", "input_mtok", "output_mtok"),
+    [(GLOBAL_SONNET, 3.0, 15.0), (US_SONNET, 3.3, 16.5)],  # the regional 10% premium
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_claude_answer_is_priced_at_the_endpoint_the_path_names(
+    sdk: AsyncAnthropicBedrock,
+    records,
+    model: str,
+    input_mtok: float,
+    output_mtok: float,
+    stream: bool,
+) -> None:
+    """Bedrock prices a global inference profile 10% below a regional one; the answer names
+    only Anthropic's model (`claude-sonnet-4-5-20250929`). The global one was priced by that
+    name, at the regional rates."""
+    if stream:
+        async with sdk.messages.stream(model=model, max_tokens=5, messages=MESSAGES) as events:
+            await events.get_final_message()
+    else:
+        await sdk.messages.create(model=model, max_tokens=5, messages=MESSAGES)
+    line = (await records(1))[0]
+    expected = (INPUT_TOKENS * input_mtok + 3 * output_mtok) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected)
+
+
 PROFILE = f"arn:aws:bedrock:{REGION}:123456789012:application-inference-profile/a1b2c3d4e5f6"
 
 

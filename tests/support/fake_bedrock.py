@@ -15,7 +15,9 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
     POST /async-invoke                             an invocation's ARN (the model is the
                                                    body's `modelId`; its output goes to S3)
 
-It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
+An invoke answer names the model as Bedrock does, by Anthropic's own name
+(`us.anthropic.claude-sonnet-4-5-20250929-v1:0` answers `claude-sonnet-4-5-20250929`). It
+reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
 (`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
 first text piece with an exception frame of that type (`throttlingException`,
 `modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. What it saw
@@ -44,6 +46,8 @@ from tests.support.fake_media import chunked
 
 INPUT_TOKENS = 11
 EVENT_STREAM = "application/vnd.amazon.eventstream"
+# A Claude model id, and Anthropic's own name in it (what an invoke answer's `model` says).
+_CLAUDE_ID = re.compile(r"(?:[a-z]+\.)?anthropic\.(?P<name>claude-.+?)-v\d+(?::\d+)?")
 _AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
     r"(?P<service>[^/]+)/aws4_request, SignedHeaders=(?P<signed>[a-z0-9;-]+), "
@@ -165,11 +169,12 @@ def _usage(pieces: list[str]) -> dict[str, int]:
 
 
 def _message(model: str, pieces: list[str]) -> dict[str, Any]:
+    claude = _CLAUDE_ID.fullmatch(model)
     return {
         "id": "msg_bdrk_1",
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": model if claude is None else claude["name"],
         "content": [{"type": "text", "text": "".join(pieces)}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
