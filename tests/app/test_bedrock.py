@@ -226,6 +226,32 @@ async def test_converse_passes_through_and_its_usage_is_read(
     assert usage["estimated"] is False
 
 
+@pytest.mark.parametrize("action", ["converse", "converse-stream"])
+async def test_converse_one_hour_cache_writes_are_priced_at_their_rate(
+    gateway: TestClient, records, action: str
+) -> None:
+    """Converse splits its cache writes by lifetime in `usage.cacheDetails`; Bedrock bills
+    the 1-hour ones at 2x the input rate, the 5-minute ones at 1.25x. All were priced as
+    5-minute writes."""
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    headers = {
+        **auth(BEDROCK_VK),
+        "content-type": "application/json",
+        "x-fake-cache-write-tokens": "3000",
+        "x-fake-cache-write-1h-tokens": "2000",
+    }
+    response = await gateway.post(f"/v1/model/{GLOBAL_SONNET}/{action}", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    await response.read()
+    line = (await records(1))[0]
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS + 3000
+    assert usage["cache_write_tokens"] == 3000
+    # global Sonnet 4.5: $3 input, $3.75 5-minute writes, $6 1-hour writes, $15 output
+    expected = (INPUT_TOKENS * 3.0 + 1000 * 3.75 + 2000 * 6.0 + 3 * 15.0) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize(
     ("action", "exception"),
     [
