@@ -11,7 +11,8 @@ A Bedrock stream (`application/vnd.amazon.eventstream`) is binary frames, not SS
     converse-stream               frames whose event type names the event: contentBlockStart,
                                   contentBlockDelta (text, a tool's input, reasoning) and
                                   `metadata` with `usage` {inputTokens, outputTokens,
-                                  cacheReadInputTokens, cacheWriteInputTokens}
+                                  cacheReadInputTokens, cacheWriteInputTokens,
+                                  cacheDetails: the writes by lifetime, [{ttl, inputTokens}]}
 
 A stream that fails after its 200 ends with an `exception` frame (`:exception-type`
 throttlingException, modelStreamErrorException, ...) or an `error` frame (`:error-code`):
@@ -37,7 +38,14 @@ from typing import Any
 import orjson
 
 from proxy.usage import anthropic, estimate
-from proxy.usage.provider_usage import CACHE_READ, CACHE_WRITE, COMPLETION, PROMPT, UsageFields
+from proxy.usage.provider_usage import (
+    CACHE_READ,
+    CACHE_WRITE,
+    CACHE_WRITE_1H,
+    COMPLETION,
+    PROMPT,
+    UsageFields,
+)
 from proxy.usage.reading import Reading
 
 EVENT_STREAM = "application/vnd.amazon.eventstream"
@@ -49,6 +57,8 @@ CONVERSE_USAGE = UsageFields(
         ("cacheReadInputTokens", CACHE_READ),
         ("cacheWriteInputTokens", CACHE_WRITE),
     ),
+    # The cache writes by lifetime: the 1-hour ones cost more.
+    listed=(("cacheDetails", "ttl", "1h", "inputTokens", CACHE_WRITE_1H),),
     is_cache_beside_prompt=True,
 )
 INVOCATION_USAGE = UsageFields(

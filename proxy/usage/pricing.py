@@ -106,6 +106,11 @@ _CACHED_PARTS = (
     ("cache_image_read_tokens", "cache_image_read_mtok", "input_image_tokens"),
 )
 _HOUR_SECONDS = 3600
+# Clouds whose path names the deployment that ran (Bedrock's `global.`/`us.` inference
+# profiles are priced apart; a cloud target swaps no model) while the answer names only
+# Anthropic's model: the path's model is priced first, the answered one where it has no price
+# (an inference profile's ARN).
+_PATH_PRICED = frozenset(("bedrock", "vertex"))
 # The gateway's provider names where genai-prices calls the provider differently.
 _LIBRARY_PROVIDER = {"gemini": "google"}
 # Models looked up in the library are remembered, up to this many (a client names any model).
@@ -294,7 +299,8 @@ class Prices:
 
         `answered`: the model the provider says answered (a dated version, or another model
         when a fallback target swapped it): the library prices that one first; the overrides
-        file is keyed by the name the client sent. A request naming no model (a Responses
+        file is keyed by the name the client sent. On a cloud (`_PATH_PRICED`) the model
+        in the path is priced first, `answered` only when it has no price. A request naming no model (a Responses
         request of a stored prompt, whose model answers) is priced as `answered`, by both.
         `is_batch`: work of a batch, at the library's batch price where it has one (else its
         usual price); an override's rates stand for batches too.
@@ -318,9 +324,11 @@ class Prices:
             variant = {"service_tier": service_tier}
         elif speed == _FAST:
             variant = _FAST_MODE
+        if price is None and provider in _PATH_PRICED:
+            price = self._library_price(provider, model, is_batch, variant)
         if price is None and answered is not None and answered != model:
             price = self._library_price(provider, answered, is_batch, variant)
-        if price is None:
+        if price is None and provider not in _PATH_PRICED:
             price = self._library_price(provider, model, is_batch, variant)
         return None if price is None else price.cost(usage)
 

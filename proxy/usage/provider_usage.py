@@ -60,6 +60,9 @@ class UsageFields:
     details: tuple[tuple[str, str, str], ...] = ()  # (its details object, count there, kind)
     # Counts two objects deep: (its details object, the object there, count in it, kind).
     nested: tuple[tuple[str, str, str, str], ...] = ()
+    # Counts in a list of objects, in the one a key names: (its list, that key, its value,
+    # count there, kind); Bedrock Converse's `cacheDetails` [{"ttl": "1h", "inputTokens"}].
+    listed: tuple[tuple[str, str, str, str, str], ...] = ()
     # Anthropic: cache reads and writes are beside the prompt's total, not parts of it.
     is_cache_beside_prompt: bool = False
     # Anthropic: the list of sampling iterations, and the types of those (in `counts`'
@@ -113,6 +116,13 @@ class ProviderUsage:
                 innermost = inner.get(middle)
                 if isinstance(innermost, dict):
                     value = innermost.get(name)
+                    if _is_count(value):
+                        found[kind] = value  # type: ignore[assignment]
+        for details, key, value_named, name, kind in fields.listed:
+            items = usage.get(details)
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, dict) and item.get(key) == value_named:
+                    value = item.get(name)
                     if _is_count(value):
                         found[kind] = value  # type: ignore[assignment]
         if fields.iterations is not None:

@@ -141,6 +141,36 @@ async def test_a_stream_is_relayed_and_its_event_stream_usage_read(
     assert usage["estimated"] is False
 
 
+GLOBAL_SONNET = "global.anthropic.claude-sonnet-4-5-20250929-v1:0"
+US_SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+@pytest.mark.parametrize(
+    ("model", "input_mtok", "output_mtok"),
+    [(GLOBAL_SONNET, 3.0, 15.0), (US_SONNET, 3.3, 16.5)],  # the regional 10% premium
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_claude_answer_is_priced_at_the_endpoint_the_path_names(
+    sdk: AsyncAnthropicBedrock,
+    records,
+    model: str,
+    input_mtok: float,
+    output_mtok: float,
+    stream: bool,
+) -> None:
+    """Bedrock prices a global inference profile 10% below a regional one; the answer names
+    only Anthropic's model (`claude-sonnet-4-5-20250929`). The global one was priced by that
+    name, at the regional rates."""
+    if stream:
+        async with sdk.messages.stream(model=model, max_tokens=5, messages=MESSAGES) as events:
+            await events.get_final_message()
+    else:
+        await sdk.messages.create(model=model, max_tokens=5, messages=MESSAGES)
+    line = (await records(1))[0]
+    expected = (INPUT_TOKENS * input_mtok + 3 * output_mtok) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected)
+
+
 PROFILE = f"arn:aws:bedrock:{REGION}:123456789012:application-inference-profile/a1b2c3d4e5f6"
 
 
@@ -194,6 +224,32 @@ async def test_converse_passes_through_and_its_usage_is_read(
     usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
+
+
+@pytest.mark.parametrize("action", ["converse", "converse-stream"])
+async def test_converse_one_hour_cache_writes_are_priced_at_their_rate(
+    gateway: TestClient, records, action: str
+) -> None:
+    """Converse splits its cache writes by lifetime in `usage.cacheDetails`; Bedrock bills
+    the 1-hour ones at 2x the input rate, the 5-minute ones at 1.25x. All were priced as
+    5-minute writes."""
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    headers = {
+        **auth(BEDROCK_VK),
+        "content-type": "application/json",
+        "x-fake-cache-write-tokens": "3000",
+        "x-fake-cache-write-1h-tokens": "2000",
+    }
+    response = await gateway.post(f"/v1/model/{GLOBAL_SONNET}/{action}", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    await response.read()
+    line = (await records(1))[0]
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS + 3000
+    assert usage["cache_write_tokens"] == 3000
+    # global Sonnet 4.5: $3 input, $3.75 5-minute writes, $6 1-hour writes, $15 output
+    expected = (INPUT_TOKENS * 3.0 + 1000 * 3.75 + 2000 * 6.0 + 3 * 15.0) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,15 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
     POST /async-invoke                             an invocation's ARN (the model is the
                                                    body's `modelId`; its output goes to S3)
 
-It reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
+An invoke answer names the model as Bedrock does, by Anthropic's own name
+(`us.anthropic.claude-sonnet-4-5-20250929-v1:0` answers `claude-sonnet-4-5-20250929`). It
+reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
 (`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
 first text piece with an exception frame of that type (`throttlingException`,
-`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. What it saw
-is kept in `app[BEDROCK_STATE]`.
+`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. A Converse
+answer asked with `x-fake-cache-write-tokens: N` reports N tokens written to the cache,
+`x-fake-cache-write-1h-tokens: M` of them for an hour (its `cacheDetails`, 1h before 5m).
+What it saw is kept in `app[BEDROCK_STATE]`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import binascii
 import hmac
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +49,8 @@ from tests.support.fake_media import chunked
 
 INPUT_TOKENS = 11
 EVENT_STREAM = "application/vnd.amazon.eventstream"
+# A Claude model id, and Anthropic's own name in it (what an invoke answer's `model` says).
+_CLAUDE_ID = re.compile(r"(?:[a-z]+\.)?anthropic\.(?P<name>claude-.+?)-v\d+(?::\d+)?")
 _AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
     r"(?P<service>[^/]+)/aws4_request, SignedHeaders=(?P<signed>[a-z0-9;-]+), "
@@ -146,11 +153,11 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if action == "invoke":
         return web.json_response(_message(model, pieces))
     if action == "converse":
-        return web.json_response(_converse(pieces))
+        return web.json_response(_converse(pieces, request.headers))
     if action == "invoke-with-response-stream":
         frames = [_chunk(event) for event in _message_events(model, pieces)]
     elif action == "converse-stream":
-        frames = [frame(kind, event) for kind, event in _converse_events(pieces)]
+        frames = [frame(kind, event) for kind, event in _converse_events(pieces, request.headers)]
     else:
         raise web.HTTPNotFound()
     exception = request.headers.get("x-fake-exception")
@@ -165,11 +172,12 @@ def _usage(pieces: list[str]) -> dict[str, int]:
 
 
 def _message(model: str, pieces: list[str]) -> dict[str, Any]:
+    claude = _CLAUDE_ID.fullmatch(model)
     return {
         "id": "msg_bdrk_1",
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": model if claude is None else claude["name"],
         "content": [{"type": "text", "text": "".join(pieces)}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
@@ -201,27 +209,38 @@ def _message_events(model: str, pieces: list[str]) -> list[dict[str, Any]]:
     return events
 
 
-def _converse(pieces: list[str]) -> dict[str, Any]:
+def _converse(pieces: list[str], headers: Mapping[str, str]) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "inputTokens": INPUT_TOKENS,
+        "outputTokens": len(pieces),
+        "totalTokens": INPUT_TOKENS + len(pieces),
+    }
+    writes = int(headers.get("x-fake-cache-write-tokens", "0"))
+    if writes:  # written to the cache, beside inputTokens; `cacheDetails` by lifetime
+        one_hour = int(headers.get("x-fake-cache-write-1h-tokens", "0"))
+        details = [{"ttl": "1h", "inputTokens": one_hour}] if one_hour else []
+        if writes > one_hour:
+            details.append({"ttl": "5m", "inputTokens": writes - one_hour})
+        usage |= {"cacheReadInputTokens": 0, "cacheWriteInputTokens": writes}
+        usage |= {"cacheDetails": details, "totalTokens": usage["totalTokens"] + writes}
     return {
         "output": {"message": {"role": "assistant", "content": [{"text": "".join(pieces)}]}},
         "stopReason": "end_turn",
-        "usage": {
-            "inputTokens": INPUT_TOKENS,
-            "outputTokens": len(pieces),
-            "totalTokens": INPUT_TOKENS + len(pieces),
-        },
+        "usage": usage,
         "metrics": {"latencyMs": 5},
     }
 
 
-def _converse_events(pieces: list[str]) -> list[tuple[str, dict[str, Any]]]:
+def _converse_events(
+    pieces: list[str], headers: Mapping[str, str]
+) -> list[tuple[str, dict[str, Any]]]:
     events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
     events += [
         ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}) for p in pieces
     ]
     events.append(("contentBlockStop", {"contentBlockIndex": 0}))
     events.append(("messageStop", {"stopReason": "end_turn"}))
-    usage = _converse(pieces)["usage"]
+    usage = _converse(pieces, headers)["usage"]
     events.append(("metadata", {"usage": usage, "metrics": {"latencyMs": 5}}))
     return events
 
