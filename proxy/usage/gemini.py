@@ -5,7 +5,11 @@ as one JSON array without) holds `candidates[].content.parts[]` and `usageMetada
 {promptTokenCount, candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount,
 toolUsePromptTokenCount}. Gemini counts thoughts beside the candidates and a tool's prompt
 beside the prompt: the completion is candidates plus thoughts (thoughts its reasoning), the
-prompt is prompt plus tool-use prompt (cached content a part of it). Proto JSON leaves out
+prompt is prompt plus tool-use prompt (cached content a part of it). The details by modality
+(`promptTokensDetails`, `toolUsePromptTokensDetails`, `candidatesTokensDetails`,
+`cacheTokensDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
+IMAGE and DOCUMENT as images (an image model's output images, a flash model's input and
+cached audio); other modalities stay at the plain rates. Proto JSON leaves out
 a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken as the answer's
 from an event only when it counts candidates or thoughts; one that counts only the prompt
 (Vertex sends that until the last event) is provisional: a stream cut after it is charged
@@ -29,8 +33,14 @@ from typing import Any
 
 from proxy.usage import estimate
 from proxy.usage.provider_usage import (
+    CACHE_AUDIO_READ,
+    CACHE_IMAGE_READ,
     CACHE_READ,
     COMPLETION,
+    INPUT_AUDIO,
+    INPUT_IMAGE,
+    OUTPUT_AUDIO,
+    OUTPUT_IMAGE,
     PROMPT,
     REASONING,
     UsageFields,
@@ -44,6 +54,12 @@ _SUMMED = UsageFields(
         ("completion", COMPLETION),
         ("reasoning", REASONING),
         ("cache_read", CACHE_READ),
+        ("input_audio", INPUT_AUDIO),
+        ("input_image", INPUT_IMAGE),
+        ("output_audio", OUTPUT_AUDIO),
+        ("output_image", OUTPUT_IMAGE),
+        ("cache_audio_read", CACHE_AUDIO_READ),
+        ("cache_image_read", CACHE_IMAGE_READ),
     )
 )
 # Parts' fields in both spellings proto JSON takes.
@@ -60,6 +76,17 @@ _TOOL_PROMPT = ("toolUsePromptTokenCount", "tool_use_prompt_token_count")
 _CANDIDATES = ("candidatesTokenCount", "candidates_token_count")
 _THOUGHTS = ("thoughtsTokenCount", "thoughts_token_count")
 _CACHED = ("cachedContentTokenCount", "cached_content_token_count")
+# The counts by modality ([{modality, tokenCount}]): of the prompt (and the tool-use prompt's,
+# a part of it), the candidates and the cached content; the modalities priced at rates of
+# their own, by the summed kind's prefix (DOCUMENT as images, as genai-prices takes it).
+_PROMPT_DETAILS = (
+    ("promptTokensDetails", "prompt_tokens_details"),
+    ("toolUsePromptTokensDetails", "tool_use_prompt_tokens_details"),
+)
+_CANDIDATES_DETAILS = ("candidatesTokensDetails", "candidates_tokens_details")
+_CACHE_DETAILS = ("cacheTokensDetails", "cache_tokens_details")
+_TOKEN_COUNT = ("tokenCount", "token_count")
+_MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image"}
 
 
 def is_answer(document: dict[str, Any]) -> bool:
@@ -185,7 +212,29 @@ def read_usage(metadata: object, reading: Reading, is_final: bool = True) -> Non
         "reasoning": thoughts or 0,
         "cache_read": _count(metadata, _CACHED) or 0,
     }
+    for names in _PROMPT_DETAILS:
+        _add_modalities(metadata, names, "input_", summed)
+    _add_modalities(metadata, _CANDIDATES_DETAILS, "output_", summed)
+    _add_modalities(metadata, _CACHE_DETAILS, "cache_", summed, suffix="_read")
     reading.reported.read(summed, _SUMMED)
+
+
+def _add_modalities(
+    metadata: dict[str, Any],
+    names: tuple[str, str],
+    prefix: str,
+    summed: dict[str, int],
+    suffix: str = "",
+) -> None:
+    """A details list's counts of the modalities priced on their own, into `summed`."""
+    details = next((metadata[name] for name in names if name in metadata), None)
+    for detail in _dicts(details):
+        modality = detail.get("modality")
+        modality = _MODALITIES.get(modality) if isinstance(modality, str) else None
+        count = _count(detail, _TOKEN_COUNT)
+        if modality is not None and count:
+            kind = prefix + modality + suffix
+            summed[kind] = summed.get(kind, 0) + count
 
 
 def _count(metadata: dict[str, Any], names: tuple[str, str]) -> int | None:

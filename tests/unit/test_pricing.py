@@ -119,6 +119,22 @@ def prices() -> Prices:
             ),
         ),
         ("google", "gemini-2.5-pro", Usage(300_000, 1000, cache_read_tokens=10)),
+        # Gemini's modalities (`usageMetadata`'s details lists): an image model's output
+        # images, a flash model's input audio and cached audio, at their own rates.
+        ("google", "gemini-2.5-flash-image", Usage(7, 1300, output_image_tokens=1290)),
+        (
+            "google",
+            "gemini-2.5-flash",
+            Usage(
+                1040,
+                50,
+                cache_read_tokens=500,
+                input_audio_tokens=640,
+                cache_audio_read_tokens=400,
+                input_image_tokens=300,
+                cache_image_read_tokens=100,
+            ),
+        ),  # fmt: skip
         # Endpoints priced by other units: speech by characters, transcription by seconds.
         ("openai", "tts-1", Usage(input_characters=1234)),
         ("openai", "tts-1-hd", Usage(input_characters=4096)),

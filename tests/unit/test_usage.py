@@ -1318,6 +1318,54 @@ def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
     assert tap_of(array, JSON).usage(b"") == expected
 
 
+def test_gemini_modalities_are_read_as_their_parts() -> None:
+    """Gemini bills some modalities at rates of their own (an image model's output images,
+    a flash model's input audio, cached audio): the details lists by modality are read into
+    those parts, a tool's prompt's with the prompt's, DOCUMENT as images (as genai-prices)."""
+    metadata = {
+        "promptTokenCount": 1000,
+        "candidatesTokenCount": 1300,
+        "cachedContentTokenCount": 500,
+        "toolUsePromptTokenCount": 40,
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 100},
+            {"modality": "AUDIO", "tokenCount": 600},
+            {"modality": "IMAGE", "tokenCount": 258},
+            {"modality": "DOCUMENT", "tokenCount": 42},
+        ],
+        "toolUsePromptTokensDetails": [{"modality": "AUDIO", "tokenCount": 40}],
+        "cacheTokensDetails": [
+            {"modality": "AUDIO", "tokenCount": 400},
+            {"modality": "IMAGE", "tokenCount": 100},
+        ],
+        "candidatesTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 10},
+            {"modality": "IMAGE", "tokenCount": 1290},
+        ],
+    }
+    expected = Usage(
+        1040,
+        1300,
+        cache_read_tokens=500,
+        input_audio_tokens=640,
+        input_image_tokens=300,
+        output_image_tokens=1290,
+        cache_audio_read_tokens=400,
+        cache_image_read_tokens=100,
+    )
+    assert tap_of(orjson.dumps(gemini_event("", metadata)), JSON).usage(b"") == expected
+    snake = {
+        "prompt_token_count": 10,
+        "candidates_token_count": 20,
+        "prompt_tokens_details": [{"modality": "AUDIO", "token_count": 10}],
+        "candidates_tokens_details": [{"modality": "AUDIO", "token_count": 20}],
+    }
+    body = orjson.dumps({"usage_metadata": snake})
+    assert tap_of(body, JSON).usage(b"") == Usage(
+        10, 20, input_audio_tokens=10, output_audio_tokens=20
+    )
+
+
 def test_a_large_gemini_answer_is_charged_the_usage_metadata_in_its_tail() -> None:
     """An answer with an inline image of 2 MiB is not parsed whole: its usage is still read."""
     image = {"inlineData": {"mimeType": "image/png", "data": "A" * (2 * WHOLE_PARSE_BYTES)}}
