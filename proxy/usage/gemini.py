@@ -9,7 +9,10 @@ prompt is prompt plus tool-use prompt (cached content a part of it). The details
 (`promptTokensDetails`, `toolUsePromptTokensDetails`, `candidatesTokensDetails`,
 `cacheTokensDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
 IMAGE and DOCUMENT as images (an image model's output images, a flash model's input and
-cached audio); other modalities stay at the plain rates. Proto JSON leaves out
+cached audio); other modalities stay at the plain rates. Grounding with Google Search is
+billed beside the tokens: per search query (a candidate's `groundingMetadata.webSearchQueries`)
+on Gemini 3 and later, per grounded prompt on 2.5 and earlier (by the answer's
+`modelVersion`): counted as web searches. Proto JSON leaves out
 a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken as the answer's
 from an event only when it counts candidates or thoughts; one that counts only the prompt
 (Vertex sends that until the last event) is provisional: a stream cut after it is charged
@@ -43,6 +46,7 @@ from proxy.usage.provider_usage import (
     OUTPUT_IMAGE,
     PROMPT,
     REASONING,
+    WEB_SEARCHES,
     UsageFields,
 )
 from proxy.usage.reading import Reading
@@ -87,6 +91,12 @@ _CANDIDATES_DETAILS = ("candidatesTokensDetails", "candidates_tokens_details")
 _CACHE_DETAILS = ("cacheTokensDetails", "cache_tokens_details")
 _TOKEN_COUNT = ("tokenCount", "token_count")
 _MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image"}
+# Grounding with Google Search: a candidate's `groundingMetadata.webSearchQueries`, billed
+# per query, but per grounded prompt (one an answer) by the models matching `_PER_PROMPT`.
+_GROUNDING = ("groundingMetadata", "grounding_metadata")
+_QUERIES = ("webSearchQueries", "web_search_queries")
+_PER_PROMPT = re.compile(r"gemini-[12]\.")
+_SEARCHES = UsageFields(counts=(("web_searches", WEB_SEARCHES),))
 
 
 def is_answer(document: dict[str, Any]) -> bool:
@@ -99,6 +109,7 @@ def read_event(event: dict[str, Any], reading: Reading) -> None:
     if reading.model is None:
         reading.note_model(event.get("modelVersion"))
     _read_usage(event, reading, is_final=False)
+    _read_grounding(event, reading)
     _read_candidates(event, reading)
 
 
@@ -106,6 +117,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer."""
     reading.note_model(document.get("modelVersion"))
     _read_usage(document, reading, is_final=True)
+    _read_grounding(document, reading)
     if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     _read_candidates(document, reading)
@@ -183,6 +195,20 @@ def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
             code = _either(part, _CODE)
             if code is not None:
                 reading.add_generated(code.get("code"))
+
+
+def _read_grounding(answer: dict[str, Any], reading: Reading) -> None:
+    """The Google searches an answer's candidates made (a stream's last count stands)."""
+    searches = 0
+    for candidate in _dicts(answer.get("candidates")):
+        grounding = _either(candidate, _GROUNDING)
+        if grounding is not None:
+            queries = next((grounding[name] for name in _QUERIES if name in grounding), None)
+            searches += len(queries) if isinstance(queries, list) else 0
+    if searches:
+        if reading.model is not None and _PER_PROMPT.search(reading.model):
+            searches = 1
+        reading.reported.read({"web_searches": searches}, _SEARCHES)
 
 
 def _read_usage(answer: dict[str, Any], reading: Reading, is_final: bool) -> None:

@@ -30,8 +30,10 @@ priced by other units are priced by them where the data has a rate: speech's inp
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
 else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
 has no rate for is unpriced (None), not free. Web searches (Anthropic's server-side ones,
-the Responses API's web_search tool calls) are priced per thousand (`web_searches_kcount`); a model without that rate does not bill them
-(as the library). What is not done: a cost for a model without a price (None, never a
+the Responses API's web_search tool calls, Gemini's grounding with Google Search) are priced
+per thousand (`web_searches_kcount`); a model without that rate does not bill them (as the
+library), and Google's free allowances of grounded prompts (per account, per day or month)
+are not known here: every grounded prompt or query is charged. What is not done: a cost for a model without a price (None, never a
 made-up number), images by count, size and quality (the data has no such price: GPT image
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), the Responses API's

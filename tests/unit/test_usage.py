@@ -1366,6 +1366,39 @@ def test_gemini_modalities_are_read_as_their_parts() -> None:
     )
 
 
+def grounded(model: str, queries: list[str], usage: dict | None = None) -> dict:
+    event = gemini_event("It rained.", usage)
+    event["modelVersion"] = model
+    event["candidates"][0]["groundingMetadata"] = {
+        "webSearchQueries": queries,
+        "groundingChunks": [{"web": {"uri": "https://example.com", "title": "example.com"}}],
+    }
+    return event
+
+
+def test_gemini_grounding_with_google_search_is_counted_as_google_bills_it() -> None:
+    """Grounding with Google Search is billed per search query on Gemini 3 and later, per
+    grounded prompt on 2.5 and earlier; `groundingMetadata.webSearchQueries` lists the
+    queries. A stream repeating them in a later event counts them once."""
+    usage = {"promptTokenCount": 40, "candidatesTokenCount": 9}
+    queries = ["weather london", "london rain today"]
+    body = orjson.dumps(grounded("gemini-3-flash-preview", queries, usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9, web_searches=2)
+    body = orjson.dumps(grounded("gemini-2.5-flash", queries, usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9, web_searches=1)
+    stream = sse(
+        grounded("gemini-3-flash-preview", queries, {"promptTokenCount": 40}),
+        grounded("gemini-3-flash-preview", queries, usage),
+    )
+    assert tap_of(stream).usage(b"") == Usage(40, 9, web_searches=2)
+    snake = gemini_event("x", {"prompt_token_count": 40, "candidates_token_count": 9})
+    snake["candidates"][0]["grounding_metadata"] = {"web_search_queries": queries}
+    assert tap_of(orjson.dumps(snake), JSON).usage(b"") == Usage(40, 9, web_searches=2)
+    # No search made (the model answered from what it knew): nothing counted.
+    body = orjson.dumps(grounded("gemini-2.5-flash", [], usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9)
+
+
 def test_a_large_gemini_answer_is_charged_the_usage_metadata_in_its_tail() -> None:
     """An answer with an inline image of 2 MiB is not parsed whole: its usage is still read."""
     image = {"inlineData": {"mimeType": "image/png", "data": "A" * (2 * WHOLE_PARSE_BYTES)}}
