@@ -7,7 +7,7 @@ toolUsePromptTokenCount}. Gemini counts thoughts beside the candidates and a too
 beside the prompt: the completion is candidates plus thoughts (thoughts its reasoning), the
 prompt is prompt plus tool-use prompt (cached content a part of it). The details by modality
 (`promptTokensDetails`, `toolUsePromptTokensDetails`, `candidatesTokensDetails`,
-`cacheTokensDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
+`cacheTokensDetails`; an embedding's `promptTokenDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
 IMAGE and DOCUMENT as images (an image model's output images, a flash model's input and
 cached audio); other modalities stay at the plain rates. Grounding with Google Search is
 billed beside the tokens: per search query (a candidate's `groundingMetadata.webSearchQueries`)
@@ -86,6 +86,7 @@ _CACHED = ("cachedContentTokenCount", "cached_content_token_count")
 _PROMPT_DETAILS = (
     ("promptTokensDetails", "prompt_tokens_details"),
     ("toolUsePromptTokensDetails", "tool_use_prompt_tokens_details"),
+    ("promptTokenDetails", "prompt_token_details"),  # an embedding's (EmbeddingUsageMetadata)
 )
 _CANDIDATES_DETAILS = ("candidatesTokensDetails", "candidates_tokens_details")
 _CACHE_DETAILS = ("cacheTokensDetails", "cache_tokens_details")

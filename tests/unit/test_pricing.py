@@ -122,6 +122,11 @@ def prices() -> Prices:
         # Gemini's modalities (`usageMetadata`'s details lists): an image model's output
         # images, a flash model's input audio and cached audio, at their own rates.
         ("google", "gemini-2.5-flash-image", Usage(7, 1300, output_image_tokens=1290)),
+        (
+            "google",
+            "gemini-embedding-2",
+            Usage(1063, 0, input_audio_tokens=800, input_image_tokens=258),
+        ),
         # Grounding with Google Search: per grounded prompt (2.5), per query (3 and later).
         ("google", "gemini-2.5-flash", Usage(40, 9, web_searches=1)),
         ("google", "gemini-3.1-pro-preview", Usage(40, 9, web_searches=3)),

@@ -1366,6 +1366,22 @@ def test_gemini_modalities_are_read_as_their_parts() -> None:
     )
 
 
+def test_a_gemini_embeddings_modalities_are_read_as_their_parts() -> None:
+    """embedContent's usage (EmbeddingUsageMetadata) names its details `promptTokenDetails`,
+    not generateContent's `promptTokensDetails`: gemini-embedding-2 prices audio and images
+    embedded at rates of their own."""
+    details = [
+        {"modality": "TEXT", "tokenCount": 5},
+        {"modality": "AUDIO", "tokenCount": 800},
+        {"modality": "IMAGE", "tokenCount": 258},
+    ]
+    body = {"embedding": {"values": [0.1, 0.2]},
+            "usageMetadata": {"promptTokenCount": 1063, "promptTokenDetails": details}}  # fmt: skip
+    tap = tap_of(orjson.dumps(body), JSON, charged=Charged.PROMPT)
+    expected = Usage(1063, 0, input_audio_tokens=800, input_image_tokens=258)
+    assert tap.usage(b"") == expected
+
+
 def grounded(model: str, queries: list[str], usage: dict | None = None) -> dict:
     event = gemini_event("It rained.", usage)
     event["modelVersion"] = model
