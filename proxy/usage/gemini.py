@@ -8,8 +8,9 @@ beside the prompt: the completion is candidates plus thoughts (thoughts its reas
 prompt is prompt plus tool-use prompt (cached content a part of it). The details by modality
 (`promptTokensDetails`, `toolUsePromptTokensDetails`, `candidatesTokensDetails`,
 `cacheTokensDetails`; an embedding's `promptTokenDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
-IMAGE and DOCUMENT as images (an image model's output images, a flash model's input and
-cached audio); other modalities stay at the plain rates. Grounding with Google Search is
+IMAGE and DOCUMENT as images, VIDEO as video (an image model's output images, a flash model's
+input and cached audio, gemini-embedding-2's video, an Omni model's); cached video and TEXT
+stay at the cache's and the plain rates. Grounding with Google Search is
 billed beside the tokens: per search query (a candidate's `groundingMetadata.webSearchQueries`)
 on Gemini 3 and later, per grounded prompt on 2.5 and earlier (by the answer's
 `modelVersion`): counted as web searches. Proto JSON leaves out
@@ -42,8 +43,10 @@ from proxy.usage.provider_usage import (
     COMPLETION,
     INPUT_AUDIO,
     INPUT_IMAGE,
+    INPUT_VIDEO,
     OUTPUT_AUDIO,
     OUTPUT_IMAGE,
+    OUTPUT_VIDEO,
     PROMPT,
     REASONING,
     WEB_SEARCHES,
@@ -62,6 +65,8 @@ _SUMMED = UsageFields(
         ("input_image", INPUT_IMAGE),
         ("output_audio", OUTPUT_AUDIO),
         ("output_image", OUTPUT_IMAGE),
+        ("input_video", INPUT_VIDEO),
+        ("output_video", OUTPUT_VIDEO),
         ("cache_audio_read", CACHE_AUDIO_READ),
         ("cache_image_read", CACHE_IMAGE_READ),
     )
@@ -91,7 +96,7 @@ _PROMPT_DETAILS = (
 _CANDIDATES_DETAILS = ("candidatesTokensDetails", "candidates_tokens_details")
 _CACHE_DETAILS = ("cacheTokensDetails", "cache_tokens_details")
 _TOKEN_COUNT = ("tokenCount", "token_count")
-_MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image"}
+_MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image", "VIDEO": "video"}
 # Grounding with Google Search: a candidate's `groundingMetadata.webSearchQueries`, billed
 # per query, but per grounded prompt (one an answer) by the models matching `_PER_PROMPT`.
 _GROUNDING = ("groundingMetadata", "grounding_metadata")

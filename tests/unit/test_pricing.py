@@ -31,6 +31,8 @@ def library_cost(
         "output_image_tokens": usage.output_image_tokens,
         "cache_audio_read_tokens": usage.cache_audio_read_tokens,
         "cache_image_read_tokens": usage.cache_image_read_tokens,
+        "input_video_tokens": usage.input_video_tokens,
+        "output_video_tokens": usage.output_video_tokens,
         "input_characters": usage.input_characters,
         # The library asks for the whole too: all of a transcription's audio is input.
         "audio_seconds": usage.input_audio_seconds,
@@ -122,6 +124,8 @@ def prices() -> Prices:
         # Gemini's modalities (`usageMetadata`'s details lists): an image model's output
         # images, a flash model's input audio and cached audio, at their own rates.
         ("google", "gemini-2.5-flash-image", Usage(7, 1300, output_image_tokens=1290)),
+        ("google", "gemini-embedding-2", Usage(1000, 0, input_video_tokens=900)),
+        ("google", "gemini-omni-flash-preview", Usage(10, 1000, output_video_tokens=990)),
         (
             "google",
             "gemini-embedding-2",

@@ -1382,6 +1382,19 @@ def test_a_gemini_embeddings_modalities_are_read_as_their_parts() -> None:
     assert tap.usage(b"") == expected
 
 
+def test_gemini_video_is_read_as_its_part() -> None:
+    """Video embedded (gemini-embedding-2: $12/Mtok against $0.20 for text) and generated
+    (the Omni models: $17.50 against $9) is billed at rates of its own."""
+    embedded = {"usageMetadata": {"promptTokenCount": 1000,
+                "promptTokenDetails": [{"modality": "VIDEO", "tokenCount": 900}]}}  # fmt: skip
+    tap = tap_of(orjson.dumps(embedded), JSON, charged=Charged.PROMPT)
+    assert tap.usage(b"") == Usage(1000, 0, input_video_tokens=900)
+    metadata = {"promptTokenCount": 10, "candidatesTokenCount": 1000,
+                "candidatesTokensDetails": [{"modality": "VIDEO", "tokenCount": 990}]}  # fmt: skip
+    body = orjson.dumps(gemini_event("", metadata))
+    assert tap_of(body, JSON).usage(b"") == Usage(10, 1000, output_video_tokens=990)
+
+
 def grounded(model: str, queries: list[str], usage: dict | None = None) -> dict:
     event = gemini_event("It rained.", usage)
     event["modelVersion"] = model
