@@ -137,7 +137,7 @@ class Usage:
     audio), Anthropic's 1-hour cache writes (a part of the cache writes, at a rate of their
     own), its server-side web searches (a count, priced per thousand) and the Realtime API's
     cached audio and images (parts of both the cache reads and the input audio or images, at
-    rates of their own) are zero
+    rates of their own) and Gemini's video (input and output parts) are zero
     elsewhere, and left out of the log line then; the tracker's totals by kind
     (`quota.tracker.KINDS`) keep the kinds before them.
     """
@@ -158,6 +158,8 @@ class Usage:
     web_searches: int = 0
     cache_audio_read_tokens: int = 0
     cache_image_read_tokens: int = 0
+    input_video_tokens: int = 0
+    output_video_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -191,6 +193,10 @@ class Usage:
             line["cache_audio_read_tokens"] = self.cache_audio_read_tokens
         if self.cache_image_read_tokens:
             line["cache_image_read_tokens"] = self.cache_image_read_tokens
+        if self.input_video_tokens:
+            line["input_video_tokens"] = self.input_video_tokens
+        if self.output_video_tokens:
+            line["output_video_tokens"] = self.output_video_tokens
         line["estimated"] = self.estimated
         return line
 

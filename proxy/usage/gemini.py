@@ -5,7 +5,15 @@ as one JSON array without) holds `candidates[].content.parts[]` and `usageMetada
 {promptTokenCount, candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount,
 toolUsePromptTokenCount}. Gemini counts thoughts beside the candidates and a tool's prompt
 beside the prompt: the completion is candidates plus thoughts (thoughts its reasoning), the
-prompt is prompt plus tool-use prompt (cached content a part of it). Proto JSON leaves out
+prompt is prompt plus tool-use prompt (cached content a part of it). The details by modality
+(`promptTokensDetails`, `toolUsePromptTokensDetails`, `candidatesTokensDetails`,
+`cacheTokensDetails`; an embedding's `promptTokenDetails`) give the parts some models bill at rates of their own: AUDIO as audio,
+IMAGE and DOCUMENT as images, VIDEO as video (an image model's output images, a flash model's
+input and cached audio, gemini-embedding-2's video, an Omni model's); cached video and TEXT
+stay at the cache's and the plain rates. Grounding with Google Search is
+billed beside the tokens: per search query (a candidate's `groundingMetadata.webSearchQueries`)
+on Gemini 3 and later, per grounded prompt on 2.5 and earlier (by the answer's
+`modelVersion`): counted as web searches. Proto JSON leaves out
 a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken as the answer's
 from an event only when it counts candidates or thoughts; one that counts only the prompt
 (Vertex sends that until the last event) is provisional: a stream cut after it is charged
@@ -29,10 +37,19 @@ from typing import Any
 
 from proxy.usage import estimate
 from proxy.usage.provider_usage import (
+    CACHE_AUDIO_READ,
+    CACHE_IMAGE_READ,
     CACHE_READ,
     COMPLETION,
+    INPUT_AUDIO,
+    INPUT_IMAGE,
+    INPUT_VIDEO,
+    OUTPUT_AUDIO,
+    OUTPUT_IMAGE,
+    OUTPUT_VIDEO,
     PROMPT,
     REASONING,
+    WEB_SEARCHES,
     UsageFields,
 )
 from proxy.usage.reading import Reading
@@ -44,6 +61,14 @@ _SUMMED = UsageFields(
         ("completion", COMPLETION),
         ("reasoning", REASONING),
         ("cache_read", CACHE_READ),
+        ("input_audio", INPUT_AUDIO),
+        ("input_image", INPUT_IMAGE),
+        ("output_audio", OUTPUT_AUDIO),
+        ("output_image", OUTPUT_IMAGE),
+        ("input_video", INPUT_VIDEO),
+        ("output_video", OUTPUT_VIDEO),
+        ("cache_audio_read", CACHE_AUDIO_READ),
+        ("cache_image_read", CACHE_IMAGE_READ),
     )
 )
 # Parts' fields in both spellings proto JSON takes.
@@ -60,6 +85,24 @@ _TOOL_PROMPT = ("toolUsePromptTokenCount", "tool_use_prompt_token_count")
 _CANDIDATES = ("candidatesTokenCount", "candidates_token_count")
 _THOUGHTS = ("thoughtsTokenCount", "thoughts_token_count")
 _CACHED = ("cachedContentTokenCount", "cached_content_token_count")
+# The counts by modality ([{modality, tokenCount}]): of the prompt (and the tool-use prompt's,
+# a part of it), the candidates and the cached content; the modalities priced at rates of
+# their own, by the summed kind's prefix (DOCUMENT as images, as genai-prices takes it).
+_PROMPT_DETAILS = (
+    ("promptTokensDetails", "prompt_tokens_details"),
+    ("toolUsePromptTokensDetails", "tool_use_prompt_tokens_details"),
+    ("promptTokenDetails", "prompt_token_details"),  # an embedding's (EmbeddingUsageMetadata)
+)
+_CANDIDATES_DETAILS = ("candidatesTokensDetails", "candidates_tokens_details")
+_CACHE_DETAILS = ("cacheTokensDetails", "cache_tokens_details")
+_TOKEN_COUNT = ("tokenCount", "token_count")
+_MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image", "VIDEO": "video"}
+# Grounding with Google Search: a candidate's `groundingMetadata.webSearchQueries`, billed
+# per query, but per grounded prompt (one an answer) by the models matching `_PER_PROMPT`.
+_GROUNDING = ("groundingMetadata", "grounding_metadata")
+_QUERIES = ("webSearchQueries", "web_search_queries")
+_PER_PROMPT = re.compile(r"gemini-[12]\.")
+_SEARCHES = UsageFields(counts=(("web_searches", WEB_SEARCHES),))
 
 
 def is_answer(document: dict[str, Any]) -> bool:
@@ -72,6 +115,7 @@ def read_event(event: dict[str, Any], reading: Reading) -> None:
     if reading.model is None:
         reading.note_model(event.get("modelVersion"))
     _read_usage(event, reading, is_final=False)
+    _read_grounding(event, reading)
     _read_candidates(event, reading)
 
 
@@ -79,6 +123,7 @@ def read_answer(document: dict[str, Any], reading: Reading) -> None:
     """One JSON answer."""
     reading.note_model(document.get("modelVersion"))
     _read_usage(document, reading, is_final=True)
+    _read_grounding(document, reading)
     if reading.reported.is_reported:
         return  # only an estimate needs the answer's length
     _read_candidates(document, reading)
@@ -158,6 +203,20 @@ def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
                 reading.add_generated(code.get("code"))
 
 
+def _read_grounding(answer: dict[str, Any], reading: Reading) -> None:
+    """The Google searches an answer's candidates made (a stream's last count stands)."""
+    searches = 0
+    for candidate in _dicts(answer.get("candidates")):
+        grounding = _either(candidate, _GROUNDING)
+        if grounding is not None:
+            queries = next((grounding[name] for name in _QUERIES if name in grounding), None)
+            searches += len(queries) if isinstance(queries, list) else 0
+    if searches:
+        if reading.model is not None and _PER_PROMPT.search(reading.model):
+            searches = 1
+        reading.reported.read({"web_searches": searches}, _SEARCHES)
+
+
 def _read_usage(answer: dict[str, Any], reading: Reading, is_final: bool) -> None:
     metadata = _either(answer, _USAGE)
     if metadata is not None:
@@ -185,7 +244,29 @@ def read_usage(metadata: object, reading: Reading, is_final: bool = True) -> Non
         "reasoning": thoughts or 0,
         "cache_read": _count(metadata, _CACHED) or 0,
     }
+    for names in _PROMPT_DETAILS:
+        _add_modalities(metadata, names, "input_", summed)
+    _add_modalities(metadata, _CANDIDATES_DETAILS, "output_", summed)
+    _add_modalities(metadata, _CACHE_DETAILS, "cache_", summed, suffix="_read")
     reading.reported.read(summed, _SUMMED)
+
+
+def _add_modalities(
+    metadata: dict[str, Any],
+    names: tuple[str, str],
+    prefix: str,
+    summed: dict[str, int],
+    suffix: str = "",
+) -> None:
+    """A details list's counts of the modalities priced on their own, into `summed`."""
+    details = next((metadata[name] for name in names if name in metadata), None)
+    for detail in _dicts(details):
+        modality = detail.get("modality")
+        modality = _MODALITIES.get(modality) if isinstance(modality, str) else None
+        count = _count(detail, _TOKEN_COUNT)
+        if modality is not None and count:
+            kind = prefix + modality + suffix
+            summed[kind] = summed.get(kind, 0) + count
 
 
 def _count(metadata: dict[str, Any], names: tuple[str, str]) -> int | None:

@@ -19,8 +19,8 @@ How a cost is computed: the library's data decides the rates (model matching, da
 changes, tiers by prompt size); this module does the arithmetic for the gateway's fixed
 token kinds, because the library's generic `calc_price` costs hundreds of µs a call
 (bench/pricing.py: 370-720 µs on a loaded 2-core machine; this, under 10 µs). The
-arithmetic is the library's: a part (cache reads, cache writes, input audio and images;
-reasoning, output audio and images) is priced at its own rate when the model has one, else at its total's rate,
+arithmetic is the library's: a part (cache reads, cache writes, input audio, images and
+video; reasoning, output audio, images and video) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
 model has one, and the Realtime API's cached audio and images parts of both the cache reads
@@ -30,8 +30,10 @@ priced by other units are priced by them where the data has a rate: speech's inp
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
 else `audio_hours`: whisper-1); a usage that counts characters or seconds its model's price
 has no rate for is unpriced (None), not free. Web searches (Anthropic's server-side ones,
-the Responses API's web_search tool calls) are priced per thousand (`web_searches_kcount`); a model without that rate does not bill them
-(as the library). What is not done: a cost for a model without a price (None, never a
+the Responses API's web_search tool calls, Gemini's grounding with Google Search) are priced
+per thousand (`web_searches_kcount`); a model without that rate does not bill them (as the
+library), and Google's free allowances of grounded prompts (per account, per day or month)
+are not known here: every grounded prompt or query is charged. What is not done: a cost for a model without a price (None, never a
 made-up number), images by count, size and quality (the data has no such price: GPT image
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), the Responses API's
@@ -79,6 +81,8 @@ PRICE_KEYS = (
     "input_audio_hours",
     "audio_hours",
     "web_searches_kcount",
+    "input_video_mtok",
+    "output_video_mtok",
 )
 # Rates that price a request's tokens: per token, or per request (tokens then free); a
 # price with none of them (a model priced by the hour) cannot price tokens.
@@ -90,11 +94,13 @@ _INPUT_PARTS = (
     ("cache_write_mtok", "cache_write_tokens"),
     ("input_audio_mtok", "input_audio_tokens"),
     ("input_image_mtok", "input_image_tokens"),
+    ("input_video_mtok", "input_video_tokens"),
 )
 _OUTPUT_PARTS = (
     ("output_reasoning_mtok", "reasoning_tokens"),
     ("output_audio_mtok", "output_audio_tokens"),
     ("output_image_mtok", "output_image_tokens"),
+    ("output_video_mtok", "output_video_tokens"),
 )
 # Within the cache writes, the 1-hour ones, at a rate of their own where the price has one.
 _CACHE_WRITE = "cache_write_tokens"

@@ -37,6 +37,7 @@ PROMPT, COMPLETION = "prompt", "completion"
 CACHE_READ, CACHE_WRITE = "cache_read", "cache_write"
 INPUT_AUDIO, REASONING, OUTPUT_AUDIO = "input_audio", "reasoning", "output_audio"
 INPUT_IMAGE, OUTPUT_IMAGE = "input_image", "output_image"
+INPUT_VIDEO, OUTPUT_VIDEO = "input_video", "output_video"
 CACHE_WRITE_1H, WEB_SEARCHES = "cache_write_1h", "web_searches"
 # Parts of both the cache reads and the input audio or images (the Realtime API's).
 CACHE_AUDIO_READ, CACHE_IMAGE_READ = "cache_audio_read", "cache_image_read"
@@ -183,6 +184,8 @@ class ProviderUsage:
             get(WEB_SEARCHES, 0),
             get(CACHE_AUDIO_READ, 0),
             get(CACHE_IMAGE_READ, 0),
+            get(INPUT_VIDEO, 0),
+            get(OUTPUT_VIDEO, 0),
         )
 
 
@@ -205,6 +208,8 @@ def added(total: Usage, more: Usage) -> Usage:
         total.web_searches + more.web_searches,
         total.cache_audio_read_tokens + more.cache_audio_read_tokens,
         total.cache_image_read_tokens + more.cache_image_read_tokens,
+        total.input_video_tokens + more.input_video_tokens,
+        total.output_video_tokens + more.output_video_tokens,
     )
 
 

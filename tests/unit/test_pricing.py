@@ -31,6 +31,8 @@ def library_cost(
         "output_image_tokens": usage.output_image_tokens,
         "cache_audio_read_tokens": usage.cache_audio_read_tokens,
         "cache_image_read_tokens": usage.cache_image_read_tokens,
+        "input_video_tokens": usage.input_video_tokens,
+        "output_video_tokens": usage.output_video_tokens,
         "input_characters": usage.input_characters,
         # The library asks for the whole too: all of a transcription's audio is input.
         "audio_seconds": usage.input_audio_seconds,
@@ -119,6 +121,32 @@ def prices() -> Prices:
             ),
         ),
         ("google", "gemini-2.5-pro", Usage(300_000, 1000, cache_read_tokens=10)),
+        # Gemini's modalities (`usageMetadata`'s details lists): an image model's output
+        # images, a flash model's input audio and cached audio, at their own rates.
+        ("google", "gemini-2.5-flash-image", Usage(7, 1300, output_image_tokens=1290)),
+        ("google", "gemini-embedding-2", Usage(1000, 0, input_video_tokens=900)),
+        ("google", "gemini-omni-flash-preview", Usage(10, 1000, output_video_tokens=990)),
+        (
+            "google",
+            "gemini-embedding-2",
+            Usage(1063, 0, input_audio_tokens=800, input_image_tokens=258),
+        ),
+        # Grounding with Google Search: per grounded prompt (2.5), per query (3 and later).
+        ("google", "gemini-2.5-flash", Usage(40, 9, web_searches=1)),
+        ("google", "gemini-3.1-pro-preview", Usage(40, 9, web_searches=3)),
+        (
+            "google",
+            "gemini-2.5-flash",
+            Usage(
+                1040,
+                50,
+                cache_read_tokens=500,
+                input_audio_tokens=640,
+                cache_audio_read_tokens=400,
+                input_image_tokens=300,
+                cache_image_read_tokens=100,
+            ),
+        ),  # fmt: skip
         # Endpoints priced by other units: speech by characters, transcription by seconds.
         ("openai", "tts-1", Usage(input_characters=1234)),
         ("openai", "tts-1-hd", Usage(input_characters=4096)),

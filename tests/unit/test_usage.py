@@ -1318,6 +1318,116 @@ def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
     assert tap_of(array, JSON).usage(b"") == expected
 
 
+def test_gemini_modalities_are_read_as_their_parts() -> None:
+    """Gemini bills some modalities at rates of their own (an image model's output images,
+    a flash model's input audio, cached audio): the details lists by modality are read into
+    those parts, a tool's prompt's with the prompt's, DOCUMENT as images (as genai-prices)."""
+    metadata = {
+        "promptTokenCount": 1000,
+        "candidatesTokenCount": 1300,
+        "cachedContentTokenCount": 500,
+        "toolUsePromptTokenCount": 40,
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 100},
+            {"modality": "AUDIO", "tokenCount": 600},
+            {"modality": "IMAGE", "tokenCount": 258},
+            {"modality": "DOCUMENT", "tokenCount": 42},
+        ],
+        "toolUsePromptTokensDetails": [{"modality": "AUDIO", "tokenCount": 40}],
+        "cacheTokensDetails": [
+            {"modality": "AUDIO", "tokenCount": 400},
+            {"modality": "IMAGE", "tokenCount": 100},
+        ],
+        "candidatesTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 10},
+            {"modality": "IMAGE", "tokenCount": 1290},
+        ],
+    }
+    expected = Usage(
+        1040,
+        1300,
+        cache_read_tokens=500,
+        input_audio_tokens=640,
+        input_image_tokens=300,
+        output_image_tokens=1290,
+        cache_audio_read_tokens=400,
+        cache_image_read_tokens=100,
+    )
+    assert tap_of(orjson.dumps(gemini_event("", metadata)), JSON).usage(b"") == expected
+    snake = {
+        "prompt_token_count": 10,
+        "candidates_token_count": 20,
+        "prompt_tokens_details": [{"modality": "AUDIO", "token_count": 10}],
+        "candidates_tokens_details": [{"modality": "AUDIO", "token_count": 20}],
+    }
+    body = orjson.dumps({"usage_metadata": snake})
+    assert tap_of(body, JSON).usage(b"") == Usage(
+        10, 20, input_audio_tokens=10, output_audio_tokens=20
+    )
+
+
+def test_a_gemini_embeddings_modalities_are_read_as_their_parts() -> None:
+    """embedContent's usage (EmbeddingUsageMetadata) names its details `promptTokenDetails`,
+    not generateContent's `promptTokensDetails`: gemini-embedding-2 prices audio and images
+    embedded at rates of their own."""
+    details = [
+        {"modality": "TEXT", "tokenCount": 5},
+        {"modality": "AUDIO", "tokenCount": 800},
+        {"modality": "IMAGE", "tokenCount": 258},
+    ]
+    body = {"embedding": {"values": [0.1, 0.2]},
+            "usageMetadata": {"promptTokenCount": 1063, "promptTokenDetails": details}}  # fmt: skip
+    tap = tap_of(orjson.dumps(body), JSON, charged=Charged.PROMPT)
+    expected = Usage(1063, 0, input_audio_tokens=800, input_image_tokens=258)
+    assert tap.usage(b"") == expected
+
+
+def test_gemini_video_is_read_as_its_part() -> None:
+    """Video embedded (gemini-embedding-2: $12/Mtok against $0.20 for text) and generated
+    (the Omni models: $17.50 against $9) is billed at rates of its own."""
+    embedded = {"usageMetadata": {"promptTokenCount": 1000,
+                "promptTokenDetails": [{"modality": "VIDEO", "tokenCount": 900}]}}  # fmt: skip
+    tap = tap_of(orjson.dumps(embedded), JSON, charged=Charged.PROMPT)
+    assert tap.usage(b"") == Usage(1000, 0, input_video_tokens=900)
+    metadata = {"promptTokenCount": 10, "candidatesTokenCount": 1000,
+                "candidatesTokensDetails": [{"modality": "VIDEO", "tokenCount": 990}]}  # fmt: skip
+    body = orjson.dumps(gemini_event("", metadata))
+    assert tap_of(body, JSON).usage(b"") == Usage(10, 1000, output_video_tokens=990)
+
+
+def grounded(model: str, queries: list[str], usage: dict | None = None) -> dict:
+    event = gemini_event("It rained.", usage)
+    event["modelVersion"] = model
+    event["candidates"][0]["groundingMetadata"] = {
+        "webSearchQueries": queries,
+        "groundingChunks": [{"web": {"uri": "https://example.com", "title": "example.com"}}],
+    }
+    return event
+
+
+def test_gemini_grounding_with_google_search_is_counted_as_google_bills_it() -> None:
+    """Grounding with Google Search is billed per search query on Gemini 3 and later, per
+    grounded prompt on 2.5 and earlier; `groundingMetadata.webSearchQueries` lists the
+    queries. A stream repeating them in a later event counts them once."""
+    usage = {"promptTokenCount": 40, "candidatesTokenCount": 9}
+    queries = ["weather london", "london rain today"]
+    body = orjson.dumps(grounded("gemini-3-flash-preview", queries, usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9, web_searches=2)
+    body = orjson.dumps(grounded("gemini-2.5-flash", queries, usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9, web_searches=1)
+    stream = sse(
+        grounded("gemini-3-flash-preview", queries, {"promptTokenCount": 40}),
+        grounded("gemini-3-flash-preview", queries, usage),
+    )
+    assert tap_of(stream).usage(b"") == Usage(40, 9, web_searches=2)
+    snake = gemini_event("x", {"prompt_token_count": 40, "candidates_token_count": 9})
+    snake["candidates"][0]["grounding_metadata"] = {"web_search_queries": queries}
+    assert tap_of(orjson.dumps(snake), JSON).usage(b"") == Usage(40, 9, web_searches=2)
+    # No search made (the model answered from what it knew): nothing counted.
+    body = orjson.dumps(grounded("gemini-2.5-flash", [], usage))
+    assert tap_of(body, JSON).usage(b"") == Usage(40, 9)
+
+
 def test_a_large_gemini_answer_is_charged_the_usage_metadata_in_its_tail() -> None:
     """An answer with an inline image of 2 MiB is not parsed whole: its usage is still read."""
     image = {"inlineData": {"mimeType": "image/png", "data": "A" * (2 * WHOLE_PARSE_BYTES)}}
