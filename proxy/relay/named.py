@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
-message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, stored at the provider) is `Unreadable`: for a restricted
+message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -46,8 +46,16 @@ from proxy.record import shown
 from proxy.upstream.routing import endpoint
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# OpenAI's batches name their models inside an uploaded file the gateway never sees.
-_MODELS_ELSEWHERE = frozenset(("batches",))
+# POSTs that run models the gateway never sees (`in_path`): OpenAI's batches name theirs
+# inside an uploaded file; a video remixed, edited or extended is made by its source video's
+# model, stored at the provider (the API takes no `model` there).
+_MODELS_ELSEWHERE = {
+    "batches": "creating batches (their models are inside an uploaded file)",
+    "videos/*/remix": "remixing a video (its model is the source video's, at the provider)",
+    "videos/edits": "editing a video (its model is the source video's, at the provider)",
+    "videos/extensions": "extending a video (its model is the source video's, at the provider)",
+}
+_ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHERE)
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
@@ -221,8 +229,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
     first = endpoint(tail).partition("/")[0]
-    if method == "POST" and first in _MODELS_ELSEWHERE:
-        raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
+    if method == "POST" and first in _ELSEWHERE_ROOTS:
+        elsewhere = _models_elsewhere(endpoint(tail))
+        if elsewhere is not None:
+            raise Unreadable(elsewhere)
     if method == "POST" and first in _AGENT_ROOTS and _runs_agent(endpoint(tail)):
         raise Unreadable(
             "running a managed agent (its models are the agent's, stored at the provider)"
@@ -255,6 +265,16 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # runs whatever is deployed there; a pattern allows it as `endpoints/<id>`.
             models.append(f"{_ENDPOINTS}/{unquote(segment).partition(':')[0]}")
     return models
+
+
+def _models_elsewhere(tail: str) -> str | None:
+    """Where the models of a POST under a `_MODELS_ELSEWHERE` root are, or None: it runs none."""
+    segments = tail.rstrip("/").split("/")
+    if segments[0] == "batches":
+        return _MODELS_ELSEWHERE["batches"]
+    if len(segments) == 3:
+        segments[1] = "*"  # videos/{video_id}/remix
+    return _MODELS_ELSEWHERE.get("/".join(segments))
 
 
 def _runs_agent(tail: str) -> bool:

@@ -44,6 +44,7 @@ KEYS = {
 }
 WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
 PNG = ("a.png", b"\x89PNG\r\n\x1a\n....", "image/png")
+MP4 = ("a.mp4", b"....ftypmp42", "video/mp4")
 
 
 @pytest.fixture
@@ -106,6 +107,10 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "translation with another model": lambda c: c.audio.translations.create(
         model="whisper-1", file=WAV
     ),
+    # A video remixed, edited or extended runs its source video's model, stored at the provider.
+    "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
+    "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
+    "video extension": lambda c: c.videos.extend(prompt="more cats", seconds="4", video=MP4),
 }
 
 
