@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
-message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -54,6 +54,8 @@ _MODELS_ELSEWHERE = {
     "videos/*/remix": "remixing a video (its model is the source video's, at the provider)",
     "videos/edits": "editing a video (its model is the source video's, at the provider)",
     "videos/extensions": "extending a video (its model is the source video's, at the provider)",
+    # An eval run samples its data source's model and grades with the eval's stored graders.
+    "evals/*/runs": "running an eval (its graders' models are stored at the provider)",
 }
 _ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHERE)
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
@@ -273,7 +275,7 @@ def _models_elsewhere(tail: str) -> str | None:
     if segments[0] == "batches":
         return _MODELS_ELSEWHERE["batches"]
     if len(segments) == 3:
-        segments[1] = "*"  # videos/{video_id}/remix
+        segments[1] = "*"  # videos/{video_id}/remix, evals/{eval_id}/runs
     return _MODELS_ELSEWHERE.get("/".join(segments))
 
 

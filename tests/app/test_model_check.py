@@ -111,6 +111,15 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
     "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
     "video extension": lambda c: c.videos.extend(prompt="more cats", seconds="4", video=MP4),
+    # An eval run samples its data source's model and grades with the eval's stored graders.
+    "eval run": lambda c: c.evals.runs.create(
+        "eval_1",
+        data_source={
+            "type": "completions",
+            "model": "gpt-4o-mini",
+            "source": {"type": "file_id", "id": "file-1"},
+        },
+    ),
 }
 
 
@@ -381,3 +390,41 @@ async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
     async with reader:
         await reader.beta.sessions.retrieve("sesn_1")
     assert len(fake.requests) == 2
+
+
+async def test_what_runs_no_model_passes_a_restricted_key(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Making an eval, cancelling its run, reading a video: no model runs, nothing to refuse.
+    headers = auth(ONE_MODEL_VK)
+    criteria = [
+        {"type": "string_check", "name": "s", "input": "a", "reference": "a", "operation": "eq"}
+    ]
+    for path, body in [
+        (
+            "/v1/evals",
+            {
+                "data_source_config": {"type": "custom", "item_schema": {}},
+                "testing_criteria": criteria,
+            },
+        ),
+        ("/v1/evals/eval_1/runs/evalrun_1", {}),
+        ("/v1/videos/video_1", None),
+    ]:
+        if body is None:
+            response = await gateway.get(path, headers=headers)
+        else:
+            response = await gateway.post(path, json=body, headers=headers)
+        assert response.status == 200, path
+    assert [seen.path for seen in fake.requests] == [
+        "/v1/evals",
+        "/v1/evals/eval_1/runs/evalrun_1",
+        "/v1/videos/video_1",
+    ]
+    # A key that may use any model runs an eval and remixes a video.
+    anyone = sdk(gateway, OPENAI_VK)
+    await anyone.videos.remix("video_1", prompt="more cats")
+    await anyone.evals.runs.create(
+        "eval_1", data_source={"type": "jsonl", "source": {"type": "file_id", "id": "file-1"}}
+    )
+    assert len(fake.requests) == 5
