@@ -13,7 +13,7 @@ message's `fallbacks`, whose "default" is a model out of sight). What cannot be 
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
-default (images, videos, audio, an image tool). A `model` in the body overrides the
+default (images, videos, audio, moderations, an image tool). A `model` in the body overrides the
 prompt's and the assistant's, so one that is allowed passes. This module finds the names and judges them (`check`): the one allowed_models check
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
@@ -84,6 +84,7 @@ _UNNAMED = {
     "audio/speech": "the endpoint's default model",
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
+    "moderations": "the endpoint's default model",
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)

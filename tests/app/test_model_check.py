@@ -107,6 +107,10 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "translation with another model": lambda c: c.audio.translations.create(
         model="whisper-1", file=WAV
     ),
+    "moderation without a model": lambda c: c.moderations.create(input="hello"),
+    "moderation with another model": lambda c: c.moderations.create(
+        input="hello", model="omni-moderation-latest"
+    ),
     # A video remixed, edited or extended runs its source video's model, stored at the provider.
     "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
     "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
