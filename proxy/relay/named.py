@@ -8,8 +8,8 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
-Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
-message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -61,6 +61,9 @@ _ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHER
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# A grader that scores or labels with a model runs it: one run alone (`grader`), or a
+# reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
+_GRADER = "grader"
 # Anthropic's managed agents run the models of an agent stored at the provider (its own, its
 # callable agents', its advisor's): a session made or sent events, a deployment made or run.
 _AGENT_RUNS = {"sessions": "events", "deployments": "run"}
@@ -129,7 +132,14 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
         names = [Unnamed(unnamed)]
     else:
         names = []
-    if "svg" in document or "tools" in document or "requests" in document or _FALLBACKS in document:
+    if (
+        "svg" in document
+        or "tools" in document
+        or "requests" in document
+        or _FALLBACKS in document
+        or _GRADER in document
+        or "method" in document
+    ):
         names += _nested(document)
     return names
 
@@ -155,6 +165,12 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
         else:
             for entry in fallbacks:
                 yield entry.get("model") if isinstance(entry, dict) else entry
+    grader = document.get(_GRADER)  # run alone: fine_tuning/alpha/graders/run
+    method = document.get("method")  # a fine-tuning job's; reinforcement's is graded
+    if isinstance(method, dict) and isinstance(method.get("reinforcement"), dict):
+        grader = method["reinforcement"].get(_GRADER)
+    if isinstance(grader, dict):
+        yield from _grader_models(grader)
     requests = document.get("requests")
     if isinstance(requests, list):
         for item in requests:
@@ -163,6 +179,20 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
                 if "model" in params:
                     yield params["model"]
                 yield from _nested(params)
+
+
+def _grader_models(grader: dict[str, Any]) -> Iterator[Any]:
+    """The models a grader scores or labels with (`score_model`, `label_model`: `model`),
+    a multi grader's among its `graders` (a map of graders, or one) too."""
+    pending = [grader]
+    while pending:  # a loop, not recursion: a body nests graders as deep as it likes
+        holder = pending.pop()
+        if "model" in holder:
+            yield holder["model"]
+        graders = holder.get("graders")
+        if isinstance(graders, dict):
+            pending.append(graders)  # one grader
+            pending += (child for child in graders.values() if isinstance(child, dict))
 
 
 def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:

@@ -44,6 +44,12 @@ KEYS = {
 }
 WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
 PNG = ("a.png", b"\x89PNG\r\n\x1a\n....", "image/png")
+SCORED_BY_O3: Any = {
+    "type": "score_model",
+    "name": "score",
+    "model": "o3",
+    "input": [{"role": "user", "content": "Score {{sample.output_text}}"}],
+}
 MP4 = ("a.mp4", b"....ftypmp42", "video/mp4")
 
 
@@ -110,6 +116,28 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "moderation without a model": lambda c: c.moderations.create(input="hello"),
     "moderation with another model": lambda c: c.moderations.create(
         input="hello", model="omni-moderation-latest"
+    ),
+    "fine-tuning another model": lambda c: c.fine_tuning.jobs.create(
+        model="gpt-4o", training_file="file-1"
+    ),
+    # A grader that scores or labels with a model runs it: in a reinforcement fine-tuning
+    # job (every step of training), and run alone.
+    "reinforcement fine-tuning graded by another model": lambda c: c.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file="file-1",
+        method={"type": "reinforcement", "reinforcement": {"grader": SCORED_BY_O3}},
+    ),
+    "grader run with another model": lambda c: c.fine_tuning.alpha.graders.run(
+        grader=SCORED_BY_O3, model_sample="4"
+    ),
+    "multi grader run with another model": lambda c: c.fine_tuning.alpha.graders.run(
+        grader={
+            "type": "multi",
+            "name": "m",
+            "calculate_output": "a",
+            "graders": {"a": {**SCORED_BY_O3, "type": "label_model", "labels": ["y"]}},
+        },
+        model_sample="4",
     ),
     # A video remixed, edited or extended runs its source video's model, stored at the provider.
     "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
@@ -432,3 +460,26 @@ async def test_what_runs_no_model_passes_a_restricted_key(
         "eval_1", data_source={"type": "jsonl", "source": {"type": "file_id", "id": "file-1"}}
     )
     assert len(fake.requests) == 5
+
+
+async def test_a_grader_of_an_allowed_model_or_none_passes_a_restricted_key(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = sdk(gateway, ONE_MODEL_VK)
+    check: Any = {
+        "type": "string_check",
+        "name": "s",
+        "input": "a",
+        "reference": "a",
+        "operation": "eq",
+    }
+    await client.fine_tuning.alpha.graders.run(grader=check, model_sample="a")
+    await client.fine_tuning.alpha.graders.run(
+        grader={**SCORED_BY_O3, "model": "gpt-4o-mini"}, model_sample="a"
+    )
+    await client.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file="file-1",
+        method={"type": "reinforcement", "reinforcement": {"grader": check}},
+    )
+    assert len(fake.requests) == 3
