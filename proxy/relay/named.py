@@ -303,8 +303,6 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
 def _models_elsewhere(tail: str) -> str | None:
     """Where the models of a POST under a `_MODELS_ELSEWHERE` root are, or None: it runs none."""
     segments = tail.rstrip("/").split("/")
-    if segments[0] == "batches":
-        return _MODELS_ELSEWHERE["batches"]
     if len(segments) == 3:
         segments[1] = "*"  # videos/{video_id}/remix, evals/{eval_id}/runs
     return _MODELS_ELSEWHERE.get("/".join(segments))

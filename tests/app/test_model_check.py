@@ -483,3 +483,11 @@ async def test_a_grader_of_an_allowed_model_or_none_passes_a_restricted_key(
         method={"type": "reinforcement", "reinforcement": {"grader": check}},
     )
     assert len(fake.requests) == 3
+
+
+async def test_a_restricted_key_may_cancel_a_batch(gateway: TestClient, fake: FakeState) -> None:
+    # Creating a batch is refused (its models are in its file); cancelling one runs no model,
+    # and stops one that another key of the project started from spending.
+    response = await gateway.post("/v1/batches/batch_1/cancel", headers=auth(ONE_MODEL_VK))
+    assert response.status != 403
+    assert [seen.path for seen in fake.requests] == ["/v1/batches/batch_1/cancel"]
