@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
-reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
@@ -56,6 +56,8 @@ _MODELS_ELSEWHERE = {
     "videos/extensions": "extending a video (its model is the source video's, at the provider)",
     # An eval run samples its data source's model and grades with the eval's stored graders.
     "evals/*/runs": "running an eval (its graders' models are stored at the provider)",
+    # A paused fine-tuning job resumed trains its stored model (and grades with its grader's).
+    "fine_tuning/jobs/*/resume": "resuming a fine-tuning job (its models are stored with it)",
 }
 _ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHERE)
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
@@ -305,6 +307,8 @@ def _models_elsewhere(tail: str) -> str | None:
     segments = tail.rstrip("/").split("/")
     if len(segments) == 3:
         segments[1] = "*"  # videos/{video_id}/remix, evals/{eval_id}/runs
+    elif len(segments) == 4:
+        segments[2] = "*"  # fine_tuning/jobs/{job_id}/resume
     return _MODELS_ELSEWHERE.get("/".join(segments))
 
 

@@ -120,6 +120,8 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     "fine-tuning another model": lambda c: c.fine_tuning.jobs.create(
         model="gpt-4o", training_file="file-1"
     ),
+    # A paused job resumed trains (and grades with) the models stored with it.
+    "fine-tuning job resumed": lambda c: c.fine_tuning.jobs.resume("ftjob_1"),
     # A grader that scores or labels with a model runs it: in a reinforcement fine-tuning
     # job (every step of training), and run alone.
     "reinforcement fine-tuning graded by another model": lambda c: c.fine_tuning.jobs.create(
@@ -442,6 +444,7 @@ async def test_what_runs_no_model_passes_a_restricted_key(
         ),
         ("/v1/evals/eval_1/runs/evalrun_1", {}),
         ("/v1/videos/video_1", None),
+        ("/v1/fine_tuning/jobs/ftjob_1/pause", {}),
     ]:
         if body is None:
             response = await gateway.get(path, headers=headers)
@@ -452,6 +455,7 @@ async def test_what_runs_no_model_passes_a_restricted_key(
         "/v1/evals",
         "/v1/evals/eval_1/runs/evalrun_1",
         "/v1/videos/video_1",
+        "/v1/fine_tuning/jobs/ftjob_1/pause",
     ]
     # A key that may use any model runs an eval and remixes a video.
     anyone = sdk(gateway, OPENAI_VK)
@@ -459,7 +463,7 @@ async def test_what_runs_no_model_passes_a_restricted_key(
     await anyone.evals.runs.create(
         "eval_1", data_source={"type": "jsonl", "source": {"type": "file_id", "id": "file-1"}}
     )
-    assert len(fake.requests) == 5
+    assert len(fake.requests) == 6
 
 
 async def test_a_grader_of_an_allowed_model_or_none_passes_a_restricted_key(
