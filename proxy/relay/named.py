@@ -12,7 +12,8 @@ Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (ru
 reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
-a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
+a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
+with a null `model`), an assistant's (runs), the endpoint's
 default (images, videos, audio, moderations, an image tool). A `model` in the body overrides the
 prompt's and the assistant's, so one that is allowed passes. This module finds the names and judges them (`check`): the one allowed_models check
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
@@ -80,6 +81,7 @@ PRICED_FORMS = frozenset(
 # POSTs that may name no model, and whose model is then one the gateway cannot see.
 _UNNAMED = {
     "responses": "the model of its stored prompt",
+    "responses/compact": "its previous response's model",
     "threads/runs": "its assistant's model",
     "threads/*/runs": "its assistant's model",
     "images/generations": "the endpoint's default model",

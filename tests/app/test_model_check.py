@@ -82,6 +82,10 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
         c.beta.realtime.transcription_sessions.create()
     ),
     "responses with a prompt id": lambda c: c.responses.create(prompt={"id": "pmpt_123"}),
+    # A compaction's model is required but nullable: null runs the previous response's.
+    "compaction without a model": lambda c: c.responses.compact(
+        model=None, previous_response_id="resp_1"
+    ),
     "run with an assistant": lambda c: c.beta.threads.runs.create(
         "thread_1", assistant_id="asst_1"
     ),
