@@ -73,10 +73,11 @@ _AGENT_RUNS = {"sessions": "events", "deployments": "run"}
 _AGENT_ROOTS = frozenset(_AGENT_RUNS)
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
-# Uploads priced by their model (audio seconds, image tokens): their form is read for the
-# meter whatever the key, not only for a restricted key's check.
-PRICED_FORMS = frozenset(
-    ("audio/transcriptions", "audio/translations", "images/edits", "images/variations")
+# Uploads whose form is read whatever the key, not only for a restricted key's check: those
+# priced by their model (audio seconds, image tokens), and a video's (the SDK's form), so
+# that the log and the metrics name the model it runs.
+READ_FORMS = frozenset(
+    ("audio/transcriptions", "audio/translations", "images/edits", "images/variations", "videos")
 )
 # POSTs that may name no model, and whose model is then one the gateway cannot see.
 _UNNAMED = {
