@@ -347,6 +347,9 @@ async def test_a_non_ascii_filename_in_rfc_2231_form_still_passes(
         (ONE_MODEL_VK, "/v1/realtime/%63lient_secrets", {"session": {"type": "realtime"}}),
         (ONE_MODEL_VK, "/v1/batche%73", {"input_file_id": "file-1", "endpoint": "/v1/responses"}),
         (ONE_MODEL_VK, "/v1/respon%73es", {"prompt": {"id": "pmpt_123"}}),
+        (ONE_MODEL_VK, "/v1/videos/video_1/remi%78", {"prompt": "more cats"}),
+        (ONE_MODEL_VK, "/v1/evals/eval_1/run%73/", {"data_source": {"type": "jsonl"}}),
+        (ONE_MODEL_VK, "/v1/moderation%73", {"input": "hello"}),
     ],
 )
 async def test_a_path_spelled_with_percent_escapes_is_checked_as_the_provider_reads_it(
