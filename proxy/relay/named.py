@@ -8,12 +8,13 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
-Responses `image_generation` tool, of an Anthropic advisor tool, and of each of an Anthropic
-message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, stored at the provider) is `Unreadable`: for a restricted
+Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
-a stored prompt's (Responses with a `prompt` id), an assistant's (runs), the endpoint's
-default (images, videos, audio, an image tool). A `model` in the body overrides the
+a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
+with a null `model`), an assistant's (runs), the endpoint's
+default (images, videos, audio, moderations, an image tool). A `model` in the body overrides the
 prompt's and the assistant's, so one that is allowed passes. This module finds the names and judges them (`check`): the one allowed_models check
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
@@ -46,25 +47,42 @@ from proxy.record import shown
 from proxy.upstream.routing import endpoint
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-# OpenAI's batches name their models inside an uploaded file the gateway never sees.
-_MODELS_ELSEWHERE = frozenset(("batches",))
+# POSTs that run models the gateway never sees (`in_path`): OpenAI's batches name theirs
+# inside an uploaded file; a video remixed, edited or extended is made by its source video's
+# model, stored at the provider (the API takes no `model` there).
+_MODELS_ELSEWHERE = {
+    "batches": "creating batches (their models are inside an uploaded file)",
+    "videos/*/remix": "remixing a video (its model is the source video's, at the provider)",
+    "videos/edits": "editing a video (its model is the source video's, at the provider)",
+    "videos/extensions": "extending a video (its model is the source video's, at the provider)",
+    # An eval run samples its data source's model and grades with the eval's stored graders.
+    "evals/*/runs": "running an eval (its graders' models are stored at the provider)",
+    # A paused fine-tuning job resumed trains its stored model (and grades with its grader's).
+    "fine_tuning/jobs/*/resume": "resuming a fine-tuning job (its models are stored with it)",
+}
+_ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHERE)
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# A grader that scores or labels with a model runs it: one run alone (`grader`), or a
+# reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
+_GRADER = "grader"
 # Anthropic's managed agents run the models of an agent stored at the provider (its own, its
 # callable agents', its advisor's): a session made or sent events, a deployment made or run.
 _AGENT_RUNS = {"sessions": "events", "deployments": "run"}
 _AGENT_ROOTS = frozenset(_AGENT_RUNS)
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
-# Uploads priced by their model (audio seconds, image tokens): their form is read for the
-# meter whatever the key, not only for a restricted key's check.
-PRICED_FORMS = frozenset(
-    ("audio/transcriptions", "audio/translations", "images/edits", "images/variations")
+# Uploads whose form is read whatever the key, not only for a restricted key's check: those
+# priced by their model (audio seconds, image tokens), and a video's (the SDK's form), so
+# that the log and the metrics name the model it runs.
+READ_FORMS = frozenset(
+    ("audio/transcriptions", "audio/translations", "images/edits", "images/variations", "videos")
 )
 # POSTs that may name no model, and whose model is then one the gateway cannot see.
 _UNNAMED = {
     "responses": "the model of its stored prompt",
+    "responses/compact": "its previous response's model",
     "threads/runs": "its assistant's model",
     "threads/*/runs": "its assistant's model",
     "images/generations": "the endpoint's default model",
@@ -74,6 +92,7 @@ _UNNAMED = {
     "audio/speech": "the endpoint's default model",
     "audio/transcriptions": "the endpoint's default model",
     "audio/translations": "the endpoint's default model",
+    "moderations": "the endpoint's default model",
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
@@ -118,7 +137,14 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
         names = [Unnamed(unnamed)]
     else:
         names = []
-    if "svg" in document or "tools" in document or "requests" in document or _FALLBACKS in document:
+    if (
+        "svg" in document
+        or "tools" in document
+        or "requests" in document
+        or _FALLBACKS in document
+        or _GRADER in document
+        or "method" in document
+    ):
         names += _nested(document)
     return names
 
@@ -144,6 +170,12 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
         else:
             for entry in fallbacks:
                 yield entry.get("model") if isinstance(entry, dict) else entry
+    grader = document.get(_GRADER)  # run alone: fine_tuning/alpha/graders/run
+    method = document.get("method")  # a fine-tuning job's; reinforcement's is graded
+    if isinstance(method, dict) and isinstance(method.get("reinforcement"), dict):
+        grader = method["reinforcement"].get(_GRADER)
+    if isinstance(grader, dict):
+        yield from _grader_models(grader)
     requests = document.get("requests")
     if isinstance(requests, list):
         for item in requests:
@@ -152,6 +184,20 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
                 if "model" in params:
                     yield params["model"]
                 yield from _nested(params)
+
+
+def _grader_models(grader: dict[str, Any]) -> Iterator[Any]:
+    """The models a grader scores or labels with (`score_model`, `label_model`: `model`),
+    a multi grader's among its `graders` (a map of graders, or one) too."""
+    pending = [grader]
+    while pending:  # a loop, not recursion: a body nests graders as deep as it likes
+        holder = pending.pop()
+        if "model" in holder:
+            yield holder["model"]
+        graders = holder.get("graders")
+        if isinstance(graders, dict):
+            pending.append(graders)  # one grader
+            pending += (child for child in graders.values() if isinstance(child, dict))
 
 
 def _svg_author(holder: dict[str, Any]) -> Iterator[Any]:
@@ -221,8 +267,10 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
     first = endpoint(tail).partition("/")[0]
-    if method == "POST" and first in _MODELS_ELSEWHERE:
-        raise Unreadable(f"creating {first} (their models are inside an uploaded file)")
+    if method == "POST" and first in _ELSEWHERE_ROOTS:
+        elsewhere = _models_elsewhere(endpoint(tail))
+        if elsewhere is not None:
+            raise Unreadable(elsewhere)
     if method == "POST" and first in _AGENT_ROOTS and _runs_agent(endpoint(tail)):
         raise Unreadable(
             "running a managed agent (its models are the agent's, stored at the provider)"
@@ -255,6 +303,16 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
             # runs whatever is deployed there; a pattern allows it as `endpoints/<id>`.
             models.append(f"{_ENDPOINTS}/{unquote(segment).partition(':')[0]}")
     return models
+
+
+def _models_elsewhere(tail: str) -> str | None:
+    """Where the models of a POST under a `_MODELS_ELSEWHERE` root are, or None: it runs none."""
+    segments = tail.rstrip("/").split("/")
+    if len(segments) == 3:
+        segments[1] = "*"  # videos/{video_id}/remix, evals/{eval_id}/runs
+    elif len(segments) == 4:
+        segments[2] = "*"  # fine_tuning/jobs/{job_id}/resume
+    return _MODELS_ELSEWHERE.get("/".join(segments))
 
 
 def _runs_agent(tail: str) -> bool:

@@ -159,8 +159,9 @@ def validate(
         # the same: a body that opens as a JSON object is read as one, whatever its label.
         and not _opens_object(body)
     ):
-        # Parsing a large upload costs time: only where it decides (the check, or the price).
-        if is_restricted or endpoint in named.PRICED_FORMS:
+        # Parsing a large upload costs time: only where it decides (the check, the price, or
+        # the model a video names for the log).
+        if is_restricted or endpoint in named.READ_FORMS:
             try:
                 names += named.in_form(headers.get("content-type", ""), body, unnamed)
             except named.Unreadable as error:

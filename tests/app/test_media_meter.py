@@ -175,3 +175,15 @@ async def test_streamed_speech_transcriptions_and_images_are_charged_what_their_
     assert edit["usage"]["input_image_tokens"] == EDIT_IMAGE_TOKENS
     for line in (spoken, transcribed, edit):
         assert line["usage"]["estimated"] is False and line["cost_usd"] > 0
+
+
+async def test_a_video_is_logged_with_the_model_its_form_names_for_any_key(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The SDK sends a video's request as a form; its model is the one the log line names,
+    # whether or not the key is restricted. Unpriced (billed per second): no usage, no cost.
+    video = await sdk(gateway, OPENAI_VK).videos.create(prompt="a cat", model="sora-2-pro")
+    assert video.model == "sora-2-pro"
+    (line,) = await records(1)
+    assert line["path"] == "/v1/videos" and line["model"] == "sora-2-pro"
+    assert line["usage"] is None and line["cost_usd"] is None

@@ -44,6 +44,13 @@ KEYS = {
 }
 WAV = ("a.wav", b"RIFF....WAVEfmt ", "audio/wav")
 PNG = ("a.png", b"\x89PNG\r\n\x1a\n....", "image/png")
+SCORED_BY_O3: Any = {
+    "type": "score_model",
+    "name": "score",
+    "model": "o3",
+    "input": [{"role": "user", "content": "Score {{sample.output_text}}"}],
+}
+MP4 = ("a.mp4", b"....ftypmp42", "video/mp4")
 
 
 @pytest.fixture
@@ -75,6 +82,10 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
         c.beta.realtime.transcription_sessions.create()
     ),
     "responses with a prompt id": lambda c: c.responses.create(prompt={"id": "pmpt_123"}),
+    # A compaction's model is required but nullable: null runs the previous response's.
+    "compaction without a model": lambda c: c.responses.compact(
+        model=None, previous_response_id="resp_1"
+    ),
     "run with an assistant": lambda c: c.beta.threads.runs.create(
         "thread_1", assistant_id="asst_1"
     ),
@@ -105,6 +116,47 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
     ),
     "translation with another model": lambda c: c.audio.translations.create(
         model="whisper-1", file=WAV
+    ),
+    "moderation without a model": lambda c: c.moderations.create(input="hello"),
+    "moderation with another model": lambda c: c.moderations.create(
+        input="hello", model="omni-moderation-latest"
+    ),
+    "fine-tuning another model": lambda c: c.fine_tuning.jobs.create(
+        model="gpt-4o", training_file="file-1"
+    ),
+    # A paused job resumed trains (and grades with) the models stored with it.
+    "fine-tuning job resumed": lambda c: c.fine_tuning.jobs.resume("ftjob_1"),
+    # A grader that scores or labels with a model runs it: in a reinforcement fine-tuning
+    # job (every step of training), and run alone.
+    "reinforcement fine-tuning graded by another model": lambda c: c.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file="file-1",
+        method={"type": "reinforcement", "reinforcement": {"grader": SCORED_BY_O3}},
+    ),
+    "grader run with another model": lambda c: c.fine_tuning.alpha.graders.run(
+        grader=SCORED_BY_O3, model_sample="4"
+    ),
+    "multi grader run with another model": lambda c: c.fine_tuning.alpha.graders.run(
+        grader={
+            "type": "multi",
+            "name": "m",
+            "calculate_output": "a",
+            "graders": {"a": {**SCORED_BY_O3, "type": "label_model", "labels": ["y"]}},
+        },
+        model_sample="4",
+    ),
+    # A video remixed, edited or extended runs its source video's model, stored at the provider.
+    "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
+    "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
+    "video extension": lambda c: c.videos.extend(prompt="more cats", seconds="4", video=MP4),
+    # An eval run samples its data source's model and grades with the eval's stored graders.
+    "eval run": lambda c: c.evals.runs.create(
+        "eval_1",
+        data_source={
+            "type": "completions",
+            "model": "gpt-4o-mini",
+            "source": {"type": "file_id", "id": "file-1"},
+        },
     ),
 }
 
@@ -295,6 +347,9 @@ async def test_a_non_ascii_filename_in_rfc_2231_form_still_passes(
         (ONE_MODEL_VK, "/v1/realtime/%63lient_secrets", {"session": {"type": "realtime"}}),
         (ONE_MODEL_VK, "/v1/batche%73", {"input_file_id": "file-1", "endpoint": "/v1/responses"}),
         (ONE_MODEL_VK, "/v1/respon%73es", {"prompt": {"id": "pmpt_123"}}),
+        (ONE_MODEL_VK, "/v1/videos/video_1/remi%78", {"prompt": "more cats"}),
+        (ONE_MODEL_VK, "/v1/evals/eval_1/run%73/", {"data_source": {"type": "jsonl"}}),
+        (ONE_MODEL_VK, "/v1/moderation%73", {"input": "hello"}),
     ],
 )
 async def test_a_path_spelled_with_percent_escapes_is_checked_as_the_provider_reads_it(
@@ -376,3 +431,74 @@ async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
     async with reader:
         await reader.beta.sessions.retrieve("sesn_1")
     assert len(fake.requests) == 2
+
+
+async def test_what_runs_no_model_passes_a_restricted_key(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Making an eval, cancelling its run, reading a video: no model runs, nothing to refuse.
+    headers = auth(ONE_MODEL_VK)
+    criteria = [
+        {"type": "string_check", "name": "s", "input": "a", "reference": "a", "operation": "eq"}
+    ]
+    for path, body in [
+        (
+            "/v1/evals",
+            {
+                "data_source_config": {"type": "custom", "item_schema": {}},
+                "testing_criteria": criteria,
+            },
+        ),
+        ("/v1/evals/eval_1/runs/evalrun_1", {}),
+        ("/v1/videos/video_1", None),
+        ("/v1/fine_tuning/jobs/ftjob_1/pause", {}),
+    ]:
+        if body is None:
+            response = await gateway.get(path, headers=headers)
+        else:
+            response = await gateway.post(path, json=body, headers=headers)
+        assert response.status == 200, path
+    assert [seen.path for seen in fake.requests] == [
+        "/v1/evals",
+        "/v1/evals/eval_1/runs/evalrun_1",
+        "/v1/videos/video_1",
+        "/v1/fine_tuning/jobs/ftjob_1/pause",
+    ]
+    # A key that may use any model runs an eval and remixes a video.
+    anyone = sdk(gateway, OPENAI_VK)
+    await anyone.videos.remix("video_1", prompt="more cats")
+    await anyone.evals.runs.create(
+        "eval_1", data_source={"type": "jsonl", "source": {"type": "file_id", "id": "file-1"}}
+    )
+    assert len(fake.requests) == 6
+
+
+async def test_a_grader_of_an_allowed_model_or_none_passes_a_restricted_key(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    client = sdk(gateway, ONE_MODEL_VK)
+    check: Any = {
+        "type": "string_check",
+        "name": "s",
+        "input": "a",
+        "reference": "a",
+        "operation": "eq",
+    }
+    await client.fine_tuning.alpha.graders.run(grader=check, model_sample="a")
+    await client.fine_tuning.alpha.graders.run(
+        grader={**SCORED_BY_O3, "model": "gpt-4o-mini"}, model_sample="a"
+    )
+    await client.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file="file-1",
+        method={"type": "reinforcement", "reinforcement": {"grader": check}},
+    )
+    assert len(fake.requests) == 3
+
+
+async def test_a_restricted_key_may_cancel_a_batch(gateway: TestClient, fake: FakeState) -> None:
+    # Creating a batch is refused (its models are in its file); cancelling one runs no model,
+    # and stops one that another key of the project started from spending.
+    response = await gateway.post("/v1/batches/batch_1/cancel", headers=auth(ONE_MODEL_VK))
+    assert response.status != 403
+    assert [seen.path for seen in fake.requests] == ["/v1/batches/batch_1/cancel"]

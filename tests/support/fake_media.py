@@ -23,6 +23,9 @@ Mounted by `tests/support/fake_provider.py` (its middleware records and steers t
         an ephemeral key `ek_fake_…` (the real API's shapes)
     POST /threads/runs, /threads/{thread_id}/runs
         a queued run, its model the body's or ASSISTANT_MODEL (the assistant's)
+    POST /videos (multipart, as the SDK sends it)
+        a queued video job (the real API's shape): its model the form's or sora-2, its
+        `seconds` and `size` the form's or the API's defaults; no usage (billed per second)
 
 A `model` absent from an image, audio or video request is answered with the model the real
 API would pick; the fake does not check what it is sent beyond that.
@@ -65,6 +68,7 @@ def install(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/realtime/transcription_sessions", session)
         app.router.add_post(f"{prefix}/threads/runs", run)
         app.router.add_post(f"{prefix}/threads/{{thread_id}}/runs", run)
+        app.router.add_post(f"{prefix}/videos", video)
 
 
 async def fields(request: web.Request) -> dict[str, Any]:
@@ -211,5 +215,26 @@ async def run(request: web.Request) -> web.Response:
             "instructions": "",
             "tools": [],
             "parallel_tool_calls": True,
+        }
+    )
+
+
+async def video(request: web.Request) -> web.Response:
+    sent = await fields(request)
+    return answer(
+        {
+            "id": f"video_{uuid.uuid4().hex[:16]}",
+            "object": "video",
+            "model": sent.get("model") or "sora-2",
+            "status": "queued",
+            "progress": 0,
+            "created_at": int(time.time()),
+            "completed_at": None,
+            "expires_at": None,
+            "prompt": sent.get("prompt"),
+            "seconds": sent.get("seconds") or "4",
+            "size": sent.get("size") or "720x1280",
+            "remixed_from_video_id": None,
+            "error": None,
         }
     )
