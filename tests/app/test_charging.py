@@ -319,6 +319,19 @@ async def test_thinking_counted_only_in_total_tokens_is_charged_as_completion(
     assert await tokens_used(gateway, OPENAI_VK, 506) == 506
 
 
+async def whole_and_streamed(
+    gateway: TestClient, records: Records, body: dict[str, Any], headers: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The log lines of the message `body` asked once whole, then streamed."""
+    for is_stream in (False, True):
+        response = await gateway.post(
+            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
+        )
+        assert response.status == 200
+        await response.read()
+    return await records(2)
+
+
 async def test_a_server_side_compaction_is_charged_with_the_message_it_preceded(
     gateway: TestClient, records: Records
 ) -> None:
@@ -334,13 +347,7 @@ async def test_a_server_side_compaction_is_charged_with_the_message_it_preceded(
         "anthropic-beta": "compact-2026-01-12",
         "x-fake-compaction-tokens": "150000",
     }
-    for is_stream in (False, True):
-        response = await gateway.post(
-            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
-        )
-        assert response.status == 200
-        await response.read()
-    for line in await records(2):
+    for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3 + 150000, 3 + 15000)
         assert usage["estimated"] is False
@@ -352,15 +359,9 @@ async def test_the_thinking_anthropic_counts_in_its_output_reaches_the_log_line_
 ) -> None:
     # Claude Code thinks (adaptive thinking); Anthropic says how much of output_tokens was
     # thinking in usage.output_tokens_details.thinking_tokens, as OpenAI says its reasoning.
-    for is_stream in (False, True):
-        response = await gateway.post(
-            "/v1/messages",
-            json={**MESSAGES, "stream": is_stream, "thinking": {"type": "adaptive"}},
-            headers={**auth(ANTHROPIC_VK), "x-fake-reasoning-chars": "400"},
-        )
-        assert response.status == 200
-        await response.read()
-    for line in await records(2):
+    body = {**MESSAGES, "thinking": {"type": "adaptive"}}
+    headers = {**auth(ANTHROPIC_VK), "x-fake-reasoning-chars": "400"}
+    for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
         assert (usage["completion_tokens"], usage["reasoning_tokens"]) == (3 + 100, 100), line
 
@@ -377,12 +378,6 @@ async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
         "anthropic-beta": "advisor-tool-2026-03-01",
         "x-fake-advisor-tokens": "40000",
     }
-    for is_stream in (False, True):
-        response = await gateway.post(
-            "/v1/messages", json={**body, "stream": is_stream}, headers=headers
-        )
-        assert response.status == 200
-        await response.read()
-    for line in await records(2):
+    for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
         assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000

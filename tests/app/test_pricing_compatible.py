@@ -61,6 +61,16 @@ async def ask(gateway: TestClient, model: str) -> None:
         await client.close()
 
 
+async def assert_charged_as_billed(
+    gateway: TestClient, line: dict[str, Any], billed: LibraryUsage, model: str, provider: str
+) -> None:
+    """The line's cost and the key's budget spend are genai-prices' price of `billed`."""
+    price = float(calc_price(billed, model, provider_id=provider).total_price)
+    assert line["cost_usd"] == pytest.approx(price)
+    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
+    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+
+
 def answer_with(usage: dict[str, Any]) -> dict[str, Any]:
     message = {"role": "assistant", "content": "Hi"}
     return {
@@ -94,10 +104,7 @@ async def test_deepseek_cache_hits_reported_as_prompt_cache_hit_tokens_cost_the_
     (line,) = await records(1)
     assert line["usage"]["cache_read_tokens"] == 9_000
     billed = LibraryUsage(input_tokens=10_000, cache_read_tokens=9_000, output_tokens=100)
-    price = float(calc_price(billed, "deepseek-v4-flash", provider_id="deepseek").total_price)
-    assert line["cost_usd"] == pytest.approx(price)
-    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
-    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+    await assert_charged_as_billed(gateway, line, billed, "deepseek-v4-flash", "deepseek")
 
 
 async def test_perplexity_search_queries_are_charged_per_search(
@@ -121,10 +128,7 @@ async def test_perplexity_search_queries_are_charged_per_search(
     (line,) = await records(1)
     assert line["usage"]["web_searches"] == 18
     billed = LibraryUsage(input_tokens=19, output_tokens=2_738, web_searches=18)
-    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
-    assert line["cost_usd"] == pytest.approx(price)
-    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
-    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+    await assert_charged_as_billed(gateway, line, billed, "sonar-deep-research", "perplexity")
 
 
 async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
@@ -151,10 +155,7 @@ async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
     billed = LibraryUsage(
         input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997
     )
-    price = float(calc_price(billed, "sonar-deep-research", provider_id="perplexity").total_price)
-    assert line["cost_usd"] == pytest.approx(price)
-    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
-    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+    await assert_charged_as_billed(gateway, line, billed, "sonar-deep-research", "perplexity")
 
 
 async def test_perplexity_agent_api_web_searches_are_charged_per_search(
@@ -198,7 +199,4 @@ async def test_perplexity_agent_api_web_searches_are_charged_per_search(
     (line,) = await records(1)
     assert line["usage"]["web_searches"] == 3
     billed = LibraryUsage(input_tokens=3_000, output_tokens=400, web_searches=3)
-    price = float(calc_price(billed, "perplexity/sonar", provider_id="perplexity").total_price)
-    assert line["cost_usd"] == pytest.approx(price)
-    spent = (await (await gateway.get("/usage", headers=auth(KEY))).json())["budget"]
-    assert spent["spent_usd"] == pytest.approx(price, abs=1e-6)
+    await assert_charged_as_billed(gateway, line, billed, "perplexity/sonar", "perplexity")

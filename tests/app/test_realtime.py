@@ -772,16 +772,11 @@ async def test_a_post_carrying_upgrade_websocket_is_relayed_as_the_post_it_is(
     assert "Upgrade" not in seen.headers
 
 
-@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
-async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
-    gateway: TestClient,
-    sockets: RealtimeState,
-    records: Callable[..., Awaitable[list[dict[str, Any]]]],
-    model: str,
-) -> None:
-    """A response.done's cached input is broken down by kind (`cached_tokens_details`): its
-    audio is a part of both the cached and the audio input, and costs the cached audio rate
-    (gpt-realtime: $0.40/M, not the audio input's $32/M), as genai-prices prices it."""
+async def one_response_priced_as_the_library(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]], model: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One response of a session of `model`: its usage, and its log line, whose cost is
+    what genai-prices' realtime reader and price make of that usage."""
     ws = await gateway.ws_connect(
         f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
     )
@@ -792,11 +787,25 @@ async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
     await ws.close()
     [line] = await records(1)
     usage = done["response"]["usage"]
-    assert usage["input_token_details"]["cached_tokens_details"]["audio_tokens"] > 0
     extracted = genai_prices.extract_usage(
         {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
     )
     assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
+    return usage, line
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-mini"])
+async def test_cached_audio_input_is_charged_at_the_cached_audio_rate(
+    gateway: TestClient,
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    model: str,
+) -> None:
+    """A response.done's cached input is broken down by kind (`cached_tokens_details`): its
+    audio is a part of both the cached and the audio input, and costs the cached audio rate
+    (gpt-realtime: $0.40/M, not the audio input's $32/M), as genai-prices prices it."""
+    usage, line = await one_response_priced_as_the_library(gateway, records, model)
+    assert usage["input_token_details"]["cached_tokens_details"]["audio_tokens"] > 0
     assert line["usage"]["cache_audio_read_tokens"] == CACHED_AUDIO_TOKENS
 
 
@@ -809,21 +818,8 @@ async def test_image_input_cached_or_not_is_charged_at_the_image_rates(
     """A response's image input (`input_token_details.image_tokens`, of them cached:
     `cached_tokens_details.image_tokens`) costs the image rates (gpt-realtime: $5/M, cached
     $0.50/M), not the text ones, as genai-prices prices it."""
-    ws = await gateway.ws_connect(
-        f"/v1/realtime?model={model}", headers=auth(OPENAI_VK), protocols=["realtime"]
-    )
-    await next_data(ws)
-    await ws.send_str('{"type": "response.create"}')
-    await next_data(ws)
-    done = orjson.loads((await next_data(ws)).data)
-    await ws.close()
-    [line] = await records(1)
-    usage = done["response"]["usage"]
+    usage, line = await one_response_priced_as_the_library(gateway, records, model)
     assert usage["input_token_details"]["cached_tokens_details"]["image_tokens"] > 0
-    extracted = genai_prices.extract_usage(
-        {"model": model, "response": {"usage": usage}}, provider_id="openai", api_flavor="realtime"
-    )
-    assert line["cost_usd"] == pytest.approx(float(extracted.calc_price().total_price))
     assert line["usage"]["input_image_tokens"] == INPUT_IMAGE_TOKENS
     assert line["usage"]["cache_image_read_tokens"] == CACHED_IMAGE_TOKENS
 
