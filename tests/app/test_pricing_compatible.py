@@ -82,80 +82,74 @@ def answer_with(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def test_deepseek_cache_hits_reported_as_prompt_cache_hit_tokens_cost_the_cache_rate(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    tmp_path: Path,
-    make_gateway: Callable[..., Awaitable[TestClient]],
-    records: Callable[..., Awaitable[list[dict[str, Any]]]],
-) -> None:
+# (provider, model, its usage as the provider reports it, what the log line's usage must
+# say, what the provider bills in genai-prices' terms)
+CHAT_CASES = [
     # DeepSeek's documented usage: the prompt split into cache hits and misses, beside
     # prompt_tokens (no prompt_tokens_details); a hit costs 2% of a miss on deepseek-v4-flash.
-    usage = {
-        "prompt_tokens": 10_000,
-        "completion_tokens": 100,
-        "total_tokens": 10_100,
-        "prompt_cache_hit_tokens": 9_000,
-        "prompt_cache_miss_tokens": 1_000,
-    }
-    gateway = await gateway_before(
-        "deepseek", answer_with(usage), aiohttp_server, tmp_path, make_gateway
-    )
-    await ask(gateway, "deepseek-v4-flash")
-    (line,) = await records(1)
-    assert line["usage"]["cache_read_tokens"] == 9_000
-    billed = LibraryUsage(input_tokens=10_000, cache_read_tokens=9_000, output_tokens=100)
-    await assert_charged_as_billed(gateway, line, billed, "deepseek-v4-flash", "deepseek")
-
-
-async def test_perplexity_search_queries_are_charged_per_search(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    tmp_path: Path,
-    make_gateway: Callable[..., Awaitable[TestClient]],
-    records: Callable[..., Awaitable[list[dict[str, Any]]]],
-) -> None:
+    (
+        "deepseek",
+        "deepseek-v4-flash",
+        {
+            "prompt_tokens": 10_000,
+            "completion_tokens": 100,
+            "total_tokens": 10_100,
+            "prompt_cache_hit_tokens": 9_000,
+            "prompt_cache_miss_tokens": 1_000,
+        },
+        {"cache_read_tokens": 9_000},
+        LibraryUsage(input_tokens=10_000, cache_read_tokens=9_000, output_tokens=100),
+    ),
     # sonar-deep-research bills each search it ran ($5 a thousand), reported beside the
     # tokens as num_search_queries.
-    usage = {
-        "prompt_tokens": 19,
-        "completion_tokens": 2_738,
-        "total_tokens": 2_757,
-        "num_search_queries": 18,
-    }
-    gateway = await gateway_before(
-        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
-    )
-    await ask(gateway, "sonar-deep-research")
-    (line,) = await records(1)
-    assert line["usage"]["web_searches"] == 18
-    billed = LibraryUsage(input_tokens=19, output_tokens=2_738, web_searches=18)
-    await assert_charged_as_billed(gateway, line, billed, "sonar-deep-research", "perplexity")
+    (
+        "perplexity",
+        "sonar-deep-research",
+        {
+            "prompt_tokens": 19,
+            "completion_tokens": 2_738,
+            "total_tokens": 2_757,
+            "num_search_queries": 18,
+        },
+        {"web_searches": 18},
+        LibraryUsage(input_tokens=19, output_tokens=2_738, web_searches=18),
+    ),
+    # ... and reports its reasoning beside the completion (total_tokens leaves it out), billed
+    # at $3 a million: here 27 times the completion.
+    (
+        "perplexity",
+        "sonar-deep-research",
+        {
+            "prompt_tokens": 19,
+            "completion_tokens": 2_738,
+            "total_tokens": 2_757,
+            "reasoning_tokens": 73_997,
+        },
+        {"completion_tokens": 2_738 + 73_997, "reasoning_tokens": 73_997},
+        LibraryUsage(input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997),
+    ),
+]
 
 
-async def test_perplexity_reasoning_tokens_beside_the_completion_are_charged(
+@pytest.mark.parametrize(("provider", "model", "usage", "logged", "billed"), CHAT_CASES)
+async def test_a_chat_completion_is_charged_what_its_provider_bills(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     tmp_path: Path,
     make_gateway: Callable[..., Awaitable[TestClient]],
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    provider: str,
+    model: str,
+    usage: dict[str, Any],
+    logged: dict[str, int],
+    billed: LibraryUsage,
 ) -> None:
-    # sonar-deep-research reports its reasoning beside the completion (total_tokens leaves it
-    # out) and bills it at $3 a million: here 27 times the completion.
-    usage = {
-        "prompt_tokens": 19,
-        "completion_tokens": 2_738,
-        "total_tokens": 2_757,
-        "reasoning_tokens": 73_997,
-    }
     gateway = await gateway_before(
-        "perplexity", answer_with(usage), aiohttp_server, tmp_path, make_gateway
+        provider, answer_with(usage), aiohttp_server, tmp_path, make_gateway
     )
-    await ask(gateway, "sonar-deep-research")
+    await ask(gateway, model)
     (line,) = await records(1)
-    assert line["usage"]["completion_tokens"] == 2_738 + 73_997
-    assert line["usage"]["reasoning_tokens"] == 73_997
-    billed = LibraryUsage(
-        input_tokens=19, output_tokens=2_738 + 73_997, output_reasoning_tokens=73_997
-    )
-    await assert_charged_as_billed(gateway, line, billed, "sonar-deep-research", "perplexity")
+    assert {name: line["usage"][name] for name in logged} == logged
+    await assert_charged_as_billed(gateway, line, billed, model, provider)
 
 
 async def test_perplexity_agent_api_web_searches_are_charged_per_search(
