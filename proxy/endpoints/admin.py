@@ -156,7 +156,7 @@ class Admin:
     async def _describe(self, key: VirtualKey) -> dict[str, Any]:
         limits = key.limits
         usage = None
-        if limits is not None:
+        if limits is not None or key.budget is not None:  # a budget stays with quotas off
             try:
                 usage = await self._quota.tracker.report(key.id, limits, key.budget)
             except TrackerUnavailable:

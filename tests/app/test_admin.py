@@ -12,6 +12,7 @@ from proxy.keys.keys import masked
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,
+    OPENAI_REAL,
     OPENAI_VK,
     RESTRICTED_VK,
     SECRETS,
@@ -21,6 +22,7 @@ from tests.conftest import (
 from tests.support.bodies import CHAT
 
 TOKEN = "admin-token-for-tests-0123456789"
+BUDGETED_VK = "vk_test_admin_budgeted_5c2e9a7d1b"
 
 
 @pytest.mark.parametrize(
@@ -122,6 +124,30 @@ async def test_with_quotas_off_admin_keys_shows_no_limits_and_no_usage(
     response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
     keys = (await response.json())["keys"]
     assert all(key["limits"] is None and key["usage"] is None for key in keys)
+
+
+async def test_with_quotas_off_admin_keys_still_shows_the_spend_of_a_key_with_a_budget(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """QUOTA_ENABLED=false leaves budgets on: the spend they cap stays in sight."""
+    budgeted = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "budgeted",
+        "budget": {"usd": 50, "window_seconds": 86400},
+    }
+    gateway = await gateway_with_keys(
+        {BUDGETED_VK: budgeted}, ADMIN_TOKEN=TOKEN, QUOTA_ENABLED="false"
+    )
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(BUDGETED_VK))
+    assert response.status == 200
+    response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
+    by_name = {key["name"]: key for key in (await response.json())["keys"]}
+    usage = by_name["budgeted"]["usage"]
+    assert usage is not None, "a budgeted key's spend hidden from /admin/keys"
+    assert usage["budget"]["spent_usd"] > 0
+    assert usage["totals"]["requests"] == 1
+    assert by_name["limited"]["usage"] is None  # no window, no budget: nothing to watch
 
 
 async def test_with_a_token_unknown_admin_paths_are_404_and_reload_is_405_but_for_post(
