@@ -781,3 +781,33 @@ async def test_an_http_1_0_request_framed_by_chunks_closes_its_connection(
     assert b"keep-alive" not in answer_head.lower()
     assert answer.count(b"HTTP/1.") == 1, answer  # /health was not answered
     assert len(fake.requests) == 1
+
+
+async def test_an_agents_sdk_trace_upload_routed_through_the_gateway_goes_with_the_real_key(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The OpenAI Agents SDK's trace exporter, pointed at the gateway (docs/agents-sdk.md):
+    # POST /v1/traces/ingest, OpenAI-Beta: traces=v1, the virtual key as its bearer token.
+    body = b'{"data": [{"object": "trace", "id": "trace_0123", "workflow_name": "Agent workflow"}]}'
+    response = await gateway.post(
+        "/v1/traces/ingest",
+        data=body,
+        headers={
+            **auth(OPENAI_VK),
+            "Content-Type": "application/json",
+            "OpenAI-Beta": "traces=v1",
+        },
+    )
+    assert response.status == 200, await response.text()
+    seen = fake.requests[-1]
+    assert seen.path == "/v1/traces/ingest"
+    assert seen.headers.getall("authorization") == [f"Bearer {OPENAI_REAL}"]
+    assert seen.headers["openai-beta"] == "traces=v1"
+    assert seen.body == body
+    (line,) = await records(1)
+    assert (line["path"], line["model"], line["status"], line["usage"]) == (
+        "/v1/traces/ingest",
+        None,
+        200,
+        None,
+    )
