@@ -125,6 +125,21 @@ class Attempt:
         }
 
 
+# The counts of a Usage a log line shows only when there are some, in the line's order.
+_SHOWN_WHEN_SOME = (
+    "input_image_tokens",
+    "output_image_tokens",
+    "input_characters",
+    "input_audio_seconds",
+    "cache_write_1h_tokens",
+    "web_searches",
+    "cache_audio_read_tokens",
+    "cache_image_read_tokens",
+    "input_video_tokens",
+    "output_video_tokens",
+)
+
+
 @dataclass(slots=True, unsafe_hash=True)  # a value, not frozen: see Attempt
 class Usage:
     """Token counts of one response; `estimated` when the provider reported none.
@@ -177,26 +192,10 @@ class Usage:
             "output_audio_tokens": self.output_audio_tokens,
         }
         # The counts the log line shows only when there are some, in this order.
-        if self.input_image_tokens:
-            line["input_image_tokens"] = self.input_image_tokens
-        if self.output_image_tokens:
-            line["output_image_tokens"] = self.output_image_tokens
-        if self.input_characters:
-            line["input_characters"] = self.input_characters
-        if self.input_audio_seconds:
-            line["input_audio_seconds"] = self.input_audio_seconds
-        if self.cache_write_1h_tokens:
-            line["cache_write_1h_tokens"] = self.cache_write_1h_tokens
-        if self.web_searches:
-            line["web_searches"] = self.web_searches
-        if self.cache_audio_read_tokens:
-            line["cache_audio_read_tokens"] = self.cache_audio_read_tokens
-        if self.cache_image_read_tokens:
-            line["cache_image_read_tokens"] = self.cache_image_read_tokens
-        if self.input_video_tokens:
-            line["input_video_tokens"] = self.input_video_tokens
-        if self.output_video_tokens:
-            line["output_video_tokens"] = self.output_video_tokens
+        for name in _SHOWN_WHEN_SOME:
+            value = getattr(self, name)
+            if value:
+                line[name] = value
         line["estimated"] = self.estimated
         return line
 
