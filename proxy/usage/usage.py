@@ -366,6 +366,15 @@ class UsageTap:
         return self._reading.error_kind
 
     @property
+    def is_whole(self) -> bool:
+        """Whether the bytes fed hold the stream's last event (OpenAI's `data: [DONE]`,
+        Anthropic's `message_stop` or the `message_delta` with its stop_reason), however
+        its lines end, it was cut or coded: asked when the client left, once its stream is
+        over (a last line without its end counts)."""
+        self._finish()
+        return self._reading.is_ended
+
+    @property
     def text(self) -> str | None:
         """The response as text (a stream's text deltas joined), only with keep_text."""
         self._finish()
@@ -544,7 +553,8 @@ class UsageTap:
         if not line.startswith(b"data:"):
             return
         data = line[5:].strip()
-        if data == b"[DONE]":
+        if data == b"[DONE]":  # an OpenAI stream's last event
+            self._reading.is_ended = True
             return
         try:
             event = orjson.loads(data)

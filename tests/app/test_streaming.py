@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, get_port_socket
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -214,6 +215,46 @@ async def test_a_client_that_leaves_once_it_has_the_stop_reason_was_answered_not
     response.close()
     (line,) = await records(1)
     assert received == fake.sent["stop-2"] and b"message_stop" not in received
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"x-fake-line-end": "crlf"},
+        {"x-fake-line-end": "cr"},
+        {"x-fake-split": "5"},  # the last event cut inside `data: [DONE]` and its line end
+        {"x-fake-split": "1", "x-fake-line-end": "crlf"},  # and between its CR and its LF
+        {"x-fake-encoding": "gzip"},
+    ],
+)
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_a_client_that_leaves_once_it_has_the_last_event_was_answered_in_any_framing(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    dialect: str,
+    framing: dict[str, str],
+) -> None:
+    # As above (the SDK leaving at the last event, before the body's end), with the line
+    # ends the SSE specification allows, the stream cut anywhere by a proxy in front of the
+    # provider, or compressed: the whole answer was sent all the same.
+    if dialect == "openai":
+        path, key, last = "/v1/chat/completions", OPENAI_VK, b"data: [DONE]"
+        body = chat("count", stream=True, stream_options={"include_usage": True})
+    else:
+        path, key, last = "/v1/messages", ANTHROPIC_VK, b'data: {"type":"message_stop"}'
+        body = messages("count", stream=True)
+    headers = {**auth(key), **framing, "x-fake-hang": "end", "x-request-id": "framed-1"}
+    response = await gateway.post(path, json=body, headers=headers)
+    received = b""
+    while not received.rstrip().endswith(last):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its last event: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
     assert line["status"] == 200 and "error" not in line
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 

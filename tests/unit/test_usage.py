@@ -338,6 +338,20 @@ def test_bare_cr_line_ends_count_wherever_the_stream_is_cut():
             assert tap.text == "Hello, world!"
 
 
+def test_the_last_event_is_seen_wherever_the_stream_is_cut_however_its_lines_end():
+    # What tells a client that left after the last event (answered) from one cut before it.
+    last_delta = ANTHROPIC_STREAM.removesuffix(sse({"type": "message_stop"}))
+    for body in (OPENAI_STREAM, ANTHROPIC_STREAM, last_delta):
+        for line_end in (b"\n", b"\r\n", b"\r"):
+            framed = body.replace(b"\n", line_end)
+            for cut in range(len(framed) + 1):
+                assert tap_of(framed, chunks=[cut]).is_whole, (line_end, cut)
+            assert tap_of(framed.rstrip(line_end)).is_whole  # its line end never came
+    assert tap_of(gzip.compress(OPENAI_STREAM), encoding="gzip").is_whole
+    assert not tap_of(OPENAI_STREAM.removesuffix(b"data: [DONE]\n\n")).is_whole
+    assert not tap_of(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"end_turn")]).is_whole
+
+
 def test_data_lines_without_blank_lines_between_are_each_read():
     body = (
         b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
