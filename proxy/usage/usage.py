@@ -49,7 +49,7 @@ Invariants: the answer does not depend on where the chunks were cut; `feed` neve
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
 (one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
 split over several data lines is not read). Lines end as the SSE specification says (CRLF,
-LF or CR: `sse_lines`). A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
+LF or CR: `sse_lines`), and a UTF-8 BOM opening the stream is skipped. A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
 reads them, holding at most one unfinished frame.
 """
 
@@ -162,6 +162,9 @@ _AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
 _EVENTS = {**anthropic.EVENTS, **responses.EVENTS, **audio.EVENTS, **images.EVENTS}
 _read_chunk = openai_chat.read_chunk
+# A data line after a UTF-8 byte order mark, which the SSE specification skips at a
+# stream's start (the first line: no other line starts with one in practice).
+_BOM_DATA = b"\xef\xbb\xbfdata:"
 
 
 def charged(method: str, path: str, is_background: bool = False) -> Charged:
@@ -551,6 +554,8 @@ class UsageTap:
         # One JSON event per data line, as every provider sends them; event:, id:, retry:,
         # comments and the blank lines between events carry nothing the tap needs.
         if not line.startswith(b"data:"):
+            if line.startswith(_BOM_DATA):  # the stream opens with a UTF-8 BOM: skipped
+                self._take_line(line[3:])
             return
         data = line[5:].strip()
         if data == b"[DONE]":  # an OpenAI stream's last event

@@ -259,6 +259,52 @@ async def test_a_client_that_leaves_once_it_has_the_last_event_was_answered_in_a
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"x-fake-line-end": "crlf"},
+        {"x-fake-line-end": "cr", "x-fake-bom": "1"},
+        {"x-fake-split": "1", "x-fake-line-end": "crlf", "x-fake-bom": "1"},
+        {"x-fake-split": "7", "x-fake-tool-chars": "70000", "x-fake-piece-chars": "70000"},
+        {"x-fake-encoding": "gzip", "x-fake-split": "3", "x-fake-line-end": "crlf"},
+    ],
+)
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_every_framing_passes_byte_for_byte_and_is_charged_the_providers_usage(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    dialect: str,
+    framing: dict[str, str],
+) -> None:
+    # Line ends the SSE specification allows, a BOM, the stream cut at every byte (inside a
+    # CRLF, a `data:`, a character), one event of 70 KB (a tool call's arguments), gzip.
+    tool = {"name": "lookup", "description": "d", "parameters": {"type": "object"}}
+    if dialect == "openai":
+        path, key = "/v1/chat/completions", OPENAI_VK
+        body = chat("count é", stream=True, stream_options={"include_usage": True})
+        body["tools"] = [{"type": "function", "function": tool}]
+    else:
+        path, key = "/v1/messages", ANTHROPIC_VK
+        body = messages("count é", stream=True)
+        body["tools"] = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    headers = {**auth(key), **framing, "x-request-id": "framing-1"}
+    response = await gateway.post(path, json=body, headers=headers, auto_decompress=False)
+    received = await response.read()
+    (line,) = await records(1)
+    assert received == fake.sent["framing-1"]
+    assert (len(received) > 70000) is ("x-fake-tool-chars" in framing)
+    assert line["status"] == 200 and "error" not in line
+    reported = fake.usage["framing-1"]
+    prompt = reported.get("prompt_tokens", reported.get("input_tokens"))
+    completion = reported.get("completion_tokens", reported.get("output_tokens"))
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        prompt,
+        completion,
+    )
+    assert line["usage"]["estimated"] is False
+
+
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
     gateway: TestClient, fake: FakeState
 ) -> None:

@@ -1332,6 +1332,22 @@ def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
     assert tap_of(array, JSON).usage(b"") == expected
 
 
+def test_a_byte_order_mark_opening_a_stream_hides_none_of_its_first_event() -> None:
+    # The SSE specification skips one UTF-8 BOM at a stream's start; the first line is then
+    # `data:`, whose event may be the only one with the usage (a one-event answer, or an
+    # Anthropic-compatible stream without `event:` lines, whose message_start has the prompt).
+    one_event = sse(gemini_event("Hello", GEMINI_USAGE))
+    gemini = Usage(40 + 2, 9 + 5, cache_read_tokens=32, reasoning_tokens=5)
+    no_event_lines = b"".join(
+        line + b"\n" for line in ANTHROPIC_STREAM.split(b"\n") if not line.startswith(b"event:")
+    )
+    for body, usage in ((one_event, gemini), (no_event_lines, ANTHROPIC_USAGE)):
+        for line_end in (b"\n", b"\r\n", b"\r"):
+            framed = b"\xef\xbb\xbf" + body.replace(b"\n", line_end)
+            for cut in range(5):  # in the mark, and after it
+                assert tap_of(framed, chunks=[cut]).usage(b"") == usage, (line_end, cut)
+
+
 def test_gemini_modalities_are_read_as_their_parts() -> None:
     """Gemini bills some modalities at rates of their own (an image model's output images,
     a flash model's input audio, cached audio): the details lists by modality are read into
