@@ -115,8 +115,10 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
         usage = groq.get("usage") if isinstance(groq, dict) else None
     if usage is not None:  # OpenAI's `"usage": null` on every chunk but the last
         reading.reported.read(usage, USAGE)
-    elif choices is None and "error" in event:  # an error object sent mid-stream
-        reading.note_error(event["error"])
+    # An error object sent mid-stream: OpenAI's alone; OpenRouter's at the top level of a
+    # chunk whose choice finishes with "error".
+    elif (error := event.get("error")) is not None:
+        reading.note_error(error)
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

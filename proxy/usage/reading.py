@@ -107,7 +107,9 @@ class Reading:
         kind = None
         if isinstance(error, dict):
             kind = error.get("type") or error.get("code")
-            if not isinstance(kind, str):
+            if type(kind) is int:  # OpenRouter's: the HTTP status it stands for
+                kind = str(kind)
+            elif not isinstance(kind, str):
                 kind = error.get("status")
         if isinstance(kind, str) and len(kind) <= ERROR_KIND_CHARS and kind.isprintable():
             self.error_kind = kind
