@@ -21,6 +21,7 @@ from proxy.settings import Settings
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
+from tests.support.polling import until
 
 STREAM = chat("count", stream=True)
 
@@ -414,6 +415,80 @@ def small_send_buffers(host: str, port: int, family: socket.AddressFamily) -> so
     listener = get_port_socket(host, port, family)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return listener
+
+
+STREAM_BYTES = 64 * 1024 * 1024  # one tool call's arguments, in events of 64 KiB
+
+
+async def stalled_reader(
+    gateway: TestClient, request_id: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a 4 KiB receive buffer that asks for a 64 MiB stream, reads its head,
+    then nothing more."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, (gateway.host, gateway.port))
+    reader, writer = await asyncio.open_connection(sock=client)
+    body = chat("count", stream=True)
+    body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    raw = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\nx-request-id: {request_id}\r\n".encode()
+        + f"x-fake-tool-chars: {STREAM_BYTES}\r\nx-fake-piece-chars: 65536\r\n".encode()
+        + f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_a_stream_a_client_stops_reading_holds_the_provider_back_then_lets_it_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The gateway reads from the provider only as fast as the client takes: what the
+    # provider could send is what the buffers on the way hold, not the 64 MiB stream.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="1"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    _, writer = await stalled_reader(gateway, "stalled-1")
+    try:
+        (line,) = await records(1, timeout=20.0)  # once the gateway gave up on the client
+    finally:
+        writer.close()
+    assert len(fake.sent["stalled-1"]) < STREAM_BYTES // 4
+    assert (line["status"], line["error"]) == (499, "the client read nothing for 1 seconds")
+    assert line["usage"]["prompt_tokens"] > 0 and line["usage"]["completion_tokens"] > 0
+    await until(lambda: fake.open_now == 0, what="the upstream request to end")
+    assert fake.disconnects, "the upstream connection was not closed"
+    answer = await gateway.post("/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
+    assert (await answer.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_that_stops_reading_and_leaves_is_logged_charged_and_let_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # No idle timeout to end it: the client itself leaves while the gateway waits to write.
+    app = build_app(settings())
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    _, writer = await stalled_reader(gateway, "stalled-2")
+    await until(lambda: len(fake.sent.get("stalled-2", b"")) > 1 << 20, what="1 MiB sent")
+    writer.close()
+    (line,) = await records(1)
+    assert (line["status"], line["error"]) == (499, "client closed the connection")
+    assert line["usage"]["prompt_tokens"] > 0 and line["usage"]["completion_tokens"] > 0
+    await until(lambda: fake.open_now == 0, what="the upstream request to end")
+    assert fake.disconnects, "the upstream connection was not closed"
+    assert len(fake.sent["stalled-2"]) < STREAM_BYTES // 4
+    answer = await gateway.post("/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
+    assert (await answer.read()).endswith(b"data: [DONE]\n\n")
 
 
 async def test_a_client_that_stops_reading_a_whole_answer_is_cut_as_a_streams_is(
