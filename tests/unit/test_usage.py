@@ -352,6 +352,47 @@ def test_the_last_event_is_seen_wherever_the_stream_is_cut_however_its_lines_end
     assert not tap_of(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"end_turn")]).is_whole
 
 
+def pretty(body: bytes) -> bytes:
+    """Each event's JSON indented over several `data:` lines (as a server that writes
+    indented JSON through an SSE library sends it: one data field per line)."""
+    events = []
+    for event in body.split(b"\n\n"):
+        lines = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: {"):
+                indented = orjson.dumps(orjson.loads(line[6:]), option=orjson.OPT_INDENT_2)
+                lines += [b"data: " + part for part in indented.split(b"\n")]
+            else:
+                lines.append(line)
+        events.append(b"\n".join(lines))
+    return b"\n\n".join(events)
+
+
+def test_an_event_whose_json_spans_several_data_lines_is_read_whole():
+    # The SSE specification joins an event's data lines with a LF: the openai and anthropic
+    # SDKs read such a stream, so its usage is the provider's, not an estimate.
+    for body, usage, text in (
+        (OPENAI_STREAM, Usage(12, 3), "Hello, world!"),
+        (ANTHROPIC_STREAM, ANTHROPIC_USAGE, "Bonjour le monde"),
+    ):
+        indented = pretty(body)
+        assert indented.count(b"data: ") > body.count(b"data: ")
+        for line_end in (b"\n", b"\r\n"):
+            framed = indented.replace(b"\n", line_end)
+            for cut in range(0, len(framed) + 1, 7):
+                tap = tap_of(framed, chunks=[cut])
+                assert (tap.usage(b""), tap.text) == (usage, text), (line_end, cut)
+        # The last event without the blank line after it: read at the stream's end.
+        assert tap_of(indented.rstrip(b"\n")).usage(b"") == usage
+    # One too large to parse whole (a long tool call's arguments, indented): its tail.
+    arguments = {"choices": [{"delta": {"content": "x" * 64}}] * 20000}
+    large = pretty(sse(arguments, chat_chunk(usage={"prompt_tokens": 5, "completion_tokens": 9})))
+    assert len(large) > WHOLE_PARSE_BYTES
+    assert tap_of(large).usage(b"") == Usage(5, 9)
+    merged = pretty(sse({**arguments, "usage": {"prompt_tokens": 5, "completion_tokens": 9}}))
+    assert tap_of(merged).usage(b"") == Usage(5, 9)
+
+
 def test_data_lines_without_blank_lines_between_are_each_read():
     body = (
         b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
@@ -612,7 +653,7 @@ def test_malformed_events_never_raise_and_are_skipped():
         b'data: {"type": {"x": 1}, "usage": {"prompt_tokens": 99999999999999999999999}}\n\n'
         b"event: ping\nid: 3\nretry: 10\n\n"
         b"data\n\n"
-        b'data: {"choices": [{"delta":\ndata:  {"content": "split events are not read"}}]}\n\n'
+        b'data: {"choices": [{"delta":\ndata:  {"content": "a split event never closed"\n\n'
         + sse(chat_chunk("fine"))
     )
     tap = tap_of(body)
