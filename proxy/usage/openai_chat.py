@@ -116,9 +116,12 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
     if usage is not None:  # OpenAI's `"usage": null` on every chunk but the last
         reading.reported.read(usage, USAGE)
     # An error object sent mid-stream: OpenAI's alone; OpenRouter's at the top level of a
-    # chunk whose choice finishes with "error".
-    elif (error := event.get("error")) is not None:
-        reading.note_error(error)
+    # chunk whose choice finishes with "error" (beside choices: only an object, not a
+    # null or a false some servers may send with every chunk).
+    elif "error" in event:
+        error = event["error"]
+        if choices is None or isinstance(error, dict):
+            reading.note_error(error)
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

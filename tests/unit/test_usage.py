@@ -368,6 +368,13 @@ def pretty(body: bytes) -> bytes:
     return b"\n\n".join(events)
 
 
+def test_an_error_beside_choices_is_noted_only_when_it_is_an_object():
+    openrouter = {"error": {"code": 502, "message": "m"}, "choices": [{"finish_reason": "error"}]}
+    assert tap_of(sse(openrouter)).error_kind == "502"
+    for quiet in (None, False, ""):
+        assert tap_of(sse({**chat_chunk("hi"), "error": quiet})).error_kind is None
+
+
 def test_an_event_whose_json_spans_several_data_lines_is_read_whole():
     # The SSE specification joins an event's data lines with a LF: the openai and anthropic
     # SDKs read such a stream, so its usage is the provider's, not an estimate.
