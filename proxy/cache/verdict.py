@@ -61,7 +61,7 @@ def _ends_well(body: bytes) -> bool:
         found = body.rfind(blank)
         if found >= 0:
             start = max(start, found + len(blank))
-    line = body[start:].split(b"\n", 1)[0].rstrip(b"\r")
+    line = body[start:].splitlines()[0] if start < len(body) else b""  # CRLF, LF or CR
     field, _, value = line.partition(b":")
     value = value.removeprefix(b" ")
     if field == b"event":

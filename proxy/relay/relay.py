@@ -41,7 +41,7 @@ from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
 from proxy.upstream.wire import Reply as WireReply
-from proxy.usage import anthropic, openai_chat
+from proxy.usage import openai_chat
 from proxy.usage.openai_chat import UsageChunkFilter
 from proxy.usage.usage import TapMemory, UsageTap, charged
 
@@ -382,7 +382,6 @@ async def relay_body(
     content = reply.content
     read, has_arrived, clock = content.readany, content.has_arrived, time.perf_counter
     status, is_writing, loop = reply.status, False, asyncio.get_running_loop()
-    delivered = b""  # the last chunk written to the client
     try:
         with silences.watch(loop) as watch:
             asked = clock()
@@ -406,7 +405,7 @@ async def relay_body(
                 if withheld is not None:
                     sent = withheld(sent)
                 await response.write(sent)
-                is_writing, delivered = False, sent
+                is_writing = False
                 tap.feed(chunk)
                 if collect is not None:
                     collect(sent)
@@ -422,11 +421,12 @@ async def relay_body(
             is_writing = True
             await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
-        if ends_stream(delivered):  # ... with its whole answer
+        # ... with its whole answer: the tap has read every chunk the client was sent
+        if tap.is_whole:
             record.saw_whole_answer_sent(status)
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None
     except asyncio.CancelledError:  # the client left (handler_cancellation), or the shutdown
-        if ends_stream(delivered):
+        if tap.is_whole:
             record.saw_whole_answer_sent(status)
         raise
     except TimeoutError:
@@ -438,13 +438,6 @@ async def relay_body(
         raise Cut(status, Outcome.TIMEOUT, why) from None
     finally:
         send_head(writer)  # the status is due whatever ended the stream (once sent: nothing)
-
-
-def ends_stream(delivered: bytes) -> bool:
-    """Whether the last chunk a client was sent ends its stream's whole answer (OpenAI's
-    `data: [DONE]`, Anthropic's `message_stop` or the `message_delta` with its stop_reason
-    before it): a client that leaves then has it all."""
-    return openai_chat.ends_stream(delivered) or anthropic.ends_stream(delivered)
 
 
 async def send_end(

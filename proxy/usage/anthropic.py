@@ -28,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
-
 from proxy.usage import estimate
 from proxy.usage.provider_usage import (
     CACHE_READ,
@@ -94,11 +92,19 @@ def _message_start(event: dict[str, Any], reading: Reading) -> None:
 
 
 def _message_delta(event: dict[str, Any], reading: Reading) -> None:
-    usage = event.get("usage")
+    usage, delta = event.get("usage"), event.get("delta")
     reading.reported.read(usage, USAGE)
     if isinstance(usage, dict):
         reading.is_usage_provisional = False
         reading.note_speed(usage)
+    if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+        # Why the message stopped, with the final usage: the whole answer (message_stop
+        # carries nothing more; LiteLLM's synchronous stream stops reading here).
+        reading.is_ended = True
+
+
+def _message_stop(event: dict[str, Any], reading: Reading) -> None:
+    reading.is_ended = True
 
 
 def _error(event: dict[str, Any], reading: Reading) -> None:
@@ -115,30 +121,8 @@ EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
     "content_block_delta": _content_block_delta,
     "message_start": _message_start,
     "message_delta": _message_delta,
+    "message_stop": _message_stop,
 }
-
-
-def ends_stream(sent: bytes) -> bool:
-    """Whether bytes of an event stream end with a Messages stream's whole answer: its
-    `message_stop`, or the `message_delta` before it that says why the message stopped (with
-    the final usage; message_stop carries nothing more). LiteLLM's synchronous stream stops
-    reading there, before the body's end. Read only when a client left."""
-    tail = sent.rstrip()
-    last = tail[tail.rfind(b"\n") + 1 :]
-    if not last.startswith(b"data:"):
-        return False
-    try:
-        event = orjson.loads(last[5:])
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(event, dict):
-        return False
-    kind, delta = event.get("type"), event.get("delta")
-    if kind == "message_stop":
-        return True
-    return (
-        kind == "message_delta" and isinstance(delta, dict) and delta.get("stop_reason") is not None
-    )
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:

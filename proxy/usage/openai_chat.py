@@ -115,8 +115,13 @@ def read_chunk(event: dict[str, Any], reading: Reading) -> None:
         usage = groq.get("usage") if isinstance(groq, dict) else None
     if usage is not None:  # OpenAI's `"usage": null` on every chunk but the last
         reading.reported.read(usage, USAGE)
-    elif choices is None and "error" in event:  # an error object sent mid-stream
-        reading.note_error(event["error"])
+    # An error object sent mid-stream: OpenAI's alone; OpenRouter's at the top level of a
+    # chunk whose choice finishes with "error" (beside choices: only an object, not a
+    # null or a false some servers may send with every chunk).
+    elif "error" in event:
+        error = event["error"]
+        if choices is None or isinstance(error, dict):
+            reading.note_error(error)
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
@@ -197,20 +202,12 @@ _MARKS_USAGE, _MARKS_USAGE_SPACED = b'"usage":{', b'"usage": {'
 # as it comes instead of held to its end.
 USAGE_LINE_BYTES = 64 * 1024
 # The last event of an OpenAI stream (chat and text completions, and the compatible APIs).
-_DONE = (b"data: [DONE]", b"data:[DONE]")
 # Completions streams that report usage only when asked (chat and legacy text completions).
 _ASKS_FOR_USAGE = "completions"
 # Azure OpenAI's api-versions before this one (GA 2024-06-01, 2024-02-01, ...) refuse
 # stream_options with a 400: a request naming one is not asked (dates compare as text;
 # "2024-09-01-preview" is the first that takes it, and the v1 API's "preview" comes after).
 _AZURE_STREAM_OPTIONS = "2024-09-01"
-
-
-def ends_stream(sent: bytes) -> bool:
-    """Whether bytes of an event stream end with an OpenAI stream's last event, `data: [DONE]`
-    (its client has the whole answer: the openai SDK before 3.x closes the connection there,
-    before the body's end)."""
-    return sent.rstrip().endswith(_DONE)
 
 
 def amended(

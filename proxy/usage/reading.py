@@ -25,6 +25,7 @@ class Reading:
     __slots__ = (
         "chars",
         "error_kind",
+        "is_ended",
         "is_started_noted",
         "is_stored_noted",
         "is_usage_provisional",
@@ -46,6 +47,10 @@ class Reading:
         # total (Anthropic's `message_start` says 1): a stream cut before the total came is
         # charged at least what it delivered (`usage`).
         self.is_usage_provisional = False
+        # The stream's last event was read (OpenAI's `data: [DONE]`, Anthropic's
+        # `message_stop` or the `message_delta` saying why it stopped): a client that leaves
+        # after it has the whole answer.
+        self.is_ended = False
         self.chars = 0  # characters the provider generated, of every kind
         self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log
         self.kept_chars = 0  # the characters `texts` holds (the tap bounds them)
@@ -102,7 +107,9 @@ class Reading:
         kind = None
         if isinstance(error, dict):
             kind = error.get("type") or error.get("code")
-            if not isinstance(kind, str):
+            if type(kind) is int:  # OpenRouter's: the HTTP status it stands for
+                kind = str(kind)
+            elif not isinstance(kind, str):
                 kind = error.get("status")
         if isinstance(kind, str) and len(kind) <= ERROR_KIND_CHARS and kind.isprintable():
             self.error_kind = kind

@@ -34,7 +34,8 @@ Memory: a tap holds a JSON body up to 1 MiB (parsed whole at the end), of a larg
 its last 256 KiB, where the usage is (`last_usage`: orjson would need about 13 times a
 body's size to parse it whole), and for a Responses object fetched or made in the
 background its first HEAD_BYTES, where its id and status are (`responses.read_head`: a
-finished image or a long output must still be claimed); or one unfinished SSE line; with LOG_BODIES the whole JSON
+finished image or a long output must still be claimed); or one unfinished SSE line (and an
+event split over data lines, to WHOLE_PARSE_BYTES); with LOG_BODIES the whole JSON
 body, for its text, or a stream's text. Each tap at most `MAX_HELD_BYTES`, all taps of a
 process together at most `TAP_MEMORY_BYTES` (a shared `TapMemory`), whole bodies and texts
 half of that, so they never starve the tails. A JSON body kept whole that would pass a
@@ -47,9 +48,11 @@ A tail takes no more memory as it moves: what it drops frees what it adds. At th
 
 Invariants: the answer does not depend on where the chunks were cut; `feed` never raises,
 whatever the bytes. What it deliberately does not do: parse anything but `data:` lines
-(one `orjson.loads` each: every provider sends an event's JSON on one line, so an event
-split over several data lines is not read). Lines end as the SSE specification says (CRLF,
-LF or CR: `sse_lines`). A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
+(one `orjson.loads` each, as providers send an event's JSON on one line; only a data line
+opening JSON that does not parse alone is joined with the next ones, as the SSE
+specification joins an event's data lines, and read at the event's end: whole up to
+WHOLE_PARSE_BYTES, else its tail). Lines end as the SSE specification says (CRLF,
+LF or CR: `sse_lines`), and a UTF-8 BOM opening the stream is skipped. A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
 reads them, holding at most one unfinished frame.
 """
 
@@ -162,6 +165,9 @@ _AS_REPORTED = frozenset((Charged.REPORTED, Charged.DURATION))
 # The typed stream events each dialect reads (OpenAI chat chunks have no type).
 _EVENTS = {**anthropic.EVENTS, **responses.EVENTS, **audio.EVENTS, **images.EVENTS}
 _read_chunk = openai_chat.read_chunk
+# A data line after a UTF-8 byte order mark, which the SSE specification skips at a
+# stream's start (the first line: no other line starts with one in practice).
+_BOM_DATA = b"\xef\xbb\xbfdata:"
 
 
 def charged(method: str, path: str, is_background: bool = False) -> Charged:
@@ -241,6 +247,7 @@ class UsageTap:
         "_path",
         "_reading",
         "_seen",
+        "_split_event",
         "_text",
         "_text_held",
         "batch",
@@ -274,6 +281,9 @@ class UsageTap:
         self._lines = LineReader() if kind == _SSE else None
         # SSE: the tail of an event line too long to hold, until the line ends (`_cut_line`).
         self._long_line: bytearray | None = None
+        # SSE: the data lines so far of an event whose first one is not JSON alone (its
+        # JSON spans several data lines), joined with LFs until the event ends.
+        self._split_event: bytearray | None = None
         self._text: str | None = None  # the text, once finished
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
@@ -364,6 +374,15 @@ class UsageTap:
         an error answered whole."""
         self._finish()
         return self._reading.error_kind
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether the bytes fed hold the stream's last event (OpenAI's `data: [DONE]`,
+        Anthropic's `message_stop` or the `message_delta` with its stop_reason), however
+        its lines end, it was cut or coded: asked when the client left, once its stream is
+        over (a last line without its end counts)."""
+        self._finish()
+        return self._reading.is_ended
 
     @property
     def text(self) -> str | None:
@@ -500,6 +519,8 @@ class UsageTap:
         held = lines.held_bytes + self._text_held
         if self._long_line is not None:
             held += len(self._long_line)
+        if self._split_event is not None:
+            held += len(self._split_event)
         if held > self._held:
             self._hold(held - self._held)
         elif held < self._held:
@@ -539,17 +560,53 @@ class UsageTap:
         self._text_held = 0
 
     def _take_line(self, line: bytes | bytearray) -> None:
-        # One JSON event per data line, as every provider sends them; event:, id:, retry:,
-        # comments and the blank lines between events carry nothing the tap needs.
+        # One JSON event per data line, as providers send them (some without the blank line
+        # between two events); event:, id:, retry:, comments and the blank lines between
+        # events carry nothing the tap needs, except ending an event split over data lines.
         if not line.startswith(b"data:"):
+            if self._split_event is not None and not line:
+                self._read_split_event()
+            elif line.startswith(_BOM_DATA):  # the stream opens with a UTF-8 BOM: skipped
+                self._take_line(line[3:])
             return
         data = line[5:].strip()
-        if data == b"[DONE]":
+        if data == b"[DONE]":  # an OpenAI stream's last event
+            self._reading.is_ended = True
             return
+        split = self._split_event
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if split is not None:
+                self._add_to_split(split, data)
+            elif data[:1] == b"{":  # an event's JSON begins, to go on in its next data lines
+                self._split_event = bytearray(data)
             return
+        if split is not None:
+            if not isinstance(event, dict):  # a part of the split event (`1`, `"a"`, `[]`)
+                self._add_to_split(split, data)
+                return
+            self._split_event = None  # not JSON: a new event began without the blank line
+        if isinstance(event, dict):
+            self._read_event(event)
+
+    def _add_to_split(self, split: bytearray, data: bytes | bytearray) -> None:
+        """The next data line of a split event; past WHOLE_PARSE_BYTES only its tail is
+        kept, where its usage is (read as a large JSON body's)."""
+        split += b"\n"
+        split += data
+        if len(split) > WHOLE_PARSE_BYTES:
+            del split[:-TAIL_BYTES]
+
+    def _read_split_event(self) -> None:
+        """The event whose JSON spans several data lines ended: read whole (or its tail)."""
+        split, self._split_event = self._split_event, None
+        if split is None:
+            return
+        try:
+            event = orjson.loads(split)
+        except orjson.JSONDecodeError:  # cut to its tail (or not JSON): its usage, if there
+            return self._read_tail(split)
         if isinstance(event, dict):
             self._read_event(event)
 
@@ -574,6 +631,7 @@ class UsageTap:
             if self._long_line is not None:
                 self._read_tail(self._long_line)
             self._take_line(self._lines.rest())
+            self._take_line(b"")  # the last event's end, if its blank line never came
             if self._reading.texts is not None:
                 self._text = "".join(self._reading.texts)
         elif self._kind == _FRAMES and self._reading.texts is not None:
@@ -644,6 +702,7 @@ class UsageTap:
         self._head = None
         self._lines = None
         self._long_line = None
+        self._split_event = None
         self._frames = None
         self._reading.texts = None if self._reading.texts is None else []
         self._decoder = None

@@ -58,6 +58,22 @@ OPENAI_MID_STREAM_ERROR = [
     event(None, {**CHUNK, "choices": [{"index": 0, "delta": {"content": "Hello"}}]}),
     event(None, {"error": {"message": "The server had an error", "type": "server_error"}}),
 ]
+# OpenRouter's mid-stream error: the error at the top level of a chunk whose one choice
+# finishes with "error" (its code a string, or a number: the HTTP status it stands for).
+OPENROUTER_MID_STREAM_ERROR = [
+    b": OPENROUTER PROCESSING\n\n",
+    event(None, {**CHUNK, "choices": [{"index": 0, "delta": {"content": "Hello"}}]}),
+    event(
+        None,
+        {
+            **CHUNK,
+            "provider": "openai",
+            "error": {"code": "server_error", "message": "Provider disconnected"},
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+        },
+    ),
+    b"data: [DONE]\n\n",
+]
 OPENAI_FINE = [
     event(None, {**CHUNK, "choices": [{"index": 0, "delta": {"content": "Hello"}}]}),
     b"data: [DONE]\n\n",
@@ -83,6 +99,10 @@ async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Test
     streams = {
         "anthropic": ANTHROPIC_OVERLOADED,
         "openai": OPENAI_MID_STREAM_ERROR,
+        "openrouter": OPENROUTER_MID_STREAM_ERROR,
+        "openrouter-502": [
+            chunk.replace(b'"server_error"', b"502") for chunk in OPENROUTER_MID_STREAM_ERROR
+        ],
         "fine": OPENAI_FINE,
         "failed": response_ended("failed", {"code": "server_error", "message": "boom"}),
         "incomplete": response_ended("incomplete", None),
@@ -170,6 +190,19 @@ async def test_an_openai_error_object_mid_stream_logs_the_error(
     [line] = await records(1)
     assert line["status"] == 200 and "server_error" in line["error"]
     assert line["usage"]["estimated"] is True
+
+
+async def test_an_openrouter_error_chunk_mid_stream_logs_the_error(
+    gateway: TestClient, records: Records
+) -> None:
+    body = chat("hello world", stream=True)
+    got = await relayed(gateway, OPENAI_VK, "/v1/chat/completions", body, "openrouter")
+    assert got == b"".join(OPENROUTER_MID_STREAM_ERROR)
+    await relayed(gateway, OPENAI_VK, "/v1/chat/completions", body, "openrouter-502")
+    named, numbered = await records(2)
+    assert named["status"] == 200 and "(server_error)" in named["error"]
+    assert "Provider disconnected" not in named["error"]
+    assert "(502)" in numbered["error"]
 
 
 async def test_a_failed_response_or_an_error_event_logs_its_code_an_incomplete_one_none(

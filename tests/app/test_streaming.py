@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, get_port_socket
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +21,7 @@ from proxy.settings import Settings
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
+from tests.support.polling import until
 
 STREAM = chat("count", stream=True)
 
@@ -218,6 +220,92 @@ async def test_a_client_that_leaves_once_it_has_the_stop_reason_was_answered_not
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"x-fake-line-end": "crlf"},
+        {"x-fake-line-end": "cr"},
+        {"x-fake-split": "5"},  # the last event cut inside `data: [DONE]` and its line end
+        {"x-fake-split": "1", "x-fake-line-end": "crlf"},  # and between its CR and its LF
+        {"x-fake-encoding": "gzip"},
+    ],
+)
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_a_client_that_leaves_once_it_has_the_last_event_was_answered_in_any_framing(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    dialect: str,
+    framing: dict[str, str],
+) -> None:
+    # As above (the SDK leaving at the last event, before the body's end), with the line
+    # ends the SSE specification allows, the stream cut anywhere by a proxy in front of the
+    # provider, or compressed: the whole answer was sent all the same.
+    if dialect == "openai":
+        path, key, last = "/v1/chat/completions", OPENAI_VK, b"data: [DONE]"
+        body = chat("count", stream=True, stream_options={"include_usage": True})
+    else:
+        path, key, last = "/v1/messages", ANTHROPIC_VK, b'data: {"type":"message_stop"}'
+        body = messages("count", stream=True)
+    headers = {**auth(key), **framing, "x-fake-hang": "end", "x-request-id": "framed-1"}
+    response = await gateway.post(path, json=body, headers=headers)
+    received = b""
+    while not received.rstrip().endswith(last):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its last event: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"x-fake-line-end": "crlf"},
+        {"x-fake-line-end": "cr", "x-fake-bom": "1"},
+        {"x-fake-split": "1", "x-fake-line-end": "crlf", "x-fake-bom": "1"},
+        {"x-fake-split": "7", "x-fake-tool-chars": "70000", "x-fake-piece-chars": "70000"},
+        {"x-fake-encoding": "gzip", "x-fake-split": "3", "x-fake-line-end": "crlf"},
+    ],
+)
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_every_framing_passes_byte_for_byte_and_is_charged_the_providers_usage(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    dialect: str,
+    framing: dict[str, str],
+) -> None:
+    # Line ends the SSE specification allows, a BOM, the stream cut at every byte (inside a
+    # CRLF, a `data:`, a character), one event of 70 KB (a tool call's arguments), gzip.
+    tool = {"name": "lookup", "description": "d", "parameters": {"type": "object"}}
+    if dialect == "openai":
+        path, key = "/v1/chat/completions", OPENAI_VK
+        body = chat("count é", stream=True, stream_options={"include_usage": True})
+        body["tools"] = [{"type": "function", "function": tool}]
+    else:
+        path, key = "/v1/messages", ANTHROPIC_VK
+        body = messages("count é", stream=True)
+        body["tools"] = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    headers = {**auth(key), **framing, "x-request-id": "framing-1"}
+    response = await gateway.post(path, json=body, headers=headers, auto_decompress=False)
+    received = await response.read()
+    (line,) = await records(1)
+    assert received == fake.sent["framing-1"]
+    assert (len(received) > 70000) is ("x-fake-tool-chars" in framing)
+    assert line["status"] == 200 and "error" not in line
+    reported = fake.usage["framing-1"]
+    prompt = reported.get("prompt_tokens", reported.get("input_tokens"))
+    completion = reported.get("completion_tokens", reported.get("output_tokens"))
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        prompt,
+        completion,
+    )
+    assert line["usage"]["estimated"] is False
+
+
 async def test_a_client_that_leaves_during_a_silent_upstream_still_cancels_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
@@ -327,6 +415,80 @@ def small_send_buffers(host: str, port: int, family: socket.AddressFamily) -> so
     listener = get_port_socket(host, port, family)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return listener
+
+
+STREAM_BYTES = 64 * 1024 * 1024  # one tool call's arguments, in events of 64 KiB
+
+
+async def stalled_reader(
+    gateway: TestClient, request_id: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a 4 KiB receive buffer that asks for a 64 MiB stream, reads its head,
+    then nothing more."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, (gateway.host, gateway.port))
+    reader, writer = await asyncio.open_connection(sock=client)
+    body = chat("count", stream=True)
+    body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    raw = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\nx-request-id: {request_id}\r\n".encode()
+        + f"x-fake-tool-chars: {STREAM_BYTES}\r\nx-fake-piece-chars: 65536\r\n".encode()
+        + f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_a_stream_a_client_stops_reading_holds_the_provider_back_then_lets_it_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The gateway reads from the provider only as fast as the client takes: what the
+    # provider could send is what the buffers on the way hold, not the 64 MiB stream.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="1"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    _, writer = await stalled_reader(gateway, "stalled-1")
+    try:
+        (line,) = await records(1, timeout=20.0)  # once the gateway gave up on the client
+    finally:
+        writer.close()
+    assert len(fake.sent["stalled-1"]) < STREAM_BYTES // 4
+    assert (line["status"], line["error"]) == (499, "the client read nothing for 1 seconds")
+    assert line["usage"]["prompt_tokens"] > 0 and line["usage"]["completion_tokens"] > 0
+    await until(lambda: fake.open_now == 0, what="the upstream request to end")
+    assert fake.disconnects, "the upstream connection was not closed"
+    answer = await gateway.post("/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
+    assert (await answer.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_that_stops_reading_and_leaves_is_logged_charged_and_let_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # No idle timeout to end it: the client itself leaves while the gateway waits to write.
+    app = build_app(settings())
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    _, writer = await stalled_reader(gateway, "stalled-2")
+    await until(lambda: len(fake.sent.get("stalled-2", b"")) > 1 << 20, what="1 MiB sent")
+    writer.close()
+    (line,) = await records(1)
+    assert (line["status"], line["error"]) == (499, "client closed the connection")
+    assert line["usage"]["prompt_tokens"] > 0 and line["usage"]["completion_tokens"] > 0
+    await until(lambda: fake.open_now == 0, what="the upstream request to end")
+    assert fake.disconnects, "the upstream connection was not closed"
+    assert len(fake.sent["stalled-2"]) < STREAM_BYTES // 4
+    answer = await gateway.post("/v1/chat/completions", json=STREAM, headers=auth(OPENAI_VK))
+    assert (await answer.read()).endswith(b"data: [DONE]\n\n")
 
 
 async def test_a_client_that_stops_reading_a_whole_answer_is_cut_as_a_streams_is(

@@ -25,6 +25,12 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-gzip: 1            JSON bodies gzip-compressed, Content-Encoding: gzip
     x-fake-encoding: C        any body (JSON or stream) in gzip, deflate, br or zstd, a
                               stream flushed event by event
+    x-fake-line-end: E        a stream's lines end with `crlf` or `cr` instead of LF (the SSE
+                              specification allows all three)
+    x-fake-bom: 1             a stream opens with a UTF-8 byte order mark
+    x-fake-split: N           any body goes in pieces of N bytes, each written alone (as a
+                              proxy in front of a provider may cut it: inside a line, a line
+                              end, a character, or a compressed stream's frame)
     x-fake-cached-tokens: N   N more prompt tokens, reported as read from the cache
                               (OpenAI cached_tokens, Anthropic cache_read_input_tokens)
     x-fake-cache-write-tokens: N  Anthropic: N cache_creation_input_tokens
@@ -155,6 +161,8 @@ TOOL_ARGUMENTS = '{"query": "fake"}'
 EMBEDDING_SIZE = 8
 AUTH_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
 SSE_TYPE = "text/event-stream; charset=utf-8"
+LINE_ENDS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
+BOM = b"\xef\xbb\xbf"
 DONE = b"data: [DONE]\n\n"
 # What real providers send on every answer; the gateway passes or replaces them.
 PROVIDER_HEADERS = (
@@ -324,6 +332,9 @@ class Knobs:
     web_searches: int = 0
     compaction_tokens: int = 0
     advisor_tokens: int = 0
+    line_end: bytes = b"\n"
+    has_bom: bool = False
+    split_bytes: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -356,6 +367,9 @@ class Knobs:
             web_searches=int(headers.get("x-fake-web-searches", "0")),
             compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
             advisor_tokens=int(headers.get("x-fake-advisor-tokens", "0")),
+            line_end=LINE_ENDS[headers.get("x-fake-line-end", "lf")],
+            has_bom=headers.get("x-fake-bom") == "1",
+            split_bytes=int(headers.get("x-fake-split", "0")),
         )
 
     @property
@@ -534,6 +548,8 @@ async def send(
         frames = frames[: max(1, len(frames) // 2)]
     elif knobs.hang == "last":
         frames = frames[:-1]
+    if knobs.split_bytes:
+        frames, usages = in_pieces(frames, usages, knobs.split_bytes)
     state.sent[request_id] = b""
     reported = state.usage.setdefault(request_id, {})
     async with watching(request):
@@ -556,6 +572,24 @@ async def send(
         else:
             await response.write_eof()
     return response
+
+
+def in_pieces(
+    frames: list[bytes], usages: list[dict | None] | None, size: int
+) -> tuple[list[bytes], list[dict | None] | None]:
+    """The frames' bytes in pieces of `size`; each frame's usage goes with the piece that
+    holds its last byte."""
+    body = b"".join(frames)
+    pieces = [body[start : start + size] for start in range(0, len(body), size)]
+    if not usages:
+        return pieces, None
+    moved: list[dict | None] = [None] * len(pieces)
+    end = 0
+    for frame, usage in zip(frames, usages, strict=False):
+        end += len(frame)
+        if usage and frame:
+            moved[(end - 1) // size] = usage
+    return pieces, moved
 
 
 def encoded(frames: list[bytes], coding: str) -> list[bytes]:
@@ -612,6 +646,11 @@ async def reply(
 async def stream(
     request: web.Request, frames: list[bytes], usages: list[dict | None] | None = None
 ) -> web.StreamResponse:
+    knobs = request[KNOBS]
+    if knobs.line_end != b"\n":  # JSON as orjson writes it holds no line end of its own
+        frames = [frame.replace(b"\n", knobs.line_end) for frame in frames]
+    if knobs.has_bom and frames:
+        frames = [BOM + frames[0], *frames[1:]]
     return await send(
         request,
         frames,

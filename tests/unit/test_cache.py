@@ -193,6 +193,9 @@ def test_a_stream_is_storable_only_when_its_last_event_is_its_end() -> None:
         b'data: {"type": "message_stop"}\n\n',
         b'event: response.completed\r\ndata: {"type":"response.completed","response":{}}\r\n\r\n',
         b'data: {"type":"response.incomplete","response":{}}\n\n',
+        # Bare CR line ends, which the SSE specification allows as well.
+        b'event: message_stop\rdata: {"type":"message_stop"}\r\r',
+        b'event: response.completed\rdata: {"type":"response.completed","response":{}}\r\r',
     ]
     for end in ends:
         assert is_storable(ended(), SSE, "", [anthropic_cut[1], end], 10_000), end

@@ -338,6 +338,68 @@ def test_bare_cr_line_ends_count_wherever_the_stream_is_cut():
             assert tap.text == "Hello, world!"
 
 
+def test_the_last_event_is_seen_wherever_the_stream_is_cut_however_its_lines_end():
+    # What tells a client that left after the last event (answered) from one cut before it.
+    last_delta = ANTHROPIC_STREAM.removesuffix(sse({"type": "message_stop"}))
+    for body in (OPENAI_STREAM, ANTHROPIC_STREAM, last_delta):
+        for line_end in (b"\n", b"\r\n", b"\r"):
+            framed = body.replace(b"\n", line_end)
+            for cut in range(len(framed) + 1):
+                assert tap_of(framed, chunks=[cut]).is_whole, (line_end, cut)
+            assert tap_of(framed.rstrip(line_end)).is_whole  # its line end never came
+    assert tap_of(gzip.compress(OPENAI_STREAM), encoding="gzip").is_whole
+    assert not tap_of(OPENAI_STREAM.removesuffix(b"data: [DONE]\n\n")).is_whole
+    assert not tap_of(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"end_turn")]).is_whole
+
+
+def pretty(body: bytes) -> bytes:
+    """Each event's JSON indented over several `data:` lines (as a server that writes
+    indented JSON through an SSE library sends it: one data field per line)."""
+    events = []
+    for event in body.split(b"\n\n"):
+        lines = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: {"):
+                indented = orjson.dumps(orjson.loads(line[6:]), option=orjson.OPT_INDENT_2)
+                lines += [b"data: " + part for part in indented.split(b"\n")]
+            else:
+                lines.append(line)
+        events.append(b"\n".join(lines))
+    return b"\n\n".join(events)
+
+
+def test_an_error_beside_choices_is_noted_only_when_it_is_an_object():
+    openrouter = {"error": {"code": 502, "message": "m"}, "choices": [{"finish_reason": "error"}]}
+    assert tap_of(sse(openrouter)).error_kind == "502"
+    for quiet in (None, False, ""):
+        assert tap_of(sse({**chat_chunk("hi"), "error": quiet})).error_kind is None
+
+
+def test_an_event_whose_json_spans_several_data_lines_is_read_whole():
+    # The SSE specification joins an event's data lines with a LF: the openai and anthropic
+    # SDKs read such a stream, so its usage is the provider's, not an estimate.
+    for body, usage, text in (
+        (OPENAI_STREAM, Usage(12, 3), "Hello, world!"),
+        (ANTHROPIC_STREAM, ANTHROPIC_USAGE, "Bonjour le monde"),
+    ):
+        indented = pretty(body)
+        assert indented.count(b"data: ") > body.count(b"data: ")
+        for line_end in (b"\n", b"\r\n"):
+            framed = indented.replace(b"\n", line_end)
+            for cut in range(0, len(framed) + 1, 7):
+                tap = tap_of(framed, chunks=[cut])
+                assert (tap.usage(b""), tap.text) == (usage, text), (line_end, cut)
+        # The last event without the blank line after it: read at the stream's end.
+        assert tap_of(indented.rstrip(b"\n")).usage(b"") == usage
+    # One too large to parse whole (a long tool call's arguments, indented): its tail.
+    arguments = {"choices": [{"delta": {"content": "x" * 64}}] * 20000}
+    large = pretty(sse(arguments, chat_chunk(usage={"prompt_tokens": 5, "completion_tokens": 9})))
+    assert len(large) > WHOLE_PARSE_BYTES
+    assert tap_of(large).usage(b"") == Usage(5, 9)
+    merged = pretty(sse({**arguments, "usage": {"prompt_tokens": 5, "completion_tokens": 9}}))
+    assert tap_of(merged).usage(b"") == Usage(5, 9)
+
+
 def test_data_lines_without_blank_lines_between_are_each_read():
     body = (
         b'data: {"choices": [{"delta": {"content": "o"}}]}\n'
@@ -598,7 +660,7 @@ def test_malformed_events_never_raise_and_are_skipped():
         b'data: {"type": {"x": 1}, "usage": {"prompt_tokens": 99999999999999999999999}}\n\n'
         b"event: ping\nid: 3\nretry: 10\n\n"
         b"data\n\n"
-        b'data: {"choices": [{"delta":\ndata:  {"content": "split events are not read"}}]}\n\n'
+        b'data: {"choices": [{"delta":\ndata:  {"content": "a split event never closed"\n\n'
         + sse(chat_chunk("fine"))
     )
     tap = tap_of(body)
@@ -1316,6 +1378,22 @@ def test_gemini_usage_metadata_is_read_in_every_kind() -> None:
     assert (tap.usage(b""), tap.text) == (expected, "Hello")
     array = orjson.dumps([gemini_event("Hel"), gemini_event("lo", GEMINI_USAGE)])
     assert tap_of(array, JSON).usage(b"") == expected
+
+
+def test_a_byte_order_mark_opening_a_stream_hides_none_of_its_first_event() -> None:
+    # The SSE specification skips one UTF-8 BOM at a stream's start; the first line is then
+    # `data:`, whose event may be the only one with the usage (a one-event answer, or an
+    # Anthropic-compatible stream without `event:` lines, whose message_start has the prompt).
+    one_event = sse(gemini_event("Hello", GEMINI_USAGE))
+    gemini = Usage(40 + 2, 9 + 5, cache_read_tokens=32, reasoning_tokens=5)
+    no_event_lines = b"".join(
+        line + b"\n" for line in ANTHROPIC_STREAM.split(b"\n") if not line.startswith(b"event:")
+    )
+    for body, usage in ((one_event, gemini), (no_event_lines, ANTHROPIC_USAGE)):
+        for line_end in (b"\n", b"\r\n", b"\r"):
+            framed = b"\xef\xbb\xbf" + body.replace(b"\n", line_end)
+            for cut in range(5):  # in the mark, and after it
+                assert tap_of(framed, chunks=[cut]).usage(b"") == usage, (line_end, cut)
 
 
 def test_gemini_modalities_are_read_as_their_parts() -> None:
