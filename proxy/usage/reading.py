@@ -101,16 +101,16 @@ class Reading:
 
     def note_error(self, error: object) -> None:
         """The provider sent an error object inside its answer: its `type`, else its `code`,
-        else its `status` (Google's)."""
+        else its `status` (Google's, beside a numeric code), else its numeric code
+        (OpenRouter's: the HTTP status it stands for)."""
         if self.error_kind is not None:
             return  # the first one is what ended the answer
         kind = None
         if isinstance(error, dict):
             kind = error.get("type") or error.get("code")
-            if type(kind) is int:  # OpenRouter's: the HTTP status it stands for
-                kind = str(kind)
-            elif not isinstance(kind, str):
-                kind = error.get("status")
+            if not isinstance(kind, str):
+                status = error.get("status")
+                kind = status if status is not None or type(kind) is not int else str(kind)
         if isinstance(kind, str) and len(kind) <= ERROR_KIND_CHARS and kind.isprintable():
             self.error_kind = kind
         else:
