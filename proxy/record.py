@@ -125,6 +125,10 @@ class Attempt:
         }
 
 
+# The largest count a log line writes: the largest integer every JSON reader keeps exact (and
+# the tracker's clamp). A provider's count past it (-1 wrapped as an unsigned 64-bit integer)
+# would not fit INT64 columns, nor, summed into total_tokens, the JSON encoder: the line lost.
+MAX_LOGGED_COUNT = 2**53
 # The counts of a Usage a log line shows only when there are some, in the line's order.
 _SHOWN_WHEN_SOME = (
     "input_image_tokens",
@@ -197,6 +201,8 @@ class Usage:
             if value:
                 line[name] = value
         line["estimated"] = self.estimated
+        if max(line.values()) > MAX_LOGGED_COUNT:  # a provider's count that wrapped around
+            return {name: min(value, MAX_LOGGED_COUNT) for name, value in line.items()}
         return line
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.app.test_realtime import connect, next_data, no_session_left
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, RESTRICTED_VK, auth
@@ -216,4 +217,47 @@ async def test_cost_usd_is_a_float_even_when_it_is_a_whole_number(
     [line] = read_log(log_path)
     assert line["usage"]["total_tokens"] == 4  # 1 prompt, 3 completion: 4 tokens at the rate
     assert type(line["cost_usd"]) is float and line["cost_usd"] == cost, line["cost_usd"]
+    assert not schema_errors(line)
+
+
+async def test_a_provider_reporting_an_absurd_count_still_gets_its_line_with_counts_a_loader_holds(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    log_path: Path,
+) -> None:
+    """An OpenAI-compatible server whose count wrapped around (-1 as an unsigned 64-bit
+    integer) made total_tokens larger than JSON encoders and INT64 columns hold: the line
+    could not be written, and the request left no line at all. Counts are written at most
+    2**53 (what the tracker charges, the largest integer every JSON reader keeps exact)."""
+    wrapped = 2**64 - 1
+
+    async def chat(request: web.Request) -> web.Response:
+        usage = {"prompt_tokens": 5, "completion_tokens": wrapped, "total_tokens": 4}
+        return web.json_response({"object": "chat.completion", "choices": [], "usage": usage})
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(provider)
+    keys = {
+        "providers": {"vllm": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {
+            "vk_test_wrapped_0a1b2c3d4e": {"provider": "vllm", "api_key": "none-needed-00"}
+        },
+    }
+    (tmp_path / "wrapped.json").write_text(json.dumps(keys))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "wrapped.json"))
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth("vk_test_wrapped_0a1b2c3d4e"),
+    )
+    assert response.status == 200
+    await response.read()
+    await gateway.close()
+
+    [line] = read_log(log_path)
+    assert line["usage"]["prompt_tokens"] == 5
+    assert line["usage"]["completion_tokens"] == 2**53
+    assert line["usage"]["total_tokens"] == 2**53
     assert not schema_errors(line)
