@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -405,7 +406,11 @@ class _Batch(NamedTuple):
 def _json_dollars(usd: float) -> bytes:
     """`cost_usd` as a JSON number that always reads as a float: 0.00000195, not 1.95e-06,
     and 0.0 or 1.0, not 0 or 1, so a loader that infers the column's type from its first
-    lines (BigQuery, DuckDB) never makes it an integer the next line's price cannot load into."""
+    lines (BigQuery, DuckDB) never makes it an integer the next line's price cannot load into.
+    A cost past what a float holds (a huge rate times a huge count: inf) is null, as an
+    unpriced request's: `inf` is no JSON, and the line would stop a reader at it."""
+    if not math.isfinite(usd):
+        return b"null"
     text = dollars(usd)
     return (text if "." in text else text + ".0").encode()
 
