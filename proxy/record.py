@@ -257,6 +257,7 @@ class Record:
     timestamp: float = field(default_factory=time.time)  # wall clock, for the log line
     started: float = field(default_factory=time.perf_counter)  # monotonic, for durations
     key: str | None = None  # the key's name, never the key itself
+    team: str | None = None  # the key's team when it ran (keys.json's `team`); None: none
     provider: str | None = None
     model: str | None = None
     is_stream: bool = False
@@ -323,9 +324,9 @@ class Record:
         self.status, self.outcome = status, outcome
         self.error = why if why is not None else self.answer_error
 
-    def saw_key(self, name: str, provider: str) -> None:
-        """The key authenticated (its name, never the key) and its first provider."""
-        self.key, self.provider = name, provider
+    def saw_key(self, name: str, provider: str, team: str | None = None) -> None:
+        """The key authenticated (its name, never the key), its first provider and its team."""
+        self.key, self.provider, self.team = name, provider, team
 
     def saw_model(
         self, model: str | None, is_stream: bool = False, is_background: bool = False

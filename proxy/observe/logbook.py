@@ -168,6 +168,7 @@ class Logbook:
             "timestamp": record.timestamp,
             "request_id": record.request_id,
             "key": record.key,
+            "team": record.team,
             "provider": record.provider,
             "method": record.method,
             "path": record.path,

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.app.test_realtime import connect, next_data, no_session_left
+from tests.app.test_teams import LONER, MEMBERS, teams_gateway  # noqa: F401 (a fixture)
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
 from tests.support.polling import until
@@ -40,6 +41,7 @@ ALWAYS = {
     "timestamp": (str,),
     "request_id": (str,),
     "key": (str, type(None)),  # null when no key authenticated
+    "team": (str, type(None)),  # null for a key in no team
     "provider": (str, type(None)),
     "method": (str,),
     "path": (str,),
@@ -261,3 +263,24 @@ async def test_a_provider_reporting_an_absurd_count_still_gets_its_line_with_cou
     assert line["usage"]["completion_tokens"] == 2**53
     assert line["usage"]["total_tokens"] == 2**53
     assert not schema_errors(line)
+
+
+async def test_each_line_names_the_team_its_key_was_in_when_it_ran(
+    teams_gateway: Callable[..., Awaitable[TestClient]],  # noqa: F811
+    log_path: Path,
+) -> None:
+    """Spend summed per team and day from the log needs the team on the line: keys.json (or
+    the admin API) can move a key to another team later, so a join on today's keys file would
+    put yesterday's spend on today's team."""
+    gateway = await teams_gateway({})
+    for secret in (MEMBERS[0], LONER, "vk_unknown_0000000000"):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(secret))
+        await response.read()
+    await gateway.close()
+
+    member, loner, stranger = read_log(log_path)
+    assert (member["key"], member["team"]) == ("member-0", "research")
+    assert (loner["key"], loner["team"]) == ("loner", None)
+    assert (stranger["status"], stranger["team"]) == (401, None)
+    for line in (member, loner, stranger):
+        assert not schema_errors(line)

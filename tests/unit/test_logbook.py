@@ -73,7 +73,7 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
 
     [line] = lines_of(path)
     assert list(line) == [
-        "timestamp", "request_id", "key", "provider", "method", "path", "model",
+        "timestamp", "request_id", "key", "team", "provider", "method", "path", "model",
         "stream", "status", "duration_ms", "ttft_ms", "usage", "cost_usd", "cache",
     ]  # fmt: skip
     assert RFC3339_MILLIS.match(line["timestamp"])
