@@ -202,7 +202,10 @@ class Usage:
                 line[name] = value
         line["estimated"] = self.estimated
         if max(line.values()) > MAX_LOGGED_COUNT:  # a provider's count that wrapped around
-            return {name: min(value, MAX_LOGGED_COUNT) for name, value in line.items()}
+            return {  # each of its own type: seconds stay a float
+                name: value if value <= MAX_LOGGED_COUNT else type(value)(MAX_LOGGED_COUNT)
+                for name, value in line.items()
+            }
         return line
 
 
