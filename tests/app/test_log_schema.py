@@ -20,7 +20,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.app import METRICS
+from tests.app.test_background import PRICES, background_keys, client, create
 from tests.app.test_realtime import connect, next_data, no_session_left
+from tests.app.test_responses_websocket import open_session, turn
 from tests.app.test_teams import LONER, MEMBERS, teams_gateway  # noqa: F401 (a fixture)
 from tests.conftest import ANTHROPIC_VK, LIMITED_VK, OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
@@ -284,3 +287,55 @@ async def test_each_line_names_the_team_its_key_was_in_when_it_ran(
     assert (stranger["status"], stranger["team"]) == (401, None)
     for line in (member, loner, stranger):
         assert not schema_errors(line)
+
+
+async def test_deferred_charges_turns_and_refusals_of_other_kinds_keep_the_schema_too(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], log_path: Path
+) -> None:
+    """A background response made and claimed, a Responses WebSocket session with a turn, a
+    budget's 429, a concurrency 429 and a lockout's 429: one line each, of the same schema."""
+    keys = {
+        **background_keys(),
+        "vk_test_broke_5a6b7c8d9e": {
+            "provider": "openai",
+            "api_key": "sk-real-broke-1029384756",
+            "name": "broke",
+            "budget": {"usd": 0.000001, "window_seconds": 3600},
+        },
+        "vk_test_single_1f2e3d4c5b": {
+            "provider": "openai",
+            "api_key": "sk-real-single-5647382910",
+            "name": "single",
+            "max_in_flight": 1,
+        },
+    }
+    gateway = await gateway_with_keys(keys, prices=PRICES, AUTH_FAILURE_LIMIT="1")
+    statuses: list[int] = []
+
+    async def send(key: str, **headers: str) -> None:
+        async with gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**auth(key), **headers}
+        ) as response:
+            await response.read()
+            statuses.append(response.status)
+
+    response_id = await create(gateway)
+    await client(gateway).responses.retrieve(response_id)  # finished: the claim
+    session = await open_session(gateway, OPENAI_VK)
+    assert [event["type"] for event in await turn(session)][-1] == "response.completed"
+    await session.close()
+    await send("vk_test_broke_5a6b7c8d9e")  # spends its budget
+    await send("vk_test_broke_5a6b7c8d9e")  # 429: the budget is spent
+    holding = asyncio.ensure_future(send("vk_test_single_1f2e3d4c5b", **{"x-fake-think-ms": "60000"}))  # fmt: skip
+    await until(lambda: gateway.app[METRICS].requests_in_flight >= 1, what="one in flight")
+    await send("vk_test_single_1f2e3d4c5b")  # 429: its one slot is taken
+    holding.cancel()  # 499
+    await send("vk_test_anthropic_0000000000")  # 401
+    await send(ANTHROPIC_VK)  # 429: keys beginning alike (not yet seen here) are locked out
+    await gateway.close()
+
+    lines = read_log(log_path)
+    assert len(lines) == 3 + len(statuses) + 1, [(line["status"], line["path"]) for line in lines]
+    assert sorted(statuses) == [200, 401, 429, 429, 429]
+    for line in lines:
+        assert not schema_errors(line), (schema_errors(line), line)
