@@ -25,6 +25,9 @@ GRACE_OVER_STATUS = 503
 # How a real key is shown wherever the gateway writes one it found: the log line, its bodies,
 # a metric, the admin API's export.
 REDACTED = "[redacted]"
+# The `error` of an answer whose provider sent an error, followed by its type in brackets.
+ANSWER_ERROR = "the provider sent an error in its answer"
+UNTYPED_ERROR = f"{ANSWER_ERROR} (unknown)"  # its body names none (as reading.note_error)
 
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
@@ -326,6 +329,10 @@ class Record:
         assert self.outcome is None, f"the record of {self.request_id} already ended"
         self.status, self.outcome = status, outcome
         self.error = why if why is not None else self.answer_error
+        if self.error is None and status >= 400:
+            # The provider's error answer whose body names no type (a proxy's HTML page, an
+            # empty body, FastAPI's `detail`): an error all the same, as SPEC's `error` says.
+            self.error = UNTYPED_ERROR
 
     def saw_key(self, name: str, provider: str, team: str | None = None) -> None:
         """The key authenticated (its name, never the key), its first provider and its team."""
@@ -391,7 +398,7 @@ class Record:
         self.service_tier, self.speed = service_tier, speed
         self.response_text, self.batch = text, batch
         if error_kind is not None:
-            self.answer_error = f"the provider sent an error in its answer ({error_kind})"
+            self.answer_error = f"{ANSWER_ERROR} ({error_kind})"
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""

@@ -339,3 +339,53 @@ async def test_deferred_charges_turns_and_refusals_of_other_kinds_keep_the_schem
     assert sorted(statuses) == [200, 401, 429, 429, 429]
     for line in lines:
         assert not schema_errors(line), (schema_errors(line), line)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (502, "<html><body>502 Bad Gateway</body></html>", "text/html"),  # a proxy in front
+        (503, "", "text/plain"),
+        (422, '{"detail": [{"msg": "field required"}]}', "application/json"),  # vLLM, FastAPI
+    ],
+    ids=["html", "empty", "fastapi"],
+)
+async def test_an_error_the_provider_answers_without_a_typed_body_still_has_its_error(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    log_path: Path,
+    status: int,
+    body: str,
+    content_type: str,
+) -> None:
+    """SPEC: `error` when there is one. A provider's error answer was logged with an `error`
+    only when its body was an error object: `{"error": {"message": ...}}` gave `(unknown)`,
+    while an HTML page, an empty body or FastAPI's `detail` gave none, so an alert counting
+    lines with an error missed them."""
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(provider)
+    keys = {
+        "providers": {"vllm": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {
+            "vk_test_untyped_5e4d3c2b1a": {"provider": "vllm", "api_key": "none-needed-00"}
+        },
+    }
+    (tmp_path / "untyped.json").write_text(json.dumps(keys))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "untyped.json"))
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers=auth("vk_test_untyped_5e4d3c2b1a")
+    )
+    assert response.status == status
+    assert await response.text() == body  # passed through unchanged
+    await gateway.close()
+
+    [line] = read_log(log_path)
+    assert line["status"] == status
+    assert line["error"] == "the provider sent an error in its answer (unknown)"
+    assert not schema_errors(line)
