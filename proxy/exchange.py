@@ -339,7 +339,8 @@ class Exchange:
         lockout = entrance.lockout
         address = lockout.client_address(request)
         self.key = key = lockout.authenticate(entrance.key_ring, credentials, address)
-        self.record.saw_key(key.name, key.provider.name)
+        team = key.team
+        self.record.saw_key(key.name, key.provider.name, team.name if team is not None else None)
         if key.cache is not None:  # until a lookup says more: the cache neither read nor written
             self.record.saw_cache(Cached.BYPASS)
         return key

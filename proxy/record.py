@@ -25,6 +25,9 @@ GRACE_OVER_STATUS = 503
 # How a real key is shown wherever the gateway writes one it found: the log line, its bodies,
 # a metric, the admin API's export.
 REDACTED = "[redacted]"
+# The `error` of an answer whose provider sent an error, followed by its type in brackets.
+ANSWER_ERROR = "the provider sent an error in its answer"
+UNTYPED_ERROR = f"{ANSWER_ERROR} (unknown)"  # its body names none (as reading.note_error)
 
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
@@ -125,6 +128,10 @@ class Attempt:
         }
 
 
+# The largest count a log line writes: the largest integer every JSON reader keeps exact (and
+# the tracker's clamp). A provider's count past it (-1 wrapped as an unsigned 64-bit integer)
+# would not fit INT64 columns, nor, summed into total_tokens, the JSON encoder: the line lost.
+MAX_LOGGED_COUNT = 2**53
 # The counts of a Usage a log line shows only when there are some, in the line's order.
 _SHOWN_WHEN_SOME = (
     "input_image_tokens",
@@ -197,6 +204,11 @@ class Usage:
             if value:
                 line[name] = value
         line["estimated"] = self.estimated
+        if max(line.values()) > MAX_LOGGED_COUNT:  # a provider's count that wrapped around
+            return {  # each of its own type: seconds stay a float
+                name: value if value <= MAX_LOGGED_COUNT else type(value)(MAX_LOGGED_COUNT)
+                for name, value in line.items()
+            }
         return line
 
 
@@ -251,6 +263,7 @@ class Record:
     timestamp: float = field(default_factory=time.time)  # wall clock, for the log line
     started: float = field(default_factory=time.perf_counter)  # monotonic, for durations
     key: str | None = None  # the key's name, never the key itself
+    team: str | None = None  # the key's team when it ran (keys.json's `team`); None: none
     provider: str | None = None
     model: str | None = None
     is_stream: bool = False
@@ -316,10 +329,14 @@ class Record:
         assert self.outcome is None, f"the record of {self.request_id} already ended"
         self.status, self.outcome = status, outcome
         self.error = why if why is not None else self.answer_error
+        if self.error is None and status >= 400:
+            # The provider's error answer whose body names no type (a proxy's HTML page, an
+            # empty body, FastAPI's `detail`): an error all the same, as SPEC's `error` says.
+            self.error = UNTYPED_ERROR
 
-    def saw_key(self, name: str, provider: str) -> None:
-        """The key authenticated (its name, never the key) and its first provider."""
-        self.key, self.provider = name, provider
+    def saw_key(self, name: str, provider: str, team: str | None = None) -> None:
+        """The key authenticated (its name, never the key), its first provider and its team."""
+        self.key, self.provider, self.team = name, provider, team
 
     def saw_model(
         self, model: str | None, is_stream: bool = False, is_background: bool = False
@@ -381,7 +398,7 @@ class Record:
         self.service_tier, self.speed = service_tier, speed
         self.response_text, self.batch = text, batch
         if error_kind is not None:
-            self.answer_error = f"the provider sent an error in its answer ({error_kind})"
+            self.answer_error = f"{ANSWER_ERROR} ({error_kind})"
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""

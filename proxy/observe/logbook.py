@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -167,6 +168,7 @@ class Logbook:
             "timestamp": record.timestamp,
             "request_id": record.request_id,
             "key": record.key,
+            "team": record.team,
             "provider": record.provider,
             "method": record.method,
             "path": record.path,
@@ -342,8 +344,8 @@ class Logbook:
             fields["ttft_ms"] = round(fields["ttft_ms"], 1)
         if fields["usage"] is not None:
             fields["usage"] = fields["usage"].as_dict()
-        if fields["cost_usd"] is not None:  # 0.00000195, not 1.95e-06
-            fields["cost_usd"] = orjson.Fragment(dollars(fields["cost_usd"]).encode())
+        if fields["cost_usd"] is not None:
+            fields["cost_usd"] = orjson.Fragment(_json_dollars(fields["cost_usd"]))
         if self._log_bodies:
             redact = self._redactor(fields.pop("hidden"))
             fields["request"] = _decoded(fields["request"], redact)
@@ -400,6 +402,18 @@ class Logbook:
 class _Batch(NamedTuple):
     snapshots: list[dict[str, Any]]
     size: int  # their body bytes, as counted on the loop
+
+
+def _json_dollars(usd: float) -> bytes:
+    """`cost_usd` as a JSON number that always reads as a float: 0.00000195, not 1.95e-06,
+    and 0.0 or 1.0, not 0 or 1, so a loader that infers the column's type from its first
+    lines (BigQuery, DuckDB) never makes it an integer the next line's price cannot load into.
+    A cost past what a float holds (a huge rate times a huge count: inf) is null, as an
+    unpriced request's: `inf` is no JSON, and the line would stop a reader at it."""
+    if not math.isfinite(usd):
+        return b"null"
+    text = dollars(usd)
+    return (text if "." in text else text + ".0").encode()
 
 
 def _body_bytes(record: Record) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import shutil
@@ -72,7 +73,7 @@ async def test_a_line_has_the_spec_fields_and_types(tmp_path: Path) -> None:
 
     [line] = lines_of(path)
     assert list(line) == [
-        "timestamp", "request_id", "key", "provider", "method", "path", "model",
+        "timestamp", "request_id", "key", "team", "provider", "method", "path", "model",
         "stream", "status", "duration_ms", "ttft_ms", "usage", "cost_usd", "cache",
     ]  # fmt: skip
     assert RFC3339_MILLIS.match(line["timestamp"])
@@ -414,3 +415,20 @@ async def test_bodies_over_the_queues_bound_leave_the_line_without_them_not_lost
     assert [(line["request"], line["response"]) for line in lines[2:]] == [(None, None)] * 2
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 1 and "without their bodies" in said[0], said
+
+
+@pytest.mark.parametrize("cost", [math.inf, math.nan])
+async def test_a_cost_past_what_a_float_holds_is_written_null_never_invalid_json(
+    tmp_path: Path, cost: float
+) -> None:
+    """A price of 1e308 per million tokens (PRICES_FILE takes any finite rate) times a large
+    count is inf: written as it was (`"cost_usd":inf`), the line was no JSON, and a reader
+    such as jq stopped at it. Not a price anyone can pay: null, as an unpriced request."""
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=False, on_write_error=Calls())
+    logbook.open()
+    logbook.write(finished_record(cost_usd=cost))
+    await logbook.close()
+
+    [line] = lines_of(path)
+    assert line["cost_usd"] is None

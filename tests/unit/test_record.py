@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from proxy.record import own_request_id
+from proxy.record import Usage, own_request_id
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 
@@ -35,3 +35,14 @@ def test_a_forked_worker_draws_other_request_ids_than_its_parent() -> None:
     theirs = {drawn[i : i + 32] for i in range(0, len(drawn), 32)}
     ours = {own_request_id(None) for _ in range(3)}
     assert len(theirs) == 3 and not theirs & ours
+
+
+def test_a_logged_usage_keeps_each_count_within_2_53_and_its_own_type() -> None:
+    """Past 2**53 no JSON reader keeps an integer exact, nor INT64 columns one past 2**63:
+    each count is clamped there, the seconds (a float) to a float."""
+    usage = Usage(5, 2**64 - 1, input_audio_seconds=1e300).as_dict()
+    assert usage["prompt_tokens"] == 5
+    assert usage["completion_tokens"] == usage["total_tokens"] == 2**53
+    assert type(usage["input_audio_seconds"]) is float
+    assert usage["input_audio_seconds"] == 2.0**53
+    assert usage["estimated"] is False
