@@ -61,6 +61,7 @@ from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
+from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
@@ -102,11 +103,13 @@ class Realtime:
         # breaker-state metric see a provider that fails sessions.
         self._breakers = breakers
         self._http: aiohttp.ClientSession | None = None  # set while the app runs (use)
+        self._egress: Egress | None = None
         self.sessions: set[Session] = set()
 
-    def use(self, session: aiohttp.ClientSession | None) -> None:
-        """Connect upstream through `session` (the app's one, while it runs)."""
-        self._http = session
+    def use(self, session: aiohttp.ClientSession | None, egress: Egress | None = None) -> None:
+        """Connect upstream through `session` (the app's one, while it runs), and through
+        the outbound proxy `egress` names for the provider's origin, as the wire does."""
+        self._http, self._egress = session, egress
 
     def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
         """A credential header, else the browser's key subprotocol."""
@@ -159,6 +162,7 @@ class Realtime:
         headers = handshake_headers(target, request.headers, record.request_id)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
+        hop = self._egress.hop(origin_of(url)) if self._egress is not None else None
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -170,6 +174,8 @@ class Realtime:
                     decode_text=False,
                     max_msg_size=smallest_refused(self._settings),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_SECONDS),
+                    proxy=None if hop is None else hop.url,
+                    proxy_headers=None if hop is None else hop.headers,
                 )
         except aiohttp.WSServerHandshakeError as error:
             record.mark_first_byte()  # the provider answered, with a refusal
