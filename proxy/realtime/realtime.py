@@ -162,7 +162,14 @@ class Realtime:
         headers = handshake_headers(target, request.headers, record.request_id)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
-        hop = self._egress.hop(origin_of(url)) if self._egress is not None else None
+        origin = origin_of(url)  # wss and https alike: a CONNECT tunnel
+        hop = self._egress.hop(origin) if self._egress is not None else None
+        proxy_headers = None
+        if hop is not None and hop.authorization is not None:
+            if origin[0] == "https":  # told to the proxy in CONNECT, never to the provider
+                proxy_headers = {"Proxy-Authorization": hop.authorization}
+            else:  # ws: the handshake itself goes to the proxy (absolute form), which drops it
+                headers["Proxy-Authorization"] = hop.authorization
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -175,9 +182,18 @@ class Realtime:
                     max_msg_size=smallest_refused(self._settings),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_SECONDS),
                     proxy=None if hop is None else hop.url,
-                    proxy_headers=None if hop is None else hop.headers,
+                    proxy_headers=proxy_headers,
                 )
         except aiohttp.WSServerHandshakeError as error:
+            if error.status == 407 and hop is not None:  # the proxy's refusal, not the provider's
+                why = f"through the outbound proxy {hop.where}: it refused (407 Proxy Authentication Required)"
+                self._failed(target, f"{where(target)}: {why}")
+                raise GatewayError(
+                    502,
+                    "upstream_unreachable",
+                    f"The provider could not be reached ({why}).",
+                    outcome=Outcome.UNREACHABLE,
+                ) from None
             record.mark_first_byte()  # the provider answered, with a refusal
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")

@@ -54,11 +54,6 @@ class Hop:
         """The proxy's URL without its credentials (aiohttp's `proxy=`)."""
         return URL.build(scheme="http", host=self.host, port=self.port)
 
-    @property
-    def headers(self) -> dict[str, str]:
-        """What the proxy is told (aiohttp's `proxy_headers=`): its credentials, if any."""
-        return {} if self.authorization is None else {"Proxy-Authorization": self.authorization}
-
     def __repr__(self) -> str:
         return f"Hop({self.where})"
 

@@ -327,3 +327,62 @@ def test_an_https_proxy_url_is_refused_at_start() -> None:
     with pytest.raises(SettingError, match="HTTPS_PROXY: .*plain HTTP only") as refused:
         Settings.from_env({"HTTPS_PROXY": "https://user:hunter2@proxy.corp:3128"})
     assert "hunter2" not in str(refused.value)
+
+
+async def test_a_realtime_session_goes_through_the_proxy_too(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], guarded: ConnectProxy, fake_base: str
+) -> None:
+    gateway = await gateway_with_keys({}, HTTP_PROXY=guarded.url(USERINFO))
+    ws = await gateway.ws_connect(
+        "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    try:
+        created = await asyncio.wait_for(ws.receive_json(), 5)
+        await ws.send_str("through the proxy")
+        echoed = await asyncio.wait_for(ws.receive_str(), 5)
+    finally:
+        await ws.close()
+    assert created["type"] == "session.created" and echoed == "through the proxy"
+    assert guarded.forwarded == [f"{fake_base}/v1/realtime?model=gpt-realtime"]
+
+
+async def test_a_realtime_session_no_proxy_names_goes_directly(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], proxy: ConnectProxy
+) -> None:
+    gateway = await gateway_with_keys({}, HTTP_PROXY=proxy.url(), NO_PROXY="127.0.0.1")
+    ws = await gateway.ws_connect(
+        "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+    )
+    try:
+        created = await asyncio.wait_for(ws.receive_json(), 5)
+    finally:
+        await ws.close()
+    assert created["type"] == "session.created" and proxy.connections == 0
+
+
+async def test_a_realtime_session_refused_by_the_proxy_is_a_502_not_its_407(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], guarded: ConnectProxy
+) -> None:
+    gateway = await gateway_with_keys({}, HTTP_PROXY=guarded.url("egress:wrong-pass-42@"))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws_connect(
+            "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+        )
+    assert refused.value.status == 502  # a 407 would ask the client for its own proxy's login
+
+
+async def test_a_wss_session_asks_the_proxy_for_a_tunnel_with_its_credentials(
+    gateway_via: Callable[..., Awaitable[TestClient]], guarded: ConnectProxy
+) -> None:
+    """aiohttp's TLS context is made at its import, before the test trusts its certificate:
+    the session fails after the tunnel, which is what this looks at."""
+    for userinfo, tunnels in ((USERINFO, 1), ("egress:wrong-pass-42@", 1)):  # (no new one)
+        gateway = await gateway_via(HTTPS_PROXY=guarded.url(userinfo))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as failed:
+            await gateway.ws_connect(
+                "/v1/realtime?model=gpt-realtime", headers=auth(OPENAI_VK), protocols=["realtime"]
+            )
+        assert failed.value.status == 502
+        assert len(guarded.connects) == tunnels
+        await gateway.close()
+    assert guarded.authorizations[0] == guarded._expected()

@@ -2,7 +2,8 @@
 
 It tunnels `CONNECT host:port` (200, then bytes both ways, untouched) and forwards requests
 in absolute form (`GET http://host:port/path HTTP/1.1`) to their origin, answer by answer
-on kept-alive connections, a chunked body chunk by chunk. With `credentials` ("user:pass")
+on kept-alive connections, a chunked body chunk by chunk, an upgrade (101: a WebSocket) as
+bytes both ways from then on. With `credentials` ("user:pass")
 it asks for them: a request without the matching `Proxy-Authorization: Basic` gets 407.
 What it saw is kept: each CONNECT's target, each forwarded URL, each Proxy-Authorization
 (None when absent), and how many client connections it took.
@@ -89,8 +90,8 @@ class ConnectProxy:
                     return
                 self.forwarded.append(target)
                 await self._forward(method, target, lines, headers, reader, writer, upstreams)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # (cancelled: the proxy closes; the task ends quietly)
         finally:
             for _, upstream in upstreams.values():
                 upstream.close()
@@ -150,6 +151,9 @@ class ConnectProxy:
         )
         if method == "HEAD":
             return
+        if answer_lines[0].split(" ")[1] == "101":  # an upgrade (WebSocket): bytes both ways
+            await asyncio.gather(_pipe(reader, origin_writer), _pipe(origin_reader, writer))
+            raise ConnectionError("the upgraded connection ended")
         if answer_headers.get("transfer-encoding") == "chunked":
             while True:  # chunk by chunk, each passed on as it comes
                 size_line = await origin_reader.readuntil(b"\r\n")
