@@ -64,3 +64,14 @@ def test_a_hop_shows_its_host_and_port_and_keeps_its_credentials_to_itself() -> 
 def test_a_websocket_origin_is_its_http_one() -> None:
     assert origin_of(URL("wss://api.openai.com/v1/realtime")) == ("https", "api.openai.com", 443)
     assert origin_of(URL("ws://127.0.0.1:81/x")) == ("http", "127.0.0.1", 81)
+
+
+def test_the_start_line_names_the_proxy_by_host_and_port_only() -> None:
+    from proxy.runtime.start_line import start_line
+    from proxy.settings import Settings
+
+    environ = {"HTTPS_PROXY": "http://u:hunter2@proxy.corp:3128", "NO_PROXY": "10.0.0.0/8"}
+    line = start_line(Settings.from_env(environ), [])  # type: ignore[arg-type]
+    assert line.endswith("1 worker, outbound proxy: https via proxy.corp:3128, 1 NO_PROXY entry")
+    assert "hunter2" not in line and "u:" not in line
+    assert "proxy" not in start_line(Settings(), [])  # type: ignore[arg-type]
