@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import aiohttp.web
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
+from yarl import URL
 
 from proxy.app import build_app
 from proxy.settings import Settings
@@ -386,3 +388,36 @@ async def test_a_wss_session_asks_the_proxy_for_a_tunnel_with_its_credentials(
         assert len(guarded.connects) == tunnels
         await gateway.close()
     assert guarded.authorizations[0] == guarded._expected()
+
+
+def test_a_tunnel_under_uvloop_as_the_gateway_runs_it(certificate: ssl.SSLContext) -> None:
+    """uvloop's start_tls and transports, as in production: two requests on one tunnel, and
+    a refusal."""
+    import uvloop
+
+    async def scenario() -> tuple[list[bytes], ConnectProxy, str]:
+        runner = aiohttp.web.AppRunner(app())
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0, ssl_context=certificate)
+        await site.start()
+        url = URL(f"https://127.0.0.1:{runner.addresses[0][1]}/echo")
+        async with ConnectProxy(credentials="egress:pw") as proxy:
+            wire = Wire(connect_timeout=2.0, egress=Egress.of({"https": proxy.url("egress:pw@")}))
+            wrong = Wire(connect_timeout=2.0, egress=Egress.of({"https": proxy.url("egress:x@")}))
+            try:
+                bodies = []
+                for _ in range(2):
+                    reply = await wire.request("POST", url, {}, b"hi")
+                    bodies.append(await reply.read())
+                with pytest.raises(aiohttp.ClientProxyConnectionError) as refused:
+                    await wrong.request("GET", url, {}, None)
+                return bodies, proxy, refused.value.os_error.strerror
+            finally:
+                await wire.close()
+                await wrong.close()
+                await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        bodies, proxy, refusal = runner.run(scenario())
+    assert all(b'"body": "hi"' in body for body in bodies), bodies
+    assert len(proxy.connects) == 1 and "407" in refusal
