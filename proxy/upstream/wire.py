@@ -24,8 +24,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
   HTTP_PROXY, NO_PROXY as curl reads them): an https origin over a CONNECT tunnel, the TLS
   to the origin inside it, kept alive as any connection; an http origin by the request's
-  absolute URL sent to the proxy. Without a proxy nothing of this runs but one check when
-  connecting and one per request;
+  absolute URL sent to the proxy (its 407 is the proxy's: a connect failure, never the
+  client's answer). Without a proxy nothing of this runs but one check when connecting and
+  one per request;
 - the wait for an answer's head bounded (`timeout`, connecting included) without a timer
   per request: the requests waiting for a head share one alarm, set for the earliest
   deadline among them (under steady traffic it goes off about once a `timeout`);
@@ -412,7 +413,7 @@ class Wire:
             host = f"[{host}]"
         if port is not None and port != default_port:
             host = f"{host}:{port}"
-        target, extra = url.raw_path_qs or "/", ""
+        target, extra, hop = url.raw_path_qs or "/", "", None
         if self._egress is not None and scheme == "http":
             hop = self._egress.hop(origin)
             if hop is not None:  # to the proxy: the absolute URL, and its credentials
@@ -452,6 +453,9 @@ class Wire:
                 connection, reused = None, False
                 continue
             heads.pop(connection, None)
+            if hop is not None and reply.status == 407:  # the proxy's, for its credentials
+                reply.close()
+                raise _proxy_error(hop, f"it refused the request ({_status(407)})")
             return reply
 
     def _set_alarm(self, when: float) -> None:

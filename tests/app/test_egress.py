@@ -421,3 +421,22 @@ def test_a_tunnel_under_uvloop_as_the_gateway_runs_it(certificate: ssl.SSLContex
         bodies, proxy, refusal = runner.run(scenario())
     assert all(b'"body": "hi"' in body for body in bodies), bodies
     assert len(proxy.connects) == 1 and "407" in refusal
+
+
+async def test_an_http_proxy_asking_for_credentials_is_a_502_not_its_407(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], guarded: ConnectProxy
+) -> None:
+    """Forwarded in absolute form, the proxy's 407 comes as an answer: it is the proxy's, not
+    the provider's, and would ask the client for a login to its own proxy."""
+    gateway = await gateway_with_keys({}, HTTP_PROXY=guarded.url("egress:wrong-pass-42@"))
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        headers=auth(OPENAI_VK),
+    )
+    text = await response.text()
+    assert response.status == 502, text
+    assert "Proxy-Authenticate" not in response.headers
+    body = json.loads(text)
+    assert body["error"]["code"] == "upstream_unreachable"
+    assert "407" in body["error"]["message"] and "wrong-pass-42" not in text
