@@ -440,3 +440,48 @@ async def test_an_http_proxy_asking_for_credentials_is_a_502_not_its_407(
     body = json.loads(text)
     assert body["error"]["code"] == "upstream_unreachable"
     assert "407" in body["error"]["message"] and "wrong-pass-42" not in text
+
+
+async def test_a_proxy_that_never_answers_connect_times_out_at_the_connect_timeout(
+    aiohttp_server: Serve, certificate: ssl.SSLContext
+) -> None:
+    accepted = asyncio.Event()
+
+    def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()  # takes the connection, reads CONNECT, answers nothing
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    server = await aiohttp_server(app(), ssl=certificate)
+    proxy_url = f"http://127.0.0.1:{mute.sockets[0].getsockname()[1]}"
+    wire = Wire(connect_timeout=0.2, egress=Egress.of({"https": proxy_url}))
+    try:
+        async with mute:
+            with pytest.raises(aiohttp.ConnectionTimeoutError, match="through the outbound"):
+                await asyncio.wait_for(wire.request("GET", server.make_url("/echo"), {}, None), 5)
+    finally:
+        await wire.close()
+    assert accepted.is_set()
+
+
+async def test_the_origins_certificate_is_verified_inside_the_tunnel(
+    aiohttp_server: Serve, tmp_path: Path, proxy: ConnectProxy
+) -> None:
+    """An origin whose certificate nobody trusts is refused through the tunnel as directly."""
+    cert, key = tmp_path / "untrusted.pem", tmp_path / "untrusted-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = await aiohttp_server(app(), ssl=context)
+    wire = Wire(connect_timeout=2.0, egress=Egress.of({"https": proxy.url()}))
+    try:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await wire.request("GET", server.make_url("/echo"), {}, None)
+    finally:
+        await wire.close()
+    assert proxy.connects == [f"127.0.0.1:{server.port}"]
