@@ -49,6 +49,7 @@ from proxy.relay.expect import expect_handler
 from proxy.relay.relay import Relay
 from proxy.settings import Settings
 from proxy.upstream.breaker import BreakerPolicy, Breakers
+from proxy.upstream.egress import Egress
 from proxy.upstream.failover import Failover, RetryPolicy
 from proxy.upstream.probes import Probes
 from proxy.upstream.targets import members_report
@@ -450,7 +451,10 @@ def with_request_id(handler: Handler) -> Handler:
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     """The wire for HTTP requests and probes, and aiohttp's client for WebSocket sessions."""
     settings = app[SETTINGS]
-    wire = Wire(connect_timeout=settings.request_timeout)
+    # HTTPS_PROXY, HTTP_PROXY, NO_PROXY (read once, with the settings): the same proxies for
+    # the wire and WebSocket sessions. None when no proxy is set: nothing is checked.
+    egress = Egress.of(settings.proxies)
+    wire = Wire(connect_timeout=settings.request_timeout, egress=egress)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
         auto_decompress=False,  # frames pass as received
@@ -459,7 +463,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout),
     )
     app[FAILOVER].use(wire)
-    app[REALTIME].use(session)
+    app[REALTIME].use(session, egress)
     # Probes of open breakers (PROBE_INTERVAL_SECONDS > 0) go out on the same wire, and stop
     # (a probe in flight cancelled) before it closes.
     async with app[PROBES].running(wire):

@@ -454,6 +454,10 @@ class Settings:
     # The OpenTelemetry SDK's own variables (OTEL_*, the non-empty ones) as given: they turn
     # traces on and configure them (proxy/tracing.py). Not rows of SETTINGS: the SDK names them.
     otel: Mapping[str, str] = field(default_factory=dict, repr=False)  # headers may hold a token
+    # The outbound proxy variables as curl and requests read them (`outbound_proxies`):
+    # "http", "https", "all" (a proxy URL each) and "no" (NO_PROXY). Not rows of SETTINGS: their
+    # names are everyone's. Out of the repr: a proxy URL may hold a user and password.
+    proxies: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
@@ -482,6 +486,7 @@ class Settings:
             for name, value in environ.items()
             if name.startswith("OTEL_") and value.strip()
         }
+        values["proxies"] = outbound_proxies(environ)
         settings = cls(**values)
         settings.check()
         return settings
@@ -511,6 +516,9 @@ class Settings:
             )
         if self.is_tracing_on:
             check_otel(self.otel)
+        for scheme in PROXIED_SCHEMES:
+            if scheme in self.proxies:
+                check_proxy_url(scheme, self.proxies[scheme])
 
     @property
     def is_tracing_on(self) -> bool:
@@ -564,6 +572,52 @@ _OTEL_NUMBERS = (
     "OTEL_BSP_MAX_QUEUE_SIZE",
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
 )
+
+
+# The schemes whose proxy variable is read (HTTP_PROXY, HTTPS_PROXY, and ALL_PROXY for both).
+PROXIED_SCHEMES = ("http", "https", "all")
+
+
+def outbound_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables as `urllib.request.getproxies_environment` reads them (and curl,
+    requests, httpx): `<scheme>_proxy` in either case, the lowercase name winning; an empty
+    one is unset. Only http, https, all and no are kept; HTTP_PROXY is ignored when
+    REQUEST_METHOD is set (a CGI request's header could set it: httpoxy)."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        lowered = name.lower()
+        if lowered != name and lowered.endswith("_proxy") and value.strip():
+            found[lowered[:-6]] = value.strip()
+    if "REQUEST_METHOD" in environ:
+        found.pop("http", None)
+    for name, value in environ.items():
+        if name.islower() and name.endswith("_proxy"):
+            if value.strip():
+                found[name[:-6]] = value.strip()
+            else:
+                found.pop(name[:-6], None)
+    return {scheme: found[scheme] for scheme in (*PROXIED_SCHEMES, "no") if scheme in found}
+
+
+def check_proxy_url(scheme: str, url: str) -> None:
+    """A proxy the wire can use: http://[user:password@]host[:port] (no scheme: http, as
+    curl reads it). The message names the variable and the host, never a password.
+
+    Raises SettingError.
+    """
+    variable = f"{scheme.upper()}_PROXY"
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        host, _port = parts.hostname, parts.port
+    except ValueError:
+        raise SettingError(f"{variable}: the port is not a number from 0 to 65535") from None
+    if parts.scheme.lower() != "http":
+        raise SettingError(
+            f"{variable}: the gateway speaks to an outbound proxy in plain HTTP only "
+            f"(http://host:port, then CONNECT for https), got a {parts.scheme}:// URL"
+        )
+    if not host:
+        raise SettingError(f"{variable}: must be a proxy URL such as http://proxy.corp:3128")
 
 
 def check_otel(otel: Mapping[str, str]) -> None:

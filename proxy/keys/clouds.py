@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from proxy.keys.fields import KeysFileError, has_control
+from proxy.settings import outbound_proxies
 from proxy.upstream.providers import Provider
 from proxy.upstream.signing import GoogleToken, SigV4
 from proxy.upstream.targets import Credential
@@ -50,7 +51,7 @@ def cloud_target(
         return name, regional, Credential(secret, f"{name}#1", signer=signer), None
     info = _service_account(where, entry, environ)
     try:
-        google = GoogleToken(info)
+        google = GoogleToken(info, outbound_proxies(environ))
     except (ValueError, KeyError) as error:
         raise KeysFileError(
             f"{where}the service account is not a key file's JSON ({error})"

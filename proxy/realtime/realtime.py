@@ -61,6 +61,7 @@ from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
+from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
@@ -102,11 +103,13 @@ class Realtime:
         # breaker-state metric see a provider that fails sessions.
         self._breakers = breakers
         self._http: aiohttp.ClientSession | None = None  # set while the app runs (use)
+        self._egress: Egress | None = None
         self.sessions: set[Session] = set()
 
-    def use(self, session: aiohttp.ClientSession | None) -> None:
-        """Connect upstream through `session` (the app's one, while it runs)."""
-        self._http = session
+    def use(self, session: aiohttp.ClientSession | None, egress: Egress | None = None) -> None:
+        """Connect upstream through `session` (the app's one, while it runs), and through
+        the outbound proxy `egress` names for the provider's origin, as the wire does."""
+        self._http, self._egress = session, egress
 
     def credentials(self, headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
         """A credential header, else the browser's key subprotocol."""
@@ -159,6 +162,14 @@ class Realtime:
         headers = handshake_headers(target, request.headers, record.request_id)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
+        origin = origin_of(url)  # wss and https alike: a CONNECT tunnel
+        hop = self._egress.hop(origin) if self._egress is not None else None
+        proxy_headers = None
+        if hop is not None and hop.authorization is not None:
+            if origin[0] == "https":  # told to the proxy in CONNECT, never to the provider
+                proxy_headers = {"Proxy-Authorization": hop.authorization}
+            else:  # ws: the handshake itself goes to the proxy (absolute form), which drops it
+                headers["Proxy-Authorization"] = hop.authorization
         try:
             async with asyncio.timeout(timeout):
                 upstream = await http.ws_connect(
@@ -170,8 +181,19 @@ class Realtime:
                     decode_text=False,
                     max_msg_size=smallest_refused(self._settings),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_ANSWER_SECONDS),
+                    proxy=None if hop is None else hop.url,
+                    proxy_headers=proxy_headers,
                 )
         except aiohttp.WSServerHandshakeError as error:
+            if error.status == 407 and hop is not None:  # the proxy's refusal, not the provider's
+                why = f"through the outbound proxy {hop.where}: it refused (407 Proxy Authentication Required)"
+                self._failed(target, f"{where(target)}: {why}")
+                raise GatewayError(
+                    502,
+                    "upstream_unreachable",
+                    f"The provider could not be reached ({why}).",
+                    outcome=Outcome.UNREACHABLE,
+                ) from None
             record.mark_first_byte()  # the provider answered, with a refusal
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")

@@ -4,13 +4,16 @@ llm-gateway starting: 4 keys from keys.json; quotas in memory, a request naming 
 max_tokens reserves 4096 output tokens (OUTPUT_ALLOWANCE_TOKENS); admin off (set
 ADMIN_TOKEN), file watch off, CORS off, traces off, Redis off, 1 worker
 
-(the allowance is said only when a key has a token limit or a budget to reserve against)
+(the allowance is said only when a key has a token limit or a budget to reserve against; an
+outbound proxy, "outbound proxy: https via proxy.corp:3128, 2 NO_PROXY entries", only when
+HTTPS_PROXY, HTTP_PROXY or ALL_PROXY is set: its host and port, never its credentials)
 """
 
 from __future__ import annotations
 
 from proxy.keys.keys import KeyRing
 from proxy.settings import Settings, masked_redis_url
+from proxy.upstream.egress import Egress
 
 
 def start_line(settings: Settings, key_ring: KeyRing) -> str:
@@ -39,4 +42,7 @@ def start_line(settings: Settings, key_ring: KeyRing) -> str:
         f"Redis {'on' if settings.redis_url else 'off'}",
         f"{settings.worker_count} worker{'' if settings.worker_count == 1 else 's'}",
     ]
+    egress = Egress.of(settings.proxies)
+    if egress is not None:  # its host and port, never its credentials
+        switches.append(f"outbound proxy: {egress.describe()}")
     return f"llm-gateway starting: {keys}; {store}; {', '.join(switches)}"

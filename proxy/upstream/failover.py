@@ -610,6 +610,11 @@ def described(error: aiohttp.ClientError) -> str:
         return "the host name was not found (DNS)"
     if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return "TLS failed (certificate or handshake)"
+    if isinstance(error, aiohttp.ClientProxyConnectionError):  # the wire's, or aiohttp's
+        reason = error.os_error.strerror or type(error.os_error).__name__
+        return f"through the outbound proxy {error.host}:{error.port}: {reason}"
+    if isinstance(error, aiohttp.ClientHttpProxyError):  # aiohttp's CONNECT refused (WebSocket)
+        return f"through the outbound proxy: it refused the tunnel ({error.status})"
     if isinstance(error, aiohttp.ClientConnectorError):
         if error.os_error.errno == errno.ECONNREFUSED:
             return "connection refused"

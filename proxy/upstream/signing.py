@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.upstream.egress import Egress, origin_of
+
 # An OAuth error code (RFC 6749 5.2): `invalid_grant`, `unauthorized_client`, ...
 _OAUTH_CODE = re.compile(r"[a-z_]{1,64}")
 # What a Vertex token may do: the scope Vertex AI asks for.
@@ -95,8 +97,10 @@ class GoogleToken:
 
     __slots__ = ("_credentials", "_lock", "_transport")
 
-    def __init__(self, info: Mapping[str, Any]) -> None:
-        """`info`: the service-account key file's JSON. Raises ValueError when it is not one."""
+    def __init__(self, info: Mapping[str, Any], proxies: Mapping[str, str] | None = None) -> None:
+        """`info`: the service-account key file's JSON. Raises ValueError when it is not one.
+        `proxies`: the outbound proxy variables (settings' `outbound_proxies`): the token
+        endpoint is reached through the one that applies to it, as providers are."""
         import urllib3
         from google.auth.transport.urllib3 import Request as GoogleRequest
         from google.oauth2 import service_account
@@ -106,7 +110,15 @@ class GoogleToken:
             dict(info), scopes=[CLOUD_PLATFORM]
         )
         self._lock = asyncio.Lock()
-        pool = urllib3.PoolManager(timeout=urllib3.Timeout(total=TOKEN_TIMEOUT_SECONDS))
+        timeout = urllib3.Timeout(total=TOKEN_TIMEOUT_SECONDS)
+        egress = Egress.of(proxies or {})
+        hop = egress.hop(origin_of(URL(self.token_uri))) if egress is not None else None
+        pool: urllib3.PoolManager
+        if hop is None:
+            pool = urllib3.PoolManager(timeout=timeout)
+        else:  # urllib3 reads no proxy variable itself; the URL given holds no credentials
+            told = {"Proxy-Authorization": hop.authorization} if hop.authorization else None
+            pool = urllib3.ProxyManager(str(hop.url), timeout=timeout, proxy_headers=told)
         self._transport = GoogleRequest(pool)  # type: ignore[no-untyped-call]
 
     @property

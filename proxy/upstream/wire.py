@@ -21,6 +21,12 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
 - TLS with the system's default context (certificates and host names verified);
+- through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
+  HTTP_PROXY, NO_PROXY as curl reads them): an https origin over a CONNECT tunnel, the TLS
+  to the origin inside it, kept alive as any connection; an http origin by the request's
+  absolute URL sent to the proxy (its 407 is the proxy's: a connect failure, never the
+  client's answer). Without a proxy nothing of this runs but one check when connecting and
+  one per request;
 - the wait for an answer's head bounded (`timeout`, connecting included) without a timer
   per request: the requests waiting for a head share one alarm, set for the earliest
   deadline among them (under steady traffic it goes off about once a `timeout`);
@@ -37,12 +43,13 @@ WebSocket sessions still go through aiohttp's client, which this does not replac
 from __future__ import annotations
 
 import asyncio
+import http
 import math
 import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import cast
+from typing import TypeVar, cast
 
 import aiohttp
 import httptools
@@ -50,13 +57,14 @@ from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.upstream.egress import Egress, Hop, Origin
+
 HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
 # Bytes read before an answer's head is whole (the reads that carry it): a provider's head is
 # a few KiB; one that never ends fails here, not after holding it all until the timeout.
 MAX_HEAD_BYTES = 1 << 20
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
-Origin = tuple[str, str, int]  # scheme, host, port
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
 
@@ -362,10 +370,14 @@ class UnaskedAnswer(Exception):
 class Wire:
     """Kept-alive connections per origin, and the one way to send a request on them."""
 
-    def __init__(self, connect_timeout: float, keepalive_seconds: float = 30.0) -> None:
+    def __init__(
+        self, connect_timeout: float, keepalive_seconds: float = 30.0, egress: Egress | None = None
+    ) -> None:
         """Made in the running loop, which it keeps: asking for it (asyncio.get_running_loop)
-        costs a getpid() system call in CPython 3.11, several times a request."""
+        costs a getpid() system call in CPython 3.11, several times a request. `egress`: the
+        outbound proxies (None: every origin directly)."""
         self.loop = asyncio.get_running_loop()
+        self._egress = egress
         self.connect_timeout = connect_timeout
         self.keepalive_seconds = keepalive_seconds
         self._idle: dict[Origin, deque[Connection]] = {}
@@ -401,7 +413,14 @@ class Wire:
             host = f"[{host}]"
         if port is not None and port != default_port:
             host = f"{host}:{port}"
-        head = _head(method, url.raw_path_qs or "/", host, headers, body)
+        target, extra, hop = url.raw_path_qs or "/", "", None
+        if self._egress is not None and scheme == "http":
+            hop = self._egress.hop(origin)
+            if hop is not None:  # to the proxy: the absolute URL, and its credentials
+                target = f"http://{host}{target}"
+                if hop.authorization is not None:
+                    extra = f"\r\nProxy-Authorization: {hop.authorization}"
+        head = _head(method, target, host, headers, body, extra)
         now = self.loop.time()
         deadline = math.inf if timeout is None else now + timeout
         connection = self._idle_one(origin, now)
@@ -434,6 +453,9 @@ class Wire:
                 connection, reused = None, False
                 continue
             heads.pop(connection, None)
+            if hop is not None and reply.status == 407:  # the proxy's, for its credentials
+                reply.close()
+                raise _proxy_error(hop, f"it refused the request ({_status(407)})")
             return reply
 
     def _set_alarm(self, when: float) -> None:
@@ -471,24 +493,76 @@ class Wire:
         scheme, host, port = origin
         tls = self._tls if scheme == "https" else None
         loop = self.loop
+        hop = self._egress.hop(origin) if self._egress is not None else None
         try:
             async with asyncio.timeout_at(min(loop.time() + self.connect_timeout, deadline)):
-                _, connection = await loop.create_connection(
-                    lambda: Connection(self, origin),
-                    host,
-                    port,
-                    ssl=tls,
-                    server_hostname=host if tls else None,
-                )
+                if hop is None:
+                    _, connection = await loop.create_connection(
+                        lambda: Connection(self, origin),
+                        host,
+                        port,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                elif tls is None:  # http: each request goes to the proxy, absolute-form
+                    connection = await self._to_proxy(hop, lambda: Connection(self, origin))
+                else:
+                    connection = await self._tunnel(hop, origin, tls)
         except TimeoutError as error:
+            through = f" through the outbound proxy {hop.where}" if hop is not None else ""
             raise aiohttp.ConnectionTimeoutError(
-                f"connecting to {host}:{port} timed out"
+                f"connecting to {host}:{port}{through} timed out"
             ) from error
+        except aiohttp.ClientConnectorError:  # the proxy's (an OSError too)
+            raise
         except OSError as error:
             raise _connect_error(origin, error) from error
         sock = connection.transport.get_extra_info("socket") if connection.transport else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection
+
+    async def _to_proxy(self, hop: Hop, protocol: Callable[[], _P]) -> _P:
+        """A TCP connection to the proxy, speaking `protocol`. Raises
+        aiohttp.ClientProxyConnectionError when the proxy cannot be reached."""
+        try:
+            _, connected = await self.loop.create_connection(protocol, hop.host, hop.port)
+        except OSError as error:
+            raise _proxy_error(hop, f"could not connect ({_reason(error)})") from error
+        return connected
+
+    async def _tunnel(self, hop: Hop, origin: Origin, tls: ssl.SSLContext) -> Connection:
+        """A connection to an https origin through the proxy: CONNECT, the proxy's 2xx, then
+        TLS to the origin (verified as a direct one) over the same socket. Raises
+        aiohttp.ClientProxyConnectionError when the proxy refuses (407, 403, 502...)."""
+        _, host, port = origin
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        tunnel = await self._to_proxy(hop, lambda: Tunnel(self.loop))
+        transport = tunnel.transport
+        assert transport is not None
+        try:
+            authorization = (
+                f"Proxy-Authorization: {hop.authorization}\r\n" if hop.authorization else ""
+            )
+            transport.write(
+                f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{authorization}\r\n".encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
+            try:
+                status = await tunnel.answered
+            except TunnelBroken as error:
+                raise _proxy_error(hop, str(error)) from None
+            if not 200 <= status < 300:
+                raise _proxy_error(hop, f"it refused the tunnel ({_status(status)})")
+            connection = Connection(self, origin)
+            secured = await self.loop.start_tls(transport, connection, tls, server_hostname=host)
+        except BaseException:
+            transport.close()
+            raise
+        if secured is None:  # the transport closed while TLS began
+            raise _proxy_error(hop, "it closed the tunnel")
+        connection.connection_made(secured)
         return connection
 
     def keep(self, connection: Connection) -> None:
@@ -520,10 +594,16 @@ class Wire:
 
 
 def _head(
-    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None
+    method: str,
+    target: str,
+    host: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    extra: str = "",
 ) -> bytes:
-    """The request line for `target` (path and query), the headers plus Host and
-    Content-Length of ours, then the body."""
+    """The request line for `target` (path and query, or the absolute URL for a proxy), the
+    headers plus Host, `extra` (a proxy's "\r\nProxy-Authorization: ...") and Content-Length
+    of ours, then the body."""
     if isinstance(headers, _CASELESS) and headers.keys().isdisjoint(_OURS):
         # the relay's (none of ours to drop, asked case-blind): each "name: value" joined in C
         fields = "\r\n".join(map(": ".join, headers.items()))
@@ -533,7 +613,7 @@ def _head(
         )
     before = "\r\n" if fields else ""
     length = f"\r\nContent-Length: {len(body) if body else 0}" if body or method in _BODIED else ""
-    text = f"{method} {target} HTTP/1.1\r\nHost: {host}{before}{fields}{length}\r\n\r\n"
+    text = f"{method} {target} HTTP/1.1\r\nHost: {host}{before}{fields}{extra}{length}\r\n\r\n"
     head = text.encode("utf-8", "surrogateescape")
     return head + body if body else head
 
@@ -560,6 +640,73 @@ def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorErr
     if isinstance(error, ssl.SSLError):
         return aiohttp.ClientConnectorSSLError(key, error)
     return aiohttp.ClientConnectorError(key, error)
+
+
+class TunnelBroken(Exception):
+    """The proxy's answer to CONNECT is not one (`Tunnel`)."""
+
+
+class Tunnel(asyncio.Protocol):
+    """A proxy's answer to CONNECT: its status once its head is whole (`answered`). Nothing
+    after the head is read: TLS takes the socket over from there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answered: asyncio.Future[int] = loop.create_future()
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered.done():
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD_BYTES:
+                self.answered.set_exception(TunnelBroken("its answer to CONNECT never ended"))
+            return
+        if end + 4 != len(self._head):  # a proxy speaking for the origin before TLS began
+            self.answered.set_exception(TunnelBroken("it sent bytes past its answer to CONNECT"))
+            return
+        line = self._head.split(b"\r\n", 1)[0].split()
+        if len(line) < 2 or not line[0].startswith(b"HTTP/1.") or not line[1].isdigit():
+            self.answered.set_exception(TunnelBroken("its answer to CONNECT is not HTTP"))
+            return
+        assert self.transport is not None
+        self.transport.pause_reading()  # until TLS takes over
+        self.answered.set_result(int(line[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(
+                TunnelBroken("it closed the connection before answering CONNECT")
+            )
+
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+def _proxy_error(hop: Hop, problem: str) -> aiohttp.ClientProxyConnectionError:
+    """The proxy failed the connection: aiohttp's error for it (a connect failure, the
+    gateway's 502 upstream_unreachable), naming the proxy by host and port only."""
+    key = ConnectionKey(hop.host, hop.port, False, True, None, None, None)
+    return aiohttp.ClientProxyConnectionError(key, OSError(0, problem))
+
+
+def _status(status: int) -> str:
+    """A proxy's status with the standard phrase (its own words are not quoted)."""
+    try:
+        return f"{status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return "its host name was not found"
+    return error.strerror or type(error).__name__
 
 
 def _info() -> aiohttp.RequestInfo:

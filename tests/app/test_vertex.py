@@ -22,6 +22,7 @@ from anthropic import AsyncAnthropicVertex, PermissionDeniedError
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
 from tests.conftest import auth
+from tests.support.connect_proxy import ConnectProxy
 from tests.support.fake_vertex import (
     GEMINI_CALL,
     GEMINI_PROMPT,
@@ -429,3 +430,28 @@ async def test_a_provider_echoing_the_access_token_hands_it_to_no_client(
     (line,) = await records(1)
     assert ("response" in line) == (log_bodies == "true")
     assert "ya29.fake-access-token-1" not in json.dumps(line)
+
+
+async def test_the_token_endpoint_is_reached_through_the_outbound_proxy_too(
+    tmp_path: Path,
+    fake_vertex: TestServer,
+    account: tuple[dict[str, Any], bytes],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    vertex: VertexState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """google-auth's urllib3 reads no proxy variable: behind an egress proxy, no token."""
+    async with ConnectProxy(credentials="egress:pw") as proxy:
+        url = proxy.url("egress:pw@")
+        monkeypatch.setenv("HTTP_PROXY", url)  # keys.json's environment: the service account's
+        gateway = await vertex_gateway(tmp_path, fake_vertex, account, make_gateway, HTTP_PROXY=url)
+        client = vertex_sdk(gateway, VERTEX_VK)
+        try:
+            message = await client.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES)
+        finally:
+            await client.close()
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
+    base = str(fake_vertex.make_url("")).rstrip("/")
+    # (the SDK's own httpx reads HTTP_PROXY too: its request to the gateway is there as well)
+    assert f"{base}/token" in proxy.forwarded
+    assert any(url.startswith(f"{base}/v1/projects/{PROJECT}/") for url in proxy.forwarded)

@@ -145,8 +145,9 @@ def test_help_tells_of_check() -> None:
 
 def test_every_setting_is_a_field_with_the_same_default() -> None:
     defaults = Settings()
-    # `otel` holds the OpenTelemetry SDK's own OTEL_* variables: the SDK names them, not a row.
-    assert {s.field for s in SETTINGS} | {"otel"} == set(Settings.__dataclass_fields__)
+    # `otel` holds the OpenTelemetry SDK's own OTEL_* variables: the SDK names them, not a row;
+    # `proxies` the outbound proxy variables (HTTPS_PROXY...), everyone's names.
+    assert {s.field for s in SETTINGS} | {"otel", "proxies"} == set(Settings.__dataclass_fields__)
     for setting in SETTINGS:
         expected = None if setting.default is None else setting.parse(setting.default)
         assert getattr(defaults, setting.field) == expected, setting.variable
@@ -232,3 +233,34 @@ def test_a_window_longer_than_ten_years_is_refused(variable: str) -> None:
         f"{variable}: must be a positive number of seconds, at most 315360000 (ten years), "
         "got '1e308'"
     )
+
+
+def test_the_proxy_variables_are_read_as_curl_and_requests_read_them() -> None:
+    environ = {
+        "HTTPS_PROXY": "http://upper:3128",
+        "https_proxy": "http://lower:3128",  # the lowercase name wins
+        "HTTP_PROXY": "proxy.corp:8080",
+        "NO_PROXY": "localhost,.internal",
+        "ALL_PROXY": "",  # empty: unset
+        "FTP_PROXY": "http://ftp:21",  # not a scheme the gateway speaks
+    }
+    assert Settings.from_env(environ).proxies == {
+        "http": "proxy.corp:8080",
+        "https": "http://lower:3128",
+        "no": "localhost,.internal",
+    }
+    cgi = {"HTTP_PROXY": "http://evil:80", "REQUEST_METHOD": "GET"}  # httpoxy
+    assert Settings.from_env(cgi).proxies == {}
+    assert Settings().proxies == {}
+
+
+def test_a_proxy_setting_is_refused_without_showing_its_password() -> None:
+    for url, problem in (
+        ("socks5://u:hunter2@proxy:1080", "plain HTTP only"),
+        ("http://u:hunter2@proxy:99999", "port"),
+        ("http://u:hunter2@:3128", "a proxy URL"),
+    ):
+        with pytest.raises(SettingError, match=problem) as refused:
+            Settings.from_env({"https_proxy": url})
+        assert "hunter2" not in str(refused.value) and "HTTPS_PROXY" in str(refused.value)
+    assert "hunter2" not in repr(Settings.from_env({"HTTPS_PROXY": "http://u:hunter2@p:1"}))
