@@ -215,14 +215,17 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
 # OpenAI or Anthropic key holds dashes; a Google one is 39 characters), never printed back.
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 
-# A control character (C0 or DEL): in a real key, which goes into a header, CR or LF would
-# fail every request; in a name, which goes into log lines, metrics and messages, a NUL or a
-# line break would garble them. The one rule for both (the admin API's names: keys.edits).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A control character (C0, DEL or C1) or a Unicode line break: in a real key, which goes
+# into a header, CR or LF would fail every request; in a name, which goes into log lines,
+# metrics and messages, a NUL or a line break would garble them (orjson writes NEL, U+2028
+# and U+2029 into a log line as they are, and str.splitlines() breaks the line there). The
+# one rule for both (the admin API's names: keys.edits).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def has_control(value: str) -> bool:
-    """Whether `value` holds a control character (NUL to US, or DEL)."""
+    """Whether `value` holds a control character (NUL to US, DEL, the C1 controls) or a
+    Unicode line or paragraph separator."""
     return _CONTROL.search(value) is not None
 
 

@@ -225,7 +225,7 @@ async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_fi
     rule that keeps them out of a real key; the file is not touched."""
     gateway = await admin_gateway()
     before = keys_file.read_bytes()
-    names = ("nul\x00byte", "two\nlines", "a\ttab", "\x1b[31mred", "del\x7f")
+    names = ("nul\x00byte", "two\nlines", "a\ttab", "\x1b[31mred", "del\x7f", "a\u2028b", "c\x85d")
     for name in names:
         for path, body in (
             ("/admin/keys", {"name": name, "provider": "openai", "api_key": REAL}),

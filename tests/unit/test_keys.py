@@ -701,7 +701,22 @@ def test_a_keys_output_allowance_is_its_own_else_the_setting(tmp_path: Path) -> 
     assert allowances == {"vk_own_123456789": 512, "vk_default_1234567": 900}
 
 
-@pytest.mark.parametrize("name", ["team\x00a", "two\nlines", "tab\there", "esc\x1b[31m", "del\x7f"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "team\x00a",
+        "two\nlines",
+        "tab\there",
+        "esc\x1b[31m",
+        "del\x7f",
+        # Line breaks to Unicode: orjson writes them into a log line as they are, and a
+        # reader splitting lines as Python's str.splitlines() does gets the line in two.
+        "next\x85line",
+        "line\u2028separator",
+        "paragraph\u2029separator",
+        "csi\x9b31m",
+    ],
+)
 def test_a_key_or_team_name_with_a_control_character_is_refused(tmp_path: Path, name: str) -> None:
     """As the admin API refuses it (keys.edits): a name goes into log lines and metrics."""
     key = {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": name}}
