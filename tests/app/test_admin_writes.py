@@ -378,6 +378,43 @@ async def test_a_body_arriving_in_pieces_is_read_whole(admin_gateway: Make) -> N
     assert await chat(gateway, (await response.json())["key"]) == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "named"),
+    [
+        # The second quota, null, would have silently given the key the default one.
+        (
+            "POST",
+            "/admin/keys",
+            b'{"name": "twice", "provider": "openai", "api_key": "sk-real-twice-0123456789",'
+            b' "quota": {"requests": 5}, "quota": null}',
+            "'quota'",
+        ),
+        (
+            "PATCH",
+            "/admin/keys/limited",
+            b'{"quota": {"requests": 5, "requests": 500}}',
+            "'requests'",
+        ),
+        ("POST", "/admin/teams", b'{"name": "t", "name": "u"}', "'name'"),
+    ],
+)
+async def test_a_field_written_twice_in_a_body_is_refused_as_in_keys_json(
+    admin_gateway: Make, keys_file: Path, method: str, path: str, body: bytes, named: str
+) -> None:
+    # JSON keeps the last one silently, so the key was made with a limit other than the one
+    # its operator read in the request; keys.json refuses a name written twice (482f997).
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    response = await gateway.request(method, path, data=body, headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_json")
+    assert named in error["error"]["message"] and "twice" in error["error"]["message"]
+    assert keys_file.read_bytes() == before
+    empty = await gateway.post("/admin/keys/limited/rotate", headers=ADMIN)  # no body: {}
+    assert_openai_error(await empty.json(), "invalid_grace")
+
+
 @pytest.fixture
 def mounted_alone(keys_file: Path, tmp_path: Path) -> Iterator[Path]:
     """keys.json bind-mounted on its own, as `docker run -v $PWD/keys.json:/app/keys.json`
