@@ -435,8 +435,8 @@ def _from_library(model_price: Any) -> Price | None:
 
 def _overrides(path: str) -> dict[tuple[str, str], Price]:
     try:
-        with open(path, "rb") as file:
-            document = orjson.loads(file.read())
+        with open(path, "rb") as file:  # editors may add a BOM, as to keys.json
+            document = orjson.loads(file.read().removeprefix(b"\xef\xbb\xbf"))
     except OSError as error:
         raise PricesFileError(f"PRICES_FILE {path} cannot be read: {error.strerror}") from None
     except orjson.JSONDecodeError as error:

@@ -365,3 +365,13 @@ def test_the_overrides_file_prices_hour_long_cache_writes_and_web_searches(
     assert prices.cost("local", "m", usage) == pytest.approx(0.5 + 0.375 + 0.4 + 0.03)
     # Without their rates: every write at the cache write rate, the searches unbilled.
     assert prices.cost("local", "n", usage) == pytest.approx(0.5 + 0.625)
+
+
+def test_a_prices_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Notepad and some editors save UTF-8 with a BOM: keys.json loads so, and the prices
+    # file stopped the start, 'not valid JSON' for a file that reads as valid.
+    path = tmp_path / "prices.json"
+    document = {"local": {"*": {"input_mtok": 0.5, "output_mtok": 1.5}}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(document).encode())
+    prices = Prices.load(str(path))
+    assert prices.cost("local", "llama", Usage(1_000_000, 1_000_000)) == pytest.approx(2.0)
