@@ -59,6 +59,7 @@ from typing import Any
 
 import orjson
 
+from proxy.keys.keys import shown_name, written_twice
 from proxy.record import Usage
 from proxy.settings import SettingError
 
@@ -436,11 +437,13 @@ def _from_library(model_price: Any) -> Price | None:
 def _overrides(path: str) -> dict[tuple[str, str], Price]:
     try:
         with open(path, "rb") as file:  # editors may add a BOM, as to keys.json
-            document = orjson.loads(file.read().removeprefix(b"\xef\xbb\xbf"))
+            text = file.read().removeprefix(b"\xef\xbb\xbf")
+        document = orjson.loads(text)
     except OSError as error:
         raise PricesFileError(f"PRICES_FILE {path} cannot be read: {error.strerror}") from None
     except orjson.JSONDecodeError as error:
         raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {error}") from None
+    _refuse_repeats(path, text)
     if not isinstance(document, dict):
         raise PricesFileError(f"PRICES_FILE {path} must be an object of provider → models")
     prices: dict[tuple[str, str], Price] = {}
@@ -452,6 +455,20 @@ def _overrides(path: str) -> dict[tuple[str, str], Price]:
         for model, rates in models.items():
             prices[(provider, model)] = _price(path, provider, model, rates)
     return prices
+
+
+def _refuse_repeats(path: str, text: bytes) -> None:
+    """Refuse a name written twice in one object: JSON keeps the last silently, so a model
+    priced again further down (or a rate set twice) would take a price nobody read."""
+    try:
+        twice = written_twice(text)
+    except RecursionError:
+        raise PricesFileError(f"PRICES_FILE {path} is nested too deeply") from None
+    if twice is not None:
+        raise PricesFileError(
+            f"PRICES_FILE {path}: {shown_name(twice)} is written twice in one object (JSON "
+            "keeps only the last): keep one"
+        )
 
 
 def _price(path: str, provider: str, model: str, rates: object) -> Price:

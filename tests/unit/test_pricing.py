@@ -375,3 +375,17 @@ def test_a_prices_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> Non
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(document).encode())
     prices = Prices.load(str(path))
     assert prices.cost("local", "llama", Usage(1_000_000, 1_000_000)) == pytest.approx(2.0)
+
+
+def test_a_model_or_rate_written_twice_in_the_prices_file_is_refused(tmp_path: Path) -> None:
+    # JSON keeps the last silently: a model priced again further down a long file (or a
+    # rate set twice) was priced by whichever came last, not the one its editor read.
+    path = tmp_path / "prices.json"
+    for text, named in (
+        ('{"local": {"m": {"input_mtok": 1}, "m": {"input_mtok": 0}}}', "'m'"),
+        ('{"local": {"m": {"input_mtok": 1, "input_mtok": 0}}}', "'input_mtok'"),
+    ):
+        path.write_text(text)
+        with pytest.raises(PricesFileError, match=f"{named} is written twice") as refused:
+            Prices.load(str(path))
+        assert str(path) in str(refused.value)
