@@ -352,11 +352,25 @@ def window_length(value: object) -> TypeGuard[float]:
     return positive_number(value) and value <= MAX_WINDOW_SECONDS
 
 
+def model_name(where: str, field: str, value: str) -> None:
+    """Refuse a model name or pattern with a space at an end or a control character (a
+    paste): it matches no request's model, so a route or a model quota would silently never
+    apply, and a target's model would be sent as it is, for the provider's 404. Raises
+    KeysFileError."""
+    if value != value.strip() or has_control(value):
+        raise KeysFileError(
+            f"{where}: {field}: {value[:80]!r} has a space at an end or a control character "
+            "(a paste?): remove it"
+        )
+
+
 def patterns(where: str, patterns: Any) -> re.Pattern[str] | None:
     """Shell-style model patterns as one compiled alternation; None: any model."""
     if patterns is None:
         return None
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise KeysFileError(f"{where}: allowed_models must be a list of model name patterns")
+    for pattern in patterns:
+        model_name(where, "allowed_models", pattern)
     # Shell-style patterns, compiled once into one alternation.
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))

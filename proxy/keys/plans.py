@@ -123,6 +123,8 @@ def parse_plans(
             raise KeysFileError(f"{key}: {at}.models must be a non-empty list of model patterns")
         if not all(isinstance(p, str) and p for p in patterns):
             raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
+        for pattern in patterns:
+            fields.model_name(key, f"{at}.models", pattern)
         plan = _plan(key, raw, providers, environ, f"{at}.")
         routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
     return Plans(own, tuple(routes), _served(own, routes))
@@ -215,6 +217,8 @@ def _target(
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")
+    if model is not None:
+        fields.model_name(key, f"{where}model", model)
     name = provider.name if model is None else f"{provider.name}/{model}"
     return Target(name, provider, _pool(key, entry, environ, where, name), model)
 

@@ -25,6 +25,7 @@ from proxy.keys.fields import (
     budget,
     check_fields,
     has_control,
+    model_name,
     positive_int,
     window_length,
 )
@@ -175,6 +176,8 @@ def parse_model_quotas(
             or not all(isinstance(m, str) and m for m in models)
         ):
             raise KeysFileError(f"{where}: {at}.models must be a list of model name patterns")
+        for pattern in models:
+            model_name(where, f"{at}.models", pattern)
         limits = window(where, {k: v for k, v in group.items() if k != "models"}, at, defaults)
         if limits is None:
             continue  # QUOTA_ENABLED=false: windows off

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -783,3 +784,49 @@ def test_a_real_key_put_in_the_wrong_field_is_not_printed_back(
     assert misplaced not in str(refused.value)
     assert misplaced[:16] not in str(refused.value)
     assert field in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        # A model_quotas group that never matched: gpt-4o's own limit silently off.
+        (
+            {"model_quotas": [{"models": ["gpt-4o "], "requests": 5}]},
+            "model_quotas[0].models: 'gpt-4o ' has a space at an end or a control character",
+        ),
+        # A route that never matched: gpt-4o silently went to the key's own provider.
+        (
+            {"routes": [{"models": [" gpt-4o"], "provider": "azure", "api_key": "az-1"}]},
+            "routes[0].models: ' gpt-4o' has a space at an end or a control character",
+        ),
+        # Every gpt-4o request 403 model_not_allowed, though the file allows it.
+        (
+            {"allowed_models": ["gpt-4o\t"]},
+            "allowed_models: 'gpt-4o\\t' has a space at an end or a control character",
+        ),
+        # Sent upstream as it is: every request the provider's 404 model_not_found.
+        (
+            {"model": "gpt-4o-mini "},
+            "model: 'gpt-4o-mini ' has a space at an end or a control character",
+        ),
+    ],
+)
+def test_a_model_name_or_pattern_padded_with_spaces_is_refused_not_left_unmatched(
+    tmp_path: Path, entry: dict[str, Any], says: str
+) -> None:
+    document = {
+        "providers": {"azure": {"base_url": "https://example.openai.azure.com/openai/v1"}},
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": "a", **entry}
+        },
+    }
+    with pytest.raises(KeysFileError, match=re.escape(says)):
+        load(tmp_path, document)
+    inner = {"models": ["gpt-4o", "o3 mini"], "requests": 5}  # a space inside is a name's own
+    document["virtual_keys"]["vk_a_123456789"] = {
+        "provider": "openai",
+        "api_key": "sk-a",
+        "model_quotas": [inner],
+        "allowed_models": ["gpt-4o", "o3 mini"],
+    }
+    assert len(load(tmp_path, document)) == 1
