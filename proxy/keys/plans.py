@@ -198,9 +198,11 @@ def _target(
     where: str,
 ) -> Target:
     named = entry.get("provider")
-    provider = providers.get(named)  # type: ignore[arg-type]
+    known = ", ".join(sorted(providers))
+    if not isinstance(named, str):  # an object or a list cannot be looked up (nor shown)
+        raise UnknownProvider(f"{key}: {where}provider must be a provider's name (known: {known})")
+    provider = providers.get(named)
     if provider is None:
-        known = ", ".join(sorted(providers))
         raise UnknownProvider(
             f"{key}: {where}provider {_shown(named)} is unknown (known: {known})",
             provider=named if isinstance(named, str) else None,

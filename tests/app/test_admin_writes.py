@@ -415,6 +415,27 @@ async def test_a_field_written_twice_in_a_body_is_refused_as_in_keys_json(
     assert_openai_error(await empty.json(), "invalid_grace")
 
 
+async def test_a_provider_that_is_not_a_name_is_refused_not_a_500(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # An object or a list as provider (or a fallback's) answered 500 with a TypeError
+    # traceback on stderr: the loader looked it up as a name.
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for provider in (["openai"], {"name": "openai"}):
+        for body in (
+            {"name": "p", "provider": provider, "api_key": REAL},
+            {"provider": "openai", "api_key": REAL, "fallbacks": [{"provider": provider}]},
+        ):
+            body = {"name": "p", **body}
+            response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+            assert response.status == 422, await response.text()
+            error = await response.json()
+            assert_openai_error(error, "invalid_key_settings")
+            assert "provider must be a provider's name" in error["error"]["message"]
+    assert keys_file.read_bytes() == before
+
+
 @pytest.fixture
 def mounted_alone(keys_file: Path, tmp_path: Path) -> Iterator[Path]:
     """keys.json bind-mounted on its own, as `docker run -v $PWD/keys.json:/app/keys.json`
