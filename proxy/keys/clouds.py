@@ -109,6 +109,10 @@ def _service_account(where: str, entry: Mapping[str, Any], environ: Mapping[str,
             raise KeysFileError(
                 f"{where}service_account_file cannot be read ({error.strerror})"
             ) from None
+        except ValueError:  # open() refuses a path holding a NUL
+            raise KeysFileError(
+                f"{where}service_account_file cannot be read (the path holds a null byte)"
+            ) from None
         source = "service_account_file"
     else:
         if not isinstance(variable, str) or not variable:
