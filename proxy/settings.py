@@ -27,6 +27,10 @@ T = TypeVar("T")
 # broke the first 429 they gave (its retry-after-ms overflowed from 1.8e305 s, a budget's
 # "frees up at" date from 1e17 s); no limit needs more than ten years.
 MAX_WINDOW_SECONDS = 10 * 365 * 86400
+# The largest budget, here and in keys.json: a trillion dollars. Larger ones were taken and
+# every request of their keys answered 500 ($1e308 in micro-dollars overflows a float; past
+# 2**63 micro-dollars, a Redis counter).
+MAX_BUDGET_USD = 1_000_000_000_000
 # ADMIN_TOKEN and KEYS_STORE_SECRET shorter than this draw a warning at start: what the
 # admin API asks of a virtual key it is given.
 MIN_SECRET_CHARS = 20
@@ -98,7 +102,11 @@ def _non_negative_seconds(text: str) -> float:
 
 
 def _positive_dollars(text: str) -> float:
-    return _real(text, lambda value: value > 0, "a positive number of dollars")
+    return _real(
+        text,
+        lambda value: 0 < value <= MAX_BUDGET_USD,
+        f"a positive number of dollars, at most {MAX_BUDGET_USD}",
+    )
 
 
 def _ratio(text: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 from yarl import URL
 
 from proxy.quota.tracker import Budget, Limits
-from proxy.settings import MAX_WINDOW_SECONDS
+from proxy.settings import MAX_BUDGET_USD, MAX_WINDOW_SECONDS
 
 
 class KeysFileError(ValueError):
@@ -276,8 +276,10 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     check_fields(where, budget, "budget", "budget.")
     usd = budget.get("usd")
     window = budget.get("window_seconds", defaults.budget_window_seconds)
-    if not positive_number(usd):
-        raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
+    if not positive_number(usd) or usd > MAX_BUDGET_USD:
+        raise KeysFileError(
+            f"{where}: budget.usd must be a positive number of dollars, at most {MAX_BUDGET_USD}"
+        )
     if not window_length(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be {WINDOW_LENGTH}")
     if defaults.unshared_workers != 1:  # only QUOTA_ENABLED=false lets such workers start

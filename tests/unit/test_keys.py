@@ -830,3 +830,21 @@ def test_a_model_name_or_pattern_padded_with_spaces_is_refused_not_left_unmatche
         "allowed_models": ["gpt-4o", "o3 mini"],
     }
     assert len(load(tmp_path, document)) == 1
+
+
+@pytest.mark.parametrize("usd", [1e308, 2**63, 1_000_000_000_001])
+def test_a_budget_past_a_trillion_dollars_is_refused(tmp_path: Path, usd: float) -> None:
+    # $1e308 (meant as "no cap") loaded, and every request of its key answered 500: its
+    # micro-dollars overflowed a float (and past 2**63 they would a Redis counter).
+    key = {"provider": "openai", "api_key": "sk-x", "name": "agent", "budget": {"usd": usd}}
+    with pytest.raises(
+        KeysFileError,
+        match="budget.usd must be a positive number of dollars, at most 1000000000000",
+    ):
+        load(tmp_path, {"virtual_keys": {"vk_agent_123456789": key}})
+    team = {
+        "teams": {"t": {"budget": {"usd": usd}}},
+        "virtual_keys": {"vk_agent_123456789": {**key, "budget": None, "team": "t"}},
+    }
+    with pytest.raises(KeysFileError, match="team 't': budget.usd must be"):
+        load(tmp_path, team)

@@ -232,3 +232,14 @@ def test_a_window_longer_than_ten_years_is_refused(variable: str) -> None:
         f"{variable}: must be a positive number of seconds, at most 315360000 (ten years), "
         "got '1e308'"
     )
+
+
+def test_a_default_budget_past_a_trillion_dollars_is_refused() -> None:
+    # BUDGET_USD=1e308 was taken, and every request answered 500 (its micro-dollars
+    # overflowed a float).
+    assert Settings.from_env({"BUDGET_USD": "1000000000000"}).budget_usd == 1e12
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env({"BUDGET_USD": "1e308"})
+    assert str(refused.value) == (
+        "BUDGET_USD: must be a positive number of dollars, at most 1000000000000, got '1e308'"
+    )
