@@ -50,7 +50,6 @@ is priced at its usual rates, and so is a model the overrides file prices.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -130,6 +129,12 @@ _USUAL_TIERS = frozenset((None, "default", "auto"))
 # Anthropic's fast mode (the answer's `usage.speed`), and the library's price context for it.
 _FAST = "fast"
 _FAST_MODE: dict[str, str | None] = {"speed": _FAST}
+
+
+# The highest rate PRICES_FILE takes (dollars per million tokens, per thousand requests, per
+# hour of audio): far above any provider's, and low enough that no usage prices to inf (a
+# log line's "cost_usd":inf is no JSON).
+MAX_RATE = 1_000_000
 
 
 class PricesFileError(SettingError):
@@ -482,7 +487,9 @@ def _price(path: str, provider: str, model: str, rates: object) -> Price:
                 f"{where}: unknown rate '{name}' (known: {', '.join(PRICE_KEYS)})"
             )
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not is_number or not math.isfinite(value) or value < 0:
-            raise PricesFileError(f"{where}: {name} must be a non-negative number, got {value!r}")
+        if not is_number or not 0 <= value <= MAX_RATE:
+            raise PricesFileError(
+                f"{where}: {name} must be a non-negative number, at most {MAX_RATE}, got {value!r}"
+            )
         parsed[name] = Rate(float(value))
     return Price(parsed)

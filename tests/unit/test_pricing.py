@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -289,6 +290,10 @@ def test_overrides_replace_the_library_price_and_price_custom_providers(tmp_path
         ({"openai": {"m": {"input_mtok": -1}}}, "input_mtok must be a non-negative number"),
         ({"openai": {"m": {"input_mtok": "1"}}}, "input_mtok must be a non-negative number"),
         ({"openai": {"m": {"input_mtok": True}}}, "input_mtok must be a non-negative number"),
+        # A cost of 12 tokens at $1e308 a million was inf, written into the log line as
+        # "cost_usd":inf: a line no JSON reader parses.
+        ({"openai": {"m": {"input_mtok": 1e308}}}, "input_mtok must be a non-negative number"),
+        ({"openai": {"m": {"output_mtok": 1_000_001}}}, "at most 1000000, got 1000001"),
     ],
 )
 def test_a_bad_overrides_file_is_refused_naming_what_is_wrong(
@@ -389,3 +394,10 @@ def test_a_model_or_rate_written_twice_in_the_prices_file_is_refused(tmp_path: P
         with pytest.raises(PricesFileError, match=f"{named} is written twice") as refused:
             Prices.load(str(path))
         assert str(path) in str(refused.value)
+
+
+def test_the_highest_rate_prices_the_largest_usage_at_a_finite_cost(tmp_path: Path) -> None:
+    rates = {name: 1_000_000 for name in ("input_mtok", "output_mtok", "cache_read_mtok")}
+    prices = Prices.load(write(tmp_path / "prices.json", {"local": {"*": rates}}))
+    cost = prices.cost("local", "m", Usage(2**63, 2**63, cache_read_tokens=2**62))
+    assert cost is not None and math.isfinite(cost)
