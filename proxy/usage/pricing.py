@@ -455,7 +455,8 @@ def _overrides(path: str) -> dict[tuple[str, str], Price]:
     for provider, models in document.items():
         if not isinstance(models, dict) or not models:
             raise PricesFileError(
-                f"PRICES_FILE {path}: provider '{provider}' must be an object of model → rates"
+                f"PRICES_FILE {path}: provider {shown_name(provider)} must be an object of model → "
+                "rates"
             )
         for model, rates in models.items():
             prices[(provider, model)] = _price(path, provider, model, rates)
@@ -477,19 +478,20 @@ def _refuse_repeats(path: str, text: bytes) -> None:
 
 
 def _price(path: str, provider: str, model: str, rates: object) -> Price:
-    where = f"PRICES_FILE {path}: '{provider}' model '{model}'"
+    # Names quoted as repr, cut short: a line break in one stays in the one line.
+    where = f"PRICES_FILE {path}: {shown_name(provider)} model {shown_name(model)}"
     if not isinstance(rates, dict) or not rates:
         raise PricesFileError(f"{where} must be an object of rates (e.g. input_mtok)")
     parsed: dict[str, Rate] = {}
     for name, value in rates.items():
         if name not in PRICE_KEYS:
             raise PricesFileError(
-                f"{where}: unknown rate '{name}' (known: {', '.join(PRICE_KEYS)})"
+                f"{where}: unknown rate {shown_name(name)} (known: {', '.join(PRICE_KEYS)})"
             )
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
         if not is_number or not 0 <= value <= MAX_RATE:
             raise PricesFileError(
-                f"{where}: {name} must be a non-negative number, at most {MAX_RATE}, got {value!r}"
+                f"{where}: {name} must be a non-negative number, at most {MAX_RATE}, got {repr(value)[:40]}"
             )
         parsed[name] = Rate(float(value))
     return Price(parsed)

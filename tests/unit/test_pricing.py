@@ -401,3 +401,17 @@ def test_the_highest_rate_prices_the_largest_usage_at_a_finite_cost(tmp_path: Pa
     prices = Prices.load(write(tmp_path / "prices.json", {"local": {"*": rates}}))
     cost = prices.cost("local", "m", Usage(2**63, 2**63, cache_read_tokens=2**62))
     assert cost is not None and math.isfinite(cost)
+
+
+def test_a_refusal_of_the_prices_file_stays_on_one_line(tmp_path: Path) -> None:
+    # A model or a rate named with a line break split the refusal, one line on stderr by
+    # the rule, in two.
+    for document in (
+        {"local": {"llama\nx": {"input_mtok": -1}}},
+        {"local": {"m": {"input\nmtok": 1}}},
+        {"lo\ncal": []},
+        {"local": {"m": {"input_mtok": ["x" * 1000]}}},
+    ):
+        with pytest.raises(PricesFileError) as refused:
+            Prices.load(write(tmp_path / "prices.json", document))
+        assert "\n" not in str(refused.value) and len(str(refused.value)) < 700
