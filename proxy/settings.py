@@ -119,6 +119,13 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _addresses(text: str) -> str:
+    """SERVER_HOST: one address or several separated by commas; commas alone listen nowhere."""
+    if not any(part.strip() for part in text.split(",")):
+        _refuse("an address, such as 0.0.0.0, or several separated by commas", text)
+    return text.strip()
+
+
 def _optional_text(text: str) -> str | None:
     return text.strip() or None
 
@@ -242,7 +249,7 @@ class Settings:
 
     server_host: str = setting(
         "0.0.0.0",
-        _text,
+        _addresses,
         "address to listen on; several separated by commas (0.0.0.0,:: for IPv4 and IPv6: "
         ":: alone is IPv6 only)",
     )

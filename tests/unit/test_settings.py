@@ -243,3 +243,12 @@ def test_a_default_budget_past_a_trillion_dollars_is_refused() -> None:
     assert str(refused.value) == (
         "BUDGET_USD: must be a positive number of dollars, at most 1000000000000, got '1e308'"
     )
+
+
+@pytest.mark.parametrize("host", [",", " , ,"])
+def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
+    # SERVER_HOST="," was taken: the gateway said 'listening on http://,:8080' and listened
+    # on no socket at all.
+    with pytest.raises(SettingError, match="SERVER_HOST: must be an address"):
+        Settings.from_env({"SERVER_HOST": host})
+    assert Settings.from_env({"SERVER_HOST": "0.0.0.0,::,"}).server_host == "0.0.0.0,::,"
