@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.keys.fields import KeysFileError, check_fields, has_control, positive_number
+from proxy.keys.fields import (
+    MAX_NAME_CHARS,
+    KeysFileError,
+    check_fields,
+    has_control,
+    positive_number,
+)
 from proxy.keys.hashed import digest_of, hashed, is_hashed
 from proxy.keys.keys import masked
 from proxy.record import REDACTED
@@ -64,9 +70,9 @@ def _checked(where: str, body: Mapping[str, Any], level: str) -> None:
 
 def _name(body: Mapping[str, Any], what: str) -> str:
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
         raise EditRefused(
-            400, "invalid_name", f"The {what} needs a name: text, 1 to 200 characters."
+            400, "invalid_name", f"The {what} needs a name: text, 1 to {MAX_NAME_CHARS} characters."
         )
     if has_control(name):  # never quoted back: it would garble the message it is in
         raise EditRefused(

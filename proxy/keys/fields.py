@@ -223,6 +223,11 @@ _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+# The longest key or team name, in keys.json and through the admin API: a name is written
+# into every log line of its key and labels every metric series of it.
+MAX_NAME_CHARS = 200
+
+
 def has_control(value: str) -> bool:
     """Whether `value` holds a control character (NUL to US, DEL, the C1 controls) or a
     Unicode line or paragraph separator."""

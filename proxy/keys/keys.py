@@ -26,6 +26,7 @@ from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
 from proxy.keys.fields import (
+    MAX_NAME_CHARS,
     CachePolicy,
     Defaults,
     KeysFileError,
@@ -507,6 +508,11 @@ def _key(
         raise KeysFileError(
             f"{path}: key '{masked(secret)}': name contains a control character (a NUL, tab, "
             "line break or escape): a name must be printable text"
+        )
+    if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: key '{masked(secret)}': name must be at most {MAX_NAME_CHARS} characters "
+            "(it is in every log line and metric of the key)"
         )
     where = f"{path}: key '{name}'"
     check_fields(where, entry, "key")

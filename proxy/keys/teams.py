@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.keys.fields import (
+    MAX_NAME_CHARS,
     WINDOW_LENGTH,
     Defaults,
     KeysFileError,
@@ -67,6 +68,11 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
             raise KeysFileError(
                 f"{path}: a team name contains a control character (a NUL, tab, line break "
                 "or escape): a name must be printable text"
+            )
+        if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
+            raise KeysFileError(
+                f"{path}: a team name must be at most {MAX_NAME_CHARS} characters (it is in "
+                "its metrics)"
             )
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")

@@ -848,3 +848,25 @@ def test_a_budget_past_a_trillion_dollars_is_refused(tmp_path: Path, usd: float)
     }
     with pytest.raises(KeysFileError, match="team 't': budget.usd must be"):
         load(tmp_path, team)
+
+
+def test_a_key_or_team_name_longer_than_the_admin_api_takes_is_refused(tmp_path: Path) -> None:
+    # The admin API refuses a name over 200 characters; keys.json took one of any length,
+    # written into every log line of the key and every metric series it labels.
+    long = "n" * 201
+    key = {"provider": "openai", "api_key": "sk-a", "name": long}
+    with pytest.raises(KeysFileError, match="name must be at most 200 characters") as refused:
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": key}})
+    assert long not in str(refused.value)
+    teams = {"teams": {long: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
+    with pytest.raises(
+        KeysFileError, match="a team name must be at most 200 characters"
+    ) as refused:
+        load(tmp_path, teams)
+    assert long not in str(refused.value)
+    key["name"] = "n" * 200
+    teams = {
+        "teams": {"t" * 200: {}},
+        "virtual_keys": {"vk_a_123456789": {**key, "team": "t" * 200}},
+    }
+    assert len(load(tmp_path, teams)) == 1
