@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.keys import fields
-from proxy.keys.clouds import cloud_target
+from proxy.keys.clouds import cloud_target, unread_cloud_field
 from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields, has_control
 from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
@@ -216,6 +216,7 @@ def _target(
             f"{key}: {where}", entry, provider, environ
         )
         return Target(name, regional, Pool([credential]), None, project_path)
+    unread_cloud_field(f"{key}: {where}", entry, provider)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")

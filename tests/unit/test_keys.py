@@ -870,3 +870,46 @@ def test_a_key_or_team_name_longer_than_the_admin_api_takes_is_refused(tmp_path:
         "virtual_keys": {"vk_a_123456789": {**key, "team": "t" * 200}},
     }
     assert len(load(tmp_path, teams)) == 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        # An Azure key given a region expecting a regional endpoint: silently ignored.
+        (
+            {"provider": "azure", "api_key": "az-1", "region": "eastus"},
+            "region does not apply to provider 'azure'",
+        ),
+        (
+            {"provider": "openai", "api_key": "sk-a", "aws_secret_access_key": "x"},
+            "aws_secret_access_key does not apply to provider 'openai'",
+        ),
+        (
+            {
+                "provider": "bedrock",
+                "region": "us-east-1",
+                "aws_access_key_id": "AKIA0",
+                "aws_secret_access_key": "s",
+                "project": "my-project",
+            },
+            "project does not apply to provider 'bedrock'",
+        ),
+        (
+            {
+                "provider": "openai",
+                "api_key": "sk-a",
+                "fallbacks": [{"provider": "openai", "api_key": "sk-b", "project": "p"}],
+            },
+            "fallbacks[0].project does not apply to provider 'openai'",
+        ),
+    ],
+)
+def test_a_cloud_field_on_a_target_that_does_not_read_it_is_refused(
+    tmp_path: Path, entry: dict[str, Any], says: str
+) -> None:
+    document = {
+        "providers": {"azure": {"base_url": "https://example.openai.azure.com/openai/v1"}},
+        "virtual_keys": {"vk_a_123456789": {"name": "a", **entry}},
+    }
+    with pytest.raises(KeysFileError, match=re.escape(says)):
+        load(tmp_path, document)
