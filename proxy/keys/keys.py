@@ -499,6 +499,11 @@ def _key(
     defaults: Defaults,
     teams: Mapping[str, Team],
 ) -> VirtualKey:
+    if has_control(secret):  # its masked form (an unnamed key's name) would carry it
+        raise KeysFileError(
+            f"{path}: the virtual key contains a control character (an escape or a line "
+            "break): a virtual key must be printable text"
+        )
     if not isinstance(entry, dict):
         raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
     name = _name(secret, entry)

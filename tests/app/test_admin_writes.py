@@ -139,6 +139,13 @@ async def test_a_given_key_must_be_long_enough_and_unused(admin_gateway: Make) -
     )
     assert weak.status == 400
     assert_openai_error(await weak.json(), "weak_key")
+    for unprintable in ("vk-given\u2028by-the-operator-01", "vk-given by-the-operator-0001"):
+        refused = await gateway.post(
+            "/admin/keys",
+            json={"name": "e", "key": unprintable, "provider": "openai", "api_key": REAL},
+            headers=ADMIN,
+        )
+        assert_openai_error(await refused.json(), "weak_key")
     given = "vk-given-by-the-operator-000001"
     assert (await create(gateway, name="erin", key=given))["key"] == given
     assert await chat(gateway, given) == 200

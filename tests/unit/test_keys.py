@@ -913,3 +913,20 @@ def test_a_cloud_field_on_a_target_that_does_not_read_it_is_refused(
     }
     with pytest.raises(KeysFileError, match=re.escape(says)):
         load(tmp_path, document)
+
+
+@pytest.mark.parametrize(
+    "secret", ["vk\x1b[31m_0123456789", "v\u2028k_0123456789", "vk_0123\n456789"]
+)
+def test_a_virtual_key_with_a_control_character_is_refused_without_showing_it(
+    tmp_path: Path, secret: str
+) -> None:
+    # An unnamed key appears as its first 4 characters and a hash: an escape or a line
+    # break among them went into every log line and metric of the key (and no client can
+    # send such a key in a header anyway).
+    key = {secret: {"provider": "openai", "api_key": "sk-a"}}
+    with pytest.raises(
+        KeysFileError, match="the virtual key contains a control character"
+    ) as refused:
+        load(tmp_path, {"virtual_keys": key})
+    assert secret[:4] not in str(refused.value)
