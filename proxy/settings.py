@@ -570,15 +570,16 @@ OTEL_SAMPLERS = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
-_OTEL_NUMBERS = (
-    "OTEL_TRACES_SAMPLER_ARG",
-    "OTEL_EXPORTER_OTLP_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+# Seconds, read as a float; milliseconds and counts, which the SDK takes as whole numbers of
+# at least 1 (tracing reads them so); the SDK's defaults for the queue and its batches.
+_OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+_OTEL_WHOLE = (
     "OTEL_BSP_SCHEDULE_DELAY",
     "OTEL_BSP_EXPORT_TIMEOUT",
     "OTEL_BSP_MAX_QUEUE_SIZE",
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
 )
+_OTEL_QUEUE, _OTEL_BATCH = 2048, 512
 
 
 def check_otel(otel: Mapping[str, str]) -> None:
@@ -601,13 +602,34 @@ def check_otel(otel: Mapping[str, str]) -> None:
     for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
         if otel.get(name, "none").lower() not in ("none", "gzip", "deflate"):
             raise SettingError(f"{name} must be none, gzip or deflate, got {otel[name]!r}")
-    for name in _OTEL_NUMBERS:
-        try:
-            is_positive = float(otel.get(name, "1")) > 0
-        except ValueError:
-            is_positive = False
-        if not is_positive:
+    if not 0 <= _otel_number(otel, "OTEL_TRACES_SAMPLER_ARG", 1) <= 1:
+        raise SettingError(
+            "OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1 (the share of traces "
+            f"sampled), got {otel['OTEL_TRACES_SAMPLER_ARG']!r}"
+        )
+    for name in _OTEL_SECONDS:
+        if not _otel_number(otel, name, 1) > 0:
             raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
+    for name in _OTEL_WHOLE:
+        if not _otel_number(otel, name, 1) >= 1:
+            raise SettingError(f"{name} must be a whole number, at least 1, got {otel[name]!r}")
+    queue = int(_otel_number(otel, "OTEL_BSP_MAX_QUEUE_SIZE", _OTEL_QUEUE))
+    batch = int(_otel_number(otel, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _OTEL_BATCH))
+    if batch > queue:  # the SDK's own refusal, a traceback once the app builds its tracing
+        raise SettingError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not exceed OTEL_BSP_MAX_QUEUE_SIZE "
+            f"({queue})"
+        )
+
+
+def _otel_number(otel: Mapping[str, str], name: str, default: float) -> float:
+    """The variable as a number, `default` when unset; NaN (which every bound refuses) when
+    it is not one, or not finite."""
+    try:
+        value = float(otel.get(name, default))
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def _is_http_url(text: str) -> bool:
