@@ -58,6 +58,7 @@ from typing import Any
 
 import orjson
 
+from proxy.keys.fields import has_control
 from proxy.keys.keys import shown_name, written_twice
 from proxy.record import Usage
 from proxy.settings import SettingError
@@ -453,14 +454,26 @@ def _overrides(path: str) -> dict[tuple[str, str], Price]:
         raise PricesFileError(f"PRICES_FILE {path} must be an object of provider → models")
     prices: dict[tuple[str, str], Price] = {}
     for provider, models in document.items():
+        _matchable(path, "provider", provider)
         if not isinstance(models, dict) or not models:
             raise PricesFileError(
                 f"PRICES_FILE {path}: provider {shown_name(provider)} must be an object of model → "
                 "rates"
             )
         for model, rates in models.items():
+            _matchable(path, "model", model)
             prices[(provider, model)] = _price(path, provider, model, rates)
     return prices
+
+
+def _matchable(path: str, what: str, name: str) -> None:
+    """Refuse a provider or model name no request can match: empty, or with a space at an
+    end or a control character (a paste): its price would silently never apply."""
+    if not name or name != name.strip() or has_control(name):
+        raise PricesFileError(
+            f"PRICES_FILE {path}: {what} {shown_name(name)} is empty or has a space at an end "
+            "or a control character (a paste?): it would match no request"
+        )
 
 
 def _refuse_repeats(path: str, text: bytes) -> None:

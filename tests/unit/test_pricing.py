@@ -415,3 +415,20 @@ def test_a_refusal_of_the_prices_file_stays_on_one_line(tmp_path: Path) -> None:
         with pytest.raises(PricesFileError) as refused:
             Prices.load(write(tmp_path / "prices.json", document))
         assert "\n" not in str(refused.value) and len(str(refused.value)) < 700
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"openai": {"gpt-4o ": {"input_mtok": 1, "output_mtok": 1}}},
+        {" local": {"*": {"input_mtok": 0, "output_mtok": 0}}},
+        {"local": {"": {"input_mtok": 0, "output_mtok": 0}}},
+    ],
+)
+def test_a_provider_or_model_name_padded_with_spaces_is_refused(
+    tmp_path: Path, document: object
+) -> None:
+    # It matched no request: the override silently never applied (the library's price, or
+    # none, was charged instead of the negotiated one).
+    with pytest.raises(PricesFileError, match="has a space at an end or a control character"):
+        Prices.load(write(tmp_path / "prices.json", document))
