@@ -74,6 +74,13 @@ def _name(body: Mapping[str, Any], what: str) -> str:
         raise EditRefused(
             400, "invalid_name", f"The {what} needs a name: text, 1 to {MAX_NAME_CHARS} characters."
         )
+    if name != name.strip():
+        raise EditRefused(
+            400,
+            "invalid_name",
+            f"The {what}'s 'name' has a space at an end: another name than without it, shown "
+            "alike in logs and metrics; remove it.",
+        )
     if has_control(name):  # never quoted back: it would garble the message it is in
         raise EditRefused(
             400,

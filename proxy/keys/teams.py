@@ -69,6 +69,11 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
                 f"{path}: a team name contains a control character (a NUL, tab, line break "
                 "or escape): a name must be printable text"
             )
+        if name != name.strip():  # as the admin API refuses it
+            raise KeysFileError(
+                f"{path}: a team name has a space at an end: another name than without it, "
+                f"shown alike; remove it ({name.strip()[:80]!r})"
+            )
         if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
             raise KeysFileError(
                 f"{path}: a team name must be at most {MAX_NAME_CHARS} characters (it is in "

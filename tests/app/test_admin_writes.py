@@ -249,6 +249,14 @@ async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_fi
     listed = await (await gateway.get("/admin/keys", headers=ADMIN)).json()
     assert not {key["name"] for key in listed["keys"]} & set(names)
     assert (await create(gateway, name="plain name, é and all"))["name"] == "plain name, é and all"
+    for padded in ("alice ", " bob"):  # another name than alice's, shown alike
+        for path, body in (
+            ("/admin/keys", {"name": padded, "provider": "openai", "api_key": REAL}),
+            ("/admin/teams", {"name": padded}),
+        ):
+            response = await gateway.post(path, json=body, headers=ADMIN)
+            assert_openai_error(await response.json(), "invalid_name")
+            assert "space at an end" in (await response.json())["error"]["message"]
 
 
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(

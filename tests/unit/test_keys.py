@@ -930,3 +930,15 @@ def test_a_virtual_key_with_a_control_character_is_refused_without_showing_it(
     ) as refused:
         load(tmp_path, {"virtual_keys": key})
     assert secret[:4] not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["alice ", " alice", "alice\u00a0"])
+def test_a_key_or_team_name_with_a_space_at_an_end_is_refused(tmp_path: Path, name: str) -> None:
+    # Taken as written, 'alice ' was another name than 'alice': shown alike in the log and
+    # the metrics, and PATCH /admin/keys/alice answered 404 'No key is named alice'.
+    key = {"provider": "openai", "api_key": "sk-a", "name": name}
+    with pytest.raises(KeysFileError, match="name has a space at an end"):
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": key}})
+    teams = {"teams": {name: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
+    with pytest.raises(KeysFileError, match="a team name has a space at an end"):
+        load(tmp_path, teams)
