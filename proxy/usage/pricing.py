@@ -467,12 +467,19 @@ def _overrides(path: str) -> dict[tuple[str, str], Price]:
 
 
 def _matchable(path: str, what: str, name: str) -> None:
-    """Refuse a provider or model name no request can match: empty, or with a space at an
-    end or a control character (a paste): its price would silently never apply."""
+    """Refuse a provider or model name no request can match: empty, with a space at an end
+    or a control character (a paste), a model written as a shell pattern (keys.json's
+    allowed_models take them; here only '*' alone): its price would silently never apply."""
     if not name or name != name.strip() or has_control(name):
         raise PricesFileError(
             f"PRICES_FILE {path}: {what} {shown_name(name)} is empty or has a space at an end "
             "or a control character (a paste?): it would match no request"
+        )
+    if what == "model" and name != "*" and any(char in name for char in "*?["):
+        raise PricesFileError(
+            f"PRICES_FILE {path}: model {shown_name(name)} is a pattern, and it would match no "
+            "request: a model is named exactly as the client sends it, or '*' for every model "
+            "of the provider"
         )
 
 

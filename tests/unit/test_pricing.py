@@ -432,3 +432,12 @@ def test_a_provider_or_model_name_padded_with_spaces_is_refused(
     # none, was charged instead of the negotiated one).
     with pytest.raises(PricesFileError, match="has a space at an end or a control character"):
         Prices.load(write(tmp_path / "prices.json", document))
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-*", "gpt-4o?", "gpt-[45]o"])
+def test_a_model_written_as_a_pattern_is_refused(tmp_path: Path, model: str) -> None:
+    # keys.json's allowed_models and routes take shell patterns; here a pattern was taken as
+    # a model's exact name, matched no request, and the price silently never applied.
+    document = {"anthropic": {model: {"input_mtok": 1, "output_mtok": 1}}}
+    with pytest.raises(PricesFileError, match="is a pattern"):
+        Prices.load(write(tmp_path / "prices.json", document))
