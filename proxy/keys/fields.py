@@ -234,9 +234,19 @@ def has_control(value: str) -> bool:
     return _CONTROL.search(value) is not None
 
 
+# An Authorization header's schemes, as a real key pasted with its header's value starts.
+_SCHEMES = frozenset({"bearer", "basic", "token"})
+
+
 def _header_safe(where: str, source: str, value: str) -> str:
     if has_control(value):
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
+    scheme, space, _ = value.partition(" ")
+    if space and scheme.lower() in _SCHEMES:  # "Bearer sk-..." pasted whole
+        raise KeysFileError(
+            f"{where}: {source} starts with an authorization scheme ('Bearer ' pasted with the "
+            "key?): put the key alone, the gateway adds the header's scheme"
+        )
     if not value.isascii():
         try:  # a variable's bytes that are not UTF-8 come as lone surrogates (os.environ)
             value.encode()

@@ -587,6 +587,25 @@ def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: st
         load(tmp_path, env_document, environ={"REAL": real})
 
 
+@pytest.mark.parametrize("real", ["Bearer sk-abc0123456789", "bearer  sk-abc0123456789"])
+def test_a_real_key_pasted_with_its_scheme_is_refused(tmp_path: Path, real: str) -> None:
+    # "Bearer sk-..." pasted whole was sent as 'Authorization: Bearer Bearer sk-...': every
+    # request the provider's 401, and the start said nothing.
+    document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
+    with pytest.raises(
+        KeysFileError, match="api_key starts with an authorization scheme"
+    ) as refused:
+        load(tmp_path, document)
+    assert "sk-abc" not in str(refused.value)
+    env_document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "R"}}}
+    with pytest.raises(KeysFileError, match="api_key_env R starts with an authorization scheme"):
+        load(tmp_path, env_document, environ={"R": real})
+    # A dummy key of a provider without auth may be any text.
+    for dummy in ("not used", "token", "bearer"):
+        document["virtual_keys"]["vk_a_123456789"]["api_key"] = dummy
+        assert len(load(tmp_path, document)) == 1
+
+
 def test_a_real_key_from_an_environment_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     # os.environ hands REAL=$'sk-abc\xffdef...' over as "sk-abc\udcffdef...": it was loaded,
     # and every request of the key was then a 500 (its echo search encoded it).
