@@ -150,9 +150,12 @@ def lookalikes(environ: Mapping[str, str]) -> list[str]:
     known = [row.variable for row in SETTINGS]
     said = []
     for name in sorted(environ):
-        if name in known or name.startswith("OTEL_") or not name.isupper():
+        if name in known or name.upper().startswith("OTEL_"):
             continue  # OTEL_*: the OpenTelemetry SDK's own, read by it
-        close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
+        if not name.isupper():  # quota_limit: a setting in the wrong case, or another's
+            close = [name.upper()] if name.upper() in known else []
+        else:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
         if close:
             said.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
     return said

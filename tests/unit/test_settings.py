@@ -252,3 +252,18 @@ def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
     with pytest.raises(SettingError, match="SERVER_HOST: must be an address"):
         Settings.from_env({"SERVER_HOST": host})
     assert Settings.from_env({"SERVER_HOST": "0.0.0.0,::,"}).server_host == "0.0.0.0,::,"
+
+
+def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> None:
+    # quota_limit=5 (a compose file's or a shell's habit) was ignored without a word: the
+    # limit stayed the default 100. Only upper-case names near a setting were warned of.
+    from proxy.runtime.check import lookalikes
+
+    said = lookalikes(
+        {"quota_limit": "5", "Redis_Url": "redis://r", "QUOTA_LIMTI": "5", "http_proxy": "x"}
+    )
+    assert len(said) == 3, said
+    assert any(
+        line.startswith("quota_limit is not a setting") and "QUOTA_LIMIT" in line for line in said
+    )
+    assert any("Redis_Url" in line and "REDIS_URL" in line for line in said)
