@@ -267,3 +267,15 @@ def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> 
         line.startswith("quota_limit is not a setting") and "QUOTA_LIMIT" in line for line in said
     )
     assert any("Redis_Url" in line and "REDIS_URL" in line for line in said)
+
+
+def test_a_keys_store_secret_that_takes_no_effect_is_warned_of() -> None:
+    # A KEYS_STORE_SECRET with keys.json as the store was taken without a word: the operator
+    # believed the real keys encrypted at rest.
+    from proxy.runtime.check import ignored_settings
+
+    secret = "x" * 32
+    said = ignored_settings(Settings.from_env({"KEYS_STORE_SECRET": secret}))
+    assert len(said) == 1 and "KEYS_STORE=redis" in said[0] and secret not in said[0]
+    # The image sets LOG_FILE_PATH for whoever turns LOG_TO_FILE on: no warning.
+    assert ignored_settings(Settings.from_env({"LOG_FILE_PATH": "/app/logs/x.jsonl"})) == []
