@@ -27,6 +27,10 @@ T = TypeVar("T")
 # broke the first 429 they gave (its retry-after-ms overflowed from 1.8e305 s, a budget's
 # "frees up at" date from 1e17 s); no limit needs more than ten years.
 MAX_WINDOW_SECONDS = 10 * 365 * 86400
+# The largest budget, here and in keys.json: a trillion dollars. Larger ones were taken and
+# every request of their keys answered 500 ($1e308 in micro-dollars overflows a float; past
+# 2**63 micro-dollars, a Redis counter).
+MAX_BUDGET_USD = 1_000_000_000_000
 # ADMIN_TOKEN and KEYS_STORE_SECRET shorter than this draw a warning at start: what the
 # admin API asks of a virtual key it is given.
 MIN_SECRET_CHARS = 20
@@ -98,7 +102,11 @@ def _non_negative_seconds(text: str) -> float:
 
 
 def _positive_dollars(text: str) -> float:
-    return _real(text, lambda value: value > 0, "a positive number of dollars")
+    return _real(
+        text,
+        lambda value: 0 < value <= MAX_BUDGET_USD,
+        f"a positive number of dollars, at most {MAX_BUDGET_USD}",
+    )
 
 
 def _ratio(text: str) -> float:
@@ -108,6 +116,13 @@ def _ratio(text: str) -> float:
 def _text(text: str) -> str:
     if not text.strip():
         _refuse("text", text)
+    return text.strip()
+
+
+def _addresses(text: str) -> str:
+    """SERVER_HOST: one address or several separated by commas; commas alone listen nowhere."""
+    if not any(part.strip() for part in text.split(",")):
+        _refuse("an address, such as 0.0.0.0, or several separated by commas", text)
     return text.strip()
 
 
@@ -234,7 +249,7 @@ class Settings:
 
     server_host: str = setting(
         "0.0.0.0",
-        _text,
+        _addresses,
         "address to listen on; several separated by commas (0.0.0.0,:: for IPv4 and IPv6: "
         ":: alone is IPv6 only)",
     )
@@ -563,15 +578,16 @@ OTEL_SAMPLERS = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
-_OTEL_NUMBERS = (
-    "OTEL_TRACES_SAMPLER_ARG",
-    "OTEL_EXPORTER_OTLP_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+# Seconds, read as a float; milliseconds and counts, which the SDK takes as whole numbers of
+# at least 1 (tracing reads them so); the SDK's defaults for the queue and its batches.
+_OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+_OTEL_WHOLE = (
     "OTEL_BSP_SCHEDULE_DELAY",
     "OTEL_BSP_EXPORT_TIMEOUT",
     "OTEL_BSP_MAX_QUEUE_SIZE",
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
 )
+_OTEL_QUEUE, _OTEL_BATCH = 2048, 512
 
 
 # The schemes whose proxy variable is read (HTTP_PROXY, HTTPS_PROXY, and ALL_PROXY for both).
@@ -640,13 +656,34 @@ def check_otel(otel: Mapping[str, str]) -> None:
     for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
         if otel.get(name, "none").lower() not in ("none", "gzip", "deflate"):
             raise SettingError(f"{name} must be none, gzip or deflate, got {otel[name]!r}")
-    for name in _OTEL_NUMBERS:
-        try:
-            is_positive = float(otel.get(name, "1")) > 0
-        except ValueError:
-            is_positive = False
-        if not is_positive:
+    if not 0 <= _otel_number(otel, "OTEL_TRACES_SAMPLER_ARG", 1) <= 1:
+        raise SettingError(
+            "OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1 (the share of traces "
+            f"sampled), got {otel['OTEL_TRACES_SAMPLER_ARG']!r}"
+        )
+    for name in _OTEL_SECONDS:
+        if not _otel_number(otel, name, 1) > 0:
             raise SettingError(f"{name} must be a positive number, got {otel[name]!r}")
+    for name in _OTEL_WHOLE:
+        if not _otel_number(otel, name, 1) >= 1:
+            raise SettingError(f"{name} must be a whole number, at least 1, got {otel[name]!r}")
+    queue = int(_otel_number(otel, "OTEL_BSP_MAX_QUEUE_SIZE", _OTEL_QUEUE))
+    batch = int(_otel_number(otel, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _OTEL_BATCH))
+    if batch > queue:  # the SDK's own refusal, a traceback once the app builds its tracing
+        raise SettingError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not exceed OTEL_BSP_MAX_QUEUE_SIZE "
+            f"({queue})"
+        )
+
+
+def _otel_number(otel: Mapping[str, str], name: str, default: float) -> float:
+    """The variable as a number, `default` when unset; NaN (which every bound refuses) when
+    it is not one, or not finite."""
+    try:
+        value = float(otel.get(name, default))
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def _is_http_url(text: str) -> bool:

@@ -35,6 +35,7 @@ from proxy.keys import edits
 from proxy.keys.credentials import sent
 from proxy.keys.edits import EditRefused
 from proxy.keys.fields import KeysFileError, UnknownField
+from proxy.keys.keys import shown_name, written_twice
 from proxy.keys.store import Edit, KeyStore, StoreReadOnly, StoreUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -194,12 +195,24 @@ async def _body(request: web.Request) -> dict[str, Any]:
             raise EditRefused(
                 413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
             )
+    text = bytes(raw) or b"{}"
     try:
-        body = orjson.loads(raw or b"{}")
+        body = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise EditRefused(400, "invalid_json", "The body must be a JSON object.") from None
     if not isinstance(body, dict):
         raise EditRefused(400, "invalid_json", "The body must be a JSON object.")
+    try:  # as in keys.json: JSON keeps the last silently, not the value the operator read
+        twice = written_twice(text)
+    except RecursionError:
+        raise EditRefused(400, "invalid_json", "The body is nested too deeply.") from None
+    if twice is not None:
+        raise EditRefused(
+            400,
+            "invalid_json",
+            f"{shown_name(twice)} is written twice in one object of the body (JSON keeps only "
+            "the last): keep one",
+        )
     return body
 
 

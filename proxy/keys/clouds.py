@@ -15,13 +15,29 @@ from typing import Any
 
 import orjson
 
-from proxy.keys.fields import KeysFileError, has_control
+from proxy.keys.fields import CLOUD_FIELDS, KeysFileError, has_control
 from proxy.settings import outbound_proxies
 from proxy.upstream.providers import Provider
 from proxy.upstream.signing import GoogleToken, SigV4
 from proxy.upstream.targets import Credential
 
 AWS_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+# The cloud fields each way of signing reads (keys.fields.CLOUD_FIELDS are all of them): any
+# other on a target is refused, not ignored (a region on an Azure key changes nothing).
+READ_BY = {
+    "sigv4": frozenset({"region", *AWS_FIELDS, *(f"{field}_env" for field in AWS_FIELDS)}),
+    "google": frozenset({"region", "project", "service_account_file", "service_account_json_env"}),
+    "": frozenset(),
+}
+
+
+def unread_cloud_field(where: str, entry: Mapping[str, Any], provider: Provider) -> None:
+    """Refuse a cloud field the provider's target does not read. Raises KeysFileError."""
+    unread = sorted((CLOUD_FIELDS & entry.keys()) - READ_BY.get(provider.signing, frozenset()))
+    if unread:
+        raise KeysFileError(f"{where}{unread[0]} does not apply to provider '{provider.name}'")
+
+
 # A region or a project goes into a host name or a path: letters, digits, dashes.
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -37,6 +53,7 @@ def cloud_target(
             raise KeysFileError(
                 f"{where}{refused} does not apply to provider '{provider.name}': it {why}"
             )
+    unread_cloud_field(where, entry, provider)
     region = _name(where, entry, "region")
     regional = provider.in_region(region)
     name = f"{provider.name}/{region}"
@@ -109,6 +126,10 @@ def _service_account(where: str, entry: Mapping[str, Any], environ: Mapping[str,
         except OSError as error:
             raise KeysFileError(
                 f"{where}service_account_file cannot be read ({error.strerror})"
+            ) from None
+        except ValueError:  # open() refuses a path holding a NUL
+            raise KeysFileError(
+                f"{where}service_account_file cannot be read (the path holds a null byte)"
             ) from None
         source = "service_account_file"
     else:

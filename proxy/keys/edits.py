@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.keys.fields import KeysFileError, check_fields, has_control, positive_number
+from proxy.keys.fields import (
+    MAX_NAME_CHARS,
+    KeysFileError,
+    check_fields,
+    has_control,
+    positive_number,
+)
 from proxy.keys.hashed import digest_of, hashed, is_hashed
 from proxy.keys.keys import masked
 from proxy.record import REDACTED
@@ -64,9 +70,16 @@ def _checked(where: str, body: Mapping[str, Any], level: str) -> None:
 
 def _name(body: Mapping[str, Any], what: str) -> str:
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
         raise EditRefused(
-            400, "invalid_name", f"The {what} needs a name: text, 1 to 200 characters."
+            400, "invalid_name", f"The {what} needs a name: text, 1 to {MAX_NAME_CHARS} characters."
+        )
+    if name != name.strip():
+        raise EditRefused(
+            400,
+            "invalid_name",
+            f"The {what}'s 'name' has a space at an end: another name than without it, shown "
+            "alike in logs and metrics; remove it.",
         )
     if has_control(name):  # never quoted back: it would garble the message it is in
         raise EditRefused(
@@ -103,7 +116,7 @@ def _given_or_new(where: str, document: dict[str, Any], given: Any) -> str:
             f"{where}: a given key must be at least {MIN_GIVEN_KEY} characters, without "
             "spaces; leave 'key' out and the gateway makes one",
         )
-    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in given) or is_hashed(given):
+    if " " in given or has_control(given) or is_hashed(given):
         raise EditRefused(400, "weak_key", f"{where}: a given key must be printable, not a digest")
     if hashed(given) in _taken(document):
         raise EditRefused(409, "key_exists", f"{where}: that virtual key is already in use")

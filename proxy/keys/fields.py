@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 from yarl import URL
 
 from proxy.quota.tracker import Budget, Limits
-from proxy.settings import MAX_WINDOW_SECONDS
+from proxy.settings import MAX_BUDGET_USD, MAX_WINDOW_SECONDS
 
 
 class KeysFileError(ValueError):
@@ -215,20 +215,38 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
 # OpenAI or Anthropic key holds dashes; a Google one is 39 characters), never printed back.
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 
-# A control character (C0 or DEL): in a real key, which goes into a header, CR or LF would
-# fail every request; in a name, which goes into log lines, metrics and messages, a NUL or a
-# line break would garble them. The one rule for both (the admin API's names: keys.edits).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A control character (C0, DEL or C1) or a Unicode line break: in a real key, which goes
+# into a header, CR or LF would fail every request; in a name, which goes into log lines,
+# metrics and messages, a NUL or a line break would garble them (orjson writes NEL, U+2028
+# and U+2029 into a log line as they are, and str.splitlines() breaks the line there). The
+# one rule for both (the admin API's names: keys.edits).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# The longest key or team name, in keys.json and through the admin API: a name is written
+# into every log line of its key and labels every metric series of it.
+MAX_NAME_CHARS = 200
 
 
 def has_control(value: str) -> bool:
-    """Whether `value` holds a control character (NUL to US, or DEL)."""
+    """Whether `value` holds a control character (NUL to US, DEL, the C1 controls) or a
+    Unicode line or paragraph separator."""
     return _CONTROL.search(value) is not None
+
+
+# An Authorization header's schemes, as a real key pasted with its header's value starts.
+_SCHEMES = frozenset({"bearer", "basic", "token"})
 
 
 def _header_safe(where: str, source: str, value: str) -> str:
     if has_control(value):
         raise KeysFileError(f"{where}: {source} contains a control character (a line break?)")
+    scheme, space, _ = value.partition(" ")
+    if space and scheme.lower() in _SCHEMES:  # "Bearer sk-..." pasted whole
+        raise KeysFileError(
+            f"{where}: {source} starts with an authorization scheme ('Bearer ' pasted with the "
+            "key?): put the key alone, the gateway adds the header's scheme"
+        )
     if not value.isascii():
         try:  # a variable's bytes that are not UTF-8 come as lone surrogates (os.environ)
             value.encode()
@@ -273,8 +291,10 @@ def budget(where: str, entry: Mapping[str, Any], defaults: Defaults) -> Budget |
     check_fields(where, budget, "budget", "budget.")
     usd = budget.get("usd")
     window = budget.get("window_seconds", defaults.budget_window_seconds)
-    if not positive_number(usd):
-        raise KeysFileError(f"{where}: budget.usd must be a positive number of dollars")
+    if not positive_number(usd) or usd > MAX_BUDGET_USD:
+        raise KeysFileError(
+            f"{where}: budget.usd must be a positive number of dollars, at most {MAX_BUDGET_USD}"
+        )
     if not window_length(window):
         raise KeysFileError(f"{where}: budget.window_seconds must be {WINDOW_LENGTH}")
     if defaults.unshared_workers != 1:  # only QUOTA_ENABLED=false lets such workers start
@@ -349,11 +369,25 @@ def window_length(value: object) -> TypeGuard[float]:
     return positive_number(value) and value <= MAX_WINDOW_SECONDS
 
 
+def model_name(where: str, field: str, value: str) -> None:
+    """Refuse a model name or pattern with a space at an end or a control character (a
+    paste): it matches no request's model, so a route or a model quota would silently never
+    apply, and a target's model would be sent as it is, for the provider's 404. Raises
+    KeysFileError."""
+    if value != value.strip() or has_control(value):
+        raise KeysFileError(
+            f"{where}: {field}: {value[:80]!r} has a space at an end or a control character "
+            "(a paste?): remove it"
+        )
+
+
 def patterns(where: str, patterns: Any) -> re.Pattern[str] | None:
     """Shell-style model patterns as one compiled alternation; None: any model."""
     if patterns is None:
         return None
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise KeysFileError(f"{where}: allowed_models must be a list of model name patterns")
+    for pattern in patterns:
+        model_name(where, "allowed_models", pattern)
     # Shell-style patterns, compiled once into one alternation.
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))

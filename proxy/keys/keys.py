@@ -26,6 +26,7 @@ from proxy.errors import GatewayError
 from proxy.keys import fields
 from proxy.keys.credentials import presented
 from proxy.keys.fields import (
+    MAX_NAME_CHARS,
     CachePolicy,
     Defaults,
     KeysFileError,
@@ -337,22 +338,39 @@ def parsed(path: str, raw: bytes) -> Any:
         document = orjson.loads(text)
     except orjson.JSONDecodeError as error:
         raise KeysFileError(f"{path}: not valid JSON ({error})") from None
-    try:  # orjson cannot tell; the standard parser's hook sees every object's names in order
-        json.loads(text, object_pairs_hook=_refuse_repeats)
+    try:
+        twice = written_twice(text)
     except RecursionError:  # orjson reads 1,024 levels, the standard parser about 1,000
         raise KeysFileError(f"{path}: nested too deeply to be a keys file") from None
-    except _WrittenTwice as twice:
+    if twice is not None:
         entries = document.get("virtual_keys") if isinstance(document, dict) else None
-        if isinstance(entries, dict) and twice.name in entries:
+        if isinstance(entries, dict) and twice in entries:
             raise KeysFileError(
-                f"{path}: key '{masked(twice.name)}': the virtual key is written twice in "
+                f"{path}: key '{masked(twice)}': the virtual key is written twice in "
                 "'virtual_keys' (JSON keeps only the last entry): give each entry its own key"
-            ) from None
-        shown = repr(twice.name[:80])  # repr: a newline in a name stays on one line
+            )
         raise KeysFileError(
-            f"{path}: {shown} is written twice in one object (JSON keeps only the last): keep one"
-        ) from None
+            f"{path}: {shown_name(twice)} is written twice in one object (JSON keeps only the "
+            "last): keep one"
+        )
     return document
+
+
+def written_twice(text: bytes) -> str | None:
+    """The first name an object of this JSON (one orjson read) holds twice, or None: orjson
+    cannot tell; the standard parser's hook sees every object's names in order. Raises
+    RecursionError for a document nested deeper than the standard parser reads (~1,000)."""
+    try:
+        json.loads(text, object_pairs_hook=_refuse_repeats)
+    except _WrittenTwice as twice:
+        return twice.name
+    return None
+
+
+def shown_name(name: str) -> str:
+    """A field's name as a message quotes it: cut to 80 characters, in repr (a newline in
+    it stays on one line)."""
+    return repr(name[:80])
 
 
 class _WrittenTwice(Exception):
@@ -481,6 +499,11 @@ def _key(
     defaults: Defaults,
     teams: Mapping[str, Team],
 ) -> VirtualKey:
+    if has_control(secret):  # its masked form (an unnamed key's name) would carry it
+        raise KeysFileError(
+            f"{path}: the virtual key contains a control character (an escape or a line "
+            "break): a virtual key must be printable text"
+        )
     if not isinstance(entry, dict):
         raise KeysFileError(f"{path}: key '{masked(secret)}': must be an object")
     name = _name(secret, entry)
@@ -490,6 +513,16 @@ def _key(
         raise KeysFileError(
             f"{path}: key '{masked(secret)}': name contains a control character (a NUL, tab, "
             "line break or escape): a name must be printable text"
+        )
+    if name != name.strip():  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: key '{masked(secret)}': name has a space at an end: another name than "
+            "without it, shown alike in logs and metrics; remove it"
+        )
+    if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: key '{masked(secret)}': name must be at most {MAX_NAME_CHARS} characters "
+            "(it is in every log line and metric of the key)"
         )
     where = f"{path}: key '{name}'"
     check_fields(where, entry, "key")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.keys import fields
-from proxy.keys.clouds import cloud_target
+from proxy.keys.clouds import cloud_target, unread_cloud_field
 from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields, has_control
 from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
 from proxy.upstream.targets import (
@@ -123,6 +123,8 @@ def parse_plans(
             raise KeysFileError(f"{key}: {at}.models must be a non-empty list of model patterns")
         if not all(isinstance(p, str) and p for p in patterns):
             raise KeysFileError(f"{key}: {at}.models must hold non-empty strings")
+        for pattern in patterns:
+            fields.model_name(key, f"{at}.models", pattern)
         plan = _plan(key, raw, providers, environ, f"{at}.")
         routes.append(Route(tuple(patterns), compile_patterns(patterns), plan))
     return Plans(own, tuple(routes), _served(own, routes))
@@ -196,9 +198,11 @@ def _target(
     where: str,
 ) -> Target:
     named = entry.get("provider")
-    provider = providers.get(named)  # type: ignore[arg-type]
+    known = ", ".join(sorted(providers))
+    if not isinstance(named, str):  # an object or a list cannot be looked up (nor shown)
+        raise UnknownProvider(f"{key}: {where}provider must be a provider's name (known: {known})")
+    provider = providers.get(named)
     if provider is None:
-        known = ", ".join(sorted(providers))
         raise UnknownProvider(
             f"{key}: {where}provider {_shown(named)} is unknown (known: {known})",
             provider=named if isinstance(named, str) else None,
@@ -212,9 +216,12 @@ def _target(
             f"{key}: {where}", entry, provider, environ
         )
         return Target(name, regional, Pool([credential]), None, project_path)
+    unread_cloud_field(f"{key}: {where}", entry, provider)
     model = entry.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise KeysFileError(f"{key}: {where}model must be a non-empty string")
+    if model is not None:
+        fields.model_name(key, f"{where}model", model)
     name = provider.name if model is None else f"{provider.name}/{model}"
     return Target(name, provider, _pool(key, entry, environ, where, name), model)
 

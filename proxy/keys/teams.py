@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.keys.fields import (
+    MAX_NAME_CHARS,
     WINDOW_LENGTH,
     Defaults,
     KeysFileError,
     budget,
     check_fields,
     has_control,
+    model_name,
     positive_int,
     window_length,
 )
@@ -66,6 +68,16 @@ def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
             raise KeysFileError(
                 f"{path}: a team name contains a control character (a NUL, tab, line break "
                 "or escape): a name must be printable text"
+            )
+        if name != name.strip():  # as the admin API refuses it
+            raise KeysFileError(
+                f"{path}: a team name has a space at an end: another name than without it, "
+                f"shown alike; remove it ({name.strip()[:80]!r})"
+            )
+        if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
+            raise KeysFileError(
+                f"{path}: a team name must be at most {MAX_NAME_CHARS} characters (it is in "
+                "its metrics)"
             )
         if not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
@@ -175,6 +187,8 @@ def parse_model_quotas(
             or not all(isinstance(m, str) and m for m in models)
         ):
             raise KeysFileError(f"{where}: {at}.models must be a list of model name patterns")
+        for pattern in models:
+            model_name(where, f"{at}.models", pattern)
         limits = window(where, {k: v for k, v in group.items() if k != "models"}, at, defaults)
         if limits is None:
             continue  # QUOTA_ENABLED=false: windows off

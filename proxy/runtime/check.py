@@ -73,7 +73,7 @@ def warnings(
     environ: Mapping[str, str],
 ) -> list[str]:
     """What a start says before serving: lookalike variables, keys that look like mistakes."""
-    said = lookalikes(environ) + short_secrets(settings)
+    said = lookalikes(environ) + ignored_settings(settings) + short_secrets(settings)
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
@@ -82,6 +82,18 @@ def warnings(
             said += unpriced_budgets(key_ring, prices, settings)
             said += misnamed_prices(key_ring, prices, settings)
     return said
+
+
+def ignored_settings(settings: Settings) -> list[str]:
+    """A line for each setting given that takes no effect as the others are set: a secret for
+    keys Redis does not keep. (Not LOG_FILE_PATH without LOG_TO_FILE: the image sets it for
+    whoever turns the file on.)"""
+    if settings.keys_store_secret is not None and settings.keys_store != "redis":
+        return [
+            "KEYS_STORE_SECRET is ignored: it encrypts the keys only with KEYS_STORE=redis "
+            "(keys.json is the store)"
+        ]
+    return []
 
 
 def short_secrets(settings: Settings) -> list[str]:
@@ -150,9 +162,12 @@ def lookalikes(environ: Mapping[str, str]) -> list[str]:
     known = [row.variable for row in SETTINGS]
     said = []
     for name in sorted(environ):
-        if name in known or name.startswith("OTEL_") or not name.isupper():
+        if name in known or name.upper().startswith("OTEL_"):
             continue  # OTEL_*: the OpenTelemetry SDK's own, read by it
-        close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
+        if not name.isupper():  # quota_limit: a setting in the wrong case, or another's
+            close = [name.upper()] if name.upper() in known else []
+        else:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
         if close:
             said.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
     return said

@@ -244,9 +244,10 @@ def _refusals(host: str, port: int) -> Iterator[None]:
                 f"port {port} on {host} is already in use: "
                 "stop what holds it, or choose another with SERVER_PORT or --server-port"
             ) from None
-        if error.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
-            raise CannotListen(f"cannot listen on {host}:{port}: {error.strerror}") from None
-        raise
+        # Not available, denied, or any other the kernel says (EINVAL: a link-local IPv6
+        # address without its interface): one line naming the address, never a traceback.
+        reason = error.strerror or str(error)
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def make_room(held: dict[RequestHandler, asyncio.Transport]) -> bool:

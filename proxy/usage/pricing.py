@@ -50,7 +50,6 @@ is priced at its usual rates, and so is a model the overrides file prices.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +58,8 @@ from typing import Any
 
 import orjson
 
+from proxy.keys.fields import has_control
+from proxy.keys.keys import shown_name, written_twice
 from proxy.record import Usage
 from proxy.settings import SettingError
 
@@ -129,6 +130,12 @@ _USUAL_TIERS = frozenset((None, "default", "auto"))
 # Anthropic's fast mode (the answer's `usage.speed`), and the library's price context for it.
 _FAST = "fast"
 _FAST_MODE: dict[str, str | None] = {"speed": _FAST}
+
+
+# The highest rate PRICES_FILE takes (dollars per million tokens, per thousand requests, per
+# hour of audio): far above any provider's, and low enough that no usage prices to inf (a
+# log line's "cost_usd":inf is no JSON).
+MAX_RATE = 1_000_000
 
 
 class PricesFileError(SettingError):
@@ -435,37 +442,76 @@ def _from_library(model_price: Any) -> Price | None:
 
 def _overrides(path: str) -> dict[tuple[str, str], Price]:
     try:
-        with open(path, "rb") as file:
-            document = orjson.loads(file.read())
+        with open(path, "rb") as file:  # editors may add a BOM, as to keys.json
+            text = file.read().removeprefix(b"\xef\xbb\xbf")
+        document = orjson.loads(text)
     except OSError as error:
         raise PricesFileError(f"PRICES_FILE {path} cannot be read: {error.strerror}") from None
     except orjson.JSONDecodeError as error:
         raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {error}") from None
+    _refuse_repeats(path, text)
     if not isinstance(document, dict):
         raise PricesFileError(f"PRICES_FILE {path} must be an object of provider → models")
     prices: dict[tuple[str, str], Price] = {}
     for provider, models in document.items():
+        _matchable(path, "provider", provider)
         if not isinstance(models, dict) or not models:
             raise PricesFileError(
-                f"PRICES_FILE {path}: provider '{provider}' must be an object of model → rates"
+                f"PRICES_FILE {path}: provider {shown_name(provider)} must be an object of model → "
+                "rates"
             )
         for model, rates in models.items():
+            _matchable(path, "model", model)
             prices[(provider, model)] = _price(path, provider, model, rates)
     return prices
 
 
+def _matchable(path: str, what: str, name: str) -> None:
+    """Refuse a provider or model name no request can match: empty, with a space at an end
+    or a control character (a paste), a model written as a shell pattern (keys.json's
+    allowed_models take them; here only '*' alone): its price would silently never apply."""
+    if not name or name != name.strip() or has_control(name):
+        raise PricesFileError(
+            f"PRICES_FILE {path}: {what} {shown_name(name)} is empty or has a space at an end "
+            "or a control character (a paste?): it would match no request"
+        )
+    if what == "model" and name != "*" and any(char in name for char in "*?["):
+        raise PricesFileError(
+            f"PRICES_FILE {path}: model {shown_name(name)} is a pattern, and it would match no "
+            "request: a model is named exactly as the client sends it, or '*' for every model "
+            "of the provider"
+        )
+
+
+def _refuse_repeats(path: str, text: bytes) -> None:
+    """Refuse a name written twice in one object: JSON keeps the last silently, so a model
+    priced again further down (or a rate set twice) would take a price nobody read."""
+    try:
+        twice = written_twice(text)
+    except RecursionError:
+        raise PricesFileError(f"PRICES_FILE {path} is nested too deeply") from None
+    if twice is not None:
+        raise PricesFileError(
+            f"PRICES_FILE {path}: {shown_name(twice)} is written twice in one object (JSON "
+            "keeps only the last): keep one"
+        )
+
+
 def _price(path: str, provider: str, model: str, rates: object) -> Price:
-    where = f"PRICES_FILE {path}: '{provider}' model '{model}'"
+    # Names quoted as repr, cut short: a line break in one stays in the one line.
+    where = f"PRICES_FILE {path}: {shown_name(provider)} model {shown_name(model)}"
     if not isinstance(rates, dict) or not rates:
         raise PricesFileError(f"{where} must be an object of rates (e.g. input_mtok)")
     parsed: dict[str, Rate] = {}
     for name, value in rates.items():
         if name not in PRICE_KEYS:
             raise PricesFileError(
-                f"{where}: unknown rate '{name}' (known: {', '.join(PRICE_KEYS)})"
+                f"{where}: unknown rate {shown_name(name)} (known: {', '.join(PRICE_KEYS)})"
             )
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not is_number or not math.isfinite(value) or value < 0:
-            raise PricesFileError(f"{where}: {name} must be a non-negative number, got {value!r}")
+        if not is_number or not 0 <= value <= MAX_RATE:
+            raise PricesFileError(
+                f"{where}: {name} must be a non-negative number, at most {MAX_RATE}, got {repr(value)[:40]}"
+            )
         parsed[name] = Rate(float(value))
     return Price(parsed)

@@ -139,6 +139,13 @@ async def test_a_given_key_must_be_long_enough_and_unused(admin_gateway: Make) -
     )
     assert weak.status == 400
     assert_openai_error(await weak.json(), "weak_key")
+    for unprintable in ("vk-given\u2028by-the-operator-01", "vk-given by-the-operator-0001"):
+        refused = await gateway.post(
+            "/admin/keys",
+            json={"name": "e", "key": unprintable, "provider": "openai", "api_key": REAL},
+            headers=ADMIN,
+        )
+        assert_openai_error(await refused.json(), "weak_key")
     given = "vk-given-by-the-operator-000001"
     assert (await create(gateway, name="erin", key=given))["key"] == given
     assert await chat(gateway, given) == 200
@@ -225,7 +232,7 @@ async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_fi
     rule that keeps them out of a real key; the file is not touched."""
     gateway = await admin_gateway()
     before = keys_file.read_bytes()
-    names = ("nul\x00byte", "two\nlines", "a\ttab", "\x1b[31mred", "del\x7f")
+    names = ("nul\x00byte", "two\nlines", "a\ttab", "\x1b[31mred", "del\x7f", "a\u2028b", "c\x85d")
     for name in names:
         for path, body in (
             ("/admin/keys", {"name": name, "provider": "openai", "api_key": REAL}),
@@ -242,6 +249,14 @@ async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_fi
     listed = await (await gateway.get("/admin/keys", headers=ADMIN)).json()
     assert not {key["name"] for key in listed["keys"]} & set(names)
     assert (await create(gateway, name="plain name, é and all"))["name"] == "plain name, é and all"
+    for padded in ("alice ", " bob"):  # another name than alice's, shown alike
+        for path, body in (
+            ("/admin/keys", {"name": padded, "provider": "openai", "api_key": REAL}),
+            ("/admin/teams", {"name": padded}),
+        ):
+            response = await gateway.post(path, json=body, headers=ADMIN)
+            assert_openai_error(await response.json(), "invalid_name")
+            assert "space at an end" in (await response.json())["error"]["message"]
 
 
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
@@ -376,6 +391,64 @@ async def test_a_body_arriving_in_pieces_is_read_whole(admin_gateway: Make) -> N
     response = await gateway.post("/admin/keys", data=pieces(), headers=ADMIN)
     assert response.status == 201, await response.text()
     assert await chat(gateway, (await response.json())["key"]) == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "named"),
+    [
+        # The second quota, null, would have silently given the key the default one.
+        (
+            "POST",
+            "/admin/keys",
+            b'{"name": "twice", "provider": "openai", "api_key": "sk-real-twice-0123456789",'
+            b' "quota": {"requests": 5}, "quota": null}',
+            "'quota'",
+        ),
+        (
+            "PATCH",
+            "/admin/keys/limited",
+            b'{"quota": {"requests": 5, "requests": 500}}',
+            "'requests'",
+        ),
+        ("POST", "/admin/teams", b'{"name": "t", "name": "u"}', "'name'"),
+    ],
+)
+async def test_a_field_written_twice_in_a_body_is_refused_as_in_keys_json(
+    admin_gateway: Make, keys_file: Path, method: str, path: str, body: bytes, named: str
+) -> None:
+    # JSON keeps the last one silently, so the key was made with a limit other than the one
+    # its operator read in the request; keys.json refuses a name written twice (482f997).
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    response = await gateway.request(method, path, data=body, headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_json")
+    assert named in error["error"]["message"] and "twice" in error["error"]["message"]
+    assert keys_file.read_bytes() == before
+    empty = await gateway.post("/admin/keys/limited/rotate", headers=ADMIN)  # no body: {}
+    assert_openai_error(await empty.json(), "invalid_grace")
+
+
+async def test_a_provider_that_is_not_a_name_is_refused_not_a_500(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # An object or a list as provider (or a fallback's) answered 500 with a TypeError
+    # traceback on stderr: the loader looked it up as a name.
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for provider in (["openai"], {"name": "openai"}):
+        for body in (
+            {"name": "p", "provider": provider, "api_key": REAL},
+            {"provider": "openai", "api_key": REAL, "fallbacks": [{"provider": provider}]},
+        ):
+            body = {"name": "p", **body}
+            response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+            assert response.status == 422, await response.text()
+            error = await response.json()
+            assert_openai_error(error, "invalid_key_settings")
+            assert "provider must be a provider's name" in error["error"]["message"]
+    assert keys_file.read_bytes() == before
 
 
 @pytest.fixture

@@ -204,3 +204,16 @@ async def test_an_exhausted_key_is_refused_before_its_10_mb_bodies_are_read(
     # Each got its 429 with only 64 KiB of its 10 MB sent: the gateway never waited for the rest.
     assert [status for status, _ in answers] == [b"HTTP/1.1 429 Too Many Requests\r\n"] * 40
     assert len(fake.requests) == 1
+
+
+async def test_the_largest_budget_keys_json_takes_serves_and_reports(
+    budget_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    # A budget of $1e308 (meant as "no cap") loaded, then every request of its key and its
+    # GET /usage answered 500: its micro-dollars overflowed a float. The largest budget the
+    # file takes serves as any other.
+    gateway = await budget_gateway({"budget": {"usd": 1_000_000_000_000}})
+    assert await one(gateway) == 200
+    usage = await gateway.get("/usage", headers=auth(BUDGET_VK))
+    assert usage.status == 200
+    assert (await usage.json())["budget"]["limit_usd"] == 1_000_000_000_000

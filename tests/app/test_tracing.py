@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -303,13 +304,63 @@ def test_the_sdks_own_variables_turn_traces_on(environ: dict[str, str], is_on: b
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         ),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        # Each of these ended the start with the SDK's ValueError (or an OverflowError)
+        # traceback, exit code 1: a ratio past 1 (read even with the default sampler), a
+        # queue or delay that is a fraction, a batch larger than the queue, infinity.
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER_ARG": "inf"},
+            "OTEL_TRACES_SAMPLER_ARG must be a number from 0 to 1",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "0.5"},
+            "OTEL_BSP_MAX_QUEUE_SIZE must be a whole number, at least 1",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "inf"},
+            "OTEL_BSP_SCHEDULE_DELAY must be a whole number, at least 1",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "nan"},
+            "OTEL_EXPORTER_OTLP_TIMEOUT must be a positive number",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE (5000) must not exceed OTEL_BSP_MAX_QUEUE_SIZE (2048)",
+        ),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "200",
+            },
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE (200) must not exceed OTEL_BSP_MAX_QUEUE_SIZE (100)",
+        ),
     ],
 )
 def test_otel_values_the_gateway_cannot_honour_stop_the_start(
     environ: dict[str, str], culprit: str
 ) -> None:
-    with pytest.raises(SettingError, match=culprit):
+    with pytest.raises(SettingError, match=re.escape(culprit)):
         Settings.from_env(environ)
+
+
+async def test_a_sampling_ratio_of_zero_and_the_edges_of_the_batch_start(
+    make_gateway: Callable[..., Awaitable[TestClient]], receiver: TestServer
+) -> None:
+    # A ratio of 0 (sample nothing) was refused as "not a positive number", though the SDK
+    # takes any ratio from 0 to 1.
+    gateway = await make_gateway(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")),
+        OTEL_TRACES_SAMPLER="traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0",
+        OTEL_BSP_MAX_QUEUE_SIZE="100",
+        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="100",
+    )
+    assert (await gateway.get("/health")).status == 200
 
 
 async def test_sampling_off_exports_nothing_but_still_passes_context(

@@ -355,6 +355,23 @@ def test_the_account_may_come_from_an_environment_variable(
         KeyRing.load(str(path), {"T_VERTEX_SA": '{"type": "\udcff"}'}, defaults)
 
 
+@pytest.mark.parametrize(
+    ("path", "says"), [("/nowhere/sa.json", "No such file"), ("sa\u0000.json", "null byte")]
+)
+def test_an_account_file_that_cannot_be_opened_is_refused_in_one_line(
+    tmp_path: Path, path: str, says: str
+) -> None:
+    # A path holding a NUL (an escape left in keys.json) ended the start in a traceback.
+    document = vertex_keys("http://127.0.0.1:1", tmp_path / "unused.json")
+    del document["virtual_keys"][SMALL_VK], document["virtual_keys"][NARROW_VK]
+    document["virtual_keys"][VERTEX_VK]["service_account_file"] = path
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    with pytest.raises(KeysFileError, match=f"service_account_file cannot be read.*{says}"):
+        KeyRing.load(str(keys), {}, defaults)
+
+
 async def test_a_path_naming_a_project_goes_to_the_targets_project_however_short(
     gateway: TestClient, vertex: VertexState
 ) -> None:

@@ -51,6 +51,20 @@ from tests.support.processes import refused
             "api_key contains a control character",
             "sk-a",
         ),
+        # A provider given as an object or a list ended the start in a TypeError traceback.
+        (
+            {
+                "virtual_keys": {
+                    "vk_a_123456789": {
+                        "provider": {"name": "openai"},
+                        "api_key": "x",
+                        "fallbacks": [{"provider": ["anthropic"], "api_key": "y"}],
+                    }
+                }
+            },
+            "key 'vk_a…e427d3': provider must be a provider's name (known: ",
+            "Traceback",
+        ),
     ],
 )
 def test_the_gateway_refuses_to_start_on_a_careless_keys_file(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -586,6 +587,25 @@ def test_a_real_key_with_a_control_character_is_refused(tmp_path: Path, real: st
         load(tmp_path, env_document, environ={"REAL": real})
 
 
+@pytest.mark.parametrize("real", ["Bearer sk-abc0123456789", "bearer  sk-abc0123456789"])
+def test_a_real_key_pasted_with_its_scheme_is_refused(tmp_path: Path, real: str) -> None:
+    # "Bearer sk-..." pasted whole was sent as 'Authorization: Bearer Bearer sk-...': every
+    # request the provider's 401, and the start said nothing.
+    document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key": real}}}
+    with pytest.raises(
+        KeysFileError, match="api_key starts with an authorization scheme"
+    ) as refused:
+        load(tmp_path, document)
+    assert "sk-abc" not in str(refused.value)
+    env_document = {"virtual_keys": {"vk_a_123456789": {"provider": "openai", "api_key_env": "R"}}}
+    with pytest.raises(KeysFileError, match="api_key_env R starts with an authorization scheme"):
+        load(tmp_path, env_document, environ={"R": real})
+    # A dummy key of a provider without auth may be any text.
+    for dummy in ("not used", "token", "bearer"):
+        document["virtual_keys"]["vk_a_123456789"]["api_key"] = dummy
+        assert len(load(tmp_path, document)) == 1
+
+
 def test_a_real_key_from_an_environment_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     # os.environ hands REAL=$'sk-abc\xffdef...' over as "sk-abc\udcffdef...": it was loaded,
     # and every request of the key was then a 500 (its echo search encoded it).
@@ -701,7 +721,22 @@ def test_a_keys_output_allowance_is_its_own_else_the_setting(tmp_path: Path) -> 
     assert allowances == {"vk_own_123456789": 512, "vk_default_1234567": 900}
 
 
-@pytest.mark.parametrize("name", ["team\x00a", "two\nlines", "tab\there", "esc\x1b[31m", "del\x7f"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "team\x00a",
+        "two\nlines",
+        "tab\there",
+        "esc\x1b[31m",
+        "del\x7f",
+        # Line breaks to Unicode: orjson writes them into a log line as they are, and a
+        # reader splitting lines as Python's str.splitlines() does gets the line in two.
+        "next\x85line",
+        "line\u2028separator",
+        "paragraph\u2029separator",
+        "csi\x9b31m",
+    ],
+)
 def test_a_key_or_team_name_with_a_control_character_is_refused(tmp_path: Path, name: str) -> None:
     """As the admin API refuses it (keys.edits): a name goes into log lines and metrics."""
     key = {"vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": name}}
@@ -768,3 +803,161 @@ def test_a_real_key_put_in_the_wrong_field_is_not_printed_back(
     assert misplaced not in str(refused.value)
     assert misplaced[:16] not in str(refused.value)
     assert field in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        # A model_quotas group that never matched: gpt-4o's own limit silently off.
+        (
+            {"model_quotas": [{"models": ["gpt-4o "], "requests": 5}]},
+            "model_quotas[0].models: 'gpt-4o ' has a space at an end or a control character",
+        ),
+        # A route that never matched: gpt-4o silently went to the key's own provider.
+        (
+            {"routes": [{"models": [" gpt-4o"], "provider": "azure", "api_key": "az-1"}]},
+            "routes[0].models: ' gpt-4o' has a space at an end or a control character",
+        ),
+        # Every gpt-4o request 403 model_not_allowed, though the file allows it.
+        (
+            {"allowed_models": ["gpt-4o\t"]},
+            "allowed_models: 'gpt-4o\\t' has a space at an end or a control character",
+        ),
+        # Sent upstream as it is: every request the provider's 404 model_not_found.
+        (
+            {"model": "gpt-4o-mini "},
+            "model: 'gpt-4o-mini ' has a space at an end or a control character",
+        ),
+    ],
+)
+def test_a_model_name_or_pattern_padded_with_spaces_is_refused_not_left_unmatched(
+    tmp_path: Path, entry: dict[str, Any], says: str
+) -> None:
+    document = {
+        "providers": {"azure": {"base_url": "https://example.openai.azure.com/openai/v1"}},
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": "sk-a", "name": "a", **entry}
+        },
+    }
+    with pytest.raises(KeysFileError, match=re.escape(says)):
+        load(tmp_path, document)
+    inner = {"models": ["gpt-4o", "o3 mini"], "requests": 5}  # a space inside is a name's own
+    document["virtual_keys"]["vk_a_123456789"] = {
+        "provider": "openai",
+        "api_key": "sk-a",
+        "model_quotas": [inner],
+        "allowed_models": ["gpt-4o", "o3 mini"],
+    }
+    assert len(load(tmp_path, document)) == 1
+
+
+@pytest.mark.parametrize("usd", [1e308, 2**63, 1_000_000_000_001])
+def test_a_budget_past_a_trillion_dollars_is_refused(tmp_path: Path, usd: float) -> None:
+    # $1e308 (meant as "no cap") loaded, and every request of its key answered 500: its
+    # micro-dollars overflowed a float (and past 2**63 they would a Redis counter).
+    key = {"provider": "openai", "api_key": "sk-x", "name": "agent", "budget": {"usd": usd}}
+    with pytest.raises(
+        KeysFileError,
+        match="budget.usd must be a positive number of dollars, at most 1000000000000",
+    ):
+        load(tmp_path, {"virtual_keys": {"vk_agent_123456789": key}})
+    team = {
+        "teams": {"t": {"budget": {"usd": usd}}},
+        "virtual_keys": {"vk_agent_123456789": {**key, "budget": None, "team": "t"}},
+    }
+    with pytest.raises(KeysFileError, match="team 't': budget.usd must be"):
+        load(tmp_path, team)
+
+
+def test_a_key_or_team_name_longer_than_the_admin_api_takes_is_refused(tmp_path: Path) -> None:
+    # The admin API refuses a name over 200 characters; keys.json took one of any length,
+    # written into every log line of the key and every metric series it labels.
+    long = "n" * 201
+    key = {"provider": "openai", "api_key": "sk-a", "name": long}
+    with pytest.raises(KeysFileError, match="name must be at most 200 characters") as refused:
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": key}})
+    assert long not in str(refused.value)
+    teams = {"teams": {long: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
+    with pytest.raises(
+        KeysFileError, match="a team name must be at most 200 characters"
+    ) as refused:
+        load(tmp_path, teams)
+    assert long not in str(refused.value)
+    key["name"] = "n" * 200
+    teams = {
+        "teams": {"t" * 200: {}},
+        "virtual_keys": {"vk_a_123456789": {**key, "team": "t" * 200}},
+    }
+    assert len(load(tmp_path, teams)) == 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        # An Azure key given a region expecting a regional endpoint: silently ignored.
+        (
+            {"provider": "azure", "api_key": "az-1", "region": "eastus"},
+            "region does not apply to provider 'azure'",
+        ),
+        (
+            {"provider": "openai", "api_key": "sk-a", "aws_secret_access_key": "x"},
+            "aws_secret_access_key does not apply to provider 'openai'",
+        ),
+        (
+            {
+                "provider": "bedrock",
+                "region": "us-east-1",
+                "aws_access_key_id": "AKIA0",
+                "aws_secret_access_key": "s",
+                "project": "my-project",
+            },
+            "project does not apply to provider 'bedrock'",
+        ),
+        (
+            {
+                "provider": "openai",
+                "api_key": "sk-a",
+                "fallbacks": [{"provider": "openai", "api_key": "sk-b", "project": "p"}],
+            },
+            "fallbacks[0].project does not apply to provider 'openai'",
+        ),
+    ],
+)
+def test_a_cloud_field_on_a_target_that_does_not_read_it_is_refused(
+    tmp_path: Path, entry: dict[str, Any], says: str
+) -> None:
+    document = {
+        "providers": {"azure": {"base_url": "https://example.openai.azure.com/openai/v1"}},
+        "virtual_keys": {"vk_a_123456789": {"name": "a", **entry}},
+    }
+    with pytest.raises(KeysFileError, match=re.escape(says)):
+        load(tmp_path, document)
+
+
+@pytest.mark.parametrize(
+    "secret", ["vk\x1b[31m_0123456789", "v\u2028k_0123456789", "vk_0123\n456789"]
+)
+def test_a_virtual_key_with_a_control_character_is_refused_without_showing_it(
+    tmp_path: Path, secret: str
+) -> None:
+    # An unnamed key appears as its first 4 characters and a hash: an escape or a line
+    # break among them went into every log line and metric of the key (and no client can
+    # send such a key in a header anyway).
+    key = {secret: {"provider": "openai", "api_key": "sk-a"}}
+    with pytest.raises(
+        KeysFileError, match="the virtual key contains a control character"
+    ) as refused:
+        load(tmp_path, {"virtual_keys": key})
+    assert secret[:4] not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["alice ", " alice", "alice\u00a0"])
+def test_a_key_or_team_name_with_a_space_at_an_end_is_refused(tmp_path: Path, name: str) -> None:
+    # Taken as written, 'alice ' was another name than 'alice': shown alike in the log and
+    # the metrics, and PATCH /admin/keys/alice answered 404 'No key is named alice'.
+    key = {"provider": "openai", "api_key": "sk-a", "name": name}
+    with pytest.raises(KeysFileError, match="name has a space at an end"):
+        load(tmp_path, {"virtual_keys": {"vk_a_123456789": key}})
+    teams = {"teams": {name: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
+    with pytest.raises(KeysFileError, match="a team name has a space at an end"):
+        load(tmp_path, teams)

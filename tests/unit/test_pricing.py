@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -289,6 +290,10 @@ def test_overrides_replace_the_library_price_and_price_custom_providers(tmp_path
         ({"openai": {"m": {"input_mtok": -1}}}, "input_mtok must be a non-negative number"),
         ({"openai": {"m": {"input_mtok": "1"}}}, "input_mtok must be a non-negative number"),
         ({"openai": {"m": {"input_mtok": True}}}, "input_mtok must be a non-negative number"),
+        # A cost of 12 tokens at $1e308 a million was inf, written into the log line as
+        # "cost_usd":inf: a line no JSON reader parses.
+        ({"openai": {"m": {"input_mtok": 1e308}}}, "input_mtok must be a non-negative number"),
+        ({"openai": {"m": {"output_mtok": 1_000_001}}}, "at most 1000000, got 1000001"),
     ],
 )
 def test_a_bad_overrides_file_is_refused_naming_what_is_wrong(
@@ -365,3 +370,74 @@ def test_the_overrides_file_prices_hour_long_cache_writes_and_web_searches(
     assert prices.cost("local", "m", usage) == pytest.approx(0.5 + 0.375 + 0.4 + 0.03)
     # Without their rates: every write at the cache write rate, the searches unbilled.
     assert prices.cost("local", "n", usage) == pytest.approx(0.5 + 0.625)
+
+
+def test_a_prices_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Notepad and some editors save UTF-8 with a BOM: keys.json loads so, and the prices
+    # file stopped the start, 'not valid JSON' for a file that reads as valid.
+    path = tmp_path / "prices.json"
+    document = {"local": {"*": {"input_mtok": 0.5, "output_mtok": 1.5}}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(document).encode())
+    prices = Prices.load(str(path))
+    assert prices.cost("local", "llama", Usage(1_000_000, 1_000_000)) == pytest.approx(2.0)
+
+
+def test_a_model_or_rate_written_twice_in_the_prices_file_is_refused(tmp_path: Path) -> None:
+    # JSON keeps the last silently: a model priced again further down a long file (or a
+    # rate set twice) was priced by whichever came last, not the one its editor read.
+    path = tmp_path / "prices.json"
+    for text, named in (
+        ('{"local": {"m": {"input_mtok": 1}, "m": {"input_mtok": 0}}}', "'m'"),
+        ('{"local": {"m": {"input_mtok": 1, "input_mtok": 0}}}', "'input_mtok'"),
+    ):
+        path.write_text(text)
+        with pytest.raises(PricesFileError, match=f"{named} is written twice") as refused:
+            Prices.load(str(path))
+        assert str(path) in str(refused.value)
+
+
+def test_the_highest_rate_prices_the_largest_usage_at_a_finite_cost(tmp_path: Path) -> None:
+    rates = {name: 1_000_000 for name in ("input_mtok", "output_mtok", "cache_read_mtok")}
+    prices = Prices.load(write(tmp_path / "prices.json", {"local": {"*": rates}}))
+    cost = prices.cost("local", "m", Usage(2**63, 2**63, cache_read_tokens=2**62))
+    assert cost is not None and math.isfinite(cost)
+
+
+def test_a_refusal_of_the_prices_file_stays_on_one_line(tmp_path: Path) -> None:
+    # A model or a rate named with a line break split the refusal, one line on stderr by
+    # the rule, in two.
+    for document in (
+        {"local": {"llama\nx": {"input_mtok": -1}}},
+        {"local": {"m": {"input\nmtok": 1}}},
+        {"lo\ncal": []},
+        {"local": {"m": {"input_mtok": ["x" * 1000]}}},
+    ):
+        with pytest.raises(PricesFileError) as refused:
+            Prices.load(write(tmp_path / "prices.json", document))
+        assert "\n" not in str(refused.value) and len(str(refused.value)) < 700
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"openai": {"gpt-4o ": {"input_mtok": 1, "output_mtok": 1}}},
+        {" local": {"*": {"input_mtok": 0, "output_mtok": 0}}},
+        {"local": {"": {"input_mtok": 0, "output_mtok": 0}}},
+    ],
+)
+def test_a_provider_or_model_name_padded_with_spaces_is_refused(
+    tmp_path: Path, document: object
+) -> None:
+    # It matched no request: the override silently never applied (the library's price, or
+    # none, was charged instead of the negotiated one).
+    with pytest.raises(PricesFileError, match="has a space at an end or a control character"):
+        Prices.load(write(tmp_path / "prices.json", document))
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-*", "gpt-4o?", "gpt-[45]o"])
+def test_a_model_written_as_a_pattern_is_refused(tmp_path: Path, model: str) -> None:
+    # keys.json's allowed_models and routes take shell patterns; here a pattern was taken as
+    # a model's exact name, matched no request, and the price silently never applied.
+    document = {"anthropic": {model: {"input_mtok": 1, "output_mtok": 1}}}
+    with pytest.raises(PricesFileError, match="is a pattern"):
+        Prices.load(write(tmp_path / "prices.json", document))

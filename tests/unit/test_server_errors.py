@@ -14,7 +14,8 @@ from aiohttp.http_exceptions import (
     TransferEncodingError,
 )
 
-from proxy.runtime.server import refused
+from proxy.runtime.server import CannotListen, check_port_free, refused
+from proxy.settings import Settings
 
 
 def test_a_head_too_large_is_431_and_names_the_limits_not_the_line() -> None:
@@ -67,4 +68,16 @@ def test_llhttps_own_reason_is_kept_whatever_kind_of_refusal_carries_it() -> Non
     assert (
         refused(400, fault).message
         == "The request is not valid HTTP/1.1 (Invalid char in url path)."
+    )
+
+
+@pytest.mark.parametrize("host", ["fe80::1", "fe80::1%no-such-interface"])
+def test_an_address_the_kernel_refuses_to_bind_is_one_line_not_a_traceback(host: str) -> None:
+    # A link-local IPv6 address without its interface (EINVAL) ended the start with an
+    # OSError traceback and exit code 1; only 'in use', 'not available' and 'denied' were said.
+    settings = Settings.from_env({"SERVER_HOST": host, "SERVER_PORT": "0"})
+    with pytest.raises(CannotListen) as refused:
+        check_port_free(settings)
+    assert str(refused.value).startswith(f"cannot listen on {host}:0: ") or "SERVER_HOST" in str(
+        refused.value
     )

@@ -264,3 +264,50 @@ def test_a_proxy_setting_is_refused_without_showing_its_password() -> None:
             Settings.from_env({"https_proxy": url})
         assert "hunter2" not in str(refused.value) and "HTTPS_PROXY" in str(refused.value)
     assert "hunter2" not in repr(Settings.from_env({"HTTPS_PROXY": "http://u:hunter2@p:1"}))
+
+
+def test_a_default_budget_past_a_trillion_dollars_is_refused() -> None:
+    # BUDGET_USD=1e308 was taken, and every request answered 500 (its micro-dollars
+    # overflowed a float).
+    assert Settings.from_env({"BUDGET_USD": "1000000000000"}).budget_usd == 1e12
+    with pytest.raises(SettingError) as refused:
+        Settings.from_env({"BUDGET_USD": "1e308"})
+    assert str(refused.value) == (
+        "BUDGET_USD: must be a positive number of dollars, at most 1000000000000, got '1e308'"
+    )
+
+
+@pytest.mark.parametrize("host", [",", " , ,"])
+def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
+    # SERVER_HOST="," was taken: the gateway said 'listening on http://,:8080' and listened
+    # on no socket at all.
+    with pytest.raises(SettingError, match="SERVER_HOST: must be an address"):
+        Settings.from_env({"SERVER_HOST": host})
+    assert Settings.from_env({"SERVER_HOST": "0.0.0.0,::,"}).server_host == "0.0.0.0,::,"
+
+
+def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> None:
+    # quota_limit=5 (a compose file's or a shell's habit) was ignored without a word: the
+    # limit stayed the default 100. Only upper-case names near a setting were warned of.
+    from proxy.runtime.check import lookalikes
+
+    said = lookalikes(
+        {"quota_limit": "5", "Redis_Url": "redis://r", "QUOTA_LIMTI": "5", "http_proxy": "x"}
+    )
+    assert len(said) == 3, said
+    assert any(
+        line.startswith("quota_limit is not a setting") and "QUOTA_LIMIT" in line for line in said
+    )
+    assert any("Redis_Url" in line and "REDIS_URL" in line for line in said)
+
+
+def test_a_keys_store_secret_that_takes_no_effect_is_warned_of() -> None:
+    # A KEYS_STORE_SECRET with keys.json as the store was taken without a word: the operator
+    # believed the real keys encrypted at rest.
+    from proxy.runtime.check import ignored_settings
+
+    secret = "x" * 32
+    said = ignored_settings(Settings.from_env({"KEYS_STORE_SECRET": secret}))
+    assert len(said) == 1 and "KEYS_STORE=redis" in said[0] and secret not in said[0]
+    # The image sets LOG_FILE_PATH for whoever turns LOG_TO_FILE on: no warning.
+    assert ignored_settings(Settings.from_env({"LOG_FILE_PATH": "/app/logs/x.jsonl"})) == []
