@@ -240,6 +240,9 @@ def disagreements(
                 found.append(f"{name}: /usage {field} {totals[field]} != log {expected[field]}")
         if not -1e-9 <= expected["cost_usd"] - totals["spent_usd"] < carry:
             found.append(f"{name}: /usage ${totals['spent_usd']} != log ${expected['cost_usd']}")
+        cache = own.get("cache")
+        if cache is not None and cache["hits"] != expected["hits"]:
+            found.append(f"{name}: /usage {cache['hits']} cache hits != log {expected['hits']}")
         rejections = seen["metrics"][("llm_gateway_quota_rejections_total", name)]
         if rejections != expected["refused"]:
             found.append(f"{name}: {rejections} quota rejections != {expected['refused']} 429s")
