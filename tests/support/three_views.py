@@ -266,6 +266,9 @@ def disagreements(
     ):
         if metrics[(metric, "")] != everything[field]:
             found.append(f"{metric} {metrics[(metric, '')]} != log {field} {everything[field]}")
+    by_limit = metrics[("llm_gateway_limit_refusals_total", "")]
+    if by_limit != everything["refused"]:
+        found.append(f"llm_gateway_limit_refusals_total {by_limit} != {everything['refused']} 429s")
     cost = metrics[("llm_gateway_cost_usd_total", "")]
     if cost != pytest.approx(everything["cost_usd"], rel=1e-9):
         found.append(f"llm_gateway_cost_usd_total {cost} != log ${everything['cost_usd']}")
