@@ -21,6 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.quota.tracker import KINDS
 from tests.conftest import auth, keys_document
 from tests.support.bodies import ANTHROPIC_MODEL, OPENAI_MODEL, chat, messages
 
@@ -107,7 +108,11 @@ def _ask(text: str) -> list[Any]:
 async def drive(root: str) -> int:
     """The day's traffic through the gateway at `root`; the number of log lines it makes."""
     alice = _openai(root, "alice")
-    await alice.chat.completions.create(model=OPENAI_MODEL, messages=_ask("hello there"))
+    await alice.chat.completions.create(  # with cache reads and reasoning in its usage
+        model=OPENAI_MODEL,
+        messages=_ask("hello there"),
+        extra_headers={"x-fake-cached-tokens": "4", "x-fake-reasoning-tokens": "5"},
+    )
     stream = await alice.chat.completions.create(
         model=OPENAI_MODEL, messages=_ask("hello stream"), stream=True
     )
@@ -124,7 +129,10 @@ async def drive(root: str) -> int:
     bob = anthropic.AsyncAnthropic(
         api_key=KEYS["bob"], base_url=root, max_retries=0, http_client=_fresh()
     )
-    await bob.messages.create(**messages("hello claude", max_tokens=20))
+    await bob.messages.create(  # with cache writes and reads
+        **messages("hello claude", max_tokens=20),
+        extra_headers={"x-fake-cache-write-tokens": "7", "x-fake-cached-tokens": "3"},
+    )
     async with bob.messages.stream(**messages("hello stream", max_tokens=20)) as events:
         async for _ in events:
             pass
@@ -215,8 +223,8 @@ def _from_log(lines: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, floa
             bucket["refused"] += line["status"] == 429
             bucket["hits"] += is_hit
             if usage is not None and not is_hit:  # a hit spent nothing
-                bucket["prompt_tokens"] += usage["prompt_tokens"]
-                bucket["completion_tokens"] += usage["completion_tokens"]
+                for kind in KINDS:  # prompt and completion tokens, and their parts
+                    bucket[kind] += usage[kind]
                 bucket["cost_usd"] += line["cost_usd"] or 0.0
     return sums
 
@@ -235,7 +243,7 @@ def disagreements(
         totals = own["totals"]
         if seen["keys"][name]["usage"]["totals"] != totals:
             found.append(f"{name}: /admin/keys {seen['keys'][name]['usage']} != /usage {totals}")
-        for field in ("requests", "prompt_tokens", "completion_tokens"):
+        for field in ("requests", *KINDS):
             if totals[field] != expected[field]:
                 found.append(f"{name}: /usage {field} {totals[field]} != log {expected[field]}")
         if not -1e-9 <= expected["cost_usd"] - totals["spent_usd"] < carry:
@@ -251,7 +259,7 @@ def disagreements(
             found.append(f"{name}: its /usage team differs from /admin/teams {team['name']}")
     for name, team in seen["teams"].items():
         expected, totals = logged["team"][name], team["usage"]["totals"]
-        for field in ("requests", "prompt_tokens", "completion_tokens"):
+        for field in ("requests", *KINDS):
             if totals[field] != expected[field]:
                 found.append(f"team {name}: {field} {totals[field]} != log {expected[field]}")
         members = {line["key"] for line in lines if line.get("team") == name}
