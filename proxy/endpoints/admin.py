@@ -9,7 +9,8 @@ virtual key: a warning line with the client's address, a count in
 `llm_gateway_auth_failures_total`, and the address throttled after too many.
 
 `/admin/keys` shows what an operator needs to check that a change took: each key's name,
-provider, masked key, limits, allowed models, team, response cache and current window usage;
+provider, masked key, limits, allowed models, team, response cache, current window usage and
+totals (with quotas off too, as `/usage` shows them);
 `/admin/teams` each team's members (by name), limits and usage. Never a real key or a full
 virtual key: only `keys.masked` of the virtual key goes out.
 
@@ -155,12 +156,12 @@ class Admin:
 
     async def _describe(self, key: VirtualKey) -> dict[str, Any]:
         limits = key.limits
-        usage = None
-        if limits is not None or key.budget is not None:  # a budget stays with quotas off
-            try:
-                usage = await self._quota.tracker.report(key.id, limits, key.budget)
-            except TrackerUnavailable:
-                usage = None  # Redis lost: the keys are still worth showing
+        # Quotas off, the tracker still counts every key's totals (its /usage shows them).
+        usage: dict[str, Any] | None
+        try:
+            usage = await self._quota.tracker.report(key.id, limits, key.budget)
+        except TrackerUnavailable:
+            usage = None  # Redis lost: the keys are still worth showing
         scope = key.scope
         return {
             "name": key.name,

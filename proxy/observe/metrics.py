@@ -151,7 +151,7 @@ class Metrics:
         )
         self._limit_refusals = counter(
             "llm_gateway_limit_refusals",
-            "Requests refused by a shared limit: the scope (key, team, model), the limit "
+            "Requests refused by a limit: the scope (key, team, model), the limit "
             "(requests, tokens, budget, in_flight), and the team's name from keys.json.",
             ["scope", "limit", "team"],
             registry=owner,

@@ -144,6 +144,7 @@ class Quota:
         # Every wait the 429 tells has run as long since the refusal it repeats.
         elapsed = admission.retry_after_seconds - wait
         tokens = admission.reset_tokens_seconds
+        self._on_refused(key.scopes(None)[0], refused_limit(admission))
         raise refusal(
             admission._replace(
                 retry_after_seconds=wait,
@@ -196,6 +197,7 @@ class Quota:
         `precheck`."""
         if not admission.admitted:
             self._closed[key.id] = (self._clock() + admission.retry_after_seconds, admission)
+            self._on_refused(key.scopes(None)[0], refused_limit(admission))
             raise refusal(admission)
         return admission
 
@@ -271,12 +273,7 @@ class Quota:
         self, key: QuotaKey, scope: Scope, answer: Admission, waited: float
     ) -> GatewayError:
         if answer.full:
-            limit = (
-                "budget"
-                if answer.over_budget
-                else ("requests" if answer.remaining_requests <= 0 else "tokens")
-            )
-            self._on_refused(scope, limit)
+            self._on_refused(scope, refused_limit(answer))
             return refusal(answer, label(scope, key.name))
         self._on_refused(scope, "in_flight")
         return concurrency_refusal(scope, key.name, round(waited, 3) if waited >= 0.001 else 0)
@@ -433,6 +430,13 @@ class Quota:
             self._is_lost = False
             log.warning("quota: the tracker answers again: requests are counted")
             self._on_back()
+
+
+def refused_limit(answer: Admission) -> str:
+    """Which limit of a full window refused: "budget", "requests" or "tokens"."""
+    if answer.over_budget:
+        return "budget"
+    return "requests" if answer.remaining_requests <= 0 else "tokens"
 
 
 def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:

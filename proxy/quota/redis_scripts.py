@@ -90,11 +90,10 @@ local function expire_in(key, ms)
   redis.call('PEXPIRE', key, math.max(1, math.ceil(ms)))
 end
 
--- Counted admissions in the window; only the newest `requests` are kept, as the memory
--- ring keeps them when a key's limit is lowered.
+-- Counted admissions in the window (more than `requests` after keys.json lowered the
+-- limit: they stay counted until they leave, as in the memory ring).
 local function window_requests()
   redis.call('ZREMRANGEBYSCORE', K[1], '-inf', cutoff)
-  redis.call('ZREMRANGEBYRANK', K[1], 0, -requests - 1)
   return redis.call('ZCARD', K[1])
 end
 
@@ -120,8 +119,9 @@ local function window_tokens()
 end
 
 -- Microseconds until the oldest entry of a log leaves the window (0 when empty).
-local function oldest_leaves(key)
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+local function oldest_leaves(key, rank)
+  rank = rank or 0
+  local oldest = redis.call('ZRANGE', key, rank, rank, 'WITHSCORES')
   if #oldest == 0 then return 0 end
   return tonumber(oldest[2]) + window - now
 end
@@ -288,7 +288,9 @@ local function reading(admitted, ticket, reserved_tokens, reserved_micro, full, 
   local size, leaves, used, charge_leaves, wait = 0, 0, 0, 0, 0
   if has_limits then
     size = redis.call('ZCARD', K[1])
-    leaves = oldest_leaves(K[1])
+    -- The admission whose leaving brings the window under its limit (the oldest, unless a
+    -- lowered limit left more than it in the window).
+    leaves = oldest_leaves(K[1], math.max(0, size - requests))
     if token_limit >= 0 or not admitted then
       used = tonumber(redis.call('GET', K[3])) or 0
     end

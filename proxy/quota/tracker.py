@@ -222,10 +222,11 @@ def admission(reading: Reading, limits: Limits | None, budget: Budget | None) ->
     remaining_requests = 0
     remaining_tokens = reset_tokens = None
     if limits is not None:
-        # When the oldest counted admission leaves, a full window gets room again.
+        # When the admission that `request_leaves` names leaves, a full window gets room
+        # again (a lowered limit may leave more admissions in it than the limit).
         full = reading.requests >= limits.requests
         request_wait = reading.request_leaves if admitted or full else 0.0
-        remaining_requests = limits.requests - reading.requests
+        remaining_requests = max(0, limits.requests - reading.requests)
         if limits.tokens is not None:
             over = tokens_full(reading, limits)
             token_wait = reading.token_wait if over else 0.0

@@ -1,6 +1,7 @@
 """One key's sliding logs in memory: admissions, token charges, reservations, spend.
 
-Admission times sit in a ring of at most `limits.requests` entries (so admitting is O(1));
+Admission times sit in a ring of at most `limits.requests` entries (so admitting is O(1);
+after keys.json lowered the limit, the admissions made before stay until they leave);
 token charges in a time-ordered log with a running sum; the reservations of requests still
 running in a dict by ticket; spend in a `SpendLog` of time buckets (a budget's window is
 long, a month, so one entry per request would grow without bound). Expired entries are
@@ -267,7 +268,12 @@ class SlidingWindow:
         if limits is not None:
             window = limits.window_seconds
             requests = self.size
-            request_leaves = self.stamps[self.head] + window - now if self.size else 0.0
+            if requests:
+                # The admission whose leaving brings the window under its limit: the oldest,
+                # unless a lowered limit left more than it in the window.
+                over = requests - limits.requests
+                at = self.head if over <= 0 else (self.head + over) % len(self.stamps)
+                request_leaves = self.stamps[at] + window - now
             charge_leaves = self._oldest_charge_leaves(now, window)
             if limits.tokens is not None:
                 token_wait = self._token_wait(now, window, limits.tokens)
@@ -391,8 +397,9 @@ class SlidingWindow:
             return
         if previous is not None and limits.requests == previous.requests:
             return
-        # Keeping the newest `requests` admissions is exactly what the new limit needs to know.
-        ordered = self._ordered()[-limits.requests :] if self.size else array("d")
+        # Every admission stays counted (a lowered limit, raised again, forgets none of them):
+        # the ring holds more than the new limit only until the older ones leave.
+        ordered = self._ordered() if self.size else array("d")
         kept = len(ordered)
         ordered.extend(
             array("d", bytes(8 * (max(kept, min(limits.requests, INITIAL_RING)) - kept)))

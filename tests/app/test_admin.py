@@ -117,13 +117,25 @@ async def test_admin_keys_lists_every_key_masked_with_limits_models_and_usage(
     assert by_name["team-anthropic"]["key"] == masked(ANTHROPIC_VK)
 
 
-async def test_with_quotas_off_admin_keys_shows_no_limits_and_no_usage(
+async def test_with_quotas_off_admin_keys_shows_no_limits_but_each_keys_totals(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:
+    """Quotas off, the tracker still counts every key's totals (its /usage shows them, and
+    /admin/teams sums them per team): the admin view of the keys shows the same totals."""
     gateway = await make_gateway(ADMIN_TOKEN=TOKEN, QUOTA_ENABLED="false")
+    for _ in range(3):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+        assert response.status == 200
+    own = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     response = await gateway.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"})
     keys = (await response.json())["keys"]
-    assert all(key["limits"] is None and key["usage"] is None for key in keys)
+    assert all(key["limits"] is None for key in keys)
+    by_name = {key["name"]: key for key in keys}
+    usage = by_name[own["key"]]["usage"]
+    assert usage is not None, "a key's totals hidden from /admin/keys with quotas off"
+    assert usage == {"totals": own["totals"]}  # no window to show, only what it used
+    assert usage["totals"]["requests"] == 3 and usage["totals"]["tokens"] > 0
+    assert by_name["limited"]["usage"]["totals"]["requests"] == 0
 
 
 async def test_with_quotas_off_admin_keys_still_shows_the_spend_of_a_key_with_a_budget(
@@ -147,7 +159,7 @@ async def test_with_quotas_off_admin_keys_still_shows_the_spend_of_a_key_with_a_
     assert usage is not None, "a budgeted key's spend hidden from /admin/keys"
     assert usage["budget"]["spent_usd"] > 0
     assert usage["totals"]["requests"] == 1
-    assert by_name["limited"]["usage"] is None  # no window, no budget: nothing to watch
+    assert set(by_name["limited"]["usage"]) == {"totals"}  # no window, no budget: its totals
 
 
 async def test_with_a_token_unknown_admin_paths_are_404_and_reload_is_405_but_for_post(

@@ -281,6 +281,30 @@ async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     assert await chat(gateway, again) == 200  # a new key of an old name: a new window
 
 
+async def test_a_quota_lowered_then_raised_again_forgets_no_request_of_its_window(
+    admin_gateway: Make,
+) -> None:
+    """An operator lowers a key's quota (an incident), then puts it back: the requests the
+    key made in the window stay counted through both changes, in /usage and in admission."""
+    gateway = await admin_gateway()
+    key = (await create(gateway, name="ivy", quota={"requests": 5}))["key"]
+    assert [await chat(gateway, key) for _ in range(4)] == [200] * 4
+
+    async def quota(requests: int) -> dict[str, Any]:
+        change = {"quota": {"requests": requests}}
+        response = await gateway.patch("/admin/keys/ivy", json=change, headers=ADMIN)
+        assert response.status == 200
+        usage = await (await gateway.get("/usage", headers=auth(key))).json()
+        return dict(usage["requests"])
+
+    lowered = await quota(2)
+    assert (lowered["used"], lowered["remaining"]) == (4, 0), "requests forgotten at a lower quota"
+    assert await chat(gateway, key) == 429
+    raised = await quota(6)
+    assert (raised["used"], raised["remaining"]) == (4, 2), "requests forgotten at a lower quota"
+    assert [await chat(gateway, key) for _ in range(3)] == [200, 200, 429]
+
+
 async def test_patch_changes_limits_and_models_idempotently(
     admin_gateway: Make, keys_file: Path
 ) -> None:

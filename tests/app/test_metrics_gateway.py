@@ -105,3 +105,47 @@ async def test_made_up_models_the_provider_refuses_never_take_the_label_of_a_rea
     named = {(f"junk-{n}", "404"): 1.0 for n in range(MODEL_LABEL_UNANSWERED)}
     rest = MODEL_LABEL_VALUES + 10 - MODEL_LABEL_UNANSWERED
     assert found == {**named, ("other", "404"): rest, ("gpt-4o-mini", "200"): 1}
+
+
+async def test_every_quota_refusal_is_counted_by_its_limit_for_a_key_of_its_own_too(
+    gateway_with_keys: Any,
+) -> None:
+    """A key in no team (no slots, no model groups) refused over its window or its budget,
+    again when known to be refused before a large body is read: each refusal in
+    llm_gateway_limit_refusals_total by its limit, as for a key in a team, so the two
+    refusal counters add up to the same."""
+    from tests.conftest import LIMITED_VK, auth
+    from tests.support.bodies import CHAT, chat
+
+    budgeted = "vk_test_metrics_budgeted_0a9b8c7d"
+    gateway = await gateway_with_keys(
+        {
+            budgeted: {
+                "provider": "openai",
+                "api_key": "sk-metrics-budgeted-real-0001",
+                "name": "budgeted",
+                "budget": {"usd": 0.000001},
+            }
+        }
+    )
+    statuses = [
+        (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))).status
+        for _ in range(4)
+    ]
+    large = chat("word " * 20_000)  # over 64 KiB: refused before it is read
+    refused = await gateway.post("/v1/chat/completions", json=large, headers=auth(LIMITED_VK))
+    statuses.append(refused.status)
+    for _ in range(2):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(budgeted))
+        statuses.append(response.status)
+    assert statuses == [200, 200, 200, 429, 429, 200, 429]
+    text = await (await gateway.get("/metrics")).text()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "llm_gateway_limit_refusals_total":
+                found[f"{labels['scope']}/{labels['limit']}/{labels['team']}"] = sample.value
+            if sample.name == "llm_gateway_quota_rejections_total":
+                found[labels["key"]] = sample.value
+    assert found == {"limited": 2, "budgeted": 1, "key/requests/": 2, "key/budget/": 1}

@@ -235,9 +235,7 @@ async def test_keys_are_independent(tracker: Tracker):
     assert not (await tracker.admit("a", limits)).admitted
 
 
-async def test_a_changed_limit_rebuilds_the_ring_and_keeps_the_newest_admissions(
-    tracker: Tracker, clock: Clock
-):
+async def test_a_changed_limit_keeps_every_admission_of_the_window(tracker: Tracker, clock: Clock):
     five = Limits(requests=5, tokens=None, window_seconds=10)
     for _ in range(4):
         await tracker.admit(KEY, five)
@@ -245,11 +243,12 @@ async def test_a_changed_limit_rebuilds_the_ring_and_keeps_the_newest_admissions
     two = Limits(requests=2, tokens=None, window_seconds=10)
     refused = await tracker.admit(KEY, two)  # t = 4
     assert not refused.admitted and refused.remaining_requests == 0
-    assert refused.retry_after_seconds == 8.0  # the newest two are t = 2 and 3; t = 2 leaves at 12
+    assert refused.retry_after_seconds == 8.0  # under two once t = 2 leaves, at 12
+    assert (await tracker.report(KEY, two))["requests"]["used"] == 4  # none forgotten
     twenty = Limits(requests=20, tokens=None, window_seconds=10)
     answers = await admit_many(tracker, twenty, 20)
-    assert sum(answer.admitted for answer in answers) == 18  # room beside the two kept
-    clock.advance(8)  # t = 12: shrunk to two again, the newest two are from t = 4
+    assert sum(answer.admitted for answer in answers) == 16  # room beside the four made
+    clock.advance(8)  # t = 12: t = 3 and the sixteen of t = 4 are left; under two at 14
     assert (await tracker.admit(KEY, two)).retry_after_seconds == 2.0
 
 
