@@ -11,6 +11,8 @@ sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,31 @@ _STREAMED_PATHS = (
 )
 # Answers that generate tokens (a background Response's too): what an output cap caps.
 _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
+# The fields the gateway decides on, by what reads them: a body naming one twice in an object
+# is refused (`_check_said_once`), since JSON parsers disagree on which one counts (orjson,
+# Python's, Go's and most keep the last; gjson, simdjson and RapidJSON the first). The model,
+# at any depth, for allowed_models; what a reservation and the charge read; what the cache reads.
+_RESERVED_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "background",
+    "stream",
+    "stream_options",
+    "generationConfig",
+    "generation_config",
+    "inferenceConfig",
+)
+_CACHED_FIELDS = ("store", "background", "conversation")
+_DECIDING = frozenset(
+    ("model", "modelId", *_RESERVED_FIELDS, *_CACHED_FIELDS, "maxOutputTokens", "maxTokens")
+)
+_QUOTED = {name: f'"{name}"'.encode() for name in _DECIDING}
+# A JSON escape of a letter or underscore, as a name may be spelt ("mod\u0065l"): so rare in
+# bodies that any one sends the body to the full check.
+_ESCAPED_LETTER = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x (one per request)
@@ -189,8 +216,10 @@ def validate(
     if not is_stream and tail.endswith(_STREAMED_PATHS):
         is_stream = True
     record.saw_model(model, is_stream, is_background)
-    if document is not None and needs_json:
-        _check_chat(document)
+    if document is not None:
+        _check_said_once(body, document, key)
+        if needs_json:
+            _check_chat(document)
     if is_restricted:
         named.check(key, names, unreadable)
     if document is None:
@@ -294,6 +323,62 @@ def _opens_object(body: bytes) -> bool:
     """The body opens as a JSON object, after whitespace or a UTF-8 BOM (which Python's
     json.loads skips: a provider may read it as JSON)."""
     return body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{"
+
+
+def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> None:
+    """No object of the body names twice a field the gateway decides on for this key: the
+    provider's parser may read the other one. Raises 400 duplicate_field.
+
+    Each name is counted in the bytes only where this key's checks read it (and, but for
+    the model, only when the body names it), and the body is parsed again, object by
+    object, only when a name comes up twice or may be spelt with escapes."""
+    names: list[str] = []
+    if key.allowed_models is not None:
+        names.append("model")  # counted nested too: an image tool's, an advisor's, ...
+        if "modelId" in document:
+            names.append("modelId")
+    if key.reserves:
+        names += (name for name in _RESERVED_FIELDS if name in document)
+        names += (name for parent, name in _NESTED_CAPS if parent in document)
+    if key.cache is not None:
+        names += (name for name in _CACHED_FIELDS if name in document)
+    if not names:
+        return
+    if not _ESCAPED_LETTER.search(body) and all(body.count(_QUOTED[name]) < 2 for name in names):
+        return
+    try:
+        json.loads(body, object_pairs_hook=_refuse_repeats)
+    except _Repeated as repeated:
+        name = repeated.args[0]
+        raise GatewayError(
+            400,
+            "duplicate_field",
+            f"The request body names '{name}' more than once in one object; JSON parsers "
+            "disagree on which one counts, so the gateway does not pass it on. Name it once.",
+            name,
+        ) from None
+    except (ValueError, RecursionError):
+        # orjson read it; Python's parser nests less deep (about 1,000 levels)
+        raise GatewayError(
+            400, "invalid_json", "The request body is nested too deeply to be checked."
+        ) from None
+
+
+class _Repeated(Exception):
+    """An object of the body names a deciding field twice (its name the argument)."""
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> None:
+    """`json.loads`' hook for each object read: raises _Repeated for a deciding field named
+    twice. Returns nothing: the parsed body is orjson's."""
+    if len(pairs) < 2:
+        return
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in _DECIDING:
+            if name in seen:
+                raise _Repeated(name)
+            seen.add(name)
 
 
 def _check_chat(document: dict[str, Any]) -> None:

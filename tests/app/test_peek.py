@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.encodings import decode_body as readable
 from proxy.errors import GatewayError
 from proxy.record import MODEL_CHARS
-from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth
+from tests.conftest import OPENAI_REAL, OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
 
 
@@ -328,3 +328,144 @@ async def test_a_huge_model_or_control_characters_stay_out_of_logs_and_labels(
     assert "fake_metric" not in [line.split(" ")[0] for line in metrics.splitlines()]
     families = list(text_string_to_metric_families(metrics))  # still parses
     assert families
+
+
+# --- a field the gateway decides on, named twice: parsers disagree on which one counts ----
+
+METERED_VK = "vk_test_metered_tokens_3e8a1c5f7b"
+CHAT_HI = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
+@pytest.fixture
+async def checked(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    """The gpt-4o-* key, and a key with a token quota (its requests reserve)."""
+    return await gateway_with_keys(
+        {
+            GPT4O_VK: {
+                "provider": "openai",
+                "api_key": GPT4O_REAL,
+                "name": "gpt4o-only",
+                "allowed_models": ["gpt-4o-*"],
+            },
+            METERED_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "metered",
+                "quota": {"requests": 100, "tokens": 1_000_000, "window_seconds": 3600},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "body", "field"),
+    [
+        # orjson (and most servers) keep the last; gjson, simdjson, RapidJSON keep the first
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "o1", "model": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "o1", "mod\\u0065l": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"\\u006dodel": "o1", "model": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation", '
+            b'"model": "gpt-image-1", "model": "gpt-4o-mini"}]}',
+            "model",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "max_tokens": 64000, "max_tokens": 1, ' + CHAT_HI + b"}",
+            "max_tokens",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "n": 8, "\\u006e": 1, ' + CHAT_HI + b"}",
+            "n",
+        ),
+        (
+            METERED_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "background": true, "background": false}',
+            "background",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "stream": true, "stream": false, ' + CHAT_HI + b"}",
+            "stream",
+        ),
+    ],
+)
+async def test_a_body_naming_a_deciding_field_twice_is_refused(
+    checked: TestClient, fake: FakeState, key: str, path: str, body: bytes, field: str
+) -> None:
+    response = await checked.post(
+        path, data=body, headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "duplicate_field" and error["param"] == field
+    assert f"'{field}' more than once" in error["message"]
+    assert fake.requests == []
+
+
+async def test_a_restricted_anthropic_key_is_refused_a_repeated_model_in_its_dialect(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = (
+        b'{"model": "claude-opus-4-1", "max_tokens": 10, "model": "claude-sonnet-4-5", '
+        + CHAT_HI
+        + b"}"
+    )
+    response = await gateway.post(
+        "/v1/messages",
+        data=body,
+        headers={"x-api-key": RESTRICTED_VK, "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    payload = await response.json()
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert "'model' more than once" in payload["error"]["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a tool taking a "model" argument, a schema listing "n" and "stream": distinct objects
+        b'{"model": "gpt-4o-mini", "max_tokens": 5, "stream": false, ' + CHAT_HI + b', "tools": '
+        b'[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", '
+        b'"properties": {"model": {"type": "string"}, "n": {}, "stream": {}, "max_tokens": {}},'
+        b' "required": ["model", "n"]}}}]}',
+        # text quoting JSON with a repeated key, and a backslash before a u in text
+        b'{"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": '
+        b'"{\\"model\\": 1, \\"model\\": 2} C:\\\\u0061"}]}',
+    ],
+)
+async def test_a_deciding_name_used_elsewhere_in_the_body_still_passes(
+    checked: TestClient, fake: FakeState, body: bytes
+) -> None:
+    for key in (GPT4O_VK, METERED_VK):
+        response = await checked.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**auth(key), "Content-Type": "application/json"},
+        )
+        assert response.status == 200, await response.text()
+    assert [seen.body for seen in fake.requests] == [body, body]
