@@ -259,17 +259,20 @@ _NESTED_CAPS = (
 
 
 def _output_cap(document: dict[str, Any]) -> int | None:
-    """The output cap the body names, the first of the names the APIs use."""
+    """The output cap the body names: the largest of the names the APIs use, since servers
+    differ on which one counts when a body names two (SGLang, vLLM and most compatible
+    servers take max_completion_tokens over max_tokens)."""
+    cap = 0
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = document.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        value = _whole(document.get(name))
+        if value is not None and value > cap:
+            cap = value
     for parent, name in _NESTED_CAPS:
         nested = document.get(parent)
-        value = nested.get(name) if isinstance(nested, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+        value = _whole(nested.get(name)) if isinstance(nested, dict) else None
+        if value is not None and value > cap:
+            cap = value
+    return cap or None
 
 
 # The most answers a prompt asks for: OpenAI's bound on `n` (its provider refuses more).
@@ -281,14 +284,33 @@ def _answers(document: dict[str, Any]) -> int:
     each prompt of a text completion's list of prompts (strings, or lists of tokens)."""
     count = 1
     for name in ("n", "best_of"):
-        value = document.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > count:
+        value = _whole(document.get(name))
+        if value is not None and value > count:
             count = value
     count = min(count, _MOST_ANSWERS)
     prompt = document.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         count *= len(prompt)  # (a list of integers is one prompt, in tokens)
     return count
+
+
+# Digits past this many are no count a provider takes (and int() refuses past 4,300).
+_MOST_DIGITS = 18
+
+
+def _whole(value: Any) -> int | None:
+    """A count as the most lenient servers read it (pydantic's lax integers, under vLLM and
+    SGLang): an integer, a float without a fraction (5000.0, 5e3), a string of digits
+    ("5000"); None for anything else, a bool too (a flag, not a count)."""
+    if isinstance(value, int):
+        return None if isinstance(value, bool) else value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= _MOST_DIGITS:
+            return int(digits)
+    return None
 
 
 def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> dict[str, Any] | None:

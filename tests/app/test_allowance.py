@@ -256,6 +256,45 @@ async def test_a_request_for_several_answers_reserves_the_output_of_each(
         await response.read()
 
 
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [
+        # SGLang, vLLM and most compatible servers cap at max_completion_tokens when both are
+        # named; OpenAI at one or the other: the larger reserved
+        ({"max_tokens": 10, "max_completion_tokens": 5000}, 5000),
+        ({"max_completion_tokens": 10, "max_tokens": 5000}, 5000),
+        ({"max_tokens": 10, "max_output_tokens": 5000}, 5000),
+        # pydantic's lax integers (vLLM, SGLang): 5000.0, 5e3 and "5000" are 5000
+        ({"max_tokens": 5000.0}, 5000),
+        ({"max_completion_tokens": " 5000 "}, 5000),
+        ({"max_tokens": 500, "n": 3.0}, 3 * 500),
+        ({"max_tokens": 500, "n": "2"}, 2 * 500),
+        # what no server reads as a cap: the allowance
+        ({"max_tokens": 5000.5}, 1000),
+        ({"max_tokens": "lots"}, 1000),
+        ({"max_tokens": True}, 1000),
+    ],
+)
+async def test_a_cap_the_provider_reads_is_reserved_however_the_body_spells_it(
+    allowance_gateway: Any, fake: FakeState, fields: dict[str, Any], output: int
+) -> None:
+    """A small cap beside a large one under another name, or a large cap spelt as a float or
+    a string, reserved the small one or the allowance while the provider generated the large."""
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    body = chat("hello", **fields)
+    path = "/v1/chat/completions"
+    task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
+    await until(lambda: len(fake.requests) == 1)
+    prompt = estimate.tokens(prompt_chars(path, body))
+    assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + output
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
+        await response.read()
+
+
 # Capped, so that what differs is only the price: 2 + 100 tokens reserved.
 CAPPED = chat("hello", max_tokens=100)
 # The cheap model and the expensive one, per token: 1,000 times apart.
