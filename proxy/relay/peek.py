@@ -212,7 +212,7 @@ def validate(
     if document is not None:
         is_stream = document.get("stream") is True
         # A background Response answers queued, usage null: its tokens come with a later GET.
-        is_background = tail.endswith("responses") and document.get("background") is True
+        is_background = tail.endswith("responses") and _is_set(document.get("background"))
     if not is_stream and tail.endswith(_STREAMED_PATHS):
         is_stream = True
     record.saw_model(model, is_stream, is_background)
@@ -292,6 +292,19 @@ def _answers(document: dict[str, Any]) -> int:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         count *= len(prompt)  # (a list of integers is one prompt, in tokens)
     return count
+
+
+# What pydantic's lax booleans read as true (vLLM's and SGLang's request models), besides true.
+_TRUE_SPELLINGS = frozenset(("1", "on", "t", "true", "y", "yes"))
+
+
+def _is_set(flag: Any) -> bool:
+    """A flag the most lenient servers read as set: true, 1, or "true", "yes", "on"..."""
+    if flag is True:
+        return True
+    if isinstance(flag, int | float) and not isinstance(flag, bool):
+        return flag == 1
+    return isinstance(flag, str) and flag.strip().lower() in _TRUE_SPELLINGS
 
 
 # Digits past this many are no count a provider takes (and int() refuses past 4,300).
