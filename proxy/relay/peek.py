@@ -46,6 +46,8 @@ _STREAMED_PATHS = (
 )
 # Answers that generate tokens (a background Response's too): what an output cap caps.
 _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
+# Endpoints that take a JSON body, which a reservation reads: generations and embeddings.
+_READ_AS_JSON = frozenset((*_GENERATIONS, Charged.PROMPT))
 # The fields the gateway decides on, by what reads them: a body naming one twice in an object
 # is refused (`_check_said_once`), since JSON parsers disagree on which one counts (orjson,
 # Python's, Go's and most keep the last; gjson, simdjson and RapidJSON the first). The model,
@@ -223,6 +225,8 @@ def validate(
     if is_restricted:
         named.check(key, names, unreadable)
     if document is None:
+        if key.reserves and body and charged(method, request.path) in _READ_AS_JSON:
+            _check_readable(body, content_type)
         return Peek(model=model, is_stream=is_stream, decoded=decoded)
     affinity = _conversation(document)
     if not key.reserves:  # nothing to reserve: no need to measure
@@ -358,6 +362,22 @@ def _opens_object(body: bytes) -> bool:
     """The body opens as a JSON object, after whitespace or a UTF-8 BOM (which Python's
     json.loads skips: a provider may read it as JSON)."""
     return body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{"
+
+
+def _check_readable(body: bytes, content_type: str) -> None:
+    """A body of a generation or an embedding that the gateway read as no JSON object (not
+    labelled JSON, and not strict UTF-8 JSON: NaN, a BOM, UTF-16, a comment), for a key that
+    reserves: lenient servers may read it all the same (Python's json.loads takes the first
+    three, and FastAPI reads a body without Content-Type as JSON), generating what the
+    gateway reserved nothing for. Raises 400, unless it is a form (the provider's to judge)."""
+    if content_type in named.FORM_TYPES and not _opens_object(body):
+        return
+    raise GatewayError(
+        400,
+        "invalid_json",
+        "The request body is not JSON the gateway can read: send a JSON object in UTF-8, "
+        "without a byte order mark, NaN, Infinity or comments.",
+    )
 
 
 def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> None:

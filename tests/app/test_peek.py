@@ -24,6 +24,10 @@ from tests.conftest import OPENAI_REAL, OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
 
 
+def json_text(document: dict[str, Any], **fields: Any) -> str:
+    return orjson.dumps({**document, **fields}).decode()
+
+
 def gzipped(data: bytes) -> bytes:
     """gzip without a timestamp: the same bytes in every process (xdist compares test ids,
     which hold these bytes, between its workers)."""
@@ -469,3 +473,51 @@ async def test_a_deciding_name_used_elsewhere_in_the_body_still_passes(
         )
         assert response.status == 200, await response.text()
     assert [seen.body for seen in fake.requests] == [body, body]
+
+
+# --- a body the gateway cannot read, where a lenient server reads it ---------------------
+
+LONG_ANSWER = {"model": "gpt-4o-mini", "input": "x", "max_output_tokens": 100_000}
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        # Python's json.loads, under FastAPI servers (a body without Content-Type is read as
+        # JSON), takes NaN, a UTF-8 BOM and UTF-16
+        ("/v1/responses", None, orjson.dumps(LONG_ANSWER)[:-1] + b', "top_p": NaN}'),
+        ("/v1/responses", "text/plain", b"\xef\xbb\xbf" + orjson.dumps(LONG_ANSWER)),
+        ("/v1/completions", None, json_text(LONG_ANSWER, prompt="x").encode("utf-16")),
+        ("/v1/embeddings", None, b'{"model": "text-embedding-3-small", "input": "x" /* c */}'),
+    ],
+)
+async def test_a_metered_keys_body_the_gateway_cannot_read_is_refused_where_it_reserves(
+    checked: TestClient, fake: FakeState, path: str, content_type: str | None, body: bytes
+) -> None:
+    """Read as nothing, it reserved nothing (and named no model to price the reservation at),
+    while the provider generated up to the cap it names."""
+    headers = (
+        auth(METERED_VK)
+        if content_type is None
+        else {**auth(METERED_VK), "Content-Type": content_type}
+    )
+    response = await checked.post(
+        path, data=body, headers=headers, skip_auto_headers=("Content-Type",)
+    )
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_json" and "JSON" in error["message"]
+    assert fake.requests == []
+
+
+async def test_an_opaque_upload_of_a_metered_key_still_passes(
+    checked: TestClient, fake: FakeState
+) -> None:
+    lines = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'  # a JSONL file's part, not one object
+    response = await checked.post(
+        "/v1/uploads/upload_1/parts",
+        data=lines,
+        headers={**auth(METERED_VK), "Content-Type": "application/octet-stream"},
+    )
+    await response.read()
+    assert [seen.body for seen in fake.requests] == [lines]  # the provider judges it
