@@ -226,7 +226,9 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
     """(field, value) of each form field that names a model."""
     media_type, options = parse_options_header(content_type)
     if media_type == "application/x-www-form-urlencoded":
-        text = body.decode("utf-8", "replace")
+        # Split at ";" too: python-multipart (Starlette's and FastAPI's forms) splits there a
+        # form's tail after its last "&", so "prompt=x;model=o1" names a model to those servers.
+        text = body.decode("utf-8", "replace").replace(";", "&")
         fields = parse_qsl(text, keep_blank_values=True)
         return [(name, value) for name, value in fields if name in _FORM_NAMES]
     boundary = options.get("boundary")
