@@ -96,6 +96,8 @@ _UNNAMED = {
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
+# Each `name=` parameter of a Content-Disposition (not `filename=`).
+_NAME = re.compile(r"(?:^|;)\s*name\s*=", re.IGNORECASE)
 # Vertex's deployed endpoints: `endpoints/<id>:predict` runs the model deployed there.
 _ENDPOINTS = "endpoints"
 # Bedrock's StartAsyncInvoke (a video, an embedding, ... written to S3) names its model in
@@ -254,10 +256,13 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
 
 def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
     """A part names its field once, plainly: an RFC 2231 `name*=` (which python-multipart,
-    under FastAPI servers, reads as the name) or a second Content-Disposition (the provider's
-    parser picks one) could name a `model` field the gateway does not see. Raises Unreadable."""
+    under FastAPI servers, reads as the name), a second Content-Disposition or a second
+    `name=` in one (the provider's parser picks one: the gateway's reads the last, a regex
+    the first) could name a `model` field the gateway does not see. Raises Unreadable."""
     dispositions = [value for name, value in headerlist if name == "Content-Disposition"]
-    if len(dispositions) > 1 or any(_EXTENDED_NAME.search(value) for value in dispositions):
+    if len(dispositions) > 1 or any(
+        _EXTENDED_NAME.search(value) or len(_NAME.findall(value)) > 1 for value in dispositions
+    ):
         raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
 
 
