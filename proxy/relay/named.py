@@ -151,6 +151,18 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
     return names
 
 
+def spelt_otherwise(document: dict[str, Any], field: str = "model") -> list[Any]:
+    """The values of the body's top-level names that are `field` in another case ("Model",
+    "MODEL"; Go also folds the Kelvin sign to k and the long s to s): Go's encoding/json
+    (Ollama, LocalAI, Go gateways) and ASP.NET's web defaults read them as `field`, the
+    last one in the body winning. A null names none, as for `field` itself."""
+    return [
+        value
+        for name, value in document.items()
+        if value is not None and name != field and name.casefold() == field
+    ]
+
+
 def _nested(document: dict[str, Any]) -> Iterator[Any]:
     """The models of a body's parts that run their own (for `in_document`)."""
     yield from _svg_author(document)

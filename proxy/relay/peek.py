@@ -198,7 +198,10 @@ def validate(
     else:
         document = _document(endpoint, needs_json, content_type, body)
         if document is not None:
-            names += named.in_document(document, unnamed, named.model_field(method, tail))
+            field = named.model_field(method, tail)
+            names += named.in_document(document, unnamed, field)
+            if is_restricted:
+                names += named.spelt_otherwise(document, field)
         elif body:
             unreadable = "a body that is neither a JSON object nor a form"
     try:
@@ -262,20 +265,27 @@ _NESTED_CAPS = (
 )
 
 
+# The names of an output cap, and of the answers asked for, as they are compared: case-folded,
+# since Go's encoding/json (Ollama, LocalAI) reads "MAX_TOKENS" or "N" as them.
+_CAPS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
+_COUNTS = frozenset(("n", "best_of"))
+
+
 def _output_cap(document: dict[str, Any]) -> int | None:
-    """The output cap the body names: the largest of the names the APIs use, since servers
-    differ on which one counts when a body names two (SGLang, vLLM and most compatible
-    servers take max_completion_tokens over max_tokens)."""
+    """The output cap the body names: the largest of the names the APIs use, in any case,
+    since servers differ on which one counts when a body names two (SGLang, vLLM and most
+    compatible servers take max_completion_tokens over max_tokens)."""
     cap = 0
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = _whole(document.get(name))
-        if value is not None and value > cap:
-            cap = value
+    for name, value in document.items():
+        if name.casefold() in _CAPS:
+            whole = _whole(value)
+            if whole is not None and whole > cap:
+                cap = whole
     for parent, name in _NESTED_CAPS:
         nested = document.get(parent)
-        value = _whole(nested.get(name)) if isinstance(nested, dict) else None
-        if value is not None and value > cap:
-            cap = value
+        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
+        if whole is not None and whole > cap:
+            cap = whole
     return cap or None
 
 
@@ -284,13 +294,15 @@ _MOST_ANSWERS = 128
 
 
 def _answers(document: dict[str, Any]) -> int:
-    """How many answers the body asks to be generated: `n`, or `best_of` when larger, for
-    each prompt of a text completion's list of prompts (strings, or lists of tokens)."""
+    """How many answers the body asks to be generated: `n`, or `best_of` when larger (in any
+    case), for each prompt of a text completion's list of prompts (strings, or lists of
+    tokens)."""
     count = 1
-    for name in ("n", "best_of"):
-        value = _whole(document.get(name))
-        if value is not None and value > count:
-            count = value
+    for name, value in document.items():
+        if name.casefold() in _COUNTS:
+            whole = _whole(value)
+            if whole is not None and whole > count:
+                count = whole
     count = min(count, _MOST_ANSWERS)
     prompt = document.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):

@@ -269,6 +269,9 @@ async def test_a_request_for_several_answers_reserves_the_output_of_each(
         ({"max_completion_tokens": " 5000 "}, 5000),
         ({"max_tokens": 500, "n": 3.0}, 3 * 500),
         ({"max_tokens": 500, "n": "2"}, 2 * 500),
+        # Go's encoding/json (Ollama, LocalAI) matches names whatever their case
+        ({"max_tokens": 10, "MAX_TOKENS": 5000}, 5000),
+        ({"max_tokens": 500, "N": 3}, 3 * 500),
         # what no server reads as a cap: the allowance
         ({"max_tokens": 5000.5}, 1000),
         ({"max_tokens": "lots"}, 1000),

@@ -524,3 +524,33 @@ async def test_an_opaque_upload_of_a_metered_key_still_passes(
     )
     await response.read()
     assert [seen.body for seen in fake.requests] == [lines]  # the provider judges it
+
+
+# --- a field spelt in another case: Go's encoding/json (Ollama, LocalAI, Go gateways) and
+# ASP.NET's web defaults match JSON names to fields whatever their case ------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", b'{"Model": "o1", "prompt": "x"}'),
+        ("/v1/embeddings", b'{"MODEL": "o1", "input": "x"}'),
+        ("/v1/chat/completions", b'{"model": "gpt-4o-mini", "mOdEl": "o1", ' + CHAT_HI + b"}"),
+    ],
+)
+async def test_a_model_named_in_another_case_is_checked_too(
+    checked: TestClient, fake: FakeState, path: str, body: bytes
+) -> None:
+    response = await checked.post(
+        path, data=body, headers={**auth(GPT4O_VK), "Content-Type": "application/json"}
+    )
+    assert response.status == 403, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "model_not_allowed" and "'o1'" in error["message"]
+    assert fake.requests == []
+    allowed = body.replace(b'"o1"', b'"gpt-4o-2024-08-06"')
+    response = await checked.post(
+        path, data=allowed, headers={**auth(GPT4O_VK), "Content-Type": "application/json"}
+    )
+    assert response.status != 403
+    assert [seen.body for seen in fake.requests] == [allowed]
