@@ -156,10 +156,11 @@ def spelt_otherwise(document: dict[str, Any], field: str = "model") -> list[Any]
     "MODEL"; Go also folds the Kelvin sign to k and the long s to s): Go's encoding/json
     (Ollama, LocalAI, Go gateways) and ASP.NET's web defaults read them as `field`, the
     last one in the body winning. A null names none, as for `field` itself."""
+    folded = field.casefold()
     return [
         value
         for name, value in document.items()
-        if value is not None and name != field and name.casefold() == field
+        if value is not None and name != field and name.casefold() == folded
     ]
 
 
