@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
-reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
@@ -64,6 +64,9 @@ _ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHER
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# OpenRouter's fallbacks: the models of `models`, tried in turn when the one before fails
+# (`model` need not be named); `"route": "fallback"` without them, one it picks itself.
+_ROUTER_MODELS, _ROUTE = "models", "route"
 # A grader that scores or labels with a model runs it: one run alone (`grader`), or a
 # reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
 _GRADER = "grader"
@@ -146,6 +149,8 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
         or _FALLBACKS in document
         or _GRADER in document
         or "method" in document
+        or _ROUTER_MODELS in document
+        or _ROUTE in document
     ):
         names += _nested(document)
     return names
@@ -185,6 +190,11 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
         else:
             for entry in fallbacks:
                 yield entry.get("model") if isinstance(entry, dict) else entry
+    models = document.get(_ROUTER_MODELS)
+    if models is not None:  # OpenRouter's models, tried in turn when the one before fails
+        yield from models if isinstance(models, list) else (models,)
+    elif document.get(_ROUTE) == "fallback":  # OpenRouter picks a fallback model itself
+        yield Unnamed("a fallback model the router picks")
     grader = document.get(_GRADER)  # run alone: fine_tuning/alpha/graders/run
     method = document.get("method")  # a fine-tuning job's; reinforcement's is graded
     if isinstance(method, dict) and isinstance(method.get("reinforcement"), dict):

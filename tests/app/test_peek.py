@@ -554,3 +554,33 @@ async def test_a_model_named_in_another_case_is_checked_too(
     )
     assert response.status != 403
     assert [seen.body for seen in fake.requests] == [allowed]
+
+
+# --- OpenRouter's fallbacks: `models`, and `route: "fallback"` --------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "allowed"),
+    [
+        ({"models": ["o1"]}, False),
+        ({"models": ["gpt-4o-2024-08-06", "o1"], "route": "fallback"}, False),
+        ({"route": "fallback"}, False),  # OpenRouter picks the fallback model itself
+        ({"models": "o1"}, False),
+        ({"models": ["gpt-4o-mini", "gpt-4o-2024-08-06"]}, True),
+        ({"models": ["gpt-4o-2024-08-06"], "route": "fallback"}, True),
+    ],
+)
+async def test_a_fallback_model_a_router_may_run_is_checked(
+    checked: TestClient, fake: FakeState, fields: dict[str, Any], allowed: bool
+) -> None:
+    """OpenRouter (a custom provider) runs the models of `models` in turn when the first
+    fails: a key allowed only gpt-4o-* reached o1 by naming it there."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **fields}
+    response = await checked.post("/v1/chat/completions", json=body, headers=auth(GPT4O_VK))
+    if allowed:
+        assert response.status == 200
+        assert len(fake.requests) == 1
+    else:
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "model_not_allowed"
+        assert fake.requests == []
