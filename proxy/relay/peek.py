@@ -67,7 +67,10 @@ _RESERVED_FIELDS = (
 )
 _CACHED_FIELDS = ("store", "background", "conversation")
 _DECIDING = frozenset(
-    ("model", "modelId", *_RESERVED_FIELDS, *_CACHED_FIELDS, "maxOutputTokens", "maxTokens")
+    (
+        *("model", "modelId", *_RESERVED_FIELDS, *_CACHED_FIELDS),
+        *("maxOutputTokens", "maxTokens", "candidateCount", "candidate_count"),
+    )
 )
 _QUOTED = {name: f'"{name}"'.encode() for name in _DECIDING}
 # A JSON escape of a letter or underscore, as a name may be spelt ("mod\u0065l"): so rare in
@@ -289,13 +292,18 @@ def _output_cap(document: dict[str, Any]) -> int | None:
     return cap or None
 
 
+# Gemini's and Vertex's `n`: candidates, each up to maxOutputTokens (either spelling).
+_NESTED_COUNTS = (
+    ("generationConfig", "candidateCount"),
+    ("generation_config", "candidate_count"),
+)
 # The most answers a prompt asks for: OpenAI's bound on `n` (its provider refuses more).
 _MOST_ANSWERS = 128
 
 
 def _answers(document: dict[str, Any]) -> int:
     """How many answers the body asks to be generated: `n`, or `best_of` when larger (in any
-    case), for each prompt of a text completion's list of prompts (strings, or lists of
+    case), or Gemini's `candidateCount`, for each prompt of a text completion's list of prompts (strings, or lists of
     tokens)."""
     count = 1
     for name, value in document.items():
@@ -303,6 +311,11 @@ def _answers(document: dict[str, Any]) -> int:
             whole = _whole(value)
             if whole is not None and whole > count:
                 count = whole
+    for parent, name in _NESTED_COUNTS:
+        nested = document.get(parent)
+        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
+        if whole is not None and whole > count:
+            count = whole
     count = min(count, _MOST_ANSWERS)
     prompt = document.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
@@ -406,7 +419,8 @@ def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> 
             names.append("modelId")
     if key.reserves:
         names += (name for name in _RESERVED_FIELDS if name in document)
-        names += (name for parent, name in _NESTED_CAPS if parent in document)
+        nested = (*_NESTED_CAPS, *_NESTED_COUNTS)
+        names += (name for parent, name in nested if parent in document)
     if key.cache is not None:
         names += (name for name in _CACHED_FIELDS if name in document)
     if not names:

@@ -221,6 +221,22 @@ async def test_an_uncapped_request_reserves_its_allowance_and_a_capped_one_only_
             {"model": "gpt-3.5-turbo-instruct", "prompt": "hello", "n": 2, "best_of": 4},
             4 * 1000,
         ),
+        (  # Gemini's n: candidateCount, each candidate up to maxOutputTokens
+            "/v1/models/gemini-2.5-flash:generateContent",
+            {
+                "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+                "generationConfig": {"maxOutputTokens": 50, "candidateCount": 3},
+            },
+            3 * 50,
+        ),
+        (
+            "/v1/models/gemini-2.5-flash:generateContent",
+            {
+                "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+                "generation_config": {"candidate_count": 2},
+            },
+            2 * 1000,
+        ),
         (  # a completion for each prompt of a list, n of each
             "/v1/completions",
             {"model": "davinci-002", "prompt": ["hi", "yo", "ok"], "n": 2, "max_tokens": 50},
