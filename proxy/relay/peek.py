@@ -336,6 +336,9 @@ def _is_set(flag: Any) -> bool:
     return isinstance(flag, str) and flag.strip().lower() in _TRUE_SPELLINGS
 
 
+# The largest count read: more than any provider generates, and where the tracker's sums
+# stay exact (window.MAX_COUNT).
+_MOST_COUNT = 2**53
 # Digits past this many are no count a provider takes (and int() refuses past 4,300).
 _MOST_DIGITS = 18
 
@@ -343,15 +346,17 @@ _MOST_DIGITS = 18
 def _whole(value: Any) -> int | None:
     """A count as the most lenient servers read it (pydantic's lax integers, under vLLM and
     SGLang): an integer, a float without a fraction (5000.0, 5e3), a string of digits
-    ("5000"); None for anything else, a bool too (a flag, not a count)."""
+    ("5000"); None for anything else, a bool too (a flag, not a count). At most
+    `_MOST_COUNT`: a float's whole number (1.7e308) is past what the reservation's price,
+    a float, can hold."""
     if isinstance(value, int):
-        return None if isinstance(value, bool) else value
+        return None if isinstance(value, bool) else min(value, _MOST_COUNT)
     if isinstance(value, float):
-        return int(value) if value.is_integer() else None
+        return min(int(value), _MOST_COUNT) if value.is_integer() else None
     if isinstance(value, str):
         digits = value.strip()
         if digits.isascii() and digits.isdigit() and len(digits) <= _MOST_DIGITS:
-            return int(digits)
+            return min(int(digits), _MOST_COUNT)
     return None
 
 

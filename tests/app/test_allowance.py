@@ -500,3 +500,17 @@ async def test_a_budget_held_only_by_requests_in_flight_is_a_rate_limit_not_insu
     async with await running as answered:
         assert answered.status == 200
         await answered.read()
+
+
+@pytest.mark.parametrize("cap", [1.7e308, 1e300, 18446744073709551615])
+async def test_a_cap_past_any_count_is_admitted_and_priced_without_a_failure(
+    allowance_gateway: Any, fake: FakeState, cap: float
+) -> None:
+    """A cap read as a float (1.7e308 is a whole number to pydantic) times 128 answers was
+    past what a float holds: pricing the reservation failed with a 500."""
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "budget": {"usd": 10, "window_seconds": 60}}
+    )
+    body = chat("hello", n=128, max_tokens=cap)
+    async with gateway.post("/v1/chat/completions", json=body, headers=auth(VK)) as response:
+        assert response.status == 200, await response.text()
