@@ -28,6 +28,7 @@ from proxy.record import Record
 from proxy.relay import named
 from proxy.upstream import routing
 from proxy.usage import estimate
+from proxy.usage.openai_chat import is_set
 from proxy.usage.prompt import prompt_chars
 from proxy.usage.usage import Charged, charged
 
@@ -218,9 +219,9 @@ def validate(
             break
     is_stream = is_background = False
     if document is not None:
-        is_stream = document.get("stream") is True
+        is_stream = is_set(document.get("stream"))
         # A background Response answers queued, usage null: its tokens come with a later GET.
-        is_background = tail.endswith("responses") and _is_set(document.get("background"))
+        is_background = tail.endswith("responses") and is_set(document.get("background"))
     if not is_stream and tail.endswith(_STREAMED_PATHS):
         is_stream = True
     record.saw_model(model, is_stream, is_background)
@@ -321,19 +322,6 @@ def _answers(document: dict[str, Any]) -> int:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         count *= len(prompt)  # (a list of integers is one prompt, in tokens)
     return count
-
-
-# What pydantic's lax booleans read as true (vLLM's and SGLang's request models), besides true.
-_TRUE_SPELLINGS = frozenset(("1", "on", "t", "true", "y", "yes"))
-
-
-def _is_set(flag: Any) -> bool:
-    """A flag the most lenient servers read as set: true, 1, or "true", "yes", "on"..."""
-    if flag is True:
-        return True
-    if isinstance(flag, int | float) and not isinstance(flag, bool):
-        return flag == 1
-    return isinstance(flag, str) and flag.strip().lower() in _TRUE_SPELLINGS
 
 
 # The largest count read: more than any provider generates, and where the tracker's sums
