@@ -67,9 +67,13 @@ _RESERVED_FIELDS = (
     "inferenceConfig",
 )
 _CACHED_FIELDS = ("store", "background", "conversation")
+# What holds a model the check reads besides the body's own (`named.in_document`): a copy of
+# one of them read by the provider's parser and not the gateway's hides its model.
+_MODEL_HOLDERS = ("tools", "fallbacks", "models", "route", "requests", "grader", "method", "svg")
 _DECIDING = frozenset(
     (
         *("model", "modelId", *_RESERVED_FIELDS, *_CACHED_FIELDS),
+        *(*_MODEL_HOLDERS, "params", "reinforcement", "type"),
         *("maxOutputTokens", "maxTokens", "candidateCount", "candidate_count"),
     )
 )
@@ -410,6 +414,7 @@ def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> 
         names.append("model")  # counted nested too: an image tool's, an advisor's, ...
         if "modelId" in document:
             names.append("modelId")
+        names += (name for name in _MODEL_HOLDERS if name in document)
     if key.reserves:
         names += (name for name in _RESERVED_FIELDS if name in document)
         nested = (*_NESTED_CAPS, *_NESTED_COUNTS)

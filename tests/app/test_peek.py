@@ -394,6 +394,26 @@ async def checked(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> Te
             "model",
         ),
         (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation"}], '
+            b'"tools": []}',
+            "tools",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation", '
+            b'"type": "function", "name": "f", "model": "gpt-image-1"}]}',
+            "type",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "models": ["o1"], "models": [], ' + CHAT_HI + b"}",
+            "models",
+        ),
+        (
             METERED_VK,
             "/v1/chat/completions",
             b'{"model": "gpt-4o-mini", "max_tokens": 64000, "max_tokens": 1, ' + CHAT_HI + b"}",
