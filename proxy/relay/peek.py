@@ -6,6 +6,13 @@ body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields the gateway c
 `prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed upload
 (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
+
+Since the provider parses those bytes itself, the peek reads them as the most lenient
+servers would, or refuses what they may read otherwise: a field the gateway decides on
+named twice in one object (`_check_said_once`: parsers disagree on which copy counts), a
+generation body it cannot read for a key that reserves (`_check_readable`); counts and
+flags as pydantic's lax types read them (`_whole`, `openai_chat.is_set`), caps and `n`
+in any case (Go's encoding/json), the largest cap named.
 """
 
 from __future__ import annotations
