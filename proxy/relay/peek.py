@@ -315,8 +315,8 @@ _MOST_ANSWERS = 128
 
 def _answers(document: dict[str, Any]) -> int:
     """How many answers the body asks to be generated: `n`, or `best_of` when larger (in any
-    case), or Gemini's `candidateCount`, for each prompt of a text completion's list of prompts (strings, or lists of
-    tokens)."""
+    case), or Gemini's `candidateCount`, for each prompt of a text completion's list of
+    prompts (strings, or lists of tokens)."""
     count = 1
     for name, value in document.items():
         if name.casefold() in _COUNTS:
