@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
-reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
@@ -64,6 +64,9 @@ _ELSEWHERE_ROOTS = frozenset(path.partition("/")[0] for path in _MODELS_ELSEWHER
 # Anthropic's messages run other models beside their own: the advisor tool's (`advisor_…`
 # tools name it), and those of `fallbacks` (each entry's `model`, or "default").
 _ADVISOR, _FALLBACKS = "advisor_", "fallbacks"
+# OpenRouter's fallbacks: the models of `models`, tried in turn when the one before fails
+# (`model` need not be named); `"route": "fallback"` without them, one it picks itself.
+_ROUTER_MODELS, _ROUTE = "models", "route"
 # A grader that scores or labels with a model runs it: one run alone (`grader`), or a
 # reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
 _GRADER = "grader"
@@ -96,6 +99,8 @@ _UNNAMED = {
 }
 # RFC 2231's extended parameter `name*=` in a part's Content-Disposition (not `filename*=`).
 _EXTENDED_NAME = re.compile(r"(?:^|;)\s*name\*\s*=", re.IGNORECASE)
+# Each `name=` parameter of a Content-Disposition (not `filename=`).
+_NAME = re.compile(r"(?:^|;)\s*name\s*=", re.IGNORECASE)
 # Vertex's deployed endpoints: `endpoints/<id>:predict` runs the model deployed there.
 _ENDPOINTS = "endpoints"
 # Bedrock's StartAsyncInvoke (a video, an embedding, ... written to S3) names its model in
@@ -144,9 +149,24 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
         or _FALLBACKS in document
         or _GRADER in document
         or "method" in document
+        or _ROUTER_MODELS in document
+        or _ROUTE in document
     ):
         names += _nested(document)
     return names
+
+
+def spelt_otherwise(document: dict[str, Any], field: str = "model") -> list[Any]:
+    """The values of the body's top-level names that are `field` in another case ("Model",
+    "MODEL"; Go also folds the Kelvin sign to k and the long s to s): Go's encoding/json
+    (Ollama, LocalAI, Go gateways) and ASP.NET's web defaults read them as `field`, the
+    last one in the body winning. A null names none, as for `field` itself."""
+    folded = field.casefold()
+    return [
+        value
+        for name, value in document.items()
+        if value is not None and name != field and name.casefold() == folded
+    ]
 
 
 def _nested(document: dict[str, Any]) -> Iterator[Any]:
@@ -170,6 +190,11 @@ def _nested(document: dict[str, Any]) -> Iterator[Any]:
         else:
             for entry in fallbacks:
                 yield entry.get("model") if isinstance(entry, dict) else entry
+    models = document.get(_ROUTER_MODELS)
+    if models is not None:  # OpenRouter's models, tried in turn when the one before fails
+        yield from models if isinstance(models, list) else (models,)
+    elif document.get(_ROUTE) == "fallback":  # OpenRouter picks a fallback model itself
+        yield Unnamed("a fallback model the router picks")
     grader = document.get(_GRADER)  # run alone: fine_tuning/alpha/graders/run
     method = document.get("method")  # a fine-tuning job's; reinforcement's is graded
     if isinstance(method, dict) and isinstance(method.get("reinforcement"), dict):
@@ -226,7 +251,9 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
     """(field, value) of each form field that names a model."""
     media_type, options = parse_options_header(content_type)
     if media_type == "application/x-www-form-urlencoded":
-        text = body.decode("utf-8", "replace")
+        # Split at ";" too: python-multipart (Starlette's and FastAPI's forms) splits there a
+        # form's tail after its last "&", so "prompt=x;model=o1" names a model to those servers.
+        text = body.decode("utf-8", "replace").replace(";", "&")
         fields = parse_qsl(text, keep_blank_values=True)
         return [(name, value) for name, value in fields if name in _FORM_NAMES]
     boundary = options.get("boundary")
@@ -252,10 +279,13 @@ def _form_models(content_type: str, body: bytes) -> list[tuple[str, str]]:
 
 def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
     """A part names its field once, plainly: an RFC 2231 `name*=` (which python-multipart,
-    under FastAPI servers, reads as the name) or a second Content-Disposition (the provider's
-    parser picks one) could name a `model` field the gateway does not see. Raises Unreadable."""
+    under FastAPI servers, reads as the name), a second Content-Disposition or a second
+    `name=` in one (the provider's parser picks one: the gateway's reads the last, a regex
+    the first) could name a `model` field the gateway does not see. Raises Unreadable."""
     dispositions = [value for name, value in headerlist if name == "Content-Disposition"]
-    if len(dispositions) > 1 or any(_EXTENDED_NAME.search(value) for value in dispositions):
+    if len(dispositions) > 1 or any(
+        _EXTENDED_NAME.search(value) or len(_NAME.findall(value)) > 1 for value in dispositions
+    ):
         raise Unreadable("a form part named twice, or in RFC 2231 form (name*=)")
 
 

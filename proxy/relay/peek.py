@@ -6,11 +6,20 @@ body bounded by MAX_BODY_BYTES; `validate` peeks at the few fields the gateway c
 `prompt_cache_key`, `metadata.user_id`) in a JSON body, decoding a compressed upload
 (`encodings`) for the peek only. The bytes that go upstream are the bytes the client
 sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the body.
+
+Since the provider parses those bytes itself, the peek reads them as the most lenient
+servers would, or refuses what they may read otherwise: a field the gateway decides on
+named twice in one object (`_check_said_once`: parsers disagree on which copy counts), a
+generation body it cannot read for a key that reserves (`_check_readable`); counts and
+flags as pydantic's lax types read them (`_whole`, `openai_chat.is_set`), caps and `n`
+in any case (Go's encoding/json), the largest cap named.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +35,7 @@ from proxy.record import Record
 from proxy.relay import named
 from proxy.upstream import routing
 from proxy.usage import estimate
+from proxy.usage.openai_chat import is_set
 from proxy.usage.prompt import prompt_chars
 from proxy.usage.usage import Charged, charged
 
@@ -44,6 +54,40 @@ _STREAMED_PATHS = (
 )
 # Answers that generate tokens (a background Response's too): what an output cap caps.
 _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
+# Endpoints that take a JSON body, which a reservation reads: generations and embeddings.
+_READ_AS_JSON = frozenset((*_GENERATIONS, Charged.PROMPT))
+# The fields the gateway decides on, by what reads them: a body naming one twice in an object
+# is refused (`_check_said_once`), since JSON parsers disagree on which one counts (orjson,
+# Python's, Go's and most keep the last; gjson, simdjson and RapidJSON the first). The model,
+# at any depth, for allowed_models; what a reservation and the charge read; what the cache reads.
+_RESERVED_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "background",
+    "stream",
+    "stream_options",
+    "generationConfig",
+    "generation_config",
+    "inferenceConfig",
+)
+_CACHED_FIELDS = ("store", "background", "conversation")
+# What holds a model the check reads besides the body's own (`named.in_document`): a copy of
+# one of them read by the provider's parser and not the gateway's hides its model.
+_MODEL_HOLDERS = ("tools", "fallbacks", "models", "route", "requests", "grader", "method", "svg")
+_DECIDING = frozenset(
+    (
+        *("model", "modelId", *_RESERVED_FIELDS, *_CACHED_FIELDS),
+        *(*_MODEL_HOLDERS, "params", "reinforcement", "type"),
+        *("maxOutputTokens", "maxTokens", "candidateCount", "candidate_count"),
+    )
+)
+_QUOTED = {name: f'"{name}"'.encode() for name in _DECIDING}
+# A JSON escape of a letter or underscore, as a name may be spelt ("mod\u0065l"): so rare in
+# bodies that any one sends the body to the full check.
+_ESCAPED_LETTER = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x (one per request)
@@ -169,7 +213,10 @@ def validate(
     else:
         document = _document(endpoint, needs_json, content_type, body)
         if document is not None:
-            names += named.in_document(document, unnamed, named.model_field(method, tail))
+            field = named.model_field(method, tail)
+            names += named.in_document(document, unnamed, field)
+            if is_restricted:
+                names += named.spelt_otherwise(document, field)
         elif body:
             unreadable = "a body that is neither a JSON object nor a form"
     try:
@@ -183,17 +230,21 @@ def validate(
             break
     is_stream = is_background = False
     if document is not None:
-        is_stream = document.get("stream") is True
+        is_stream = is_set(document.get("stream"))
         # A background Response answers queued, usage null: its tokens come with a later GET.
-        is_background = tail.endswith("responses") and document.get("background") is True
+        is_background = tail.endswith("responses") and is_set(document.get("background"))
     if not is_stream and tail.endswith(_STREAMED_PATHS):
         is_stream = True
     record.saw_model(model, is_stream, is_background)
-    if document is not None and needs_json:
-        _check_chat(document)
+    if document is not None:
+        _check_said_once(body, document, key)
+        if needs_json:
+            _check_chat(document)
     if is_restricted:
         named.check(key, names, unreadable)
     if document is None:
+        if key.reserves and body and charged(method, request.path) in _READ_AS_JSON:
+            _check_readable(body, content_type)
         return Peek(model=model, is_stream=is_stream, decoded=decoded)
     affinity = _conversation(document)
     if not key.reserves:  # nothing to reserve: no need to measure
@@ -229,37 +280,83 @@ _NESTED_CAPS = (
 )
 
 
+# The names of an output cap, and of the answers asked for, as they are compared: case-folded,
+# since Go's encoding/json (Ollama, LocalAI) reads "MAX_TOKENS" or "N" as them.
+_CAPS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
+_COUNTS = frozenset(("n", "best_of"))
+
+
 def _output_cap(document: dict[str, Any]) -> int | None:
-    """The output cap the body names, the first of the names the APIs use."""
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = document.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+    """The output cap the body names: the largest of the names the APIs use, in any case,
+    since servers differ on which one counts when a body names two (SGLang, vLLM and most
+    compatible servers take max_completion_tokens over max_tokens)."""
+    cap = 0
+    for name, value in document.items():
+        if name.casefold() in _CAPS:
+            whole = _whole(value)
+            if whole is not None and whole > cap:
+                cap = whole
     for parent, name in _NESTED_CAPS:
         nested = document.get(parent)
-        value = nested.get(name) if isinstance(nested, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
+        if whole is not None and whole > cap:
+            cap = whole
+    return cap or None
 
 
+# Gemini's and Vertex's `n`: candidates, each up to maxOutputTokens (either spelling).
+_NESTED_COUNTS = (
+    ("generationConfig", "candidateCount"),
+    ("generation_config", "candidate_count"),
+)
 # The most answers a prompt asks for: OpenAI's bound on `n` (its provider refuses more).
 _MOST_ANSWERS = 128
 
 
 def _answers(document: dict[str, Any]) -> int:
-    """How many answers the body asks to be generated: `n`, or `best_of` when larger, for
-    each prompt of a text completion's list of prompts (strings, or lists of tokens)."""
+    """How many answers the body asks to be generated: `n`, or `best_of` when larger (in any
+    case), or Gemini's `candidateCount`, for each prompt of a text completion's list of
+    prompts (strings, or lists of tokens)."""
     count = 1
-    for name in ("n", "best_of"):
-        value = document.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > count:
-            count = value
+    for name, value in document.items():
+        if name.casefold() in _COUNTS:
+            whole = _whole(value)
+            if whole is not None and whole > count:
+                count = whole
+    for parent, name in _NESTED_COUNTS:
+        nested = document.get(parent)
+        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
+        if whole is not None and whole > count:
+            count = whole
     count = min(count, _MOST_ANSWERS)
     prompt = document.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         count *= len(prompt)  # (a list of integers is one prompt, in tokens)
     return count
+
+
+# The largest count read: more than any provider generates, and where the tracker's sums
+# stay exact (window.MAX_COUNT).
+_MOST_COUNT = 2**53
+# Digits past this many are no count a provider takes (and int() refuses past 4,300).
+_MOST_DIGITS = 18
+
+
+def _whole(value: Any) -> int | None:
+    """A count as the most lenient servers read it (pydantic's lax integers, under vLLM and
+    SGLang): an integer, a float without a fraction (5000.0, 5e3), a string of digits
+    ("5000"); None for anything else, a bool too (a flag, not a count). At most
+    `_MOST_COUNT`: a float's whole number (1.7e308) is past what the reservation's price,
+    a float, can hold."""
+    if isinstance(value, int):
+        return None if isinstance(value, bool) else min(value, _MOST_COUNT)
+    if isinstance(value, float):
+        return min(int(value), _MOST_COUNT) if value.is_integer() else None
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= _MOST_DIGITS:
+            return min(int(digits), _MOST_COUNT)
+    return None
 
 
 def _document(tail: str, needs_json: bool, content_type: str, body: bytes) -> dict[str, Any] | None:
@@ -294,6 +391,80 @@ def _opens_object(body: bytes) -> bool:
     """The body opens as a JSON object, after whitespace or a UTF-8 BOM (which Python's
     json.loads skips: a provider may read it as JSON)."""
     return body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{"
+
+
+def _check_readable(body: bytes, content_type: str) -> None:
+    """A body of a generation or an embedding that the gateway read as no JSON object (not
+    labelled JSON, and not strict UTF-8 JSON: NaN, a BOM, UTF-16, a comment), for a key that
+    reserves: lenient servers may read it all the same (Python's json.loads takes the first
+    three, and FastAPI reads a body without Content-Type as JSON), generating what the
+    gateway reserved nothing for. Raises 400, unless it is a form (the provider's to judge)."""
+    if content_type in named.FORM_TYPES and not _opens_object(body):
+        return
+    raise GatewayError(
+        400,
+        "invalid_json",
+        "The request body is not JSON the gateway can read: send a JSON object in UTF-8, "
+        "without a byte order mark, NaN, Infinity or comments.",
+    )
+
+
+def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> None:
+    """No object of the body names twice a field the gateway decides on for this key: the
+    provider's parser may read the other one. Raises 400 duplicate_field.
+
+    Each name is counted in the bytes only where this key's checks read it (and, but for
+    the model, only when the body names it), and the body is parsed again, object by
+    object, only when a name comes up twice or may be spelt with escapes."""
+    names: list[str] = []
+    if key.allowed_models is not None:
+        names.append("model")  # counted nested too: an image tool's, an advisor's, ...
+        if "modelId" in document:
+            names.append("modelId")
+        names += (name for name in _MODEL_HOLDERS if name in document)
+    if key.reserves:
+        names += (name for name in _RESERVED_FIELDS if name in document)
+        nested = (*_NESTED_CAPS, *_NESTED_COUNTS)
+        names += (name for parent, name in nested if parent in document)
+    if key.cache is not None:
+        names += (name for name in _CACHED_FIELDS if name in document)
+    if not names:
+        return
+    if not _ESCAPED_LETTER.search(body) and all(body.count(_QUOTED[name]) < 2 for name in names):
+        return
+    try:
+        json.loads(body, object_pairs_hook=_refuse_repeats)
+    except _Repeated as repeated:
+        name = repeated.args[0]
+        raise GatewayError(
+            400,
+            "duplicate_field",
+            f"The request body names '{name}' more than once in one object; JSON parsers "
+            "disagree on which one counts, so the gateway does not pass it on. Name it once.",
+            name,
+        ) from None
+    except (ValueError, RecursionError):
+        # orjson read it; Python's parser nests less deep (about 1,000 levels)
+        raise GatewayError(
+            400, "invalid_json", "The request body is nested too deeply to be checked."
+        ) from None
+
+
+class _Repeated(Exception):
+    """An object of the body names a deciding field twice (its name the argument)."""
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> None:
+    """`json.loads`' hook for each object read: raises _Repeated for a deciding field named
+    twice. Returns nothing: the parsed body is orjson's."""
+    if len(pairs) < 2:
+        return
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in _DECIDING:
+            if name in seen:
+                raise _Repeated(name)
+            seen.add(name)
 
 
 def _check_chat(document: dict[str, Any]) -> None:

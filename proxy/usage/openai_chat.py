@@ -210,6 +210,20 @@ _ASKS_FOR_USAGE = "completions"
 _AZURE_STREAM_OPTIONS = "2024-09-01"
 
 
+# What pydantic's lax booleans read as true (vLLM's and SGLang's request models), besides true.
+_TRUE_SPELLINGS = frozenset(("1", "on", "t", "true", "y", "yes"))
+
+
+def is_set(flag: Any) -> bool:
+    """A flag of a request body (`stream`, `background`) as the most lenient servers read it
+    (pydantic's lax booleans, under vLLM and SGLang): true, 1, or "true", "yes", "on"..."""
+    if flag is True:
+        return True
+    if isinstance(flag, int | float) and not isinstance(flag, bool):
+        return flag == 1
+    return isinstance(flag, str) and flag.strip().lower() in _TRUE_SPELLINGS
+
+
 def amended(
     key: VirtualKey,
     tail: str,
@@ -235,7 +249,7 @@ def amend(body: bytes) -> bytes | None:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(document, dict) or document.get("stream") is not True:
+    if not isinstance(document, dict) or not is_set(document.get("stream")):
         return None
     if "stream_options" not in document:
         brace = body.index(b"{")  # a JSON object: only whitespace before its brace

@@ -221,6 +221,22 @@ async def test_an_uncapped_request_reserves_its_allowance_and_a_capped_one_only_
             {"model": "gpt-3.5-turbo-instruct", "prompt": "hello", "n": 2, "best_of": 4},
             4 * 1000,
         ),
+        (  # Gemini's n: candidateCount, each candidate up to maxOutputTokens
+            "/v1/models/gemini-2.5-flash:generateContent",
+            {
+                "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+                "generationConfig": {"maxOutputTokens": 50, "candidateCount": 3},
+            },
+            3 * 50,
+        ),
+        (
+            "/v1/models/gemini-2.5-flash:generateContent",
+            {
+                "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+                "generation_config": {"candidate_count": 2},
+            },
+            2 * 1000,
+        ),
         (  # a completion for each prompt of a list, n of each
             "/v1/completions",
             {"model": "davinci-002", "prompt": ["hi", "yo", "ok"], "n": 2, "max_tokens": 50},
@@ -246,6 +262,48 @@ async def test_a_request_for_several_answers_reserves_the_output_of_each(
     gateway = await allowance_gateway(
         {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
     )
+    task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
+    await until(lambda: len(fake.requests) == 1)
+    prompt = estimate.tokens(prompt_chars(path, body))
+    assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + output
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
+        await response.read()
+
+
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [
+        # SGLang, vLLM and most compatible servers cap at max_completion_tokens when both are
+        # named; OpenAI at one or the other: the larger reserved
+        ({"max_tokens": 10, "max_completion_tokens": 5000}, 5000),
+        ({"max_completion_tokens": 10, "max_tokens": 5000}, 5000),
+        ({"max_tokens": 10, "max_output_tokens": 5000}, 5000),
+        # pydantic's lax integers (vLLM, SGLang): 5000.0, 5e3 and "5000" are 5000
+        ({"max_tokens": 5000.0}, 5000),
+        ({"max_completion_tokens": " 5000 "}, 5000),
+        ({"max_tokens": 500, "n": 3.0}, 3 * 500),
+        ({"max_tokens": 500, "n": "2"}, 2 * 500),
+        # Go's encoding/json (Ollama, LocalAI) matches names whatever their case
+        ({"max_tokens": 10, "MAX_TOKENS": 5000}, 5000),
+        ({"max_tokens": 500, "N": 3}, 3 * 500),
+        # what no server reads as a cap: the allowance
+        ({"max_tokens": 5000.5}, 1000),
+        ({"max_tokens": "lots"}, 1000),
+        ({"max_tokens": True}, 1000),
+    ],
+)
+async def test_a_cap_the_provider_reads_is_reserved_however_the_body_spells_it(
+    allowance_gateway: Any, fake: FakeState, fields: dict[str, Any], output: int
+) -> None:
+    """A small cap beside a large one under another name, or a large cap spelt as a float or
+    a string, reserved the small one or the allowance while the provider generated the large."""
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    body = chat("hello", **fields)
+    path = "/v1/chat/completions"
     task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
     await until(lambda: len(fake.requests) == 1)
     prompt = estimate.tokens(prompt_chars(path, body))
@@ -442,3 +500,17 @@ async def test_a_budget_held_only_by_requests_in_flight_is_a_rate_limit_not_insu
     async with await running as answered:
         assert answered.status == 200
         await answered.read()
+
+
+@pytest.mark.parametrize("cap", [1.7e308, 1e300, 18446744073709551615])
+async def test_a_cap_past_any_count_is_admitted_and_priced_without_a_failure(
+    allowance_gateway: Any, fake: FakeState, cap: float
+) -> None:
+    """A cap read as a float (1.7e308 is a whole number to pydantic) times 128 answers was
+    past what a float holds: pricing the reservation failed with a 500."""
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "budget": {"usd": 10, "window_seconds": 60}}
+    )
+    body = chat("hello", n=128, max_tokens=cap)
+    async with gateway.post("/v1/chat/completions", json=body, headers=auth(VK)) as response:
+        assert response.status == 200, await response.text()

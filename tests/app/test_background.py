@@ -130,6 +130,24 @@ async def test_the_poll_that_finds_it_finished_is_charged_its_real_usage_once(
     assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
 
 
+@pytest.mark.parametrize("flag", [1, "true", "yes", "on"])
+async def test_a_background_flag_a_lenient_server_reads_as_true_is_charged_when_polled(
+    background_gateway: MakeGateway, records: Records, flag: object
+) -> None:
+    """vLLM's and SGLang's Responses read "background" as pydantic's lax booleans do: the
+    gateway read only `true`, charged the queued answer an estimate of its prompt and the
+    finished one, fetched later, nothing."""
+    gateway = await background_gateway()
+    headers = {**auth(BUDGET_VK), **ANSWER, "x-fake-lenient": "1"}
+    body = {"model": "gpt-4o-mini", "input": INPUT, "background": flag}
+    made = await (await gateway.post("/v1/responses", json=body, headers=headers)).json()
+    assert made["status"] == "queued" and made["usage"] is None
+    assert (await usage_of(gateway, records, 1))["totals"]["tokens"] == 0  # queued: nothing yet
+    polled = await client(gateway).responses.retrieve(made["id"])
+    assert polled.status == "completed"
+    assert (await usage_of(gateway, records, 2))["totals"]["tokens"] == REAL_TOKENS
+
+
 async def test_polls_that_find_it_running_charge_nothing_and_the_finished_one_charges_it(
     background_gateway: MakeGateway, records: Records
 ) -> None:

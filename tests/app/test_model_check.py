@@ -308,6 +308,10 @@ async def test_a_json_body_sent_with_a_form_content_type_has_its_model_checked(
         b"Content-Disposition: form-data; name*=UTF-8''model",
         # Two dispositions: which names the part is the provider's parser's choice.
         b'Content-Disposition: form-data; name="model"\r\nContent-Disposition: form-data; name="x"',
+        # One disposition naming it twice: multipart's and python-multipart's parsers read
+        # the last, a parser that looks for the first `name=` (a regex) the first.
+        b'Content-Disposition: form-data; name="model"; name="x"',
+        b'Content-Disposition: form-data; NAME="model"; name=x',
     ],
 )
 async def test_a_form_part_whose_name_the_gateway_may_read_otherwise_is_refused(

@@ -20,8 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.encodings import decode_body as readable
 from proxy.errors import GatewayError
 from proxy.record import MODEL_CHARS
-from tests.conftest import OPENAI_VK, RESTRICTED_VK, auth
+from tests.conftest import OPENAI_REAL, OPENAI_VK, RESTRICTED_VK, auth
 from tests.support.fake_provider import FakeState
+
+
+def json_text(document: dict[str, Any], **fields: Any) -> str:
+    return orjson.dumps({**document, **fields}).decode()
 
 
 def gzipped(data: bytes) -> bytes:
@@ -151,6 +155,9 @@ async def test_a_multipart_upload_naming_another_model_gets_403(
     [
         b"model=o1&prompt=x",
         b"prompt=x&model=gpt-4o-mini&model=o1",
+        # python-multipart (Starlette's and FastAPI's forms) splits a form without "&" at ";"
+        b"model=gpt-4o-mini;model=o1",
+        b"prompt=x;model=o1",
     ],
 )
 async def test_a_url_encoded_form_naming_another_model_gets_403(
@@ -328,3 +335,272 @@ async def test_a_huge_model_or_control_characters_stay_out_of_logs_and_labels(
     assert "fake_metric" not in [line.split(" ")[0] for line in metrics.splitlines()]
     families = list(text_string_to_metric_families(metrics))  # still parses
     assert families
+
+
+# --- a field the gateway decides on, named twice: parsers disagree on which one counts ----
+
+METERED_VK = "vk_test_metered_tokens_3e8a1c5f7b"
+CHAT_HI = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
+@pytest.fixture
+async def checked(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    """The gpt-4o-* key, and a key with a token quota (its requests reserve)."""
+    return await gateway_with_keys(
+        {
+            GPT4O_VK: {
+                "provider": "openai",
+                "api_key": GPT4O_REAL,
+                "name": "gpt4o-only",
+                "allowed_models": ["gpt-4o-*"],
+            },
+            METERED_VK: {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "name": "metered",
+                "quota": {"requests": 100, "tokens": 1_000_000, "window_seconds": 3600},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "body", "field"),
+    [
+        # orjson (and most servers) keep the last; gjson, simdjson, RapidJSON keep the first
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "o1", "model": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "o1", "mod\\u0065l": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"\\u006dodel": "o1", "model": "gpt-4o-mini", ' + CHAT_HI + b"}",
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation", '
+            b'"model": "gpt-image-1", "model": "gpt-4o-mini"}]}',
+            "model",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation"}], '
+            b'"tools": []}',
+            "tools",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "image_generation", '
+            b'"type": "function", "name": "f", "model": "gpt-image-1"}]}',
+            "type",
+        ),
+        (
+            GPT4O_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "models": ["o1"], "models": [], ' + CHAT_HI + b"}",
+            "models",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "max_tokens": 64000, "max_tokens": 1, ' + CHAT_HI + b"}",
+            "max_tokens",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "n": 8, "\\u006e": 1, ' + CHAT_HI + b"}",
+            "n",
+        ),
+        (
+            METERED_VK,
+            "/v1/responses",
+            b'{"model": "gpt-4o-mini", "input": "x", "background": true, "background": false}',
+            "background",
+        ),
+        (
+            METERED_VK,
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o-mini", "stream": true, "stream": false, ' + CHAT_HI + b"}",
+            "stream",
+        ),
+    ],
+)
+async def test_a_body_naming_a_deciding_field_twice_is_refused(
+    checked: TestClient, fake: FakeState, key: str, path: str, body: bytes, field: str
+) -> None:
+    response = await checked.post(
+        path, data=body, headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "duplicate_field" and error["param"] == field
+    assert f"'{field}' more than once" in error["message"]
+    assert fake.requests == []
+
+
+async def test_a_restricted_anthropic_key_is_refused_a_repeated_model_in_its_dialect(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    body = (
+        b'{"model": "claude-opus-4-1", "max_tokens": 10, "model": "claude-sonnet-4-5", '
+        + CHAT_HI
+        + b"}"
+    )
+    response = await gateway.post(
+        "/v1/messages",
+        data=body,
+        headers={"x-api-key": RESTRICTED_VK, "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    payload = await response.json()
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert "'model' more than once" in payload["error"]["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a tool taking a "model" argument, a schema listing "n" and "stream": distinct objects
+        b'{"model": "gpt-4o-mini", "max_tokens": 5, "stream": false, ' + CHAT_HI + b', "tools": '
+        b'[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", '
+        b'"properties": {"model": {"type": "string"}, "n": {}, "stream": {}, "max_tokens": {}},'
+        b' "required": ["model", "n"]}}}]}',
+        # text quoting JSON with a repeated key, and a backslash before a u in text
+        b'{"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": '
+        b'"{\\"model\\": 1, \\"model\\": 2} C:\\\\u0061"}]}',
+    ],
+)
+async def test_a_deciding_name_used_elsewhere_in_the_body_still_passes(
+    checked: TestClient, fake: FakeState, body: bytes
+) -> None:
+    for key in (GPT4O_VK, METERED_VK):
+        response = await checked.post(
+            "/v1/chat/completions",
+            data=body,
+            headers={**auth(key), "Content-Type": "application/json"},
+        )
+        assert response.status == 200, await response.text()
+    assert [seen.body for seen in fake.requests] == [body, body]
+
+
+# --- a body the gateway cannot read, where a lenient server reads it ---------------------
+
+LONG_ANSWER = {"model": "gpt-4o-mini", "input": "x", "max_output_tokens": 100_000}
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        # Python's json.loads, under FastAPI servers (a body without Content-Type is read as
+        # JSON), takes NaN, a UTF-8 BOM and UTF-16
+        ("/v1/responses", None, orjson.dumps(LONG_ANSWER)[:-1] + b', "top_p": NaN}'),
+        ("/v1/responses", "text/plain", b"\xef\xbb\xbf" + orjson.dumps(LONG_ANSWER)),
+        ("/v1/completions", None, json_text(LONG_ANSWER, prompt="x").encode("utf-16")),
+        ("/v1/embeddings", None, b'{"model": "text-embedding-3-small", "input": "x" /* c */}'),
+    ],
+)
+async def test_a_metered_keys_body_the_gateway_cannot_read_is_refused_where_it_reserves(
+    checked: TestClient, fake: FakeState, path: str, content_type: str | None, body: bytes
+) -> None:
+    """Read as nothing, it reserved nothing (and named no model to price the reservation at),
+    while the provider generated up to the cap it names."""
+    headers = (
+        auth(METERED_VK)
+        if content_type is None
+        else {**auth(METERED_VK), "Content-Type": content_type}
+    )
+    response = await checked.post(
+        path, data=body, headers=headers, skip_auto_headers=("Content-Type",)
+    )
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_json" and "JSON" in error["message"]
+    assert fake.requests == []
+
+
+async def test_an_opaque_upload_of_a_metered_key_still_passes(
+    checked: TestClient, fake: FakeState
+) -> None:
+    lines = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'  # a JSONL file's part, not one object
+    response = await checked.post(
+        "/v1/uploads/upload_1/parts",
+        data=lines,
+        headers={**auth(METERED_VK), "Content-Type": "application/octet-stream"},
+    )
+    await response.read()
+    assert [seen.body for seen in fake.requests] == [lines]  # the provider judges it
+
+
+# --- a field spelt in another case: Go's encoding/json (Ollama, LocalAI, Go gateways) and
+# ASP.NET's web defaults match JSON names to fields whatever their case ------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", b'{"Model": "o1", "prompt": "x"}'),
+        ("/v1/embeddings", b'{"MODEL": "o1", "input": "x"}'),
+        ("/v1/chat/completions", b'{"model": "gpt-4o-mini", "mOdEl": "o1", ' + CHAT_HI + b"}"),
+    ],
+)
+async def test_a_model_named_in_another_case_is_checked_too(
+    checked: TestClient, fake: FakeState, path: str, body: bytes
+) -> None:
+    response = await checked.post(
+        path, data=body, headers={**auth(GPT4O_VK), "Content-Type": "application/json"}
+    )
+    assert response.status == 403, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "model_not_allowed" and "'o1'" in error["message"]
+    assert fake.requests == []
+    allowed = body.replace(b'"o1"', b'"gpt-4o-2024-08-06"')
+    response = await checked.post(
+        path, data=allowed, headers={**auth(GPT4O_VK), "Content-Type": "application/json"}
+    )
+    assert response.status != 403
+    assert [seen.body for seen in fake.requests] == [allowed]
+
+
+# --- OpenRouter's fallbacks: `models`, and `route: "fallback"` --------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "allowed"),
+    [
+        ({"models": ["o1"]}, False),
+        ({"models": ["gpt-4o-2024-08-06", "o1"], "route": "fallback"}, False),
+        ({"route": "fallback"}, False),  # OpenRouter picks the fallback model itself
+        ({"models": "o1"}, False),
+        ({"models": ["gpt-4o-mini", "gpt-4o-2024-08-06"]}, True),
+        ({"models": ["gpt-4o-2024-08-06"], "route": "fallback"}, True),
+    ],
+)
+async def test_a_fallback_model_a_router_may_run_is_checked(
+    checked: TestClient, fake: FakeState, fields: dict[str, Any], allowed: bool
+) -> None:
+    """OpenRouter (a custom provider) runs the models of `models` in turn when the first
+    fails: a key allowed only gpt-4o-* reached o1 by naming it there."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **fields}
+    response = await checked.post("/v1/chat/completions", json=body, headers=auth(GPT4O_VK))
+    if allowed:
+        assert response.status == 200
+        assert len(fake.requests) == 1
+    else:
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "model_not_allowed"
+        assert fake.requests == []

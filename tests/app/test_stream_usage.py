@@ -109,6 +109,23 @@ async def test_exact_mode_asks_for_usage_reads_it_and_the_client_sees_what_it_as
     )
 
 
+@pytest.mark.parametrize("flag", [1, "true", "yes"])
+async def test_a_stream_flag_a_lenient_server_reads_as_true_is_asked_for_its_usage(
+    exact_gateway: TestClient, fake: FakeState, records: Records, flag: object
+) -> None:
+    """vLLM and SGLang read "stream" as pydantic's lax booleans do, and stream: the gateway
+    read only `true`, asked for no usage chunk, and charged the stream an estimate."""
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": flag}
+    headers = {"Authorization": f"Bearer {EXACT_VK}"}
+    async with exact_gateway.post("/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 200
+        raw = await response.read()
+    assert b'"stream_options":{"include_usage":true}' in fake.requests[-1].body
+    assert b'"usage":{' not in raw  # asked by the gateway: withheld
+    (line,) = await records(1)
+    assert line["stream"] is True and line["usage"]["estimated"] is False
+
+
 async def test_without_the_setting_the_stream_is_byte_identical_and_estimated(
     clients: Callable[[str | None], AsyncOpenAI], fake: FakeState, records: Records
 ) -> None:

@@ -73,6 +73,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               generation), or until the client leaves
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
+    x-fake-lenient: 1         read "background" as pydantic's lax booleans do (vLLM's and SGLang's
+                              Responses): 1, "true", "yes", "on" are true, as true is
 
 A Responses object says the `service_tier` that served it: the request's, else "default",
 and carries `tool_usage` as OpenAI's does (hosted tools' usage beside `usage`: all zeros
@@ -1231,7 +1233,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
         }
 
     done = response("completed", [item("completed", [part(text)])], usage)
-    if payload.get("background") is True:
+    background = payload.get("background")
+    if request.headers.get("x-fake-lenient") == "1" and background in (1, "1", "true", "yes", "on"):
+        background = True
+    if background is True:
         done["background"] = True
         polls = int(request.headers.get("x-fake-polls", "0"))
         request.app[FAKE_STATE].background[response_id] = Background(done, polls)
