@@ -108,7 +108,8 @@ class SessionUsage:
         elif frame.find(b'.delta"') >= 0:
             if frame.find(b'audio.delta"') < 0:  # not audio
                 event = _event(frame)
-                if event is not None and event.get("type") in _GENERATED:
+                kind = event.get("type") if event is not None else None
+                if type(kind) is str and kind in _GENERATED:  # not a list: a tap never raises
                     delta = event.get("delta")
                     if isinstance(delta, str):
                         self._chars += len(delta)
@@ -152,7 +153,8 @@ class SessionUsage:
 
     def _read_session(self, frame: bytes) -> None:
         event = _event(frame)
-        if event is None or event.get("type") not in _SESSION_EVENTS:
+        kind = event.get("type") if event is not None else None
+        if type(kind) is not str or kind not in _SESSION_EVENTS:  # not a list: never raises
             return
         session = event.get("session")
         if isinstance(session, dict):

@@ -78,7 +78,7 @@ def _generated_delta(event: dict[str, Any], reading: Reading) -> None:
 def _item_added(event: dict[str, Any], reading: Reading) -> None:
     """An output item begins: a tool call's name comes whole here, its arguments as deltas."""
     item = event.get("item")
-    if isinstance(item, dict) and item.get("type") in _CALLS:
+    if isinstance(item, dict) and _is_one_of(item.get("type"), _CALLS):
         reading.add_generated(item.get("name"))
 
 
@@ -105,6 +105,14 @@ def _started(event: dict[str, Any], reading: Reading) -> None:
 
 # Output items that call a tool: their name, and their arguments or input, are generated.
 _CALLS = frozenset({"function_call", "custom_tool_call", "mcp_call"})
+
+
+def _is_one_of(kind: object, kinds: frozenset[str]) -> bool:
+    """Whether a provider's `type` is one of `kinds`: a string, not a list or an object
+    (unhashable: `in` a frozenset would raise, and a tap never raises)."""
+    return type(kind) is str and kind in kinds
+
+
 # The stream events read, by type; every other type carries nothing metered (a `.done`
 # event repeats what its deltas said).
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
@@ -241,7 +249,7 @@ def _read_item(item: dict[str, Any], reading: Reading) -> None:
         for part in _dicts(item.get("content")):
             reading.add_generated(part.get("text"))
             reading.add_generated(part.get("refusal"))
-    elif kind in _CALLS:
+    elif _is_one_of(kind, _CALLS):
         for field in ("name", "arguments", "input"):
             reading.add_generated(item.get(field))
     elif kind == "reasoning":  # its summary, and its text where the provider shows it

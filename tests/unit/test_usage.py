@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import anthropic, audio, images, responses
+from proxy.usage import anthropic, audio, batches, images, responses
 from proxy.usage.prompt import prompt_chars, request_chars
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
@@ -1260,6 +1260,21 @@ def test_any_value_where_a_dialect_reads_never_raises(
     for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage: None)):
         reader.read(orjson.dumps({**event, "type": kind or "response.done"}))
         reader.finish()
+
+
+def test_a_type_that_is_no_string_is_read_as_no_type_and_never_raises() -> None:
+    # A list where a `type` goes (unhashable) raised TypeError out of the tap, found by the
+    # test above: a Responses item, a Realtime delta or session event, a batch's status.
+    kind: list[str] = ["function_call"]
+    items = {"type": "response.output_item.added", "item": {"type": kind, "name": "abc"}}
+    done = {"type": "response.completed", "response": {"output": [{"type": kind}]}}
+    assert tap_of(sse(items, done), SSE).usage(CHAT_REQUEST) is not None
+    for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage: None)):
+        reader.read(orjson.dumps({"type": kind, "delta": "x", "note": "a.delta"}))
+        reader.read(orjson.dumps({"type": kind, "note": 'session.updated"'}))
+        reader.finish()
+    batch = batches.read_batch({"id": "batch_1", "object": "batch", "status": kind}, True)
+    assert batch is not None and not batch.is_finished
 
 
 def test_a_tool_input_nested_deeper_than_orjson_writes_is_still_estimated() -> None:
