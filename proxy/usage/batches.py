@@ -76,12 +76,11 @@ def read_batch(document: dict[str, object], is_new: bool) -> Batch | None:
     model = document.get("model")
     usage = ProviderUsage()
     usage.read(document.get("usage"), responses.USAGE)
-    status = document.get("status")  # a string; another value (a list: unhashable) ends none
     return Batch(
         batch_id,
         OPENAI,
         is_new,
-        type(status) is str and status in _OPENAI_ENDED,
+        responses.is_one_of(document.get("status"), _OPENAI_ENDED),
         output if isinstance(output, str) and _ID.fullmatch(output) else None,
         usage.usage(),
         model[:200] if isinstance(model, str) and model else None,

@@ -108,8 +108,7 @@ class SessionUsage:
         elif frame.find(b'.delta"') >= 0:
             if frame.find(b'audio.delta"') < 0:  # not audio
                 event = _event(frame)
-                kind = event.get("type") if event is not None else None
-                if type(kind) is str and kind in _GENERATED:  # not a list: a tap never raises
+                if event is not None and responses.is_one_of(event.get("type"), _GENERATED):
                     delta = event.get("delta")
                     if isinstance(delta, str):
                         self._chars += len(delta)
@@ -153,8 +152,7 @@ class SessionUsage:
 
     def _read_session(self, frame: bytes) -> None:
         event = _event(frame)
-        kind = event.get("type") if event is not None else None
-        if type(kind) is not str or kind not in _SESSION_EVENTS:  # not a list: never raises
+        if event is None or not responses.is_one_of(event.get("type"), _SESSION_EVENTS):
             return
         session = event.get("session")
         if isinstance(session, dict):

@@ -78,7 +78,7 @@ def _generated_delta(event: dict[str, Any], reading: Reading) -> None:
 def _item_added(event: dict[str, Any], reading: Reading) -> None:
     """An output item begins: a tool call's name comes whole here, its arguments as deltas."""
     item = event.get("item")
-    if isinstance(item, dict) and _is_one_of(item.get("type"), _CALLS):
+    if isinstance(item, dict) and is_one_of(item.get("type"), _CALLS):
         reading.add_generated(item.get("name"))
 
 
@@ -107,7 +107,7 @@ def _started(event: dict[str, Any], reading: Reading) -> None:
 _CALLS = frozenset({"function_call", "custom_tool_call", "mcp_call"})
 
 
-def _is_one_of(kind: object, kinds: frozenset[str]) -> bool:
+def is_one_of(kind: object, kinds: frozenset[str]) -> bool:
     """Whether a provider's `type` is one of `kinds`: a string, not a list or an object
     (unhashable: `in` a frozenset would raise, and a tap never raises)."""
     return type(kind) is str and kind in kinds
@@ -249,7 +249,7 @@ def _read_item(item: dict[str, Any], reading: Reading) -> None:
         for part in _dicts(item.get("content")):
             reading.add_generated(part.get("text"))
             reading.add_generated(part.get("refusal"))
-    elif _is_one_of(kind, _CALLS):
+    elif is_one_of(kind, _CALLS):
         for field in ("name", "arguments", "input"):
             reading.add_generated(item.get(field))
     elif kind == "reasoning":  # its summary, and its text where the provider shows it
