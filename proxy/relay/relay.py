@@ -373,17 +373,18 @@ async def relay_body(
     client's leaving).
 
     One watch serves both directions: while reading it bounds the provider's silence
-    (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
-    flag `is_writing` tells whose it was when it fires.
+    (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading, not
+    one that reads slowly: `Watch.sending`): its `is_writing` tells whose it was when it
+    fires.
 
     `writer`: the prepared response's, which holds its head (`HeldHead`) until the first
     chunk; the head goes out alone only if that chunk has to be waited for.
     """
     content = reply.content
     read, has_arrived, clock = content.readany, content.has_arrived, time.perf_counter
-    status, is_writing, loop = reply.status, False, asyncio.get_running_loop()
+    status, loop = reply.status, asyncio.get_running_loop()
     try:
-        with silences.watch(loop) as watch:
+        with silences.watch(loop, writer.transport) as watch:
             asked = clock()
             # The head goes out with the first chunk, in one write, when that chunk is at
             # hand; when the read has to wait, the loop's next turn sends the head alone.
@@ -400,16 +401,15 @@ async def relay_body(
                 # costs no wait, and tells the last chunk, which goes out with the end.
                 if has_arrived() and not (following := await read()):
                     break
-                is_writing = True
+                watch.sending()
                 sent = chunk if mask is None else mask(chunk)
                 if withheld is not None:
                     sent = withheld(sent)
                 await response.write(sent)
-                is_writing = False
+                watch.moved()
                 tap.feed(chunk)
                 if collect is not None:
                     collect(sent)
-                watch.moved()
                 if following is None:
                     asked = clock()
                     try:
@@ -418,7 +418,7 @@ async def relay_body(
                         record.waited_upstream(asked)
                 else:
                     chunk = following
-            is_writing = True
+            watch.sending()
             await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
         # ... with its whole answer: the tap has read every chunk the client was sent
@@ -431,7 +431,7 @@ async def relay_body(
         raise
     except TimeoutError:
         idle = silences.idle
-        if is_writing:  # a client that stopped reading: its own ending, not the provider's
+        if watch.is_writing:  # a client that stopped reading: its own ending, not the provider's
             why = f"the client read nothing for {idle:g} seconds"
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         why = f"the provider sent nothing for {idle:g} seconds"

@@ -658,3 +658,44 @@ async def test_chunks_at_hand_go_with_the_head_and_the_end_in_one_write_each(
     response = await client.post("/")
     assert await response.read() == b"data: 1\n\ndata: 2\n\n"
     assert counted[0].writes == 2
+
+
+async def read_steadily(gateway: TestClient, request: bytes, pace: float = 0.01) -> bytes:
+    """A client on a slow link (a 4 KiB receive buffer) that sends `request`, then reads
+    its answer 4 KiB at a time, one read every `pace` seconds, to the end: always taking
+    some, never stalled."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (gateway.host, gateway.port))
+    await loop.sock_sendall(client, request)
+    received = bytearray()
+    while piece := await loop.sock_recv(client, 4096):
+        received += piece
+        await asyncio.sleep(pace)  # the link's pace, not a wait for something to happen
+    client.close()
+    return bytes(received)
+
+
+async def test_a_client_that_reads_a_large_chunk_slowly_but_steadily_is_not_cut(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A provider that sends 256 KiB chunks at once, and a client on a slow link that takes
+    # each in about a second, never stopping: nobody was silent for STREAM_IDLE_TIMEOUT,
+    # yet the gateway noted progress only when a whole chunk's write finished, and cut
+    # the client as one that "read nothing".
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.3"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    request = (
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\nx-request-id: steady-1\r\n".encode()
+        + b"x-fake-raw-chunks: 3\r\nx-fake-raw-bytes: 262144\r\n\r\n"
+    )
+    received = await read_steadily(gateway, request)
+    (line,) = await records(1)
+    assert (line["status"], line.get("error")) == (200, None)
+    assert received.endswith(b"0\r\n\r\n") and fake.sent["steady-1"][-6:] in received
