@@ -181,8 +181,9 @@ class Relay:
                     # answer, off the latency it waits for.
                     if (response.content_length or 0) < WATCHED_WRITE_BYTES:
                         await response.write_eof()
-                    else:  # a client that reads none of it: cut, as in a stream (relay_body)
-                        with silences.watch():
+                    else:  # a client that stops reading it: cut, as in a stream (relay_body)
+                        with silences.watch(None, request.transport) as watch:
+                            watch.sending()
                             await response.write_eof()
                     return response
             except ConnectionResetError:  # the client left before its answer went out
@@ -190,7 +191,7 @@ class Relay:
                     CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection"
                 ) from None
             except TimeoutError:
-                why = f"the client did not take its answer within {silences.idle:g} seconds"
+                why = f"the client read nothing for {silences.idle:g} seconds"
                 raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
             # After prepare() the status is sent: a failure can only end the stream.
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
@@ -242,15 +243,11 @@ class Relay:
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped
         try:
-            with self.silences.watch() as watch:  # a client that stops reading: cut
-                await replay(request, response, entry, record, watch.moved)
+            # a client that stops reading: cut
+            with self.silences.watch(None, request.transport) as watch:
+                await replay(request, response, entry, record, watch.sending)
         except TimeoutError:
-            idle = self.silences.idle
-            why = (
-                f"the client did not take its answer within {idle:g} seconds"
-                if isinstance(response, web.Response)
-                else f"the client read nothing for {idle:g} seconds"
-            )
+            why = f"the client read nothing for {self.silences.idle:g} seconds"
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         return response
 
