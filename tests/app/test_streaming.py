@@ -757,3 +757,25 @@ async def test_a_client_that_reads_a_cached_answer_slowly_but_steadily_is_not_cu
         (200, "miss", None),
         (200, "hit", None),
     ]
+
+
+async def test_a_client_cut_for_reading_nothing_lets_its_connection_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A client whose app hangs (or a phone whose link died with no FIN): its socket stays
+    # open and reads nothing. The gateway cut its stream at STREAM_IDLE_TIMEOUT, then closed
+    # the connection politely: the close waited for the client to take what was buffered,
+    # for ever, so the connection (one of MAX_CONNECTIONS) and its buffer were held.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    reader, writer = await stalled_reader(gateway, "hung-1")
+    try:
+        (line,) = await records(1, timeout=20.0)  # once the gateway gave up on the client
+        assert (line["status"], line["error"]) == (499, "the client read nothing for 0.5 seconds")
+        server = gateway.server.runner.server
+        assert server is not None
+        await until(lambda: not server.connections, what="the connection to be let go")
+    finally:
+        writer.close()
