@@ -779,3 +779,61 @@ async def test_a_client_cut_for_reading_nothing_lets_its_connection_go(
         await until(lambda: not server.connections, what="the connection to be let go")
     finally:
         writer.close()
+
+
+async def test_an_answered_connection_whose_client_takes_nothing_more_is_let_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The answer's last write went to the transport's buffer (under its high-water mark), so
+    # the request ended answered; then the client hung, its socket open, reading nothing.
+    # The keep-alive timer closed the connection politely: the close waited for the client
+    # to take the rest first, for ever, and the connection (one of MAX_CONNECTIONS) stayed.
+    from proxy.runtime.server import drop_unread
+
+    def listener(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+        sock = small_send_buffers(host, port, family)
+        drop_unread(sock, 0.5)  # as `listen` does, with STREAM_IDLE_TIMEOUT
+        return sock
+
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5"))
+    server_kwargs = {"socket_factory": listener, "keepalive_timeout": 0.5}
+    gateway = await aiohttp_client(app, server_kwargs=server_kwargs)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (gateway.host, gateway.port))
+    try:
+        await loop.sock_sendall(
+            client,
+            b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
+            + b"x-fake-raw-chunks: 1\r\nx-fake-raw-bytes: 50000\r\nx-fake-sized: 1\r\n\r\n",
+        )
+        (line,) = await records(1)
+        assert line["status"] == 200
+        server = gateway.server.runner.server
+        assert server is not None
+        await until(lambda: not server.connections, within=10, what="the connection to go")
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_the_gateways_listener_lets_a_client_leave_its_answer_unread_twice_the_idle_time(
+    settings: Callable[..., Settings],
+) -> None:
+    from aiohttp import web
+
+    from proxy.runtime.server import listen
+
+    server = web.Server(lambda request: web.Response())  # type: ignore[arg-type, return-value]
+    serving = settings(SERVER_HOST="127.0.0.1", SERVER_PORT="0", STREAM_IDLE_TIMEOUT="7")
+    listener = await listen(server, serving, False)
+    try:
+        (sock,) = listener.sockets
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 14_000
+    finally:
+        listener.close()
