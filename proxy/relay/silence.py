@@ -14,7 +14,9 @@ While a chunk goes to the client (`Watch.sending`), the silence is the client's,
 client that takes any of it moves: one write of a large chunk (hundreds of KiB) to a client
 on a slow link can take longer than the timeout while it never stops reading. The sweep
 reads how much of the write still waits in the client's transport (as aiohttp's upload
-progress does): less than at the sweep before is movement. A chunk costs no more than
+progress does): less than at the sweep before is movement, dated at that sweep (the
+client may have taken its last byte up to one period earlier, so such a silence is cut
+within 1 + 2 × IDLE_SLACK times the timeout, never before). A chunk costs no more than
 marking when its write starts.
 """
 
