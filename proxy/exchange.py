@@ -175,7 +175,7 @@ class Entrance:
                 record.end(record.whole_answer_status, Outcome.ANSWERED)  # it had it all
             else:
                 record.end(cut.status, cut.outcome, cut.why)
-            return _closed(request, cut.status)
+            return _closed(request, cut.status, cut.outcome is Outcome.CLIENT_LEFT)
         except asyncio.CancelledError as cancel:
             # aiohttp cancels the handler when the client disconnects (handler_cancellation),
             # and the server when the shutdown grace ran out (the gateway's own cut).
@@ -499,9 +499,18 @@ def _refused(error: GatewayError, request: web.Request, record: Record) -> web.R
     return response
 
 
-def _closed(request: web.Request, status: int) -> web.Response:
+def _closed(request: web.Request, status: int, is_abandoned: bool = False) -> web.Response:
     """Close a connection whose answer began, so the client sees it cut; the response is
-    never sent."""
-    if request.transport is not None:
-        request.transport.close()
+    never sent.
+
+    `is_abandoned`: the client left, or read nothing for STREAM_IDLE_TIMEOUT. What is still
+    buffered for it will not be taken, and a close waits for it to go out first: a client
+    whose socket stays open reading nothing (a hung app, a link gone without a FIN) held
+    the connection and its buffer for ever. Its connection is dropped at once."""
+    transport = request.transport
+    if transport is not None:
+        if is_abandoned:
+            transport.abort()
+        else:
+            transport.close()
     return web.Response(status=status)

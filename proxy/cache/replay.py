@@ -32,18 +32,20 @@ async def replay(
     response: web.StreamResponse,
     entry: Entry,
     record: Record,
-    moved: Callable[[], None],
+    sending: Callable[[], None],
 ) -> None:
-    """Send `entry` through `response` (from `response_for`), calling `moved` as each chunk
-    goes (the caller watches a client that stops reading). Raises Cut: the client left."""
+    """Send `entry` through `response` (from `response_for`), calling `sending` as each
+    write begins (the caller watches a client that stops reading). Raises Cut: the client
+    left."""
     record.saw_answer(entry.usage, entry.model)
     try:
         await response.prepare(request)
         record.mark_first_byte()
         if not isinstance(response, web.Response):
             for chunk in entry.chunks:
+                sending()
                 await response.write(chunk)
-                moved()
+        sending()
         await response.write_eof()
     except ConnectionResetError:  # the client left before the whole answer went out
         raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection") from None

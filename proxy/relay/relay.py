@@ -181,8 +181,9 @@ class Relay:
                     # answer, off the latency it waits for.
                     if (response.content_length or 0) < WATCHED_WRITE_BYTES:
                         await response.write_eof()
-                    else:  # a client that reads none of it: cut, as in a stream (relay_body)
-                        with silences.watch():
+                    else:  # a client that stops reading it: cut, as in a stream (relay_body)
+                        with silences.watch(None, request.transport) as watch:
+                            watch.sending()
                             await response.write_eof()
                     return response
             except ConnectionResetError:  # the client left before its answer went out
@@ -190,7 +191,7 @@ class Relay:
                     CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection"
                 ) from None
             except TimeoutError:
-                why = f"the client did not take its answer within {silences.idle:g} seconds"
+                why = f"the client read nothing for {silences.idle:g} seconds"
                 raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
             # After prepare() the status is sent: a failure can only end the stream.
             assert not isinstance(reply, StoredAnswer)  # a stored answer went out whole above
@@ -242,15 +243,11 @@ class Relay:
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped
         try:
-            with self.silences.watch() as watch:  # a client that stops reading: cut
-                await replay(request, response, entry, record, watch.moved)
+            # a client that stops reading: cut
+            with self.silences.watch(None, request.transport) as watch:
+                await replay(request, response, entry, record, watch.sending)
         except TimeoutError:
-            idle = self.silences.idle
-            why = (
-                f"the client did not take its answer within {idle:g} seconds"
-                if isinstance(response, web.Response)
-                else f"the client read nothing for {idle:g} seconds"
-            )
+            why = f"the client read nothing for {self.silences.idle:g} seconds"
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         return response
 
@@ -373,17 +370,18 @@ async def relay_body(
     client's leaving).
 
     One watch serves both directions: while reading it bounds the provider's silence
-    (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading): the
-    flag `is_writing` tells whose it was when it fires.
+    (STREAM_IDLE_TIMEOUT), while writing the client's (a client that stops reading, not
+    one that reads slowly: `Watch.sending`): its `is_writing` tells whose it was when it
+    fires.
 
     `writer`: the prepared response's, which holds its head (`HeldHead`) until the first
     chunk; the head goes out alone only if that chunk has to be waited for.
     """
     content = reply.content
     read, has_arrived, clock = content.readany, content.has_arrived, time.perf_counter
-    status, is_writing, loop = reply.status, False, asyncio.get_running_loop()
+    status, loop = reply.status, asyncio.get_running_loop()
     try:
-        with silences.watch(loop) as watch:
+        with silences.watch(loop, writer.transport) as watch:
             asked = clock()
             # The head goes out with the first chunk, in one write, when that chunk is at
             # hand; when the read has to wait, the loop's next turn sends the head alone.
@@ -400,16 +398,15 @@ async def relay_body(
                 # costs no wait, and tells the last chunk, which goes out with the end.
                 if has_arrived() and not (following := await read()):
                     break
-                is_writing = True
+                watch.sending()
                 sent = chunk if mask is None else mask(chunk)
                 if withheld is not None:
                     sent = withheld(sent)
                 await response.write(sent)
-                is_writing = False
+                watch.moved()
                 tap.feed(chunk)
                 if collect is not None:
                     collect(sent)
-                watch.moved()
                 if following is None:
                     asked = clock()
                     try:
@@ -418,7 +415,7 @@ async def relay_body(
                         record.waited_upstream(asked)
                 else:
                     chunk = following
-            is_writing = True
+            watch.sending()
             await send_end(response, chunk, tap, withheld, collect, mask)
     except ConnectionResetError:  # the client left: not the provider's failure
         # ... with its whole answer: the tap has read every chunk the client was sent
@@ -431,7 +428,7 @@ async def relay_body(
         raise
     except TimeoutError:
         idle = silences.idle
-        if is_writing:  # a client that stopped reading: its own ending, not the provider's
+        if watch.is_writing:  # a client that stopped reading: its own ending, not the provider's
             why = f"the client read nothing for {idle:g} seconds"
             raise Cut(CLIENT_CLOSED, Outcome.CLIENT_LEFT, why) from None
         why = f"the provider sent nothing for {idle:g} seconds"

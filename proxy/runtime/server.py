@@ -29,7 +29,10 @@ process's memory, measured in `bench/connections.py`:
   an idle keep-alive connection (closed), else is answered 503 with Retry-After and closed
   at once, without a parser or a buffer of its own, so the process never holds more
   sockets to clients than MAX_CONNECTIONS (one more, for a turn of the loop, while an idle
-  one closes).
+  one closes);
+- a connection whose client takes nothing of what was sent to it for twice
+  STREAM_IDLE_TIMEOUT is dropped by the kernel (`drop_unread`), also once its request is
+  over and the rest of its answer waits in a buffer the relay no longer watches.
 And the other way round, so the process can hold that many: its soft limit on open files is
 raised to the hard one (`raise_open_files_limit`).
 """
@@ -43,6 +46,7 @@ import gc
 import resource
 import signal
 import socket
+from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -79,6 +83,8 @@ CLEANUP_MARGIN_SECONDS = 1.0
 SAY_MARGIN_SECONDS = 0.5
 # The most open files macOS lets a process have when its hard limit is unlimited.
 MACOS_OPEN_MAX = 10_240
+# TCP_USER_TIMEOUT's largest value (an unsigned int of milliseconds, kept signed): 24 days.
+MAX_USER_TIMEOUT_MS = 2**31 - 1
 
 
 class CannotListen(Exception):
@@ -195,9 +201,13 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
         return _RequestHandler(server, loop=loop, **server._kwargs)
 
     with _refusals(host, port):
-        return await loop.create_server(
+        listener = await loop.create_server(
             connection, hosts(host), port, reuse_port=reuse_port or None, backlog=1024
         )
+    for sock in listener.sockets:
+        # Twice the relay's own bound, which cuts first and says why (relay.silence).
+        drop_unread(sock, settings.stream_idle_timeout * 2)
+    return listener
 
 
 def hosts(host: str) -> str | list[str]:
@@ -532,3 +542,20 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def drop_unread(listener: socket.socket | TransportSocket, seconds: float) -> None:
+    """The connections accepted on `listener` are dropped by the kernel once what was sent
+    on them has waited `seconds` for the client to take any of it (TCP_USER_TIMEOUT, which
+    accepted sockets inherit; Linux only: elsewhere nothing is set).
+
+    The relay cuts a client that reads nothing while an answer is written (STREAM_IDLE_TIMEOUT),
+    but once the last write went to the transport's buffer the request is over: a client that
+    then reads nothing more, its socket open (a hung app), held its connection for ever, as
+    aiohttp's close waits for that buffer to go out first."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return
+    milliseconds = min(int(seconds * 1000), MAX_USER_TIMEOUT_MS)
+    with contextlib.suppress(OSError):  # not TCP (a test's socket): nothing to bound
+        listener.setsockopt(socket.IPPROTO_TCP, option, milliseconds)

@@ -811,3 +811,46 @@ async def test_an_agents_sdk_trace_upload_routed_through_the_gateway_goes_with_t
         200,
         None,
     )
+
+
+class Unsent:
+    """A client's transport, as the sweep reads it: how much of a write it has not taken."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+
+async def test_a_client_taking_a_long_write_slowly_moves_one_taking_none_is_cut() -> None:
+    silences, idle = Silences(10.0), 10.0
+    transport = Unsent(256 * 1024)
+    forever = asyncio.get_running_loop().create_future()
+    writing = asyncio.Event()
+
+    async def relayed() -> None:
+        with silences.watch(transport=transport) as watch:  # type: ignore[arg-type]
+            watch.sending()
+            watch.last = 100.0  # the chunk came, and its write began, at t = 100
+            writing.set()
+            await forever  # a write that waits for the client
+
+    task = asyncio.create_task(relayed())
+    await asyncio.wait_for(writing.wait(), 5)
+    period = idle * IDLE_SLACK
+    now = 100.0
+    for _ in range(30):  # 30 s of one write, the client taking 4 KiB a second
+        now += period
+        transport.size -= 4096
+        silences.sweep(now)
+        assert task.cancelling() == 0, f"cut at t = {now} while the client reads"
+    for _ in range(9):  # then it takes nothing: cut once that lasted the timeout
+        now += period
+        silences.sweep(now)
+        assert task.cancelling() == 0
+    silences.sweep(now + period)
+    assert task.cancelling() == 1
+    with pytest.raises(TimeoutError):
+        await task
+    forever.cancel()

@@ -517,7 +517,7 @@ async def test_a_client_that_stops_reading_a_whole_answer_is_cut_as_a_streams_is
     finally:
         writer.close()
     assert [(line["status"], line["error"]) for line in lines] == [
-        (499, "the client did not take its answer within 0.5 seconds")
+        (499, "the client read nothing for 0.5 seconds")
     ]
 
 
@@ -565,7 +565,7 @@ async def test_a_client_that_stops_reading_a_cached_answer_is_cut_too(
         writer.close()
     assert [(line["status"], line["cache"], line.get("error")) for line in lines] == [
         (200, "miss", None),
-        (499, "hit", "the client did not take its answer within 0.5 seconds"),
+        (499, "hit", "the client read nothing for 0.5 seconds"),
     ]
 
 
@@ -658,3 +658,184 @@ async def test_chunks_at_hand_go_with_the_head_and_the_end_in_one_write_each(
     response = await client.post("/")
     assert await response.read() == b"data: 1\n\ndata: 2\n\n"
     assert counted[0].writes == 2
+
+
+async def read_steadily(gateway: TestClient, request: bytes, pace: float = 0.01) -> bytes:
+    """A client on a slow link (a 4 KiB receive buffer) that sends `request`, then reads
+    its answer 4 KiB at a time, one read every `pace` seconds, to the end: always taking
+    some, never stalled. What it got, up to the end or a reset (a gateway that cut it)."""
+    received = bytearray()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(client, (gateway.host, gateway.port))
+        await loop.sock_sendall(client, request)
+        try:
+            while piece := await loop.sock_recv(client, 4096):
+                received += piece
+                await asyncio.sleep(pace)  # the link's pace, not a wait for something
+        except ConnectionResetError:
+            pass
+    return bytes(received)
+
+
+async def test_a_client_that_reads_a_large_chunk_slowly_but_steadily_is_not_cut(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A provider that sends 256 KiB chunks at once, and a client on a slow link that takes
+    # each in about a second, never stopping: nobody was silent for STREAM_IDLE_TIMEOUT,
+    # yet the gateway noted progress only when a whole chunk's write finished, and cut
+    # the client as one that "read nothing".
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.3"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    request = (
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\nx-request-id: steady-1\r\n".encode()
+        + b"x-fake-raw-chunks: 3\r\nx-fake-raw-bytes: 262144\r\n\r\n"
+    )
+    received = await read_steadily(gateway, request)
+    (line,) = await records(1)
+    assert (line["status"], line.get("error")) == (200, None)
+    assert received.endswith(b"0\r\n\r\n") and fake.sent["steady-1"][-6:] in received
+
+
+async def test_a_client_that_reads_a_whole_answer_slowly_but_steadily_is_not_cut(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # An answer of known length up to 1 MiB goes out in one write: a client on a slow link
+    # that kept reading it for longer than STREAM_IDLE_TIMEOUT was cut, where the same
+    # answer 1 byte over 1 MiB, streamed, was not.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.3"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    request = (
+        b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {OPENAI_VK}\r\nx-request-id: steady-2\r\n".encode()
+        + b"x-fake-raw-chunks: 3\r\nx-fake-raw-bytes: 300000\r\nx-fake-sized: 1\r\n\r\n"
+    )
+    received = await read_steadily(gateway, request)
+    (line,) = await records(1)
+    assert (line["status"], line.get("error")) == (200, None)
+    assert received.endswith(fake.sent["steady-2"])
+
+
+async def test_a_client_that_reads_a_cached_answer_slowly_but_steadily_is_not_cut(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    fake_base: str,
+    tmp_path: Path,
+) -> None:
+    document = keys_document(fake_base)
+    document["virtual_keys"]["vk_test_cached_7e5d3c1b9a"] = {
+        "provider": "openai",
+        "api_key": "sk-real-cached-0123456789",
+        "name": "cached",
+        "cache": {"ttl_seconds": 600},
+    }
+    keys = tmp_path / "cached-keys.json"
+    keys.write_text(json.dumps(document))
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.3", KEYS_FILE_PATH=str(keys)))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    body = orjson.dumps(chat("the same question"))
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        b"Authorization: Bearer vk_test_cached_7e5d3c1b9a\r\n"
+        b"Content-Type: application/json\r\nx-fake-chunks: 60000\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    stored = await read_steadily(gateway, request, pace=0)  # the answer, now stored
+    assert len(stored) > 300_000 and b"x-llm-gateway-cache: miss" in stored.lower()
+    received = await read_steadily(gateway, request)  # the hit, on a slow link
+    assert b"x-llm-gateway-cache: hit" in received.lower()
+    lines = await records(2)
+    assert [(line["status"], line["cache"], line.get("error")) for line in lines] == [
+        (200, "miss", None),
+        (200, "hit", None),
+    ]
+
+
+async def test_a_client_cut_for_reading_nothing_lets_its_connection_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A client whose app hangs (or a phone whose link died with no FIN): its socket stays
+    # open and reads nothing. The gateway cut its stream at STREAM_IDLE_TIMEOUT, then closed
+    # the connection politely: the close waited for the client to take what was buffered,
+    # for ever, so the connection (one of MAX_CONNECTIONS) and its buffer were held.
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5"))
+    gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
+    reader, writer = await stalled_reader(gateway, "hung-1")
+    try:
+        (line,) = await records(1, timeout=20.0)  # once the gateway gave up on the client
+        assert (line["status"], line["error"]) == (499, "the client read nothing for 0.5 seconds")
+        server = gateway.server.runner.server
+        assert server is not None
+        await until(lambda: not server.connections, what="the connection to be let go")
+    finally:
+        writer.close()
+
+
+async def test_an_answered_connection_whose_client_takes_nothing_more_is_let_go(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The answer's last write went to the transport's buffer (under its high-water mark), so
+    # the request ended answered; then the client hung, its socket open, reading nothing.
+    # The keep-alive timer closed the connection politely: the close waited for the client
+    # to take the rest first, for ever, and the connection (one of MAX_CONNECTIONS) stayed.
+    from proxy.runtime.server import drop_unread
+
+    def listener(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+        sock = small_send_buffers(host, port, family)
+        drop_unread(sock, 0.5)  # as `listen` does, with STREAM_IDLE_TIMEOUT
+        return sock
+
+    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5"))
+    server_kwargs = {"socket_factory": listener, "keepalive_timeout": 0.5}
+    gateway = await aiohttp_client(app, server_kwargs=server_kwargs)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (gateway.host, gateway.port))
+    try:
+        await loop.sock_sendall(
+            client,
+            b"GET /v1/download HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: Bearer {OPENAI_VK}\r\n".encode()
+            + b"x-fake-raw-chunks: 1\r\nx-fake-raw-bytes: 50000\r\nx-fake-sized: 1\r\n\r\n",
+        )
+        (line,) = await records(1)
+        assert line["status"] == 200
+        server = gateway.server.runner.server
+        assert server is not None
+        await until(lambda: not server.connections, within=10, what="the connection to go")
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_the_gateways_listener_lets_a_client_leave_its_answer_unread_twice_the_idle_time(
+    settings: Callable[..., Settings],
+) -> None:
+    from aiohttp import web
+
+    from proxy.runtime.server import listen
+
+    server = web.Server(lambda request: web.Response())  # type: ignore[arg-type, return-value]
+    serving = settings(SERVER_HOST="127.0.0.1", SERVER_PORT="0", STREAM_IDLE_TIMEOUT="7")
+    listener = await listen(server, serving, False)
+    try:
+        (sock,) = listener.sockets
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 14_000
+    finally:
+        listener.close()
