@@ -17,6 +17,11 @@ When to try again (and nothing else), top to bottom:
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
 
+In a pool of several keys, a failure tried again above goes first to a key of the pool not
+yet asked, at once, whatever RETRY_ATTEMPTS: a wait is for asking the same key again. Once
+every usable key was asked, RETRY_ATTEMPTS more attempts (each after its wait) go to any
+usable key; then the next target.
+
 When every key of the targets a request could try rests (429, 401, 403), the key whose rest
 ends first is asked all the same, as the least recently failed target is when every breaker
 is open: the client gets the provider's own answer, never nothing.
@@ -51,6 +56,7 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -359,8 +365,9 @@ class Failover:
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool
         resting = pool.soonest() if is_resting else None
-        while (credential := pool.pick(clock(), walk.affinity, tried) or resting) is not None:
-            resting = None  # asked once
+        excluded: AbstractSet[str] = tried  # a retry's pick: none
+        while (credential := pool.pick(clock(), walk.affinity, excluded) or resting) is not None:
+            resting, excluded = None, tried  # asked once
             if record.attempts and clock() >= walk.deadline:
                 walk.is_over = True
                 return None
@@ -406,14 +413,21 @@ class Failover:
                 if status == 429:
                     rest = RATE_LIMITED_REST_SECONDS if asked is None else asked
                     target.pool.rest(credential, clock() + rest)
-                    if target.pool.size > 1:
-                        tried.add(credential.label)
-                        continue
                 wait = self._backoff(retry) if asked is None else asked
-            if retries <= 0 or wait > policy.max_wait_seconds or clock() + wait >= walk.deadline:
+            if pool.size > 1:
+                tried.add(credential.label)
+                if pool.has_usable(clock(), tried):
+                    continue  # another key of the pool, at once: a wait is this key's own
+            if (
+                retries <= 0
+                or wait > policy.max_wait_seconds
+                or clock() + wait >= walk.deadline
+                or not pool.has_usable(clock() + wait)  # each key rests longer still
+            ):
                 return None  # the next target, at once
             retries -= 1
             await self.sleep(wait)
+            excluded = frozenset()  # a retry of the target: any usable key, tried or not
         return None
 
     async def _attempt(
