@@ -33,6 +33,9 @@ is told (`saw_unanswered`), and the exchange charges it what it reserved. A clie
 leaves meanwhile is the same for the record. The target's breaker hears of such a failure
 with the key's name: it may be the request's own doing (breaker.py).
 
+A provider answering `x-should-retry: false` (OpenAI does) is not asked again for the
+request, as its SDKs would not: the pool's other keys and the fallbacks are asked all the same.
+
 Waits between attempts on one target are exponential with full jitter, or what the
 provider asked for (`retry-after-ms`, `retry-after` in seconds or as an HTTP date). A wait
 longer than RETRY_MAX_WAIT_SECONDS, or than what is left of RETRY_DEADLINE_SECONDS, is not
@@ -52,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import math
 import random
 import ssl
 import time
@@ -414,6 +418,8 @@ class Failover:
                     rest = RATE_LIMITED_REST_SECONDS if asked is None else asked
                     target.pool.rest(credential, clock() + rest)
                 wait = self._backoff(retry) if asked is None else asked
+                if reply.headers.get("x-should-retry") == "false":
+                    wait = math.inf  # as the SDKs obey it: this key is not asked again
             if pool.size > 1:
                 tried.add(credential.label)
                 if pool.has_usable(clock(), tried):

@@ -770,3 +770,31 @@ async def test_a_pool_whose_every_key_fails_asks_each_once_then_waits_only_for_i
     # Each key once, at once; then RETRY_ATTEMPTS more, each after the wait asked for.
     assert sorted(seen[:3]) == sorted(POOL) and len(seen) == 3 + int(attempts)
     assert clock.now - started == pytest.approx(waited)
+
+
+async def test_a_provider_saying_x_should_retry_false_is_not_retried_but_failed_over(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    """OpenAI's `x-should-retry: false`, which its SDKs obey whatever the status: before, the
+    gateway retried that target RETRY_ATTEMPTS times all the same."""
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]},
+        QUOTA_ENABLED="false",
+        RETRY_ATTEMPTS="2",
+    )
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    for real in POOL[:2]:
+        fake.faults[real] = Fault(503, {"retry-after": "1", "x-should-retry": "false"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503 and response.headers["x-should-retry"] == "false"
+    assert sorted(keys_seen(fake)) == sorted(POOL[:2])  # each key once, no retry
+    assert clock.now == started
+
+    fake.requests.clear()
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="2")
+    fake.faults[PRIMARY] = Fault(500, {"retry-after": "0", "x-should-retry": "false"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert keys_seen(fake) == [PRIMARY, BACKUP]  # the fallback all the same
