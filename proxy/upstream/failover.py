@@ -597,25 +597,32 @@ class Failover:
 
 
 def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
-    """The wait the provider asked for, in seconds; None when it asked nothing."""
-    asked_ms = headers.get("retry-after-ms")
+    """The wait the provider asked for, in seconds; None when it asked nothing (or nothing
+    that is a wait: negative, NaN, infinite, not a number)."""
+    asked_ms = _seconds(headers.get("retry-after-ms"))
     if asked_ms is not None:
-        try:
-            return max(0.0, float(asked_ms) / 1000.0)
-        except ValueError:
-            pass
+        return asked_ms / 1000.0
     asked = headers.get("retry-after")
     if asked is None:
         return None
-    try:
-        return max(0.0, float(asked))
-    except ValueError:
-        pass
+    if (seconds := _seconds(asked)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(asked)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _seconds(text: str | None) -> float | None:
+    """A number of seconds (or ms) as a header says it; None unless finite and not negative."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if 0.0 <= seconds < math.inf else None
 
 
 def where(target: Target) -> str:

@@ -798,3 +798,35 @@ async def test_a_provider_saying_x_should_retry_false_is_not_retried_but_failed_
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
     assert response.status == 200
     assert keys_seen(fake) == [PRIMARY, BACKUP]  # the fallback all the same
+
+
+@pytest.mark.parametrize("garbage", ["-5", "nan", "inf", "soon"])
+async def test_a_retry_after_that_is_no_wait_counts_as_none(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, garbage: str
+) -> None:
+    """Before, a negative or NaN Retry-After was read as 0 (a 429's key never rested, and a
+    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever."""
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    clock = waits_on_a_clock(gateway)
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": garbage})
+
+    async def asked_first_key() -> int:
+        fake.requests.clear()
+        for _ in range(4):
+            response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+            assert response.status == 200
+        return keys_seen(fake).count(POOL[0])
+
+    assert await asked_first_key() == 1  # then it rests, as after a 429 naming no wait
+    clock.advance(30)  # RATE_LIMITED_REST_SECONDS
+    assert await asked_first_key() == 1  # and comes back
+
+    fake.requests.clear()
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="1")
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": garbage, "retry-after": "3"}, times=1)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert clock.now - started == pytest.approx(3.0)  # the valid one of the two
