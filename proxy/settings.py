@@ -370,7 +370,7 @@ class Settings:
         "0",
         _non_negative_int,
         "extra attempts on one target after a retryable failure (fallbacks and pool keys "
-        "are tried regardless)",
+        "are tried regardless, a pool's next key at once)",
     )
     retry_max_wait_seconds: float = setting(
         "10",

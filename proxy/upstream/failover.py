@@ -17,6 +17,11 @@ When to try again (and nothing else), top to bottom:
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
 
+In a pool of several keys, a failure tried again above goes first to a key of the pool not
+yet asked, at once, whatever RETRY_ATTEMPTS: a wait is for asking the same key again. Once
+every usable key was asked, RETRY_ATTEMPTS more attempts (each after its wait) go to any
+usable key; then the next target.
+
 When every key of the targets a request could try rests (429, 401, 403), the key whose rest
 ends first is asked all the same, as the least recently failed target is when every breaker
 is open: the client gets the provider's own answer, never nothing.
@@ -27,6 +32,9 @@ sent again, here or to a fallback: one slow generation costs one generation. The
 is told (`saw_unanswered`), and the exchange charges it what it reserved. A client that
 leaves meanwhile is the same for the record. The target's breaker hears of such a failure
 with the key's name: it may be the request's own doing (breaker.py).
+
+A provider answering `x-should-retry: false` (OpenAI does) is not asked again for the
+request, as its SDKs would not: the pool's other keys and the fallbacks are asked all the same.
 
 Waits between attempts on one target are exponential with full jitter, or what the
 provider asked for (`retry-after-ms`, `retry-after` in seconds or as an HTTP date). A wait
@@ -47,10 +55,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import math
 import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -359,8 +369,9 @@ class Failover:
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool
         resting = pool.soonest() if is_resting else None
-        while (credential := pool.pick(clock(), walk.affinity, tried) or resting) is not None:
-            resting = None  # asked once
+        excluded: AbstractSet[str] = tried  # a retry's pick: none
+        while (credential := pool.pick(clock(), walk.affinity, excluded) or resting) is not None:
+            resting, excluded = None, tried  # asked once
             if record.attempts and clock() >= walk.deadline:
                 walk.is_over = True
                 return None
@@ -406,14 +417,23 @@ class Failover:
                 if status == 429:
                     rest = RATE_LIMITED_REST_SECONDS if asked is None else asked
                     target.pool.rest(credential, clock() + rest)
-                    if target.pool.size > 1:
-                        tried.add(credential.label)
-                        continue
                 wait = self._backoff(retry) if asked is None else asked
-            if retries <= 0 or wait > policy.max_wait_seconds or clock() + wait >= walk.deadline:
+                if reply.headers.get("x-should-retry") == "false":
+                    wait = math.inf  # as the SDKs obey it: this key is not asked again
+            if pool.size > 1:
+                tried.add(credential.label)
+                if pool.has_usable(clock(), tried):
+                    continue  # another key of the pool, at once: a wait is this key's own
+            if (
+                retries <= 0
+                or wait > policy.max_wait_seconds
+                or clock() + wait >= walk.deadline
+                or not pool.has_usable(clock() + wait)  # each key rests longer still
+            ):
                 return None  # the next target, at once
             retries -= 1
             await self.sleep(wait)
+            excluded = frozenset()  # a retry of the target: any usable key, tried or not
         return None
 
     async def _attempt(
@@ -577,25 +597,32 @@ class Failover:
 
 
 def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
-    """The wait the provider asked for, in seconds; None when it asked nothing."""
-    asked_ms = headers.get("retry-after-ms")
+    """The wait the provider asked for, in seconds; None when it asked nothing (or nothing
+    that is a wait: negative, NaN, infinite, not a number)."""
+    asked_ms = _seconds(headers.get("retry-after-ms"))
     if asked_ms is not None:
-        try:
-            return max(0.0, float(asked_ms) / 1000.0)
-        except ValueError:
-            pass
+        return asked_ms / 1000.0
     asked = headers.get("retry-after")
     if asked is None:
         return None
-    try:
-        return max(0.0, float(asked))
-    except ValueError:
-        pass
+    if (seconds := _seconds(asked)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(asked)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _seconds(text: str | None) -> float | None:
+    """A number of seconds (or ms) as a header says it; None unless finite and not negative."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if 0.0 <= seconds < math.inf else None
 
 
 def where(target: Target) -> str:

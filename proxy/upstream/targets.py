@@ -180,6 +180,10 @@ class Pool:
         best.score -= total
         return best
 
+    def has_usable(self, now: float, exclude: AbstractSet[str] = frozenset()) -> bool:
+        """Whether `pick` would find a key (not resting, not excluded), choosing none."""
+        return any(c.resting_until <= now and c.label not in exclude for c in self.credentials)
+
     def soonest(self) -> Credential:
         """The key whose rest ends first: asked when every key rests, rather than none."""
         return min(self.credentials, key=lambda credential: credential.resting_until)

@@ -721,3 +721,112 @@ def test_keys_json_names_a_misspelt_field_inside_a_fallback(tmp_path: Path) -> N
     path.write_text(json.dumps(document("http://127.0.0.1:1", **key)))
     with pytest.raises(KeysFileError, match=r"fallbacks\[0\]\.api_kye.*did you mean"):
         build_app(Settings.from_env({"KEYS_FILE_PATH": str(path)}))
+
+
+@pytest.mark.parametrize("attempts", ["0", "1", "2"])
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_a_pool_key_failing_passes_to_a_healthy_key_at_once_whatever_retry_attempts(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    attempts: str,
+    status: int,
+) -> None:
+    """Before, a 5xx with retry-after: 7 on a pool key made RETRY_ATTEMPTS=1 wait 7 s before
+    the healthy key was tried (and with 0 the client got the 5xx: the other key never asked)."""
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", RETRY_ATTEMPTS=attempts)
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    fake.faults[POOL[0]] = Fault(status, {"retry-after": "7"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert clock.now == started  # no wait: another key was there to ask
+    assert keys_seen(fake) == [POOL[0], POOL[1]]
+    [line] = await records(1)
+    assert [(a["key"], a["status"]) for a in line["attempts"]] == [
+        ("openai#1", status),
+        ("openai#2", 200),
+    ]
+
+
+@pytest.mark.parametrize(("attempts", "waited"), [("0", 0.0), ("1", 2.0), ("2", 4.0)])
+async def test_a_pool_whose_every_key_fails_asks_each_once_then_waits_only_for_its_retries(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    attempts: str,
+    waited: float,
+) -> None:
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", RETRY_ATTEMPTS=attempts)
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    for real in POOL:
+        fake.faults[real] = Fault(503, {"retry-after": "2"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503  # the last provider answer, unchanged
+    assert response.headers["retry-after"] == "2"
+    seen = keys_seen(fake)
+    # Each key once, at once; then RETRY_ATTEMPTS more, each after the wait asked for.
+    assert sorted(seen[:3]) == sorted(POOL) and len(seen) == 3 + int(attempts)
+    assert clock.now - started == pytest.approx(waited)
+
+
+async def test_a_provider_saying_x_should_retry_false_is_not_retried_but_failed_over(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    """OpenAI's `x-should-retry: false`, which its SDKs obey whatever the status: before, the
+    gateway retried that target RETRY_ATTEMPTS times all the same."""
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]},
+        QUOTA_ENABLED="false",
+        RETRY_ATTEMPTS="2",
+    )
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    for real in POOL[:2]:
+        fake.faults[real] = Fault(503, {"retry-after": "1", "x-should-retry": "false"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503 and response.headers["x-should-retry"] == "false"
+    assert sorted(keys_seen(fake)) == sorted(POOL[:2])  # each key once, no retry
+    assert clock.now == started
+
+    fake.requests.clear()
+    gateway = await failover_gateway(WITH_FALLBACK, RETRY_ATTEMPTS="2")
+    fake.faults[PRIMARY] = Fault(500, {"retry-after": "0", "x-should-retry": "false"})
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert keys_seen(fake) == [PRIMARY, BACKUP]  # the fallback all the same
+
+
+@pytest.mark.parametrize("garbage", ["-5", "nan", "inf", "soon"])
+async def test_a_retry_after_that_is_no_wait_counts_as_none(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, garbage: str
+) -> None:
+    """Before, a negative or NaN Retry-After was read as 0 (a 429's key never rested, and a
+    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever."""
+    key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false")
+    clock = waits_on_a_clock(gateway)
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": garbage})
+
+    async def asked_first_key() -> int:
+        fake.requests.clear()
+        for _ in range(4):
+            response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+            assert response.status == 200
+        return keys_seen(fake).count(POOL[0])
+
+    assert await asked_first_key() == 1  # then it rests, as after a 429 naming no wait
+    clock.advance(30)  # RATE_LIMITED_REST_SECONDS
+    assert await asked_first_key() == 1  # and comes back
+
+    fake.requests.clear()
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="1")
+    clock = waits_on_a_clock(gateway)
+    started = clock.now
+    fake.faults[PRIMARY] = Fault(503, {"retry-after-ms": garbage, "retry-after": "3"}, times=1)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 200
+    assert clock.now - started == pytest.approx(3.0)  # the valid one of the two
