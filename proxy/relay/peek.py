@@ -290,18 +290,29 @@ def _output_cap(document: dict[str, Any]) -> int | None:
     """The output cap the body names: the largest of the names the APIs use, in any case,
     since servers differ on which one counts when a body names two (SGLang, vLLM and most
     compatible servers take max_completion_tokens over max_tokens)."""
-    cap = 0
+    return _largest(document, _CAPS, _NESTED_CAPS, 0) or None
+
+
+def _largest(
+    document: dict[str, Any],
+    names: frozenset[str],
+    nested: tuple[tuple[str, str], ...],
+    least: int,
+) -> int:
+    """The largest count (`_whole`) under `names` at the top, in any case (Go's
+    encoding/json), or under a (parent, name) of `nested`; `least` when none is larger."""
+    most = least
     for name, value in document.items():
-        if name.casefold() in _CAPS:
+        if name.casefold() in names:
             whole = _whole(value)
-            if whole is not None and whole > cap:
-                cap = whole
-    for parent, name in _NESTED_CAPS:
-        nested = document.get(parent)
-        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
-        if whole is not None and whole > cap:
-            cap = whole
-    return cap or None
+            if whole is not None and whole > most:
+                most = whole
+    for parent, name in nested:
+        holder = document.get(parent)
+        whole = _whole(holder.get(name)) if isinstance(holder, dict) else None
+        if whole is not None and whole > most:
+            most = whole
+    return most
 
 
 # Gemini's and Vertex's `n`: candidates, each up to maxOutputTokens (either spelling).
@@ -317,18 +328,7 @@ def _answers(document: dict[str, Any]) -> int:
     """How many answers the body asks to be generated: `n`, or `best_of` when larger (in any
     case), or Gemini's `candidateCount`, for each prompt of a text completion's list of
     prompts (strings, or lists of tokens)."""
-    count = 1
-    for name, value in document.items():
-        if name.casefold() in _COUNTS:
-            whole = _whole(value)
-            if whole is not None and whole > count:
-                count = whole
-    for parent, name in _NESTED_COUNTS:
-        nested = document.get(parent)
-        whole = _whole(nested.get(name)) if isinstance(nested, dict) else None
-        if whole is not None and whole > count:
-            count = whole
-    count = min(count, _MOST_ANSWERS)
+    count = min(_largest(document, _COUNTS, _NESTED_COUNTS, 1), _MOST_ANSWERS)
     prompt = document.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         count *= len(prompt)  # (a list of integers is one prompt, in tokens)
