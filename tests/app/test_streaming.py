@@ -408,6 +408,26 @@ async def test_a_client_that_stops_reading_is_the_clients_fault_not_the_provider
     assert sum(upstream_errors) == 0
 
 
+CACHED_VK = "vk_test_cached_7e5d3c1b9a"
+
+
+def cached_key_settings(
+    settings: Callable[..., Settings], fake_base: str, tmp_path: Path, idle: str
+) -> Settings:
+    """Settings with the test keys plus CACHED_VK, a key whose answers are cached, and
+    STREAM_IDLE_TIMEOUT `idle`."""
+    document = keys_document(fake_base)
+    document["virtual_keys"][CACHED_VK] = {
+        "provider": "openai",
+        "api_key": "sk-real-cached-0123456789",
+        "name": "cached",
+        "cache": {"ttl_seconds": 600},
+    }
+    keys = tmp_path / "cached-keys.json"
+    keys.write_text(json.dumps(document))
+    return settings(STREAM_IDLE_TIMEOUT=idle, KEYS_FILE_PATH=str(keys))
+
+
 def small_send_buffers(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
     """The gateway's listening socket; the connections it accepts inherit a send buffer of a
     few KiB (as a slow client far away sees it), so an answer waits in the gateway's own
@@ -528,16 +548,7 @@ async def test_a_client_that_stops_reading_a_cached_answer_is_cut_too(
     fake_base: str,
     tmp_path: Path,
 ) -> None:
-    document = keys_document(fake_base)
-    document["virtual_keys"]["vk_test_cached_7e5d3c1b9a"] = {
-        "provider": "openai",
-        "api_key": "sk-real-cached-0123456789",
-        "name": "cached",
-        "cache": {"ttl_seconds": 600},
-    }
-    keys = tmp_path / "cached-keys.json"
-    keys.write_text(json.dumps(document))
-    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.5", KEYS_FILE_PATH=str(keys)))
+    app = build_app(cached_key_settings(settings, fake_base, tmp_path, "0.5"))
     gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
     body = orjson.dumps(chat("the same question"))
     head = (
@@ -732,16 +743,7 @@ async def test_a_client_that_reads_a_cached_answer_slowly_but_steadily_is_not_cu
     fake_base: str,
     tmp_path: Path,
 ) -> None:
-    document = keys_document(fake_base)
-    document["virtual_keys"]["vk_test_cached_7e5d3c1b9a"] = {
-        "provider": "openai",
-        "api_key": "sk-real-cached-0123456789",
-        "name": "cached",
-        "cache": {"ttl_seconds": 600},
-    }
-    keys = tmp_path / "cached-keys.json"
-    keys.write_text(json.dumps(document))
-    app = build_app(settings(STREAM_IDLE_TIMEOUT="0.3", KEYS_FILE_PATH=str(keys)))
+    app = build_app(cached_key_settings(settings, fake_base, tmp_path, "0.3"))
     gateway = await aiohttp_client(app, server_kwargs={"socket_factory": small_send_buffers})
     body = orjson.dumps(chat("the same question"))
     request = (
