@@ -6,6 +6,17 @@ Every refusal to start is one line on stderr naming the culprit, and exit code 2
 from __future__ import annotations
 
 import signal
+import sys
+
+# POSIX signals (SIGHUP, SIGTERM), fork and SO_REUSEPORT for WORKERS, resource limits: the
+# gateway runs on Linux and macOS. On Windows one line says so, not a traceback from below.
+if sys.platform == "win32":
+    print(
+        "llm-gateway runs on Linux and macOS; on Windows, run it in WSL or with Docker "
+        "(docker compose up)",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
 
 # SIGHUP's default action ends the process: ignored before anything else runs (the imports
 # below take most of a second), so a reload or a terminal's hang-up during the start
@@ -15,7 +26,6 @@ if __name__ == "__main__":
 
 import logging  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402

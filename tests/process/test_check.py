@@ -166,3 +166,20 @@ def test_a_price_for_the_provider_silences_the_budget_warning(tmp_path: Path) ->
     assert "has a budget" in without.stderr and without.returncode == 0
     priced = refused({"PRICES_FILE": str(prices)}, "--check", str(path))
     assert priced.returncode == 0 and priced.stderr == "", priced.stderr
+
+
+def test_on_windows_one_line_says_where_it_runs_instead_of_a_traceback() -> None:
+    # On Windows, signal.SIGHUP does not exist: the first line of gateway.py raised an
+    # AttributeError traceback. Run as Windows would (sys.platform), it says what to do.
+    started = (
+        "import runpy, sys; sys.platform = 'win32'; "
+        f"runpy.run_path({str(ROOT / 'gateway.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [gateway_command()[0], "-c", started], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "llm-gateway runs on Linux and macOS; on Windows, run it in WSL or with Docker "
+        "(docker compose up)"
+    )
