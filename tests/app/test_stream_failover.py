@@ -59,7 +59,9 @@ def gateway_for(
 ) -> Callable[..., Awaitable[TestClient]]:
     """A gateway whose one key is `key` (openai, backup, anthropic, ant-backup on the fake)."""
 
-    async def make(key: dict[str, Any], **env: str) -> TestClient:
+    async def make(
+        key: dict[str, Any], others: dict[str, Any] | None = None, **env: str
+    ) -> TestClient:
         base = fake_base
         document = {
             "providers": {
@@ -68,7 +70,7 @@ def gateway_for(
                 "anthropic": {"base_url": f"{base}/v1"},
                 "ant-backup": {"base_url": f"{base}/v1", "auth": "x-api-key", "api": "anthropic"},
             },
-            "virtual_keys": {VK: {"name": "stream-failover", **key}},
+            "virtual_keys": {VK: {"name": "stream-failover", **key}, **(others or {})},
         }
         path = tmp_path / "keys.json"
         path.write_text(json.dumps(document))
@@ -252,3 +254,25 @@ async def test_a_client_leaving_while_the_first_event_is_awaited_lets_the_provid
     assert line["status"] == 499 and line["error"] == "client closed the connection"
     assert [a["error"] for a in line["attempts"]] == ["client closed the connection"]
     assert keys_seen(fake) == [PRIMARY]
+
+
+async def test_a_stream_failed_for_its_first_event_whose_fallback_is_open_goes_on_whole(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Read for a fallback that turns out closed to it (its breaker opened by another key's
+    request): the primary's stream, kept, is the answer, its bytes as they came."""
+    backup_vk = "vk_test_stream_failover_backup_2f"
+    others = {backup_vk: {"name": "backup-only", "provider": "backup", "api_key": BACKUP}}
+    gateway = await gateway_for(WITH_FALLBACK, others, BREAKER_FAILURES="1")
+    fake.faults[BACKUP] = Fault(503, times=1)
+    opening = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(backup_vk))
+    assert opening.status == 503  # the backup's breaker is open now
+    fake.faults[PRIMARY] = Fault(529, in_stream="first")
+    headers = {**auth(VK), "x-request-id": "req_sf_6"}
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert await response.read() == fake.sent["req_sf_6"]
+    assert keys_seen(fake) == [BACKUP, PRIMARY]
