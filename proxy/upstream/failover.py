@@ -660,8 +660,8 @@ class Failover:
             return None
         content = reply.content
         found = failure(content.at_hand())  # most first chunks come with the head: no wait
-        if found != MORE:
-            return None if isinstance(found, str) else found
+        if found is not MORE:
+            return found
         wait = min(self.policy.max_wait_seconds, deadline - self.breakers.clock())
         try:
             async with asyncio.timeout(max(wait, 0.0)):
@@ -674,8 +674,8 @@ class Failover:
                     if len(more) == len(at_hand):  # the body ended
                         return None
                     found = failure(more)
-                    if found != MORE:
-                        return None if isinstance(found, str) else found
+                    if found is not MORE:
+                        return found
         except (TimeoutError, aiohttp.ClientError):
             return None
 

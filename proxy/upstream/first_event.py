@@ -16,8 +16,9 @@ bytes search (`b"error"` absent) before any parsing.
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Final
+from typing import Final, Literal
 
 # Error kinds (`type`, else `code`, else Google's `status`) that say the provider could not
 # serve now, as the HTTP status each stands for.
@@ -39,11 +40,18 @@ PASSING: Final = {
 }
 # Numeric codes (OpenRouter's: the HTTP status the error stands for) that are such failures.
 PASSING_CODES: Final = frozenset((408, 429, 500, 502, 503, 504, 529))
-# Not decided yet: the first event has not all come.
-MORE: Final = "more"
 
 
-def failure(at_hand: bytes) -> tuple[str, int] | str | None:
+class Undecided(enum.Enum):
+    """The first event has not all come."""
+
+    MORE = "more"
+
+
+MORE: Final = Undecided.MORE
+
+
+def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
     """What the stream's first event is, from the bytes of it at hand: (its error kind, the
     status it stands for) when a failure of the moment; None when anything else (content,
     an error that fails everywhere); MORE while that event has not all come."""
