@@ -112,11 +112,15 @@ class Attempt:
     outcome: Outcome  # ANSWERED, UNREACHABLE, TIMEOUT; CLIENT_LEFT or SHUTDOWN while awaited
     error: str | None  # why it got no answer, in words
     ms: float
+    # The status a 200 stream stood for, its first event an error (overloaded: 529...)
+    stood_for: int | None = None
 
     @property
     def reason(self) -> str:
-        """Why another attempt followed, as a bounded label: the status, or how it failed."""
-        return str(self.status) if self.status is not None else self.outcome.value
+        """Why another attempt followed, as a bounded label: the status (or the one a stream's
+        first-event error stood for), or how it failed."""
+        status = self.status if self.stood_for is None else self.stood_for
+        return str(status) if status is not None else self.outcome.value
 
     def as_dict(self) -> dict[str, object]:
         return {

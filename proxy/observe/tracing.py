@@ -205,7 +205,8 @@ class Trace:
 
 
 def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | None:
-    """error.type of one try: its status from 400 up, how it failed, or how its body broke.
+    """error.type of one try: its status from 400 up (or the one a 200 stream's first-event
+    error stood for), how it failed, or how its body broke.
 
     `record` is given for the last try only: its body's fate is the request's.
     """
@@ -217,6 +218,8 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
         return None if record.outcome is Outcome.ANSWERED else record.outcome.value
     if attempt.status is None:
         return attempt.outcome.value  # unreachable, timeout
+    if attempt.stood_for is not None:  # a 200 stream whose first event was an error
+        return str(attempt.stood_for)
     if attempt.status >= 400:
         return str(attempt.status)
     if record is not None and record.outcome in (Outcome.BROKEN, Outcome.TIMEOUT):

@@ -15,7 +15,23 @@ When to try again (and nothing else), top to bottom:
       ... its body broken off or stalled   502 broken, 504   as above (nothing of it reached the client)
     429                                    the provider's    the pool's next key at once; else as above
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
+    200 stream, its first event an error   the provider's    as the status it stands for (below)
+      of the moment: overloaded, 429, 5xx   stream, kept
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
+
+A stream's first event: when the request has somewhere else to go (a target after this
+one, a retry, a pool key not yet asked), a 200 event stream is not passed on until its
+first event is at hand (nothing of it reached the client: the relay's head waits for the
+first chunk too). One whose first event is the provider's error of the moment (Anthropic's
+`overloaded_error` event, OpenAI's or OpenRouter's `data: {"error": ...}` chunk:
+first_event.py) is that attempt's failure, as the status it stands for (529, 429, 500...):
+its breaker or its key's rest hears it so, the log's attempt shows 200 and the error, and
+the stream is kept whole as the answer should nothing else answer. Nothing was generated,
+so asking again is safe. Read are at most FIRST_EVENT_BYTES, for at most
+RETRY_MAX_WAIT_SECONDS (and not past the deadline); a first event slower, larger, or of
+content goes on as it came, and an error after content is the stream's. With nowhere else
+to go nothing is read first: the stream goes on byte for byte, as it does for a key of one
+target (one attempt, no walk).
 
 In a pool of several keys, a failure tried again above goes first to a key of the pool not
 yet asked, at once, whatever RETRY_ATTEMPTS: a wait is for asking the same key again. Once
@@ -72,6 +88,7 @@ from yarl import URL
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
+from proxy.upstream.first_event import MORE, failure
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
@@ -89,6 +106,8 @@ BACKOFF_BASE_SECONDS = 0.5
 # How long a pool key rests after a 429 without Retry-After, and after a 401/403.
 RATE_LIMITED_REST_SECONDS = 30.0
 REFUSED_KEY_REST_SECONDS = 300.0
+# The most of a 200 stream read, before any goes on, for its first event (first_event.py).
+FIRST_EVENT_BYTES = 1 << 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +186,10 @@ class _Walk:
     affinity: bytes | None = None  # the request's conversation (targets.affinity_of)
     # The pool and key whose answer went on: in flight until the client has it all.
     serving: Serving = None
+    is_followed: bool = False  # a target after the one being tried
+    # The status the last answer stands for: a 200 stream whose first event was an error
+    # (its kind and the status; None: the answer's own status is what it is).
+    stood_for: tuple[str, int] | None = None
 
     def give_up(self) -> Reply:
         """The last provider answer; else the gateway's 502/504, carrying how it failed."""
@@ -316,12 +339,14 @@ class Failover:
         asked_first: Target | None = None
         if order is None:
             order = plan.in_order(breakers.clock(), walk.affinity, breakers.is_closed)
+        last = order[-1]
         for target in order:
             # Asked lazily, target by target: a half-open breaker's one probe is only taken
             # by a request that really goes there.
             breaker = breakers[target.name]
             if not breaker.admits(breakers.clock()):
                 continue
+            walk.is_followed = target is not last
             asked_first = asked_first or target
             attempts = len(record.attempts)
             reply = await self._on_target(target, request, tail, query, body, record, walk)
@@ -333,6 +358,7 @@ class Failover:
                 breaker.abstain()
             if walk.is_over:
                 break
+        walk.is_followed = False
         if asked_first is None:  # every breaker open: try the least recently failed, not nothing
             asked_first = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
             reply = await self._on_target(asked_first, request, tail, query, body, record, walk)
@@ -376,9 +402,17 @@ class Failover:
                 walk.is_over = True
                 return None
             retry = policy.attempts - retries
+            # Somewhere else to go: a 200 stream's first event is read before it goes on.
+            elsewhere = (
+                walk.is_followed
+                or retries > 0
+                or (pool.size > 1 and pool.has_usable(clock(), tried | {credential.label}))
+            )
             pool.began(credential)
             try:
-                reply = await self._attempt(outbound, credential, record, walk.on_attempt, pool)
+                reply = await self._attempt(
+                    outbound, credential, record, walk.on_attempt, pool, walk if elsewhere else None
+                )
             except Failed as failed:
                 pool.ended(credential)
                 walk.failure, wait = failed, self._backoff(retry)
@@ -392,12 +426,20 @@ class Failover:
                 pool.ended(credential)
                 raise
             else:
-                status = reply.status
-                if status not in RETRYABLE and not (status in KEY_REFUSED and target.pool.size > 1):
+                status, stood_for = reply.status, walk.stood_for
+                if stood_for is not None:
+                    status, walk.stood_for = stood_for[1], None
+                elif status not in RETRYABLE and not (
+                    status in KEY_REFUSED and target.pool.size > 1
+                ):
                     walk.serving = pool, credential
                     return reply
                 try:
-                    kept = await self._keep(reply, target)
+                    kept = (
+                        await self._keep(reply, target)
+                        if stood_for is None
+                        else await _keep_stream(reply, self.policy.max_wait_seconds)
+                    )
                 except Failed as failed:  # its body broke off: a failure all the same
                     walk.failure = failed
                 except BaseException:
@@ -443,11 +485,14 @@ class Failover:
         record: Record,
         on_attempt: OnAttempt | None,
         pool: Pool | None = None,
+        walk: _Walk | None = None,
     ) -> WireReply:
         """One request to one target with one key. Raises Failed.
 
         `pool`: told how long the answer's first bytes took (None: a key with one target,
-        which has nothing to choose)."""
+        which has nothing to choose).
+        `walk`: the request has somewhere else to go: a 200 stream's first event is read
+        first, and an error of the moment there is the attempt's failure (`walk.stood_for`)."""
         wire = self._wire
         assert wire is not None, "the app's upstream wire is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]
@@ -463,7 +508,7 @@ class Failover:
         asked = time.perf_counter()
         # A pool's time to first byte is on the breakers' clock, as its fading is (a test's).
         began = now() if pool is not None else 0.0
-        sent = False
+        sent, stood_for, headed = False, None, None
 
         def on_sent() -> None:
             nonlocal sent
@@ -481,6 +526,17 @@ class Failover:
                 outbound.method, outbound.url, outbound.headers, outbound.body or None,
                 on_sent, timeout,
             )  # fmt: skip
+            if (
+                walk is not None
+                and reply.status == 200
+                and reply.headers.get("content-type", "").startswith("text/event-stream")
+            ):
+                headed = now()  # a pool's time to first byte is to the head, as ever
+                try:
+                    stood_for = await self._first_event(reply, walk.deadline)
+                except BaseException:  # the client left while it came: as while awaiting it
+                    reply.close()
+                    raise
         except TimeoutError:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
@@ -510,10 +566,13 @@ class Failover:
             )
             raise
         else:
+            status, stream_error = reply.status, None
+            if stood_for is not None and walk is not None:
+                walk.stood_for, (kind, status) = stood_for, stood_for
+                stream_error = f"{where(target)} sent 200, then {kind} as its stream's first event"
             ms = record.waited_upstream(asked)
-            status = reply.status
             if pool is not None:
-                answered = now()
+                answered = now() if headed is None else headed
                 if status not in RETRYABLE:
                     pool.measured(credential, answered - began, answered)
                 elif status != 429 and pool.size > 1:  # a 429's key rests instead
@@ -526,17 +585,18 @@ class Failover:
                     target.name,
                     target.provider.name,
                     credential.label,
-                    status,
+                    reply.status,
                     Outcome.ANSWERED,
-                    None,
+                    stream_error,
                     ms,
+                    None if stood_for is None else status,
                 )  # fmt: skip
             )
             if status in RETRYABLE:
                 if status == 429:
                     breaker.abstain()  # about a key, not the target
                 else:
-                    breaker.failed(now(), f"{status} from {where(target)}")
+                    breaker.failed(now(), stream_error or f"{status} from {where(target)}")
             elif status in KEY_REFUSED:
                 breaker.abstain()  # about a key, not the target
             else:
@@ -590,10 +650,56 @@ class Failover:
         reply.release()
         return StoredAnswer(reply, body)
 
+    async def _first_event(self, reply: WireReply, deadline: float) -> tuple[str, int] | None:
+        """A 200 event stream's first event, read (nothing taken) before any of it goes on:
+        (its error kind, the status it stands for) when an error of the moment
+        (first_event.py); else None, also when it has not come within
+        RETRY_MAX_WAIT_SECONDS or the deadline, or FIRST_EVENT_BYTES, or the body broke off
+        (the relay finds it so)."""
+        if "content-encoding" in reply.headers:  # a coded stream is not read here
+            return None
+        content = reply.content
+        found = failure(content.at_hand())  # most first chunks come with the head: no wait
+        if found is not MORE:
+            return found
+        wait = min(self.policy.max_wait_seconds, deadline - self.breakers.clock())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                while True:
+                    at_hand = content.at_hand()
+                    if len(at_hand) >= FIRST_EVENT_BYTES:
+                        return None
+                    await content.grown(len(at_hand))
+                    more = content.at_hand()
+                    if len(more) == len(at_hand):  # the body ended
+                        return None
+                    found = failure(more)
+                    if found is not MORE:
+                        return found
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with full jitter, capped by RETRY_MAX_WAIT_SECONDS."""
         ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * (2**retry))
         return self._jitter(0.0, ceiling)
+
+
+async def _keep_stream(reply: WireReply, timeout: float) -> StoredAnswer:
+    """A 200 stream whose first event was an error of the moment, kept to be passed on if
+    nothing else answers: read to its end (it ends after its error), or what came within
+    `timeout` or `wire.HIGH_WATER` bytes; its connection then given back, or closed."""
+    content = reply.content
+    try:
+        async with asyncio.timeout(timeout):
+            await content.arrive()
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    if content.has_arrived():
+        return StoredAnswer(reply, await reply.read())
+    body = content.at_hand()
+    reply.close()
+    return StoredAnswer(reply, body)
 
 
 def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:

@@ -125,6 +125,23 @@ class Body:
             raise self._error
         return self.has_arrived()
 
+    def at_hand(self) -> bytes:
+        """What has come and waits unread, taking nothing (b"" when nothing has)."""
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def grown(self, size: int) -> None:
+        """Wait, taking nothing, until more than `size` bytes wait unread, or the body ended.
+        Raises its failure when it broke off first (and stays broken for the reader)."""
+        while self._size <= size and not self._done and self._error is None:
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._size <= size and self._error is not None:
+            raise self._error
+
     async def read(self) -> bytes:
         """The rest of the body, whole; the connection given back."""
         if self.has_arrived():  # most small answers: no wait

@@ -410,6 +410,7 @@ def test_the_usage_tap_reads_the_model_that_answered(content_type: str, body: by
     assert tap.model == "gpt-4o-mini-2024-07-18"
 
 
+@pytest.mark.parametrize("in_stream", ["", "first"])  # a 500, or a 200 stream's first event
 async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and_model(
     aiohttp_client: Callable[..., Awaitable[TestClient]],
     tmp_path: Path,
@@ -417,6 +418,7 @@ async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and
     fake: Any,
     receiver: TestServer,
     received: Received,
+    in_stream: str,
 ) -> None:
     primary, backup = "sk-trace-primary-1111111111", "sk-trace-backup-2222222222"
     keys = {
@@ -442,7 +444,7 @@ async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and
         }
     )
     gateway = await aiohttp_client(build_app(settings))
-    fake.faults[primary] = Fault(500)
+    fake.faults[primary] = Fault(500, in_stream=in_stream)
     response = await gateway.post(
         "/v1/chat/completions", json=CHAT, headers=auth("vk_test_traced_failover_5a7c")
     )
@@ -462,7 +464,7 @@ async def test_each_attempt_is_its_own_client_span_with_its_targets_provider_and
         "backup",
         "gpt-4o-mini-backup",
     )
-    assert first.attributes["http.response.status_code"] == 500
+    assert first.attributes["http.response.status_code"] == (200 if in_stream else 500)
     assert first.attributes["error.type"] == "500" and first.is_error
     assert second.attributes["http.response.status_code"] == 200
     assert "error.type" not in second.attributes and not second.is_error

@@ -101,7 +101,12 @@ Files and batches (OpenAI's and Anthropic's): `tests/support/fake_batches.py`.
 
 Tests steer it per real key too: `state.faults[real_key] = Fault(503, {"retry-after": "2"})`
 makes every request presenting that key get that answer (or only `times` of them), so a
-fallback or a pool's other key can be told apart from the failing one;
+fallback or a pool's other key can be told apart from the failing one; with `in_stream` the
+answer is a 200 event stream carrying that status's error as an event instead (Anthropic's
+`event: error` when overloaded, OpenAI's `data: {"error": ...}`): `first` as its first event,
+`openrouter` as OpenRouter's chunk (a top-level `error` with the status as its `code`, the
+choice's `finish_reason` "error", after a `: OPENROUTER PROCESSING` comment), `after` after
+a first event of content;
 `state.slow[real_key] = seconds` holds that key's answers that long before their headers
 (a slow key's time to first byte); `state.gates[real_key] = asyncio.Event()` holds them until
 the test sets it (to move an injected clock while they wait: a time to first byte that does not
@@ -297,6 +302,8 @@ class Fault:
     `is_unsized`: the body goes without a Content-Length, chunked (as many proxies and CDNs
     in front of providers send errors too).
     `is_cut`: half the body is sent, then the connection closed (a proxy breaking off).
+    `in_stream`: "first", "openrouter" or "after": a 200 stream carrying the error as an
+    event instead (see the module's docstring).
     """
 
     status: int
@@ -304,6 +311,7 @@ class Fault:
     times: int | None = None
     is_unsized: bool = False
     is_cut: bool = False
+    in_stream: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -449,6 +457,8 @@ async def answer(
             fault.times -= 1
         if fault.is_cut:
             request[KNOBS] = dataclasses.replace(knobs, drop="midstream")
+        if fault.in_stream:
+            return await stream(request, stream_error(request, fault.status, fault.in_stream))
         return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
     if knobs.think_seconds:
         async with watching(request):
@@ -865,6 +875,41 @@ async def reply_error(
         headers["x-ratelimit-remaining-requests"] = "0"
     headers.update(extra or {})
     return await reply(request, body, status=under or status, headers=headers, is_sized=is_sized)
+
+
+def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
+    """A 200 stream's events carrying the provider's error for `status` (Fault.in_stream)."""
+    message = f"fake provider error {status}"
+    if is_anthropic(request):
+        kind = ANTHROPIC_ERRORS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        error = sse({"type": "error", "error": {"type": kind, "message": message}}, "error")
+        start = {"type": "message_start", "message": {"id": new_id("msg_"), "type": "message"}}
+        content = sse(start, "message_start")
+    else:
+        kind, code = OPENAI_ERRORS.get(
+            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        )
+        chunk = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "model": "m"}
+        if where == "openrouter":
+            return [
+                b": OPENROUTER PROCESSING\n\n",
+                sse(
+                    {
+                        **chunk,
+                        "error": {"code": status, "message": message},
+                        "choices": [
+                            {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+                        ],
+                    }
+                ),
+                b"data: [DONE]\n\n",
+            ]
+        error = sse({"error": {"message": message, "type": kind, "param": None, "code": code}})
+        delta = {"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}
+        content = sse({**chunk, "choices": [delta]})
+    return [content, error] if where == "after" else [error]
 
 
 # --- OpenAI --------------------------------------------------------------------------

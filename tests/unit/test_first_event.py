@@ -1,0 +1,78 @@
+"""What a 200 stream's first event is: a failure of the moment (failed over), or anything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.upstream.first_event import MORE, failure
+
+
+def event(data: object, name: str | None = None) -> bytes:
+    head = b"" if name is None else f"event: {name}\n".encode()
+    return head + b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+ANTHROPIC_START = event({"type": "message_start", "message": {"id": "msg_1"}}, "message_start")
+CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": []}
+
+
+@pytest.mark.parametrize(
+    ("at_hand", "expected"),
+    [
+        (event({"type": "error", "error": {"type": "overloaded_error"}}, "error"), 529),
+        (event({"type": "error", "error": {"type": "rate_limit_error"}}, "error"), 429),
+        (event({"type": "error", "error": {"type": "api_error"}}, "error"), 500),
+        (event({"error": {"message": "m", "type": "server_error", "code": None}}), 500),
+        (event({**CHUNK, "error": {"code": 502, "message": "down"}}), 502),  # OpenRouter
+        (b": OPENROUTER PROCESSING\n\n" + event({**CHUNK, "error": {"code": 429}}), 429),
+        (event({"type": "error", "code": "server_error", "message": "m"}, "error"), 500),
+        (event([{"error": {"code": 503, "status": "UNAVAILABLE"}}]), None),  # not an object
+        (
+            b"\xef\xbb\xbf"
+            + event({"type": "error", "error": {"type": "overloaded_error"}}, "error").replace(
+                b"\n", b"\r\n"
+            ),
+            529,
+        ),
+    ],
+)
+def test_an_error_of_the_moment_first_stands_for_its_status(
+    at_hand: bytes, expected: int | None
+) -> None:
+    found = failure(at_hand)
+    assert (found if found is None else found[1]) == expected  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "at_hand",
+    [
+        event({"type": "error", "error": {"type": "invalid_request_error"}}, "error"),
+        event({"type": "error", "error": {"type": "authentication_error"}}, "error"),
+        event({"type": "error", "error": {"type": "permission_error"}}, "error"),
+        event({"error": {"type": "invalid_request_error", "code": "content_filter"}}),
+        event({**CHUNK, "error": {"code": 400, "message": "bad"}}),
+        event({**CHUNK, "error": {"code": 403, "message": "moderation"}}),
+        ANTHROPIC_START,
+        ANTHROPIC_START + event({"type": "error", "error": {"type": "overloaded_error"}}, "error"),
+        event({**CHUNK, "choices": [{"delta": {"content": "an error of mine"}}]}),
+        b"data: not json error\n\n",
+        b"data: [DONE]\n\n",
+    ],
+)
+def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes) -> None:
+    assert failure(at_hand) is None
+
+
+@pytest.mark.parametrize(
+    "at_hand",
+    [
+        b"",
+        b": OPENROUTER PROCESSING\n\n",
+        b"event: error\n",
+        b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n',
+    ],
+)
+def test_a_first_event_not_all_come_waits_for_more(at_hand: bytes) -> None:
+    assert failure(at_hand) == MORE
