@@ -1,0 +1,148 @@
+"""An upgrade in place from the previous version (d7c5557) with KEYS_STORE=redis: keys its
+admin API made, holding values this version refuses, do not stop this one; they are left
+out, said, shown on /health, and repaired through the admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+
+from tests.conftest import OPENAI_VK, auth, keys_document
+from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL
+from tests.support.processes import ROOT, Processes, free_port, start_fake_provider, start_gateway
+from tests.support.redis_server import redis_server, redis_url  # noqa: F401
+
+pytestmark = pytest.mark.process
+
+PREVIOUS = "d7c5557"  # the version an operator upgrades from
+STORE_SECRET = "keys-store-secret-for-upgrades-7c2e"
+
+
+@pytest.fixture
+def previous(tmp_path: Path) -> Path:
+    """The previous version's tree, from this repository's history."""
+    folder = tmp_path / "previous"
+    folder.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", PREVIOUS], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"the previous version {PREVIOUS} is not in this clone's history")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def start_previous(
+    processes: Processes, folder: Path, keys: Path, log: Path, **env: str
+) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    process = processes.start(
+        [sys.executable, str(folder / "gateway.py")],
+        env={
+            "PYTHONPATH": str(folder),
+            "KEYS_FILE_PATH": str(keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(log),
+            **env,
+        },
+        ready="listening on",
+        cwd=folder,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def store_env(redis_url: str) -> Iterator[dict[str, str]]:  # noqa: F811
+    yield {
+        "ADMIN_TOKEN": ADMIN,
+        "REDIS_URL": redis_url,
+        "KEYS_STORE": "redis",
+        "KEYS_STORE_SECRET": STORE_SECRET,
+        "AUTH_FAILURE_LIMIT": "100000",
+    }
+
+
+# What the previous version's admin API took and this one refuses (each its own line).
+REFUSED_NOW = {
+    "alice ": {"provider": "openai", "api_key": f"{REAL}-alice"},
+    "regioned": {"provider": "openai", "api_key": f"{REAL}-region", "region": "us-east-1"},
+    "opsy": {"provider": "openai", "api_key": f"{REAL}-opsy", "team": "ops "},
+}
+
+
+async def made(session: aiohttp.ClientSession, url: str, path: str, body: Any) -> Any:
+    async with session.post(f"{url}{path}", json=body) as response:
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+
+async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_the_rest(
+    processes: Processes, tmp_path: Path, previous: Path, store_env: dict[str, str]
+) -> None:
+    base = start_fake_provider(processes)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document(base)))
+    old, old_url = start_previous(processes, previous, keys, tmp_path / "old.jsonl", **store_env)
+    secrets = {}
+    async with aiohttp.ClientSession(headers=HEADERS) as admin:
+        await made(admin, old_url, "/admin/teams", {"name": "ops "})
+        for name, entry in REFUSED_NOW.items():
+            secrets[name] = (await made(admin, old_url, "/admin/keys", {"name": name, **entry}))[
+                "key"
+            ]
+        bob = await made(
+            admin, old_url, "/admin/keys", {"name": "bob", "provider": "openai", "api_key": REAL}
+        )
+    new, new_url = start_gateway(processes, keys, tmp_path / "new.jsonl", **store_env)
+    async with aiohttp.ClientSession(headers=HEADERS) as admin:
+        for key in (bob["key"], OPENAI_VK):  # every valid key serves
+            async with admin.post(
+                f"{new_url}/v1/chat/completions", json=CHAT, headers=auth(key)
+            ) as response:
+                assert response.status == 200
+        async with admin.post(
+            f"{new_url}/v1/chat/completions", json=CHAT, headers=auth(secrets["regioned"])
+        ) as response:
+            assert response.status == 401  # left out
+        async with admin.get(f"{new_url}/health") as response:
+            left_out = (await response.json())["config"]["keys_left_out"]
+        assert len(left_out) == 4, left_out  # the team, and each of the three keys
+        assert any("region does not apply" in line for line in left_out)
+        # A new change is checked whole, as ever: the store does not take a new bad value.
+        body = {"name": "carol", "provider": "openai", "api_key": REAL, "region": "eu-west-1"}
+        async with admin.post(f"{new_url}/admin/keys", json=body) as response:
+            assert response.status == 422
+        # The store repaired through the admin API, key by key.
+        async with admin.patch(f"{new_url}/admin/keys/regioned", json={"region": None}) as r:
+            assert r.status == 200, await r.text()
+        async with admin.patch(f"{new_url}/admin/keys/opsy", json={"team": None}) as r:
+            assert r.status == 200, await r.text()
+        async with admin.delete(f"{new_url}/admin/teams/{quote('ops ')}") as r:
+            assert r.status == 204, await r.text()
+        async with admin.delete(f"{new_url}/admin/keys/{quote('alice ')}") as r:
+            assert r.status == 204, await r.text()
+        for name in ("regioned", "opsy"):
+            async with admin.post(
+                f"{new_url}/v1/chat/completions", json=CHAT, headers=auth(secrets[name])
+            ) as response:
+                assert response.status == 200
+        async with admin.get(f"{new_url}/health") as response:
+            assert (await response.json())["config"]["keys_left_out"] == []
+    new.send_signal(signal.SIGTERM)
+    _, said = new.communicate(timeout=20)
+    lines = [line for line in said.splitlines() if "left out" in line]
+    assert len(lines) == 4, said  # one line each, at start
+    assert REAL not in said and all(secret not in said for secret in secrets.values())
+    assert old.poll() is None and os.path.exists(previous / "gateway.py")
