@@ -36,6 +36,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -294,3 +295,24 @@ def refuse_new_faults(before: dict[str, Any], after: dict[str, Any], ring: KeyRi
 def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
     section = document.get(name)
     return section if isinstance(section, dict) else {}
+
+
+def stored_document(url: str, secret: str) -> dict[str, Any] | None:
+    """The store's document as an instance with `secret` reads it, None when there is none
+    (`--check`: what a start would take). Raises KeysFileError, RedisError."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS, protocol=2
+    )
+    try:
+        token = client.get(DOCUMENT)
+    finally:
+        client.close()
+    if token is None:
+        return None
+    try:
+        return decoded(WHERE, fernet(secret).decrypt(token))
+    except InvalidToken:
+        raise KeysFileError(
+            f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
+            "needs the same one)"
+        ) from None

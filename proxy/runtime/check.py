@@ -10,6 +10,7 @@ meant something else) are the same lines a start prints.
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -63,7 +64,37 @@ def check(
             except SettingError as error:
                 found.problems.append(str(error))
     found.warnings = warnings(settings, found.key_ring, prices, environ)
+    if found.settings is not None and not found.problems:
+        store_findings(found.settings, environ, found)
     return found
+
+
+def store_findings(settings: Settings, environ: Mapping[str, str], found: Findings) -> None:
+    """With KEYS_STORE=redis, the keys the store holds (a start takes them, not keys.json's):
+    a document this secret cannot read is a problem; each key or team this version leaves
+    out (one an older version stored) a warning."""
+    if settings.keys_store != "redis" or settings.redis_url is None:
+        return
+    from redis.exceptions import RedisError
+
+    from proxy.app import parse_keys
+    from proxy.keys.redis_store import stored_document
+    from proxy.keys.store import encoded
+
+    try:
+        document = stored_document(settings.redis_url, settings.keys_store_secret or "")
+        if document is None:
+            return  # an empty store: the start imports keys.json, checked above
+        ring = parse_keys(settings, environ, time.time, document, encoded(document)[1])
+    except KeysFileError as error:
+        found.problems.extend(error.problems)
+        return
+    except RedisError:
+        return  # said by the start's own Redis check
+    found.warnings += [
+        f"{why}: would be left out (change or delete it through the admin API)"
+        for why in sorted(ring.left_out.values())
+    ]
 
 
 def warnings(

@@ -16,11 +16,19 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+import redis
 
+from proxy.keys.redis_store import DOCUMENT, VERSION, fernet
 from tests.conftest import OPENAI_VK, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL
-from tests.support.processes import ROOT, Processes, free_port, start_fake_provider, start_gateway
-from tests.support.redis_server import redis_server, redis_url  # noqa: F401
+from tests.support.processes import (
+    ROOT,
+    Processes,
+    free_port,
+    refused,
+    start_fake_provider,
+    start_gateway,
+)
 
 pytestmark = pytest.mark.process
 
@@ -64,7 +72,7 @@ def start_previous(
 
 
 @pytest.fixture
-def store_env(redis_url: str) -> Iterator[dict[str, str]]:  # noqa: F811
+def store_env(redis_url: str) -> Iterator[dict[str, str]]:
     yield {
         "ADMIN_TOKEN": ADMIN,
         "REDIS_URL": redis_url,
@@ -146,3 +154,50 @@ async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_th
     assert len(lines) == 4, said  # one line each, at start
     assert REAL not in said and all(secret not in said for secret in secrets.values())
     assert old.poll() is None and os.path.exists(previous / "gateway.py")
+
+
+def stored(redis_url: str, document: dict[str, Any], secret: str = STORE_SECRET) -> None:
+    """The store filled as an instance with `secret` fills it."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(DOCUMENT, fernet(secret).encrypt(json.dumps(document).encode()))
+        client.incr(VERSION)
+    finally:
+        client.close()
+
+
+def test_check_lists_what_the_redis_store_holds_that_this_version_leaves_out(
+    tmp_path: Path,
+    redis_url: str,
+    store_env: dict[str, str],
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document("http://127.0.0.1:9")))
+    document = keys_document("http://127.0.0.1:9")
+    document["teams"] = {"ops ": {}}
+    document["virtual_keys"].update(
+        {
+            "vk-made-by-the-previous-one-1": {"name": "alice ", **REFUSED_NOW["alice "]},
+            "vk-made-by-the-previous-one-2": {"name": "regioned", **REFUSED_NOW["regioned"]},
+        }
+    )
+    stored(redis_url, document)
+    result = refused({**store_env, "KEYS_FILE_PATH": str(keys)}, "--check")
+    assert result.returncode == 0, result.stderr
+    left_out = [line for line in result.stderr.splitlines() if "left out" in line]
+    assert len(left_out) == 3, result.stderr  # the team and the two keys, one line each
+    assert any("region does not apply to provider 'openai'" in line for line in left_out)
+    assert "vk-made-by" not in result.stderr
+
+
+def test_check_says_the_start_fails_on_a_store_under_another_secret(
+    tmp_path: Path,
+    redis_url: str,
+    store_env: dict[str, str],
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document("http://127.0.0.1:9")))
+    stored(redis_url, keys_document("http://127.0.0.1:9"), "another-store-secret-0123456789")
+    result = refused({**store_env, "KEYS_FILE_PATH": str(keys)}, "--check")
+    assert result.returncode == 2, result.stderr
+    assert "cannot be decrypted with this KEYS_STORE_SECRET" in result.stderr
