@@ -56,20 +56,26 @@ class ModelQuota:
 def parse_teams(
     path: str, section: Any, defaults: Defaults, left_out: dict[str, str] | None = None
 ) -> dict[str, Team]:
-    """The top-level `teams` object. Raises KeysFileError; with `left_out`, a team that does
-    not load is left out instead, its name mapped to why (the Redis store's document)."""
+    """The top-level `teams` object. Raises KeysFileError naming every team's problem; with
+    `left_out`, a team that does not load is left out instead, its name mapped to why (the
+    Redis store's document)."""
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise KeysFileError(f"{path}: 'teams' must be an object of team name → limits")
     teams = {}
+    failed: list[KeysFileError] = []
     for name, entry in section.items():
         try:
             teams[name] = _team(path, name, entry, defaults)
         except KeysFileError as error:
             if left_out is None:
-                raise
-            left_out[name] = str(error)
+                failed.append(error)
+            else:
+                left_out[name] = str(error)
+    if failed:  # the first one's kind (an unknown field is the admin API's 400), every message
+        problems = [message for error in failed for message in error.problems]
+        raise type(failed[0])(problems[0], problems)
     return teams
 
 

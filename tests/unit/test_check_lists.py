@@ -1,0 +1,35 @@
+"""`gateway.py --check` before an upgrade: every problem of the settings, keys.json and
+PRICES_FILE at once, whatever else is wrong (the values this version newly refuses)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from proxy.runtime.check import check
+
+GOOD_KEYS = {"virtual_keys": {"vk_" + "a" * 30: {"provider": "openai", "api_key": "sk-x"}}}
+# Each a problem of its own, each taken by the previous version.
+PRICES = {
+    "openai": {
+        "claude-sonnet-4-*": {"input_mtok": 1},
+        "gpt-4o ": {"input_mtok": 1},
+        "gpt-x": {"input_mtok": 2_000_000},
+        "gpt-y": {"input_mtokens": 1},
+    },
+    "local ": {"*": {"input_mtok": 0}},
+    "other": [],
+}
+
+
+def checked(tmp_path: Path, keys: object, prices: object, **env: str) -> list[str]:
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    (tmp_path / "prices.json").write_text(json.dumps(prices))
+    environ = {"PRICES_FILE": str(tmp_path / "prices.json"), "LOG_TO_FILE": "false", **env}
+    return check([], environ, str(tmp_path / "keys.json")).problems
+
+
+def test_every_bad_team_is_listed(tmp_path: Path) -> None:
+    keys = {**GOOD_KEYS, "teams": {"ops ": {}, "t" * 201: {}, "fine": {"max_in_flight": 0}}}
+    problems = checked(tmp_path, keys, {})
+    assert len(problems) == 3, problems
