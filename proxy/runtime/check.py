@@ -18,7 +18,7 @@ from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import MIN_SECRET_CHARS, SETTINGS, SettingError, Settings, parser
-from proxy.usage.pricing import Prices
+from proxy.usage.pricing import Prices, PricesFileError
 
 # An unknown variable this close to a setting's name (difflib's ratio) is probably a typo.
 LOOKALIKE_RATIO = 0.85
@@ -51,8 +51,8 @@ def check(
     prices = None
     try:
         prices = Prices.load(settings.prices_file)
-    except SettingError as error:
-        found.problems.append(str(error))
+    except PricesFileError as error:
+        found.problems.extend(error.problems)
     try:
         found.key_ring = load(settings, environ)
     except KeysFileError as error:

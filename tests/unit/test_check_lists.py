@@ -29,6 +29,14 @@ def checked(tmp_path: Path, keys: object, prices: object, **env: str) -> list[st
     return check([], environ, str(tmp_path / "keys.json")).problems
 
 
+def test_every_problem_of_the_prices_file_is_listed(tmp_path: Path) -> None:
+    problems = checked(tmp_path, GOOD_KEYS, PRICES)
+    assert len(problems) == 6, problems
+    for said in ("is a pattern", "'gpt-4o '", "at most 1000000", "unknown rate", "'local '"):
+        assert any(said in line for line in problems), said
+    assert any("'other' must be an object" in line for line in problems)
+
+
 def test_every_bad_team_is_listed(tmp_path: Path) -> None:
     keys = {**GOOD_KEYS, "teams": {"ops ": {}, "t" * 201: {}, "fine": {"max_in_flight": 0}}}
     problems = checked(tmp_path, keys, {})
