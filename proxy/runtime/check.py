@@ -9,6 +9,7 @@ meant something else) are the same lines a start prints.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -183,9 +184,11 @@ def _settings(
 
 
 def _fallback(environ: Mapping[str, str]) -> Settings:
-    """What the keys check needs when the settings do not read: the file and the defaults."""
+    """What the file checks need when the settings do not read: keys.json, PRICES_FILE (a
+    bad setting hides neither's problems) and the defaults."""
     path = environ.get("KEYS_FILE_PATH", "").strip()
-    return Settings(keys_file_path=path) if path else Settings()
+    fallback = Settings(keys_file_path=path) if path else Settings()
+    return dataclasses.replace(fallback, prices_file=environ.get("PRICES_FILE", "").strip() or None)
 
 
 def lookalikes(environ: Mapping[str, str]) -> list[str]:

@@ -37,6 +37,12 @@ def test_every_problem_of_the_prices_file_is_listed(tmp_path: Path) -> None:
     assert any("'other' must be an object" in line for line in problems)
 
 
+def test_a_bad_setting_does_not_hide_the_prices_files_problems(tmp_path: Path) -> None:
+    problems = checked(tmp_path, GOOD_KEYS, {"openai": {"gpt-*": {}}}, BUDGET_USD="1e13")
+    assert any(line.startswith("BUDGET_USD") for line in problems), problems
+    assert any("is a pattern" in line for line in problems), problems
+
+
 def test_every_bad_team_is_listed(tmp_path: Path) -> None:
     keys = {**GOOD_KEYS, "teams": {"ops ": {}, "t" * 201: {}, "fine": {"max_in_flight": 0}}}
     problems = checked(tmp_path, keys, {})
