@@ -4,6 +4,7 @@ out, said, shown on /health, and repaired through the admin API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ import redis
 from proxy.keys.redis_store import DOCUMENT, VERSION, fernet
 from tests.conftest import OPENAI_VK, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL
+from tests.support.bodies import chat
+from tests.support.polling import until
 from tests.support.processes import (
     ROOT,
     Processes,
@@ -201,3 +204,92 @@ def test_check_says_the_start_fails_on_a_store_under_another_secret(
     result = refused({**store_env, "KEYS_FILE_PATH": str(keys)}, "--check")
     assert result.returncode == 2, result.stderr
     assert "cannot be decrypted with this KEYS_STORE_SECRET" in result.stderr
+
+
+# A rolling deploy: quotas in one Redis, counted by the previous version and this one at
+# once. "hello" is 2 tokens by the estimate; with max_tokens 10 a request reserves 12 tokens
+# and the fake answers 1 + 8 = 9; every token costs $0.0001 (PRICES).
+ROLLING_CHAT = chat("hello", max_tokens=10)
+ROLLING_ANSWER = {"x-fake-chunks": "8"}
+ROLLING_PRICES = {"openai": {"*": {"input_mtok": 100, "output_mtok": 100}}}
+ROLLING_LIMITS = {
+    "windowed": {"quota": {"requests": 40, "window_seconds": 3600}},
+    "tokens": {"quota": {"requests": 1000, "tokens": 100, "window_seconds": 3600}},
+    "budgeted": {"budget": {"usd": 0.01, "window_seconds": 3600}},
+}
+
+
+def rolling_secret(name: str) -> str:
+    return f"vk_test_rolling_{name}_5e6f7a8b"
+
+
+async def test_the_previous_and_this_version_share_quotas_exactly_during_a_rolling_deploy(
+    processes: Processes, tmp_path: Path, previous: Path, fake_base: str, redis_url: str
+) -> None:
+    document = keys_document(fake_base)
+    document["teams"] = {"crew": {"quota": {"requests": 30, "window_seconds": 3600}}}
+    for name, limits in {**ROLLING_LIMITS, "crew-member": {"team": "crew"}}.items():
+        for copy in ("", "-alone"):  # the copy alone: the same limits counted by this version only
+            document["virtual_keys"][rolling_secret(name + copy)] = {
+                "provider": "openai",
+                "api_key": f"sk-rolling-{name}{copy}-123456",
+                "name": name + copy,
+                **limits,
+            }
+    document["teams"]["crew-alone"] = document["teams"]["crew"]
+    document["virtual_keys"][rolling_secret("crew-member-alone")]["team"] = "crew-alone"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(document))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(ROLLING_PRICES))
+    env = {"REDIS_URL": redis_url, "PRICES_FILE": str(prices), "ADMIN_TOKEN": ADMIN}
+    old, old_url = start_previous(processes, previous, keys, tmp_path / "old.jsonl", **env)
+    new, new_url = start_gateway(processes, keys, tmp_path / "new.jsonl", **env)
+    async with aiohttp.ClientSession() as session:
+
+        async def one(name: str, url: str) -> int:
+            headers = {**auth(rolling_secret(name)), **ROLLING_ANSWER}
+            async with session.post(
+                f"{url}/v1/chat/completions", json=ROLLING_CHAT, headers=headers
+            ) as response:
+                await response.read()
+                return response.status
+
+        # At once, alternating: the request windows (key and team) hold exactly.
+        for name, limit in (("windowed", 40), ("crew-member", 30)):
+            statuses = await asyncio.gather(
+                *(one(name, (old_url, new_url)[n % 2]) for n in range(limit + 20))
+            )
+            assert statuses.count(200) == limit and statuses.count(429) == 20, (name, statuses)
+
+        async def usage(name: str, url: str) -> dict[str, Any]:
+            async with session.get(f"{url}/usage", headers=auth(rolling_secret(name))) as r:
+                return await r.json()  # type: ignore[no-any-return]
+
+        async def settled(name: str) -> bool:  # its answer charged: nothing reserved
+            view = await usage(name, new_url)
+            return not view["tokens"]["reserved"] and not view.get("budget", {}).get("reserved_usd")
+
+        async def one_settled(name: str, url: str) -> int:
+            status = await one(name, url)
+            await until(lambda: settled(name), 5.0, f"{name}'s answer charged")
+            return status
+
+        # One at a time, alternating: tokens and budget admit as many as this version alone.
+        for name in ("tokens", "budgeted"):
+            shared = [await one_settled(name, (old_url, new_url)[n % 2]) for n in range(20)]
+            alone = [await one_settled(f"{name}-alone", new_url) for n in range(20)]
+            assert shared == alone and 200 in shared and 429 in shared, (name, f"{shared} {alone}")
+        for name in ("windowed", "tokens", "budgeted"):  # both read the same windows
+            views = [await usage(name, url) for url in (old_url, new_url)]
+            read = [
+                (v["requests"]["used"], v["tokens"]["used"], v.get("budget", {}).get("spent_usd"))
+                for v in views
+            ]
+            assert read[0] == read[1], (name, read)
+    said = []
+    for process in (old, new):
+        process.send_signal(signal.SIGTERM)
+        said.append(process.communicate(timeout=20)[1])
+    for log in said:
+        assert "Traceback" not in log and "NOSCRIPT" not in log and "ERROR" not in log, log
