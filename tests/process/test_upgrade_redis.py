@@ -131,6 +131,22 @@ async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_th
             left_out = (await response.json())["config"]["keys_left_out"]
         assert len(left_out) == 4, left_out  # the team, and each of the three keys
         assert any("region does not apply" in line for line in left_out)
+        # Still rolling: the previous version stores a bad key, then a good one; this one
+        # leaves the first out and serves the second (it took neither, keeping the old set).
+        await made(admin, old_url, "/admin/keys", {"name": "dave ", **REFUSED_NOW["alice "]})
+        erin = await made(
+            admin, old_url, "/admin/keys", {"name": "erin", "provider": "openai", "api_key": REAL}
+        )
+
+        async def served() -> bool:
+            async with admin.post(
+                f"{new_url}/v1/chat/completions", json=CHAT, headers=auth(erin["key"])
+            ) as response:
+                return response.status == 200
+
+        await until(served, 5.0, "the key the previous version made, served by this one")
+        async with admin.delete(f"{new_url}/admin/keys/{quote('dave ')}") as r:
+            assert r.status == 204, await r.text()
         # A new change is checked whole, as ever: the store does not take a new bad value.
         body = {"name": "carol", "provider": "openai", "api_key": REAL, "region": "eu-west-1"}
         async with admin.post(f"{new_url}/admin/keys", json=body) as response:
@@ -154,7 +170,7 @@ async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_th
     new.send_signal(signal.SIGTERM)
     _, said = new.communicate(timeout=20)
     lines = [line for line in said.splitlines() if "left out" in line]
-    assert len(lines) == 4, said  # one line each, at start
+    assert len(lines) == 5, said  # one line each, at start, and dave's when it came
     assert REAL not in said and all(secret not in said for secret in secrets.values())
     assert old.poll() is None and os.path.exists(previous / "gateway.py")
 
