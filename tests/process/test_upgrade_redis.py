@@ -291,6 +291,11 @@ async def test_the_previous_and_this_version_share_quotas_exactly_during_a_rolli
             await until(lambda: settled(name), 5.0, f"{name}'s answer charged")
             return status
 
+        flushed = redis.Redis.from_url(redis_url)  # both scripts forgotten: each loads its own
+        try:
+            flushed.script_flush()
+        finally:
+            flushed.close()
         # One at a time, alternating: tokens and budget admit as many as this version alone.
         for name in ("tokens", "budgeted"):
             shared = [await one_settled(name, (old_url, new_url)[n % 2]) for n in range(20)]
