@@ -537,10 +537,10 @@ def _key(
             f"{path}: key '{masked(secret)}': name contains a control character (a NUL, tab, "
             "line break or escape): a name must be printable text"
         )
-    if name != name.strip():  # as the admin API refuses it
-        raise KeysFileError(
-            f"{path}: key '{masked(secret)}': name has a space at an end: another name than "
-            "without it, shown alike in logs and metrics; remove it"
+    if name != name.strip():  # as the admin API refuses it; quoted (printable: see above)
+        raise KeysFileError(  # by name: what the admin API's DELETE or a search needs
+            f"{path}: key '{masked(secret)}': name {name[:80]!r} has a space at an end: another "
+            "name than without it, shown alike in logs and metrics; remove it"
         )
     if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
         raise KeysFileError(

@@ -131,6 +131,8 @@ async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_th
             left_out = (await response.json())["config"]["keys_left_out"]
         assert len(left_out) == 4, left_out  # the team, and each of the three keys
         assert any("region does not apply" in line for line in left_out)
+        # Named as the admin API addresses it (a digest would not say what to DELETE).
+        assert any("name 'alice ' has a space at an end" in line for line in left_out)
         # Still rolling: the previous version stores a bad key, then a good one; this one
         # leaves the first out and serves the second (it took neither, keeping the old set).
         await made(admin, old_url, "/admin/keys", {"name": "dave ", **REFUSED_NOW["alice "]})
