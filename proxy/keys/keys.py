@@ -37,7 +37,15 @@ from proxy.keys.fields import (
 from proxy.keys.hashed import PREFIX, digest_of, is_hashed, previous_key
 from proxy.keys.hashed import digest as secret_digest
 from proxy.keys.plans import parse_plans, parse_providers
-from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
+from proxy.keys.teams import (
+    ModelQuota,
+    Team,
+    UnknownTeam,
+    in_flight,
+    parse_model_quotas,
+    parse_teams,
+    team_of,
+)
 from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.record import REDACTED
 from proxy.upstream.providers import Provider
@@ -327,19 +335,21 @@ class KeyRing:
             raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
         problems: list[KeysFileError] = []
         teams: dict[str, Team] = {}
-        bad_teams: dict[str, str] | None = {} if leave_out else None
+        bad_teams: dict[str, KeysFileError] = {}  # each said once; their keys say nothing more
         try:
             check_fields(path, document, "top-level")
             teams = parse_teams(path, document.get("teams"), defaults, bad_teams)
         except KeysFileError as error:
             problems.append(error)
+        if not leave_out:
+            problems.extend(bad_teams.values())
         bad_keys: dict[str, str] | None = {} if leave_out else None
-        keys = _parse(path, document, environ, defaults, teams, problems, bad_keys)
+        keys = _parse(path, document, environ, defaults, teams, problems, bad_keys, set(bad_teams))
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
             messages = [message for problem in problems for message in problem.problems]
             raise type(problems[0])(messages[0], messages)
-        left_out = {("team", name): why for name, why in (bad_teams or {}).items()}
+        left_out = {("team", name): str(why) for name, why in bad_teams.items()}
         left_out.update({("key", secret): why for secret, why in (bad_keys or {}).items()})
         return cls(keys, digest, teams, clock, left_out)
 
@@ -438,6 +448,7 @@ def _parse(
     teams: Mapping[str, Team],
     problems: list[KeysFileError],
     left_out: dict[str, str] | None = None,
+    refused_teams: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, VirtualKey]:
     """Every key of the file; each problem found is added to `problems`, and the rest of the
     file is still checked, so that one reading names every mistake. With `left_out`, a key's
@@ -468,6 +479,12 @@ def _parse(
         try:
             key = _key(path, secret, entry, providers, environ, defaults, teams)
             hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        except UnknownTeam as error:
+            if error.team not in refused_teams:  # else the team's own problem is said
+                found.append(error)
+            elif left_out is not None:
+                left_out[secret] = str(error)
+            key = None
         except UnknownProvider as error:
             if error.provider not in refused:  # else its declaration's problem is said
                 found.append(error)

@@ -54,28 +54,21 @@ class ModelQuota:
 
 
 def parse_teams(
-    path: str, section: Any, defaults: Defaults, left_out: dict[str, str] | None = None
+    path: str, section: Any, defaults: Defaults, refused: dict[str, KeysFileError]
 ) -> dict[str, Team]:
-    """The top-level `teams` object. Raises KeysFileError naming every team's problem; with
-    `left_out`, a team that does not load is left out instead, its name mapped to why (the
-    Redis store's document)."""
+    """The top-level `teams` object: the teams that load; each that does not is added to
+    `refused` (its name → why), and the others are still checked. Raises KeysFileError for
+    a section that is not an object."""
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise KeysFileError(f"{path}: 'teams' must be an object of team name → limits")
     teams = {}
-    failed: list[KeysFileError] = []
     for name, entry in section.items():
         try:
             teams[name] = _team(path, name, entry, defaults)
         except KeysFileError as error:
-            if left_out is None:
-                failed.append(error)
-            else:
-                left_out[name] = str(error)
-    if failed:  # the first one's kind (an unknown field is the admin API's 400), every message
-        problems = [message for error in failed for message in error.problems]
-        raise type(failed[0])(problems[0], problems)
+            refused[name] = error
     return teams
 
 
@@ -125,14 +118,26 @@ def _team(path: str, name: str, entry: Any, defaults: Defaults) -> Team:
     return Team(name, scope)
 
 
+class UnknownTeam(KeysFileError):
+    """A key names a team `teams` does not define, or one it defines but refused (`team`,
+    the name, None when not text): that team's own problem is said instead."""
+
+    def __init__(self, message: str, team: str | None) -> None:
+        super().__init__(message)
+        self.team = team
+
+
 def team_of(where: str, entry: Mapping[str, Any], teams: Mapping[str, Team]) -> Team | None:
-    """The key's `team`, which the top-level `teams` must define. Raises KeysFileError."""
+    """The key's `team`, which the top-level `teams` must define. Raises UnknownTeam."""
     name = entry.get("team")
     if name is None:
         return None
     if not isinstance(name, str) or name not in teams:
         known = ", ".join(sorted(teams)) or "none"
-        raise KeysFileError(f"{where}: team must name a team of 'teams' (known: {known})")
+        raise UnknownTeam(
+            f"{where}: team must name a team of 'teams' (known: {known})",
+            name if isinstance(name, str) else None,
+        )
     return teams[name]
 
 

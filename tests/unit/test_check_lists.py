@@ -47,3 +47,18 @@ def test_every_bad_team_is_listed(tmp_path: Path) -> None:
     keys = {**GOOD_KEYS, "teams": {"ops ": {}, "t" * 201: {}, "fine": {"max_in_flight": 0}}}
     problems = checked(tmp_path, keys, {})
     assert len(problems) == 3, problems
+
+
+def test_a_bad_team_is_one_line_and_the_other_teams_keys_load(tmp_path: Path) -> None:
+    # One team's name with a space at an end made every key of every team say 'team must
+    # name a team of 'teams' (known: none)', the good teams' keys as well.
+    entry = {"provider": "openai", "api_key": "sk-x"}
+    keys = {
+        "teams": {"ops ": {}, "good": {}},
+        "virtual_keys": {
+            "vk_" + "a" * 30: {**entry, "name": "a", "team": "good"},
+            "vk_" + "b" * 30: {**entry, "name": "b", "team": "ops "},
+        },
+    }
+    problems = checked(tmp_path, keys, {})
+    assert len(problems) == 1 and "a team name has a space at an end" in problems[0], problems
