@@ -239,13 +239,7 @@ class RedisStore:
     def _decrypt(self, token: bytes | str | None) -> dict[str, Any]:
         if token is None:
             raise StoreUnavailable(f"{WHERE}: holds no keys (was Redis emptied?)")
-        try:
-            return decoded(WHERE, self._fernet.decrypt(token))  # bytes or str alike
-        except InvalidToken:
-            raise KeysFileError(
-                f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
-                "needs the same one)"
-            ) from None
+        return _opened(self._fernet, token)
 
     async def follow(self) -> None:
         """Take every change: on its message, or by polling the version (a missed one)."""
@@ -307,10 +301,13 @@ def stored_document(url: str, secret: str) -> dict[str, Any] | None:
         token = client.get(DOCUMENT)
     finally:
         client.close()
-    if token is None:
-        return None
+    return None if token is None else _opened(fernet(secret), token)
+
+
+def _opened(cipher: Fernet, token: bytes | str) -> dict[str, Any]:
+    """The stored document, decrypted. Raises KeysFileError."""
     try:
-        return decoded(WHERE, fernet(secret).decrypt(token))
+        return decoded(WHERE, cipher.decrypt(token))  # bytes or str alike
     except InvalidToken:
         raise KeysFileError(
             f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
