@@ -150,9 +150,14 @@ def parse_keys(
     document: dict[str, Any],
     digest: str,
 ) -> KeyRing:
-    """A keys document the admin API made, checked as keys.json is. Raises KeysFileError."""
-    where = settings.keys_file_path if settings.keys_store == "file" else "key store"
-    return KeyRing.from_document(where, document, digest, environ, key_defaults(settings), clock)
+    """A keys document the admin API made, checked as keys.json is. Raises KeysFileError.
+    The Redis store's keys and teams that do not load are left out (the ring says why): an
+    older version may have stored values this one refuses, mended through the admin API."""
+    in_redis = settings.keys_store == "redis" and settings.redis_url is not None
+    where = "key store" if in_redis else settings.keys_file_path
+    return KeyRing.from_document(
+        where, document, digest, environ, key_defaults(settings), clock, leave_out=in_redis
+    )
 
 
 def build_app(

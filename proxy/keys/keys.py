@@ -37,7 +37,15 @@ from proxy.keys.fields import (
 from proxy.keys.hashed import PREFIX, digest_of, is_hashed, previous_key
 from proxy.keys.hashed import digest as secret_digest
 from proxy.keys.plans import parse_plans, parse_providers
-from proxy.keys.teams import ModelQuota, Team, in_flight, parse_model_quotas, parse_teams, team_of
+from proxy.keys.teams import (
+    ModelQuota,
+    Team,
+    UnknownTeam,
+    in_flight,
+    parse_model_quotas,
+    parse_teams,
+    team_of,
+)
 from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.record import REDACTED
 from proxy.upstream.providers import Provider
@@ -155,10 +163,14 @@ class KeyRing:
         digest: str = "",
         teams: Mapping[str, Team] | None = None,
         clock: Callable[[], float] = time.time,
+        left_out: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self._keys = dict(keys)  # by the virtual key as written: the key, or sha256:<hex>
         self.teams = dict(teams or {})  # keys.json's teams by name, with or without members
         self.digest = digest  # of the keys file's bytes: which version of it is in force
+        # Entries of the Redis store's document that do not load, left out: ("key", the
+        # virtual key as written) or ("team", its name) → why (`from_document`'s left_out).
+        self.left_out = dict(left_out or {})
         self._clock = clock  # Unix time: a rotated key's grace ends at a wall-clock time
         self._plain = {
             written: key for written, key in self._keys.items() if not is_hashed(written)
@@ -212,6 +224,7 @@ class KeyRing:
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
         self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts
+        self.left_out = other.left_out
         self._by_id = other._by_id
 
     def __iter__(self):  # type: ignore[no-untyped-def]
@@ -310,23 +323,35 @@ class KeyRing:
         environ: Mapping[str, str],
         defaults: Defaults,
         clock: Callable[[], float] = time.time,
+        leave_out: bool = False,
     ) -> KeyRing:
-        """Check a keys.json document (read from a file or a key store). Raises KeysFileError."""
+        """Check a keys.json document (read from a file or a key store). Raises KeysFileError.
+
+        `leave_out`: a key or team that does not load is left out (the ring's `left_out`
+        says why) rather than refusing the whole document; the document's own structure
+        must still load. For the Redis store, which an older version may have filled with
+        values this one refuses, and which no file edit can mend: the admin API does."""
         if not isinstance(document, dict):
             raise KeysFileError(f"{path}: must be a JSON object with 'virtual_keys'")
         problems: list[KeysFileError] = []
         teams: dict[str, Team] = {}
+        bad_teams: dict[str, KeysFileError] = {}  # each said once; their keys say nothing more
         try:
             check_fields(path, document, "top-level")
-            teams = parse_teams(path, document.get("teams"), defaults)
+            teams = parse_teams(path, document.get("teams"), defaults, bad_teams)
         except KeysFileError as error:
             problems.append(error)
-        keys = _parse(path, document, environ, defaults, teams, problems)
+        if not leave_out:
+            problems.extend(bad_teams.values())
+        bad_keys: dict[str, str] | None = {} if leave_out else None
+        keys = _parse(path, document, environ, defaults, teams, problems, bad_keys, set(bad_teams))
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
             messages = [message for problem in problems for message in problem.problems]
             raise type(problems[0])(messages[0], messages)
-        return cls(keys, digest, teams, clock)
+        left_out = {("team", name): str(why) for name, why in bad_teams.items()}
+        left_out.update({("key", secret): why for secret, why in (bad_keys or {}).items()})
+        return cls(keys, digest, teams, clock, left_out)
 
 
 def parsed(path: str, raw: bytes) -> Any:
@@ -422,9 +447,12 @@ def _parse(
     defaults: Defaults,
     teams: Mapping[str, Team],
     problems: list[KeysFileError],
+    left_out: dict[str, str] | None = None,
+    refused_teams: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, VirtualKey]:
     """Every key of the file; each problem found is added to `problems`, and the rest of the
-    file is still checked, so that one reading names every mistake."""
+    file is still checked, so that one reading names every mistake. With `left_out`, a key's
+    own problem leaves it out instead, its virtual key (as written) mapped to why."""
     providers, refused = _providers(path, document.get("providers", {}), problems)
     entries = document.get("virtual_keys")
     if not isinstance(entries, dict):
@@ -441,28 +469,40 @@ def _parse(
     names: set[str] = set()
     digests: set[str] = set()  # a key written plainly and as its digest is one key twice
     for secret, entry in entries.items():
+        found: list[KeysFileError] = []
         # Names are checked first, so a name taken twice is said even if a key fails below.
         name = _name(secret, entry) if isinstance(entry, dict) else None
         if isinstance(name, str) and name in names:
-            problems.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
+            found.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
         if isinstance(name, str):
             names.add(name)
         try:
             key = _key(path, secret, entry, providers, environ, defaults, teams)
             hexdigest = digest_of(path, secret) if is_hashed(secret) else secret_digest(secret)
+        except UnknownTeam as error:
+            if error.team not in refused_teams:  # else the team's own problem is said
+                found.append(error)
+            elif left_out is not None:
+                left_out[secret] = str(error)
+            key = None
         except UnknownProvider as error:
             if error.provider not in refused:  # else its declaration's problem is said
-                problems.append(error)
-            continue
+                found.append(error)
+            key = None
         except KeysFileError as error:
-            problems.append(error)
-            continue
-        if hexdigest in digests:
-            problems.append(
+            found.append(error)
+            key = None
+        if key is not None and hexdigest in digests:
+            found.append(
                 KeysFileError(f"{path}: key '{key.name}': the virtual key is another key's")
             )
-        digests.add(hexdigest)
-        keys[secret] = key
+        if found and left_out is not None:
+            left_out[secret] = str(found[0])
+            continue
+        problems.extend(found)
+        if key is not None:
+            digests.add(hexdigest)
+            keys[secret] = key
     return keys
 
 
@@ -514,10 +554,10 @@ def _key(
             f"{path}: key '{masked(secret)}': name contains a control character (a NUL, tab, "
             "line break or escape): a name must be printable text"
         )
-    if name != name.strip():  # as the admin API refuses it
-        raise KeysFileError(
-            f"{path}: key '{masked(secret)}': name has a space at an end: another name than "
-            "without it, shown alike in logs and metrics; remove it"
+    if name != name.strip():  # as the admin API refuses it; quoted (printable: see above)
+        raise KeysFileError(  # by name: what the admin API's DELETE or a search needs
+            f"{path}: key '{masked(secret)}': name {name[:80]!r} has a space at an end: another "
+            "name than without it, shown alike in logs and metrics; remove it"
         )
     if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
         raise KeysFileError(

@@ -29,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -106,6 +108,7 @@ class RedisStore:
         self._version = 0  # the version in force in this process
         self._token: bytes | str | None = None  # its document, as stored (encrypted)
         self._was_lost = False  # the connection broke since the store was last read
+        self._left_out: dict[tuple[str, str], str] = {}  # entries said not to load, and why
         self._one_at_a_time = asyncio.Lock()
 
     async def start(self, seed: dict[str, Any]) -> None:
@@ -161,6 +164,20 @@ class RedisStore:
                 raise
             self._apply(ring)
             self._version, self._token = int(version), token
+            self._say_left_out(ring)
+
+    def _say_left_out(self, ring: KeyRing) -> None:
+        """One line for each key or team of the store newly left out (at start: each)."""
+        for entry, why in ring.left_out.items():
+            if self._left_out.get(entry) != why:
+                log.warning(
+                    "keys: a %s is left out (process %d): %s; change or delete it through the "
+                    "admin API",
+                    entry[0],
+                    os.getpid(),
+                    why,
+                )
+        self._left_out = ring.left_out
 
     async def _restore(self, token: bytes | str) -> None:
         """Put the keys in force back into a store that lost them (Redis restarted empty)."""
@@ -196,9 +213,11 @@ class RedisStore:
             _, token = await pipe.mget(VERSION, DOCUMENT)
             document = self._decrypt(token)
             prune(document, self._clock())
+            before = copy.deepcopy(document)
             result = edit(document)
             raw, digest = encoded(document)
             ring = await asyncio.to_thread(self._parse, document, digest)
+            refuse_new_faults(before, document, ring)
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
             token = self._fernet.encrypt(raw)
             pipe.set(DOCUMENT, token)
@@ -206,6 +225,7 @@ class RedisStore:
             _, version = await pipe.execute()
         self._apply(ring)
         self._version, self._token = int(version), token
+        self._say_left_out(ring)
         await self._client.publish(CHANNEL, str(version))
         return result
 
@@ -219,13 +239,7 @@ class RedisStore:
     def _decrypt(self, token: bytes | str | None) -> dict[str, Any]:
         if token is None:
             raise StoreUnavailable(f"{WHERE}: holds no keys (was Redis emptied?)")
-        try:
-            return decoded(WHERE, self._fernet.decrypt(token))  # bytes or str alike
-        except InvalidToken:
-            raise KeysFileError(
-                f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
-                "needs the same one)"
-            ) from None
+        return _opened(self._fernet, token)
 
     async def follow(self) -> None:
         """Take every change: on its message, or by polling the version (a missed one)."""
@@ -257,3 +271,45 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await self._client.aclose()
+
+
+def refuse_new_faults(before: dict[str, Any], after: dict[str, Any], ring: KeyRing) -> None:
+    """A change may leave an entry left out as it was (the older version's, to mend later),
+    not make or keep one that does not load: raises KeysFileError for each such entry."""
+    sections = {"key": "virtual_keys", "team": "teams"}
+    faults = [
+        why
+        for (kind, name), why in ring.left_out.items()
+        if _section(after, sections[kind]).get(name) != _section(before, sections[kind]).get(name)
+    ]
+    if faults:
+        raise KeysFileError(faults[0], faults)
+
+
+def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
+    section = document.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def stored_document(url: str, secret: str) -> dict[str, Any] | None:
+    """The store's document as an instance with `secret` reads it, None when there is none
+    (`--check`: what a start would take). Raises KeysFileError, RedisError."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS, protocol=2
+    )
+    try:
+        token = client.get(DOCUMENT)
+    finally:
+        client.close()
+    return None if token is None else _opened(fernet(secret), token)
+
+
+def _opened(cipher: Fernet, token: bytes | str) -> dict[str, Any]:
+    """The stored document, decrypted. Raises KeysFileError."""
+    try:
+        return decoded(WHERE, cipher.decrypt(token))  # bytes or str alike
+    except InvalidToken:
+        raise KeysFileError(
+            f"{WHERE}: cannot be decrypted with this KEYS_STORE_SECRET (every instance "
+            "needs the same one)"
+        ) from None

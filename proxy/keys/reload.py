@@ -124,9 +124,13 @@ class KeysFile:
         return self._kept_elsewhere is None
 
     @property
-    def config(self) -> dict[str, str | None]:
-        """Which keys file is in force: `{"hash", "loaded_at"}`, the same on every worker."""
-        return {"hash": self._key_ring.digest, "loaded_at": self.loaded_at}
+    def config(self) -> dict[str, object]:
+        """Which keys file is in force: `{"hash", "loaded_at"}`, the same on every worker;
+        with the Redis store, also `keys_left_out`: why each entry that does not load is out."""
+        config: dict[str, object] = {"hash": self._key_ring.digest, "loaded_at": self.loaded_at}
+        if self._kept_elsewhere is not None:
+            config["keys_left_out"] = sorted(self._key_ring.left_out.values())
+        return config
 
     async def reload(self, trigger: str) -> str | None:
         """Load, check and swap in the file; None on success, else why nothing changed."""

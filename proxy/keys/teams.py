@@ -53,67 +53,91 @@ class ModelQuota:
     scope: Scope
 
 
-def parse_teams(path: str, section: Any, defaults: Defaults) -> dict[str, Team]:
-    """The top-level `teams` object. Raises KeysFileError."""
+def parse_teams(
+    path: str, section: Any, defaults: Defaults, refused: dict[str, KeysFileError]
+) -> dict[str, Team]:
+    """The top-level `teams` object: the teams that load; each that does not is added to
+    `refused` (its name → why), and the others are still checked. Raises KeysFileError for
+    a section that is not an object."""
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise KeysFileError(f"{path}: 'teams' must be an object of team name → limits")
     teams = {}
     for name, entry in section.items():
-        where = f"{path}: team '{name}'"
-        if not name.strip():
-            raise KeysFileError(f"{path}: a team name must be a non-empty string")
-        if has_control(name):  # as the admin API refuses it
-            raise KeysFileError(
-                f"{path}: a team name contains a control character (a NUL, tab, line break "
-                "or escape): a name must be printable text"
-            )
-        if name != name.strip():  # as the admin API refuses it
-            raise KeysFileError(
-                f"{path}: a team name has a space at an end: another name than without it, "
-                f"shown alike; remove it ({name.strip()[:80]!r})"
-            )
-        if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
-            raise KeysFileError(
-                f"{path}: a team name must be at most {MAX_NAME_CHARS} characters (it is in "
-                "its metrics)"
-            )
-        if not isinstance(entry, dict):
-            raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
-        check_fields(where, entry, "team")
-        cap, queue = in_flight(where, entry, defaults)
-        if defaults.unshared_workers != 1 and ("quota" in entry or "budget" in entry):
-            raise KeysFileError(
-                f"{where}: a team's limits with WORKERS other than 1 need REDIS_URL: each "
-                "worker would count its own share of them, multiplying them"
-            )
-        # A team deleted and created again through the admin API starts fresh windows.
-        created_at = entry.get("created_at")
-        if created_at is not None and not isinstance(created_at, str):
-            raise KeysFileError(f"{where}: created_at must be a timestamp (text)")
-        seed = name + (f"\n{created_at}" if created_at else "")
-        scope = Scope(
-            id="team-" + hashlib.sha256(seed.encode()).hexdigest()[:24],
-            kind="team",
-            name=name,
-            limits=window(where, entry.get("quota"), "quota", defaults),
-            budget=budget(where, entry, defaults) if "budget" in entry else None,
-            max_in_flight=cap,
-            queue_seconds=queue,
-        )
-        teams[name] = Team(name, scope)
+        try:
+            teams[name] = _team(path, name, entry, defaults)
+        except KeysFileError as error:
+            refused[name] = error
     return teams
 
 
+def _team(path: str, name: str, entry: Any, defaults: Defaults) -> Team:
+    """One team of `teams`. Raises KeysFileError."""
+    where = f"{path}: team '{name}'"
+    if not name.strip():
+        raise KeysFileError(f"{path}: a team name must be a non-empty string")
+    if has_control(name):  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: a team name contains a control character (a NUL, tab, line break "
+            "or escape): a name must be printable text"
+        )
+    if name != name.strip():  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: a team name has a space at an end: another name than without it, "
+            f"shown alike; remove it ({name.strip()[:80]!r})"
+        )
+    if len(name) > MAX_NAME_CHARS:  # as the admin API refuses it
+        raise KeysFileError(
+            f"{path}: a team name must be at most {MAX_NAME_CHARS} characters (it is in "
+            "its metrics)"
+        )
+    if not isinstance(entry, dict):
+        raise KeysFileError(f"{where}: must be an object (quota, budget, max_in_flight, ...)")
+    check_fields(where, entry, "team")
+    cap, queue = in_flight(where, entry, defaults)
+    if defaults.unshared_workers != 1 and ("quota" in entry or "budget" in entry):
+        raise KeysFileError(
+            f"{where}: a team's limits with WORKERS other than 1 need REDIS_URL: each "
+            "worker would count its own share of them, multiplying them"
+        )
+    # A team deleted and created again through the admin API starts fresh windows.
+    created_at = entry.get("created_at")
+    if created_at is not None and not isinstance(created_at, str):
+        raise KeysFileError(f"{where}: created_at must be a timestamp (text)")
+    seed = name + (f"\n{created_at}" if created_at else "")
+    scope = Scope(
+        id="team-" + hashlib.sha256(seed.encode()).hexdigest()[:24],
+        kind="team",
+        name=name,
+        limits=window(where, entry.get("quota"), "quota", defaults),
+        budget=budget(where, entry, defaults) if "budget" in entry else None,
+        max_in_flight=cap,
+        queue_seconds=queue,
+    )
+    return Team(name, scope)
+
+
+class UnknownTeam(KeysFileError):
+    """A key names a team `teams` does not define, or one it defines but refused (`team`,
+    the name, None when not text): that team's own problem is said instead."""
+
+    def __init__(self, message: str, team: str | None) -> None:
+        super().__init__(message)
+        self.team = team
+
+
 def team_of(where: str, entry: Mapping[str, Any], teams: Mapping[str, Team]) -> Team | None:
-    """The key's `team`, which the top-level `teams` must define. Raises KeysFileError."""
+    """The key's `team`, which the top-level `teams` must define. Raises UnknownTeam."""
     name = entry.get("team")
     if name is None:
         return None
     if not isinstance(name, str) or name not in teams:
         known = ", ".join(sorted(teams)) or "none"
-        raise KeysFileError(f"{where}: team must name a team of 'teams' (known: {known})")
+        raise UnknownTeam(
+            f"{where}: team must name a team of 'teams' (known: {known})",
+            name if isinstance(name, str) else None,
+        )
     return teams[name]
 
 

@@ -58,7 +58,7 @@ class Health:
         self._recheck = recheck
         self.shutting_down = False  # set by the app on SIGTERM: /ready turns 503
         self.tracker_degraded: str | None = None  # the tracker's last error while it is lost
-        self.config: dict[str, str | None] | None = None  # the keys file in force (reload.py)
+        self.config: dict[str, object] | None = None  # the keys file in force (reload.py)
         # The last reload that failed, {"reason", "at"}, until a reload succeeds.
         self.reload_failed: dict[str, str] | None = None
 

@@ -9,7 +9,9 @@ meant something else) are the same lines a start prints.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import MIN_SECRET_CHARS, SETTINGS, SettingError, Settings, parser
-from proxy.usage.pricing import Prices
+from proxy.usage.pricing import Prices, PricesFileError
 
 # An unknown variable this close to a setting's name (difflib's ratio) is probably a typo.
 LOOKALIKE_RATIO = 0.85
@@ -50,8 +52,8 @@ def check(
     prices = None
     try:
         prices = Prices.load(settings.prices_file)
-    except SettingError as error:
-        found.problems.append(str(error))
+    except PricesFileError as error:
+        found.problems.extend(error.problems)
     try:
         found.key_ring = load(settings, environ)
     except KeysFileError as error:
@@ -63,7 +65,37 @@ def check(
             except SettingError as error:
                 found.problems.append(str(error))
     found.warnings = warnings(settings, found.key_ring, prices, environ)
+    if found.settings is not None and not found.problems:
+        store_findings(found.settings, environ, found)
     return found
+
+
+def store_findings(settings: Settings, environ: Mapping[str, str], found: Findings) -> None:
+    """With KEYS_STORE=redis, the keys the store holds (a start takes them, not keys.json's):
+    a document this secret cannot read is a problem; each key or team this version leaves
+    out (one an older version stored) a warning."""
+    if settings.keys_store != "redis" or settings.redis_url is None:
+        return
+    from redis.exceptions import RedisError
+
+    from proxy.app import parse_keys
+    from proxy.keys.redis_store import stored_document
+    from proxy.keys.store import encoded
+
+    try:
+        document = stored_document(settings.redis_url, settings.keys_store_secret or "")
+        if document is None:
+            return  # an empty store: the start imports keys.json, checked above
+        ring = parse_keys(settings, environ, time.time, document, encoded(document)[1])
+    except KeysFileError as error:
+        found.problems.extend(error.problems)
+        return
+    except RedisError:
+        return  # said by the start's own Redis check
+    found.warnings += [
+        f"{why}: would be left out (change or delete it through the admin API)"
+        for why in sorted(ring.left_out.values())
+    ]
 
 
 def warnings(
@@ -152,9 +184,11 @@ def _settings(
 
 
 def _fallback(environ: Mapping[str, str]) -> Settings:
-    """What the keys check needs when the settings do not read: the file and the defaults."""
+    """What the file checks need when the settings do not read: keys.json, PRICES_FILE (a
+    bad setting hides neither's problems) and the defaults."""
     path = environ.get("KEYS_FILE_PATH", "").strip()
-    return Settings(keys_file_path=path) if path else Settings()
+    fallback = Settings(keys_file_path=path) if path else Settings()
+    return dataclasses.replace(fallback, prices_file=environ.get("PRICES_FILE", "").strip() or None)
 
 
 def lookalikes(environ: Mapping[str, str]) -> list[str]:

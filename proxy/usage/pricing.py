@@ -139,7 +139,15 @@ MAX_RATE = 1_000_000
 
 
 class PricesFileError(SettingError):
-    """A PRICES_FILE the gateway cannot use."""
+    """A PRICES_FILE the gateway cannot use. `problems`: every problem found (each provider
+    and model is checked even after one failed), the first being the message."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        self.problems = problems or (message,)
+        more = len(self.problems) - 1
+        if more:
+            message += f" (and {more} more: python gateway.py --check lists every one)"
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,20 +457,33 @@ def _overrides(path: str) -> dict[tuple[str, str], Price]:
         raise PricesFileError(f"PRICES_FILE {path} cannot be read: {error.strerror}") from None
     except orjson.JSONDecodeError as error:
         raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {error}") from None
-    _refuse_repeats(path, text)
     if not isinstance(document, dict):
         raise PricesFileError(f"PRICES_FILE {path} must be an object of provider → models")
+    problems: list[str] = []  # each one said: a start names the first, --check every one
     prices: dict[tuple[str, str], Price] = {}
+    try:
+        _refuse_repeats(path, text)
+    except PricesFileError as error:
+        problems.append(str(error))
     for provider, models in document.items():
-        _matchable(path, "provider", provider)
+        try:
+            _matchable(path, "provider", provider)
+        except PricesFileError as error:
+            problems.append(str(error))
         if not isinstance(models, dict) or not models:
-            raise PricesFileError(
+            problems.append(
                 f"PRICES_FILE {path}: provider {shown_name(provider)} must be an object of model → "
                 "rates"
             )
+            continue
         for model, rates in models.items():
-            _matchable(path, "model", model)
-            prices[(provider, model)] = _price(path, provider, model, rates)
+            try:
+                _matchable(path, "model", model)
+                prices[(provider, model)] = _price(path, provider, model, rates)
+            except PricesFileError as error:
+                problems.append(str(error))
+    if problems:
+        raise PricesFileError(problems[0], tuple(problems))
     return prices
 
 

@@ -956,8 +956,9 @@ def test_a_key_or_team_name_with_a_space_at_an_end_is_refused(tmp_path: Path, na
     # Taken as written, 'alice ' was another name than 'alice': shown alike in the log and
     # the metrics, and PATCH /admin/keys/alice answered 404 'No key is named alice'.
     key = {"provider": "openai", "api_key": "sk-a", "name": name}
-    with pytest.raises(KeysFileError, match="name has a space at an end"):
+    with pytest.raises(KeysFileError, match="has a space at an end") as refused:
         load(tmp_path, {"virtual_keys": {"vk_a_123456789": key}})
+    assert f"name {name!r}" in str(refused.value)  # as the admin API's path names it
     teams = {"teams": {name: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
     with pytest.raises(KeysFileError, match="a team name has a space at an end"):
         load(tmp_path, teams)
