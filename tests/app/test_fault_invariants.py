@@ -82,6 +82,7 @@ class Call:
     prompt: str
     split: int  # the provider's body in pieces of this many bytes (0: whole frames)
     leaves: bool  # the client leaves too, whatever the provider does (as "leave" does)
+    reflects: bool  # the provider echoes the real key it got (headers; error bodies quote it)
 
     @property
     def client_leaves(self) -> bool:
@@ -98,6 +99,7 @@ calls = st.builds(
     retry_after=st.sampled_from(("7", "0", "1", "")),
     split=st.sampled_from((0, 0, 1, 7, 64)),
     leaves=st.sampled_from((False, False, False, True)),
+    reflects=st.booleans(),
     chunks=st.integers(min_value=1, max_value=4),
     prompt=st.sampled_from(PROMPTS),
 )
@@ -188,6 +190,8 @@ def request_of(call: Call, number: int) -> tuple[str, dict[str, Any], dict[str, 
     headers = {"x-request-id": f"prop-{number:03d}", "x-fake-chunks": str(call.chunks)}
     if call.split:
         headers["x-fake-split"] = str(call.split)
+    if call.reflects:
+        headers["x-fake-reflect"] = "body"
     turn = [{"role": "user", "content": call.prompt}]
     body: dict[str, Any]
     if call.dialect == "chat":
@@ -234,6 +238,7 @@ class Seen:
 
     status: int | None
     body: bytes
+    headers: str = ""  # the answer's head, as text
 
 
 async def send(
@@ -254,10 +259,11 @@ async def send(
         if call.client_leaves:
             return await leave(session, root, fake, path, body, headers, call)
         async with session.post(f"{root}{path}", json=body, headers=headers) as response:
+            head = repr(list(response.raw_headers))
             try:
-                return Seen(response.status, await response.read())
+                return Seen(response.status, await response.read(), head)
             except aiohttp.ClientPayloadError:
-                return Seen(response.status, b"")
+                return Seen(response.status, b"", head)
     finally:
         for key in faulted:
             fake.faults.pop(key, None)
@@ -290,10 +296,11 @@ async def leave(
             response = await task
         except asyncio.CancelledError:
             return Seen(None, b"")
+        head = repr(list(response.raw_headers))
         try:
-            return Seen(response.status, await response.read())
+            return Seen(response.status, await response.read(), head)
         except aiohttp.ClientPayloadError:
-            return Seen(response.status, b"")
+            return Seen(response.status, b"", head)
         finally:
             response.release()
     response = await request
@@ -308,7 +315,7 @@ async def leave(
         pass  # cut before the client left
     finally:
         response.close()  # the connection goes: the client left
-    return Seen(None, got)
+    return Seen(None, got, repr(list(response.raw_headers)))
 
 
 async def in_flight(root: str) -> float:
@@ -321,12 +328,12 @@ async def in_flight(root: str) -> float:
     raise AssertionError("no in-flight gauge")
 
 
-async def run(sequence: list[list[Call]]) -> None:
+async def run(sequence: list[list[Call]], log_bodies: bool = False) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        await scenario(Path(folder), sequence)
+        await scenario(Path(folder), sequence, log_bodies)
 
 
-async def scenario(folder: Path, batches: list[list[Call]]) -> None:
+async def scenario(folder: Path, batches: list[list[Call]], log_bodies: bool) -> None:
     """Each batch's calls at once (they use distinct keys: a fault is set per real key),
     the batches one after the other."""
     sequence = [call for batch in batches for call in batch]
@@ -349,6 +356,7 @@ async def scenario(folder: Path, batches: list[list[Call]]) -> None:
         "STREAM_IDLE_TIMEOUT": TIMEOUT,
         "RETRY_ATTEMPTS": "1",
         "RETRY_MAX_WAIT_SECONDS": "0.05",
+        "LOG_BODIES": "true" if log_bodies else "false",
     }
     gateway = TestClient(TestServer(build_app(Settings.from_env(env)), handler_cancellation=True))
     await gateway.start_server()
@@ -481,7 +489,7 @@ def check(
         assert metrics[f"llm_gateway_{field}_total"] == logged_total, (field, metrics)
     # no secret anywhere the gateway writes
     texts = [json.dumps(line) for line in lines] + [metrics_text]
-    texts += [got.body.decode("utf-8", "replace") for got in seen.values()]
+    texts += [got.body.decode("utf-8", "replace") + got.headers for got in seen.values()]
     for text in texts:
         for secret in hidden:
             assert secret not in text, (secret, text[:500])
@@ -497,6 +505,8 @@ def lines_in_order(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(st.lists(batches, min_size=2, max_size=5))
-def test_invariants_hold_under_random_provider_faults(sequence: list[list[Call]]) -> None:
-    asyncio.run(run(sequence))
+@given(st.lists(batches, min_size=2, max_size=5), st.booleans())
+def test_invariants_hold_under_random_provider_faults(
+    sequence: list[list[Call]], log_bodies: bool
+) -> None:
+    asyncio.run(run(sequence, log_bodies))
