@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -431,6 +431,8 @@ def check(
     for number, (call, line) in enumerate(zip(sequence, lines_in_order(lines), strict=True)):
         where = (number, call, line)
         assert line["status"] in STATUSES, where
+        model = ANTHROPIC_MODEL if call.dialect == "messages" else OPENAI_MODEL
+        assert (line["method"], line["model"], line["stream"]) == ("POST", model, call.stream)
         assert line.get("error") != "internal error", where
         if line["status"] >= 400:
             assert line.get("error"), where
@@ -447,6 +449,9 @@ def check(
             # sent, no whole answer: charged what it read, or its reservation
             assert line["usage"] and line["usage"]["total_tokens"] > 0, where
         got = seen[line["request_id"]]
+        if got.status is not None:  # every answer names the request as the client did
+            named = f"(b'x-request-id', b'{line['request_id']}')"
+            assert named in got.headers.lower(), (where, got)
         if got.status is not None and got.status >= 400 and got.body:
             answer = json.loads(got.body)  # an error in the path's dialect
             if call.dialect == "messages":
@@ -503,6 +508,9 @@ def lines_in_order(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     max_examples=12,
     deadline=None,
     derandomize=True,
+    # No shrinking: each example starts two servers and waits out timeouts, so shrinking a
+    # failure took minutes; the failing example is printed whole.
+    phases=(Phase.explicit, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(st.lists(batches, min_size=2, max_size=5), st.booleans())
