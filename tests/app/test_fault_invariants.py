@@ -250,7 +250,10 @@ async def send(
     if call.fault in ("status", "error_cut"):
         for key in faulted:
             fake.faults[key] = Fault(
-                call.status, {"retry-after": call.retry_after}, is_cut=call.fault == "error_cut"
+                call.status,
+                {"retry-after": call.retry_after},
+                is_unsized=call.split > 0,  # chunked, as proxies in front send errors
+                is_cut=call.fault == "error_cut",
             )
     elif call.fault == "error_first" and call.stream:
         for key in faulted:
