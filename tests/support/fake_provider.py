@@ -297,6 +297,7 @@ class StoredChat:
 @dataclass(slots=True)
 class Fault:
     """Answer `status` (the provider's error body, plus `headers`) to a real key's requests.
+    A header given as "" is left out (`{"retry-after": ""}`: a 429 or 5xx without one).
 
     `times`: only that many times, then answer normally again (None: until removed).
     `is_unsized`: the body goes without a Content-Length, chunked (as many proxies and CDNs
@@ -874,6 +875,7 @@ async def reply_error(
     if status == 429:
         headers["x-ratelimit-remaining-requests"] = "0"
     headers.update(extra or {})
+    headers = {name: value for name, value in headers.items() if value}  # "": left out
     return await reply(request, body, status=under or status, headers=headers, is_sized=is_sized)
 
 
