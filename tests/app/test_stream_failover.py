@@ -23,9 +23,10 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
 from proxy.settings import Settings
+from tests.app.test_failover import keys_seen
 from tests.conftest import auth
 from tests.support.bodies import chat, messages
-from tests.support.fake_provider import FakeState, Fault, credential
+from tests.support.fake_provider import FakeState, Fault
 from tests.support.polling import until
 
 CHAT = chat("hello")
@@ -83,10 +84,6 @@ def gateway_for(
         )
 
     return make
-
-
-def keys_seen(fake: FakeState) -> list[str | None]:
-    return [credential(seen.headers) for seen in fake.requests]
 
 
 def openai_client(gateway: TestClient) -> openai.AsyncOpenAI:
