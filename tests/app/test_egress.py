@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from proxy.upstream.egress import Egress
 from proxy.upstream.wire import Wire
 from tests.app.test_wire import GATE, app
 from tests.conftest import OPENAI_REAL, OPENAI_VK, auth, keys_document
+from tests.support.certificates import self_signed
 from tests.support.connect_proxy import ConnectProxy
 from tests.support.fake_provider import build_fake_provider
 from tests.support.processes import free_port
@@ -41,17 +41,8 @@ USERINFO = "egress:s3cr%40t%3Apw@"
 @pytest.fixture
 def certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
     """A server context for 127.0.0.1, its certificate trusted as SSL_CERT_FILE makes it."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    cert, context = self_signed(tmp_path, "cert", "IP:127.0.0.1,DNS:localhost")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read by each new default context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
     return context
 
 
@@ -467,16 +458,7 @@ async def test_the_origins_certificate_is_verified_inside_the_tunnel(
     aiohttp_server: Serve, tmp_path: Path, proxy: ConnectProxy
 ) -> None:
     """An origin whose certificate nobody trusts is refused through the tunnel as directly."""
-    cert, key = tmp_path / "untrusted.pem", tmp_path / "untrusted-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    _, context = self_signed(tmp_path, "untrusted", "IP:127.0.0.1")
     server = await aiohttp_server(app(), ssl=context)
     wire = Wire(connect_timeout=2.0, egress=Egress.of({"https": proxy.url()}))
     try:

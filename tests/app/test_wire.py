@@ -6,9 +6,7 @@ import asyncio
 import errno
 import gzip
 import socket
-import ssl
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Wire
+from tests.support.certificates import self_signed
 from tests.support.processes import free_port
 
 Serve = Callable[..., Awaitable[TestServer]]
@@ -264,15 +263,7 @@ async def test_a_head_that_never_ends_fails_at_its_bound_not_at_the_timeout(wire
 
 async def test_tls_verifies_the_certificate(wire: Wire, tmp_path: Path) -> None:
     """A server whose certificate no authority signed is refused, not trusted."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    _, context = self_signed(tmp_path, "cert")
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     async with server:
