@@ -225,6 +225,26 @@ async def test_cost_usd_is_a_float_even_when_it_is_a_whole_number(
     assert not schema_errors(line)
 
 
+async def one_route_provider(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    chat: Callable[[web.Request], Awaitable[web.Response]],
+    key: str,
+    tmp_path: Path,
+) -> Path:
+    """A provider answering chat completions with `chat`, and a keys file whose one key `key`
+    reaches it (an OpenAI-compatible server that needs no real key)."""
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(provider)
+    keys = {
+        "providers": {"vllm": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {key: {"provider": "vllm", "api_key": "none-needed-00"}},
+    }
+    path = tmp_path / "one-route.json"
+    path.write_text(json.dumps(keys))
+    return path
+
+
 async def test_a_provider_reporting_an_absurd_count_still_gets_its_line_with_counts_a_loader_holds(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     make_gateway: Callable[..., Awaitable[TestClient]],
@@ -241,17 +261,8 @@ async def test_a_provider_reporting_an_absurd_count_still_gets_its_line_with_cou
         usage = {"prompt_tokens": 5, "completion_tokens": wrapped, "total_tokens": 4}
         return web.json_response({"object": "chat.completion", "choices": [], "usage": usage})
 
-    provider = web.Application()
-    provider.router.add_post("/v1/chat/completions", chat)
-    server = await aiohttp_server(provider)
-    keys = {
-        "providers": {"vllm": {"base_url": str(server.make_url("/v1"))}},
-        "virtual_keys": {
-            "vk_test_wrapped_0a1b2c3d4e": {"provider": "vllm", "api_key": "none-needed-00"}
-        },
-    }
-    (tmp_path / "wrapped.json").write_text(json.dumps(keys))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "wrapped.json"))
+    keys = await one_route_provider(aiohttp_server, chat, "vk_test_wrapped_0a1b2c3d4e", tmp_path)
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys))
     response = await gateway.post(
         "/v1/chat/completions",
         json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
@@ -367,17 +378,8 @@ async def test_an_error_the_provider_answers_without_a_typed_body_still_has_its_
     async def chat(request: web.Request) -> web.Response:
         return web.Response(status=status, text=body, content_type=content_type)
 
-    provider = web.Application()
-    provider.router.add_post("/v1/chat/completions", chat)
-    server = await aiohttp_server(provider)
-    keys = {
-        "providers": {"vllm": {"base_url": str(server.make_url("/v1"))}},
-        "virtual_keys": {
-            "vk_test_untyped_5e4d3c2b1a": {"provider": "vllm", "api_key": "none-needed-00"}
-        },
-    }
-    (tmp_path / "untyped.json").write_text(json.dumps(keys))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "untyped.json"))
+    keys = await one_route_provider(aiohttp_server, chat, "vk_test_untyped_5e4d3c2b1a", tmp_path)
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys))
     response = await gateway.post(
         "/v1/chat/completions", json=CHAT, headers=auth("vk_test_untyped_5e4d3c2b1a")
     )
