@@ -23,8 +23,9 @@ A stream's first event: when the request has somewhere else to go (a target afte
 one, a retry, a pool key not yet asked), a 200 event stream is not passed on until its
 first event is at hand (nothing of it reached the client: the relay's head waits for the
 first chunk too). One whose first event is the provider's error of the moment (Anthropic's
-`overloaded_error` event, OpenAI's or OpenRouter's `data: {"error": ...}` chunk:
-first_event.py) is that attempt's failure, as the status it stands for (529, 429, 500...):
+`overloaded_error` event, OpenAI's or OpenRouter's `data: {"error": ...}` chunk; past the
+stream's start that says nothing yet, Anthropic's `message_start` and `ping`, OpenAI's role
+chunk: first_event.py) is that attempt's failure, as the status it stands for (529, 429, 500...):
 its breaker or its key's rest hears it so, the log's attempt shows 200 and the error, and
 the stream is kept whole as the answer should nothing else answer. Nothing was generated,
 so asking again is safe. Read are at most FIRST_EVENT_BYTES, for at most

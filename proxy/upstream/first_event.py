@@ -7,17 +7,23 @@ top-level `error` whose `code` is the status it stands for (after `: OPENROUTER 
 comments), the Responses API's `error` event. The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
+The first event that says something, that is: a stream's start says nothing of the answer
+yet, and the provider's error often follows it (Anthropic's `message_start` and `ping`, then
+`overloaded_error`; OpenAI's chunk naming only the role, after Azure's prompt filter results;
+the Responses API's `response.created` and `response.in_progress`). Such a start is read past.
+
 Only a failure of the moment counts (overloaded, rate limited, a server error, timed out):
 as the status it stands for (529, 429, 500, 503, 504...). An invalid request, a refused key,
 a permission or a content policy fails the same everywhere: it is no failure here, and the
-stream goes on as it came. The common stream, whose first event is content, is told by one
-bytes search (`b"error"` absent) before any parsing.
+stream goes on as it came. Content is told by a bytes search (`b"error"` absent), and
+parsed only when it names a role or prompt filter results (a start's chunk, maybe).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterator
 from typing import Final, Literal
 
 # Error kinds (`type`, else `code`, else Google's `status`) that say the provider could not
@@ -51,26 +57,35 @@ class Undecided(enum.Enum):
 MORE: Final = Undecided.MORE
 
 
+# Named events that start a stream and say nothing of the answer (Anthropic's, the Responses
+# API's): an error may follow them.
+STARTING: Final = frozenset(
+    (b"message_start", b"ping", b"response.created", b"response.in_progress", b"response.queued")
+)
+
+
 def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
-    """What the stream's first event is, from the bytes of it at hand: (its error kind, the
-    status it stands for) when a failure of the moment; None when anything else (content,
-    an error that fails everywhere); MORE while that event has not all come."""
-    if b"error" not in at_hand:  # the common stream: content first
-        return None if b"data" in at_hand else MORE
-    event = first_event(at_hand)
-    if event is None:
+    """What the stream's first event past its start is, from the bytes at hand: (its error
+    kind, the status it stands for) when a failure of the moment; None when anything else
+    (content, an error that fails everywhere); MORE while that event has not all come."""
+    if b"data" not in at_hand:  # nothing yet, or comments
         return MORE
-    name, data = event
-    try:
-        parsed = json.loads(data)
-    except ValueError:  # not JSON (a UnicodeDecodeError is one too)
-        return None
-    return _passing(parsed, name == b"error") if isinstance(parsed, dict) else None
+    for name, data in events(at_hand):
+        if name in STARTING or (not name and _is_start_chunk(data)):
+            continue
+        if name != b"error" and b"error" not in data:  # the common stream: content
+            return None
+        try:
+            parsed = json.loads(data)
+        except ValueError:  # not JSON (a UnicodeDecodeError is one too)
+            return None
+        return _passing(parsed, name == b"error") if isinstance(parsed, dict) else None
+    return MORE
 
 
-def first_event(at_hand: bytes) -> tuple[bytes, bytes] | None:
-    """The first event's name and data (its data lines joined), comments and empty events
-    before it skipped; None while it has not all come (its blank line not yet here)."""
+def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Each whole event's name and data (its data lines joined), in order; comments and
+    empty events skipped, the last one left while its blank line has not come."""
     text = at_hand.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     blocks = text.split(b"\n\n")
     for block in blocks[:-1]:  # the last one is not yet ended
@@ -83,8 +98,28 @@ def first_event(at_hand: bytes) -> tuple[bytes, bytes] | None:
             elif field == b"data":
                 data.append(value)
         if data:
-            return name, b"\n".join(data)
-    return None
+            yield name, b"\n".join(data)
+
+
+def _is_start_chunk(data: bytes) -> bool:
+    """An OpenAI chunk that says nothing yet: each choice's delta only its role (or empty
+    text), no finish; or no choices beside Azure's prompt filter results."""
+    if b'"role"' not in data and b'"prompt_filter_results"' not in data:
+        return False  # most chunks: not parsed
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return False
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(choices, list) or "error" in chunk:
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return False
+        if any(value for name, value in delta.items() if name != "role"):
+            return False
+    return True
 
 
 def _passing(event: dict[str, object], is_error_event: bool) -> tuple[str, int] | None:

@@ -152,6 +152,45 @@ async def test_an_anthropic_overloaded_error_first_is_served_by_the_fallback(
     assert "overloaded_error" in line["attempts"][0]["error"]
 
 
+async def test_an_anthropic_overloaded_error_after_the_messages_start_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    """Anthropic starts a stream (`message_start`, `ping`) before an overload is known: the
+    start says nothing of the answer yet, so it is held, and the fallback's stream is the
+    one the client gets, with one start."""
+    gateway = await gateway_for(ANT_WITH_FALLBACK)
+    fake.faults[ANT_PRIMARY] = Fault(529, in_stream="started")
+    headers = {
+        **auth(VK),
+        "anthropic-version": "2023-06-01",
+        "x-request-id": "req_sf_started",
+    }
+    response = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "stream": True}, headers=headers
+    )
+    assert response.status == 200
+    body = await response.read()
+    assert body.count(b"event: message_start") == 1
+    assert b"overloaded_error" not in body and b"content_block_delta" in body
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    async with anthropic_client(gateway).messages.stream(**MESSAGES) as stream:
+        assert "".join([piece async for piece in stream.text_stream])
+    lines = await records(2)
+    assert [line["provider"] for line in lines] == ["ant-backup", "ant-backup"]
+    assert "overloaded_error" in lines[0]["attempts"][0]["error"]
+
+
+async def test_an_openai_server_error_after_the_role_chunk_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(500, in_stream="started")
+    assert await streamed_text(openai_client(gateway)) == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    [line] = await records(1)
+    assert line["target"] == "backup" and "server_error" in line["attempts"][0]["error"]
+
+
 async def test_an_anthropic_rate_limit_error_first_rests_the_pool_key(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
@@ -200,7 +239,10 @@ async def test_when_the_fallback_fails_too_the_client_gets_its_error_stream_unch
     assert await response.read() == fake.sent["req_sf_2"]
 
 
-@pytest.mark.parametrize("fault", [Fault(400, in_stream="first"), Fault(503, in_stream="after")])
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(400, in_stream="first"), Fault(400, in_stream="started"), Fault(503, in_stream="after")],
+)
 async def test_a_request_error_or_an_error_after_content_is_never_failed_over(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, fault: Fault
 ) -> None:

@@ -105,8 +105,9 @@ fallback or a pool's other key can be told apart from the failing one; with `in_
 answer is a 200 event stream carrying that status's error as an event instead (Anthropic's
 `event: error` when overloaded, OpenAI's `data: {"error": ...}`): `first` as its first event,
 `openrouter` as OpenRouter's chunk (a top-level `error` with the status as its `code`, the
-choice's `finish_reason` "error", after a `: OPENROUTER PROCESSING` comment), `after` after
-a first event of content;
+choice's `finish_reason` "error", after a `: OPENROUTER PROCESSING` comment), `started`
+after the stream's start that says nothing yet (Anthropic's `message_start` and `ping`,
+OpenAI's chunk naming only the role), `after` after content;
 `state.slow[real_key] = seconds` holds that key's answers that long before their headers
 (a slow key's time to first byte); `state.gates[real_key] = asyncio.Event()` holds them until
 the test sets it (to move an injected clock while they wait: a time to first byte that does not
@@ -303,8 +304,8 @@ class Fault:
     `is_unsized`: the body goes without a Content-Length, chunked (as many proxies and CDNs
     in front of providers send errors too).
     `is_cut`: half the body is sent, then the connection closed (a proxy breaking off).
-    `in_stream`: "first", "openrouter" or "after": a 200 stream carrying the error as an
-    event instead (see the module's docstring).
+    `in_stream`: "first", "openrouter", "started" or "after": a 200 stream carrying the error
+    as an event instead (see the module's docstring).
     """
 
     status: int
@@ -888,7 +889,9 @@ def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
         )
         error = sse({"type": "error", "error": {"type": kind, "message": message}}, "error")
         start = {"type": "message_start", "message": {"id": new_id("msg_"), "type": "message"}}
-        content = sse(start, "message_start")
+        started = sse(start, "message_start") + sse({"type": "ping"}, "ping")
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}
+        content = started + sse(block, "content_block_start")
     else:
         kind, code = OPENAI_ERRORS.get(
             status, ("server_error" if status >= 500 else "invalid_request_error", None)
@@ -909,8 +912,12 @@ def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
                 b"data: [DONE]\n\n",
             ]
         error = sse({"error": {"message": message, "type": kind, "param": None, "code": code}})
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        started = sse({**chunk, "choices": [role]})
         delta = {"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}
-        content = sse({**chunk, "choices": [delta]})
+        content = started + sse({**chunk, "choices": [delta]})
+    if where == "started":
+        return [started, error]
     return [content, error] if where == "after" else [error]
 
 

@@ -1,4 +1,8 @@
-"""What a 200 stream's first event is: a failure of the moment (failed over), or anything else."""
+"""What a 200 stream's first event is: a failure of the moment (failed over), or anything else.
+
+The first event that says something: the stream's start before it (Anthropic's
+`message_start` and `ping`, OpenAI's chunk naming only the role, Azure's prompt filter
+results, the Responses API's `response.created`) carries nothing of the answer yet."""
 
 from __future__ import annotations
 
@@ -15,7 +19,15 @@ def event(data: object, name: str | None = None) -> bytes:
 
 
 ANTHROPIC_START = event({"type": "message_start", "message": {"id": "msg_1"}}, "message_start")
+PING = event({"type": "ping"}, "ping")
+OVERLOADED = event({"type": "error", "error": {"type": "overloaded_error"}}, "error")
 CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": []}
+ROLE = event({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+AZURE_FILTERS = event({**CHUNK, "prompt_filter_results": [{"prompt_index": 0}]})
+SERVER_ERROR = event({"error": {"message": "m", "type": "server_error", "code": None}})
+RESPONSE_START = event({"type": "response.created"}, "response.created") + event(
+    {"type": "response.in_progress"}, "response.in_progress"
+)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +48,11 @@ CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": []}
             ),
             529,
         ),
+        (ANTHROPIC_START + OVERLOADED, 529),  # the start says nothing of the answer yet
+        (ANTHROPIC_START + PING + OVERLOADED, 529),
+        (ROLE + SERVER_ERROR, 500),
+        (AZURE_FILTERS + ROLE + SERVER_ERROR, 500),
+        (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
     ],
 )
 def test_an_error_of_the_moment_first_stands_for_its_status(
@@ -54,9 +71,16 @@ def test_an_error_of_the_moment_first_stands_for_its_status(
         event({"error": {"type": "invalid_request_error", "code": "content_filter"}}),
         event({**CHUNK, "error": {"code": 400, "message": "bad"}}),
         event({**CHUNK, "error": {"code": 403, "message": "moderation"}}),
-        ANTHROPIC_START,
-        ANTHROPIC_START + event({"type": "error", "error": {"type": "overloaded_error"}}, "error"),
         event({**CHUNK, "choices": [{"delta": {"content": "an error of mine"}}]}),
+        ANTHROPIC_START
+        + event({"type": "content_block_start", "index": 0}, "content_block_start")
+        + OVERLOADED,
+        ROLE + event({**CHUNK, "choices": [{"delta": {"content": "Hi"}}]}) + SERVER_ERROR,
+        event({**CHUNK, "choices": [{"delta": {"role": "assistant", "content": "Hi"}}]}),
+        event({**CHUNK, "choices": [{"delta": {"role": "assistant"}, "finish_reason": "stop"}]}),
+        event({**CHUNK, "choices": [{"delta": {"role": "assistant", "tool_calls": [{}]}}]}),
+        RESPONSE_START
+        + event({"type": "response.output_item.added"}, "response.output_item.added"),
         b"data: not json error\n\n",
         b"data: [DONE]\n\n",
     ],
@@ -72,6 +96,12 @@ def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes)
         b": OPENROUTER PROCESSING\n\n",
         b"event: error\n",
         b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n',
+        ANTHROPIC_START,
+        ANTHROPIC_START + PING,
+        ROLE,
+        AZURE_FILTERS + ROLE,
+        RESPONSE_START,
+        ANTHROPIC_START + b"event: content_block_start\n",
     ],
 )
 def test_a_first_event_not_all_come_waits_for_more(at_hand: bytes) -> None:
