@@ -9,8 +9,9 @@ does not decide what a failure is (`health.is_upstream_failure` does) nor when t
 Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
 key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
 has a value of its own for at most 100 models the provider answered (a status below 400)
-and 20 more never answered (refused by the gateway or the provider), per process; any other
-is `other`. Made-up names, which the provider refuses, so never take the values of the models
+and 20 more never answered as themselves (refused by the gateway or the provider, or replaced
+by the `model` of the target that served them), per process; any other is `other`. Made-up
+names, which the provider refuses or a target replaces, so never take the values of the models
 it serves.
 
 Each `Metrics` has its own `CollectorRegistry`, so tests can build many apps in one process.
@@ -295,7 +296,9 @@ class Metrics:
     def observe(self, record: Record) -> None:
         """Count one finished request: status, timings, tokens, upstream failure."""
         provider = record.provider or NONE
-        model = self._model_label(record.model, record.status < 400)
+        # Answered as itself: a target that names its model answers any name with that one.
+        as_sent = record.target_model is None or record.target_model == record.model
+        model = self._model_label(record.model, record.status < 400 and as_sent)
         child = self._child
         row = self._rows.get((provider, model, record.status))
         if row is None:
@@ -435,9 +438,10 @@ class Metrics:
 
     def _model_label(self, model: str | None, is_answered: bool) -> str:
         """The model as a bounded label value (clients can send any string). Models the
-        provider answered (`is_answered`: a status below 400) and those it did not take
-        their values from two bounds, so names a client makes up (refused) never use up
-        the values of the models the provider serves."""
+        provider answered by their own name (`is_answered`: a status below 400, and no
+        target's model in their place) and those it did not take their values from two
+        bounds, so names a client makes up (refused, or replaced) never use up the values of
+        the models the provider serves."""
         if not model:
             return NONE
         label = model[:MODEL_LABEL_CHARS]

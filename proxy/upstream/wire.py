@@ -6,8 +6,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 `bench/foundations.py` at about half the CPU per request:
 
 - one pool of idle connections per origin (scheme, host, port), last in first out, an idle
-  connection closed after `keepalive_seconds`; no limit on connections (concurrency is the
-  quota's business);
+  connection closed after `keepalive_seconds` (found so when the origin is next used: those
+  a burst left under the newest are closed as traffic goes on, not kept for as long as the
+  provider allows); no limit on connections (concurrency is the quota's business);
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
@@ -587,11 +588,18 @@ class Wire:
             if connection.transport is not None:
                 connection.transport.close()
             return
-        connection.idle_since = self.loop.time()
+        now = connection.idle_since = self.loop.time()
         idle = self._idle.get(connection.origin)
         if idle is None:  # not setdefault: it would make a deque each time
             idle = self._idle[connection.origin] = deque()
         idle.append(connection)
+        # Traffic takes the newest (last in, first out), so those a burst left sit under it
+        # untaken: close those idle past keepalive_seconds, oldest first, as each is kept.
+        horizon = now - self.keepalive_seconds
+        while idle[0].idle_since < horizon:
+            stale = idle.popleft()
+            if stale.transport is not None:
+                stale.transport.close()
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.origin)

@@ -60,7 +60,7 @@ import orjson
 
 from proxy.keys.fields import has_control
 from proxy.keys.keys import shown_name, written_twice
-from proxy.record import Usage
+from proxy.record import MODEL_CHARS, Usage
 from proxy.settings import SettingError
 
 # Each rate a price may carry, named as in genai-prices; the part it prices, if any.
@@ -377,6 +377,12 @@ class Prices:
         is_batch: bool = False,
         variant: dict[str, str | None] | None = None,
     ) -> Price | None:
+        if len(model) > MODEL_CHARS:
+            # No model the library prices (its longest name is a third as long), and neither
+            # looked up nor remembered: a client's name of megabytes would be held here and
+            # matched against every pattern of the data. A request's charge names its model
+            # cut to MODEL_CHARS already (`record.shown`).
+            return None
         key = (provider, model)
         known = self._models.get(key)
         if known is None:

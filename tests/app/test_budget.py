@@ -8,14 +8,18 @@ key's large body is refused before it is read. The Redis, two-process variants a
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
+import tracemalloc
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
+import proxy
 from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat
 
@@ -217,3 +221,35 @@ async def test_the_largest_budget_keys_json_takes_serves_and_reports(
     usage = await gateway.get("/usage", headers=auth(BUDGET_VK))
     assert usage.status == 200
     assert (await usage.json())["budget"]["limit_usd"] == 1_000_000_000_000
+
+
+async def test_made_up_model_names_of_a_budgeted_key_hold_no_memory_after_their_requests(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    # A budget's reservation is priced by the body's model, from the price library: its
+    # lookups were remembered by the whole name, 4,096 of them, so a client sending names of
+    # 10 MB each (MAX_BODY_BYTES) could make the gateway hold 40 GB. No price names a model
+    # that long; the log line and the settle price the name cut to 200 characters.
+    key = {"provider": "openai", "api_key": "sk-budget-real-7654321", "budget": {"usd": 50}}
+    gateway = await gateway_with_keys({BUDGET_VK: key})
+    assert await one(gateway) == 200  # whatever the first request builds once is built
+    proxy_files = tracemalloc.Filter(True, str(Path(proxy.__file__).parent / "*"))
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.take_snapshot().filter_traces([proxy_files])
+        for number in range(10):
+            model = f"gpt-4o-mini-{number}-" + "x" * 200_000
+            body = {**CHAT, "model": model}
+            response = await gateway.post(
+                "/v1/chat/completions", json=body, headers={**auth(BUDGET_VK), **ANSWER}
+            )
+            assert response.status == 200
+            await response.read()
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces([proxy_files])
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    # The ten names were 2 MB together; a kept connection holds its largest read (~200 KB).
+    assert held < 1_000_000

@@ -107,6 +107,42 @@ async def test_made_up_models_the_provider_refuses_never_take_the_label_of_a_rea
     assert found == {**named, ("other", "404"): rest, ("gpt-4o-mini", "200"): 1}
 
 
+async def test_made_up_models_a_keys_target_model_replaces_never_take_the_label_of_a_real_one(
+    gateway_with_keys: Any,
+) -> None:
+    """A key whose target names the model (keys.json `model`) has any name a client sends
+    answered, as the target's model: the made-up names are not what the provider served, and
+    a model another key asks afterwards by its own name is still counted under it."""
+    from proxy.observe.metrics import MODEL_LABEL_UNANSWERED, MODEL_LABEL_VALUES
+    from tests.conftest import OPENAI_VK, auth
+    from tests.support.bodies import chat
+
+    pinned = "vk_test_pinned_3c5e7a9b1d"
+    key = {"provider": "openai", "api_key": "sk-pinned-real-1234567", "model": "gpt-4o-mini"}
+    gateway = await gateway_with_keys({pinned: key}, QUOTA_ENABLED="false")
+    for n in range(MODEL_LABEL_VALUES + 10):
+        response = await gateway.post(
+            "/v1/chat/completions", json=chat(model=f"junk-{n}"), headers=auth(pinned)
+        )
+        assert response.status == 200
+    for model, vk in (("gpt-4o-mini", pinned), ("gpt-4o", OPENAI_VK)):
+        response = await gateway.post(
+            "/v1/chat/completions", json=chat(model=model), headers=auth(vk)
+        )
+        assert response.status == 200
+
+    text = await (await gateway.get("/metrics")).text()
+    found = {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+    named = {f"junk-{n}": 1.0 for n in range(MODEL_LABEL_UNANSWERED)}
+    rest = MODEL_LABEL_VALUES + 10 - MODEL_LABEL_UNANSWERED
+    assert found == {**named, "other": rest, "gpt-4o-mini": 1, "gpt-4o": 1}
+
+
 async def test_every_quota_refusal_is_counted_by_its_limit_for_a_key_of_its_own_too(
     gateway_with_keys: Any,
 ) -> None:

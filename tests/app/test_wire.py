@@ -123,6 +123,52 @@ async def test_a_connection_is_kept_alive_and_reused(aiohttp_server: Serve, wire
     assert len(set(ports)) == 1
 
 
+async def test_a_bursts_connections_idle_past_the_keepalive_are_closed_under_steady_traffic(
+    aiohttp_server: Serve,
+) -> None:
+    """Steady traffic after a burst reuses the connection kept last: the burst's others, idle
+    since, are closed past keepalive_seconds, not held open for as long as the provider lets
+    them (a spike of a thousand streams left a thousand sockets open)."""
+    wire = Wire(connect_timeout=2.0, keepalive_seconds=0.1)
+    transports: list[asyncio.BaseTransport] = []
+    arrived, release = asyncio.Queue[None](), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        transports.append(request.transport)
+        arrived.put_nowait(None)
+        await release.wait()
+        return web.Response(text="ok")
+
+    application = web.Application()
+    application.router.add_get("/held", held)
+    server = await aiohttp_server(application)
+
+    async def ask() -> bytes:
+        reply = await wire.request("GET", server.make_url("/held"), {}, None)
+        return await reply.read()
+
+    try:
+        burst = [asyncio.create_task(ask()) for _ in range(4)]
+        for _ in burst:
+            await asyncio.wait_for(arrived.get(), 5)
+        release.set()
+        assert await asyncio.gather(*burst) == [b"ok"] * 4
+        loop = asyncio.get_running_loop()
+        steady_until = loop.time() + 0.3  # three keep-alives of requests one at a time
+        while loop.time() < steady_until:
+            assert await ask() == b"ok"
+        # The steady requests went on the burst's newest (or, on a machine slow enough to
+        # leave it idle a keep-alive between two, on a new one): one open at most.
+        connections = {id(transport): transport for transport in transports}
+        deadline = loop.time() + 5
+        while sum(not t.is_closing() for t in connections.values()) > 1:
+            assert loop.time() < deadline, "the burst's idle connections are still open"
+            await asyncio.sleep(0.01)
+    finally:
+        await wire.close()
+
+
 async def test_a_body_left_unread_closes_its_connection(aiohttp_server: Serve, wire: Wire) -> None:
     server = await aiohttp_server(app())
     reply = await wire.request("GET", server.make_url("/big"), {}, None)
