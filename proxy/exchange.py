@@ -408,13 +408,23 @@ class Exchange:
         try:
             admission = quota.admit_now(self.key, peek, serving)  # memory: no coroutine
             if admission is None:
-                admission = await quota.admit(self.key, peek, serving)
+                admission = await quota.admit(self.key, peek, serving, self._current_key)
             self.admission = admission
         except GatewayError as error:
             if error.status == 429:
                 self._entrance.metrics.quota_rejected(self.key.name)
             raise
         return self.admission
+
+    def _current_key(self) -> VirtualKey:
+        """The request's key as the keys are now, for a request that waited for a slot:
+        revoked meanwhile, it is refused (401); changed, it is admitted and charged as it is
+        now, and its log line names its team as now. Where it is sent stays as it came."""
+        key = self._entrance.key_ring.authenticate(self._credentials)
+        self.key = key
+        team = key.team
+        self.record.saw_key(key.name, key.provider.name, team.name if team else None)
+        return key
 
     async def look_up(self, body: bytes) -> Lookup | None:
         """The response cache's answer for this request (`body`: as the client sent it): a
