@@ -446,16 +446,24 @@ class Exchange:
         """One turn of a session admitted on its own (the Responses API's WebSocket mode): the
         key as keys.json has it now, `check`ed (its models: a turn it refuses is not counted),
         admitted by its quota and budget, priced at `serving` (the session's target). Raises
-        401 (the key was revoked since the session opened), what `check` raises, 429, 503."""
+        401 (the key was revoked since the session opened, or while the turn waited for a
+        slot), what `check` raises, 429, 503."""
         entrance = self._entrance
         key = entrance.key_ring.authenticate(self._credentials)
         check(key)
+        admitted = [key]  # the key as it was when the turn was last asked about
+
+        def current() -> VirtualKey:
+            admitted[0] = entrance.key_ring.authenticate(self._credentials)
+            return admitted[0]
+
         try:
-            return key, await entrance.quota.admit(key, peek, serving)
+            admission = await entrance.quota.admit(key, peek, serving, current)
         except GatewayError as error:
             if error.status == 429:
-                entrance.metrics.quota_rejected(key.name)
+                entrance.metrics.quota_rejected(admitted[0].name)
             raise
+        return admitted[0], admission
 
     def settle_turn(
         self, key: VirtualKey, admission: Admission | None, usage: Usage | None, model: str | None
