@@ -408,13 +408,23 @@ class Exchange:
         try:
             admission = quota.admit_now(self.key, peek, serving)  # memory: no coroutine
             if admission is None:
-                admission = await quota.admit(self.key, peek, serving)
+                admission = await quota.admit(self.key, peek, serving, self._current_key)
             self.admission = admission
         except GatewayError as error:
             if error.status == 429:
                 self._entrance.metrics.quota_rejected(self.key.name)
             raise
         return self.admission
+
+    def _current_key(self) -> VirtualKey:
+        """The request's key as the keys are now, for a request that waited for a slot:
+        revoked meanwhile, it is refused (401); changed, it is admitted and charged as it is
+        now, and its log line names its team as now. Where it is sent stays as it came."""
+        key = self._entrance.key_ring.authenticate(self._credentials)
+        self.key = key
+        team = key.team
+        self.record.saw_key(key.name, key.provider.name, team.name if team else None)
+        return key
 
     async def look_up(self, body: bytes) -> Lookup | None:
         """The response cache's answer for this request (`body`: as the client sent it): a
@@ -436,16 +446,24 @@ class Exchange:
         """One turn of a session admitted on its own (the Responses API's WebSocket mode): the
         key as keys.json has it now, `check`ed (its models: a turn it refuses is not counted),
         admitted by its quota and budget, priced at `serving` (the session's target). Raises
-        401 (the key was revoked since the session opened), what `check` raises, 429, 503."""
+        401 (the key was revoked since the session opened, or while the turn waited for a
+        slot), what `check` raises, 429, 503."""
         entrance = self._entrance
         key = entrance.key_ring.authenticate(self._credentials)
         check(key)
+        admitted = [key]  # the key as it was when the turn was last asked about
+
+        def current() -> VirtualKey:
+            admitted[0] = entrance.key_ring.authenticate(self._credentials)
+            return admitted[0]
+
         try:
-            return key, await entrance.quota.admit(key, peek, serving)
+            admission = await entrance.quota.admit(key, peek, serving, current)
         except GatewayError as error:
             if error.status == 429:
-                entrance.metrics.quota_rejected(key.name)
+                entrance.metrics.quota_rejected(admitted[0].name)
             raise
+        return admitted[0], admission
 
     def settle_turn(
         self, key: VirtualKey, admission: Admission | None, usage: Usage | None, model: str | None

@@ -41,6 +41,8 @@ class Pending:
     ttl_seconds: float
     max_bytes: int
     flight: Flight | None  # led by this request; None: a refresh, or a failed flight's waiter
+    prefix: str  # its scope's: what a drop of the scope's entries names
+    asked_at: float  # the lookup (the cache's clock): a drop after it keeps the answer out
     is_claimed: bool = False  # this instance holds the store's claim (Redis)
     status: int = 0
     reason: str | None = None
@@ -140,7 +142,14 @@ class Cache:
             return BYPASS
         scope = names.scope_of(key.id, policy)
         name = names.entry_name(scope, key.plans.served, method, tail, query, body, headers)
-        pending = Pending(name, policy.ttl_seconds, self._max_entry_bytes, None)
+        pending = Pending(
+            name,
+            policy.ttl_seconds,
+            self._max_entry_bytes,
+            None,
+            names.scope_prefix(scope),
+            self._clock(),
+        )
         if asked is Directive.REFRESH:
             return Lookup(Cached.BYPASS, pending=pending)
         flight = self._flights.joined(name)
@@ -182,7 +191,10 @@ class Cache:
             return None
 
     async def drop(self, key: VirtualKey | None = None, scope: str | None = None) -> int:
-        """Drop the entries a key reads (its own, or its scope's), or a scope's. Raises
+        """Drop the entries a key reads (its own, or its scope's), or a scope's, and keep
+        out the answers of requests that asked before (still in flight: the store refuses
+        them, and a request arriving now is not served one: here it leads its own flight;
+        behind another instance's claim, it asks upstream once that claim goes). Raises
         StoreUnavailable."""
         if key is not None:
             assert key.cache is not None
@@ -190,7 +202,8 @@ class Cache:
         else:
             assert scope is not None
             prefix = names.scope_prefix(names.shared_scope(scope))
-        dropped = await self._store.drop(prefix)
+        self._flights.forget(prefix)
+        dropped = await self._store.drop(prefix, self._clock())
         self._on_size(*self._store.size())
         return dropped
 
@@ -272,7 +285,9 @@ class Cache:
         store = self._store
         try:
             if entry is not None:
-                await store.put(pending.name, entry, pending.ttl_seconds)
+                await store.put(
+                    pending.name, entry, pending.ttl_seconds, pending.prefix, pending.asked_at
+                )
                 self._on_size(*store.size())
             if pending.is_claimed:
                 await store.release(pending.name)

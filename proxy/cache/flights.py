@@ -47,6 +47,12 @@ class Flights:
         if self._flying.get(name) is flight:
             del self._flying[name]
 
+    def forget(self, prefix: str) -> None:
+        """Unlist the flights whose names start with `prefix` (their scope's entries were
+        dropped): a request arriving now leads its own; those waiting still get theirs."""
+        for name in [name for name in self._flying if name.startswith(prefix)]:
+            del self._flying[name]
+
     async def wait(self, flight: Flight, seconds: float) -> Entry | None:
         """The flight's entry, or None when it failed or took longer than `seconds`."""
         if flight.answer.done():

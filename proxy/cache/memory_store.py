@@ -3,13 +3,16 @@
 An entry expires `ttl_seconds` after it was stored, by the injected clock; an expired entry
 is dropped when it is next asked for, and each store drops the expired ones it finds at the
 old end of the LRU order, so the gauges may count an expired entry until then. Claims are
-this process's own business (`flights.py`): here every claim succeeds. One event loop:
+this process's own business (`flights.py`): here every claim succeeds. A drop is remembered
+by its scope's prefix, so an answer whose request asked before it is not stored after it
+(it was in flight while the operator dropped the scope's entries). One event loop:
 nothing here awaits, so each method is atomic.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +30,7 @@ class MemoryStore:
         self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()  # → expiry
         self._bytes = 0
         self._hits: dict[str, int] = {}
+        self._dropped: dict[str, float] = {}  # prefix → when its entries were last dropped
 
     async def get(self, name: str) -> Entry | None:
         found = self._entries.get(name)
@@ -39,9 +43,11 @@ class MemoryStore:
         self._entries.move_to_end(name)
         return entry
 
-    async def put(self, name: str, entry: Entry, ttl_seconds: float) -> None:
+    async def put(
+        self, name: str, entry: Entry, ttl_seconds: float, prefix: str, asked_at: float
+    ) -> None:
         size = entry.size
-        if size > self._max_bytes:
+        if size > self._max_bytes or self._dropped.get(prefix, -math.inf) >= asked_at:
             return
         if name in self._entries:
             self._remove(name)
@@ -61,7 +67,8 @@ class MemoryStore:
     async def release(self, name: str) -> None:
         pass
 
-    async def drop(self, prefix: str) -> int:
+    async def drop(self, prefix: str, at: float) -> int:
+        self._dropped[prefix] = at  # one per key or scope dropped: a handful
         names = [name for name in self._entries if name.startswith(prefix)]
         for name in names:
             self._remove(name)

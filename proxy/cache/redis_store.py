@@ -12,6 +12,10 @@ to miss sets `claim:<name>` (SET NX PX, the time it may take); the others poll f
 entry (every 20 ms, `Cache`'s `poll_seconds`) until it appears (a hit), the claim goes (the first failed or
 its answer was not storable: they go upstream themselves), or their own wait runs out.
 
+A drop leaves a mark under `dropped:<scope prefix>` (its time, for a day): an answer whose
+request asked before it, on any instance, is not stored after it (time read from each
+instance's clock, so exact within their skew).
+
 Every Redis error raises `StoreUnavailable`, with short timeouts: the cache then goes
 upstream and counts it, it never fails or long delays a request.
 """
@@ -32,9 +36,17 @@ from proxy.cache.store import StoreUnavailable
 PREFIX = "llm-gateway:cache:"
 TIMEOUT_SECONDS = 0.5
 MAX_CONNECTIONS = 64
+# How long a drop keeps out the answers of requests that asked before it: longer than any
+# request stays in flight.
+DROP_MARK_SECONDS = 86400
 
-# KEYS: entry, index, sizes, bytes. ARGV: blob, ttl ms, now ms.
+# KEYS: entry, index, sizes, bytes, the scope's drop mark. ARGV: blob, ttl ms, now ms, when
+# its request asked (ms).
 _PUT = """
+local dropped = redis.call('GET', KEYS[5])
+if dropped and tonumber(dropped) >= tonumber(ARGV[4]) then
+  return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[4]) or '0')}
+end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 64)
 for _, name in ipairs(gone) do
   redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], name) or '0'))
@@ -48,8 +60,12 @@ redis.call('HSET', KEYS[3], KEYS[1], string.len(ARGV[1]))
 local bytes = redis.call('INCRBY', KEYS[4], string.len(ARGV[1]) - old)
 return {redis.call('ZCARD', KEYS[2]), bytes}
 """
-# KEYS: index, sizes, bytes. ARGV: the prefix of the names to drop.
+# KEYS: index, sizes, bytes, the scope's drop mark. ARGV: the prefix of the names to drop,
+# now (ms), how long the mark stays (ms).
 _DROP = """
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+end
 local dropped = 0
 for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if string.sub(name, 1, string.len(ARGV[1])) == ARGV[1] then
@@ -101,12 +117,15 @@ class RedisStore:
         except CorruptEntry:
             return None  # not ours to read: a miss, and the next answer replaces it
 
-    async def put(self, name: str, entry: Entry, ttl_seconds: float) -> None:
-        keys = [PREFIX + name, self._index, self._sizes, self._bytes]
+    async def put(
+        self, name: str, entry: Entry, ttl_seconds: float, prefix: str, asked_at: float
+    ) -> None:
+        keys = [PREFIX + name, self._index, self._sizes, self._bytes, _drop_mark(prefix)]
         ttl_ms = max(1, round(ttl_seconds * 1000))
         now_ms = round(time.time() * 1000)
+        args: list[bytes | int] = [encode(entry), ttl_ms, now_ms, round(asked_at * 1000)]
         try:
-            entries, size = await self._put(keys=keys, args=[encode(entry), ttl_ms, now_ms])
+            entries, size = await self._put(keys=keys, args=args)
         except (RedisError, OSError) as error:
             raise StoreUnavailable(str(error)) from None
         self._size = (int(entries), int(size))
@@ -132,10 +151,11 @@ class RedisStore:
         except (RedisError, OSError) as error:
             raise StoreUnavailable(str(error)) from None
 
-    async def drop(self, prefix: str) -> int:
-        keys = [self._index, self._sizes, self._bytes]
+    async def drop(self, prefix: str, at: float) -> int:
+        keys = [self._index, self._sizes, self._bytes, _drop_mark(prefix)]
+        args: list[str | int] = [PREFIX + prefix, round(at * 1000), DROP_MARK_SECONDS * 1000]
         try:
-            dropped, entries, size = await self._drop(keys=keys, args=[PREFIX + prefix])
+            dropped, entries, size = await self._drop(keys=keys, args=args)
         except (RedisError, OSError) as error:
             raise StoreUnavailable(str(error)) from None
         self._size = (int(entries), int(size))
@@ -159,3 +179,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _drop_mark(prefix: str) -> str:
+    """Where the time of a scope's last drop is kept (Unix ms)."""
+    return PREFIX + "dropped:" + prefix

@@ -21,8 +21,13 @@ class Store(Protocol):
         """The live entry named so, else None."""
         ...
 
-    async def put(self, name: str, entry: Entry, ttl_seconds: float) -> None:
-        """Keep `entry` for `ttl_seconds`, replacing one of the same name."""
+    async def put(
+        self, name: str, entry: Entry, ttl_seconds: float, prefix: str, asked_at: float
+    ) -> None:
+        """Keep `entry` for `ttl_seconds`, replacing one of the same name; unless the
+        entries whose names start with `prefix` (its scope's) were dropped at or after
+        `asked_at`, when its request asked (the cache's clock): an answer begun before a
+        drop is not kept after it."""
         ...
 
     async def claim(self, name: str, seconds: float) -> bool:
@@ -40,8 +45,9 @@ class Store(Protocol):
         """Let go of this instance's claim on `name`."""
         ...
 
-    async def drop(self, prefix: str) -> int:
-        """Remove every entry whose name starts with `prefix`; how many were removed."""
+    async def drop(self, prefix: str, at: float) -> int:
+        """Remove every entry whose name starts with `prefix`, and keep out those of
+        requests that asked before `at` (now, the cache's clock); how many were removed."""
         ...
 
     async def add_hit(self, key_id: str) -> None: ...

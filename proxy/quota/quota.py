@@ -154,17 +154,24 @@ class Quota:
         )
 
     async def admit(
-        self, key: QuotaKey, peek: QuotaRequest, serving: Serving | None = None
+        self,
+        key: QuotaKey,
+        peek: QuotaRequest,
+        serving: Serving | None = None,
+        current: Callable[[], QuotaKey] | None = None,
     ) -> Admission | None:
         """Check, count and reserve one request. Raises 429 (over quota or budget), 503.
 
         `serving`: the target that will serve it, where its reservation is priced (None:
         the key's first provider, with the body's model).
+        `current`: the key as the keys are now (raises 401 once it is revoked), asked again
+        each time the request has waited for a slot (queue_seconds): what an operator
+        changed or revoked meanwhile (a raised max_in_flight, a deleted key) applies to it.
         None: nothing to settle (the tracker was lost and the request let through).
         """
         claim = self._estimate(key, peek, serving)
         if key.shares:  # a team, a slot cap or model windows: every scope at once
-            return await self._admit_shared(key, key.scopes(peek.model), claim)
+            return await self._admit_shared(key, peek, serving, claim, current)
         try:
             admission = await self.tracker.admit(key.id, key.limits, key.budget, claim)
         except TrackerUnavailable as error:
@@ -202,10 +209,17 @@ class Quota:
         return admission
 
     async def _admit_shared(
-        self, key: QuotaKey, scopes: tuple[Scope, ...], claim: Charge
+        self,
+        key: QuotaKey,
+        peek: QuotaRequest,
+        serving: Serving | None,
+        claim: Charge,
+        current: Callable[[], QuotaKey] | None,
     ) -> Admission | None:
         """Admit in every scope or none; wait for a slot up to queue_seconds, first come
-        first served. Raises 429 naming the limit that refused, 503."""
+        first served; after each wait, ask for the key as `current` gives it now. Raises
+        429 naming the limit that refused, 401 (`current`), 503."""
+        scopes = key.scopes(peek.model)
         capped = any(scope.max_in_flight is not None for scope in scopes)
         lease = next(self._leases) if capped else ""
         loop = asyncio.get_running_loop()
@@ -218,6 +232,9 @@ class Quota:
                 line, waiter = ahead, self._lines.join(ahead)
                 await waiter.turn(started + ahead.queue_seconds)
             while True:
+                if waiter is not None and current is not None:  # it waited: the key as now
+                    key = current()
+                    scopes, claim = key.scopes(peek.model), self._estimate(key, peek, serving)
                 answers = await self._ask(key, scopes, claim, lease)
                 if answers is None:
                     return None

@@ -566,6 +566,31 @@ async def test_the_admin_api_drops_a_keys_and_a_scopes_entries(
     assert (await post(gateway, SHARED_B_VK))[1]["x-llm-gateway-cache"] == "miss"
 
 
+async def test_an_answer_in_flight_while_its_entries_are_dropped_is_not_kept_after(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A miss upstream while the operator dropped the key's entries stored its answer right
+    # after the drop's 200 (over a newer one), and a request arriving after the drop waited
+    # for that answer in its flight: the drop seemed not to have happened for that prompt.
+    gateway = await make_cached(ADMIN_TOKEN="admin-token-for-tests")
+    before = asyncio.create_task(post(gateway, **{"x-fake-hold": "1"}))  # held upstream
+    await until(lambda: len(fake.requests) == 1, what="the miss upstream")
+    dropped = await gateway.delete("/admin/cache?key=cached", headers=auth("admin-token-for-tests"))
+    assert await dropped.json() == {"dropped": 0}
+    after = asyncio.create_task(post(gateway))
+    await until(lambda: len(fake.requests) == 2, what="the request after the drop upstream")
+    _, after_headers, after_body = await after
+    await gateway.app[CACHE].settled()
+    fake.release.set()  # the answer begun before the drop ends last
+    _, before_headers, before_body = await before
+    await gateway.app[CACHE].settled()
+    assert before_headers["x-llm-gateway-cache"] == after_headers["x-llm-gateway-cache"] == "miss"
+    _, headers, body = await post(gateway)
+    assert headers["x-llm-gateway-cache"] == "hit"
+    assert body == after_body != before_body  # kept: the answer asked for after the drop
+    assert len(fake.requests) == 2
+
+
 async def test_redis_lost_sends_requests_upstream_counted_never_an_error(
     make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState, unused_tcp_port: int
 ) -> None:

@@ -20,6 +20,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
 
+from proxy.app import QUOTA
 from tests.conftest import OPENAI_REAL, OPENAI_VK, auth
 from tests.support.fake_realtime import (
     INPUT_TOKENS,
@@ -28,6 +29,7 @@ from tests.support.fake_realtime import (
     FakeSocket,
     RealtimeState,
 )
+from tests.support.polling import until
 
 TURN_VK = "vk_test_turns_5d2c8a1e9f"
 LIMITED_TURN_VK = "vk_test_turns_limited_7b3e0c4a2d"
@@ -283,4 +285,37 @@ async def test_a_turn_the_provider_refuses_gives_back_its_reservation_at_once(
     events = await until_end(ws)
     assert events[-1]["type"] == "response.completed", events
     assert creates(sockets.sockets[-1]) == 4
+    await ws.close()
+
+
+async def test_a_turn_waiting_for_a_slot_of_a_key_revoked_meanwhile_is_refused(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # A turn queued for its key's one slot was asked about, when the slot came back, with
+    # the key it was sent under: revoked meanwhile, the turn still went upstream.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry}, ADMIN_TOKEN=ADMIN)
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    deleted = await gateway.delete(
+        "/admin/keys/turns", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert deleted.status == 204
+    holder.close()  # the slot comes back
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 401, refused
+    assert creates(sockets.sockets[-1]) == 0
     await ws.close()

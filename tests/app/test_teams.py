@@ -470,6 +470,56 @@ async def test_the_ratelimit_headers_tell_a_model_groups_window_when_it_is_the_t
     assert remaining == [("2", "1"), ("2", "0"), ("100", "97")]
 
 
+async def test_a_request_waiting_for_a_slot_takes_a_cap_raised_meanwhile(
+    teams_gateway: Any, fake: Any
+) -> None:
+    # An operator raises the team's max_in_flight because requests queue: the one already
+    # waiting was asked about at the old cap every poll and got its 429 after queue_seconds.
+    gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
+    )
+    waiting = asyncio.create_task(chat(gateway, MEMBERS[1]))
+    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    raised = await gateway.patch(
+        "/admin/teams/research",
+        json={"max_in_flight": 2},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert raised.status == 200, await raised.text()
+    await until(lambda: waiting.done(), what="the waiting request admitted at the raised cap")
+    assert waiting.result() == 200 and len(fake.requests) == 2
+    holder.close()
+
+
+async def test_a_request_waiting_for_a_slot_of_a_key_revoked_meanwhile_gets_401(
+    teams_gateway: Any, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # Its key deleted while it waited, it was served once the slot came back: a revoked key
+    # reached the provider up to queue_seconds after its 204.
+    gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(
+        "/v1/chat/completions",
+        json=STREAM,
+        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
+    )
+    waiting = asyncio.create_task(chat(gateway, MEMBERS[1], **{"x-request-id": "waiting"}))
+    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    deleted = await gateway.delete(
+        "/admin/keys/member-1", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert deleted.status == 204
+    holder.close()  # the slot comes back
+    assert await waiting == 401
+    assert len(fake.requests) == 1
+    lines = {line.get("request_id"): line for line in await records(2)}
+    assert lines["waiting"]["status"] == 401 and lines["waiting"]["key"] == "member-1"
+
+
 async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_teams_line(
     teams_gateway: Any, fake: Any
 ) -> None:

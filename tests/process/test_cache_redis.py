@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -107,9 +108,10 @@ async def test_the_redis_store_keeps_drops_and_claims_as_the_memory_store_does(
     entry = Entry(200, "OK", (("Content-Type", "application/json"),), (b"{}",))
     first, other = RedisStore(redis_url), RedisStore(redis_url)
     try:
-        await first.put("k:a:1", entry, 60)
-        await first.put("k:a:2", entry, 0.05)  # gone from Redis in 50 ms
-        await first.put("s:b:1", entry, 60)
+        asked = time.time()
+        await first.put("k:a:1", entry, 60, "k:a:", asked)
+        await first.put("k:a:2", entry, 0.05, "k:a:", asked)  # gone from Redis in 50 ms
+        await first.put("s:b:1", entry, 60, "s:b:", asked)
         assert await other.get("k:a:1") == entry  # another instance reads it
         assert first.size()[0] == 3
         assert await first.claim("k:a:9", 5) and not await other.claim("k:a:9", 5)
@@ -120,9 +122,17 @@ async def test_the_redis_store_keeps_drops_and_claims_as_the_memory_store_does(
         assert not await other.is_claimed("k:a:9")
         raw_redis.set("llm-gateway:cache:k:a:3", "not an entry")
         assert await first.get("k:a:3") is None  # a miss, never an error
-        assert await other.drop("k:a:") == 2
+        assert await other.drop("k:a:", asked + 1) == 2
         assert other.size() == (1, len(encode(entry)))  # the shared totals: s:b:1 alone
         assert await first.get("k:a:1") is None and await first.get("s:b:1") == entry
+        # An answer asked for before the drop (in flight on any instance) is not kept after
+        # it; one asked for after it is, and another scope's never was kept out.
+        await first.put("k:a:1", entry, 60, "k:a:", asked + 0.5)
+        await first.put("s:b:2", entry, 60, "s:b:", asked + 0.5)
+        assert await other.get("k:a:1") is None and await other.get("s:b:2") == entry
+        assert first.size() == (2, 2 * len(encode(entry)))
+        await first.put("k:a:1", entry, 60, "k:a:", asked + 2)
+        assert await other.get("k:a:1") == entry
         await first.add_hit("key1")
         await other.add_hit("key1")
         assert await first.hits("key1") == 2

@@ -234,21 +234,21 @@ def test_an_entry_survives_its_stored_form_chunk_for_chunk() -> None:
 async def test_the_memory_store_evicts_the_least_recently_used_past_its_bound() -> None:
     size = an_entry().size
     store = MemoryStore(max_bytes=2 * size)
-    await store.put("a", an_entry(), 60)
-    await store.put("b", an_entry(), 60)
+    await store.put("a", an_entry(), 60, "a", 0)
+    await store.put("b", an_entry(), 60, "b", 0)
     assert await store.get("a") is not None  # a is now the most recently used
-    await store.put("c", an_entry(), 60)
+    await store.put("c", an_entry(), 60, "c", 0)
     assert await store.get("b") is None
     assert await store.get("a") is not None and await store.get("c") is not None
     assert store.size() == (2, 2 * size)
-    await store.put("huge", an_entry((b"x" * (3 * size),)), 60)  # larger than the bound
+    await store.put("huge", an_entry((b"x" * (3 * size),)), 60, "huge", 0)  # larger than the bound
     assert await store.get("huge") is None and store.size() == (2, 2 * size)
 
 
 async def test_the_memory_store_expires_entries_by_its_clock() -> None:
     now = [0.0]
     store = MemoryStore(max_bytes=10**6, clock=lambda: now[0])
-    await store.put("a", an_entry(), 10)
+    await store.put("a", an_entry(), 10, "a", 0)
     now[0] = 9.999
     assert await store.get("a") is not None
     now[0] = 10.0
@@ -256,12 +256,17 @@ async def test_the_memory_store_expires_entries_by_its_clock() -> None:
     assert store.size() == (0, 0)
 
 
-async def test_the_memory_store_drops_a_scopes_entries() -> None:
+async def test_the_memory_store_drops_a_scopes_entries_and_keeps_out_answers_asked_before() -> None:
     store = MemoryStore(max_bytes=10**6)
     for entry_name_ in ("k:a:1", "k:a:2", "k:ab:1", "s:x:1"):
-        await store.put(entry_name_, an_entry(), 60)
-    assert await store.drop("k:a:") == 2
+        await store.put(entry_name_, an_entry(), 60, entry_name_[: entry_name_.rindex(":") + 1], 0)
+    assert await store.drop("k:a:", 10) == 2
     assert await store.get("k:ab:1") is not None and store.size()[0] == 2
+    await store.put("k:a:1", an_entry(), 60, "k:a:", 9.5)  # in flight when it was dropped
+    await store.put("k:ab:2", an_entry(), 60, "k:ab:", 9.5)  # another scope
+    assert await store.get("k:a:1") is None and await store.get("k:ab:2") is not None
+    await store.put("k:a:1", an_entry(), 60, "k:a:", 10.5)  # asked for after the drop
+    assert await store.get("k:a:1") is not None
 
 
 async def test_a_flight_serves_its_waiters_and_a_late_one_too() -> None:
