@@ -19,7 +19,8 @@ prompt's and the assistant's, so one that is allowed passes. This module finds t
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
 Some requests hand the client a way around the gateway altogether (`check_outside`): an
-ephemeral Realtime key (client secrets, the older sessions) or a WebRTC or SIP call, whose
+ephemeral Realtime key (client secrets, the older sessions) or a WebRTC or SIP call (Realtime's
+calls; a Live session made, forked or accepting a SIP call), whose
 traffic then goes to the provider directly, past every check, quota and meter. They are
 refused to a restricted key always, and to any other key unless keys.json allows them
 (`allow_client_secrets`).
@@ -115,6 +116,9 @@ _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
 # preview one, realtimeapi/sessions).
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
 _REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
+# The Live API's WebRTC sessions: one made (`live/sessions`), a stored one forked onto a new
+# connection (`…/{id}/fork`), an incoming SIP call accepted (`…/{id}/accept`).
+_LIVE, _LIVE_CALLS = "live", frozenset(("fork", "accept"))
 
 
 class Unreadable(ValueError):
@@ -382,16 +386,23 @@ def unnamed(method: str, tail: str) -> str | None:
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
     ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
-    if method != "POST" or "realtime" not in tail:  # most requests: at once
+    if method != "POST" or ("realtime" not in tail and _LIVE not in tail):  # most: at once
         return
     segments = endpoint(tail).rstrip("/").split("/")
-    if segments[0] not in _REALTIME_ROOTS:
+    if segments[0] == _LIVE:
+        is_call = segments[1:] == ["sessions"] or (
+            len(segments) == 4 and segments[1] == "sessions" and segments[3] in _LIVE_CALLS
+        )
+        if not is_call:
+            return
+    elif segments[0] not in _REALTIME_ROOTS:
         return
-    is_call = segments[1:] == ["calls"] or (
-        len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
-    )
-    if segments[-1] not in _EPHEMERAL_KEYS and not is_call:
-        return
+    else:
+        is_call = segments[1:] == ["calls"] or (
+            len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
+        )
+        if segments[-1] not in _EPHEMERAL_KEYS and not is_call:
+            return
     what = "a WebRTC or SIP call" if is_call else "an ephemeral Realtime key"
     if key.allowed_models is not None:
         allowed = ", ".join(key.model_patterns or ())

@@ -145,6 +145,17 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
         },
         model_sample="4",
     ),
+    # A Live session over WebRTC (made, forked) or a SIP call accepted: its media and model
+    # run at the provider, past the gateway.
+    "live WebRTC session": lambda c: c.live.create(
+        session={"model": "gpt-4o-mini"}, transport={"type": "webrtc", "sdp": "v=0"}
+    ),
+    "live session forked": lambda c: c.live.sessions.fork(
+        "live_1", transport={"type": "webrtc", "sdp": "v=0"}
+    ),
+    "live SIP call accepted": lambda c: c.live.sessions.accept(
+        "live_1", session={"model": "gpt-4o-mini"}
+    ),
     # A video remixed, edited or extended runs its source video's model, stored at the provider.
     "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
     "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
@@ -251,6 +262,37 @@ async def test_client_secrets_are_refused_unless_keys_json_allows_them(
     session = await allowed.beta.realtime.sessions.create(model="gpt-realtime")
     assert session.client_secret.value.startswith("ek_fake_")
     assert len(fake.requests) == 2
+
+
+async def test_live_webrtc_and_sip_sessions_are_refused_unless_keys_json_allows_them(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # A Live session's media goes between the browser (or the SIP trunk) and the provider:
+    # no quota, log line or cost would see it, as a Realtime call's.
+    webrtc = {"type": "webrtc", "sdp": "v=0"}
+    client = sdk(gateway, OPENAI_VK)
+    calls = (
+        lambda c: c.live.create(session={"model": "gpt-live-1"}, transport=webrtc),
+        lambda c: c.live.sessions.fork("live_1", transport=webrtc),
+        lambda c: c.live.sessions.accept("live_1", session={"model": "gpt-live-1"}),
+    )
+    for call in calls:
+        with pytest.raises(openai.PermissionDeniedError, match="allow_client_secrets") as refused:
+            await call(client)
+        assert refused.value.code == "client_secrets_not_allowed"
+        assert_openai_error(refused.value.response.json(), "client_secrets_not_allowed")
+    assert fake.requests == []
+    # What passes the gateway: the session's other controls, and all of it when allowed.
+    await client.live.sessions.hangup("live_1")
+    allowed = sdk(gateway, SECRETS_VK)
+    for call in calls:
+        await call(allowed)
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("POST", "/v1/live/sessions/live_1/hangup"),
+        ("POST", "/v1/live/sessions"),
+        ("POST", "/v1/live/sessions/live_1/fork"),
+        ("POST", "/v1/live/sessions/live_1/accept"),
+    ]
 
 
 async def test_a_fine_tuned_model_in_the_path_is_read_whole(
