@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
-reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's (Anthropic's, OpenAI's), an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
@@ -74,7 +74,11 @@ _GRADER = "grader"
 # Anthropic's managed agents run the models of an agent stored at the provider (its own, its
 # callable agents', its advisor's): a session made or sent events, a deployment made or run.
 _AGENT_RUNS = {"sessions": "events", "deployments": "run"}
-_AGENT_ROOTS = frozenset(_AGENT_RUNS)
+# OpenAI's managed agents (under `agents/`) alike: a session made or sent events (a saved
+# agent's models, an inline agent's nested in `agent`, its subagents'), an automation made
+# (it runs on its schedule) or invoked.
+_OPENAI_AGENTS, _OPENAI_AGENT_RUNS = "agents", {"sessions": "events", "automations": "invocations"}
+_AGENT_ROOTS = frozenset((*_AGENT_RUNS, _OPENAI_AGENTS))
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads whose form is read whatever the key, not only for a restricted key's check: those
@@ -350,12 +354,18 @@ def _models_elsewhere(tail: str) -> str | None:
 
 
 def _runs_agent(tail: str) -> bool:
-    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run: each starts
-    (or goes on with) a managed agent's work."""
-    segments = tail.rstrip("/").split("/")
+    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run (Anthropic), or
+    agents/sessions, agents/sessions/{id}/events, agents/automations,
+    agents/automations/{id}/invocations (OpenAI): each starts (or goes on with) a managed
+    agent's work."""
+    segments, runs = tail.rstrip("/").split("/"), _AGENT_RUNS
+    if segments[0] == _OPENAI_AGENTS:
+        segments, runs = segments[1:], _OPENAI_AGENT_RUNS
+        if not segments or segments[0] not in runs:
+            return False  # an agent made or changed: its `model` is in the body
     if len(segments) == 1:
         return True
-    return len(segments) == 3 and segments[2] == _AGENT_RUNS[segments[0]]
+    return len(segments) == 3 and segments[2] == runs[segments[0]]
 
 
 def _path_model(segment: str) -> str:

@@ -479,6 +479,54 @@ async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
     assert len(fake.requests) == 2
 
 
+# OpenAI's managed agents alike: a session runs its agent's models (a saved agent's, stored at
+# the provider; an inline one's, nested in `agent`; its subagents'), and so does input sent to
+# it, an automation on its schedule, and an automation invoked.
+OPENAI_AGENT_RUNS: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
+    "session": lambda c: c.beta.agents.sessions.create(
+        environment={"type": "none"}, agent={"model": "o3"}, input="hello"
+    ),
+    "session of a saved agent": lambda c: c.beta.agents.sessions.create(
+        environment={"type": "none"}, agent_id="agent_1", input="hello"
+    ),
+    "session event": lambda c: c.beta.agents.sessions.events.create(
+        "sess_1", events=[{"type": "message", "role": "user", "content": "hello"}]
+    ),
+    "automation": lambda c: c.beta.agents.automations.create(
+        expression="0 * * * *",
+        name="hourly",
+        target={"type": "session", "session_id": "sess_1"},
+        timezone="UTC",
+        type="periodic",
+    ),
+    "automation invoked": lambda c: c.beta.agents.automations.invocations.create("auto_1"),
+}
+
+
+@pytest.mark.parametrize("call", OPENAI_AGENT_RUNS.values(), ids=OPENAI_AGENT_RUNS.keys())
+async def test_an_openai_managed_agent_run_is_refused_to_a_restricted_key(
+    gateway: TestClient,
+    fake: FakeState,
+    call: Callable[[openai.AsyncOpenAI], Awaitable[object]],
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError, match="agent") as refused:
+        await call(sdk(gateway, ONE_MODEL_VK))
+    assert_openai_error(refused.value.response.json(), "model_not_allowed")
+    assert fake.requests == []
+    # A key that may use any model runs it; a restricted key still reads a session, and
+    # makes an agent whose model it names.
+    await call(sdk(gateway, OPENAI_VK))
+    reader = sdk(gateway, ONE_MODEL_VK)
+    await reader.beta.agents.sessions.retrieve("sess_1")
+    await reader.beta.agents.create(model="gpt-4o-mini", name="helper")
+    with pytest.raises(openai.PermissionDeniedError):
+        await reader.beta.agents.create(model="o3", name="helper")
+    assert [seen.path for seen in fake.requests][1:] == [
+        "/v1/agents/sessions/sess_1",
+        "/v1/agents",
+    ]
+
+
 async def test_what_runs_no_model_passes_a_restricted_key(
     gateway: TestClient, fake: FakeState
 ) -> None:
