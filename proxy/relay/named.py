@@ -19,7 +19,8 @@ prompt's and the assistant's, so one that is allowed passes. This module finds t
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
 Some requests hand the client a way around the gateway altogether (`check_outside`): an
-ephemeral Realtime key (client secrets, the older sessions) or a WebRTC or SIP call (Realtime's
+ephemeral Realtime key (client secrets, the older sessions) or ChatKit key (a ChatKit
+session's client secret), or a WebRTC or SIP call (Realtime's
 calls; a Live session made, forked or accepting a SIP call), whose
 traffic then goes to the provider directly, past every check, quota and meter. They are
 refused to a restricted key always, and to any other key unless keys.json allows them
@@ -123,6 +124,10 @@ _REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
 # The Live API's WebRTC sessions: one made (`live/sessions`), a stored one forked onto a new
 # connection (`…/{id}/fork`), an incoming SIP call accepted (`…/{id}/accept`).
 _LIVE, _LIVE_CALLS = "live", frozenset(("fork", "accept"))
+# A ChatKit session's client secret: the browser's ChatKit runs the workflow at the provider.
+_CHATKIT_SESSIONS = ["chatkit", "sessions"]
+# A POST's tail holds one of these when check_outside may refuse it.
+_OUTSIDE_HINTS = ("realtime", _LIVE, "chatkit")
 
 
 class Unreadable(ValueError):
@@ -395,42 +400,54 @@ def unnamed(method: str, tail: str) -> str | None:
 
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
-    ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
-    if method != "POST" or ("realtime" not in tail and _LIVE not in tail):  # most: at once
+    ephemeral Realtime or ChatKit key, a WebRTC or SIP call), unless keys.json allows it.
+    Raises 403."""
+    if method != "POST" or not any(root in tail for root in _OUTSIDE_HINTS):  # most: at once
         return
-    segments = endpoint(tail).rstrip("/").split("/")
-    if segments[0] == _LIVE:
-        is_call = segments[1:] == ["sessions"] or (
-            len(segments) == 4 and segments[1] == "sessions" and segments[3] in _LIVE_CALLS
-        )
-        if not is_call:
-            return
-    elif segments[0] not in _REALTIME_ROOTS:
+    outside = _outside(endpoint(tail).rstrip("/").split("/"))
+    if outside is None:
         return
-    else:
-        is_call = segments[1:] == ["calls"] or (
-            len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
-        )
-        if segments[-1] not in _EPHEMERAL_KEYS and not is_call:
-            return
-    what = "a WebRTC or SIP call" if is_call else "an ephemeral Realtime key"
+    what, instead = outside
     if key.allowed_models is not None:
         allowed = ", ".join(key.model_patterns or ())
         raise GatewayError(
             403,
             "client_secrets_not_allowed",
             f"This key may use only some models ({allowed}), and {what} would let its holder "
-            "use any model, past the gateway: connect through the gateway instead "
-            "(wss://<gateway>/v1/realtime?model=...).",
+            f"use any model, past the gateway: {instead}.",
         )
     if not key.allows_client_secrets:
         raise GatewayError(
             403,
             "client_secrets_not_allowed",
             f"This key may not open {what}: its traffic would go to the provider directly, "
-            "past the gateway's quotas and log. Connect through the gateway instead "
-            "(wss://<gateway>/v1/realtime?model=...), or ask for allow_client_secrets.",
+            f"past the gateway's quotas and log. {instead[0].upper()}{instead[1:]}, or ask "
+            "for allow_client_secrets.",
         )
+
+
+def _outside(segments: list[str]) -> tuple[str, str] | None:
+    """(what it opens, what to do instead) for a POST whose traffic then goes past the
+    gateway; None for any other."""
+    through = "connect through the gateway instead (wss://<gateway>/v1/realtime?model=...)"
+    if segments[0] == _LIVE:
+        if segments[1:] == ["sessions"] or (
+            len(segments) == 4 and segments[1] == "sessions" and segments[3] in _LIVE_CALLS
+        ):
+            return "a WebRTC or SIP call", through
+        return None
+    if segments == _CHATKIT_SESSIONS:
+        return (
+            "an ephemeral ChatKit key",
+            "serve ChatKit from your own backend, its model calls through the gateway, instead",
+        )
+    if segments[0] not in _REALTIME_ROOTS:
+        return None
+    if segments[1:] == ["calls"] or (
+        len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
+    ):
+        return "a WebRTC or SIP call", through
+    return ("an ephemeral Realtime key", through) if segments[-1] in _EPHEMERAL_KEYS else None
 
 
 def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> None:

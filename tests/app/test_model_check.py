@@ -145,6 +145,10 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
         },
         model_sample="4",
     ),
+    # A ChatKit session's client secret: the browser runs the workflow at the provider.
+    "chatkit session": lambda c: c.beta.chatkit.sessions.create(
+        user="user_1", workflow={"id": "wf_1"}
+    ),
     # A Live session over WebRTC (made, forked) or a SIP call accepted: its media and model
     # run at the provider, past the gateway.
     "live WebRTC session": lambda c: c.live.create(
@@ -292,6 +296,30 @@ async def test_live_webrtc_and_sip_sessions_are_refused_unless_keys_json_allows_
         ("POST", "/v1/live/sessions"),
         ("POST", "/v1/live/sessions/live_1/fork"),
         ("POST", "/v1/live/sessions/live_1/accept"),
+    ]
+
+
+async def test_chatkit_sessions_are_refused_unless_keys_json_allows_them(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # A ChatKit session's client secret lets the browser's ChatKit run the workflow (its
+    # models) at the provider directly: no quota, log line or cost would see it.
+    client = sdk(gateway, OPENAI_VK)
+    with pytest.raises(openai.PermissionDeniedError, match="allow_client_secrets") as refused:
+        await client.beta.chatkit.sessions.create(user="user_1", workflow={"id": "wf_1"})
+    assert_openai_error(refused.value.response.json(), "client_secrets_not_allowed")
+    assert "ChatKit" in refused.value.message
+    assert fake.requests == []
+    # Its other calls pass (a session cancelled, a thread read), and all of it when allowed.
+    await client.beta.chatkit.sessions.cancel("cksess_1")
+    await client.beta.chatkit.threads.retrieve("cthr_1")
+    await sdk(gateway, SECRETS_VK).beta.chatkit.sessions.create(
+        user="user_1", workflow={"id": "wf_1"}
+    )
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("POST", "/v1/chatkit/sessions/cksess_1/cancel"),
+        ("GET", "/v1/chatkit/threads/cthr_1"),
+        ("POST", "/v1/chatkit/sessions"),
     ]
 
 
