@@ -72,14 +72,28 @@ _ROUTER_MODELS, _ROUTE = "models", "route"
 # A grader that scores or labels with a model runs it: one run alone (`grader`), or a
 # reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
 _GRADER = "grader"
-# Anthropic's managed agents run the models of an agent stored at the provider (its own, its
-# callable agents', its advisor's): a session made or sent events, a deployment made or run.
-_AGENT_RUNS = {"sessions": "events", "deployments": "run"}
-# OpenAI's managed agents (under `agents/`) alike: a session made or sent events (a saved
-# agent's models, an inline agent's nested in `agent`, its subagents'), an automation made
-# (it runs on its schedule) or invoked.
-_OPENAI_AGENTS, _OPENAI_AGENT_RUNS = "agents", {"sessions": "events", "automations": "invocations"}
-_AGENT_ROOTS = frozenset((*_AGENT_RUNS, _OPENAI_AGENTS))
+# Managed agents run the models of an agent stored at the provider (its own, its callable
+# agents', its advisor's; OpenAI's inline agent nests its own in `agent`), unseen: the POSTs
+# that start (or go on with) their work, `*` an id. Anthropic's: a session made or sent events,
+# a deployment made, changed (its agent, events, schedule), run or unpaused; OpenAI's (under
+# `agents/`): a session made or sent events, an automation made, changed, invoked or resumed.
+_AGENT_RUNS = frozenset(
+    (
+        "sessions",
+        "sessions/*/events",
+        "deployments",
+        "deployments/*",
+        "deployments/*/run",
+        "deployments/*/unpause",
+        "agents/sessions",
+        "agents/sessions/*/events",
+        "agents/automations",
+        "agents/automations/*",
+        "agents/automations/*/invocations",
+        "agents/automations/*/resume",
+    )
+)
+_AGENT_ROOTS = frozenset(("sessions", "deployments", "agents"))
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads whose form is read whatever the key, not only for a restricted key's check: those
@@ -359,18 +373,12 @@ def _models_elsewhere(tail: str) -> str | None:
 
 
 def _runs_agent(tail: str) -> bool:
-    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run (Anthropic), or
-    agents/sessions, agents/sessions/{id}/events, agents/automations,
-    agents/automations/{id}/invocations (OpenAI): each starts (or goes on with) a managed
-    agent's work."""
-    segments, runs = tail.rstrip("/").split("/"), _AGENT_RUNS
-    if segments[0] == _OPENAI_AGENTS:
-        segments, runs = segments[1:], _OPENAI_AGENT_RUNS
-        if not segments or segments[0] not in runs:
-            return False  # an agent made or changed: its `model` is in the body
-    if len(segments) == 1:
-        return True
-    return len(segments) == 3 and segments[2] == runs[segments[0]]
+    """A POST to `tail` starts (or goes on with) a managed agent's work (`_AGENT_RUNS`)."""
+    segments = tail.rstrip("/").split("/")
+    at = 2 if segments[0] == "agents" else 1  # where the id is
+    if len(segments) > at:
+        segments[at] = "*"
+    return "/".join(segments) in _AGENT_RUNS
 
 
 def _path_model(segment: str) -> str:

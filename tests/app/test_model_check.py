@@ -482,6 +482,9 @@ AGENT_RUNS: dict[str, Callable[[anthropic.AsyncAnthropic], Awaitable[object]]] =
         agent="agent_1", environment_id="env_1", initial_events=SAY_HELLO, name="nightly"
     ),
     "deployment run": lambda c: c.beta.deployments.run("depl_1"),
+    # A deployment changed (its agent, events, schedule) or unpaused runs on its schedule.
+    "deployment updated": lambda c: c.beta.deployments.update("depl_1", agent="agent_2"),
+    "deployment unpaused": lambda c: c.beta.deployments.unpause("depl_1"),
 }
 
 
@@ -528,6 +531,9 @@ OPENAI_AGENT_RUNS: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] 
         type="periodic",
     ),
     "automation invoked": lambda c: c.beta.agents.automations.invocations.create("auto_1"),
+    # An automation changed or resumed runs on its schedule.
+    "automation updated": lambda c: c.beta.agents.automations.update("auto_1", name="daily"),
+    "automation resumed": lambda c: c.beta.agents.automations.resume("auto_1"),
 }
 
 
