@@ -94,6 +94,9 @@ _AGENT_RUNS = frozenset(
     )
 )
 _AGENT_ROOTS = frozenset(("sessions", "deployments", "agents"))
+# What follows `deployments/<id>` in Anthropic's managed agents' paths (none: the deployment
+# itself): no Azure deployment's path, so `<id>` there names no model.
+_AGENT_DEPLOYMENT_ACTIONS = frozenset(("run", "pause", "unpause", "archive"))
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads whose form is read whatever the key, not only for a restricted key's check: those
@@ -343,6 +346,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     ):
         return models  # no segment below can name one
     segments = tail.split("/")
+    if segments[0] == "deployments" and _is_agent_deployment(segments):
+        return models  # Anthropic's managed agents' deployment: an id, not a model
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
         models.append(unquote(segments[1]))
@@ -379,6 +384,14 @@ def _runs_agent(tail: str) -> bool:
     if len(segments) > at:
         segments[at] = "*"
     return "/".join(segments) in _AGENT_RUNS
+
+
+def _is_agent_deployment(segments: list[str]) -> bool:
+    """`deployments/<id>` is Anthropic's managed agents' deployment: the path ends there or
+    goes on with one of its actions, as no Azure deployment's path does."""
+    if segments[-1] == "":
+        segments = segments[:-1]  # a trailing slash
+    return len(segments) == 2 or (len(segments) == 3 and segments[2] in _AGENT_DEPLOYMENT_ACTIONS)
 
 
 def _path_model(segment: str) -> str:

@@ -561,6 +561,30 @@ async def test_an_openai_managed_agent_run_is_refused_to_a_restricted_key(
     ]
 
 
+async def test_a_restricted_key_reads_and_stops_managed_agents(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # An Anthropic deployment's id is no model (as Azure's deployments/<name> is): read,
+    # paused or archived, nothing runs.
+    base = str(gateway.make_url(""))
+    async with anthropic.AsyncAnthropic(
+        base_url=base, api_key=RESTRICTED_VK, max_retries=0
+    ) as restricted:
+        await restricted.beta.deployments.retrieve("depl_1")
+        await restricted.beta.deployments.pause("depl_1")
+        await restricted.beta.deployments.archive("depl_1")
+    openai_restricted = sdk(gateway, ONE_MODEL_VK)
+    await openai_restricted.beta.agents.automations.retrieve("auto_1")
+    await openai_restricted.beta.agents.automations.pause("auto_1")
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("GET", "/v1/deployments/depl_1"),
+        ("POST", "/v1/deployments/depl_1/pause"),
+        ("POST", "/v1/deployments/depl_1/archive"),
+        ("GET", "/v1/agents/automations/auto_1"),
+        ("POST", "/v1/agents/automations/auto_1/pause"),
+    ]
+
+
 async def test_what_runs_no_model_passes_a_restricted_key(
     gateway: TestClient, fake: FakeState
 ) -> None:
