@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
@@ -23,6 +24,7 @@ OPENAI_REAL = "sk-real-resources-openai-1111"
 ANTHROPIC_REAL = "sk-ant-real-resources-2222"
 # Every byte value, so that a re-encoding (text, newline, charset) would show.
 BINARY = bytes(range(256)) * 64
+DECISION_INPUT, DECISION_OUTPUT = 40, 3
 DISPOSITION = 'attachment; filename="call.mp4"'
 
 
@@ -115,7 +117,28 @@ def provider_app(provider: Provider) -> web.Application:
             {"id": "part_1", "object": "upload.part", "created_at": 1, "upload_id": "upload_1"}
         )
 
+    async def decided(request: web.Request) -> web.Response:
+        """A decision (POST /v1/decisions): the model's answers, and the tokens it took."""
+        await note(request)
+        usage = {
+            "input_tokens": DECISION_INPUT,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": DECISION_OUTPUT,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": DECISION_INPUT + DECISION_OUTPUT,
+        }
+        decision = {
+            "id": "dec_1",
+            "object": "decision",
+            "created_at": 1,
+            "model": "gpt-6-luna",
+            "answers": [],
+            "usage": usage,
+        }
+        return web.json_response(decision)
+
     app = web.Application(client_max_size=32 << 20)
+    app.router.add_post("/v1/decisions", decided)
     app.router.add_get("/v1/live/sessions/{session_id}/content", binary)
     app.router.add_get("/v1/containers/{container_id}/files/{file_id}/content", binary)
     app.router.add_get("/v1/skills/{skill_id}/versions/{version}/content", binary)
@@ -251,3 +274,20 @@ async def test_a_multipart_upload_part_reaches_the_provider_byte_for_byte(
     assert headers["content-type"].startswith("multipart/form-data; boundary=")
     assert BINARY in body
     assert int(headers["content-length"]) == len(body)
+
+
+async def test_a_decision_is_charged_the_tokens_it_reports(
+    clients: tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    chat, _ = clients
+    questions: Any = [{"type": "predicate", "id": "q1", "question": "Is it polite?"}]
+    decision = await chat.decisions.with_raw_response.create(
+        input="thanks!", model="gpt-6-luna", questions=questions
+    )
+    assert json.loads(await decision.http_response.aread())["usage"]["output_tokens"] == 3
+    [line] = await records(1)
+    assert (line["path"], line["model"]) == ("/v1/decisions", "gpt-6-luna")
+    assert line["usage"]["prompt_tokens"] == DECISION_INPUT
+    assert line["usage"]["completion_tokens"] == DECISION_OUTPUT
+    assert line["usage"]["estimated"] is False
