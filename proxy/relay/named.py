@@ -9,7 +9,7 @@ parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:genera
 Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
-reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's, an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
+reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's (Anthropic's, OpenAI's), an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
 key that is a 403, never a pass: a name the gateway cannot see must not slip past
 allowed_models. So is a model a request runs without naming it (`Unnamed`, from `unnamed`):
 a stored prompt's (Responses with a `prompt` id), a previous response's (a compaction
@@ -19,7 +19,9 @@ prompt's and the assistant's, so one that is allowed passes. This module finds t
 of every request, HTTP (`peek.validate`) and WebSocket (`realtime`).
 
 Some requests hand the client a way around the gateway altogether (`check_outside`): an
-ephemeral Realtime key (client secrets, the older sessions) or a WebRTC or SIP call, whose
+ephemeral Realtime key (client secrets, the older sessions) or ChatKit key (a ChatKit
+session's client secret), or a WebRTC or SIP call (Realtime's
+calls; a Live session made, forked or accepting a SIP call), whose
 traffic then goes to the provider directly, past every check, quota and meter. They are
 refused to a restricted key always, and to any other key unless keys.json allows them
 (`allow_client_secrets`).
@@ -70,10 +72,31 @@ _ROUTER_MODELS, _ROUTE = "models", "route"
 # A grader that scores or labels with a model runs it: one run alone (`grader`), or a
 # reinforcement fine-tuning job's (`method.reinforcement.grader`), at each step of training.
 _GRADER = "grader"
-# Anthropic's managed agents run the models of an agent stored at the provider (its own, its
-# callable agents', its advisor's): a session made or sent events, a deployment made or run.
-_AGENT_RUNS = {"sessions": "events", "deployments": "run"}
-_AGENT_ROOTS = frozenset(_AGENT_RUNS)
+# Managed agents run the models of an agent stored at the provider (its own, its callable
+# agents', its advisor's; OpenAI's inline agent nests its own in `agent`), unseen: the POSTs
+# that start (or go on with) their work, `*` an id. Anthropic's: a session made or sent events,
+# a deployment made, changed (its agent, events, schedule), run or unpaused; OpenAI's (under
+# `agents/`): a session made or sent events, an automation made, changed, invoked or resumed.
+_AGENT_RUNS = frozenset(
+    (
+        "sessions",
+        "sessions/*/events",
+        "deployments",
+        "deployments/*",
+        "deployments/*/run",
+        "deployments/*/unpause",
+        "agents/sessions",
+        "agents/sessions/*/events",
+        "agents/automations",
+        "agents/automations/*",
+        "agents/automations/*/invocations",
+        "agents/automations/*/resume",
+    )
+)
+_AGENT_ROOTS = frozenset(("sessions", "deployments", "agents"))
+# What follows `deployments/<id>` in Anthropic's managed agents' paths (none: the deployment
+# itself): no Azure deployment's path, so `<id>` there names no model.
+_AGENT_DEPLOYMENT_ACTIONS = frozenset(("run", "pause", "unpause", "archive"))
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads whose form is read whatever the key, not only for a restricted key's check: those
@@ -115,6 +138,13 @@ _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
 # preview one, realtimeapi/sessions).
 _EPHEMERAL_KEYS = frozenset(("client_secrets", "sessions", "transcription_sessions"))
 _REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
+# The Live API's WebRTC sessions: one made (`live/sessions`), a stored one forked onto a new
+# connection (`…/{id}/fork`), an incoming SIP call accepted (`…/{id}/accept`).
+_LIVE, _LIVE_CALLS = "live", frozenset(("fork", "accept"))
+# A ChatKit session's client secret: the browser's ChatKit runs the workflow at the provider.
+_CHATKIT_SESSIONS = ["chatkit", "sessions"]
+# A POST's tail holds one of these when check_outside may refuse it.
+_OUTSIDE_HINTS = ("realtime", _LIVE, "chatkit")
 
 
 class Unreadable(ValueError):
@@ -316,6 +346,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     ):
         return models  # no segment below can name one
     segments = tail.split("/")
+    if segments[0] == "deployments" and _is_agent_deployment(segments):
+        return models  # Anthropic's managed agents' deployment: an id, not a model
     if segments[0] == "model" and len(segments) > 1 and segments[1]:
         # Bedrock's native paths: model/<id>/invoke, /converse...; an id may hold a colon.
         models.append(unquote(segments[1]))
@@ -346,12 +378,20 @@ def _models_elsewhere(tail: str) -> str | None:
 
 
 def _runs_agent(tail: str) -> bool:
-    """POST sessions, sessions/{id}/events, deployments, deployments/{id}/run: each starts
-    (or goes on with) a managed agent's work."""
+    """A POST to `tail` starts (or goes on with) a managed agent's work (`_AGENT_RUNS`)."""
     segments = tail.rstrip("/").split("/")
-    if len(segments) == 1:
-        return True
-    return len(segments) == 3 and segments[2] == _AGENT_RUNS[segments[0]]
+    at = 2 if segments[0] == "agents" else 1  # where the id is
+    if len(segments) > at:
+        segments[at] = "*"
+    return "/".join(segments) in _AGENT_RUNS
+
+
+def _is_agent_deployment(segments: list[str]) -> bool:
+    """`deployments/<id>` is Anthropic's managed agents' deployment: the path ends there or
+    goes on with one of its actions, as no Azure deployment's path does."""
+    if segments[-1] == "":
+        segments = segments[:-1]  # a trailing slash
+    return len(segments) == 2 or (len(segments) == 3 and segments[2] in _AGENT_DEPLOYMENT_ACTIONS)
 
 
 def _path_model(segment: str) -> str:
@@ -381,35 +421,54 @@ def unnamed(method: str, tail: str) -> str | None:
 
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:
     """Refuse a request that would let the client reach the provider past the gateway (an
-    ephemeral Realtime key, a WebRTC or SIP call), unless keys.json allows it. Raises 403."""
-    if method != "POST" or "realtime" not in tail:  # most requests: at once
+    ephemeral Realtime or ChatKit key, a WebRTC or SIP call), unless keys.json allows it.
+    Raises 403."""
+    if method != "POST" or not any(root in tail for root in _OUTSIDE_HINTS):  # most: at once
         return
-    segments = endpoint(tail).rstrip("/").split("/")
-    if segments[0] not in _REALTIME_ROOTS:
+    outside = _outside(endpoint(tail).rstrip("/").split("/"))
+    if outside is None:
         return
-    is_call = segments[1:] == ["calls"] or (
-        len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
-    )
-    if segments[-1] not in _EPHEMERAL_KEYS and not is_call:
-        return
-    what = "a WebRTC or SIP call" if is_call else "an ephemeral Realtime key"
+    what, instead = outside
     if key.allowed_models is not None:
         allowed = ", ".join(key.model_patterns or ())
         raise GatewayError(
             403,
             "client_secrets_not_allowed",
             f"This key may use only some models ({allowed}), and {what} would let its holder "
-            "use any model, past the gateway: connect through the gateway instead "
-            "(wss://<gateway>/v1/realtime?model=...).",
+            f"use any model, past the gateway: {instead}.",
         )
     if not key.allows_client_secrets:
         raise GatewayError(
             403,
             "client_secrets_not_allowed",
             f"This key may not open {what}: its traffic would go to the provider directly, "
-            "past the gateway's quotas and log. Connect through the gateway instead "
-            "(wss://<gateway>/v1/realtime?model=...), or ask for allow_client_secrets.",
+            f"past the gateway's quotas and log. {instead[0].upper()}{instead[1:]}, or ask "
+            "for allow_client_secrets.",
         )
+
+
+def _outside(segments: list[str]) -> tuple[str, str] | None:
+    """(what it opens, what to do instead) for a POST whose traffic then goes past the
+    gateway; None for any other."""
+    through = "connect through the gateway instead (wss://<gateway>/v1/realtime?model=...)"
+    if segments[0] == _LIVE:
+        if segments[1:] == ["sessions"] or (
+            len(segments) == 4 and segments[1] == "sessions" and segments[3] in _LIVE_CALLS
+        ):
+            return "a WebRTC or SIP call", through
+        return None
+    if segments == _CHATKIT_SESSIONS:
+        return (
+            "an ephemeral ChatKit key",
+            "serve ChatKit from your own backend, its model calls through the gateway, instead",
+        )
+    if segments[0] not in _REALTIME_ROOTS:
+        return None
+    if segments[1:] == ["calls"] or (
+        len(segments) == 4 and segments[1] == "calls" and segments[3] == "accept"
+    ):
+        return "a WebRTC or SIP call", through
+    return ("an ephemeral Realtime key", through) if segments[-1] in _EPHEMERAL_KEYS else None
 
 
 def check(key: VirtualKey, names: list[Any], unreadable: str | None = None) -> None:

@@ -23,7 +23,9 @@ or whisper-1's `duration` in seconds), handed on with that model, read from the 
 `session.created`/`session.updated` events (and the beta's `transcription_session.*`).
 
 `socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
-Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`).
+Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`); one on
+`/v1/live/sessions` (or a session's `/fork`) the Live API's, whose delegated Responses come
+wrapped in `response.event` frames (`LiveUsage`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ _GENERATED = frozenset(
         "response.audio_transcript.delta",
     }
 )
+
+
+# A Live session's socket (`live/sessions`, a stored one's `live/sessions/{id}/fork`), and
+# its frame that holds one event of a delegated Responses stream.
+_LIVE_SESSIONS, _LIVE_RESPONSE = "/live/sessions", "response.event"
 
 
 class SessionUsage:
@@ -202,6 +209,37 @@ def _event(frame: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+class LiveUsage:
+    """A Live API session's usage (`/v1/live/sessions`, a session's `/fork`): the Responses its
+    delegation runs come as `response.event` frames, each holding one event of a Responses
+    stream (`event`), read and charged as the Responses API's WebSocket mode's are. Its
+    audio (`session.usage.updated`: seconds, cumulative) is not metered."""
+
+    __slots__ = ("_responses",)
+
+    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+        self._responses = responses.SocketUsage(on_response)
+
+    def read(self, frame: bytes) -> None:
+        """One provider text frame, already sent on: a delegated response's delta or its end."""
+        if frame.find(b"response.event") < 0 or (
+            frame.find(b'.delta"') < 0 and frame.find(b'"usage"') < 0
+        ):
+            return  # the session's own events, a response begun: nothing metered
+        event = _event(frame)
+        nested = event.get("event") if event is not None else None
+        if event is not None and event.get("type") == _LIVE_RESPONSE and isinstance(nested, dict):
+            self._responses.read_event(nested)
+
+    def finish(self) -> None:
+        """At the session's end: a delegated response cut before it finished is estimated."""
+        self._responses.finish()
+
+    @property
+    def total(self) -> Usage | None:
+        return self._responses.total
+
+
 class SocketUsage(Protocol):
     """What reads a WebSocket session's usage, frame by frame, for the relay."""
 
@@ -222,6 +260,9 @@ def socket_usage(
     WebSocket mode (`/v1/responses`) speaks Responses events (and tells `on_begun` and
     `on_error`: `responses.SocketUsage`); any other path, Realtime's (its transcriptions
     told to `on_transcribed` with their model)."""
-    if ("/" + path.strip("/")).endswith("/responses"):  # a route's tail, or a whole path
+    path = "/" + path.strip("/")  # a route's tail, or a whole path
+    if path.endswith("/responses"):
         return responses.SocketUsage(on_response, on_begun, on_error)
+    if _LIVE_SESSIONS in path and (path.endswith(_LIVE_SESSIONS) or path.endswith("/fork")):
+        return LiveUsage(on_response)
     return SessionUsage(on_response, on_transcribed)

@@ -178,7 +178,12 @@ class SocketUsage:
             event = orjson.loads(frame)
         except orjson.JSONDecodeError:
             return
-        kind = event.get("type") if isinstance(event, dict) else None
+        if isinstance(event, dict):
+            self.read_event(event)
+
+    def read_event(self, event: dict[str, Any]) -> None:
+        """One event, parsed (`read`; a Live session's delegated Responses events)."""
+        kind = event.get("type")
         if kind == "error":
             self._on_error()
             return

@@ -145,6 +145,21 @@ REFUSED: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
         },
         model_sample="4",
     ),
+    # A ChatKit session's client secret: the browser runs the workflow at the provider.
+    "chatkit session": lambda c: c.beta.chatkit.sessions.create(
+        user="user_1", workflow={"id": "wf_1"}
+    ),
+    # A Live session over WebRTC (made, forked) or a SIP call accepted: its media and model
+    # run at the provider, past the gateway.
+    "live WebRTC session": lambda c: c.live.create(
+        session={"model": "gpt-4o-mini"}, transport={"type": "webrtc", "sdp": "v=0"}
+    ),
+    "live session forked": lambda c: c.live.sessions.fork(
+        "live_1", transport={"type": "webrtc", "sdp": "v=0"}
+    ),
+    "live SIP call accepted": lambda c: c.live.sessions.accept(
+        "live_1", session={"model": "gpt-4o-mini"}
+    ),
     # A video remixed, edited or extended runs its source video's model, stored at the provider.
     "video remix": lambda c: c.videos.remix("video_1", prompt="more cats"),
     "video edit": lambda c: c.videos.edit(prompt="more cats", video=MP4),
@@ -251,6 +266,61 @@ async def test_client_secrets_are_refused_unless_keys_json_allows_them(
     session = await allowed.beta.realtime.sessions.create(model="gpt-realtime")
     assert session.client_secret.value.startswith("ek_fake_")
     assert len(fake.requests) == 2
+
+
+async def test_live_webrtc_and_sip_sessions_are_refused_unless_keys_json_allows_them(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # A Live session's media goes between the browser (or the SIP trunk) and the provider:
+    # no quota, log line or cost would see it, as a Realtime call's.
+    webrtc = {"type": "webrtc", "sdp": "v=0"}
+    client = sdk(gateway, OPENAI_VK)
+    calls = (
+        lambda c: c.live.create(session={"model": "gpt-live-1"}, transport=webrtc),
+        lambda c: c.live.sessions.fork("live_1", transport=webrtc),
+        lambda c: c.live.sessions.accept("live_1", session={"model": "gpt-live-1"}),
+    )
+    for call in calls:
+        with pytest.raises(openai.PermissionDeniedError, match="allow_client_secrets") as refused:
+            await call(client)
+        assert refused.value.code == "client_secrets_not_allowed"
+        assert_openai_error(refused.value.response.json(), "client_secrets_not_allowed")
+    assert fake.requests == []
+    # What passes the gateway: the session's other controls, and all of it when allowed.
+    await client.live.sessions.hangup("live_1")
+    allowed = sdk(gateway, SECRETS_VK)
+    for call in calls:
+        await call(allowed)
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("POST", "/v1/live/sessions/live_1/hangup"),
+        ("POST", "/v1/live/sessions"),
+        ("POST", "/v1/live/sessions/live_1/fork"),
+        ("POST", "/v1/live/sessions/live_1/accept"),
+    ]
+
+
+async def test_chatkit_sessions_are_refused_unless_keys_json_allows_them(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # A ChatKit session's client secret lets the browser's ChatKit run the workflow (its
+    # models) at the provider directly: no quota, log line or cost would see it.
+    client = sdk(gateway, OPENAI_VK)
+    with pytest.raises(openai.PermissionDeniedError, match="allow_client_secrets") as refused:
+        await client.beta.chatkit.sessions.create(user="user_1", workflow={"id": "wf_1"})
+    assert_openai_error(refused.value.response.json(), "client_secrets_not_allowed")
+    assert "ChatKit" in refused.value.message
+    assert fake.requests == []
+    # Its other calls pass (a session cancelled, a thread read), and all of it when allowed.
+    await client.beta.chatkit.sessions.cancel("cksess_1")
+    await client.beta.chatkit.threads.retrieve("cthr_1")
+    await sdk(gateway, SECRETS_VK).beta.chatkit.sessions.create(
+        user="user_1", workflow={"id": "wf_1"}
+    )
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("POST", "/v1/chatkit/sessions/cksess_1/cancel"),
+        ("GET", "/v1/chatkit/threads/cthr_1"),
+        ("POST", "/v1/chatkit/sessions"),
+    ]
 
 
 async def test_a_fine_tuned_model_in_the_path_is_read_whole(
@@ -412,6 +482,9 @@ AGENT_RUNS: dict[str, Callable[[anthropic.AsyncAnthropic], Awaitable[object]]] =
         agent="agent_1", environment_id="env_1", initial_events=SAY_HELLO, name="nightly"
     ),
     "deployment run": lambda c: c.beta.deployments.run("depl_1"),
+    # A deployment changed (its agent, events, schedule) or unpaused runs on its schedule.
+    "deployment updated": lambda c: c.beta.deployments.update("depl_1", agent="agent_2"),
+    "deployment unpaused": lambda c: c.beta.deployments.unpause("depl_1"),
 }
 
 
@@ -435,6 +508,81 @@ async def test_a_managed_agent_run_is_refused_to_a_restricted_key(
     async with reader:
         await reader.beta.sessions.retrieve("sesn_1")
     assert len(fake.requests) == 2
+
+
+# OpenAI's managed agents alike: a session runs its agent's models (a saved agent's, stored at
+# the provider; an inline one's, nested in `agent`; its subagents'), and so does input sent to
+# it, an automation on its schedule, and an automation invoked.
+OPENAI_AGENT_RUNS: dict[str, Callable[[openai.AsyncOpenAI], Awaitable[object]]] = {
+    "session": lambda c: c.beta.agents.sessions.create(
+        environment={"type": "none"}, agent={"model": "o3"}, input="hello"
+    ),
+    "session of a saved agent": lambda c: c.beta.agents.sessions.create(
+        environment={"type": "none"}, agent_id="agent_1", input="hello"
+    ),
+    "session event": lambda c: c.beta.agents.sessions.events.create(
+        "sess_1", events=[{"type": "message", "role": "user", "content": "hello"}]
+    ),
+    "automation": lambda c: c.beta.agents.automations.create(
+        expression="0 * * * *",
+        name="hourly",
+        target={"type": "session", "session_id": "sess_1"},
+        timezone="UTC",
+        type="periodic",
+    ),
+    "automation invoked": lambda c: c.beta.agents.automations.invocations.create("auto_1"),
+    # An automation changed or resumed runs on its schedule.
+    "automation updated": lambda c: c.beta.agents.automations.update("auto_1", name="daily"),
+    "automation resumed": lambda c: c.beta.agents.automations.resume("auto_1"),
+}
+
+
+@pytest.mark.parametrize("call", OPENAI_AGENT_RUNS.values(), ids=OPENAI_AGENT_RUNS.keys())
+async def test_an_openai_managed_agent_run_is_refused_to_a_restricted_key(
+    gateway: TestClient,
+    fake: FakeState,
+    call: Callable[[openai.AsyncOpenAI], Awaitable[object]],
+) -> None:
+    with pytest.raises(openai.PermissionDeniedError, match="agent") as refused:
+        await call(sdk(gateway, ONE_MODEL_VK))
+    assert_openai_error(refused.value.response.json(), "model_not_allowed")
+    assert fake.requests == []
+    # A key that may use any model runs it; a restricted key still reads a session, and
+    # makes an agent whose model it names.
+    await call(sdk(gateway, OPENAI_VK))
+    reader = sdk(gateway, ONE_MODEL_VK)
+    await reader.beta.agents.sessions.retrieve("sess_1")
+    await reader.beta.agents.create(model="gpt-4o-mini", name="helper")
+    with pytest.raises(openai.PermissionDeniedError):
+        await reader.beta.agents.create(model="o3", name="helper")
+    assert [seen.path for seen in fake.requests][1:] == [
+        "/v1/agents/sessions/sess_1",
+        "/v1/agents",
+    ]
+
+
+async def test_a_restricted_key_reads_and_stops_managed_agents(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # An Anthropic deployment's id is no model (as Azure's deployments/<name> is): read,
+    # paused or archived, nothing runs.
+    base = str(gateway.make_url(""))
+    async with anthropic.AsyncAnthropic(
+        base_url=base, api_key=RESTRICTED_VK, max_retries=0
+    ) as restricted:
+        await restricted.beta.deployments.retrieve("depl_1")
+        await restricted.beta.deployments.pause("depl_1")
+        await restricted.beta.deployments.archive("depl_1")
+    openai_restricted = sdk(gateway, ONE_MODEL_VK)
+    await openai_restricted.beta.agents.automations.retrieve("auto_1")
+    await openai_restricted.beta.agents.automations.pause("auto_1")
+    assert [(seen.method, seen.path) for seen in fake.requests] == [
+        ("GET", "/v1/deployments/depl_1"),
+        ("POST", "/v1/deployments/depl_1/pause"),
+        ("POST", "/v1/deployments/depl_1/archive"),
+        ("GET", "/v1/agents/automations/auto_1"),
+        ("POST", "/v1/agents/automations/auto_1/pause"),
+    ]
 
 
 async def test_what_runs_no_model_passes_a_restricted_key(

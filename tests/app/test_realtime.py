@@ -502,6 +502,30 @@ async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
     await no_session_left(gateway)
 
 
+async def test_a_live_sessions_delegated_responses_are_charged(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The Live API reports what its Responses delegation runs inside `response.event`
+    # frames (the nested event a Responses stream's); each finished response is charged.
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.live.connect() as connection:
+        assert (await connection.recv_bytes()).startswith(b'{"type":"session.created"')
+        await connection.send({"type": "response.create"})
+        events = [json.loads(await connection.recv_bytes()) for _ in range(5)]
+    assert [event["type"] for event in events] == [*["response.event"] * 4, "session.usage.updated"]
+    assert events[3]["event"]["type"] == "response.completed"
+    [line] = await records(1)
+    assert line["path"] == "/v1/live/sessions"
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+    assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
+    assert line["usage"]["estimated"] is False
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    await no_session_left(gateway)
+
+
 async def test_the_openai_sdk_beta_realtime_client_works_given_a_websocket_base_url(
     gateway: TestClient, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

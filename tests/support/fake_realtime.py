@@ -33,6 +33,10 @@ echoes text and binary frames unchanged, and obeys JSON text commands:
                                                      argument deltas; with D, a response.done
                                                      without usage; without, nothing more
 
+At /v1/live/sessions (and a session's /fork) it is the Live API: `response.create` answers
+the Responses events below, each inside a `response.event` (as Live reports what its
+Responses delegation runs), then `session.usage.updated` with LIVE_SECONDS of audio.
+
 At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
 response.created, two response.output_text.delta events and response.completed with usage
 (11 input, 2 of them cached, + 7 output tokens), or usage null when the command has
@@ -58,6 +62,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
 INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
+# A Live session's cumulative audio after one response.
+LIVE_SECONDS = 4.5
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
 TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
 
@@ -92,6 +98,8 @@ def install(app: web.Application) -> None:
     # Azure OpenAI's, at a resource's endpoint: `?deployment=<d>` (AzureOpenAI), and its v1 API.
     app.router.add_get("/openai/realtime", realtime)
     app.router.add_get("/openai/v1/realtime", realtime)
+    app.router.add_get("/v1/live/sessions", realtime)  # the Live API
+    app.router.add_get("/v1/live/sessions/{session_id}/fork", realtime)
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -137,6 +145,9 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             kind = command.get("type")
             if kind == "response.create" and request.path.endswith("/responses"):
                 for event in responses_events(command):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind == "response.create" and "/live/" in request.path:
+                for event in live_events(command):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "response.create":
                 usage = {
@@ -251,6 +262,26 @@ def responses_events(command: dict) -> list[dict]:
             "response": {**running, "status": "completed", "usage": usage},
         },
     ]
+
+
+def live_events(command: dict) -> list[dict]:
+    """A Live session's delegated response: its Responses events, each in a `response.event`,
+    then the session's cumulative audio."""
+    wrapped = [
+        {
+            "type": "response.event",
+            "event_id": f"event_{index}",
+            "delegation_id": "dlg_1",
+            "event": event,
+        }
+        for index, event in enumerate(responses_events(command))
+    ]
+    usage = {
+        "type": "session.usage.updated",
+        "event_id": "event_usage",
+        "usage": {"seconds": LIVE_SECONDS},
+    }
+    return [*wrapped, usage]
 
 
 def committed(session: dict) -> list[dict]:
