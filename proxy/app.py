@@ -33,7 +33,7 @@ from proxy.keys.credentials import presents_token
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, read_file
 from proxy.keys.lockout import Lockout
-from proxy.keys.reload import KeysFile
+from proxy.keys.reload import KeysFile, Siblings
 from proxy.keys.store import FileStore, KeyStore, Parse, decoded
 from proxy.observe.health import Health
 from proxy.observe.logbook import Logbook, rfc3339
@@ -164,14 +164,14 @@ def build_app(
     settings: Settings,
     key_ring: KeyRing | None = None,
     metrics_dir: str | None = None,
-    reload_workers: Callable[[], None] | None = None,
+    siblings: Siblings | None = None,
     cache_clock: Callable[[], float] = time.monotonic,
     key_clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
 
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
-    `reload_workers`: asks the supervisor to make every worker reload keys.json.
+    `siblings`: the other workers (WORKERS > 1), made to reload keys.json with this one.
     `cache_clock`: what ages the in-memory cache's entries (tests step it).
     `key_clock`: Unix time, which ends a rotated key's grace (tests step it).
     """
@@ -241,6 +241,7 @@ def build_app(
         on_sighup=lambda: app[LOGBOOK].reopen(),  # logrotate's signal: the log follows its path
         # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
         kept_elsewhere=KEYS_IN_REDIS if in_redis else None,
+        siblings=siblings,
     )
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
@@ -289,6 +290,7 @@ def build_app(
     # Every proxied request, HTTP or WebSocket, enters through one exchange.
     entrance = Entrance(
         key_ring=key_ring,
+        keys=app[KEYS_FILE],
         lockout=lockout,
         quota=app[QUOTA],
         prices=app[PRICES],
@@ -323,7 +325,7 @@ def build_app(
     usage_report = UsageReport(key_ring, app[QUOTA], app[CACHE])
     app.router.add_get("/usage", with_request_id(lockout.guarded(usage_report.handle_usage)))
     parse = functools.partial(parse_keys, settings, os.environ, key_clock)
-    app[KEY_STORE] = new_key_store(settings, app[KEYS_FILE], parse, reload_workers, key_clock)
+    app[KEY_STORE] = new_key_store(settings, app[KEYS_FILE], parse, siblings, key_clock)
     writes = None
     if settings.admin_token is not None:
         writes = AdminWrites(app[KEY_STORE], settings.admin_token, app[LOGBOOK].audit, key_clock)
@@ -332,7 +334,7 @@ def build_app(
         key_ring,
         app[QUOTA],
         app[KEYS_FILE],
-        reload_workers,
+        siblings,
         app[CACHE],
         writes,
     )
@@ -390,12 +392,12 @@ def new_key_store(
     settings: Settings,
     keys_file: KeysFile,
     parse: Parse,
-    reload_workers: Callable[[], None] | None,
+    siblings: Siblings | None,
     clock: Callable[[], float],
 ) -> KeyStore:
     """keys.json itself (KEYS_STORE=file), or Redis shared by every instance."""
     if settings.keys_store == "file" or settings.redis_url is None:
-        return FileStore(keys_file, parse, reload_workers, clock)
+        return FileStore(keys_file, parse, siblings, clock)
     from proxy.keys.redis_store import RedisStore
 
     return RedisStore(

@@ -56,7 +56,8 @@ from proxy.cache.cache import Cache, Lookup
 from proxy.errors import Cut, GatewayError
 from proxy.keys.credentials import presented, with_query
 from proxy.keys.keys import KeyRing, VirtualKey, masked
-from proxy.keys.lockout import Lockout
+from proxy.keys.lockout import Lockout, NotYetKnown
+from proxy.keys.reload import KeysFile
 from proxy.observe.logbook import Logbook
 from proxy.observe.metrics import Metrics
 from proxy.quota.quota import Quota
@@ -116,6 +117,7 @@ class Entrance:
         self,
         *,
         key_ring: KeyRing,
+        keys: KeysFile,
         lockout: Lockout,
         quota: Quota,
         prices: Prices,
@@ -129,6 +131,7 @@ class Entrance:
         tracing: Tracing | None = None,  # None: traces off
     ) -> None:
         self.key_ring = key_ring
+        self._keys = keys  # reloads: a key not found while one is under way waits for it
         self.lockout = lockout
         self.quota = quota
         self.prices = prices
@@ -163,7 +166,11 @@ class Entrance:
         record = exchange.record
         self.metrics.request_started()
         try:
-            key = exchange.authenticate(transport)  # 400, 404, 405, 401, 429
+            try:
+                key = exchange.authenticate(transport, self._keys.is_reloading)  # 400...429
+            except NotYetKnown:  # made a moment ago on another worker: asked once reloaded
+                await self._keys.reloaded()
+                key = exchange.authenticate(transport)
             response = await transport.relay(exchange, key)
             record.end(response.status, Outcome.ANSWERED)
             return response
@@ -329,16 +336,19 @@ class Exchange:
         # it fetched finished): it pays the usage; None: the request's own key pays its own.
         self.creator: VirtualKey | None = None
 
-    def authenticate(self, transport: Transport) -> VirtualKey:
+    def authenticate(
+        self, transport: Transport, is_reloading: Callable[[], bool] | None = None
+    ) -> VirtualKey:
         """Route (no key needed), then find the key where `transport` presents it. Raises
-        400, 404, 405 (the path), 401, 429 (the lockout)."""
+        400, 404, 405 (the path), 401, 429 (the lockout); NotYetKnown for a key not found
+        while `is_reloading()`."""
         entrance, request = self._entrance, self.request
         self.tail, query = route(request.raw_path)
         credentials, self.query = with_query(transport.credentials(request.headers), query)
         self._credentials = credentials
         lockout = entrance.lockout
         address = lockout.client_address(request)
-        self.key = key = lockout.authenticate(entrance.key_ring, credentials, address)
+        self.key = key = lockout.authenticate(entrance.key_ring, credentials, address, is_reloading)
         team = key.team
         self.record.saw_key(key.name, key.provider.name, team.name if team is not None else None)
         if key.cache is not None:  # until a lookup says more: the cache neither read nor written

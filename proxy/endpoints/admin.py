@@ -40,7 +40,7 @@ from proxy.endpoints.usage_report import scope_report
 from proxy.errors import GatewayError
 from proxy.keys.credentials import presents_token
 from proxy.keys.keys import KeyRing, VirtualKey, masked
-from proxy.keys.reload import KeysFile
+from proxy.keys.reload import KeysFile, Siblings
 from proxy.keys.teams import Team
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Limits, TrackerUnavailable
@@ -58,7 +58,7 @@ class Admin:
         key_ring: KeyRing,
         quota: Quota,
         keys_file: KeysFile,
-        reload_workers: Callable[[], None] | None = None,
+        siblings: Siblings | None = None,
         cache: Cache | None = None,
         writes: AdminWrites | None = None,  # the API that changes keys and teams
     ) -> None:
@@ -68,7 +68,7 @@ class Admin:
         self._key_ring = key_ring
         self._quota = quota
         self._keys_file = keys_file
-        self._reload_workers = reload_workers
+        self._siblings = siblings
 
     def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
         """The admin routes, before the relay's catch-all; every other /admin path is 404.
@@ -247,10 +247,10 @@ class Admin:
     async def handle_reload(self, request: web.Request) -> web.Response:
         """POST /admin/reload: 200 with the config in force, or 422 saying why nothing changed."""
         error = await self._keys_file.reload("POST /admin/reload")
-        if self._reload_workers is not None and self._keys_file.is_reloadable:
+        if self._siblings is not None and self._keys_file.is_reloadable:
             # Every worker reads the file, a broken one too: each then keeps its keys and
             # shows the failure on /health, whichever worker answers.
-            self._reload_workers()
+            await self._siblings.reload()
         if error is not None:
             return errors.render(
                 GatewayError(

@@ -76,6 +76,12 @@ class _Failures:
     by_prefix: dict[str, int] = field(default_factory=dict)
 
 
+class NotYetKnown(Exception):
+    """A key not found while the keys are being reloaded: one made a moment ago through
+    another worker's admin API, whose SIGHUP this worker is acting on. Not counted as a
+    failure: it is asked for again once the reload has ended."""
+
+
 class Lockout:
     """Failed authentications per address and key prefix in a fixed window; over: 429."""
 
@@ -138,17 +144,24 @@ class Lockout:
         return ip is not None and any(ip in network for network in self._trusted)
 
     def authenticate(
-        self, ring: KeyRing, headers: Mapping[str, str], address: str | None
+        self,
+        ring: KeyRing,
+        headers: Mapping[str, str],
+        address: str | None,
+        is_reloading: Callable[[], bool] | None = None,
     ) -> VirtualKey:
         """The key the headers name, unless its address and prefix failed too often.
 
-        Raises 401, or 429 (locked, and the credential was never accepted from here).
+        Raises 401, or 429 (locked, and the credential was never accepted from here);
+        NotYetKnown, not counted, for a key not found while `is_reloading()`.
         """
         credential = presented(headers)
         self.check(address, credential)
         try:
             key = ring.key_for(credential)
         except GatewayError:
+            if credential is not None and is_reloading is not None and is_reloading():
+                raise NotYetKnown from None
             self.failed(address, credential)
             raise
         self.accepted(address, credential)

@@ -15,6 +15,12 @@ authenticated with, so it finishes under the config it started with (and its tok
 charged to that key's window); quota windows are keyed by the key's name, so a rotated
 secret under the same name keeps its counts, and new limits apply from the next request.
 
+With WORKERS, a change made through one worker's admin API reaches the others by SIGHUP
+(through the supervisor), and the change is answered once each has heard it (`Siblings`): a
+key made a moment ago and presented to another worker while it reloads waits for that
+reload (`is_reloading`, `reloaded`) instead of being refused, so a 201 means the key serves
+on every worker.
+
 The config in force is named by the digest of the file's bytes and the file's modification
 time (`loaded_at`). Both come from the file, not from the moment a process read it, so
 every worker that loaded the same file shows the same pair on `/health`. A worker started
@@ -51,6 +57,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
+from typing import Protocol
 
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing
@@ -91,6 +98,19 @@ def modified_at(path: str) -> str | None:
     )
 
 
+class Siblings(Protocol):
+    """The other workers of this gateway (WORKERS > 1), which reload keys.json with this one."""
+
+    async def reload(self) -> None:
+        """Ask every worker to reload keys.json (SIGHUP, through the supervisor); return once
+        each other one has heard it, or after a second (one that died, being replaced)."""
+        ...
+
+    def heard(self) -> None:
+        """This worker heard SIGHUP, its reload under way: a worker awaiting `reload` is told."""
+        ...
+
+
 class KeysFile:
     """The keys file in force, and the reload that replaces it in the live key ring."""
 
@@ -103,8 +123,10 @@ class KeysFile:
         is_watched: bool = False,
         on_sighup: Callable[[], None] = lambda: None,
         kept_elsewhere: str | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
         self.path = path
+        self._siblings = siblings  # told each SIGHUP was heard (WORKERS > 1)
         # Why keys.json is never reloaded (KEYS_STORE=redis: it only seeds the store), or
         # None. Then a reload is not tried, so it is neither a failure nor counted as one.
         self._kept_elsewhere = kept_elsewhere
@@ -166,6 +188,19 @@ class KeysFile:
         )
         self._on_reload(None)
 
+    def is_reloading(self) -> bool:
+        """Whether a reload or a change is under way, or asked for (SIGHUP: with WORKERS,
+        another worker's admin API wrote keys.json)."""
+        return bool(self._signalled) or self._one_at_a_time.locked()
+
+    async def reloaded(self) -> None:
+        """Once the reloads and changes under way or asked for have ended (a caller that
+        leaves meanwhile cancels none of them)."""
+        if self._signalled:
+            await asyncio.wait(set(self._signalled))
+        async with self._one_at_a_time:
+            pass
+
     @contextlib.asynccontextmanager
     async def changing(self) -> AsyncIterator[None]:
         """Hold off reloads while a change is written and applied (`apply`), so a reload
@@ -206,6 +241,8 @@ class KeysFile:
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
         self._signalled.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._signalled.discard)
+        if self._siblings is not None:  # reloading from now: a key not found waits for it
+            self._siblings.heard()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

@@ -7,7 +7,7 @@ it into this process's key ring, and see that every other process takes it.
 fsync, rename over the file the path leads to, its mode and owner kept), under an exclusive
 `flock` of that folder, so workers of one gateway writing at once take turns and none loses
 another's change. The writing worker swaps in the keys it wrote and asks the supervisor to
-make every worker reload (as SIGHUP does). A file the gateway cannot write (a Kubernetes
+make every worker reload (as SIGHUP does), and answers once each has heard (`Siblings`). A file the gateway cannot write (a Kubernetes
 Secret or ConfigMap mount, a read-only mode) refuses every change with `StoreReadOnly`.
 """
 
@@ -29,7 +29,7 @@ import orjson
 from proxy.keys.edits import prune
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, parsed, read_file
-from proxy.keys.reload import KeysFile
+from proxy.keys.reload import KeysFile, Siblings
 
 T = TypeVar("T")
 
@@ -77,20 +77,20 @@ class FileStore:
         self,
         keys_file: KeysFile,
         parse: Parse,
-        reload_workers: Callable[[], None] | None = None,
+        siblings: Siblings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._keys_file = keys_file
         self._parse = parse
-        self._reload_workers = reload_workers
+        self._siblings = siblings
         self._clock = clock
 
     async def change(self, edit: Edit[T]) -> T:
         async with self._keys_file.changing():
             ring, result = await asyncio.to_thread(self._write, edit)
             self._keys_file.apply(ring, "admin API")
-        if self._reload_workers is not None:
-            self._reload_workers()  # the other workers reload the file, as after SIGHUP
+        if self._siblings is not None:  # the other workers reload the file, as after SIGHUP
+            await self._siblings.reload()
         return result
 
     async def document(self) -> dict[str, Any]:

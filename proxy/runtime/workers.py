@@ -5,7 +5,9 @@ the same port (SO_REUSEPORT: the kernel spreads connections). The parent only su
 
 - SIGTERM/SIGINT: forwarded once to every worker as SIGTERM; the parent waits while they
   drain and exits with the first failure's code (0 when every worker drained).
-- SIGHUP: forwarded to every worker, where the app reloads keys.json; never fatal.
+- SIGHUP: forwarded to every worker, where the app reloads keys.json; never fatal. A
+  worker that asks for it (its admin API changed keys.json) waits until each other worker
+  has heard it (`Siblings`: a count per worker in shared memory).
 - A worker that dies (a crash, an OOM kill, kill -9) is replaced at once; the others and
   their connections are untouched, and its live gauges leave the metrics sum
   (`forget_worker`). A worker that dies before it listens failed to start: after
@@ -33,9 +35,10 @@ gateway needs from a process manager is the ~100 lines below.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import errno
-import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -57,6 +60,10 @@ from proxy.runtime.server import CannotListen, check_port_free, serve
 from proxy.settings import Settings
 
 START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
+# How long a worker that asked the others to reload keys.json waits for each to hear it (one
+# that died is replaced meanwhile, and reads the file at its start), and how often it looks.
+HEARD_WITHIN_SECONDS = 1.0
+HEARD_POLL_SECONDS = 0.001
 EXIT_REFUSED = 2  # the gateway refused to start (and said why): a bad setting, keys, a port
 _FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -98,6 +105,8 @@ class Workers:
         self._settings, self._key_ring = settings, key_ring
         self._metrics_dir, self._owns_metrics_dir = metrics_dir, owns_metrics_dir
         self._context = multiprocessing.get_context("fork")
+        # The SIGHUPs each worker (by slot) has heard, shared by all: `Siblings`.
+        self._heard = self._context.RawArray("Q", settings.worker_count)
         self._slots: list[Worker | None] = []  # None: ended, not replaced (stopping)
         self._failed_starts = [0] * settings.worker_count
         self._is_stopping = False
@@ -136,7 +145,7 @@ class Workers:
         process = self._context.Process(
             target=_work,
             args=(self._settings, self._key_ring, self._metrics_dir, self._owns_metrics_dir),
-            kwargs={"started": started},
+            kwargs={"started": started, "slot": slot, "heard": self._heard},
             name=f"worker-{slot}",
         )
         # The child runs the parent's handlers until it installs its own: hold the signals
@@ -172,7 +181,13 @@ class Workers:
 
 
 def _work(
-    settings: Settings, key_ring: KeyRing, metrics_dir: str, owns_metrics_dir: bool, started: Event
+    settings: Settings,
+    key_ring: KeyRing,
+    metrics_dir: str,
+    owns_metrics_dir: bool,
+    started: Event,
+    slot: int,
+    heard: ctypes.Array[ctypes.c_uint64],
 ) -> None:
     os.setpgrp()  # signals come through the parent, once
     parent = os.getppid()
@@ -184,8 +199,7 @@ def _work(
     try:
         serve(
             settings,
-            # POST /admin/reload on one worker: the parent passes SIGHUP to every worker.
-            build_app(settings, key_ring, metrics_dir, functools.partial(_hup, parent)),
+            build_app(settings, key_ring, metrics_dir, Siblings(parent, slot, heard)),
             label=f" (worker {os.getpid()})",
             reuse_port=True,
             on_listening=started.set,
@@ -197,9 +211,27 @@ def _work(
         _leave(metrics_dir)
 
 
-def _hup(parent: int) -> None:
-    if os.getppid() == parent:  # an orphan drains and exits; its pid may be someone else's
-        os.kill(parent, signal.SIGHUP)
+class Siblings:
+    """A worker's view of the others, for keys.json (`reload.Siblings`): SIGHUP through the
+    parent, and a count per worker (`heard`, by slot, in memory they all share) of the
+    SIGHUPs it has heard, each adding to its own."""
+
+    def __init__(self, parent: int, slot: int, heard: ctypes.Array[ctypes.c_uint64]) -> None:
+        self._parent, self._slot, self._heard = parent, slot, heard
+
+    async def reload(self) -> None:
+        if os.getppid() != self._parent:  # an orphan drains and exits; its pid may be reused
+            return
+        before = self._heard[:]
+        os.kill(self._parent, signal.SIGHUP)  # the parent passes it to every worker
+        deadline = time.monotonic() + HEARD_WITHIN_SECONDS
+        while time.monotonic() < deadline and any(
+            count <= before[slot] for slot, count in enumerate(self._heard) if slot != self._slot
+        ):
+            await asyncio.sleep(HEARD_POLL_SECONDS)
+
+    def heard(self) -> None:
+        self._heard[self._slot] += 1
 
 
 def _stop_when_orphaned(parent: int) -> None:

@@ -135,3 +135,32 @@ async def test_200_creates_at_once_on_two_workers_leave_a_valid_keys_json_with_a
     document = json.loads(keys.read_text())
     names = {entry.get("name") for entry in document["virtual_keys"].values()}
     assert {f"crowd-{n:03d}" for n in range(200)} <= names
+
+
+async def test_a_key_made_on_one_worker_serves_at_once_on_every_worker(
+    processes: Processes, tmp_path: Path, fake_base: str, redis_url: str
+) -> None:
+    """Automation makes a key and uses it at once: on a gateway of two workers, its first
+    requests land on either worker (a new connection each), and each is served, not told
+    401 while the other worker has yet to read keys.json."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(keys_document(fake_base)))
+    _, url = start_gateway(
+        processes, keys, tmp_path / "log.jsonl", ADMIN_TOKEN=ADMIN, WORKERS="2", REDIS_URL=redis_url
+    )
+    statuses: list[int] = []
+    async with aiohttp.ClientSession() as admin:
+        for round_ in range(15):
+            body = {"name": f"made-{round_}", "provider": "openai", "api_key": REAL}
+            async with admin.post(f"{url}/admin/keys", json=body, headers=HEADERS) as made:
+                assert made.status == 201
+                key = (await made.json())["key"]
+            for _ in range(4):  # a connection of its own each: either worker may take it
+                async with aiohttp.ClientSession() as user:
+                    headers = {"Authorization": f"Bearer {key}"}
+                    async with user.post(
+                        f"{url}/v1/chat/completions", json=CHAT, headers=headers
+                    ) as response:
+                        await response.read()
+                        statuses.append(response.status)
+    assert statuses == [200] * len(statuses), str(statuses)
