@@ -74,6 +74,7 @@ from proxy.usage import (
     estimate,
     gemini,
     images,
+    ollama,
     openai_chat,
     realtime_events,
     responses,
@@ -98,6 +99,7 @@ HEAD_BYTES = 16 * 1024
 
 _JSON = "json"
 _SSE = "sse"
+_NDJSON = "ndjson"  # newline-delimited JSON (Ollama's native streams)
 _FRAMES = "frames"  # AWS event stream (Bedrock)
 
 
@@ -144,10 +146,11 @@ _GENERATIONS = (
     ":streamRawPredict",
     ":generateContent",
     ":streamGenerateContent",
+    *ollama.GENERATIONS,
 )
-# Endpoints that embed a prompt: OpenAI's, and Gemini's native ones (Google AI answers them
-# with no usage at all).
-_EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents")
+# Endpoints that embed a prompt: OpenAI's, Gemini's native ones (Google AI answers them with
+# no usage at all) and Ollama's.
+_EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents", *ollama.EMBEDDINGS)
 # A stored chat completion (`store: true`) is POST {this}/{id} to update its metadata.
 _STORED_CHATS = "/chat/completions"
 # Vertex's token count for Claude (the SDK's count_tokens) ends as a generation's path does.
@@ -277,8 +280,8 @@ class UsageTap:
         self._body: bytearray | None = bytearray() if kind == _JSON else None
         # A large JSON body's first HEAD_BYTES, kept for a stored Response's id and status.
         self._head: bytes | None = None
-        # SSE: lines, and the unfinished last one (None once let go).
-        self._lines = LineReader() if kind == _SSE else None
+        # SSE and NDJSON: lines, and the unfinished last one (None once let go).
+        self._lines = LineReader() if kind == _SSE or kind == _NDJSON else None
         # SSE: the tail of an event line too long to hold, until the line ends (`_cut_line`).
         self._long_line: bytearray | None = None
         # SSE: the data lines so far of an event whose first one is not JSON alone (its
@@ -288,7 +291,7 @@ class UsageTap:
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
         self._reading = Reading(
-            keep_text and (kind == _SSE or kind == _FRAMES),
+            keep_text and kind is not None and kind != _JSON,
             is_stored_noted=charged in _STORED,
             is_started_noted=charged is Charged.LATER,
         )
@@ -394,7 +397,7 @@ class UsageTap:
         self._seen += len(data)
         if self._is_unread:
             return
-        if self._kind == _SSE:
+        if self._lines is not None:
             self._take_lines(data)
         elif self._frames is not None:
             self._take_frames(self._frames, data)
@@ -512,8 +515,9 @@ class UsageTap:
         assert lines is not None  # an SSE tap that reads has its reader
         if self._long_line is not None:
             data = self._take_long_line(data)
+        take = self._take_line if self._kind == _SSE else self._take_object
         for line in lines.feed(data):
-            self._take_line(line)
+            take(line)
         # What the reader holds now (an unfinished line, or a long one's tail) is what this
         # tap holds, beside the text (held after it: reading the usage comes first).
         held = lines.held_bytes + self._text_held
@@ -610,6 +614,15 @@ class UsageTap:
         if isinstance(event, dict):
             self._read_event(event)
 
+    def _take_object(self, line: bytes | bytearray) -> None:
+        """One line of newline-delimited JSON: a JSON object (Ollama's)."""
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            ollama.read_line(event, self._reading)
+
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind is None:  # OpenAI chat.completion.chunk or text_completion, or Gemini's
@@ -626,7 +639,11 @@ class UsageTap:
         if self._finished:
             return
         self._finished = True
-        if self._kind == _SSE and not self._is_unread and self._lines is not None:
+        if self._kind == _NDJSON and not self._is_unread and self._lines is not None:
+            self._take_object(self._lines.rest())  # a last line without its line end
+            if self._reading.texts is not None:
+                self._text = "".join(self._reading.texts)
+        elif self._kind == _SSE and not self._is_unread and self._lines is not None:
             # A stream cut before its last line end still counts what that line said.
             if self._long_line is not None:
                 self._read_tail(self._long_line)
@@ -684,6 +701,8 @@ class UsageTap:
             responses.read_answer(document, reading)
         elif "content" in document:
             anthropic.read_answer(document, reading)
+        elif ollama.is_answer(document):
+            ollama.read_line(document, reading)
         else:  # embeddings, transcriptions, …: only what they report
             reading.note_model(document.get("model"))
             usage = document.get("usage")
@@ -728,6 +747,8 @@ def _body_kind(content_type: str | None) -> str | None:
         return _SSE
     if media == bedrock.EVENT_STREAM:
         return _FRAMES
+    if media == ollama.NDJSON:
+        return _NDJSON
     if media == "application/json" or media.endswith("+json"):
         return _JSON
     return None

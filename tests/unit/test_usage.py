@@ -1649,3 +1649,58 @@ def test_a_large_responses_answer_is_charged_its_web_searches_from_its_tail(kind
     )
     tap = tap_of(body, kind, chunks=list(range(1 << 16, len(body), 1 << 16)))
     assert tap.usage(b"") == dataclasses.replace(RESPONSES_DETAILED_USAGE, web_searches=2)
+
+
+# --- Ollama's native API: newline-delimited JSON, its counts in the last line ---
+
+NDJSON = "application/x-ndjson"
+OLLAMA_STREAM = b"".join(
+    orjson.dumps(line) + b"\n"
+    for line in (
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": "Hel"},
+            "done": False,
+        },  # fmt: skip
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": "lo"},
+            "done": False,
+        },  # fmt: skip
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 26,
+            "eval_count": 2,
+        },  # fmt: skip
+    )
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(OLLAMA_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_an_ollama_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(OLLAMA_STREAM, NDJSON, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(26, 2)
+    assert tap.text == "Hello"
+    assert tap.model == "llama3.2"
+    assert tap.is_whole
+
+
+def test_an_ollama_stream_without_its_last_line_end_still_counts_it() -> None:
+    tap = tap_of(OLLAMA_STREAM.rstrip(b"\n"), "application/x-ndjson; charset=utf-8")
+    assert tap.usage(b"") == Usage(26, 2)
+
+
+def test_ollamas_paths_are_charged_as_generations_and_embeddings() -> None:
+    assert charged("POST", "/v1/api/chat") is Charged.TEXT
+    assert charged("POST", "/api/generate") is Charged.TEXT
+    assert charged("POST", "/v1/api/embed") is Charged.PROMPT
+    assert charged("POST", "/v1/api/embeddings") is Charged.PROMPT
+    assert charged("GET", "/v1/api/tags") is Charged.NOTHING
+    assert charged("POST", "/v1/api/pull") is Charged.REPORTED  # a download: no tokens

@@ -1,0 +1,146 @@
+"""Self-hosted model servers behind the gateway: Ollama, vLLM, llama.cpp's server, TGI.
+
+A platform team declares them in keys.json (`"auth": "none"`, http:// base URLs); their
+answers are OpenAI's shapes with each server's flavour, or their own native APIs. Driven
+through a gateway against `tests/support/fake_selfhosted.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.conftest import auth
+from tests.support.fake_selfhosted import (
+    PROMPT_TOKENS,
+    SELFHOSTED_STATE,
+    SelfHostedState,
+    build_fake_selfhosted,
+)
+
+NATIVE_VK = "vk_test_ollama_native_0a1b2c"
+OPENAI_MODE_VK = "vk_test_ollama_openai_3d4e5f"
+METERED_VK = "vk_test_ollama_metered_6a7b8c"
+
+
+@pytest.fixture
+async def server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(build_fake_selfhosted())
+
+
+@pytest.fixture
+def state(server: TestServer) -> SelfHostedState:
+    return server.app[SELFHOSTED_STATE]
+
+
+@pytest.fixture
+def self_hosted(
+    server: TestServer, tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway whose keys reach the server: its native API and its OpenAI one."""
+    root = str(server.make_url("")).rstrip("/")
+
+    async def make(**env: str) -> TestClient:
+        keys: dict[str, Any] = {
+            "providers": {
+                "ollama-native": {"base_url": root, "auth": "none"},
+                "ollama": {"base_url": f"{root}/v1", "auth": "none"},
+            },
+            "virtual_keys": {
+                NATIVE_VK: {"provider": "ollama-native", "api_key": "none", "name": "native"},
+                OPENAI_MODE_VK: {"provider": "ollama", "api_key": "none", "name": "openai-mode"},
+                METERED_VK: {
+                    "provider": "ollama-native",
+                    "api_key": "none",
+                    "name": "metered",
+                    "quota": {"tokens": 1000},
+                },
+            },
+        }
+        path = tmp_path / "self-hosted.json"
+        path.write_text(json.dumps(keys))
+        return await make_gateway(KEYS_FILE_PATH=str(path), **env)
+
+    return make
+
+
+CHAT = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/api/chat", CHAT),  # a stream: Ollama streams unless told not to
+        ("/v1/api/chat", {**CHAT, "stream": False}),
+        ("/v1/api/generate", {"model": "llama3.2:1b", "prompt": "hello there"}),
+        ("/v1/api/generate", {"model": "llama3.2:1b", "prompt": "hello there", "stream": False}),
+    ],
+)
+async def test_ollamas_native_generations_are_charged_the_counts_ollama_reports(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    """Ollama's own API (its Python and JS clients, Open WebUI) reports a generation's counts
+    in its last line (`prompt_eval_count`, `eval_count`): a key with a token limit was charged
+    nothing for it, so its limit never closed."""
+    gateway = await self_hosted()
+    response = await gateway.post(
+        path, json=body, headers={**auth(METERED_VK), "x-fake-chunks": "5"}
+    )
+    assert response.status == 200
+    await response.read()
+    usage = await gateway.get("/usage", headers=auth(METERED_VK))
+    tokens = (await usage.json())["tokens"]
+    await gateway.close()
+
+    assert tokens["used"] == PROMPT_TOKENS + 5
+    [line] = await records(1)
+    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert line["usage"]["completion_tokens"] == 5
+    assert line["usage"]["estimated"] is False
+    assert line["model"] == "llama3.2:1b"
+
+
+async def test_ollamas_native_embeddings_are_charged_their_prompt(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await self_hosted()
+    body = {"model": "all-minilm", "input": "hello there"}
+    response = await gateway.post("/v1/api/embed", json=body, headers=auth(METERED_VK))
+    assert response.status == 200
+    await response.read()
+    await gateway.close()
+
+    [line] = await records(1)
+    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert line["usage"]["completion_tokens"] == 0
+    assert line["usage"]["estimated"] is False
+
+
+async def test_an_ollama_stream_cut_by_its_error_line_is_logged_with_that_error(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Ollama ends a failing stream with `{"error": "<a sentence>"}` under its 200: the log says
+    the provider sent an error, and what came before it is charged, estimated."""
+    gateway = await self_hosted()
+    headers = {**auth(NATIVE_VK), "x-fake-error-midstream": "1"}
+    response = await gateway.post("/v1/api/chat", json=CHAT, headers=headers)
+    body = await response.read()
+    await gateway.close()
+
+    assert body.endswith(
+        b'{"error":"an error was encountered while running the model: unexpected EOF"}\n'
+    )
+    [line] = await records(1)
+    assert line["error"] == "the provider sent an error in its answer (unknown)"
+    assert line["usage"]["estimated"] is True
+    assert line["usage"]["completion_tokens"] == 2  # "tok0 ": 5 characters
