@@ -7,6 +7,7 @@ through a gateway against `tests/support/fake_selfhosted.py`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -144,3 +145,27 @@ async def test_an_ollama_stream_cut_by_its_error_line_is_logged_with_that_error(
     assert line["error"] == "the provider sent an error in its answer (unknown)"
     assert line["usage"]["estimated"] is True
     assert line["usage"]["completion_tokens"] == 2  # "tok0 ": 5 characters
+
+
+async def test_an_ollama_stream_reaches_the_client_line_by_line_and_is_logged_as_a_stream(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    state: SelfHostedState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Ollama streams unless the body says `"stream": false`: each line reaches the client
+    when Ollama writes it (the next one is not written before the test lets it), and the
+    log line says it was a stream, though no body said `"stream": true`."""
+    gateway = await self_hosted()
+    headers = {**auth(NATIVE_VK), "x-fake-hold": "1", "x-fake-chunks": "2"}
+    response = await gateway.post("/v1/api/chat", json=CHAT, headers=headers)
+    assert response.status == 200
+    for index in range(3):  # two tokens, then the counts
+        state.step.set()
+        line = await asyncio.wait_for(response.content.readline(), 5)
+        assert state.lines_sent == index + 1  # this line came before the next was written
+        assert json.loads(line)["done"] is (index == 2)
+    await response.read()
+    await gateway.close()
+
+    [line] = await records(1)
+    assert line["stream"] is True
