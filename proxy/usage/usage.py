@@ -74,6 +74,7 @@ from proxy.usage import (
     estimate,
     gemini,
     images,
+    llamacpp,
     ollama,
     openai_chat,
     realtime_events,
@@ -147,6 +148,7 @@ _GENERATIONS = (
     ":generateContent",
     ":streamGenerateContent",
     *ollama.GENERATIONS,
+    *llamacpp.GENERATIONS,
 )
 # Endpoints that embed a prompt: OpenAI's, Gemini's native ones (Google AI answers them with
 # no usage at all) and Ollama's.
@@ -626,10 +628,14 @@ class UsageTap:
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind is None:  # OpenAI chat.completion.chunk or text_completion, or Gemini's
-            if "choices" in event or not gemini.is_answer(event):
+            if "choices" in event:
                 _read_chunk(event, self._reading)
-            else:
+            elif gemini.is_answer(event):
                 gemini.read_event(event, self._reading)
+            elif llamacpp.is_answer(event):  # llama.cpp's own /completion
+                llamacpp.read_answer(event, self._reading)
+            else:
+                _read_chunk(event, self._reading)
         elif type(kind) is str:
             read = _EVENTS.get(kind)
             if read is not None:
@@ -681,7 +687,12 @@ class UsageTap:
             return
         reading = self._reading
         if not isinstance(document, dict):
-            if isinstance(document, list):  # Gemini's stream without alt=sse; Google's errors
+            if not isinstance(document, list) or not document:
+                return
+            first = document[0]
+            if isinstance(first, dict) and llamacpp.is_answer(first):  # several prompts'
+                llamacpp.read_answers(document, reading)
+            else:  # Gemini's stream without alt=sse; Google's errors
                 gemini.read_answers(document, reading)
             return
         error = document.get("error")
@@ -699,6 +710,8 @@ class UsageTap:
             gemini.read_answer(document, reading)
         elif "output" in document or document.get("object") == "response":
             responses.read_answer(document, reading)
+        elif llamacpp.is_answer(document):  # before Anthropic's: its text is `content` too
+            llamacpp.read_answer(document, reading)
         elif "content" in document:
             anthropic.read_answer(document, reading)
         elif ollama.is_answer(document):

@@ -25,6 +25,7 @@ from tests.support.fake_selfhosted import (
 )
 
 NATIVE_VK = "vk_test_ollama_native_0a1b2c"
+LLAMA_VK = "vk_test_llamacpp_native_9f8e7d"
 OPENAI_MODE_VK = "vk_test_ollama_openai_3d4e5f"
 METERED_VK = "vk_test_ollama_metered_6a7b8c"
 
@@ -51,10 +52,17 @@ def self_hosted(
             "providers": {
                 "ollama-native": {"base_url": root, "auth": "none"},
                 "ollama": {"base_url": f"{root}/v1", "auth": "none"},
+                "llamacpp": {"base_url": root, "auth": "none"},
             },
             "virtual_keys": {
                 NATIVE_VK: {"provider": "ollama-native", "api_key": "none", "name": "native"},
                 OPENAI_MODE_VK: {"provider": "ollama", "api_key": "none", "name": "openai-mode"},
+                LLAMA_VK: {
+                    "provider": "llamacpp",
+                    "api_key": "none",
+                    "name": "llamacpp",
+                    "quota": {"tokens": 1000},
+                },
                 METERED_VK: {
                     "provider": "ollama-native",
                     "api_key": "none",
@@ -169,3 +177,49 @@ async def test_an_ollama_stream_reaches_the_client_line_by_line_and_is_logged_as
 
     [line] = await records(1)
     assert line["stream"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completion", {"prompt": "Building a website can be done in", "n_predict": 5}),
+        ("/v1/completion", {"prompt": "Building a website can be", "stream": True}),
+        ("/v1/infill", {"input_prefix": "def f(", "input_suffix": ")", "prompt": ""}),
+    ],
+)
+async def test_llamacpps_native_completions_are_charged_the_counts_it_reports(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    """llama.cpp's server answers its own /completion (and /infill) with `tokens_evaluated`
+    and `tokens_predicted` (a stream: running counts in every event): a key with a token limit
+    was charged nothing for them."""
+    gateway = await self_hosted()
+    response = await gateway.post(path, json=body, headers={**auth(LLAMA_VK), "x-fake-chunks": "5"})
+    assert response.status == 200
+    await response.read()
+    usage = await gateway.get("/usage", headers=auth(LLAMA_VK))
+    tokens = (await usage.json())["tokens"]
+    await gateway.close()
+
+    assert tokens["used"] == PROMPT_TOKENS + 5
+    [line] = await records(1)
+    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert line["usage"]["completion_tokens"] == 5
+    assert line["usage"]["estimated"] is False
+
+
+async def test_llamacpps_tokenizer_is_charged_nothing(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await self_hosted()
+    response = await gateway.post("/v1/tokenize", json={"content": "a b c"}, headers=auth(LLAMA_VK))
+    assert response.status == 200
+    await response.read()
+    await gateway.close()
+
+    [line] = await records(1)
+    assert line["usage"] is None

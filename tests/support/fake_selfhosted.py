@@ -14,6 +14,12 @@ Ollama's native API, at its root (`base_url` without `/v1`):
     GET  /api/tags                  the local models
     errors                          `{"error": "<a sentence>"}`: a string, not an object
 
+llama.cpp's native API, at its root:
+    POST /completion, /infill   `{"content", "stop", "tokens_predicted", "tokens_evaluated", "timings"...}`;
+                                `"stream": true`: an event stream of such objects (`data:` lines, no
+                                `[DONE]`), each with the running counts, the last `"stop": true`
+    POST /tokenize              `{"tokens": [...]}`: counts nothing, generates nothing
+
 OpenAI-compatible (`/v1/...`), as each server flavours it (`x-fake-flavour`):
     vllm      usage only when asked (`stream_options.include_usage`), in a last chunk of no
               choices; with `continuous_usage_stats` also in every chunk, cumulative
@@ -70,6 +76,9 @@ def build_fake_selfhosted() -> web.Application:
     app.router.add_post("/api/embed", ollama_embed)
     app.router.add_get("/api/tags", ollama_tags)
     app.router.add_post("/v1/chat/completions", openai_chat)
+    app.router.add_post("/completion", llamacpp_completion)
+    app.router.add_post("/infill", llamacpp_completion)
+    app.router.add_post("/tokenize", llamacpp_tokenize)
     return app
 
 
@@ -228,3 +237,35 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
     await _line(response, state, b"data: [DONE]\n\n", held)
     await response.write_eof()
     return response
+
+
+async def llamacpp_completion(request: web.Request) -> web.StreamResponse:
+    """llama.cpp's native /completion: its own result objects, whole or streamed."""
+    state, body = await _seen(request)
+    count = _count(request)
+    timings = {"prompt_n": PROMPT_TOKENS, "prompt_ms": 30.9, "predicted_n": count,
+               "predicted_ms": 661.0, "predicted_per_second": 52.9}  # fmt: skip
+    final = {"index": 0, "content": _text(count), "tokens": [], "id_slot": 0, "stop": True,
+             "model": "gpt-3.5-turbo", "tokens_predicted": count,
+             "tokens_evaluated": PROMPT_TOKENS, "generation_settings": {"n_ctx": 4096},
+             "prompt": body.get("prompt"), "has_new_line": False, "truncated": False,
+             "stop_type": "eos", "stopping_word": "", "tokens_cached": PROMPT_TOKENS + count,
+             "timings": timings}  # fmt: skip
+    if not body.get("stream"):
+        return web.json_response(final)
+    response = web.StreamResponse(headers={"Content-Type": SSE})
+    await response.prepare(request)
+    held = request.headers.get("x-fake-hold") == "1"
+    for index in range(count):
+        partial = {"index": 0, "content": f"tok{index} ", "tokens": [], "stop": False,
+                   "id_slot": -1, "tokens_predicted": index + 1,
+                   "tokens_evaluated": PROMPT_TOKENS}  # fmt: skip
+        await _line(response, state, b"data: " + orjson.dumps(partial) + b"\n\n", held)
+    await _line(response, state, b"data: " + orjson.dumps({**final, "content": ""}) + b"\n\n", held)
+    await response.write_eof()
+    return response
+
+
+async def llamacpp_tokenize(request: web.Request) -> web.Response:
+    _, body = await _seen(request)
+    return web.json_response({"tokens": list(range(len(str(body.get("content", "")).split())))})

@@ -1704,3 +1704,48 @@ def test_ollamas_paths_are_charged_as_generations_and_embeddings() -> None:
     assert charged("POST", "/v1/api/embeddings") is Charged.PROMPT
     assert charged("GET", "/v1/api/tags") is Charged.NOTHING
     assert charged("POST", "/v1/api/pull") is Charged.REPORTED  # a download: no tokens
+
+
+# --- llama.cpp's native /completion: result objects, running counts in a stream ---
+
+LLAMACPP_STREAM = sse(
+    {"index": 0, "content": "Hel", "stop": False, "tokens_predicted": 1, "tokens_evaluated": 9},
+    {"index": 0, "content": "lo", "stop": False, "tokens_predicted": 2, "tokens_evaluated": 9},
+    {
+        "index": 0,
+        "content": "",
+        "stop": True,
+        "model": "qwen",
+        "tokens_predicted": 2,
+        "tokens_evaluated": 9,
+        "timings": {"prompt_n": 9, "predicted_n": 2},
+    },  # fmt: skip
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(LLAMACPP_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_a_llamacpp_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(LLAMACPP_STREAM, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(9, 2)
+    assert tap.text == "Hello"
+    assert tap.is_whole
+
+
+def test_a_llamacpp_stream_cut_short_is_charged_its_running_counts() -> None:
+    first_event = LLAMACPP_STREAM.index(b"\n\n") + 2
+    assert tap_of(LLAMACPP_STREAM[:first_event]).usage(b"") == Usage(9, 1)
+
+
+def test_llamacpp_results_of_several_prompts_are_counted_together() -> None:
+    results = [
+        {"index": 0, "content": "a", "tokens_predicted": 3, "tokens_evaluated": 5, "stop": True},
+        {"index": 1, "content": "b", "tokens_predicted": 4, "tokens_evaluated": 6, "stop": True},
+    ]
+    assert tap_of(orjson.dumps(results), JSON).usage(b"") == Usage(11, 7)
+
+
+def test_llamacpps_paths_are_charged_as_generations() -> None:
+    assert charged("POST", "/v1/completion") is Charged.TEXT
+    assert charged("POST", "/infill") is Charged.TEXT
+    assert charged("POST", "/v1/tokenize") is Charged.REPORTED
