@@ -79,6 +79,7 @@ from proxy.usage import (
     openai_chat,
     realtime_events,
     responses,
+    tgi,
 )
 from proxy.usage.prompt import request_chars
 from proxy.usage.provider_usage import UsageFields, last_usage
@@ -149,6 +150,7 @@ _GENERATIONS = (
     ":streamGenerateContent",
     *ollama.GENERATIONS,
     *llamacpp.GENERATIONS,
+    *tgi.GENERATIONS,
 )
 # Endpoints that embed a prompt: OpenAI's, Gemini's native ones (Google AI answers them with
 # no usage at all) and Ollama's.
@@ -634,6 +636,8 @@ class UsageTap:
                 gemini.read_event(event, self._reading)
             elif llamacpp.is_answer(event):  # llama.cpp's own /completion
                 llamacpp.read_answer(event, self._reading)
+            elif tgi.is_answer(event):  # TGI's /generate_stream
+                tgi.read_event(event, self._reading)
             else:
                 _read_chunk(event, self._reading)
         elif type(kind) is str:
@@ -692,6 +696,8 @@ class UsageTap:
             first = document[0]
             if isinstance(first, dict) and llamacpp.is_answer(first):  # several prompts'
                 llamacpp.read_answers(document, reading)
+            elif isinstance(first, dict) and tgi.is_answer(first):  # the Inference API's
+                tgi.read_answers(document, reading)
             else:  # Gemini's stream without alt=sse; Google's errors
                 gemini.read_answers(document, reading)
             return
@@ -712,6 +718,8 @@ class UsageTap:
             responses.read_answer(document, reading)
         elif llamacpp.is_answer(document):  # before Anthropic's: its text is `content` too
             llamacpp.read_answer(document, reading)
+        elif tgi.is_answer(document):
+            tgi.read_answer(document, reading)
         elif "content" in document:
             anthropic.read_answer(document, reading)
         elif ollama.is_answer(document):

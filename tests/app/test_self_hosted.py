@@ -26,6 +26,7 @@ from tests.support.fake_selfhosted import (
 
 NATIVE_VK = "vk_test_ollama_native_0a1b2c"
 LLAMA_VK = "vk_test_llamacpp_native_9f8e7d"
+TGI_VK = "vk_test_tgi_native_5c4b3a2d"
 OPENAI_MODE_VK = "vk_test_ollama_openai_3d4e5f"
 METERED_VK = "vk_test_ollama_metered_6a7b8c"
 
@@ -53,6 +54,7 @@ def self_hosted(
                 "ollama-native": {"base_url": root, "auth": "none"},
                 "ollama": {"base_url": f"{root}/v1", "auth": "none"},
                 "llamacpp": {"base_url": root, "auth": "none"},
+                "tgi": {"base_url": root, "auth": "none"},
             },
             "virtual_keys": {
                 NATIVE_VK: {"provider": "ollama-native", "api_key": "none", "name": "native"},
@@ -61,6 +63,12 @@ def self_hosted(
                     "provider": "llamacpp",
                     "api_key": "none",
                     "name": "llamacpp",
+                    "quota": {"tokens": 1000},
+                },
+                TGI_VK: {
+                    "provider": "tgi",
+                    "api_key": "none",
+                    "name": "tgi",
                     "quota": {"tokens": 1000},
                 },
                 METERED_VK: {
@@ -223,3 +231,35 @@ async def test_llamacpps_tokenizer_is_charged_nothing(
 
     [line] = await records(1)
     assert line["usage"] is None
+
+
+TGI_PROMPT = "What is Deep Learning?"  # 22 characters: 6 tokens estimated
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/generate_stream"])
+@pytest.mark.parametrize("details", [True, False])
+async def test_tgis_native_generations_are_charged(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+    details: bool,
+) -> None:
+    """TGI's own /generate and /generate_stream report counts only when asked for `details`
+    (`input_length`, `generated_tokens`): with them the answer is charged those, without
+    them an estimate from its `inputs` and the text it generated. It was charged nothing."""
+    gateway = await self_hosted()
+    body = {"inputs": TGI_PROMPT, "parameters": {"max_new_tokens": 20, "details": details}}
+    response = await gateway.post(path, json=body, headers={**auth(TGI_VK), "x-fake-chunks": "5"})
+    assert response.status == 200
+    await response.read()
+    await gateway.close()
+
+    [line] = await records(1)
+    if details:
+        assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
+        assert line["usage"]["completion_tokens"] == 5
+        assert line["usage"]["estimated"] is False
+    else:
+        assert line["usage"]["prompt_tokens"] == 6
+        assert line["usage"]["completion_tokens"] == 7  # "tok0 " .. "tok4 ": 25 characters
+        assert line["usage"]["estimated"] is True

@@ -20,6 +20,13 @@ llama.cpp's native API, at its root:
                                 `[DONE]`), each with the running counts, the last `"stop": true`
     POST /tokenize              `{"tokens": [...]}`: counts nothing, generates nothing
 
+Hugging Face TGI's native API, at its root:
+    POST /generate          `{"generated_text": ...}`, with `details` (`generated_tokens`,
+                            `input_length`) only when `parameters.details` is true
+    POST /generate_stream   an event stream (`data:` with no space), one `{"token": {"text"},
+                            "generated_text": null, "details": null}` a token; the last has the
+                            whole `generated_text` (and `details`, when asked)
+
 OpenAI-compatible (`/v1/...`), as each server flavours it (`x-fake-flavour`):
     vllm      usage only when asked (`stream_options.include_usage`), in a last chunk of no
               choices; with `continuous_usage_stats` also in every chunk, cumulative
@@ -79,6 +86,8 @@ def build_fake_selfhosted() -> web.Application:
     app.router.add_post("/completion", llamacpp_completion)
     app.router.add_post("/infill", llamacpp_completion)
     app.router.add_post("/tokenize", llamacpp_tokenize)
+    app.router.add_post("/generate", tgi_generate)
+    app.router.add_post("/generate_stream", tgi_generate)
     return app
 
 
@@ -269,3 +278,39 @@ async def llamacpp_completion(request: web.Request) -> web.StreamResponse:
 async def llamacpp_tokenize(request: web.Request) -> web.Response:
     _, body = await _seen(request)
     return web.json_response({"tokens": list(range(len(str(body.get("content", "")).split())))})
+
+
+async def tgi_generate(request: web.Request) -> web.StreamResponse:
+    """TGI's /generate and /generate_stream."""
+    state, body = await _seen(request)
+    count = _count(request)
+    parameters = body.get("parameters") or {}
+    details = (
+        {
+            "finish_reason": "length",
+            "generated_tokens": count,
+            "seed": None,
+            "input_length": PROMPT_TOKENS,
+        }  # fmt: skip
+        if parameters.get("details")
+        else None
+    )
+    if request.path == "/generate":
+        answer: dict[str, Any] = {"generated_text": _text(count)}
+        if details is not None:
+            answer["details"] = {**details, "prefill": [], "tokens": []}
+        return web.json_response(answer)
+    response = web.StreamResponse(headers={"Content-Type": SSE})
+    await response.prepare(request)
+    held = request.headers.get("x-fake-hold") == "1"
+    for index in range(count):
+        last = index == count - 1
+        event = {
+            "index": index + 1,
+            "token": {"id": 100 + index, "text": f"tok{index} ", "logprob": -0.5, "special": False},
+            "generated_text": _text(count) if last else None,
+            "details": details if last else None,
+        }
+        await _line(response, state, b"data:" + orjson.dumps(event) + b"\n\n", held)
+    await response.write_eof()
+    return response

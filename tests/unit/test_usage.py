@@ -1749,3 +1749,41 @@ def test_llamacpps_paths_are_charged_as_generations() -> None:
     assert charged("POST", "/v1/completion") is Charged.TEXT
     assert charged("POST", "/infill") is Charged.TEXT
     assert charged("POST", "/v1/tokenize") is Charged.REPORTED
+
+
+# --- TGI's native /generate and /generate_stream ---
+
+
+def tgi_event(text: str, special: bool = False, whole: str | None = None, details: dict | None = None) -> bytes:  # fmt: skip
+    token = {"id": 1, "text": text, "logprob": -0.1, "special": special}
+    event = {"token": token, "generated_text": whole, "details": details}
+    return b"data:" + orjson.dumps(event) + b"\n\n"
+
+
+TGI_STREAM = (
+    tgi_event("Hel")
+    + tgi_event("lo")
+    + tgi_event(
+        "</s>", special=True, whole="Hello", details={"generated_tokens": 3, "input_length": 8}
+    )  # fmt: skip
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(TGI_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_a_tgi_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(TGI_STREAM, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(8, 3)
+    assert tap.text == "Hello"  # the last event's whole text is not counted again
+    assert tap.is_whole
+
+
+def test_a_tgi_stream_without_details_is_estimated_from_its_tokens_and_inputs() -> None:
+    stream = tgi_event("Hel") + tgi_event("lo") + tgi_event("", whole="Hello")
+    usage = tap_of(stream).usage(b'{"inputs": "12345678"}')
+    assert usage == Usage(2, 2, estimated=True)
+
+
+def test_tgis_paths_are_charged_as_generations() -> None:
+    assert charged("POST", "/v1/generate") is Charged.TEXT
+    assert charged("POST", "/generate_stream") is Charged.TEXT
