@@ -5,15 +5,18 @@ so the tap can never delay, change or hold back a byte. A body in gzip, deflate,
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
 tap answers the provider's own usage when the provider reported one, every token kind.
 Where a body or an event keeps its usage and its text is its dialect's knowledge, one module
-per API (`openai_chat`, `responses`, `anthropic`, `bedrock`, `gemini`); the tap dispatches
-each event by its type (none: an OpenAI chunk, or Gemini's `candidates`; else the dialect
-whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answer,
-`candidates`, a `response` object, `content`; a JSON array: Gemini's stream), and the
+per API (`openai_chat`, `responses`, `anthropic`, `bedrock`, `gemini`, and the native APIs
+of self-hosted servers: `ollama`, `llamacpp`, `tgi`); the tap dispatches each event by its
+type (none: an OpenAI chunk, or Gemini's `candidates`, llama.cpp's or TGI's result; else the
+dialect whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answer,
+`candidates`, a `response` object, llama.cpp's counts, `content`, TGI's `generated_text`,
+Ollama's `done`; a JSON array: Gemini's stream, or several prompts' results), each line of
+newline-delimited JSON (`application/x-ndjson`: Ollama's streams) as Ollama's, and the
 dialect writes what it read into the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings, Gemini's generateContent
-and embedContent) without a readable usage is charged an estimate (`estimate`: every string
+and embedContent, the native generations of Ollama, llama.cpp and TGI) without a readable usage is charged an estimate (`estimate`: every string
 of the request's prompt, read by its path's dialect (`prompt`), and every string the
 provider generated, as its dialect counted them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
 coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
