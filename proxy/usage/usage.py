@@ -54,7 +54,8 @@ whatever the bytes. What it deliberately does not do: parse anything but `data:`
 (one `orjson.loads` each, as providers send an event's JSON on one line; only a data line
 opening JSON that does not parse alone is joined with the next ones, as the SSE
 specification joins an event's data lines, and read at the event's end: whole up to
-WHOLE_PARSE_BYTES, else its tail). Lines end as the SSE specification says (CRLF,
+WHOLE_PARSE_BYTES, else its tail), and llama.cpp's `error:` line, a field of its own that
+ends a failing stream. Lines end as the SSE specification says (CRLF,
 LF or CR: `sse_lines`), and a UTF-8 BOM opening the stream is skipped. A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
 reads them, holding at most one unfinished frame.
 """
@@ -579,6 +580,8 @@ class UsageTap:
                 self._read_split_event()
             elif line.startswith(_BOM_DATA):  # the stream opens with a UTF-8 BOM: skipped
                 self._take_line(line[3:])
+            elif line.startswith(b"error:"):  # llama.cpp's server: a failure, a field of its own
+                self._read_error_line(line[6:])
             return
         data = line[5:].strip()
         if data == b"[DONE]":  # an OpenAI stream's last event
@@ -600,6 +603,16 @@ class UsageTap:
             self._split_event = None  # not JSON: a new event began without the blank line
         if isinstance(event, dict):
             self._read_event(event)
+
+    def _read_error_line(self, data: bytes | bytearray) -> None:
+        """llama.cpp's server ends a failing stream with `error: {"code", "message", "type"}`
+        (then `data: [DONE]`): the provider's error, as an error event's."""
+        try:
+            error = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(error, dict):
+            self._reading.note_error(error)
 
     def _add_to_split(self, split: bytearray, data: bytes | bytearray) -> None:
         """The next data line of a split event; past WHOLE_PARSE_BYTES only its tail is

@@ -263,3 +263,24 @@ async def test_tgis_native_generations_are_charged(
         assert line["usage"]["prompt_tokens"] == 6
         assert line["usage"]["completion_tokens"] == 7  # "tok0 " .. "tok4 ": 25 characters
         assert line["usage"]["estimated"] is True
+
+
+async def test_a_llamacpp_stream_ended_by_its_error_line_is_logged_with_that_error(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """llama.cpp's server ends a failing stream with a line of its own field, `error: {...}`
+    (not `data:`), then `data: [DONE]`: the stream went through as a 200 logged with no error,
+    as if it had answered."""
+    gateway = await self_hosted()
+    headers = {**auth(OPENAI_MODE_VK), "x-fake-flavour": "llamacpp", "x-fake-error-midstream": "1"}
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    body = await response.read()
+    await gateway.close()
+
+    assert b'error: {"code":500' in body  # passed through as it came
+    [line] = await records(1)
+    assert line["status"] == 200
+    assert line["error"] == "the provider sent an error in its answer (server_error)"

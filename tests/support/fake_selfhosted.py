@@ -39,7 +39,11 @@ Steering headers (they pass through the gateway unchanged):
                             count reported
     x-fake-status: N        answer N with the server's error body (Ollama: a string `error`;
                             `/v1/`: llama.cpp's loading error for 503, else vLLM's object)
-    x-fake-error-midstream: 1   a stream's second line is an error (Ollama: `{"error": "..."}`)
+    x-fake-error-midstream: 1   a stream's second line is an error (Ollama: `{"error": "..."}`;
+                            llama.cpp's `/v1` stream: an `error: {"code": 500, ...}` line, a
+                            field of its own, not `data:`, then `data: [DONE]`)
+    x-fake-error-first: 1   llama.cpp's `/v1` stream: that `error:` line right after its
+                            start (the role chunk), as llama.cpp before b5000 sent a failure
     x-fake-hold: 1          each stream line waits until the test sets `state.step` (an
                             asyncio.Event, cleared after each line): one line at a time
 
@@ -241,7 +245,17 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
     if asked and flavour != "llamacpp":
         events.append({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                        "model": model, "choices": [], "usage": usage})  # fmt: skip
-    for event in events:
+    failing_at = None
+    if request.headers.get("x-fake-error-midstream") == "1":
+        failing_at = 2  # after the role chunk and one token
+    elif request.headers.get("x-fake-error-first") == "1":
+        failing_at = 1
+    for index, event in enumerate(events):
+        if index == failing_at:
+            error = {"code": 500, "message": "Context size has been exceeded.",
+                     "type": "server_error"}  # fmt: skip
+            await _line(response, state, b"error: " + orjson.dumps(error) + b"\n\n", held)
+            break
         await _line(response, state, b"data: " + orjson.dumps(event) + b"\n\n", held)
     await _line(response, state, b"data: [DONE]\n\n", held)
     await response.write_eof()

@@ -1787,3 +1787,13 @@ def test_a_tgi_stream_without_details_is_estimated_from_its_tokens_and_inputs() 
 def test_tgis_paths_are_charged_as_generations() -> None:
     assert charged("POST", "/v1/generate") is Charged.TEXT
     assert charged("POST", "/generate_stream") is Charged.TEXT
+
+
+def test_llamacpps_error_line_is_the_providers_error_and_charges_nothing_before_content() -> None:
+    """llama.cpp's server ends a failing stream with an `error:` line of its own (not `data:`)."""
+    error = b'error: {"code":500,"message":"slot unavailable","type":"server_error"}\n\n'
+    start = sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]})
+    tap = tap_of(start + error + b"data: [DONE]\n\n")
+    assert tap.error_kind == "server_error"
+    assert tap.usage(CHAT_REQUEST) is None  # nothing generated: charged as its 5xx would be
+    assert tap_of(b"data: {}\n\nerror-free: 1\n\n").error_kind is None
