@@ -5,9 +5,9 @@ its finishing chunk), llama.cpp's server (llama-server) answers its own `POST /c
 (also spelt `/completions` at its root) and `/infill` with result objects: the text in
 `content`, the counts in `tokens_evaluated` (the prompt's tokens) and `tokens_predicted` (the
 completion's), `stop` true on the last. `"stream": true` makes it an event stream of such
-objects (`data:` lines, no `type`, no `[DONE]`), each with the running counts: the last
-value wins, as for every stream. Several prompts answer a JSON list of results (their
-`index`), each counted. `/tokenize`, `/detokenize` and `/embedding` generate nothing.
+objects (`data:` lines, no `type`, no `[DONE]`), each with the running counts (the last
+value wins, as for every stream; older builds sent them only in the last event). Several
+prompts answer a JSON list of results (their `index`), each counted. `/tokenize`, `/detokenize` and `/embedding` generate nothing.
 
 A request's prompt (`prompt`, `input_prefix`, `input_suffix`, `input_extra` chunks' `text`)
 is read by its shape (`estimate.unknown_prompt_chars`): `prompt` only.
@@ -26,8 +26,10 @@ GENERATIONS = ("/completion", "/infill")
 
 
 def is_answer(document: dict[str, Any]) -> bool:
-    """A result object of llama.cpp's own API (a whole answer, or a stream's event)."""
-    return "tokens_predicted" in document
+    """A result object of llama.cpp's own API (a whole answer, or a stream's event; in older
+    builds (2024) a partial one held only `content`, `stop` and its slot, the counts only
+    the last)."""
+    return "tokens_predicted" in document or ("stop" in document and "content" in document)
 
 
 def read_answer(result: dict[str, Any], reading: Reading) -> None:

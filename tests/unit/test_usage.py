@@ -1797,3 +1797,13 @@ def test_llamacpps_error_line_is_the_providers_error_and_charges_nothing_before_
     assert tap.error_kind == "server_error"
     assert tap.usage(CHAT_REQUEST) is None  # nothing generated: charged as its 5xx would be
     assert tap_of(b"data: {}\n\nerror-free: 1\n\n").error_kind is None
+
+
+def test_an_older_llamacpp_streams_text_is_counted_though_its_events_carry_no_counts() -> None:
+    """llama.cpp's server in older builds (2024) sent each partial event as `{"content", "stop": false,
+    "id_slot", "multimodal", "index"}`, the counts only in the last: a stream cut before it is
+    estimated from the text that came."""
+    partial = {"content": "12345678", "stop": False, "id_slot": 0, "multimodal": False, "index": 0}
+    tap = tap_of(sse(partial, partial))
+    assert tap.usage(b'{"prompt": "1234"}') == Usage(1, 4, estimated=True)
+    assert tap.text == "1234567812345678"
