@@ -41,9 +41,8 @@ Steering headers (they pass through the gateway unchanged):
                             `/v1/`: llama.cpp's loading error for 503, else vLLM's object)
     x-fake-error-midstream: 1   a stream's second line is an error (Ollama: `{"error": "..."}`;
                             llama.cpp's `/v1` stream: an `error: {"code": 500, ...}` line, a
-                            field of its own, not `data:`, then `data: [DONE]`)
-    x-fake-error-first: 1   llama.cpp's `/v1` stream: that `error:` line right after its
-                            start (the role chunk), as llama.cpp before b5000 sent a failure
+                            field of its own, not `data:`, as older builds send a failure,
+                            then `data: [DONE]`)
     x-fake-hold: 1          each stream line waits until the test sets `state.step` (an
                             asyncio.Event, cleared after each line): one line at a time
 
@@ -245,11 +244,8 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
     if asked and flavour != "llamacpp":
         events.append({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                        "model": model, "choices": [], "usage": usage})  # fmt: skip
-    failing_at = None
-    if request.headers.get("x-fake-error-midstream") == "1":
-        failing_at = 2  # after the role chunk and one token
-    elif request.headers.get("x-fake-error-first") == "1":
-        failing_at = 1
+    # after the role chunk and one token
+    failing_at = 2 if request.headers.get("x-fake-error-midstream") == "1" else None
     for index, event in enumerate(events):
         if index == failing_at:
             error = {"code": 500, "message": "Context size has been exceeded.",
