@@ -29,6 +29,7 @@ LLAMA_VK = "vk_test_llamacpp_native_9f8e7d"
 TGI_VK = "vk_test_tgi_native_5c4b3a2d"
 OPENAI_MODE_VK = "vk_test_ollama_openai_3d4e5f"
 METERED_VK = "vk_test_ollama_metered_6a7b8c"
+CACHED_VK = "vk_test_llamacpp_cached_1f2e3d"
 
 
 @pytest.fixture
@@ -59,6 +60,12 @@ def self_hosted(
             "virtual_keys": {
                 NATIVE_VK: {"provider": "ollama-native", "api_key": "none", "name": "native"},
                 OPENAI_MODE_VK: {"provider": "ollama", "api_key": "none", "name": "openai-mode"},
+                CACHED_VK: {
+                    "provider": "ollama",
+                    "api_key": "none",
+                    "name": "cached",
+                    "cache": {"ttl_seconds": 300},
+                },
                 LLAMA_VK: {
                     "provider": "llamacpp",
                     "api_key": "none",
@@ -284,3 +291,21 @@ async def test_a_llamacpp_stream_ended_by_its_error_line_is_logged_with_that_err
     [line] = await records(1)
     assert line["status"] == 200
     assert line["error"] == "the provider sent an error in its answer (server_error)"
+
+
+async def test_a_llamacpp_stream_ended_by_its_error_line_is_not_cached(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    state: SelfHostedState,
+) -> None:
+    """Its `data: [DONE]` after the `error:` line looked like a stream that ended well: a key
+    with a cache must not replay the failure to the next identical request."""
+    gateway = await self_hosted()
+    headers = {**auth(CACHED_VK), "x-fake-flavour": "llamacpp", "x-fake-error-midstream": "1"}
+    body = {**CHAT, "stream": True}
+    for _ in range(2):
+        response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+        await response.read()
+        assert response.headers["x-llm-gateway-cache"] == "miss"
+    await gateway.close()
+
+    assert len(state.requests) == 2
