@@ -30,6 +30,7 @@ TGI_VK = "vk_test_tgi_native_5c4b3a2d"
 OPENAI_MODE_VK = "vk_test_ollama_openai_3d4e5f"
 METERED_VK = "vk_test_ollama_metered_6a7b8c"
 CACHED_VK = "vk_test_llamacpp_cached_1f2e3d"
+FALLING_VK = "vk_test_llamacpp_falling_4a5b6c"
 
 
 @pytest.fixture
@@ -55,11 +56,18 @@ def self_hosted(
                 "ollama-native": {"base_url": root, "auth": "none"},
                 "ollama": {"base_url": f"{root}/v1", "auth": "none"},
                 "llamacpp": {"base_url": root, "auth": "none"},
+                "llamacpp-openai": {"base_url": f"{root}/v1", "auth": "none"},
                 "tgi": {"base_url": root, "auth": "none"},
             },
             "virtual_keys": {
                 NATIVE_VK: {"provider": "ollama-native", "api_key": "none", "name": "native"},
                 OPENAI_MODE_VK: {"provider": "ollama", "api_key": "none", "name": "openai-mode"},
+                FALLING_VK: {
+                    "provider": "ollama",
+                    "api_key": "none",
+                    "name": "falling",
+                    "fallbacks": [{"provider": "llamacpp-openai", "api_key": "none"}],
+                },
                 CACHED_VK: {
                     "provider": "ollama",
                     "api_key": "none",
@@ -309,3 +317,27 @@ async def test_a_llamacpp_stream_ended_by_its_error_line_is_not_cached(
     await gateway.close()
 
     assert len(state.requests) == 2
+
+
+async def test_a_llamacpp_stream_failing_at_once_by_its_error_line_fails_over(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    state: SelfHostedState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """A stream whose first event past its start is llama.cpp's `error:` line of a failure of
+    the moment (503 `unavailable_error`, a model still loading) is that attempt's failure, as
+    a `data:` error object is: the fallback answers, and the client never sees the error."""
+    gateway = await self_hosted()
+    headers = {**auth(FALLING_VK), "x-fake-flavour": "llamacpp", "x-fake-error-first": "1"}
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    body = await response.read()
+    await gateway.close()
+
+    assert response.status == 200
+    assert b"error" not in body and body.endswith(b"data: [DONE]\n\n")
+    assert state.failed_first == 1 and len(state.requests) == 2
+    [line] = await records(1)
+    assert [attempt["target"] for attempt in line["attempts"]] == ["ollama", "llamacpp-openai"]
+    assert "error" not in line

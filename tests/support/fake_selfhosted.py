@@ -43,6 +43,9 @@ Steering headers (they pass through the gateway unchanged):
                             llama.cpp's `/v1` stream: an `error: {"code": 500, ...}` line, a
                             field of its own, not `data:`, as older builds send a failure,
                             then `data: [DONE]`)
+    x-fake-error-first: N   the first N requests carrying it: llama.cpp's `/v1` stream sends that
+                            `error:` line right after its start (the role chunk), a 503 of a
+                            server still loading (`unavailable_error`); the others answer
     x-fake-hold: 1          each stream line waits until the test sets `state.step` (an
                             asyncio.Event, cleared after each line): one line at a time
 
@@ -73,6 +76,7 @@ class SelfHostedState:
     headers: list[dict[str, str]] = field(default_factory=list)
     step: asyncio.Event = field(default_factory=asyncio.Event)
     lines_sent: int = 0
+    failed_first: int = 0  # requests x-fake-error-first failed
 
 
 SELFHOSTED_STATE = web.AppKey("selfhosted_state", SelfHostedState)
@@ -246,10 +250,13 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
                        "model": model, "choices": [], "usage": usage})  # fmt: skip
     # after the role chunk and one token
     failing_at = 2 if request.headers.get("x-fake-error-midstream") == "1" else None
+    error = {"code": 500, "message": "Context size has been exceeded.", "type": "server_error"}
+    if state.failed_first < int(request.headers.get("x-fake-error-first", "0")):
+        state.failed_first += 1
+        failing_at = 1
+        error = {"code": 503, "message": "Loading model", "type": "unavailable_error"}
     for index, event in enumerate(events):
         if index == failing_at:
-            error = {"code": 500, "message": "Context size has been exceeded.",
-                     "type": "server_error"}  # fmt: skip
             await _line(response, state, b"error: " + orjson.dumps(error) + b"\n\n", held)
             break
         await _line(response, state, b"data: " + orjson.dumps(event) + b"\n\n", held)
