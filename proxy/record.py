@@ -350,8 +350,9 @@ class Record:
         self.model, self.is_stream, self.is_background = shown(model), is_stream, is_background
 
     def saw_event_stream(self) -> None:
-        """The answer is an event stream, though no body asked for one in `"stream": true` (a
-        stored Response fetched with `?stream=true`, a transcription's form field)."""
+        """The answer is an event stream (or newline-delimited JSON), though no body asked for
+        one in `"stream": true` (a stored Response fetched with `?stream=true`, a
+        transcription's form field, Ollama's native API, which streams by default)."""
         self.is_stream = True
 
     def saw_provider_request_id(self, request_id: str | None) -> None:

@@ -52,6 +52,9 @@ WHOLE_BODY_BYTES = 1 << 20
 # (64 KiB, asyncio's and uvloop's): its write never waits for the client. A larger one waits
 # while the client reads nothing, and is watched as a stream is.
 WATCHED_WRITE_BYTES = 1 << 15
+# Answers that are streams whatever the body said: event streams, and newline-delimited JSON
+# (Ollama's native API streams unless its body says `"stream": false`).
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 # Marks a response whose provider answer had no Content-Type (see keep_untyped).
 UNTYPED = web.ResponseKey("untyped", bool)
 
@@ -143,7 +146,7 @@ class Relay:
         if found is not None:
             headers["x-llm-gateway-cache"] = found.cached.value
         status, content_type = reply.status, reply.headers.get("content-type")
-        if content_type is not None and content_type.startswith("text/event-stream"):
+        if content_type is not None and content_type.startswith(STREAM_TYPES):
             record.saw_event_stream()
         coding = content_coding(reply.headers)  # every line of it: two are one list
         tap = UsageTap(

@@ -4,7 +4,8 @@ Providers answer some failures with a 200 and an event stream whose first event 
 error: Anthropic's `event: error` (`overloaded_error`, `rate_limit_error`, `api_error`),
 OpenAI's and OpenAI-compatible servers' `data: {"error": {...}}`, OpenRouter's chunk with a
 top-level `error` whose `code` is the status it stands for (after `: OPENROUTER PROCESSING`
-comments), the Responses API's `error` event. The attempt loop (failover.py) asks this
+comments), the Responses API's `error` event, llama.cpp's server's `error: {"code", ...}` line
+(a field of its own, not `data:`, in its older builds). The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
 The first event that says something, that is: a stream's start says nothing of the answer
@@ -68,7 +69,7 @@ def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
     """What the stream's first event past its start is, from the bytes at hand: (its error
     kind, the status it stands for) when a failure of the moment; None when anything else
     (content, an error that fails everywhere); MORE while that event has not all come."""
-    if b"data" not in at_hand:  # nothing yet, or comments
+    if b"data" not in at_hand and b"error:" not in at_hand:  # nothing yet, or comments
         return MORE
     for name, data in events(at_hand):
         if name in STARTING or (not name and _is_start_chunk(data)):
@@ -85,7 +86,8 @@ def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
 
 def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
     """Each whole event's name and data (its data lines joined), in order; comments and
-    empty events skipped, the last one left while its blank line has not come."""
+    empty events skipped, the last one left while its blank line has not come. llama.cpp's
+    `error:` line is an `error` event of that data."""
     text = at_hand.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     blocks = text.split(b"\n\n")
     for block in blocks[:-1]:  # the last one is not yet ended
@@ -96,6 +98,9 @@ def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
             if field == b"event":
                 name = value
             elif field == b"data":
+                data.append(value)
+            elif field == b"error":  # llama.cpp's server: a failure, a field of its own
+                name = b"error"
                 data.append(value)
         if data:
             yield name, b"\n".join(data)

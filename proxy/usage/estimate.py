@@ -19,7 +19,7 @@ import orjson
 
 CHARS_PER_TOKEN = 4
 _TEXT_KEYS = ("text", "content", "message")
-_REQUEST_TEXT = ("messages", "input", "prompt", "system")
+_REQUEST_TEXT = ("messages", "input", "inputs", "prompt", "system")  # inputs: Hugging Face's
 # Bounded, because a client's body may nest as deep as orjson allows.
 _TEXT_DEPTH = 8
 
@@ -30,8 +30,8 @@ def tokens(chars: int) -> int:
 
 def unknown_prompt_chars(document: dict[str, object]) -> int:
     """Characters of text in a request of an API no dialect knows: the strings under the keys
-    that hold a prompt (messages, input, prompt, system), and under text, content and
-    message within them."""
+    that hold a prompt (messages, input, inputs, prompt, system), and under text, content
+    and message within them."""
     return sum(_text_length(document.get(key)) for key in _REQUEST_TEXT)
 
 

@@ -5,15 +5,18 @@ so the tap can never delay, change or hold back a byte. A body in gzip, deflate,
 (or a stack of them) is decoded for the tap only (`encodings`). At the end of the body the
 tap answers the provider's own usage when the provider reported one, every token kind.
 Where a body or an event keeps its usage and its text is its dialect's knowledge, one module
-per API (`openai_chat`, `responses`, `anthropic`, `bedrock`, `gemini`); the tap dispatches
-each event by its type (none: an OpenAI chunk, or Gemini's `candidates`; else the dialect
-whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answer,
-`candidates`, a `response` object, `content`; a JSON array: Gemini's stream), and the
+per API (`openai_chat`, `responses`, `anthropic`, `bedrock`, `gemini`, and the native APIs
+of self-hosted servers: `ollama`, `llamacpp`, `tgi`); the tap dispatches each event by its
+type (none: an OpenAI chunk, or Gemini's `candidates`, llama.cpp's or TGI's result; else the
+dialect whose `EVENTS` name it), each JSON body by its shape (`choices`, a Converse answer,
+`candidates`, a `response` object, llama.cpp's counts, `content`, TGI's `generated_text`,
+Ollama's `done`; a JSON array: Gemini's stream, or several prompts' results), each line of
+newline-delimited JSON (`application/x-ndjson`: Ollama's streams) as Ollama's, and the
 dialect writes what it read into the answer's `Reading`.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings, Gemini's generateContent
-and embedContent) without a readable usage is charged an estimate (`estimate`: every string
+and embedContent, the native generations of Ollama, llama.cpp and TGI) without a readable usage is charged an estimate (`estimate`: every string
 of the request's prompt, read by its path's dialect (`prompt`), and every string the
 provider generated, as its dialect counted them), marked `estimated` — never nothing, also when the body cannot be read (an unknown
 coding, corrupt, not JSON, cut short, over the memory bound): then the response's decoded
@@ -51,7 +54,8 @@ whatever the bytes. What it deliberately does not do: parse anything but `data:`
 (one `orjson.loads` each, as providers send an event's JSON on one line; only a data line
 opening JSON that does not parse alone is joined with the next ones, as the SSE
 specification joins an event's data lines, and read at the event's end: whole up to
-WHOLE_PARSE_BYTES, else its tail). Lines end as the SSE specification says (CRLF,
+WHOLE_PARSE_BYTES, else its tail), and llama.cpp's `error:` line, a field of its own that
+ends a failing stream. Lines end as the SSE specification says (CRLF,
 LF or CR: `sse_lines`), and a UTF-8 BOM opening the stream is skipped. A Bedrock stream is AWS event-stream frames, not lines: `bedrock`
 reads them, holding at most one unfinished frame.
 """
@@ -74,9 +78,12 @@ from proxy.usage import (
     estimate,
     gemini,
     images,
+    llamacpp,
+    ollama,
     openai_chat,
     realtime_events,
     responses,
+    tgi,
 )
 from proxy.usage.prompt import request_chars
 from proxy.usage.provider_usage import UsageFields, last_usage
@@ -98,6 +105,7 @@ HEAD_BYTES = 16 * 1024
 
 _JSON = "json"
 _SSE = "sse"
+_NDJSON = "ndjson"  # newline-delimited JSON (Ollama's native streams)
 _FRAMES = "frames"  # AWS event stream (Bedrock)
 
 
@@ -144,10 +152,13 @@ _GENERATIONS = (
     ":streamRawPredict",
     ":generateContent",
     ":streamGenerateContent",
+    *ollama.GENERATIONS,
+    *llamacpp.GENERATIONS,
+    *tgi.GENERATIONS,
 )
-# Endpoints that embed a prompt: OpenAI's, and Gemini's native ones (Google AI answers them
-# with no usage at all).
-_EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents")
+# Endpoints that embed a prompt: OpenAI's, Gemini's native ones (Google AI answers them with
+# no usage at all) and Ollama's.
+_EMBEDDINGS = ("/embeddings", ":embedContent", ":batchEmbedContents", *ollama.EMBEDDINGS)
 # A stored chat completion (`store: true`) is POST {this}/{id} to update its metadata.
 _STORED_CHATS = "/chat/completions"
 # Vertex's token count for Claude (the SDK's count_tokens) ends as a generation's path does.
@@ -277,8 +288,8 @@ class UsageTap:
         self._body: bytearray | None = bytearray() if kind == _JSON else None
         # A large JSON body's first HEAD_BYTES, kept for a stored Response's id and status.
         self._head: bytes | None = None
-        # SSE: lines, and the unfinished last one (None once let go).
-        self._lines = LineReader() if kind == _SSE else None
+        # SSE and NDJSON: lines, and the unfinished last one (None once let go).
+        self._lines = LineReader() if kind == _SSE or kind == _NDJSON else None
         # SSE: the tail of an event line too long to hold, until the line ends (`_cut_line`).
         self._long_line: bytearray | None = None
         # SSE: the data lines so far of an event whose first one is not JSON alone (its
@@ -288,7 +299,7 @@ class UsageTap:
         # What the answer said: SSE text deltas kept only with keep_text (a JSON body's text
         # is the body); a Responses object's id and status only for LATER and FETCHED.
         self._reading = Reading(
-            keep_text and (kind == _SSE or kind == _FRAMES),
+            keep_text and kind is not None and kind != _JSON,
             is_stored_noted=charged in _STORED,
             is_started_noted=charged is Charged.LATER,
         )
@@ -394,7 +405,7 @@ class UsageTap:
         self._seen += len(data)
         if self._is_unread:
             return
-        if self._kind == _SSE:
+        if self._lines is not None:
             self._take_lines(data)
         elif self._frames is not None:
             self._take_frames(self._frames, data)
@@ -512,8 +523,9 @@ class UsageTap:
         assert lines is not None  # an SSE tap that reads has its reader
         if self._long_line is not None:
             data = self._take_long_line(data)
+        take = self._take_line if self._kind == _SSE else self._take_object
         for line in lines.feed(data):
-            self._take_line(line)
+            take(line)
         # What the reader holds now (an unfinished line, or a long one's tail) is what this
         # tap holds, beside the text (held after it: reading the usage comes first).
         held = lines.held_bytes + self._text_held
@@ -568,6 +580,8 @@ class UsageTap:
                 self._read_split_event()
             elif line.startswith(_BOM_DATA):  # the stream opens with a UTF-8 BOM: skipped
                 self._take_line(line[3:])
+            elif line.startswith(b"error:"):  # llama.cpp's server: a failure, a field of its own
+                self._read_error_line(line[6:])
             return
         data = line[5:].strip()
         if data == b"[DONE]":  # an OpenAI stream's last event
@@ -590,6 +604,16 @@ class UsageTap:
         if isinstance(event, dict):
             self._read_event(event)
 
+    def _read_error_line(self, data: bytes | bytearray) -> None:
+        """llama.cpp's server ends a failing stream with `error: {"code", "message", "type"}`
+        (then `data: [DONE]`): the provider's error, as an error event's."""
+        try:
+            error = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(error, dict):
+            self._reading.note_error(error)
+
     def _add_to_split(self, split: bytearray, data: bytes | bytearray) -> None:
         """The next data line of a split event; past WHOLE_PARSE_BYTES only its tail is
         kept, where its usage is (read as a large JSON body's)."""
@@ -610,13 +634,28 @@ class UsageTap:
         if isinstance(event, dict):
             self._read_event(event)
 
+    def _take_object(self, line: bytes | bytearray) -> None:
+        """One line of newline-delimited JSON: a JSON object (Ollama's)."""
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            ollama.read_line(event, self._reading)
+
     def _read_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind is None:  # OpenAI chat.completion.chunk or text_completion, or Gemini's
-            if "choices" in event or not gemini.is_answer(event):
+            if "choices" in event:
                 _read_chunk(event, self._reading)
-            else:
+            elif gemini.is_answer(event):
                 gemini.read_event(event, self._reading)
+            elif llamacpp.is_answer(event):  # llama.cpp's own /completion
+                llamacpp.read_answer(event, self._reading)
+            elif tgi.is_answer(event):  # TGI's /generate_stream
+                tgi.read_event(event, self._reading)
+            else:
+                _read_chunk(event, self._reading)
         elif type(kind) is str:
             read = _EVENTS.get(kind)
             if read is not None:
@@ -626,7 +665,11 @@ class UsageTap:
         if self._finished:
             return
         self._finished = True
-        if self._kind == _SSE and not self._is_unread and self._lines is not None:
+        if self._kind == _NDJSON and not self._is_unread and self._lines is not None:
+            self._take_object(self._lines.rest())  # a last line without its line end
+            if self._reading.texts is not None:
+                self._text = "".join(self._reading.texts)
+        elif self._kind == _SSE and not self._is_unread and self._lines is not None:
             # A stream cut before its last line end still counts what that line said.
             if self._long_line is not None:
                 self._read_tail(self._long_line)
@@ -664,7 +707,14 @@ class UsageTap:
             return
         reading = self._reading
         if not isinstance(document, dict):
-            if isinstance(document, list):  # Gemini's stream without alt=sse; Google's errors
+            if not isinstance(document, list) or not document:
+                return
+            first = document[0]
+            if isinstance(first, dict) and llamacpp.is_answer(first):  # several prompts'
+                llamacpp.read_answers(document, reading)
+            elif isinstance(first, dict) and tgi.is_answer(first):  # the Inference API's
+                tgi.read_answers(document, reading)
+            else:  # Gemini's stream without alt=sse; Google's errors
                 gemini.read_answers(document, reading)
             return
         error = document.get("error")
@@ -682,8 +732,14 @@ class UsageTap:
             gemini.read_answer(document, reading)
         elif "output" in document or document.get("object") == "response":
             responses.read_answer(document, reading)
+        elif llamacpp.is_answer(document):  # before Anthropic's: its text is `content` too
+            llamacpp.read_answer(document, reading)
+        elif tgi.is_answer(document):
+            tgi.read_answer(document, reading)
         elif "content" in document:
             anthropic.read_answer(document, reading)
+        elif ollama.is_answer(document):
+            ollama.read_line(document, reading)
         else:  # embeddings, transcriptions, …: only what they report
             reading.note_model(document.get("model"))
             usage = document.get("usage")
@@ -728,6 +784,8 @@ def _body_kind(content_type: str | None) -> str | None:
         return _SSE
     if media == bedrock.EVENT_STREAM:
         return _FRAMES
+    if media == ollama.NDJSON:
+        return _NDJSON
     if media == "application/json" or media.endswith("+json"):
         return _JSON
     return None

@@ -62,3 +62,41 @@ def test_a_bad_team_is_one_line_and_the_other_teams_keys_load(tmp_path: Path) ->
     }
     problems = checked(tmp_path, keys, {})
     assert len(problems) == 1 and "a team name has a space at an end" in problems[0], problems
+
+
+def test_a_platform_teams_self_hosted_servers_pass_the_check(tmp_path: Path) -> None:
+    """docs/keys.md's self-hosted servers: http:// base URLs on localhost and a LAN, no key
+    checked (`"auth": "none"`, a placeholder api_key), one server declared both ways, a
+    route to the native API, a fallback between servers, and their prices at nothing."""
+    keys = {
+        "providers": {
+            "ollama": {"base_url": "http://127.0.0.1:11434/v1", "auth": "none"},
+            "ollama-native": {"base_url": "http://127.0.0.1:11434", "auth": "none"},
+            "vllm": {"base_url": "http://10.0.0.5:8000/v1", "auth": "bearer"},
+            "llamacpp": {"base_url": "http://gpu-box.lan:8080/v1", "auth": "none"},
+            "lmstudio": {"base_url": "http://192.168.1.20:1234/v1", "auth": "none"},
+            "tgi": {"base_url": "http://tgi:80", "auth": "none"},
+        },
+        "virtual_keys": {
+            "vk_alice_" + "a" * 20: {
+                "provider": "vllm",
+                "api_key_env": "VLLM_API_KEY",
+                "name": "alice",
+                "quota": {"tokens": 200000},
+                "fallbacks": [{"provider": "llamacpp", "api_key": "none"}],
+            },
+            "vk_bob_" + "b" * 20: {"provider": "ollama-native", "api_key": "none", "name": "bob"},
+            "vk_carol_" + "c" * 20: {
+                "name": "carol",
+                "budget": {"usd": 5},
+                "routes": [
+                    {"models": ["llama3*"], "provider": "ollama", "api_key": "none"},
+                    {"models": ["*"], "provider": "lmstudio", "api_key": "none"},
+                ],
+            },
+            "vk_dave_" + "d" * 20: {"provider": "tgi", "api_key": "none", "name": "dave"},
+        },
+    }
+    nothing = {"input_mtok": 0, "output_mtok": 0}
+    prices = {name: {"*": nothing} for name in ("ollama", "vllm", "llamacpp", "lmstudio")}
+    assert checked(tmp_path, keys, prices, VLLM_API_KEY="token-abc123") == []

@@ -106,3 +106,16 @@ def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes)
 )
 def test_a_first_event_not_all_come_waits_for_more(at_hand: bytes) -> None:
     assert failure(at_hand) == MORE
+
+
+def llamacpp_error(code: int, kind: str) -> bytes:
+    """llama.cpp's server (older builds): a failure as a line of its own field, `error:`."""
+    return b"error: " + json.dumps({"code": code, "message": "m", "type": kind}).encode() + b"\n\n"
+
+
+def test_llamacpps_error_line_is_an_error_event() -> None:
+    loading = llamacpp_error(503, "unavailable_error")
+    assert failure(ROLE + loading + b"data: [DONE]\n\n") == ("error 503", 503)
+    assert failure(loading) == ("error 503", 503)  # no data line needed before it
+    assert failure(ROLE + llamacpp_error(400, "exceed_context_size_error")) is None
+    assert failure(b'error: {"code": 5') is MORE  # its blank line has not come

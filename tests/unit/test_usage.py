@@ -1649,3 +1649,161 @@ def test_a_large_responses_answer_is_charged_its_web_searches_from_its_tail(kind
     )
     tap = tap_of(body, kind, chunks=list(range(1 << 16, len(body), 1 << 16)))
     assert tap.usage(b"") == dataclasses.replace(RESPONSES_DETAILED_USAGE, web_searches=2)
+
+
+# --- Ollama's native API: newline-delimited JSON, its counts in the last line ---
+
+NDJSON = "application/x-ndjson"
+OLLAMA_STREAM = b"".join(
+    orjson.dumps(line) + b"\n"
+    for line in (
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": "Hel"},
+            "done": False,
+        },  # fmt: skip
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": "lo"},
+            "done": False,
+        },  # fmt: skip
+        {
+            "model": "llama3.2",
+            "created_at": "t",
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 26,
+            "eval_count": 2,
+        },  # fmt: skip
+    )
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(OLLAMA_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_an_ollama_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(OLLAMA_STREAM, NDJSON, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(26, 2)
+    assert tap.text == "Hello"
+    assert tap.model == "llama3.2"
+    assert tap.is_whole
+
+
+def test_an_ollama_stream_without_its_last_line_end_still_counts_it() -> None:
+    tap = tap_of(OLLAMA_STREAM.rstrip(b"\n"), "application/x-ndjson; charset=utf-8")
+    assert tap.usage(b"") == Usage(26, 2)
+
+
+def test_ollamas_paths_are_charged_as_generations_and_embeddings() -> None:
+    assert charged("POST", "/v1/api/chat") is Charged.TEXT
+    assert charged("POST", "/api/generate") is Charged.TEXT
+    assert charged("POST", "/v1/api/embed") is Charged.PROMPT
+    assert charged("POST", "/v1/api/embeddings") is Charged.PROMPT
+    assert charged("GET", "/v1/api/tags") is Charged.NOTHING
+    assert charged("POST", "/v1/api/pull") is Charged.REPORTED  # a download: no tokens
+
+
+# --- llama.cpp's native /completion: result objects, running counts in a stream ---
+
+LLAMACPP_STREAM = sse(
+    {"index": 0, "content": "Hel", "stop": False, "tokens_predicted": 1, "tokens_evaluated": 9},
+    {"index": 0, "content": "lo", "stop": False, "tokens_predicted": 2, "tokens_evaluated": 9},
+    {
+        "index": 0,
+        "content": "",
+        "stop": True,
+        "model": "qwen",
+        "tokens_predicted": 2,
+        "tokens_evaluated": 9,
+        "timings": {"prompt_n": 9, "predicted_n": 2},
+    },  # fmt: skip
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(LLAMACPP_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_a_llamacpp_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(LLAMACPP_STREAM, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(9, 2)
+    assert tap.text == "Hello"
+    assert tap.is_whole
+
+
+def test_a_llamacpp_stream_cut_short_is_charged_its_running_counts() -> None:
+    first_event = LLAMACPP_STREAM.index(b"\n\n") + 2
+    assert tap_of(LLAMACPP_STREAM[:first_event]).usage(b"") == Usage(9, 1)
+
+
+def test_llamacpp_results_of_several_prompts_are_counted_together() -> None:
+    results = [
+        {"index": 0, "content": "a", "tokens_predicted": 3, "tokens_evaluated": 5, "stop": True},
+        {"index": 1, "content": "b", "tokens_predicted": 4, "tokens_evaluated": 6, "stop": True},
+    ]
+    assert tap_of(orjson.dumps(results), JSON).usage(b"") == Usage(11, 7)
+
+
+def test_llamacpps_paths_are_charged_as_generations() -> None:
+    assert charged("POST", "/v1/completion") is Charged.TEXT
+    assert charged("POST", "/infill") is Charged.TEXT
+    assert charged("POST", "/v1/tokenize") is Charged.REPORTED
+
+
+# --- TGI's native /generate and /generate_stream ---
+
+
+def tgi_event(text: str, special: bool = False, whole: str | None = None, details: dict | None = None) -> bytes:  # fmt: skip
+    token = {"id": 1, "text": text, "logprob": -0.1, "special": special}
+    event = {"token": token, "generated_text": whole, "details": details}
+    return b"data:" + orjson.dumps(event) + b"\n\n"
+
+
+TGI_STREAM = (
+    tgi_event("Hel")
+    + tgi_event("lo")
+    + tgi_event(
+        "</s>", special=True, whole="Hello", details={"generated_tokens": 3, "input_length": 8}
+    )  # fmt: skip
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(TGI_STREAM) - 1), unique=True))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_a_tgi_stream_reads_alike_wherever_it_is_cut(cuts: list[int]) -> None:
+    tap = tap_of(TGI_STREAM, chunks=sorted(cuts))
+    assert tap.usage(b"") == Usage(8, 3)
+    assert tap.text == "Hello"  # the last event's whole text is not counted again
+    assert tap.is_whole
+
+
+def test_a_tgi_stream_without_details_is_estimated_from_its_tokens_and_inputs() -> None:
+    stream = tgi_event("Hel") + tgi_event("lo") + tgi_event("", whole="Hello")
+    usage = tap_of(stream).usage(b'{"inputs": "12345678"}')
+    assert usage == Usage(2, 2, estimated=True)
+
+
+def test_tgis_paths_are_charged_as_generations() -> None:
+    assert charged("POST", "/v1/generate") is Charged.TEXT
+    assert charged("POST", "/generate_stream") is Charged.TEXT
+
+
+def test_llamacpps_error_line_is_the_providers_error_and_charges_nothing_before_content() -> None:
+    """llama.cpp's server ends a failing stream with an `error:` line of its own (not `data:`)."""
+    error = b'error: {"code":500,"message":"slot unavailable","type":"server_error"}\n\n'
+    start = sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]})
+    tap = tap_of(start + error + b"data: [DONE]\n\n")
+    assert tap.error_kind == "server_error"
+    assert tap.usage(CHAT_REQUEST) is None  # nothing generated: charged as its 5xx would be
+    assert tap_of(b"data: {}\n\nerror-free: 1\n\n").error_kind is None
+
+
+def test_an_older_llamacpp_streams_text_is_counted_though_its_events_carry_no_counts() -> None:
+    """llama.cpp's server in older builds (2024) sent each partial event as `{"content", "stop": false,
+    "id_slot", "multimodal", "index"}`, the counts only in the last: a stream cut before it is
+    estimated from the text that came."""
+    partial = {"content": "12345678", "stop": False, "id_slot": 0, "multimodal": False, "index": 0}
+    tap = tap_of(sse(partial, partial))
+    assert tap.usage(b'{"prompt": "1234"}') == Usage(1, 4, estimated=True)
+    assert tap.text == "1234567812345678"
