@@ -122,6 +122,11 @@ class Quota:
         self._fractions: dict[str, float] = {}
         tracker.on_settle_failed = lambda error: self._lost("uncharged", error)
 
+    @property
+    def queued(self) -> int:
+        """Requests of this process waiting for an in-flight slot (queue_seconds)."""
+        return len(self._lines)
+
     def precheck(self, key: QuotaKey, body_bytes: int | None) -> None:
         """Before a large body is read: 429 for a key known to be refused right now. Asks nobody.
 

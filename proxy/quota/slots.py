@@ -61,6 +61,10 @@ class Lines:
     def __init__(self) -> None:
         self._lines: dict[str, deque[Waiter]] = {}
 
+    def __len__(self) -> int:
+        """Requests waiting in every line."""
+        return sum(len(line) for line in self._lines.values())
+
     def waiting(self, scopes: Iterable[Scope]) -> Scope | None:
         """The first scope that has requests waiting (a newcomer queues behind them)."""
         for scope in scopes:

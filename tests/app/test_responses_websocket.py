@@ -309,7 +309,7 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_revoked_meanwhile_is_refused(
     assert holder.status == 200
     ws = await open_session(gateway, TURN_VK)
     await ws.send_str(CREATE.decode())
-    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    await until(lambda: quota.queued == 1)
     deleted = await gateway.delete(
         "/admin/keys/turns", headers={"Authorization": f"Bearer {ADMIN}"}
     )

@@ -199,7 +199,7 @@ async def test_queue_seconds_serves_the_waiting_requests_in_order(
     for n in range(5):  # each one in line before the next asks
         body = {**CHAT, "messages": [{"role": "user", "content": f"number {n}"}]}
         waiting.append(asyncio.create_task(chat(gateway, MEMBERS[n % 3], body)))
-        await until(lambda n=n: sum(len(line) for line in quota._lines._lines.values()) == n + 1)
+        await until(lambda n=n: quota.queued == n + 1)
     holder.close()
     assert await asyncio.gather(*waiting) == [200] * 5
     served = [json.loads(seen.body)["messages"][0]["content"] for seen in fake.requests[1:]]
@@ -483,7 +483,7 @@ async def test_a_request_waiting_for_a_slot_takes_a_cap_raised_meanwhile(
         headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
     )
     waiting = asyncio.create_task(chat(gateway, MEMBERS[1]))
-    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    await until(lambda: quota.queued == 1)
     raised = await gateway.patch(
         "/admin/teams/research",
         json={"max_in_flight": 2},
@@ -508,7 +508,7 @@ async def test_a_request_waiting_for_a_slot_of_a_key_revoked_meanwhile_gets_401(
         headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
     )
     waiting = asyncio.create_task(chat(gateway, MEMBERS[1], **{"x-request-id": "waiting"}))
-    await until(lambda: sum(len(line) for line in quota._lines._lines.values()) == 1)
+    await until(lambda: quota.queued == 1)
     deleted = await gateway.delete(
         "/admin/keys/member-1", headers={"Authorization": f"Bearer {ADMIN}"}
     )
@@ -531,9 +531,6 @@ async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_team
     )
     quota = gateway.app[QUOTA]
 
-    def waiting() -> int:
-        return sum(len(line) for line in quota._lines._lines.values())
-
     async def hold(secret: str) -> aiohttp.ClientResponse:
         response = await gateway.post(
             "/v1/chat/completions",
@@ -546,14 +543,14 @@ async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_team
     first = await hold(MEMBERS[0])  # member-0's only slot, one of the team's two
     second = await hold(MEMBERS[1])  # the team's last slot
     third = asyncio.create_task(hold(MEMBERS[2]))  # waits for a team slot
-    await until(lambda: waiting() == 1)
+    await until(lambda: quota.queued == 1)
     again = asyncio.create_task(chat(gateway, MEMBERS[0]))  # behind it, in the team's line
-    await until(lambda: waiting() == 2)
+    await until(lambda: quota.queued == 2)
     second.close()  # the third takes that slot; member-0's second is first in line now
     third_response = await third
-    await until(lambda: waiting() == 1)
+    await until(lambda: quota.queued == 1)
     behind = asyncio.create_task(chat(gateway, MEMBERS[1]))  # member-1 is free again
-    await until(lambda: waiting() == 2)
+    await until(lambda: quota.queued == 2)
     third_response.close()  # a team slot is free: member-1's request takes it
     await until(lambda: behind.done(), within=10, what="member-1 admitted to the free team slot")
     assert behind.result() == 200 and not again.done()  # member-0 still waits for its own
