@@ -9,6 +9,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   connection closed after `keepalive_seconds` (found so when the origin is next used: those
   a burst left under the newest are closed as traffic goes on, not kept for as long as the
   provider allows); no limit on connections (concurrency is the quota's business);
+- an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
+  it (`Keep-Alive: timeout=N`, Node.js's 5 s), as Node's own client and undici do: a request
+  written as the provider closes crosses its close unread, and a POST is not sent again;
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
@@ -66,6 +69,9 @@ HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
 MAX_HEAD_BYTES = 1 << 20
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
+# A provider's Keep-Alive timeout less this is how long its connection waits idle: its close
+# and a request sent just then would cross (Node.js's http.Agent and undici take a second).
+HINT_MARGIN = 1.0
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
 
@@ -233,6 +239,7 @@ class Connection(asyncio.Protocol):
         self.reply: Reply | None = None
         self.headed: asyncio.Future[Reply] | None = None
         self.idle_since = 0.0
+        self.expires = 0.0  # the loop's time past which, idle, it is not used (Wire.keep)
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
@@ -355,9 +362,11 @@ class Connection(asyncio.Protocol):
 
     def finish(self, complete: bool) -> None:
         self.resume()
+        reply = self.reply
         self.reply = self.headed = None
         if complete and self.reusable and self.transport and not self.transport.is_closing():
-            self.wire.keep(self)
+            assert reply is not None  # reusable: its answer came whole
+            self.wire.keep(self, reply.headers.get("Keep-Alive"))
         elif self.transport is not None:
             self.transport.close()
 
@@ -501,7 +510,7 @@ class Wire:
             transport = connection.transport
             if transport is None or transport.is_closing():
                 continue
-            if now - connection.idle_since > self.keepalive_seconds:
+            if now > connection.expires:
                 transport.close()
                 continue
             return connection
@@ -583,20 +592,25 @@ class Wire:
         connection.connection_made(secured)
         return connection
 
-    def keep(self, connection: Connection) -> None:
-        if self._closed:
+    def keep(self, connection: Connection, hint: str | None = None) -> None:
+        """Keep `connection` for the next request to its origin, `keepalive_seconds` at most,
+        less when the provider's Keep-Alive header (`hint`) says it closes sooner."""
+        lifetime = (
+            self.keepalive_seconds if hint is None else _lifetime(hint, self.keepalive_seconds)
+        )
+        if self._closed or lifetime <= 0:
             if connection.transport is not None:
                 connection.transport.close()
             return
         now = connection.idle_since = self.loop.time()
+        connection.expires = now + lifetime
         idle = self._idle.get(connection.origin)
         if idle is None:  # not setdefault: it would make a deque each time
             idle = self._idle[connection.origin] = deque()
         idle.append(connection)
         # Traffic takes the newest (last in, first out), so those a burst left sit under it
-        # untaken: close those idle past keepalive_seconds, oldest first, as each is kept.
-        horizon = now - self.keepalive_seconds
-        while idle[0].idle_since < horizon:
+        # untaken: close those idle past their time, oldest first, as each is kept.
+        while idle[0].expires < now:
             stale = idle.popleft()
             if stale.transport is not None:
                 stale.transport.close()
@@ -646,6 +660,19 @@ def _head(
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
+
+
+def _lifetime(hint: str, longest: float) -> float:
+    """How long a connection may wait idle when its provider's Keep-Alive header says
+    `timeout=N` (Node.js servers send it): HINT_MARGIN less than N, so it is not used just
+    as the provider closes it; `longest` when the header says no timeout."""
+    for parameter in hint.split(","):
+        name, _, value = parameter.partition("=")
+        if name.strip(" \t").lower() == "timeout":
+            value = value.strip(' \t"')
+            if value.isascii() and value.isdigit():
+                return min(longest, int(value) - HINT_MARGIN)
+    return longest
 
 
 def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:
