@@ -12,6 +12,10 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
   it (`Keep-Alive: timeout=N`, Node.js's 5 s), as Node's own client and undici do: a request
   written as the provider closes crosses its close unread, and a POST is not sent again;
+- a connection idle over `LOOK_AFTER` (1 s) looked at before a request is written on it
+  (one poll that does not wait, as urllib3 does for each): one whose provider closed it
+  (uvicorn after 5 s, saying nothing) while the loop had not yet read its FIN is closed and
+  another taken; one reused sooner, as under load, costs no system call;
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
@@ -35,8 +39,10 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   per request: the requests waiting for a head share one alarm, set for the earliest
   deadline among them (under steady traffic it goes off about once a `timeout`);
 - a reused connection the provider closed before answering is retried once on a new one,
-  for idempotent methods only (a POST may have been read: it costs money); the caller is
-  told when a request was written (`on_sent`), which is where "surely not started" ends;
+  for idempotent methods only (a POST may have been read: it costs money; the two guards
+  above keep it off connections its provider closed or is closing, all but one whose close
+  was still on its way); the caller is told when a request was written (`on_sent`), which
+  is where "surely not started" ends;
 - failures are aiohttp's own exception types (`ClientConnectorError`,
   `ServerDisconnectedError`, `ClientPayloadError`, ...), so the attempt loop's failure map
   stays as it is.
@@ -49,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import http
 import math
+import select
 import socket
 import ssl
 from collections import deque
@@ -72,6 +79,10 @@ BODILESS = frozenset((204, 304))
 # A provider's Keep-Alive timeout less this is how long its connection waits idle: its close
 # and a request sent just then would cross (Node.js's http.Agent and undici take a second).
 HINT_MARGIN = 1.0
+# A connection idle longer than this is looked at (`_closed_under_us`, one system call)
+# before a request is written on it; one reused sooner, as under load, is not. Below the
+# shortest idle timeout of common servers (gunicorn's 2 s; uvicorn's, Node's 5 s).
+LOOK_AFTER = 1.0
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
 
@@ -407,6 +418,7 @@ class Wire:
         self._egress = egress
         self.connect_timeout = connect_timeout
         self.keepalive_seconds = keepalive_seconds
+        self.look_after = LOOK_AFTER
         self._idle: dict[Origin, deque[Connection]] = {}
         self._tls = ssl.create_default_context()
         self._closed = False
@@ -512,6 +524,9 @@ class Wire:
                 continue
             if now > connection.expires:
                 transport.close()
+                continue
+            if now - connection.idle_since > self.look_after and _closed_under_us(transport):
+                transport.close()  # its provider closed it: the loop had not read that yet
                 continue
             return connection
         return None
@@ -673,6 +688,19 @@ def _lifetime(hint: str, longest: float) -> float:
             if value.isascii() and value.isdigit():
                 return min(longest, int(value) - HINT_MARGIN)
     return longest
+
+
+def _closed_under_us(transport: asyncio.Transport) -> bool:
+    """Its provider closed this idle connection (its FIN or RST waits in the socket) or sent
+    on it (bytes that answer nothing, or TLS's close_notify) since the loop last read it: a
+    request written there would cross the close. One poll of its descriptor that does not
+    wait (urllib3's wait_for_read(sock, 0)); nothing is read."""
+    sock = transport.get_extra_info("socket")  # uvloop's and asyncio's lend no recv()
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)  # POLLHUP, POLLERR come unasked
+    return bool(poller.poll(0))
 
 
 def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:

@@ -7,6 +7,7 @@ import errno
 import gzip
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from proxy.upstream import wire as wire_module
 from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Wire
 from tests.support.certificates import self_signed
 from tests.support.clock import LoopClock
@@ -607,3 +609,116 @@ async def test_a_keep_alive_header_shortens_the_wait_never_lengthens_it(
             reply = await wire.request("GET", url, {}, None)
             seen.append(int(await reply.read()))
     assert seen == connections
+
+
+class ClosingServer:
+    """A server on plain sockets that answers each connection's first request, then holds it
+    open until the test closes it (`close_idle`) between two turns of the loop: the server's
+    FIN reaches the wire's socket before the loop has read it, as when a provider's idle
+    timer goes off while the gateway is busy. `heard` lists each request, as read."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.url = URL(f"http://127.0.0.1:{self.listener.getsockname()[1]}/x")
+        self.heard: list[bytes] = []
+        self.accepted: list[socket.socket] = []
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(self.listener)
+            self.accepted.append(connection)
+            self.heard.append(await loop.sock_recv(connection, 65536))  # one small request
+            await loop.sock_sendall(connection, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close_idle(self, number: int) -> None:
+        """Close connection `number` (1: the first), now: its FIN is in the wire's socket
+        when this returns (the wire's kernel acknowledged it), unread by the loop."""
+        connection = self.accepted[number - 1]
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 5
+        while connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != FIN_WAIT2:
+            assert time.monotonic() < deadline, "the FIN was not acknowledged"
+            time.sleep(0.001)  # the loop must not turn: it would read the FIN
+        connection.close()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+FIN_WAIT2 = 5  # tcp_info.tcpi_state: our FIN acknowledged, theirs not sent
+linux_tcp_info = pytest.mark.skipif(
+    not hasattr(socket, "TCP_INFO"), reason="ClosingServer reads Linux's TCP_INFO"
+)
+
+
+@linux_tcp_info
+async def test_a_post_is_not_written_on_a_connection_its_provider_closed_while_idle(
+    wire: Wire, loop_clock: LoopClock
+) -> None:
+    """uvicorn closes an idle connection after 5 s and says nothing of it. Its FIN can be in
+    the gateway's socket, unread, when a request takes the connection: written there, a POST
+    was lost ("closed the connection before answering", 502). A connection idle a while is
+    looked at before the request is written, and one its provider closed is not used."""
+    server = ClosingServer()
+    try:
+        first = await wire.request("POST", server.url, {}, b'{"n": 1}')
+        assert await first.read() == b"ok"
+        server.close_idle(1)
+        loop_clock.advance(5.0)
+        second = await wire.request("POST", server.url, {}, b'{"n": 2}')
+        assert (second.status, await second.read()) == (200, b"ok")
+    finally:
+        await server.stop()
+    assert [heard.endswith(b'{"n": 1}') for heard in server.heard] == [True, False]
+    assert server.heard[1].endswith(b'{"n": 2}') and len(server.accepted) == 2
+
+
+async def test_a_connection_reused_at_once_is_not_looked_at(
+    wire: Wire, loop_clock: LoopClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a connection is reused within milliseconds: no system call is added to
+    take it. Only one idle past `look_after` is looked at, once."""
+    looked: list[object] = []
+    real = wire_module._closed_under_us
+
+    def counted(transport: asyncio.Transport) -> bool:
+        looked.append(transport)
+        return real(transport)
+
+    monkeypatch.setattr(wire_module, "_closed_under_us", counted)
+    server, url = await raw_server(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with server:
+        for waited in (0.0, 0.0, 0.5, 0.0, wire.look_after + 0.1, 0.0):
+            loop_clock.advance(waited)
+            reply = await wire.request("GET", url, {}, None)
+            assert await reply.read() == b"ok"
+    assert len(looked) == 1
+
+
+@linux_tcp_info
+def test_a_closed_idle_connection_is_found_under_uvloop_as_the_gateway_runs_it() -> None:
+    """uvloop's transports lend a socket without recv(): the look goes by its descriptor."""
+    import uvloop
+
+    async def scenario() -> list[bytes]:
+        wire, server = Wire(connect_timeout=2.0), ClosingServer()
+        wire.look_after = -1.0  # every reuse (uvloop's clock cannot be moved)
+        try:
+            first = await wire.request("POST", server.url, {}, b"1")
+            bodies = [await first.read()]
+            server.close_idle(1)
+            second = await wire.request("POST", server.url, {}, b"2")
+            return [*bodies, await second.read()]
+        finally:
+            await wire.close()
+            await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == [b"ok", b"ok"]
