@@ -15,7 +15,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - a connection idle over `LOOK_AFTER` (1 s) looked at before a request is written on it
   (one poll that does not wait, as urllib3 does for each): one whose provider closed it
   (uvicorn after 5 s, saying nothing) while the loop had not yet read its FIN is closed and
-  another taken; one reused sooner, as under load, costs no system call;
+  another taken; one reused sooner, as under load, costs no system call. Idle, for both,
+  counts from when reading paused for a slow reader, if it did: the provider may have
+  written its answer's end then, and its idle time begun, long before it was read here;
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
@@ -251,6 +253,7 @@ class Connection(asyncio.Protocol):
         self.headed: asyncio.Future[Reply] | None = None
         self.idle_since = 0.0
         self.expires = 0.0  # the loop's time past which, idle, it is not used (Wire.keep)
+        self.paused_at = math.inf  # when reading first paused for a slow reader (Wire.keep)
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
@@ -365,6 +368,8 @@ class Connection(asyncio.Protocol):
         if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+            if self.paused_at == math.inf:
+                self.paused_at = self.loop.time()
 
     def resume(self) -> None:
         if self._paused and self.transport is not None:
@@ -613,12 +618,20 @@ class Wire:
         lifetime = (
             self.keepalive_seconds if hint is None else _lifetime(hint, self.keepalive_seconds)
         )
-        if self._closed or lifetime <= 0:
+        now = self.loop.time()
+        # The provider is idle from when it wrote the answer's end: when reading paused for a
+        # slow reader, perhaps long before the answer was read through here (its close, then,
+        # waits unread behind the answer's last bytes).
+        since = connection.paused_at
+        if since > now:  # most answers: read as they came
+            since = now
+        else:
+            connection.paused_at = math.inf
+        connection.idle_since, connection.expires = since, since + lifetime
+        if self._closed or connection.expires <= now:
             if connection.transport is not None:
                 connection.transport.close()
             return
-        now = connection.idle_since = self.loop.time()
-        connection.expires = now + lifetime
         idle = self._idle.get(connection.origin)
         if idle is None:  # not setdefault: it would make a deque each time
             idle = self._idle[connection.origin] = deque()
@@ -695,7 +708,7 @@ def _closed_under_us(transport: asyncio.Transport) -> bool:
     on it (bytes that answer nothing, or TLS's close_notify) since the loop last read it: a
     request written there would cross the close. One poll of its descriptor that does not
     wait (urllib3's wait_for_read(sock, 0)); nothing is read."""
-    sock = transport.get_extra_info("socket")  # uvloop's and asyncio's lend no recv()
+    sock = transport.get_extra_info("socket")  # a TLS transport's too: the TCP socket's
     if sock is None:
         return False
     poller = select.poll()

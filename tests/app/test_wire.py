@@ -722,3 +722,41 @@ def test_a_closed_idle_connection_is_found_under_uvloop_as_the_gateway_runs_it()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == [b"ok", b"ok"]
+
+
+@linux_tcp_info
+async def test_a_connection_kept_after_a_slow_read_is_looked_at_before_it_is_reused(
+    wire: Wire, loop_clock: LoopClock
+) -> None:
+    """A provider's idle time starts when it has written its answer, not when a slow client
+    has read it through the gateway: a large answer read slowly can end after the provider,
+    idle 5 s by its clock, closed the connection. Its FIN waits behind the answer's last
+    bytes, unread when the connection is kept: a POST on it was lost (502)."""
+    body = b"x" * (HIGH_WATER * 2)  # reading pauses; it fits the sockets' buffers
+    closed, heard = asyncio.Event(), []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readuntil(b"\r\n\r\n"))
+        if len(heard) > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()  # all of it in the sockets' buffers: the provider is idle
+        sock = writer.get_extra_info("socket")
+        sock.shutdown(socket.SHUT_WR)  # its idle timer went off while the client read
+        while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != FIN_WAIT2:
+            await asyncio.sleep(0.001)  # until the wire's kernel acknowledged the FIN
+        closed.set()
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        await asyncio.wait_for(closed.wait(), 5)  # the wire's reading paused meanwhile
+        loop_clock.advance(5.0)  # a slow client took 5 s over the answer
+        assert len(await reply.read()) == len(body)
+        following = await wire.request("POST", url, {}, b"{}")
+        assert (following.status, await following.read()) == (200, b"ok")
+    assert len(heard) == 2
