@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import build_app
 from proxy.settings import Settings
+from tests.support.clock import LoopClock
 from tests.support.fake_provider import FAKE_STATE, FakeState, build_fake_provider
 from tests.support.processes import Processes, start_fake_provider
 
@@ -107,6 +108,14 @@ def keys_file(tmp_path: Path, fake_base: str) -> Path:
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys_document(fake_base)))
     return path
+
+
+@pytest.fixture
+async def loop_clock() -> AsyncIterator[LoopClock]:
+    """The running loop's clock, which the test moves on (`advance`): idle times pass at once."""
+    clock = LoopClock(asyncio.get_running_loop())
+    yield clock
+    clock.restore()
 
 
 @pytest.fixture

@@ -9,6 +9,15 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   connection closed after `keepalive_seconds` (found so when the origin is next used: those
   a burst left under the newest are closed as traffic goes on, not kept for as long as the
   provider allows); no limit on connections (concurrency is the quota's business);
+- an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
+  it (`Keep-Alive: timeout=N`, Node.js's 5 s), as Node's own client and undici do: a request
+  written as the provider closes crosses its close unread, and a POST is not sent again;
+- a connection idle over `LOOK_AFTER` (1 s) looked at before a request is written on it
+  (one poll that does not wait, as urllib3 does for each): one whose provider closed it
+  (uvicorn after 5 s, saying nothing) while the loop had not yet read its FIN is closed and
+  another taken; one reused sooner, as under load, costs no system call. Idle, for both,
+  counts from when reading paused for a slow reader, if it did: the provider may have
+  written its answer's end then, and its idle time begun, long before it was read here;
 - the request written once: head and body in one write; only `Host` and `Content-Length`
   are added (no User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
@@ -32,8 +41,10 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   per request: the requests waiting for a head share one alarm, set for the earliest
   deadline among them (under steady traffic it goes off about once a `timeout`);
 - a reused connection the provider closed before answering is retried once on a new one,
-  for idempotent methods only (a POST may have been read: it costs money); the caller is
-  told when a request was written (`on_sent`), which is where "surely not started" ends;
+  for idempotent methods only (a POST may have been read: it costs money; the two guards
+  above keep it off connections its provider closed or is closing, all but one whose close
+  was still on its way); the caller is told when a request was written (`on_sent`), which
+  is where "surely not started" ends;
 - failures are aiohttp's own exception types (`ClientConnectorError`,
   `ServerDisconnectedError`, `ClientPayloadError`, ...), so the attempt loop's failure map
   stays as it is.
@@ -46,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import http
 import math
+import select
 import socket
 import ssl
 from collections import deque
@@ -66,6 +78,13 @@ HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
 MAX_HEAD_BYTES = 1 << 20
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
+# A provider's Keep-Alive timeout less this is how long its connection waits idle: its close
+# and a request sent just then would cross (Node.js's http.Agent and undici take a second).
+HINT_MARGIN = 1.0
+# A connection idle longer than this is looked at (`_closed_under_us`, one system call)
+# before a request is written on it; one reused sooner, as under load, is not. Below the
+# shortest idle timeout of common servers (gunicorn's 2 s; uvicorn's, Node's 5 s).
+LOOK_AFTER = 1.0
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
 
@@ -233,6 +252,8 @@ class Connection(asyncio.Protocol):
         self.reply: Reply | None = None
         self.headed: asyncio.Future[Reply] | None = None
         self.idle_since = 0.0
+        self.expires = 0.0  # the loop's time past which, idle, it is not used (Wire.keep)
+        self.paused_at = math.inf  # when reading first paused for a slow reader (Wire.keep)
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
         self.head_only = False  # answering a HEAD: no body follows the head
@@ -347,6 +368,8 @@ class Connection(asyncio.Protocol):
         if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+            if self.paused_at == math.inf:
+                self.paused_at = self.loop.time()
 
     def resume(self) -> None:
         if self._paused and self.transport is not None:
@@ -355,9 +378,11 @@ class Connection(asyncio.Protocol):
 
     def finish(self, complete: bool) -> None:
         self.resume()
+        reply = self.reply
         self.reply = self.headed = None
         if complete and self.reusable and self.transport and not self.transport.is_closing():
-            self.wire.keep(self)
+            assert reply is not None  # reusable: its answer came whole
+            self.wire.keep(self, reply.headers.get("Keep-Alive"))
         elif self.transport is not None:
             self.transport.close()
 
@@ -398,6 +423,7 @@ class Wire:
         self._egress = egress
         self.connect_timeout = connect_timeout
         self.keepalive_seconds = keepalive_seconds
+        self.look_after = LOOK_AFTER
         self._idle: dict[Origin, deque[Connection]] = {}
         self._tls = ssl.create_default_context()
         self._closed = False
@@ -501,8 +527,11 @@ class Wire:
             transport = connection.transport
             if transport is None or transport.is_closing():
                 continue
-            if now - connection.idle_since > self.keepalive_seconds:
+            if now > connection.expires:
                 transport.close()
+                continue
+            if now - connection.idle_since > self.look_after and _closed_under_us(transport):
+                transport.close()  # its provider closed it: the loop had not read that yet
                 continue
             return connection
         return None
@@ -583,20 +612,33 @@ class Wire:
         connection.connection_made(secured)
         return connection
 
-    def keep(self, connection: Connection) -> None:
-        if self._closed:
+    def keep(self, connection: Connection, hint: str | None = None) -> None:
+        """Keep `connection` for the next request to its origin, `keepalive_seconds` at most,
+        less when the provider's Keep-Alive header (`hint`) says it closes sooner."""
+        lifetime = (
+            self.keepalive_seconds if hint is None else _lifetime(hint, self.keepalive_seconds)
+        )
+        now = self.loop.time()
+        # The provider is idle from when it wrote the answer's end: when reading paused for a
+        # slow reader, perhaps long before the answer was read through here (its close, then,
+        # waits unread behind the answer's last bytes).
+        since = connection.paused_at
+        if since > now:  # most answers: read as they came
+            since = now
+        else:
+            connection.paused_at = math.inf
+        connection.idle_since, connection.expires = since, since + lifetime
+        if self._closed or connection.expires <= now:
             if connection.transport is not None:
                 connection.transport.close()
             return
-        now = connection.idle_since = self.loop.time()
         idle = self._idle.get(connection.origin)
         if idle is None:  # not setdefault: it would make a deque each time
             idle = self._idle[connection.origin] = deque()
         idle.append(connection)
         # Traffic takes the newest (last in, first out), so those a burst left sit under it
-        # untaken: close those idle past keepalive_seconds, oldest first, as each is kept.
-        horizon = now - self.keepalive_seconds
-        while idle[0].idle_since < horizon:
+        # untaken: close those idle past their time, oldest first, as each is kept.
+        while idle[0].expires < now:
             stale = idle.popleft()
             if stale.transport is not None:
                 stale.transport.close()
@@ -646,6 +688,32 @@ def _head(
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
+
+
+def _lifetime(hint: str, longest: float) -> float:
+    """How long a connection may wait idle when its provider's Keep-Alive header says
+    `timeout=N` (Node.js servers send it): HINT_MARGIN less than N, so it is not used just
+    as the provider closes it; `longest` when the header says no timeout."""
+    for parameter in hint.split(","):
+        name, _, value = parameter.partition("=")
+        if name.strip(" \t").lower() == "timeout":
+            value = value.strip(' \t"')
+            if value.isascii() and value.isdigit():
+                return min(longest, int(value) - HINT_MARGIN)
+    return longest
+
+
+def _closed_under_us(transport: asyncio.Transport) -> bool:
+    """Its provider closed this idle connection (its FIN or RST waits in the socket) or sent
+    on it (bytes that answer nothing, or TLS's close_notify) since the loop last read it: a
+    request written there would cross the close. One poll of its descriptor that does not
+    wait (urllib3's wait_for_read(sock, 0)); nothing is read."""
+    sock = transport.get_extra_info("socket")  # a TLS transport's too: the TCP socket's
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)  # POLLHUP, POLLERR come unasked
+    return bool(poller.poll(0))
 
 
 def _ends_at_close(headers: CIMultiDictProxy[str]) -> bool:

@@ -7,6 +7,7 @@ import errno
 import gzip
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from proxy.upstream import wire as wire_module
 from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Wire
 from tests.support.certificates import self_signed
+from tests.support.clock import LoopClock
+from tests.support.idle_closing import IdleClosing
 from tests.support.processes import free_port
 
 Serve = Callable[..., Awaitable[TestServer]]
@@ -548,3 +552,211 @@ async def test_bytes_a_provider_sends_on_an_idle_connection_close_it(wire: Wire)
         following = await wire.request("GET", url, {}, None)
         assert (following.status, await following.read()) == (200, b"first")
     assert len(opened) == 2
+
+
+async def test_a_connection_is_not_used_as_its_provider_said_it_closes_it(
+    wire: Wire, loop_clock: LoopClock
+) -> None:
+    """Node.js servers close a connection idle 5 s and say so (`Keep-Alive: timeout=5`); a
+    request written on it as it closes crosses the close, and a POST is never sent again (it
+    may have been read): 502. The wire keeps such a connection idle HINT_MARGIN less than
+    said; a request past that goes on a new connection, read once."""
+    provider = IdleClosing(idle=5, hint=True)
+    url = await provider.start() / "v1" / "chat" / "completions"
+    try:
+        for waited in (0.0, 3.9, 4.1, 5.0, 7.0, 2.0):
+            loop_clock.advance(waited)
+            reply = await wire.request("POST", url, {}, f'{{"after": {waited}}}'.encode())
+            assert (reply.status, len(await reply.read()) > 0) == (200, True)
+    finally:
+        await provider.close()
+    assert provider.dropped == 0
+    assert [number for number, _ in provider.answered] == [1, 1, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize(
+    ("hint", "connections"),
+    [
+        ("timeout=1", [1, 2, 3]),  # not a second to spare: never kept
+        ('Timeout="3", max=100', [1, 1, 2]),  # kept 2 s
+        ("max=100", [1, 1, 1]),  # no timeout said: keepalive_seconds
+        ("timeout=x", [1, 1, 1]),  # not a number: as if unsaid
+        ("timeout=600", [1, 1, 1]),  # longer than keepalive_seconds: that
+    ],
+)
+async def test_a_keep_alive_header_shortens_the_wait_never_lengthens_it(
+    wire: Wire, loop_clock: LoopClock, hint: str, connections: list[int]
+) -> None:
+    opened: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(len(opened) + 1)
+        number = len(opened)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answer = f"HTTP/1.1 200 OK\r\nKeep-Alive: {hint}\r\nContent-Length: 1\r\n\r\n"
+                writer.write(answer.encode() + str(number).encode())
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    seen = []
+    async with server:
+        for waited in (0.0, 1.5, 2.5):
+            loop_clock.advance(waited)
+            reply = await wire.request("GET", url, {}, None)
+            seen.append(int(await reply.read()))
+    assert seen == connections
+
+
+class ClosingServer:
+    """A server on plain sockets that answers each connection's first request, then holds it
+    open until the test closes it (`close_idle`) between two turns of the loop: the server's
+    FIN reaches the wire's socket before the loop has read it, as when a provider's idle
+    timer goes off while the gateway is busy. `heard` lists each request, as read."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.url = URL(f"http://127.0.0.1:{self.listener.getsockname()[1]}/x")
+        self.heard: list[bytes] = []
+        self.accepted: list[socket.socket] = []
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(self.listener)
+            self.accepted.append(connection)
+            self.heard.append(await loop.sock_recv(connection, 65536))  # one small request
+            await loop.sock_sendall(connection, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close_idle(self, number: int) -> None:
+        """Close connection `number` (1: the first), now: its FIN is in the wire's socket
+        when this returns (the wire's kernel acknowledged it), unread by the loop."""
+        connection = self.accepted[number - 1]
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 5
+        while connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != FIN_WAIT2:
+            assert time.monotonic() < deadline, "the FIN was not acknowledged"
+            time.sleep(0.001)  # the loop must not turn: it would read the FIN
+        connection.close()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+FIN_WAIT2 = 5  # tcp_info.tcpi_state: our FIN acknowledged, theirs not sent
+linux_tcp_info = pytest.mark.skipif(
+    not hasattr(socket, "TCP_INFO"), reason="ClosingServer reads Linux's TCP_INFO"
+)
+
+
+@linux_tcp_info
+async def test_a_post_is_not_written_on_a_connection_its_provider_closed_while_idle(
+    wire: Wire, loop_clock: LoopClock
+) -> None:
+    """uvicorn closes an idle connection after 5 s and says nothing of it. Its FIN can be in
+    the gateway's socket, unread, when a request takes the connection: written there, a POST
+    was lost ("closed the connection before answering", 502). A connection idle a while is
+    looked at before the request is written, and one its provider closed is not used."""
+    server = ClosingServer()
+    try:
+        first = await wire.request("POST", server.url, {}, b'{"n": 1}')
+        assert await first.read() == b"ok"
+        server.close_idle(1)
+        loop_clock.advance(5.0)
+        second = await wire.request("POST", server.url, {}, b'{"n": 2}')
+        assert (second.status, await second.read()) == (200, b"ok")
+    finally:
+        await server.stop()
+    assert [heard.endswith(b'{"n": 1}') for heard in server.heard] == [True, False]
+    assert server.heard[1].endswith(b'{"n": 2}') and len(server.accepted) == 2
+
+
+async def test_a_connection_reused_at_once_is_not_looked_at(
+    wire: Wire, loop_clock: LoopClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a connection is reused within milliseconds: no system call is added to
+    take it. Only one idle past `look_after` is looked at, once."""
+    looked: list[object] = []
+    real = wire_module._closed_under_us
+
+    def counted(transport: asyncio.Transport) -> bool:
+        looked.append(transport)
+        return real(transport)
+
+    monkeypatch.setattr(wire_module, "_closed_under_us", counted)
+    server, url = await raw_server(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with server:
+        for waited in (0.0, 0.0, 0.5, 0.0, wire.look_after + 0.1, 0.0):
+            loop_clock.advance(waited)
+            reply = await wire.request("GET", url, {}, None)
+            assert await reply.read() == b"ok"
+    assert len(looked) == 1
+
+
+@linux_tcp_info
+def test_a_closed_idle_connection_is_found_under_uvloop_as_the_gateway_runs_it() -> None:
+    """uvloop's transports lend a socket without recv(): the look goes by its descriptor."""
+    import uvloop
+
+    async def scenario() -> list[bytes]:
+        wire, server = Wire(connect_timeout=2.0), ClosingServer()
+        wire.look_after = -1.0  # every reuse (uvloop's clock cannot be moved)
+        try:
+            first = await wire.request("POST", server.url, {}, b"1")
+            bodies = [await first.read()]
+            server.close_idle(1)
+            second = await wire.request("POST", server.url, {}, b"2")
+            return [*bodies, await second.read()]
+        finally:
+            await wire.close()
+            await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == [b"ok", b"ok"]
+
+
+@linux_tcp_info
+async def test_a_connection_kept_after_a_slow_read_is_looked_at_before_it_is_reused(
+    wire: Wire, loop_clock: LoopClock
+) -> None:
+    """A provider's idle time starts when it has written its answer, not when a slow client
+    has read it through the gateway: a large answer read slowly can end after the provider,
+    idle 5 s by its clock, closed the connection. Its FIN waits behind the answer's last
+    bytes, unread when the connection is kept: a POST on it was lost (502)."""
+    body = b"x" * (HIGH_WATER * 2)  # reading pauses; it fits the sockets' buffers
+    closed, heard = asyncio.Event(), []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readuntil(b"\r\n\r\n"))
+        if len(heard) > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()  # all of it in the sockets' buffers: the provider is idle
+        sock = writer.get_extra_info("socket")
+        sock.shutdown(socket.SHUT_WR)  # its idle timer went off while the client read
+        while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != FIN_WAIT2:
+            await asyncio.sleep(0.001)  # until the wire's kernel acknowledged the FIN
+        closed.set()
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+    async with server:
+        reply = await wire.request("GET", url, {}, None)
+        await asyncio.wait_for(closed.wait(), 5)  # the wire's reading paused meanwhile
+        loop_clock.advance(5.0)  # a slow client took 5 s over the answer
+        assert len(await reply.read()) == len(body)
+        following = await wire.request("POST", url, {}, b"{}")
+        assert (following.status, await following.read()) == (200, b"ok")
+    assert len(heard) == 2
