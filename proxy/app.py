@@ -322,7 +322,7 @@ def build_app(
     # With a token, guessing it counts as failed authentications; without, /metrics is open.
     metrics_handler = lockout.guarded(_metrics) if settings.metrics_token else _metrics
     app.router.add_get("/metrics", with_request_id(metrics_handler))
-    usage_report = UsageReport(key_ring, app[QUOTA], app[CACHE])
+    usage_report = UsageReport(key_ring, app[QUOTA], app[CACHE], app[KEYS_FILE])
     app.router.add_get("/usage", with_request_id(lockout.guarded(usage_report.handle_usage)))
     parse = functools.partial(parse_keys, settings, os.environ, key_clock)
     app[KEY_STORE] = new_key_store(settings, app[KEYS_FILE], parse, siblings, key_clock)

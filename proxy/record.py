@@ -466,9 +466,10 @@ class Record:
         """True when the provider failed: unreachable, timed out, or cut its body."""
         return self.outcome in PROVIDER_FAILURES
 
-    def mark_first_byte(self) -> None:
+    def mark_first_byte(self, at: float | None = None) -> None:
+        """The provider's first body byte came (`at`, perf_counter; None: now)."""
         if self.ttft_ms is None:
-            self.ttft_ms = (time.perf_counter() - self.started) * 1000.0
+            self.ttft_ms = ((time.perf_counter() if at is None else at) - self.started) * 1000.0
 
     def waited_upstream(self, since: float) -> float:
         """Add the time since `since` (perf_counter) to the wait on the provider; that time, ms."""

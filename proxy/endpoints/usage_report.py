@@ -6,6 +6,8 @@ this process's own. A key with a team also shows the team's windows, budget and 
 flight (`team`); a key with max_in_flight its own slots (`in_flight`); a key with
 model_quotas each group's window (`model_quotas`). A key with a response cache also gets
 its policy and its hits (`cache`; with Redis, every instance's; null when Redis is lost).
+A key not found while keys.json is reloaded (made a moment ago through another worker's
+admin API) is looked up again once the reload has ended, as a proxied request's is.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from aiohttp import web
 from proxy import errors
 from proxy.cache.cache import Cache
 from proxy.errors import GatewayError
+from proxy.keys.credentials import presented
 from proxy.keys.keys import KeyRing
+from proxy.keys.reload import KeysFile
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Scope, Tracker, TrackerUnavailable
 
@@ -26,8 +30,15 @@ from proxy.quota.tracker import Scope, Tracker, TrackerUnavailable
 class UsageReport:
     """The /usage endpoint over the key ring and the quota's tracker."""
 
-    def __init__(self, key_ring: KeyRing, quota: Quota, cache: Cache | None = None) -> None:
+    def __init__(
+        self,
+        key_ring: KeyRing,
+        quota: Quota,
+        cache: Cache | None = None,
+        keys: KeysFile | None = None,  # reloads: a key not found while one is under way waits
+    ) -> None:
         self._key_ring = key_ring
+        self._keys = keys
         self._quota = quota
         self._cache = cache
 
@@ -36,7 +47,14 @@ class UsageReport:
         try:
             key = self._key_ring.authenticate(request.headers)
         except GatewayError as error:
-            return errors.render(error, request.path)
+            keys = self._keys
+            if keys is None or presented(request.headers) is None or not keys.is_reloading():
+                return errors.render(error, request.path)
+            await keys.reloaded()  # made a moment ago on another worker: asked once reloaded
+            try:
+                key = self._key_ring.authenticate(request.headers)
+            except GatewayError as again:
+                return errors.render(again, request.path)
         document: dict[str, Any] = {
             "key": key.name,
             "provider": key.provider.name,

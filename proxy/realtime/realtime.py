@@ -123,9 +123,11 @@ class Realtime:
         model = names[0] if names else None
         record.saw_model(model)
         # 403. A Realtime session without a model runs the provider's default; a Responses
-        # session names its model in each turn (turns.py).
-        is_unnamed = not names and not is_responses(exchange.tail)
-        named.check(key, [named.Unnamed("the provider's default model")] if is_unnamed else names)
+        # session names its model in each turn (turns.py); a Live session in a frame, unread.
+        hidden = named.in_frames(exchange.tail)
+        is_unnamed = not names and not is_responses(exchange.tail) and hidden is None
+        unnamed = [named.Unnamed("the provider's default model")] if is_unnamed else names
+        named.check(key, unnamed, hidden)
         check_handshake(request)  # 400
         plan = key.plans.choose(model)  # 400 (no route serves the model)
         target = plan.primary

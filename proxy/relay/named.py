@@ -141,6 +141,8 @@ _REALTIME_ROOTS = frozenset(("realtime", "realtimeapi"))
 # The Live API's WebRTC sessions: one made (`live/sessions`), a stored one forked onto a new
 # connection (`…/{id}/fork`), an incoming SIP call accepted (`…/{id}/accept`).
 _LIVE, _LIVE_CALLS = "live", frozenset(("fork", "accept"))
+# A Live session's WebSockets past its own: a stored one forked, a server's sideband attached.
+_LIVE_SOCKETS = frozenset(("fork", "attach"))
 # A ChatKit session's client secret: the browser's ChatKit runs the workflow at the provider.
 _CHATKIT_SESSIONS = ["chatkit", "sessions"]
 # A POST's tail holds one of these when check_outside may refuse it.
@@ -417,6 +419,22 @@ def unnamed(method: str, tail: str) -> str | None:
     if len(segments) == 3 and segments[0] == "threads":
         segments[1] = "*"  # threads/{thread_id}/runs
     return _UNNAMED.get("/".join(segments))
+
+
+def in_frames(tail: str) -> str | None:
+    """Why a WebSocket session's models are out of sight (for `check`): a Live session's
+    (`live/sessions`, a session's `…/fork`, a sideband's `…/attach`) are named in its frames
+    (`session.start`; a `session.update` changes its delegations'), whatever the URL says;
+    None: the URL names it."""
+    if _LIVE not in tail:  # most sessions: at once
+        return None
+    segments = endpoint(tail).rstrip("/").split("/")
+    if segments[0] == _LIVE and (
+        segments[1:] == ["sessions"]
+        or (len(segments) == 4 and segments[1] == "sessions" and segments[3] in _LIVE_SOCKETS)
+    ):
+        return "a Live session, whose models its frames name"
+    return None
 
 
 def check_outside(key: VirtualKey, method: str, tail: str) -> None:

@@ -534,10 +534,12 @@ class Failover:
             ):
                 headed = now()  # a pool's time to first byte is to the head, as ever
                 try:
-                    stood_for = await self._first_event(reply, walk.deadline)
+                    stood_for, came = await self._first_event(reply, walk.deadline)
                 except BaseException:  # the client left while it came: as while awaiting it
                     reply.close()
                     raise
+                if stood_for is None and came is not None:  # a start held: it came then
+                    record.mark_first_byte(came)
         except TimeoutError:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
@@ -651,34 +653,41 @@ class Failover:
         reply.release()
         return StoredAnswer(reply, body)
 
-    async def _first_event(self, reply: WireReply, deadline: float) -> tuple[str, int] | None:
+    async def _first_event(
+        self, reply: WireReply, deadline: float
+    ) -> tuple[tuple[str, int] | None, float | None]:
         """A 200 event stream's first event, read (nothing taken) before any of it goes on:
         (its error kind, the status it stands for) when an error of the moment
         (first_event.py); else None, also when it has not come within
         RETRY_MAX_WAIT_SECONDS or the deadline, or FIRST_EVENT_BYTES, or the body broke off
-        (the relay finds it so)."""
+        (the relay finds it so). Beside it, when its first bytes were at hand (perf_counter;
+        None: none came): a start read past may come long before the event after it."""
         if "content-encoding" in reply.headers:  # a coded stream is not read here
-            return None
+            return None, None
         content = reply.content
-        found = failure(content.at_hand())  # most first chunks come with the head: no wait
+        first = content.at_hand()
+        came = time.perf_counter() if first else None
+        found = failure(first)  # most first chunks come with the head: no wait
         if found is not MORE:
-            return found
+            return found, came
         wait = min(self.policy.max_wait_seconds, deadline - self.breakers.clock())
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 while True:
                     at_hand = content.at_hand()
                     if len(at_hand) >= FIRST_EVENT_BYTES:
-                        return None
+                        return None, came
                     await content.grown(len(at_hand))
                     more = content.at_hand()
                     if len(more) == len(at_hand):  # the body ended
-                        return None
+                        return None, came
+                    if came is None:
+                        came = time.perf_counter()
                     found = failure(more)
                     if found is not MORE:
-                        return found
+                        return found, came
         except (TimeoutError, aiohttp.ClientError):
-            return None
+            return None, came
 
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with full jitter, capped by RETRY_MAX_WAIT_SECONDS."""

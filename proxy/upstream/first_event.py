@@ -4,7 +4,8 @@ Providers answer some failures with a 200 and an event stream whose first event 
 error: Anthropic's `event: error` (`overloaded_error`, `rate_limit_error`, `api_error`),
 OpenAI's and OpenAI-compatible servers' `data: {"error": {...}}`, OpenRouter's chunk with a
 top-level `error` whose `code` is the status it stands for (after `: OPENROUTER PROCESSING`
-comments), the Responses API's `error` event, llama.cpp's server's `error: {"code", ...}` line
+comments), the Responses API's `error` event and `response.failed` (its error inside the
+failed Response), llama.cpp's server's `error: {"code", ...}` line
 (a field of its own, not `data:`, in its older builds). The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
@@ -130,6 +131,9 @@ def _is_start_chunk(data: bytes) -> bool:
 def _passing(event: dict[str, object], is_error_event: bool) -> tuple[str, int] | None:
     """An error event's kind and status when a failure of the moment, else None."""
     error = event.get("error")
+    if event.get("type") == "response.failed":  # the Responses API's: in the failed Response
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
     if not isinstance(error, dict):
         if is_error_event or event.get("type") == "error":  # the Responses API's error event
             error = event

@@ -6,7 +6,9 @@ stream unless the body says `"stream": false`, as newline-delimited JSON
 (`application/x-ndjson`), one object a line: the text in `message.content` (chat; its
 `thinking` and `tool_calls` beside it) or `response` (generate; `thinking` too), and in the
 last line (`"done": true`) the counts: `prompt_eval_count` (the prompt's tokens evaluated)
-and `eval_count` (the completion's). A whole answer (`"stream": false`) is that last line
+and `eval_count` (the completion's), read only together (Ollama's releases of early 2024
+left the prompt's out when the prompt was in its cache: the completion's alone would charge
+the prompt nothing), else the answer is estimated. A whole answer (`"stream": false`) is that last line
 with the whole text. `POST /api/embed` reports its input's `prompt_eval_count`; the older
 `/api/embeddings` nothing. A failure is `{"error": "<a sentence>"}`: a string, not an
 object, also as a stream's last line under its 200.
@@ -54,9 +56,8 @@ def read_line(event: dict[str, Any], reading: Reading) -> None:
     reading.add_text(event.get("response"))
     reading.add_generated(event.get("thinking"))
     if event.get("done") is True:
-        reading.reported.read(event, USAGE)
         reading.is_ended = True
-    elif "prompt_eval_count" in event:  # an embedding
+    if "prompt_eval_count" in event:  # a generation's last line, or an embedding
         reading.reported.read(event, USAGE)
     if "error" in event:
         reading.note_error(event["error"])

@@ -566,6 +566,27 @@ async def test_a_model_outside_the_keys_allowed_models_is_refused_with_403(
 
 
 @pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/live/sessions?model=claude-sonnet-4-5",
+        "/v1/live/sessions/live_1/fork?model=claude-sonnet-4-5",
+        "/v1/live/sessions/live_1/attach?model=claude-sonnet-4-5",  # a sideband: session.update
+    ],
+)
+async def test_a_live_session_is_refused_to_a_restricted_key_whatever_its_url_names(
+    gateway: TestClient, sockets: RealtimeState, path: str
+) -> None:
+    # A Live session names its model in its session.start frame, not the URL (and its
+    # delegations' in session.update, a sideband's too): an allowed model in the URL opened
+    # it, and the frames then ran any model past allowed_models.
+    response = await gateway.get(path, headers=upgrade_headers(**auth(RESTRICTED_VK)))
+    status = response.status
+    response.close()  # a session opened (101) would otherwise stay open
+    assert status == 403
+    assert sockets.sockets == []
+
+
+@pytest.mark.parametrize(
     ("frames", "expected"),
     [
         pytest.param([b'{"type":"response.done"}'], None, id="no-usage"),

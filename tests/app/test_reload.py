@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app, load_keys
+from proxy.app import KEYS_FILE, build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import CHAT
@@ -28,6 +28,7 @@ from tests.support.bodies import CHAT
 TOKEN = "admin-token-for-tests-0123456789"
 NEW_VK = "vk_test_new_after_reload_7c1d"
 ROTATED_VK = "vk_test_limited_rotated_3e8a"
+NEW_ENTRY = {"provider": "openai", "api_key": "sk-new-0000", "name": "new"}
 
 
 def digest(path: Path) -> str:
@@ -259,3 +260,28 @@ async def test_a_watched_kubernetes_secret_volume_is_reloaded_when_its_links_swa
     os.replace(mount / "..data_tmp", mount / "..data")  # the kubelet's atomic swap
     await wait_for_hash(gateway, digest(mount / "keys.json"))
     assert await status(gateway, OPENAI_VK) == 401
+
+
+async def test_a_key_presented_while_a_reload_is_under_way_waits_for_it_on_usage_too(
+    make_gateway: Callable[..., Awaitable[TestClient]], keys_file: Path
+) -> None:
+    """A key made a moment ago through another worker's admin API, presented while this
+    worker reloads keys.json: the request waits for the reload instead of its 401. So does
+    GET /usage, which automation asks of a key it has just made; it was told 401, counted
+    toward the lockout."""
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    keys = gateway.app[KEYS_FILE]
+    rewrite(keys_file, lambda document: document["virtual_keys"].update({NEW_VK: NEW_ENTRY}))
+    async with keys.changing():  # the reload under way, as after another worker's SIGHUP
+        reload = asyncio.create_task(keys.reload("SIGHUP"))
+        await asyncio.sleep(0)  # the reload first in line for the keys, as the signal's is
+        chat = asyncio.create_task(status(gateway, NEW_VK))
+        usage = asyncio.create_task(gateway.get("/usage", headers=auth(NEW_VK)))
+        # Neither answers while the reload is held (each would answer 401 at once, here).
+        done, _ = await asyncio.wait({chat, usage}, timeout=0.5)
+        assert not done, [task.result() for task in done]
+    assert await reload is None
+    assert await chat == 200
+    answered = await usage
+    assert answered.status == 200, await answered.text()
+    assert (await answered.json())["key"] == "new"

@@ -315,3 +315,26 @@ async def test_a_stream_failed_for_its_first_event_whose_fallback_is_open_goes_o
     assert response.headers["content-type"].startswith("text/event-stream")
     assert await response.read() == fake.sent["req_sf_6"]
     assert keys_seen(fake) == [BACKUP, PRIMARY]
+
+
+async def test_a_held_starts_time_to_first_byte_is_when_the_provider_sent_it(
+    gateway_for: Callable[..., Awaitable[TestClient]], records: Records
+) -> None:
+    """ttft_ms is the provider's first body byte: a stream's start (here OpenAI's role chunk)
+    held while its first event past it is awaited came at once, though the content (a
+    reasoning model's, minutes later) came after a wait."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    wait_ms = 800
+    headers = {
+        **auth(VK),
+        "x-request-id": "req_sf_ttft",
+        "x-fake-delay-ms": str(wait_ms),
+        "x-fake-chunks": "1",
+    }
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    assert response.status == 200
+    await response.read()
+    [line] = await records(1)
+    assert line["ttft_ms"] < wait_ms / 2, line["ttft_ms"]  # the role chunk's, not the content's

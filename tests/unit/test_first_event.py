@@ -25,6 +25,14 @@ CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": []}
 ROLE = event({**CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
 AZURE_FILTERS = event({**CHUNK, "prompt_filter_results": [{"prompt_index": 0}]})
 SERVER_ERROR = event({"error": {"message": "m", "type": "server_error", "code": None}})
+# The Responses API's failed response: its error inside the Response, not beside it.
+RESPONSE_FAILED = event(
+    {
+        "type": "response.failed",
+        "response": {"status": "failed", "error": {"code": "server_error", "message": "m"}},
+    },
+    "response.failed",
+)
 RESPONSE_START = event({"type": "response.created"}, "response.created") + event(
     {"type": "response.in_progress"}, "response.in_progress"
 )
@@ -53,6 +61,8 @@ RESPONSE_START = event({"type": "response.created"}, "response.created") + event
         (ROLE + SERVER_ERROR, 500),
         (AZURE_FILTERS + ROLE + SERVER_ERROR, 500),
         (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
+        (RESPONSE_START + RESPONSE_FAILED, 500),  # its error in the failed Response
+        (RESPONSE_FAILED.replace(b"server_error", b"rate_limit_exceeded"), 429),
     ],
 )
 def test_an_error_of_the_moment_first_stands_for_its_status(
@@ -83,6 +93,7 @@ def test_an_error_of_the_moment_first_stands_for_its_status(
         + event({"type": "response.output_item.added"}, "response.output_item.added"),
         b"data: not json error\n\n",
         b"data: [DONE]\n\n",
+        RESPONSE_START + RESPONSE_FAILED.replace(b"server_error", b"invalid_prompt"),
     ],
 )
 def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes) -> None:

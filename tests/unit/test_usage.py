@@ -1697,6 +1697,17 @@ def test_an_ollama_stream_without_its_last_line_end_still_counts_it() -> None:
     assert tap.usage(b"") == Usage(26, 2)
 
 
+def test_an_ollama_answer_without_its_prompts_count_is_estimated_not_charged_no_prompt() -> None:
+    """Ollama's releases of early 2024 left `prompt_eval_count` out when the prompt was in its
+    cache (a chat's turns after the first): the completion's count alone charged no prompt."""
+    cached = OLLAMA_STREAM.replace(b'"prompt_eval_count":26,', b"")
+    assert b"prompt_eval_count" not in cached
+    request = orjson.dumps(
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "x" * 400}]}
+    )
+    assert tap_of(cached, NDJSON).usage(request) == Usage(100, 2, estimated=True)
+
+
 def test_ollamas_paths_are_charged_as_generations_and_embeddings() -> None:
     assert charged("POST", "/v1/api/chat") is Charged.TEXT
     assert charged("POST", "/api/generate") is Charged.TEXT
