@@ -65,6 +65,9 @@ from proxy.keys.keys import KeyRing
 log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 
 POLL_SECONDS = 1.0
+# The longest a key not found waits for a reload under way (10,000 keys load in about a
+# second on a busy machine); then it is refused as any unknown key.
+RELOADED_WITHIN_SECONDS = 5.0
 LOADING_SWITCH_SECONDS = 0.0005  # sys.setswitchinterval while a reload's thread loads
 
 Signature = tuple[str, int, int, int, int]
@@ -194,12 +197,15 @@ class KeysFile:
         return bool(self._signalled) or self._one_at_a_time.locked()
 
     async def reloaded(self) -> None:
-        """Once the reloads and changes under way or asked for have ended (a caller that
-        leaves meanwhile cancels none of them)."""
-        if self._signalled:
-            await asyncio.wait(set(self._signalled))
-        async with self._one_at_a_time:
-            pass
+        """Once the reloads and changes under way or asked for have ended, or
+        RELOADED_WITHIN_SECONDS passed (a reload stuck reading the file holds no request for
+        ever); a caller that leaves meanwhile cancels none of them."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RELOADED_WITHIN_SECONDS):
+                if self._signalled:
+                    await asyncio.wait(set(self._signalled))
+                async with self._one_at_a_time:
+                    pass
 
     @contextlib.asynccontextmanager
     async def changing(self) -> AsyncIterator[None]:

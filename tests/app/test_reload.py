@@ -21,6 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import KEYS_FILE, build_app, load_keys
+from proxy.keys import reload as reload_module
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import CHAT
@@ -285,3 +286,16 @@ async def test_a_key_presented_while_a_reload_is_under_way_waits_for_it_on_usage
     answered = await usage
     assert answered.status == 200, await answered.text()
     assert (await answered.json())["key"] == "new"
+
+
+async def test_a_key_not_found_waits_for_a_stuck_reload_only_so_long(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    keys_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload that never ends (a keys.json on a hung network mount) holds a key not found
+    RELOADED_WITHIN_SECONDS at most: then it is refused as any unknown key, not held for ever."""
+    monkeypatch.setattr(reload_module, "RELOADED_WITHIN_SECONDS", 0.05)
+    gateway = await make_gateway()
+    async with gateway.app[KEYS_FILE].changing():  # under way, and never ending meanwhile
+        assert await status(gateway, NEW_VK) == 401
