@@ -2,13 +2,14 @@
 
 Its `nginx` block is taken from the page, given the gateway's address and a loopback port,
 and served by a real nginx (`make test` installs it): a stream comes event by event (also
-through nginx's defaults), the SDKs work under the stripped prefix, a body over nginx's own
-1m default gets through, and failed authentications are counted per client behind the one
-nginx.
+through nginx's defaults), the SDKs work under the stripped prefix, a Realtime session
+opens, a body over nginx's own 1m default gets through, and failed authentications are
+counted per client behind the one nginx.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -72,6 +74,16 @@ def post(
     return connection.getresponse()
 
 
+async def first_frame(url: str) -> str:
+    """The type of the first event of a Realtime session opened at `url`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=auth(OPENAI_VK), protocols=["realtime"]) as ws,
+    ):
+        message = await asyncio.wait_for(ws.receive(), 5)
+        return str(json.loads(message.data)["type"])
+
+
 def test_the_documented_nginx_configuration_streams_strips_the_prefix_and_names_each_client(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:
@@ -121,6 +133,9 @@ def test_the_documented_nginx_configuration_streams_strips_the_prefix_and_names_
         messages=[{"role": "user", "content": "hi"}],
     )
     assert message.content
+
+    # A Realtime session opens through it (Upgrade and Connection passed over HTTP/1.1).
+    assert asyncio.run(first_frame(f"{base}/v1/realtime?model=gpt-realtime")) == "session.created"
 
     # A 2 MB prompt: over nginx's default client_max_body_size (1m), under MAX_BODY_BYTES.
     big = {**chat, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
