@@ -239,8 +239,17 @@ async def test_an_upload_under_way_at_sigterm_is_read_and_answered_within_the_gr
     assert line["status"] == 200
 
 
+@pytest.mark.parametrize(
+    ("version", "asks", "says"),
+    [("1.1", b"", b"\r\nconnection: close"), ("1.0", b"Connection: keep-alive\r\n", None)],
+)
 async def test_an_answer_begun_during_the_drain_says_its_connection_closes(
-    processes: Processes, process_keys: Path, tmp_path: Path
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,
+    version: str,
+    asks: bytes,
+    says: bytes | None,
 ) -> None:
     """A proxy in front keeps its connections to the gateway (nginx's upstream keepalive, an
     ALB, Envoy): an answer that began once the drain had, on a connection the gateway closes
@@ -258,9 +267,11 @@ async def test_an_answer_begun_during_the_drain_says_its_connection_closes(
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            f"POST /v1/chat/completions HTTP/{version}\r\nHost: gateway\r\n".encode()
             + f"Authorization: Bearer {OPENAI_VK}\r\nContent-Length: {len(body)}\r\n".encode()
-            + b"Content-Type: application/json\r\nx-fake-think-ms: 1500\r\n\r\n"
+            + b"Content-Type: application/json\r\nx-fake-think-ms: 1500\r\n"
+            + asks
+            + b"\r\n"
             + body
         )
         async with aiohttp.ClientSession() as session:
@@ -278,8 +289,10 @@ async def test_an_answer_begun_during_the_drain_says_its_connection_closes(
         writer.close()
         idle_writer.close()
     answer_head = answer.partition(b"\r\n\r\n")[0].lower()
-    assert answer_head.startswith(b"http/1.1 200 "), answer
-    assert b"\r\nconnection: close" in answer_head, answer_head
+    assert answer_head.startswith(f"http/{version} 200 ".encode()), answer
+    if says is not None:
+        assert says in answer_head, answer_head
+    assert b"keep-alive" not in answer_head  # HTTP/1.0: no keep-alive is the close
     assert await asyncio.to_thread(process.wait, 15) == 0
 
 
