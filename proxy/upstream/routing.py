@@ -122,8 +122,8 @@ def _prefix_advice(path: str) -> str:
             prefix = "/".join(segments[:index])
             return (
                 f" '{prefix}' looks like a path prefix that a proxy in front left on: have the "
-                "proxy strip it (nginx: a proxy_pass URL ending in '/'), as the gateway serves "
-                "these paths at its root."
+                "proxy strip it (docs/reverse-proxies.md), as the gateway serves these paths at "
+                "its root."
             )
     return ""
 

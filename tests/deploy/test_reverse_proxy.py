@@ -2,9 +2,9 @@
 
 Its `nginx` block is taken from the page, given the gateway's address and a loopback port,
 and served by a real nginx (`make test` installs it): a stream comes event by event (also
-through nginx's defaults), the SDKs work under the stripped prefix, a Realtime session
-opens, a body over nginx's own 1m default gets through, and failed authentications are
-counted per client behind the one nginx.
+through nginx's defaults), the SDKs work under the stripped prefix (the rest of the path as
+sent), a Realtime session opens, a body over nginx's own 1m default gets through, and failed
+authentications are counted per client behind the one nginx.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import anthropic
@@ -72,6 +73,18 @@ def post(
     )
     connection.request("POST", path, body, {"Content-Type": "application/json", **headers})
     return connection.getresponse()
+
+
+def logged(log: Path, request_id: str) -> dict[str, object]:
+    """The interaction log's line of `request_id`, once written (the log has its own thread)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for line in log.read_text().splitlines() if log.exists() else ():
+            record = json.loads(line)
+            if record["request_id"] == request_id:
+                return dict(record)
+        assert time.monotonic() < deadline, f"no log line for {request_id}"
+        time.sleep(0.02)
 
 
 async def first_frame(url: str) -> str:
@@ -136,6 +149,14 @@ def test_the_documented_nginx_configuration_streams_strips_the_prefix_and_names_
 
     # A Realtime session opens through it (Upgrade and Connection passed over HTTP/1.1).
     assert asyncio.run(first_frame(f"{base}/v1/realtime?model=gpt-realtime")) == "session.created"
+
+    # The rest of the path goes as the client encoded it: a Bedrock model ARN's %2F stays
+    # one segment, so the model read is the whole ARN.
+    arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123"
+    path = f"/llm/v1/model/{quote(arn, safe='')}/converse"
+    answer = post(port, path, b"{}", {**auth(OPENAI_VK), "x-request-id": "arn-1"})
+    answer.read()
+    assert logged(tmp_path / "interactions.jsonl", "arn-1")["model"] == arn
 
     # A 2 MB prompt: over nginx's default client_max_body_size (1m), under MAX_BODY_BYTES.
     big = {**chat, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
