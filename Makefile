@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy --strict proxy
 
-# test: install everything (venv, redis-server, prometheus, podman for the image check), lint, then run every test.
+# test: install everything (venv, redis-server, prometheus, nginx, podman for the image check), lint, then run every test.
 # The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
 test: lint $(STAMP) system-packages
 	$(PY) -m pytest -q
@@ -56,6 +56,7 @@ unit: $(STAMP)
 system-packages:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 
 # e2e: the shell scripts in e2e/ against a real gateway in front of the fake provider
 e2e: $(STAMP)

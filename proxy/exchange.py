@@ -91,11 +91,17 @@ _GENERATED = frozenset((Charged.TEXT, Charged.PROMPT))
 def is_upgrade(request: web.Request) -> bool:
     """True for a WebSocket upgrade request: a GET (RFC 6455 §4.1). Another method naming
     `Upgrade: websocket` goes on as itself, body and all, its Upgrade ignored (RFC 9110
-    §7.8) and dropped as hop-by-hop."""
+    §7.8) and dropped as hop-by-hop. A GET with a `Sec-WebSocket-Key` and no Upgrade is a
+    handshake whose Upgrade a proxy in front dropped (nginx's defaults: HTTP/1.0 to the
+    gateway): the WebSocket transport refuses it, saying so, rather than it going upstream
+    as a plain GET."""
     if request.method != "GET":  # a POST on the hot path: no header lookup
         return False
-    upgrade = request.headers.get("upgrade")
-    return upgrade is not None and upgrade.strip().lower() == "websocket"
+    headers = request.headers
+    upgrade = headers.get("upgrade")
+    if upgrade is None:
+        return "sec-websocket-key" in headers
+    return upgrade.strip().lower() == "websocket"
 
 
 class Transport(Protocol):

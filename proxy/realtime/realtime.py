@@ -309,6 +309,14 @@ def forwarded_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
 
 def check_handshake(request: web.Request) -> None:
     """Refuse a broken handshake before anything goes upstream. Raises 400."""
+    if "upgrade" not in request.headers:
+        raise GatewayError(
+            400,
+            "invalid_upgrade",
+            "The WebSocket handshake reached the gateway without its Upgrade header: a proxy "
+            "in front dropped it. It must pass Upgrade and Connection over HTTP/1.1 (nginx: "
+            "proxy_http_version 1.1 and proxy_set_header for both; docs/reverse-proxies.md).",
+        )
     if not web.WebSocketResponse(protocols=offered(request.headers)).can_prepare(request).ok:
         raise GatewayError(
             400, "invalid_upgrade", "Not a valid WebSocket handshake (RFC 6455 §4.1)."

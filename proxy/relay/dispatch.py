@@ -12,8 +12,9 @@ aiohttp's low-level server 33). Here, instead:
   preflight, in the order the app ran them; every other request goes through the app's
   router as before, so the own endpoints, their methods and their 405s are aiohttp's;
 - `GatewayRequest` stamps each answer as it is prepared, in one plain call: the Server
-  header, a provider answer's missing Content-Type, CORS, the end of an HTTP/1.0
-  connection its head announced or whose request named a Transfer-Encoding. No `on_response_prepare` receiver is left; a new stamp
+  header, a provider answer's missing Content-Type, CORS, `Connection: close` once the
+  drain has begun, the end of an HTTP/1.0 connection its head announced or whose request
+  named a Transfer-Encoding. No `on_response_prepare` receiver is left; a new stamp
   goes here.
 
 Both replace private members of the app (`serve_through`): aiohttp 3.14 builds its server
@@ -105,7 +106,17 @@ class GatewayRequest(web.Request):
         if headers.get(hdrs.SERVER, SERVER_SOFTWARE) == SERVER_SOFTWARE:
             headers[hdrs.SERVER] = SERVER_NAME
         keep_untyped(response)
-        if self.version == HttpVersion10 and response.keep_alive:
+        if response.keep_alive and self._protocol._force_close:
+            # The connection ends after this answer (the drain has begun): the head says so
+            # (RFC 9112 §9.6), or a proxy in front that keeps its connections to the gateway
+            # (nginx's upstream keepalive, a load balancer) could send its next request on it
+            # as it closes, and answer that request 502.
+            if self.version == HttpVersion10:
+                headers.popall(hdrs.CONNECTION, None)
+            else:
+                headers[hdrs.CONNECTION] = "close"
+            response.force_close()
+        elif self.version == HttpVersion10 and response.keep_alive:
             if hdrs.TRANSFER_ENCODING in self.headers:
                 # RFC 9112 §6.1: HTTP/1.0 has no transfer coding, so such a request's framing
                 # is faulty (a proxy in front may have read no body): its connection ends.

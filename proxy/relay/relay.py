@@ -146,7 +146,8 @@ class Relay:
         if found is not None:
             headers["x-llm-gateway-cache"] = found.cached.value
         status, content_type = reply.status, reply.headers.get("content-type")
-        if content_type is not None and content_type.startswith(STREAM_TYPES):
+        is_stream_type = content_type is not None and content_type.startswith(STREAM_TYPES)
+        if is_stream_type:
             record.saw_event_stream()
         coding = content_coding(reply.headers)  # every line of it: two are one list
         tap = UsageTap(
@@ -173,6 +174,10 @@ class Relay:
                     reply, headers, tap, record, silences, collect, secrets, links
                 )
             else:
+                if is_stream_type or reply.content_length is None:
+                    # A stream: nginx in front, with its defaults (HTTP/1.0 to the gateway,
+                    # proxy_buffering on), held it and passed it on whole at its end.
+                    headers["X-Accel-Buffering"] = "no"
                 response = HeldHead(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
                 response[UNTYPED] = True  # see keep_untyped

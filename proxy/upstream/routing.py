@@ -83,7 +83,7 @@ def route(raw_target: str) -> tuple[str, str]:
             "/chat/completions, /completions, /embeddings, /messages, /models, and Azure's "
             "/openai/... (AzureOpenAI with the gateway as azure_endpoint). "
             "Bedrock and Vertex clients take the gateway's /v1 as their endpoint. "
-            "The gateway's own: GET /health, /ready, /metrics, /usage.",
+            "The gateway's own: GET /health, /ready, /metrics, /usage." + _prefix_advice(path),
         )
     if _PLAIN.fullmatch(tail):
         return tail, query
@@ -110,6 +110,22 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def _prefix_advice(path: str) -> str:
+    """For a path with `/v1/…` after some segments (`/llm/v1/chat/completions`, as both SDKs
+    send it under a base URL with a prefix): those segments are a prefix a proxy in front
+    mounted the gateway under and left on the path."""
+    segments = path.split("/")
+    for index in range(2, len(segments) - 1):
+        if segments[index] == "v1":
+            prefix = "/".join(segments[:index])
+            return (
+                f" '{prefix}' looks like a path prefix that a proxy in front left on: have the "
+                "proxy strip it (docs/reverse-proxies.md), as the gateway serves these paths at "
+                "its root."
+            )
+    return ""
 
 
 def endpoint(tail: str) -> str:

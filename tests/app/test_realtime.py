@@ -417,6 +417,35 @@ async def test_a_wrong_or_missing_key_is_refused_with_401(
     assert sockets.sockets == []
 
 
+@pytest.mark.parametrize("path", [PATH, "/v1/responses"])
+async def test_a_handshake_whose_upgrade_a_proxy_dropped_is_refused_saying_so(
+    gateway: TestClient, fake: FakeState, sockets: RealtimeState, path: str
+) -> None:
+    # nginx with its defaults speaks HTTP/1.0 to the gateway and drops Upgrade and
+    # Connection (hop-by-hop), but passes the Sec-WebSocket-* headers: such a handshake went
+    # upstream as a plain GET, counted against the quota, and the client got whatever the
+    # provider answers a GET there, never a session.
+    headers = upgrade_headers(**auth(LIMITED_VK), Host="gateway")
+    del headers["Upgrade"]
+    headers["Connection"] = "close"
+    head = f"GET {path} HTTP/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    for _ in range(4):  # LIMITED_VK: 3 requests per window, none of these counted
+        reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+        try:
+            writer.write(head.encode() + b"\r\n")
+            async with asyncio.timeout(WAIT_SECONDS):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        answer_head, _, answer_body = answer.partition(b"\r\n\r\n")
+        assert answer_head.startswith(b"HTTP/1.0 400"), answer_head
+        body = orjson.loads(answer_body)
+        assert_openai_error(body, "invalid_upgrade")
+        assert "Upgrade" in body["error"]["message"] and "proxy" in body["error"]["message"]
+    assert fake.requests == [] and sockets.sockets == []
+    assert (await gateway.get("/v1/models", headers=auth(LIMITED_VK))).status == 200
+
+
 async def test_a_provider_refusing_the_upgrade_gives_its_status(gateway: TestClient) -> None:
     response = await gateway.get(
         PATH, headers=upgrade_headers(**auth(OPENAI_VK), **{"x-fake-status": "403"})

@@ -102,6 +102,31 @@ async def test_a_plain_chunked_body_streams_too(gateway: TestClient, fake: FakeS
     assert len(pieces) >= 8 and pieces[-1][0] - pieces[0][0] > 0.25
 
 
+async def test_a_stream_tells_a_buffering_proxy_in_front_to_pass_it_on_as_it_comes(
+    gateway: TestClient,
+) -> None:
+    # Behind nginx with its defaults (HTTP/1.0 to the gateway, proxy_buffering on), a stream
+    # came to the client whole at its end (tests/deploy/test_reverse_proxy.py runs one).
+    # `X-Accel-Buffering: no` turns buffering off for the one answer (nginx reads the header
+    # and does not pass it on); answers sent whole may still be buffered.
+    streamed = [
+        ("POST", "/v1/chat/completions", STREAM),
+        ("POST", "/v1/messages", messages("count", stream=True)),
+        ("GET", "/v1/files/file-1/content", None),  # a chunked body of no Content-Type
+    ]
+    for method, path, body in streamed:
+        headers = {**auth(ANTHROPIC_VK if "messages" in path else OPENAI_VK)}
+        if body is None:
+            headers["x-fake-raw-chunks"] = "2"
+        response = await gateway.request(method, path, json=body, headers=headers)
+        await response.read()
+        assert response.status == 200, path
+        assert response.headers.get("x-accel-buffering") == "no", path
+    response = await gateway.post("/v1/chat/completions", json=chat("hi"), headers=auth(OPENAI_VK))
+    await response.read()
+    assert response.status == 200 and "x-accel-buffering" not in response.headers
+
+
 async def test_an_http_1_0_client_asking_keep_alive_gets_a_stream_that_ends_with_the_connection(
     gateway: TestClient, fake: FakeState
 ) -> None:

@@ -239,6 +239,63 @@ async def test_an_upload_under_way_at_sigterm_is_read_and_answered_within_the_gr
     assert line["status"] == 200
 
 
+@pytest.mark.parametrize(
+    ("version", "asks", "says"),
+    [("1.1", b"", b"\r\nconnection: close"), ("1.0", b"Connection: keep-alive\r\n", None)],
+)
+async def test_an_answer_begun_during_the_drain_says_its_connection_closes(
+    processes: Processes,
+    process_keys: Path,
+    tmp_path: Path,
+    version: str,
+    asks: bytes,
+    says: bytes | None,
+) -> None:
+    """A proxy in front keeps its connections to the gateway (nginx's upstream keepalive, an
+    ALB, Envoy): an answer that began once the drain had, on a connection the gateway closes
+    right after it, said nothing of the close, so the proxy could send its next request on
+    that connection as it closed, and answer that request 502."""
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="10")
+    port = int(url.rsplit(":", 1)[1])
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    head = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await idle_reader.readexactly(length)  # answered: the connection is idle, kept alive
+    body = json.dumps(CHAT).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"POST /v1/chat/completions HTTP/{version}\r\nHost: gateway\r\n".encode()
+            + f"Authorization: Bearer {OPENAI_VK}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Content-Type: application/json\r\nx-fake-think-ms: 1500\r\n"
+            + asks
+            + b"\r\n"
+            + body
+        )
+        async with aiohttp.ClientSession() as session:
+
+            async def in_flight() -> bool:
+                metrics = await (await session.get(f"{url}/metrics")).text()
+                return "\nllm_gateway_requests_in_flight 1.0\n" in metrics
+
+            await until(in_flight, what="the request in flight")  # its head was read
+        process.send_signal(signal.SIGTERM)
+        # The idle connection closed: the drain has begun, before the answer's head.
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+        answer = await asyncio.wait_for(reader.read(), 15)  # the answer, then the close
+    finally:
+        writer.close()
+        idle_writer.close()
+    answer_head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert answer_head.startswith(f"http/{version} 200 ".encode()), answer
+    if says is not None:
+        assert says in answer_head, answer_head
+    assert b"keep-alive" not in answer_head  # HTTP/1.0: no keep-alive is the close
+    assert await asyncio.to_thread(process.wait, 15) == 0
+
+
 async def test_the_grace_period_ends_streams_that_outlast_it(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:

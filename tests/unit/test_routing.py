@@ -121,3 +121,26 @@ def test_percent_encoded_unreserved_characters_are_decoded(target: str, tail: st
             route(target)
         return
     assert route(target)[0] == tail
+
+
+@pytest.mark.parametrize(
+    ("target", "prefix"),
+    [
+        ("/llm/v1/chat/completions", "/llm"),
+        ("/api/gateway/v1/messages?beta=true", "/api/gateway"),
+    ],
+)
+def test_a_path_prefix_a_proxy_left_on_is_named_in_the_404(target: str, prefix: str) -> None:
+    # Behind a proxy that mounts the gateway under a prefix without stripping it, every
+    # call is a 404: it names the prefix and what to do about it.
+    with pytest.raises(GatewayError) as refused:
+        route(target)
+    assert refused.value.status == 404 and refused.value.code == "unknown_route"
+    assert f"'{prefix}'" in refused.value.message and "strip" in refused.value.message
+
+
+def test_a_404_without_a_proxied_path_inside_names_no_prefix() -> None:
+    for target in ("/v2/chat/completions", "/llm/v1", "/llm/chat/completions"):
+        with pytest.raises(GatewayError) as refused:
+            route(target)
+        assert "prefix" not in refused.value.message, target
