@@ -101,6 +101,25 @@ def self_hosted(
     return make
 
 
+async def generated(gateway: TestClient, key: str, path: str, body: Any) -> int:
+    """Ask `path` for five chunks with `key`, read the answer through, close the gateway
+    (its log line written); the tokens the key's window counts then."""
+    response = await gateway.post(path, json=body, headers={**auth(key), "x-fake-chunks": "5"})
+    assert response.status == 200
+    await response.read()
+    usage = await gateway.get("/usage", headers=auth(key))
+    tokens = (await usage.json())["tokens"]
+    await gateway.close()
+    return int(tokens["used"])
+
+
+def assert_reported(line: dict[str, Any]) -> None:
+    """The log line charged the counts the fake server reported: its prompt and 5 tokens."""
+    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert line["usage"]["completion_tokens"] == 5
+    assert line["usage"]["estimated"] is False
+
+
 CHAT = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hello there"}]}
 
 
@@ -122,21 +141,9 @@ async def test_ollamas_native_generations_are_charged_the_counts_ollama_reports(
     """Ollama's own API (its Python and JS clients, Open WebUI) reports a generation's counts
     in its last line (`prompt_eval_count`, `eval_count`): a key with a token limit was charged
     nothing for it, so its limit never closed."""
-    gateway = await self_hosted()
-    response = await gateway.post(
-        path, json=body, headers={**auth(METERED_VK), "x-fake-chunks": "5"}
-    )
-    assert response.status == 200
-    await response.read()
-    usage = await gateway.get("/usage", headers=auth(METERED_VK))
-    tokens = (await usage.json())["tokens"]
-    await gateway.close()
-
-    assert tokens["used"] == PROMPT_TOKENS + 5
+    assert await generated(await self_hosted(), METERED_VK, path, body) == PROMPT_TOKENS + 5
     [line] = await records(1)
-    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
-    assert line["usage"]["completion_tokens"] == 5
-    assert line["usage"]["estimated"] is False
+    assert_reported(line)
     assert line["model"] == "llama3.2:1b"
 
 
@@ -219,19 +226,9 @@ async def test_llamacpps_native_completions_are_charged_the_counts_it_reports(
     """llama.cpp's server answers its own /completion (and /infill) with `tokens_evaluated`
     and `tokens_predicted` (a stream: running counts in every event): a key with a token limit
     was charged nothing for them."""
-    gateway = await self_hosted()
-    response = await gateway.post(path, json=body, headers={**auth(LLAMA_VK), "x-fake-chunks": "5"})
-    assert response.status == 200
-    await response.read()
-    usage = await gateway.get("/usage", headers=auth(LLAMA_VK))
-    tokens = (await usage.json())["tokens"]
-    await gateway.close()
-
-    assert tokens["used"] == PROMPT_TOKENS + 5
+    assert await generated(await self_hosted(), LLAMA_VK, path, body) == PROMPT_TOKENS + 5
     [line] = await records(1)
-    assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
-    assert line["usage"]["completion_tokens"] == 5
-    assert line["usage"]["estimated"] is False
+    assert_reported(line)
 
 
 async def test_llamacpps_tokenizer_is_charged_nothing(
@@ -262,18 +259,11 @@ async def test_tgis_native_generations_are_charged(
     """TGI's own /generate and /generate_stream report counts only when asked for `details`
     (`input_length`, `generated_tokens`): with them the answer is charged those, without
     them an estimate from its `inputs` and the text it generated. It was charged nothing."""
-    gateway = await self_hosted()
     body = {"inputs": TGI_PROMPT, "parameters": {"max_new_tokens": 20, "details": details}}
-    response = await gateway.post(path, json=body, headers={**auth(TGI_VK), "x-fake-chunks": "5"})
-    assert response.status == 200
-    await response.read()
-    await gateway.close()
-
+    await generated(await self_hosted(), TGI_VK, path, body)
     [line] = await records(1)
     if details:
-        assert line["usage"]["prompt_tokens"] == PROMPT_TOKENS
-        assert line["usage"]["completion_tokens"] == 5
-        assert line["usage"]["estimated"] is False
+        assert_reported(line)
     else:
         assert line["usage"]["prompt_tokens"] == 6
         assert line["usage"]["completion_tokens"] == 7  # "tok0 " .. "tok4 ": 25 characters

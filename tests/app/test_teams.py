@@ -79,6 +79,13 @@ def teams_gateway(
     return make
 
 
+async def hold(gateway: TestClient, secret: str) -> aiohttp.ClientResponse:
+    """A stream the fake provider leaves hanging mid-way: its slot is held until it closes."""
+    return await gateway.post(
+        "/v1/chat/completions", json=STREAM, headers={**auth(secret), "x-fake-hang": "midstream"}
+    )
+
+
 async def chat(gateway: TestClient, secret: str, body: Any = CHAT, **headers: str) -> int:
     response = await gateway.post(
         "/v1/chat/completions", json=body, headers={**auth(secret), **headers}
@@ -142,11 +149,7 @@ async def test_max_in_flight_caps_the_streams_at_the_provider(
     )
     assert fake.open_peak <= 3
     assert statuses.count(200) >= 3 and statuses.count(200) + statuses.count(429) == 12
-    refused = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
-    )
+    refused = await hold(gateway, MEMBERS[0])
     assert refused.status == 200  # every slot is free again once the streams ended
     refused.close()
 
@@ -155,11 +158,7 @@ async def test_a_full_max_in_flight_answers_429_with_retry_after_1_in_both_diale
     teams_gateway: Any, fake: Any
 ) -> None:
     gateway = await teams_gateway({"max_in_flight": 1})
-    holder = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
-    )
+    holder = await hold(gateway, MEMBERS[0])
     assert holder.status == 200
     refused = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(MEMBERS[1]))
     assert refused.status == 429 and refused.headers["retry-after"] == "1"
@@ -190,11 +189,7 @@ async def test_queue_seconds_serves_the_waiting_requests_in_order(
 ) -> None:
     gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
     quota = gateway.app[QUOTA]
-    holder = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
-    )
+    holder = await hold(gateway, MEMBERS[0])
     waiting = []
     for n in range(5):  # each one in line before the next asks
         body = {**CHAT, "messages": [{"role": "user", "content": f"number {n}"}]}
@@ -477,11 +472,7 @@ async def test_a_request_waiting_for_a_slot_takes_a_cap_raised_meanwhile(
     # waiting was asked about at the old cap every poll and got its 429 after queue_seconds.
     gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
     quota = gateway.app[QUOTA]
-    holder = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
-    )
+    holder = await hold(gateway, MEMBERS[0])
     waiting = asyncio.create_task(chat(gateway, MEMBERS[1]))
     await until(lambda: quota.queued == 1)
     raised = await gateway.patch(
@@ -502,11 +493,7 @@ async def test_a_request_waiting_for_a_slot_of_a_key_revoked_meanwhile_gets_401(
     # reached the provider up to queue_seconds after its 204.
     gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
     quota = gateway.app[QUOTA]
-    holder = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(MEMBERS[0]), "x-fake-hang": "midstream"},
-    )
+    holder = await hold(gateway, MEMBERS[0])
     waiting = asyncio.create_task(chat(gateway, MEMBERS[1], **{"x-request-id": "waiting"}))
     await until(lambda: quota.queued == 1)
     deleted = await gateway.delete(
@@ -531,23 +518,16 @@ async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_team
     )
     quota = gateway.app[QUOTA]
 
-    async def hold(secret: str) -> aiohttp.ClientResponse:
-        response = await gateway.post(
-            "/v1/chat/completions",
-            json=STREAM,
-            headers={**auth(secret), "x-fake-hang": "midstream"},
-        )
-        assert response.status == 200
-        return response
-
-    first = await hold(MEMBERS[0])  # member-0's only slot, one of the team's two
-    second = await hold(MEMBERS[1])  # the team's last slot
-    third = asyncio.create_task(hold(MEMBERS[2]))  # waits for a team slot
+    first = await hold(gateway, MEMBERS[0])  # member-0's only slot, one of the team's two
+    second = await hold(gateway, MEMBERS[1])  # the team's last slot
+    assert first.status == second.status == 200
+    third = asyncio.create_task(hold(gateway, MEMBERS[2]))  # waits for a team slot
     await until(lambda: quota.queued == 1)
     again = asyncio.create_task(chat(gateway, MEMBERS[0]))  # behind it, in the team's line
     await until(lambda: quota.queued == 2)
     second.close()  # the third takes that slot; member-0's second is first in line now
     third_response = await third
+    assert third_response.status == 200
     await until(lambda: quota.queued == 1)
     behind = asyncio.create_task(chat(gateway, MEMBERS[1]))  # member-1 is free again
     await until(lambda: quota.queued == 2)

@@ -201,6 +201,17 @@ async def test_a_signal_lets_in_flight_streams_finish_then_exits_0(
     assert out.endswith("llm-gateway stopped: every request finished\n")
 
 
+async def idle_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection to the gateway on `port` that was answered once (GET /health) and
+    is now idle, kept alive."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return reader, writer
+
+
 async def test_an_upload_under_way_at_sigterm_is_read_and_answered_within_the_grace(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:
@@ -210,11 +221,7 @@ async def test_an_upload_under_way_at_sigterm_is_read_and_answered_within_the_gr
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="10")
     port = int(url.rsplit(":", 1)[1])
-    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-    idle_writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
-    head = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 10)
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    await idle_reader.readexactly(length)  # answered: the connection is idle, kept alive
+    idle_reader, idle_writer = await idle_connection(port)
     body = json.dumps(CHAT).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -258,11 +265,7 @@ async def test_an_answer_begun_during_the_drain_says_its_connection_closes(
     log = tmp_path / "log.jsonl"
     process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="10")
     port = int(url.rsplit(":", 1)[1])
-    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-    idle_writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
-    head = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 10)
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    await idle_reader.readexactly(length)  # answered: the connection is idle, kept alive
+    idle_reader, idle_writer = await idle_connection(port)
     body = json.dumps(CHAT).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
