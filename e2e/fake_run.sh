@@ -42,7 +42,8 @@ import json
 import sys
 
 url = sys.argv[1]
-keys = json.load(open("keys.example.json"))
+with open("keys.example.json") as example:
+    keys = json.load(example)
 
 
 def stand_in(node):

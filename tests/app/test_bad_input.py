@@ -272,11 +272,13 @@ async def exchange(gateway: TestClient, data: bytes, *, half_close: bool = False
         if half_close:
             writer.write_eof()
         async with asyncio.timeout(ANSWER_SECONDS):
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as error:
-                assert not error.partial, f"half an answer: {error.partial!r}"
-                return None
+            head = b"HTTP/1.1 100 Continue\r\n\r\n"
+            while head.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue) is no answer
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as error:
+                    assert not error.partial, f"half an answer: {error.partial!r}"
+                    return None
             status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
             headers = CIMultiDict(
                 (name.strip(), value.strip())

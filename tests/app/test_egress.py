@@ -437,8 +437,12 @@ async def test_a_proxy_that_never_answers_connect_times_out_at_the_connect_timeo
     aiohttp_server: Serve, certificate: ssl.SSLContext
 ) -> None:
     accepted = asyncio.Event()
+    # Held until the end: Python 3.13 closes a connection whose StreamWriter is collected (the
+    # gateway then saw a close, not silence), and 3.12's Server.wait_closed waits for it.
+    held: list[asyncio.StreamWriter] = []
 
     def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
         accepted.set()  # takes the connection, reads CONNECT, answers nothing
 
     mute = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -447,8 +451,13 @@ async def test_a_proxy_that_never_answers_connect_times_out_at_the_connect_timeo
     wire = Wire(connect_timeout=0.2, egress=Egress.of({"https": proxy_url}))
     try:
         async with mute:
-            with pytest.raises(aiohttp.ConnectionTimeoutError, match="through the outbound"):
-                await asyncio.wait_for(wire.request("GET", server.make_url("/echo"), {}, None), 5)
+            try:
+                with pytest.raises(aiohttp.ConnectionTimeoutError, match="through the outbound"):
+                    request = wire.request("GET", server.make_url("/echo"), {}, None)
+                    await asyncio.wait_for(request, 5)
+            finally:
+                for writer in held:
+                    writer.close()
     finally:
         await wire.close()
     assert accepted.is_set()

@@ -24,6 +24,7 @@ from tests.support.clock import LoopClock
 from tests.support.idle_closing import IdleClosing
 from tests.support.polling import until
 from tests.support.processes import free_port
+from tests.support.raw_servers import RawServer
 
 Serve = Callable[..., Awaitable[TestServer]]
 GATE = web.AppKey("gate", asyncio.Queue[None])
@@ -225,7 +226,7 @@ async def test_a_refused_connection_is_aiohttps_connector_error(wire: Wire) -> N
     assert caught.value.os_error.errno == errno.ECONNREFUSED
 
 
-async def raw_server(answer: Callable[[bytes], bytes | None]) -> tuple[asyncio.Server, URL]:
+async def raw_server(answer: Callable[[bytes], bytes | None]) -> tuple[RawServer, URL]:
     """A TCP server that reads a request and writes `answer(request)` (None: close at once)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -241,7 +242,7 @@ async def raw_server(answer: Callable[[bytes], bytes | None]) -> tuple[asyncio.S
                 writer.close()
                 return
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, URL(f"http://127.0.0.1:{port}/x")
 
@@ -313,7 +314,7 @@ async def test_a_head_that_never_ends_fails_at_its_bound_not_at_the_timeout(wire
 async def test_tls_verifies_the_certificate(wire: Wire, tmp_path: Path) -> None:
     """A server whose certificate no authority signed is refused, not trusted."""
     _, context = self_signed(tmp_path, "cert")
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=context)
+    server = await RawServer.start(lambda r, w: None, "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     async with server:
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
@@ -380,7 +381,7 @@ async def test_each_head_awaited_times_out_at_its_own_deadline(wire: Wire) -> No
         await reader.read()  # the wire closes what timed out; keeps what answered
         closed.put_nowait(None)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     base = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     async with server:
         slow = asyncio.create_task(wire.request("GET", base / "slow", {}, None, timeout=30))
@@ -405,7 +406,7 @@ async def test_a_provider_at_an_ipv6_address_gets_a_bracketed_host(wire: Wire) -
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "::1", 0)
+    server = await RawServer.start(handle, "::1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         reply = await wire.request("GET", URL(f"http://[::1]:{port}/v1/models"), {}, None)
@@ -432,7 +433,7 @@ async def test_a_body_ended_by_closing_the_connection_is_whole(wire: Wire, head:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)
@@ -452,7 +453,7 @@ async def test_a_body_without_length_cut_by_a_reset_is_still_a_payload_error(wir
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         writer.transport.abort()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)
@@ -473,7 +474,7 @@ async def test_a_malformed_body_after_the_head_is_a_payload_error(wire: Wire) ->
         writer.write(b"zz\r\n")  # while the reader waits for the next chunk
         await reader.read()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)
@@ -513,7 +514,7 @@ async def test_a_second_answer_to_one_request_is_not_read_into_the_first(
         await writer.drain()
         await reader.read()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)
@@ -541,7 +542,7 @@ async def test_bytes_a_provider_sends_on_an_idle_connection_close_it(wire: Wire)
             pass
         closed.set()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)
@@ -599,7 +600,7 @@ async def test_a_keep_alive_header_shortens_the_wait_never_lengthens_it(
         except asyncio.IncompleteReadError:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     seen = []
     async with server:
@@ -749,7 +750,7 @@ async def test_a_connection_kept_after_a_slow_read_is_looked_at_before_it_is_reu
         closed.set()
         await reader.read()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await RawServer.start(handle, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
     async with server:
         reply = await wire.request("GET", url, {}, None)

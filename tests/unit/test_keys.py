@@ -778,8 +778,10 @@ def test_a_field_written_twice_in_one_entry_is_refused(tmp_path: Path) -> None:
 
 def test_a_file_nested_too_deep_to_check_is_refused_in_one_line(tmp_path: Path) -> None:
     # orjson reads 1,000 levels; the check for names written twice must not end in a traceback
+    # (Python 3.11's parser stops short of them: "nested too deeply"; 3.12's reads them, and the
+    # stray field is what is refused)
     text = '{"virtual_keys": {}, "x": ' + "[" * 1000 + "]" * 1000 + "}"
-    with pytest.raises(KeysFileError, match="nested too deeply"):
+    with pytest.raises(KeysFileError, match="nested too deeply|'x' is not a top-level field"):
         load(tmp_path, text)
 
 
