@@ -106,7 +106,7 @@ class GatewayRequest(web.Request):
         if headers.get(hdrs.SERVER, SERVER_SOFTWARE) == SERVER_SOFTWARE:
             headers[hdrs.SERVER] = SERVER_NAME
         keep_untyped(response)
-        if response.keep_alive and self._protocol._force_close:
+        if self._protocol._force_close and response.keep_alive:
             # The connection ends after this answer (the drain has begun): the head says so
             # (RFC 9112 §9.6), or a proxy in front that keeps its connections to the gateway
             # (nginx's upstream keepalive, a load balancer) could send its next request on it
