@@ -12,7 +12,8 @@ module, for the bytes at hand before any went to the client, what that first eve
 The first event that says something, that is: a stream's start says nothing of the answer
 yet, and the provider's error often follows it (Anthropic's `message_start` and `ping`, then
 `overloaded_error`; OpenAI's chunk naming only the role, after Azure's prompt filter results;
-the Responses API's `response.created` and `response.in_progress`). Such a start is read past.
+the Responses API's `response.created` and `response.in_progress`, named by their `event:`
+line or, from servers that send none, by their data's `type`). Such a start is read past.
 
 Only a failure of the moment counts (overloaded, rate limited, a server error, timed out):
 as the status it stands for (529, 429, 500, 503, 504...). An invalid request, a refused key,
@@ -64,6 +65,9 @@ MORE: Final = Undecided.MORE
 STARTING: Final = frozenset(
     (b"message_start", b"ping", b"response.created", b"response.in_progress", b"response.queued")
 )
+# The same, as the `type` inside an event sent without its `event:` line (some servers of the
+# Responses API's events send only their data).
+STARTING_TYPES: Final = frozenset(name.decode() for name in STARTING)
 
 
 def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
@@ -108,14 +112,17 @@ def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _is_start_chunk(data: bytes) -> bool:
-    """An OpenAI chunk that says nothing yet: each choice's delta only its role (or empty
-    text), no finish; or no choices beside Azure's prompt filter results."""
-    if b'"role"' not in data and b'"prompt_filter_results"' not in data:
+    """An event without a name that says nothing yet: an OpenAI chunk whose choices' deltas
+    name only the role (or empty text), no finish, or no choices beside Azure's prompt filter
+    results; or a start named by its `type` (STARTING_TYPES)."""
+    if b'"role"' not in data and b'"prompt_filter_results"' not in data and b'"type"' not in data:
         return False  # most chunks: not parsed
     try:
         chunk = json.loads(data)
     except ValueError:
         return False
+    if isinstance(chunk, dict) and chunk.get("type") in STARTING_TYPES:
+        return True
     choices = chunk.get("choices") if isinstance(chunk, dict) else None
     if not isinstance(choices, list) or "error" in chunk:
         return False

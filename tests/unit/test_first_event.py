@@ -36,6 +36,11 @@ RESPONSE_FAILED = event(
 RESPONSE_START = event({"type": "response.created"}, "response.created") + event(
     {"type": "response.in_progress"}, "response.in_progress"
 )
+# A server that sends the Responses API's events without their `event:` lines (their `type`
+# names them): its start holds the Response, whose `"error": null` says nothing yet.
+NAMELESS_START = event(
+    {"type": "response.created", "response": {"status": "in_progress", "error": None}}
+) + event({"type": "response.in_progress", "response": {"error": None}})
 
 
 @pytest.mark.parametrize(
@@ -63,6 +68,8 @@ RESPONSE_START = event({"type": "response.created"}, "response.created") + event
         (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
         (RESPONSE_START + RESPONSE_FAILED, 500),  # its error in the failed Response
         (RESPONSE_FAILED.replace(b"server_error", b"rate_limit_exceeded"), 429),
+        (NAMELESS_START + RESPONSE_FAILED.replace(b"event: response.failed\n", b""), 500),
+        (NAMELESS_START + event({"type": "error", "code": "server_error"}), 500),
     ],
 )
 def test_an_error_of_the_moment_first_stands_for_its_status(
@@ -94,6 +101,8 @@ def test_an_error_of_the_moment_first_stands_for_its_status(
         b"data: not json error\n\n",
         b"data: [DONE]\n\n",
         RESPONSE_START + RESPONSE_FAILED.replace(b"server_error", b"invalid_prompt"),
+        NAMELESS_START + event({"type": "response.output_text.delta", "delta": "an error"}),
+        event({"type": "message", "error": None}),  # a type that starts nothing
     ],
 )
 def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes) -> None:
@@ -113,6 +122,7 @@ def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes)
         AZURE_FILTERS + ROLE,
         RESPONSE_START,
         ANTHROPIC_START + b"event: content_block_start\n",
+        NAMELESS_START,
     ],
 )
 def test_a_first_event_not_all_come_waits_for_more(at_hand: bytes) -> None:
