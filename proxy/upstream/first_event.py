@@ -6,7 +6,8 @@ OpenAI's and OpenAI-compatible servers' `data: {"error": {...}}`, OpenRouter's c
 top-level `error` whose `code` is the status it stands for (after `: OPENROUTER PROCESSING`
 comments), the Responses API's `error` event and `response.failed` (its error inside the
 failed Response), llama.cpp's server's `error: {"code", ...}` line
-(a field of its own, not `data:`, in its older builds). The attempt loop (failover.py) asks this
+(a field of its own, not `data:`, in its older builds), and Bedrock's exception frame in its
+AWS event stream (`throttlingException`...). The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
 The first event that says something, that is: a stream's start says nothing of the answer
@@ -24,9 +25,11 @@ parsed only when it names a role or prompt filter results (a start's chunk, mayb
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, Literal
 
 # Error kinds (`type`, else `code`, else Google's `status`) that say the provider could not
@@ -47,6 +50,17 @@ PASSING: Final = {
     "INTERNAL": 500,
     "DEADLINE_EXCEEDED": 504,
 }
+# Bedrock's exceptions (an AWS event stream's `:exception-type`) that say it could not serve
+# now, as the HTTP status each stands for (AWS's own, but a model stream's error: "retry").
+FRAMED_PASSING: Final = {
+    "throttlingException": 429,
+    "modelNotReadyException": 429,
+    "serviceUnavailableException": 503,
+    "internalServerException": 500,
+    "modelStreamErrorException": 500,
+    "modelTimeoutException": 408,
+}
+EVENT_STREAM: Final = "application/vnd.amazon.eventstream"
 # Numeric codes (OpenRouter's: the HTTP status the error stands for) that are such failures.
 PASSING_CODES: Final = frozenset((408, 429, 500, 502, 503, 504, 529))
 
@@ -70,6 +84,19 @@ STARTING: Final = frozenset(
 STARTING_TYPES: Final = frozenset(name.decode() for name in STARTING)
 
 
+Reader = Callable[[bytes], "tuple[str, int] | Literal[Undecided.MORE] | None"]
+
+
+def reader(content_type: str) -> Reader | None:
+    """What reads a 200 stream's first event of this content type: `failure` for an event
+    stream (SSE), `framed_failure` for an AWS event stream (Bedrock's); None: not a stream."""
+    if content_type.startswith("text/event-stream"):
+        return failure
+    if content_type.startswith(EVENT_STREAM):
+        return framed_failure
+    return None
+
+
 def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
     """What the stream's first event past its start is, from the bytes at hand: (its error
     kind, the status it stands for) when a failure of the moment; None when anything else
@@ -87,6 +114,46 @@ def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
             return None
         return _passing(parsed, name == b"error") if isinstance(parsed, dict) else None
     return MORE
+
+
+def framed_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
+    """As `failure`, for Bedrock's AWS event-stream frames: its start (an invoke stream's
+    `message_start` or `ping` chunk, Converse's `messageStart`) read past, then an exception
+    frame of the moment (FRAMED_PASSING) is its type and status; anything else None."""
+    from botocore.eventstream import (  # type: ignore[import-untyped]  # Bedrock's only
+        EventStreamBuffer,
+        ParserError,
+    )
+
+    frames = EventStreamBuffer()
+    frames.add_data(at_hand)
+    try:
+        for message in frames:
+            headers = message.headers
+            kind = headers.get(":message-type")
+            if kind == "event" and _is_framed_start(headers.get(":event-type"), message.payload):
+                continue
+            name = headers.get(":exception-type")
+            if kind != "exception" or name not in FRAMED_PASSING:
+                return None
+            return name, FRAMED_PASSING[name]
+    except ParserError:  # a bad length or CRC: not read here (the relay finds it so)
+        return None
+    return MORE
+
+
+def _is_framed_start(event_type: object, payload: bytes) -> bool:
+    """A Bedrock frame that says nothing yet: Converse's messageStart (the role), or an
+    invoke stream's chunk whose model event is a start (Claude's `message_start`, `ping`)."""
+    if event_type == "messageStart":
+        return True
+    if event_type != "chunk":
+        return False
+    try:
+        event = json.loads(base64.b64decode(json.loads(payload)["bytes"], validate=True))
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return False
+    return isinstance(event, dict) and event.get("type") in STARTING_TYPES
 
 
 def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -6,11 +6,13 @@ results, the Responses API's `response.created`) carries nothing of the answer y
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
-from proxy.upstream.first_event import MORE, failure
+from proxy.upstream.first_event import MORE, failure, framed_failure, reader
+from tests.support.fake_bedrock import exception_frame, frame
 
 
 def event(data: object, name: str | None = None) -> bytes:
@@ -140,3 +142,18 @@ def test_llamacpps_error_line_is_an_error_event() -> None:
     assert failure(loading) == ("error 503", 503)  # no data line needed before it
     assert failure(ROLE + llamacpp_error(400, "exceed_context_size_error")) is None
     assert failure(b'error: {"code": 5') is MORE  # its blank line has not come
+
+
+def test_a_bedrock_stream_is_read_by_its_frames() -> None:
+    """Bedrock's AWS event stream: its start read past, an exception of the moment stands
+    for its status, a frame not all come waits, a frame whose CRC is wrong is not read."""
+    start = frame("chunk", {"bytes": base64.b64encode(b'{"type": "message_start"}').decode()})
+    throttled = exception_frame("throttlingException", "Too many requests")
+    assert reader("application/vnd.amazon.eventstream") is framed_failure
+    assert framed_failure(start + throttled) == ("throttlingException", 429)
+    assert framed_failure(frame("messageStart", {"role": "assistant"}) + throttled)[1] == 429  # type: ignore[index]
+    assert framed_failure(start) is MORE
+    assert framed_failure(start + throttled[:20]) is MORE
+    assert framed_failure(start + exception_frame("validationException", "bad")) is None
+    assert framed_failure(frame("contentBlockDelta", {"delta": {"text": "hi"}}) + throttled) is None
+    assert framed_failure(start[:-1] + b"\x00" + throttled) is None  # a broken CRC
