@@ -670,6 +670,8 @@ class Failover:
         found = failure(first)  # most first chunks come with the head: no wait
         if found is not MORE:
             return found, came
+        if content.has_arrived():  # all of it here (an answer not streamed, mostly)
+            return None, came
         wait = min(self.policy.max_wait_seconds, deadline - self.breakers.clock())
         try:
             async with asyncio.timeout(max(wait, 0.0)):

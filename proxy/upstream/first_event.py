@@ -7,7 +7,8 @@ top-level `error` whose `code` is the status it stands for (after `: OPENROUTER 
 comments), the Responses API's `error` event and `response.failed` (its error inside the
 failed Response), llama.cpp's server's `error: {"code", ...}` line
 (a field of its own, not `data:`, in its older builds), and Bedrock's exception frame in its
-AWS event stream (`throttlingException`...). The attempt loop (failover.py) asks this
+AWS event stream (`throttlingException`...), and OpenRouter's 200 JSON answer whose `error`
+names the status (a provider that failed after its 200, not streamed). The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
 The first event that says something, that is: a stream's start says nothing of the answer
@@ -88,13 +89,33 @@ Reader = Callable[[bytes], "tuple[str, int] | Literal[Undecided.MORE] | None"]
 
 
 def reader(content_type: str) -> Reader | None:
-    """What reads a 200 stream's first event of this content type: `failure` for an event
-    stream (SSE), `framed_failure` for an AWS event stream (Bedrock's); None: not a stream."""
+    """What reads a 200 answer of this content type for an error of the moment: `failure`
+    for an event stream (SSE), `framed_failure` for an AWS event stream (Bedrock's),
+    `answered_failure` for JSON; None: nothing else is read."""
     if content_type.startswith("text/event-stream"):
         return failure
+    if content_type.startswith("application/json"):
+        return answered_failure
     if content_type.startswith(EVENT_STREAM):
         return framed_failure
     return None
+
+
+def answered_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
+    """A 200 JSON answer that is an error of the moment: OpenRouter's, whose provider failed
+    after its 200 went (a top-level `error` whose `code` is the status it stands for, after
+    whitespace it sent to keep the connection); MORE while it may not all have come (the
+    caller stops waiting at its end); None: anything else (a Response whose error names a
+    kind, not a status, is the answer: it may be one fetched)."""
+    if b'"error"' not in at_hand:  # most answers: not parsed
+        return MORE
+    try:
+        answer = json.loads(at_hand)
+    except ValueError:  # not all come, or not JSON
+        return MORE
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return (f"error {code}", code) if type(code) is int and code in PASSING_CODES else None
 
 
 def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from proxy.upstream.first_event import MORE, failure, framed_failure, reader
+from proxy.upstream.first_event import MORE, answered_failure, failure, framed_failure, reader
 from tests.support.fake_bedrock import exception_frame, frame
 
 
@@ -157,3 +157,17 @@ def test_a_bedrock_stream_is_read_by_its_frames() -> None:
     assert framed_failure(start + exception_frame("validationException", "bad")) is None
     assert framed_failure(frame("contentBlockDelta", {"delta": {"text": "hi"}}) + throttled) is None
     assert framed_failure(start[:-1] + b"\x00" + throttled) is None  # a broken CRC
+
+
+def test_a_json_answer_is_read_for_openrouters_error() -> None:
+    """OpenRouter's 200 answer whose `error` names a status of the moment stands for it,
+    after its whitespace; another answer (content, a 400, a Response's error by kind) is
+    none; a body not all come (or no error yet) waits for its end."""
+    failed = b'{"id": "gen-1", "choices": [], "error": {"code": 503, "message": "down"}}'
+    assert reader("application/json; charset=utf-8") is answered_failure
+    assert answered_failure(b"\n\n" + failed) == ("error 503", 503)
+    assert answered_failure(failed.replace(b"503", b"400")) is None
+    assert answered_failure(b'{"object": "response", "error": {"code": "server_error"}}') is None
+    assert answered_failure(b'{"choices": [{"message": {"content": "an error"}}]}') is MORE
+    assert answered_failure(b"\n") is MORE
+    assert answered_failure(failed[:30]) is MORE
