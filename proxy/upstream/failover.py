@@ -89,7 +89,7 @@ from yarl import URL
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.first_event import MORE, failure
+from proxy.upstream.first_event import MORE, Reader, reader
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
@@ -530,11 +530,11 @@ class Failover:
             if (
                 walk is not None
                 and reply.status == 200
-                and reply.headers.get("content-type", "").startswith("text/event-stream")
+                and (read := reader(reply.headers.get("content-type", ""))) is not None
             ):
                 headed = now()  # a pool's time to first byte is to the head, as ever
                 try:
-                    stood_for, came = await self._first_event(reply, walk.deadline)
+                    stood_for, came = await self._first_event(reply, walk.deadline, read)
                 except BaseException:  # the client left while it came: as while awaiting it
                     reply.close()
                     raise
@@ -654,9 +654,9 @@ class Failover:
         return StoredAnswer(reply, body)
 
     async def _first_event(
-        self, reply: WireReply, deadline: float
+        self, reply: WireReply, deadline: float, failure: Reader
     ) -> tuple[tuple[str, int] | None, float | None]:
-        """A 200 event stream's first event, read (nothing taken) before any of it goes on:
+        """A 200 stream's first event, read by `failure` (nothing taken) before any goes on:
         (its error kind, the status it stands for) when an error of the moment
         (first_event.py); else None, also when it has not come within
         RETRY_MAX_WAIT_SECONDS or the deadline, or FIRST_EVENT_BYTES, or the body broke off
@@ -670,6 +670,8 @@ class Failover:
         found = failure(first)  # most first chunks come with the head: no wait
         if found is not MORE:
             return found, came
+        if content.has_arrived():  # all of it here (an answer not streamed, mostly)
+            return None, came
         wait = min(self.policy.max_wait_seconds, deadline - self.breakers.clock())
         try:
             async with asyncio.timeout(max(wait, 0.0)):

@@ -6,13 +6,16 @@ OpenAI's and OpenAI-compatible servers' `data: {"error": {...}}`, OpenRouter's c
 top-level `error` whose `code` is the status it stands for (after `: OPENROUTER PROCESSING`
 comments), the Responses API's `error` event and `response.failed` (its error inside the
 failed Response), llama.cpp's server's `error: {"code", ...}` line
-(a field of its own, not `data:`, in its older builds). The attempt loop (failover.py) asks this
+(a field of its own, not `data:`, in its older builds), and Bedrock's exception frame in its
+AWS event stream (`throttlingException`...), and OpenRouter's 200 JSON answer whose `error`
+names the status (a provider that failed after its 200, not streamed). The attempt loop (failover.py) asks this
 module, for the bytes at hand before any went to the client, what that first event is.
 
 The first event that says something, that is: a stream's start says nothing of the answer
 yet, and the provider's error often follows it (Anthropic's `message_start` and `ping`, then
 `overloaded_error`; OpenAI's chunk naming only the role, after Azure's prompt filter results;
-the Responses API's `response.created` and `response.in_progress`). Such a start is read past.
+the Responses API's `response.created` and `response.in_progress`, named by their `event:`
+line or, from servers that send none, by their data's `type`). Such a start is read past.
 
 Only a failure of the moment counts (overloaded, rate limited, a server error, timed out):
 as the status it stands for (529, 429, 500, 503, 504...). An invalid request, a refused key,
@@ -23,9 +26,11 @@ parsed only when it names a role or prompt filter results (a start's chunk, mayb
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, Literal
 
 # Error kinds (`type`, else `code`, else Google's `status`) that say the provider could not
@@ -46,6 +51,17 @@ PASSING: Final = {
     "INTERNAL": 500,
     "DEADLINE_EXCEEDED": 504,
 }
+# Bedrock's exceptions (an AWS event stream's `:exception-type`) that say it could not serve
+# now, as the HTTP status each stands for (AWS's own, but a model stream's error: "retry").
+FRAMED_PASSING: Final = {
+    "throttlingException": 429,
+    "modelNotReadyException": 429,
+    "serviceUnavailableException": 503,
+    "internalServerException": 500,
+    "modelStreamErrorException": 500,
+    "modelTimeoutException": 408,
+}
+EVENT_STREAM: Final = "application/vnd.amazon.eventstream"
 # Numeric codes (OpenRouter's: the HTTP status the error stands for) that are such failures.
 PASSING_CODES: Final = frozenset((408, 429, 500, 502, 503, 504, 529))
 
@@ -64,6 +80,42 @@ MORE: Final = Undecided.MORE
 STARTING: Final = frozenset(
     (b"message_start", b"ping", b"response.created", b"response.in_progress", b"response.queued")
 )
+# The same, as the `type` inside an event sent without its `event:` line (some servers of the
+# Responses API's events send only their data).
+STARTING_TYPES: Final = frozenset(name.decode() for name in STARTING)
+
+
+Reader = Callable[[bytes], "tuple[str, int] | Literal[Undecided.MORE] | None"]
+
+
+def reader(content_type: str) -> Reader | None:
+    """What reads a 200 answer of this content type for an error of the moment: `failure`
+    for an event stream (SSE), `framed_failure` for an AWS event stream (Bedrock's),
+    `answered_failure` for JSON; None: nothing else is read."""
+    if content_type.startswith("text/event-stream"):
+        return failure
+    if content_type.startswith("application/json"):
+        return answered_failure
+    if content_type.startswith(EVENT_STREAM):
+        return framed_failure
+    return None
+
+
+def answered_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
+    """A 200 JSON answer that is an error of the moment: OpenRouter's, whose provider failed
+    after its 200 went (a top-level `error` whose `code` is the status it stands for, after
+    whitespace it sent to keep the connection); MORE while it may not all have come (the
+    caller stops waiting at its end); None: anything else (a Response whose error names a
+    kind, not a status, is the answer: it may be one fetched)."""
+    if b'"error"' not in at_hand:  # most answers: not parsed
+        return MORE
+    try:
+        answer = json.loads(at_hand)
+    except ValueError:  # not all come, or not JSON
+        return MORE
+    error = answer.get("error") if isinstance(answer, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return (f"error {code}", code) if type(code) is int and code in PASSING_CODES else None
 
 
 def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
@@ -83,6 +135,46 @@ def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
             return None
         return _passing(parsed, name == b"error") if isinstance(parsed, dict) else None
     return MORE
+
+
+def framed_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
+    """As `failure`, for Bedrock's AWS event-stream frames: its start (an invoke stream's
+    `message_start` or `ping` chunk, Converse's `messageStart`) read past, then an exception
+    frame of the moment (FRAMED_PASSING) is its type and status; anything else None."""
+    from botocore.eventstream import (  # type: ignore[import-untyped]  # Bedrock's only
+        EventStreamBuffer,
+        ParserError,
+    )
+
+    frames = EventStreamBuffer()
+    frames.add_data(at_hand)
+    try:
+        for message in frames:
+            headers = message.headers
+            kind = headers.get(":message-type")
+            if kind == "event" and _is_framed_start(headers.get(":event-type"), message.payload):
+                continue
+            name = headers.get(":exception-type")
+            if kind != "exception" or name not in FRAMED_PASSING:
+                return None
+            return name, FRAMED_PASSING[name]
+    except ParserError:  # a bad length or CRC: not read here (the relay finds it so)
+        return None
+    return MORE
+
+
+def _is_framed_start(event_type: object, payload: bytes) -> bool:
+    """A Bedrock frame that says nothing yet: Converse's messageStart (the role), or an
+    invoke stream's chunk whose model event is a start (Claude's `message_start`, `ping`)."""
+    if event_type == "messageStart":
+        return True
+    if event_type != "chunk":
+        return False
+    try:
+        event = json.loads(base64.b64decode(json.loads(payload)["bytes"], validate=True))
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return False
+    return isinstance(event, dict) and event.get("type") in STARTING_TYPES
 
 
 def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -108,14 +200,17 @@ def events(at_hand: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _is_start_chunk(data: bytes) -> bool:
-    """An OpenAI chunk that says nothing yet: each choice's delta only its role (or empty
-    text), no finish; or no choices beside Azure's prompt filter results."""
-    if b'"role"' not in data and b'"prompt_filter_results"' not in data:
+    """An event without a name that says nothing yet: an OpenAI chunk whose choices' deltas
+    name only the role (or empty text), no finish, or no choices beside Azure's prompt filter
+    results; or a start named by its `type` (STARTING_TYPES)."""
+    if b'"role"' not in data and b'"prompt_filter_results"' not in data and b'"type"' not in data:
         return False  # most chunks: not parsed
     try:
         chunk = json.loads(data)
     except ValueError:
         return False
+    if isinstance(chunk, dict) and chunk.get("type") in STARTING_TYPES:
+        return True
     choices = chunk.get("choices") if isinstance(chunk, dict) else None
     if not isinstance(choices, list) or "error" in chunk:
         return False

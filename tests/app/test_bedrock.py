@@ -316,6 +316,60 @@ async def test_a_fallback_in_another_region_serves_while_the_first_region_is_dow
     assert [attempt["key"] for attempt in line["attempts"]] == ["bedrock/us-east-1#1"]
 
 
+@pytest.mark.parametrize(
+    ("action", "exception", "fails_over"),
+    [
+        ("invoke-with-response-stream", "throttlingException", True),
+        ("converse-stream", "serviceUnavailableException", True),
+        ("converse-stream", "modelStreamErrorException", True),
+        ("invoke-with-response-stream", "validationException", False),
+    ],
+)
+async def test_a_stream_failing_at_its_start_fails_over_to_the_fallback(
+    tmp_path: Path,
+    fake_bedrock: TestServer,
+    bedrock: BedrockState,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records,
+    action: str,
+    exception: str,
+    fails_over: bool,
+) -> None:
+    """Bedrock answers a throttled or unavailable stream with a 200, its start, then an
+    exception frame (LiteLLM's #38606: such streams never fell over). With a fallback
+    beside it, the client gets the fallback's stream whole, and no exception frame; an
+    exception that fails everywhere (a validation) is passed on as it came, not retried.
+    The gateway read only SSE for a stream's first event: these went to the client."""
+    bedrock.more_regions, bedrock.failing_at_start = {"us-east-1"}, {REGION: exception}
+    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
+    entry = document["virtual_keys"][BEDROCK_VK]
+    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
+    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
+    path = tmp_path / "keys-bedrock-stream-fallback.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
+    if action == "converse-stream":
+        body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    response = await gateway.post(
+        f"/v1/model/{CLAUDE}/{action}", data=body, headers=auth(BEDROCK_VK)
+    )
+    assert response.status == 200
+    raw = await response.read()
+    assert (exception.encode() in raw) is not fails_over
+    line = (await records(1))[0]
+    regions = [signed_region(seen[1]) for seen in bedrock.seen]
+    if fails_over:
+        assert regions == [REGION, "us-east-1"]
+        assert line["target"] == "bedrock/us-east-1" and "error" not in line
+        assert [attempt["status"] for attempt in line["attempts"]] == [200, 200]
+        assert exception in line["attempts"][0]["error"]
+        assert line["usage"]["estimated"] is False  # the fallback's whole answer, counted
+    else:
+        assert regions == [REGION]
+        assert exception in line["error"]
+
+
 async def reserved_beside(
     gateway: TestClient, bedrock: BedrockState, send: Callable[[], Awaitable[object]]
 ) -> tuple[int, int]:

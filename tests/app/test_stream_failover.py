@@ -261,6 +261,38 @@ async def test_a_request_error_or_an_error_after_content_is_never_failed_over(
     assert keys_seen(fake) == [PRIMARY, PRIMARY]
 
 
+async def test_an_openrouter_answer_carrying_its_error_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    """OpenRouter answers a request not streamed whose provider failed after its 200 with a
+    200 whose body's top-level `error` names the status (LiteLLM's #8448): with a fallback
+    beside it, the fallback answers (the client's SDK got a completion with no content and
+    `finish_reason` "error"); without one, it goes on as it came. An answer whose error
+    is no failure of the moment (a 400) is not retried."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(502, in_answer=True)
+    client = openai_client(gateway)
+    completion = await client.chat.completions.create(**CHAT)
+    assert completion.choices[0].message.content == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    [line] = await records(1)
+    assert line["status"] == 200 and line["target"] == "backup"
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("openai", 200),
+        ("backup", 200),
+    ]
+    assert "error 502" in line["attempts"][0]["error"]
+    fake.faults[PRIMARY] = Fault(400, in_answer=True)
+    refused = await client.chat.completions.create(**CHAT)
+    assert refused.choices[0].finish_reason == "error"
+    assert keys_seen(fake)[2:] == [PRIMARY]
+    alone = await gateway_for({"provider": "openai", "api_key": PRIMARY})
+    fake.faults[PRIMARY] = Fault(502, in_answer=True)
+    passed = await openai_client(alone).chat.completions.create(**CHAT)
+    assert passed.choices[0].finish_reason == "error"
+    assert keys_seen(fake)[3:] == [PRIMARY]
+
+
 async def test_a_first_event_slower_than_retry_max_wait_goes_on_as_it_comes(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -20,7 +20,8 @@ An invoke answer names the model as Bedrock does, by Anthropic's own name
 reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
 (`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
 first text piece with an exception frame of that type (`throttlingException`,
-`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200. A Converse
+`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200; a region in
+`failing_at_start` sends its streams' start, then such a frame. A Converse
 answer asked with `x-fake-cache-write-tokens: N` reports N tokens written to the cache,
 `x-fake-cache-write-1h-tokens: M` of them for an hour (its `cacheDetails`, 1h before 5m).
 What it saw is kept in `app[BEDROCK_STATE]`.
@@ -72,6 +73,9 @@ class BedrockState:
     # answering 503 ServiceUnavailableException (an outage) to a request signed for them.
     more_regions: set[str] = field(default_factory=set)
     down: set[str] = field(default_factory=set)
+    # Regions whose streams fail at their start: the start (a `message_start` chunk, or
+    # Converse's messageStart), then an exception frame of the type named here.
+    failing_at_start: dict[str, str] = field(default_factory=dict)
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -160,6 +164,11 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         frames = [frame(kind, event) for kind, event in _converse_events(pieces, request.headers)]
     else:
         raise web.HTTPNotFound()
+    at_start = state.failing_at_start.get(signed_region(request) or "")
+    if at_start is not None:
+        return await chunked(
+            request, [frames[0], exception_frame(at_start, "Try again later.")], EVENT_STREAM
+        )
     exception = request.headers.get("x-fake-exception")
     if exception is not None:  # cut after the first text piece (and what came before it)
         first_piece = next(i for i, one in enumerate(frames) if b"tok0" in _payload_text(one))

@@ -306,6 +306,9 @@ class Fault:
     `is_cut`: half the body is sent, then the connection closed (a proxy breaking off).
     `in_stream`: "first", "openrouter", "started" or "after": a 200 stream carrying the error
     as an event instead (see the module's docstring).
+    `in_answer`: a 200 JSON answer carrying the error instead, as OpenRouter answers a request
+    not streamed that failed after its 200: a newline first (its keep-alive padding), then
+    a body whose top-level `error` has the status as its `code`.
     """
 
     status: int
@@ -314,6 +317,7 @@ class Fault:
     is_unsized: bool = False
     is_cut: bool = False
     in_stream: str = ""
+    in_answer: bool = False
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -461,6 +465,10 @@ async def answer(
             request[KNOBS] = dataclasses.replace(knobs, drop="midstream")
         if fault.in_stream:
             return await stream(request, stream_error(request, fault.status, fault.in_stream))
+        if fault.in_answer:
+            return await send(
+                request, [b"\n", answer_error(fault.status)], content_type="application/json"
+            )
         return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
     if knobs.think_seconds:
         async with watching(request):
@@ -919,6 +927,20 @@ def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
     if where == "started":
         return [started, error]
     return [content, error] if where == "after" else [error]
+
+
+def answer_error(status: int) -> bytes:
+    """OpenRouter's 200 answer (not streamed) whose provider failed after its 200 was sent:
+    a completion without content, its top-level `error` naming the status as `code`."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "error"}
+    return orjson.dumps(
+        {
+            "id": new_id("gen-"),
+            "object": "chat.completion",
+            "choices": [choice],
+            "error": {"code": status, "message": f"fake provider error {status}"},
+        }
+    )
 
 
 # --- OpenAI --------------------------------------------------------------------------

@@ -6,11 +6,13 @@ results, the Responses API's `response.created`) carries nothing of the answer y
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
-from proxy.upstream.first_event import MORE, failure
+from proxy.upstream.first_event import MORE, answered_failure, failure, framed_failure, reader
+from tests.support.fake_bedrock import exception_frame, frame
 
 
 def event(data: object, name: str | None = None) -> bytes:
@@ -36,6 +38,11 @@ RESPONSE_FAILED = event(
 RESPONSE_START = event({"type": "response.created"}, "response.created") + event(
     {"type": "response.in_progress"}, "response.in_progress"
 )
+# A server that sends the Responses API's events without their `event:` lines (their `type`
+# names them): its start holds the Response, whose `"error": null` says nothing yet.
+NAMELESS_START = event(
+    {"type": "response.created", "response": {"status": "in_progress", "error": None}}
+) + event({"type": "response.in_progress", "response": {"error": None}})
 
 
 @pytest.mark.parametrize(
@@ -63,6 +70,8 @@ RESPONSE_START = event({"type": "response.created"}, "response.created") + event
         (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
         (RESPONSE_START + RESPONSE_FAILED, 500),  # its error in the failed Response
         (RESPONSE_FAILED.replace(b"server_error", b"rate_limit_exceeded"), 429),
+        (NAMELESS_START + RESPONSE_FAILED.replace(b"event: response.failed\n", b""), 500),
+        (NAMELESS_START + event({"type": "error", "code": "server_error"}), 500),
     ],
 )
 def test_an_error_of_the_moment_first_stands_for_its_status(
@@ -94,6 +103,8 @@ def test_an_error_of_the_moment_first_stands_for_its_status(
         b"data: not json error\n\n",
         b"data: [DONE]\n\n",
         RESPONSE_START + RESPONSE_FAILED.replace(b"server_error", b"invalid_prompt"),
+        NAMELESS_START + event({"type": "response.output_text.delta", "delta": "an error"}),
+        event({"type": "message", "error": None}),  # a type that starts nothing
     ],
 )
 def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes) -> None:
@@ -113,6 +124,7 @@ def test_content_first_or_an_error_that_fails_everywhere_goes_on(at_hand: bytes)
         AZURE_FILTERS + ROLE,
         RESPONSE_START,
         ANTHROPIC_START + b"event: content_block_start\n",
+        NAMELESS_START,
     ],
 )
 def test_a_first_event_not_all_come_waits_for_more(at_hand: bytes) -> None:
@@ -130,3 +142,32 @@ def test_llamacpps_error_line_is_an_error_event() -> None:
     assert failure(loading) == ("error 503", 503)  # no data line needed before it
     assert failure(ROLE + llamacpp_error(400, "exceed_context_size_error")) is None
     assert failure(b'error: {"code": 5') is MORE  # its blank line has not come
+
+
+def test_a_bedrock_stream_is_read_by_its_frames() -> None:
+    """Bedrock's AWS event stream: its start read past, an exception of the moment stands
+    for its status, a frame not all come waits, a frame whose CRC is wrong is not read."""
+    start = frame("chunk", {"bytes": base64.b64encode(b'{"type": "message_start"}').decode()})
+    throttled = exception_frame("throttlingException", "Too many requests")
+    assert reader("application/vnd.amazon.eventstream") is framed_failure
+    assert framed_failure(start + throttled) == ("throttlingException", 429)
+    assert framed_failure(frame("messageStart", {"role": "assistant"}) + throttled)[1] == 429  # type: ignore[index]
+    assert framed_failure(start) is MORE
+    assert framed_failure(start + throttled[:20]) is MORE
+    assert framed_failure(start + exception_frame("validationException", "bad")) is None
+    assert framed_failure(frame("contentBlockDelta", {"delta": {"text": "hi"}}) + throttled) is None
+    assert framed_failure(start[:-1] + b"\x00" + throttled) is None  # a broken CRC
+
+
+def test_a_json_answer_is_read_for_openrouters_error() -> None:
+    """OpenRouter's 200 answer whose `error` names a status of the moment stands for it,
+    after its whitespace; another answer (content, a 400, a Response's error by kind) is
+    none; a body not all come (or no error yet) waits for its end."""
+    failed = b'{"id": "gen-1", "choices": [], "error": {"code": 503, "message": "down"}}'
+    assert reader("application/json; charset=utf-8") is answered_failure
+    assert answered_failure(b"\n\n" + failed) == ("error 503", 503)
+    assert answered_failure(failed.replace(b"503", b"400")) is None
+    assert answered_failure(b'{"object": "response", "error": {"code": "server_error"}}') is None
+    assert answered_failure(b'{"choices": [{"message": {"content": "an error"}}]}') is MORE
+    assert answered_failure(b"\n") is MORE
+    assert answered_failure(failed[:30]) is MORE
