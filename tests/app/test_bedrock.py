@@ -282,6 +282,17 @@ async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
     assert line["usage"]["estimated"] is True  # cut before the count of its end
 
 
+def with_east_fallback(tmp_path: Path, fake_bedrock: TestServer) -> Path:
+    """keys.json whose Bedrock key in REGION falls back to the same model in us-east-1."""
+    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
+    entry = document["virtual_keys"][BEDROCK_VK]
+    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
+    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
+    path = tmp_path / "keys-bedrock-regions.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
 async def test_a_fallback_in_another_region_serves_while_the_first_region_is_down(
     tmp_path: Path,
     fake_bedrock: TestServer,
@@ -294,12 +305,7 @@ async def test_a_fallback_in_another_region_serves_while_the_first_region_is_dow
     Both were the one target 'bedrock': once us-west-2's failures opened its breaker, it was
     us-east-1's too, and every request went to us-west-2 alone (503) until the cooldown."""
     bedrock.more_regions, bedrock.down = {"us-east-1"}, {REGION}
-    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
-    entry = document["virtual_keys"][BEDROCK_VK]
-    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
-    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
-    path = tmp_path / "keys-bedrock-regions.json"
-    path.write_text(json.dumps(document))
+    path = with_east_fallback(tmp_path, fake_bedrock)
     gateway = await make_gateway(KEYS_FILE_PATH=str(path), BREAKER_MIN_REQUESTS="4")
     body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
     for _ in range(4):
@@ -341,13 +347,7 @@ async def test_a_stream_failing_at_its_start_fails_over_to_the_fallback(
     exception that fails everywhere (a validation) is passed on as it came, not retried.
     The gateway read only SSE for a stream's first event: these went to the client."""
     bedrock.more_regions, bedrock.failing_at_start = {"us-east-1"}, {REGION: exception}
-    document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))
-    entry = document["virtual_keys"][BEDROCK_VK]
-    credentials = {name: value for name, value in entry.items() if name.startswith("aws_")}
-    entry["fallbacks"] = [{"provider": "bedrock", "region": "us-east-1", **credentials}]
-    path = tmp_path / "keys-bedrock-stream-fallback.json"
-    path.write_text(json.dumps(document))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(with_east_fallback(tmp_path, fake_bedrock)))
     body = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"messages":[]}'
     if action == "converse-stream":
         body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'

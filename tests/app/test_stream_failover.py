@@ -99,6 +99,17 @@ async def streamed_text(client: openai.AsyncOpenAI) -> str:
     return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
 
+async def served_by_backup(records: Records) -> dict[str, Any]:
+    """The one log line, of a request the fallback served after the primary's 200 failed."""
+    [line] = await records(1)
+    assert line["status"] == 200 and line["target"] == "backup"
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("openai", 200),
+        ("backup", 200),
+    ]
+    return line
+
+
 async def test_an_openai_stream_whose_first_event_is_a_server_error_is_served_by_the_fallback(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
 ) -> None:
@@ -106,12 +117,7 @@ async def test_an_openai_stream_whose_first_event_is_a_server_error_is_served_by
     fake.faults[PRIMARY] = Fault(500, in_stream="first")
     assert await streamed_text(openai_client(gateway)) == "tok0 tok1 tok2 "
     assert keys_seen(fake) == [PRIMARY, BACKUP]
-    [line] = await records(1)
-    assert line["status"] == 200 and line["target"] == "backup"
-    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
-        ("openai", 200),
-        ("backup", 200),
-    ]
+    line = await served_by_backup(records)
     assert "server_error" in line["attempts"][0]["error"]
     assert line["attempts"][1]["error"] is None
     health = await (await gateway.get("/health")).json()
@@ -275,12 +281,7 @@ async def test_an_openrouter_answer_carrying_its_error_is_served_by_the_fallback
     completion = await client.chat.completions.create(**CHAT)
     assert completion.choices[0].message.content == "tok0 tok1 tok2 "
     assert keys_seen(fake) == [PRIMARY, BACKUP]
-    [line] = await records(1)
-    assert line["status"] == 200 and line["target"] == "backup"
-    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
-        ("openai", 200),
-        ("backup", 200),
-    ]
+    line = await served_by_backup(records)
     assert "error 502" in line["attempts"][0]["error"]
     fake.faults[PRIMARY] = Fault(400, in_answer=True)
     refused = await client.chat.completions.create(**CHAT)
