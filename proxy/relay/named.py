@@ -6,7 +6,7 @@ of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:generateContent`,
 `tunedModels/<id>:generateContent` (named `tunedModels/<id>`), `deployments/<name>/…`,
-Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
+OpenAI's legacy `engines/<name>/…`, Vertex's `endpoints/<id>:predict` (named `endpoints/<id>`); not Vertex's `models/count-tokens:rawPredict`, whose model is in the
 body), and nested models (`svg.model` of an image, the `model` of a
 Responses `image_generation` tool, of an Anthropic advisor tool, of a grader (run alone or a
 reinforcement fine-tuning job's), and of each of an Anthropic message's `fallbacks`, whose "default" is a model out of sight, and each of OpenRouter's fallback `models`; its `"route": "fallback"` without them is one out of sight). What cannot be read (an OpenAI batch's models, in its file; a managed agent's (Anthropic's, OpenAI's), an eval's graders', a resumed fine-tuning job's, and a remixed, edited or extended video's, stored at the provider) is `Unreadable`: for a restricted
@@ -131,6 +131,9 @@ _ENDPOINTS = "endpoints"
 _ASYNC_INVOKE, _MODEL_ID = "async-invoke", "modelId"
 # Gemini's tuned models: `tunedModels/<id>:generateContent` runs one as `models/<m>:…` does.
 _TUNED = "tunedModels"
+# OpenAI's legacy engines paths (openai 0.28's `engine=`): `engines/<model>/chat/completions`,
+# `/completions`, `/embeddings` run the model they name, with none in the body.
+_ENGINES = "engines/"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
@@ -320,9 +323,9 @@ def _check_named_once(headerlist: list[tuple[str, str]]) -> None:
 
 
 def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
-    """Models named by the path (`models/<m>`, `deployments/<m>`, Gemini's `tunedModels/<m>`,
-    Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model` query parameter
-    (or `deployment`: Azure's Realtime WebSocket, `openai/realtime?deployment=<d>`).
+    """Models named by the path (`models/<m>`, `deployments/<m>`, `engines/<m>`, Gemini's
+    `tunedModels/<m>`, Vertex's `endpoints/<id>:<method>`, Bedrock's `model/<m>/…`) or a `model`
+    query parameter (or `deployment`: Azure's Realtime WebSocket, `openai/realtime?deployment=<d>`).
 
     Raises Unreadable for a request whose models are where the gateway cannot see them.
     """
@@ -338,6 +341,9 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     models = list(query.getall("model", ()))
     if "deployment" in query:
         models += query.getall("deployment")
+    if tail.startswith(_ENGINES):
+        engine = tail[len(_ENGINES) :].partition("/")[0]
+        return [*models, unquote(engine)] if engine else models
     if (
         "model" not in tail
         and "deployments" not in tail

@@ -654,3 +654,44 @@ async def test_a_restricted_key_may_cancel_a_batch(gateway: TestClient, fake: Fa
     response = await gateway.post("/v1/batches/batch_1/cancel", headers=auth(ONE_MODEL_VK))
     assert response.status != 403
     assert [seen.path for seen in fake.requests] == ["/v1/batches/batch_1/cancel"]
+
+
+# What openai 0.28 sends for `openai.ChatCompletion.create(engine=..., messages=...)` (and
+# `Completion`/`Embedding` with `engine=`): the model only in the path, `/v1/engines/<model>/…`.
+LEGACY_HEADERS = {
+    "User-Agent": "OpenAI/v1 PythonBindings/0.28.1",
+    "Accept": "*/*",
+    "X-OpenAI-Client-User-Agent": '{"bindings_version": "0.28.1", "httplib": "requests", '
+    '"lang": "python", "lang_version": "3.11.7", "publisher": "openai"}',
+    "Content-Type": "application/json",
+}
+LEGACY_BODIES = {
+    "chat/completions": b'{"messages": [{"role": "user", "content": "hi"}]}',
+    "completions": b'{"prompt": "hi"}',
+    "embeddings": b'{"input": "hi", "encoding_format": "base64"}',
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(LEGACY_BODIES))
+async def test_a_model_named_by_a_legacy_engine_path_is_checked(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    endpoint: str,
+) -> None:
+    # The engines path of openai 0.28's `engine=` runs the model it names; a key restricted
+    # to gpt-4o-mini must not run gpt-4 through it, and its log line names the model.
+    headers = {**LEGACY_HEADERS, **auth(ONE_MODEL_VK)}
+    body = LEGACY_BODIES[endpoint]
+    refused = await gateway.post(f"/v1/engines/gpt-4/{endpoint}", data=body, headers=headers)
+    assert refused.status == 403, await refused.text()
+    assert_openai_error(await refused.json(), "model_not_allowed")
+    assert fake.requests == []
+    allowed = await gateway.post(f"/v1/engines/gpt-4o-mini/{endpoint}", data=body, headers=headers)
+    assert allowed.status == 200, await allowed.text()
+    assert [seen.path for seen in fake.requests] == [f"/v1/engines/gpt-4o-mini/{endpoint}"]
+    lines = await records(2)
+    assert [(line["status"], line["model"]) for line in lines] == [
+        (403, "gpt-4"),
+        (200, "gpt-4o-mini"),
+    ]
