@@ -746,7 +746,12 @@ def _seconds(text: str | None) -> float | None:
 def where(target: Target) -> str:
     """A target in words for errors and /health: its provider and host, never a key."""
     url = target.provider.base_url
-    return f"provider '{target.provider.name}' at {url.host}:{url.port}"
+    return f"provider '{target.provider.name}' at {_authority(url.host or '', url.port)}"
+
+
+def _authority(host: str, port: int | None) -> str:
+    """host:port, an IPv6 address bracketed as a URL writes it (or its port is lost in it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def described(error: aiohttp.ClientError) -> str:
@@ -759,7 +764,7 @@ def described(error: aiohttp.ClientError) -> str:
         return _tls_failed(error.os_error)
     if isinstance(error, aiohttp.ClientProxyConnectionError):  # the wire's, or aiohttp's
         reason = error.os_error.strerror or type(error.os_error).__name__
-        return f"through the outbound proxy {error.host}:{error.port}: {reason}"
+        return f"through the outbound proxy {_authority(error.host, error.port)}: {reason}"
     if isinstance(error, aiohttp.ClientHttpProxyError):  # aiohttp's CONNECT refused (WebSocket)
         return f"through the outbound proxy: it refused the tunnel ({error.status})"
     if isinstance(error, aiohttp.ClientConnectorError):
