@@ -8,7 +8,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - one pool of idle connections per origin (scheme, host, port), last in first out, an idle
   connection closed after `keepalive_seconds` (found so when the origin is next used: those
   a burst left under the newest are closed as traffic goes on, not kept for as long as the
-  provider allows); no limit on connections (concurrency is the quota's business);
+  provider allows), and any, however busy, once `MAX_AGE` old (so a provider's name is asked
+  again: a move by DNS is followed); no limit on connections (concurrency is the quota's
+  business);
 - an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
   it (`Keep-Alive: timeout=N`, Node.js's 5 s), as Node's own client and undici do: a request
   written as the provider closes crosses its close unread, and a POST is not sent again;
@@ -35,7 +37,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   before if that has not connected), so a first address that drops connection attempts (a
   replica gone, a broken IPv6 route) costs a quarter of a second, not the connect timeout;
   the name resolved on each new connection (nothing cached: a provider moved by DNS is
-  reached at its new address by the connections opened after the change);
+  reached at its new address by the connections opened after the change, at most `MAX_AGE`
+  later);
 - TLS with the system's default context (certificates and host names verified; a private
   CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them);
 - through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
@@ -94,6 +97,11 @@ HINT_MARGIN = 1.0
 # before a request is written on it; one reused sooner, as under load, is not. Below the
 # shortest idle timeout of common servers (gunicorn's 2 s; uvicorn's, Node's 5 s).
 LOOK_AFTER = 1.0
+# Seconds a connection serves at most, however busy: then it is closed as it comes back to
+# the pool, and the next one asks the provider's name again (a provider moved by DNS is
+# followed within this while the old address still answers). nginx's upstream keepalive_time
+# is an hour; this matches the WebSocket sessions' DNS cache (app.py's ttl_dns_cache).
+MAX_AGE = 300.0
 # Seconds before the next of a host name's addresses is tried while the one before has not
 # connected yet (aiohttp's connector's default; RFC 8305 recommends 0.25 s).
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -265,6 +273,7 @@ class Connection(asyncio.Protocol):
         self.headed: asyncio.Future[Reply] | None = None
         self.idle_since = 0.0
         self.expires = 0.0  # the loop's time past which, idle, it is not used (Wire.keep)
+        self.retires = self.loop.time() + MAX_AGE  # past which it is not kept, however busy
         self.paused_at = math.inf  # when reading first paused for a slow reader (Wire.keep)
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
@@ -661,7 +670,10 @@ class Wire:
             since = now
         else:
             connection.paused_at = math.inf
-        connection.idle_since, connection.expires = since, since + lifetime
+        expires = since + lifetime
+        if expires > connection.retires:  # not min(): a call less a request
+            expires = connection.retires
+        connection.idle_since, connection.expires = since, expires
         if self._closed or connection.expires <= now:
             if connection.transport is not None:
                 connection.transport.close()

@@ -807,3 +807,50 @@ async def test_a_name_whose_first_address_fails_is_reached_at_the_next(first: st
         filler.close()
         dead.close()
         await server.close()
+
+
+async def test_a_provider_moved_by_dns_is_followed_by_a_busy_kept_connection_too(
+    loop_clock: LoopClock,
+) -> None:
+    """The provider's name now answers another address (a failover by DNS) while the old one
+    still serves. A connection in steady use (a request every 20 s, under keepalive_seconds)
+    was reused for ever, every request going to the old address for as long as the traffic
+    lasted; it is now retired after MAX_AGE, and the next connection asks the name again
+    (nginx's upstream keepalive_time does this, an hour by default)."""
+
+    async def where(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        return web.Response(text=request.transport.get_extra_info("sockname")[0])
+
+    application = web.Application()
+    application.router.add_get("/where", where)
+    runner = web.AppRunner(application)
+    await runner.setup()
+    first = web.TCPSite(runner, "127.0.0.1", 0)
+    await first.start()
+    port = runner.addresses[0][1]
+    await web.TCPSite(runner, "127.0.0.2", port).start()
+    answer = ["127.0.0.1"]
+
+    async def resolve(host: str, port: int) -> list[AddrInfoType]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[0], port))]
+
+    wire = Wire(connect_timeout=5.0, resolve=resolve)
+    url = URL(f"http://provider.test:{port}/where")
+
+    async def served_from() -> bytes:
+        reply = await wire.request("GET", url, {}, None)
+        return await reply.read()
+
+    try:
+        assert await served_from() == b"127.0.0.1"
+        answer[0] = "127.0.0.2"  # the name moves; the old address still answers
+        assert await served_from() == b"127.0.0.1"  # a young kept connection is reused
+        seen = []
+        for _ in range(int(wire_module.MAX_AGE // 20) + 2):
+            loop_clock.advance(20.0)
+            seen.append(await served_from())
+        assert seen[-1] == b"127.0.0.2", seen
+    finally:
+        await wire.close()
+        await runner.cleanup()
