@@ -74,6 +74,7 @@ import email.utils
 import errno
 import math
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -757,6 +758,8 @@ def _authority(host: str, port: int | None) -> str:
 def described(error: aiohttp.ClientError) -> str:
     """An aiohttp client error in words: what failed, never a credential."""
     if isinstance(error, aiohttp.ClientConnectorDNSError):
+        if error.os_error.errno in _LOOKUP_FAILED:  # the resolver's failure, not the name's
+            return f"the DNS lookup of its host name failed ({error.os_error.strerror})"
         return "the host name was not found (DNS)"
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         return _refused_certificate(error.certificate_error)
@@ -785,6 +788,10 @@ def described(error: aiohttp.ClientError) -> str:
         return f"sent an answer that is not valid HTTP ({error.message[:80]})"
     return f"failed ({type(error).__name__})"
 
+
+# getaddrinfo's answers when the resolver failed (unreachable, timed out, SERVFAIL), which
+# say nothing of whether the name exists.
+_LOOKUP_FAILED = frozenset((socket.EAI_AGAIN, socket.EAI_FAIL))
 
 # OpenSSL's verify codes for a chain that ends at no trusted authority (X509_V_ERR_...): a
 # private CA the gateway was not told of.
