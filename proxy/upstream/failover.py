@@ -74,7 +74,6 @@ import email.utils
 import errno
 import math
 import random
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -94,7 +93,7 @@ from proxy.upstream.first_event import MORE, Reader, reader
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
-from proxy.upstream.wire import IDEMPOTENT, Wire
+from proxy.upstream.wire import IDEMPOTENT, LOOKUP_FAILED, Wire
 from proxy.upstream.wire import Reply as WireReply
 
 # Told of each attempt before it is sent (method, url, headers, provider, model): a trace's
@@ -758,7 +757,7 @@ def _authority(host: str, port: int | None) -> str:
 def described(error: aiohttp.ClientError) -> str:
     """An aiohttp client error in words: what failed, never a credential."""
     if isinstance(error, aiohttp.ClientConnectorDNSError):
-        if error.os_error.errno in _LOOKUP_FAILED:  # the resolver's failure, not the name's
+        if error.os_error.errno in LOOKUP_FAILED:  # the resolver's failure, not the name's
             return f"the DNS lookup of its host name failed ({error.os_error.strerror})"
         return "the host name was not found (DNS)"
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
@@ -788,10 +787,6 @@ def described(error: aiohttp.ClientError) -> str:
         return f"sent an answer that is not valid HTTP ({error.message[:80]})"
     return f"failed ({type(error).__name__})"
 
-
-# getaddrinfo's answers when the resolver failed (unreachable, timed out, SERVFAIL), which
-# say nothing of whether the name exists.
-_LOOKUP_FAILED = frozenset((socket.EAI_AGAIN, socket.EAI_FAIL))
 
 # OpenSSL's verify codes for a chain that ends at no trusted authority (X509_V_ERR_...): a
 # private CA the gateway was not told of.

@@ -845,8 +845,15 @@ def _status(status: int) -> str:
         return str(status)
 
 
+# getaddrinfo's answers when the resolver failed (unreachable, timed out, SERVFAIL), which
+# say nothing of whether the name exists.
+LOOKUP_FAILED = frozenset((socket.EAI_AGAIN, socket.EAI_FAIL))
+
+
 def _reason(error: OSError) -> str:
     if isinstance(error, socket.gaierror):
+        if error.errno in LOOKUP_FAILED:  # the resolver's failure, not the name's
+            return f"the DNS lookup of its host name failed ({error.strerror})"
         return "its host name was not found"
     return error.strerror or type(error).__name__
 
