@@ -9,7 +9,8 @@ nothing shows them: a hop prints as its host and port.
 
 NO_PROXY is a comma-separated list of host names (each also covers its subdomains; a
 leading dot is ignored), IP addresses, CIDR ranges (10.0.0.0/8), host:port entries, or `*`
-(no proxy at all) — what curl, requests and httpx accept.
+(no proxy at all) — what curl, requests and httpx accept — and `*.corp.internal`, as Go
+(Docker, kubectl) reads it: as `.corp.internal`.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def bypassed(no_proxy: list[str], host: str, port: int) -> bool:
         entry = entry.strip("[]")
         try:
             network = ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            name = entry.lstrip(".").rstrip(".")
+        except ValueError:  # a name; `*.corp` (Go's, Java's form) as `.corp`
+            name = entry.removeprefix("*").lstrip(".").rstrip(".")
             if name and (host == name or host.endswith("." + name)):
                 return True
             continue

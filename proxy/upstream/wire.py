@@ -8,7 +8,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 - one pool of idle connections per origin (scheme, host, port), last in first out, an idle
   connection closed after `keepalive_seconds` (found so when the origin is next used: those
   a burst left under the newest are closed as traffic goes on, not kept for as long as the
-  provider allows); no limit on connections (concurrency is the quota's business);
+  provider allows), and any, however busy, once `MAX_AGE` old (so a provider's name is asked
+  again: a move by DNS is followed); no limit on connections (concurrency is the quota's
+  business);
 - an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
   it (`Keep-Alive: timeout=N`, Node.js's 5 s), as Node's own client and undici do: a request
   written as the provider closes crosses its close unread, and a POST is not sent again;
@@ -30,7 +32,15 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   connection, never read into this answer or the next request's;
 - reading pauses while more than `HIGH_WATER` bytes wait for a slow client, so a fast
   provider cannot fill the gateway's memory;
-- TLS with the system's default context (certificates and host names verified);
+- a host name's addresses tried as aiohttp's connector tries them (happy eyeballs, RFC 8305:
+  the next address, of the other family first, is tried `HAPPY_EYEBALLS_DELAY` after the one
+  before if that has not connected), so a first address that drops connection attempts (a
+  replica gone, a broken IPv6 route) costs a quarter of a second, not the connect timeout;
+  the name resolved on each new connection (nothing cached: a provider moved by DNS is
+  reached at its new address by the connections opened after the change, at most `MAX_AGE`
+  later);
+- TLS with the system's default context (certificates and host names verified; a private
+  CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them);
 - through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
   HTTP_PROXY, NO_PROXY as curl reads them): an https origin over a CONNECT tunnel, the TLS
   to the origin inside it, kept alive as any connection; an http origin by the request's
@@ -61,11 +71,13 @@ import select
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar, cast
 
+import aiohappyeyeballs
 import aiohttp
 import httptools
+from aiohappyeyeballs import AddrInfoType
 from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -85,6 +97,14 @@ HINT_MARGIN = 1.0
 # before a request is written on it; one reused sooner, as under load, is not. Below the
 # shortest idle timeout of common servers (gunicorn's 2 s; uvicorn's, Node's 5 s).
 LOOK_AFTER = 1.0
+# Seconds a connection serves at most, however busy: then it is closed as it comes back to
+# the pool, and the next one asks the provider's name again (a provider moved by DNS is
+# followed within this while the old address still answers). nginx's upstream keepalive_time
+# is an hour; this matches the WebSocket sessions' DNS cache (app.py's ttl_dns_cache).
+MAX_AGE = 300.0
+# Seconds before the next of a host name's addresses is tried while the one before has not
+# connected yet (aiohttp's connector's default; RFC 8305 recommends 0.25 s).
+HAPPY_EYEBALLS_DELAY = 0.25
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
 
@@ -253,6 +273,7 @@ class Connection(asyncio.Protocol):
         self.headed: asyncio.Future[Reply] | None = None
         self.idle_since = 0.0
         self.expires = 0.0  # the loop's time past which, idle, it is not used (Wire.keep)
+        self.retires = self.loop.time() + MAX_AGE  # past which it is not kept, however busy
         self.paused_at = math.inf  # when reading first paused for a slow reader (Wire.keep)
         self.reusable = False
         self.heard = False  # any byte of the current answer arrived
@@ -414,13 +435,19 @@ class Wire:
     """Kept-alive connections per origin, and the one way to send a request on them."""
 
     def __init__(
-        self, connect_timeout: float, keepalive_seconds: float = 30.0, egress: Egress | None = None
+        self,
+        connect_timeout: float,
+        keepalive_seconds: float = 30.0,
+        egress: Egress | None = None,
+        resolve: Resolve | None = None,
     ) -> None:
         """Made in the running loop, which it keeps: asking for it (asyncio.get_running_loop)
         costs a getpid() system call in CPython 3.11, several times a request. `egress`: the
-        outbound proxies (None: every origin directly)."""
+        outbound proxies (None: every origin directly). `resolve`: a host name and port to
+        their addresses, as getaddrinfo answers (None: the loop's getaddrinfo)."""
         self.loop = asyncio.get_running_loop()
         self._egress = egress
+        self._resolve = resolve or self._getaddrinfo
         self.connect_timeout = connect_timeout
         self.keepalive_seconds = keepalive_seconds
         self.look_after = LOOK_AFTER
@@ -546,8 +573,7 @@ class Wire:
                 if hop is None:
                     _, connection = await loop.create_connection(
                         lambda: Connection(self, origin),
-                        host,
-                        port,
+                        sock=await self._socket(host, port),
                         ssl=tls,
                         server_hostname=host if tls else None,
                     )
@@ -569,11 +595,28 @@ class Wire:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
+    async def _socket(self, host: str, port: int) -> socket.socket:
+        """A TCP socket connected to `host` at one of its addresses, tried as aiohttp's
+        connector tries them (happy eyeballs). Raises OSError (socket.gaierror: no such name)."""
+        addresses = await self._resolve(host, port)
+        if not addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "no address")
+        try:
+            return await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=self.loop
+            )
+        except RuntimeError as error:  # uvloop's way of saying some connect failed
+            raise OSError(str(error)) from error
+
+    async def _getaddrinfo(self, host: str, port: int) -> Sequence[AddrInfoType]:
+        return await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
     async def _to_proxy(self, hop: Hop, protocol: Callable[[], _P]) -> _P:
         """A TCP connection to the proxy, speaking `protocol`. Raises
         aiohttp.ClientProxyConnectionError when the proxy cannot be reached."""
         try:
-            _, connected = await self.loop.create_connection(protocol, hop.host, hop.port)
+            sock = await self._socket(hop.host, hop.port)
+            _, connected = await self.loop.create_connection(protocol, sock=sock)
         except OSError as error:
             raise _proxy_error(hop, f"could not connect ({_reason(error)})") from error
         return connected
@@ -627,7 +670,10 @@ class Wire:
             since = now
         else:
             connection.paused_at = math.inf
-        connection.idle_since, connection.expires = since, since + lifetime
+        expires = since + lifetime
+        if expires > connection.retires:  # not min(): a call less a request
+            expires = connection.retires
+        connection.idle_since, connection.expires = since, expires
         if self._closed or connection.expires <= now:
             if connection.transport is not None:
                 connection.transport.close()
@@ -779,6 +825,9 @@ class Tunnel(asyncio.Protocol):
 
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
+# A host name and port to their addresses, as getaddrinfo answers (family, type, protocol,
+# canonical name, address), in the order to try them.
+Resolve = Callable[[str, int], Awaitable[Sequence[AddrInfoType]]]
 
 
 def _proxy_error(hop: Hop, problem: str) -> aiohttp.ClientProxyConnectionError:
@@ -796,8 +845,15 @@ def _status(status: int) -> str:
         return str(status)
 
 
+# getaddrinfo's answers when the resolver failed (unreachable, timed out, SERVFAIL), which
+# say nothing of whether the name exists.
+LOOKUP_FAILED = frozenset((socket.EAI_AGAIN, socket.EAI_FAIL))
+
+
 def _reason(error: OSError) -> str:
     if isinstance(error, socket.gaierror):
+        if error.errno in LOOKUP_FAILED:  # the resolver's failure, not the name's
+            return f"the DNS lookup of its host name failed ({error.strerror})"
         return "its host name was not found"
     return error.strerror or type(error).__name__
 

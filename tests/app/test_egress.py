@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import aiohttp.web
 import pytest
+from aiohappyeyeballs import AddrInfoType
 from aiohttp.test_utils import TestClient, TestServer
 from openai import AsyncOpenAI
 from yarl import URL
@@ -172,6 +174,31 @@ async def test_a_proxy_that_is_down_fails_the_connect(
     finally:
         await wire.close()
     assert "could not connect" in failed.value.os_error.strerror
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (socket.EAI_NONAME, "its host name was not found"),
+        # the resolver down, not the name unknown: said so (before: "not found" for both)
+        (socket.EAI_AGAIN, "the DNS lookup of its host name failed (Temporary failure"),
+    ],
+)
+async def test_a_proxy_whose_name_does_not_resolve_says_why(code: int, said: str) -> None:
+    async def resolve(host: str, port: int) -> list[AddrInfoType]:
+        assert host == "proxy.corp"
+        words = "Temporary failure in name resolution" if code == socket.EAI_AGAIN else "no"
+        raise socket.gaierror(code, words)
+
+    wire = Wire(
+        connect_timeout=2.0, egress=Egress.of({"https": "http://proxy.corp:3128"}), resolve=resolve
+    )
+    try:
+        with pytest.raises(aiohttp.ClientProxyConnectionError) as failed:
+            await wire.request("GET", URL("https://api.example.com/v1/models"), {}, None)
+    finally:
+        await wire.close()
+    assert said in failed.value.os_error.strerror
 
 
 # --- http: absolute-form requests to the proxy ---

@@ -686,6 +686,20 @@ async def test_no_provider_answering_gives_a_502_naming_provider_host_and_cause(
     assert "connection refused" in health["providers"]["openai"]["last_error"]
 
 
+async def test_an_ipv6_provider_is_named_with_its_address_in_brackets(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """http://[::1]:9/v1 unreachable: the message names [::1]:9, as a URL writes it; before,
+    '::1:9' (an address of its own, port unknown)."""
+    gateway = await failover_gateway(WITH_FALLBACK, base="http://[::1]:9")
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    message = (await response.json())["error"]["message"]
+    assert "'backup' at [::1]:9:" in message, message
+    health = await (await gateway.get("/health")).json()
+    assert "'openai' at [::1]:9:" in health["providers"]["openai"]["last_error"]
+
+
 async def test_failover_is_counted_in_metrics_by_provider_and_reason(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohappyeyeballs import AddrInfoType
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.upstream import wire as wire_module
-from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Wire
+from proxy.upstream.wire import HIGH_WATER, MAX_HEAD_BYTES, Resolve, Wire
 from tests.support.certificates import self_signed
 from tests.support.clock import LoopClock
 from tests.support.idle_closing import IdleClosing
@@ -760,3 +761,96 @@ async def test_a_connection_kept_after_a_slow_read_is_looked_at_before_it_is_reu
         following = await wire.request("POST", url, {}, b"{}")
         assert (following.status, await following.read()) == (200, b"ok")
     assert len(heard) == 2
+
+
+def _resolving(name: str, addresses: list[str]) -> Resolve:
+    """A resolver that answers `name` with `addresses`, in that order (as a DNS answer with
+    several records, or `localhost` as ::1 then 127.0.0.1), and nothing else."""
+
+    async def resolve(host: str, port: int) -> list[AddrInfoType]:
+        assert host == name
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in addresses
+        ]
+
+    return resolve
+
+
+@pytest.mark.parametrize("first", ["silent", "refusing"])
+async def test_a_name_whose_first_address_fails_is_reached_at_the_next(first: str) -> None:
+    """A host name answering two addresses, the first dead: one that drops connection attempts
+    (a replica gone, a route that loses packets) or refuses them (localhost as ::1 while the
+    server listens on 127.0.0.1). The request reaches the second address at once, as aiohttp's
+    connector (happy eyeballs, 0.25 s) would; before, a silent first address took the whole
+    connect timeout (REQUEST_TIMEOUT, 600 s) of every new connection, then failed it."""
+    server = TestServer(app(), host="127.0.0.1")
+    await server.start_server()
+    port = server.port
+    assert port is not None
+    dead = socket.socket()
+    dead.bind(("127.0.0.2", port))
+    filler = socket.socket()
+    if first == "silent":  # a backlog of one, taken: the kernel drops any further SYN
+        dead.listen(0)
+        filler.connect(("127.0.0.2", port))
+    # refusing: bound, never listening
+    wire = Wire(
+        connect_timeout=30.0, resolve=_resolving("provider.test", ["127.0.0.2", "127.0.0.1"])
+    )
+    try:
+        reply = await wire.request("GET", URL(f"http://provider.test:{port}/peer"), {}, None)
+        assert reply.status == 200
+        await reply.read()
+    finally:
+        await wire.close()
+        filler.close()
+        dead.close()
+        await server.close()
+
+
+async def test_a_provider_moved_by_dns_is_followed_by_a_busy_kept_connection_too(
+    loop_clock: LoopClock,
+) -> None:
+    """The provider's name now answers another address (a failover by DNS) while the old one
+    still serves. A connection in steady use (a request every 20 s, under keepalive_seconds)
+    was reused for ever, every request going to the old address for as long as the traffic
+    lasted; it is now retired after MAX_AGE, and the next connection asks the name again
+    (nginx's upstream keepalive_time does this, an hour by default)."""
+
+    async def where(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        return web.Response(text=request.transport.get_extra_info("sockname")[0])
+
+    application = web.Application()
+    application.router.add_get("/where", where)
+    runner = web.AppRunner(application)
+    await runner.setup()
+    first = web.TCPSite(runner, "127.0.0.1", 0)
+    await first.start()
+    port = runner.addresses[0][1]
+    await web.TCPSite(runner, "127.0.0.2", port).start()
+    answer = ["127.0.0.1"]
+
+    async def resolve(host: str, port: int) -> list[AddrInfoType]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[0], port))]
+
+    wire = Wire(connect_timeout=5.0, resolve=resolve)
+    url = URL(f"http://provider.test:{port}/where")
+
+    async def served_from() -> bytes:
+        reply = await wire.request("GET", url, {}, None)
+        return await reply.read()
+
+    try:
+        assert await served_from() == b"127.0.0.1"
+        answer[0] = "127.0.0.2"  # the name moves; the old address still answers
+        assert await served_from() == b"127.0.0.1"  # a young kept connection is reused
+        seen = []
+        for _ in range(int(wire_module.MAX_AGE // 20) + 2):
+            loop_clock.advance(20.0)
+            seen.append(await served_from())
+        assert seen[-1] == b"127.0.0.2", seen
+    finally:
+        await wire.close()
+        await runner.cleanup()

@@ -29,6 +29,11 @@ from proxy.upstream.egress import Egress, Hop, origin_of
         ("[::1]:443", "::1", 443, True),
         ("fd00::/8", "fd12::1", 443, True),
         ("10.0.0.0/8", "ten.example", 443, False),  # a range holds addresses, not names
+        # Go's form (Docker, kubectl, Terraform write it; Java's nonProxyHosts too): as
+        # .corp.internal, where it sent internal hosts to the proxy
+        ("*.corp.internal", "llm.corp.internal", 443, True),
+        ("*.corp.internal", "corp.internal", 443, True),
+        ("*.corp.internal", "evilcorp.internal", 443, False),
     ],
 )
 def test_no_proxy(no_proxy: str, host: str, port: int, direct: bool) -> None:
