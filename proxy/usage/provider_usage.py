@@ -9,7 +9,12 @@ Counts are non-negative integers; anything else (a bool, a float, a string) is n
 Anthropic's server-side compaction (a sampling of its own before the message) and its advisor
 tool (a sub-inference of another model within it) are billed, but the top-level counts leave
 them out: its usage's `iterations` list holds them (types "compaction", "advisor_message"), and
-their counts are added to the kinds (the last list seen wins, as a field does).
+their counts are added to the kinds (the last list seen wins, as a field does). So are the
+attempts a server-side fallback left behind: when a model declines (a refusal) and a fallback
+model answers within the request, the top-level counts are the answer's (the last
+"fallback_message" iteration), and each attempt before it ("message", or an earlier
+"fallback_message") is billed when it wrote output before declining (one declined before any
+output is waived): those are added too.
 
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
@@ -70,6 +75,11 @@ class UsageFields:
     # fields) the top-level counts leave out.
     iterations: str | None = None
     iterations_beside: frozenset[str] = frozenset()
+    # Anthropic's server-side fallback: the type of the iteration that answered after the
+    # requested model declined, and the types of the attempts before it (the top-level counts
+    # are the answer's), which are billed when they wrote output (`COMPLETION`).
+    iterations_served: str | None = None
+    iterations_declined: frozenset[str] = frozenset()
     # `details` by object, in their order: (its details object, ((count there, kind), ...)),
     # so each object is looked up once.
     grouped: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(init=False)
@@ -129,7 +139,7 @@ class ProviderUsage:
         if fields.iterations is not None:
             iterations = usage.get(fields.iterations)
             if isinstance(iterations, list):
-                self._added = _beside(iterations, fields.iterations_beside, fields.counts)
+                self._added = _beside(iterations, fields)
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -238,18 +248,38 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
     return None  # cut short inside it
 
 
-def _beside(
-    iterations: list[object], types: frozenset[str], counts: tuple[tuple[str, str], ...]
-) -> dict[str, int]:
-    """The counts of a usage's `iterations` of these types, summed by kind."""
+def _beside(iterations: list[object], fields: UsageFields) -> dict[str, int]:
+    """The counts of a usage's `iterations` the top-level counts leave out, summed by kind:
+    those of `fields.iterations_beside`'s types, and a server-side fallback's billed attempts
+    before the one that answered (the last of `fields.iterations_served`'s type)."""
+    types, counts = fields.iterations_beside, fields.counts
+    served = -1
+    if fields.iterations_served is not None:
+        for index, iteration in enumerate(iterations):
+            if isinstance(iteration, dict) and iteration.get("type") == fields.iterations_served:
+                served = index
     summed: dict[str, int] = {}
-    for iteration in iterations:
-        if isinstance(iteration, dict) and iteration.get("type") in types:
-            for name, kind in counts:
-                value = iteration.get(name)
-                if _is_count(value):
-                    summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
+    for index, iteration in enumerate(iterations):
+        if not isinstance(iteration, dict):
+            continue
+        kind_of = iteration.get("type")
+        if kind_of not in types and not (
+            index < served and kind_of in fields.iterations_declined and _wrote(iteration, counts)
+        ):
+            continue
+        for name, kind in counts:
+            value = iteration.get(name)
+            if _is_count(value):
+                summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
     return summed
+
+
+def _wrote(iteration: dict[str, object], counts: tuple[tuple[str, str], ...]) -> bool:
+    """True when an attempt's counts say it wrote output (a declined attempt is billed then)."""
+    return any(
+        kind == COMPLETION and _is_count(value := iteration.get(name)) and value
+        for name, kind in counts
+    )
 
 
 def _is_count(value: object) -> bool:

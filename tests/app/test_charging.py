@@ -22,9 +22,11 @@ import zstandard
 from aiohttp.test_utils import TestClient
 
 from proxy.app import TAP_MEMORY
+from proxy.record import Usage
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
+from tests.unit.test_pricing import library_cost
 
 Records = Callable[..., Awaitable[list[dict[str, Any]]]]
 CHAT = chat("one two three")
@@ -381,3 +383,33 @@ async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
     for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
         assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000
+
+
+@pytest.mark.parametrize(
+    ("declined", "charged"),
+    [("20000,2000", (3 + 20000, 3 + 2000)), ("20000,0", (3, 3))],
+    ids=["declined-after-output", "declined-before-output"],
+)
+async def test_an_attempt_declined_before_a_server_side_fallback_is_charged_when_billed(
+    gateway: TestClient, records: Records, declined: str, charged: tuple[int, int]
+) -> None:
+    # Claude Fable 5 with `fallbacks` (server-side-fallback-2026-06-01): its safety classifier
+    # declines, and claude-opus-4-8 answers within the one request. The usage's top-level
+    # counts are the answer's; the declined attempt is only in `iterations` (type "message"),
+    # billed when it wrote output before declining, waived when it wrote none (LiteLLM #39294).
+    # Before: a declined attempt's tokens and spend were never counted.
+    body = {**MESSAGES, "model": "claude-fable-5", "fallbacks": [{"model": "claude-opus-4-8"}]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "server-side-fallback-2026-06-01",
+        "x-fake-declined": declined,
+    }
+    for line in await whole_and_streamed(gateway, records, body, headers):
+        usage = line["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == charged, line
+        assert usage["estimated"] is False
+        # Priced with the answer, at the model that answered, as an advisor's sub-inference.
+        assert line["cost_usd"] == pytest.approx(
+            library_cost("anthropic", "claude-opus-4-8", Usage(*charged))
+        )
+    assert await tokens_used(gateway, ANTHROPIC_VK, 2 * sum(charged)) == 2 * sum(charged)

@@ -46,6 +46,11 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-advisor-tokens: N  Anthropic: the advisor tool (advisor_20260301) consulted its model,
                               which read N input tokens and wrote N // 10: an `advisor_message`
                               iteration, also left out of the top-level counts
+    x-fake-declined: N,M      Anthropic: server-side fallback (server-side-fallback-2026-06-01):
+                              the requested model read N input tokens, wrote M and declined
+                              (a refusal); claude-opus-4-8 answered. The usage's top-level
+                              counts are the answer's; `iterations` holds the declined attempt
+                              (type "message", its model) and the answer's ("fallback_message")
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -164,6 +169,7 @@ from tests.support import fake_batches, fake_media, fake_realtime
 
 POLL_SECONDS = 0.01
 DEFAULT_MODEL = "fake-model"
+FALLBACK_MODEL = "claude-opus-4-8"  # what answers an Anthropic request whose model declined
 MODEL_IDS = ("gpt-4o-mini", "text-embedding-3-small", "claude-3-5-haiku-latest", DEFAULT_MODEL)
 TOOL_ARGUMENTS = '{"query": "fake"}'
 EMBEDDING_SIZE = 8
@@ -348,6 +354,7 @@ class Knobs:
     web_searches: int = 0
     compaction_tokens: int = 0
     advisor_tokens: int = 0
+    declined: tuple[int, int] | None = None
     line_end: bytes = b"\n"
     has_bom: bool = False
     split_bytes: int = 0
@@ -383,6 +390,7 @@ class Knobs:
             web_searches=int(headers.get("x-fake-web-searches", "0")),
             compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
             advisor_tokens=int(headers.get("x-fake-advisor-tokens", "0")),
+            declined=declined_counts(headers.get("x-fake-declined")),
             line_end=LINE_ENDS[headers.get("x-fake-line-end", "lf")],
             has_bom=headers.get("x-fake-bom") == "1",
             split_bytes=int(headers.get("x-fake-split", "0")),
@@ -1441,6 +1449,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         usage["speed"] = payload["speed"]
     thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
     iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
+    if knobs.declined is not None:  # the requested model declined; the fallback answered
+        iterations = fallback_iterations(usage, head["model"], knobs.declined)
+        head["model"] = FALLBACK_MODEL
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1506,6 +1517,27 @@ async def messages(request: web.Request) -> web.StreamResponse:
     events += [stop, {"type": "message_stop"}]
     usages = [event.get("usage") or event.get("message", {}).get("usage") for event in events]
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
+
+
+def declined_counts(header: str | None) -> tuple[int, int] | None:
+    """x-fake-declined's "N,M": what the declined attempt read and wrote."""
+    if header is None:
+        return None
+    read, wrote = header.split(",")
+    return int(read), int(wrote)
+
+
+def fallback_iterations(usage: dict, requested: str, declined: tuple[int, int]) -> list[dict]:
+    """A served fallback's usage `iterations`: the requested model's declined attempt, then
+    the fallback model's answer (its top-level counts)."""
+    cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    read, wrote = declined
+    attempt = {"type": "message", "model": requested, "input_tokens": read, **cached}
+    served = {name: usage[name] for name in ("input_tokens", "output_tokens", *cached)}
+    return [
+        {**attempt, "output_tokens": wrote},
+        {"type": "fallback_message", "model": FALLBACK_MODEL, **served},
+    ]
 
 
 def side_iterations(usage: dict, compaction_tokens: int, advisor_tokens: int) -> list[dict] | None:
