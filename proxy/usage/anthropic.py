@@ -67,11 +67,17 @@ USAGE = UsageFields(
 
 
 def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
-    """A block begins: a tool call's name comes whole here, its input as deltas."""
+    """A block begins: a tool call's name comes whole here, its input as deltas. A server-side
+    fallback's block says which model answers from there on (`to.model`): the model that
+    answered, where `message_start`, sent before the requested model declined, names that one."""
     block = event.get("content_block")
     if isinstance(block, dict):
         reading.add_generated(block.get("name"))
         reading.add_generated(block.get("text"))  # "" in practice: the text comes as deltas
+        if block.get("type") == "fallback":
+            served = block.get("to")
+            if isinstance(served, dict):
+                reading.note_model(served.get("model"))
 
 
 def _content_block_delta(event: dict[str, Any], reading: Reading) -> None:

@@ -408,7 +408,9 @@ async def test_an_attempt_declined_before_a_server_side_fallback_is_charged_when
         usage = line["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == charged, line
         assert usage["estimated"] is False
-        # Priced with the answer, at the model that answered, as an advisor's sub-inference.
+        # Priced with the answer, at the model that answered, as an advisor's sub-inference;
+        # a stream's message_start names the requested model, its `fallback` block the one
+        # that answered (before: a stream was priced at Claude Fable 5's rates, twice Opus's).
         assert line["cost_usd"] == pytest.approx(
             library_cost("anthropic", "claude-opus-4-8", Usage(*charged))
         )

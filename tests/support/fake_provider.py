@@ -1449,9 +1449,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
         usage["speed"] = payload["speed"]
     thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
     iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
-    if knobs.declined is not None:  # the requested model declined; the fallback answered
+    # The requested model declined and the fallback answered: a `fallback` block marks where
+    # (a stream's message_start, sent before, still names the requested model).
+    fallback = None
+    if knobs.declined is not None:
         iterations = fallback_iterations(usage, head["model"], knobs.declined)
-        head["model"] = FALLBACK_MODEL
+        fallback = {
+            "type": "fallback",
+            "from": {"model": head["model"]},
+            "to": {"model": FALLBACK_MODEL},
+        }
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1462,7 +1469,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
         thought = {"type": "thinking", "thinking": thinking, "signature": "c2lnbmVk"}
         body = {
             **head,
-            "content": [thought, answer] if thinking else [answer],
+            **({"model": FALLBACK_MODEL} if fallback else {}),
+            "content": [
+                *([fallback] if fallback else []),
+                *([thought] if thinking else []),
+                answer,
+            ],
             "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None,
         }
@@ -1489,6 +1501,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         if iterations:
             stop["usage"]["iterations"] = iterations
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
+    if fallback:
+        blocks.append((fallback, []))
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}
         thoughts = [{"type": "thinking_delta", "thinking": t} for t in pieces(thinking, knobs)]
