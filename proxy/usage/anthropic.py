@@ -60,7 +60,7 @@ USAGE = UsageFields(
     iterations="iterations",
     iterations_beside=frozenset(("compaction", "advisor_message")),
     # A server-side fallback's answer, and the attempts that declined before it (billed when
-    # they wrote output; priced with the answer, at the model that answered).
+    # they wrote output, at their own model's rates).
     iterations_served="fallback_message",
     iterations_declined=frozenset(("message", "fallback_message")),
 )

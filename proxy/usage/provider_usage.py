@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from proxy.record import Usage
+from proxy.record import MODEL_CHARS, Usage
 
 # The gateway's token kinds, as the fields of a dialect's usage object map onto them.
 PROMPT, COMPLETION = "prompt", "completion"
@@ -97,11 +97,13 @@ class UsageFields:
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_added", "_fields", "_is_cache_beside_prompt", "_seconds")
+    __slots__ = ("_added", "_apart", "_fields", "_is_cache_beside_prompt", "_seconds")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}  # the last value seen of each kind
         self._added: dict[str, int] = {}  # what iterations beside them used (`iterations`)
+        # Of those, the ones billed at their own model's rates: (its model, its counts).
+        self._apart: tuple[tuple[str, dict[str, int]], ...] = ()
         self._is_cache_beside_prompt = False
         self._seconds: float | None = None  # the input audio's length (transcriptions)
 
@@ -139,7 +141,7 @@ class ProviderUsage:
         if fields.iterations is not None:
             iterations = usage.get(fields.iterations)
             if isinstance(iterations, list):
-                self._added = _beside(iterations, fields)
+                self._added, self._apart = _beside(iterations, fields)
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -156,8 +158,17 @@ class ProviderUsage:
 
     def clear(self) -> None:
         self._fields.clear()
-        self._added = {}
+        self._added, self._apart = {}, ()
         self._seconds = None
+
+    def apart(self) -> tuple[tuple[str, Usage], ...]:
+        """The parts of `usage()` billed at another model's rates than the answer's: (that
+        model, its usage), each within `usage()`'s counts (a server-side fallback's declined
+        attempts, at the requested model's)."""
+        if not self._apart or not self.is_reported:
+            return ()
+        beside = self._is_cache_beside_prompt
+        return tuple((model, _usage_of(counts, beside)) for model, counts in self._apart)
 
     def usage(self) -> Usage | None:
         """The reported usage, every kind; None when neither a total nor seconds were."""
@@ -168,35 +179,41 @@ class ProviderUsage:
             return Usage(input_audio_seconds=self._seconds)
         if self._added:  # a compaction's or an advisor's counts, added to the message's
             fields = {kind: fields.get(kind, 0) + self._added.get(kind, 0) for kind in fields}
-        get = fields.get
-        prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
-        if self._is_cache_beside_prompt:
-            prompt += cache_read + cache_write
-        beside = get(REASONING_BESIDE, 0)
-        completion = get(COMPLETION, 0) + beside
-        total = get(TOTAL, 0)
-        if total > prompt + completion:  # thoughts counted beside the completion
-            completion = total - prompt
-        return Usage(  # by position, as Usage orders them: a call with keywords costs more
-            prompt,
-            completion,
-            False,  # estimated
-            cache_read,
-            cache_write,
-            get(INPUT_AUDIO, 0),
-            get(REASONING, 0) + beside,
-            get(OUTPUT_AUDIO, 0),
-            get(INPUT_IMAGE, 0),
-            get(OUTPUT_IMAGE, 0),
-            0,  # input characters
-            0.0,  # input audio seconds
-            get(CACHE_WRITE_1H, 0),
-            get(WEB_SEARCHES, 0),
-            get(CACHE_AUDIO_READ, 0),
-            get(CACHE_IMAGE_READ, 0),
-            get(INPUT_VIDEO, 0),
-            get(OUTPUT_VIDEO, 0),
-        )
+        return _usage_of(fields, self._is_cache_beside_prompt)
+
+
+def _usage_of(fields: dict[str, int], is_cache_beside_prompt: bool) -> Usage:
+    """The Usage of counts by kind (`is_cache_beside_prompt`: Anthropic's, whose prompt count
+    leaves out the cache reads and writes)."""
+    get = fields.get
+    prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
+    if is_cache_beside_prompt:
+        prompt += cache_read + cache_write
+    beside = get(REASONING_BESIDE, 0)
+    completion = get(COMPLETION, 0) + beside
+    total = get(TOTAL, 0)
+    if total > prompt + completion:  # thoughts counted beside the completion
+        completion = total - prompt
+    return Usage(  # by position, as Usage orders them: a call with keywords costs more
+        prompt,
+        completion,
+        False,  # estimated
+        cache_read,
+        cache_write,
+        get(INPUT_AUDIO, 0),
+        get(REASONING, 0) + beside,
+        get(OUTPUT_AUDIO, 0),
+        get(INPUT_IMAGE, 0),
+        get(OUTPUT_IMAGE, 0),
+        0,  # input characters
+        0.0,  # input audio seconds
+        get(CACHE_WRITE_1H, 0),
+        get(WEB_SEARCHES, 0),
+        get(CACHE_AUDIO_READ, 0),
+        get(CACHE_IMAGE_READ, 0),
+        get(INPUT_VIDEO, 0),
+        get(OUTPUT_VIDEO, 0),
+    )
 
 
 def added(total: Usage, more: Usage) -> Usage:
@@ -248,10 +265,13 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
     return None  # cut short inside it
 
 
-def _beside(iterations: list[object], fields: UsageFields) -> dict[str, int]:
+def _beside(
+    iterations: list[object], fields: UsageFields
+) -> tuple[dict[str, int], tuple[tuple[str, dict[str, int]], ...]]:
     """The counts of a usage's `iterations` the top-level counts leave out, summed by kind:
     those of `fields.iterations_beside`'s types, and a server-side fallback's billed attempts
-    before the one that answered (the last of `fields.iterations_served`'s type)."""
+    before the one that answered (the last of `fields.iterations_served`'s type); and, of
+    those attempts, each that names its model with its own counts (billed at its rates)."""
     types, counts = fields.iterations_beside, fields.counts
     served = -1
     if fields.iterations_served is not None:
@@ -259,19 +279,26 @@ def _beside(iterations: list[object], fields: UsageFields) -> dict[str, int]:
             if isinstance(iteration, dict) and iteration.get("type") == fields.iterations_served:
                 served = index
     summed: dict[str, int] = {}
+    apart: list[tuple[str, dict[str, int]]] = []
     for index, iteration in enumerate(iterations):
         if not isinstance(iteration, dict):
             continue
         kind_of = iteration.get("type")
-        if kind_of not in types and not (
+        is_declined = (
             index < served and kind_of in fields.iterations_declined and _wrote(iteration, counts)
-        ):
+        )
+        if kind_of not in types and not is_declined:
             continue
+        own: dict[str, int] = {}
         for name, kind in counts:
             value = iteration.get(name)
             if _is_count(value):
                 summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
-    return summed
+                own[kind] = own.get(kind, 0) + value  # type: ignore[operator]
+        model = iteration.get("model")
+        if is_declined and isinstance(model, str) and 0 < len(model) <= MODEL_CHARS:
+            apart.append((model, own))
+    return summed, tuple(apart)
 
 
 def _wrote(iteration: dict[str, object], counts: tuple[tuple[str, str], ...]) -> bool:

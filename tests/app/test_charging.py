@@ -386,12 +386,12 @@ async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
 
 
 @pytest.mark.parametrize(
-    ("declined", "charged"),
-    [("20000,2000", (3 + 20000, 3 + 2000)), ("20000,0", (3, 3))],
+    ("declined", "billed"),
+    [("20000,2000", (20000, 2000)), ("20000,0", (0, 0))],
     ids=["declined-after-output", "declined-before-output"],
 )
 async def test_an_attempt_declined_before_a_server_side_fallback_is_charged_when_billed(
-    gateway: TestClient, records: Records, declined: str, charged: tuple[int, int]
+    gateway: TestClient, records: Records, declined: str, billed: tuple[int, int]
 ) -> None:
     # Claude Fable 5 with `fallbacks` (server-side-fallback-2026-06-01): its safety classifier
     # declines, and claude-opus-4-8 answers within the one request. The usage's top-level
@@ -404,14 +404,16 @@ async def test_an_attempt_declined_before_a_server_side_fallback_is_charged_when
         "anthropic-beta": "server-side-fallback-2026-06-01",
         "x-fake-declined": declined,
     }
+    charged = (3 + billed[0], 3 + billed[1])  # the answer's 3 and 3, and the attempt's
     for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == charged, line
         assert usage["estimated"] is False
-        # Priced with the answer, at the model that answered, as an advisor's sub-inference;
-        # a stream's message_start names the requested model, its `fallback` block the one
-        # that answered (before: a stream was priced at Claude Fable 5's rates, twice Opus's).
-        assert line["cost_usd"] == pytest.approx(
-            library_cost("anthropic", "claude-opus-4-8", Usage(*charged))
-        )
+        # Each attempt at its own model's rates, as Anthropic bills them: the answer at the
+        # model that answered (a stream's message_start names the requested model, its
+        # `fallback` block the one that answered), the declined attempt at Claude Fable 5's,
+        # twice Opus 4.8's (before: at Opus's).
+        answer = library_cost("anthropic", "claude-opus-4-8", Usage(3, 3))
+        attempt = library_cost("anthropic", "claude-fable-5", Usage(*billed)) if billed[0] else 0
+        assert line["cost_usd"] == pytest.approx(answer + attempt)
     assert await tokens_used(gateway, ANTHROPIC_VK, 2 * sum(charged)) == 2 * sum(charged)
