@@ -303,7 +303,7 @@ class Record:
     # Anthropic's speed that served it ("fast": fast mode, at its own rates), for pricing.
     speed: str | None = None
     # Parts of the usage billed at another model's rates: (that model, its usage), within
-    # `usage` (a server-side fallback's declined attempts, at the requested model's).
+    # `usage` (a server-side fallback's declined attempts, the advisor's sub-inferences).
     apart: tuple[tuple[str, Usage], ...] = ()
     # The provider's own id of the request (its support asks for it); None: none said.
     provider_request_id: str | None = None

@@ -55,14 +55,15 @@ USAGE = UsageFields(
         ("output_tokens_details", "thinking_tokens", REASONING),  # a part of output_tokens
     ),
     is_cache_beside_prompt=True,
-    # Billed samplings the counts leave out: a server-side compaction's, the advisor tool's
-    # (its own model's, priced here at the request's).
+    # Billed samplings the counts leave out: a server-side compaction's (at the request's
+    # model), the advisor tool's (at its own model's rates, which its iteration names).
     iterations="iterations",
     iterations_beside=frozenset(("compaction", "advisor_message")),
     # A server-side fallback's answer, and the attempts that declined before it (billed when
     # they wrote output, at their own model's rates).
     iterations_served="fallback_message",
     iterations_declined=frozenset(("message", "fallback_message")),
+    iterations_apart=frozenset(("advisor_message",)),
 )
 
 

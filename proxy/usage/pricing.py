@@ -23,7 +23,8 @@ arithmetic is the library's: a part (cache reads, cache writes, input audio, ima
 video; reasoning, output audio, images and video) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
-model has one, a server-side fallback's declined attempts (`apart`) at their own model's price, and the Realtime API's cached audio and images parts of both the cache reads
+model has one, a server-side fallback's declined attempts and the advisor tool's sub-inferences
+(`apart`) at their own model's price, and the Realtime API's cached audio and images parts of both the cache reads
 and the input audio or images, at their own rates (`cache_audio_read_mtok`,
 `cache_image_read_mtok`; else as cache reads). A test checks the figures against `genai_prices.calc_price`. Endpoints
 priced by other units are priced by them where the data has a rate: speech's input
@@ -38,9 +39,9 @@ made-up number), images by count, size and quality (the data has no such price: 
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), the Responses API's
 image_generation tool (its `tool_usage.image_gen` tokens are the image model's), an
-Anthropic compaction's or advisor's sampling priced on its own (its tokens join the
-message's: at the request's model, and for a long-context tier by the sum of their prompts,
-where Anthropic decides each sampling's tier by its own).
+Anthropic compaction's sampling priced on its own (its tokens join the message's: at the
+request's model, and for a long-context tier by the sum of their prompts, where Anthropic
+decides each sampling's tier by its own).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual
@@ -331,8 +332,8 @@ class Prices:
         `speed`: Anthropic's speed that served it, "fast" (fast mode) at the library's fast
         price where it has one; overrides stand for all.
         `apart`: parts of `usage` billed at another model's rates (a server-side fallback's
-        declined attempts): each at its model's usual price where it has one (else with the
-        rest), the rest as above.
+        declined attempts, the advisor's sub-inferences): each at its model's usual price
+        where it has one (else with the rest), the rest as above.
         """
         model = model or answered
         if usage is None or provider is None or model is None:

@@ -14,7 +14,8 @@ attempts a server-side fallback left behind: when a model declines (a refusal) a
 model answers within the request, the top-level counts are the answer's (the last
 "fallback_message" iteration), and each attempt before it ("message", or an earlier
 "fallback_message") is billed when it wrote output before declining (one declined before any
-output is waived): those are added too.
+output is waived): those are added too. A declined attempt and the advisor's sub-inference
+are billed at their own model's rates: `apart` lists them, with their model.
 
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
@@ -80,6 +81,9 @@ class UsageFields:
     # are the answer's), which are billed when they wrote output (`COMPLETION`).
     iterations_served: str | None = None
     iterations_declined: frozenset[str] = frozenset()
+    # The types of iterations beside them billed at their own model's rates when they name
+    # one (the advisor's sub-inference), as a declined attempt is.
+    iterations_apart: frozenset[str] = frozenset()
     # `details` by object, in their order: (its details object, ((count there, kind), ...)),
     # so each object is looked up once.
     grouped: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(init=False)
@@ -164,7 +168,7 @@ class ProviderUsage:
     def apart(self) -> tuple[tuple[str, Usage], ...]:
         """The parts of `usage()` billed at another model's rates than the answer's: (that
         model, its usage), each within `usage()`'s counts (a server-side fallback's declined
-        attempts, at the requested model's)."""
+        attempts at the requested model's, the advisor's sub-inferences at the advisor's)."""
         if not self._apart or not self.is_reported:
             return ()
         beside = self._is_cache_beside_prompt
@@ -271,7 +275,8 @@ def _beside(
     """The counts of a usage's `iterations` the top-level counts leave out, summed by kind:
     those of `fields.iterations_beside`'s types, and a server-side fallback's billed attempts
     before the one that answered (the last of `fields.iterations_served`'s type); and, of
-    those attempts, each that names its model with its own counts (billed at its rates)."""
+    those attempts and the iterations of `fields.iterations_apart`'s types, each that names
+    its model with its own counts (billed at its rates)."""
     types, counts = fields.iterations_beside, fields.counts
     served = -1
     if fields.iterations_served is not None:
@@ -296,8 +301,9 @@ def _beside(
                 summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
                 own[kind] = own.get(kind, 0) + value  # type: ignore[operator]
         model = iteration.get("model")
-        if is_declined and isinstance(model, str) and 0 < len(model) <= MODEL_CHARS:
-            apart.append((model, own))
+        if (is_declined or kind_of in fields.iterations_apart) and isinstance(model, str):
+            if 0 < len(model) <= MODEL_CHARS:
+                apart.append((model, own))
     return summed, tuple(apart)
 
 

@@ -372,7 +372,8 @@ class UsageTap:
     @property
     def apart(self) -> tuple[tuple[str, Usage], ...]:
         """Parts of the reported usage billed at another model's rates than the answer's:
-        (that model, its usage); a server-side fallback's declined attempts."""
+        (that model, its usage); a server-side fallback's declined attempts, the advisor's
+        sub-inferences."""
         return self._reading.reported.apart()
 
     @property
