@@ -13,8 +13,9 @@ their counts are added to the kinds (the last list seen wins, as a field does). 
 attempts a server-side fallback left behind: when a model declines (a refusal) and a fallback
 model answers within the request, the top-level counts are the answer's (the last
 "fallback_message" iteration), and each attempt before it ("message", or an earlier
-"fallback_message") is billed when it wrote output before declining (one declined before any
-output is waived): those are added too. A declined attempt and the advisor's sub-inference
+"fallback_message", of another model than the answer's: the answer's own iterations, split
+around an advisor's, are the answer's) is billed when it wrote output before declining (one
+declined before any output is waived): those are added too. A declined attempt and the advisor's sub-inference
 are billed at their own model's rates: `apart` lists them, with their model.
 
 A total larger than prompt and completion together is output the completion left out:
@@ -278,19 +279,24 @@ def _beside(
     those attempts and the iterations of `fields.iterations_apart`'s types, each that names
     its model with its own counts (billed at its rates)."""
     types, counts = fields.iterations_beside, fields.counts
-    served = -1
+    served, served_model = -1, None
     if fields.iterations_served is not None:
         for index, iteration in enumerate(iterations):
             if isinstance(iteration, dict) and iteration.get("type") == fields.iterations_served:
-                served = index
+                served, served_model = index, iteration.get("model")
     summed: dict[str, int] = {}
     apart: list[tuple[str, dict[str, int]]] = []
     for index, iteration in enumerate(iterations):
         if not isinstance(iteration, dict):
             continue
         kind_of = iteration.get("type")
+        # Before the answer, of another model (the answer's own model's iterations, split
+        # around an advisor's, are the answer's), and billed: it wrote output.
         is_declined = (
-            index < served and kind_of in fields.iterations_declined and _wrote(iteration, counts)
+            index < served
+            and kind_of in fields.iterations_declined
+            and (served_model is None or iteration.get("model") != served_model)
+            and _wrote(iteration, counts)
         )
         if kind_of not in types and not is_declined:
             continue
