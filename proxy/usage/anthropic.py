@@ -59,10 +59,11 @@ USAGE = UsageFields(
     # model), the advisor tool's (at its own model's rates, which its iteration names).
     iterations="iterations",
     iterations_beside=frozenset(("compaction", "advisor_message")),
-    # A server-side fallback's answer, and the attempts that declined before it (billed when
-    # they wrote output, at their own model's rates).
+    # The message's own samplings (the executor's, around an advisor's; a server-side
+    # fallback's answer and the attempts that declined before it, billed when they wrote
+    # output, at their own model's rates): when listed, the iterations are the whole account.
+    iterations_samplings=frozenset(("message", "fallback_message")),
     iterations_served="fallback_message",
-    iterations_declined=frozenset(("message", "fallback_message")),
     iterations_apart=frozenset(("advisor_message",)),
 )
 

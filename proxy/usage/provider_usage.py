@@ -9,14 +9,17 @@ Counts are non-negative integers; anything else (a bool, a float, a string) is n
 Anthropic's server-side compaction (a sampling of its own before the message) and its advisor
 tool (a sub-inference of another model within it) are billed, but the top-level counts leave
 them out: its usage's `iterations` list holds them (types "compaction", "advisor_message"), and
-their counts are added to the kinds (the last list seen wins, as a field does). So are the
-attempts a server-side fallback left behind: when a model declines (a refusal) and a fallback
-model answers within the request, the top-level counts are the answer's (the last
+their counts are added to the kinds (the last list seen wins, as a field does). A list that
+also names the message's own samplings ("message", "fallback_message") is the whole account:
+its counts are summed in place of the top-level ones, which hold only an executor's first
+sampling's input (its samplings after an advisor's call re-read the context, billed). Among
+them, the attempts a server-side fallback left behind: when a model declines (a refusal) and a
+fallback model answers within the request, the top-level counts are the answer's (the last
 "fallback_message" iteration), and each attempt before it ("message", or an earlier
-"fallback_message", of another model than the answer's: the answer's own iterations, split
+"fallback_message", of another model than the answer's: the answer's own samplings, split
 around an advisor's, are the answer's) is billed when it wrote output before declining (one
-declined before any output is waived): those are added too. A declined attempt and the advisor's sub-inference
-are billed at their own model's rates: `apart` lists them, with their model.
+declined before any output is waived). A declined attempt and the advisor's sub-inference are
+billed at their own model's rates: `apart` lists them, with their model.
 
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
@@ -77,11 +80,14 @@ class UsageFields:
     # fields) the top-level counts leave out.
     iterations: str | None = None
     iterations_beside: frozenset[str] = frozenset()
-    # Anthropic's server-side fallback: the type of the iteration that answered after the
-    # requested model declined, and the types of the attempts before it (the top-level counts
-    # are the answer's), which are billed when they wrote output (`COMPLETION`).
+    # The types of the message's own samplings: a list naming one is the whole account (every
+    # billed iteration's counts summed, in place of the top-level ones, which leave out an
+    # executor's samplings after its first, around an advisor's). Of those, the type of
+    # the one that answered after the requested model declined (a server-side fallback): the
+    # samplings before it of another model are attempts that declined, billed only when they
+    # wrote output (`COMPLETION`).
+    iterations_samplings: frozenset[str] = frozenset()
     iterations_served: str | None = None
-    iterations_declined: frozenset[str] = frozenset()
     # The types of iterations beside them billed at their own model's rates when they name
     # one (the advisor's sub-inference), as a declined attempt is.
     iterations_apart: frozenset[str] = frozenset()
@@ -102,11 +108,14 @@ class UsageFields:
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_added", "_apart", "_fields", "_is_cache_beside_prompt", "_seconds")
+    __slots__ = ("_added", "_apart", "_fields", "_is_cache_beside_prompt", "_is_whole", "_seconds")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}  # the last value seen of each kind
         self._added: dict[str, int] = {}  # what iterations beside them used (`iterations`)
+        # `_added` is every billed sampling's, in place of the top-level counts (`iterations`
+        # listed the message's own samplings).
+        self._is_whole = False
         # Of those, the ones billed at their own model's rates: (its model, its counts).
         self._apart: tuple[tuple[str, dict[str, int]], ...] = ()
         self._is_cache_beside_prompt = False
@@ -146,7 +155,7 @@ class ProviderUsage:
         if fields.iterations is not None:
             iterations = usage.get(fields.iterations)
             if isinstance(iterations, list):
-                self._added, self._apart = _beside(iterations, fields)
+                self._added, self._apart, self._is_whole = _iterated(iterations, fields)
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -163,7 +172,7 @@ class ProviderUsage:
 
     def clear(self) -> None:
         self._fields.clear()
-        self._added, self._apart = {}, ()
+        self._added, self._apart, self._is_whole = {}, (), False
         self._seconds = None
 
     def apart(self) -> tuple[tuple[str, Usage], ...]:
@@ -182,7 +191,9 @@ class ProviderUsage:
             if self._seconds is None:
                 return None
             return Usage(input_audio_seconds=self._seconds)
-        if self._added:  # a compaction's or an advisor's counts, added to the message's
+        if self._is_whole:  # every billed sampling's counts, in place of the top-level ones
+            fields = {**fields, **self._added}
+        elif self._added:  # a compaction's or an advisor's counts, added to the message's
             fields = {kind: fields.get(kind, 0) + self._added.get(kind, 0) for kind in fields}
         return _usage_of(fields, self._is_cache_beside_prompt)
 
@@ -270,19 +281,25 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
     return None  # cut short inside it
 
 
-def _beside(
+def _iterated(
     iterations: list[object], fields: UsageFields
-) -> tuple[dict[str, int], tuple[tuple[str, dict[str, int]], ...]]:
-    """The counts of a usage's `iterations` the top-level counts leave out, summed by kind:
-    those of `fields.iterations_beside`'s types, and a server-side fallback's billed attempts
-    before the one that answered (the last of `fields.iterations_served`'s type); and, of
-    those attempts and the iterations of `fields.iterations_apart`'s types, each that names
-    its model with its own counts (billed at its rates)."""
-    types, counts = fields.iterations_beside, fields.counts
-    served, served_model = -1, None
-    if fields.iterations_served is not None:
-        for index, iteration in enumerate(iterations):
-            if isinstance(iteration, dict) and iteration.get("type") == fields.iterations_served:
+) -> tuple[dict[str, int], tuple[tuple[str, dict[str, int]], ...], bool]:
+    """What a usage's `iterations` say, summed by kind, and whether that is the whole account.
+
+    A list naming the message's own samplings (`fields.iterations_samplings`) is the whole
+    account: every iteration's counts, but for an attempt that declined before a server-side
+    fallback answered (a sampling before the last of `fields.iterations_served`'s type, of
+    another model) without writing any output, which is not billed. Else only the
+    iterations of `fields.iterations_beside`'s types, which the top-level counts leave out.
+    Also, each declined attempt and iteration of `fields.iterations_apart`'s types that
+    names its model, with its own counts (billed at that model's rates)."""
+    counts, samplings = fields.counts, fields.iterations_samplings
+    served, served_model, is_whole = -1, None, False
+    for index, iteration in enumerate(iterations):
+        if isinstance(iteration, dict):
+            kind_of = iteration.get("type")
+            is_whole = is_whole or kind_of in samplings
+            if kind_of == fields.iterations_served:
                 served, served_model = index, iteration.get("model")
     summed: dict[str, int] = {}
     apart: list[tuple[str, dict[str, int]]] = []
@@ -290,15 +307,16 @@ def _beside(
         if not isinstance(iteration, dict):
             continue
         kind_of = iteration.get("type")
-        # Before the answer, of another model (the answer's own model's iterations, split
-        # around an advisor's, are the answer's), and billed: it wrote output.
+        # Before the answer, of another model (the answer's own model's samplings, split
+        # around an advisor's, are the answer's).
         is_declined = (
             index < served
-            and kind_of in fields.iterations_declined
+            and kind_of in samplings
             and (served_model is None or iteration.get("model") != served_model)
-            and _wrote(iteration, counts)
         )
-        if kind_of not in types and not is_declined:
+        if is_declined and not _wrote(iteration, counts):
+            continue  # declined before any output: not billed
+        if not is_whole and kind_of not in fields.iterations_beside:
             continue
         own: dict[str, int] = {}
         for name, kind in counts:
@@ -310,7 +328,7 @@ def _beside(
         if (is_declined or kind_of in fields.iterations_apart) and isinstance(model, str):
             if 0 < len(model) <= MODEL_CHARS:
                 apart.append((model, own))
-    return summed, tuple(apart)
+    return summed, tuple(apart), is_whole
 
 
 def _wrote(iteration: dict[str, object], counts: tuple[tuple[str, str], ...]) -> bool:

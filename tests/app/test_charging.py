@@ -382,10 +382,17 @@ async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
     }
     for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
-        assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000
+        # The executor sampled twice, around the advisor's: the first read the prompt (P
+        # tokens), the second the advice (4000) and, from the cache, the context (P + 1);
+        # the top-level counts hold only the first's input (before: the second's was lost).
+        context = usage["cache_read_tokens"]
+        prompt = context - 1
+        assert prompt > 0 and usage["estimated"] is False
+        assert usage["prompt_tokens"] == prompt + 40000 + 4000 + context
+        assert usage["completion_tokens"] == 3 + 4000
         # Each at its own model's rates, as Anthropic bills them: the executor's at the
         # request's model, the advisor's at claude-opus-4-8's (before: all at the executor's).
-        executor = Usage(usage["prompt_tokens"] - 40000, 3)
+        executor = Usage(prompt + 4000 + context, 3, cache_read_tokens=context)
         assert line["cost_usd"] == pytest.approx(
             library_cost("anthropic", MESSAGES["model"], executor)
             + library_cost("anthropic", "claude-opus-4-8", Usage(40000, 4000))

@@ -45,7 +45,10 @@ Request headers steer it (they pass through the gateway unchanged):
                               Anthropic reports it, the top-level counts leave out
     x-fake-advisor-tokens: N  Anthropic: the advisor tool (advisor_20260301) consulted its model,
                               which read N input tokens and wrote N // 10: an `advisor_message`
-                              iteration, also left out of the top-level counts
+                              iteration, also left out of the top-level counts, between the
+                              executor's two samplings (the second reads the advice, N // 10,
+                              and the context from the cache), whose input the top-level counts
+                              leave out too
     x-fake-declined: N,M      Anthropic: server-side fallback (server-side-fallback-2026-06-01):
                               the requested model read N input tokens, wrote M and declined
                               (a refusal); claude-opus-4-8 answered. The usage's top-level
@@ -1556,26 +1559,49 @@ def fallback_iterations(usage: dict, requested: str, declined: tuple[int, int]) 
 
 def side_iterations(usage: dict, compaction_tokens: int, advisor_tokens: int) -> list[dict] | None:
     """A message's usage `iterations` when server-side compaction ran first or the advisor
-    was consulted: their own counts, then the message's (its top-level counts, which leave
-    theirs out)."""
+    was consulted. A compaction: its own counts, then the message's (its top-level counts,
+    which leave the compaction's out). The advisor: the executor's first sampling (the
+    top-level input counts, one output token: the advisor's call), the advisor's own counts,
+    then the executor's second sampling, which reads the advice (its output) and, from the
+    cache, the context before it, and writes the rest of the output. As Anthropic reports
+    it, the top-level counts are the first sampling's input and every executor output."""
     if not compaction_tokens and not advisor_tokens:
         return None
     cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-    sides = []
-    for kind, tokens in (("compaction", compaction_tokens), ("advisor_message", advisor_tokens)):
-        if tokens:
-            side = {"type": kind, "input_tokens": tokens, "output_tokens": tokens // 10, **cached}
-            if kind == "advisor_message":
-                side["model"] = "claude-opus-4-8"
-            sides.append(side)
+    first = {
+        "type": "message",
+        **{name: usage[name] for name in ("input_tokens", "output_tokens", *cached)},
+    }
+    iterations = []
+    if compaction_tokens:
+        iterations.append(
+            {
+                "type": "compaction",
+                "input_tokens": compaction_tokens,
+                "output_tokens": compaction_tokens // 10,
+                **cached,
+            }
+        )
+    if not advisor_tokens:
+        return [*iterations, first]
+    advice = advisor_tokens // 10
+    context = sum(usage[name] for name in ("input_tokens", *cached)) + 1
     return [
-        *sides,
+        *iterations,
+        {**first, "output_tokens": 1},
+        {
+            "type": "advisor_message",
+            "model": "claude-opus-4-8",
+            "input_tokens": advisor_tokens,
+            "output_tokens": advice,
+            **cached,
+        },
         {
             "type": "message",
-            "input_tokens": usage["input_tokens"],
-            "output_tokens": usage["output_tokens"],
-            "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
-            "cache_read_input_tokens": usage["cache_read_input_tokens"],
+            "input_tokens": advice,
+            "output_tokens": usage["output_tokens"] - 1,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": context,
         },
     ]
 

@@ -197,7 +197,9 @@ def test_a_fallback_answer_split_around_an_advisor_call_is_not_taken_for_a_decli
     usage = {"input_tokens": 400, "output_tokens": 531, **counts, "iterations": iterations}
     body = orjson.dumps({"type": "message", "model": "claude-opus-4-8", "usage": usage})
     tap = tap_of(body, "application/json")
-    assert tap.usage(b"") == Usage(400 + 500 + 800, 531 + 20 + 1600)
+    # Every sampling's input is billed: the answer's second one (1300) too, which the
+    # top-level counts (its first's input, every output) leave out.
+    assert tap.usage(b"") == Usage(500 + 400 + 800 + 1300, 20 + 531 + 1600)
     assert tap.apart == (
         ("claude-fable-5", Usage(500, 20)),
         ("claude-fable-5", Usage(800, 1600)),
