@@ -4,8 +4,10 @@ A message (a JSON body, or a stream's `message_start`) holds `content` blocks an
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
 whose cache counts are *not* in input_tokens: they are added to the prompt; nor is a
 server-side compaction's sampling nor the advisor tool's (its `iterations` of type
-"compaction", "advisor_message"), nor a server-side fallback's attempts that declined before the
-answer ("message", billed when they wrote output): added too. Its
+"compaction", "advisor_message"): added too. An `iterations` list that names the message's
+own samplings ("message", "fallback_message") is the whole account, as the top-level counts
+hold only the executor's first sampling's input (and a server-side fallback's answer only:
+the attempts that declined before it, billed when they wrote output, are listed). Its
 `cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more), its
 `output_tokens_details.thinking_tokens` says how much of the output was thinking (logged as
 reasoning), and its

@@ -23,9 +23,9 @@ arithmetic is the library's: a part (cache reads, cache writes, input audio, ima
 video; reasoning, output audio, images and video) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
-model has one, a server-side fallback's declined attempts and the advisor tool's sub-inferences
-(`apart`) at their own model's price, and the Realtime API's cached audio and images parts of both the cache reads
-and the input audio or images, at their own rates (`cache_audio_read_mtok`,
+model has one, a server-side fallback's declined attempts and the advisor tool's
+sub-inferences (`apart`) at their own model's price, and the Realtime API's cached audio and
+images parts of both the cache reads and the input audio or images, at their own rates (`cache_audio_read_mtok`,
 `cache_image_read_mtok`; else as cache reads). A test checks the figures against `genai_prices.calc_price`. Endpoints
 priced by other units are priced by them where the data has a rate: speech's input
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
