@@ -53,7 +53,9 @@ Request headers steer it (they pass through the gateway unchanged):
                               the requested model read N input tokens, wrote M and declined
                               (a refusal); claude-opus-4-8 answered. The usage's top-level
                               counts are the answer's; `iterations` holds the declined attempt
-                              (type "message", its model) and the answer's ("fallback_message")
+                              (type "message", its model) and the answer's ("fallback_message");
+                              a `fallback` content block ({"to": {"model"}}) marks the change (a
+                              stream's message_start, sent before, names the requested model)
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
