@@ -265,6 +265,7 @@ class Entrance:
                 answered,
                 service_tier=record.service_tier,
                 speed=record.speed,
+                apart=record.apart,
             )
         )
 

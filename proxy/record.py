@@ -302,6 +302,9 @@ class Record:
     service_tier: str | None = None
     # Anthropic's speed that served it ("fast": fast mode, at its own rates), for pricing.
     speed: str | None = None
+    # Parts of the usage billed at another model's rates: (that model, its usage), within
+    # `usage` (a server-side fallback's declined attempts, the advisor's sub-inferences).
+    apart: tuple[tuple[str, Usage], ...] = ()
     # The provider's own id of the request (its support asks for it); None: none said.
     provider_request_id: str | None = None
     # The Responses API object answered, for a background POST or a GET by id; else None.
@@ -395,12 +398,14 @@ class Record:
         error_kind: str | None = None,
         service_tier: str | None = None,
         speed: str | None = None,
+        apart: tuple[tuple[str, Usage], ...] = (),
     ) -> None:
         """What the provider's answer said: its usage, the model that answered, the Responses
         object or the batch it holds, (LOG_BODIES only) its text, the type of an error
-        it sent inside the answer, and the service tier and speed that served it."""
+        it sent inside the answer, the service tier and speed that served it, and the parts
+        of its usage billed at another model's rates."""
         self.usage, self.response_model, self.stored = usage, response_model, stored
-        self.service_tier, self.speed = service_tier, speed
+        self.service_tier, self.speed, self.apart = service_tier, speed, apart
         self.response_text, self.batch = text, batch
         if error_kind is not None:
             self.answer_error = f"{ANSWER_ERROR} ({error_kind})"

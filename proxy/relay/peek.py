@@ -289,8 +289,16 @@ _COUNTS = frozenset(("n", "best_of"))
 def _output_cap(document: dict[str, Any]) -> int | None:
     """The output cap the body names: the largest of the names the APIs use, in any case,
     since servers differ on which one counts when a body names two (SGLang, vLLM and most
-    compatible servers take max_completion_tokens over max_tokens)."""
-    return _largest(document, _CAPS, _NESTED_CAPS, 0) or None
+    compatible servers take max_completion_tokens over max_tokens). An Anthropic message's
+    server-side `fallbacks` entries may each name a `max_tokens` for the attempt on their
+    model, in place of the request's: a larger one is the cap (the answer may be theirs)."""
+    cap = _largest(document, _CAPS, _NESTED_CAPS, 0)
+    fallbacks = document.get("fallbacks")
+    if cap and isinstance(fallbacks, list):
+        for entry in fallbacks:
+            if isinstance(entry, dict):
+                cap = _largest(entry, _CAPS, (), cap)
+    return cap or None
 
 
 def _largest(

@@ -234,6 +234,7 @@ class Relay:
                     tap.error_kind,
                     tap.service_tier,
                     tap.speed,
+                    tap.apart,
                 )
             else:
                 record.saw_answer(None, text=text, error_kind=tap.error_kind)

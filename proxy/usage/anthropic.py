@@ -4,7 +4,10 @@ A message (a JSON body, or a stream's `message_start`) holds `content` blocks an
 {input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens},
 whose cache counts are *not* in input_tokens: they are added to the prompt; nor is a
 server-side compaction's sampling nor the advisor tool's (its `iterations` of type
-"compaction", "advisor_message"): added too. Its
+"compaction", "advisor_message"): added too. An `iterations` list that names the message's
+own samplings ("message", "fallback_message") is the whole account, as the top-level counts
+hold only the executor's first sampling's input (and a server-side fallback's answer only:
+the attempts that declined before it, billed when they wrote output, are listed). Its
 `cache_creation` splits the cache writes by lifetime (the 1-hour ones cost more), its
 `output_tokens_details.thinking_tokens` says how much of the output was thinking (logged as
 reasoning), and its
@@ -54,19 +57,31 @@ USAGE = UsageFields(
         ("output_tokens_details", "thinking_tokens", REASONING),  # a part of output_tokens
     ),
     is_cache_beside_prompt=True,
-    # Billed samplings the counts leave out: a server-side compaction's, the advisor tool's
-    # (its own model's, priced here at the request's).
+    # Billed samplings the counts leave out: a server-side compaction's (at the request's
+    # model), the advisor tool's (at its own model's rates, which its iteration names).
     iterations="iterations",
     iterations_beside=frozenset(("compaction", "advisor_message")),
+    # The message's own samplings (the executor's, around an advisor's; a server-side
+    # fallback's answer and the attempts that declined before it, billed when they wrote
+    # output, at their own model's rates): when listed, the iterations are the whole account.
+    iterations_samplings=frozenset(("message", "fallback_message")),
+    iterations_served="fallback_message",
+    iterations_apart=frozenset(("advisor_message",)),
 )
 
 
 def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
-    """A block begins: a tool call's name comes whole here, its input as deltas."""
+    """A block begins: a tool call's name comes whole here, its input as deltas. A server-side
+    fallback's block says which model answers from there on (`to.model`): the model that
+    answered, where `message_start`, sent before the requested model declined, names that one."""
     block = event.get("content_block")
     if isinstance(block, dict):
         reading.add_generated(block.get("name"))
         reading.add_generated(block.get("text"))  # "" in practice: the text comes as deltas
+        if block.get("type") == "fallback":
+            served = block.get("to")
+            if isinstance(served, dict):
+                reading.note_model(served.get("model"))
 
 
 def _content_block_delta(event: dict[str, Any], reading: Reading) -> None:

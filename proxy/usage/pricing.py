@@ -23,8 +23,9 @@ arithmetic is the library's: a part (cache reads, cache writes, input audio, ima
 video; reasoning, output audio, images and video) is priced at its own rate when the model has one, else at its total's rate,
 and the rest of each total at the plain input or output rate; Anthropic's 1-hour cache
 writes are a part of the cache writes, at their own rate (`cache_write_1h_mtok`) where the
-model has one, and the Realtime API's cached audio and images parts of both the cache reads
-and the input audio or images, at their own rates (`cache_audio_read_mtok`,
+model has one, a server-side fallback's declined attempts and the advisor tool's
+sub-inferences (`apart`) at their own model's price, and the Realtime API's cached audio and
+images parts of both the cache reads and the input audio or images, at their own rates (`cache_audio_read_mtok`,
 `cache_image_read_mtok`; else as cache reads). A test checks the figures against `genai_prices.calc_price`. Endpoints
 priced by other units are priced by them where the data has a rate: speech's input
 characters (`input_mchars`: tts-1), a transcription's audio seconds (`input_audio_hours`,
@@ -38,9 +39,9 @@ made-up number), images by count, size and quality (the data has no such price: 
 models are priced by the tokens they report, their image parts at the image rates), speech
 by audio tokens (the API reports none unless streamed as SSE), the Responses API's
 image_generation tool (its `tool_usage.image_gen` tokens are the image model's), an
-Anthropic compaction's or advisor's sampling priced on its own (its tokens join the
-message's: at the request's model, and for a long-context tier by the sum of their prompts,
-where Anthropic decides each sampling's tier by its own).
+Anthropic compaction's sampling priced on its own (its tokens join the message's: at the
+request's model, and for a long-context tier by the sum of their prompts, where Anthropic
+decides each sampling's tier by its own).
 
 Work done in a batch (OpenAI batches, Anthropic message batches) is priced at the
 library's batch variant of the model's price (`"processing": "batch"`: half the usual
@@ -51,7 +52,7 @@ is priced at its usual rates, and so is a model the overrides file prices.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -315,6 +316,7 @@ class Prices:
         is_batch: bool = False,
         service_tier: str | None = None,
         speed: str | None = None,
+        apart: tuple[tuple[str, Usage], ...] = (),
     ) -> float | None:
         """USD for `usage` of `model` at `provider`; None when unpriced (or no usage).
 
@@ -329,10 +331,22 @@ class Prices:
         where it has one ("priority" above, "flex" below the usual); overrides stand for all.
         `speed`: Anthropic's speed that served it, "fast" (fast mode) at the library's fast
         price where it has one; overrides stand for all.
+        `apart`: parts of `usage` billed at another model's rates (a server-side fallback's
+        declined attempts, the advisor's sub-inferences): each at its model's usual price
+        where it has one (else with the rest), the rest as above.
         """
         model = model or answered
         if usage is None or provider is None or model is None:
             return None
+        if apart:
+            parts = 0.0
+            for part_model, part in apart:
+                cost = self.cost(provider, part_model, part)
+                if cost is not None:
+                    parts += cost
+                    usage = _less(usage, part)
+            rest = self.cost(provider, model, usage, answered, is_batch, service_tier, speed)
+            return None if rest is None else rest + parts
         price = None
         if self._overrides:
             price = (
@@ -428,6 +442,17 @@ class Prices:
         from genai_prices.data_snapshot import find_provider_by_id
 
         return find_provider_by_id(self._library, _LIBRARY_PROVIDER.get(provider, provider))
+
+
+def _less(usage: Usage, part: Usage) -> Usage:
+    """`usage` without `part` (one within it), kind by kind; never below 0."""
+    counts = (
+        usage.estimated
+        if kind.name == "estimated"
+        else max(getattr(usage, kind.name) - getattr(part, kind.name), 0)
+        for kind in fields(Usage)
+    )
+    return Usage(*counts)
 
 
 def _parts(

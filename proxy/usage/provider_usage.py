@@ -9,7 +9,17 @@ Counts are non-negative integers; anything else (a bool, a float, a string) is n
 Anthropic's server-side compaction (a sampling of its own before the message) and its advisor
 tool (a sub-inference of another model within it) are billed, but the top-level counts leave
 them out: its usage's `iterations` list holds them (types "compaction", "advisor_message"), and
-their counts are added to the kinds (the last list seen wins, as a field does).
+their counts are added to the kinds (the last list seen wins, as a field does). A list that
+also names the message's own samplings ("message", "fallback_message") is the whole account:
+its counts are summed in place of the top-level ones, which hold only an executor's first
+sampling's input (its samplings after an advisor's call re-read the context, billed). Among
+them, the attempts a server-side fallback left behind: when a model declines (a refusal) and a
+fallback model answers within the request, the top-level counts are the answer's (the last
+"fallback_message" iteration), and each attempt before it ("message", or an earlier
+"fallback_message", of another model than the answer's: the answer's own samplings, split
+around an advisor's, are the answer's) is billed when it wrote output before declining (one
+declined before any output is waived). A declined attempt and the advisor's sub-inference are
+billed at their own model's rates: `apart` lists them, with their model.
 
 A total larger than prompt and completion together is output the completion left out:
 Gemini's OpenAI-compatible API has counted a thinking model's thoughts in `total_tokens`
@@ -30,7 +40,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from proxy.record import Usage
+from proxy.record import MODEL_CHARS, Usage
 
 # The gateway's token kinds, as the fields of a dialect's usage object map onto them.
 PROMPT, COMPLETION = "prompt", "completion"
@@ -70,6 +80,17 @@ class UsageFields:
     # fields) the top-level counts leave out.
     iterations: str | None = None
     iterations_beside: frozenset[str] = frozenset()
+    # The types of the message's own samplings: a list naming one is the whole account (every
+    # billed iteration's counts summed, in place of the top-level ones, which leave out an
+    # executor's samplings after its first, around an advisor's). Of those, the type of
+    # the one that answered after the requested model declined (a server-side fallback): the
+    # samplings before it of another model are attempts that declined, billed only when they
+    # wrote output (`COMPLETION`).
+    iterations_samplings: frozenset[str] = frozenset()
+    iterations_served: str | None = None
+    # The types of iterations beside them billed at their own model's rates when they name
+    # one (the advisor's sub-inference), as a declined attempt is.
+    iterations_apart: frozenset[str] = frozenset()
     # `details` by object, in their order: (its details object, ((count there, kind), ...)),
     # so each object is looked up once.
     grouped: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(init=False)
@@ -87,11 +108,16 @@ class UsageFields:
 class ProviderUsage:
     """The usage fields a response reported so far."""
 
-    __slots__ = ("_added", "_fields", "_is_cache_beside_prompt", "_seconds")
+    __slots__ = ("_added", "_apart", "_fields", "_is_cache_beside_prompt", "_is_whole", "_seconds")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}  # the last value seen of each kind
         self._added: dict[str, int] = {}  # what iterations beside them used (`iterations`)
+        # `_added` is every billed sampling's, in place of the top-level counts (`iterations`
+        # listed the message's own samplings).
+        self._is_whole = False
+        # Of those, the ones billed at their own model's rates: (its model, its counts).
+        self._apart: tuple[tuple[str, dict[str, int]], ...] = ()
         self._is_cache_beside_prompt = False
         self._seconds: float | None = None  # the input audio's length (transcriptions)
 
@@ -129,7 +155,7 @@ class ProviderUsage:
         if fields.iterations is not None:
             iterations = usage.get(fields.iterations)
             if isinstance(iterations, list):
-                self._added = _beside(iterations, fields.iterations_beside, fields.counts)
+                self._added, self._apart, self._is_whole = _iterated(iterations, fields)
         self._is_cache_beside_prompt = fields.is_cache_beside_prompt
 
     def read_seconds(self, seconds: object) -> None:
@@ -146,8 +172,17 @@ class ProviderUsage:
 
     def clear(self) -> None:
         self._fields.clear()
-        self._added = {}
+        self._added, self._apart, self._is_whole = {}, (), False
         self._seconds = None
+
+    def apart(self) -> tuple[tuple[str, Usage], ...]:
+        """The parts of `usage()` billed at another model's rates than the answer's: (that
+        model, its usage), each within `usage()`'s counts (a server-side fallback's declined
+        attempts at the requested model's, the advisor's sub-inferences at the advisor's)."""
+        if not self._apart or not self.is_reported:
+            return ()
+        beside = self._is_cache_beside_prompt
+        return tuple((model, _usage_of(counts, beside)) for model, counts in self._apart)
 
     def usage(self) -> Usage | None:
         """The reported usage, every kind; None when neither a total nor seconds were."""
@@ -156,37 +191,45 @@ class ProviderUsage:
             if self._seconds is None:
                 return None
             return Usage(input_audio_seconds=self._seconds)
-        if self._added:  # a compaction's or an advisor's counts, added to the message's
+        if self._is_whole:  # every billed sampling's counts, in place of the top-level ones
+            fields = {**fields, **self._added}
+        elif self._added:  # a compaction's or an advisor's counts, added to the message's
             fields = {kind: fields.get(kind, 0) + self._added.get(kind, 0) for kind in fields}
-        get = fields.get
-        prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
-        if self._is_cache_beside_prompt:
-            prompt += cache_read + cache_write
-        beside = get(REASONING_BESIDE, 0)
-        completion = get(COMPLETION, 0) + beside
-        total = get(TOTAL, 0)
-        if total > prompt + completion:  # thoughts counted beside the completion
-            completion = total - prompt
-        return Usage(  # by position, as Usage orders them: a call with keywords costs more
-            prompt,
-            completion,
-            False,  # estimated
-            cache_read,
-            cache_write,
-            get(INPUT_AUDIO, 0),
-            get(REASONING, 0) + beside,
-            get(OUTPUT_AUDIO, 0),
-            get(INPUT_IMAGE, 0),
-            get(OUTPUT_IMAGE, 0),
-            0,  # input characters
-            0.0,  # input audio seconds
-            get(CACHE_WRITE_1H, 0),
-            get(WEB_SEARCHES, 0),
-            get(CACHE_AUDIO_READ, 0),
-            get(CACHE_IMAGE_READ, 0),
-            get(INPUT_VIDEO, 0),
-            get(OUTPUT_VIDEO, 0),
-        )
+        return _usage_of(fields, self._is_cache_beside_prompt)
+
+
+def _usage_of(fields: dict[str, int], is_cache_beside_prompt: bool) -> Usage:
+    """The Usage of counts by kind (`is_cache_beside_prompt`: Anthropic's, whose prompt count
+    leaves out the cache reads and writes)."""
+    get = fields.get
+    prompt, cache_read, cache_write = get(PROMPT, 0), get(CACHE_READ, 0), get(CACHE_WRITE, 0)
+    if is_cache_beside_prompt:
+        prompt += cache_read + cache_write
+    beside = get(REASONING_BESIDE, 0)
+    completion = get(COMPLETION, 0) + beside
+    total = get(TOTAL, 0)
+    if total > prompt + completion:  # thoughts counted beside the completion
+        completion = total - prompt
+    return Usage(  # by position, as Usage orders them: a call with keywords costs more
+        prompt,
+        completion,
+        False,  # estimated
+        cache_read,
+        cache_write,
+        get(INPUT_AUDIO, 0),
+        get(REASONING, 0) + beside,
+        get(OUTPUT_AUDIO, 0),
+        get(INPUT_IMAGE, 0),
+        get(OUTPUT_IMAGE, 0),
+        0,  # input characters
+        0.0,  # input audio seconds
+        get(CACHE_WRITE_1H, 0),
+        get(WEB_SEARCHES, 0),
+        get(CACHE_AUDIO_READ, 0),
+        get(CACHE_IMAGE_READ, 0),
+        get(INPUT_VIDEO, 0),
+        get(OUTPUT_VIDEO, 0),
+    )
 
 
 def added(total: Usage, more: Usage) -> Usage:
@@ -238,18 +281,62 @@ def last_usage(body: bytes | bytearray, key: re.Pattern[bytes] = _USAGE_KEY) -> 
     return None  # cut short inside it
 
 
-def _beside(
-    iterations: list[object], types: frozenset[str], counts: tuple[tuple[str, str], ...]
-) -> dict[str, int]:
-    """The counts of a usage's `iterations` of these types, summed by kind."""
+def _iterated(
+    iterations: list[object], fields: UsageFields
+) -> tuple[dict[str, int], tuple[tuple[str, dict[str, int]], ...], bool]:
+    """What a usage's `iterations` say, summed by kind, and whether that is the whole account.
+
+    A list naming the message's own samplings (`fields.iterations_samplings`) is the whole
+    account: every iteration's counts, but for an attempt that declined before a server-side
+    fallback answered (a sampling before the last of `fields.iterations_served`'s type, of
+    another model) without writing any output, which is not billed. Else only the
+    iterations of `fields.iterations_beside`'s types, which the top-level counts leave out.
+    Also, each declined attempt and iteration of `fields.iterations_apart`'s types that
+    names its model, with its own counts (billed at that model's rates)."""
+    counts, samplings = fields.counts, fields.iterations_samplings
+    served, served_model, is_whole = -1, None, False
+    for index, iteration in enumerate(iterations):
+        if isinstance(iteration, dict):
+            kind_of = iteration.get("type")
+            is_whole = is_whole or kind_of in samplings
+            if kind_of == fields.iterations_served:
+                served, served_model = index, iteration.get("model")
     summed: dict[str, int] = {}
-    for iteration in iterations:
-        if isinstance(iteration, dict) and iteration.get("type") in types:
-            for name, kind in counts:
-                value = iteration.get(name)
-                if _is_count(value):
-                    summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
-    return summed
+    apart: list[tuple[str, dict[str, int]]] = []
+    for index, iteration in enumerate(iterations):
+        if not isinstance(iteration, dict):
+            continue
+        kind_of = iteration.get("type")
+        # Before the answer, of another model (the answer's own model's samplings, split
+        # around an advisor's, are the answer's).
+        is_declined = (
+            index < served
+            and kind_of in samplings
+            and (served_model is None or iteration.get("model") != served_model)
+        )
+        if is_declined and not _wrote(iteration, counts):
+            continue  # declined before any output: not billed
+        if not is_whole and kind_of not in fields.iterations_beside:
+            continue
+        own: dict[str, int] = {}
+        for name, kind in counts:
+            value = iteration.get(name)
+            if _is_count(value):
+                summed[kind] = summed.get(kind, 0) + value  # type: ignore[operator]
+                own[kind] = own.get(kind, 0) + value  # type: ignore[operator]
+        model = iteration.get("model")
+        if (is_declined or kind_of in fields.iterations_apart) and isinstance(model, str):
+            if 0 < len(model) <= MODEL_CHARS:
+                apart.append((model, own))
+    return summed, tuple(apart), is_whole
+
+
+def _wrote(iteration: dict[str, object], counts: tuple[tuple[str, str], ...]) -> bool:
+    """True when an attempt's counts say it wrote output (a declined attempt is billed then)."""
+    return any(
+        kind == COMPLETION and _is_count(value := iteration.get(name)) and value
+        for name, kind in counts
+    )
 
 
 def _is_count(value: object) -> bool:

@@ -370,6 +370,13 @@ class UsageTap:
         return self._reading.model
 
     @property
+    def apart(self) -> tuple[tuple[str, Usage], ...]:
+        """Parts of the reported usage billed at another model's rates than the answer's:
+        (that model, its usage); a server-side fallback's declined attempts, the advisor's
+        sub-inferences."""
+        return self._reading.reported.apart()
+
+    @property
     def service_tier(self) -> str | None:
         """The OpenAI service tier the provider says served the answer; None: unsaid."""
         return self._reading.service_tier

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from proxy.usage import estimate
 from proxy.usage.prompt import prompt_chars
 from tests.conftest import assert_openai_error, auth, keys_document
-from tests.support.bodies import chat
+from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState, Fault
 from tests.support.polling import until
 
@@ -415,6 +415,28 @@ async def test_a_cap_named_the_native_apis_way_is_reserved_in_place_of_the_allow
     assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + 50
     fake.release.set()
     async with await task as response:
+        await response.read()
+
+
+async def test_a_server_side_fallbacks_own_cap_is_reserved_when_it_is_the_largest(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    # Anthropic's `fallbacks` entries (server-side-fallback-2026-06-01) each take a
+    # `max_tokens` "in place of the request's" for the attempt on their model: Claude Fable 5
+    # capped at 50 may decline to Opus 4.8 writing up to 4000. Before: 50 reserved.
+    gateway = await allowance_gateway(
+        {"quota": {"requests": 100, "tokens": 100_000}, "output_allowance": 1000}
+    )
+    fallbacks = [{"model": "claude-sonnet-5"}, {"model": "claude-opus-4-8", "max_tokens": 4000}]
+    body = messages("hello", "claude-fable-5", 50, fallbacks=fallbacks)
+    path = "/v1/messages"
+    task = asyncio.create_task(gateway.post(path, json=body, headers={**auth(VK), **HELD}))
+    await until(lambda: len(fake.requests) == 1)
+    prompt = estimate.tokens(prompt_chars(path, body))
+    assert (await usage_of(gateway))["tokens"]["reserved"] == prompt + 4000
+    fake.release.set()
+    async with await task as response:
+        assert response.status == 200
         await response.read()
 
 

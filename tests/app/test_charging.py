@@ -22,9 +22,11 @@ import zstandard
 from aiohttp.test_utils import TestClient
 
 from proxy.app import TAP_MEMORY
+from proxy.record import Usage
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
+from tests.unit.test_pricing import library_cost
 
 Records = Callable[..., Awaitable[list[dict[str, Any]]]]
 CHAT = chat("one two three")
@@ -380,4 +382,52 @@ async def test_an_advisor_consultation_is_counted_with_the_message_it_served(
     }
     for line in await whole_and_streamed(gateway, records, body, headers):
         usage = line["usage"]
-        assert usage["prompt_tokens"] - 40000 > 0 and usage["completion_tokens"] == 3 + 4000
+        # The executor sampled twice, around the advisor's: the first read the prompt (P
+        # tokens), the second the advice (4000) and, from the cache, the context (P + 1);
+        # the top-level counts hold only the first's input (before: the second's was lost).
+        context = usage["cache_read_tokens"]
+        prompt = context - 1
+        assert prompt > 0 and usage["estimated"] is False
+        assert usage["prompt_tokens"] == prompt + 40000 + 4000 + context
+        assert usage["completion_tokens"] == 3 + 4000
+        # Each at its own model's rates, as Anthropic bills them: the executor's at the
+        # request's model, the advisor's at claude-opus-4-8's (before: all at the executor's).
+        executor = Usage(prompt + 4000 + context, 3, cache_read_tokens=context)
+        assert line["cost_usd"] == pytest.approx(
+            library_cost("anthropic", MESSAGES["model"], executor)
+            + library_cost("anthropic", "claude-opus-4-8", Usage(40000, 4000))
+        )
+
+
+@pytest.mark.parametrize(
+    ("declined", "billed"),
+    [("20000,2000", (20000, 2000)), ("20000,0", (0, 0))],
+    ids=["declined-after-output", "declined-before-output"],
+)
+async def test_an_attempt_declined_before_a_server_side_fallback_is_charged_when_billed(
+    gateway: TestClient, records: Records, declined: str, billed: tuple[int, int]
+) -> None:
+    # Claude Fable 5 with `fallbacks` (server-side-fallback-2026-06-01): its safety classifier
+    # declines, and claude-opus-4-8 answers within the one request. The usage's top-level
+    # counts are the answer's; the declined attempt is only in `iterations` (type "message"),
+    # billed when it wrote output before declining, waived when it wrote none (LiteLLM #39294).
+    # Before: a declined attempt's tokens and spend were never counted.
+    body = {**MESSAGES, "model": "claude-fable-5", "fallbacks": [{"model": "claude-opus-4-8"}]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "anthropic-beta": "server-side-fallback-2026-06-01",
+        "x-fake-declined": declined,
+    }
+    charged = (3 + billed[0], 3 + billed[1])  # the answer's 3 and 3, and the attempt's
+    for line in await whole_and_streamed(gateway, records, body, headers):
+        usage = line["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == charged, line
+        assert usage["estimated"] is False
+        # Each attempt at its own model's rates, as Anthropic bills them: the answer at the
+        # model that answered (a stream's message_start names the requested model, its
+        # `fallback` block the one that answered), the declined attempt at Claude Fable 5's,
+        # twice Opus 4.8's (before: at Opus's).
+        answer = library_cost("anthropic", "claude-opus-4-8", Usage(3, 3))
+        attempt = library_cost("anthropic", "claude-fable-5", Usage(*billed)) if billed[0] else 0
+        assert line["cost_usd"] == pytest.approx(answer + attempt)
+    assert await tokens_used(gateway, ANTHROPIC_VK, 2 * sum(charged)) == 2 * sum(charged)

@@ -45,7 +45,17 @@ Request headers steer it (they pass through the gateway unchanged):
                               Anthropic reports it, the top-level counts leave out
     x-fake-advisor-tokens: N  Anthropic: the advisor tool (advisor_20260301) consulted its model,
                               which read N input tokens and wrote N // 10: an `advisor_message`
-                              iteration, also left out of the top-level counts
+                              iteration, also left out of the top-level counts, between the
+                              executor's two samplings (the second reads the advice, N // 10,
+                              and the context from the cache), whose input the top-level counts
+                              leave out too
+    x-fake-declined: N,M      Anthropic: server-side fallback (server-side-fallback-2026-06-01):
+                              the requested model read N input tokens, wrote M and declined
+                              (a refusal); claude-opus-4-8 answered. The usage's top-level
+                              counts are the answer's; `iterations` holds the declined attempt
+                              (type "message", its model) and the answer's ("fallback_message");
+                              a `fallback` content block ({"to": {"model"}}) marks the change (a
+                              stream's message_start, sent before, names the requested model)
     x-fake-reasoning-tokens: N    N more completion tokens, reported as reasoning (OpenAI)
     x-fake-thoughts-beside: N     OpenAI chat: N thinking tokens counted in total_tokens only,
                               not in completion_tokens (as Gemini's OpenAI-compatible API
@@ -164,6 +174,7 @@ from tests.support import fake_batches, fake_media, fake_realtime
 
 POLL_SECONDS = 0.01
 DEFAULT_MODEL = "fake-model"
+FALLBACK_MODEL = "claude-opus-4-8"  # what answers an Anthropic request whose model declined
 MODEL_IDS = ("gpt-4o-mini", "text-embedding-3-small", "claude-3-5-haiku-latest", DEFAULT_MODEL)
 TOOL_ARGUMENTS = '{"query": "fake"}'
 EMBEDDING_SIZE = 8
@@ -348,6 +359,7 @@ class Knobs:
     web_searches: int = 0
     compaction_tokens: int = 0
     advisor_tokens: int = 0
+    declined: tuple[int, int] | None = None
     line_end: bytes = b"\n"
     has_bom: bool = False
     split_bytes: int = 0
@@ -383,6 +395,7 @@ class Knobs:
             web_searches=int(headers.get("x-fake-web-searches", "0")),
             compaction_tokens=int(headers.get("x-fake-compaction-tokens", "0")),
             advisor_tokens=int(headers.get("x-fake-advisor-tokens", "0")),
+            declined=declined_counts(headers.get("x-fake-declined")),
             line_end=LINE_ENDS[headers.get("x-fake-line-end", "lf")],
             has_bom=headers.get("x-fake-bom") == "1",
             split_bytes=int(headers.get("x-fake-split", "0")),
@@ -1441,6 +1454,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
         usage["speed"] = payload["speed"]
     thinking_tokens = math.ceil(knobs.reasoning_chars / 4)
     iterations = side_iterations(usage, knobs.compaction_tokens, knobs.advisor_tokens)
+    # The requested model declined and the fallback answered: a `fallback` block marks where
+    # (a stream's message_start, sent before, still names the requested model).
+    fallback = None
+    if knobs.declined is not None:
+        iterations = fallback_iterations(usage, head["model"], knobs.declined)
+        fallback = {
+            "type": "fallback",
+            "from": {"model": head["model"]},
+            "to": {"model": FALLBACK_MODEL},
+        }
     tool = tool_name(payload) if knobs.tool_chars else None
     thinking = reasoning_text(knobs.reasoning_chars)
     if not payload.get("stream"):
@@ -1451,7 +1474,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
         thought = {"type": "thinking", "thinking": thinking, "signature": "c2lnbmVk"}
         body = {
             **head,
-            "content": [thought, answer] if thinking else [answer],
+            **({"model": FALLBACK_MODEL} if fallback else {}),
+            "content": [
+                *([fallback] if fallback else []),
+                *([thought] if thinking else []),
+                answer,
+            ],
             "stop_reason": "tool_use" if tool else "end_turn",
             "stop_sequence": None,
         }
@@ -1478,6 +1506,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         if iterations:
             stop["usage"]["iterations"] = iterations
     blocks: list[tuple[dict, list[dict]]] = []  # each block's start and its deltas
+    if fallback:
+        blocks.append((fallback, []))
     if thinking:
         empty = {"type": "thinking", "thinking": "", "signature": ""}
         thoughts = [{"type": "thinking_delta", "thinking": t} for t in pieces(thinking, knobs)]
@@ -1508,28 +1538,72 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await stream(request, [sse(event, event["type"]) for event in events], usages)
 
 
+def declined_counts(header: str | None) -> tuple[int, int] | None:
+    """x-fake-declined's "N,M": what the declined attempt read and wrote."""
+    if header is None:
+        return None
+    read, wrote = header.split(",")
+    return int(read), int(wrote)
+
+
+def fallback_iterations(usage: dict, requested: str, declined: tuple[int, int]) -> list[dict]:
+    """A served fallback's usage `iterations`: the requested model's declined attempt, then
+    the fallback model's answer (its top-level counts)."""
+    cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    read, wrote = declined
+    attempt = {"type": "message", "model": requested, "input_tokens": read, **cached}
+    served = {name: usage[name] for name in ("input_tokens", "output_tokens", *cached)}
+    return [
+        {**attempt, "output_tokens": wrote},
+        {"type": "fallback_message", "model": FALLBACK_MODEL, **served},
+    ]
+
+
 def side_iterations(usage: dict, compaction_tokens: int, advisor_tokens: int) -> list[dict] | None:
     """A message's usage `iterations` when server-side compaction ran first or the advisor
-    was consulted: their own counts, then the message's (its top-level counts, which leave
-    theirs out)."""
+    was consulted. A compaction: its own counts, then the message's (its top-level counts,
+    which leave the compaction's out). The advisor: the executor's first sampling (the
+    top-level input counts, one output token: the advisor's call), the advisor's own counts,
+    then the executor's second sampling, which reads the advice (its output) and, from the
+    cache, the context before it, and writes the rest of the output. As Anthropic reports
+    it, the top-level counts are the first sampling's input and every executor output."""
     if not compaction_tokens and not advisor_tokens:
         return None
     cached = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-    sides = []
-    for kind, tokens in (("compaction", compaction_tokens), ("advisor_message", advisor_tokens)):
-        if tokens:
-            side = {"type": kind, "input_tokens": tokens, "output_tokens": tokens // 10, **cached}
-            if kind == "advisor_message":
-                side["model"] = "claude-opus-4-8"
-            sides.append(side)
+    first = {
+        "type": "message",
+        **{name: usage[name] for name in ("input_tokens", "output_tokens", *cached)},
+    }
+    iterations = []
+    if compaction_tokens:
+        iterations.append(
+            {
+                "type": "compaction",
+                "input_tokens": compaction_tokens,
+                "output_tokens": compaction_tokens // 10,
+                **cached,
+            }
+        )
+    if not advisor_tokens:
+        return [*iterations, first]
+    advice = advisor_tokens // 10
+    context = sum(usage[name] for name in ("input_tokens", *cached)) + 1
     return [
-        *sides,
+        *iterations,
+        {**first, "output_tokens": 1},
+        {
+            "type": "advisor_message",
+            "model": "claude-opus-4-8",
+            "input_tokens": advisor_tokens,
+            "output_tokens": advice,
+            **cached,
+        },
         {
             "type": "message",
-            "input_tokens": usage["input_tokens"],
-            "output_tokens": usage["output_tokens"],
-            "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
-            "cache_read_input_tokens": usage["cache_read_input_tokens"],
+            "input_tokens": advice,
+            "output_tokens": usage["output_tokens"] - 1,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": context,
         },
     ]
 

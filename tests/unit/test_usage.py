@@ -183,6 +183,29 @@ def test_anthropic_json_usage_counts_cache_tokens_as_prompt():
     )
 
 
+def test_a_fallback_answer_split_around_an_advisor_call_is_not_taken_for_a_declined_attempt():
+    # The answer of a server-side fallback (its model's iterations) that consulted the advisor
+    # comes in two iterations around the advisor's: both are the answer's (its top-level
+    # counts), not attempts that declined; only the requested model's, before, declined.
+    counts = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    iterations = [
+        {"type": "message", "model": "claude-fable-5", "input_tokens": 500, "output_tokens": 20},
+        {"type": "fallback_message", "model": "claude-opus-4-8", "input_tokens": 400, "output_tokens": 89},
+        {"type": "advisor_message", "model": "claude-fable-5", "input_tokens": 800, "output_tokens": 1600},
+        {"type": "fallback_message", "model": "claude-opus-4-8", "input_tokens": 1300, "output_tokens": 442},
+    ]  # fmt: skip
+    usage = {"input_tokens": 400, "output_tokens": 531, **counts, "iterations": iterations}
+    body = orjson.dumps({"type": "message", "model": "claude-opus-4-8", "usage": usage})
+    tap = tap_of(body, "application/json")
+    # Every sampling's input is billed: the answer's second one (1300) too, which the
+    # top-level counts (its first's input, every output) leave out.
+    assert tap.usage(b"") == Usage(500 + 400 + 800 + 1300, 20 + 531 + 1600)
+    assert tap.apart == (
+        ("claude-fable-5", Usage(500, 20)),
+        ("claude-fable-5", Usage(800, 1600)),
+    )
+
+
 def test_json_without_usage_is_estimated_from_request_and_response_text():
     body = orjson.dumps({"choices": [{"message": {"content": "x" * 9}}], "usage": None})
     # 23 characters of prompt → 6 tokens; 9 of completion → 3 (4 characters a token, ceiling).
