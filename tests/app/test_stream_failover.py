@@ -180,6 +180,43 @@ async def test_an_anthropic_overloaded_error_after_the_messages_start_is_served_
     assert "overloaded_error" in lines[0]["attempts"][0]["error"]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+async def test_a_compressed_stream_whose_first_event_is_an_error_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Records,
+    coding: str,
+) -> None:
+    """The Anthropic SDK asks for compressed answers (`Accept-Encoding: gzip, deflate, br`),
+    and Anthropic compresses its streams so: an overload after `message_start` in a gzip
+    stream is the same failure of the moment as in a plain one."""
+    gateway = await gateway_for(ANT_WITH_FALLBACK)
+    fake.faults[ANT_PRIMARY] = Fault(529, in_stream="started")
+    client = anthropic_client(gateway).with_options(default_headers={"x-fake-encoding": coding})
+    async with client.messages.stream(**MESSAGES) as stream:
+        text = "".join([piece async for piece in stream.text_stream])
+    assert text
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    [line] = await records(1)
+    assert line["provider"] == "ant-backup"
+    assert "overloaded_error" in line["attempts"][0]["error"]
+    # Content first, compressed: the stream is the answer, never failed over, and goes on
+    # as the provider coded it.
+    fake.faults[ANT_PRIMARY] = Fault(529, in_stream="after")
+    headers = {
+        **auth(VK),
+        "anthropic-version": "2023-06-01",
+        "x-request-id": f"req_sf_coded_{coding}",
+        "x-fake-encoding": coding,
+    }
+    response = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "stream": True}, headers=headers, auto_decompress=False
+    )
+    assert response.headers["Content-Encoding"] == coding
+    assert await response.read() == fake.sent[f"req_sf_coded_{coding}"]
+    assert keys_seen(fake)[2:] == [ANT_PRIMARY]
+
+
 async def test_an_openai_server_error_after_the_role_chunk_is_served_by_the_fallback(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
 ) -> None:
