@@ -44,6 +44,9 @@ PASSING: Final = {
     "timeout_error": 504,
     "server_error": 500,  # OpenAI, OpenRouter
     "rate_limit_exceeded": 429,
+    # A key whose quota is spent: OpenAI answers 429, or streams it on the Responses API
+    # after `response.created`; another key or target may have some left.
+    "insufficient_quota": 429,
     "requests": 429,  # OpenAI's rate limits: their type
     "tokens": 429,
     "service_unavailable": 503,

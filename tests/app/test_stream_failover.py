@@ -217,6 +217,25 @@ async def test_a_compressed_stream_whose_first_event_is_an_error_is_served_by_th
     assert keys_seen(fake)[2:] == [ANT_PRIMARY]
 
 
+async def test_a_responses_stream_of_a_key_whose_quota_is_spent_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    """OpenAI answers a request not streamed of a key whose quota is spent 429
+    `insufficient_quota`, which the fallback answers; streamed on the Responses API, the
+    same failure comes as a 200: `response.created`, `response.in_progress`, then an `error`
+    event `insufficient_quota` (Bifrost's #5395, #5040). It is that 429, here too."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(429, in_stream="started", code="insufficient_quota")
+    client = openai_client(gateway)
+    stream = await client.responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    kinds = [event.type async for event in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    [line] = await records(1)
+    assert line["target"] == "backup"
+    assert "insufficient_quota" in line["attempts"][0]["error"]
+
+
 async def test_an_openai_server_error_after_the_role_chunk_is_served_by_the_fallback(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
 ) -> None:

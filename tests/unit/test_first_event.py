@@ -79,6 +79,11 @@ NAMELESS_START = event(
         (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
         (RESPONSE_START + RESPONSE_FAILED, 500),  # its error in the failed Response
         (RESPONSE_FAILED.replace(b"server_error", b"rate_limit_exceeded"), 429),
+        (  # a spent quota, which OpenAI answers 429 when not streamed
+            RESPONSE_START
+            + event({"type": "error", "error": {"type": "insufficient_quota"}}, "error"),
+            429,
+        ),
         (NAMELESS_START + RESPONSE_FAILED.replace(b"event: response.failed\n", b""), 500),
         (NAMELESS_START + event({"type": "error", "code": "server_error"}), 500),
     ],
