@@ -557,13 +557,15 @@ def _closed(request: web.Request, status: int, is_abandoned: bool = False) -> we
             transport.abort()
         else:
             if request.version < HttpVersion11:
-                _reset_on_close(transport)
+                reset_on_close(transport)
             transport.close()
     return web.Response(status=status)
 
 
-def _reset_on_close(transport: asyncio.BaseTransport) -> None:
-    """The connection's close sends a reset, not a FIN (SO_LINGER on, 0 seconds)."""
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """The connection's close sends a reset, not a FIN (SO_LINGER on, 0 seconds): over
+    HTTP/1.0 the one way to say an answer of unknown length was cut (`_closed`, and the
+    shutdown's cut in runtime.server)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
