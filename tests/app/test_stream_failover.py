@@ -349,6 +349,20 @@ async def test_an_openrouter_answer_carrying_its_error_is_served_by_the_fallback
     assert keys_seen(fake)[3:] == [PRIMARY]
 
 
+async def test_a_compressed_openrouter_answer_carrying_its_error_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """The OpenAI SDK asks for compressed answers too (`Accept-Encoding: gzip, deflate`):
+    OpenRouter's 200 carrying its provider's failure, gzipped, was passed on (an empty
+    completion) where the same answer uncompressed went to the fallback."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(502, in_answer=True)
+    client = openai_client(gateway).with_options(default_headers={"x-fake-encoding": "gzip"})
+    completion = await client.chat.completions.create(**CHAT)
+    assert completion.choices[0].message.content == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
 async def test_a_first_event_slower_than_retry_max_wait_goes_on_as_it_comes(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
