@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDictProxy
 
 from proxy import errors
@@ -86,6 +88,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_gateway")
 # The answers that produce tokens: one that never came is charged what it reserved.
 _GENERATED = frozenset((Charged.TEXT, Charged.PROMPT))
+# SO_LINGER on with a 0 s linger: a close resets the connection (_closed).
+_LINGER_NONE = struct.pack("ii", 1, 0)
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -541,11 +545,28 @@ def _closed(request: web.Request, status: int, is_abandoned: bool = False) -> we
     `is_abandoned`: the client left, or read nothing for STREAM_IDLE_TIMEOUT. What is still
     buffered for it will not be taken, and a close waits for it to go out first: a client
     whose socket stays open reading nothing (a hung app, a link gone without a FIN) held
-    the connection and its buffer for ever. Its connection is dropped at once."""
+    the connection and its buffer for ever. Its connection is dropped at once.
+
+    Over HTTP/1.1 the cut shows (a chunked body without its last chunk, or short of its
+    Content-Length). Over HTTP/1.0 a body of unknown length ends with the connection, so a
+    close reads as a whole answer (nginx's defaults speak HTTP/1.0 to the gateway, and
+    passed a broken stream on as complete): the connection is reset instead, as a reverse
+    proxy does when its upstream breaks."""
     transport = request.transport
     if transport is not None:
         if is_abandoned:
             transport.abort()
         else:
+            if request.version < HttpVersion11:
+                reset_on_close(transport)
             transport.close()
     return web.Response(status=status)
+
+
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """The connection's close sends a reset, not a FIN (SO_LINGER on, 0 seconds): over
+    HTTP/1.0 the one way to say an answer of unknown length was cut (`_closed`, and the
+    shutdown's cut in runtime.server)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)

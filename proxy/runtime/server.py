@@ -50,7 +50,7 @@ from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterator
 from typing import cast
 
-from aiohttp import StreamReader, web
+from aiohttp import HttpVersion11, StreamReader, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -65,6 +65,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
 from proxy.errors import GatewayError, body, render
+from proxy.exchange import reset_on_close
 from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
 from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
@@ -405,6 +406,9 @@ class _RequestHandler(RequestHandler):
         task = self._task_handler
         if task is not None and not task.done():
             task.cancel(GRACE_OVER)
+        current, transport = self._current_request, self.transport
+        if current is not None and current.version < HttpVersion11 and transport is not None:
+            reset_on_close(transport)  # over HTTP/1.0 the close would end the answer whole
         self.force_close()
 
 

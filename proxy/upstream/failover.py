@@ -86,10 +86,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.encodings import content_coding
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.first_event import MORE, Reader, reader
+from proxy.upstream.first_event import MORE, Reader, decoded, reader
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
@@ -662,8 +663,12 @@ class Failover:
         RETRY_MAX_WAIT_SECONDS or the deadline, or FIRST_EVENT_BYTES, or the body broke off
         (the relay finds it so). Beside it, when its first bytes were at hand (perf_counter;
         None: none came): a start read past may come long before the event after it."""
-        if "content-encoding" in reply.headers:  # a coded stream is not read here
-            return None, None
+        coding = content_coding(reply.headers)
+        if coding is not None:  # gzip, deflate, br, zstd: decoded to be read
+            decoding = decoded(failure, coding, FIRST_EVENT_BYTES)
+            if decoding is None:  # a coding the gateway does not decode: not read
+                return None, None
+            failure = decoding
         content = reply.content
         first = content.at_hand()
         came = time.perf_counter() if first else None

@@ -33,6 +33,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Final, Literal
 
+from proxy.encodings import CorruptBody, Decoder, UnsupportedEncoding, codings
+
 # Error kinds (`type`, else `code`, else Google's `status`) that say the provider could not
 # serve now, as the HTTP status each stands for.
 PASSING: Final = {
@@ -42,6 +44,9 @@ PASSING: Final = {
     "timeout_error": 504,
     "server_error": 500,  # OpenAI, OpenRouter
     "rate_limit_exceeded": 429,
+    # A key whose quota is spent: OpenAI answers 429, or streams it on the Responses API
+    # after `response.created`; another key or target may have some left.
+    "insufficient_quota": 429,
     "requests": 429,  # OpenAI's rate limits: their type
     "tokens": 429,
     "service_unavailable": 503,
@@ -99,6 +104,44 @@ def reader(content_type: str) -> Reader | None:
     if content_type.startswith(EVENT_STREAM):
         return framed_failure
     return None
+
+
+def decoded(read: Reader, content_encoding: str, limit: int) -> Reader | None:
+    """`read` over an answer in a content coding (gzip, deflate, br, zstd: the Anthropic SDK
+    asks for them, and Anthropic compresses its streams so), given the bytes at hand decoded
+    from their start, at most `limit` of them (a small bomb is not inflated whole); past
+    those, an event still to come is not waited for (None). None: a coding not decoded."""
+    try:
+        if not codings(content_encoding):  # identity
+            return read
+    except UnsupportedEncoding:
+        return None
+
+    def read_decoded(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
+        pieces: list[bytes] = []
+        room = limit
+
+        def keep(piece: bytes) -> None:
+            nonlocal room
+            pieces.append(piece[:room])
+            room -= len(piece)
+            if room <= 0:
+                raise _Enough
+
+        try:
+            Decoder(content_encoding, keep).feed(at_hand)
+        except CorruptBody:
+            return None
+        except _Enough:
+            found = read(b"".join(pieces))
+            return None if found is MORE else found
+        return read(b"".join(pieces))
+
+    return read_decoded
+
+
+class _Enough(Exception):
+    """The decoded start is as long as is read for a first event."""
 
 
 def answered_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:

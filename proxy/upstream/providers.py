@@ -46,6 +46,12 @@ HOP_BY_HOP = frozenset(
 # credential, never forwarded (the gateway signs with the target's).
 AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 
+# Cloudflare's edge writes CF-Connecting-IP for the origin behind it alone, and refuses any
+# request that arrives with one (403, "error code: 1000"): behind a Cloudflare-proxied host,
+# the gateway would send it on to providers that are themselves behind Cloudflare (OpenAI,
+# Anthropic), which refused every call. The client's address goes on in X-Forwarded-For.
+EDGE_ONLY = ("cf-connecting-ip",)
+
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
 # Expect is answered by the gateway itself (aiohttp sends the 100 Continue); upstream
@@ -54,6 +60,7 @@ _NOT_UPSTREAM = (
     HOP_BY_HOP
     | frozenset(CREDENTIAL_HEADERS)
     | frozenset(AWS_CREDENTIAL_HEADERS)
+    | frozenset(EDGE_ONLY)
     | {"host", "content-length", "expect"}
 )
 

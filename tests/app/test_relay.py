@@ -174,6 +174,33 @@ async def test_end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not(
     assert "set-cookie" in response.headers
 
 
+async def test_behind_cloudflare_its_cf_connecting_ip_does_not_reach_the_provider(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Cloudflare's edge adds CF-Connecting-IP for the origin behind it (the gateway), and
+    # refuses any request arriving with one (403 "error code: 1000"): the OpenAI and
+    # Anthropic APIs are behind Cloudflare, so every call through a Cloudflare-fronted
+    # gateway failed so. The client's address still goes on in X-Forwarded-For.
+    through_cloudflare = {
+        "CF-Connecting-IP": "203.0.113.7",
+        "CF-Ray": "8f2a1b3c4d5e6f70-CDG",
+        "CF-IPCountry": "FR",
+        "X-Forwarded-For": "203.0.113.7",
+    }
+    for virtual, path, body in (
+        (OPENAI_VK, "/v1/chat/completions", CHAT),
+        (ANTHROPIC_VK, "/v1/messages", MESSAGES),
+    ):
+        response = await gateway.post(
+            path, json=body, headers={"x-api-key": virtual, **through_cloudflare}
+        )
+        assert response.status == 200, await response.text()
+        seen = fake.requests[-1].headers
+        assert "CF-Connecting-IP" not in seen
+        for name in ("CF-Ray", "CF-IPCountry", "X-Forwarded-For"):
+            assert seen.get(name) == through_cloudflare[name], name
+
+
 async def test_every_response_carries_the_clients_request_id_or_a_fresh_one(
     gateway: TestClient,
 ) -> None:

@@ -186,6 +186,62 @@ async def test_an_anthropic_overloaded_error_after_the_messages_start_is_served_
     assert "overloaded_error" in lines[0]["attempts"][0]["error"]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+async def test_a_compressed_stream_whose_first_event_is_an_error_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Records,
+    coding: str,
+) -> None:
+    """The Anthropic SDK asks for compressed answers (`Accept-Encoding: gzip, deflate, br`),
+    and Anthropic compresses its streams so: an overload after `message_start` in a gzip
+    stream is the same failure of the moment as in a plain one."""
+    gateway = await gateway_for(ANT_WITH_FALLBACK)
+    fake.faults[ANT_PRIMARY] = Fault(529, in_stream="started")
+    client = anthropic_client(gateway).with_options(default_headers={"x-fake-encoding": coding})
+    async with client.messages.stream(**MESSAGES) as stream:
+        text = "".join([piece async for piece in stream.text_stream])
+    assert text
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    [line] = await records(1)
+    assert line["provider"] == "ant-backup"
+    assert "overloaded_error" in line["attempts"][0]["error"]
+    # Content first, compressed: the stream is the answer, never failed over, and goes on
+    # as the provider coded it.
+    fake.faults[ANT_PRIMARY] = Fault(529, in_stream="after")
+    headers = {
+        **auth(VK),
+        "anthropic-version": "2023-06-01",
+        "x-request-id": f"req_sf_coded_{coding}",
+        "x-fake-encoding": coding,
+    }
+    response = await gateway.post(
+        "/v1/messages", json={**MESSAGES, "stream": True}, headers=headers, auto_decompress=False
+    )
+    assert response.headers["Content-Encoding"] == coding
+    assert await response.read() == fake.sent[f"req_sf_coded_{coding}"]
+    assert keys_seen(fake)[2:] == [ANT_PRIMARY]
+
+
+async def test_a_responses_stream_of_a_key_whose_quota_is_spent_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    """OpenAI answers a request not streamed of a key whose quota is spent 429
+    `insufficient_quota`, which the fallback answers; streamed on the Responses API, the
+    same failure comes as a 200: `response.created`, `response.in_progress`, then an `error`
+    event `insufficient_quota` (Bifrost's #5395, #5040). It is that 429, here too."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(429, in_stream="started", code="insufficient_quota")
+    client = openai_client(gateway)
+    stream = await client.responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    kinds = [event.type async for event in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    [line] = await records(1)
+    assert line["target"] == "backup"
+    assert "insufficient_quota" in line["attempts"][0]["error"]
+
+
 async def test_an_openai_server_error_after_the_role_chunk_is_served_by_the_fallback(
     gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
 ) -> None:
@@ -292,6 +348,20 @@ async def test_an_openrouter_answer_carrying_its_error_is_served_by_the_fallback
     passed = await openai_client(alone).chat.completions.create(**CHAT)
     assert passed.choices[0].finish_reason == "error"
     assert keys_seen(fake)[3:] == [PRIMARY]
+
+
+async def test_a_compressed_openrouter_answer_carrying_its_error_is_served_by_the_fallback(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """The OpenAI SDK asks for compressed answers too (`Accept-Encoding: gzip, deflate`):
+    OpenRouter's 200 carrying its provider's failure, gzipped, was passed on (an empty
+    completion) where the same answer uncompressed went to the fallback."""
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(502, in_answer=True)
+    client = openai_client(gateway).with_options(default_headers={"x-fake-encoding": "gzip"})
+    completion = await client.chat.completions.create(**CHAT)
+    assert completion.choices[0].message.content == "tok0 tok1 tok2 "
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
 
 
 async def test_a_first_event_slower_than_retry_max_wait_goes_on_as_it_comes(

@@ -152,6 +152,33 @@ async def test_an_http_1_0_client_asking_keep_alive_gets_a_stream_that_ends_with
     assert answer_body == fake.sent["ten-1"]
 
 
+async def test_a_stream_the_provider_cuts_is_cut_for_an_http_1_0_client_not_ended(
+    gateway: TestClient,
+) -> None:
+    # Over HTTP/1.0 a body of unknown length ends with the connection: closed as after a
+    # whole answer, a stream the provider broke off read as complete (behind nginx's
+    # defaults, which speak HTTP/1.0 to the gateway, curl got a clean 200 and half an
+    # answer). The connection is reset instead, as a reverse proxy does when its upstream
+    # breaks, so the reader (and nginx, which then cuts its own client) sees the break.
+    body = orjson.dumps(STREAM)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.0\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {OPENAI_VK}\r\nContent-Type: application/json\r\n"
+        f"x-fake-drop: midstream\r\nx-fake-chunks: 6\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    received = b""
+    try:
+        writer.write(head.encode() + body)
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(65536):
+                    received += chunk
+    finally:
+        writer.close()
+    assert received.startswith(b"HTTP/1.0 200"), received[:40]
+
+
 async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_within_a_second(
     gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

@@ -135,6 +135,20 @@ def test_the_documented_nginx_configuration_streams_strips_the_prefix_and_names_
         assert len(arrivals) >= 5 and arrivals[-1] - arrivals[0] > 0.6, (path, arrivals)
         assert "x-accel-buffering" not in {name.lower() for name, _ in answer.getheaders()}
 
+    # A stream the provider breaks off reaches the client cut, not ended, through both:
+    # over nginx's default HTTP/1.0 a close ends a body of unknown length, so nginx passed
+    # the half stream on as whole until the gateway reset the connection instead.
+    for through, path in ((port, "/llm/v1/chat/completions"), (bare, "/v1/chat/completions")):
+        answer = post(
+            through,
+            path,
+            json.dumps({**chat, "stream": True}).encode(),
+            {**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-drop": "midstream"},
+        )
+        assert answer.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            answer.read()
+
     # The SDKs, with the prefix in their base URL.
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=OPENAI_VK, max_retries=0)
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=chat["messages"])

@@ -318,6 +318,37 @@ async def test_the_grace_period_ends_streams_that_outlast_it(
     assert len(log.read_text().splitlines()) == 1
 
 
+async def test_a_stream_cut_at_the_grace_is_cut_for_an_http_1_0_client_not_ended(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """Over HTTP/1.0 (nginx's default towards its upstreams) a close ends a body of unknown
+    length: a stream cut when the shutdown grace ran out (a rollout, with a long
+    generation under way) read as whole. It ends with a reset, as a broken one does."""
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="1")
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = b""
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.0\r\nHost: gateway\r\n"
+            + f"Authorization: Bearer {OPENAI_VK}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Content-Type: application/json\r\nx-fake-hang: midstream\r\n\r\n"
+            + body
+        )
+        received = await asyncio.wait_for(reader.read(65536), 10)  # under way
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    received += chunk
+    finally:
+        writer.close()
+    assert received.startswith(b"HTTP/1.0 200"), received[:40]
+    assert await asyncio.to_thread(process.wait, 15) == 0
+
+
 async def test_streams_that_never_end_are_cut_at_the_grace_and_each_is_logged(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:

@@ -320,6 +320,8 @@ class Fault:
     `in_answer`: a 200 JSON answer carrying the error instead, as OpenRouter answers a request
     not streamed that failed after its 200: a newline first (its keep-alive padding), then
     a body whose top-level `error` has the status as its `code`.
+    `code`: an OpenAI error's type and code in a stream, instead of the status's own (a 429's
+    `insufficient_quota`: a key whose quota is spent).
     """
 
     status: int
@@ -329,6 +331,7 @@ class Fault:
     is_cut: bool = False
     in_stream: str = ""
     in_answer: bool = False
+    code: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -477,7 +480,8 @@ async def answer(
         if fault.is_cut:
             request[KNOBS] = dataclasses.replace(knobs, drop="midstream")
         if fault.in_stream:
-            return await stream(request, stream_error(request, fault.status, fault.in_stream))
+            frames = stream_error(request, fault.status, fault.in_stream, fault.code)
+            return await stream(request, frames)
         if fault.in_answer:
             return await send(
                 request, [b"\n", answer_error(fault.status)], content_type="application/json"
@@ -901,9 +905,39 @@ async def reply_error(
     return await reply(request, body, status=under or status, headers=headers, is_sized=is_sized)
 
 
-def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
-    """A 200 stream's events carrying the provider's error for `status` (Fault.in_stream)."""
+def stream_error(request: web.Request, status: int, where: str, code: str = "") -> list[bytes]:
+    """A 200 stream's events carrying the provider's error for `status` (Fault.in_stream;
+    `code`: Fault.code). The Responses API's: `response.created` and `response.in_progress`
+    start it, then an `error` event and `response.failed`, as OpenAI streams a key's spent
+    quota."""
     message = f"fake provider error {status}"
+    if not is_anthropic(request) and request.path.endswith("/responses"):
+        kind, code = (code, code) if code else OPENAI_ERRORS.get(status, ("server_error", None))
+        response = {"id": new_id("resp_"), "object": "response", "status": "in_progress"}
+        response["error"] = None
+        started = sse(
+            {"type": "response.created", "response": response, "sequence_number": 0},
+            "response.created",
+        ) + sse(
+            {"type": "response.in_progress", "response": response, "sequence_number": 1},
+            "response.in_progress",
+        )
+        failed = {**response, "status": "failed", "error": {"code": code, "message": message}}
+        error = sse(
+            {
+                "type": "error",
+                "error": {"type": kind, "code": code, "message": message, "param": None},
+                "sequence_number": 2,
+            },
+            "error",
+        ) + sse(
+            {"type": "response.failed", "response": failed, "sequence_number": 3}, "response.failed"
+        )
+        delta = {"type": "response.output_text.delta", "delta": "Hello", "sequence_number": 2}
+        content = started + sse(delta, "response.output_text.delta")
+        if where == "started":
+            return [started, error]
+        return [content, error] if where == "after" else [error]
     if is_anthropic(request):
         kind = ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
@@ -914,8 +948,12 @@ def stream_error(request: web.Request, status: int, where: str) -> list[bytes]:
         block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}
         content = started + sse(block, "content_block_start")
     else:
-        kind, code = OPENAI_ERRORS.get(
-            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        kind, code = (
+            (code, code)
+            if code
+            else OPENAI_ERRORS.get(
+                status, ("server_error" if status >= 500 else "invalid_request_error", None)
+            )
         )
         chunk = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "model": "m"}
         if where == "openrouter":

@@ -7,11 +7,20 @@ results, the Responses API's `response.created`) carries nothing of the answer y
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import zlib
 
 import pytest
 
-from proxy.upstream.first_event import MORE, answered_failure, failure, framed_failure, reader
+from proxy.upstream.first_event import (
+    MORE,
+    answered_failure,
+    decoded,
+    failure,
+    framed_failure,
+    reader,
+)
 from tests.support.fake_bedrock import exception_frame, frame
 
 
@@ -70,6 +79,11 @@ NAMELESS_START = event(
         (RESPONSE_START + event({"type": "error", "code": "server_error"}, "error"), 500),
         (RESPONSE_START + RESPONSE_FAILED, 500),  # its error in the failed Response
         (RESPONSE_FAILED.replace(b"server_error", b"rate_limit_exceeded"), 429),
+        (  # a spent quota, which OpenAI answers 429 when not streamed
+            RESPONSE_START
+            + event({"type": "error", "error": {"type": "insufficient_quota"}}, "error"),
+            429,
+        ),
         (NAMELESS_START + RESPONSE_FAILED.replace(b"event: response.failed\n", b""), 500),
         (NAMELESS_START + event({"type": "error", "code": "server_error"}), 500),
     ],
@@ -171,3 +185,22 @@ def test_a_json_answer_is_read_for_openrouters_error() -> None:
     assert answered_failure(b'{"choices": [{"message": {"content": "an error"}}]}') is MORE
     assert answered_failure(b"\n") is MORE
     assert answered_failure(failed[:30]) is MORE
+
+
+def test_a_coded_stream_is_read_decoded_from_its_start_and_bounded() -> None:
+    events = (
+        b'event: message_start\ndata: {"type": "message_start"}\n\n'
+        b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error"}}\n\n'
+    )
+    coder = zlib.compressobj(wbits=31)
+    coded = coder.compress(events) + coder.flush(zlib.Z_SYNC_FLUSH)
+    read = decoded(failure, "gzip", 1 << 14)
+    assert read is not None
+    assert read(coded[:5]) is MORE  # its gzip header, not yet an event
+    assert read(coded) == ("overloaded_error", 529)
+    assert decoded(failure, "identity", 1 << 14) is failure
+    assert decoded(failure, "compress", 1 << 14) is None  # not decoded: not read
+    assert read(b"\x1f\x8b not gzip at all") is None
+    # A start that inflates past the bound without its event: not waited for.
+    bomb = gzip.compress(b": " + b"x" * (1 << 20) + b"\n\n")
+    assert len(bomb) < 2048 and read(bomb) is None
