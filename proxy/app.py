@@ -53,7 +53,7 @@ from proxy.upstream.egress import Egress
 from proxy.upstream.failover import Failover, RetryPolicy
 from proxy.upstream.probes import Probes
 from proxy.upstream.targets import members_report
-from proxy.upstream.wire import Wire
+from proxy.upstream.wire import CONNECT_SECONDS, Wire
 from proxy.usage.batch_charges import BatchCharges
 from proxy.usage.pricing import Prices
 from proxy.usage.usage import TapMemory
@@ -461,7 +461,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     # HTTPS_PROXY, HTTP_PROXY, NO_PROXY (read once, with the settings): the same proxies for
     # the wire and WebSocket sessions. None when no proxy is set: nothing is checked.
     egress = Egress.of(settings.proxies)
-    wire = Wire(connect_timeout=settings.request_timeout, egress=egress)
+    wire = Wire(connect_timeout=min(settings.request_timeout, CONNECT_SECONDS), egress=egress)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
         auto_decompress=False,  # frames pass as received

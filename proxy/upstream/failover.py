@@ -541,14 +541,15 @@ class Failover:
                     raise
                 if stood_for is None and came is not None:  # a start held: it came then
                     record.mark_first_byte(came)
-        except TimeoutError:
+        except TimeoutError as error:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
-            why = (
-                f"{where(target)} sent no response headers within {timeout:g} seconds"
-                if sent
-                else f"{where(target)}: could not connect within {timeout:g} seconds"
-            )
+            if sent:
+                why = f"{where(target)} sent no response headers within {timeout:g} seconds"
+            elif isinstance(error, aiohttp.ConnectionTimeoutError):  # the wire's setup bound
+                why = f"{where(target)}: could not connect within {wire.connect_timeout:g} seconds"
+            else:
+                why = f"{where(target)}: could not connect and send within {timeout:g} seconds"
             failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
             failed = Failed(Outcome.UNREACHABLE, f"{where(target)}: {described(error)}", sent)

@@ -102,6 +102,11 @@ LOOK_AFTER = 1.0
 # followed within this while the old address still answers). nginx's upstream keepalive_time
 # is an hour; this matches the WebSocket sessions' DNS cache (app.py's ttl_dns_cache).
 MAX_AGE = 300.0
+# Seconds a new connection may take to be set up (its address tried, TCP, the proxy's tunnel,
+# TLS), within REQUEST_TIMEOUT: the OpenAI and Anthropic SDKs' own (httpx's connect timeout
+# of 5 s within their 600). A provider host that drops connection attempts is failed over
+# in seconds, not after the kernel's SYN retries (about two minutes) or REQUEST_TIMEOUT.
+CONNECT_SECONDS = 5.0
 # Seconds before the next of a host name's addresses is tried while the one before has not
 # connected yet (aiohttp's connector's default; RFC 8305 recommends 0.25 s).
 HAPPY_EYEBALLS_DELAY = 0.25

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from proxy.settings import Settings
 from proxy.usage.pricing import Prices
 from tests.conftest import assert_openai_error, auth
 from tests.support.bodies import chat, messages
-from tests.support.clock import Clock
+from tests.support.clock import Clock, LoopClock
 from tests.support.fake_provider import FakeState, Fault, credential
 from tests.support.polling import until
 
@@ -844,3 +845,51 @@ async def test_a_retry_after_that_is_no_wait_counts_as_none(
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
     assert response.status == 200
     assert clock.now - started == pytest.approx(3.0)  # the valid one of the two
+
+
+async def test_a_primary_host_dropping_connection_attempts_is_failed_over_in_seconds(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    loop_clock: LoopClock,
+) -> None:
+    """A provider host that drops connection attempts (down, firewalled, a route lost): the
+    OpenAI and Anthropic SDKs give a connection 5 seconds within their 600, and so does the
+    gateway now, so the fallback answers. A connection was given all of REQUEST_TIMEOUT
+    (600 s): each request waited for the kernel's SYN retries (about two minutes), then
+    REQUEST_TIMEOUT, before the fallback was tried."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.2", 0))
+    dead.listen(0)
+    filler = socket.socket()  # a backlog of one, taken: the kernel drops any further SYN
+    filler.connect(dead.getsockname())
+    keys = document(fake_base, **WITH_FALLBACK)
+    keys["providers"]["openai"]["base_url"] = f"http://127.0.0.2:{dead.getsockname()[1]}/v1"
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    settings = Settings.from_env(
+        {"KEYS_FILE_PATH": str(path), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path)}
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    try:
+        asking = asyncio.ensure_future(
+            gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        )
+
+        def answered() -> bool:
+            loop_clock.advance(0.5)  # the connection's wait passes, nothing else's
+            return asking.done()
+
+        await until(answered, within=1000.0)
+        response = asking.result()
+        assert response.status == 200
+        assert keys_seen(fake) == [BACKUP]
+        [line] = await records(1)
+        assert line["target"] == "backup"
+        assert "could not connect within 5 seconds" in line["attempts"][0]["error"]
+    finally:
+        filler.close()
+        dead.close()
