@@ -15,6 +15,7 @@ When to try again (and nothing else), top to bottom:
       ... its body broken off or stalled   502 broken, 504   as above (nothing of it reached the client)
     429                                    the provider's    the pool's next key at once; else as above
     401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
+    402 (the key's account out of credit)  the provider's    that key rests; the pool's next key, else the next target
     200 stream, its first event an error   the provider's    as the status it stands for (below)
       of the moment: overloaded, 429, 5xx   stream, kept
     anything else (400, 404, 413, 422...)  the provider's    never: it goes to the client as it is
@@ -103,9 +104,13 @@ OnAttempt = Callable[[str, URL, CIMultiDict[str], str, str | None], None]
 
 RETRYABLE = frozenset((408, 429, 500, 502, 503, 504, 529))
 KEY_REFUSED = frozenset((401, 403))
+# A key's account out of credit (Anthropic's billing_error, OpenRouter's and DeepSeek's
+# insufficient balance), as OpenAI's 429 insufficient_quota is: another key or target may
+# have some. The key rests; never asked again within the request.
+OUT_OF_CREDIT = 402
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
-# How long a pool key rests after a 429 without Retry-After, and after a 401/403.
+# How long a pool key rests after a 429 without Retry-After, and after a 401/403 or 402.
 RATE_LIMITED_REST_SECONDS = 30.0
 REFUSED_KEY_REST_SECONDS = 300.0
 # The most of a 200 stream read, before any goes on, for its first event (first_event.py).
@@ -431,8 +436,10 @@ class Failover:
                 status, stood_for = reply.status, walk.stood_for
                 if stood_for is not None:
                     status, walk.stood_for = stood_for[1], None
-                elif status not in RETRYABLE and not (
-                    status in KEY_REFUSED and target.pool.size > 1
+                elif (
+                    status not in RETRYABLE
+                    and status != OUT_OF_CREDIT
+                    and not (status in KEY_REFUSED and target.pool.size > 1)
                 ):
                     walk.serving = pool, credential
                     return reply
@@ -454,7 +461,7 @@ class Failover:
                     walk.kept = kept
                 pool.ended(credential)
                 asked = _asked_wait(reply.headers)
-                if status in KEY_REFUSED:
+                if status in KEY_REFUSED or status == OUT_OF_CREDIT:
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
                     tried.add(credential.label)
                     continue
@@ -602,7 +609,7 @@ class Failover:
                     breaker.abstain()  # about a key, not the target
                 else:
                     breaker.failed(now(), stream_error or f"{status} from {where(target)}")
-            elif status in KEY_REFUSED:
+            elif status in KEY_REFUSED or status == OUT_OF_CREDIT:
                 breaker.abstain()  # about a key, not the target
             else:
                 breaker.succeeded(now())

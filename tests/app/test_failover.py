@@ -893,3 +893,43 @@ async def test_a_primary_host_dropping_connection_attempts_is_failed_over_in_sec
     finally:
         filler.close()
         dead.close()
+
+
+async def test_a_key_out_of_credit_rests_and_its_fallback_or_pools_next_key_answers(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """402 is a key's account out of credit (Anthropic's billing_error, OpenRouter's and
+    DeepSeek's insufficient balance), as OpenAI's 429 insufficient_quota is: another key or
+    target may have some. The fallback answers (a target's one key is asked again by the next
+    request, as after a 429: it is never set aside); a pool's next key answers, the key
+    resting; with nowhere else to go the 402 reaches the client unchanged. It went to the
+    client as any 4xx, the fallback and the pool's other keys unasked."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(402)
+    for _ in range(2):
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200, await response.text()
+    assert keys_seen(fake) == [PRIMARY, BACKUP, PRIMARY, BACKUP]
+    first = (await records(2))[0]
+    assert [(a["target"], a["status"]) for a in first["attempts"]] == [
+        ("openai", 402),
+        ("backup", 200),
+    ]
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["state"] == "closed"  # the account's, not the target's
+    fake.requests.clear()
+    pooled = await failover_gateway(
+        {"provider": "openai", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    fake.faults[POOL[0]] = Fault(402)
+    for _ in range(3):
+        response = await pooled.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    assert keys_seen(fake).count(POOL[0]) <= 1
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "openai", "api_key": PRIMARY})
+    response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 402
+    assert keys_seen(fake) == [PRIMARY]
