@@ -443,7 +443,8 @@ class Failover:
                     )
                 except Failed as failed:  # its body broke off: a failure all the same
                     walk.failure = failed
-                except BaseException:
+                except BaseException:  # the client left while it came: the provider goes too
+                    reply.close()
                     pool.ended(credential)
                     raise
                 else:

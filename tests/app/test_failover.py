@@ -236,6 +236,43 @@ async def test_a_503_whose_body_breaks_off_is_failed_over_like_any_503(
         ]
 
 
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [
+        (Fault(503, is_unsized=True), False),  # a 503 whose body is read to be kept
+        (Fault(500, in_stream="first"), True),  # a stream whose first event failed, kept
+    ],
+)
+async def test_a_client_leaving_while_a_failed_answer_is_kept_lets_the_provider_go(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    fault: Fault,
+    stream: bool,
+) -> None:
+    """Before, the connection of an answer the walk was reading to keep stayed open after
+    the client left, neither closed nor given back: held until the provider closed it."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = fault
+    headers = {**auth(VK), "x-fake-hang": "end"}  # its body's end never comes
+    leaving = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=headers)
+    )
+
+    async def heard() -> bool:  # the breaker heard of it: the walk reads it to keep it
+        health = await (await gateway.get("/health")).json()
+        return health["targets"]["openai"]["last_error"] is not None
+
+    await until(heard, what="the primary's failure reaching its breaker")
+    leaving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await until(lambda: fake.disconnects, what="the gateway closing the provider's connection")
+    [line] = await records(1)
+    assert line["status"] == 499
+    assert keys_seen(fake) == [PRIMARY]
+
+
 async def test_a_broken_503_from_the_last_target_gives_the_gateways_502(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
