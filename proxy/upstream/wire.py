@@ -787,7 +787,8 @@ class TunnelBroken(Exception):
 
 class Tunnel(asyncio.Protocol):
     """A proxy's answer to CONNECT: its status once its head is whole (`answered`). Nothing
-    after the head is read: TLS takes the socket over from there."""
+    after the head is read: TLS takes the socket over from there (a refusal's page is
+    dropped with its connection)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
@@ -806,16 +807,19 @@ class Tunnel(asyncio.Protocol):
             if len(self._head) > MAX_HEAD_BYTES:
                 self.answered.set_exception(TunnelBroken("its answer to CONNECT never ended"))
             return
-        if end + 4 != len(self._head):  # a proxy speaking for the origin before TLS began
-            self.answered.set_exception(TunnelBroken("it sent bytes past its answer to CONNECT"))
-            return
         line = self._head.split(b"\r\n", 1)[0].split()
         if len(line) < 2 or not line[0].startswith(b"HTTP/1.") or not line[1].isdigit():
             self.answered.set_exception(TunnelBroken("its answer to CONNECT is not HTTP"))
             return
+        status = int(line[1])
+        # Past a refusal, its error page (Squid's, tinyproxy's), not read: the status says it.
+        if end + 4 != len(self._head) and 200 <= status < 300:
+            # a proxy speaking for the origin before TLS began
+            self.answered.set_exception(TunnelBroken("it sent bytes past its answer to CONNECT"))
+            return
         assert self.transport is not None
-        self.transport.pause_reading()  # until TLS takes over
-        self.answered.set_result(int(line[1]))
+        self.transport.pause_reading()  # until TLS takes over (or the refusal closes it)
+        self.answered.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answered.done():
