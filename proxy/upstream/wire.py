@@ -40,7 +40,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   reached at its new address by the connections opened after the change, at most `MAX_AGE`
   later);
 - TLS with the system's default context (certificates and host names verified; a private
-  CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them);
+  CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them); a fully qualified name
+  written with its trailing dot is looked up so, and verified and sent in Host without it;
 - through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
   HTTP_PROXY, NO_PROXY as curl reads them): an https origin over a CONNECT tunnel, the TLS
   to the origin inside it, kept alive as any connection; an http origin by the request's
@@ -480,6 +481,8 @@ class Wire:
         scheme, host, port = url.scheme, url.raw_host or "", url.port
         default_port = 443 if scheme == "https" else 80
         origin = (scheme, host, port or default_port)
+        if host.endswith("."):  # a name with the root's dot: looked up so, never named so
+            host = _named(host)
         if ":" in host:  # an IPv6 address: bracketed in Host, as in the URL (RFC 9110 §7.2)
             host = f"[{host}]"
         if port is not None and port != default_port:
@@ -575,7 +578,7 @@ class Wire:
                         lambda: Connection(self, origin),
                         sock=await self._socket(host, port),
                         ssl=tls,
-                        server_hostname=host if tls else None,
+                        server_hostname=_named(host) if tls else None,
                     )
                 elif tls is None:  # http: each request goes to the proxy, absolute-form
                     connection = await self._to_proxy(hop, lambda: Connection(self, origin))
@@ -646,7 +649,9 @@ class Wire:
             if not 200 <= status < 300:
                 raise _proxy_error(hop, f"it refused the tunnel ({_status(status)})")
             connection = Connection(self, origin)
-            secured = await self.loop.start_tls(transport, connection, tls, server_hostname=host)
+            secured = await self.loop.start_tls(
+                transport, connection, tls, server_hostname=_named(host)
+            )
         except BaseException:
             transport.close()
             raise
@@ -734,6 +739,12 @@ def _head(
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
+
+
+def _named(host: str) -> str:
+    """A host as TLS (SNI, the certificate's names) and Host name it: a fully qualified name
+    without its trailing dot (RFC 6066 §3), which only its DNS lookup keeps (aiohttp #3636)."""
+    return host.rstrip(".")
 
 
 def _lifetime(hint: str, longest: float) -> float:
