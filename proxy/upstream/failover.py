@@ -727,10 +727,10 @@ def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
     if (seconds := _seconds(asked)) is not None:
         return seconds
     try:
-        when = email.utils.parsedate_to_datetime(asked)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(asked).timestamp()
+    except (TypeError, ValueError, OverflowError):  # a year past C's long: no date either
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when - time.time())
 
 
 def _seconds(text: str | None) -> float | None:

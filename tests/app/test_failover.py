@@ -851,12 +851,15 @@ async def test_a_provider_saying_x_should_retry_false_is_not_retried_but_failed_
     assert keys_seen(fake) == [PRIMARY, BACKUP]  # the fallback all the same
 
 
-@pytest.mark.parametrize("garbage", ["-5", "nan", "inf", "soon"])
+@pytest.mark.parametrize(
+    "garbage", ["-5", "nan", "inf", "soon", "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"]
+)
 async def test_a_retry_after_that_is_no_wait_counts_as_none(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, garbage: str
 ) -> None:
     """Before, a negative or NaN Retry-After was read as 0 (a 429's key never rested, and a
-    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever."""
+    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever,
+    and a date whose year overflows failed the request: 500 internal_error."""
     key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
     gateway = await failover_gateway(key, QUOTA_ENABLED="false")
     clock = waits_on_a_clock(gateway)
