@@ -756,6 +756,8 @@ def _lifetime(hint: str, longest: float) -> float:
         if name.strip(" \t").lower() == "timeout":
             value = value.strip(' \t"')
             if value.isascii() and value.isdigit():
+                if len(value) > 9:  # over 30 years: longer than `longest` (and any float)
+                    return longest
                 return min(longest, int(value) - HINT_MARGIN)
     return longest
 

@@ -583,6 +583,8 @@ async def test_a_connection_is_not_used_as_its_provider_said_it_closes_it(
         ("max=100", [1, 1, 1]),  # no timeout said: keepalive_seconds
         ("timeout=x", [1, 1, 1]),  # not a number: as if unsaid
         ("timeout=600", [1, 1, 1]),  # longer than keepalive_seconds: that
+        # ... however long: before, one past a float's range failed the read of a whole answer
+        ("timeout=" + "9" * 400, [1, 1, 1]),
     ],
 )
 async def test_a_keep_alive_header_shortens_the_wait_never_lengthens_it(
