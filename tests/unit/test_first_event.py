@@ -171,3 +171,22 @@ def test_a_json_answer_is_read_for_openrouters_error() -> None:
     assert answered_failure(b'{"choices": [{"message": {"content": "an error"}}]}') is MORE
     assert answered_failure(b"\n") is MORE
     assert answered_failure(failed[:30]) is MORE
+
+
+NESTED = b"[" * 5000 + b"]" * 5000  # deeper than Python's parser goes (RecursionError)
+
+
+@pytest.mark.parametrize(
+    ("read", "at_hand"),
+    [
+        (failure, b'data: {"error": ' + NESTED + b"}\n\n"),
+        (failure, b'data: {"role": ' + NESTED + b"}\n\n"),  # read as a start, maybe
+        (answered_failure, b'{"error": ' + NESTED + b"}"),
+    ],
+)
+def test_a_first_event_nested_past_the_parsers_depth_is_no_failure(
+    read: object, at_hand: bytes
+) -> None:
+    """Before, the parser's RecursionError came up through the attempt loop: a 500
+    internal_error for a request that had a fallback, where the stream goes on as it came."""
+    assert callable(read) and read(at_hand) is None
