@@ -694,7 +694,8 @@ class Failover:
 
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with full jitter, capped by RETRY_MAX_WAIT_SECONDS."""
-        ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * (2**retry))
+        # 2^64 half-seconds outlast any wait: a higher power would overflow a float
+        ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * 2.0 ** min(retry, 64))
         return self._jitter(0.0, ceiling)
 
 

@@ -432,6 +432,25 @@ async def test_the_overall_deadline_holds_with_a_provider_that_always_fails(
     assert len(fake.requests) == 10
 
 
+async def test_retries_past_a_thousand_without_waits_end_in_the_gateways_502(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """RETRY_ATTEMPTS of thousands and RETRY_MAX_WAIT_SECONDS=0 (retry at once, until the
+    deadline): before, the 1,024th retry's backoff (0.5 s x 2^1024) overflowed a float, and
+    the client got the gateway's 500 internal_error, not the provider's failure."""
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_key": PRIMARY},
+        base="http://127.0.0.1:9",  # nothing listens: refused at once
+        RETRY_ATTEMPTS="1100",
+        RETRY_MAX_WAIT_SECONDS="0",
+        BREAKER_FAILURES="100000",
+    )
+    waits_on_a_clock(gateway)  # the deadline's clock stands still: every retry is made
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    assert_openai_error(await response.json(), "upstream_unreachable")
+
+
 async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client_errors(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
