@@ -451,7 +451,8 @@ class Failover:
                     )
                 except Failed as failed:  # its body broke off: a failure all the same
                     walk.failure = failed
-                except BaseException:
+                except BaseException:  # the client left while it came: the provider goes too
+                    reply.close()
                     pool.ended(credential)
                     raise
                 else:
@@ -706,7 +707,8 @@ class Failover:
 
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with full jitter, capped by RETRY_MAX_WAIT_SECONDS."""
-        ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * (2**retry))
+        # 2^64 half-seconds outlast any wait: a higher power would overflow a float
+        ceiling = min(self.policy.max_wait_seconds, BACKOFF_BASE_SECONDS * 2.0 ** min(retry, 64))
         return self._jitter(0.0, ceiling)
 
 
@@ -739,10 +741,10 @@ def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
     if (seconds := _seconds(asked)) is not None:
         return seconds
     try:
-        when = email.utils.parsedate_to_datetime(asked)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(asked).timestamp()
+    except (TypeError, ValueError, OverflowError):  # a year past C's long: no date either
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when - time.time())
 
 
 def _seconds(text: str | None) -> float | None:

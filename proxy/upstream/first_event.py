@@ -156,6 +156,8 @@ def answered_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE
         answer = json.loads(at_hand)
     except ValueError:  # not all come, or not JSON
         return MORE
+    except RecursionError:  # nested deeper than the parser goes: not an error of ours
+        return None
     error = answer.get("error") if isinstance(answer, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     return (f"error {code}", code) if type(code) is int and code in PASSING_CODES else None
@@ -174,7 +176,7 @@ def failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
             return None
         try:
             parsed = json.loads(data)
-        except ValueError:  # not JSON (a UnicodeDecodeError is one too)
+        except (ValueError, RecursionError):  # not JSON (a UnicodeDecodeError is one too)
             return None
         return _passing(parsed, name == b"error") if isinstance(parsed, dict) else None
     return MORE
@@ -215,7 +217,7 @@ def _is_framed_start(event_type: object, payload: bytes) -> bool:
         return False
     try:
         event = json.loads(base64.b64decode(json.loads(payload)["bytes"], validate=True))
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         return False
     return isinstance(event, dict) and event.get("type") in STARTING_TYPES
 
@@ -250,7 +252,7 @@ def _is_start_chunk(data: bytes) -> bool:
         return False  # most chunks: not parsed
     try:
         chunk = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         return False
     if isinstance(chunk, dict) and chunk.get("type") in STARTING_TYPES:
         return True

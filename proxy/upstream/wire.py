@@ -40,7 +40,8 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   reached at its new address by the connections opened after the change, at most `MAX_AGE`
   later);
 - TLS with the system's default context (certificates and host names verified; a private
-  CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them);
+  CA through SSL_CERT_FILE or SSL_CERT_DIR, as OpenSSL reads them); a fully qualified name
+  written with its trailing dot is looked up so, and verified and sent in Host without it;
 - through an outbound proxy when one applies to the origin (`Egress`: HTTPS_PROXY,
   HTTP_PROXY, NO_PROXY as curl reads them): an https origin over a CONNECT tunnel, the TLS
   to the origin inside it, kept alive as any connection; an http origin by the request's
@@ -485,6 +486,8 @@ class Wire:
         scheme, host, port = url.scheme, url.raw_host or "", url.port
         default_port = 443 if scheme == "https" else 80
         origin = (scheme, host, port or default_port)
+        if host[-1:] == ".":  # a name with the root's dot: looked up so, never named so
+            host = _named(host)
         if ":" in host:  # an IPv6 address: bracketed in Host, as in the URL (RFC 9110 §7.2)
             host = f"[{host}]"
         if port is not None and port != default_port:
@@ -580,7 +583,7 @@ class Wire:
                         lambda: Connection(self, origin),
                         sock=await self._socket(host, port),
                         ssl=tls,
-                        server_hostname=host if tls else None,
+                        server_hostname=_named(host) if tls else None,
                     )
                 elif tls is None:  # http: each request goes to the proxy, absolute-form
                     connection = await self._to_proxy(hop, lambda: Connection(self, origin))
@@ -651,7 +654,9 @@ class Wire:
             if not 200 <= status < 300:
                 raise _proxy_error(hop, f"it refused the tunnel ({_status(status)})")
             connection = Connection(self, origin)
-            secured = await self.loop.start_tls(transport, connection, tls, server_hostname=host)
+            secured = await self.loop.start_tls(
+                transport, connection, tls, server_hostname=_named(host)
+            )
         except BaseException:
             transport.close()
             raise
@@ -741,6 +746,12 @@ _CASELESS = (CIMultiDict, CIMultiDictProxy)
 _BODIED = frozenset(("POST", "PUT", "PATCH"))  # a Content-Length even when empty
 
 
+def _named(host: str) -> str:
+    """A host as TLS (SNI, the certificate's names) and Host name it: a fully qualified name
+    without its trailing dot (RFC 6066 §3), which only its DNS lookup keeps (aiohttp #3636)."""
+    return host.rstrip(".")
+
+
 def _lifetime(hint: str, longest: float) -> float:
     """How long a connection may wait idle when its provider's Keep-Alive header says
     `timeout=N` (Node.js servers send it): HINT_MARGIN less than N, so it is not used just
@@ -750,6 +761,8 @@ def _lifetime(hint: str, longest: float) -> float:
         if name.strip(" \t").lower() == "timeout":
             value = value.strip(' \t"')
             if value.isascii() and value.isdigit():
+                if len(value) > 9:  # over 30 years: longer than `longest` (and any float)
+                    return longest
                 return min(longest, int(value) - HINT_MARGIN)
     return longest
 
@@ -792,7 +805,8 @@ class TunnelBroken(Exception):
 
 class Tunnel(asyncio.Protocol):
     """A proxy's answer to CONNECT: its status once its head is whole (`answered`). Nothing
-    after the head is read: TLS takes the socket over from there."""
+    after the head is read: TLS takes the socket over from there (a refusal's page is
+    dropped with its connection)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
@@ -811,16 +825,19 @@ class Tunnel(asyncio.Protocol):
             if len(self._head) > MAX_HEAD_BYTES:
                 self.answered.set_exception(TunnelBroken("its answer to CONNECT never ended"))
             return
-        if end + 4 != len(self._head):  # a proxy speaking for the origin before TLS began
-            self.answered.set_exception(TunnelBroken("it sent bytes past its answer to CONNECT"))
-            return
         line = self._head.split(b"\r\n", 1)[0].split()
         if len(line) < 2 or not line[0].startswith(b"HTTP/1.") or not line[1].isdigit():
             self.answered.set_exception(TunnelBroken("its answer to CONNECT is not HTTP"))
             return
+        status = int(line[1])
+        # Past a refusal, its error page (Squid's, tinyproxy's), not read: the status says it.
+        if end + 4 != len(self._head) and 200 <= status < 300:
+            # a proxy speaking for the origin before TLS began
+            self.answered.set_exception(TunnelBroken("it sent bytes past its answer to CONNECT"))
+            return
         assert self.transport is not None
-        self.transport.pause_reading()  # until TLS takes over
-        self.answered.set_result(int(line[1]))
+        self.transport.pause_reading()  # until TLS takes over (or the refusal closes it)
+        self.answered.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answered.done():

@@ -34,6 +34,7 @@ from tests.support.certificates import self_signed
 from tests.support.connect_proxy import ConnectProxy
 from tests.support.fake_provider import build_fake_provider
 from tests.support.processes import free_port
+from tests.support.raw_servers import RawServer
 
 Serve = Callable[..., Awaitable[TestServer]]
 PASSWORD = "s3cr@t:pw"  # percent-encoded in the URL: s3cr%40t%3Apw
@@ -145,6 +146,42 @@ async def test_a_proxy_refusing_the_tunnel_fails_the_connect_naming_its_status(
         await wrong.close()
     assert "407 Proxy Authentication Required" in refused.value.os_error.strerror
     assert "nope" not in str(refused.value) and "egress" not in str(refused.value)
+
+
+SQUID_PAGE = b"<html><body>ERR_CACHE_ACCESS_DENIED: Cache Access Denied.</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (b"407 Proxy Authentication Required", "407 Proxy Authentication Required"),
+        (b"403 Forbidden", "403 Forbidden"),
+    ],
+)
+async def test_a_proxy_refusing_the_tunnel_with_an_error_page_is_named_by_its_status(
+    status: bytes, said: str
+) -> None:
+    """Squid (and tinyproxy) refuse a CONNECT with an HTML page after the head, in one
+    write: before, that page was taken for bytes past a tunnel, and the error said so, not
+    that the proxy refused (its credentials, its rules)."""
+
+    async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 " + status + b"\r\nServer: squid\r\nContent-Type: text/html\r\n"
+            b"Content-Length: " + str(len(SQUID_PAGE)).encode() + b"\r\n\r\n" + SQUID_PAGE
+        )
+        await reader.read()
+
+    async with await RawServer.start(refusing, "127.0.0.1", 0) as squid:
+        port = squid.sockets[0].getsockname()[1]
+        wire = Wire(connect_timeout=2.0, egress=Egress.of({"https": f"http://127.0.0.1:{port}"}))
+        try:
+            with pytest.raises(aiohttp.ClientProxyConnectionError) as refused:
+                await wire.request("GET", URL("https://127.0.0.1:9/v1/models"), {}, None)
+        finally:
+            await wire.close()
+    assert f"it refused the tunnel ({said})" in refused.value.os_error.strerror
 
 
 async def test_no_proxy_names_the_hosts_reached_directly(

@@ -237,6 +237,43 @@ async def test_a_503_whose_body_breaks_off_is_failed_over_like_any_503(
         ]
 
 
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [
+        (Fault(503, is_unsized=True), False),  # a 503 whose body is read to be kept
+        (Fault(500, in_stream="first"), True),  # a stream whose first event failed, kept
+    ],
+)
+async def test_a_client_leaving_while_a_failed_answer_is_kept_lets_the_provider_go(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    fault: Fault,
+    stream: bool,
+) -> None:
+    """Before, the connection of an answer the walk was reading to keep stayed open after
+    the client left, neither closed nor given back: held until the provider closed it."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = fault
+    headers = {**auth(VK), "x-fake-hang": "end"}  # its body's end never comes
+    leaving = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=headers)
+    )
+
+    async def heard() -> bool:  # the breaker heard of it: the walk reads it to keep it
+        health = await (await gateway.get("/health")).json()
+        return health["targets"]["openai"]["last_error"] is not None
+
+    await until(heard, what="the primary's failure reaching its breaker")
+    leaving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await until(lambda: fake.disconnects, what="the gateway closing the provider's connection")
+    [line] = await records(1)
+    assert line["status"] == 499
+    assert keys_seen(fake) == [PRIMARY]
+
+
 async def test_a_broken_503_from_the_last_target_gives_the_gateways_502(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
@@ -394,6 +431,25 @@ async def test_the_overall_deadline_holds_with_a_provider_that_always_fails(
     # Waits of 100 ms until the next would end past the 1 s deadline: nine, ten tries.
     assert clock.now - started == pytest.approx(0.9)
     assert len(fake.requests) == 10
+
+
+async def test_retries_past_a_thousand_without_waits_end_in_the_gateways_502(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """RETRY_ATTEMPTS of thousands and RETRY_MAX_WAIT_SECONDS=0 (retry at once, until the
+    deadline): before, the 1,024th retry's backoff (0.5 s x 2^1024) overflowed a float, and
+    the client got the gateway's 500 internal_error, not the provider's failure."""
+    gateway = await failover_gateway(
+        {"provider": "openai", "api_key": PRIMARY},
+        base="http://127.0.0.1:9",  # nothing listens: refused at once
+        RETRY_ATTEMPTS="1100",
+        RETRY_MAX_WAIT_SECONDS="0",
+        BREAKER_FAILURES="100000",
+    )
+    waits_on_a_clock(gateway)  # the deadline's clock stands still: every retry is made
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 502
+    assert_openai_error(await response.json(), "upstream_unreachable")
 
 
 async def test_a_pool_key_answering_429_rests_for_its_retry_after_with_no_client_errors(
@@ -815,12 +871,15 @@ async def test_a_provider_saying_x_should_retry_false_is_not_retried_but_failed_
     assert keys_seen(fake) == [PRIMARY, BACKUP]  # the fallback all the same
 
 
-@pytest.mark.parametrize("garbage", ["-5", "nan", "inf", "soon"])
+@pytest.mark.parametrize(
+    "garbage", ["-5", "nan", "inf", "soon", "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"]
+)
 async def test_a_retry_after_that_is_no_wait_counts_as_none(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, garbage: str
 ) -> None:
     """Before, a negative or NaN Retry-After was read as 0 (a 429's key never rested, and a
-    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever."""
+    valid retry-after beside a NaN retry-after-ms was ignored), an infinite one as for ever,
+    and a date whose year overflows failed the request: 500 internal_error."""
     key = {"provider": "openai", "api_keys": [{"api_key": k} for k in POOL[:2]]}
     gateway = await failover_gateway(key, QUOTA_ENABLED="false")
     clock = waits_on_a_clock(gateway)

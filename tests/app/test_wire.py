@@ -583,6 +583,8 @@ async def test_a_connection_is_not_used_as_its_provider_said_it_closes_it(
         ("max=100", [1, 1, 1]),  # no timeout said: keepalive_seconds
         ("timeout=x", [1, 1, 1]),  # not a number: as if unsaid
         ("timeout=600", [1, 1, 1]),  # longer than keepalive_seconds: that
+        # ... however long: before, one past a float's range failed the read of a whole answer
+        ("timeout=" + "9" * 400, [1, 1, 1]),
     ],
 )
 async def test_a_keep_alive_header_shortens_the_wait_never_lengthens_it(
@@ -854,3 +856,33 @@ async def test_a_provider_moved_by_dns_is_followed_by_a_busy_kept_connection_too
     finally:
         await wire.close()
         await runner.cleanup()
+
+
+async def test_a_name_written_with_its_trailing_dot_is_verified_and_sent_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base_url whose host is a fully qualified name with its trailing dot
+    (https://vllm.ml.svc.cluster.local./v1, written so in Kubernetes to skip the search
+    domains): the name is looked up as written, but a certificate names no trailing dot,
+    nor does a Host (RFC 6066 §3): TLS failed 'Hostname mismatch'. aiohttp, which the wire
+    replaced, strips it for both (aiohttp #3636)."""
+    cert, context = self_signed(tmp_path, "cert", "DNS:provider.test")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    hosts = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hosts.extend(line for line in head.split(b"\r\n") if line.lower().startswith(b"host:"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    server = await RawServer.start(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    wire = Wire(connect_timeout=5.0, resolve=_resolving("provider.test.", ["127.0.0.1"]))
+    try:
+        async with server:
+            reply = await wire.request("GET", URL(f"https://provider.test.:{port}/x"), {}, None)
+            assert (reply.status, await reply.read()) == (200, b"ok")
+    finally:
+        await wire.close()
+    assert hosts == [f"Host: provider.test:{port}".encode()]

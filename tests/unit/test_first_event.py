@@ -204,3 +204,22 @@ def test_a_coded_stream_is_read_decoded_from_its_start_and_bounded() -> None:
     # A start that inflates past the bound without its event: not waited for.
     bomb = gzip.compress(b": " + b"x" * (1 << 20) + b"\n\n")
     assert len(bomb) < 2048 and read(bomb) is None
+
+
+NESTED = b"[" * 5000 + b"]" * 5000  # deeper than Python's parser goes (RecursionError)
+
+
+@pytest.mark.parametrize(
+    ("read", "at_hand"),
+    [
+        (failure, b'data: {"error": ' + NESTED + b"}\n\n"),
+        (failure, b'data: {"role": ' + NESTED + b"}\n\n"),  # read as a start, maybe
+        (answered_failure, b'{"error": ' + NESTED + b"}"),
+    ],
+)
+def test_a_first_event_nested_past_the_parsers_depth_is_no_failure(
+    read: object, at_hand: bytes
+) -> None:
+    """Before, the parser's RecursionError came up through the attempt loop: a 500
+    internal_error for a request that had a fallback, where the stream goes on as it came."""
+    assert callable(read) and read(at_hand) is None
