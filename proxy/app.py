@@ -40,7 +40,7 @@ from proxy.observe.logbook import Logbook, rfc3339
 from proxy.observe.metrics import Metrics
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
-from proxy.quota.tracker import Budget, Tracker
+from proxy.quota.tracker import Budget, Scope, Tracker
 from proxy.realtime.realtime import Realtime, hide_browser_keys
 from proxy.record import own_request_id
 from proxy.relay.cors import Cors
@@ -231,6 +231,13 @@ def build_app(
             health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config
 
+    def keys_gone(scopes: tuple[Scope, ...]) -> None:
+        # Deleted (admin API, keys.json, the Redis store): nothing reads them again.
+        app[QUOTA].forget(scopes)
+        for scope in scopes:
+            if scope.kind == "key":
+                metrics.key_gone(scope.name)
+
     in_redis = settings.keys_store == "redis"
     app[KEYS_FILE] = KeysFile(
         settings.keys_file_path,
@@ -242,6 +249,7 @@ def build_app(
         # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
         kept_elsewhere=KEYS_IN_REDIS if in_redis else None,
         siblings=siblings,
+        on_gone=keys_gone,
     )
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
