@@ -14,14 +14,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
-from proxy.cache.cache import Cache
+from proxy.cache.cache import Cache, Others
 from proxy.cache.memory_store import MemoryStore
 from proxy.cache.store import Store
 from proxy.endpoints.admin import Admin
@@ -40,7 +40,7 @@ from proxy.observe.logbook import Logbook, rfc3339
 from proxy.observe.metrics import Metrics
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
-from proxy.quota.tracker import Budget, Tracker
+from proxy.quota.tracker import Budget, Scope, Tracker
 from proxy.realtime.realtime import Realtime, hide_browser_keys
 from proxy.record import own_request_id
 from proxy.relay.cors import Cors
@@ -160,18 +160,23 @@ def parse_keys(
     )
 
 
+class OtherWorkers(Siblings, Others, Protocol):
+    """The other workers of this gateway (WORKERS > 1): told keys.json changes and cache drops."""
+
+
 def build_app(
     settings: Settings,
     key_ring: KeyRing | None = None,
     metrics_dir: str | None = None,
-    siblings: Siblings | None = None,
+    siblings: OtherWorkers | None = None,
     cache_clock: Callable[[], float] = time.monotonic,
     key_clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The gateway as an aiohttp application. Raises KeysFileError for a bad keys file.
 
     `metrics_dir`: where the workers of one gateway (WORKERS > 1) pool their metrics.
-    `siblings`: the other workers (WORKERS > 1), made to reload keys.json with this one.
+    `siblings`: the other workers (WORKERS > 1), made to reload keys.json with this one,
+    and to drop what this one drops from its cache (entries in memory).
     `cache_clock`: what ages the in-memory cache's entries (tests step it).
     `key_clock`: Unix time, which ends a rotated key's grace (tests step it).
     """
@@ -231,6 +236,13 @@ def build_app(
             health.count_keys(key_ring.key_counts(), providers_of(key_ring))
             health.config = app[KEYS_FILE].config
 
+    def keys_gone(scopes: tuple[Scope, ...]) -> None:
+        # Deleted (admin API, keys.json, the Redis store): nothing reads them again.
+        app[QUOTA].forget(scopes)
+        for scope in scopes:
+            if scope.kind == "key":
+                metrics.key_gone(scope.name)
+
     in_redis = settings.keys_store == "redis"
     app[KEYS_FILE] = KeysFile(
         settings.keys_file_path,
@@ -242,6 +254,7 @@ def build_app(
         # With the keys in Redis, keys.json only seeds an empty store: it is not reloaded.
         kept_elsewhere=KEYS_IN_REDIS if in_redis else None,
         siblings=siblings,
+        on_gone=keys_gone,
     )
     health.config = app[KEYS_FILE].config
     app[QUOTA] = Quota(
@@ -279,7 +292,7 @@ def build_app(
     app[REALTIME] = Realtime(settings, breakers)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
     app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
-    app[CACHE] = new_cache(settings, metrics, cache_clock)
+    app[CACHE] = new_cache(settings, metrics, cache_clock, siblings)
     app[PROBES] = Probes(
         breakers=breakers,
         targets=key_ring.every_target,  # the keys in force, after a reload too
@@ -421,10 +434,18 @@ async def _redis_keys(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> Cache:
-    """Entries in Redis when REDIS_URL is set (shared by every process), else in memory."""
+def new_cache(
+    settings: Settings,
+    metrics: Metrics,
+    clock: Callable[[], float],
+    siblings: Others | None = None,
+) -> Cache:
+    """Entries in Redis when REDIS_URL is set (shared by every process), else in memory
+    (each worker's own: its drops are told to the other workers, `siblings`)."""
     store: Store
+    others = None
     if settings.redis_url is None:
+        others = siblings
         store = MemoryStore(settings.cache_max_bytes, clock)
     else:
         from proxy.cache.redis_store import RedisStore
@@ -440,6 +461,7 @@ def new_cache(settings: Settings, metrics: Metrics, clock: Callable[[], float]) 
         on_store_lost=lambda error: metrics.redis_error_decision("uncached"),
         on_size=metrics.cache_size,
         clock=clock,
+        others=others,
     )
 
 
@@ -493,7 +515,8 @@ async def _logbook(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _cache(app: web.Application) -> AsyncIterator[None]:
-    yield
+    async with app[CACHE].running():  # with workers: the drops the others tell
+        yield
     await app[CACHE].close()  # answers still being stored reach the store first
 
 

@@ -417,10 +417,18 @@ class Exchange:
             self._entrance.metrics.quota_rejected(self.key.name)
             raise
 
-    async def admit(self, peek: QuotaRequest, serving: Serving | None = None) -> Admission | None:
-        """Admit the request by its key's quota and budget. Raises 429, 503.
+    async def admit(
+        self,
+        peek: QuotaRequest,
+        serving: Serving | None = None,
+        check: Callable[[VirtualKey], None] | None = None,
+    ) -> Admission | None:
+        """Admit the request by its key's quota and budget. Raises 429, 503, and after a
+        wait for a slot 401 (the key revoked meanwhile) or what `check` raises.
 
         `serving`: the target that will serve it (its reservation is priced there).
+        `check`: the transport's checks of the key on this request (its models: 403), made
+        again on the key as it is after a wait for a slot.
         None: nothing to settle (the tracker was lost and the request let through).
         """
         assert self.key is not None
@@ -429,7 +437,11 @@ class Exchange:
         try:
             admission = quota.admit_now(self.key, peek, serving)  # memory: no coroutine
             if admission is None:
-                admission = await quota.admit(self.key, peek, serving, self._current_key)
+
+                def current() -> VirtualKey:
+                    return self._current_key(check)
+
+                admission = await quota.admit(self.key, peek, serving, current)
             self.admission = admission
         except GatewayError as error:
             if error.status == 429:
@@ -437,14 +449,18 @@ class Exchange:
             raise
         return self.admission
 
-    def _current_key(self) -> VirtualKey:
+    def _current_key(self, check: Callable[[VirtualKey], None] | None) -> VirtualKey:
         """The request's key as the keys are now, for a request that waited for a slot:
-        revoked meanwhile, it is refused (401); changed, it is admitted and charged as it is
-        now, and its log line names its team as now. Where it is sent stays as it came."""
+        revoked meanwhile, it is refused (401); restricted meanwhile so that `check` refuses
+        this request (a model taken out of its allowed_models), refused as `check` says
+        (403); changed otherwise, it is admitted and charged as it is now, and its log line
+        names its team as now. Where it is sent stays as it came."""
         key = self._entrance.key_ring.authenticate(self._credentials)
         self.key = key
         team = key.team
         self.record.saw_key(key.name, key.provider.name, team.name if team else None)
+        if check is not None:
+            check(key)
         return key
 
     async def look_up(self, body: bytes) -> Lookup | None:
@@ -476,6 +492,7 @@ class Exchange:
 
         def current() -> VirtualKey:
             admitted[0] = entrance.key_ring.authenticate(self._credentials)
+            check(admitted[0])  # restricted while the turn waited: refused as at its start
             return admitted[0]
 
         try:

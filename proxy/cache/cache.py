@@ -10,15 +10,20 @@ of the store's claim.
 
 Failure of the store (Redis lost) never fails a request: the lookup is a miss, the store is
 skipped, and `on_store_lost` counts it. Hits are counted per key (/usage).
+
+With WORKERS > 1 and the entries in memory, each worker has its own: a drop is told to the
+others (`Others`: SIGUSR1 through the supervisor) and answered once each has made it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from multidict import CIMultiDict, MultiMapping
@@ -99,6 +104,24 @@ class Lookup:
 BYPASS = Lookup(Cached.BYPASS)
 
 
+class Others(Protocol):
+    """The other workers of this gateway (WORKERS > 1), each with its own entries in memory."""
+
+    async def drop(self, prefix: str) -> None:
+        """Tell every worker to drop the entries under `prefix` (SIGUSR1, through the
+        supervisor); return once each other one has, or after a second (one that died)."""
+        ...
+
+    def dropped(self) -> tuple[int, list[str] | None]:
+        """The serial of the last drop told, and the prefixes told since this worker last
+        asked (None: more than are kept: drop everything)."""
+        ...
+
+    def made_drops(self, upto: int) -> None:
+        """This worker has made the drops told up to serial `upto`."""
+        ...
+
+
 class Cache:
     def __init__(
         self,
@@ -111,6 +134,7 @@ class Cache:
         on_size: Callable[[int, int], None] = lambda entries, size: None,
         poll_seconds: float = 0.02,
         clock: Callable[[], float] = time.time,
+        others: Others | None = None,
     ) -> None:
         """`is_shared`: the store is Redis (claims and hit counts go there).
 
@@ -118,6 +142,7 @@ class Cache:
         `poll_seconds`: how often it looks for the entry of one in flight on another instance.
         `clock`: when an entry is stored, and how old it is when found (the memory store's
         clock; with Redis, Unix time, as every instance reads the entries).
+        `others`: the other workers, each with entries of its own, told each drop.
         """
         self._store = store
         self._is_shared = is_shared
@@ -129,6 +154,7 @@ class Cache:
         self._clock = clock
         self._flights = Flights()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._others = others
 
     async def lookup(
         self, key: VirtualKey, method: str, tail: str, query: str, headers: MultiMapping[str],
@@ -202,10 +228,45 @@ class Cache:
         else:
             assert scope is not None
             prefix = names.scope_prefix(names.shared_scope(scope))
+        dropped = await self._drop_here(prefix)
+        if self._others is not None:
+            await self._others.drop(prefix)
+        return dropped
+
+    async def _drop_here(self, prefix: str) -> int:
+        """Drop the entries under `prefix` from this process's store. Raises StoreUnavailable."""
         self._flights.forget(prefix)
         dropped = await self._store.drop(prefix, self._clock())
         self._on_size(*self._store.size())
         return dropped
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """While the app runs, with other workers: SIGUSR1 makes the drops they told."""
+        if self._others is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, self._on_told)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # not the default, which kills
+
+    def _on_told(self) -> None:
+        assert self._others is not None
+        upto, prefixes = self._others.dropped()
+        task = asyncio.get_running_loop().create_task(self._drop_told(upto, prefixes))
+        self._tasks.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop_told(self, upto: int, prefixes: list[str] | None) -> None:
+        """Another worker's drops, made here (None: too many were missed: every entry)."""
+        assert self._others is not None
+        for prefix in [""] if prefixes is None else prefixes:
+            await self._drop_here(prefix)  # memory: never unavailable
+        self._others.made_drops(upto)
 
     def waiting(self) -> int:
         """Requests of this process waiting for an identical one in flight."""

@@ -211,9 +211,24 @@ class KeyRing:
             for name in {target.provider.name for target in key.plans.every_target()}:
                 self._key_counts[name] = self._key_counts.get(name, 0) + 1
 
-    def replace(self, other: KeyRing) -> None:
+    def replace(self, other: KeyRing) -> tuple[Scope, ...]:
         """Take `other`'s keys in one step; requests in flight keep the key they hold. A pool
-        key resting (the provider's 429, 401, 403) still rests under the same key's name."""
+        key resting (the provider's 429, 401, 403) still rests under the same key's name.
+        Returns the scopes gone: of each key `other` does not have (by id: deleted, or made
+        again under its name by the admin API), its own and its model groups', and of each
+        team gone alike."""
+        kept, teams = other._by_id, other.teams
+        gone = [
+            scope
+            for key_id, key in self._by_id.items()
+            if key_id not in kept
+            for scope in (key.scope, *(group.scope for group in key.model_quotas))
+        ]
+        gone += (
+            team.scope
+            for name, team in self.teams.items()
+            if name not in teams or teams[name].scope.id != team.scope.id
+        )
         for key_id, index, name, pool in self._pools:
             if pool.has_rested:  # most pools never had a key set aside: nothing to carry
                 fresh = other._by_id.get(key_id)
@@ -226,6 +241,7 @@ class KeyRing:
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts
         self.left_out = other.left_out
         self._by_id = other._by_id
+        return tuple(gone)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())

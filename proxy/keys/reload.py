@@ -14,6 +14,8 @@ What a reload does not disturb: a request in flight holds the `VirtualKey` it
 authenticated with, so it finishes under the config it started with (and its tokens are
 charged to that key's window); quota windows are keyed by the key's name, so a rotated
 secret under the same name keeps its counts, and new limits apply from the next request.
+A key or team the swap removes is gone (`on_gone`): what the process keeps of it (windows,
+totals, its metric series) is dropped.
 
 With WORKERS, a change made through one worker's admin API reaches the others by SIGHUP
 (through the supervisor), and the change is answered once each has heard it (`Siblings`): a
@@ -61,6 +63,7 @@ from typing import Protocol
 
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing
+from proxy.quota.tracker import Scope
 
 log = logging.getLogger("llm_gateway")  # in a gateway process: stderr, never blocking
 
@@ -127,6 +130,7 @@ class KeysFile:
         on_sighup: Callable[[], None] = lambda: None,
         kept_elsewhere: str | None = None,
         siblings: Siblings | None = None,
+        on_gone: Callable[[tuple[Scope, ...]], None] = lambda scopes: None,
     ) -> None:
         self.path = path
         self._siblings = siblings  # told each SIGHUP was heard (WORKERS > 1)
@@ -136,6 +140,8 @@ class KeysFile:
         self._key_ring = key_ring
         self._load = load
         self._on_reload = on_reload  # None on success, else the reason it was refused
+        # Told the scopes of keys and teams a swap removed, so what is kept of them goes.
+        self._on_gone = on_gone
         self._is_watched = is_watched
         self._on_sighup_too = on_sighup  # what else SIGHUP asks of the app (reopen the log)
         self._seen = signature(path)  # the file as of the last reload, tried or done
@@ -179,7 +185,7 @@ class KeysFile:
             return None
 
     def _swap(self, fresh: KeyRing, loaded_at: str | None, trigger: str) -> None:
-        self._key_ring.replace(fresh)
+        gone = self._key_ring.replace(fresh)
         self.loaded_at = loaded_at
         log.info(
             "keys reloaded (%s, process %d) from %s: %d keys, config %s",
@@ -190,6 +196,8 @@ class KeysFile:
             fresh.digest,
         )
         self._on_reload(None)
+        if gone:
+            self._on_gone(gone)
 
     def is_reloading(self) -> bool:
         """Whether a reload or a change is under way, or asked for (SIGHUP: with WORKERS,

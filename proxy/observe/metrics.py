@@ -80,6 +80,7 @@ class Metrics:
             owner = None  # values live in the files; the collector reads every worker's
         # The series a request feeds, in plain floats in one process (series.py: why); with
         # workers, prometheus-client's, whose values go to the shared files.
+        self._is_multiprocess = multiprocess_dir is not None
         counter: Any = Counter if multiprocess_dir is not None else LoopCounter
         histogram: Any = Histogram if multiprocess_dir is not None else LoopHistogram
         gauge: Any = Gauge if multiprocess_dir is not None else LoopGauge
@@ -379,6 +380,13 @@ class Metrics:
     def quota_rejected(self, key: str) -> None:
         """Count a 429 from the tracker; `key` is the key's name."""
         self._quota_rejections.labels(key).inc()
+
+    def key_gone(self, key: str) -> None:
+        """A key deleted (`key`: its name): its series go, as Prometheus expects of a subject
+        that is gone. With workers the shared files keep what each worker counted: there
+        its series stay until the gateway restarts."""
+        if not self._is_multiprocess:  # prometheus-client cannot remove from the files
+            self._quota_rejections.remove(key)
 
     def limit_refused(self, scope: str, limit: str, team: str = "") -> None:
         """Count a 429 of a shared limit (`team`: the team's name, "" for other scopes)."""

@@ -104,6 +104,10 @@ class _Series(Collector, Generic[Child]):
     def labels(self, *values: str) -> Child:
         return self._child(values)
 
+    def remove(self, *values: str) -> None:
+        """Drop the child of these label values, if it has one (as prometheus-client's)."""
+        self._children.pop(values, None)
+
     def _child(self, values: tuple[str, ...]) -> Child:
         child = self._children.get(values)
         if child is None:

@@ -1,7 +1,8 @@
 """The tracker in this process's memory: every key's window in a dict.
 
 Keys are kept least recently active first; a key idle for a whole window (and with no
-request in flight) is evicted when a new key arrives, leaving only its totals. The
+request in flight) is evicted when a new key arrives, leaving only its totals, until the
+key is deleted (`forget`). The
 deferred work owed (background responses, batches) is kept oldest first, at most MAX_OWED
 (the oldest goes first: it is then never charged). What it does not do: share state between processes (that is
 `redis_tracker`'s job).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from proxy.quota.tracker import (
@@ -158,6 +159,15 @@ class MemoryTracker:
         if held is None or held[0] <= self._clock():
             return None
         return held[1]
+
+    def forget(self, scope_ids: Iterable[str]) -> None:
+        """Drop the windows and totals of scopes gone (a deleted key, a deleted team): a
+        deleted key's /usage answers 401, and an API-made key's name made again has a new
+        id, so nothing reads them again. A request of one still running opens its window
+        again when it settles, to be evicted when idle."""
+        for scope_id in scope_ids:
+            self._windows.pop(scope_id, None)
+            self._retired.pop(scope_id, None)
 
     async def flush(self) -> None:
         """Nothing to wait for: a settle is counted before `settle` returns."""

@@ -44,7 +44,7 @@ import math
 import operator
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from proxy.errors import GatewayError
 from proxy.quota.memory_tracker import MemoryTracker
@@ -330,6 +330,14 @@ class Quota:
             refused = closed[1]
             if refused.limits is None or refused.remaining_requests > 0:
                 del self._closed[key.id]
+
+    def forget(self, scopes: Sequence[Scope]) -> None:
+        """Drop what this process keeps of scopes gone (deleted keys and teams): a key's
+        last refusal, its micro-dollar fraction, the tracker's windows and totals."""
+        for scope in scopes:
+            self._closed.pop(scope.id, None)
+            self._fractions.pop(scope.id, None)
+        self.tracker.forget(scope.id for scope in scopes)
 
     def release(self, admission: Admission | None) -> None:
         """Give back the slots the request holds (at its end, or when its client leaves)."""

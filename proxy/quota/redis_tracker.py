@@ -45,7 +45,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -321,6 +321,10 @@ class RedisTracker:
         if self._abandoned:  # waited for, never cancelled (gather would cancel them)
             await asyncio.wait(list(self._abandoned))
         await asyncio.gather(self._send_held(), *self._flushing)
+
+    def forget(self, scope_ids: Iterable[str]) -> None:
+        """Nothing: every window and total is in Redis (a deleted key's totals hash stays
+        there, as its windows do until they expire)."""
 
     async def ping(self) -> None:
         """One PING, on the connection the scripts use (opened again if it was lost)."""

@@ -27,7 +27,7 @@ This module holds the shared vocabulary and the backends' protocol; `memory_trac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -388,6 +388,11 @@ class Tracker(Protocol):
     async def claim(self, deferred_id: str) -> Owed | None:
         """Take what is owed for `deferred_id`, whoever asks: to exactly one caller, in every
         process sharing the state; None when nothing is owed (any more)."""
+        ...
+
+    def forget(self, scope_ids: Iterable[str]) -> None:
+        """Drop what this process keeps of scopes no key or team has any more (deleted):
+        their windows and totals, never asked for again. Shared state is left as it is."""
         ...
 
     async def flush(self) -> None:

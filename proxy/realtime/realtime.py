@@ -128,6 +128,10 @@ class Realtime:
         is_unnamed = not names and not is_responses(exchange.tail) and hidden is None
         unnamed = [named.Unnamed("the provider's default model")] if is_unnamed else names
         named.check(key, unnamed, hidden)
+
+        def check(now: VirtualKey) -> None:  # the key as it is after a wait for a slot
+            named.check(now, unnamed, hidden)  # 403 (a model taken away)
+
         check_handshake(request)  # 400
         plan = key.plans.choose(model)  # 400 (no route serves the model)
         target = plan.primary
@@ -135,7 +139,8 @@ class Realtime:
         url = upstream_url(target.provider, exchange.tail, exchange.query)
         turns = Turns(exchange, target) if is_responses(exchange.tail) else None
         if turns is None:
-            admission = await exchange.admit(Peek(model=model), target)  # 429, 503
+            admission = await exchange.admit(Peek(model=model), target, check)  # 429, 503
+            key = exchange.key or key  # as it is now, after a wait for a slot
         else:  # each turn is admitted when it is sent; a key refused right now is told so now
             exchange.precheck(None)  # 429
             admission = None

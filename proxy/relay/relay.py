@@ -98,7 +98,11 @@ class Relay:
         # the first that will be tried (a route's target, a fallback while the primary's
         # breaker is open), not at the key's first provider.
         order = failover.order(plan, affinity)
-        admission = await exchange.admit(peek, failover.first_tried(order))  # 429, 503
+
+        def check(now: VirtualKey) -> None:  # the key as it is after a wait for a slot
+            validate(tail, request, sent, now, limit, record)  # 403 (a model taken away)
+
+        admission = await exchange.admit(peek, failover.first_tried(order), check)  # 429, 503
         found = None if key.cache is None else await exchange.look_up(sent)
         if found is not None and found.entry is not None:  # a stored answer: never upstream
             return await self.answer_hit(request, found.entry, admission, record)

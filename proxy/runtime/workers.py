@@ -8,6 +8,10 @@ the same port (SO_REUSEPORT: the kernel spreads connections). The parent only su
 - SIGHUP: forwarded to every worker, where the app reloads keys.json; never fatal. A
   worker that asks for it (its admin API changed keys.json) waits until each other worker
   has heard it (`Siblings`: a count per worker in shared memory).
+- SIGUSR1: forwarded to every worker, where the app drops the cache entries another worker's
+  admin API dropped (caches in memory: each worker has its own). The prefixes dropped go
+  through shared memory (`Drops`), and the worker that dropped waits until each other one
+  has dropped them too, as for SIGHUP.
 - A worker that dies (a crash, an OOM kill, kill -9) is replaced at once; the others and
   their connections are untouched, and its live gauges leave the metrics sum
   (`forget_worker`). A worker that dies before it listens failed to start: after
@@ -48,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.context import ForkProcess
 from multiprocessing.synchronize import Event
@@ -65,7 +70,11 @@ START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gi
 HEARD_WITHIN_SECONDS = 1.0
 HEARD_POLL_SECONDS = 0.001
 EXIT_REFUSED = 2  # the gateway refused to start (and said why): a bad setting, keys, a port
-_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+# Cache drops told between workers: the last DROP_SLOTS prefixes (a key's or a scope's: 27
+# characters) are kept; a worker that missed more drops everything.
+DROP_SLOTS = 64
+DROP_BYTES = 64
 
 
 def run(settings: Settings, key_ring: KeyRing) -> int:
@@ -81,11 +90,48 @@ def run(settings: Settings, key_ring: KeyRing) -> int:
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
     signal.signal(signal.SIGHUP, workers.forward)
+    signal.signal(signal.SIGUSR1, workers.forward)
     try:
         return workers.run()
     finally:
         if not chosen:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class Drops:
+    """The cache drops told between the workers, in memory they all share, under one lock:
+    a ring of the last DROP_SLOTS prefixes dropped, the serial of the last, and per worker
+    (by slot) the serial up to which it has made them."""
+
+    def __init__(self, context: multiprocessing.context.ForkContext, worker_count: int) -> None:
+        self.lock = context.Lock()
+        self.serial = context.RawValue("Q", 0)
+        self.prefixes = context.RawArray("c", DROP_SLOTS * DROP_BYTES)
+        self.heard = context.RawArray("Q", worker_count)
+
+    def put(self, prefix: str) -> int:
+        """Its serial."""
+        encoded = prefix.encode()
+        assert len(encoded) <= DROP_BYTES, "a cache scope's prefix is a digest: short"
+        with self.lock:
+            serial: int = self.serial.value + 1
+            at = serial % DROP_SLOTS * DROP_BYTES
+            self.prefixes[at : at + DROP_BYTES] = encoded.ljust(DROP_BYTES, b"\0")
+            self.serial.value = serial
+        return serial
+
+    def since(self, seen: int) -> tuple[int, list[str] | None]:
+        """The serial of the last drop, and the prefixes dropped after `seen` (None: more
+        than the ring keeps, so drop everything)."""
+        with self.lock:
+            serial: int = self.serial.value
+            if serial - seen > DROP_SLOTS:
+                return serial, None
+            found = []
+            for n in range(seen + 1, serial + 1):
+                at = n % DROP_SLOTS * DROP_BYTES
+                found.append(bytes(self.prefixes[at : at + DROP_BYTES]).rstrip(b"\0").decode())
+        return serial, found
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +153,7 @@ class Workers:
         self._context = multiprocessing.get_context("fork")
         # The SIGHUPs each worker (by slot) has heard, shared by all: `Siblings`.
         self._heard = self._context.RawArray("Q", settings.worker_count)
+        self._drops = Drops(self._context, settings.worker_count)  # cache drops: `Siblings`
         self._slots: list[Worker | None] = []  # None: ended, not replaced (stopping)
         self._failed_starts = [0] * settings.worker_count
         self._is_stopping = False
@@ -145,7 +192,7 @@ class Workers:
         process = self._context.Process(
             target=_work,
             args=(self._settings, self._key_ring, self._metrics_dir, self._owns_metrics_dir),
-            kwargs={"started": started, "slot": slot, "heard": self._heard},
+            kwargs={"started": started, "slot": slot, "heard": self._heard, "drops": self._drops},
             name=f"worker-{slot}",
         )
         # The child runs the parent's handlers until it installs its own: hold the signals
@@ -188,6 +235,7 @@ def _work(
     started: Event,
     slot: int,
     heard: ctypes.Array[ctypes.c_uint64],
+    drops: Drops,
 ) -> None:
     os.setpgrp()  # signals come through the parent, once
     parent = os.getppid()
@@ -195,11 +243,12 @@ def _work(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the cache takes it (SIG_DFL kills)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     try:
         serve(
             settings,
-            build_app(settings, key_ring, metrics_dir, Siblings(parent, slot, heard)),
+            build_app(settings, key_ring, metrics_dir, Siblings(parent, slot, heard, drops)),
             label=f" (worker {os.getpid()})",
             reuse_port=True,
             on_listening=started.set,
@@ -214,24 +263,51 @@ def _work(
 class Siblings:
     """A worker's view of the others, for keys.json (`reload.Siblings`): SIGHUP through the
     parent, and a count per worker (`heard`, by slot, in memory they all share) of the
-    SIGHUPs it has heard, each adding to its own."""
+    SIGHUPs it has heard, each adding to its own; and for cache drops (`cache.Others`):
+    SIGUSR1 through the parent, the prefixes in `drops`."""
 
-    def __init__(self, parent: int, slot: int, heard: ctypes.Array[ctypes.c_uint64]) -> None:
+    def __init__(
+        self, parent: int, slot: int, heard: ctypes.Array[ctypes.c_uint64], drops: Drops
+    ) -> None:
         self._parent, self._slot, self._heard = parent, slot, heard
+        self._drops = drops
+        self._seen = drops.serial.value  # started now: its cache holds nothing dropped before
 
     async def reload(self) -> None:
-        if os.getppid() != self._parent:  # an orphan drains and exits; its pid may be reused
-            return
         before = self._heard[:]
-        os.kill(self._parent, signal.SIGHUP)  # the parent passes it to every worker
-        deadline = time.monotonic() + HEARD_WITHIN_SECONDS
-        while time.monotonic() < deadline and any(
-            count <= before[slot] for slot, count in enumerate(self._heard) if slot != self._slot
-        ):
-            await asyncio.sleep(HEARD_POLL_SECONDS)
+        await self._tell(
+            signal.SIGHUP,
+            lambda: any(c <= before[s] for s, c in enumerate(self._heard) if s != self._slot),
+        )
 
     def heard(self) -> None:
         self._heard[self._slot] += 1
+
+    async def drop(self, prefix: str) -> None:
+        serial, made = self._drops.put(prefix), self._drops.heard
+        await self._tell(
+            signal.SIGUSR1,
+            lambda: any(upto < serial for s, upto in enumerate(made) if s != self._slot),
+        )
+
+    def dropped(self) -> tuple[int, list[str] | None]:
+        serial, found = self._drops.since(self._seen)
+        self._seen = serial
+        return serial, found
+
+    def made_drops(self, upto: int) -> None:
+        made = self._drops.heard
+        made[self._slot] = max(made[self._slot], upto)
+
+    async def _tell(self, signum: int, waiting: Callable[[], bool]) -> None:
+        """Signal every worker through the parent; return once no other one is `waiting`,
+        or after HEARD_WITHIN_SECONDS (one that died, being replaced)."""
+        if os.getppid() != self._parent:  # an orphan drains and exits; its pid may be reused
+            return
+        os.kill(self._parent, signum)  # the parent passes it to every worker
+        deadline = time.monotonic() + HEARD_WITHIN_SECONDS
+        while time.monotonic() < deadline and waiting():
+            await asyncio.sleep(HEARD_POLL_SECONDS)
 
 
 def _stop_when_orphaned(parent: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_app, load_keys
+from proxy.app import KEY_RING, QUOTA, build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
 from tests.support.clock import Clock
@@ -716,3 +716,26 @@ async def test_answers_carrying_a_key_tell_every_cache_not_to_store_them(
     for answer in answers:
         assert answer.status in (200, 201), await answer.text()
         assert answer.headers.get("cache-control") == "no-store", answer.url
+
+
+async def test_a_deleted_key_leaves_no_series_and_no_totals_behind(admin_gateway: Make) -> None:
+    # CI making a key per run and deleting it after: each deleted key kept its refusal
+    # series on /metrics and its totals in memory for the life of the process, unreachable
+    # (its /usage answers 401) and growing with every run.
+    gateway = await admin_gateway()
+    kept = (await create(gateway, name="kept", quota={"requests": 1}))["key"]
+    gone = (await create(gateway, name="ci-run-1", quota={"requests": 1}))["key"]
+    for key in (kept, gone):
+        assert [await chat(gateway, key), await chat(gateway, key)] == [200, 429]
+    key_id = next(key.id for key in gateway.app[KEY_RING] if key.name == "ci-run-1")
+    deleted = await gateway.delete("/admin/keys/ci-run-1", headers=ADMIN)
+    assert deleted.status == 204
+    text = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_quota_rejections_total{key="kept"} 1.0' in text
+    assert 'key="ci-run-1"' not in text
+    tracker = gateway.app[QUOTA].tracker
+    totals = (await tracker.report(key_id, None))["totals"]
+    assert totals["requests"] == 0
+    assert (await (await gateway.get("/usage", headers=auth(kept))).json())["totals"][
+        "requests"
+    ] == 1

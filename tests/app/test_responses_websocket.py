@@ -319,3 +319,38 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_revoked_meanwhile_is_refused(
     assert refused["type"] == "error" and refused["status"] == 401, refused
     assert creates(sockets.sockets[-1]) == 0
     await ws.close()
+
+
+async def test_a_turn_waiting_for_a_slot_of_a_key_restricted_meanwhile_is_refused(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # A turn queued for its key's one slot had its models checked against the key it was
+    # sent under: a model taken out of allowed_models meanwhile still went upstream.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry}, ADMIN_TOKEN=ADMIN)
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: quota.queued == 1)
+    narrowed = await gateway.patch(
+        "/admin/keys/turns",
+        json={"allowed_models": ["gpt-5*"]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert narrowed.status == 200, await narrowed.text()
+    holder.close()  # the slot comes back
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 403, refused
+    assert creates(sockets.sockets[-1]) == 0
+    await ws.close()

@@ -507,6 +507,72 @@ async def test_a_request_waiting_for_a_slot_of_a_key_revoked_meanwhile_gets_401(
     assert lines["waiting"]["status"] == 401 and lines["waiting"]["key"] == "member-1"
 
 
+async def test_a_request_waiting_for_a_slot_of_a_key_restricted_meanwhile_gets_403(
+    teams_gateway: Any, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # Its key's allowed_models narrowed while it waited, it was served once the slot came
+    # back: the model the operator had just taken away reached the provider after the 200.
+    gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
+    quota = gateway.app[QUOTA]
+    holder = await hold(gateway, MEMBERS[0])
+    waiting = asyncio.create_task(chat(gateway, MEMBERS[1], **{"x-request-id": "waiting"}))
+    await until(lambda: quota.queued == 1)
+    narrowed = await gateway.patch(
+        "/admin/keys/member-1",
+        json={"allowed_models": ["claude-*"]},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert narrowed.status == 200, await narrowed.text()
+    holder.close()  # the slot comes back
+    assert await waiting == 403
+    assert len(fake.requests) == 1
+    lines = {line.get("request_id"): line for line in await records(2)}
+    assert lines["waiting"]["status"] == 403 and lines["waiting"]["key"] == "member-1"
+    # The refused request gave its slot back: the next one of the team is served.
+    assert await chat(gateway, MEMBERS[2]) == 200
+
+
+async def test_a_realtime_session_waiting_for_a_slot_of_a_key_restricted_meanwhile_is_refused(
+    teams_gateway: Any,
+) -> None:
+    # A session that waited for its slot opened under the key as it was when it arrived: a
+    # model taken away meanwhile was connected, and a key restricted meanwhile had its
+    # session updates unchecked (their gate is set for a restricted key only).
+    gateway = await teams_gateway({"max_in_flight": 1, "queue_seconds": 30})
+    quota = gateway.app[QUOTA]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    options = {"headers": auth(MEMBERS[1]), "protocols": ["realtime"], "autoclose": False}
+    holder = await hold(gateway, MEMBERS[0])
+    waiting = asyncio.create_task(gateway.ws_connect("/v1/realtime?model=gpt-realtime", **options))
+    await until(lambda: quota.queued == 1)
+    narrowed = await gateway.patch(
+        "/admin/keys/member-1", json={"allowed_models": ["claude-*"]}, headers=admin
+    )
+    assert narrowed.status == 200, await narrowed.text()
+    holder.close()  # the slot comes back
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await waiting
+    assert refused.value.status == 403
+
+    # Unrestricted when the next session arrives, the key may use gpt-realtime only after.
+    await gateway.patch("/admin/keys/member-1", json={"allowed_models": None}, headers=admin)
+    holder = await hold(gateway, MEMBERS[0])
+    waiting = asyncio.create_task(gateway.ws_connect("/v1/realtime?model=gpt-realtime", **options))
+    await until(lambda: quota.queued == 1)
+    narrowed = await gateway.patch(
+        "/admin/keys/member-1", json={"allowed_models": ["gpt-realtime"]}, headers=admin
+    )
+    assert narrowed.status == 200, await narrowed.text()
+    holder.close()
+    session = await waiting
+    await session.receive(timeout=5)  # session.created
+    update = {"input_audio_transcription": {"model": "gpt-4o-transcribe"}}
+    await session.send_json({"type": "session.update", "session": update})
+    answer = json.loads((await session.receive(timeout=5)).data)
+    assert answer["type"] == "error" and answer["error"]["code"] == "model_not_allowed"
+    await session.close()
+
+
 async def test_a_request_waiting_for_its_own_keys_slot_does_not_hold_up_its_teams_line(
     teams_gateway: Any, fake: Any
 ) -> None:
