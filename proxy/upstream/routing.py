@@ -36,10 +36,12 @@ _ENCODED_UNRESERVED = re.compile(r"%(2[dD]|2[eE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
 # A scheme and '//' inside the path: `/v1/http://evil.example/x`.
 _ABSOLUTE_URL = re.compile(r"(^|/)[a-z][a-z0-9+.-]*:(//|%2f%2f)", re.IGNORECASE)
-# Bedrock's model id may be an ARN (an application inference profile, a provisioned model),
-# whose one '/' the SDK and boto3 send encoded in `model/<id>/<action>`: no separator there.
+# Bedrock's model id may be an ARN (an application inference profile, a provisioned model, a
+# Bedrock Marketplace model's SageMaker endpoint), whose one '/' the SDK and boto3 send
+# encoded in `model/<id>/<action>`: no separator there.
 _BEDROCK_ARN = re.compile(
-    r"arn:aws[a-z-]*:bedrock:[a-z0-9-]*:[0-9]*:[a-z-]+/[A-Za-z0-9][A-Za-z0-9_.:-]*"
+    r"arn:aws[a-z-]*:(?:bedrock:[a-z0-9-]*:[0-9]*:[a-z-]+|sagemaker:[a-z0-9-]*:[0-9]*:endpoint)"
+    r"/[A-Za-z0-9][A-Za-z0-9_.:-]*"
 )
 # A tail none of the checks below can refuse (most): segments of letters, digits, '_', '-',
 # '.' and ':' that start with none of the last two, so none is empty, '.' or '..', and no

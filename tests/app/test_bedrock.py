@@ -187,6 +187,45 @@ async def test_an_inference_profile_arn_is_a_model_id(
     assert (await records(1))[0]["model"] == PROFILE
 
 
+MARKETPLACE = f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/my-marketplace-endpoint"
+
+
+def botocore_converse(gateway: TestClient, key: str, model: str) -> dict[str, Any]:
+    """boto3's bedrock-runtime Converse in gateway mode (unsigned, its virtual key as a bearer
+    token): the answer."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    messages = [{"role": "user", "content": [{"text": "hi"}]}]
+    try:
+        answer: dict[str, Any] = client.converse(modelId=model, messages=messages)
+    finally:
+        client.close()
+    return answer
+
+
+async def test_a_marketplace_endpoint_arn_is_a_model_id(
+    gateway: TestClient, bedrock: BedrockState, records
+) -> None:
+    """A Bedrock Marketplace model is called by its SageMaker endpoint's ARN
+    (`aws bedrock-runtime converse --model-id arn:aws:sagemaker:…:endpoint/<name>`), its '/'
+    sent encoded as an inference profile's is: it was refused 400 as an encoded slash."""
+    answer = await asyncio.to_thread(botocore_converse, gateway, BEDROCK_VK, MARKETPLACE)
+    assert answer["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    encoded = MARKETPLACE.replace(":", "%3A").replace("/", "%2F")  # as botocore sends it
+    assert bedrock.seen[0][0] == f"/model/{encoded}/converse"
+    assert (await records(1))[0]["model"] == MARKETPLACE
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -195,6 +234,7 @@ async def test_an_inference_profile_arn_is_a_model_id(
         "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/x%2Fy",
         "/v1/chat/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/invoke",
         "/v1/model/not-an-arn%2Fa/invoke",
+        "/v1/model/arn:aws:sagemaker:us-west-2:1:notebook-instance%2Fa/invoke",
     ],
 )
 async def test_an_encoded_slash_elsewhere_is_still_refused(
