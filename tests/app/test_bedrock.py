@@ -226,6 +226,44 @@ async def test_a_marketplace_endpoint_arn_is_a_model_id(
     assert (await records(1))[0]["model"] == MARKETPLACE
 
 
+def botocore_count(gateway: TestClient, key: str, text: str) -> dict[str, Any]:
+    """boto3's bedrock-runtime CountTokens (of a Converse request) in gateway mode."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    messages = [{"role": "user", "content": [{"text": text}]}]
+    try:
+        counted: dict[str, Any] = client.count_tokens(
+            modelId=CLAUDE, input={"converse": {"messages": messages}}
+        )
+    finally:
+        client.close()
+    return counted
+
+
+async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) -> None:
+    """Bedrock's CountTokens (`model/<id>/count-tokens`, boto3's count_tokens) generates
+    nothing and costs nothing, as Anthropic's and Vertex's token counts: a prompt as large as
+    the key's window of 1,000 tokens is counted twice, and the window stays empty."""
+    for _ in range(2):
+        counted = await asyncio.to_thread(botocore_count, gateway, SMALL_VK, "x" * 3600)
+        assert counted["inputTokens"] == INPUT_TOKENS
+    lines = await records(2)
+    assert [(line["status"], line["usage"], line["cost_usd"]) for line in lines] == [
+        (200, None, None)
+    ] * 2
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        assert (await usage.json())["tokens"]["used"] == 0
+
+
 @pytest.mark.parametrize(
     "path",
     [

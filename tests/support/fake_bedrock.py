@@ -158,6 +158,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return web.json_response(_message(model, pieces))
     if action == "converse":
         return web.json_response(_converse(pieces, request.headers))
+    if action == "count-tokens":  # CountTokens: the prompt's tokens, nothing generated
+        return web.json_response({"inputTokens": INPUT_TOKENS})
     if action == "invoke-with-response-stream":
         frames = [_chunk(event) for event in _message_events(model, pieces)]
     elif action == "converse-stream":
