@@ -187,6 +187,30 @@ async def test_an_inference_profile_arn_is_a_model_id(
     assert (await records(1))[0]["model"] == PROFILE
 
 
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        ("meta.llama3-1-70b-instruct-v1:0", {"prompt": "say hello please", "max_gen_len": 50}),
+        ("amazon.titan-text-express-v1", {"inputText": "say hello please"}),
+    ],
+)
+async def test_an_invoke_answer_of_another_family_is_charged_its_counted_tokens(
+    gateway: TestClient, bedrock: BedrockState, records, model: str, body: dict[str, Any]
+) -> None:
+    """A Llama's or a Titan's invoke answer is the model's own body, with no usage object the
+    gateway reads: it was charged the prompt's estimate and no completion at all (the text
+    under `generation` or `results` unread). Bedrock counts every InvokeModel answer's tokens
+    in its X-Amzn-Bedrock-Input-Token-Count and -Output-Token-Count headers: those are
+    charged, exactly."""
+    headers = {**auth(BEDROCK_VK), "x-fake-chunks": "5"}
+    response = await gateway.post(f"/v1/model/{model}/invoke", json=body, headers=headers)
+    assert response.status == 200, await response.text()
+    (line,) = await records(1)
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+    assert line["usage"]["completion_tokens"] == 5
+    assert line["usage"]["estimated"] is False
+
+
 MARKETPLACE = f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/my-marketplace-endpoint"
 
 

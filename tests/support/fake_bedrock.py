@@ -5,7 +5,10 @@ sent, the signed headers, the exact body bytes) and the same credentials the gat
 keys.json holds; a request signed otherwise, or with one byte changed, gets Bedrock's 403
 (InvalidSignatureException). Then it answers Bedrock's native paths for a Claude model:
 
-    POST /model/{id}/invoke                        an Anthropic message, JSON
+    POST /model/{id}/invoke                        an Anthropic message, JSON (a meta.*
+                                                   model: Llama's body; amazon.titan-text*:
+                                                   Titan's), its token counts also in
+                                                   X-Amzn-Bedrock-Input/Output-Token-Count
     POST /model/{id}/invoke-with-response-stream   AWS event-stream frames: each a `chunk`
                                                    {"bytes": base64 of an Anthropic event};
                                                    the last adds invocation metrics
@@ -155,7 +158,32 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
     if action == "invoke":
-        return web.json_response(_message(model, pieces))
+        # Every InvokeModel answer counts its tokens in headers, whatever the model's body.
+        counted = {
+            "X-Amzn-Bedrock-Input-Token-Count": str(INPUT_TOKENS),
+            "X-Amzn-Bedrock-Output-Token-Count": str(len(pieces)),
+        }
+        if model.startswith("meta."):  # Llama's own body: its counts, under its own names
+            llama = {
+                "generation": "".join(pieces),
+                "prompt_token_count": INPUT_TOKENS,
+                "generation_token_count": len(pieces),
+                "stop_reason": "stop",
+            }
+            return web.json_response(llama, headers=counted)
+        if model.startswith("amazon.titan-text"):  # Titan's: `results`, no usage object
+            titan = {
+                "inputTextTokenCount": INPUT_TOKENS,
+                "results": [
+                    {
+                        "tokenCount": len(pieces),
+                        "outputText": "".join(pieces),
+                        "completionReason": "FINISH",
+                    }
+                ],
+            }
+            return web.json_response(titan, headers=counted)
+        return web.json_response(_message(model, pieces), headers=counted)
     if action == "converse":
         return web.json_response(_converse(pieces, request.headers))
     if action == "count-tokens":  # CountTokens: the prompt's tokens, nothing generated
