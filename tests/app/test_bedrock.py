@@ -211,6 +211,61 @@ async def test_an_invoke_answer_of_another_family_is_charged_its_counted_tokens(
     assert line["usage"]["estimated"] is False
 
 
+def botocore_client(gateway: TestClient, key: str) -> Any:
+    """boto3's bedrock-runtime client in gateway mode: unsigned, its virtual key as a bearer
+    token."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    return client
+
+
+INVOCATION = f"arn:aws:bedrock:{REGION}:123456789012:async-invoke/q2n4r6t8v0x1"
+GUARDRAIL = f"arn:aws:bedrock:{REGION}:123456789012:guardrail/gr1a2b3c4d5e"
+
+
+def botocore_follow_up(gateway: TestClient, key: str) -> tuple[str, str]:
+    """An async invocation's state (GetAsyncInvoke) and a guardrail applied by its ARN
+    (ApplyGuardrail), as boto3 sends them: each ARN in its path segment, '/' encoded."""
+    client = botocore_client(gateway, key)
+    try:
+        invocation = client.get_async_invoke(invocationArn=INVOCATION)
+        applied = client.apply_guardrail(
+            guardrailIdentifier=GUARDRAIL,
+            guardrailVersion="1",
+            source="INPUT",
+            content=[{"text": {"text": "hello"}}],
+        )
+    finally:
+        client.close()
+    return invocation["status"], applied["action"]
+
+
+async def test_an_invocation_or_a_guardrail_named_by_its_arn_passes(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """After StartAsyncInvoke, a client polls its invocation by ARN (GetAsyncInvoke,
+    `GET /async-invoke/<ARN>`), and a guardrail may be named by its ARN (ApplyGuardrail):
+    boto3 sends each ARN's '/' encoded in its one path segment, as a model ARN's. Both were
+    refused 400 invalid_path as an encoded slash."""
+    answered = await asyncio.to_thread(botocore_follow_up, gateway, BEDROCK_VK)
+    assert answered == ("InProgress", "NONE")
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    encoded = [arn.replace(":", "%3A").replace("/", "%2F") for arn in (INVOCATION, GUARDRAIL)]
+    assert [seen[0] for seen in bedrock.seen] == [
+        f"/async-invoke/{encoded[0]}",
+        f"/guardrail/{encoded[1]}/version/1/apply",
+    ]
+
+
 MARKETPLACE = f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/my-marketplace-endpoint"
 
 
@@ -297,6 +352,9 @@ async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) ->
         "/v1/chat/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/invoke",
         "/v1/model/not-an-arn%2Fa/invoke",
         "/v1/model/arn:aws:sagemaker:us-west-2:1:notebook-instance%2Fa/invoke",
+        "/v1/async-invoke/arn:aws:bedrock:us-west-2:1:async-invoke%2F..%2Fx",
+        "/v1/async-invoke/not-an-arn%2Fa",
+        "/v1/guardrail/arn:aws:bedrock:us-west-2:1:guardrail%2Fa/x%2Fy",
     ],
 )
 async def test_an_encoded_slash_elsewhere_is_still_refused(

@@ -17,6 +17,9 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
                                                    messageStop, metadata (usage)
     POST /async-invoke                             an invocation's ARN (the model is the
                                                    body's `modelId`; its output goes to S3)
+    GET  /async-invoke/{ARN}                       that invocation's state (its ARN's '/'
+                                                   sent encoded, as boto3 sends it)
+    POST /guardrail/{id or ARN}/version/{v}/apply  ApplyGuardrail: no intervention
 
 An invoke answer names the model as Bedrock does, by Anthropic's own name
 (`us.anthropic.claude-sonnet-4-5-20250929-v1:0` answers `claude-sonnet-4-5-20250929`). It
@@ -93,6 +96,8 @@ def bedrock_app(
     app[BEDROCK_STATE] = BedrockState(access_key_id, secret_access_key, session_token, region)
     app.router.add_post("/model/{model}/{action}", _handle)
     app.router.add_post("/async-invoke", _handle)
+    app.router.add_get("/async-invoke/{arn:.+}", _handle)  # the ARN's '/' came encoded
+    app.router.add_post("/guardrail/{guardrail:.+}/version/{version}/apply", _handle)
     return app
 
 
@@ -153,6 +158,20 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if request.path == "/async-invoke":
         return web.json_response(
             {"invocationArn": f"arn:aws:bedrock:{state.region}:1:async-invoke/x"}
+        )
+    if "arn" in request.match_info:  # GetAsyncInvoke: the invocation's state
+        return web.json_response(
+            {
+                "invocationArn": request.match_info["arn"],
+                "modelArn": f"arn:aws:bedrock:{state.region}::foundation-model/amazon.nova-reel-v1:1",
+                "status": "InProgress",
+                "submitTime": "2026-01-01T00:00:00Z",
+                "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://bucket/videos/"}},
+            }
+        )
+    if "guardrail" in request.match_info:  # ApplyGuardrail: nothing to intervene on
+        return web.json_response(
+            {"usage": {"topicPolicyUnits": 1}, "action": "NONE", "outputs": [], "assessments": []}
         )
     model = request.match_info["model"]
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
