@@ -41,7 +41,7 @@ from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
 from proxy.upstream.wire import Reply as WireReply
-from proxy.usage import openai_chat
+from proxy.usage import bedrock, openai_chat
 from proxy.usage.openai_chat import UsageChunkFilter
 from proxy.usage.usage import TapMemory, UsageTap, charged
 
@@ -162,6 +162,8 @@ class Relay:
             self.tap_memory,
             record.path,
         )
+        if record.path.endswith(bedrock.INVOKE):  # counted in its headers, any model family
+            tap.counted_aside(bedrock.counted_in_headers(reply.headers))
         silences = self.silences
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py): read whole.

@@ -78,6 +78,8 @@ class Provider:
     signing: str = ""  # one of SIGNINGS: "" sends a key in `auth`'s header
     # The base URL of a target in `{region}` (a cloud's); "" when base_url is the only one.
     regional_url: str = ""
+    # The regions whose endpoint is not on that pattern: region -> its base URL.
+    region_urls: Mapping[str, str] = field(default_factory=dict)
     # Worked out once from the above (__post_init__), not on every request: base_url as a
     # string without its trailing slash; the credential's header and what precedes the key.
     _base: str = field(init=False, repr=False, compare=False)
@@ -94,9 +96,8 @@ class Provider:
         """This provider at `region`'s endpoint (itself when its base URL is fixed)."""
         if not self.regional_url:
             return self
-        if region == "global" and self.signing == "google":
-            return replace(self, base_url=URL("https://aiplatform.googleapis.com/v1"))
-        return replace(self, base_url=URL(self.regional_url.format(region=region)))
+        url = self.region_urls.get(region) or self.regional_url.format(region=region)
+        return replace(self, base_url=URL(url))
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         """The header that carries the real key, in this provider's style."""
@@ -143,6 +144,12 @@ BUILTINS: dict[str, Provider] = {
         api="vertex",
         signing="google",
         regional_url="https://{region}-aiplatform.googleapis.com/v1",
+        # The global endpoint, and the multi-region ones (`us`, `eu`), as the SDKs know them.
+        region_urls={
+            "global": "https://aiplatform.googleapis.com/v1",
+            "us": "https://aiplatform.us.rep.googleapis.com/v1",
+            "eu": "https://aiplatform.eu.rep.googleapis.com/v1",
+        },
     ),
     # Azure has no shared endpoint: each resource sets its base_url in keys.json.
     "azure": Provider("azure", URL(""), "api-key"),

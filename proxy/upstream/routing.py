@@ -10,7 +10,8 @@ letter, digit, '-', '.', '_' or '~', decoded: the same path to the provider), so
 provider sees the same bytes; anything that could move the request off the provider's
 base URL (`..` or `.` segments, `;` parameters or not (`..;`), encoded slashes or
 backslashes, an absolute URL, an empty segment, a control character) is refused (but the
-'%2F' of a Bedrock model ARN) with 400 before it goes anywhere. Any other path gets 404
+'%2F' of a Bedrock ARN: a model's, an async invocation's, a guardrail's) with 400 before it
+goes anywhere. Any other path gets 404
 naming the proxied ones; the gateway's own endpoints, reached here only with a method they
 do not serve, get 405. Routing needs no key: the exchange routes first.
 """
@@ -36,11 +37,19 @@ _ENCODED_UNRESERVED = re.compile(r"%(2[dD]|2[eE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]|%(0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
 # A scheme and '//' inside the path: `/v1/http://evil.example/x`.
 _ABSOLUTE_URL = re.compile(r"(^|/)[a-z][a-z0-9+.-]*:(//|%2f%2f)", re.IGNORECASE)
-# Bedrock's model id may be an ARN (an application inference profile, a provisioned model),
-# whose one '/' the SDK and boto3 send encoded in `model/<id>/<action>`: no separator there.
+# Bedrock's model id may be an ARN (an application inference profile, a provisioned model, a
+# Bedrock Marketplace model's SageMaker endpoint), whose one '/' the SDK and boto3 send
+# encoded in `model/<id>/<action>`: no separator there. So are an async invocation's ARN and a
+# guardrail's (`_ARN_ROOTS`).
 _BEDROCK_ARN = re.compile(
-    r"arn:aws[a-z-]*:bedrock:[a-z0-9-]*:[0-9]*:[a-z-]+/[A-Za-z0-9][A-Za-z0-9_.:-]*"
+    r"arn:aws[a-z-]*:(?:bedrock:[a-z0-9-]*:[0-9]*:[a-z-]+|sagemaker:[a-z0-9-]*:[0-9]*:endpoint)"
+    r"/[A-Za-z0-9][A-Za-z0-9_.:-]*"
 )
+# Bedrock's paths whose segment after this root may be an ARN: a model's
+# (`model/<id>/<action>`), an async invocation's (GetAsyncInvoke: `async-invoke/<ARN>`, the
+# whole path) and a guardrail's (ApplyGuardrail: `guardrail/<id>/version/<v>/apply`).
+_INVOCATIONS = "async-invoke"
+_ARN_ROOTS = frozenset(("model", _INVOCATIONS, "guardrail"))
 # A tail none of the checks below can refuse (most): segments of letters, digits, '_', '-',
 # '.' and ':' that start with none of the last two, so none is empty, '.' or '..', and no
 # '%', '\', control character or '//' anywhere. It skips them; any other tail takes them.
@@ -143,11 +152,13 @@ def _decoded(escape: re.Match[str]) -> str:
 
 
 def _without_bedrock_arn(tail: str) -> str:
-    """`tail` less a Bedrock model segment that is an ARN (`model/<ARN>/...`): the '%2F' in
-    it is the ARN's own. Any other tail as it is."""
+    """`tail` less a Bedrock segment that is an ARN (`model/<ARN>/...`, `async-invoke/<ARN>`,
+    `guardrail/<ARN>/...`): the '%2F' in it is the ARN's own. Any other tail as it is."""
     first, _, rest = tail.partition("/")
-    model, _, after = rest.partition("/")
-    if first == "model" and after and _BEDROCK_ARN.fullmatch(unquote(model)):
+    if first not in _ARN_ROOTS:
+        return tail
+    arn, _, after = rest.partition("/")
+    if (after or first == _INVOCATIONS) and _BEDROCK_ARN.fullmatch(unquote(arn)):
         return after
     return tail
 

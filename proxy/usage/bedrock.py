@@ -19,8 +19,11 @@ throttlingException, modelStreamErrorException, ...) or an `error` frame (`:erro
 its type is noted as the answer's error (never its message), nothing in it metered.
 
 A Converse JSON answer (`/converse`) holds `output.message.content` and the same `usage`;
-an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it). Cache
-reads and writes are beside the input count, as in Anthropic's usage.
+an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it), and its
+headers count its tokens for every model family (`X-Amzn-Bedrock-Input-Token-Count`,
+`-Output-Token-Count`, `counted_in_headers`): what is charged when the body reports no usage
+(a Llama's, a Mistral's, a Titan's). Cache reads and writes are beside the input count, as
+in Anthropic's usage.
 
 A Converse request's prompt (`prompt_chars`, for the estimate and the reservation): its
 `system` blocks, its messages' content blocks (text, earlier tool calls' names and input,
@@ -70,6 +73,30 @@ INVOCATION_USAGE = UsageFields(
     ),
     is_cache_beside_prompt=True,
 )
+
+
+# InvokeModel counts every answer's tokens in its response headers, whatever the model family:
+# a Llama's, Mistral's or Titan's body is the model's own, with no usage object read here.
+# The headers, and the invocation metrics' fields (INVOCATION_USAGE) they stand for.
+_COUNT_HEADERS = (
+    ("x-amzn-bedrock-input-token-count", "inputTokenCount"),
+    ("x-amzn-bedrock-output-token-count", "outputTokenCount"),
+    ("x-amzn-bedrock-cache-read-input-token-count", "cacheReadInputTokenCount"),
+    ("x-amzn-bedrock-cache-write-input-token-count", "cacheWriteInputTokenCount"),
+)
+# The path of InvokeModel (its answer is JSON; the streamed one counts in its last frame).
+INVOKE = "/invoke"
+
+
+def counted_in_headers(headers: Mapping[str, str]) -> dict[str, int] | None:
+    """The token counts an InvokeModel answer's headers hold (INVOCATION_USAGE's fields);
+    None without both the input's and the output's."""
+    counts = {}
+    for header, name in _COUNT_HEADERS:
+        value = headers.get(header)
+        if value is not None and value.strip().isdigit():
+            counts[name] = int(value)
+    return counts if "inputTokenCount" in counts and "outputTokenCount" in counts else None
 
 
 class Frames:

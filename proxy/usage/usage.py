@@ -244,6 +244,7 @@ class UsageTap:
     __slots__ = (
         "_body",
         "_charged",
+        "_counted",
         "_decoder",
         "_finished",
         "_frames",
@@ -306,6 +307,7 @@ class UsageTap:
         # An event stream: its frames, and the unfinished last one.
         self._frames = bedrock.Frames(self._reading) if kind == _FRAMES else None
         self._finished = False
+        self._counted: dict[str, int] | None = None  # counts in the headers (counted_aside)
         # Once finished: the Responses API object answered (LATER and FETCHED only), with
         # what it reports; read after `usage`.
         self.stored: StoredResponse | None = None
@@ -318,6 +320,11 @@ class UsageTap:
                 self._decoder = None if decoder.is_identity else decoder
             except UnsupportedEncoding:
                 self._give_up()
+
+    def counted_aside(self, counts: dict[str, int] | None) -> None:
+        """Token counts the answer's headers hold (Bedrock's InvokeModel, `bedrock`'s
+        INVOCATION_USAGE fields): charged when its body reports none."""
+        self._counted = counts
 
     def feed(self, chunk: bytes) -> None:
         """Take the next body chunk, already sent to the client."""
@@ -341,6 +348,9 @@ class UsageTap:
             return None
         reading = self._reading
         reported = reading.reported.usage()
+        if reported is None and self._counted is not None:  # Bedrock's, in the headers
+            reading.reported.read(self._counted, bedrock.INVOCATION_USAGE)
+            reported = reading.reported.usage()
         if reported is not None and reading.is_usage_provisional and self._charged in _GENERATED:
             # Cut before the provider's total: its prompt counts, and at least what came.
             delivered = estimate.tokens(self._seen if self._is_unread else reading.chars)

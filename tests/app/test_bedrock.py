@@ -188,6 +188,162 @@ async def test_an_inference_profile_arn_is_a_model_id(
 
 
 @pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        ("meta.llama3-1-70b-instruct-v1:0", {"prompt": "say hello please", "max_gen_len": 50}),
+        ("amazon.titan-text-express-v1", {"inputText": "say hello please"}),
+    ],
+)
+async def test_an_invoke_answer_of_another_family_is_charged_its_counted_tokens(
+    gateway: TestClient, bedrock: BedrockState, records, model: str, body: dict[str, Any]
+) -> None:
+    """A Llama's or a Titan's invoke answer is the model's own body, with no usage object the
+    gateway reads: it was charged the prompt's estimate and no completion at all (the text
+    under `generation` or `results` unread). Bedrock counts every InvokeModel answer's tokens
+    in its X-Amzn-Bedrock-Input-Token-Count and -Output-Token-Count headers: those are
+    charged, exactly."""
+    headers = {**auth(BEDROCK_VK), "x-fake-chunks": "5"}
+    response = await gateway.post(f"/v1/model/{model}/invoke", json=body, headers=headers)
+    assert response.status == 200, await response.text()
+    (line,) = await records(1)
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+    assert line["usage"]["completion_tokens"] == 5
+    assert line["usage"]["estimated"] is False
+
+
+def botocore_client(gateway: TestClient, key: str) -> Any:
+    """boto3's bedrock-runtime client in gateway mode: unsigned, its virtual key as a bearer
+    token."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    return client
+
+
+INVOCATION = f"arn:aws:bedrock:{REGION}:123456789012:async-invoke/q2n4r6t8v0x1"
+GUARDRAIL = f"arn:aws:bedrock:{REGION}:123456789012:guardrail/gr1a2b3c4d5e"
+
+
+def botocore_follow_up(gateway: TestClient, key: str) -> tuple[str, str]:
+    """An async invocation's state (GetAsyncInvoke) and a guardrail applied by its ARN
+    (ApplyGuardrail), as boto3 sends them: each ARN in its path segment, '/' encoded."""
+    client = botocore_client(gateway, key)
+    try:
+        invocation = client.get_async_invoke(invocationArn=INVOCATION)
+        applied = client.apply_guardrail(
+            guardrailIdentifier=GUARDRAIL,
+            guardrailVersion="1",
+            source="INPUT",
+            content=[{"text": {"text": "hello"}}],
+        )
+    finally:
+        client.close()
+    return invocation["status"], applied["action"]
+
+
+async def test_an_invocation_or_a_guardrail_named_by_its_arn_passes(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """After StartAsyncInvoke, a client polls its invocation by ARN (GetAsyncInvoke,
+    `GET /async-invoke/<ARN>`), and a guardrail may be named by its ARN (ApplyGuardrail):
+    boto3 sends each ARN's '/' encoded in its one path segment, as a model ARN's. Both were
+    refused 400 invalid_path as an encoded slash."""
+    answered = await asyncio.to_thread(botocore_follow_up, gateway, BEDROCK_VK)
+    assert answered == ("InProgress", "NONE")
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    encoded = [arn.replace(":", "%3A").replace("/", "%2F") for arn in (INVOCATION, GUARDRAIL)]
+    assert [seen[0] for seen in bedrock.seen] == [
+        f"/async-invoke/{encoded[0]}",
+        f"/guardrail/{encoded[1]}/version/1/apply",
+    ]
+
+
+MARKETPLACE = f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/my-marketplace-endpoint"
+
+
+def botocore_converse(gateway: TestClient, key: str, model: str) -> dict[str, Any]:
+    """boto3's bedrock-runtime Converse in gateway mode (unsigned, its virtual key as a bearer
+    token): the answer."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    messages = [{"role": "user", "content": [{"text": "hi"}]}]
+    try:
+        answer: dict[str, Any] = client.converse(modelId=model, messages=messages)
+    finally:
+        client.close()
+    return answer
+
+
+async def test_a_marketplace_endpoint_arn_is_a_model_id(
+    gateway: TestClient, bedrock: BedrockState, records
+) -> None:
+    """A Bedrock Marketplace model is called by its SageMaker endpoint's ARN
+    (`aws bedrock-runtime converse --model-id arn:aws:sagemaker:…:endpoint/<name>`), its '/'
+    sent encoded as an inference profile's is: it was refused 400 as an encoded slash."""
+    answer = await asyncio.to_thread(botocore_converse, gateway, BEDROCK_VK, MARKETPLACE)
+    assert answer["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert bedrock.refused == []  # the signature over the encoded path holds
+    encoded = MARKETPLACE.replace(":", "%3A").replace("/", "%2F")  # as botocore sends it
+    assert bedrock.seen[0][0] == f"/model/{encoded}/converse"
+    assert (await records(1))[0]["model"] == MARKETPLACE
+
+
+def botocore_count(gateway: TestClient, key: str, text: str) -> dict[str, Any]:
+    """boto3's bedrock-runtime CountTokens (of a Converse request) in gateway mode."""
+    client = get_session().create_client(
+        "bedrock-runtime",
+        region_name=REGION,
+        endpoint_url=str(gateway.make_url("/v1")),
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+
+    def bearer(request: AWSPreparedRequest, **_: object) -> None:
+        request.headers["Authorization"] = f"Bearer {key}"
+
+    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    messages = [{"role": "user", "content": [{"text": text}]}]
+    try:
+        counted: dict[str, Any] = client.count_tokens(
+            modelId=CLAUDE, input={"converse": {"messages": messages}}
+        )
+    finally:
+        client.close()
+    return counted
+
+
+async def test_a_token_count_is_charged_nothing(gateway: TestClient, records) -> None:
+    """Bedrock's CountTokens (`model/<id>/count-tokens`, boto3's count_tokens) generates
+    nothing and costs nothing, as Anthropic's and Vertex's token counts: a prompt as large as
+    the key's window of 1,000 tokens is counted twice, and the window stays empty."""
+    for _ in range(2):
+        counted = await asyncio.to_thread(botocore_count, gateway, SMALL_VK, "x" * 3600)
+        assert counted["inputTokens"] == INPUT_TOKENS
+    lines = await records(2)
+    assert [(line["status"], line["usage"], line["cost_usd"]) for line in lines] == [
+        (200, None, None)
+    ] * 2
+    async with gateway.get("/usage", headers=auth(SMALL_VK)) as usage:
+        assert (await usage.json())["tokens"]["used"] == 0
+
+
+@pytest.mark.parametrize(
     "path",
     [
         "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2F..%2F..%2Fx/invoke",
@@ -195,6 +351,10 @@ async def test_an_inference_profile_arn_is_a_model_id(
         "/v1/model/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/x%2Fy",
         "/v1/chat/arn:aws:bedrock:us-west-2:1:application-inference-profile%2Fa/invoke",
         "/v1/model/not-an-arn%2Fa/invoke",
+        "/v1/model/arn:aws:sagemaker:us-west-2:1:notebook-instance%2Fa/invoke",
+        "/v1/async-invoke/arn:aws:bedrock:us-west-2:1:async-invoke%2F..%2Fx",
+        "/v1/async-invoke/not-an-arn%2Fa",
+        "/v1/guardrail/arn:aws:bedrock:us-west-2:1:guardrail%2Fa/x%2Fy",
     ],
 )
 async def test_an_encoded_slash_elsewhere_is_still_refused(

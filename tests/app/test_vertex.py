@@ -472,3 +472,36 @@ async def test_the_token_endpoint_is_reached_through_the_outbound_proxy_too(
     # (the SDK's own httpx reads HTTP_PROXY too: its request to the gateway is there as well)
     assert f"{base}/token" in proxy.forwarded
     assert any(url.startswith(f"{base}/v1/projects/{PROJECT}/") for url in proxy.forwarded)
+
+
+@pytest.mark.parametrize(
+    ("region", "host"),
+    [
+        ("us-east5", "us-east5-aiplatform.googleapis.com"),
+        ("global", "aiplatform.googleapis.com"),
+        # The multi-region endpoints (the anthropic SDK's AnthropicVertex(region="us")): no
+        # host `us-aiplatform.googleapis.com` exists, so every request of such a key failed.
+        ("us", "aiplatform.us.rep.googleapis.com"),
+        ("eu", "aiplatform.eu.rep.googleapis.com"),
+    ],
+)
+def test_a_region_picks_the_endpoint_google_serves_it_at(
+    tmp_path: Path, account: tuple[dict[str, Any], bytes], region: str, host: str
+) -> None:
+    account_file = tmp_path / "service-account.json"
+    account_file.write_text(json.dumps(account[0]))
+    document = vertex_keys("http://unused.invalid", account_file)
+    del document["providers"], document["virtual_keys"][SMALL_VK]
+    del document["virtual_keys"][NARROW_VK]
+    document["virtual_keys"][VERTEX_VK]["region"] = region
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    (target,) = KeyRing.load(str(path), {}, defaults).every_target()
+    assert target.name == f"vertex/{region}"
+    url = target.provider.url("projects/p/locations/r/publishers/google/models/m:x", "")
+    assert (url.scheme, url.host, url.path) == (
+        "https",
+        host,
+        "/v1/projects/p/locations/r/publishers/google/models/m:x",
+    )

@@ -5,7 +5,10 @@ sent, the signed headers, the exact body bytes) and the same credentials the gat
 keys.json holds; a request signed otherwise, or with one byte changed, gets Bedrock's 403
 (InvalidSignatureException). Then it answers Bedrock's native paths for a Claude model:
 
-    POST /model/{id}/invoke                        an Anthropic message, JSON
+    POST /model/{id}/invoke                        an Anthropic message, JSON (a meta.*
+                                                   model: Llama's body; amazon.titan-text*:
+                                                   Titan's), its token counts also in
+                                                   X-Amzn-Bedrock-Input/Output-Token-Count
     POST /model/{id}/invoke-with-response-stream   AWS event-stream frames: each a `chunk`
                                                    {"bytes": base64 of an Anthropic event};
                                                    the last adds invocation metrics
@@ -14,6 +17,9 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
                                                    messageStop, metadata (usage)
     POST /async-invoke                             an invocation's ARN (the model is the
                                                    body's `modelId`; its output goes to S3)
+    GET  /async-invoke/{ARN}                       that invocation's state (its ARN's '/'
+                                                   sent encoded, as boto3 sends it)
+    POST /guardrail/{id or ARN}/version/{v}/apply  ApplyGuardrail: no intervention
 
 An invoke answer names the model as Bedrock does, by Anthropic's own name
 (`us.anthropic.claude-sonnet-4-5-20250929-v1:0` answers `claude-sonnet-4-5-20250929`). It
@@ -90,6 +96,8 @@ def bedrock_app(
     app[BEDROCK_STATE] = BedrockState(access_key_id, secret_access_key, session_token, region)
     app.router.add_post("/model/{model}/{action}", _handle)
     app.router.add_post("/async-invoke", _handle)
+    app.router.add_get("/async-invoke/{arn:.+}", _handle)  # the ARN's '/' came encoded
+    app.router.add_post("/guardrail/{guardrail:.+}/version/{version}/apply", _handle)
     return app
 
 
@@ -151,13 +159,54 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"invocationArn": f"arn:aws:bedrock:{state.region}:1:async-invoke/x"}
         )
+    if "arn" in request.match_info:  # GetAsyncInvoke: the invocation's state
+        return web.json_response(
+            {
+                "invocationArn": request.match_info["arn"],
+                "modelArn": f"arn:aws:bedrock:{state.region}::foundation-model/amazon.nova-reel-v1:1",
+                "status": "InProgress",
+                "submitTime": "2026-01-01T00:00:00Z",
+                "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://bucket/videos/"}},
+            }
+        )
+    if "guardrail" in request.match_info:  # ApplyGuardrail: nothing to intervene on
+        return web.json_response(
+            {"usage": {"topicPolicyUnits": 1}, "action": "NONE", "outputs": [], "assessments": []}
+        )
     model = request.match_info["model"]
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
     if action == "invoke":
-        return web.json_response(_message(model, pieces))
+        # Every InvokeModel answer counts its tokens in headers, whatever the model's body.
+        counted = {
+            "X-Amzn-Bedrock-Input-Token-Count": str(INPUT_TOKENS),
+            "X-Amzn-Bedrock-Output-Token-Count": str(len(pieces)),
+        }
+        if model.startswith("meta."):  # Llama's own body: its counts, under its own names
+            llama = {
+                "generation": "".join(pieces),
+                "prompt_token_count": INPUT_TOKENS,
+                "generation_token_count": len(pieces),
+                "stop_reason": "stop",
+            }
+            return web.json_response(llama, headers=counted)
+        if model.startswith("amazon.titan-text"):  # Titan's: `results`, no usage object
+            titan = {
+                "inputTextTokenCount": INPUT_TOKENS,
+                "results": [
+                    {
+                        "tokenCount": len(pieces),
+                        "outputText": "".join(pieces),
+                        "completionReason": "FINISH",
+                    }
+                ],
+            }
+            return web.json_response(titan, headers=counted)
+        return web.json_response(_message(model, pieces), headers=counted)
     if action == "converse":
         return web.json_response(_converse(pieces, request.headers))
+    if action == "count-tokens":  # CountTokens: the prompt's tokens, nothing generated
+        return web.json_response({"inputTokens": INPUT_TOKENS})
     if action == "invoke-with-response-stream":
         frames = [_chunk(event) for event in _message_events(model, pieces)]
     elif action == "converse-stream":
