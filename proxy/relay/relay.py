@@ -162,7 +162,7 @@ class Relay:
             self.tap_memory,
             record.path,
         )
-        if record.path.endswith(bedrock.INVOKE):  # counted in its headers, any model family
+        if bedrock.COUNTED in reply.headers:  # InvokeModel's: counted there, any model family
             tap.counted_aside(bedrock.counted_in_headers(reply.headers))
         silences = self.silences
         secrets = searched(echoable)

@@ -84,8 +84,9 @@ _COUNT_HEADERS = (
     ("x-amzn-bedrock-cache-read-input-token-count", "cacheReadInputTokenCount"),
     ("x-amzn-bedrock-cache-write-input-token-count", "cacheWriteInputTokenCount"),
 )
-# The path of InvokeModel (its answer is JSON; the streamed one counts in its last frame).
-INVOKE = "/invoke"
+# The header that says an answer's headers count its tokens (InvokeModel's: its answer is
+# JSON; the streamed one counts in its last frame).
+COUNTED = "x-amzn-bedrock-input-token-count"
 
 
 def counted_in_headers(headers: Mapping[str, str]) -> dict[str, int] | None:
