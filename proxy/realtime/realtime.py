@@ -63,6 +63,7 @@ from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
+from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
 from proxy.usage.realtime_events import socket_usage
@@ -131,8 +132,11 @@ class Realtime:
         check_handshake(request)  # 400
         plan = key.plans.choose(model)  # 400 (no route serves the model)
         target = plan.primary
-        record.saw_target(target.name, target.provider.name)
-        url = upstream_url(target.provider, exchange.tail, exchange.query)
+        record.saw_target(target.name, target.provider.name, model=target.model)
+        query = exchange.query
+        if target.model is not None:  # the target's model runs, whichever the client named
+            query = swap_query_model(query, target.model)
+        url = upstream_url(target.provider, exchange.tail, query)
         turns = Turns(exchange, target) if is_responses(exchange.tail) else None
         if turns is None:
             admission = await exchange.admit(Peek(model=model), target)  # 429, 503

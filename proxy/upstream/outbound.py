@@ -33,6 +33,8 @@ _SPACE = b" \t\r\n"
 # A url-encoded form's fields, with the separators between them (python-multipart, under
 # Starlette and FastAPI servers, splits at ';' as well as '&': named.py reads them so).
 _FORM_FIELDS = re.compile(rb"([&;])")
+# A query string's parameters (aiohttp, and Python's parse_qsl since 3.10, split at '&' only).
+_QUERY_FIELDS = re.compile(rb"(&)")
 
 
 @dataclass(slots=True)
@@ -117,6 +119,14 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
     return body
 
 
+def swap_query_model(query: str, model: str) -> str:
+    """A raw query string with each `model` parameter's value replaced (a WebSocket session
+    names its model there: Realtime's `?model=`); every other byte as sent."""
+    if "model" not in query:
+        return query
+    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS).decode()
+
+
 def _swap_json(body: bytes, model: str) -> bytes:
     spans = _top_level_values(body, "model")
     if not spans:
@@ -152,9 +162,11 @@ def _names_model(head: bytes) -> bool:
     return False
 
 
-def _swap_urlencoded(body: bytes, model: str) -> bytes:
+def _swap_urlencoded(
+    body: bytes, model: str, separators: re.Pattern[bytes] = _FORM_FIELDS
+) -> bytes:
     """The value of each `model` field replaced; every other byte as sent."""
-    fields = _FORM_FIELDS.split(body)
+    fields = separators.split(body)
     value = quote(model, safe="").encode()
     swapped = False
     for at, field in enumerate(fields):
