@@ -54,7 +54,7 @@ from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.realtime.turns import Turns
 from proxy.realtime.updates import Updates
-from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
+from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gated, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
@@ -232,7 +232,7 @@ class Realtime:
         admission: Admission | None,
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
-        gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
+        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(

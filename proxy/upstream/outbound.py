@@ -127,6 +127,18 @@ def swap_query_model(query: str, model: str) -> str:
     return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS).decode()
 
 
+def swap_model_within(body: bytes, member: str, model: str) -> bytes:
+    """`body` (a JSON object) with the top-level "model" of its object member `member`
+    replaced, as `swap_model` does; `body` itself when it has none."""
+    span = _object_member(body, member)
+    if span is None:
+        return body
+    start, end = span
+    inner = body[start:end]
+    swapped = _swap_json(inner, model)
+    return body if swapped is inner else body[:start] + swapped + body[end:]
+
+
 def _swap_json(body: bytes, model: str) -> bytes:
     spans = _top_level_values(body, "model")
     if not spans:
@@ -214,6 +226,33 @@ def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
         spans.append((value, value_end))
         position = value_end
     return spans
+
+
+def _object_member(body: bytes, name: str) -> tuple[int, int] | None:
+    """The byte span of the last object value of `name` in the top-level object."""
+    found, plain, depth, position = None, f'"{name}"'.encode(), 0, 0
+    opened = -1  # where the object value being skipped opened (depth 2), else -1
+    while (next_byte := _NEXT.search(body, position)) is not None:
+        at = next_byte.start()
+        char = body[at]
+        if char != 0x22:  # a bracket
+            depth += 1 if char in b"{[" else -1
+            position = at + 1
+            if opened >= 0 and depth == 1:
+                found, opened = (opened, position), -1
+            continue
+        string_end = _string_end(body, at)
+        if string_end is None:
+            return found
+        position = string_end
+        if depth != 1 or not _is_name(body[at:string_end], plain, name):
+            continue
+        colon = _skip_space(body, string_end)
+        if body[colon : colon + 1] == b":":
+            value = _skip_space(body, colon + 1)
+            if body[value : value + 1] == b"{":
+                opened = value
+    return found
 
 
 def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:

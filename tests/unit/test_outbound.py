@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.upstream.outbound import swap_model
+from proxy.upstream.outbound import swap_model, swap_model_within
 
 
 def test_only_the_top_level_model_is_swapped_and_every_other_byte_stays() -> None:
@@ -70,3 +70,11 @@ def test_json_labelled_a_form_is_swapped_as_json_and_a_form_without_model_stays(
         (b"model=x", "text/plain"),
     ):
         assert swap_model(body, "pinned", content_type) is body
+
+
+def test_a_members_own_model_is_swapped_within_it_and_nothing_else() -> None:
+    raw = b'{"model": "a", "response" : {"tools": [{"model": "t"}], "model": "o1-pro"}, "x": {}}'
+    swapped = swap_model_within(raw, "response", "pinned")
+    assert swapped == raw.replace(b'"o1-pro"', b'"pinned"')
+    for body in (b'{"response": "model"}', b'{"response": {"input": "hi"}}', b'{"response":'):
+        assert swap_model_within(body, "response", "pinned") is body
