@@ -30,6 +30,7 @@ _NEXT = re.compile(rb'["{}\[\]]')
 # The rest of a JSON string after its opening quote, through the closing quote.
 _STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
 _SPACE = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Python's json.loads skips
 # A url-encoded form's fields, with the separators between them (python-multipart, under
 # Starlette and FastAPI servers, splits at ';' as well as '&': named.py reads them so).
 _FORM_FIELDS = re.compile(rb"([&;])")
@@ -108,8 +109,7 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
     top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`): a body
     naming it twice runs the target's model whichever of them the provider reads. Any other
     body of a form type has each of its `model` fields replaced."""
-    start = _skip_space(body, 0)
-    if start < len(body) and body[start] == 0x7B:  # '{'
+    if body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{":  # as Python's json reads it
         return _swap_json(body, model)
     media_type, options = parse_options_header(content_type)
     if media_type == "multipart/form-data" and options.get("boundary"):

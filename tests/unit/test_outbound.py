@@ -78,3 +78,8 @@ def test_a_members_own_model_is_swapped_within_it_and_nothing_else() -> None:
     assert swapped == raw.replace(b'"o1-pro"', b'"pinned"')
     for body in (b'{"response": "model"}', b'{"response": {"input": "hi"}}', b'{"response":'):
         assert swap_model_within(body, "response", "pinned") is body
+
+
+def test_json_after_a_byte_order_mark_is_swapped_as_json() -> None:
+    raw = b'\xef\xbb\xbf {"model": "gpt-4o"}'
+    assert swap_model(raw, "pinned", "application/json") == raw.replace(b"gpt-4o", b"pinned")
