@@ -132,10 +132,13 @@ class Realtime:
         check_handshake(request)  # 400
         plan = key.plans.choose(model)  # 400 (no route serves the model)
         target = plan.primary
-        record.saw_target(target.name, target.provider.name, model=target.model)
         query = exchange.query
         if target.model is not None:  # the target's model runs, whichever the client named
             query = swap_query_model(query, target.model)
+        # Priced as the target's model when it runs in place of one named (none named: the
+        # provider's default, or a Responses session's turns, runs).
+        swapped = target.model if query != exchange.query else None
+        record.saw_target(target.name, target.provider.name, model=swapped)
         url = upstream_url(target.provider, exchange.tail, query)
         turns = Turns(exchange, target) if is_responses(exchange.tail) else None
         if turns is None:

@@ -74,12 +74,14 @@ class Turns:
         if record.model is None:  # the upgrade named none: the session is logged under this one
             record.saw_model(model)
         pinned = self._serving.model
-        if pinned is None:
+        swapped = frame
+        if pinned is not None:  # the target's model runs in place of the one the turn names
+            swapped = swap_model_within(swap_model(frame, pinned), "response", pinned)
+        if swapped is frame:
             self._open.append((key, admission, model))
             return None
         self._open.append((key, admission, pinned))  # it runs, and is priced as, the pinned one
-        swapped = swap_model_within(swap_model(frame, pinned), "response", pinned)
-        return None if swapped is frame else Forward(swapped)
+        return Forward(swapped)
 
     async def _admit(
         self, event: dict[str, Any], model: str | None

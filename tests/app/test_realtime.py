@@ -729,6 +729,18 @@ async def test_a_session_of_a_target_pinning_a_model_runs_that_model(
     mini = prices.cost("openai", "gpt-realtime-mini", usage)
     assert mini is not None and mini != prices.cost("openai", "gpt-realtime", usage)
     assert line["cost_usd"] == pytest.approx(mini)
+    # A session naming no model runs the provider's default, unswapped: not priced as mini.
+    ws = await gateway.ws_connect(
+        "/v1/realtime", headers=auth("vk_test_pinned_realtime_1"), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)
+    await ws.close()
+    assert fake.requests[-1].query_string == ""
+    await until(lambda: len(log.read_text().splitlines()) == 2, what="the second log line")
+    assert json.loads(log.read_text().splitlines()[1])["cost_usd"] is None
 
 
 async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(
