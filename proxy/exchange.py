@@ -521,10 +521,11 @@ class Exchange:
 
     def charge(self, usage: Usage, model: str | None = None) -> None:
         """Charge one response's usage as it comes (a session may last an hour), priced as
-        the request's model, or `model` (a Realtime session's transcription model)."""
+        the model the session runs (its target's, else the request's), or `model` (a
+        Realtime session's transcription model)."""
         entrance, record = self._entrance, self.record
         assert self.key is not None
-        ran = model or record.model
+        ran = model or record.target_model or record.model
         cost = entrance.prices.cost(record.provider, ran, usage)
         entrance.quota.charge(self.key, usage, cost, ran)
         self.is_charged_live = True

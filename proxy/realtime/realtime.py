@@ -54,7 +54,7 @@ from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.realtime.turns import Turns
 from proxy.realtime.updates import Updates
-from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Session
+from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gated, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
@@ -63,6 +63,7 @@ from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
+from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import upstream_headers, upstream_url
 from proxy.upstream.targets import Target
 from proxy.usage.realtime_events import socket_usage
@@ -135,8 +136,14 @@ class Realtime:
         check_handshake(request)  # 400
         plan = key.plans.choose(model)  # 400 (no route serves the model)
         target = plan.primary
-        record.saw_target(target.name, target.provider.name)
-        url = upstream_url(target.provider, exchange.tail, exchange.query)
+        query = exchange.query
+        if target.model is not None:  # the target's model runs, whichever the client named
+            query = swap_query_model(query, target.model)
+        # Priced as the target's model when it runs in place of one named (none named: the
+        # provider's default, or a Responses session's turns, runs).
+        swapped = target.model if query != exchange.query else None
+        record.saw_target(target.name, target.provider.name, model=swapped)
+        url = upstream_url(target.provider, exchange.tail, query)
         turns = Turns(exchange, target) if is_responses(exchange.tail) else None
         if turns is None:
             admission = await exchange.admit(Peek(model=model), target, check)  # 429, 503
@@ -233,7 +240,7 @@ class Realtime:
         admission: Admission | None,
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
-        gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
+        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(

@@ -29,9 +29,11 @@ from proxy.errors import GatewayError, openai_type
 from proxy.exchange import Exchange
 from proxy.keys.keys import VirtualKey
 from proxy.quota.tracker import Admission
+from proxy.realtime.websocket import Forward, Gated
 from proxy.record import Usage
 from proxy.relay import named
 from proxy.relay.peek import Peek
+from proxy.upstream.outbound import swap_model, swap_model_within
 from proxy.upstream.targets import Target
 from proxy.usage import estimate, responses
 
@@ -54,9 +56,10 @@ class Turns:
         self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
         self._begun = 0  # of them, the first ones, those a response.created began
 
-    async def gate(self, frame: bytes) -> bytes | None:
+    async def gate(self, frame: bytes) -> Gated:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
-        event the client gets instead. A frame that cannot hold one goes on unread."""
+        event the client gets instead, or (a target pinning a model) the turn with that
+        model swapped in, as an HTTP body's is. A frame that cannot hold one goes on unread."""
         if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
         try:
@@ -67,11 +70,18 @@ class Turns:
             key, admission = await self._admit(event, model)
         except GatewayError as error:
             return refusal(error)
-        self._open.append((key, admission, model))
         record = self._exchange.record
         if record.model is None:  # the upgrade named none: the session is logged under this one
             record.saw_model(model)
-        return None
+        pinned = self._serving.model
+        swapped = frame
+        if pinned is not None:  # the target's model runs in place of the one the turn names
+            swapped = swap_model_within(swap_model(frame, pinned), "response", pinned)
+        if swapped is frame:
+            self._open.append((key, admission, model))
+            return None
+        self._open.append((key, admission, pinned))  # it runs, and is priced as, the pinned one
+        return Forward(swapped)
 
     async def _admit(
         self, event: dict[str, Any], model: str | None

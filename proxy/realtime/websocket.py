@@ -27,7 +27,8 @@ between two.
 What it does not do: keep a message's fragmentation (aiohttp reassembles fragments, and a
 message goes on whole), or read what the frames say (`on_provider_text` sees the provider's
 text frames after they went on, for usage; a `gate` may hold a client's text frame back
-and answer it itself, as the Responses WebSocket mode's turn admission does).
+and answer it itself, as the Responses WebSocket mode's turn admission does, or send
+another in its place, `Forward`: a turn with its target's model swapped in).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import aiohttp
@@ -81,6 +83,18 @@ class _End(Protocol):
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"") -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A gate's verdict: this frame goes upstream in place of the client's."""
+
+    frame: bytes
+
+
+# What a gate makes of a client's text frame: None lets it go on as sent; `Forward` sends
+# another in its place; bytes are the frame the client gets back instead (a refusal).
+Gated = bytes | Forward | None
+
+
 class Session:
     """One relayed session: the two ends, a pump each way, the counts and how it ended."""
 
@@ -92,7 +106,7 @@ class Session:
         max_seconds: float,
         on_provider_text: Callable[[bytes], None],
         abort_client: Callable[[], None] = lambda: None,
-        gate: Callable[[bytes], Awaitable[bytes | None]] | None = None,
+        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
         secrets: tuple[bytes, ...] = (),
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
@@ -104,8 +118,8 @@ class Session:
         self._idle_seconds = idle_seconds
         self._max_seconds = max_seconds
         self._on_provider_text = on_provider_text
-        # Asked of each client text frame before it goes on: None lets it go; else the frame
-        # the client gets back instead (a turn the gateway refused, `turns`).
+        # Asked of each client text frame before it goes on (`Gated`): a turn the gateway
+        # refused, or one with its target's model swapped in (`turns`).
         self._gate = gate
         # The real keys (`echoes.searched`) masked in whatever the provider sends the client.
         self._secrets = secrets
@@ -169,11 +183,13 @@ class Session:
             kind = message.type
             try:
                 if kind is WSMsgType.TEXT and not is_down and self._gate is not None:
-                    refused = await self._gate(message.data)
-                    if refused is None:
+                    verdict = await self._gate(message.data)
+                    if verdict is None:
                         await target.send_frame(message.data, kind)
+                    elif isinstance(verdict, Forward):
+                        await target.send_frame(verdict.frame, kind)
                     else:
-                        await source.send_frame(refused, WSMsgType.TEXT)
+                        await source.send_frame(verdict, WSMsgType.TEXT)
                 elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                     data = masked(message.data, secrets)
                     await target.send_frame(data, kind)

@@ -2,7 +2,9 @@
 
 The body is the client's bytes, except where the target names its own `model`: then the
 top-level `model` value is replaced in place and every other byte stays as sent (a
-compressed upload is inflated for that, and goes up uncompressed). Headers come from
+compressed upload is inflated for that, and goes up uncompressed): a JSON body's `model`
+member, or a form's `model` field (a multipart upload: transcriptions, image edits; a
+url-encoded form). Headers come from
 `providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
 or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
 its own project and region in place of the client's.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote, unquote_plus
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
+from multipart import parse_options_header  # type: ignore[import-untyped]  # no type hints
 from yarl import URL
 
 from proxy.encodings import decode_body
@@ -26,6 +30,12 @@ _NEXT = re.compile(rb'["{}\[\]]')
 # The rest of a JSON string after its opening quote, through the closing quote.
 _STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
 _SPACE = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Python's json.loads skips
+# A url-encoded form's fields, with the separators between them (python-multipart, under
+# Starlette and FastAPI servers, splits at ';' as well as '&': named.py reads them so).
+_FORM_FIELDS = re.compile(rb"([&;])")
+# A query string's parameters (aiohttp, and Python's parse_qsl since 3.10, split at '&' only).
+_QUERY_FIELDS = re.compile(rb"(&)")
 
 
 @dataclass(slots=True)
@@ -70,7 +80,7 @@ def build(
         # every line: two are one list ("gzip, gzip"), as the peek and the provider read them
         encoding = ", ".join(incoming.getall("content-encoding", ()))
         plain = decode_body(body, encoding, max_body_bytes)
-        swapped = swap_model(plain, target.model)
+        swapped = swap_model(plain, target.model, incoming.get("content-type", ""))
         if swapped is not plain:
             body = swapped
             headers.popall("content-encoding", None)
@@ -92,16 +102,94 @@ def in_project(tail: str, project_path: str) -> str:
     return "/".join((*project, *segments[2:]))
 
 
-def swap_model(body: bytes, model: str) -> bytes:
-    """`body` with its top-level "model" string replaced; `body` itself when it has none.
+def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
+    """`body` with its top-level "model" replaced; `body` itself when it has none.
 
-    Every top-level "model" member is replaced, however its name is spelt (`"mod\\u0065l"`):
-    a body naming it twice runs the target's model whichever of them the provider reads."""
+    A JSON object (whatever its Content-Type: `curl -d` labels JSON a form) has every
+    top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`): a body
+    naming it twice runs the target's model whichever of them the provider reads. Any other
+    body of a form type has each of its `model` fields replaced."""
+    if body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{":  # as Python's json reads it
+        return _swap_json(body, model)
+    media_type, options = parse_options_header(content_type)
+    if media_type == "multipart/form-data" and options.get("boundary"):
+        return _swap_multipart(body, options["boundary"].encode("latin-1"), model.encode())
+    if media_type == "application/x-www-form-urlencoded":
+        return _swap_urlencoded(body, model)
+    return body
+
+
+def swap_query_model(query: str, model: str) -> str:
+    """A raw query string with each `model` parameter's value replaced (a WebSocket session
+    names its model there: Realtime's `?model=`); every other byte as sent."""
+    if "model" not in query:
+        return query
+    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS).decode()
+
+
+def swap_model_within(body: bytes, member: str, model: str) -> bytes:
+    """`body` (a JSON object) with the top-level "model" of its object member `member`
+    replaced, as `swap_model` does; `body` itself when it has none."""
+    span = _object_member(body, member)
+    if span is None:
+        return body
+    start, end = span
+    inner = body[start:end]
+    swapped = _swap_json(inner, model)
+    return body if swapped is inner else body[:start] + swapped + body[end:]
+
+
+def _swap_json(body: bytes, model: str) -> bytes:
     spans = _top_level_values(body, "model")
     if not spans:
         return body
-    value, kept = orjson.dumps(model), 0
-    parts: list[bytes] = []
+    return _replaced(body, spans, orjson.dumps(model))
+
+
+def _swap_multipart(body: bytes, boundary: bytes, model: bytes) -> bytes:
+    """The content of each part named `model` replaced (RFC 7578 framing: CRLF lines)."""
+    delimiter, spans = b"--" + boundary, []
+    position = body.find(delimiter)
+    while position >= 0 and not body.startswith(b"--", position + len(delimiter)):
+        line_end = body.find(b"\r\n", position)
+        head_end = body.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+        if head_end < 0:
+            break
+        content_end = body.find(b"\r\n" + delimiter, head_end + 4)
+        if content_end < 0:
+            break
+        if _names_model(body[line_end + 2 : head_end]):
+            spans.append((head_end + 4, content_end))
+        position = content_end + 2
+    return _replaced(body, spans, model) if spans else body
+
+
+def _names_model(head: bytes) -> bool:
+    """A part's head whose Content-Disposition names the field `model`."""
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            _, options = parse_options_header(value.decode("latin-1"))
+            return bool(options.get("name") == "model")
+    return False
+
+
+def _swap_urlencoded(
+    body: bytes, model: str, separators: re.Pattern[bytes] = _FORM_FIELDS
+) -> bytes:
+    """The value of each `model` field replaced; every other byte as sent."""
+    fields = separators.split(body)
+    value = quote(model, safe="").encode()
+    swapped = False
+    for at, field in enumerate(fields):
+        name, equals, _ = field.partition(b"=")
+        if equals and unquote_plus(name.decode("utf-8", "replace")) == "model":
+            fields[at], swapped = name + b"=" + value, True
+    return b"".join(fields) if swapped else body
+
+
+def _replaced(body: bytes, spans: list[tuple[int, int]], value: bytes) -> bytes:
+    kept, parts = 0, list[bytes]()
     for start, end in spans:
         parts += (body[kept:start], value)
         kept = end
@@ -138,6 +226,33 @@ def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
         spans.append((value, value_end))
         position = value_end
     return spans
+
+
+def _object_member(body: bytes, name: str) -> tuple[int, int] | None:
+    """The byte span of the last object value of `name` in the top-level object."""
+    found, plain, depth, position = None, f'"{name}"'.encode(), 0, 0
+    opened = -1  # where the object value being skipped opened (depth 2), else -1
+    while (next_byte := _NEXT.search(body, position)) is not None:
+        at = next_byte.start()
+        char = body[at]
+        if char != 0x22:  # a bracket
+            depth += 1 if char in b"{[" else -1
+            position = at + 1
+            if opened >= 0 and depth == 1:
+                found, opened = (opened, position), -1
+            continue
+        string_end = _string_end(body, at)
+        if string_end is None:
+            return found
+        position = string_end
+        if depth != 1 or not _is_name(body[at:string_end], plain, name):
+            continue
+        colon = _skip_space(body, string_end)
+        if body[colon : colon + 1] == b":":
+            value = _skip_space(body, colon + 1)
+            if body[value : value + 1] == b"{":
+                opened = value
+    return found
 
 
 def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:

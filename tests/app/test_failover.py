@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
+from multipart import MultipartParser, parse_options_header  # type: ignore[import-untyped]
 
 from proxy.app import FAILOVER, build_app
 from proxy.keys.fields import KeysFileError
@@ -709,6 +711,32 @@ async def test_a_target_model_is_put_in_a_body_under_two_content_encoding_lines(
     (seen,) = fake.requests
     assert "Content-Encoding" not in seen.headers  # it went up decoded, as one swap does
     assert json.loads(seen.body)["model"] == "pinned"
+
+
+async def test_a_target_model_is_put_in_a_forms_model_field(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """A multipart upload (a transcription, an image edit) and a url-encoded form name their
+    model in a form field: the swap looked for a JSON `model` only and sent such a body on as
+    it came, so a fallback serving whisper under another name (Groq's whisper-large-v3) was
+    asked for whisper-1 and refused it, and a key pinned to a cheap model ran whatever model
+    its client named, priced as the pinned one."""
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY, "model": "pinned"})
+    client = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=VK, max_retries=0)
+    audio = b"RIFF" + bytes(range(256)) * 8
+    await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+    form = b"prompt=a%20cat&model=dall-e-2;n=1"
+    response = await gateway.post(
+        "/v1/forms",
+        data=form,
+        headers={**auth(VK), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 200
+    multipart, urlencoded = fake.requests
+    _, options = parse_options_header(multipart.headers["Content-Type"])
+    parts = MultipartParser(io.BytesIO(multipart.body), options["boundary"])
+    assert {part.name: part.raw for part in parts} == {"model": b"pinned", "file": audio}
+    assert urlencoded.body == form.replace(b"dall-e-2", b"pinned")
 
 
 async def test_every_target_failing_gives_the_client_the_last_provider_answer(

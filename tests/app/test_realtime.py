@@ -53,6 +53,7 @@ from tests.support.fake_realtime import (
     FakeSocket,
     RealtimeState,
 )
+from tests.support.polling import until
 
 PATH = "/v1/realtime?model=gpt-realtime"
 GONE_VK = "vk_test_gone_3c5e7a9b1d"
@@ -680,6 +681,66 @@ async def test_a_session_goes_to_the_route_its_model_names_with_that_targets_key
     await next_data(ws)
     await ws.close()
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {routed_real}"
+
+
+async def test_a_session_of_a_target_pinning_a_model_runs_that_model(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    fake: Any,
+) -> None:
+    """A target's `model` replaces the model a request names (docs/failover.md); a session
+    went upstream with the client's `?model=` as it came, so a key pinned to a cheaper
+    realtime model ran whichever its client asked for."""
+    keys = {
+        "providers": {"openai": {"base_url": f"{fake_base}/v1"}},
+        "virtual_keys": {
+            "vk_test_pinned_realtime_1": {
+                "provider": "openai",
+                "api_key": OPENAI_REAL,
+                "model": "gpt-realtime-mini",
+            }
+        },
+    }
+    (tmp_path / "pinned.json").write_text(json.dumps(keys))
+    log = tmp_path / "pinned.jsonl"
+    settings = {"KEYS_FILE_PATH": str(tmp_path / "pinned.json"), "LOG_TO_FILE": "true"}
+    gateway = await aiohttp_client(
+        build_app(Settings.from_env({**settings, "LOG_FILE_PATH": str(log)}))
+    )
+    path = "/v1/realtime?model=gpt-realtime&model=gpt-4o-realtime-preview&voice=x"
+    ws = await gateway.ws_connect(
+        path, headers=auth("vk_test_pinned_realtime_1"), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)  # response.done, charged as it comes
+    await ws.close()
+    seen = fake.requests[-1]
+    assert seen.path == "/v1/realtime"
+    assert seen.query_string == "model=gpt-realtime-mini&model=gpt-realtime-mini&voice=x"
+    await until(lambda: log.exists() and log.read_text().endswith("\n"), what="the log line")
+    line = json.loads(log.read_text())
+    prices = Prices.load(None)
+    usage = Usage(
+        **{k: v for k, v in line["usage"].items() if k not in ("estimated", "total_tokens")}
+    )
+    mini = prices.cost("openai", "gpt-realtime-mini", usage)
+    assert mini is not None and mini != prices.cost("openai", "gpt-realtime", usage)
+    assert line["cost_usd"] == pytest.approx(mini)
+    # A session naming no model runs the provider's default, unswapped: not priced as mini.
+    ws = await gateway.ws_connect(
+        "/v1/realtime", headers=auth("vk_test_pinned_realtime_1"), protocols=["realtime"]
+    )
+    await next_data(ws)
+    await ws.send_str('{"type": "response.create"}')
+    await next_data(ws)
+    await next_data(ws)
+    await ws.close()
+    assert fake.requests[-1].query_string == ""
+    await until(lambda: len(log.read_text().splitlines()) == 2, what="the second log line")
+    assert json.loads(log.read_text().splitlines()[1])["cost_usd"] is None
 
 
 async def test_a_message_over_max_body_bytes_closes_the_session_with_1009(

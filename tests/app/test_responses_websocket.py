@@ -354,3 +354,36 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_restricted_meanwhile_is_refuse
     assert refused["type"] == "error" and refused["status"] == 403, refused
     assert creates(sockets.sockets[-1]) == 0
     await ws.close()
+
+
+async def test_each_turn_of_a_key_pinning_a_model_runs_and_is_priced_at_that_model(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    sockets: RealtimeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """A target's `model` replaces the model a request names (docs/failover.md); each turn's
+    `response.create` went upstream as the client sent it, so a key pinned to a cheap model
+    (Codex through the gateway) ran, and was priced at, whichever model its client named."""
+    pinned = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    pinned["model"] = "gpt-4o-mini"
+    prices = {"openai": {"gpt-4o-mini": {"input_mtok": 1, "output_mtok": 2}}}
+    gateway = await gateway_with_keys({TURN_VK: pinned}, prices=prices)
+    ws = await open_session(gateway, TURN_VK)
+    top = b'{"type": "response.create", "model" : "o1-pro", "input": "say \\"model\\""}'
+    nested = {"type": "response.create", "response": {"model": "o1-pro", "input": "hi"}}
+    unnamed = b'{"type": "response.create", "prompt": {"id": "pmpt_1"}}'  # its prompt's model
+    for frame in (top, orjson.dumps(nested), unnamed):
+        await ws.send_str(frame.decode())
+        while (await receive(ws))["type"] != "response.completed":
+            pass
+    await ws.close()
+    sent = [data for kind, data in sockets.sockets[-1].received if kind is WSMsgType.TEXT]
+    assert sent[0] == top.replace(b'"o1-pro"', b'"gpt-4o-mini"').decode()
+    assert orjson.loads(sent[1])["response"]["model"] == "gpt-4o-mini"
+    assert sent[2] == unnamed.decode()
+    [line] = await records(1)
+    usage = line["usage"]
+    # Two turns ran gpt-4o-mini; the third its prompt's model (priced as the session's, not
+    # as the pinned one).
+    turn = (usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2) / 1_000_000 / 3
+    assert line["cost_usd"] > 2 * turn and line["cost_usd"] != pytest.approx(3 * turn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.upstream.outbound import swap_model
+from proxy.upstream.outbound import swap_model, swap_model_within
 
 
 def test_only_the_top_level_model_is_swapped_and_every_other_byte_stays() -> None:
@@ -32,3 +32,54 @@ def test_a_model_key_spelt_with_an_escape_is_swapped_too() -> None:
 def test_a_body_without_a_string_model_is_left_as_it_is() -> None:
     for raw in (b'{"messages":[]}', b'{"model":null}', b"not json", b""):
         assert swap_model(raw, "gpt-4o-mini") is raw
+
+
+def test_a_multipart_forms_model_field_is_swapped_and_every_other_byte_stays() -> None:
+    raw = (
+        b"preamble\r\n--B\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="model.jsonl"\r\n'
+        b"Content-Type: application/jsonl\r\n\r\n"
+        b'{"model": "in-a-file"}\r\n--B\r\n'
+        b"content-disposition: form-data; name=model\r\n\r\n"
+        b"whisper-1\r\n--B\r\n"
+        b'Content-Disposition: form-data; name="prompt"\r\n\r\n'
+        b"model\r\n--B--\r\n"
+    )
+    swapped = swap_model(raw, "pinned", 'multipart/form-data; boundary="B"')
+    assert swapped == raw.replace(b"whisper-1", b"pinned")
+
+
+def test_a_url_encoded_forms_model_fields_are_swapped() -> None:
+    raw = b"prompt=model%3Dx&mod%65l=dall-e-2;n=1&model=b"
+    swapped = swap_model(raw, "pinned/v 2", "application/x-www-form-urlencoded")
+    assert swapped == b"prompt=model%3Dx&mod%65l=pinned%2Fv%202;n=1&model=pinned%2Fv%202"
+
+
+def test_json_labelled_a_form_is_swapped_as_json_and_a_form_without_model_stays() -> None:
+    raw = b' {"model": "gpt-4o", "input": "x"}'
+    assert swap_model(raw, "pinned", "application/x-www-form-urlencoded") == raw.replace(
+        b"gpt-4o", b"pinned"
+    )
+    for body, content_type in (
+        (b"prompt=x&n=1", "application/x-www-form-urlencoded"),
+        (
+            b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--B--',
+            "multipart/form-data; boundary=B",
+        ),
+        (b"--B\r\n", "multipart/form-data; boundary=B"),
+        (b"model=x", "text/plain"),
+    ):
+        assert swap_model(body, "pinned", content_type) is body
+
+
+def test_a_members_own_model_is_swapped_within_it_and_nothing_else() -> None:
+    raw = b'{"model": "a", "response" : {"tools": [{"model": "t"}], "model": "o1-pro"}, "x": {}}'
+    swapped = swap_model_within(raw, "response", "pinned")
+    assert swapped == raw.replace(b'"o1-pro"', b'"pinned"')
+    for body in (b'{"response": "model"}', b'{"response": {"input": "hi"}}', b'{"response":'):
+        assert swap_model_within(body, "response", "pinned") is body
+
+
+def test_json_after_a_byte_order_mark_is_swapped_as_json() -> None:
+    raw = b'\xef\xbb\xbf {"model": "gpt-4o"}'
+    assert swap_model(raw, "pinned", "application/json") == raw.replace(b"gpt-4o", b"pinned")
