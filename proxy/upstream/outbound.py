@@ -212,13 +212,8 @@ def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
         if string_end is None:
             return spans
         position = string_end
-        if depth != 1 or not _is_name(body[at:string_end], plain, name):
-            continue
-        colon = _skip_space(body, string_end)
-        if colon >= size or body[colon] != 0x3A:
-            continue  # a string value that happens to read "model"
-        value = _skip_space(body, colon + 1)
-        if value >= size or body[value] != 0x22:
+        value = _member_value(body, at, string_end, depth, plain, name)
+        if value is None or value >= size or body[value] != 0x22:
             continue  # not a string: leave it to the provider
         value_end = _string_end(body, value)
         if value_end is None:
@@ -245,14 +240,24 @@ def _object_member(body: bytes, name: str) -> tuple[int, int] | None:
         if string_end is None:
             return found
         position = string_end
-        if depth != 1 or not _is_name(body[at:string_end], plain, name):
-            continue
-        colon = _skip_space(body, string_end)
-        if body[colon : colon + 1] == b":":
-            value = _skip_space(body, colon + 1)
-            if body[value : value + 1] == b"{":
-                opened = value
+        value = _member_value(body, at, string_end, depth, plain, name)
+        if value is not None and body[value : value + 1] == b"{":
+            opened = value
     return found
+
+
+def _member_value(
+    body: bytes, at: int, string_end: int, depth: int, plain: bytes, name: str
+) -> int | None:
+    """Where the value of the member whose name is the string at `at` (to `string_end`)
+    starts, when that member is `name`'s in the top-level object (`depth` 1); else None (a
+    string value that happens to read `name`, or one deeper down)."""
+    if depth != 1 or not _is_name(body[at:string_end], plain, name):
+        return None
+    colon = _skip_space(body, string_end)
+    if body[colon : colon + 1] != b":":
+        return None
+    return _skip_space(body, colon + 1)
 
 
 def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:

@@ -211,13 +211,13 @@ async def test_an_invoke_answer_of_another_family_is_charged_its_counted_tokens(
     assert line["usage"]["estimated"] is False
 
 
-def botocore_client(gateway: TestClient, key: str) -> Any:
-    """boto3's bedrock-runtime client in gateway mode: unsigned, its virtual key as a bearer
-    token."""
+def botocore_client(gateway: TestClient, key: str, endpoint: str = "/v1") -> Any:
+    """boto3's bedrock-runtime client in gateway mode (at `endpoint`): unsigned, its virtual
+    key as a bearer token."""
     client = get_session().create_client(
         "bedrock-runtime",
         region_name=REGION,
-        endpoint_url=str(gateway.make_url("/v1")),
+        endpoint_url=str(gateway.make_url(endpoint)),
         config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
     )
 
@@ -272,17 +272,7 @@ MARKETPLACE = f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/my-marketplace-
 def botocore_converse(gateway: TestClient, key: str, model: str) -> dict[str, Any]:
     """boto3's bedrock-runtime Converse in gateway mode (unsigned, its virtual key as a bearer
     token): the answer."""
-    client = get_session().create_client(
-        "bedrock-runtime",
-        region_name=REGION,
-        endpoint_url=str(gateway.make_url("/v1")),
-        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
-    )
-
-    def bearer(request: AWSPreparedRequest, **_: object) -> None:
-        request.headers["Authorization"] = f"Bearer {key}"
-
-    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    client = botocore_client(gateway, key)
     messages = [{"role": "user", "content": [{"text": "hi"}]}]
     try:
         answer: dict[str, Any] = client.converse(modelId=model, messages=messages)
@@ -307,17 +297,7 @@ async def test_a_marketplace_endpoint_arn_is_a_model_id(
 
 def botocore_count(gateway: TestClient, key: str, text: str) -> dict[str, Any]:
     """boto3's bedrock-runtime CountTokens (of a Converse request) in gateway mode."""
-    client = get_session().create_client(
-        "bedrock-runtime",
-        region_name=REGION,
-        endpoint_url=str(gateway.make_url("/v1")),
-        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
-    )
-
-    def bearer(request: AWSPreparedRequest, **_: object) -> None:
-        request.headers["Authorization"] = f"Bearer {key}"
-
-    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    client = botocore_client(gateway, key)
     messages = [{"role": "user", "content": [{"text": text}]}]
     try:
         counted: dict[str, Any] = client.count_tokens(
@@ -676,17 +656,7 @@ async def test_an_async_invocation_is_checked_by_the_model_its_body_names(
 def botocore_error(gateway: TestClient, key: str, model: str, endpoint: str = "/v1") -> ClientError:
     """botocore's bedrock-runtime client in gateway mode (unsigned, its virtual key as a
     bearer token) calling Converse at `endpoint`: the error it raises."""
-    client = get_session().create_client(
-        "bedrock-runtime",
-        region_name=REGION,
-        endpoint_url=str(gateway.make_url(endpoint)),
-        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
-    )
-
-    def bearer(request: AWSPreparedRequest, **_: object) -> None:
-        request.headers["Authorization"] = f"Bearer {key}"
-
-    client.meta.events.register("before-send.bedrock-runtime.*", bearer)
+    client = botocore_client(gateway, key, endpoint)
     messages = [{"role": "user", "content": [{"text": "hi"}]}]
     with pytest.raises(ClientError) as raised:
         client.converse(modelId=model, messages=messages)
