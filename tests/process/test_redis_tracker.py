@@ -27,8 +27,7 @@ from tests.support.bodies import CHAT
 from tests.support.clock import Clock
 from tests.support.polling import until
 from tests.support.processes import Processes, refused, start_gateway
-from tests.support.raw_servers import RawServer
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, failed_over, free_port, moving_address
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
 
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
@@ -388,42 +387,22 @@ async def test_a_primary_demoted_by_a_failover_is_left_for_the_address_s_new_pri
     # moves the address to the new primary and makes the old one a replica, which keeps its
     # clients' connections and answers each write READONLY. Before, the tracker kept its
     # connection to the old primary: every admission failed for as long as it lived.
-    standby = RedisServer(tmp_path / "standby")
-    standby.directory.mkdir()
+    standby = RedisServer(tmp_path)
     standby.start()
-    primary = {"port": redis_server.port}  # where the address leads now
-
-    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            "127.0.0.1", primary["port"]
-        )
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-            sink.close()
-
-        await asyncio.gather(
-            pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
-        )
-
-    address = await RawServer.start(forward, "127.0.0.1", 0)
-    port = address.sockets[0].getsockname()[1]
-    tracker = RedisTracker(f"redis://127.0.0.1:{port}")
     limits = Limits(requests=100, tokens=None, window_seconds=3600)
-    old = redis.Redis(port=redis_server.port)
     try:
-        assert (await tracker.admit(KEY, limits)).admitted
-        old.execute_command("REPLICAOF", "127.0.0.1", standby.port)  # the failover
-        primary["port"] = standby.port
-        # The admission on its way meets the demoted primary; the next goes to the new one.
-        with pytest.raises(TrackerUnavailable, match="READONLY"):
-            await tracker.admit(KEY, limits)
-        assert (await tracker.admit(KEY, limits)).admitted
+        async with moving_address(redis_server.port) as address:
+            tracker = RedisTracker(address.url)
+            try:
+                assert (await tracker.admit(KEY, limits)).admitted
+                with failed_over(redis_server, standby, address):
+                    # The admission on its way meets the old primary; the next, the new one.
+                    with pytest.raises(TrackerUnavailable, match="READONLY"):
+                        await tracker.admit(KEY, limits)
+                    assert (await tracker.admit(KEY, limits)).admitted
+            finally:
+                await tracker.close()
     finally:
-        await tracker.close()
-        old.close()
-        address.close()
         standby.kill()
 
 

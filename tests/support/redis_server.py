@@ -7,17 +7,20 @@ the fixtures (`redis_server`, `redis_url`) into a test module; they skip, saying
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.support.processes import free_port
+from tests.support.raw_servers import RawServer
 
 START_SECONDS = 10.0
 
@@ -119,5 +122,51 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         yield client
+    finally:
+        client.close()
+
+
+class MovingAddress:
+    """One address in front of Redis servers, leading each new connection to the server
+    `port` names when it opens (a connection keeps its server): a failover's endpoint, as
+    ElastiCache's primary endpoint or a Kubernetes Service is moved to the new primary."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port  # the server new connections reach
+        self.url = ""
+
+    async def forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+@contextlib.asynccontextmanager
+async def moving_address(port: int) -> AsyncIterator[MovingAddress]:
+    """A `MovingAddress` leading to `port` until moved; its `url` is the Redis URL to use."""
+    address = MovingAddress(port)
+    server = await RawServer.start(address.forward, "127.0.0.1", 0)
+    address.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield address
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def failed_over(old: RedisServer, new: RedisServer, address: MovingAddress) -> Iterator[None]:
+    """A failover: `old` made a replica of `new` (it keeps its clients' connections and
+    answers their writes READONLY), and `address` moved to `new`."""
+    client = redis.Redis(port=old.port)
+    try:
+        client.execute_command("REPLICAOF", "127.0.0.1", new.port)
+        address.port = new.port
+        yield
     finally:
         client.close()
