@@ -27,7 +27,13 @@ from tests.support.bodies import CHAT
 from tests.support.clock import Clock
 from tests.support.polling import until
 from tests.support.processes import Processes, refused, start_gateway
-from tests.support.redis_server import RedisServer, failed_over, free_port, moving_address
+from tests.support.redis_server import (
+    MovingAddress,
+    RedisServer,
+    failed_over,
+    free_port,
+    standby_of,
+)
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
 
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
@@ -387,11 +393,10 @@ async def test_a_primary_demoted_by_a_failover_is_left_for_the_address_s_new_pri
     # moves the address to the new primary and makes the old one a replica, which keeps its
     # clients' connections and answers each write READONLY. Before, the tracker kept its
     # connection to the old primary: every admission failed for as long as it lived.
-    standby = RedisServer(tmp_path)
-    standby.start()
+    standby = standby_of(redis_server, tmp_path)
     limits = Limits(requests=100, tokens=None, window_seconds=3600)
     try:
-        async with moving_address(redis_server.port) as address:
+        with MovingAddress(redis_server.port) as address:
             tracker = RedisTracker(address.url)
             try:
                 assert (await tracker.admit(KEY, limits)).admitted

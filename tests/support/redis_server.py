@@ -7,20 +7,20 @@ the fixtures (`redis_server`, `redis_url`) into a test module; they skip, saying
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import socket
+import socketserver
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.support.processes import free_port
-from tests.support.raw_servers import RawServer
 
 START_SECONDS = 10.0
 
@@ -129,44 +129,73 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
 class MovingAddress:
     """One address in front of Redis servers, leading each new connection to the server
     `port` names when it opens (a connection keeps its server): a failover's endpoint, as
-    ElastiCache's primary endpoint or a Kubernetes Service is moved to the new primary."""
+    ElastiCache's primary endpoint or a Kubernetes Service is moved to the new primary.
+    Served by threads, so a gateway's synchronous start check can reach it too."""
 
     def __init__(self, port: int) -> None:
         self.port = port  # the server new connections reach
-        self.url = ""
+        address = self
 
-    async def forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        class Forward(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with socket.create_connection(("127.0.0.1", address.port)) as upstream:
+                    back = threading.Thread(target=_pipe, args=(upstream, self.request))
+                    back.start()
+                    _pipe(self.request, upstream)
+                    back.join()
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-            sink.close()
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Forward)
+        self._server.daemon_threads = True
+        self.url = f"redis://127.0.0.1:{self._server.server_address[1]}"
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+    def __enter__(self) -> MovingAddress:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
-@contextlib.asynccontextmanager
-async def moving_address(port: int) -> AsyncIterator[MovingAddress]:
-    """A `MovingAddress` leading to `port` until moved; its `url` is the Redis URL to use."""
-    address = MovingAddress(port)
-    server = await RawServer.start(address.forward, "127.0.0.1", 0)
-    address.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def standby_of(primary: RedisServer, directory: Path) -> RedisServer:
+    """A replica of `primary`, started and in sync: the one a failover promotes."""
+    standby = RedisServer(directory)
+    standby.start()
+    client = redis.Redis(port=standby.port, decode_responses=True)
     try:
-        yield address
+        with redis.Redis(port=primary.port) as source:  # sync now, not after 5 s
+            source.config_set("repl-diskless-sync-delay", 0)
+        client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+        deadline = time.monotonic() + START_SECONDS
+        while client.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replica on port {standby.port} did not sync")
+            time.sleep(0.02)
     finally:
-        server.close()
+        client.close()
+    return standby
 
 
 @contextlib.contextmanager
 def failed_over(old: RedisServer, new: RedisServer, address: MovingAddress) -> Iterator[None]:
-    """A failover: `old` made a replica of `new` (it keeps its clients' connections and
-    answers their writes READONLY), and `address` moved to `new`."""
-    client = redis.Redis(port=old.port)
+    """A failover: `new` (a `standby_of` `old`) promoted once it has every write, `old` made
+    its replica (it keeps its clients' connections and answers their writes READONLY), and
+    `address` moved to `new`."""
+    demoted, promoted = redis.Redis(port=old.port), redis.Redis(port=new.port)
     try:
-        client.execute_command("REPLICAOF", "127.0.0.1", new.port)
+        assert demoted.execute_command("WAIT", 1, 5000) == 1, "the standby is behind"
+        promoted.execute_command("REPLICAOF", "NO", "ONE")
+        demoted.execute_command("REPLICAOF", "127.0.0.1", new.port)
         address.port = new.port
         yield
     finally:
-        client.close()
+        demoted.close()
+        promoted.close()
