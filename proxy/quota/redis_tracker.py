@@ -44,6 +44,7 @@ import functools
 import math
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -490,6 +491,11 @@ def reason(error: Exception) -> str:
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
+    # A TLS error's errno (1, EPERM) says nothing of TLS: "Operation not permitted".
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"[:REASON_CHARS]
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or type(cause).__name__}"[:REASON_CHARS]
     if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
         return os.strerror(cause.errno)  # asyncio's own text names the address instead
     if isinstance(cause, OSError) and cause.strerror:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from proxy.quota.redis_tracker import RedisTracker, check, window_keys
 from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.support.bodies import CHAT
+from tests.support.certificates import self_signed
 from tests.support.clock import Clock
 from tests.support.polling import until
 from tests.support.processes import Processes, refused, start_gateway
@@ -32,6 +34,7 @@ from tests.support.redis_server import (
     RedisServer,
     failed_over,
     free_port,
+    has_redis_server,
     standby_of,
 )
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
@@ -416,6 +419,50 @@ def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
     redis_server.kill()
     with pytest.raises(TrackerUnavailable, match=r"^cannot connect \(Connection refused\)$"):
         check(redis_server.url)
+
+
+async def test_a_redis_whose_certificate_is_not_trusted_is_said_so(tmp_path: Path) -> None:
+    # A rediss:// URL to a Redis whose certificate the system does not trust (a private CA
+    # without ssl_ca_certs): before, the start said "cannot connect (Operation not
+    # permitted)" (the errno of the TLS error), sending the operator to file permissions.
+    if not has_redis_server():
+        pytest.skip("redis-server is not installed")
+    certificate, _ = self_signed(tmp_path, "redis", "IP:127.0.0.1")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+        + ["--tls-cert-file", str(certificate), "--tls-key-file", str(tmp_path / "redis-key.pem")]
+        + ["--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    trusting = f"rediss://127.0.0.1:{port}?ssl_ca_certs={certificate}"
+    try:
+        await until(lambda: _answers(trusting), 10.0, "the TLS redis-server answers")
+        url = f"rediss://127.0.0.1:{port}"
+        with pytest.raises(
+            TrackerUnavailable,
+            match=r"^cannot connect \(certificate verify failed: self.signed certificate\)$",
+        ):
+            check(url)
+        tracker = RedisTracker(url)
+        try:
+            with pytest.raises(
+                TrackerUnavailable, match=r"^Redis: certificate verify failed: self.signed"
+            ):
+                await tracker.admit(KEY, Limits(requests=1, tokens=None, window_seconds=60))
+        finally:
+            await tracker.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        check(url)
+    except TrackerUnavailable:
+        return False
+    return True
 
 
 # --- the gateway as processes sharing one Redis --------------------------------------------
