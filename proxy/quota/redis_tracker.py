@@ -324,9 +324,12 @@ class RedisTracker:
         await asyncio.gather(self._send_held(), *self._flushing)
 
     async def ping(self) -> None:
-        """One PING, on the connection the scripts use (opened again if it was lost)."""
+        """Whether Redis takes writes again, on the connection the scripts use (opened again
+        if it was lost): a write that changes nothing (PEXPIRE of a key that never exists),
+        since a replica (a primary a failover demoted) answers PING but refuses every
+        script, and would pass for a Redis that answers again."""
         try:
-            (answer,) = await self._wire.call(pack("PING"))
+            (answer,) = await self._wire.call(pack("PEXPIRE", f"{KEY_PREFIX}ping", 1))
         except OSError as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
         if isinstance(answer, ReplyError):  # LOADING, MISCONF...: not answering scripts

@@ -414,6 +414,28 @@ async def test_a_primary_demoted_by_a_failover_is_left_for_the_address_s_new_pri
         standby.kill()
 
 
+async def test_a_redis_made_a_replica_does_not_pass_for_answering_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A URL that names the node a failover demoted: every admission fails READONLY. Before,
+    # /health's recheck (a PING, which a replica answers) said the tracker answered again:
+    # /health turned healthy and stderr said "answers again" at each probe, "lost" at the
+    # next request.
+    standby = standby_of(redis_server, tmp_path)
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=100, tokens=None, window_seconds=3600)
+    try:
+        await tracker.ping()
+        with MovingAddress(standby.port) as unused, failed_over(redis_server, standby, unused):
+            with pytest.raises(TrackerUnavailable, match="READONLY"):
+                await tracker.admit(KEY, limits)
+            with pytest.raises(TrackerUnavailable, match="READONLY"):
+                await tracker.ping()
+    finally:
+        await tracker.close()
+        standby.kill()
+
+
 def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
     check(redis_server.url)  # reachable: loads the scripts
     redis_server.kill()
