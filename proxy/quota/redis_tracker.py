@@ -3,7 +3,8 @@
 Same semantics as `memory_tracker.MemoryTracker` (the same `Reading`, so the same
 `Admission` and report), kept in eight Redis keys per virtual key (`redis_scripts.py` lists
 them), named from its `key_id` digest (never the key itself) with a `{…}` hash tag so a
-cluster keeps them in one slot.
+cluster keeps them in one slot. The calls go to the one node the URL names and follow no
+MOVED, so a cluster of several shards is refused at start (`check`); one of one shard works.
 
 Invariant: `admit` checks, counts and reserves in ONE Lua script, so no other client can
 run between the check and the count (no read-then-write race), and a refused request is
@@ -72,6 +73,7 @@ from proxy.quota.tracker import (
 from proxy.quota.window import clamped
 
 KEY_PREFIX = "llm-gateway:"
+CLUSTER_SLOTS = 16384
 # Short, so that a lost Redis costs a request one second at most, not the default five.
 TIMEOUT_SECONDS = 1.0
 # A connection idle this long is PINGed before use (NAT and proxies drop idle TCP silently).
@@ -523,8 +525,16 @@ def check(url: str) -> None:
     try:
         try:
             client.ping()
+            served = _slots_served(client)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
+        if served is not None and served < CLUSTER_SLOTS:
+            raise TrackerUnavailable(
+                f"a Redis Cluster node serving {served} of the {CLUSTER_SLOTS} slots: the "
+                "gateway speaks to the one node REDIS_URL names (other keys would be answered "
+                "MOVED); give it a single Redis, a primary with replicas, or a cluster of one "
+                "shard"
+            )
         try:
             for source in (*SCRIPTS.values(), RENEW):
                 client.script_load(source)
@@ -532,3 +542,21 @@ def check(url: str) -> None:
             raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
     finally:
         client.close()
+
+
+def _slots_served(client: redis.Redis) -> int | None:
+    """How many of a cluster's slots the node holds itself; None when it is no cluster."""
+    if not client.info("cluster").get("cluster_enabled"):
+        return None
+    nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    served = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 8 and "myself" in fields[2].split(","):
+            for span in fields[8:]:
+                if span.startswith("["):  # a slot being moved in or out
+                    continue
+                first, _, last = span.partition("-")
+                served += int(last or first) - int(first) + 1
+    return served

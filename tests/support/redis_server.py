@@ -28,9 +28,12 @@ START_SECONDS = 10.0
 class RedisServer:
     """One redis-server process: no persistence, so a restart comes back empty, like a lost node."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.options = options  # more of redis-server's flags (`--cluster-enabled yes`)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,6 +63,7 @@ class RedisServer:
                 "warning",
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
