@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from proxy.quota.redis_scripts import RENEW, SCRIPTS, SETTLE_FIELDS
 from proxy.quota.redis_wire import RedisWire, ReplyError, Script, pack
@@ -545,10 +545,15 @@ def check(url: str) -> None:
 
 
 def _slots_served(client: redis.Redis) -> int | None:
-    """How many of a cluster's slots the node holds itself; None when it is no cluster."""
-    if not client.info("cluster").get("cluster_enabled"):
+    """How many of a cluster's slots the node holds itself; None when it is no cluster, or
+    when the server will not say (an ACL without INFO, a managed Redis that renamed CLUSTER):
+    then nothing is refused."""
+    try:
+        if not client.info("cluster").get("cluster_enabled"):
+            return None
+        nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    except ResponseError:
         return None
-    nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
     text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
     served = 0
     for line in text.splitlines():

@@ -469,6 +469,17 @@ def test_a_redis_cluster_of_several_shards_is_refused_at_start(
         node.kill()
 
 
+def test_a_user_whose_acl_denies_info_still_passes_the_start(
+    redis_server: RedisServer, raw_redis: redis.Redis
+) -> None:
+    # INFO is a @dangerous command, which managed Redis users are often denied: the cluster
+    # check (INFO cluster) must not refuse a Redis that says nothing of it.
+    raw_redis.execute_command(
+        "ACL", "SETUSER", "gateway", "on", ">s3cret-pass", "~llm-gateway:*", "+@all", "-@dangerous"
+    )
+    check(f"redis://gateway:s3cret-pass@127.0.0.1:{redis_server.port}")
+
+
 async def test_a_redis_whose_certificate_is_not_trusted_is_said_so(tmp_path: Path) -> None:
     # A rediss:// URL to a Redis whose certificate the system does not trust (a private CA
     # without ssl_ca_certs): before, the start said "cannot connect (Operation not
