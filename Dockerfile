@@ -34,9 +34,10 @@ ENV SERVER_HOST=0.0.0.0 \
 USER 10001:10001
 EXPOSE 8080
 
-# No curl in a slim image: Python's urllib asks /health on the port the gateway listens on.
+# No curl in a slim image: Python's urllib asks /health on the port the gateway listens on,
+# directly: never through HTTP_PROXY (the outbound proxy's variables), asked for its loopback.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SERVER_PORT', '8080'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.build_opener(urllib.request.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('SERVER_PORT', '8080'), timeout=2)"]
 
 # Exec form: the gateway is PID 1, so `docker stop`'s SIGTERM reaches it and it drains.
 CMD ["python", "gateway.py"]

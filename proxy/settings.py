@@ -141,7 +141,8 @@ def _header_name(text: str) -> str | None:
     return name or None
 
 
-_PASSWORD_IN_USERINFO = re.compile(r"^([a-z]+://[^:@/]*:)[^@/]*@")
+# Any scheme (RFC 3986: redis+sentinel, redis-sentinel, Redis): each is quoted in a refusal.
+_PASSWORD_IN_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*")
 
 

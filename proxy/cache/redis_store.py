@@ -28,7 +28,7 @@ import time
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
 
 from proxy.cache.entry import CorruptEntry, Entry, decode, encode
 from proxy.cache.store import StoreUnavailable
@@ -94,6 +94,10 @@ class RedisStore:
             socket_timeout=TIMEOUT_SECONDS,
             socket_connect_timeout=TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),
+            # A write answered READONLY (a primary a failover made a replica keeps its
+            # clients' connections) drops its connection, as one that failed: the next
+            # opens where the address leads now, the new primary.
+            retry_on_error=[ReadOnlyError],
             client_name="llm-gateway-cache",
             protocol=2,
         )

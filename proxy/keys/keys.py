@@ -434,6 +434,8 @@ def read_file(path: str) -> bytes:
     """keys.json's bytes. Raises KeysFileError saying what to do."""
     try:
         with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_nlink == 0:
+                raise KeysFileError(_replaced_under_a_mount(path))
             return file.read()
     except FileNotFoundError:
         raise KeysFileError(
@@ -454,6 +456,20 @@ def read_file(path: str) -> bytes:
         ) from None
     except OSError as error:
         raise KeysFileError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+def _replaced_under_a_mount(path: str) -> str:
+    """Why a file that no directory holds any more is not read: one mounted alone (Docker's
+    `-v $PWD/keys.json:/app/keys.json`, a Kubernetes `subPath`) pins the file it was given,
+    so an editor's save by rename (vim, VS Code, `sed -i`) or a Secret's update on the
+    other side leaves this process the old keys, which a reload would take as current."""
+    return (
+        f"{path}: was replaced where it comes from, but this process still sees the old file "
+        "(a file mounted alone, as `docker run -v $PWD/keys.json:/app/keys.json` or a "
+        "Kubernetes subPath mount, keeps the one it was given): mount its directory instead "
+        "(-v $PWD/keys:/app/keys -e KEYS_FILE_PATH=/app/keys/keys.json), or restart the "
+        "container to take the new file"
+    )
 
 
 def _parse(

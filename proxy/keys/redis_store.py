@@ -39,8 +39,10 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 from cryptography.fernet import Fernet, InvalidToken
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import ReadOnlyError, RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.keys.credentials import sent
@@ -102,6 +104,11 @@ class RedisStore:
             url,
             socket_timeout=TIMEOUT_SECONDS,
             socket_connect_timeout=TIMEOUT_SECONDS,
+            # A write answered READONLY (a primary a failover made a replica keeps its
+            # clients' connections) drops its connection, as one that failed: the next
+            # opens where the address leads now, the new primary.
+            retry=Retry(NoBackoff(), 0),  # as without retry_on_error: never sent twice
+            retry_on_error=[ReadOnlyError],
             client_name="llm-gateway-keys",
             protocol=2,
         )

@@ -33,8 +33,10 @@ Watching (KEYS_FILE_WATCH) polls `os.stat` once a second rather than using inoti
 needs no library, and an inotify watch on the file misses what matters most here: a
 Kubernetes Secret is updated by swapping a `..data` symlink in the mounted directory, and
 editors save by renaming a new file over the old one; both replace the inode the watch
-was on. The polled signature (resolved path, device, inode, size, mtime) sees an in-place
-write, a rename over the file and a symlink swap alike. A change is reloaded once the
+was on. The polled signature (resolved path, device, inode, size, mtime, link count) sees
+an in-place write, a rename over the file and a symlink swap alike, and a file mounted alone
+(Docker's `-v $PWD/keys.json:/app/keys.json`) that was renamed over on the other side (its
+links drop to 0: the reload then fails, saying to mount the directory). A change is reloaded once the
 signature holds still for one poll, so a file caught half-written is not even tried.
 
 While the thread loads, the event loop comes first: the interpreter's switch interval is
@@ -73,7 +75,7 @@ POLL_SECONDS = 1.0
 RELOADED_WITHIN_SECONDS = 5.0
 LOADING_SWITCH_SECONDS = 0.0005  # sys.setswitchinterval while a reload's thread loads
 
-Signature = tuple[str, int, int, int, int]
+Signature = tuple[str, int, int, int, int, int]
 
 
 def signature(path: str) -> Signature | None:
@@ -88,6 +90,9 @@ def signature(path: str) -> Signature | None:
         status.st_ino,
         status.st_size,
         status.st_mtime_ns,
+        # 0 once the file was replaced where it comes from but a mount of it alone (Docker's
+        # `-v keys.json:…`) keeps the old one: a change, whose reload says why it cannot be.
+        status.st_nlink,
     )
 
 

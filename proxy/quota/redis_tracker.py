@@ -3,7 +3,8 @@
 Same semantics as `memory_tracker.MemoryTracker` (the same `Reading`, so the same
 `Admission` and report), kept in eight Redis keys per virtual key (`redis_scripts.py` lists
 them), named from its `key_id` digest (never the key itself) with a `{…}` hash tag so a
-cluster keeps them in one slot.
+cluster keeps them in one slot. The calls go to the one node the URL names and follow no
+MOVED, so a cluster of several shards is refused at start (`check`); one of one shard works.
 
 Invariant: `admit` checks, counts and reserves in ONE Lua script, so no other client can
 run between the check and the count (no read-then-write race), and a refused request is
@@ -44,13 +45,14 @@ import functools
 import math
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from proxy.quota.redis_scripts import RENEW, SCRIPTS, SETTLE_FIELDS
 from proxy.quota.redis_wire import RedisWire, ReplyError, Script, pack
@@ -71,6 +73,7 @@ from proxy.quota.tracker import (
 from proxy.quota.window import clamped
 
 KEY_PREFIX = "llm-gateway:"
+CLUSTER_SLOTS = 16384
 # Short, so that a lost Redis costs a request one second at most, not the default five.
 TIMEOUT_SECONDS = 1.0
 # A connection idle this long is PINGed before use (NAT and proxies drop idle TCP silently).
@@ -327,9 +330,12 @@ class RedisTracker:
         there, as its windows do until they expire)."""
 
     async def ping(self) -> None:
-        """One PING, on the connection the scripts use (opened again if it was lost)."""
+        """Whether Redis takes writes again, on the connection the scripts use (opened again
+        if it was lost): a write that changes nothing (PEXPIRE of a key that never exists),
+        since a replica (a primary a failover demoted) answers PING but refuses every
+        script, and would pass for a Redis that answers again."""
         try:
-            (answer,) = await self._wire.call(pack("PING"))
+            (answer,) = await self._wire.call(pack("PEXPIRE", f"{KEY_PREFIX}ping", 1))
         except OSError as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
         if isinstance(answer, ReplyError):  # LOADING, MISCONF...: not answering scripts
@@ -494,6 +500,11 @@ def reason(error: Exception) -> str:
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
+    # A TLS error's errno (1, EPERM) says nothing of TLS: "Operation not permitted".
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"[:REASON_CHARS]
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or type(cause).__name__}"[:REASON_CHARS]
     if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
         return os.strerror(cause.errno)  # asyncio's own text names the address instead
     if isinstance(cause, OSError) and cause.strerror:
@@ -518,8 +529,16 @@ def check(url: str) -> None:
     try:
         try:
             client.ping()
+            served = _slots_served(client)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot connect ({reason(error)})") from None
+        if served is not None and served < CLUSTER_SLOTS:
+            raise TrackerUnavailable(
+                f"a Redis Cluster node serving {served} of the {CLUSTER_SLOTS} slots: the "
+                "gateway speaks to the one node REDIS_URL names (other keys would be answered "
+                "MOVED); give it a single Redis, a primary with replicas, or a cluster of one "
+                "shard"
+            )
         try:
             for source in (*SCRIPTS.values(), RENEW):
                 client.script_load(source)
@@ -527,3 +546,26 @@ def check(url: str) -> None:
             raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None
     finally:
         client.close()
+
+
+def _slots_served(client: redis.Redis) -> int | None:
+    """How many of a cluster's slots the node holds itself; None when it is no cluster, or
+    when the server will not say (an ACL without INFO, a managed Redis that renamed CLUSTER):
+    then nothing is refused."""
+    try:
+        if not client.info("cluster").get("cluster_enabled"):
+            return None
+        nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    except ResponseError:
+        return None
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    served = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 8 and "myself" in fields[2].split(","):
+            for span in fields[8:]:
+                if span.startswith("["):  # a slot being moved in or out
+                    continue
+                first, _, last = span.partition("-")
+                served += int(last or first) - int(first) + 1
+    return served

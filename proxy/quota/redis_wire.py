@@ -16,6 +16,11 @@ tracker needs little of that, and every guarantee it relies on stays:
   its source, which runs it and loads it again (Redis restarted empty).
 - A connection idle for `health_check_seconds` is PINGed before its next command, so a
   connection dropped silently on the way (NAT, a proxy) fails the PING, not the script.
+- A write answered READONLY (a primary demoted to a replica by a failover, which keeps its
+  clients' connections) closes the connection, as redis-py's Sentinel client does: the next
+  call connects again, to the new primary where the URL's address now leads (ElastiCache's
+  primary endpoint, a Kubernetes Service), rather than failing every call for as long as the
+  old connection lives.
 
 Pipelining: every caller of the process shares the connection. Commands are written in the
 order they are called and Redis answers in that order, so each answer goes to the oldest
@@ -37,6 +42,8 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 Arg = int | str | bytes
+# What a replica answers a write (a script's error quotes it): its connection is left.
+_READ_ONLY = "READONLY"
 
 
 class ReplyError(Exception):
@@ -95,7 +102,12 @@ class RedisWire:
             connection = await self._open()
         elif connection.idle(self._health_check):
             await _checked(connection.send([pack("PING")]))
-        return await connection.send(commands)
+        answers = await connection.send(commands)
+        if any(isinstance(a, ReplyError) and _READ_ONLY in str(a) for a in answers):
+            # A primary demoted by a failover keeps its clients' connections and refuses
+            # every write: the next call connects again, to where the address leads now.
+            connection.close()
+        return answers
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """EVALSHA the script (EVAL when Redis answers NOSCRIPT). Raises ReplyError, OSError."""

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,56 @@ def test_compose_hands_the_gateway_the_real_keys_the_readme_names_with_api_key_e
     for name in named:
         assert name in environment, f"docker-compose.yml does not pass {name} to the gateway"
         assert environment[name] is None, f"{name}: pass it through without a value of its own"
+
+
+def test_the_images_healthcheck_asks_the_gateway_directly_behind_an_outbound_proxy(
+    tmp_path: Path,
+) -> None:
+    # The image's HEALTHCHECK asked for http://127.0.0.1:8080/health with urllib, which
+    # sends an http URL to HTTP_PROXY: a container given the proxy variables of the outbound
+    # proxy section (NO_PROXY naming localhost, not 127.0.0.1) asked the proxy for its own
+    # loopback and turned unhealthy.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^\s*CMD (\[.*\])\s*$", dockerfile.split("HEALTHCHECK", 1)[1], re.M)
+    assert found, "no HEALTHCHECK CMD in exec form"
+    program, *args = json.loads(found[1])
+    assert program == "python"
+    with socket.socket() as dead:  # a proxy that refuses every connection
+        dead.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = re.search(r"port (\d+)", server.stdout.readline())[1]  # type: ignore[index]
+        (tmp_path / "health").write_text("{}")
+        checked = subprocess.run(
+            [sys.executable, *args],
+            env={
+                **os.environ,
+                "SERVER_PORT": port,
+                "HTTP_PROXY": dead_proxy,
+                "http_proxy": dead_proxy,
+                "NO_PROXY": "localhost,.internal",
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert checked.returncode == 0, checked.stderr
+    finally:
+        server.kill()
+        server.wait()

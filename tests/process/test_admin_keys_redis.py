@@ -32,6 +32,7 @@ from tests.support.processes import (
     start_gateway,
     wait_listening,
 )
+from tests.support.redis_server import MovingAddress, RedisServer, failed_over, standby_of
 
 STORE_SECRET = "keys-store-secret-for-tests-5f1e9a"
 # The tests poll with keys not yet (or no longer) known: failures the lockout must not end.
@@ -346,3 +347,36 @@ async def test_keys_taken_from_redis_are_said_to_come_from_redis_not_keys_json(
     reloaded = [r.getMessage() for r in caplog.records if "keys reloaded" in r.getMessage()]
     assert reloaded and all("from Redis" in line for line in reloaded), reloaded
     assert not any(str(keys_file) in line for line in reloaded), reloaded
+
+
+async def test_after_a_failover_keys_are_changed_on_the_new_primary(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Callable[..., Settings],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    # The old primary, made a replica, keeps the store's connections and answers each write
+    # READONLY. Before, they were kept: every change answered 503 for as long as they lived.
+    standby = standby_of(redis_server, tmp_path)
+    try:
+        with MovingAddress(redis_server.port) as address:
+            configured = settings(
+                ADMIN_TOKEN=ADMIN,
+                REDIS_URL=address.url,
+                KEYS_STORE="redis",
+                KEYS_STORE_SECRET=STORE_SECRET,
+            )
+            gateway = await aiohttp_client(build_app(configured))
+            body = {"name": "before", "provider": "openai", "api_key": REAL}
+            assert (await gateway.post("/admin/keys", json=body, headers=HEADERS)).status == 201
+            with failed_over(redis_server, standby, address):
+                body = {"name": "after", "provider": "openai", "api_key": REAL}
+                made = await gateway.post("/admin/keys", json=body, headers=HEADERS)
+                if made.status != 201:  # the change on its way met the old primary
+                    made = await gateway.post("/admin/keys", json=body, headers=HEADERS)
+                assert made.status == 201, await made.text()
+                key = (await made.json())["key"]
+                assert (await gateway.get("/usage", headers=auth(key))).status == 200
+            await gateway.close()
+    finally:
+        standby.kill()

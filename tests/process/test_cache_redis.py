@@ -13,12 +13,15 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import redis
 
 from proxy.cache.entry import Entry, encode
 from proxy.cache.redis_store import RedisStore
+from proxy.cache.store import StoreUnavailable
 from tests.conftest import OPENAI_REAL, keys_document
 from tests.support.processes import Processes, start_gateway
+from tests.support.redis_server import MovingAddress, RedisServer, failed_over, standby_of
 
 CACHED_VK = "vk_test_cached_process_6f8a0c2e4b"
 TTL = 120
@@ -139,3 +142,27 @@ async def test_the_redis_store_keeps_drops_and_claims_as_the_memory_store_does(
     finally:
         await first.close()
         await other.close()
+
+
+async def test_after_a_failover_the_store_writes_to_the_new_primary(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The old primary, made a replica, keeps the pool's connections and answers each write
+    # READONLY. Before, the pool kept those connections: every store failed (answers went
+    # uncached) for as long as they lived.
+    standby = standby_of(redis_server, tmp_path)
+    entry = Entry(200, "OK", (("Content-Type", "application/json"),), (b"{}",))
+    try:
+        with MovingAddress(redis_server.port) as address:
+            store = RedisStore(address.url)
+            try:
+                await store.put("k:a:1", entry, 60, "k:a:", time.time())
+                with failed_over(redis_server, standby, address):
+                    with pytest.raises(StoreUnavailable, match="read only replica"):
+                        await store.put("k:a:2", entry, 60, "k:a:", time.time())
+                    await store.put("k:a:2", entry, 60, "k:a:", time.time())
+                    assert await store.get("k:a:2") == entry
+            finally:
+                await store.close()
+    finally:
+        standby.kill()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,10 +25,18 @@ from proxy.quota.redis_tracker import RedisTracker, check, window_keys
 from proxy.quota.tracker import KINDS, Budget, Charge, Limits, TrackerUnavailable
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, assert_openai_error, auth
 from tests.support.bodies import CHAT
+from tests.support.certificates import self_signed
 from tests.support.clock import Clock
 from tests.support.polling import until
 from tests.support.processes import Processes, refused, start_gateway
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import (
+    MovingAddress,
+    RedisServer,
+    failed_over,
+    free_port,
+    has_redis_server,
+    standby_of,
+)
 from tests.unit.test_memory_tracker import NO_KIND_TOTALS
 
 KEY = "0123456789abcdef01234567"  # the shape of a key_id: a digest, never the virtual key
@@ -380,11 +389,139 @@ async def test_a_hung_redis_fails_within_the_socket_timeout_and_is_used_again_af
         await tracker.close()
 
 
+async def test_a_primary_demoted_by_a_failover_is_left_for_the_address_s_new_primary(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A failover (ElastiCache, Azure Cache, a Kubernetes Service over a Redis operator)
+    # moves the address to the new primary and makes the old one a replica, which keeps its
+    # clients' connections and answers each write READONLY. Before, the tracker kept its
+    # connection to the old primary: every admission failed for as long as it lived.
+    standby = standby_of(redis_server, tmp_path)
+    limits = Limits(requests=100, tokens=None, window_seconds=3600)
+    try:
+        with MovingAddress(redis_server.port) as address:
+            tracker = RedisTracker(address.url)
+            try:
+                assert (await tracker.admit(KEY, limits)).admitted
+                with failed_over(redis_server, standby, address):
+                    # The admission on its way meets the old primary; the next, the new one.
+                    with pytest.raises(TrackerUnavailable, match="READONLY"):
+                        await tracker.admit(KEY, limits)
+                    assert (await tracker.admit(KEY, limits)).admitted
+            finally:
+                await tracker.close()
+    finally:
+        standby.kill()
+
+
+async def test_a_redis_made_a_replica_does_not_pass_for_answering_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A URL that names the node a failover demoted: every admission fails READONLY. Before,
+    # /health's recheck (a PING, which a replica answers) said the tracker answered again:
+    # /health turned healthy and stderr said "answers again" at each probe, "lost" at the
+    # next request.
+    standby = standby_of(redis_server, tmp_path)
+    tracker = RedisTracker(redis_server.url)
+    limits = Limits(requests=100, tokens=None, window_seconds=3600)
+    try:
+        await tracker.ping()
+        with MovingAddress(standby.port) as unused, failed_over(redis_server, standby, unused):
+            with pytest.raises(TrackerUnavailable, match="READONLY"):
+                await tracker.admit(KEY, limits)
+            with pytest.raises(TrackerUnavailable, match="READONLY"):
+                await tracker.ping()
+    finally:
+        await tracker.close()
+        standby.kill()
+
+
 def test_check_names_what_failed_at_start(redis_server: RedisServer) -> None:
     check(redis_server.url)  # reachable: loads the scripts
     redis_server.kill()
     with pytest.raises(TrackerUnavailable, match=r"^cannot connect \(Connection refused\)$"):
         check(redis_server.url)
+
+
+@pytest.mark.parametrize("slots", [(0, 8191), (0, 16383)])
+def test_a_redis_cluster_of_several_shards_is_refused_at_start(
+    tmp_path: Path, slots: tuple[int, int]
+) -> None:
+    # The tracker speaks to the one node REDIS_URL names and follows no MOVED: on a cluster
+    # whose slots are spread over shards, about half the keys' admissions failed with MOVED
+    # (quotas unenforced, or 503) while the start said nothing. A cluster of one shard (the
+    # node holds every slot: ElastiCache with cluster mode on and one shard) works.
+    if not has_redis_server():
+        pytest.skip("redis-server is not installed")
+    node = RedisServer(tmp_path, options=("--cluster-enabled", "yes"))
+    node.start()
+    try:
+        with redis.Redis(port=node.port) as client:
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", *slots)
+        if slots == (0, 16383):
+            check(node.url)
+            return
+        with pytest.raises(
+            TrackerUnavailable, match=r"^a Redis Cluster node serving 8192 of the 16384 slots"
+        ):
+            check(node.url)
+    finally:
+        node.kill()
+
+
+def test_a_user_whose_acl_denies_info_still_passes_the_start(
+    redis_server: RedisServer, raw_redis: redis.Redis
+) -> None:
+    # INFO is a @dangerous command, which managed Redis users are often denied: the cluster
+    # check (INFO cluster) must not refuse a Redis that says nothing of it.
+    raw_redis.execute_command(
+        "ACL", "SETUSER", "gateway", "on", ">s3cret-pass", "~llm-gateway:*", "+@all", "-@dangerous"
+    )
+    check(f"redis://gateway:s3cret-pass@127.0.0.1:{redis_server.port}")
+
+
+async def test_a_redis_whose_certificate_is_not_trusted_is_said_so(tmp_path: Path) -> None:
+    # A rediss:// URL to a Redis whose certificate the system does not trust (a private CA
+    # without ssl_ca_certs): before, the start said "cannot connect (Operation not
+    # permitted)" (the errno of the TLS error), sending the operator to file permissions.
+    if not has_redis_server():
+        pytest.skip("redis-server is not installed")
+    certificate, _ = self_signed(tmp_path, "redis", "IP:127.0.0.1")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+        + ["--tls-cert-file", str(certificate), "--tls-key-file", str(tmp_path / "redis-key.pem")]
+        + ["--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    trusting = f"rediss://127.0.0.1:{port}?ssl_ca_certs={certificate}"
+    try:
+        await until(lambda: _answers(trusting), 10.0, "the TLS redis-server answers")
+        url = f"rediss://127.0.0.1:{port}"
+        with pytest.raises(
+            TrackerUnavailable,
+            match=r"^cannot connect \(certificate verify failed: self.signed certificate\)$",
+        ):
+            check(url)
+        tracker = RedisTracker(url)
+        try:
+            with pytest.raises(
+                TrackerUnavailable, match=r"^Redis: certificate verify failed: self.signed"
+            ):
+                await tracker.admit(KEY, Limits(requests=1, tokens=None, window_seconds=60))
+        finally:
+            await tracker.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        check(url)
+    except TrackerUnavailable:
+        return False
+    return True
 
 
 # --- the gateway as processes sharing one Redis --------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,13 @@ import pytest
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth
 from tests.support.bodies import STREAM
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway, wait_listening
+from tests.support.processes import (
+    Processes,
+    free_port,
+    gateway_command,
+    start_gateway,
+    wait_listening,
+)
 from tests.support.redis_server import RedisServer
 
 TOKEN = "admin-token-for-process-tests-42"
@@ -284,3 +291,58 @@ async def test_a_worker_replaced_after_a_reload_serves_the_reloaded_keys_not_its
     configs = await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))
     assert {json.loads(body)["config"]["hash"] for _, body in configs} == {digest(process_keys)}
     stop(process)
+
+
+async def test_a_file_mounted_alone_that_the_host_replaced_is_not_reloaded_as_if_current(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # `docker run -v $PWD/keys.json:/app/keys.json` mounts the file alone: an editor that
+    # saves by renaming a new file over it (vim, VS Code, `sed -i`) leaves the container with
+    # the old file. Before, SIGHUP or POST /admin/reload then "reloaded" the old keys and said
+    # so, the revoked key still served; the watcher never saw a change at all.
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode
+    ):
+        pytest.skip("no mount namespaces here (unshare -rm) to mount a file as Docker does")
+    host, app = tmp_path / "host" / "keys.json", tmp_path / "app" / "keys.json"
+    host.parent.mkdir()
+    app.parent.mkdir()
+    host.write_bytes(process_keys.read_bytes())
+    app.touch()
+    port = free_port()
+    process = processes.start(
+        ["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "mount"]
+        + [str(host), str(app), *gateway_command()],
+        env={
+            "KEYS_FILE_PATH": str(app),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "ADMIN_TOKEN": TOKEN,
+            "KEYS_FILE_WATCH": "true",
+        },
+        ready="listening on",
+        ready_on="stderr",
+    )
+    url = f"http://127.0.0.1:{port}"
+    replaced = tmp_path / "host" / "keys.json.new"
+    replaced.write_bytes(host.read_bytes())
+    revoke(replaced, OPENAI_VK)
+    os.replace(replaced, host)  # the editor's save, on the host
+    async with aiohttp.ClientSession() as session:
+
+        async def watched() -> bool:  # the watcher sees it and says why it reloads nothing
+            return (await health_config(session, url)).get("reload_failed") is not None
+
+        await until(watched, 5.0, "the watcher's failed reload on /health")
+        failed = (await health_config(session, url))["reload_failed"]
+        assert "mount its directory" in failed["reason"], failed
+        async with session.post(
+            f"{url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as response:
+            assert response.status == 422, await response.text()
+            reason = (await response.json())["error"]["message"]
+        assert "replaced" in reason and "mount its directory" in reason, reason
+        async with session.get(f"{url}/usage", headers=auth(ANTHROPIC_VK)) as response:
+            assert response.status == 200  # the keys in force still serve
+    assert "mount its directory" in stop(process)

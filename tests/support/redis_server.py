@@ -7,9 +7,12 @@ the fixtures (`redis_server`, `redis_url`) into a test module; they skip, saying
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +28,12 @@ START_SECONDS = 10.0
 class RedisServer:
     """One redis-server process: no persistence, so a restart comes back empty, like a lost node."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.options = options  # more of redis-server's flags (`--cluster-enabled yes`)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +63,7 @@ class RedisServer:
                 "warning",
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -121,3 +128,78 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+class MovingAddress:
+    """One address in front of Redis servers, leading each new connection to the server
+    `port` names when it opens (a connection keeps its server): a failover's endpoint, as
+    ElastiCache's primary endpoint or a Kubernetes Service is moved to the new primary.
+    Served by threads, so a gateway's synchronous start check can reach it too."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port  # the server new connections reach
+        address = self
+
+        class Forward(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with socket.create_connection(("127.0.0.1", address.port)) as upstream:
+                    back = threading.Thread(target=_pipe, args=(upstream, self.request))
+                    back.start()
+                    _pipe(self.request, upstream)
+                    back.join()
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Forward)
+        self._server.daemon_threads = True
+        self.url = f"redis://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> MovingAddress:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def standby_of(primary: RedisServer, directory: Path) -> RedisServer:
+    """A replica of `primary`, started and in sync: the one a failover promotes."""
+    standby = RedisServer(directory)
+    standby.start()
+    client = redis.Redis(port=standby.port, decode_responses=True)
+    try:
+        with redis.Redis(port=primary.port) as source:  # sync now, not after 5 s
+            source.config_set("repl-diskless-sync-delay", 0)
+        client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+        deadline = time.monotonic() + START_SECONDS
+        while client.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replica on port {standby.port} did not sync")
+            time.sleep(0.02)
+    finally:
+        client.close()
+    return standby
+
+
+@contextlib.contextmanager
+def failed_over(old: RedisServer, new: RedisServer, address: MovingAddress) -> Iterator[None]:
+    """A failover: `new` (a `standby_of` `old`) promoted once it has every write, `old` made
+    its replica (it keeps its clients' connections and answers their writes READONLY), and
+    `address` moved to `new`."""
+    demoted, promoted = redis.Redis(port=old.port), redis.Redis(port=new.port)
+    try:
+        assert demoted.execute_command("WAIT", 1, 5000) == 1, "the standby is behind"
+        promoted.execute_command("REPLICAOF", "NO", "ONE")
+        demoted.execute_command("REPLICAOF", "127.0.0.1", new.port)
+        address.port = new.port
+        yield
+    finally:
+        demoted.close()
+        promoted.close()

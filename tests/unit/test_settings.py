@@ -61,7 +61,16 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: 
 
 @pytest.mark.parametrize(
     "url",
-    ["http://app:s3cret@cache:6379", "redis://app:s3cret@cache:port", "rediss://:s3cret@[::1"],
+    [
+        "http://app:s3cret@cache:6379",
+        "redis://app:s3cret@cache:port",
+        "rediss://:s3cret@[::1",
+        # Schemes of other clients, which users try: they were quoted whole, password
+        # included (the mask knew only schemes of letters).
+        "redis+sentinel://:s3cret@sentinel:26379/mymaster",
+        "redis-sentinel://app:s3cret@sentinel:26379",
+        "Redis://:s3cret@cache:6379",
+    ],
 )
 def test_a_refused_redis_url_is_quoted_without_its_password(url: str) -> None:
     # A port that is not a number, or a broken [IPv6] host, was taken and stopped the start
