@@ -133,7 +133,7 @@ _ASYNC_INVOKE, _MODEL_ID = "async-invoke", "modelId"
 _TUNED = "tunedModels"
 # OpenAI's legacy engines paths (openai 0.28's `engine=`): `engines/<model>/chat/completions`,
 # `/completions`, `/embeddings` run the model they name, with none in the body.
-_ENGINES = "engines/"
+_ENGINES = "engines"
 # Vertex's token count for Claude (the SDK's count_tokens): a path in the place of a model's,
 # the model it counts for in the body.
 _VERTEX_COUNT_TOKENS = "count-tokens:rawPredict"
@@ -341,8 +341,8 @@ def in_path(method: str, tail: str, query: MultiMapping[str]) -> list[str]:
     models = list(query.getall("model", ()))
     if "deployment" in query:
         models += query.getall("deployment")
-    if tail.startswith(_ENGINES):
-        engine = tail[len(_ENGINES) :].partition("/")[0]
+    if first == _ENGINES:
+        engine = endpoint(tail).partition("/")[2].partition("/")[0]
         return [*models, unquote(engine)] if engine else models
     if (
         "model" not in tail
