@@ -134,14 +134,14 @@ class Admin:
                 "string to turn it on, then send it as 'Authorization: Bearer <token>'."
             )
             return errors.render(GatewayError(404, "unknown_route", message), request.path)
-        allowed = await allowed_methods(request)
+        route, allowed = await allowed_methods(request)
         if allowed:
             methods = ", ".join(allowed)
             return errors.render(
                 GatewayError(
                     405,
                     "method_not_allowed",
-                    f"{request.path} answers {methods} only.",
+                    f"{route} answers {methods} only.",
                     headers={"allow": methods},
                 ),
                 request.path,
@@ -293,11 +293,13 @@ def _refuse(
     return errors.render(GatewayError(status, code, message), request.path)
 
 
-async def allowed_methods(request: web.Request) -> list[str]:
-    """The methods the admin routes answer on this path (the writes' included), for a 405."""
-    methods: set[str] = set()
+async def allowed_methods(request: web.Request) -> tuple[str, list[str]]:
+    """The route the admin routes answer this path as (`/admin/keys/{name}`: never the path
+    as sent, which may hold a whole virtual key given as a name), and the methods they
+    answer on it (the writes' included), for a 405."""
+    route, methods = request.path, set[str]()
     for resource in request.app.router.resources():
         _, allowed = await resource.resolve(request)
-        if hdrs.METH_ANY not in allowed:  # the catch-alls (this 404's, the relay's)
-            methods |= allowed
-    return sorted(methods - {hdrs.METH_HEAD})
+        if allowed and hdrs.METH_ANY not in allowed:  # not the catch-alls (this 404's, the relay's)
+            route, methods = resource.canonical, methods | allowed
+    return route, sorted(methods - {hdrs.METH_HEAD})

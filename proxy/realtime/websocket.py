@@ -26,9 +26,10 @@ between two.
 
 What it does not do: keep a message's fragmentation (aiohttp reassembles fragments, and a
 message goes on whole), or read what the frames say (`on_provider_text` sees the provider's
-text frames after they went on, for usage; a `gate` may hold a client's text frame back
-and answer it itself, as the Responses WebSocket mode's turn admission does, or send
-another in its place, `Forward`: a turn with its target's model swapped in).
+text frames after they went on, for usage; a `gate` may hold a client's text or binary
+frame back (a provider's JSON reader may take either) and answer it itself, as the Responses
+WebSocket mode's turn admission does, or send another in its place, `Forward`: a turn with
+its target's model swapped in).
 """
 
 from __future__ import annotations
@@ -90,7 +91,12 @@ class Forward:
     frame: bytes
 
 
-# What a gate makes of a client's text frame: None lets it go on as sent; `Forward` sends
+# The frames a gate reads: binary ones too, whose bytes a provider's JSON reader may take as
+# readily as a text frame's (Python's json.loads, JSON.parse of a Buffer): a turn or a session
+# update sent as binary went past the gate unread.
+_DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
+
+# What a gate makes of a client's text or binary frame: None lets it go on as sent; `Forward` sends
 # another in its place; bytes are the frame the client gets back instead (a refusal).
 Gated = bytes | Forward | None
 
@@ -118,7 +124,7 @@ class Session:
         self._idle_seconds = idle_seconds
         self._max_seconds = max_seconds
         self._on_provider_text = on_provider_text
-        # Asked of each client text frame before it goes on (`Gated`): a turn the gateway
+        # Asked of each client text or binary frame before it goes on (`Gated`): a turn the gateway
         # refused, or one with its target's model swapped in (`turns`).
         self._gate = gate
         # The real keys (`echoes.searched`) masked in whatever the provider sends the client.
@@ -182,7 +188,7 @@ class Session:
             message = await source.receive()
             kind = message.type
             try:
-                if kind is WSMsgType.TEXT and not is_down and self._gate is not None:
+                if kind in _DATA and not is_down and self._gate is not None:
                     verdict = await self._gate(message.data)
                     if verdict is None:
                         await target.send_frame(message.data, kind)

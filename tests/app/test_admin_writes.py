@@ -690,6 +690,16 @@ async def test_a_key_addressed_by_its_virtual_key_is_not_echoed_but_named(
         assert response.status == 404, (path, text)
         assert_openai_error(await response.json(), "unknown_key")
         assert "virtual key" in text and not any(s in text for s in (*SECRETS, made["key"]))
+    # A wrong method on such a path (GET, PUT) is a 405, whose message quoted the path, the
+    # whole key in it: it names the route instead.
+    for method in ("GET", "PUT"):
+        wrong = await gateway.request(method, f"/admin/keys/{LIMITED_VK}/rotate", headers=ADMIN)
+        text = await wrong.text()
+        assert wrong.status == 405 and "/admin/keys/{name}/rotate answers POST" in text, text
+        wrong = await gateway.request(method, f"/admin/keys/{LIMITED_VK}", headers=ADMIN)
+        text = await wrong.text()
+        assert wrong.status == 405 and "/admin/keys/{name} answers DELETE, PATCH" in text, text
+        assert not any(s in text for s in SECRETS)
     listing = await gateway.get(f"/admin/keys?key={OPENAI_VK}", headers=ADMIN)
     assert listing.status == 200  # ?key= is read by /admin/cache only
     named = await gateway.delete(f"/admin/keys/{made['key']}", headers=ADMIN)

@@ -1047,13 +1047,16 @@ async def test_a_transcription_model_outside_the_keys_allowed_models_is_refused_
     for frame in refused:
         await ws.send_str(frame)
         errors.append(orjson.loads((await next_data(ws)).data))
+    # Sent as a binary frame, whose bytes a provider's JSON reader takes as well: refused too.
+    await ws.send_bytes(refused[0].replace("evt_1", "evt_2").encode())
+    errors.append(orjson.loads((await next_data(ws)).data))
     for error in errors:
         assert error["type"] == "error"
         assert error["error"]["code"] == "model_not_allowed"
         assert error["error"]["type"] == "invalid_request_error"
         assert "gpt-4o-transcribe" in error["error"]["message"]
     # As the provider's own error events, it names the client event it answers.
-    assert [error["error"]["event_id"] for error in errors] == ["evt_1", None]
+    assert [error["error"]["event_id"] for error in errors] == ["evt_1", None, "evt_2"]
     whisper = {"input_audio_transcription": {"model": "whisper-1"}}
     await ws.send_json({"type": "session.update", "session": whisper})
     assert orjson.loads((await next_data(ws)).data)["type"] == "session.updated"

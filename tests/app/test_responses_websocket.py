@@ -219,6 +219,35 @@ async def test_a_turn_spelled_with_json_escapes_is_admitted_like_any_other(
     await ws.close()
 
 
+async def test_a_turn_sent_as_a_binary_frame_is_admitted_like_a_text_one(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    """A JSON reader takes the bytes of a binary frame as readily as a text frame's (Python's
+    json.loads, the JS SDK's JSON.parse of a Buffer): a `response.create` sent as binary went
+    upstream past `allowed_models` and the quota unseen. It is gated as a text one is."""
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    limited = {"provider": "openai", "api_key": OPENAI_REAL}
+    limited["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow, LIMITED_TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_bytes(orjson.dumps({"type": "response.create", "model": "o3-pro"}))
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 403
+    assert sockets.sockets[-1].received == []  # it never went upstream
+    await ws.close()
+    ws = await open_session(gateway, LIMITED_TURN_VK)
+    await ws.send_bytes(CREATE)
+    events = await until_end(ws)
+    assert events[-1]["type"] == "response.completed", events
+    await ws.send_bytes(CREATE)
+    assert (await receive(ws))["status"] == 429
+    assert len(sockets.sockets[-1].received) == 1  # only the admitted turn went upstream
+    await ws.send_bytes(b"\x00\x01 not an event")  # no turn: goes on as sent, binary
+    await until(lambda: len(sockets.sockets[-1].received) == 2)
+    assert sockets.sockets[-1].received[-1][0] is WSMsgType.BINARY
+    await ws.close()
+
+
 async def until_end(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
     """The events up to a turn's end or its refusal."""
     events = [await receive(ws)]

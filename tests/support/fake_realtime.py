@@ -2,7 +2,8 @@
 
 Mounted by `tests/support/fake_provider.py`. It accepts the subprotocol `realtime`, answers every ping
 with a pong of the same payload (autoping is off, so a test sees pings pass the gateway),
-echoes text and binary frames unchanged, and obeys JSON text commands:
+echoes text and binary frames unchanged, and obeys JSON commands (in a text frame, or a binary
+one, as lenient JSON readers take either):
 
     {"type": "response.create"}                      response.created, then response.done
                                                      with usage (11 input + 7 output tokens)
@@ -138,9 +139,9 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
         socket.received.append((message.type, message.data))
         if message.type is WSMsgType.PING:
             await ws.pong(message.data)
-        elif message.type is WSMsgType.BINARY:
+        elif message.type is WSMsgType.BINARY and not _command(message.data):
             await send(WSMsgType.BINARY, message.data)
-        elif message.type is WSMsgType.TEXT:
+        elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # JSON read from either
             command = _command(message.data)
             kind = command.get("type")
             if kind == "response.create" and request.path.endswith("/responses"):
@@ -332,7 +333,7 @@ def generated(command: dict) -> list[dict]:
     return events
 
 
-def _command(text: str) -> dict:
+def _command(text: str | bytes) -> dict:
     try:
         document = orjson.loads(text)
     except orjson.JSONDecodeError:
