@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -64,7 +64,7 @@ from proxy.upstream.breaker import Breakers
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
 from proxy.upstream.outbound import swap_query_model
-from proxy.upstream.providers import upstream_headers, upstream_url
+from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
 from proxy.upstream.targets import Target
 from proxy.usage.realtime_events import socket_usage
 
@@ -157,7 +157,15 @@ class Realtime:
             gate = turns.gate if turns is not None else None
             if gate is None and key.allowed_models is not None:  # its session updates checked
                 gate = Updates(key).gate
-            return await self._carry(request, upstream, exchange, admission, turns, secrets, gate)
+            # aiohttp keeps the handshake's answer on the socket only, as a private member.
+            provided = upstream._response.headers
+            record.saw_provider_request_id(
+                provided.get("x-request-id") or provided.get("request-id")
+            )
+            answered = answer_headers(provided, plan.echoable())
+            return await self._carry(
+                request, upstream, exchange, admission, answered, turns, secrets, gate
+            )
         finally:
             await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
@@ -238,6 +246,7 @@ class Realtime:
         upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
         exchange: Exchange,
         admission: Admission | None,
+        answered: CIMultiDict[str],
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
         gate: Callable[[bytes], Awaitable[Gated]] | None = None,
@@ -252,6 +261,7 @@ class Realtime:
             max_msg_size=smallest_refused(self._settings),
             timeout=CLOSE_ANSWER_SECONDS,
         )
+        client.headers.extend(answered)
         client.headers["x-request-id"] = exchange.record.request_id
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))
@@ -298,6 +308,10 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
+# What of the provider's handshake answer the client's does not carry (`answer_headers`).
+_NOT_ANSWERED = ("sec-websocket-", "x-request-id", "x-ratelimit-", "anthropic-ratelimit-")
+
+
 def smallest_refused(settings: Settings) -> int:
     """aiohttp's `max_msg_size` for a message of MAX_BODY_BYTES to pass: it refuses a message
     of `max_msg_size` bytes or more, and the gateway only one over MAX_BODY_BYTES (1009)."""
@@ -317,6 +331,20 @@ def forwarded_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
     return [
         protocol for protocol in offered(headers) if not protocol.startswith(BROWSER_KEY_PREFIX)
     ]
+
+
+def answer_headers(provided: CIMultiDictProxy[str], secrets: Collection[str]) -> CIMultiDict[str]:
+    """The headers of the provider's answer to the handshake, for the client's: they pass as
+    an HTTP answer's do (`downstream_headers`; Codex reads `x-codex-turn-state`,
+    `openai-model` and `x-reasoning-included` there), but the handshake's own (aiohttp
+    answers the client's), the provider's x-request-id (logged as `provider_request_id`:
+    the client's is the gateway's) and its account's rate limits (the gateway's own go in
+    their place when the session is admitted at its start)."""
+    headers = downstream_headers(provided, secrets)
+    for name in [name for name in headers if name.lower().startswith(_NOT_ANSWERED)]:
+        headers.popall(name, None)
+    headers.popall("content-length", None)
+    return headers
 
 
 def check_handshake(request: web.Request) -> None:
