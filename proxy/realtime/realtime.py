@@ -8,8 +8,8 @@ models are checked (`named.check`, as for HTTP), it is admitted by the key's quo
 the exchange, and connected upstream on the app's one `ClientSession` with the real
 key in the provider's header style and the client's subprotocols minus the key entry. The
 provider is the first target of the key's plan for the `model` query parameter (routes
-apply; fallbacks and retries do not: a session cannot be replayed), with the next key of
-that target's pool. Only
+apply; fallbacks and retries do not: a session cannot be replayed), with the key of that
+target's pool that its conversation goes to (POOL_STICKY_HEADER names it), else the next. Only
 then does the client get its 101, with the subprotocol the provider chose: a refusal by the
 gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-open session.
 How the handshake went is told to the target's breaker, as an HTTP attempt's is (/health).
@@ -65,7 +65,7 @@ from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import RETRYABLE, described, where
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
-from proxy.upstream.targets import Target
+from proxy.upstream.targets import Target, affinity_of
 from proxy.usage.realtime_events import socket_usage
 
 if TYPE_CHECKING:
@@ -181,7 +181,11 @@ class Realtime:
         http = self._http
         assert http is not None, "the app's upstream session is not open"
         timeout = self._settings.request_timeout
-        headers = handshake_headers(target, request.headers, record.request_id)
+        # The session's conversation, as an HTTP request names it to a pool (POOL_STICKY_HEADER).
+        sticky = self._settings.pool_sticky_header
+        conversation = request.headers.get(sticky) if sticky is not None else None
+        affinity = affinity_of(conversation) if conversation else None
+        headers = handshake_headers(target, request.headers, record.request_id, affinity)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
         origin = origin_of(url)  # wss and https alike: a CONNECT tunnel
@@ -374,11 +378,16 @@ def credentials(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
 
 
 def handshake_headers(
-    target: Target, incoming: CIMultiDictProxy[str], request_id: str
+    target: Target,
+    incoming: CIMultiDictProxy[str],
+    request_id: str,
+    affinity: bytes | None = None,
 ) -> CIMultiDict[str]:
     """The client's headers as for any request, minus its handshake: aiohttp makes its own."""
-    # A pool's next usable key (weighted round-robin); when all rest, its first.
-    credential = target.pool.pick(time.monotonic()) or target.pool.credentials[0]
+    # A pool's usable key for the session's conversation (`affinity`: the one its HTTP
+    # requests go to), else its next (weighted round-robin); when all rest, its first.
+    now = time.monotonic()
+    credential = target.pool.pick(now, affinity) or target.pool.credentials[0]
     headers = upstream_headers(target.provider, credential.api_key, incoming, request_id)
     for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
         headers.popall(name, None)

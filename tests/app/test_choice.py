@@ -247,6 +247,25 @@ async def test_a_sticky_header_names_the_conversation_when_the_body_names_none(
     assert len(set(keys_seen(fake))) == 1
 
 
+async def test_a_sticky_header_keeps_a_websocket_session_on_its_conversations_key(
+    gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # Codex names its session in a `session-id` header, on its HTTP turns and on the
+    # Responses API's WebSocket handshake alike: a session it opens (again: a connection
+    # lasts at most an hour) goes to the key its HTTP turns went to, where the cache is.
+    gateway = await gateway_with(pool(1, 1, 1), POOL_STICKY_HEADER="session-id")
+    headers = {**auth(VK), "session-id": "codex-session-1"}
+    turn = {"model": "gpt-4o-mini", "input": "hi"}
+    assert (await gateway.post("/v1/responses", json=turn, headers=headers)).status == 200
+    [home] = set(keys_seen(fake))
+    for _ in range(4):
+        ws = await gateway.ws_connect("/v1/responses", headers=headers)
+        await asyncio.wait_for(ws.receive(), 5)  # the fake's session.created
+        await ws.close()
+    upgrades = [credential(seen.headers) for seen in fake.requests if seen.method == "GET"]
+    assert upgrades == [home] * 4
+
+
 async def test_anthropic_metadata_user_id_keeps_a_conversation_on_one_key(
     gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
