@@ -13,8 +13,9 @@ dialect whose `EVENTS` name it), each JSON body by its shape (`choices`, a Conve
 Ollama's `done`; a JSON array: Gemini's stream, or several prompts' results), each line of
 newline-delimited JSON (`application/x-ndjson`: Ollama's streams) as Ollama's, and the
 dialect writes what it read into the answer's `Reading`. An answer its server did not label
-(no Content-Type, `application/octet-stream`, `text/plain`: some OpenAI-compatible servers
-send their streams so) is read as the event stream it is when its first bytes open one.
+(no Content-Type, `application/octet-stream`, `text/plain`) or labelled JSON is read as the
+event stream it is when its first bytes open one: some OpenAI-compatible servers send their
+streams so, and the SDKs read them all the same.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings, Gemini's generateContent
@@ -262,6 +263,7 @@ class UsageTap:
         "_path",
         "_reading",
         "_seen",
+        "_sniffed",
         "_split_event",
         "_text",
         "_text_held",
@@ -288,8 +290,10 @@ class UsageTap:
         self._text_held = 0  # of them, the text kept for the log (LOG_BODIES, a stream)
         self._seen = 0  # body bytes seen (decoded when the coding is known)
         # An answer its server did not label (no Content-Type, or one that says nothing of
-        # it): its first bytes say whether it is an event stream (`_sniff`), as the SDKs read it.
-        self._is_sniffed = kind is None and _is_unlabelled(content_type)
+        # it), or labelled JSON: its first bytes say whether it is an event stream (`_sniff`),
+        # as the SDKs read it; until they do, they are held (`_sniffed`).
+        self._is_sniffed = kind == _JSON or (kind is None and _is_unlabelled(content_type))
+        self._sniffed = b""
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
         self._is_unread = kind is None and not self._is_sniffed
         self._body: bytearray | None = bytearray() if kind == _JSON else None
@@ -426,7 +430,9 @@ class UsageTap:
 
     def _take(self, data: bytes) -> None:
         self._seen += len(data)
-        if self._is_unread or (self._is_sniffed and not self._sniff(data)):
+        if self._is_sniffed:
+            data = self._sniff(data)
+        if self._is_unread or not data:
             return
         if self._lines is not None:
             self._take_lines(data)
@@ -435,22 +441,31 @@ class UsageTap:
         else:
             self._take_json(data)
 
-    def _sniff(self, data: bytes) -> bool:
-        """An unlabelled answer's first bytes: an event stream's field (`data:`, `event:`, a
-        comment...) makes it one, read from here on; anything else is not read. False while
-        undecided (nothing but blank lines so far) and for a body left unread."""
-        start = data.lstrip(_BLANK)
-        if not start:
-            return False
+    def _sniff(self, data: bytes) -> bytes:
+        """The body's bytes so far once its first ones say what it is, else b"" (held).
+
+        An event stream opens with a field (`data:`, `event:`...) or a comment, after a BOM
+        or blank lines: read as one from here on. Anything else is JSON when labelled so,
+        else not read. Undecided while the bytes could still open one (`e`, blank lines),
+        up to SNIFF_BYTES."""
+        held = self._sniffed + data
+        start = held.lstrip(_BLANK)
+        undecided = any(field.startswith(start) for field in _SSE_FIELDS)
+        if undecided and len(held) < SNIFF_BYTES:
+            self._sniffed = held
+            return b""
+        self._sniffed = b""
         self._is_sniffed = False
-        if not start.startswith(_SSE_FIELDS):
+        if start.startswith(_SSE_FIELDS):
+            self._kind = _SSE
+            self._body = None
+            self._lines = LineReader()
+            if self._keep_text:
+                self._reading.texts = []
+        elif self._kind != _JSON:
             self._give_up()
-            return False
-        self._kind = _SSE
-        self._lines = LineReader()
-        if self._keep_text:
-            self._reading.texts = []
-        return True
+            return b""
+        return held
 
     def _take_json(self, data: bytes) -> None:
         body = self._body
@@ -818,6 +833,7 @@ _COMMON_TYPES = {
 _UNLABELLED = frozenset(("", "application/octet-stream", "text/plain"))
 _BLANK = b"\xef\xbb\xbf \t\r\n"
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
+SNIFF_BYTES = 4096  # held at most while an answer's first bytes do not say what it is
 
 
 def _is_unlabelled(content_type: str | None) -> bool:
