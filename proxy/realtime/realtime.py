@@ -9,7 +9,9 @@ the exchange, and connected upstream on the app's one `ClientSession` with the r
 key in the provider's header style and the client's subprotocols minus the key entry. The
 provider is the first target of the key's plan for the `model` query parameter (routes
 apply; fallbacks and retries do not: a session cannot be replayed), with the key of that
-target's pool that its conversation goes to (POOL_STICKY_HEADER names it), else the next. Only
+target's pool that its conversation goes to (POOL_STICKY_HEADER names it), else the next; a
+key the provider refuses (401, 402, 403) or rate-limits (429) at the handshake rests, as
+after an HTTP attempt, so the next session goes to another. Only
 then does the client get its 101, with the subprotocol the provider chose: a refusal by the
 gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-open session.
 How the handshake went is told to the target's breaker, as an HTTP attempt's is (/health).
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -62,10 +63,18 @@ from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.egress import Egress, origin_of
-from proxy.upstream.failover import RETRYABLE, described, where
+from proxy.upstream.failover import (
+    KEY_REFUSED,
+    OUT_OF_CREDIT,
+    RATE_LIMITED_REST_SECONDS,
+    REFUSED_KEY_REST_SECONDS,
+    RETRYABLE,
+    described,
+    where,
+)
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
-from proxy.upstream.targets import Target, affinity_of
+from proxy.upstream.targets import Credential, Target, affinity_of
 from proxy.usage.realtime_events import socket_usage
 
 if TYPE_CHECKING:
@@ -185,7 +194,11 @@ class Realtime:
         sticky = self._settings.pool_sticky_header
         conversation = request.headers.get(sticky) if sticky is not None else None
         affinity = affinity_of(conversation) if conversation else None
-        headers = handshake_headers(target, request.headers, record.request_id, affinity)
+        # A pool's usable key for the conversation (the one its HTTP requests go to), else its
+        # next (weighted round-robin); when all rest, the one whose rest ends first.
+        pool = target.pool
+        credential = pool.pick(self._breakers.clock(), affinity) or pool.soonest()
+        headers = handshake_headers(target, credential, request.headers, record.request_id)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
         origin = origin_of(url)  # wss and https alike: a CONNECT tunnel
@@ -223,6 +236,11 @@ class Realtime:
             record.mark_first_byte()  # the provider answered, with a refusal
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")
+            # A key refused, out of credit or rate limited rests, as after an HTTP attempt.
+            if error.status in KEY_REFUSED or error.status == OUT_OF_CREDIT:
+                pool.rest(credential, self._breakers.clock() + REFUSED_KEY_REST_SECONDS)
+            elif error.status == 429:
+                pool.rest(credential, self._breakers.clock() + RATE_LIMITED_REST_SECONDS)
             status = error.status if error.status >= 400 else 502
             why = f"The provider refused the WebSocket upgrade ({error.status})."
             raise GatewayError(status, "upstream_refused", why, outcome=Outcome.ANSWERED) from None
@@ -378,16 +396,10 @@ def credentials(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
 
 
 def handshake_headers(
-    target: Target,
-    incoming: CIMultiDictProxy[str],
-    request_id: str,
-    affinity: bytes | None = None,
+    target: Target, credential: Credential, incoming: CIMultiDictProxy[str], request_id: str
 ) -> CIMultiDict[str]:
-    """The client's headers as for any request, minus its handshake: aiohttp makes its own."""
-    # A pool's usable key for the session's conversation (`affinity`: the one its HTTP
-    # requests go to), else its next (weighted round-robin); when all rest, its first.
-    now = time.monotonic()
-    credential = target.pool.pick(now, affinity) or target.pool.credentials[0]
+    """The client's headers as for any request, minus its handshake: aiohttp makes its own;
+    `credential`'s real key in the provider's header."""
     headers = upstream_headers(target.provider, credential.api_key, incoming, request_id)
     for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
         headers.popall(name, None)
