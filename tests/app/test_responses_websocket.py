@@ -385,3 +385,27 @@ async def test_the_providers_handshake_headers_reach_the_client_as_over_http(
     await ws.close()
     [line] = await records(1)
     assert line["provider_request_id"] == HANDSHAKE_HEADERS["x-request-id"]
+
+
+async def test_a_refused_turn_carries_its_headers_as_the_providers_error_events_do(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    # Codex reads a WebSocket error event's `headers` (its Retry-After) as it reads an HTTP
+    # answer's: the gateway's 429 tells the same wait either way.
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    assert (await turn(ws))[-1]["type"] == "response.completed"
+    [refused] = await turn(ws)
+    assert refused["status"] == 429
+    headers = refused["headers"]
+    assert 3500 <= int(headers["retry-after"]) <= 3600
+    assert headers["x-should-retry"] == "false"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    await ws.close()
+    over = await gateway.post(
+        "/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}, headers=auth(TURN_VK)
+    )
+    assert over.status == 429
+    assert {name.lower() for name in over.headers} >= set(headers)
