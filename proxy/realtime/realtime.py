@@ -8,8 +8,10 @@ models are checked (`named.check`, as for HTTP), it is admitted by the key's quo
 the exchange, and connected upstream on the app's one `ClientSession` with the real
 key in the provider's header style and the client's subprotocols minus the key entry. The
 provider is the first target of the key's plan for the `model` query parameter (routes
-apply; fallbacks and retries do not: a session cannot be replayed), with the next key of
-that target's pool. Only
+apply; fallbacks and retries do not: a session cannot be replayed), with the key of that
+target's pool that its conversation goes to (POOL_STICKY_HEADER names it), else the next; a
+key the provider refuses (401, 402, 403) or rate-limits (429) at the handshake rests, as
+after an HTTP attempt, so the next session goes to another. Only
 then does the client get its 101, with the subprotocol the provider chose: a refusal by the
 gateway or the provider is an HTTP answer in the OpenAI dialect, never a half-open session.
 How the handshake went is told to the target's breaker, as an HTTP attempt's is (/health).
@@ -37,8 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -62,10 +63,18 @@ from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.egress import Egress, origin_of
-from proxy.upstream.failover import RETRYABLE, described, where
+from proxy.upstream.failover import (
+    KEY_REFUSED,
+    OUT_OF_CREDIT,
+    RATE_LIMITED_REST_SECONDS,
+    REFUSED_KEY_REST_SECONDS,
+    RETRYABLE,
+    described,
+    where,
+)
 from proxy.upstream.outbound import swap_query_model
-from proxy.upstream.providers import upstream_headers, upstream_url
-from proxy.upstream.targets import Target
+from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
+from proxy.upstream.targets import Credential, Target, affinity_of
 from proxy.usage.realtime_events import socket_usage
 
 if TYPE_CHECKING:
@@ -157,7 +166,15 @@ class Realtime:
             gate = turns.gate if turns is not None else None
             if gate is None and key.allowed_models is not None:  # its session updates checked
                 gate = Updates(key).gate
-            return await self._carry(request, upstream, exchange, admission, turns, secrets, gate)
+            # aiohttp keeps the handshake's answer on the socket only, as a private member.
+            provided = upstream._response.headers
+            record.saw_provider_request_id(
+                provided.get("x-request-id") or provided.get("request-id")
+            )
+            answered = answer_headers(provided, plan.echoable())
+            return await self._carry(
+                request, upstream, exchange, admission, answered, turns, secrets, gate
+            )
         finally:
             await upstream.close(code=WSCloseCode.GOING_AWAY)  # a no-op once closed
 
@@ -173,7 +190,15 @@ class Realtime:
         http = self._http
         assert http is not None, "the app's upstream session is not open"
         timeout = self._settings.request_timeout
-        headers = handshake_headers(target, request.headers, record.request_id)
+        # The session's conversation, as an HTTP request names it to a pool (POOL_STICKY_HEADER).
+        sticky = self._settings.pool_sticky_header
+        conversation = request.headers.get(sticky) if sticky is not None else None
+        affinity = affinity_of(conversation) if conversation else None
+        # A pool's usable key for the conversation (the one its HTTP requests go to), else its
+        # next (weighted round-robin); when all rest, the one whose rest ends first.
+        pool = target.pool
+        credential = pool.pick(self._breakers.clock(), affinity) or pool.soonest()
+        headers = handshake_headers(target, credential, request.headers, record.request_id)
         if trace is not None:  # traces: a client span, its context in the handshake
             trace.attempt("GET", url, headers, target.provider.name, record.model)
         origin = origin_of(url)  # wss and https alike: a CONNECT tunnel
@@ -211,6 +236,11 @@ class Realtime:
             record.mark_first_byte()  # the provider answered, with a refusal
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")
+            # A key refused, out of credit or rate limited rests, as after an HTTP attempt.
+            if error.status in KEY_REFUSED or error.status == OUT_OF_CREDIT:
+                pool.rest(credential, self._breakers.clock() + REFUSED_KEY_REST_SECONDS)
+            elif error.status == 429:
+                pool.rest(credential, self._breakers.clock() + RATE_LIMITED_REST_SECONDS)
             status = error.status if error.status >= 400 else 502
             why = f"The provider refused the WebSocket upgrade ({error.status})."
             raise GatewayError(status, "upstream_refused", why, outcome=Outcome.ANSWERED) from None
@@ -238,6 +268,7 @@ class Realtime:
         upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
         exchange: Exchange,
         admission: Admission | None,
+        answered: CIMultiDict[str],
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
         gate: Callable[[bytes], Awaitable[Gated]] | None = None,
@@ -252,6 +283,7 @@ class Realtime:
             max_msg_size=smallest_refused(self._settings),
             timeout=CLOSE_ANSWER_SECONDS,
         )
+        client.headers.extend(answered)
         client.headers["x-request-id"] = exchange.record.request_id
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))
@@ -298,6 +330,10 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
+# What of the provider's handshake answer the client's does not carry (`answer_headers`).
+_NOT_ANSWERED = ("sec-websocket-", "x-request-id", "x-ratelimit-", "anthropic-ratelimit-")
+
+
 def smallest_refused(settings: Settings) -> int:
     """aiohttp's `max_msg_size` for a message of MAX_BODY_BYTES to pass: it refuses a message
     of `max_msg_size` bytes or more, and the gateway only one over MAX_BODY_BYTES (1009)."""
@@ -317,6 +353,20 @@ def forwarded_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
     return [
         protocol for protocol in offered(headers) if not protocol.startswith(BROWSER_KEY_PREFIX)
     ]
+
+
+def answer_headers(provided: CIMultiDictProxy[str], secrets: Collection[str]) -> CIMultiDict[str]:
+    """The headers of the provider's answer to the handshake, for the client's: they pass as
+    an HTTP answer's do (`downstream_headers`; Codex reads `x-codex-turn-state`,
+    `openai-model` and `x-reasoning-included` there), but the handshake's own (aiohttp
+    answers the client's), the provider's x-request-id (logged as `provider_request_id`:
+    the client's is the gateway's) and its account's rate limits (the gateway's own go in
+    their place when the session is admitted at its start)."""
+    headers = downstream_headers(provided, secrets)
+    for name in [name for name in headers if name.lower().startswith(_NOT_ANSWERED)]:
+        headers.popall(name, None)
+    headers.popall("content-length", None)
+    return headers
 
 
 def check_handshake(request: web.Request) -> None:
@@ -346,11 +396,10 @@ def credentials(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
 
 
 def handshake_headers(
-    target: Target, incoming: CIMultiDictProxy[str], request_id: str
+    target: Target, credential: Credential, incoming: CIMultiDictProxy[str], request_id: str
 ) -> CIMultiDict[str]:
-    """The client's headers as for any request, minus its handshake: aiohttp makes its own."""
-    # A pool's next usable key (weighted round-robin); when all rest, its first.
-    credential = target.pool.pick(time.monotonic()) or target.pool.credentials[0]
+    """The client's headers as for any request, minus its handshake: aiohttp makes its own;
+    `credential`'s real key in the provider's header."""
     headers = upstream_headers(target.provider, credential.api_key, incoming, request_id)
     for name in [name for name in headers if name.lower().startswith("sec-websocket-")]:
         headers.popall(name, None)

@@ -124,19 +124,22 @@ class Turns:
 
 
 def refusal(error: GatewayError) -> bytes:
-    """The Responses WebSocket mode's `error` event for a turn the gateway refused."""
-    return orjson.dumps(
-        {
-            "type": "error",
-            "status": error.status,
-            "error": {
-                "type": openai_type(error),
-                "code": error.code,
-                "message": error.message,
-                "param": None,
-            },
-        }
-    )
+    """The Responses WebSocket mode's `error` event for a turn the gateway refused, with the
+    headers its HTTP answer would carry (`Retry-After`, `x-should-retry`, the quota's), as the
+    provider's own error events carry theirs: Codex reads its wait there."""
+    event: dict[str, object] = {
+        "type": "error",
+        "status": error.status,
+        "error": {
+            "type": openai_type(error),
+            "code": error.code,
+            "message": error.message,
+            "param": None,
+        },
+    }
+    if error.headers:
+        event["headers"] = {name.lower(): value for name, value in error.headers.items()}
+    return orjson.dumps(event)
 
 
 def _event(frame: bytes) -> dict[str, Any] | None:

@@ -12,7 +12,10 @@ dialect whose `EVENTS` name it), each JSON body by its shape (`choices`, a Conve
 `candidates`, a `response` object, llama.cpp's counts, `content`, TGI's `generated_text`,
 Ollama's `done`; a JSON array: Gemini's stream, or several prompts' results), each line of
 newline-delimited JSON (`application/x-ndjson`: Ollama's streams) as Ollama's, and the
-dialect writes what it read into the answer's `Reading`.
+dialect writes what it read into the answer's `Reading`. An answer its server did not label
+(no Content-Type, `application/octet-stream`, `text/plain`) or labelled JSON is read as the
+event stream it is when its first bytes open one: some OpenAI-compatible servers send their
+streams so, and the SDKs read them all the same.
 
 What is charged depends on the endpoint (`charged`): an answer that produces tokens (POST
 to chat/completions, completions, responses, messages, embeddings, Gemini's generateContent
@@ -250,6 +253,7 @@ class UsageTap:
         "_frames",
         "_head",
         "_held",
+        "_is_sniffed",
         "_is_unread",
         "_keep_text",
         "_kind",
@@ -259,6 +263,7 @@ class UsageTap:
         "_path",
         "_reading",
         "_seen",
+        "_sniffed",
         "_split_event",
         "_text",
         "_text_held",
@@ -284,8 +289,13 @@ class UsageTap:
         self._held = 0  # bytes taken from memory
         self._text_held = 0  # of them, the text kept for the log (LOG_BODIES, a stream)
         self._seen = 0  # body bytes seen (decoded when the coding is known)
+        # An answer its server did not label (no Content-Type, or one that says nothing of
+        # it), or labelled JSON: its first bytes say whether it is an event stream (`_sniff`),
+        # as the SDKs read it; until they do, they are held (`_sniffed`).
+        self._is_sniffed = kind == _JSON or (kind is None and _is_unlabelled(content_type))
+        self._sniffed = b""
         # The body cannot be read: not JSON or SSE, an unknown coding, corrupt, too large.
-        self._is_unread = kind is None
+        self._is_unread = kind is None and not self._is_sniffed
         self._body: bytearray | None = bytearray() if kind == _JSON else None
         # A large JSON body's first HEAD_BYTES, kept for a stored Response's id and status.
         self._head: bytes | None = None
@@ -420,7 +430,12 @@ class UsageTap:
 
     def _take(self, data: bytes) -> None:
         self._seen += len(data)
-        if self._is_unread:
+        if self._is_sniffed:
+            if self._kind == _JSON and data[:1] == b"{" and not self._sniffed:
+                self._is_sniffed = False  # most JSON answers: told by their first byte
+            else:
+                data = self._sniff(data)
+        if self._is_unread or not data:
             return
         if self._lines is not None:
             self._take_lines(data)
@@ -428,6 +443,32 @@ class UsageTap:
             self._take_frames(self._frames, data)
         else:
             self._take_json(data)
+
+    def _sniff(self, data: bytes) -> bytes:
+        """The body's bytes so far once its first ones say what it is, else b"" (held).
+
+        An event stream opens with a field (`data:`, `event:`...) or a comment, after a BOM
+        or blank lines: read as one from here on. Anything else is JSON when labelled so,
+        else not read. Undecided while the bytes could still open one (`e`, blank lines),
+        up to SNIFF_BYTES."""
+        held = self._sniffed + data
+        start = held.lstrip(_BLANK)
+        undecided = any(field.startswith(start) for field in _SSE_FIELDS)
+        if undecided and len(held) < SNIFF_BYTES:
+            self._sniffed = held
+            return b""
+        self._sniffed = b""
+        self._is_sniffed = False
+        if start.startswith(_SSE_FIELDS):
+            self._kind = _SSE
+            self._body = None
+            self._lines = LineReader()
+            if self._keep_text:
+                self._reading.texts = []
+        elif self._kind != _JSON:
+            self._give_up()
+            return b""
+        return held
 
     def _take_json(self, data: bytes) -> None:
         body = self._body
@@ -788,6 +829,18 @@ _COMMON_TYPES = {
     "text/event-stream": _SSE,
     "text/event-stream; charset=utf-8": _SSE,
 }
+
+
+# Content-Types that say nothing of a body (aiohttp and others add octet-stream to one sent
+# without any), and what may open an event stream: a BOM, blank lines, then a field or a comment.
+_UNLABELLED = frozenset(("", "application/octet-stream", "text/plain"))
+_BLANK = b"\xef\xbb\xbf \t\r\n"
+_SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
+SNIFF_BYTES = 4096  # held at most while an answer's first bytes do not say what it is
+
+
+def _is_unlabelled(content_type: str | None) -> bool:
+    return not content_type or content_type.partition(";")[0].strip().lower() in _UNLABELLED
 
 
 def _body_kind(content_type: str | None) -> str | None:

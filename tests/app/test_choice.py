@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -245,6 +246,46 @@ async def test_a_sticky_header_names_the_conversation_when_the_body_names_none(
             await gateway.post("/v1/chat/completions", json=body, headers=headers)
         ).status == 200
     assert len(set(keys_seen(fake))) == 1
+
+
+async def test_a_sticky_header_keeps_a_websocket_session_on_its_conversations_key(
+    gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # Codex names its session in a `session-id` header, on its HTTP turns and on the
+    # Responses API's WebSocket handshake alike: a session it opens (again: a connection
+    # lasts at most an hour) goes to the key its HTTP turns went to, where the cache is.
+    gateway = await gateway_with(pool(1, 1, 1), POOL_STICKY_HEADER="session-id")
+    headers = {**auth(VK), "session-id": "codex-session-1"}
+    turn = {"model": "gpt-4o-mini", "input": "hi"}
+    assert (await gateway.post("/v1/responses", json=turn, headers=headers)).status == 200
+    [home] = set(keys_seen(fake))
+    for _ in range(4):
+        ws = await gateway.ws_connect("/v1/responses", headers=headers)
+        await asyncio.wait_for(ws.receive(), 5)  # the fake's session.created
+        await ws.close()
+    upgrades = [credential(seen.headers) for seen in fake.requests if seen.method == "GET"]
+    assert upgrades == [home] * 4
+
+
+async def test_a_key_the_provider_refuses_at_a_websocket_handshake_rests_as_over_http(
+    gateway_with: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A session's key refused (revoked: 401) is set aside as an HTTP request's is, so the
+    # conversation's next session goes to another key instead of that one every time.
+    gateway = await gateway_with(pool(1, 1, 1), POOL_STICKY_HEADER="session-id")
+    headers = {**auth(VK), "session-id": "codex-session-2"}
+    turn = {"model": "gpt-4o-mini", "input": "hi"}
+    assert (await gateway.post("/v1/responses", json=turn, headers=headers)).status == 200
+    [home] = set(keys_seen(fake))
+    fake.faults[home] = Fault(401)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws_connect("/v1/responses", headers=headers)
+    assert refused.value.status == 401
+    ws = await gateway.ws_connect("/v1/responses", headers=headers)
+    await asyncio.wait_for(ws.receive(), 5)  # the fake's session.created
+    await ws.close()
+    upgrades = [credential(seen.headers) for seen in fake.requests if seen.method == "GET"]
+    assert upgrades[0] == home and upgrades[1] != home
 
 
 async def test_anthropic_metadata_user_id_keeps_a_conversation_on_one_key(

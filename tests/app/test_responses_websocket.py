@@ -23,6 +23,7 @@ from openai import AsyncOpenAI
 from proxy.app import QUOTA
 from tests.conftest import OPENAI_REAL, OPENAI_VK, auth
 from tests.support.fake_realtime import (
+    HANDSHAKE_HEADERS,
     INPUT_TOKENS,
     OUTPUT_TOKENS,
     REALTIME_STATE,
@@ -389,3 +390,51 @@ async def test_each_turn_of_a_key_pinning_a_model_runs_and_is_priced_at_that_mod
     # as the pinned one).
     turn = (usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2) / 1_000_000 / 3
     assert line["cost_usd"] > 2 * turn and line["cost_usd"] != pytest.approx(3 * turn)
+
+
+async def test_the_providers_handshake_headers_reach_the_client_as_over_http(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # Codex reads x-codex-turn-state (replayed on each request of a turn: sticky routing),
+    # openai-model and x-reasoning-included from the handshake's answer, not from a frame.
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 5, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await gateway.ws_connect("/v1/responses", headers=auth(TURN_VK), autoping=False)
+    await receive(ws)
+    answered = ws._response.headers
+    for name in ("x-codex-turn-state", "openai-model", "x-reasoning-included"):
+        assert answered[name] == HANDSHAKE_HEADERS[name]
+    # As over HTTP: the gateway's request id and quota in place of the provider's.
+    assert answered.getall("x-request-id") != [HANDSHAKE_HEADERS["x-request-id"]]
+    assert len(answered.getall("x-request-id")) == 1
+    assert "x-ratelimit-remaining-requests" not in answered  # admitted by turn, not here
+    assert len(answered.getall("sec-websocket-accept")) == 1
+    await ws.close()
+    [line] = await records(1)
+    assert line["provider_request_id"] == HANDSHAKE_HEADERS["x-request-id"]
+
+
+async def test_a_refused_turn_carries_its_headers_as_the_providers_error_events_do(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    # Codex reads a WebSocket error event's `headers` (its Retry-After) as it reads an HTTP
+    # answer's: the gateway's 429 tells the same wait either way.
+    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    limited["quota"] = {"requests": 1, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: limited})
+    ws = await open_session(gateway, TURN_VK)
+    assert (await turn(ws))[-1]["type"] == "response.completed"
+    [refused] = await turn(ws)
+    assert refused["status"] == 429
+    headers = refused["headers"]
+    assert 3500 <= int(headers["retry-after"]) <= 3600
+    assert headers["x-should-retry"] == "false"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    await ws.close()
+    over = await gateway.post(
+        "/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}, headers=auth(TURN_VK)
+    )
+    assert over.status == 429
+    assert {name.lower() for name in over.headers} >= set(headers)

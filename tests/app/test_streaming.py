@@ -893,3 +893,34 @@ async def test_the_gateways_listener_lets_a_client_leave_its_answer_unread_twice
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 14_000
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            OPENAI_VK,
+            chat("count", stream=True, stream_options={"include_usage": True}),
+        ),
+        ("/v1/messages", ANTHROPIC_VK, messages("count", stream=True)),
+        ("/v1/responses", OPENAI_VK, {"model": "gpt-4o-mini", "input": "count", "stream": True}),
+    ],
+)
+async def test_a_stream_sent_without_a_content_type_is_charged_the_providers_usage(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+    key: str,
+    body: dict[str, Any],
+) -> None:
+    # Some OpenAI-compatible servers send a stream unlabelled (no Content-Type, or
+    # application/octet-stream): the SDKs read it as the event stream it is, and so does the
+    # usage: not an estimate of every byte of its events (about 70 times the answer's tokens).
+    headers = {**auth(key), "x-fake-chunks": "50", "x-fake-untyped": "1"}
+    response = await gateway.post(path, json=body, headers=headers)
+    assert response.status == 200 and "Content-Type" not in response.headers
+    assert b"tok49" in await response.read()
+    [line] = await records(1)
+    assert line["usage"]["completion_tokens"] == 50
+    assert line["usage"]["estimated"] is False

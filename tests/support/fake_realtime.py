@@ -42,7 +42,9 @@ At /v1/responses it is the Responses API's WebSocket mode instead: `response.cre
 response.created, two response.output_text.delta events and response.completed with usage
 (11 input, 2 of them cached, + 7 output tokens), or usage null when the command has
 "fake_no_usage": true; with "fake_refuse": true, only an `error` event (status 400,
-previous_response_not_found), as the provider refuses a turn it will not run.
+previous_response_not_found), as the provider refuses a turn it will not run. Its
+handshake answers with HANDSHAKE_HEADERS (Codex reads `x-codex-turn-state` and the like from
+it), its own `x-request-id` and `x-ratelimit-*` among them.
 
 Every socket's frames received and sent, its close, and its end are kept in
 `app[REALTIME_STATE].sockets`, for assertions.
@@ -67,6 +69,14 @@ OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
 LIVE_SECONDS = 4.5
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
 TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
+# What the Responses WebSocket mode's handshake answers with, beside the handshake's own.
+HANDSHAKE_HEADERS = {
+    "x-codex-turn-state": "turn-state-7f3a",
+    "openai-model": "gpt-4o-mini-2024-07-18",
+    "x-reasoning-included": "true",
+    "x-request-id": "req_provider_ws_1",
+    "x-ratelimit-remaining-requests": "4999",
+}
 
 
 @dataclass(slots=True)
@@ -105,6 +115,8 @@ def install(app: web.Application) -> None:
 
 async def realtime(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=("realtime",), autoping=False, autoclose=False)
+    if request.path.endswith("/responses"):
+        ws.headers.update(HANDSHAKE_HEADERS)
     await ws.prepare(request)
     state = request.app[REALTIME_STATE]
     socket = FakeSocket(ws.ws_protocol)

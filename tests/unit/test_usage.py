@@ -1841,3 +1841,23 @@ def test_an_older_llamacpp_streams_text_is_counted_though_its_events_carry_no_co
     tap = tap_of(sse(partial, partial))
     assert tap.usage(b'{"prompt": "1234"}') == Usage(1, 4, estimated=True)
     assert tap.text == "1234567812345678"
+
+
+@pytest.mark.parametrize("content_type", [JSON, "application/json; charset=utf-8", None])
+@pytest.mark.parametrize("body", [OPENAI_STREAM, ANTHROPIC_STREAM, b"\n\n" + OPENAI_STREAM])
+def test_a_stream_labelled_json_or_not_at_all_is_read_as_the_stream_it_is(
+    content_type: str | None, body: bytes
+) -> None:
+    # Servers that send their stream as JSON (or unlabelled): read as the SDKs read it,
+    # wherever the first chunk ends.
+    whole = tap_of(body, SSE).usage(CHAT_REQUEST)
+    assert whole is not None and not whole.estimated
+    for cut in (1, 2, 7, len(body) // 2):
+        assert tap_of(body, content_type, chunks=[cut]).usage(CHAT_REQUEST) == whole
+
+
+@pytest.mark.parametrize("body", [b'\n  {"usage": {"prompt_tokens": 4, "completion_tokens": 2}}'])
+def test_a_json_body_opening_with_blank_lines_is_still_read_as_json(body: bytes) -> None:
+    for cut in (1, 2, 3):
+        usage = tap_of(body, JSON, chunks=[cut]).usage(CHAT_REQUEST)
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 2)
