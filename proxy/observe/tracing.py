@@ -228,7 +228,8 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
 
 
 def server_attributes(record: Record, operation: str | None) -> dict[str, str | int]:
-    """The server span's attributes: GenAI conventions, HTTP, the request id and key name."""
+    """The server span's attributes: GenAI conventions, HTTP, the request id, the key's name
+    and what the response cache did."""
     attributes: dict[str, str | int] = {
         "http.request.method": record.method,
         "url.path": record.path,
@@ -246,9 +247,12 @@ def server_attributes(record: Record, operation: str | None) -> dict[str, str | 
         attributes["gen_ai.request.model"] = record.model
     if record.response_model is not None:
         attributes["gen_ai.response.model"] = record.response_model
-    if record.usage is not None:
-        attributes["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
-        attributes["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
+    if record.cache is not None:
+        attributes["llm_gateway.cache"] = record.cache.value
+    usage = record.spent_usage  # none for a cache hit: the request that stored it spent it
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
     if record.status >= 400:
         attributes["error.type"] = str(record.status)
     elif record.upstream_failed:  # answered, then the body broke or fell silent

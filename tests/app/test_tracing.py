@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from proxy.app import KEY_RING, TRACING, build_app
 from proxy.settings import SettingError, Settings
 from proxy.usage.usage import UsageTap
+from tests.app.test_cache import cached_keys, make_cached, post  # noqa: F401 (fixtures)
 from tests.conftest import (
     ANTHROPIC_VK,
     LIMITED_VK,
@@ -500,3 +501,24 @@ async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
     upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
     assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
     assert_nothing_secret(spans)
+
+
+async def test_a_cache_hit_spends_no_tokens_in_its_span_and_says_it_was_a_hit(
+    make_cached: Callable[..., Awaitable[TestClient]],  # noqa: F811 (the fixture imported)
+    receiver: TestServer,
+    received: Received,
+) -> None:
+    """As in the metrics: a hit's stored usage was spent by the request that stored it. A
+    backend pricing spans from gen_ai.usage.* (Langfuse, Datadog) charged every hit again."""
+    gateway = await make_cached(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")), OTEL_BSP_SCHEDULE_DELAY="50"
+    )
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "miss"
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    spans = await exported(gateway, received, 3)
+    miss, hit = by_kind(spans, "server")
+    assert miss.attributes["llm_gateway.cache"] == "miss"
+    assert miss.attributes["gen_ai.usage.input_tokens"] > 0
+    assert hit.attributes["llm_gateway.cache"] == "hit"
+    assert not any(name.startswith("gen_ai.usage.") for name in hit.attributes)
+    assert len(by_kind(spans, "client")) == 1  # the miss went upstream, the hit did not
