@@ -253,6 +253,10 @@ def server_attributes(record: Record, operation: str | None) -> dict[str, str | 
     if usage is not None:
         attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
         attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if usage.cache_read_tokens:  # parts of input_tokens, each at its own price
+            attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_tokens
+        if usage.cache_write_tokens:
+            attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
     if record.status >= 400:
         attributes["error.type"] = str(record.status)
     elif record.upstream_failed:  # answered, then the body broke or fell silent

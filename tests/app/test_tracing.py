@@ -522,3 +522,25 @@ async def test_a_cache_hit_spends_no_tokens_in_its_span_and_says_it_was_a_hit(
     assert hit.attributes["llm_gateway.cache"] == "hit"
     assert not any(name.startswith("gen_ai.usage.") for name in hit.attributes)
     assert len(by_kind(spans, "client")) == 1  # the miss went upstream, the hit did not
+
+
+async def test_the_cache_reads_and_writes_of_a_prompt_are_attributes_of_its_span(
+    traced: TestClient, received: Received, records: Any
+) -> None:
+    """The GenAI conventions' gen_ai.usage.cache_read.input_tokens and
+    cache_creation.input_tokens, parts of input_tokens: without them a backend pricing spans
+    charged an Anthropic cache read at the full input rate (ten times its price)."""
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": CHAT["messages"]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "x-fake-cached-tokens": "700",
+        "x-fake-cache-write-tokens": "50",
+    }
+    assert (await traced.post("/v1/messages", json=body, headers=headers)).status == 200
+    [server] = by_kind(await exported(traced, received, 2), "server")
+    (line,) = await records(1)
+    assert server.attributes["gen_ai.usage.input_tokens"] == line["usage"]["prompt_tokens"]
+    assert server.attributes["gen_ai.usage.cache_read.input_tokens"] == 700
+    assert server.attributes["gen_ai.usage.cache_creation.input_tokens"] == 50
+    assert line["usage"]["cache_read_tokens"] == 700
+    assert line["usage"]["cache_write_tokens"] == 50
