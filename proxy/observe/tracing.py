@@ -199,14 +199,14 @@ class Trace:
         operation = operation_name(record.path)
         server.update_name(_span_name(operation, record.model, record.method))
         server.set_attributes(server_attributes(record, operation))
-        if record.status >= 500 or record.upstream_failed:
+        if record.status >= 500 or record.upstream_failed or _answer_error(record) is not None:
             server.set_status(Status(StatusCode.ERROR))
         server.end()
 
 
 def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | None:
     """error.type of one try: its status from 400 up (or the one a 200 stream's first-event
-    error stood for), how it failed, or how its body broke.
+    error stood for), how it failed, how its body broke, or the error its answer carried.
 
     `record` is given for the last try only: its body's fate is the request's.
     """
@@ -224,7 +224,13 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
         return str(attempt.status)
     if record is not None and record.outcome in (Outcome.BROKEN, Outcome.TIMEOUT):
         return record.outcome.value  # answered, then cut or silent mid-body
-    return None
+    return None if record is None else _answer_error(record)
+
+
+def _answer_error(record: Record) -> str | None:
+    """The type of the error the provider's answer (below 400) carried: a stream's error
+    event after its start (overloaded_error); None when it carried none."""
+    return record.answer_error_kind if record.status < 400 else None
 
 
 def server_attributes(record: Record, operation: str | None) -> dict[str, str | int]:
@@ -261,6 +267,8 @@ def server_attributes(record: Record, operation: str | None) -> dict[str, str | 
         attributes["error.type"] = str(record.status)
     elif record.upstream_failed:  # answered, then the body broke or fell silent
         attributes["error.type"] = record.outcome.value  # type: ignore[union-attr]
+    elif (kind := _answer_error(record)) is not None:  # answered, then sent its error
+        attributes["error.type"] = kind
     return attributes
 
 

@@ -20,6 +20,7 @@ from proxy.settings import SettingError, Settings
 from proxy.usage.usage import UsageTap
 from tests.app.test_cache import cached_keys, make_cached, post  # noqa: F401 (fixtures)
 from tests.conftest import (
+    ANTHROPIC_REAL,
     ANTHROPIC_VK,
     LIMITED_VK,
     OPENAI_VK,
@@ -544,3 +545,28 @@ async def test_the_cache_reads_and_writes_of_a_prompt_are_attributes_of_its_span
     assert server.attributes["gen_ai.usage.cache_creation.input_tokens"] == 50
     assert line["usage"]["cache_read_tokens"] == 700
     assert line["usage"]["cache_write_tokens"] == 50
+
+
+async def test_a_stream_that_carried_the_providers_error_under_its_200_is_an_error_span(
+    traced: TestClient, received: Received, fake: Any, records: Any
+) -> None:
+    """Anthropic's overloaded_error event after some content: the log line says it failed,
+    and so must both spans, or an error rate taken from traces never sees such streams."""
+    fake.faults[ANTHROPIC_REAL] = Fault(529, in_stream="after")
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 10,
+        "stream": True,
+        "messages": CHAT["messages"],
+    }
+    response = await traced.post("/v1/messages", json=body, headers=auth(ANTHROPIC_VK))
+    assert response.status == 200
+    assert b"overloaded_error" in await response.read()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    (line,) = await records(1)
+    assert line["error"] == "the provider sent an error in its answer (overloaded_error)"
+    for span in (server, attempt):
+        assert span.is_error
+        assert span.attributes["error.type"] == "overloaded_error"
+        assert span.attributes["http.response.status_code"] == 200
