@@ -65,7 +65,18 @@ _OPERATIONS = (
     ("completions", "text_completion"),
     ("embeddings", "embeddings"),
     ("realtime", "chat"),
+    ("converse", "chat"),  # Bedrock's Converse API
+    ("converse-stream", "chat"),
 )
+# The native Google APIs name the method after a colon: models/<model>:generateContent.
+_METHODS = {
+    "generateContent": "generate_content",
+    "streamGenerateContent": "generate_content",
+    "embedContent": "embeddings",
+    "batchEmbedContents": "embeddings",
+    "rawPredict": "chat",  # a partner model on Vertex (Claude's messages)
+    "streamRawPredict": "chat",
+}
 _PROPAGATOR = TraceContextTextMapPropagator()
 DEFAULT_QUEUE_SIZE = 2048  # the SDK's OTEL_BSP_MAX_QUEUE_SIZE
 CLOSE_POLL_SECONDS = 0.01
@@ -277,8 +288,12 @@ def provider_name(provider: str) -> str:
 
 
 def operation_name(path: str) -> str | None:
-    """The GenAI operation a path names: chat, text_completion, embeddings; None for others."""
+    """The GenAI operation a path names: chat, text_completion, embeddings, generate_content;
+    None for others."""
     path = path.rstrip("/")
+    last = path.rpartition("/")[2]
+    if ":" in last:
+        return _METHODS.get(last.rpartition(":")[2])
     for suffix, operation in _OPERATIONS:
         if path.endswith(suffix) and path[: -len(suffix)].endswith("/"):
             return operation

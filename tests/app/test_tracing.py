@@ -16,12 +16,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from proxy.app import KEY_RING, TRACING, build_app
+from proxy.observe.tracing import operation_name
 from proxy.settings import SettingError, Settings
 from proxy.usage.usage import UsageTap
 from tests.app.test_cache import cached_keys, make_cached, post  # noqa: F401 (fixtures)
 from tests.conftest import (
     ANTHROPIC_REAL,
     ANTHROPIC_VK,
+    CUSTOM_VK,
     LIMITED_VK,
     OPENAI_VK,
     SECRETS,
@@ -570,3 +572,40 @@ async def test_a_stream_that_carried_the_providers_error_under_its_200_is_an_err
         assert span.is_error
         assert span.attributes["error.type"] == "overloaded_error"
         assert span.attributes["http.response.status_code"] == 200
+
+
+async def test_a_native_gemini_call_is_named_by_its_operation_as_an_openai_one_is(
+    traced: TestClient, received: Received
+) -> None:
+    """Gemini's own API names its method after a colon (models/<model>:generateContent):
+    its spans were named 'POST', without the gen_ai.operation.name the conventions require."""
+    contents = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
+    for method in ("generateContent", "streamGenerateContent?alt=sse"):
+        path = f"/v1/models/gemini-2.5-flash:{method}"
+        response = await traced.post(path, json=contents, headers={"x-goog-api-key": CUSTOM_VK})
+        assert response.status == 200
+    spans = await exported(traced, received, 4)
+    for span in spans:
+        assert span.name == "generate_content gemini-2.5-flash"
+        assert span.attributes["gen_ai.operation.name"] == "generate_content"
+
+
+@pytest.mark.parametrize(
+    ("path", "operation"),
+    [
+        ("/v1beta/models/gemini-2.5-flash:generateContent", "generate_content"),
+        ("/v1/models/text-embedding-004:embedContent", "embeddings"),
+        ("/v1/models/text-embedding-004:batchEmbedContents", "embeddings"),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/converse", "chat"),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/converse-stream", "chat"),
+        (
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude:streamRawPredict",
+            "chat",
+        ),
+        ("/v1/models/gemini-2.5-flash:countTokens", None),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/invoke", None),
+        ("/v1/chat/completions", "chat"),
+    ],
+)
+def test_the_native_apis_operations(path: str, operation: str | None) -> None:
+    assert operation_name(path) == operation
