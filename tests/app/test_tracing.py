@@ -308,6 +308,16 @@ def test_the_sdks_own_variables_turn_traces_on(environ: dict[str, str], is_on: b
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         ),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        # The gateway continues and passes W3C trace context only: a caller's X-B3-* or
+        # X-Amzn-Trace-Id was ignored, each request the root of a trace nobody sent.
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": "tracecontext,b3multi"},
+            "OTEL_PROPAGATORS may name tracecontext and baggage only",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": "xray"},
+            "OTEL_PROPAGATORS may name tracecontext and baggage only",
+        ),
         # Each of these ended the start with the SDK's ValueError (or an OverflowError)
         # traceback, exit code 1: a ratio past 1 (read even with the default sampler), a
         # queue or delay that is a fraction, a batch larger than the queue, infinity.
@@ -350,6 +360,12 @@ def test_otel_values_the_gateway_cannot_honour_stop_the_start(
 ) -> None:
     with pytest.raises(SettingError, match=re.escape(culprit)):
         Settings.from_env(environ)
+
+
+def test_the_sdks_default_propagators_are_taken() -> None:
+    for propagators in ("tracecontext,baggage", "TraceContext", " baggage , tracecontext "):
+        environ = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": propagators}
+        assert Settings.from_env(environ).is_tracing_on
 
 
 async def test_a_sampling_ratio_of_zero_and_the_edges_of_the_batch_start(
