@@ -56,7 +56,12 @@ from proxy.record import Attempt, Outcome, Record
 
 SERVICE_NAME = "llm-gateway"
 # Our provider names as the GenAI conventions' gen_ai.provider.name; others pass as named.
-_PROVIDER_NAMES = {"gemini": "gcp.gemini", "azure": "azure.ai.openai"}
+_PROVIDER_NAMES = {
+    "gemini": "gcp.gemini",
+    "azure": "azure.ai.openai",
+    "bedrock": "aws.bedrock",
+    "vertex": "gcp.vertex_ai",
+}
 # The last path segments of each operation (any API version or prefix before them).
 _OPERATIONS = (
     ("chat/completions", "chat"),

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from proxy.app import KEY_RING, TRACING, build_app
-from proxy.observe.tracing import operation_name
+from proxy.observe.tracing import operation_name, provider_name
 from proxy.settings import SettingError, Settings
 from proxy.usage.usage import UsageTap
 from tests.app.test_cache import cached_keys, make_cached, post  # noqa: F401 (fixtures)
@@ -625,3 +625,21 @@ async def test_a_native_gemini_call_is_named_by_its_operation_as_an_openai_one_i
 )
 def test_the_native_apis_operations(path: str, operation: str | None) -> None:
     assert operation_name(path) == operation
+
+
+@pytest.mark.parametrize(
+    ("provider", "named"),
+    [
+        ("openai", "openai"),
+        ("anthropic", "anthropic"),
+        ("gemini", "gcp.gemini"),
+        ("azure", "azure.ai.openai"),
+        ("bedrock", "aws.bedrock"),
+        ("vertex", "gcp.vertex_ai"),
+        ("local-vllm", "local-vllm"),  # a provider of keys.json, as it is named there
+    ],
+)
+def test_the_built_in_providers_carry_the_conventions_names(provider: str, named: str) -> None:
+    """A backend's GenAI views key on the well-known gen_ai.provider.name values: Bedrock's
+    and Vertex's calls were 'bedrock' and 'vertex', so they were missing from them."""
+    assert provider_name(provider) == named
