@@ -281,9 +281,9 @@ class Record:
     usage: Usage | None = None
     outcome: Outcome | None = None  # set once, by `end`
     error: str | None = None  # why, in words, when it did not simply answer
-    # An error the provider sent inside its answer (a stream's error event, under a 200):
-    # the `error` of an answer that otherwise ended well.
-    answer_error: str | None = None
+    # The type or code of an error the provider sent inside its answer (a stream's error
+    # event, under a 200): the `error` of an answer that otherwise ended well.
+    answer_error_kind: str | None = None
     target: str | None = None  # the target that answered (or was tried last)
     target_model: str | None = None  # the model that target swaps in; None: the body's own
     # Which of it: its name, or the pool key's label ("openai#2", never the key) in a pool.
@@ -335,7 +335,9 @@ class Record:
         """How the request ended: written once, by the exchange (errors carry their outcome)."""
         assert self.outcome is None, f"the record of {self.request_id} already ended"
         self.status, self.outcome = status, outcome
-        self.error = why if why is not None else self.answer_error
+        if why is None and self.answer_error_kind is not None:
+            why = f"{ANSWER_ERROR} ({self.answer_error_kind})"
+        self.error = why
         if self.error is None and status >= 400:
             # The provider's error answer whose body names no type (a proxy's HTML page, an
             # empty body, FastAPI's `detail`): an error all the same, as SPEC's `error` says.
@@ -408,7 +410,7 @@ class Record:
         self.service_tier, self.speed, self.apart = service_tier, speed, apart
         self.response_text, self.batch = text, batch
         if error_kind is not None:
-            self.answer_error = f"{ANSWER_ERROR} ({error_kind})"
+            self.answer_error_kind = error_kind
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""

@@ -654,6 +654,14 @@ def check_otel(otel: Mapping[str, str]) -> None:
     sampler = otel.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
     if sampler not in OTEL_SAMPLERS:
         raise SettingError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(OTEL_SAMPLERS)}")
+    # The gateway reads and sends W3C trace context (a baggage header passes as it is): a
+    # caller's B3 or X-Ray headers would be ignored, each request the root of a new trace.
+    propagators = {name.strip().lower() for name in otel.get("OTEL_PROPAGATORS", "").split(",")}
+    if not propagators <= {"", "tracecontext", "baggage"}:
+        raise SettingError(
+            "OTEL_PROPAGATORS may name tracecontext and baggage only (the gateway continues "
+            f"and passes W3C trace context), got {otel['OTEL_PROPAGATORS']!r}"
+        )
     for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
         if otel.get(name, "none").lower() not in ("none", "gzip", "deflate"):
             raise SettingError(f"{name} must be none, gzip or deflate, got {otel[name]!r}")

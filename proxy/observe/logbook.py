@@ -84,6 +84,15 @@ CLOSE_POLL_SECONDS = 0.01
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)")
 _BETWEEN_WORDS = str.maketrans(dict.fromkeys("\t\n\r\f\v\"'`<>(){}[],;:=&|.!?", " "))
 _LONG_WORD = re.compile(r" ([^ ]{8,})")  # shorter words are no key a key ring masks
+# NEL, U+2028 and U+2029 as UTF-8: legal raw in a JSON string, and so written by orjson, but
+# a line break to Node's readline and Python's str.splitlines(), which would cut the line in
+# two halves that do not parse. Each sequence is that character alone in UTF-8 (C2 and E2
+# only ever lead one), so it can be swapped for its JSON escape without decoding.
+_UNICODE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
 
 
 def rfc3339(timestamp: float) -> str:
@@ -337,7 +346,7 @@ class Logbook:
         """The JSON line for one snapshot, newline included."""
         fields["timestamp"] = self._rfc3339(fields["timestamp"])
         if "audit" in fields:
-            return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+            return _escaped_breaks(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
         if fields["duration_ms"] is not None:
             fields["duration_ms"] = round(fields["duration_ms"], 1)
         if fields["ttft_ms"] is not None:
@@ -353,7 +362,7 @@ class Logbook:
         # The line is a dict of plain values: orjson writes it as python-json-logger's
         # OrjsonFormatter did (same bytes), without a LogRecord per line: 1 us, not 17 us,
         # on a thread that competes with the event loop for the GIL.
-        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+        return _escaped_breaks(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
     def _rfc3339(self, timestamp: float) -> str:
         """`rfc3339(timestamp)`, formatting each second once (gmtime and strftime: 1 us)."""
@@ -402,6 +411,15 @@ class Logbook:
 class _Batch(NamedTuple):
     snapshots: list[dict[str, Any]]
     size: int  # their body bytes, as counted on the loop
+
+
+def _escaped_breaks(line: bytes) -> bytes:
+    """`line` with its Unicode line breaks escaped; an ASCII line (most) is only checked."""
+    if line.isascii():
+        return line
+    for raw, escaped in _UNICODE_BREAKS:
+        line = line.replace(raw, escaped)
+    return line
 
 
 def _json_dollars(usd: float) -> bytes:

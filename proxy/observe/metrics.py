@@ -39,7 +39,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.observe.health import is_upstream_failure
 from proxy.observe.series import LoopCounter, LoopGauge, LoopHistogram
 from proxy.observe.summary import summary
-from proxy.observe.worker_metrics import use_multiprocess_values
+from proxy.observe.worker_metrics import use_multiprocess_values, use_process_values
 from proxy.record import Cached, Record
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -74,7 +74,9 @@ class Metrics:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
         self._registry = CollectorRegistry()
         owner: CollectorRegistry | None = self._registry
-        if multiprocess_dir is not None:
+        if multiprocess_dir is None:
+            use_process_values()
+        else:
             use_multiprocess_values(multiprocess_dir)
             multiprocess.MultiProcessCollector(self._registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated in prometheus-client
             owner = None  # values live in the files; the collector reads every worker's
@@ -311,7 +313,8 @@ class Metrics:
             if row.duration is None:
                 row.duration = child(self._duration, provider)
             row.duration.observe(record.duration_ms / 1000.0)
-        if record.ttft_ms is not None:
+        # The provider's first byte: a cache hit's is the gateway's replay, not the provider's.
+        if record.ttft_ms is not None and record.cache is not Cached.HIT:
             if row.ttfb is None:
                 row.ttfb = child(self._ttfb, provider)
             row.ttfb.observe(record.ttft_ms / 1000.0)

@@ -56,7 +56,12 @@ from proxy.record import Attempt, Outcome, Record
 
 SERVICE_NAME = "llm-gateway"
 # Our provider names as the GenAI conventions' gen_ai.provider.name; others pass as named.
-_PROVIDER_NAMES = {"gemini": "gcp.gemini", "azure": "azure.ai.openai"}
+_PROVIDER_NAMES = {
+    "gemini": "gcp.gemini",
+    "azure": "azure.ai.openai",
+    "bedrock": "aws.bedrock",
+    "vertex": "gcp.vertex_ai",
+}
 # The last path segments of each operation (any API version or prefix before them).
 _OPERATIONS = (
     ("chat/completions", "chat"),
@@ -65,7 +70,18 @@ _OPERATIONS = (
     ("completions", "text_completion"),
     ("embeddings", "embeddings"),
     ("realtime", "chat"),
+    ("converse", "chat"),  # Bedrock's Converse API
+    ("converse-stream", "chat"),
 )
+# The native Google APIs name the method after a colon: models/<model>:generateContent.
+_METHODS = {
+    "generateContent": "generate_content",
+    "streamGenerateContent": "generate_content",
+    "embedContent": "embeddings",
+    "batchEmbedContents": "embeddings",
+    "rawPredict": "chat",  # a partner model on Vertex (Claude's messages)
+    "streamRawPredict": "chat",
+}
 _PROPAGATOR = TraceContextTextMapPropagator()
 DEFAULT_QUEUE_SIZE = 2048  # the SDK's OTEL_BSP_MAX_QUEUE_SIZE
 CLOSE_POLL_SECONDS = 0.01
@@ -199,14 +215,14 @@ class Trace:
         operation = operation_name(record.path)
         server.update_name(_span_name(operation, record.model, record.method))
         server.set_attributes(server_attributes(record, operation))
-        if record.status >= 500 or record.upstream_failed:
+        if record.status >= 500 or record.upstream_failed or _answer_error(record) is not None:
             server.set_status(Status(StatusCode.ERROR))
         server.end()
 
 
 def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | None:
     """error.type of one try: its status from 400 up (or the one a 200 stream's first-event
-    error stood for), how it failed, or how its body broke.
+    error stood for), how it failed, how its body broke, or the error its answer carried.
 
     `record` is given for the last try only: its body's fate is the request's.
     """
@@ -224,11 +240,18 @@ def _attempt_failure(attempt: Attempt | None, record: Record | None) -> str | No
         return str(attempt.status)
     if record is not None and record.outcome in (Outcome.BROKEN, Outcome.TIMEOUT):
         return record.outcome.value  # answered, then cut or silent mid-body
-    return None
+    return None if record is None else _answer_error(record)
+
+
+def _answer_error(record: Record) -> str | None:
+    """The type of the error the provider's answer (below 400) carried: a stream's error
+    event after its start (overloaded_error); None when it carried none."""
+    return record.answer_error_kind if record.status < 400 else None
 
 
 def server_attributes(record: Record, operation: str | None) -> dict[str, str | int]:
-    """The server span's attributes: GenAI conventions, HTTP, the request id and key name."""
+    """The server span's attributes: GenAI conventions, HTTP, the request id, the key's name
+    and what the response cache did."""
     attributes: dict[str, str | int] = {
         "http.request.method": record.method,
         "url.path": record.path,
@@ -246,13 +269,22 @@ def server_attributes(record: Record, operation: str | None) -> dict[str, str | 
         attributes["gen_ai.request.model"] = record.model
     if record.response_model is not None:
         attributes["gen_ai.response.model"] = record.response_model
-    if record.usage is not None:
-        attributes["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
-        attributes["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
+    if record.cache is not None:
+        attributes["llm_gateway.cache"] = record.cache.value
+    usage = record.spent_usage  # none for a cache hit: the request that stored it spent it
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if usage.cache_read_tokens:  # parts of input_tokens, each at its own price
+            attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_tokens
+        if usage.cache_write_tokens:
+            attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
     if record.status >= 400:
         attributes["error.type"] = str(record.status)
     elif record.upstream_failed:  # answered, then the body broke or fell silent
         attributes["error.type"] = record.outcome.value  # type: ignore[union-attr]
+    elif (kind := _answer_error(record)) is not None:  # answered, then sent its error
+        attributes["error.type"] = kind
     return attributes
 
 
@@ -261,8 +293,12 @@ def provider_name(provider: str) -> str:
 
 
 def operation_name(path: str) -> str | None:
-    """The GenAI operation a path names: chat, text_completion, embeddings; None for others."""
+    """The GenAI operation a path names: chat, text_completion, embeddings, generate_content;
+    None for others."""
     path = path.rstrip("/")
+    last = path.rpartition("/")[2]
+    if ":" in last:
+        return _METHODS.get(last.rpartition(":")[2])
     for suffix, operation in _OPERATIONS:
         if path.endswith(suffix) and path[: -len(suffix)].endswith("/"):
             return operation

@@ -18,6 +18,17 @@ import os
 from prometheus_client import multiprocess, values
 
 
+def use_process_values() -> None:
+    """Keep this process's metric values in memory (one process: WORKERS=1).
+
+    prometheus-client chose mmap files at its import when PROMETHEUS_MULTIPROC_DIR was set,
+    as another server's setting may leave it (gunicorn's, a chart's): every value would be
+    written under that directory, and one that does not exist fails the first metric.
+    """
+    if values.ValueClass._multiprocess:
+        values.ValueClass = values.MutexValue
+
+
 def use_multiprocess_values(directory: str) -> None:
     """Make this process keep its metric values in mmap files under directory."""
     current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -23,6 +23,8 @@ from proxy.usage.pricing import Prices, PricesFileError
 
 # An unknown variable this close to a setting's name (difflib's ratio) is probably a typo.
 LOOKALIKE_RATIO = 0.85
+# An OTLP export timeout this long (seconds) is most likely milliseconds, as the spec has it.
+OTEL_TIMEOUT_SUSPECT_SECONDS = 1000.0
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ def warnings(
 ) -> list[str]:
     """What a start says before serving: lookalike variables, keys that look like mistakes."""
     said = lookalikes(environ) + ignored_settings(settings) + short_secrets(settings)
+    said += otel_timeouts_in_milliseconds(settings)
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
@@ -113,6 +116,26 @@ def warnings(
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)
             said += misnamed_prices(key_ring, prices, settings)
+    return said
+
+
+def otel_timeouts_in_milliseconds(settings: Settings) -> list[str]:
+    """A line for an OTLP export timeout that reads as milliseconds (1000 and up), as the
+    OpenTelemetry specification writes it: the Python SDK, and so the gateway, reads seconds,
+    so a collector that hangs would hold each export that long, its spans dropped meanwhile."""
+    if not settings.is_tracing_on:
+        return []
+    said = []
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        given = settings.otel.get(name)
+        if given is not None and float(given) >= OTEL_TIMEOUT_SUSPECT_SECONDS:
+            seconds = float(given)
+            said.append(
+                f"{name}={given} is read in seconds (as the OpenTelemetry Python SDK reads it), "
+                f"not milliseconds: a collector that hangs would hold each export "
+                f"{seconds / 3600:.1f} hours; for {seconds / 1000:g} seconds write "
+                f"{seconds / 1000:g}"
+            )
     return said
 
 

@@ -62,7 +62,7 @@ from proxy.app import build_app
 from proxy.keys.keys import KeyRing
 from proxy.observe.worker_metrics import forget_worker
 from proxy.runtime.server import CannotListen, check_port_free, serve
-from proxy.settings import Settings
+from proxy.settings import SettingError, Settings
 
 START_ATTEMPTS = 3  # failed starts in a row of one worker before the gateway gives up
 # How long a worker that asked the others to reload keys.json waits for each to hear it (one
@@ -78,14 +78,22 @@ DROP_BYTES = 64
 
 
 def run(settings: Settings, key_ring: KeyRing) -> int:
-    """Serve in this process, or supervise WORKERS processes. The exit code."""
+    """Serve in this process, or supervise WORKERS processes. The exit code.
+
+    Raises SettingError for a PROMETHEUS_MULTIPROC_DIR the workers cannot use."""
     if settings.worker_count == 1:
         serve(settings, build_app(settings, key_ring))
         return 0
     check_port_free(settings)  # before workers share it: a port in use refuses the start
     chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = chosen or tempfile.mkdtemp(prefix="llm-gateway-metrics-")
-    _empty(metrics_dir)  # files of an earlier run would be summed in
+    try:
+        _empty(metrics_dir)  # files of an earlier run would be summed in
+    except OSError as error:  # a chosen directory that cannot be made, read or cleared
+        raise SettingError(
+            f"PROMETHEUS_MULTIPROC_DIR: cannot keep the workers' metrics in {metrics_dir}: "
+            f"{error.strerror or error}"
+        ) from None
     workers = Workers(settings, key_ring, metrics_dir, owns_metrics_dir=not chosen)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)

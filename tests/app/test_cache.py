@@ -648,3 +648,23 @@ async def test_the_anthropic_sdk_reads_a_hit_exactly_as_the_original(
     finally:
         await client.close()
     assert len(fake.requests) == 2
+
+
+async def test_a_hit_is_not_counted_as_the_providers_time_to_first_byte(
+    gateway: TestClient,
+) -> None:
+    """llm_gateway_time_to_first_byte_seconds is the provider's: a hit, answered from memory
+    in well under a millisecond, made a provider that takes 300 ms look twice as fast at the
+    median with one hit a miss (as the overhead histogram, which leaves hits out)."""
+    for _ in range(2):
+        await post(gateway, **{"x-fake-think-ms": "300"})
+    text = await (await gateway.get("/metrics")).text()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("llm_gateway_time_to_first_byte_seconds_")
+        or line.startswith("llm_gateway_cache_hits_total")
+    }
+    assert samples['llm_gateway_cache_hits_total{model="gpt-4o-mini",provider="openai"}'] == 1
+    assert samples['llm_gateway_time_to_first_byte_seconds_count{provider="openai"}'] == 1
+    assert samples['llm_gateway_time_to_first_byte_seconds_sum{provider="openai"}'] >= 0.3

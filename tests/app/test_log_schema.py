@@ -391,3 +391,29 @@ async def test_an_error_the_provider_answers_without_a_typed_body_still_has_its_
     assert line["status"] == status
     assert line["error"] == "the provider sent an error in its answer (unknown)"
     assert not schema_errors(line)
+
+
+async def test_unicode_line_breaks_a_client_sends_stay_inside_their_line(
+    make_gateway: Callable[..., Awaitable[TestClient]], log_path: Path
+) -> None:
+    """NEL, U+2028 and U+2029 are legal raw in JSON, and orjson writes them so: a reader
+    splitting lines as Node's readline or Python's str.splitlines() does cut such a line in
+    two halves that do not parse. Any client could send one (in a path, a prompt)."""
+    gateway = await make_gateway(LOG_BODIES="true")
+    paths = ["/v1/models/a%E2%80%A8b", "/v1/models/a%C2%85b"]
+    for path in paths:
+        assert (await gateway.get(path, headers=auth(OPENAI_VK))).status == 200
+    prompt = {**CHAT, "messages": [{"role": "user", "content": "one\u2029two\u2028three"}]}
+    response = await gateway.post("/v1/chat/completions", json=prompt, headers=auth(OPENAI_VK))
+    assert response.status == 200
+    await gateway.close()  # every line written
+
+    text = log_path.read_text()
+    assert not any(separator in text for separator in ("\x85", "\u2028", "\u2029"))
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["path"] for line in lines] == [
+        "/v1/models/a\u2028b",
+        "/v1/models/a\x85b",
+        "/v1/chat/completions",
+    ]
+    assert lines[2]["request"]["messages"][0]["content"] == "one\u2029two\u2028three"

@@ -16,10 +16,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from proxy.app import KEY_RING, TRACING, build_app
+from proxy.observe.tracing import operation_name, provider_name
 from proxy.settings import SettingError, Settings
 from proxy.usage.usage import UsageTap
+from tests.app.test_cache import cached_keys, make_cached, post  # noqa: F401 (fixtures)
 from tests.conftest import (
+    ANTHROPIC_REAL,
     ANTHROPIC_VK,
+    CUSTOM_VK,
     LIMITED_VK,
     OPENAI_VK,
     SECRETS,
@@ -304,6 +308,16 @@ def test_the_sdks_own_variables_turn_traces_on(environ: dict[str, str], is_on: b
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         ),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        # The gateway continues and passes W3C trace context only: a caller's X-B3-* or
+        # X-Amzn-Trace-Id was ignored, each request the root of a trace nobody sent.
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": "tracecontext,b3multi"},
+            "OTEL_PROPAGATORS may name tracecontext and baggage only",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": "xray"},
+            "OTEL_PROPAGATORS may name tracecontext and baggage only",
+        ),
         # Each of these ended the start with the SDK's ValueError (or an OverflowError)
         # traceback, exit code 1: a ratio past 1 (read even with the default sampler), a
         # queue or delay that is a fraction, a batch larger than the queue, infinity.
@@ -346,6 +360,12 @@ def test_otel_values_the_gateway_cannot_honour_stop_the_start(
 ) -> None:
     with pytest.raises(SettingError, match=re.escape(culprit)):
         Settings.from_env(environ)
+
+
+def test_the_sdks_default_propagators_are_taken() -> None:
+    for propagators in ("tracecontext,baggage", "TraceContext", " baggage , tracecontext "):
+        environ = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": propagators}
+        assert Settings.from_env(environ).is_tracing_on
 
 
 async def test_a_sampling_ratio_of_zero_and_the_edges_of_the_batch_start(
@@ -500,3 +520,126 @@ async def test_a_websocket_session_is_a_server_span_as_long_as_the_session(
     upgrade = [seen for seen in fake.requests if seen.path == "/v1/realtime"][-1]
     assert parent(upgrade.headers["traceparent"]) == (attempt.trace_id, attempt.span_id, 1)
     assert_nothing_secret(spans)
+
+
+async def test_a_cache_hit_spends_no_tokens_in_its_span_and_says_it_was_a_hit(
+    make_cached: Callable[..., Awaitable[TestClient]],  # noqa: F811 (the fixture imported)
+    receiver: TestServer,
+    received: Received,
+) -> None:
+    """As in the metrics: a hit's stored usage was spent by the request that stored it. A
+    backend pricing spans from gen_ai.usage.* (Langfuse, Datadog) charged every hit again."""
+    gateway = await make_cached(
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")), OTEL_BSP_SCHEDULE_DELAY="50"
+    )
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "miss"
+    assert (await post(gateway))[1]["x-llm-gateway-cache"] == "hit"
+    spans = await exported(gateway, received, 3)
+    miss, hit = by_kind(spans, "server")
+    assert miss.attributes["llm_gateway.cache"] == "miss"
+    assert miss.attributes["gen_ai.usage.input_tokens"] > 0
+    assert hit.attributes["llm_gateway.cache"] == "hit"
+    assert not any(name.startswith("gen_ai.usage.") for name in hit.attributes)
+    assert len(by_kind(spans, "client")) == 1  # the miss went upstream, the hit did not
+
+
+async def test_the_cache_reads_and_writes_of_a_prompt_are_attributes_of_its_span(
+    traced: TestClient, received: Received, records: Any
+) -> None:
+    """The GenAI conventions' gen_ai.usage.cache_read.input_tokens and
+    cache_creation.input_tokens, parts of input_tokens: without them a backend pricing spans
+    charged an Anthropic cache read at the full input rate (ten times its price)."""
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": CHAT["messages"]}
+    headers = {
+        **auth(ANTHROPIC_VK),
+        "x-fake-cached-tokens": "700",
+        "x-fake-cache-write-tokens": "50",
+    }
+    assert (await traced.post("/v1/messages", json=body, headers=headers)).status == 200
+    [server] = by_kind(await exported(traced, received, 2), "server")
+    (line,) = await records(1)
+    assert server.attributes["gen_ai.usage.input_tokens"] == line["usage"]["prompt_tokens"]
+    assert server.attributes["gen_ai.usage.cache_read.input_tokens"] == 700
+    assert server.attributes["gen_ai.usage.cache_creation.input_tokens"] == 50
+    assert line["usage"]["cache_read_tokens"] == 700
+    assert line["usage"]["cache_write_tokens"] == 50
+
+
+async def test_a_stream_that_carried_the_providers_error_under_its_200_is_an_error_span(
+    traced: TestClient, received: Received, fake: Any, records: Any
+) -> None:
+    """Anthropic's overloaded_error event after some content: the log line says it failed,
+    and so must both spans, or an error rate taken from traces never sees such streams."""
+    fake.faults[ANTHROPIC_REAL] = Fault(529, in_stream="after")
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 10,
+        "stream": True,
+        "messages": CHAT["messages"],
+    }
+    response = await traced.post("/v1/messages", json=body, headers=auth(ANTHROPIC_VK))
+    assert response.status == 200
+    assert b"overloaded_error" in await response.read()
+    spans = await exported(traced, received, 2)
+    [server], [attempt] = by_kind(spans, "server"), by_kind(spans, "client")
+    (line,) = await records(1)
+    assert line["error"] == "the provider sent an error in its answer (overloaded_error)"
+    for span in (server, attempt):
+        assert span.is_error
+        assert span.attributes["error.type"] == "overloaded_error"
+        assert span.attributes["http.response.status_code"] == 200
+
+
+async def test_a_native_gemini_call_is_named_by_its_operation_as_an_openai_one_is(
+    traced: TestClient, received: Received
+) -> None:
+    """Gemini's own API names its method after a colon (models/<model>:generateContent):
+    its spans were named 'POST', without the gen_ai.operation.name the conventions require."""
+    contents = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
+    for method in ("generateContent", "streamGenerateContent?alt=sse"):
+        path = f"/v1/models/gemini-2.5-flash:{method}"
+        response = await traced.post(path, json=contents, headers={"x-goog-api-key": CUSTOM_VK})
+        assert response.status == 200
+    spans = await exported(traced, received, 4)
+    for span in spans:
+        assert span.name == "generate_content gemini-2.5-flash"
+        assert span.attributes["gen_ai.operation.name"] == "generate_content"
+
+
+@pytest.mark.parametrize(
+    ("path", "operation"),
+    [
+        ("/v1beta/models/gemini-2.5-flash:generateContent", "generate_content"),
+        ("/v1/models/text-embedding-004:embedContent", "embeddings"),
+        ("/v1/models/text-embedding-004:batchEmbedContents", "embeddings"),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/converse", "chat"),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/converse-stream", "chat"),
+        (
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude:streamRawPredict",
+            "chat",
+        ),
+        ("/v1/models/gemini-2.5-flash:countTokens", None),
+        ("/v1/model/anthropic.claude-3-5-haiku-20241022-v1:0/invoke", None),
+        ("/v1/chat/completions", "chat"),
+    ],
+)
+def test_the_native_apis_operations(path: str, operation: str | None) -> None:
+    assert operation_name(path) == operation
+
+
+@pytest.mark.parametrize(
+    ("provider", "named"),
+    [
+        ("openai", "openai"),
+        ("anthropic", "anthropic"),
+        ("gemini", "gcp.gemini"),
+        ("azure", "azure.ai.openai"),
+        ("bedrock", "aws.bedrock"),
+        ("vertex", "gcp.vertex_ai"),
+        ("local-vllm", "local-vllm"),  # a provider of keys.json, as it is named there
+    ],
+)
+def test_the_built_in_providers_carry_the_conventions_names(provider: str, named: str) -> None:
+    """A backend's GenAI views key on the well-known gen_ai.provider.name values: Bedrock's
+    and Vertex's calls were 'bedrock' and 'vertex', so they were missing from them."""
+    assert provider_name(provider) == named

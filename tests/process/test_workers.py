@@ -93,6 +93,28 @@ def test_several_workers_without_redis_are_refused_at_start(process_keys: Path) 
     )
 
 
+def test_a_metrics_directory_the_workers_cannot_use_is_refused_at_start(
+    process_keys: Path,  # noqa: F811
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR chosen where no directory can be made: a traceback, exit 1."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = refused(
+        {
+            "KEYS_FILE_PATH": str(process_keys),
+            "WORKERS": "2",
+            "QUOTA_ENABLED": "false",
+            "PROMETHEUS_MULTIPROC_DIR": str(blocked / "metrics"),
+        }
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"llm-gateway: PROMETHEUS_MULTIPROC_DIR: cannot keep the workers' metrics in {blocked}"
+    ), result.stderr
+
+
 async def test_a_second_gateway_of_workers_on_a_port_in_use_is_refused_at_start(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:

@@ -370,3 +370,31 @@ def test_the_kept_process_id_is_taken_again_in_a_forked_child() -> None:
     os.close(reader)
     os.waitpid(child, 0)
     assert int(said) == child
+
+
+def test_one_process_keeps_its_values_in_memory_whatever_prometheus_multiproc_dir_says(
+    tmp_path: Path, restore_value_class: None
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set for another server (gunicorn, LiteLLM's charts) made
+    prometheus-client write every value to files there from its import: a directory that
+    did not exist ended a WORKERS=1 start with a FileNotFoundError traceback, one that did
+    gathered a file per start. The gateway chooses itself (WORKERS)."""
+    missing = tmp_path / "not-there"
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(missing)
+    values.ValueClass = values.get_value_class()  # as prometheus-client's import chose it
+    metrics = Metrics()
+    metrics.log_write_failed()
+    metrics.observe(finished_record())
+    found = samples(metrics)
+    assert value(found, "llm_gateway_log_write_errors_total") == 1
+    assert (
+        value(
+            found,
+            "llm_gateway_requests_total",
+            provider="openai",
+            model="gpt-4o-mini",
+            status="200",
+        )
+        == 1
+    )
+    assert not missing.exists()

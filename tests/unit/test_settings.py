@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.runtime.check import short_secrets
+from proxy.runtime.check import otel_timeouts_in_milliseconds, short_secrets
 from proxy.settings import SETTINGS, SettingError, Settings, parser
 
 
@@ -225,6 +225,20 @@ def test_an_admin_token_too_short_to_resist_guessing_draws_a_warning(token: str)
     (said,) = short_secrets(Settings.from_env({"ADMIN_TOKEN": token}))
     assert said.startswith("ADMIN_TOKEN has fewer than 20") and token not in said
     assert short_secrets(Settings.from_env({"ADMIN_TOKEN": token + "x" * 20})) == []
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"]
+)
+def test_an_otlp_timeout_written_in_milliseconds_draws_a_warning(variable: str) -> None:
+    # The OpenTelemetry specification has it in milliseconds (10000 for 10 s); the Python SDK,
+    # and so the gateway, reads seconds: 10000 held each export to a hung collector for
+    # 2.8 hours, its spans dropped meanwhile (open-telemetry/opentelemetry-python#4044).
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    (said,) = otel_timeouts_in_milliseconds(Settings.from_env({**endpoint, variable: "10000"}))
+    assert said.startswith(f"{variable}=10000 is read in seconds"), said
+    assert otel_timeouts_in_milliseconds(Settings.from_env({**endpoint, variable: "30"})) == []
+    assert otel_timeouts_in_milliseconds(Settings.from_env({variable: "10000"})) == []  # off
 
 
 @pytest.mark.parametrize(
