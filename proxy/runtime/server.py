@@ -50,6 +50,7 @@ from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterator
 from typing import cast
 
+import orjson
 from aiohttp import HttpVersion11, StreamReader, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
@@ -63,7 +64,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from proxy.app import MAX_HEADER_BYTES, MAX_HEADERS, METRICS
+from proxy.app import HEALTH, MAX_HEADER_BYTES, MAX_HEADERS, METRICS
 from proxy.errors import GatewayError, body, render
 from proxy.exchange import reset_on_close
 from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
@@ -163,7 +164,7 @@ async def _serve(
     cut = 0
     try:
         assert runner.server is not None  # set by setup()
-        listener = await listen(runner.server, settings, reuse_port)
+        listener = await listen(runner.server, settings, reuse_port, app[HEALTH].report)
         say("listening on " + addresses(listener, settings))
         on_listening()
         await stop.wait()
@@ -185,9 +186,18 @@ async def _serve(
     say("stopped: " + ending)
 
 
-async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> asyncio.Server:
-    """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen."""
+async def listen(
+    server: web.Server,
+    settings: Settings,
+    reuse_port: bool,
+    health: Callable[[], dict[str, object]] | None = None,
+) -> asyncio.Server:
+    """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen.
+
+    `health`: the /health report, which a connection past the cap is still answered (a
+    liveness probe's: `Overflow`)."""
     loop = asyncio.get_running_loop()
+    overflow = Overflow(loop, health)
     host, port = settings.server_host, settings.server_port
 
     # `server.connections` copies every connection into a new list at each call: its dict
@@ -196,7 +206,7 @@ async def listen(server: web.Server, settings: Settings, reuse_port: bool) -> as
 
     def connection() -> asyncio.BaseProtocol:
         if len(held) >= most and not make_room(held):
-            return Refusal()
+            return Refusal(overflow)
         # `server()` would build aiohttp's own RequestHandler; this one differs only in
         # `cut` (`_kwargs`: what `server()` passes).
         return _RequestHandler(server, loop=loop, **server._kwargs)
@@ -419,22 +429,91 @@ def _end_body(body: StreamReader, refusal: BaseException) -> None:
     body.feed_eof()
 
 
-class Refusal(asyncio.Protocol):
-    """A connection over MAX_CONNECTIONS: a 503 in the OpenAI dialect, and closed at once.
+# Connections past MAX_CONNECTIONS whose request line is awaited, to tell a liveness probe's
+# `GET /health` from the rest: at most this many at once (past them, refused unread), each
+# for at most PROBE_WAIT_SECONDS.
+PROBE_RESERVE = 8
+PROBE_WAIT_SECONDS = 1.0
+# The most of a request's first bytes read for its request line.
+PROBE_LINE_BYTES = 1024
 
-    Closed at once, not after a linger: a refused connection must not hold a socket, or
-    MAX_CONNECTIONS would not bound what clients can hold. The 503 and the FIN reach the
-    client before anything it sends after them (which the kernel answers with a reset);
-    a client still sending its request when that reset arrives may see the reset instead.
+
+class Overflow:
+    """What the connections past MAX_CONNECTIONS share: the /health report (None: not
+    answered, every one refused unread) and how many await their request line."""
+
+    __slots__ = ("health", "loop", "waiting")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, health: Callable[[], dict[str, object]] | None
+    ) -> None:
+        self.loop, self.health, self.waiting = loop, health, 0
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: a 503 in the OpenAI dialect, and closed, but for
+    `GET /health`, answered as ever (a pod full of streams answered its liveness probe 503,
+    and the kubelet restarted it, cutting them all). `/ready` gets the 503: a full pod is
+    not ready, and the Service sends new work elsewhere.
+
+    Its request line is read for that, within PROBE_WAIT_SECONDS, and only while fewer than
+    PROBE_RESERVE connections past the cap wait for theirs: MAX_CONNECTIONS + PROBE_RESERVE
+    bound what clients can hold. Past those, the 503 goes at once, unread, as before. The
+    503 and the FIN reach the client before anything it sends after them (which the kernel
+    answers with a reset); a client still sending its body when that reset arrives may see
+    the reset instead.
     """
 
+    __slots__ = ("_head", "_overflow", "_timer", "_transport")
+
+    def __init__(self, overflow: Overflow) -> None:
+        self._overflow = overflow
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._head = b""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = cast(asyncio.Transport, transport)  # uvloop's transport is not a subclass
-        tcp.write(_refusal())
-        tcp.close()  # after the 503 is handed to the kernel
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        overflow = self._overflow
+        if overflow.health is None or overflow.waiting >= PROBE_RESERVE:
+            self._answer(_refusal())
+            return
+        overflow.waiting += 1
+        self._timer = overflow.loop.call_later(PROBE_WAIT_SECONDS, self._answer, _refusal())
 
     def data_received(self, data: bytes) -> None:
-        pass  # the request is not read: it was refused before it began
+        if self._transport is None:
+            return  # answered: the rest is not read
+        head = self._head = self._head + data
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            if len(head) > PROBE_LINE_BYTES:
+                self._answer(_refusal())
+            return
+        method, _, rest = head[:line_end].partition(b" ")
+        health = self._overflow.health
+        if method in (b"GET", b"HEAD") and rest.partition(b" ")[0] == b"/health" and health:
+            self._answer(_health_answer(health(), is_head=method == b"HEAD"))
+        else:
+            self._answer(_refusal())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._settle()
+
+    def _answer(self, answer: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._transport = None
+        transport.write(answer)
+        transport.close()  # after the answer is handed to the kernel
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._timer is not None:  # it waited for its request line: no longer
+            self._timer.cancel()
+            self._timer = None
+            self._overflow.waiting -= 1
 
 
 def refused(status: int, fault: BaseException | None) -> GatewayError:
@@ -487,6 +566,22 @@ def _reason(fault: HttpProcessingError, first_line: str) -> str:
     if not first_line or "b'" in first_line or 'b"' in first_line:  # a quote of the request
         return "malformed request"
     return first_line
+
+
+def _health_answer(report: dict[str, object], is_head: bool) -> bytes:
+    """/health's answer as the app gives it (200, its report, an x-request-id), for a
+    connection past MAX_CONNECTIONS, which the app does not serve."""
+    payload = orjson.dumps(report)
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: application/json\r\n"
+        b"x-request-id: " + own_request_id(None).encode() + b"\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + (b"" if is_head else payload)
+    )
 
 
 def _refusal() -> bytes:

@@ -102,6 +102,31 @@ async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serve
         await asyncio.sleep(0.05)
 
 
+async def test_past_max_connections_a_liveness_probe_of_health_is_still_answered(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """A pod full of streams (MAX_CONNECTIONS, none idle) answered the kubelet's liveness
+    probe (`GET /health`, deploy/kubernetes) 503 as any connection past the cap: three in a
+    row, and the kubelet restarted the busiest pod, cutting every stream it held. /health is
+    answered past the cap; /ready and everything else still get the 503 (a full pod is not
+    ready: the Service sends new work elsewhere)."""
+    _, url = start_gateway(processes, process_keys, tmp_path / "log.jsonl", MAX_CONNECTIONS="3")
+    port = int(url.rsplit(":", 1)[1])
+    holders = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for _, writer in holders:
+        writer.write(HEAD)  # a head begun, never finished: no connection idle
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/health") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] in ("healthy", "degraded")
+            assert response.headers["x-request-id"]
+        async with session.get(f"{url}/ready") as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "too_many_connections"
+    for _, writer in holders:
+        writer.close()
+
+
 async def test_at_max_connections_a_new_one_takes_the_place_of_an_idle_keep_alive_one(
     processes: Processes, process_keys: Path, tmp_path: Path
 ) -> None:
