@@ -39,8 +39,7 @@ async def replay(
     left."""
     record.saw_answer(entry.usage, entry.model)
     try:
-        await response.prepare(request)
-        record.mark_first_byte()
+        await response.prepare(request)  # no first byte of a provider's: ttft_ms stays None
         if not isinstance(response, web.Response):
             for chunk in entry.chunks:
                 sending()

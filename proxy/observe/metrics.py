@@ -313,8 +313,7 @@ class Metrics:
             if row.duration is None:
                 row.duration = child(self._duration, provider)
             row.duration.observe(record.duration_ms / 1000.0)
-        # The provider's first byte: a cache hit's is the gateway's replay, not the provider's.
-        if record.ttft_ms is not None and record.cache is not Cached.HIT:
+        if record.ttft_ms is not None:  # the provider's first byte (a cache hit has none)
             if row.ttfb is None:
                 row.ttfb = child(self._ttfb, provider)
             row.ttfb.observe(record.ttft_ms / 1000.0)

@@ -668,3 +668,16 @@ async def test_a_hit_is_not_counted_as_the_providers_time_to_first_byte(
     assert samples['llm_gateway_cache_hits_total{model="gpt-4o-mini",provider="openai"}'] == 1
     assert samples['llm_gateway_time_to_first_byte_seconds_count{provider="openai"}'] == 1
     assert samples['llm_gateway_time_to_first_byte_seconds_sum{provider="openai"}'] >= 0.3
+
+
+async def test_a_hits_log_line_has_no_time_to_first_byte(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """`ttft_ms` is the provider's first body byte (SPEC): a hit has none. It logged the
+    replay's, well under a millisecond, and percentiles of the log's ttft_ms read a provider
+    taking 300 ms as twice as fast with one request in two a hit."""
+    for _ in range(2):
+        await post(gateway, **{"x-fake-think-ms": "300"})
+    miss, hit = await records(2)
+    assert (miss["cache"], hit["cache"]) == ("miss", "hit")
+    assert miss["ttft_ms"] >= 300 and hit["ttft_ms"] is None
