@@ -184,6 +184,16 @@ async def test_a_stream_twice_replays_the_same_events_in_order_never_upstream(
     assert len(fake.requests) == 1
 
 
+async def test_a_replayed_stream_is_not_held_back_by_nginx_in_front(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """A streamed answer carries X-Accel-Buffering: no (docs/reverse-proxies.md), a hit too."""
+    first = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    second = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    assert second[1]["x-llm-gateway-cache"] == "hit"
+    assert first[1]["X-Accel-Buffering"] == second[1].get("X-Accel-Buffering") == "no"
+
+
 async def test_json_and_stream_requests_never_cross(gateway: TestClient, fake: FakeState) -> None:
     json_first = await post(gateway)
     stream_first = await post(gateway, document=STREAM)
