@@ -8,9 +8,9 @@ the background nor in a conversation; neither chat nor Responses stored), and th
 `no-cache` skips the lookup and lets the answer replace the entry.
 
 The entry's name is a SHA-256 over, each length-prefixed: the scope, what answers the key's
-requests (`Plans.served`: its targets' providers, base URLs and models), the method, the path
-(after /v1, so /v1/chat/completions and /chat/completions are one), the raw query, the
-body's exact bytes, and the request headers that change the provider's answer
+requests (`Plans.served`: its targets' providers, base URLs, models and a digest of their
+real keys), the method, the path (after /v1, so /v1/chat/completions and /chat/completions
+are one), the raw query, the body's exact bytes, and the request headers that change the provider's answer
 (`ANSWER_HEADERS`). sha256, not Python's `hash()`: every process, restart and instance
 must name one request alike (a salted hash would never hit across them). No parsing or
 re-serialising of the body: two bodies that differ by a space are two entries, which can

@@ -8,6 +8,7 @@ built once, at load, into the data that `upstream`'s one attempt loop walks.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -131,17 +132,29 @@ def parse_plans(
 
 
 def _served(own: Plan | None, routes: list[Route] | tuple[()]) -> str:
-    """`Plans.served`: what answers a key's requests, in words the same in every process."""
+    """`Plans.served`: what answers a key's requests, in words the same in every process.
+
+    Each target by its provider, base URL, model, project and account: a digest of its real
+    keys (never a key), since a real key names the organization and project whose files,
+    stored prompts and previous responses a request reads, as OpenAI-Organization and
+    OpenAI-Project do (`lookup.ANSWER_HEADERS`)."""
     plans = [("*", own)] if own is not None else []
     plans += [(" ".join(route.patterns), route.plan) for route in routes]
     return "; ".join(
         f"{patterns} -> "
         + ", ".join(
-            f"{t.provider.name} {t.provider.base_url} {t.model or ''} {t.project_path or ''}"
+            f"{t.provider.name} {t.provider.base_url} {t.model or ''} {t.project_path or ''} "
+            + _account(t)
             for t in plan.targets
         )
         for patterns, plan in plans
     )
+
+
+def _account(target: Target) -> str:
+    """A digest of the target's real keys, in any order."""
+    keys = sorted(credential.api_key for credential in target.pool.credentials)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
 
 
 def compile_patterns(patterns: list[str]) -> re.Pattern[str]:

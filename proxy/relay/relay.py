@@ -254,6 +254,8 @@ class Relay:
             ratelimit.stamp(headers, admission)
         headers["x-request-id"] = record.request_id
         headers["x-llm-gateway-cache"] = Cached.HIT.value
+        if not entry.is_whole or headers.get("content-type", "").startswith(STREAM_TYPES):
+            headers["X-Accel-Buffering"] = "no"  # a stream, as the miss's (stream_back)
         response = response_for(entry, headers)
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped

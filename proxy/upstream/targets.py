@@ -342,7 +342,8 @@ class Plans:
     own: Plan | None
     routes: tuple[Route, ...] = ()
     # What answers this key's requests, as text: each plan's targets (provider, base URL,
-    # model, project) and each route's patterns, never a real key. Keys sharing a cache
+    # model, project, a digest of its real keys) and each route's patterns, never a real
+    # key. Keys sharing a cache
     # scope share answers only when it is the same (a reload that changes it starts anew).
     served: str = ""
 

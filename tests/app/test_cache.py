@@ -35,6 +35,7 @@ OTHER_VK = "vk_test_cached_other_7a8b9c0d"
 SHARED_A_VK = "vk_test_shared_a_2b4d6f8a0c"
 SHARED_B_VK = "vk_test_shared_b_3c5e7a9b1d"
 SHARED_OTHER_MODEL_VK = "vk_test_shared_gpt4o_5e7a9c1b3d"
+SHARED_OTHER_ACCOUNT_VK = "vk_test_shared_account_6f8b0d2e4a"
 CLAUDE_VK = "vk_test_cached_claude_4d6f8b0c2e"
 COUNTED_VK = "vk_test_cached_counted_5e7a9c1d3f"
 TTL = 300
@@ -89,6 +90,12 @@ def cached_keys(keys_file: Path, fake_base: str) -> Path:
                 "api_key": OPENAI_REAL,
                 "model": "gpt-4o",
                 "name": "shared-gpt-4o",
+                "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
+            },
+            SHARED_OTHER_ACCOUNT_VK: {
+                "provider": "openai",
+                "api_key": "sk-real-another-project-0000000000",
+                "name": "shared-other-account",
                 "cache": {"ttl_seconds": TTL, "scope": "docs-bot"},
             },
             CLAUDE_VK: {
@@ -184,6 +191,16 @@ async def test_a_stream_twice_replays_the_same_events_in_order_never_upstream(
     assert len(fake.requests) == 1
 
 
+async def test_a_replayed_stream_is_not_held_back_by_nginx_in_front(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """A streamed answer carries X-Accel-Buffering: no (docs/reverse-proxies.md), a hit too."""
+    first = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    second = await post(gateway, document=STREAM, **{"x-fake-chunks": "5"})
+    assert second[1]["x-llm-gateway-cache"] == "hit"
+    assert first[1]["X-Accel-Buffering"] == second[1].get("X-Accel-Buffering") == "no"
+
+
 async def test_json_and_stream_requests_never_cross(gateway: TestClient, fake: FakeState) -> None:
     json_first = await post(gateway)
     stream_first = await post(gateway, document=STREAM)
@@ -216,6 +233,22 @@ async def test_keys_without_a_shared_scope_never_share_and_keys_with_one_do(
     other_model = await post(gateway, SHARED_OTHER_MODEL_VK)
     assert other_model[1]["x-llm-gateway-cache"] == "miss"
     assert len(fake.requests) == 4 and orjson.loads(fake.requests[-1].body)["model"] == "gpt-4o"
+
+
+async def test_keys_sharing_a_scope_on_another_account_never_share(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """A real key names its account and project, whose files, stored prompts and previous
+    responses a request reads (as OpenAI-Organization and OpenAI-Project do): a key of the
+    scope on another account never reads the first one's answer to the same body."""
+    part = {"type": "file", "file": {"file_id": "file-of-the-first-account"}}
+    document = {**CHAT, "messages": [{"role": "user", "content": [part]}]}
+    first = await post(gateway, SHARED_A_VK, document)
+    other = await post(gateway, SHARED_OTHER_ACCOUNT_VK, document)
+    assert (first[1]["x-llm-gateway-cache"], other[1]["x-llm-gateway-cache"]) == ("miss", "miss")
+    assert len(fake.requests) == 2
+    same_account = await post(gateway, SHARED_B_VK, document)
+    assert same_account[1]["x-llm-gateway-cache"] == "hit" and same_account[2] == first[2]
 
 
 async def test_a_key_without_a_cache_is_untouched(
