@@ -174,6 +174,28 @@ async def test_end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not(
     assert "set-cookie" in response.headers
 
 
+async def test_the_providers_alt_svc_does_not_reach_the_client(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Alt-Svc names alternatives of the provider's origin (HTTP/3 on its port 443); passed on,
+    # it told browsers and HTTP/3 clients that the gateway's host serves HTTP/3 on port 443,
+    # which it does not (or another service does), for a day.
+    cases = [
+        ("/v1/chat/completions", OPENAI_VK, CHAT),
+        ("/v1/messages", ANTHROPIC_VK, MESSAGES),
+    ]
+    for path, virtual, body in cases:
+        response = await gateway.post(path, json=body, headers={"x-api-key": virtual})
+        assert response.status == 200, await response.text()
+        assert "alt-svc" not in response.headers, path
+        assert response.headers["openai-processing-ms"] == "12"  # the rest passes
+    streamed = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(OPENAI_VK)
+    )
+    await streamed.read()
+    assert "alt-svc" not in streamed.headers
+
+
 async def test_behind_cloudflare_its_cf_connecting_ip_does_not_reach_the_provider(
     gateway: TestClient, fake: FakeState
 ) -> None:
