@@ -121,6 +121,14 @@ class Provider:
         url = f"{self._base}/{tail}?{query_string}" if query_string else f"{self._base}/{tail}"
         return URL(url, encoded=True)
 
+    def tail_of(self, url: str) -> str | None:
+        """`<tail>?<query>` of a URL under this provider's base URL (`url`'s inverse);
+        None for any other URL."""
+        base = self._base
+        if not url.startswith(base) or url[len(base) : len(base) + 1] not in ("/", "?"):
+            return None
+        return url[len(base) :].lstrip("/")
+
 
 BUILTINS: dict[str, Provider] = {
     "openai": Provider("openai", URL("https://api.openai.com/v1"), "bearer"),
