@@ -1,4 +1,12 @@
-"""A message batch's `results_url`, pointed back at the gateway.
+"""Links a provider hands out to its own URLs, pointed back at the gateway: a message
+batch's `results_url`, and a redirect's `Location`.
+
+A `Location` at the base URL of the provider that answered (a FastAPI server's redirect of
+a trailing slash, `307 Location: http://vllm:8000/v1/models`) becomes the same path on the
+gateway, relative (`/v1/models`), as `pointed_back` makes it: the SDKs follow redirects,
+and would otherwise take the client past the gateway, its virtual key with it (httpx drops
+only `Authorization` on a redirect to another host, not `x-api-key`), to a host it may not
+reach. A `Location` anywhere else (a signed download URL) stays as sent.
 
 Anthropic answers a message batch (GET /v1/messages/batches/{id}, its cancel, a list of
 them) with a `results_url` that is absolute, at the provider
@@ -25,6 +33,7 @@ from multidict import CIMultiDict
 
 from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
+from proxy.upstream.providers import Provider
 
 # A page of 1,000 batches is about 700 KB; the most read whole (or inflated) to be rewritten.
 MAX_BYTES = 8 << 20
@@ -82,3 +91,14 @@ class ResultsLinks:
         headers.popall("content-encoding", None)
         headers.popall("content-length", None)
         return rewritten
+
+
+def pointed_back(headers: CIMultiDict[str], provider: Provider, path: str) -> None:
+    """An answer's `Location` under `provider`'s base URL, as the same path on the gateway
+    for a client whose path was `path` (`/v1/...` or a root path: the client's shape)."""
+    location = headers.get("location")
+    if location is None:
+        return
+    tail = provider.tail_of(location)
+    if tail is not None:
+        headers["location"] = ("/v1/" if path.startswith("/v1/") else "/") + tail

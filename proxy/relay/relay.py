@@ -33,7 +33,7 @@ from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.echoes import StreamMask, is_plain, is_searched_whole, masked_whole, searched
 from proxy.relay.expect import awaits_continue
-from proxy.relay.links import MAX_BYTES, ResultsLinks
+from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
@@ -138,6 +138,8 @@ class Relay:
         settings = self.settings
         echoable = plan.echoable()
         headers = downstream_headers(reply.headers, echoable)
+        if "location" in headers:  # a redirect, a created resource: seldom
+            pointed_back(headers, plan.answering(record.target).provider, record.path)
         pending = None if found is None else found.pending
         if pending is not None:
             pending.begin(reply.status, reply.reason, headers)

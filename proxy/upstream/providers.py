@@ -52,6 +52,12 @@ AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-s
 # Anthropic), which refused every call. The client's address goes on in X-Forwarded-For.
 EDGE_ONLY = ("cf-connecting-ip",)
 
+# Never passed back to the client: hop-by-hop headers, and Alt-Svc (RFC 7838), which names
+# alternatives of the provider's origin (Cloudflare's and Google's `h3=":443"`): passed on,
+# it tells browsers and HTTP/3 clients that the gateway's own host serves HTTP/3 on port 443
+# for as long as its `ma` says, as YARP and Caddy's reverse proxy also drop it.
+_NOT_DOWNSTREAM = HOP_BY_HOP | {"alt-svc"}
+
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
 # Expect is answered by the gateway itself (aiohttp sends the 100 Continue); upstream
@@ -114,6 +120,14 @@ class Provider:
         """`<base_url>/<tail>?<query>`; `tail` was already checked by `routing` not to climb out."""
         url = f"{self._base}/{tail}?{query_string}" if query_string else f"{self._base}/{tail}"
         return URL(url, encoded=True)
+
+    def tail_of(self, url: str) -> str | None:
+        """`<tail>?<query>` of a URL under this provider's base URL (`url`'s inverse);
+        None for any other URL."""
+        base = self._base
+        if not url.startswith(base) or url[len(base) : len(base) + 1] not in ("/", "?"):
+            return None
+        return url[len(base) :].lstrip("/")
 
 
 BUILTINS: dict[str, Provider] = {
@@ -191,14 +205,15 @@ def forwarded_headers(provider: Provider, incoming: CIMultiDictProxy[str]) -> CI
 def downstream_headers(
     incoming: CIMultiDictProxy[str], secrets: Collection[str]
 ) -> CIMultiDict[str]:
-    """The provider's headers minus hop-by-hop ones and any that carry one of `secrets`.
+    """The provider's headers minus hop-by-hop ones, Alt-Svc, and any that carry one of
+    `secrets`.
 
     `secrets` are the real keys the request was sent with: a provider (or a debugging proxy
     in front of it) that reflects request headers must not hand them to the client. Such a
     header is dropped whole, not redacted: its other bytes may encode the key too.
     Content-Length stays (same bytes).
     """
-    headers = _without(incoming, HOP_BY_HOP)
+    headers = _without(incoming, _NOT_DOWNSTREAM)
     # One search per secret over every name and value at once (a match across two of them
     # is checked header by header below): no header holds one, in all but a broken setup.
     names_values = "\n".join(headers.keys()) + "\n" + "\n".join(headers.values())

@@ -295,6 +295,10 @@ class Plan:
     def primary(self) -> Target:
         return self.targets[0]
 
+    def answering(self, name: str | None) -> Target:
+        """The target named `name` (the record's last tried: the one that answered)."""
+        return next((target for target in self.targets if target.name == name), self.primary)
+
     def in_order(
         self,
         now: float,

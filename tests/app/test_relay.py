@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.keys.keys import masked
 from proxy.relay.silence import IDLE_SLACK, Silences
@@ -172,6 +173,67 @@ async def test_end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not(
     # The provider's own headers come back: processing time, cookies, its request id is replaced.
     assert response.headers["openai-processing-ms"] == "12"
     assert "set-cookie" in response.headers
+
+
+async def test_the_providers_alt_svc_does_not_reach_the_client(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # Alt-Svc names alternatives of the provider's origin (HTTP/3 on its port 443); passed on,
+    # it told browsers and HTTP/3 clients that the gateway's host serves HTTP/3 on port 443,
+    # which it does not (or another service does), for a day.
+    cases = [
+        ("/v1/chat/completions", OPENAI_VK, CHAT),
+        ("/v1/messages", ANTHROPIC_VK, MESSAGES),
+    ]
+    for path, virtual, body in cases:
+        response = await gateway.post(path, json=body, headers={"x-api-key": virtual})
+        assert response.status == 200, await response.text()
+        assert "alt-svc" not in response.headers, path
+        assert response.headers["openai-processing-ms"] == "12"  # the rest passes
+    streamed = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(OPENAI_VK)
+    )
+    await streamed.read()
+    assert "alt-svc" not in streamed.headers
+
+
+async def test_a_redirect_to_the_providers_own_url_points_back_at_the_gateway(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+) -> None:
+    # A FastAPI provider (vLLM, a LiteLLM behind the gateway) redirects a trailing slash to
+    # its own absolute URL; the SDKs follow redirects, so the client went past the gateway,
+    # its virtual key in x-api-key (httpx drops only Authorization on another host).
+    async def redirect(request: web.Request) -> web.Response:
+        if request.path == "/v1/elsewhere":
+            raise web.HTTPFound("https://files.example/signed?sig=1")
+        query = f"?{request.query_string}" if request.query_string else ""
+        # Starlette's redirect_slashes: the URL as the Host header names it
+        raise web.HTTPTemporaryRedirect(f"http://{request.host}{request.path.rstrip('/')}{query}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    provider = await aiohttp_server(app)
+    keys = tmp_path / "redirecting.json"
+    keys.write_text(
+        json.dumps(
+            {
+                "providers": {"openai": {"base_url": f"http://127.0.0.1:{provider.port}/v1"}},
+                "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+            }
+        )
+    )
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys))
+    for path, location in [
+        ("/v1/models/", "/v1/models"),
+        ("/models/", "/models"),  # a seed path: the client's own shape
+        ("/v1/chat/completions/?x=1", "/v1/chat/completions?x=1"),
+        ("/v1/elsewhere", "https://files.example/signed?sig=1"),  # another host: as sent
+    ]:
+        response = await gateway.get(path, headers=auth(OPENAI_VK), allow_redirects=False)
+        assert response.status in (302, 307), path
+        assert response.headers["location"] == location, path
 
 
 async def test_behind_cloudflare_its_cf_connecting_ip_does_not_reach_the_provider(

@@ -192,6 +192,9 @@ PROVIDER_HEADERS = (
     ("x-ratelimit-limit-tokens", "800000"),
     ("x-ratelimit-remaining-tokens", "799990"),
     ("x-ratelimit-reset-tokens", "1ms"),
+    # Cloudflare in front of OpenAI and Anthropic (and Google's front end) advertise HTTP/3
+    # on the provider's own host: an origin-specific header.
+    ("alt-svc", 'h3=":443"; ma=86400'),
 )
 # Gemini's OpenAI-compatible API (the built-in gemini's base URL is under it), whose errors
 # are Google's, in a list of one: [{"error": {"code": 400, "message": …, "status": …}}].
