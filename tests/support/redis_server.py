@@ -8,6 +8,7 @@ the fixtures (`redis_server`, `redis_url`) into a test module; they skip, saying
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import socketserver
@@ -25,6 +26,26 @@ from tests.support.processes import free_port
 START_SECONDS = 10.0
 
 
+# A cluster node also listens on its port + 10,000 (the cluster bus), so its port is at most
+# 55,535: redis-server refuses a higher one, which the kernel's free ports often are.
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def cluster_port() -> int:
+    """A loopback port free now whose cluster bus port (+10,000) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20_000, 65_535 - CLUSTER_BUS_OFFSET)
+        with socket.socket() as first, socket.socket() as bus:
+            try:
+                first.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisServer:
     """One redis-server process: no persistence, so a restart comes back empty, like a lost node."""
 
@@ -32,7 +53,8 @@ class RedisServer:
         self, directory: Path, port: int | None = None, options: tuple[str, ...] = ()
     ) -> None:
         self.directory = directory
-        self.port = port or free_port()
+        is_cluster = "--cluster-enabled" in options
+        self.port = port or (cluster_port() if is_cluster else free_port())
         self.options = options  # more of redis-server's flags (`--cluster-enabled yes`)
         self.process: subprocess.Popen[bytes] | None = None
 
