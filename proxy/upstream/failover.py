@@ -610,10 +610,12 @@ class Failover:
                     breaker.abstain()  # about a key, not the target
                 else:
                     breaker.failed(now(), stream_error or f"{status} from {where(target)}")
-            elif status in KEY_REFUSED or status == OUT_OF_CREDIT:
-                breaker.abstain()  # about a key, not the target
-            else:
+            elif status < 400:
                 breaker.succeeded(now())
+            else:  # a key refused (401, 403, 402) or a request refused (400, 404, 413, ...):
+                # about the key or the request, not the target; no success either (a
+                # half-open breaker's probe is given back, its failures in a row stand)
+                breaker.abstain()
             return reply
         ms = record.waited_upstream(asked)
         if pool is not None:  # its first byte: later still (a pool key's failure: as above)

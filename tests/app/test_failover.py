@@ -179,6 +179,38 @@ async def test_a_half_open_breaker_whose_keys_all_rest_lets_the_next_request_pro
     assert health["targets"]["openai"]["state"] == "closed"
 
 
+async def test_a_client_error_neither_closes_a_half_open_breaker_nor_resets_its_failures(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A provider's edge answers a request it refuses (context too long, unknown model)
+    # while its generation is down: that 400 says nothing of the target, as a probe's
+    # 4xx says nothing (test_probes), so it is no success either.
+    gateway = await failover_gateway(WITH_FALLBACK, QUOTA_ENABLED="false")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+
+    async def status(fault: Fault) -> int:
+        fake.faults[PRIMARY] = fault
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        await response.read()
+        return response.status
+
+    async def state() -> str:
+        health = await (await gateway.get("/health")).json()
+        return str(health["targets"]["openai"]["state"])
+
+    # Failures in a row, a client's 400 between them: the third failure opens it.
+    assert [await status(Fault(s)) for s in (503, 503, 400, 503)] == [200, 200, 400, 200]
+    assert await state() == "open"
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: the next request is the probe
+    assert await status(Fault(400)) == 400  # the probe's answer is about the request
+    assert await state() != "closed"
+    fake.requests.clear()
+    assert await status(Fault(503)) == 200  # the next request probes: still down
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    assert await state() == "open"
+
+
 async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
