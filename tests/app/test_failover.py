@@ -211,6 +211,47 @@ async def test_a_client_error_neither_closes_a_half_open_breaker_nor_resets_its_
     assert await state() == "open"
 
 
+async def test_an_open_breaker_whose_cooldown_passed_is_no_longer_reported_open(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A fallback failed once and the primary serves again: no request goes to the fallback,
+    # yet its cooldown ends all the same, and /health and the metric say so.
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "fallbacks": [{"provider": "backup", "api_key": BACKUP}],
+    }
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", BREAKER_FAILURES="1")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+    fake.faults[PRIMARY] = fake.faults[BACKUP] = Fault(503)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503
+    fake.faults.clear()
+
+    async def seen() -> tuple[str, bool, str, str]:
+        health = await (await gateway.get("/health")).json()
+        metrics = await (await gateway.get("/metrics")).text()
+        line = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('llm_gateway_breaker_state{target="backup"}')
+        )
+        state = health["targets"]["backup"]["state"]
+        return state, health["providers"]["backup"]["healthy"], health["status"], line
+
+    assert await seen() == (
+        "open", False, "degraded", 'llm_gateway_breaker_state{target="backup"} 2.0'
+    )  # fmt: skip
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: the primary gets both requests meanwhile
+    fake.requests.clear()
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    assert keys_seen(fake) == [PRIMARY]
+    assert await seen() == (
+        "half_open", True, "healthy", 'llm_gateway_breaker_state{target="backup"} 1.0'
+    )  # fmt: skip
+
+
 async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
