@@ -83,11 +83,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.encodings import content_coding
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
@@ -108,6 +109,8 @@ KEY_REFUSED = frozenset((401, 403))
 # insufficient balance), as OpenAI's 429 insufficient_quota is: another key or target may
 # have some. The key rests; never asked again within the request.
 OUT_OF_CREDIT = 402
+# ... which Anthropic answers as a 400 invalid_request_error with these words in its message.
+LOW_CREDIT = b"credit balance is too low"
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
 # How long a pool key rests after a 429 without Retry-After, and after a 401/403 or 402.
@@ -436,6 +439,30 @@ class Failover:
                 status, stood_for = reply.status, walk.stood_for
                 if stood_for is not None:
                     status, walk.stood_for = stood_for[1], None
+                elif status == 400 and elsewhere and target.provider.api == "anthropic":
+                    # Anthropic's account out of credit is a 400, not its 402: read to tell.
+                    try:
+                        refusal = await self._keep(reply, target)
+                    except Failed as failed:  # its body broke off: nothing reached the client
+                        walk.failure = failed
+                        pool.ended(credential)
+                        tried.add(credential.label)
+                        continue
+                    except BaseException:  # the client left while it came
+                        reply.close()
+                        pool.ended(credential)
+                        raise
+                    if refusal is None:  # too large to keep: it goes on as it is
+                        walk.serving = pool, credential
+                        return reply
+                    if not is_out_of_credit(refusal):
+                        pool.ended(credential)
+                        return refusal  # a request's own 400: the client gets it as it came
+                    walk.kept = refusal
+                    pool.ended(credential)
+                    target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
+                    tried.add(credential.label)
+                    continue
                 elif (
                     status not in RETRYABLE
                     and status != OUT_OF_CREDIT
@@ -758,6 +785,18 @@ def _seconds(text: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if 0.0 <= seconds < math.inf else None
+
+
+def is_out_of_credit(answer: StoredAnswer) -> bool:
+    """An Anthropic 400 that says the key's account is out of credit ("Your credit balance is
+    too low to access the Anthropic API"), which it answers so rather than with its 402."""
+    body = answer.body
+    try:  # as the provider coded it (the Anthropic SDK asks for gzip, br, zstd)
+        body = decode_body(body, answer.headers.get("content-encoding", ""), KEPT_ANSWER_BYTES)
+        error = orjson.loads(body).get("error") if LOW_CREDIT in body else None
+    except (GatewayError, orjson.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(error, dict) and LOW_CREDIT.decode() in str(error.get("message"))
 
 
 def where(target: Target) -> str:

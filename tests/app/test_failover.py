@@ -1093,3 +1093,59 @@ async def test_a_key_out_of_credit_rests_and_its_fallback_or_pools_next_key_answ
     response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
     assert response.status == 402
     assert keys_seen(fake) == [PRIMARY]
+
+
+LOW_CREDIT = (
+    "Your credit balance is too low to access the Anthropic API. "
+    "Please go to Plans & Billing to upgrade or purchase credits."
+)
+
+
+async def test_an_anthropic_key_out_of_credit_answering_400_is_passed_over_like_a_402(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Anthropic answers an account out of credit with 400 invalid_request_error "Your credit
+    balance is too low", not its 402 billing_error: the pool's next key or the fallback
+    answers all the same; any other 400 still goes to the client as it came, and with
+    nowhere else to go this one too."""
+    key = {
+        "provider": "anthropic",
+        "api_key": ANT_PRIMARY,
+        "fallbacks": [{"provider": "ant-backup", "api_key": ANT_BACKUP}],
+    }
+    gateway = await failover_gateway(key)
+    fake.faults[ANT_PRIMARY] = Fault(400, message=LOW_CREDIT)
+    client = anthropic.AsyncAnthropic(api_key=VK, base_url=str(gateway.make_url("")), max_retries=0)
+    answer = await client.messages.create(**MESSAGES)
+    assert answer.content
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    (line,) = await records(1)
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("anthropic", 400),
+        ("ant-backup", 200),
+    ]
+    fake.requests.clear()
+    fake.faults[ANT_PRIMARY] = Fault(400)  # a request's own fault: the same everywhere
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(**MESSAGES)
+    assert refused.value.body["error"]["message"] == "fake provider error 400"  # type: ignore[index]
+    assert keys_seen(fake) == [ANT_PRIMARY]
+
+    fake.requests.clear()
+    pooled = await failover_gateway(
+        {"provider": "anthropic", "api_keys": [{"api_key": k} for k in (ANT_PRIMARY, ANT_BACKUP)]}
+    )
+    fake.faults[ANT_PRIMARY] = Fault(400, message=LOW_CREDIT)
+    for _ in range(3):
+        response = await pooled.post("/v1/messages", json=MESSAGES, headers=auth(VK))
+        assert response.status == 200, await response.text()
+    assert keys_seen(fake).count(ANT_PRIMARY) == 1  # then it rests
+
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "anthropic", "api_key": ANT_PRIMARY})
+    response = await alone.post("/v1/messages", json=MESSAGES, headers=auth(VK))
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == LOW_CREDIT
+    assert keys_seen(fake) == [ANT_PRIMARY]

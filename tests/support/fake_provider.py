@@ -322,6 +322,8 @@ class Fault:
     a body whose top-level `error` has the status as its `code`.
     `code`: an OpenAI error's type and code in a stream, instead of the status's own (a 429's
     `insufficient_quota`: a key whose quota is spent).
+    `message`: the error's message instead of "fake provider error <status>" (Anthropic's 400
+    for an account out of credit: "Your credit balance is too low ...").
     """
 
     status: int
@@ -332,6 +334,7 @@ class Fault:
     in_stream: str = ""
     in_answer: bool = False
     code: str = ""
+    message: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -486,7 +489,9 @@ async def answer(
             return await send(
                 request, [b"\n", answer_error(fault.status)], content_type="application/json"
             )
-        return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
+        return await reply_error(
+            request, fault.status, fault.headers, not fault.is_unsized, message=fault.message
+        )
     if knobs.think_seconds:
         async with watching(request):
             await pause(request, knobs.think_seconds)
@@ -872,10 +877,11 @@ async def reply_error(
     extra: Mapping[str, str] | None = None,
     is_sized: bool = True,
     under: int | None = None,
+    message: str = "",
 ) -> web.StreamResponse:
     """The provider's own error body and headers for this status (chunked unless `is_sized`),
-    sent with the status `under` when given."""
-    message = f"fake provider error {status}"
+    sent with the status `under` when given; `message`: the error's, instead of the fake's."""
+    message = message or f"fake provider error {status}"
     if request.headers.get("x-fake-reflect") == "body":
         message += f": credentials received {reflected(request.headers)}"
     if is_anthropic(request):
