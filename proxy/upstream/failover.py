@@ -109,8 +109,10 @@ KEY_REFUSED = frozenset((401, 403))
 # insufficient balance), as OpenAI's 429 insufficient_quota is: another key or target may
 # have some. The key rests; never asked again within the request.
 OUT_OF_CREDIT = 402
-# ... which Anthropic answers as a 400 invalid_request_error with these words in its message.
+# Refusals of a key some providers answer 400, not 401 or 402 (`refused_as`): Anthropic's
+# account out of credit, Google's API key not valid (revoked, expired, deleted).
 LOW_CREDIT = b"credit balance is too low"
+GOOGLE_KEY_INVALID = (b"API_KEY_INVALID", b"API key not valid", b"API key expired")
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
 # How long a pool key rests after a 429 without Retry-After, and after a 401/403 or 402.
@@ -439,8 +441,8 @@ class Failover:
                 status, stood_for = reply.status, walk.stood_for
                 if stood_for is not None:
                     status, walk.stood_for = stood_for[1], None
-                elif status == 400 and elsewhere and target.provider.api == "anthropic":
-                    # Anthropic's account out of credit is a 400, not its 402: read to tell.
+                elif status == 400 and elsewhere and _refuses_keys_with_400(target):
+                    # A key's refusal some providers answer 400 (`refused_as`): read to tell.
                     try:
                         refusal = await self._keep(reply, target)
                     except Failed as failed:  # its body broke off: nothing reached the client
@@ -455,9 +457,10 @@ class Failover:
                     if refusal is None:  # too large to keep: it goes on as it is
                         walk.serving = pool, credential
                         return reply
-                    if not is_out_of_credit(refusal):
+                    as_status = refused_as(refusal)
+                    if as_status is None or (as_status in KEY_REFUSED and target.pool.size == 1):
                         pool.ended(credential)
-                        return refusal  # a request's own 400: the client gets it as it came
+                        return refusal  # a request's own 400 (or a lone key's 401): as it came
                     walk.kept = refusal
                     pool.ended(credential)
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
@@ -787,16 +790,40 @@ def _seconds(text: str | None) -> float | None:
     return seconds if 0.0 <= seconds < math.inf else None
 
 
-def is_out_of_credit(answer: StoredAnswer) -> bool:
-    """An Anthropic 400 that says the key's account is out of credit ("Your credit balance is
-    too low to access the Anthropic API"), which it answers so rather than with its 402."""
+def _refuses_keys_with_400(target: Target) -> bool:
+    """Whether the target's provider answers some refusals of a key with 400 (`refused_as`)."""
+    provider = target.provider
+    return (
+        provider.api == "anthropic"
+        or provider.name == "gemini"
+        or provider.auth == "x-goog-api-key"
+    )
+
+
+def refused_as(answer: StoredAnswer) -> int | None:
+    """The status a 400 stands for when it refuses the key rather than the request: 402 for
+    Anthropic's account out of credit ("Your credit balance is too low to access the
+    Anthropic API"), 401 for Google's key not valid (INVALID_ARGUMENT, reason
+    API_KEY_INVALID); None for any other 400."""
     body = answer.body
     try:  # as the provider coded it (the Anthropic SDK asks for gzip, br, zstd)
         body = decode_body(body, answer.headers.get("content-encoding", ""), KEPT_ANSWER_BYTES)
-        error = orjson.loads(body).get("error") if LOW_CREDIT in body else None
-    except (GatewayError, orjson.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(error, dict) and LOW_CREDIT.decode() in str(error.get("message"))
+    except GatewayError:
+        return None
+    if LOW_CREDIT in body:
+        status = OUT_OF_CREDIT
+    elif any(words in body for words in GOOGLE_KEY_INVALID):
+        status = 401
+    else:
+        return None
+    try:  # an error answer (Google's OpenAI endpoint: a list of one), not other words
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, list) and document:
+        document = document[0]
+    is_error = isinstance(document, dict) and isinstance(document.get("error"), dict)
+    return status if is_error else None
 
 
 def where(target: Target) -> str:

@@ -48,13 +48,15 @@ ANT_BACKUP = "sk-ant-backup-4444444444"
 
 
 def document(base: str, **key: Any) -> dict[str, Any]:
-    """keys.json: openai and a second OpenAI-speaking provider 'backup' on the fake."""
+    """keys.json: openai, a second OpenAI-speaking provider 'backup', anthropic, an
+    Anthropic-speaking 'ant-backup' and gemini's OpenAI endpoint, all on the fake."""
     return {
         "providers": {
             "openai": {"base_url": f"{base}/v1"},
             "backup": {"base_url": f"{base}/v1"},
             "anthropic": {"base_url": f"{base}/v1"},
             "ant-backup": {"base_url": f"{base}/v1", "auth": "x-api-key", "api": "anthropic"},
+            "gemini": {"base_url": f"{base}/v1beta/openai"},
         },
         "virtual_keys": {VK: {"name": "failover", **key}},
     }
@@ -1149,3 +1151,25 @@ async def test_an_anthropic_key_out_of_credit_answering_400_is_passed_over_like_
     assert response.status == 400
     assert (await response.json())["error"]["message"] == LOW_CREDIT
     assert keys_seen(fake) == [ANT_PRIMARY]
+
+
+async def test_a_gemini_pool_key_google_calls_not_valid_rests_like_a_401(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Google answers a revoked or expired API key with 400 INVALID_ARGUMENT ("API key not
+    valid", reason API_KEY_INVALID), not 401: in a pool that key rests as a refused one does,
+    and the pool's other key answers; any other 400 goes to the client as it came."""
+    gateway = await failover_gateway(
+        {"provider": "gemini", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    fake.faults[POOL[0]] = Fault(400, message="API key not valid. Please pass a valid API key.")
+    gemini = {**CHAT, "model": "gemini-2.5-flash"}
+    for _ in range(4):
+        response = await gateway.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+        assert response.status == 200, await response.text()
+    assert keys_seen(fake).count(POOL[0]) == 1  # then it rests
+    fake.requests.clear()
+    fake.faults[POOL[1]] = Fault(400)  # a request's own fault: the same everywhere
+    response = await gateway.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+    assert response.status == 400
+    assert keys_seen(fake) == [POOL[1]]
