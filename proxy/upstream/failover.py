@@ -112,6 +112,8 @@ OUT_OF_CREDIT = 402
 # Refusals of a key some providers answer 400, not 401 or 402 (`refused_as`): Anthropic's
 # account out of credit, Google's API key not valid (revoked, expired, deleted).
 LOW_CREDIT = b"credit balance is too low"
+# OpenAI's 429 for a key whose account quota is spent: its Retry-After is no promise.
+SPENT_QUOTA = "insufficient_quota"
 GOOGLE_KEY_INVALID = (b"API_KEY_INVALID", b"API key not valid", b"API key expired")
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
@@ -492,6 +494,11 @@ class Failover:
                     walk.kept = kept
                 pool.ended(credential)
                 asked = _asked_wait(reply.headers)
+                if status == 429 and (
+                    (stood_for is not None and stood_for[0] == SPENT_QUOTA)
+                    or (stood_for is None and walk.kept is not None and is_spent(walk.kept))
+                ):
+                    status = OUT_OF_CREDIT  # the account's quota, not a rate: as a 402
                 if status in KEY_REFUSED or status == OUT_OF_CREDIT:
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
                     tried.add(credential.label)
@@ -790,6 +797,30 @@ def _seconds(text: str | None) -> float | None:
     return seconds if 0.0 <= seconds < math.inf else None
 
 
+def _decoded(answer: StoredAnswer) -> bytes | None:
+    """A kept answer's body as the provider coded it (the SDKs ask for gzip, br, zstd),
+    decoded; None when it does not decode."""
+    try:
+        coding = answer.headers.get("content-encoding", "")
+        return decode_body(answer.body, coding, KEPT_ANSWER_BYTES)
+    except GatewayError:
+        return None
+
+
+def is_spent(answer: StoredAnswer) -> bool:
+    """A 429 whose error's code is OpenAI's `insufficient_quota` (the key's account quota
+    spent, till its plan or billing changes), not a rate limit of the moment."""
+    body = _decoded(answer)
+    if body is None or SPENT_QUOTA.encode() not in body:
+        return False
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    return isinstance(error, dict) and SPENT_QUOTA in (error.get("code"), error.get("type"))
+
+
 def _refuses_keys_with_400(target: Target) -> bool:
     """Whether the target's provider answers some refusals of a key with 400 (`refused_as`)."""
     provider = target.provider
@@ -805,10 +836,8 @@ def refused_as(answer: StoredAnswer) -> int | None:
     Anthropic's account out of credit ("Your credit balance is too low to access the
     Anthropic API"), 401 for Google's key not valid (INVALID_ARGUMENT, reason
     API_KEY_INVALID); None for any other 400."""
-    body = answer.body
-    try:  # as the provider coded it (the Anthropic SDK asks for gzip, br, zstd)
-        body = decode_body(body, answer.headers.get("content-encoding", ""), KEPT_ANSWER_BYTES)
-    except GatewayError:
+    body = _decoded(answer)
+    if body is None:
         return None
     if LOW_CREDIT in body:
         status = OUT_OF_CREDIT

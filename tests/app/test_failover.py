@@ -1173,3 +1173,33 @@ async def test_a_gemini_pool_key_google_calls_not_valid_rests_like_a_401(
     response = await gateway.post("/v1/chat/completions", json=gemini, headers=auth(VK))
     assert response.status == 400
     assert keys_seen(fake) == [POOL[1]]
+
+
+async def test_an_openai_key_whose_quota_is_spent_rests_like_a_402_and_is_not_retried(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """OpenAI's 429 insufficient_quota is the account out of credit, not a rate of the
+    moment: its Retry-After is no promise. The key rests as after a 402 (five minutes), and
+    RETRY_ATTEMPTS does not ask it again."""
+    spent = Fault(429, code="insufficient_quota")  # the fake's 429s say Retry-After: 7
+    pooled = await failover_gateway(
+        {"provider": "openai", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    clock = waits_on_a_clock(pooled)
+    fake.faults[POOL[0]] = spent
+    for _ in range(3):
+        response = await pooled.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    clock.advance(60)  # past its Retry-After, within a refused key's rest
+    for _ in range(3):
+        response = await pooled.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    assert keys_seen(fake).count(POOL[0]) == 1
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="2")
+    waits_on_a_clock(alone)
+    fake.faults[PRIMARY] = spent
+    response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 429
+    assert (await response.json())["error"]["code"] == "insufficient_quota"
+    assert keys_seen(fake) == [PRIMARY]  # asked once: its quota comes back no sooner

@@ -320,8 +320,8 @@ class Fault:
     `in_answer`: a 200 JSON answer carrying the error instead, as OpenRouter answers a request
     not streamed that failed after its 200: a newline first (its keep-alive padding), then
     a body whose top-level `error` has the status as its `code`.
-    `code`: an OpenAI error's type and code in a stream, instead of the status's own (a 429's
-    `insufficient_quota`: a key whose quota is spent).
+    `code`: an OpenAI error's type and code, in a stream or an error answer, instead of the
+    status's own (a 429's `insufficient_quota`: a key whose quota is spent).
     `message`: the error's message instead of "fake provider error <status>" (Anthropic's 400
     for an account out of credit: "Your credit balance is too low ...").
     """
@@ -490,7 +490,12 @@ async def answer(
                 request, [b"\n", answer_error(fault.status)], content_type="application/json"
             )
         return await reply_error(
-            request, fault.status, fault.headers, not fault.is_unsized, message=fault.message
+            request,
+            fault.status,
+            fault.headers,
+            not fault.is_unsized,
+            message=fault.message,
+            code=fault.code,
         )
     if knobs.think_seconds:
         async with watching(request):
@@ -878,6 +883,7 @@ async def reply_error(
     is_sized: bool = True,
     under: int | None = None,
     message: str = "",
+    code: str = "",
 ) -> web.StreamResponse:
     """The provider's own error body and headers for this status (chunked unless `is_sized`),
     sent with the status `under` when given; `message`: the error's, instead of the fake's."""
@@ -897,10 +903,14 @@ async def reply_error(
         google = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(status)}
         body = [{"error": google}]
     else:
-        kind, code = OPENAI_ERRORS.get(
-            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        kind, named = (
+            (code, code)
+            if code
+            else OPENAI_ERRORS.get(
+                status, ("server_error" if status >= 500 else "invalid_request_error", None)
+            )
         )
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": kind, "param": None, "code": named}}
     headers = {}
     if status == 429 or status >= 500:
         headers["retry-after"] = "7"
