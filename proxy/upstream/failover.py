@@ -475,6 +475,7 @@ class Failover:
                 ):
                     walk.serving = pool, credential
                     return reply
+                answer: StoredAnswer | None = None  # this attempt's, read whole
                 try:
                     kept = (
                         await self._keep(reply, target)
@@ -491,12 +492,14 @@ class Failover:
                     if kept is None:
                         walk.serving = pool, credential
                         return reply  # cannot be kept whole: it goes on as it is
-                    walk.kept = kept
+                    walk.kept = answer = kept
                 pool.ended(credential)
                 asked = _asked_wait(reply.headers)
+                if asked is None and status == 429 and stood_for is None and answer is not None:
+                    asked = google_retry_delay(answer)  # Gemini's 429 says it in its body
                 if status == 429 and (
                     (stood_for is not None and stood_for[0] == SPENT_QUOTA)
-                    or (stood_for is None and walk.kept is not None and is_spent(walk.kept))
+                    or (stood_for is None and answer is not None and is_spent(answer))
                 ):
                     status = OUT_OF_CREDIT  # the account's quota, not a rate: as a 402
                 if status in KEY_REFUSED or status == OUT_OF_CREDIT:
@@ -819,6 +822,27 @@ def is_spent(answer: StoredAnswer) -> bool:
         return False
     error = document.get("error") if isinstance(document, dict) else None
     return isinstance(error, dict) and SPENT_QUOTA in (error.get("code"), error.get("type"))
+
+
+def google_retry_delay(answer: StoredAnswer) -> float | None:
+    """The wait a Google error asks for in its body (a `google.rpc.RetryInfo` detail's
+    `retryDelay`, "52s"), as Gemini's 429s do with no Retry-After; None when it asks none."""
+    body = _decoded(answer)
+    if body is None or b"retryDelay" not in body:
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, list) and document:  # Gemini's OpenAI endpoint: a list of one
+        document = document[0]
+    error = document.get("error") if isinstance(document, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            return _seconds(delay[:-1])
+    return None
 
 
 def _refuses_keys_with_400(target: Target) -> bool:

@@ -1203,3 +1203,30 @@ async def test_an_openai_key_whose_quota_is_spent_rests_like_a_402_and_is_not_re
     assert response.status == 429
     assert (await response.json())["error"]["code"] == "insufficient_quota"
     assert keys_seen(fake) == [PRIMARY]  # asked once: its quota comes back no sooner
+
+
+async def test_a_gemini_key_rests_for_the_retry_delay_google_puts_in_its_429s_body(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Gemini says how long to wait in its 429's body (a RetryInfo detail, `retryDelay`),
+    with no Retry-After header: the key rests that long, not the 30 s of a 429 silent on it."""
+    pooled = await failover_gateway(
+        {"provider": "gemini", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    clock = waits_on_a_clock(pooled)
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": ""}, retry_delay="52s")
+    gemini = {**CHAT, "model": "gemini-2.5-flash"}
+
+    async def asked_first_key(times: int) -> int:
+        fake.requests.clear()
+        for _ in range(times):
+            response = await pooled.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+            assert response.status == 200
+        return keys_seen(fake).count(POOL[0])
+
+    assert await asked_first_key(3) == 1
+    clock.advance(40)  # past a silent 429's 30 s, within the 52 s asked
+    assert await asked_first_key(3) == 0
+    clock.advance(15)
+    del fake.faults[POOL[0]]
+    assert await asked_first_key(4) >= 1

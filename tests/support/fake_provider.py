@@ -324,6 +324,8 @@ class Fault:
     status's own (a 429's `insufficient_quota`: a key whose quota is spent).
     `message`: the error's message instead of "fake provider error <status>" (Anthropic's 400
     for an account out of credit: "Your credit balance is too low ...").
+    `retry_delay`: Google's error carries a RetryInfo detail with this `retryDelay` ("52s"),
+    as Gemini's 429s do in place of a Retry-After header.
     """
 
     status: int
@@ -335,6 +337,7 @@ class Fault:
     in_answer: bool = False
     code: str = ""
     message: str = ""
+    retry_delay: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -496,6 +499,7 @@ async def answer(
             not fault.is_unsized,
             message=fault.message,
             code=fault.code,
+            retry_delay=fault.retry_delay,
         )
     if knobs.think_seconds:
         async with watching(request):
@@ -884,6 +888,7 @@ async def reply_error(
     under: int | None = None,
     message: str = "",
     code: str = "",
+    retry_delay: str = "",
 ) -> web.StreamResponse:
     """The provider's own error body and headers for this status (chunked unless `is_sized`),
     sent with the status `under` when given; `message`: the error's, instead of the fake's."""
@@ -901,6 +906,9 @@ async def reply_error(
         }
     elif request.path.startswith(GEMINI_OPENAI + "/"):
         google = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(status)}
+        if retry_delay:
+            info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}
+            google["details"] = [info]
         body = [{"error": google}]
     else:
         kind, named = (
