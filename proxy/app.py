@@ -542,5 +542,6 @@ async def _metrics(request: web.Request) -> web.Response:
             401, "invalid_metrics_token", "/metrics needs 'Authorization: Bearer <METRICS_TOKEN>'."
         )
         return errors.render(error, request.path)
+    request.app[FAILOVER].breakers.cool()  # the breaker-state gauge: cooldowns that ended
     body, content_type = request.app[METRICS].render(request.headers.get("accept", ""))
     return web.Response(body=body, headers={"content-type": content_type})

@@ -4,7 +4,7 @@ Provider health is read from traffic, never from probes (a probe would spend the
 real keys): it is the state of each target's circuit breaker (`breaker.py`), which the
 attempt loop feeds with every attempt's outcome (and, with PROBE_INTERVAL_SECONDS, a probe
 that generates nothing: `upstream/probes.py`). A provider is healthy while none of its
-targets' breakers is open. `/health` lists the providers (keys, healthy, last error) and
+targets' breakers is open (one past its cooldown is half-open, read or not). `/health` lists the providers (keys, healthy, last error) and
 the targets (breaker state, and each key's measured time to first byte and requests in
 flight, by its label: `members`).
 
@@ -71,6 +71,7 @@ class Health:
 
     def report(self) -> dict[str, object]:
         """The /health body: status, uptime, providers, targets, the tracker."""
+        self._breakers.cool()  # a cooldown ends whether or not a request came since
         providers: dict[str, dict[str, object]] = {
             name: {"keys": count, "healthy": True, "last_error": None}
             for name, count in self._key_counts.items()

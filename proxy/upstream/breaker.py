@@ -15,8 +15,9 @@ turn back). With PROBE_INTERVAL_SECONDS, an open breaker also hears a probe that
 nothing (`probes.py`): its success closes the breaker before any client's request is the
 probe, its failure opens it for another cooldown. Breakers live in one process (each worker
 learns on its own), and are read by /health and the breaker-state metric. Only their own
-verbs change them: `admits`, `succeeded`, `failed`, `abstain`, `Breakers.report_broken`
-for a body cut short; `Breakers.keep_only` forgets those of targets a reload removed, and
+verbs change them: `admits`, `succeeded`, `failed`, `abstain`, `cool` (an open breaker
+past its cooldown half-open, for /health and the metric), `Breakers.report_broken` for a
+body cut short; `Breakers.keep_only` forgets those of targets a reload removed, and
 makes those of targets it added. What a request under way on a removed target learns after
 the reload goes to a breaker of its own, listed nowhere: it cannot bring the target back
 to /health (degraded until the next reload, when it opened).
@@ -100,12 +101,17 @@ class Breaker:
         """May an attempt go to this target now? Half-open admits exactly one probe."""
         if self.state == CLOSED:
             return True
-        if self.state == OPEN and now - self.opened_at >= self._policy.cooldown_seconds:
-            self._move(HALF_OPEN)
+        self.cool(now)
         if self.state == HALF_OPEN and not self.probing:
             self.probing = True
             return True
         return False
+
+    def cool(self, now: float) -> None:
+        """Open past its cooldown: half-open, its next request the probe (what `admits`
+        finds first, and what /health and the metric say of a target no request reached)."""
+        if self.state == OPEN and now - self.opened_at >= self._policy.cooldown_seconds:
+            self._move(HALF_OPEN)
 
     def succeeded(self, now: float) -> None:
         self.failures_in_a_row = self._held_in_row = 0
@@ -237,6 +243,13 @@ class Breakers:
         `admits`, takes no half-open probe)."""
         breaker = self._breakers.get(name)
         return breaker is None or breaker.state == CLOSED
+
+    def cool(self) -> None:
+        """Every open breaker past its cooldown half-open (before /health or a scrape reads
+        them: a fallback no request reaches would otherwise read open for ever)."""
+        now = self.clock()
+        for breaker in self._breakers.values():
+            breaker.cool(now)
 
     def not_closed(self) -> list[str]:
         """The targets whose breaker is open or half-open (what probes.py probes)."""

@@ -83,11 +83,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.encodings import content_coding
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
@@ -108,6 +109,12 @@ KEY_REFUSED = frozenset((401, 403))
 # insufficient balance), as OpenAI's 429 insufficient_quota is: another key or target may
 # have some. The key rests; never asked again within the request.
 OUT_OF_CREDIT = 402
+# Refusals of a key some providers answer 400, not 401 or 402 (`refused_as`): Anthropic's
+# account out of credit, Google's API key not valid (revoked, expired, deleted).
+LOW_CREDIT = b"credit balance is too low"
+# OpenAI's 429 for a key whose account quota is spent: its Retry-After is no promise.
+SPENT_QUOTA = "insufficient_quota"
+GOOGLE_KEY_INVALID = (b"API_KEY_INVALID", b"API key not valid", b"API key expired")
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
 # How long a pool key rests after a 429 without Retry-After, and after a 401/403 or 402.
@@ -436,6 +443,31 @@ class Failover:
                 status, stood_for = reply.status, walk.stood_for
                 if stood_for is not None:
                     status, walk.stood_for = stood_for[1], None
+                elif status == 400 and elsewhere and _refuses_keys_with_400(target):
+                    # A key's refusal some providers answer 400 (`refused_as`): read to tell.
+                    try:
+                        refusal = await self._keep(reply, target)
+                    except Failed as failed:  # its body broke off: nothing reached the client
+                        walk.failure = failed
+                        pool.ended(credential)
+                        tried.add(credential.label)
+                        continue
+                    except BaseException:  # the client left while it came
+                        reply.close()
+                        pool.ended(credential)
+                        raise
+                    if refusal is None:  # too large to keep: it goes on as it is
+                        walk.serving = pool, credential
+                        return reply
+                    as_status = refused_as(refusal)
+                    if as_status is None or (as_status in KEY_REFUSED and target.pool.size == 1):
+                        pool.ended(credential)
+                        return refusal  # a request's own 400 (or a lone key's 401): as it came
+                    walk.kept = refusal
+                    pool.ended(credential)
+                    target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
+                    tried.add(credential.label)
+                    continue
                 elif (
                     status not in RETRYABLE
                     and status != OUT_OF_CREDIT
@@ -443,6 +475,7 @@ class Failover:
                 ):
                     walk.serving = pool, credential
                     return reply
+                answer: StoredAnswer | None = None  # this attempt's, read whole
                 try:
                     kept = (
                         await self._keep(reply, target)
@@ -459,9 +492,16 @@ class Failover:
                     if kept is None:
                         walk.serving = pool, credential
                         return reply  # cannot be kept whole: it goes on as it is
-                    walk.kept = kept
+                    walk.kept = answer = kept
                 pool.ended(credential)
                 asked = _asked_wait(reply.headers)
+                if asked is None and status == 429 and stood_for is None and answer is not None:
+                    asked = google_retry_delay(answer)  # Gemini's 429 says it in its body
+                if status == 429 and (
+                    (stood_for is not None and stood_for[0] == SPENT_QUOTA)
+                    or (stood_for is None and answer is not None and is_spent(answer))
+                ):
+                    status = OUT_OF_CREDIT  # the account's quota, not a rate: as a 402
                 if status in KEY_REFUSED or status == OUT_OF_CREDIT:
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
                     tried.add(credential.label)
@@ -610,10 +650,12 @@ class Failover:
                     breaker.abstain()  # about a key, not the target
                 else:
                     breaker.failed(now(), stream_error or f"{status} from {where(target)}")
-            elif status in KEY_REFUSED or status == OUT_OF_CREDIT:
-                breaker.abstain()  # about a key, not the target
-            else:
+            elif status < 400:
                 breaker.succeeded(now())
+            else:  # a key refused (401, 403, 402) or a request refused (400, 404, 413, ...):
+                # about the key or the request, not the target; no success either (a
+                # half-open breaker's probe is given back, its failures in a row stand)
+                breaker.abstain()
             return reply
         ms = record.waited_upstream(asked)
         if pool is not None:  # its first byte: later still (a pool key's failure: as above)
@@ -756,6 +798,85 @@ def _seconds(text: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if 0.0 <= seconds < math.inf else None
+
+
+def _decoded(answer: StoredAnswer) -> bytes | None:
+    """A kept answer's body as the provider coded it (the SDKs ask for gzip, br, zstd),
+    decoded; None when it does not decode."""
+    try:
+        coding = answer.headers.get("content-encoding", "")
+        return decode_body(answer.body, coding, KEPT_ANSWER_BYTES)
+    except GatewayError:
+        return None
+
+
+def is_spent(answer: StoredAnswer) -> bool:
+    """A 429 whose error's code is OpenAI's `insufficient_quota` (the key's account quota
+    spent, till its plan or billing changes), not a rate limit of the moment."""
+    body = _decoded(answer)
+    if body is None or SPENT_QUOTA.encode() not in body:
+        return False
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    return isinstance(error, dict) and SPENT_QUOTA in (error.get("code"), error.get("type"))
+
+
+def google_retry_delay(answer: StoredAnswer) -> float | None:
+    """The wait a Google error asks for in its body (a `google.rpc.RetryInfo` detail's
+    `retryDelay`, "52s"), as Gemini's 429s do with no Retry-After; None when it asks none."""
+    body = _decoded(answer)
+    if body is None or b"retryDelay" not in body:
+        return None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, list) and document:  # Gemini's OpenAI endpoint: a list of one
+        document = document[0]
+    error = document.get("error") if isinstance(document, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            return _seconds(delay[:-1])
+    return None
+
+
+def _refuses_keys_with_400(target: Target) -> bool:
+    """Whether the target's provider answers some refusals of a key with 400 (`refused_as`)."""
+    provider = target.provider
+    return (
+        provider.api == "anthropic"
+        or provider.name == "gemini"
+        or provider.auth == "x-goog-api-key"
+    )
+
+
+def refused_as(answer: StoredAnswer) -> int | None:
+    """The status a 400 stands for when it refuses the key rather than the request: 402 for
+    Anthropic's account out of credit ("Your credit balance is too low to access the
+    Anthropic API"), 401 for Google's key not valid (INVALID_ARGUMENT, reason
+    API_KEY_INVALID); None for any other 400."""
+    body = _decoded(answer)
+    if body is None:
+        return None
+    if LOW_CREDIT in body:
+        status = OUT_OF_CREDIT
+    elif any(words in body for words in GOOGLE_KEY_INVALID):
+        status = 401
+    else:
+        return None
+    try:  # an error answer (Google's OpenAI endpoint: a list of one), not other words
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, list) and document:
+        document = document[0]
+    is_error = isinstance(document, dict) and isinstance(document.get("error"), dict)
+    return status if is_error else None
 
 
 def where(target: Target) -> str:

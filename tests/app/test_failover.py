@@ -48,13 +48,15 @@ ANT_BACKUP = "sk-ant-backup-4444444444"
 
 
 def document(base: str, **key: Any) -> dict[str, Any]:
-    """keys.json: openai and a second OpenAI-speaking provider 'backup' on the fake."""
+    """keys.json: openai, a second OpenAI-speaking provider 'backup', anthropic, an
+    Anthropic-speaking 'ant-backup' and gemini's OpenAI endpoint, all on the fake."""
     return {
         "providers": {
             "openai": {"base_url": f"{base}/v1"},
             "backup": {"base_url": f"{base}/v1"},
             "anthropic": {"base_url": f"{base}/v1"},
             "ant-backup": {"base_url": f"{base}/v1", "auth": "x-api-key", "api": "anthropic"},
+            "gemini": {"base_url": f"{base}/v1beta/openai"},
         },
         "virtual_keys": {VK: {"name": "failover", **key}},
     }
@@ -177,6 +179,79 @@ async def test_a_half_open_breaker_whose_keys_all_rest_lets_the_next_request_pro
     assert await served_by() in ([POOL[0]], [POOL[1]])  # the probe, and its success
     health = await (await gateway.get("/health")).json()
     assert health["targets"]["openai"]["state"] == "closed"
+
+
+async def test_a_client_error_neither_closes_a_half_open_breaker_nor_resets_its_failures(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A provider's edge answers a request it refuses (context too long, unknown model)
+    # while its generation is down: that 400 says nothing of the target, as a probe's
+    # 4xx says nothing (test_probes), so it is no success either.
+    gateway = await failover_gateway(WITH_FALLBACK, QUOTA_ENABLED="false")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+
+    async def status(fault: Fault) -> int:
+        fake.faults[PRIMARY] = fault
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        await response.read()
+        return response.status
+
+    async def state() -> str:
+        health = await (await gateway.get("/health")).json()
+        return str(health["targets"]["openai"]["state"])
+
+    # Failures in a row, a client's 400 between them: the third failure opens it.
+    assert [await status(Fault(s)) for s in (503, 503, 400, 503)] == [200, 200, 400, 200]
+    assert await state() == "open"
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: the next request is the probe
+    assert await status(Fault(400)) == 400  # the probe's answer is about the request
+    assert await state() != "closed"
+    fake.requests.clear()
+    assert await status(Fault(503)) == 200  # the next request probes: still down
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    assert await state() == "open"
+
+
+async def test_an_open_breaker_whose_cooldown_passed_is_no_longer_reported_open(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    # A fallback failed once and the primary serves again: no request goes to the fallback,
+    # yet its cooldown ends all the same, and /health and the metric say so.
+    key = {
+        "provider": "openai",
+        "api_key": PRIMARY,
+        "fallbacks": [{"provider": "backup", "api_key": BACKUP}],
+    }
+    gateway = await failover_gateway(key, QUOTA_ENABLED="false", BREAKER_FAILURES="1")
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+    fake.faults[PRIMARY] = fake.faults[BACKUP] = Fault(503)
+    response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 503
+    fake.faults.clear()
+
+    async def seen() -> tuple[str, bool, str, str]:
+        health = await (await gateway.get("/health")).json()
+        metrics = await (await gateway.get("/metrics")).text()
+        line = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('llm_gateway_breaker_state{target="backup"}')
+        )
+        state = health["targets"]["backup"]["state"]
+        return state, health["providers"]["backup"]["healthy"], health["status"], line
+
+    assert await seen() == (
+        "open", False, "degraded", 'llm_gateway_breaker_state{target="backup"} 2.0'
+    )  # fmt: skip
+    clock.advance(30)  # BREAKER_COOLDOWN_SECONDS: the primary gets both requests meanwhile
+    fake.requests.clear()
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(VK))).status == 200
+    assert keys_seen(fake) == [PRIMARY]
+    assert await seen() == (
+        "half_open", True, "healthy", 'llm_gateway_breaker_state{target="backup"} 1.0'
+    )  # fmt: skip
 
 
 async def test_a_fallback_fires_on_a_stream_and_the_sdk_sees_one_clean_stream(
@@ -1020,3 +1095,138 @@ async def test_a_key_out_of_credit_rests_and_its_fallback_or_pools_next_key_answ
     response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
     assert response.status == 402
     assert keys_seen(fake) == [PRIMARY]
+
+
+LOW_CREDIT = (
+    "Your credit balance is too low to access the Anthropic API. "
+    "Please go to Plans & Billing to upgrade or purchase credits."
+)
+
+
+async def test_an_anthropic_key_out_of_credit_answering_400_is_passed_over_like_a_402(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Anthropic answers an account out of credit with 400 invalid_request_error "Your credit
+    balance is too low", not its 402 billing_error: the pool's next key or the fallback
+    answers all the same; any other 400 still goes to the client as it came, and with
+    nowhere else to go this one too."""
+    key = {
+        "provider": "anthropic",
+        "api_key": ANT_PRIMARY,
+        "fallbacks": [{"provider": "ant-backup", "api_key": ANT_BACKUP}],
+    }
+    gateway = await failover_gateway(key)
+    fake.faults[ANT_PRIMARY] = Fault(400, message=LOW_CREDIT)
+    client = anthropic.AsyncAnthropic(api_key=VK, base_url=str(gateway.make_url("")), max_retries=0)
+    answer = await client.messages.create(**MESSAGES)
+    assert answer.content
+    assert keys_seen(fake) == [ANT_PRIMARY, ANT_BACKUP]
+    (line,) = await records(1)
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("anthropic", 400),
+        ("ant-backup", 200),
+    ]
+    fake.requests.clear()
+    fake.faults[ANT_PRIMARY] = Fault(400)  # a request's own fault: the same everywhere
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(**MESSAGES)
+    assert refused.value.body["error"]["message"] == "fake provider error 400"  # type: ignore[index]
+    assert keys_seen(fake) == [ANT_PRIMARY]
+
+    fake.requests.clear()
+    pooled = await failover_gateway(
+        {"provider": "anthropic", "api_keys": [{"api_key": k} for k in (ANT_PRIMARY, ANT_BACKUP)]}
+    )
+    fake.faults[ANT_PRIMARY] = Fault(400, message=LOW_CREDIT)
+    for _ in range(3):
+        response = await pooled.post("/v1/messages", json=MESSAGES, headers=auth(VK))
+        assert response.status == 200, await response.text()
+    assert keys_seen(fake).count(ANT_PRIMARY) == 1  # then it rests
+
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "anthropic", "api_key": ANT_PRIMARY})
+    response = await alone.post("/v1/messages", json=MESSAGES, headers=auth(VK))
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == LOW_CREDIT
+    assert keys_seen(fake) == [ANT_PRIMARY]
+
+
+async def test_a_gemini_pool_key_google_calls_not_valid_rests_like_a_401(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Google answers a revoked or expired API key with 400 INVALID_ARGUMENT ("API key not
+    valid", reason API_KEY_INVALID), not 401: in a pool that key rests as a refused one does,
+    and the pool's other key answers; any other 400 goes to the client as it came."""
+    gateway = await failover_gateway(
+        {"provider": "gemini", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    fake.faults[POOL[0]] = Fault(400, message="API key not valid. Please pass a valid API key.")
+    gemini = {**CHAT, "model": "gemini-2.5-flash"}
+    for _ in range(4):
+        response = await gateway.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+        assert response.status == 200, await response.text()
+    assert keys_seen(fake).count(POOL[0]) == 1  # then it rests
+    fake.requests.clear()
+    fake.faults[POOL[1]] = Fault(400)  # a request's own fault: the same everywhere
+    response = await gateway.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+    assert response.status == 400
+    assert keys_seen(fake) == [POOL[1]]
+
+
+async def test_an_openai_key_whose_quota_is_spent_rests_like_a_402_and_is_not_retried(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """OpenAI's 429 insufficient_quota is the account out of credit, not a rate of the
+    moment: its Retry-After is no promise. The key rests as after a 402 (five minutes), and
+    RETRY_ATTEMPTS does not ask it again."""
+    spent = Fault(429, code="insufficient_quota")  # the fake's 429s say Retry-After: 7
+    pooled = await failover_gateway(
+        {"provider": "openai", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    clock = waits_on_a_clock(pooled)
+    fake.faults[POOL[0]] = spent
+    for _ in range(3):
+        response = await pooled.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    clock.advance(60)  # past its Retry-After, within a refused key's rest
+    for _ in range(3):
+        response = await pooled.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+        assert response.status == 200
+    assert keys_seen(fake).count(POOL[0]) == 1
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "openai", "api_key": PRIMARY}, RETRY_ATTEMPTS="2")
+    waits_on_a_clock(alone)
+    fake.faults[PRIMARY] = spent
+    response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == 429
+    assert (await response.json())["error"]["code"] == "insufficient_quota"
+    assert keys_seen(fake) == [PRIMARY]  # asked once: its quota comes back no sooner
+
+
+async def test_a_gemini_key_rests_for_the_retry_delay_google_puts_in_its_429s_body(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Gemini says how long to wait in its 429's body (a RetryInfo detail, `retryDelay`),
+    with no Retry-After header: the key rests that long, not the 30 s of a 429 silent on it."""
+    pooled = await failover_gateway(
+        {"provider": "gemini", "api_keys": [{"api_key": key} for key in POOL[:2]]}
+    )
+    clock = waits_on_a_clock(pooled)
+    fake.faults[POOL[0]] = Fault(429, {"retry-after": ""}, retry_delay="52s")
+    gemini = {**CHAT, "model": "gemini-2.5-flash"}
+
+    async def asked_first_key(times: int) -> int:
+        fake.requests.clear()
+        for _ in range(times):
+            response = await pooled.post("/v1/chat/completions", json=gemini, headers=auth(VK))
+            assert response.status == 200
+        return keys_seen(fake).count(POOL[0])
+
+    assert await asked_first_key(3) == 1
+    clock.advance(40)  # past a silent 429's 30 s, within the 52 s asked
+    assert await asked_first_key(3) == 0
+    clock.advance(15)
+    del fake.faults[POOL[0]]
+    assert await asked_first_key(4) >= 1

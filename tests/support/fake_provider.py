@@ -323,8 +323,12 @@ class Fault:
     `in_answer`: a 200 JSON answer carrying the error instead, as OpenRouter answers a request
     not streamed that failed after its 200: a newline first (its keep-alive padding), then
     a body whose top-level `error` has the status as its `code`.
-    `code`: an OpenAI error's type and code in a stream, instead of the status's own (a 429's
-    `insufficient_quota`: a key whose quota is spent).
+    `code`: an OpenAI error's type and code, in a stream or an error answer, instead of the
+    status's own (a 429's `insufficient_quota`: a key whose quota is spent).
+    `message`: the error's message instead of "fake provider error <status>" (Anthropic's 400
+    for an account out of credit: "Your credit balance is too low ...").
+    `retry_delay`: Google's error carries a RetryInfo detail with this `retryDelay` ("52s"),
+    as Gemini's 429s do in place of a Retry-After header.
     """
 
     status: int
@@ -335,6 +339,8 @@ class Fault:
     in_stream: str = ""
     in_answer: bool = False
     code: str = ""
+    message: str = ""
+    retry_delay: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -489,7 +495,15 @@ async def answer(
             return await send(
                 request, [b"\n", answer_error(fault.status)], content_type="application/json"
             )
-        return await reply_error(request, fault.status, fault.headers, not fault.is_unsized)
+        return await reply_error(
+            request,
+            fault.status,
+            fault.headers,
+            not fault.is_unsized,
+            message=fault.message,
+            code=fault.code,
+            retry_delay=fault.retry_delay,
+        )
     if knobs.think_seconds:
         async with watching(request):
             await pause(request, knobs.think_seconds)
@@ -875,10 +889,13 @@ async def reply_error(
     extra: Mapping[str, str] | None = None,
     is_sized: bool = True,
     under: int | None = None,
+    message: str = "",
+    code: str = "",
+    retry_delay: str = "",
 ) -> web.StreamResponse:
     """The provider's own error body and headers for this status (chunked unless `is_sized`),
-    sent with the status `under` when given."""
-    message = f"fake provider error {status}"
+    sent with the status `under` when given; `message`: the error's, instead of the fake's."""
+    message = message or f"fake provider error {status}"
     if request.headers.get("x-fake-reflect") == "body":
         message += f": credentials received {reflected(request.headers)}"
     if is_anthropic(request):
@@ -892,12 +909,19 @@ async def reply_error(
         }
     elif request.path.startswith(GEMINI_OPENAI + "/"):
         google = {"code": status, "message": message, "status": GOOGLE_STATUSES.get(status)}
+        if retry_delay:
+            info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}
+            google["details"] = [info]
         body = [{"error": google}]
     else:
-        kind, code = OPENAI_ERRORS.get(
-            status, ("server_error" if status >= 500 else "invalid_request_error", None)
+        kind, named = (
+            (code, code)
+            if code
+            else OPENAI_ERRORS.get(
+                status, ("server_error" if status >= 500 else "invalid_request_error", None)
+            )
         )
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": kind, "param": None, "code": named}}
     headers = {}
     if status == 429 or status >= 500:
         headers["retry-after"] = "7"
