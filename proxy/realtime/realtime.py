@@ -62,6 +62,7 @@ from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
+from proxy.upstream.described import described, where
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import (
     KEY_REFUSED,
@@ -69,8 +70,6 @@ from proxy.upstream.failover import (
     RATE_LIMITED_REST_SECONDS,
     REFUSED_KEY_REST_SECONDS,
     RETRYABLE,
-    described,
-    where,
 )
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url

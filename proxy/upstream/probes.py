@@ -41,7 +41,8 @@ import aiohttp
 from yarl import URL
 
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.failover import RETRYABLE, described, where
+from proxy.upstream.described import described, where
+from proxy.upstream.failover import RETRYABLE
 from proxy.upstream.providers import upstream_url
 from proxy.upstream.targets import Credential, Target
 from proxy.upstream.wire import Wire

@@ -1,4 +1,4 @@
-"""What a failed attempt says of its cause (`failover.described`): the 502's message, the log
+"""What a failed attempt says of its cause (`described.described`): the 502's message, the log
 line's error, /health's last_error. The errors are the wire's own (aiohttp's types)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 import aiohttp
 from aiohttp.client_reqrep import ConnectionKey
 
-from proxy.upstream.failover import described
+from proxy.upstream.described import described
 
 KEY = ConnectionKey("llm.corp.internal", 443, True, True, None, None, None)
 
