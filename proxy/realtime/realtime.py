@@ -66,13 +66,13 @@ from proxy.upstream.described import described, where
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import (
     KEY_REFUSED,
-    OUT_OF_CREDIT,
     RATE_LIMITED_REST_SECONDS,
     REFUSED_KEY_REST_SECONDS,
     RETRYABLE,
 )
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
+from proxy.upstream.refusals import OUT_OF_CREDIT
 from proxy.upstream.targets import Credential, Target, affinity_of
 from proxy.usage.realtime_events import socket_usage
 

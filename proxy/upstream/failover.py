@@ -71,7 +71,6 @@ unread (`wire.HIGH_WATER`). A larger one goes to the client as it is, none of it
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import math
 import random
 import time
@@ -81,18 +80,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.encodings import content_coding, decode_body
+from proxy.encodings import content_coding
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
 from proxy.upstream.described import described, where
 from proxy.upstream.first_event import MORE, Reader, decoded, reader
 from proxy.upstream.outbound import Outbound, build
+from proxy.upstream.refusals import (
+    OUT_OF_CREDIT,
+    SPENT_QUOTA,
+    asked_wait,
+    google_retry_delay,
+    is_spent,
+    refused_as,
+    refuses_keys_with_400,
+)
 from proxy.upstream.signing import SigningFailed
 from proxy.upstream.targets import WEIGHTED, Credential, Plan, Pool, Target, affinity_of
 from proxy.upstream.wire import IDEMPOTENT, Wire
@@ -104,16 +111,6 @@ OnAttempt = Callable[[str, URL, CIMultiDict[str], str, str | None], None]
 
 RETRYABLE = frozenset((408, 429, 500, 502, 503, 504, 529))
 KEY_REFUSED = frozenset((401, 403))
-# A key's account out of credit (Anthropic's billing_error, OpenRouter's and DeepSeek's
-# insufficient balance), as OpenAI's 429 insufficient_quota is: another key or target may
-# have some. The key rests; never asked again within the request.
-OUT_OF_CREDIT = 402
-# Refusals of a key some providers answer 400, not 401 or 402 (`refused_as`): Anthropic's
-# account out of credit, Google's API key not valid (revoked, expired, deleted).
-LOW_CREDIT = b"credit balance is too low"
-# OpenAI's 429 for a key whose account quota is spent: its Retry-After is no promise.
-SPENT_QUOTA = "insufficient_quota"
-GOOGLE_KEY_INVALID = (b"API_KEY_INVALID", b"API key not valid", b"API key expired")
 KEPT_ANSWER_BYTES = 1 << 20
 BACKOFF_BASE_SECONDS = 0.5
 # How long a pool key rests after a 429 without Retry-After, and after a 401/403 or 402.
@@ -442,7 +439,7 @@ class Failover:
                 status, stood_for = reply.status, walk.stood_for
                 if stood_for is not None:
                     status, walk.stood_for = stood_for[1], None
-                elif status == 400 and elsewhere and _refuses_keys_with_400(target):
+                elif status == 400 and elsewhere and refuses_keys_with_400(target):
                     # A key's refusal some providers answer 400 (`refused_as`): read to tell.
                     try:
                         refusal = await self._keep(reply, target)
@@ -493,7 +490,7 @@ class Failover:
                         return reply  # cannot be kept whole: it goes on as it is
                     walk.kept = answer = kept
                 pool.ended(credential)
-                asked = _asked_wait(reply.headers)
+                asked = asked_wait(reply.headers)
                 if asked is None and status == 429 and stood_for is None and answer is not None:
                     asked = google_retry_delay(answer)  # Gemini's 429 says it in its body
                 if status == 429 and (
@@ -768,111 +765,3 @@ async def _keep_stream(reply: WireReply, timeout: float) -> StoredAnswer:
     body = content.at_hand()
     reply.close()
     return StoredAnswer(reply, body)
-
-
-def _asked_wait(headers: CIMultiDictProxy[str]) -> float | None:
-    """The wait the provider asked for, in seconds; None when it asked nothing (or nothing
-    that is a wait: negative, NaN, infinite, not a number)."""
-    asked_ms = _seconds(headers.get("retry-after-ms"))
-    if asked_ms is not None:
-        return asked_ms / 1000.0
-    asked = headers.get("retry-after")
-    if asked is None:
-        return None
-    if (seconds := _seconds(asked)) is not None:
-        return seconds
-    try:
-        when = email.utils.parsedate_to_datetime(asked).timestamp()
-    except (TypeError, ValueError, OverflowError):  # a year past C's long: no date either
-        return None
-    return max(0.0, when - time.time())
-
-
-def _seconds(text: str | None) -> float | None:
-    """A number of seconds (or ms) as a header says it; None unless finite and not negative."""
-    if text is None:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        return None
-    return seconds if 0.0 <= seconds < math.inf else None
-
-
-def _decoded(answer: StoredAnswer) -> bytes | None:
-    """A kept answer's body as the provider coded it (the SDKs ask for gzip, br, zstd),
-    decoded; None when it does not decode."""
-    try:
-        coding = answer.headers.get("content-encoding", "")
-        return decode_body(answer.body, coding, KEPT_ANSWER_BYTES)
-    except GatewayError:
-        return None
-
-
-def is_spent(answer: StoredAnswer) -> bool:
-    """A 429 whose error's code is OpenAI's `insufficient_quota` (the key's account quota
-    spent, till its plan or billing changes), not a rate limit of the moment."""
-    body = _decoded(answer)
-    if body is None or SPENT_QUOTA.encode() not in body:
-        return False
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    error = document.get("error") if isinstance(document, dict) else None
-    return isinstance(error, dict) and SPENT_QUOTA in (error.get("code"), error.get("type"))
-
-
-def google_retry_delay(answer: StoredAnswer) -> float | None:
-    """The wait a Google error asks for in its body (a `google.rpc.RetryInfo` detail's
-    `retryDelay`, "52s"), as Gemini's 429s do with no Retry-After; None when it asks none."""
-    body = _decoded(answer)
-    if body is None or b"retryDelay" not in body:
-        return None
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(document, list) and document:  # Gemini's OpenAI endpoint: a list of one
-        document = document[0]
-    error = document.get("error") if isinstance(document, dict) else None
-    details = error.get("details") if isinstance(error, dict) else None
-    for detail in details if isinstance(details, list) else ():
-        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
-        if isinstance(delay, str) and delay.endswith("s"):
-            return _seconds(delay[:-1])
-    return None
-
-
-def _refuses_keys_with_400(target: Target) -> bool:
-    """Whether the target's provider answers some refusals of a key with 400 (`refused_as`)."""
-    provider = target.provider
-    return (
-        provider.api == "anthropic"
-        or provider.name == "gemini"
-        or provider.auth == "x-goog-api-key"
-    )
-
-
-def refused_as(answer: StoredAnswer) -> int | None:
-    """The status a 400 stands for when it refuses the key rather than the request: 402 for
-    Anthropic's account out of credit ("Your credit balance is too low to access the
-    Anthropic API"), 401 for Google's key not valid (INVALID_ARGUMENT, reason
-    API_KEY_INVALID); None for any other 400."""
-    body = _decoded(answer)
-    if body is None:
-        return None
-    if LOW_CREDIT in body:
-        status = OUT_OF_CREDIT
-    elif any(words in body for words in GOOGLE_KEY_INVALID):
-        status = 401
-    else:
-        return None
-    try:  # an error answer (Google's OpenAI endpoint: a list of one), not other words
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(document, list) and document:
-        document = document[0]
-    is_error = isinstance(document, dict) and isinstance(document.get("error"), dict)
-    return status if is_error else None
