@@ -157,14 +157,23 @@ async def test_a_key_revoked_midsession_gets_a_refusal_for_its_next_turn(
     await ws.close()
 
 
-async def test_a_key_over_its_quota_is_refused_at_the_upgrade(
+async def session_of_one_request(
     gateway_with_keys: Callable[..., Awaitable[TestClient]],
-) -> None:
+) -> tuple[TestClient, aiohttp.ClientWebSocketResponse]:
+    """A gateway whose key allows one request an hour, and a session of it whose first turn
+    took that one (completed): the next turn is over the quota."""
     limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
     limited["quota"] = {"requests": 1, "window_seconds": 3600}
     gateway = await gateway_with_keys({TURN_VK: limited})
     ws = await open_session(gateway, TURN_VK)
     assert (await turn(ws))[-1]["type"] == "response.completed"
+    return gateway, ws
+
+
+async def test_a_key_over_its_quota_is_refused_at_the_upgrade(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+) -> None:
+    gateway, ws = await session_of_one_request(gateway_with_keys)
     assert (await turn(ws))[-1]["status"] == 429  # the refusal the gateway now remembers
     await ws.close()
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -421,11 +430,7 @@ async def test_a_refused_turn_carries_its_headers_as_the_providers_error_events_
 ) -> None:
     # Codex reads a WebSocket error event's `headers` (its Retry-After) as it reads an HTTP
     # answer's: the gateway's 429 tells the same wait either way.
-    limited = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
-    limited["quota"] = {"requests": 1, "window_seconds": 3600}
-    gateway = await gateway_with_keys({TURN_VK: limited})
-    ws = await open_session(gateway, TURN_VK)
-    assert (await turn(ws))[-1]["type"] == "response.completed"
+    gateway, ws = await session_of_one_request(gateway_with_keys)
     [refused] = await turn(ws)
     assert refused["status"] == 429
     headers = refused["headers"]
