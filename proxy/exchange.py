@@ -295,6 +295,11 @@ class Entrance:
         record = exchange.record
         if record.outcome is Outcome.BROKEN and record.target is not None:
             self.breakers.report_broken(record.target, record.error or "broken", record.key)
+        elif record.failed_in_answer is not None and record.target is not None:
+            attempts = record.attempts
+            # A first event that stood for a status was heard by the attempt loop already.
+            if not attempts or attempts[-1].stood_for is None:
+                self.breakers.report_failed(record.target, record.error or "error event")
 
     def _observe(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange.record)
