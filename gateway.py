@@ -50,7 +50,7 @@ def main(argv: Sequence[str]) -> int:
         check_log_file(settings)
         prices = Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start
         check_redis(settings)
-        for warning in warnings(settings, key_ring, prices, os.environ):
+        for warning in warnings(settings, key_ring, prices, os.environ, argv):
             say(f"warning: {warning}")
         # Beside the listening line: stdout, or stderr when stdout is the interaction log's.
         status = sys.stdout if settings.log_to_file else sys.stderr
