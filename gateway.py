@@ -30,6 +30,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402
 from proxy.keys.fields import KeysFileError  # noqa: E402
+from proxy.observe.logfile import file_mode, open_for_append  # noqa: E402
 from proxy.runtime.check import check, warnings  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
 from proxy.runtime.start_line import start_line  # noqa: E402
@@ -50,7 +51,7 @@ def main(argv: Sequence[str]) -> int:
         check_log_file(settings)
         prices = Prices.load(settings.prices_file)  # a bad PRICES_FILE stops the start
         check_redis(settings)
-        for warning in warnings(settings, key_ring, prices, os.environ):
+        for warning in warnings(settings, key_ring, prices, os.environ, argv):
             say(f"warning: {warning}")
         # Beside the listening line: stdout, or stderr when stdout is the interaction log's.
         status = sys.stdout if settings.log_to_file else sys.stderr
@@ -87,8 +88,7 @@ def check_log_file(settings: Settings) -> None:
     if not settings.log_to_file:
         return
     try:
-        with open(settings.log_file_path, "ab"):
-            pass
+        os.close(open_for_append(settings.log_file_path, file_mode(settings.log_bodies)))
     except OSError as error:
         raise SettingError(
             f"LOG_FILE_PATH {settings.log_file_path} cannot be opened for appending: "

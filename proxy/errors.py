@@ -11,7 +11,8 @@ The failure map, by the step that raises (status, OpenAI code):
     route          400 invalid_path           `..`, encoded slashes, an absolute URL, a fragment,
                                               a control character
                    404 unknown_route          not a /v1 path nor a seed path
-                   405 method_not_allowed     POST /health and the like (Allow: GET, HEAD)
+                   405 method_not_allowed     POST /health and the like (Allow: GET, HEAD);
+                                              TRACE, CONNECT, PROPFIND... on a proxied path
     authenticate   401 invalid_api_key        no key, or a key not in keys.json
                    429 too_many_authentication_failures   this address failed too often
     read_body      413 request_too_large      over MAX_BODY_BYTES (Content-Length or counted)

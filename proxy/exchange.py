@@ -76,7 +76,7 @@ from proxy.record import (
     cut_by_gateway,
 )
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.routing import route
+from proxy.upstream.routing import PROXIED_METHODS, not_proxied, route
 from proxy.usage import background
 from proxy.usage.batch_charges import BatchCharges
 from proxy.usage.pricing import Prices
@@ -295,6 +295,11 @@ class Entrance:
         record = exchange.record
         if record.outcome is Outcome.BROKEN and record.target is not None:
             self.breakers.report_broken(record.target, record.error or "broken", record.key)
+        elif record.failed_in_answer is not None and record.target is not None:
+            attempts = record.attempts
+            # A first event that stood for a status was heard by the attempt loop already.
+            if not attempts or attempts[-1].stood_for is None:
+                self.breakers.report_failed(record.target, record.error or "error event")
 
     def _observe(self, exchange: Exchange) -> None:
         self.metrics.observe(exchange.record)
@@ -351,10 +356,12 @@ class Exchange:
         self, transport: Transport, is_reloading: Callable[[], bool] | None = None
     ) -> VirtualKey:
         """Route (no key needed), then find the key where `transport` presents it. Raises
-        400, 404, 405 (the path), 401, 429 (the lockout); NotYetKnown for a key not found
+        400, 404, 405 (the path, or a method no provider API serves), 401, 429 (the lockout); NotYetKnown for a key not found
         while `is_reloading()`."""
         entrance, request = self._entrance, self.request
         self.tail, query = route(request.raw_path)
+        if request.method not in PROXIED_METHODS:
+            raise not_proxied(request.method)
         credentials, self.query = with_query(transport.credentials(request.headers), query)
         self._credentials = credentials
         lockout = entrance.lockout

@@ -284,6 +284,10 @@ class Record:
     # The type or code of an error the provider sent inside its answer (a stream's error
     # event, under a 200): the `error` of an answer that otherwise ended well.
     answer_error_kind: str | None = None
+    # The status that error stands for when it says the target failed of the moment
+    # (overloaded 529, a server error 500: `first_event.target_failure`), for the upstream
+    # errors metric and the target's breaker; None: no such error.
+    failed_in_answer: int | None = None
     target: str | None = None  # the target that answered (or was tried last)
     target_model: str | None = None  # the model that target swaps in; None: the body's own
     # Which of it: its name, or the pool key's label ("openai#2", never the key) in a pool.
@@ -411,6 +415,11 @@ class Record:
         self.response_text, self.batch = text, batch
         if error_kind is not None:
             self.answer_error_kind = error_kind
+
+    def saw_failure_in_answer(self, status: int) -> None:
+        """The provider's error inside its 200 answer said the target failed (`status`: what
+        it stands for), after content a stream's error event such as `overloaded_error`."""
+        self.failed_in_answer = status
 
     def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
         """A WebSocket session ended: its summed usage, its frames and how it ended."""

@@ -217,6 +217,7 @@ class Setting:
     default: str | None  # as text, parsed like a value from the environment; None: unset
     parse: Callable[[str], object]
     help: str
+    secret: bool = False  # kept out of the repr, and better out of the command line
 
     @property
     def variable(self) -> str:
@@ -240,7 +241,7 @@ def setting(
     the README's default and the field's cannot differ; None: unset), its parser and help.
     A secret stays out of the dataclass's repr."""
     value = None if default is None else parse(default)
-    declared = Setting("", default, parse, help)
+    declared = Setting("", default, parse, help, secret)
     return field(default=value, repr=not secret, metadata={"setting": declared})
 
 

@@ -163,7 +163,7 @@ class Cache:
         """A hit, a miss that leads (or follows a failed) flight, or a bypass. Never raises."""
         policy = key.cache
         assert policy is not None, "only keys with a cache are looked up"
-        asked = names.directive(headers)
+        asked, max_age = names.directive(headers)
         if asked is Directive.SKIP or not self._is_cacheable(method, tail, headers, body):
             return BYPASS
         scope = names.scope_of(key.id, policy)
@@ -190,7 +190,8 @@ class Cache:
         except BaseException:  # cancelled (the client left): the waiters go on their own
             self._flights.end(name, flight)
             raise
-        if entry is None or self._is_older(entry, policy.ttl_seconds):
+        fresh_for = policy.ttl_seconds if max_age is None else min(policy.ttl_seconds, max_age)
+        if entry is None or self._is_older(entry, fresh_for):
             return Lookup(Cached.MISS, pending=pending)  # the answer replaces a stale entry
         self._flights.land(flight, entry)
         self._flights.end(name, flight)

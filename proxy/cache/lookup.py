@@ -5,7 +5,8 @@ curl's -d labels JSON as a form, and the provider reads it as JSON) to a generat
 endpoint (chat and text completions, embeddings, Anthropic messages, Responses neither in
 the background nor in a conversation; neither chat nor Responses stored), and the client did not say
 `Cache-Control: no-store`.
-`no-cache` skips the lookup and lets the answer replace the entry.
+`no-cache` (and `max-age=0`) skips the lookup and lets the answer replace the entry;
+`max-age=N` takes no entry stored more than N seconds ago.
 
 The entry's name is a SHA-256 over, each length-prefixed: the scope, what answers the key's
 requests (`Plans.served`: its targets' providers, base URLs, models and a digest of their
@@ -57,15 +58,31 @@ class Directive(enum.Enum):
     SKIP = "skip"  # no-store: neither read nor write
 
 
-def directive(headers: MultiMapping[str]) -> Directive:
-    """The request's Cache-Control, read for no-store and no-cache (RFC 9111 §5.2.1)."""
+_USE = (Directive.USE, None)
+
+
+def directive(headers: MultiMapping[str]) -> tuple[Directive, int | None]:
+    """The request's Cache-Control, read for no-store, no-cache and max-age (RFC 9111
+    §5.2.1), and the oldest answer in seconds it takes (max-age; None: any within the ttl).
+    `max-age=0`, what fetch() sends for `cache: "no-cache"` and a browser's reload, asks
+    the provider again as no-cache does."""
     values = headers.getall("cache-control", ())
+    if not values:
+        return _USE
     tokens = {token.strip().lower() for value in values for token in value.split(",")}
     if "no-store" in tokens:
-        return Directive.SKIP
+        return Directive.SKIP, None
     if "no-cache" in tokens:
-        return Directive.REFRESH
-    return Directive.USE
+        return Directive.REFRESH, None
+    max_age = None
+    for token in tokens:
+        name, _, seconds = token.partition("=")
+        seconds = seconds.strip().strip('"')
+        if name.rstrip() == "max-age" and seconds.isascii() and seconds.isdigit():
+            max_age = int(seconds)  # not a number: ignored (RFC 9111 §4.2.1)
+    if max_age == 0:
+        return Directive.REFRESH, None
+    return Directive.USE, max_age
 
 
 def is_cacheable_endpoint(method: str, tail: str) -> bool:

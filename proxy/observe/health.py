@@ -26,10 +26,13 @@ from proxy.upstream.breaker import OPEN, Breakers
 
 
 def is_upstream_failure(record: Record) -> bool:
-    """True when the provider failed: unreachable, timed out, cut the body, or answered 5xx."""
+    """True when the provider failed: unreachable, timed out, cut the body, answered 5xx, or
+    said it failed inside its 200 answer (a stream's `overloaded_error` after content)."""
     if record.outcome in PROVIDER_FAILURES:
         return True
-    return record.ttft_ms is not None and record.status >= 500  # the provider's own 5xx
+    if record.ttft_ms is not None and record.status >= 500:  # the provider's own 5xx
+        return True
+    return record.failed_in_answer is not None
 
 
 class Health:

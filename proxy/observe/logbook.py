@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from proxy.observe.logfile import LogFile, PartlyWritten
+from proxy.observe.logfile import LogFile, PartlyWritten, file_mode
 from proxy.record import REDACTED, Record, dollars
 
 log = logging.getLogger("llm_gateway")
@@ -142,7 +142,8 @@ class Logbook:
         self._done = self._done_bytes = 0
         self._is_dropping = False
         self._has_left_out_bodies = False  # said once: a line went without its bodies
-        self._file = LogFile(path)  # the writer thread's alone, but for `reopen`
+        # The writer thread's alone, but for `reopen`.
+        self._file = LogFile(path, file_mode(log_bodies))
         self._thread: threading.Thread | None = None
         self._is_closed = False
         self._has_complained = False

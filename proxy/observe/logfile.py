@@ -48,10 +48,12 @@ class PartlyWritten(Exception):
 
 
 class LogFile:
-    """The file at `path` opened for appending, or stdout when `path` is None."""
+    """The file at `path` opened for appending, or stdout when `path` is None; a file it
+    creates gets `mode` (`file_mode`)."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, mode: int = 0o644) -> None:
         self.path = path
+        self._mode = mode
         self._fd: int | None = None
         self._reopen_asked = threading.Event()
         self._next_check = 0.0
@@ -64,7 +66,7 @@ class LogFile:
 
     def open(self) -> None:
         """OSError if it cannot be opened."""
-        self._fd = STDOUT_FILENO if self.path is None else _open_for_append(self.path)
+        self._fd = STDOUT_FILENO if self.path is None else open_for_append(self.path, self._mode)
 
     def reopen(self) -> None:
         """Open the path again before the next append (any thread)."""
@@ -110,7 +112,7 @@ class LogFile:
                 return
         self._reopen_asked.clear()
         try:
-            fd = _open_for_append(self.path)
+            fd = open_for_append(self.path, self._mode)
         except OSError as error:
             if is_removed:  # what is written there could never be read
                 self._is_orphaned = True
@@ -146,8 +148,17 @@ def _lock(fd: int) -> bool:
     return True
 
 
-def _open_for_append(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+def file_mode(has_bodies: bool) -> int:
+    """The mode a log file is created with: with bodies (every prompt and answer) its owner
+    writes and its group reads (a log shipper in the gateway's group), others nothing;
+    without, readable by all, as nginx's access log. The umask narrows either; a file that
+    exists keeps its own."""
+    return 0o640 if has_bodies else 0o644
+
+
+def open_for_append(path: str, mode: int) -> int:
+    """A descriptor appending to `path`, created with `mode` if it is not there. OSError."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
 
 
 def _cut_back(fd: int, extra: int) -> None:

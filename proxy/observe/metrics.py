@@ -47,7 +47,7 @@ NONE = "none"  # the label for a provider or model the request never got to
 OTHER = "other"  # the label for models past MODEL_LABEL_VALUES (or MODEL_LABEL_UNANSWERED)
 AUTH_OUTCOMES = ("refused", "throttled")
 # How a provider fails (`_failure_kind`): a 5xx answer, or an outcome in PROVIDER_FAILURES.
-UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken")
+UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken", "error_event")
 MODEL_LABEL_CHARS = 64
 MODEL_LABEL_VALUES = 100  # models the provider answered
 MODEL_LABEL_UNANSWERED = 20  # models never answered: refused, by the provider or the gateway
@@ -483,8 +483,10 @@ class _Row:
 
 
 def _failure_kind(record: Record) -> str:
-    """How the provider failed: unreachable, timeout, broken mid-body, or a 5xx status."""
+    """How the provider failed: unreachable, timeout, broken mid-body, a 5xx status, or an
+    error event inside its 200 answer."""
     if not record.upstream_failed:
-        return "status"  # it answered, with a 5xx
+        # it answered, with a 5xx, or with a 200 whose stream said it failed
+        return "status" if record.failed_in_answer is None else "error_event"
     assert record.outcome is not None
     return record.outcome.value

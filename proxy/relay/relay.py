@@ -38,6 +38,7 @@ from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
+from proxy.upstream.first_event import target_failure
 from proxy.upstream.providers import downstream_headers
 from proxy.upstream.targets import Plan
 from proxy.upstream.wire import Reply as WireReply
@@ -232,18 +233,22 @@ class Relay:
                 for token in echoable[len(plan.secrets) :]:
                     text = text.replace(token, "*" * len(token))
             if status < 400:
-                usage = tap.usage(body)
+                usage, error_kind = tap.usage(body), tap.error_kind
                 record.saw_answer(
                     usage,
                     tap.model,
                     tap.stored,
                     text,
                     tap.batch,
-                    tap.error_kind,
+                    error_kind,
                     tap.service_tier,
                     tap.speed,
                     tap.apart,
                 )
+                if error_kind is not None:  # the provider's error under its 200 (rare)
+                    failed = target_failure(error_kind)
+                    if failed is not None:
+                        record.saw_failure_in_answer(failed)
             else:
                 record.saw_answer(None, text=text, error_kind=tap.error_kind)
 

@@ -14,6 +14,7 @@ import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from proxy.keys.advice import endpoint_paths, placeholders, short_keys
 from proxy.keys.fields import KeysFileError
@@ -66,7 +67,7 @@ def check(
                 start_check(found.settings)
             except SettingError as error:
                 found.problems.append(str(error))
-    found.warnings = warnings(settings, found.key_ring, prices, environ)
+    found.warnings = warnings(settings, found.key_ring, prices, environ, argv)
     if found.settings is not None and not found.problems:
         store_findings(found.settings, environ, found)
     return found
@@ -105,9 +106,12 @@ def warnings(
     key_ring: KeyRing | None,
     prices: Prices | None,
     environ: Mapping[str, str],
+    argv: Sequence[str] = (),
 ) -> list[str]:
-    """What a start says before serving: lookalike variables, keys that look like mistakes."""
+    """What a start says before serving: lookalike variables, keys that look like mistakes,
+    secrets on the command line (`argv`: the flags)."""
     said = lookalikes(environ) + ignored_settings(settings) + short_secrets(settings)
+    said += secrets_in_flags(argv)
     said += otel_timeouts_in_milliseconds(settings)
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
@@ -149,6 +153,28 @@ def ignored_settings(settings: Settings) -> list[str]:
             "(keys.json is the store)"
         ]
     return []
+
+
+def secrets_in_flags(argv: Sequence[str]) -> list[str]:
+    """A line for each secret given as a flag (a Redis URL only when it holds a password):
+    every local user reads a process's command line (`ps`, /proc/<pid>/cmdline), and so do
+    process listings in monitoring and crash reports. Never the value itself."""
+    try:
+        flags = vars(parser().parse_args(list(argv)))
+    except SettingError:
+        return []  # said as a problem
+    said = []
+    for row in SETTINGS:
+        given = flags.get(row.field)
+        if not row.secret or not given or not given.strip():
+            continue
+        if row.field == "redis_url" and not urlsplit(given.strip()).password:
+            continue
+        said.append(
+            f"{row.flag} shows its value in the command line, which every local user can read "
+            f"(ps, /proc/<pid>/cmdline): set the environment variable {row.variable} instead"
+        )
+    return said
 
 
 def short_secrets(settings: Settings) -> list[str]:

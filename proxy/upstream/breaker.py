@@ -17,7 +17,7 @@ probe, its failure opens it for another cooldown. Breakers live in one process (
 learns on its own), and are read by /health and the breaker-state metric. Only their own
 verbs change them: `admits`, `succeeded`, `failed`, `abstain`, `cool` (an open breaker
 past its cooldown half-open, for /health and the metric), `Breakers.report_broken` for a
-body cut short; `Breakers.keep_only` forgets those of targets a reload removed, and
+body cut short, `Breakers.report_failed` for an error event inside a 200 answer; `Breakers.keep_only` forgets those of targets a reload removed, and
 makes those of targets it added. What a request under way on a removed target learns after
 the reload goes to a breaker of its own, listed nowhere: it cannot bring the target back
 to /health (degraded until the next reload, when it opened).
@@ -259,6 +259,11 @@ class Breakers:
         """The target answered, then cut its body short (a request of `key`): a failure of
         the target's once other keys' requests fail so too."""
         self[name].failed(self.clock(), why, key)
+
+    def report_failed(self, name: str, why: str) -> None:
+        """The target answered 200, then said inside its answer that it failed (a stream's
+        `overloaded_error` or server error after content): a failure at once, as its status."""
+        self[name].failed(self.clock(), why)
 
     def items(self) -> Iterable[tuple[str, Breaker]]:
         return self._breakers.items()

@@ -14,7 +14,8 @@ When to try again (and nothing else), top to bottom:
     408, 500, 502, 503, 504, 529           the provider's    same target (RETRY_ATTEMPTS), then the next
       ... its body broken off or stalled   502 broken, 504   as above (nothing of it reached the client)
     429                                    the provider's    the pool's next key at once; else as above
-    401, 403 from a pool of several keys   the provider's    that key rests; the pool's next key at once
+    401, 403 (the key refused)             the provider's    that key rests; the pool's next key at once, else
+                                                             the next target (a lone key of the last: never)
     402 (the key's account out of credit)  the provider's    that key rests; the pool's next key, else the next target
     200 stream, its first event an error   the provider's    as the status it stands for (below)
       of the moment: overloaded, 429, 5xx   stream, kept
@@ -456,9 +457,12 @@ class Failover:
                         walk.serving = pool, credential
                         return reply
                     as_status = refused_as(refusal)
-                    if as_status is None or (as_status in KEY_REFUSED and target.pool.size == 1):
+                    if as_status is None or (
+                        as_status in KEY_REFUSED and pool.size == 1 and not walk.is_followed
+                    ):
                         pool.ended(credential)
-                        return refusal  # a request's own 400 (or a lone key's 401): as it came
+                        # A request's own 400 (or a key's 401 with no other key or target).
+                        return refusal
                     walk.kept = refusal
                     pool.ended(credential)
                     target.pool.rest(credential, clock() + REFUSED_KEY_REST_SECONDS)
@@ -467,7 +471,8 @@ class Failover:
                 elif (
                     status not in RETRYABLE
                     and status != OUT_OF_CREDIT
-                    and not (status in KEY_REFUSED and target.pool.size > 1)
+                    # a refused key: the pool's next key, else the next target
+                    and not (status in KEY_REFUSED and (pool.size > 1 or walk.is_followed))
                 ):
                     walk.serving = pool, credential
                     return reply

@@ -144,6 +144,18 @@ class _Enough(Exception):
     """The decoded start is as long as is read for a first event."""
 
 
+def target_failure(kind: str) -> int | None:
+    """The status an error kind the provider sent inside its 200 answer stands for
+    (`reading.note_error`'s: a type, a code, Google's status, Bedrock's exception, OpenRouter's
+    numeric code) when it says the target failed of the moment: overloaded 529, a server
+    error 500, unavailable 503. None for anything else, and for a rate limit (about the key,
+    as a 429 is)."""
+    status = PASSING.get(kind) or FRAMED_PASSING.get(kind)
+    if status is None and kind.isdigit() and len(kind) == 3 and int(kind) in PASSING_CODES:
+        status = int(kind)
+    return None if status == 429 else status
+
+
 def answered_failure(at_hand: bytes) -> tuple[str, int] | Literal[Undecided.MORE] | None:
     """A 200 JSON answer that is an error of the moment: OpenRouter's, whose provider failed
     after its 200 went (a top-level `error` whose `code` is the status it stands for, after

@@ -13,7 +13,7 @@ backslashes, an absolute URL, an empty segment, a control character) is refused 
 '%2F' of a Bedrock ARN: a model's, an async invocation's, a guardrail's) with 400 before it
 goes anywhere. Any other path gets 404
 naming the proxied ones; the gateway's own endpoints, reached here only with a method they
-do not serve, get 405. Routing needs no key: the exchange routes first.
+do not serve, get 405, as do methods no provider API serves (TRACE, CONNECT, WebDAV's). Routing needs no key: the exchange routes first.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ _AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
 SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
+# The methods the provider APIs serve (and OPTIONS, a CORS preflight's); any other (TRACE,
+# which echoes the request and its real key; CONNECT; WebDAV's) is refused with 405.
+PROXIED_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_ALLOWED = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Encoded '/', '\' and NUL: a provider may decode them into path separators.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
@@ -119,6 +123,17 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def not_proxied(method: str) -> GatewayError:
+    """The 405 of a method outside PROXIED_METHODS, on a proxied path."""
+    shown = method[:32] if method.isascii() and method.isprintable() else "this method"
+    return GatewayError(
+        405,
+        "method_not_allowed",
+        f"{shown} is not proxied: provider APIs answer {_ALLOWED}.",
+        headers={"allow": _ALLOWED},
+    )
 
 
 def _prefix_advice(path: str) -> str:

@@ -55,12 +55,14 @@ CODE_STATUS = {
     "invalid_body": 400,
     "model_not_allowed": 403,
     "request_too_large": 413,
+    "method_not_allowed": 405,
 }
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "request_too_large",
 }
 BAD_BODY = frozenset({"invalid_json", "missing_field"})
@@ -88,6 +90,8 @@ ODD_METHODS = tuple(
     "PUT PATCH DELETE OPTIONS TRACE PROPFIND PROPPATCH REPORT MKCOL SEARCH PURGE LOCK UNLOCK COPY MOVE "
     "LINK UNLINK SUBSCRIBE NOTIFY MKCALENDAR CHECKOUT MERGE ACL BIND QUERY M-SEARCH".split()
 )
+# Of them, those a provider API serves: judged like a POST. The rest get 405 before any key.
+PROXIED_ODD_METHODS = frozenset(("PUT", "PATCH", "DELETE", "OPTIONS"))
 MESSAGES = [{"role": "user", "content": "hello"}]
 GOOD_CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}
 GOOD_MESSAGE = {"model": "claude-3-5-haiku-latest", "max_tokens": 9, "messages": MESSAGES}
@@ -395,8 +399,14 @@ def keyless_cases(rng: random.Random) -> list[Bad]:
             rng.sample(OPENAI_PATHS, 2) + rng.sample(ANTHROPIC_PATHS, 1) + ["/unknown/route"]
         ):
             method = rng.choice(("POST", "GET", *ODD_METHODS))
-            # A path that is not proxied is refused before any key is looked at.
-            code = "unknown_route" if path == "/unknown/route" else "invalid_api_key"
+            # A path that is not proxied, or a method no provider API serves, is refused
+            # before any key is looked at.
+            if path == "/unknown/route":
+                code = "unknown_route"
+            elif method in ("POST", "GET", *PROXIED_ODD_METHODS):
+                code = "invalid_api_key"
+            else:
+                code = "method_not_allowed"
             cases.append(
                 Bad(
                     f"{label} {method} {path}",
@@ -411,7 +421,8 @@ def keyless_cases(rng: random.Random) -> list[Bad]:
 
 
 def odd_method_cases(rng: random.Random) -> list[Bad]:
-    """Every parseable odd method on a proxied path, carrying a body that declares JSON but is not."""
+    """Every parseable odd method on a proxied path, carrying a body that declares JSON but is
+    not: one a provider API serves is judged like a POST, any other refused with 405."""
     cases = []
     for method in ODD_METHODS:
         for path in (rng.choice(OPENAI_PATHS), rng.choice(ANTHROPIC_PATHS)):
@@ -426,7 +437,9 @@ def odd_method_cases(rng: random.Random) -> list[Bad]:
                     path,
                     headers,
                     b'{"model": ',
-                    frozenset({"invalid_json"}),
+                    frozenset(
+                        {"invalid_json" if method in PROXIED_ODD_METHODS else "method_not_allowed"}
+                    ),
                 )
             )
     return cases

@@ -316,6 +316,39 @@ async def test_no_cache_goes_upstream_and_refreshes_the_entry(
     assert len(fake.requests) == 2
 
 
+async def test_max_age_0_goes_upstream_and_refreshes_the_entry(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # What fetch() sends for `cache: "no-cache"` and a browser's reload: revalidate, never an
+    # answer from the cache (RFC 9111 §5.2.1.1).
+    first = await post(gateway)
+    fresh = await post(gateway, **{"Cache-Control": "max-age=0"})
+    assert fresh[1]["x-llm-gateway-cache"] == "bypass" and fresh[2] != first[2]
+    await gateway.app[CACHE].settled()
+    after = await post(gateway)
+    assert after[1]["x-llm-gateway-cache"] == "hit" and after[2] == fresh[2]
+    assert len(fake.requests) == 2
+
+
+async def test_max_age_takes_no_answer_older_than_it_says(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    now = [1000.0]
+    gateway = await make_cached(clock=lambda: now[0])
+    await post(gateway)
+    await gateway.app[CACHE].settled()
+    now[0] += 30
+    young = await post(gateway, **{"Cache-Control": "max-age=60"})
+    assert young[1]["x-llm-gateway-cache"] == "hit"
+    old = await post(gateway, **{"Cache-Control": "max-age=10"})
+    assert old[1]["x-llm-gateway-cache"] == "miss"  # too old for it: asked again, and stored
+    await gateway.app[CACHE].settled()
+    assert (await post(gateway, **{"Cache-Control": "max-age=10"}))[1][
+        "x-llm-gateway-cache"
+    ] == "hit"
+    assert len(fake.requests) == 2
+
+
 async def test_no_store_neither_reads_nor_writes(gateway: TestClient, fake: FakeState) -> None:
     unstored = await post(gateway, **{"Cache-Control": "no-store"})
     assert unstored[1]["x-llm-gateway-cache"] == "bypass"

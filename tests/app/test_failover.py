@@ -1097,6 +1097,37 @@ async def test_a_key_out_of_credit_rests_and_its_fallback_or_pools_next_key_answ
     assert keys_seen(fake) == [PRIMARY]
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_targets_lone_key_refused_by_its_provider_is_failed_over_to_the_fallback(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    status: int,
+) -> None:
+    """The target's real key revoked or expired at the provider: the client's virtual key was
+    good, and its SDK raised AuthenticationError for the operator's key while the fallback,
+    another key, was never asked (a pool's keys all refused already failed over). The
+    fallback answers; with nowhere else to go the refusal reaches the client unchanged."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(status)
+    client = openai.AsyncOpenAI(api_key=VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    answer = await client.chat.completions.create(**CHAT)
+    assert answer.choices[0].message.content
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+    (line,) = await records(1)
+    assert [(a["target"], a["status"]) for a in line["attempts"]] == [
+        ("openai", status),
+        ("backup", 200),
+    ]
+    health = await (await gateway.get("/health")).json()
+    assert health["targets"]["openai"]["failures_in_a_row"] == 0  # the key's, not the target's
+    fake.requests.clear()
+    alone = await failover_gateway({"provider": "openai", "api_key": PRIMARY})
+    response = await alone.post("/v1/chat/completions", json=CHAT, headers=auth(VK))
+    assert response.status == status
+    assert keys_seen(fake) == [PRIMARY]
+
+
 LOW_CREDIT = (
     "Your credit balance is too low to access the Anthropic API. "
     "Please go to Plans & Billing to upgrade or purchase credits."

@@ -43,7 +43,7 @@ async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_
         if sample.name == "llm_gateway_upstream_errors_total"
     }
     providers = {"openai", "anthropic", "azure", "local"}  # the test keys file's
-    kinds = {"status", "unreachable", "timeout", "broken"}
+    kinds = {"status", "unreachable", "timeout", "broken", "error_event"}
     assert found == {(provider, kind): 0.0 for provider in providers for kind in kinds}
 
 

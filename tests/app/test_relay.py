@@ -516,6 +516,45 @@ async def test_a_path_that_climbs_out_over_a_raw_socket_gets_400(
     assert fake.requests == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "key"),
+    [
+        ("TRACE", "/v1/models", OPENAI_VK),
+        ("CONNECT", "/v1/models", OPENAI_VK),
+        ("PROPFIND", "/v1/models", OPENAI_VK),
+        ("TRACE", "/v1/messages", ANTHROPIC_VK),
+    ],
+)
+async def test_a_method_no_provider_api_serves_gets_405_and_never_goes_upstream(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    method: str,
+    path: str,
+    key: str,
+) -> None:
+    # TRACE went upstream with the real key, to be echoed by whatever answers it (scanners
+    # flag a TRACE answered 200), and each such request counted against the key's quota.
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), head
+    assert b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in head
+    if key == ANTHROPIC_VK:
+        assert_anthropic_error(json.loads(body), "invalid_request_error")
+    else:
+        assert_openai_error(json.loads(body), "method_not_allowed")
+    [line] = await records(1)
+    assert (line["method"], line["status"]) == (method, 405)
+    assert fake.requests == []
+
+
 # --- the provider's answers and failures ---
 
 

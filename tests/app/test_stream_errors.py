@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ANTHROPIC_REAL, ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, auth
 from tests.support.bodies import chat, messages
@@ -227,3 +228,58 @@ async def test_a_stream_without_an_error_event_logs_no_error(
     await relayed(gateway, OPENAI_VK, "/v1/chat/completions", chat(stream=True), "fine")
     [line] = await records(1)
     assert line.get("error") is None
+
+
+def upstream_errors(text: str, provider: str) -> dict[str, float]:
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_upstream_errors_total"
+        and sample.labels["provider"] == provider
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "name", "path", "body", "events", "kind"),
+    [
+        (ANTHROPIC_VK, "anthropic", "/v1/messages", messages("hi", stream=True), "anthropic", "overloaded_error"),
+        (OPENAI_VK, "openai", "/v1/chat/completions", chat("hi", stream=True), "openai", "server_error"),
+        (OPENAI_VK, "openai", "/v1/chat/completions", chat("hi", stream=True), "openrouter-502", "502"),
+    ],
+)  # fmt: skip
+async def test_a_providers_failure_mid_stream_counts_as_an_upstream_error_and_for_its_breaker(
+    gateway: TestClient,
+    records: Records,
+    key: str,
+    name: str,
+    path: str,
+    body: Any,
+    events: str,
+    kind: str,
+) -> None:
+    # Anthropic's overloaded_error after content, under the 200 already sent: the provider
+    # failed that request as surely as with a 529, and a platform team watching the upstream
+    # errors (or a breaker) must see it.
+    await relayed(gateway, key, path, body, events)
+    await records(1)
+    metrics = await (await gateway.get("/metrics")).text()
+    counted = upstream_errors(metrics, name)
+    assert counted["error_event"] == 1
+    assert sum(counted.values()) == 1
+    target = (await (await gateway.get("/health")).json())["targets"][name]
+    assert target["failures_in_a_row"] == 1 and kind in target["last_error"]
+
+
+async def test_a_rate_limit_mid_stream_or_a_clean_stream_is_no_upstream_error(
+    gateway: TestClient, records: Records
+) -> None:
+    # A rate limit is about the key, not the target (as a 429 is): no upstream error, no failure.
+    body = {"model": "gpt-4o-mini", "input": "hello world", "stream": True}
+    await relayed(gateway, OPENAI_VK, "/v1/responses", body, "error")  # rate_limit_exceeded
+    await relayed(gateway, OPENAI_VK, "/v1/chat/completions", chat(stream=True), "fine")
+    await records(2)
+    metrics = await (await gateway.get("/metrics")).text()
+    assert sum(upstream_errors(metrics, "openai").values()) == 0
+    target = (await (await gateway.get("/health")).json())["targets"]["openai"]
+    assert target["failures_in_a_row"] == 0

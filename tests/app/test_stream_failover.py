@@ -441,3 +441,21 @@ async def test_a_held_starts_time_to_first_byte_is_when_the_provider_sent_it(
     await response.read()
     [line] = await records(1)
     assert line["ttft_ms"] < wait_ms / 2, line["ttft_ms"]  # the role chunk's, not the content's
+
+
+async def test_a_last_targets_first_event_error_is_heard_by_its_breaker_once(
+    gateway_for: Callable[..., Awaitable[TestClient]], fake: FakeState, records: Records
+) -> None:
+    # Every target fails so: the client gets the backup's stream as it came. The attempt loop
+    # heard its first event as a 500 already; the end of that stream tells the breaker nothing
+    # more (one failure, not two), and the upstream errors metric counts the answer once.
+    gateway = await gateway_for(WITH_FALLBACK)
+    fake.faults[PRIMARY] = fake.faults[BACKUP] = Fault(500, in_stream="first")
+    async with gateway.post("/v1/chat/completions", json=chat(stream=True), headers=auth(VK)) as r:
+        assert r.status == 200 and b"server_error" in await r.read()
+    [line] = await records(1)
+    assert [a["target"] for a in line["attempts"]] == ["openai", "backup"]
+    targets = (await (await gateway.get("/health")).json())["targets"]
+    assert targets["openai"]["failures_in_a_row"] == targets["backup"]["failures_in_a_row"] == 1
+    text = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_upstream_errors_total{kind="error_event",provider="backup"} 1.0' in text

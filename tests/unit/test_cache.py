@@ -91,10 +91,29 @@ def test_a_shared_scope_is_never_a_keys_own() -> None:
 
 
 def test_cache_control_no_store_beats_no_cache() -> None:
-    assert directive(headers()) is Directive.USE
-    assert directive(headers(("Cache-Control", "max-age=0, No-Cache"))) is Directive.REFRESH
+    assert directive(headers()) == (Directive.USE, None)
+    assert directive(headers(("Cache-Control", "max-age=0, No-Cache")))[0] is Directive.REFRESH
     both = headers(("Cache-Control", "no-cache"), ("cache-control", "no-store"))
-    assert directive(both) is Directive.SKIP
+    assert directive(both)[0] is Directive.SKIP
+
+
+@pytest.mark.parametrize(
+    ("value", "asked"),
+    [
+        # What fetch() sends for cache: "no-cache", and a browser's reload: revalidate.
+        ("max-age=0", (Directive.REFRESH, None)),
+        ('Max-Age="0"', (Directive.REFRESH, None)),
+        ("max-age=60", (Directive.USE, 60)),
+        ("private, max-age=600", (Directive.USE, 600)),
+        ("max-age=ten", (Directive.USE, None)),  # not a number: ignored (RFC 9111 §4.2.1)
+        ("max-age=-1", (Directive.USE, None)),
+        ("max-stale=60", (Directive.USE, None)),
+    ],
+)
+def test_cache_control_max_age_bounds_the_age_of_a_hit(
+    value: str, asked: tuple[Directive, int | None]
+) -> None:
+    assert directive(headers(("Cache-Control", value))) == asked
 
 
 @pytest.mark.parametrize(

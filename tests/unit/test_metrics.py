@@ -338,6 +338,7 @@ def test_upstream_error_kinds_cover_every_provider_failure() -> None:
 
     assert set(UPSTREAM_ERROR_KINDS) == {
         "status",
+        "error_event",
         *(outcome.value for outcome in PROVIDER_FAILURES),
     }
 

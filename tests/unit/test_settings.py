@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.runtime.check import otel_timeouts_in_milliseconds, short_secrets
+from proxy.runtime.check import check, otel_timeouts_in_milliseconds, short_secrets
 from proxy.settings import SETTINGS, SettingError, Settings, parser
 
 
@@ -334,3 +334,38 @@ def test_a_keys_store_secret_that_takes_no_effect_is_warned_of() -> None:
     assert len(said) == 1 and "KEYS_STORE=redis" in said[0] and secret not in said[0]
     # The image sets LOG_FILE_PATH for whoever turns LOG_TO_FILE on: no warning.
     assert ignored_settings(Settings.from_env({"LOG_FILE_PATH": "/app/logs/x.jsonl"})) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable"),
+    [
+        (["--admin-token", "a" * 32], "ADMIN_TOKEN"),
+        (["--metrics-token=" + "m" * 32], "METRICS_TOKEN"),
+        (["--redis-url", "redis://:hunter2-hunter2@redis:6379/0"], "REDIS_URL"),
+    ],
+)
+def test_a_secret_given_as_a_flag_draws_a_warning(
+    tmp_path: Path, argv: list[str], variable: str
+) -> None:
+    # Every local user reads a process's command line (ps, /proc/<pid>/cmdline), and so do
+    # process listings in monitoring: the token that exports every real key was in them.
+    keys = tmp_path / "keys.json"
+    keys.write_text(
+        '{"virtual_keys": {"vk_flags_0123456789": {"provider": "openai", "api_key": "sk-x"}}}'
+    )
+    found = check(argv, {}, str(keys))
+    said = [line for line in found.warnings if line.startswith(argv[0].partition("=")[0])]
+    assert len(said) == 1 and variable in said[0]
+    secret = argv[-1].partition("=")[2] if "=" in argv[-1] else argv[-1]
+    assert all(secret not in line and "hunter2" not in line for line in found.warnings)
+
+
+def test_a_redis_url_without_a_password_or_a_secret_in_the_environment_draws_no_such_warning(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(
+        '{"virtual_keys": {"vk_flags_0123456789": {"provider": "openai", "api_key": "sk-x"}}}'
+    )
+    found = check(["--redis-url", "redis://redis:6379/0"], {"ADMIN_TOKEN": "a" * 32}, str(keys))
+    assert not [line for line in found.warnings if "command line" in line]
