@@ -536,3 +536,29 @@ async def test_a_cap_past_any_count_is_admitted_and_priced_without_a_failure(
     body = chat("hello", n=128, max_tokens=cap)
     async with gateway.post("/v1/chat/completions", json=body, headers=auth(VK)) as response:
         assert response.status == 200, await response.text()
+
+
+async def test_usage_says_tokens_and_spend_held_only_by_reservations_come_back_a_window_later(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    """GET /usage while the window's first request runs: its reservation holds tokens and
+    spend, which come back when its charge leaves, a window from now (as the x-ratelimit
+    headers say), not "0 seconds" from now as if the window were whole again."""
+    gateway = await allowance_gateway(
+        {
+            "quota": {"requests": 100, "tokens": 100_000, "window_seconds": 60},
+            "budget": {"usd": 10, "window_seconds": 3600},
+        }
+    )
+    held = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=UNCAPPED, headers={**auth(VK), **HELD})
+    )
+    await until(lambda: len(fake.requests) == 1)
+    usage = await usage_of(gateway)
+    assert usage["tokens"]["used"] == 0 and usage["tokens"]["reserved"] > 0
+    assert usage["tokens"]["reset_seconds"] == 60
+    assert usage["budget"]["spent_usd"] == 0 and usage["budget"]["reserved_usd"] > 0
+    assert usage["budget"]["reset_seconds"] == 3600
+    fake.release.set()
+    async with await held as response:
+        assert response.status == 200
