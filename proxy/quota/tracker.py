@@ -162,10 +162,17 @@ class Admission(NamedTuple):
 
     @property
     def over_budget(self) -> bool:
-        return (
-            not self.admitted
-            and self.budget is not None
-            and self.spent_micro_usd >= self.budget.micro_usd
+        """Refused for the budget: it is full, and no full window of requests or tokens
+        keeps the request out as long (a budget held only by requests in flight frees up in
+        a second; a full request window may keep the request out a minute)."""
+        if self.admitted or self.budget is None or self.spent_micro_usd < self.budget.micro_usd:
+            return False
+        if self.limits is None:
+            return True
+        wait = self.retry_after_seconds
+        return not (
+            (self.remaining_requests <= 0 and self.reset_requests_seconds >= wait)
+            or (self.remaining_tokens == 0 and (self.reset_tokens_seconds or 0.0) >= wait)
         )
 
 
