@@ -466,7 +466,7 @@ def refused_limit(answer: Admission) -> str:
     """Which limit of a full window refused: "budget", "requests" or "tokens"."""
     if answer.over_budget:
         return "budget"
-    return "requests" if answer.remaining_requests <= 0 else "tokens"
+    return "requests" if answer.names_requests else "tokens"
 
 
 def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:

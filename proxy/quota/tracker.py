@@ -175,6 +175,15 @@ class Admission(NamedTuple):
             or (self.remaining_tokens == 0 and (self.reset_tokens_seconds or 0.0) >= wait)
         )
 
+    @property
+    def names_requests(self) -> bool:
+        """A refusal not the budget's is its request window's: full, and no full token
+        window keeps the request out longer (else the token window's)."""
+        if self.remaining_requests > 0:
+            return False
+        tokens_full = self.remaining_tokens == 0
+        return not tokens_full or self.reset_requests_seconds >= (self.reset_tokens_seconds or 0.0)
+
 
 class Reading(NamedTuple):
     """What a backend read of one key's windows in one atomic step; this module decides from it.
