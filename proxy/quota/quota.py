@@ -135,27 +135,36 @@ class Quota:
         """
         if body_bytes is not None and body_bytes <= PRECHECK_BODY_BYTES:
             return
+        refused = self._known_refusal(key)
+        if refused is not None:
+            self._on_refused(key.scopes(None)[0], refused_limit(refused))
+            raise refusal(refused)
+
+    def refuses(self, key: QuotaKey) -> bool:
+        """Whether `precheck` would refuse a body of unknown length now, counting nothing
+        (`Expect: 100-continue`: the request's own precheck counts its refusal once)."""
+        return self._known_refusal(key) is not None
+
+    def _known_refusal(self, key: QuotaKey) -> Admission | None:
+        """The key's last refusal as it stands now, while its wait still runs; else None."""
         closed = self._closed.get(key.id)
         if closed is None:
-            return
+            return None
         until, admission = closed
         if admission.limits is not key.limits or admission.budget is not key.budget:
             del self._closed[key.id]  # keys.json changed the key's limits since: ask again
-            return
+            return None
         wait = until - self._clock()
         if wait <= 0:
             del self._closed[key.id]
-            return
+            return None
         # Every wait the 429 tells has run as long since the refusal it repeats.
         elapsed = admission.retry_after_seconds - wait
         tokens = admission.reset_tokens_seconds
-        self._on_refused(key.scopes(None)[0], refused_limit(admission))
-        raise refusal(
-            admission._replace(
-                retry_after_seconds=wait,
-                reset_requests_seconds=max(0.0, admission.reset_requests_seconds - elapsed),
-                reset_tokens_seconds=None if tokens is None else max(0.0, tokens - elapsed),
-            )
+        return admission._replace(
+            retry_after_seconds=wait,
+            reset_requests_seconds=max(0.0, admission.reset_requests_seconds - elapsed),
+            reset_tokens_seconds=None if tokens is None else max(0.0, tokens - elapsed),
         )
 
     async def admit(
@@ -466,7 +475,7 @@ def refused_limit(answer: Admission) -> str:
     """Which limit of a full window refused: "budget", "requests" or "tokens"."""
     if answer.over_budget:
         return "budget"
-    return "requests" if answer.remaining_requests <= 0 else "tokens"
+    return "requests" if answer.names_requests else "tokens"
 
 
 def output_allowance(key: QuotaKey, peek: QuotaRequest) -> int:

@@ -70,7 +70,7 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
         )
     limits = admission.limits
     assert limits is not None  # only a quota or a budget refuses
-    if admission.remaining_requests <= 0:
+    if admission.names_requests:
         what = counted(limits.requests, "request")
     else:
         what = counted(limits.tokens or 0, "token")

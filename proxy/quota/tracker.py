@@ -162,11 +162,27 @@ class Admission(NamedTuple):
 
     @property
     def over_budget(self) -> bool:
-        return (
-            not self.admitted
-            and self.budget is not None
-            and self.spent_micro_usd >= self.budget.micro_usd
+        """Refused for the budget: it is full, and no full window of requests or tokens
+        keeps the request out as long (a budget held only by requests in flight frees up in
+        a second; a full request window may keep the request out a minute)."""
+        if self.admitted or self.budget is None or self.spent_micro_usd < self.budget.micro_usd:
+            return False
+        if self.limits is None:
+            return True
+        wait = self.retry_after_seconds
+        return not (
+            (self.remaining_requests <= 0 and self.reset_requests_seconds >= wait)
+            or (self.remaining_tokens == 0 and (self.reset_tokens_seconds or 0.0) >= wait)
         )
+
+    @property
+    def names_requests(self) -> bool:
+        """A refusal not the budget's is its request window's: full, and no full token
+        window keeps the request out longer (else the token window's)."""
+        if self.remaining_requests > 0:
+            return False
+        tokens_full = self.remaining_tokens == 0
+        return not tokens_full or self.reset_requests_seconds >= (self.reset_tokens_seconds or 0.0)
 
 
 class Reading(NamedTuple):
@@ -280,6 +296,11 @@ def report(reading: Reading, limits: Limits | None, budget: Budget | None) -> di
     if limits is not None:
         token_limit = limits.tokens
         reserved = reading.tokens_reserved
+        token_reset = reading.token_wait if tokens_full(reading, limits) else reading.charge_leaves
+        if not token_reset and reserved:
+            # Only reservations hold tokens: they come back as charges, a window from now
+            # (as `admission` tells x-ratelimit-reset-tokens).
+            token_reset = limits.window_seconds
         document = {
             "window_seconds": limits.window_seconds,
             "requests": {
@@ -295,22 +316,21 @@ def report(reading: Reading, limits: Limits | None, budget: Budget | None) -> di
                 "remaining": None
                 if token_limit is None
                 else max(0, token_limit - reading.tokens - reserved),
-                "reset_seconds": seconds(
-                    reading.token_wait if tokens_full(reading, limits) else reading.charge_leaves
-                ),
+                "reset_seconds": seconds(token_reset),
             },
         }
     if budget is not None:
         held = reading.spent + reading.spend_reserved
+        spend_reset = reading.budget_wait if budget_full(reading, budget) else reading.spend_leaves
+        if not spend_reset and reading.spend_reserved:
+            spend_reset = budget.window_seconds  # only reservations: spent a window from now
         document["budget"] = {
             "window_seconds": budget.window_seconds,
             "limit_usd": budget.usd,
             "spent_usd": usd(reading.spent),
             "reserved_usd": usd(reading.spend_reserved),
             "remaining_usd": usd(max(0, budget.micro_usd - held)),
-            "reset_seconds": seconds(
-                reading.budget_wait if budget_full(reading, budget) else reading.spend_leaves
-            ),
+            "reset_seconds": seconds(spend_reset),
         }
     document["totals"] = {
         "requests": reading.total_requests,

@@ -239,9 +239,12 @@ class SlidingWindow:
         """True when no request is in flight and every entry has left its window."""
         if self.reservations:
             return False
+        spend = self.spend
         longest = max(
             self.limits.window_seconds if self.limits else 0.0,
-            self.spend.window if self.spend else 0.0,
+            # A spend leaves at the end of its bucket plus the window: up to a bucket after
+            # the last activity plus the window (0.1 % of it: 43 minutes of 30 days).
+            (spend.window_us + spend.width_us) / 1e6 if spend else 0.0,
         )
         return now - self.last_active >= longest
 

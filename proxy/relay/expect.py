@@ -50,7 +50,8 @@ def expect_handler(
             return None
         try:
             credentials, _ = with_query(request.headers, route(request.raw_path)[1])
-            quota.precheck(ring.authenticate(credentials), None)
+            if quota.refuses(ring.authenticate(credentials)):
+                return None
         except GatewayError:
             return None
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -524,6 +524,39 @@ async def test_a_budget_held_only_by_requests_in_flight_is_a_rate_limit_not_insu
         await answered.read()
 
 
+async def test_a_full_request_window_beside_a_budget_held_in_flight_is_named_not_the_budget(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    # One request a minute, and a budget the running turn's reservation fills: the next turn
+    # waits a minute for the request window, not for the budget (which has room once the
+    # running turn settles). Its 429 must say so: the request quota, a rate limit; not
+    # "Budget exhausted", insufficient_quota, on which Codex ends its turn for good.
+    gateway = await allowance_gateway(
+        {
+            "quota": {"requests": 1, "window_seconds": 60},
+            "budget": {"usd": 0.003, "window_seconds": 3600},
+        },
+        OUTPUT_ALLOWANCE_TOKENS=str(ALLOWANCE),
+    )
+    headers = {**auth(VK), "Accept": "text/event-stream"}
+    running = asyncio.create_task(
+        gateway.post("/v1/responses", json=CODEX_TURN, headers={**headers, **HELD})
+    )
+    await until(lambda: len(fake.requests) == 1, what="the first turn upstream")
+    async with gateway.post("/v1/responses", json=CODEX_TURN, headers=headers) as refused:
+        assert refused.status == 429
+        body = await refused.json()
+        assert_openai_error(body, "rate_limit_exceeded")
+        assert body["error"]["message"].startswith(
+            "Quota exceeded for this key: 1 request per 60 seconds."
+        ), body
+        assert 59 <= int(refused.headers["retry-after"]) <= 60
+    fake.release.set()
+    async with await running as answered:
+        assert answered.status == 200
+        await answered.read()
+
+
 @pytest.mark.parametrize("cap", [1.7e308, 1e300, 18446744073709551615])
 async def test_a_cap_past_any_count_is_admitted_and_priced_without_a_failure(
     allowance_gateway: Any, fake: FakeState, cap: float
@@ -536,3 +569,29 @@ async def test_a_cap_past_any_count_is_admitted_and_priced_without_a_failure(
     body = chat("hello", n=128, max_tokens=cap)
     async with gateway.post("/v1/chat/completions", json=body, headers=auth(VK)) as response:
         assert response.status == 200, await response.text()
+
+
+async def test_usage_says_tokens_and_spend_held_only_by_reservations_come_back_a_window_later(
+    allowance_gateway: Any, fake: FakeState
+) -> None:
+    """GET /usage while the window's first request runs: its reservation holds tokens and
+    spend, which come back when its charge leaves, a window from now (as the x-ratelimit
+    headers say), not "0 seconds" from now as if the window were whole again."""
+    gateway = await allowance_gateway(
+        {
+            "quota": {"requests": 100, "tokens": 100_000, "window_seconds": 60},
+            "budget": {"usd": 10, "window_seconds": 3600},
+        }
+    )
+    held = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=UNCAPPED, headers={**auth(VK), **HELD})
+    )
+    await until(lambda: len(fake.requests) == 1)
+    usage = await usage_of(gateway)
+    assert usage["tokens"]["used"] == 0 and usage["tokens"]["reserved"] > 0
+    assert usage["tokens"]["reset_seconds"] == 60
+    assert usage["budget"]["spent_usd"] == 0 and usage["budget"]["reserved_usd"] > 0
+    assert usage["budget"]["reset_seconds"] == 3600
+    fake.release.set()
+    async with await held as response:
+        assert response.status == 200

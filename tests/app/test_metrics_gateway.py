@@ -185,3 +185,47 @@ async def test_every_quota_refusal_is_counted_by_its_limit_for_a_key_of_its_own_
             if sample.name == "llm_gateway_quota_rejections_total":
                 found[labels["key"]] = sample.value
     assert found == {"limited": 2, "budgeted": 1, "key/requests/": 2, "key/budget/": 1}
+
+
+async def test_a_spent_key_refused_before_its_100_continue_is_counted_once(
+    gateway_with_keys: Any,
+) -> None:
+    """A client holding its body back (Expect: 100-continue, as curl does past 1 KiB) with a
+    key known to be refused gets its 429 without sending the body: one request refused,
+    counted once by each refusal counter, which add up to the same."""
+    import asyncio
+
+    from tests.conftest import LIMITED_VK, auth
+    from tests.support.bodies import CHAT
+
+    gateway = await gateway_with_keys({})
+    statuses = [
+        (await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED_VK))).status
+        for _ in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    try:
+        head = [
+            b"POST /v1/chat/completions HTTP/1.1",
+            b"Host: gateway",
+            f"Authorization: Bearer {LIMITED_VK}".encode(),
+            b"Content-Type: application/json",
+            b"Content-Length: 100",
+            b"Expect: 100-continue",
+        ]
+        writer.write(b"\r\n".join([*head, b"", b""]))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert line.startswith(b"HTTP/1.1 429"), line
+    text = await (await gateway.get("/metrics")).text()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llm_gateway_limit_refusals_total":
+                found[f"{sample.labels['scope']}/{sample.labels['limit']}"] = sample.value
+            if sample.name == "llm_gateway_quota_rejections_total":
+                found[sample.labels["key"]] = sample.value
+    assert found == {"limited": 2, "key/requests": 2}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.quota.memory_tracker import MAX_OWED, MemoryTracker
-from proxy.quota.tracker import KINDS, Admission, Charge, Limits, Owed
+from proxy.quota.tracker import KINDS, Admission, Budget, Charge, Limits, Owed
 from tests.support.clock import Clock
 
 KEY = "key-digest-1"
@@ -62,6 +62,26 @@ async def test_keys_idle_past_their_window_are_evicted_and_keep_their_totals(
         "spent_usd": 0.0,
         **NO_KIND_TOTALS,
     }
+
+
+async def test_a_spent_budget_stays_spent_until_its_429_says_when_another_key_evicts_the_idle(
+    tracker: MemoryTracker, clock: Clock
+):
+    """A budget's spend leaves at the end of its bucket plus the window, a little after the
+    key's last activity plus the window: a key idle that long keeps its window (and its
+    spend) until then, as Redis keeps it, so a newcomer's arrival cannot open it early."""
+    limits = Limits(requests=100, tokens=None, window_seconds=60)
+    budget = Budget(usd=1.0, window_seconds=1000)  # buckets of one second
+    clock.now = 1000.1
+    admitted = await tracker.admit(KEY, limits, budget)
+    tracker.settle(KEY, limits, Charge(0, 1_000_000), admitted.ticket, budget)  # $1 at 1000.1
+    clock.now = 2000.5  # the key idle for its whole budget window; its spend leaves at 2001
+    refused = await tracker.admit(KEY, limits, budget)
+    assert not refused.admitted and refused.retry_after_seconds == pytest.approx(0.5)
+    await tracker.admit("newcomer", limits)  # a key arrives: the idle ones are evicted
+    assert not (await tracker.admit(KEY, limits, budget)).admitted
+    clock.now = 2001.0
+    assert (await tracker.admit(KEY, limits, budget)).admitted
 
 
 async def test_limits_must_be_positive():

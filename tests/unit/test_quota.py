@@ -167,3 +167,30 @@ async def test_a_large_body_refused_before_it_is_read_is_told_the_reset_still_ah
         quota.precheck(key, 10 * 1024 * 1024)
     assert early.value.headers["retry-after"] == "10"
     assert early.value.headers["x-ratelimit-reset-requests"] == "10s"
+
+
+async def test_a_refusal_names_the_window_that_stays_closed_longest() -> None:
+    # One request a minute and 100 tokens: a stream admitted at t=0 ends at t=30 having used
+    # 500 tokens. At t=40 the request window opens in 20 s, the token window in 50 s: the
+    # 429 says "Retry in 50 seconds", and must name the tokens that keep it out that long,
+    # not the one request a minute, which would let it in at t=60.
+    clock = Clock()
+    refused_by: list[str] = []
+    quota = Quota(
+        MemoryTracker(clock),
+        clock=clock,
+        on_refused=lambda scope, limit: refused_by.append(limit),
+    )
+    limits = Limits(requests=1, tokens=100, window_seconds=60)
+    key = Key(Scope("key-digest-longest", "key", "longest", None), shares=False, limits=limits)
+    admission = await quota.admit(key, Peek())
+    clock.advance(30)
+    quota.settle(key, admission, Usage(100, 400), None)
+    clock.advance(10)
+    with pytest.raises(GatewayError) as refused:
+        await quota.admit(key, Peek())
+    assert refused.value.headers["retry-after"] == "50"
+    assert refused.value.message.startswith(
+        "Quota exceeded for this key: 100 tokens per 60 seconds. Retry in 50 seconds"
+    ), refused.value.message
+    assert refused_by == ["tokens"]
