@@ -104,13 +104,15 @@ class Relay:
             validate(tail, request, sent, now, limit, record)  # 403 (a model taken away)
 
         admission = await exchange.admit(peek, failover.first_tried(order), check)  # 429, 503
+        # A usage chunk the gateway asked for is cut out of the answer's bytes: uncoded ones.
+        headers = openai_chat.uncoded(request.headers) if asked else None
         found = None if key.cache is None else await exchange.look_up(sent)
         if found is not None and found.entry is not None:  # a stored answer: never upstream
             return await self.answer_hit(request, found.entry, admission, record)
         trace = exchange.trace
         on_attempt = None if trace is None else trace.attempt
         async with failover.forward(
-            request, plan, tail, exchange.query, body, record, on_attempt, affinity, order
+            request, plan, tail, exchange.query, body, record, on_attempt, affinity, order, headers
         ) as reply:
             # The usage estimate reads the prompt as the provider does: decoded.
             readable = body if peek.decoded is None else peek.decoded

@@ -285,6 +285,7 @@ class Failover:
         on_attempt: OnAttempt | None = None,
         affinity: str | None = None,
         order: tuple[Target, ...] | None = None,
+        headers: CIMultiDictProxy[str] | None = None,
     ) -> Forwarded:
         """`async with` it for the answer to pass on. Raises 502/504 when no provider answered.
 
@@ -292,13 +293,15 @@ class Failover:
         `affinity`: the conversation the request belongs to (None: none), kept on one key.
         `order`: the targets in the order to try them, as `order` gave them when the
         request was admitted (None: chosen now).
+        `headers`: the client's headers as the gateway changed them (None: as sent).
         """
+        incoming = request.headers if headers is None else headers
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
             # (what a walk would do too, without its bookkeeping and its coroutine).
             target = plan.primary
             outbound = build(
-                target, request.method, request.headers, tail, query, body,
+                target, request.method, incoming, tail, query, body,
                 record.request_id, self._max_body_bytes,
             )  # fmt: skip
             credential = target.pool.credentials[0]
@@ -308,7 +311,8 @@ class Failover:
             on_attempt=on_attempt,
             affinity=None if affinity is None else affinity_of(affinity),
         )
-        return Forwarded(self._walk(request, plan, tail, query, body, record, walk, order), walk)
+        walked = self._walk(request, incoming, plan, tail, query, body, record, walk, order)
+        return Forwarded(walked, walk)
 
     @asynccontextmanager
     async def fetch(
@@ -338,6 +342,7 @@ class Failover:
     async def _walk(
         self,
         request: web.Request,
+        incoming: CIMultiDictProxy[str],
         plan: Plan,
         tail: str,
         query: str,
@@ -360,7 +365,9 @@ class Failover:
             walk.is_followed = target is not last
             asked_first = asked_first or target
             attempts = len(record.attempts)
-            reply = await self._on_target(target, request, tail, query, body, record, walk)
+            reply = await self._on_target(
+                target, request, incoming, tail, query, body, record, walk
+            )
             if reply is not None:
                 return reply
             if len(record.attempts) == attempts:
@@ -372,14 +379,16 @@ class Failover:
         walk.is_followed = False
         if asked_first is None:  # every breaker open: try the least recently failed, not nothing
             asked_first = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
-            reply = await self._on_target(asked_first, request, tail, query, body, record, walk)
+            reply = await self._on_target(
+                asked_first, request, incoming, tail, query, body, record, walk
+            )
             if reply is not None:
                 return reply
         if walk.kept is None and walk.failure is None:
             # Nothing was asked: every key of the targets tried rests (429, 401, 403). The
             # key whose rest ends first is asked rather than nobody, as a breaker does.
             reply = await self._on_target(
-                asked_first, request, tail, query, body, record, walk, is_resting=True
+                asked_first, request, incoming, tail, query, body, record, walk, is_resting=True
             )
             if reply is not None:
                 return reply
@@ -389,6 +398,7 @@ class Failover:
         self,
         target: Target,
         request: web.Request,
+        incoming: CIMultiDictProxy[str],
         tail: str,
         query: str,
         body: bytes,
@@ -401,7 +411,7 @@ class Failover:
         `is_resting`: every key rests; the one whose rest ends first is asked all the same."""
         clock, policy = self.breakers.clock, self.policy
         outbound = build(
-            target, request.method, request.headers, tail, query, body,
+            target, request.method, incoming, tail, query, body,
             record.request_id, self._max_body_bytes,
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool

@@ -42,8 +42,11 @@ specification says (`sse_lines`): every whole line goes out at once, a line cut 
 two chunks waits for its end (a few bytes, microseconds), unless it grows past
 `USAGE_LINE_BYTES`: then it is not the usage chunk, and goes out as it comes (so a long
 event is neither held whole nor copied once per chunk); only the usage chunk's `data:`
-line and the blank line after it are withheld. A compressed or sized answer passes
-unfiltered (its bytes cannot be cut without re-encoding it).
+line and the blank line after it are withheld. So the gateway asks for the stream uncoded
+(`Accept-Encoding: identity` upstream, `uncoded`: providers behind a compressing edge, as
+OpenRouter's, code event streams when the SDKs' `gzip, deflate` allows it). A compressed
+answer all the same, or a sized one, passes unfiltered (its bytes cannot be cut without
+re-encoding it).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.keys.keys import VirtualKey
 from proxy.usage import estimate
@@ -241,6 +245,14 @@ def amended(
         return body, False
     changed = amend(body)
     return (body, False) if changed is None else (changed, True)
+
+
+def uncoded(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """The client's headers for a stream whose usage chunk the gateway asked for: the answer
+    asked for uncoded, so that the chunk can be cut out of its bytes (any client reads it)."""
+    changed = CIMultiDict(headers)
+    changed["Accept-Encoding"] = "identity"
+    return CIMultiDictProxy(changed)
 
 
 def amend(body: bytes) -> bytes | None:

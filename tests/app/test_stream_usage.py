@@ -153,6 +153,41 @@ async def test_a_client_that_asks_for_usage_itself_gets_its_chunk_untouched(
     assert lines[-1]["usage"]["estimated"] is False
 
 
+async def test_exact_mode_withholds_its_chunk_from_a_provider_that_compresses_streams(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState, records: Records
+) -> None:
+    """Providers behind a compressing edge (OpenRouter, nginx's or Cloudflare's gzip) code an
+    event stream when the client accepts it, as the SDKs do (`Accept-Encoding: gzip, ...`).
+    The gateway cannot cut its usage chunk out of coded bytes, so the chunk it had asked for
+    reached a client that never did (`choices: []`), and the loop every SDK example writes,
+    `chunk.choices[0].delta.content`, failed with IndexError on it."""
+    rid = f"req_stream_usage_coded_{next(_ids)}"
+    headers = {"x-fake-encoding": "gzip", "x-request-id": rid}
+    stream = await clients(EXACT_VK).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=headers
+    )
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == "tok0 tok1 tok2 "
+    assert fake.requests[-1].headers["Accept-Encoding"] == "identity"  # asked, to cut it out
+    (line,) = await records(1)
+    assert line["usage"]["estimated"] is False
+    assert line["usage"]["completion_tokens"] == fake.usage[rid]["completion_tokens"]
+
+
+async def test_a_stream_not_asked_for_keeps_the_clients_accept_encoding(
+    clients: Callable[[str | None], AsyncOpenAI], fake: FakeState
+) -> None:
+    """Only a stream whose usage chunk the gateway asked for is asked to come uncoded."""
+    asked = {"stream_options": {"include_usage": True}}
+    headers = {"x-fake-encoding": "gzip"}
+    stream = await clients(EXACT_VK).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=headers, **asked
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None  # its own usage chunk, as it asked
+    assert "gzip" in fake.requests[-1].headers["Accept-Encoding"]
+
+
 async def test_exact_mode_leaves_other_requests_alone(
     clients: Callable[[str | None], AsyncOpenAI], fake: FakeState
 ) -> None:

@@ -24,7 +24,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               without the terminating chunk
     x-fake-gzip: 1            JSON bodies gzip-compressed, Content-Encoding: gzip
     x-fake-encoding: C        any body (JSON or stream) in gzip, deflate, br or zstd, a
-                              stream flushed event by event
+                              stream flushed event by event; unless the request's
+                              Accept-Encoding is `identity`, which servers honour
     x-fake-line-end: E        a stream's lines end with `crlf` or `cr` instead of LF (the SSE
                               specification allows all three)
     x-fake-bom: 1             a stream opens with a UTF-8 byte order mark
@@ -392,7 +393,7 @@ class Knobs:
             hang=hang,
             drop=drop,
             is_gzip=headers.get("x-fake-gzip") == "1",
-            encoding=headers.get("x-fake-encoding"),
+            encoding=None if is_identity_only(headers) else headers.get("x-fake-encoding"),
             has_usage=headers.get("x-fake-no-usage") != "1",
             cached_tokens=int(headers.get("x-fake-cached-tokens", "0")),
             cache_write_tokens=int(headers.get("x-fake-cache-write-tokens", "0")),
@@ -646,6 +647,11 @@ def in_pieces(
         if usage and frame:
             moved[(end - 1) // size] = usage
     return pieces, moved
+
+
+def is_identity_only(headers: CIMultiDictProxy[str]) -> bool:
+    """The request accepts no content coding: `Accept-Encoding: identity`."""
+    return headers.get("accept-encoding", "").strip().lower() == "identity"
 
 
 def encoded(frames: list[bytes], coding: str) -> list[bytes]:
