@@ -58,8 +58,13 @@ class KeyStore(Protocol):
 
 
 def encoded(document: dict[str, Any]) -> tuple[bytes, str]:
-    """The document's bytes as written, and their digest (the config hash /health shows)."""
-    raw = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+    """The document's bytes as written, and their digest (the config hash /health shows).
+    Raises KeysFileError for a value nested deeper than orjson writes (an admin body's: it
+    reads deeper)."""
+    try:
+        raw = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+    except orjson.JSONEncodeError:
+        raise KeysFileError("the keys document: a value is nested too deeply") from None
     return raw, hashlib.sha256(raw).hexdigest()[:16]
 
 

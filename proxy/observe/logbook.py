@@ -473,7 +473,7 @@ def _without_credentials(value: Any) -> Any:
 
 def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
     """A body for the log, redacted: its JSON value if it parses (credentials for third
-    parties redacted), else its text."""
+    parties redacted), else its text; None for JSON nested too deeply to write again."""
     if not body:
         return None
     text = redact(body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body)
@@ -484,7 +484,12 @@ def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
     if not isinstance(value, dict | list | str):
         return value
     # JSON may spell a key with escapes ("\u0073k-..."): redact its canonical form too.
-    canonical = redact(orjson.dumps(value).decode())
+    try:  # written inside a list, as deep as it sits in the line
+        canonical = redact(orjson.dumps([value])[1:-1].decode())
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (it reads deeper): the line goes without it, as
+        # without a body over the queue's bound, its credentials for third parties unread.
+        return None
     try:
         return _without_credentials(orjson.loads(canonical))
     except orjson.JSONDecodeError:

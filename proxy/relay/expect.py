@@ -11,6 +11,7 @@ declared Content-Length fits; otherwise it sends nothing, and `relay` answers th
 9110 §10.1.1: a server may answer with the final status instead of 100). It counts
 nothing: `relay` counts the refusal once. A key whose window filled up on another worker
 or gateway is invited all the same: the 429 then comes after the body, from the tracker.
+A client gone before its 100 could be written still reaches `relay`, and its log line (499).
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def expect_handler(
                 return None
         except GatewayError:
             return None
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionResetError:
+            # The client left: its request goes on to `relay`, which logs it 499, as it
+            # logs a client that leaves without Expect.
+            return None
         request.writer.output_size = 0  # as aiohttp's own handler: the response has not begun
         return None
 

@@ -256,7 +256,8 @@ def uncoded(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
 
 
 def amend(body: bytes) -> bytes | None:
-    """`body` asking for the usage chunk; None when it asks already or is not a JSON object."""
+    """`body` asking for the usage chunk; None when it asks already, is not a JSON object, or
+    cannot be written again (nested deeper than orjson writes: it reads deeper)."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -272,7 +273,10 @@ def amend(body: bytes) -> bytes | None:
     if not isinstance(options, dict) or options.get("include_usage") is True:
         return None  # asked already (its chunk reaches the client), or the provider's 400
     options["include_usage"] = True
-    return orjson.dumps(document)
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return None
 
 
 class UsageChunkFilter:

@@ -475,6 +475,28 @@ async def test_a_provider_that_is_not_a_name_is_refused_not_a_500(
     assert keys_file.read_bytes() == before
 
 
+async def test_a_value_nested_deeper_than_keys_json_is_written_is_refused_not_a_500(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # A quota nested 300 levels reads (orjson reads 1024) but cannot be written into
+    # keys.json (orjson writes 255, and the file adds three): the change answered aiohttp's
+    # plain-text 500, no request id, with a traceback in the log.
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300
+    for method, path, body in (
+        ("PATCH", "/admin/keys/limited", b'{"quota": ' + deep + b"}"),
+        ("POST", "/admin/keys", b'{"name": "d", "provider": "openai", "quota": ' + deep + b"}"),
+        ("POST", "/admin/teams", b'{"name": "t", "quota": ' + deep + b"}"),
+    ):
+        response = await gateway.request(method, path, data=body, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        error = await response.json()
+        assert_openai_error(error, "invalid_key_settings")
+        assert "nested too deeply" in error["error"]["message"]
+    assert keys_file.read_bytes() == before
+
+
 @pytest.fixture
 def mounted_alone(keys_file: Path, tmp_path: Path) -> Iterator[Path]:
     """keys.json bind-mounted on its own, as `docker run -v $PWD/keys.json:/app/keys.json`

@@ -1330,6 +1330,35 @@ async def test_100_continue_is_sent_only_to_a_request_the_gateway_will_read(
     assert fake.requests == []
 
 
+async def test_a_client_gone_before_its_100_continue_still_gets_its_log_line(
+    gateway: TestClient, fake: FakeState, records
+) -> None:
+    # A client that sends its head with Expect: 100-continue (and what it had of its body)
+    # and leaves: the 100 could not be written, the expect handler failed with it, and the
+    # request left no log line, where the same client without Expect is logged 499.
+    _, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    head = http_bytes(
+        "POST",
+        "/v1/chat/completions",
+        [
+            *auth(OPENAI_VK).items(),
+            ("Content-Length", "100"),
+            ("Expect", "100-continue"),
+            ("x-request-id", "req_gone_before_continue"),
+        ],
+        b'{"model": "gpt-4o-mini"',
+        length=False,
+    )
+    writer.write(head)
+    writer.write_eof()
+    await writer.drain()
+    await handlers_done(gateway)
+    writer.close()
+    (line,) = await records(1)
+    assert (line["request_id"], line["status"]) == ("req_gone_before_continue", 499)
+    assert fake.requests == []
+
+
 async def test_100_continue_is_not_sent_to_a_locked_out_address(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:

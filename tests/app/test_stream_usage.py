@@ -199,6 +199,24 @@ async def test_exact_mode_leaves_other_requests_alone(
     assert b"stream_options" not in fake.requests[-1].body
 
 
+async def test_a_stream_whose_options_cannot_be_rewritten_goes_up_as_sent(
+    exact_gateway: TestClient, fake: FakeState, records: Records
+) -> None:
+    """A body naming stream_options is re-serialised to ask for usage; one nested deeper than
+    orjson writes (255 levels; it reads 1024) failed the request with a 500. It now goes up
+    as the client sent it, its usage estimated."""
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
+    body += b'"stream": true, "stream_options": {}, "metadata": ' + deep + b"}"
+    headers = {"Authorization": f"Bearer {EXACT_VK}", "Content-Type": "application/json"}
+    async with exact_gateway.post("/v1/chat/completions", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
+    assert fake.requests[-1].body == body
+    (line,) = await records(1)
+    assert line["status"] == 200 and line["usage"]["estimated"] is True
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [

@@ -163,6 +163,31 @@ async def test_log_bodies_logs_json_request_and_response_as_json_and_the_rest_as
     assert (empty["request"], empty["response"]) == (None, None)
 
 
+async def test_a_body_nested_deeper_than_orjson_writes_leaves_its_line_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A body nested 300 levels reads (orjson reads 1024) but does not write again (255):
+    # with LOG_BODIES its request's line was lost ("cannot format line: Recursion limit
+    # reached"), and with it every count read from the log.
+    path = tmp_path / "log.jsonl"
+    logbook = Logbook(str(path), log_bodies=True, on_write_error=Calls())
+    logbook.open()
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    logbook.write(finished_record(0, request_body=b'{"metadata": ' + deep.encode() + b"}"))
+    logbook.write(finished_record(1, response_text="[" * 300 + "]" * 300))
+    # As deep as orjson writes alone, one level too deep inside the line.
+    logbook.write(finished_record(2, response_text="[" * 254 + "]" * 254))
+    logbook.write(finished_record(3, response_text="[" * 253 + "]" * 253))
+    await logbook.close()
+
+    first, second, third, fourth = lines_of(path)
+    assert (first["request"], first["response"]) == (None, {"choices": []})
+    assert second["request"]["model"] == "gpt-4o-mini" and second["response"] is None
+    assert third["response"] is None
+    assert orjson.dumps(fourth["response"]) == b"[" * 253 + b"]" * 253
+    assert not [record for record in caplog.records if "cannot format" in record.getMessage()]
+
+
 async def test_stdout_mode_writes_one_line_per_record(capfd: pytest.CaptureFixture[str]) -> None:
     logbook = Logbook(None, log_bodies=False, on_write_error=Calls())
     logbook.open()
