@@ -58,7 +58,7 @@ async def gateway(
             "KEYS_FILE_PATH": str(path),
             "LOG_TO_FILE": "true",
             "LOG_FILE_PATH": str(log_path),
-            "REQUEST_TIMEOUT": "0.5",  # an ordinary answer on a loaded machine is well within it
+            "REQUEST_TIMEOUT": "1.0",  # an ordinary answer on a loaded machine is well within it
         }
     )
     client = await aiohttp_client(build_app(settings), server_kwargs={"handler_cancellation": True})
