@@ -343,17 +343,27 @@ class Cache:
             self._on_store_lost(str(error))
 
     async def _keep(self, pending: Pending, entry: Entry | None) -> None:
+        """Store the entry, then let go of the claim: also when the store failed (Redis
+        refused the entry: out of memory, a timeout), or the claim would hold up every
+        identical request, on every instance, until it expires (REQUEST_TIMEOUT)."""
         store = self._store
+        lost = None
         try:
             if entry is not None:
-                await store.put(
-                    pending.name, entry, pending.ttl_seconds, pending.prefix, pending.asked_at
-                )
-                self._on_size(*store.size())
+                try:
+                    await store.put(
+                        pending.name, entry, pending.ttl_seconds, pending.prefix, pending.asked_at
+                    )
+                    self._on_size(*store.size())
+                except StoreUnavailable as error:
+                    lost = error
             if pending.is_claimed:
-                await store.release(pending.name)
-        except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+                try:
+                    await store.release(pending.name)
+                except StoreUnavailable as error:
+                    lost = lost or error
+            if lost is not None:  # one request, counted once
+                self._on_store_lost(str(lost))
         finally:
             if pending.flight is not None:
                 self._flights.end(pending.name, pending.flight)

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 import redis
+from aiohttp.test_utils import TestClient
 
 from proxy.cache.entry import Entry, encode
 from proxy.cache.redis_store import RedisStore
 from proxy.cache.store import StoreUnavailable
-from tests.conftest import OPENAI_REAL, keys_document
+from tests.conftest import OPENAI_REAL, auth, keys_document
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 from tests.support.redis_server import MovingAddress, RedisServer, failed_over, standby_of
 
@@ -166,3 +169,42 @@ async def test_after_a_failover_the_store_writes_to_the_new_primary(
                 await store.close()
     finally:
         standby.kill()
+
+
+async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the_next(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    raw_redis: redis.Redis,
+) -> None:
+    # The store of a miss's answer failed (Redis out of memory for a moment, a failover, a
+    # timeout on a large entry): its claim was never let go, and the next identical request,
+    # on any instance, this one too, waited for an answer that never came, REQUEST_TIMEOUT
+    # (10 minutes by default), before it went upstream.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    gateway = await gateway_with_keys({CACHED_VK: entry}, REDIS_URL=redis_server.url)
+    headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
+    stream = {**CHAT, "stream": True}
+    try:
+        async with gateway.post("/v1/chat/completions", json=stream, headers=headers) as first:
+            assert first.headers["x-llm-gateway-cache"] == "miss"
+            await first.content.readany()  # the claim is Redis's: set before upstream
+            raw_redis.config_set("maxmemory", 1)  # noeviction: every write that grows refused
+            await first.read()
+
+        async def put_failed() -> bool:
+            metrics = await (await gateway.get("/metrics")).text()
+            return 'llm_gateway_redis_errors_total{decision="uncached"} 1.0' in metrics
+
+        await until(put_failed, what="the store's failure counted")
+    finally:
+        raw_redis.config_set("maxmemory", 0)
+    second = await asyncio.wait_for(
+        gateway.post("/v1/chat/completions", json=stream, headers=auth(CACHED_VK)), 5
+    )
+    assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+    await second.read()
