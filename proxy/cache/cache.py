@@ -308,7 +308,14 @@ class Cache:
             entry = await store.get(name)
             if entry is not None or not self._is_shared:
                 return entry
-            if await store.claim(name, self._wait_seconds):
+            try:
+                is_claimed = await store.claim(name, self._wait_seconds)
+            except asyncio.CancelledError:
+                # The client left while the claim was on its way: Redis may have made it,
+                # and no answer will come for it. Let go of it (it is ours only if made).
+                self._spawn(self._release(name))
+                raise
+            if is_claimed:
                 pending.is_claimed = True
                 return None
             return await self._await_other(name)
@@ -335,6 +342,12 @@ class Cache:
         else:
             await self._store.add_hit(key.id)
         return Lookup(Cached.HIT, entry=entry)
+
+    async def _release(self, name: str) -> None:
+        try:
+            await self._store.release(name)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
 
     async def _count_hit(self, key: VirtualKey) -> None:
         try:

@@ -208,3 +208,98 @@ async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the
     )
     assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
     await second.read()
+
+
+class HeldReplies:
+    """A hop in front of Redis that holds Redis's replies on a connection once it has carried
+    a claim (`SET … claim:…`), until `let_go` is set: a claim Redis has made, whose reply is
+    still on its way when the client leaves."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.claim_sent, self.let_go = asyncio.Event(), asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> HeldReplies:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.let_go.set()
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        claimed = asyncio.Event()
+
+        async def forward() -> None:
+            while data := await reader.read(65536):
+                if b"claim:" in data:
+                    claimed.set()
+                    self.claim_sent.set()
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def back() -> None:
+            while data := await up_reader.read(65536):
+                if claimed.is_set():
+                    await self.let_go.wait()
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(forward(), back(), return_exceptions=True)
+
+
+async def test_a_client_leaving_while_its_claim_is_made_leaves_no_claim_behind(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    log_path: Path,
+) -> None:
+    # A client that left (its SDK's timeout, a user's Ctrl-C) while its miss's claim was on
+    # its way to Redis: Redis made the claim, and nobody let go of it. Every identical request
+    # after it, on every instance, waited REQUEST_TIMEOUT (10 minutes by default) for the
+    # answer of a request that was gone, then went upstream.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    async with HeldReplies(redis_server.port) as hop:
+        gateway = await gateway_with_keys(
+            {CACHED_VK: entry}, REDIS_URL=hop.url, QUOTA_ENABLED="false"
+        )
+        body = orjson.dumps(CHAT)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            f"Authorization: Bearer {CACHED_VK}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        _, writer = await asyncio.open_connection(gateway.host, gateway.port)
+        writer.write(head + body)
+        await asyncio.wait_for(hop.claim_sent.wait(), 5)
+        writer.close()  # the client leaves while Redis's answer to its claim is held
+
+        def logged() -> list[dict[str, object]]:
+            text = log_path.read_text() if log_path.exists() else ""
+            return [json.loads(line) for line in text.splitlines()]
+
+        await until(lambda: len(logged()) == 1, what="the leaver's log line")
+        assert logged()[0]["status"] == 499
+        hop.let_go.set()
+        second = await asyncio.wait_for(
+            gateway.post(
+                "/v1/chat/completions",
+                data=body,
+                headers=auth(CACHED_VK),
+                skip_auto_headers=("Accept-Encoding",),
+            ),
+            5,
+        )  # the same bytes and headers: the same entry
+        assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+        await second.read()
