@@ -317,3 +317,51 @@ async def test_sigterm_writes_every_line_to_a_slow_stdout_within_the_grace(
             pass  # a line cut short: its request is missing below
     missing = {f"slow-{index}" for index in range(3000)} - logged
     assert not missing, f"{len(missing)} of 3000 lines missing"
+
+
+async def test_two_workers_logging_to_one_fifo_path_write_every_line_whole(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # LOG_FILE_PATH naming a pipe (a FIFO a log shipper reads, or /dev/stdout: Docker's pipe
+    # again, by its path): O_APPEND keeps a file's appends whole, not a pipe's past PIPE_BUF
+    # (4 KiB), so the workers' writes were cut into each other, as on stdout before.
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # before any writer: no wait
+    holder = os.open(fifo, os.O_WRONLY)  # kept open: the reader sees no end until the test's
+    os.set_blocking(reader, True)
+    received = bytearray()
+
+    def read_all() -> None:
+        while data := os.read(reader, 1 << 16):
+            received.extend(data)
+
+    thread = threading.Thread(target=read_all, daemon=True)
+    thread.start()
+    try:
+        process, url = start_gateway(
+            processes,
+            process_keys,
+            fifo,
+            LOG_BODIES="true",
+            WORKERS="2",
+            QUOTA_ENABLED="false",
+        )
+        await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
+        assert await chats(url, 600, prompt_bytes=6 * 1024, tag="fifo") == [200] * 600
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        os.close(holder)
+    await asyncio.to_thread(thread.join, 10)
+    os.close(reader)
+    broken = []
+    for line in bytes(received).splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line[:120])
+    assert not broken, f"{len(broken)} lines cut or interleaved: {broken[:3]}"
+    assert sorted(json.loads(line)["request_id"] for line in received.splitlines()) == sorted(
+        f"fifo-{index}" for index in range(600)
+    )
