@@ -147,6 +147,18 @@ class LogFile:
         return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
+def is_stdout(path: str | None) -> bool:
+    """Whether the log goes to this process's stdout: no path, or one naming what stdout is
+    (/dev/stdout, /proc/self/fd/1, the very file or FIFO stdout was sent to)."""
+    if path is None:
+        return True
+    try:
+        there, here = os.stat(path), os.fstat(STDOUT_FILENO)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
 def _lock(fd: int) -> bool:
     """Wait for the other processes' appends to `fd` to end; False if it cannot be locked."""
     try:

@@ -18,7 +18,13 @@ import pytest
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway, wait_listening
+from tests.support.processes import (
+    Processes,
+    free_port,
+    gateway_command,
+    start_gateway,
+    wait_listening,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -365,3 +371,34 @@ async def test_two_workers_logging_to_one_fifo_path_write_every_line_whole(
     assert sorted(json.loads(line)["request_id"] for line in received.splitlines()) == sorted(
         f"fifo-{index}" for index in range(600)
     )
+
+
+async def test_a_log_file_path_naming_stdout_keeps_stdout_to_json_lines(
+    processes: Processes, process_keys: Path
+) -> None:
+    # LOG_FILE_PATH=/dev/stdout with LOG_TO_FILE=true (how many containers are told to log):
+    # the log is on stdout, yet the gateway's own lines (starting, listening, draining) went
+    # there too, as when the log is in a file: a `jq` or a collector parsing each line of
+    # stdout met "llm-gateway listening on ..." among the JSON lines.
+    port = free_port()
+    process = processes.start(
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": "/dev/stdout",
+        },
+    )
+    await asyncio.to_thread(wait_listening, port, 1)
+    url = f"http://127.0.0.1:{port}"
+    assert await chats(url, 3, tag="stdout") == [200] * 3
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = await asyncio.to_thread(process.communicate, None, 20)
+    assert process.returncode == 0
+    lines = stdout.splitlines()
+    assert not [line for line in lines if not line.startswith("{")], stdout
+    assert sorted(json.loads(line)["request_id"] for line in lines) == [
+        f"stdout-{index}" for index in range(3)
+    ]
