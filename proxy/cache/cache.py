@@ -102,6 +102,9 @@ class Lookup:
 
 
 BYPASS = Lookup(Cached.BYPASS)
+# A claim Redis could not be told to let go of (lost for a moment: a failover, a timeout) is
+# let go of again after each of these pauses, until Redis answers: 31 s in all.
+RELEASE_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class Others(Protocol):
@@ -154,6 +157,8 @@ class Cache:
         self._clock = clock
         self._flights = Flights()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Claims being let go of again while the store cannot be reached (not `settled`).
+        self._retries: set[asyncio.Task[None]] = set()
         self._others = others
 
     async def lookup(
@@ -278,6 +283,8 @@ class Cache:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        for retry in self._retries:  # a Redis still lost at the end: its claims expire
+            retry.cancel()
         await self.settled()
         await self._store.close()
 
@@ -313,7 +320,7 @@ class Cache:
             except asyncio.CancelledError:
                 # The client left while the claim was on its way: Redis may have made it,
                 # and no answer will come for it. Let go of it (it is ours only if made).
-                self._spawn(self._release(name))
+                self._let_go_later(name, (0.0, *RELEASE_RETRY_SECONDS))
                 raise
             if is_claimed:
                 pending.is_claimed = True
@@ -343,11 +350,22 @@ class Cache:
             await self._store.add_hit(key.id)
         return Lookup(Cached.HIT, entry=entry)
 
-    async def _release(self, name: str) -> None:
-        try:
-            await self._store.release(name)
-        except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+    def _let_go_later(self, name: str, pauses: tuple[float, ...] = RELEASE_RETRY_SECONDS) -> None:
+        """Let go of this instance's claim on `name` in the background, after each of `pauses`
+        until the store answers (a claim left would hold up every identical request, on
+        every instance, until it expires: REQUEST_TIMEOUT)."""
+        task = asyncio.get_running_loop().create_task(self._let_go(name, pauses))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _let_go(self, name: str, pauses: tuple[float, ...]) -> None:
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            try:
+                await self._store.release(name)
+                return
+            except StoreUnavailable:
+                continue  # lost still: counted already, tried again after the next pause
 
     async def _count_hit(self, key: VirtualKey) -> None:
         try:
@@ -373,8 +391,9 @@ class Cache:
             if pending.is_claimed:
                 try:
                     await store.release(pending.name)
-                except StoreUnavailable as error:
+                except StoreUnavailable as error:  # Redis lost for a moment (a failover)
                     lost = lost or error
+                    self._let_go_later(pending.name)
             if lost is not None:  # one request, counted once
                 self._on_store_lost(str(lost))
         finally:

@@ -303,3 +303,39 @@ async def test_a_client_leaving_while_its_claim_is_made_leaves_no_claim_behind(
         )  # the same bytes and headers: the same entry
         assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
         await second.read()
+
+
+async def test_a_claim_redis_could_not_be_told_to_let_go_of_is_let_go_of_once_it_answers(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    raw_redis: redis.Redis,
+) -> None:
+    # Redis lost for a moment (a failover, writes paused) when a miss's answer was to be
+    # stored: the store failed, and so did letting go of the claim, which outlived the
+    # moment (a promoted replica has it): every identical request, on every instance,
+    # waited REQUEST_TIMEOUT (10 minutes by default) for an answer nobody would bring.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    gateway = await gateway_with_keys(
+        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+    )
+    headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
+    stream = {**CHAT, "stream": True}
+    async with gateway.post("/v1/chat/completions", json=stream, headers=headers) as first:
+        assert first.headers["x-llm-gateway-cache"] == "miss"
+        await first.content.readany()  # the claim is Redis's: set before upstream
+        # Writes wait 5 s: the store and the claim's release, each given 0.5 s, both fail.
+        raw_redis.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        await first.read()
+    claims = "llm-gateway:cache:claim:*"
+    assert raw_redis.keys(claims)
+    await until(lambda: not raw_redis.keys(claims), within=15, what="the claim let go of")
+    second = await asyncio.wait_for(
+        gateway.post("/v1/chat/completions", json=stream, headers=auth(CACHED_VK)), 5
+    )
+    assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+    await second.read()
