@@ -157,6 +157,7 @@ class Cache:
         self._clock = clock
         self._flights = Flights()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._awaiting = 0  # requests polling for the entry behind another's claim
         # Claims being let go of again while the store cannot be reached (not `settled`).
         self._retries: set[asyncio.Task[None]] = set()
         self._others = others
@@ -184,12 +185,17 @@ class Cache:
         if asked is Directive.REFRESH:
             return Lookup(Cached.BYPASS, pending=pending)
         flight = self._flights.joined(name)
+        if flight is not None and self._is_shared:  # a drop on another instance unlists none
+            if await self._is_dropped_since(pending.prefix, flight.asked_at):
+                # Its answer, asked for before the drop, is not for a request after it.
+                self._flights.unlist(name, flight)
+                flight = self._flights.joined(name)  # one led since the drop, if any
         if flight is not None:  # an identical request is on its way: its answer, as a hit
             entry = await self._flights.wait(flight, self._wait_seconds)
             if entry is not None:
                 return await self._hit(key, entry)
             return Lookup(Cached.MISS, pending=pending)  # it failed: upstream ourselves
-        pending.flight = flight = self._flights.lead(name)
+        pending.flight = flight = self._flights.lead(name, pending.asked_at)
         try:
             entry = await self._find(name, pending)
         except BaseException:  # cancelled (the client left): the waiters go on their own
@@ -274,8 +280,9 @@ class Cache:
         self._others.made_drops(upto)
 
     def waiting(self) -> int:
-        """Requests of this process waiting for an identical one in flight."""
-        return self._flights.waiting()
+        """Requests of this process waiting for an identical one in flight (here, or behind
+        a claim in Redis)."""
+        return self._flights.waiting() + self._awaiting
 
     async def settled(self) -> None:
         """Return once every answer kept so far is in the store (for tests, and close)."""
@@ -330,18 +337,33 @@ class Cache:
             self._on_store_lost(str(error))
             return None
 
+    async def _is_dropped_since(self, prefix: str, asked_at: float) -> bool:
+        """Whether the entries under `prefix` were dropped (on any instance) at or after
+        `asked_at`, as the store keeps such an answer out; False when it cannot tell."""
+        try:
+            dropped = await self._store.dropped_at(prefix)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+            return False
+        return dropped is not None and round(dropped * 1000) >= round(asked_at * 1000)
+
     async def _await_other(self, name: str) -> Entry | None:
-        """Another instance asks upstream: poll for its entry while its claim holds."""
+        """Another request asks upstream (another instance's, or one here whose flight a
+        drop unlisted): poll for its entry while its claim holds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_seconds
-        while loop.time() < deadline:
-            await asyncio.sleep(self._poll_seconds)
-            entry = await self._store.get(name)
-            if entry is not None:
-                return entry
-            if not await self._store.is_claimed(name):
-                return await self._store.get(name)  # stored just before the claim went
-        return None
+        self._awaiting += 1
+        try:
+            while loop.time() < deadline:
+                await asyncio.sleep(self._poll_seconds)
+                entry = await self._store.get(name)
+                if entry is not None:
+                    return entry
+                if not await self._store.is_claimed(name):
+                    return await self._store.get(name)  # stored just before the claim went
+            return None
+        finally:
+            self._awaiting -= 1
 
     async def _hit(self, key: VirtualKey, entry: Entry) -> Lookup:
         if self._is_shared:

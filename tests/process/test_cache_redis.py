@@ -18,15 +18,18 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
+from proxy.app import CACHE
 from proxy.cache.entry import Entry, encode
 from proxy.cache.redis_store import RedisStore
 from proxy.cache.store import StoreUnavailable
 from tests.conftest import OPENAI_REAL, auth, keys_document
+from tests.support.fake_provider import FakeState
 from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 from tests.support.redis_server import MovingAddress, RedisServer, failed_over, standby_of
 
 CACHED_VK = "vk_test_cached_process_6f8a0c2e4b"
+ADMIN = "admin-token-for-cache-tests"
 TTL = 120
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
 
@@ -339,3 +342,45 @@ async def test_a_claim_redis_could_not_be_told_to_let_go_of_is_let_go_of_once_it
     )
     assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
     await second.read()
+
+
+async def test_after_a_drop_on_one_instance_another_does_not_serve_an_answer_begun_before(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    fake: FakeState,
+) -> None:
+    # The operator drops a key's entries on one instance while an identical request is on
+    # its way upstream on another: a request arriving there after the drop joined that
+    # request and was served its answer, begun before the drop, as a hit (on the instance
+    # that took the drop, and without Redis, such a request is not given it: docs/cache.md).
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    env = {"REDIS_URL": redis_server.url, "QUOTA_ENABLED": "false", "ADMIN_TOKEN": ADMIN}
+    dropping = await gateway_with_keys({CACHED_VK: entry}, **env)
+    flying = await gateway_with_keys({CACHED_VK: entry}, **env)
+    body = orjson.dumps(CHAT)
+
+    async def ask_flying(**headers: str) -> tuple[str, bytes]:
+        response = await flying.post(
+            "/v1/chat/completions", data=body, headers={**auth(CACHED_VK), **headers}
+        )
+        assert response.status == 200
+        return response.headers["x-llm-gateway-cache"], await response.read()
+
+    before = asyncio.create_task(ask_flying(**{"x-fake-hold": "1"}))  # held upstream
+    await until(lambda: len(fake.requests) == 1, what="the miss upstream")
+    dropped = await dropping.delete("/admin/cache?key=cached", headers=auth(ADMIN))
+    assert await dropped.json() == {"dropped": 0}
+    after = asyncio.create_task(ask_flying())
+    try:
+        await until(lambda: flying.app[CACHE].waiting() == 1, what="the request after waiting")
+    finally:
+        fake.release.set()  # the answer begun before the drop ends
+    before_cached, before_body = await before
+    after_cached, after_body = await after
+    assert before_cached == after_cached == "miss"
+    assert after_body != before_body  # its own answer, asked for after the drop
