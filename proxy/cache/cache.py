@@ -387,7 +387,7 @@ class Cache:
                 await self._store.release(name)
                 return
             except StoreUnavailable:
-                continue  # lost still: counted already, tried again after the next pause
+                continue  # lost still: tried again after the next pause
 
     async def _count_hit(self, key: VirtualKey) -> None:
         try:

@@ -8,9 +8,10 @@ Owned by the logbook's writer thread; nothing here runs on the event loop.
   atomic. So an append to stdout holds a POSIX record lock on it, which WORKERS sharing the
   pipe take in turn (the kernel releases a dead worker's); where stdout cannot be locked,
   the lines go out unlocked. So does an append to a path that is no regular file (a FIFO a
-  log shipper reads, /dev/stdout): O_APPEND keeps no pipe's writes whole. A short write (a signal) is finished by further writes; one that fails
-  part-way (a full disk) is cut back to its last whole line (`PartlyWritten` says how many
-  lines went out whole), so every line in the file stays whole JSON.
+  log shipper reads, /dev/stdout): O_APPEND keeps no pipe's writes whole. A short write (a
+  signal) is finished by further writes; one that fails part-way (a full disk) is cut back
+  to its last whole line (`PartlyWritten` says how many lines went out whole), so every
+  line in the file stays whole JSON.
 - The file follows its path: `follow` opens the path again when asked (`reopen`: SIGHUP)
   or when the file there is no longer the one open, checked with one `stat` at most once
   per FOLLOW_SECONDS. So logrotate's `create` (rename, then a new file), its
