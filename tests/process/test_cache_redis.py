@@ -189,7 +189,9 @@ async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the
         "name": "cached",
         "cache": {"ttl_seconds": TTL},
     }
-    gateway = await gateway_with_keys({CACHED_VK: entry}, REDIS_URL=redis_server.url)
+    gateway = await gateway_with_keys(
+        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+    )
     headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
     stream = {**CHAT, "stream": True}
     try:
