@@ -30,7 +30,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402
 from proxy.keys.fields import KeysFileError  # noqa: E402
-from proxy.observe.logfile import file_mode, open_for_append  # noqa: E402
+from proxy.observe.logfile import file_mode, is_stdout, open_for_append  # noqa: E402
 from proxy.runtime.check import check, warnings  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
 from proxy.runtime.start_line import start_line  # noqa: E402
@@ -54,7 +54,8 @@ def main(argv: Sequence[str]) -> int:
         for warning in warnings(settings, key_ring, prices, os.environ, argv):
             say(f"warning: {warning}")
         # Beside the listening line: stdout, or stderr when stdout is the interaction log's.
-        status = sys.stdout if settings.log_to_file else sys.stderr
+        logged = settings.log_file_path if settings.log_to_file else None
+        status = sys.stderr if is_stdout(logged) else sys.stdout
         print(start_line(settings, key_ring), file=status, flush=True)
         return run(settings, key_ring)
     except (SettingError, KeysFileError, CannotListen) as error:

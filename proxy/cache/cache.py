@@ -102,6 +102,9 @@ class Lookup:
 
 
 BYPASS = Lookup(Cached.BYPASS)
+# A claim Redis could not be told to let go of (lost for a moment: a failover, a timeout) is
+# let go of again after each of these pauses, until Redis answers: 31 s in all.
+RELEASE_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class Others(Protocol):
@@ -154,6 +157,9 @@ class Cache:
         self._clock = clock
         self._flights = Flights()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._awaiting = 0  # requests polling for the entry behind another's claim
+        # Claims being let go of again while the store cannot be reached (not `settled`).
+        self._retries: set[asyncio.Task[None]] = set()
         self._others = others
 
     async def lookup(
@@ -179,12 +185,17 @@ class Cache:
         if asked is Directive.REFRESH:
             return Lookup(Cached.BYPASS, pending=pending)
         flight = self._flights.joined(name)
+        if flight is not None and self._is_shared:  # a drop on another instance unlists none
+            if await self._is_dropped_since(pending.prefix, flight.asked_at):
+                # Its answer, asked for before the drop, is not for a request after it.
+                self._flights.unlist(name, flight)
+                flight = self._flights.joined(name)  # one led since the drop, if any
         if flight is not None:  # an identical request is on its way: its answer, as a hit
             entry = await self._flights.wait(flight, self._wait_seconds)
             if entry is not None:
                 return await self._hit(key, entry)
             return Lookup(Cached.MISS, pending=pending)  # it failed: upstream ourselves
-        pending.flight = flight = self._flights.lead(name)
+        pending.flight = flight = self._flights.lead(name, pending.asked_at)
         try:
             entry = await self._find(name, pending)
         except BaseException:  # cancelled (the client left): the waiters go on their own
@@ -270,8 +281,9 @@ class Cache:
         self._others.made_drops(upto)
 
     def waiting(self) -> int:
-        """Requests of this process waiting for an identical one in flight."""
-        return self._flights.waiting()
+        """Requests of this process waiting for an identical one in flight (here, or behind
+        a claim in Redis)."""
+        return self._flights.waiting() + self._awaiting
 
     async def settled(self) -> None:
         """Return once every answer kept so far is in the store (for tests, and close)."""
@@ -279,6 +291,8 @@ class Cache:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        for retry in self._retries:  # a Redis still lost at the end: its claims expire
+            retry.cancel()
         await self.settled()
         await self._store.close()
 
@@ -309,7 +323,14 @@ class Cache:
             entry = await store.get(name)
             if entry is not None or not self._is_shared:
                 return entry
-            if await store.claim(name, self._wait_seconds):
+            try:
+                is_claimed = await store.claim(name, self._wait_seconds)
+            except asyncio.CancelledError:
+                # The client left while the claim was on its way: Redis may have made it,
+                # and no answer will come for it. Let go of it (it is ours only if made).
+                self._let_go_later(name, (0.0, *RELEASE_RETRY_SECONDS))
+                raise
+            if is_claimed:
                 pending.is_claimed = True
                 return None
             return await self._await_other(name)
@@ -317,18 +338,33 @@ class Cache:
             self._on_store_lost(str(error))
             return None
 
+    async def _is_dropped_since(self, prefix: str, asked_at: float) -> bool:
+        """Whether the entries under `prefix` were dropped (on any instance) at or after
+        `asked_at`, as the store keeps such an answer out; False when it cannot tell."""
+        try:
+            dropped = await self._store.dropped_at(prefix)
+        except StoreUnavailable as error:
+            self._on_store_lost(str(error))
+            return False
+        return dropped is not None and round(dropped * 1000) >= round(asked_at * 1000)
+
     async def _await_other(self, name: str) -> Entry | None:
-        """Another instance asks upstream: poll for its entry while its claim holds."""
+        """Another request asks upstream (another instance's, or one here whose flight a
+        drop unlisted): poll for its entry while its claim holds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_seconds
-        while loop.time() < deadline:
-            await asyncio.sleep(self._poll_seconds)
-            entry = await self._store.get(name)
-            if entry is not None:
-                return entry
-            if not await self._store.is_claimed(name):
-                return await self._store.get(name)  # stored just before the claim went
-        return None
+        self._awaiting += 1
+        try:
+            while loop.time() < deadline:
+                await asyncio.sleep(self._poll_seconds)
+                entry = await self._store.get(name)
+                if entry is not None:
+                    return entry
+                if not await self._store.is_claimed(name):
+                    return await self._store.get(name)  # stored just before the claim went
+            return None
+        finally:
+            self._awaiting -= 1
 
     async def _hit(self, key: VirtualKey, entry: Entry) -> Lookup:
         if self._is_shared:
@@ -337,6 +373,23 @@ class Cache:
             await self._store.add_hit(key.id)
         return Lookup(Cached.HIT, entry=entry)
 
+    def _let_go_later(self, name: str, pauses: tuple[float, ...] = RELEASE_RETRY_SECONDS) -> None:
+        """Let go of this instance's claim on `name` in the background, after each of `pauses`
+        until the store answers (a claim left would hold up every identical request, on
+        every instance, until it expires: REQUEST_TIMEOUT)."""
+        task = asyncio.get_running_loop().create_task(self._let_go(name, pauses))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _let_go(self, name: str, pauses: tuple[float, ...]) -> None:
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            try:
+                await self._store.release(name)
+                return
+            except StoreUnavailable:
+                continue  # lost still: tried again after the next pause
+
     async def _count_hit(self, key: VirtualKey) -> None:
         try:
             await self._store.add_hit(key.id)
@@ -344,17 +397,28 @@ class Cache:
             self._on_store_lost(str(error))
 
     async def _keep(self, pending: Pending, entry: Entry | None) -> None:
+        """Store the entry, then let go of the claim: also when the store failed (Redis
+        refused the entry: out of memory, a timeout), or the claim would hold up every
+        identical request, on every instance, until it expires (REQUEST_TIMEOUT)."""
         store = self._store
+        lost = None
         try:
             if entry is not None:
-                await store.put(
-                    pending.name, entry, pending.ttl_seconds, pending.prefix, pending.asked_at
-                )
-                self._on_size(*store.size())
+                try:
+                    await store.put(
+                        pending.name, entry, pending.ttl_seconds, pending.prefix, pending.asked_at
+                    )
+                    self._on_size(*store.size())
+                except StoreUnavailable as error:
+                    lost = error
             if pending.is_claimed:
-                await store.release(pending.name)
-        except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+                try:
+                    await store.release(pending.name)
+                except StoreUnavailable as error:  # Redis lost for a moment (a failover)
+                    lost = lost or error
+                    self._let_go_later(pending.name)
+            if lost is not None:  # one request, counted once
+                self._on_store_lost(str(lost))
         finally:
             if pending.flight is not None:
                 self._flights.end(pending.name, pending.flight)

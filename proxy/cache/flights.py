@@ -17,11 +17,12 @@ from proxy.cache.entry import Entry
 
 
 class Flight:
-    __slots__ = ("answer", "waiting")
+    __slots__ = ("answer", "asked_at", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, asked_at: float) -> None:
         self.answer: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
         self.waiting = 0  # requests waiting for it now
+        self.asked_at = asked_at  # when its leader looked up (the cache's clock)
 
 
 class Flights:
@@ -32,9 +33,15 @@ class Flights:
         """The flight of `name` in the air (or landed, its entry not yet stored), if any."""
         return self._flying.get(name)
 
-    def lead(self, name: str) -> Flight:
-        flight = self._flying[name] = Flight()
+    def lead(self, name: str, asked_at: float) -> Flight:
+        flight = self._flying[name] = Flight(asked_at)
         return flight
+
+    def unlist(self, name: str, flight: Flight) -> None:
+        """A flight no request may join any more (its scope's entries were dropped since it
+        left, on another instance); those waiting already still get its answer."""
+        if self._flying.get(name) is flight:
+            del self._flying[name]
 
     def land(self, flight: Flight, entry: Entry | None) -> None:
         """Give the waiters their answer: the entry, or None to go upstream themselves."""

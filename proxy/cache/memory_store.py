@@ -74,6 +74,9 @@ class MemoryStore:
             self._remove(name)
         return len(names)
 
+    async def dropped_at(self, prefix: str) -> float | None:
+        return self._dropped.get(prefix)
+
     async def add_hit(self, key_id: str) -> None:
         self._hits[key_id] = self._hits.get(key_id, 0) + 1
 

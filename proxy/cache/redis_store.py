@@ -165,6 +165,16 @@ class RedisStore:
         self._size = (int(entries), int(size))
         return int(dropped)
 
+    async def dropped_at(self, prefix: str) -> float | None:
+        try:
+            mark = await self._client.get(_drop_mark(prefix))
+        except (RedisError, OSError) as error:
+            raise StoreUnavailable(str(error)) from None
+        try:
+            return None if mark is None else int(mark) / 1000
+        except ValueError:
+            return None  # not a mark of ours
+
     async def add_hit(self, key_id: str) -> None:
         try:
             await self._client.incr(PREFIX + "hits:" + key_id)

@@ -50,6 +50,11 @@ class Store(Protocol):
         requests that asked before `at` (now, the cache's clock); how many were removed."""
         ...
 
+    async def dropped_at(self, prefix: str) -> float | None:
+        """When the entries under `prefix` were last dropped (the cache's clock); None: not
+        that the store remembers."""
+        ...
+
     async def add_hit(self, key_id: str) -> None: ...
 
     async def hits(self, key_id: str) -> int:

@@ -7,9 +7,11 @@ Owned by the logbook's writer thread; nothing here runs on the event loop.
   a pipe (Docker's), where a write over PIPE_BUF (4 KiB: a batch, a line with bodies) is not
   atomic. So an append to stdout holds a POSIX record lock on it, which WORKERS sharing the
   pipe take in turn (the kernel releases a dead worker's); where stdout cannot be locked,
-  the lines go out unlocked. A short write (a signal) is finished by further writes; one that fails
-  part-way (a full disk) is cut back to its last whole line (`PartlyWritten` says how many
-  lines went out whole), so every line in the file stays whole JSON.
+  the lines go out unlocked. So does an append to a path that is no regular file (a FIFO a
+  log shipper reads, /dev/stdout): O_APPEND keeps no pipe's writes whole. A short write (a
+  signal) is finished by further writes; one that fails part-way (a full disk) is cut back
+  to its last whole line (`PartlyWritten` says how many lines went out whole), so every
+  line in the file stays whole JSON.
 - The file follows its path: `follow` opens the path again when asked (`reopen`: SIGHUP)
   or when the file there is no longer the one open, checked with one `stat` at most once
   per FOLLOW_SECONDS. So logrotate's `create` (rename, then a new file), its
@@ -29,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 
@@ -55,6 +58,8 @@ class LogFile:
         self.path = path
         self._mode = mode
         self._fd: int | None = None
+        # What is open is no regular file (stdout, a FIFO): appends hold a lock (`_lock`).
+        self._is_pipe_like = False
         self._reopen_asked = threading.Event()
         self._next_check = 0.0
         # The file open was removed and the path cannot be opened: appends fail until it can.
@@ -66,7 +71,7 @@ class LogFile:
 
     def open(self) -> None:
         """OSError if it cannot be opened."""
-        self._fd = STDOUT_FILENO if self.path is None else open_for_append(self.path, self._mode)
+        self._use(STDOUT_FILENO if self.path is None else open_for_append(self.path, self._mode))
 
     def reopen(self) -> None:
         """Open the path again before the next append (any thread)."""
@@ -81,7 +86,7 @@ class LogFile:
         """Append whole lines in one write (more only after a short one). Raises PartlyWritten."""
         self._follow()
         assert self._fd is not None
-        is_locked = self._fd == STDOUT_FILENO and _lock(self._fd)
+        is_locked = self._is_pipe_like and _lock(self._fd)
         written = 0
         try:
             while written < len(data):
@@ -124,8 +129,14 @@ class LogFile:
             )
             return
         self._is_orphaned = False
-        previous, self._fd = self._fd, fd
+        previous = self._fd
+        self._use(fd)
         os.close(previous)
+
+    def _use(self, fd: int) -> None:
+        """Append to `fd` from now on (one fstat per open, none per append)."""
+        self._fd = fd
+        self._is_pipe_like = fd == STDOUT_FILENO or not stat.S_ISREG(os.fstat(fd).st_mode)
 
     def _is_at_path(self) -> bool:
         assert self.path is not None and self._fd is not None
@@ -137,6 +148,18 @@ class LogFile:
             return True  # cannot tell (a directory not searchable): keep what is open
         here = os.fstat(self._fd)
         return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def is_stdout(path: str | None) -> bool:
+    """Whether the log goes to this process's stdout: no path, or one naming what stdout is
+    (/dev/stdout, /proc/self/fd/1, the very file or FIFO stdout was sent to)."""
+    if path is None:
+        return True
+    try:
+        there, here = os.stat(path), os.fstat(STDOUT_FILENO)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _lock(fd: int) -> bool:

@@ -67,6 +67,7 @@ from aiohttp.web_request import BaseRequest
 from proxy.app import HEALTH, MAX_HEADER_BYTES, MAX_HEADERS, METRICS
 from proxy.errors import GatewayError, body, render
 from proxy.exchange import reset_on_close
+from proxy.observe.logfile import is_stdout
 from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
 from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
@@ -116,9 +117,10 @@ def serve(
     notices.install()
 
     # The status lines (listening, draining, stopped) go to stdout, unless the interaction
-    # log is written there: then to stderr, so stdout holds JSON lines only (`| jq`, a
-    # collector parsing each line).
-    status = STDOUT_FILENO if settings.log_to_file else STDERR_FILENO
+    # log is written there (also by a LOG_FILE_PATH of /dev/stdout): then to stderr, so
+    # stdout holds JSON lines only (`| jq`, a collector parsing each line).
+    logged = settings.log_file_path if settings.log_to_file else None
+    status = STDERR_FILENO if is_stdout(logged) else STDOUT_FILENO
 
     def say(line: str) -> None:
         notices.say(f"llm-gateway {line}{label}", status)

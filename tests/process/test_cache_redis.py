@@ -9,21 +9,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 import redis
+from aiohttp.test_utils import TestClient
 
+from proxy.app import CACHE
 from proxy.cache.entry import Entry, encode
 from proxy.cache.redis_store import RedisStore
 from proxy.cache.store import StoreUnavailable
-from tests.conftest import OPENAI_REAL, keys_document
+from tests.conftest import OPENAI_REAL, auth, keys_document
+from tests.support.fake_provider import FakeState
+from tests.support.polling import until
 from tests.support.processes import Processes, start_gateway
 from tests.support.redis_server import MovingAddress, RedisServer, failed_over, standby_of
 
 CACHED_VK = "vk_test_cached_process_6f8a0c2e4b"
+ADMIN = "admin-token-for-cache-tests"
 TTL = 120
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
 
@@ -166,3 +172,217 @@ async def test_after_a_failover_the_store_writes_to_the_new_primary(
                 await store.close()
     finally:
         standby.kill()
+
+
+async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the_next(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    raw_redis: redis.Redis,
+) -> None:
+    # The store of a miss's answer failed (Redis out of memory for a moment, a failover, a
+    # timeout on a large entry): its claim was never let go, and the next identical request,
+    # on any instance, this one too, waited for an answer that never came, REQUEST_TIMEOUT
+    # (10 minutes by default), before it went upstream.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    gateway = await gateway_with_keys(
+        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+    )
+    headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
+    stream = {**CHAT, "stream": True}
+    try:
+        async with gateway.post("/v1/chat/completions", json=stream, headers=headers) as first:
+            assert first.headers["x-llm-gateway-cache"] == "miss"
+            await first.content.readany()  # the claim is Redis's: set before upstream
+            raw_redis.config_set("maxmemory", 1)  # noeviction: every write that grows refused
+            await first.read()
+
+        async def put_failed() -> bool:
+            metrics = await (await gateway.get("/metrics")).text()
+            return 'llm_gateway_redis_errors_total{decision="uncached"} 1.0' in metrics
+
+        await until(put_failed, what="the store's failure counted")
+    finally:
+        raw_redis.config_set("maxmemory", 0)
+    second = await asyncio.wait_for(
+        gateway.post("/v1/chat/completions", json=stream, headers=auth(CACHED_VK)), 5
+    )
+    assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+    await second.read()
+
+
+class HeldReplies:
+    """A hop in front of Redis that holds Redis's replies on a connection once it has carried
+    a claim (`SET … claim:…`), until `let_go` is set: a claim Redis has made, whose reply is
+    still on its way when the client leaves."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.claim_sent, self.let_go = asyncio.Event(), asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> HeldReplies:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.let_go.set()
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        claimed = asyncio.Event()
+
+        async def forward() -> None:
+            while data := await reader.read(65536):
+                if b"claim:" in data:
+                    claimed.set()
+                    self.claim_sent.set()
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def back() -> None:
+            while data := await up_reader.read(65536):
+                if claimed.is_set():
+                    await self.let_go.wait()
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(forward(), back(), return_exceptions=True)
+
+
+async def test_a_client_leaving_while_its_claim_is_made_leaves_no_claim_behind(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    log_path: Path,
+) -> None:
+    # A client that left (its SDK's timeout, a user's Ctrl-C) while its miss's claim was on
+    # its way to Redis: Redis made the claim, and nobody let go of it. Every identical request
+    # after it, on every instance, waited REQUEST_TIMEOUT (10 minutes by default) for the
+    # answer of a request that was gone, then went upstream.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    async with HeldReplies(redis_server.port) as hop:
+        gateway = await gateway_with_keys(
+            {CACHED_VK: entry}, REDIS_URL=hop.url, QUOTA_ENABLED="false"
+        )
+        body = orjson.dumps(CHAT)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            f"Authorization: Bearer {CACHED_VK}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        _, writer = await asyncio.open_connection(gateway.host, gateway.port)
+        writer.write(head + body)
+        await asyncio.wait_for(hop.claim_sent.wait(), 5)
+        writer.close()  # the client leaves while Redis's answer to its claim is held
+
+        def logged() -> list[dict[str, object]]:
+            text = log_path.read_text() if log_path.exists() else ""
+            return [json.loads(line) for line in text.splitlines()]
+
+        await until(lambda: len(logged()) == 1, what="the leaver's log line")
+        assert logged()[0]["status"] == 499
+        hop.let_go.set()
+        second = await asyncio.wait_for(
+            gateway.post(
+                "/v1/chat/completions",
+                data=body,
+                headers=auth(CACHED_VK),
+                skip_auto_headers=("Accept-Encoding",),
+            ),
+            5,
+        )  # the same bytes and headers: the same entry
+        assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+        await second.read()
+
+
+async def test_a_claim_redis_could_not_be_told_to_let_go_of_is_let_go_of_once_it_answers(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    raw_redis: redis.Redis,
+) -> None:
+    # Redis lost for a moment (a failover, writes paused) when a miss's answer was to be
+    # stored: the store failed, and so did letting go of the claim, which outlived the
+    # moment (a promoted replica has it): every identical request, on every instance,
+    # waited REQUEST_TIMEOUT (10 minutes by default) for an answer nobody would bring.
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    gateway = await gateway_with_keys(
+        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+    )
+    headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
+    stream = {**CHAT, "stream": True}
+    async with gateway.post("/v1/chat/completions", json=stream, headers=headers) as first:
+        assert first.headers["x-llm-gateway-cache"] == "miss"
+        await first.content.readany()  # the claim is Redis's: set before upstream
+        # Writes wait 5 s: the store and the claim's release, each given 0.5 s, both fail.
+        raw_redis.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        await first.read()
+    claims = "llm-gateway:cache:claim:*"
+    assert raw_redis.keys(claims)
+    await until(lambda: not raw_redis.keys(claims), within=15, what="the claim let go of")
+    second = await asyncio.wait_for(
+        gateway.post("/v1/chat/completions", json=stream, headers=auth(CACHED_VK)), 5
+    )
+    assert second.status == 200 and second.headers["x-llm-gateway-cache"] == "miss"
+    await second.read()
+
+
+async def test_after_a_drop_on_one_instance_another_does_not_serve_an_answer_begun_before(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_server: RedisServer,
+    fake: FakeState,
+) -> None:
+    # The operator drops a key's entries on one instance while an identical request is on
+    # its way upstream on another: a request arriving there after the drop joined that
+    # request and was served its answer, begun before the drop, as a hit (on the instance
+    # that took the drop, and without Redis, such a request is not given it: docs/cache.md).
+    entry = {
+        "provider": "openai",
+        "api_key": OPENAI_REAL,
+        "name": "cached",
+        "cache": {"ttl_seconds": TTL},
+    }
+    env = {"REDIS_URL": redis_server.url, "QUOTA_ENABLED": "false", "ADMIN_TOKEN": ADMIN}
+    dropping = await gateway_with_keys({CACHED_VK: entry}, **env)
+    flying = await gateway_with_keys({CACHED_VK: entry}, **env)
+    body = orjson.dumps(CHAT)
+
+    async def ask_flying(**headers: str) -> tuple[str, bytes]:
+        response = await flying.post(
+            "/v1/chat/completions", data=body, headers={**auth(CACHED_VK), **headers}
+        )
+        assert response.status == 200
+        return response.headers["x-llm-gateway-cache"], await response.read()
+
+    before = asyncio.create_task(ask_flying(**{"x-fake-hold": "1"}))  # held upstream
+    await until(lambda: len(fake.requests) == 1, what="the miss upstream")
+    dropped = await dropping.delete("/admin/cache?key=cached", headers=auth(ADMIN))
+    assert await dropped.json() == {"dropped": 0}
+    after = asyncio.create_task(ask_flying())
+    try:
+        await until(lambda: flying.app[CACHE].waiting() == 1, what="the request after waiting")
+    finally:
+        fake.release.set()  # the answer begun before the drop ends
+    before_cached, before_body = await before
+    after_cached, after_body = await after
+    assert before_cached == after_cached == "miss"
+    assert after_body != before_body  # its own answer, asked for after the drop

@@ -18,7 +18,13 @@ import pytest
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway, wait_listening
+from tests.support.processes import (
+    Processes,
+    free_port,
+    gateway_command,
+    start_gateway,
+    wait_listening,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -317,3 +323,82 @@ async def test_sigterm_writes_every_line_to_a_slow_stdout_within_the_grace(
             pass  # a line cut short: its request is missing below
     missing = {f"slow-{index}" for index in range(3000)} - logged
     assert not missing, f"{len(missing)} of 3000 lines missing"
+
+
+async def test_two_workers_logging_to_one_fifo_path_write_every_line_whole(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # LOG_FILE_PATH naming a pipe (a FIFO a log shipper reads, or /dev/stdout: Docker's pipe
+    # again, by its path): O_APPEND keeps a file's appends whole, not a pipe's past PIPE_BUF
+    # (4 KiB), so the workers' writes were cut into each other, as on stdout before.
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # before any writer: no wait
+    holder = os.open(fifo, os.O_WRONLY)  # kept open: the reader sees no end until the test's
+    os.set_blocking(reader, True)
+    received = bytearray()
+
+    def read_all() -> None:
+        while data := os.read(reader, 1 << 16):
+            received.extend(data)
+
+    thread = threading.Thread(target=read_all, daemon=True)
+    thread.start()
+    try:
+        process, url = start_gateway(
+            processes,
+            process_keys,
+            fifo,
+            LOG_BODIES="true",
+            WORKERS="2",
+            QUOTA_ENABLED="false",
+        )
+        await asyncio.to_thread(wait_listening, int(url.rsplit(":", 1)[1]), 2)
+        assert await chats(url, 600, prompt_bytes=6 * 1024, tag="fifo") == [200] * 600
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        os.close(holder)
+    await asyncio.to_thread(thread.join, 10)
+    os.close(reader)
+    broken = []
+    for line in bytes(received).splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line[:120])
+    assert not broken, f"{len(broken)} lines cut or interleaved: {broken[:3]}"
+    assert sorted(json.loads(line)["request_id"] for line in received.splitlines()) == sorted(
+        f"fifo-{index}" for index in range(600)
+    )
+
+
+async def test_a_log_file_path_naming_stdout_keeps_stdout_to_json_lines(
+    processes: Processes, process_keys: Path
+) -> None:
+    # LOG_FILE_PATH=/dev/stdout with LOG_TO_FILE=true (how many containers are told to log):
+    # the log is on stdout, yet the gateway's own lines (starting, listening, draining) went
+    # there too, as when the log is in a file: a `jq` or a collector parsing each line of
+    # stdout met "llm-gateway listening on ..." among the JSON lines.
+    port = free_port()
+    process = processes.start(
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": "/dev/stdout",
+        },
+    )
+    await asyncio.to_thread(wait_listening, port, 1)
+    url = f"http://127.0.0.1:{port}"
+    assert await chats(url, 3, tag="stdout") == [200] * 3
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = await asyncio.to_thread(process.communicate, None, 20)
+    assert process.returncode == 0
+    lines = stdout.splitlines()
+    assert not [line for line in lines if not line.startswith("{")], stdout
+    assert sorted(json.loads(line)["request_id"] for line in lines) == [
+        f"stdout-{index}" for index in range(3)
+    ]

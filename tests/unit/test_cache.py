@@ -290,7 +290,7 @@ async def test_the_memory_store_drops_a_scopes_entries_and_keeps_out_answers_ask
 
 async def test_a_flight_serves_its_waiters_and_a_late_one_too() -> None:
     flights = Flights()
-    flight = flights.lead("n")
+    flight = flights.lead("n", 0.0)
     waiters = [asyncio.create_task(flights.wait(flight, 5)) for _ in range(3)]
     await asyncio.sleep(0)
     assert flights.waiting() == 3
@@ -305,7 +305,7 @@ async def test_a_flight_serves_its_waiters_and_a_late_one_too() -> None:
 
 async def test_a_waiter_goes_on_its_own_after_its_wait_or_a_failed_flight() -> None:
     flights = Flights()
-    flight = flights.lead("n")
+    flight = flights.lead("n", 0.0)
     assert await flights.wait(flight, 0.01) is None  # its own bound
     waiter = asyncio.create_task(flights.wait(flight, 5))
     await asyncio.sleep(0)
