@@ -34,6 +34,7 @@ from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
 from proxy.relay.echoes import StreamMask, is_plain, is_searched_whole, masked_whole, searched
 from proxy.relay.expect import awaits_continue
 from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
+from proxy.relay.listing import ModelList
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
@@ -58,6 +59,9 @@ WATCHED_WRITE_BYTES = 1 << 15
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 # Marks a response whose provider answer had no Content-Type (see keep_untyped).
 UNTYPED = web.ResponseKey("untyped", bool)
+# What changes a whole answer before it goes out (a ResultsLinks, a ModelList); `headers`
+# are the answer's, changed to match.
+Rewrite = Callable[[bytes, CIMultiDict[str]], bytes]
 
 
 class Relay:
@@ -111,13 +115,15 @@ class Relay:
             return await self.answer_hit(request, found.entry, admission, record)
         trace = exchange.trace
         on_attempt = None if trace is None else trace.attempt
+        # A restricted key's model list, filtered to its models (listing.py); no other's.
+        listing = None if key.allowed_models is None else ModelList.of(key, request.method, tail)
         async with failover.forward(
             request, plan, tail, exchange.query, body, record, on_attempt, affinity, order, headers
         ) as reply:
             # The usage estimate reads the prompt as the provider does: decoded.
             readable = body if peek.decoded is None else peek.decoded
             return await self.stream_back(
-                request, reply, plan, readable, record, admission, asked, found
+                request, reply, plan, readable, record, admission, asked, found, listing
             )
 
     async def stream_back(
@@ -130,6 +136,7 @@ class Relay:
         admission: Admission | None,
         asked_usage: bool = False,
         found: Lookup | None = None,
+        listing: ModelList | None = None,
     ) -> web.StreamResponse:
         """Send the provider's status and headers (none carrying a real key), then each chunk
         (a real key the provider echoes in it masked: `echoes`).
@@ -137,6 +144,7 @@ class Relay:
         `body`: the request body as the provider reads it (decoded), for the usage estimate.
         `asked_usage`: the gateway asked for the usage chunk (openai_chat.py): withhold it.
         `found`: the cache's lookup; its `pending` collects the answer as the client gets it.
+        `listing`: a restricted key's model list: filtered to its models.
         """
         settings = self.settings
         echoable = plan.echoable()
@@ -171,18 +179,21 @@ class Relay:
             tap.counted_aside(bedrock.counted_in_headers(reply.headers))
         silences = self.silences
         secrets = searched(echoable)
-        # A message batch's results_url, pointed back at the gateway (links.py): read whole.
-        links = ResultsLinks.of(record.method, record.path, status, content_type)
+        # A message batch's results_url, pointed back at the gateway (links.py), a restricted
+        # key's model list (listing.py): read whole.
+        rewrite: Rewrite | None = ResultsLinks.of(record.method, record.path, status, content_type)
+        if listing is not None and listing.applies(status, content_type):
+            rewrite = listing
         try:
             response: web.StreamResponse
             if (
                 isinstance(reply, StoredAnswer)
                 or is_small_whole_body(reply)
-                or links is not None
+                or rewrite is not None
                 or is_searched_whole(status, coding, secrets)  # a coded error of no length
             ):
                 response = await send_whole(
-                    reply, headers, tap, record, silences, collect, secrets, links
+                    reply, headers, tap, record, silences, collect, secrets, rewrite
                 )
             else:
                 if is_stream_type or reply.content_length is None:
@@ -296,10 +307,11 @@ async def send_whole(
     silences: Silences,
     collect: Callable[[bytes], None] | None = None,
     secrets: tuple[bytes, ...] = (),
-    links: ResultsLinks | None = None,
+    rewrite: Rewrite | None = None,
 ) -> web.Response:
     """Read the body, then answer it in one write, any of `secrets` in it masked (`echoes`),
-    its `links` pointed back at the gateway. Raises 502, 504: nothing was sent yet.
+    then `rewrite` (links pointed back at the gateway, a model list filtered). Raises 502,
+    504: nothing was sent yet.
 
     The idle timeout bounds each silence while the body comes, not the whole read (a slow
     body is fine). The read is here, not a coroutine of its own: each wait for a chunk
@@ -319,13 +331,13 @@ async def send_whole(
                     parts.append(chunk)
                     watch.moved()
                     size += len(chunk)
-                    # only an answer of unknown length: read for links, or a coded error
+                    # only an answer of unknown length: read to rewrite, or a coded error
                     if size > MAX_BYTES:
                         raise GatewayError(
                             502,
                             "upstream_broken",
                             f"The provider's answer is larger than {MAX_BYTES} bytes, "
-                            "more than a message batch or an error holds.",
+                            "more than a message batch, a model list or an error holds.",
                             outcome=Outcome.BROKEN,
                         )
             data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -347,8 +359,8 @@ async def send_whole(
     tap.feed(data)
     if secrets:
         data = masked_whole(data, reply.status, headers, secrets)
-    if links is not None:
-        data = links(data, headers)
+    if rewrite is not None:
+        data = rewrite(data, headers)
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)

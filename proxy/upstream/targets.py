@@ -371,6 +371,10 @@ class Plans:
             "model",
         )
 
+    def serves(self, model: str) -> bool:
+        """A request naming `model` goes somewhere (`choose` raises no 400 for it)."""
+        return self.own is not None or any(route.matches(model) for route in self.routes)
+
     @property
     def first(self) -> Plan:
         """The plan a request without a model goes to first (for /usage, health, realtime)."""

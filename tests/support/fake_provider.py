@@ -1488,6 +1488,21 @@ async def models(request: web.Request) -> web.StreamResponse:
     )
 
 
+# Gemini's native API (generativelanguage.googleapis.com/v1beta) names its models
+# `models/<id>`, and pages its list with a token.
+GEMINI_MODEL_IDS = ("gemini-2.5-flash", "gemini-2.5-pro", "text-embedding-004")
+GEMINI_PAGE_TOKEN = "fake-page-2"
+
+
+async def gemini_models(request: web.Request) -> web.StreamResponse:
+    """Gemini's native list (GET v1beta/models): `models`, each `name` `models/<id>`."""
+    listed = [
+        {"name": f"models/{model_id}", "displayName": model_id, "inputTokenLimit": 1048576}
+        for model_id in GEMINI_MODEL_IDS
+    ]
+    return await reply(request, {"models": listed, "nextPageToken": GEMINI_PAGE_TOKEN})
+
+
 async def model(request: web.Request) -> web.StreamResponse:
     model_id = request.match_info["model_id"]
     return await reply(
@@ -1725,6 +1740,7 @@ def build_fake_provider() -> web.Application:
         app.router.add_get(f"{prefix}/models/{{model_id}}", model)
         app.router.add_post(f"{prefix}/messages", messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    app.router.add_get("/v1beta/models", gemini_models)
     # Azure OpenAI at a resource's endpoint: the deployments API and the v1 API.
     for prefix in ("/openai/deployments/{deployment}", "/openai/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)

@@ -1,0 +1,227 @@
+"""A restricted key's model list: `GET /v1/models` of a key with `allowed_models` lists only the
+models the key may use, in the provider's own shape (OpenAI, Anthropic, Gemini native), as the
+official SDKs' `client.models.list()` (and Open WebUI, LibreChat, Cursor...) read it; every other
+key gets the provider's bytes as they came."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import (
+    ANTHROPIC_VK,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    auth,
+    keys_document,
+)
+from tests.support.fake_provider import GEMINI_PAGE_TOKEN, MODEL_IDS, FakeState, Fault
+
+LISTED_VK = "vk_test_listed_models_1a2b3c4d5e"
+ROUTED_VK = "vk_test_routed_models_6f7a8b9c0d"
+GEMINI_VK = "vk_test_gemini_models_2b4d6f8a0c"
+FALLING_VK = "vk_test_falling_models_3c5e7a9b1d"
+NOTHING_VK = "vk_test_nothing_listed_4d6f8a0c2e"
+KEYS: dict[str, dict[str, Any]] = {
+    LISTED_VK: {
+        "provider": "openai",
+        "api_key": "sk-real-listed-1212121212",
+        "name": "listed",
+        "allowed_models": ["gpt-4o-*", "fake-*"],
+    },
+    # Routes only: a model no route serves is refused (400), even when allowed_models allows it.
+    ROUTED_VK: {
+        "name": "routed",
+        "allowed_models": ["gpt-*", "fake-*"],
+        "routes": [
+            {"models": ["gpt-*"], "provider": "openai", "api_key": "sk-real-routed-3434343434"}
+        ],
+    },
+    # The primary refuses (a 503 from the fake for this real key), the fallback lists.
+    FALLING_VK: {
+        "name": "falling",
+        "provider": "openai",
+        "api_key": "sk-real-falling-5656565656",
+        "fallbacks": [{"provider": "azure", "api_key": "azure-real-falling-7878787878"}],
+        "allowed_models": ["gpt-4o-*"],
+    },
+    NOTHING_VK: {
+        "provider": "anthropic",
+        "api_key": "sk-ant-real-nothing-9090909090",
+        "name": "nothing",
+        "allowed_models": ["claude-opus-9-*"],
+    },
+}
+
+
+@pytest.fixture
+async def gateway(gateway_with_keys: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    return await gateway_with_keys(KEYS)
+
+
+def openai_sdk(gateway: TestClient, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=key, max_retries=0)
+
+
+def anthropic_sdk(gateway: TestClient, key: str) -> anthropic.AsyncAnthropic:
+    base = str(gateway.make_url(""))
+    return anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+
+
+async def test_the_openai_sdk_lists_only_the_models_a_restricted_key_may_use(
+    gateway: TestClient,
+) -> None:
+    async with openai_sdk(gateway, LISTED_VK) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["gpt-4o-mini", "fake-model"]  # the provider's order, the rest left out
+
+
+async def test_the_anthropic_sdk_lists_only_the_models_a_restricted_key_may_use(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, RESTRICTED_VK) as client:
+        page = await client.models.list()
+        every = [model.id async for model in client.models.list()]
+    assert [model.id for model in page.data] == every == ["claude-3-5-haiku-latest"]
+    assert (page.first_id, page.last_id, page.has_more) == (
+        "claude-3-5-haiku-latest",
+        "claude-3-5-haiku-latest",
+        False,
+    )
+
+
+async def test_a_page_left_empty_names_no_cursor(gateway: TestClient) -> None:
+    response = await gateway.get(
+        "/v1/models", headers={**auth(NOTHING_VK), "anthropic-version": "2023-06-01"}
+    )
+    assert response.status == 200
+    assert await response.json() == {
+        "data": [],
+        "has_more": False,
+        "first_id": None,
+        "last_id": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [(OPENAI_VK, {}), (ANTHROPIC_VK, {"anthropic-version": "2023-06-01"})],
+)
+async def test_a_key_without_allowed_models_gets_the_providers_list_byte_for_byte(
+    gateway: TestClient, fake: FakeState, key: str, headers: dict[str, str]
+) -> None:
+    response = await gateway.get("/v1/models", headers={**auth(key), **headers})
+    assert response.status == 200
+    body = await response.read()
+    assert body == fake.sent[response.headers["x-request-id"]]
+    assert [model["id"] for model in orjson.loads(body)["data"]] == list(MODEL_IDS)
+
+
+async def test_a_compressed_list_goes_out_filtered_and_decoded(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.get(
+        "/v1/models",
+        headers={**auth(LISTED_VK), "x-fake-gzip": "1", "Accept-Encoding": "gzip"},
+        auto_decompress=False,
+    )
+    assert response.status == 200
+    body = await response.read()
+    assert "content-encoding" not in response.headers
+    assert int(response.headers["content-length"]) == len(body)
+    assert [model["id"] for model in orjson.loads(body)["data"]] == ["gpt-4o-mini", "fake-model"]
+    # ... and that of a key without allowed_models as it came: compressed
+    response = await gateway.get(
+        "/v1/models",
+        headers={**auth(OPENAI_VK), "x-fake-gzip": "1", "Accept-Encoding": "gzip"},
+        auto_decompress=False,
+    )
+    assert response.headers["content-encoding"] == "gzip"
+    assert [m["id"] for m in orjson.loads(gzip.decompress(await response.read()))["data"]] == list(
+        MODEL_IDS
+    )
+
+
+async def test_an_error_answer_passes_as_it_came(gateway: TestClient, fake: FakeState) -> None:
+    response = await gateway.get("/v1/models", headers={**auth(LISTED_VK), "x-fake-status": "500"})
+    assert response.status == 500
+    assert await response.read() == fake.sent[response.headers["x-request-id"]]
+
+
+async def test_a_body_that_is_no_json_passes_as_it_came(gateway: TestClient) -> None:
+    response = await gateway.get(
+        "/v1/models",
+        headers={**auth(LISTED_VK), "x-fake-raw-chunks": "2", "x-fake-sized": "1"},
+    )
+    assert response.status == 200
+    assert await response.read() == b"raw0\nraw1\n"
+
+
+async def test_a_model_the_key_may_not_use_is_refused_when_asked_for_by_id(
+    gateway: TestClient,
+) -> None:
+    async with openai_sdk(gateway, LISTED_VK) as client:
+        assert (await client.models.retrieve("gpt-4o-mini")).id == "gpt-4o-mini"
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await client.models.retrieve("text-embedding-3-small")
+    assert refused.value.code == "model_not_allowed"
+    response = await gateway.get(
+        "/v1/models/claude-opus-4-1",
+        headers={**auth(RESTRICTED_VK), "anthropic-version": "2023-06-01"},
+    )
+    assert response.status == 403
+
+
+async def test_a_router_key_lists_no_model_that_no_route_serves(gateway: TestClient) -> None:
+    async with openai_sdk(gateway, ROUTED_VK) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["gpt-4o-mini"]  # fake-model is allowed, but no route serves it (400)
+
+
+async def test_the_list_of_a_fallback_is_filtered_as_the_primarys_would_be(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    fake.faults["sk-real-falling-5656565656"] = Fault(503)
+    async with openai_sdk(gateway, FALLING_VK) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["gpt-4o-mini"]
+    assert fake.requests[-1].headers["api-key"] == "azure-real-falling-7878787878"
+
+
+async def test_gemini_native_lists_only_the_models_a_restricted_key_may_use(
+    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> None:
+    document = keys_document(fake_base)
+    document["providers"]["google-ai"] = {
+        "base_url": f"{fake_base}/v1beta",
+        "auth": "x-goog-api-key",
+    }
+    document["virtual_keys"][GEMINI_VK] = {
+        "provider": "google-ai",
+        "api_key": "real-google-key-2222222222",
+        "allowed_models": ["gemini-2.5-*"],
+    }
+    path = tmp_path / "gemini-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    response = await gateway.get("/v1/models", headers={"x-goog-api-key": GEMINI_VK})
+    assert response.status == 200
+    body = await response.json()
+    assert [model["name"] for model in body["models"]] == [
+        "models/gemini-2.5-flash",
+        "models/gemini-2.5-pro",
+    ]
+    assert body["nextPageToken"] == GEMINI_PAGE_TOKEN
+    refused = await gateway.get(
+        "/v1/models/text-embedding-004", headers={"x-goog-api-key": GEMINI_VK}
+    )
+    assert refused.status == 403
