@@ -347,7 +347,7 @@ async def test_close_waits_for_a_slow_sink_while_it_takes_lines() -> None:
         for n in range(300):
             logbook.write(finished_record(n, response_text="y" * 10_000))
         thread.start()
-        await logbook.close(timeout_seconds=20, stall_seconds=0.3)
+        await logbook.close(timeout_seconds=20, stall_seconds=2.0)
         assert logbook.queued == (0, 0)  # written before close returned, not given up on
         os.close(writer)
         writer = -1
