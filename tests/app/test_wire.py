@@ -212,6 +212,40 @@ async def test_a_bursts_connections_idle_past_the_keepalive_are_closed_under_ste
         await wire.close()
 
 
+async def test_a_bursts_connections_are_closed_past_the_keepalive_when_traffic_stops() -> None:
+    """A burst of streams, then no request: its connections, idle past keepalive_seconds,
+    are closed though no request comes to find them. They were held open for as long as the
+    provider let them (1,000 connections to a server keeping them: 1,000 sockets, for ever)."""
+    wire = Wire(connect_timeout=2.0, keepalive_seconds=0.1)
+    arrived, release, closed = asyncio.Queue[None](), asyncio.Event(), asyncio.Queue[None]()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.put_nowait(None)
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # the server keeps its connections: it waits for the wire's close
+        closed.put_nowait(None)
+
+    async def ask() -> bytes:
+        reply = await wire.request("GET", url, {}, None)
+        return await reply.read()
+
+    async with await RawServer.start(handle, "127.0.0.1", 0) as server:
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/models")
+        try:
+            burst = [asyncio.create_task(ask()) for _ in range(4)]
+            for _ in burst:
+                await asyncio.wait_for(arrived.get(), 5)
+            release.set()
+            assert await asyncio.gather(*burst) == [b"ok"] * 4
+            for _ in burst:  # no request follows: the sweep closes them
+                await asyncio.wait_for(closed.get(), 5)
+        finally:
+            await wire.close()
+
+
 async def test_a_body_left_unread_closes_its_connection(aiohttp_server: Serve, wire: Wire) -> None:
     server = await aiohttp_server(app())
     reply = await wire.request("GET", server.make_url("/big"), {}, None)
