@@ -6,9 +6,10 @@ by one). This is what a proxy's upstream side needs and no more, measured in
 `bench/foundations.py` at about half the CPU per request:
 
 - one pool of idle connections per origin (scheme, host, port), last in first out, an idle
-  connection closed after `keepalive_seconds` (found so when the origin is next used: those
-  a burst left under the newest are closed as traffic goes on, not kept for as long as the
-  provider allows), and any, however busy, once `MAX_AGE` old (so a provider's name is asked
+  connection closed after `keepalive_seconds` (found so when the origin is next used, or by
+  a sweep at the oldest's time when none is: those a burst left are closed whether traffic
+  goes on or stops, not kept for as long as the provider allows), and any, however busy,
+  once `MAX_AGE` old (so a provider's name is asked
   again: a move by DNS is followed); no limit on connections (concurrency is the quota's
   business);
 - an idle connection left `HINT_MARGIN` (1 s) before the time its provider said it closes
@@ -20,8 +21,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   another taken; one reused sooner, as under load, costs no system call. Idle, for both,
   counts from when reading paused for a slow reader, if it did: the provider may have
   written its answer's end then, and its idle time begun, long before it was read here;
-- the request written once: head and body in one write; only `Host` and `Content-Length`
-  are added (no User-Agent, Accept or Accept-Encoding of ours);
+- the request written once: head and body in one write (a body over JOIN_BYTES in a
+  second, not copied onto its head); only `Host` and `Content-Length` are added (no
+  User-Agent, Accept or Accept-Encoding of ours);
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
   (`content.readany()`), the provider's chunked framing removed (any other transfer
   coding is refused: its header is hop-by-hop, so the client could not undo it) and its
@@ -113,6 +115,14 @@ CONNECT_SECONDS = 5.0
 HAPPY_EYEBALLS_DELAY = 0.25
 # The alarm may go off this early (an event loop's timers round to the millisecond).
 CLOCK_SLACK = 0.001
+# Seconds at least between two sweeps of the idle connections past their time: an idle one
+# may outlive its time by this much (no request is written on it: it is looked at first).
+SWEEP_GAP = 1.0
+# A body up to this size is joined to its head, one write (one system call); a larger one
+# is written after it as it is: joined, it was copied, and the copy held as long as the
+# request (8 clients each sending a 30 MB image took the gateway 445 MB over its idle size
+# while the provider thought, 277 MB written apart).
+JOIN_BYTES = 65536
 
 
 class Body:
@@ -465,6 +475,9 @@ class Wire:
         self._heads: dict[Connection, float] = {}
         self._alarm: asyncio.TimerHandle | None = None
         self._alarm_at = math.inf
+        # The sweep of idle connections past their time, at the soonest such time (`_sweep_at`).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     async def request(
         self,
@@ -500,6 +513,8 @@ class Wire:
                 if hop.authorization is not None:
                     extra = f"\r\nProxy-Authorization: {hop.authorization}"
         head = _head(method, target, host, headers, body, extra)
+        # A large body follows its head in a write of its own (`_head` joins the others).
+        tail = body if body is not None and len(body) > JOIN_BYTES else None
         now = self.loop.time()
         deadline = math.inf if timeout is None else now + timeout
         connection = self._idle_one(origin, now)
@@ -510,6 +525,8 @@ class Wire:
             headed = connection.begin(head_only=method == "HEAD")
             assert connection.transport is not None
             connection.transport.write(head)
+            if tail is not None:
+                connection.transport.write(tail)
             if on_sent is not None:
                 on_sent()
             if deadline < math.inf:
@@ -698,6 +715,34 @@ class Wire:
             stale = idle.popleft()
             if stale.transport is not None:
                 stale.transport.close()
+        # When no request comes to find them (traffic stopped after a burst), the sweep does.
+        if expires < self._sweep_at:
+            self._set_sweep(expires)
+
+    def _set_sweep(self, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep = self.loop.call_at(when, self._sweep_idle)
+        self._sweep_at = when
+
+    def _sweep_idle(self) -> None:
+        """Close every idle connection past its time; set the next sweep at the soonest time
+        of those left. Under traffic, about one pass a keep-alive; idle, none once all are
+        closed."""
+        self._sweep, self._sweep_at = None, math.inf
+        now, soonest = self.loop.time() + CLOCK_SLACK, math.inf
+        for origin, idle in self._idle.items():
+            fresh: deque[Connection] = deque()
+            for connection in idle:
+                if connection.expires > now:
+                    fresh.append(connection)
+                    if connection.expires < soonest:
+                        soonest = connection.expires
+                elif connection.transport is not None:
+                    connection.transport.close()
+            self._idle[origin] = fresh
+        if soonest < math.inf:  # not sooner than SWEEP_GAP: a pass per connection kept
+            self._set_sweep(max(soonest, now + SWEEP_GAP))
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.origin)
@@ -706,6 +751,9 @@ class Wire:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep, self._sweep_at = None, math.inf
         if self._alarm is not None and not self._heads:
             self._alarm.cancel()
             self._alarm, self._alarm_at = None, math.inf
@@ -726,7 +774,7 @@ def _head(
 ) -> bytes:
     """The request line for `target` (path and query, or the absolute URL for a proxy), the
     headers plus Host, `extra` (a proxy's "\r\nProxy-Authorization: ...") and Content-Length
-    of ours, then the body."""
+    of ours, then the body unless it is over JOIN_BYTES (written on its own)."""
     if isinstance(headers, _CASELESS) and headers.keys().isdisjoint(_OURS):
         # the relay's (none of ours to drop, asked case-blind): each "name: value" joined in C
         fields = "\r\n".join(map(": ".join, headers.items()))
@@ -738,7 +786,7 @@ def _head(
     length = f"\r\nContent-Length: {len(body) if body else 0}" if body or method in _BODIED else ""
     text = f"{method} {target} HTTP/1.1\r\nHost: {host}{before}{fields}{extra}{length}\r\n\r\n"
     head = text.encode("utf-8", "surrogateescape")
-    return head + body if body else head
+    return head + body if body and len(body) <= JOIN_BYTES else head
 
 
 _OURS = frozenset(("host", "content-length", "transfer-encoding", "connection"))

@@ -8,6 +8,7 @@ import gzip
 import socket
 import struct
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -100,6 +101,43 @@ async def test_a_post_arrives_with_its_headers_and_body_and_nothing_of_ours(
     assert "User-Agent" not in seen["headers"] and "Accept-Encoding" not in seen["headers"]
 
 
+async def test_a_large_body_is_not_copied_while_its_answer_is_awaited(wire: Wire) -> None:
+    # A 30 MB image in a chat request was copied onto the request's head to go in one write,
+    # and the copy held until the provider answered: 8 such clients took the gateway 445 MB
+    # over its idle size, not the 240 MB of their bodies. The server holds its answer until
+    # the body came whole, while the wire's own memory is measured.
+    body = b'{"image": "' + b"A" * 4_000_000 + b'"}'
+    received, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while length:  # read and dropped, so the server's memory is not the wire's
+            length -= len(await reader.read(min(length, 65536)))
+        received.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    wire_file = tracemalloc.Filter(True, wire_module.__file__)
+    async with await RawServer.start(handle, "127.0.0.1", 0) as server:
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
+        tracemalloc.start()
+        try:
+            asked = asyncio.create_task(wire.request("POST", url, {}, body))
+            await asyncio.wait_for(received.wait(), 10)
+            held = sum(
+                trace.size
+                for trace in tracemalloc.take_snapshot().filter_traces([wire_file]).traces
+            )
+        finally:
+            tracemalloc.stop()
+            release.set()
+        reply = await asyncio.wait_for(asked, 10)
+        assert await reply.read() == b"ok"
+    assert held < 100_000  # the head and its bookkeeping: no second copy of the 4 MB
+
+
 async def test_a_stream_is_handed_on_chunk_by_chunk(aiohttp_server: Serve, wire: Wire) -> None:
     application = app()
     server = await aiohttp_server(application)
@@ -172,6 +210,40 @@ async def test_a_bursts_connections_idle_past_the_keepalive_are_closed_under_ste
         await until(lambda: open_ones() == 1, 5, "the burst's idle connections are closed")
     finally:
         await wire.close()
+
+
+async def test_a_bursts_connections_are_closed_past_the_keepalive_when_traffic_stops() -> None:
+    """A burst of streams, then no request: its connections, idle past keepalive_seconds,
+    are closed though no request comes to find them. They were held open for as long as the
+    provider let them (1,000 connections to a server keeping them: 1,000 sockets, for ever)."""
+    wire = Wire(connect_timeout=2.0, keepalive_seconds=0.1)
+    arrived, release, closed = asyncio.Queue[None](), asyncio.Event(), asyncio.Queue[None]()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.put_nowait(None)
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # the server keeps its connections: it waits for the wire's close
+        closed.put_nowait(None)
+
+    async def ask() -> bytes:
+        reply = await wire.request("GET", url, {}, None)
+        return await reply.read()
+
+    async with await RawServer.start(handle, "127.0.0.1", 0) as server:
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/models")
+        try:
+            burst = [asyncio.create_task(ask()) for _ in range(4)]
+            for _ in burst:
+                await asyncio.wait_for(arrived.get(), 5)
+            release.set()
+            assert await asyncio.gather(*burst) == [b"ok"] * 4
+            for _ in burst:  # no request follows: the sweep closes them
+                await asyncio.wait_for(closed.get(), 5)
+        finally:
+            await wire.close()
 
 
 async def test_a_body_left_unread_closes_its_connection(aiohttp_server: Serve, wire: Wire) -> None:
