@@ -10,7 +10,7 @@ virtual key) and the upstream URL, which no part of a request can point elsewher
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -41,6 +41,11 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     )
 )
+
+# Real keys are 30 to 110 characters: a shorter one is a placeholder ("-", "EMPTY", "none" for a
+# server that checks no key), which no answer is searched for (`searched`): a header or a body
+# holding "-" or "x" merely contains the character.
+MIN_SECRET_CHARS = 16
 
 # A client that signs for AWS itself sends these beside its Authorization: its own cloud
 # credential, never forwarded (the gateway signs with the target's).
@@ -208,9 +213,10 @@ def downstream_headers(
     """The provider's headers minus hop-by-hop ones, Alt-Svc, and any that carry one of
     `secrets`.
 
-    `secrets` are the real keys the request was sent with: a provider (or a debugging proxy
-    in front of it) that reflects request headers must not hand them to the client. Such a
-    header is dropped whole, not redacted: its other bytes may encode the key too.
+    `secrets` are the real keys the request was sent with (`searched`: placeholders left
+    out): a provider (or a debugging proxy in front of it) that reflects request headers must
+    not hand them to the client. Such a header is dropped whole, not redacted: its other
+    bytes may encode the key too.
     Content-Length stays (same bytes).
     """
     headers = _without(incoming, _NOT_DOWNSTREAM)
@@ -226,6 +232,11 @@ def downstream_headers(
             if not any(secret in name or secret in value for secret in secrets)
         )
     return headers
+
+
+def searched(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The real keys an answer is searched for: those of `MIN_SECRET_CHARS` or more."""
+    return tuple(secret for secret in secrets if len(secret) >= MIN_SECRET_CHARS)
 
 
 def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

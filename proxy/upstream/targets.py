@@ -272,7 +272,8 @@ class Plan:
     """A target and its fallbacks, in the order they are tried."""
 
     targets: tuple[Target, ...]
-    # Every real key of every target: what no response header may carry, should a provider echo one.
+    # Every real key of every target, but placeholders (`providers.searched`): what no response
+    # header may carry, should a provider echo one.
     secrets: tuple[str, ...] = field(default=(), repr=False)
     balance: str = WEIGHTED  # LATENCY: the first target tried is chosen (see the module's doc)
     # The clouds' signers of its targets, whose bearer tokens change as they are refreshed.
