@@ -13,7 +13,8 @@ them with the other credentials.
 
 A Google access token is minted from the service account when there is none or the one
 held is about to expire (google-auth's `valid`: within 3m45s of its expiry), never per
-request; one refresh at a time (a lock), in a thread (google-auth's transport blocks).
+request; one refresh at a time, in a thread (google-auth's transport blocks), whose token or
+failure every request that waited on it shares.
 The token is good for its hour to anyone who holds it: it is a signer's `bearer`, which no
 answer may echo (relay/echoes.py), as a real key.
 """
@@ -95,7 +96,7 @@ class SigV4:
 class GoogleToken:
     """A service account's OAuth access token, minted when needed and reused until then."""
 
-    __slots__ = ("_credentials", "_lock", "_transport")
+    __slots__ = ("_credentials", "_refreshing", "_transport")
 
     def __init__(self, info: Mapping[str, Any], proxies: Mapping[str, str] | None = None) -> None:
         """`info`: the service-account key file's JSON. Raises ValueError when it is not one.
@@ -109,7 +110,7 @@ class GoogleToken:
         self._credentials = from_info(  # type: ignore[no-untyped-call]
             dict(info), scopes=[CLOUD_PLATFORM]
         )
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Future[None] | None = None  # the refresh under way, if any
         timeout = urllib3.Timeout(total=TOKEN_TIMEOUT_SECONDS)
         egress = Egress.of(proxies or {})
         hop = egress.hop(origin_of(URL(self.token_uri))) if egress is not None else None
@@ -134,13 +135,24 @@ class GoogleToken:
         return token if isinstance(token, str) and token else None
 
     async def token(self) -> str:
-        """The held token while it is valid; else a new one (one refresh at a time)."""
+        """The held token while it is valid; else a new one. One refresh at a time, whose
+        outcome every request that needed it meanwhile shares: its token, or its failure
+        (each asking again in turn, the last of many waited for every refusal before it)."""
         credentials = self._credentials
         if not credentials.valid:
-            async with self._lock:
-                if not credentials.valid:  # another request may have refreshed it meanwhile
-                    await self._refresh()
+            refreshing = self._refreshing
+            if refreshing is None:
+                refreshing = self._refreshing = asyncio.ensure_future(self._refresh())
+                refreshing.add_done_callback(self._refreshed)
+            # Shielded: a request that leaves does not cut the refresh the others wait on.
+            await asyncio.shield(refreshing)
         return str(credentials.token)
+
+    def _refreshed(self, refreshing: asyncio.Future[None]) -> None:
+        """The refresh ended: the next request that needs a token starts another."""
+        self._refreshing = None
+        if not refreshing.cancelled():
+            refreshing.exception()  # retrieved, should every request that awaited it have left
 
     async def _refresh(self) -> None:
         from google.auth.exceptions import GoogleAuthError
