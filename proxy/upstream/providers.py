@@ -57,11 +57,27 @@ AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-s
 # Anthropic), which refused every call. The client's address goes on in X-Forwarded-For.
 EDGE_ONLY = ("cf-connecting-ip",)
 
-# Never passed back to the client: hop-by-hop headers, and Alt-Svc (RFC 7838), which names
-# alternatives of the provider's origin (Cloudflare's and Google's `h3=":443"`): passed on,
-# it tells browsers and HTTP/3 clients that the gateway's own host serves HTTP/3 on port 443
-# for as long as its `ma` says, as YARP and Caddy's reverse proxy also drop it.
-_NOT_DOWNSTREAM = HOP_BY_HOP | {"alt-svc"}
+# A provider's own CORS answer (llama.cpp's server reflects the request's Origin on every
+# answer, with credentials; Anthropic's answers `*` to a request saying
+# `anthropic-dangerous-direct-browser-access`): the browser talks to the gateway, whose CORS
+# alone applies (relay/cors.py; none when CORS_ALLOWED_ORIGINS is unset).
+_PROVIDERS_CORS = frozenset(
+    (
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-expose-headers",
+        "access-control-max-age",
+    )
+)
+
+# Never passed back to the client: hop-by-hop headers, the provider's CORS, and Alt-Svc (RFC
+# 7838), which names alternatives of the provider's origin (Cloudflare's and Google's
+# `h3=":443"`): passed on, it tells browsers and HTTP/3 clients that the gateway's own host
+# serves HTTP/3 on port 443 for as long as its `ma` says, as YARP and Caddy's reverse proxy
+# also drop it.
+_NOT_DOWNSTREAM = HOP_BY_HOP | _PROVIDERS_CORS | {"alt-svc"}
 
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
@@ -210,8 +226,8 @@ def forwarded_headers(provider: Provider, incoming: CIMultiDictProxy[str]) -> CI
 def downstream_headers(
     incoming: CIMultiDictProxy[str], secrets: Collection[str]
 ) -> CIMultiDict[str]:
-    """The provider's headers minus hop-by-hop ones, Alt-Svc, and any that carry one of
-    `secrets`.
+    """The provider's headers minus hop-by-hop ones, its CORS, Alt-Svc, and any that carry
+    one of `secrets`.
 
     `secrets` are the real keys the request was sent with (`searched`: placeholders left
     out): a provider (or a debugging proxy in front of it) that reflects request headers must
