@@ -281,11 +281,10 @@ class Plan:
 
     def echoable(self) -> tuple[str, ...]:
         """What no answer may carry: every real key, and the bearer tokens its clouds send
-        now (a Vertex access token)."""
+        (a Vertex access token, and one refreshed away that has not expired)."""
         if not self.signers:
             return self.secrets
-        bearers = (signer.bearer for signer in self.signers)
-        return self.secrets + tuple(bearer for bearer in bearers if bearer is not None)
+        return self.secrets + tuple(token for signer in self.signers for token in signer.bearers)
 
     @property
     def is_single(self) -> bool:

@@ -523,3 +523,30 @@ async def test_requests_needing_a_token_at_once_share_the_refusal_of_one_token_r
     assert len(vertex.refused) == 1, vertex.refused
     vertex.public_pem = account[1]  # known again: the next request asks anew, and has a token
     assert await signer.token() == "ya29.fake-access-token-1"
+
+
+async def test_a_token_refreshed_while_a_request_is_out_is_masked_in_its_echo_all_the_same(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    """A request sent with one token, answered after another request had it refreshed (it
+    was within its last minutes): the first token is still good until it expires, and a
+    proxy in front of Vertex that echoes it has that header dropped and the token masked, as
+    for the token in use. Only the token held now was searched for: the first went out."""
+    vertex.expires_in = 60  # inside google-auth's refresh margin: each request mints one
+    path = f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict"
+    body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES}
+    held = asyncio.create_task(
+        gateway.post(
+            path, json=body, headers={**auth(VERTEX_VK), "x-fake-hold": "1", "x-fake-reflect": "1"}
+        )
+    )
+    await until(lambda: len(vertex.seen) == 1, what="the first request at Vertex")
+    second = await gateway.post(path, json=body, headers=auth(VERTEX_VK))
+    assert second.status == 200
+    assert vertex.minted == ["ya29.fake-access-token-1", "ya29.fake-access-token-2"]
+    vertex.release.set()
+    response = await held
+    text = await response.text()
+    assert response.status == 200 and '"sent"' in text
+    assert "x-echo-authorization" not in response.headers
+    assert "ya29.fake-access-token-1" not in text
