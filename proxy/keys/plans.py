@@ -16,7 +16,14 @@ from typing import Any
 from proxy.keys import fields
 from proxy.keys.clouds import cloud_target, unread_cloud_field
 from proxy.keys.fields import KeysFileError, UnknownProvider, check_fields, has_control
-from proxy.upstream.providers import API_DEFAULT_HEADERS, APIS, AUTH_STYLES, BUILTINS, Provider
+from proxy.upstream.providers import (
+    API_DEFAULT_HEADERS,
+    APIS,
+    AUTH_STYLES,
+    BUILTINS,
+    Provider,
+    searched,
+)
 from proxy.upstream.targets import (
     BALANCES,
     WEIGHTED,
@@ -188,7 +195,7 @@ def _plan(
             )
         targets.append(fallback)
     credentials = [c for target in targets for c in target.pool.credentials]
-    secrets = tuple(c.api_key for c in credentials)
+    secrets = searched(c.api_key for c in credentials)  # placeholders left out
     signers = tuple(c.signer for c in credentials if c.signer is not None)
     return Plan(tuple(targets), secrets, _balance(key, entry, where), signers)
 

@@ -29,10 +29,9 @@ from multidict import CIMultiDict
 
 from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
+from proxy.upstream.providers import MIN_SECRET_CHARS
 
 MASK = b"[redacted]"
-# Real keys are 30 to 110 characters; 16 keeps placeholders like "EMPTY" or "dummy" out.
-MIN_SECRET_CHARS = 16
 # The most a compressed error answer is inflated to, to be searched; past it, not searched.
 MAX_DECODED_BYTES = 8 << 20
 

@@ -10,7 +10,7 @@ virtual key) and the upstream URL, which no part of a request can point elsewher
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -42,6 +42,11 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+# Real keys are 30 to 110 characters: a shorter one is a placeholder ("-", "EMPTY", "none" for a
+# server that checks no key), which no answer is searched for (`searched`): a header or a body
+# holding "-" or "x" merely contains the character.
+MIN_SECRET_CHARS = 16
+
 # A client that signs for AWS itself sends these beside its Authorization: its own cloud
 # credential, never forwarded (the gateway signs with the target's).
 AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
@@ -52,11 +57,27 @@ AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-s
 # Anthropic), which refused every call. The client's address goes on in X-Forwarded-For.
 EDGE_ONLY = ("cf-connecting-ip",)
 
-# Never passed back to the client: hop-by-hop headers, and Alt-Svc (RFC 7838), which names
-# alternatives of the provider's origin (Cloudflare's and Google's `h3=":443"`): passed on,
-# it tells browsers and HTTP/3 clients that the gateway's own host serves HTTP/3 on port 443
-# for as long as its `ma` says, as YARP and Caddy's reverse proxy also drop it.
-_NOT_DOWNSTREAM = HOP_BY_HOP | {"alt-svc"}
+# A provider's own CORS answer (llama.cpp's server reflects the request's Origin on every
+# answer, with credentials; Anthropic's answers `*` to a request saying
+# `anthropic-dangerous-direct-browser-access`): the browser talks to the gateway, whose CORS
+# alone applies (relay/cors.py; none when CORS_ALLOWED_ORIGINS is unset).
+_PROVIDERS_CORS = frozenset(
+    (
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-expose-headers",
+        "access-control-max-age",
+    )
+)
+
+# Never passed back to the client: hop-by-hop headers, the provider's CORS, and Alt-Svc (RFC
+# 7838), which names alternatives of the provider's origin (Cloudflare's and Google's
+# `h3=":443"`): passed on, it tells browsers and HTTP/3 clients that the gateway's own host
+# serves HTTP/3 on port 443 for as long as its `ma` says, as YARP and Caddy's reverse proxy
+# also drop it.
+_NOT_DOWNSTREAM = HOP_BY_HOP | _PROVIDERS_CORS | {"alt-svc"}
 
 # Never forwarded upstream: the client's credentials, and headers the client library
 # sets for its own connection (aiohttp writes Host and Content-Length for the body it sends).
@@ -205,12 +226,13 @@ def forwarded_headers(provider: Provider, incoming: CIMultiDictProxy[str]) -> CI
 def downstream_headers(
     incoming: CIMultiDictProxy[str], secrets: Collection[str]
 ) -> CIMultiDict[str]:
-    """The provider's headers minus hop-by-hop ones, Alt-Svc, and any that carry one of
-    `secrets`.
+    """The provider's headers minus hop-by-hop ones, its CORS, Alt-Svc, and any that carry
+    one of `secrets`.
 
-    `secrets` are the real keys the request was sent with: a provider (or a debugging proxy
-    in front of it) that reflects request headers must not hand them to the client. Such a
-    header is dropped whole, not redacted: its other bytes may encode the key too.
+    `secrets` are the real keys the request was sent with (`searched`: placeholders left
+    out): a provider (or a debugging proxy in front of it) that reflects request headers must
+    not hand them to the client. Such a header is dropped whole, not redacted: its other
+    bytes may encode the key too.
     Content-Length stays (same bytes).
     """
     headers = _without(incoming, _NOT_DOWNSTREAM)
@@ -226,6 +248,11 @@ def downstream_headers(
             if not any(secret in name or secret in value for secret in secrets)
         )
     return headers
+
+
+def searched(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The real keys an answer is searched for: those of `MIN_SECRET_CHARS` or more."""
+    return tuple(secret for secret in secrets if len(secret) >= MIN_SECRET_CHARS)
 
 
 def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

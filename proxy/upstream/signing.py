@@ -13,14 +13,17 @@ them with the other credentials.
 
 A Google access token is minted from the service account when there is none or the one
 held is about to expire (google-auth's `valid`: within 3m45s of its expiry), never per
-request; one refresh at a time (a lock), in a thread (google-auth's transport blocks).
-The token is good for its hour to anyone who holds it: it is a signer's `bearer`, which no
-answer may echo (relay/echoes.py), as a real key.
+request; one refresh at a time, in a thread (google-auth's transport blocks), whose token or
+failure every request that waited on it shares.
+The token is good for its hour to anyone who holds it: it is one of a signer's `bearers`,
+which no answer may echo (relay/echoes.py), as a real key; so is a token refreshed away while
+it has not expired, which a request sent before the refresh still carries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -51,9 +54,10 @@ class Signer(Protocol):
         ...
 
     @property
-    def bearer(self) -> str | None:
-        """What the signed requests carry that anyone holding it could use (an access
-        token), as it is now: no answer may echo it. None: nothing of the kind."""
+    def bearers(self) -> tuple[str, ...]:
+        """What the signed requests carry that anyone holding it could use (access tokens):
+        no answer may echo one. The one held now, and those refreshed away that requests
+        still out may carry, until they expire; () when there is nothing of the kind."""
         ...
 
 
@@ -88,14 +92,14 @@ class SigV4:
                 headers[name] = value
 
     @property
-    def bearer(self) -> str | None:
-        return None  # a signature is good for its one request (the secret key never goes)
+    def bearers(self) -> tuple[str, ...]:
+        return ()  # a signature is good for its one request (the secret key never goes)
 
 
 class GoogleToken:
     """A service account's OAuth access token, minted when needed and reused until then."""
 
-    __slots__ = ("_credentials", "_lock", "_transport")
+    __slots__ = ("_credentials", "_earlier", "_refreshing", "_transport")
 
     def __init__(self, info: Mapping[str, Any], proxies: Mapping[str, str] | None = None) -> None:
         """`info`: the service-account key file's JSON. Raises ValueError when it is not one.
@@ -109,7 +113,10 @@ class GoogleToken:
         self._credentials = from_info(  # type: ignore[no-untyped-call]
             dict(info), scopes=[CLOUD_PLATFORM]
         )
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Future[None] | None = None  # the refresh under way, if any
+        # Tokens refreshed away, with their expiry: until then, a request sent with one may
+        # have it echoed in its answer.
+        self._earlier: list[tuple[str, datetime.datetime]] = []
         timeout = urllib3.Timeout(total=TOKEN_TIMEOUT_SECONDS)
         egress = Egress.of(proxies or {})
         hop = egress.hop(origin_of(URL(self.token_uri))) if egress is not None else None
@@ -129,22 +136,47 @@ class GoogleToken:
         headers["Authorization"] = f"Bearer {await self.token()}"
 
     @property
-    def bearer(self) -> str | None:
+    def bearers(self) -> tuple[str, ...]:
         token = self._credentials.token
-        return token if isinstance(token, str) and token else None
+        held = (token,) if isinstance(token, str) and token else ()
+        if not self._earlier:
+            return held
+        return held + tuple(earlier for earlier, _ in self._earlier)
 
     async def token(self) -> str:
-        """The held token while it is valid; else a new one (one refresh at a time)."""
+        """The held token while it is valid; else a new one. One refresh at a time, whose
+        outcome every request that needed it meanwhile shares: its token, or its failure
+        (each asking again in turn, the last of many waited for every refusal before it)."""
         credentials = self._credentials
         if not credentials.valid:
-            async with self._lock:
-                if not credentials.valid:  # another request may have refreshed it meanwhile
-                    await self._refresh()
+            refreshing = self._refreshing
+            if refreshing is None:
+                refreshing = self._refreshing = asyncio.ensure_future(self._refresh())
+                refreshing.add_done_callback(self._refreshed)
+            # Shielded: a request that leaves does not cut the refresh the others wait on.
+            await asyncio.shield(refreshing)
         return str(credentials.token)
+
+    def _refreshed(self, refreshing: asyncio.Future[None]) -> None:
+        """The refresh ended: the next request that needs a token starts another."""
+        self._refreshing = None
+        if not refreshing.cancelled():
+            refreshing.exception()  # retrieved, should every request that awaited it have left
 
     async def _refresh(self) -> None:
         from google.auth.exceptions import GoogleAuthError
 
+        credentials = self._credentials
+        token, expiry = credentials.token, credentials.expiry
+        # Kept before the refresh, not after: the thread sets the new token before this
+        # coroutine resumes, and an answer relayed meanwhile must find the one it replaced.
+        # (A refresh that fails leaves it held: kept once, not once per attempt.)
+        earlier = self._earlier
+        if isinstance(token, str) and token and (not earlier or earlier[-1][0] != token):
+            now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # google-auth's
+            self._earlier = [(held, until) for held, until in earlier if until > now]
+            if expiry is not None:
+                self._earlier.append((token, expiry))
         try:
             await asyncio.to_thread(self._credentials.refresh, self._transport)
         except GoogleAuthError as error:

@@ -272,7 +272,8 @@ class Plan:
     """A target and its fallbacks, in the order they are tried."""
 
     targets: tuple[Target, ...]
-    # Every real key of every target: what no response header may carry, should a provider echo one.
+    # Every real key of every target, but placeholders (`providers.searched`): what no response
+    # header may carry, should a provider echo one.
     secrets: tuple[str, ...] = field(default=(), repr=False)
     balance: str = WEIGHTED  # LATENCY: the first target tried is chosen (see the module's doc)
     # The clouds' signers of its targets, whose bearer tokens change as they are refreshed.
@@ -280,11 +281,10 @@ class Plan:
 
     def echoable(self) -> tuple[str, ...]:
         """What no answer may carry: every real key, and the bearer tokens its clouds send
-        now (a Vertex access token)."""
+        (a Vertex access token, and one refreshed away that has not expired)."""
         if not self.signers:
             return self.secrets
-        bearers = (signer.bearer for signer in self.signers)
-        return self.secrets + tuple(bearer for bearer in bearers if bearer is not None)
+        return self.secrets + tuple(token for signer in self.signers for token in signer.bearers)
 
     @property
     def is_single(self) -> bool:

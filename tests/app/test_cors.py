@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.settings import SettingError, Settings
 from tests.conftest import (
@@ -226,3 +229,60 @@ async def test_a_page_can_read_whether_its_answer_came_from_the_cache(
         assert response.headers["x-llm-gateway-cache"] == expected
         exposed = response.headers["access-control-expose-headers"].split(", ")
         assert "x-llm-gateway-cache" in exposed and "x-request-id" in exposed
+
+
+async def test_a_providers_own_cors_headers_never_reach_the_browser(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """A provider that answers CORS itself (llama.cpp's server reflects the request's Origin
+    on every answer, with credentials; Anthropic's API answers `*` to a request saying
+    `anthropic-dangerous-direct-browser-access`): the browser reads the gateway's CORS only.
+    Passed on, they let a page of any origin read answers from a gateway whose CORS is off
+    (SPEC: unset, no CORS headers), or from an origin it does not allow."""
+
+    async def reflecting(request: web.Request) -> web.Response:
+        await request.read()
+        origin = request.headers.get("Origin", "")
+        return web.json_response(
+            {"id": "chatcmpl-1", "object": "chat.completion", "choices": []},
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Credentials": "true",
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Headers": "*",
+                "Access-Control-Expose-Headers": "*",
+                "Access-Control-Max-Age": "86400",
+            },
+        )
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", reflecting)
+    server = await aiohttp_server(provider)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "reflecting.json").write_text(json.dumps(keys))
+    other = "https://elsewhere.example"
+    for cors, origin, expected in [
+        ({}, other, {}),  # CORS off
+        ({"CORS_ALLOWED_ORIGINS": APP}, other, {}),  # an origin not allowed
+        ({"CORS_ALLOWED_ORIGINS": APP}, APP, {"access-control-allow-origin": APP}),
+    ]:
+        gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "reflecting.json"), **cors)
+        response = await gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "Origin": origin}
+        )
+        await response.read()
+        assert response.status == 200
+        seen = {
+            name.lower(): value
+            for name, value in response.headers.items()
+            if name.lower().startswith("access-control-") and "expose" not in name.lower()
+        }
+        assert seen == expected, (cors, origin)
+        exposed = response.headers.get("access-control-expose-headers")
+        assert exposed is None if not expected else "x-request-id" in exposed
+        await gateway.close()

@@ -27,6 +27,7 @@ from tests.conftest import (
     OPENAI_VK,
     SECRETS,
     auth,
+    keys_document,
 )
 from tests.support.bodies import CHAT, MESSAGES
 from tests.support.fake_provider import FakeState, Fault
@@ -98,6 +99,34 @@ async def test_a_real_key_the_provider_quotes_in_its_body_reaches_the_client_mas
         message = json.loads(text)["error"]["message"]
         assert message.startswith("fake provider error 401: credentials received")
         assert "[redacted]" in message and len(message) > len(real)
+
+
+@pytest.mark.parametrize("placeholder", ["-", "x"])
+async def test_a_placeholder_real_key_takes_no_header_from_the_providers_answer(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    placeholder: str,
+) -> None:
+    """A self-hosted server that checks no key is given a placeholder (docs/keys.md: any;
+    TGI's own docs write `api_key="-"`), under the 16 characters below which no body is
+    searched for a real key: no header of the answer is dropped for holding it. Dropped, a
+    placeholder "-" or "x" took the answer's Content-Type (what the JS SDKs read to parse
+    JSON: without it they return the text) and the provider's other headers with it."""
+    document = keys_document(fake_base)
+    document["providers"]["selfhosted"] = {"base_url": f"{fake_base}/v1", "auth": "none"}
+    document["virtual_keys"] = {CUSTOM_VK: {"provider": "selfhosted", "api_key": placeholder}}
+    (tmp_path / "selfhosted.json").write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "selfhosted.json"))
+    for body, content_type in [
+        (CHAT, "application/json"),
+        ({**CHAT, "stream": True}, "text/event-stream; charset=utf-8"),
+    ]:
+        response = await gateway.post("/v1/chat/completions", json=body, headers=auth(CUSTOM_VK))
+        await response.read()
+        assert response.status == 200
+        assert response.headers.get("content-type") == content_type
+        assert response.headers.get("openai-processing-ms") == "12"  # the provider's own
 
 
 @pytest.mark.parametrize(

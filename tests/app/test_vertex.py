@@ -21,6 +21,7 @@ from anthropic import AsyncAnthropicVertex, PermissionDeniedError
 
 from proxy.keys.fields import Defaults
 from proxy.keys.keys import KeyRing, KeysFileError
+from proxy.upstream.signing import GoogleToken, SigningFailed
 from tests.conftest import auth
 from tests.support.connect_proxy import ConnectProxy
 from tests.support.fake_vertex import (
@@ -505,3 +506,47 @@ def test_a_region_picks_the_endpoint_google_serves_it_at(
         host,
         "/v1/projects/p/locations/r/publishers/google/models/m:x",
     )
+
+
+async def test_requests_needing_a_token_at_once_share_the_refusal_of_one_token_request(
+    account: tuple[dict[str, Any], bytes], vertex: VertexState
+) -> None:
+    """Requests that need the token while it is being asked for share that one request's
+    outcome: a refusal (or a hang of 10 s) is each one's 502 at once. Queued one behind the
+    other, each asked the endpoint again in turn after the one before was refused: the last
+    of many waited for every refusal before its own, and the endpoint was asked by each."""
+    _, other_public = service_account("http://unset.invalid/token", PROJECT)
+    vertex.public_pem = other_public  # the endpoint no longer knows the account's key
+    signer = GoogleToken(account[0])
+    outcomes = await asyncio.gather(*(signer.token() for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(outcome, SigningFailed) for outcome in outcomes), outcomes
+    assert len(vertex.refused) == 1, vertex.refused
+    vertex.public_pem = account[1]  # known again: the next request asks anew, and has a token
+    assert await signer.token() == "ya29.fake-access-token-1"
+
+
+async def test_a_token_refreshed_while_a_request_is_out_is_masked_in_its_echo_all_the_same(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    """A request sent with one token, answered after another request had it refreshed (it
+    was within its last minutes): the first token is still good until it expires, and a
+    proxy in front of Vertex that echoes it has that header dropped and the token masked, as
+    for the token in use. Only the token held now was searched for: the first went out."""
+    vertex.expires_in = 60  # inside google-auth's refresh margin: each request mints one
+    path = f"/v1/projects/p/locations/r/publishers/anthropic/models/{CLAUDE}:rawPredict"
+    body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": MESSAGES}
+    held = asyncio.create_task(
+        gateway.post(
+            path, json=body, headers={**auth(VERTEX_VK), "x-fake-hold": "1", "x-fake-reflect": "1"}
+        )
+    )
+    await until(lambda: len(vertex.seen) == 1, what="the first request at Vertex")
+    second = await gateway.post(path, json=body, headers=auth(VERTEX_VK))
+    assert second.status == 200
+    assert vertex.minted == ["ya29.fake-access-token-1", "ya29.fake-access-token-2"]
+    vertex.release.set()
+    response = await held
+    text = await response.text()
+    assert response.status == 200 and '"sent"' in text
+    assert "x-echo-authorization" not in response.headers
+    assert "ya29.fake-access-token-1" not in text
