@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -55,7 +55,7 @@ from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.realtime.turns import Turns
 from proxy.realtime.updates import Updates
-from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gated, Session
+from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gate, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
@@ -270,7 +270,7 @@ class Realtime:
         answered: CIMultiDict[str],
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
-        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
+        gate: Gate | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(

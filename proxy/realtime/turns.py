@@ -21,6 +21,7 @@ the real key the session opened with, where the provider keeps the previous resp
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -56,17 +57,25 @@ class Turns:
         self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
         self._begun = 0  # of them, the first ones, those a response.created began
 
-    async def gate(self, frame: bytes) -> Gated:
+    def gate(self, frame: bytes) -> Gated | Awaitable[Gated]:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
         event the client gets instead, or (a target pinning a model) the turn with that
-        model swapped in, as an HTTP body's is. A frame that cannot hold one goes on unread."""
+        model swapped in, as an HTTP body's is. A frame that cannot hold one goes on unread.
+        A turn is answered by an awaitable (`_admitted`): its admission may wait for a slot."""
         if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
         try:
             event = _event(frame)  # 400
-            if event is None or event.get("type") != "response.create":
-                return None
-            model = _model(event)
+        except GatewayError as error:
+            return refusal(error)
+        if event is None or event.get("type") != "response.create":
+            return None
+        return self._admitted(frame, event)
+
+    async def _admitted(self, frame: bytes, event: dict[str, Any]) -> Gated:
+        """A turn admitted (`gate`), or the error event refusing it."""
+        model = _model(event)
+        try:
             key, admission = await self._admit(event, model)
         except GatewayError as error:
             return refusal(error)

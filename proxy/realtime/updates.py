@@ -36,7 +36,7 @@ class Updates:
     def __init__(self, key: VirtualKey) -> None:
         self._key = key
 
-    async def gate(self, frame: bytes) -> bytes | None:
+    def gate(self, frame: bytes) -> bytes | None:
         """None lets the frame go on; else the `error` event the client gets instead."""
         if frame.find(_UPDATE) < 0 and frame.find(_ESCAPE) < 0:
             return None

@@ -368,6 +368,43 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_changed_meanwhile_is_refused(
     await ws.close()
 
 
+async def test_a_client_that_closes_while_its_turn_waits_for_a_slot_is_answered_at_once(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # The gate held the client's reading while a turn waited for its key's slot: a close
+    # the client sent then went unanswered for the whole queue_seconds (the client's own
+    # close timed out), and a slot coming back meanwhile sent the abandoned turn upstream,
+    # where it ran and was charged.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry})
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: quota.queued == 1)
+    await asyncio.wait_for(ws.close(code=4000, message=b"gave up"), WAIT_SECONDS)
+    assert ws.close_code == 4000  # the provider's answer to the close passed on, at once
+    assert quota.queued == 0  # the turn left the line
+    socket = sockets.sockets[-1]
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert socket.close == (4000, "gave up")
+    holder.close()  # the slot comes back: nothing is waiting for it
+    assert creates(socket) == 0
+    usage = await (await gateway.get("/usage", headers=auth(TURN_VK))).json()
+    assert usage["requests"]["used"] == 1  # the holder's only: the turn was never admitted
+    assert usage["in_flight"]["used"] == 0
+
+
 async def test_each_turn_of_a_key_pinning_a_model_runs_and_is_priced_at_that_model(
     gateway_with_keys: Callable[..., Awaitable[TestClient]],
     sockets: RealtimeState,
