@@ -233,6 +233,11 @@ class Realtime:
                     outcome=Outcome.UNREACHABLE,
                 ) from None
             record.mark_first_byte()  # the provider answered, with a refusal
+            refused = error.headers  # its own id of the request, which its support asks for
+            if refused is not None:
+                record.saw_provider_request_id(
+                    refused.get("x-request-id") or refused.get("request-id")
+                )
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")
             # A key refused, out of credit or rate limited rests, as after an HTTP attempt.

@@ -455,6 +455,22 @@ async def test_a_provider_refusing_the_upgrade_gives_its_status(gateway: TestCli
     assert_openai_error(await response.json(), "upstream_refused")
 
 
+async def test_a_refused_upgrade_logs_the_providers_own_request_id(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The id the provider's support asks for was logged for an HTTP answer, refusals
+    # included, and for an opened session, but not for a handshake it refused.
+    for status in ("429", "500"):
+        response = await gateway.get(
+            PATH, headers=upgrade_headers(**auth(OPENAI_VK), **{"x-fake-status": status})
+        )
+        assert response.status == int(status)
+    lines = await records(2)
+    for line in lines:
+        assert line["provider_request_id"].startswith("req_fake_"), line
+        assert line["provider_request_id"] != line["request_id"]
+
+
 @pytest.mark.parametrize(
     ("env", "why"),
     [
