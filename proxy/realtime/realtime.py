@@ -74,7 +74,7 @@ from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
 from proxy.upstream.refusals import OUT_OF_CREDIT
 from proxy.upstream.targets import Credential, Target, affinity_of
-from proxy.usage.realtime_events import socket_usage
+from proxy.usage.realtime_events import is_responses_socket, socket_usage
 
 if TYPE_CHECKING:
     from proxy.observe.tracing import Trace
@@ -324,8 +324,9 @@ class Realtime:
 
 
 def is_responses(tail: str) -> bool:
-    """The Responses API's WebSocket mode (`/v1/responses`): its turns are admitted one by one."""
-    return tail.strip("/") == "responses"
+    """The Responses API's WebSocket mode (`/v1/responses`, Azure's `/openai/v1/responses`):
+    its turns are admitted one by one, as its usage is read (`socket_usage`)."""
+    return is_responses_socket(tail)
 
 
 def _abort(request: web.Request) -> None:

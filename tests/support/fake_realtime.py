@@ -109,6 +109,7 @@ def install(app: web.Application) -> None:
     # Azure OpenAI's, at a resource's endpoint: `?deployment=<d>` (AzureOpenAI), and its v1 API.
     app.router.add_get("/openai/realtime", realtime)
     app.router.add_get("/openai/v1/realtime", realtime)
+    app.router.add_get("/openai/v1/responses", realtime)  # Azure's Responses WebSocket mode
     app.router.add_get("/v1/live/sessions", realtime)  # the Live API
     app.router.add_get("/v1/live/sessions/{session_id}/fork", realtime)
 
