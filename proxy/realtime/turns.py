@@ -33,7 +33,7 @@ from proxy.quota.tracker import Admission
 from proxy.realtime.websocket import Forward, Gated
 from proxy.record import Usage
 from proxy.relay import named
-from proxy.relay.peek import Peek
+from proxy.relay.peek import Peek, check_said_once
 from proxy.upstream.outbound import swap_model, swap_model_within
 from proxy.upstream.targets import Target
 from proxy.usage import estimate, responses
@@ -76,7 +76,7 @@ class Turns:
         """A turn admitted (`gate`), or the error event refusing it."""
         model = _model(event)
         try:
-            key, admission = await self._admit(event, model)
+            key, admission = await self._admit(frame, event, model)
         except GatewayError as error:
             return refusal(error)
         record = self._exchange.record
@@ -93,10 +93,16 @@ class Turns:
         return Forward(swapped)
 
     async def _admit(
-        self, event: dict[str, Any], model: str | None
+        self, frame: bytes, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
         def check(key: VirtualKey) -> None:
-            named.check(key, _names(event, model))  # 403
+            # As an HTTP body's: a deciding field named twice (parsers disagree on which copy
+            # counts: 400), a `Model` that case-folding readers (Go's) take as `model` (403).
+            check_said_once(frame, event, key)
+            names = _names(event, model)
+            if key.allowed_models is not None:
+                names += _spelt_otherwise(event)
+            named.check(key, names)  # 403
 
         # 401, 403, 429, 503
         return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
@@ -178,6 +184,14 @@ def _names(event: dict[str, Any], model: str | None) -> list[Any]:
     image_generation tool's), at the top level and in a nested `response`."""
     names: list[Any] = [model or named.Unnamed(_UNNAMED)]
     return names + named.in_document(event) + named.in_document(event.get("response"))
+
+
+def _spelt_otherwise(event: dict[str, Any]) -> list[Any]:
+    """The turn's models named in another case (`Model`), at the top level and in a nested
+    `response`, as an HTTP body's are read (`named.spelt_otherwise`)."""
+    names = named.spelt_otherwise(event)
+    nested = event.get("response")
+    return names + named.spelt_otherwise(nested) if isinstance(nested, dict) else names
 
 
 def _peek(event: dict[str, Any], model: str | None) -> Peek:

@@ -200,6 +200,38 @@ async def test_a_turn_naming_a_model_the_key_may_not_use_is_refused(
     await ws.close()
 
 
+async def test_a_turn_naming_its_model_twice_or_in_another_case_is_refused_as_over_http(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # An HTTP body naming `model` twice (or `Model`, which Go's encoding/json reads as
+    # `model`) gets 400 duplicate_field / 403 for a restricted key, since parsers disagree on
+    # which copy counts; a turn went upstream with the allowed copy checked and the other
+    # one for a first-reading (or case-folding) server to run.
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    narrow["quota"] = {"requests": 100, "tokens": 100_000, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    ws = await open_session(gateway, TURN_VK)
+    twice = '{"type": "response.create", "model": "o3-pro", "model": "gpt-4o-mini"}'
+    await ws.send_str(twice)
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 400, refused
+    assert refused["error"]["code"] == "duplicate_field"
+    folded = '{"type": "response.create", "model": "gpt-4o-mini", "Model": "o3-pro"}'
+    await ws.send_str(folded)
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 403, refused
+    capped = (
+        '{"type": "response.create", "model": "gpt-4o-mini", "max_output_tokens": 5,'
+        ' "max_output_tokens": 90000}'
+    )
+    await ws.send_str(capped)  # reserved 5 tokens, while the provider may read 90000
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["error"]["code"] == "duplicate_field"
+    assert sockets.sockets[-1].received == []  # none went upstream
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # a plain one still runs
+    await ws.close()
+
+
 async def test_a_turn_spelled_with_json_escapes_is_admitted_like_any_other(
     gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
 ) -> None:
