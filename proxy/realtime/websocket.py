@@ -6,8 +6,9 @@ came (both ends have autoping and autoclose off, so the far side answers its own
 closes). A close frame goes on with its code and reason, and the closing side is answered
 with the code the other side answered. A side lost without a close frame makes the gateway
 close the other: 1001 when the client went away, 1014 (bad gateway) when the provider did.
-The gateway closes both sides with 1001 and a reason when the session is idle too long,
-lasts too long, or the gateway shuts down (`end`).
+The gateway closes both sides with 1001 and a reason when the session is idle too long (a
+client frame waiting for its gate, a turn in line for a slot, is no idle time), lasts too
+long, or the gateway shuts down (`end`).
 
 Every close is bounded (CLOSE_SECONDS): a side that cannot take its close frame (a client
 that reads nothing, whose socket buffer is full) has its connection dropped instead, so
@@ -144,6 +145,9 @@ class Session:
         self._secrets = secrets
         self._loop = asyncio.get_running_loop()
         self._last_frame = self._loop.time()
+        # A client's frame waiting for its gate (a turn in line for a slot): the client waits
+        # on the gateway, so the session is not idle meanwhile.
+        self._is_gating = False
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
         # client | provider (it closed) | client_lost | provider_lost | client_error |
         # provider_error (a frame aiohttp refused) | idle | max_duration | shutdown; None: open.
@@ -163,6 +167,8 @@ class Session:
                 if now >= started + self._max_seconds:
                     await self.end("max_duration")
                     break
+                if self._is_gating:  # idle from the end of the wait, not through it
+                    self._last_frame = now
                 if now >= self._last_frame + self._idle_seconds:
                     await self.end("idle")
                     break
@@ -261,6 +267,7 @@ class Session:
         turn behind the verdict. A verdict that comes first leaves the read under way."""
         verdict = asyncio.ensure_future(pending)
         receiving = asyncio.ensure_future(source.receive())
+        self._is_gating = True
         try:
             await asyncio.wait((verdict, receiving), return_when=asyncio.FIRST_COMPLETED)
             if not verdict.done() and receiving.result().type not in _WAITING:
@@ -272,6 +279,9 @@ class Session:
             verdict.cancel()
             receiving.cancel()
             raise
+        finally:
+            self._is_gating = False
+            self._last_frame = self._loop.time()
 
     async def _pass_close(
         self, source_side: str, target_side: str, code: int, reason: bytes

@@ -437,6 +437,40 @@ async def test_a_client_that_closes_while_its_turn_waits_for_a_slot_is_answered_
     assert usage["in_flight"]["used"] == 0
 
 
+async def test_a_turn_waiting_for_a_slot_longer_than_the_idle_timeout_is_not_cut_as_idle(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The idle clock ran from the last frame that had passed, on through a turn's wait for a
+    # slot: a session whose client had sent a turn, and was waiting on the gateway's line,
+    # was closed as idle (1001) before its turn ran.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry}, REALTIME_IDLE_TIMEOUT="0.3")
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: quota.queued == 1)
+    await asyncio.sleep(0.6)  # twice the idle timeout, in the line (a wait, not an event)
+    assert not ws.closed
+    holder.close()  # the slot comes back
+    events = await until_end(ws)
+    assert events[-1]["type"] == "response.completed", events
+    await ws.close()
+    lines = await records(2)
+    assert lines[-1]["websocket"]["ended_by"] == "client", lines[-1]
+
+
 async def test_each_turn_of_a_key_pinning_a_model_runs_and_is_priced_at_that_model(
     gateway_with_keys: Callable[..., Awaitable[TestClient]],
     sockets: RealtimeState,
