@@ -217,7 +217,7 @@ class LiveUsage:
 
     __slots__ = ("_responses",)
 
-    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+    def __init__(self, on_response: responses.OnResponse) -> None:
         self._responses = responses.SocketUsage(on_response)
 
     def read(self, frame: bytes) -> None:
@@ -257,7 +257,7 @@ def is_responses_socket(path: str) -> bool:
 
 def socket_usage(
     path: str,
-    on_response: Callable[[Usage], None],
+    on_response: responses.OnResponse,
     on_begun: Callable[[], None] = lambda: None,
     on_error: Callable[[], None] = lambda: None,
     on_transcribed: OnTranscribed | None = None,

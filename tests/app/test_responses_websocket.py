@@ -101,6 +101,24 @@ async def test_the_openai_sdk_connects_and_each_turn_is_charged(
     assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
 
 
+async def test_a_turn_served_at_the_priority_tier_is_priced_at_it_as_over_http(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # Codex's fast mode asks for the priority tier, which OpenAI bills at about twice the
+    # usual rates; a turn's response.completed says which tier served it. An HTTP answer was
+    # priced at that tier, a turn at the usual one: budgets and cost_usd took half.
+    costs = []
+    for tier in ("default", "priority"):
+        ws = await open_session(gateway, OPENAI_VK)
+        turn = {"type": "response.create", "model": "gpt-5", "input": "hi", "service_tier": tier}
+        await ws.send_str(orjson.dumps(turn).decode())
+        assert (await until_end(ws))[-1]["type"] == "response.completed"
+        await ws.close()
+        costs.append((await records(len(costs) + 1))[-1]["cost_usd"])
+    usual, priority = costs
+    assert usual > 0 and priority > 1.5 * usual, costs  # as the library prices the tiers
+
+
 async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
     gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
 ) -> None:

@@ -273,7 +273,13 @@ def responses_events(command: dict) -> list[dict]:
         {"type": "response.output_text.delta", "delta": "world"},
         {
             "type": "response.completed",
-            "response": {**running, "status": "completed", "usage": usage},
+            # The tier that served it, as over HTTP: the one asked for, else "default".
+            "response": {
+                **running,
+                "status": "completed",
+                "usage": usage,
+                "service_tier": command.get("service_tier") or "default",
+            },
         },
     ]
 
