@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -55,7 +55,7 @@ from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.realtime.turns import Turns
 from proxy.realtime.updates import Updates
-from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gated, Session
+from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gate, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
@@ -74,7 +74,7 @@ from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
 from proxy.upstream.refusals import OUT_OF_CREDIT
 from proxy.upstream.targets import Credential, Target, affinity_of
-from proxy.usage.realtime_events import socket_usage
+from proxy.usage.realtime_events import is_responses_socket, socket_usage
 
 if TYPE_CHECKING:
     from proxy.observe.tracing import Trace
@@ -233,6 +233,11 @@ class Realtime:
                     outcome=Outcome.UNREACHABLE,
                 ) from None
             record.mark_first_byte()  # the provider answered, with a refusal
+            refused = error.headers  # its own id of the request, which its support asks for
+            if refused is not None:
+                record.saw_provider_request_id(
+                    refused.get("x-request-id") or refused.get("request-id")
+                )
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")
             # A key refused, out of credit or rate limited rests, as after an HTTP attempt.
@@ -270,7 +275,7 @@ class Realtime:
         answered: CIMultiDict[str],
         turns: Turns | None = None,
         secrets: tuple[bytes, ...] = (),
-        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
+        gate: Gate | None = None,
     ) -> web.WebSocketResponse[Literal[False]]:
         """Answer the client's upgrade with the provider's subprotocol, then relay until closed."""
         client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
@@ -319,8 +324,9 @@ class Realtime:
 
 
 def is_responses(tail: str) -> bool:
-    """The Responses API's WebSocket mode (`/v1/responses`): its turns are admitted one by one."""
-    return tail.strip("/") == "responses"
+    """The Responses API's WebSocket mode (`/v1/responses`, Azure's `/openai/v1/responses`):
+    its turns are admitted one by one, as its usage is read (`socket_usage`)."""
+    return is_responses_socket(tail)
 
 
 def _abort(request: web.Request) -> None:

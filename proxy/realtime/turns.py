@@ -21,6 +21,7 @@ the real key the session opened with, where the provider keeps the previous resp
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -32,7 +33,7 @@ from proxy.quota.tracker import Admission
 from proxy.realtime.websocket import Forward, Gated
 from proxy.record import Usage
 from proxy.relay import named
-from proxy.relay.peek import Peek
+from proxy.relay.peek import Peek, check_said_once
 from proxy.upstream.outbound import swap_model, swap_model_within
 from proxy.upstream.targets import Target
 from proxy.usage import estimate, responses
@@ -56,18 +57,26 @@ class Turns:
         self._open: deque[tuple[VirtualKey, Admission | None, str | None]] = deque()
         self._begun = 0  # of them, the first ones, those a response.created began
 
-    async def gate(self, frame: bytes) -> Gated:
+    def gate(self, frame: bytes) -> Gated | Awaitable[Gated]:
         """Admit a client's `response.create`; None lets the frame go on, else the `error`
         event the client gets instead, or (a target pinning a model) the turn with that
-        model swapped in, as an HTTP body's is. A frame that cannot hold one goes on unread."""
+        model swapped in, as an HTTP body's is. A frame that cannot hold one goes on unread.
+        A turn is answered by an awaitable (`_admitted`): its admission may wait for a slot."""
         if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
         try:
             event = _event(frame)  # 400
-            if event is None or event.get("type") != "response.create":
-                return None
-            model = _model(event)
-            key, admission = await self._admit(event, model)
+        except GatewayError as error:
+            return refusal(error)
+        if event is None or event.get("type") != "response.create":
+            return None
+        return self._admitted(frame, event)
+
+    async def _admitted(self, frame: bytes, event: dict[str, Any]) -> Gated:
+        """A turn admitted (`gate`), or the error event refusing it."""
+        model = _model(event)
+        try:
+            key, admission = await self._admit(frame, event, model)
         except GatewayError as error:
             return refusal(error)
         record = self._exchange.record
@@ -84,10 +93,16 @@ class Turns:
         return Forward(swapped)
 
     async def _admit(
-        self, event: dict[str, Any], model: str | None
+        self, frame: bytes, event: dict[str, Any], model: str | None
     ) -> tuple[VirtualKey, Admission | None]:
         def check(key: VirtualKey) -> None:
-            named.check(key, _names(event, model))  # 403
+            # As an HTTP body's: a deciding field named twice (parsers disagree on which copy
+            # counts: 400), a `Model` that case-folding readers (Go's) take as `model` (403).
+            check_said_once(frame, event, key)
+            names = _names(event, model)
+            if key.allowed_models is not None:
+                names += _spelt_otherwise(event)
+            named.check(key, names)  # 403
 
         # 401, 403, 429, 503
         return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
@@ -96,15 +111,16 @@ class Turns:
         """A response began (response.created): the first turn not yet begun runs."""
         self._begun = min(self._begun + 1, len(self._open))
 
-    def completed(self, usage: Usage) -> None:
-        """The oldest open turn's usage came: settle it (a response the gateway did not see
-        asked for, e.g. a provider's own, is charged to the key as it stands)."""
+    def completed(self, usage: Usage, *, service_tier: str | None = None) -> None:
+        """The oldest open turn's usage came: settle it, priced at the tier that served it
+        (a response the gateway did not see asked for, e.g. a provider's own, is charged to
+        the key as it stands)."""
         if self._open:
             key, admission, model = self._open.popleft()
             self._begun = max(self._begun - 1, 0)
-            self._exchange.settle_turn(key, admission, usage, model)
+            self._exchange.settle_turn(key, admission, usage, model, service_tier)
         elif self._exchange.key is not None:
-            self._exchange.settle_turn(self._exchange.key, None, usage, None)
+            self._exchange.settle_turn(self._exchange.key, None, usage, None, service_tier)
 
     def refused(self) -> None:
         """The provider sent an error event: the first turn no response began was refused
@@ -169,6 +185,14 @@ def _names(event: dict[str, Any], model: str | None) -> list[Any]:
     image_generation tool's), at the top level and in a nested `response`."""
     names: list[Any] = [model or named.Unnamed(_UNNAMED)]
     return names + named.in_document(event) + named.in_document(event.get("response"))
+
+
+def _spelt_otherwise(event: dict[str, Any]) -> list[Any]:
+    """The turn's models named in another case (`Model`), at the top level and in a nested
+    `response`, as an HTTP body's are read (`named.spelt_otherwise`)."""
+    names = named.spelt_otherwise(event)
+    nested = event.get("response")
+    return names + named.spelt_otherwise(nested) if isinstance(nested, dict) else names
 
 
 def _peek(event: dict[str, Any], model: str | None) -> Peek:

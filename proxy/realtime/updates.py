@@ -14,12 +14,14 @@ frames go on unread.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import orjson
 
 from proxy.errors import GatewayError, openai_type
 from proxy.keys.keys import VirtualKey
 from proxy.relay import named
+from proxy.relay.peek import check_said_once
 from proxy.usage.realtime_events import transcription_model
 
 _UPDATE = b"session.update"
@@ -36,7 +38,7 @@ class Updates:
     def __init__(self, key: VirtualKey) -> None:
         self._key = key
 
-    async def gate(self, frame: bytes) -> bytes | None:
+    def gate(self, frame: bytes) -> bytes | None:
         """None lets the frame go on; else the `error` event the client gets instead."""
         if frame.find(_UPDATE) < 0 and frame.find(_ESCAPE) < 0:
             return None
@@ -48,15 +50,35 @@ class Updates:
         if not isinstance(event, dict) or event.get("type") not in _UPDATES:
             return None
         session = event.get("session")
-        model = transcription_model(session) if isinstance(session, dict) else None
-        if model is None:
+        if not isinstance(session, dict):
             return None
+        model = transcription_model(session)
+        # As an HTTP body's: a model named twice in one object (parsers disagree on which copy
+        # counts: 400), or as `Model`, which case-folding readers (Go's) take as `model`.
+        names = [model] if model is not None else []
+        for settings in _transcriptions(session):
+            names += named.spelt_otherwise(settings)
         try:
-            named.check(self._key, [model])  # 403
+            check_said_once(frame, event, self._key)  # 400
+            if names:
+                named.check(self._key, names)  # 403
         except GatewayError as error:
             client_event = event.get("event_id")
             return refusal(error, client_event if isinstance(client_event, str) else None)
         return None
+
+
+def _transcriptions(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """The objects of a session that name its transcription model (GA's
+    `audio.input.transcription`, the beta's `input_audio_transcription`)."""
+    found = []
+    for path in (("audio", "input", "transcription"), ("input_audio_transcription",)):
+        value: object = session
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            found.append(value)
+    return found
 
 
 def refusal(error: GatewayError, client_event: str | None) -> bytes:

@@ -6,8 +6,9 @@ came (both ends have autoping and autoclose off, so the far side answers its own
 closes). A close frame goes on with its code and reason, and the closing side is answered
 with the code the other side answered. A side lost without a close frame makes the gateway
 close the other: 1001 when the client went away, 1014 (bad gateway) when the provider did.
-The gateway closes both sides with 1001 and a reason when the session is idle too long,
-lasts too long, or the gateway shuts down (`end`).
+The gateway closes both sides with 1001 and a reason when the session is idle too long (a
+client frame waiting for its gate, a turn in line for a slot, is no idle time), lasts too
+long, or the gateway shuts down (`end`).
 
 Every close is bounded (CLOSE_SECONDS): a side that cannot take its close frame (a client
 that reads nothing, whose socket buffer is full) has its connection dropped instead, so
@@ -99,6 +100,19 @@ _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
 # What a gate makes of a client's text or binary frame: None lets it go on as sent; `Forward` sends
 # another in its place; bytes are the frame the client gets back instead (a refusal).
 Gated = bytes | Forward | None
+# A gate answers at once, or with an awaitable when its answer may take a while (a turn
+# waiting for a slot of its key): meanwhile the client's next message is read (`_awaited`).
+Gate = Callable[[bytes], Gated | Awaitable[Gated]]
+
+
+class _Dropped:
+    """The verdict on a frame whose client closed or was lost while its gate waited."""
+
+
+_DROPPED = _Dropped()
+# The client's messages that wait behind a gate's verdict; any other (a close, the socket
+# lost) ends the wait, the frame dropped.
+_WAITING = frozenset((WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG))
 
 
 class Session:
@@ -112,7 +126,7 @@ class Session:
         max_seconds: float,
         on_provider_text: Callable[[bytes], None],
         abort_client: Callable[[], None] = lambda: None,
-        gate: Callable[[bytes], Awaitable[Gated]] | None = None,
+        gate: Gate | None = None,
         secrets: tuple[bytes, ...] = (),
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
@@ -131,6 +145,9 @@ class Session:
         self._secrets = secrets
         self._loop = asyncio.get_running_loop()
         self._last_frame = self._loop.time()
+        # A client's frame waiting for its gate (a turn in line for a slot): the client waits
+        # on the gateway, so the session is not idle meanwhile.
+        self._is_gating = False
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
         # client | provider (it closed) | client_lost | provider_lost | client_error |
         # provider_error (a frame aiohttp refused) | idle | max_duration | shutdown; None: open.
@@ -150,6 +167,8 @@ class Session:
                 if now >= started + self._max_seconds:
                     await self.end("max_duration")
                     break
+                if self._is_gating:  # idle from the end of the wait, not through it
+                    self._last_frame = now
                 if now >= self._last_frame + self._idle_seconds:
                     await self.end("idle")
                     break
@@ -184,40 +203,84 @@ class Session:
         source, target = self._ends[source_side], self._ends[target_side]
         is_down = source_side == PROVIDER
         secrets = self._secrets if is_down else ()
-        while True:
-            message = await source.receive()
-            kind = message.type
-            try:
-                if kind in _DATA and not is_down and self._gate is not None:
-                    verdict = await self._gate(message.data)
-                    if verdict is None:
-                        await target.send_frame(message.data, kind)
-                    elif isinstance(verdict, Forward):
-                        await target.send_frame(verdict.frame, kind)
-                    else:
-                        await source.send_frame(verdict, WSMsgType.TEXT)
-                elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                    data = masked(message.data, secrets)
-                    await target.send_frame(data, kind)
-                    if is_down and kind is WSMsgType.TEXT:
-                        self._on_provider_text(data)
-                elif kind is WSMsgType.PING:
-                    await target.ping(masked(message.data, secrets))
-                elif kind is WSMsgType.PONG:
-                    await target.pong(masked(message.data, secrets))
-                elif kind is WSMsgType.CLOSE:
-                    reason = masked((message.extra or "").encode(), secrets)
-                    return await self._pass_close(source_side, target_side, message.data, reason)
-                elif kind is WSMsgType.CLOSING:
-                    return  # another task is closing this end
-                elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
-                    # aiohttp closed the source itself (1009 too big, 1002, 1007): say so.
-                    return await self._broke(source_side, target_side, message.data.code)
-                else:  # CLOSED, or ERROR: the side went away without a close frame
-                    return await self._lost(source_side, target_side)
-            except ConnectionResetError:  # the target went away mid-write
-                return await self._lost(target_side, source_side)
-            self.frames[source_side] += 1
+        # The source's next message, read while a gate waited (`_awaited`).
+        held: asyncio.Task[WSMessageNoDecodeText] | None = None
+        try:
+            while True:
+                if held is None:
+                    message = await source.receive()
+                else:
+                    message, held = await held, None
+                kind = message.type
+                try:
+                    if kind in _DATA and not is_down and self._gate is not None:
+                        answer = self._gate(message.data)
+                        verdict: Gated | _Dropped
+                        if answer is None or isinstance(answer, (bytes, Forward)):
+                            verdict = answer
+                        else:  # an answer that may take a while: the client is heard meanwhile
+                            verdict, held = await self._awaited(source, answer)
+                        if isinstance(verdict, _Dropped):
+                            pass  # its client closed meanwhile: the close comes next (`held`)
+                        elif verdict is None:
+                            await target.send_frame(message.data, kind)
+                        elif isinstance(verdict, Forward):
+                            await target.send_frame(verdict.frame, kind)
+                        elif isinstance(verdict, bytes):
+                            await source.send_frame(verdict, WSMsgType.TEXT)
+                    elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                        data = masked(message.data, secrets)
+                        await target.send_frame(data, kind)
+                        if is_down and kind is WSMsgType.TEXT:
+                            self._on_provider_text(data)
+                    elif kind is WSMsgType.PING:
+                        await target.ping(masked(message.data, secrets))
+                    elif kind is WSMsgType.PONG:
+                        await target.pong(masked(message.data, secrets))
+                    elif kind is WSMsgType.CLOSE:
+                        reason = masked((message.extra or "").encode(), secrets)
+                        return await self._pass_close(
+                            source_side, target_side, message.data, reason
+                        )
+                    elif kind is WSMsgType.CLOSING:
+                        return  # another task is closing this end
+                    elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+                        # aiohttp closed the source itself (1009 too big, 1002, 1007): say so.
+                        return await self._broke(source_side, target_side, message.data.code)
+                    else:  # CLOSED, or ERROR: the side went away without a close frame
+                        return await self._lost(source_side, target_side)
+                except ConnectionResetError:  # the target went away mid-write
+                    return await self._lost(target_side, source_side)
+                self.frames[source_side] += 1
+                self._last_frame = self._loop.time()
+        finally:
+            if held is not None:  # the session ended while a message was being read
+                held.cancel()
+
+    async def _awaited(
+        self, source: _End, pending: Awaitable[Gated]
+    ) -> tuple[Gated | _Dropped, asyncio.Task[WSMessageNoDecodeText]]:
+        """A gate's verdict that may take a while (a turn waiting for a slot), and the
+        source's next message, read meanwhile: a close or a socket lost ends the wait (the
+        verdict cancelled, the frame dropped: `_DROPPED`), so a client that gives up is
+        answered at once and its turn never goes upstream; any other message waits its
+        turn behind the verdict. A verdict that comes first leaves the read under way."""
+        verdict = asyncio.ensure_future(pending)
+        receiving = asyncio.ensure_future(source.receive())
+        self._is_gating = True
+        try:
+            await asyncio.wait((verdict, receiving), return_when=asyncio.FIRST_COMPLETED)
+            if not verdict.done() and receiving.result().type not in _WAITING:
+                verdict.cancel()  # a turn waiting for a slot leaves its line
+                await asyncio.wait((verdict,))
+                return _DROPPED, receiving
+            return await verdict, receiving
+        except BaseException:  # the session ends meanwhile (the pump cancelled), or a bug
+            verdict.cancel()
+            receiving.cancel()
+            raise
+        finally:
+            self._is_gating = False
             self._last_frame = self._loop.time()
 
     async def _pass_close(

@@ -9,7 +9,7 @@ sent: the peek is a separate, parsed value (`Peek`), never a re-encoding of the 
 
 Since the provider parses those bytes itself, the peek reads them as the most lenient
 servers would, or refuses what they may read otherwise: a field the gateway decides on
-named twice in one object (`_check_said_once`: parsers disagree on which copy counts), a
+named twice in one object (`check_said_once`: parsers disagree on which copy counts), a
 generation body it cannot read for a key that reserves (`_check_readable`); counts and
 flags as pydantic's lax types read them (`_whole`, `openai_chat.is_set`), caps and `n`
 in any case (Go's encoding/json), the largest cap named.
@@ -57,7 +57,7 @@ _GENERATIONS = frozenset((Charged.TEXT, Charged.LATER))
 # Endpoints that take a JSON body, which a reservation reads: generations and embeddings.
 _READ_AS_JSON = frozenset((*_GENERATIONS, Charged.PROMPT))
 # The fields the gateway decides on, by what reads them: a body naming one twice in an object
-# is refused (`_check_said_once`), since JSON parsers disagree on which one counts (orjson,
+# is refused (`check_said_once`), since JSON parsers disagree on which one counts (orjson,
 # Python's, Go's and most keep the last; gjson, simdjson and RapidJSON the first). The model,
 # at any depth, for allowed_models; what a reservation and the charge read; what the cache reads.
 _RESERVED_FIELDS = (
@@ -237,7 +237,7 @@ def validate(
         is_stream = True
     record.saw_model(model, is_stream, is_background)
     if document is not None:
-        _check_said_once(body, document, key)
+        check_said_once(body, document, key)
         if needs_json:
             _check_chat(document)
     if is_restricted:
@@ -417,7 +417,7 @@ def _check_readable(body: bytes, content_type: str) -> None:
     )
 
 
-def _check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> None:
+def check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> None:
     """No object of the body names twice a field the gateway decides on for this key: the
     provider's parser may read the other one. Raises 400 duplicate_field.
 

@@ -217,7 +217,7 @@ class LiveUsage:
 
     __slots__ = ("_responses",)
 
-    def __init__(self, on_response: Callable[[Usage], None]) -> None:
+    def __init__(self, on_response: responses.OnResponse) -> None:
         self._responses = responses.SocketUsage(on_response)
 
     def read(self, frame: bytes) -> None:
@@ -249,9 +249,15 @@ class SocketUsage(Protocol):
     def total(self) -> Usage | None: ...
 
 
+def is_responses_socket(path: str) -> bool:
+    """A WebSocket in the Responses API's WebSocket mode: on `…/responses` (a route's tail or
+    a whole path), OpenAI's `/v1/responses` and Azure's `/openai/v1/responses` alike."""
+    return ("/" + path.strip("/")).endswith("/responses")
+
+
 def socket_usage(
     path: str,
-    on_response: Callable[[Usage], None],
+    on_response: responses.OnResponse,
     on_begun: Callable[[], None] = lambda: None,
     on_error: Callable[[], None] = lambda: None,
     on_transcribed: OnTranscribed | None = None,
@@ -260,9 +266,9 @@ def socket_usage(
     WebSocket mode (`/v1/responses`) speaks Responses events (and tells `on_begun` and
     `on_error`: `responses.SocketUsage`); any other path, Realtime's (its transcriptions
     told to `on_transcribed` with their model)."""
-    path = "/" + path.strip("/")  # a route's tail, or a whole path
-    if path.endswith("/responses"):
+    if is_responses_socket(path):
         return responses.SocketUsage(on_response, on_begun, on_error)
+    path = "/" + path.strip("/")  # a route's tail, or a whole path
     if _LIVE_SESSIONS in path and (path.endswith(_LIVE_SESSIONS) or path.endswith("/fork")):
         return LiveUsage(on_response)
     return SessionUsage(on_response, on_transcribed)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -139,6 +139,13 @@ EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
 _FINISHED = frozenset(kind for kind, read in EVENTS.items() if read is _finished)
 
 
+class OnResponse(Protocol):
+    """Told each response's usage as it ends, with the OpenAI service tier that served it
+    ("priority", "flex": priced at its own rates; None: not said)."""
+
+    def __call__(self, usage: Usage, *, service_tier: str | None = None) -> None: ...
+
+
 class SocketUsage:
     """The usage of a WebSocket-mode session (`/v1/responses`): each response's charged as
     its `response.completed` (`.incomplete`, `.failed`) arrives, all summed; a response that
@@ -156,7 +163,7 @@ class SocketUsage:
 
     def __init__(
         self,
-        on_response: Callable[[Usage], None],
+        on_response: OnResponse,
         on_begun: Callable[[], None] = lambda: None,
         on_error: Callable[[], None] = lambda: None,
     ) -> None:
@@ -207,7 +214,7 @@ class SocketUsage:
         if usage is None:  # none reported: what it generated (the prompt is the provider's)
             usage = Usage(0, estimate.tokens(reading.chars), estimated=True)
         self._total = usage if self._total is None else added(self._total, usage)
-        self._on_response(usage)
+        self._on_response(usage, service_tier=reading.service_tier)
 
     @property
     def total(self) -> Usage | None:

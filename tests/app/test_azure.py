@@ -334,6 +334,45 @@ async def test_azure_realtime_names_its_deployment_in_the_query_and_is_checked(
     ]
 
 
+async def test_azures_responses_websocket_mode_admits_each_turn_as_at_v1_responses(
+    tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
+) -> None:
+    # Azure serves the Responses API's WebSocket mode at `/openai/v1/responses`. Only
+    # `/v1/responses` was taken for it: an Azure session was admitted once at its upgrade,
+    # then ran every turn past the key's quota unchecked, and a key with allowed_models
+    # could not open one at all (403: the upgrade names no model, its turns do).
+    limited = {"provider": "azure", "api_key": AZURE_REAL, "name": "azure-turns"}
+    limited["quota"] = {"requests": 2, "window_seconds": 3600}
+    restricted = {**limited, "name": "azure-turns-narrow", "allowed_models": ["gpt-4o-mini"]}
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["virtual_keys"].update({AZURE_VK: limited, ONE_DEPLOYMENT_VK: restricted})
+    path = tmp_path / "azure-turn-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+
+    async def turns(key: str, model: str, count: int) -> list[str]:
+        ends = []
+        client = v1_sdk(str(gateway.make_url("/openai/v1/")), key)
+        async with client.responses.connect() as connection:
+            for _ in range(count):
+                await connection.response.create(model=model, input="hi")
+                async for event in connection:
+                    if event.type in ("response.completed", "error"):
+                        ends.append(event.type)
+                        break
+        await client.close()
+        return ends
+
+    assert await turns(AZURE_VK, "gpt-4o-mini", 3) == [
+        "response.completed",
+        "response.completed",
+        "error",  # the third turn is past the quota of two requests
+    ]
+    assert await turns(ONE_DEPLOYMENT_VK, "gpt-4o-mini", 1) == ["response.completed"]
+    assert await turns(ONE_DEPLOYMENT_VK, "gpt-4o-other", 1) == ["error"]
+
+
 async def test_azure_v1_requests_are_read_as_their_endpoints(
     gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

@@ -455,6 +455,22 @@ async def test_a_provider_refusing_the_upgrade_gives_its_status(gateway: TestCli
     assert_openai_error(await response.json(), "upstream_refused")
 
 
+async def test_a_refused_upgrade_logs_the_providers_own_request_id(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # The id the provider's support asks for was logged for an HTTP answer, refusals
+    # included, and for an opened session, but not for a handshake it refused.
+    for status in ("429", "500"):
+        response = await gateway.get(
+            PATH, headers=upgrade_headers(**auth(OPENAI_VK), **{"x-fake-status": status})
+        )
+        assert response.status == int(status)
+    lines = await records(2)
+    for line in lines:
+        assert line["provider_request_id"].startswith("req_fake_"), line
+        assert line["provider_request_id"] != line["request_id"]
+
+
 @pytest.mark.parametrize(
     ("env", "why"),
     [
@@ -1061,4 +1077,16 @@ async def test_a_transcription_model_outside_the_keys_allowed_models_is_refused_
     await ws.send_json({"type": "session.update", "session": whisper})
     assert orjson.loads((await next_data(ws)).data)["type"] == "session.updated"
     assert [orjson.loads(data)["session"] for _, data in socket.received] == [whisper]
+    # The model named twice, or as `Model`: the copy the gateway reads is allowed, the other
+    # one a first-reading or case-folding server (gjson, Go's encoding/json) would run. Refused
+    # as an HTTP body naming it so is (400 duplicate_field, 403).
+    for spelt, code in (
+        ('"model": "gpt-4o-transcribe", "model": "whisper-1"', "duplicate_field"),
+        ('"model": "whisper-1", "Model": "gpt-4o-transcribe"', "model_not_allowed"),
+    ):
+        transcription = '{"audio": {"input": {"transcription": {' + spelt + "}}}}"
+        await ws.send_str('{"type": "session.update", "session": ' + transcription + "}")
+        error = orjson.loads((await next_data(ws)).data)
+        assert error["type"] == "error" and error["error"]["code"] == code, error
+    assert len(socket.received) == 1  # only the allowed update reached the provider
     await ws.close()

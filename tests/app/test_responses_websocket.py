@@ -101,6 +101,24 @@ async def test_the_openai_sdk_connects_and_each_turn_is_charged(
     assert 'llm_gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
 
 
+async def test_a_turn_served_at_the_priority_tier_is_priced_at_it_as_over_http(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # Codex's fast mode asks for the priority tier, which OpenAI bills at about twice the
+    # usual rates; a turn's response.completed says which tier served it. An HTTP answer was
+    # priced at that tier, a turn at the usual one: budgets and cost_usd took half.
+    costs = []
+    for tier in ("default", "priority"):
+        ws = await open_session(gateway, OPENAI_VK)
+        turn = {"type": "response.create", "model": "gpt-5", "input": "hi", "service_tier": tier}
+        await ws.send_str(orjson.dumps(turn).decode())
+        assert (await until_end(ws))[-1]["type"] == "response.completed"
+        await ws.close()
+        costs.append((await records(len(costs) + 1))[-1]["cost_usd"])
+    usual, priority = costs
+    assert usual > 0 and priority > 1.5 * usual, costs  # as the library prices the tiers
+
+
 async def test_a_turn_past_the_keys_quota_is_refused_when_sent(
     gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
 ) -> None:
@@ -197,6 +215,38 @@ async def test_a_turn_naming_a_model_the_key_may_not_use_is_refused(
     assert unnamed["status"] == 403 and "names none" in unnamed["error"]["message"]
     assert (await turn(ws))[-1]["type"] == "response.completed"  # gpt-4o-mini is allowed
     assert creates(sockets.sockets[-1]) == 1
+    await ws.close()
+
+
+async def test_a_turn_naming_its_model_twice_or_in_another_case_is_refused_as_over_http(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # An HTTP body naming `model` twice (or `Model`, which Go's encoding/json reads as
+    # `model`) gets 400 duplicate_field / 403 for a restricted key, since parsers disagree on
+    # which copy counts; a turn went upstream with the allowed copy checked and the other
+    # one for a first-reading (or case-folding) server to run.
+    narrow = {"provider": "openai", "api_key": OPENAI_REAL, "allowed_models": ["gpt-4o-*"]}
+    narrow["quota"] = {"requests": 100, "tokens": 100_000, "window_seconds": 3600}
+    gateway = await gateway_with_keys({TURN_VK: narrow})
+    ws = await open_session(gateway, TURN_VK)
+    twice = '{"type": "response.create", "model": "o3-pro", "model": "gpt-4o-mini"}'
+    await ws.send_str(twice)
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 400, refused
+    assert refused["error"]["code"] == "duplicate_field"
+    folded = '{"type": "response.create", "model": "gpt-4o-mini", "Model": "o3-pro"}'
+    await ws.send_str(folded)
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["status"] == 403, refused
+    capped = (
+        '{"type": "response.create", "model": "gpt-4o-mini", "max_output_tokens": 5,'
+        ' "max_output_tokens": 90000}'
+    )
+    await ws.send_str(capped)  # reserved 5 tokens, while the provider may read 90000
+    refused = await receive(ws)
+    assert refused["type"] == "error" and refused["error"]["code"] == "duplicate_field"
+    assert sockets.sockets[-1].received == []  # none went upstream
+    assert (await turn(ws))[-1]["type"] == "response.completed"  # a plain one still runs
     await ws.close()
 
 
@@ -366,6 +416,77 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_changed_meanwhile_is_refused(
     assert refused["type"] == "error" and refused["status"] == status, refused
     assert creates(sockets.sockets[-1]) == 0
     await ws.close()
+
+
+async def test_a_client_that_closes_while_its_turn_waits_for_a_slot_is_answered_at_once(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], sockets: RealtimeState
+) -> None:
+    # The gate held the client's reading while a turn waited for its key's slot: a close
+    # the client sent then went unanswered for the whole queue_seconds (the client's own
+    # close timed out), and a slot coming back meanwhile sent the abandoned turn upstream,
+    # where it ran and was charged.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry})
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: quota.queued == 1)
+    await asyncio.wait_for(ws.close(code=4000, message=b"gave up"), WAIT_SECONDS)
+    assert ws.close_code == 4000  # the provider's answer to the close passed on, at once
+    assert quota.queued == 0  # the turn left the line
+    socket = sockets.sockets[-1]
+    await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
+    assert socket.close == (4000, "gave up")
+    holder.close()  # the slot comes back: nothing is waiting for it
+    assert creates(socket) == 0
+    usage = await (await gateway.get("/usage", headers=auth(TURN_VK))).json()
+    assert usage["requests"]["used"] == 1  # the holder's only: the turn was never admitted
+    assert usage["in_flight"]["used"] == 0
+
+
+async def test_a_turn_waiting_for_a_slot_longer_than_the_idle_timeout_is_not_cut_as_idle(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The idle clock ran from the last frame that had passed, on through a turn's wait for a
+    # slot: a session whose client had sent a turn, and was waiting on the gateway's line,
+    # was closed as idle (1001) before its turn ran.
+    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
+    entry.update(max_in_flight=1, queue_seconds=30)
+    gateway = await gateway_with_keys({TURN_VK: entry}, REALTIME_IDLE_TIMEOUT="0.3")
+    quota = gateway.app[QUOTA]
+    holder = await gateway.post(  # the key's one slot, held mid-stream
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: quota.queued == 1)
+    await asyncio.sleep(0.6)  # twice the idle timeout, in the line (a wait, not an event)
+    assert not ws.closed
+    holder.close()  # the slot comes back
+    events = await until_end(ws)
+    assert events[-1]["type"] == "response.completed", events
+    await ws.close()
+    lines = await records(2)
+    assert lines[-1]["websocket"]["ended_by"] == "client", lines[-1]
 
 
 async def test_each_turn_of_a_key_pinning_a_model_runs_and_is_priced_at_that_model(

@@ -109,6 +109,7 @@ def install(app: web.Application) -> None:
     # Azure OpenAI's, at a resource's endpoint: `?deployment=<d>` (AzureOpenAI), and its v1 API.
     app.router.add_get("/openai/realtime", realtime)
     app.router.add_get("/openai/v1/realtime", realtime)
+    app.router.add_get("/openai/v1/responses", realtime)  # Azure's Responses WebSocket mode
     app.router.add_get("/v1/live/sessions", realtime)  # the Live API
     app.router.add_get("/v1/live/sessions/{session_id}/fork", realtime)
 
@@ -272,7 +273,13 @@ def responses_events(command: dict) -> list[dict]:
         {"type": "response.output_text.delta", "delta": "world"},
         {
             "type": "response.completed",
-            "response": {**running, "status": "completed", "usage": usage},
+            # The tier that served it, as over HTTP: the one asked for, else "default".
+            "response": {
+                **running,
+                "status": "completed",
+                "usage": usage,
+                "service_tier": command.get("service_tier") or "default",
+            },
         },
     ]
 
