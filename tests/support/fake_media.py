@@ -33,6 +33,7 @@ API would pick; the fake does not check what it is sent beyond that.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
@@ -50,6 +51,7 @@ AUDIO_SECONDS = 90.0
 TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_AUDIO_TOKENS, TRANSCRIBE_OUTPUT_TOKENS = 120, 110, 40
 ASSISTANT_MODEL = "gpt-4.1"
 SSE_TYPE = "text/event-stream; charset=utf-8"
+HELD_POLL_SECONDS = 0.01  # how often a held body looks whether its client left
 # A tiny PNG (1x1, transparent): what each fake image holds.
 PIXEL = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
@@ -138,13 +140,19 @@ def sse(event: dict[str, Any]) -> bytes:
 
 
 async def chunked(
-    request: web.Request, pieces: list[bytes], content_type: str
+    request: web.Request, pieces: list[bytes], content_type: str, is_held: bool = False
 ) -> web.StreamResponse:
-    """The pieces written one by one, without a Content-Length (Transfer-Encoding: chunked)."""
+    """The pieces written one by one, without a Content-Length (Transfer-Encoding: chunked);
+    `is_held`: the body's end held until the client leaves (as a provider whose last chunk
+    comes after its last event)."""
     response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
     for piece in pieces:
         await response.write(piece)
+    if is_held:
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(HELD_POLL_SECONDS)
+        return response
     await response.write_eof()
     return response
 

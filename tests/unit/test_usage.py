@@ -375,6 +375,26 @@ def test_the_last_event_is_seen_wherever_the_stream_is_cut_however_its_lines_end
     assert not tap_of(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"end_turn")]).is_whole
 
 
+def gemini_events(last_usage: dict | None) -> list[dict]:
+    """A Gemini stream as Vertex sends it: the prompt's count early, `last_usage` at the end."""
+    prompt = {"usageMetadata": {"promptTokenCount": 5}}
+    text = {"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "index": 0}], **prompt}
+    last = {"candidates": [{"content": {"parts": []}, "finishReason": "STOP", "index": 0}]}
+    return [text, {**last, "usageMetadata": last_usage} if last_usage else last]
+
+
+def test_a_gemini_streams_last_event_is_its_finish_reason_with_the_whole_usage():
+    whole = {"promptTokenCount": 5, "candidatesTokenCount": 2}
+    events = gemini_events(whole)
+    assert tap_of(sse(*events)).is_whole
+    assert tap_of(orjson.dumps(events), "application/json").is_whole  # one JSON array
+    assert not tap_of(sse(events[0])).is_whole
+    # No usage at all (a provider that reports none): the finish reason ends it.
+    assert tap_of(sse(*gemini_events(None)[1:])).is_whole
+    # A finish reason whose usage still counts only the prompt: its total is yet to come.
+    assert not tap_of(sse(*gemini_events({"promptTokenCount": 5}))).is_whole
+
+
 def pretty(body: bytes) -> bytes:
     """Each event's JSON indented over several `data:` lines (as a server that writes
     indented JSON through an SSE library sends it: one data field per line)."""
