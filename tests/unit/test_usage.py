@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gzip
 import itertools
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import anthropic, audio, batches, images, responses
+from proxy.usage import anthropic, audio, batches, bedrock, images, responses
 from proxy.usage.prompt import prompt_chars, request_chars
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
@@ -29,6 +30,7 @@ from proxy.usage.usage import (
     UsageTap,
     charged,
 )
+from tests.support.fake_bedrock import frame
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -393,6 +395,25 @@ def test_a_gemini_streams_last_event_is_its_finish_reason_with_the_whole_usage()
     assert tap_of(sse(*gemini_events(None)[1:])).is_whole
     # A finish reason whose usage still counts only the prompt: its total is yet to come.
     assert not tap_of(sse(*gemini_events({"promptTokenCount": 5}))).is_whole
+
+
+def test_a_bedrock_streams_last_frame_is_its_message_stop_or_its_invocation_metrics():
+    stop, usage = frame("messageStop", {"stopReason": "end_turn"}), {"inputTokens": 3}
+    start = frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hi"}})
+    converse = start + stop + frame("metadata", {"usage": {**usage, "outputTokens": 1}})
+    assert tap_of(converse, bedrock.EVENT_STREAM).is_whole
+    assert tap_of(start + stop, bedrock.EVENT_STREAM).is_whole  # its usage yet to come
+    assert not tap_of(start, bedrock.EVENT_STREAM).is_whole
+    # A Llama's invoke stream: its own events, Bedrock's count on the last one only.
+    llama = {"generation": "Hi", "stop_reason": None}
+
+    def chunk(event: dict) -> bytes:
+        return frame("chunk", {"bytes": base64.b64encode(orjson.dumps(event)).decode()})
+
+    metrics = {"inputTokenCount": 3, "outputTokenCount": 1}
+    last = chunk({**llama, "amazon-bedrock-invocationMetrics": metrics})
+    assert tap_of(chunk(llama) + last, bedrock.EVENT_STREAM).is_whole
+    assert not tap_of(chunk(llama), bedrock.EVENT_STREAM).is_whole
 
 
 def pretty(body: bytes) -> bytes:
