@@ -150,11 +150,16 @@ async def chunked(
     for piece in pieces:
         await response.write(piece)
     if is_held:
-        while request.transport is not None and not request.transport.is_closing():
-            await asyncio.sleep(HELD_POLL_SECONDS)
+        await until_gone(request)
         return response
     await response.write_eof()
     return response
+
+
+async def until_gone(request: web.Request) -> None:
+    """Hold an answer's end until its client leaves."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(HELD_POLL_SECONDS)
 
 
 async def transcription(request: web.Request) -> web.StreamResponse:
