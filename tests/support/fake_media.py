@@ -27,7 +27,8 @@ Mounted by `tests/support/fake_provider.py` (its middleware records and steers t
         a queued video job (the real API's shape): its model the form's or sora-2, its
         `seconds` and `size` the form's or the API's defaults; no usage (billed per second)
 
-A `model` absent from an image, audio or video request is answered with the model the real
+A stream asked with `x-fake-hang: end` holds its body's end, after its last event, until the
+client leaves. A `model` absent from an image, audio or video request is answered with the model the real
 API would pick; the fake does not check what it is sent beyond that.
 """
 
@@ -111,7 +112,7 @@ async def images(request: web.Request) -> web.StreamResponse:
         ]
         completed = {"type": f"{kind}.completed", "b64_json": PIXEL}
         events.append({**completed, **({"usage": body["usage"]} if "usage" in body else {})})
-        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
     return answer(body)
 
 
@@ -132,7 +133,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         for piece in pieces
     ]
     events.append({"type": "speech.audio.done", "usage": usage})
-    return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+    return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -154,6 +155,11 @@ async def chunked(
         return response
     await response.write_eof()
     return response
+
+
+def is_held(request: web.Request) -> bool:
+    """The request asks its stream's body end held (`x-fake-hang: end`)."""
+    return request.headers.get("x-fake-hang") == "end"
 
 
 async def until_gone(request: web.Request) -> None:
@@ -191,7 +197,7 @@ async def transcription(request: web.Request) -> web.StreamResponse:
         events.append(
             {"type": "transcript.text.done", "text": body["text"], "usage": body["usage"]}
         )
-        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
     return answer(body)
 
 
