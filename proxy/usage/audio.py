@@ -51,11 +51,15 @@ def _text_delta(event: dict[str, Any], reading: Reading) -> None:
 
 
 def _transcript_done(event: dict[str, Any], reading: Reading) -> None:
+    """The transcription's last event, with its usage."""
     read_usage(event.get("usage"), reading)
+    reading.is_ended = True
 
 
 def _speech_done(event: dict[str, Any], reading: Reading) -> None:
+    """The speech's last event, with its usage."""
     reading.reported.read(event.get("usage"), responses.USAGE)
+    reading.is_ended = True
 
 
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {

@@ -14,7 +14,9 @@ A Bedrock stream (`application/vnd.amazon.eventstream`) is binary frames, not SS
                                   cacheReadInputTokens, cacheWriteInputTokens,
                                   cacheDetails: the writes by lifetime, [{ttl, inputTokens}]}
 
-A stream that fails after its 200 ends with an `exception` frame (`:exception-type`
+The stream's last event (converse's `messageStop` and the `metadata` after it, invoke's chunk
+with the invocation metrics, or Claude's message_stop) tells a client that left with the whole
+answer from one cut before it. A stream that fails after its 200 ends with an `exception` frame (`:exception-type`
 throttlingException, modelStreamErrorException, ...) or an `error` frame (`:error-code`):
 its type is noted as the answer's error (never its message), nothing in it metered.
 
@@ -169,8 +171,12 @@ def _read_chunk(frame: dict[str, Any], reading: Reading) -> None:
     read = anthropic.EVENTS.get(kind) if isinstance(kind, str) else None
     if read is not None:
         read(event, reading)
-    # Bedrock's own count, on the last event, whatever the model's API.
-    reading.reported.read(event.get("amazon-bedrock-invocationMetrics"), INVOCATION_USAGE)
+    # Bedrock's own count, on the last event, whatever the model's API (its end: a Llama's
+    # or a Titan's stream has no message_stop).
+    metrics = event.get("amazon-bedrock-invocationMetrics")
+    if metrics is not None:
+        reading.reported.read(metrics, INVOCATION_USAGE)
+        reading.is_ended = True
 
 
 def _content_block_start(event: dict[str, Any], reading: Reading) -> None:
@@ -193,14 +199,22 @@ def _content_block_delta(event: dict[str, Any], reading: Reading) -> None:
         reading.add_generated(thinking.get("text"))
 
 
+def _message_stop(event: dict[str, Any], reading: Reading) -> None:
+    """Why the message stopped: the whole answer (its usage follows, in `metadata`)."""
+    reading.is_ended = True
+
+
 def _metadata(event: dict[str, Any], reading: Reading) -> None:
+    """The stream's last event, with its usage."""
     reading.reported.read(event.get("usage"), CONVERSE_USAGE)
+    reading.is_ended = True
 
 
 # converse-stream's events read, by the frame's event type.
 CONVERSE_EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {
     "contentBlockStart": _content_block_start,
     "contentBlockDelta": _content_block_delta,
+    "messageStop": _message_stop,
     "metadata": _metadata,
 }
 

@@ -17,7 +17,9 @@ on Gemini 3 and later, per grounded prompt on 2.5 and earlier (by the answer's
 a count of 0. A stream's counts are cumulative: a `usageMetadata` is taken as the answer's
 from an event only when it counts candidates or thoughts; one that counts only the prompt
 (Vertex sends that until the last event) is provisional: a stream cut after it is charged
-that prompt and at least the completion it delivered, estimated. A JSON body's is its
+that prompt and at least the completion it delivered, estimated. The stream's last event is
+the one whose candidate says why it finished (`finishReason`) with the whole usage (or with
+none, from a provider that reports none): a client that leaves after it has the whole answer. A JSON body's is its
 answer's (of a body over 1 MiB, an answer with inline images, the last `usageMetadata` in
 its tail, taken as a stream event's). The model that answered is `modelVersion`.
 
@@ -116,7 +118,9 @@ def read_event(event: dict[str, Any], reading: Reading) -> None:
         reading.note_model(event.get("modelVersion"))
     _read_usage(event, reading, is_final=False)
     _read_grounding(event, reading)
-    _read_candidates(event, reading)
+    if _read_candidates(event, reading) and not reading.is_usage_provisional:
+        # Why the candidate finished, with the whole usage (or none at all): the last event.
+        reading.is_ended = True
 
 
 def read_answer(document: dict[str, Any], reading: Reading) -> None:
@@ -183,9 +187,13 @@ def _parts_chars(content: object) -> int:
     return chars
 
 
-def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
-    """Every string the model generated in an answer's candidates."""
+def _read_candidates(answer: dict[str, Any], reading: Reading) -> bool:
+    """Every string the model generated in an answer's candidates; True: one of them says
+    why it finished (its `finishReason`)."""
+    is_finished = False
     for candidate in _dicts(answer.get("candidates")):
+        if "finishReason" in candidate or "finish_reason" in candidate:
+            is_finished = True
         content = candidate.get("content")
         parts = content.get("parts") if isinstance(content, dict) else None
         for part in _dicts(parts):
@@ -201,6 +209,7 @@ def _read_candidates(answer: dict[str, Any], reading: Reading) -> None:
             code = _either(part, _CODE)
             if code is not None:
                 reading.add_generated(code.get("code"))
+    return is_finished
 
 
 def _read_grounding(answer: dict[str, Any], reading: Reading) -> None:

@@ -43,7 +43,9 @@ def is_usage(usage: dict[str, Any]) -> bool:
 
 
 def _completed(event: dict[str, Any], reading: Reading) -> None:
+    """The stream's last event, with the final image and its usage."""
     reading.reported.read(event.get("usage"), USAGE)
+    reading.is_ended = True
 
 
 EVENTS: Mapping[str, Callable[[dict[str, Any], Reading], None]] = {

@@ -48,8 +48,9 @@ class Reading:
         # charged at least what it delivered (`usage`).
         self.is_usage_provisional = False
         # The stream's last event was read (OpenAI's `data: [DONE]`, Anthropic's
-        # `message_stop` or the `message_delta` saying why it stopped): a client that leaves
-        # after it has the whole answer.
+        # `message_stop` or the `message_delta` saying why it stopped, a Response's
+        # `response.completed`, `.incomplete` or `.failed`, …; each dialect knows its own):
+        # a client that leaves after it has the whole answer.
         self.is_ended = False
         self.chars = 0  # characters the provider generated, of every kind
         self.texts: list[str] | None = [] if keep_text else None  # the answer's text, for the log

@@ -83,7 +83,9 @@ def _item_added(event: dict[str, Any], reading: Reading) -> None:
 
 
 def _finished(event: dict[str, Any], reading: Reading) -> None:
-    """The final `response`, with its usage."""
+    """The final `response`, with its usage: the stream's last event (Codex stops reading
+    there)."""
+    reading.is_ended = True
     response = event.get("response")
     if isinstance(response, dict):
         reading.note_model(response.get("model"))

@@ -415,10 +415,12 @@ class UsageTap:
 
     @property
     def is_whole(self) -> bool:
-        """Whether the bytes fed hold the stream's last event (OpenAI's `data: [DONE]`,
-        Anthropic's `message_stop` or the `message_delta` with its stop_reason), however
-        its lines end, it was cut or coded: asked when the client left, once its stream is
-        over (a last line without its end counts)."""
+        """Whether the bytes fed hold the stream's last event, as its dialect knows it
+        (OpenAI's `data: [DONE]`, Anthropic's `message_stop` or the `message_delta` with its
+        stop_reason, a Response's `response.completed`, Gemini's finishReason with its
+        usage, Bedrock's `metadata`, Ollama's `done`, …), however its lines end, it was cut
+        or coded: asked when the client left, once its stream is over (a last line without
+        its end counts)."""
         self._finish()
         return self._reading.is_ended
 

@@ -9,6 +9,7 @@ one byte after signing, is refused there with 403.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
+from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError
 from botocore.session import get_session
 
@@ -38,6 +40,7 @@ from tests.support.fake_bedrock import (
     exception_frame,
     signed_region,
 )
+from tests.support.observed import assert_views_agree
 from tests.support.polling import until
 
 ACCESS_KEY = "AKIAFAKEGATEWAY0001"
@@ -364,6 +367,41 @@ async def test_converse_passes_through_and_its_usage_is_read(
     usage = line["usage"]
     assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 5
     assert usage["estimated"] is False
+
+
+@pytest.mark.parametrize(
+    ("action", "last"),
+    [("converse-stream", "metadata"), ("invoke-with-response-stream", "message_stop")],
+)
+async def test_a_client_that_leaves_at_the_streams_last_frame_was_answered_not_cut(
+    gateway: TestClient, records, action: str, last: str
+) -> None:
+    # A client that stops reading at the stream's last frame (converse's `metadata`, with the
+    # usage; invoke's chunk of message_stop, with the invocation metrics) has the whole
+    # answer, also when the provider's body end comes after it.
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    if action == "invoke-with-response-stream":
+        body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64,
+                           "messages": MESSAGES}).encode()  # fmt: skip
+    headers = {**auth(BEDROCK_VK), "content-type": "application/json", "x-fake-hang": "end"}
+    response = await gateway.post(f"/v1/model/{CLAUDE}/{action}", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    frames, seen = EventStreamBuffer(), ""
+    while seen != last:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its {last}"
+        frames.add_data(chunk)
+        for message in frames:
+            seen = message.headers[":event-type"]
+            if seen == "chunk":
+                seen = json.loads(base64.b64decode(json.loads(message.payload)["bytes"]))["type"]
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "error" not in line, line
+    usage = line["usage"]
+    assert usage["prompt_tokens"] == INPUT_TOKENS and usage["completion_tokens"] == 3
+    assert usage["estimated"] is False
+    await assert_views_agree(gateway, BEDROCK_VK, line)
 
 
 @pytest.mark.parametrize("action", ["converse", "converse-stream"])

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
@@ -27,6 +28,7 @@ from tests.support.fake_media import (
     TRANSCRIBE_INPUT_TOKENS,
     TRANSCRIBE_OUTPUT_TOKENS,
 )
+from tests.support.observed import assert_views_agree
 from tests.unit.test_pricing import library_cost
 
 MEDIA_VK = "vk_test_media_7e9a1c3e5f"
@@ -187,3 +189,58 @@ async def test_a_video_is_logged_with_the_model_its_form_names_for_any_key(
     (line,) = await records(1)
     assert line["path"] == "/v1/videos" and line["model"] == "sora-2-pro"
     assert line["usage"] is None and line["cost_usd"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "last", "tokens"),
+    [
+        (
+            "/v1/audio/speech",
+            {"model": "gpt-4o-mini-tts", "input": SPOKEN, "voice": "alloy", "stream_format": "sse"},
+            b"speech.audio.done",
+            (SPEECH_INPUT_TOKENS, SPEECH_OUTPUT_TOKENS),
+        ),
+        (
+            "/v1/audio/transcriptions",
+            {"model": "gpt-4o-mini-transcribe", "stream": "true"},
+            b"transcript.text.done",
+            (TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_OUTPUT_TOKENS),
+        ),
+        (
+            "/v1/images/generations",
+            {"model": "gpt-image-1", "prompt": "a cat", "stream": True},
+            b"image_generation.completed",
+            (IMAGE_INPUT_TOKENS, IMAGE_OUTPUT_TOKENS),
+        ),
+    ],
+)
+async def test_a_media_stream_the_client_leaves_at_its_last_event_was_answered_not_cut(
+    gateway: TestClient,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+    body: dict[str, Any],
+    last: bytes,
+    tokens: tuple[int, int],
+) -> None:
+    # A client that stops reading at the stream's last event (with its usage) has the
+    # whole answer, also when the provider's body end comes after it.
+    headers = {**auth(MEDIA_VK), "x-fake-hang": "end"}
+    if "transcriptions" in path:
+        form = aiohttp.FormData(body)
+        form.add_field("file", WAV[1], filename=WAV[0], content_type=WAV[2])
+        response = await gateway.post(path, data=form, headers=headers)
+    else:
+        response = await gateway.post(path, json=body, headers=headers)
+    assert response.status == 200, await response.text()
+    received = b""
+    while not (last in received and received.endswith(b"\n\n")):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its last event: {received[-200:]!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "error" not in line, line
+    usage = line["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == tokens
+    assert usage["estimated"] is False
+    await assert_views_agree(gateway, MEDIA_VK, line)

@@ -23,6 +23,7 @@ from tests.support.fake_selfhosted import (
     SelfHostedState,
     build_fake_selfhosted,
 )
+from tests.support.observed import assert_views_agree
 
 NATIVE_VK = "vk_test_ollama_native_0a1b2c"
 LLAMA_VK = "vk_test_llamacpp_native_9f8e7d"
@@ -207,6 +208,28 @@ async def test_an_ollama_stream_reaches_the_client_line_by_line_and_is_logged_as
 
     [line] = await records(1)
     assert line["stream"] is True
+
+
+@pytest.mark.parametrize("path", ["/v1/api/chat", "/v1/api/generate"])
+async def test_an_ollama_client_that_leaves_at_the_done_line_was_answered_not_cut(
+    self_hosted: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    path: str,
+) -> None:
+    """A client that stops reading at the last line (`"done": true`, with the counts) has
+    the whole answer, also when Ollama's body end comes after it."""
+    gateway = await self_hosted()
+    body = {"model": "llama3.2:1b", "prompt": "hello there"} if "generate" in path else CHAT
+    headers = {**auth(METERED_VK), "x-fake-chunks": "5", "x-fake-hang": "end"}
+    response = await gateway.post(path, json=body, headers=headers)
+    assert response.status == 200
+    while not json.loads(await asyncio.wait_for(response.content.readline(), 5))["done"]:
+        pass
+    response.close()
+    [line] = await records(1)
+    assert line["status"] == 200 and "error" not in line, line
+    assert_reported(line)
+    await assert_views_agree(gateway, METERED_VK, line)
 
 
 @pytest.mark.parametrize(

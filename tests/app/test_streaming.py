@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, get_port_socket
+from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import build_app
@@ -21,6 +22,7 @@ from proxy.settings import Settings
 from tests.conftest import ANTHROPIC_VK, OPENAI_VK, auth, keys_document
 from tests.support.bodies import chat, messages
 from tests.support.fake_provider import FakeState
+from tests.support.observed import assert_views_agree
 from tests.support.polling import until
 
 STREAM = chat("count", stream=True)
@@ -310,6 +312,57 @@ async def test_a_client_that_leaves_once_it_has_the_last_event_was_answered_in_a
     (line,) = await records(1)
     assert line["status"] == 200 and "error" not in line
     assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+
+
+@pytest.mark.parametrize("ending", ["completed", "incomplete", "failed"])
+async def test_a_responses_client_that_leaves_at_the_responses_end_was_answered_not_cut(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    ending: str,
+) -> None:
+    # Codex stops reading a Responses stream at its response.completed (or .incomplete,
+    # .failed) and drops the connection; so does an openai SDK loop that breaks there. The
+    # provider's body end comes after that last event: the client had the whole answer.
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=OPENAI_VK, max_retries=0)
+    headers = {"x-fake-hang": "end", "x-fake-response-end": ending, "x-request-id": "ends-1"}
+    try:
+        stream = await client.responses.create(
+            model="gpt-4o-mini", input="count", stream=True, extra_headers=headers
+        )
+        async for event in stream:
+            if event.type == f"response.{ending}":
+                break
+        await stream.close()
+    finally:
+        await client.close()
+    (line,) = await records(1)
+    assert line["status"] == 200 and line.get("error") != "client closed the connection", line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+    assert line["usage"]["prompt_tokens"] == fake.usage["ends-1"]["input_tokens"]
+    await assert_views_agree(gateway, OPENAI_VK, line)
+
+
+async def test_a_text_completions_client_that_leaves_at_done_was_answered_not_cut(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    # Legacy text completions end with `data: [DONE]` as chat does (the openai SDK before
+    # 3.x stops reading there).
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": "count", "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    headers = {**auth(OPENAI_VK), "x-fake-hang": "end", "x-request-id": "ends-2"}
+    response = await gateway.post("/v1/completions", json=body, headers=headers)
+    received = b""
+    while not received.rstrip().endswith(b"data: [DONE]"):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before [DONE]: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert received == fake.sent["ends-2"]
+    assert line["status"] == 200 and "error" not in line
+    assert line["usage"]["completion_tokens"] == 3 and line["usage"]["estimated"] is False
+    await assert_views_agree(gateway, OPENAI_VK, line)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from tests.support.fake_vertex import (
     service_account,
     vertex_app,
 )
+from tests.support.observed import assert_views_agree
 from tests.support.polling import until
 
 VERTEX_VK = "vk_test_vertex_3e9a1c7d5b"
@@ -277,6 +278,35 @@ async def test_a_gemini_answer_is_charged_its_usage_metadata(
     # Gemini counts thoughts beside the candidates: both are the completion.
     assert usage["completion_tokens"] == 3 + GEMINI_THOUGHTS
     assert usage["reasoning_tokens"] == GEMINI_THOUGHTS
+
+
+@pytest.mark.parametrize(
+    ("call", "last"),
+    [(":streamGenerateContent?alt=sse", b"\r\n\r\n"), (":streamGenerateContent", b"]")],
+)
+async def test_a_gemini_client_that_leaves_at_the_last_event_was_answered_not_cut(
+    gateway: TestClient, records, call: str, last: bytes
+) -> None:
+    # A client that stops reading at the event with the finishReason and the whole
+    # usageMetadata (the array's last one, and its `]`) has the whole answer, also when the
+    # provider's body end comes after it.
+    headers = {**auth(VERTEX_VK), "x-fake-hang": "end"}
+    response = await gateway.post(GEMINI_PATH + call, json=gemini_body("hi"), headers=headers)
+    received = b""
+    while not (b'"finishReason"' in received and received.endswith(last)):
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before its last event: {received!r}"
+        received += chunk
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 200 and "error" not in line, line
+    usage = line["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        GEMINI_PROMPT,
+        3 + GEMINI_THOUGHTS,
+    )
+    assert usage["estimated"] is False
+    await assert_views_agree(gateway, VERTEX_VK, line)
 
 
 @pytest.mark.parametrize("call", [":generateContent", ":streamGenerateContent?alt=sse"])

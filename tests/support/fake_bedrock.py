@@ -26,7 +26,8 @@ An invoke answer names the model as Bedrock does, by Anthropic's own name
 reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
 (`x-fake-chunks`, default 3). A stream asked with `x-fake-exception: <type>` ends after its
 first text piece with an exception frame of that type (`throttlingException`,
-`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200; a region in
+`modelStreamErrorException`), as Bedrock ends a stream that fails under its 200; one asked
+with `x-fake-hang: end` holds its body's end, after its last frame, until the client leaves; a region in
 `failing_at_start` sends its streams' start, then such a frame. A Converse
 answer asked with `x-fake-cache-write-tokens: N` reports N tokens written to the cache,
 `x-fake-cache-write-1h-tokens: M` of them for an hour (its `cacheDetails`, 1h before 5m).
@@ -222,7 +223,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if exception is not None:  # cut after the first text piece (and what came before it)
         first_piece = next(i for i, one in enumerate(frames) if b"tok0" in _payload_text(one))
         frames = [*frames[: first_piece + 1], exception_frame(exception, "Try again later.")]
-    return await chunked(request, frames, EVENT_STREAM)
+    return await chunked(
+        request, frames, EVENT_STREAM, is_held=request.headers.get("x-fake-hang") == "end"
+    )
 
 
 def _usage(pieces: list[str]) -> dict[str, int]:

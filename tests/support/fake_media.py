@@ -27,12 +27,14 @@ Mounted by `tests/support/fake_provider.py` (its middleware records and steers t
         a queued video job (the real API's shape): its model the form's or sora-2, its
         `seconds` and `size` the form's or the API's defaults; no usage (billed per second)
 
-A `model` absent from an image, audio or video request is answered with the model the real
+A stream asked with `x-fake-hang: end` holds its body's end, after its last event, until the
+client leaves. A `model` absent from an image, audio or video request is answered with the model the real
 API would pick; the fake does not check what it is sent beyond that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
@@ -50,6 +52,7 @@ AUDIO_SECONDS = 90.0
 TRANSCRIBE_INPUT_TOKENS, TRANSCRIBE_AUDIO_TOKENS, TRANSCRIBE_OUTPUT_TOKENS = 120, 110, 40
 ASSISTANT_MODEL = "gpt-4.1"
 SSE_TYPE = "text/event-stream; charset=utf-8"
+HELD_POLL_SECONDS = 0.01  # how often a held body looks whether its client left
 # A tiny PNG (1x1, transparent): what each fake image holds.
 PIXEL = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
@@ -109,7 +112,7 @@ async def images(request: web.Request) -> web.StreamResponse:
         ]
         completed = {"type": f"{kind}.completed", "b64_json": PIXEL}
         events.append({**completed, **({"usage": body["usage"]} if "usage" in body else {})})
-        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
     return answer(body)
 
 
@@ -130,7 +133,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         for piece in pieces
     ]
     events.append({"type": "speech.audio.done", "usage": usage})
-    return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+    return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -138,15 +141,31 @@ def sse(event: dict[str, Any]) -> bytes:
 
 
 async def chunked(
-    request: web.Request, pieces: list[bytes], content_type: str
+    request: web.Request, pieces: list[bytes], content_type: str, is_held: bool = False
 ) -> web.StreamResponse:
-    """The pieces written one by one, without a Content-Length (Transfer-Encoding: chunked)."""
+    """The pieces written one by one, without a Content-Length (Transfer-Encoding: chunked);
+    `is_held`: the body's end held until the client leaves (as a provider whose last chunk
+    comes after its last event)."""
     response = web.StreamResponse(headers={"Content-Type": content_type})
     await response.prepare(request)
     for piece in pieces:
         await response.write(piece)
+    if is_held:
+        await until_gone(request)
+        return response
     await response.write_eof()
     return response
+
+
+def is_held(request: web.Request) -> bool:
+    """The request asks its stream's body end held (`x-fake-hang: end`)."""
+    return request.headers.get("x-fake-hang") == "end"
+
+
+async def until_gone(request: web.Request) -> None:
+    """Hold an answer's end until its client leaves."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(HELD_POLL_SECONDS)
 
 
 async def transcription(request: web.Request) -> web.StreamResponse:
@@ -178,7 +197,7 @@ async def transcription(request: web.Request) -> web.StreamResponse:
         events.append(
             {"type": "transcript.text.done", "text": body["text"], "usage": body["usage"]}
         )
-        return await chunked(request, [sse(event) for event in events], SSE_TYPE)
+        return await chunked(request, [sse(event) for event in events], SSE_TYPE, is_held(request))
     return answer(body)
 
 

@@ -84,6 +84,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               generation), or until the client leaves
     x-fake-polls: N           a background Response: the first N GETs of it answer
                               in_progress (default 0: the first GET finds it completed)
+    x-fake-response-end: E    a Responses stream ends with `response.incomplete` (max_output_tokens)
+                              or `response.failed` (a server_error) instead of `.completed`
     x-fake-lenient: 1         read "background" as pydantic's lax booleans do (vLLM's and SGLang's
                               Responses): 1, "true", "yes", "on" are true, as true is
 
@@ -1406,6 +1408,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if not payload.get("stream"):
         return await reply(request, done)
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    ending, ended = request.headers.get("x-fake-response-end", "completed"), done
+    if ending == "incomplete":
+        ended = {
+            **done,
+            "status": "incomplete",
+            "incomplete_details": {"reason": "max_output_tokens"},
+        }
+    elif ending == "failed":
+        error = {"code": "server_error", "message": "The model failed to finish."}
+        ended = {**done, "status": "failed", "error": error}
     events = [
         {"type": "response.created", "response": response("in_progress", [], None)},
         {"type": "response.in_progress", "response": response("in_progress", [], None)},
@@ -1422,7 +1434,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "output_index": 0,
             "item": item("completed", [part(text)]),
         },
-        {"type": "response.completed", "response": done},
+        {"type": f"response.{ending}", "response": ended},
     ]
     return await stream(
         request,

@@ -46,6 +46,8 @@ Steering headers (they pass through the gateway unchanged):
     x-fake-error-first: N   the first N requests carrying it: llama.cpp's `/v1` stream sends that
                             `error:` line right after its start (the role chunk), a 503 of a
                             server still loading (`unavailable_error`); the others answer
+    x-fake-hang: end        an Ollama stream holds its body's end, after its last line, until
+                            the client leaves
     x-fake-hold: 1          each stream line waits until the test sets `state.step` (an
                             asyncio.Event, cleared after each line): one line at a time
 
@@ -61,6 +63,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.support.fake_media import until_gone
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -168,6 +172,9 @@ async def ollama_generate(request: web.Request) -> web.StreamResponse:
             return response
         await _line(response, state, orjson.dumps(piece(f"tok{index} ")) + b"\n", held)
     await _line(response, state, orjson.dumps(last) + b"\n", held)
+    if request.headers.get("x-fake-hang") == "end":
+        await until_gone(request)
+        return response
     await response.write_eof()
     return response
 

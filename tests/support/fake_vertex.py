@@ -11,7 +11,8 @@ and region; else 401 or 403, as Vertex does. `.../publishers/google/models/{mode
 (and `:streamGenerateContent`, SSE with `alt=sse`, else one JSON array) answer as Gemini
 does: a thought, the text pieces and a function call, with `usageMetadata` (GEMINI_PROMPT
 prompt tokens, a candidate token a piece, GEMINI_THOUGHTS thought tokens) unless the request
-says `x-fake-no-usage`. A rawPredict with `x-fake-reflect` echoes the Authorization it was
+says `x-fake-no-usage`; with `x-fake-hang: end` the stream (the array too, then written event
+by event) holds its body's end until the client leaves. A rawPredict with `x-fake-reflect` echoes the Authorization it was
 sent in a header and in its body, as a debugging proxy in front of it may. What it saw is
 kept in `app[VERTEX_STATE]`.
 """
@@ -28,6 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import jwt
 from multidict import CIMultiDict
+
+from tests.support.fake_media import chunked
 
 INPUT_TOKENS = 13
 GEMINI_PROMPT, GEMINI_THOUGHTS = 17, 7
@@ -221,14 +224,16 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         return web.json_response(whole)
     if specifier != "streamGenerateContent":
         raise web.HTTPNotFound()
+    is_held = request.headers.get("x-fake-hang") == "end"
     if request.query.get("alt") != "sse":
-        return web.json_response(answers)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for answer in answers:
-        await response.write(b"data: %s\r\n\r\n" % orjson.dumps(answer))
-    await response.write_eof()
-    return response
+        if not is_held:
+            return web.json_response(answers)
+        # One JSON array, written event by event as Gemini streams it.
+        pieces = [b"[" + orjson.dumps(answers[0])]
+        pieces += [b"\n,\r\n" + orjson.dumps(answer) for answer in answers[1:]]
+        return await chunked(request, [*pieces, b"\n]"], "application/json", is_held)
+    pieces = [b"data: %s\r\n\r\n" % orjson.dumps(answer) for answer in answers]
+    return await chunked(request, pieces, "text/event-stream", is_held)
 
 
 def _gemini_answers(model: str, pieces: list[str], has_usage: bool) -> list[dict[str, Any]]:

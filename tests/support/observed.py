@@ -1,5 +1,6 @@
 """What gateway processes show a test from outside, once it has come: their log lines and a
-key's `/usage`, read again (`until`) until what the test waits for is there.
+key's `/usage`, read again (`until`) until what the test waits for is there; and whether a
+gateway's `/usage` and `/metrics` agree with its log line (`assert_views_agree`).
 
 A settle another process charged reaches Redis within 50 ms, and a log line is written off
 the request path, so a test that has its answers may still have to wait for these.
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import auth
 from tests.support.polling import until
@@ -53,3 +55,24 @@ async def key_usage(
 
         await until(reached, within, f"{at_least} tokens on the key's /usage", every=0.02)
     return found
+
+
+async def assert_views_agree(gateway: TestClient, key: str, line: dict[str, Any]) -> None:
+    """The key's `/usage` and the gateway's `/metrics` say what its one log line says: one
+    request, of that status, charged that usage."""
+    totals = (await key_usage(gateway, key))["totals"]
+    usage = line["usage"]
+    assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (
+        1,
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    ), totals
+    text = await (await gateway.get("/metrics")).text()
+    by_status = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "llm_gateway_requests"
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+    assert by_status == {str(line["status"]): 1.0}, by_status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gzip
 import itertools
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.record import Usage
-from proxy.usage import anthropic, audio, batches, images, responses
+from proxy.usage import anthropic, audio, batches, bedrock, images, responses
 from proxy.usage.prompt import prompt_chars, request_chars
 from proxy.usage.realtime_events import SessionUsage
 from proxy.usage.responses import SocketUsage as ResponsesSocketUsage
@@ -29,6 +30,7 @@ from proxy.usage.usage import (
     UsageTap,
     charged,
 )
+from tests.support.fake_bedrock import frame
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -373,6 +375,45 @@ def test_the_last_event_is_seen_wherever_the_stream_is_cut_however_its_lines_end
     assert tap_of(gzip.compress(OPENAI_STREAM), encoding="gzip").is_whole
     assert not tap_of(OPENAI_STREAM.removesuffix(b"data: [DONE]\n\n")).is_whole
     assert not tap_of(ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"end_turn")]).is_whole
+
+
+def gemini_events(last_usage: dict | None) -> list[dict]:
+    """A Gemini stream as Vertex sends it: the prompt's count early, `last_usage` at the end."""
+    prompt = {"usageMetadata": {"promptTokenCount": 5}}
+    text = {"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "index": 0}], **prompt}
+    last = {"candidates": [{"content": {"parts": []}, "finishReason": "STOP", "index": 0}]}
+    return [text, {**last, "usageMetadata": last_usage} if last_usage else last]
+
+
+def test_a_gemini_streams_last_event_is_its_finish_reason_with_the_whole_usage():
+    whole = {"promptTokenCount": 5, "candidatesTokenCount": 2}
+    events = gemini_events(whole)
+    assert tap_of(sse(*events)).is_whole
+    assert tap_of(orjson.dumps(events), "application/json").is_whole  # one JSON array
+    assert not tap_of(sse(events[0])).is_whole
+    # No usage at all (a provider that reports none): the finish reason ends it.
+    assert tap_of(sse(*gemini_events(None)[1:])).is_whole
+    # A finish reason whose usage still counts only the prompt: its total is yet to come.
+    assert not tap_of(sse(*gemini_events({"promptTokenCount": 5}))).is_whole
+
+
+def test_a_bedrock_streams_last_frame_is_its_message_stop_or_its_invocation_metrics():
+    stop, usage = frame("messageStop", {"stopReason": "end_turn"}), {"inputTokens": 3}
+    start = frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hi"}})
+    converse = start + stop + frame("metadata", {"usage": {**usage, "outputTokens": 1}})
+    assert tap_of(converse, bedrock.EVENT_STREAM).is_whole
+    assert tap_of(start + stop, bedrock.EVENT_STREAM).is_whole  # its usage yet to come
+    assert not tap_of(start, bedrock.EVENT_STREAM).is_whole
+    # A Llama's invoke stream: its own events, Bedrock's count on the last one only.
+    llama = {"generation": "Hi", "stop_reason": None}
+
+    def chunk(event: dict) -> bytes:
+        return frame("chunk", {"bytes": base64.b64encode(orjson.dumps(event)).decode()})
+
+    metrics = {"inputTokenCount": 3, "outputTokenCount": 1}
+    last = chunk({**llama, "amazon-bedrock-invocationMetrics": metrics})
+    assert tap_of(chunk(llama) + last, bedrock.EVENT_STREAM).is_whole
+    assert not tap_of(chunk(llama), bedrock.EVENT_STREAM).is_whole
 
 
 def pretty(body: bytes) -> bytes:
