@@ -32,16 +32,18 @@ CACHED_VK = "vk_test_cached_process_6f8a0c2e4b"
 ADMIN = "admin-token-for-cache-tests"
 TTL = 120
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello please"}]}
+# The cached key's entry in keys.json (a plain OpenAI key with a cache).
+CACHED_ENTRY = {
+    "provider": "openai",
+    "api_key": OPENAI_REAL,
+    "name": "cached",
+    "cache": {"ttl_seconds": TTL},
+}
 
 
 def cached_keys(tmp_path: Path, fake_url: str) -> Path:
     document = keys_document(fake_url)
-    document["virtual_keys"][CACHED_VK] = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "cached",
-        "cache": {"ttl_seconds": TTL},
-    }
+    document["virtual_keys"][CACHED_VK] = CACHED_ENTRY
     path = tmp_path / "cached-keys.json"
     path.write_text(json.dumps(document))
     return path
@@ -183,14 +185,8 @@ async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the
     # timeout on a large entry): its claim was never let go, and the next identical request,
     # on any instance, this one too, waited for an answer that never came, REQUEST_TIMEOUT
     # (10 minutes by default), before it went upstream.
-    entry = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "cached",
-        "cache": {"ttl_seconds": TTL},
-    }
     gateway = await gateway_with_keys(
-        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+        {CACHED_VK: CACHED_ENTRY}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
     )
     headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
     stream = {**CHAT, "stream": True}
@@ -269,15 +265,9 @@ async def test_a_client_leaving_while_its_claim_is_made_leaves_no_claim_behind(
     # its way to Redis: Redis made the claim, and nobody let go of it. Every identical request
     # after it, on every instance, waited REQUEST_TIMEOUT (10 minutes by default) for the
     # answer of a request that was gone, then went upstream.
-    entry = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "cached",
-        "cache": {"ttl_seconds": TTL},
-    }
     async with HeldReplies(redis_server.port) as hop:
         gateway = await gateway_with_keys(
-            {CACHED_VK: entry}, REDIS_URL=hop.url, QUOTA_ENABLED="false"
+            {CACHED_VK: CACHED_ENTRY}, REDIS_URL=hop.url, QUOTA_ENABLED="false"
         )
         body = orjson.dumps(CHAT)
         head = (
@@ -319,14 +309,8 @@ async def test_a_claim_redis_could_not_be_told_to_let_go_of_is_let_go_of_once_it
     # stored: the store failed, and so did letting go of the claim, which outlived the
     # moment (a promoted replica has it): every identical request, on every instance,
     # waited REQUEST_TIMEOUT (10 minutes by default) for an answer nobody would bring.
-    entry = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "cached",
-        "cache": {"ttl_seconds": TTL},
-    }
     gateway = await gateway_with_keys(
-        {CACHED_VK: entry}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+        {CACHED_VK: CACHED_ENTRY}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
     )
     headers = {**auth(CACHED_VK), "x-fake-chunks": "4", "x-fake-delay-ms": "300"}
     stream = {**CHAT, "stream": True}
@@ -355,15 +339,9 @@ async def test_after_a_drop_on_one_instance_another_does_not_serve_an_answer_beg
     # its way upstream on another: a request arriving there after the drop joined that
     # request and was served its answer, begun before the drop, as a hit (on the instance
     # that took the drop, and without Redis, such a request is not given it: docs/cache.md).
-    entry = {
-        "provider": "openai",
-        "api_key": OPENAI_REAL,
-        "name": "cached",
-        "cache": {"ttl_seconds": TTL},
-    }
     env = {"REDIS_URL": redis_server.url, "QUOTA_ENABLED": "false", "ADMIN_TOKEN": ADMIN}
-    dropping = await gateway_with_keys({CACHED_VK: entry}, **env)
-    flying = await gateway_with_keys({CACHED_VK: entry}, **env)
+    dropping = await gateway_with_keys({CACHED_VK: CACHED_ENTRY}, **env)
+    flying = await gateway_with_keys({CACHED_VK: CACHED_ENTRY}, **env)
     body = orjson.dumps(CHAT)
 
     async def ask_flying(**headers: str) -> tuple[str, bytes]:
