@@ -67,6 +67,37 @@ async def turn(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
             return events
 
 
+# A key of one slot in flight, whose requests wait for it up to 30 s.
+ONE_SLOT = {
+    "provider": "openai",
+    "api_key": OPENAI_REAL,
+    "name": "turns",
+    "max_in_flight": 1,
+    "queue_seconds": 30,
+}
+
+
+async def turn_in_line(
+    gateway: TestClient,
+) -> tuple[aiohttp.ClientResponse, aiohttp.ClientWebSocketResponse]:
+    """ONE_SLOT's slot held by a stream hung mid-body (close it to give the slot back), and a
+    session whose turn waits in line for it."""
+    holder = await gateway.post(
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
+    )
+    assert holder.status == 200
+    ws = await open_session(gateway, TURN_VK)
+    await ws.send_str(CREATE.decode())
+    await until(lambda: gateway.app[QUOTA].queued == 1)
+    return holder, ws
+
+
 def creates(socket: FakeSocket) -> int:
     """How many response.create frames reached the provider."""
     return sum(
@@ -387,23 +418,8 @@ async def test_a_turn_waiting_for_a_slot_of_a_key_changed_meanwhile_is_refused(
     # A turn queued for its key's one slot was asked about, when the slot came back, with
     # the key it was sent under: revoked meanwhile (401), or a model taken out of its
     # allowed_models (403), the turn still went upstream.
-    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
-    entry.update(max_in_flight=1, queue_seconds=30)
-    gateway = await gateway_with_keys({TURN_VK: entry}, ADMIN_TOKEN=ADMIN)
-    quota = gateway.app[QUOTA]
-    holder = await gateway.post(  # the key's one slot, held mid-stream
-        "/v1/chat/completions",
-        json={
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": True,
-        },
-        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
-    )
-    assert holder.status == 200
-    ws = await open_session(gateway, TURN_VK)
-    await ws.send_str(CREATE.decode())
-    await until(lambda: quota.queued == 1)
+    gateway = await gateway_with_keys({TURN_VK: ONE_SLOT}, ADMIN_TOKEN=ADMIN)
+    holder, ws = await turn_in_line(gateway)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     if change == "deleted":
         changed = await gateway.delete("/admin/keys/turns", headers=admin)
@@ -425,26 +441,11 @@ async def test_a_client_that_closes_while_its_turn_waits_for_a_slot_is_answered_
     # the client sent then went unanswered for the whole queue_seconds (the client's own
     # close timed out), and a slot coming back meanwhile sent the abandoned turn upstream,
     # where it ran and was charged.
-    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
-    entry.update(max_in_flight=1, queue_seconds=30)
-    gateway = await gateway_with_keys({TURN_VK: entry})
-    quota = gateway.app[QUOTA]
-    holder = await gateway.post(  # the key's one slot, held mid-stream
-        "/v1/chat/completions",
-        json={
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": True,
-        },
-        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
-    )
-    assert holder.status == 200
-    ws = await open_session(gateway, TURN_VK)
-    await ws.send_str(CREATE.decode())
-    await until(lambda: quota.queued == 1)
+    gateway = await gateway_with_keys({TURN_VK: ONE_SLOT})
+    holder, ws = await turn_in_line(gateway)
     await asyncio.wait_for(ws.close(code=4000, message=b"gave up"), WAIT_SECONDS)
     assert ws.close_code == 4000  # the provider's answer to the close passed on, at once
-    assert quota.queued == 0  # the turn left the line
+    assert gateway.app[QUOTA].queued == 0  # the turn left the line
     socket = sockets.sockets[-1]
     await asyncio.wait_for(socket.ended.wait(), WAIT_SECONDS)
     assert socket.close == (4000, "gave up")
@@ -462,23 +463,8 @@ async def test_a_turn_waiting_for_a_slot_longer_than_the_idle_timeout_is_not_cut
     # The idle clock ran from the last frame that had passed, on through a turn's wait for a
     # slot: a session whose client had sent a turn, and was waiting on the gateway's line,
     # was closed as idle (1001) before its turn ran.
-    entry = {"provider": "openai", "api_key": OPENAI_REAL, "name": "turns"}
-    entry.update(max_in_flight=1, queue_seconds=30)
-    gateway = await gateway_with_keys({TURN_VK: entry}, REALTIME_IDLE_TIMEOUT="0.3")
-    quota = gateway.app[QUOTA]
-    holder = await gateway.post(  # the key's one slot, held mid-stream
-        "/v1/chat/completions",
-        json={
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": True,
-        },
-        headers={**auth(TURN_VK), "x-fake-hang": "midstream"},
-    )
-    assert holder.status == 200
-    ws = await open_session(gateway, TURN_VK)
-    await ws.send_str(CREATE.decode())
-    await until(lambda: quota.queued == 1)
+    gateway = await gateway_with_keys({TURN_VK: ONE_SLOT}, REALTIME_IDLE_TIMEOUT="0.3")
+    holder, ws = await turn_in_line(gateway)
     await asyncio.sleep(0.6)  # twice the idle timeout, in the line (a wait, not an event)
     assert not ws.closed
     holder.close()  # the slot comes back
