@@ -366,6 +366,9 @@ async def test_hang_midstream_sends_half_then_stalls(http, fake):
     response = await http.post(
         "/v1/chat/completions", json=STREAM, headers={"x-fake-hang": "midstream"}
     )
+    # Half sent (an event, not a clock: a loaded machine may take 0.2 s to send it), then
+    # nothing more: the body never ends.
+    await until(lambda: only_sent(fake).count(b"data: ") >= 3, what="half the events sent")
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(response.read(), 0.2)
     sent = only_sent(fake)
