@@ -418,7 +418,8 @@ async def test_an_unanswered_fallback_that_swaps_the_model_is_charged_at_that_mo
         "budget": {"usd": 10, "window_seconds": 3600},
         "fallbacks": [{"provider": "openai", "api_key": BACKUP, "model": "gpt-4o-mini"}],
     }
-    gateway = await failover_gateway(key, REQUEST_TIMEOUT="0.3")
+    # 1 s: the primary's 503, an ordinary answer, must come within it on a loaded machine.
+    gateway = await failover_gateway(key, REQUEST_TIMEOUT="1")
     fake.faults[PRIMARY] = Fault(503)
     response = await gateway.post(
         "/v1/chat/completions",

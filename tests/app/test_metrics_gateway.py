@@ -29,7 +29,8 @@ async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_pro
     }
     assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
     assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] > 0.4
-    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
+    # Half the provider's 0.5 s: room for a loaded machine's stalls, none for the provider's time.
+    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.25
 
 
 async def test_upstream_errors_are_exported_at_zero_for_every_provider_from_the_start(
@@ -69,7 +70,7 @@ async def test_a_stream_cut_for_the_providers_silence_is_not_counted_as_the_gate
     }
     assert samples['llm_gateway_request_duration_seconds_sum{provider="openai"}'] >= 0.5
     assert samples['llm_gateway_overhead_seconds_count{provider="openai"}'] == 1
-    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.1
+    assert samples['llm_gateway_overhead_seconds_sum{provider="openai"}'] < 0.25  # as above
 
 
 async def test_made_up_models_the_provider_refuses_never_take_the_label_of_a_real_one(

@@ -487,9 +487,10 @@ async def test_the_gateway_ends_an_idle_or_too_long_session_on_both_sides(
 ) -> None:
     gateway = await make_gateway(**env)
     ws = await connect(gateway)
-    await next_data(ws)
-    close = await next_data(ws)
-    assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+    close = await next_data(ws)  # session.created, unless a loaded machine took past the bound
+    while close.type is not WSMsgType.CLOSE:
+        close = await next_data(ws)
+    assert close.data == 1001
     assert why in close.extra
     await ws.close()
     socket = await fake_socket(sockets)
