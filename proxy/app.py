@@ -52,7 +52,6 @@ from proxy.upstream.breaker import BreakerPolicy, Breakers
 from proxy.upstream.egress import Egress
 from proxy.upstream.failover import Failover, RetryPolicy
 from proxy.upstream.probes import Probes
-from proxy.upstream.targets import members_report
 from proxy.upstream.wire import CONNECT_SECONDS, Wire
 from proxy.usage.batch_charges import BatchCharges
 from proxy.usage.pricing import Prices
@@ -203,7 +202,7 @@ def build_app(
         breakers,
         providers_of(key_ring),
         tracker_backend="redis" if settings.redis_url else "memory",
-        members=lambda: members_report(key_ring.every_target()),
+        members=key_ring.members_report,
         recheck=lambda: app[QUOTA].recheck(),
     )
     app[SETTINGS] = settings

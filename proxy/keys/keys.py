@@ -49,7 +49,7 @@ from proxy.keys.teams import (
 from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.record import REDACTED
 from proxy.upstream.providers import Provider
-from proxy.upstream.targets import Plans, Target
+from proxy.upstream.targets import Members, Plans, Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +210,9 @@ class KeyRing:
         for key in self._keys.values():
             for name in {target.provider.name for target in key.plans.every_target()}:
                 self._key_counts[name] = self._key_counts.get(name, 0) + 1
+        self._members = Members(
+            target for key in self._keys.values() for target in key.plans.every_target()
+        )
 
     def replace(self, other: KeyRing) -> tuple[Scope, ...]:
         """Take `other`'s keys in one step; requests in flight keep the key they hold. A pool
@@ -239,6 +242,7 @@ class KeyRing:
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
         self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts
+        self._members = other._members
         self.left_out = other.left_out
         self._by_id = other._by_id
         return tuple(gone)
@@ -307,6 +311,10 @@ class KeyRing:
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys that can send requests to it, for /health."""
         return dict(self._key_counts)
+
+    def members_report(self) -> dict[str, dict[str, dict[str, object]]]:
+        """/health's view of each target's keys by label (`targets.Members`)."""
+        return self._members.report()
 
     def every_target(self) -> list[Target]:
         """Every target of every key, several of one name included (each has its own pool)."""

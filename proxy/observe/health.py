@@ -49,7 +49,7 @@ class Health:
         recheck: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`targets_of`: target name → its provider's name. `members`: each target's keys
-        by label, as `targets.members_report` gives them. `recheck`: asks a lost tracker
+        by label, as `targets.Members` reports them. `recheck`: asks a lost tracker
         whether it answers again (it clears `tracker_degraded` when it does)."""
         self._clock = clock
         self._started = clock()

@@ -126,7 +126,9 @@ class Cors:
         if origin is None or not self._allows(origin):
             return
         headers = response.headers
-        headers["vary"] = ", ".join(filter(None, (headers.get("vary"), VARY)))
+        # Every Vary line the provider sent (`Origin, X-Origin`, then `Accept-Encoding`), then
+        # ours, as one: a cache in front keys the answer by all of them.
+        headers["vary"] = ", ".join(filter(None, (*headers.getall("vary", ()), VARY)))
         if self._is_any and not self._allow_credentials:
             headers["access-control-allow-origin"] = "*"
         else:

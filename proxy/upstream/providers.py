@@ -51,6 +51,13 @@ MIN_SECRET_CHARS = 16
 # credential, never forwarded (the gateway signs with the target's).
 AWS_CREDENTIAL_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 
+# A Google client whose credentials name a quota project sends it beside its token (google-auth's
+# `apply`): the project billed and quota-checked for the call. To a target the gateway signs
+# with its own service account (`vertex`), it would let the client charge any project that
+# account may use; never forwarded there. The account's own project applies (google-auth names
+# no quota project for a key file read with `from_service_account_info`).
+GOOGLE_CREDENTIAL_HEADERS = ("x-goog-user-project",)
+
 # Cloudflare's edge writes CF-Connecting-IP for the origin behind it alone, and refuses any
 # request that arrives with one (403, "error code: 1000"): behind a Cloudflare-proxied host,
 # the gateway would send it on to providers that are themselves behind Cloudflare (OpenAI,
@@ -90,6 +97,8 @@ _NOT_UPSTREAM = (
     | frozenset(EDGE_ONLY)
     | {"host", "content-length", "expect"}
 )
+# ... and to a target the gateway signs for Google.
+_NOT_UPSTREAM_GOOGLE = _NOT_UPSTREAM | frozenset(GOOGLE_CREDENTIAL_HEADERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +117,20 @@ class Provider:
     # The regions whose endpoint is not on that pattern: region -> its base URL.
     region_urls: Mapping[str, str] = field(default_factory=dict)
     # Worked out once from the above (__post_init__), not on every request: base_url as a
-    # string without its trailing slash; the credential's header and what precedes the key.
+    # string without its trailing slash; the credential's header and what precedes the key;
+    # the client's headers never forwarded to it.
     _base: str = field(init=False, repr=False, compare=False)
     _auth_header: str = field(init=False, repr=False, compare=False)
     _auth_prefix: str = field(init=False, repr=False, compare=False)
+    not_upstream: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         is_bearer = self.auth == "bearer"
         object.__setattr__(self, "_base", str(self.base_url).rstrip("/"))
         object.__setattr__(self, "_auth_header", "Authorization" if is_bearer else self.auth)
         object.__setattr__(self, "_auth_prefix", "Bearer " if is_bearer else "")
+        google = self.signing == "google"
+        object.__setattr__(self, "not_upstream", _NOT_UPSTREAM_GOOGLE if google else _NOT_UPSTREAM)
 
     def in_region(self, region: str) -> Provider:
         """This provider at `region`'s endpoint (itself when its base URL is fixed)."""
@@ -216,7 +229,7 @@ def upstream_headers(
 def forwarded_headers(provider: Provider, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop, Host and credentials, plus the provider's
     defaults the client did not send: `upstream_headers` before the key is set."""
-    headers = _without(incoming, _NOT_UPSTREAM)
+    headers = _without(incoming, provider.not_upstream)
     for name, value in provider.default_headers.items():
         if name not in headers:
             headers[name] = value

@@ -115,6 +115,9 @@ class Credential:
     # kept only so that no response header may echo it).
     signer: Signer | None = field(default=None, repr=False)
     speed: Speed = field(default_factory=Speed, repr=False)
+    # What /health shows for its label: every virtual key's key of that label at its target
+    # together, shared with them (`Members`); its own until the key ring groups it.
+    shown: Speed = field(default_factory=Speed, repr=False)
 
 
 class Pool:
@@ -208,16 +211,21 @@ class Pool:
     def began(self, credential: Credential) -> None:
         """An attempt goes to `credential`: in flight until `ended`."""
         credential.speed.in_flight += 1
+        credential.shown.in_flight += 1
 
     def ended(self, credential: Credential) -> None:
         """The attempt failed, was set aside, or its answer reached the client whole."""
         credential.speed.in_flight -= 1
+        credential.shown.in_flight -= 1
 
     def measured(self, credential: Credential, seconds: float, now: float) -> None:
         """`credential`'s answer had its first bytes (headers) after `seconds`."""
-        if credential.speed.ttfb is None:
+        speed = credential.speed
+        if speed.ttfb is None:
             self._unmeasured -= 1
-        credential.speed.measure(seconds, now)
+        speed.measure(seconds, now)
+        shown = credential.shown  # the label's time to first byte: the one measured last
+        shown.ttfb, shown.measured_at = speed.ttfb, now
 
     def expected_wait(self, now: float) -> float:
         """The lowest expected wait of its usable keys (a target's, for a plan's choice)."""
@@ -395,25 +403,33 @@ class Plans:
         return None
 
 
-def members_report(targets: Iterable[Target]) -> dict[str, dict[str, dict[str, object]]]:
+class Members:
     """/health's view of each target's keys by label: the time to first byte measured last
-    (ms, None before the first) and the requests in flight, summed over every virtual key
-    whose target has that name."""
-    speeds: dict[str, dict[str, Speed]] = {}
-    for target in targets:
-        members = speeds.setdefault(target.name, {})
-        for credential in target.pool.credentials:
-            speed = credential.speed
-            seen = members.get(credential.label)
-            if seen is None:
-                members[credential.label] = Speed(speed.ttfb, speed.measured_at, speed.in_flight)
-                continue
-            seen.in_flight += speed.in_flight
-            if speed.ttfb is not None and (
-                seen.ttfb is None or speed.measured_at > seen.measured_at
-            ):
-                seen.ttfb, seen.measured_at = speed.ttfb, speed.measured_at
-    return {
-        name: {label: speed.report() for label, speed in sorted(members.items())}
-        for name, members in sorted(speeds.items())
-    }
+    (ms, None before the first) and the requests in flight, over every virtual key whose
+    target has that name.
+
+    Grouped once, when a key ring is built: each key of a label shares that label's `shown`
+    speed, which the pools keep as they keep their own; so a report costs the labels, not
+    the keys (walking 10,000 keys' targets held the event loop for each /health probe)."""
+
+    __slots__ = ("_by_name",)
+
+    def __init__(self, targets: Iterable[Target]) -> None:
+        """`targets`: every target of every key of a ring being built (none serving yet)."""
+        by_name: dict[str, dict[str, Speed]] = {}
+        for target in targets:
+            members = by_name.setdefault(target.name, {})
+            for credential in target.pool.credentials:
+                shown = members.get(credential.label)
+                if shown is None:
+                    shown = members[credential.label] = Speed()
+                credential.shown = shown
+        self._by_name = {
+            name: dict(sorted(members.items())) for name, members in sorted(by_name.items())
+        }
+
+    def report(self) -> dict[str, dict[str, dict[str, object]]]:
+        return {
+            name: {label: speed.report() for label, speed in members.items()}
+            for name, members in self._by_name.items()
+        }

@@ -322,3 +322,62 @@ async def test_the_log_line_and_the_metrics_name_the_pool_key_that_served(
         assert f'llm_gateway_choices_total{{member="{member}",target="openai"}} 2.0' in text
     logged = json.dumps(lines) + text
     assert not any(key in logged or key[-10:] in logged for key in KEYS)
+
+
+async def test_health_sums_every_virtual_keys_use_of_a_target_key_and_shows_the_last_measured(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    fake_base: str,
+    log_path: Path,
+    fake: FakeState,
+) -> None:
+    """Two virtual keys with a pool on the same target: /health's member `openai#1` is both
+    pools' first key, their requests in flight summed, its time to first byte the one
+    measured last (each key's first request goes to its pool's first key)."""
+    path = tmp_path / "keys.json"
+    first, second = VK, "vk_test_choice_other_8a6c4e2f0b"
+    document = {
+        "providers": {"openai": {"base_url": f"{fake_base}/v1"}},
+        "virtual_keys": {
+            first: {"name": "first", **pool(1, 1)},
+            second: {
+                "name": "second",
+                "provider": "openai",
+                "api_keys": [
+                    {"api_key": KEYS[1]},
+                    {"api_key": KEYS[2]},
+                ],
+            },
+        },
+    }
+    path.write_text(json.dumps(document))
+    settings = Settings.from_env(
+        {"KEYS_FILE_PATH": str(path), "LOG_TO_FILE": "true", "LOG_FILE_PATH": str(log_path)}
+    )
+    gateway = await aiohttp_client(build_app(settings))
+    clock = Clock()
+    gateway.app[FAILOVER].breakers.clock = clock
+    gates = {key: fake.gates.setdefault(key, asyncio.Event()) for key in KEYS[:2]}
+
+    async def one(virtual_key: str) -> None:
+        response = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(virtual_key))
+        assert response.status == 200
+        await response.read()
+
+    async def member() -> dict[str, Any]:
+        health = await (await gateway.get("/health")).json()
+        shown: dict[str, Any] = health["targets"]["openai"]["members"]["openai#1"]
+        return shown
+
+    started = clock.now
+    calls = [asyncio.create_task(one(first)), asyncio.create_task(one(second))]
+    await until(lambda: len(keys_seen(fake)) == 2, 30, "both requests at the fake", 0.001)
+    assert await member() == {"ttfb_ms": None, "in_flight": 2}
+    clock.now = started + 0.010
+    gates[KEYS[0]].set()
+    await calls[0]
+    assert await member() == {"ttfb_ms": 10.0, "in_flight": 1}
+    clock.now = started + 0.030
+    gates[KEYS[1]].set()
+    await calls[1]
+    assert await member() == {"ttfb_ms": 30.0, "in_flight": 0}

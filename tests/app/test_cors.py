@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from proxy.settings import SettingError, Settings
 from tests.conftest import (
@@ -286,3 +287,42 @@ async def test_a_providers_own_cors_headers_never_reach_the_browser(
         exposed = response.headers.get("access-control-expose-headers")
         assert exposed is None if not expected else "x-request-id" in exposed
         await gateway.close()
+
+
+async def test_every_vary_line_of_the_providers_answer_is_kept_beside_the_gateways_own(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """A provider answering two Vary lines (`Origin, X-Origin`, then `Accept-Encoding`, as
+    Google's front ends do): a shared cache in front of the gateway must still key the answer
+    by Accept-Encoding, or it serves a gzip body to a client that cannot read it."""
+
+    async def two_vary_lines(request: web.Request) -> web.Response:
+        await request.read()
+        headers = CIMultiDict([("Vary", "Origin, X-Origin"), ("Vary", "Accept-Encoding")])
+        body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
+        return web.json_response(body, headers=headers)
+
+    provider = web.Application()
+    provider.router.add_post("/v1/chat/completions", two_vary_lines)
+    server = await aiohttp_server(provider)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "vary.json").write_text(json.dumps(keys))
+    gateway = await make_gateway(
+        KEYS_FILE_PATH=str(tmp_path / "vary.json"), CORS_ALLOWED_ORIGINS=APP
+    )
+    response = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "Origin": APP}
+    )
+    await response.read()
+    assert response.status == 200
+    varies = {
+        value.strip().lower()
+        for line in response.headers.getall("vary")
+        for value in line.split(",")
+    }
+    assert {"origin", "x-origin", "accept-encoding", "access-control-request-method"} <= varies

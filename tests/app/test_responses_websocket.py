@@ -550,3 +550,27 @@ async def test_a_refused_turn_carries_its_headers_as_the_providers_error_events_
     )
     assert over.status == 429
     assert {name.lower() for name in over.headers} >= set(headers)
+
+
+async def test_a_key_with_only_routes_picks_its_sessions_route_by_the_upgrades_model(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: Any
+) -> None:
+    """The session's one upstream connection opens at the upgrade, before any turn names its
+    model: the route is the upgrade's `?model=` one (docs/responses-websocket.md); without
+    it, the key's first route, whatever its turns name."""
+    first_real, second_real = "sk-real-first-route-1111111111", "sk-real-second-route-22222222"
+    routed = "vk_test_turns_routed_4f8a2c6e1b"
+    routes = [
+        {"models": ["gpt-5*"], "provider": "openai", "api_key": first_real},
+        {"models": ["gpt-4o*"], "provider": "openai", "api_key": second_real},
+    ]
+    gateway = await gateway_with_keys({routed: {"name": "routed", "routes": routes}})
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=routed, max_retries=0)
+    for query, real in [({}, first_real), ({"model": "gpt-4o-mini"}, second_real)]:
+        async with client.responses.connect(extra_query=query, max_retries=0) as connection:
+            await connection.response.create(model="gpt-4o-mini", input="hi")
+            async for event in connection:
+                if event.type == "response.completed":
+                    break
+        assert fake.requests[-1].headers["Authorization"] == f"Bearer {real}", query
+    await client.close()

@@ -580,3 +580,23 @@ async def test_a_token_refreshed_while_a_request_is_out_is_masked_in_its_echo_al
     assert response.status == 200 and '"sent"' in text
     assert "x-echo-authorization" not in response.headers
     assert "ya29.fake-access-token-1" not in text
+
+
+async def test_the_clients_quota_project_never_reaches_vertex(
+    gateway: TestClient, vertex: VertexState
+) -> None:
+    # A Google client whose credentials name a quota project sends it beside its token: it
+    # would pick which project the gateway's service account is billed and quota-checked in.
+    client = AsyncAnthropicVertex(
+        access_token=VERTEX_VK,
+        project_id="clients-project",
+        region="europe-west1",
+        base_url=str(gateway.make_url("/v1")),
+        max_retries=0,
+        default_headers={"x-goog-user-project": "clients-billing-project"},
+    )
+    async with client:
+        await client.messages.create(model=CLAUDE, max_tokens=5, messages=MESSAGES)
+    _, headers, _ = vertex.seen[0]
+    assert "x-goog-user-project" not in headers
+    assert all("clients-billing-project" not in value for value in headers.values())
