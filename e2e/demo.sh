@@ -90,7 +90,10 @@ if ((keep)); then
     printf '  make example-anthropic GATEWAY_URL=%s GATEWAY_KEY=%s\n' "$GATEWAY_URL" "$GATEWAY_ANTHROPIC_KEY"
     printf '  make example-curl GATEWAY_URL=%s GATEWAY_KEY=%s GATEWAY_ANTHROPIC_KEY=%s\n' \
         "$GATEWAY_URL" "$GATEWAY_KEY" "$GATEWAY_ANTHROPIC_KEY"
-    printf 'Stop them with: kill %s; rm -rf %s\n' "${started[*]}" "$work"
+    # rm once they have exited: a gateway still draining would write its last log lines
+    # again into a log it finds removed, and the directory would stay behind.
+    printf 'Stop them with: kill %s; while kill -0 %s 2>/dev/null; do sleep 0.2; done; rm -rf %s\n' \
+        "${started[*]}" "${started[*]}" "$work"
 else
     printf '\nDone: stopping the gateway and the fake provider.\n'
 fi
