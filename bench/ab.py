@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/ab.py floor floor-gc HEAD=. before=/path/to/other/checkout
 
-Each contender is `floor` (bench/passthrough.py as it is), `floor-gc` (the same with the
+Each contender is `floor` (bench/passthrough.py as it is), `floor:BACKLOG` (the same
+listening with another backlog: `floor:1024` as the gateway), `floor-gc` (the same with the
 garbage collector set as the gateway sets it, `server.tune_gc`: what the floor gains from
 that setting alone), or `name=directory`, a checkout whose gateway.py runs (with quotas on
 and the log to a file, as in run.py). All serve one mock provider answering after 20 ms,
@@ -11,7 +12,9 @@ turns, in an order that reverses every round, and each figure is the median over
 Printed: throughput, ratio to the first contender, CPU per request (the process's own, from
 /proc), client timeouts (2 s), RSS idle (once it serves, before any request) and at the end. For "did my change make it faster?" and for the floor with
 the gateway's GC setting, which `run.py` leaves as it is
-(the bare passthrough, with CPython's default collector).
+(the bare passthrough, with CPython's default collector). `--hogs N` races them on a core
+N busy processes share, as on a loaded machine: `floor floor:1024 now=. --hogs 2` shows
+where client timeouts at 256 connections come from.
 """
 
 from __future__ import annotations
@@ -47,12 +50,17 @@ GC_LIKE_THE_GATEWAY = (
     "from proxy.runtime.server import tune_gc; tune_gc(); runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
+# `--hogs`: a process that only burns CPU.
+HOG = [sys.executable, "-c", "while True: pass"]
+
 
 def command(spec: str, port: int, upstream: str, tmp: Path) -> tuple[str, list[str], bool]:
     """(name, argv, is_gateway) of one contender."""
     floor = [str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", upstream]
     if spec == "floor":
         return spec, [sys.executable, *floor], False
+    if spec.startswith("floor:"):  # floor:BACKLOG, the floor listening with another backlog
+        return spec, [sys.executable, *floor, "--backlog", spec.partition(":")[2]], False
     if spec == "floor-gc":
         return spec, [sys.executable, "-c", GC_LIKE_THE_GATEWAY, str(BENCH.parent), *floor], False
     if spec == "duties":  # bench/duties.py: SPEC's duties on the best bare foundation
@@ -88,6 +96,13 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="of wrk per contender a round")
+    parser.add_argument(
+        "--hogs",
+        type=int,
+        default=0,
+        help="busy processes on the contenders' core during the race: a machine whose core "
+        "they share (client timeouts at 256 connections come from that, floors alike)",
+    )
     args = parser.parse_args()
     procs = Processes()
     with tempfile.TemporaryDirectory() as directory:
@@ -111,6 +126,8 @@ def main() -> int:
                     print(f"{name:>10}: a stream of 10 chunks 30 ms apart arrived in {reads} reads")
                     if reads < 10:
                         raise SystemExit(f"{name} batches a stream: {reads} reads for 10 chunks")
+            for number in range(args.hogs):
+                procs.start(HOG, SERVER_CORE, tmp / f"hog{number}.log")
             results = race(procs, contenders, tmp, args.rounds, args.seconds)
         finally:
             procs.stop_all()

@@ -79,6 +79,12 @@ if __name__ == "__main__":
         action="store_true",
         help="SO_REUSEPORT: several of these share the port, as the gateway's WORKERS do",
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=128,
+        help="the listen backlog (aiohttp's default 128; the gateway's is 1024)",
+    )
     args = parser.parse_args()
     # A client that leaves mid-answer (wrk at the end of a run) is not worth a traceback here.
     logging.getLogger("aiohttp.server").disabled = True
@@ -87,6 +93,7 @@ if __name__ == "__main__":
         host=args.host,
         port=args.port,
         access_log=None,
+        backlog=args.backlog,
         reuse_port=args.reuse_port or None,
         loop=uvloop.new_event_loop(),
         print=lambda _: print(f"passthrough on http://{args.host}:{args.port}", flush=True),
