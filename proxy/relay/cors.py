@@ -59,6 +59,7 @@ EXPOSED_HEADERS = (
     "retry-after-ms",
     "x-should-retry",
     "x-ratelimit-*",
+    "anthropic-ratelimit-*",  # the key's limits on Anthropic answers (quota.ratelimit)
     "x-llm-gateway-cache",  # hit, miss or bypass, on the requests of keys with a cache
 )
 METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"

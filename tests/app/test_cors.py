@@ -20,7 +20,7 @@ from tests.conftest import (
     assert_openai_error,
     auth,
 )
-from tests.support.bodies import CHAT, STREAM
+from tests.support.bodies import CHAT, MESSAGES, STREAM
 
 APP = "https://app.example.com"
 # What the OpenAI SDK in a browser asks for before its first call.
@@ -166,6 +166,28 @@ async def test_a_stream_read_by_a_browser_like_client_carries_the_headers_from_t
     )
     assert "access-control-allow-credentials" not in response.headers
     assert (first + await response.read()).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_page_reads_the_keys_limits_in_anthropics_headers_the_gateway_writes_for_it(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    """An Anthropic answer carries the key's limits in anthropic-ratelimit-* (in place of the
+    account's), which the Anthropic SDK's `withResponse()` shows a page as it shows a
+    server; they were not exposed, so a page read none of them where x-ratelimit-* it could."""
+    gateway = await make_gateway(CORS_ALLOWED_ORIGINS=APP)
+    response = await gateway.post(
+        "/v1/messages", json=MESSAGES, headers={**auth(ANTHROPIC_VK), "Origin": APP}
+    )
+    assert response.status == 200
+    assert response.headers["anthropic-ratelimit-requests-remaining"] == "99"
+    exposed = {h.strip() for h in response.headers["access-control-expose-headers"].split(",")}
+    assert {
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+        "x-ratelimit-remaining-requests",
+        "request-id",
+    } <= exposed
 
 
 async def test_a_refusal_carries_the_headers_so_the_page_can_read_it(

@@ -11,6 +11,7 @@ JSON type (or null where it may be), and exactly one line per request.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -418,3 +419,47 @@ async def test_unicode_line_breaks_a_client_sends_stay_inside_their_line(
         "/v1/chat/completions",
     ]
     assert lines[2]["request"]["messages"][0]["content"] == "one\u2029two\u2028three"
+
+
+async def test_with_log_bodies_a_refused_request_logs_the_body_it_was_refused_for(
+    make_gateway: Callable[..., Awaitable[TestClient]], log_path: Path
+) -> None:
+    """LOG_BODIES is how an operator sees why a client's request got its 400 or 403: the body
+    was read, yet its line said `"request": null` (only a request refused later, by the
+    quota, had its body), so the one body worth seeing was the one missing."""
+    gateway = await make_gateway(LOG_BODIES="true")
+    openai, restricted = auth(OPENAI_VK), auth(RESTRICTED_VK)
+    refused = [
+        ("/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": [', openai),  # 400
+        ("/v1/chat/completions", b'{"messages": []}', openai),  # 400: no model
+        ("/v1/messages", json.dumps({**MESSAGES, "model": "gpt-4o"}).encode(), restricted),  # 403
+    ]
+    for path, body, headers in refused:
+        response = await gateway.post(
+            path, data=body, headers={**headers, "Content-Type": "application/json"}
+        )
+        assert response.status in (400, 403), await response.text()
+    await gateway.close()
+
+    lines = read_log(log_path)
+    assert [line["status"] for line in lines] == [400, 400, 403]
+    assert lines[0]["request"] == '{"model": "gpt-4o-mini", "messages": ['  # as text
+    assert lines[1]["request"] == {"messages": []}
+    assert lines[2]["request"] == {**MESSAGES, "model": "gpt-4o"}
+
+
+async def test_with_log_bodies_a_compressed_upload_is_logged_as_the_json_it_holds(
+    make_gateway: Callable[..., Awaitable[TestClient]], log_path: Path
+) -> None:
+    """A client that gzips its request (Content-Encoding: gzip, which the gateway reads and
+    checks) had the compressed bytes logged as text: a line of replacement characters."""
+    gateway = await make_gateway(LOG_BODIES="true")
+    headers = {**auth(OPENAI_VK), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    body = gzip.compress(json.dumps(CHAT).encode())
+    response = await gateway.post("/v1/chat/completions", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    await response.read()
+    await gateway.close()
+
+    [line] = read_log(log_path)
+    assert line["request"] == CHAT
