@@ -38,7 +38,7 @@ The failure map, by the step that raises (status, OpenAI code):
     exchange       500 internal_error         a bug: logged once, answered in the dialect
     (the server)   400 invalid_http           HTTP aiohttp's parser refuses (runtime.server)
                    431 request_head_too_large a request line over 8 KiB, a header field over
-                                              4 KiB, more than 32 of them
+                                              4 KiB, more than 64 of them
 
 On Bedrock's paths the OpenAI body also has a top-level `message`, with `x-amzn-ErrorType`
 and `x-amzn-RequestId`: what botocore reads (`ThrottlingException` for a 429, ...).
