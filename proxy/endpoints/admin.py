@@ -83,7 +83,11 @@ class Admin:
                 ("DELETE", "/admin/cache", self.handle_drop_cache),
             ]
             for method, path, handler in routes:
-                router.add_route(method, path, wrap(self._guarded(handler)))
+                guarded = wrap(self._guarded(handler))
+                if method == hdrs.METH_GET:  # and HEAD, as every GET (RFC 9110 §9.1)
+                    router.add_get(path, guarded)
+                else:
+                    router.add_route(method, path, guarded)
         if self._writes is not None:
             self._writes.add_routes(router, lambda handler: wrap(self._guarded(refusals(handler))))
         router.add_route("*", r"/admin{tail:(?:/.*)?}", wrap(self._guarded(self._not_found)))
@@ -296,10 +300,10 @@ def _refuse(
 async def allowed_methods(request: web.Request) -> tuple[str, list[str]]:
     """The route the admin routes answer this path as (`/admin/keys/{name}`: never the path
     as sent, which may hold a whole virtual key given as a name), and the methods they
-    answer on it (the writes' included), for a 405."""
+    answer on it (the writes' included, HEAD beside each GET), for a 405."""
     route, methods = request.path, set[str]()
     for resource in request.app.router.resources():
         _, allowed = await resource.resolve(request)
         if allowed and hdrs.METH_ANY not in allowed:  # not the catch-alls (this 404's, the relay's)
             route, methods = resource.canonical, methods | allowed
-    return route, sorted(methods - {hdrs.METH_HEAD})
+    return route, sorted(methods)

@@ -23,7 +23,9 @@ by one). This is what a proxy's upstream side needs and no more, measured in
   written its answer's end then, and its idle time begun, long before it was read here;
 - the request written once: head and body in one write (a body over JOIN_BYTES in a
   second, not copied onto its head); only `Host` and `Content-Length` are added (no
-  User-Agent, Accept or Accept-Encoding of ours);
+  User-Agent, Accept or Accept-Encoding of ours); a request given up while its body is
+  still being written (no head in time, the client gone) loses the rest with its
+  connection, so the provider gets it cut short, not whole;
 - the answer handed back as soon as its head is parsed, then the body as the chunks arrive
   (`content.readany()`), the provider's chunked framing removed (any other transfer
   coding is refused: its header is hop-by-hop, so the client could not undo it) and its
@@ -420,8 +422,8 @@ class Connection(asyncio.Protocol):
         if complete and self.reusable and self.transport and not self.transport.is_closing():
             assert reply is not None  # reusable: its answer came whole
             self.wire.keep(self, reply.headers.get("Keep-Alive"))
-        elif self.transport is not None:
-            self.transport.close()
+        else:
+            self.drop()
 
     def time_out(self) -> None:
         """The head did not come in time: its waiter gets TimeoutError (and closes this)."""
@@ -435,8 +437,20 @@ class Connection(asyncio.Protocol):
             self.headed.set_exception(aiohttp.ClientResponseError(_info(), (), message=problem))
         elif self.reply is not None:
             self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
-        if self.transport is not None:
-            self.transport.close()
+        self.drop()
+
+    def drop(self) -> None:
+        """Close, not to be reused. What of the request is not yet written (a large body
+        given up on: no head in time, the client gone) is dropped: a transport's close()
+        writes it all first, which finished the request for the provider, and waited for
+        ever on one that reads nothing (the body held with the connection)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
 
 class NotReadable(Exception):

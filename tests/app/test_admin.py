@@ -162,6 +162,26 @@ async def test_with_quotas_off_admin_keys_still_shows_the_spend_of_a_key_with_a_
     assert set(by_name["limited"]["usage"]) == {"totals"}  # no window, no budget: its totals
 
 
+@pytest.mark.parametrize("path", ["/admin/keys", "/admin/teams", "/admin/export"])
+async def test_head_on_an_admin_listing_is_answered_as_its_get_without_the_body(
+    make_gateway: Callable[..., Awaitable[TestClient]], path: str
+) -> None:
+    # HEAD /admin/keys and /admin/teams were 405 with `Allow: GET, POST`, though every
+    # server must answer HEAD where it answers GET (RFC 9110 §9.1), as /health, /metrics,
+    # /usage and /admin/export did: a `curl -I` check of the admin API failed.
+    gateway = await make_gateway(ADMIN_TOKEN=TOKEN)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    got = await gateway.get(path, headers=admin)
+    head = await gateway.head(path, headers=admin)
+    assert (got.status, head.status) == (200, 200)
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+    assert await head.read() == b""
+    assert (await gateway.head(path)).status == 401  # guarded as its GET is
+    wrong_method = await gateway.put(path, headers=admin)
+    assert wrong_method.status == 405
+    assert "HEAD" in wrong_method.headers["allow"].split(", ")
+
+
 async def test_with_a_token_unknown_admin_paths_are_404_and_reload_is_405_but_for_post(
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:

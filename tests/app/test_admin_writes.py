@@ -631,10 +631,10 @@ async def test_a_wrong_method_names_every_method_the_path_answers(
     gateway = await admin_gateway()
     await create(gateway, name="alice")
     listing = await gateway.patch("/admin/keys", json={}, headers=ADMIN)
-    assert listing.status == 405 and listing.headers["allow"] == "GET, POST"
+    assert listing.status == 405 and listing.headers["allow"] == "GET, HEAD, POST"
     body = await listing.json()
     assert_openai_error(body, "method_not_allowed")
-    assert "GET, POST" in body["error"]["message"]
+    assert "GET, HEAD, POST" in body["error"]["message"]
     named = await gateway.put("/admin/teams/ml", json={}, headers=ADMIN)
     assert named.status == 405 and named.headers["allow"] == "DELETE, PATCH"
     rotate = await gateway.get("/admin/keys/alice/rotate", headers=ADMIN)

@@ -347,6 +347,71 @@ async def test_a_provider_that_closes_before_answering_a_post_is_not_asked_again
     assert len(asked) == 1
 
 
+@pytest.mark.parametrize("give_up", ["no head in time", "the client left"])
+async def test_a_request_given_up_while_its_body_is_written_is_not_finished(
+    wire: Wire, give_up: str
+) -> None:
+    """Given up while its body was still being written (REQUEST_TIMEOUT; a client gone, as
+    the relay's cancel), a request was finished all the same: closing the transport flushed
+    the rest of the body, so the provider got the whole request, and could run it for a
+    client that had left (a 16 MB upload, given up after 3 MB, arrived whole); one that
+    had stopped reading held the connection and the buffered body for as long as it
+    stayed up. Now what is not written is dropped with the connection."""
+    received, sent = await give_a_request_up(wire, give_up)
+    # What the kernels held when it was given up still arrives (a few MB at most).
+    assert received < sent
+
+
+def test_a_request_given_up_is_not_finished_under_uvloop_as_the_gateway_runs_it() -> None:
+    import uvloop
+
+    async def scenario() -> tuple[int, int]:
+        wire = Wire(connect_timeout=2.0)
+        try:
+            return await give_a_request_up(wire, "no head in time")
+        finally:
+            await wire.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        received, sent = runner.run(scenario())
+    assert received < sent
+
+
+async def give_a_request_up(wire: Wire, give_up: str) -> tuple[int, int]:
+    """POST a 16 MB body to a provider that reads its head, then nothing until the request
+    is given up (`give_up`); the bytes of the body it then gets before the connection's end,
+    and the body's size."""
+    body = b"x" * (16 << 20)
+    headed, given_up = asyncio.Event(), asyncio.Event()
+    received: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        headed.set()
+        await given_up.wait()
+        size = 0
+        while chunk := await reader.read(1 << 20):
+            size += len(chunk)
+        received.set_result(size)
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # its accepted one's
+    listening.bind(("127.0.0.1", 0))
+    server = await RawServer.start(handle, None, None, sock=listening)  # type: ignore[arg-type]
+    url = URL(f"http://127.0.0.1:{listening.getsockname()[1]}/x")
+    async with server:
+        if give_up == "no head in time":
+            with pytest.raises(TimeoutError):
+                await wire.request("POST", url, {}, body, timeout=0.5)
+        else:
+            sending = asyncio.create_task(wire.request("POST", url, {}, body))
+            await headed.wait()
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        given_up.set()
+        return await asyncio.wait_for(received, 10), len(body)
+
+
 async def test_a_chunked_answer_is_handed_on_without_its_framing(wire: Wire) -> None:
     server, url = await raw_server(
         lambda _: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
