@@ -158,7 +158,9 @@ class Relay:
         if admission is not None:
             ratelimit.stamp(headers, admission)
         provided = reply.headers
-        record.saw_provider_request_id(provided.get("x-request-id") or provided.get("request-id"))
+        record.saw_provider_request_id(
+            provided.get("x-request-id") or provided.get("request-id"), echoable
+        )
         headers["x-request-id"] = record.request_id
         if found is not None:
             headers["x-llm-gateway-cache"] = found.cached.value

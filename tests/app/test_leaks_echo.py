@@ -323,6 +323,41 @@ async def test_a_client_sending_its_own_virtual_key_as_its_request_id_finds_it_i
     assert [line["request_id"] for line in lines] == [f"run-{masked(OPENAI_VK)}"] * 2
 
 
+@pytest.mark.parametrize("answered_id", ["echoed", "real key"])
+async def test_a_key_in_the_providers_request_id_is_in_no_log_line(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    answered_id: str,
+) -> None:
+    """The provider's own request id is logged as `provider_request_id`. A server that answers
+    with the x-request-id it was sent (vLLM's --enable-request-id-headers, a proxy in front)
+    hands back the client's, which may hold its virtual key; one that reflects credentials
+    may answer with the real key. The log masks the one as in `request_id`, and holds
+    neither."""
+
+    async def reflecting(request: web.Request) -> web.StreamResponse:
+        echoed = request.headers["x-request-id"]
+        given = echoed if answered_id == "echoed" else f"req-{OPENAI_REAL}"
+        return web.json_response({"choices": []}, headers={"x-request-id": given})
+
+    gateway = await gateway_in_front_of(reflecting, aiohttp_server, tmp_path, make_gateway)
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": f"run-{OPENAI_VK}"},
+    )
+    await response.read()
+    assert response.status == 200
+    [line] = await records(1)
+    written = log_path.read_text()
+    assert OPENAI_VK not in written and OPENAI_REAL not in written
+    if answered_id == "echoed":
+        assert line["provider_request_id"] == f"run-{masked(OPENAI_VK)}"
+
+
 async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(
     make_gateway: Callable[..., Awaitable[TestClient]],
     log_path: Path,
