@@ -165,6 +165,33 @@ async def test_a_real_key_quoted_in_a_chunked_coded_error_body_reaches_the_clien
     assert "[redacted]" in message
 
 
+async def test_a_pools_key_that_begins_with_another_of_its_keys_is_masked_whole(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Keys chosen by hand for a self-hosted server can begin with one another (`...-key` and
+    `...-key-2`): an echo of the longer one is masked whole, not only as far as the shorter
+    one reaches (its tail then went out)."""
+    short = "sk-local-pool-key-alpha"
+    long = f"{short}-2nd-of-the-pool"
+    pool = {"api_keys": [{"api_key": short}, {"api_key": long}]}
+    gateway = await gateway_with_keys({"vk_test_pool_7e1d3c5b9a": {"provider": "openai", **pool}})
+    for _ in range(2):  # each key of the pool in turn
+        response = await gateway.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={
+                **auth("vk_test_pool_7e1d3c5b9a"),
+                "x-fake-reflect": "body",
+                "x-fake-status": "400",
+            },
+        )
+        text = await response.text()
+        assert response.status == 400
+        assert "2nd-of-the-pool" not in text and short not in text
+    sent = {seen.headers["authorization"] for seen in fake.requests}
+    assert sent == {f"Bearer {short}", f"Bearer {long}"}
+
+
 async def gateway_in_front_of(
     chat_completions: Callable[[web.Request], Awaitable[web.StreamResponse]],
     aiohttp_server: Callable[..., Awaitable[TestServer]],
