@@ -31,6 +31,7 @@ from tests.conftest import (
 )
 from tests.support.bodies import CHAT, MESSAGES
 from tests.support.fake_provider import FakeState, Fault
+from tests.support.raw_servers import RawServer
 
 
 async def test_a_provider_that_echoes_the_real_key_hands_it_to_no_client_and_no_log(
@@ -190,6 +191,49 @@ async def test_a_pools_key_that_begins_with_another_of_its_keys_is_masked_whole(
         assert "2nd-of-the-pool" not in text and short not in text
     sent = {seen.headers["authorization"] for seen in fake.requests}
     assert sent == {f"Bearer {short}", f"Bearer {long}"}
+
+
+async def test_a_real_key_in_a_broken_websocket_handshake_answer_is_in_no_error(
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """A Realtime handshake answered with a status line that is not HTTP, reflecting the key
+    it was sent: aiohttp's parser quotes that line in its error, and the 502's message, the
+    log line and /health's last_error (read without a key) said part of the real key."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 4x1 " + OPENAI_REAL.encode() + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with await RawServer.start(broken, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        keys = {
+            "providers": {"openai": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+            "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+        }
+        (tmp_path / "broken.json").write_text(json.dumps(keys))
+        gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "broken.json"))
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        response = await gateway.get(
+            "/v1/realtime?model=gpt-realtime", headers={**auth(OPENAI_VK), **upgrade}
+        )
+        body = await response.text()
+        health = await (await gateway.get("/health")).text()
+    assert response.status == 502
+    assert "not valid HTTP (Bad status line" in body
+    await records(1)
+    shown = OPENAI_REAL[:12]  # the key's first characters: what the cut message kept
+    for text in (body, health, log_path.read_text()):
+        assert shown not in text
 
 
 async def gateway_in_front_of(
