@@ -206,8 +206,11 @@ class Entrance:
                 record.end(CLIENT_CLOSED, Outcome.CLIENT_LEFT, "client closed the connection")
             raise
         except Exception:
-            # A bug, not an input: one log line with the traceback, a 500 in the dialect.
-            log.exception("internal error on %s %s", request.method, request.path)
+            # A bug, not an input: one log line with the traceback, a 500 in the dialect. Its
+            # path as the log line shows it: a key pasted there masked (the settle's own step,
+            # early: masking twice changes nothing).
+            exchange.hide_key()
+            log.exception("internal error on %s %s", request.method, record.path)
             record.end(500, Outcome.INTERNAL, "internal error")
             if request.writer.output_size:  # the answer had begun: it can only be cut
                 return _closed(request, 500)
@@ -231,11 +234,11 @@ class Entrance:
             try:
                 sink(exchange)
             except Exception:
-                request = exchange.request
+                record = exchange.record
                 log.exception(
                     "internal error settling %s %s (%s)",
-                    request.method,
-                    request.path,
+                    record.method,
+                    record.path,  # as the log line shows it: a key pasted there masked
                     sink.__name__.lstrip("_"),
                 )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from random import getrandbits
@@ -364,9 +365,16 @@ class Record:
         transcription's form field, Ollama's native API, which streams by default)."""
         self.is_stream = True
 
-    def saw_provider_request_id(self, request_id: str | None) -> None:
+    def saw_provider_request_id(self, request_id: str | None, secrets: Collection[str]) -> None:
         """The provider's own id of the request (OpenAI's x-request-id, Anthropic's
-        request-id): the client's x-request-id is the gateway's."""
+        request-id): the client's x-request-id is the gateway's. Not kept when it holds one
+        of `secrets`, the request's real keys (a provider reflecting the credentials it was
+        sent, as it drops from the client's headers: `providers.downstream_headers`)."""
+        if request_id is not None:
+            for secret in secrets:  # a loop, not any(): no generator on every request
+                if secret in request_id:
+                    request_id = None
+                    break
         self.provider_request_id = shown(request_id)
 
     def saw_request_body(self, body: bytes) -> None:
@@ -498,10 +506,13 @@ class Record:
 
     def named(self) -> list[str]:
         """What the client named that the log shows as sent, where a key may be pasted: the
-        path's segments, the request id, the model."""
+        path's segments, the request id, the model; and the provider's request id, which a
+        server answering with the x-request-id it was sent names as the client did."""
         names = [*self.path.split("/"), self.request_id]
         if self.model is not None:
             names.append(self.model)
+        if self.provider_request_id is not None:
+            names.append(self.provider_request_id)
         return names
 
     def hide(self, secret: str, mask: str) -> None:
@@ -515,10 +526,12 @@ class Record:
             self.hidden = (secret, mask)
 
     def hide_named(self, secret: str, mask: str) -> None:
-        """`secret` kept only as `mask` in the path, the model, the request id and the error
+        """`secret` kept only as `mask` in the path, the model, the request ids and the error
         (not in logged bodies: `hide`)."""
         if secret in self.request_id:
             self.request_id = self.request_id.replace(secret, mask)
+        if self.provider_request_id is not None and secret in self.provider_request_id:
+            self.provider_request_id = self.provider_request_id.replace(secret, mask)
         if secret in self.path:
             self.path = self.path.replace(secret, mask)
         if self.model is not None and secret in self.model:

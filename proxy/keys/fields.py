@@ -178,7 +178,16 @@ def base_url(where: str, text: str) -> URL:
             "put the real key in api_key or api_key_env"
         )
     if url.scheme not in ("http", "https") or not url.host:
-        raise KeysFileError(f"{where}: base_url must be an http(s) URL, got {str(url)!r}")
+        # Shown when it reads as a URL, less its query; else only by its length: it may be
+        # the real key, put in the wrong field (never printed back, as for `provider`).
+        if "://" in text:
+            said = f", got {str(url.with_query(None).with_fragment(None))!r}"
+        else:
+            said = (
+                f" such as http://127.0.0.1:11434/v1 ({len(text)} characters, not shown: a "
+                "key itself goes in api_key)"
+            )
+        raise KeysFileError(f"{where}: base_url must be an http(s) URL{said}")
     if url.query_string or url.fragment:
         # The client's path and query are appended to base_url; a query here would break it.
         raise KeysFileError(f"{where}: base_url must have no query or fragment (after ? or #)")

@@ -159,7 +159,10 @@ class Realtime:
         else:  # each turn is admitted when it is sent; a key refused right now is told so now
             exchange.precheck(None)  # 429
             admission = None
-        upstream = await self._connect(url, target, request, record, exchange.trace)  # 502, 504
+        echoable = plan.echoable()  # what no answer may carry, its request id included
+        upstream = await self._connect(  # 502, 504
+            url, target, request, record, exchange.trace, echoable
+        )
         try:
             secrets = searched(plan.secrets)  # what the provider's frames may not carry
             gate = turns.gate if turns is not None else None
@@ -168,9 +171,9 @@ class Realtime:
             # aiohttp keeps the handshake's answer on the socket only, as a private member.
             provided = upstream._response.headers
             record.saw_provider_request_id(
-                provided.get("x-request-id") or provided.get("request-id")
+                provided.get("x-request-id") or provided.get("request-id"), echoable
             )
-            answered = answer_headers(provided, plan.echoable())
+            answered = answer_headers(provided, echoable)
             return await self._carry(
                 request, upstream, exchange, admission, answered, turns, secrets, gate
             )
@@ -184,8 +187,11 @@ class Realtime:
         request: web.Request,
         record: Record,
         trace: Trace | None,
+        echoable: tuple[str, ...],
     ) -> aiohttp.ClientWebSocketResponse[Literal[False]]:
-        """The provider's end of the session. Raises 502, 504, or the provider's refusal status."""
+        """The provider's end of the session. Raises 502, 504, or the provider's refusal status.
+
+        `echoable`: the real keys (`Plan.echoable`), which its refusal's request id may not hold."""
         http = self._http
         assert http is not None, "the app's upstream session is not open"
         timeout = self._settings.request_timeout
@@ -236,7 +242,7 @@ class Realtime:
             refused = error.headers  # its own id of the request, which its support asks for
             if refused is not None:
                 record.saw_provider_request_id(
-                    refused.get("x-request-id") or refused.get("request-id")
+                    refused.get("x-request-id") or refused.get("request-id"), echoable
                 )
             if error.status in RETRYABLE and error.status != 429:  # a 429 is about the key
                 self._failed(target, f"{error.status} from {where(target)}")

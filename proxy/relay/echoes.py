@@ -14,6 +14,8 @@ same length (`[redacted]****…`): a Content-Length stays true and a JSON string
 - A stream (`StreamMask`) is searched chunk by chunk. A chunk that ends with the first
   bytes of a key keeps them back until the next chunk tells whether the key follows; an
   SSE event ends in a line break, which no key holds, so an event stream is never held.
+- The words of an answer that the log line and the traces name (`unechoed`: the model the
+  provider says answered, its error's type) have a key `[redacted]`.
 
 Not done: keys shorter than `MIN_SECRET_CHARS` (placeholders such as "EMPTY" for a local
 server: masking them would corrupt answers that merely contain the word); a compressed
@@ -29,6 +31,7 @@ from multidict import CIMultiDict
 
 from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
+from proxy.record import REDACTED
 from proxy.upstream.providers import MIN_SECRET_CHARS
 
 MASK = b"[redacted]"
@@ -47,6 +50,16 @@ def masked(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret in data:
             data = data.replace(secret, (MASK + b"*" * len(secret))[: len(secret)])
     return data
+
+
+def unechoed(word: str | None, secrets: Iterable[str]) -> str | None:
+    """A word of the provider's answer that the log and the traces name (the model it says
+    answered, its error's type), each of `secrets` in it `[redacted]`."""
+    if word is not None:
+        for secret in secrets:
+            if secret in word:
+                word = word.replace(secret, REDACTED)
+    return word
 
 
 def is_plain(coding: str | None) -> bool:

@@ -31,7 +31,14 @@ from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
 from proxy.record import CLIENT_CLOSED, Cached, Outcome, Record
-from proxy.relay.echoes import StreamMask, is_plain, is_searched_whole, masked_whole, searched
+from proxy.relay.echoes import (
+    StreamMask,
+    is_plain,
+    is_searched_whole,
+    masked_whole,
+    searched,
+    unechoed,
+)
 from proxy.relay.expect import awaits_continue
 from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
 from proxy.relay.listing import ModelList
@@ -160,7 +167,9 @@ class Relay:
         if admission is not None:
             ratelimit.stamp(headers, admission)
         provided = reply.headers
-        record.saw_provider_request_id(provided.get("x-request-id") or provided.get("request-id"))
+        record.saw_provider_request_id(
+            provided.get("x-request-id") or provided.get("request-id"), echoable
+        )
         headers["x-request-id"] = record.request_id
         if found is not None:
             headers["x-llm-gateway-cache"] = found.cached.value
@@ -247,11 +256,13 @@ class Relay:
                 # LOG_BODIES: a cloud's access token is in no key ring the log masks with.
                 for token in echoable[len(plan.secrets) :]:
                     text = text.replace(token, "*" * len(token))
+            # The provider's words the log and the traces name: no key there either.
+            error_kind = unechoed(tap.error_kind, echoable)
             if status < 400:
-                usage, error_kind = tap.usage(body), tap.error_kind
+                usage = tap.usage(body)
                 record.saw_answer(
                     usage,
-                    tap.model,
+                    unechoed(tap.model, echoable),
                     tap.stored,
                     text,
                     tap.batch,
@@ -265,7 +276,7 @@ class Relay:
                     if failed is not None:
                         record.saw_failure_in_answer(failed)
             else:
-                record.saw_answer(None, text=text, error_kind=tap.error_kind)
+                record.saw_answer(None, text=text, error_kind=error_kind)
 
     async def answer_hit(
         self, request: web.Request, entry: Entry, admission: Admission | None, record: Record

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import ssl
 
 import aiohttp
@@ -53,9 +54,21 @@ def described(error: aiohttp.ClientError) -> str:
     if isinstance(error, aiohttp.ClientOSError):
         return f"the connection failed ({error.strerror or 'reset'})"
     if isinstance(error, aiohttp.ClientResponseError):
-        return f"sent an answer that is not valid HTTP ({error.message[:80]})"
+        return f"sent an answer that is not valid HTTP ({_unquoted(error.message)[:80]})"
     return f"failed ({type(error).__name__})"
 
+
+def _unquoted(message: str) -> str:
+    """A parser's words for the answer it refused, without the line it quotes after them
+    (aiohttp's, for a WebSocket handshake: llhttp's `reason:\\n\\n  b'...'`, its pure-Python
+    parser's `Bad status line '...'`): a broken server's line may reflect the key it was sent."""
+    head = _QUOTE.split(message, maxsplit=1)[0]
+    said = (line.strip(" :.") for line in head.splitlines())
+    return ": ".join(words for words in said if words) or "malformed"
+
+
+# Where a parser's message begins to quote what it refused: bytes' repr, or a str's.
+_QUOTE = re.compile(r"""b?['"]""")
 
 # OpenSSL's verify codes for a chain that ends at no trusted authority (X509_V_ERR_...): a
 # private CA the gateway was not told of.

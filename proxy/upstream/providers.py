@@ -264,8 +264,11 @@ def downstream_headers(
 
 
 def searched(secrets: Iterable[str]) -> tuple[str, ...]:
-    """The real keys an answer is searched for: those of `MIN_SECRET_CHARS` or more."""
-    return tuple(secret for secret in secrets if len(secret) >= MIN_SECRET_CHARS)
+    """The real keys an answer is searched for: those of `MIN_SECRET_CHARS` or more, longest
+    first. A key may begin with another (keys chosen by hand: `...-key`, `...-key-2`): masked
+    first, the shorter one would leave the longer one's tail showing."""
+    kept = [secret for secret in secrets if len(secret) >= MIN_SECRET_CHARS]
+    return tuple(sorted(kept, key=len, reverse=True))
 
 
 def _without(incoming: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import QUOTA
+from proxy.keys.keys import masked
 from proxy.record import Record
 from tests.conftest import (
     ANTHROPIC_VK,
@@ -137,6 +138,29 @@ async def test_an_unexpected_error_is_logged_as_500_internal_and_answered_in_the
     assert line["key"] is not None and line["duration_ms"] is not None
     (logged,) = [entry for entry in caplog.records if "internal error on" in entry.message]
     assert logged.exc_info is not None and "a bug in the tracker" in str(logged.exc_info[1])
+
+
+@pytest.mark.parametrize("broken", ["admit", "settle"])
+async def test_a_virtual_key_in_the_path_of_a_failed_request_is_masked_on_stderr(
+    gateway: TestClient, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    """The traceback's line names the request's path, which may hold a virtual key (pasted as
+    a file's or a model's id): it is masked there, as in the log line, and never whole on
+    stderr."""
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the tracker")
+
+    tracker = gateway.app[QUOTA].tracker
+    for name in ("admit", "admit_now") if broken == "admit" else ("settle", "settle_scopes"):
+        setattr(tracker, name, bug)
+    with caplog.at_level(logging.ERROR, logger="llm_gateway"):
+        response = await gateway.get(f"/v1/models/{OPENAI_VK}", headers=auth(OPENAI_VK))
+        await response.read()
+    assert response.status == (500 if broken == "admit" else 200)
+    (logged,) = [entry for entry in caplog.records if "internal error" in entry.message]
+    assert OPENAI_VK not in logged.message
+    assert f"/v1/models/{masked(OPENAI_VK)}" in logged.message
 
 
 async def test_an_unexpected_error_on_an_anthropic_path_answers_in_its_dialect(

@@ -31,6 +31,7 @@ from tests.conftest import (
 )
 from tests.support.bodies import CHAT, MESSAGES
 from tests.support.fake_provider import FakeState, Fault
+from tests.support.raw_servers import RawServer
 
 
 async def test_a_provider_that_echoes_the_real_key_hands_it_to_no_client_and_no_log(
@@ -163,6 +164,76 @@ async def test_a_real_key_quoted_in_a_chunked_coded_error_body_reaches_the_clien
     message = json.loads(text)["error"]["message"]
     assert message.startswith("fake provider error 401: credentials received")
     assert "[redacted]" in message
+
+
+async def test_a_pools_key_that_begins_with_another_of_its_keys_is_masked_whole(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Keys chosen by hand for a self-hosted server can begin with one another (`...-key` and
+    `...-key-2`): an echo of the longer one is masked whole, not only as far as the shorter
+    one reaches (its tail then went out)."""
+    short = "sk-local-pool-key-alpha"
+    long = f"{short}-2nd-of-the-pool"
+    pool = {"api_keys": [{"api_key": short}, {"api_key": long}]}
+    gateway = await gateway_with_keys({"vk_test_pool_7e1d3c5b9a": {"provider": "openai", **pool}})
+    for _ in range(2):  # each key of the pool in turn
+        response = await gateway.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={
+                **auth("vk_test_pool_7e1d3c5b9a"),
+                "x-fake-reflect": "body",
+                "x-fake-status": "400",
+            },
+        )
+        text = await response.text()
+        assert response.status == 400
+        assert "2nd-of-the-pool" not in text and short not in text
+    sent = {seen.headers["authorization"] for seen in fake.requests}
+    assert sent == {f"Bearer {short}", f"Bearer {long}"}
+
+
+async def test_a_real_key_in_a_broken_websocket_handshake_answer_is_in_no_error(
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """A Realtime handshake answered with a status line that is not HTTP, reflecting the key
+    it was sent: aiohttp's parser quotes that line in its error, and the 502's message, the
+    log line and /health's last_error (read without a key) said part of the real key."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 4x1 " + OPENAI_REAL.encode() + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with await RawServer.start(broken, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        keys = {
+            "providers": {"openai": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+            "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+        }
+        (tmp_path / "broken.json").write_text(json.dumps(keys))
+        gateway = await make_gateway(KEYS_FILE_PATH=str(tmp_path / "broken.json"))
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        response = await gateway.get(
+            "/v1/realtime?model=gpt-realtime", headers={**auth(OPENAI_VK), **upgrade}
+        )
+        body = await response.text()
+        health = await (await gateway.get("/health")).text()
+    assert response.status == 502
+    assert "not valid HTTP (Bad status line" in body
+    await records(1)
+    shown = OPENAI_REAL[:12]  # the key's first characters: what the cut message kept
+    for text in (body, health, log_path.read_text()):
+        assert shown not in text
 
 
 async def gateway_in_front_of(
@@ -321,6 +392,41 @@ async def test_a_client_sending_its_own_virtual_key_as_its_request_id_finds_it_i
     lines = await records(2)
     assert OPENAI_VK not in log_path.read_text()
     assert [line["request_id"] for line in lines] == [f"run-{masked(OPENAI_VK)}"] * 2
+
+
+@pytest.mark.parametrize("answered_id", ["echoed", "real key"])
+async def test_a_key_in_the_providers_request_id_is_in_no_log_line(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    answered_id: str,
+) -> None:
+    """The provider's own request id is logged as `provider_request_id`. A server that answers
+    with the x-request-id it was sent (vLLM's --enable-request-id-headers, a proxy in front)
+    hands back the client's, which may hold its virtual key; one that reflects credentials
+    may answer with the real key. The log masks the one as in `request_id`, and holds
+    neither."""
+
+    async def reflecting(request: web.Request) -> web.StreamResponse:
+        echoed = request.headers["x-request-id"]
+        given = echoed if answered_id == "echoed" else f"req-{OPENAI_REAL}"
+        return web.json_response({"choices": []}, headers={"x-request-id": given})
+
+    gateway = await gateway_in_front_of(reflecting, aiohttp_server, tmp_path, make_gateway)
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={**auth(OPENAI_VK), "x-request-id": f"run-{OPENAI_VK}"},
+    )
+    await response.read()
+    assert response.status == 200
+    [line] = await records(1)
+    written = log_path.read_text()
+    assert OPENAI_VK not in written and OPENAI_REAL not in written
+    if answered_id == "echoed":
+        assert line["provider_request_id"] == f"run-{masked(OPENAI_VK)}"
 
 
 async def test_a_virtual_key_in_a_logged_body_is_masked_in_any_spelling(

@@ -25,6 +25,7 @@ from tests.conftest import (
     ANTHROPIC_VK,
     CUSTOM_VK,
     LIMITED_VK,
+    OPENAI_REAL,
     OPENAI_VK,
     SECRETS,
     auth,
@@ -588,6 +589,61 @@ async def test_a_stream_that_carried_the_providers_error_under_its_200_is_an_err
         assert span.is_error
         assert span.attributes["error.type"] == "overloaded_error"
         assert span.attributes["http.response.status_code"] == 200
+
+
+@pytest.mark.parametrize("in_stream", ["after", ""])
+async def test_a_real_key_as_the_providers_error_type_is_in_no_span_and_no_log_line(
+    traced: TestClient, received: Received, fake: Any, log_path: Path, records: Any, in_stream: str
+) -> None:
+    """The error's type the log line and the spans name is the provider's word: one that
+    reflects the credential it was sent there (a provider answering its own error type
+    with the key it refused) has it masked, as in the body the client gets."""
+    fake.faults[OPENAI_REAL] = Fault(400, in_stream=in_stream, code=OPENAI_REAL)
+    body = {**CHAT, "stream": bool(in_stream)}
+    response = await traced.post("/v1/chat/completions", json=body, headers=auth(OPENAI_VK))
+    assert response.status == (200 if in_stream else 400)
+    assert OPENAI_REAL not in await response.text()
+    spans = await exported(traced, received, 2)
+    (line,) = await records(1)
+    assert_nothing_secret(spans)
+    assert OPENAI_REAL not in log_path.read_text()
+    assert line["error"] == "the provider sent an error in its answer ([redacted])"
+
+
+async def test_a_real_key_as_the_model_the_provider_says_answered_is_in_no_span(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    receiver: TestServer,
+    received: Received,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+) -> None:
+    """`gen_ai.response.model` is the model the answer names: a provider naming the key it
+    was sent there (the client's body has it masked) puts it in no span."""
+
+    async def naming_the_key(request: web.Request) -> web.Response:
+        answer = {"model": f"{OPENAI_REAL}", "choices": [], "usage": {"prompt_tokens": 1}}
+        return web.json_response(answer)
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", naming_the_key)
+    server = await aiohttp_server(upstream)
+    keys = {
+        "providers": {"openai": {"base_url": str(server.make_url("/v1"))}},
+        "virtual_keys": {OPENAI_VK: {"provider": "openai", "api_key": OPENAI_REAL}},
+    }
+    (tmp_path / "upstream.json").write_text(json.dumps(keys))
+    traced = await make_gateway(
+        KEYS_FILE_PATH=str(tmp_path / "upstream.json"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=str(receiver.make_url("")),
+        OTEL_BSP_SCHEDULE_DELAY="50",
+    )
+    response = await traced.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    assert response.status == 200
+    assert OPENAI_REAL not in await response.text()
+    spans = await exported(traced, received, 2)
+    assert_nothing_secret(spans)
+    [server_span] = by_kind(spans, "server")
+    assert server_span.attributes["gen_ai.response.model"] == "[redacted]"
 
 
 async def test_a_native_gemini_call_is_named_by_its_operation_as_an_openai_one_is(

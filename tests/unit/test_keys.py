@@ -443,6 +443,9 @@ def test_an_empty_virtual_keys_is_refused(tmp_path: Path) -> None:
         ("https://user@api.example.com/v1", "must not carry credentials"),
         ("http://127.0.0.1:9/v1?api-version=1", "no query"),
         ("http://127.0.0.1:9/v1#x", "no query or fragment"),
+        # the real key put in the wrong field, and a URL that is not http(s) with a query
+        ("hunter2-sk-real-0123456789abcdef", "must be an http(s) URL such as http://"),
+        ("ftp://127.0.0.1/v1?key=hunter2", "must be an http(s) URL, got 'ftp://127.0.0.1/v1'"),
     ],
 )
 def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
