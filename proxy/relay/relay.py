@@ -125,9 +125,14 @@ class Relay:
         trace = exchange.trace
         on_attempt = None if trace is None else trace.attempt
         # A restricted key's model list, filtered to its models (listing.py); no other's.
-        listing = None if key.allowed_models is None else ModelList.of(key, request.method, tail)
+        # Asked with the provider's largest page in place of the client's page size.
+        query = exchange.query
+        if key.allowed_models is None:
+            listing = None
+        elif (listing := ModelList.of(key, request.method, tail, query, plan)) is not None:
+            query = listing.query
         async with failover.forward(
-            request, plan, tail, exchange.query, body, record, on_attempt, affinity, order, headers
+            request, plan, tail, query, body, record, on_attempt, affinity, order, headers
         ) as reply:
             # The usage estimate reads the prompt as the provider does: decoded.
             readable = body if peek.decoded is None else peek.decoded

@@ -24,13 +24,14 @@ from tests.conftest import (
     auth,
     keys_document,
 )
-from tests.support.fake_provider import GEMINI_PAGE_TOKEN, MODEL_IDS, FakeState, Fault
+from tests.support.fake_provider import MODEL_IDS, FakeState, Fault
 
 LISTED_VK = "vk_test_listed_models_1a2b3c4d5e"
 ROUTED_VK = "vk_test_routed_models_6f7a8b9c0d"
 GEMINI_VK = "vk_test_gemini_models_2b4d6f8a0c"
 FALLING_VK = "vk_test_falling_models_3c5e7a9b1d"
 NOTHING_VK = "vk_test_nothing_listed_4d6f8a0c2e"
+PAGED_VK = "vk_test_paged_models_5e7a9c1b3d"
 KEYS: dict[str, dict[str, Any]] = {
     LISTED_VK: {
         "provider": "openai",
@@ -60,7 +61,19 @@ KEYS: dict[str, dict[str, Any]] = {
         "name": "nothing",
         "allowed_models": ["claude-opus-9-*"],
     },
+    # With x-fake-older-models: 45, twelve of the 49 models listed: older-model-000 to -009
+    # (the oldest), claude-3-5-haiku-latest and fake-model (the last).
+    PAGED_VK: {
+        "provider": "anthropic",
+        "api_key": "sk-ant-real-paged-1414141414",
+        "name": "paged",
+        "allowed_models": ["older-model-00?", "claude-*", "fake-*"],
+    },
 }
+# The fake lists this many older models first: three of Anthropic's pages of 20 (its default
+# `limit`) and one of Gemini's pages of 50 hold none of a key's newer models.
+OLDER = {"x-fake-older-models": "45"}
+OLDER_PAGED = [f"older-model-00{index}" for index in range(10)]
 
 
 @pytest.fixture
@@ -72,9 +85,13 @@ def openai_sdk(gateway: TestClient, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=key, max_retries=0)
 
 
-def anthropic_sdk(gateway: TestClient, key: str) -> anthropic.AsyncAnthropic:
+def anthropic_sdk(
+    gateway: TestClient, key: str, headers: dict[str, str] | None = None
+) -> anthropic.AsyncAnthropic:
     base = str(gateway.make_url(""))
-    return anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+    return anthropic.AsyncAnthropic(
+        base_url=base, api_key=key, max_retries=0, default_headers=headers
+    )
 
 
 async def test_the_openai_sdk_lists_only_the_models_a_restricted_key_may_use(
@@ -110,6 +127,74 @@ async def test_a_page_left_empty_names_no_cursor(gateway: TestClient) -> None:
         "first_id": None,
         "last_id": None,
     }
+
+
+async def test_the_anthropic_sdk_finds_a_restricted_keys_models_past_the_providers_first_page(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # The provider's first page (20, Anthropic's default) holds none of the key's models: an
+    # empty page would end the SDK's auto-pager (BasePage.has_next_page: no items, no next).
+    async with anthropic_sdk(gateway, RESTRICTED_VK, OLDER) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["claude-3-5-haiku-latest"]
+    assert fake.requests[-1].query_string == "limit=1000"  # Anthropic's largest page
+
+
+async def test_the_anthropic_sdk_pages_a_restricted_keys_models_by_its_own_limit(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, OLDER) as client:
+        first = await client.models.list(limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    assert pages == [OLDER_PAGED[:5], OLDER_PAGED[5:], ["claude-3-5-haiku-latest", "fake-model"]]
+    assert (first.first_id, first.last_id, first.has_more) == (
+        "older-model-000",
+        "older-model-004",
+        True,
+    )
+    assert [seen.query_string for seen in fake.requests[-3:]] == [
+        "limit=1000",
+        "limit=1000&after_id=older-model-004",
+        "limit=1000&after_id=older-model-009",
+    ]
+
+
+async def test_the_anthropic_sdk_pages_a_restricted_keys_models_backwards_by_before_id(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, OLDER) as client:
+        first = await client.models.list(before_id="fake-model", limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    # Each page the five kept models right before the cursor, in the provider's order.
+    assert pages == [
+        [*OLDER_PAGED[6:], "claude-3-5-haiku-latest"],
+        OLDER_PAGED[1:6],
+        OLDER_PAGED[:1],
+    ]
+
+
+async def test_a_restricted_keys_limit_the_provider_refuses_goes_as_the_client_sent_it(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.get(
+        "/v1/models?limit=5000",
+        headers={**auth(RESTRICTED_VK), "anthropic-version": "2023-06-01"},
+    )
+    assert response.status == 400
+    assert fake.requests[-1].query_string == "limit=5000"
+
+
+async def test_an_unrestricted_keys_page_and_query_are_the_providers(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    response = await gateway.get(
+        "/v1/models?limit=5&after_id=older-model-001",
+        headers={**auth(ANTHROPIC_VK), "anthropic-version": "2023-06-01", **OLDER},
+    )
+    assert response.status == 200
+    assert await response.read() == fake.sent[response.headers["x-request-id"]]
+    assert fake.requests[-1].query_string == "limit=5&after_id=older-model-001"
+    assert len((await response.json())["data"]) == 5
 
 
 @pytest.mark.parametrize(
@@ -197,9 +282,12 @@ async def test_the_list_of_a_fallback_is_filtered_as_the_primarys_would_be(
     assert fake.requests[-1].headers["api-key"] == "azure-real-falling-7878787878"
 
 
-async def test_gemini_native_lists_only_the_models_a_restricted_key_may_use(
+@pytest.fixture
+async def gemini(
     tmp_path: Path, fake_base: str, make_gateway: Callable[..., Awaitable[TestClient]]
-) -> None:
+) -> TestClient:
+    """A gateway whose GEMINI_VK goes to Gemini's native API (a declared provider, as
+    docs/passing-through.md says), restricted to gemini-2.5-*."""
     document = keys_document(fake_base)
     document["providers"]["google-ai"] = {
         "base_url": f"{fake_base}/v1beta",
@@ -212,16 +300,92 @@ async def test_gemini_native_lists_only_the_models_a_restricted_key_may_use(
     }
     path = tmp_path / "gemini-keys.json"
     path.write_text(json.dumps(document))
-    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
-    response = await gateway.get("/v1/models", headers={"x-goog-api-key": GEMINI_VK})
+    return await make_gateway(KEYS_FILE_PATH=str(path))
+
+
+async def test_gemini_native_lists_only_the_models_a_restricted_key_may_use(
+    gemini: TestClient,
+) -> None:
+    response = await gemini.get("/v1/models", headers={"x-goog-api-key": GEMINI_VK})
     assert response.status == 200
     body = await response.json()
     assert [model["name"] for model in body["models"]] == [
         "models/gemini-2.5-flash",
         "models/gemini-2.5-pro",
     ]
-    assert body["nextPageToken"] == GEMINI_PAGE_TOKEN
-    refused = await gateway.get(
+    assert "nextPageToken" not in body
+    refused = await gemini.get(
         "/v1/models/text-embedding-004", headers={"x-goog-api-key": GEMINI_VK}
     )
     assert refused.status == 403
+
+
+async def gemini_pages(
+    gemini: TestClient, query: dict[str, str], headers: dict[str, str], most: int
+) -> list[list[str]]:
+    """Each page's model ids, following nextPageToken as google-genai's Pager does (its
+    `pageSize` on every request), for at most `most` pages."""
+    pages: list[list[str]] = []
+    token = None
+    while len(pages) < most:
+        asked = query if token is None else {**query, "pageToken": token}
+        response = await gemini.get(
+            "/v1/models", params=asked, headers={"x-goog-api-key": GEMINI_VK, **headers}
+        )
+        assert response.status == 200, await response.text()
+        body = await response.json()
+        pages.append([model["name"].removeprefix("models/") for model in body["models"]])
+        token = body.get("nextPageToken")
+        if token is None:
+            return pages
+    raise AssertionError(f"still more after {most} pages: {pages}")
+
+
+async def test_gemini_native_lists_a_restricted_keys_models_from_later_pages_on_its_first(
+    gemini: TestClient, fake: FakeState
+) -> None:
+    # Gemini's default page is 50: the 45 older models and 5 of the rest would be the first,
+    # and a key whose models came after would get an empty page (google-genai's Pager raises
+    # IndexError past two of them; a picker reading one page shows nothing).
+    pages = await gemini_pages(gemini, {}, {"x-fake-older-models": "120"}, most=1)
+    assert pages == [["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert fake.requests[-1].query_string == "pageSize=1000"  # Gemini's largest page
+
+
+async def test_gemini_native_paging_past_the_providers_largest_page_skips_and_repeats_nothing(
+    gemini: TestClient, fake: FakeState
+) -> None:
+    # 1,010 older models: the key's two are on the provider's second page of 1,000. The
+    # client's pageSize becomes 1000 on each request, so the token the provider made for
+    # its first page is good for its second (Google's must be sent with the same pageSize).
+    pages = await gemini_pages(gemini, {"pageSize": "2"}, {"x-fake-older-models": "1010"}, most=3)
+    assert pages == [[], ["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert [seen.query_string for seen in fake.requests[-2:]] == [
+        "pageSize=1000",
+        "pageSize=1000&pageToken=fake-page-1000-1000",
+    ]
+
+
+async def test_a_gemini_key_without_allowed_models_pages_with_the_clients_own_query(
+    gateway: TestClient,
+    fake: FakeState,
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+) -> None:
+    document = keys_document(fake_base)
+    document["providers"]["google-ai"] = {
+        "base_url": f"{fake_base}/v1beta",
+        "auth": "x-goog-api-key",
+    }
+    document["virtual_keys"][GEMINI_VK] = {
+        "provider": "google-ai",
+        "api_key": "real-google-key-2222222222",
+    }
+    path = tmp_path / "open-gemini-keys.json"
+    path.write_text(json.dumps(document))
+    open_gemini = await make_gateway(KEYS_FILE_PATH=str(path))
+    response = await open_gemini.get("/v1/models?pageSize=2", headers={"x-goog-api-key": GEMINI_VK})
+    assert response.status == 200
+    assert await response.read() == fake.sent[response.headers["x-request-id"]]
+    assert fake.requests[-1].query_string == "pageSize=2"

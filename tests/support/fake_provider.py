@@ -88,6 +88,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               or `response.failed` (a server_error) instead of `.completed`
     x-fake-lenient: 1         read "background" as pydantic's lax booleans do (vLLM's and SGLang's
                               Responses): 1, "true", "yes", "on" are true, as true is
+    x-fake-older-models: N    GET /models (and Gemini's /v1beta/models) lists N older models
+                              (`older-model-<i>`) before MODEL_IDS (GEMINI_MODEL_IDS)
 
 A Responses object says the `service_tier` that served it: the request's, else "default",
 and carries `tool_usage` as OpenAI's does (hosted tools' usage beside `usage`: all zeros
@@ -378,6 +380,7 @@ class Knobs:
     line_end: bytes = b"\n"
     has_bom: bool = False
     split_bytes: int = 0
+    older_models: int = 0
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -414,6 +417,7 @@ class Knobs:
             line_end=LINE_ENDS[headers.get("x-fake-line-end", "lf")],
             has_bom=headers.get("x-fake-bom") == "1",
             split_bytes=int(headers.get("x-fake-split", "0")),
+            older_models=int(headers.get("x-fake-older-models", "0")),
         )
 
     @property
@@ -1488,31 +1492,68 @@ def anthropic_model(model_id: str) -> dict:
     }
 
 
+def model_ids(request: web.Request, newest: tuple[str, ...]) -> list[str]:
+    """The ids a model list holds: x-fake-older-models' older ones, then `newest`."""
+    older = request[KNOBS].older_models
+    return [f"older-model-{index:03d}" for index in range(older)] + list(newest)
+
+
 async def models(request: web.Request) -> web.StreamResponse:
-    if is_anthropic(request):
-        data = [anthropic_model(model_id) for model_id in MODEL_IDS]
-        return await reply(
-            request,
-            {"data": data, "has_more": False, "first_id": MODEL_IDS[0], "last_id": MODEL_IDS[-1]},
-        )
-    return await reply(
-        request, {"object": "list", "data": [openai_model(model_id) for model_id in MODEL_IDS]}
-    )
+    """GET /models: OpenAI's whole list; Anthropic's a page of it, as Anthropic pages: at
+    most `limit` (default 20, 1 to 1000, else a 400) after `after_id` or before `before_id`,
+    `has_more` (more in that direction), `first_id` and `last_id`."""
+    ids = model_ids(request, MODEL_IDS)
+    if not is_anthropic(request):
+        return await reply(request, {"object": "list", "data": [openai_model(i) for i in ids]})
+    query, limit = request.query, request.query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= ANTHROPIC_MAX_LIMIT:
+        return await reply_error(request, 400, message=f"limit: {limit!r} is not 1 to 1000")
+    size, after, before = int(limit), query.get("after_id"), query.get("before_id")
+    if before is not None:  # an unknown cursor: nothing
+        ahead = ids[: ids.index(before)] if before in ids else []
+        shown, has_more = ahead[-size:], len(ahead) > size
+    else:
+        rest = ids if after is None else ids[ids.index(after) + 1 :] if after in ids else []
+        shown, has_more = rest[:size], len(rest) > size
+    page = {
+        "data": [anthropic_model(model_id) for model_id in shown],
+        "has_more": has_more,
+        "first_id": shown[0] if shown else None,
+        "last_id": shown[-1] if shown else None,
+    }
+    return await reply(request, page)
 
 
 # Gemini's native API (generativelanguage.googleapis.com/v1beta) names its models
 # `models/<id>`, and pages its list with a token.
 GEMINI_MODEL_IDS = ("gemini-2.5-flash", "gemini-2.5-pro", "text-embedding-004")
-GEMINI_PAGE_TOKEN = "fake-page-2"
+ANTHROPIC_MAX_LIMIT = GEMINI_MAX_PAGE = 1000  # each provider's documented largest page
 
 
 async def gemini_models(request: web.Request) -> web.StreamResponse:
-    """Gemini's native list (GET v1beta/models): `models`, each `name` `models/<id>`."""
+    """Gemini's native list (GET v1beta/models): `models`, each `name` `models/<id>`, paged as
+    Google pages it: at most `pageSize` (default 50, at most 1000), from `pageToken` (opaque;
+    valid only with the pageSize it was made for, as Google's are), `nextPageToken` while
+    more follow."""
+    ids = model_ids(request, GEMINI_MODEL_IDS)
+    size_asked, token = request.query.get("pageSize", "0"), request.query.get("pageToken", "")
+    if not size_asked.isdigit():
+        return await reply_error(request, 400, message=f"pageSize: {size_asked!r}")
+    size = min(int(size_asked), GEMINI_MAX_PAGE) or 50
+    start = 0
+    if token:
+        offset, _, made_for = token.removeprefix("fake-page-").partition("-")
+        if not token.startswith("fake-page-") or made_for != str(size):
+            return await reply_error(request, 400, message="page token of another page size")
+        start = int(offset)
     listed = [
         {"name": f"models/{model_id}", "displayName": model_id, "inputTokenLimit": 1048576}
-        for model_id in GEMINI_MODEL_IDS
+        for model_id in ids[start : start + size]
     ]
-    return await reply(request, {"models": listed, "nextPageToken": GEMINI_PAGE_TOKEN})
+    page: dict[str, object] = {"models": listed}
+    if start + size < len(ids):
+        page["nextPageToken"] = f"fake-page-{start + size}-{size}"
+    return await reply(request, page)
 
 
 async def model(request: web.Request) -> web.StreamResponse:
