@@ -605,10 +605,14 @@ def _refusal() -> bytes:
         "The gateway has as many open connections as MAX_CONNECTIONS allows; retry shortly",
     )
     payload = body(error, "/v1")
+    # A fresh id, as every answer has one (SPEC: errors); the request's own headers go unread.
+    request_id = own_request_id(None).encode()
     return (
         b"HTTP/1.1 503 Service Unavailable\r\n"
         b"Content-Type: application/json\r\n"
         b"Retry-After: 1\r\n"
+        b"x-request-id: " + request_id + b"\r\n"
+        b"request-id: " + request_id + b"\r\n"
         b"Connection: close\r\n"
         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
     )
