@@ -34,6 +34,10 @@ MAX_BUDGET_USD = 1_000_000_000_000
 # ADMIN_TOKEN and KEYS_STORE_SECRET shorter than this draw a warning at start: what the
 # admin API asks of a virtual key it is given.
 MIN_SECRET_CHARS = 20
+# The most gateway processes WORKERS may ask for. A larger count was taken and the start ate
+# memory by the gigabyte (the workers' shared arrays, 8 bytes each, zeroed at once) instead
+# of refusing; a process per core is the most that helps.
+MAX_WORKERS = 1024
 
 
 class SettingError(ValueError):
@@ -69,6 +73,12 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _whole(text, 0, 2**63 - 1, "a non-negative integer")
+
+
+def _workers(text: str) -> int:
+    return _whole(
+        text, 0, MAX_WORKERS, f"a number of processes from 0 to {MAX_WORKERS} (0: one per core)"
+    )
 
 
 def _port(text: str) -> int:
@@ -432,8 +442,9 @@ class Settings:
     )
     workers: int = setting(
         "1",
-        _non_negative_int,
-        "gateway processes sharing the port (0: one per core; over 1 needs REDIS_URL)",
+        _workers,
+        "gateway processes sharing the port, at most 1024 (0: one per core; over 1 needs "
+        "REDIS_URL)",
     )
     keys_file_watch: bool = setting(
         "false",

@@ -512,6 +512,12 @@ def _parse(
         found: list[KeysFileError] = []
         # Names are checked first, so a name taken twice is said even if a key fails below.
         name = _name(secret, entry) if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in entries:  # not parsed: each message would say it
+            if left_out is not None:
+                left_out[secret] = _named_as_a_key(path, secret)
+            else:
+                problems.append(KeysFileError(_named_as_a_key(path, secret)))
+            continue
         if isinstance(name, str) and name in names:
             found.append(KeysFileError(f"{path}: key '{name}': name is used by another key"))
         if isinstance(name, str):
@@ -543,7 +549,28 @@ def _parse(
         if key is not None:
             digests.add(hexdigest)
             keys[secret] = key
+    real = {
+        credential.api_key
+        for key in keys.values()
+        for target in key.plans.every_target()
+        for credential in target.pool.credentials
+    }
+    for secret in [secret for secret, key in keys.items() if key.name in real]:
+        if left_out is not None:
+            left_out[secret] = _named_as_a_key(path, secret)
+        else:
+            problems.append(KeysFileError(_named_as_a_key(path, secret)))
+        del keys[secret]
     return keys
+
+
+def _named_as_a_key(path: str, secret: str) -> str:
+    """Why a key whose name is a virtual or a real key of the file is refused: a name is in
+    every log line of its key (SPEC: no full key in a log line). The name is not shown."""
+    return (
+        f"{path}: key '{masked(secret)}': name is a key of the file (a virtual or a real one), "
+        "and a name is written in every log line: give the key a name that is not a key"
+    )
 
 
 def _providers(

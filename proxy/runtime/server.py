@@ -218,10 +218,23 @@ async def listen(
         listener = await loop.create_server(
             connection, hosts(host), port, reuse_port=reuse_port or None, backlog=1024
         )
+    if None in listener.sockets:
+        # uvloop binds each address with SO_REUSEADDR, so two that overlap (0.0.0.0 and
+        # 127.0.0.1) both bind; the second listen then fails without raising, its socket None.
+        listener.close()
+        await listener.wait_closed()
+        raise CannotListen(
+            f"cannot listen on {host}:{port}: its addresses overlap {_OVERLAP}: list each "
+            "address once"
+        )
     for sock in listener.sockets:
         # Twice the relay's own bound, which cuts first and says why (relay.silence).
         drop_unread(sock, settings.stream_idle_timeout * 2)
     return listener
+
+
+# Why two addresses of SERVER_HOST cannot both be listened on, on one port.
+_OVERLAP = "(0.0.0.0 takes every IPv4 address, :: every IPv6 one)"
 
 
 def hosts(host: str) -> str | list[str]:
@@ -229,7 +242,8 @@ def hosts(host: str) -> str | list[str]:
     (`0.0.0.0,::`: IPv4 and IPv6; `::` alone is IPv6 only, as asyncio sets IPV6_V6ONLY)."""
     if "," not in host:
         return host
-    return [part.strip() for part in host.split(",") if part.strip()]
+    # Once each: asyncio listens once on an address written twice, uvloop tried it twice.
+    return list(dict.fromkeys(part.strip() for part in host.split(",") if part.strip()))
 
 
 def check_port_free(settings: Settings) -> None:
@@ -264,6 +278,12 @@ def _refusals(host: str, port: int) -> Iterator[None]:
         ) from None
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
+            listed = hosts(host)
+            if isinstance(listed, list) and len(listed) > 1 and port:  # may take each other's
+                raise CannotListen(
+                    f"port {port} on {host} is already in use, or its addresses overlap "
+                    f"{_OVERLAP}: list each address once, or stop what holds the port"
+                ) from None
             raise CannotListen(
                 f"port {port} on {host} is already in use: "
                 "stop what holds it, or choose another with SERVER_PORT or --server-port"
@@ -605,10 +625,14 @@ def _refusal() -> bytes:
         "The gateway has as many open connections as MAX_CONNECTIONS allows; retry shortly",
     )
     payload = body(error, "/v1")
+    # A fresh id, as every answer has one (SPEC: errors); the request's own headers go unread.
+    request_id = own_request_id(None).encode()
     return (
         b"HTTP/1.1 503 Service Unavailable\r\n"
         b"Content-Type: application/json\r\n"
         b"Retry-After: 1\r\n"
+        b"x-request-id: " + request_id + b"\r\n"
+        b"request-id: " + request_id + b"\r\n"
         b"Connection: close\r\n"
         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
     )

@@ -159,6 +159,36 @@ def test_an_unresolvable_server_host_is_one_line_and_exit_2(process_keys: Path) 
     assert refusal.startswith("llm-gateway: SERVER_HOST 'no-such-host.invalid' cannot")
 
 
+def test_server_host_addresses_that_overlap_are_one_line_and_exit_2(process_keys: Path) -> None:
+    # 0.0.0.0 takes 127.0.0.1 too: with uvloop (what requirements.txt installs) the second
+    # listen failed without a word, and the start ended in a traceback (a None socket), exit 1.
+    port = free_port()
+    result = refused(
+        {
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "0.0.0.0,127.0.0.1",
+            "SERVER_PORT": str(port),
+        }
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    refusal = result.stderr.strip().splitlines()[-1]
+    assert refusal.startswith(f"llm-gateway: cannot listen on 0.0.0.0,127.0.0.1:{port}: ")
+    assert "overlap" in refusal
+
+
+async def test_an_address_written_twice_in_server_host_is_listened_on_once(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # "127.0.0.1,127.0.0.1" ended in the same traceback with uvloop; asyncio listens once.
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", SERVER_HOST="127.0.0.1, 127.0.0.1"
+    )
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/health") as response:
+        assert response.status == 200
+    assert len(listening_sockets(int(url.rsplit(":", 1)[1]))) == 1
+
+
 @pytest.mark.parametrize(
     ("flags", "says"),
     [

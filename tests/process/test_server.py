@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import time
@@ -88,6 +89,10 @@ async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serve
             assert response.status == 503
             assert response.headers["Retry-After"] == "1"
             assert (await response.json())["error"]["code"] == "too_many_connections"
+            # SPEC: every response carries x-request-id; this 503 was the one without
+            # (the /health answered past the cap had one), so nothing tied it to a log search.
+            assert re.fullmatch("[0-9a-f]{32}", response.headers.get("x-request-id", ""))
+            assert response.headers["request-id"] == response.headers["x-request-id"]
     for _, writer in holders:
         writer.close()
     deadline = time.monotonic() + 10

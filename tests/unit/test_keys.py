@@ -967,3 +967,21 @@ def test_a_key_or_team_name_with_a_space_at_an_end_is_refused(tmp_path: Path, na
     teams = {"teams": {name: {}}, "virtual_keys": {"vk_a_123456789": {**key, "name": "a"}}}
     with pytest.raises(KeysFileError, match="a team name has a space at an end"):
         load(tmp_path, teams)
+
+
+@pytest.mark.parametrize("named", ["own virtual key", "another virtual key", "a real key"])
+def test_a_name_that_is_a_key_is_refused_without_showing_it(tmp_path: Path, named: str) -> None:
+    # A key named with its virtual key (as if the name were the key's id) was taken, and every
+    # log line of it carried the full key in its "key" field; so did a name that is a real key.
+    own, other, real = "vk_alice_0123456789abcdef", "vk_bob_0123456789abcdef", "sk-a" * 6
+    name = {"own virtual key": own, "another virtual key": other, "a real key": real}[named]
+    keys = {
+        own: {"provider": "openai", "api_key": real, "name": name},
+        other: {"provider": "openai", "api_key": "sk-b" * 6, "name": "bob"},
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, {"virtual_keys": keys})
+    message = str(refused.value)
+    assert f"key '{masked(own)}': name is a key of the file" in message, message
+    assert own not in message and other not in message and real not in message
+    assert "\n" not in message

@@ -16,6 +16,7 @@ from aiohttp.http_exceptions import (
 
 from proxy.runtime.server import CannotListen, check_port_free, refused
 from proxy.settings import Settings
+from tests.support.processes import free_port
 
 
 def test_a_head_too_large_is_431_and_names_the_limits_not_the_line() -> None:
@@ -81,3 +82,13 @@ def test_an_address_the_kernel_refuses_to_bind_is_one_line_not_a_traceback(host:
     assert str(refused.value).startswith(f"cannot listen on {host}:0: ") or "SERVER_HOST" in str(
         refused.value
     )
+
+
+def test_server_host_addresses_that_overlap_are_said_to_overlap_not_to_be_in_use() -> None:
+    # With several workers the port is tried first (asyncio's loop): 0.0.0.0 and 127.0.0.1 on
+    # one free port were refused as "already in use: stop what holds it", which nothing did.
+    port = free_port()
+    settings = Settings.from_env({"SERVER_HOST": "0.0.0.0,127.0.0.1", "SERVER_PORT": str(port)})
+    with pytest.raises(CannotListen) as refused:
+        check_port_free(settings)
+    assert "overlap" in str(refused.value)

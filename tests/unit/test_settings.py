@@ -300,6 +300,20 @@ def test_a_default_budget_past_a_trillion_dollars_is_refused() -> None:
     )
 
 
+def test_a_worker_count_past_what_any_machine_runs_is_refused() -> None:
+    # WORKERS=1000000000000 (QUOTA_ENABLED=false) was taken: the gateway printed "starting:
+    # ... 1000000000000 workers" and then zeroed a shared array of 8 bytes per worker, its
+    # memory growing by the gigabyte until the kernel killed it, instead of a start error.
+    assert Settings.from_env({"WORKERS": "1024", "QUOTA_ENABLED": "false"}).workers == 1024
+    for count in ("1025", "1000000000000"):
+        with pytest.raises(SettingError) as refused:
+            Settings.from_env({"WORKERS": count, "QUOTA_ENABLED": "false"})
+        assert str(refused.value) == (
+            "WORKERS: must be a number of processes from 0 to 1024 (0: one per core), "
+            f"got '{count}'"
+        )
+
+
 @pytest.mark.parametrize("host", [",", " , ,"])
 def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
     # SERVER_HOST="," was taken: the gateway said 'listening on http://,:8080' and listened
