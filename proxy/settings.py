@@ -20,6 +20,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar, overload
 
 T = TypeVar("T")
@@ -443,8 +444,8 @@ class Settings:
     workers: int = setting(
         "1",
         _workers,
-        "gateway processes sharing the port, at most 1024 (0: one per core; over 1 needs "
-        "REDIS_URL)",
+        "gateway processes sharing the port, at most 1024 (0: one per usable core, a "
+        "container's CPU limit counted; over 1 needs REDIS_URL)",
     )
     keys_file_watch: bool = setting(
         "false",
@@ -570,7 +571,42 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or usable_cores()
+
+
+# Where a Linux process reads its cgroup's CPU limit (a container's `--cpus`, Kubernetes'
+# `resources.limits.cpu`): cgroup v2's cpu.max, else v1's cpu.cfs_quota_us.
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process can use, for WORKERS=0: the CPUs its affinity allows, fewer
+    when its cgroup's CPU quota allows less (rounded up). os.cpu_count() counts the host's:
+    a container limited to 2 CPUs on a 64-core node ran 64 workers, each with its share of
+    memory and Redis connections, fighting over 2 cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no affinity, no cgroups
+        return os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the cgroup may use per period; None: no limit (or none read)."""
+    try:
+        limit, per = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(per)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 # Every setting, in the order of the fields, each named after its field.

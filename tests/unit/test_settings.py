@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from proxy.runtime.check import check, otel_timeouts_in_milliseconds, short_secrets
-from proxy.settings import SETTINGS, SettingError, Settings, parser
+from proxy.settings import SETTINGS, SettingError, Settings, parser, usable_cores
 
 
 def test_defaults_are_the_specs() -> None:
@@ -383,3 +384,32 @@ def test_a_redis_url_without_a_password_or_a_secret_in_the_environment_draws_no_
     )
     found = check(["--redis-url", "redis://redis:6379/0"], {"ADMIN_TOKEN": "a" * 32}, str(keys))
     assert not [line for line in found.warnings if "command line" in line]
+
+
+@pytest.mark.parametrize(
+    ("files", "quota_cores"),
+    [
+        ({"cpu.max": "100000 100000\n"}, 1),  # cgroup v2: `docker run --cpus 1`
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a core still runs one worker
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (macOS, a host without them)
+    ],
+)
+def test_workers_0_counts_the_cores_a_containers_cpu_limit_leaves(
+    tmp_path: Path, files: dict[str, str], quota_cores: int | None
+) -> None:
+    # WORKERS=0 ran os.cpu_count() workers: a container limited to 2 CPUs on a 64-core
+    # node started 64, each with its memory and Redis connections, sharing 2 cores.
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    allowed = len(os.sched_getaffinity(0))
+    expected = allowed if quota_cores is None else min(allowed, quota_cores)
+    assert usable_cores(tmp_path) == expected
+
+
+def test_workers_0_is_never_more_than_the_cpus_the_process_may_run_on(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("6400000 100000\n")  # a quota of 64 CPUs
+    assert usable_cores(tmp_path) == len(os.sched_getaffinity(0))
