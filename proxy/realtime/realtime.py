@@ -29,6 +29,13 @@ The Responses API's WebSocket mode (`/v1/responses`) is relayed the same way, bu
 per turn: each `response.create` when the client sends it (`turns`), the session's opening
 only refused for a key known to be over its quota right now.
 
+On shutdown (`shut`, SIGTERM) a session with no turn in flight is closed with 1001 at once;
+one with a turn in flight (a Responses turn sent and not ended, a Realtime response begun and
+not done) is let finish it first, within SHUTDOWN_GRACE_SECONDS, and is then closed with
+1001; a turn the client starts meanwhile is refused with an error event (`turns`,
+`responding`). When the grace runs out, the drain ends what is still open (`end_all`), charged
+what it generated. A Live session's turns are not followed: it is closed at once.
+
 What it does not do: pass the provider's body when it refuses the upgrade (aiohttp drops
 it; the client gets the provider's status with the gateway's own error body), compress
 (permessage-deflate is offered to neither side), or cut a session that passes its token
@@ -53,9 +60,10 @@ from proxy.keys.credentials import presented
 from proxy.keys.keys import VirtualKey
 from proxy.quota import ratelimit
 from proxy.quota.tracker import Admission
+from proxy.realtime.responding import Responding
 from proxy.realtime.turns import Turns
 from proxy.realtime.updates import Updates
-from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gate, Session
+from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gate, InFlight, Session
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
@@ -114,6 +122,7 @@ class Realtime:
         self._http: aiohttp.ClientSession | None = None  # set while the app runs (use)
         self._egress: Egress | None = None
         self.sessions: set[Session] = set()
+        self.is_draining = False  # the gateway shuts down: sessions end after their turn
 
     def use(self, session: aiohttp.ClientSession | None, egress: Egress | None = None) -> None:
         """Connect upstream through `session` (the app's one, while it runs), and through
@@ -299,10 +308,18 @@ class Realtime:
             client.headers.update(ratelimit.ratelimit_headers(admission))
         await client.prepare(request)
         # Each response charged as it comes; a Responses session's settles its own turn.
-        if turns is None:
-            usage = socket_usage(exchange.tail, exchange.charge, on_transcribed=exchange.charge)
-        else:
+        in_flight: InFlight | None = turns
+        if turns is not None:
             usage = socket_usage(exchange.tail, turns.completed, turns.begun, turns.refused)
+        else:  # Realtime's responses begun and not done are in flight (a Live reader tells none)
+            responding = in_flight = Responding()
+            usage = socket_usage(
+                exchange.tail,
+                exchange.charge,
+                on_begun=responding.begun,
+                on_transcribed=exchange.charge,
+                on_done=responding.done,
+            )
         session = Session(
             client,
             upstream,
@@ -312,9 +329,12 @@ class Realtime:
             abort_client=lambda: _abort(request),
             gate=gate,
             secrets=secrets,
+            turns=in_flight,
         )
         self.sessions.add(session)
         try:
+            if self.is_draining:  # it opened as the gateway began to shut down: no turn yet
+                await session.drain()
             await session.run()
         finally:
             self.sessions.discard(session)
@@ -325,8 +345,18 @@ class Realtime:
         return client
 
     async def shut(self, app: web.Application) -> None:
-        """On shutdown: close every open session with 1001, both ends."""
+        """On shutdown: each open session ends with 1001, both ends, now, or once its turn in
+        flight is over (`Session.drain`)."""
+        self.is_draining = True
+        await asyncio.gather(*(session.drain() for session in list(self.sessions)))
+
+    async def end_all(self) -> None:
+        """The shutdown grace is over: the sessions still open end with 1001, both ends."""
         await asyncio.gather(*(session.end("shutdown") for session in list(self.sessions)))
+
+    def idle(self) -> int:
+        """How many open sessions have no turn in flight: the shutdown closes them at once."""
+        return sum(1 for session in self.sessions if not session.is_turning())
 
 
 def is_responses(tail: str) -> bool:

@@ -14,6 +14,14 @@ longer holds, a turn sent while another runs): the first turn sent that no
 `response.created` has begun is settled then, with nothing used, so its reservation does
 not hold the key's window until the session ends, nor take the next turn's usage.
 
+While the gateway shuts down, a turn is in flight from its `response.create` to its last
+event (`is_turning`: the session's drain lets it end), and a new `response.create` is not
+admitted: it gets the error event OpenAI sends on a connection that takes no more turns
+(`websocket_connection_limit_reached`): Codex retries the turn on a new connection (to a
+gateway that is not shutting down), agents that retry only on that code (pi) too, and the
+`openai` SDK hands the error to the code that sent the turn, which a bare close would have
+left waiting for the answer to a turn that never ran.
+
 Continuations (`previous_response_id`) stay on the session's one upstream connection, so on
 the real key the session opened with, where the provider keeps the previous response.
 """
@@ -106,6 +114,30 @@ class Turns:
 
         # 401, 403, 429, 503
         return await self._exchange.admit_turn(_peek(event, model), self._serving, check)
+
+    def is_turning(self) -> bool:
+        """A turn is in flight: admitted and sent, its last event not yet come."""
+        return bool(self._open)
+
+    def refusal(self, frame: bytes) -> bytes | None:
+        """While the gateway drains: the error event a `response.create` gets in place of its
+        admission; None for any other frame (one the gate refuses as unreadable too)."""
+        if frame.find(_CREATE) < 0 and frame.find(_ESCAPE) < 0:
+            return None
+        try:
+            event = _event(frame)
+        except GatewayError:
+            return None  # the gate's 400
+        if event is None or event.get("type") != "response.create":
+            return None
+        return refusal(
+            GatewayError(
+                503,
+                "websocket_connection_limit_reached",
+                "The gateway is shutting down: this connection takes no new response. "
+                "Create a new websocket connection to continue.",
+            )
+        )
 
     def begun(self) -> None:
         """A response began (response.created): the first turn not yet begun runs."""

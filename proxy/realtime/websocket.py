@@ -8,7 +8,12 @@ with the code the other side answered. A side lost without a close frame makes t
 close the other: 1001 when the client went away, 1014 (bad gateway) when the provider did.
 The gateway closes both sides with 1001 and a reason when the session is idle too long (a
 client frame waiting for its gate, a turn in line for a slot, is no idle time), lasts too
-long, or the gateway shuts down (`end`).
+long, or the gateway shuts down (`end`). On shutdown a session with a turn in flight
+(`InFlight`: a Responses turn sent and not ended, a Realtime response begun and not done) is
+let finish it first (`drain`), as an HTTP stream is: a Codex turn cut by a gateway's rollout
+is paid for and lost. Meanwhile a turn the client starts is refused (its error event) and
+never goes upstream; once none is in flight, the session ends; when the grace is over, the
+drain ends it all the same (`end`).
 
 Every close is bounded (CLOSE_SECONDS): a side that cannot take its close frame (a client
 that reads nothing, whose socket buffer is full) has its connection dropped instead, so
@@ -105,6 +110,19 @@ Gated = bytes | Forward | None
 Gate = Callable[[bytes], Gated | Awaitable[Gated]]
 
 
+class InFlight(Protocol):
+    """A session's turns, as its drain sees them (`turns.Turns`, `responding.Responding`)."""
+
+    def is_turning(self) -> bool:
+        """A turn is in flight: sent upstream, and its last event not yet come."""
+        ...
+
+    def refusal(self, frame: bytes) -> bytes | None:
+        """For a client's frame that starts a turn, the error event it gets in its place while
+        the gateway drains; None for any other."""
+        ...
+
+
 class _Dropped:
     """The verdict on a frame whose client closed or was lost while its gate waited."""
 
@@ -128,6 +146,7 @@ class Session:
         abort_client: Callable[[], None] = lambda: None,
         gate: Gate | None = None,
         secrets: tuple[bytes, ...] = (),
+        turns: InFlight | None = None,
     ) -> None:
         self._ends: dict[str, _End] = {CLIENT: client, PROVIDER: provider}
         # Dropping a connection whose close cannot complete: the client's transport (given,
@@ -148,6 +167,9 @@ class Session:
         # A client's frame waiting for its gate (a turn in line for a slot): the client waits
         # on the gateway, so the session is not idle meanwhile.
         self._is_gating = False
+        # What is in flight, for the drain (None: nothing known; the session ends at once).
+        self._turns = turns
+        self._is_draining = False  # the gateway shuts down: the session ends after its turn
         self.frames = {CLIENT: 0, PROVIDER: 0}  # frames sent by each side, close excluded
         # client | provider (it closed) | client_lost | provider_lost | client_error |
         # provider_error (a frame aiohttp refused) | idle | max_duration | shutdown; None: open.
@@ -198,6 +220,17 @@ class Session:
             *(self._close(side, WSCloseCode.GOING_AWAY, reason) for side in self._ends)
         )
 
+    async def drain(self) -> None:
+        """The gateway shuts down: end the session now, or once its turn in flight is over
+        (`_pump`); a turn the client starts meanwhile is refused."""
+        self._is_draining = True
+        if not self.is_turning():
+            await self.end("shutdown")
+
+    def is_turning(self) -> bool:
+        """A turn is in flight (see `InFlight`)."""
+        return self._turns is not None and self._turns.is_turning()
+
     async def _pump(self, source_side: str, target_side: str) -> None:
         """Frames from one side to the other, in order, one write at a time."""
         source, target = self._ends[source_side], self._ends[target_side]
@@ -213,7 +246,11 @@ class Session:
                     message, held = await held, None
                 kind = message.type
                 try:
-                    if kind in _DATA and not is_down and self._gate is not None:
+                    is_drained = self._is_draining and not is_down
+                    refused = self._refused(kind, message.data) if is_drained else None
+                    if refused is not None:  # a new turn while draining: never sent upstream
+                        await source.send_frame(refused, WSMsgType.TEXT)
+                    elif kind in _DATA and not is_down and self._gate is not None:
                         answer = self._gate(message.data)
                         verdict: Gated | _Dropped
                         if answer is None or isinstance(answer, (bytes, Forward)):
@@ -253,9 +290,17 @@ class Session:
                     return await self._lost(target_side, source_side)
                 self.frames[source_side] += 1
                 self._last_frame = self._loop.time()
+                if self._is_draining and not self.is_turning():  # its turn ended (or was refused)
+                    return await self.end("shutdown")
         finally:
             if held is not None:  # the session ended while a message was being read
                 held.cancel()
+
+    def _refused(self, kind: WSMsgType, data: bytes) -> bytes | None:
+        """While draining: the error event in place of a client's frame that starts a turn."""
+        if kind not in _DATA or self._turns is None:
+            return None
+        return self._turns.refusal(data)
 
     async def _awaited(
         self, source: _End, pending: Awaitable[Gated]

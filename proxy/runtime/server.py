@@ -65,7 +65,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from proxy.app import HEALTH, MAX_HEADER_BYTES, MAX_HEADERS, METRICS
+from proxy.app import HEALTH, MAX_HEADER_BYTES, MAX_HEADERS, METRICS, REALTIME
 from proxy.errors import GatewayError, body, render
 from proxy.exchange import reset_on_close
 from proxy.observe.logfile import is_stdout
@@ -172,11 +172,7 @@ async def _serve(
         on_listening()
         await stop.wait()
         listener.close()  # no new connections
-        in_flight = app[METRICS].requests_in_flight
-        say(
-            f"draining: {in_flight} request{'' if in_flight == 1 else 's'} in flight, "
-            f"up to {settings.shutdown_grace_seconds:g} s"
-        )
+        say(draining(app, settings.shutdown_grace_seconds))
     finally:
         cut, is_clean = await drain(runner, settings.shutdown_grace_seconds, app)
     ending = (
@@ -187,6 +183,19 @@ async def _serve(
     if not is_clean:
         ending += f"; the cleanup was left unfinished after {CLEANUP_MARGIN_SECONDS:g} s more"
     say("stopped: " + ending)
+
+
+def draining(app: web.Application, grace: float) -> str:
+    """The drain's first line: what it waits for (the WebSocket sessions with no turn in
+    flight are closed at once: not waited for, said apart)."""
+    idle = app[REALTIME].idle()
+    in_flight = app[METRICS].requests_in_flight - idle
+    line = (
+        f"draining: {in_flight} request{'' if in_flight == 1 else 's'} in flight, up to {grace:g} s"
+    )
+    if idle:
+        line += f"; {idle} idle WebSocket session{'' if idle == 1 else 's'} closed"
+    return line
 
 
 async def listen(
@@ -325,18 +334,31 @@ async def drain(runner: web.AppRunner, grace: float, app: web.Application) -> tu
     Returns the number of requests cut when the grace passed, and whether the cleanup
     (the cut requests' handlers, the log's flush, the trace export) ended within the
     margin after it; if not, it is abandoned: the process exits all the same.
+
+    When the grace passes, the WebSocket sessions still open (a turn still running) are
+    closed with 1001 first, within the first half of the margin (their close frames out,
+    their peers' answers awaited); what is left then is cut, they too.
     """
     cleanup = asyncio.ensure_future(runner.cleanup())
     done, _ = await asyncio.wait({cleanup}, timeout=grace)
     cut = 0
+    margin = CLEANUP_MARGIN_SECONDS
+    ending: asyncio.Future[None] | None = None
     if not done and runner.server is not None:
         cut = app[METRICS].requests_in_flight
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        ending = asyncio.ensure_future(app[REALTIME].end_all())
+        await asyncio.wait({ending}, timeout=margin / 2)
+        margin -= loop.time() - began
         for connection in runner.server.connections:
             if isinstance(connection, _RequestHandler):
                 connection.cut()  # cancels its handler, which logs the request as cut
             else:
                 connection.force_close()
-    done, _ = await asyncio.wait({cleanup}, timeout=CLEANUP_MARGIN_SECONDS)
+    done, _ = await asyncio.wait({cleanup}, timeout=margin)
+    if ending is not None and not ending.done():  # a peer that never answered its close
+        ending.cancel()
     if not done:
         cleanup.cancel()
         return cut, False
@@ -385,13 +407,15 @@ class _RequestHandler(RequestHandler):
         return response
 
     def data_received(self, data: bytes) -> None:
-        """aiohttp's, except that a body on its way is still read while the drain runs, and
-        a body its C parser refuses mid-way ends its request.
+        """aiohttp's, except that a body on its way and a WebSocket's frames are still read
+        while the drain runs, and a body its C parser refuses mid-way ends its request.
 
         aiohttp stops reading a connection once its shutdown begins (or it is closing): the
         rest of a body still arriving was dropped, and its request waited, unanswered, to be
         cut at the end of the grace. Its bytes now reach the body's reader; what follows it
-        (a next request) is not taken, as before.
+        (a next request) is not taken, as before. A WebSocket session let finish its turn
+        (`realtime`) keeps getting its client's frames (the audio it streams, a pong, the
+        answer to its close), which were dropped too.
 
         aiohttp's C parser, refusing a body (a broken chunk), queues the refusal as the next
         request and never tells the body's reader, which then waits for the rest forever:
@@ -400,8 +424,13 @@ class _RequestHandler(RequestHandler):
         hands it over, so the relay answers 400 `invalid_body`; the connection then closes
         (nothing after the broken chunk can be framed) once the request being answered
         has its answer (a pipelined one queued behind it, whose body broke, gets none)."""
-        if self._close or self._force_close:
-            self._read_body_on_its_way(data)
+        if self._close or self._force_close:  # set by the shutdown, on every connection
+            if self._payload_parser is not None:  # a WebSocket's: its frames, as aiohttp reads them
+                if self._data_received_cb is not None:
+                    self._data_received_cb()
+                self._payload_parser.feed_data(data)
+            else:
+                self._read_body_on_its_way(data)
             return
         super().data_received(data)
         messages = self._messages

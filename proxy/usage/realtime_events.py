@@ -22,6 +22,10 @@ transcription apart, at the transcription model's price: its
 or whisper-1's `duration` in seconds), handed on with that model, read from the provider's
 `session.created`/`session.updated` events (and the beta's `transcription_session.*`).
 
+Its reader also tells when a response begins (`response.created`) and is done
+(`response.done`), for the shutdown's drain, which lets a response in progress end
+(`realtime.responding`).
+
 `socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
 Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`); one on
 `/v1/live/sessions` (or a session's `/fork`) the Live API's, whose delegated Responses come
@@ -97,13 +101,26 @@ _LIVE_SESSIONS, _LIVE_RESPONSE = "/live/sessions", "response.event"
 class SessionUsage:
     """The usage of a session's responses and transcriptions: each handed on at once, all summed."""
 
-    __slots__ = ("_chars", "_on_response", "_on_transcribed", "_total", "_transcriber")
+    __slots__ = (
+        "_chars",
+        "_on_begun",
+        "_on_done",
+        "_on_response",
+        "_on_transcribed",
+        "_total",
+        "_transcriber",
+    )
 
     def __init__(
-        self, on_response: Callable[[Usage], None], on_transcribed: OnTranscribed | None = None
+        self,
+        on_response: Callable[[Usage], None],
+        on_transcribed: OnTranscribed | None = None,
+        on_begun: Callable[[], None] = lambda: None,
+        on_done: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_response = on_response
         self._on_transcribed = on_transcribed
+        self._on_begun, self._on_done = on_begun, on_done  # response.created, response.done
         self._total: Usage | None = None
         self._chars = 0  # generated since the last response.done: an estimate if none comes
         self._transcriber: str | None = None  # the session's transcription model
@@ -123,6 +140,10 @@ class SessionUsage:
             self._read_transcribed(frame)
         elif frame.find(b'session.updated"') >= 0 or frame.find(b'session.created"') >= 0:
             self._read_session(frame)
+        elif frame.find(b"response.created") >= 0:  # a small frame: the deltas went above
+            event = _event(frame)
+            if event is not None and event.get("type") == "response.created":
+                self._on_begun()
 
     def finish(self) -> None:
         """At the session's end: a response cut before its `response.done` is estimated."""
@@ -133,6 +154,7 @@ class SessionUsage:
         event = _event(frame)
         if event is None or event.get("type") != "response.done":
             return
+        self._on_done()
         response = event.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
         if isinstance(usage, dict):
@@ -261,14 +283,15 @@ def socket_usage(
     on_begun: Callable[[], None] = lambda: None,
     on_error: Callable[[], None] = lambda: None,
     on_transcribed: OnTranscribed | None = None,
+    on_done: Callable[[], None] = lambda: None,
 ) -> SocketUsage:
     """The reader of a session's usage by the API its path names: the Responses API's
     WebSocket mode (`/v1/responses`) speaks Responses events (and tells `on_begun` and
     `on_error`: `responses.SocketUsage`); any other path, Realtime's (its transcriptions
-    told to `on_transcribed` with their model)."""
+    told to `on_transcribed` with their model, each response's `on_begun` and `on_done`)."""
     if is_responses_socket(path):
         return responses.SocketUsage(on_response, on_begun, on_error)
     path = "/" + path.strip("/")  # a route's tail, or a whole path
     if _LIVE_SESSIONS in path and (path.endswith(_LIVE_SESSIONS) or path.endswith("/fork")):
         return LiveUsage(on_response)
-    return SessionUsage(on_response, on_transcribed)
+    return SessionUsage(on_response, on_transcribed, on_begun, on_done)

@@ -1,5 +1,6 @@
 """Realtime through a gateway process: a session relayed over a real socket, and SIGTERM closing
-it with 1001 instead of holding the drain for the whole grace period."""
+it with 1001 instead of holding the drain for the whole grace period, unless a turn is in
+flight: that one is let finish first, within the grace."""
 
 from __future__ import annotations
 
@@ -42,6 +43,81 @@ async def test_a_gateway_process_relays_a_session_and_closes_it_with_1001_on_sig
         await ws.close()
     assert await asyncio.to_thread(process.wait, 30) == 0
     assert time.monotonic() - started < 10  # the open session did not hold the drain for its grace
+
+
+HELD = {"type": "response.create", "model": "gpt-4o-mini", "input": "hi", "fake_hold": True}
+
+
+async def open_responses(
+    session: aiohttp.ClientSession, url: str
+) -> aiohttp.ClientWebSocketResponse:
+    """A Responses WebSocket session (Codex's transport), its session.created read."""
+    ws = await session.ws_connect(f"{url}/v1/responses", headers=auth(OPENAI_VK), autoping=False)
+    assert json.loads((await next_data(ws)).data)["type"] == "session.created"
+    return ws
+
+
+async def held_turn(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Start a turn the fake provider holds mid-way (until fake.resume)."""
+    await ws.send_str(json.dumps(HELD))
+    for expected in ("response.created", "response.output_text.delta"):
+        assert json.loads((await next_data(ws)).data)["type"] == expected
+
+
+async def test_sigterm_lets_a_turn_in_flight_finish_then_closes_1001_and_an_idle_session_at_once(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    """A Codex turn streaming when Kubernetes rolls the gateway reaches its client whole (it
+    was paid for), then 1001; a session between turns is closed at once."""
+    log = tmp_path / "interactions.jsonl"
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS="20")
+    async with aiohttp.ClientSession() as session:
+        busy = await open_responses(session, url)
+        idle = await open_responses(session, url)
+        await held_turn(busy)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        close = await next_data(idle)  # at once, while the busy one's turn is held
+        assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+        await busy.send_str(json.dumps({"type": "fake.resume"}))  # read while draining
+        rest = [json.loads((await next_data(busy)).data)["type"] for _ in range(2)]
+        assert rest == ["response.output_text.delta", "response.completed"]
+        close = await next_data(busy)
+        assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+        assert "shutdown" in close.extra
+    out, _ = await asyncio.to_thread(process.communicate, None, 30)
+    assert process.returncode == 0
+    assert time.monotonic() - started < 10  # the turn's end ended the drain, not the grace
+    assert "draining: 1 request in flight, up to 20 s; 1 idle WebSocket session closed\n" in out
+    assert out.endswith("llm-gateway stopped: every request finished\n")
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    [line] = [line for line in lines if line["usage"] is not None]
+    assert line["websocket"]["ended_by"] == "shutdown" and line["status"] == 101
+    assert line["usage"]["estimated"] is False and line["usage"]["completion_tokens"] > 0
+
+
+async def test_a_turn_still_running_when_the_grace_runs_out_is_closed_1001_and_logged(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "interactions.jsonl"
+    grace = 2.0
+    process, url = start_gateway(processes, process_keys, log, SHUTDOWN_GRACE_SECONDS=f"{grace:g}")
+    async with aiohttp.ClientSession() as session:
+        busy = await open_responses(session, url)
+        await held_turn(busy)  # never resumed
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        close = await asyncio.wait_for(busy.receive(), grace + 5)
+        assert (close.type, close.data) == (WSMsgType.CLOSE, 1001)
+        assert time.monotonic() - started > grace - 0.5  # the turn had its grace
+    out, _ = await asyncio.to_thread(process.communicate, None, 30)
+    assert process.returncode == 0
+    assert time.monotonic() - started < grace + 2.0
+    assert out.endswith("llm-gateway stopped: 1 request cut at the end of the grace period\n")
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["websocket"]["ended_by"] == "shutdown", line
+    assert line["websocket"]["close_code"] == 1001
+    assert line["usage"]["estimated"] is True and line["usage"]["completion_tokens"] > 0
 
 
 async def deaf_session(

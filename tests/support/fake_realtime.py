@@ -6,7 +6,9 @@ echoes text and binary frames unchanged, and obeys JSON commands (in a text fram
 one, as lenient JSON readers take either):
 
     {"type": "response.create"}                      response.created, then response.done
-                                                     with usage (11 input + 7 output tokens)
+                                                     with usage (11 input + 7 output tokens);
+                                                     with "fake_hold": true, response.created
+                                                     only, the rest held until fake.resume
     {"type": "session.update", "session": S}         session.updated with S merged into the
                                                      session (transcription_session.update,
                                                      the beta's, alike)
@@ -19,6 +21,7 @@ one, as lenient JSON readers take either):
                                                      .completed with its usage: whisper-1's
                                                      TRANSCRIBED_SECONDS, else tokens
                                                      (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out)
+    {"type": "fake.resume"}                          send the rest of a held response
     {"type": "fake.close", "code": C, "reason": R}   close with code C and reason R
     {"type": "fake.ping", "data": D}                 send a ping with payload D
     {"type": "fake.drop"}                            drop the connection, no close frame
@@ -41,7 +44,8 @@ Responses delegation runs), then `session.usage.updated` with LIVE_SECONDS of au
 At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
 response.created, two response.output_text.delta events and response.completed with usage
 (11 input, 2 of them cached, + 7 output tokens), or usage null when the command has
-"fake_no_usage": true; with "fake_refuse": true, only an `error` event (status 400,
+"fake_no_usage": true; with "fake_hold": true, response.created and the first delta, the rest
+held until fake.resume (a turn in flight, for as long as a test needs); with "fake_refuse": true, only an `error` event (status 400,
 previous_response_not_found), as the provider refuses a turn it will not run. Its
 handshake answers with HANDSHAKE_HEADERS (Codex reads `x-codex-turn-state` and the like from
 it), its own `x-request-id` and `x-ratelimit-*` among them.
@@ -138,8 +142,16 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
         else:
             await ws.send_bytes(data)  # type: ignore[arg-type]
 
+    async def answer(events: list[dict], command: dict, held_from: int) -> None:
+        """Send `events`; with "fake_hold", only those before `held_from` (the rest held)."""
+        if command.get("fake_hold"):
+            events, held[:] = events[:held_from], events[held_from:]
+        for event in events:
+            await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+
     await send(WSMsgType.TEXT, orjson.dumps({"type": "session.created"}).decode())
     session: dict = {}  # what session.update set
+    held: list[dict] = []  # a held response's events, sent on fake.resume
     while True:
         message = await ws.receive()
         if message.type is WSMsgType.CLOSE:
@@ -158,8 +170,7 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             command = _command(message.data)
             kind = command.get("type")
             if kind == "response.create" and request.path.endswith("/responses"):
-                for event in responses_events(command):
-                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+                await answer(responses_events(command), command, held_from=2)
             elif kind == "response.create" and "/live/" in request.path:
                 for event in live_events(command):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
@@ -186,11 +197,11 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                         "audio_tokens": OUTPUT_AUDIO_TOKENS,
                     },
                 }
-                for event in (
+                events = [
                     {"type": "response.created", "response": {"status": "in_progress"}},
                     {"type": "response.done", "response": {"status": "completed", "usage": usage}},
-                ):
-                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+                ]
+                await answer(events, command, held_from=1)
             elif kind in ("session.update", "transcription_session.update"):
                 session |= command.get("session") or {}
                 updated = {"type": kind.replace("update", "updated"), "session": session}
@@ -199,6 +210,10 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
                 pass
             elif kind == "input_audio_buffer.commit":
                 for event in committed(session):
+                    await send(WSMsgType.TEXT, orjson.dumps(event).decode())
+            elif kind == "fake.resume":
+                events, held[:] = held[:], []
+                for event in events:
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "fake.close":
                 await ws.close(code=command["code"], message=command["reason"].encode())
