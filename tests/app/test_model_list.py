@@ -288,6 +288,16 @@ async def gemini(
 ) -> TestClient:
     """A gateway whose GEMINI_VK goes to Gemini's native API (a declared provider, as
     docs/passing-through.md says), restricted to gemini-2.5-*."""
+    return await gemini_gateway(tmp_path, fake_base, make_gateway, ["gemini-2.5-*"])
+
+
+async def gemini_gateway(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    allowed_models: list[str] | None,
+) -> TestClient:
+    """A gateway whose GEMINI_VK goes to Gemini's native API, with `allowed_models` if any."""
     document = keys_document(fake_base)
     document["providers"]["google-ai"] = {
         "base_url": f"{fake_base}/v1beta",
@@ -296,8 +306,9 @@ async def gemini(
     document["virtual_keys"][GEMINI_VK] = {
         "provider": "google-ai",
         "api_key": "real-google-key-2222222222",
-        "allowed_models": ["gemini-2.5-*"],
     }
+    if allowed_models is not None:
+        document["virtual_keys"][GEMINI_VK]["allowed_models"] = allowed_models
     path = tmp_path / "gemini-keys.json"
     path.write_text(json.dumps(document))
     return await make_gateway(KEYS_FILE_PATH=str(path))
@@ -373,18 +384,7 @@ async def test_a_gemini_key_without_allowed_models_pages_with_the_clients_own_qu
     fake_base: str,
     make_gateway: Callable[..., Awaitable[TestClient]],
 ) -> None:
-    document = keys_document(fake_base)
-    document["providers"]["google-ai"] = {
-        "base_url": f"{fake_base}/v1beta",
-        "auth": "x-goog-api-key",
-    }
-    document["virtual_keys"][GEMINI_VK] = {
-        "provider": "google-ai",
-        "api_key": "real-google-key-2222222222",
-    }
-    path = tmp_path / "open-gemini-keys.json"
-    path.write_text(json.dumps(document))
-    open_gemini = await make_gateway(KEYS_FILE_PATH=str(path))
+    open_gemini = await gemini_gateway(tmp_path, fake_base, make_gateway, None)
     response = await open_gemini.get("/v1/models?pageSize=2", headers={"x-goog-api-key": GEMINI_VK})
     assert response.status == 200
     assert await response.read() == fake.sent[response.headers["x-request-id"]]

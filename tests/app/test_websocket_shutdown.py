@@ -64,6 +64,16 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> int:
     return int(message.data)
 
 
+async def hold_a_turn(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """A Responses turn under way: begun, its first delta out, the provider holding the rest
+    until `fake.resume`."""
+    await ws.send_str(orjson.dumps(HELD).decode())
+    assert [(await receive(ws))["type"] for _ in range(2)] == [
+        "response.created",
+        "response.output_text.delta",
+    ]
+
+
 def shut(gateway: TestClient) -> asyncio.Task[None]:
     """The app's shutdown of its sessions, as on SIGTERM (under way in a task)."""
     return asyncio.create_task(gateway.app[REALTIME].shut(gateway.app))
@@ -83,11 +93,7 @@ async def test_a_responses_turn_in_flight_at_shutdown_ends_whole_then_its_sessio
     it once), then 1001; a session with no turn in flight is closed at once, as before."""
     busy = await open_session(gateway, "/v1/responses")
     idle = await open_session(gateway, "/v1/responses")
-    await busy.send_str(orjson.dumps(HELD).decode())
-    assert [(await receive(busy))["type"] for _ in range(2)] == [
-        "response.created",
-        "response.output_text.delta",
-    ]
+    await hold_a_turn(busy)
     closing = shut(gateway)  # as on SIGTERM
     assert await closed_with(idle) == 1001  # at once: the held turn still runs meanwhile
     await busy.send_str(RESUME)  # the provider goes on with the turn
@@ -119,11 +125,7 @@ async def test_a_turn_sent_while_the_gateway_drains_is_refused_and_never_reaches
     """The new turn gets an error event Codex answers by opening a new connection (to another
     gateway); the turn already running still finishes, then the session closes with 1001."""
     ws = await open_session(gateway, "/v1/responses")
-    await ws.send_str(orjson.dumps(HELD).decode())
-    assert [(await receive(ws))["type"] for _ in range(2)] == [
-        "response.created",
-        "response.output_text.delta",
-    ]
+    await hold_a_turn(ws)
     closing = shut(gateway)
     await until(lambda: gateway.app[REALTIME].is_draining)
     await ws.send_str(orjson.dumps({**HELD, "fake_hold": False}).decode())
@@ -174,11 +176,7 @@ async def test_a_turn_still_running_when_the_grace_runs_out_is_closed_1001_and_c
     """The grace over, the session still mid-turn is closed with 1001 on both sides, and its
     line says what its turn generated (estimated: its usage never came)."""
     ws = await open_session(gateway, "/v1/responses")
-    await ws.send_str(orjson.dumps(HELD).decode())
-    assert [(await receive(ws))["type"] for _ in range(2)] == [
-        "response.created",
-        "response.output_text.delta",
-    ]
+    await hold_a_turn(ws)
     closing = shut(gateway)
     await until(lambda: gateway.app[REALTIME].is_draining)
     assert gateway.app[REALTIME].sessions  # the turn holds it open
