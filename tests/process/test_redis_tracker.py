@@ -301,6 +301,38 @@ async def test_one_connection_carries_every_call_and_each_answer_reaches_its_cal
     assert names.count("llm-gateway") == 1
 
 
+async def test_a_full_redis_still_counts_and_charges_every_request(
+    tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    # A Redis at its maxmemory with noeviction (shared with other data, and full) refuses a
+    # script whose first write may grow it, and lets one that wrote already run on. Before,
+    # the admissions that began by trimming their window ran, while every settle (its first
+    # write a HINCRBY) and lease renewal (a ZADD) was refused: tokens went uncharged, and
+    # the gateway said "the tracker is lost" and "answers again" for each request in turn.
+    limits = Limits(requests=3, tokens=1000, window_seconds=60)
+    assert (await tracker.admit(KEY, limits)).admitted
+    raw_redis.config_set("maxmemory-policy", "noeviction")
+    raw_redis.config_set("maxmemory", 1)
+    tracker.settle(KEY, limits, Charge(40))
+    assert (await tracker.admit(KEY, limits)).admitted  # carries the settle
+    tracker.settle(KEY, limits, Charge(70))
+    await tracker.flush()  # a settle alone
+    assert (await tracker.admit(KEY, limits)).admitted
+    assert not (await tracker.admit(KEY, limits)).admitted
+    used = (await tracker.report(KEY, limits))["tokens"]["used"]
+    assert used == 110
+    other = "fedcba9876543210fedcba98"
+    assert (await tracker.admit(other, None)).admitted  # a key without a quota: no trim first
+    tracker.settle(other, None, Charge(5))
+    await tracker.flush()
+    assert (await tracker.report(other, None))["totals"] == {
+        **NO_KIND_TOTALS,
+        "requests": 1,
+        "tokens": 5,
+        "spent_usd": 0.0,
+    }
+
+
 async def test_a_password_and_a_database_in_the_url_are_used(
     redis_server: RedisServer, raw_redis: redis.Redis
 ) -> None:
