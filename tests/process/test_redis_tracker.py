@@ -826,3 +826,29 @@ async def test_health_turns_healthy_when_redis_returns_without_a_request_counted
             return bool(report["tracker"]["healthy"]) and report["status"] == "healthy"
 
         await until(healthy, within=10, what="/health healthy again with Redis back")
+
+
+async def test_a_redis_password_changed_under_the_gateway_leaves_health_answering(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # `CONFIG SET requirepass` (a password rotated on the Redis side first): the connection
+    # open stays authenticated, a new one is refused at its handshake (NOAUTH). Before,
+    # /health's recheck let that refusal escape: 500 and a traceback on stderr at each probe
+    # (a liveness probe on /health restarted the pod), where it answers 200 "degraded".
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", REDIS_URL=redis_server.url
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        assert await chat(session, url) == 200
+        with redis.Redis(port=redis_server.port) as raw:
+            raw.config_set("requirepass", "rotated-password")
+            raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert await chat(session, url) == 200  # let through, uncounted: the tracker is lost
+        async with session.get(f"{url}/health") as response:
+            assert response.status == 200, await response.text()
+            health = await response.json()
+        assert health["status"] == "degraded" and health["tracker"]["healthy"] is False
+        assert "NOAUTH" in health["tracker"]["last_error"]
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, None, 15)
+    assert "Traceback" not in err, err[-3000:]
