@@ -30,7 +30,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from proxy.app import load_keys  # noqa: E402
 from proxy.keys.fields import KeysFileError  # noqa: E402
-from proxy.observe.logfile import file_mode, is_stdout, open_for_append  # noqa: E402
+from proxy.observe.logfile import check_appendable, file_mode, is_stdout  # noqa: E402
 from proxy.runtime.check import check, warnings  # noqa: E402
 from proxy.runtime.server import CannotListen  # noqa: E402
 from proxy.runtime.start_line import start_line  # noqa: E402
@@ -89,7 +89,7 @@ def check_log_file(settings: Settings) -> None:
     if not settings.log_to_file:
         return
     try:
-        os.close(open_for_append(settings.log_file_path, file_mode(settings.log_bodies)))
+        check_appendable(settings.log_file_path, file_mode(settings.log_bodies))
     except OSError as error:
         raise SettingError(
             f"LOG_FILE_PATH {settings.log_file_path} cannot be opened for appending: "

@@ -8,8 +8,9 @@ bypass still collects, to refresh the entry). `settle` is the store sink: it kee
 miss's answer when `verdict.is_storable` says so, lands its flight either way, and lets go
 of the store's claim.
 
-Failure of the store (Redis lost) never fails a request: the lookup is a miss, the store is
-skipped, and `on_store_lost` counts it. Hits are counted per key (/usage).
+Failure of the store (Redis lost, or full: maxmemory with noeviction) never fails a request:
+the lookup is a miss, the store is skipped, `on_store_lost` counts it, and stderr says it at
+most once a minute (else every request a miss, paid upstream, and no line saying why). Hits are counted per key (/usage).
 
 With WORKERS > 1 and the entries in memory, each worker has its own: a drop is told to the
 others (`Others`: SIGUSR1 through the supervisor) and answered once each has made it too.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -35,6 +37,7 @@ from proxy.cache.lookup import Directive
 from proxy.cache.store import Store, StoreUnavailable
 from proxy.cache.verdict import is_storable
 from proxy.keys.keys import VirtualKey
+from proxy.observe.quiet import QUIET_SECONDS
 from proxy.record import Cached, Record
 
 
@@ -106,6 +109,8 @@ BYPASS = Lookup(Cached.BYPASS)
 # let go of again after each of these pauses, until Redis answers: 31 s in all.
 RELEASE_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
+log = logging.getLogger("llm_gateway")
+
 
 class Others(Protocol):
     """The other workers of this gateway (WORKERS > 1), each with its own entries in memory."""
@@ -152,6 +157,7 @@ class Cache:
         self._max_entry_bytes = max_entry_bytes
         self._wait_seconds = wait_seconds
         self._on_store_lost = on_store_lost
+        self._said_store_lost_at = -QUIET_SECONDS  # time.monotonic() of the last line said
         self._on_size = on_size
         self._poll_seconds = poll_seconds
         self._clock = clock
@@ -220,12 +226,25 @@ class Cache:
         if entry is not None or pending.is_claimed or pending.flight is not None:
             self._spawn(self._keep(pending, entry))
 
+    def _store_failed(self, error: str) -> None:
+        """A call to the store that failed: counted; said on stderr at most once a minute."""
+        now = time.monotonic()
+        if now - self._said_store_lost_at >= QUIET_SECONDS:
+            self._said_store_lost_at = now
+            log.warning(
+                "cache: the store failed (%s): answers are neither found nor kept there "
+                'meanwhile, each failure counted in llm_gateway_redis_errors_total{decision="'
+                'uncached"} (said at most once a minute)',
+                error,
+            )
+        self._on_store_lost(error)
+
     async def hits(self, key: VirtualKey) -> int | None:
         """The key's hits (None: the store cannot be read)."""
         try:
             return await self._store.hits(key.id)
         except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+            self._store_failed(str(error))
             return None
 
     async def drop(self, key: VirtualKey | None = None, scope: str | None = None) -> int:
@@ -335,7 +354,7 @@ class Cache:
                 return None
             return await self._await_other(name)
         except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+            self._store_failed(str(error))
             return None
 
     async def _is_dropped_since(self, prefix: str, asked_at: float) -> bool:
@@ -344,7 +363,7 @@ class Cache:
         try:
             dropped = await self._store.dropped_at(prefix)
         except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+            self._store_failed(str(error))
             return False
         return dropped is not None and round(dropped * 1000) >= round(asked_at * 1000)
 
@@ -394,7 +413,7 @@ class Cache:
         try:
             await self._store.add_hit(key.id)
         except StoreUnavailable as error:
-            self._on_store_lost(str(error))
+            self._store_failed(str(error))
 
     async def _keep(self, pending: Pending, entry: Entry | None) -> None:
         """Store the entry, then let go of the claim: also when the store failed (Redis
@@ -418,7 +437,7 @@ class Cache:
                     lost = lost or error
                     self._let_go_later(pending.name)
             if lost is not None:  # one request, counted once
-                self._on_store_lost(str(lost))
+                self._store_failed(str(lost))
         finally:
             if pending.flight is not None:
                 self._flights.end(pending.name, pending.flight)

@@ -24,10 +24,15 @@ Owned by the logbook's writer thread; nothing here runs on the event loop.
   that file is removed too, a line written to it could never be read: each append then
   raises `PartlyWritten` (nothing written: the logbook counts and says the loss) until the
   path opens again.
+- A FIFO is opened without waiting for a reader: with none yet (a log shipper started
+  after the gateway), the writer thread opens it at its first append, waiting there while
+  the lines queue (the logbook's bound). `check_appendable` never opens one: its close
+  would be the end of file to a reader already there (`cat log.fifo | shipper`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -70,8 +75,20 @@ class LogFile:
         return self.path if self.path is not None else "stdout"
 
     def open(self) -> None:
-        """OSError if it cannot be opened."""
-        self._use(STDOUT_FILENO if self.path is None else open_for_append(self.path, self._mode))
+        """OSError if it cannot be opened; a FIFO no one reads yet is opened by the first
+        append, which waits for a reader."""
+        if self.path is None:
+            self._use(STDOUT_FILENO)
+            return
+        try:
+            fd = open_for_append(self.path, self._mode, os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
+                raise
+            log.warning("logbook: no process reads the FIFO %s yet; lines wait for one", self.path)
+            return
+        os.set_blocking(fd, True)  # O_NONBLOCK was for the open only
+        self._use(fd)
 
     def reopen(self) -> None:
         """Open the path again before the next append (any thread)."""
@@ -84,6 +101,11 @@ class LogFile:
 
     def append(self, data: bytes) -> None:
         """Append whole lines in one write (more only after a short one). Raises PartlyWritten."""
+        if self._fd is None and self.path is not None:
+            try:  # a FIFO that had no reader at the start: waits for one
+                self._use(open_for_append(self.path, self._mode))
+            except OSError as error:
+                raise PartlyWritten(0, error) from None
         self._follow()
         assert self._fd is not None
         is_locked = self._is_pipe_like and _lock(self._fd)
@@ -179,9 +201,23 @@ def file_mode(has_bodies: bool) -> int:
     return 0o640 if has_bodies else 0o644
 
 
-def open_for_append(path: str, mode: int) -> int:
+def open_for_append(path: str, mode: int, flags: int = 0) -> int:
     """A descriptor appending to `path`, created with `mode` if it is not there. OSError."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | flags, mode)
+
+
+def check_appendable(path: str, mode: int) -> None:
+    """OSError unless lines can be appended to `path` (created if missing). A FIFO is only
+    checked for permission: opening it waits for a reader, and closing it again would end
+    the stream of a reader already there."""
+    try:
+        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        is_fifo = False  # not there (created below), or not reachable (said below)
+    if not is_fifo:
+        os.close(open_for_append(path, mode))
+    elif not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
 def _cut_back(fd: int, extra: int) -> None:

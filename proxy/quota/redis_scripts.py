@@ -41,7 +41,20 @@ POLICY_FIELDS = 7
 # and dropped; the request it belonged to, if still running, is charged when it settles.
 RESERVATION_SECONDS = 600
 
-_PRELUDE = """
+# A Redis at its maxmemory with noeviction refuses a script's command that may grow it
+# only while the script has written nothing (it cannot stop one half-way): a write that
+# changes nothing comes first, so each script runs whole, as the admissions
+# that begin by trimming their window always did. Before, the settles and renewals (their
+# first write a HINCRBY or a ZADD) were refused and the admissions ran: tokens uncharged,
+# and the tracker said lost and back again at each request. The tracker's keys stay few
+# and expire; Redis's own memory alerts are the operator's sign that it is full.
+_WHOLE = """
+if KEYS[1] then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(-inf') end
+"""
+
+_PRELUDE = (
+    _WHOLE
+    + """
 local now = tonumber(ARGV[1])
 if now < 0 then
   local time = redis.call('TIME')
@@ -315,6 +328,7 @@ local function reading(admitted, ticket, reserved_tokens, reserved_micro, full, 
   return answer
 end
 """
+)
 
 # ARGV[own], ARGV[own + 1]: the tokens and micro-dollars to reserve; ARGV[own + 2]: the
 # lease that takes a slot in each scope with a max_in_flight, ARGV[own + 3]: its life in µs.
@@ -408,7 +422,9 @@ return answers
 
 # Slots: KEYS are lease sets, ARGV[1] the lease life in µs, then one lease per key. A lease
 # not there any more (Redis restarted empty) is added back: its request still runs.
-RENEW = """
+RENEW = (
+    _WHOLE
+    + """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local life = tonumber(ARGV[1])
@@ -418,6 +434,7 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+)
 
 # Give back the slots of the lease ARGV[own] in every scope with a max_in_flight, after
 # applying the settles carried (the request's own, held a moment before): one round trip.

@@ -336,7 +336,7 @@ class RedisTracker:
         script, and would pass for a Redis that answers again."""
         try:
             (answer,) = await self._wire.call(pack("PEXPIRE", f"{KEY_PREFIX}ping", 1))
-        except OSError as error:
+        except (ReplyError, OSError) as error:  # ReplyError: a new connection's handshake refused
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
         if isinstance(answer, ReplyError):  # LOADING, MISCONF...: not answering scripts
             raise TrackerUnavailable(f"Redis: {answer}")

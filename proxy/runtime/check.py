@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from proxy.usage.pricing import Prices, PricesFileError
 LOOKALIKE_RATIO = 0.85
 # An OTLP export timeout this long (seconds) is most likely milliseconds, as the spec has it.
 OTEL_TIMEOUT_SUSPECT_SECONDS = 1000.0
+# Files a gateway process holds besides its connections: the listening socket, the log,
+# Redis, the event loop's own, a keys.json being read.
+OWN_OPEN_FILES = 32
 
 
 @dataclass(slots=True)
@@ -113,6 +117,7 @@ def warnings(
     said = lookalikes(environ) + ignored_settings(settings) + short_secrets(settings)
     said += secrets_in_flags(argv)
     said += otel_timeouts_in_milliseconds(settings)
+    said += too_few_open_files(settings, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
@@ -121,6 +126,24 @@ def warnings(
             said += unpriced_budgets(key_ring, prices, settings)
             said += misnamed_prices(key_ring, prices, settings)
     return said
+
+
+def too_few_open_files(settings: Settings, hard_limit: int) -> list[str]:
+    """A line when the hard limit on open files (the soft one is raised to it at start) is
+    below what MAX_CONNECTIONS needs: a client's socket and a provider's per connection, and
+    the process's own. Past it, the event loop closes each new connection unanswered, with
+    no line anywhere (not the 503 of the cap), and providers cannot be reached (502)."""
+    needed = 2 * settings.max_connections + OWN_OPEN_FILES
+    if hard_limit == resource.RLIM_INFINITY or hard_limit >= needed:
+        return []
+    return [
+        f"the limit on open files is {hard_limit} (ulimit -Hn), below the {needed} that "
+        f"MAX_CONNECTIONS={settings.max_connections} needs (two sockets a connection): past "
+        f"about {max(0, hard_limit - OWN_OPEN_FILES) // 2} connections, new ones are closed "
+        "unanswered and providers cannot be reached; raise it (docker run --ulimit "
+        "nofile=…, systemd's LimitNOFILE, Kubernetes: the node's container runtime) or "
+        "lower MAX_CONNECTIONS"
+    ]
 
 
 def otel_timeouts_in_milliseconds(settings: Settings) -> list[str]:

@@ -211,6 +211,42 @@ async def test_an_answer_redis_would_not_store_leaves_no_claim_that_holds_up_the
     await second.read()
 
 
+async def test_a_redis_that_refuses_every_answer_is_said_on_stderr_once_not_only_counted(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    raw_redis: redis.Redis,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Redis full to its maxmemory with noeviction: every answer the cache would store is
+    # refused, so every request is a miss and goes upstream (paid for). Before, only a metric
+    # counted it; no line anywhere said why the cache never hit.
+    gateway = await gateway_with_keys(
+        {CACHED_VK: CACHED_ENTRY}, REDIS_URL=redis_server.url, QUOTA_ENABLED="false"
+    )
+    raw_redis.config_set("maxmemory-policy", "noeviction")
+    raw_redis.config_set("maxmemory", 1)
+    try:
+        for _ in range(3):
+            response = await gateway.post(
+                "/v1/chat/completions", json=CHAT, headers=auth(CACHED_VK)
+            )
+            assert response.headers["x-llm-gateway-cache"] == "miss"
+            await response.read()
+
+        async def counted() -> bool:
+            metrics = await (await gateway.get("/metrics")).text()
+            name = 'llm_gateway_redis_errors_total{decision="uncached"} '
+            found = [line for line in metrics.splitlines() if line.startswith(name)]
+            return bool(found) and float(found[0].split()[-1]) >= 3  # a lookup's, a store's
+
+        await until(counted, what="each refusal counted")
+    finally:
+        raw_redis.config_set("maxmemory", 0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache: ")]
+    assert len(said) == 1, said  # once, not per request
+    assert "maxmemory" in said[0] and 'decision="uncached"' in said[0], said
+
+
 class HeldReplies:
     """A hop in front of Redis that holds Redis's replies on a connection once it has carried
     a claim (`SET … claim:…`), until `let_go` is set: a claim Redis has made, whose reply is

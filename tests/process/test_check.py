@@ -183,3 +183,38 @@ def test_on_windows_one_line_says_where_it_runs_instead_of_a_traceback() -> None
         "llm-gateway runs on Linux and macOS; on Windows, run it in WSL or with Docker "
         "(docker compose up)"
     )
+
+
+def test_an_open_files_limit_below_what_max_connections_needs_is_said_at_start(
+    tmp_path: Path,
+) -> None:
+    # A hard limit of 64 open files (a container's or a service's nofile) with the default
+    # MAX_CONNECTIONS=1024: past about 30 connections, accepts failed and the event loop
+    # closed each new connection unanswered, with no line anywhere (not the 503 the cap
+    # answers), and providers could not be reached (502). The start now says why.
+    import resource
+
+    path = write(
+        tmp_path,
+        {"virtual_keys": {"vk_check_limit_key_00001": {"provider": "openai", "api_key": "sk-a"}}},
+    )
+
+    def start(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            gateway_command("--check", str(path)),
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+        )
+
+    result = start()
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "open files" in line]
+    assert len(said) == 1, result.stderr
+    assert "64" in said[0] and "MAX_CONNECTIONS=1024" in said[0], said
+    assert not [
+        line for line in start(MAX_CONNECTIONS="16").stderr.splitlines() if "open files" in line
+    ]

@@ -402,3 +402,43 @@ async def test_a_log_file_path_naming_stdout_keeps_stdout_to_json_lines(
     assert sorted(json.loads(line)["request_id"] for line in lines) == [
         f"stdout-{index}" for index in range(3)
     ]
+
+
+@pytest.mark.parametrize("reader", ["started before the gateway", "started after it"])
+async def test_a_fifo_path_read_by_a_plain_reader_gets_every_line(
+    processes: Processes, process_keys: Path, tmp_path: Path, reader: str
+) -> None:
+    # LOG_FILE_PATH naming a FIFO a log shipper reads as `cat log.fifo | shipper` does. Before,
+    # the start's check opened the FIFO and closed it: the reader saw its end of file and
+    # left, and the gateway then waited in open() for a reader for ever, never listening.
+    # With no reader yet (a shipper started after the gateway), it waited the same way.
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "read.jsonl"
+    cat = ["sh", "-c", f"exec cat {fifo} > {out}"]
+    if reader == "started before the gateway":
+        shipper = processes.start(cat)
+    port = free_port()
+    process = processes.start(  # not start_gateway: its wait for a line would wait for ever
+        gateway_command(),
+        env={
+            "KEYS_FILE_PATH": str(process_keys),
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "LOG_TO_FILE": "true",
+            "LOG_FILE_PATH": str(fifo),
+            "QUOTA_ENABLED": "false",
+        },
+    )
+    await asyncio.to_thread(wait_listening, port, 1)
+    url = f"http://127.0.0.1:{port}"
+    assert await chats(url, 3, tag="early") == [200] * 3  # no reader yet: the lines wait
+    if reader == "started after it":
+        shipper = processes.start(cat)
+    assert await chats(url, 3, tag="late") == [200] * 3
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert await asyncio.to_thread(shipper.wait, 10) == 0  # the gateway's close: its end
+    assert sorted(line["request_id"] for line in whole_lines(out)) == [
+        f"{tag}-{index}" for tag in ("early", "late") for index in range(3)
+    ]

@@ -301,6 +301,38 @@ async def test_one_connection_carries_every_call_and_each_answer_reaches_its_cal
     assert names.count("llm-gateway") == 1
 
 
+async def test_a_full_redis_still_counts_and_charges_every_request(
+    tracker: RedisTracker, raw_redis: redis.Redis
+) -> None:
+    # A Redis at its maxmemory with noeviction (shared with other data, and full) refuses a
+    # script whose first write may grow it, and lets one that wrote already run on. Before,
+    # the admissions that began by trimming their window ran, while every settle (its first
+    # write a HINCRBY) and lease renewal (a ZADD) was refused: tokens went uncharged, and
+    # the gateway said "the tracker is lost" and "answers again" for each request in turn.
+    limits = Limits(requests=3, tokens=1000, window_seconds=60)
+    assert (await tracker.admit(KEY, limits)).admitted
+    raw_redis.config_set("maxmemory-policy", "noeviction")
+    raw_redis.config_set("maxmemory", 1)
+    tracker.settle(KEY, limits, Charge(40))
+    assert (await tracker.admit(KEY, limits)).admitted  # carries the settle
+    tracker.settle(KEY, limits, Charge(70))
+    await tracker.flush()  # a settle alone
+    assert (await tracker.admit(KEY, limits)).admitted
+    assert not (await tracker.admit(KEY, limits)).admitted
+    used = (await tracker.report(KEY, limits))["tokens"]["used"]
+    assert used == 110
+    other = "fedcba9876543210fedcba98"
+    assert (await tracker.admit(other, None)).admitted  # a key without a quota: no trim first
+    tracker.settle(other, None, Charge(5))
+    await tracker.flush()
+    assert (await tracker.report(other, None))["totals"] == {
+        **NO_KIND_TOTALS,
+        "requests": 1,
+        "tokens": 5,
+        "spent_usd": 0.0,
+    }
+
+
 async def test_a_password_and_a_database_in_the_url_are_used(
     redis_server: RedisServer, raw_redis: redis.Redis
 ) -> None:
@@ -794,3 +826,29 @@ async def test_health_turns_healthy_when_redis_returns_without_a_request_counted
             return bool(report["tracker"]["healthy"]) and report["status"] == "healthy"
 
         await until(healthy, within=10, what="/health healthy again with Redis back")
+
+
+async def test_a_redis_password_changed_under_the_gateway_leaves_health_answering(
+    processes: Processes, process_keys: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # `CONFIG SET requirepass` (a password rotated on the Redis side first): the connection
+    # open stays authenticated, a new one is refused at its handshake (NOAUTH). Before,
+    # /health's recheck let that refusal escape: 500 and a traceback on stderr at each probe
+    # (a liveness probe on /health restarted the pod), where it answers 200 "degraded".
+    process, url = start_gateway(
+        processes, process_keys, tmp_path / "log.jsonl", REDIS_URL=redis_server.url
+    )
+    async with aiohttp.ClientSession(connector=connector()) as session:
+        assert await chat(session, url) == 200
+        with redis.Redis(port=redis_server.port) as raw:
+            raw.config_set("requirepass", "rotated-password")
+            raw.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert await chat(session, url) == 200  # let through, uncounted: the tracker is lost
+        async with session.get(f"{url}/health") as response:
+            assert response.status == 200, await response.text()
+            health = await response.json()
+        assert health["status"] == "degraded" and health["tracker"]["healthy"] is False
+        assert "NOAUTH" in health["tracker"]["last_error"]
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.communicate, None, 15)
+    assert "Traceback" not in err, err[-3000:]

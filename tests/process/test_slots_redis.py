@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
@@ -69,6 +70,26 @@ async def test_leases_are_taken_again_when_redis_comes_back_empty(
         await until(one_left)
         started = time.monotonic()
         while time.monotonic() - started < 3 * tracker.lease_seconds:  # renewed, never lost
+            assert await tracker.in_flight(TEAM) == 1
+            await asyncio.sleep(0.1)
+    finally:
+        await tracker.close()
+
+
+async def test_a_full_redis_still_renews_the_leases_of_slots_held(
+    redis_server: RedisServer,
+) -> None:
+    # maxmemory with noeviction, full: the renewal's first write (a ZADD) was refused, so a
+    # stream longer than a lease lost its slot and the team's max_in_flight let one more in.
+    tracker = RedisTracker(redis_server.url)
+    tracker.lease_seconds = 0.6
+    try:
+        assert (await tracker.admit_scopes((KEY, TEAM), lease="a"))[1].in_flight == 1
+        with redis.Redis.from_url(redis_server.url) as raw:
+            raw.config_set("maxmemory-policy", "noeviction")
+            raw.config_set("maxmemory", 1)
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * tracker.lease_seconds:
             assert await tracker.in_flight(TEAM) == 1
             await asyncio.sleep(0.1)
     finally:
