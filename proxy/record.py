@@ -298,6 +298,7 @@ class Record:
     cost_usd: float | None = None
     # Only kept with LOG_BODIES: the request as sent, the response as text (a stream assembled).
     request_body: bytes | None = None
+    request_type: str | None = None  # its Content-Type, for the log to show a form, or bytes
     response_text: str | None = None
     # The client's own key, and its mask, for the log to mask in those bodies (`hide`).
     hidden: tuple[str, str] | None = None
@@ -377,9 +378,9 @@ class Record:
                     break
         self.provider_request_id = shown(request_id)
 
-    def saw_request_body(self, body: bytes) -> None:
-        """The body as sent (LOG_BODIES only)."""
-        self.request_body = body
+    def saw_request_body(self, body: bytes, content_type: str | None) -> None:
+        """The body as sent, and its Content-Type (LOG_BODIES only)."""
+        self.request_body, self.request_type = body, content_type
 
     def saw_target(
         self, target: str, provider: str, member: str | None = None, model: str | None = None

@@ -34,16 +34,17 @@ Invariants:
   its stuck write (a daemon thread: it does not hold the process).
 
 With LOG_BODIES, bodies are logged as JSON values when they parse (request and response
-alike), else as text; every real key of the keys file is replaced by `[redacted]` in them
-first, so a provider that echoes its key back (in an error message, say) does not put it
+alike), else as text; a multipart upload as its form's fields, other bytes that are no
+text as a placeholder (`bodies`); every real key of the keys file is replaced by
+`[redacted]` in them first, so a provider that echoes its key back (in an error message, say) does not put it
 in the log. A virtual key of the file written in a body (the client's own, another user's)
 is masked there when it stands as a word of its own, between spaces, quotes, brackets or
 punctuation (`key=<key>&`, `<key>.`): each word of 8 characters or more is looked up in the
 key ring. A key glued to other letters, or holding one of those marks (`.`, `:`, `=`, ...),
 is not found that way. Credentials a JSON body hands the provider for a third party (a
 remote MCP server's: Anthropic's `authorization_token`, the `authorization` and `headers` of
-OpenAI's MCP tool) are `[redacted]` too: a string under a field so named (`CREDENTIALS`),
-at any depth.
+OpenAI's MCP tool) are `[redacted]` too: a string under a field so named
+(`bodies.CREDENTIALS`), at any depth, and a form's field so named.
 
 A write that fails at run time (disk full, file removed under a read-only mount, a closed
 pipe) drops that line, calls `on_write_error` (the app counts it in a metric), says the
@@ -67,6 +68,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from proxy.observe.bodies import logged_request, logged_text
 from proxy.observe.logfile import LogFile, PartlyWritten, file_mode
 from proxy.record import REDACTED, Record, dollars
 
@@ -204,6 +206,7 @@ class Logbook:
             fields["request"] = record.request_body if has_bodies else None
             fields["response"] = record.response_text if has_bodies else None
             fields["hidden"] = record.hidden
+            fields["request_type"] = record.request_type
         self._pending.append(fields)
         self._pending_bytes += size
         if self._hand_over_timer is None:
@@ -358,8 +361,10 @@ class Logbook:
             fields["cost_usd"] = orjson.Fragment(_json_dollars(fields["cost_usd"]))
         if self._log_bodies:
             redact = self._redactor(fields.pop("hidden"))
-            fields["request"] = _decoded(fields["request"], redact)
-            fields["response"] = _decoded(fields["response"], redact)
+            fields["request"] = logged_request(
+                fields["request"], fields.pop("request_type"), redact
+            )
+            fields["response"] = logged_text(fields["response"], redact)
         # The line is a dict of plain values: orjson writes it as python-json-logger's
         # OrjsonFormatter did (same bytes), without a LogRecord per line: 1 us, not 17 us,
         # on a thread that competes with the event loop for the GIL.
@@ -446,51 +451,3 @@ def _words(text: str) -> list[str]:
     if "\\" in text:
         text = _ESCAPE.sub(" ", text)
     return list(set(_LONG_WORD.findall(" " + text.translate(_BETWEEN_WORDS))))
-
-
-# Fields whose string values are credentials for a third party, by their lower-case name.
-CREDENTIALS = frozenset(
-    ("authorization_token", "authorization", "api_key", "api-key", "x-api-key", "x-goog-api-key")
-)
-
-
-def _without_credentials(value: Any) -> Any:
-    """`value` (parsed JSON) with each string under a `CREDENTIALS` field redacted, in place."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for name, inner in item.items():
-                if isinstance(inner, str):
-                    if name.lower() in CREDENTIALS:
-                        item[name] = REDACTED
-                elif isinstance(inner, dict | list):
-                    stack.append(inner)
-        elif isinstance(item, list):
-            stack.extend(inner for inner in item if isinstance(inner, dict | list))
-    return value
-
-
-def _decoded(body: bytes | str | None, redact: Callable[[str], str]) -> Any:
-    """A body for the log, redacted: its JSON value if it parses (credentials for third
-    parties redacted), else its text; None for JSON nested too deeply to write again."""
-    if not body:
-        return None
-    text = redact(body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body)
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-    if not isinstance(value, dict | list | str):
-        return value
-    # JSON may spell a key with escapes ("\u0073k-..."): redact its canonical form too.
-    try:  # written inside a list, as deep as it sits in the line
-        canonical = redact(orjson.dumps([value])[1:-1].decode())
-    except orjson.JSONEncodeError:
-        # Nested deeper than orjson writes (it reads deeper): the line goes without it, as
-        # without a body over the queue's bound, its credentials for third parties unread.
-        return None
-    try:
-        return _without_credentials(orjson.loads(canonical))
-    except orjson.JSONDecodeError:
-        return canonical  # a key that matched JSON syntax itself: the text, redacted

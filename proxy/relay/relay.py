@@ -96,10 +96,12 @@ class Relay:
         if body is None:  # still to come
             body = await read_body(request, limit, settings.client_body_timeout)  # 400, 408, 413
         if settings.log_bodies and "content-encoding" not in request.headers:
-            record.saw_request_body(body)  # also the line of a request refused for it
+            # also the line of a request refused for it
+            record.saw_request_body(body, request.headers.get("content-type"))
         peek = validate(tail, request, body, key, limit, record)  # 400, 403, 415
         if settings.log_bodies and peek.decoded is not None:
-            record.saw_request_body(peek.decoded)  # what a compressed upload holds
+            # what a compressed upload holds
+            record.saw_request_body(peek.decoded, request.headers.get("content-type"))
         plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
         sent = body  # the client's own bytes: what names a cached answer
         body, asked = openai_chat.amended(

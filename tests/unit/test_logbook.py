@@ -151,16 +151,77 @@ async def test_log_bodies_logs_json_request_and_response_as_json_and_the_rest_as
     logbook = Logbook(str(path), log_bodies=True, on_write_error=Calls())
     logbook.open()
     logbook.write(finished_record())
-    logbook.write(finished_record(1, request_body=b"plain \xff text", response_text="data: x\n\n"))
+    logbook.write(finished_record(1, request_body=b"plain text", response_text="data: x\n\n"))
     logbook.write(finished_record(2, request_body=b"", response_text=None))
     await logbook.close()
 
     as_json, as_text, empty = lines_of(path)
     assert as_json["request"] == {"model": "gpt-4o-mini", "messages": [{"role": "user"}]}
     assert as_json["response"] == {"choices": []}
-    assert as_text["request"] == "plain \ufffd text"
+    assert as_text["request"] == "plain text"
     assert as_text["response"] == "data: x\n\n"
     assert (empty["request"], empty["response"]) == (None, None)
+
+
+FORM_TYPE = "multipart/form-data; boundary=b0undary"
+
+
+def form(*parts: tuple[str, bytes]) -> bytes:
+    """A multipart body of these (Content-Disposition parameters, content) parts."""
+    body = b"".join(
+        b"--b0undary\r\nContent-Disposition: form-data; "
+        + head.encode()
+        + b"\r\n\r\n"
+        + content
+        + b"\r\n"
+        for head, content in parts
+    )
+    return body + b"--b0undary--\r\n"
+
+
+async def test_bodies_that_are_no_json_are_logged_as_what_an_operator_can_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.jsonl"
+    real = "sk-real-in-a-form-0123456789"
+    logbook = Logbook(str(path), True, Calls(), secrets=lambda: frozenset({real}))
+    logbook.open()
+    fields = form(
+        ('name="image[]"; filename="a.png"', b"\x89PNG\r\n\x1a\n\xff"),
+        ('name="image[]"; filename="b.png"', b"\x89PNG"),
+        ('name="prompt"', f"a hat, {real}".encode()),
+        ('name="api_key"', b"third-party-secret"),
+        ('name="api_key"', b"another-secret"),
+        ('name="mask"', b"\xff\xfe\x00"),  # bytes sent without a filename
+    )
+    records = [
+        (fields, FORM_TYPE),
+        (b"\x00\x01\xff" * 100, "application/octet-stream"),
+        (b"\xff\xfe", None),
+        (b'{"note": "caf\xe9"}', "application/json"),  # JSON with a stray byte, as ever
+        (form(('name="model"', b"x"))[:-10], FORM_TYPE),  # cut short: its text, as ever
+        (b"plain words", FORM_TYPE.replace("b0undary", "other")),  # no such form: as text
+    ]
+    for n, (body, content_type) in enumerate(records):
+        logbook.write(finished_record(n, request_body=body, request_type=content_type))
+    await logbook.close()
+
+    text = path.read_text()
+    assert real not in text and "secret" not in text and "\ufffd\ufffd" not in text
+    the_form, binary, untyped, stray, cut, plain = (line["request"] for line in lines_of(path))
+    assert the_form == {
+        "image[]": [
+            {"filename": "a.png", "content_type": None, "bytes": 9},
+            {"filename": "b.png", "content_type": None, "bytes": 4},
+        ],
+        "prompt": "a hat, [redacted]",
+        "api_key": ["[redacted]", "[redacted]"],
+        "mask": {"filename": None, "content_type": None, "bytes": 3},
+    }
+    assert binary == {"content_type": "application/octet-stream", "bytes": 300}
+    assert untyped == {"content_type": None, "bytes": 2}
+    assert stray == {"note": "caf\ufffd"}
+    assert cut.startswith("--b0undary\r\n") and plain == "plain words"
 
 
 async def test_a_body_nested_deeper_than_orjson_writes_leaves_its_line_without_it(
