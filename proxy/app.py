@@ -238,6 +238,7 @@ def build_app(
     def keys_gone(scopes: tuple[Scope, ...]) -> None:
         # Deleted (admin API, keys.json, the Redis store): nothing reads them again.
         app[QUOTA].forget(scopes)
+        app[CACHE].forget(scope.id for scope in scopes if scope.kind == "key")
         for scope in scopes:
             if scope.kind == "key":
                 metrics.key_gone(scope.name)

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -227,6 +227,10 @@ class Cache:
         except StoreUnavailable as error:
             self._on_store_lost(str(error))
             return None
+
+    def forget(self, key_ids: Iterable[str]) -> None:
+        """Keys deleted: their hit counts go (their /usage answers 401)."""
+        self._store.forget_hits(key_ids)
 
     async def drop(self, key: VirtualKey | None = None, scope: str | None = None) -> int:
         """Drop the entries a key reads (its own, or its scope's), or a scope's, and keep
