@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -58,10 +59,15 @@ class Pending:
     def begin(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         """The provider's status and headers, as they go to the client (before the gateway's own).
 
-        Set-Cookie is not kept: a cookie is the first client's, never another's.
+        Set-Cookie is not kept: a cookie is the first client's, never another's. Names are
+        kept as one interned str each, shared by every entry (the wire's str and multidict's
+        case-blind copy of each name cost an entry about 250 bytes a header, which
+        CACHE_MAX_BYTES did not count).
         """
         kept = tuple(
-            (name, value) for name, value in headers.items() if name.lower() != "set-cookie"
+            (sys.intern(str(name)), value)
+            for name, value in headers.items()
+            if name.lower() != "set-cookie"
         )
         self.status, self.reason, self.headers = status, reason, kept
 
