@@ -242,6 +242,8 @@ def build_app(
         for scope in scopes:
             if scope.kind == "key":
                 metrics.key_gone(scope.name)
+            elif scope.kind == "team":
+                metrics.team_gone(scope.name)
 
     in_redis = settings.keys_store == "redis"
     app[KEYS_FILE] = KeysFile(

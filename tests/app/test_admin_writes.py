@@ -796,3 +796,21 @@ async def test_deleted_keys_leave_no_cache_hit_counts_behind(admin_gateway: Make
     assert [await cache.hits(key) for key in gone] == [0] * 20
     usage = await (await gateway.get("/usage", headers=auth(kept))).json()
     assert usage["cache"]["hits"] == 1
+
+
+async def test_deleted_teams_leave_no_series_behind(admin_gateway: Make) -> None:
+    # A team made per project and deleted after kept its in-flight gauge and its refusal
+    # series on /metrics for the life of the process, as a deleted key's did before.
+    gateway = await admin_gateway()
+    for run in range(5):
+        team = {"name": f"proj-{run}", "quota": {"requests": 1}, "max_in_flight": 4}
+        assert (await gateway.post("/admin/teams", json=team, headers=ADMIN)).status == 201
+        key = (await create(gateway, name=f"member-{run}", team=f"proj-{run}"))["key"]
+        assert [await chat(gateway, key) for _ in range(2)] == [200, 429]
+        text = await (await gateway.get("/metrics")).text()
+        assert f'llm_gateway_team_requests_in_flight{{team="proj-{run}"}} 0.0' in text
+        assert f'team="proj-{run}"}} 1.0' in text  # its refusal
+        assert (await gateway.delete(f"/admin/keys/member-{run}", headers=ADMIN)).status == 204
+        assert (await gateway.delete(f"/admin/teams/proj-{run}", headers=ADMIN)).status == 204
+    text = await (await gateway.get("/metrics")).text()
+    assert [line for line in text.splitlines() if 'team="proj-' in line] == []
