@@ -238,9 +238,12 @@ def build_app(
     def keys_gone(scopes: tuple[Scope, ...]) -> None:
         # Deleted (admin API, keys.json, the Redis store): nothing reads them again.
         app[QUOTA].forget(scopes)
+        app[CACHE].forget(scope.id for scope in scopes if scope.kind == "key")
         for scope in scopes:
             if scope.kind == "key":
                 metrics.key_gone(scope.name)
+            elif scope.kind == "team":
+                metrics.team_gone(scope.name)
 
     in_redis = settings.keys_store == "redis"
     app[KEYS_FILE] = KeysFile(

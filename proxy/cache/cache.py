@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,10 +62,15 @@ class Pending:
     def begin(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         """The provider's status and headers, as they go to the client (before the gateway's own).
 
-        Set-Cookie is not kept: a cookie is the first client's, never another's.
+        Set-Cookie is not kept: a cookie is the first client's, never another's. Names are
+        kept as one interned str each, shared by every entry (the wire's str and multidict's
+        case-blind copy of each name cost an entry about 250 bytes a header, which
+        CACHE_MAX_BYTES did not count).
         """
         kept = tuple(
-            (name, value) for name, value in headers.items() if name.lower() != "set-cookie"
+            (sys.intern(str(name)), value)
+            for name, value in headers.items()
+            if name.lower() != "set-cookie"
         )
         self.status, self.reason, self.headers = status, reason, kept
 
@@ -246,6 +252,10 @@ class Cache:
         except StoreUnavailable as error:
             self._store_failed(str(error))
             return None
+
+    def forget(self, key_ids: Iterable[str]) -> None:
+        """Keys deleted: their hit counts go (their /usage answers 401)."""
+        self._store.forget_hits(key_ids)
 
     async def drop(self, key: VirtualKey | None = None, scope: str | None = None) -> int:
         """Drop the entries a key reads (its own, or its scope's), or a scope's, and keep

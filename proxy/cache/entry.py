@@ -22,11 +22,14 @@ from proxy.record import Usage
 
 _VERSION = b"\x01"
 # What one entry costs beyond its bytes in this process (the object, its tuples, its name,
-# the dict slot and LRU link), and each header beyond its characters (two str objects and
-# their tuple), as bench/cache.py measures them; counted against CACHE_MAX_BYTES, a little
-# above what tracemalloc sees (a chat answer: 1,189 bytes measured, 1,284 counted).
-ENTRY_OVERHEAD_BYTES = 400
-HEADER_OVERHEAD_BYTES = 60
+# its usage, the dict slot and LRU link), and each header beyond its characters (its value's
+# str object and the pair; names are interned, one str for every entry), as tracemalloc
+# sees entries made from answers through the gateway; counted against CACHE_MAX_BYTES, a
+# little above (a chat answer of 12 headers: 2,674 bytes measured, 2,762 counted; a stream
+# of 6 chunks: 3,808 and 3,898). 400 and 60, measured on entries whose names were shared
+# literals (bench/cache.py), let a cache of chat answers hold 2.6 times CACHE_MAX_BYTES.
+ENTRY_OVERHEAD_BYTES = 700
+HEADER_OVERHEAD_BYTES = 110
 # Each chunk is a bytes object: its header (33 bytes) and the tuple's pointer.
 CHUNK_OVERHEAD_BYTES = 41
 

@@ -15,7 +15,7 @@ import itertools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from proxy.cache.entry import Entry
 
@@ -82,6 +82,10 @@ class MemoryStore:
 
     async def hits(self, key_id: str) -> int:
         return self._hits.get(key_id, 0)
+
+    def forget_hits(self, key_ids: Iterable[str]) -> None:
+        for key_id in key_ids:
+            self._hits.pop(key_id, None)
 
     def size(self) -> tuple[int, int]:
         return len(self._entries), self._bytes

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -187,6 +188,9 @@ class RedisStore:
         except (RedisError, OSError) as error:
             raise StoreUnavailable(str(error)) from None
         return int(count or 0)
+
+    def forget_hits(self, key_ids: Iterable[str]) -> None:
+        """Kept: a counter in Redis, shared by every instance (docs/watching.md says so)."""
 
     def size(self) -> tuple[int, int]:
         return self._size

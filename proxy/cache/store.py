@@ -7,6 +7,7 @@ and never fails a request because of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from proxy.cache.entry import Entry
@@ -59,6 +60,10 @@ class Store(Protocol):
 
     async def hits(self, key_id: str) -> int:
         """A key's hits since the store began (with Redis: by every instance)."""
+        ...
+
+    def forget_hits(self, key_ids: Iterable[str]) -> None:
+        """Drop the hit counts of keys deleted (nothing reads them again)."""
         ...
 
     def size(self) -> tuple[int, int]:

@@ -46,6 +46,8 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "none"  # the label for a provider or model the request never got to
 OTHER = "other"  # the label for models past MODEL_LABEL_VALUES (or MODEL_LABEL_UNANSWERED)
 AUTH_OUTCOMES = ("refused", "throttled")
+# What refuses a team's request (`limit_refused`): its windows, its budget, its slots.
+TEAM_LIMITS = ("requests", "tokens", "budget", "in_flight")
 # How a provider fails (`_failure_kind`): a 5xx answer, or an outcome in PROVIDER_FAILURES.
 UPSTREAM_ERROR_KINDS = ("status", "unreachable", "timeout", "broken", "error_event")
 MODEL_LABEL_CHARS = 64
@@ -390,12 +392,26 @@ class Metrics:
         if not self._is_multiprocess:  # prometheus-client cannot remove from the files
             self._quota_rejections.remove(key)
 
+    def team_gone(self, team: str) -> None:
+        """A team deleted (`team`: its name): its in-flight gauge and refusal series go, as a
+        deleted key's; with workers they stay, as a key's do."""
+        if self._is_multiprocess:
+            return
+        for limit in TEAM_LIMITS:
+            self._limit_refusals.remove("team", limit, team)
+            self._children.pop((self._limit_refusals, ("team", limit, team)), None)
+        self._team_in_flight.remove(team)
+        self._children.pop((self._team_in_flight, (team,)), None)
+
     def limit_refused(self, scope: str, limit: str, team: str = "") -> None:
         """Count a 429 of a shared limit (`team`: the team's name, "" for other scopes)."""
         self._child(self._limit_refusals, scope, limit, team).inc()
 
     def team_slots(self, team: str, change: int) -> None:
-        """A request of `team` took (+1) or gave back (-1) one of its slots."""
+        """A request of `team` took (+1) or gave back (-1) one of its slots. A slot given back
+        after its team was deleted (`team_gone`) leaves no series behind at -1."""
+        if change < 0 and (self._team_in_flight, (team,)) not in self._children:
+            return
         self._child(self._team_in_flight, team).inc(change)
 
     def auth_failed(self, outcome: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import KEY_RING, QUOTA, build_app, load_keys
+from proxy.app import CACHE, KEY_RING, QUOTA, build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
 from tests.support.clock import Clock
@@ -771,3 +771,46 @@ async def test_a_deleted_key_leaves_no_series_and_no_totals_behind(admin_gateway
     assert (await (await gateway.get("/usage", headers=auth(kept))).json())["totals"][
         "requests"
     ] == 1
+
+
+async def test_deleted_keys_leave_no_cache_hit_counts_behind(admin_gateway: Make) -> None:
+    # Each key with a cache had its hit count kept for the life of the process, also once
+    # deleted (its /usage answers 401): CI making and deleting a cached key per run grew
+    # the in-memory store by an entry a run, never read again.
+    gateway = await admin_gateway()
+    cache = gateway.app[CACHE]
+    gone = []
+    for run in range(20):
+        made = await create(gateway, name=f"ci-run-{run}", cache={"ttl_seconds": 600})
+        for _ in range(2):  # a miss, then a hit
+            assert await chat(gateway, made["key"]) == 200
+            await cache.settled()  # the miss's answer is stored before the next asks
+        key = next(key for key in gateway.app[KEY_RING] if key.name == f"ci-run-{run}")
+        assert await cache.hits(key) == 1
+        assert (await gateway.delete(f"/admin/keys/ci-run-{run}", headers=ADMIN)).status == 204
+        gone.append(key)
+    kept = (await create(gateway, name="kept", cache={"ttl_seconds": 600}))["key"]
+    for _ in range(2):
+        assert await chat(gateway, kept) == 200
+        await cache.settled()
+    assert [await cache.hits(key) for key in gone] == [0] * 20
+    usage = await (await gateway.get("/usage", headers=auth(kept))).json()
+    assert usage["cache"]["hits"] == 1
+
+
+async def test_deleted_teams_leave_no_series_behind(admin_gateway: Make) -> None:
+    # A team made per project and deleted after kept its in-flight gauge and its refusal
+    # series on /metrics for the life of the process, as a deleted key's did before.
+    gateway = await admin_gateway()
+    for run in range(5):
+        team = {"name": f"proj-{run}", "quota": {"requests": 1}, "max_in_flight": 4}
+        assert (await gateway.post("/admin/teams", json=team, headers=ADMIN)).status == 201
+        key = (await create(gateway, name=f"member-{run}", team=f"proj-{run}"))["key"]
+        assert [await chat(gateway, key) for _ in range(2)] == [200, 429]
+        text = await (await gateway.get("/metrics")).text()
+        assert f'llm_gateway_team_requests_in_flight{{team="proj-{run}"}} 0.0' in text
+        assert f'team="proj-{run}"}} 1.0' in text  # its refusal
+        assert (await gateway.delete(f"/admin/keys/member-{run}", headers=ADMIN)).status == 204
+        assert (await gateway.delete(f"/admin/teams/proj-{run}", headers=ADMIN)).status == 204
+    text = await (await gateway.get("/metrics")).text()
+    assert [line for line in text.splitlines() if 'team="proj-' in line] == []

@@ -7,10 +7,12 @@ import asyncio
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.cache.cache import Pending
 from proxy.cache.entry import CorruptEntry, Entry, decode, encode
 from proxy.cache.flights import Flights
 from proxy.cache.lookup import (
@@ -311,3 +313,54 @@ async def test_a_waiter_goes_on_its_own_after_its_wait_or_a_failed_flight() -> N
     await asyncio.sleep(0)
     flights.end("n", flight)  # ended without an entry
     assert await waiter is None
+
+
+def wire_headers(index: int) -> CIMultiDict[str]:
+    """An answer's headers as the wire hands them over: each name and value a str of its own,
+    decoded from the bytes read, in a case-blind multidict."""
+    fields: CIMultiDict[str] = CIMultiDict()
+    for name, value in (
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % (300 + index % 7)),
+        (b"Date", b"Mon, 07 Dec 2026 16:00:00 GMT"),
+        (b"openai-organization", b"org-abcdef"),
+        (b"openai-processing-ms", b"%d" % (100 + index)),
+        (b"openai-version", b"2020-10-01"),
+        (b"x-request-id", b"req_%032x" % index),
+        (b"x-ratelimit-limit-requests", b"10000"),
+        (b"x-ratelimit-remaining-requests", b"%d" % (9999 - index)),
+        (b"x-ratelimit-reset-requests", b"6ms"),
+        (b"cf-cache-status", b"DYNAMIC"),
+        (b"Server", b"cloudflare"),
+    ):
+        fields.add(name.decode("latin-1"), value.decode())
+    return fields
+
+
+async def test_what_the_memory_store_counts_is_at_least_what_its_entries_hold() -> None:
+    # Entries made from real answers held about 2.6 times the bytes CACHE_MAX_BYTES counted
+    # for them (each header's name a str of its own and multidict's case-blind copy of it, on
+    # top of the value and the pair): a 256 MiB cache of chat answers took ~670 MB.
+    count = 300
+    bodies = [
+        b'{"id":"chatcmpl-%06d","choices":[{"message":{"content":"hi"}}]}' % n for n in range(count)
+    ]
+    store = MemoryStore(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for index, body in enumerate(bodies):
+            pending = Pending(f"k:abc:{index:064x}", 3600, 1 << 20, None, "k:abc:", 0.0)
+            pending.begin(200, "OK", wire_headers(index))
+            pending.collect(body)
+            entry = pending.entry(ended(), 1.0)
+            assert entry is not None
+            await store.put(pending.name, entry, 3600, pending.prefix, 0.0)
+            del pending, entry
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    entries, counted = store.size()
+    assert entries == count
+    assert held <= counted, (held / count, counted / count)
