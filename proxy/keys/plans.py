@@ -74,9 +74,19 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         signing = builtin.signing if builtin else ""
         if signing:
             auth = "none"  # a cloud signs each request: no key header
-        # A base_url of its own (a private endpoint, a test's fake) serves every region.
-        regional = builtin.regional_url if builtin and "base_url" not in entry else ""
-        providers[name] = Provider(name, url, auth, extra, api, signing, regional)
+        # A base_url of its own (a private endpoint, a test's fake) serves every region, and
+        # Bedrock's managed agents too (`v1/...` under it, as under the anthropic SDK's own).
+        regional = builtin if builtin and "base_url" not in entry else None
+        providers[name] = Provider(
+            name,
+            url,
+            auth,
+            extra,
+            api,
+            signing,
+            regional.regional_url if regional else "",
+            control_url=regional.control_url if regional else "",
+        )
     return providers
 
 
