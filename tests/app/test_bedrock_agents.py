@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from anthropic import AsyncAnthropicBedrock, PermissionDeniedError
+from anthropic import AsyncAnthropicBedrock, InternalServerError, PermissionDeniedError
 from multidict import CIMultiDict
 
 from proxy.keys.fields import Defaults
@@ -226,3 +226,18 @@ def test_a_redirect_to_the_control_plane_points_back_at_the_gateway() -> None:
     headers = CIMultiDict({"Location": location})
     pointed_back(headers, provider, "/v1/v1/agents")
     assert headers["Location"] == "/v1/v1/agents?page=2"
+
+
+async def test_a_control_plane_out_of_reach_is_a_502_naming_its_own_host(
+    client: AsyncAnthropicBedrock, real_hosts: tuple[TestServer, ConnectProxy]
+) -> None:
+    """An egress that lets the runtime's host through and not the control plane's: the 502
+    names the host that failed (before: the runtime's, which answers)."""
+    _, proxy = real_hosts
+    proxy.hosts[f"{CONTROL_PLANE}:443"] = "127.0.0.1:1"  # nothing listens there
+    with pytest.raises(InternalServerError) as failed:
+        await client.beta.agents.retrieve("agent_bdrk_1")
+    assert failed.value.status_code == 502
+    assert f"at {CONTROL_PLANE}:443" in str(failed.value) and RUNTIME not in str(failed.value)
+    message = await client.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES)
+    assert message.content[0].text == "tok0 tok1 tok2 "  # type: ignore[union-attr]
