@@ -74,9 +74,22 @@ def parse_providers(path: str, section: Any) -> dict[str, Provider]:
         signing = builtin.signing if builtin else ""
         if signing:
             auth = "none"  # a cloud signs each request: no key header
-        # A base_url of its own (a private endpoint, a test's fake) serves every region.
-        regional = builtin.regional_url if builtin and "base_url" not in entry else ""
-        providers[name] = Provider(name, url, auth, extra, api, signing, regional)
+        # A built-in's endpoints in each region stay (all of them: Vertex's global, us and eu,
+        # Bedrock's control plane) unless the entry gives a base_url of its own (a private
+        # endpoint, a test's fake): that one serves every region, and Bedrock's managed agents
+        # too (`v1/...` under it, as under the anthropic SDK's own base_url).
+        regional = builtin if builtin and "base_url" not in entry else None
+        providers[name] = Provider(
+            name,
+            url,
+            auth,
+            extra,
+            api,
+            signing,
+            regional.regional_url if regional else "",
+            regional.region_urls if regional else {},
+            regional.control_url if regional else "",
+        )
     return providers
 
 

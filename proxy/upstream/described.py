@@ -8,14 +8,17 @@ import re
 import ssl
 
 import aiohttp
+from yarl import URL
 
 from proxy.upstream.targets import Target
 from proxy.upstream.wire import LOOKUP_FAILED
 
 
-def where(target: Target) -> str:
-    """A target in words for errors and /health: its provider and host, never a key."""
-    url = target.provider.base_url
+def where(target: Target, url: URL | None = None) -> str:
+    """A target in words for errors and /health: its provider and host, never a key. `url`:
+    the attempt's, whose host is named (Bedrock's control plane is not its runtime's host);
+    None: the target's base URL's."""
+    url = target.provider.base_url if url is None else url
     return f"provider '{target.provider.name}' at {_authority(url.host or '', url.port)}"
 
 

@@ -453,7 +453,7 @@ class Failover:
                 elif status == 400 and elsewhere and refuses_keys_with_400(target):
                     # A key's refusal some providers answer 400 (`refused_as`): read to tell.
                     try:
-                        refusal = await self._keep(reply, target)
+                        refusal = await self._keep(reply, outbound)
                     except Failed as failed:  # its body broke off: nothing reached the client
                         walk.failure = failed
                         pool.ended(credential)
@@ -489,7 +489,7 @@ class Failover:
                 answer: StoredAnswer | None = None  # this attempt's, read whole
                 try:
                     kept = (
-                        await self._keep(reply, target)
+                        await self._keep(reply, outbound)
                         if stood_for is None
                         else await _keep_stream(reply, self.policy.max_wait_seconds)
                     )
@@ -557,6 +557,7 @@ class Failover:
         wire = self._wire
         assert wire is not None, "the app's upstream wire is not open"
         target, breaker = outbound.target, self.breakers[outbound.target.name]
+        url = outbound.url  # named in a failure: the host asked (Bedrock's: one of two)
         now = self.breakers.clock
         member = credential.label if target.pool.size > 1 else target.name
         record.saw_target(target.name, target.provider.name, member, target.model)
@@ -564,8 +565,7 @@ class Failover:
             # Begun before the try's time: a span settled as its start plus the try's ms
             # never ends after the next try began, and a try that fails to sign has one too.
             model = target.model or record.model
-            method, url, headers = outbound.method, outbound.url, outbound.headers
-            on_attempt(method, url, headers, target.provider.name, model)
+            on_attempt(outbound.method, url, outbound.headers, target.provider.name, model)
         asked = time.perf_counter()
         # A pool's time to first byte is on the breakers' clock, as its fading is (a test's).
         began = now() if pool is not None else 0.0
@@ -604,17 +604,18 @@ class Failover:
             slow = sent  # the request's own doing, maybe: its key is named to the breaker
             timeout = self.policy.request_timeout
             if sent:
-                why = f"{where(target)} sent no response headers within {timeout:g} seconds"
+                why = f"{where(target, url)} sent no response headers within {timeout:g} seconds"
             elif isinstance(error, aiohttp.ConnectionTimeoutError):  # the wire's setup bound
-                why = f"{where(target)}: could not connect within {wire.connect_timeout:g} seconds"
+                why = f"{where(target, url)}: could not connect within {wire.connect_timeout:g} seconds"
             else:
-                why = f"{where(target)}: could not connect and send within {timeout:g} seconds"
+                why = f"{where(target, url)}: could not connect and send within {timeout:g} seconds"
             failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
-            failed = Failed(Outcome.UNREACHABLE, f"{where(target)}: {described(error)}", sent)
+            failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {described(error)}", sent)
             slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
-            failed, slow = Failed(Outcome.UNREACHABLE, f"{where(target)}: {error}"), False
+            failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {error}")
+            slow = False
         except asyncio.CancelledError as cancel:
             if sent:
                 record.saw_unanswered()
@@ -633,7 +634,9 @@ class Failover:
             status, stream_error = reply.status, None
             if stood_for is not None and walk is not None:
                 walk.stood_for, (kind, status) = stood_for, stood_for
-                stream_error = f"{where(target)} sent 200, then {kind} as its stream's first event"
+                stream_error = (
+                    f"{where(target, url)} sent 200, then {kind} as its stream's first event"
+                )
             ms = record.waited_upstream(asked)
             if pool is not None:
                 answered = now() if headed is None else headed
@@ -660,7 +663,7 @@ class Failover:
                 if status == 429:
                     breaker.abstain()  # about a key, not the target
                 else:
-                    breaker.failed(now(), stream_error or f"{status} from {where(target)}")
+                    breaker.failed(now(), stream_error or f"{status} from {where(target, url)}")
             elif status < 400:
                 breaker.succeeded(now())
             else:  # a key refused (401, 403, 402) or a request refused (400, 404, 413, ...):
@@ -691,7 +694,7 @@ class Failover:
         breaker.failed(now(), failed.why, record.key if slow else None)
         raise failed
 
-    async def _keep(self, reply: WireReply, target: Target) -> StoredAnswer | None:
+    async def _keep(self, reply: WireReply, outbound: Outbound) -> StoredAnswer | None:
         """The answer read whole, its connection released; None when it is too large to
         keep (nothing of it taken). Raises Failed when its body broke off or stalled: no
         byte of it reached the client, so the walk goes on as after any failure."""
@@ -706,12 +709,13 @@ class Failover:
                 body = await reply.read()
         except TimeoutError:
             reply.close()
-            why = f"{where(target)} sent {reply.status} but not its body within {timeout:g} seconds"
+            at = where(outbound.target, outbound.url)
+            why = f"{at} sent {reply.status} but not its body within {timeout:g} seconds"
             raise Failed(Outcome.TIMEOUT, why) from None
         except aiohttp.ClientError as error:
             reply.close()
-            broken = type(error).__name__
-            why = f"{where(target)} sent {reply.status} and broke off its answer ({broken})"
+            broken, at = type(error).__name__, where(outbound.target, outbound.url)
+            why = f"{at} sent {reply.status} and broke off its answer ({broken})"
             raise Failed(Outcome.BROKEN, why) from None
         reply.release()
         return StoredAnswer(reply, body)

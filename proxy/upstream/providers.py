@@ -2,7 +2,9 @@
 
 Providers differ by data only: a base URL, the header that carries the real key, and
 headers added when the client sent none; the clouds (`bedrock`, `vertex`) sign each request
-instead of sending a key (`signing`), at a base URL that depends on the target's region. `keys.json` may override a built-in's
+instead of sending a key (`signing`), at a base URL that depends on the target's region
+(Bedrock's region has two: its runtime, and its control plane for the tails under `v1/`,
+Anthropic's managed agents). `keys.json` may override a built-in's
 `base_url` or `auth`, or declare a custom provider. This module also owns the headers
 of both directions: what is dropped (hop-by-hop, `Host`, anything that can carry a
 virtual key) and the upstream URL, which no part of a request can point elsewhere.
@@ -22,6 +24,11 @@ APIS = ("openai", "anthropic", "bedrock", "vertex")
 # How a cloud provider authenticates a request: AWS SigV4 over the exact bytes, or a Google
 # OAuth access token minted from a service account (upstream/signing.py).
 SIGNINGS = ("", "sigv4", "google")
+# The tails a provider's control plane serves, where it has one (`control_url`): Anthropic's
+# managed agents on Bedrock (`v1/agents`, `v1/sessions`, `v1/memory_stores`), which the
+# anthropic SDK sends as its own `/v1/...` under the base URL it is given (the gateway's `/v1`),
+# signed for the same service as the runtime's calls (`bedrock`).
+CONTROL_ROOT = "v1/"
 
 # Headers that can carry a virtual key, in the order they are read: the
 # headers the OpenAI, Anthropic, Azure and Gemini SDKs send their key in.
@@ -116,10 +123,14 @@ class Provider:
     regional_url: str = ""
     # The regions whose endpoint is not on that pattern: region -> its base URL.
     region_urls: Mapping[str, str] = field(default_factory=dict)
+    # The base URL of the tails under CONTROL_ROOT (in `{region}` until `in_region`): Bedrock's
+    # control plane; "" sends them to base_url, as any other tail.
+    control_url: str = ""
     # Worked out once from the above (__post_init__), not on every request: base_url as a
-    # string without its trailing slash; the credential's header and what precedes the key;
-    # the client's headers never forwarded to it.
+    # string without its trailing slash (and control_url's); the credential's header and what
+    # precedes the key; the client's headers never forwarded to it.
     _base: str = field(init=False, repr=False, compare=False)
+    _control: str = field(init=False, repr=False, compare=False)
     _auth_header: str = field(init=False, repr=False, compare=False)
     _auth_prefix: str = field(init=False, repr=False, compare=False)
     not_upstream: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -127,6 +138,7 @@ class Provider:
     def __post_init__(self) -> None:
         is_bearer = self.auth == "bearer"
         object.__setattr__(self, "_base", str(self.base_url).rstrip("/"))
+        object.__setattr__(self, "_control", self.control_url.rstrip("/"))
         object.__setattr__(self, "_auth_header", "Authorization" if is_bearer else self.auth)
         object.__setattr__(self, "_auth_prefix", "Bearer " if is_bearer else "")
         google = self.signing == "google"
@@ -137,7 +149,8 @@ class Provider:
         if not self.regional_url:
             return self
         url = self.region_urls.get(region) or self.regional_url.format(region=region)
-        return replace(self, base_url=URL(url))
+        control = self.control_url.format(region=region)
+        return replace(self, base_url=URL(url), control_url=control)
 
     def credential_headers(self, api_key: str) -> dict[str, str]:
         """The header that carries the real key, in this provider's style."""
@@ -151,17 +164,24 @@ class Provider:
             headers[self._auth_header] = self._auth_prefix + api_key
 
     def url(self, tail: str, query_string: str) -> URL:
-        """`<base_url>/<tail>?<query>`; `tail` was already checked by `routing` not to climb out."""
-        url = f"{self._base}/{tail}?{query_string}" if query_string else f"{self._base}/{tail}"
+        """`<base_url>/<tail>?<query>` (`<control_url>/...` for a tail under CONTROL_ROOT, where
+        there is one); `tail` was already checked by `routing` not to climb out."""
+        base = self._control if self._control and tail.startswith(CONTROL_ROOT) else self._base
+        url = f"{base}/{tail}?{query_string}" if query_string else f"{base}/{tail}"
         return URL(url, encoded=True)
 
     def tail_of(self, url: str) -> str | None:
-        """`<tail>?<query>` of a URL under this provider's base URL (`url`'s inverse);
-        None for any other URL."""
-        base = self._base
-        if not url.startswith(base) or url[len(base) : len(base) + 1] not in ("/", "?"):
+        """`<tail>?<query>` of a URL under this provider's base URL or control_url (`url`'s
+        inverse); None for any other URL."""
+        if self._control and _is_under(url, self._control):
+            return url[len(self._control) :].lstrip("/")
+        if not _is_under(url, self._base):
             return None
-        return url[len(base) :].lstrip("/")
+        return url[len(self._base) :].lstrip("/")
+
+
+def _is_under(url: str, base: str) -> bool:
+    return url.startswith(base) and url[len(base) : len(base) + 1] in ("/", "?")
 
 
 BUILTINS: dict[str, Provider] = {
@@ -184,6 +204,8 @@ BUILTINS: dict[str, Provider] = {
         api="bedrock",
         signing="sigv4",
         regional_url="https://bedrock-runtime.{region}.amazonaws.com",
+        # The SDK's own default for the managed agents (`AnthropicBedrock`'s base_url, unset).
+        control_url="https://bedrock.{region}.amazonaws.com/anthropic",
     ),
     "vertex": Provider(
         "vertex",

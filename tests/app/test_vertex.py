@@ -538,6 +538,25 @@ def test_a_region_picks_the_endpoint_google_serves_it_at(
     )
 
 
+def test_a_providers_entry_without_base_url_keeps_the_endpoint_of_each_region(
+    tmp_path: Path, account: tuple[dict[str, Any], bytes]
+) -> None:
+    """`"providers": {"vertex": {"api": "vertex"}}` (no base_url of its own): before, a key in
+    `global`, `us` or `eu` went to `<region>-aiplatform.googleapis.com`, a host that does
+    not exist."""
+    account_file = tmp_path / "service-account.json"
+    account_file.write_text(json.dumps(account[0]))
+    document = vertex_keys("http://unused.invalid", account_file)
+    document["providers"] = {"vertex": {"api": "vertex"}}
+    del document["virtual_keys"][SMALL_VK], document["virtual_keys"][NARROW_VK]
+    document["virtual_keys"][VERTEX_VK]["region"] = "global"
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    defaults = Defaults(quota_enabled=False, requests=0, tokens=None, window_seconds=60.0)
+    (target,) = KeyRing.load(str(path), {}, defaults).every_target()
+    assert target.provider.url("projects/p", "").host == "aiplatform.googleapis.com"
+
+
 async def test_requests_needing_a_token_at_once_share_the_refusal_of_one_token_request(
     account: tuple[dict[str, Any], bytes], vertex: VertexState
 ) -> None:

@@ -6,7 +6,9 @@ on kept-alive connections, a chunked body chunk by chunk, an upgrade (101: a Web
 bytes both ways from then on. With `credentials` ("user:pass")
 it asks for them: a request without the matching `Proxy-Authorization: Basic` gets 407.
 What it saw is kept: each CONNECT's target, each forwarded URL, each Proxy-Authorization
-(None when absent), and how many client connections it took.
+(None when absent), and how many client connections it took. `hosts` sends a tunnel to a
+name elsewhere (`"bedrock.us-west-2.amazonaws.com:443": "127.0.0.1:<port>"`), as /etc/hosts
+would: a fake stands in for a provider's real host, the gateway's URL unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from yarl import URL
 @dataclass
 class ConnectProxy:
     credentials: str | None = None
+    hosts: dict[str, str] = field(default_factory=dict)
     connects: list[str] = field(default_factory=list)
     forwarded: list[str] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)
@@ -105,7 +108,7 @@ class ConnectProxy:
     async def _tunnel(
         self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        host, _, port = target.rpartition(":")
+        host, _, port = self.hosts.get(target, target).rpartition(":")
         try:
             origin_reader, origin_writer = await asyncio.open_connection(host.strip("[]"), port)
         except OSError:

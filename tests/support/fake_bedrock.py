@@ -21,6 +21,20 @@ keys.json holds; a request signed otherwise, or with one byte changed, gets Bedr
                                                    sent encoded, as boto3 sends it)
     POST /guardrail/{id or ARN}/version/{v}/apply  ApplyGuardrail: no intervention
 
+and, as the control plane (`bedrock.<region>.amazonaws.com`), Anthropic's managed agents under
+`/anthropic/v1/` (also under `/v1/`, where a client given a base URL of its own sends them):
+
+    POST /anthropic/v1/agents, GET …/agents, GET …/agents/{id}      an agent, a page of them
+    POST /anthropic/v1/sessions                                     a session
+    POST /anthropic/v1/sessions/{id}/events                         the events sent, as stored
+    GET  /anthropic/v1/sessions/{id}/events/stream                  SSE: agent.message events
+                                                                    (`x-fake-chunks`, default 3),
+                                                                    then session.status_idle
+
+Asked by a real host's name (through a test's CONNECT proxy), each endpoint serves its own
+paths only: the runtime's at `bedrock-runtime.<region>.amazonaws.com`, the control plane's at
+`bedrock.<region>.amazonaws.com`; the other's get AWS's 404 (UnknownOperationException).
+
 An invoke answer names the model as Bedrock does, by Anthropic's own name
 (`us.anthropic.claude-sonnet-4-5-20250929-v1:0` answers `claude-sonnet-4-5-20250929`). It
 reports INPUT_TOKENS input tokens and as many output tokens as it sends text pieces
@@ -56,6 +70,8 @@ from multidict import CIMultiDict
 from tests.support.fake_media import chunked
 
 INPUT_TOKENS = 11
+# What a managed agent runs on Bedrock: an inference profile's id, with its geography.
+CLAUDE_PROFILE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 # A Claude model id, and Anthropic's own name in it (what an invoke answer's `model` says).
 _CLAUDE_ID = re.compile(r"(?:[a-z]+\.)?anthropic\.(?P<name>claude-.+?)-v\d+(?::\d+)?")
@@ -99,6 +115,8 @@ def bedrock_app(
     app.router.add_post("/async-invoke", _handle)
     app.router.add_get("/async-invoke/{arn:.+}", _handle)  # the ARN's '/' came encoded
     app.router.add_post("/guardrail/{guardrail:.+}/version/{version}/apply", _handle)
+    app.router.add_route("*", "/anthropic/v1/{resource:.+}", _control_plane)
+    app.router.add_route("*", "/v1/{resource:.+}", _control_plane)
     return app
 
 
@@ -136,9 +154,20 @@ def signed_region(request: web.Request | CIMultiDict[str]) -> str | None:
     return None if found is None else found["region"]
 
 
-async def _handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[BEDROCK_STATE]
-    body = await request.read()
+def _refusal(
+    state: BedrockState, request: web.Request, body: bytes, host: str
+) -> web.Response | None:
+    """AWS's answer to a request this endpoint (`host`: its name's first label) does not
+    take: another endpoint's path asked by a real host's name (404), or a signature that is
+    not these credentials' (403). None: it is served, and kept in `seen`."""
+    name = request.url.host or ""
+    if name.endswith(".amazonaws.com") and not name.startswith(f"{host}."):
+        state.refused.append(f"{request.path} at {name}")
+        return web.json_response(
+            {"message": f"Unknown operation {request.method} {request.path}"},
+            status=404,
+            headers={"x-amzn-ErrorType": "UnknownOperationException"},
+        )
     problem = signature_problem(state, request, body)
     if problem is not None:
         state.refused.append(problem)
@@ -148,6 +177,15 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             headers={"x-amzn-ErrorType": "InvalidSignatureException"},
         )
     state.seen.append((request.raw_path, CIMultiDict(request.headers), body))
+    return None
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[BEDROCK_STATE]
+    body = await request.read()
+    refusal = _refusal(state, request, body, "bedrock-runtime")
+    if refusal is not None:
+        return refusal
     if signed_region(request) in state.down:
         return web.json_response(
             {"message": "Bedrock is unable to process your request."},
@@ -226,6 +264,61 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     return await chunked(
         request, frames, EVENT_STREAM, is_held=request.headers.get("x-fake-hang") == "end"
     )
+
+
+async def _control_plane(request: web.Request) -> web.StreamResponse:
+    """Anthropic's managed agents on Bedrock's control plane: just enough of each answer
+    for the SDK to read it."""
+    state = request.app[BEDROCK_STATE]
+    body = await request.read()
+    refusal = _refusal(state, request, body, "bedrock")
+    if refusal is not None:
+        return refusal
+    sent = orjson.loads(body) if body else {}
+    path, method = request.match_info["resource"].split("/"), request.method
+    if path == ["agents"] and method == "POST":
+        return web.json_response(_agent(sent.get("name", ""), sent.get("model")))
+    if path == ["agents"] and method == "GET":
+        return web.json_response({"data": [_agent("first", CLAUDE_PROFILE)], "next_page": None})
+    if path[0] == "agents" and len(path) == 2 and method == "GET":
+        return web.json_response(_agent("first", CLAUDE_PROFILE) | {"id": path[1]})
+    if path == ["sessions"] and method == "POST":
+        session = {"id": "sesn_bdrk_1", "type": "session", "status": "idle"}
+        return web.json_response(session | {"agent": {"id": sent.get("agent"), "type": "agent"}})
+    if path[0] == "sessions" and path[2:] == ["events"] and method == "POST":
+        events = [event | {"id": f"sevt_{i}"} for i, event in enumerate(sent.get("events", []))]
+        return web.json_response({"data": events})
+    if path[0] == "sessions" and path[2:] == ["events", "stream"] and method == "GET":
+        pieces = int(request.headers.get("x-fake-chunks", "3"))
+        events = [
+            ("agent.message", {"content": [{"type": "text", "text": f"tok{i} "}]})
+            for i in range(pieces)
+        ]
+        events.append(("session.status_idle", {"stop_reason": {"type": "end_turn"}}))
+        frames = [
+            b"event: %s\ndata: %s\n\n"
+            % (kind.encode(), orjson.dumps({"type": kind, "id": f"sevt_{i}", **data}))
+            for i, (kind, data) in enumerate(events)
+        ]
+        return await chunked(request, frames, "text/event-stream")
+    raise web.HTTPNotFound()
+
+
+def _agent(name: str, model: Any) -> dict[str, Any]:
+    model_config = model if isinstance(model, dict) else {"id": model}
+    return {
+        "id": "agent_bdrk_1",
+        "type": "agent",
+        "name": name,
+        "model": model_config,
+        "version": 1,
+        "metadata": {},
+        "mcp_servers": [],
+        "skills": [],
+        "tools": [],
+        "created_at": "2026-12-01T00:00:00Z",
+        "updated_at": "2026-12-01T00:00:00Z",
+    }
 
 
 def _usage(pieces: list[str]) -> dict[str, int]:
