@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import re
+import resource
 import ssl
 
 import aiohttp
@@ -22,6 +23,26 @@ def where(target: Target) -> str:
 def _authority(host: str, port: int | None) -> str:
     """host:port, an IPv6 address bracketed as a URL writes it (or its port is lost in it)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# The process's or the system's limit on open files reached: no socket for the provider, which
+# no provider can mend, nor counts against one.
+OUT_OF_FILES = frozenset((errno.EMFILE, errno.ENFILE))
+
+
+def out_of_files(error: aiohttp.ClientError) -> str | None:
+    """Words for a connection the gateway could not begin for want of a file descriptor
+    (EMFILE, ENFILE), naming the limit to raise; None for any other failure."""
+    if not isinstance(error, aiohttp.ClientConnectorError):
+        return None
+    if error.os_error.errno not in OUT_OF_FILES:
+        return None
+    if error.os_error.errno == errno.ENFILE:
+        return (
+            "the gateway is out of file descriptors (the system's limit, fs.file-max, is reached)"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"the gateway is out of file descriptors (its limit on open files, {limit}, is reached)"
 
 
 def described(error: aiohttp.ClientError) -> str:
