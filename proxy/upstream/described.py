@@ -114,6 +114,18 @@ def _tls_failed(error: OSError) -> str:
     reason = getattr(error, "reason", None)
     if reason in _NOT_TLS:
         return "TLS failed: the server did not answer in TLS (plain HTTP behind an https:// URL?)"
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return (
+            "TLS failed: the provider requires a client certificate, which the gateway does "
+            f"not present ({reason})"
+        )
+    if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":  # TLS 1.2's one word for it, among others
+        return (
+            f"TLS failed: the provider refused the handshake ({reason}: it may require a "
+            "client certificate, which the gateway does not present)"
+        )
+    if isinstance(reason, str) and "_ALERT_" in reason:  # the provider's refusal, by name
+        return f"TLS failed: the provider refused the handshake ({reason})"
     return f"TLS failed ({reason or type(error).__name__})"
 
 

@@ -634,6 +634,10 @@ class Failover:
             if (short := out_of_files(error)) is not None:  # the gateway's, not the target's
                 failed, slow = OutOfFiles(f"{short}: {where(target)} was not asked"), False
             else:
+                if isinstance(error, aiohttp.ClientSSLError):
+                    # TLS refused, even read in place of the answer (TLS 1.3's mutual TLS,
+                    # wire.py): the provider never took the request, whatever was written.
+                    sent = False
                 failed = Failed(Outcome.UNREACHABLE, f"{where(target)}: {described(error)}", sent)
                 slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
