@@ -291,9 +291,14 @@ def build_app(
             on_dropped=metrics.trace_spans_dropped,
         )
         app.cleanup_ctx.append(_tracing)
-    app[REALTIME] = Realtime(settings, breakers)
+    app[REALTIME] = Realtime(settings, breakers, on_out_of_files=health.ran_out_of_files)
     app.on_shutdown.append(app[REALTIME].shut)  # open WebSocket sessions end with 1001
-    app[FAILOVER] = Failover(retry_policy(settings), breakers, settings.max_body_bytes)
+    app[FAILOVER] = Failover(
+        retry_policy(settings),
+        breakers,
+        settings.max_body_bytes,
+        on_out_of_files=health.ran_out_of_files,
+    )
     app[CACHE] = new_cache(settings, metrics, cache_clock, siblings)
     app[PROBES] = Probes(
         breakers=breakers,

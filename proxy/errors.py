@@ -31,6 +31,8 @@ The failure map, by the step that raises (status, OpenAI code):
     forward        502 upstream_unreachable   refused, reset or DNS failure before headers
                    504 upstream_timeout       no response headers within REQUEST_TIMEOUT
                    502 upstream_broken        the last target's 429 or 5xx broke off its body
+                   503 too_many_open_files    no file descriptor left to reach the provider with
+                                              (EMFILE, ENFILE): the gateway's limit, not asked
     stream_back    502 upstream_broken        a small whole body cut short, before we sent anything,
                                               or a message batch's answer (links) or a coded
                                               error answer of no length over 8 MiB

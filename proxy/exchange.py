@@ -284,11 +284,19 @@ class Entrance:
             creator = exchange.creator
             if creator is None:
                 self.quota.settle(key, exchange.admission, usage, record.cost_usd)
-                return
-            # Deferred work it claimed: its creator pays, this request itself nothing.
-            self.quota.settle(key, exchange.admission, None, None)
-            if usage is not None:
-                self.quota.charge_deferred(creator, record.model, usage, record.cost_usd)
+            else:  # deferred work it claimed: its creator pays, this request itself nothing
+                self.quota.settle(key, exchange.admission, None, None)
+                if usage is not None:
+                    self.quota.charge_deferred(creator, record.model, usage, record.cost_usd)
+            # A key (or team) deleted while this request ran: its settle opened again what
+            # the delete dropped (windows, totals, a micro-dollar fraction), to be kept for
+            # the life of the process, unreachable; dropped again, nothing stays once the
+            # last of its requests settled.
+            gone = self.key_ring.gone_scopes(key)
+            if creator is not None:
+                gone += self.key_ring.gone_scopes(creator)
+            if gone:
+                self.quota.forget(gone)
 
     def _store(self, exchange: Exchange) -> None:
         if exchange.found is not None and self.cache is not None:

@@ -39,6 +39,9 @@ MIN_SECRET_CHARS = 20
 # memory by the gigabyte (the workers' shared arrays, 8 bytes each, zeroed at once) instead
 # of refusing; a process per core is the most that helps.
 MAX_WORKERS = 1024
+# Probes go to a provider with a real key: more than one a second per target would spend its
+# rate limit (and fill its logs) to learn nothing a second later would not.
+MIN_PROBE_INTERVAL_SECONDS = 1.0
 
 
 class SettingError(ValueError):
@@ -110,6 +113,14 @@ def _window_seconds(text: str) -> float:
 
 def _non_negative_seconds(text: str) -> float:
     return _real(text, lambda value: value >= 0, "a non-negative number of seconds")
+
+
+def _probe_interval(text: str) -> float:
+    return _real(
+        text,
+        lambda value: value == 0 or value >= MIN_PROBE_INTERVAL_SECONDS,
+        f"0 (no probes) or at least {MIN_PROBE_INTERVAL_SECONDS:g} second",
+    )
 
 
 def _positive_dollars(text: str) -> float:
@@ -412,10 +423,10 @@ class Settings:
     )
     probe_interval_seconds: float = setting(
         "0",
-        _non_negative_seconds,
-        "every this many seconds, a target whose breaker is open is probed with GET .../models, "
-        "which generates nothing, and closes on success (0: no probes; a client's request is "
-        "the probe after the cooldown)",
+        _probe_interval,
+        "every this many seconds (at least 1), a target whose breaker is open is probed with "
+        "GET .../models, which generates nothing, and closes on success (0: no probes; a "
+        "client's request is the probe after the cooldown)",
     )
     pool_sticky_header: str | None = setting(
         None,

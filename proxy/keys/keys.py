@@ -247,6 +247,21 @@ class KeyRing:
         self._by_id = other._by_id
         return tuple(gone)
 
+    def gone_scopes(self, key: VirtualKey) -> tuple[Scope, ...]:
+        """The scopes of `key`, as a request still holds it, that this ring no longer has: its
+        own and its model groups' once it was deleted (or made again under its name), its
+        team's once that team was (`replace` dropped them; the request's settle opened them
+        again). () while both stand: one lookup, two for a key in a team."""
+        gone: tuple[Scope, ...] = ()
+        if key.id not in self._by_id:
+            gone = (key.scope, *(group.scope for group in key.model_quotas))
+        team = key.team
+        if team is not None:
+            now = self.teams.get(team.name)
+            if now is None or now.scope.id != team.scope.id:
+                gone += (team.scope,)
+        return gone
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._keys.values())
 

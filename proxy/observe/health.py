@@ -8,21 +8,32 @@ targets' breakers is open (one past its cooldown is half-open, read or not). `/h
 the targets (breaker state, and each key's measured time to first byte and requests in
 flight, by its label: `members`).
 
-`/health` always answers 200 with `status` "degraded" while a breaker is open or the
-tracker has lost Redis: the gateway still serves, so a load balancer should not pull it.
+`open_files`: the process's limit on open files, and the last time it had none left to reach
+a provider with (`ran_out_of_files`): the operator's limit to raise, never the provider's
+fault. Unhealthy from then until a /health finds a descriptor free again; `last_error` stays.
+
+`/health` always answers 200 with `status` "degraded" while a breaker is open, the tracker
+has lost Redis or no file descriptor is left: the gateway still serves, so a load balancer
+should not pull it.
 `/ready` is the one that turns 503, while shutting down.
 """
 
 from __future__ import annotations
 
+import logging
+import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
 
+from proxy.observe.logbook import rfc3339
 from proxy.record import PROVIDER_FAILURES, Record
 from proxy.upstream.breaker import OPEN, Breakers
+
+log = logging.getLogger("llm_gateway")
 
 
 def is_upstream_failure(record: Record) -> bool:
@@ -64,6 +75,16 @@ class Health:
         self.config: dict[str, object] | None = None  # the keys file in force (reload.py)
         # The last reload that failed, {"reason", "at"}, until a reload succeeds.
         self.reload_failed: dict[str, str] | None = None
+        self._is_out_of_files = False
+        self._out_of_files: tuple[str, str] | None = None  # the last time: why, when
+
+    def ran_out_of_files(self, why: str) -> None:
+        """No file descriptor was left to reach a provider: /health degraded, and a line on
+        stderr once until it is healthy again (a storm of requests says it once)."""
+        if not self._is_out_of_files:
+            log.warning("%s; raise it (ulimit -n, docker's --ulimit nofile, LimitNOFILE)", why)
+        self._is_out_of_files = True
+        self._out_of_files = why, rfc3339(time.time())
 
     def count_keys(self, key_counts: Mapping[str, int], targets_of: Mapping[str, str]) -> None:
         """A reloaded keys file: each provider's key count, each target's provider.
@@ -90,8 +111,10 @@ class Health:
             ):
                 latest[provider] = breaker.last_failure
                 state["last_error"] = breaker.last_error
-        is_degraded = self.tracker_degraded is not None or not all(
-            state["healthy"] for state in providers.values()
+        is_degraded = (
+            self.tracker_degraded is not None
+            or self._is_out_of_files
+            or not all(state["healthy"] for state in providers.values())
         )
         targets = self._breakers.report()
         for name, members in self._members().items():
@@ -107,6 +130,12 @@ class Health:
                 "healthy": self.tracker_degraded is None,
                 "last_error": self.tracker_degraded,
             },
+            "open_files": {
+                "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                "healthy": not self._is_out_of_files,
+                "last_error": None if self._out_of_files is None else self._out_of_files[0],
+                "last_error_at": None if self._out_of_files is None else self._out_of_files[1],
+            },
         }
         if self.config is not None:
             report["config"] = {**self.config, "reload_failed": self.reload_failed}
@@ -117,6 +146,8 @@ class Health:
         answers again: no request may have tried it since it came back."""
         if self.tracker_degraded is not None and self._recheck is not None:
             await self._recheck()
+        if self._is_out_of_files:
+            self._is_out_of_files = not _has_file_to_spare()
         return _json(self.report(), status=200)
 
     async def handle_ready(self, request: web.Request) -> web.Response:
@@ -124,6 +155,15 @@ class Health:
         if self.shutting_down:
             return _json({"status": "shutting_down"}, status=503)
         return _json({"status": "ready"}, status=200)
+
+
+def _has_file_to_spare() -> bool:
+    """Whether the process can open a socket now (its limit on open files not reached)."""
+    try:
+        socket.socket().close()
+    except OSError:  # EMFILE, ENFILE; or ENOBUFS: no socket either way
+        return False
+    return True
 
 
 def _json(body: dict[str, object], status: int) -> web.Response:

@@ -436,6 +436,22 @@ return 0
 """
 )
 
+# Mark deferred work owed (a background response, a batch: `RedisTracker.owe`): its SET
+# after a write that changes nothing it would not (a DEL of the value it replaces), so a
+# full Redis runs it whole, as the scripts above; and take it (`claim`) in a script, not a
+# MULTI, whose every queued command a full Redis refuses (EXECABORT). Before, a full Redis
+# refused both: the response's or the batch's charge was lost, and the tracker said lost
+# and back again.
+OWE = """
+redis.call('DEL', KEYS[1])
+return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+"""
+CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then redis.call('DEL', KEYS[1]) end
+return value
+"""
+
 # Give back the slots of the lease ARGV[own] in every scope with a max_in_flight, after
 # applying the settles carried (the request's own, held a moment before): one round trip.
 _RELEASE = """

@@ -54,7 +54,7 @@ import orjson
 import redis
 from redis.exceptions import RedisError, ResponseError
 
-from proxy.quota.redis_scripts import RENEW, SCRIPTS, SETTLE_FIELDS
+from proxy.quota.redis_scripts import CLAIM, OWE, RENEW, SCRIPTS, SETTLE_FIELDS
 from proxy.quota.redis_wire import RedisWire, ReplyError, Script, pack
 from proxy.quota.tracker import (
     NO_KINDS,
@@ -119,6 +119,7 @@ class RedisTracker:
         self._settle = Script(SCRIPTS["settle"])
         self._report = Script(SCRIPTS["report"])
         self._renew = Script(RENEW)
+        self._owe, self._claim = Script(OWE), Script(CLAIM)
         self._release = Script(SCRIPTS["release"])
         # lease → the lease sets it holds a slot in, renewed while the request runs.
         self._leases: dict[str, list[str]] = {}
@@ -297,26 +298,19 @@ class RedisTracker:
         """Remember for `seconds` what is owed for the deferred work `deferred_id`."""
         try:
             value = orjson.dumps(encoded(owed))
-            set_ = pack("SET", owed_key(deferred_id), value, "EX", max(1, math.ceil(seconds)))
-            (answer,) = await self._wire.call(set_)
-            if isinstance(answer, ReplyError):
-                raise answer
+            expiry = max(1, math.ceil(seconds))
+            await self._wire.run(self._owe, (owed_key(deferred_id),), (value, expiry))
         except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
 
     async def claim(self, deferred_id: str) -> Owed | None:
-        """Take what is owed for `deferred_id`, whoever asks: the one caller whose DEL answers
-        1 gets it (GET and DEL in one MULTI, so no other client runs between them)."""
+        """Take what is owed for `deferred_id`, whoever asks: the one caller whose script
+        found it gets it (GET and DEL in one script, so no other client runs between them)."""
         try:
-            name = owed_key(deferred_id)
-            commands = (pack("MULTI"), pack("GET", name), pack("DEL", name), pack("EXEC"))
-            *_, answer = await self._wire.call(*commands)  # one write: nothing comes between
-            if isinstance(answer, ReplyError):
-                raise answer
-            value, deleted = answer
+            value = await self._wire.run(self._claim, (owed_key(deferred_id),), ())
         except (ReplyError, OSError) as error:
             raise TrackerUnavailable(f"Redis: {reason(error)}") from error
-        return decoded(value) if deleted == 1 and value is not None else None
+        return None if value is None else decoded(value)
 
     async def flush(self) -> None:
         """Send every held settle now, and wait for those already on their way (and for
@@ -540,7 +534,7 @@ def check(url: str) -> None:
                 "shard"
             )
         try:
-            for source in (*SCRIPTS.values(), RENEW):
+            for source in (*SCRIPTS.values(), RENEW, OWE, CLAIM):
                 client.script_load(source)
         except (RedisError, OSError) as error:
             raise TrackerUnavailable(f"cannot load the quota scripts ({reason(error)})") from None

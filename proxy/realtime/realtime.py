@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import aiohttp
@@ -70,13 +70,14 @@ from proxy.relay.echoes import searched
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.described import described, where
+from proxy.upstream.described import described, out_of_files, where
 from proxy.upstream.egress import Egress, origin_of
 from proxy.upstream.failover import (
     KEY_REFUSED,
     RATE_LIMITED_REST_SECONDS,
     REFUSED_KEY_REST_SECONDS,
     RETRYABLE,
+    out_of_files_error,
 )
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
@@ -114,8 +115,15 @@ def hide_browser_keys() -> None:
 class Realtime:
     """The WebSocket transport; one per app, holding the sessions still open."""
 
-    def __init__(self, settings: Settings, breakers: Breakers) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        breakers: Breakers,
+        on_out_of_files: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_out_of_files`: told why when a handshake had no file descriptor (/health)."""
         self._settings = settings
+        self._on_out_of_files = on_out_of_files
         # Told how each handshake went, as an HTTP attempt tells them: /health and the
         # breaker-state metric see a provider that fails sessions.
         self._breakers = breakers
@@ -268,6 +276,12 @@ class Realtime:
             why = f"The provider did not accept the WebSocket within {timeout:g} seconds."
             raise GatewayError(504, "upstream_timeout", why, outcome=Outcome.TIMEOUT) from None
         except aiohttp.ClientError as error:
+            if (short := out_of_files(error)) is not None:  # the gateway's, not the target's
+                why = f"{short}: {where(target)} was not asked"
+                self._breakers[target.name].abstain()
+                if self._on_out_of_files is not None:
+                    self._on_out_of_files(why)
+                raise out_of_files_error(why) from None
             self._failed(target, f"{where(target)}: {described(error)}")
             why = f"The provider could not be reached ({described(error)})."
             raise GatewayError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import re
+import resource
 import ssl
 
 import aiohttp
@@ -25,6 +26,26 @@ def where(target: Target, url: URL | None = None) -> str:
 def _authority(host: str, port: int | None) -> str:
     """host:port, an IPv6 address bracketed as a URL writes it (or its port is lost in it)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# The process's or the system's limit on open files reached: no socket for the provider, which
+# no provider can mend, nor counts against one.
+OUT_OF_FILES = frozenset((errno.EMFILE, errno.ENFILE))
+
+
+def out_of_files(error: aiohttp.ClientError) -> str | None:
+    """Words for a connection the gateway could not begin for want of a file descriptor
+    (EMFILE, ENFILE), naming the limit to raise; None for any other failure."""
+    if not isinstance(error, aiohttp.ClientConnectorError):
+        return None
+    if error.os_error.errno not in OUT_OF_FILES:
+        return None
+    if error.os_error.errno == errno.ENFILE:
+        return (
+            "the gateway is out of file descriptors (the system's limit, fs.file-max, is reached)"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"the gateway is out of file descriptors (its limit on open files, {limit}, is reached)"
 
 
 def described(error: aiohttp.ClientError) -> str:
@@ -96,6 +117,18 @@ def _tls_failed(error: OSError) -> str:
     reason = getattr(error, "reason", None)
     if reason in _NOT_TLS:
         return "TLS failed: the server did not answer in TLS (plain HTTP behind an https:// URL?)"
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return (
+            "TLS failed: the provider requires a client certificate, which the gateway does "
+            f"not present ({reason})"
+        )
+    if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":  # TLS 1.2's one word for it, among others
+        return (
+            f"TLS failed: the provider refused the handshake ({reason}: it may require a "
+            "client certificate, which the gateway does not present)"
+        )
+    if isinstance(reason, str) and "_ALERT_" in reason:  # the provider's refusal, by name
+        return f"TLS failed: the provider refused the handshake ({reason})"
     return f"TLS failed ({reason or type(error).__name__})"
 
 

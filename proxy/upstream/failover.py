@@ -89,7 +89,7 @@ from proxy.encodings import content_coding
 from proxy.errors import GatewayError
 from proxy.record import GRACE_OVER, Attempt, Outcome, Record, cut_by_gateway
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.described import described, where
+from proxy.upstream.described import described, out_of_files, where
 from proxy.upstream.first_event import MORE, Reader, decoded, reader
 from proxy.upstream.outbound import Outbound, build
 from proxy.upstream.refusals import (
@@ -219,15 +219,32 @@ class Failed(Exception):
         self.outcome, self.why, self.sent = outcome, why, sent
 
 
+class OutOfFiles(Failed):
+    """The gateway had no file descriptor to reach the provider with: its own failure, not
+    the target's (no breaker hears it), answered 503 (`out_of_files_error`)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(Outcome.REFUSED, why)
+
+
 _UNANSWERED_CODES = {Outcome.TIMEOUT: "upstream_timeout", Outcome.BROKEN: "upstream_broken"}
 
 
 def unanswered(failure: Failed) -> GatewayError:
-    """The gateway's 502/504 when no provider answered, carrying how the last try failed."""
+    """The gateway's 502/504 when no provider answered, carrying how the last try failed;
+    its 503 when the last try had no file descriptor."""
+    if isinstance(failure, OutOfFiles):
+        return out_of_files_error(failure.why)
     status = 504 if failure.outcome is Outcome.TIMEOUT else 502
     code = _UNANSWERED_CODES.get(failure.outcome, "upstream_unreachable")
     message = failure.why[0].upper() + failure.why[1:] + "."
     return GatewayError(status, code, message, outcome=failure.outcome, why=failure.why)
+
+
+def out_of_files_error(why: str) -> GatewayError:
+    """503 too_many_open_files: the gateway's own limit, retried as the cap's 503 is."""
+    message = why[0].upper() + why[1:] + "."
+    return GatewayError(503, "too_many_open_files", message, headers={"Retry-After": "1"}, why=why)
 
 
 class Failover:
@@ -240,13 +257,16 @@ class Failover:
         max_body_bytes: int,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         jitter: Callable[[float, float], float] = random.uniform,
+        on_out_of_files: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_out_of_files`: told why when an attempt had no file descriptor (/health)."""
         self.policy = policy
         self.breakers = breakers
         self._wire: Wire | None = None  # set while the app runs (use)
         self._max_body_bytes = max_body_bytes
         self.sleep = sleep  # a retry's wait (a test's moves its clock instead)
         self._jitter = jitter
+        self._on_out_of_files = on_out_of_files
 
     def use(self, wire: Wire | None) -> None:
         """Send through `wire` (the app's one, while it runs; None once it closed)."""
@@ -611,8 +631,15 @@ class Failover:
                 why = f"{where(target, url)}: could not connect and send within {timeout:g} seconds"
             failed = Failed(Outcome.TIMEOUT, why, sent)
         except aiohttp.ClientError as error:
-            failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {described(error)}", sent)
-            slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
+            if (short := out_of_files(error)) is not None:  # the gateway's, not the target's
+                failed, slow = OutOfFiles(f"{short}: {where(target, url)} was not asked"), False
+            else:
+                if isinstance(error, aiohttp.ClientSSLError):
+                    # TLS refused, even read in place of the answer (TLS 1.3's mutual TLS,
+                    # wire.py): the provider never took the request, whatever was written.
+                    sent = False
+                failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {described(error)}", sent)
+                slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
             failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {error}")
             slow = False
@@ -672,7 +699,8 @@ class Failover:
                 breaker.abstain()
             return reply
         ms = record.waited_upstream(asked)
-        if pool is not None:  # its first byte: later still (a pool key's failure: as above)
+        is_ours = isinstance(failed, OutOfFiles)  # says nothing of the target nor its key
+        if pool is not None and not is_ours:  # its first byte: later still (as above)
             gave_up = now()
             if failed.outcome is Outcome.TIMEOUT:
                 pool.measured(credential, gave_up - began, gave_up)
@@ -691,7 +719,12 @@ class Failover:
         )
         if sent:
             record.saw_unanswered()
-        breaker.failed(now(), failed.why, record.key if slow else None)
+        if is_ours:
+            breaker.abstain()
+            if self._on_out_of_files is not None:
+                self._on_out_of_files(failed.why)
+        else:
+            breaker.failed(now(), failed.why, record.key if slow else None)
         raise failed
 
     async def _keep(self, reply: WireReply, outbound: Outbound) -> StoredAnswer | None:

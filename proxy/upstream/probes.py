@@ -41,7 +41,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.upstream.breaker import Breakers
-from proxy.upstream.described import described, where
+from proxy.upstream.described import described, out_of_files, where
 from proxy.upstream.failover import RETRYABLE
 from proxy.upstream.providers import upstream_url
 from proxy.upstream.targets import Credential, Target
@@ -186,7 +186,10 @@ class Probes:
                 probe, FAILED, f"probe: {whose} sent no answer within {self._timeout:g} seconds"
             )
         except aiohttp.ClientError as error:
-            self._tell(probe, FAILED, f"probe: {whose}: {described(error)}")
+            if out_of_files(error) is not None:  # the gateway's own want, not the target's
+                self._tell(probe, INCONCLUSIVE, "")
+            else:
+                self._tell(probe, FAILED, f"probe: {whose}: {described(error)}")
         else:
             if 200 <= reply.status < 300:
                 self._tell(probe, OK, "")

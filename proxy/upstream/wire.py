@@ -336,7 +336,7 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         self.wire.forget(self)
         if self.headed is not None and not self.headed.done():
-            self.headed.set_exception(aiohttp.ServerDisconnectedError())
+            self.headed.set_exception(_lost_unanswered(self.origin, exc))
         elif self.reply is not None:
             if exc is None and _ends_at_close(self.reply.headers):
                 self.reply.content.end()  # the close is its end: the body is whole
@@ -859,6 +859,17 @@ def _connect_error(origin: Origin, error: OSError) -> aiohttp.ClientConnectorErr
     if isinstance(error, ssl.SSLError):
         return aiohttp.ClientConnectorSSLError(key, error)
     return aiohttp.ClientConnectorError(key, error)
+
+
+def _lost_unanswered(origin: Origin, error: Exception | None) -> aiohttp.ClientError:
+    """A connection lost before its answer's head: closed by the provider, or TLS refused.
+
+    Under TLS 1.3 the client's side of the handshake ends before the server has read the
+    client's certificate, so a provider that requires one (mutual TLS) sends its refusal, an
+    alert, where the answer should be: TLS's failure, as at connect, not a close."""
+    if isinstance(error, ssl.SSLError):
+        return _connect_error(origin, error)
+    return aiohttp.ServerDisconnectedError()
 
 
 class TunnelBroken(Exception):

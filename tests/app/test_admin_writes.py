@@ -21,6 +21,7 @@ from proxy.app import CACHE, KEY_RING, QUOTA, build_app, load_keys
 from proxy.settings import Settings
 from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, assert_openai_error, auth
 from tests.support.clock import Clock
+from tests.support.fake_provider import FakeState
 from tests.support.polling import until
 
 TOKEN = "admin-token-for-writes-0123456789"
@@ -771,6 +772,32 @@ async def test_a_deleted_key_leaves_no_series_and_no_totals_behind(admin_gateway
     assert (await (await gateway.get("/usage", headers=auth(kept))).json())["totals"][
         "requests"
     ] == 1
+
+
+async def test_a_key_deleted_while_its_request_runs_leaves_nothing_once_that_request_ends(
+    admin_gateway: Make, fake: FakeState, records: Callable[..., Any]
+) -> None:
+    # The delete dropped the key's windows and totals, then its request still running
+    # settled: that opened its window again, kept once idle as retired totals (and its
+    # micro-dollar fraction) for the life of the process, unreachable (/usage 401).
+    gateway = await admin_gateway()
+    made = (await create(gateway, name="ci-run-2", budget={"usd": 5}))["key"]
+    key_id = next(key.id for key in gateway.app[KEY_RING] if key.name == "ci-run-2")
+    tracker = gateway.app[QUOTA].tracker
+    nothing = await tracker.report("never-seen", None)
+    running = asyncio.ensure_future(
+        gateway.post("/v1/chat/completions", json=CHAT, headers={**auth(made), "x-fake-hold": "1"})
+    )
+    await until(lambda: len(fake.requests) == 1, what="the request at the provider")
+    assert (await gateway.delete("/admin/keys/ci-run-2", headers=ADMIN)).status == 204
+    fake.release.set()
+    response = await running
+    assert response.status == 200
+    await response.read()
+    lines = await records(3)  # the create, the delete, and the request once settled
+    (line,) = [line for line in lines if line.get("path") == "/v1/chat/completions"]
+    assert line["key"] == "ci-run-2" and line["usage"]["total_tokens"] > 0  # charged, then
+    assert await tracker.report(key_id, None) == nothing  # nothing of it is kept
 
 
 async def test_deleted_keys_leave_no_cache_hit_counts_behind(admin_gateway: Make) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -52,7 +53,34 @@ async def test_health_reports_status_uptime_providers_targets_and_tracker(
         },
         "targets": {"anthropic": closed, "openai": closed},
         "tracker": {"backend": "memory", "healthy": True, "last_error": None},
+        "open_files": {
+            "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "healthy": True,
+            "last_error": None,
+            "last_error_at": None,
+        },
     }
+
+
+async def test_health_says_the_gateway_ran_out_of_files_until_one_is_free_again(
+    serve: Callable[[Health], Awaitable[Client]],
+) -> None:
+    # Told by the attempt loop (the process at its limit: tests/process/test_open_files.py);
+    # here a descriptor is free at once, so the first /health after finds it healthy again.
+    clock = Clock()
+    health = health_of(breakers(clock), clock)
+    why = "the gateway is out of file descriptors (...): provider 'openai' at x:1 was not asked"
+    health.ran_out_of_files(why)
+    report = health.report()
+    assert report["status"] == "degraded"
+    assert report["open_files"]["healthy"] is False  # type: ignore[index]
+    assert report["providers"]["openai"]["healthy"] is True  # type: ignore[index]
+    client = await serve(health)
+    body = await (await client.get("/health")).json()
+    assert body["status"] == "healthy"
+    assert body["open_files"]["healthy"] is True
+    assert body["open_files"]["last_error"] == why  # still told, with when
+    assert body["open_files"]["last_error_at"].endswith("Z")
 
 
 async def test_health_names_the_last_error_of_an_unhealthy_provider(

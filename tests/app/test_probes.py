@@ -9,6 +9,7 @@ interval is tiny and the tests wait on `Probes.round_ended`, never on time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -73,6 +74,7 @@ def probing_gateway(
             "virtual_keys": keys,
         }
         path.write_text(json.dumps(document))
+        interval = env.pop("PROBE_INTERVAL_SECONDS", None)
         settings = Settings.from_env(
             {
                 "KEYS_FILE_PATH": str(path),
@@ -82,6 +84,8 @@ def probing_gateway(
             }
             | env
         )
+        if interval is not None:  # below the setting's floor (1 s): the tests wait on rounds
+            settings = dataclasses.replace(settings, probe_interval_seconds=float(interval))
         gateway = await aiohttp_client(
             build_app(settings), server_kwargs={"handler_cancellation": True}
         )

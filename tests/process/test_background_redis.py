@@ -188,3 +188,30 @@ async def test_a_stream_cut_in_one_process_is_charged_then_the_rest_when_another
     assert creator["tokens"] == REAL_TOKENS
     assert creator["spent_usd"] == pytest.approx(REAL_TOKENS * USD_PER_TOKEN)
     assert (await key_usage(urls[1], SHARED_VK))["totals"]["tokens"] == 0
+
+
+async def test_a_full_redis_still_charges_a_background_response_to_its_creator(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_url: str,
+    raw_redis: redis.Redis,
+    records: Records,
+) -> None:
+    # A Redis at its maxmemory with noeviction (shared with other data, and full) refused the
+    # plain SET that marks a background response owed, while the quota's scripts ran whole:
+    # the response's charge was lost, and the gateway said "the tracker is lost ... requests
+    # go through uncounted" (/health degraded), then "answers again" at the next request.
+    gateway = await gateway_with_keys(background_keys(), prices=PRICES, REDIS_URL=redis_url)
+    raw_redis.config_set("maxmemory-policy", "noeviction")
+    raw_redis.config_set("maxmemory", 1)
+    try:
+        made = await create(gateway)
+        health = await (await gateway.get("/health")).json()
+        assert health["tracker"]["healthy"] is True, health["tracker"]
+        polled = await client(gateway).responses.retrieve(made)
+        assert polled.status == "completed"
+        usage = await usage_of(gateway, records, 2)
+    finally:
+        raw_redis.config_set("maxmemory", 0)
+    metrics = await (await gateway.get("/metrics")).text()
+    assert usage["totals"]["tokens"] == REAL_TOKENS
+    assert 'llm_gateway_redis_errors_total{decision="uncharged"} 0.0' in metrics

@@ -121,3 +121,27 @@ async def test_two_gateway_processes_on_one_redis_charge_a_batch_once_to_its_mak
     assert charged[0]["cost_usd"] == pytest.approx(batch_price("openai", OPENAI_MODEL))
     assert (await key_usage(urls[1], PROCESS_VK, TOKENS))["totals"]["tokens"] == TOKENS
     assert (await key_usage(urls[0], OTHER_VK, 0))["totals"]["tokens"] == 0
+
+
+async def test_a_full_redis_still_charges_a_batch_to_its_maker(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    redis_url: str,
+    raw_redis: redis.Redis,
+    records: Records,
+) -> None:
+    # A Redis at its maxmemory with noeviction refused the SET that marks a batch owed and
+    # the MULTI that claims it (EXECABORT), while the quota's scripts ran whole: the batch
+    # went uncharged, and the gateway said the tracker was lost, then back.
+    gateway = await gateway_with_keys(batch_keys(), REDIS_URL=redis_url)
+    raw_redis.config_set("maxmemory-policy", "noeviction")
+    raw_redis.config_set("maxmemory", 1)
+    try:
+        batch_id = await openai_batch(gateway)
+        await openai_client(gateway, OPENAI_VK).batches.retrieve(batch_id)
+        await records(3)
+        usage = await key_usage(gateway, OPENAI_VK, TOKENS)
+    finally:
+        raw_redis.config_set("maxmemory", 0)
+    assert usage["totals"]["tokens"] == TOKENS
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llm_gateway_redis_errors_total{decision="uncharged"} 0.0' in metrics

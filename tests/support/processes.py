@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,9 +49,10 @@ class Processes:
         ready: str = "",
         cwd: Path = ROOT,
         ready_on: str = "stdout",
+        preexec_fn: Callable[[], None] | None = None,
     ) -> subprocess.Popen[str]:
         """`command` started; with `ready`, once a line of its `ready_on` (stdout or stderr)
-        holds that text."""
+        holds that text. `preexec_fn`: run in the child before it starts (a lowered limit)."""
         process = subprocess.Popen(
             command,
             env={**os.environ, **(env or {})},
@@ -59,6 +61,7 @@ class Processes:
             text=True,
             cwd=cwd,
             start_new_session=True,  # its own process group: stop() also reaches its children
+            preexec_fn=preexec_fn,
         )
         self.started.append(process)
         if ready:
@@ -103,10 +106,14 @@ def start_fake_provider(processes: Processes) -> str:
 
 
 def start_gateway(
-    processes: Processes, keys: Path, log: Path, **env: str
+    processes: Processes,
+    keys: Path,
+    log: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    **env: str,
 ) -> tuple[subprocess.Popen[str], str]:
     """`gateway.py` on a free loopback port with this keys file, logging to `log`, plus `env`;
-    once it listens: the process and its base URL."""
+    once it listens: the process and its base URL. `preexec_fn`: as `Processes.start`'s."""
     port = free_port()
     process = processes.start(
         gateway_command(),
@@ -121,6 +128,7 @@ def start_gateway(
         ready="listening on",
         # The status lines leave stdout to the interaction log when it is written there.
         ready_on="stdout" if env.get("LOG_TO_FILE", "true") == "true" else "stderr",
+        preexec_fn=preexec_fn,
     )
     return process, f"http://127.0.0.1:{port}"
 

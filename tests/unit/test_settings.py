@@ -109,12 +109,28 @@ def test_a_bad_flag_is_refused_naming_the_flag() -> None:
             {"QUOTA_ON_REDIS_ERROR": "Retry"},
             "QUOTA_ON_REDIS_ERROR: must be allow or deny, got 'Retry'",
         ),
+        # Probes went out as often as asked: 0.001 sent each open target's provider a
+        # thousand model lists a second, with its real key (its rate limit, the logs).
+        (
+            {"PROBE_INTERVAL_SECONDS": "0.001"},
+            "PROBE_INTERVAL_SECONDS: must be 0 (no probes) or at least 1 second, got '0.001'",
+        ),
+        (
+            {"PROBE_INTERVAL_SECONDS": "-1"},
+            "PROBE_INTERVAL_SECONDS: must be 0 (no probes) or at least 1 second, got '-1'",
+        ),
     ],
 )
 def test_the_parsers_own_words_reach_the_operator(env: dict[str, str], says: str) -> None:
     with pytest.raises(SettingError) as refused:
         Settings.from_env(env)
     assert str(refused.value) == says
+
+
+@pytest.mark.parametrize(("given", "interval"), [("0", 0.0), ("1", 1.0), ("2.5", 2.5)])
+def test_probes_are_off_or_at_most_one_a_second(given: str, interval: float) -> None:
+    settings = Settings.from_env({"PROBE_INTERVAL_SECONDS": given})
+    assert settings.probe_interval_seconds == interval
 
 
 def test_every_setting_has_its_parser_and_help_in_one_declaration() -> None:

@@ -1,0 +1,115 @@
+"""A real gateway process at its limit on open files: the fault is named as the gateway's own."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import OPENAI_VK, auth
+from tests.support.bodies import CHAT
+from tests.support.polling import until
+from tests.support.processes import Processes, start_gateway
+
+LIMIT = 64  # the gateway's own files take about 15 of them
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/fd").is_dir(), reason="counts the gateway's descriptors in /proc"
+)
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _limited() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+
+
+@contextmanager
+def _connections() -> Iterator[list[http.client.HTTPConnection]]:
+    held: list[http.client.HTTPConnection] = []
+    try:
+        yield held
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def _get(connection: http.client.HTTPConnection, path: str) -> tuple[int, dict]:
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _chat(connection: http.client.HTTPConnection) -> tuple[int, dict[str, str], dict]:
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(CHAT),
+        headers={**auth(OPENAI_VK), "Content-Type": "application/json"},
+    )
+    response = connection.getresponse()
+    return response.status, dict(response.getheaders()), json.loads(response.read())
+
+
+async def test_a_gateway_out_of_file_descriptors_says_so_and_does_not_blame_the_provider(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # At its limit on open files, the gateway's connection to the provider failed with EMFILE:
+    # the client got 502 "Provider 'openai' at ...: could not connect (Too many open files)",
+    # and the provider's breaker counted a failure (/health: its last_error; enough of them
+    # opened it: the provider "unhealthy"), when the limit to raise was the operator's own.
+    log = tmp_path / "log.jsonl"
+    process, url = start_gateway(processes, process_keys, log, preexec_fn=_limited)
+    host, port = url.removeprefix("http://").split(":")
+    with _connections() as held:
+        # Idle client connections, each one descriptor, until one is left: the next
+        # client's connection takes it, and its request has none for the provider.
+        while _open_files(process.pid) < LIMIT - 1:
+            held.append(http.client.HTTPConnection(host, int(port), timeout=10))
+            assert _get(held[-1], "/ready")[0] == 200
+            assert len(held) < LIMIT, "the gateway's descriptors did not grow"
+        last = http.client.HTTPConnection(host, int(port), timeout=10)
+        held.append(last)
+        status, headers, body = _chat(last)
+        assert status == 503, body
+        assert headers["Retry-After"] == "1"
+        error = body["error"]
+        assert error["code"] == "too_many_open_files"
+        assert error["type"] == "api_error"
+        assert error["message"].startswith("The gateway is out of file descriptors")
+        assert f"limit on open files, {LIMIT}," in error["message"]
+        assert "could not connect" not in error["message"]
+
+        _, report = _get(held[0], "/health")
+        assert report["status"] == "degraded"
+        openai = report["providers"]["openai"]
+        assert openai["healthy"] is True and openai["last_error"] is None
+        assert report["targets"]["openai"]["failures_in_a_row"] == 0
+        open_files = report["open_files"]
+        assert open_files["limit"] == LIMIT
+        assert open_files["healthy"] is False
+        assert open_files["last_error"].startswith("the gateway is out of file descriptors")
+
+        for connection in held[1:11]:  # ten descriptors given back
+            connection.close()
+        await until(lambda: _open_files(process.pid) <= LIMIT - 10)
+        _, report = _get(held[0], "/health")
+        assert report["status"] == "healthy"
+        assert report["open_files"]["healthy"] is True
+        assert report["open_files"]["last_error"] == open_files["last_error"]  # still told
+        assert _chat(held[0])[0] == 200
+
+    await until(lambda: log.exists() and log.read_text().count("\n") == 2, what="two lines")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [line for line in lines if line["status"] == 503]
+    assert len(refused) == 1
+    assert refused[0]["error"].startswith("the gateway is out of file descriptors")
+    assert refused[0]["attempts"][0]["status"] is None
