@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -42,6 +43,7 @@ from proxy.relay.echoes import (
 from proxy.relay.expect import awaits_continue
 from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
 from proxy.relay.listing import ModelList
+from proxy.relay.pages import Pages
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
@@ -68,7 +70,7 @@ STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 UNTYPED = web.ResponseKey("untyped", bool)
 # What changes a whole answer before it goes out (a ResultsLinks, a ModelList); `headers`
 # are the answer's, changed to match.
-Rewrite = Callable[[bytes, CIMultiDict[str]], bytes]
+Rewrite = Callable[[bytes, CIMultiDict[str]], Awaitable[bytes]]
 
 
 class Relay:
@@ -198,10 +200,18 @@ class Relay:
         silences = self.silences
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py), a restricted
-        # key's model list (listing.py): read whole.
+        # key's model list (listing.py), the provider's further pages gathered: read whole.
         rewrite: Rewrite | None = ResultsLinks.of(record.method, record.path, status, content_type)
         if listing is not None and listing.applies(status, content_type):
-            rewrite = listing
+            pages = Pages(
+                self.failover,
+                plan,
+                record,
+                listing.tail,
+                request.headers,
+                settings.stream_idle_timeout,
+            )
+            rewrite = partial(listing, more=pages)
         try:
             response: web.StreamResponse
             if (
@@ -380,7 +390,7 @@ async def send_whole(
     if secrets:
         data = masked_whole(data, reply.status, headers, secrets)
     if rewrite is not None:
-        data = rewrite(data, headers)
+        data = await rewrite(data, headers)
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)

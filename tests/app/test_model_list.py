@@ -173,6 +173,62 @@ async def test_the_anthropic_sdk_pages_a_restricted_keys_models_backwards_by_bef
     ]
 
 
+# 1,010 older models: the provider's first page of 1,000 holds older-model-000 to -999, its
+# second older-model-1000 to -1009 and the newer models.
+PAST_LARGEST = {"x-fake-older-models": "1010"}
+
+
+async def test_the_anthropic_sdk_finds_a_restricted_keys_models_past_the_providers_largest_page(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # The provider's first page of 1,000 holds none of the key's models: the gateway asks for
+    # the next one, and the client's first page holds them.
+    async with anthropic_sdk(gateway, RESTRICTED_VK, PAST_LARGEST) as client:
+        first = await client.models.list()
+        listed = [model.id async for model in first]
+    assert listed == [model.id for model in first.data] == ["claude-3-5-haiku-latest"]
+    assert (first.first_id, first.last_id, first.has_more) == (
+        "claude-3-5-haiku-latest",
+        "claude-3-5-haiku-latest",
+        False,
+    )
+    assert [seen.query_string for seen in fake.requests[-2:]] == [
+        "limit=1000",
+        "limit=1000&after_id=older-model-999",
+    ]
+
+
+async def test_a_restricted_keys_page_gathers_the_providers_pages_up_to_its_own_limit(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, PAST_LARGEST) as client:
+        first = await client.models.list(limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+        whole = await client.models.list()  # the default limit, 20: every model on one page
+    assert pages == [OLDER_PAGED[:5], OLDER_PAGED[5:], ["claude-3-5-haiku-latest", "fake-model"]]
+    assert [model.id for model in whole.data] == [
+        *OLDER_PAGED,
+        "claude-3-5-haiku-latest",
+        "fake-model",
+    ]
+    assert (whole.last_id, whole.has_more) == ("fake-model", False)
+
+
+async def test_a_restricted_keys_page_backwards_gathers_the_providers_pages_before_the_cursor(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, PAST_LARGEST) as client:
+        first = await client.models.list(before_id="fake-model", limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    # The provider's 1,000 models before fake-model hold only claude-3-5-haiku-latest of the
+    # key's: the page before that one gives the rest, the five nearest the cursor first.
+    assert pages == [
+        [*OLDER_PAGED[6:], "claude-3-5-haiku-latest"],
+        OLDER_PAGED[1:6],
+        OLDER_PAGED[:1],
+    ]
+
+
 async def test_a_restricted_keys_limit_the_provider_refuses_goes_as_the_client_sent_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
@@ -363,14 +419,41 @@ async def test_gemini_native_lists_a_restricted_keys_models_from_later_pages_on_
     assert fake.requests[-1].query_string == "pageSize=1000"  # Gemini's largest page
 
 
-async def test_gemini_native_paging_past_the_providers_largest_page_skips_and_repeats_nothing(
+async def test_gemini_native_lists_a_restricted_keys_models_past_the_providers_largest_page(
     gemini: TestClient, fake: FakeState
 ) -> None:
-    # 1,010 older models: the key's two are on the provider's second page of 1,000. The
-    # client's pageSize becomes 1000 on each request, so the token the provider made for
-    # its first page is good for its second (Google's must be sent with the same pageSize).
-    pages = await gemini_pages(gemini, {"pageSize": "2"}, {"x-fake-older-models": "1010"}, most=3)
-    assert pages == [[], ["gemini-2.5-flash", "gemini-2.5-pro"]]
+    # 1,010 older models: the key's two are on the provider's second page of 1,000, which the
+    # gateway asks for with the token of the first (and its pageSize: Google's tokens must
+    # come back with the pageSize they were made for).
+    pages = await gemini_pages(gemini, {"pageSize": "2"}, PAST_LARGEST, most=3)
+    assert pages == [["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert [seen.query_string for seen in fake.requests[-2:]] == [
+        "pageSize=1000",
+        "pageSize=1000&pageToken=fake-page-1000-1000",
+    ]
+
+
+async def test_gemini_native_pages_on_from_where_a_gathered_page_ended(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    # The key allows ten of the provider's first 1,000 models and two of its next page.
+    gemini = await gemini_gateway(
+        tmp_path, fake_base, make_gateway, ["older-model-00?", "gemini-2.5-*"]
+    )
+    newest = ["gemini-2.5-flash", "gemini-2.5-pro"]
+    # A page of 5: the provider's first page holds ten (its token is opaque: none is cut),
+    # and the page after it, from its token, the other two.
+    assert await gemini_pages(gemini, {"pageSize": "5"}, PAST_LARGEST, most=3) == [
+        OLDER_PAGED,
+        newest,
+    ]
+    # A page of 20: the first holds ten, so the provider's next page is asked for too.
+    assert await gemini_pages(gemini, {"pageSize": "20"}, PAST_LARGEST, most=2) == [
+        [*OLDER_PAGED, *newest]
+    ]
     assert [seen.query_string for seen in fake.requests[-2:]] == [
         "pageSize=1000",
         "pageSize=1000&pageToken=fake-page-1000-1000",
