@@ -4,7 +4,8 @@ Model pickers (Open WebUI, LibreChat, Cursor, Continue, the SDKs' `client.models
 offer what `GET /v1/models` lists; a key with `allowed_models` would then be refused (403)
 most of what it offers. So for such a key, and only for it, the provider's 200 answer to
 `GET /v1/models` (`/models`, Azure's `openai/models`, `openai/v1/models`) keeps only the
-models the key may name: those its `allowed_models` allow and, for a key with routes and no
+models the key may name (a HEAD of it goes to the provider as that GET, and is answered the
+head of the filtered list: its Content-Length what the GET sends, no body): those its `allowed_models` allow and, for a key with routes and no
 target of its own, that a route serves (`Plans.serves`; any other gets 400). The answer
 keeps the provider's shape, and is re-encoded (orjson) only when a model was left out (or a
 page cut, below):
@@ -85,6 +86,7 @@ _GEMINI_DEFAULT_PAGE = 50
 # A list's own headers that describe the provider's bytes, not the list as filtered.
 _OF_THE_BYTES = ("content-encoding", "content-length", "etag")
 _ANTHROPIC, _GEMINI = "anthropic", "gemini"
+_LISTING_METHODS = ("GET", "HEAD")
 
 # Asks the provider for another page of the list, by the query to send (pages.Pages):
 # the page as a JSON object, None when it was not read.
@@ -120,8 +122,13 @@ class ModelList:
         cls, key: VirtualKey, method: str, tail: str, query: str, plan: Plan
     ) -> ModelList | None:
         """The filter a request's answer needs, with the query to send in place of `query`
-        (the client's, raw): None but for a restricted key's model list."""
-        if key.allowed_models is None or method != "GET" or endpoint(tail).rstrip("/") != "models":
+        (the client's, raw): None but for a restricted key's model list (its GET, or its
+        HEAD, which the provider is asked as a GET: the head says the length of that body)."""
+        if (
+            key.allowed_models is None
+            or method not in _LISTING_METHODS
+            or endpoint(tail).rstrip("/") != "models"
+        ):
             return None
         providers = [target.provider for target in plan.targets]
         items = query.split("&") if query else []

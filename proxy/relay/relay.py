@@ -130,13 +130,14 @@ class Relay:
         on_attempt = None if trace is None else trace.attempt
         # A restricted key's model list, filtered to its models (listing.py); no other's.
         # Asked with the provider's largest page in place of the client's page size.
-        query = exchange.query
+        # Its HEAD asks the GET whose filtered length the head says.
+        query, method = exchange.query, None
         if key.allowed_models is None:
             listing = None
         elif (listing := ModelList.of(key, request.method, tail, query, plan)) is not None:
-            query = listing.query
+            query, method = listing.query, "GET"
         async with failover.forward(
-            request, plan, tail, query, body, record, on_attempt, affinity, order, headers
+            request, plan, tail, query, body, record, on_attempt, affinity, order, headers, method
         ) as reply:
             # The usage estimate reads the prompt as the provider does: decoded.
             readable = body if peek.decoded is None else peek.decoded
@@ -219,6 +220,7 @@ class Relay:
                 or is_small_whole_body(reply)
                 or rewrite is not None
                 or is_searched_whole(status, coding, secrets)  # a coded error of no length
+                or (listing is not None and record.method == "HEAD")  # the head of a GET's body
             ):
                 response = await send_whole(
                     reply, headers, tap, record, silences, collect, secrets, rewrite

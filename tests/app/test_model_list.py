@@ -292,6 +292,46 @@ async def test_a_compressed_list_goes_out_filtered_and_decoded(
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [
+        (LISTED_VK, {}),
+        (LISTED_VK, {"x-fake-gzip": "1", "Accept-Encoding": "gzip"}),
+        (RESTRICTED_VK, {"anthropic-version": "2023-06-01"}),
+        (PAGED_VK, {"anthropic-version": "2023-06-01", **PAST_LARGEST}),
+    ],
+    ids=["openai", "openai-gzip", "anthropic", "anthropic-gathered"],
+)
+async def test_a_restricted_keys_head_of_the_model_list_says_what_its_get_sends(
+    gateway: TestClient, fake: FakeState, key: str, headers: dict[str, str]
+) -> None:
+    get = await gateway.get("/v1/models", headers={**auth(key), **headers}, auto_decompress=False)
+    body = await get.read()
+    head = await gateway.head("/v1/models", headers={**auth(key), **headers})
+    assert head.status == 200
+    assert int(head.headers["content-length"]) == len(body)
+    assert head.headers.get("content-encoding") == get.headers.get("content-encoding")
+    assert await head.read() == b""
+    assert fake.requests[-1].method == "GET"  # the list the head describes
+
+
+async def test_gemini_native_head_of_a_restricted_keys_list_says_what_its_get_sends(
+    gemini: TestClient,
+) -> None:
+    headers = {"x-goog-api-key": GEMINI_VK, **PAST_LARGEST}
+    body = await (await gemini.get("/v1/models", headers=headers)).read()
+    head = await gemini.head("/v1/models", headers=headers)
+    assert (head.status, int(head.headers["content-length"])) == (200, len(body))
+
+
+async def test_an_unrestricted_keys_head_of_the_model_list_goes_as_it_came(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    head = await gateway.head("/v1/models", headers=auth(OPENAI_VK))
+    assert head.status == 200
+    assert fake.requests[-1].method == "HEAD"
+
+
 async def test_an_error_answer_passes_as_it_came(gateway: TestClient, fake: FakeState) -> None:
     response = await gateway.get("/v1/models", headers={**auth(LISTED_VK), "x-fake-status": "500"})
     assert response.status == 500

@@ -115,6 +115,7 @@ def test_only_a_restricted_keys_get_of_the_model_list_is_filtered() -> None:
     assert of_list(anyone, "GET", "models") is None
     assert of_list(RESTRICTED, "GET", "models/claude-sonnet-4-5") is None
     assert of_list(RESTRICTED, "POST", "models") is None
+    assert of_list(RESTRICTED, "HEAD", "models") is not None  # asked as its GET
     assert of_list(RESTRICTED, "GET", "chat/completions") is None
     for tail in ("models", "models/", "openai/models", "openai/v1/models"):
         assert of_list(RESTRICTED, "GET", tail) is not None
