@@ -40,7 +40,11 @@ skips and repeats nothing:
   token of the last page read (none: the provider has no more).
 
 A client's page size the provider would refuse (`limit=0`, `limit=5000`, named twice) goes
-as it came, and so does its answer's refusal.
+as it came, and so does its answer's refusal. A provider that refuses the largest page
+(400, 422: an Anthropic-compatible server whose pages are at most 100) is asked the list
+again as the client asked it, once (the relay's walk, anew), and its pages are gathered at
+that size: each such list costs that one refused request more (nothing is remembered
+between requests), and a refusal of the client's own query goes to the client as it came.
 
 A compressed answer is decoded to be read, and goes out decoded (no Content-Encoding, its
 own Content-Length) when a model was left out; its ETag, which named the provider's bytes,
@@ -87,6 +91,9 @@ _GEMINI_DEFAULT_PAGE = 50
 _OF_THE_BYTES = ("content-encoding", "content-length", "etag")
 _ANTHROPIC, _GEMINI = "anthropic", "gemini"
 _LISTING_METHODS = ("GET", "HEAD")
+# A page size refused: 400 (Anthropic's invalid_request_error, Google's INVALID_ARGUMENT),
+# 422 (the validation error of a FastAPI server).
+_REFUSED = (400, 422)
 
 # Asks the provider for another page of the list, by the query to send (pages.Pages):
 # the page as a JSON object, None when it was not read.
@@ -97,7 +104,7 @@ class ModelList:
     """Filters one answer to `GET …/models` to the models `key` may name, gathering the
     provider's further pages where its first holds fewer than the client's page."""
 
-    __slots__ = ("_backward", "_items", "_key", "_paged", "_size", "query", "tail")
+    __slots__ = ("_asked", "_backward", "_items", "_key", "_paged", "_size", "query", "tail")
 
     def __init__(
         self,
@@ -107,6 +114,7 @@ class ModelList:
         paged: str | None = None,
         size: int | None = None,
         backward: bool = False,
+        asked: str | None = None,
     ) -> None:
         self._key = key
         self.tail, self.query = tail, query  # what the provider is asked
@@ -116,6 +124,7 @@ class ModelList:
         # fewest gathered (its page is never cut).
         self._paged, self._size = paged, size
         self._backward = backward  # Anthropic's, paged by before_id: the page ends at the cursor
+        self._asked = asked  # the client's own query, when `query` asks a larger page
 
     @classmethod
     def of(
@@ -133,26 +142,39 @@ class ModelList:
         providers = [target.provider for target in plan.targets]
         items = query.split("&") if query else []
         if all(provider.api == "anthropic" for provider in providers):
-            asked = _largest(items, _ANTHROPIC_LIMIT)
-            if asked is None:
+            larger = _largest(items, _ANTHROPIC_LIMIT)
+            if larger is None:
                 return cls(key, tail, query)
-            widened, size = asked
+            widened, size = larger
             limit = _ANTHROPIC_DEFAULT_LIMIT if size is None else _count(size)
             if limit is None or not 1 <= limit <= LARGEST_PAGE:
                 return cls(key, tail, query)
             backward = any(item.partition("=")[0] == "before_id" for item in items)
-            return cls(key, tail, widened, _ANTHROPIC, limit, backward)
+            own = None if widened == query else query
+            return cls(key, tail, widened, _ANTHROPIC, limit, backward, own)
         if all(map(_speaks_gemini, providers)):
-            asked = _largest(items, _GEMINI_PAGE_SIZE)
-            if asked is None:
+            larger = _largest(items, _GEMINI_PAGE_SIZE)
+            if larger is None:
                 return cls(key, tail, query)
-            widened, size = asked
+            widened, size = larger
             page_size = 0 if size is None else _count(size)
             if page_size is None:
                 return cls(key, tail, query)
             least = min(page_size, LARGEST_PAGE) or _GEMINI_DEFAULT_PAGE  # 0: Google's default
-            return cls(key, tail, widened, _GEMINI, least)
+            return cls(
+                key, tail, widened, _GEMINI, least, asked=None if widened == query else query
+            )
         return cls(key, tail, query)
+
+    def is_refused(self, status: int) -> bool:
+        """The provider refused the larger page it was asked (a server whose pages are
+        smaller than LARGEST_PAGE): the list is to be asked again as the client asked it."""
+        return self._asked is not None and status in _REFUSED
+
+    def as_asked(self) -> ModelList:
+        """This list asked with the client's own query (and its pages gathered at that size)."""
+        assert self._asked is not None
+        return ModelList(self._key, self.tail, self._asked, self._paged, self._size, self._backward)
 
     @staticmethod
     def applies(status: int, content_type: str | None) -> bool:

@@ -136,14 +136,20 @@ class Relay:
             listing = None
         elif (listing := ModelList.of(key, request.method, tail, query, plan)) is not None:
             query, method = listing.query, "GET"
-        async with failover.forward(
-            request, plan, tail, query, body, record, on_attempt, affinity, order, headers, method
-        ) as reply:
-            # The usage estimate reads the prompt as the provider does: decoded.
-            readable = body if peek.decoded is None else peek.decoded
-            return await self.stream_back(
-                request, reply, plan, readable, record, admission, asked, found, listing
-            )
+        while True:
+            async with failover.forward(
+                request, plan, tail, query, body, record, on_attempt, affinity, order, headers,
+                method,
+            ) as reply:  # fmt: skip
+                if listing is None or not listing.is_refused(reply.status):
+                    # The usage estimate reads the prompt as the provider does: decoded.
+                    readable = body if peek.decoded is None else peek.decoded
+                    return await self.stream_back(
+                        request, reply, plan, readable, record, admission, asked, found, listing
+                    )
+            # A provider whose pages are smaller refused the largest: the client's own page.
+            listing = listing.as_asked()
+            query = listing.query
 
     async def stream_back(
         self,

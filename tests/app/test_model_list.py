@@ -229,6 +229,42 @@ async def test_a_restricted_keys_page_backwards_gathers_the_providers_pages_befo
     ]
 
 
+async def test_a_provider_refusing_the_largest_page_is_asked_the_clients_own(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # An Anthropic-compatible server whose pages are at most 100 refuses limit=1000 (400):
+    # the list is asked again as the client asked it, and its pages gathered at that size.
+    capped = {"x-fake-largest-page": "100", **OLDER}
+    async with anthropic_sdk(gateway, RESTRICTED_VK, capped) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["claude-3-5-haiku-latest"]
+    assert [seen.query_string for seen in fake.requests[-4:]] == [
+        "limit=1000",  # refused: 400
+        "",  # the server's own default page: 20
+        "after_id=older-model-019",
+        "after_id=older-model-039",
+    ]
+    async with anthropic_sdk(gateway, PAGED_VK, capped) as client:
+        first = await client.models.list(limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    assert pages == [OLDER_PAGED[:5], OLDER_PAGED[5:], ["claude-3-5-haiku-latest", "fake-model"]]
+    assert fake.requests[-1].query_string == "limit=5&after_id=older-model-044"
+
+
+async def test_gemini_native_refusing_the_largest_page_is_asked_the_clients_own(
+    gemini: TestClient, fake: FakeState
+) -> None:
+    capped = {"x-fake-largest-page": "100", "x-fake-older-models": "120"}
+    pages = await gemini_pages(gemini, {}, capped, most=2)
+    assert pages == [["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert [seen.query_string for seen in fake.requests[-4:]] == [
+        "pageSize=1000",
+        "",
+        "pageToken=fake-page-50-50",
+        "pageToken=fake-page-100-50",
+    ]
+
+
 async def test_a_restricted_keys_limit_the_provider_refuses_goes_as_the_client_sent_it(
     gateway: TestClient, fake: FakeState
 ) -> None:

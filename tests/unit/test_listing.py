@@ -350,3 +350,19 @@ async def test_a_gemini_page_gathers_until_the_clients_page_size_and_ends_on_the
     filtered = orjson.loads(await gemini(orjson.dumps(provider.page()), CIMultiDict(), provider))
     assert filtered["models"] == [{"name": "models/gemini-2.5-pro"}]
     assert len(provider.asked) == 1
+
+
+def test_a_refused_larger_page_is_asked_again_as_the_client_asked_it_once() -> None:
+    anthropic = listing(query="limit=5&after_id=claude-opus-4-1")
+    assert anthropic.is_refused(400) and anthropic.is_refused(422)
+    assert not anthropic.is_refused(404) and not anthropic.is_refused(500)
+    own = anthropic.as_asked()
+    assert own.query == "limit=5&after_id=claude-opus-4-1"
+    assert not own.is_refused(400)  # its refusal is the client's answer
+    assert not listing(query="limit=1000").is_refused(400)  # the client asked that itself
+    gemini = listing(GEMINI)
+    assert gemini.is_refused(400) and gemini.as_asked().query == ""
+    openai_style = key(
+        {"provider": "openai", "api_key": "sk-real-listing-6", "allowed_models": ["gpt-*"]}
+    )
+    assert not listing(openai_style).is_refused(400)  # asked as the client asked
