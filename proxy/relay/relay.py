@@ -36,6 +36,7 @@ from proxy.relay.echoes import (
     StreamMask,
     is_plain,
     is_searched_whole,
+    masked,
     masked_whole,
     searched,
     unechoed,
@@ -398,7 +399,10 @@ async def send_whole(
     if secrets:
         data = masked_whole(data, reply.status, headers, secrets)
     if rewrite is not None:
-        data = await rewrite(data, headers)
+        rewritten = await rewrite(data, headers)
+        if secrets and rewritten is not data:  # a model list's further pages: searched too
+            rewritten = masked(rewritten, secrets)
+        data = rewritten
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)

@@ -214,6 +214,23 @@ async def test_a_restricted_keys_page_gathers_the_providers_pages_up_to_its_own_
     assert (whole.last_id, whole.has_more) == ("fake-model", False)
 
 
+async def test_a_real_key_echoed_in_a_gathered_page_is_masked(gateway: TestClient) -> None:
+    response = await gateway.get(
+        "/v1/models",
+        headers={
+            **auth(PAGED_VK),
+            "anthropic-version": "2023-06-01",
+            "x-fake-reflect": "body",
+            **PAST_LARGEST,
+        },
+    )
+    body = await response.read()
+    names = [model["display_name"] for model in orjson.loads(body)["data"]]
+    assert len(names) == 12  # ten of the first page, two of the second
+    assert b"sk-ant-real-paged-1414141414" not in body
+    assert all("[redacted]" in name for name in names)
+
+
 async def test_a_restricted_keys_page_backwards_gathers_the_providers_pages_before_the_cursor(
     gateway: TestClient,
 ) -> None:

@@ -75,7 +75,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
                               an x-debug-request header (as a debugging proxy might)
-    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
+    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status),
+                              as do an Anthropic model list's display names
     x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
@@ -1522,8 +1523,12 @@ async def models(request: web.Request) -> web.StreamResponse:
     else:
         rest = ids if after is None else ids[ids.index(after) + 1 :] if after in ids else []
         shown, has_more = rest[:size], len(rest) > size
+    listed = [anthropic_model(model_id) for model_id in shown]
+    if request.headers.get("x-fake-reflect") == "body":  # as a debugging proxy might
+        for entry in listed:
+            entry["display_name"] += f" ({reflected(request.headers)})"
     page = {
-        "data": [anthropic_model(model_id) for model_id in shown],
+        "data": listed,
         "has_more": has_more,
         "first_id": shown[0] if shown else None,
         "last_id": shown[-1] if shown else None,
