@@ -67,7 +67,7 @@ class ResultsLinks:
             return None
         return cls("/v1" if path.startswith("/v1/") else "")
 
-    def __call__(self, data: bytes, headers: CIMultiDict[str]) -> bytes:
+    async def __call__(self, data: bytes, headers: CIMultiDict[str]) -> bytes:
         """The answer as the client gets it; `headers` lose Content-Encoding and
         Content-Length when it changed."""
         coding = content_coding(headers)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,7 @@ from proxy.relay.echoes import (
     StreamMask,
     is_plain,
     is_searched_whole,
+    masked,
     masked_whole,
     searched,
     unechoed,
@@ -42,6 +44,7 @@ from proxy.relay.echoes import (
 from proxy.relay.expect import awaits_continue
 from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
 from proxy.relay.listing import ModelList
+from proxy.relay.pages import Pages
 from proxy.relay.peek import body_at_hand, read_body, validate
 from proxy.relay.silence import Silences
 from proxy.settings import Settings
@@ -68,7 +71,7 @@ STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 UNTYPED = web.ResponseKey("untyped", bool)
 # What changes a whole answer before it goes out (a ResultsLinks, a ModelList); `headers`
 # are the answer's, changed to match.
-Rewrite = Callable[[bytes, CIMultiDict[str]], bytes]
+Rewrite = Callable[[bytes, CIMultiDict[str]], Awaitable[bytes]]
 
 
 class Relay:
@@ -128,19 +131,26 @@ class Relay:
         on_attempt = None if trace is None else trace.attempt
         # A restricted key's model list, filtered to its models (listing.py); no other's.
         # Asked with the provider's largest page in place of the client's page size.
-        query = exchange.query
+        # Its HEAD asks the GET whose filtered length the head says.
+        query, method = exchange.query, None
         if key.allowed_models is None:
             listing = None
         elif (listing := ModelList.of(key, request.method, tail, query, plan)) is not None:
+            query, method = listing.query, "GET"
+        while True:
+            async with failover.forward(
+                request, plan, tail, query, body, record, on_attempt, affinity, order, headers,
+                method,
+            ) as reply:  # fmt: skip
+                if listing is None or not listing.is_refused(reply.status):
+                    # The usage estimate reads the prompt as the provider does: decoded.
+                    readable = body if peek.decoded is None else peek.decoded
+                    return await self.stream_back(
+                        request, reply, plan, readable, record, admission, asked, found, listing
+                    )
+            # A provider whose pages are smaller refused the largest: the client's own page.
+            listing = listing.as_asked()
             query = listing.query
-        async with failover.forward(
-            request, plan, tail, query, body, record, on_attempt, affinity, order, headers
-        ) as reply:
-            # The usage estimate reads the prompt as the provider does: decoded.
-            readable = body if peek.decoded is None else peek.decoded
-            return await self.stream_back(
-                request, reply, plan, readable, record, admission, asked, found, listing
-            )
 
     async def stream_back(
         self,
@@ -198,10 +208,18 @@ class Relay:
         silences = self.silences
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py), a restricted
-        # key's model list (listing.py): read whole.
+        # key's model list (listing.py), the provider's further pages gathered: read whole.
         rewrite: Rewrite | None = ResultsLinks.of(record.method, record.path, status, content_type)
         if listing is not None and listing.applies(status, content_type):
-            rewrite = listing
+            pages = Pages(
+                self.failover,
+                plan,
+                record,
+                listing.tail,
+                request.headers,
+                settings.stream_idle_timeout,
+            )
+            rewrite = partial(listing, more=pages)
         try:
             response: web.StreamResponse
             if (
@@ -209,6 +227,7 @@ class Relay:
                 or is_small_whole_body(reply)
                 or rewrite is not None
                 or is_searched_whole(status, coding, secrets)  # a coded error of no length
+                or (listing is not None and record.method == "HEAD")  # the head of a GET's body
             ):
                 response = await send_whole(
                     reply, headers, tap, record, silences, collect, secrets, rewrite
@@ -380,7 +399,10 @@ async def send_whole(
     if secrets:
         data = masked_whole(data, reply.status, headers, secrets)
     if rewrite is not None:
-        data = rewrite(data, headers)
+        rewritten = await rewrite(data, headers)
+        if secrets and rewritten is not data:  # a model list's further pages: searched too
+            rewritten = masked(rewritten, secrets)
+        data = rewritten
     if collect is not None:
         collect(data)
     return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)

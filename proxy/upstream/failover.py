@@ -306,6 +306,7 @@ class Failover:
         affinity: str | None = None,
         order: tuple[Target, ...] | None = None,
         headers: CIMultiDictProxy[str] | None = None,
+        method: str | None = None,
     ) -> Forwarded:
         """`async with` it for the answer to pass on. Raises 502/504 when no provider answered.
 
@@ -314,14 +315,16 @@ class Failover:
         `order`: the targets in the order to try them, as `order` gave them when the
         request was admitted (None: chosen now).
         `headers`: the client's headers as the gateway changed them (None: as sent).
+        `method`: the one to send (None: the client's; a HEAD of a model list asks its GET).
         """
         incoming = request.headers if headers is None else headers
+        method = request.method if method is None else method
         if plan.is_single and self.policy.attempts == 0:
             # One target, one key, no retries: one attempt, and whatever it gets goes on
             # (what a walk would do too, without its bookkeeping and its coroutine).
             target = plan.primary
             outbound = build(
-                target, request.method, incoming, tail, query, body,
+                target, method, incoming, tail, query, body,
                 record.request_id, self._max_body_bytes,
             )  # fmt: skip
             credential = target.pool.credentials[0]
@@ -331,7 +334,7 @@ class Failover:
             on_attempt=on_attempt,
             affinity=None if affinity is None else affinity_of(affinity),
         )
-        walked = self._walk(request, incoming, plan, tail, query, body, record, walk, order)
+        walked = self._walk(method, incoming, plan, tail, query, body, record, walk, order)
         return Forwarded(walked, walk)
 
     @asynccontextmanager
@@ -361,7 +364,7 @@ class Failover:
 
     async def _walk(
         self,
-        request: web.Request,
+        method: str,
         incoming: CIMultiDictProxy[str],
         plan: Plan,
         tail: str,
@@ -385,9 +388,7 @@ class Failover:
             walk.is_followed = target is not last
             asked_first = asked_first or target
             attempts = len(record.attempts)
-            reply = await self._on_target(
-                target, request, incoming, tail, query, body, record, walk
-            )
+            reply = await self._on_target(target, method, incoming, tail, query, body, record, walk)
             if reply is not None:
                 return reply
             if len(record.attempts) == attempts:
@@ -400,7 +401,7 @@ class Failover:
         if asked_first is None:  # every breaker open: try the least recently failed, not nothing
             asked_first = min(plan.targets, key=lambda t: breakers[t.name].last_failure)
             reply = await self._on_target(
-                asked_first, request, incoming, tail, query, body, record, walk
+                asked_first, method, incoming, tail, query, body, record, walk
             )
             if reply is not None:
                 return reply
@@ -408,7 +409,7 @@ class Failover:
             # Nothing was asked: every key of the targets tried rests (429, 401, 403). The
             # key whose rest ends first is asked rather than nobody, as a breaker does.
             reply = await self._on_target(
-                asked_first, request, incoming, tail, query, body, record, walk, is_resting=True
+                asked_first, method, incoming, tail, query, body, record, walk, is_resting=True
             )
             if reply is not None:
                 return reply
@@ -417,7 +418,7 @@ class Failover:
     async def _on_target(
         self,
         target: Target,
-        request: web.Request,
+        method: str,
         incoming: CIMultiDictProxy[str],
         tail: str,
         query: str,
@@ -431,7 +432,7 @@ class Failover:
         `is_resting`: every key rests; the one whose rest ends first is asked all the same."""
         clock, policy = self.breakers.clock, self.policy
         outbound = build(
-            target, request.method, incoming, tail, query, body,
+            target, method, incoming, tail, query, body,
             record.request_id, self._max_body_bytes,
         )  # fmt: skip
         retries, tried, pool = policy.attempts, set[str](), target.pool
@@ -457,7 +458,7 @@ class Failover:
             except Failed as failed:
                 pool.ended(credential)
                 walk.failure, wait = failed, self._backoff(retry)
-                if failed.sent and request.method not in IDEMPOTENT:
+                if failed.sent and method not in IDEMPOTENT:
                     walk.is_over = True  # the provider may be at work on it: never twice
                     # Its 504/502 is the answer: an earlier target's kept 429 or 5xx would
                     # tell the client nothing ran (and its SDK would send it again).

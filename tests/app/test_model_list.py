@@ -173,6 +173,115 @@ async def test_the_anthropic_sdk_pages_a_restricted_keys_models_backwards_by_bef
     ]
 
 
+# 1,010 older models: the provider's first page of 1,000 holds older-model-000 to -999, its
+# second older-model-1000 to -1009 and the newer models.
+PAST_LARGEST = {"x-fake-older-models": "1010"}
+
+
+async def test_the_anthropic_sdk_finds_a_restricted_keys_models_past_the_providers_largest_page(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # The provider's first page of 1,000 holds none of the key's models: the gateway asks for
+    # the next one, and the client's first page holds them.
+    async with anthropic_sdk(gateway, RESTRICTED_VK, PAST_LARGEST) as client:
+        first = await client.models.list()
+        listed = [model.id async for model in first]
+    assert listed == [model.id for model in first.data] == ["claude-3-5-haiku-latest"]
+    assert (first.first_id, first.last_id, first.has_more) == (
+        "claude-3-5-haiku-latest",
+        "claude-3-5-haiku-latest",
+        False,
+    )
+    assert [seen.query_string for seen in fake.requests[-2:]] == [
+        "limit=1000",
+        "limit=1000&after_id=older-model-999",
+    ]
+
+
+async def test_a_restricted_keys_page_gathers_the_providers_pages_up_to_its_own_limit(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, PAST_LARGEST) as client:
+        first = await client.models.list(limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+        whole = await client.models.list()  # the default limit, 20: every model on one page
+    assert pages == [OLDER_PAGED[:5], OLDER_PAGED[5:], ["claude-3-5-haiku-latest", "fake-model"]]
+    assert [model.id for model in whole.data] == [
+        *OLDER_PAGED,
+        "claude-3-5-haiku-latest",
+        "fake-model",
+    ]
+    assert (whole.last_id, whole.has_more) == ("fake-model", False)
+
+
+async def test_a_real_key_echoed_in_a_gathered_page_is_masked(gateway: TestClient) -> None:
+    response = await gateway.get(
+        "/v1/models",
+        headers={
+            **auth(PAGED_VK),
+            "anthropic-version": "2023-06-01",
+            "x-fake-reflect": "body",
+            **PAST_LARGEST,
+        },
+    )
+    body = await response.read()
+    names = [model["display_name"] for model in orjson.loads(body)["data"]]
+    assert len(names) == 12  # ten of the first page, two of the second
+    assert b"sk-ant-real-paged-1414141414" not in body
+    assert all("[redacted]" in name for name in names)
+
+
+async def test_a_restricted_keys_page_backwards_gathers_the_providers_pages_before_the_cursor(
+    gateway: TestClient,
+) -> None:
+    async with anthropic_sdk(gateway, PAGED_VK, PAST_LARGEST) as client:
+        first = await client.models.list(before_id="fake-model", limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    # The provider's 1,000 models before fake-model hold only claude-3-5-haiku-latest of the
+    # key's: the page before that one gives the rest, the five nearest the cursor first.
+    assert pages == [
+        [*OLDER_PAGED[6:], "claude-3-5-haiku-latest"],
+        OLDER_PAGED[1:6],
+        OLDER_PAGED[:1],
+    ]
+
+
+async def test_a_provider_refusing_the_largest_page_is_asked_the_clients_own(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    # An Anthropic-compatible server whose pages are at most 100 refuses limit=1000 (400):
+    # the list is asked again as the client asked it, and its pages gathered at that size.
+    capped = {"x-fake-largest-page": "100", **OLDER}
+    async with anthropic_sdk(gateway, RESTRICTED_VK, capped) as client:
+        listed = [model.id async for model in client.models.list()]
+    assert listed == ["claude-3-5-haiku-latest"]
+    assert [seen.query_string for seen in fake.requests[-4:]] == [
+        "limit=1000",  # refused: 400
+        "",  # the server's own default page: 20
+        "after_id=older-model-019",
+        "after_id=older-model-039",
+    ]
+    async with anthropic_sdk(gateway, PAGED_VK, capped) as client:
+        first = await client.models.list(limit=5)
+        pages = [[model.id for model in page.data] async for page in first.iter_pages()]
+    assert pages == [OLDER_PAGED[:5], OLDER_PAGED[5:], ["claude-3-5-haiku-latest", "fake-model"]]
+    assert fake.requests[-1].query_string == "limit=5&after_id=older-model-044"
+
+
+async def test_gemini_native_refusing_the_largest_page_is_asked_the_clients_own(
+    gemini: TestClient, fake: FakeState
+) -> None:
+    capped = {"x-fake-largest-page": "100", "x-fake-older-models": "120"}
+    pages = await gemini_pages(gemini, {}, capped, most=2)
+    assert pages == [["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert [seen.query_string for seen in fake.requests[-4:]] == [
+        "pageSize=1000",
+        "",
+        "pageToken=fake-page-50-50",
+        "pageToken=fake-page-100-50",
+    ]
+
+
 async def test_a_restricted_keys_limit_the_provider_refuses_goes_as_the_client_sent_it(
     gateway: TestClient, fake: FakeState
 ) -> None:
@@ -234,6 +343,46 @@ async def test_a_compressed_list_goes_out_filtered_and_decoded(
     assert [m["id"] for m in orjson.loads(gzip.decompress(await response.read()))["data"]] == list(
         MODEL_IDS
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [
+        (LISTED_VK, {}),
+        (LISTED_VK, {"x-fake-gzip": "1", "Accept-Encoding": "gzip"}),
+        (RESTRICTED_VK, {"anthropic-version": "2023-06-01"}),
+        (PAGED_VK, {"anthropic-version": "2023-06-01", **PAST_LARGEST}),
+    ],
+    ids=["openai", "openai-gzip", "anthropic", "anthropic-gathered"],
+)
+async def test_a_restricted_keys_head_of_the_model_list_says_what_its_get_sends(
+    gateway: TestClient, fake: FakeState, key: str, headers: dict[str, str]
+) -> None:
+    get = await gateway.get("/v1/models", headers={**auth(key), **headers}, auto_decompress=False)
+    body = await get.read()
+    head = await gateway.head("/v1/models", headers={**auth(key), **headers})
+    assert head.status == 200
+    assert int(head.headers["content-length"]) == len(body)
+    assert head.headers.get("content-encoding") == get.headers.get("content-encoding")
+    assert await head.read() == b""
+    assert fake.requests[-1].method == "GET"  # the list the head describes
+
+
+async def test_gemini_native_head_of_a_restricted_keys_list_says_what_its_get_sends(
+    gemini: TestClient,
+) -> None:
+    headers = {"x-goog-api-key": GEMINI_VK, **PAST_LARGEST}
+    body = await (await gemini.get("/v1/models", headers=headers)).read()
+    head = await gemini.head("/v1/models", headers=headers)
+    assert (head.status, int(head.headers["content-length"])) == (200, len(body))
+
+
+async def test_an_unrestricted_keys_head_of_the_model_list_goes_as_it_came(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    head = await gateway.head("/v1/models", headers=auth(OPENAI_VK))
+    assert head.status == 200
+    assert fake.requests[-1].method == "HEAD"
 
 
 async def test_an_error_answer_passes_as_it_came(gateway: TestClient, fake: FakeState) -> None:
@@ -363,14 +512,41 @@ async def test_gemini_native_lists_a_restricted_keys_models_from_later_pages_on_
     assert fake.requests[-1].query_string == "pageSize=1000"  # Gemini's largest page
 
 
-async def test_gemini_native_paging_past_the_providers_largest_page_skips_and_repeats_nothing(
+async def test_gemini_native_lists_a_restricted_keys_models_past_the_providers_largest_page(
     gemini: TestClient, fake: FakeState
 ) -> None:
-    # 1,010 older models: the key's two are on the provider's second page of 1,000. The
-    # client's pageSize becomes 1000 on each request, so the token the provider made for
-    # its first page is good for its second (Google's must be sent with the same pageSize).
-    pages = await gemini_pages(gemini, {"pageSize": "2"}, {"x-fake-older-models": "1010"}, most=3)
-    assert pages == [[], ["gemini-2.5-flash", "gemini-2.5-pro"]]
+    # 1,010 older models: the key's two are on the provider's second page of 1,000, which the
+    # gateway asks for with the token of the first (and its pageSize: Google's tokens must
+    # come back with the pageSize they were made for).
+    pages = await gemini_pages(gemini, {"pageSize": "2"}, PAST_LARGEST, most=3)
+    assert pages == [["gemini-2.5-flash", "gemini-2.5-pro"]]
+    assert [seen.query_string for seen in fake.requests[-2:]] == [
+        "pageSize=1000",
+        "pageSize=1000&pageToken=fake-page-1000-1000",
+    ]
+
+
+async def test_gemini_native_pages_on_from_where_a_gathered_page_ended(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    # The key allows ten of the provider's first 1,000 models and two of its next page.
+    gemini = await gemini_gateway(
+        tmp_path, fake_base, make_gateway, ["older-model-00?", "gemini-2.5-*"]
+    )
+    newest = ["gemini-2.5-flash", "gemini-2.5-pro"]
+    # A page of 5: the provider's first page holds ten (its token is opaque: none is cut),
+    # and the page after it, from its token, the other two.
+    assert await gemini_pages(gemini, {"pageSize": "5"}, PAST_LARGEST, most=3) == [
+        OLDER_PAGED,
+        newest,
+    ]
+    # A page of 20: the first holds ten, so the provider's next page is asked for too.
+    assert await gemini_pages(gemini, {"pageSize": "20"}, PAST_LARGEST, most=2) == [
+        [*OLDER_PAGED, *newest]
+    ]
     assert [seen.query_string for seen in fake.requests[-2:]] == [
         "pageSize=1000",
         "pageSize=1000&pageToken=fake-page-1000-1000",

@@ -75,7 +75,8 @@ Request headers steer it (they pass through the gateway unchanged):
     x-fake-raw-chunks: N      any path: an application/octet-stream body of N chunks "raw<i>\n"
     x-fake-reflect: headers   echo each credential header back, as x-echo-<name> and inside
                               an x-debug-request header (as a debugging proxy might)
-    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status)
+    x-fake-reflect: body      that, and error messages quote the credential (with x-fake-status),
+                              as do an Anthropic model list's display names
     x-fake-raw-bytes: N       ... each followed by N dots (a big body, for a slow reader)
     x-fake-sized: 1           ... with a Content-Length (sent in pieces all the same)
     x-fake-untyped: 1         any answer goes without a Content-Type
@@ -90,6 +91,10 @@ Request headers steer it (they pass through the gateway unchanged):
                               Responses): 1, "true", "yes", "on" are true, as true is
     x-fake-older-models: N    GET /models (and Gemini's /v1beta/models) lists N older models
                               (`older-model-<i>`) before MODEL_IDS (GEMINI_MODEL_IDS)
+    x-fake-largest-page: N    ... paged at most N a page: a larger Anthropic `limit` or Gemini
+                              `pageSize` is refused with 400 (as an Anthropic-compatible server
+                              capping its pages below Anthropic's 1000 does), and the default
+                              page is N when it is smaller than 20 (Gemini's: 50)
 
 A Responses object says the `service_tier` that served it: the request's, else "default",
 and carries `tool_usage` as OpenAI's does (hosted tools' usage beside `usage`: all zeros
@@ -381,6 +386,7 @@ class Knobs:
     has_bom: bool = False
     split_bytes: int = 0
     older_models: int = 0
+    largest_page: int | None = None
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -418,6 +424,7 @@ class Knobs:
             has_bom=headers.get("x-fake-bom") == "1",
             split_bytes=int(headers.get("x-fake-split", "0")),
             older_models=int(headers.get("x-fake-older-models", "0")),
+            largest_page=int(largest) if (largest := headers.get("x-fake-largest-page")) else None,
         )
 
     @property
@@ -1505,9 +1512,10 @@ async def models(request: web.Request) -> web.StreamResponse:
     ids = model_ids(request, MODEL_IDS)
     if not is_anthropic(request):
         return await reply(request, {"object": "list", "data": [openai_model(i) for i in ids]})
-    query, limit = request.query, request.query.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= ANTHROPIC_MAX_LIMIT:
-        return await reply_error(request, 400, message=f"limit: {limit!r} is not 1 to 1000")
+    largest = request[KNOBS].largest_page or ANTHROPIC_MAX_LIMIT
+    query, limit = request.query, request.query.get("limit", str(min(20, largest)))
+    if not limit.isdigit() or not 1 <= int(limit) <= largest:
+        return await reply_error(request, 400, message=f"limit: {limit!r} is not 1 to {largest}")
     size, after, before = int(limit), query.get("after_id"), query.get("before_id")
     if before is not None:  # an unknown cursor: nothing
         ahead = ids[: ids.index(before)] if before in ids else []
@@ -1515,8 +1523,12 @@ async def models(request: web.Request) -> web.StreamResponse:
     else:
         rest = ids if after is None else ids[ids.index(after) + 1 :] if after in ids else []
         shown, has_more = rest[:size], len(rest) > size
+    listed = [anthropic_model(model_id) for model_id in shown]
+    if request.headers.get("x-fake-reflect") == "body":  # as a debugging proxy might
+        for entry in listed:
+            entry["display_name"] += f" ({reflected(request.headers)})"
     page = {
-        "data": [anthropic_model(model_id) for model_id in shown],
+        "data": listed,
         "has_more": has_more,
         "first_id": shown[0] if shown else None,
         "last_id": shown[-1] if shown else None,
@@ -1537,9 +1549,10 @@ async def gemini_models(request: web.Request) -> web.StreamResponse:
     more follow."""
     ids = model_ids(request, GEMINI_MODEL_IDS)
     size_asked, token = request.query.get("pageSize", "0"), request.query.get("pageToken", "")
-    if not size_asked.isdigit():
+    largest = request[KNOBS].largest_page
+    if not size_asked.isdigit() or (largest is not None and int(size_asked) > largest):
         return await reply_error(request, 400, message=f"pageSize: {size_asked!r}")
-    size = min(int(size_asked), GEMINI_MAX_PAGE) or 50
+    size = min(int(size_asked), GEMINI_MAX_PAGE) or min(50, largest or GEMINI_MAX_PAGE)
     start = 0
     if token:
         offset, _, made_for = token.removeprefix("fake-page-").partition("-")

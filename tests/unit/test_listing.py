@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.keys.keys import Defaults, KeyRing, VirtualKey
-from proxy.relay.listing import ModelList
+from proxy.relay.listing import MOST_PAGES, ModelList
 
 DEFAULTS = Defaults(quota_enabled=True, requests=100, tokens=None, window_seconds=3600.0)
 ANTHROPIC_PAGE = {
@@ -64,9 +64,9 @@ def of_list(of: VirtualKey, method: str, tail: str, query: str = "") -> ModelLis
     return ModelList.of(of, method, tail, query, of.plans.choose(None))
 
 
-def test_the_cursors_name_the_first_and_last_model_kept_and_has_more_stays() -> None:
+async def test_the_cursors_name_the_first_and_last_model_kept_and_has_more_stays() -> None:
     headers = CIMultiDict({"content-length": "1", "etag": '"abc"'})
-    filtered = orjson.loads(listing()(orjson.dumps(ANTHROPIC_PAGE), headers))
+    filtered = orjson.loads(await listing()(orjson.dumps(ANTHROPIC_PAGE), headers))
     assert [model["id"] for model in filtered["data"]] == [
         "claude-sonnet-4-5",
         "claude-3-5-haiku-latest",
@@ -79,13 +79,13 @@ def test_the_cursors_name_the_first_and_last_model_kept_and_has_more_stays() -> 
     assert "content-length" not in headers and "etag" not in headers
 
 
-def test_a_list_with_nothing_to_leave_out_goes_as_it_came() -> None:
+async def test_a_list_with_nothing_to_leave_out_goes_as_it_came() -> None:
     everything = key(
         {"provider": "openai", "api_key": "sk-real-listing-2", "allowed_models": ["*"]}
     )
     page = gzip.compress(orjson.dumps({"object": "list", "data": [{"id": "gpt-4o"}]}))
     headers = CIMultiDict({"content-encoding": "gzip"})
-    assert listing(everything)(page, headers) == page
+    assert await listing(everything)(page, headers) == page
     assert headers["content-encoding"] == "gzip"
 
 
@@ -99,14 +99,14 @@ def test_a_list_with_nothing_to_leave_out_goes_as_it_came() -> None:
     ],
     ids=["not-json", "an-array", "one-model", "corrupt-gzip"],
 )
-def test_what_is_no_model_list_goes_as_it_came(body: bytes) -> None:
+async def test_what_is_no_model_list_goes_as_it_came(body: bytes) -> None:
     headers = CIMultiDict({"content-encoding": "gzip"} if body[:2] == b"\x1f\x8b" else {})
-    assert listing()(body, headers) == body
+    assert await listing()(body, headers) == body
 
 
-def test_an_entry_without_a_string_id_is_left_out() -> None:
+async def test_an_entry_without_a_string_id_is_left_out() -> None:
     page = {"data": [{"id": "claude-sonnet-4-5"}, {"id": 7}, "claude-3-5-haiku-latest"]}
-    filtered = orjson.loads(listing()(orjson.dumps(page), CIMultiDict()))
+    filtered = orjson.loads(await listing()(orjson.dumps(page), CIMultiDict()))
     assert filtered == {"data": [{"id": "claude-sonnet-4-5"}]}
 
 
@@ -115,6 +115,7 @@ def test_only_a_restricted_keys_get_of_the_model_list_is_filtered() -> None:
     assert of_list(anyone, "GET", "models") is None
     assert of_list(RESTRICTED, "GET", "models/claude-sonnet-4-5") is None
     assert of_list(RESTRICTED, "POST", "models") is None
+    assert of_list(RESTRICTED, "HEAD", "models") is not None  # asked as its GET
     assert of_list(RESTRICTED, "GET", "chat/completions") is None
     for tail in ("models", "models/", "openai/models", "openai/v1/models"):
         assert of_list(RESTRICTED, "GET", tail) is not None
@@ -176,9 +177,9 @@ def test_an_openai_list_is_asked_as_the_client_asked() -> None:
     assert listing(google_openai).query == ""
 
 
-def test_an_anthropic_page_is_cut_to_the_clients_limit_and_says_there_is_more() -> None:
+async def test_an_anthropic_page_is_cut_to_the_clients_limit_and_says_there_is_more() -> None:
     page = {**ANTHROPIC_PAGE, "has_more": False}
-    forward = orjson.loads(listing(query="limit=1")(orjson.dumps(page), CIMultiDict()))
+    forward = orjson.loads(await listing(query="limit=1")(orjson.dumps(page), CIMultiDict()))
     assert [model["id"] for model in forward["data"]] == ["claude-sonnet-4-5"]
     assert (forward["first_id"], forward["last_id"], forward["has_more"]) == (
         "claude-sonnet-4-5",
@@ -186,7 +187,7 @@ def test_an_anthropic_page_is_cut_to_the_clients_limit_and_says_there_is_more() 
         True,
     )
     backward = listing(query="limit=1&before_id=claude-3-haiku-20240307")
-    cut = orjson.loads(backward(orjson.dumps(page), CIMultiDict()))
+    cut = orjson.loads(await backward(orjson.dumps(page), CIMultiDict()))
     assert [model["id"] for model in cut["data"]] == ["claude-3-5-haiku-latest"]
     assert (cut["first_id"], cut["last_id"], cut["has_more"]) == (
         "claude-3-5-haiku-latest",
@@ -197,10 +198,171 @@ def test_an_anthropic_page_is_cut_to_the_clients_limit_and_says_there_is_more() 
         {"provider": "anthropic", "api_key": "sk-ant-real-listing-5", "allowed_models": ["*"]}
     )
     whole = orjson.dumps(page)
-    assert listing(everything, query="limit=4")(whole, CIMultiDict()) == whole  # as it came
-    cut = orjson.loads(listing(everything, query="limit=3")(whole, CIMultiDict()))
+    assert await listing(everything, query="limit=4")(whole, CIMultiDict()) == whole  # as it came
+    cut = orjson.loads(await listing(everything, query="limit=3")(whole, CIMultiDict()))
     assert (len(cut["data"]), cut["last_id"], cut["has_more"]) == (
         3,
         "claude-3-5-haiku-latest",
         True,
     )
+
+
+class AnthropicPages:
+    """A provider listing `ids` in pages of `size` whatever `limit` it is asked (an
+    Anthropic-compatible server's own page), by after_id or before_id; `unread`: the
+    follow-up of that number (from 1) is not read; `stuck`: every page is the first."""
+
+    def __init__(self, ids: list[str], size: int, unread: int = 0, stuck: bool = False) -> None:
+        self.ids, self.size, self.unread, self.stuck = ids, size, unread, stuck
+        self.asked: list[str] = []
+
+    def page(self, after: str | None = None, before: str | None = None) -> dict[str, Any]:
+        ids, size = self.ids, self.size
+        if before is not None:
+            ahead = ids[: ids.index(before)]
+            shown, has_more = ahead[-size:], len(ahead) > size
+        else:
+            rest = ids if after is None or self.stuck else ids[ids.index(after) + 1 :]
+            shown, has_more = rest[:size], len(rest) > size
+        return {
+            "data": [{"id": model, "type": "model"} for model in shown],
+            "has_more": has_more,
+            "first_id": shown[0] if shown else None,
+            "last_id": shown[-1] if shown else None,
+        }
+
+    async def __call__(self, query: str) -> dict[str, Any] | None:
+        self.asked.append(query)
+        if len(self.asked) == self.unread:
+            return None
+        asked = dict(item.partition("=")[::2] for item in query.split("&"))
+        return self.page(asked.get("after_id"), asked.get("before_id"))
+
+
+OLDER = [f"claude-2-{index:02d}" for index in range(40)]  # none the key's
+NEWER = ["claude-sonnet-4-5", "claude-3-5-haiku-latest"]
+
+
+async def test_the_providers_pages_are_gathered_until_the_clients_page_is_full() -> None:
+    provider = AnthropicPages([*OLDER[:7], "claude-sonnet-4-5", *OLDER[7:20], *NEWER[1:]], 3)
+    answer = await listing(query="limit=2")(orjson.dumps(provider.page()), CIMultiDict(), provider)
+    filtered = orjson.loads(answer)
+    assert [model["id"] for model in filtered["data"]] == NEWER
+    assert (filtered["first_id"], filtered["last_id"], filtered["has_more"]) == (
+        "claude-sonnet-4-5",
+        "claude-3-5-haiku-latest",
+        False,
+    )
+    # each page asked on from the last model of the one before, with the first's query
+    assert provider.asked[:2] == [
+        "limit=1000&after_id=claude-2-02",
+        "limit=1000&after_id=claude-2-05",
+    ]
+    assert len(provider.asked) == 8 - 1  # 22 models in pages of 3, the first asked by the relay
+
+
+async def test_gathering_stops_at_most_pages_and_the_cursor_names_where_it_stopped() -> None:
+    provider = AnthropicPages([*OLDER, *NEWER], 3)
+    first = orjson.dumps(provider.page())
+    filtered = orjson.loads(await listing()(first, CIMultiDict(), provider))
+    assert len(provider.asked) == MOST_PAGES - 1
+    # Nothing of the key's in the 30 models read; paging on from claude-2-29 skips nothing.
+    assert filtered["data"] == []
+    assert (filtered["first_id"], filtered["last_id"], filtered["has_more"]) == (
+        None,
+        "claude-2-29",
+        True,
+    )
+    following = listing(query="after_id=claude-2-29")
+    filtered = orjson.loads(
+        await following(orjson.dumps(provider.page("claude-2-29")), CIMultiDict(), provider)
+    )
+    assert [model["id"] for model in filtered["data"]] == NEWER
+
+
+async def test_gathering_backwards_stops_with_first_id_where_it_stopped() -> None:
+    provider = AnthropicPages([*NEWER, *OLDER, "claude-opus-4-1"], 3)
+    backward = listing(query="before_id=claude-opus-4-1")
+    first = orjson.dumps(provider.page(before="claude-opus-4-1"))
+    filtered = orjson.loads(await backward(first, CIMultiDict(), provider))
+    assert (filtered["data"], filtered["first_id"], filtered["has_more"]) == (
+        [],
+        "claude-2-10",
+        True,
+    )
+    assert provider.asked[0] == "before_id=claude-2-37&limit=1000"
+
+
+async def test_a_page_not_read_ends_the_gathering_where_the_last_read_one_ended() -> None:
+    provider = AnthropicPages(
+        [*OLDER[:4], "claude-sonnet-4-5", *OLDER[4:], *NEWER[1:]], 3, unread=2
+    )
+    filtered = orjson.loads(await listing()(orjson.dumps(provider.page()), CIMultiDict(), provider))
+    assert [model["id"] for model in filtered["data"]] == ["claude-sonnet-4-5"]
+    assert (filtered["first_id"], filtered["last_id"], filtered["has_more"]) == (
+        "claude-sonnet-4-5",
+        "claude-2-04",  # the page read last ended there: paging on from it skips nothing
+        True,
+    )
+
+
+async def test_a_provider_whose_pages_do_not_step_on_is_not_listed_twice() -> None:
+    provider = AnthropicPages(["claude-sonnet-4-5", *OLDER, *NEWER[1:]], 3, stuck=True)
+    filtered = orjson.loads(await listing()(orjson.dumps(provider.page()), CIMultiDict(), provider))
+    assert [model["id"] for model in filtered["data"]] == ["claude-sonnet-4-5"]
+    assert len(provider.asked) == 1
+
+
+class GeminiPages:
+    """Gemini's native list of `ids`, in pages of `size`; its tokens the offsets."""
+
+    def __init__(self, ids: list[str], size: int, stuck: bool = False) -> None:
+        self.ids, self.size, self.stuck = ids, size, stuck
+        self.asked: list[str] = []
+
+    def page(self, token: str = "") -> dict[str, Any]:
+        start = 0 if self.stuck or not token else int(token.removeprefix("at/"))
+        page: dict[str, Any] = {
+            "models": [{"name": f"models/{i}"} for i in self.ids[start : start + self.size]]
+        }
+        if start + self.size < len(self.ids):
+            page["nextPageToken"] = f"at/{start + self.size}"
+        return page
+
+    async def __call__(self, query: str) -> dict[str, Any] | None:
+        self.asked.append(query)
+        asked = dict(item.partition("=")[::2] for item in query.split("&"))
+        return self.page(asked.get("pageToken", "").replace("%2F", "/"))
+
+
+async def test_a_gemini_page_gathers_until_the_clients_page_size_and_ends_on_the_last_token() -> (
+    None
+):
+    ids = [f"older-{index:02d}" for index in range(40)]
+    provider = GeminiPages([*ids[:5], "gemini-2.5-pro", *ids[5:], "gemini-2.5-flash"], 4)
+    gemini = listing(GEMINI, query="pageSize=2")
+    filtered = orjson.loads(await gemini(orjson.dumps(provider.page()), CIMultiDict(), provider))
+    # Two models asked: the page stops short after ten of the provider's, its token theirs.
+    assert filtered["models"] == [{"name": "models/gemini-2.5-pro"}]
+    assert filtered["nextPageToken"] == f"at/{4 * MOST_PAGES}"
+    assert provider.asked[0] == "pageSize=1000&pageToken=at%2F4"
+    provider = GeminiPages(["gemini-2.5-pro", *ids], 4, stuck=True)
+    filtered = orjson.loads(await gemini(orjson.dumps(provider.page()), CIMultiDict(), provider))
+    assert filtered["models"] == [{"name": "models/gemini-2.5-pro"}]
+    assert len(provider.asked) == 1
+
+
+def test_a_refused_larger_page_is_asked_again_as_the_client_asked_it_once() -> None:
+    anthropic = listing(query="limit=5&after_id=claude-opus-4-1")
+    assert anthropic.is_refused(400) and anthropic.is_refused(422)
+    assert not anthropic.is_refused(404) and not anthropic.is_refused(500)
+    own = anthropic.as_asked()
+    assert own.query == "limit=5&after_id=claude-opus-4-1"
+    assert not own.is_refused(400)  # its refusal is the client's answer
+    assert not listing(query="limit=1000").is_refused(400)  # the client asked that itself
+    gemini = listing(GEMINI)
+    assert gemini.is_refused(400) and gemini.as_asked().query == ""
+    openai_style = key(
+        {"provider": "openai", "api_key": "sk-real-listing-6", "allowed_models": ["gpt-*"]}
+    )
+    assert not listing(openai_style).is_refused(400)  # asked as the client asked
