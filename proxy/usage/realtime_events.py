@@ -28,8 +28,8 @@ Its reader also tells when a response begins (`response.created`) and is done
 
 `socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
 Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`); one on
-`/v1/live/sessions` (or a session's `/fork`) the Live API's, whose delegated Responses come
-wrapped in `response.event` frames (`LiveUsage`).
+`/v1/live/sessions` (a session's `/fork`, a sideband's `/attach`) the Live API's, whose
+delegated Responses come wrapped in `response.event` frames (`LiveUsage`).
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ _GENERATED = frozenset(
 )
 
 
-# A Live session's socket (`live/sessions`, a stored one's `live/sessions/{id}/fork`), and
-# its frame that holds one event of a delegated Responses stream.
+# A Live session's socket (`live/sessions`, a stored one's `live/sessions/{id}/fork`, a
+# sideband's `live/sessions/{id}/attach`), and its frame that holds one event of a
+# delegated Responses stream.
 _LIVE_SESSIONS, _LIVE_RESPONSE = "/live/sessions", "response.event"
+_LIVE_SOCKETS = frozenset(("fork", "attach"))
 
 
 class SessionUsage:
@@ -232,10 +234,11 @@ def _event(frame: bytes) -> dict[str, Any] | None:
 
 
 class LiveUsage:
-    """A Live API session's usage (`/v1/live/sessions`, a session's `/fork`): the Responses its
-    delegation runs come as `response.event` frames, each holding one event of a Responses
-    stream (`event`), read and charged as the Responses API's WebSocket mode's are. Its
-    audio (`session.usage.updated`: seconds, cumulative) is not metered."""
+    """A Live API session's usage (`/v1/live/sessions`, a session's `/fork`, a sideband's
+    `/attach`): the Responses its delegation runs come as `response.event` frames, each
+    holding one event of a Responses stream (`event`), read and charged as the Responses
+    API's WebSocket mode's are. Its audio (`session.usage.updated`: seconds, cumulative) is
+    not metered."""
 
     __slots__ = ("_responses",)
 
@@ -291,7 +294,21 @@ def socket_usage(
     told to `on_transcribed` with their model, each response's `on_begun` and `on_done`)."""
     if is_responses_socket(path):
         return responses.SocketUsage(on_response, on_begun, on_error)
-    path = "/" + path.strip("/")  # a route's tail, or a whole path
-    if _LIVE_SESSIONS in path and (path.endswith(_LIVE_SESSIONS) or path.endswith("/fork")):
+    if is_live_socket(path):
         return LiveUsage(on_response)
     return SessionUsage(on_response, on_transcribed, on_begun, on_done)
+
+
+def is_live_socket(path: str) -> bool:
+    """A Live API socket (a route's tail, or a whole path): a session's own (`…/live/sessions`),
+    a stored one's fork (`…/live/sessions/{id}/fork`), or a server's sideband attached to a
+    WebRTC or SIP session (`…/live/sessions/{id}/attach`), which sees its delegated Responses
+    as the primary connection does."""
+    path = "/" + path.strip("/")
+    if _LIVE_SESSIONS not in path:  # most sessions: at once
+        return False
+    if path.endswith(_LIVE_SESSIONS):
+        return True
+    head, _, last = path.rpartition("/")
+    sessions, _, session_id = head.rpartition("/")
+    return last in _LIVE_SOCKETS and bool(session_id) and sessions.endswith(_LIVE_SESSIONS)

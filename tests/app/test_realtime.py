@@ -573,6 +573,36 @@ async def test_a_live_sessions_delegated_responses_are_charged(
     await no_session_left(gateway)
 
 
+async def test_a_live_sidebands_delegated_responses_are_charged(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A server attached to a WebRTC or SIP Live session (`…/sessions/{id}/attach`, whose
+    # primary connection goes to the provider directly) drives its turns: the sideband sees
+    # the delegated Responses as the primary would, and is the gateway's only view of them.
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.live.sideband.connect(session_id="sess_1") as connection:
+        assert (await connection.recv_bytes()).startswith(b'{"type":"session.created"')
+        await connection.send({"type": "response.create"})
+        events = [json.loads(await connection.recv_bytes()) for _ in range(5)]
+    assert events[3]["event"]["type"] == "response.completed"
+    [line] = await records(1)
+    assert line["path"] == "/v1/live/sessions/sess_1/attach"
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+    assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
+    assert line["usage"]["estimated"] is False
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    metrics = (await (await gateway.get("/metrics")).text()).splitlines()
+    assert any(
+        row.startswith("llm_gateway_completion_tokens_total{")
+        and row.endswith(f" {float(OUTPUT_TOKENS)}")
+        for row in metrics
+    ), [row for row in metrics if "tokens_total" in row]
+    await no_session_left(gateway)
+
+
 async def test_the_openai_sdk_beta_realtime_client_works_given_a_websocket_base_url(
     gateway: TestClient, fake: Any, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

@@ -37,7 +37,7 @@ one, as lenient JSON readers take either):
                                                      argument deltas; with D, a response.done
                                                      without usage; without, nothing more
 
-At /v1/live/sessions (and a session's /fork) it is the Live API: `response.create` answers
+At /v1/live/sessions (and a session's /fork, and a sideband's /attach) it is the Live API: `response.create` answers
 the Responses events below, each inside a `response.event` (as Live reports what its
 Responses delegation runs), then `session.usage.updated` with LIVE_SECONDS of audio.
 
@@ -116,6 +116,7 @@ def install(app: web.Application) -> None:
     app.router.add_get("/openai/v1/responses", realtime)  # Azure's Responses WebSocket mode
     app.router.add_get("/v1/live/sessions", realtime)  # the Live API
     app.router.add_get("/v1/live/sessions/{session_id}/fork", realtime)
+    app.router.add_get("/v1/live/sessions/{session_id}/attach", realtime)  # a sideband
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
