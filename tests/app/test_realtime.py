@@ -44,6 +44,7 @@ from tests.support.fake_realtime import (
     INPUT_AUDIO_TOKENS,
     INPUT_IMAGE_TOKENS,
     INPUT_TOKENS,
+    LIVE_DELEGATED_MODEL,
     OUTPUT_AUDIO_TOKENS,
     OUTPUT_TOKENS,
     REALTIME_STATE,
@@ -568,6 +569,11 @@ async def test_a_live_sessions_delegated_responses_are_charged(
     assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
     assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
     assert line["usage"]["estimated"] is False
+    # Priced as the model the delegation ran (its response says it): the URL names none.
+    delegated = Usage(INPUT_TOKENS, OUTPUT_TOKENS, cache_read_tokens=CACHED_TOKENS)
+    price = Prices.load(None).cost("openai", None, delegated, LIVE_DELEGATED_MODEL)
+    assert price is not None and price > 0
+    assert line["cost_usd"] == pytest.approx(price)
     usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
     await no_session_left(gateway)
@@ -592,6 +598,7 @@ async def test_a_live_sidebands_delegated_responses_are_charged(
     assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
     assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
     assert line["usage"]["estimated"] is False
+    assert line["cost_usd"] > 0  # as the model the delegation ran
     usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
     metrics = (await (await gateway.get("/metrics")).text()).splitlines()

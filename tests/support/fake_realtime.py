@@ -37,9 +37,10 @@ one, as lenient JSON readers take either):
                                                      argument deltas; with D, a response.done
                                                      without usage; without, nothing more
 
-At /v1/live/sessions (and a session's /fork, and a sideband's /attach) it is the Live API: `response.create` answers
-the Responses events below, each inside a `response.event` (as Live reports what its
-Responses delegation runs), then `session.usage.updated` with LIVE_SECONDS of audio.
+At /v1/live/sessions (and a session's /fork, and a sideband's /attach) it is the Live API:
+`response.create` answers the Responses events below (run by LIVE_DELEGATED_MODEL), each
+inside a `response.event` (as Live reports what its Responses delegation runs), then
+`session.usage.updated` with LIVE_SECONDS of audio.
 
 At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
 response.created, two response.output_text.delta events and response.completed with usage
@@ -69,8 +70,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
 INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
-# A Live session's cumulative audio after one response.
-LIVE_SECONDS = 4.5
+# A Live session's cumulative audio after one response, and the model its delegation runs.
+LIVE_SECONDS, LIVE_DELEGATED_MODEL = 4.5, "gpt-4.1-mini"
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
 TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
 # What the Responses WebSocket mode's handshake answers with, beside the handshake's own.
@@ -301,8 +302,12 @@ def responses_events(command: dict) -> list[dict]:
 
 
 def live_events(command: dict) -> list[dict]:
-    """A Live session's delegated response: its Responses events, each in a `response.event`,
-    then the session's cumulative audio."""
+    """A Live session's delegated response: its Responses events (the response run by
+    LIVE_DELEGATED_MODEL), each in a `response.event`, then the session's cumulative audio."""
+    events = responses_events(command)
+    for event in events:
+        if isinstance(event.get("response"), dict):
+            event["response"]["model"] = LIVE_DELEGATED_MODEL
     wrapped = [
         {
             "type": "response.event",
@@ -310,7 +315,7 @@ def live_events(command: dict) -> list[dict]:
             "delegation_id": "dlg_1",
             "event": event,
         }
-        for index, event in enumerate(responses_events(command))
+        for index, event in enumerate(events)
     ]
     usage = {
         "type": "session.usage.updated",
