@@ -21,6 +21,9 @@ transcription apart, at the transcription model's price: its
 `conversation.item.input_audio_transcription.completed` event carries its `usage` (tokens,
 or whisper-1's `duration` in seconds), handed on with that model, read from the provider's
 `session.created`/`session.updated` events (and the beta's `transcription_session.*`).
+Those events also name the model the session runs (`session.model`): each response's usage
+is handed on with it (`answered`), for a session whose URL names none (a WebRTC or SIP
+call's sideband, `?call_id=`) to be priced.
 
 Its reader also tells when a response begins (`response.created`) and is done
 (`response.done`), for the shutdown's drain, which lets a response in progress end
@@ -54,6 +57,7 @@ from proxy.usage.provider_usage import (
     UsageFields,
     added,
 )
+from proxy.usage.reading import MODEL_CHARS
 
 USAGE = UsageFields(
     counts=(("input_tokens", PROMPT), ("output_tokens", COMPLETION)),
@@ -105,6 +109,7 @@ class SessionUsage:
 
     __slots__ = (
         "_chars",
+        "_model",
         "_on_begun",
         "_on_done",
         "_on_response",
@@ -115,7 +120,7 @@ class SessionUsage:
 
     def __init__(
         self,
-        on_response: Callable[[Usage], None],
+        on_response: responses.OnResponse,
         on_transcribed: OnTranscribed | None = None,
         on_begun: Callable[[], None] = lambda: None,
         on_done: Callable[[], None] = lambda: None,
@@ -126,6 +131,8 @@ class SessionUsage:
         self._total: Usage | None = None
         self._chars = 0  # generated since the last response.done: an estimate if none comes
         self._transcriber: str | None = None  # the session's transcription model
+        # The model the session runs, as the provider says (a call's sideband names none).
+        self._model: str | None = None
 
     def read(self, frame: bytes) -> None:
         """One provider text frame, already sent on; most cost one or two substring searches."""
@@ -188,11 +195,14 @@ class SessionUsage:
         session = event.get("session")
         if isinstance(session, dict):
             self._transcriber = transcription_model(session)
+            model = session.get("model")
+            if isinstance(model, str) and model:
+                self._model = model[:MODEL_CHARS]
 
     def _add(self, usage: Usage) -> None:
         self._chars = 0
         self._total = usage if self._total is None else added(self._total, usage)
-        self._on_response(usage)
+        self._on_response(usage, answered=self._model)
 
     @property
     def total(self) -> Usage | None:

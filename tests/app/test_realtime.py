@@ -41,6 +41,7 @@ from tests.support.fake_realtime import (
     CACHED_AUDIO_TOKENS,
     CACHED_IMAGE_TOKENS,
     CACHED_TOKENS,
+    CALL_MODEL,
     INPUT_AUDIO_TOKENS,
     INPUT_IMAGE_TOKENS,
     INPUT_TOKENS,
@@ -579,6 +580,40 @@ async def test_a_live_sessions_delegated_responses_are_charged(
     await no_session_left(gateway)
 
 
+async def test_a_calls_sideband_is_charged_and_priced_as_the_model_its_session_runs(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A server joins a WebRTC or SIP call (`?call_id=`, no model in the URL): the provider's
+    # session.created says the model the call runs, and its responses are priced as that.
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(call_id="rtc_1") as connection:
+        assert (await connection.recv()).type == "session.created"
+        await connection.response.create()
+        assert (await connection.recv()).type == "response.created"
+        assert (await connection.recv()).type == "response.done"
+    [line] = await records(1)
+    assert line["path"] == "/v1/realtime"
+    assert line["usage"]["total_tokens"] == INPUT_TOKENS + OUTPUT_TOKENS
+    one_response = Usage(
+        prompt_tokens=INPUT_TOKENS,
+        completion_tokens=OUTPUT_TOKENS,
+        cache_read_tokens=CACHED_TOKENS,
+        input_audio_tokens=INPUT_AUDIO_TOKENS,
+        output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+        input_image_tokens=INPUT_IMAGE_TOKENS,
+        cache_audio_read_tokens=CACHED_AUDIO_TOKENS,
+        cache_image_read_tokens=CACHED_IMAGE_TOKENS,
+    )
+    price = Prices.load(None).cost("openai", CALL_MODEL, one_response)
+    assert price is not None and price > 0
+    assert line["cost_usd"] == pytest.approx(price)
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    await no_session_left(gateway)
+
+
 async def test_a_live_sidebands_delegated_responses_are_charged(
     make_gateway: Callable[..., Awaitable[TestClient]],
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
@@ -694,7 +729,7 @@ def test_session_usage_reads_only_response_done_usage(
     frames: list[bytes], expected: tuple[int, int] | None
 ) -> None:
     responses: list[Usage] = []
-    usage = SessionUsage(responses.append)
+    usage = SessionUsage(lambda response, **_: responses.append(response))
     for frame in frames:
         usage.read(frame)
     if expected is None:
@@ -883,7 +918,7 @@ async def test_a_response_done_without_usage_is_estimated_and_the_next_reported_
 
 def test_session_usage_estimates_deltas_and_skips_the_audio() -> None:
     responses: list[Usage] = []
-    usage = SessionUsage(responses.append)
+    usage = SessionUsage(lambda response, **_: responses.append(response))
     usage.read(b'{"type":"response.output_audio.delta","delta":"' + b"A" * 4000 + b'"}')
     usage.read(b'{"type":"response.text.delta","delta":"abcd"}')
     usage.read(b'{"type":"response.audio_transcript.delta","delta":"efgh"}')

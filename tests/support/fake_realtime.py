@@ -1,6 +1,8 @@
 """The fake provider's Realtime API: a WebSocket at /v1/realtime that echoes and obeys commands.
 
-Mounted by `tests/support/fake_provider.py`. It accepts the subprotocol `realtime`, answers every ping
+Mounted by `tests/support/fake_provider.py`. Its first frame is `session.created` (naming
+CALL_MODEL as the session's model for a call's sideband, `?call_id=`, whose URL names none).
+It accepts the subprotocol `realtime`, answers every ping
 with a pong of the same payload (autoping is off, so a test sees pings pass the gateway),
 echoes text and binary frames unchanged, and obeys JSON commands (in a text frame, or a binary
 one, as lenient JSON readers take either):
@@ -70,6 +72,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
 INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
+# The model a WebRTC or SIP call runs, which its sideband's session.created names.
+CALL_MODEL = "gpt-realtime"
 # A Live session's cumulative audio after one response, and the model its delegation runs.
 LIVE_SECONDS, LIVE_DELEGATED_MODEL = 4.5, "gpt-4.1-mini"
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
@@ -151,7 +155,10 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
         for event in events:
             await send(WSMsgType.TEXT, orjson.dumps(event).decode())
 
-    await send(WSMsgType.TEXT, orjson.dumps({"type": "session.created"}).decode())
+    created: dict = {"type": "session.created"}
+    if "call_id" in request.query:  # a call's sideband: the session says the model it runs
+        created["session"] = {"type": "realtime", "model": CALL_MODEL}
+    await send(WSMsgType.TEXT, orjson.dumps(created).decode())
     session: dict = {}  # what session.update set
     held: list[dict] = []  # a held response's events, sent on fake.resume
     while True:
