@@ -135,34 +135,44 @@ class SessionUsage:
         self._model: str | None = None
 
     def read(self, frame: bytes) -> None:
-        """One provider text frame, already sent on; most cost one or two substring searches."""
-        if frame.find(b"response.done") >= 0:
-            self._read_done(frame)
-        elif frame.find(b'.delta"') >= 0:
-            if frame.find(b'audio.delta"') < 0:  # not audio
-                event = _event(frame)
-                if event is not None and responses.is_one_of(event.get("type"), _GENERATED):
-                    delta = event.get("delta")
-                    if isinstance(delta, str):
-                        self._chars += len(delta)
-        elif frame.find(b"transcription.completed") >= 0:
-            self._read_transcribed(frame)
-        elif frame.find(b'session.updated"') >= 0 or frame.find(b'session.created"') >= 0:
-            self._read_session(frame)
-        elif frame.find(b"response.created") >= 0:  # a small frame: the deltas went above
-            event = _event(frame)
-            if event is not None and event.get("type") == "response.created":
-                self._on_begun()
+        """One provider text frame, already sent on; most cost one or two substring searches.
+
+        A frame that may be metered is parsed, and read as the type it says: an event's name
+        may also stand in another's text (instructions, a transcript, a tool's arguments)."""
+        if frame.find(b"response.done") < 0:
+            if frame.find(b'.delta"') >= 0:
+                if frame.find(b'audio.delta"') >= 0:
+                    return  # audio: base64, the largest frames, not read
+            elif (
+                frame.find(b"transcription.completed") < 0
+                and frame.find(b'session.updated"') < 0
+                and frame.find(b'session.created"') < 0
+                and frame.find(b"response.created") < 0
+            ):
+                return  # nothing metered
+        event = _event(frame)
+        kind = event.get("type") if event is not None else None
+        if event is None or type(kind) is not str:
+            return
+        if kind == "response.done":
+            self._read_done(event)
+        elif kind in _GENERATED:
+            delta = event.get("delta")
+            if isinstance(delta, str):
+                self._chars += len(delta)
+        elif kind == _TRANSCRIBED:
+            self._read_transcribed(event)
+        elif kind in _SESSION_EVENTS:
+            self._read_session(event)
+        elif kind == "response.created":
+            self._on_begun()
 
     def finish(self) -> None:
         """At the session's end: a response cut before its `response.done` is estimated."""
         if self._chars:
             self._add(Usage(0, estimate.tokens(self._chars), estimated=True))
 
-    def _read_done(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or event.get("type") != "response.done":
-            return
+    def _read_done(self, event: dict[str, Any]) -> None:
         self._on_done()
         response = event.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
@@ -173,10 +183,7 @@ class SessionUsage:
         else:  # a provider that reports none: what the response generated, estimated
             self.finish()
 
-    def _read_transcribed(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or event.get("type") != _TRANSCRIBED:
-            return
+    def _read_transcribed(self, event: dict[str, Any]) -> None:
         reported = ProviderUsage()
         read_transcription_usage(event.get("usage"), reported)
         usage = reported.usage()
@@ -188,10 +195,7 @@ class SessionUsage:
         else:
             self._on_response(usage)
 
-    def _read_session(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or not responses.is_one_of(event.get("type"), _SESSION_EVENTS):
-            return
+    def _read_session(self, event: dict[str, Any]) -> None:
         session = event.get("session")
         if isinstance(session, dict):
             self._transcriber = transcription_model(session)

@@ -1084,6 +1084,45 @@ async def test_the_transcription_of_committed_audio_is_charged_at_the_transcript
     assert usage["tokens"]["used"] == TRANSCRIBED_AUDIO_TOKENS + TRANSCRIPT_TOKENS
 
 
+async def test_events_quoting_another_events_name_are_read_as_their_own_type(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """Instructions that name `response.done`, a user who says it: the session.updated that
+    sets the transcription model, and the transcription, are still read and charged."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+        session = {
+            "type": "realtime",
+            "instructions": "Call the tool after each response.done event.",
+            "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+        }
+        await connection.session.update(session=session)  # type: ignore[arg-type]
+        assert (await connection.recv()).type == "session.updated"
+        await connection.input_audio_buffer.append(audio=base64.b64encode(bytes(3200)).decode())
+        said = "What does response.done mean?"
+        await connection.send(
+            {"type": "input_audio_buffer.commit", "fake_transcript": said}  # type: ignore[misc]
+        )
+        assert (await connection.recv()).type == "input_audio_buffer.committed"
+        done = await connection.recv()
+        assert done.type == "conversation.item.input_audio_transcription.completed"
+        assert done.transcript == said
+    [line] = await records(1)
+    assert line["usage"] is not None
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        TRANSCRIBED_AUDIO_TOKENS,
+        TRANSCRIPT_TOKENS,
+    )
+    billed = LibraryUsage(
+        input_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        input_audio_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        output_tokens=TRANSCRIPT_TOKENS,
+    )
+    price = genai_prices.calc_price(billed, "gpt-4o-transcribe", provider_id="openai")
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
+
+
 async def test_a_transcription_session_is_charged_its_audio_seconds(
     gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
 ) -> None:

@@ -22,7 +22,8 @@ one, as lenient JSON readers take either):
                                                      conversation.item.input_audio_transcription
                                                      .completed with its usage: whisper-1's
                                                      TRANSCRIBED_SECONDS, else tokens
-                                                     (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out)
+                                                     (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out);
+                                                     with "fake_transcript": T, T transcribed
     {"type": "fake.resume"}                          send the rest of a held response
     {"type": "fake.close", "code": C, "reason": R}   close with code C and reason R
     {"type": "fake.ping", "data": D}                 send a ping with payload D
@@ -218,7 +219,7 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             elif kind == "input_audio_buffer.append":
                 pass
             elif kind == "input_audio_buffer.commit":
-                for event in committed(session):
+                for event in committed(session, command.get("fake_transcript")):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "fake.resume":
                 events, held[:] = held[:], []
@@ -332,9 +333,9 @@ def live_events(command: dict) -> list[dict]:
     return [*wrapped, usage]
 
 
-def committed(session: dict) -> list[dict]:
-    """The events of committed audio: committed, then its transcription if the session has
-    a transcription model, with that model's usage."""
+def committed(session: dict, transcript: str | None = None) -> list[dict]:
+    """The events of committed audio: committed, then its transcription (`transcript`, else
+    "Hello there.") if the session has a transcription model, with that model's usage."""
     item = "item_fake_1"
     events: list[dict] = [{"type": "input_audio_buffer.committed", "item_id": item}]
     ga = ((session.get("audio") or {}).get("input") or {}).get("transcription") or {}
@@ -356,7 +357,7 @@ def committed(session: dict) -> list[dict]:
         "type": "conversation.item.input_audio_transcription.completed",
         "item_id": item,
         "content_index": 0,
-        "transcript": "Hello there.",
+        "transcript": transcript or "Hello there.",
         "usage": usage,
     }
     return [*events, done]
