@@ -528,14 +528,18 @@ class Exchange:
         usage: Usage | None,
         model: str | None,
         service_tier: str | None = None,
+        answered: str | None = None,
     ) -> None:
         """A turn's end: its reservation replaced by its usage, priced (at `service_tier`,
-        the tier that served it, as an HTTP answer is); None: nothing came."""
+        the tier that served it, and as `answered`, the model the provider says ran it, as
+        an HTTP answer is); None: nothing came."""
         entrance, record = self._entrance, self.record
         cost = None
         if usage is not None:
             ran = model or record.model
-            cost = entrance.prices.cost(record.provider, ran, usage, service_tier=service_tier)
+            cost = entrance.prices.cost(
+                record.provider, ran, usage, answered, service_tier=service_tier
+            )
             if cost is not None:
                 self.live_cost_usd = (self.live_cost_usd or 0.0) + cost
         if admission is None and usage is not None:  # the tracker was lost: charge it anyway
@@ -545,15 +549,24 @@ class Exchange:
         self.is_charged_live = True
 
     def charge(
-        self, usage: Usage, model: str | None = None, *, service_tier: str | None = None
+        self,
+        usage: Usage,
+        model: str | None = None,
+        *,
+        service_tier: str | None = None,
+        answered: str | None = None,
     ) -> None:
         """Charge one response's usage as it comes (a session may last an hour), priced as
         the model the session runs (its target's, else the request's), or `model` (a
-        Realtime session's transcription model), at `service_tier` when a tier was said."""
+        Realtime session's transcription model), at `service_tier` when a tier was said.
+        `answered`: the model the provider says ran the response (a Live delegation's), priced
+        first, as an HTTP answer's is (`Prices.cost`)."""
         entrance, record = self._entrance, self.record
         assert self.key is not None
         ran = model or record.target_model or record.model
-        cost = entrance.prices.cost(record.provider, ran, usage, service_tier=service_tier)
+        cost = entrance.prices.cost(
+            record.provider, ran, usage, answered, service_tier=service_tier
+        )
         entrance.quota.charge(self.key, usage, cost, ran)
         self.is_charged_live = True
         if cost is not None:

@@ -143,16 +143,19 @@ class Turns:
         """A response began (response.created): the first turn not yet begun runs."""
         self._begun = min(self._begun + 1, len(self._open))
 
-    def completed(self, usage: Usage, *, service_tier: str | None = None) -> None:
+    def completed(
+        self, usage: Usage, *, service_tier: str | None = None, answered: str | None = None
+    ) -> None:
         """The oldest open turn's usage came: settle it, priced at the tier that served it
-        (a response the gateway did not see asked for, e.g. a provider's own, is charged to
-        the key as it stands)."""
+        and as the model that ran it (a response the gateway did not see asked for, e.g. a
+        provider's own, is charged to the key as it stands)."""
+        exchange = self._exchange
         if self._open:
             key, admission, model = self._open.popleft()
             self._begun = max(self._begun - 1, 0)
-            self._exchange.settle_turn(key, admission, usage, model, service_tier)
-        elif self._exchange.key is not None:
-            self._exchange.settle_turn(self._exchange.key, None, usage, None, service_tier)
+            exchange.settle_turn(key, admission, usage, model, service_tier, answered)
+        elif exchange.key is not None:
+            exchange.settle_turn(exchange.key, None, usage, None, service_tier, answered)
 
     def refused(self) -> None:
         """The provider sent an error event: the first turn no response began was refused

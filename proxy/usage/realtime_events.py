@@ -21,6 +21,9 @@ transcription apart, at the transcription model's price: its
 `conversation.item.input_audio_transcription.completed` event carries its `usage` (tokens,
 or whisper-1's `duration` in seconds), handed on with that model, read from the provider's
 `session.created`/`session.updated` events (and the beta's `transcription_session.*`).
+Those events also name the model the session runs (`session.model`): each response's usage
+is handed on with it (`answered`), for a session whose URL names none (a WebRTC or SIP
+call's sideband, `?call_id=`) to be priced.
 
 Its reader also tells when a response begins (`response.created`) and is done
 (`response.done`), for the shutdown's drain, which lets a response in progress end
@@ -28,8 +31,8 @@ Its reader also tells when a response begins (`response.created`) and is done
 
 `socket_usage` picks a session's reader by its path: a WebSocket on `/v1/responses` is the
 Responses API's WebSocket mode, whose events are the Responses dialect's (`responses`); one on
-`/v1/live/sessions` (or a session's `/fork`) the Live API's, whose delegated Responses come
-wrapped in `response.event` frames (`LiveUsage`).
+`/v1/live/sessions` (a session's `/fork`, a sideband's `/attach`) the Live API's, whose
+delegated Responses come wrapped in `response.event` frames (`LiveUsage`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from proxy.usage.provider_usage import (
     UsageFields,
     added,
 )
+from proxy.usage.reading import MODEL_CHARS
 
 USAGE = UsageFields(
     counts=(("input_tokens", PROMPT), ("output_tokens", COMPLETION)),
@@ -93,9 +97,11 @@ _GENERATED = frozenset(
 )
 
 
-# A Live session's socket (`live/sessions`, a stored one's `live/sessions/{id}/fork`), and
-# its frame that holds one event of a delegated Responses stream.
+# A Live session's socket (`live/sessions`, a stored one's `live/sessions/{id}/fork`, a
+# sideband's `live/sessions/{id}/attach`), and its frame that holds one event of a
+# delegated Responses stream.
 _LIVE_SESSIONS, _LIVE_RESPONSE = "/live/sessions", "response.event"
+_LIVE_SOCKETS = frozenset(("fork", "attach"))
 
 
 class SessionUsage:
@@ -103,6 +109,7 @@ class SessionUsage:
 
     __slots__ = (
         "_chars",
+        "_model",
         "_on_begun",
         "_on_done",
         "_on_response",
@@ -113,7 +120,7 @@ class SessionUsage:
 
     def __init__(
         self,
-        on_response: Callable[[Usage], None],
+        on_response: responses.OnResponse,
         on_transcribed: OnTranscribed | None = None,
         on_begun: Callable[[], None] = lambda: None,
         on_done: Callable[[], None] = lambda: None,
@@ -124,36 +131,48 @@ class SessionUsage:
         self._total: Usage | None = None
         self._chars = 0  # generated since the last response.done: an estimate if none comes
         self._transcriber: str | None = None  # the session's transcription model
+        # The model the session runs, as the provider says (a call's sideband names none).
+        self._model: str | None = None
 
     def read(self, frame: bytes) -> None:
-        """One provider text frame, already sent on; most cost one or two substring searches."""
-        if frame.find(b"response.done") >= 0:
-            self._read_done(frame)
-        elif frame.find(b'.delta"') >= 0:
-            if frame.find(b'audio.delta"') < 0:  # not audio
-                event = _event(frame)
-                if event is not None and responses.is_one_of(event.get("type"), _GENERATED):
-                    delta = event.get("delta")
-                    if isinstance(delta, str):
-                        self._chars += len(delta)
-        elif frame.find(b"transcription.completed") >= 0:
-            self._read_transcribed(frame)
-        elif frame.find(b'session.updated"') >= 0 or frame.find(b'session.created"') >= 0:
-            self._read_session(frame)
-        elif frame.find(b"response.created") >= 0:  # a small frame: the deltas went above
-            event = _event(frame)
-            if event is not None and event.get("type") == "response.created":
-                self._on_begun()
+        """One provider text frame, already sent on; most cost one or two substring searches.
+
+        A frame that may be metered is parsed, and read as the type it says: an event's name
+        may also stand in another's text (instructions, a transcript, a tool's arguments)."""
+        if frame.find(b"response.done") < 0:
+            if frame.find(b'.delta"') >= 0:
+                if frame.find(b'audio.delta"') >= 0:
+                    return  # audio: base64, the largest frames, not read
+            elif (
+                frame.find(b"transcription.completed") < 0
+                and frame.find(b'session.updated"') < 0
+                and frame.find(b'session.created"') < 0
+                and frame.find(b"response.created") < 0
+            ):
+                return  # nothing metered
+        event = _event(frame)
+        kind = event.get("type") if event is not None else None
+        if event is None or type(kind) is not str:
+            return
+        if kind == "response.done":
+            self._read_done(event)
+        elif kind in _GENERATED:
+            delta = event.get("delta")
+            if isinstance(delta, str):
+                self._chars += len(delta)
+        elif kind == _TRANSCRIBED:
+            self._read_transcribed(event)
+        elif kind in _SESSION_EVENTS:
+            self._read_session(event)
+        elif kind == "response.created":
+            self._on_begun()
 
     def finish(self) -> None:
         """At the session's end: a response cut before its `response.done` is estimated."""
         if self._chars:
             self._add(Usage(0, estimate.tokens(self._chars), estimated=True))
 
-    def _read_done(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or event.get("type") != "response.done":
-            return
+    def _read_done(self, event: dict[str, Any]) -> None:
         self._on_done()
         response = event.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
@@ -164,10 +183,7 @@ class SessionUsage:
         else:  # a provider that reports none: what the response generated, estimated
             self.finish()
 
-    def _read_transcribed(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or event.get("type") != _TRANSCRIBED:
-            return
+    def _read_transcribed(self, event: dict[str, Any]) -> None:
         reported = ProviderUsage()
         read_transcription_usage(event.get("usage"), reported)
         usage = reported.usage()
@@ -179,18 +195,18 @@ class SessionUsage:
         else:
             self._on_response(usage)
 
-    def _read_session(self, frame: bytes) -> None:
-        event = _event(frame)
-        if event is None or not responses.is_one_of(event.get("type"), _SESSION_EVENTS):
-            return
+    def _read_session(self, event: dict[str, Any]) -> None:
         session = event.get("session")
         if isinstance(session, dict):
             self._transcriber = transcription_model(session)
+            model = session.get("model")
+            if isinstance(model, str) and model:
+                self._model = model[:MODEL_CHARS]
 
     def _add(self, usage: Usage) -> None:
         self._chars = 0
         self._total = usage if self._total is None else added(self._total, usage)
-        self._on_response(usage)
+        self._on_response(usage, answered=self._model)
 
     @property
     def total(self) -> Usage | None:
@@ -232,10 +248,11 @@ def _event(frame: bytes) -> dict[str, Any] | None:
 
 
 class LiveUsage:
-    """A Live API session's usage (`/v1/live/sessions`, a session's `/fork`): the Responses its
-    delegation runs come as `response.event` frames, each holding one event of a Responses
-    stream (`event`), read and charged as the Responses API's WebSocket mode's are. Its
-    audio (`session.usage.updated`: seconds, cumulative) is not metered."""
+    """A Live API session's usage (`/v1/live/sessions`, a session's `/fork`, a sideband's
+    `/attach`): the Responses its delegation runs come as `response.event` frames, each
+    holding one event of a Responses stream (`event`), read and charged as the Responses
+    API's WebSocket mode's are. Its audio (`session.usage.updated`: seconds, cumulative) is
+    not metered."""
 
     __slots__ = ("_responses",)
 
@@ -291,7 +308,21 @@ def socket_usage(
     told to `on_transcribed` with their model, each response's `on_begun` and `on_done`)."""
     if is_responses_socket(path):
         return responses.SocketUsage(on_response, on_begun, on_error)
-    path = "/" + path.strip("/")  # a route's tail, or a whole path
-    if _LIVE_SESSIONS in path and (path.endswith(_LIVE_SESSIONS) or path.endswith("/fork")):
+    if is_live_socket(path):
         return LiveUsage(on_response)
     return SessionUsage(on_response, on_transcribed, on_begun, on_done)
+
+
+def is_live_socket(path: str) -> bool:
+    """A Live API socket (a route's tail, or a whole path): a session's own (`…/live/sessions`),
+    a stored one's fork (`…/live/sessions/{id}/fork`), or a server's sideband attached to a
+    WebRTC or SIP session (`…/live/sessions/{id}/attach`), which sees its delegated Responses
+    as the primary connection does."""
+    path = "/" + path.strip("/")
+    if _LIVE_SESSIONS not in path:  # most sessions: at once
+        return False
+    if path.endswith(_LIVE_SESSIONS):
+        return True
+    head, _, last = path.rpartition("/")
+    sessions, _, session_id = head.rpartition("/")
+    return last in _LIVE_SOCKETS and bool(session_id) and sessions.endswith(_LIVE_SESSIONS)

@@ -143,9 +143,12 @@ _FINISHED = frozenset(kind for kind, read in EVENTS.items() if read is _finished
 
 class OnResponse(Protocol):
     """Told each response's usage as it ends, with the OpenAI service tier that served it
-    ("priority", "flex": priced at its own rates; None: not said)."""
+    ("priority", "flex": priced at its own rates; None: not said) and the model the provider
+    says ran it (`answered`, priced first as an HTTP answer's is; None: not said)."""
 
-    def __call__(self, usage: Usage, *, service_tier: str | None = None) -> None: ...
+    def __call__(
+        self, usage: Usage, *, service_tier: str | None = None, answered: str | None = None
+    ) -> None: ...
 
 
 class SocketUsage:
@@ -216,7 +219,7 @@ class SocketUsage:
         if usage is None:  # none reported: what it generated (the prompt is the provider's)
             usage = Usage(0, estimate.tokens(reading.chars), estimated=True)
         self._total = usage if self._total is None else added(self._total, usage)
-        self._on_response(usage, service_tier=reading.service_tier)
+        self._on_response(usage, service_tier=reading.service_tier, answered=reading.model)
 
     @property
     def total(self) -> Usage | None:

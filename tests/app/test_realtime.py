@@ -41,9 +41,11 @@ from tests.support.fake_realtime import (
     CACHED_AUDIO_TOKENS,
     CACHED_IMAGE_TOKENS,
     CACHED_TOKENS,
+    CALL_MODEL,
     INPUT_AUDIO_TOKENS,
     INPUT_IMAGE_TOKENS,
     INPUT_TOKENS,
+    LIVE_DELEGATED_MODEL,
     OUTPUT_AUDIO_TOKENS,
     OUTPUT_TOKENS,
     REALTIME_STATE,
@@ -568,8 +570,78 @@ async def test_a_live_sessions_delegated_responses_are_charged(
     assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
     assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
     assert line["usage"]["estimated"] is False
+    # Priced as the model the delegation ran (its response says it): the URL names none.
+    delegated = Usage(INPUT_TOKENS, OUTPUT_TOKENS, cache_read_tokens=CACHED_TOKENS)
+    price = Prices.load(None).cost("openai", None, delegated, LIVE_DELEGATED_MODEL)
+    assert price is not None and price > 0
+    assert line["cost_usd"] == pytest.approx(price)
     usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    await no_session_left(gateway)
+
+
+async def test_a_calls_sideband_is_charged_and_priced_as_the_model_its_session_runs(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A server joins a WebRTC or SIP call (`?call_id=`, no model in the URL): the provider's
+    # session.created says the model the call runs, and its responses are priced as that.
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(call_id="rtc_1") as connection:
+        assert (await connection.recv()).type == "session.created"
+        await connection.response.create()
+        assert (await connection.recv()).type == "response.created"
+        assert (await connection.recv()).type == "response.done"
+    [line] = await records(1)
+    assert line["path"] == "/v1/realtime"
+    assert line["usage"]["total_tokens"] == INPUT_TOKENS + OUTPUT_TOKENS
+    one_response = Usage(
+        prompt_tokens=INPUT_TOKENS,
+        completion_tokens=OUTPUT_TOKENS,
+        cache_read_tokens=CACHED_TOKENS,
+        input_audio_tokens=INPUT_AUDIO_TOKENS,
+        output_audio_tokens=OUTPUT_AUDIO_TOKENS,
+        input_image_tokens=INPUT_IMAGE_TOKENS,
+        cache_audio_read_tokens=CACHED_AUDIO_TOKENS,
+        cache_image_read_tokens=CACHED_IMAGE_TOKENS,
+    )
+    price = Prices.load(None).cost("openai", CALL_MODEL, one_response)
+    assert price is not None and price > 0
+    assert line["cost_usd"] == pytest.approx(price)
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    await no_session_left(gateway)
+
+
+async def test_a_live_sidebands_delegated_responses_are_charged(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A server attached to a WebRTC or SIP Live session (`…/sessions/{id}/attach`, whose
+    # primary connection goes to the provider directly) drives its turns: the sideband sees
+    # the delegated Responses as the primary would, and is the gateway's only view of them.
+    gateway = await make_gateway(QUOTA_TOKENS="1000")
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.live.sideband.connect(session_id="sess_1") as connection:
+        assert (await connection.recv_bytes()).startswith(b'{"type":"session.created"')
+        await connection.send({"type": "response.create"})
+        events = [json.loads(await connection.recv_bytes()) for _ in range(5)]
+    assert events[3]["event"]["type"] == "response.completed"
+    [line] = await records(1)
+    assert line["path"] == "/v1/live/sessions/sess_1/attach"
+    assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
+    assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
+    assert line["usage"]["estimated"] is False
+    assert line["cost_usd"] > 0  # as the model the delegation ran
+    usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
+    assert usage["tokens"]["used"] == INPUT_TOKENS + OUTPUT_TOKENS
+    metrics = (await (await gateway.get("/metrics")).text()).splitlines()
+    assert any(
+        row.startswith("llm_gateway_completion_tokens_total{")
+        and row.endswith(f" {float(OUTPUT_TOKENS)}")
+        for row in metrics
+    ), [row for row in metrics if "tokens_total" in row]
     await no_session_left(gateway)
 
 
@@ -657,7 +729,7 @@ def test_session_usage_reads_only_response_done_usage(
     frames: list[bytes], expected: tuple[int, int] | None
 ) -> None:
     responses: list[Usage] = []
-    usage = SessionUsage(responses.append)
+    usage = SessionUsage(lambda response, **_: responses.append(response))
     for frame in frames:
         usage.read(frame)
     if expected is None:
@@ -846,7 +918,7 @@ async def test_a_response_done_without_usage_is_estimated_and_the_next_reported_
 
 def test_session_usage_estimates_deltas_and_skips_the_audio() -> None:
     responses: list[Usage] = []
-    usage = SessionUsage(responses.append)
+    usage = SessionUsage(lambda response, **_: responses.append(response))
     usage.read(b'{"type":"response.output_audio.delta","delta":"' + b"A" * 4000 + b'"}')
     usage.read(b'{"type":"response.text.delta","delta":"abcd"}')
     usage.read(b'{"type":"response.audio_transcript.delta","delta":"efgh"}')
@@ -1010,6 +1082,45 @@ async def test_the_transcription_of_committed_audio_is_charged_at_the_transcript
     assert line["cost_usd"] == pytest.approx(float(price.total_price))
     usage = await (await gateway.get("/usage", headers=auth(OPENAI_VK))).json()
     assert usage["tokens"]["used"] == TRANSCRIBED_AUDIO_TOKENS + TRANSCRIPT_TOKENS
+
+
+async def test_events_quoting_another_events_name_are_read_as_their_own_type(
+    gateway: TestClient, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """Instructions that name `response.done`, a user who says it: the session.updated that
+    sets the transcription model, and the transcription, are still read and charged."""
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+        session = {
+            "type": "realtime",
+            "instructions": "Call the tool after each response.done event.",
+            "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+        }
+        await connection.session.update(session=session)  # type: ignore[arg-type]
+        assert (await connection.recv()).type == "session.updated"
+        await connection.input_audio_buffer.append(audio=base64.b64encode(bytes(3200)).decode())
+        said = "What does response.done mean?"
+        await connection.send(
+            {"type": "input_audio_buffer.commit", "fake_transcript": said}  # type: ignore[misc]
+        )
+        assert (await connection.recv()).type == "input_audio_buffer.committed"
+        done = await connection.recv()
+        assert done.type == "conversation.item.input_audio_transcription.completed"
+        assert done.transcript == said
+    [line] = await records(1)
+    assert line["usage"] is not None
+    assert (line["usage"]["prompt_tokens"], line["usage"]["completion_tokens"]) == (
+        TRANSCRIBED_AUDIO_TOKENS,
+        TRANSCRIPT_TOKENS,
+    )
+    billed = LibraryUsage(
+        input_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        input_audio_tokens=TRANSCRIBED_AUDIO_TOKENS,
+        output_tokens=TRANSCRIPT_TOKENS,
+    )
+    price = genai_prices.calc_price(billed, "gpt-4o-transcribe", provider_id="openai")
+    assert line["cost_usd"] == pytest.approx(float(price.total_price))
 
 
 async def test_a_transcription_session_is_charged_its_audio_seconds(

@@ -1,6 +1,8 @@
 """The fake provider's Realtime API: a WebSocket at /v1/realtime that echoes and obeys commands.
 
-Mounted by `tests/support/fake_provider.py`. It accepts the subprotocol `realtime`, answers every ping
+Mounted by `tests/support/fake_provider.py`. Its first frame is `session.created` (naming
+CALL_MODEL as the session's model for a call's sideband, `?call_id=`, whose URL names none).
+It accepts the subprotocol `realtime`, answers every ping
 with a pong of the same payload (autoping is off, so a test sees pings pass the gateway),
 echoes text and binary frames unchanged, and obeys JSON commands (in a text frame, or a binary
 one, as lenient JSON readers take either):
@@ -20,7 +22,8 @@ one, as lenient JSON readers take either):
                                                      conversation.item.input_audio_transcription
                                                      .completed with its usage: whisper-1's
                                                      TRANSCRIBED_SECONDS, else tokens
-                                                     (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out)
+                                                     (TRANSCRIBED_AUDIO_TOKENS in, TRANSCRIPT_TOKENS out);
+                                                     with "fake_transcript": T, T transcribed
     {"type": "fake.resume"}                          send the rest of a held response
     {"type": "fake.close", "code": C, "reason": R}   close with code C and reason R
     {"type": "fake.ping", "data": D}                 send a ping with payload D
@@ -37,9 +40,10 @@ one, as lenient JSON readers take either):
                                                      argument deltas; with D, a response.done
                                                      without usage; without, nothing more
 
-At /v1/live/sessions (and a session's /fork) it is the Live API: `response.create` answers
-the Responses events below, each inside a `response.event` (as Live reports what its
-Responses delegation runs), then `session.usage.updated` with LIVE_SECONDS of audio.
+At /v1/live/sessions (and a session's /fork, and a sideband's /attach) it is the Live API:
+`response.create` answers the Responses events below (run by LIVE_DELEGATED_MODEL), each
+inside a `response.event` (as Live reports what its Responses delegation runs), then
+`session.usage.updated` with LIVE_SECONDS of audio.
 
 At /v1/responses it is the Responses API's WebSocket mode instead: `response.create` answers
 response.created, two response.output_text.delta events and response.completed with usage
@@ -69,8 +73,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 INPUT_TOKENS, CACHED_TOKENS, INPUT_AUDIO_TOKENS, CACHED_AUDIO_TOKENS = 11, 2, 4, 1
 INPUT_IMAGE_TOKENS, CACHED_IMAGE_TOKENS = 3, 1
 OUTPUT_TOKENS, OUTPUT_AUDIO_TOKENS = 7, 5
-# A Live session's cumulative audio after one response.
-LIVE_SECONDS = 4.5
+# The model a WebRTC or SIP call runs, which its sideband's session.created names.
+CALL_MODEL = "gpt-realtime"
+# A Live session's cumulative audio after one response, and the model its delegation runs.
+LIVE_SECONDS, LIVE_DELEGATED_MODEL = 4.5, "gpt-4.1-mini"
 # The usage of each transcription of committed audio: tokens (gpt-4o-transcribe), or seconds.
 TRANSCRIBED_AUDIO_TOKENS, TRANSCRIPT_TOKENS, TRANSCRIBED_SECONDS = 30, 6, 2.5
 # What the Responses WebSocket mode's handshake answers with, beside the handshake's own.
@@ -116,6 +122,7 @@ def install(app: web.Application) -> None:
     app.router.add_get("/openai/v1/responses", realtime)  # Azure's Responses WebSocket mode
     app.router.add_get("/v1/live/sessions", realtime)  # the Live API
     app.router.add_get("/v1/live/sessions/{session_id}/fork", realtime)
+    app.router.add_get("/v1/live/sessions/{session_id}/attach", realtime)  # a sideband
 
 
 async def realtime(request: web.Request) -> web.StreamResponse:
@@ -149,7 +156,10 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
         for event in events:
             await send(WSMsgType.TEXT, orjson.dumps(event).decode())
 
-    await send(WSMsgType.TEXT, orjson.dumps({"type": "session.created"}).decode())
+    created: dict = {"type": "session.created"}
+    if "call_id" in request.query:  # a call's sideband: the session says the model it runs
+        created["session"] = {"type": "realtime", "model": CALL_MODEL}
+    await send(WSMsgType.TEXT, orjson.dumps(created).decode())
     session: dict = {}  # what session.update set
     held: list[dict] = []  # a held response's events, sent on fake.resume
     while True:
@@ -209,7 +219,7 @@ async def serve(ws: web.WebSocketResponse, socket: FakeSocket, request: web.Requ
             elif kind == "input_audio_buffer.append":
                 pass
             elif kind == "input_audio_buffer.commit":
-                for event in committed(session):
+                for event in committed(session, command.get("fake_transcript")):
                     await send(WSMsgType.TEXT, orjson.dumps(event).decode())
             elif kind == "fake.resume":
                 events, held[:] = held[:], []
@@ -300,8 +310,12 @@ def responses_events(command: dict) -> list[dict]:
 
 
 def live_events(command: dict) -> list[dict]:
-    """A Live session's delegated response: its Responses events, each in a `response.event`,
-    then the session's cumulative audio."""
+    """A Live session's delegated response: its Responses events (the response run by
+    LIVE_DELEGATED_MODEL), each in a `response.event`, then the session's cumulative audio."""
+    events = responses_events(command)
+    for event in events:
+        if isinstance(event.get("response"), dict):
+            event["response"]["model"] = LIVE_DELEGATED_MODEL
     wrapped = [
         {
             "type": "response.event",
@@ -309,7 +323,7 @@ def live_events(command: dict) -> list[dict]:
             "delegation_id": "dlg_1",
             "event": event,
         }
-        for index, event in enumerate(responses_events(command))
+        for index, event in enumerate(events)
     ]
     usage = {
         "type": "session.usage.updated",
@@ -319,9 +333,9 @@ def live_events(command: dict) -> list[dict]:
     return [*wrapped, usage]
 
 
-def committed(session: dict) -> list[dict]:
-    """The events of committed audio: committed, then its transcription if the session has
-    a transcription model, with that model's usage."""
+def committed(session: dict, transcript: str | None = None) -> list[dict]:
+    """The events of committed audio: committed, then its transcription (`transcript`, else
+    "Hello there.") if the session has a transcription model, with that model's usage."""
     item = "item_fake_1"
     events: list[dict] = [{"type": "input_audio_buffer.committed", "item_id": item}]
     ga = ((session.get("audio") or {}).get("input") or {}).get("transcription") or {}
@@ -343,7 +357,7 @@ def committed(session: dict) -> list[dict]:
         "type": "conversation.item.input_audio_transcription.completed",
         "item_id": item,
         "content_index": 0,
-        "transcript": "Hello there.",
+        "transcript": transcript or "Hello there.",
         "usage": usage,
     }
     return [*events, done]

@@ -1321,7 +1321,10 @@ def test_any_value_where_a_dialect_reads_never_raises(
     ]:
         usage = tap_of(body, content_type, charged=kind_charged).usage(request)
         assert usage is None or usage.input_audio_seconds >= 0 <= usage.input_characters
-    for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage, **_: None)):
+    for reader in (
+        SessionUsage(lambda usage, **_: None),
+        ResponsesSocketUsage(lambda usage, **_: None),
+    ):
         reader.read(orjson.dumps({**event, "type": kind or "response.done"}))
         reader.finish()
 
@@ -1333,7 +1336,10 @@ def test_a_type_that_is_no_string_is_read_as_no_type_and_never_raises() -> None:
     items = {"type": "response.output_item.added", "item": {"type": kind, "name": "abc"}}
     done = {"type": "response.completed", "response": {"output": [{"type": kind}]}}
     assert tap_of(sse(items, done), SSE).usage(CHAT_REQUEST) is not None
-    for reader in (SessionUsage(lambda usage: None), ResponsesSocketUsage(lambda usage, **_: None)):
+    for reader in (
+        SessionUsage(lambda usage, **_: None),
+        ResponsesSocketUsage(lambda usage, **_: None),
+    ):
         reader.read(orjson.dumps({"type": kind, "delta": "x", "note": "a.delta"}))
         reader.read(orjson.dumps({"type": kind, "note": 'session.updated"'}))
         reader.finish()
