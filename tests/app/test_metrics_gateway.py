@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
+
+# What Prometheus asks for on every scrape (2.x's default scrape protocols), and its encoding.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 
 
 async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_provider(
@@ -230,3 +240,33 @@ async def test_a_spent_key_refused_before_its_100_continue_is_counted_once(
             if sample.name == "llm_gateway_quota_rejections_total":
                 found[sample.labels["key"]] = sample.value
     assert found == {"limited": 2, "key/requests": 2}
+
+
+async def test_a_scrape_that_accepts_gzip_gets_the_metrics_gzipped(gateway: Any) -> None:
+    """Prometheus sends `Accept-Encoding: gzip` with every scrape, and prometheus-client's own
+    exposition answers it gzipped: /metrics came back uncompressed, about six times the bytes
+    on every scrape of every instance. A scraper that asks for no encoding gets plain text."""
+    from tests.conftest import OPENAI_VK, auth
+    from tests.support.bodies import CHAT
+
+    answered = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    assert answered.status == 200
+    scrape = {"accept": PROMETHEUS_ACCEPT, "accept-encoding": "gzip"}
+    response = await gateway.get("/metrics", headers=scrape, auto_decompress=False)
+    assert response.status == 200
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    text = gzip.decompress(await response.read()).decode()
+    assert text.endswith("# EOF\n")
+    requests = {
+        sample.labels["model"]: sample.value
+        for family in openmetrics_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+    assert requests == {"gpt-4o-mini": 1}
+    plain = await gateway.get(
+        "/metrics", headers={"accept-encoding": "identity"}, auto_decompress=False
+    )
+    assert "content-encoding" not in plain.headers
+    assert (await plain.text()).startswith("# HELP llm_gateway_requests_total ")
