@@ -37,7 +37,7 @@ from proxy.keys.reload import KeysFile, Siblings
 from proxy.keys.store import FileStore, KeyStore, Parse, decoded
 from proxy.observe.health import Health
 from proxy.observe.logbook import Logbook, rfc3339
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import Metrics, takes_gzip
 from proxy.quota.memory_tracker import MemoryTracker
 from proxy.quota.quota import Quota
 from proxy.quota.tracker import Budget, Scope, Tracker
@@ -551,4 +551,9 @@ async def _metrics(request: web.Request) -> web.Response:
         return errors.render(error, request.path)
     request.app[FAILOVER].breakers.cool()  # the breaker-state gauge: cooldowns that ended
     body, content_type = request.app[METRICS].render(request.headers.get("accept", ""))
-    return web.Response(body=body, headers={"content-type": content_type})
+    response = web.Response(body=body, headers={"content-type": content_type})
+    if takes_gzip(request.headers.get("accept-encoding", "")):
+        # As prometheus-client's own exposition answers a scrape; aiohttp compresses a body
+        # over 4 KiB in a thread, off the event loop.
+        response.enable_compression(web.ContentCoding.gzip)
+    return response

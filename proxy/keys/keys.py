@@ -384,6 +384,20 @@ class KeyRing:
             problems.extend(bad_teams.values())
         bad_keys: dict[str, str] | None = {} if leave_out else None
         keys = _parse(path, document, environ, defaults, teams, problems, bad_keys, set(bad_teams))
+        for team in _teams_named_as_keys(teams, keys):
+            named = KeysFileError(_team_named_as_a_key(path, team))
+            if bad_keys is None:
+                problems.append(named)
+                continue
+            bad_teams[team] = named  # left out, and its keys with it
+            del teams[team]
+            for secret, key in list(keys.items()):
+                if key.team is not None and key.team.name == team:
+                    bad_keys[secret] = (
+                        f"{path}: key '{key.name}': its team '{masked(team)}' is left out (the "
+                        "team's name is a key of the file)"
+                    )
+                    del keys[secret]
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
             messages = [message for problem in problems for message in problem.problems]
@@ -585,6 +599,36 @@ def _named_as_a_key(path: str, secret: str) -> str:
     return (
         f"{path}: key '{masked(secret)}': name is a key of the file (a virtual or a real one), "
         "and a name is written in every log line: give the key a name that is not a key"
+    )
+
+
+def _teams_named_as_keys(teams: Mapping[str, Team], keys: Mapping[str, VirtualKey]) -> list[str]:
+    """The teams whose name is a key of the file: a virtual key (as written, or by the digest
+    of a hashed or rotated one) or a real key. A team's name is in its keys' log lines and in
+    the `team` label of its metrics."""
+    if not teams:
+        return []
+    real = {
+        credential.api_key
+        for key in keys.values()
+        for target in key.plans.every_target()
+        for credential in target.pool.credentials
+    }
+    digests = {written.removeprefix(PREFIX) for written in keys if is_hashed(written)}
+    digests.update(key.previous[0] for key in keys.values() if key.previous is not None)
+    return [
+        name
+        for name in teams
+        if name in keys or name in real or (digests and secret_digest(name) in digests)
+    ]
+
+
+def _team_named_as_a_key(path: str, team: str) -> str:
+    """Why a team whose name is a key of the file is refused; the name is not shown."""
+    return (
+        f"{path}: team '{masked(team)}': name is a key of the file (a virtual or a real one), "
+        "and a team's name is written in its keys' log lines and in metrics: give the team a "
+        "name that is not a key"
     )
 
 

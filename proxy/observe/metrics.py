@@ -2,9 +2,9 @@
 
 Owns the `llm_gateway_*` series, fed by finished records and a few events (in-flight
 requests, quota rejections, lost log lines, Redis error decisions), and their rendering:
-Prometheus text (or OpenMetrics when asked), or the seed's JSON summary (`summary`). It
-does not decide what a failure is (`health.is_upstream_failure` does) nor when to observe
-(`relay`).
+Prometheus text (or OpenMetrics when asked; gzipped when the scrape takes it: `takes_gzip`),
+or the seed's JSON summary (`summary`). It does not decide what a failure is
+(`health.is_upstream_failure` does) nor when to observe (`relay`).
 
 Labels stay bounded whatever clients send: `provider` comes from keys.json, `key` is the
 key's name (never the key), and `model`, which clients choose, is cut to 64 characters and
@@ -34,7 +34,7 @@ from typing import Any, Literal
 import orjson
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from proxy.observe.health import is_upstream_failure
 from proxy.observe.series import LoopCounter, LoopGauge, LoopHistogram
@@ -481,6 +481,12 @@ class Metrics:
             return OTHER
         held.add(label)
         return label
+
+
+def takes_gzip(accept_encoding: str) -> bool:
+    """Whether a scrape takes the rendering gzipped: its Accept-Encoding read as
+    prometheus-client's own exposition reads it (Prometheus asks for gzip on every scrape)."""
+    return gzip_accepted(accept_encoding)
 
 
 @dataclass(slots=True)

@@ -260,6 +260,29 @@ async def test_a_name_with_a_control_character_is_refused_with_400_naming_the_fi
             assert "space at an end" in (await response.json())["error"]["message"]
 
 
+async def test_a_team_named_with_a_key_is_refused_not_echoing_it(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    """A team created with a virtual or a real key of the file as its name (pasted into the
+    wrong field) was taken: its keys' log lines and the team label of its metrics showed the
+    key whole. Refused (422, as a key so named), the key masked in the message; the file is
+    not touched."""
+    from tests.conftest import OPENAI_REAL
+
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for name in (OPENAI_VK, OPENAI_REAL):
+        response = await gateway.post("/admin/teams", json={"name": name}, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        text = await response.text()
+        assert_openai_error(await response.json(), "invalid_key_settings")
+        assert "name is a key of the file" in text
+        assert not [secret for secret in SECRETS if secret in text]
+    assert keys_file.read_bytes() == before
+    metrics = await (await gateway.get("/metrics")).text()
+    assert not [secret for secret in SECRETS if secret in metrics]
+
+
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     admin_gateway: Make, clock: Clock
 ) -> None:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
+
+# What Prometheus asks for on every scrape (2.x's default scrape protocols), and its encoding.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 
 
 async def test_the_overhead_histogram_excludes_the_time_spent_waiting_on_the_provider(
@@ -230,3 +240,100 @@ async def test_a_spent_key_refused_before_its_100_continue_is_counted_once(
             if sample.name == "llm_gateway_quota_rejections_total":
                 found[sample.labels["key"]] = sample.value
     assert found == {"limited": 2, "key/requests": 2}
+
+
+async def test_a_scrape_that_accepts_gzip_gets_the_metrics_gzipped(gateway: Any) -> None:
+    """Prometheus sends `Accept-Encoding: gzip` with every scrape, and prometheus-client's own
+    exposition answers it gzipped: /metrics came back uncompressed, about six times the bytes
+    on every scrape of every instance. A scraper that asks for no encoding gets plain text."""
+    from tests.conftest import OPENAI_VK, auth
+    from tests.support.bodies import CHAT
+
+    answered = await gateway.post("/v1/chat/completions", json=CHAT, headers=auth(OPENAI_VK))
+    assert answered.status == 200
+    scrape = {"accept": PROMETHEUS_ACCEPT, "accept-encoding": "gzip"}
+    response = await gateway.get("/metrics", headers=scrape, auto_decompress=False)
+    assert response.status == 200
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    text = gzip.decompress(await response.read()).decode()
+    assert text.endswith("# EOF\n")
+    requests = {
+        sample.labels["model"]: sample.value
+        for family in openmetrics_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+    assert requests == {"gpt-4o-mini": 1}
+    plain = await gateway.get(
+        "/metrics", headers={"accept-encoding": "identity"}, auto_decompress=False
+    )
+    assert "content-encoding" not in plain.headers
+    assert (await plain.text()).startswith("# HELP llm_gateway_requests_total ")
+
+
+async def test_a_scrape_after_mixed_traffic_parses_as_prometheus_text_and_openmetrics(
+    make_gateway: Any, fake_base: str, tmp_path: Any
+) -> None:
+    """What Prometheus and prometheus-client's parsers read after answers, streams, refusals
+    over a team's window and an unknown key, with a key, a team and a model named
+    with a quote, a backslash, a line break and non-ASCII: OpenMetrics when the scrape asks
+    as Prometheus does (its counters declared without `_total`, no `_created`, `# EOF`),
+    Prometheus text otherwise; each name read back as written (the model's line break
+    replaced), and no key of the file anywhere."""
+    import json
+
+    from tests.conftest import OPENAI_VK, SECRETS, auth, keys_document
+    from tests.support.bodies import CHAT, STREAM, chat
+
+    odd_key, odd_team, odd_model = 'we"ird\\name ✓', 'te"am\\x ünï', 'm"o\\d\nel ✓'
+    odd_vk = "vk_test_metrics_odd_0123456789"
+    document = keys_document(fake_base)
+    document["teams"] = {odd_team: {"quota": {"requests": 1}}}
+    document["virtual_keys"][odd_vk] = {
+        "provider": "openai",
+        "api_key": "sk-metrics-odd-real-0123456789",
+        "name": odd_key,
+        "team": odd_team,
+    }
+    keys = tmp_path / "odd-keys.json"
+    keys.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(keys))
+    statuses = []
+    for key, body in (
+        (OPENAI_VK, CHAT),
+        (OPENAI_VK, STREAM),
+        (OPENAI_VK, chat(model=odd_model)),
+        (odd_vk, CHAT),
+        (odd_vk, CHAT),  # over its team's window
+        ("vk_unknown_0123456789", CHAT),
+    ):
+        response = await gateway.post("/v1/chat/completions", json=body, headers=auth(key))
+        await response.read()
+        statuses.append(response.status)
+    assert statuses == [200, 200, 200, 200, 429, 401]
+    scraped = await gateway.get("/metrics", headers={"accept": PROMETHEUS_ACCEPT})
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    openmetrics = await scraped.text()
+    assert openmetrics.endswith("# EOF\n")
+    plain = await (await gateway.get("/metrics")).text()
+    for text, parse in (
+        (openmetrics, openmetrics_families),
+        (plain, text_string_to_metric_families),
+    ):
+        assert not [secret for secret in [*SECRETS, odd_vk] if secret in text]
+        families = list(parse(text))
+        names = {sample.name for family in families for sample in family.samples}
+        assert not [name for name in names if name.endswith("_created")]
+        counters = [family for family in families if family.type == "counter"]
+        assert all(not family.name.endswith("_total") for family in counters)
+        assert all(s.name.endswith("_total") for family in counters for s in family.samples)
+        labels = {
+            (sample.name, name, value)
+            for family in families
+            for sample in family.samples
+            for name, value in sample.labels.items()
+        }
+        assert ("llm_gateway_quota_rejections_total", "key", odd_key) in labels
+        assert ("llm_gateway_requests_total", "model", 'm"o\\d\ufffdel ✓') in labels
+        assert ("llm_gateway_limit_refusals_total", "team", odd_team) in labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -985,3 +986,31 @@ def test_a_name_that_is_a_key_is_refused_without_showing_it(tmp_path: Path, name
     assert f"key '{masked(own)}': name is a key of the file" in message, message
     assert own not in message and other not in message and real not in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("named", ["a virtual key", "a hashed virtual key", "a real key"])
+def test_a_team_named_with_a_key_is_refused_without_showing_it(tmp_path: Path, named: str) -> None:
+    # A team's name is written in every log line of its keys and in the team label of
+    # llm_gateway_team_requests_in_flight and llm_gateway_limit_refusals_total: a team named
+    # with a virtual or a real key of the file put that key, whole, on /metrics and in the log.
+    own, other, real = "vk_alice_0123456789abcdef", "vk_bob_0123456789abcdef", "sk-a" * 6
+    name = {"a virtual key": other, "a hashed virtual key": own, "a real key": real}[named]
+    hashed = "sha256:" + hashlib.sha256(own.encode()).hexdigest()
+    keys = {
+        hashed: {"provider": "openai", "api_key": real, "name": "alice", "team": name},
+        other: {"provider": "openai", "api_key": "sk-b" * 6, "name": "bob"},
+    }
+    document = {"teams": {name: {"max_in_flight": 2}}, "virtual_keys": keys}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert f"team '{masked(name)}': name is a key of the file" in message, message
+    assert own not in message and other not in message and real not in message
+    # The key store of an older version's Redis leaves the team out, and its keys with it.
+    ring = KeyRing.from_document("redis", document, "0", {}, DEFAULTS, leave_out=True)
+    assert name not in ring.teams and ring.key_for(other).name == "bob"
+    with pytest.raises(GatewayError):
+        ring.key_for(own)  # alice, of the team left out
+    for why in ring.left_out.values():
+        assert own not in why and other not in why and real not in why
+    assert sorted(kind for kind, _ in ring.left_out) == ["key", "team"]
