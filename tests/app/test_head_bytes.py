@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.app import CACHE
 from tests.conftest import OPENAI_VK, keys_document
+from tests.support.bodies import chat
 from tests.support.raw_servers import RawServer
 
 CACHED_VK = "vk_test_head_bytes_cached_3c5e7a9b"
@@ -34,7 +36,8 @@ async def raw_gateway(
     tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]]
 ) -> AsyncIterator[Provider]:
     """A factory: a gateway in front of a TCP server that writes `answer` to every request,
-    as it is, then closes the connection; its keys include one with a cache."""
+    as it is, then closes the connection (or, `answer` a handler, lets it speak); its keys
+    include one with a cache."""
     servers: list[RawServer] = []
 
     async def make(answer: bytes | Handle, **env: str) -> tuple[TestClient, RawServer]:
@@ -110,6 +113,84 @@ COMPLETION = json.dumps(
 EVENTS = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # a whole answer of known length (sent in one write)
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + FIELDS
+        + b"Content-Length: %d\r\n\r\n" % len(COMPLETION)
+        + COMPLETION,
+        # a stream (its head held for its first chunk)
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        + FIELDS
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(EVENTS), EVENTS),
+        # a provider's error, passed through
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+        + FIELDS
+        + b'Content-Length: 11\r\n\r\n{"error":1}',
+    ],
+    ids=["whole", "stream", "error"],
+)
+async def test_header_bytes_that_are_not_utf8_reach_the_client_as_the_provider_sent_them(
+    raw_gateway: Provider, answer: bytes, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    gateway, _ = await raw_gateway(answer)
+    got = await exchange(
+        gateway, post("/v1/chat/completions", OPENAI_VK, json.dumps(chat("hi")).encode())
+    )
+    head = head_of(got)
+    for field in (LATIN_1, OBS_TEXT, UTF_8):
+        assert field in head, head
+    body = EVENTS if b"chunked" in answer else answer.partition(b"\r\n\r\n")[2]
+    assert body in got  # and the body as it came
+    (line,) = await records(1)
+    assert line["status"] == int(answer[9:12])
+
+
+async def test_a_provider_request_id_that_is_not_utf8_is_logged_readable(
+    raw_gateway: Provider, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=caf\xe9\r\n"
+        b"X-Request-Id: req-\xe9\xff-1\r\n"
+        + FIELDS
+        + b"Content-Length: %d\r\n\r\n" % len(COMPLETION)
+        + COMPLETION
+    )
+    gateway, _ = await raw_gateway(answer, LOG_BODIES="true")
+    got = await exchange(
+        gateway, post("/v1/chat/completions", OPENAI_VK, json.dumps(chat("hi")).encode())
+    )
+    assert b"charset=caf\xe9\r\n" in head_of(got)
+    (line,) = await records(1)
+    assert line["status"] == 200
+    assert line["provider_request_id"] == "req-\ufffd\ufffd-1"
+    assert line["usage"]["total_tokens"] == 9
+
+
+async def test_a_cache_hit_replays_header_bytes_that_are_not_utf8_as_the_miss_sent_them(
+    raw_gateway: Provider,
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + FIELDS
+        + b"Content-Length: %d\r\n\r\n" % len(COMPLETION)
+        + COMPLETION
+    )
+    gateway, _ = await raw_gateway(answer)
+    request = post("/v1/chat/completions", CACHED_VK, json.dumps(chat("hi")).encode())
+    miss = await exchange(gateway, request)
+    await gateway.app[CACHE].settled()
+    hit = await exchange(gateway, request)
+    assert b"x-llm-gateway-cache: miss\r\n" in head_of(miss)
+    assert b"x-llm-gateway-cache: hit\r\n" in head_of(hit)
+    for field in (LATIN_1, OBS_TEXT, UTF_8):
+        assert field in head_of(hit), head_of(hit)
+    assert hit.endswith(COMPLETION)
+
+
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -158,3 +239,11 @@ async def test_a_websocket_session_whose_provider_request_id_is_not_utf8_is_logg
     await handshake(raw_gateway)
     (line,) = await records(1)
     assert line["provider_request_id"] == "req-\ufffd-2"
+
+
+async def test_a_websocket_handshakes_header_bytes_that_are_not_utf8_reach_the_client(
+    raw_gateway: Provider,
+) -> None:
+    head = await handshake(raw_gateway)
+    for field in (LATIN_1, OBS_TEXT, UTF_8):
+        assert field in head, head
