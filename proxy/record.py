@@ -33,9 +33,11 @@ UNTYPED_ERROR = f"{ANSWER_ERROR} (unknown)"  # its body names none (as reading.n
 # A client's own x-request-id is kept when it is printable ASCII of sane length; anything
 # else (control bytes, non-UTF-8, a megabyte) would poison headers and log lines.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
-# A model as logged: clients choose it, so control characters go and the length is bounded.
+# A model as logged: clients choose it, so control characters go and the length is bounded;
+# so do the lone surrogates a header's bytes that are not UTF-8 are held as (a provider's
+# request id), which no JSON line can hold.
 MODEL_CHARS = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def dollars(usd: float) -> str:

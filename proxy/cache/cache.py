@@ -58,8 +58,15 @@ class Pending:
     headers: tuple[tuple[str, str], ...] = ()
     chunks: list[bytes] | None = field(default_factory=list)  # None: past max_bytes
     size: int = 0
+    has_raw_bytes: bool = False  # a header's value holds bytes that are not UTF-8
 
-    def begin(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+    def begin(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDict[str],
+        has_raw_bytes: bool = False,
+    ) -> None:
         """The provider's status and headers, as they go to the client (before the gateway's own).
 
         Set-Cookie is not kept: a cookie is the first client's, never another's. Names are
@@ -73,6 +80,7 @@ class Pending:
             if name.lower() != "set-cookie"
         )
         self.status, self.reason, self.headers = status, reason, kept
+        self.has_raw_bytes = has_raw_bytes
 
     def collect(self, chunk: bytes) -> None:
         if self.chunks is None or not chunk:
@@ -100,6 +108,7 @@ class Pending:
             record.usage,
             record.response_model,
             now,
+            self.has_raw_bytes,
         )
 
 

@@ -8,7 +8,8 @@ reads no answer older than its own ttl (a reload may have shortened it).
 
 `encode` and `decode` give the form kept in Redis: a version byte, the length of a JSON
 head (status, reason, headers, usage, model, the chunk sizes), the head, then the chunks'
-bytes back to back: no base64, no copy of the body beyond the one join.
+bytes back to back: no base64, no copy of the body beyond the one join. A head with header
+bytes that are not UTF-8 (`raw`) holds its values as their bytes read as Latin-1.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Entry:
     usage: Usage | None = None
     model: str | None = None  # the model the answer names
     stored_at: float | None = None  # by the cache's clock (None: stored before it was kept)
+    # A header's value holds bytes that are not UTF-8, as lone surrogates (relay/head_bytes.py)
+    has_raw_bytes: bool = False
 
     @property
     def body_bytes(self) -> int:
@@ -72,17 +75,18 @@ class Entry:
 
 
 def encode(entry: Entry) -> bytes:
-    head = orjson.dumps(
-        {
-            "status": entry.status,
-            "reason": entry.reason,
-            "headers": entry.headers,
-            "sizes": [len(chunk) for chunk in entry.chunks],
-            "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
-            "model": entry.model,
-            "stored_at": entry.stored_at,
-        }
-    )
+    fields = {
+        "status": entry.status,
+        "reason": entry.reason,
+        "headers": entry.headers,
+        "sizes": [len(chunk) for chunk in entry.chunks],
+        "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
+        "model": entry.model,
+        "stored_at": entry.stored_at,
+    }
+    if entry.has_raw_bytes:
+        fields["headers"], fields["raw"] = _raw(entry.headers), True
+    head = orjson.dumps(fields)
     return b"".join((_VERSION, len(head).to_bytes(4, "big"), head, *entry.chunks))
 
 
@@ -100,14 +104,33 @@ def decode(blob: bytes) -> Entry:
         if start != len(blob):
             raise CorruptEntry("the chunk sizes do not add up to the body")
         usage = head["usage"]
+        has_raw_bytes = head.get("raw", False)
+        headers = tuple((name, value) for name, value in head["headers"])
         return Entry(
             status=head["status"],
             reason=head["reason"],
-            headers=tuple((name, value) for name, value in head["headers"]),
+            headers=_unraw(headers) if has_raw_bytes else headers,
             chunks=tuple(chunks),
             usage=None if usage is None else Usage(**usage),
             model=head["model"],
             stored_at=head.get("stored_at"),
+            has_raw_bytes=has_raw_bytes,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CorruptEntry(str(error)) from None
+
+
+# A head with bytes that are not UTF-8 is kept as its bytes read as Latin-1: JSON holds no
+# lone surrogate. Every other head is kept as it is.
+def _raw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (name, value.encode("utf-8", "surrogateescape").decode("latin-1"))
+        for name, value in headers
+    )
+
+
+def _unraw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (name, value.encode("latin-1").decode("utf-8", "surrogateescape"))
+        for name, value in headers
+    )

@@ -67,6 +67,7 @@ from proxy.realtime.websocket import CLOSE_ANSWER_SECONDS, Gate, InFlight, Sessi
 from proxy.record import Outcome, Record
 from proxy.relay import named
 from proxy.relay.echoes import searched
+from proxy.relay.head_bytes import RAW_HEAD, has_raw_bytes
 from proxy.relay.peek import Peek
 from proxy.settings import Settings
 from proxy.upstream.breaker import Breakers
@@ -317,6 +318,10 @@ class Realtime:
             timeout=CLOSE_ANSWER_SECONDS,
         )
         client.headers.extend(answered)
+        # aiohttp's client does not tell a head with bytes that are not UTF-8: looked for
+        # here, once a session.
+        if has_raw_bytes(answered.values()):
+            client[RAW_HEAD] = True
         client.headers["x-request-id"] = exchange.record.request_id
         if admission is not None:
             client.headers.update(ratelimit.ratelimit_headers(admission))

@@ -12,10 +12,10 @@ aiohttp's low-level server 33). Here, instead:
   preflight, in the order the app ran them; every other request goes through the app's
   router as before, so the own endpoints, their methods and their 405s are aiohttp's;
 - `GatewayRequest` stamps each answer as it is prepared, in one plain call: the Server
-  header, a provider answer's missing Content-Type, CORS, `Connection: close` once the
-  drain has begun, the end of an HTTP/1.0 connection its head announced or whose request
-  named a Transfer-Encoding. No `on_response_prepare` receiver is left; a new stamp
-  goes here.
+  header, a provider answer's missing Content-Type and its header bytes that are not UTF-8
+  (`head_bytes`), CORS, `Connection: close` once the drain has begun, the end of an
+  HTTP/1.0 connection its head announced or whose request named a Transfer-Encoding. No
+  `on_response_prepare` receiver is left; a new stamp goes here.
 
 Both replace private members of the app (`serve_through`): aiohttp 3.14 builds its server
 from `app._handle` and `app._make_request` (pinned in requirements.txt); the Server header
@@ -32,6 +32,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from proxy.relay.cors import Cors
 from proxy.relay.expect import ExpectHandler
+from proxy.relay.head_bytes import keep_raw
 from proxy.relay.relay import keep_untyped
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,7 +106,10 @@ class GatewayRequest(web.Request):
         # aiohttp's default names Python's and its own version; a provider's own Server passes.
         if headers.get(hdrs.SERVER, SERVER_SOFTWARE) == SERVER_SOFTWARE:
             headers[hdrs.SERVER] = SERVER_NAME
-        keep_untyped(response)
+        # len() first: most answers hold no state, where `get` would raise KeyError inside.
+        if len(response):
+            keep_untyped(response)
+            keep_raw(response, self.writer)
         if self._protocol._force_close and response.keep_alive:
             # The connection ends after this answer (the drain has begun): the head says so
             # (RFC 9112 §9.6), or a proxy in front that keeps its connections to the gateway

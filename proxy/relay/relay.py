@@ -42,6 +42,7 @@ from proxy.relay.echoes import (
     unechoed,
 )
 from proxy.relay.expect import awaits_continue
+from proxy.relay.head_bytes import RAW_HEAD
 from proxy.relay.links import MAX_BYTES, ResultsLinks, pointed_back
 from proxy.relay.listing import ModelList
 from proxy.relay.pages import Pages
@@ -179,7 +180,7 @@ class Relay:
             pointed_back(headers, plan.answering(record.target).provider, record.path)
         pending = None if found is None else found.pending
         if pending is not None:
-            pending.begin(reply.status, reply.reason, headers)
+            pending.begin(reply.status, reply.reason, headers, reply.has_raw_bytes)
         collect = None if pending is None else pending.collect
         if admission is not None:
             ratelimit.stamp(headers, admission)
@@ -240,6 +241,8 @@ class Relay:
                 response = HeldHead(status=status, reason=reply.reason, headers=headers)
             if "content-type" not in headers:
                 response[UNTYPED] = True  # see keep_untyped
+            if reply.has_raw_bytes:
+                response[RAW_HEAD] = True  # see head_bytes
             try:
                 writer = await response.prepare(request)
                 if isinstance(response, web.Response):
@@ -318,6 +321,8 @@ class Relay:
         response = response_for(entry, headers)
         if "content-type" not in headers:
             response[UNTYPED] = True  # see keep_untyped
+        if entry.has_raw_bytes:
+            response[RAW_HEAD] = True  # see head_bytes
         try:
             # a client that stops reading: cut
             with self.silences.watch(None, request.transport) as watch:
@@ -425,11 +430,10 @@ def send_head(writer: AbstractStreamWriter) -> None:
 
 
 def keep_untyped(response: web.StreamResponse) -> None:
-    """At prepare (relay.dispatch): aiohttp adds application/octet-stream; a provider's
-    answer that had no Content-Type goes on without one: the gateway passes answers through
-    as they came."""
-    # len() first: most answers hold no state, where `get` would raise KeyError inside.
-    if len(response) and response.get(UNTYPED):
+    """At prepare (relay.dispatch), of an answer that holds state: aiohttp adds
+    application/octet-stream; a provider's answer that had no Content-Type goes on without
+    one: the gateway passes answers through as they came."""
+    if response.get(UNTYPED):
         response.headers.popall("Content-Type", None)
 
 

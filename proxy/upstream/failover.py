@@ -137,6 +137,7 @@ class StoredAnswer:
     def __init__(self, reply: WireReply, body: bytes) -> None:
         self.status, self.reason = reply.status, reply.reason
         self.headers: CIMultiDictProxy[str] = reply.headers
+        self.has_raw_bytes = reply.has_raw_bytes
         self.body = body
         self.content_length = len(body)
 

@@ -253,13 +253,16 @@ class Body:
 class Reply:
     """A provider's answer: the surface of aiohttp's ClientResponse that the relay reads."""
 
-    __slots__ = ("status", "reason", "headers", "content")
+    __slots__ = ("status", "reason", "headers", "content", "has_raw_bytes")
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
         self.reason: str | None = None
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content = Body(connection)
+        # A header value holds bytes that are not UTF-8, as lone surrogates (`on_header`):
+        # its head is written back with them (relay/head_bytes.py).
+        self.has_raw_bytes = False
 
     @property
     def content_length(self) -> int | None:
@@ -299,6 +302,7 @@ class Connection(asyncio.Protocol):
         self.answered = False  # the current request's (final) answer came whole
         self._paused = False
         self._head_left = -1  # bytes an answer's head may still take; -1: its head is whole
+        self._has_raw_bytes = False  # a value of the head being parsed is not UTF-8
         # The answer's header fields as they are parsed (after its head, a throwaway that
         # takes a chunked body's trailers).
         self._fields: CIMultiDict[str] = CIMultiDict()
@@ -307,7 +311,7 @@ class Connection(asyncio.Protocol):
     def begin(self, head_only: bool) -> asyncio.Future[Reply]:
         self._fields, self.heard, self.reusable = CIMultiDict(), False, False
         self.head_only, self.answered = head_only, False
-        self._head_left = MAX_HEAD_BYTES
+        self._head_left, self._has_raw_bytes = MAX_HEAD_BYTES, False  # not a trailer's
         self.reply = Reply(self)
         self.headed = self.loop.create_future()
         return self.headed
@@ -357,11 +361,14 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
-        # same bytes; other bytes as Latin-1 (a Latin-1 reading of UTF-8 would be re-encoded).
+        # same bytes. Any other byte (Latin-1, obs-text: RFC 9110 §5.5) as a lone surrogate,
+        # as aiohttp holds a request's: the relay writes such a head back byte for byte
+        # (`has_raw_bytes`). Read as Latin-1, it went out re-encoded (`\xe9` as `\xc3\xa9`).
         try:
             text = value.decode()
         except UnicodeDecodeError:
-            text = value.decode("latin-1")
+            text = value.decode("utf-8", "surrogateescape")
+            self._has_raw_bytes = True
         self._fields.add(name.decode("latin-1"), text)
 
     def on_headers_complete(self) -> None:
@@ -370,6 +377,7 @@ class Connection(asyncio.Protocol):
             return
         status = parser.get_status_code()
         fields, self._fields = self._fields, CIMultiDict()
+        has_raw_bytes, self._has_raw_bytes = self._has_raw_bytes, False
         if status < 200:  # 1xx: an interim answer, the real one follows
             if status < 100:
                 self._fail(f"status {status}")
@@ -382,6 +390,7 @@ class Connection(asyncio.Protocol):
             raise NotReadable("a Transfer-Encoding other than chunked")
         reply.status, self._head_left = status, -1
         reply.headers = CIMultiDictProxy(fields)
+        reply.has_raw_bytes = has_raw_bytes
         if not headed.done():
             headed.set_result(reply)
         if self.head_only or status in BODILESS:

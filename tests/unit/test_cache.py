@@ -4,6 +4,7 @@ entry's stored form, the memory store's LRU and TTL (an injected clock), flights
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -250,6 +251,19 @@ def test_an_entry_survives_its_stored_form_chunk_for_chunk() -> None:
         decode(b"\x02" + encode(entry)[1:])
     with pytest.raises(CorruptEntry):
         decode(encode(entry)[:-1])
+
+
+def test_an_entry_whose_header_bytes_are_not_utf8_survives_its_stored_form_byte_for_byte() -> None:
+    # As the wire holds them: each byte that is not UTF-8 a lone surrogate, which JSON (and
+    # so Redis's form) cannot hold as such.
+    headers = (
+        ("Content-Type", SSE),
+        ("X-Note", b"caf\xe9 \x80\xff".decode("utf-8", "surrogateescape")),
+        ("X-Utf8", "résumé"),
+    )
+    entry = dataclasses.replace(an_entry(), headers=headers, has_raw_bytes=True)
+    assert decode(encode(entry)) == entry
+    assert b'"raw"' not in encode(an_entry())  # every other entry's form is as it was
 
 
 async def test_the_memory_store_evicts_the_least_recently_used_past_its_bound() -> None:
