@@ -640,7 +640,9 @@ class Failover:
                     # TLS refused, even read in place of the answer (TLS 1.3's mutual TLS,
                     # wire.py): the provider never took the request, whatever was written.
                     sent = False
-                failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {described(error)}", sent)
+                failed = Failed(
+                    Outcome.UNREACHABLE, f"{where(target, url)}: {described(error)}", sent
+                )
                 slow = sent and not isinstance(error, aiohttp.ClientResponseError)  # not bad HTTP
         except SigningFailed as error:
             failed = Failed(Outcome.UNREACHABLE, f"{where(target, url)}: {error}")
