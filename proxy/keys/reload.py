@@ -144,6 +144,7 @@ class KeysFile:
         self._kept_elsewhere = kept_elsewhere
         self._key_ring = key_ring
         self._load = load
+        self._loop_first = LoopFirst()
         self._on_reload = on_reload  # None on success, else the reason it was refused
         # Told the scopes of keys and teams a swap removed, so what is kept of them goes.
         self._on_gone = on_gone
@@ -175,7 +176,7 @@ class KeysFile:
         async with self._one_at_a_time:
             self._seen, loaded_at = signature(self.path), modified_at(self.path)
             try:
-                with _loop_first():  # the loop before the loading thread
+                with self._loop_first.loading():  # the loop before the loading thread
                     fresh = await asyncio.to_thread(self._load)
             except KeysFileError as error:
                 log.warning(
@@ -296,18 +297,49 @@ class KeysFile:
                 await self.reload("file changed")
 
 
-@contextlib.contextmanager
-def _loop_first() -> Iterator[None]:
-    """While a thread loads keys: a shorter switch interval, no cyclic collection; then
-    what was loaded frozen, where the start's objects were (`server.tune_gc`)."""
-    interval, collecting = sys.getswitchinterval(), gc.isenabled()
-    sys.setswitchinterval(min(interval, LOADING_SWITCH_SECONDS))
-    gc.disable()
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-        if collecting:
-            if gc.get_freeze_count():
+class LoopFirst:
+    """How a reload's loading thread shares the process with the loop and the collector.
+
+    While the thread loads: a shorter switch interval, no cyclic collection. Then what was
+    loaded is frozen where the start's objects were (`server.tune_gc`), out of every later
+    collection (10,000 keys: ~111,000 objects, which a full collection walked in ~35 ms on a
+    quiet core, after every reload).
+
+    A freeze takes every object then tracked, and nothing frozen is ever collected: so the
+    garbage waiting for a collection is collected first (what is walked is what is not
+    frozen: the requests' young objects, a few ms). The requests in flight are frozen with
+    the keys, and what of theirs later ends in a cycle (a client's closed connection, in
+    aiohttp's server) stays: so once the frozen objects have grown by a quarter since they
+    were last all walked, a reload first walks them all (unfrozen, collected, frozen again:
+    ~76 ms with 10,000 keys), as Python's collector bounds its oldest generation. Without
+    that bound, a gateway reloading under load grew without end (bench/README.md)."""
+
+    GROWTH = 0.25  # of the frozen objects since their last walk, before the next walk
+
+    def __init__(self) -> None:
+        self._walked: int | None = None  # frozen objects after the last walk (None: none yet)
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        interval, collecting = sys.getswitchinterval(), gc.isenabled()
+        freezing = collecting and gc.get_freeze_count() > 0  # the start froze (tune_gc)
+        if freezing:
+            # Between two reloads (the previous keys freed): what grew is the requests'.
+            frozen = gc.get_freeze_count()
+            walking = self._walked is not None and frozen > self._walked * (1 + self.GROWTH)
+            if walking:
+                gc.unfreeze()
+            gc.collect()
+            if walking or self._walked is None:
                 gc.freeze()
-            gc.enable()
+                self._walked = gc.get_freeze_count()
+        sys.setswitchinterval(min(interval, LOADING_SWITCH_SECONDS))
+        gc.disable()
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(interval)
+            if freezing:
+                gc.freeze()
+            if collecting:
+                gc.enable()

@@ -691,9 +691,11 @@ def tune_gc() -> None:
     """Collect young garbage less often, and leave what the start built out of collections.
 
     Modules, the keys and the price tables live as long as the process: `gc.freeze` moves
-    them out of every later collection (a full one walked ~68,000 objects, 45 ms). What of
-    it a reload replaces is freed by reference counting; a cycle in it would stay, once per
-    reload (the key ring holds none).
+    them out of every later collection (a full one walked ~68,000 objects, 45 ms). Called
+    before the first request, so nothing of a request is frozen: that would never be
+    collected once in a cycle. What of it a reload replaces is freed by reference counting
+    (the key ring holds no cycle); a reload freezes the keys it loads, and bounds what of
+    the requests then in flight it freezes with them (keys/reload.py's LoopFirst).
     """
     gc.collect()
     gc.freeze()

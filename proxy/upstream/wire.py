@@ -133,7 +133,9 @@ class Body:
     It, not its Reply, gives the connection back (`release`, `close`), once: read to its
     end, the connection serves the next request. It holds no reference to its Reply, and
     the connection lets go of both when given back: an answer's objects are freed by
-    reference counting, not left for the garbage collector to find in a cycle."""
+    reference counting, not left for the garbage collector to find in a cycle. So it keeps
+    a failure's words, not the exception: each read raises a new one, whose traceback holds
+    the reader's frames (and this body) without this body holding it."""
 
     __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter", "_connection", "_released")
 
@@ -141,7 +143,7 @@ class Body:
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._done = False
-        self._error: BaseException | None = None
+        self._error: str | None = None  # why the body broke off
         self._waiter: asyncio.Future[None] | None = None
         self._connection = connection
         self._released = False
@@ -153,7 +155,7 @@ class Body:
     async def readany(self) -> bytes:
         while not self._chunks:
             if self._error is not None:
-                raise self._error
+                raise aiohttp.ClientPayloadError(self._error)
             if self._done:
                 self.release()
                 return b""
@@ -180,7 +182,7 @@ class Body:
             finally:
                 self._waiter = None
         if self._error is not None:
-            raise self._error
+            raise aiohttp.ClientPayloadError(self._error)
         return self.has_arrived()
 
     def at_hand(self) -> bytes:
@@ -198,7 +200,7 @@ class Body:
             finally:
                 self._waiter = None
         if self._size <= size and self._error is not None:
-            raise self._error
+            raise aiohttp.ClientPayloadError(self._error)
 
     async def read(self) -> bytes:
         """The rest of the body, whole; the connection given back."""
@@ -240,9 +242,10 @@ class Body:
         self._done = True
         self._wake()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, why: str) -> None:
+        """The body broke off: each read from now raises aiohttp's ClientPayloadError(why)."""
         if not self._done and self._error is None:  # the first failure is the cause
-            self._error = error
+            self._error = why
             self._wake()
 
     def _wake(self) -> None:
@@ -339,15 +342,16 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.wire.forget(self)
+        # The parser calls back into this connection, a cycle: let go of, a closed connection
+        # is freed by reference counting, not left for a collection to find.
+        del self._parser
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(_lost_unanswered(self.origin, exc))
         elif self.reply is not None:
             if exc is None and _ends_at_close(self.reply.headers):
                 self.reply.content.end()  # the close is its end: the body is whole
                 return
-            self.reply.content.fail(
-                aiohttp.ClientPayloadError(f"the provider closed the connection ({exc or 'EOF'})")
-            )
+            self.reply.content.fail(f"the provider closed the connection ({exc or 'EOF'})")
 
     # --- httptools callbacks ---
     def on_message_begin(self) -> None:
@@ -445,7 +449,7 @@ class Connection(asyncio.Protocol):
         if self.headed is not None and not self.headed.done():
             self.headed.set_exception(aiohttp.ClientResponseError(_info(), (), message=problem))
         elif self.reply is not None:
-            self.reply.content.fail(aiohttp.ClientPayloadError(f"not valid HTTP: {problem}"))
+            self.reply.content.fail(f"not valid HTTP: {problem}")
         self.drop()
 
     def drop(self) -> None:
