@@ -432,9 +432,15 @@ class Record:
         it stands for), after content a stream's error event such as `overloaded_error`."""
         self.failed_in_answer = status
 
-    def saw_session(self, usage: Usage | None, tally: dict[str, object]) -> None:
-        """A WebSocket session ended: its summed usage, its frames and how it ended."""
+    def saw_session(
+        self, usage: Usage | None, tally: dict[str, object], model: str | None = None
+    ) -> None:
+        """A WebSocket session ended: its summed usage, its frames and how it ended, and the
+        model the provider says it ran, the session's model when its request named none (a
+        call's sideband, a Live session); never one the client names in its frames."""
         self.usage, self.websocket = usage, tally
+        if self.model is None and model is not None:
+            self.model = shown(model)
 
     def saw_claim(self, provider: str | None, model: str | None, usage: Usage) -> None:
         """This request claimed a background Response (whichever key made it): that response's

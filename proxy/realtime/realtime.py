@@ -360,7 +360,7 @@ class Realtime:
             usage.finish()  # a response cut short is charged what it generated
             if turns is not None:
                 turns.finish()  # turns that never completed give back their reservations
-            exchange.record.saw_session(usage.total, session.tally())
+            exchange.record.saw_session(usage.total, session.tally(), usage.model)
         return client
 
     async def shut(self, app: web.Application) -> None:

@@ -1,7 +1,8 @@
 """Which models a request names, wherever it names them, for `allowed_models`.
 
 A restricted key may use only its models, so every place a request can name one is read:
-the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; and each `params.model`
+the JSON body's `model` (Bedrock's StartAsyncInvoke: `modelId`; the `id` of a model config
+object, where Anthropic's managed agents take one; and each `params.model`
 of an Anthropic batch), a form's `model`
 field (multipart uploads such as audio transcriptions, or url-encoded), a `model` query
 parameter (realtime; Azure's: `deployment`), and the path (`models/<name>:generateContent`,
@@ -97,6 +98,10 @@ _AGENT_ROOTS = frozenset(("sessions", "deployments", "agents"))
 # What follows `deployments/<id>` in Anthropic's managed agents' paths (none: the deployment
 # itself): no Azure deployment's path, so `<id>` there names no model.
 _AGENT_DEPLOYMENT_ACTIONS = frozenset(("run", "pause", "unpause", "archive"))
+# Anthropic's managed agents take their model as a string or as a model config object whose
+# `id` is the model (beside its `effort`, `speed`, ...): an agent made or changed (also on
+# Bedrock's control plane), a dream made. Anywhere else an object in `model` stays unread.
+_MODEL_CONFIGS = frozenset(("agents", "agents/*", "dreams"))
 # Form fields that name a model: the request's own, and the SVG author of an image.
 _FORM_NAMES = frozenset(("model", "svg[model]"))
 # Uploads whose form is read whatever the key, not only for a restricted key's check: those
@@ -161,16 +166,22 @@ class Unnamed:
     where: str
 
 
-def in_document(document: Any, unnamed: str | None = None, field: str = "model") -> list[Any]:
+def in_document(
+    document: Any, unnamed: str | None = None, field: str = "model", posted_to: str | None = None
+) -> list[Any]:
     """The `model` values of a JSON body: its own (`Unnamed(unnamed)` when it names none and
     `unnamed` says what it then runs), an image's SVG author, a Responses tool's, and those
     of an Anthropic batch's requests. `field`: where the body names its own (`model_field`).
     A null `model` names none, as an absent one: LangChain's AzureChatOpenAI sends one, the
-    deployment in the path naming the model."""
+    deployment in the path naming the model. `posted_to`: the endpoint a POSTed body goes
+    to, where a model config object's `id` is its model (`_MODEL_CONFIGS`)."""
     if not isinstance(document, dict):
         return []
     if document.get(field) is not None:
-        names = [document[field]]
+        own = document[field]
+        if isinstance(own, dict) and posted_to is not None and _takes_model_config(posted_to):
+            own = _config_model(own)
+        names = [own]
     elif unnamed is not None:
         names = [Unnamed(unnamed)]
     else:
@@ -187,6 +198,26 @@ def in_document(document: Any, unnamed: str | None = None, field: str = "model")
     ):
         names += _nested(document)
     return names
+
+
+def _takes_model_config(endpoint: str) -> bool:
+    """A POST to `endpoint` may give its model as a model config object (`_MODEL_CONFIGS`)."""
+    segments = endpoint.rstrip("/").split("/")
+    if len(segments) == 2:
+        segments[1] = "*"  # agents/{agent_id}
+    return "/".join(segments) in _MODEL_CONFIGS
+
+
+def _config_model(config: dict[str, Any]) -> Any:
+    """The model a model config object names: its `id`, a string. Anything else (no `id`,
+    one not a string, a name beside it that folds to `id`, which a server folding case, as
+    Go's encoding/json does, may read instead) is the object itself, which `check` refuses."""
+    model = config.get("id")
+    if not isinstance(model, str) or any(
+        name != "id" and name.casefold() == "id" for name in config
+    ):
+        return config
+    return model
 
 
 def spelt_otherwise(document: dict[str, Any], field: str = "model") -> list[Any]:

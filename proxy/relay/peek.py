@@ -21,6 +21,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -84,7 +85,10 @@ _DECIDING = frozenset(
         *("maxOutputTokens", "maxTokens", "candidateCount", "candidate_count"),
     )
 )
-_QUOTED = {name: f'"{name}"'.encode() for name in _DECIDING}
+# A model config object's `id` (`named.in_document`): deciding only in a body whose `model`
+# is one (elsewhere an `id` decides nothing, and is in many objects of a body).
+_DECIDING_WITH_ID = _DECIDING | {"id"}
+_QUOTED = {name: f'"{name}"'.encode() for name in _DECIDING_WITH_ID}
 # A JSON escape of a letter or underscore, as a name may be spelt ("mod\u0065l"): so rare in
 # bodies that any one sends the body to the full check.
 _ESCAPED_LETTER = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
@@ -214,7 +218,8 @@ def validate(
         document = _document(endpoint, needs_json, content_type, body)
         if document is not None:
             field = named.model_field(method, tail)
-            names += named.in_document(document, unnamed, field)
+            posted_to = endpoint if method == "POST" else None
+            names += named.in_document(document, unnamed, field, posted_to)
             if is_restricted:
                 names += named.spelt_otherwise(document, field)
         elif body:
@@ -425,10 +430,14 @@ def check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> N
     the model, only when the body names it), and the body is parsed again, object by
     object, only when a name comes up twice or may be spelt with escapes."""
     names: list[str] = []
+    deciding = _DECIDING
     if key.allowed_models is not None:
         names.append("model")  # counted nested too: an image tool's, an advisor's, ...
         if "modelId" in document:
             names.append("modelId")
+        if isinstance(document.get("model"), dict):  # a model config object's `id` is read
+            names.append("id")
+            deciding = _DECIDING_WITH_ID
         names += (name for name in _MODEL_HOLDERS if name in document)
     if key.reserves:
         names += (name for name in _RESERVED_FIELDS if name in document)
@@ -441,7 +450,7 @@ def check_said_once(body: bytes, document: dict[str, Any], key: VirtualKey) -> N
     if not _ESCAPED_LETTER.search(body) and all(body.count(_QUOTED[name]) < 2 for name in names):
         return
     try:
-        json.loads(body, object_pairs_hook=_refuse_repeats)
+        json.loads(body, object_pairs_hook=partial(_refuse_repeats, deciding))
     except _Repeated as repeated:
         name = repeated.args[0]
         raise GatewayError(
@@ -462,14 +471,14 @@ class _Repeated(Exception):
     """An object of the body names a deciding field twice (its name the argument)."""
 
 
-def _refuse_repeats(pairs: list[tuple[str, Any]]) -> None:
-    """`json.loads`' hook for each object read: raises _Repeated for a deciding field named
-    twice. Returns nothing: the parsed body is orjson's."""
+def _refuse_repeats(deciding: frozenset[str], pairs: list[tuple[str, Any]]) -> None:
+    """`json.loads`' hook for each object read: raises _Repeated for a field of `deciding`
+    named twice. Returns nothing: the parsed body is orjson's."""
     if len(pairs) < 2:
         return
     seen: set[str] = set()
     for name, _ in pairs:
-        if name in _DECIDING:
+        if name in deciding:
             if name in seen:
                 raise _Repeated(name)
             seen.add(name)

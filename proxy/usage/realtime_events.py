@@ -213,6 +213,11 @@ class SessionUsage:
         """The session's usage; None when the provider reported none and generated nothing."""
         return self._total
 
+    @property
+    def model(self) -> str | None:
+        """The model the provider says the session runs (`session.created`); None: unsaid."""
+        return self._model
+
 
 def read_transcription_usage(usage: object, reported: ProviderUsage) -> None:
     """A transcription's `usage` object: tokens (in Realtime's fields), or seconds of audio."""
@@ -278,14 +283,22 @@ class LiveUsage:
     def total(self) -> Usage | None:
         return self._responses.total
 
+    @property
+    def model(self) -> str | None:
+        """The model the provider says ran the first delegated response; None: unsaid."""
+        return self._responses.model
+
 
 class SocketUsage(Protocol):
-    """What reads a WebSocket session's usage, frame by frame, for the relay."""
+    """What reads a WebSocket session's usage, frame by frame, for the relay, and the model
+    the provider says the session runs (for its log line and metrics when it named none)."""
 
     def read(self, frame: bytes) -> None: ...
     def finish(self) -> None: ...
     @property
     def total(self) -> Usage | None: ...
+    @property
+    def model(self) -> str | None: ...
 
 
 def is_responses_socket(path: str) -> bool:

@@ -164,7 +164,7 @@ class SocketUsage:
     what the session's turns need to settle a refused turn at once (`realtime.turns`).
     """
 
-    __slots__ = ("_on_begun", "_on_error", "_on_response", "_reading", "_total")
+    __slots__ = ("_model", "_on_begun", "_on_error", "_on_response", "_reading", "_total")
 
     def __init__(
         self,
@@ -176,6 +176,7 @@ class SocketUsage:
         self._on_begun, self._on_error = on_begun, on_error
         self._reading = Reading(keep_text=False)
         self._total: Usage | None = None
+        self._model: str | None = None  # the first the provider says ran a response
 
     def read(self, frame: bytes) -> None:
         """One provider text frame (one event), already sent on; most are read for a delta."""
@@ -219,12 +220,19 @@ class SocketUsage:
         if usage is None:  # none reported: what it generated (the prompt is the provider's)
             usage = Usage(0, estimate.tokens(reading.chars), estimated=True)
         self._total = usage if self._total is None else added(self._total, usage)
+        if self._model is None:
+            self._model = reading.model
         self._on_response(usage, service_tier=reading.service_tier, answered=reading.model)
 
     @property
     def total(self) -> Usage | None:
         """The session's usage; None when no response finished and nothing was generated."""
         return self._total
+
+    @property
+    def model(self) -> str | None:
+        """The model the provider says ran the session's first response; None: none said."""
+        return self._model
 
 
 _STORED_FIELDS = frozenset(("id", "status"))

@@ -183,6 +183,29 @@ async def test_a_restricted_key_starts_no_session_and_makes_agents_of_its_models
     assert bedrock.seen == []
 
 
+async def test_a_restricted_key_makes_an_agent_whose_model_config_names_an_allowed_model(
+    gateway: TestClient, bedrock: BedrockState
+) -> None:
+    """The SDK's model config object (`model={"id": ..., "effort": ...}`) is checked by its
+    `id`. Before: 403 "'model' here is not a string" whatever the id."""
+    narrow = sdk(gateway, NARROW_VK)
+    try:
+        made = await narrow.beta.agents.create(
+            name="helper", model={"id": CLAUDE, "effort": "high"}, execution_identity=ROLE
+        )
+        with pytest.raises(PermissionDeniedError, match="may not use the model"):
+            await narrow.beta.agents.create(
+                name="helper",
+                model={"id": CLAUDE_PROFILE, "effort": "high"},
+                execution_identity=ROLE,
+            )
+    finally:
+        await narrow.close()
+    assert made.name == "helper" and bedrock.refused == []
+    assert seen_at(bedrock) == [(CONTROL_PLANE, "/anthropic/v1/agents")]
+    assert json.loads(bedrock.seen[0][2])["model"] == {"id": CLAUDE, "effort": "high"}
+
+
 async def test_a_base_url_of_its_own_serves_the_agents_as_the_sdk_would_send_them(
     aiohttp_server: Serve, tmp_path: Path, make_gateway: Callable[..., Awaitable[TestClient]]
 ) -> None:

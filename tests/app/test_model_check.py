@@ -4,6 +4,7 @@ an assistant's model, an endpoint's default) is refused to a restricted key, nev
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from tests.conftest import ANTHROPIC_VK, OPENAI_VK, RESTRICTED_VK, assert_openai_error, auth
+from tests.conftest import (
+    ANTHROPIC_VK,
+    OPENAI_VK,
+    RESTRICTED_VK,
+    assert_openai_error,
+    auth,
+)
 from tests.support.fake_provider import FakeState
 
 ONE_MODEL_VK = "vk_test_one_model_3c5e7a9b1d"
@@ -583,6 +590,95 @@ async def test_a_restricted_key_reads_and_stops_managed_agents(
         ("GET", "/v1/agents/automations/auto_1"),
         ("POST", "/v1/agents/automations/auto_1/pause"),
     ]
+
+
+# Anthropic's managed agents take their model as a string or as a model config object, its
+# `id` the model (`{"id": ..., "effort": "high"}`): an agent made or changed, a dream made.
+MODEL_CONFIGS: dict[str, Callable[[anthropic.AsyncAnthropic, Any], Awaitable[object]]] = {
+    "agent made": lambda c, model: c.beta.agents.create(name="helper", model=model),
+    "agent changed": lambda c, model: c.beta.agents.update("agent_1", version=1, model=model),
+    "dream made": lambda c, model: c.beta.dreams.create(
+        inputs=[{"type": "memory_store", "memory_store_id": "memstore_1"}], model=model
+    ),
+}
+
+
+@pytest.mark.parametrize("call", MODEL_CONFIGS.values(), ids=MODEL_CONFIGS.keys())
+async def test_a_model_config_object_is_checked_by_its_id(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    call: Callable[[anthropic.AsyncAnthropic, Any], Awaitable[object]],
+) -> None:
+    """Before: a restricted key got 403 "'model' here is not a string" for an allowed model
+    given as an object, as the SDK sends `model={"id": ..., "effort": ...}`."""
+    base = str(gateway.make_url(""))
+    async with anthropic.AsyncAnthropic(
+        base_url=base, api_key=RESTRICTED_VK, max_retries=0
+    ) as restricted:
+        await call(restricted, {"id": SONNET, "effort": "high"})
+        with pytest.raises(
+            anthropic.PermissionDeniedError, match=f"may not use the model '{OPUS}'"
+        ):
+            await call(restricted, {"id": OPUS, "effort": "high"})
+    (seen,) = fake.requests
+    assert json.loads(seen.body)["model"] == {"id": SONNET, "effort": "high"}  # as sent
+    lines = await records(2)
+    assert [(line["status"], line["model"]) for line in lines] == [(200, SONNET), (403, OPUS)]
+
+
+# Any other object in `model`, or a model config object elsewhere than where the API takes
+# one, is refused to a restricted key as before: the gateway cannot tell which model it names.
+NOT_A_MODEL_CONFIG: dict[str, tuple[str, dict[str, Any]]] = {
+    "no id": ("/v1/agents", {"name": "h", "model": {"effort": "high"}}),
+    "id not a string": ("/v1/agents", {"name": "h", "model": {"id": [SONNET]}}),
+    "null id": ("/v1/agents", {"name": "h", "model": {"id": None}}),
+    "id spelt otherwise beside it": (
+        "/v1/agents",
+        {"name": "h", "model": {"id": SONNET, "ID": OPUS}},
+    ),
+    "an id of another case alone": ("/v1/agents", {"name": "h", "model": {"Id": SONNET}}),
+    "a list": ("/v1/agents", {"name": "h", "model": [SONNET]}),
+    "on another endpoint": (
+        "/v1/complete",
+        {"model": {"id": SONNET}, "prompt": "\n\nHuman: hello\n\nAssistant:"},
+    ),
+    "an agent's archive": ("/v1/agents/agent_1/archive", {"model": {"id": SONNET}}),
+    "an advisor tool's": (
+        "/v1/agents",
+        {"name": "h", "model": SONNET, "tools": [{**ADVISOR, "model": {"id": SONNET}}]},
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), NOT_A_MODEL_CONFIG.values(), ids=NOT_A_MODEL_CONFIG.keys()
+)
+async def test_any_other_object_in_model_is_still_refused(
+    gateway: TestClient, fake: FakeState, path: str, body: dict[str, Any]
+) -> None:
+    response = await gateway.post(path, json=body, headers=auth(RESTRICTED_VK))
+    assert response.status == 403
+    assert "and 'model' here is not a string" in (await response.json())["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_a_model_config_naming_its_id_twice_is_refused(
+    gateway: TestClient, fake: FakeState
+) -> None:
+    """JSON parsers disagree on which of two `id`s counts: the provider could read the other."""
+    for body in (
+        b'{"name": "h", "model": {"id": "%s", "id": "%s"}}' % (OPUS.encode(), SONNET.encode()),
+        b'{"name": "h", "model": {"id": "%s", "i\\u0064": "%s"}}'
+        % (OPUS.encode(), SONNET.encode()),
+    ):
+        headers = {**auth(RESTRICTED_VK), "content-type": "application/json"}
+        response = await gateway.post("/v1/agents", data=body, headers=headers)
+        assert response.status == 400
+        payload = await response.json()
+        assert_openai_error(payload, "duplicate_field")  # the dialect of every path but messages
+        assert "'id'" in payload["error"]["message"]
+    assert fake.requests == []
 
 
 async def test_what_runs_no_model_passes_a_restricted_key(

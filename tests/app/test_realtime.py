@@ -20,6 +20,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from genai_prices import Usage as LibraryUsage
 from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import REALTIME, build_app
 from proxy.record import Usage
@@ -551,6 +552,17 @@ async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
     await no_session_left(gateway)
 
 
+async def requests_by_model(gateway: TestClient) -> dict[str, float]:
+    """The gateway's requests counted, by their model label."""
+    text = await (await gateway.get("/metrics")).text()
+    return {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_requests_total"
+    }
+
+
 async def test_a_live_sessions_delegated_responses_are_charged(
     make_gateway: Callable[..., Awaitable[TestClient]],
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
@@ -567,6 +579,9 @@ async def test_a_live_sessions_delegated_responses_are_charged(
     assert events[3]["event"]["type"] == "response.completed"
     [line] = await records(1)
     assert line["path"] == "/v1/live/sessions"
+    # Logged and counted as the model its delegation ran, as the provider says (before: null).
+    assert line["model"] == LIVE_DELEGATED_MODEL
+    assert await requests_by_model(gateway) == {LIVE_DELEGATED_MODEL: 1}
     assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
     assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
     assert line["usage"]["estimated"] is False
@@ -595,6 +610,9 @@ async def test_a_calls_sideband_is_charged_and_priced_as_the_model_its_session_r
         assert (await connection.recv()).type == "response.done"
     [line] = await records(1)
     assert line["path"] == "/v1/realtime"
+    # Logged and counted as the model the provider says the call runs (before: null).
+    assert line["model"] == CALL_MODEL
+    assert await requests_by_model(gateway) == {CALL_MODEL: 1}
     assert line["usage"]["total_tokens"] == INPUT_TOKENS + OUTPUT_TOKENS
     one_response = Usage(
         prompt_tokens=INPUT_TOKENS,
@@ -614,6 +632,19 @@ async def test_a_calls_sideband_is_charged_and_priced_as_the_model_its_session_r
     await no_session_left(gateway)
 
 
+async def test_a_calls_sideband_without_a_response_is_logged_as_the_model_its_session_runs(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    gateway = await make_gateway()
+    client = AsyncOpenAI(api_key=OPENAI_VK, base_url=str(gateway.make_url("/v1")), max_retries=0)
+    async with client.realtime.connect(call_id="rtc_1") as connection:
+        assert (await connection.recv()).type == "session.created"
+    [line] = await records(1)
+    assert (line["model"], line["status"], line["usage"]) == (CALL_MODEL, 101, None)
+    await no_session_left(gateway)
+
+
 async def test_a_live_sidebands_delegated_responses_are_charged(
     make_gateway: Callable[..., Awaitable[TestClient]],
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
@@ -630,6 +661,7 @@ async def test_a_live_sidebands_delegated_responses_are_charged(
     assert events[3]["event"]["type"] == "response.completed"
     [line] = await records(1)
     assert line["path"] == "/v1/live/sessions/sess_1/attach"
+    assert line["model"] == LIVE_DELEGATED_MODEL
     assert line["usage"]["prompt_tokens"] == INPUT_TOKENS
     assert line["usage"]["completion_tokens"] == OUTPUT_TOKENS
     assert line["usage"]["estimated"] is False
