@@ -455,18 +455,17 @@ async def test_stream_idle_timeout_bounds_the_gap_between_two_chunks(
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
 ) -> None:
     gateway = await make_gateway(STREAM_IDLE_TIMEOUT="0.3")
-    started = time.monotonic()
-    response = await gateway.post(
-        "/v1/chat/completions",
-        json=STREAM,
-        headers={**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-hang": "midstream"},
-    )
-    failed = False
-    try:
-        await response.read()
-    except aiohttp.ClientPayloadError:
-        failed = True
-    assert failed and time.monotonic() - started < 2
+    # The cut is the idle timeout's (its words in the log line), not the request timeout's
+    # (minutes): the bound only keeps a regression from hanging the run, with room for a
+    # loaded machine (a bound of 2 s once failed there).
+    async with asyncio.timeout(30):
+        response = await gateway.post(
+            "/v1/chat/completions",
+            json=STREAM,
+            headers={**auth(OPENAI_VK), "x-fake-chunks": "6", "x-fake-hang": "midstream"},
+        )
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
     (line,) = await records(1)
     assert "nothing for 0.3 seconds" in line["error"]
     await provider_saw_a_disconnect(fake)
