@@ -197,8 +197,13 @@ EOF
 fi
 
 # --- build -----------------------------------------------------------------------------------
-podman build --format docker --isolation=chroot --network host "${from[@]}" -t "$IMAGE" . >"$work/build.log" 2>&1 ||
-    { show "$work/build.log" 40; die "podman build of the Dockerfile failed"; }
+build() { podman build --format docker --isolation=chroot --network host "${from[@]}" -t "$IMAGE" . >"$work/build.log" 2>&1; }
+if ! build; then
+    # Once more: the build downloads (pip from PyPI), and a download can fail for a moment
+    # (a fresh CI machine's first build once did; the same build passed right after).
+    step "podman build failed ($(grep -m1 -iE 'error' "$work/build.log" | cut -c1-120)); once more"
+    build || { show "$work/build.log" 40; die "podman build of the Dockerfile failed"; }
+fi
 step "built $IMAGE${from[1]:+ on ${from[1]}}"
 
 # What to run comes from the image itself, so the check follows the Dockerfile.
