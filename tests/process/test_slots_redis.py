@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
@@ -81,18 +82,32 @@ async def test_a_full_redis_still_renews_the_leases_of_slots_held(
 ) -> None:
     # maxmemory with noeviction, full: the renewal's first write (a ZADD) was refused, so a
     # stream longer than a lease lost its slot and the team's max_in_flight let one more in.
+    # Redis's own events say each renewal, and its clock when the first lease would have
+    # ended unrenewed.
     tracker = RedisTracker(redis_server.url)
     tracker.lease_seconds = 0.6
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    watching = raw.pubsub()
     try:
         assert (await tracker.admit_scopes((KEY, TEAM), lease="a"))[1].in_flight == 1
-        with redis.Redis.from_url(redis_server.url) as raw:
-            raw.config_set("maxmemory-policy", "noeviction")
-            raw.config_set("maxmemory", 1)
-        started = time.monotonic()
-        while time.monotonic() - started < 3 * tracker.lease_seconds:
-            assert await tracker.in_flight(TEAM) == 1
-            await asyncio.sleep(0.1)
+        ends = [await raw.zscore(key, "a") async for key in raw.scan_iter(_type="zset")]
+        first_end = max(end for end in ends if end is not None)  # the lease's, in µs
+        await raw.config_set("notify-keyspace-events", "Kz")
+        await watching.psubscribe("__keyspace@*__:*")
+        await raw.config_set("maxmemory-policy", "noeviction")
+        await raw.config_set("maxmemory", 1)
+        async with asyncio.timeout(10):  # a renewal refused: no ZADD comes, the lease ends
+            while True:
+                event = await watching.get_message(ignore_subscribe_messages=True, timeout=1)
+                if event is None or event["data"] != b"zadd":
+                    continue
+                seconds, micros = await raw.time()
+                if seconds * 1_000_000 + micros > first_end:
+                    break
+        assert await tracker.in_flight(TEAM) == 1
     finally:
+        await watching.aclose()
+        await raw.aclose()
         await tracker.close()
 
 
