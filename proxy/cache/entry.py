@@ -9,7 +9,8 @@ reads no answer older than its own ttl (a reload may have shortened it).
 `encode` and `decode` give the form kept in Redis: a version byte, the length of a JSON
 head (status, reason, headers, usage, model, the chunk sizes), the head, then the chunks'
 bytes back to back: no base64, no copy of the body beyond the one join. A head with header
-bytes that are not UTF-8 (`raw`) holds its values as their bytes read as Latin-1.
+(or reason phrase) bytes that are not UTF-8 (`raw`) holds its values and its reason as their
+bytes read as Latin-1.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class CorruptEntry(ValueError):
 @dataclass(frozen=True, slots=True)
 class Entry:
     status: int
-    reason: str | None
+    reason: str | None  # the status line's, when not the status's own
     headers: tuple[tuple[str, str], ...]  # the provider's, less hop-by-hop and any secret
     chunks: tuple[bytes, ...]
     usage: Usage | None = None
     model: str | None = None  # the model the answer names
     stored_at: float | None = None  # by the cache's clock (None: stored before it was kept)
-    # A header's value holds bytes that are not UTF-8, as lone surrogates (relay/head_bytes.py)
+    # A header's value or the reason holds bytes that are not UTF-8, as lone surrogates
+    # (relay/head_bytes.py)
     has_raw_bytes: bool = False
 
     @property
@@ -86,6 +88,8 @@ def encode(entry: Entry) -> bytes:
     }
     if entry.has_raw_bytes:
         fields["headers"], fields["raw"] = _raw(entry.headers), True
+        if entry.reason is not None:
+            fields["reason"] = _latin_1(entry.reason)
     head = orjson.dumps(fields)
     return b"".join((_VERSION, len(head).to_bytes(4, "big"), head, *entry.chunks))
 
@@ -106,9 +110,10 @@ def decode(blob: bytes) -> Entry:
         usage = head["usage"]
         has_raw_bytes = head.get("raw", False)
         headers = tuple((name, value) for name, value in head["headers"])
+        reason = head["reason"]
         return Entry(
             status=head["status"],
-            reason=head["reason"],
+            reason=_unlatin_1(reason) if has_raw_bytes and reason is not None else reason,
             headers=_unraw(headers) if has_raw_bytes else headers,
             chunks=tuple(chunks),
             usage=None if usage is None else Usage(**usage),
@@ -123,14 +128,16 @@ def decode(blob: bytes) -> Entry:
 # A head with bytes that are not UTF-8 is kept as its bytes read as Latin-1: JSON holds no
 # lone surrogate. Every other head is kept as it is.
 def _raw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (name, value.encode("utf-8", "surrogateescape").decode("latin-1"))
-        for name, value in headers
-    )
+    return tuple((name, _latin_1(value)) for name, value in headers)
 
 
 def _unraw(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (name, value.encode("latin-1").decode("utf-8", "surrogateescape"))
-        for name, value in headers
-    )
+    return tuple((name, _unlatin_1(value)) for name, value in headers)
+
+
+def _latin_1(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _unlatin_1(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")

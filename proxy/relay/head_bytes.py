@@ -1,4 +1,5 @@
-"""A provider's header values that are not UTF-8, written to the client as they came.
+"""A provider's header values (and reason phrase) that are not UTF-8, written to the client
+as they came.
 
 A field value may hold any byte but controls (obs-text, RFC 9110 §5.5): a Latin-1 file name,
 a server's own bytes. The upstream clients hold such a byte as a lone surrogate

@@ -178,9 +178,12 @@ class Relay:
         headers = downstream_headers(reply.headers, echoable)
         if "location" in headers:  # a redirect, a created resource: seldom
             pointed_back(headers, plan.answering(record.target).provider, record.path)
+        reason = reply.reason  # None: the status's own phrase (nearly every answer)
+        if reason is not None and any(secret in reason for secret in echoable):
+            reason = None  # a real key echoed: left out, as a header holding one is
         pending = None if found is None else found.pending
         if pending is not None:
-            pending.begin(reply.status, reply.reason, headers, reply.has_raw_bytes)
+            pending.begin(reply.status, reason, headers, reply.has_raw_bytes)
         collect = None if pending is None else pending.collect
         if admission is not None:
             ratelimit.stamp(headers, admission)
@@ -231,14 +234,14 @@ class Relay:
                 or (listing is not None and record.method == "HEAD")  # the head of a GET's body
             ):
                 response = await send_whole(
-                    reply, headers, tap, record, silences, collect, secrets, rewrite
+                    reply, headers, tap, record, silences, collect, secrets, rewrite, reason
                 )
             else:
                 if is_stream_type or reply.content_length is None:
                     # A stream: nginx in front, with its defaults (HTTP/1.0 to the gateway,
                     # proxy_buffering on), held it and passed it on whole at its end.
                     headers["X-Accel-Buffering"] = "no"
-                response = HeldHead(status=status, reason=reply.reason, headers=headers)
+                response = HeldHead(status=status, reason=reason, headers=headers)
             if "content-type" not in headers:
                 response[UNTYPED] = True  # see keep_untyped
             if reply.has_raw_bytes:
@@ -352,10 +355,11 @@ async def send_whole(
     collect: Callable[[bytes], None] | None = None,
     secrets: tuple[bytes, ...] = (),
     rewrite: Rewrite | None = None,
+    reason: str | None = None,
 ) -> web.Response:
     """Read the body, then answer it in one write, any of `secrets` in it masked (`echoes`),
-    then `rewrite` (links pointed back at the gateway, a model list filtered). Raises 502,
-    504: nothing was sent yet.
+    then `rewrite` (links pointed back at the gateway, a model list filtered), under the
+    status line's `reason` (None: the status's own). Raises 502, 504: nothing was sent yet.
 
     The idle timeout bounds each silence while the body comes, not the whole read (a slow
     body is fine). The read is here, not a coroutine of its own: each wait for a chunk
@@ -410,7 +414,7 @@ async def send_whole(
         data = rewritten
     if collect is not None:
         collect(data)
-    return web.Response(status=reply.status, reason=reply.reason, headers=headers, body=data)
+    return web.Response(status=reply.status, reason=reason, headers=headers, body=data)
 
 
 class HeldHead(web.StreamResponse):

@@ -72,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import http
 import math
+import re
 import select
 import socket
 import ssl
@@ -95,6 +96,14 @@ HIGH_WATER = 1 << 16  # bytes buffered for a slow reader before reading pauses
 MAX_HEAD_BYTES = 1 << 20
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 BODILESS = frozenset((204, 304))
+# Each status's own reason phrase (RFC 9110 §15), as a provider's status line spells it: an
+# answer with its status's own phrase (nearly every one) leaves the phrase to the server's
+# writer, which writes the same; only another is read (`_phrase`).
+_OWN_PHRASES = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+# What no status line may hold (RFC 9112 §4: a reason phrase is tabs, spaces, visible
+# characters and obs-text), as no header may (RFC 9110 §5.5): the phrase's line would end in
+# a client's parser (a CR or LF cannot come: the line ends there, httptools refuses a CR).
+_NOT_IN_A_PHRASE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A provider's Keep-Alive timeout less this is how long its connection waits idle: its close
 # and a request sent just then would cross (Node.js's http.Agent and undici take a second).
 HINT_MARGIN = 1.0
@@ -260,11 +269,13 @@ class Reply:
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
+        # The status line's reason phrase, when it is not the status's own (None): the
+        # provider's words ("529 Overloaded", "429 Slow Down", "200 " with none), passed on.
         self.reason: str | None = None
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.content = Body(connection)
-        # A header value holds bytes that are not UTF-8, as lone surrogates (`on_header`):
-        # its head is written back with them (relay/head_bytes.py).
+        # A header value (or the reason) holds bytes that are not UTF-8, as lone surrogates
+        # (`on_header`): its head is written back with them (relay/head_bytes.py).
         self.has_raw_bytes = False
 
     @property
@@ -306,6 +317,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._head_left = -1  # bytes an answer's head may still take; -1: its head is whole
         self._has_raw_bytes = False  # a value of the head being parsed is not UTF-8
+        self._phrase = b""  # the reason phrase of the head being parsed, as far as it came
         # The answer's header fields as they are parsed (after its head, a throwaway that
         # takes a chunked body's trailers).
         self._fields: CIMultiDict[str] = CIMultiDict()
@@ -363,6 +375,10 @@ class Connection(asyncio.Protocol):
         if self.reply is None or self.answered:
             raise UnaskedAnswer
 
+    def on_status(self, phrase: bytes) -> None:
+        # The reason phrase, in as many pieces as the reads that carried it (most: one).
+        self._phrase += phrase
+
     def on_header(self, name: bytes, value: bytes) -> None:
         # UTF-8 (a file name in Content-Disposition) as aiohttp's server writes it back: the
         # same bytes. Any other byte (Latin-1, obs-text: RFC 9110 §5.5) as a lone surrogate,
@@ -382,6 +398,7 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         fields, self._fields = self._fields, CIMultiDict()
         has_raw_bytes, self._has_raw_bytes = self._has_raw_bytes, False
+        phrase, self._phrase = self._phrase, b""
         if status < 200:  # 1xx: an interim answer, the real one follows
             if status < 100:
                 self._fail(f"status {status}")
@@ -394,6 +411,9 @@ class Connection(asyncio.Protocol):
             raise NotReadable("a Transfer-Encoding other than chunked")
         reply.status, self._head_left = status, -1
         reply.headers = CIMultiDictProxy(fields)
+        if phrase != _OWN_PHRASES.get(status):  # the provider's own words: seldom
+            reply.reason, is_raw = _phrase(phrase)
+            has_raw_bytes = has_raw_bytes or is_raw
         reply.has_raw_bytes = has_raw_bytes
         if not headed.done():
             headed.set_result(reply)
@@ -956,6 +976,20 @@ def _status(status: int) -> str:
 # getaddrinfo's answers when the resolver failed (unreachable, timed out, SERVFAIL), which
 # say nothing of whether the name exists.
 LOOKUP_FAILED = frozenset((socket.EAI_AGAIN, socket.EAI_FAIL))
+
+
+def _phrase(phrase: bytes) -> tuple[str | None, bool]:
+    """A reason phrase that is not its status's own, as the relay writes it back, and whether
+    it holds bytes that are not UTF-8 (obs-text: each a lone surrogate, written back as the
+    byte it was by relay/head_bytes.py). None (the status's own phrase goes out) for one
+    holding a control no status line may hold: never written, whatever a client would read
+    into it."""
+    if _NOT_IN_A_PHRASE.search(phrase) is not None:
+        return None, False
+    try:
+        return phrase.decode(), False
+    except UnicodeDecodeError:
+        return phrase.decode("utf-8", "surrogateescape"), True
 
 
 def _reason(error: OSError) -> str:

@@ -380,6 +380,49 @@ async def test_an_unsized_error_from_the_last_target_reaches_the_client_unchange
     assert keys_seen(fake) == [PRIMARY, BACKUP]
 
 
+@pytest.mark.parametrize(
+    ("backup", "stream"),
+    [
+        (Fault(529, reason="Overloaded"), False),  # read whole and kept, then passed on
+        (Fault(529, is_unsized=True, reason="Overloaded"), True),
+        (Fault(500, in_stream="first", reason="Overloaded"), True),  # a 200 stream, kept
+    ],
+    ids=["sized", "unsized", "stream-error"],
+)
+async def test_the_last_targets_answer_keeps_its_reason_phrase(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    backup: Fault,
+    stream: bool,
+) -> None:
+    """Before, a kept answer went on with its status's own phrase (none for a 529)."""
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "0"}, reason="Primary Down")
+    fake.faults[BACKUP] = backup
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": stream}, headers=auth(VK)
+    )
+    status = 200 if backup.in_stream else backup.status
+    assert (response.status, response.reason) == (status, "Overloaded")
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_fallbacks_answer_keeps_its_own_reason_phrase(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState, stream: bool
+) -> None:
+    gateway = await failover_gateway(WITH_FALLBACK)
+    fake.faults[PRIMARY] = Fault(503, {"retry-after": "0"}, reason="Primary Down")
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": stream},
+        headers={**auth(VK), "x-fake-reason": "Backup Fine"},
+    )
+    assert (response.status, response.reason) == (200, "Backup Fine")
+    await response.read()
+    assert keys_seen(fake) == [PRIMARY, BACKUP]
+
+
 async def test_an_anthropic_529_fails_over_to_an_anthropic_fallback(
     failover_gateway: Callable[..., Awaitable[TestClient]],
     fake: FakeState,

@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import CACHE
-from tests.conftest import OPENAI_VK, keys_document
-from tests.support.bodies import chat
+from tests.conftest import ANTHROPIC_VK, OPENAI_REAL, OPENAI_VK, keys_document
+from tests.support.bodies import chat, messages
 from tests.support.raw_servers import RawServer
 
 CACHED_VK = "vk_test_head_bytes_cached_3c5e7a9b"
@@ -247,3 +247,101 @@ async def test_a_websocket_handshakes_header_bytes_that_are_not_utf8_reach_the_c
     head = await handshake(raw_gateway)
     for field in (LATIN_1, OBS_TEXT, UTF_8):
         assert field in head, head
+
+
+# --- the status line's reason phrase ----------------------------------------------------
+
+
+def asked(path: str, key: str, body: dict[str, Any], **knobs: str) -> bytes:
+    """A raw POST with the fake provider's knobs (x-fake-*) as headers."""
+    lines = "".join(
+        f"x-fake-{name.replace('_', '-')}: {value}\r\n" for name, value in knobs.items()
+    )
+    data = json.dumps(body).encode()
+    request = post(path, key, data)
+    return request.replace(b"\r\n\r\n", b"\r\n" + lines.encode() + b"\r\n", 1)
+
+
+CHATS = ("/v1/chat/completions", OPENAI_VK)
+MESSAGES = ("/v1/messages", ANTHROPIC_VK)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "line"),
+    [
+        # a whole JSON answer, a phrase of the provider's own on a standard code
+        (asked(*CHATS, chat(), reason="Fine Thanks"), b"200 Fine Thanks"),
+        # event streams (their heads held for their first chunks)
+        (asked(*CHATS, chat(stream=True), reason="Streaming"), b"200 Streaming"),
+        (asked(*MESSAGES, messages(stream=True), reason="Here Goes"), b"200 Here Goes"),
+        # a provider's errors: a code of its own (no standard phrase), a standard one
+        (asked(*MESSAGES, messages(), status="529", reason="Overloaded"), b"529 Overloaded"),
+        (asked(*CHATS, chat(), status="429", reason="Slow Down"), b"429 Slow Down"),
+        # an error that echoes the key, read whole to be masked
+        (asked(*CHATS, chat(), status="503", reason="Back", reflect="body"), b"503 Back"),
+        # a phrase as the provider spaced it, UTF-8 in it
+        (asked(*CHATS, chat(), reason="Two  Caf\u00e9s"), "200 Two  Caf\u00e9s".encode()),
+        # no phrase at all
+        (asked(*CHATS, chat(), reason=""), b"200 "),
+    ],
+    ids=["json", "sse", "anthropic-sse", "529", "429", "echoing-error", "spaced", "empty"],
+)
+async def test_the_providers_reason_phrase_reaches_the_client_as_it_was_sent(
+    make_gateway: Callable[..., Awaitable[TestClient]], request_bytes: bytes, line: bytes
+) -> None:
+    gateway = await make_gateway()
+    got = await exchange(gateway, request_bytes)
+    assert got.startswith(b"HTTP/1.1 " + line + b"\r\n"), head_of(got)
+
+
+def answered(status_line: bytes, body: bytes = COMPLETION) -> bytes:
+    return (
+        status_line
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+@pytest.mark.parametrize(
+    ("sent", "got"),
+    [
+        # obs-text (RFC 9112 §4: a reason phrase may hold any byte from 0x80), no UTF-8
+        (b"HTTP/1.1 200 Caf\xe9 \x80\xff", b"HTTP/1.1 200 Caf\xe9 \x80\xff"),
+        # a tab, and spaces as they came (the phrase is everything after the code's space)
+        (b"HTTP/1.1 200  Tab\there ", b"HTTP/1.1 200  Tab\there "),
+        # no phrase, not even the space before it (RFC 9112 allows neither to be left out,
+        # HTTP/1.0 servers did): the space is due, the phrase stays empty
+        (b"HTTP/1.0 200", b"HTTP/1.1 200 "),
+        # controls no status line may hold (as a header would be split by one, a client's
+        # parser may end the line there): never written; the status's own phrase instead
+        (b"HTTP/1.1 503 Bad\x00Byte", b"HTTP/1.1 503 Service Unavailable"),
+        (b"HTTP/1.1 503 Esc\x1b[31mRed", b"HTTP/1.1 503 Service Unavailable"),
+        (b"HTTP/1.1 429 Del\x7f", b"HTTP/1.1 429 Too Many Requests"),
+        (b"HTTP/1.1 529 Bell\x07", b"HTTP/1.1 529 "),  # a code with no phrase of its own
+        # the real key echoed (a debugging proxy's): the status's own phrase, as a header
+        # holding it is left out whole
+        (b"HTTP/1.1 401 Bad key " + OPENAI_REAL.encode(), b"HTTP/1.1 401 Unauthorized"),
+    ],
+    ids=["obs-text", "tab", "none", "nul", "escape", "del", "bell-529", "echoed-key"],
+)
+async def test_a_reason_phrase_goes_on_byte_for_byte_unless_no_status_line_may_hold_it(
+    raw_gateway: Provider, sent: bytes, got: bytes
+) -> None:
+    gateway, _ = await raw_gateway(answered(sent))
+    answer = await exchange(
+        gateway, post("/v1/chat/completions", OPENAI_VK, json.dumps(chat("hi")).encode())
+    )
+    assert answer.startswith(got + b"\r\n"), head_of(answer)
+    assert OPENAI_REAL.encode() not in answer
+    assert answer.endswith(COMPLETION)
+
+
+async def test_a_cache_hit_replays_the_reason_phrase_the_miss_sent(raw_gateway: Provider) -> None:
+    gateway, _ = await raw_gateway(answered(b"HTTP/1.1 200 Fresh Caf\xe9"))
+    request = post("/v1/chat/completions", CACHED_VK, json.dumps(chat("hi")).encode())
+    miss = await exchange(gateway, request)
+    await gateway.app[CACHE].settled()
+    hit = await exchange(gateway, request)
+    assert miss.startswith(b"HTTP/1.1 200 Fresh Caf\xe9\r\n"), head_of(miss)
+    assert b"x-llm-gateway-cache: hit\r\n" in head_of(hit)
+    assert hit.startswith(b"HTTP/1.1 200 Fresh Caf\xe9\r\n"), head_of(hit)

@@ -14,6 +14,8 @@ Request headers steer it (they pass through the gateway unchanged):
                               retry-after: 7, 429 adds x-ratelimit-remaining-requests: 0
     x-fake-error-under: S     ... that error JSON sent with status S instead (as some
                               OpenAI-compatible servers answer an error under a 200)
+    x-fake-reason: P          the status line's reason phrase is P, whatever the status
+                              (`529 Overloaded`, `429 Slow Down`, `200 Fine`), as it is
     x-fake-hang: headers      never answer
     x-fake-hang: midstream    send the first half of the events (at least one), then nothing
     x-fake-hang: end          send every event, then hold the body's end (as a provider whose
@@ -339,6 +341,7 @@ class Fault:
     for an account out of credit: "Your credit balance is too low ...").
     `retry_delay`: Google's error carries a RetryInfo detail with this `retryDelay` ("52s"),
     as Gemini's 429s do in place of a Retry-After header.
+    `reason`: the status line's reason phrase, instead of the status's own (`529 Overloaded`).
     """
 
     status: int
@@ -351,6 +354,7 @@ class Fault:
     code: str = ""
     message: str = ""
     retry_delay: str = ""
+    reason: str = ""
 
 
 FAKE_STATE = web.AppKey("fake_state", FakeState)
@@ -387,6 +391,7 @@ class Knobs:
     split_bytes: int = 0
     older_models: int = 0
     largest_page: int | None = None
+    reason: str | None = None  # the status line's phrase: None, the status's own
 
     @classmethod
     def read(cls, headers: CIMultiDictProxy[str]) -> Knobs:
@@ -425,6 +430,7 @@ class Knobs:
             split_bytes=int(headers.get("x-fake-split", "0")),
             older_models=int(headers.get("x-fake-older-models", "0")),
             largest_page=int(largest) if (largest := headers.get("x-fake-largest-page")) else None,
+            reason=headers.get("x-fake-reason"),
         )
 
     @property
@@ -502,6 +508,8 @@ async def answer(
             fault.times -= 1
         if fault.is_cut:
             request[KNOBS] = dataclasses.replace(knobs, drop="midstream")
+        if fault.reason:
+            request[KNOBS] = dataclasses.replace(request[KNOBS], reason=fault.reason)
         if fault.in_stream:
             frames = stream_error(request, fault.status, fault.in_stream, fault.code)
             return await stream(request, frames)
@@ -611,7 +619,7 @@ async def send(
     if knobs.encoding:
         frames = encoded(frames, knobs.encoding)
         headers["Content-Encoding"] = knobs.encoding
-    response = web.StreamResponse(status=status, headers=headers)
+    response = web.StreamResponse(status=status, reason=knobs.reason, headers=headers)
     if is_sized:
         response.content_length = sum(map(len, frames))
     if knobs.cuts_midstream:

@@ -266,6 +266,23 @@ def test_an_entry_whose_header_bytes_are_not_utf8_survives_its_stored_form_byte_
     assert b'"raw"' not in encode(an_entry())  # every other entry's form is as it was
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [(("Content-Type", SSE),), (("X-Note", b"caf\xe9".decode("utf-8", "surrogateescape")),)],
+    ids=["utf8-headers", "raw-headers"],
+)
+def test_a_reason_phrase_that_is_not_utf8_survives_its_stored_form_byte_for_byte(
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    # The wire holds a phrase's obs-text (RFC 9112 §4) as lone surrogates, as a header's.
+    reason = b"Fresh Caf\xe9 \x80".decode("utf-8", "surrogateescape")
+    entry = dataclasses.replace(an_entry(), reason=reason, headers=headers, has_raw_bytes=True)
+    assert decode(encode(entry)) == entry
+    plain = dataclasses.replace(an_entry(), reason="Fresh Café")
+    assert decode(encode(plain)) == plain
+    assert b'"raw"' not in encode(plain)
+
+
 async def test_the_memory_store_evicts_the_least_recently_used_past_its_bound() -> None:
     size = an_entry().size
     store = MemoryStore(max_bytes=2 * size)
