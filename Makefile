@@ -8,7 +8,7 @@ DOCKER ?= docker
 DOCKER_PORT ?= 8080
 
 .PHONY: bench-foundations bench-failover run check lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
-	example-openai-chat example-openai-stream example-anthropic example-curl
+	example-openai-chat example-openai-stream example-anthropic example-curl node-sdks
 
 # Running needs requirements.txt only; tests, examples and the benchmark add requirements-dev.txt.
 $(RUN_STAMP): requirements.txt
@@ -41,9 +41,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy --strict proxy
 
-# test: install everything (venv, redis-server, prometheus, nginx, podman for the image check), lint, then run every test.
+# test: install everything (venv, redis-server, prometheus, nginx, podman for the image check, the
+# Node SDKs), lint, then run every test.
 # The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
-test: lint $(STAMP) system-packages
+test: lint $(STAMP) system-packages node-sdks
 	$(PY) -m pytest -q
 
 # unit: the fast levels (the tests marked unit or app: tests/unit, tests/app, and the memory runs of
@@ -57,6 +58,16 @@ system-packages:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 	@command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+
+# node-sdks: the official Node SDKs that tests/process/test_node_sdks.py drives, pinned, in .node/
+# (git-ignored), installed only when .node/ holds other versions or none: 10 to 20 s once, then
+# nothing. openai 7 declares Node >= 22; what the test drives runs on Node 20 as well.
+NODE_SDKS := openai@7.60.0 @anthropic-ai/sdk@1.17.0
+node-sdks:
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	@test "$$(cat .node/installed 2>/dev/null)" = "$(NODE_SDKS)" || { \
+		npm install --prefix .node --save-exact --no-audit --no-fund --loglevel=error $(NODE_SDKS) \
+		&& echo "$(NODE_SDKS)" >.node/installed; }
 
 # e2e: the shell scripts in e2e/ against a real gateway in front of the fake provider
 e2e: $(STAMP)
