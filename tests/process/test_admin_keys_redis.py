@@ -225,7 +225,9 @@ async def test_a_redis_restarted_empty_gets_back_the_keys_in_force_not_keys_json
         ]
         return seen == [401, 200, 401, 200]
 
-    await until(the_keys_in_force, 3.0, "the revoked key refused and the made one served by both")
+    # Within a second on a quiet machine (docs/admin-api.md); the deadline only bounds a
+    # failure, and two loaded cores (a CI run on two workers) took over 3 s.
+    await until(the_keys_in_force, 10.0, "the revoked key refused and the made one served by both")
 
 
 def said(process: subprocess.Popen[str], words: str) -> str:
