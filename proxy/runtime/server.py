@@ -37,7 +37,8 @@ And the other way round, so the process can hold that many: its soft limit on op
 raised to the hard one (`raise_open_files_limit`). Past that limit, a connection that took the
 process's last descriptor is answered 503 too_many_open_files, as one past the cap is, which
 frees it for the next (`_RequestHandler.connection_made`), counted in /metrics, said once on
-stderr and in /health.
+stderr and in /health; where asyncio's loop runs the gateway, an accept that found none left
+is said the same way (`accept_failures`), not by a traceback at each try.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import signal
 import socket
 from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from aiohttp import HttpVersion11, StreamReader, web
@@ -75,7 +76,7 @@ from proxy.observe.logfile import is_stdout
 from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
 from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
-from proxy.upstream.described import limit_reached
+from proxy.upstream.described import OUT_OF_FILES, limit_reached
 from proxy.upstream.failover import out_of_files_error
 
 # The cyclic garbage collector's first threshold: container allocations between two young
@@ -169,6 +170,7 @@ async def _serve(
         # finalizes the generators in no order and prints their tracebacks.
         await runner.cleanup()
         raise
+    loop.set_exception_handler(accept_failures(app[HEALTH].ran_out_of_files))
     cut = 0
     try:
         assert runner.server is not None  # set by setup()
@@ -202,6 +204,40 @@ def out_of_files(app: web.Application) -> Callable[[str], None]:
         health.ran_out_of_files(why)
 
     return refused
+
+
+# asyncio's words for an accept that failed for want of a descriptor or memory
+# (`BaseSelectorEventLoop._accept_connection`).
+_ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
+
+
+def accept_failures(
+    out_of_files: Callable[[str], None],
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler: an accept asyncio's loop could not make for want of a
+    file descriptor is told to `out_of_files` (stderr once, /health), not logged with its
+    traceback; anything else goes to the loop's default handler, as before.
+
+    asyncio tries again a second later, the client's connection waiting in the listen queue,
+    but logged each try: up to the whole listen queue's length (1024) of tracebacks at once
+    (its loop over the queue goes on after the failure), thousands a second until a descriptor
+    was free. uvloop never calls this: libuv closes such a connection itself (a connection is
+    refused before that happens: `_RequestHandler.connection_made`)."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (
+            context.get("message") == _ACCEPT_OUT_OF_RESOURCES
+            and isinstance(error, OSError)
+            and error.errno in OUT_OF_FILES
+        ):
+            out_of_files(
+                limit_reached(error.errno) + ": new client connections wait to be accepted"
+            )
+            return
+        loop.default_exception_handler(context)
+
+    return handle
 
 
 def draining(app: web.Application, grace: float) -> str:
@@ -410,7 +446,7 @@ class _RequestHandler(RequestHandler):
         Past that limit the event loop's accept fails, and uvloop never tells the app: libuv
         accepts each connection on a spare descriptor of its own and closes it at once (the
         client saw a reset or an empty answer; nothing was said or counted), a trick it keeps
-        to itself; asyncio leaves it waiting and logs a traceback at each try.
+        to itself; asyncio leaves it waiting and tells its exception handler (`accept_failures`).
         The kernel gives each new socket the lowest free descriptor, so the connection given
         the last one found every other one taken: refused, it frees that descriptor for the
         next, and the loop's accept does not fail for want of one, as long as it is client

@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import OPENAI_VK, auth
 from tests.support.bodies import CHAT
 from tests.support.polling import until
-from tests.support.processes import Processes, start_gateway
+from tests.support.processes import Processes, gateway_command_on_asyncio, start_gateway
 
 LIMIT = 64  # the gateway's own files take about 15 of them
 
@@ -193,3 +194,63 @@ async def test_a_connection_that_finds_no_file_descriptor_left_is_answered_503_c
     said = [line for line in stderr.splitlines() if "out of file descriptors" in line]
     assert len(said) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+async def test_on_asyncios_loop_an_accept_out_of_descriptors_is_said_once_and_resumes(
+    processes: Processes, process_keys: Path, tmp_path: Path
+) -> None:
+    # Where uvloop is not installed, asyncio's loop runs the gateway: its accept, failing for
+    # want of a descriptor (every one taken, the last by a provider's socket), logged a
+    # traceback at each try, up to 1024 at once and thousands a second until one was free.
+    # Now stderr says it once; the client's connection waits and is served once one is.
+    process, url = start_gateway(
+        processes,
+        process_keys,
+        tmp_path / "log.jsonl",
+        preexec_fn=_limited,
+        command=gateway_command_on_asyncio(),
+    )
+    assert process.stderr is not None
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(process.stderr), daemon=True)
+    reader.start()
+    host, port = url.removeprefix("http://").split(":")
+    with _connections() as held:
+        while _open_files(process.pid) < LIMIT - 1:  # one descriptor left
+            held.append(http.client.HTTPConnection(host, int(port), timeout=10))
+            assert _get(held[-1], "/ready")[0] == 200
+            assert len(held) < LIMIT, "the gateway's descriptors did not grow"
+        streaming = held[1]  # its provider's socket takes the last one
+        streaming.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps({**CHAT, "stream": True}),
+            headers={
+                **auth(OPENAI_VK),
+                "Content-Type": "application/json",
+                "x-fake-hang": "midstream",
+            },
+        )
+        assert streaming.getresponse().status == 200
+        waiting = http.client.HTTPConnection(host, int(port), timeout=10)
+        held.append(waiting)
+        waiting.request("GET", "/ready")
+        await until(
+            lambda: any("out of file descriptors" in line for line in said), what="the warning"
+        )
+        streaming.close()  # its two descriptors given back
+        response = waiting.getresponse()
+        assert response.status == 200, response.read()
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    reader.join(timeout=10)
+    warnings = [line for line in said if "out of file descriptors" in line]
+    assert len(warnings) == 1, "".join(said)[-3000:]
+    assert "new client connections wait to be accepted" in warnings[0]
+    assert not [line for line in said if "socket.accept()" in line], "".join(said)[:3000]
+    # Left as it is: asyncio's tries again, one per failed try in its loop over the listen
+    # queue, still pending when SIGTERM closes the listener, each fail on its closed socket
+    # (its ValueError's traceback, once each): CPython's, at shutdown only.
+    errors = [line for line in said if " ERROR " in line]
+    assert all("BaseSelectorEventLoop._start_serving" in line for line in errors), errors[:3]
