@@ -9,8 +9,10 @@ the targets (breaker state, and each key's measured time to first byte and reque
 flight, by its label: `members`).
 
 `open_files`: the process's limit on open files, and the last time it had none left to reach
-a provider with (`ran_out_of_files`): the operator's limit to raise, never the provider's
-fault. Unhealthy from then until a /health finds a descriptor free again; `last_error` stays.
+a provider with, or took a client connection on its last one (`ran_out_of_files`): the
+operator's limit to raise, never the provider's fault. Unhealthy from then until a /health
+finds two descriptors free again (one for a provider, one for the next client); `last_error`
+stays.
 
 `/health` always answers 200 with `status` "degraded" while a breaker is open, the tracker
 has lost Redis or no file descriptor is left: the gateway still serves, so a load balancer
@@ -20,6 +22,7 @@ should not pull it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import socket
@@ -158,11 +161,15 @@ class Health:
 
 
 def _has_file_to_spare() -> bool:
-    """Whether the process can open a socket now (its limit on open files not reached)."""
-    try:
-        socket.socket().close()
-    except OSError:  # EMFILE, ENFILE; or ENOBUFS: no socket either way
-        return False
+    """Whether the process can open two sockets now: one for a provider, and one more for the
+    next client connection, which would be refused on the last descriptor
+    (runtime/server.py's `_RequestHandler.connection_made`), as each refusal leaves one free."""
+    with contextlib.ExitStack() as opened:
+        try:
+            for _ in range(2):
+                opened.enter_context(socket.socket())
+        except OSError:  # EMFILE, ENFILE; or ENOBUFS: no socket either way
+            return False
     return True
 
 

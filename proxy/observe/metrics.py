@@ -58,6 +58,8 @@ MODEL_LABEL_UNANSWERED = 20  # models never answered: refused, by the provider o
 # (deploy/prometheus/alerts.yml) would never fire.
 REDIS_DECISIONS = ("allow", "deny", "uncharged", "uncached")
 RELOAD_RESULTS = ("ok", "failed")
+# Why a client connection was answered 503 and closed unserved (`connection_refused`).
+REFUSAL_REASONS = ("open_files",)
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -227,6 +229,15 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self._reloads.labels(result)
+        self._connections_refused = Counter(
+            "llm_gateway_connections_refused",
+            "Client connections answered 503 and closed unserved, by reason: open_files (the "
+            "connection took the process's last file descriptor: its limit on open files).",
+            ["reason"],
+            registry=owner,
+        )
+        for reason in REFUSAL_REASONS:
+            self._connections_refused.labels(reason)
         self._retries = counter(
             "llm_gateway_retries",
             "Attempts repeated on the same target and key, by provider and the reason.",
@@ -417,6 +428,10 @@ class Metrics:
     def auth_failed(self, outcome: str) -> None:
         """Count a failed authentication: "refused" (401) or "throttled" (429)."""
         self._auth_failures.labels(outcome).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """Count a client connection answered 503 unserved, by one of REFUSAL_REASONS."""
+        self._connections_refused.labels(reason).inc()
 
     def log_write_failed(self) -> None:
         """Count a lost log line; thread-safe, the logbook calls it from its writer thread."""

@@ -131,16 +131,17 @@ def warnings(
 def too_few_open_files(settings: Settings, hard_limit: int) -> list[str]:
     """A line when the hard limit on open files (the soft one is raised to it at start) is
     below what MAX_CONNECTIONS needs: a client's socket and a provider's per connection, and
-    the process's own. Past it, the event loop closes each new connection unanswered, with
-    no line anywhere (not the 503 of the cap), and providers cannot be reached (502)."""
+    the process's own. Past it, new connections are refused (503 too_many_open_files, or
+    closed unanswered once a provider's socket took the last descriptor), and providers
+    cannot be reached (503 too_many_open_files)."""
     needed = 2 * settings.max_connections + OWN_OPEN_FILES
     if hard_limit == resource.RLIM_INFINITY or hard_limit >= needed:
         return []
     return [
         f"the limit on open files is {hard_limit} (ulimit -Hn), below the {needed} that "
         f"MAX_CONNECTIONS={settings.max_connections} needs (two sockets a connection): past "
-        f"about {max(0, hard_limit - OWN_OPEN_FILES) // 2} connections, new ones are closed "
-        "unanswered and providers cannot be reached; raise it (docker run --ulimit "
+        f"about {max(0, hard_limit - OWN_OPEN_FILES) // 2} connections, new ones are refused "
+        "and providers cannot be reached; raise it (docker run --ulimit "
         "nofile=…, systemd's LimitNOFILE, Kubernetes: the node's container runtime) or "
         "lower MAX_CONNECTIONS"
     ]

@@ -34,7 +34,11 @@ process's memory, measured in `bench/connections.py`:
   STREAM_IDLE_TIMEOUT is dropped by the kernel (`drop_unread`), also once its request is
   over and the rest of its answer waits in a buffer the relay no longer watches.
 And the other way round, so the process can hold that many: its soft limit on open files is
-raised to the hard one (`raise_open_files_limit`).
+raised to the hard one (`raise_open_files_limit`). Past that limit, a connection that took the
+process's last descriptor is answered 503 too_many_open_files, as one past the cap is, which
+frees it for the next (`_RequestHandler.connection_made`), counted in /metrics, said once on
+stderr and in /health; where asyncio's loop runs the gateway, an accept that found none left
+is said the same way (`accept_failures`), not by a traceback at each try.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import signal
 import socket
 from asyncio.trsock import TransportSocket
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from aiohttp import HttpVersion11, StreamReader, web
@@ -72,6 +76,8 @@ from proxy.observe.logfile import is_stdout
 from proxy.observe.notices import STDERR_FILENO, STDOUT_FILENO, Notices
 from proxy.record import GRACE_OVER, own_request_id
 from proxy.settings import Settings
+from proxy.upstream.described import OUT_OF_FILES, limit_reached
+from proxy.upstream.failover import out_of_files_error
 
 # The cyclic garbage collector's first threshold: container allocations between two young
 # collections (CPython's default is 700). Each request allocates a few hundred containers,
@@ -164,10 +170,13 @@ async def _serve(
         # finalizes the generators in no order and prints their tracebacks.
         await runner.cleanup()
         raise
+    loop.set_exception_handler(accept_failures(app[HEALTH].ran_out_of_files))
     cut = 0
     try:
         assert runner.server is not None  # set by setup()
-        listener = await listen(runner.server, settings, reuse_port, app[HEALTH].report)
+        listener = await listen(
+            runner.server, settings, reuse_port, app[HEALTH].report, out_of_files(app)
+        )
         say("listening on " + addresses(listener, settings))
         on_listening()
         await stop.wait()
@@ -183,6 +192,52 @@ async def _serve(
     if not is_clean:
         ending += f"; the cleanup was left unfinished after {CLEANUP_MARGIN_SECONDS:g} s more"
     say("stopped: " + ending)
+
+
+def out_of_files(app: web.Application) -> Callable[[str], None]:
+    """What a client connection refused for want of a file descriptor tells: /metrics counts
+    it, /health turns degraded, and stderr says so once (`Health.ran_out_of_files`)."""
+    metrics, health = app[METRICS], app[HEALTH]
+
+    def refused(why: str) -> None:
+        metrics.connection_refused("open_files")
+        health.ran_out_of_files(why)
+
+    return refused
+
+
+# asyncio's words for an accept that failed for want of a descriptor or memory
+# (`BaseSelectorEventLoop._accept_connection`).
+_ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
+
+
+def accept_failures(
+    out_of_files: Callable[[str], None],
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler: an accept asyncio's loop could not make for want of a
+    file descriptor is told to `out_of_files` (stderr once, /health), not logged with its
+    traceback; anything else goes to the loop's default handler, as before.
+
+    asyncio tries again a second later, the client's connection waiting in the listen queue,
+    but logged each try: up to the whole listen queue's length (1024) of tracebacks at once
+    (its loop over the queue goes on after the failure), thousands a second until a descriptor
+    was free. uvloop never calls this: libuv closes such a connection itself (a connection is
+    refused before that happens: `_RequestHandler.connection_made`)."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (
+            context.get("message") == _ACCEPT_OUT_OF_RESOURCES
+            and isinstance(error, OSError)
+            and error.errno in OUT_OF_FILES
+        ):
+            out_of_files(
+                limit_reached(error.errno) + ": new client connections wait to be accepted"
+            )
+            return
+        loop.default_exception_handler(context)
+
+    return handle
 
 
 def draining(app: web.Application, grace: float) -> str:
@@ -203,25 +258,31 @@ async def listen(
     settings: Settings,
     reuse_port: bool,
     health: Callable[[], dict[str, object]] | None = None,
+    out_of_files: Callable[[str], None] | None = None,
 ) -> asyncio.Server:
     """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen.
 
     `health`: the /health report, which a connection past the cap is still answered (a
-    liveness probe's: `Overflow`)."""
+    liveness probe's: `Overflow`). `out_of_files`: told why each time a connection that
+    took the process's last file descriptor is refused (`_RequestHandler.connection_made`)."""
     loop = asyncio.get_running_loop()
-    overflow = Overflow(loop, health)
+    overflow = Overflow(loop, health, out_of_files)
     host, port = settings.server_host, settings.server_port
 
     # `server.connections` copies every connection into a new list at each call: its dict
     # is counted in place (up to MAX_CONNECTIONS entries at each new connection).
     held, most = server._connections, settings.max_connections
+    # `server()` would build aiohttp's own RequestHandler with `_kwargs`; this one differs in
+    # `cut` and what it answers itself, and sets aiohttp's TCP keep-alive itself (on the
+    # socket it reads for its descriptor: `_RequestHandler.connection_made`).
+    kwargs = {**server._kwargs, "tcp_keepalive": False}
 
     def connection() -> asyncio.BaseProtocol:
         if len(held) >= most and not make_room(held, overflow):
             return Refusal(overflow)
-        # `server()` would build aiohttp's own RequestHandler; this one differs only in
-        # `cut` (`_kwargs`: what `server()` passes).
-        return _RequestHandler(server, loop=loop, **server._kwargs)
+        handler = _RequestHandler(server, loop=loop, **kwargs)
+        handler._overflow = overflow
+        return handler
 
     with _refusals(host, port):
         listener = await loop.create_server(
@@ -375,7 +436,32 @@ class _RequestHandler(RequestHandler):
     the gateway in their Server header, not `Python/3.11 aiohttp/3.x`.
     """
 
-    __slots__ = ()
+    __slots__ = ("_overflow",)
+    _overflow: Overflow  # set by `listen`'s factory, before the connection is made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """aiohttp's, but a connection that took the process's last file descriptor is
+        answered 503 too_many_open_files and closed (`Overflow.refuse_out_of_files`).
+
+        Past that limit the event loop's accept fails, and uvloop never tells the app: libuv
+        accepts each connection on a spare descriptor of its own and closes it at once (the
+        client saw a reset or an empty answer; nothing was said or counted), a trick it keeps
+        to itself; asyncio leaves it waiting and tells its exception handler (`accept_failures`).
+        The kernel gives each new socket the lowest free descriptor, so the connection given
+        the last one found every other one taken: refused, it frees that descriptor for the
+        next, and the loop's accept does not fail for want of one, as long as it is client
+        connections that take the last one (a provider's socket taking it, the next accept
+        fails as before). The socket is the one aiohttp reads to turn TCP keep-alive on, done
+        here in its place (`listen`): what this adds to a connection is a look at a number."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # aiohttp's tcp_keepalive
+            overflow = self._overflow
+            if sock.fileno() >= overflow.last_descriptor and overflow.refuse_out_of_files(
+                transport, sock.fileno()
+            ):
+                return
+        super().connection_made(transport)
 
     def is_idle(self) -> bool:
         """Kept alive after an answer, waiting for a next request (as aiohttp's own keep-alive
@@ -502,15 +588,46 @@ PROBE_LINE_BYTES = 1024
 class Overflow:
     """What the connections past MAX_CONNECTIONS share: the /health report (None: not
     answered, every one refused unread), how many await their request line, and when the
-    connections held may next be looked over for an idle one (`make_room`)."""
+    connections held may next be looked over for an idle one (`make_room`). And what the
+    connections past the limit on open files share: the last descriptor's number, and who is
+    told of each one refused (`out_of_files`)."""
 
-    __slots__ = ("health", "look_again_at", "loop", "waiting")
+    __slots__ = ("health", "last_descriptor", "look_again_at", "loop", "out_of_files", "waiting")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, health: Callable[[], dict[str, object]] | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        health: Callable[[], dict[str, object]] | None,
+        out_of_files: Callable[[str], None] | None = None,
     ) -> None:
         self.loop, self.health, self.waiting = loop, health, 0
         self.look_again_at = -math.inf
+        self.out_of_files = out_of_files
+        self.last_descriptor = _last_descriptor()
+
+    def refuse_out_of_files(self, transport: asyncio.BaseTransport, descriptor: int) -> bool:
+        """A connection on `descriptor`, at or past the last one: answered 503 (or /health) as
+        one past the cap is (`Refusal`), and `out_of_files` told. False when the limit was
+        raised since (prlimit): the connection is served."""
+        self.last_descriptor = _last_descriptor()
+        if descriptor < self.last_descriptor:
+            return False
+        why = limit_reached(errno.EMFILE)
+        refusal = Refusal(self, _refusal(out_of_files_error(why + "; retry shortly")))
+        transport.set_protocol(refusal)
+        refusal.connection_made(transport)
+        if self.out_of_files is not None:
+            self.out_of_files(
+                why + ": a new client connection was answered 503 too_many_open_files"
+            )
+        return True
+
+
+def _last_descriptor() -> float:
+    """The highest file descriptor number the process may hold (its soft limit on open
+    files, less one); infinite when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return math.inf if soft == resource.RLIM_INFINITY else soft - 1
 
 
 class Refusal(asyncio.Protocol):
@@ -527,10 +644,12 @@ class Refusal(asyncio.Protocol):
     the reset instead.
     """
 
-    __slots__ = ("_head", "_overflow", "_timer", "_transport")
+    __slots__ = ("_head", "_overflow", "_refusal", "_timer", "_transport")
 
-    def __init__(self, overflow: Overflow) -> None:
+    def __init__(self, overflow: Overflow, refusal: bytes | None = None) -> None:
+        """`refusal`: the 503 to answer (None: the cap's, too_many_connections)."""
         self._overflow = overflow
+        self._refusal = _refusal() if refusal is None else refusal
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._head = b""
@@ -539,10 +658,10 @@ class Refusal(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         overflow = self._overflow
         if overflow.health is None or overflow.waiting >= PROBE_RESERVE:
-            self._answer(_refusal())
+            self._answer(self._refusal)
             return
         overflow.waiting += 1
-        self._timer = overflow.loop.call_later(PROBE_WAIT_SECONDS, self._answer, _refusal())
+        self._timer = overflow.loop.call_later(PROBE_WAIT_SECONDS, self._answer, self._refusal)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
@@ -551,14 +670,14 @@ class Refusal(asyncio.Protocol):
         line_end = head.find(b"\r\n")
         if line_end < 0:
             if len(head) > PROBE_LINE_BYTES:
-                self._answer(_refusal())
+                self._answer(self._refusal)
             return
         method, _, rest = head[:line_end].partition(b" ")
         health = self._overflow.health
         if method in (b"GET", b"HEAD") and rest.partition(b" ")[0] == b"/health" and health:
             self._answer(_health_answer(health(), is_head=method == b"HEAD"))
         else:
-            self._answer(_refusal())
+            self._answer(self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._settle()
@@ -647,12 +766,16 @@ def _health_answer(report: dict[str, object], is_head: bool) -> bytes:
     )
 
 
-def _refusal() -> bytes:
-    error = GatewayError(
-        503,
-        "too_many_connections",
-        "The gateway has as many open connections as MAX_CONNECTIONS allows; retry shortly",
-    )
+# The 503 of a connection past MAX_CONNECTIONS.
+_TOO_MANY_CONNECTIONS = GatewayError(
+    503,
+    "too_many_connections",
+    "The gateway has as many open connections as MAX_CONNECTIONS allows; retry shortly",
+)
+
+
+def _refusal(error: GatewayError = _TOO_MANY_CONNECTIONS) -> bytes:
+    """A 503 in the OpenAI dialect, with Retry-After: 1, and the connection's close."""
     payload = body(error, "/v1")
     # A fresh id, as every answer has one (SPEC: errors); the request's own headers go unread.
     request_id = own_request_id(None).encode()

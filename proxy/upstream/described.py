@@ -40,7 +40,13 @@ def out_of_files(error: aiohttp.ClientError) -> str | None:
         return None
     if error.os_error.errno not in OUT_OF_FILES:
         return None
-    if error.os_error.errno == errno.ENFILE:
+    return limit_reached(error.os_error.errno)
+
+
+def limit_reached(code: int) -> str:
+    """Which limit on open files EMFILE (the process's) or ENFILE (the system's) says is
+    reached, in words naming it (also for a client connection the gateway could not take)."""
+    if code == errno.ENFILE:
         return (
             "the gateway is out of file descriptors (the system's limit, fs.file-max, is reached)"
         )

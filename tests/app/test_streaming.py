@@ -952,6 +952,33 @@ async def test_the_gateways_listener_lets_a_client_leave_its_answer_unread_twice
         listener.close()
 
 
+async def test_the_gateways_client_connections_keep_tcp_keep_alive_on(
+    settings: Callable[..., Settings],
+) -> None:
+    # aiohttp turns SO_KEEPALIVE on for each connection; the gateway's own handler does it in
+    # its place, on the socket it reads for its descriptor (runtime.server.listen).
+    from aiohttp import web
+
+    from proxy.runtime.server import listen
+
+    async def answer(request: web.BaseRequest) -> web.Response:
+        return web.Response()
+
+    server = web.Server(answer)
+    listener = await listen(server, settings(SERVER_HOST="127.0.0.1", SERVER_PORT="0"), False)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        (transport,) = server._connections.values()
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        writer.close()
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize(
     ("path", "key", "body"),
     [

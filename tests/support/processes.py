@@ -25,6 +25,17 @@ def gateway_command(*flags: str) -> list[str]:
     return [sys.executable, str(ROOT / "gateway.py"), *flags]
 
 
+def gateway_command_on_asyncio(*flags: str) -> list[str]:
+    """`gateway_command`, whose event loop is asyncio's own: uvloop cannot be imported, as
+    where it is not installed (`runtime.server.new_event_loop`)."""
+    script = str(ROOT / "gateway.py")
+    run = (
+        f"import runpy, sys; sys.modules['uvloop'] = None; sys.argv[0] = {script!r}; "
+        f"runpy.run_path({script!r}, run_name='__main__')"
+    )
+    return [sys.executable, "-c", run, *flags]
+
+
 def refused(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         gateway_command(*flags),
@@ -110,13 +121,15 @@ def start_gateway(
     keys: Path,
     log: Path,
     preexec_fn: Callable[[], None] | None = None,
+    command: list[str] | None = None,
     **env: str,
 ) -> tuple[subprocess.Popen[str], str]:
     """`gateway.py` on a free loopback port with this keys file, logging to `log`, plus `env`;
-    once it listens: the process and its base URL. `preexec_fn`: as `Processes.start`'s."""
+    once it listens: the process and its base URL. `preexec_fn`: as `Processes.start`'s;
+    `command`: in place of `gateway_command()`."""
     port = free_port()
     process = processes.start(
-        gateway_command(),
+        command or gateway_command(),
         env={
             "KEYS_FILE_PATH": str(keys),
             "SERVER_HOST": "127.0.0.1",

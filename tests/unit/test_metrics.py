@@ -219,6 +219,7 @@ def test_keys_appear_only_as_names_in_the_key_label() -> None:
         "decision",
         "outcome",
         "result",
+        "reason",
         "le",
     }
 
@@ -399,3 +400,14 @@ def test_one_process_keeps_its_values_in_memory_whatever_prometheus_multiproc_di
         == 1
     )
     assert not missing.exists()
+
+
+def test_connections_refused_for_want_of_a_file_descriptor_are_counted_from_zero() -> None:
+    # Exported at 0 from the start, so an alert on its increase fires at the first one.
+    metrics = Metrics()
+    refused = "llm_gateway_connections_refused_total"
+    assert (refused, frozenset({("reason", "open_files")})) in samples(metrics)
+    assert value(samples(metrics), refused, reason="open_files") == 0.0
+    metrics.connection_refused("open_files")
+    metrics.connection_refused("open_files")
+    assert value(samples(metrics), refused, reason="open_files") == 2.0
