@@ -280,9 +280,7 @@ async def listen(
     def connection() -> asyncio.BaseProtocol:
         if len(held) >= most and not make_room(held, overflow):
             return Refusal(overflow)
-        handler = _RequestHandler(server, loop=loop, **kwargs)
-        handler._overflow = overflow
-        return handler
+        return _RequestHandler(server, overflow, loop=loop, **kwargs)
 
     with _refusals(host, port):
         listener = await loop.create_server(
@@ -437,7 +435,10 @@ class _RequestHandler(RequestHandler):
     """
 
     __slots__ = ("_overflow",)
-    _overflow: Overflow  # set by `listen`'s factory, before the connection is made
+
+    def __init__(self, manager: web.Server, overflow: Overflow, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._overflow = overflow
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """aiohttp's, but a connection that took the process's last file descriptor is
