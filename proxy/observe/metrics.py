@@ -59,7 +59,7 @@ MODEL_LABEL_UNANSWERED = 20  # models never answered: refused, by the provider o
 REDIS_DECISIONS = ("allow", "deny", "uncharged", "uncached")
 RELOAD_RESULTS = ("ok", "failed")
 # Why a client connection was answered 503 and closed unserved (`connection_refused`).
-REFUSAL_REASONS = ("open_files",)
+REFUSAL_REASONS = ("max_connections", "open_files")
 
 # LLM calls run from milliseconds (embeddings) to minutes (long reasoning streams).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -175,7 +175,12 @@ async def _serve(
     try:
         assert runner.server is not None  # set by setup()
         listener = await listen(
-            runner.server, settings, reuse_port, app[HEALTH].report, out_of_files(app)
+            runner.server,
+            settings,
+            reuse_port,
+            app[HEALTH].report,
+            app[HEALTH].ran_out_of_files,
+            app[METRICS].connection_refused,
         )
         say("listening on " + addresses(listener, settings))
         on_listening()
@@ -192,18 +197,6 @@ async def _serve(
     if not is_clean:
         ending += f"; the cleanup was left unfinished after {CLEANUP_MARGIN_SECONDS:g} s more"
     say("stopped: " + ending)
-
-
-def out_of_files(app: web.Application) -> Callable[[str], None]:
-    """What a client connection refused for want of a file descriptor tells: /metrics counts
-    it, /health turns degraded, and stderr says so once (`Health.ran_out_of_files`)."""
-    metrics, health = app[METRICS], app[HEALTH]
-
-    def refused(why: str) -> None:
-        metrics.connection_refused("open_files")
-        health.ran_out_of_files(why)
-
-    return refused
 
 
 # asyncio's words for an accept that failed for want of a descriptor or memory
@@ -259,14 +252,16 @@ async def listen(
     reuse_port: bool,
     health: Callable[[], dict[str, object]] | None = None,
     out_of_files: Callable[[str], None] | None = None,
+    refused: Callable[[str], None] | None = None,
 ) -> asyncio.Server:
     """The listening socket(s), each connection capped by MAX_CONNECTIONS. Raises CannotListen.
 
     `health`: the /health report, which a connection past the cap is still answered (a
     liveness probe's: `Overflow`). `out_of_files`: told why each time a connection that
-    took the process's last file descriptor is refused (`_RequestHandler.connection_made`)."""
+    took the process's last file descriptor is refused (`_RequestHandler.connection_made`).
+    `refused`: told the reason of each connection answered 503 unserved (`Refusal`)."""
     loop = asyncio.get_running_loop()
-    overflow = Overflow(loop, health, out_of_files)
+    overflow = Overflow(loop, health, out_of_files, refused)
     host, port = settings.server_host, settings.server_port
 
     # `server.connections` copies every connection into a new list at each call: its dict
@@ -591,19 +586,29 @@ class Overflow:
     answered, every one refused unread), how many await their request line, and when the
     connections held may next be looked over for an idle one (`make_room`). And what the
     connections past the limit on open files share: the last descriptor's number, and who is
-    told of each one refused (`out_of_files`)."""
+    told of each one refused (`out_of_files`). `refused` counts each connection answered 503
+    unserved, by its reason (metrics.REFUSAL_REASONS)."""
 
-    __slots__ = ("health", "last_descriptor", "look_again_at", "loop", "out_of_files", "waiting")
+    __slots__ = (
+        "health",
+        "last_descriptor",
+        "look_again_at",
+        "loop",
+        "out_of_files",
+        "refused",
+        "waiting",
+    )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         health: Callable[[], dict[str, object]] | None,
         out_of_files: Callable[[str], None] | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         self.loop, self.health, self.waiting = loop, health, 0
         self.look_again_at = -math.inf
-        self.out_of_files = out_of_files
+        self.out_of_files, self.refused = out_of_files, refused
         self.last_descriptor = _last_descriptor()
 
     def refuse_out_of_files(self, transport: asyncio.BaseTransport, descriptor: int) -> bool:
@@ -614,7 +619,7 @@ class Overflow:
         if descriptor < self.last_descriptor:
             return False
         why = limit_reached(errno.EMFILE)
-        refusal = Refusal(self, _refusal(out_of_files_error(why + "; retry shortly")))
+        refusal = Refusal(self, _refusal(out_of_files_error(why + "; retry shortly")), "open_files")
         transport.set_protocol(refusal)
         refusal.connection_made(transport)
         if self.out_of_files is not None:
@@ -645,12 +650,16 @@ class Refusal(asyncio.Protocol):
     the reset instead.
     """
 
-    __slots__ = ("_head", "_overflow", "_refusal", "_timer", "_transport")
+    __slots__ = ("_head", "_overflow", "_reason", "_refusal", "_timer", "_transport")
 
-    def __init__(self, overflow: Overflow, refusal: bytes | None = None) -> None:
-        """`refusal`: the 503 to answer (None: the cap's, too_many_connections)."""
+    def __init__(
+        self, overflow: Overflow, refusal: bytes | None = None, reason: str = "max_connections"
+    ) -> None:
+        """`refusal`: the 503 to answer (None: the cap's, too_many_connections), counted
+        under `reason` (a /health answered instead is not)."""
         self._overflow = overflow
         self._refusal = _refusal() if refusal is None else refusal
+        self._reason = reason
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._head = b""
@@ -691,6 +700,8 @@ class Refusal(asyncio.Protocol):
         transport.write(answer)
         transport.close()  # after the answer is handed to the kernel
         self._settle()
+        if answer is self._refusal and self._overflow.refused is not None:
+            self._overflow.refused(self._reason)
 
     def _settle(self) -> None:
         if self._timer is not None:  # it waited for its request line: no longer

@@ -95,7 +95,7 @@ async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serve
             assert response.headers["request-id"] == response.headers["x-request-id"]
     for _, writer in holders:
         writer.close()
-    deadline = time.monotonic() + 10
+    deadline, refusals = time.monotonic() + 10, 1
     while True:  # the gateway notices the closed connections a moment later
         async with aiohttp.ClientSession() as session:
             async with session.post(
@@ -103,8 +103,11 @@ async def test_past_max_connections_a_connection_gets_503_and_a_freed_slot_serve
             ) as response:
                 if response.status == 200:
                     break
+                refusals += 1
         assert time.monotonic() < deadline, "no slot came free"
         await asyncio.sleep(0.05)
+    # Each 503 is counted, so the cap's saturation shows on a dashboard.
+    assert await refused_connections(url, "max_connections") == refusals
 
 
 async def test_past_max_connections_a_liveness_probe_of_health_is_still_answered(
@@ -130,6 +133,26 @@ async def test_past_max_connections_a_liveness_probe_of_health_is_still_answered
             assert (await response.json())["error"]["code"] == "too_many_connections"
     for _, writer in holders:
         writer.close()
+    # The /ready refused is counted, and each /metrics refused while the gateway has yet to
+    # notice the closed connections; the /health answered is not.
+    refusals, deadline = 1, time.monotonic() + 10
+    while (counted := await refused_connections(url, "max_connections")) is None:
+        refusals += 1
+        assert time.monotonic() < deadline, "no slot came free"
+        await asyncio.sleep(0.05)
+    assert counted == refusals
+
+
+async def refused_connections(url: str, reason: str) -> float | None:
+    """llm_gateway_connections_refused_total{reason} as /metrics says it; None while the
+    metrics themselves are refused (the gateway has yet to notice connections closed)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/metrics") as response:
+            if response.status != 200:
+                return None
+            text = await response.text()
+    sample = f'llm_gateway_connections_refused_total{{reason="{reason}"}} '
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample))
 
 
 async def test_at_max_connections_a_new_one_takes_the_place_of_an_idle_keep_alive_one(

@@ -411,3 +411,6 @@ def test_connections_refused_for_want_of_a_file_descriptor_are_counted_from_zero
     metrics.connection_refused("open_files")
     metrics.connection_refused("open_files")
     assert value(samples(metrics), refused, reason="open_files") == 2.0
+    assert value(samples(metrics), refused, reason="max_connections") == 0.0
+    metrics.connection_refused("max_connections")
+    assert value(samples(metrics), refused, reason="max_connections") == 1.0
