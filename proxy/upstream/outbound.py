@@ -3,7 +3,8 @@
 The body is the client's bytes, except where the target names its own `model`: then the
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed): a JSON body's `model`
-member, or a form's `model` field (a multipart upload: transcriptions, image edits; a
+member (of a model config object, where Anthropic's managed agents take one, its `id`, beside
+its `effort`, `speed`, ...), or a form's `model` field (a multipart upload: transcriptions, image edits; a
 url-encoded form). Headers come from
 `providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
 or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
@@ -36,6 +37,8 @@ _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Python's json.loads ski
 _FORM_FIELDS = re.compile(rb"([&;])")
 # A query string's parameters (aiohttp, and Python's parse_qsl since 3.10, split at '&' only).
 _QUERY_FIELDS = re.compile(rb"(&)")
+# A value's bytes in a body: where it starts, where it ends.
+Span = tuple[int, int]
 
 
 @dataclass(slots=True)
@@ -130,20 +133,23 @@ def swap_query_model(query: str, model: str) -> str:
 def swap_model_within(body: bytes, member: str, model: str) -> bytes:
     """`body` (a JSON object) with the top-level "model" of its object member `member`
     replaced, as `swap_model` does; `body` itself when it has none."""
-    span = _object_member(body, member)
-    if span is None:
+    _, objects = _member_values(body, member)
+    if not objects:
         return body
-    start, end = span
+    start, end = objects[-1]  # the last one, as most parsers read a name given twice
     inner = body[start:end]
     swapped = _swap_json(inner, model)
     return body if swapped is inner else body[:start] + swapped + body[end:]
 
 
 def _swap_json(body: bytes, model: str) -> bytes:
-    spans = _top_level_values(body, "model")
+    spans, configs = _member_values(body, "model")
+    for start, end in configs:  # a model config object (Anthropic's managed agents): its `id`
+        ids, _ = _member_values(body[start:end], "id")
+        spans += ((start + id_start, start + id_end) for id_start, id_end in ids)
     if not spans:
         return body
-    return _replaced(body, spans, orjson.dumps(model))
+    return _replaced(body, sorted(spans), orjson.dumps(model))
 
 
 def _swap_multipart(body: bytes, boundary: bytes, model: bytes) -> bytes:
@@ -197,53 +203,41 @@ def _replaced(body: bytes, spans: list[tuple[int, int]], value: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
-    """The byte spans of the string values of `name` in the top-level object."""
-    spans: list[tuple[int, int]] = []
+def _member_values(body: bytes, name: str) -> tuple[list[Span], list[Span]]:
+    """The byte spans of the values of `name` in the top-level object: its strings, and its
+    objects (any other value is left to the provider)."""
+    strings: list[Span] = []
+    objects: list[Span] = []
     plain, depth, position, size = f'"{name}"'.encode(), 0, 0, len(body)
+    opened = -1  # where the object value being skipped opened (depth 2), else -1
     while (found := _NEXT.search(body, position)) is not None:
         at = found.start()
         char = body[at]
         if char != 0x22:  # a bracket
             depth += 1 if char in b"{[" else -1
             position = at + 1
+            if opened >= 0 and depth == 1:
+                objects.append((opened, position))
+                opened = -1
             continue
         string_end = _string_end(body, at)
         if string_end is None:
-            return spans
+            break
         position = string_end
         value = _member_value(body, at, string_end, depth, plain, name)
-        if value is None or value >= size or body[value] != 0x22:
-            continue  # not a string: leave it to the provider
+        if value is None or value >= size:
+            continue
+        if body[value] == 0x7B:  # an object: its end is where the depth comes back to 1
+            opened = value
+            continue
+        if body[value] != 0x22:
+            continue  # neither a string nor an object: leave it to the provider
         value_end = _string_end(body, value)
         if value_end is None:
-            return spans
-        spans.append((value, value_end))
+            break
+        strings.append((value, value_end))
         position = value_end
-    return spans
-
-
-def _object_member(body: bytes, name: str) -> tuple[int, int] | None:
-    """The byte span of the last object value of `name` in the top-level object."""
-    found, plain, depth, position = None, f'"{name}"'.encode(), 0, 0
-    opened = -1  # where the object value being skipped opened (depth 2), else -1
-    while (next_byte := _NEXT.search(body, position)) is not None:
-        at = next_byte.start()
-        char = body[at]
-        if char != 0x22:  # a bracket
-            depth += 1 if char in b"{[" else -1
-            position = at + 1
-            if opened >= 0 and depth == 1:
-                found, opened = (opened, position), -1
-            continue
-        string_end = _string_end(body, at)
-        if string_end is None:
-            return found
-        position = string_end
-        value = _member_value(body, at, string_end, depth, plain, name)
-        if value is not None and body[value : value + 1] == b"{":
-            opened = value
-    return found
+    return strings, objects
 
 
 def _member_value(

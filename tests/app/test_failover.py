@@ -815,6 +815,33 @@ async def test_a_target_model_is_put_in_a_forms_model_field(
     assert urlencoded.body == form.replace(b"dall-e-2", b"pinned")
 
 
+async def test_a_route_model_is_put_in_the_id_of_a_model_config_object(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Anthropic's managed agents take their model as a model config object (`{"id": ...,
+    "effort": ..., "speed": ...}`): the swap replaced only a string `model` and sent the
+    object on as it came, so a route pinning the model ran the client's instead (routed and
+    priced as the pinned one). Now only the object's `id` is replaced; its `effort`, `speed`
+    and every other byte go up as sent."""
+    route = {"models": ["claude-sonnet-4-*"], "provider": "anthropic", "api_key": ANT_PRIMARY}
+    gateway = await failover_gateway({"routes": [{**route, "model": "claude-sonnet-4-pinned"}]})
+    client = anthropic.AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=VK, max_retries=0)
+    config = {"id": "claude-sonnet-4-5", "effort": "high", "speed": "fast"}
+    await client.beta.agents.create(name="helper", model=config)
+    raw = b'{"name": "h", "model": { "speed": "fast", "id" :"claude-sonnet-4-5", "effort": {"id": "x"} }}'
+    response = await gateway.post(
+        "/v1/agents", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    made, posted = fake.requests
+    assert json.loads(made.body)["model"] == {**config, "id": "claude-sonnet-4-pinned"}
+    assert posted.body == raw.replace(b'"claude-sonnet-4-5"', b'"claude-sonnet-4-pinned"')
+    lines = await records(2)  # the log names the client's model, as for a string `model`
+    assert [line["model"] for line in lines] == ["claude-sonnet-4-5"] * 2
+
+
 async def test_every_target_failing_gives_the_client_the_last_provider_answer(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -34,6 +34,18 @@ def test_a_body_without_a_string_model_is_left_as_it_is() -> None:
         assert swap_model(raw, "gpt-4o-mini") is raw
 
 
+def test_a_model_config_objects_own_id_is_swapped_and_every_other_byte_stays() -> None:
+    """Anthropic's managed agents take `model` as an object, its `id` the model: only that
+    `id` is the target's (each of them, should it be named twice), beside a string `model`."""
+    raw = b'{"model" : { "id":"a", "effort":{"id":"x"}, "mod\\u0065l":"m", "i\\u0064": "b"}, "id": "c", "model":"d"}'
+    swapped = swap_model(raw, "pinned")
+    assert swapped == raw.replace(b'"a"', b'"pinned"').replace(b'"b"', b'"pinned"').replace(
+        b'"d"', b'"pinned"'
+    )
+    for body in (b'{"model": {"effort": "high"}}', b'{"model": {"id": null}}', b'{"model": {'):
+        assert swap_model(body, "pinned") is body
+
+
 def test_a_multipart_forms_model_field_is_swapped_and_every_other_byte_stays() -> None:
     raw = (
         b"preamble\r\n--B\r\n"
