@@ -4,7 +4,8 @@ The body is the client's bytes, except where the target names its own `model`: t
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed): a JSON body's `model`
 member (of a model config object, where Anthropic's managed agents take one, its `id`, beside
-its `effort`, `speed`, ...), or a form's `model` field (a multipart upload: transcriptions, image edits; a
+its `effort`, `speed`, ...; a message batch's, each request's `params.model`), or a form's
+`model` field (a multipart upload: transcriptions, image edits; a
 url-encoded form). Headers come from
 `providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
 or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
@@ -39,6 +40,9 @@ _FORM_FIELDS = re.compile(rb"([&;])")
 _QUERY_FIELDS = re.compile(rb"(&)")
 # A value's bytes in a body: where it starts, where it ends.
 Span = tuple[int, int]
+_OPEN_OBJECT, _OPEN_ARRAY = 0x7B, 0x5B  # "{", "["
+# What a body holding a message batch's requests has among its bytes (`_model_spans`).
+_REQUESTS, _ESCAPE = b'"requests"', b"\\u"
 
 
 @dataclass(slots=True)
@@ -133,7 +137,7 @@ def swap_query_model(query: str, model: str) -> str:
 def swap_model_within(body: bytes, member: str, model: str) -> bytes:
     """`body` (a JSON object) with the top-level "model" of its object member `member`
     replaced, as `swap_model` does; `body` itself when it has none."""
-    _, objects = _member_values(body, member)
+    objects = [span for span in _member_values(body, member)[1] if body[span[0]] == _OPEN_OBJECT]
     if not objects:
         return body
     start, end = objects[-1]  # the last one, as most parsers read a name given twice
@@ -143,13 +147,37 @@ def swap_model_within(body: bytes, member: str, model: str) -> bytes:
 
 
 def _swap_json(body: bytes, model: str) -> bytes:
-    spans, configs = _member_values(body, "model")
-    for start, end in configs:  # a model config object (Anthropic's managed agents): its `id`
-        ids, _ = _member_values(body[start:end], "id")
-        spans += ((start + id_start, start + id_end) for id_start, id_end in ids)
+    spans = _model_spans(body)
     if not spans:
         return body
-    return _replaced(body, sorted(spans), orjson.dumps(model))
+    return _replaced(body, spans, orjson.dumps(model))
+
+
+def _model_spans(body: bytes) -> list[Span]:
+    """Where a JSON object names the model it runs, in order: its top-level `model` strings,
+    the `id` of a model config object there (Anthropic's managed agents), and those of each
+    request's `params` in a message batch (`requests`: it names none at its top)."""
+    spans, holders = _member_values(body, "model")
+    for start, end in holders:
+        if body[start] == _OPEN_OBJECT:
+            spans += _within(_member_values(body[start:end], "id")[0], start)
+    if _REQUESTS in body or _ESCAPE in body:  # (a name may be spelt with escapes)
+        for start, end in _member_values(body, "requests")[1]:
+            if body[start] != _OPEN_ARRAY:
+                continue
+            for item_start, item_end in _array_objects(body[start:end]):
+                item = body[start + item_start : start + item_end]
+                for params_start, params_end in _member_values(item, "params")[1]:
+                    if item[params_start] == _OPEN_OBJECT:
+                        params = item[params_start:params_end]
+                        at = start + item_start + params_start
+                        spans += _within(_member_values(params, "model")[0], at)
+    return sorted(spans)
+
+
+def _within(spans: list[Span], offset: int) -> list[Span]:
+    """Spans found in a slice of the body, as spans of the body (the slice at `offset`)."""
+    return [(start + offset, end + offset) for start, end in spans]
 
 
 def _swap_multipart(body: bytes, boundary: bytes, model: bytes) -> bytes:
@@ -205,11 +233,11 @@ def _replaced(body: bytes, spans: list[tuple[int, int]], value: bytes) -> bytes:
 
 def _member_values(body: bytes, name: str) -> tuple[list[Span], list[Span]]:
     """The byte spans of the values of `name` in the top-level object: its strings, and its
-    objects (any other value is left to the provider)."""
+    objects and arrays (any other value is left to the provider)."""
     strings: list[Span] = []
-    objects: list[Span] = []
+    containers: list[Span] = []
     plain, depth, position, size = f'"{name}"'.encode(), 0, 0, len(body)
-    opened = -1  # where the object value being skipped opened (depth 2), else -1
+    opened = -1  # where the object or array value being skipped opened (depth 2), else -1
     while (found := _NEXT.search(body, position)) is not None:
         at = found.start()
         char = body[at]
@@ -217,7 +245,7 @@ def _member_values(body: bytes, name: str) -> tuple[list[Span], list[Span]]:
             depth += 1 if char in b"{[" else -1
             position = at + 1
             if opened >= 0 and depth == 1:
-                objects.append((opened, position))
+                containers.append((opened, position))
                 opened = -1
             continue
         string_end = _string_end(body, at)
@@ -227,17 +255,45 @@ def _member_values(body: bytes, name: str) -> tuple[list[Span], list[Span]]:
         value = _member_value(body, at, string_end, depth, plain, name)
         if value is None or value >= size:
             continue
-        if body[value] == 0x7B:  # an object: its end is where the depth comes back to 1
+        if body[value] in b"{[":  # its end is where the depth comes back to 1
             opened = value
             continue
         if body[value] != 0x22:
-            continue  # neither a string nor an object: leave it to the provider
+            continue  # neither a string nor a container: leave it to the provider
         value_end = _string_end(body, value)
         if value_end is None:
             break
         strings.append((value, value_end))
         position = value_end
-    return strings, objects
+    return strings, containers
+
+
+def _array_objects(array: bytes) -> list[Span]:
+    """The byte spans of the objects directly in a JSON array (`array` opens with `[`)."""
+    objects: list[Span] = []
+    depth, position, opened = 0, 0, -1
+    while (found := _NEXT.search(array, position)) is not None:
+        at = found.start()
+        char = array[at]
+        if char == 0x22:  # a string: skipped whole
+            string_end = _string_end(array, at)
+            if string_end is None:
+                break
+            position = string_end
+            continue
+        position = at + 1
+        if char in b"{[":
+            if depth == 1 and char == _OPEN_OBJECT:
+                opened = at
+            depth += 1
+            continue
+        depth -= 1
+        if depth == 1 and opened >= 0:
+            objects.append((opened, position))
+            opened = -1
+        elif depth <= 0:
+            break
+    return objects
 
 
 def _member_value(

@@ -842,6 +842,32 @@ async def test_a_route_model_is_put_in_the_id_of_a_model_config_object(
     assert [line["model"] for line in lines] == ["claude-sonnet-4-5"] * 2
 
 
+async def test_a_route_model_is_put_in_each_request_of_a_message_batch(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """A message batch names its models in each request's `params`, none at its top: the
+    swap found no `model` there and sent the batch on as it came, so a route pinning the
+    model (chosen by the batch's first model) ran every request on the client's models."""
+    route = {"models": ["claude-*"], "provider": "anthropic", "api_key": ANT_PRIMARY}
+    gateway = await failover_gateway({"routes": [{**route, "model": "claude-pinned"}]})
+    client = anthropic.AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=VK, max_retries=0)
+    await client.messages.batches.create(
+        requests=[
+            {"custom_id": "a", "params": messages("hi", model="claude-haiku-4-5")},
+            {"custom_id": "b", "params": messages("hi", model="claude-opus-4-1", metadata={})},
+        ]
+    )
+    raw = b'{"requests": [{"params": {"model" :"claude-x", "system": "model"}, "custom_id": "model"}]}'
+    response = await gateway.post(
+        "/v1/messages/batches", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    made, posted = fake.requests
+    sent = json.loads(made.body)["requests"]
+    assert [item["params"]["model"] for item in sent] == ["claude-pinned"] * 2
+    assert posted.body == raw.replace(b'"claude-x"', b'"claude-pinned"')
+
+
 async def test_every_target_failing_gives_the_client_the_last_provider_answer(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

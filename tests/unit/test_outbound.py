@@ -46,6 +46,21 @@ def test_a_model_config_objects_own_id_is_swapped_and_every_other_byte_stays() -
         assert swap_model(body, "pinned") is body
 
 
+def test_each_model_of_a_message_batchs_requests_is_swapped_and_nothing_else() -> None:
+    raw = (
+        b'{"requests": [1, "{\\"params\\": {", {"params": "model"}, [{"params": {"model": "z"}}],'
+        b' {"custom_id": "model", "params": {"tools": [{"model": "t"}], "model": "a"}},'
+        b' {"params": {"model": "b", "metadata": {"model": "m"}}}], "model": "c"}'
+    )
+    swapped = swap_model(raw, "pinned")
+    pinned = raw.replace(b'"a"', b'"pinned"').replace(b'"b"', b'"pinned"')
+    assert swapped == pinned.replace(b'"c"', b'"pinned"')
+    escaped = b'{"r\\u0065quests": [{"params": {"model": "a"}}]}'
+    assert swap_model(escaped, "pinned") == escaped.replace(b'"a"', b'"pinned"')
+    for body in (b'{"requests": {"params": {"model": "a"}}}', b'{"requests": [{"params": {'):
+        assert swap_model(body, "pinned") is body
+
+
 def test_a_multipart_forms_model_field_is_swapped_and_every_other_byte_stays() -> None:
     raw = (
         b"preamble\r\n--B\r\n"
