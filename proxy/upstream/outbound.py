@@ -6,7 +6,8 @@ compressed upload is inflated for that, and goes up uncompressed): a JSON body's
 member (of a model config object, where Anthropic's managed agents take one, its `id`, beside
 its `effort`, `speed`, ...; a message batch's, each request's `params.model`), or a form's
 `model` field (a multipart upload: transcriptions, image edits; a
-url-encoded form). Headers come from
+url-encoded form), and the model a path names where the provider reads it there (Azure's
+deployments, Gemini's native API: `model_in_path`). Headers come from
 `providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
 or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
 its own project and region in place of the client's.
@@ -83,6 +84,8 @@ def build(
     # The key is set by each attempt (`use`), for the pool key it uses.
     headers = forwarded_headers(provider, incoming)
     headers["x-request-id"] = request_id
+    if target.model is not None and method == "POST":
+        tail = model_in_path(tail, target.model)
     if target.model is not None and body and method == "POST":
         # every line: two are one list ("gzip, gzip"), as the peek and the provider read them
         encoding = ", ".join(incoming.getall("content-encoding", ()))
@@ -107,6 +110,25 @@ def in_project(tail: str, project_path: str) -> str:
         return "/".join((project_path, *segments[4:]))
     project = project_path.split("/", 2)[:2]  # projects/<the target's>
     return "/".join((*project, *segments[2:]))
+
+
+def model_in_path(tail: str, model: str) -> str:
+    """`tail` with the model its path names replaced by `model`, where the provider reads
+    it there and not in the body: Azure's deployments API (`openai/deployments/<name>/…`),
+    OpenAI's legacy engines (`engines/<name>/…`), Gemini's native API (`…models/<name>:<method>`).
+    Another tail as it is."""
+    if "deployments/" not in tail and "engines/" not in tail and "models/" not in tail:
+        return tail
+    segments, named = tail.split("/"), quote(model, safe="")
+    if len(segments) > 3 and segments[0] == "openai" and segments[1] == "deployments":
+        segments[2] = named
+    elif len(segments) > 2 and segments[0] == "engines":
+        segments[1] = named
+    elif len(segments) > 1 and segments[-2] == "models" and ":" in segments[-1]:
+        segments[-1] = f"{named}:{segments[-1].rpartition(':')[2]}"
+    else:
+        return tail
+    return "/".join(segments)
 
 
 def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:

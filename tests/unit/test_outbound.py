@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.upstream.outbound import swap_model, swap_model_within
+from proxy.upstream.outbound import model_in_path, swap_model, swap_model_within
 
 
 def test_only_the_top_level_model_is_swapped_and_every_other_byte_stays() -> None:
@@ -110,3 +110,29 @@ def test_a_members_own_model_is_swapped_within_it_and_nothing_else() -> None:
 def test_json_after_a_byte_order_mark_is_swapped_as_json() -> None:
     raw = b'\xef\xbb\xbf {"model": "gpt-4o"}'
     assert swap_model(raw, "pinned", "application/json") == raw.replace(b"gpt-4o", b"pinned")
+
+
+def test_the_model_a_path_names_is_replaced_where_the_provider_reads_it_there() -> None:
+    for tail, expected in (
+        (
+            "openai/deployments/prod/chat/completions",
+            "openai/deployments/pin%2Fv2/chat/completions",
+        ),
+        ("engines/davinci/completions", "engines/pin%2Fv2/completions"),
+        ("models/gemini-2.5-pro:generateContent", "models/pin%2Fv2:generateContent"),
+        (
+            "projects/p/locations/l/publishers/google/models/gemini:streamGenerateContent",
+            "projects/p/locations/l/publishers/google/models/pin%2Fv2:streamGenerateContent",
+        ),
+    ):
+        assert model_in_path(tail, "pin/v2") == expected
+    for tail in (
+        "chat/completions",
+        "deployments/depl_1/run",  # Anthropic's managed agents: an id, not a model
+        "openai/deployments",
+        "models/gpt-4o",
+        "models",
+        "engines/davinci",
+        "tunedModels/t1:generateContent",
+    ):
+        assert model_in_path(tail, "pin/v2") == tail
