@@ -39,6 +39,8 @@ _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Python's json.loads ski
 _FORM_FIELDS = re.compile(rb"([&;])")
 # A query string's parameters (aiohttp, and Python's parse_qsl since 3.10, split at '&' only).
 _QUERY_FIELDS = re.compile(rb"(&)")
+# The fields that name the model: a form's, and a query's (Azure's Realtime: `deployment`).
+_FORM_NAMES, _QUERY_NAMES = frozenset(("model",)), frozenset(("model", "deployment"))
 # A value's bytes in a body: where it starts, where it ends.
 Span = tuple[int, int]
 _OPEN_OBJECT, _OPEN_ARRAY = 0x7B, 0x5B  # "{", "["
@@ -149,11 +151,12 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
 
 
 def swap_query_model(query: str, model: str) -> str:
-    """A raw query string with each `model` parameter's value replaced (a WebSocket session
-    names its model there: Realtime's `?model=`); every other byte as sent."""
-    if "model" not in query:
+    """A raw query string with each `model` (and `deployment`) parameter's value replaced (a
+    WebSocket session names its model there: Realtime's `?model=`, Azure's `?deployment=`);
+    every other byte as sent."""
+    if "model" not in query and "deployment" not in query:
         return query
-    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS).decode()
+    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS, _QUERY_NAMES).decode()
 
 
 def swap_model_within(body: bytes, member: str, model: str) -> bytes:
@@ -231,15 +234,18 @@ def _names_model(head: bytes) -> bool:
 
 
 def _swap_urlencoded(
-    body: bytes, model: str, separators: re.Pattern[bytes] = _FORM_FIELDS
+    body: bytes,
+    model: str,
+    separators: re.Pattern[bytes] = _FORM_FIELDS,
+    names: frozenset[str] = _FORM_NAMES,
 ) -> bytes:
-    """The value of each `model` field replaced; every other byte as sent."""
+    """The value of each field of `names` replaced; every other byte as sent."""
     fields = separators.split(body)
     value = quote(model, safe="").encode()
     swapped = False
     for at, field in enumerate(fields):
         name, equals, _ = field.partition(b"=")
-        if equals and unquote_plus(name.decode("utf-8", "replace")) == "model":
+        if equals and unquote_plus(name.decode("utf-8", "replace")) in names:
             fields[at], swapped = name + b"=" + value, True
     return b"".join(fields) if swapped else body
 

@@ -453,3 +453,38 @@ async def test_a_fallback_resources_deployment_is_put_in_the_path(
     assert backup.path == "/openai/deployments/eu-mini/chat/completions"
     assert backup.query_string == f"api-version={API_VERSION}"
     assert json.loads(backup.body)["model"] == "eu-mini"
+
+
+async def test_an_azure_realtime_session_of_a_pinned_target_opens_its_deployment(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    """AzureOpenAI's realtime.connect(model=...) names the deployment as `?deployment=`: the
+    swap of a target's model looked for `?model=` only, so the session opened the client's
+    deployment, not the one the target pins."""
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["virtual_keys"][AZURE_VK] = {
+        "provider": "azure",
+        "api_key": AZURE_REAL,
+        "name": "azure-pinned",
+        "model": "realtime-mini",
+    }
+    path = tmp_path / "pinned-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=str(gateway.make_url("")),
+        websocket_base_url=str(gateway.make_url("/openai")).replace("http", "ws", 1),
+        api_key=AZURE_VK,
+        api_version="2025-04-01-preview",
+        max_retries=0,
+    )
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/realtime"
+    assert "deployment=realtime-mini" in seen.query_string
+    assert "gpt-realtime" not in seen.query_string

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.upstream.outbound import model_in_path, swap_model, swap_model_within
+from proxy.upstream.outbound import model_in_path, swap_model, swap_model_within, swap_query_model
 
 
 def test_only_the_top_level_model_is_swapped_and_every_other_byte_stays() -> None:
@@ -136,3 +136,11 @@ def test_the_model_a_path_names_is_replaced_where_the_provider_reads_it_there() 
         "tunedModels/t1:generateContent",
     ):
         assert model_in_path(tail, "pin/v2") == tail
+
+
+def test_a_querys_model_and_azures_deployment_are_swapped_and_nothing_else() -> None:
+    query = "api-version=2025-04-01-preview&deployment=gpt-realtime&x=model&model=a"
+    assert swap_query_model(query, "pin/v2") == (
+        "api-version=2025-04-01-preview&deployment=pin%2Fv2&x=model&model=pin%2Fv2"
+    )
+    assert swap_query_model("intent=transcription", "pin") == "intent=transcription"
