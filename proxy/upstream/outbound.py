@@ -137,8 +137,8 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
     """`body` with its top-level "model" replaced; `body` itself when it has none.
 
     A JSON object (whatever its Content-Type: `curl -d` labels JSON a form) has every
-    top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`): a body
-    naming it twice runs the target's model whichever of them the provider reads. Any other
+    top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`, `"Model"`):
+    a body naming it twice runs the target's model whichever of them the provider reads. Any other
     body of a form type has each of its `model` fields replaced."""
     if body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{":  # as Python's json reads it
         return _swap_json(body, model)
@@ -339,13 +339,19 @@ def _member_value(
 
 
 def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:
-    """A JSON string (quotes included) reads `name`: as `plain`, or spelt with escapes."""
+    """A JSON string (quotes included) reads `name` as the most lenient parser reads a name:
+    as `plain`, in another case (Go's encoding/json, under Ollama and LocalAI, folds it:
+    "Model", "MODEL", the Kelvin sign as k, the long s as s), or spelt with escapes."""
     if quoted == plain:
         return True
-    if b"\\" not in quoted:
+    size = len(quoted)
+    if size == len(plain) and quoted.lower() == plain:
+        return True
+    # A name is at most 6 bytes a letter (an escape): a longer string is no name, not decoded.
+    if size > 6 * len(name) + 2 or (b"\\" not in quoted and quoted.isascii()):
         return False
     try:
-        return bool(orjson.loads(quoted) == name)
+        return bool(orjson.loads(quoted).casefold() == name)
     except orjson.JSONDecodeError:
         return False
 

@@ -769,6 +769,24 @@ async def test_a_target_model_replaces_only_the_bodys_model_value(
     assert backup.body == raw.replace(b'"gpt-4o-mini"', b'"gpt-4o-mini-backup"')
 
 
+async def test_a_target_model_replaces_a_model_spelt_in_another_case(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Go's encoding/json (Ollama, LocalAI, Go gateways) reads "Model" or "MODEL" as `model`,
+    the last one in the body winning: the swap replaced only "model", so behind such a server
+    `{"model": "llama3", "MODEL": "llama3:70b"}` ran the client's llama3:70b on a target
+    pinning another model."""
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY, "model": "pinned"})
+    raw = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "MODEL": "o1-pro", "M\\u006fdel": "o3"}'
+    response = await gateway.post(
+        "/v1/chat/completions", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    (seen,) = fake.requests
+    pinned = raw.replace(b'"gpt-4o-mini"', b'"pinned"').replace(b'"o1-pro"', b'"pinned"')
+    assert seen.body == pinned.replace(b'"o3"', b'"pinned"')
+
+
 async def test_a_target_model_is_put_in_a_body_under_two_content_encoding_lines(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

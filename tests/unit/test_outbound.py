@@ -144,3 +144,10 @@ def test_a_querys_model_and_azures_deployment_are_swapped_and_nothing_else() -> 
         "api-version=2025-04-01-preview&deployment=pin%2Fv2&x=model&model=pin%2Fv2"
     )
     assert swap_query_model("intent=transcription", "pin") == "intent=transcription"
+
+
+def test_a_model_named_in_another_case_is_swapped_as_go_reads_it() -> None:
+    """Go's encoding/json (Ollama, LocalAI) reads a name in any case as the field."""
+    raw = b'{"Model": "a", "MODEL": "b", "modeL": "c", "models": "d", "input": "Model"}'
+    pinned = raw.replace(b'"a"', b'"pinned"').replace(b'"b"', b'"pinned"')
+    assert swap_model(raw, "pinned") == pinned.replace(b'"c"', b'"pinned"')
