@@ -4,13 +4,13 @@ The body is the client's bytes, except where the target names its own `model`: t
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed): a JSON body's `model`
 member (of a model config object, where Anthropic's managed agents take one, its `id`, beside
-its `effort`, `speed`, ...; a message batch's, each request's `params.model`), or a form's
-`model` field (a multipart upload: transcriptions, image edits; a
-url-encoded form), and the model a path names where the provider reads it there (Azure's
-deployments, Gemini's native API: `model_in_path`). Headers come from
-`providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
-or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
-its own project and region in place of the client's.
+its `effort`, `speed`, ...; in a batch, each request's: an Anthropic message batch's
+`params.model`, Gemini's batchEmbedContents' `model`), or a form's `model` field (a multipart
+upload: transcriptions, image edits; a url-encoded form); and the model a path names where
+the provider reads it there (Azure's deployments, Gemini's native API: `model_in_path`).
+Headers come from `providers.forwarded_headers`; each attempt only sets the credential of the
+pool key it uses, or, for a cloud, signs the request as it will go (`signing`). A Vertex
+target's path names its own project and region in place of the client's.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ Span = tuple[int, int]
 _OPEN_OBJECT, _OPEN_ARRAY = 0x7B, 0x5B  # "{", "["
 # What a body holding a message batch's requests has among its bytes (`_model_spans`).
 _REQUESTS, _ESCAPE = b'"requests"', b"\\u"
+_RESOURCE = b"models/"  # how Gemini's bodies name a model: as its resource
 
 
 @dataclass(slots=True)
@@ -138,8 +139,8 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
 
     A JSON object (whatever its Content-Type: `curl -d` labels JSON a form) has every
     top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`, `"Model"`):
-    a body naming it twice runs the target's model whichever of them the provider reads. Any other
-    body of a form type has each of its `model` fields replaced."""
+    a body naming it twice runs the target's model whichever of them the provider reads. Any
+    other body of a form type has each of its `model` fields replaced."""
     if body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{":  # as Python's json reads it
         return _swap_json(body, model)
     media_type, options = parse_options_header(content_type)
@@ -175,28 +176,42 @@ def _swap_json(body: bytes, model: str) -> bytes:
     spans = _model_spans(body)
     if not spans:
         return body
-    return _replaced(body, spans, orjson.dumps(model))
+    value = orjson.dumps(model)
+    resource = b'"' + _RESOURCE + value[1:]
+    kept, parts = 0, list[bytes]()
+    for start, end, is_resource in spans:
+        parts += (body[kept:start], resource if is_resource else value)
+        kept = end
+    parts.append(body[kept:])
+    return b"".join(parts)
 
 
-def _model_spans(body: bytes) -> list[Span]:
-    """Where a JSON object names the model it runs, in order: its top-level `model` strings,
-    the `id` of a model config object there (Anthropic's managed agents), and those of each
-    request's `params` in a message batch (`requests`: it names none at its top)."""
-    spans, holders = _member_values(body, "model")
+def _model_spans(body: bytes) -> list[tuple[int, int, bool]]:
+    """Where a JSON object names the model it runs, in order, each with whether it is to be
+    named as a resource: its top-level `model` strings, the `id` of a model config object
+    there (Anthropic's managed agents), and those of each request in a batch (`requests`):
+    its own (Gemini's batchEmbedContents, which must name the path's model, as a resource,
+    `models/<model>`, where the client did) or its `params`' (an Anthropic message batch)."""
+    strings, holders = _member_values(body, "model")
     for start, end in holders:
         if body[start] == _OPEN_OBJECT:
-            spans += _within(_member_values(body[start:end], "id")[0], start)
+            strings += _within(_member_values(body[start:end], "id")[0], start)
+    spans = [(start, end, False) for start, end in strings]
     if _REQUESTS in body or _ESCAPE in body:  # (a name may be spelt with escapes)
         for start, end in _member_values(body, "requests")[1]:
             if body[start] != _OPEN_ARRAY:
                 continue
             for item_start, item_end in _array_objects(body[start:end]):
-                item = body[start + item_start : start + item_end]
+                at = start + item_start
+                item = body[at : start + item_end]
+                for own_start, own_end in _within(_member_values(item, "model")[0], at):
+                    is_resource = body.startswith(_RESOURCE, own_start + 1)
+                    spans.append((own_start, own_end, is_resource))
                 for params_start, params_end in _member_values(item, "params")[1]:
                     if item[params_start] == _OPEN_OBJECT:
                         params = item[params_start:params_end]
-                        at = start + item_start + params_start
-                        spans += _within(_member_values(params, "model")[0], at)
+                        found = _member_values(params, "model")[0]
+                        spans += ((a, b, False) for a, b in _within(found, at + params_start))
     return sorted(spans)
 
 

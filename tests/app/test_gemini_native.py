@@ -8,6 +8,7 @@ string; the google-genai SDK sends `x-goog-api-key`.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,26 @@ async def test_a_route_model_is_put_in_the_path_that_names_the_model(
     assert [seen.query_string for seen in fake.requests] == ["alt=sse"] * 2
     lines = await records(2)
     assert [line["model"] for line in lines] == ["gemini-2.5-pro", "gemini-2.5-flash"]
+
+
+async def test_a_route_model_is_put_in_each_request_of_a_batch_embedding(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """batchEmbedContents names the model in the path and again in each request, which must
+    match the path's (Google refuses the batch otherwise): the path naming the route's model,
+    each request's `model` names it too, as Google spells a model there (`models/<model>`)."""
+    vk = "vk_test_gemini_batched_8c0e2a4b6d"
+    route = {"models": ["gemini-*"], "provider": "local", "api_key": CUSTOM_REAL}
+    key = {"name": "gemini-batched", "routes": [{**route, "model": "gemini-embedding-2"}]}
+    gateway = await gateway_with_keys({vk: key})
+    item = {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "hi"}]}}
+    response = await gateway.post(
+        "/v1/models/gemini-embedding-001:batchEmbedContents",
+        json={"requests": [item, {**item, "model": "gemini-embedding-001"}]},
+        headers={"x-goog-api-key": vk},
+    )
+    assert response.status == 200, await response.text()
+    (seen,) = fake.requests
+    assert seen.path == "/v1/models/gemini-embedding-2:batchEmbedContents"
+    models = [request["model"] for request in json.loads(seen.body)["requests"]]
+    assert models == ["models/gemini-embedding-2", "gemini-embedding-2"]

@@ -151,3 +151,14 @@ def test_a_model_named_in_another_case_is_swapped_as_go_reads_it() -> None:
     raw = b'{"Model": "a", "MODEL": "b", "modeL": "c", "models": "d", "input": "Model"}'
     pinned = raw.replace(b'"a"', b'"pinned"').replace(b'"b"', b'"pinned"')
     assert swap_model(raw, "pinned") == pinned.replace(b'"c"', b'"pinned"')
+
+
+def test_a_batch_requests_own_model_is_swapped_as_a_resource_where_so_named() -> None:
+    """Gemini's batchEmbedContents: each request names the path's model, `models/<model>`;
+    a top-level `model` so spelt is any provider's and gets the target's model as it is."""
+    raw = b'{"requests": [{"model": "models/a"}, {"model": "b"}], "model": "models/c"}'
+    swapped = swap_model(raw, "pinned")
+    assert (
+        swapped
+        == b'{"requests": [{"model": "models/pinned"}, {"model": "pinned"}], "model": "pinned"}'
+    )
