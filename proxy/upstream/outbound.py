@@ -3,11 +3,14 @@
 The body is the client's bytes, except where the target names its own `model`: then the
 top-level `model` value is replaced in place and every other byte stays as sent (a
 compressed upload is inflated for that, and goes up uncompressed): a JSON body's `model`
-member, or a form's `model` field (a multipart upload: transcriptions, image edits; a
-url-encoded form). Headers come from
-`providers.forwarded_headers`; each attempt only sets the credential of the pool key it uses,
-or, for a cloud, signs the request as it will go (`signing`). A Vertex target's path names
-its own project and region in place of the client's.
+member (of a model config object, where Anthropic's managed agents take one, its `id`, beside
+its `effort`, `speed`, ...; in a batch, each request's: an Anthropic message batch's
+`params.model`, Gemini's batchEmbedContents' `model`), or a form's `model` field (a multipart
+upload: transcriptions, image edits; a url-encoded form); and the model a path names where
+the provider reads it there (Azure's deployments, Gemini's native API: `model_in_path`).
+Headers come from `providers.forwarded_headers`; each attempt only sets the credential of the
+pool key it uses, or, for a cloud, signs the request as it will go (`signing`). A Vertex
+target's path names its own project and region in place of the client's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Python's json.loads ski
 _FORM_FIELDS = re.compile(rb"([&;])")
 # A query string's parameters (aiohttp, and Python's parse_qsl since 3.10, split at '&' only).
 _QUERY_FIELDS = re.compile(rb"(&)")
+# The fields that name the model: a form's, and a query's (Azure's Realtime: `deployment`).
+_FORM_NAMES, _QUERY_NAMES = frozenset(("model",)), frozenset(("model", "deployment"))
+# A value's bytes in a body: where it starts, where it ends.
+Span = tuple[int, int]
+_OPEN_OBJECT, _OPEN_ARRAY = 0x7B, 0x5B  # "{", "["
+# What a body holding a message batch's requests has among its bytes (`_model_spans`).
+_REQUESTS, _ESCAPE = b'"requests"', b"\\u"
+_RESOURCE = b"models/"  # how Gemini's bodies name a model: as its resource
 
 
 @dataclass(slots=True)
@@ -76,6 +87,8 @@ def build(
     # The key is set by each attempt (`use`), for the pool key it uses.
     headers = forwarded_headers(provider, incoming)
     headers["x-request-id"] = request_id
+    if target.model is not None and method == "POST":
+        tail = model_in_path(tail, target.model)
     if target.model is not None and body and method == "POST":
         # every line: two are one list ("gzip, gzip"), as the peek and the provider read them
         encoding = ", ".join(incoming.getall("content-encoding", ()))
@@ -102,13 +115,32 @@ def in_project(tail: str, project_path: str) -> str:
     return "/".join((*project, *segments[2:]))
 
 
+def model_in_path(tail: str, model: str) -> str:
+    """`tail` with the model its path names replaced by `model`, where the provider reads
+    it there and not in the body: Azure's deployments API (`openai/deployments/<name>/…`),
+    OpenAI's legacy engines (`engines/<name>/…`), Gemini's native API (`…models/<name>:<method>`).
+    Another tail as it is."""
+    if "deployments/" not in tail and "engines/" not in tail and "models/" not in tail:
+        return tail
+    segments, named = tail.split("/"), quote(model, safe="")
+    if len(segments) > 3 and segments[0] == "openai" and segments[1] == "deployments":
+        segments[2] = named
+    elif len(segments) > 2 and segments[0] == "engines":
+        segments[1] = named
+    elif len(segments) > 1 and segments[-2] == "models" and ":" in segments[-1]:
+        segments[-1] = f"{named}:{segments[-1].rpartition(':')[2]}"
+    else:
+        return tail
+    return "/".join(segments)
+
+
 def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
     """`body` with its top-level "model" replaced; `body` itself when it has none.
 
     A JSON object (whatever its Content-Type: `curl -d` labels JSON a form) has every
-    top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`): a body
-    naming it twice runs the target's model whichever of them the provider reads. Any other
-    body of a form type has each of its `model` fields replaced."""
+    top-level "model" member replaced, however its name is spelt (`"mod\\u0065l"`, `"Model"`):
+    a body naming it twice runs the target's model whichever of them the provider reads. Any
+    other body of a form type has each of its `model` fields replaced."""
     if body.lstrip().removeprefix(_BOM).lstrip()[:1] == b"{":  # as Python's json reads it
         return _swap_json(body, model)
     media_type, options = parse_options_header(content_type)
@@ -120,30 +152,72 @@ def swap_model(body: bytes, model: str, content_type: str = "") -> bytes:
 
 
 def swap_query_model(query: str, model: str) -> str:
-    """A raw query string with each `model` parameter's value replaced (a WebSocket session
-    names its model there: Realtime's `?model=`); every other byte as sent."""
-    if "model" not in query:
+    """A raw query string with each `model` (and `deployment`) parameter's value replaced (a
+    WebSocket session names its model there: Realtime's `?model=`, Azure's `?deployment=`);
+    every other byte as sent."""
+    if "model" not in query and "deployment" not in query:
         return query
-    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS).decode()
+    return _swap_urlencoded(query.encode(), model, _QUERY_FIELDS, _QUERY_NAMES).decode()
 
 
 def swap_model_within(body: bytes, member: str, model: str) -> bytes:
     """`body` (a JSON object) with the top-level "model" of its object member `member`
     replaced, as `swap_model` does; `body` itself when it has none."""
-    span = _object_member(body, member)
-    if span is None:
+    objects = [span for span in _member_values(body, member)[1] if body[span[0]] == _OPEN_OBJECT]
+    if not objects:
         return body
-    start, end = span
+    start, end = objects[-1]  # the last one, as most parsers read a name given twice
     inner = body[start:end]
     swapped = _swap_json(inner, model)
     return body if swapped is inner else body[:start] + swapped + body[end:]
 
 
 def _swap_json(body: bytes, model: str) -> bytes:
-    spans = _top_level_values(body, "model")
+    spans = _model_spans(body)
     if not spans:
         return body
-    return _replaced(body, spans, orjson.dumps(model))
+    value = orjson.dumps(model)
+    resource = b'"' + _RESOURCE + value[1:]
+    kept, parts = 0, list[bytes]()
+    for start, end, is_resource in spans:
+        parts += (body[kept:start], resource if is_resource else value)
+        kept = end
+    parts.append(body[kept:])
+    return b"".join(parts)
+
+
+def _model_spans(body: bytes) -> list[tuple[int, int, bool]]:
+    """Where a JSON object names the model it runs, in order, each with whether it is to be
+    named as a resource: its top-level `model` strings, the `id` of a model config object
+    there (Anthropic's managed agents), and those of each request in a batch (`requests`):
+    its own (Gemini's batchEmbedContents, which must name the path's model, as a resource,
+    `models/<model>`, where the client did) or its `params`' (an Anthropic message batch)."""
+    strings, holders = _member_values(body, "model")
+    for start, end in holders:
+        if body[start] == _OPEN_OBJECT:
+            strings += _within(_member_values(body[start:end], "id")[0], start)
+    spans = [(start, end, False) for start, end in strings]
+    if _REQUESTS in body or _ESCAPE in body:  # (a name may be spelt with escapes)
+        for start, end in _member_values(body, "requests")[1]:
+            if body[start] != _OPEN_ARRAY:
+                continue
+            for item_start, item_end in _array_objects(body[start:end]):
+                at = start + item_start
+                item = body[at : start + item_end]
+                for own_start, own_end in _within(_member_values(item, "model")[0], at):
+                    is_resource = body.startswith(_RESOURCE, own_start + 1)
+                    spans.append((own_start, own_end, is_resource))
+                for params_start, params_end in _member_values(item, "params")[1]:
+                    if item[params_start] == _OPEN_OBJECT:
+                        params = item[params_start:params_end]
+                        found = _member_values(params, "model")[0]
+                        spans += ((a, b, False) for a, b in _within(found, at + params_start))
+    return sorted(spans)
+
+
+def _within(spans: list[Span], offset: int) -> list[Span]:
+    """Spans found in a slice of the body, as spans of the body (the slice at `offset`)."""
+    return [(start + offset, end + offset) for start, end in spans]
 
 
 def _swap_multipart(body: bytes, boundary: bytes, model: bytes) -> bytes:
@@ -175,15 +249,18 @@ def _names_model(head: bytes) -> bool:
 
 
 def _swap_urlencoded(
-    body: bytes, model: str, separators: re.Pattern[bytes] = _FORM_FIELDS
+    body: bytes,
+    model: str,
+    separators: re.Pattern[bytes] = _FORM_FIELDS,
+    names: frozenset[str] = _FORM_NAMES,
 ) -> bytes:
-    """The value of each `model` field replaced; every other byte as sent."""
+    """The value of each field of `names` replaced; every other byte as sent."""
     fields = separators.split(body)
     value = quote(model, safe="").encode()
     swapped = False
     for at, field in enumerate(fields):
         name, equals, _ = field.partition(b"=")
-        if equals and unquote_plus(name.decode("utf-8", "replace")) == "model":
+        if equals and unquote_plus(name.decode("utf-8", "replace")) in names:
             fields[at], swapped = name + b"=" + value, True
     return b"".join(fields) if swapped else body
 
@@ -197,53 +274,69 @@ def _replaced(body: bytes, spans: list[tuple[int, int]], value: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _top_level_values(body: bytes, name: str) -> list[tuple[int, int]]:
-    """The byte spans of the string values of `name` in the top-level object."""
-    spans: list[tuple[int, int]] = []
+def _member_values(body: bytes, name: str) -> tuple[list[Span], list[Span]]:
+    """The byte spans of the values of `name` in the top-level object: its strings, and its
+    objects and arrays (any other value is left to the provider)."""
+    strings: list[Span] = []
+    containers: list[Span] = []
     plain, depth, position, size = f'"{name}"'.encode(), 0, 0, len(body)
+    opened = -1  # where the object or array value being skipped opened (depth 2), else -1
     while (found := _NEXT.search(body, position)) is not None:
         at = found.start()
         char = body[at]
         if char != 0x22:  # a bracket
             depth += 1 if char in b"{[" else -1
             position = at + 1
+            if opened >= 0 and depth == 1:
+                containers.append((opened, position))
+                opened = -1
             continue
         string_end = _string_end(body, at)
         if string_end is None:
-            return spans
+            break
         position = string_end
         value = _member_value(body, at, string_end, depth, plain, name)
-        if value is None or value >= size or body[value] != 0x22:
-            continue  # not a string: leave it to the provider
+        if value is None or value >= size:
+            continue
+        if body[value] in b"{[":  # its end is where the depth comes back to 1
+            opened = value
+            continue
+        if body[value] != 0x22:
+            continue  # neither a string nor a container: leave it to the provider
         value_end = _string_end(body, value)
         if value_end is None:
-            return spans
-        spans.append((value, value_end))
+            break
+        strings.append((value, value_end))
         position = value_end
-    return spans
+    return strings, containers
 
 
-def _object_member(body: bytes, name: str) -> tuple[int, int] | None:
-    """The byte span of the last object value of `name` in the top-level object."""
-    found, plain, depth, position = None, f'"{name}"'.encode(), 0, 0
-    opened = -1  # where the object value being skipped opened (depth 2), else -1
-    while (next_byte := _NEXT.search(body, position)) is not None:
-        at = next_byte.start()
-        char = body[at]
-        if char != 0x22:  # a bracket
-            depth += 1 if char in b"{[" else -1
-            position = at + 1
-            if opened >= 0 and depth == 1:
-                found, opened = (opened, position), -1
+def _array_objects(array: bytes) -> list[Span]:
+    """The byte spans of the objects directly in a JSON array (`array` opens with `[`)."""
+    objects: list[Span] = []
+    depth, position, opened = 0, 0, -1
+    while (found := _NEXT.search(array, position)) is not None:
+        at = found.start()
+        char = array[at]
+        if char == 0x22:  # a string: skipped whole
+            string_end = _string_end(array, at)
+            if string_end is None:
+                break
+            position = string_end
             continue
-        string_end = _string_end(body, at)
-        if string_end is None:
-            return found
-        position = string_end
-        value = _member_value(body, at, string_end, depth, plain, name)
-        if value is not None and body[value : value + 1] == b"{":
-            opened = value
-    return found
+        position = at + 1
+        if char in b"{[":
+            if depth == 1 and char == _OPEN_OBJECT:
+                opened = at
+            depth += 1
+            continue
+        depth -= 1
+        if depth == 1 and opened >= 0:
+            objects.append((opened, position))
+            opened = -1
+        elif depth <= 0:
+            break
+    return objects
 
 
 def _member_value(
@@ -261,13 +354,19 @@ def _member_value(
 
 
 def _is_name(quoted: bytes, plain: bytes, name: str) -> bool:
-    """A JSON string (quotes included) reads `name`: as `plain`, or spelt with escapes."""
+    """A JSON string (quotes included) reads `name` as the most lenient parser reads a name:
+    as `plain`, in another case (Go's encoding/json, under Ollama and LocalAI, folds it:
+    "Model", "MODEL", the Kelvin sign as k, the long s as s), or spelt with escapes."""
     if quoted == plain:
         return True
-    if b"\\" not in quoted:
+    size = len(quoted)
+    if size == len(plain) and quoted.lower() == plain:
+        return True
+    # A name is at most 6 bytes a letter (an escape): a longer string is no name, not decoded.
+    if size > 6 * len(name) + 2 or (b"\\" not in quoted and quoted.isascii()):
         return False
     try:
-        return bool(orjson.loads(quoted) == name)
+        return bool(orjson.loads(quoted).casefold() == name)
     except orjson.JSONDecodeError:
         return False
 

@@ -418,3 +418,73 @@ async def test_azure_v1_api_as_the_fallback_of_an_openai_key(
     seen = fake.requests[-1]
     assert seen.path == "/openai/v1/chat/completions" and seen.headers["api-key"] == AZURE_REAL
     assert json.loads(seen.body)["model"] == "prod-mini"
+
+
+async def test_a_fallback_resources_deployment_is_put_in_the_path(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    """Azure's deployments API names the model in the path (the body's `model` is not read):
+    a fallback to a second resource whose target names its own deployment got the body's
+    `model` swapped and the client's deployment in the path, so it ran a deployment that
+    resource may not have (404, sent to the client), or one the target does not pin."""
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["providers"]["azure-eu"] = {"base_url": fake_base, "auth": "api-key"}
+    fallback = {"provider": "azure-eu", "api_key": "azure-eu-real-5555555555", "model": "eu-mini"}
+    document["virtual_keys"][AZURE_VK] = {
+        "provider": "azure",
+        "api_key": AZURE_REAL,
+        "name": "two-resources",
+        "fallbacks": [fallback],
+    }
+    path = tmp_path / "fallback-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    fake.faults[AZURE_REAL] = Fault(503)
+    client = azure_sdk(str(gateway.make_url("")), AZURE_VK)
+    await client.chat.completions.create(
+        model="prod-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    primary, backup = fake.requests
+    assert primary.path == "/openai/deployments/prod-mini/chat/completions"
+    assert backup.path == "/openai/deployments/eu-mini/chat/completions"
+    assert backup.query_string == f"api-version={API_VERSION}"
+    assert json.loads(backup.body)["model"] == "eu-mini"
+
+
+async def test_an_azure_realtime_session_of_a_pinned_target_opens_its_deployment(
+    tmp_path: Path,
+    fake_base: str,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+) -> None:
+    """AzureOpenAI's realtime.connect(model=...) names the deployment as `?deployment=`: the
+    swap of a target's model looked for `?model=` only, so the session opened the client's
+    deployment, not the one the target pins."""
+    document = keys_document(fake_base)
+    document["providers"]["azure"] = {"base_url": fake_base}
+    document["virtual_keys"][AZURE_VK] = {
+        "provider": "azure",
+        "api_key": AZURE_REAL,
+        "name": "azure-pinned",
+        "model": "realtime-mini",
+    }
+    path = tmp_path / "pinned-keys.json"
+    path.write_text(json.dumps(document))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path))
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=str(gateway.make_url("")),
+        websocket_base_url=str(gateway.make_url("/openai")).replace("http", "ws", 1),
+        api_key=AZURE_VK,
+        api_version="2025-04-01-preview",
+        max_retries=0,
+    )
+    async with client.realtime.connect(model="gpt-realtime") as connection:
+        assert (await connection.recv()).type == "session.created"
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/realtime"
+    assert "deployment=realtime-mini" in seen.query_string
+    assert "gpt-realtime" not in seen.query_string

@@ -812,6 +812,24 @@ async def test_a_target_model_replaces_only_the_bodys_model_value(
     assert backup.body == raw.replace(b'"gpt-4o-mini"', b'"gpt-4o-mini-backup"')
 
 
+async def test_a_target_model_replaces_a_model_spelt_in_another_case(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Go's encoding/json (Ollama, LocalAI, Go gateways) reads "Model" or "MODEL" as `model`,
+    the last one in the body winning: the swap replaced only "model", so behind such a server
+    `{"model": "llama3", "MODEL": "llama3:70b"}` ran the client's llama3:70b on a target
+    pinning another model."""
+    gateway = await failover_gateway({"provider": "openai", "api_key": PRIMARY, "model": "pinned"})
+    raw = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "MODEL": "o1-pro", "M\\u006fdel": "o3"}'
+    response = await gateway.post(
+        "/v1/chat/completions", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    (seen,) = fake.requests
+    pinned = raw.replace(b'"gpt-4o-mini"', b'"pinned"').replace(b'"o1-pro"', b'"pinned"')
+    assert seen.body == pinned.replace(b'"o3"', b'"pinned"')
+
+
 async def test_a_target_model_is_put_in_a_body_under_two_content_encoding_lines(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:
@@ -856,6 +874,59 @@ async def test_a_target_model_is_put_in_a_forms_model_field(
     parts = MultipartParser(io.BytesIO(multipart.body), options["boundary"])
     assert {part.name: part.raw for part in parts} == {"model": b"pinned", "file": audio}
     assert urlencoded.body == form.replace(b"dall-e-2", b"pinned")
+
+
+async def test_a_route_model_is_put_in_the_id_of_a_model_config_object(
+    failover_gateway: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Anthropic's managed agents take their model as a model config object (`{"id": ...,
+    "effort": ..., "speed": ...}`): the swap replaced only a string `model` and sent the
+    object on as it came, so a route pinning the model ran the client's instead (routed and
+    priced as the pinned one). Now only the object's `id` is replaced; its `effort`, `speed`
+    and every other byte go up as sent."""
+    route = {"models": ["claude-sonnet-4-*"], "provider": "anthropic", "api_key": ANT_PRIMARY}
+    gateway = await failover_gateway({"routes": [{**route, "model": "claude-sonnet-4-pinned"}]})
+    client = anthropic.AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=VK, max_retries=0)
+    config = {"id": "claude-sonnet-4-5", "effort": "high", "speed": "fast"}
+    await client.beta.agents.create(name="helper", model=config)
+    raw = b'{"name": "h", "model": { "speed": "fast", "id" :"claude-sonnet-4-5", "effort": {"id": "x"} }}'
+    response = await gateway.post(
+        "/v1/agents", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    made, posted = fake.requests
+    assert json.loads(made.body)["model"] == {**config, "id": "claude-sonnet-4-pinned"}
+    assert posted.body == raw.replace(b'"claude-sonnet-4-5"', b'"claude-sonnet-4-pinned"')
+    lines = await records(2)  # the log names the client's model, as for a string `model`
+    assert [line["model"] for line in lines] == ["claude-sonnet-4-5"] * 2
+
+
+async def test_a_route_model_is_put_in_each_request_of_a_message_batch(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """A message batch names its models in each request's `params`, none at its top: the
+    swap found no `model` there and sent the batch on as it came, so a route pinning the
+    model (chosen by the batch's first model) ran every request on the client's models."""
+    route = {"models": ["claude-*"], "provider": "anthropic", "api_key": ANT_PRIMARY}
+    gateway = await failover_gateway({"routes": [{**route, "model": "claude-pinned"}]})
+    client = anthropic.AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=VK, max_retries=0)
+    await client.messages.batches.create(
+        requests=[
+            {"custom_id": "a", "params": messages("hi", model="claude-haiku-4-5")},
+            {"custom_id": "b", "params": messages("hi", model="claude-opus-4-1", metadata={})},
+        ]
+    )
+    raw = b'{"requests": [{"params": {"model" :"claude-x", "system": "model"}, "custom_id": "model"}]}'
+    response = await gateway.post(
+        "/v1/messages/batches", data=raw, headers={**auth(VK), "content-type": "application/json"}
+    )
+    assert response.status == 200
+    made, posted = fake.requests
+    sent = json.loads(made.body)["requests"]
+    assert [item["params"]["model"] for item in sent] == ["claude-pinned"] * 2
+    assert posted.body == raw.replace(b'"claude-x"', b'"claude-pinned"')
 
 
 async def test_every_target_failing_gives_the_client_the_last_provider_answer(

@@ -8,6 +8,7 @@ string; the google-genai SDK sends `x-goog-api-key`.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,53 @@ async def test_an_embedding_answered_without_usage_is_charged_its_prompt_estimat
     assert line["usage"]["prompt_tokens"] == 100
     assert line["usage"]["completion_tokens"] == 0
     assert line["usage"]["estimated"] is True
+
+
+async def test_a_route_model_is_put_in_the_path_that_names_the_model(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]],
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    """Gemini's native API names the model in the path (`models/<model>:generateContent`),
+    none in the body: a route pinning its model (chosen by the path's) swapped a body
+    `model` there was none of, and the provider ran the client's model."""
+    vk = "vk_test_gemini_routed_6a8c0e2b4d"
+    route = {"models": ["gemini-*"], "provider": "local", "api_key": CUSTOM_REAL}
+    key = {"name": "gemini-routed", "routes": [{**route, "model": "gemini-2.5-flash-lite"}]}
+    gateway = await gateway_with_keys({vk: key})
+    for model in ("gemini-2.5-pro", "gemini-2.5-flash"):
+        response = await gateway.post(
+            f"/v1/models/{model}:streamGenerateContent?alt=sse",
+            json=CONTENTS,
+            headers={"x-goog-api-key": vk},
+        )
+        assert response.status == 200, await response.text()
+        await response.read()
+    paths = [seen.path for seen in fake.requests]
+    assert paths == ["/v1/models/gemini-2.5-flash-lite:streamGenerateContent"] * 2
+    assert [seen.query_string for seen in fake.requests] == ["alt=sse"] * 2
+    lines = await records(2)
+    assert [line["model"] for line in lines] == ["gemini-2.5-pro", "gemini-2.5-flash"]
+
+
+async def test_a_route_model_is_put_in_each_request_of_a_batch_embedding(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """batchEmbedContents names the model in the path and again in each request, which must
+    match the path's (Google refuses the batch otherwise): the path naming the route's model,
+    each request's `model` names it too, as Google spells a model there (`models/<model>`)."""
+    vk = "vk_test_gemini_batched_8c0e2a4b6d"
+    route = {"models": ["gemini-*"], "provider": "local", "api_key": CUSTOM_REAL}
+    key = {"name": "gemini-batched", "routes": [{**route, "model": "gemini-embedding-2"}]}
+    gateway = await gateway_with_keys({vk: key})
+    item = {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "hi"}]}}
+    response = await gateway.post(
+        "/v1/models/gemini-embedding-001:batchEmbedContents",
+        json={"requests": [item, {**item, "model": "gemini-embedding-001"}]},
+        headers={"x-goog-api-key": vk},
+    )
+    assert response.status == 200, await response.text()
+    (seen,) = fake.requests
+    assert seen.path == "/v1/models/gemini-embedding-2:batchEmbedContents"
+    models = [request["model"] for request in json.loads(seen.body)["requests"]]
+    assert models == ["models/gemini-embedding-2", "gemini-embedding-2"]
