@@ -162,3 +162,13 @@ def test_a_batch_requests_own_model_is_swapped_as_a_resource_where_so_named() ->
         swapped
         == b'{"requests": [{"model": "models/pinned"}, {"model": "pinned"}], "model": "pinned"}'
     )
+
+
+def test_strings_full_of_escapes_hide_no_model_and_end_where_json_ends_them() -> None:
+    # The scanner's strings end at their own closing quote however many escaped quotes and
+    # backslashes they hold: a "model" inside one is text, never the body's model.
+    tricky = ["\\", '"', '\\"', '"model": "x"', '\\\\"model\\\\"', "\n\t\u2028", "é\\u0022"]
+    for text in tricky:
+        document = {"messages": [{"content": text}], "model": "gpt-4o", "note": {"model": text}}
+        swapped = swap_model(orjson.dumps(document), "pinned")
+        assert orjson.loads(swapped) == {**document, "model": "pinned"}, text
