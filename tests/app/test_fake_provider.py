@@ -377,7 +377,9 @@ async def test_hang_midstream_sends_half_then_stalls(http, fake):
 
     assert sent.count(b"data: ") == 3 and b"[DONE]" not in sent  # half of the 6 events
     await until(lambda: fake.disconnects)
-    assert fake.disconnects[0] - left_at < 2.0  # noticed while it hangs, not at its end
+    # The hang never ends, so a disconnect seen at all was noticed while it hangs; 10 s
+    # bounds how late, with room for two loaded cores (2 s left little).
+    assert fake.disconnects[0] - left_at < 10.0
 
 
 async def test_drop_midstream_cuts_the_body_without_the_terminating_chunk(

@@ -646,7 +646,8 @@ async def test_no_response_headers_within_request_timeout_gets_504(
         "/v1/chat/completions", json=CHAT, headers={**auth(OPENAI_VK), "x-fake-hang": "headers"}
     )
     assert response.status == 504
-    assert asyncio.get_running_loop().time() - started < 2
+    # REQUEST_TIMEOUT's 0.3 s, not its default 600 s: 4 s leaves loaded cores room.
+    assert asyncio.get_running_loop().time() - started < 4
     assert_openai_error(await response.json(), "upstream_timeout")
     (line,) = await records(1)
     assert line["status"] == 504 and "error" in line

@@ -523,9 +523,10 @@ async def test_each_head_awaited_times_out_at_its_own_deadline(wire: Wire) -> No
     base = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     async with server:
         slow = asyncio.create_task(wire.request("GET", base / "slow", {}, None, timeout=30))
-        # fast's deadline first, then soon's; 0.5 s for fast's answer on a loaded machine.
-        soon = asyncio.create_task(wire.request("GET", base / "soon", {}, None, timeout=1))
-        fast = await wire.request("GET", base / "fast", {}, None, timeout=0.5)
+        # fast's deadline first, then soon's; 2 s for fast's answer on a loaded machine (two
+        # pytest-xdist workers on two cores), soon's 3 s the time the test waits.
+        soon = asyncio.create_task(wire.request("GET", base / "soon", {}, None, timeout=3))
+        fast = await wire.request("GET", base / "fast", {}, None, timeout=2)
         assert (fast.status, await fast.read()) == (200, b"ok")
         done, _ = await asyncio.wait([slow, soon], return_when=asyncio.FIRST_COMPLETED)
         assert done == {soon} and isinstance(soon.exception(), TimeoutError)

@@ -60,8 +60,15 @@ async def lifecycle(admin_url: str, urls: list[str]) -> dict[str, float]:
             async with admin.request(method, admin_url + path, json=body, headers=HEADERS) as r:
                 return r.status, (await r.json() if r.status != 204 else None)
 
-        async def everywhere(key: str, status: int) -> bool:
-            return all([await client.status(key) == status for client in clients])
+        async def everywhere(key: str, status: int, other: list[float] | None = None) -> bool:
+            """Every client answered `status`; the times the others were asked, to `other`."""
+            answers = []
+            for client in clients:
+                asked = time.monotonic()
+                answers.append(await client.status(key))
+                if other is not None and answers[-1] != status:
+                    other.append(asked)
+            return all(answer == status for answer in answers)
 
         try:
             status, made = await call(
@@ -69,18 +76,26 @@ async def lifecycle(admin_url: str, urls: list[str]) -> dict[str, float]:
             )
             assert status == 201
             first = made["key"]
-            figures["create"] = await until(lambda: everywhere(first, 200), 5, "the new key served")
+            # The deadlines only bound a failure (two loaded cores answer slowly), 15 s each.
+            figures["create"] = await until(
+                lambda: everywhere(first, 200), 15, "the new key served"
+            )
             status, rotated = await call("POST", "/admin/keys/proc/rotate", {"grace_seconds": 2})
             assert status == 201
             second = rotated["key"]
             started = time.monotonic()
-            figures["rotate"] = await until(lambda: everywhere(second, 200), 5, "the rotated key")
+            figures["rotate"] = await until(lambda: everywhere(second, 200), 15, "the rotated key")
             assert await everywhere(first, 200)  # in its grace, everywhere
-            await until(lambda: everywhere(first, 401), 5, "the old key refused after its grace")
+            await until(lambda: everywhere(first, 401), 15, "the old key refused after its grace")
             assert time.monotonic() - started >= 1.9  # not before the grace ended
             status, _ = await call("DELETE", "/admin/keys/proc")
             assert status == 204
-            figures["revoke"] = await until(lambda: everywhere(second, 401), 1.0, "the key revoked")
+            deleted, served = time.monotonic(), []
+            # Refused within a second of the 204, measured by when each request still served
+            # was asked, not by when a round of them came back (on two loaded cores a round of
+            # four can take over a second, most of it the test's own turns).
+            await until(lambda: everywhere(second, 401, served), 15, "the key revoked")
+            figures["revoke"] = max(served, default=deleted) - deleted
             assert all(client.connections == 1 for client in clients)  # kept alive throughout
         finally:
             for client in clients:

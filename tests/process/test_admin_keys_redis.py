@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -143,11 +144,19 @@ async def test_a_missed_notification_is_caught_up_within_a_second(
     response = await writer.post("/admin/keys", json=body, headers=HEADERS)
     key = (await response.json())["key"]
 
+    made, refused_at = time.monotonic(), [0.0]
+
     async def served() -> bool:
+        asked = time.monotonic()
         answer = await reader.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+        if answer.status != 200:
+            refused_at.append(asked - made)
         return answer.status == 200
 
-    assert await until(served, 1.0, "the key served by the other instance") < 1.0
+    # Caught up within a second, measured by when the last request refused was asked, not by
+    # when an answer came back on loaded cores; 15 s only bounds a failure.
+    await until(served, 15, "the key served by the other instance")
+    assert max(refused_at) < 1.0
 
 
 async def test_an_instance_that_cannot_decrypt_the_store_says_so_on_health_until_it_can(
@@ -168,7 +177,7 @@ async def test_an_instance_that_cannot_decrypt_the_store_says_so_on_health_until
         health = await (await running.get("/health")).json()
         return health["config"]["reload_failed"]  # type: ignore[no-any-return]
 
-    await until(failed, 5.0, "the refused document on /health")
+    await until(failed, 15.0, "the refused document on /health")
     assert "KEYS_STORE_SECRET" in (await failed() or {})["reason"]
     metrics = await (await running.get("/metrics")).text()
     assert 'llm_gateway_config_reloads_total{result="failed"} 1.0' in metrics

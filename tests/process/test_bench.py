@@ -110,7 +110,7 @@ def test_the_duties_floor_does_specs_duties_without_leaking_the_real_key(
     def logged() -> list[dict[str, Any]]:
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-    asyncio.run(until(lambda: len(logged()) == 3, 5, "the three relayed requests' lines"))
+    asyncio.run(until(lambda: len(logged()) == 3, 15, "the three relayed requests' lines"))
     first, streamed, refused = logged()
     assert (first["key"], first["status"], first["stream"]) == ("limited", 200, False)
     assert first["usage"]["total_tokens"] > 0 and streamed["stream"] is True

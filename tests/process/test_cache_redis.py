@@ -77,7 +77,7 @@ async def test_an_answer_stored_by_one_gateway_is_a_hit_on_the_other(
         miss = await ask(session, first)
         assert miss[0] == "miss"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
+        deadline = loop.time() + 15  # only bounds a failure (loaded cores)
         while not raw_redis.keys("llm-gateway:cache:k:*"):  # stored after the answer went out
             assert loop.time() < deadline, "the answer never reached Redis"
             await asyncio.sleep(0.01)
@@ -86,7 +86,7 @@ async def test_an_answer_stored_by_one_gateway_is_a_hit_on_the_other(
         again = await ask(session, first)
         assert again == ("hit", miss[1])
         # Both gateways' hits, each counted when its request settled (after its answer went out).
-        hits, deadline = 0, loop.time() + 5
+        hits, deadline = 0, loop.time() + 15
         while hits != 2 and loop.time() < deadline:
             async with session.get(
                 f"{second}/usage", headers={"Authorization": f"Bearer {CACHED_VK}"}

@@ -194,7 +194,7 @@ async def test_redis_time_is_the_clock_when_none_is_injected(
     refused = await real_time_tracker.admit(KEY, limits)
     assert not refused.admitted and 0 < refused.retry_after_seconds <= 0.3
     # Redis's clock moves on its own: ask again (a refusal counts nothing) until admitted.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15  # only bounds a failure (loaded cores)
     while not (await real_time_tracker.admit(KEY, limits)).admitted:
         assert time.monotonic() < deadline, "the window never freed up on Redis's clock"
         await asyncio.sleep(0.01)
@@ -214,7 +214,7 @@ async def test_keys_are_named_from_the_digest_and_the_window_expires_leaving_the
         assert 0 < raw_redis.pttl(name) <= 300
     assert raw_redis.pttl(totals) == -1  # totals since the key was first seen
     assert int(raw_redis.get(charged)) == 42
-    deadline = time.monotonic() + 5  # Redis expires the window's keys on its own clock
+    deadline = time.monotonic() + 15  # Redis expires the window's keys on its own clock
     while raw_redis.keys("*") != [totals]:
         assert time.monotonic() < deadline, raw_redis.keys("*")
         await asyncio.sleep(0.01)
@@ -253,7 +253,7 @@ async def test_a_settle_no_admission_carries_goes_alone_and_close_still_returns(
         answer = await tracker.admit(KEY, limits, None, Charge(30))
         tracker.settle(KEY, limits, Charge(12), answer.ticket)
         totals = window_keys(KEY)[3]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15  # only bounds a failure (loaded cores)
         while raw_redis.hget(totals, "tokens") != "12" and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # the background send, SETTLE_DELAY after the settle
         assert raw_redis.hget(totals, "tokens") == "12"
@@ -660,7 +660,7 @@ async def test_two_gateways_on_one_redis_overshoot_a_token_limit_by_at_most_one_
             *(one(session, gateways[index % 2]) for index in range(300))
         )
         assert set(statuses) == {200, 429}
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15  # only bounds a failure (loaded cores)
         while True:  # each process sends its last settles within SETTLE_DELAY_SECONDS
             usage = await get_json(session, gateways[0], "/usage", OPENAI_VK)
             if usage["tokens"]["reserved"] == 0 or time.monotonic() > deadline:

@@ -51,8 +51,9 @@ async def health_config(session: aiohttp.ClientSession, url: str) -> dict[str, A
 
 
 async def wait_for_config(
-    session: aiohttp.ClientSession, url: str, expected: str, within: float = 5.0
+    session: aiohttp.ClientSession, url: str, expected: str, within: float = 15.0
 ) -> None:
+    """The config `expected` on /health; `within` only bounds a failure (loaded cores)."""
     deadline = time.monotonic() + within
     while (await health_config(session, url))["hash"] != expected:
         assert time.monotonic() < deadline, f"config {expected} not in force after {within} s"
@@ -73,14 +74,19 @@ async def fresh(url: str, method: str, path: str, **kwargs: Any) -> tuple[int, b
             return response.status, await response.read()
 
 
-async def revoked_everywhere(url: str, secret: str) -> bool:
-    answers = await asyncio.gather(
-        *(
-            fresh(url, "POST", "/v1/chat/completions", json=STREAM, headers=auth(secret))
-            for _ in range(40)
+async def revoked_everywhere(url: str, secret: str, served: list[float] | None = None) -> bool:
+    """40 requests with `secret` all refused; when each one served was asked, to `served`."""
+
+    async def ask() -> int:
+        asked = time.monotonic()
+        status, _ = await fresh(
+            url, "POST", "/v1/chat/completions", json=STREAM, headers=auth(secret)
         )
-    )
-    return all(status == 401 for status, _ in answers)
+        if status != 401 and served is not None:
+            served.append(asked)
+        return status
+
+    return all(status == 401 for status in await asyncio.gather(*(ask() for _ in range(40))))
 
 
 def workers_of(process: subprocess.Popen[str]) -> list[int]:
@@ -163,7 +169,7 @@ async def test_a_broken_file_on_sighup_keeps_the_old_keys_and_says_why_in_one_li
     process_keys.write_text('{"virtual_keys": {')  # half saved
     process.send_signal(signal.SIGHUP)
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15  # only bounds a failure (loaded cores)
         while True:  # the failed reload is counted once it has happened
             async with session.get(f"{url}/metrics") as response:
                 if 'llm_gateway_config_reloads_total{result="failed"} 1.0' in await response.text():
@@ -216,12 +222,13 @@ async def test_with_two_workers_a_revoked_key_gets_401_on_every_worker_within_a_
             url, "POST", "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert status == 200, body
-    while True:
-        round_started = time.monotonic()
-        if await revoked_everywhere(url, OPENAI_VK):
-            break
-        assert round_started - started < 1.0, "after 1 s a worker still took the revoked key"
-    assert round_started - started < 1.0
+    # Refused within a second, measured by when each request still served was asked, not by
+    # when a round of 40 came back (on two loaded cores a round can take over a second);
+    # 30 s only bounds a failure.
+    served: list[float] = []
+    await until(lambda: revoked_everywhere(url, OPENAI_VK, served), 30, "the key revoked")
+    late = [round(asked - started, 2) for asked in served if asked - started >= 1.0]
+    assert not late, f"a worker still took the revoked key {late} s after the reload"
     configs = [
         json.loads(body)["config"]
         for _, body in await asyncio.gather(*(fresh(url, "GET", "/health") for _ in range(40)))
@@ -259,7 +266,8 @@ async def test_a_broken_file_posted_to_one_worker_shows_in_every_workers_health(
         )
 
     # Each worker tried the file and kept its keys: /health says so whichever answers.
-    await until(failed_everywhere, 5.0, "the failed reload in every worker's /health")
+    # 15 s only bounds a failure: a round of 40 fresh connections is slow on loaded cores.
+    await until(failed_everywhere, 15.0, "the failed reload in every worker's /health")
     assert process.poll() is None
     stop(process)
 
@@ -280,7 +288,7 @@ async def test_a_worker_replaced_after_a_reload_serves_the_reloaded_keys_not_its
     before = await asyncio.to_thread(both_listening, url)
     revoke(process_keys, OPENAI_VK)
     process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15  # only bounds a failure: 40 connections a round
     while not await revoked_everywhere(url, OPENAI_VK):
         assert time.monotonic() < deadline, "the reload never reached every worker"
     first, _ = workers_of(process)
@@ -334,7 +342,8 @@ async def test_a_file_mounted_alone_that_the_host_replaced_is_not_reloaded_as_if
         async def watched() -> bool:  # the watcher sees it and says why it reloads nothing
             return (await health_config(session, url)).get("reload_failed") is not None
 
-        await until(watched, 5.0, "the watcher's failed reload on /health")
+        # The watcher looks once a second; 15 s only bounds a failure on loaded cores.
+        await until(watched, 15.0, "the watcher's failed reload on /health")
         failed = (await health_config(session, url))["reload_failed"]
         assert "mount its directory" in failed["reason"], failed
         async with session.post(

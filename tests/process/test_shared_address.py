@@ -55,7 +55,8 @@ async def test_behind_an_ingress_a_stale_key_is_told_to_stop_and_locks_out_no_va
         await stale.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     waited = time.monotonic() - started
     # Retry-After is the window's 60 s: without x-should-retry: false the SDK waits it, twice.
-    assert waited < 5, f"the SDK waited {waited:.1f} s on the lockout's 429"
+    # 30 s: loaded cores' room, still far under the 60 s a single retry would have waited.
+    assert waited < 30, f"the SDK waited {waited:.1f} s on the lockout's 429"
     assert throttled.value.response.headers["x-should-retry"] == "false"
     # Everyone else at that address is served: a key used there before (though it begins
     # as the stale one does), a key never seen before, and the admin token.

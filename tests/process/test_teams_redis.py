@@ -150,7 +150,7 @@ async def test_max_in_flight_4_caps_40_streams_across_two_processes_and_survives
         async def free() -> bool:  # the last releases, sent as the streams ended, landed
             return (await team_usage(session, urls[1], "crew"))["in_flight"]["used"] == 0
 
-        await until(free, 5)
+        await until(free, 15)  # only bounds a failure (loaded cores)
         # Four streams that never end, held by the first process; then it is killed.
         held = []
         for n in range(4):

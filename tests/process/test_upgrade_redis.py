@@ -146,7 +146,7 @@ async def test_keys_the_previous_admin_api_made_leave_the_new_gateway_serving_th
             ) as response:
                 return response.status == 200
 
-        await until(served, 5.0, "the key the previous version made, served by this one")
+        await until(served, 15.0, "the key the previous version made, served by this one")
         async with admin.delete(f"{new_url}/admin/keys/{quote('dave ')}") as r:
             assert r.status == 204, await r.text()
         # A new change is checked whole, as ever: the store does not take a new bad value.
@@ -290,7 +290,7 @@ async def test_the_previous_and_this_version_share_quotas_exactly_during_a_rolli
 
         async def one_settled(name: str, url: str) -> int:
             status = await one(name, url)
-            await until(lambda: settled(name), 5.0, f"{name}'s answer charged")
+            await until(lambda: settled(name), 15.0, f"{name}'s answer charged")
             return status
 
         flushed = redis.Redis.from_url(redis_url)  # both scripts forgotten: each loads its own
