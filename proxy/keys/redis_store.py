@@ -18,10 +18,12 @@ keys.json document (once, whichever instance comes first).
 Redis restarted without persistence (the compose file's and the Kubernetes manifest's
 Redis) comes back empty; an instance started then imports its keys.json, where a revoked
 key may still be and a key made since is not, and every process would follow that. So a
-process whose connection was lost and that then finds the store empty, or at a version
-below its own, puts back the document it holds (`_RESTORE`: only while the store is still
-behind it), and the newest keys in force win. An operator who empties the store on purpose
-(`DEL` of both keys, to start over from keys.json) loses no connection: nothing is put back.
+process that saw Redis restart (a call failed, or the server's `run_id` changed between two
+reads: the connection pool reopens a dead idle connection without an error) and then finds
+the store empty, or at a version below its own, puts back the document it holds
+(`_RESTORE`: only while the store is still behind it), and the newest keys in force win.
+An operator who empties the store on purpose (`DEL` of both keys, to start over from
+keys.json) restarts nothing: nothing is put back.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class RedisStore:
         self._version = 0  # the version in force in this process
         self._token: bytes | str | None = None  # its document, as stored (encrypted)
         self._was_lost = False  # the connection broke since the store was last read
+        self._run_id: str | None = None  # the Redis server that answered the last read
         self._left_out: dict[tuple[str, str], str] = {}  # entries said not to load, and why
         self._one_at_a_time = asyncio.Lock()
 
@@ -151,11 +154,18 @@ class RedisStore:
         """Take the store's document if its version moved since this process last did."""
         async with self._one_at_a_time:
             try:
-                version, token = await self._client.mget(VERSION, DOCUMENT)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.mget(VERSION, DOCUMENT)
+                    pipe.info("server")
+                    read, server = await pipe.execute(raise_on_error=False)
+                if isinstance(read, RedisError):
+                    raise read
             except RedisError as error:
                 self._was_lost = True
                 raise StoreUnavailable(f"{WHERE}: cannot be reached ({error})") from None
+            version, token = read
             was_lost, self._was_lost = self._was_lost, False
+            was_lost |= self._restarted(server)
             behind = version is None or int(version) < self._version
             if was_lost and behind and self._token is not None:
                 await self._restore(self._token)
@@ -172,6 +182,16 @@ class RedisStore:
             self._apply(ring)
             self._version, self._token = int(version), token
             self._say_left_out(ring)
+
+    def _restarted(self, server: dict[str, Any] | Exception) -> bool:
+        """Whether Redis restarted since this process last read it: its `run_id` changed.
+        The connection pool reopens a dead idle connection without an error, so a restart
+        between two reads fails no call. A Redis that refuses INFO (a managed one may)
+        leaves only the failed calls to tell."""
+        run_id = server.get("run_id") if isinstance(server, dict) else None
+        restarted = None not in (run_id, self._run_id) and run_id != self._run_id
+        self._run_id = run_id or self._run_id
+        return restarted
 
     def _say_left_out(self, ring: KeyRing) -> None:
         """One line for each key or team of the store newly left out (at start: each)."""
@@ -277,7 +297,10 @@ class RedisStore:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
-            await self._client.aclose()
+            await self.close()
+
+    async def close(self) -> None:
+        await self._client.aclose()
 
 
 def refuse_new_faults(before: dict[str, Any], after: dict[str, Any], ring: KeyRing) -> None:

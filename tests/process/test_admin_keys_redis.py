@@ -5,6 +5,7 @@ virtual key and no real key."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -20,10 +21,11 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from proxy.app import KEY_STORE, build_app
+from proxy.app import KEY_STORE, build_app, parse_keys
+from proxy.keys.keys import KeyRing
 from proxy.keys.redis_store import DOCUMENT, VERSION, RedisStore, fernet
 from proxy.settings import Settings
-from tests.conftest import LIMITED_VK, OPENAI_VK, SECRETS, auth, keys_document
+from tests.conftest import LIMITED_REAL, LIMITED_VK, OPENAI_VK, SECRETS, auth, keys_document
 from tests.process.test_admin_keys_process import ADMIN, CHAT, HEADERS, REAL, lifecycle
 from tests.support.polling import until
 from tests.support.processes import (
@@ -245,6 +247,95 @@ async def test_a_redis_restarted_empty_gets_back_the_keys_in_force_not_keys_json
         await until(the_keys_in_force, 10.0, "the keys in force on both")
     except AssertionError:
         raise AssertionError(f"the keys in force did not hold within 10 s: {seen}") from None
+
+
+def direct_store(settings: Callable[..., Settings], url: str, held: list[KeyRing]) -> RedisStore:
+    """A process's key store driven by hand (no follower): each ring it takes lands in `held`."""
+    configured = settings(REDIS_URL=url, KEYS_STORE="redis", KEYS_STORE_SECRET=STORE_SECRET)
+    parse = functools.partial(parse_keys, configured, os.environ, time.time)
+    return RedisStore(url, STORE_SECRET, parse, held.append, time.time)
+
+
+def revoke(name: str) -> Callable[[dict[str, Any]], None]:
+    def edit(document: dict[str, Any]) -> None:
+        keys = document["virtual_keys"]
+        del keys[next(digest for digest, key in keys.items() if key.get("name") == name)]
+
+    return edit
+
+
+async def test_a_redis_restart_no_call_saw_still_gets_back_the_keys_in_force(
+    settings: Callable[..., Settings], redis_server: RedisServer
+) -> None:
+    # Redis restarted between two reads of a process: its pool reconnects the dead idle
+    # connection without an error, so nothing said the connection was lost. An instance
+    # started meanwhile imported keys.json, where the revoked key still is; the process took
+    # that document as a newer one and served the revoked key again.
+    seed = keys_document("http://127.0.0.1:1")
+    running_rings: list[KeyRing] = []
+    started_rings: list[KeyRing] = []
+    running = direct_store(settings, redis_server.url, running_rings)
+    started = direct_store(settings, redis_server.url, started_rings)
+    try:
+        await running.start(seed)
+        await running.change(revoke("limited"))
+        assert LIMITED_REAL not in running_rings[-1].real_keys()
+        redis_server.kill()
+        redis_server.start()
+        await started.start(seed)  # imports keys.json: version 1, the revoked key in it
+        assert LIMITED_REAL in started_rings[-1].real_keys()
+        await running.sync()  # no call failed: the pool reconnected by itself
+        assert LIMITED_REAL not in running_rings[-1].real_keys(), "the revoked key revived"
+        await started.sync()  # the keys in force were put back: the new instance takes them
+        assert LIMITED_REAL not in started_rings[-1].real_keys(), "keys.json stayed in force"
+    finally:
+        await running.close()
+        await started.close()
+
+
+async def test_a_store_emptied_on_purpose_is_not_refilled_by_a_running_process(
+    settings: Callable[..., Settings], redis_server: RedisServer
+) -> None:
+    # The other side of the one above: DEL of both keys (docs/admin-api.md) restarts
+    # nothing, so the process takes keys.json as the next instance imports it.
+    seed = keys_document("http://127.0.0.1:1")
+    running_rings: list[KeyRing] = []
+    running = direct_store(settings, redis_server.url, running_rings)
+    started = direct_store(settings, redis_server.url, [])
+    try:
+        await running.start(seed)
+        await running.change(revoke("limited"))
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            client.delete(DOCUMENT, VERSION)
+        finally:
+            client.close()
+        await started.start(seed)
+        await running.sync()
+        assert LIMITED_REAL in running_rings[-1].real_keys(), "keys.json was not taken"
+    finally:
+        await running.close()
+        await started.close()
+
+
+async def test_a_redis_that_refuses_info_still_serves_the_keys_store(
+    settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # A managed Redis may rename or forbid INFO (the restart check above reads its run_id):
+    # the store reads and changes as before, only failed calls telling a restart.
+    server = RedisServer(tmp_path, options=("--rename-command", "INFO", ""))
+    server.start()
+    rings: list[KeyRing] = []
+    store = direct_store(settings, server.url, rings)
+    try:
+        # A start that cannot read the store waits for it: the deadline only bounds a failure.
+        await asyncio.wait_for(store.start(keys_document("http://127.0.0.1:1")), 15)
+        await store.change(revoke("limited"))
+        await store.sync()
+        assert LIMITED_REAL not in rings[-1].real_keys()
+    finally:
+        await store.close()
+        server.kill()
 
 
 def said(process: subprocess.Popen[str], words: str) -> str:
