@@ -8,6 +8,7 @@ kernel says about a process or the machine: RSS, CPU time, whether uvloop is loa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,20 @@ def wait_until_closed(port: int, within: float = 5.0) -> None:
 def raise_interrupt(signum: int, frame: Any) -> None:
     """A signal handler: SIGTERM and SIGHUP end the run as Ctrl-C does (children stopped)."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def checkout_proxy(checkout: str) -> Iterator[None]:
+    """Within the block, `import proxy...` imports `checkout`'s own `proxy` package (any one
+    imported before is forgotten, not unloaded: what was taken from it stays usable), so
+    several checkouts' functions can be measured side by side in one process."""
+    for module in [name for name in sys.modules if name.split(".")[0] == "proxy"]:
+        del sys.modules[module]
+    sys.path.insert(0, checkout)
+    try:
+        yield
+    finally:
+        sys.path.remove(checkout)
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import checkout_proxy  # noqa: E402
 from scale import keys_document  # noqa: E402
 
 KEYS = 10_000
@@ -35,15 +36,10 @@ KEYS = 10_000
 
 def loader(checkout: str, path: str) -> Callable[[], object]:
     """`checkout`'s KeyRing.load of `path`, with its own defaults (its own `proxy` package)."""
-    for module in [name for name in sys.modules if name.split(".")[0] == "proxy"]:
-        del sys.modules[module]
-    sys.path.insert(0, checkout)
-    try:
+    with checkout_proxy(checkout):
         from proxy.app import key_defaults
         from proxy.keys.keys import KeyRing
         from proxy.settings import Settings
-    finally:
-        sys.path.remove(checkout)
     defaults = key_defaults(Settings.from_env({"KEYS_FILE_PATH": path}))
     return lambda: KeyRing.load(path, os.environ, defaults)
 

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import checkout_proxy  # noqa: E402
+
 PROSE = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 CODE = 'if (s[i] == "\\\\") { out += "\\"\\n"; }\t' * 40
 SIZES = (10_000, 100_000, 1_000_000)
@@ -30,13 +34,8 @@ SIZES = (10_000, 100_000, 1_000_000)
 
 def swapper(checkout: str) -> Callable[[bytes, str], bytes]:
     """`checkout`'s `swap_model` (its own `proxy` package)."""
-    for module in [name for name in sys.modules if name.split(".")[0] == "proxy"]:
-        del sys.modules[module]
-    sys.path.insert(0, checkout)
-    try:
+    with checkout_proxy(checkout):
         from proxy.upstream.outbound import swap_model
-    finally:
-        sys.path.remove(checkout)
     return swap_model
 
 
