@@ -5,6 +5,7 @@ virtual key and no real key."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -12,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,11 +250,19 @@ async def test_a_redis_restarted_empty_gets_back_the_keys_in_force_not_keys_json
         raise AssertionError(f"the keys in force did not hold within 10 s: {seen}") from None
 
 
-def direct_store(settings: Callable[..., Settings], url: str, held: list[KeyRing]) -> RedisStore:
-    """A process's key store driven by hand (no follower): each ring it takes lands in `held`."""
+@contextlib.asynccontextmanager
+async def direct_store(
+    settings: Callable[..., Settings], url: str
+) -> AsyncIterator[tuple[RedisStore, list[KeyRing]]]:
+    """A process's key store driven by hand (no follower), and the rings it took, in order."""
     configured = settings(REDIS_URL=url, KEYS_STORE="redis", KEYS_STORE_SECRET=STORE_SECRET)
     parse = functools.partial(parse_keys, configured, os.environ, time.time)
-    return RedisStore(url, STORE_SECRET, parse, held.append, time.time)
+    rings: list[KeyRing] = []
+    store = RedisStore(url, STORE_SECRET, parse, rings.append, time.time)
+    try:
+        yield store, rings
+    finally:
+        await store.close()
 
 
 def revoke(name: str) -> Callable[[dict[str, Any]], None]:
@@ -264,6 +273,9 @@ def revoke(name: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+SEED = keys_document("http://127.0.0.1:1")
+
+
 async def test_a_redis_restart_no_call_saw_still_gets_back_the_keys_in_force(
     settings: Callable[..., Settings], redis_server: RedisServer
 ) -> None:
@@ -271,51 +283,38 @@ async def test_a_redis_restart_no_call_saw_still_gets_back_the_keys_in_force(
     # connection without an error, so nothing said the connection was lost. An instance
     # started meanwhile imported keys.json, where the revoked key still is; the process took
     # that document as a newer one and served the revoked key again.
-    seed = keys_document("http://127.0.0.1:1")
-    running_rings: list[KeyRing] = []
-    started_rings: list[KeyRing] = []
-    running = direct_store(settings, redis_server.url, running_rings)
-    started = direct_store(settings, redis_server.url, started_rings)
-    try:
-        await running.start(seed)
+    async with (
+        direct_store(settings, redis_server.url) as (running, running_rings),
+        direct_store(settings, redis_server.url) as (started, started_rings),
+    ):
+        await running.start(SEED)
         await running.change(revoke("limited"))
         assert LIMITED_REAL not in running_rings[-1].real_keys()
         redis_server.kill()
         redis_server.start()
-        await started.start(seed)  # imports keys.json: version 1, the revoked key in it
+        await started.start(SEED)  # imports keys.json: version 1, the revoked key in it
         assert LIMITED_REAL in started_rings[-1].real_keys()
         await running.sync()  # no call failed: the pool reconnected by itself
         assert LIMITED_REAL not in running_rings[-1].real_keys(), "the revoked key revived"
         await started.sync()  # the keys in force were put back: the new instance takes them
         assert LIMITED_REAL not in started_rings[-1].real_keys(), "keys.json stayed in force"
-    finally:
-        await running.close()
-        await started.close()
 
 
 async def test_a_store_emptied_on_purpose_is_not_refilled_by_a_running_process(
-    settings: Callable[..., Settings], redis_server: RedisServer
+    settings: Callable[..., Settings], redis_server: RedisServer, raw_redis: redis.Redis
 ) -> None:
     # The other side of the one above: DEL of both keys (docs/admin-api.md) restarts
     # nothing, so the process takes keys.json as the next instance imports it.
-    seed = keys_document("http://127.0.0.1:1")
-    running_rings: list[KeyRing] = []
-    running = direct_store(settings, redis_server.url, running_rings)
-    started = direct_store(settings, redis_server.url, [])
-    try:
-        await running.start(seed)
+    async with (
+        direct_store(settings, redis_server.url) as (running, running_rings),
+        direct_store(settings, redis_server.url) as (started, _),
+    ):
+        await running.start(SEED)
         await running.change(revoke("limited"))
-        client = redis.Redis.from_url(redis_server.url)
-        try:
-            client.delete(DOCUMENT, VERSION)
-        finally:
-            client.close()
-        await started.start(seed)
+        raw_redis.delete(DOCUMENT, VERSION)
+        await started.start(SEED)
         await running.sync()
         assert LIMITED_REAL in running_rings[-1].real_keys(), "keys.json was not taken"
-    finally:
-        await running.close()
-        await started.close()
 
 
 async def test_a_redis_that_refuses_info_still_serves_the_keys_store(
@@ -325,16 +324,14 @@ async def test_a_redis_that_refuses_info_still_serves_the_keys_store(
     # the store reads and changes as before, only failed calls telling a restart.
     server = RedisServer(tmp_path, options=("--rename-command", "INFO", ""))
     server.start()
-    rings: list[KeyRing] = []
-    store = direct_store(settings, server.url, rings)
     try:
-        # A start that cannot read the store waits for it: the deadline only bounds a failure.
-        await asyncio.wait_for(store.start(keys_document("http://127.0.0.1:1")), 15)
-        await store.change(revoke("limited"))
-        await store.sync()
-        assert LIMITED_REAL not in rings[-1].real_keys()
+        async with direct_store(settings, server.url) as (store, rings):
+            # A start that cannot read the store waits for it: the deadline bounds a failure.
+            await asyncio.wait_for(store.start(SEED), 15)
+            await store.change(revoke("limited"))
+            await store.sync()
+            assert LIMITED_REAL not in rings[-1].real_keys()
     finally:
-        await store.close()
         server.kill()
 
 
