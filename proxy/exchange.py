@@ -388,13 +388,18 @@ class Exchange:
         """The key the client presented, named again in its path or model (pasted where the
         model goes, or a probe), is masked on the record: SPEC keeps a full virtual key out
         of every log line and metric. So is another key of the file named there whole (a
-        user's virtual key, a real key), whoever wrote it."""
+        user's virtual key, a real key), whoever wrote it, also glued inside a longer model
+        or path segment (`gpt-4o:<key>`)."""
         secret = presented(self._credentials) if self.key is not None else None
         if secret:
             self.record.hide(secret, masked(secret))
             if self.trace is not None:  # the attempts' spans named the model before the record
                 self.trace.hide(secret, masked(secret))
-        for name, mask in self._entrance.key_ring.secrets_in(self.record.named()):
+        ring, record = self._entrance.key_ring, self.record
+        found = ring.secrets_in(record.ids()) + ring.secrets_inside(record.written())
+        if len(found) > 1:  # a key holding another is masked whole
+            found.sort(key=lambda pair: -len(pair[0]))
+        for name, mask in found:
             if name != secret:
                 self.record.hide_named(name, mask)
                 if self.trace is not None:

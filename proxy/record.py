@@ -513,16 +513,21 @@ class Record:
     def finish(self) -> None:
         self.duration_ms = (time.perf_counter() - self.started) * 1000.0
 
-    def named(self) -> list[str]:
-        """What the client named that the log shows as sent, where a key may be pasted: the
-        path's segments, the request id, the model; and the provider's request id, which a
-        server answering with the x-request-id it was sent names as the client did."""
-        names = [*self.path.split("/"), self.request_id]
+    def written(self) -> list[str]:
+        """What the client wrote that the log shows as sent, where a key may be pasted, whole
+        or glued to other letters: the path's segments, the model."""
+        names = self.path.split("/")
         if self.model is not None:
             names.append(self.model)
-        if self.provider_request_id is not None:
-            names.append(self.provider_request_id)
         return names
+
+    def ids(self) -> list[str]:
+        """The request ids the log shows, where a key may be pasted whole: the client's
+        x-request-id, and the provider's, which a server answering with the x-request-id it
+        was sent names as the client did."""
+        if self.provider_request_id is None:
+            return [self.request_id]
+        return [self.request_id, self.provider_request_id]
 
     def hide(self, secret: str, mask: str) -> None:
         """`secret` (the client's own key, which it named in its path, its model, its

@@ -48,7 +48,7 @@ from proxy.keys.teams import (
 )
 from proxy.quota.tracker import Budget, Limits, Scope
 from proxy.record import REDACTED
-from proxy.upstream.providers import Provider
+from proxy.upstream.providers import MIN_SECRET_CHARS, Provider
 from proxy.upstream.targets import Members, Plans, Target
 
 
@@ -154,6 +154,20 @@ def masked(secret: str) -> str:
     return f"{shown}…{digest}"
 
 
+# Texts (models, path segments) kept with the secrets found inside them: a bound, so that
+# names a client makes up by the thousand do not grow the memory.
+INSIDE_TEXTS = 1024
+
+
+def _lengths(real: frozenset[str], plain: Mapping[str, object]) -> list[int]:
+    """The lengths of the secrets held as written, shortest first: a text longer than the
+    shortest may hold one inside. Not of those under MIN_SECRET_CHARS (a local server's
+    placeholder, `EMPTY`), which would mask ordinary words, as answers are not searched
+    for them (`relay/echoes.py`)."""
+    lengths = {len(secret) for secret in real} | {len(written) for written in plain}
+    return sorted(length for length in lengths if length >= MIN_SECRET_CHARS)
+
+
 class KeyRing:
     """The loaded keys, looked up by the key a client presents."""
 
@@ -195,6 +209,8 @@ class KeyRing:
             for target in key.plans.every_target()
             for credential in target.pool.credentials
         )
+        self._lengths = _lengths(self._real_keys, self._plain)
+        self._inside: dict[str, tuple[tuple[str, str], ...]] = {}
         # Pools of several keys, where a key may rest (429, 401, 403): a reload carries
         # their rests over (`replace`); found here, in the reload's thread, not at the swap.
         self._pools = tuple(
@@ -241,6 +257,7 @@ class KeyRing:
         self._pools = other._pools
         self._keys, self.digest, self._real_keys = other._keys, other.digest, other._real_keys
         self._plain, self._hashed, self._previous = other._plain, other._hashed, other._previous
+        self._lengths, self._inside = other._lengths, other._inside
         self.teams, self._targets, self._key_counts = other.teams, other._targets, other._key_counts
         self._members = other._members
         self.left_out = other.left_out
@@ -322,6 +339,40 @@ class KeyRing:
             elif text in plain or (is_hashed and text and self._find(text) is not None):
                 found.append((text, masked(text)))
         return found
+
+    def secrets_inside(self, texts: list[str]) -> list[tuple[str, str]]:
+        """As `secrets_in`, and also a secret held as written (a real key, a virtual key
+        not hashed) of MIN_SECRET_CHARS or more inside a longer text, glued to other letters (`gpt-4o:<key>`). Each
+        text's findings are kept (texts repeat: models, path segments); most are shorter
+        than any key and cost one comparison."""
+        found = self.secrets_in(texts)
+        shortest = self._lengths[0] if self._lengths else None
+        for text in texts:
+            if shortest is not None and len(text) > shortest:
+                inside = self._inside.get(text)
+                if inside is None:
+                    inside = self._held_inside(text)
+                found += inside
+        return found
+
+    def _held_inside(self, text: str) -> tuple[tuple[str, str], ...]:
+        """The secrets held as written inside `text`, longest first (one holding another
+        is masked whole); remembered for the next request naming `text`."""
+        real, plain = self._real_keys, self._plain
+        held: dict[str, str] = {}
+        for length in self._lengths:
+            if length >= len(text):
+                break
+            for piece in {text[at : at + length] for at in range(len(text) - length + 1)}:
+                if piece in real:
+                    held[piece] = REDACTED
+                elif piece in plain:
+                    held[piece] = masked(piece)
+        inside = tuple(sorted(held.items(), key=lambda pair: -len(pair[0])))
+        if len(self._inside) >= INSIDE_TEXTS:
+            self._inside.clear()
+        self._inside[text] = inside
+        return inside
 
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys that can send requests to it, for /health."""

@@ -555,3 +555,29 @@ async def test_another_key_named_as_the_model_or_in_the_path_is_in_no_log_line_o
     assert lines[0]["model"] == masked(ANTHROPIC_VK)
     assert lines[1]["model"] == lines[2]["model"] == "[redacted]"
     assert lines[3]["path"] == f"/v1/files/{masked(ANTHROPIC_VK)}/content"
+
+
+async def test_a_key_written_inside_a_longer_model_or_path_segment_is_in_no_log_line_or_metric(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A key glued to other text (`gpt-4o:<real key>`, `<model> <key>`, a suffix) went into the
+    # log line and the model label whole: only a text that was a key as a whole was masked.
+    gateway = await make_gateway()
+    asks = [
+        ("POST", "/v1/chat/completions", {**CHAT, "model": f"gpt-4o:{OPENAI_REAL}"}),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": f"gpt-4o {ANTHROPIC_VK}"}),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": f"gpt-4o-{ANTHROPIC_VK}x"}),
+        ("GET", f"/v1/models/ft:{ANTHROPIC_REAL}:v2", None),
+    ]
+    await ask_each(gateway, asks)
+    lines = await records(len(asks))
+    written = log_path.read_text()
+    metrics = await (await gateway.get("/metrics")).text()
+    for secret in (ANTHROPIC_VK, OPENAI_REAL, ANTHROPIC_REAL):
+        assert secret not in written and secret not in metrics
+    assert lines[0]["model"] == "gpt-4o:[redacted]"
+    assert lines[1]["model"] == f"gpt-4o {masked(ANTHROPIC_VK)}"
+    assert lines[2]["model"] == f"gpt-4o-{masked(ANTHROPIC_VK)}x"
+    assert lines[3]["path"] == "/v1/models/ft:[redacted]:v2"

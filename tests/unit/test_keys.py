@@ -1014,3 +1014,18 @@ def test_a_team_named_with_a_key_is_refused_without_showing_it(tmp_path: Path, n
     for why in ring.left_out.values():
         assert own not in why and other not in why and real not in why
     assert sorted(kind for kind, _ in ring.left_out) == ["key", "team"]
+
+
+def test_secrets_inside_longer_texts_are_found_but_placeholders_mask_no_word() -> None:
+    # A real key glued to a model (`gpt-4o:<key>`) is found inside it; a placeholder real
+    # key of a local server (`EMPTY`) would mask ordinary words, so it is found only whole.
+    real, own = "sk-proj-" + "r" * 24, "vk_glued_" + "v" * 16
+    keys = {
+        own: {"provider": "openai", "api_key": real, "name": "alice"},
+        "vk_local_" + "l" * 16: {"provider": "openai", "api_key": "EMPTY", "name": "local"},
+    }
+    ring = KeyRing.from_document("keys.json", {"virtual_keys": keys}, "0", {}, DEFAULTS)
+    texts = [f"gpt-4o:{real}", f"a {own}!", "EMPTY-model", "EMPTY", "short"]
+    found = dict(ring.secrets_inside(texts))
+    assert found == {real: "[redacted]", own: masked(own), "EMPTY": "[redacted]"}
+    assert ring.secrets_inside(texts) == ring.secrets_inside(texts)  # the same, remembered
