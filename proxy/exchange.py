@@ -186,7 +186,7 @@ class Entrance:
             return response
         except GatewayError as error:
             record.end(error.status, error.outcome, error.why)
-            return _refused(error, request, record)
+            return _refused(exchange.without_keys(error), request, record)
         except Cut as cut:
             if cut.outcome is Outcome.CLIENT_LEFT and record.whole_answer_status is not None:
                 record.end(record.whole_answer_status, Outcome.ANSWERED)  # it had it all
@@ -404,6 +404,22 @@ class Exchange:
                 self.record.hide_named(name, mask)
                 if self.trace is not None:
                     self.trace.hide(name, mask)
+
+    def without_keys(self, error: GatewayError) -> GatewayError:
+        """`error` as the client reads it: a key its message quotes from the request (the
+        model or a path segment the client sent, with its own key, another user's or a
+        real key pasted into it) masked, as the log line shows it."""
+        message = error.message
+        secret = presented(self._credentials) if self.key is not None else None
+        if secret and secret in message:
+            message = message.replace(secret, masked(secret))
+        for name, mask in self._entrance.key_ring.secrets_inside(self.record.written()):
+            message = message.replace(name, mask)
+        if message == error.message:
+            return error
+        return GatewayError(
+            error.status, error.code, message, error.param, error.headers, error.outcome, error.why
+        )
 
     def deferred(self) -> Coroutine[Any, Any, None] | None:
         """The step that owes or claims the deferred work this request made or fetched: a

@@ -351,13 +351,15 @@ class KeyRing:
             if shortest is not None and len(text) > shortest:
                 inside = self._inside.get(text)
                 if inside is None:
-                    inside = self._held_inside(text)
+                    if len(self._inside) >= INSIDE_TEXTS:
+                        self._inside.clear()
+                    inside = self._inside[text] = self._held_inside(text)
                 found += inside
         return found
 
     def _held_inside(self, text: str) -> tuple[tuple[str, str], ...]:
         """The secrets held as written inside `text`, longest first (one holding another
-        is masked whole); remembered for the next request naming `text`."""
+        is masked whole)."""
         real, plain = self._real_keys, self._plain
         held: dict[str, str] = {}
         for length in self._lengths:
@@ -368,11 +370,7 @@ class KeyRing:
                     held[piece] = REDACTED
                 elif piece in plain:
                     held[piece] = masked(piece)
-        inside = tuple(sorted(held.items(), key=lambda pair: -len(pair[0])))
-        if len(self._inside) >= INSIDE_TEXTS:
-            self._inside.clear()
-        self._inside[text] = inside
-        return inside
+        return tuple(sorted(held.items(), key=lambda pair: -len(pair[0])))
 
     def key_counts(self) -> dict[str, int]:
         """Provider name → number of keys that can send requests to it, for /health."""

@@ -25,6 +25,7 @@ from tests.conftest import (
     CUSTOM_VK,
     OPENAI_REAL,
     OPENAI_VK,
+    RESTRICTED_VK,
     SECRETS,
     auth,
     keys_document,
@@ -581,3 +582,27 @@ async def test_a_key_written_inside_a_longer_model_or_path_segment_is_in_no_log_
     assert lines[1]["model"] == f"gpt-4o {masked(ANTHROPIC_VK)}"
     assert lines[2]["model"] == f"gpt-4o-{masked(ANTHROPIC_VK)}x"
     assert lines[3]["path"] == "/v1/models/ft:[redacted]:v2"
+
+
+async def test_an_error_quoting_the_model_shows_no_key_pasted_into_it(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # A refusal quotes the model the client sent ("may not use the model '...'"): a key
+    # pasted there, the client's own, another user's or a real key, came back whole in the
+    # error body.
+    gateway = await make_gateway()
+    models = [RESTRICTED_VK, f"claude:{ANTHROPIC_REAL}", f"{OPENAI_VK} please"]
+    bodies = []
+    for model in models:
+        response = await gateway.post(
+            "/v1/messages", json={**MESSAGES, "model": model}, headers={"x-api-key": RESTRICTED_VK}
+        )
+        assert response.status == 403
+        bodies.append(await response.text())
+    for secret in (RESTRICTED_VK, ANTHROPIC_REAL, OPENAI_VK):
+        assert not any(secret in body for body in bodies), secret
+    assert masked(RESTRICTED_VK) in bodies[0] and "claude:[redacted]" in bodies[1]
+    assert f"'{masked(OPENAI_VK)} please'" in bodies[2]
+    lines = await records(len(models))
+    assert [line["status"] for line in lines] == [403] * len(models)
