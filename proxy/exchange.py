@@ -329,6 +329,7 @@ class Exchange:
     __slots__ = (
         "_credentials",
         "_entrance",
+        "_is_id_named",
         "admission",
         "creator",
         "found",
@@ -346,9 +347,9 @@ class Exchange:
     def __init__(self, entrance: Entrance, request: web.Request) -> None:
         self._entrance = entrance
         self.request = request
-        self.record = Record.begin(
-            request.headers.get("x-request-id"), request.method, request.path
-        )
+        named_id = request.headers.get("x-request-id")
+        self.record = Record.begin(named_id, request.method, request.path)
+        self._is_id_named = named_id is not None  # the client's own id goes back in headers
         tracing = entrance.tracing
         self.trace: Trace | None = None if tracing is None else tracing.begin(request)
         self.key: VirtualKey | None = None
@@ -375,6 +376,8 @@ class Exchange:
             raise not_proxied(request.method)
         credentials, self.query = with_query(transport.credentials(request.headers), query)
         self._credentials = credentials
+        if self._is_id_named:
+            self._take_no_keyed_id(credentials)
         lockout = entrance.lockout
         address = lockout.client_address(request)
         self.key = key = lockout.authenticate(entrance.key_ring, credentials, address, is_reloading)
@@ -383,6 +386,15 @@ class Exchange:
         if key.cache is not None:  # until a lookup says more: the cache neither read nor written
             self.record.saw_cache(Cached.BYPASS)
         return key
+
+    def _take_no_keyed_id(self, credentials: Mapping[str, str]) -> None:
+        """The client's x-request-id is the request's, handed back in every answer's headers
+        (before a refusal too): one holding the key the client presented, or that is a key
+        of the file, is replaced by the gateway's own."""
+        record, secret = self.record, presented(credentials)
+        named = record.request_id
+        if (secret and secret in named) or self._entrance.key_ring.secrets_in([named]):
+            record.took_own_request_id()
 
     def hide_key(self) -> None:
         """The key the client presented, named again in its path or model (pasted where the

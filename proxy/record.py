@@ -339,6 +339,11 @@ class Record:
             path = path.encode("utf-8", "replace").decode("utf-8")
         return cls(request_id, method[:32], path[:2048])  # by position: keywords cost more
 
+    def took_own_request_id(self) -> None:
+        """The client's x-request-id held a key: the gateway's own id instead, in the answer's
+        headers, upstream and in the log."""
+        self.request_id = own_request_id(None)
+
     def end(self, status: int, outcome: Outcome, why: str | None = None) -> None:
         """How the request ended: written once, by the exchange (errors carry their outcome)."""
         assert self.outcome is None, f"the record of {self.request_id} already ended"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -380,9 +381,11 @@ async def test_a_client_sending_its_own_virtual_key_as_its_request_id_finds_it_i
     log_path: Path,
     records: Callable[..., Awaitable[list[dict[str, Any]]]],
 ) -> None:
-    # A client's x-request-id is kept as the line's request_id: a key put there (a header
-    # mapped wrongly, or a probe) is masked, as in the path and the model.
+    # A client's x-request-id is kept as the line's request_id: one holding a key (a header
+    # mapped wrongly, or a probe) is not, the gateway's own id is, in the log as in the
+    # answer's headers.
     gateway = await make_gateway()
+    handed_back = []
     for body in (CHAT, b"{not json"):  # answered, and refused by the gateway itself
         response = await gateway.post(
             "/v1/chat/completions",
@@ -390,9 +393,11 @@ async def test_a_client_sending_its_own_virtual_key_as_its_request_id_finds_it_i
             headers={**auth(OPENAI_VK), "x-request-id": f"run-{OPENAI_VK}"},
         )
         await response.read()
+        handed_back.append(response.headers["x-request-id"])
     lines = await records(2)
     assert OPENAI_VK not in log_path.read_text()
-    assert [line["request_id"] for line in lines] == [f"run-{masked(OPENAI_VK)}"] * 2
+    assert [line["request_id"] for line in lines] == handed_back
+    assert all(re.fullmatch("[0-9a-f]{32}", request_id) for request_id in handed_back)
 
 
 @pytest.mark.parametrize("answered_id", ["echoed", "real key"])
@@ -411,8 +416,10 @@ async def test_a_key_in_the_providers_request_id_is_in_no_log_line(
     neither."""
 
     async def reflecting(request: web.Request) -> web.StreamResponse:
-        echoed = request.headers["x-request-id"]
-        given = echoed if answered_id == "echoed" else f"req-{OPENAI_REAL}"
+        # The gateway sends its own id when the client's holds a key: the client's as a
+        # server behind another hop (that kept it) would echo it.
+        assert OPENAI_VK not in request.headers["x-request-id"]
+        given = f"run-{OPENAI_VK}" if answered_id == "echoed" else f"req-{OPENAI_REAL}"
         return web.json_response({"choices": []}, headers={"x-request-id": given})
 
     gateway = await gateway_in_front_of(reflecting, aiohttp_server, tmp_path, make_gateway)
@@ -606,3 +613,34 @@ async def test_an_error_quoting_the_model_shows_no_key_pasted_into_it(
     assert f"'{masked(OPENAI_VK)} please'" in bodies[2]
     lines = await records(len(models))
     assert [line["status"] for line in lines] == [403] * len(models)
+
+
+async def test_an_x_request_id_holding_a_key_is_not_handed_back_in_the_answers_headers(
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    log_path: Path,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+) -> None:
+    # The client's x-request-id is the gateway's (echoed in x-request-id and request-id):
+    # one holding the client's own key, another user's or a real key came back whole in the
+    # answer's headers, to a client that was refused too. An ordinary one is still kept.
+    gateway = await make_gateway()
+    cases = [
+        (auth(OPENAI_VK), f"trace-{OPENAI_VK}"),
+        (auth(OPENAI_VK), ANTHROPIC_REAL),
+        (auth("vk_not_a_key_of_the_file_0"), ANTHROPIC_VK),
+        (auth(OPENAI_VK), "trace-0001"),
+    ]
+    echoed = []
+    for credential, request_id in cases:
+        response = await gateway.post(
+            "/v1/chat/completions", json=CHAT, headers={**credential, "x-request-id": request_id}
+        )
+        await response.read()
+        echoed.append(json.dumps(list(response.headers.items())))
+    for secret in (OPENAI_VK, ANTHROPIC_REAL, ANTHROPIC_VK):
+        assert not any(secret in headers for headers in echoed), secret
+    assert '"trace-0001"' in echoed[3]
+    await records(len(cases))
+    written = log_path.read_text()
+    for secret in (OPENAI_VK, ANTHROPIC_REAL, ANTHROPIC_VK):
+        assert secret not in written
