@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -160,12 +161,12 @@ INSIDE_TEXTS = 1024
 
 
 def _lengths(real: frozenset[str], plain: Mapping[str, object]) -> list[int]:
-    """The lengths of the secrets held as written, shortest first: a text longer than the
-    shortest may hold one inside. Not of those under MIN_SECRET_CHARS (a local server's
+    """The lengths of the secrets held as written, shortest first, then `sys.maxsize`: a
+    text longer than the shortest may hold one inside. Not of those under MIN_SECRET_CHARS (a local server's
     placeholder, `EMPTY`), which would mask ordinary words, as answers are not searched
     for them (`relay/echoes.py`)."""
     lengths = {len(secret) for secret in real} | {len(written) for written in plain}
-    return sorted(length for length in lengths if length >= MIN_SECRET_CHARS)
+    return [*sorted(length for length in lengths if length >= MIN_SECRET_CHARS), sys.maxsize]
 
 
 class KeyRing:
@@ -346,9 +347,9 @@ class KeyRing:
         text's findings are kept (texts repeat: models, path segments); most are shorter
         than any key and cost one comparison."""
         found = self.secrets_in(texts)
-        shortest = self._lengths[0] if self._lengths else None
+        shortest = self._lengths[0]  # the last is a bound no text reaches
         for text in texts:
-            if shortest is not None and len(text) > shortest:
+            if len(text) > shortest:
                 inside = self._inside.get(text)
                 if inside is None:
                     if len(self._inside) >= INSIDE_TEXTS:
