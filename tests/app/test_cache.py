@@ -513,6 +513,26 @@ async def test_when_the_request_in_flight_fails_the_waiters_go_upstream_themselv
     assert len(fake.requests) == 5
 
 
+async def test_a_waiter_whose_leaders_client_left_mid_stream_is_served_whole(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """The first client leaves while its stream runs and an identical request waits for it:
+    the second is not failed with it, nor given the first's cut answer; it asks upstream."""
+    cache = gateway.app[CACHE]
+    slow = {"x-fake-delay-ms": "100", "x-fake-chunks": "20"}
+    first = await gateway.post(CHAT_PATH, data=body(STREAM), headers={**auth(CACHED_VK), **slow})
+    await first.content.readany()  # its answer has begun
+    second = asyncio.create_task(post(gateway, document=STREAM))
+    await until(lambda: cache.waiting() == 1, what="the second waiting for the first")
+    first.close()
+    status, headers, raw = await second
+    assert status == 200 and headers["x-llm-gateway-cache"] == "miss"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 2
+    lines = await records(2)
+    assert sorted(line["status"] for line in lines) == [200, 499]
+
+
 # How a request leading a flight may end without an answer to store: the provider's error,
 # the gateway's timeout, the provider's cut, the client leaving before the answer or in it.
 LEADER_ENDINGS = {
