@@ -261,6 +261,8 @@ class Entrance:
             return
         if record.is_batch_charge:  # priced by model at batch prices (batch_charges)
             return
+        if record.is_priced_replay:  # a cache hit: priced as its answer was
+            return
         # The model that ran: the one the provider says answered, else the one the target
         # swapped in (an answer that never came: its reservation), else the client's.
         answered = record.response_model or record.target_model

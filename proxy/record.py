@@ -321,6 +321,9 @@ class Record:
     batch: Batch | None = None
     # A batch seen ended was charged here: its usage and cost (priced at batch prices).
     is_batch_charge: bool = False
+    # A cache hit replayed an answer priced when it was given (`cost_usd`); False: not a
+    # hit, or its entry was stored before its price was kept (priced as any request).
+    is_priced_replay: bool = False
     # A WebSocket session's frames each way and how it ended (realtime/); else None.
     websocket: dict[str, object] | None = None
     # What the response cache did; None: the key has no cache.
@@ -460,6 +463,11 @@ class Record:
         already priced (by model, at batch prices); `model` None: it ran several."""
         self.provider, self.model, self.usage = provider, model, usage
         self.cost_usd, self.is_batch_charge = cost_usd, True
+
+    def saw_replay(self, provider: str, cost_usd: float | None) -> None:
+        """A cache hit: its stored answer came from `provider` (a route's, a fallback's) and
+        cost `cost_usd` (what the hit would have cost: its tier and parts as they were)."""
+        self.provider, self.cost_usd, self.is_priced_replay = provider, cost_usd, True
 
     def saw_reserved(self, usage: Usage) -> None:
         """The provider may have done the work and nothing of it is known (`is_work_unknown`):

@@ -109,6 +109,8 @@ class Pending:
             record.response_model,
             now,
             self.has_raw_bytes,
+            record.provider,
+            record.cost_usd,  # priced before the cache's sink runs
         )
 
 

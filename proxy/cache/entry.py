@@ -7,7 +7,7 @@ the answer would have cost without reading the body again; and when it was store
 reads no answer older than its own ttl (a reload may have shortened it).
 
 `encode` and `decode` give the form kept in Redis: a version byte, the length of a JSON
-head (status, reason, headers, usage, model, the chunk sizes), the head, then the chunks'
+head (status, reason, headers, usage, model, provider, cost, the chunk sizes), the head, then the chunks'
 bytes back to back: no base64, no copy of the body beyond the one join. A head with header
 (or reason phrase) bytes that are not UTF-8 (`raw`) holds its values and its reason as their
 bytes read as Latin-1.
@@ -52,6 +52,11 @@ class Entry:
     # A header's value or the reason holds bytes that are not UTF-8, as lone surrogates
     # (relay/head_bytes.py)
     has_raw_bytes: bool = False
+    # The provider that gave the answer (a route's, a fallback's; None: stored before it was
+    # kept) and what the answer cost then (None: unpriced): a hit is logged, counted and
+    # priced as its answer, not as the key's first provider at the default tier's rates.
+    provider: str | None = None
+    cost_usd: float | None = None
 
     @property
     def body_bytes(self) -> int:
@@ -85,6 +90,8 @@ def encode(entry: Entry) -> bytes:
         "usage": None if entry.usage is None else dataclasses.asdict(entry.usage),
         "model": entry.model,
         "stored_at": entry.stored_at,
+        "provider": entry.provider,
+        "cost_usd": entry.cost_usd,
     }
     if entry.has_raw_bytes:
         fields["headers"], fields["raw"] = _raw(entry.headers), True
@@ -120,6 +127,8 @@ def decode(blob: bytes) -> Entry:
             model=head["model"],
             stored_at=head.get("stored_at"),
             has_raw_bytes=has_raw_bytes,
+            provider=head.get("provider"),
+            cost_usd=head.get("cost_usd"),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CorruptEntry(str(error)) from None

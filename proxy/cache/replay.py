@@ -38,6 +38,8 @@ async def replay(
     write begins (the caller watches a client that stops reading). Raises Cut: the client
     left."""
     record.saw_answer(entry.usage, entry.model)
+    if entry.provider is not None:
+        record.saw_replay(entry.provider, entry.cost_usd)
     try:
         await response.prepare(request)  # no first byte of a provider's: ttft_ms stays None
         if not isinstance(response, web.Response):

@@ -38,6 +38,8 @@ SHARED_OTHER_MODEL_VK = "vk_test_shared_gpt4o_5e7a9c1b3d"
 SHARED_OTHER_ACCOUNT_VK = "vk_test_shared_account_6f8b0d2e4a"
 CLAUDE_VK = "vk_test_cached_claude_4d6f8b0c2e"
 COUNTED_VK = "vk_test_cached_counted_5e7a9c1d3f"
+ROUTED_VK = "vk_test_cached_routed_7b9d1f3a5c"
+ROUTED_REAL = "sk-real-cached-routed-0000000000"
 TTL = 300
 CHAT = chat("say hello please")
 STREAM = {**CHAT, "stream": True}
@@ -56,7 +58,7 @@ def body(document: dict[str, Any]) -> bytes:
 @pytest.fixture
 def cached_keys(keys_file: Path, fake_base: str) -> Path:
     """The test keys, plus keys with a cache: two private, two sharing a scope, one Anthropic,
-    one with a quota of 3 requests."""
+    one with a quota of 3 requests, one with a fallback and a route to Anthropic."""
     document = keys_document(fake_base)
     cache = {"ttl_seconds": TTL}
     document["virtual_keys"].update(
@@ -109,6 +111,20 @@ def cached_keys(keys_file: Path, fake_base: str) -> Path:
                 "api_key": OPENAI_REAL,
                 "name": "counted",
                 "quota": {"requests": 3, "window_seconds": 3600},
+                "cache": cache,
+            },
+            ROUTED_VK: {
+                "provider": "openai",
+                "api_key": ROUTED_REAL,
+                "fallbacks": [{"provider": "azure", "api_key": "azure-real-cached-0000000000"}],
+                "routes": [
+                    {
+                        "models": ["claude-*"],
+                        "provider": "anthropic",
+                        "api_key": "sk-ant-real-cached-routed-000000",
+                    }
+                ],
+                "name": "cached-routed",
                 "cache": cache,
             },
         }
@@ -497,6 +513,26 @@ async def test_when_the_request_in_flight_fails_the_waiters_go_upstream_themselv
     assert len(fake.requests) == 5
 
 
+async def test_a_waiter_whose_leaders_client_left_mid_stream_is_served_whole(
+    gateway: TestClient, fake: FakeState, records: Callable[..., Awaitable[list[dict[str, Any]]]]
+) -> None:
+    """The first client leaves while its stream runs and an identical request waits for it:
+    the second is not failed with it, nor given the first's cut answer; it asks upstream."""
+    cache = gateway.app[CACHE]
+    slow = {"x-fake-delay-ms": "100", "x-fake-chunks": "20"}
+    first = await gateway.post(CHAT_PATH, data=body(STREAM), headers={**auth(CACHED_VK), **slow})
+    await first.content.readany()  # its answer has begun
+    second = asyncio.create_task(post(gateway, document=STREAM))
+    await until(lambda: cache.waiting() == 1, what="the second waiting for the first")
+    first.close()
+    status, headers, raw = await second
+    assert status == 200 and headers["x-llm-gateway-cache"] == "miss"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 2
+    lines = await records(2)
+    assert sorted(line["status"] for line in lines) == [200, 499]
+
+
 # How a request leading a flight may end without an answer to store: the provider's error,
 # the gateway's timeout, the provider's cut, the client leaving before the answer or in it.
 LEADER_ENDINGS = {
@@ -612,6 +648,38 @@ async def test_a_hit_counts_one_request_and_charges_nothing(
     assert 'llm_gateway_cache_hits_total{model="gpt-4o-mini",provider="openai"} 2.0' in metrics
     assert 'llm_gateway_cache_misses_total{model="gpt-4o-mini",provider="openai"} 1.0' in metrics
     assert len(fake.requests) == 1
+
+
+# A stored answer another provider than the key's first gave, or at another tier's rates.
+ANSWERED_ELSEWHERE = {
+    "a route's provider": ("/v1/messages", MESSAGES, {}, "anthropic"),
+    "a fallback's provider": (CHAT_PATH, CHAT, {"fault": "503"}, "azure"),
+    "the priority tier": (CHAT_PATH, {**CHAT, "service_tier": "priority"}, {}, "openai"),
+}
+
+
+@pytest.mark.parametrize("case", ANSWERED_ELSEWHERE)
+async def test_a_hit_is_logged_and_counted_as_the_provider_and_price_of_its_answer(
+    gateway: TestClient,
+    fake: FakeState,
+    records: Callable[..., Awaitable[list[dict[str, Any]]]],
+    case: str,
+) -> None:
+    """A hit's `cost_usd` is what its answer would have cost: the miss's. A hit of a route to
+    Anthropic was logged as the key's first provider (openai) and unpriced; one a fallback
+    had answered, priced at the primary's rates; one at the priority tier, at the default's."""
+    path, document, how, provider = ANSWERED_ELSEWHERE[case]
+    if how:
+        fake.faults[ROUTED_REAL] = Fault(int(how["fault"]), times=1)
+    for _ in range(2):
+        await post(gateway, ROUTED_VK, document, path)
+    miss, hit = await records(2)
+    assert (miss["cache"], hit["cache"]) == ("miss", "hit")
+    assert miss["provider"] == hit["provider"] == provider
+    assert hit["cost_usd"] == miss["cost_usd"] and miss["cost_usd"] is not None
+    metrics = await (await gateway.get("/metrics")).text()
+    labels = f'model="{document["model"]}",provider="{provider}"'
+    assert f"llm_gateway_cache_hits_total{{{labels}}} 1.0" in metrics
 
 
 async def test_the_admin_api_drops_a_keys_and_a_scopes_entries(

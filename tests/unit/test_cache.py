@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -241,6 +242,8 @@ def an_entry(chunks: tuple[bytes, ...] = (b"data: 1\n\n", b"data: [DONE]\n\n")) 
         Usage(10, 5, cache_read_tokens=2),
         "gpt-4o-mini",
         1_765_000_000.25,
+        provider="azure",  # a fallback's answer, priced at its rates
+        cost_usd=0.0000375,
     )
 
 
@@ -251,6 +254,19 @@ def test_an_entry_survives_its_stored_form_chunk_for_chunk() -> None:
         decode(b"\x02" + encode(entry)[1:])
     with pytest.raises(CorruptEntry):
         decode(encode(entry)[:-1])
+
+
+def test_an_entry_stored_before_its_provider_and_price_were_kept_still_reads() -> None:
+    """Redis holds entries of the gateway before the upgrade until they expire: hits still,
+    priced as any request (provider None)."""
+    entry = an_entry()
+    blob = encode(entry)
+    end = 5 + int.from_bytes(blob[1:5], "big")
+    head = json.loads(blob[5:end])
+    del head["provider"], head["cost_usd"]
+    older = json.dumps(head).encode()
+    blob = blob[:1] + len(older).to_bytes(4, "big") + older + blob[end:]
+    assert decode(blob) == dataclasses.replace(entry, provider=None, cost_usd=None)
 
 
 def test_an_entry_whose_header_bytes_are_not_utf8_survives_its_stored_form_byte_for_byte() -> None:
