@@ -19,6 +19,7 @@ do not serve, get 405, as do methods no provider API serves (TRACE, CONNECT, Web
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from urllib.parse import unquote
 
 from proxy.errors import GatewayError
@@ -123,6 +124,16 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def spoken_api(tail: str, headers: Mapping[str, str]) -> str:
+    """The API a request speaks (`providers.APIS`), for a key's routes to send one naming no
+    model to a route that speaks it: Anthropic's endpoints (`messages…`) and any request
+    carrying `anthropic-version`, which the Anthropic SDKs send on every call (a model list,
+    files, skills), speak Anthropic's; any other OpenAI's."""
+    if tail == "messages" or tail.startswith("messages/") or "anthropic-version" in headers:
+        return "anthropic"
+    return "openai"
 
 
 def not_proxied(method: str) -> GatewayError:
