@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from proxy.errors import GatewayError
 
 _AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
+OPENAI_API, ANTHROPIC_API = "openai", "anthropic"  # of `providers.APIS`
 SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
@@ -130,10 +131,11 @@ def spoken_api(tail: str, headers: Mapping[str, str]) -> str:
     """The API a request speaks (`providers.APIS`), for a key's routes to send one naming no
     model to a route that speaks it: Anthropic's endpoints (`messages…`) and any request
     carrying `anthropic-version`, which the Anthropic SDKs send on every call (a model list,
-    files, skills), speak Anthropic's; any other OpenAI's."""
+    files, skills), speak Anthropic's; any other OpenAI's (WebSocket sessions too: Realtime
+    and the Responses API's WebSocket mode are OpenAI's)."""
     if tail == "messages" or tail.startswith("messages/") or "anthropic-version" in headers:
-        return "anthropic"
-    return "openai"
+        return ANTHROPIC_API
+    return OPENAI_API
 
 
 def not_proxied(method: str) -> GatewayError:
