@@ -83,6 +83,7 @@ from proxy.upstream.failover import (
 from proxy.upstream.outbound import swap_query_model
 from proxy.upstream.providers import downstream_headers, upstream_headers, upstream_url
 from proxy.upstream.refusals import OUT_OF_CREDIT
+from proxy.upstream.routing import OPENAI_API
 from proxy.upstream.targets import Credential, Target, affinity_of
 from proxy.usage.realtime_events import is_responses_socket, socket_usage
 
@@ -160,7 +161,8 @@ class Realtime:
             named.check(now, unnamed, hidden)  # 403 (a model taken away)
 
         check_handshake(request)  # 400
-        plan = key.plans.choose(model)  # 400 (no route serves the model)
+        # 400 (no route serves the model); naming none: the first route speaking OpenAI's API
+        plan = key.plans.choose(model, OPENAI_API)
         target = plan.primary
         query = exchange.query
         if target.model is not None:  # the target's model runs, whichever the client named

@@ -50,8 +50,8 @@ A compressed answer is decoded to be read, and goes out decoded (no Content-Enco
 own Content-Length) when a model was left out; its ETag, which named the provider's bytes,
 goes too. An error, a body that is not such a JSON object, or one that does not decode goes
 out as it came. What is not done: a key whose requests go to several providers (routes,
-fallbacks) is listed the models of the one that answers the list (the first route's, a
-fallback's when its primary fails), not the union of theirs; a target's `model`, which
+fallbacks) is listed the models of the one that answers the list (the first route speaking
+the client's API, a fallback's when its primary fails), not the union of theirs; a target's `model`, which
 replaces whatever a request names, is not what is listed (the list says which names the
 key may send); a provider listing more than `MOST_PAGES` pages of models none of the key's
 answers a page with none, and a cursor to go on from: the SDKs' pagers stop at a page with no

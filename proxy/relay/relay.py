@@ -52,6 +52,7 @@ from proxy.settings import Settings
 from proxy.upstream.failover import Failover, Reply, StoredAnswer
 from proxy.upstream.first_event import target_failure
 from proxy.upstream.providers import downstream_headers
+from proxy.upstream.routing import spoken_api
 from proxy.upstream.targets import Plan
 from proxy.upstream.wire import Reply as WireReply
 from proxy.usage import bedrock, openai_chat
@@ -106,7 +107,9 @@ class Relay:
         if settings.log_bodies and peek.decoded is not None:
             # what a compressed upload holds
             record.saw_request_body(peek.decoded, request.headers.get("content-type"))
-        plan = key.plans.choose(peek.model)  # 400 (no route serves the model)
+        # 400 (no route serves the model); naming none: a route speaking the request's API
+        api = None if peek.model is not None else spoken_api(tail, request.headers)
+        plan = key.plans.choose(peek.model, api)
         sent = body  # the client's own bytes: what names a cached answer
         body, asked = openai_chat.amended(
             key, tail, request.headers, body, peek.is_stream, request.query

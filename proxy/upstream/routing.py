@@ -19,11 +19,13 @@ do not serve, get 405, as do methods no provider API serves (TRACE, CONNECT, Web
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from urllib.parse import unquote
 
 from proxy.errors import GatewayError
 
 _AZURE_ROOT, _VERSION_ROOT = "openai/", "v1/"
+OPENAI_API, ANTHROPIC_API = "openai", "anthropic"  # of `providers.APIS`
 SEED_ROOTS = frozenset(("chat", "completions", "embeddings", "messages", "models", "openai"))
 # The gateway's own GET endpoints; app.py routes their GET and HEAD before the catch-all.
 OWN_ENDPOINTS = frozenset(("/health", "/ready", "/metrics", "/usage"))
@@ -123,6 +125,17 @@ def route(raw_target: str) -> tuple[str, str]:
         # default model) read, and the provider is sent, the path it will route.
         tail = _ENCODED_UNRESERVED.sub(_decoded, tail)
     return tail, query
+
+
+def spoken_api(tail: str, headers: Mapping[str, str]) -> str:
+    """The API a request speaks (`providers.APIS`), for a key's routes to send one naming no
+    model to a route that speaks it: Anthropic's endpoints (`messages…`) and any request
+    carrying `anthropic-version`, which the Anthropic SDKs send on every call (a model list,
+    files, skills), speak Anthropic's; any other OpenAI's (WebSocket sessions too: Realtime
+    and the Responses API's WebSocket mode are OpenAI's)."""
+    if tail == "messages" or tail.startswith("messages/") or "anthropic-version" in headers:
+        return ANTHROPIC_API
+    return OPENAI_API
 
 
 def not_proxied(method: str) -> GatewayError:

@@ -359,15 +359,23 @@ class Plans:
     # scope share answers only when it is the same (a reload that changes it starts anew).
     served: str = ""
 
-    def choose(self, model: str | None) -> Plan:
-        """The plan for this request's model. Raises 400 when no route serves it."""
+    def choose(self, model: str | None, api: str | None = None) -> Plan:
+        """The plan for this request's model. Raises 400 when no route serves it.
+
+        A request naming no model (a model list, a file, a batch by id) goes to the key's own
+        target, else to its first route speaking `api`, the request's (None: any), else to its
+        first route: what the Anthropic SDK lists or fetches is Anthropic's, whatever the
+        route listed first."""
         if self.routes and model is not None:
             for route in self.routes:
                 if route.matches(model):
                     return route.plan
         if self.own is not None:
             return self.own
-        if model is None:  # a request naming no model (GET /v1/models, files): the first route
+        if model is None:
+            for route in self.routes:
+                if api is None or route.plan.primary.provider.api == api:
+                    return route.plan
             return self.routes[0].plan
         served = ", ".join(p for route in self.routes for p in route.patterns)
         shown = repr(model[:200])

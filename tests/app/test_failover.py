@@ -790,6 +790,50 @@ async def test_routes_pick_the_target_by_model_and_an_unrouted_model_gets_400(
     assert len(fake.requests) == 2
 
 
+async def test_an_anthropic_sdks_call_naming_no_model_goes_to_the_route_speaking_its_api(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """The README's router, OpenAI first: a message batch's retrieval, its results and the
+    model list name no model, and went to the first route, OpenAI, with its OpenAI key (in
+    production OpenAI's 404, and a Claude batch its SDK could never read back)."""
+    key = {
+        "routes": [
+            {"models": ["gpt-*"], "provider": "openai", "api_key": PRIMARY},
+            {"models": ["claude-*"], "provider": "anthropic", "api_key": ANT_PRIMARY},
+        ]
+    }
+    gateway = await failover_gateway(key)
+    client = anthropic.AsyncAnthropic(base_url=str(gateway.make_url("")), api_key=VK, max_retries=0)
+    params = {"model": "claude-haiku-4-5", "max_tokens": 9, "messages": MESSAGES["messages"]}
+    batch = await client.messages.batches.create(requests=[{"custom_id": "a", "params": params}])
+    assert (await client.messages.batches.retrieve(batch.id)).processing_status == "ended"
+    assert [result.custom_id async for result in await client.messages.batches.results(batch.id)]
+    assert [model.id async for model in client.models.list()]
+    await client.close()
+    assert len(fake.requests) >= 4
+    assert set(keys_seen(fake)) == {ANT_PRIMARY}
+
+
+async def test_an_openai_sdks_call_naming_no_model_goes_to_the_route_speaking_its_api(
+    failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
+) -> None:
+    """Routes listed Anthropic first: an upload, its content and the model list of the OpenAI
+    SDK go to the OpenAI route, not to Anthropic with the Anthropic key."""
+    key = {
+        "routes": [
+            {"models": ["claude-*"], "provider": "anthropic", "api_key": ANT_PRIMARY},
+            {"models": ["gpt-*"], "provider": "openai", "api_key": PRIMARY},
+        ]
+    }
+    gateway = await failover_gateway(key)
+    client = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=VK, max_retries=0)
+    uploaded = await client.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+    assert (await client.files.content(uploaded.id)).content == b"{}\n"
+    assert [model.id async for model in client.models.list()]
+    await client.close()
+    assert keys_seen(fake) == [PRIMARY] * 3
+
+
 async def test_a_target_model_replaces_only_the_bodys_model_value(
     failover_gateway: Callable[..., Awaitable[TestClient]], fake: FakeState
 ) -> None:

@@ -574,3 +574,25 @@ async def test_a_key_with_only_routes_picks_its_sessions_route_by_the_upgrades_m
                     break
         assert fake.requests[-1].headers["Authorization"] == f"Bearer {real}", query
     await client.close()
+
+
+async def test_a_session_naming_no_model_goes_to_the_first_route_speaking_openais_api(
+    gateway_with_keys: Callable[..., Awaitable[TestClient]], fake: Any
+) -> None:
+    """Routes listed Anthropic first: a session without `?model=` opened on the Anthropic
+    route, which serves no Responses WebSocket, with the Anthropic key."""
+    openai_real = "sk-real-openai-route-3333333333"
+    routed = "vk_test_turns_routed_9c1e3a5b7d"
+    routes = [
+        {"models": ["claude-*"], "provider": "anthropic", "api_key": "sk-ant-real-route-44444444"},
+        {"models": ["gpt-*"], "provider": "openai", "api_key": openai_real},
+    ]
+    gateway = await gateway_with_keys({routed: {"name": "routed", "routes": routes}})
+    client = AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=routed, max_retries=0)
+    async with client.responses.connect(max_retries=0) as connection:
+        await connection.response.create(model="gpt-4o-mini", input="hi")
+        async for event in connection:
+            if event.type == "response.completed":
+                break
+    await client.close()
+    assert fake.requests[-1].headers["Authorization"] == f"Bearer {openai_real}"
