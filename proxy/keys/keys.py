@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -384,7 +384,7 @@ class KeyRing:
             problems.extend(bad_teams.values())
         bad_keys: dict[str, str] | None = {} if leave_out else None
         keys = _parse(path, document, environ, defaults, teams, problems, bad_keys, set(bad_teams))
-        for team in _teams_named_as_keys(teams, keys):
+        for team in _keys_among(teams, keys):
             named = KeysFileError(_team_named_as_a_key(path, team))
             if bad_keys is None:
                 problems.append(named)
@@ -397,6 +397,17 @@ class KeyRing:
                         f"{path}: key '{key.name}': its team '{masked(team)}' is left out (the "
                         "team's name is a key of the file)"
                     )
+                    del keys[secret]
+        scopes = {key.cache.scope for key in keys.values() if key.cache and key.cache.scope}
+        for scope in _keys_among(scopes, keys):
+            for secret, key in list(keys.items()):
+                if key.cache is None or key.cache.scope != scope:
+                    continue
+                why = _scope_named_as_a_key(path, key.name)
+                if bad_keys is None:
+                    problems.append(KeysFileError(why))
+                else:
+                    bad_keys[secret] = why  # left out
                     del keys[secret]
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
@@ -602,11 +613,12 @@ def _named_as_a_key(path: str, secret: str) -> str:
     )
 
 
-def _teams_named_as_keys(teams: Mapping[str, Team], keys: Mapping[str, VirtualKey]) -> list[str]:
-    """The teams whose name is a key of the file: a virtual key (as written, or by the digest
-    of a hashed or rotated one) or a real key. A team's name is in its keys' log lines and in
-    the `team` label of its metrics."""
-    if not teams:
+def _keys_among(names: Iterable[str], keys: Mapping[str, VirtualKey]) -> list[str]:
+    """The names that are a key of the file: a virtual key (as written, or by the digest of a
+    hashed or rotated one) or a real key. A team's name is in its keys' log lines and in the
+    `team` label of its metrics; a cache scope on `/usage` and `GET /admin/keys`."""
+    names = list(names)
+    if not names:
         return []
     real = {
         credential.api_key
@@ -618,7 +630,7 @@ def _teams_named_as_keys(teams: Mapping[str, Team], keys: Mapping[str, VirtualKe
     digests.update(key.previous[0] for key in keys.values() if key.previous is not None)
     return [
         name
-        for name in teams
+        for name in names
         if name in keys or name in real or (digests and secret_digest(name) in digests)
     ]
 
@@ -629,6 +641,15 @@ def _team_named_as_a_key(path: str, team: str) -> str:
         f"{path}: team '{masked(team)}': name is a key of the file (a virtual or a real one), "
         "and a team's name is written in its keys' log lines and in metrics: give the team a "
         "name that is not a key"
+    )
+
+
+def _scope_named_as_a_key(path: str, name: str) -> str:
+    """Why a key whose cache scope is a key of the file is refused; the scope is not shown."""
+    return (
+        f"{path}: key '{name}': cache.scope is a key of the file (a virtual or a real one), "
+        "and a scope is shown on /usage and by the admin API: give the scope a name that is "
+        "not a key"
     )
 
 

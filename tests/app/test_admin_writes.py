@@ -283,6 +283,32 @@ async def test_a_team_named_with_a_key_is_refused_not_echoing_it(
     assert not [secret for secret in SECRETS if secret in metrics]
 
 
+async def test_a_cache_scope_that_is_a_key_is_refused_not_shown(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    """A key created with a virtual or a real key of the file as its cache scope (pasted
+    into the wrong field, or 'the key' taken literally) was taken, and the scope is shown
+    whole: GET /admin/keys and the /usage of every key of that scope showed another key's
+    virtual key (or a real key). Refused (422), the scope not quoted; the file is not
+    touched."""
+    from tests.conftest import OPENAI_REAL
+
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for scope in (OPENAI_VK, OPENAI_REAL):
+        body = {"name": "scoped", "provider": "openai", "api_key": REAL}
+        body["cache"] = {"ttl_seconds": 60, "scope": scope}
+        response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        text = await response.text()
+        assert_openai_error(await response.json(), "invalid_key_settings")
+        assert "cache.scope is a key of the file" in text
+        assert not [secret for secret in SECRETS if secret in text]
+    assert keys_file.read_bytes() == before
+    listing = await (await gateway.get("/admin/keys", headers=ADMIN)).text()
+    assert not [secret for secret in SECRETS if secret in listing]
+
+
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     admin_gateway: Make, clock: Clock
 ) -> None:
