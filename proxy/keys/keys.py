@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -398,17 +398,18 @@ class KeyRing:
                         "team's name is a key of the file)"
                     )
                     del keys[secret]
-        scopes = {key.cache.scope for key in keys.values() if key.cache and key.cache.scope}
-        for scope in _keys_among(scopes, keys):
-            for secret, key in list(keys.items()):
-                if key.cache is None or key.cache.scope != scope:
-                    continue
-                why = _scope_named_as_a_key(path, key.name)
-                if bad_keys is None:
-                    problems.append(KeysFileError(why))
-                else:
-                    bad_keys[secret] = why  # left out
-                    del keys[secret]
+        shown = {value for key in keys.values() for _, value in _shown_values(key)}
+        among = set(_keys_among(shown, keys))  # once over every distinct value: at load only
+        for secret, key in list(keys.items()) if among else []:
+            field = next((field for field, value in _shown_values(key) if value in among), None)
+            if field is None:
+                continue
+            why = _shown_as_a_key(path, key.name, field)
+            if bad_keys is None:
+                problems.append(KeysFileError(why))
+            else:
+                bad_keys[secret] = why  # left out
+                del keys[secret]
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
             messages = [message for problem in problems for message in problem.problems]
@@ -644,12 +645,32 @@ def _team_named_as_a_key(path: str, team: str) -> str:
     )
 
 
-def _scope_named_as_a_key(path: str, name: str) -> str:
-    """Why a key whose cache scope is a key of the file is refused; the scope is not shown."""
+def _shown_values(key: VirtualKey) -> Iterator[tuple[str, str]]:
+    """The values of a key's entry, besides its name and team, that are shown as written,
+    with their field: a target's model is in the target's name (the unauthenticated /health,
+    the log's attempts, metrics), a cache scope and a model quota's patterns on /usage,
+    every pattern by GET /admin/keys."""
+    if key.cache is not None and key.cache.scope is not None:
+        yield "cache.scope", key.cache.scope
+    for target in key.plans.every_target():
+        if target.model is not None:
+            yield "a target's model", target.model
+    for pattern in key.model_patterns or ():
+        yield "allowed_models", pattern
+    for route in key.plans.routes:
+        for pattern in route.patterns:
+            yield "routes' models", pattern
+    for group in key.model_quotas:
+        for pattern in group.patterns:
+            yield "model_quotas' models", pattern
+
+
+def _shown_as_a_key(path: str, name: str, field: str) -> str:
+    """Why a key with a shown value that is a key of the file is refused; it is not shown."""
     return (
-        f"{path}: key '{name}': cache.scope is a key of the file (a virtual or a real one), "
-        "and a scope is shown on /usage and by the admin API: give the scope a name that is "
-        "not a key"
+        f"{path}: key '{name}': {field} is a key of the file (a virtual or a real one), and it "
+        "is shown as written (/health, /usage, the admin API, log lines or metrics): give it "
+        "a value that is not a key"
     )
 
 

@@ -309,6 +309,47 @@ async def test_a_cache_scope_that_is_a_key_is_refused_not_shown(
     assert not [secret for secret in SECRETS if secret in listing]
 
 
+@pytest.mark.parametrize(
+    "field",
+    ["model", "fallbacks", "routes", "allowed_models", "model_quotas"],
+)
+async def test_a_model_that_is_a_key_is_refused_not_shown(
+    admin_gateway: Make, keys_file: Path, field: str
+) -> None:
+    """A key created with a virtual or a real key of the file as a model or a model pattern
+    (pasted into the wrong field) was taken: a target's model is in its name, which the
+    unauthenticated /health lists (and the log's attempts and the metrics carry); the
+    patterns are shown by GET /admin/keys, a model quota's on /usage too. Refused (422),
+    the value not quoted; the file is not touched."""
+    from tests.conftest import OPENAI_REAL
+
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for secret in (OPENAI_VK, OPENAI_REAL):
+        body: dict[str, Any] = {"name": "modelled", "provider": "openai", "api_key": REAL}
+        body.update(
+            {
+                "model": {"model": secret},
+                "fallbacks": {
+                    "fallbacks": [{"provider": "openai", "api_key": REAL, "model": secret}]
+                },
+                "routes": {"routes": [{"models": [secret], "provider": "openai", "api_key": REAL}]},
+                "allowed_models": {"allowed_models": ["gpt-*", secret]},
+                "model_quotas": {"model_quotas": [{"models": [secret], "requests": 5}]},
+            }[field]
+        )
+        response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        text = await response.text()
+        assert_openai_error(await response.json(), "invalid_key_settings")
+        assert "is a key of the file" in text
+        assert not [secret for secret in SECRETS if secret in text]
+    assert keys_file.read_bytes() == before
+    for path in ("/health", "/admin/keys"):
+        shown = await (await gateway.get(path, headers=ADMIN)).text()
+        assert not [secret for secret in SECRETS if secret in shown]
+
+
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     admin_gateway: Make, clock: Clock
 ) -> None:
