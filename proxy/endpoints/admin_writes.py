@@ -198,8 +198,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
     text = bytes(raw) or b"{}"
     try:
         body = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise EditRefused(400, "invalid_json", "The body must be a JSON object.") from None
+    except orjson.JSONDecodeError as error:  # what and where, never the body's text
+        raise EditRefused(400, "invalid_json", f"The body is not valid JSON: {error}.") from None
     if not isinstance(body, dict):
         raise EditRefused(400, "invalid_json", "The body must be a JSON object.")
     try:  # as in keys.json: JSON keeps the last silently, not the value the operator read

@@ -931,3 +931,29 @@ async def test_deleted_teams_leave_no_series_behind(admin_gateway: Make) -> None
         assert (await gateway.delete(f"/admin/teams/proj-{run}", headers=ADMIN)).status == 204
     text = await (await gateway.get("/metrics")).text()
     assert [line for line in text.splitlines() if 'team="proj-' in line] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"name": "comma", "provider": "openai",}', "trailing comma"),
+        (b'{"name": "huge", "grace_seconds": 1e400}', "line 1 column"),
+        (b'{"name": "nan", "quota": {"requests": NaN}}', "line 1 column"),
+        (b'{"name": "cut", "provider": "openai"', "line 1 column"),
+    ],
+)
+async def test_a_body_that_is_not_json_is_told_where_it_breaks(
+    admin_gateway: Make, keys_file: Path, body: bytes, said: str
+) -> None:
+    # An object written by hand with a trailing comma (or a number JSON cannot hold) was
+    # told 'The body must be a JSON object.': the operator had sent an object, and was not
+    # told what was wrong nor where. Said as keys.json's own refusal says it.
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    response = await gateway.post("/admin/keys", data=body, headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_json")
+    assert error["error"]["message"].startswith("The body is not valid JSON"), error
+    assert said in error["error"]["message"], error
+    assert keys_file.read_bytes() == before
