@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from proxy import errors
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 from proxy.keys import edits
 from proxy.keys.credentials import sent
@@ -195,6 +196,12 @@ async def _body(request: web.Request) -> dict[str, Any]:
             raise EditRefused(
                 413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
             )
+    coding = content_coding(request.headers)  # every line of it, as the provider reads them
+    if coding:  # as a proxied body is read (a client compressing its requests): bounded
+        try:
+            raw = bytearray(decode_body(bytes(raw), coding, MAX_BODY_BYTES))
+        except GatewayError as error:  # 400 not what it says, 413 too large, 415 unknown
+            raise EditRefused(error.status, error.code, str(error)) from None
     text = bytes(raw) or b"{}"
     try:
         body = orjson.loads(text)

@@ -957,3 +957,32 @@ async def test_a_body_that_is_not_json_is_told_where_it_breaks(
     assert error["error"]["message"].startswith("The body is not valid JSON"), error
     assert said in error["error"]["message"], error
     assert keys_file.read_bytes() == before
+
+
+async def test_a_compressed_body_is_read_as_the_proxied_ones_are(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # A body sent with Content-Encoding (gzip, as a client compressing its requests sends
+    # it) was read as its compressed bytes: 400 'The body must be a JSON object.' for a good
+    # key entry. It is decoded as a proxied body is (bounded), or refused saying why.
+    import gzip
+
+    gateway = await admin_gateway()
+    body = {"name": "zipped", "provider": "openai", "api_key": REAL}
+    headers = {**ADMIN, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    compressed = gzip.compress(json.dumps(body).encode())
+    response = await gateway.post("/admin/keys", data=compressed, headers=headers)
+    assert response.status == 201, await response.text()
+    assert await chat(gateway, (await response.json())["key"]) == 200
+    # A bomb: small compressed, past the admin limit decoded.
+    bomb = gzip.compress(b'{"name": "' + b"a" * 200_000 + b'"}')
+    response = await gateway.post("/admin/keys", data=bomb, headers=headers)
+    assert response.status == 413, await response.text()
+    unknown = {**headers, "Content-Encoding": "lzma"}
+    response = await gateway.post("/admin/keys", data=compressed, headers=unknown)
+    assert response.status == 415, await response.text()
+    before = keys_file.read_bytes()
+    response = await gateway.post("/admin/keys", data=b"not gzip", headers=headers)
+    assert response.status == 400, await response.text()
+    assert_openai_error(await response.json(), "invalid_body")
+    assert keys_file.read_bytes() == before
