@@ -986,3 +986,23 @@ async def test_a_compressed_body_is_read_as_the_proxied_ones_are(
     assert response.status == 400, await response.text()
     assert_openai_error(await response.json(), "invalid_body")
     assert keys_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "query", ["include_real_keys=yes", "include_real_keys=on", "include_real_key=true"]
+)
+async def test_an_export_asked_for_in_words_it_does_not_read_is_refused(
+    admin_gateway: Make, query: str
+) -> None:
+    # `?include_real_keys=yes` (or a misspelt parameter) answered 200 with every real key
+    # '[redacted]', taken for the backup it was asked for; restored, every key's requests
+    # went to the provider with '[redacted]' as the key. Now 400 naming what it reads.
+    gateway = await admin_gateway()
+    response = await gateway.get(f"/admin/export?{query}", headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_request")
+    assert "include_real_keys" in error["error"]["message"]
+    for said in ("true", "false", "1", "0", ""):
+        answered = await gateway.get(f"/admin/export?include_real_keys={said}", headers=ADMIN)
+        assert answered.status == 200, (said, await answered.text())
