@@ -1006,3 +1006,31 @@ async def test_an_export_asked_for_in_words_it_does_not_read_is_refused(
     for said in ("true", "false", "1", "0", ""):
         answered = await gateway.get(f"/admin/export?include_real_keys={said}", headers=ADMIN)
         assert answered.status == 200, (said, await answered.text())
+
+
+async def test_a_redacted_export_restored_as_keys_json_is_refused_naming_the_field(
+    admin_gateway: Make, tmp_path: Path, settings: Callable[..., Settings]
+) -> None:
+    # The export without include_real_keys=true loads as keys.json, and was taken as one: a
+    # gateway restored from it started, and sent '[redacted]' to each provider as the real
+    # key (every request a provider's 401). Refused at load, naming the key and the field.
+    from proxy.keys.fields import KeysFileError
+
+    gateway = await admin_gateway()
+    await create(gateway, name="lee")
+    cloud = {"provider": "bedrock", "region": "us-east-1", "aws_access_key_id": "AKIAEXAMPLE12345"}
+    bed = {"name": "bed", **cloud, "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY"}
+    assert (await gateway.post("/admin/keys", json=bed, headers=ADMIN)).status == 201
+    redacted = tmp_path / "redacted.json"
+    redacted.write_text(await (await gateway.get("/admin/export", headers=ADMIN)).text())
+    with pytest.raises(KeysFileError) as refused:
+        load_keys(settings(KEYS_FILE_PATH=str(redacted)), {})
+    said = refused.value.problems
+    assert any("key 'lee': api_key is '[redacted]'" in line for line in said), said
+    assert any("key 'bed': aws_secret_access_key is '[redacted]'" in line for line in said), said
+    assert all("include_real_keys=true" in line for line in said if "[redacted]" in line), said
+    # Nor can the admin API be given one.
+    body = {"name": "again", "provider": "openai", "api_key": "[redacted]"}
+    response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+    assert response.status == 422, await response.text()
+    assert "[redacted]" in (await response.json())["error"]["message"]
