@@ -656,13 +656,13 @@ def _shown_values(key: VirtualKey) -> Iterator[tuple[str, str]]:
         if target.model is not None:
             yield "a target's model", target.model
     for pattern in key.model_patterns or ():
-        yield "allowed_models", pattern
+        yield "a pattern of allowed_models", pattern
     for route in key.plans.routes:
         for pattern in route.patterns:
-            yield "routes' models", pattern
+            yield "a pattern of a route's models", pattern
     for group in key.model_quotas:
         for pattern in group.patterns:
-            yield "model_quotas' models", pattern
+            yield "a pattern of a model quota's models", pattern
 
 
 def _shown_as_a_key(path: str, name: str, field: str) -> str:
