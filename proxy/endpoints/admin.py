@@ -16,7 +16,7 @@ virtual key: only `keys.masked` of the virtual key goes out.
 
 `DELETE /admin/cache?key=<name>` drops the cached answers a key reads (its own, or its
 shared scope's), `?scope=<name>` a scope's: 200 `{"dropped": N}`; 400 without exactly one
-of them or for a key without a cache, 404 for an unknown key name, 503 when Redis is lost.
+of them (once, not empty, no other parameter) or for a key without a cache, 404 for an unknown key name, 503 when Redis is lost.
 
 `POST /admin/reload` reloads keys.json in this process and answers whether it took; with
 WORKERS > 1 it then asks the supervisor to pass SIGHUP to every worker (this one
@@ -229,7 +229,9 @@ class Admin:
     async def handle_drop_cache(self, request: web.Request) -> web.Response:
         """DELETE /admin/cache?key=<name> or ?scope=<name>: drop those cached answers."""
         name, scope = request.query.get("key"), request.query.get("scope")
-        if (name is None) == (scope is None) or self._cache is None:
+        # One parameter, once, not empty: `?key=a&key=b` would drop a's entries only.
+        asked = len(request.query) == 1 and (name or scope)
+        if not asked or (name is None) == (scope is None) or self._cache is None:
             return _refuse(request, 400, "Name exactly one of ?key=<key name> and ?scope=<scope>.")
         key = None
         if name is not None:

@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from proxy import errors
+from proxy.encodings import content_coding, decode_body
 from proxy.errors import GatewayError
 from proxy.keys import edits
 from proxy.keys.credentials import sent
@@ -125,7 +126,7 @@ class AdminWrites:
         return web.Response(status=204)
 
     async def export(self, request: web.Request) -> web.Response:
-        with_real_keys = request.query.get("include_real_keys", "").lower() in ("1", "true")
+        with_real_keys = _include_real_keys(request)
         document = edits.exported(await self._store.document(), with_real_keys)
         if with_real_keys:
             self._log("keys.export", "*", {"include_real_keys": True})
@@ -159,6 +160,23 @@ class AdminWrites:
     def _log(self, action: str, name: str, body: dict[str, Any] | None = None) -> None:
         fields = sorted(field for field in (body or {}) if field not in ("key", "name"))
         self._audit({"who": self._who, "action": action, "name": name, "fields": fields})
+
+
+def _include_real_keys(request: web.Request) -> bool:
+    """The export's one parameter, `include_real_keys`: true or false (1 or 0). Raises
+    EditRefused for another parameter or value: a redacted export taken for the backup that
+    was asked for would restore every key with '[redacted]' as its real key."""
+    said = [value.lower() for name, value in request.query.items() if name == "include_real_keys"]
+    if len(said) != len(request.query) or len(said) > 1 or not set(said) <= _SAID:
+        raise EditRefused(
+            400,
+            "invalid_request",
+            "GET /admin/export reads one parameter, include_real_keys=true or false (1 or 0).",
+        )
+    return bool(said) and said[0] in ("1", "true")
+
+
+_SAID = frozenset({"1", "true", "0", "false", ""})
 
 
 def refusals(handler: Handler) -> Handler:
@@ -195,11 +213,17 @@ async def _body(request: web.Request) -> dict[str, Any]:
             raise EditRefused(
                 413, "request_too_large", f"Admin bodies are limited to {MAX_BODY_BYTES} bytes."
             )
+    coding = content_coding(request.headers)  # every line of it, as the provider reads them
+    if coding:  # as a proxied body is read (a client compressing its requests): bounded
+        try:
+            raw = bytearray(decode_body(bytes(raw), coding, MAX_BODY_BYTES))
+        except GatewayError as error:  # 400 not what it says, 413 too large, 415 unknown
+            raise EditRefused(error.status, error.code, str(error)) from None
     text = bytes(raw) or b"{}"
     try:
         body = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise EditRefused(400, "invalid_json", "The body must be a JSON object.") from None
+    except orjson.JSONDecodeError as error:  # what and where, never the body's text
+        raise EditRefused(400, "invalid_json", f"The body is not valid JSON: {error}.") from None
     if not isinstance(body, dict):
         raise EditRefused(400, "invalid_json", "The body must be a JSON object.")
     try:  # as in keys.json: JSON keeps the last silently, not the value the operator read

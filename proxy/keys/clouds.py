@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from proxy.keys.fields import CLOUD_FIELDS, KeysFileError, has_control
+from proxy.keys.fields import CLOUD_FIELDS, KeysFileError, has_control, redacted
+from proxy.record import REDACTED
 from proxy.settings import outbound_proxies
 from proxy.upstream.providers import Provider
 from proxy.upstream.signing import GoogleToken, SigV4
@@ -107,6 +108,8 @@ def _secret(
         raise KeysFileError(f"{where}{source} must be a non-empty string (is it set?)")
     if has_control(value.strip()):
         raise KeysFileError(f"{where}{source} contains a control character (a line break?)")
+    if value.strip() == REDACTED and source == field:
+        raise KeysFileError(redacted(where.rstrip(": ."), field))
     return value.strip()
 
 

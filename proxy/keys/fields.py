@@ -21,6 +21,7 @@ from typing import Any, TypeGuard
 from yarl import URL
 
 from proxy.quota.tracker import Budget, Limits
+from proxy.record import REDACTED
 from proxy.settings import MAX_BUDGET_USD, MAX_WINDOW_SECONDS
 
 
@@ -203,6 +204,8 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
         value = entry["api_key"]
         if not isinstance(value, str) or not value.strip():
             raise KeysFileError(f"{where}: api_key must be a non-empty string")
+        if value.strip() == REDACTED:
+            raise KeysFileError(redacted(where, "api_key"))
         return _header_safe(where, "api_key", value.strip())
     variable = entry["api_key_env"]
     if not isinstance(variable, str) or not variable:
@@ -217,6 +220,16 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
             )
         raise KeysFileError(f"{where}: api_key_env {variable} is not set")
     return _header_safe(where, f"api_key_env {variable}", value)
+
+
+def redacted(where: str, field: str) -> str:
+    """Why a secret field holding what an export writes in its place is refused: a gateway
+    restored from an export made without the real keys would send it as the key."""
+    return (
+        f"{where}: {field} is '{REDACTED}', as GET /admin/export writes it unless asked with "
+        "include_real_keys=true: put the real key back (or name its variable in "
+        f"{field}_env)"
+    )
 
 
 # What api_key_env is shown as when its variable is unset: a name of an environment

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -434,7 +434,7 @@ class KeyRing:
             problems.extend(bad_teams.values())
         bad_keys: dict[str, str] | None = {} if leave_out else None
         keys = _parse(path, document, environ, defaults, teams, problems, bad_keys, set(bad_teams))
-        for team in _teams_named_as_keys(teams, keys):
+        for team in _keys_among(teams, keys):
             named = KeysFileError(_team_named_as_a_key(path, team))
             if bad_keys is None:
                 problems.append(named)
@@ -448,6 +448,18 @@ class KeyRing:
                         "team's name is a key of the file)"
                     )
                     del keys[secret]
+        shown = {value for key in keys.values() for _, value in _shown_values(key)}
+        among = set(_keys_among(shown, keys))  # once over every distinct value: at load only
+        for secret, key in list(keys.items()) if among else []:
+            field = next((field for field, value in _shown_values(key) if value in among), None)
+            if field is None:
+                continue
+            why = _shown_as_a_key(path, key.name, field)
+            if bad_keys is None:
+                problems.append(KeysFileError(why))
+            else:
+                bad_keys[secret] = why  # left out
+                del keys[secret]
         if problems:
             # The first one's kind (an unknown field is the admin API's 400), every message.
             messages = [message for problem in problems for message in problem.problems]
@@ -652,11 +664,12 @@ def _named_as_a_key(path: str, secret: str) -> str:
     )
 
 
-def _teams_named_as_keys(teams: Mapping[str, Team], keys: Mapping[str, VirtualKey]) -> list[str]:
-    """The teams whose name is a key of the file: a virtual key (as written, or by the digest
-    of a hashed or rotated one) or a real key. A team's name is in its keys' log lines and in
-    the `team` label of its metrics."""
-    if not teams:
+def _keys_among(names: Iterable[str], keys: Mapping[str, VirtualKey]) -> list[str]:
+    """The names that are a key of the file: a virtual key (as written, or by the digest of a
+    hashed or rotated one) or a real key. A team's name is in its keys' log lines and in the
+    `team` label of its metrics; a cache scope on `/usage` and `GET /admin/keys`."""
+    names = list(names)
+    if not names:
         return []
     real = {
         credential.api_key
@@ -668,7 +681,7 @@ def _teams_named_as_keys(teams: Mapping[str, Team], keys: Mapping[str, VirtualKe
     digests.update(key.previous[0] for key in keys.values() if key.previous is not None)
     return [
         name
-        for name in teams
+        for name in names
         if name in keys or name in real or (digests and secret_digest(name) in digests)
     ]
 
@@ -679,6 +692,35 @@ def _team_named_as_a_key(path: str, team: str) -> str:
         f"{path}: team '{masked(team)}': name is a key of the file (a virtual or a real one), "
         "and a team's name is written in its keys' log lines and in metrics: give the team a "
         "name that is not a key"
+    )
+
+
+def _shown_values(key: VirtualKey) -> Iterator[tuple[str, str]]:
+    """The values of a key's entry, besides its name and team, that are shown as written,
+    with their field: a target's model is in the target's name (the unauthenticated /health,
+    the log's attempts, metrics), a cache scope and a model quota's patterns on /usage,
+    every pattern by GET /admin/keys."""
+    if key.cache is not None and key.cache.scope is not None:
+        yield "cache.scope", key.cache.scope
+    for target in key.plans.every_target():
+        if target.model is not None:
+            yield "a target's model", target.model
+    for pattern in key.model_patterns or ():
+        yield "a pattern of allowed_models", pattern
+    for route in key.plans.routes:
+        for pattern in route.patterns:
+            yield "a pattern of a route's models", pattern
+    for group in key.model_quotas:
+        for pattern in group.patterns:
+            yield "a pattern of a model quota's models", pattern
+
+
+def _shown_as_a_key(path: str, name: str, field: str) -> str:
+    """Why a key with a shown value that is a key of the file is refused; it is not shown."""
+    return (
+        f"{path}: key '{name}': {field} is a key of the file (a virtual or a real one), and it "
+        "is shown as written (/health, /usage, the admin API, log lines or metrics): give it "
+        "a value that is not a key"
     )
 
 

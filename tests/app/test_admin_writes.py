@@ -283,6 +283,73 @@ async def test_a_team_named_with_a_key_is_refused_not_echoing_it(
     assert not [secret for secret in SECRETS if secret in metrics]
 
 
+async def test_a_cache_scope_that_is_a_key_is_refused_not_shown(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    """A key created with a virtual or a real key of the file as its cache scope (pasted
+    into the wrong field, or 'the key' taken literally) was taken, and the scope is shown
+    whole: GET /admin/keys and the /usage of every key of that scope showed another key's
+    virtual key (or a real key). Refused (422), the scope not quoted; the file is not
+    touched."""
+    from tests.conftest import OPENAI_REAL
+
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for scope in (OPENAI_VK, OPENAI_REAL):
+        body = {"name": "scoped", "provider": "openai", "api_key": REAL}
+        body["cache"] = {"ttl_seconds": 60, "scope": scope}
+        response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        text = await response.text()
+        assert_openai_error(await response.json(), "invalid_key_settings")
+        assert "cache.scope is a key of the file" in text
+        assert not [secret for secret in SECRETS if secret in text]
+    assert keys_file.read_bytes() == before
+    listing = await (await gateway.get("/admin/keys", headers=ADMIN)).text()
+    assert not [secret for secret in SECRETS if secret in listing]
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["model", "fallbacks", "routes", "allowed_models", "model_quotas"],
+)
+async def test_a_model_that_is_a_key_is_refused_not_shown(
+    admin_gateway: Make, keys_file: Path, field: str
+) -> None:
+    """A key created with a virtual or a real key of the file as a model or a model pattern
+    (pasted into the wrong field) was taken: a target's model is in its name, which the
+    unauthenticated /health lists (and the log's attempts and the metrics carry); the
+    patterns are shown by GET /admin/keys, a model quota's on /usage too. Refused (422),
+    the value not quoted; the file is not touched."""
+    from tests.conftest import OPENAI_REAL
+
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    for secret in (OPENAI_VK, OPENAI_REAL):
+        body: dict[str, Any] = {"name": "modelled", "provider": "openai", "api_key": REAL}
+        body.update(
+            {
+                "model": {"model": secret},
+                "fallbacks": {
+                    "fallbacks": [{"provider": "openai", "api_key": REAL, "model": secret}]
+                },
+                "routes": {"routes": [{"models": [secret], "provider": "openai", "api_key": REAL}]},
+                "allowed_models": {"allowed_models": ["gpt-*", secret]},
+                "model_quotas": {"model_quotas": [{"models": [secret], "requests": 5}]},
+            }[field]
+        )
+        response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+        assert response.status == 422, await response.text()
+        text = await response.text()
+        assert_openai_error(await response.json(), "invalid_key_settings")
+        assert "is a key of the file" in text
+        assert not [secret for secret in SECRETS if secret in text]
+    assert keys_file.read_bytes() == before
+    for path in ("/health", "/admin/keys"):
+        shown = await (await gateway.get(path, headers=ADMIN)).text()
+        assert not [secret for secret in SECRETS if secret in shown]
+
+
 async def test_a_changed_key_keeps_its_window_a_recreated_one_starts_fresh(
     admin_gateway: Make, clock: Clock
 ) -> None:
@@ -864,3 +931,106 @@ async def test_deleted_teams_leave_no_series_behind(admin_gateway: Make) -> None
         assert (await gateway.delete(f"/admin/teams/proj-{run}", headers=ADMIN)).status == 204
     text = await (await gateway.get("/metrics")).text()
     assert [line for line in text.splitlines() if 'team="proj-' in line] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"name": "comma", "provider": "openai",}', "trailing comma"),
+        (b'{"name": "huge", "grace_seconds": 1e400}', "line 1 column"),
+        (b'{"name": "nan", "quota": {"requests": NaN}}', "line 1 column"),
+        (b'{"name": "cut", "provider": "openai"', "line 1 column"),
+    ],
+)
+async def test_a_body_that_is_not_json_is_told_where_it_breaks(
+    admin_gateway: Make, keys_file: Path, body: bytes, said: str
+) -> None:
+    # An object written by hand with a trailing comma (or a number JSON cannot hold) was
+    # told 'The body must be a JSON object.': the operator had sent an object, and was not
+    # told what was wrong nor where. Said as keys.json's own refusal says it.
+    gateway = await admin_gateway()
+    before = keys_file.read_bytes()
+    response = await gateway.post("/admin/keys", data=body, headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_json")
+    assert error["error"]["message"].startswith("The body is not valid JSON"), error
+    assert said in error["error"]["message"], error
+    assert keys_file.read_bytes() == before
+
+
+async def test_a_compressed_body_is_read_as_the_proxied_ones_are(
+    admin_gateway: Make, keys_file: Path
+) -> None:
+    # A body sent with Content-Encoding (gzip, as a client compressing its requests sends
+    # it) was read as its compressed bytes: 400 'The body must be a JSON object.' for a good
+    # key entry. It is decoded as a proxied body is (bounded), or refused saying why.
+    import gzip
+
+    gateway = await admin_gateway()
+    body = {"name": "zipped", "provider": "openai", "api_key": REAL}
+    headers = {**ADMIN, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    compressed = gzip.compress(json.dumps(body).encode())
+    response = await gateway.post("/admin/keys", data=compressed, headers=headers)
+    assert response.status == 201, await response.text()
+    assert await chat(gateway, (await response.json())["key"]) == 200
+    # A bomb: small compressed, past the admin limit decoded.
+    bomb = gzip.compress(b'{"name": "' + b"a" * 200_000 + b'"}')
+    response = await gateway.post("/admin/keys", data=bomb, headers=headers)
+    assert response.status == 413, await response.text()
+    unknown = {**headers, "Content-Encoding": "lzma"}
+    response = await gateway.post("/admin/keys", data=compressed, headers=unknown)
+    assert response.status == 415, await response.text()
+    before = keys_file.read_bytes()
+    response = await gateway.post("/admin/keys", data=b"not gzip", headers=headers)
+    assert response.status == 400, await response.text()
+    assert_openai_error(await response.json(), "invalid_body")
+    assert keys_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "query", ["include_real_keys=yes", "include_real_keys=on", "include_real_key=true"]
+)
+async def test_an_export_asked_for_in_words_it_does_not_read_is_refused(
+    admin_gateway: Make, query: str
+) -> None:
+    # `?include_real_keys=yes` (or a misspelt parameter) answered 200 with every real key
+    # '[redacted]', taken for the backup it was asked for; restored, every key's requests
+    # went to the provider with '[redacted]' as the key. Now 400 naming what it reads.
+    gateway = await admin_gateway()
+    response = await gateway.get(f"/admin/export?{query}", headers=ADMIN)
+    assert response.status == 400, await response.text()
+    error = await response.json()
+    assert_openai_error(error, "invalid_request")
+    assert "include_real_keys" in error["error"]["message"]
+    for said in ("true", "false", "1", "0", ""):
+        answered = await gateway.get(f"/admin/export?include_real_keys={said}", headers=ADMIN)
+        assert answered.status == 200, (said, await answered.text())
+
+
+async def test_a_redacted_export_restored_as_keys_json_is_refused_naming_the_field(
+    admin_gateway: Make, tmp_path: Path, settings: Callable[..., Settings]
+) -> None:
+    # The export without include_real_keys=true loads as keys.json, and was taken as one: a
+    # gateway restored from it started, and sent '[redacted]' to each provider as the real
+    # key (every request a provider's 401). Refused at load, naming the key and the field.
+    from proxy.keys.fields import KeysFileError
+
+    gateway = await admin_gateway()
+    await create(gateway, name="lee")
+    cloud = {"provider": "bedrock", "region": "us-east-1", "aws_access_key_id": "AKIAEXAMPLE12345"}
+    bed = {"name": "bed", **cloud, "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY"}
+    assert (await gateway.post("/admin/keys", json=bed, headers=ADMIN)).status == 201
+    redacted = tmp_path / "redacted.json"
+    redacted.write_text(await (await gateway.get("/admin/export", headers=ADMIN)).text())
+    with pytest.raises(KeysFileError) as refused:
+        load_keys(settings(KEYS_FILE_PATH=str(redacted)), {})
+    said = refused.value.problems
+    assert any("key 'lee': api_key is '[redacted]'" in line for line in said), said
+    assert any("key 'bed': aws_secret_access_key is '[redacted]'" in line for line in said), said
+    assert all("include_real_keys=true" in line for line in said if "[redacted]" in line), said
+    # Nor can the admin API be given one.
+    body = {"name": "again", "provider": "openai", "api_key": "[redacted]"}
+    response = await gateway.post("/admin/keys", json=body, headers=ADMIN)
+    assert response.status == 422, await response.text()
+    assert "[redacted]" in (await response.json())["error"]["message"]

@@ -25,7 +25,7 @@ from openai import AsyncOpenAI
 
 from proxy.app import CACHE, build_app
 from proxy.settings import Settings
-from tests.conftest import OPENAI_REAL, OPENAI_VK, auth, keys_document
+from tests.conftest import OPENAI_REAL, OPENAI_VK, assert_openai_error, auth, keys_document
 from tests.support.bodies import chat
 from tests.support.fake_provider import FakeState, Fault
 from tests.support.polling import until
@@ -822,3 +822,24 @@ async def test_a_hits_log_line_has_no_time_to_first_byte(
     miss, hit = await records(2)
     assert (miss["cache"], hit["cache"]) == ("miss", "hit")
     assert miss["ttft_ms"] >= 300 and hit["ttft_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["key=cached&key=shared-a", "scope=docs-bot&scope=other", "scope=", "key=cached&ttl=0"],
+)
+async def test_a_cache_drop_asked_for_in_words_it_does_not_read_is_refused(
+    make_cached: Callable[..., Awaitable[TestClient]], fake: FakeState, query: str
+) -> None:
+    # `?key=a&key=b` dropped a's entries only and answered 200 (b's kept serving), `?scope=`
+    # dropped the entries of a scope named '' (none), an unknown parameter was ignored: the
+    # operator was told a drop was made that was not the one asked for. Now 400, nothing
+    # dropped.
+    gateway = await make_cached(ADMIN_TOKEN="admin-token-for-tests")
+    admin = auth("admin-token-for-tests")
+    await post(gateway, CACHED_VK)
+    await gateway.app[CACHE].settled()
+    response = await gateway.delete(f"/admin/cache?{query}", headers=admin)
+    assert response.status == 400, await response.text()
+    assert_openai_error(await response.json(), "invalid_request")
+    assert (await post(gateway, CACHED_VK))[1]["x-llm-gateway-cache"] == "hit"

@@ -1029,3 +1029,33 @@ def test_secrets_inside_longer_texts_are_found_but_placeholders_mask_no_word() -
     found = dict(ring.secrets_inside(texts))
     assert found == {real: "[redacted]", own: masked(own), "EMPTY": "[redacted]"}
     assert ring.secrets_inside(texts) == ring.secrets_inside(texts)  # the same, remembered
+
+
+@pytest.mark.parametrize("named", ["a virtual key", "a hashed virtual key", "a real key"])
+def test_a_cache_scope_that_is_a_key_is_refused_without_showing_it(
+    tmp_path: Path, named: str
+) -> None:
+    # A key's cache scope is shown on /usage (to every key of the scope) and by GET
+    # /admin/keys: a scope written as a virtual or a real key of the file showed that key whole.
+    own, other, real = "vk_alice_0123456789abcdef", "vk_bob_0123456789abcdef", "sk-a" * 6
+    scope = {"a virtual key": other, "a hashed virtual key": own, "a real key": real}[named]
+    hashed = "sha256:" + hashlib.sha256(own.encode()).hexdigest()
+    cache = {"ttl_seconds": 60, "scope": scope}
+    keys = {
+        hashed: {"provider": "openai", "api_key": real, "name": "alice"},
+        other: {"provider": "openai", "api_key": "sk-b" * 6, "name": "bob", "cache": cache},
+    }
+    document = {"virtual_keys": keys}
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document)
+    message = str(refused.value)
+    assert "key 'bob': cache.scope is a key of the file" in message, message
+    assert own not in message and other not in message and real not in message
+    # The key store of an older version's Redis leaves the key out; the others serve.
+    ring = KeyRing.from_document("redis", document, "0", {}, DEFAULTS, leave_out=True)
+    assert ring.key_for(own).name == "alice"
+    with pytest.raises(GatewayError):
+        ring.key_for(other)
+    for why in ring.left_out.values():
+        assert own not in why and other not in why and real not in why
+    assert [kind for kind, _ in ring.left_out] == ["key"]
