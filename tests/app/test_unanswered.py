@@ -263,3 +263,43 @@ async def test_an_anthropic_message_that_times_out_is_charged_its_reservation(
     (line,) = await records(1)
     assert_reservation(line, prompt=estimate.tokens(prompt_chars("messages", body)))
     assert await charged_tokens(gateway, ANT_VK) == line["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize("ending", ["the provider fell silent", "the client left"])
+async def test_an_anthropic_stream_cut_before_its_first_token_is_charged_its_reservation(
+    gateway_at: Callable[..., Awaitable[TestClient]], records: Records, ending: str
+) -> None:
+    """Anthropic starts a stream (message_start, content_block_start, ping) before the
+    model has written anything, and message_start's running count already says 1 output
+    token. Before: a stream cut there (the provider silent past STREAM_IDLE_TIMEOUT, the
+    client gone, the shutdown's cut) took that 1 for output known and was charged 1
+    completion token, where an OpenAI stream cut after its role chunk is charged its
+    reservation, as quotas-and-money.md says of work whose output is unknown."""
+    gateway = await gateway_at(STREAM_IDLE_TIMEOUT="0.2")
+    body = messages("Write a long essay about the sea, please.", max_tokens=CAP, stream=True)
+    silent = ending == "the provider fell silent"
+    # No text deltas: message_start, content_block_start and ping, then the provider holds
+    # (silent), or waits far longer than the client stays (left).
+    fault = {"x-fake-hang": "midstream"} if silent else {"x-fake-delay-ms": "60000"}
+    response = await gateway.post(
+        "/v1/messages", json=body, headers={**auth(ANT_VK), "x-fake-chunks": "0", **fault}
+    )
+    assert response.status == 200
+    received = b""
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the provider's silence cuts it
+        while b"message_start" not in received:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            received += chunk
+        if silent:
+            await response.read()
+    response.close()
+    assert b"text_delta" not in received
+    (line,) = await records(1)
+    assert line["status"] == (200 if silent else 499)
+    usage = line["usage"]
+    assert (usage["completion_tokens"], usage["estimated"]) == (CAP, True)
+    assert usage["prompt_tokens"] >= estimate.tokens(prompt_chars("messages", body))
+    assert line["cost_usd"] > 0
+    assert await charged_tokens(gateway, ANT_VK) == usage["total_tokens"]
