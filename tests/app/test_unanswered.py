@@ -24,8 +24,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
+from proxy.record import Usage
 from proxy.settings import Settings
 from proxy.usage import estimate
+from proxy.usage.pricing import Prices
 from proxy.usage.prompt import prompt_chars
 from tests.conftest import auth
 from tests.support.bodies import chat, messages
@@ -303,3 +305,34 @@ async def test_an_anthropic_stream_cut_before_its_first_token_is_charged_its_res
     assert usage["prompt_tokens"] >= estimate.tokens(prompt_chars("messages", body))
     assert line["cost_usd"] > 0
     assert await charged_tokens(gateway, ANT_VK) == usage["total_tokens"]
+
+
+async def test_a_stream_cut_before_its_first_token_keeps_its_cached_prompt_priced_as_cached(
+    gateway_at: Callable[..., Awaitable[TestClient]], records: Records
+) -> None:
+    """message_start counts the prompt exactly, its cache reads and writes apart. Before: the
+    reservation of a stream cut there kept the prompt's total and dropped its parts, so
+    100,000 tokens read from the cache were priced as fresh input, ten times their rate."""
+    gateway = await gateway_at()
+    body = messages("Write a long essay about the sea, please.", max_tokens=CAP, stream=True)
+    cached = {"x-fake-cached-tokens": "100000", "x-fake-cache-write-tokens": "20000"}
+    headers = {**auth(ANT_VK), "x-fake-chunks": "0", "x-fake-delay-ms": "60000", **cached}
+    response = await gateway.post("/v1/messages", json=body, headers=headers)
+    received = b""
+    while b"message_start" not in received:  # the client leaves once the stream started
+        received += await response.content.readany()
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 499
+    usage = line["usage"]
+    assert (usage["cache_read_tokens"], usage["cache_write_tokens"]) == (100_000, 20_000)
+    assert usage["prompt_tokens"] > 120_000 and usage["completion_tokens"] == CAP
+    spent = Usage(
+        usage["prompt_tokens"],
+        CAP,
+        estimated=True,
+        cache_read_tokens=100_000,
+        cache_write_tokens=20_000,
+    )
+    expected = Prices.load(None).cost("anthropic", body["model"], spent)
+    assert line["cost_usd"] == pytest.approx(expected)
