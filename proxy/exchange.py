@@ -44,6 +44,7 @@ it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import struct
@@ -248,9 +249,14 @@ class Entrance:
             return
         if record.is_work_unknown and charged(record.method, record.path) in _GENERATED:
             reserved, read = self.quota.reservation(key, peek), record.usage
-            if read is not None:  # the tap's estimate of the prompt may be the larger
-                prompt = max(read.prompt_tokens, reserved.prompt_tokens)
-                reserved = Usage(prompt, reserved.completion_tokens, estimated=True)
+            if read is not None and read.prompt_tokens >= reserved.prompt_tokens:
+                # The prompt as read (the provider's count: Anthropic's message_start), its
+                # parts kept, each priced at its rate (cache reads, writes); with the cap.
+                reserved = dataclasses.replace(
+                    read, completion_tokens=reserved.completion_tokens, estimated=True
+                )
+            elif read is not None:  # the reservation's estimate of the prompt is the larger
+                reserved = Usage(reserved.prompt_tokens, reserved.completion_tokens, estimated=True)
             if reserved.total_tokens:  # a key with no token limit nor budget reserves none
                 record.saw_reserved(reserved)
 

@@ -27,7 +27,8 @@ coding, corrupt, not JSON, cut short, over the memory bound): then the response'
 stream's `error` event before `message_start`, an error object under the 200: nothing
 generated, no usage) is charged nothing, as the provider's 4xx and 5xx are. A stream cut while its usage was only a running
 count (`Reading.is_usage_provisional`: Anthropic's `message_start` says 1 output token) is
-charged its reported prompt and at least the completion it delivered, estimated. Speech is counted by its input's characters,
+charged its reported prompt and at least the completion it delivered, estimated (nothing
+delivered: completion 0, the work unknown, which the exchange charges its reservation). Speech is counted by its input's characters,
 transcriptions and translations by their audio's seconds, unless they report tokens (`audio`). Other POSTs (images: GPT image models report tokens) are
 charged only what the provider reports (a token count reports none); a GET (a models list,
 a stored response) nothing, nor an update of a stored chat completion's metadata (answered
@@ -364,7 +365,9 @@ class UsageTap:
         if reported is not None and reading.is_usage_provisional and self._charged in _GENERATED:
             # Cut before the provider's total: its prompt counts, and at least what came.
             delivered = estimate.tokens(self._seen if self._is_unread else reading.chars)
-            completion = max(reported.completion_tokens, delivered)
+            # Nothing delivered is no output known (Anthropic's message_start counts 1
+            # before any): 0, so the reckon charges the work unknown its reservation.
+            completion = max(reported.completion_tokens, delivered) if delivered else 0
             return dataclasses.replace(reported, completion_tokens=completion, estimated=True)
         if reported is not None or self._charged in _AS_REPORTED:
             return reported

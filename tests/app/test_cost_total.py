@@ -7,7 +7,9 @@ The independent figure comes from the fake provider's own record of the usage it
 the gateway's tap or arithmetic. Where the fake reported a usage, the gateway's cost equals
 it, request by request and in total; where it reported none (a stream that never asked, an
 answer cut before its usage), the gateway charged an estimate, never nothing; where it
-reported only a running count (an Anthropic stream cut after `message_start`), at least that.
+reported only a running count (an Anthropic stream cut after `message_start`), its prompt
+as counted there and at least the completion delivered (none delivered: none known, the
+running count's start of 1 output token being no output).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ EXACT_VK = "vk_test_cost_exact_3e8a1f6c2d"
 REQUESTS = 1000
 CONCURRENCY = 16
 WORDS = "the quick brown fox jumps over the lazy dog again and again".split()
+# Anthropic's usage fields that make up the prompt (its cache reads and writes apart).
+ANTHROPIC_PROMPT = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 @pytest.fixture
@@ -153,9 +157,15 @@ async def test_a_thousand_mixed_requests_cost_what_the_providers_usage_says(
         assert line["usage"] is not None, line  # every one of them produced tokens
         if reported and is_cut_anthropic_stream(request):
             # The fake's message_start said output_tokens 1, and its total never came: the
-            # prompt as reported, the completion at least what was delivered, estimated.
+            # prompt as reported, the completion at least what was delivered, estimated
+            # (the 1 only when something was: before any output it counts none).
             assert line["usage"]["estimated"] is True, (request, line)
-            assert line["cost_usd"] >= independent_cost(request, reported), (request, line)
+            prompt = sum(reported[name] for name in ANTHROPIC_PROMPT)
+            assert line["usage"]["prompt_tokens"] == prompt, (request, line)
+            started = {**reported, "output_tokens": 0}
+            assert line["cost_usd"] >= independent_cost(request, started), (request, line)
+            if line["usage"]["completion_tokens"]:
+                assert line["cost_usd"] >= independent_cost(request, reported), (request, line)
             estimated += 1
         elif reported:
             expected = independent_cost(request, reported)

@@ -24,8 +24,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import build_app
+from proxy.record import Usage
 from proxy.settings import Settings
 from proxy.usage import estimate
+from proxy.usage.pricing import Prices
 from proxy.usage.prompt import prompt_chars
 from tests.conftest import auth
 from tests.support.bodies import chat, messages
@@ -263,3 +265,74 @@ async def test_an_anthropic_message_that_times_out_is_charged_its_reservation(
     (line,) = await records(1)
     assert_reservation(line, prompt=estimate.tokens(prompt_chars("messages", body)))
     assert await charged_tokens(gateway, ANT_VK) == line["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize("ending", ["the provider fell silent", "the client left"])
+async def test_an_anthropic_stream_cut_before_its_first_token_is_charged_its_reservation(
+    gateway_at: Callable[..., Awaitable[TestClient]], records: Records, ending: str
+) -> None:
+    """Anthropic starts a stream (message_start, content_block_start, ping) before the
+    model has written anything, and message_start's running count already says 1 output
+    token. Before: a stream cut there (the provider silent past STREAM_IDLE_TIMEOUT, the
+    client gone, the shutdown's cut) took that 1 for output known and was charged 1
+    completion token, where an OpenAI stream cut after its role chunk is charged its
+    reservation, as quotas-and-money.md says of work whose output is unknown."""
+    gateway = await gateway_at(STREAM_IDLE_TIMEOUT="0.2")
+    body = messages("Write a long essay about the sea, please.", max_tokens=CAP, stream=True)
+    silent = ending == "the provider fell silent"
+    # No text deltas: message_start, content_block_start and ping, then the provider holds
+    # (silent), or waits far longer than the client stays (left).
+    fault = {"x-fake-hang": "midstream"} if silent else {"x-fake-delay-ms": "60000"}
+    response = await gateway.post(
+        "/v1/messages", json=body, headers={**auth(ANT_VK), "x-fake-chunks": "0", **fault}
+    )
+    assert response.status == 200
+    received = b""
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the provider's silence cuts it
+        while b"message_start" not in received:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            received += chunk
+        if silent:
+            await response.read()
+    response.close()
+    assert b"text_delta" not in received
+    (line,) = await records(1)
+    assert line["status"] == (200 if silent else 499)
+    usage = line["usage"]
+    assert (usage["completion_tokens"], usage["estimated"]) == (CAP, True)
+    assert usage["prompt_tokens"] >= estimate.tokens(prompt_chars("messages", body))
+    assert line["cost_usd"] > 0
+    assert await charged_tokens(gateway, ANT_VK) == usage["total_tokens"]
+
+
+async def test_a_stream_cut_before_its_first_token_keeps_its_cached_prompt_priced_as_cached(
+    gateway_at: Callable[..., Awaitable[TestClient]], records: Records
+) -> None:
+    """message_start counts the prompt exactly, its cache reads and writes apart. Before: the
+    reservation of a stream cut there kept the prompt's total and dropped its parts, so
+    100,000 tokens read from the cache were priced as fresh input, ten times their rate."""
+    gateway = await gateway_at()
+    body = messages("Write a long essay about the sea, please.", max_tokens=CAP, stream=True)
+    cached = {"x-fake-cached-tokens": "100000", "x-fake-cache-write-tokens": "20000"}
+    headers = {**auth(ANT_VK), "x-fake-chunks": "0", "x-fake-delay-ms": "60000", **cached}
+    response = await gateway.post("/v1/messages", json=body, headers=headers)
+    received = b""
+    while b"message_start" not in received:  # the client leaves once the stream started
+        received += await response.content.readany()
+    response.close()
+    (line,) = await records(1)
+    assert line["status"] == 499
+    usage = line["usage"]
+    assert (usage["cache_read_tokens"], usage["cache_write_tokens"]) == (100_000, 20_000)
+    assert usage["prompt_tokens"] > 120_000 and usage["completion_tokens"] == CAP
+    spent = Usage(
+        usage["prompt_tokens"],
+        CAP,
+        estimated=True,
+        cache_read_tokens=100_000,
+        cache_write_tokens=20_000,
+    )
+    expected = Prices.load(None).cost("anthropic", body["model"], spent)
+    assert line["cost_usd"] == pytest.approx(expected)
