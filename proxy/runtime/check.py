@@ -275,9 +275,21 @@ def lookalikes(environ: Mapping[str, str]) -> list[str]:
             close = [name.upper()] if name.upper() in known else []
         else:
             close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
+            close = close or _cut_short(name, known)
         if close:
-            said.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
+            said.append(
+                f"{name} is not a setting and is ignored: did you mean {' or '.join(close)}?"
+            )
     return said
+
+
+def _cut_short(name: str, known: Sequence[str]) -> list[str]:
+    """The settings `name` begins at a '_' of theirs, when it has one itself (LOG_FILE:
+    LOG_FILE_PATH; KEYS_FILE: KEYS_FILE_PATH and KEYS_FILE_WATCH): too short for the spelling
+    check, and no setting's first word alone (LOG, SERVER), which other programs use."""
+    if "_" not in name:
+        return []
+    return [variable for variable in known if variable.startswith(name + "_")]
 
 
 def unpriced_budgets(key_ring: KeyRing, prices: Prices, settings: Settings) -> list[str]:

@@ -355,6 +355,33 @@ def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> 
     assert any("Redis_Url" in line and "REDIS_URL" in line for line in said)
 
 
+def test_a_setting_written_short_of_its_full_name_is_warned_of(tmp_path: Path) -> None:
+    # LOG_TO_FILE=true LOG_FILE=/var/log/gateway.jsonl was taken without a word: the log went
+    # to interactions.jsonl in the working directory. KEYS_FILE likewise left keys.json in
+    # use. A name cut short of a setting's at a '_' is too far from it for the spelling check.
+    found = check(
+        [],
+        {
+            "LOG_FILE": str(tmp_path / "gateway.jsonl"),
+            "KEYS_FILE": "/etc/llm/keys.json",
+            "QUOTA_WINDOW": "60",
+            "LOG_TO_FILE": "false",
+        },
+        str(Path(__file__).resolve().parents[2] / "keys.example.json"),
+    )
+    said = [line for line in found.warnings if "is not a setting" in line]
+    assert said == [
+        "KEYS_FILE is not a setting and is ignored: did you mean KEYS_FILE_PATH or "
+        "KEYS_FILE_WATCH?",
+        "LOG_FILE is not a setting and is ignored: did you mean LOG_FILE_PATH?",
+        "QUOTA_WINDOW is not a setting and is ignored: did you mean QUOTA_WINDOW_SECONDS?",
+    ]
+    # A word of its own, or a setting's whole first word, is no setting cut short.
+    from proxy.runtime.check import lookalikes
+
+    assert lookalikes({"LOG": "1", "SERVER": "x", "PATH": "/bin", "KEYS_STORE": "file"}) == []
+
+
 def test_a_keys_store_secret_that_takes_no_effect_is_warned_of() -> None:
     # A KEYS_STORE_SECRET with keys.json as the store was taken without a word: the operator
     # believed the real keys encrypted at rest.
