@@ -203,6 +203,13 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
         value = entry["api_key"]
         if not isinstance(value, str) or not value.strip():
             raise KeysFileError(f"{where}: api_key must be a non-empty string")
+        named = _REFERENCE.fullmatch(value.strip())
+        if named is not None:
+            variable = next(group for group in named.groups() if group)
+            raise KeysFileError(
+                f"{where}: api_key names the variable {variable}, and keys.json expands no "
+                f'variables: write "api_key_env": "{variable}" in its place'
+            )
         return _header_safe(where, "api_key", value.strip())
     variable = entry["api_key_env"]
     if not isinstance(variable, str) or not variable:
@@ -218,6 +225,12 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
         raise KeysFileError(f"{where}: api_key_env {variable} is not set")
     return _header_safe(where, f"api_key_env {variable}", value)
 
+
+# An environment variable written as a shell or compose file would ("${NAME}", "$NAME") or
+# as LiteLLM's config does ("os.environ/NAME"): no real key has this shape.
+_REFERENCE = re.compile(
+    r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)|os\.environ/([A-Za-z_][A-Za-z0-9_]*)"
+)
 
 # What api_key_env is shown as when its variable is unset: a name of an environment
 # variable's shape, short. Anything else may be a real key put in the wrong field (an

@@ -610,6 +610,30 @@ def test_a_real_key_pasted_with_its_scheme_is_refused(tmp_path: Path, real: str)
         assert len(load(tmp_path, document)) == 1
 
 
+@pytest.mark.parametrize(
+    "reference", ["${OPENAI_API_KEY}", "$OPENAI_API_KEY", "os.environ/OPENAI_API_KEY"]
+)
+def test_an_api_key_naming_a_variable_is_refused_pointing_to_api_key_env(
+    tmp_path: Path, reference: str
+) -> None:
+    # "api_key": "${OPENAI_API_KEY}" (compose's habit; os.environ/... is LiteLLM's) was
+    # loaded as the key itself: the start said nothing, and every request of the key got the
+    # provider's 401 for the text '${OPENAI_API_KEY}'. keys.json expands no variables.
+    document = {
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": reference, "name": "alice"}
+        }
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document, environ={"OPENAI_API_KEY": "sk-real-0123456789"})
+    message = str(refused.value)
+    assert "key 'alice'" in message and "api_key names the variable OPENAI_API_KEY" in message
+    assert '"api_key_env": "OPENAI_API_KEY"' in message and "sk-real" not in message
+    # A real key holding a '$' later on is a key.
+    document["virtual_keys"]["vk_a_123456789"]["api_key"] = "sk-abc$def0123456789"
+    assert len(load(tmp_path, document)) == 1
+
+
 def test_a_real_key_from_an_environment_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     # os.environ hands REAL=$'sk-abc\xffdef...' over as "sk-abc\udcffdef...": it was loaded,
     # and every request of the key was then a 500 (its echo search encoded it).
