@@ -51,6 +51,35 @@ def short_keys(ring: KeyRing, path: str) -> list[str]:
     ]
 
 
+# How the providers' own keys begin (OpenAI's project, service account and admin keys,
+# Anthropic's, Google's): a virtual key that begins so is a real key put in its place. A
+# bare "sk-" is not one of them: LiteLLM's virtual keys, which clients keep, begin so.
+PROVIDER_KEY_STARTS = ("sk-proj-", "sk-svcacct-", "sk-admin-", "sk-ant-", "AIza")
+
+
+def provider_keys(ring: KeyRing, path: str) -> list[str]:
+    """One line naming every key whose virtual key is a real key of the file, or begins as
+    a provider's keys do, or none."""
+    real = {
+        credential.api_key
+        for key in ring
+        for target in key.plans.every_target()
+        for credential in target.pool.credentials
+    }
+    named = sorted(
+        key.name for key in ring if key.secret in real or key.secret.startswith(PROVIDER_KEY_STARTS)
+    )
+    if not named:
+        return []
+    return [
+        f"{path}: the virtual {'key' if len(named) == 1 else 'keys'} of "
+        f"{', '.join(repr(name) for name in named)} {'is' if len(named) == 1 else 'are'} a "
+        "provider's key (pasted where the virtual key goes?): every client would hold it. The "
+        "real key goes in api_key or api_key_env; give each client a virtual key of its own, "
+        f"made with {STRONG_RECIPE}"
+    ]
+
+
 # The end of an endpoint's path: a base_url ending in one was pasted whole from a provider's
 # page, and the client's path is added to it ('.../v1/chat/completions/chat/completions').
 ENDPOINT_ENDS = ("/chat/completions", "/completions", "/embeddings", "/messages", "/responses")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from proxy.keys.advice import endpoint_paths, placeholders, short_keys
+from proxy.keys.advice import endpoint_paths, placeholders, provider_keys, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import MIN_SECRET_CHARS, SETTINGS, SettingError, Settings, parser
@@ -121,6 +121,7 @@ def warnings(
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
+        said += provider_keys(key_ring, settings.keys_file_path)
         said += endpoint_paths(key_ring, settings.keys_file_path)
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)

@@ -79,3 +79,27 @@ def test_a_prices_file_naming_a_provider_as_keys_json_does_not_is_named(tmp_path
     [line] = [line for line in found.warnings if "local-vlm" in line]
     assert "did you mean 'local-vllm'?" in line
     assert not any("elsewhere" in line for line in found.warnings)
+
+
+def test_a_provider_key_written_as_the_virtual_key_is_named(tmp_path: Path) -> None:
+    # The real key pasted where the virtual key goes (the OpenAI key as both, or an Anthropic
+    # key as the virtual key of api_key_env) loaded without a word: each client then holds
+    # the provider's key, which the gateway exists to keep from them.
+    openai_key = "sk-proj-" + "A1b2C3d4" * 6
+    anthropic_key = "sk-ant-api03-" + "Z9y8X7w6" * 8
+    document = {
+        "virtual_keys": {
+            openai_key: {"provider": "openai", "api_key": openai_key, "name": "alice"},
+            anthropic_key: {"provider": "anthropic", "api_key_env": "ANTHROPIC_KEY"},
+            "sk-" + "q" * 40: {"provider": "openai", "api_key": "sk-other", "name": "litellm"},
+            "vk_" + "c" * 30: {"provider": "openai", "api_key": openai_key, "name": "carol"},
+        }
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    found = check([], {"ANTHROPIC_KEY": anthropic_key, "LOG_TO_FILE": "false"}, str(path))
+    assert found.problems == []
+    [line] = [line for line in found.warnings if "provider's key" in line]
+    assert "'alice'" in line and "'sk-a…" in line and "litellm" not in line and "carol" not in line
+    assert "give each client a virtual key of its own" in line
+    assert openai_key[:12] not in line and anthropic_key[:16] not in line
