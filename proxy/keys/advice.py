@@ -7,6 +7,7 @@ but someone probably meant something else.
 from __future__ import annotations
 
 from proxy.keys.keys import KeyRing
+from proxy.upstream.providers import Provider
 
 # Every real key of keys.example.json holds this: a keys.json copied and never filled in.
 PLACEHOLDER = "replace-with-your"
@@ -86,21 +87,38 @@ ENDPOINT_ENDS = ("/chat/completions", "/completions", "/embeddings", "/messages"
 
 
 def endpoint_paths(ring: KeyRing, path: str) -> list[str]:
-    """One line per provider in use whose base_url ends with an endpoint's path, or none."""
-    found = sorted(
-        {
-            (target.provider.name, str(target.provider.base_url).rstrip("/"))
-            for key in ring
-            for target in key.plans.every_target()
-            if target.provider.base_url.path.rstrip("/").endswith(ENDPOINT_ENDS)
-        }
-    )
+    """One line per provider in use whose base_url ends with an endpoint's path, or stops
+    short of its API's /v1 (`short_of_v1`), or none."""
+    providers = {
+        target.provider.name: target.provider for key in ring for target in key.plans.every_target()
+    }
     lines = []
-    for name, url in found:
-        end = next(end for end in ENDPOINT_ENDS if url.endswith(end))
-        lines.append(
-            f"{path}: provider '{name}': base_url ends with '{end}', an endpoint's path: the "
-            f"client's path is added to it ('...{end}/chat/completions'), which the provider "
-            f"does not serve. Give the API's root: {url.removesuffix(end)}"
-        )
+    for name, provider in sorted(providers.items()):
+        url = str(provider.base_url).rstrip("/")
+        end = next((end for end in ENDPOINT_ENDS if url.endswith(end)), None)
+        if end is not None:
+            lines.append(
+                f"{path}: provider '{name}': base_url ends with '{end}', an endpoint's path: "
+                f"the client's path is added to it ('...{end}/chat/completions'), which the "
+                f"provider does not serve. Give the API's root: {url.removesuffix(end)}"
+            )
+        elif short_of_v1(provider):
+            sent = "messages" if provider.api == "anthropic" else "chat/completions"
+            lines.append(
+                f"{path}: provider '{name}': base_url does not end with /v1: the client's path "
+                f"after /v1/ is added to it ('{url}/{sent}'), which the provider does not "
+                f"serve. Give the API's root: {url}/v1"
+            )
     return lines
+
+
+def short_of_v1(provider: Provider) -> bool:
+    """Whether base_url stops short of the /v1 its API is under: an Anthropic API anywhere
+    (the SDK's base_url, to which it adds /v1 itself), or OpenAI's at a server's root. A
+    declared OpenAI-compatible provider at a root may be a server's own API (Ollama's)."""
+    if provider.signing:
+        return False  # a cloud's, signed: its base_url is the built-in's or a region's
+    ends = provider.base_url.path.rstrip("/")
+    if provider.api == "anthropic":
+        return not ends.endswith("/v1")
+    return provider.name == "openai" and ends == ""

@@ -103,3 +103,37 @@ def test_a_provider_key_written_as_the_virtual_key_is_named(tmp_path: Path) -> N
     assert "'alice'" in line and "'sk-a…" in line and "litellm" not in line and "carol" not in line
     assert "give each client a virtual key of its own" in line
     assert openai_key[:12] not in line and anthropic_key[:16] not in line
+
+
+def test_a_base_url_short_of_the_apis_v1_is_named(tmp_path: Path) -> None:
+    # The client's path after /v1/ is added to base_url: Anthropic's API given as
+    # "https://api.anthropic.com" (as the SDK's base_url is written) sent '.../messages', and
+    # OpenAI's at a server's root '.../chat/completions': every request the provider's 404,
+    # and the start said nothing.
+    document = {
+        "providers": {
+            "anthropic": {"base_url": "https://api.anthropic.com"},
+            "ds": {"base_url": "https://api.deepseek.com/anthropic/", "api": "anthropic"},
+            "openai": {"base_url": "http://10.0.0.5:8000"},
+            "ollama-native": {"base_url": "http://127.0.0.1:11434", "auth": "none"},
+            "ds-v1": {"base_url": "https://api.deepseek.com/anthropic/v1", "api": "anthropic"},
+        },
+        "virtual_keys": {
+            "vk_" + name * 30: {"provider": provider, "api_key": "k-1", "name": name}
+            for name, provider in [
+                ("a", "anthropic"),
+                ("b", "ds"),
+                ("c", "openai"),
+                ("d", "ollama-native"),
+                ("e", "ds-v1"),
+            ]
+        },
+    }
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(document))
+    lines = endpoint_paths(KeyRing.load(str(path), {}, DEFAULTS), str(path))
+    assert len(lines) == 3, lines
+    assert "provider 'anthropic': base_url does not end with /v1" in lines[0]
+    assert "Give the API's root: https://api.anthropic.com/v1" in lines[0]
+    assert "provider 'ds'" in lines[1] and "https://api.deepseek.com/anthropic/v1" in lines[1]
+    assert "provider 'openai'" in lines[2] and "http://10.0.0.5:8000/v1" in lines[2]
