@@ -340,6 +340,20 @@ def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
     assert Settings.from_env({"SERVER_HOST": "0.0.0.0,::,"}).server_host == "0.0.0.0,::,"
 
 
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0:8080", "http://0.0.0.0", "localhost:9000", "0.0.0.0,127.0.0.1:80", "[::1]"]
+)
+def test_a_server_host_with_a_port_or_a_scheme_is_refused_by_check_too(host: str) -> None:
+    # SERVER_HOST=0.0.0.0:8080 passed --check ('would start', exit 0); the start then failed
+    # with "cannot be resolved (Name or service not known)", naming no port ("[::1]" too: an
+    # IPv6 address is written bare here).
+    keys = str(Path(__file__).resolve().parents[2] / "keys.example.json")
+    [problem] = check([], {"SERVER_HOST": host}, keys).problems
+    assert problem.startswith("SERVER_HOST: ") and "SERVER_PORT" in problem, problem
+    for fine in ("::", "::1", "0.0.0.0,::", "fe80::1%eth0", "gateway.local"):
+        assert Settings.from_env({"SERVER_HOST": fine}).server_host == fine
+
+
 def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> None:
     # quota_limit=5 (a compose file's or a shell's habit) was ignored without a word: the
     # limit stayed the default 100. Only upper-case names near a setting were warned of.
