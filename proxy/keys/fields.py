@@ -142,6 +142,11 @@ FIELDS: Mapping[str, frozenset[str]] = {
 }
 
 
+# A provider's fields, and LiteLLM's name for base_url, as written on a key, a target or a
+# route by someone who would set where its requests go there.
+_PROVIDER_FIELDS = frozenset({"base_url", "api_base", "auth", "api"})
+
+
 def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str = "") -> None:
     """Refuse the first field `level` does not know. Raises KeysFileError.
 
@@ -152,6 +157,13 @@ def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str =
     for name in entry:
         if name in known:
             continue
+        if name in _PROVIDER_FIELDS and level in ("key", "target", "route"):
+            field = "base_url" if name == "api_base" else name
+            raise UnknownField(
+                f"{where}: {f'{prefix}{name}'!r} is not a {level} field but a provider's field: give "
+                f'it under "providers" ("providers": {{"my-server": {{"{field}": …}}}}) and '
+                f'name that provider in "provider"'
+            )
         close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
         fields = ", ".join(sorted(known))

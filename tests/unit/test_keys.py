@@ -399,6 +399,26 @@ def test_an_unknown_field_at_any_level_is_refused_with_a_suggestion(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("field", ["base_url", "api_base", "auth"])
+def test_a_providers_field_written_on_a_key_says_where_it_goes(tmp_path: Path, field: str) -> None:
+    # {"provider": "openai", "api_key": ..., "base_url": "http://10.0.0.5:8000/v1"} (LiteLLM's
+    # config puts api_base beside each model) was refused with the key fields' list alone:
+    # base_url is in none of them, and nothing said it goes under "providers".
+    entry = {"provider": "openai", "api_key": "x", "name": "alice", field: "http://h:8000/v1"}
+    routed = {"name": "bob", "routes": [{"models": ["*"], "provider": "openai", "api_key": "y"}]}
+    routed["routes"][0][field] = "http://h:8000/v1"
+    for name, document in [
+        ("key 'alice'", {"virtual_keys": {"vk_a_123456789": entry}}),
+        ("key 'bob'", {"virtual_keys": {"vk_b_123456789": routed}}),
+    ]:
+        with pytest.raises(KeysFileError) as refused:
+            load(tmp_path, document)
+        message = str(refused.value)
+        assert f"{name}: " in message and "did you mean" not in message, message
+        assert 'a provider\'s field: give it under "providers"' in message, message
+        assert "\n" not in message
+
+
 def test_a_typo_in_quota_is_refused_even_with_quotas_off(tmp_path: Path) -> None:
     off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
     document = {
