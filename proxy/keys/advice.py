@@ -9,8 +9,10 @@ from __future__ import annotations
 from proxy.keys.keys import KeyRing
 from proxy.upstream.providers import Provider
 
-# Every real key of keys.example.json holds this: a keys.json copied and never filled in.
-PLACEHOLDER = "replace-with-your"
+# Every real key of keys.example.json holds the first: a keys.json copied and never filled
+# in; the README's and the docs' keys.json end theirs with the second ("sk-…"), which no
+# provider's key holds.
+PLACEHOLDERS = ("replace-with-your", "…")
 
 
 def placeholders(ring: KeyRing, path: str) -> list[str]:
@@ -21,7 +23,7 @@ def placeholders(ring: KeyRing, path: str) -> list[str]:
             for key in ring
             for target in key.plans.every_target()
             for credential in target.pool.credentials
-            if PLACEHOLDER in credential.api_key
+            if any(placeholder in credential.api_key for placeholder in PLACEHOLDERS)
         }
     )
     if not named:
@@ -29,7 +31,8 @@ def placeholders(ring: KeyRing, path: str) -> list[str]:
     return [
         f"{path}: {', '.join(repr(name) for name in named)} still "
         f"{'holds' if len(named) == 1 else 'hold'} a placeholder real key of "
-        "keys.example.json: the provider will refuse it. Put your provider keys in, or try "
+        "keys.example.json or the docs ('sk-…'): the provider will refuse it. Put your "
+        "provider keys in, or try "
         "the gateway without an account: make run FAKE=1"
     ]
 

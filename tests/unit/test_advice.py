@@ -137,3 +137,18 @@ def test_a_base_url_short_of_the_apis_v1_is_named(tmp_path: Path) -> None:
     assert "Give the API's root: https://api.anthropic.com/v1" in lines[0]
     assert "provider 'ds'" in lines[1] and "https://api.deepseek.com/anthropic/v1" in lines[1]
     assert "provider 'openai'" in lines[2] and "http://10.0.0.5:8000/v1" in lines[2]
+
+
+def test_the_readmes_keys_json_copied_as_shown_is_named_for_its_placeholder(
+    tmp_path: Path,
+) -> None:
+    # The README's keys.json holds "api_key": "sk-…": copied as shown, it loaded without a
+    # word and every request was sent 'Authorization: Bearer sk-…', the provider's 401.
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("## keys.json", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert '"sk-…"' in shown
+    path = tmp_path / "keys.json"
+    path.write_text(shown)
+    ring = KeyRing.load(str(path), {"ANTHROPIC_API_KEY": "sk-ant-real-0123456789"}, DEFAULTS)
+    [line] = placeholders(ring, str(path))
+    assert "'user1'" in line and "'user2'" not in line and "placeholder" in line
