@@ -10,8 +10,14 @@ DOCKER_PORT ?= 8080
 .PHONY: bench-foundations bench-failover run check lint test unit e2e demo bench bench-profile bench-redis bench-tracing bench-connections system-packages docker-build docker-run docker-stop docker-check clean \
 	example-openai-chat example-openai-stream example-anthropic example-curl node-sdks
 
+# Python 3.11 or newer (pins such as genai-prices need it), said in one line before a venv is
+# made with an older one; a .venv made so before is named, or every make run would keep it.
+NEEDS_PYTHON = import sys; sys.exit(None if sys.version_info >= (3, 11) else "llm-gateway needs Python 3.11 or newer; " + sys.argv[1] + " is Python " + sys.version.split()[0] + sys.argv[2])
+
 # Running needs requirements.txt only; tests, examples and the benchmark add requirements-dev.txt.
 $(RUN_STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -c '$(NEEDS_PYTHON)' "$(PYTHON)" ": install one, then make run PYTHON=python3.11"
+	@test ! -x $(PY) || $(PY) -c '$(NEEDS_PYTHON)' "$(VENV)" ": rm -rf $(VENV), then make run PYTHON=python3.11"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(RUN_STAMP)

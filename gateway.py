@@ -24,19 +24,38 @@ if sys.platform == "win32":
 if __name__ == "__main__":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+# Python 3.11 or newer with requirements.txt installed (make run's .venv): a python3 that is
+# older (Ubuntu 22.04's 3.10), or another than .venv's, says so in one line, not with an
+# ImportError traceback from deep in proxy/.
+if sys.version_info < (3, 11):  # noqa: UP036 (the check is for the Pythons ruff assumes away)
+    version = ".".join(str(part) for part in sys.version_info[:3])
+    print(f"llm-gateway needs Python 3.11 or newer; this is Python {version}", file=sys.stderr)
+    raise SystemExit(2)
+
 import logging  # noqa: E402
 import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-from proxy.app import load_keys  # noqa: E402
-from proxy.keys.fields import KeysFileError  # noqa: E402
-from proxy.observe.logfile import check_appendable, file_mode, is_stdout  # noqa: E402
-from proxy.runtime.check import check, warnings  # noqa: E402
-from proxy.runtime.server import CannotListen  # noqa: E402
-from proxy.runtime.start_line import start_line  # noqa: E402
-from proxy.runtime.workers import EXIT_REFUSED, run, say  # noqa: E402
-from proxy.settings import SettingError, Settings, masked_redis_url  # noqa: E402
-from proxy.usage.pricing import Prices  # noqa: E402
+try:
+    from proxy.app import load_keys
+    from proxy.keys.fields import KeysFileError
+    from proxy.observe.logfile import check_appendable, file_mode, is_stdout
+    from proxy.runtime.check import check, warnings
+    from proxy.runtime.server import CannotListen
+    from proxy.runtime.start_line import start_line
+    from proxy.runtime.workers import EXIT_REFUSED, run, say
+    from proxy.settings import SettingError, Settings, masked_redis_url
+    from proxy.usage.pricing import Prices
+except ModuleNotFoundError as missing:
+    if missing.name is None or missing.name.split(".")[0] == "proxy":
+        raise
+    print(
+        f"llm-gateway: {missing.name.split('.')[0]} is not installed for this Python "
+        f"({sys.executable}): start the gateway with make run (it installs requirements.txt "
+        "into .venv) or .venv/bin/python gateway.py, or pip install -r requirements.txt",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str]) -> int:

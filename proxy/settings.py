@@ -143,8 +143,14 @@ def _text(text: str) -> str:
 
 def _addresses(text: str) -> str:
     """SERVER_HOST: one address or several separated by commas; commas alone listen nowhere."""
-    if not any(part.strip() for part in text.split(",")):
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
         _refuse("an address, such as 0.0.0.0, or several separated by commas", text)
+    for part in parts:  # an IPv6 address holds two colons or more; host:port, one
+        if "/" in part or part.startswith("[") or part.count(":") == 1:
+            _refuse(
+                "an address alone, such as 0.0.0.0 or :: (no scheme, no port: SERVER_PORT)", text
+            )
     return text.strip()
 
 

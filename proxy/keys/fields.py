@@ -143,6 +143,11 @@ FIELDS: Mapping[str, frozenset[str]] = {
 }
 
 
+# A provider's fields, and LiteLLM's name for base_url, as written on a key, a target or a
+# route by someone who would set where its requests go there.
+_PROVIDER_FIELDS = frozenset({"base_url", "api_base", "auth", "api"})
+
+
 def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str = "") -> None:
     """Refuse the first field `level` does not know. Raises KeysFileError.
 
@@ -153,6 +158,13 @@ def check_fields(where: str, entry: Mapping[str, Any], level: str, prefix: str =
     for name in entry:
         if name in known:
             continue
+        if name in _PROVIDER_FIELDS and level in ("key", "target", "route"):
+            field = "base_url" if name == "api_base" else name
+            raise UnknownField(
+                f"{where}: {f'{prefix}{name}'!r} is not a {level} field but a provider's field: give "
+                f'it under "providers" ("providers": {{"my-server": {{"{field}": …}}}}) and '
+                f'name that provider in "provider"'
+            )
         close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
         fields = ", ".join(sorted(known))
@@ -206,6 +218,13 @@ def real_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str]) -
             raise KeysFileError(f"{where}: api_key must be a non-empty string")
         if value.strip() == REDACTED:
             raise KeysFileError(redacted(where, "api_key"))
+        named = _REFERENCE.fullmatch(value.strip())
+        if named is not None:
+            variable = next(group for group in named.groups() if group)
+            raise KeysFileError(
+                f"{where}: api_key names the variable {variable}, and keys.json expands no "
+                f'variables: write "api_key_env": "{variable}" in its place'
+            )
         return _header_safe(where, "api_key", value.strip())
     variable = entry["api_key_env"]
     if not isinstance(variable, str) or not variable:
@@ -231,6 +250,12 @@ def redacted(where: str, field: str) -> str:
         f"{field}_env)"
     )
 
+
+# An environment variable written as a shell or compose file would ("${NAME}", "$NAME") or
+# as LiteLLM's config does ("os.environ/NAME"): no real key has this shape.
+_REFERENCE = re.compile(
+    r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)|os\.environ/([A-Za-z_][A-Za-z0-9_]*)"
+)
 
 # What api_key_env is shown as when its variable is unset: a name of an environment
 # variable's shape, short. Anything else may be a real key put in the wrong field (an

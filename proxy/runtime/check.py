@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from proxy.keys.advice import endpoint_paths, placeholders, short_keys
+from proxy.keys.advice import endpoint_paths, placeholders, provider_keys, short_keys
 from proxy.keys.fields import KeysFileError
 from proxy.keys.keys import KeyRing, VirtualKey
 from proxy.settings import MIN_SECRET_CHARS, SETTINGS, SettingError, Settings, parser
@@ -121,6 +121,7 @@ def warnings(
     if key_ring is not None:
         said += placeholders(key_ring, settings.keys_file_path)
         said += short_keys(key_ring, settings.keys_file_path)
+        said += provider_keys(key_ring, settings.keys_file_path)
         said += endpoint_paths(key_ring, settings.keys_file_path)
         if prices is not None:
             said += unpriced_budgets(key_ring, prices, settings)
@@ -275,9 +276,21 @@ def lookalikes(environ: Mapping[str, str]) -> list[str]:
             close = [name.upper()] if name.upper() in known else []
         else:
             close = difflib.get_close_matches(name, known, n=1, cutoff=LOOKALIKE_RATIO)
+            close = close or _cut_short(name, known)
         if close:
-            said.append(f"{name} is not a setting and is ignored: did you mean {close[0]}?")
+            said.append(
+                f"{name} is not a setting and is ignored: did you mean {' or '.join(close)}?"
+            )
     return said
+
+
+def _cut_short(name: str, known: Sequence[str]) -> list[str]:
+    """The settings `name` begins at a '_' of theirs, when it has one itself (LOG_FILE:
+    LOG_FILE_PATH; KEYS_FILE: KEYS_FILE_PATH and KEYS_FILE_WATCH): too short for the spelling
+    check, and no setting's first word alone (LOG, SERVER), which other programs use."""
+    if "_" not in name:
+        return []
+    return [variable for variable in known if variable.startswith(name + "_")]
 
 
 def unpriced_budgets(key_ring: KeyRing, prices: Prices, settings: Settings) -> list[str]:

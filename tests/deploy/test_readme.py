@@ -226,6 +226,49 @@ def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
     assert "-r requirements-dev.txt" in testing.stdout, testing.stdout
 
 
+# A Python 3.10 as far as a -c program can tell (Ubuntu 22.04's python3), which makes no venv.
+OLD_PYTHON = f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then
+    code=$2; shift 2
+    exec {sys.executable} -c "import sys; sys.version_info = (3, 10, 12, 'final', 0)
+sys.version = '3.10.12 (stand-in)'
+$code" "$@"
+fi
+echo "a Python 3.10 stand-in: $* not run" >&2
+exit 1
+"""
+
+
+def test_make_run_with_a_python_older_than_3_11_says_so_in_one_line(tmp_path: Path) -> None:
+    # Ubuntu 22.04's python3 is 3.10: make run made .venv with it, pip then failed on a pin
+    # that needs 3.11 ("No matching distribution found for genai-prices"), and every later
+    # make run kept that .venv (test -x .venv/bin/python), failing the same way.
+    copy = copy_of_the_checkout(tmp_path)
+    old = tmp_path / "python3.10"
+    old.write_text(OLD_PYTHON)
+    old.chmod(0o755)
+    fresh = subprocess.run(
+        ["make", "run", "FAKE=1", f"PYTHON={old}"],
+        capture_output=True,
+        text=True,
+        cwd=copy,
+        timeout=60,
+    )
+    assert fresh.returncode != 0
+    assert f"llm-gateway needs Python 3.11 or newer; {old} is Python 3.10.12" in fresh.stderr
+    assert "make run PYTHON=python3.11" in fresh.stderr, fresh.stderr
+    assert not (copy / ".venv").exists()
+    # A .venv made before with such a Python is named, and how to be rid of it.
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(old, copy / ".venv" / "bin" / "python")
+    kept = subprocess.run(
+        ["make", "run", "FAKE=1"], capture_output=True, text=True, cwd=copy, timeout=60
+    )
+    assert kept.returncode != 0
+    assert "llm-gateway needs Python 3.11 or newer; .venv is Python 3.10.12" in kept.stderr
+    assert "rm -rf .venv" in kept.stderr, kept.stderr
+
+
 def test_the_quota_snippet_shows_the_429_the_sdk_would_retry_silently(
     tmp_path: Path, processes: Processes, fake_url: str
 ) -> None:

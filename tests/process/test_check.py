@@ -185,6 +185,39 @@ def test_on_windows_one_line_says_where_it_runs_instead_of_a_traceback() -> None
     )
 
 
+def test_a_python_without_the_requirements_or_too_old_says_so_in_one_line() -> None:
+    # SPEC's "python gateway.py --help" run with a python3 that lacks requirements.txt (the
+    # system's, not .venv's) was a ModuleNotFoundError traceback for aiohttp; with Python
+    # 3.10 (Ubuntu 22.04's), an ImportError from deep in proxy/. Each is now one line.
+    python = gateway_command()[0]
+    bare = subprocess.run(  # -S: no site-packages, so none of requirements.txt
+        [python, "-S", str(ROOT / "gateway.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == 2, bare.stderr
+    assert bare.stderr.count("\n") == 1 and "Traceback" not in bare.stderr, bare.stderr
+    assert bare.stderr.startswith("llm-gateway: aiohttp is not installed for this Python ("), (
+        bare.stderr
+    )
+    assert "make run" in bare.stderr and "pip install -r requirements.txt" in bare.stderr
+    old = subprocess.run(
+        [
+            python,
+            "-c",
+            "import runpy, sys; sys.version_info = (3, 10, 12, 'final', 0); "
+            f"runpy.run_path({str(ROOT / 'gateway.py')!r}, run_name='__main__')",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert old.returncode == 2, old.stderr
+    assert old.stderr.strip() == "llm-gateway needs Python 3.11 or newer; this is Python 3.10.12"
+
+
 def test_an_open_files_limit_below_what_max_connections_needs_is_said_at_start(
     tmp_path: Path,
 ) -> None:

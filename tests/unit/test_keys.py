@@ -399,6 +399,26 @@ def test_an_unknown_field_at_any_level_is_refused_with_a_suggestion(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("field", ["base_url", "api_base", "auth"])
+def test_a_providers_field_written_on_a_key_says_where_it_goes(tmp_path: Path, field: str) -> None:
+    # {"provider": "openai", "api_key": ..., "base_url": "http://10.0.0.5:8000/v1"} (LiteLLM's
+    # config puts api_base beside each model) was refused with the key fields' list alone:
+    # base_url is in none of them, and nothing said it goes under "providers".
+    entry = {"provider": "openai", "api_key": "x", "name": "alice", field: "http://h:8000/v1"}
+    routed = {"name": "bob", "routes": [{"models": ["*"], "provider": "openai", "api_key": "y"}]}
+    routed["routes"][0][field] = "http://h:8000/v1"
+    for name, document in [
+        ("key 'alice'", {"virtual_keys": {"vk_a_123456789": entry}}),
+        ("key 'bob'", {"virtual_keys": {"vk_b_123456789": routed}}),
+    ]:
+        with pytest.raises(KeysFileError) as refused:
+            load(tmp_path, document)
+        message = str(refused.value)
+        assert f"{name}: " in message and "did you mean" not in message, message
+        assert 'a provider\'s field: give it under "providers"' in message, message
+        assert "\n" not in message
+
+
 def test_a_typo_in_quota_is_refused_even_with_quotas_off(tmp_path: Path) -> None:
     off = Defaults(quota_enabled=False, requests=100, tokens=None, window_seconds=3600.0)
     document = {
@@ -608,6 +628,30 @@ def test_a_real_key_pasted_with_its_scheme_is_refused(tmp_path: Path, real: str)
     for dummy in ("not used", "token", "bearer"):
         document["virtual_keys"]["vk_a_123456789"]["api_key"] = dummy
         assert len(load(tmp_path, document)) == 1
+
+
+@pytest.mark.parametrize(
+    "reference", ["${OPENAI_API_KEY}", "$OPENAI_API_KEY", "os.environ/OPENAI_API_KEY"]
+)
+def test_an_api_key_naming_a_variable_is_refused_pointing_to_api_key_env(
+    tmp_path: Path, reference: str
+) -> None:
+    # "api_key": "${OPENAI_API_KEY}" (compose's habit; os.environ/... is LiteLLM's) was
+    # loaded as the key itself: the start said nothing, and every request of the key got the
+    # provider's 401 for the text '${OPENAI_API_KEY}'. keys.json expands no variables.
+    document = {
+        "virtual_keys": {
+            "vk_a_123456789": {"provider": "openai", "api_key": reference, "name": "alice"}
+        }
+    }
+    with pytest.raises(KeysFileError) as refused:
+        load(tmp_path, document, environ={"OPENAI_API_KEY": "sk-real-0123456789"})
+    message = str(refused.value)
+    assert "key 'alice'" in message and "api_key names the variable OPENAI_API_KEY" in message
+    assert '"api_key_env": "OPENAI_API_KEY"' in message and "sk-real" not in message
+    # A real key holding a '$' later on is a key.
+    document["virtual_keys"]["vk_a_123456789"]["api_key"] = "sk-abc$def0123456789"
+    assert len(load(tmp_path, document)) == 1
 
 
 def test_a_real_key_from_an_environment_that_is_not_utf8_is_refused(tmp_path: Path) -> None:

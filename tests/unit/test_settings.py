@@ -340,6 +340,20 @@ def test_a_server_host_of_commas_alone_is_refused(host: str) -> None:
     assert Settings.from_env({"SERVER_HOST": "0.0.0.0,::,"}).server_host == "0.0.0.0,::,"
 
 
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0:8080", "http://0.0.0.0", "localhost:9000", "0.0.0.0,127.0.0.1:80", "[::1]"]
+)
+def test_a_server_host_with_a_port_or_a_scheme_is_refused_by_check_too(host: str) -> None:
+    # SERVER_HOST=0.0.0.0:8080 passed --check ('would start', exit 0); the start then failed
+    # with "cannot be resolved (Name or service not known)", naming no port ("[::1]" too: an
+    # IPv6 address is written bare here).
+    keys = str(Path(__file__).resolve().parents[2] / "keys.example.json")
+    [problem] = check([], {"SERVER_HOST": host}, keys).problems
+    assert problem.startswith("SERVER_HOST: ") and "SERVER_PORT" in problem, problem
+    for fine in ("::", "::1", "0.0.0.0,::", "fe80::1%eth0", "gateway.local"):
+        assert Settings.from_env({"SERVER_HOST": fine}).server_host == fine
+
+
 def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> None:
     # quota_limit=5 (a compose file's or a shell's habit) was ignored without a word: the
     # limit stayed the default 100. Only upper-case names near a setting were warned of.
@@ -353,6 +367,33 @@ def test_a_setting_written_in_lower_case_is_warned_of_not_silently_ignored() -> 
         line.startswith("quota_limit is not a setting") and "QUOTA_LIMIT" in line for line in said
     )
     assert any("Redis_Url" in line and "REDIS_URL" in line for line in said)
+
+
+def test_a_setting_written_short_of_its_full_name_is_warned_of(tmp_path: Path) -> None:
+    # LOG_TO_FILE=true LOG_FILE=/var/log/gateway.jsonl was taken without a word: the log went
+    # to interactions.jsonl in the working directory. KEYS_FILE likewise left keys.json in
+    # use. A name cut short of a setting's at a '_' is too far from it for the spelling check.
+    found = check(
+        [],
+        {
+            "LOG_FILE": str(tmp_path / "gateway.jsonl"),
+            "KEYS_FILE": "/etc/llm/keys.json",
+            "QUOTA_WINDOW": "60",
+            "LOG_TO_FILE": "false",
+        },
+        str(Path(__file__).resolve().parents[2] / "keys.example.json"),
+    )
+    said = [line for line in found.warnings if "is not a setting" in line]
+    assert said == [
+        "KEYS_FILE is not a setting and is ignored: did you mean KEYS_FILE_PATH or "
+        "KEYS_FILE_WATCH?",
+        "LOG_FILE is not a setting and is ignored: did you mean LOG_FILE_PATH?",
+        "QUOTA_WINDOW is not a setting and is ignored: did you mean QUOTA_WINDOW_SECONDS?",
+    ]
+    # A word of its own, or a setting's whole first word, is no setting cut short.
+    from proxy.runtime.check import lookalikes
+
+    assert lookalikes({"LOG": "1", "SERVER": "x", "PATH": "/bin", "KEYS_STORE": "file"}) == []
 
 
 def test_a_keys_store_secret_that_takes_no_effect_is_warned_of() -> None:
