@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from anthropic import AsyncAnthropicBedrock
@@ -458,6 +459,44 @@ async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
     assert line["status"] == 200 and line["stream"] is True
     assert exception in line["error"] and "Try again" not in line["error"]
     assert line["usage"]["estimated"] is True  # cut before the count of its end
+
+
+@pytest.mark.parametrize(
+    ("kind", "raised"),
+    [
+        ("ThrottlingException", anthropic.RateLimitError),
+        ("ValidationException", anthropic.BadRequestError),
+        ("AccessDeniedException", anthropic.PermissionDeniedError),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+async def test_bedrocks_error_answered_whole_logs_the_type_its_header_names(
+    sdk: AsyncAnthropicBedrock,
+    records,
+    log_path: Path,
+    kind: str,
+    raised: type[anthropic.APIStatusError],
+    stream: bool,
+) -> None:
+    """Bedrock names an error's type in `x-amzn-ErrorType` (`ThrottlingException:http://…`),
+    its body holds only a `message`: the SDK raises its exception with AWS's message, and the
+    log line's error names the type, not `(unknown)`, which told a throttled request from a
+    refused one by its status only."""
+    fake = {"extra_headers": {"x-fake-error": kind}}
+    with pytest.raises(raised) as error:
+        if stream:
+            async with sdk.messages.stream(
+                model=CLAUDE, max_tokens=50, messages=MESSAGES, **fake
+            ) as events:
+                async for _ in events:
+                    pass
+        else:
+            await sdk.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES, **fake)
+    assert f"{kind}: the fake's message." in str(error.value)
+    (line,) = await records(1)
+    assert line["status"] == error.value.status_code and line["cost_usd"] is None
+    assert line["error"] == f"the provider sent an error in its answer ({kind})"
+    assert SECRET_KEY not in log_path.read_text() and BEDROCK_VK not in log_path.read_text()
 
 
 def with_east_fallback(tmp_path: Path, fake_bedrock: TestServer) -> Path:
