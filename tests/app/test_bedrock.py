@@ -499,6 +499,35 @@ async def test_bedrocks_error_answered_whole_logs_the_type_its_header_names(
     assert SECRET_KEY not in log_path.read_text() and BEDROCK_VK not in log_path.read_text()
 
 
+@pytest.mark.parametrize("log_bodies", ["false", "true"])
+async def test_a_provider_echoing_the_session_token_hands_it_to_no_client(
+    tmp_path: Path,
+    fake_bedrock: TestServer,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records,
+    log_bodies: str,
+) -> None:
+    """The session token goes in every signed request (`x-amz-security-token`): a proxy in
+    front of Bedrock that echoes it has that header dropped and the token masked in the body,
+    as the secret key and a Vertex access token are, in what the client gets and in the log.
+    It reached the client and the log line as sent."""
+    path = tmp_path / "keys-bedrock.json"
+    path.write_text(json.dumps(bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path), LOG_BODIES=log_bodies)
+    response = await gateway.post(
+        f"/v1/model/{CLAUDE}/invoke",
+        json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": MESSAGES},
+        headers={**auth(BEDROCK_VK), "x-fake-reflect": "1"},
+    )
+    assert response.status == 200
+    body = await response.text()
+    assert "x-echo-security-token" not in response.headers
+    assert SESSION_TOKEN not in body and '"sent"' in body
+    (line,) = await records(1)
+    assert ("response" in line) == (log_bodies == "true")
+    assert SESSION_TOKEN not in json.dumps(line)
+
+
 def with_east_fallback(tmp_path: Path, fake_bedrock: TestServer) -> Path:
     """keys.json whose Bedrock key in REGION falls back to the same model in us-east-1."""
     document = bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))

@@ -48,6 +48,8 @@ answer asked with `x-fake-cache-write-tokens: N` reports N tokens written to the
 A request asked with `x-fake-error: <type>` (ThrottlingException, ValidationException,
 AccessDeniedException) is answered AWS's error whole: its status, `{"message"}`, and the type
 in `x-amzn-ErrorType` with the suffix AWS adds (`ThrottlingException:http://internal...`).
+An invoke with `x-fake-reflect` echoes the session token it was sent (`x-amz-security-token`)
+in a header and in its body, as a debugging proxy in front of it may.
 What it saw is kept in `app[BEDROCK_STATE]`.
 """
 
@@ -234,6 +236,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
     if action == "invoke":
+        if "x-fake-reflect" in request.headers:  # a debugging proxy echoing what it was sent
+            sent = request.headers.get("x-amz-security-token", "")
+            answer = {**_message(model, pieces), "sent": sent}
+            return web.json_response(answer, headers={"x-echo-security-token": sent})
         # Every InvokeModel answer counts its tokens in headers, whatever the model's body.
         counted = {
             "X-Amzn-Bedrock-Input-Token-Count": str(INPUT_TOKENS),
