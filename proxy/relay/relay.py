@@ -212,6 +212,8 @@ class Relay:
         )
         if bedrock.COUNTED in reply.headers:  # InvokeModel's: counted there, any model family
             tap.counted_aside(bedrock.counted_in_headers(reply.headers))
+        if status >= 400 and bedrock.ERROR_TYPE in reply.headers:  # AWS's, its body a message
+            tap.error_named_aside(bedrock.error_type(reply.headers))
         silences = self.silences
         secrets = searched(echoable)
         # A message batch's results_url, pointed back at the gateway (links.py), a restricted

@@ -17,7 +17,8 @@ request; one refresh at a time, in a thread (google-auth's transport blocks), wh
 failure every request that waited on it shares.
 The token is good for its hour to anyone who holds it: it is one of a signer's `bearers`,
 which no answer may echo (relay/echoes.py), as a real key; so is a token refreshed away while
-it has not expired, which a request sent before the refresh still carries.
+it has not expired, which a request sent before the refresh still carries. So is SigV4's
+session token, which every signed request carries in `x-amz-security-token`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Signer(Protocol):
 class SigV4:
     """AWS Signature Version 4 for one set of credentials, one region, one service."""
 
-    __slots__ = ("_auth",)
+    __slots__ = ("_auth", "_bearers")
 
     def __init__(
         self,
@@ -79,6 +80,8 @@ class SigV4:
 
         credentials = Credentials(access_key_id, secret_access_key, session_token)
         self._auth = SigV4Auth(credentials, service, region)
+        # The session token goes in every request (x-amz-security-token), the secret never.
+        self._bearers = (session_token,) if session_token else ()
 
     async def sign(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> None:
         from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
@@ -93,7 +96,7 @@ class SigV4:
 
     @property
     def bearers(self) -> tuple[str, ...]:
-        return ()  # a signature is good for its one request (the secret key never goes)
+        return self._bearers  # a signature is good for its one request only
 
 
 class GoogleToken:

@@ -24,7 +24,8 @@ A Converse JSON answer (`/converse`) holds `output.message.content` and the same
 an invoke JSON answer is the model's own (a Claude message: `anthropic` reads it), and its
 headers count its tokens for every model family (`X-Amzn-Bedrock-Input-Token-Count`,
 `-Output-Token-Count`, `counted_in_headers`): what is charged when the body reports no usage
-(a Llama's, a Mistral's, a Titan's). Cache reads and writes are beside the input count, as
+(a Llama's, a Mistral's, a Titan's). An error answered whole names its type in the
+`x-amzn-ErrorType` header (`error_type`), its body only a message. Cache reads and writes are beside the input count, as
 in Anthropic's usage.
 
 A Converse request's prompt (`prompt_chars`, for the estimate and the reservation): its
@@ -89,6 +90,9 @@ _COUNT_HEADERS = (
 # The header that says an answer's headers count its tokens (InvokeModel's: its answer is
 # JSON; the streamed one counts in its last frame).
 COUNTED = "x-amzn-bedrock-input-token-count"
+# The header that names the type of an error answered whole (its body: only a `message`), as
+# botocore reads it: `ThrottlingException`, or with AWS's suffix `ThrottlingException:http://…`.
+ERROR_TYPE = "x-amzn-errortype"
 
 
 def counted_in_headers(headers: Mapping[str, str]) -> dict[str, int] | None:
@@ -100,6 +104,11 @@ def counted_in_headers(headers: Mapping[str, str]) -> dict[str, int] | None:
         if value is not None and value.strip().isdigit():
             counts[name] = int(value)
     return counts if "inputTokenCount" in counts and "outputTokenCount" in counts else None
+
+
+def error_type(headers: Mapping[str, str]) -> str:
+    """The type `x-amzn-ErrorType` names (without the suffix after its first `:`)."""
+    return headers.get(ERROR_TYPE, "").partition(":")[0].strip()
 
 
 class Frames:

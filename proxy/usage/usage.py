@@ -337,6 +337,11 @@ class UsageTap:
         INVOCATION_USAGE fields): charged when its body reports none."""
         self._counted = counts
 
+    def error_named_aside(self, kind: str) -> None:
+        """The type of an error answered whole that its headers name (Bedrock's
+        `x-amzn-ErrorType`, its body only a message)."""
+        self._reading.note_error({"type": kind})
+
     def feed(self, chunk: bytes) -> None:
         """Take the next body chunk, already sent to the client."""
         if not chunk or self._finished:

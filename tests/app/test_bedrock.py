@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from anthropic import AsyncAnthropicBedrock
@@ -458,6 +459,73 @@ async def test_a_stream_ended_by_an_exception_frame_logs_its_type(
     assert line["status"] == 200 and line["stream"] is True
     assert exception in line["error"] and "Try again" not in line["error"]
     assert line["usage"]["estimated"] is True  # cut before the count of its end
+
+
+@pytest.mark.parametrize(
+    ("kind", "raised"),
+    [
+        ("ThrottlingException", anthropic.RateLimitError),
+        ("ValidationException", anthropic.BadRequestError),
+        ("AccessDeniedException", anthropic.PermissionDeniedError),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+async def test_bedrocks_error_answered_whole_logs_the_type_its_header_names(
+    sdk: AsyncAnthropicBedrock,
+    records,
+    log_path: Path,
+    kind: str,
+    raised: type[anthropic.APIStatusError],
+    stream: bool,
+) -> None:
+    """Bedrock names an error's type in `x-amzn-ErrorType` (`ThrottlingException:http://…`),
+    its body holds only a `message`: the SDK raises its exception with AWS's message, and the
+    log line's error names the type, not `(unknown)`, which told a throttled request from a
+    refused one by its status only."""
+    fake = {"extra_headers": {"x-fake-error": kind}}
+    with pytest.raises(raised) as error:
+        if stream:
+            async with sdk.messages.stream(
+                model=CLAUDE, max_tokens=50, messages=MESSAGES, **fake
+            ) as events:
+                async for _ in events:
+                    pass
+        else:
+            await sdk.messages.create(model=CLAUDE, max_tokens=50, messages=MESSAGES, **fake)
+    assert f"{kind}: the fake's message." in str(error.value)
+    (line,) = await records(1)
+    assert line["status"] == error.value.status_code and line["cost_usd"] is None
+    assert line["error"] == f"the provider sent an error in its answer ({kind})"
+    assert SECRET_KEY not in log_path.read_text() and BEDROCK_VK not in log_path.read_text()
+
+
+@pytest.mark.parametrize("log_bodies", ["false", "true"])
+async def test_a_provider_echoing_the_session_token_hands_it_to_no_client(
+    tmp_path: Path,
+    fake_bedrock: TestServer,
+    make_gateway: Callable[..., Awaitable[TestClient]],
+    records,
+    log_bodies: str,
+) -> None:
+    """The session token goes in every signed request (`x-amz-security-token`): a proxy in
+    front of Bedrock that echoes it has that header dropped and the token masked in the body,
+    as the secret key and a Vertex access token are, in what the client gets and in the log.
+    It reached the client and the log line as sent."""
+    path = tmp_path / "keys-bedrock.json"
+    path.write_text(json.dumps(bedrock_keys(str(fake_bedrock.make_url("")).rstrip("/"))))
+    gateway = await make_gateway(KEYS_FILE_PATH=str(path), LOG_BODIES=log_bodies)
+    response = await gateway.post(
+        f"/v1/model/{CLAUDE}/invoke",
+        json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": MESSAGES},
+        headers={**auth(BEDROCK_VK), "x-fake-reflect": "1"},
+    )
+    assert response.status == 200
+    body = await response.text()
+    assert "x-echo-security-token" not in response.headers
+    assert SESSION_TOKEN not in body and '"sent"' in body
+    (line,) = await records(1)
+    assert ("response" in line) == (log_bodies == "true")
+    assert SESSION_TOKEN not in json.dumps(line)
 
 
 def with_east_fallback(tmp_path: Path, fake_bedrock: TestServer) -> Path:

@@ -45,6 +45,11 @@ with `x-fake-hang: end` holds its body's end, after its last frame, until the cl
 `failing_at_start` sends its streams' start, then such a frame. A Converse
 answer asked with `x-fake-cache-write-tokens: N` reports N tokens written to the cache,
 `x-fake-cache-write-1h-tokens: M` of them for an hour (its `cacheDetails`, 1h before 5m).
+A request asked with `x-fake-error: <type>` (ThrottlingException, ValidationException,
+AccessDeniedException) is answered AWS's error whole: its status, `{"message"}`, and the type
+in `x-amzn-ErrorType` with the suffix AWS adds (`ThrottlingException:http://internal...`).
+An invoke with `x-fake-reflect` echoes the session token it was sent (`x-amz-security-token`)
+in a header and in its body, as a debugging proxy in front of it may.
 What it saw is kept in `app[BEDROCK_STATE]`.
 """
 
@@ -102,6 +107,14 @@ class BedrockState:
     # A request with `x-fake-hold` is answered once this is set (after it is in `seen`).
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
+
+# AWS's errors answered whole, by their type: the status each comes with.
+_ERROR_STATUS = {
+    "ThrottlingException": 429,
+    "ValidationException": 400,
+    "AccessDeniedException": 403,
+}
+_CORAL = "http://internal.amazon.com/coral/com.amazon.bedrock/"
 
 BEDROCK_STATE = web.AppKey("bedrock_state", BedrockState)
 
@@ -192,6 +205,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             status=503,
             headers={"x-amzn-ErrorType": "ServiceUnavailableException"},
         )
+    error = request.headers.get("x-fake-error")
+    if error is not None:
+        return web.json_response(
+            {"message": f"{error}: the fake's message."},
+            status=_ERROR_STATUS[error],
+            headers={"x-amzn-ErrorType": f"{error}:{_CORAL}", "x-amzn-RequestId": "fake-1"},
+        )
     if "x-fake-hold" in request.headers:
         await state.release.wait()
     if request.path == "/async-invoke":
@@ -216,6 +236,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     pieces = [f"tok{i} " for i in range(int(request.headers.get("x-fake-chunks", "3")))]
     action = request.match_info["action"]
     if action == "invoke":
+        if "x-fake-reflect" in request.headers:  # a debugging proxy echoing what it was sent
+            sent = request.headers.get("x-amz-security-token", "")
+            answer = {**_message(model, pieces), "sent": sent}
+            return web.json_response(answer, headers={"x-echo-security-token": sent})
         # Every InvokeModel answer counts its tokens in headers, whatever the model's body.
         counted = {
             "X-Amzn-Bedrock-Input-Token-Count": str(INPUT_TOKENS),
