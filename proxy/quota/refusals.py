@@ -8,7 +8,8 @@ gateway says `x-should-retry: false` and they fail at once. An exhausted budget 
 (it frees up in hours or days), with OpenAI's code `insufficient_quota`. A window or a
 budget full only while requests in flight hold their reservations frees up when they
 settle: its wait is a second, which the SDKs retry, and its code `rate_limit_exceeded`
-(agents such as Codex give up at once on `insufficient_quota`).
+(agents such as Codex give up at once on `insufficient_quota`); so is a budget that frees
+up within the SDKs' 60 s (a budget of dollars a minute: a rate, not exhausted billing).
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def refusal(admission: Admission, who: str | None = None) -> GatewayError:
     if admission.over_budget and admission.budget is not None:
         budget = admission.budget
         spent = f"${dollars(admission.spent_micro_usd / MICRO)} spent or reserved"
-        # Held only by requests in flight it is not exhausted: a rate limit, which agents
-        # retry (Codex ends its turn at once on insufficient_quota: billing exhausted).
-        code = "rate_limit_exceeded" if admission.awaits_in_flight else "insufficient_quota"
+        # Held only by requests in flight, or free again within the wait the SDKs sleep (a
+        # budget of dollars a minute), it is not exhausted: a rate limit, which SDKs and
+        # agents retry (Codex ends its turn at once on insufficient_quota: billing exhausted).
+        exhausted = not admission.awaits_in_flight and wait > SDK_MAX_RETRY_WAIT_SECONDS
+        code = "insufficient_quota" if exhausted else "rate_limit_exceeded"
         if admission.awaits_in_flight:
             frees = f"It has room once requests in flight settle: retry in {span(wait)}."
         else:
-            headers["x-should-retry"] = "false"
+            if exhausted:
+                headers["x-should-retry"] = "false"
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
             frees = f"It frees up in {span(wait)}, at {at}."
         return GatewayError(

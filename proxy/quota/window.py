@@ -172,11 +172,11 @@ class SlidingWindow:
         self._adopt(limits)
         requests_full = False
         if limits is not None:
-            cutoff = now - limits.window_seconds
-            self._expire_stamps(cutoff)
+            window = limits.window_seconds
+            self._expire_stamps(now, window)
             requests_full = self.size >= limits.requests
             if limits.tokens is not None:
-                self._expire_charges(cutoff)
+                self._expire_charges(now, window)
         spend = self._spend(now, budget)
         spent = spend.spent if spend is not None else 0
         return not (
@@ -217,7 +217,7 @@ class SlidingWindow:
                     kinds[index] += clamped(count)
         self.last_active = now
         if limits is not None:
-            self._expire_charges(now - limits.window_seconds)
+            self._expire_charges(now, limits.window_seconds)
             if tokens:
                 self.charge_times.append(now)
                 self.charge_tokens.append(tokens)
@@ -230,8 +230,8 @@ class SlidingWindow:
         """The windows as of `now`, for `GET /usage`."""
         self._adopt(limits)
         if limits is not None:
-            self._expire_stamps(now - limits.window_seconds)
-            self._expire_charges(now - limits.window_seconds)
+            self._expire_stamps(now, limits.window_seconds)
+            self._expire_charges(now, limits.window_seconds)
         self._spend(now, budget)
         return self.reading(now, limits, budget)
 
@@ -336,19 +336,22 @@ class SlidingWindow:
             self.size += 1
         return self.total_requests  # the serial doubles as the reservation's ticket
 
-    def _expire_stamps(self, cutoff: float) -> None:
+    # An entry has left once its time plus the window is `now` or before: the sum the waits
+    # are told from (`now - window` may round an ulp below a time whose sum is `now`, and
+    # refuse a request at the very instant its Retry-After named, with a wait of 0).
+    def _expire_stamps(self, now: float, window: float) -> None:
         # Admissions are stamped in clock order, so the expired ones are all at the head.
         stamps, capacity = self.stamps, len(self.stamps)
         head, size = self.head, self.size
-        while size and stamps[head] <= cutoff:
+        while size and stamps[head] + window <= now:
             head = head + 1 if head + 1 < capacity else 0
             size -= 1
         self.head, self.size = head, size
 
-    def _expire_charges(self, cutoff: float) -> None:
+    def _expire_charges(self, now: float, window: float) -> None:
         times, tokens = self.charge_times, self.charge_tokens
         head, end = self.charge_head, len(times)
-        while head < end and times[head] <= cutoff:
+        while head < end and times[head] + window <= now:
             self.tokens_used -= tokens[head]
             head += 1
         if head == end:

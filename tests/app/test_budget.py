@@ -134,6 +134,33 @@ async def test_an_exhausted_budget_is_a_429_insufficient_quota_that_says_when_it
     await client.close()
 
 
+async def test_a_budget_spent_for_a_few_seconds_is_a_rate_limit_the_sdk_waits_out(
+    budget_gateway: Any,
+) -> None:
+    # A budget of dollars per minute (or less) is a rate in dollars: spent, it frees up in
+    # seconds. Its 429 must be one the SDKs wait out (Retry-After within their 60 s, no
+    # x-should-retry: false) and agents retry (rate_limit_exceeded: Codex ends its turn for
+    # good on insufficient_quota), as a full request or token window's is.
+    gateway = await budget_gateway({"budget": {"usd": 0.001, "window_seconds": 1.5}})
+    assert await in_turn(gateway, 2) == [200, 200]  # 0.0009 spent: under, so the second runs
+    refused = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(BUDGET_VK), **ANSWER}
+    )
+    body = await refused.json()
+    assert refused.status == 429
+    assert int(refused.headers["retry-after"]) <= 2, body
+    assert "x-should-retry" not in refused.headers, body
+    assert_openai_error(body, "rate_limit_exceeded")
+    assert "Budget exhausted for this key" in body["error"]["message"]
+    client = openai.AsyncOpenAI(
+        api_key=BUDGET_VK, base_url=str(gateway.make_url("/v1")), max_retries=2
+    )
+    # The SDK sleeps the Retry-After and retries: by then the first spend has left.
+    answer = await client.chat.completions.create(**CHAT, extra_headers=ANSWER)
+    assert answer.choices[0].message.content
+    await client.close()
+
+
 async def test_a_default_budget_applies_to_keys_without_one_and_null_means_none(
     budget_gateway: Any,
 ) -> None:

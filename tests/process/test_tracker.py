@@ -149,6 +149,23 @@ async def test_the_token_limit_admits_while_under_and_lets_the_last_request_over
     assert (await tracker.admit(KEY, limits)).admitted
 
 
+# A window's end as a float sum: `start + window` rounds so that `now - window` falls an ulp
+# before `start` (about 1 pair in 100 of such decimal times).
+@pytest.mark.parametrize(("start", "window"), [(844.718, 5169.37), (258420.83, 6478.7)])
+async def test_a_request_exactly_a_window_after_the_last_is_admitted_whatever_the_rounding(
+    tracker: Tracker, clock: Clock, start: float, window: float
+) -> None:
+    limits = Limits(requests=1, tokens=10, window_seconds=window)
+    clock.now = start
+    assert (await tracker.admit(KEY, limits)).admitted
+    tracker.settle(KEY, limits, Charge(10))  # the token window full too
+    refused = await tracker.admit(KEY, limits)
+    assert not refused.admitted and refused.retry_after_seconds == pytest.approx(window)
+    clock.now = start + window  # the admission and the charge leave, as the wait said
+    answer = await tracker.admit(KEY, limits)
+    assert answer.admitted, answer
+
+
 async def test_the_token_wait_runs_until_the_window_is_strictly_under_the_limit(
     tracker: Tracker, clock: Clock
 ) -> None:
